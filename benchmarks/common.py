@@ -1,0 +1,132 @@
+"""What every benchmark shares: timing, the measured copy-bandwidth ceiling, provenance, and the JSON results file.
+
+Rules (../shared/BENCHMARKS.md): medians after warm-up, random inputs, correctness checked before timing, every
+result file records device, versions, git commit, command and date.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(description: str, extra=None) -> argparse.Namespace:
+    """Common flags: --device, --quick (a smoke-test subset), --out (results folder)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="a few small shapes only (smoke test)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    if extra is not None:
+        extra(parser)
+    return parser.parse_args()
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def device_slug(device: str) -> str:
+    """Folder name for results: 'nvidia-h100-80gb-hbm3', 'cpu-x86_64-2t'."""
+    if device == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn, device: str, warmup: int = 3, min_run_time: float = 0.5) -> float:
+    """Median milliseconds per call of fn() after warm-up."""
+    if device == "cuda":
+        import triton.testing
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    from torch.utils import benchmark
+    for _ in range(warmup):
+        fn()
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def copy_bandwidth_gbs(device: str, nbytes: int | None = None) -> float:
+    """Measured ceiling for memory-bound kernels: bytes read plus written per second by a plain tensor copy."""
+    nbytes = nbytes or (1 << 30 if device == "cuda" else 256 << 20)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device: str, n: int = 8192, dtype=torch.bfloat16) -> float:
+    """Measured ceiling for compute-bound kernels: a large square matmul."""
+    if device != "cuda":
+        n, dtype = 1024, torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = time_ms(lambda: a @ b, device)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def provenance(device: str) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "device": device_name(device),
+        "device_type": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(name: str, device: str, rows: list[dict], ceilings: dict, out: Path | None = None) -> Path:
+    """Write {provenance, ceilings, rows} atomically to <out or results/<device>>/<name>.json; return the path."""
+    folder = out or RESULTS_DIR / device_slug(device)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"benchmark": name, **provenance(device), "ceilings": ceilings, "rows": rows}, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
+    print("  ".join(c.rjust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).rjust(widths[c]) for c in columns))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    return "-" if v is None else str(v)

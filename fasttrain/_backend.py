@@ -1,0 +1,118 @@
+"""One chooser for every op: cuda (csrc/*.cu), triton (kernels/), cpu (csrc/*.cpp), reference (plain PyTorch).
+
+Each op builds an ordered map backend -> None (can serve these inputs) or a reason it cannot, and asks `choose`.
+`backend="auto"` takes the first that can serve and warns once, with the reasons, when that is `reference` although
+a faster one exists. A backend asked for by name that cannot serve raises. FASTTRAIN_BACKEND=<name> forces one for a
+whole run; ops that do not have that backend at all keep choosing automatically.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+from fasttrain import _extension
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+AUTO = "auto"
+
+_liveness_probes: dict[str, Callable[[], dict[str, str | None]]] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+class BackendError(RuntimeError):
+    """A backend asked for by name cannot serve the inputs."""
+
+
+def register(op: str, probe: Callable[[], dict[str, str | None]]) -> None:
+    """Declare an op's backends for `fasttrain info`: probe() -> backend -> None if live here, else why not."""
+    _liveness_probes[op] = probe
+
+
+def liveness() -> dict[str, dict[str, str | None]]:
+    return {op: probe() for op, probe in sorted(_liveness_probes.items())}
+
+
+def requested_backend(backend: str | None) -> str:
+    """The backend argument, else FASTTRAIN_BACKEND, else auto; checked against the known names."""
+    name = backend if backend not in (None, AUTO) else os.environ.get("FASTTRAIN_BACKEND", AUTO)
+    if name != AUTO and name not in BACKENDS:
+        source = "backend" if backend not in (None, AUTO) else "FASTTRAIN_BACKEND"
+        raise ValueError(f"{source} must be one of {(AUTO,) + BACKENDS}, got {name!r}")
+    return name
+
+
+def choose(op: str, reasons: dict[str, str | None], backend: str | None = None) -> str:
+    """Pick the backend for one call. `reasons` is ordered fastest first and always includes 'reference'."""
+    name = requested_backend(backend)
+    forced_by_env = backend in (None, AUTO) and name != AUTO
+    if name != AUTO and (name in reasons or not forced_by_env):
+        why = reasons.get(name, f"{op} has no {name!r} backend (it has {tuple(reasons)})")
+        if why is not None:
+            source = "FASTTRAIN_BACKEND" if forced_by_env else "backend"
+            raise BackendError(f"{op}: {source}={name!r} cannot serve these inputs: {why}")
+        return name
+    for candidate, why in reasons.items():
+        if why is None:
+            if candidate == "reference":
+                _warn_fallback(op, reasons)
+            return candidate
+    raise BackendError(f"{op}: no backend can serve these inputs: {reasons}")
+
+
+def _warn_fallback(op: str, reasons: dict[str, str | None]) -> None:
+    skipped = "; ".join(f"{b}: {why}" for b, why in reasons.items() if b != "reference")
+    if skipped and (op, skipped) not in _warned:
+        _warned.add((op, skipped))
+        warnings.warn(f"fasttrain: {op} runs on the reference backend ({skipped})", RuntimeWarning, stacklevel=4)
+
+
+# What each backend needs, for the ops to compose into their `reasons`.
+
+@functools.cache
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return f"triton failed to import ({type(e).__name__}: {e})"
+    return None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_reason(device: torch.device) -> str | None:
+    """None if Triton kernels can run on tensors of this device."""
+    if (why := _triton_import_error()) is not None:
+        return why
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        return None if triton_interpreting() else "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+    return f"Triton kernels do not run on {device.type} tensors"
+
+
+def cuda_extension_reason(device: torch.device) -> str | None:
+    """None if fasttrain._C has CUDA kernels usable for tensors of this device."""
+    if device.type != "cuda":
+        return f"the cuda backend takes CUDA tensors, got {device.type}"
+    if not _extension.available():
+        return _extension.why_unavailable()
+    if not _extension.built_with_cuda():
+        return "fasttrain._C was built without CUDA (CPU torch, no nvcc, or FASTTRAIN_CUDA=0)"
+    return None
+
+
+def cpu_extension_reason(device: torch.device) -> str | None:
+    """None if fasttrain._C's C++ CPU kernels can serve tensors of this device."""
+    if device.type != "cpu":
+        return f"the cpu backend takes CPU tensors, got {device.type}"
+    return _extension.why_unavailable()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

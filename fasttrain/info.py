@@ -1,0 +1,40 @@
+"""`fasttrain info`: versions, device, and which backends are live for each op."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+import fasttrain
+from fasttrain import _backend, _extension
+
+
+def report() -> str:
+    import fasttrain.ops  # noqa: F401  (registers the ops' liveness probes)
+    import fasttrain.optim  # noqa: F401
+
+    lines = [f"fasttrain {fasttrain.__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    try:
+        import triton
+        lines.append(f"triton {triton.__version__}")
+    except Exception as e:
+        lines.append(f"triton unavailable ({type(e).__name__}: {e})")
+    lines.append(f"CUDA (torch build) {torch.version.cuda or 'none'}")
+    if torch.cuda.is_available():
+        cap = torch.cuda.get_device_capability()
+        lines.append(f"device cuda: {torch.cuda.get_device_name()} (sm_{cap[0]}{cap[1]})")
+    else:
+        lines.append(f"device cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    ext = _extension.load()[0]
+    if ext is None:
+        lines.append(f"extension: unavailable: {_extension.why_unavailable()}")
+    else:
+        lines.append(f"extension fasttrain._C: loaded, CUDA kernels {'built' if ext.built_with_cuda() else 'not built'}, "
+                     f"OpenMP threads {ext.openmp_max_threads()}")
+    lines.append(f"TRITON_INTERPRET={'1' if _backend.triton_interpreting() else 'unset'}")
+    lines.append("backends per op (live, or why not):")
+    for op, backends in _backend.liveness().items():
+        lines.append(f"  {op}")
+        for name, why in backends.items():
+            lines.append(f"    {name:<10} {'live' if why is None else 'off: ' + why}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Public ops: flash-attn- and torch-compatible signatures over the kernels, with a pure-PyTorch reference beside each."""
