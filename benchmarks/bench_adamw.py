@@ -1,0 +1,109 @@
+"""AdamW step: fasttrain (fused kernel, and with fused clipping) vs torch.optim.AdamW foreach=False (eager),
+foreach=True and fused=True, over a GPT-like mix of tensors. Memory-bound: 28 bytes per fp32 param per step (read
+param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq), reported as GB/s and % of measured copy bandwidth.
+
+    python benchmarks/bench_adamw.py [--device cpu|cuda] [--quick] [--out DIR]
+"""
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from fasttrain.optim import AdamW  # noqa: E402
+
+BYTES_PER_PARAM = 28  # fp32: 4 reads + 3 writes of 4 bytes
+SIZES = {"cpu": [1 << 20, 4 << 20, 16 << 20, 64 << 20], "cuda": [1 << 20, 16 << 20, 128 << 20, 1 << 30]}
+QUICK = {"cpu": [1 << 20], "cuda": [1 << 20, 16 << 20]}
+
+
+def gpt_shapes(n_params: int) -> list[tuple[int, ...]]:
+    """Parameter shapes of a GPT with about n_params parameters: token embedding, then per layer two norms, qkv,
+    attention out, MLP up (4x) and down, with biases; widths and depths like GPT-2 at the larger sizes."""
+    vocab = 50304 if n_params >= 100e6 else 4096
+    for d in (1536, 1024, 768, 512, 256, 128, 64):
+        if vocab * d + 4 * 12 * d * d <= n_params:  # at least 4 layers
+            break
+    per_layer = 12 * d * d + 13 * d
+    layers = max(1, round((n_params - vocab * d) / per_layer))
+    shapes = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def make_params(shapes, device):
+    params = [torch.randn(s, device=device) * 0.02 for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    return params
+
+
+def variants(device: str) -> dict:
+    """name -> factory(params) -> step function. Torch's are the baselines of ../shared/BENCHMARKS.md."""
+    backend = "cuda" if device == "cuda" else "cpu"
+    return {
+        "torch eager": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False).step,
+        "torch foreach": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True).step,
+        "torch fused": lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True).step,
+        "fasttrain": lambda ps: AdamW(ps, lr=1e-3, backend=backend).step,
+        "fasttrain +clip": lambda ps: AdamW(ps, lr=1e-3, max_grad_norm=1.0, backend=backend).step,
+    }
+
+
+def check_correct(shapes, device: str) -> float:
+    """One step of fasttrain and torch fused from the same inputs: max |diff| relative to max |param|."""
+    ours, ref = make_params(shapes, device), make_params(shapes, device)
+    for p, q in zip(ours, ref):
+        q.copy_(p)
+        q.grad.copy_(p.grad)
+    AdamW(ours, lr=1e-3).step()
+    torch.optim.AdamW(ref, lr=1e-3, foreach=False).step()
+    err = max((p - q).abs().max().item() for p, q in zip(ours, ref))
+    scale = max(q.abs().max().item() for q in ref)
+    if err > 1e-6 * scale:
+        raise AssertionError(f"fasttrain AdamW differs from torch: {err:.3g} vs scale {scale:.3g}")
+    return err / scale
+
+
+def main() -> None:
+    args = common.parse_args(__doc__.splitlines()[0])
+    device = args.device
+    copy_gbs = common.copy_bandwidth_gbs(device)
+    print(f"{common.device_name(device)}: copy bandwidth {copy_gbs:.1f} GB/s")
+    rows = []
+    for n_target in (QUICK if args.quick else SIZES)[device]:
+        shapes = gpt_shapes(n_target)
+        n = sum(torch.Size(s).numel() for s in shapes)
+        rel_err = check_correct(shapes, device)
+        params = make_params(shapes, device)
+        base = {}
+        for name, factory in variants(device).items():
+            step = factory(params)
+            step()  # creates the state outside the timed region
+            ms = common.time_ms(step, device)
+            gbs = BYTES_PER_PARAM * n / (ms * 1e-3) / 1e9
+            base[name] = ms
+            rows.append({"params": n, "tensors": len(shapes), "impl": name, "ms": ms, "GB/s": gbs,
+                         "%copy": 100 * gbs / copy_gbs, "x eager": base["torch eager"] / ms,
+                         "x fused": base["torch fused"] / ms if "torch fused" in base else None,
+                         "rel_err_vs_torch": rel_err})
+            del step
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        print(f"{n / 1e6:.1f}M params in {len(shapes)} tensors done", flush=True)
+        del params
+        gc.collect()
+    common.print_table(rows, ["params", "tensors", "impl", "ms", "GB/s", "%copy", "x eager", "x fused"])
+    path = common.write_results("adamw", device, rows, {"copy_GB/s": copy_gbs}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,16 @@
+// The schemas of every torch.ops.fasttrain op. Kernels register implementations per dispatch key in their own
+// files (TORCH_LIBRARY_IMPL(fasttrain, CPU / CUDA, m)); other op families add their schemas here.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fasttrain, m) {
+  // One AdamW step over one (device, dtype) group, in place. steps are incremented unless found_inf > 0.
+  // lr_tensor, when given, replaces lr (read on the device); grad_scale is GradScaler's scale (grads are divided by
+  // it); grad_norm with max_grad_norm > 0 clips by min(1, max_grad_norm / (grad_norm / grad_scale + 1e-6)).
+  m.def(
+      "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor? lr_tensor, float lr, float beta1, float beta2, "
+      "float eps, float weight_decay, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
+      "Tensor? grad_norm, float max_grad_norm) -> ()");
+  // Sum of squares of every element of every grad, as a float32 scalar tensor on the grads' device.
+  m.def("adamw_grad_sumsq(Tensor[] grads) -> Tensor");
+}

@@ -1,0 +1,273 @@
+"""fasttrain.optim.AdamW: a drop-in for torch.optim.AdamW with fused kernels, fused clipping and GradScaler support.
+
+Backends (fasttrain._backend): `cuda` (csrc/adamw_cuda.cu, one multi-tensor launch per (device, dtype) group),
+`cpu` (csrc/adamw_cpu.cpp, vectorized + OpenMP, one call per group), `reference` (`adamw_reference` below: torch's
+single-tensor math op for op, the test oracle and the fallback).
+
+State and param_groups use torch.optim.AdamW's layout, so a state_dict saved by either loads into the other.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from fasttrain import _backend, _extension
+
+NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CLIP_EPS = 1e-6  # added to the norm before dividing, as torch.nn.utils.clip_grad_norm_ does
+
+
+def adamw_reference(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                    max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
+                    beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
+                    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                    grad_norm: Tensor | None = None, max_grad_norm: float | None = None) -> None:
+    """One AdamW step in plain PyTorch, in the order of operations of torch's single-tensor AdamW.
+
+    Beyond torch: grads are multiplied by 1/grad_scale (GradScaler) and by the clip coefficient
+    min(1, max_grad_norm / (grad_norm / grad_scale + 1e-6)) when given; found_inf > 0 skips the whole step. This is
+    the oracle, not the fast path: it reads found_inf and the steps on the host.
+    """
+    if found_inf is not None and found_inf.item() > 0:
+        return
+    coef = None
+    if grad_scale is not None:
+        coef = grad_scale.double().reciprocal()
+    if max_grad_norm is not None:
+        norm = grad_norm.double() if coef is None else grad_norm.double() * coef
+        clip = (max_grad_norm / (norm + CLIP_EPS)).clamp(max=1.0)
+        coef = clip if coef is None else coef * clip
+    for i, param in enumerate(params):
+        grad = grads[i]
+        if coef is not None:
+            grad = grad * coef.to(device=grad.device, dtype=torch.float32)
+        grad = -grad if maximize else grad
+        exp_avg, exp_avg_sq, step_t = exp_avgs[i], exp_avg_sqs[i], steps[i]
+        step_t += 1
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        bias_correction2_sqrt = bias_correction2**0.5
+        if amsgrad:
+            torch.maximum(max_exp_avg_sqs[i], exp_avg_sq, out=max_exp_avg_sqs[i])
+            denom = (max_exp_avg_sqs[i].sqrt() / bias_correction2_sqrt).add_(eps)
+        else:
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def grad_sumsq_reference(grads: list[Tensor]) -> Tensor:
+    """Sum of squares of all grads as a float32 device tensor (fp64 accumulation)."""
+    return sum(g.double().square().sum() for g in grads).float()
+
+
+def _native_ops_reason() -> str | None:
+    if (why := _extension.why_unavailable()) is not None:
+        return why
+    if not hasattr(torch.ops.fasttrain, "adamw_step_"):
+        return "fasttrain._C has no adamw_step_ op (stale build? reinstall)"
+    return None
+
+
+def _reasons(device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
+    dtype_why = None if dtype in NATIVE_DTYPES else f"native kernels take {NATIVE_DTYPES}, got {dtype}"
+    cuda = _backend.cuda_extension_reason(device) or _native_ops_reason() or dtype_why
+    cpu = _backend.cpu_extension_reason(device) or _native_ops_reason() or dtype_why
+    return {"cuda": cuda, "cpu": cpu, "reference": None}
+
+
+def _probe() -> dict[str, str | None]:
+    device = _backend.default_device()
+    reasons = _reasons(device, torch.float32)
+    if device.type == "cuda":
+        reasons["cpu"] = _reasons(torch.device("cpu"), torch.float32)["cpu"]
+    return reasons
+
+
+_backend.register("adamw", _probe)
+
+
+def _check_hyper(lr, betas, eps, weight_decay) -> None:
+    """torch.optim.AdamW's checks and messages."""
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}")
+    if not 0.0 <= betas[0] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
+    if not 0.0 <= betas[1] < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+    if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
+            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, Tensor) and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element")
+
+
+class AdamW(Optimizer):
+    """torch.optim.AdamW with fused native kernels.
+
+    Same arguments as torch.optim.AdamW (foreach/fused/capturable/differentiable are not taken: the kernels are always
+    fused), plus:
+      max_grad_norm: clip the global grad norm to this value inside the step (one norm pass, then the update pass,
+        no host sync); the norm before clipping is kept in `last_grad_norm` (a float32 device tensor).
+      backend: "auto" (default), "cuda", "cpu" or "reference" (see fasttrain._backend; FASTTRAIN_BACKEND overrides auto).
+    Works with torch.amp.GradScaler: the inverse scale and found_inf are read on the device, an inf step is skipped.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 max_grad_norm: float | None = None, backend: str | None = None) -> None:
+        _check_hyper(lr, betas, eps, weight_decay)
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        _backend.requested_backend(backend)  # validates the name now rather than at the first step
+        betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
+        # The keys of torch.optim.AdamW's groups, so that each optimizer can load the other's state_dict.
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                        foreach=None, capturable=False, differentiable=False, fused=None,
+                        decoupled_weight_decay=True)
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.backend = backend
+        self.last_grad_norm: Tensor | None = None
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+        for p in group["params"]:
+            if not torch.is_floating_point(p):
+                raise RuntimeError(f"fasttrain AdamW requires floating point parameters, got {p.dtype}")
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
+                                   differentiable=False, fused=None).items():
+                group.setdefault(key, value)
+            group["decoupled_weight_decay"] = True
+
+    def _state_for(self, p: Tensor, group: dict) -> dict:
+        """Lazily create torch's per-param state; move a loaded 'step' to the param's device (CUDA) or CPU."""
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if p.is_cuda else "cpu")
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        else:
+            want = p.device if p.is_cuda else torch.device("cpu")
+            step = state["step"]
+            if not torch.is_tensor(step) or step.device != want or step.dtype != torch.float32:
+                state["step"] = torch.as_tensor(step, dtype=torch.float32).to(want)
+            if group["amsgrad"] and "max_exp_avg_sq" not in state:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _collect(self) -> list[tuple[dict, dict]]:
+        """Per param group: (device, dtype) -> lists of params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps."""
+        out = []
+        for group in self.param_groups:
+            buckets: dict = defaultdict(lambda: ([], [], [], [], [], []))
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+                state = self._state_for(p, group)
+                grad = p.grad
+                if grad.stride() != p.stride():  # the kernels walk grad and param as one flat range of memory
+                    grad = torch.empty_like(p).copy_(grad)
+                b = buckets[(p.device, p.dtype)]
+                b[0].append(p)
+                b[1].append(grad)
+                b[2].append(state["exp_avg"])
+                b[3].append(state["exp_avg_sq"])
+                if group["amsgrad"]:
+                    b[4].append(state["max_exp_avg_sq"])
+                b[5].append(state["step"])
+            out.append((group, buckets))
+        return out
+
+    def _global_grad_norm(self, collected, backends) -> Tensor | None:
+        """sqrt of the sum of squares over every grad of every group: one native pass per (device, dtype)."""
+        partial = []
+        for _, buckets in collected:
+            for key, lists in buckets.items():
+                if backends[key] == "reference":
+                    partial.append(grad_sumsq_reference(lists[1]))
+                else:
+                    partial.append(torch.ops.fasttrain.adamw_grad_sumsq(lists[1]))
+        if not partial:
+            return None
+        device = partial[0].device
+        return torch.stack([t.to(device, non_blocking=True) for t in partial]).sum().sqrt()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step over every param with a grad; returns closure() when given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)  # set by torch.amp.GradScaler.step (None when unscaled)
+        found_inf = getattr(self, "found_inf", None)
+        collected = self._collect()
+        backends = {}
+        for _, buckets in collected:
+            for device, dtype in buckets:
+                backends[(device, dtype)] = _backend.choose("adamw", _reasons(device, dtype), self.backend)
+        grad_norm = None
+        if self.max_grad_norm is not None:
+            grad_norm = self._global_grad_norm(collected, backends)
+            if grad_norm is not None:
+                self.last_grad_norm = grad_norm if grad_scale is None else grad_norm / grad_scale.to(grad_norm.device)
+        for group, buckets in collected:
+            beta1, beta2 = (float(b) for b in group["betas"])
+            for (device, dtype), lists in buckets.items():
+                self._step_bucket(backends[(device, dtype)], device, lists, group, beta1, beta2,
+                                  grad_scale, found_inf, grad_norm)
+        return loss
+
+    def _step_bucket(self, backend, device, lists, group, beta1, beta2, grad_scale, found_inf, grad_norm) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
+        lr = group["lr"]
+
+        def on_device(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
+        if backend == "reference":
+            adamw_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1,
+                            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                            amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=on_device(grad_scale),
+                            found_inf=on_device(found_inf), grad_norm=on_device(grad_norm),
+                            max_grad_norm=self.max_grad_norm)
+            return
+        # A CUDA tensor lr is read by the kernel on the device; a CPU one is a host value (no sync).
+        lr_tensor, lr_value = None, 0.0
+        if isinstance(lr, Tensor) and lr.device.type != "cpu":
+            lr_tensor = lr.to(device=device, dtype=torch.float32).reshape(())  # (1,) or () -> ()
+        else:
+            lr_value = float(lr)
+        torch.ops.fasttrain.adamw_step_(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr_value, beta1, beta2, float(group["eps"]),
+            float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
+            on_device(grad_scale), on_device(found_inf), on_device(grad_norm),
+            self.max_grad_norm if self.max_grad_norm is not None else 0.0)
