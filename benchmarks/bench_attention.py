@@ -1,0 +1,119 @@
+"""Attention forward, backward and forward+backward TFLOP/s: fasttrain's Triton kernels against eager PyTorch
+(matmul-softmax-matmul, the reference in fasttrain.ops.attention_reference), SDPA's FLASH, CUDNN and EFFICIENT
+backends, and flash-attn when it is installed. bf16, B*T = 16k tokens, H*D = 2048, T = 512..16384, head_dim 64 and
+128, causal and not. Every provider's output is checked against fasttrain's before it is timed.
+
+    python benchmarks/bench_attention.py [--quick] [--device cuda|cpu]
+
+On CPU this is a smoke test only: the Triton interpreter against the reference at one small fp32 shape.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+if not torch.cuda.is_available():  # the CPU smoke test runs the kernels in the Triton interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fasttrain.ops import flash_attn_func  # noqa: E402
+from fasttrain.ops.attention_reference import UNBOUNDED, attention_reference  # noqa: E402
+
+TOKENS, HIDDEN = 16384, 2048
+EAGER_MAX_SCORE_BYTES = 8 << 30  # eager materialises (B, H, T, T) scores several times over; skip beyond this
+
+
+def flops(mode: str, B: int, H: int, T: int, D: int, causal: bool) -> float:
+    """BENCHMARKS.md: forward 4*B*H*T*T*D, halved when causal; backward 2.5x the forward."""
+    fwd = 4 * B * H * T * T * D / (2 if causal else 1)
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
+
+
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v, causal):  # (B, T, H, D) in and out; SDPA gets (B, H, T, D) views
+        with sdpa_kernel(backend):
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=causal)
+        return out.transpose(1, 2)
+    return run
+
+
+def providers(device: str) -> dict:
+    found = {
+        "fasttrain": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal, backend="triton"),
+        "eager": lambda q, k, v, causal: attention_reference(q, k, v, q.shape[-1] ** -0.5, UNBOUNDED,
+                                                             0 if causal else UNBOUNDED)[0],
+    }
+    if device == "cuda":
+        from torch.nn.attention import SDPBackend
+        found.update({"sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
+                      "sdpa_efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION)})
+        with contextlib.suppress(ImportError):
+            import flash_attn
+            found["flash_attn"] = lambda q, k, v, causal: flash_attn.flash_attn_func(q, k, v, causal=causal)
+    return found
+
+
+def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, generator=g, device=device, dtype=dtype).requires_grad_() for _ in range(3))
+    dout = torch.randn(B, T, H, D, generator=g, device=device, dtype=dtype)
+    rows, expected = [], None
+    for name, fn in providers(device).items():
+        row = {"provider": name, "B": B, "T": T, "H": H, "D": D, "causal": causal, "dtype": str(dtype)[6:]}
+        if name == "eager" and B * H * T * T * 4 > EAGER_MAX_SCORE_BYTES:
+            rows.append({**row, "skipped": "scores too large to materialise"})
+            continue
+        try:
+            out = fn(q, k, v, causal)
+        except RuntimeError as e:  # an SDPA backend that does not take this shape/dtype on this device
+            rows.append({**row, "skipped": str(e).splitlines()[0][:120]})
+            continue
+        expected = out.detach() if expected is None else expected
+        row["max_err_vs_fasttrain"] = (out.detach().float() - expected.float()).abs().max().item()
+        for mode in modes:
+            if mode == "fwd":
+                call = lambda: fn(q, k, v, causal)  # noqa: E731
+            elif mode == "bwd":
+                call = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)  # noqa: E731
+            else:
+                call = lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dout)  # noqa: E731
+            ms = common.time_ms(call, device)
+            row[f"{mode}_ms"] = ms
+            row[f"{mode}_tflops"] = flops(mode, B, H, T, D, causal) / (ms * 1e-3) / 1e12
+        rows.append(row)
+        del out
+    return rows
+
+
+def main() -> None:
+    args = common.parse_args(__doc__.splitlines()[0])
+    modes = ["fwd", "bwd", "fwd+bwd"]
+    if args.device == "cpu":  # smoke test: the interpreter is ~1000x slower than a GPU; fp32 only (PLATFORM.md)
+        shapes, dtype, ceilings = [(1, 128, 2, 64, True)], torch.float32, {}
+    else:
+        seqlens = [512, 2048] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+        shapes = [(TOKENS // T, T, HIDDEN // D, D, causal) for D in (64, 128) for causal in (False, True)
+                  for T in seqlens]
+        dtype = torch.bfloat16
+        ceilings = {"matmul_bf16_tflops": common.matmul_tflops(args.device)}
+    rows = []
+    for B, T, H, D, causal in shapes:
+        rows += bench_shape(args.device, dtype, B, T, H, D, causal, modes)
+    cols = ["provider", "B", "T", "H", "D", "causal", "max_err_vs_fasttrain"] + [f"{m}_tflops" for m in modes]
+    common.print_table(rows, cols + ["skipped"])
+    print("ceilings:", ceilings)
+    print("wrote", common.write_results("attention", args.device, rows, ceilings, args.out))
+
+
+if __name__ == "__main__":
+    main()

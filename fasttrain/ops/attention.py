@@ -1,0 +1,278 @@
+"""Fused attention: flash-attn's and torch's public functions over one registered op with a Triton or reference body.
+
+Three layers (STYLE.md): the Triton kernels in fasttrain.kernels.attention; the `torch.library` ops
+`fasttrain::attention_forward` / `fasttrain::attention_backward` with fake implementations and a registered autograd
+formula, so `torch.compile(fullgraph=True)` traces straight through; and the public functions below, which check
+their inputs and choose the backend.
+
+Backends: `triton` (CUDA fp16/bf16; CPU tensors under TRITON_INTERPRET=1) and `reference` (plain PyTorch, any
+device and dtype). An arbitrary `attn_mask` or `dropout_p > 0` always takes the reference path, outside the
+registered op, because the kernels implement neither.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fasttrain import _backend
+from fasttrain.ops.attention_reference import (UNBOUNDED, attention_reference, attention_reference_backward,
+                                              lse_dtype)
+
+OP = "attention"
+HEAD_DIMS = (32, 64, 96, 128, 256)
+_KERNEL_DTYPES_CUDA = (torch.float16, torch.bfloat16)
+
+
+def _kernels():
+    # Imported on first use only: importing fasttrain.kernels turns the Triton interpreter on for a CPU-only
+    # process, which would make `auto` pick the (slow) interpreter for CPU tensors.
+    from fasttrain.kernels import attention
+    return attention
+
+
+# ---- the registered ops ------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fasttrain::attention_forward", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
+                backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        return _kernels().attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            scale, left, right)
+    out, lse = attention_reference(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k)
+    return out.contiguous(), lse.contiguous()  # fresh tensors: a custom op may not return views of its inputs
+
+
+@_forward_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, backend):
+    H = q.shape[-2]
+    lse_shape = (H, q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], H, q.shape[1])
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("fasttrain::attention_backward", mutates_args=())
+def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+                 cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+                 max_seqlen_k: int, scale: float, left: int, right: int,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        return _kernels().attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                                             max_seqlen_q, max_seqlen_k, scale, left, right)
+    grads = attention_reference_backward(do, q, k, v, out, lse, dlse, scale, left, right, cu_seqlens_q, cu_seqlens_k)
+    return tuple(g.contiguous() for g in grads)
+
+
+@_backward_op.register_fake
+def _(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+      backend):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+    ctx.args = (max_q, max_k, scale, left, right, backend)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    max_q, max_k, scale, left, right, backend = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, backend)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- input checks and backend choice -----------------------------------------------------------------------------
+
+def _check_qkv(q, k, v, rank: int, layout: str, head_axis: int = -2) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:-3] != q.shape[:-3] or k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in batch and head_dim ({layout})")
+    H, Hkv = q.shape[head_axis], k.shape[head_axis]
+    if Hkv == 0 or H % Hkv:
+        raise ValueError(f"the number of k/v heads ({Hkv}) must divide the number of q heads ({H})")
+
+
+def _window(causal: bool, window_size) -> tuple[int, int]:
+    """flash-attn's (causal, window_size) -> kernel (left, right) diagonal bounds; -1 means unbounded."""
+    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
+            and all(isinstance(w, int) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+    left, right = (UNBOUNDED if w == -1 else w for w in window_size)
+    return left, (0 if causal else right)
+
+
+def _scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    return float(softmax_scale)
+
+
+def _refuse_unsupported(softcap, alibi_slopes) -> None:
+    if softcap != 0.0:
+        raise ValueError(f"softcap must be 0.0 (score soft-capping is not implemented), got {softcap!r}")
+    if alibi_slopes is not None:
+        raise ValueError("alibi_slopes must be None (ALiBi is not implemented)")
+
+
+def _triton_reason(q: Tensor, fallback_reason: str | None = None) -> str | None:
+    if fallback_reason is not None:
+        return fallback_reason
+    if (why := _backend.triton_reason(q.device)) is not None:
+        return why
+    if q.device.type == "cuda" and q.dtype not in _KERNEL_DTYPES_CUDA:
+        return f"the CUDA kernels take fp16/bf16, got {q.dtype}"
+    if q.dtype == torch.float64:
+        return "the kernels do not take float64"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim must be one of {HEAD_DIMS} for the kernels, got {q.shape[-1]}"
+    return None
+
+
+def _choose(q: Tensor, backend: str | None, fallback_reason: str | None = None) -> str:
+    return _backend.choose(OP, {"triton": _triton_reason(q, fallback_reason), "reference": None}, backend)
+
+
+_backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "reference": None})
+_backend.register(f"{OP} with dropout_p > 0 or an attn_mask",
+                  lambda: {"triton": "not implemented in the kernels", "reference": None})
+
+
+def _run(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend):
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = (t.contiguous() for t in (q, k, v))  # the kernels need unit stride along head_dim only
+    return _forward_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend)
+
+
+# ---- public functions ----------------------------------------------------------------------------------------------
+
+def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                    return_attn_probs: bool = False, *, backend: str | None = None):
+    """flash-attn's `flash_attn_func`: softmax(q k^T * scale) v over (B, T, H, D) tensors.
+
+    q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with Hkv dividing H (GQA/MQA; K and V are never repeated).
+    causal: query i sees keys j <= i + Tk - Tq (aligned bottom-right, as flash-attn). window_size (left, right):
+    query i sees keys in [i + Tk - Tq - left, i + Tk - Tq + right]; -1 leaves a side unbounded.
+    softmax_scale defaults to D**-0.5. head_dim 32, 64, 96, 128 or 256 runs the kernels; fp16/bf16 on CUDA.
+    dropout_p > 0 runs the reference path. softcap and alibi_slopes are not implemented (must stay at defaults).
+    The backward pass is deterministic whatever `deterministic` says (dK/dV are reduced without atomics).
+    Returns out (B, Tq, H, D); with return_attn_probs, (out, softmax_lse (B, H, Tq) float32, None): the
+    probabilities themselves are never materialised. Query rows that see no key give 0 and lse = +inf.
+    backend: "auto" (default), "triton" or "reference"; FASTTRAIN_BACKEND overrides auto.
+    """
+    _check_qkv(q, k, v, 4, "(B, T, H, D)")
+    _refuse_unsupported(softcap, alibi_slopes)
+    scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0.0:
+        _choose(q, backend, "dropout_p > 0 is not implemented in the kernels")
+        out, lse = attention_reference(q, k, v, scale, left, right, dropout_p=dropout_p)
+    else:
+        out, lse = _run(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, _choose(q, backend))
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _check_cu_seqlens(name: str, cu: Tensor, total: int, batch: int | None, device) -> int:
+    if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+        raise TypeError(f"{name} must be a 1-D int32 tensor of B + 1 offsets, got "
+                        f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__}"
+                        f"{tuple(cu.shape) if isinstance(cu, Tensor) else ''}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on q's device ({device}), got {cu.device}")
+    if batch is not None and cu.numel() != batch:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {batch} and {cu.numel()}")
+    values = cu.tolist()
+    if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must rise from 0 to the packed length {total}, got {values}")
+    return max(b - a for a, b in zip(values, values[1:]))
+
+
+def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Tensor | None = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: Tensor | None = None, *,
+                           backend: str | None = None):
+    """flash-attn's `flash_attn_varlen_func`: B sequences packed along the first axis.
+
+    q: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_q/k: (B + 1,) int32 offsets from 0 to total_q/total_k;
+    max_seqlen_q/k: the longest sequence (a bound; it sizes the launch grid). Sequence b's queries attend only to
+    sequence b's keys, masked as in `flash_attn_func` with that sequence's Tq_b and Tk_b. Returns out
+    (total_q, H, D), or (out, softmax_lse (H, total_q) float32, None) with return_attn_probs.
+    block_table (paged KV) is not implemented and must be None.
+    """
+    _check_qkv(q, k, v, 3, "(total, H, D)")
+    _refuse_unsupported(softcap, alibi_slopes)
+    if block_table is not None:
+        raise ValueError("block_table must be None (a paged KV cache is not implemented)")
+    real_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None, q.device)
+    real_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.numel(), q.device)
+    for name, given, real in (("max_seqlen_q", max_seqlen_q, real_q), ("max_seqlen_k", max_seqlen_k, real_k)):
+        if not isinstance(given, int) or given < real:
+            raise ValueError(f"{name} must be an int >= the longest sequence ({real}), got {given!r}")
+    scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0.0:
+        _choose(q, backend, "dropout_p > 0 is not implemented in the kernels")
+        out, lse = attention_reference(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p)
+    else:
+        out, lse = _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+                        _choose(q, backend))
+    return (out, lse, None) if return_attn_probs else out
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False, *, backend: str | None = None) -> Tensor:
+    """torch's `scaled_dot_product_attention` over (B, H, T, D) tensors (4-D only).
+
+    query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. is_causal masks as
+    torch does, aligned top-left: query i sees keys j <= i. attn_mask (bool, True = attend, or additive float,
+    broadcastable to (B, H, Tq, Tk)) and dropout_p > 0 run the reference path. Returns (B, H, Tq, D).
+    """
+    _check_qkv(query, key, value, 4, "(B, H, T, D)", head_axis=1)
+    if key.shape[1] != query.shape[1] and not enable_gqa:
+        raise ValueError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal=True cannot both be set (as in torch)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, T, D) -> (B, T, H, D) views
+    Tq, Tk = q.shape[1], k.shape[1]
+    # top-left causal is the bottom-right band shifted by Tq - Tk: j - i - (Tk - Tq) <= Tq - Tk
+    left, right = UNBOUNDED, (Tq - Tk if is_causal else UNBOUNDED)
+    sc = _scale(scale, q.shape[-1])
+    fallback = ("an attn_mask is not implemented in the kernels" if attn_mask is not None else
+                "dropout_p > 0 is not implemented in the kernels" if dropout_p > 0.0 else None)
+    if fallback is not None:
+        _choose(q, backend, fallback)
+        out, _ = attention_reference(q, k, v, sc, left, right, attn_mask=attn_mask, dropout_p=dropout_p)
+    else:
+        out, _ = _run(q, k, v, None, None, Tq, Tk, sc, left, right, _choose(q, backend))
+    return out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)

@@ -1,0 +1,116 @@
+"""Attention in plain PyTorch: the test oracle, and the fallback for what the kernel does not serve.
+
+Layout is flash-attn's: q (B, Tq, H, D), k and v (B, Tk, Hkv, D), Hkv divides H; packed variable-length batches are
+q (total_q, H, D) with int32 `cu_seqlens` offsets. Masking follows flash-attn: query i may see key j when
+-left <= j - i - (Tk - Tq) <= right (the diagonal is aligned bottom-right), with UNBOUNDED standing for "no limit".
+A query row that sees no key outputs zeros and has logsumexp +inf, so that exp(s - lse) is 0 in any backward.
+
+This code materialises the (Tq, Tk) score matrix; the kernels in fasttrain.kernels.attention never do.
+"""
+from __future__ import annotations
+
+import torch
+
+# Stands for an unbounded window side. Large enough for any sequence, small enough that i + off + UNBOUNDED stays
+# inside int32 in the kernels (2**30 + 2 * 2**29 < 2**31).
+UNBOUNDED = 1 << 30
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """logsumexp is float32 for fp16/bf16/fp32 inputs (as in flash-attn), float64 for float64 ones."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def window_mask(Tq: int, Tk: int, left: int, right: int, device) -> torch.Tensor:
+    """(Tq, Tk) bool, True where query i may attend to key j."""
+    i = torch.arange(Tq, device=device)[:, None]
+    j = torch.arange(Tk, device=device)[None, :]
+    d = j - i - (Tk - Tq)
+    return (d >= -left) & (d <= right)
+
+
+def _dense(q, k, v, scale, left, right, attn_mask=None, dropout_p=0.0):
+    """q (B, Tq, H, D), k/v (B, Tk, Hkv, D) -> out (B, Tq, H, D), lse (B, H, Tq) float32-or-wider."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    k = k.repeat_interleave(H // Hkv, dim=2)  # (B, Tk, H, D): the oracle may repeat; the kernel never does
+    v = v.repeat_interleave(H // Hkv, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, H, Tq, Tk)
+    s = s.masked_fill(~window_mask(Tq, Tk, left, right, q.device), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    # Shift by the detached row max: softmax and d lse/ds = p are unchanged, and rows that see no key stay finite.
+    m = s.amax(dim=-1, keepdim=True).detach()  # (B, H, Tq, 1)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    l = e.sum(dim=-1, keepdim=True)  # (B, H, Tq, 1)
+    empty = l == 0
+    l_safe = torch.where(empty, torch.ones_like(l), l)
+    p = e / l_safe
+    lse = torch.where(empty, torch.full_like(l, float("inf")), m + torch.log(l_safe)).squeeze(-1)  # (B, H, Tq)
+    if dropout_p > 0.0:
+        p = torch.nn.functional.dropout(p, dropout_p)
+    out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)  # (B, Tq, H, D)
+    return out, lse
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k):
+    """Yield (q_start, q_end, k_start, k_end) per packed sequence."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        yield cq[b], cq[b + 1], ck[b], ck[b + 1]
+
+
+def attention_reference(q, k, v, scale: float, left: int = UNBOUNDED, right: int = UNBOUNDED,
+                        cu_seqlens_q=None, cu_seqlens_k=None, attn_mask=None, dropout_p: float = 0.0):
+    """Differentiable attention: out in q's dtype and lse, (B, H, Tq) or (H, total_q) when packed, in lse_dtype.
+
+    attn_mask (bool: True = keep, or additive float) broadcasts to (B, H, Tq, Tk); dense inputs only.
+    """
+    if cu_seqlens_q is None:
+        out, lse = _dense(q, k, v, scale, left, right, attn_mask, dropout_p)
+        return out, lse.to(lse_dtype(q.dtype))
+    outs, lses = [], []
+    for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
+        o, l = _dense(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, left, right, None, dropout_p)
+        outs.append(o[0])  # (Tq_b, H, D)
+        lses.append(l[0])  # (H, Tq_b)
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1).to(lse_dtype(q.dtype))
+
+
+def _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right):
+    """Gradients by the FlashAttention-2 recurrence, in float32 (float64 stays float64). Shapes as in _dense."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    do, q, k, v, out = (t.to(wide) for t in (do, q, k, v, out))
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = H // Hkv
+    kr = k.repeat_interleave(G, dim=2)  # (B, Tk, H, D)
+    vr = v.repeat_interleave(G, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, kr) * scale  # (B, H, Tq, Tk)
+    s = s.masked_fill(~window_mask(Tq, Tk, left, right, q.device), float("-inf"))
+    p = torch.exp(s - lse.to(wide)[..., None])  # lse = +inf on empty rows makes them 0
+    delta = (do * out).sum(-1).transpose(1, 2)  # (B, Tq, H) -> (B, H, Tq)
+    if dlse is not None:
+        delta = delta - dlse.to(wide)  # d lse / d s = p, so an lse gradient only shifts delta
+    dp = torch.einsum("bqhd,bkhd->bhqk", do, vr)  # (B, H, Tq, Tk)
+    ds = p * (dp - delta[..., None]) * scale
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kr)  # (B, Tq, H, D)
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, q).reshape(B, Tk, Hkv, G, D).sum(3)  # (B, Tk, H, D) -> (B, Tk, Hkv, D)
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, do).reshape(B, Tk, Hkv, G, D).sum(3)  # (B, Tk, Hkv, D)
+    return dq, dk, dv
+
+
+def attention_reference_backward(do, q, k, v, out, lse, dlse, scale: float, left: int, right: int,
+                                 cu_seqlens_q=None, cu_seqlens_k=None):
+    """(dq, dk, dv) in the dtypes of q, k, v, recomputing P from lse as the kernels do."""
+    if cu_seqlens_q is None:
+        dq, dk, dv = _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right)
+    else:
+        parts = []
+        for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
+            dl = None if dlse is None else dlse[None, :, qs:qe]  # (H, total_q) -> (1, H, Tq_b)
+            parts.append(_dense_backward(do[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke],
+                                         out[None, qs:qe], lse[None, :, qs:qe], dl, scale, left, right))
+        dq, dk, dv = (torch.cat([p[i][0] for p in parts], dim=0) for i in range(3))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

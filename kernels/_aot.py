@@ -1,0 +1,125 @@
+"""Compile Triton kernels ahead of time for sm_90 and sm_80 on a machine without a GPU, and read their resources.
+
+The interpreter forgives what the compiler rejects (PLATFORM.md), so tests/test_kernels_compile.py runs this module
+in a subprocess with TRITON_INTERPRET=0 (the @triton.jit decorators must see it off) and checks every row.
+TABLE holds one entry per kernel; a kernel file joins with one AotKernel line per kernel and an
+`aot_signature(kernel, dtype, head_dim) -> (signature, constexprs)` function (signature_from_params builds one).
+
+    python -m fasttrain.kernels._aot --arch 90        # one JSON object per compiled (kernel, class, config)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory per block (opt-in maximum) on H100 / A100
+DTYPE = {90: "bf16", 80: "fp16"}  # one half type per arch keeps CI short; both share the code paths
+
+
+@dataclasses.dataclass(frozen=True)
+class AotKernel:
+    module: str  # file under kernels/, e.g. "attention"
+    kernel: str  # the @triton.jit function
+    configs: str | None  # the module's {arch: {head-dim class: [triton.Config]}} table; None: a fixed launch
+
+
+TABLE = [
+    AotKernel("attention", "_attn_fwd_kernel", "FWD_CONFIGS"),
+    AotKernel("attention", "_attn_bwd_preprocess_kernel", None),
+    AotKernel("attention", "_attn_bwd_dkdv_kernel", "DKDV_CONFIGS"),
+    AotKernel("attention", "_attn_bwd_dq_kernel", "DQ_CONFIGS"),
+    AotKernel("decode", "_decode_append_kernel", None),
+    AotKernel("decode", "_decode_kernel", "DECODE_CONFIGS"),
+    AotKernel("decode", "_decode_combine_kernel", None),
+]
+
+
+def signature_from_params(kernel, arg_type, fixed: dict) -> tuple[dict, dict]:
+    """(signature, constexprs) for ASTSource from a kernel's parameters: each constexpr takes its value from `fixed`
+    when there (the rest come from the config), every other parameter its type from arg_type(name)."""
+    signature, constexprs = {}, {}
+    for p in kernel.params:
+        signature[p.name] = "constexpr" if p.is_constexpr else arg_type(p.name)
+        if p.is_constexpr and p.name in fixed:
+            constexprs[p.name] = fixed[p.name]
+    return signature, constexprs
+
+
+def _cuobjdump() -> Path:
+    import triton
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def resources(cubin: bytes) -> dict:
+    """REG, STACK, LOCAL and SHARED (static) of the one function in a cubin, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text)}
+
+
+def compile_one(kernel, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int,
+                divisible: tuple = ()) -> dict:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+    # `divisible` names the arguments that the JIT would specialize as multiples of 16 at a real launch (aligned
+    # pointers, strides of whole heads): without the hint, loads compile unvectorized and spill (decode d128: 255
+    # registers and 144 B of stack without, 96 registers with).
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton_compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    used = resources(compiled.asm["cubin"])
+    used["shared_dynamic"] = compiled.metadata.shared
+    used["wgmma"] = "wgmma" in compiled.asm["ptx"]
+    return used
+
+
+def cases(entry: AotKernel, arch: int):
+    """(label, kernel, signature, constexprs, num_warps, num_stages, divisible) for every config of one kernel on one
+    arch; divisible from the module's optional `aot_divisible(kernel)`."""
+    module = importlib.import_module(f"{__package__}.{entry.module}")
+    kernel = getattr(module, entry.kernel)
+    divisible = module.aot_divisible(kernel) if hasattr(module, "aot_divisible") else ()
+    dims = {"d64": 64, "d128": 128, "d256": 256}
+    if entry.configs is None:
+        for cls, d in dims.items():
+            signature, constexprs = module.aot_signature(kernel, DTYPE[arch], d)
+            yield f"{cls}", kernel, signature, constexprs, 4, 3, divisible
+        return
+    for cls, configs in getattr(module, entry.configs)[arch].items():
+        for config in configs:
+            signature, constexprs = module.aot_signature(kernel, DTYPE[arch], dims[cls])
+            label = f"{cls} " + " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+            label += f" w{config.num_warps} s{config.num_stages}"
+            yield (label, kernel, signature, {**constexprs, **config.kwargs}, config.num_warps, config.num_stages,
+                   divisible)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, choices=sorted(SHARED_LIMIT), required=True)
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
+    for entry in TABLE:
+        for label, kernel, signature, constexprs, warps, stages, divisible in cases(entry, args.arch):
+            row = {"kernel": entry.kernel, "arch": args.arch, "case": label}
+            try:
+                row.update(compile_one(kernel, signature, constexprs, args.arch, warps, stages, divisible))
+            except Exception as e:  # reported per case, so one bad config does not hide the others
+                row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Autotune configs for kernels/attention.py, per GPU arch and head-dim class, plus the one interpreter config.
+
+A kernel's autotuner holds every config of its arch; `prune_for_head_dim` keeps those of the call's head-dim class,
+so a d256 call never tries tiles that only fit d64. tests/test_kernels_compile.py compiles each (arch, class, config)
+ahead of time and fails on compile errors, on shared memory over the arch's limit, and on register spills in the
+sm_90 configs. Tuples are (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M always tiles queries, BLOCK_N keys.
+"""
+import triton
+
+HEAD_DIM_CLASSES = {"d64": (32, 64), "d128": (96, 128), "d256": (256,)}
+
+# sm_90 lists hold only configs that compiled without spills (cuobjdump STACK 0, bf16, triton 3.7.1); rejected for
+# spilling: fwd d128 (64,64,4,3) 88 B and (128,128,8,3) 432 B; dkdv d64 (32,128,4,3) 552 B, d128 (32,128,8,3) 664 B;
+# dq d128 (128,64,8,3) 32 B; d256 with 64-wide tiles 224-2136 B (fwd (64,32,4,2) 312 B, (64,16,4,2) 64 B).
+# sm_80 lists are checked for compile errors and shared memory only (A100: 164 KB per block).
+_FWD = {
+    90: {"d64": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+         "d128": [(128, 64, 8, 3)],
+         "d256": [(32, 32, 4, 2)]},
+    80: {"d64": [(128, 64, 4, 3)],
+         "d128": [(128, 64, 8, 3), (64, 64, 4, 3)],
+         "d256": [(64, 32, 4, 2)]},
+}
+_DKDV = {  # the dK/dV accumulators are (BLOCK_N, D) fp32 each: 8 warps from d128 up
+    90: {"d64": [(64, 128, 8, 3), (64, 64, 4, 3)],
+         "d128": [(64, 64, 8, 3), (32, 64, 8, 2)],
+         "d256": [(32, 32, 8, 2)]},
+    80: {"d64": [(64, 64, 4, 3)],
+         "d128": [(32, 64, 8, 2)],
+         "d256": [(32, 32, 8, 2)]},
+}
+_DQ = {
+    90: {"d64": [(128, 64, 8, 3), (64, 64, 4, 3)],
+         "d128": [(64, 32, 4, 3)],
+         "d256": [(32, 32, 8, 2)]},
+    80: {"d64": [(64, 64, 4, 3)],
+         "d128": [(64, 32, 4, 3)],
+         "d256": [(32, 32, 8, 2)]},
+}
+# The interpreter runs numpy per tile: fewer, larger tiles are faster (B1 H2 T300 D64: ~1 s per launch).
+_INTERPRETER = (64, 64, 4, 1)
+
+
+def _config(t):
+    return triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1]}, num_warps=t[2], num_stages=t[3])
+
+
+def _build(table):
+    out = {arch: {cls: [_config(t) for t in tuples] for cls, tuples in by_class.items()}
+           for arch, by_class in table.items()}
+    one = [_config(_INTERPRETER)]  # the same object for every class: an autotuner with one config never benchmarks
+    out["interpreter"] = {cls: one for cls in HEAD_DIM_CLASSES}
+    return out
+
+
+FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = _build(_FWD), _build(_DKDV), _build(_DQ)
+
+
+def head_dim_class(head_dim: int) -> str:
+    for cls, dims in HEAD_DIM_CLASSES.items():
+        if head_dim in dims:
+            return cls
+    raise ValueError(f"head_dim must be one of {sum(HEAD_DIM_CLASSES.values(), ())}, got {head_dim}")
+
+
+def flat(table_for_arch) -> list:
+    """Every config of one arch, the list an autotuner holds."""
+    unique = {id(c): c for configs in table_for_arch.values() for c in configs}
+    return list(unique.values())
+
+
+def pruner(table_for_arch):
+    """early_config_prune: keep the configs of the call's head-dim class."""
+    def prune(configs, named_args, **kwargs):
+        keep = table_for_arch[head_dim_class({**named_args, **kwargs}["HEAD_DIM"])]
+        return [c for c in configs if any(c is k for k in keep)]
+    return prune

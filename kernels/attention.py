@@ -1,0 +1,394 @@
+"""FlashAttention-2 in Triton: forward, and a backward in three passes (delta, dK/dV, dQ) that recomputes P.
+
+Layout (B, T, H, D) with any strides except a unit stride along D; packed variable-length batches are (total, H, D)
+with int32 cu_seqlens. Query i of a sequence sees key j when dlo <= j - i <= dhi, dlo = Tk - Tq - left and
+dhi = Tk - Tq + right (flash-attn's bottom-right alignment; causal is right = 0, "unbounded" a large int). GQA: query
+head h reads K/V head h // GROUP; K and V are never repeated, and the dK/dV program of a K/V head loops over its GROUP
+query heads, so dK/dV are reduced in registers, without atomics, and the backward is deterministic.
+
+Scores live in log2 units (s * scale * log2 e) so the online softmax uses exp2. The logsumexp is stored in natural
+units, float32: (B, H, Tq), or (H, total_q) when packed. A row that sees no key gives 0 and lse = +inf.
+No (Tq, Tk) matrix is ever stored. Tested in tests/test_attention.py, compiled ahead of time per config in
+tests/test_kernels_compile.py, timed in benchmarks/bench_attention.py.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import signature_from_params
+from ._attention_configs import DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS, flat, pruner
+
+LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be constexpr (the compiler insists)
+LN2 = tl.constexpr(0.6931471805599453)
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _autotuned(kernel, table):
+    """The kernel under an autotuner over this machine's configs: its GPU arch's, or the interpreter's one."""
+    if INTERPRETING or not torch.cuda.is_available():
+        by_class = table["interpreter"]
+    else:
+        by_class = table[90] if torch.cuda.get_device_capability()[0] >= 9 else table[80]
+    # tune_seqlen is max_seqlen rounded up to a power of 2, so packed batches of varying length share tunings.
+    return triton.autotune(configs=flat(by_class), key=["HEAD_DIM", "tune_seqlen", "GROUP", "VARLEN"],
+                           prune_configs_by={"early_config_prune": pruner(by_class)})(kernel)
+
+
+@triton.jit
+def _load(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, UPCAST: tl.constexpr):
+    """A 2-D tile, zero outside row_ok/col_ok; masks only where the bounds can be crossed."""
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=row_ok & col_ok, other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=row_ok, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=col_ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if UPCAST:  # the interpreter computes bf16 on raw bits (PLATFORM.md): widen right after the load
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _tile_range(x0, x1, dlo, dhi, n_other, BLOCK: tl.constexpr):
+    """Rows x0..x1 see columns y in [x + dlo, x + dhi] within [0, n_other). Returns (lo, a, b, hi): the columns
+    to visit are [lo, hi) in BLOCK steps from lo, of which the tiles in [a, b) need no mask at all."""
+    lo = (tl.maximum(x0 + dlo, 0) // BLOCK) * BLOCK
+    hi = tl.minimum(x1 + dhi + 1, n_other)
+    full_lo = tl.maximum(x1 + dlo, lo)
+    full_hi = tl.minimum(x0 + dhi + 1, hi)
+    a = lo + tl.cdiv(full_lo - lo, BLOCK) * BLOCK
+    n_full = tl.maximum(full_hi - a, 0) // BLOCK
+    b = a + n_full * BLOCK
+    return lo, tl.where(n_full > 0, a, hi), tl.where(n_full > 0, b, hi), hi
+
+
+@triton.jit
+def _seq_bounds(Cu, b, seqlen, VARLEN: tl.constexpr):
+    """(start, length) of sequence b: from cu_seqlens when packed, else (0, the common length)."""
+    if VARLEN:
+        start = tl.load(Cu + b)
+        return start, tl.load(Cu + b + 1) - start
+    return b * 0, seqlen
+
+
+# ---- forward ----------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, seqlen_k, dlo, dhi,
+               scale_log2, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, UPCAST: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = _load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], offs_n[None, :] < seqlen_k,
+                    offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_N)
+        s = tl.dot(q, k_t) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            diag = offs_n[None, :] - offs_m[:, None]
+            s = tl.where((offs_n[None, :] < seqlen_k) & (diag >= dlo) & (diag <= dhi), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # a row with every key masked so far keeps m = -inf; shift it by 0 so that p = 0, not NaN
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        p = tl.math.exp2(s - m_new_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n[:, None] < seqlen_k,
+                  offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_N, HEAD_DIM_PAD)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
+                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
+                     seqlen_q, seqlen_k, scale_log2, left, right, tune_seqlen,
+                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                     VARLEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start, seqlen_q = _seq_bounds(CuQ, b, seqlen_q, VARLEN)
+    k_start, seqlen_k = _seq_bounds(CuK, b, seqlen_k, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+    dlo, dhi = seqlen_k - seqlen_q - left, seqlen_k - seqlen_q + right
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
+    k_base = K + b64 * stride_kb + kvh64 * stride_kh + k_start.to(tl.int64) * stride_kt
+    v_base = V + b64 * stride_vb + kvh64 * stride_vh + k_start.to(tl.int64) * stride_vt
+    q = _load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m[:, None] < seqlen_q,
+              offs_d[None, :] < HEAD_DIM, True, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
+    lo, a, c, hi = _tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, seqlen_k, BLOCK_N)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    # Masks cost only on the window's edges: [lo, a) and [c, hi) are masked, [a, c) is not.
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, a,
+                               seqlen_k, dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, a, c,
+                               seqlen_k, dlo, dhi, scale_log2, False, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, c, hi,
+                               seqlen_k, dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    o_base = Out + b64 * stride_ob + h64 * stride_oh + q_start.to(tl.int64) * stride_ot
+    row_ok = offs_m < seqlen_q
+    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=row_ok)
+
+
+# ---- backward ---------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_bwd_preprocess_kernel(Out, DOut, Delta, DLse, stride_ob, stride_ot, stride_oh, stride_db, stride_dt,
+                                stride_dh, stride_lb, stride_lh, CuQ, seqlen_q,
+                                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VARLEN: tl.constexpr,
+                                HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O) (minus dlse when the logsumexp has a gradient: d lse / d s = p)."""
+    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start, seqlen_q = _seq_bounds(CuQ, b, seqlen_q, VARLEN)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    rows = (q_start + offs_m).to(tl.int64)
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOut + b.to(tl.int64) * stride_db + h * stride_dh + rows[:, None] * stride_dt + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    l_offs = b.to(tl.int64) * stride_lb + h * stride_lh + rows
+    if HAS_DLSE:
+        delta -= tl.load(DLse + l_offs, mask=offs_m < seqlen_q, other=0.0)
+    tl.store(Delta + l_offs, delta, mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, offs_n, offs_d, lo, hi,
+                seqlen_q, dlo, dhi, scale_log2, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
+                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_t = _load(q_base + offs_m[None, :] * stride_qt + offs_d[:, None], offs_m[None, :] < seqlen_q,
+                    offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_M)
+        if MASKED:
+            lse = tl.load(lse_base + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        else:
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        p_t = tl.math.exp2(tl.dot(k, q_t) * scale_log2 - lse[None, :] * LOG2E)  # (BLOCK_N, BLOCK_M)
+        if MASKED:
+            diag = offs_n[:, None] - offs_m[None, :]
+            p_t = tl.where((offs_m[None, :] < seqlen_q) & (diag >= dlo) & (diag <= dhi), p_t, 0.0)
+        do = _load(do_base + offs_m[:, None] * stride_dt + offs_d[None, :], offs_m[:, None] < seqlen_q,
+                   offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
+                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                          stride_vb, stride_vt, stride_vh, stride_db, stride_dt, stride_dh, stride_lb, stride_lh,
+                          stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
+                          seqlen_q, seqlen_k, scale, scale_log2, left, right, tune_seqlen,
+                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                          VARLEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n, kvh, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start, seqlen_q = _seq_bounds(CuQ, b, seqlen_q, VARLEN)
+    k_start, seqlen_k = _seq_bounds(CuK, b, seqlen_k, VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    b64, kvh64 = b.to(tl.int64), kvh.to(tl.int64)
+    dlo, dhi = seqlen_k - seqlen_q - left, seqlen_k - seqlen_q + right
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    row_ok, col_ok = offs_n[:, None] < seqlen_k, offs_d[None, :] < HEAD_DIM
+    k_rows = (k_start + offs_n).to(tl.int64)[:, None]
+    k = _load(K + b64 * stride_kb + kvh64 * stride_kh + k_rows * stride_kt + offs_d[None, :], row_ok, col_ok,
+              True, PAD_D, UPCAST)  # (BLOCK_N, HEAD_DIM_PAD)
+    v = _load(V + b64 * stride_vb + kvh64 * stride_vh + k_rows * stride_vt + offs_d[None, :], row_ok, col_ok,
+              True, PAD_D, UPCAST)
+    # The queries that see keys start_n..: j - i in [dlo, dhi] means i - j in [-dhi, -dlo].
+    lo, a, c, hi = _tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, seqlen_q, BLOCK_M)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    for g in range(GROUP):  # the query heads that share this K/V head: dK/dV reduced here, no atomics
+        h64 = kvh64 * GROUP + g
+        q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
+        do_base = DOut + b64 * stride_db + h64 * stride_dh + q_start.to(tl.int64) * stride_dt
+        lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q_start
+        delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q_start
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, offs_n,
+                             offs_d, lo, a, seqlen_q, dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_M)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, offs_n,
+                             offs_d, a, c, seqlen_q, dlo, dhi, scale_log2, False, HEAD_DIM, PAD_D, UPCAST, BLOCK_M)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dt, offs_n,
+                             offs_d, c, hi, seqlen_q, dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_M)
+    mask = row_ok & col_ok
+    tl.store(DK + b64 * stride_dkb + kvh64 * stride_dkh + k_rows * stride_dkt + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b64 * stride_dvb + kvh64 * stride_dvh + k_rows * stride_dvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, seqlen_k, dlo,
+              dhi, scale_log2, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
+              UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = _load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], offs_n[None, :] < seqlen_k,
+                    offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_N)
+        v_t = _load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], offs_n[None, :] < seqlen_k,
+                    offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)
+        p = tl.math.exp2(tl.dot(q, k_t) * scale_log2 - lse[:, None])  # (BLOCK_M, BLOCK_N); lse in log2 units
+        if MASKED:
+            diag = offs_n[None, :] - offs_m[:, None]
+            p = tl.where((offs_n[None, :] < seqlen_k) & (diag >= dlo) & (diag <= dhi), p, 0.0)
+        ds = p * (tl.dot(do, v_t) - delta[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t))
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK,
+                        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+                        stride_vb, stride_vt, stride_vh, stride_db, stride_dt, stride_dh, stride_lb, stride_lh,
+                        stride_dqb, stride_dqt, stride_dqh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
+                        tune_seqlen, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                        VARLEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start, seqlen_q = _seq_bounds(CuQ, b, seqlen_q, VARLEN)
+    k_start, seqlen_k = _seq_bounds(CuK, b, seqlen_k, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+    dlo, dhi = seqlen_k - seqlen_q - left, seqlen_k - seqlen_q + right
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    row_ok, col_ok = offs_m[:, None] < seqlen_q, offs_d[None, :] < HEAD_DIM
+    q_rows = (q_start + offs_m).to(tl.int64)[:, None]
+    q = _load(Q + b64 * stride_qb + h64 * stride_qh + q_rows * stride_qt + offs_d[None, :], row_ok, col_ok, True,
+              PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
+    do = _load(DOut + b64 * stride_db + h64 * stride_dh + q_rows * stride_dt + offs_d[None, :], row_ok, col_ok,
+               True, PAD_D, UPCAST)
+    l_offs = b64 * stride_lb + h64 * stride_lh + q_start + offs_m
+    lse = tl.load(Lse + l_offs, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + l_offs, mask=offs_m < seqlen_q, other=0.0)
+    k_base = K + b64 * stride_kb + kvh64 * stride_kh + k_start.to(tl.int64) * stride_kt
+    v_base = V + b64 * stride_vb + kvh64 * stride_vh + k_start.to(tl.int64) * stride_vt
+    lo, a, c, hi = _tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, seqlen_k, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, a, seqlen_k,
+                   dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, a, c, seqlen_k,
+                   dlo, dhi, scale_log2, False, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, c, hi, seqlen_k,
+                   dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows * stride_dqt + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok & col_ok)
+
+
+_attn_fwd = _autotuned(_attn_fwd_kernel, FWD_CONFIGS)
+_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS)
+_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, DQ_CONFIGS)
+_PREPROCESS_BLOCK_M = 32  # at 64, d256 o and dO tiles (fp32, 4 warps) spilled 24 bytes on sm_90
+
+
+# ---- launchers: inputs were checked by fasttrain.ops.attention; these allocate, pick strides and launch -----------
+
+def _bth_strides(x, varlen):
+    """(batch, token, head) element strides; a packed (total, H, D) tensor has batch stride 0."""
+    return (0, x.stride(0), x.stride(1)) if varlen else (x.stride(0), x.stride(1), x.stride(2))
+
+
+def _lse_strides(lse, varlen):
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    varlen = cu_seqlens_q is not None
+    B = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    H, Hkv, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    constexprs = dict(GROUP=H // Hkv, HEAD_DIM=D, HEAD_DIM_PAD=triton.next_power_of_2(D), VARLEN=varlen,
+                      UPCAST=INTERPRETING and q.dtype != torch.float32)
+    tune_seqlen = triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k))
+    return varlen, B, H, Hkv, constexprs, tune_seqlen
+
+
+def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
+    """out (like q, contiguous), lse float32 (B, H, Tq) or (H, total_q)."""
+    varlen, B, H, Hkv, cx, tune_seqlen = _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse_shape = (H, q.shape[0]) if varlen else (B, H, q.shape[1])
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)  # noqa: E731
+    _attn_fwd[grid](q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+                    *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen),
+                    *_bth_strides(out, varlen), *_lse_strides(lse, varlen),
+                    max_seqlen_q, max_seqlen_k, scale * LOG2E.value, left, right, tune_seqlen, **cx)
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                       scale, left, right):
+    """(dq, dk, dv), each contiguous and shaped like its input. dlse (like lse) or None."""
+    varlen, B, H, Hkv, cx, tune_seqlen = _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, _PREPROCESS_BLOCK_M), H, B)](
+        out, do, delta, None if dlse is None else dlse.contiguous(), *_bth_strides(out, varlen),
+        *_bth_strides(do, varlen), *_lse_strides(lse, varlen), cu_seqlens_q, max_seqlen_q,
+        HEAD_DIM=cx["HEAD_DIM"], HEAD_DIM_PAD=cx["HEAD_DIM_PAD"], VARLEN=varlen, HAS_DLSE=dlse is not None,
+        BLOCK_M=_PREPROCESS_BLOCK_M)
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    common = (*_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen),
+              *_bth_strides(do, varlen), *_lse_strides(lse, varlen))
+    tail = (max_seqlen_q, max_seqlen_k, scale, scale * LOG2E.value, left, right, tune_seqlen)
+    grid_kv = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), Hkv, B)  # noqa: E731
+    _attn_bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *common,
+                            *_bth_strides(dk, varlen), *_bth_strides(dv, varlen), *tail, **cx)
+    grid_q = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)  # noqa: E731
+    _attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common,
+                         *_bth_strides(dq, varlen), *tail, **cx)
+    return dq, dk, dv
+
+
+def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
+    """(signature, constexprs) of one kernel above for an ahead-of-time compile of a dense GQA launch (kernels/_aot.py);
+    the config's BLOCK_M/BLOCK_N are added by the caller."""
+    fixed = dict(GROUP=2, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), VARLEN=False,
+                 UPCAST=False, HAS_DLSE=False)
+    if kernel is _attn_bwd_preprocess_kernel:
+        fixed["BLOCK_M"] = _PREPROCESS_BLOCK_M
+
+    def arg_type(name):
+        if name in ("Lse", "Delta", "DLse"):
+            return "*fp32"
+        if name in ("CuQ", "CuK"):
+            return "*i32"
+        if name[0].isupper():
+            return f"*{dtype}"
+        return "fp32" if name.startswith("scale") else "i32"
+    return signature_from_params(kernel, arg_type, fixed)

@@ -1,0 +1,254 @@
+"""fasttrain.ops attention: the Triton kernels (interpreted on CPU, fp32) against a float64 reference, every gradient,
+the SDPA and varlen front doors, the torch.compile registration, backend choice and input errors.
+GPU tests (`pytest -m gpu`) check bf16/fp16 by the rule "at most 2x PyTorch's own same-dtype error, both against an
+fp32 reference" at T up to 8192.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttrain import _backend
+from fasttrain.ops import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
+from fasttrain.ops.attention_reference import UNBOUNDED, attention_reference
+
+# fp32 kernel vs float64 oracle, absolute on unit-variance inputs: measured worst 3e-6 over the cases below.
+TOL_FP32 = 5e-5
+# the interpreter computes fp16/bf16 tiles in fp32 after loading; the error is the final rounding of out and grads.
+TOL_HALF = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _inputs(B, Tq, Tk, H, Hkv, D, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(B, Tq, H, D, generator=g, device=device).to(dtype).requires_grad_()
+    k = torch.randn(B, Tk, Hkv, D, generator=g, device=device).to(dtype).requires_grad_()
+    v = torch.randn(B, Tk, Hkv, D, generator=g, device=device).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# (B, Tq, Tk, H, Hkv, D, causal, window): together every listed value of T, head_dim, GQA ratio, batch, mask kind.
+CASES = [
+    (1, 1, 1, 1, 1, 32, True, (-1, -1)),  # T = 1
+    (3, 17, 17, 4, 2, 64, True, (-1, -1)),  # batch 3, GQA 2
+    (1, 97, 97, 4, 1, 128, False, (-1, -1)),  # GQA 4 (MQA), d128
+    (2, 128, 128, 2, 2, 64, True, (32, -1)),  # causal sliding window
+    (1, 300, 300, 2, 1, 32, False, (64, 16)),  # two-sided window
+    (1, 97, 300, 2, 2, 64, True, (-1, -1)),  # Tq < Tk, causal aligned bottom-right
+    (2, 128, 17, 4, 4, 32, True, (-1, -1)),  # Tq > Tk: the first 111 rows see no key -> 0, lse +inf
+    (1, 300, 128, 2, 1, 96, False, (-1, -1)),  # head_dim 96 padded to 128
+    (1, 1025, 1025, 1, 1, 32, True, (-1, -1)),  # STYLE.md's awkward 1025
+]
+
+
+@pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,window", CASES, ids=lambda c: str(c))
+def test_kernel_matches_float64_reference(B, Tq, Tk, H, Hkv, D, causal, window):
+    q, k, v = _inputs(B, Tq, Tk, H, Hkv, D)
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True,
+                                  backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse, _ = flash_attn_func(q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True,
+                                      backend="reference")
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (B, H, Tq)
+    assert _max_err(out, ref) < TOL_FP32
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)  # rows that see no key: +inf in both
+    assert _max_err(lse[finite], ref_lse[finite]) < TOL_FP32
+    dout = torch.randn_like(out)
+    for name, got, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
+        assert _max_err(got, want) < TOL_FP32, f"d{name}"
+
+
+def test_varlen_uneven_lengths_forward_and_backward():
+    lens_q, lens_k = [1, 97, 17, 130], [1, 60, 17, 200]  # includes a length-1 sequence and Tq != Tk per sequence
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    for causal, window in ((True, (-1, -1)), (False, (24, 8))):
+        g = torch.Generator().manual_seed(1)
+        q = torch.randn(sum(lens_q), 4, 64, generator=g).requires_grad_()  # (total_q, H, D)
+        k = torch.randn(sum(lens_k), 2, 64, generator=g).requires_grad_()  # (total_k, Hkv, D)
+        v = torch.randn(sum(lens_k), 2, 64, generator=g).requires_grad_()
+        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                             window_size=window, return_attn_probs=True, backend="triton")
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        ref, ref_lse = attention_reference(q64, k64, v64, 64 ** -0.5, *(_flash_window(causal, window)), cu_q, cu_k)
+        assert lse.shape == (4, sum(lens_q))
+        assert _max_err(out, ref) < TOL_FP32
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), finite) and _max_err(lse[finite], ref_lse[finite]) < TOL_FP32
+        dout = torch.randn_like(out)
+        for got, want in zip(_grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
+            assert _max_err(got, want) < TOL_FP32
+
+
+def _flash_window(causal, window):
+    left, right = (UNBOUNDED if w == -1 else w for w in window)
+    return left, 0 if causal else right
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_lse_gradient_flows(backend):
+    """A loss on the returned logsumexp differentiates through it (d lse / d s = p), on both backends."""
+    q, k, v = _inputs(2, 40, 33, 2, 1, 32)
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend=backend)
+    loss = (out * out).sum() + (lse * torch.linspace(-1, 1, 40)).sum()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attention_reference(q64, k64, v64, 32 ** -0.5, UNBOUNDED, 0)
+    ref_loss = (ref * ref).sum() + (ref_lse * torch.linspace(-1, 1, 40, dtype=torch.float64)).sum()
+    for got, want in zip(torch.autograd.grad(loss, (q, k, v)), torch.autograd.grad(ref_loss, (q64, k64, v64))):
+        assert _max_err(got, want) < TOL_FP32
+
+
+@pytest.mark.parametrize("Tq,Tk,causal", [(33, 33, True), (20, 45, True), (45, 20, True), (20, 45, False)])
+def test_sdpa_matches_torch(Tq, Tk, causal):
+    """torch's layout and top-left causal alignment, with GQA through enable_gqa."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, Tq, 32, generator=g, dtype=torch.float64)  # (B, H, T, D)
+    k = torch.randn(2, 2, Tk, 32, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, Tk, 32, generator=g, dtype=torch.float64)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, scale=0.3)
+    got = scaled_dot_product_attention(*(t.float() for t in (q, k, v)), is_causal=causal, enable_gqa=True,
+                                       scale=0.3, backend="triton")
+    assert got.shape == want.shape and _max_err(got, want) < TOL_FP32
+
+
+def test_sdpa_attn_mask_and_dropout_take_the_reference_path():
+    q, k, v = (torch.randn(2, 2, 24, 32, dtype=torch.float64) for _ in range(3))  # (B, H, T, D)
+    mask = torch.rand(24, 24) > 0.3
+    mask[:, 0] = True
+    for m in (mask, torch.randn(2, 1, 24, 24, dtype=torch.float64)):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        assert _max_err(scaled_dot_product_attention(q, k, v, attn_mask=m), want) < 1e-12
+    with pytest.raises(_backend.BackendError, match="attn_mask"):
+        scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, backend="triton")
+    torch.manual_seed(0)
+    dropped = flash_attn_func(q, k, v, dropout_p=0.5)
+    assert dropped.shape == q.shape and not torch.allclose(dropped, flash_attn_func(q, k, v))
+    with pytest.raises(_backend.BackendError, match="dropout"):
+        flash_attn_func(q.float(), k.float(), v.float(), dropout_p=0.1, backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_under_the_interpreter(dtype):
+    """fp16/bf16 run through the same kernels (widened after each load when interpreting)."""
+    q, k, v = _inputs(1, 50, 50, 2, 1, 64, dtype=dtype)
+    out = flash_attn_func(q, k, v, causal=True, backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = flash_attn_func(q64, k64, v64, causal=True, backend="reference")
+    assert out.dtype == dtype and _max_err(out, ref) < TOL_HALF[dtype]
+    dout = torch.randn_like(out)
+    for got, want in zip(_grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
+        assert got.dtype == dtype and _max_err(got, want) < 4 * TOL_HALF[dtype]
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    """The registered op traces under fullgraph=True, forward and backward, and gives eager's numbers."""
+    torch._dynamo.reset()
+    q, k, v = _inputs(2, 24, 24, 4, 2, 32)
+
+    def loss_fn(q, k, v):
+        return flash_attn_func(q, k, v, causal=True, backend="triton").square().sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
+    want = torch.autograd.grad(loss_fn(q, k, v), (q, k, v))
+    for a, b in zip(got, want):
+        assert _max_err(a, b) < 1e-5
+
+
+def test_auto_chooses_reference_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _inputs(1, 8, 8, 2, 1, 32)
+    with pytest.warns(RuntimeWarning, match="TRITON_INTERPRET"):
+        out = flash_attn_func(q, k, v, causal=True, backend="auto")
+    out.sum().backward()  # the model's CPU training path: autograd through the reference op
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    with pytest.raises(_backend.BackendError, match="TRITON_INTERPRET"):
+        flash_attn_func(q, k, v, backend="triton")
+
+
+def test_unsupported_head_dim_falls_back_or_refuses():
+    q, k, v = _inputs(1, 8, 8, 2, 2, 48)
+    with pytest.raises(_backend.BackendError, match="head_dim"):
+        flash_attn_func(q, k, v, backend="triton")
+    with pytest.warns(RuntimeWarning, match="head_dim"):
+        out = flash_attn_func(q, k, v)
+    assert out.shape == q.shape
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda q, k, v: flash_attn_func(q[0], k, v), ValueError, "q must be 4-D"),
+    (lambda q, k, v: flash_attn_func(q, k[:, :, :1].repeat(1, 1, 3, 1), v[:, :, :1].repeat(1, 1, 3, 1)),
+     ValueError, "must divide"),
+    (lambda q, k, v: flash_attn_func(q, k.double(), v), TypeError, "k.dtype"),
+    (lambda q, k, v: flash_attn_func(q, k, v[..., :16]), ValueError, "same shape"),
+    (lambda q, k, v: flash_attn_func(q, k, v, window_size=(-2, 3)), ValueError, "window_size"),
+    (lambda q, k, v: flash_attn_func(q, k, v, softcap=1.0), ValueError, "softcap"),
+    (lambda q, k, v: flash_attn_func(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
+    (lambda q, k, v: flash_attn_func(q.long(), k, v), TypeError, "floating-point"),
+    (lambda q, k, v: flash_attn_varlen_func(q[0], k[0], v[0], torch.tensor([0, 8]), torch.tensor([0, 8]), 8, 8),
+     TypeError, "cu_seqlens_q"),
+    (lambda q, k, v: flash_attn_varlen_func(q[0], k[0], v[0], torch.tensor([0, 5], dtype=torch.int32),
+                                            torch.tensor([0, 8], dtype=torch.int32), 8, 8), ValueError, "packed"),
+    (lambda q, k, v: flash_attn_varlen_func(q[0], k[0], v[0], torch.tensor([0, 8], dtype=torch.int32),
+                                            torch.tensor([0, 8], dtype=torch.int32), 4, 8), ValueError,
+     "max_seqlen_q"),
+    (lambda q, k, v: scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))), ValueError,
+     "enable_gqa"),
+])
+def test_bad_inputs_name_the_argument(call, error, match):
+    q, k, v = _inputs(1, 8, 8, 4, 2, 32)
+    with pytest.raises(error, match=match):
+        call(q, k, v)
+
+
+# ---- GPU: bf16/fp16 against an fp32 reference, judged against PyTorch's own error in the same dtype -------------
+
+GPU_CASES = [  # (B, T, H, Hkv, D, causal, window)
+    (2, 1024, 8, 2, 64, True, (-1, -1)),
+    (1, 8192, 4, 1, 128, True, (-1, -1)),
+    (1, 4096, 4, 4, 128, False, (-1, -1)),
+    (1, 2048, 4, 2, 256, True, (-1, -1)),
+    (2, 4096, 4, 2, 128, True, (512, -1)),
+    (1, 1025, 4, 4, 64, False, (100, 100)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,H,Hkv,D,causal,window", GPU_CASES, ids=lambda c: str(c))
+def test_gpu_at_most_twice_pytorch_error(B, T, H, Hkv, D, causal, window, dtype):
+    q, k, v = _inputs(B, T, T, H, Hkv, D, dtype=dtype, device="cuda")
+    out = flash_attn_func(q, k, v, causal=causal, window_size=window, backend="triton")
+    pt = flash_attn_func(q, k, v, causal=causal, window_size=window, backend="reference")  # eager PyTorch, same dtype
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = flash_attn_func(q32, k32, v32, causal=causal, window_size=window, backend="reference")
+    assert _max_err(out, ref) <= 2 * _max_err(pt, ref) + 1e-5
+    dout = torch.randn_like(out)
+    for name, got, mine, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(pt, (q, k, v), dout),
+                                     _grads(ref, (q32, k32, v32), dout.float())):
+        assert _max_err(got, want) <= 2 * _max_err(mine, want) + 1e-5, f"d{name}"
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_and_sdpa_bf16():
+    lens = [1, 1000, 3000, 17]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    q = torch.randn(sum(lens), 8, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(lens), 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    out = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, backend="triton")
+    pt = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, backend="reference")
+    ref = flash_attn_varlen_func(q.float(), k.float(), v.float(), cu, cu, max(lens), max(lens), causal=True,
+                                 backend="reference")
+    assert _max_err(out, ref) <= 2 * _max_err(pt, ref) + 1e-5
+    qs, ks, vs = (torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    got = scaled_dot_product_attention(qs, ks, vs, is_causal=True, backend="triton")
+    torch_bf16 = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    ref = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), is_causal=True)
+    assert _max_err(got, ref) <= 2 * _max_err(torch_bf16, ref) + 1e-5
