@@ -1,0 +1,312 @@
+"""Split-KV flash-decoding: a few query tokens against a long, preallocated KV cache.
+
+Three kernels, launched in this order by fasttrain/ops/decode.py (which also holds the pure-PyTorch reference):
+
+1. `_decode_append_kernel` writes the new k/v rows (B, Tnew, Hkv, D) into the cache at rows cache_seqlens[b] + t,
+   rotating k (and q, into a fresh tensor) with the cos/sin tables on the way when rotary is fused. One program
+   per (b, t, head).
+2. `_decode_kernel` runs one program per (split, b * Hkv, block of query rows). The rows of a program are the Tq
+   query tokens times the H / Hkv query heads of one GQA group, so each K/V tile is read from memory once per group,
+   not once per query head. The visible keys of sequence b are cut into NUM_SPLITS equal chunks (a whole number of
+   BLOCK_N tiles each) so that batch 1 with a long cache still launches enough programs to fill the GPU. With one
+   split it writes the final output; otherwise each split writes its normalized partial output and logsumexp.
+3. `_decode_combine_kernel` merges the splits of one (b, t, head) row through their logsumexp.
+
+Masking follows flash-attn's bottom-right alignment: with L_b visible keys, query token t sits at position
+L_b - Tq + t; key j is visible when window_left >= qpos - j and j - qpos <= window_right (causal: window_right = 0;
+no window: a sentinel of 2**30). A row with no visible key outputs zeros and a logsumexp of +inf (as flash-attn);
+within the split partials it is -inf, so that the combine weighs such a split 0.
+
+Pure device code: nothing here imports fasttrain. Under TRITON_INTERPRET=1 one fixed config serves (the autotuner's
+benchmarker needs a GPU); on a GPU the decode kernel autotunes over a few tile sizes.
+"""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+LN2 = tl.constexpr(0.6931471805599453)  # globals a kernel reads must be constexpr (the compiler insists)
+
+# Decode is bound by reading K and V: deeper pipelines and wider key tiles keep more bytes in flight, at the cost of
+# shared memory (one K and one V tile per stage) and registers. Tuples are (BLOCK_N, num_warps, num_stages). All
+# compile for sm_90 and sm_80 without spills (tests/test_kernels_compile.py; sm_90 bf16 d128 (64, 4, 3): 96 registers,
+# 70 KB shared, cp.async pipelined); which one wins per shape is left to the autotuner, not yet measured on an H100
+# (no GPU in the session that wrote them).
+_CONFIGS = {
+    90: {"d64": [(64, 4, 3), (128, 4, 3), (128, 8, 4)],
+         "d128": [(64, 4, 3), (64, 4, 4), (128, 8, 3)],
+         "d256": [(32, 4, 3), (64, 8, 2)]},
+    80: {"d64": [(64, 4, 3), (128, 4, 3)],
+         "d128": [(64, 4, 3), (128, 8, 2)],
+         "d256": [(32, 4, 3), (64, 8, 2)]},
+}
+# The interpreter runs numpy per tile: fewer, larger tiles are faster.
+_INTERPRETER = (64, 4, 1)
+
+
+def _config(t):
+    return triton.Config({"BLOCK_N": t[0]}, num_warps=t[1], num_stages=t[2])
+
+
+DECODE_CONFIGS = {arch: {cls: [_config(t) for t in ts] for cls, ts in by_class.items()}
+                  for arch, by_class in _CONFIGS.items()}
+_ONE = _config(_INTERPRETER)  # one object for every class: an autotuner with a single config never benchmarks
+DECODE_CONFIGS["interpreter"] = {cls: [_ONE] for cls in ("d64", "d128", "d256")}
+
+
+def head_dim_class(block_d: int) -> str:
+    return "d64" if block_d <= 64 else "d128" if block_d <= 128 else "d256"
+
+
+def _arch_configs() -> dict:
+    if INTERPRETING or not torch.cuda.is_available():
+        return DECODE_CONFIGS["interpreter"]
+    return DECODE_CONFIGS[90] if torch.cuda.get_device_capability()[0] >= 9 else DECODE_CONFIGS[80]
+
+
+@triton.jit
+def _copy_row(SRC, DST, cos, sin, ok, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr,
+              ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Copy one head row of D elements from SRC to DST (only if ok: SRC may be out of range otherwise), rotating
+    the first 2 * ROT_HALF of them."""
+    if ROTARY:
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < ROT_HALF
+        if INTERLEAVED:  # pairs (0, 1), (2, 3), ...
+            i1 = 2 * offs_r
+            i2 = i1 + 1
+        else:  # pairs (i, i + ROT_HALF), GPT-NeoX style
+            i1 = offs_r
+            i2 = offs_r + ROT_HALF
+        x1 = tl.load(SRC + i1, mask=mask_r & ok, other=0.0).to(tl.float32)
+        x2 = tl.load(SRC + i2, mask=mask_r & ok, other=0.0).to(tl.float32)
+        tl.store(DST + i1, (x1 * cos - x2 * sin).to(DST.dtype.element_ty), mask=mask_r & ok)
+        tl.store(DST + i2, (x2 * cos + x1 * sin).to(DST.dtype.element_ty), mask=mask_r & ok)
+        offs_p = 2 * ROT_HALF + tl.arange(0, BLOCK_D)
+    else:
+        offs_p = tl.arange(0, BLOCK_D)
+    mask_p = offs_p < HEAD_DIM
+    x = tl.load(SRC + offs_p, mask=mask_p & ok, other=0.0)
+    tl.store(DST + offs_p, x.to(DST.dtype.element_ty), mask=mask_p & ok)
+
+
+@triton.jit
+def _decode_append_kernel(
+    Q, K, V, KC, VC, QR, COS, SIN, SEQLENS, BATCH_IDX,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_kcb, stride_kct, stride_kch,
+    stride_vcb, stride_vct, stride_vch,
+    stride_qrb, stride_qrt, stride_qrh,
+    stride_rot,
+    tq, t_new, t_rows, n_heads, n_kv_heads, t_cache, t_rot,
+    HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr, ROTARY: tl.constexpr, Q_PER_TOKEN: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    HAS_BATCH_IDX: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Grid (B * t_rows, max(H, Hkv)) with t_rows = max(Tq, Tnew): append k/v row (b, t, h); rotate q row (b, t, h)."""
+    pid_bt = tl.program_id(0)
+    h = tl.program_id(1)
+    b = pid_bt // t_rows
+    t = pid_bt % t_rows
+    seqlen = tl.load(SEQLENS + b).to(tl.int32)
+    cache_b = b
+    if HAS_BATCH_IDX:
+        cache_b = tl.load(BATCH_IDX + b).to(tl.int32)
+    offs_r = tl.arange(0, BLOCK_R)
+    pos = seqlen + t
+    cos = 1.0
+    sin = 0.0
+    if ROTARY:
+        in_table = (offs_r < ROT_HALF) & (pos < t_rot)
+        cos = tl.load(COS + pos * stride_rot + offs_r, mask=in_table, other=1.0).to(tl.float32)
+        sin = tl.load(SIN + pos * stride_rot + offs_r, mask=in_table, other=0.0).to(tl.float32)
+    # Rows past the cache end are never written; the launcher reports them before launching.
+    ok = (t < t_new) & (h < n_kv_heads) & (pos < t_cache)
+    _copy_row(K + b * stride_kb + t * stride_kt + h * stride_kh,
+              KC + cache_b.to(tl.int64) * stride_kcb + pos.to(tl.int64) * stride_kct + h * stride_kch,
+              cos, sin, ok, HEAD_DIM, ROT_HALF, ROTARY, INTERLEAVED, BLOCK_D, BLOCK_R)
+    _copy_row(V + b * stride_vb + t * stride_vt + h * stride_vh,
+              VC + cache_b.to(tl.int64) * stride_vcb + pos.to(tl.int64) * stride_vct + h * stride_vch,
+              cos, sin, ok, HEAD_DIM, ROT_HALF, False, INTERLEAVED, BLOCK_D, BLOCK_R)
+    if ROTARY:
+        # q sits where causal masking puts it (bottom-right aligned), or all at cache_seqlens when not causal.
+        qpos = seqlen
+        if Q_PER_TOKEN:
+            qpos = seqlen + t_new - tq + t
+        in_table = (offs_r < ROT_HALF) & (qpos >= 0) & (qpos < t_rot)
+        qcos = tl.load(COS + qpos * stride_rot + offs_r, mask=in_table, other=1.0).to(tl.float32)
+        qsin = tl.load(SIN + qpos * stride_rot + offs_r, mask=in_table, other=0.0).to(tl.float32)
+        _copy_row(Q + b * stride_qb + t * stride_qt + h * stride_qh,
+                  QR + b * stride_qrb + t * stride_qrt + h * stride_qrh,
+                  qcos, qsin, (t < tq) & (h < n_heads), HEAD_DIM, ROT_HALF, True, INTERLEAVED, BLOCK_D, BLOCK_R)
+
+
+@triton.jit
+def _decode_kernel(
+    Q, KC, VC, SEQLENS, BATCH_IDX, O, LSE,
+    stride_qb, stride_qt, stride_qh,
+    stride_kcb, stride_kct, stride_kch,
+    stride_vcb, stride_vct, stride_vch,
+    stride_ob, stride_ot, stride_oh,
+    stride_ls, stride_lb, stride_lt, stride_lh,
+    stride_os,
+    qk_scale, tq, group, n_kv_heads, seqlen_add, window_left, window_right, t_cache_bucket,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (NUM_SPLITS, B * Hkv, cdiv(Tq * G, BLOCK_M)).
+
+    O is (B, Tq, H, D) in q's dtype with one split, else the fp32 partials (NUM_SPLITS, B, Tq, H, D); LSE is fp32,
+    natural log: (B, H, Tq) with one split, else (NUM_SPLITS, B, Tq, H). qk_scale = softmax_scale * log2(e).
+    """
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = pid_bh // n_kv_heads
+    hkv = pid_bh % n_kv_heads
+    cache_b = b
+    if HAS_BATCH_IDX:
+        cache_b = tl.load(BATCH_IDX + b).to(tl.int32)
+    seqlen = tl.load(SEQLENS + b).to(tl.int32) + seqlen_add
+
+    # Row r of the block is query token t = r // group of head hkv * group + r % group.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = offs_m // group
+    head = hkv * group + offs_m % group
+    row_ok = offs_m < tq * group
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # a constexpr bound: all-true when HEAD_DIM == BLOCK_D, so loads stay vectorized
+    q = tl.load(Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    qpos = seqlen - tq + t
+
+    # Keys any row of this sequence can see: [lo, hi). Split pid_s takes an equal share, whole tiles.
+    lo = tl.maximum(seqlen - tq - window_left, 0)
+    hi = tl.maximum(seqlen, lo)  # the last query token sits at seqlen - 1, and WINDOW_RIGHT >= 0
+    chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = lo + pid_s * chunk
+    end = tl.minimum(start + chunk, hi)
+
+    kc_base = KC + cache_b.to(tl.int64) * stride_kcb + hkv * stride_kch
+    vc_base = VC + cache_b.to(tl.int64) * stride_vcb + hkv * stride_vch
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(kc_base + offs_n[:, None].to(tl.int64) * stride_kct + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vc_base + offs_n[:, None].to(tl.int64) * stride_vct + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        visible = (n_ok[None, :] & (offs_n[None, :] - qpos[:, None] <= window_right)
+                   & (qpos[:, None] - offs_n[None, :] <= window_left))
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key keeps m = -inf; shift it by 0 so that exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2
+    if NUM_SPLITS == 1:
+        lse = tl.where(seen, lse, float("inf"))
+    else:
+        lse = tl.where(seen, lse, float("-inf"))
+    o_ptrs = (O + pid_s * stride_os + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh
+              + offs_d[None, :])
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_s * stride_ls + b * stride_lb + t * stride_lt + head * stride_lh, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    O_PART, LSE_PART, O, LSE,
+    stride_ps, stride_ls,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh, stride_lt,
+    tq, n_heads, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Grid (B * Tq * H,): out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s lse_s.
+
+    O_PART (num_splits, B, Tq, H, D) and LSE_PART (num_splits, B, Tq, H) are contiguous fp32;
+    row = (b * Tq + t) * H + h.
+    O is (B, Tq, H, D) in q's dtype; LSE (B, H, Tq) fp32.
+    """
+    row = tl.program_id(0)
+    b = row // (tq * n_heads)
+    t = (row // n_heads) % tq
+    h = row % n_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < num_splits
+    lse_s = tl.load(LSE_PART + offs_s * stride_ls + row, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_shift = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_shift)  # empty splits (lse -inf) weigh 0
+    total = tl.sum(w, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    parts = tl.load(O_PART + offs_s[:, None] * stride_ps + row * HEAD_DIM + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_D)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(O + b * stride_ob + t * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    lse = tl.where(total > 0.0, m_shift + tl.log(tl.where(total > 0.0, total, 1.0)), float("inf"))
+    tl.store(LSE + b * stride_lb + h * stride_lh + t * stride_lt, lse)
+
+
+def _prune(configs, named_args, **kwargs):
+    """early_config_prune: keep the configs of the call's head-dim class."""
+    keep = _arch_configs()[head_dim_class({**named_args, **kwargs}["BLOCK_D"])]
+    return [c for c in configs if any(c is k for k in keep)]
+
+
+# t_cache_bucket is the cache's allocated length rounded up to a power of 2: short and long caches tune apart.
+_decode = triton.autotune(configs=list({id(c): c for cs in _arch_configs().values() for c in cs}.values()),
+                          key=["BLOCK_M", "BLOCK_D", "NUM_SPLITS", "t_cache_bucket"],
+                          prune_configs_by={"early_config_prune": _prune})(_decode_kernel)
+
+
+def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
+    """(signature, constexprs) of one kernel above for an ahead-of-time compile (kernels/_aot.py): GQA 32/8 with one
+    query token (a 16-row block), 4 splits, fused rotary over the whole head; BLOCK_N comes from the config."""
+    fixed = {
+        _decode_append_kernel: dict(ROTARY=True, Q_PER_TOKEN=True, INTERLEAVED=False,
+                                    HAS_BATCH_IDX=True, HEAD_DIM=head_dim, ROT_HALF=head_dim // 2,
+                                    BLOCK_D=head_dim, BLOCK_R=head_dim // 2),
+        _decode_kernel: dict(HEAD_DIM=head_dim, NUM_SPLITS=4, HAS_BATCH_IDX=True, BLOCK_M=16, BLOCK_D=head_dim),
+        _decode_combine_kernel: dict(HEAD_DIM=head_dim, BLOCK_S=4, BLOCK_D=head_dim),
+    }[kernel]
+    fp32 = {"COS", "SIN", "LSE", "O_PART", "LSE_PART"} | ({"O"} if kernel is _decode_kernel else set())
+    signature, constexprs = {}, {}
+    for p in kernel.params:
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            if p.name in fixed:
+                constexprs[p.name] = fixed[p.name]
+        elif p.name in ("SEQLENS", "BATCH_IDX"):
+            signature[p.name] = "*i32"
+        elif p.name in fp32:
+            signature[p.name] = "*fp32"
+        elif p.name.isupper():  # pointers are upper case, runtime scalars lower case
+            signature[p.name] = f"*{dtype}"
+        else:
+            signature[p.name] = "fp32" if p.name == "qk_scale" else "i32"
+    return signature, constexprs
+
+
+def aot_divisible(kernel) -> tuple[str, ...]:
+    """Arguments a real launch passes as multiples of 16 (so the JIT specializes them): every pointer (torch
+    allocations and head-aligned views) and the strides of (.., D)-rows with D a multiple of 16. The logsumexp
+    strides are left out: with Tq = 1 or an odd head count they are not."""
+    return tuple(p.name for p in kernel.params if not p.is_constexpr and (
+        p.name.isupper() or (p.name.startswith("stride_") and not p.name.startswith("stride_l"))))

@@ -1,0 +1,235 @@
+"""flash_attn_with_kvcache: the split-KV Triton kernels (interpreter on CPU, fp16/bf16 on GPU) against the reference.
+
+CPU shapes stay small (D = 32, caches <= 320 rows) because the interpreter's cost grows with programs x tiles.
+"""
+import pytest
+import torch
+
+from fasttrain._backend import BackendError
+from fasttrain.ops import flash_attn_with_kvcache
+from fasttrain.ops.decode import _kvcache_op, num_splits_heuristic
+
+# fp32 under the interpreter: measured max |error| ~5e-7 on these shapes.
+TOL_FP32 = dict(atol=1e-5, rtol=1e-5)
+CPU_LENGTHS = (1, 97, 300)  # cache rows already filled, one per sequence: the awkward sizes of the issue
+
+
+def _case(Tq, H, Hkv, lengths, D=32, Tmax=320, append=True, rotary=False, dtype=torch.float32, device="cpu",
+          batch_idx=None, rotary_dim=None, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    B = len(lengths)
+    Bc = B if batch_idx is None else max(batch_idx) + 2
+    kw = dict(q=randn(B, Tq, H, D), k_cache=randn(Bc, Tmax, Hkv, D), v_cache=randn(Bc, Tmax, Hkv, D),
+              cache_seqlens=torch.tensor(lengths, dtype=torch.int32, device=device))
+    if append:
+        kw.update(k=randn(B, Tq, Hkv, D), v=randn(B, Tq, Hkv, D))
+    if rotary:
+        angles = torch.rand(Tmax, (rotary_dim or D) // 2, generator=g) * 6.3  # (Tmax, rd/2)
+        kw.update(rotary_cos=angles.cos().to(device, dtype), rotary_sin=angles.sin().to(device, dtype))
+    if batch_idx is not None:
+        kw["cache_batch_idx"] = torch.tensor(batch_idx, dtype=torch.int32, device=device)
+    return kw
+
+
+def _run(kw, backend, **extra):
+    """The op on fresh copies of the caches: (out, lse, k_cache, v_cache)."""
+    kw = dict(kw, k_cache=kw["k_cache"].clone(), v_cache=kw["v_cache"].clone())
+    out, lse = flash_attn_with_kvcache(**kw, **extra, return_softmax_lse=True, backend=backend)
+    return out, lse, kw["k_cache"], kw["v_cache"]
+
+
+def _assert_matches_reference(kw, tol=TOL_FP32, **extra):
+    got, want = _run(kw, "triton", **extra), _run(kw, "reference", **extra)
+    for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), got, want):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+    return got
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+@pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 1), (8, 1)], ids=["mha", "gqa4", "gqa8"])
+@pytest.mark.parametrize("Tq", [1, 2, 3, 4])
+def test_matches_reference(Tq, H, Hkv, rotary):
+    # Three splits, so the combine step runs; lengths 1, 97, 300 in one batch.
+    _assert_matches_reference(_case(Tq, H, Hkv, CPU_LENGTHS, rotary=rotary), num_splits=3)
+
+
+@pytest.mark.parametrize("num_splits", [0, 1, 2, 16])
+def test_any_number_of_splits(num_splits):
+    # 16 splits of a 1-row cache leave most splits empty: they must weigh nothing in the combine.
+    _assert_matches_reference(_case(1, 4, 2, CPU_LENGTHS, D=64), num_splits=num_splits)
+
+
+@pytest.mark.parametrize("Tq,H,Hkv,D", [(4, 32, 1, 32), (2, 4, 2, 40)], ids=["mqa-two-row-blocks", "d40"])
+def test_many_rows_and_odd_head_dim(Tq, H, Hkv, D):
+    # 4 tokens x 32 query heads of one kv head: 128 rows, two 64-row blocks per (split, b); d40 pads to 64.
+    _assert_matches_reference(_case(Tq, H, Hkv, CPU_LENGTHS, D=D, rotary=True), num_splits=2)
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (40, -1)), (False, (20, 5))])
+def test_windows_and_non_causal(causal, window):
+    _assert_matches_reference(_case(3, 4, 2, CPU_LENGTHS, rotary=True), num_splits=2, causal=causal,
+                              window_size=window)
+
+
+def test_rotary_variants_and_batch_idx():
+    # Interleaved pairs, rotary over half of head_dim (the rest passes through), cache rows picked per sequence.
+    kw = _case(2, 4, 2, CPU_LENGTHS, rotary=True, rotary_dim=16, batch_idx=[3, 0, 1])
+    _assert_matches_reference(kw, num_splits=2, rotary_interleaved=False)
+    _assert_matches_reference(kw, num_splits=2, rotary_interleaved=True)
+
+
+def test_rows_without_keys_give_zero_and_inf_lse():
+    # No append: sequence 0 has no key; sequence 1 has 2, so its first two of four query tokens see none.
+    kw = _case(4, 4, 2, (0, 2, 97), append=False)
+    out, lse, _, _ = _assert_matches_reference(kw, num_splits=2)
+    assert torch.all(out[0] == 0) and torch.all(lse[0] == float("inf"))
+    assert torch.all(out[1, :2] == 0) and torch.all(lse[1, :, :2] == float("inf"))
+    assert torch.isfinite(lse[1, :, 2:]).all() and torch.isfinite(lse[2]).all()
+
+
+def test_whole_cache_when_no_seqlens():
+    kw = _case(1, 4, 2, (5, 6), Tmax=96, append=False)
+    del kw["cache_seqlens"]
+    out = flash_attn_with_kvcache(**kw, backend="triton")
+    full = dict(kw, cache_seqlens=96)  # an int is taken for every sequence
+    torch.testing.assert_close(out, flash_attn_with_kvcache(**full, backend="reference"), **TOL_FP32)
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+def test_append_writes_exactly_the_new_rows(rotary):
+    lengths, batch_idx = (0, 97, 317), [2, 0, 4]  # 317 + 3 new rows fill the cache to its last row
+    kw = _case(3, 4, 2, lengths, rotary=rotary, batch_idx=batch_idx)
+    _, _, kc, vc = _run(kw, "triton", num_splits=2)
+    expect_k = kw["k"]
+    if rotary:  # the reference's rotation, in fp32 (checked against the closed form in test_rotary_reference)
+        _, _, ref_kc, _ = _run(kw, "reference")
+        expect_k = torch.stack([ref_kc[r, n:n + 3] for r, n in zip(batch_idx, lengths)])
+    written = torch.zeros(kc.shape[:2], dtype=torch.bool)  # (B_cache, Tmax)
+    for b, (row, n) in enumerate(zip(batch_idx, lengths)):
+        written[row, n:n + 3] = True
+        torch.testing.assert_close(kc[row, n:n + 3], expect_k[b], atol=1e-6, rtol=0)
+        assert torch.equal(vc[row, n:n + 3], kw["v"][b])
+    assert torch.equal(kc[~written], kw["k_cache"][~written])
+    assert torch.equal(vc[~written], kw["v_cache"][~written])
+
+
+def test_rotary_reference():
+    # The reference rotation in closed form: pair (x_i, x_{i+D/2}) turned by angle theta at position p.
+    kw = _case(1, 2, 2, (5, 0), D=8, rotary=True)
+    _, _, kc, _ = _run(kw, "reference", rotary_interleaved=False)
+    cos, sin, k = kw["rotary_cos"], kw["rotary_sin"], kw["k"]
+    for b, p in enumerate((5, 0)):
+        x1, x2 = k[b, 0, :, :4], k[b, 0, :, 4:]
+        want = torch.cat((x1 * cos[p] - x2 * sin[p], x2 * cos[p] + x1 * sin[p]), dim=-1)
+        torch.testing.assert_close(kc[b, p], want, **TOL_FP32)
+
+
+def test_num_splits_fills_the_gpu():
+    # Batch 1 x 32k context, GQA 32/8: 8 (b, kv-head) programs alone would leave 124 of 132 H100 SMs idle.
+    splits = num_splits_heuristic(batch_kv_heads=8, m_blocks=1, cache_len=32768, num_sms=132)
+    assert 8 * splits >= 132 and 32768 / splits >= 128
+    assert num_splits_heuristic(64 * 8, 1, 4096, 132) == 1  # large batch fills it already
+    assert num_splits_heuristic(1, 1, 1, 132) == 1  # a 1-row cache has nothing to split
+    assert num_splits_heuristic(1, 1, 1024, 132) == 1024 // 128  # at least 128 keys per split
+
+
+def _bad(**changes):
+    kw = _case(2, 4, 2, (3, 5), Tmax=64)
+    kw.update(changes)
+    return kw
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(cache_seqlens=torch.tensor([3, 63], dtype=torch.int32)), "cache too short"),
+    (dict(q=torch.randn(2, 2, 5, 32)), "multiple of k_cache's heads"),
+    (dict(k_cache=torch.randn(2, 64, 2, 32, dtype=torch.float16)), "k_cache must have q's dtype"),
+    (dict(v=torch.randn(2, 2, 2, 32, dtype=torch.float64)), "v must be torch.float32"),
+    (dict(v=None), "k and v must be given together"),
+    (dict(cache_seqlens=torch.tensor([3, 5, 1])), "cache_seqlens must be an int32/int64 tensor of shape"),
+    (dict(cache_seqlens=torch.tensor([-1, 5])), "cache_seqlens must be >= 0"),
+    (dict(cache_seqlens=[3, 5]), "cache_seqlens must be an int32/int64 tensor"),
+    (dict(cache_batch_idx=torch.tensor([0, 2])), r"cache_batch_idx must lie in \[0, 2\)"),
+    (dict(k=None, v=None, rotary_cos=torch.ones(64, 16), rotary_sin=torch.ones(64, 16)), "pass k and v"),
+    (dict(rotary_cos=torch.ones(6, 16), rotary_sin=torch.ones(6, 16)), "rotary_cos has 6 rows"),
+    (dict(q=torch.randn(2, 2, 4)), "q must be 4-D"),
+    (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), "block_table"),
+    (dict(num_splits=-1), "num_splits must be an int >= 0"),
+])
+def test_bad_inputs_raise(changes, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        flash_attn_with_kvcache(**_bad(**changes))
+
+
+def test_backend_refuses_what_it_cannot_serve():
+    kw = _case(1, 4, 2, (3,), Tmax=32, dtype=torch.bfloat16)
+    with pytest.raises(BackendError, match="fp32 only"):
+        flash_attn_with_kvcache(**kw, backend="triton")
+    flash_attn_with_kvcache(**kw, backend="reference")
+
+
+def test_registered_op_traces():
+    # Schema (the in-place cache update), fake implementation and torch.compile-style dispatch.
+    kw = _case(2, 4, 2, (3, 9), Tmax=32, rotary=True)
+    args = (kw["q"], kw["k_cache"], kw["v_cache"], kw["k"], kw["v"], kw["rotary_cos"], kw["rotary_sin"],
+            kw["cache_seqlens"], None, 32 ** -0.5, 1 << 30, 0, False, True, 0, "reference")
+    torch.library.opcheck(_kvcache_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------------- GPU
+
+def _torch_same_dtype(kw):
+    """PyTorch's own low-precision path (scores and p @ v in the input dtype, softmax in fp32): the error yardstick."""
+    q, kc, vc = kw["q"], kw["k_cache"].clone(), kw["v_cache"].clone()
+    B, Tq, H, D = q.shape
+    out = torch.empty_like(q)
+    for b in range(B):
+        n = int(kw["cache_seqlens"][b])
+        kc[b, n:n + Tq], vc[b, n:n + Tq] = kw["k"][b], kw["v"][b]
+        k = kc[b, :n + Tq].repeat_interleave(H // kc.shape[2], dim=1)  # (L, H, D)
+        v = vc[b, :n + Tq].repeat_interleave(H // kc.shape[2], dim=1)
+        s = torch.einsum("thd,shd->hts", q[b], k) * D ** -0.5  # (H, Tq, L) in the input dtype
+        causal = torch.arange(n + Tq, device=q.device) <= (n + torch.arange(Tq, device=q.device))[:, None]
+        p = torch.softmax(s.float().masked_fill(~causal, float("-inf")), dim=-1).to(q.dtype)
+        out[b] = torch.einsum("hts,shd->thd", p, v)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Tq", [1, 4, 16])
+@pytest.mark.parametrize("H,Hkv", [(32, 8), (32, 32)], ids=["gqa4", "mha"])
+def test_gpu_low_precision_within_twice_torch_error(dtype, Tq, H, Hkv):
+    lengths = (1, 97, 4000, 16381 - Tq)  # up to the last row of a 16k cache
+    kw = _case(Tq, H, Hkv, lengths, D=128, Tmax=16384, dtype=dtype, device="cuda", seed=Tq)
+    ref32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+    want, want_lse, _, _ = _run(ref32, "reference")
+    got, got_lse, kc, vc = _run(kw, "triton")
+    torch_err = (_torch_same_dtype(kw).float() - want).abs().max().item()
+    assert (got.float() - want).abs().max().item() <= 2 * torch_err + 1e-5
+    torch.testing.assert_close(got_lse, want_lse, atol=2e-2, rtol=0)
+    for b, n in enumerate(lengths):
+        assert torch.equal(kc[b, n:n + Tq], kw["k"][b]) and torch.equal(vc[b, n:n + Tq], kw["v"][b])
+
+
+@pytest.mark.gpu
+def test_gpu_rotary_and_cuda_graph_capture():
+    kw = _case(1, 32, 8, (5, 300, 2047), D=128, Tmax=2048 + 64, dtype=torch.bfloat16, device="cuda", rotary=True)
+    eager_out, _, eager_kc, _ = _run(kw, "triton", rotary_interleaved=False)
+    ref = _run(kw, "reference", rotary_interleaved=False)
+    torch.testing.assert_close(eager_out, ref[0], atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(eager_kc, ref[2], atol=1e-2, rtol=1e-2)  # bf16 rounding of the rotated rows
+    # A captured decode step replays with new inputs and the same result as eager (num_splits from Tmax: no sync).
+    static = dict(kw, k_cache=kw["k_cache"].clone(), v_cache=kw["v_cache"].clone())
+    flash_attn_with_kvcache(**static, rotary_interleaved=False, backend="triton")  # warm-up: autotune, compile
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = flash_attn_with_kvcache(**static, rotary_interleaved=False, backend="triton")
+    static["k_cache"].copy_(kw["k_cache"])
+    static["v_cache"].copy_(kw["v_cache"])
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager_out, atol=0, rtol=0)
