@@ -1,0 +1,84 @@
+"""DataConfig: where the text comes from, how it is tokenized, how it is split, where the shards live."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CODE_EXTENSIONS = [
+    ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".cu", ".cuh", ".rs", ".go", ".java", ".kt", ".scala",
+    ".js", ".jsx", ".ts", ".tsx", ".rb", ".php", ".swift", ".m", ".lua", ".jl", ".r", ".sh", ".bash", ".sql",
+    ".html", ".css", ".toml", ".yaml", ".yml", ".cmake",
+]
+TEXT_EXTENSIONS = (".txt", ".text", ".md", ".markdown", ".rst")
+JSONL_EXTENSIONS = (".jsonl", ".ndjson")
+PDF_EXTENSIONS = (".pdf",)
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)
+    """Files and directories (searched recursively); empty means the Python standard library's own .py sources."""
+    include: list[str] = field(default_factory=list)
+    """Glob patterns, relative to each path, of the files kept (e.g. "*.md", "docs/**/*.txt"); empty keeps all."""
+    exclude: list[str] = field(default_factory=list)
+    """Glob patterns, relative to each path, of the files dropped; applied after `include`."""
+    code_extensions: list[str] = field(default_factory=lambda: list(DEFAULT_CODE_EXTENSIONS))
+    """File extensions read as source code (one document per file), besides .txt/.md/.rst, .jsonl and .pdf."""
+    jsonl_field: str = "text"
+    """The field of each JSONL record that holds its text."""
+    tokenizer: str = "byte"
+    """"byte" (256 byte values + end-of-text), "bpe" (byte-level BPE trained on the training documents), or a path
+    to a tokenizer.json (given an <|endoftext|> token when it has no end-of-text of its own)."""
+    vocab_size: int = 4096
+    """Vocabulary size of the BPE tokenizer trained when tokenizer="bpe" (at least 257: 256 bytes + end-of-text)."""
+    num_workers: int = 2
+    """Most processes that read and tokenize files in parallel (fewer when the corpus is too small to repay their
+    start-up); 0 or 1 works in this process. The shards are identical for any value."""
+    val_fraction: float = 0.05
+    """Fraction of documents held out for validation, chosen by a seeded draw per document index (at least one
+    document each side; a one-document corpus gives its tail instead)."""
+    max_bytes: int | None = None
+    """Cap on the bytes of source files read, in sorted file order (the last text file is cut; a PDF is never cut
+    and ends the corpus instead); None reads everything."""
+    cache_dir: str | None = None
+    """Folder of the token shards; None means $FASTTRAIN_CACHE, else ~/.cache/fasttrain/data."""
+    seed: int = 0
+    """Seed of the train/validation split."""
+
+    def __post_init__(self) -> None:
+        self.validate(check_files=False)
+
+    def validate(self, check_files: bool = True) -> None:
+        """Raise ValueError, naming the field, for settings that cannot work. Files are checked only when asked
+        (by `prepare`), so a config saved in a checkpoint still loads on a machine without its tokenizer file."""
+        for name in ("paths", "include", "exclude", "code_extensions"):
+            value = getattr(self, name)
+            if isinstance(value, (str, os.PathLike)) or not all(isinstance(v, (str, os.PathLike)) for v in value):
+                raise ValueError(f"DataConfig.{name} must be a list of strings, got {value!r}")
+        if not all(str(e).startswith(".") for e in self.code_extensions):
+            raise ValueError(f"DataConfig.code_extensions must start with '.', got {self.code_extensions!r}")
+        if not isinstance(self.jsonl_field, str) or not self.jsonl_field:
+            raise ValueError(f"DataConfig.jsonl_field must be a non-empty string, got {self.jsonl_field!r}")
+        if not isinstance(self.tokenizer, (str, os.PathLike)):
+            raise ValueError(f"DataConfig.tokenizer must be 'byte', 'bpe' or a path, got {self.tokenizer!r}")
+        if check_files and self.tokenizer not in ("byte", "bpe") and not Path(self.tokenizer).is_file():
+            raise ValueError(f"DataConfig.tokenizer must be 'byte', 'bpe' or a path to a tokenizer.json; "
+                             f"{self.tokenizer!r} is not a file")
+        if self.tokenizer == "bpe" and not (isinstance(self.vocab_size, int) and self.vocab_size >= 257):
+            raise ValueError(f"DataConfig.vocab_size must be an int >= 257 (256 bytes + end-of-text) for "
+                             f"tokenizer='bpe', got {self.vocab_size!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"DataConfig.num_workers must be an int >= 0, got {self.num_workers!r}")
+        if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"DataConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
+        if self.max_bytes is not None and (not isinstance(self.max_bytes, int) or self.max_bytes <= 0):
+            raise ValueError(f"DataConfig.max_bytes must be a positive int or None, got {self.max_bytes!r}")
+        if not isinstance(self.seed, int):
+            raise ValueError(f"DataConfig.seed must be an int, got {self.seed!r}")
+
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir is not None:
+            return Path(self.cache_dir).expanduser()
+        env = os.environ.get("FASTTRAIN_CACHE")
+        return Path(env).expanduser() if env else Path.home() / ".cache" / "fasttrain" / "data"

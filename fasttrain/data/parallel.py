@@ -1,0 +1,98 @@
+"""Parallel reading and tokenizing: tasks of consecutive files, run in this process or a 'spawn' pool, results
+always in file order, so the shards are identical for any number of workers."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Callable, Iterator
+
+import numpy as np
+
+from fasttrain.data.sources import Documents, SourceFile, read_documents
+from fasttrain.data.tokenizers import ByteTokenizer, Tokenizer, tokenizer_from_config
+
+# When a pool repays its start. Measured on the 2-core CI machine, shared with other jobs: a 'spawn' worker starts
+# in 0.3-1 s, and in 2-6.5 s when the main script imports torch (every worker re-imports the main module). In this
+# process, stdlib .py files are read and tokenized at ~60-100 MB/s with the byte tokenizer and ~1.3 MB/s with an HF
+# BPE-4096, whose encode_batch already uses every core; forcing 2 workers on 8 MB gave 2.1 MB/s byte (all start-up)
+# and 0.95 MB/s BPE (benchmarks/bench_data.py). Only Python-bound work can gain: pypdf reads ~0.2-0.3 MB/s of real
+# (compressed) PDF per process. There 2 workers matched 1 (3.2 MB of PDF: 10.4 vs 9.9 s) because other jobs held the
+# second core; with idle cores they split the work. So work is estimated as PDF bytes at that rate plus the rest at
+# the byte rate, and a worker is started per ~10 s of it: PDFs above ~5 MB get two.
+_FAST_MB_S = 100.0
+_PDF_MB_S = 0.25
+_MIN_WORK_S_PER_WORKER = 10.0
+_CHUNK_BYTES = 1 << 20
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def workers_for(files: list[SourceFile], num_workers: int) -> int:
+    """Processes worth starting for `files`: at most num_workers, one per _MIN_WORK_S_PER_WORKER of estimated work.
+    The shards never depend on this: tasks come back in file order whatever the count."""
+    seconds = sum((f.limit or f.size) / 1e6 / (_PDF_MB_S if f.kind == "pdf" else _FAST_MB_S) for f in files)
+    return max(1, min(num_workers, int(seconds / _MIN_WORK_S_PER_WORKER)))
+
+
+def _set_tokenizer(tok_config: dict | None) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = None if tok_config is None else tokenizer_from_config(tok_config)
+
+
+def _init_pool_worker(tok_config: dict | None) -> None:
+    # One of several worker processes: HF's own thread pool on top would oversubscribe the cores.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _set_tokenizer(tok_config)
+
+
+def read_task(args: tuple[SourceFile, str]) -> Documents:
+    return read_documents(*args)
+
+
+def tokenize_task(args: tuple[list[SourceFile], str, str]) -> list[tuple[np.ndarray, np.ndarray, int, dict]]:
+    """Per file of the chunk: (tokens of every document each followed by end-of-text, tokens per document, text
+    bytes, skipped reasons)."""
+    files, jsonl_field, dtype = args
+    docs = [read_documents(f, jsonl_field) for f in files]
+    texts = [t for d in docs for t in d.texts]
+    tok = _worker_tokenizer
+    if isinstance(tok, ByteTokenizer):
+        ids = [tok.encode_array(t) for t in texts]
+    else:
+        # One call for the whole chunk: HF spreads it over its threads (in this process) and skips per-call costs.
+        ids = [np.asarray(i, dtype=np.int64) for i in tok.encode_batch(texts)]
+    eot = np.array([tok.eot_id], dtype=dtype)
+    out, first = [], 0
+    for d in docs:
+        mine = ids[first: first + len(d.texts)]
+        first += len(d.texts)
+        tokens = np.concatenate([p for i in mine for p in (i.astype(dtype), eot)]) if mine else np.empty(0, dtype)
+        lengths = np.array([len(i) + 1 for i in mine], dtype=np.int64)
+        out.append((tokens, lengths, sum(len(t.encode("utf-8")) for t in d.texts), d.skipped))
+    return out
+
+
+def chunks(files: list[SourceFile]) -> list[list[SourceFile]]:
+    """Tasks of consecutive files: text up to about _CHUNK_BYTES (about a second of BPE at the rate above, and many
+    documents per HF encode_batch call), each PDF alone (seconds of pypdf each), so a pool shares work out evenly."""
+    groups, size = [[]], 0
+    for f in files:
+        if groups[-1] and (size >= _CHUNK_BYTES or f.kind == "pdf" or groups[-1][-1].kind == "pdf"):
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += f.limit or f.size
+    return groups
+
+
+def map_in_order(fn: Callable, tasks: list, workers: int, tok_config: dict | None) -> Iterator:
+    """fn over tasks, in task order: in this process for workers <= 1, else in a 'spawn' pool (safe beside torch's
+    threads, where 'fork' is not)."""
+    workers = min(workers, len(tasks))
+    if workers <= 1:
+        _set_tokenizer(tok_config)
+        yield from map(fn, tasks)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(tok_config,)) as pool:
+        yield from pool.imap(fn, tasks)
