@@ -1,8 +1,14 @@
-"""`fasttrain train | eval | generate | bench | info`."""
+"""`fasttrain train | eval | generate | bench | info`.
+
+A mistake the user can fix (a bad key, a missing file, a value out of range) ends with one line
+`fasttrain: error: ...` and exit code 2; FASTTRAIN_DEBUG=1 shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -11,11 +17,104 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from fasttrain.config import ConfigError, from_dict, load_file, parse_overrides
+    from fasttrain.train import RunConfig, train
+    from fasttrain.train.config import build
+    from fasttrain.train.presets import PRESETS
+
+    overrides = parse_overrides(RunConfig, args.extra)
+    files = [load_file(f) for f in args.config]
+    if args.resume is not None:
+        run = Path(args.resume or build(PRESETS[args.preset](), *files, overrides).train.out_dir)
+        if not (run / "config.json").is_file():
+            raise ConfigError(f"--resume: {str(run)!r} is not a run directory (no config.json)")
+        base = from_dict(RunConfig, load_file(run / "config.json"))
+        cfg = build(base, *files, overrides, {"train": {"out_dir": str(run)}})
+    else:
+        cfg = build(PRESETS[args.preset](), *files, overrides)
+    result = train(cfg, resume=args.resume is not None)
+    m = result.metrics
+    if m.train_loss:
+        print(f"train loss {m.train_loss[0]:.4f} (step {m.steps[0]}) -> {m.train_loss[-1]:.4f} (step {m.steps[-1]})")
+    if m.val_loss:
+        print(f"val loss {m.val_loss[-1]:.4f}, perplexity {m.val_perplexity[-1]:.2f}, "
+              f"accuracy {m.val_accuracy[-1]:.3f}; best val loss {result.best_val_loss:.4f}")
+    print(f"run directory: {result.run_dir}")
+    if result.sample is not None:
+        print(f"--- sample ---\n{result.sample}\n--------------")
+    return 130 if result.stopped == "interrupted" else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import dataclasses
+    import tempfile
+
+    import numpy as np
+
+    from fasttrain.data import Batches, prepare
+    from fasttrain.train.callbacks import evaluate
+    from fasttrain.train.checkpoint import load_for_inference
+    from fasttrain.train.loop import autocast_for, resolve_device, resolve_precision
+
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_for_inference(args.checkpoint, args.which, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = "byte"
+        if hasattr(tokenizer, "save"):  # the run's own tokenizer, so the data is tokenized exactly as in training
+            spec = str(Path(tmp) / "tokenizer.json")
+            tokenizer.save(spec)
+        data_cfg = dataclasses.replace(cfg.data, paths=[args.data], include=[], exclude=[], tokenizer=spec,
+                                       val_fraction=0.0, max_bytes=None)
+        corpus = prepare(data_cfg)
+    tokens = np.concatenate([corpus.train, corpus.val]) if len(corpus.val) else corpus.train
+    seq_len = min(args.seq_len or cfg.train.seq_len, model.config.max_seq_len)
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"--data {args.data!r} has {len(tokens)} tokens; evaluating at seq_len {seq_len} needs "
+                         f"at least {seq_len + 1}")
+    windows = (len(tokens) - 1) // seq_len
+    batch_size = min(args.batch_size, windows)
+    n_batches = windows // batch_size  # every window at most once; at most batch_size - 1 left over
+    if args.max_batches is not None:
+        n_batches = min(n_batches, args.max_batches)
+    batches = Batches(tokens, batch_size, seq_len, mode="sequential")
+    autocast = autocast_for(resolve_precision(cfg.train.precision, device), device)
+    result = evaluate(model, batches, n_batches, device, autocast)
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  accuracy {result['accuracy']:.4f}  "
+          f"({n_batches * batch_size * seq_len:,} tokens)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fasttrain", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fasttrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
     p = sub.add_parser("info", help="versions, device, and the live backends of each op")
     p.set_defaults(run=_info)
+
+    from fasttrain.train.presets import PRESETS
+    p = sub.add_parser(
+        "train", help="train a GPT (no arguments: a small model on the Python standard library's source)",
+        epilog="Overrides: --SECTION.FIELD VALUE for any field of the sections model, optim, train, data "
+               "(e.g. --model.n_layer 4 --optim.lr 1e-3 --data.paths docs/,notes.md). Applied after the preset "
+               "and the --config files, in that order.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="starting config (default: gpu-default on a CUDA machine, tiny otherwise)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE",
+                   help="TOML (or a run's config.json) with [model], [optim], [train], [data] tables; repeatable")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
+                   help="continue the run in RUN (default: train.out_dir) from its latest checkpoint")
+    p.set_defaults(run=_train, accepts_extra=True)
+
+    p = sub.add_parser("eval", help="loss, perplexity and next-token accuracy of a trained model on some data")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory (or checkpoint file)")
+    p.add_argument("--data", required=True, metavar="PATH", help="file or directory to evaluate on")
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint of the run (default best)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the run's train.seq_len")
+    p.add_argument("--max-batches", type=int, default=None, help="default: every window of the data once")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.set_defaults(run=_eval)
     return parser
 
 
@@ -25,7 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.run(args)
+    for name in ("batch_size", "max_batches", "seq_len"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FloatingPointError) as e:
+        # Our contract: user mistakes raise ValueError/TypeError with a one-line message naming what to fix; a
+        # diverged run raises FloatingPointError saying which setting to change.
+        if os.environ.get("FASTTRAIN_DEBUG") == "1":
+            raise
+        print(f"fasttrain: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

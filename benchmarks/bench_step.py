@@ -1,0 +1,140 @@
+"""One full training step (forward, backward, optimizer) of the same GPT, four ways, side by side.
+
+    python benchmarks/bench_step.py                  # CPU: a small shape in fp32; GPU: GPT-2 small in bf16
+    python benchmarks/bench_step.py --quick          # smallest shape, no torch.compile row on CPU
+
+Rows: `eager` (attention by PyTorch's SDPA math path, torch.optim.AdamW foreach), `eager-sdpa` (SDPA's default
+backend, i.e. FlashAttention-2 on an H100, and torch's fused AdamW), `compile` (torch.compile of eager-sdpa), and
+`fasttrain` (fasttrain.ops attention + fasttrain.optim.AdamW). All start from the same weights, take the same batch,
+and clip at global norm 1.0; the first step's losses are checked to agree before anything is timed.
+FLOPs per token: fasttrain.model.flops_per_token (6 per matmul weight + causal attention); MFU against the dense
+datasheet peak, and the share of the matmul ceiling measured in this run.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from fasttrain.model import GPT, GPTConfig, flops_per_token  # noqa: E402
+from fasttrain.optim import AdamW  # noqa: E402
+from fasttrain.train.loop import PEAK_FLOPS, param_groups  # noqa: E402
+
+WEIGHT_DECAY, LR, CLIP = 0.1, 3e-4, 1.0
+
+
+def shapes(device: str, quick: bool) -> tuple[GPTConfig, int, int]:
+    """(model config, batch size, sequence length)."""
+    if device == "cuda":
+        # GPT-2 small; B 16 x T 1024 = 16k tokens per step fits every row (eager's T x T scores included) in 80 GB.
+        cfg = GPTConfig(n_layer=12, n_head=12, d_model=768, vocab_size=50304, max_seq_len=1024)
+        return (cfg, 4, 1024) if quick else (cfg, 16, 1024)
+    if quick:
+        return GPTConfig(n_layer=2, n_head=4, d_model=128, vocab_size=320, max_seq_len=128), 4, 128
+    return GPTConfig(n_layer=4, n_head=4, d_model=256, vocab_size=320, max_seq_len=256), 8, 256
+
+
+def sdpa_attention(math_only: bool):
+    """Eager attention in the model's (B, T, H, D) layout through torch's SDPA."""
+    def attend(q, k, v, dropout_p=0.0, causal=True):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, D)
+        with sdpa_kernel(SDPBackend.MATH) if math_only else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
+                                                 enable_gqa=k.shape[1] != q.shape[1])
+        return out.transpose(1, 2)  # (B, T, H, D)
+    return attend
+
+
+def make_variant(name: str, base: GPT, device: str):
+    model = copy.deepcopy(base)
+    if name == "fasttrain":
+        opt = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=CLIP)
+        return model, model, opt, False
+    for block in model.blocks:
+        block.attn.attn_fn = sdpa_attention(math_only=name == "eager")
+    fused = name != "eager" and device == "cuda"
+    opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, weight_decay=WEIGHT_DECAY, fused=fused or None)
+    step_model = torch.compile(model) if name == "compile" else model
+    return model, step_model, opt, True
+
+
+def make_step(model, step_model, opt, clip_outside: bool, x, y, device: str):
+    if device == "cuda":
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        autocast = torch.autocast("cpu", enabled=False)  # fp32
+
+    def step() -> torch.Tensor:
+        with autocast:
+            _, loss = step_model(x, y)
+        loss.backward()
+        if clip_outside:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def main() -> None:
+    args = common.parse_args(__doc__.splitlines()[0])
+    device = args.device
+    cfg, B, T = shapes(device, args.quick)
+    torch.manual_seed(0)
+    base = GPT(cfg).to(device)
+    x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
+    names = ["eager", "eager-sdpa", "fasttrain"] + ([] if device == "cpu" and args.quick else ["compile"])
+    ceiling = common.matmul_tflops(device)
+    peak = next((p for k, p in PEAK_FLOPS.items() if device == "cuda" and k in torch.cuda.get_device_name()), None)
+    flops = flops_per_token(cfg, T) * B * T
+    rows, first_losses = [], {}
+    for name in names:
+        model, step_model, opt, clip_outside = make_variant(name, base, device)
+        step = make_step(model, step_model, opt, clip_outside, x, y, device)
+        first_losses[name] = step().item()  # also the compile warm-up
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        ms = common.time_ms(step, device)
+        row = {"variant": name, "B": B, "T": T, "params_M": model.num_params() / 1e6, "step_ms": ms,
+               "tokens_per_s": B * T / (ms * 1e-3), "TFLOP/s": flops / (ms * 1e-3) / 1e12,
+               "first_loss": first_losses[name]}
+        row["pct_matmul_ceiling"] = 100 * row["TFLOP/s"] / ceiling
+        if peak is not None:
+            row["mfu_pct"] = 100 * flops / (ms * 1e-3) / peak
+        if device == "cuda":
+            row["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(row)
+        del model, step_model, opt, step
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    # Same weights, same batch: the first losses agree to the dtype's precision (bf16 logits on GPU).
+    tol = 2e-2 if device == "cuda" else 1e-4
+    for name, loss in first_losses.items():
+        if abs(loss - first_losses["eager"]) > tol * abs(first_losses["eager"]):
+            raise SystemExit(f"{name}'s first loss {loss} differs from eager's {first_losses['eager']}")
+    eager = next(r for r in rows if r["variant"] == "eager")
+    for r in rows:
+        r["speedup_vs_eager"] = r["tokens_per_s"] / eager["tokens_per_s"]
+    columns = ["variant", "B", "T", "params_M", "step_ms", "tokens_per_s", "speedup_vs_eager", "TFLOP/s",
+               "pct_matmul_ceiling"] + (["mfu_pct"] if peak is not None else []) + (
+               ["peak_mem_GiB"] if device == "cuda" else [])
+    print(f"training step, {common.device_name(device)}, {'bf16 autocast' if device == 'cuda' else 'fp32'}; "
+          f"matmul ceiling {ceiling:.3g} TFLOP/s")
+    common.print_table(rows, columns)
+    path = common.write_results("step", device, rows, {"matmul_tflops": ceiling, "peak_tflops": peak and peak / 1e12},
+                                args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""GPTConfig: the shape and the choices of the decoder-only transformer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rotary")
+ACTIVATIONS = ("gelu", "swiglu")
+INITS = ("gpt2", "xavier", "he")
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12
+    """Number of transformer blocks."""
+    n_head: int = 12
+    """Query heads per attention layer; head_dim = d_model // n_head."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention); must divide n_head. None: n_head (multi-head attention)."""
+    d_model: int = 768
+    """Width of the residual stream."""
+    d_ff: int | None = None
+    """Hidden width of the MLP. None: 4 * d_model for gelu, 8/3 * d_model rounded up to a multiple of 64 for swiglu."""
+    vocab_size: int | None = None
+    """Vocabulary size. None: taken from the tokenizer by the trainer (rounded up to a multiple of 64)."""
+    max_seq_len: int = 1024
+    """Longest sequence the model accepts (size of the position table / rotary cache)."""
+    dropout: float = 0.0
+    """Dropout on attention probabilities, after the embeddings and on each residual branch."""
+    norm: str = "layernorm"
+    """'layernorm' or 'rmsnorm' (pre-norm in every block, plus one before the output head)."""
+    positions: str = "rotary"
+    """'learned' (an absolute position table added to the embeddings) or 'rotary' (RoPE on q and k)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    activation: str = "gelu"
+    """'gelu' (Linear-GELU-Linear) or 'swiglu' (gated: down(silu(gate(x)) * up(x)))."""
+    bias: bool = False
+    """Biases in the Linear layers and LayerNorms."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output head."""
+    init: str = "gpt2"
+    """'gpt2' (normal std 0.02, residual projections scaled by 1/sqrt(2 n_layer)), 'xavier' (Glorot normal), 'he'
+    (Kaiming normal, fan-in)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "d_model", "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        _positive_int("n_kv_head", self.n_kv_head)
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head ({self.n_head}) must divide d_model ({self.d_model})")
+        if self.d_ff is None:
+            # SwiGLU has three matrices instead of two: 8/3 * d keeps the MLP's parameters at ~8 d^2 (Shazeer 2020).
+            self.d_ff = 4 * self.d_model if self.activation == "gelu" else -(-8 * self.d_model // 3 // 64) * 64
+        _positive_int("d_ff", self.d_ff)
+        if self.vocab_size is not None:
+            _positive_int("vocab_size", self.vocab_size)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name, allowed in (("norm", NORMS), ("positions", POSITIONS), ("activation", ACTIVATIONS), ("init", INITS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise ValueError(f"rotary positions need an even head_dim, got d_model/n_head = {self.head_dim}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -1,0 +1,170 @@
+"""A decoder-only GPT built on fasttrain.ops: pre-norm blocks of causal GQA attention and an MLP.
+
+Generation plugs in through `cache` (see `GPT.forward`); nothing about caches lives here beyond that hand-off.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fasttrain.model.config import GPTConfig
+from fasttrain.model.rotary import apply_rotary, rotary_tables
+from fasttrain.ops import flash_attn_func
+
+
+def _norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=1e-6)
+    return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.residual_out = True  # scaled by 1/sqrt(2 n_layer) under the gpt2 init
+        self.dropout = cfg.dropout
+        # The attention function, (q, k, v, dropout_p=, causal=) in (B, T, H, D): benchmarks swap in eager PyTorch
+        # here to time the same model without fasttrain's kernels.
+        self.attn_fn = flash_attn_func
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, H + 2 Hkv, D)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)  # (B, T, H|Hkv, D)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            y = cache.attend(self.layer_idx, q, k, v)  # (B, T, H, D)
+        else:
+            y = self.attn_fn(q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=True)
+        return self.proj(y.reshape(B, T, self.n_head * self.head_dim))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gated = cfg.activation == "swiglu"
+        # One matrix for gate and up when gated: a single (C, 2F) matmul instead of two (C, F) ones.
+        self.up = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.down.residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)  # (B, T, F) or (B, T, 2F)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)  # (B, T, F) each
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.norm1, self.norm2 = _norm(cfg), _norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        if config.vocab_size is None:
+            raise ValueError("config.vocab_size must be set (the trainer takes it from the tokenizer)")
+        self.config = cfg = config
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if cfg.positions == "rotary":
+            cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+            # Not saved in checkpoints: rebuilt from the config, and `.to(dtype)` of the model keeps them fp32.
+            self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        else:
+            self.rope_cos = self.rope_sin = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise every weight by `config.init`; biases to zero, norm weights to one."""
+        cfg = self.config
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if module is self.lm_head and cfg.tie_embeddings:
+                    continue
+                _init_matrix(module.weight, cfg, getattr(module, "residual_out", False))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                # Embeddings are lookups, not fan-in products, so every scheme draws them at GPT-2's 0.02; tied
+                # embeddings keep that scale as the output head too.
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None):
+        """idx (B, T) long -> (logits (B, T, V), mean cross-entropy against targets (B, T) or None).
+
+        With a cache, token t of sequence b sits at position `cache.positions(T)[b, t]` and attention layer i uses
+        `cache.attend(i, q, k, v)` (q (B, T, H, D), k/v (B, T, Hkv, D) after rotary) instead of its own.
+        Targets equal to -100 are ignored by the loss.
+        """
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be a (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}")
+        B, T = idx.shape
+        if cache is None and T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
+        pos = cache.positions(T) if cache is not None else None  # (B, T) long, or None: 0..T-1 for every row
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
+        cos = sin = None
+        if self.rope_cos is not None:
+            cos, sin = (self.rope_cos[pos], self.rope_sin[pos]) if pos is not None else (self.rope_cos[:T],
+                                                                                          self.rope_sin[:T])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        # (B*T, V) against (B*T,), in fp32 whatever the autocast dtype: the log-softmax over V needs the range.
+        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters counted once (tied weights once); non_embedding leaves out the token and position tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+
+def _init_matrix(weight: torch.Tensor, cfg: GPTConfig, residual_out: bool) -> None:
+    if cfg.init == "gpt2":
+        # Each block adds two branches to the residual stream; 1/sqrt(2 L) keeps its variance flat in depth.
+        std = 0.02 / math.sqrt(2 * cfg.n_layer) if residual_out else 0.02
+        nn.init.normal_(weight, std=std)
+    elif cfg.init == "xavier":
+        nn.init.xavier_normal_(weight)
+    else:
+        nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="relu")

@@ -1,0 +1,85 @@
+"""What runs between steps: evaluation, early stopping, and the SIGINT/SIGTERM handler that asks for a clean stop."""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+
+import torch
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, n_batches: int, device: torch.device,
+             autocast=contextlib.nullcontext) -> dict[str, float]:
+    """Mean loss (nats/token), perplexity and next-token accuracy over n_batches of `batches` (x, y pairs)."""
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    tokens = 0
+    for _ in range(n_batches):
+        x, y = batches.next()
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits, _ = model(x)  # (B, T, V)
+        logits = logits.float()
+        loss_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),  # (B*T, V), (B*T,)
+                                                      reduction="sum")
+        correct += (logits.argmax(-1) == y).sum()
+        tokens += y.numel()
+    model.train(was_training)
+    loss = loss_sum.item() / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct.item() / tokens}
+
+
+class EarlyStopping:
+    """Tracks the best validation loss; `should_stop` after `patience` evaluations without a lower one."""
+
+    def __init__(self, patience: int | None):
+        self.patience = patience
+        self.best = math.inf
+        self.bad_evals = 0
+
+    def update(self, val_loss: float) -> bool:
+        """Record one evaluation; True if it is the best so far."""
+        if val_loss < self.best:
+            self.best, self.bad_evals = val_loss, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.bad_evals = state["best"], state["bad_evals"]
+
+
+class StopRequest:
+    """While active, SIGINT and SIGTERM set `.signal` instead of killing the run; the loop then checkpoints and stops.
+
+    Only the main thread can install signal handlers; elsewhere (a training thread) the signals keep their handlers.
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

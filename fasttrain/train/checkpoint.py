@@ -1,0 +1,126 @@
+"""Checkpoints: one file per step under RUN/checkpoints/, plus `latest` and `best` pointer files.
+
+Every file is written to a temporary name, fsynced, then renamed over its target (os.replace is atomic on POSIX),
+so a run killed mid-save leaves the previous checkpoint and pointers intact; the partial temporary is swept up by
+the next save.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+POINTERS = ("latest", "best")
+
+
+def atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(run_dir: str | Path, step: int, state: dict, keep_last: int, is_best: bool = False) -> Path:
+    """Write state as step_<step>.pt, point `latest` (and `best` if is_best) at it, keep the last keep_last + best."""
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.tmp-*"):  # left by a save that was killed
+        stale.unlink(missing_ok=True)
+    path = folder / f"step_{step:08d}.pt"
+    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write_text(folder / "latest", path.name)
+    if is_best:
+        atomic_write_text(folder / "best", path.name)
+    _prune(folder, keep_last)
+    return path
+
+
+def _prune(folder: Path, keep_last: int) -> None:
+    steps = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+    keep = {p.name for p in steps[-keep_last:]}
+    keep.update((folder / name).read_text().strip() for name in POINTERS if (folder / name).is_file())
+    for p in steps:
+        if p.name not in keep:
+            p.unlink()
+
+
+def resolve(path: str | Path, which: str = "latest") -> Path:
+    """A checkpoint file: `path` itself if it is a file, else the one the run directory's `which` pointer names."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if which not in POINTERS:
+        raise ValueError(f"which must be one of {POINTERS}, got {which!r}")
+    pointer = checkpoint_dir(path) / which
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    if not pointer.is_file():
+        raise ValueError(f"no {which} checkpoint in run directory {str(path)!r} (missing {pointer})")
+    return pointer.parent / pointer.read_text().strip()
+
+
+def load(path: str | Path, which: str = "latest", map_location: str | torch.device = "cpu") -> dict:
+    """The state dict saved by `save`, from a checkpoint file or a run directory's `which` pointer."""
+    file = resolve(path, which)
+    # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle.
+    return torch.load(file, map_location=map_location, weights_only=True)
+
+
+def rng_state() -> dict:
+    """torch (CPU and every CUDA device), numpy and python RNG states, in types torch.load(weights_only) accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(state["python"])
+
+
+def load_for_inference(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu"):
+    """(model in eval mode on device, tokenizer, RunConfig) from a run directory or checkpoint file.
+
+    which='best' falls back to 'latest' when the run never evaluated.
+    """
+    from fasttrain.config import from_dict
+    from fasttrain.data import tokenizer_from_config
+    from fasttrain.model import GPT
+    from fasttrain.train.config import RunConfig
+
+    run_dir = Path(run_dir)
+    if which == "best" and run_dir.is_dir() and not (checkpoint_dir(run_dir) / "best").is_file():
+        which = "latest"
+    state = load(run_dir, which, map_location="cpu")
+    config = from_dict(RunConfig, state["config"])
+    model = GPT(config.model)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), tokenizer_from_config(state["tokenizer"]), config

@@ -1,0 +1,133 @@
+"""The run config: sections model (GPTConfig), optim, train and data (DataConfig), one dataclass each."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fasttrain.config import from_dict, merge, to_dict
+from fasttrain.data import DataConfig
+from fasttrain.model import GPTConfig
+from fasttrain.optim.schedules import LRSchedule
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices and embeddings only (not to norms or biases)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (inside fasttrain.optim.AdamW); None: no clipping."""
+    schedule: str = "cosine"
+    """'constant', 'cosine' or 'linear' (warmup then decay to min_lr_ratio * lr), or 'inverse_sqrt' (Noam)."""
+    warmup_steps: int = 100
+    """Steps of linear warmup."""
+    min_lr_ratio: float = 0.1
+    """The cosine/linear schedules end at min_lr_ratio * lr."""
+    backend: str | None = None
+    """AdamW backend: None (auto), 'cuda', 'triton', 'cpu' or 'reference'."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step (tokens per step = batch_size * grad_accum * seq_len)."""
+    seq_len: int = 256
+    """Tokens per training sequence; at most model.max_seq_len."""
+    eval_interval: int = 100
+    """Evaluate on the validation split every this many steps (and after the last step)."""
+    eval_batches: int = 20
+    """Validation batches per evaluation (the same ones every time)."""
+    checkpoint_interval: int = 500
+    """Write a checkpoint every this many steps (and after the last step)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best one."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations without a lower validation loss; None: never."""
+    log_interval: int = 10
+    """Steps between progress-bar / metrics updates (each one waits for the device)."""
+    precision: str = "auto"
+    """'auto' (bf16 on a GPU that has it, else fp16 with a GradScaler; fp32 on CPU), 'fp32', 'bf16' or 'fp16'."""
+    device: str = "auto"
+    """'auto' (cuda when available), 'cpu' or 'cuda'."""
+    compile: bool = False
+    """Run the model through torch.compile."""
+    seed: int = 0
+    """Seed of the initialisation, dropout and batch order."""
+    out_dir: str = "runs/default"
+    """Run directory: config.json, checkpoints/, training_metrics.json, plots, sample.txt."""
+    tensorboard: bool = False
+    """Also log to TensorBoard under out_dir/tensorboard (needs the tensorboard package)."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar."""
+    sample_tokens: int = 200
+    """Tokens sampled from the trained model at the end (0: none; at most model.max_seq_len + 1 - prompt tokens)."""
+    sample_prompt: str = "def "
+    """Prompt of that sample."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_interval", "eval_batches",
+                     "checkpoint_interval", "keep_last", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(f"early_stopping_patience must be >= 1 or none, got {self.early_stopping_patience}")
+        if self.sample_tokens < 0:
+            raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+
+
+@dataclass
+class RunConfig:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    """The model's shape."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop: steps, batches, precision, evaluation, checkpoints."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, tokenizer and split."""
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
+                             f"({self.model.max_seq_len})")
+        try:
+            self.schedule()
+        except ValueError as e:
+            raise ValueError(f"optim: {e}") from None
+
+    def schedule(self) -> LRSchedule:
+        o = self.optim
+        return LRSchedule(o.schedule, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=self.train.steps,
+                          min_lr=o.min_lr_ratio * o.lr)
+
+
+def build(base: RunConfig, *updates: dict) -> RunConfig:
+    """base with nested updates (from TOML files, then overrides) laid over it, checked as a RunConfig.
+
+    model.n_kv_head and model.d_ff follow their inputs (n_head; d_model and activation) when base holds the values
+    derived from them: `--model.d_model 256` on a preset also resizes its MLP unless `--model.d_ff` is given.
+    """
+    data = to_dict(base)
+    for name in ("n_kv_head", "d_ff"):
+        if data["model"][name] == getattr(GPTConfig(**{**data["model"], name: None}), name):
+            data["model"][name] = None
+    for update in updates:
+        data = merge(data, update)
+    return from_dict(RunConfig, data)

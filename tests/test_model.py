@@ -1,0 +1,172 @@
+"""The GPT model: every architecture option, parameter/FLOP counts, init schemes, rotary, the cache hand-off."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttrain.model import GPT, GPTConfig, flops_per_token, param_count
+from fasttrain.model.rotary import apply_rotary, rotary_tables
+
+SMALL = dict(n_layer=2, n_head=4, d_model=32, vocab_size=61, max_seq_len=40)
+
+VARIANTS = [
+    dict(),
+    dict(norm="rmsnorm", activation="swiglu", n_kv_head=1),
+    dict(positions="learned", tie_embeddings=False, bias=True, n_kv_head=2, activation="swiglu"),
+    dict(positions="learned", norm="rmsnorm", bias=True, dropout=0.1, init="xavier"),
+    dict(init="he", d_ff=48),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={x}" for k, x in v.items()) or "default")
+def test_forward_backward_and_param_count(variant):
+    torch.manual_seed(0)
+    cfg = GPTConfig(**SMALL, **variant)
+    model = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (3, 37))
+    logits, loss = model(idx, torch.roll(idx, -1, 1))
+    assert logits.shape == (3, 37, cfg.vocab_size)
+    # A fresh model predicts close to uniformly: loss near ln(V).
+    assert abs(loss.item() - math.log(cfg.vocab_size)) < 1.0
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert model.num_params() == param_count(cfg) == sum(p.numel() for p in model.parameters())
+    assert model.num_params(non_embedding=True) == param_count(cfg, non_embedding=True)
+    assert (model.lm_head.weight is model.wte.weight) == cfg.tie_embeddings
+
+
+def test_causal_future_tokens_do_not_change_the_past():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL)).eval()
+    idx = torch.randint(0, 61, (2, 20))
+    changed = idx.clone()
+    changed[:, 12:] = torch.randint(0, 61, (2, 8))
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12], rtol=0, atol=1e-5)
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-3
+
+
+def test_dropout_is_random_in_training_and_off_in_eval():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, dropout=0.2))
+    idx = torch.randint(0, 61, (2, 16))
+    assert not torch.equal(model(idx)[0], model(idx)[0])
+    model.eval()
+    assert torch.equal(model(idx)[0], model(idx)[0])
+
+
+def _std(model, attr):
+    return getattr(model.blocks[0], attr[0]).__getattr__(attr[1]).weight.std().item()
+
+
+def test_init_schemes_draw_the_documented_scales():
+    torch.manual_seed(0)
+    big = dict(n_layer=8, n_head=4, d_model=256, vocab_size=300, max_seq_len=16)
+    gpt2 = GPT(GPTConfig(**big, init="gpt2"))
+    assert _std(gpt2, ("attn", "qkv")) == pytest.approx(0.02, rel=0.05)
+    assert _std(gpt2, ("attn", "proj")) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert _std(gpt2, ("mlp", "down")) == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    xavier = GPT(GPTConfig(**big, init="xavier"))  # up: 256 -> 1024
+    assert _std(xavier, ("mlp", "up")) == pytest.approx(math.sqrt(2 / (256 + 1024)), rel=0.05)
+    he = GPT(GPTConfig(**big, init="he"))  # down: fan-in 1024
+    assert _std(he, ("mlp", "down")) == pytest.approx(math.sqrt(2 / 1024), rel=0.05)
+    for model in (gpt2, xavier, he):
+        assert model.wte.weight.std().item() == pytest.approx(0.02, rel=0.05)
+        assert torch.equal(model.blocks[0].norm1.weight, torch.ones(256))
+
+
+def test_flops_per_token_closed_form():
+    # GPT-2 small: 6 FLOPs per matmul weight per token for training, attention 6 * L * T * d (causal half of 12).
+    L, d, V, T = 12, 768, 50304, 1024
+    cfg = GPTConfig(n_layer=L, n_head=12, d_model=d, vocab_size=V, max_seq_len=T)
+    assert flops_per_token(cfg, T) == 6 * (L * 12 * d * d + d * V) + 6 * L * T * d
+    assert flops_per_token(cfg, T, training=False) == flops_per_token(cfg, T) / 3
+    # Blocks (12 d^2 of matrices, two bias-free LayerNorms), final norm, tied embeddings; rotary has no table.
+    assert param_count(cfg) == L * (12 * d * d + 2 * d) + d + V * d == 123_587_328
+
+
+def test_rotary_is_a_rotation_that_encodes_relative_position():
+    torch.manual_seed(0)
+    cos, sin = rotary_tables(64, 16)
+    assert cos.shape == sin.shape == (64, 8)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    rq = lambda t: apply_rotary(q, cos[t:t + 1], sin[t:t + 1])
+    rk = lambda t: apply_rotary(k, cos[t:t + 1], sin[t:t + 1])
+    torch.testing.assert_close(rq(5).norm(), q.norm())
+    # <R(m) q, R(n) k> depends only on m - n.
+    torch.testing.assert_close((rq(9) * rk(4)).sum(), (rq(30) * rk(25)).sum(), rtol=1e-5, atol=1e-5)
+    x = torch.randn(2, 6, 3, 16)
+    per_sequence = apply_rotary(x, cos[:6].expand(2, 6, 8), sin[:6].expand(2, 6, 8))  # (B, T, D/2) tables
+    torch.testing.assert_close(per_sequence, apply_rotary(x, cos[:6], sin[:6]))
+    with pytest.raises(ValueError, match="cos/sin"):
+        apply_rotary(x, cos[:6, :4], sin[:6, :4])
+
+
+class ConcatCache:
+    """The smallest object meeting the model's cache contract: k/v grown by concatenation, plain causal attention."""
+
+    def __init__(self, lengths):
+        self.lengths = torch.tensor(lengths)
+        self.k, self.v = {}, {}
+
+    def positions(self, T):
+        return self.lengths[:, None] + torch.arange(T)  # (B, T)
+
+    def attend(self, layer, q, k, v):
+        self.k[layer] = torch.cat([self.k[layer], k], 1) if layer in self.k else k
+        self.v[layer] = torch.cat([self.v[layer], v], 1) if layer in self.v else v
+        K, V = self.k[layer], self.v[layer]  # (B, S, Hkv, D)
+        rep = q.shape[2] // K.shape[2]
+        K, V = K.repeat_interleave(rep, 2), V.repeat_interleave(rep, 2)  # (B, S, H, D)
+        T, S = q.shape[1], K.shape[1]
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)  # query t sees keys up to S - T + t
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), attn_mask=mask)
+        return out.transpose(1, 2)  # (B, T, H, D)
+
+
+@pytest.mark.parametrize("positions", ["rotary", "learned"])
+def test_cache_hand_off_reproduces_the_full_forward(positions):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, n_kv_head=2, positions=positions)).eval()
+    idx = torch.randint(0, 61, (2, 12))
+    full, _ = model(idx)
+    cache = ConcatCache([0, 0])
+    prefill, _ = model(idx[:, :7], cache=cache)
+    cache.lengths += 7
+    steps = []
+    for t in range(7, 12):
+        logits, _ = model(idx[:, t:t + 1], cache=cache)
+        cache.lengths += 1
+        steps.append(logits)
+    torch.testing.assert_close(torch.cat([prefill] + steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_head=4, n_kv_head=3), "n_kv_head"),
+    (dict(n_head=5), "n_head"),
+    (dict(norm="batchnorm"), "norm must be one of"),
+    (dict(activation="relu"), "activation must be one of"),
+    (dict(positions="alibi"), "positions must be one of"),
+    (dict(init="orthogonal"), "init must be one of"),
+    (dict(n_layer=0), "n_layer"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(n_head=2, d_model=6), "even head_dim"),
+])
+def test_bad_config_raises_a_clear_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(**{**SMALL, **kwargs})
+
+
+def test_bad_model_inputs_raise():
+    model = GPT(GPTConfig(**SMALL))
+    with pytest.raises(ValueError, match="exceeds max_seq_len 40"):
+        model(torch.zeros(1, 41, dtype=torch.long))
+    with pytest.raises(ValueError, match="idx must be"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="vocab_size must be set"):
+        GPT(GPTConfig(n_layer=1, n_head=1, d_model=8))
+    with pytest.raises(TypeError, match="GPTConfig"):
+        GPT(dict(SMALL))

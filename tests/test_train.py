@@ -1,0 +1,225 @@
+"""The training loop on tiny models: learning, accumulation, exact resume, kill-safe checkpoints, the run directory."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fasttrain.data import DataConfig
+from fasttrain.model import GPT, GPTConfig
+from fasttrain.optim import AdamW
+from fasttrain.train import OptimConfig, RunConfig, TrainConfig, train
+from fasttrain.train import checkpoint
+from fasttrain.train.callbacks import EarlyStopping
+from fasttrain.train.loop import forward_backward
+
+# head_dim 8: attention takes the reference path (no interpreter), which keeps a step at a few milliseconds.
+TINY_MODEL = dict(n_layer=2, n_head=4, d_model=32, max_seq_len=32)
+
+
+def write_corpus(folder, n_files=8):
+    """Code-like text with regular structure, so a tiny model learns it within tens of steps."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(n_files):
+        lines = [f"def add_{f}_{i}(x):\n    return x + {i % 7}\n\n" for i in range(40)]
+        (folder / f"mod_{f}.py").write_text("".join(lines))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def run_config(tmp_path, corpus_dir, model=None, optim=None, **train_kw):
+    train_kw = {"steps": 40, "batch_size": 8, "seq_len": 32, "eval_interval": 10, "eval_batches": 2,
+                "checkpoint_interval": 10, "log_interval": 5, "progress_bar": False, "sample_tokens": 0,
+                "out_dir": str(tmp_path / "run"), **train_kw}
+    return RunConfig(model=GPTConfig(**{**TINY_MODEL, **(model or {})}),
+                     optim=OptimConfig(**{"lr": 3e-3, "warmup_steps": 5, **(optim or {})}),
+                     train=TrainConfig(**train_kw),
+                     data=DataConfig(paths=[str(corpus_dir)], num_workers=0, val_fraction=0.25,
+                                     cache_dir=str(tmp_path / "cache")))
+
+
+def test_loss_falls_and_the_run_directory_is_complete(tmp_path, corpus_dir):
+    cfg = run_config(tmp_path, corpus_dir, steps=60, sample_tokens=20, sample_prompt="def ", keep_last=1)
+    result = train(cfg)
+    m = result.metrics
+    assert result.stopped == "completed" and m.steps == list(range(1, 61))
+    first, last = sum(m.train_loss[:5]) / 5, sum(m.train_loss[-5:]) / 5
+    assert first > 4.0 and last < 0.6 * first, (first, last)
+    assert m.val_loss[-1] < 0.6 * m.val_loss[0] and m.val_accuracy[-1] > m.val_accuracy[0]
+    assert m.val_perplexity[-1] == pytest.approx(torch.tensor(m.val_loss[-1]).exp().item(), rel=1e-6)
+    run = result.run_dir
+    saved = json.loads((run / "training_metrics.json").read_text())
+    assert saved["train_loss"] == m.train_loss and saved["val_loss"] == m.val_loss
+    for key in ("learning_rate", "epochs", "steps", "tokens_per_s"):
+        assert saved[key], key
+    assert saved["epochs"] == sorted(saved["epochs"]) and saved["epochs"][-1] > 0
+    assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] == 320  # 257 byte ids, padded to 64
+    for png in ("training_curve.png", "loss_by_epoch.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.sample.startswith("def ") and (run / "sample.txt").read_text() == result.sample
+    # keep_last=1 plus the best: at most two step files survive.
+    files = sorted(p.name for p in (run / "checkpoints").glob("step_*.pt"))
+    assert "step_00000060.pt" in files and len(files) <= 2
+    model, tokenizer, loaded_cfg = checkpoint.load_for_inference(run, which="latest")
+    assert loaded_cfg.model.vocab_size == 320 and tokenizer.decode(tokenizer.encode("x = 1")) == "x = 1"
+    idx = torch.tensor([tokenizer.encode("def add_1_3(x):")])
+    logits, _ = model(idx)
+    assert logits.shape == (1, idx.shape[1], 320)
+
+
+def test_overfitting_one_batch_drives_the_loss_near_zero():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=8, d_model=64, vocab_size=64, max_seq_len=32))
+    opt = AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    x = torch.randint(0, 64, (4, 32))
+    y = torch.randint(0, 64, (4, 32))
+    for _ in range(150):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.05, loss.item()
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    a = GPT(GPTConfig(**TINY_MODEL, vocab_size=64))
+    b = GPT(GPTConfig(**TINY_MODEL, vocab_size=64))
+    b.load_state_dict(a.state_dict())
+    x, y = torch.randint(0, 64, (8, 32)), torch.randint(0, 64, (8, 32))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # fp32
+    loss_big = forward_backward(a, [(x, y)], torch.device("cpu"), no_autocast, scaler)
+    loss_acc = forward_backward(b, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], torch.device("cpu"),
+                                no_autocast, scaler)
+    torch.testing.assert_close(loss_acc, loss_big, rtol=1e-6, atol=1e-6)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_resume_after_sigterm_gives_the_identical_loss_curve(tmp_path, corpus_dir):
+    # Dropout makes the curve depend on the RNG state, so a resume that lost it would diverge.
+    kw = dict(model={"dropout": 0.1}, steps=16, eval_interval=4, checkpoint_interval=100, log_interval=3)
+    full = train(run_config(tmp_path / "full", corpus_dir, **kw)).metrics
+
+    def sigterm_at_step_7(step, metrics):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = run_config(tmp_path / "split", corpus_dir, **kw)
+    first = train(cfg, callbacks=[sigterm_at_step_7])
+    assert first.stopped == "interrupted" and first.metrics.steps[-1] == 7
+    assert checkpoint.load(first.run_dir)["step"] == 7  # the signal wrote a checkpoint before stopping
+    resumed = train(cfg, resume=True).metrics
+    assert resumed.steps == full.steps == list(range(1, 17))
+    assert resumed.train_loss == full.train_loss  # exact equality on CPU
+    assert resumed.val_loss == full.val_loss and resumed.learning_rate == full.learning_rate
+
+
+KILLED_SAVE = textwrap.dedent("""
+    import os, signal, sys, torch
+    from fasttrain.train import checkpoint
+
+    def half_then_die(obj, f):
+        f.write(b"PK" + b"\\0" * 1000)  # the start of a zip archive, then the process dies mid-write
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.torch.save = half_then_die
+    checkpoint.save(sys.argv[1], 2, {"step": 2}, keep_last=3)
+""")
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    weights = torch.randn(64, 64)
+    checkpoint.save(tmp_path, 1, {"step": 1, "w": weights}, keep_last=3, is_best=True)
+    proc = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    folder = checkpoint.checkpoint_dir(tmp_path)
+    assert list(folder.glob(".*.tmp-*")), "the killed save should have left its partial temporary file"
+    assert not (folder / "step_00000002.pt").exists()
+    for which in ("latest", "best"):
+        state = checkpoint.load(tmp_path, which)
+        assert state["step"] == 1 and torch.equal(state["w"], weights)
+    checkpoint.save(tmp_path, 3, {"step": 3}, keep_last=3)  # the next save sweeps the partial file away
+    assert not list(folder.glob(".*.tmp-*")) and checkpoint.load(tmp_path)["step"] == 3
+
+
+def test_checkpoint_keeps_the_last_k_and_the_best(tmp_path):
+    for step in range(1, 7):
+        checkpoint.save(tmp_path, step, {"step": step}, keep_last=2, is_best=step == 2)
+    names = sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).glob("step_*.pt"))
+    assert names == ["step_00000002.pt", "step_00000005.pt", "step_00000006.pt"]
+    assert checkpoint.load(tmp_path, "best")["step"] == 2 and checkpoint.load(tmp_path)["step"] == 6
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no latest checkpoint"):
+        checkpoint.load(tmp_path / "empty")
+    with pytest.raises(ValueError, match="does not exist"):
+        checkpoint.load(tmp_path / "missing")
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    early = EarlyStopping(patience=2)
+    assert [early.update(v) for v in (3.0, 2.5, 2.6)] == [True, True, False]
+    assert not early.should_stop
+    early.update(2.5)
+    assert early.should_stop and early.best == 2.5
+    assert not EarlyStopping(patience=None).should_stop
+
+
+def test_early_stopping_ends_the_run(tmp_path, corpus_dir):
+    # lr 1e-9 barely moves the weights, so the validation loss stalls and patience runs out after a few evals.
+    cfg = run_config(tmp_path, corpus_dir, optim={"lr": 1e-9, "schedule": "constant", "warmup_steps": 0},
+                     steps=100, eval_interval=2, early_stopping_patience=2)
+    result = train(cfg)
+    assert result.stopped == "early_stopping" and result.metrics.steps[-1] < 100
+    assert checkpoint.load(result.run_dir)["step"] == result.metrics.steps[-1]
+
+
+def test_tensorboard_logs_or_names_the_missing_package(tmp_path, corpus_dir):
+    cfg = run_config(tmp_path, corpus_dir, steps=10, tensorboard=True)
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"train.tensorboard=true needs the tensorboard package"):
+            train(cfg)
+        return
+    train(cfg)
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_seq_len_above_max_seq_len_and_missing_data_raise(tmp_path):
+    with pytest.raises(ValueError, match=r"train.seq_len \(64\) exceeds model.max_seq_len \(32\)"):
+        RunConfig(model=GPTConfig(**TINY_MODEL), train=TrainConfig(seq_len=64))
+    cfg = run_config(tmp_path, tmp_path / "no-such-dir")
+    with pytest.raises(ValueError, match="no-such-dir"):
+        train(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision, compile", [("bf16", False), ("fp16", False), ("bf16", True)])
+def test_mixed_precision_training_on_cuda(tmp_path, corpus_dir, precision, compile):
+    # n_head 1 -> head_dim 32: attention runs on the Triton kernels; fp16 goes through the GradScaler.
+    cfg = run_config(tmp_path, corpus_dir, model={"n_head": 1}, steps=60, precision=precision, device="cuda",
+                     compile=compile, sample_tokens=16)
+    result = train(cfg)
+    m = result.metrics
+    assert result.stopped == "completed" and all(torch.isfinite(torch.tensor(m.train_loss)))
+    assert sum(m.train_loss[-5:]) / 5 < 0.6 * sum(m.train_loss[:5]) / 5
+    assert m.val_loss[-1] < 0.6 * m.val_loss[0]
+    assert m.tokens_per_s and min(m.tokens_per_s) > 0
+    name = torch.cuda.get_device_name()
+    if any(key in name for key in ("H100", "H200", "A100")):
+        assert len(m.mfu) == len(m.tokens_per_s) and 0 < max(m.mfu) < 1
+    if precision == "fp16":
+        assert checkpoint.load(result.run_dir)["scaler"]["scale"] > 0
+    model, _, _ = checkpoint.load_for_inference(result.run_dir, device="cuda")
+    assert next(model.parameters()).device.type == "cuda"

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: build with CUDA, `pytest -m gpu`, then every benchmark. Logs and JSON go to the folder
+# given as $1 (default $OUT, as the device tool sets it). The device tool returns at most 8 files, 2 folders down:
+# summary.log, build.log, pytest_gpu.log, bench.log, and results/<bench>.json.
+#   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build test bench (default: all three)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:?give an output folder}}
+shift || true
+stages=${*:-build test bench}
+mkdir -p "$out/results"
+export PYTHONUNBUFFERED=1
+py=python3
+status=0
+
+run_stage() {  # log name, command...
+  local log=$1; shift
+  echo "=== $*" | tee -a "$out/summary.log" >> "$out/$log.log"
+  local t0=$SECONDS
+  "$@" >> "$out/$log.log" 2>&1
+  local rc=$?
+  echo "=== exit $rc after $((SECONDS - t0)) s" | tee -a "$out/summary.log"
+  tail -n 25 "$out/$log.log" >> "$out/summary.log"
+  [ $rc -eq 0 ] || status=1
+}
+
+for stage in $stages; do
+  case $stage in
+    build)
+      run_stage build $py -m pip install --no-build-isolation --no-deps -v .
+      $py -m fasttrain.cli info >> "$out/summary.log" 2>&1 ;;
+    test)
+      run_stage pytest_gpu $py -m pytest -m gpu -q -rs tests ;;
+    bench)
+      for b in adamw attention decode step; do
+        run_stage bench $py benchmarks/bench_$b.py --device cuda --out "$out/results"
+      done ;;
+    *) echo "unknown stage $stage (build, test, bench)"; exit 2 ;;
+  esac
+done
+exit $status
