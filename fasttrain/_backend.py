@@ -23,6 +23,11 @@ _liveness_probes: dict[str, Callable[[], dict[str, str | None]]] = {}
 _warned: set[tuple[str, str]] = set()
 
 
+class NotForDevice(str):
+    """A reason that only says the backend is not meant for this device (Triton on a CPU without the interpreter,
+    the cuda backend on CPU tensors): the reference is then the intended path, not a fallback worth a warning."""
+
+
 class BackendError(RuntimeError):
     """A backend asked for by name cannot serve the inputs."""
 
@@ -64,7 +69,8 @@ def choose(op: str, reasons: dict[str, str | None], backend: str | None = None) 
 
 
 def _warn_fallback(op: str, reasons: dict[str, str | None]) -> None:
-    skipped = "; ".join(f"{b}: {why}" for b, why in reasons.items() if b != "reference")
+    skipped = "; ".join(f"{b}: {why}" for b, why in reasons.items()
+                        if b != "reference" and not isinstance(why, NotForDevice))
     if skipped and (op, skipped) not in _warned:
         _warned.add((op, skipped))
         warnings.warn(f"fasttrain: {op} runs on the reference backend ({skipped})", RuntimeWarning, stacklevel=4)
@@ -92,14 +98,14 @@ def triton_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        return None if triton_interpreting() else "CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)"
+        return None if triton_interpreting() else NotForDevice("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
     return f"Triton kernels do not run on {device.type} tensors"
 
 
 def cuda_extension_reason(device: torch.device) -> str | None:
     """None if fasttrain._C has CUDA kernels usable for tensors of this device."""
     if device.type != "cuda":
-        return f"the cuda backend takes CUDA tensors, got {device.type}"
+        return NotForDevice(f"the cuda backend takes CUDA tensors, got {device.type}")
     if not _extension.available():
         return _extension.why_unavailable()
     if not _extension.built_with_cuda():
@@ -110,7 +116,7 @@ def cuda_extension_reason(device: torch.device) -> str | None:
 def cpu_extension_reason(device: torch.device) -> str | None:
     """None if fasttrain._C's C++ CPU kernels can serve tensors of this device."""
     if device.type != "cpu":
-        return f"the cpu backend takes CPU tensors, got {device.type}"
+        return NotForDevice(f"the cpu backend takes CPU tensors, got {device.type}")
     return _extension.why_unavailable()
 
 

@@ -85,6 +85,74 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from fasttrain.generate import generate
+    from fasttrain.train.checkpoint import load_for_inference
+    from fasttrain.train.loop import autocast_for, resolve_device, resolve_precision
+
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_for_inference(args.checkpoint, args.which, device)
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise ValueError("--prompt must encode to at least one token, got an empty prompt")
+    room = model.config.max_seq_len - len(prompt)
+    if args.max_new_tokens > room:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} plus the prompt's {len(prompt)} tokens exceed the "
+                         f"model's max_seq_len {model.config.max_seq_len}; use at most {max(room, 0)}")
+    new: list[int] = []
+    shown = ""
+
+    def stream(_: int, token: int) -> None:
+        # Decode everything so far and print the new suffix: a byte or BPE token may end mid-character.
+        nonlocal shown
+        new.append(token)
+        text = tokenizer.decode(new)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+
+    print(args.prompt, end="", flush=True)
+    with autocast_for(resolve_precision(cfg.train.precision, device), device)():
+        result = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, stop_tokens=[tokenizer.eot_id], seed=args.seed, on_token=stream,
+                          compile=args.compile, cuda_graph=args.cuda_graph)
+    print(tokenizer.decode(new)[len(shown):], flush=True)
+    decode_tps = max(result.new_tokens - 1, 0) / result.decode_s if result.decode_s > 0 else float("nan")
+    print(f"[{result.new_tokens} tokens; prefill {result.prompt_tokens} tokens in {result.prefill_s * 1e3:.1f} ms; "
+          f"decode {decode_tps:.1f} tokens/s on {device}]", file=sys.stderr)
+    return 0
+
+
+BENCHMARKS = ("adamw", "attention", "decode", "step", "data")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import subprocess
+
+    folder = Path(args.dir) if args.dir else next(
+        (d for d in (Path.cwd() / "benchmarks", Path(__file__).resolve().parent.parent / "benchmarks")
+         if (d / "common.py").is_file()), None)
+    if folder is None or not (folder / "common.py").is_file():
+        raise ValueError("fasttrain bench runs the scripts in a source checkout's benchmarks/ folder: run it from "
+                         "the repository root or pass --dir PATH/benchmarks")
+    unknown = sorted(set(args.names) - set(BENCHMARKS))
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    failed = []
+    for name in args.names or BENCHMARKS:
+        cmd = [sys.executable, str(folder / f"bench_{name}.py")]
+        cmd += ["--device", args.device] if args.device else []
+        cmd += ["--quick"] if args.quick else []
+        cmd += ["--out", args.out] if args.out else []
+        print(f"== {' '.join(cmd)}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            failed.append(name)
+    if failed:
+        print(f"fasttrain: error: benchmarks failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fasttrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +183,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None, help="default: every window of the data once")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.set_defaults(run=_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained model (KV cache), streaming the text")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory (or checkpoint file)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint of the run (default best)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (CUDA only)")
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("bench", help="run the benchmarks (from a source checkout) and write their JSON results")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help=f"which to run (default all): {', '.join(BENCHMARKS)}")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--quick", action="store_true", help="a few small shapes only (smoke test)")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
+    p.add_argument("--dir", default=None, help="the benchmarks/ folder (default: ./benchmarks or the source tree's)")
+    p.set_defaults(run=_bench)
     return parser
 
 
@@ -124,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    for name in ("batch_size", "max_batches", "seq_len"):
+    for name in ("batch_size", "max_batches", "seq_len", "max_new_tokens"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:

@@ -121,6 +121,29 @@ def test_train_with_toml_then_resume_then_eval(tmp_path, capsys):
     code, out, err = run_cli(capsys, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "x")])
     assert code == 2 and err.startswith("fasttrain: error:") and len(err.strip().splitlines()) == 1
 
+    # Greedy generation streams exactly what the library's generate() returns for the same checkpoint.
+    from fasttrain.generate import generate
+    from fasttrain.train.checkpoint import load_for_inference
+    model, tokenizer, _ = load_for_inference(tmp_path / "run")
+    expected = generate(model, [tokenizer.encode("def f(")], 20, temperature=0.0, stop_tokens=[tokenizer.eot_id])
+    code, out, err = run_cli(capsys, ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def f(",
+                                      "--max-new-tokens", "20", "--temperature", "0"])
+    assert code == 0, err
+    assert out == "def f(" + tokenizer.decode(expected.tokens[0]) + "\n"
+    assert "tokens/s" in err
+    code, out, err = run_cli(capsys, ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "x",
+                                      "--max-new-tokens", "100000"])
+    assert code == 2 and "--max-new-tokens" in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_runs_a_benchmark_and_refuses_unknown_names(tmp_path, capsys):
+    code, out, err = run_cli(capsys, ["bench", "adamw", "--device", "cpu", "--quick", "--out", str(tmp_path)])
+    assert code == 0, err
+    result = json.loads((tmp_path / "adamw.json").read_text())
+    assert result["benchmark"] == "adamw" and result["rows"] and result["device_type"] == "cpu"
+    code, out, err = run_cli(capsys, ["bench", "adamw", "flux"])
+    assert code == 2 and "flux" in err and len(err.strip().splitlines()) == 1
+
 
 def test_info_still_works(capsys):
     code, out, _ = run_cli(capsys, ["info"])
