@@ -82,21 +82,19 @@ def main() -> None:
         n = sum(torch.Size(s).numel() for s in shapes)
         rel_err = check_correct(shapes, device)
         params = make_params(shapes, device)
-        base = {}
-        for name, factory in variants(device).items():
-            step = factory(params)
+        steps = {name: factory(params) for name, factory in variants(device).items()}
+        for step in steps.values():
             step()  # creates the state outside the timed region
-            ms = common.time_ms(step, device)
+        times = common.time_interleaved_ms(steps, device)
+        for name, ms in times.items():
             gbs = BYTES_PER_PARAM * n / (ms * 1e-3) / 1e9
-            base[name] = ms
             rows.append({"params": n, "tensors": len(shapes), "impl": name, "ms": ms, "GB/s": gbs,
-                         "%copy": 100 * gbs / copy_gbs, "x eager": base["torch eager"] / ms,
-                         "x fused": base["torch fused"] / ms if "torch fused" in base else None,
-                         "rel_err_vs_torch": rel_err})
-            del step
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
+                         "%copy": 100 * gbs / copy_gbs, "x eager": times["torch eager"] / ms,
+                         "x fused": times["torch fused"] / ms, "rel_err_vs_torch": rel_err})
+        del steps
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         print(f"{n / 1e6:.1f}M params in {len(shapes)} tensors done", flush=True)
         del params
         gc.collect()

@@ -61,6 +61,17 @@ def time_ms(fn, device: str, warmup: int = 3, min_run_time: float = 0.5) -> floa
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
+def time_interleaved_ms(fns: dict, device: str, rounds: int = 5, min_run_time: float = 0.2) -> dict:
+    """Median ms per call of each fn, timed in alternation over several rounds (median of the round medians), so a
+    memory-bandwidth drift of the (shared, virtual) machine hits every variant alike. On a 2-core VM the same
+    AdamW step measured 31 ms and 41 ms in two back-to-back single runs."""
+    per_round: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per_round[name].append(time_ms(fn, device, warmup=1, min_run_time=min_run_time))
+    return {name: sorted(v)[len(v) // 2] for name, v in per_round.items()}
+
+
 def copy_bandwidth_gbs(device: str, nbytes: int | None = None) -> float:
     """Measured ceiling for memory-bound kernels: bytes read plus written per second by a plain tensor copy."""
     nbytes = nbytes or (1 << 30 if device == "cuda" else 256 << 20)

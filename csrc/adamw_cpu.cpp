@@ -22,9 +22,10 @@
 namespace fasttrain {
 namespace {
 
-// 16K elements = 64 KiB per fp32 stream: 5 streams stay within L2 while one thread works on a chunk, and a
-// 1M-param group still has 64 chunks to balance over the threads.
-constexpr int64_t kChunk = 16384;
+// 64K elements (256 KiB per fp32 stream) per chunk: long sequential runs for the prefetchers on each of the 4-5
+// streams. Measured 1.18-1.56x torch's fused CPU AdamW at 1M-67M params on the 2-core CI machine
+// (benchmarks/results/cpu-x86_64-2t/adamw.json).
+constexpr int64_t kChunk = 65536;
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelMin = 1 << 16;
 // fp32 tile for bf16/fp16 tensors: 5 x 4 KiB on the stack.

@@ -74,6 +74,12 @@ def test_loss_falls_and_the_run_directory_is_complete(tmp_path, corpus_dir):
     logits, _ = model(idx)
     assert logits.shape == (1, idx.shape[1], 320)
 
+    # A second run into the same folder is refused; the first run's files are untouched.
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
 
 def test_overfitting_one_batch_drives_the_loss_near_zero():
     torch.manual_seed(0)

@@ -122,6 +122,9 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
     run_dir = Path(tc.out_dir)
+    if not resume and (run_dir / "config.json").exists():  # never train over a run the user has
+        raise ValueError(f"train.out_dir {str(run_dir)!r} already holds a run: continue it with --resume, or pick "
+                         f"a new --train.out_dir")
     state = checkpoint.load(run_dir, "latest") if resume else None
 
     corpus = prepare(cfg.data)
