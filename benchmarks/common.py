@@ -84,20 +84,28 @@ def copy_bandwidth_gbs(device: str, nbytes: int | None = None) -> float:
 def matmul_tflops(device: str, n: int = 8192, dtype=torch.bfloat16) -> float:
     """Measured ceiling for compute-bound kernels: a large square matmul."""
     if device != "cuda":
-        n, dtype = 1024, torch.float32
+        n, dtype = 2048, torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = time_ms(lambda: a @ b, device)
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def _git_commit() -> str:
+def _git(*args: str) -> str | None:
     try:
         root = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
     except Exception:
+        return None
+
+
+def _git_commit() -> str:
+    """HEAD, with '+dirty' when tracked files under csrc/, kernels/ or fasttrain/ differ from it."""
+    head = _git("rev-parse", "HEAD")
+    if head is None:
         return "unknown"
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "kernels", "fasttrain")
+    return head.strip() + ("+dirty" if dirty else "")
 
 
 def provenance(device: str) -> dict:
