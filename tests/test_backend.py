@@ -1,0 +1,103 @@
+"""The backend chooser, the extension loader, and `fasttrain info`."""
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+from fasttrain import _backend, _extension
+from fasttrain._backend import BackendError, NotForDevice, choose
+
+
+def test_the_installed_extension_loads():
+    # CI builds fasttrain._C from scratch: a silently missing build would turn every native test into a fallback.
+    assert _extension.available(), _extension.why_unavailable()
+    assert hasattr(torch.ops.fasttrain, "adamw_step_")
+
+
+def test_auto_takes_the_first_backend_that_can_serve(monkeypatch):
+    monkeypatch.delenv("FASTTRAIN_BACKEND", raising=False)
+    assert choose("op_a", {"cuda": "no GPU", "cpu": None, "reference": None}) == "cpu"
+
+
+def test_falling_back_to_reference_warns_once_with_the_reasons(monkeypatch):
+    monkeypatch.delenv("FASTTRAIN_BACKEND", raising=False)
+    reasons = {"triton": "head_dim 40 is not supported", "reference": None}
+    with pytest.warns(RuntimeWarning, match="op_warn runs on the reference backend.*head_dim 40"):
+        assert choose("op_warn", reasons) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose("op_warn", reasons) == "reference"  # once per (op, reasons)
+
+
+def test_a_backend_not_meant_for_the_device_is_no_fallback_worth_a_warning(monkeypatch):
+    monkeypatch.delenv("FASTTRAIN_BACKEND", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose("op_quiet", {"triton": NotForDevice("CPU tensors need the interpreter"),
+                                   "reference": None}) == "reference"
+
+
+def test_a_named_backend_that_cannot_serve_raises(monkeypatch):
+    monkeypatch.delenv("FASTTRAIN_BACKEND", raising=False)
+    with pytest.raises(BackendError, match="backend='cpu' cannot serve these inputs: dtype float64"):
+        choose("op_b", {"cpu": "dtype float64", "reference": None}, backend="cpu")
+    with pytest.raises(BackendError, match="has no 'triton' backend"):
+        choose("op_b", {"cpu": None, "reference": None}, backend="triton")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        choose("op_b", {"reference": None}, backend="fast")
+
+
+def test_the_environment_forces_a_backend_where_the_op_has_it(monkeypatch):
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "reference")
+    assert choose("op_c", {"cpu": None, "reference": None}) == "reference"
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "cpu")
+    with pytest.raises(BackendError, match="FASTTRAIN_BACKEND='cpu' cannot serve"):
+        choose("op_c", {"cpu": "extension missing", "reference": None})
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "triton")  # an op without triton keeps choosing automatically
+    assert choose("op_c", {"cpu": None, "reference": None}) == "cpu"
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="FASTTRAIN_BACKEND must be one of"):
+        choose("op_c", {"reference": None})
+
+
+def test_a_broken_extension_never_breaks_import_and_ops_fall_back():
+    # A fresh interpreter in which importing fasttrain._C fails, as with a build against another torch.
+    script = textwrap.dedent("""
+        import sys, warnings
+        sys.modules["fasttrain._C"] = None  # makes `import fasttrain._C` raise ImportError
+        import torch, fasttrain
+        from fasttrain.optim import AdamW
+        from fasttrain.info import report
+        p = torch.nn.Parameter(torch.randn(10))
+        p.grad = torch.randn(10)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            AdamW([p], lr=0.1).step()
+            AdamW([p], lr=0.1).step()
+        messages = [str(w.message) for w in caught if "reference backend" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert "fasttrain._C failed to import" in messages[0], messages[0]
+        text = report()
+        assert "extension: unavailable: fasttrain._C failed to import" in text, text
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_info_lists_every_op_and_its_backends():
+    from fasttrain.info import report
+    text = report()
+    for op in ("adamw", "attention", "flash_attn_with_kvcache"):
+        assert f"  {op}" in text, text
+    assert "reference  live" in text and f"torch {torch.__version__}" in text
+
+
+def test_liveness_probes_name_a_reason_for_every_backend_that_is_off():
+    for op, backends in _backend.liveness().items():
+        assert backends.get("reference", "missing") is None, op
+        for name, why in backends.items():
+            assert why is None or (isinstance(why, str) and why), (op, name)
