@@ -1,9 +1,12 @@
 // Input checks shared by the CPU and CUDA AdamW ops: every list lines up with params, and every tensor is dense
-// memory laid out like its param, so a kernel can walk it as numel() consecutive elements.
+// memory laid out like its param, so a kernel can walk it as numel() consecutive elements. Also the one dtype switch
+// both ops use (dispatch_native_dtype).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 namespace fasttrain {
 
@@ -48,6 +51,18 @@ inline void check_adamw_lists(at::TensorList params, at::TensorList grads, at::T
   for (const auto& s : steps) {
     TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == 1, "steps must be 1-element float32 tensors, got ",
                 s.scalar_type(), s.sizes());
+  }
+}
+
+// Calls f(T{}) with T the element type of dtype: float, c10::BFloat16 or c10::Half (f is a generic lambda that reads
+// T as decltype of its argument). Any other dtype raises "<what> must be float32, bfloat16 or float16, got <dtype>".
+template <typename F>
+void dispatch_native_dtype(at::ScalarType dtype, const char* what, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", dtype);
   }
 }
 

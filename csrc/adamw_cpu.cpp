@@ -6,8 +6,6 @@
 // Ops (schemas in ops.cpp): fasttrain::adamw_step_ and fasttrain::adamw_grad_sumsq, CPU dispatch key.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <omp.h>
 #include <torch/library.h>
 
@@ -156,14 +154,9 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     *step += 1.f;
     scalars.push_back(adamw_scalars(hyper, static_cast<double>(*step), scale, norm));
   }
-  switch (params[0].scalar_type()) {
-    case at::kFloat: adamw_group<float>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars); break;
-    case at::kBFloat16:
-      adamw_group<c10::BFloat16>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars);
-      break;
-    case at::kHalf: adamw_group<c10::Half>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars); break;
-    default: TORCH_CHECK(false, "adamw_step_: params must be float32, bfloat16 or float16, got ", params[0].scalar_type());
-  }
+  dispatch_native_dtype(params[0].scalar_type(), "adamw_step_: params", [&](auto tag) {
+    adamw_group<decltype(tag)>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, scalars);
+  });
 }
 
 // 16 independent fp64 lanes: a fixed-order sum that GCC vectorizes without -ffast-math, and is deterministic.
@@ -204,12 +197,8 @@ double sumsq_group(at::TensorList grads) {
 at::Tensor adamw_grad_sumsq_cpu(at::TensorList grads) {
   check_dense_same_dtype(grads, "grads", at::kCPU);
   double acc = 0.0;
-  switch (grads[0].scalar_type()) {
-    case at::kFloat: acc = sumsq_group<float>(grads); break;
-    case at::kBFloat16: acc = sumsq_group<c10::BFloat16>(grads); break;
-    case at::kHalf: acc = sumsq_group<c10::Half>(grads); break;
-    default: TORCH_CHECK(false, "adamw_grad_sumsq: grads must be float32, bfloat16 or float16, got ", grads[0].scalar_type());
-  }
+  dispatch_native_dtype(grads[0].scalar_type(), "adamw_grad_sumsq: grads",
+                        [&](auto tag) { acc = sumsq_group<decltype(tag)>(grads); });
   at::Tensor out = at::empty({}, grads[0].options().dtype(at::kFloat));
   *out.data_ptr<float>() = static_cast<float>(acc);
   return out;

@@ -9,8 +9,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -163,22 +161,10 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const float* inf_ptr = device_value(found_inf, params[0], "found_inf");
   const float* norm_ptr = device_value(grad_norm, params[0], "grad_norm");
   const AdamWHyper hyper{lr, beta1, beta2, eps, weight_decay, grad_norm.has_value() ? max_grad_norm : 0.0, maximize};
-  switch (params[0].scalar_type()) {
-    case at::kFloat:
-      launch_adamw<float>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_ptrs, hyper, lr_ptr,
-                          scale_ptr, inf_ptr, norm_ptr);
-      break;
-    case at::kBFloat16:
-      launch_adamw<c10::BFloat16>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_ptrs, hyper,
-                                  lr_ptr, scale_ptr, inf_ptr, norm_ptr);
-      break;
-    case at::kHalf:
-      launch_adamw<c10::Half>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_ptrs, hyper,
-                              lr_ptr, scale_ptr, inf_ptr, norm_ptr);
-      break;
-    default:
-      TORCH_CHECK(false, "adamw_step_: params must be float32, bfloat16 or float16, got ", params[0].scalar_type());
-  }
+  dispatch_native_dtype(params[0].scalar_type(), "adamw_step_: params", [&](auto tag) {
+    launch_adamw<decltype(tag)>(amsgrad, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_ptrs, hyper,
+                                lr_ptr, scale_ptr, inf_ptr, norm_ptr);
+  });
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for (size_t first = 0; first < step_ptrs.size(); first += kMaxSteps) {
     StepList list;
@@ -241,13 +227,8 @@ at::Tensor adamw_grad_sumsq_cuda(at::TensorList grads) {
   const int64_t n_blocks = mta_total_blocks(grads, kChunk);
   at::Tensor partial = at::empty({std::max<int64_t>(n_blocks, 1)}, grads[0].options().dtype(at::kFloat));
   at::Tensor out = at::empty({}, grads[0].options().dtype(at::kFloat));
-  switch (grads[0].scalar_type()) {
-    case at::kFloat: launch_sumsq<float>(grads, partial.data_ptr<float>(), stream); break;
-    case at::kBFloat16: launch_sumsq<c10::BFloat16>(grads, partial.data_ptr<float>(), stream); break;
-    case at::kHalf: launch_sumsq<c10::Half>(grads, partial.data_ptr<float>(), stream); break;
-    default:
-      TORCH_CHECK(false, "adamw_grad_sumsq: grads must be float32, bfloat16 or float16, got ", grads[0].scalar_type());
-  }
+  dispatch_native_dtype(grads[0].scalar_type(), "adamw_grad_sumsq: grads",
+                        [&](auto tag) { launch_sumsq<decltype(tag)>(grads, partial.data_ptr<float>(), stream); });
   sum_partials_kernel<<<1, 1024, 0, stream>>>(partial.data_ptr<float>(), n_blocks, out.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
