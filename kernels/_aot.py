@@ -86,7 +86,8 @@ def compile_one(kernel, signature: dict, constexprs: dict, arch: int, num_warps:
 
 def cases(entry: AotKernel, arch: int):
     """(label, kernel, signature, constexprs, num_warps, num_stages, divisible) for every config of one kernel on one
-    arch; divisible from the module's optional `aot_divisible(kernel)`."""
+    arch; divisible from the module's optional `aot_divisible(kernel)`, the warps of a fixed launch from its optional
+    `aot_num_warps(kernel, constexprs)` (else 4)."""
     module = importlib.import_module(f"{__package__}.{entry.module}")
     kernel = getattr(module, entry.kernel)
     divisible = module.aot_divisible(kernel) if hasattr(module, "aot_divisible") else ()
@@ -94,7 +95,8 @@ def cases(entry: AotKernel, arch: int):
     if entry.configs is None:
         for cls, d in dims.items():
             signature, constexprs = module.aot_signature(kernel, DTYPE[arch], d)
-            yield f"{cls}", kernel, signature, constexprs, 4, 3, divisible
+            warps = module.aot_num_warps(kernel, constexprs) if hasattr(module, "aot_num_warps") else 4
+            yield f"{cls} w{warps}", kernel, signature, constexprs, warps, 3, divisible
         return
     for cls, configs in getattr(module, entry.configs)[arch].items():
         for config in configs:

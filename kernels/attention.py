@@ -75,6 +75,36 @@ def _seq_bounds(Cu, b, seqlen, VARLEN: tl.constexpr):
     return b * 0, seqlen
 
 
+@triton.jit
+def _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k, dlo, dhi) of sequence b: where its rows start, how many there are, and
+    the diagonal band a query sees (dlo <= j - i <= dhi)."""
+    q_start, seqlen_q = _seq_bounds(CuQ, b, seqlen_q, VARLEN)
+    k_start, seqlen_k = _seq_bounds(CuK, b, seqlen_k, VARLEN)
+    return q_start, seqlen_q, k_start, seqlen_k, seqlen_k - seqlen_q - left, seqlen_k - seqlen_q + right
+
+
+@triton.jit
+def _q_program(CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Where a program of the forward or dQ grid (query block, head, sequence) stands: (b64, h64, kvh64, q_start,
+    seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d). Batch and head indices are int64 for the pointer
+    offsets; the caller returns early when start_m >= seqlen_q (a block past a short packed sequence)."""
+    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start, seqlen_q, k_start, seqlen_k, dlo, dhi = _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN)
+    start_m = pid_m * BLOCK_M
+    return (b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64), q_start, seqlen_q, k_start, seqlen_k, dlo, dhi,
+            start_m, start_m + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM_PAD))
+
+
+@triton.jit
+def _kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh):
+    """Pointers to row 0 of sequence b's keys and values for K/V head kvh (int64: B * T * H * D may pass 2**31)."""
+    k_start64 = k_start.to(tl.int64)
+    return (K + b64 * stride_kb + kvh64 * stride_kh + k_start64 * stride_kt,
+            V + b64 * stride_vb + kvh64 * stride_vh + k_start64 * stride_vt)
+
+
 # ---- forward ----------------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -111,20 +141,14 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
                      seqlen_q, seqlen_k, scale_log2, left, right, tune_seqlen,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                      VARLEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start, seqlen_q = _seq_bounds(CuQ, b, seqlen_q, VARLEN)
-    k_start, seqlen_k = _seq_bounds(CuK, b, seqlen_k, VARLEN)
-    start_m = pid_m * BLOCK_M
+    b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = _q_program(
+        CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M)
     if start_m >= seqlen_q:
         return
-    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
-    dlo, dhi = seqlen_k - seqlen_q - left, seqlen_k - seqlen_q + right
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
-    k_base = K + b64 * stride_kb + kvh64 * stride_kh + k_start.to(tl.int64) * stride_kt
-    v_base = V + b64 * stride_vb + kvh64 * stride_vh + k_start.to(tl.int64) * stride_vt
+    k_base, v_base = _kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                               stride_vh)
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     q = _load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m[:, None] < seqlen_q,
               offs_d[None, :] < HEAD_DIM, True, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
     lo, a, c, hi = _tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, seqlen_k, BLOCK_N)
@@ -162,12 +186,14 @@ def _attn_bwd_preprocess_kernel(Out, DOut, Delta, DLse, stride_ob, stride_ot, st
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     rows = (q_start + offs_m).to(tl.int64)
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
+    # int64 head index too: dO from an SDPA-layout view has stride_dh = T * D, and H * T * D may pass 2**31.
+    b64, h64 = b.to(tl.int64), h.to(tl.int64)
+    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
                 mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DOut + b.to(tl.int64) * stride_db + h * stride_dh + rows[:, None] * stride_dt + offs_d[None, :],
+    do = tl.load(DOut + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dt + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    l_offs = b.to(tl.int64) * stride_lb + h * stride_lh + rows
+    l_offs = b64 * stride_lb + h64 * stride_lh + rows
     if HAS_DLSE:
         delta -= tl.load(DLse + l_offs, mask=offs_m < seqlen_q, other=0.0)
     tl.store(Delta + l_offs, delta, mask=offs_m < seqlen_q)
@@ -209,13 +235,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                           VARLEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n, kvh, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start, seqlen_q = _seq_bounds(CuQ, b, seqlen_q, VARLEN)
-    k_start, seqlen_k = _seq_bounds(CuK, b, seqlen_k, VARLEN)
+    q_start, seqlen_q, k_start, seqlen_k, dlo, dhi = _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen_k:
         return
     b64, kvh64 = b.to(tl.int64), kvh.to(tl.int64)
-    dlo, dhi = seqlen_k - seqlen_q - left, seqlen_k - seqlen_q + right
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
@@ -274,19 +298,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK,
                         stride_dqb, stride_dqt, stride_dqh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
                         tune_seqlen, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                         VARLEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start, seqlen_q = _seq_bounds(CuQ, b, seqlen_q, VARLEN)
-    k_start, seqlen_k = _seq_bounds(CuK, b, seqlen_k, VARLEN)
-    start_m = pid_m * BLOCK_M
+    b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = _q_program(
+        CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M)
     if start_m >= seqlen_q:
         return
-    b64, h64, kvh64 = b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
-    dlo, dhi = seqlen_k - seqlen_q - left, seqlen_k - seqlen_q + right
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     row_ok, col_ok = offs_m[:, None] < seqlen_q, offs_d[None, :] < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)[:, None]
+    PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     q = _load(Q + b64 * stride_qb + h64 * stride_qh + q_rows * stride_qt + offs_d[None, :], row_ok, col_ok, True,
               PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
     do = _load(DOut + b64 * stride_db + h64 * stride_dh + q_rows * stride_dt + offs_d[None, :], row_ok, col_ok,
@@ -294,8 +312,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK,
     l_offs = b64 * stride_lb + h64 * stride_lh + q_start + offs_m
     lse = tl.load(Lse + l_offs, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E
     delta = tl.load(Delta + l_offs, mask=offs_m < seqlen_q, other=0.0)
-    k_base = K + b64 * stride_kb + kvh64 * stride_kh + k_start.to(tl.int64) * stride_kt
-    v_base = V + b64 * stride_vb + kvh64 * stride_vh + k_start.to(tl.int64) * stride_vt
+    k_base, v_base = _kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                               stride_vh)
     lo, a, c, hi = _tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, seqlen_k, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, a, seqlen_k,

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import signature_from_params
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 LN2 = tl.constexpr(0.6931471805599453)  # globals a kernel reads must be constexpr (the compiler insists)
 
@@ -154,7 +156,7 @@ def _decode_kernel(
     stride_ob, stride_ot, stride_oh,
     stride_ls, stride_lb, stride_lt, stride_lh,
     stride_os,
-    qk_scale, tq, group, n_kv_heads, seqlen_add, window_left, window_right, t_cache_bucket,
+    qk_scale, tq, group, n_kv_heads, seqlen_add, window_left, window_right, t_cache, t_cache_bucket,
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -185,8 +187,10 @@ def _decode_kernel(
     qpos = seqlen - tq + t
 
     # Keys any row of this sequence can see: [lo, hi). Split pid_s takes an equal share, whole tiles.
+    # The last query token sits at seqlen - 1 and window_right >= 0. Keys stop at the cache end (t_cache rows) even
+    # when a caller passed check_lengths=False with too long a length: past it lie the next sequence or unmapped memory.
     lo = tl.maximum(seqlen - tq - window_left, 0)
-    hi = tl.maximum(seqlen, lo)  # the last query token sits at seqlen - 1, and WINDOW_RIGHT >= 0
+    hi = tl.maximum(tl.minimum(seqlen, t_cache), lo)
     chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + pid_s * chunk
     end = tl.minimum(start + chunk, hi)
@@ -264,6 +268,12 @@ def _decode_combine_kernel(
     tl.store(LSE + b * stride_lb + h * stride_lh + t * stride_lt, lse)
 
 
+def combine_num_warps(block_s: int, block_d: int) -> int:
+    """Warps for the combine: at most 64 partial-output values per thread. One warp for a (64, 128) tile spilled
+    88 B (255 registers), a (128, 128) one 3024 B; 4 and 8 warps compile without spills (sm_90, triton 3.7.1)."""
+    return max(1, min(8, block_s * block_d // 2048))
+
+
 def _prune(configs, named_args, **kwargs):
     """early_config_prune: keep the configs of the call's head-dim class."""
     keep = _arch_configs()[head_dim_class({**named_args, **kwargs}["BLOCK_D"])]
@@ -278,30 +288,38 @@ _decode = triton.autotune(configs=list({id(c): c for cs in _arch_configs().value
 
 def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
     """(signature, constexprs) of one kernel above for an ahead-of-time compile (kernels/_aot.py): GQA 32/8 with one
-    query token (a 16-row block), 4 splits, fused rotary over the whole head; BLOCK_N comes from the config."""
+    query token (a 16-row block), 4 splits, fused rotary over the whole head, the combine at its widest (BLOCK_S =
+    128, ops/decode.py's most splits); BLOCK_N comes from the config."""
     fixed = {
         _decode_append_kernel: dict(ROTARY=True, Q_PER_TOKEN=True, INTERLEAVED=False,
                                     HAS_BATCH_IDX=True, HEAD_DIM=head_dim, ROT_HALF=head_dim // 2,
                                     BLOCK_D=head_dim, BLOCK_R=head_dim // 2),
         _decode_kernel: dict(HEAD_DIM=head_dim, NUM_SPLITS=4, HAS_BATCH_IDX=True, BLOCK_M=16, BLOCK_D=head_dim),
-        _decode_combine_kernel: dict(HEAD_DIM=head_dim, BLOCK_S=4, BLOCK_D=head_dim),
+        _decode_combine_kernel: dict(HEAD_DIM=head_dim, BLOCK_S=128, BLOCK_D=head_dim),
     }[kernel]
     fp32 = {"COS", "SIN", "LSE", "O_PART", "LSE_PART"} | ({"O"} if kernel is _decode_kernel else set())
-    signature, constexprs = {}, {}
-    for p in kernel.params:
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            if p.name in fixed:
-                constexprs[p.name] = fixed[p.name]
-        elif p.name in ("SEQLENS", "BATCH_IDX"):
-            signature[p.name] = "*i32"
-        elif p.name in fp32:
-            signature[p.name] = "*fp32"
-        elif p.name.isupper():  # pointers are upper case, runtime scalars lower case
-            signature[p.name] = f"*{dtype}"
-        else:
-            signature[p.name] = "fp32" if p.name == "qk_scale" else "i32"
-    return signature, constexprs
+
+    def arg_type(name):
+        if name in ("SEQLENS", "BATCH_IDX"):
+            return "*i32"
+        if name in fp32:
+            return "*fp32"
+        if name.isupper():  # pointers are upper case, runtime scalars lower case
+            return f"*{dtype}"
+        return "fp32" if name == "qk_scale" else "i32"
+    return signature_from_params(kernel, arg_type, fixed)
+
+
+def append_num_warps(head_dim: int) -> int:
+    """Warps for the append: one row of D elements per program, one warp up to d128."""
+    return 1 if head_dim <= 128 else 2
+
+
+def aot_num_warps(kernel, constexprs: dict) -> int:
+    """Warps of a fixed (not autotuned) launch, as ops/decode.py picks them."""
+    if kernel is _decode_combine_kernel:
+        return combine_num_warps(constexprs["BLOCK_S"], constexprs["BLOCK_D"])
+    return append_num_warps(constexprs["HEAD_DIM"])
 
 
 def aot_divisible(kernel) -> tuple[str, ...]:

@@ -89,6 +89,18 @@ def test_varlen_uneven_lengths_forward_and_backward():
             assert _max_err(got, want) < TOL_FP32
 
 
+def test_varlen_strided_cu_seqlens():
+    # cu_seqlens as a column of a (B + 1, 2) tensor: the kernels read Cu + b, so a strided view must be copied first.
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(50, 2, 32, generator=g) for _ in range(3))  # (total, H, D)
+    cu = torch.tensor([0, 7, 31, 50], dtype=torch.int32)
+    strided = torch.stack((cu, torch.zeros_like(cu)), dim=1)[:, 0]
+    assert strided.stride(0) == 2
+    got = flash_attn_varlen_func(q, k, v, strided, strided, 24, 24, causal=True, backend="triton")
+    want = flash_attn_varlen_func(q, k, v, cu, cu, 24, 24, causal=True, backend="reference")
+    assert _max_err(got, want) < TOL_FP32
+
+
 def _flash_window(causal, window):
     left, right = (UNBOUNDED if w == -1 else w for w in window)
     return left, 0 if causal else right

@@ -117,6 +117,24 @@ def test_append_writes_exactly_the_new_rows(rotary):
     assert torch.equal(vc[~written], kw["v_cache"][~written])
 
 
+def test_strided_lengths_and_rotary_tables():
+    # cache_seqlens a column of a (B, 2) tensor, rotary_cos a slice of a wider table, rotary_sin contiguous: the
+    # kernels index all of them at unit stride with one table stride, so the launcher must pass contiguous copies.
+    kw = _case(2, 4, 2, CPU_LENGTHS, rotary=True)
+    kw["cache_seqlens"] = torch.stack((kw["cache_seqlens"], torch.zeros(3, dtype=torch.int32)), dim=1)[:, 0]
+    half = kw["rotary_cos"].shape[1]
+    kw["rotary_cos"] = torch.cat((kw["rotary_cos"], torch.zeros_like(kw["rotary_cos"])), dim=1)[:, :half]
+    assert kw["cache_seqlens"].stride(0) == 2 and kw["rotary_cos"].stride(0) != kw["rotary_sin"].stride(0)
+    _assert_matches_reference(kw, num_splits=2)
+
+
+def test_lengths_past_the_cache_read_only_the_cache():
+    # check_lengths=False with cache_seqlens past Tmax: keys stop at the cache end. Sequence 0's cache row is
+    # followed by sequence 1's, so a read past its end would pick up those rows and differ from the reference.
+    kw = _case(2, 4, 2, (96 + 7, 40), Tmax=96, append=False)
+    _assert_matches_reference(kw, num_splits=2, check_lengths=False)
+
+
 def test_rotary_reference():
     # The reference rotation in closed form: pair (x_i, x_{i+D/2}) turned by angle theta at position p.
     kw = _case(1, 2, 2, (5, 0), D=8, rotary=True)

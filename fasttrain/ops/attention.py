@@ -90,6 +90,15 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- input checks and backend choice -----------------------------------------------------------------------------
 
+def _check_like_q(q: Tensor, named) -> None:
+    """Each (name, tensor) of `named` has q's dtype and device."""
+    for name, t in named:
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
+
+
 def _check_qkv(q, k, v, rank: int, layout: str, head_axis: int = -2) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -98,11 +107,7 @@ def _check_qkv(q, k, v, rank: int, layout: str, head_axis: int = -2) -> None:
             raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name}.dtype must equal q.dtype ({q.dtype}), got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
+    _check_like_q(q, (("k", k), ("v", v)))
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[:-3] != q.shape[:-3] or k.shape[-1] != q.shape[-1]:
@@ -232,6 +237,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
         raise ValueError("block_table must be None (a paged KV cache is not implemented)")
     real_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None, q.device)
     real_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.numel(), q.device)
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # the kernels read Cu + b
     for name, given, real in (("max_seqlen_q", max_seqlen_q, real_q), ("max_seqlen_k", max_seqlen_k, real_k)):
         if not isinstance(given, int) or given < real:
             raise ValueError(f"{name} must be an int >= the longest sequence ({real}), got {given!r}")

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from fasttrain import _backend
-from fasttrain.ops.attention import _refuse_unsupported, _scale, _window
+from fasttrain.ops.attention import _check_like_q, _refuse_unsupported, _scale, _window
 
 OP = "flash_attn_with_kvcache"
 _MAX_HEAD_DIM = 256
@@ -112,6 +112,10 @@ def triton_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
     Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
     block_d = max(16, triton.next_power_of_2(D))
+    # The kernels index these at unit stride (SEQLENS + b, COS + pos * stride_rot + i): a strided view, such as a
+    # column of a (B, 2) tensor, would be read wrong. No-ops for the usual contiguous tensors.
+    cache_seqlens = cache_seqlens.contiguous()
+    cache_batch_idx = None if cache_batch_idx is None else cache_batch_idx.contiguous()
     has_batch_idx = cache_batch_idx is not None
     batch_idx = cache_batch_idx if has_batch_idx else cache_seqlens  # a placeholder pointer, never read
     t_new = 0 if k is None else k.shape[1]
@@ -119,7 +123,8 @@ def triton_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
         rotary = rotary_cos is not None
         q_attn = torch.empty(q.shape, device=q.device, dtype=q.dtype) if rotary else q
         half = rotary_cos.shape[1] if rotary else 0
-        cos, sin = (rotary_cos, rotary_sin) if rotary else (k_cache, k_cache)  # placeholders when not rotary
+        # one row stride serves both tables; placeholders when not rotary
+        cos, sin = (rotary_cos.contiguous(), rotary_sin.contiguous()) if rotary else (k_cache, k_cache)
         t_rows = max(Tq, t_new)
         kernels._decode_append_kernel[(B * t_rows, max(H, Hkv))](
             q, k, v, k_cache, v_cache, q_attn, cos, sin, cache_seqlens, batch_idx,
@@ -133,7 +138,7 @@ def triton_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
             Tq, t_new, t_rows, H, Hkv, Tmax, cos.shape[0] if rotary else 0,
             HEAD_DIM=D, ROT_HALF=half, ROTARY=rotary, Q_PER_TOKEN=q_per_token, INTERLEAVED=rotary_interleaved,
             HAS_BATCH_IDX=has_batch_idx, BLOCK_D=block_d, BLOCK_R=max(1, triton.next_power_of_2(half)),
-            num_warps=1 if D <= 128 else 2,
+            num_warps=kernels.append_num_warps(D),
         )
         q = q_attn
 
@@ -159,17 +164,19 @@ def triton_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         o_dst.stride(-4), o_dst.stride(-3), o_dst.stride(-2),
         *l_strides, os_stride,
-        softmax_scale * math.log2(math.e), Tq, G, Hkv, t_new, window_left, window_right, triton.next_power_of_2(Tmax),
+        softmax_scale * math.log2(math.e), Tq, G, Hkv, t_new, window_left, window_right, Tmax,
+        triton.next_power_of_2(Tmax),
         HEAD_DIM=D, NUM_SPLITS=splits, HAS_BATCH_IDX=has_batch_idx, BLOCK_M=block_m, BLOCK_D=block_d,
     )
     if splits > 1:
+        block_s = triton.next_power_of_2(splits)
         kernels._decode_combine_kernel[(B * Tq * H,)](
             o_dst, l_dst, out, lse,
             o_dst.stride(0), l_dst.stride(0),
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1), lse.stride(2),
             Tq, H, splits,
-            HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=1 if D <= 128 else 2,
+            HEAD_DIM=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=kernels.combine_num_warps(block_s, block_d),
         )
     return out, lse
 
@@ -231,11 +238,8 @@ def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cac
         raise ValueError(f"k_cache head_dim {Dc} does not match q's head_dim {D}")
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"q's heads ({H}) must be a multiple of k_cache's heads ({Hkv})")
+    _check_like_q(q, (("k_cache", k_cache), ("v_cache", v_cache)))
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension (it is updated in place)")
     if (k is None) != (v is None):
