@@ -58,9 +58,10 @@ def check_value(value: Any, tp, key: str) -> Any:
 
 def parse_text(text: str, tp, key: str) -> Any:
     """A command-line string as type tp: 'none' for None, true/false for bools, commas between list items."""
+    # Before the other members: `str | None` would otherwise take 'none' as the string.
+    if type(None) in _options(tp) and text.lower() in ("none", "null"):
+        return None
     for option in _options(tp):
-        if option is type(None) and text.lower() in ("none", "null"):
-            return None
         if option is bool and text.lower() in ("true", "false", "1", "0", "yes", "no"):
             return text.lower() in ("true", "1", "yes")
         if option is int:

@@ -170,3 +170,13 @@ def test_bad_model_inputs_raise():
         GPT(GPTConfig(n_layer=1, n_head=1, d_model=8))
     with pytest.raises(TypeError, match="GPTConfig"):
         GPT(dict(SMALL))
+
+
+def test_casting_the_model_keeps_the_rotary_tables_fp32():
+    # Module.to(dtype) would otherwise round cos/sin to bf16 (off by up to ~4e-3), shifting every rotated q and k.
+    cfg = GPTConfig(**SMALL)
+    model = GPT(cfg).to(torch.bfloat16)
+    cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+    assert model.wte.weight.dtype == torch.bfloat16
+    assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
+    assert torch.equal(model.half().float().rope_cos, cos)

@@ -9,12 +9,13 @@ import textwrap
 import pytest
 import torch
 
+from fasttrain.config import parse_overrides
 from fasttrain.data import DataConfig
 from fasttrain.model import GPT, GPTConfig
 from fasttrain.optim import AdamW
 from fasttrain.train import OptimConfig, RunConfig, TrainConfig, train
 from fasttrain.train import checkpoint
-from fasttrain.train.callbacks import EarlyStopping
+from fasttrain.train.callbacks import EarlyStopping, StopRequest
 from fasttrain.train.loop import forward_backward
 
 # head_dim 8: attention takes the reference path (no interpreter), which keeps a step at a few milliseconds.
@@ -130,6 +131,44 @@ def test_resume_after_sigterm_gives_the_identical_loss_curve(tmp_path, corpus_di
     assert resumed.val_loss == full.val_loss and resumed.learning_rate == full.learning_rate
 
 
+def test_a_run_that_died_before_its_first_checkpoint_can_be_started_again(tmp_path, corpus_dir):
+    # config.json is written before the first step; a crash before any checkpoint must not lock the folder, since
+    # --resume has nothing to continue from.
+    cfg = run_config(tmp_path, corpus_dir, steps=6, checkpoint_interval=100, eval_interval=100)
+
+    def crash_at_step_2(step, metrics):
+        if step == 2:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, callbacks=[crash_at_step_2])
+    assert (tmp_path / "run" / "config.json").exists()
+    with pytest.raises(ValueError, match="no latest checkpoint"):
+        train(cfg, resume=True)
+    assert train(cfg).stopped == "completed"
+
+
+def test_a_second_signal_stops_at_once():
+    # The first signal asks for a checkpoint and a clean stop; the second goes to the handler that was there before.
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signal == signal.SIGTERM and seen == []
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert seen == [signal.SIGTERM]
+            os.kill(os.getpid(), signal.SIGTERM)  # our handler is gone: the previous one keeps getting them
+            assert seen == [signal.SIGTERM] * 2
+        with StopRequest() as stop, pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            assert stop.signal == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 KILLED_SAVE = textwrap.dedent("""
     import os, signal, sys, torch
     from fasttrain.train import checkpoint
@@ -202,7 +241,16 @@ def test_tensorboard_logs_or_names_the_missing_package(tmp_path, corpus_dir):
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_none_on_the_command_line_is_none_for_optional_strings():
+    overrides = parse_overrides(RunConfig, ["--optim.backend", "none", "--data.cache_dir=null",
+                                            "--train.early_stopping_patience", "None", "--train.out_dir", "none"])
+    assert overrides == {"optim": {"backend": None}, "data": {"cache_dir": None},
+                         "train": {"early_stopping_patience": None, "out_dir": "none"}}
+
+
 def test_seq_len_above_max_seq_len_and_missing_data_raise(tmp_path):
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'triton'"):
+        OptimConfig(backend="triton")  # AdamW has no Triton kernel: refused before any data is prepared
     with pytest.raises(ValueError, match=r"train.seq_len \(64\) exceeds model.max_seq_len \(32\)"):
         RunConfig(model=GPTConfig(**TINY_MODEL), train=TrainConfig(seq_len=64))
     cfg = run_config(tmp_path, tmp_path / "no-such-dir")

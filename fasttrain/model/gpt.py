@@ -97,12 +97,22 @@ class GPT(nn.Module):
             self.lm_head.weight = self.wte.weight
         if cfg.positions == "rotary":
             cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
-            # Not saved in checkpoints: rebuilt from the config, and `.to(dtype)` of the model keeps them fp32.
+            # Not saved in checkpoints: rebuilt from the config, and kept fp32 through `.to(dtype)` (see _apply).
             self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D/2)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to(dtype) / .half() cast every floating buffer too; bf16 tables are off by up to 4e-3 (one bf16
+        # ulp of values near 1), so rebuild them in fp32 on their new device from the config instead.
+        super()._apply(fn, recurse)
+        if self.rope_cos is not None and self.rope_cos.dtype != torch.float32:
+            cfg = self.config
+            self.rope_cos, self.rope_sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta,
+                                                         device=self.rope_cos.device)
+        return self
 
     def reset_parameters(self) -> None:
         """Initialise every weight by `config.init`; biases to zero, norm weights to one."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
 import threading
 
@@ -63,6 +64,9 @@ class EarlyStopping:
 class StopRequest:
     """While active, SIGINT and SIGTERM set `.signal` instead of killing the run; the loop then checkpoints and stops.
 
+    A second signal restores the previous handlers and acts as they would (KeyboardInterrupt for SIGINT, exit for a
+    default SIGTERM): a step or evaluation can take minutes, and Ctrl-C twice must still stop the process. Cutting a
+    checkpoint write short that way is safe, since every file is written atomically (checkpoint.atomic_write).
     Only the main thread can install signal handlers; elsewhere (a training thread) the signals keep their handlers.
     """
 
@@ -71,7 +75,15 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        self.signal = signum
+        if self.signal is None:
+            self.signal = signum
+            return
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        self.__exit__()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)  # the default action (termination), now that our handler is gone
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():

@@ -10,6 +10,7 @@ from fasttrain.optim.schedules import LRSchedule
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+ADAMW_BACKENDS = (None, "auto", "cuda", "cpu", "reference")
 
 
 @dataclass
@@ -33,7 +34,12 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     """The cosine/linear schedules end at min_lr_ratio * lr."""
     backend: str | None = None
-    """AdamW backend: None (auto), 'cuda', 'triton', 'cpu' or 'reference'."""
+    """AdamW backend: None or 'auto', 'cuda', 'cpu' or 'reference' (AdamW has no Triton kernel)."""
+
+    def __post_init__(self) -> None:
+        # Checked here so a wrong name fails at startup, not at the first optimizer step after data preparation.
+        if self.backend not in ADAMW_BACKENDS:
+            raise ValueError(f"backend must be one of {ADAMW_BACKENDS}, got {self.backend!r}")
 
 
 @dataclass

@@ -122,7 +122,9 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
     run_dir = Path(tc.out_dir)
-    if not resume and (run_dir / "config.json").exists():  # never train over a run the user has
+    # A run is a checkpoint, not a config.json: a run that died before its first checkpoint left nothing --resume
+    # could continue, so refusing it would leave the folder usable by neither command.
+    if not resume and (checkpoint.checkpoint_dir(run_dir) / "latest").is_file():  # never train over a run the user has
         raise ValueError(f"train.out_dir {str(run_dir)!r} already holds a run: continue it with --resume, or pick "
                          f"a new --train.out_dir")
     state = checkpoint.load(run_dir, "latest") if resume else None
@@ -237,7 +239,8 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
                 callback(done, metrics)
             if stop.signal is not None:
                 stopped = "interrupted"
-                bar.write(f"step {done}: signal {stop.signal} received; writing a checkpoint and stopping")
+                bar.write(f"step {done}: signal {stop.signal} received; writing a checkpoint and stopping "
+                          f"(send it again to stop at once)")
             elif early.should_stop:
                 stopped = "early_stopping"
                 bar.write(f"step {done}: early stopping, no better validation loss in "

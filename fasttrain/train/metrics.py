@@ -16,7 +16,9 @@ class Metrics:
     steps: list[int] = field(default_factory=list)
     """Optimizer steps completed, one entry per step."""
     train_loss: list[float] = field(default_factory=list)
+    """Mean loss of each step's batch (nats/token), one entry per step."""
     learning_rate: list[float] = field(default_factory=list)
+    """Learning rate each step ran at."""
     epochs: list[float] = field(default_factory=list)
     """Passes over the training split after each step."""
     tokens_per_s: list[float] = field(default_factory=list)
@@ -24,11 +26,17 @@ class Metrics:
     mfu: list[float] = field(default_factory=list)
     """Model FLOPs utilisation at each log_steps entry (GPU with bf16/fp16 only; empty otherwise)."""
     log_steps: list[int] = field(default_factory=list)
+    """The step that ended each log interval (x axis of tokens_per_s and mfu)."""
     val_steps: list[int] = field(default_factory=list)
+    """The step after which each evaluation ran (x axis of the val_* lists)."""
     val_epochs: list[float] = field(default_factory=list)
+    """Passes over the training split at each evaluation."""
     val_loss: list[float] = field(default_factory=list)
+    """Mean validation loss (nats/token) over the same eval_batches each time."""
     val_perplexity: list[float] = field(default_factory=list)
+    """exp(val_loss)."""
     val_accuracy: list[float] = field(default_factory=list)
+    """Fraction of validation tokens whose argmax prediction is the next token."""
 
     def record_val(self, step: int, epoch: float, result: dict[str, float]) -> None:
         self.val_steps.append(step)
