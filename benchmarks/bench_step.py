@@ -26,7 +26,7 @@ import common  # noqa: E402
 
 from fasttrain.model import GPT, GPTConfig, flops_per_token  # noqa: E402
 from fasttrain.optim import AdamW  # noqa: E402
-from fasttrain.train.loop import PEAK_FLOPS, param_groups  # noqa: E402
+from fasttrain.train.loop import param_groups, peak_flops  # noqa: E402
 
 WEIGHT_DECAY, LR, CLIP = 0.1, 3e-4, 1.0
 
@@ -94,7 +94,7 @@ def main() -> None:
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     names = ["eager", "eager-sdpa", "fasttrain"] + ([] if device == "cpu" and args.quick else ["compile"])
     ceiling = common.matmul_tflops(device)
-    peak = next((p for k, p in PEAK_FLOPS.items() if device == "cuda" and k in torch.cuda.get_device_name()), None)
+    peak = peak_flops(torch.device(device), "bf16")  # datasheet bf16 peak on CUDA, None on CPU
     flops = flops_per_token(cfg, T) * B * T
     rows, first_losses = [], {}
     for name in names:

@@ -6,6 +6,8 @@ records the config decodes with the same tokenizer on any machine.
 """
 from __future__ import annotations
 
+import os
+
 import hashlib
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -72,7 +74,11 @@ class HFTokenizer:
         return self._tok.to_str()
 
     def save(self, path: str | Path) -> None:
-        self._tok.save(str(path))
+        """Write tokenizer.json atomically (temp name, then rename): a run directory never holds half a tokenizer."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self._tok.save(str(tmp))
+        os.replace(tmp, path)
 
     def to_config(self) -> dict:
         return {"kind": "hf", "name": self.name, "json": self.to_json()}
