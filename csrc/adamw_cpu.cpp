@@ -21,7 +21,7 @@ namespace fasttrain {
 namespace {
 
 // 64K elements (256 KiB per fp32 stream) per chunk: long sequential runs for the prefetchers on each of the 4-5
-// streams. Measured 1.18-1.56x torch's fused CPU AdamW at 1M-67M params on the 2-core CI machine
+// streams. Measured 1.0-1.9x torch's fused CPU AdamW at 1M-67M params on the 2-core CI machine
 // (benchmarks/results/cpu-x86_64-2t/adamw.json).
 constexpr int64_t kChunk = 65536;
 // Below this many elements a parallel region costs more than it saves.
