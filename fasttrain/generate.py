@@ -173,11 +173,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     stop = set(stop_tokens)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     B = len(prompts)
+    Tp = max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    idx = torch.zeros(B, int(lengths.max()), dtype=torch.long, device=device)  # (B, Tp), right-padded with 0
-    for i, p in enumerate(prompts):
-        idx[i, :len(p)] = torch.tensor(p, device=device)
-    cache = KVCache(model.config.n_layer, B, int(lengths.max()) + max_new_tokens, device)
+    # (B, Tp), right-padded with 0: built on the host, one copy to the device
+    idx = torch.tensor([list(p) + [0] * (Tp - len(p)) for p in prompts], dtype=torch.long, device=device)
+    cache = KVCache(model.config.n_layer, B, Tp + max_new_tokens, device)
 
     out: list[list[int]] = [[] for _ in prompts]
     running = [True] * B

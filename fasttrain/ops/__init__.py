@@ -1,6 +1,5 @@
 """Public ops: flash-attn- and torch-compatible signatures over the kernels, with a pure-PyTorch reference beside each."""
 from fasttrain.ops.attention import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
+from fasttrain.ops.decode import flash_attn_with_kvcache
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "scaled_dot_product_attention"]
-from fasttrain.ops.decode import flash_attn_with_kvcache  # noqa: E402  (decode helper)
-__all__ += ["flash_attn_with_kvcache"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "scaled_dot_product_attention", "flash_attn_with_kvcache"]

@@ -164,7 +164,19 @@ _backend.register(f"{OP} with dropout_p > 0 or an attn_mask",
                   lambda: {"triton": "not implemented in the kernels", "reference": None})
 
 
-def _run(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend):
+def _check_dropout(dropout_p) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+
+
+def _attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, dropout_p, attn_mask=None):
+    """(out, lse) from the registered op, or from the reference outside it for what the kernels do not implement."""
+    fallback = ("an attn_mask is not implemented in the kernels" if attn_mask is not None else
+                "dropout_p > 0 is not implemented in the kernels" if dropout_p > 0.0 else None)
+    if fallback is not None:
+        _choose(q, backend, fallback)
+        return attention_reference(q, k, v, scale, left, right, cu_q, cu_k, attn_mask=attn_mask, dropout_p=dropout_p)
+    backend = _choose(q, backend)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (t.contiguous() for t in (q, k, v))  # the kernels need unit stride along head_dim only
     return _forward_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend)
@@ -191,13 +203,8 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     _check_qkv(q, k, v, 4, "(B, T, H, D)")
     _refuse_unsupported(softcap, alibi_slopes)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0.0:
-        _choose(q, backend, "dropout_p > 0 is not implemented in the kernels")
-        out, lse = attention_reference(q, k, v, scale, left, right, dropout_p=dropout_p)
-    else:
-        out, lse = _run(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, _choose(q, backend))
+    _check_dropout(dropout_p)
+    out, lse = _attend(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, backend, dropout_p)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -242,14 +249,9 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
         if not isinstance(given, int) or given < real:
             raise ValueError(f"{name} must be an int >= the longest sequence ({real}), got {given!r}")
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0.0:
-        _choose(q, backend, "dropout_p > 0 is not implemented in the kernels")
-        out, lse = attention_reference(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k, dropout_p=dropout_p)
-    else:
-        out, lse = _run(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
-                        _choose(q, backend))
+    _check_dropout(dropout_p)
+    out, lse = _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, backend,
+                       dropout_p)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -267,18 +269,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise ValueError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal=True cannot both be set (as in torch)")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    _check_dropout(dropout_p)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, T, D) -> (B, T, H, D) views
     Tq, Tk = q.shape[1], k.shape[1]
     # top-left causal is the bottom-right band shifted by Tq - Tk: j - i - (Tk - Tq) <= Tq - Tk
     left, right = UNBOUNDED, (Tq - Tk if is_causal else UNBOUNDED)
-    sc = _scale(scale, q.shape[-1])
-    fallback = ("an attn_mask is not implemented in the kernels" if attn_mask is not None else
-                "dropout_p > 0 is not implemented in the kernels" if dropout_p > 0.0 else None)
-    if fallback is not None:
-        _choose(q, backend, fallback)
-        out, _ = attention_reference(q, k, v, sc, left, right, attn_mask=attn_mask, dropout_p=dropout_p)
-    else:
-        out, _ = _run(q, k, v, None, None, Tq, Tk, sc, left, right, _choose(q, backend))
+    out, _ = _attend(q, k, v, None, None, Tq, Tk, _scale(scale, q.shape[-1]), left, right, backend, dropout_p,
+                     attn_mask)
     return out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)

@@ -25,8 +25,8 @@ from fasttrain.train.callbacks import EarlyStopping, StopRequest, evaluate
 from fasttrain.train.config import RunConfig
 from fasttrain.train.metrics import Metrics, TensorBoard
 
-# Dense bf16/fp16 tensor-core peaks from the vendors' datasheets (SXM parts), for MFU; other devices report none.
-# Dense bf16 tensor-core peaks from the datasheets, most specific name first (matched by substring, in order).
+# Dense bf16 tensor-core peaks from the vendors' datasheets, for MFU; other devices report none. Matched by substring
+# in order, so the most specific name comes first.
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
               "A10": 125e12}
 
