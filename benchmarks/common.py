@@ -127,13 +127,27 @@ def provenance(device: str) -> dict:
     }
 
 
+def autotune_choices() -> dict:
+    """The config each Triton autotuner in fasttrain.kernels chose, per tuning key: {"attention._attn_fwd":
+    {"(128, 2048, 1, False, ...)": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, ..."}}. Empty until a GPU run tuned."""
+    modules = {name.rsplit(".", 1)[1]: m for name, m in sys.modules.items() if name.startswith("fasttrain.kernels.")}
+    if not modules:
+        return {}
+    from triton.runtime.autotuner import Autotuner
+    return {f"{module_name}.{name}": {str(key): str(config) for key, config in obj.cache.items()}
+            for module_name, module in sorted(modules.items()) for name, obj in vars(module).items()
+            if isinstance(obj, Autotuner) and obj.cache}
+
+
 def write_results(name: str, device: str, rows: list[dict], ceilings: dict, out: Path | None = None) -> Path:
-    """Write {provenance, ceilings, rows} atomically to <out or results/<device>>/<name>.json; return the path."""
+    """Write {provenance, ceilings, rows, autotuned} atomically to <out or results/<device>>/<name>.json; return the
+    path. `autotuned` records which tile each Triton autotuner picked (benchmarks/NOTES.md reads it)."""
     folder = out or RESULTS_DIR / device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"benchmark": name, **provenance(device), "ceilings": ceilings, "rows": rows}, indent=1))
+    tmp.write_text(json.dumps({"benchmark": name, **provenance(device), "ceilings": ceilings, "rows": rows,
+                               "autotuned": autotune_choices()}, indent=1))
     os.replace(tmp, path)
     return path
 

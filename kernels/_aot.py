@@ -52,6 +52,14 @@ def signature_from_params(kernel, arg_type, fixed: dict) -> tuple[dict, dict]:
     return signature, constexprs
 
 
+def divisible(kernel) -> tuple[str, ...]:
+    """Arguments a real launch passes as multiples of 16, so that the JIT specializes them: every pointer (torch
+    allocations and head-aligned views; pointer parameters are capitalized) and the strides of (.., D)-rows with D a
+    multiple of 16. The logsumexp strides (stride_l*) are left out: with Tq = 1 or an odd head count they are not."""
+    return tuple(p.name for p in kernel.params if not p.is_constexpr and (
+        p.name[0].isupper() or (p.name.startswith("stride_") and not p.name.startswith("stride_l"))))
+
+
 def _cuobjdump() -> Path:
     import triton
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -68,13 +76,13 @@ def resources(cubin: bytes) -> dict:
 
 
 def compile_one(kernel, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int,
-                divisible: tuple = ()) -> dict:
+                hints: tuple = ()) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
-    # `divisible` names the arguments that the JIT would specialize as multiples of 16 at a real launch (aligned
+    # `hints` names the arguments that the JIT would specialize as multiples of 16 at a real launch (aligned
     # pointers, strides of whole heads): without the hint, loads compile unvectorized and spill (decode d128: 255
     # registers and 144 B of stack without, 96 registers with).
-    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in hints}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton_compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -85,18 +93,17 @@ def compile_one(kernel, signature: dict, constexprs: dict, arch: int, num_warps:
 
 
 def cases(entry: AotKernel, arch: int):
-    """(label, kernel, signature, constexprs, num_warps, num_stages, divisible) for every config of one kernel on one
-    arch; divisible from the module's optional `aot_divisible(kernel)`, the warps of a fixed launch from its optional
-    `aot_num_warps(kernel, constexprs)` (else 4)."""
+    """(label, kernel, signature, constexprs, num_warps, num_stages, hints) for every config of one kernel on one
+    arch; the warps of a fixed launch from the module's optional `aot_num_warps(kernel, constexprs)` (else 4)."""
     module = importlib.import_module(f"{__package__}.{entry.module}")
     kernel = getattr(module, entry.kernel)
-    divisible = module.aot_divisible(kernel) if hasattr(module, "aot_divisible") else ()
+    hints = divisible(kernel)
     dims = {"d64": 64, "d128": 128, "d256": 256}
     if entry.configs is None:
         for cls, d in dims.items():
             signature, constexprs = module.aot_signature(kernel, DTYPE[arch], d)
             warps = module.aot_num_warps(kernel, constexprs) if hasattr(module, "aot_num_warps") else 4
-            yield f"{cls} w{warps}", kernel, signature, constexprs, warps, 3, divisible
+            yield f"{cls} w{warps}", kernel, signature, constexprs, warps, 3, hints
         return
     for cls, configs in getattr(module, entry.configs)[arch].items():
         for config in configs:
@@ -104,7 +111,7 @@ def cases(entry: AotKernel, arch: int):
             label = f"{cls} " + " ".join(f"{k}={v}" for k, v in config.kwargs.items())
             label += f" w{config.num_warps} s{config.num_stages}"
             yield (label, kernel, signature, {**constexprs, **config.kwargs}, config.num_warps, config.num_stages,
-                   divisible)
+                   hints)
 
 
 def main() -> None:
@@ -114,10 +121,10 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
     for entry in TABLE:
-        for label, kernel, signature, constexprs, warps, stages, divisible in cases(entry, args.arch):
+        for label, kernel, signature, constexprs, warps, stages, hints in cases(entry, args.arch):
             row = {"kernel": entry.kernel, "arch": args.arch, "case": label}
             try:
-                row.update(compile_one(kernel, signature, constexprs, args.arch, warps, stages, divisible))
+                row.update(compile_one(kernel, signature, constexprs, args.arch, warps, stages, hints))
             except Exception as e:  # reported per case, so one bad config does not hide the others
                 row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
             print(json.dumps(row), flush=True)

@@ -321,10 +321,3 @@ def aot_num_warps(kernel, constexprs: dict) -> int:
         return combine_num_warps(constexprs["BLOCK_S"], constexprs["BLOCK_D"])
     return append_num_warps(constexprs["HEAD_DIM"])
 
-
-def aot_divisible(kernel) -> tuple[str, ...]:
-    """Arguments a real launch passes as multiples of 16 (so the JIT specializes them): every pointer (torch
-    allocations and head-aligned views) and the strides of (.., D)-rows with D a multiple of 16. The logsumexp
-    strides are left out: with Tq = 1 or an odd head count they are not."""
-    return tuple(p.name for p in kernel.params if not p.is_constexpr and (
-        p.name.isupper() or (p.name.startswith("stride_") and not p.name.startswith("stride_l"))))

@@ -101,6 +101,27 @@ def test_varlen_strided_cu_seqlens():
     assert _max_err(got, want) < TOL_FP32
 
 
+def test_varlen_offsets_read_once_per_version(monkeypatch):
+    # Every layer of a model gets the same cu_seqlens; reading them is a host sync on CUDA, so it happens once per
+    # tensor and in-place version, and an in-place change is still checked. (The triton backend: the reference
+    # reads the offsets itself.)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or tolist(t))
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(20, 2, 32, generator=g) for _ in range(3))  # (total, H, D)
+    cu_q, cu_k = torch.tensor([0, 5, 20], dtype=torch.int32), torch.tensor([0, 5, 20], dtype=torch.int32)
+    for _ in range(3):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 15, 15, causal=True, backend="triton")
+    assert sum(t is cu_q for t in reads) == 1 and sum(t is cu_k for t in reads) == 1
+    cu_q[1] = 25  # in place: no longer rising
+    with pytest.raises(ValueError, match="cu_seqlens_q must rise"):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 15, 15, causal=True, backend="triton")
+    cu_q[1] = 2  # in place: valid offsets, but the longest sequence is now 18
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 15, 15, causal=True, backend="triton")
+
+
 def _flash_window(causal, window):
     left, right = (UNBOUNDED if w == -1 else w for w in window)
     return left, 0 if causal else right

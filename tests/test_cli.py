@@ -145,6 +145,24 @@ def test_bench_runs_a_benchmark_and_refuses_unknown_names(tmp_path, capsys):
     assert code == 2 and "flux" in err and len(err.strip().splitlines()) == 1
 
 
+def test_bench_results_record_each_autotuner_choice(tmp_path, monkeypatch):
+    # The GPU run's JSON must say which tile won per shape, or benchmarks/NOTES.md cannot explain its numbers.
+    import importlib.util
+    from pathlib import Path
+
+    import triton
+    from fasttrain.kernels import attention
+    spec = importlib.util.spec_from_file_location(
+        "bench_common", Path(__file__).resolve().parents[1] / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    key, config = (128, 2048, 4, False), triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    monkeypatch.setattr(attention._attn_fwd, "cache", {key: config})
+    result = json.loads(common.write_results("attention", "cpu", [{"ms": 1.0}], {}, tmp_path).read_text())
+    assert result["autotuned"]["attention._attn_fwd"] == {str(key): str(config)}
+    assert "BLOCK_M: 128" in str(config)
+
+
 def test_info_still_works(capsys):
     code, out, _ = run_cli(capsys, ["info"])
     assert code == 0 and out.startswith("fasttrain ")

@@ -3,6 +3,9 @@
 # given as $1 (default $OUT, as the device tool sets it). The device tool returns at most 8 files, 2 folders down:
 # summary.log, build.log, pytest_gpu.log, bench.log, and results/<bench>.json.
 #   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build test bench (default: all three)
+# A lease is ~30 minutes of device time and 10 per call, and the machine goes back 30 s after a call, so every call
+# starts bare and must build (~1-2 min): plan `build test`, then `build bench`. Each stage is cut at STAGE_TIMEOUT
+# seconds (default 420) so that a hang costs one stage's logs, not the call's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:?give an output folder}}
@@ -10,6 +13,9 @@ shift || true
 stages=${*:-build test bench}
 mkdir -p "$out/results"
 export PYTHONUNBUFFERED=1
+# `python -m` puts the working directory first on sys.path, where the source fasttrain/ (no _C, no kernels/) would
+# shadow the installed package.
+export PYTHONSAFEPATH=1
 py=python3
 status=0
 
@@ -17,7 +23,7 @@ run_stage() {  # log name, command...
   local log=$1; shift
   echo "=== $*" | tee -a "$out/summary.log" >> "$out/$log.log"
   local t0=$SECONDS
-  "$@" >> "$out/$log.log" 2>&1
+  timeout "${STAGE_TIMEOUT:-420}" "$@" >> "$out/$log.log" 2>&1
   local rc=$?
   echo "=== exit $rc after $((SECONDS - t0)) s" | tee -a "$out/summary.log"
   tail -n 25 "$out/$log.log" >> "$out/summary.log"

@@ -11,6 +11,7 @@ registered op, because the kernels implement neither.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -208,7 +209,28 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     return (out, lse, None) if return_attn_probs else out
 
 
-def _check_cu_seqlens(name: str, cu: Tensor, total: int, batch: int | None, device) -> int:
+# The offsets checked last, per argument: a model hands the same cu_seqlens to every layer and reading them costs a
+# host sync, so a tensor is read again only after an in-place change (its _version moves).
+_checked_offsets: dict[str, tuple] = {}
+
+
+def _longest_sequence(name: str, cu: Tensor, total: int) -> int | None:
+    """The longest sequence of offsets `cu`, after checking that they rise from 0 to `total`; None where the values
+    cannot be read (CUDA graph capture, torch.compile tracing)."""
+    if torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    seen = _checked_offsets.get(name)
+    if seen is not None and seen[0]() is cu and seen[1:3] == (cu._version, total):
+        return seen[3]
+    values = cu.tolist()
+    if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must rise from 0 to the packed length {total}, got {values}")
+    longest = max(b - a for a, b in zip(values, values[1:]))
+    _checked_offsets[name] = (weakref.ref(cu), cu._version, total, longest)
+    return longest
+
+
+def _check_cu_seqlens(name: str, cu: Tensor, total: int, batch: int | None, device) -> int | None:
     if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
         raise TypeError(f"{name} must be a 1-D int32 tensor of B + 1 offsets, got "
                         f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__}"
@@ -217,10 +239,7 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int, batch: int | None, devi
         raise ValueError(f"{name} must be on q's device ({device}), got {cu.device}")
     if batch is not None and cu.numel() != batch:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {batch} and {cu.numel()}")
-    values = cu.tolist()
-    if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
-        raise ValueError(f"{name} must rise from 0 to the packed length {total}, got {values}")
-    return max(b - a for a, b in zip(values, values[1:]))
+    return _longest_sequence(name, cu, total)
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
@@ -233,7 +252,8 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     """flash-attn's `flash_attn_varlen_func`: B sequences packed along the first axis.
 
     q: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_q/k: (B + 1,) int32 offsets from 0 to total_q/total_k;
-    max_seqlen_q/k: the longest sequence (a bound; it sizes the launch grid). Sequence b's queries attend only to
+    max_seqlen_q/k: the longest sequence (a bound; it sizes the launch grid). The offsets are checked once per tensor
+    and in-place version (one host sync), not while a CUDA graph is captured or torch.compile traces. Sequence b's queries attend only to
     sequence b's keys, masked as in `flash_attn_func` with that sequence's Tq_b and Tk_b. Returns out
     (total_q, H, D), or (out, softmax_lse (H, total_q) float32, None) with return_attn_probs.
     block_table (paged KV) is not implemented and must be None.
@@ -246,7 +266,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     real_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.numel(), q.device)
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # the kernels read Cu + b
     for name, given, real in (("max_seqlen_q", max_seqlen_q, real_q), ("max_seqlen_k", max_seqlen_k, real_k)):
-        if not isinstance(given, int) or given < real:
+        if not isinstance(given, int) or (real is not None and given < real):
             raise ValueError(f"{name} must be an int >= the longest sequence ({real}), got {given!r}")
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)

@@ -1,0 +1,49 @@
+"""Compile a grid of attention tile configs for one arch ahead of time and print registers, stack and shared memory.
+
+Picks candidates for kernels/_attention_configs.py without a GPU: a config that spills here spills on the card.
+Run it under each Triton the kernels must serve (CI pins 3.7.1; the GPU machine's torch 2.11 brings 3.6.0), e.g.
+
+    TRITON_INTERPRET=0 python tools/aot_sweep.py --kernel dkdv --head-dim 128 > sweep.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+
+from fasttrain.kernels import _aot, attention
+
+KERNELS = {"fwd": attention._attn_fwd_kernel, "dkdv": attention._attn_bwd_dkdv_kernel,
+           "dq": attention._attn_bwd_dq_kernel}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", choices=sorted(KERNELS), required=True)
+    parser.add_argument("--head-dim", type=int, required=True)
+    parser.add_argument("--arch", type=int, choices=sorted(_aot.SHARED_LIMIT), default=90)
+    parser.add_argument("--block-m", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
+    import triton
+    kernel = KERNELS[args.kernel]
+    hints = _aot.divisible(kernel)
+    for bm, bn, warps, stages in itertools.product(args.block_m, args.block_n, args.warps, args.stages):
+        signature, constexprs = attention.aot_signature(kernel, _aot.DTYPE[args.arch], args.head_dim)
+        row = {"triton": triton.__version__, "kernel": args.kernel, "head_dim": args.head_dim, "arch": args.arch,
+               "config": [bm, bn, warps, stages]}
+        try:
+            row.update(_aot.compile_one(kernel, signature, {**constexprs, "BLOCK_M": bm, "BLOCK_N": bn}, args.arch,
+                                        warps, stages, hints))
+        except Exception as e:  # one row per config, whatever happens to the others
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
