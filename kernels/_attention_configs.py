@@ -9,13 +9,12 @@ import triton
 
 HEAD_DIM_CLASSES = {"d64": (32, 64), "d128": (96, 128), "d256": (256,)}
 
-# sm_90 lists hold only configs that compile without spills (cuobjdump STACK 0, bf16, pointers and row strides
-# specialized as multiples of 16 as at a real launch) under triton 3.7.1, CI's. tools/aot_sweep.py compiled the grid
-# (BLOCK 32/64/128, 4/8 warps, 2/3 stages) under 3.7.1 and 3.6.0 (torch 2.11's, the GPU machine's); every config
-# here is spill-free under both but dkdv d64 (64,128,8,2), 80 B, and dkdv d128 (32,64,8,2) and (32,128,8,2), 48 B, on
-# 3.6.0: kept because they are the dkdv tiles that reach wgmma; the autotuner measures them against the others.
-# Left out for spilling under both: fwd d128 (64,128,4,*) 16-80 B; dkdv d64 with 4 warps and 64+ rows; dkdv d128
-# with BLOCK_M 64+ and 64+ keys (88-3808 B); dq d128 (128,128,8,2) 48-56 B.
+# sm_90 lists hold only configs that compile without spills (cuobjdump STACK 0, bf16, GQA 2, pointers and row
+# strides specialized as multiples of 16 as at a real launch) under triton 3.7.1, CI's. tools/aot_sweep.py compiled
+# the grid (BLOCK 32/64/128, 4/8 warps, 2/3 stages) under 3.7.1 and 3.6.0 (torch 2.11's, the GPU machine's): every
+# config here is spill-free and on wgmma under both. Left out for spilling: fwd d128 (64,128,4,*) 16-80 B; dkdv
+# with 4 warps and 128-key tiles, 8-2056 B; dkdv d128 (64,128,8,*), FlashAttention-2's tile, up to 32 B; dq d128
+# (128,128,8,2) 48-56 B.
 # sm_80 lists are checked for compile errors and shared memory only (A100: 164 KB per block).
 _FWD = {
     90: {"d64": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
@@ -26,8 +25,8 @@ _FWD = {
          "d256": [(64, 32, 4, 2)]},
 }
 _DKDV = {  # the dK/dV accumulators are (BLOCK_N, D) fp32 each, live across the whole query loop
-    90: {"d64": [(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 8, 2)],
-         "d128": [(32, 64, 8, 2), (32, 128, 8, 2), (64, 32, 8, 2)],
+    90: {"d64": [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 8, 2)],
+         "d128": [(64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2)],
          "d256": [(32, 32, 8, 2)]},
     80: {"d64": [(64, 64, 4, 3)],
          "d128": [(32, 64, 8, 2)],
