@@ -5,8 +5,9 @@
 
 Rows: `eager` (attention by PyTorch's SDPA math path, torch.optim.AdamW foreach), `eager-sdpa` (SDPA's default
 backend, i.e. FlashAttention-2 on an H100, and torch's fused AdamW), `compile` (torch.compile of eager-sdpa), and
-`fasttrain` (fasttrain.ops attention + fasttrain.optim.AdamW). All start from the same weights, take the same batch,
-and clip at global norm 1.0; the first step's losses are checked to agree before anything is timed.
+`fasttrain` (fasttrain.ops attention and cross-entropy + fasttrain.optim.AdamW); the others compute the loss as
+`F.cross_entropy(logits.float())`. All start from the same weights, take the same batch, and clip at global norm
+1.0; the first step's losses are checked to agree before anything is timed.
 FLOPs per token: fasttrain.model.flops_per_token (6 per matmul weight + causal attention); MFU against the dense
 datasheet peak, and the share of the matmul ceiling measured in this run.
 """
@@ -53,6 +54,11 @@ def sdpa_attention(math_only: bool):
     return attend
 
 
+def eager_cross_entropy(logits, targets, ignore_index=-100):
+    """What a careful eager script does: the log-softmax in fp32 whatever the autocast dtype."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+
+
 def make_variant(name: str, base: GPT, device: str):
     model = copy.deepcopy(base)
     if name == "fasttrain":
@@ -60,6 +66,7 @@ def make_variant(name: str, base: GPT, device: str):
         return model, model, opt, False
     for block in model.blocks:
         block.attn.attn_fn = sdpa_attention(math_only=name == "eager")
+    model.loss_fn = eager_cross_entropy
     fused = name != "eager" and device == "cuda"
     opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, weight_decay=WEIGHT_DECAY, fused=fused or None)
     step_model = torch.compile(model) if name == "compile" else model

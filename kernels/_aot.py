@@ -28,6 +28,7 @@ class AotKernel:
     module: str  # file under kernels/, e.g. "attention"
     kernel: str  # the @triton.jit function
     configs: str | None  # the module's {arch: {head-dim class: [triton.Config]}} table; None: a fixed launch
+    per_head_dim: bool = True  # False: one compile per arch (the kernel has no head dim)
 
 
 TABLE = [
@@ -38,6 +39,8 @@ TABLE = [
     AotKernel("decode", "_decode_append_kernel", None),
     AotKernel("decode", "_decode_kernel", "DECODE_CONFIGS"),
     AotKernel("decode", "_decode_combine_kernel", None),
+    AotKernel("cross_entropy", "_ce_forward_kernel", None, per_head_dim=False),
+    AotKernel("cross_entropy", "_ce_backward_kernel", None, per_head_dim=False),
 ]
 
 
@@ -99,6 +102,8 @@ def cases(entry: AotKernel, arch: int):
     kernel = getattr(module, entry.kernel)
     hints = divisible(kernel)
     dims = {"d64": 64, "d128": 128, "d256": 256}
+    if not entry.per_head_dim:
+        dims = {"any": 0}
     if entry.configs is None:
         for cls, d in dims.items():
             signature, constexprs = module.aot_signature(kernel, DTYPE[arch], d)

@@ -1,8 +1,8 @@
 """Convergence tier (STYLE.md): a tiny GPT trained with every op on its fast backend against every op on `reference`.
 
-Fast means attention on `triton` (under TRITON_INTERPRET=1 on a CPU, which tests/conftest.py sets) and AdamW on `cpu`
-(the C++ kernel) or `cuda`. Both runs start from the same init and see the same batches, so any divergence beyond
-fp32 rounding is a bug in a kernel's forward, backward or update that per-op tests missed.
+Fast means attention and cross-entropy on `triton` (under TRITON_INTERPRET=1 on a CPU, which tests/conftest.py sets)
+and AdamW on `cpu` (the C++ kernel) or `cuda`. Both runs start from the same init and see the same batches, so any
+divergence beyond fp32 rounding is a bug in a kernel's forward, backward or update that per-op tests missed.
 """
 import contextlib
 import functools
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fasttrain.model import GPT, GPTConfig
-from fasttrain.ops import flash_attn_func
+from fasttrain.ops import cross_entropy, flash_attn_func
 from fasttrain.optim import AdamW
 
 # head_dim 32 (d_model / n_head), the smallest the Triton kernels take. The interpreter's cost is per program
@@ -45,14 +45,15 @@ def _batches(vocab: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor
     return out
 
 
-def _train(cfg: GPTConfig, attention: str, adamw: str, batches, device: str = "cpu",
+def _train(cfg: GPTConfig, ops: str, adamw: str, batches, device: str = "cpu",
            autocast: torch.dtype | None = None) -> tuple[list[float], dict]:
     """Losses over len(batches) steps, and the first step's gradients by parameter name."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     for block in model.blocks:
         # A named backend raises rather than falls back, so a run here really went through the chosen kernels.
-        block.attn.attn_fn = functools.partial(flash_attn_func, backend=attention)
+        block.attn.attn_fn = functools.partial(flash_attn_func, backend=ops)
+    model.loss_fn = functools.partial(cross_entropy, backend=ops)
     opt = AdamW(model.parameters(), lr=LR, weight_decay=0.1, max_grad_norm=1.0, backend=adamw)
     losses, first_grads = [], {}
     for idx, targets in batches:

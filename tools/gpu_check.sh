@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build with CUDA, `pytest -m gpu`, then every benchmark. Logs and JSON go to the folder
 # given as $1 (default $OUT, as the device tool sets it). The device tool returns at most 8 files, 2 folders down:
-# summary.log, build.log, pytest_gpu.log, bench.log, and results/<bench>.json.
+# summary.log (each stage's command, exit status and last lines), run.log (everything), and results/<bench>.json
+# for the five GPU benchmarks.
 #   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build test bench (default: all three)
 # A lease is ~30 minutes of device time and 10 per call, and the machine goes back 30 s after a call, so every call
 # starts bare and must build (~1-2 min): plan `build test`, then `build bench`. Each stage is cut at STAGE_TIMEOUT
@@ -19,27 +20,28 @@ export PYTHONSAFEPATH=1
 py=python3
 status=0
 
-run_stage() {  # log name, command...
-  local log=$1; shift
-  echo "=== $*" | tee -a "$out/summary.log" >> "$out/$log.log"
+run_stage() {  # command...
+  echo "=== $*" | tee -a "$out/summary.log" >> "$out/run.log"
   local t0=$SECONDS
-  timeout "${STAGE_TIMEOUT:-420}" "$@" >> "$out/$log.log" 2>&1
+  timeout "${STAGE_TIMEOUT:-420}" "$@" > "$out/stage.tmp" 2>&1
   local rc=$?
+  cat "$out/stage.tmp" >> "$out/run.log"
   echo "=== exit $rc after $((SECONDS - t0)) s" | tee -a "$out/summary.log"
-  tail -n 25 "$out/$log.log" >> "$out/summary.log"
+  tail -n 25 "$out/stage.tmp" >> "$out/summary.log"
+  rm -f "$out/stage.tmp"
   [ $rc -eq 0 ] || status=1
 }
 
 for stage in $stages; do
   case $stage in
     build)
-      run_stage build $py -m pip install --no-build-isolation --no-deps -v .
+      run_stage $py -m pip install --no-build-isolation --no-deps -v .
       $py -m fasttrain.cli info >> "$out/summary.log" 2>&1 ;;
     test)
-      run_stage pytest_gpu $py -m pytest -m gpu -q -rs tests ;;
+      run_stage $py -m pytest -m gpu -q -rs tests ;;
     bench)
-      for b in adamw attention decode step; do
-        run_stage bench $py benchmarks/bench_$b.py --device cuda --out "$out/results"
+      for b in adamw attention cross_entropy decode step; do
+        run_stage $py benchmarks/bench_$b.py --device cuda --out "$out/results"
       done ;;
     *) echo "unknown stage $stage (build, test, bench)"; exit 2 ;;
   esac

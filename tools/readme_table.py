@@ -17,6 +17,8 @@ TABLES = {
               ["params", "impl", "ms", "GB/s", "%copy", "x eager", "x fused"]),
     "attention": ("Attention forward/backward (B*T = 16k tokens)",
                   ["provider", "B", "T", "H", "D", "causal", "fwd_tflops", "bwd_tflops", "fwd+bwd_tflops"]),
+    "cross_entropy": ("Cross-entropy forward + backward (fewest bytes: 3 N V s)",
+                      ["N", "V", "dtype", "impl", "ms", "GB/s", "%copy", "x eager", "peak_MB"]),
     "decode": ("KV-cache decode (K and V bytes read)",
                ["kind", "B", "L", "H", "Hkv", "impl", "ms", "GBs", "pct_copy", "x_sdpa", "tokens_per_s"]),
     "step": ("Training step (forward, backward, optimizer)",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from fasttrain.model.config import GPTConfig
 from fasttrain.model.rotary import apply_rotary, rotary_tables
-from fasttrain.ops import flash_attn_func
+from fasttrain.ops import cross_entropy, flash_attn_func
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
@@ -93,6 +93,9 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = _norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # The loss, (logits (N, V), targets (N,), ignore_index=) -> mean over kept rows: benchmarks swap in eager
+        # PyTorch here, as they do each block's attn_fn.
+        self.loss_fn = cross_entropy
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.positions == "rotary":
@@ -157,8 +160,8 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
-        # (B*T, V) against (B*T,), in fp32 whatever the autocast dtype: the log-softmax over V needs the range.
-        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+        # (B*T, V) against (B*T,); the loss and the softmax inside it are fp32 whatever the autocast dtype.
+        loss = self.loss_fn(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:

@@ -1,5 +1,7 @@
 """Public ops: flash-attn- and torch-compatible signatures over the kernels, with a pure-PyTorch reference beside each."""
 from fasttrain.ops.attention import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
+from fasttrain.ops.cross_entropy import cross_entropy
 from fasttrain.ops.decode import flash_attn_with_kvcache
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "scaled_dot_product_attention", "flash_attn_with_kvcache"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "scaled_dot_product_attention", "flash_attn_with_kvcache",
+           "cross_entropy"]

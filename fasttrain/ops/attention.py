@@ -253,9 +253,9 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
 
     q: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_q/k: (B + 1,) int32 offsets from 0 to total_q/total_k;
     max_seqlen_q/k: the longest sequence (a bound; it sizes the launch grid). The offsets are checked once per tensor
-    and in-place version (one host sync), not while a CUDA graph is captured or torch.compile traces. Sequence b's queries attend only to
-    sequence b's keys, masked as in `flash_attn_func` with that sequence's Tq_b and Tk_b. Returns out
-    (total_q, H, D), or (out, softmax_lse (H, total_q) float32, None) with return_attn_probs.
+    and in-place version (one host sync), not while a CUDA graph is captured or torch.compile traces. Sequence b's
+    queries attend only to sequence b's keys, masked as in `flash_attn_func` with that sequence's Tq_b and Tk_b.
+    Returns out (total_q, H, D), or (out, softmax_lse (H, total_q) float32, None) with return_attn_probs.
     block_table (paged KV) is not implemented and must be None.
     """
     _check_qkv(q, k, v, 3, "(total, H, D)")

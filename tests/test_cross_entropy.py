@@ -1,0 +1,149 @@
+"""fasttrain.ops.cross_entropy: the Triton kernels (interpreted on CPU) against torch's F.cross_entropy in float64,
+every reduction, ignored rows, awkward sizes, the torch.compile registration and input errors. GPU tests
+(`pytest -m gpu`) check bf16/fp16 against torch's own error and the memory the op saves."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttrain.kernels import cross_entropy as kernels
+from fasttrain.ops.cross_entropy import cross_entropy
+
+# fp32 kernel vs float64 torch on logits of scale 3: the online logsumexp reorders sums; measured worst 3.2e-7
+# (relative, for a summed loss).
+TOL_FP32 = 2e-5
+
+
+def _inputs(N, V, dtype=torch.float32, device="cpu", ignore_every=0, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = (3 * torch.randn(N, V, generator=g, device=device)).to(dtype).requires_grad_()
+    target = torch.randint(0, V, (N,), generator=g, device=device)
+    if ignore_every:
+        target[::ignore_every] = -100
+    return logits, target
+
+
+def _torch64(logits, target, reduction, ignore_index=-100):
+    x = logits.detach().double().requires_grad_()
+    return x, F.cross_entropy(x, target, ignore_index=ignore_index, reduction=reduction)
+
+
+def _err(a, b):
+    """Largest absolute difference, relative to the reference's magnitude where that exceeds 1 (a summed loss)."""
+    b = b.double()
+    return ((a.double() - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+
+
+# (N, V): one row, one class, a vocabulary under / just over a chunk (BLOCK_V = 4096), several chunks with a tail.
+SIZES = [(1, 1), (1, 97), (97, 1025), (5, kernels.BLOCK_V + 1), (3, 3 * kernels.BLOCK_V - 7)]
+
+
+@pytest.mark.parametrize("N,V", SIZES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_kernel_matches_torch_float64(N, V, reduction):
+    logits, target = _inputs(N, V, ignore_every=3 if N > 3 else 0)
+    loss = cross_entropy(logits, target, reduction=reduction, backend="triton")
+    x64, want = _torch64(logits, target, reduction)
+    assert loss.dtype == torch.float32 and loss.shape == want.shape
+    assert _err(loss, want) < TOL_FP32
+    upstream = torch.randn_like(want)  # a random upstream gradient, so the per-row scaling is exercised
+    (grad,) = torch.autograd.grad(loss, logits, upstream)
+    (want_grad,) = torch.autograd.grad(want, x64, upstream)
+    assert grad.dtype == logits.dtype and _err(grad, want_grad) < TOL_FP32
+
+
+def test_ignored_rows_have_zero_loss_and_gradient_and_all_ignored_mean_is_nan():
+    logits, target = _inputs(6, 50, ignore_every=2)
+    rows = cross_entropy(logits, target, reduction="none", backend="triton")
+    assert torch.equal(rows[::2], torch.zeros(3))
+    (grad,) = torch.autograd.grad(rows.sum(), logits)
+    assert torch.equal(grad[::2], torch.zeros(3, 50)) and grad[1::2].abs().sum() > 0
+    target[:] = 7
+    assert torch.isnan(cross_entropy(logits, target, ignore_index=7, backend="triton"))  # 0 / 0, as torch
+    assert torch.isnan(F.cross_entropy(logits, target, ignore_index=7))
+
+
+def test_out_of_range_target_gives_nan_on_the_kernel_and_an_error_on_the_reference():
+    logits, target = _inputs(4, 10)
+    target[1] = 10
+    rows = cross_entropy(logits, target, reduction="none", backend="triton")
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 2, 3]]).all()
+    with pytest.raises((IndexError, RuntimeError)):
+        cross_entropy(logits, target, backend="reference")
+
+
+def test_fp16_logits_give_fp16_gradients_within_rounding():
+    logits, target = _inputs(33, 1000, dtype=torch.float16)
+    loss = cross_entropy(logits, target, backend="triton")
+    x64, want = _torch64(logits, target, "mean")
+    assert _err(loss, want) < 1e-4  # the loss is computed in fp32 from exact fp16 inputs
+    (grad,) = torch.autograd.grad(loss, logits)
+    (want_grad,) = torch.autograd.grad(want, x64)
+    assert grad.dtype == torch.float16 and _err(grad, want_grad) < 1e-3 * want_grad.abs().max().item()
+
+
+def test_reference_backend_and_non_contiguous_logits():
+    logits, target = _inputs(20, 64)
+    strided = torch.cat([logits, logits], dim=1)[:, ::2]  # (20, 64) with column stride 2
+    for backend in ("triton", "reference"):
+        loss = cross_entropy(strided, target, backend=backend)
+        assert _err(loss, _torch64(strided, target, "mean")[1]) < TOL_FP32
+
+
+def test_compiles_with_fullgraph():
+    logits, target = _inputs(8, 300)
+    step = torch.compile(lambda x, t: cross_entropy(x, t, backend="triton"), fullgraph=True, backend="eager")
+    loss = step(logits, target)
+    (grad,) = torch.autograd.grad(loss, logits)
+    x64, want = _torch64(logits, target, "mean")
+    assert _err(loss, want) < TOL_FP32 and _err(grad, torch.autograd.grad(want, x64)[0]) < TOL_FP32
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, t: cross_entropy(x[0], t), ValueError, "input must be a 2-D"),
+    (lambda x, t: cross_entropy(x[:, :0], t), ValueError, "at least one class"),
+    (lambda x, t: cross_entropy(x, t.float()), ValueError, "target must be an integer"),
+    (lambda x, t: cross_entropy(x, t[:2]), ValueError, r"target must be an integer tensor of shape \(4,\)"),
+    (lambda x, t: cross_entropy(x, t, reduction="avg"), ValueError, "reduction"),
+    (lambda x, t: cross_entropy(x, t, ignore_index=1.5), TypeError, "ignore_index"),
+    (lambda x, t: cross_entropy(x, t, backend="cuda"), Exception, "cuda"),
+])
+def test_bad_inputs_name_the_argument(call, error, match):
+    logits, target = _inputs(4, 10)
+    with pytest.raises(error, match=match):
+        call(logits, target)
+
+
+# ---- GPU -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N,V", [(1, 50257), (4097, 50257), (8192, 50304), (97, 1025)], ids=str)
+def test_gpu_at_most_twice_torch_error(N, V, dtype):
+    logits, target = _inputs(N, V, dtype=dtype, device="cuda", ignore_every=5)
+    loss = cross_entropy(logits, target, backend="triton")
+    torch_loss = F.cross_entropy(logits.float(), target)  # what a careful eager script does
+    x64, want = _torch64(logits, target, "mean")
+    assert _err(loss, want) <= 2 * _err(torch_loss, want) + 1e-6
+    (grad,) = torch.autograd.grad(loss, logits)
+    (torch_grad,) = torch.autograd.grad(torch_loss, logits)
+    (want_grad,) = torch.autograd.grad(want, x64)
+    assert _err(grad, want_grad) <= 2 * _err(torch_grad, want_grad) + 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_peak_memory_below_eager():
+    logits, target = _inputs(8192, 50304, dtype=torch.bfloat16, device="cuda")
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        (grad,) = torch.autograd.grad(fn(), logits)
+        del grad
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    ours = peak(lambda: cross_entropy(logits, target, backend="triton"))
+    eager = peak(lambda: F.cross_entropy(logits.float(), target))
+    # ours: the bf16 gradient (1x the logits); eager: fp32 copy, fp32 log-probs, fp32 grad and the bf16 grad (7x).
+    assert ours < 0.5 * eager, (ours, eager)
