@@ -210,21 +210,25 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
     n_tiles = tl.cdiv(hi - lo, BLOCK_M)
     for it in range(0, GROUP * n_tiles):
         g = it // n_tiles
+        # int32 head offsets: attention_backward keeps (GROUP - 1) * stride_qh / stride_dh under 2**31 (int64 here
+        # cost 13 registers and a 16 B spill at d128 64x64 under triton 3.6.0).
+        q_g, do_g = q_base + g * stride_qh, do_base + g * stride_dh
+        lse_g, delta_g = lse_base + g * stride_lh, delta_base + g * stride_lh
         start_m = lo + (it - g * n_tiles) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_t = _load(q_base + g * stride_qh + offs_m[None, :] * stride_qt + offs_d[:, None], offs_m[None, :] < seqlen_q,
+        q_t = _load(q_g + offs_m[None, :] * stride_qt + offs_d[:, None], offs_m[None, :] < seqlen_q,
                     offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_M)
         if MASKED:
-            lse = tl.load(lse_base + g * stride_lh + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
-            delta = tl.load(delta_base + g * stride_lh + offs_m, mask=offs_m < seqlen_q, other=0.0)
+            lse = tl.load(lse_g + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
+            delta = tl.load(delta_g + offs_m, mask=offs_m < seqlen_q, other=0.0)
         else:
-            lse = tl.load(lse_base + g * stride_lh + offs_m)
-            delta = tl.load(delta_base + g * stride_lh + offs_m)
+            lse = tl.load(lse_g + offs_m)
+            delta = tl.load(delta_g + offs_m)
         p_t = tl.math.exp2(tl.dot(k, q_t) * scale_log2 - lse[None, :] * LOG2E)  # (BLOCK_N, BLOCK_M)
         if MASKED:
             diag = offs_n[:, None] - offs_m[None, :]
             p_t = tl.where((offs_m[None, :] < seqlen_q) & (diag >= dlo) & (diag <= dhi), p_t, 0.0)
-        do = _load(do_base + g * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :], offs_m[:, None] < seqlen_q,
+        do = _load(do_g + offs_m[:, None] * stride_dt + offs_d[None, :], offs_m[:, None] < seqlen_q,
                    offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
@@ -382,6 +386,8 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
     varlen, B, H, Hkv, cx, tune_seqlen = _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     if do.stride(-1) != 1:
         do = do.contiguous()
+    if (H // Hkv - 1) * max(q.stride(-2), do.stride(-2)) >= 2**31:  # _dkdv_tiles offsets heads in int32
+        q, do = q.contiguous(), do.contiguous()  # only SDPA-layout views of millions of tokens: head stride D
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     _attn_bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, _PREPROCESS_BLOCK_M), H, B)](
