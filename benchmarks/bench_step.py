@@ -4,9 +4,10 @@
     python benchmarks/bench_step.py --quick          # smallest shape, no torch.compile row on CPU
 
 Rows: `eager` (attention by PyTorch's SDPA math path, torch.optim.AdamW foreach), `eager-sdpa` (SDPA's default
-backend, i.e. FlashAttention-2 on an H100, and torch's fused AdamW), `compile` (torch.compile of eager-sdpa), and
-`fasttrain` (fasttrain.ops attention and cross-entropy + fasttrain.optim.AdamW); the others compute the loss as
-`F.cross_entropy(logits.float())`. All start from the same weights, take the same batch, and clip at global norm
+backend, i.e. FlashAttention-2 on an H100, and torch's fused AdamW), `compile` (torch.compile of eager-sdpa),
+`fasttrain` (fasttrain.ops attention, norms, rotary and cross-entropy + fasttrain.optim.AdamW) and `fasttrain+compile`
+(the same model under torch.compile: fasttrain's ops stay opaque kernels, inductor fuses what lies between them); the
+torch rows use torch's norms and compute the loss as `F.cross_entropy(logits.float())`. All start from the same weights, take the same batch, and clip at global norm
 1.0; the first step's losses are checked to agree before anything is timed.
 FLOPs per token: fasttrain.model.flops_per_token (6 per matmul weight + causal attention); MFU against the dense
 datasheet peak, and the share of the matmul ceiling measured in this run.
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 from fasttrain.model import GPT, GPTConfig, flops_per_token  # noqa: E402
+from fasttrain.model.norms import LayerNorm, RMSNorm  # noqa: E402
 from fasttrain.optim import AdamW  # noqa: E402
 from fasttrain.train.loop import param_groups, peak_flops  # noqa: E402
 
@@ -59,14 +61,24 @@ def eager_cross_entropy(logits, targets, ignore_index=-100):
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 
 
+def use_torch_ops(model: GPT, math_attention: bool) -> None:
+    """Swap every fasttrain op in the model for what an eager PyTorch script uses."""
+    for block in model.blocks:
+        block.attn.attn_fn = sdpa_attention(math_only=math_attention)
+    for module in model.modules():
+        if isinstance(module, LayerNorm):
+            module.norm_fn = F.layer_norm
+        elif isinstance(module, RMSNorm):
+            module.norm_fn = F.rms_norm
+    model.loss_fn = eager_cross_entropy
+
+
 def make_variant(name: str, base: GPT, device: str):
     model = copy.deepcopy(base)
-    if name == "fasttrain":
+    if name.startswith("fasttrain"):
         opt = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=CLIP)
-        return model, model, opt, False
-    for block in model.blocks:
-        block.attn.attn_fn = sdpa_attention(math_only=name == "eager")
-    model.loss_fn = eager_cross_entropy
+        return model, torch.compile(model) if name.endswith("compile") else model, opt, False
+    use_torch_ops(model, math_attention=name == "eager")
     fused = name != "eager" and device == "cuda"
     opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, weight_decay=WEIGHT_DECAY, fused=fused or None)
     step_model = torch.compile(model) if name == "compile" else model
@@ -99,7 +111,8 @@ def main() -> None:
     base = GPT(cfg).to(device)
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-    names = ["eager", "eager-sdpa", "fasttrain"] + ([] if device == "cpu" and args.quick else ["compile"])
+    names = ["eager", "eager-sdpa", "fasttrain"] + ([] if device == "cpu" and args.quick else
+                                                   ["compile", "fasttrain+compile"])
     ceiling = common.matmul_tflops(device)
     peak = peak_flops(torch.device(device), "bf16")  # datasheet bf16 peak on CUDA, None on CPU
     flops = flops_per_token(cfg, T) * B * T

@@ -28,7 +28,8 @@ class AotKernel:
     module: str  # file under kernels/, e.g. "attention"
     kernel: str  # the @triton.jit function
     configs: str | None  # the module's {arch: {head-dim class: [triton.Config]}} table; None: a fixed launch
-    per_head_dim: bool = True  # False: one compile per arch (the kernel has no head dim)
+    per_head_dim: bool = True  # False: one compile per arch (the kernel has no head dim), or one per `sizes`
+    sizes: str | None = None  # the module's tuple of row widths (BLOCK_N) to compile for, when there is no head dim
 
 
 TABLE = [
@@ -41,6 +42,8 @@ TABLE = [
     AotKernel("decode", "_decode_combine_kernel", None),
     AotKernel("cross_entropy", "_ce_forward_kernel", None, per_head_dim=False),
     AotKernel("cross_entropy", "_ce_backward_kernel", None, per_head_dim=False),
+    AotKernel("norms", "_norm_forward_kernel", None, per_head_dim=False, sizes="AOT_SIZES"),
+    AotKernel("norms", "_norm_backward_kernel", None, per_head_dim=False, sizes="AOT_SIZES"),
 ]
 
 
@@ -102,7 +105,9 @@ def cases(entry: AotKernel, arch: int):
     kernel = getattr(module, entry.kernel)
     hints = divisible(kernel)
     dims = {"d64": 64, "d128": 128, "d256": 256}
-    if not entry.per_head_dim:
+    if entry.sizes is not None:
+        dims = {f"n{n}": n for n in getattr(module, entry.sizes)}
+    elif not entry.per_head_dim:
         dims = {"any": 0}
     if entry.configs is None:
         for cls, d in dims.items():

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build with CUDA, `pytest -m gpu`, then every benchmark. Logs and JSON go to the folder
-# given as $1 (default $OUT, as the device tool sets it). The device tool returns at most 8 files, 2 folders down:
-# summary.log (each stage's command, exit status and last lines), run.log (everything), and results/<bench>.json
-# for the five GPU benchmarks.
+# given as $1 (default $OUT, as the device tool sets it). The device tool returns at most 8 files: summary.log (each
+# stage's command, exit status and last lines), run.log (everything), and results.tgz holding results/<bench>.json
+# for every GPU benchmark (seven of them: one file each would pass the limit); `tar xzf results.tgz` unpacks them.
 #   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build test bench (default: all three)
 # A lease is ~30 minutes of device time and 10 per call, and the machine goes back 30 s after a call, so every call
 # starts bare and must build (~1-2 min): plan `build test`, then `build bench`. Each stage is cut at STAGE_TIMEOUT
@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:?give an output folder}}
 shift || true
 stages=${*:-build test bench}
-mkdir -p "$out/results"
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 # `python -m` puts the working directory first on sys.path, where the source fasttrain/ (no _C, no kernels/) would
 # shadow the installed package.
@@ -40,9 +40,10 @@ for stage in $stages; do
     test)
       run_stage $py -m pytest -m gpu -q -rs tests ;;
     bench)
-      for b in adamw attention cross_entropy decode step; do
+      for b in adamw attention cross_entropy decode norms rotary step; do
         run_stage $py benchmarks/bench_$b.py --device cuda --out "$out/results"
-      done ;;
+      done
+      tar czf "$out/results.tgz" -C "$out" results && rm -r "$out/results" ;;
     *) echo "unknown stage $stage (build, test, bench)"; exit 2 ;;
   esac
 done

@@ -19,6 +19,8 @@ TABLES = {
                   ["provider", "B", "T", "H", "D", "causal", "fwd_tflops", "bwd_tflops", "fwd+bwd_tflops"]),
     "cross_entropy": ("Cross-entropy forward + backward (fewest bytes: 3 N V s)",
                       ["N", "V", "dtype", "impl", "ms", "GB/s", "%copy", "x eager", "peak_MB"]),
+    "norms": ("LayerNorm / RMSNorm forward + backward (fp32 residual in; bf16 autocast out on CUDA)",
+              ["op", "M", "N", "impl", "ms", "GB/s", "%copy", "x eager"]),
     "decode": ("KV-cache decode (K and V bytes read)",
                ["kind", "B", "L", "H", "Hkv", "impl", "ms", "GBs", "pct_copy", "x_sdpa", "tokens_per_s"]),
     "step": ("Training step (forward, backward, optimizer)",

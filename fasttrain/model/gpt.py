@@ -11,14 +11,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fasttrain.model.config import GPTConfig
+from fasttrain.model.norms import LayerNorm, RMSNorm
 from fasttrain.model.rotary import apply_rotary, rotary_tables
 from fasttrain.ops import cross_entropy, flash_attn_func
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=1e-6)
-    return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        return RMSNorm(cfg.d_model, eps=1e-6)
+    return LayerNorm(cfg.d_model, bias=cfg.bias)
 
 
 class CausalSelfAttention(nn.Module):

@@ -1,0 +1,167 @@
+"""LayerNorm and RMSNorm over the last dimension, forward and backward, one kernel pair for both.
+
+Launched by fasttrain/ops/norms.py (which holds the PyTorch reference) on rows of a (M, N) view:
+
+1. `_norm_forward_kernel`, one program per row: the whole row in registers (BLOCK_N = next power of two >= N), mean
+   (LayerNorm only) and 1/sqrt(var + eps) in fp32, y = (x - mean) * rstd * w + b written in the output dtype, which
+   may differ from x's (under autocast the op writes bf16 straight from an fp32 residual stream, where eager
+   LayerNorm writes fp32 and the next Linear reads it again to cast). Saves mean and rstd, 8 bytes per row.
+2. `_norm_backward_kernel`, one program per block of rows: dx per row from the saved statistics, and the weight and
+   bias gradients summed over the program's rows in fp32 registers, written as one partial row per program; the
+   host sums the (programs, N) partials, which is small next to M x N.
+
+Bytes per element: forward reads x and writes y; backward reads x and dy and writes dx. Eager PyTorch's native
+layer_norm moves the same bytes per kernel, but its weight-gradient reduction is a second pass over x and dy.
+Pure device code: nothing here imports fasttrain.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import signature_from_params
+
+# Rows stay in registers. The backward holds x, dy, w and the dw/db partial sums per element: AOT sm_90 (bf16,
+# LayerNorm with bias) at 4096 wide and 16 warps takes 124 registers, no spill; 8192 spills 88 B at 16 warps and 80 B
+# at 32 (64 registers each). Wider rows take the reference (fasttrain/ops/norms.py says why).
+MAX_N = 4096
+
+
+def block_and_warps(n_cols: int, backward: bool) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for rows of n_cols: 8 elements per thread forward, 4 backward (at 8, 1024 wide and 4
+    warps, the backward keeps 96 registers and 8 B of stack), up to 16 warps."""
+    block = triton.next_power_of_2(n_cols)
+    return block, min(max(block // (128 if backward else 256), 1), 16)
+
+
+@triton.jit
+def _norm_forward_kernel(X, W, B, Y, Mean, Rstd, x_row_stride, y_row_stride, n_cols, eps,
+                         IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    if IS_RMS:
+        xc = x
+    else:
+        mean = tl.sum(x, 0) / n_cols
+        xc = tl.where(mask, x - mean, 0.0)
+        tl.store(Mean + row, mean)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / n_cols + eps)
+    tl.store(Rstd + row, rstd)
+    y = xc * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * y_row_stride + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_backward_kernel(DY, X, W, Mean, Rstd, DX, DW, DB, dy_row_stride, x_row_stride, dx_row_stride, n_rows,
+                          n_cols, rows_per_program, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # With xhat = (x - mean) * rstd and g = dy * w:  dx = rstd * (g - xhat * mean(g * xhat) - mean(g)), where the
+    # mean(g) term is LayerNorm's only (RMSNorm does not subtract a mean); dw = sum_rows dy * xhat, db = sum_rows dy.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < n_cols
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_N], tl.float32)
+    db = tl.zeros([BLOCK_N], tl.float32)
+    first = pid.to(tl.int64) * rows_per_program  # int64 bounds make the loop's row int64 too
+    for row in range(first, tl.minimum(first + rows_per_program, n_rows)):
+        x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + row)
+        if IS_RMS:
+            xhat = x * rstd
+        else:
+            xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
+        if HAS_WEIGHT:
+            g = dy * w
+        else:
+            g = dy
+        c1 = tl.sum(g * xhat, 0) / n_cols
+        if IS_RMS:
+            dx = (g - xhat * c1) * rstd
+        else:
+            dx = (g - xhat * c1 - tl.sum(g, 0) / n_cols) * rstd
+        tl.store(DX + row * dx_row_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_WEIGHT:
+            dw += dy * xhat
+        if HAS_BIAS:
+            db += dy
+    if HAS_WEIGHT:
+        tl.store(DW + pid * n_cols + cols, dw, mask=mask)
+    if HAS_BIAS:
+        tl.store(DB + pid * n_cols + cols, db, mask=mask)
+
+
+def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, is_rms: bool,
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (M, N) in out_dtype, mean (M,) fp32 (empty for RMSNorm), rstd (M,) fp32) for x (M, N) with unit column
+    stride and N <= MAX_N."""
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    mean = torch.empty(0 if is_rms else M, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M:
+        block, warps = block_and_warps(N, backward=False)
+        _norm_forward_kernel[(M,)](x, weight, bias, y, mean, rstd, x.stride(0), y.stride(0), N, eps, IS_RMS=is_rms,
+                                   HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=block,
+                                   num_warps=warps)
+    return y, mean, rstd
+
+
+def _programs(device: torch.device, n_rows: int) -> int:
+    # Enough programs to fill every SM a few times over; each writes one partial row of dw/db, so not one per row.
+    # The interpreter runs programs one after another, so there a few suffice.
+    if device.type == "cuda":
+        return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(n_rows, 4))
+
+
+def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
+                  rstd: torch.Tensor, is_rms: bool, has_bias: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dx (M, N) in x's dtype, dw (N,) and db (N,) in the weight's dtype or None) for dy, x (M, N), unit column
+    stride."""
+    M, N = x.shape
+    dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    programs = _programs(x.device, M)
+    rows_per_program = triton.cdiv(M, programs) if M else 0
+    has_weight = weight is not None
+    dw = torch.zeros((programs, N) if has_weight else (0,), dtype=torch.float32, device=x.device)
+    db = torch.zeros((programs, N) if has_bias else (0,), dtype=torch.float32, device=x.device)
+    if M:
+        block, warps = block_and_warps(N, backward=True)
+        _norm_backward_kernel[(programs,)](dy, x, weight, mean, rstd, dx, dw, db, dy.stride(0), x.stride(0),
+                                           dx.stride(0), M, N, rows_per_program, IS_RMS=is_rms, HAS_WEIGHT=has_weight,
+                                           HAS_BIAS=has_bias, BLOCK_N=block, num_warps=warps)
+    param_dtype = weight.dtype if has_weight else x.dtype
+    return (dx, dw.sum(0).to(param_dtype) if has_weight else None,
+            db.sum(0).to(param_dtype) if has_bias else None)
+
+
+# ---- ahead-of-time compile (kernels/_aot.py) -----------------------------------------------------------------------
+
+AOT_SIZES = (1024, 2048, 4096)  # BLOCK_N of GPT-2 small (768), GPT-2 XL (1600), Llama-7B (4096)
+
+
+def aot_signature(kernel, dtype: str, block_n: int) -> tuple[dict, dict]:
+    """(signature, constexprs) of a kernel above for an ahead-of-time compile: LayerNorm with weight and bias on
+    rows of BLOCK_N = block_n (RMSNorm is the same code with the mean terms gone)."""
+    def arg_type(name):
+        if name in ("Mean", "Rstd", "DW", "DB"):
+            return "*fp32"
+        if name[0].isupper():
+            return f"*{dtype}"
+        return "fp32" if name == "eps" else "i32"
+    return signature_from_params(kernel, arg_type, {"IS_RMS": False, "HAS_WEIGHT": True, "HAS_BIAS": True,
+                                                    "BLOCK_N": block_n})
+
+
+def aot_num_warps(kernel, constexprs: dict) -> int:
+    return block_and_warps(constexprs["BLOCK_N"], backward=kernel is _norm_backward_kernel)[1]

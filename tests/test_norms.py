@@ -1,0 +1,182 @@
+"""fasttrain.ops.layer_norm / rms_norm: the Triton kernels (interpreted on CPU) against torch in float64 for outputs
+and all three gradients, with and without affine parameters, awkward widths, leading dims, strided inputs, autocast's
+output dtype, the torch.compile registration, the fallback for wide rows and input errors. GPU tests (`pytest -m gpu`)
+hold bf16/fp16 to twice torch's own error."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fasttrain import _backend
+from fasttrain.kernels import norms as kernels
+from fasttrain.model.norms import LayerNorm, RMSNorm
+from fasttrain.ops.norms import layer_norm, rms_norm
+
+# fp32 kernel vs float64 torch on unit-normal rows: a reordered fp32 row sum; measured worst 1.8e-6 (N 1000).
+TOL_FP32 = 1e-5
+
+
+def _run(kind, x, w, b, backend, eps=1e-5):
+    if kind == "layer":
+        return layer_norm(x, x.shape[-1:], w, b, eps, backend=backend)
+    return rms_norm(x, x.shape[-1:], w, eps, backend=backend)
+
+
+def _torch(kind, x, w, b, eps=1e-5):
+    if kind == "layer":
+        return F.layer_norm(x, x.shape[-1:], w, b, eps)
+    return F.rms_norm(x, x.shape[-1:], w, eps)
+
+
+def _leaves(M, N, weight, bias, dtype=torch.float32, device="cpu", seed=0):
+    """x (M, N) unit normal; weight near 1 and bias near 0 as trained norms have them, random so every element
+    counts; each a leaf requiring grad, or None."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x, w, b = (torch.randn(shape, generator=g, device=device) for shape in ((M, N), (N,), (N,)))
+    return [t.to(dtype).requires_grad_() if on else None for t, on in ((x, True), (1 + 0.5 * w, weight),
+                                                                        (0.5 * b, bias))]
+
+
+def _grads(y, leaves, upstream):
+    live = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, live, upstream))
+    return [next(grads) if t is not None else None for t in leaves]
+
+
+def _err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1.0)).item()
+
+
+# (rows, width): a single element, a tiny odd row, GPT-2's 768, one over a power of two, the widest in registers.
+SIZES = [(3, 1), (97, 7), (5, 768), (4, 1025), (2, kernels.MAX_N)]
+
+
+@pytest.mark.parametrize("M,N", SIZES, ids=str)
+@pytest.mark.parametrize("kind,affine", [("layer", "wb"), ("layer", "w"), ("layer", ""), ("rms", "w"), ("rms", "")])
+def test_kernel_matches_torch_float64(M, N, kind, affine):
+    x, w, b = _leaves(M, N, "w" in affine, "b" in affine)
+    y = _run(kind, x, w, b, "triton")
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
+    want = _torch(kind, *leaves64)
+    assert y.dtype == x.dtype and y.shape == x.shape and _err(y, want) < TOL_FP32
+    upstream = torch.randn_like(want)
+    for got, ref in zip(_grads(y, (x, w, b), upstream.float()), _grads(want, leaves64, upstream)):
+        assert (got is None) == (ref is None)
+        if got is not None:
+            assert got.dtype == torch.float32 and _err(got, ref) < TOL_FP32
+
+
+def test_leading_dims_multi_dim_shape_and_strided_input_match_torch():
+    base = torch.randn(2, 6, 3, 5, requires_grad=True)
+    x = base.transpose(0, 1)  # (6, 2, 3, 5), not contiguous
+    w, b = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+    y = layer_norm(x, (3, 5), w, b, backend="triton")
+    want = F.layer_norm(x, (3, 5), w, b)
+    assert y.shape == x.shape and _err(y, want) < TOL_FP32
+    upstream = torch.randn_like(y)
+    for got, ref in zip(torch.autograd.grad(y, (base, w, b), upstream), torch.autograd.grad(want, (base, w, b),
+                                                                                            upstream)):
+        assert _err(got, ref) < TOL_FP32
+
+
+def test_rms_norm_default_eps_is_torchs():
+    x = 1e-4 * torch.randn(4, 16)  # tiny rows, where eps matters
+    assert _err(rms_norm(x, (16,), backend="triton"), F.rms_norm(x, (16,))) < TOL_FP32
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_autocast_writes_the_autocast_dtype(kind, backend):
+    # fp16, not bf16: the interpreter's fp32 -> bf16 store truncates (PLATFORM.md); a GPU test checks bf16.
+    x, w, b = _leaves(8, 96, True, kind == "layer")
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = _run(kind, x, w, b, backend)
+        torch_y = _torch(kind, x, w, b)  # fp32 out: torch's autocast runs norms in fp32
+    assert torch_y.dtype == torch.float32 and y.dtype == torch.float16
+    # The same fp32 value (up to summation order) rounded once: at most one fp16 step apart.
+    assert torch.allclose(y.float(), torch_y.half().float(), rtol=2 ** -10, atol=0)
+    (gx,) = torch.autograd.grad(y.float().sum(), x)
+    assert gx.dtype == torch.float32
+
+
+def test_compiles_with_fullgraph():
+    x, w, b = _leaves(6, 40, True, True)
+    step = torch.compile(lambda x, w, b: layer_norm(x, (40,), w, b, backend="triton"), fullgraph=True,
+                         backend="eager")
+    y = step(x, w, b)
+    want = F.layer_norm(x, (40,), w, b)
+    assert _err(y, want) < TOL_FP32
+    for got, ref in zip(torch.autograd.grad(y.sum(), (x, w, b)), torch.autograd.grad(want.sum(), (x, w, b))):
+        assert _err(got, ref) < TOL_FP32
+
+
+def test_rows_wider_than_the_kernel_take_the_reference_or_refuse():
+    x = torch.randn(2, kernels.MAX_N + 1)
+    with pytest.raises(_backend.BackendError, match=f"exceed the kernels' {kernels.MAX_N}"):
+        layer_norm(x, x.shape[-1:], backend="triton")
+    with pytest.warns(RuntimeWarning, match="reference"):
+        y = layer_norm(x, x.shape[-1:])
+    assert _err(y, F.layer_norm(x, x.shape[-1:])) < TOL_FP32
+
+
+@pytest.mark.parametrize("module,torch_module", [(LayerNorm(24, bias=True), nn.LayerNorm(24)),
+                                                 (LayerNorm(24, bias=False), nn.LayerNorm(24, bias=False)),
+                                                 (RMSNorm(24, eps=1e-6), nn.RMSNorm(24, eps=1e-6))])
+def test_modules_are_torchs_with_the_fused_op(module, torch_module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p))
+    torch_module.load_state_dict(module.state_dict())  # same keys and shapes: checkpoints move both ways
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    y, want = module(x), torch_module(x)
+    assert _err(y, want) < TOL_FP32
+    upstream = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, *module.parameters()), upstream)
+    want_grads = torch.autograd.grad(want, (x, *torch_module.parameters()), upstream)
+    for got, ref in zip(grads, want_grads):
+        assert _err(got, ref) < TOL_FP32
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, w: layer_norm(x.long(), (8,)), ValueError, "input must be a floating-point"),
+    (lambda x, w: layer_norm(x, (7,)), ValueError, r"normalized_shape must be the trailing dims of input \(4, 8\)"),
+    (lambda x, w: layer_norm(x, (2, 4, 8)), ValueError, "normalized_shape"),
+    (lambda x, w: layer_norm(x, (8,), w[:4]), ValueError, r"weight must be a floating-point tensor of shape \(8,\)"),
+    (lambda x, w: layer_norm(x, (8,), w, w[:3]), ValueError, "bias must be"),
+    (lambda x, w: rms_norm(x, (8,), w.long()), ValueError, "weight must be a floating-point"),
+    (lambda x, w: layer_norm(x, (8,), eps=-1.0), ValueError, "eps must be a float >= 0"),
+    (lambda x, w: rms_norm(x, (8,), eps="1e-6"), ValueError, "eps"),
+    (lambda x, w: rms_norm(x, (8,), backend="cuda"), Exception, "cuda"),
+])
+def test_bad_inputs_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call(torch.randn(4, 8), torch.randn(8))
+
+
+# ---- GPU -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N", [(1, 768), (16384, 768), (4097, 4096), (97, 1025)], ids=str)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_gpu_at_most_twice_torch_error(kind, M, N, dtype):
+    x, w, b = _leaves(M, N, True, kind == "layer", dtype=dtype, device="cuda")
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
+    want = _torch(kind, *leaves64)
+    y, torch_y = _run(kind, x, w, b, "triton"), _torch(kind, x, w, b)
+    assert y.dtype == dtype and _err(y, want) <= 2 * _err(torch_y, want) + 1e-6
+    upstream = torch.randn_like(want)
+    ours = _grads(y, (x, w, b), upstream.to(dtype))
+    theirs = _grads(torch_y, (x, w, b), upstream.to(dtype))
+    for got, other, ref in zip(ours, theirs, _grads(want, leaves64, upstream)):
+        if ref is not None:
+            assert got.dtype == dtype and _err(got, ref) <= 2 * _err(other, ref) + 1e-6
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_residual_under_autocast_writes_bf16():
+    x, w, b = _leaves(4096, 768, True, True, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = layer_norm(x, (768,), w, b, backend="triton")
+    want = F.layer_norm(x, (768,), w, b)
+    assert y.dtype == torch.bfloat16 and _err(y, want) <= 2 * _err(want.bfloat16(), want) + 1e-6
