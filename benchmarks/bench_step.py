@@ -28,6 +28,7 @@ import common  # noqa: E402
 
 from fasttrain.model import GPT, GPTConfig, flops_per_token  # noqa: E402
 from fasttrain.model.norms import LayerNorm, RMSNorm  # noqa: E402
+from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
 from fasttrain.optim import AdamW  # noqa: E402
 from fasttrain.train.loop import param_groups, peak_flops  # noqa: E402
 
@@ -65,6 +66,7 @@ def use_torch_ops(model: GPT, math_attention: bool) -> None:
     """Swap every fasttrain op in the model for what an eager PyTorch script uses."""
     for block in model.blocks:
         block.attn.attn_fn = sdpa_attention(math_only=math_attention)
+        block.attn.rotary_fn = apply_rotary_emb_reference
     for module in model.modules():
         if isinstance(module, LayerNorm):
             module.norm_fn = F.layer_norm

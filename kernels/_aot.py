@@ -42,6 +42,7 @@ TABLE = [
     AotKernel("decode", "_decode_combine_kernel", None),
     AotKernel("cross_entropy", "_ce_forward_kernel", None, per_head_dim=False),
     AotKernel("cross_entropy", "_ce_backward_kernel", None, per_head_dim=False),
+    AotKernel("rotary", "_rotary_kernel", None),
     AotKernel("norms", "_norm_forward_kernel", None, per_head_dim=False, sizes="AOT_SIZES"),
     AotKernel("norms", "_norm_backward_kernel", None, per_head_dim=False, sizes="AOT_SIZES"),
 ]

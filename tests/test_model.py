@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain.model import GPT, GPTConfig, flops_per_token, param_count
-from fasttrain.model.rotary import apply_rotary, rotary_tables
+from fasttrain.model.rotary import rotary_tables
+from fasttrain.ops import apply_rotary_emb as apply_rotary
 
 SMALL = dict(n_layer=2, n_head=4, d_model=32, vocab_size=61, max_seq_len=40)
 
@@ -101,8 +102,8 @@ def test_rotary_is_a_rotation_that_encodes_relative_position():
     x = torch.randn(2, 6, 3, 16)
     per_sequence = apply_rotary(x, cos[:6].expand(2, 6, 8), sin[:6].expand(2, 6, 8))  # (B, T, D/2) tables
     torch.testing.assert_close(per_sequence, apply_rotary(x, cos[:6], sin[:6]))
-    with pytest.raises(ValueError, match="cos/sin"):
-        apply_rotary(x, cos[:6, :4], sin[:6, :4])
+    with pytest.raises(ValueError, match="sin must have cos's shape"):
+        apply_rotary(x, cos[:6], sin[:6, :4])
 
 
 class ConcatCache:

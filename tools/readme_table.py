@@ -21,6 +21,8 @@ TABLES = {
                       ["N", "V", "dtype", "impl", "ms", "GB/s", "%copy", "x eager", "peak_MB"]),
     "norms": ("LayerNorm / RMSNorm forward + backward (fp32 residual in; bf16 autocast out on CUDA)",
               ["op", "M", "N", "impl", "ms", "GB/s", "%copy", "x eager"]),
+    "rotary": ("Rotary embedding of q and k, forward + backward (fewest bytes: 4 passes over q and k)",
+               ["B", "T", "H", "Hkv", "D", "dtype", "impl", "ms", "GB/s", "%copy", "x eager"]),
     "decode": ("KV-cache decode (K and V bytes read)",
                ["kind", "B", "L", "H", "Hkv", "impl", "ms", "GBs", "pct_copy", "x_sdpa", "tokens_per_s"]),
     "step": ("Training step (forward, backward, optimizer)",

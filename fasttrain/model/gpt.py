@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from fasttrain.model.config import GPTConfig
 from fasttrain.model.norms import LayerNorm, RMSNorm
-from fasttrain.model.rotary import apply_rotary, rotary_tables
-from fasttrain.ops import cross_entropy, flash_attn_func
+from fasttrain.model.rotary import rotary_tables
+from fasttrain.ops import apply_rotary_emb, cross_entropy, flash_attn_func
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
@@ -34,13 +34,14 @@ class CausalSelfAttention(nn.Module):
         # The attention function, (q, k, v, dropout_p=, causal=) in (B, T, H, D): benchmarks swap in eager PyTorch
         # here to time the same model without fasttrain's kernels.
         self.attn_fn = flash_attn_func
+        self.rotary_fn = apply_rotary_emb  # (x (B, T, H, D), cos, sin), swapped likewise
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, H + 2 Hkv, D)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)  # (B, T, H|Hkv, D)
         if cos is not None:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = self.rotary_fn(q, cos, sin), self.rotary_fn(k, cos, sin)
         if cache is not None:
             y = cache.attend(self.layer_idx, q, k, v)  # (B, T, H, D)
         else:

@@ -3,6 +3,7 @@ from fasttrain.ops.attention import flash_attn_func, flash_attn_varlen_func, sca
 from fasttrain.ops.cross_entropy import cross_entropy
 from fasttrain.ops.decode import flash_attn_with_kvcache
 from fasttrain.ops.norms import layer_norm, rms_norm
+from fasttrain.ops.rotary import apply_rotary_emb
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "scaled_dot_product_attention", "flash_attn_with_kvcache",
-           "cross_entropy", "layer_norm", "rms_norm"]
+           "cross_entropy", "layer_norm", "rms_norm", "apply_rotary_emb"]

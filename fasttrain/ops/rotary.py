@@ -1,0 +1,168 @@
+"""Rotary position embedding with flash-attn's signature (`flash_attn.layers.rotary.apply_rotary_emb`), on a Triton
+body that reads x once and writes the result once.
+
+Three layers, as in ops/cross_entropy.py: the kernel in fasttrain.kernels.rotary; the `torch.library` ops
+`fasttrain::rotary` (out of place, with autograd: the gradient is the upstream gradient rotated back, the same op with
+conjugate=True) and `fasttrain::rotary_` (in place, no autograd) around it; and `apply_rotary_emb` below, which
+checks its inputs and chooses the backend. The reference is plain PyTorch in fp32.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+from fasttrain import _backend
+
+OP = "rotary"
+
+
+def _kernels():
+    # Imported on first use only (see ops/attention.py: importing the kernels turns the interpreter on for CPU runs).
+    from fasttrain.kernels import rotary
+    return rotary
+
+
+# ---- the reference -------------------------------------------------------------------------------------------------
+
+def apply_rotary_emb_reference(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False,
+                               seqlen_offsets: int | Tensor = 0) -> Tensor:
+    """The rotation in fp32 torch ops, returned in x's dtype (arguments as for apply_rotary_emb)."""
+    B, T = x.shape[:2]
+    rot = 2 * cos.shape[-1]
+    if cos.dim() == 2:
+        if isinstance(seqlen_offsets, Tensor):
+            positions = seqlen_offsets.long()[:, None] + torch.arange(T, device=x.device)  # (B, T)
+            cos, sin = cos[positions], sin[positions]  # (B, T, R/2)
+        else:
+            cos, sin = cos[seqlen_offsets:seqlen_offsets + T], sin[seqlen_offsets:seqlen_offsets + T]  # (T, R/2)
+    cos, sin = cos.float().unsqueeze(-2), sin.float().unsqueeze(-2)  # (..., T, 1, R/2): broadcast over heads
+    xr = x[..., :rot].float()
+    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :rot // 2], xr[..., rot // 2:])
+    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin  # (B, T, H, R/2) each
+    out = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
+    return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)  # (B, T, H, D)
+
+
+# ---- the registered ops --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("fasttrain::rotary", mutates_args=())
+def _rotary_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, offset: int, interleaved: bool,
+               conjugate: bool) -> Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return _kernels().rotary(x, cos, sin, offsets, offset, interleaved, conjugate, out)
+
+
+@_rotary_op.register_fake
+def _(x, cos, sin, offsets, offset, interleaved, conjugate):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _setup_context(ctx, inputs, output):
+    _, cos, sin, offsets, offset, interleaved, conjugate = inputs
+    ctx.save_for_backward(cos, sin, offsets)
+    ctx.offset, ctx.interleaved, ctx.conjugate = offset, interleaved, conjugate
+
+
+def _backward(ctx, grad):
+    cos, sin, offsets = ctx.saved_tensors
+    # A rotation's transpose is the rotation by the opposite angle. The kernel needs unit stride along D (a sum's
+    # upstream gradient arrives expanded, stride 0).
+    if grad.stride(-1) != 1:
+        grad = grad.contiguous()
+    dx = _rotary_op(grad, cos, sin, offsets, ctx.offset, ctx.interleaved, not ctx.conjugate)
+    return dx, None, None, None, None, None, None
+
+
+_rotary_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fasttrain::rotary_", mutates_args=("x",))
+def _rotary_inplace_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, offset: int,
+                       interleaved: bool) -> None:
+    _kernels().rotary(x, cos, sin, offsets, offset, interleaved, False, x)
+
+
+@_rotary_inplace_op.register_fake
+def _(x, cos, sin, offsets, offset, interleaved):
+    return None
+
+
+# ---- input checks, backend choice ----------------------------------------------------------------------------------
+
+def _triton_reason(x: Tensor) -> str | None:
+    if (why := _backend.triton_reason(x.device)) is not None:
+        return why
+    if x.dtype == torch.float64:
+        return "the kernels do not take float64"
+    return None
+
+
+_backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "reference": None})
+
+
+def _check(x, cos, sin, seqlen_offsets) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"apply_rotary_emb: x must be a floating-point (B, T, H, D) tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+    B, T, _, D = x.shape
+    for name, t in (("cos", cos), ("sin", sin)):
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() not in (2, 3):
+            raise ValueError(f"apply_rotary_emb: {name} must be a floating-point (T_ro, R/2) or (B, T, R/2) tensor, "
+                             f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        if t.device != x.device:
+            raise ValueError(f"apply_rotary_emb: {name} must be on x's device ({x.device}), got {t.device}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"apply_rotary_emb: sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
+    if not 1 <= 2 * cos.shape[-1] <= D:
+        raise ValueError(f"apply_rotary_emb: cos/sin must have 1..{D // 2} columns (rotary_dim / 2 <= head_dim / 2), "
+                         f"got {cos.shape[-1]}")
+    if cos.dim() == 3:
+        if tuple(cos.shape[:2]) != (B, T):
+            raise ValueError(f"apply_rotary_emb: per-sequence cos/sin must be ({B}, {T}, R/2), got "
+                             f"{tuple(cos.shape)}")
+        if not (isinstance(seqlen_offsets, numbers.Integral) and seqlen_offsets == 0):
+            raise ValueError("apply_rotary_emb: seqlen_offsets must be 0 with per-sequence (B, T, R/2) cos/sin")
+    if isinstance(seqlen_offsets, Tensor):
+        if seqlen_offsets.shape != (B,) or seqlen_offsets.is_floating_point() or seqlen_offsets.dtype == torch.bool:
+            raise ValueError(f"apply_rotary_emb: seqlen_offsets must be an int or an integer tensor of shape ({B},), "
+                             f"got {seqlen_offsets.dtype} {tuple(seqlen_offsets.shape)}")
+        if seqlen_offsets.device != x.device:
+            raise ValueError(f"apply_rotary_emb: seqlen_offsets must be on x's device ({x.device})")
+    elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, numbers.Integral) or seqlen_offsets < 0:
+        raise ValueError(f"apply_rotary_emb: seqlen_offsets must be an int >= 0 or a ({B},) tensor, got "
+                         f"{seqlen_offsets!r}")
+    elif cos.dim() == 2 and seqlen_offsets + T > cos.shape[0]:
+        raise ValueError(f"apply_rotary_emb: cos/sin have {cos.shape[0]} positions, fewer than seqlen_offsets + T = "
+                         f"{seqlen_offsets + T}")
+
+
+def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
+                     seqlen_offsets: int | Tensor = 0, *, backend: str | None = None) -> Tensor:
+    """Rotate x (B, T, H, D) by the angles whose cos/sin are given, as flash-attn's `apply_rotary_emb`.
+
+    cos, sin: (T_ro, R/2), row t + seqlen_offsets used for token t, or (B, T, R/2) per sequence (seqlen_offsets 0).
+    R = 2 * cos.shape[-1] <= D: the first R dims of each head are rotated, the rest pass through. interleaved=False
+    pairs dim i with i + R/2 (GPT-NeoX), True pairs 2i with 2i + 1 (GPT-J). seqlen_offsets: an int, or a (B,) integer
+    tensor of per-sequence start positions (KV-cache decoding; a position past the table gives NaN on the triton
+    backend, since checking it would sync). Math in fp32; the result is in x's dtype, a new contiguous tensor, or x
+    itself when inplace=True (which refuses x requiring grad). Gradients flow to x only, never to cos/sin.
+    backend: "auto" (default), "triton" or "reference".
+    """
+    _check(x, cos, sin, seqlen_offsets)
+    if inplace and x.requires_grad and torch.is_grad_enabled():
+        raise ValueError("apply_rotary_emb: inplace=True needs x that does not require grad (or torch.no_grad())")
+    if _backend.choose(OP, {"triton": _triton_reason(x), "reference": None}, backend) == "reference":
+        out = apply_rotary_emb_reference(x, cos, sin, interleaved, seqlen_offsets)
+        return x.copy_(out) if inplace else out
+    if x.stride(-1) != 1:
+        if inplace:
+            raise ValueError("apply_rotary_emb: inplace=True needs x with unit stride along D")
+        x = x.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()  # tables: one row per position, small
+    offsets, offset = (seqlen_offsets, 0) if isinstance(seqlen_offsets, Tensor) else (None, int(seqlen_offsets))
+    if inplace:
+        _rotary_inplace_op(x, cos, sin, offsets, offset, bool(interleaved))
+        return x
+    return _rotary_op(x, cos, sin, offsets, offset, bool(interleaved), False)

@@ -1,0 +1,118 @@
+"""Rotary position embedding (RoPE) on (B, T, H, D) in one pass, launched by fasttrain/ops/rotary.py (which holds
+the PyTorch reference).
+
+`_rotary_kernel`: one program per (token, block of heads). It loads the token's cos/sin row once (fp32 math whatever
+the dtypes) and rotates every head of the block: pairs (i, i + R/2) (GPT-NeoX, flash-attn's interleaved=False) or
+(2i, 2i + 1) (GPT-J), R = 2 * cos.shape[-1] <= D; the dims past R are copied through. x may be any strided view with
+unit stride along D (the model passes q and k as slices of one qkv projection), so no copy precedes the kernel.
+CONJUGATE rotates by -angle: the backward is the same kernel on the upstream gradient.
+Bytes: x read once, the output written once (the tables, one row per token, are 1/H of that or less). Eager PyTorch
+(fp32 copy, two halves, four products, a cat, a cast back) moves ~5x as much.
+A position outside the table reads NaN rather than out of bounds (checking tensor offsets on the host would sync).
+
+Pure device code: nothing here imports fasttrain.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._aot import signature_from_params
+
+NUM_WARPS = 4
+
+
+@triton.jit
+def _rotary_kernel(X, Cos, Sin, Offsets, Out, seq_len, n_heads, n_pos, offset, half, n_pass,
+                   stride_xb, stride_xt, stride_xh, stride_ob, stride_ot, stride_oh, table_b_stride, table_t_stride,
+                   INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, PER_SEQUENCE: tl.constexpr,
+                   OFFSET_TENSOR: tl.constexpr, COPY_PASS: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    token = tl.program_id(0)
+    b = (token // seq_len).to(tl.int64)
+    t = token % seq_len
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    i = tl.arange(0, BLOCK_R)
+    in_half = i < half
+    if PER_SEQUENCE:
+        row = b * table_b_stride + t * table_t_stride
+        ok = in_half
+    else:
+        pos = t + offset
+        if OFFSET_TENSOR:
+            pos += tl.load(Offsets + b).to(tl.int32)
+        row = pos.to(tl.int64) * table_t_stride
+        ok = in_half & (pos >= 0) & (pos < n_pos)
+    cos = tl.load(Cos + row + i, mask=ok, other=float("nan")).to(tl.float32)
+    sin = tl.load(Sin + row + i, mask=ok, other=float("nan")).to(tl.float32)
+    if CONJUGATE:
+        sin = -sin
+    if INTERLEAVED:
+        i1 = 2 * i
+        i2 = 2 * i + 1
+    else:
+        i1 = i
+        i2 = i + half
+    h = heads[:, None].to(tl.int64)
+    mask = (heads < n_heads)[:, None] & in_half[None, :]
+    x_head = X + b * stride_xb + t * stride_xt + h * stride_xh  # (BLOCK_H, 1) pointers
+    o_head = Out + b * stride_ob + t * stride_ot + h * stride_oh
+    x1 = tl.load(x_head + i1[None, :], mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_head + i2[None, :], mask=mask, other=0.0).to(tl.float32)
+    c, s = cos[None, :], sin[None, :]
+    tl.store(o_head + i1[None, :], (x1 * c - x2 * s).to(Out.dtype.element_ty), mask=mask)
+    tl.store(o_head + i2[None, :], (x2 * c + x1 * s).to(Out.dtype.element_ty), mask=mask)
+    if COPY_PASS:
+        j = 2 * half + tl.arange(0, BLOCK_P)
+        pass_mask = (heads < n_heads)[:, None] & (j < 2 * half + n_pass)[None, :]
+        tl.store(o_head + j[None, :], tl.load(x_head + j[None, :], mask=pass_mask), mask=pass_mask)
+
+
+def blocks(n_heads: int, half: int, n_pass: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_R, BLOCK_P): up to ~2048 rotated pairs per program, so a token's heads share one table row."""
+    block_r = triton.next_power_of_2(max(half, 1))
+    block_h = min(triton.next_power_of_2(n_heads), max(1, 2048 // block_r))
+    return block_h, block_r, triton.next_power_of_2(max(n_pass, 1))
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: torch.Tensor | None, offset: int,
+           interleaved: bool, conjugate: bool, out: torch.Tensor) -> torch.Tensor:
+    """Write the rotation of x (B, T, H, D), unit stride along D, into out (same shape; may be x itself).
+    cos/sin: (T_ro, R/2) indexed by t + offset (+ offsets[b]), or (B, T, R/2) per sequence; unit last stride."""
+    B, T, H, D = x.shape
+    half = cos.shape[-1]
+    n_pass = D - 2 * half
+    per_sequence = cos.dim() == 3
+    block_h, block_r, block_p = blocks(H, half, n_pass)
+    if B * T and H:
+        grid = (B * T, triton.cdiv(H, block_h))
+        _rotary_kernel[grid](
+            x, cos, sin, offsets, out, T, H, cos.shape[-2], offset, half, n_pass,
+            x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            cos.stride(0) if per_sequence else 0, cos.stride(-2),
+            INTERLEAVED=interleaved, CONJUGATE=conjugate, PER_SEQUENCE=per_sequence,
+            OFFSET_TENSOR=offsets is not None, COPY_PASS=n_pass > 0 and out.data_ptr() != x.data_ptr(),
+            BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=block_p, num_warps=NUM_WARPS)
+    return out
+
+
+# ---- ahead-of-time compile (kernels/_aot.py) -----------------------------------------------------------------------
+
+def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
+    """(signature, constexprs) for an ahead-of-time compile: the model's case, full-width half-split rotation of 16
+    heads with fp32 shared tables and int offsets (GPT-2 small has 12 heads, Llama 32)."""
+    def arg_type(name):
+        if name in ("Cos", "Sin"):
+            return "*fp32"
+        if name == "Offsets":
+            return "*i64"
+        if name[0].isupper():
+            return f"*{dtype}"
+        return "i32"
+    block_h, block_r, block_p = blocks(16, head_dim // 2, 0)
+    return signature_from_params(kernel, arg_type, {
+        "INTERLEAVED": False, "CONJUGATE": False, "PER_SEQUENCE": False, "OFFSET_TENSOR": False, "COPY_PASS": False,
+        "BLOCK_H": block_h, "BLOCK_R": block_r, "BLOCK_P": block_p})
+
+
+def aot_num_warps(kernel, constexprs: dict) -> int:
+    return NUM_WARPS

@@ -1,0 +1,152 @@
+"""fasttrain.ops.apply_rotary_emb: the Triton kernel (interpreted on CPU) against a float64 rotation for outputs and
+gradients, on awkward lengths, GQA head counts, partial and interleaved rotation, int and per-sequence offsets,
+per-sequence tables, strided views of a fused qkv, in place, the torch.compile registration and input errors. GPU
+tests (`pytest -m gpu`) hold bf16/fp16 to twice the reference's own error."""
+import pytest
+import torch
+
+from fasttrain.model.rotary import rotary_tables
+from fasttrain.ops.rotary import apply_rotary_emb, apply_rotary_emb_reference
+
+# fp32 kernel vs float64: one product pair per element; measured worst 4.8e-7 on unit-normal inputs.
+TOL_FP32 = 2e-6
+
+
+def _tables(n_pos, rot, device="cpu"):
+    return rotary_tables(n_pos, rot, device=device)  # (n_pos, rot/2) fp32 each
+
+
+def _x(B, T, H, D, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(B, T, H, D, generator=g, device=device).to(dtype).requires_grad_()
+
+
+def _want(x, cos, sin, interleaved=False, offsets=0):
+    """The reference in float64, and its input leaf."""
+    x64 = x.detach().double().requires_grad_()
+    offsets = offsets.clone() if isinstance(offsets, torch.Tensor) else offsets
+    return x64, apply_rotary_emb_reference(x64, cos.double(), sin.double(), interleaved, offsets)
+
+
+def _err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1.0)).item()
+
+
+def _check(x, cos, sin, interleaved=False, offsets=0, tol=TOL_FP32):
+    y = apply_rotary_emb(x, cos, sin, interleaved=interleaved, seqlen_offsets=offsets, backend="triton")
+    x64, want = _want(x, cos, sin, interleaved, offsets)
+    assert y.dtype == x.dtype and y.shape == x.shape and _err(y, want) < tol
+    upstream = torch.randn_like(want)
+    (grad,) = torch.autograd.grad(y, x, upstream.to(y.dtype))
+    (want_grad,) = torch.autograd.grad(want, x64, upstream)
+    assert _err(grad, want_grad) < tol
+
+
+@pytest.mark.parametrize("B,T,H,D", [(1, 1, 1, 8), (2, 97, 3, 64), (1, 1025, 2, 16), (2, 5, 12, 128)], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_kernel_matches_float64(B, T, H, D, interleaved):
+    cos, sin = _tables(T, D)
+    _check(_x(B, T, H, D), cos, sin, interleaved)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_partial_rotation_passes_the_rest_through(interleaved):
+    x = _x(2, 9, 3, 32)
+    cos, sin = _tables(9, 12)  # rotary_dim 12 of 32
+    _check(x, cos, sin, interleaved)
+    y = apply_rotary_emb(x, cos, sin, interleaved=interleaved, backend="triton")
+    assert torch.equal(y[..., 12:], x[..., 12:])
+
+
+def test_int_and_tensor_offsets_and_per_sequence_tables():
+    x = _x(3, 7, 4, 32)
+    cos, sin = _tables(40, 32)
+    _check(x, cos, sin, offsets=5)
+    offsets = torch.tensor([0, 11, 30])
+    _check(x, cos, sin, offsets=offsets)
+    positions = offsets[:, None] + torch.arange(7)  # (B, T): what a KV cache gives the model
+    per_sequence = apply_rotary_emb(x, cos[positions], sin[positions], backend="triton")
+    assert _err(per_sequence, apply_rotary_emb(x, cos, sin, seqlen_offsets=offsets, backend="triton")) < TOL_FP32
+    _check(x, cos[positions], sin[positions])
+
+
+def test_tensor_offset_past_the_table_gives_nan_not_a_wild_read():
+    x = _x(2, 3, 2, 16)
+    cos, sin = _tables(4, 16)
+    y = apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([0, 2]), backend="triton")
+    assert torch.isfinite(y[0]).all() and torch.isfinite(y[1, 1]).all() and torch.isnan(y[1, 2]).all()
+
+
+def test_strided_qkv_views_with_gqa_heads():
+    B, T, H, Hkv, D = 2, 33, 4, 2, 16
+    qkv = torch.randn(B, T, H + 2 * Hkv, D, requires_grad=True)
+    q, k, _ = qkv.split([H, Hkv, Hkv], dim=2)  # not contiguous: the model's layout
+    cos, sin = _tables(T, D)
+    for t in (q, k):
+        y = apply_rotary_emb(t, cos, sin, backend="triton")
+        assert y.is_contiguous() and _err(y, apply_rotary_emb_reference(t, cos, sin)) < TOL_FP32
+    loss = (apply_rotary_emb(q, cos, sin, backend="triton") ** 2).sum() + apply_rotary_emb(k, cos, sin).sum()
+    want = (apply_rotary_emb_reference(q, cos, sin) ** 2).sum() + apply_rotary_emb_reference(k, cos, sin).sum()
+    (grad,) = torch.autograd.grad(loss, qkv)
+    (want_grad,) = torch.autograd.grad(want, qkv)
+    assert _err(grad, want_grad) < TOL_FP32
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_inplace_rotates_x_and_refuses_x_requiring_grad(backend):
+    x = _x(2, 6, 3, 16).detach()
+    cos, sin = _tables(10, 16)
+    want = apply_rotary_emb_reference(x, cos, sin, seqlen_offsets=2)
+    out = apply_rotary_emb(x, cos, sin, inplace=True, seqlen_offsets=2, backend=backend)
+    assert out is x and _err(x, want) < TOL_FP32
+    with pytest.raises(ValueError, match="inplace=True needs x that does not require grad"):
+        apply_rotary_emb(x.requires_grad_(), cos, sin, inplace=True, backend=backend)
+
+
+def test_compiles_with_fullgraph():
+    x = _x(2, 5, 3, 16)
+    cos, sin = _tables(5, 16)
+    step = torch.compile(lambda x: apply_rotary_emb(x, cos, sin, backend="triton"), fullgraph=True, backend="eager")
+    y = step(x)
+    x64, want = _want(x, cos, sin)
+    assert _err(y, want) < TOL_FP32
+    assert _err(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(want.sum(), x64)[0]) < TOL_FP32
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x, c, s: apply_rotary_emb(x[0], c, s), "x must be a floating-point"),
+    (lambda x, c, s: apply_rotary_emb(x.long(), c, s), "x must be a floating-point"),
+    (lambda x, c, s: apply_rotary_emb(x, c[0], s), "cos must be"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s[:, :2]), "sin must have cos's shape"),
+    (lambda x, c, s: apply_rotary_emb(x, torch.ones(8, 9), torch.ones(8, 9)), "1..8 columns"),
+    (lambda x, c, s: apply_rotary_emb(x, c[:3], s[:3]), "fewer than seqlen_offsets"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=-1), "seqlen_offsets must be an int >= 0"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=torch.zeros(3)), "integer tensor of shape"),
+    (lambda x, c, s: apply_rotary_emb(x, c[:4].expand(2, 4, 8), s[:4].expand(2, 4, 8), seqlen_offsets=1),
+     "seqlen_offsets must be 0"),
+    (lambda x, c, s: apply_rotary_emb(x, c[:5].expand(2, 5, 8), s[:5].expand(2, 5, 8)), r"must be \(2, 4, R/2\)"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, backend="cuda"), "cuda"),
+])
+def test_bad_inputs_name_the_argument(call, match):
+    cos, sin = _tables(8, 16)
+    with pytest.raises(Exception, match=match):
+        call(torch.randn(2, 4, 3, 16), cos, sin)
+
+
+# ---- GPU -----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,H,D", [(1, 1, 32, 128), (16, 1024, 12, 64), (2, 1025, 8, 128)], ids=str)
+def test_gpu_at_most_twice_the_reference_error(B, T, H, D, dtype):
+    x = _x(B, T, H + 2, D, dtype=dtype, device="cuda")[:, :, :H]  # a strided view, as the model passes
+    cos, sin = _tables(T + 7, D, device="cuda")
+    y = apply_rotary_emb(x, cos, sin, seqlen_offsets=7, backend="triton")
+    ref = apply_rotary_emb(x, cos, sin, seqlen_offsets=7, backend="reference")
+    x64, want = _want(x, cos, sin, offsets=7)
+    assert y.dtype == dtype and _err(y, want) <= 2 * _err(ref, want) + 1e-6
+    upstream = torch.randn_like(want)
+    (grad,) = torch.autograd.grad(y, x, upstream.to(dtype))
+    (ref_grad,) = torch.autograd.grad(ref, x, upstream.to(dtype))
+    (want_grad,) = torch.autograd.grad(want, x64, upstream)
+    assert _err(grad, want_grad) <= 2 * _err(ref_grad, want_grad) + 1e-6
