@@ -74,8 +74,7 @@ def check_correct(shapes, device: str) -> float:
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
     device = args.device
-    copy_gbs = common.copy_bandwidth_gbs(device)
-    print(f"{common.device_name(device)}: copy bandwidth {copy_gbs:.1f} GB/s")
+    copy_gbs = common.announce_copy_bandwidth(device)
     rows = []
     for n_target in (QUICK if args.quick else SIZES)[device]:
         shapes = gpt_shapes(n_target)

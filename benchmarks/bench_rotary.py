@@ -54,8 +54,7 @@ def check_correct(qkv, H, cos, sin) -> float:
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
     device, dtype = args.device, DTYPE[args.device]
-    copy_gbs = common.copy_bandwidth_gbs(device)
-    print(f"{common.device_name(device)}: copy bandwidth {copy_gbs:.1f} GB/s")
+    copy_gbs = common.announce_copy_bandwidth(device)
     rows = []
     for B, T, H, Hkv, D in (QUICK if args.quick else SHAPES)[device]:
         g = torch.Generator(device=device).manual_seed(0)

@@ -1,4 +1,4 @@
-"""One full training step (forward, backward, optimizer) of the same GPT, four ways, side by side.
+"""One full training step (forward, backward, optimizer) of the same GPT, five ways, side by side.
 
     python benchmarks/bench_step.py                  # CPU: a small shape in fp32; GPU: GPT-2 small in bf16
     python benchmarks/bench_step.py --quick          # smallest shape, no torch.compile row on CPU
@@ -7,8 +7,9 @@ Rows: `eager` (attention by PyTorch's SDPA math path, torch.optim.AdamW foreach)
 backend, i.e. FlashAttention-2 on an H100, and torch's fused AdamW), `compile` (torch.compile of eager-sdpa),
 `fasttrain` (fasttrain.ops attention, norms, rotary and cross-entropy + fasttrain.optim.AdamW) and `fasttrain+compile`
 (the same model under torch.compile: fasttrain's ops stay opaque kernels, inductor fuses what lies between them); the
-torch rows use torch's norms and compute the loss as `F.cross_entropy(logits.float())`. All start from the same weights, take the same batch, and clip at global norm
-1.0; the first step's losses are checked to agree before anything is timed.
+torch rows use torch's norms and eager rotation and compute the loss as `F.cross_entropy(logits.float())`. All start
+from the same weights, take the same batch, and clip at global norm 1.0; the first step's losses are checked to agree
+before anything is timed.
 FLOPs per token: fasttrain.model.flops_per_token (6 per matmul weight + causal attention); MFU against the dense
 datasheet peak, and the share of the matmul ceiling measured in this run.
 """

@@ -81,6 +81,13 @@ def copy_bandwidth_gbs(device: str, nbytes: int | None = None) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
+def announce_copy_bandwidth(device: str) -> float:
+    """copy_bandwidth_gbs, printed with the device name: the ceiling every memory-bound benchmark reports against."""
+    gbs = copy_bandwidth_gbs(device)
+    print(f"{device_name(device)}: copy bandwidth {gbs:.1f} GB/s")
+    return gbs
+
+
 def matmul_tflops(device: str, n: int = 8192, dtype=torch.bfloat16) -> float:
     """Measured ceiling for compute-bound kernels: a large square matmul."""
     if device != "cuda":

@@ -102,6 +102,15 @@ def triton_reason(device: torch.device) -> str | None:
     return f"Triton kernels do not run on {device.type} tensors"
 
 
+def triton_tensor_reason(t: torch.Tensor) -> str | None:
+    """None if Triton kernels can take this tensor: its device can run them (triton_reason) and it is not float64."""
+    if (why := triton_reason(t.device)) is not None:
+        return why
+    if t.dtype == torch.float64:
+        return "the kernels do not take float64"
+    return None
+
+
 def cuda_extension_reason(device: torch.device) -> str | None:
     """None if fasttrain._C has CUDA kernels usable for tensors of this device."""
     if device.type != "cuda":

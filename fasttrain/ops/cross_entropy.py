@@ -73,14 +73,6 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- input checks, backend choice, reduction ------------------------------------------------------------------------
 
-def _triton_reason(logits: Tensor) -> str | None:
-    if (why := _backend.triton_reason(logits.device)) is not None:
-        return why
-    if logits.dtype == torch.float64:
-        return "the kernels do not take float64"
-    return None
-
-
 _backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "reference": None})
 
 
@@ -109,7 +101,7 @@ def cross_entropy(input: Tensor, target: Tensor, ignore_index: int = -100, reduc
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if _backend.choose(OP, {"triton": _triton_reason(input), "reference": None}, backend) == "reference":
+    if _backend.choose(OP, {"triton": _backend.triton_tensor_reason(input), "reference": None}, backend) == "reference":
         return cross_entropy_reference(input, target, ignore_index, reduction)
     if input.stride(-1) != 1:
         input = input.contiguous()  # the kernels need unit stride along the vocabulary only

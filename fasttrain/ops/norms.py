@@ -79,10 +79,8 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- input checks, backend choice ----------------------------------------------------------------------------------
 
 def _triton_reason(x: Tensor, n_cols: int) -> str | None:
-    if (why := _backend.triton_reason(x.device)) is not None:
+    if (why := _backend.triton_tensor_reason(x)) is not None:
         return why
-    if x.dtype == torch.float64:
-        return "the kernels do not take float64"
     if n_cols > _kernels().MAX_N:
         return f"normalized rows of {n_cols} elements exceed the kernels' {_kernels().MAX_N} (held in registers)"
     return None

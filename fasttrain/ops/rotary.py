@@ -91,14 +91,6 @@ def _(x, cos, sin, offsets, offset, interleaved):
 
 # ---- input checks, backend choice ----------------------------------------------------------------------------------
 
-def _triton_reason(x: Tensor) -> str | None:
-    if (why := _backend.triton_reason(x.device)) is not None:
-        return why
-    if x.dtype == torch.float64:
-        return "the kernels do not take float64"
-    return None
-
-
 _backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "reference": None})
 
 
@@ -153,7 +145,7 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     _check(x, cos, sin, seqlen_offsets)
     if inplace and x.requires_grad and torch.is_grad_enabled():
         raise ValueError("apply_rotary_emb: inplace=True needs x that does not require grad (or torch.no_grad())")
-    if _backend.choose(OP, {"triton": _triton_reason(x), "reference": None}, backend) == "reference":
+    if _backend.choose(OP, {"triton": _backend.triton_tensor_reason(x), "reference": None}, backend) == "reference":
         out = apply_rotary_emb_reference(x, cos, sin, interleaved, seqlen_offsets)
         return x.copy_(out) if inplace else out
     if x.stride(-1) != 1:
