@@ -1,0 +1,1 @@
+"""Adapters that put fasttrain's ops inside other libraries: `fasttrain.integrations.hf` for HF Transformers."""
