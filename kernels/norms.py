@@ -2,7 +2,7 @@
 
 Launched by fasttrain/ops/norms.py (which holds the PyTorch reference) on rows of a (M, N) view:
 
-1. `_norm_forward_kernel`, one program per row: the whole row in registers (BLOCK_N = next power of two >= N), mean
+1. `_norm_forward_kernel`, one program per row (per block of rows in the interpreter): the whole row in registers (BLOCK_N = next power of two >= N), mean
    (LayerNorm only) and 1/sqrt(var + eps) in fp32, y = (x - mean) * rstd * w + b written in the output dtype, which
    may differ from x's (under autocast the op writes bf16 straight from an fp32 residual stream, where eager
    LayerNorm writes fp32 and the next Linear reads it again to cast). Saves mean and rstd, 8 bytes per row.
@@ -21,82 +21,95 @@ import triton.language as tl
 from ._aot import signature_from_params
 
 # Rows stay in registers. The backward holds x, dy, w and the dw/db partial sums per element: AOT sm_90 (bf16,
-# LayerNorm with bias) at 4096 wide and 16 warps takes 124 registers, no spill; 8192 spills 88 B at 16 warps and 80 B
-# at 32 (64 registers each). Wider rows take the reference (fasttrain/ops/norms.py says why).
+# LayerNorm with bias) at 4096 wide and 16 warps takes 110 registers, no spill; 8192 spilled 88 B at 16 warps and
+# 80 B at 32 (64 registers each). Wider rows take the reference (fasttrain/ops/norms.py says why).
 MAX_N = 4096
 
 
 def block_and_warps(n_cols: int, backward: bool) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for rows of n_cols: 8 elements per thread forward, 4 backward (at 8, 1024 wide and 4
-    warps, the backward keeps 96 registers and 8 B of stack), up to 16 warps."""
+    warps, the backward kept 96 registers and 8 B of stack), up to 16 warps."""
     block = triton.next_power_of_2(n_cols)
     return block, min(max(block // (128 if backward else 256), 1), 16)
 
 
 @triton.jit
-def _norm_forward_kernel(X, W, B, Y, Mean, Rstd, x_row_stride, y_row_stride, n_cols, eps,
+def _norm_forward_kernel(X, W, B, Y, Mean, Rstd, x_row_stride, y_row_stride, n_rows, n_cols, eps,
                          IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n_cols
-    x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if IS_RMS:
         xc = x
     else:
-        mean = tl.sum(x, 0) / n_cols
-        xc = tl.where(mask, x - mean, 0.0)
-        tl.store(Mean + row, mean)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / n_cols + eps)
-    tl.store(Rstd + row, rstd)
-    y = xc * rstd
+        mean = tl.sum(x, 1) / n_cols
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        tl.store(Mean + rows, mean, mask=row_ok)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / n_cols + eps)
+    tl.store(Rstd + rows, rstd, mask=row_ok)
+    y = xc * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * y_row_stride + cols, y.to(Y.dtype.element_ty), mask=mask)
+        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows[:, None] * y_row_stride + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _norm_backward_kernel(DY, X, W, Mean, Rstd, DX, DW, DB, dy_row_stride, x_row_stride, dx_row_stride, n_rows,
                           n_cols, rows_per_program, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # With xhat = (x - mean) * rstd and g = dy * w:  dx = rstd * (g - xhat * mean(g * xhat) - mean(g)), where the
     # mean(g) term is LayerNorm's only (RMSNorm does not subtract a mean); dw = sum_rows dy * xhat, db = sum_rows dy.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < n_cols
+    col_ok = cols < n_cols
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_N], tl.float32)
-    db = tl.zeros([BLOCK_N], tl.float32)
-    first = pid.to(tl.int64) * rows_per_program  # int64 bounds make the loop's row int64 too
-    for row in range(first, tl.minimum(first + rows_per_program, n_rows)):
-        x = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(Rstd + row)
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    dw = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    db = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    first = pid.to(tl.int64) * rows_per_program  # int64 bounds make the loop's rows int64 too
+    last = tl.minimum(first + rows_per_program, n_rows)
+    for start in range(first, last, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < last
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)[:, None]
         if IS_RMS:
             xhat = x * rstd
         else:
-            xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
+            xhat = tl.where(mask, (x - tl.load(Mean + rows, mask=row_ok, other=0.0)[:, None]) * rstd, 0.0)
         if HAS_WEIGHT:
             g = dy * w
         else:
             g = dy
-        c1 = tl.sum(g * xhat, 0) / n_cols
+        c1 = tl.sum(g * xhat, 1)[:, None] / n_cols
         if IS_RMS:
             dx = (g - xhat * c1) * rstd
         else:
-            dx = (g - xhat * c1 - tl.sum(g, 0) / n_cols) * rstd
-        tl.store(DX + row * dx_row_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dx = (g - xhat * c1 - tl.sum(g, 1)[:, None] / n_cols) * rstd
+        tl.store(DX + rows[:, None] * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_WEIGHT:
             dw += dy * xhat
         if HAS_BIAS:
             db += dy
     if HAS_WEIGHT:
-        tl.store(DW + pid * n_cols + cols, dw, mask=mask)
+        tl.store(DW + pid * n_cols + cols, tl.sum(dw, 0), mask=col_ok)
     if HAS_BIAS:
-        tl.store(DB + pid * n_cols + cols, db, mask=mask)
+        tl.store(DB + pid * n_cols + cols, tl.sum(db, 0), mask=col_ok)
+
+
+def rows_per_block(x: torch.Tensor, block_n: int) -> int:
+    """Rows per tile: 1 on a GPU (a row fills the warps: the AOT numbers are for this); ~16k elements per tile in
+    the interpreter, whose cost is per program and per op, not per element (the norms of a 2-layer GPT step there:
+    5 s -> 0.4 s)."""
+    return 1 if x.is_cuda else max(1, 16384 // block_n)
 
 
 def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, is_rms: bool,
@@ -109,9 +122,10 @@ def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M:
         block, warps = block_and_warps(N, backward=False)
-        _norm_forward_kernel[(M,)](x, weight, bias, y, mean, rstd, x.stride(0), y.stride(0), N, eps, IS_RMS=is_rms,
-                                   HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=block,
-                                   num_warps=warps)
+        block_m = rows_per_block(x, block)
+        _norm_forward_kernel[(triton.cdiv(M, block_m),)](
+            x, weight, bias, y, mean, rstd, x.stride(0), y.stride(0), M, N, eps, IS_RMS=is_rms,
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block, num_warps=warps)
     return y, mean, rstd
 
 
@@ -139,7 +153,8 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
         block, warps = block_and_warps(N, backward=True)
         _norm_backward_kernel[(programs,)](dy, x, weight, mean, rstd, dx, dw, db, dy.stride(0), x.stride(0),
                                            dx.stride(0), M, N, rows_per_program, IS_RMS=is_rms, HAS_WEIGHT=has_weight,
-                                           HAS_BIAS=has_bias, BLOCK_N=block, num_warps=warps)
+                                           HAS_BIAS=has_bias, BLOCK_M=rows_per_block(x, block), BLOCK_N=block,
+                                           num_warps=warps)
     param_dtype = weight.dtype if has_weight else x.dtype
     return (dx, dw.sum(0).to(param_dtype) if has_weight else None,
             db.sum(0).to(param_dtype) if has_bias else None)
@@ -160,7 +175,7 @@ def aot_signature(kernel, dtype: str, block_n: int) -> tuple[dict, dict]:
             return f"*{dtype}"
         return "fp32" if name == "eps" else "i32"
     return signature_from_params(kernel, arg_type, {"IS_RMS": False, "HAS_WEIGHT": True, "HAS_BIAS": True,
-                                                    "BLOCK_N": block_n})
+                                                    "BLOCK_M": 1, "BLOCK_N": block_n})
 
 
 def aot_num_warps(kernel, constexprs: dict) -> int:
