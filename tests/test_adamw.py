@@ -41,23 +41,25 @@ def set_grads(param_lists, seed, scale=1.0):
     for i in range(len(param_lists[0])):
         g = torch.randn(param_lists[0][i].shape, generator=gen) * scale
         for params in param_lists:
-            params[i].grad = g.to(params[i].device, params[i].dtype, copy=True)
+            # empty_like keeps the param's strides (the transposed one too), as autograd's grads do; torch's fused
+            # AdamW refuses a grad laid out unlike its param.
+            params[i].grad = torch.empty_like(params[i]).copy_(g)
 
 
-def assert_tensor_close(ours, ref, rtol, what):
+def assert_tensor_close(ours, ref, rtol, what, atol=0.0):
     err = (ours.float() - ref.float()).abs().max().item()
     scale = ref.float().abs().max().item()
-    assert err <= rtol * scale, f"{what}: max abs diff {err:.3g} > {rtol} x max |ref| {scale:.3g}"
+    assert err <= rtol * scale + atol, f"{what}: max abs diff {err:.3g} > {rtol} x max |ref| {scale:.3g} + {atol:.3g}"
 
 
-def assert_states_close(opt, ref_opt, params, ref_params, rtol=FP32_RTOL, exact=False):
+def assert_states_close(opt, ref_opt, params, ref_params, rtol=FP32_RTOL, exact=False, atol=0.0):
     for i, (p, q) in enumerate(zip(params, ref_params)):
         pairs = [(p, q, "param")] + [(opt.state[p][k], ref_opt.state[q][k], k) for k in ref_opt.state[q] if k != "step"]
         for a, b, name in pairs:
             if exact:
                 assert torch.equal(a, b), f"{name} of param {i} {tuple(p.shape)} differs from torch"
             else:
-                assert_tensor_close(a, b, rtol, f"{name} of param {i} {tuple(p.shape)}")
+                assert_tensor_close(a, b, rtol, f"{name} of param {i} {tuple(p.shape)}", atol)
         assert opt.state[p]["step"].item() == ref_opt.state[q]["step"].item()
 
 
@@ -287,7 +289,7 @@ def test_cuda_low_precision_within_2x_torch_fused(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # GradScaler cannot unscale bf16 grads (torch 2.11)
 def test_cuda_grad_scaler_inf_step_and_clipping_without_sync(dtype):
     """GradScaler + fused clipping on CUDA: matches torch (unscale, clip_grad_norm_, fused step); the inf step is
     skipped; and our step never synchronizes with the host.
@@ -324,10 +326,15 @@ def test_cuda_grad_scaler_inf_step_and_clipping_without_sync(dtype):
         torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
         ref.step()
         torch.testing.assert_close(opt.last_grad_norm.double(), want, rtol=1e-5, atol=0)
-    # Low precision: one bf16 ulp is up to 2^-7 of a tensor's max; the reference's clip_grad_norm_ rounds the clipped
-    # grads (and its coefficient) to the grad dtype while ours keeps them in fp32, so elements may differ by ~2 ulps.
-    tol = FP32_RTOL * 4 if dtype == torch.float32 else 2e-2
-    assert_states_close(opt, ref, params, ref_params, rtol=tol)
+    # The clip coefficient carries the grad norm's error (ours: one fp32 pass, asserted within 1e-5 of fp64 above;
+    # torch's: per-tensor norms, then their norm), and exp_avg_sq is quadratic in it: on an H100, fp32 exp_avg_sq
+    # differed by 1.3e-5 of its value. fp16: the reference's clip_grad_norm_ rounds the clipped grads (and its
+    # coefficient) to fp16 while ours keeps them in fp32, so elements may differ by ~2 ulps, and exp_avg_sq of the
+    # clipped grads (~5e-7) lies among fp16's subnormals, whose ulp is 2^-24 (measured: 1 ulp apart).
+    if dtype == torch.float32:
+        assert_states_close(opt, ref, params, ref_params, rtol=3e-5)
+    else:
+        assert_states_close(opt, ref, params, ref_params, rtol=2e-2, atol=2 * 2.0**-24)
 
 
 @pytest.mark.gpu

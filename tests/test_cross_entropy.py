@@ -119,7 +119,7 @@ def test_bad_inputs_name_the_argument(call, error, match):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N,V", [(1, 50257), (4097, 50257), (8192, 50304), (97, 1025)], ids=str)
 def test_gpu_at_most_twice_torch_error(N, V, dtype):
-    logits, target = _inputs(N, V, dtype=dtype, device="cuda", ignore_every=5)
+    logits, target = _inputs(N, V, dtype=dtype, device="cuda", ignore_every=5 if N > 1 else 0)  # N=1: no 0/0 mean
     loss = cross_entropy(logits, target, backend="triton")
     torch_loss = F.cross_entropy(logits.float(), target)  # what a careful eager script does
     x64, want = _torch64(logits, target, "mean")

@@ -194,7 +194,7 @@ def test_registered_op_traces():
     kw = _case(2, 4, 2, (3, 9), Tmax=32, rotary=True)
     args = (kw["q"], kw["k_cache"], kw["v_cache"], kw["k"], kw["v"], kw["rotary_cos"], kw["rotary_sin"],
             kw["cache_seqlens"], None, 32 ** -0.5, 1 << 30, 0, False, True, 0, "reference")
-    torch.library.opcheck(_kvcache_op, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(_kvcache_op.op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 # ---------------------------------------------------------------------------------------------------- GPU

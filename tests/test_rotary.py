@@ -113,23 +113,51 @@ def test_compiles_with_fullgraph():
     assert _err(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(want.sum(), x64)[0]) < TOL_FP32
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda x, c, s: apply_rotary_emb(x[0], c, s), "x must be a floating-point"),
-    (lambda x, c, s: apply_rotary_emb(x.long(), c, s), "x must be a floating-point"),
-    (lambda x, c, s: apply_rotary_emb(x, c[0], s), "cos must be"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s[:, :2]), "sin must have cos's shape"),
-    (lambda x, c, s: apply_rotary_emb(x, torch.ones(8, 9), torch.ones(8, 9)), "1..8 columns"),
-    (lambda x, c, s: apply_rotary_emb(x, c[:3], s[:3]), "fewer than seqlen_offsets"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=-1), "seqlen_offsets must be an int >= 0"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=torch.zeros(3)), "integer tensor of shape"),
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_tables_get_no_gradient(backend):
+    x = _x(2, 5, 3, 16)
+    cos, sin = _tables(5, 16)
+    cos.requires_grad_()
+    y = apply_rotary_emb(x, cos, sin, backend=backend)
+    grad_x, grad_cos = torch.autograd.grad(y.sum(), (x, cos), allow_unused=True)
+    assert grad_x is not None and grad_cos is None
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, c, s: apply_rotary_emb(x[0], c, s), ValueError, "x must be a floating-point"),
+    (lambda x, c, s: apply_rotary_emb(x.long(), c, s), ValueError, "x must be a floating-point"),
+    (lambda x, c, s: apply_rotary_emb(x, c[0], s), ValueError, "cos must be"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s.long()), ValueError, "sin must be a floating-point"),
+    (lambda x, c, s: apply_rotary_emb(x, c.to("meta"), s), ValueError, "cos must be on x's device"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s[:, :2]), ValueError, "sin must have cos's shape"),
+    (lambda x, c, s: apply_rotary_emb(x, torch.ones(8, 9), torch.ones(8, 9)), ValueError, "1..8 columns"),
+    (lambda x, c, s: apply_rotary_emb(x, c[:3], s[:3]), ValueError, "fewer than seqlen_offsets"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=5), ValueError, "fewer than seqlen_offsets"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=-1), ValueError, "seqlen_offsets must be an int >= 0"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=True), ValueError, "seqlen_offsets must be an int"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=1.0), ValueError, "seqlen_offsets must be an int"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=torch.zeros(2)), ValueError, "integer tensor of shape"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=torch.zeros(3, dtype=torch.long)), ValueError,
+     r"integer tensor of shape \(2,\)"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=torch.zeros(2, dtype=torch.long, device="meta")),
+     ValueError, "seqlen_offsets must be on x's device"),
     (lambda x, c, s: apply_rotary_emb(x, c[:4].expand(2, 4, 8), s[:4].expand(2, 4, 8), seqlen_offsets=1),
+     ValueError, "seqlen_offsets must be 0"),
+    (lambda x, c, s: apply_rotary_emb(x, c[:4].expand(2, 4, 8), s[:4].expand(2, 4, 8),
+                                      seqlen_offsets=torch.zeros(2, dtype=torch.long)), ValueError,
      "seqlen_offsets must be 0"),
-    (lambda x, c, s: apply_rotary_emb(x, c[:5].expand(2, 5, 8), s[:5].expand(2, 5, 8)), r"must be \(2, 4, R/2\)"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, backend="cuda"), "cuda"),
+    (lambda x, c, s: apply_rotary_emb(x, c[:5].expand(2, 5, 8), s[:5].expand(2, 5, 8)), ValueError,
+     r"must be \(2, 4, R/2\)"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, interleaved="yes"), TypeError, "interleaved must be a bool"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, inplace=1), TypeError, "inplace must be a bool"),
+    (lambda x, c, s: apply_rotary_emb(torch.randn(2, 4, 3, 32)[..., ::2], c, s, inplace=True, backend="triton"),
+     ValueError, "unit stride along D"),
+    (lambda x, c, s: apply_rotary_emb(x.double(), c, s, backend="triton"), RuntimeError, "float64"),
+    (lambda x, c, s: apply_rotary_emb(x, c, s, backend="cuda"), RuntimeError, "cuda"),
 ])
-def test_bad_inputs_name_the_argument(call, match):
+def test_bad_inputs_name_the_argument(call, error, match):
     cos, sin = _tables(8, 16)
-    with pytest.raises(Exception, match=match):
+    with pytest.raises(error, match=match):
         call(torch.randn(2, 4, 3, 16), cos, sin)
 
 
@@ -137,13 +165,16 @@ def test_bad_inputs_name_the_argument(call, match):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,T,H,D", [(1, 1, 32, 128), (16, 1024, 12, 64), (2, 1025, 8, 128)], ids=str)
-def test_gpu_at_most_twice_the_reference_error(B, T, H, D, dtype):
-    x = _x(B, T, H + 2, D, dtype=dtype, device="cuda")[:, :, :H]  # a strided view, as the model passes
-    cos, sin = _tables(T + 7, D, device="cuda")
-    y = apply_rotary_emb(x, cos, sin, seqlen_offsets=7, backend="triton")
-    ref = apply_rotary_emb(x, cos, sin, seqlen_offsets=7, backend="reference")
-    x64, want = _want(x, cos, sin, offsets=7)
+@pytest.mark.parametrize("B,T,H,D,rot,interleaved", [
+    (1, 1, 32, 128, 128, False), (16, 1024, 12, 64, 64, False), (2, 1025, 8, 128, 64, True)], ids=str)
+@pytest.mark.parametrize("view", [False, True], ids=["contiguous", "view"])
+def test_gpu_at_most_twice_the_reference_error(B, T, H, D, rot, interleaved, view, dtype):
+    x = _x(B, T, H + 2 * view, D, dtype=dtype, device="cuda")[:, :, :H]  # view: strided, as the model passes q
+    cos, sin = _tables(T + 7, rot, device="cuda")
+    kwargs = dict(interleaved=interleaved, seqlen_offsets=7)
+    y = apply_rotary_emb(x, cos, sin, backend="triton", **kwargs)
+    ref = apply_rotary_emb(x, cos, sin, backend="reference", **kwargs)
+    x64, want = _want(x, cos, sin, interleaved, offsets=7)
     assert y.dtype == dtype and _err(y, want) <= 2 * _err(ref, want) + 1e-6
     upstream = torch.randn_like(want)
     (grad,) = torch.autograd.grad(y, x, upstream.to(dtype))

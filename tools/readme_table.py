@@ -53,7 +53,8 @@ def table(result: dict) -> list[str]:
 
 def section() -> str:
     out = []
-    for folder in sorted(p for p in (ROOT / "benchmarks" / "results").iterdir() if p.is_dir()):
+    folders = [p for p in (ROOT / "benchmarks" / "results").iterdir() if p.is_dir()]
+    for folder in sorted(folders, key=lambda p: (p.name.startswith("cpu"), p.name)):  # GPU results first
         results = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
         out.append(f"### {folder.name}\n")
         for name in TABLES:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fasttrain import _backend
+from fasttrain.ops._op import custom_op
 from fasttrain.ops.attention_reference import (UNBOUNDED, attention_reference, attention_reference_backward,
                                               lse_dtype)
 
@@ -35,7 +36,7 @@ def _kernels():
 
 # ---- the registered ops ------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fasttrain::attention_forward", mutates_args=())
+@custom_op("fasttrain::attention_forward", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                 max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
                 backend: str) -> tuple[Tensor, Tensor]:
@@ -53,7 +54,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, le
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
 
 
-@torch.library.custom_op("fasttrain::attention_backward", mutates_args=())
+@custom_op("fasttrain::attention_backward", mutates_args=())
 def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
                  cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
                  max_seqlen_k: int, scale: float, left: int, right: int,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttrain import _backend
+from fasttrain.ops._op import custom_op
 
 OP = "cross_entropy"
 REDUCTIONS = ("mean", "sum", "none")
@@ -35,7 +36,7 @@ def cross_entropy_reference(input: Tensor, target: Tensor, ignore_index: int = -
 
 # ---- the registered ops --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fasttrain::cross_entropy_forward", mutates_args=())
+@custom_op("fasttrain::cross_entropy_forward", mutates_args=())
 def _forward_op(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
     return _kernels().cross_entropy_forward(logits, target, ignore_index)
 
@@ -46,7 +47,7 @@ def _(logits, target, ignore_index):
             logits.new_empty(logits.shape[:1], dtype=torch.float32))
 
 
-@torch.library.custom_op("fasttrain::cross_entropy_backward", mutates_args=())
+@custom_op("fasttrain::cross_entropy_backward", mutates_args=())
 def _backward_op(grad_row: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int) -> Tensor:
     return _kernels().cross_entropy_backward(grad_row, logits, target, lse, ignore_index)
 

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from fasttrain import _backend
+from fasttrain.ops._op import custom_op
 from fasttrain.ops.attention import _check_like_q, _refuse_unsupported, _scale, _window
 
 OP = "flash_attn_with_kvcache"
@@ -183,7 +184,7 @@ def triton_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
 
 # ---------------------------------------------------------------------------------------------------- op registration
 
-@torch.library.custom_op("fasttrain::flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"))
+@custom_op("fasttrain::flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"))
 def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
                 v: Optional[torch.Tensor], rotary_cos: Optional[torch.Tensor], rotary_sin: Optional[torch.Tensor],
                 cache_seqlens: torch.Tensor, cache_batch_idx: Optional[torch.Tensor], softmax_scale: float,

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttrain import _backend
+from fasttrain.ops._op import custom_op
 
 OP = "norms"
 
@@ -31,7 +32,7 @@ def _kernels():
 
 # ---- the registered ops --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fasttrain::norm_forward", mutates_args=())
+@custom_op("fasttrain::norm_forward", mutates_args=())
 def _forward_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool,
                 out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     return _kernels().norm_forward(x, weight, bias, eps, is_rms, out_dtype)
@@ -44,7 +45,7 @@ def _(x, weight, bias, eps, is_rms, out_dtype):
             x.new_empty(M, dtype=torch.float32))
 
 
-@torch.library.custom_op("fasttrain::norm_backward", mutates_args=())
+@custom_op("fasttrain::norm_backward", mutates_args=())
 def _backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, is_rms: bool,
                  has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = _kernels().norm_backward(dy, x, weight, mean, rstd, is_rms, has_bias)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from fasttrain import _backend
+from fasttrain.ops._op import custom_op
 
 OP = "rotary"
 
@@ -47,7 +48,7 @@ def apply_rotary_emb_reference(x: Tensor, cos: Tensor, sin: Tensor, interleaved:
 
 # ---- the registered ops --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("fasttrain::rotary", mutates_args=())
+@custom_op("fasttrain::rotary", mutates_args=())
 def _rotary_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, offset: int, interleaved: bool,
                conjugate: bool) -> Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -78,7 +79,7 @@ def _backward(ctx, grad):
 _rotary_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fasttrain::rotary_", mutates_args=("x",))
+@custom_op("fasttrain::rotary_", mutates_args=("x",))
 def _rotary_inplace_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, offset: int,
                        interleaved: bool) -> None:
     _kernels().rotary(x, cos, sin, offsets, offset, interleaved, False, x)
@@ -139,10 +140,15 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     pairs dim i with i + R/2 (GPT-NeoX), True pairs 2i with 2i + 1 (GPT-J). seqlen_offsets: an int, or a (B,) integer
     tensor of per-sequence start positions (KV-cache decoding; a position past the table gives NaN on the triton
     backend, since checking it would sync). Math in fp32; the result is in x's dtype, a new contiguous tensor, or x
-    itself when inplace=True (which refuses x requiring grad). Gradients flow to x only, never to cos/sin.
+    itself when inplace=True (which refuses x requiring grad). Gradients flow to x only: cos/sin are detached on
+    every backend (the model's tables are fixed buffers; flash-attn gives them no gradient either).
     backend: "auto" (default), "triton" or "reference".
     """
     _check(x, cos, sin, seqlen_offsets)
+    for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"apply_rotary_emb: {name} must be a bool, got {type(flag).__name__}")
+    cos, sin = cos.detach(), sin.detach()
     if inplace and x.requires_grad and torch.is_grad_enabled():
         raise ValueError("apply_rotary_emb: inplace=True needs x that does not require grad (or torch.no_grad())")
     if _backend.choose(OP, {"triton": _backend.triton_tensor_reason(x), "reference": None}, backend) == "reference":
@@ -155,6 +161,6 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     cos, sin = cos.contiguous(), sin.contiguous()  # tables: one row per position, small
     offsets, offset = (seqlen_offsets, 0) if isinstance(seqlen_offsets, Tensor) else (None, int(seqlen_offsets))
     if inplace:
-        _rotary_inplace_op(x, cos, sin, offsets, offset, bool(interleaved))
+        _rotary_inplace_op(x, cos, sin, offsets, offset, interleaved)
         return x
-    return _rotary_op(x, cos, sin, offsets, offset, bool(interleaved), False)
+    return _rotary_op(x, cos, sin, offsets, offset, interleaved, False)
