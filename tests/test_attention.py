@@ -101,25 +101,72 @@ def test_varlen_strided_cu_seqlens():
     assert _max_err(got, want) < TOL_FP32
 
 
-def test_varlen_offsets_read_once_per_version(monkeypatch):
-    # Every layer of a model gets the same cu_seqlens; reading them is a host sync on CUDA, so it happens once per
-    # tensor and in-place version, and an in-place change is still checked. (The triton backend: the reference
-    # reads the offsets itself.)
+def _count_offset_reads(monkeypatch):
     reads = []
     tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or tolist(t))
+    return reads
+
+
+def _assert_offsets_checked(device, reads_per_three_calls, monkeypatch):
+    """Three calls with the same offsets read them reads_per_three_calls times; in-place changes are caught."""
+    reads = _count_offset_reads(monkeypatch)
     g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(20, 2, 32, generator=g) for _ in range(3))  # (total, H, D)
-    cu_q, cu_k = torch.tensor([0, 5, 20], dtype=torch.int32), torch.tensor([0, 5, 20], dtype=torch.int32)
+    q, k, v = (torch.randn(20, 2, 32, generator=g).to(device) for _ in range(3))  # (total, H, D)
+    cu_q, cu_k = (torch.tensor([0, 5, 20], dtype=torch.int32, device=device) for _ in range(2))
     for _ in range(3):
         flash_attn_varlen_func(q, k, v, cu_q, cu_k, 15, 15, causal=True, backend="triton")
-    assert sum(t is cu_q for t in reads) == 1 and sum(t is cu_k for t in reads) == 1
+    assert [sum(t is cu for t in reads) for cu in (cu_q, cu_k)] == [reads_per_three_calls] * 2
     cu_q[1] = 25  # in place: no longer rising
     with pytest.raises(ValueError, match="cu_seqlens_q must rise"):
         flash_attn_varlen_func(q, k, v, cu_q, cu_k, 15, 15, causal=True, backend="triton")
     cu_q[1] = 2  # in place: valid offsets, but the longest sequence is now 18
     with pytest.raises(ValueError, match="max_seqlen_q"):
         flash_attn_varlen_func(q, k, v, cu_q, cu_k, 15, 15, causal=True, backend="triton")
+
+
+def test_varlen_cpu_offsets_checked_every_call(monkeypatch):
+    # Reading CPU offsets costs no sync, so nothing is remembered: a write through .data (which keeps the in-place
+    # version) is caught too. (The triton backend: the reference reads the offsets itself.)
+    _assert_offsets_checked("cpu", 3, monkeypatch)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(20, 2, 32, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 5, 20], dtype=torch.int32)
+    flash_attn_varlen_func(q, k, v, cu, cu, 15, 15, backend="triton")
+    cu.data[1] = 25
+    with pytest.raises(ValueError, match="must rise"):
+        flash_attn_varlen_func(q, k, v, cu, cu, 15, 15, backend="triton")
+
+
+def test_varlen_under_inference_mode():
+    # Inference tensors have no in-place version to remember offsets by; they are read every call.
+    g = torch.Generator().manual_seed(6)
+    with torch.inference_mode():
+        q, k, v = (torch.randn(20, 2, 32, generator=g) for _ in range(3))
+        cu = torch.tensor([0, 5, 20], dtype=torch.int32)
+        for _ in range(2):
+            got = flash_attn_varlen_func(q, k, v, cu, cu, 15, 15, causal=True, backend="triton")
+        want = flash_attn_varlen_func(q, k, v, cu, cu, 15, 15, causal=True, backend="reference")
+    assert _max_err(got, want) < TOL_FP32
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_offsets_read_once_per_version(monkeypatch):
+    # Every layer of a model gets the same cu_seqlens; reading CUDA offsets is a host sync, so it happens once per
+    # tensor and in-place version, and an in-place change is still checked.
+    _assert_offsets_checked("cuda", 1, monkeypatch)
+
+
+def test_sequences_past_int32_row_offsets_are_refused_by_the_kernels():
+    # 2**21 tokens x 16 heads x 64 = 2**31 elements in one sequence: the kernels' int32 row offsets would wrap.
+    # Expanded views (stride 0 along T and H) make the shape without the memory; the check counts the contiguous
+    # row stride that the backward may copy to.
+    q = torch.randn(1, 1, 1, 64).expand(1, 2**21, 16, 64)
+    with pytest.raises(_backend.BackendError, match="int32 row offsets"):
+        flash_attn_func(q, q, q, causal=True, backend="triton")
+    k = torch.randn(1, 1, 1, 64).expand(1, 2**20, 16, 64)  # keys at half that: within range, so q alone is named
+    with pytest.raises(_backend.BackendError, match="q.s longest sequence"):
+        flash_attn_func(q, k, k, causal=True, backend="triton")
 
 
 def _flash_window(causal, window):

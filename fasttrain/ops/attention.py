@@ -171,10 +171,21 @@ def _check_dropout(dropout_p) -> None:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
+def _row_offset_reason(q: Tensor, k: Tensor, v: Tensor, max_q: int, max_k: int) -> str | None:
+    """The kernels step through one sequence's rows with int32 offsets (int64 there cost registers and spills,
+    kernels/attention.py), counted in the given row stride or the contiguous one the backward may copy to."""
+    for name, t, rows in (("q", q, max_q), ("k", k, max_k), ("v", v, max_k)):
+        if rows * max(t.stride(-3), t.shape[-2] * t.shape[-1]) >= 2**31:
+            return (f"{name}'s longest sequence ({rows} rows of {t.shape[-2]} x {t.shape[-1]}) spans 2**31 elements or "
+                    f"more, past the kernels' int32 row offsets")
+    return None
+
+
 def _attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, dropout_p, attn_mask=None):
     """(out, lse) from the registered op, or from the reference outside it for what the kernels do not implement."""
     fallback = ("an attn_mask is not implemented in the kernels" if attn_mask is not None else
-                "dropout_p > 0 is not implemented in the kernels" if dropout_p > 0.0 else None)
+                "dropout_p > 0 is not implemented in the kernels" if dropout_p > 0.0 else
+                _row_offset_reason(q, k, v, max_q, max_k))
     if fallback is not None:
         _choose(q, backend, fallback)
         return attention_reference(q, k, v, scale, left, right, cu_q, cu_k, attn_mask=attn_mask, dropout_p=dropout_p)
@@ -217,17 +228,22 @@ _checked_offsets: dict[str, tuple] = {}
 
 def _longest_sequence(name: str, cu: Tensor, total: int) -> int | None:
     """The longest sequence of offsets `cu`, after checking that they rise from 0 to `total`; None where the values
-    cannot be read (CUDA graph capture, torch.compile tracing)."""
+    cannot be read (CUDA graph capture, torch.compile tracing). Only CUDA offsets are remembered between calls (by
+    identity and in-place version), since reading them syncs; CPU offsets cost no sync and inference tensors keep no
+    version, so those are read every call. A write that bypasses the version counter (through `.data`, or a NumPy or
+    DLPack view) is not seen on a remembered tensor."""
     if torch.compiler.is_compiling() or (cu.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
-    seen = _checked_offsets.get(name)
+    cacheable = cu.is_cuda and not cu.is_inference()
+    seen = _checked_offsets.get(name) if cacheable else None
     if seen is not None and seen[0]() is cu and seen[1:3] == (cu._version, total):
         return seen[3]
     values = cu.tolist()
     if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
         raise ValueError(f"{name} must rise from 0 to the packed length {total}, got {values}")
     longest = max(b - a for a, b in zip(values, values[1:]))
-    _checked_offsets[name] = (weakref.ref(cu), cu._version, total, longest)
+    if cacheable:
+        _checked_offsets[name] = (weakref.ref(cu), cu._version, total, longest)
     return longest
 
 
