@@ -2,7 +2,7 @@
 
 torch.compile needs each kernel wrapped as a torch.library op (schema, fake implementation, autograd formula) so
 that Dynamo and Inductor can trace around it. In eager mode that wrapper is pure CPU cost: on an H100 under torch
-2.11 a LayerNorm forward + backward on (16384, 768) spent 123 us in its kernels but 1172 us of wall time, the
+2.11 a LayerNorm forward + backward on (16384, 768) took 123 us of GPU time but 1172 us of wall time, the
 custom-op path (dispatcher, Python autograd glue, a Dynamo-disable frame per call) being most of the rest, where
 eager F.layer_norm took 213 us; this path brought it to 806 us (the rest is Triton's launcher and our own Python,
 benchmarks/NOTES.md). So an `Op` runs its Python implementation straight (under a plain
