@@ -3,7 +3,7 @@
 # given as $1 (default $OUT, as the device tool sets it). The device tool returns at most 8 files: summary.log (each
 # stage's command, exit status and last lines), run.log (everything), and results.tgz holding results/<bench>.json
 # for every GPU benchmark (seven of them: one file each would pass the limit); `tar xzf results.tgz` unpacks them.
-#   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build test bench bench:NAME,... (default: build test bench)
+#   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build test bench bench:NAME,... (default: the first three)
 # A lease is ~30 minutes of device time and 10 per call, and the machine goes back 30 s after a call, so every call
 # starts bare and must build (~1-2 min): plan `build test`, then `build bench`. Each stage is cut at STAGE_TIMEOUT
 # seconds (default 420) and at DEADLINE seconds after the script starts (default 540, inside the device tool's
