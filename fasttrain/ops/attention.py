@@ -146,12 +146,10 @@ def _refuse_unsupported(softcap, alibi_slopes) -> None:
 def _triton_reason(q: Tensor, fallback_reason: str | None = None) -> str | None:
     if fallback_reason is not None:
         return fallback_reason
-    if (why := _backend.triton_reason(q.device)) is not None:
-        return why
     if q.device.type == "cuda" and q.dtype not in _KERNEL_DTYPES_CUDA:
         return f"the CUDA kernels take fp16/bf16, got {q.dtype}"
-    if q.dtype == torch.float64:
-        return "the kernels do not take float64"
+    if (why := _backend.triton_tensor_reason(q)) is not None:
+        return why
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim must be one of {HEAD_DIMS} for the kernels, got {q.shape[-1]}"
     return None
