@@ -1,8 +1,10 @@
-"""LayerNorm and RMSNorm forward + backward over (M, N) rows: fasttrain vs torch eager (F.layer_norm / F.rms_norm)
-and torch.compile of the same (CUDA), in the training step's situation: an fp32 residual stream under bf16 autocast
-on CUDA (the output is bf16 for fasttrain, fp32 for torch), plain fp32 on CPU.
-Memory-bound: the fewest bytes are the forward's x read and y write, then the backward's x and dy reads and dx write
-(weight and statistics are under 0.1% at these shapes), reported as GB/s and % of the measured copy bandwidth.
+"""LayerNorm and RMSNorm forward + backward over (M, N) rows, alone and with a pre-norm block's residual add fused
+in: fasttrain vs torch eager (F.layer_norm / F.rms_norm, after `s = branch + x` for the fused forms) and
+torch.compile of the same (CUDA), in the training step's situation: an fp32 residual stream x and a bf16 branch under
+bf16 autocast on CUDA (the output is bf16 for fasttrain, fp32 for torch), plain fp32 on CPU.
+Memory-bound: the fewest bytes are the forward's reads of x (and the branch) and writes of y (and s), then the
+backward's reads of the normalized rows, dy (and the stream's gradient) and writes of the input gradients (weight and
+statistics are under 0.1% at these shapes), reported as GB/s and % of the measured copy bandwidth.
 
     python benchmarks/bench_norms.py [--device cpu|cuda] [--quick] [--out DIR]
 """
@@ -18,50 +20,80 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from fasttrain.ops import layer_norm, rms_norm  # noqa: E402
+from fasttrain.ops import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
 
 # (M rows = batch x tokens, N): GPT-2 small's B16 x T1024 x 768, GPT-2 XL's 1600, Llama-7B's 4096.
 SHAPES = {"cuda": [(16384, 768), (16384, 1600), (8192, 4096)], "cpu": [(2048, 768), (1024, 4096)]}
 QUICK = {"cuda": [(16384, 768)], "cpu": [(2048, 768)]}
-TORCH = {"layer_norm": F.layer_norm, "rms_norm": F.rms_norm}
-OURS = {"layer_norm": layer_norm, "rms_norm": rms_norm}
+
+
+def _torch_add(norm):
+    def add_norm(branch, x, *args):  # what an eager pre-norm block does: the add, then the norm
+        s = branch + x
+        return norm(s, *args), s
+    return add_norm
+
+
+TORCH = {"layer_norm": F.layer_norm, "rms_norm": F.rms_norm, "add_layer_norm": _torch_add(F.layer_norm),
+         "add_rms_norm": _torch_add(F.rms_norm)}
+OURS = {"layer_norm": layer_norm, "rms_norm": rms_norm, "add_layer_norm": add_layer_norm, "add_rms_norm": add_rms_norm}
 
 
 def autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
 
-def call(fn, kind: str, x, w, b):
-    return fn(x, x.shape[-1:], w, b, 1e-5) if kind == "layer_norm" else fn(x, x.shape[-1:], w, 1e-5)
+def leaves_of(kind: str, branch, x, w, b) -> tuple:
+    return (branch,) * kind.startswith("add") + ((x, w) if kind.endswith("rms_norm") else (x, w, b))
 
 
-def fwd_bwd(fn, kind: str, x, w, b, device: str):
-    leaves = (x, w) if kind == "rms_norm" else (x, w, b)
+def call(fn, kind: str, branch, x, w, b) -> tuple:
+    """The outputs of one call: (y,), or (y, s) for the fused add."""
+    inputs = (branch, x) if kind.startswith("add") else (x,)
+    params = (w, b) if kind.endswith("layer_norm") else (w,)
+    out = fn(*inputs, x.shape[-1:], *params, 1e-5)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def fwd_bwd(fn, kind: str, branch, x, w, b, device: str):
+    leaves = leaves_of(kind, branch, x, w, b)
 
     def run():
         with autocast(device):
-            y = call(fn, kind, x, w, b)
-        # An upstream gradient in y's dtype, as the next Linear hands back.
-        return torch.autograd.grad(y, leaves, torch.ones_like(y))
+            outs = call(fn, kind, branch, x, w, b)
+        # Upstream gradients in each output's dtype, as the next Linear (and the stream downstream) hand back.
+        return torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
     return run
 
 
-def check_correct(kind: str, x, w, b, device: str) -> float:
-    """fasttrain's output and gradients against torch in float64: the largest error relative to the largest value."""
-    leaves = (x, w) if kind == "rms_norm" else (x, w, b)
+def check_correct(kind: str, branch, x, w, b, device: str) -> float:
+    """fasttrain's outputs and gradients against torch in float64: the largest error relative to the largest value."""
+    leaves = leaves_of(kind, branch, x, w, b)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    want = call(TORCH[kind], kind, *leaves64, *([None] if kind == "rms_norm" else []))
-    upstream = torch.randn_like(want)
+    args64 = dict(zip(("branch", "x", "w", "b"), leaves64)) if kind.startswith("add") else dict(
+        zip(("x", "w", "b"), leaves64))
+    want = call(TORCH[kind], kind, args64.get("branch"), args64["x"], args64["w"], args64.get("b"))
+    upstream = [torch.randn_like(t) for t in want]
     with autocast(device):
-        got = call(OURS[kind], kind, x, w, b)
-    grads = torch.autograd.grad(got, leaves, upstream.to(got.dtype))
+        got = call(OURS[kind], kind, branch, x, w, b)
+    grads = torch.autograd.grad(got, leaves, [u.to(g.dtype) for u, g in zip(upstream, got)])
     want_grads = torch.autograd.grad(want, leaves64, upstream)
     err = max(((a.double() - r).abs().max() / r.abs().max()).item()
-              for a, r in zip((got, *grads), (want, *want_grads)))
-    bound = 1e-2 if got.dtype == torch.bfloat16 else 1e-4  # bf16 outputs round to 8 bits of mantissa
+              for a, r in zip((*got, *grads), (*want, *want_grads)))
+    bound = 1e-2 if device == "cuda" else 1e-4  # bf16 outputs and branch gradients round to 8 bits of mantissa
     if not err < bound:
         raise AssertionError(f"fasttrain {kind} differs from torch float64 by {err:.3g} (bound {bound})")
     return err
+
+
+def min_bytes(kind: str, M: int, N: int, device: str) -> int:
+    """Bytes each element must move: x (fp32) read and y written; the fused add also reads the branch (bf16 on CUDA)
+    and writes s (fp32); backward reads the normalized rows and dy (and s's gradient) and writes the gradients of x
+    (and of the branch, in its own dtype on CUDA)."""
+    half = 2 if device == "cuda" else 4  # fasttrain's output and the branch (torch's output is fp32: more bytes)
+    if not kind.startswith("add"):
+        return M * N * ((4 + half) + (4 + half + 4))
+    return M * N * ((half + 4 + 4 + half) + (4 + half + 4 + 4 + (half if device == "cuda" else 0)))
 
 
 def main() -> None:
@@ -74,19 +106,20 @@ def main() -> None:
         x = torch.randn(M, N, generator=g, device=device).requires_grad_()  # the fp32 residual stream
         w = (1 + 0.5 * torch.randn(N, generator=g, device=device)).requires_grad_()
         b = (0.5 * torch.randn(N, generator=g, device=device)).requires_grad_()
-        for kind in ("layer_norm", "rms_norm"):
-            rel_err = check_correct(kind, x, w, b, device)
+        # The branch a block adds to the stream: bf16 out of a Linear under autocast on CUDA.
+        branch = torch.randn(M, N, generator=g, device=device).to(
+            torch.bfloat16 if device == "cuda" else torch.float32).requires_grad_()
+        for kind in OURS:
+            rel_err = check_correct(kind, branch, x, w, b, device)
             impls = {"torch eager": TORCH[kind], "fasttrain": OURS[kind]}
             if device == "cuda":
                 impls["torch.compile"] = torch.compile(TORCH[kind])
-            runs = {name: fwd_bwd(fn, kind, x, w, b, device) for name, fn in impls.items()}
+            runs = {name: fwd_bwd(fn, kind, branch, x, w, b, device) for name, fn in impls.items()}
             for run in runs.values():
                 run()  # compiles and warms up outside the timed region
             times = common.time_interleaved_ms(runs, device)
-            out_bytes = 2 if device == "cuda" else 4  # fasttrain's output; torch's is fp32 (more bytes, same count)
-            min_bytes = M * N * (4 + out_bytes + 4 + out_bytes + 4)
             for name, ms in times.items():
-                gbs = min_bytes / (ms * 1e-3) / 1e9
+                gbs = min_bytes(kind, M, N, device) / (ms * 1e-3) / 1e9
                 rows.append({"op": kind, "M": M, "N": N, "impl": name, "ms": ms, "GB/s": gbs,
                              "%copy": 100 * gbs / copy_gbs, "x eager": times["torch eager"] / ms,
                              "rel_err_vs_float64": rel_err})

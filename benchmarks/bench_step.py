@@ -5,13 +5,16 @@
 
 Rows: `eager` (attention by PyTorch's SDPA math path, torch.optim.AdamW foreach), `eager-sdpa` (SDPA's default
 backend, i.e. FlashAttention-2 on an H100, and torch's fused AdamW), `compile` (torch.compile of eager-sdpa),
-`fasttrain` (fasttrain.ops attention, norms, rotary and cross-entropy + fasttrain.optim.AdamW) and `fasttrain+compile`
-(the same model under torch.compile: fasttrain's ops stay opaque kernels, inductor fuses what lies between them); the
-torch rows use torch's norms and eager rotation and compute the loss as `F.cross_entropy(logits.float())`. All start
+`fasttrain` (fasttrain.ops attention, norms with the residual adds fused in, rotary and cross-entropy +
+fasttrain.optim.AdamW) and `fasttrain+compile` (the same model under torch.compile: fasttrain's ops stay opaque
+kernels, inductor fuses what lies between them); the torch rows add the residual and then call torch's norms, rotate
+eagerly and compute the loss as `F.cross_entropy(logits.float())`. All start
 from the same weights, take the same batch, and clip at global norm 1.0; the first step's losses are checked to agree
 before anything is timed.
 FLOPs per token: fasttrain.model.flops_per_token (6 per matmul weight + causal attention); MFU against the dense
-datasheet peak, and the share of the matmul ceiling measured in this run.
+datasheet peak, and the share of the matmul ceiling measured in this run. One more step per variant runs under
+torch.profiler (common.profile_call): on CUDA, gpu_busy_ms is the time kernels ran, so step_ms - gpu_busy_ms is the
+GPU waiting on the host, and the JSON keeps the kernels and host ops that took the most.
 """
 from __future__ import annotations
 
@@ -63,16 +66,23 @@ def eager_cross_entropy(logits, targets, ignore_index=-100):
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 
 
+def eager_add_norm(norm_fn):
+    """A pre-norm block's residual add as an eager script writes it: `x = x + branch`, then torch's norm."""
+    def add_norm(branch, residual, *args):
+        s = branch + residual
+        return norm_fn(s, *args), s
+    return add_norm
+
+
 def use_torch_ops(model: GPT, math_attention: bool) -> None:
     """Swap every fasttrain op in the model for what an eager PyTorch script uses."""
     for block in model.blocks:
         block.attn.attn_fn = sdpa_attention(math_only=math_attention)
         block.attn.rotary_fn = apply_rotary_emb_reference
     for module in model.modules():
-        if isinstance(module, LayerNorm):
-            module.norm_fn = F.layer_norm
-        elif isinstance(module, RMSNorm):
-            module.norm_fn = F.rms_norm
+        if isinstance(module, (LayerNorm, RMSNorm)):
+            module.norm_fn = F.layer_norm if isinstance(module, LayerNorm) else F.rms_norm
+            module.add_norm_fn = eager_add_norm(module.norm_fn)
     model.loss_fn = eager_cross_entropy
 
 
@@ -128,6 +138,7 @@ def main() -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         ms = common.time_ms(step, device)
+        profile = common.profile_call(step, device)
         row = {"variant": name, "B": B, "T": T, "params_M": model.num_params() / 1e6, "step_ms": ms,
                "tokens_per_s": B * T / (ms * 1e-3), "TFLOP/s": flops / (ms * 1e-3) / 1e12,
                "first_loss": first_losses[name]}
@@ -136,6 +147,9 @@ def main() -> None:
             row["mfu_pct"] = 100 * flops / (ms * 1e-3) / peak
         if device == "cuda":
             row["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+            # The GPU idles for step_ms - gpu_busy_ms: the host's launches, not the kernels, set that part.
+            row["gpu_busy_ms"] = profile["gpu_busy_ms"]
+        row["profile"] = profile
         rows.append(row)
         del model, step_model, opt, step
         if device == "cuda":
@@ -150,7 +164,7 @@ def main() -> None:
         r["speedup_vs_eager"] = r["tokens_per_s"] / eager["tokens_per_s"]
     columns = ["variant", "B", "T", "params_M", "step_ms", "tokens_per_s", "speedup_vs_eager", "TFLOP/s",
                "pct_matmul_ceiling"] + (["mfu_pct"] if peak is not None else []) + (
-               ["peak_mem_GiB"] if device == "cuda" else [])
+               ["peak_mem_GiB", "gpu_busy_ms"] if device == "cuda" else [])
     print(f"training step, {common.device_name(device)}, {'bf16 autocast' if device == 'cuda' else 'fp32'}; "
           f"matmul ceiling {ceiling:.3g} TFLOP/s")
     common.print_table(rows, columns)

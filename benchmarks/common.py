@@ -72,6 +72,43 @@ def time_interleaved_ms(fns: dict, device: str, rounds: int = 5, min_run_time: f
     return {name: sorted(v)[len(v) // 2] for name, v in per_round.items()}
 
 
+def profile_call(fn, device: str, top: int = 8) -> dict:
+    """One warm call of fn() under torch.profiler: where its time went. `top_cpu`: the host ops with the most self CPU
+    time (ms). On CUDA also `gpu_busy_ms`, the time some kernel, copy or memset ran (the union of their intervals),
+    `gpu_span_ms` from the first one's start to the last one's end, and `top_gpu`, the kernels that took the most
+    (ms, summed by name). A busy time well under the call's wall time means the GPU waited for the host."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = prof.events()
+
+    def ranked(pairs) -> list:
+        totals: dict = {}
+        for name, us in pairs:
+            totals[name] = totals.get(name, 0.0) + us
+        return [[name, round(us / 1e3, 4)] for name, us in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+
+    out = {"top_cpu": ranked((e.name, e.self_cpu_time_total) for e in events if e.device_type == DeviceType.CPU)}
+    if device == "cuda":
+        # Kineto reports each kernel, copy and memset as an event on the device; user annotations mirror CPU ranges.
+        device_events = [e for e in events
+                         if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        spans = sorted((e.time_range.start, e.time_range.end) for e in device_events)
+        busy, reach = 0.0, float("-inf")
+        for start, end in spans:
+            busy += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        out.update(gpu_busy_ms=busy / 1e3, gpu_span_ms=(spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0,
+                   gpu_events=len(spans),
+                   top_gpu=ranked((e.name, e.time_range.elapsed_us()) for e in device_events))
+    return out
+
+
 def copy_bandwidth_gbs(device: str, nbytes: int | None = None) -> float:
     """Measured ceiling for memory-bound kernels: bytes read plus written per second by a plain tensor copy."""
     nbytes = nbytes or (1 << 30 if device == "cuda" else 256 << 20)

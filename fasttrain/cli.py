@@ -123,7 +123,7 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("adamw", "attention", "cross_entropy", "decode", "norms", "rotary", "step", "data")
+BENCHMARKS = ("adamw", "attention", "cross_entropy", "decode", "norms", "rotary", "step", "overhead", "data")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -1,17 +1,24 @@
-"""LayerNorm and RMSNorm over the last dimension, forward and backward, one kernel pair for both.
+"""LayerNorm and RMSNorm over the last dimension, forward and backward, one kernel pair for both, with the
+pre-norm residual add optionally fused in.
 
 Launched by fasttrain/ops/norms.py (which holds the PyTorch reference) on rows of a (M, N) view:
 
-1. `_norm_forward_kernel`, one program per row (per block of rows in the interpreter): the whole row in registers (BLOCK_N = next power of two >= N), mean
-   (LayerNorm only) and 1/sqrt(var + eps) in fp32, y = (x - mean) * rstd * w + b written in the output dtype, which
-   may differ from x's (under autocast the op writes bf16 straight from an fp32 residual stream, where eager
-   LayerNorm writes fp32 and the next Linear reads it again to cast). Saves mean and rstd, 8 bytes per row.
+1. `_norm_forward_kernel`, one program per row (per block of rows in the interpreter): the whole row in registers
+   (BLOCK_N = next power of two >= N), mean (LayerNorm only) and 1/sqrt(var + eps) in fp32, y = (x - mean) * rstd *
+   w + b written in the output dtype, which may differ from x's (under autocast the op writes bf16 straight from an
+   fp32 residual stream, where eager LayerNorm writes fp32 and the next Linear reads it again to cast). Saves mean
+   and rstd, 8 bytes per row. With a residual, the row normalized is s = x + residual, written once as the new
+   residual stream (RO), as flash-attn's layer_norm_fn(residual=..., prenorm=True) does.
 2. `_norm_backward_kernel`, one program per block of rows: dx per row from the saved statistics, and the weight and
    bias gradients summed over the program's rows in fp32 registers, written as one partial row per program; the
-   host sums the (programs, N) partials, which is small next to M x N.
+   host sums the (programs, N) partials, which is small next to M x N. With the residual add fused, the gradient
+   arriving at the residual stream (DRES) is added to dx, which is then the gradient of both x and residual: one
+   store per dtype they come in (DX, and DX2 when the two differ, e.g. a bf16 branch onto an fp32 stream).
 
 Bytes per element: forward reads x and writes y; backward reads x and dy and writes dx. Eager PyTorch's native
-layer_norm moves the same bytes per kernel, but its weight-gradient reduction is a second pass over x and dy.
+layer_norm moves the same bytes per kernel, but its weight-gradient reduction is a second pass over x and dy. The
+fused add saves a pass each way: in eager the add reads x and residual and writes s, which the norm reads again,
+and in backward the norm's dx and the stream's gradient are summed (and cast for the branch) in separate kernels.
 Pure device code: nothing here imports fasttrain.
 """
 import torch
@@ -34,15 +41,22 @@ def block_and_warps(n_cols: int, backward: bool) -> tuple[int, int]:
 
 
 @triton.jit
-def _norm_forward_kernel(X, W, B, Y, Mean, Rstd, x_row_stride, y_row_stride, n_rows, n_cols, eps,
-                         IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _norm_forward_kernel(X, R, W, B, Y, RO, Mean, Rstd, x_row_stride, r_row_stride, out_row_stride, n_rows, n_cols,
+                         eps, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Y and RO are fresh (M, N) tensors: one row stride serves both.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     col_ok = cols < n_cols
     mask = row_ok[:, None] & col_ok[None, :]
     x = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(R + rows[:, None] * r_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = x.to(RO.dtype.element_ty)
+        tl.store(RO + rows[:, None] * out_row_stride + cols[None, :], s, mask=mask)
+        # Normalize the stream as stored (a no-op for fp32): `s = x + r; norm(s)` in torch, and what backward reads.
+        x = s.to(tl.float32)
     if IS_RMS:
         xc = x
     else:
@@ -56,15 +70,17 @@ def _norm_forward_kernel(X, W, B, Y, Mean, Rstd, x_row_stride, y_row_stride, n_r
         y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + rows[:, None] * y_row_stride + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows[:, None] * out_row_stride + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _norm_backward_kernel(DY, X, W, Mean, Rstd, DX, DW, DB, dy_row_stride, x_row_stride, dx_row_stride, n_rows,
-                          n_cols, rows_per_program, IS_RMS: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _norm_backward_kernel(DY, X, W, Mean, Rstd, DRES, DX, DX2, DW, DB, dy_row_stride, x_row_stride, dres_row_stride,
+                          dx_row_stride, n_rows, n_cols, rows_per_program, IS_RMS: tl.constexpr,
+                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRES: tl.constexpr,
+                          HAS_DX2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # With xhat = (x - mean) * rstd and g = dy * w:  dx = rstd * (g - xhat * mean(g * xhat) - mean(g)), where the
     # mean(g) term is LayerNorm's only (RMSNorm does not subtract a mean); dw = sum_rows dy * xhat, db = sum_rows dy.
+    # DX and DX2 are fresh (M, N) tensors: one row stride serves both.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
@@ -94,7 +110,11 @@ def _norm_backward_kernel(DY, X, W, Mean, Rstd, DX, DW, DB, dy_row_stride, x_row
             dx = (g - xhat * c1) * rstd
         else:
             dx = (g - xhat * c1 - tl.sum(g, 1)[:, None] / n_cols) * rstd
+        if HAS_DRES:
+            dx += tl.load(DRES + rows[:, None] * dres_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows[:, None] * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DX2:
+            tl.store(DX2 + rows[:, None] * dx_row_stride + cols[None, :], dx.to(DX2.dtype.element_ty), mask=mask)
         if HAS_WEIGHT:
             dw += dy * xhat
         if HAS_BIAS:
@@ -112,21 +132,29 @@ def rows_per_block(x: torch.Tensor, block_n: int) -> int:
     return 1 if x.is_cuda else max(1, 16384 // block_n)
 
 
-def norm_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, is_rms: bool,
-                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y (M, N) in out_dtype, mean (M,) fp32 (empty for RMSNorm), rstd (M,) fp32) for x (M, N) with unit column
-    stride and N <= MAX_N."""
+def norm_forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                 bias: torch.Tensor | None, eps: float, is_rms: bool, out_dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y (M, N) in out_dtype, s = x + residual (M, N) in their promoted dtype (empty without a residual), mean (M,)
+    fp32 (empty for RMSNorm), rstd (M,) fp32): the norm of s, or of x alone, for x and residual (M, N) with unit
+    column stride and N <= MAX_N."""
     M, N = x.shape
     y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    if residual is not None:
+        s = torch.empty((M, N), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    else:
+        s = torch.empty(0, dtype=x.dtype, device=x.device)
     mean = torch.empty(0 if is_rms else M, dtype=torch.float32, device=x.device)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if M:
         block, warps = block_and_warps(N, backward=False)
         block_m = rows_per_block(x, block)
         _norm_forward_kernel[(triton.cdiv(M, block_m),)](
-            x, weight, bias, y, mean, rstd, x.stride(0), y.stride(0), M, N, eps, IS_RMS=is_rms,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block, num_warps=warps)
-    return y, mean, rstd
+            x, residual, weight, bias, y, s, mean, rstd, x.stride(0),
+            residual.stride(0) if residual is not None else 0, y.stride(0), M, N, eps, IS_RMS=is_rms,
+            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            BLOCK_M=block_m, BLOCK_N=block, num_warps=warps)
+    return y, s, mean, rstd
 
 
 def _programs(device: torch.device, n_rows: int) -> int:
@@ -138,25 +166,32 @@ def _programs(device: torch.device, n_rows: int) -> int:
 
 
 def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
-                  rstd: torch.Tensor, is_rms: bool, has_bias: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(dx (M, N) in x's dtype, dw (N,) and db (N,) in the weight's dtype or None) for dy, x (M, N), unit column
-    stride."""
+                  rstd: torch.Tensor, is_rms: bool, has_bias: bool, dres: torch.Tensor | None = None,
+                  dx2_dtype: torch.dtype | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dx (M, N) in x's dtype, plus dres when given; the same values in dx2_dtype, or None; dw (N,) and db (N,) in
+    the weight's dtype, or None) for dy, x (the normalized rows) and dres (M, N), unit column stride."""
     M, N = x.shape
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dx2 = torch.empty((M, N), dtype=dx2_dtype, device=x.device) if dx2_dtype is not None else None
     programs = _programs(x.device, M)
     rows_per_program = triton.cdiv(M, programs) if M else 0
     has_weight = weight is not None
-    dw = torch.zeros((programs, N) if has_weight else (0,), dtype=torch.float32, device=x.device)
-    db = torch.zeros((programs, N) if has_bias else (0,), dtype=torch.float32, device=x.device)
+    # Every program stores its partial row (zeros when it has no rows), so no memset is needed.
+    dw = torch.empty((programs, N) if has_weight else (0,), dtype=torch.float32, device=x.device)
+    db = torch.empty((programs, N) if has_bias else (0,), dtype=torch.float32, device=x.device)
     if M:
         block, warps = block_and_warps(N, backward=True)
-        _norm_backward_kernel[(programs,)](dy, x, weight, mean, rstd, dx, dw, db, dy.stride(0), x.stride(0),
-                                           dx.stride(0), M, N, rows_per_program, IS_RMS=is_rms, HAS_WEIGHT=has_weight,
-                                           HAS_BIAS=has_bias, BLOCK_M=rows_per_block(x, block), BLOCK_N=block,
-                                           num_warps=warps)
+        _norm_backward_kernel[(programs,)](
+            dy, x, weight, mean, rstd, dres, dx, dx2, dw, db, dy.stride(0), x.stride(0),
+            dres.stride(0) if dres is not None else 0, dx.stride(0), M, N, rows_per_program, IS_RMS=is_rms,
+            HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_DRES=dres is not None, HAS_DX2=dx2 is not None,
+            BLOCK_M=rows_per_block(x, block), BLOCK_N=block, num_warps=warps)
+    else:  # no rows, so no program ran: the (1, N) partials must read as zeros
+        dw.zero_()
+        db.zero_()
     param_dtype = weight.dtype if has_weight else x.dtype
-    return (dx, dw.sum(0).to(param_dtype) if has_weight else None,
+    return (dx, dx2, dw.sum(0).to(param_dtype) if has_weight else None,
             db.sum(0).to(param_dtype) if has_bias else None)
 
 
@@ -166,15 +201,17 @@ AOT_SIZES = (1024, 2048, 4096)  # BLOCK_N of GPT-2 small (768), GPT-2 XL (1600),
 
 
 def aot_signature(kernel, dtype: str, block_n: int) -> tuple[dict, dict]:
-    """(signature, constexprs) of a kernel above for an ahead-of-time compile: LayerNorm with weight and bias on
-    rows of BLOCK_N = block_n (RMSNorm is the same code with the mean terms gone)."""
+    """(signature, constexprs) of a kernel above for an ahead-of-time compile: LayerNorm with weight, bias and the
+    residual add fused (the most live values) on rows of BLOCK_N = block_n (RMSNorm is the same code with the mean
+    terms gone)."""
     def arg_type(name):
         if name in ("Mean", "Rstd", "DW", "DB"):
             return "*fp32"
         if name[0].isupper():
             return f"*{dtype}"
         return "fp32" if name == "eps" else "i32"
-    return signature_from_params(kernel, arg_type, {"IS_RMS": False, "HAS_WEIGHT": True, "HAS_BIAS": True,
+    return signature_from_params(kernel, arg_type, {"IS_RMS": False, "HAS_RESIDUAL": True, "HAS_WEIGHT": True,
+                                                    "HAS_BIAS": True, "HAS_DRES": True, "HAS_DX2": True,
                                                     "BLOCK_M": 1, "BLOCK_N": block_n})
 
 

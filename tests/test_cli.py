@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fasttrain.cli import main
 from fasttrain.config import ConfigError, parse_overrides
@@ -145,17 +146,41 @@ def test_bench_runs_a_benchmark_and_refuses_unknown_names(tmp_path, capsys):
     assert code == 2 and "flux" in err and len(err.strip().splitlines()) == 1
 
 
-def test_bench_results_record_each_autotuner_choice(tmp_path, monkeypatch):
-    # The GPU run's JSON must say which tile won per shape, or benchmarks/NOTES.md cannot explain its numbers.
+def _bench_common():
     import importlib.util
     from pathlib import Path
-
-    import triton
-    from fasttrain.kernels import attention
     spec = importlib.util.spec_from_file_location(
         "bench_common", Path(__file__).resolve().parents[1] / "benchmarks" / "common.py")
     common = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(common)
+    return common
+
+
+def test_bench_overhead_times_every_op_against_torch(tmp_path, capsys, monkeypatch):
+    # As a user runs it on a CPU: the ops take their references (the interpreter would time numpy, not the host path).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code, out, err = run_cli(capsys, ["bench", "overhead", "--device", "cpu", "--quick", "--out", str(tmp_path)])
+    assert code == 0, err
+    result = json.loads((tmp_path / "overhead.json").read_text())
+    ops = {"layer_norm", "add_layer_norm", "rotary", "attention", "cross_entropy", "decode"}
+    assert {(r["op"], r["impl"]) for r in result["rows"]} == {(op, impl) for op in ops for impl in ("torch", "fasttrain")}
+    assert all(r["host_us"] > 0 for r in result["rows"])
+    # The cProfile names fasttrain's own functions among the costliest.
+    assert any("norms.py" in entry[0] for entry in result["ceilings"]["layer_norm_cprofile"])
+
+
+def test_profile_call_ranks_the_host_ops():
+    x = torch.randn(256, 256, requires_grad=True)
+    prof = _bench_common().profile_call(lambda: (x @ x).sum().backward(), "cpu", top=3)
+    names = [name for name, _ in prof["top_cpu"]]
+    assert len(names) == 3 and any("mm" in n for n in names) and all(ms >= 0 for _, ms in prof["top_cpu"])
+
+
+def test_bench_results_record_each_autotuner_choice(tmp_path, monkeypatch):
+    # The GPU run's JSON must say which tile won per shape, or benchmarks/NOTES.md cannot explain its numbers.
+    import triton
+    from fasttrain.kernels import attention
+    common = _bench_common()
     key, config = (128, 2048, 4, False), triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
     monkeypatch.setattr(attention._attn_fwd, "cache", {key: config})
     result = json.loads(common.write_results("attention", "cpu", [{"ms": 1.0}], {}, tmp_path).read_text())

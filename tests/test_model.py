@@ -38,6 +38,34 @@ def test_forward_backward_and_param_count(variant):
     assert (model.lm_head.weight is model.wte.weight) == cfg.tie_embeddings
 
 
+@pytest.mark.parametrize("variant", VARIANTS[:3], ids=["default", "rmsnorm-swiglu-mqa", "learned-bias"])
+def test_fused_residual_adds_compute_the_textbook_pre_norm_blocks(variant):
+    # GPT carries the stream beside each branch so the adds land in the norms (add_layer_norm); the model must still
+    # compute x = x + attn(norm1(x)); x = x + mlp(norm2(x)); logits = lm_head(norm_f(x)), to fp32 summation order.
+    torch.manual_seed(0)
+    cfg = GPTConfig(**SMALL, **variant)
+    model = GPT(cfg)
+    idx = torch.randint(0, cfg.vocab_size, (2, 23))
+    logits, _ = model(idx)
+
+    def textbook():
+        x = model.wte(idx)
+        if model.wpe is not None:
+            x = x + model.wpe(torch.arange(23))
+        cos, sin = (model.rope_cos[:23], model.rope_sin[:23]) if model.rope_cos is not None else (None, None)
+        for block in model.blocks:
+            x = x + block.attn(block.norm1(x), cos, sin)
+            x = x + block.mlp(block.norm2(x))
+        return model.lm_head(model.norm_f(x))
+
+    want = textbook()
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
+    upstream = torch.randn_like(want)
+    params = list(model.parameters())
+    for got, ref in zip(torch.autograd.grad(logits, params, upstream), torch.autograd.grad(want, params, upstream)):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_causal_future_tokens_do_not_change_the_past():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**SMALL)).eval()
@@ -181,3 +209,17 @@ def test_casting_the_model_keeps_the_rotary_tables_fp32():
     assert model.wte.weight.dtype == torch.bfloat16
     assert torch.equal(model.rope_cos, cos) and torch.equal(model.rope_sin, sin)
     assert torch.equal(model.half().float().rope_cos, cos)
+
+
+def test_compiles_with_fullgraph_and_matches_eager():
+    # aot_eager traces forward and backward through every op's fake implementation (the fused add + norm's
+    # included, with the last stream's gradient absent), as inductor does on a GPU in bench_step's compiled rows.
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, d_model=64, vocab_size=96, max_seq_len=64, bias=True))
+    idx, targets = torch.randint(0, 96, (1, 64)), torch.randint(0, 96, (1, 64))
+    params = list(model.parameters())
+    _, loss = model(idx, targets)
+    _, compiled_loss = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, targets)
+    torch.testing.assert_close(compiled_loss, loss, rtol=0, atol=1e-6)
+    for got, want in zip(torch.autograd.grad(compiled_loss, params), torch.autograd.grad(loss, params)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

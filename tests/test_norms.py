@@ -1,7 +1,8 @@
-"""fasttrain.ops.layer_norm / rms_norm: the Triton kernels (interpreted on CPU) against torch in float64 for outputs
-and all three gradients, with and without affine parameters, awkward widths, leading dims, strided inputs, autocast's
-output dtype, the torch.compile registration, the fallback for wide rows and input errors. GPU tests (`pytest -m gpu`)
-hold bf16/fp16 to twice torch's own error."""
+"""fasttrain.ops.layer_norm / rms_norm and the fused add_layer_norm / add_rms_norm: the Triton kernels (interpreted
+on CPU) against torch in float64 for outputs and every gradient, with and without affine parameters, awkward widths,
+leading dims, strided inputs, mixed branch/stream dtypes, unused outputs, autocast's output dtype, the torch.compile
+registration, the fallback for wide rows and input errors. GPU tests (`pytest -m gpu`) hold bf16/fp16 to twice
+torch's own error."""
 import pytest
 import torch
 import torch.nn as nn
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from fasttrain import _backend
 from fasttrain.kernels import norms as kernels
 from fasttrain.model.norms import LayerNorm, RMSNorm
-from fasttrain.ops.norms import layer_norm, rms_norm
+from fasttrain.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 # fp32 kernel vs float64 torch on unit-normal rows: a reordered fp32 row sum; measured worst 1.8e-6 (N 1000).
 TOL_FP32 = 1e-5
@@ -153,6 +154,116 @@ def test_bad_inputs_name_the_argument(call, error, match):
         call(torch.randn(4, 8), torch.randn(8))
 
 
+# ---- the residual add fused in -------------------------------------------------------------------------------------
+
+def _run_add(kind, x, r, w, b, backend, eps=1e-5):
+    if kind == "layer":
+        return add_layer_norm(x, r, x.shape[-1:], w, b, eps, backend=backend)
+    return add_rms_norm(x, r, x.shape[-1:], w, eps, backend=backend)
+
+
+def _torch_add(kind, x, r, w, b, eps=1e-5):
+    s = x + r
+    return _torch(kind, s, w, b, eps), s
+
+
+# (branch dtype, residual dtype): fp32; a half-precision branch onto an fp32 stream, as under autocast; the reverse;
+# an fp16 stream, where s is rounded before it is normalized.
+ADD_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float16),
+              (torch.float16, torch.float16)]
+
+
+@pytest.mark.parametrize("M,N", [(3, 1), (97, 7), (5, 768), (4, 1025)], ids=str)
+@pytest.mark.parametrize("kind,affine", [("layer", "wb"), ("layer", ""), ("rms", "w")])
+@pytest.mark.parametrize("dtypes", ADD_DTYPES, ids=lambda d: f"{str(d[0])[6:]}+{str(d[1])[6:]}")
+def test_add_norm_kernel_matches_torch_float64(M, N, kind, affine, dtypes):
+    x, w, b = _leaves(M, N, "w" in affine, "b" in affine, seed=1)
+    x = x.detach().to(dtypes[0]).requires_grad_()
+    r = torch.randn(M, N, generator=torch.Generator().manual_seed(2)).to(dtypes[1]).requires_grad_()
+    y, stream = _run_add(kind, x, r, w, b, "triton")
+    wide = torch.promote_types(*dtypes)
+    assert y.dtype == stream.dtype == wide and y.shape == stream.shape == x.shape
+    # The float64 reference rounds s to the stream's dtype, as `s = x + r` does, with the gradient passing straight
+    # through the rounding; y is the norm of s as stored (and what backward reads), rounded once to y's dtype.
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in (x, r, w, b)]
+    exact = leaves64[0] + leaves64[1]
+    want_s = exact + (exact.to(wide).double() - exact).detach()
+    want_y = _torch(kind, want_s, *leaves64[2:])
+    half_step = 2 ** -11 if wide == torch.float16 else 0.0
+    assert _err(stream, want_s) <= half_step + 1e-7 and _err(y, want_y) < TOL_FP32 + half_step
+    up_y, up_s = torch.randn_like(want_y), torch.randn_like(want_s)
+    got = _grads((y, stream), (x, r, w, b), (up_y.to(y.dtype), up_s.to(stream.dtype)))
+    ref = _grads((want_y, want_s), leaves64, (up_y, up_s))
+    for leaf, g, want in zip((x, r, w, b), got, ref):
+        assert (g is None) == (want is None)
+        if g is not None:
+            # x and residual take the same gradient, each in its own dtype (one fp16 rounding where it is fp16);
+            # an fp16 upstream gradient rounds once more.
+            assert g.dtype == leaf.dtype and _err(g, want) < TOL_FP32 + 2 * half_step + (
+                2 ** -11 if g.dtype == torch.float16 else 0)
+
+
+@pytest.mark.parametrize("used", ["normed", "stream"])
+def test_add_norm_with_one_output_unused(used):
+    # The last norm of a model discards the stream; the other case leaves the norm's gradient absent instead.
+    x, w, b = _leaves(33, 40, True, True, seed=3)
+    r = torch.randn(33, 40, requires_grad=True)
+    y, stream = _run_add("layer", x, r, w, b, "triton")
+    want_y, want_s = _torch_add("layer", x, r, w, b)
+    out, want = (y, want_y) if used == "normed" else (stream, want_s)
+    upstream = torch.randn_like(want)
+    live = (x, r, w, b) if used == "normed" else (x, r)
+    for g, ref in zip(torch.autograd.grad(out, live, upstream), torch.autograd.grad(want, live, upstream)):
+        assert _err(g, ref) < TOL_FP32
+
+
+def test_add_norm_under_autocast_writes_the_autocast_dtype_and_an_fp32_stream():
+    x, w, b = _leaves(8, 96, True, True)  # fp32 stream
+    branch = torch.randn(8, 96).half().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):
+        y, stream = add_layer_norm(branch, x, (96,), w, b, backend="triton")
+        want_y, want_s = _torch_add("layer", branch, x, w, b)
+    assert y.dtype == torch.float16 and stream.dtype == torch.float32 and torch.equal(stream, want_s)
+    assert torch.allclose(y.float(), want_y.half().float(), rtol=2 ** -10, atol=0)
+
+
+def test_add_norm_compiles_with_fullgraph():
+    x, w, b = _leaves(6, 40, True, True)
+    r = torch.randn(6, 40, requires_grad=True)
+    step = torch.compile(lambda x, r, w, b: add_layer_norm(x, r, (40,), w, b, backend="triton"), fullgraph=True,
+                         backend="eager")
+    y, stream = step(x, r, w, b)
+    want_y, want_s = _torch_add("layer", x, r, w, b)
+    assert _err(y, want_y) < TOL_FP32 and _err(stream, want_s) < TOL_FP32
+    for got, ref in zip(torch.autograd.grad((y * stream).sum(), (x, r, w, b)),
+                        torch.autograd.grad((want_y * want_s).sum(), (x, r, w, b))):
+        assert _err(got, ref) < TOL_FP32
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_norm_modules_take_a_residual(backend):
+    for module in (LayerNorm(24), RMSNorm(24, eps=1e-6)):
+        fn = module.add_norm_fn
+        module.add_norm_fn = lambda *a, fn=fn: fn(*a, backend=backend)
+        x, r = torch.randn(2, 3, 24), torch.randn(2, 3, 24)
+        y, stream = module(x, r)
+        assert torch.equal(stream, x + r) and _err(y, module(x + r)) < TOL_FP32
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x: add_layer_norm(x, x[:, :4], (8,)), ValueError, r"residual must be a floating-point tensor of input's "
+                                                               r"shape \(4, 8\), got torch.float32 \(4, 4\)"),
+    (lambda x: add_rms_norm(x, x.long(), (8,)), ValueError, "residual must be a floating-point"),
+    (lambda x: add_layer_norm(x, None, (8,)), ValueError, "residual must be"),
+    (lambda x: add_layer_norm(x, x, (7,)), ValueError, "normalized_shape"),
+    (lambda x: add_rms_norm(x, x, (8,), eps=-1.0), ValueError, "add_rms_norm: eps must be a float >= 0"),
+    (lambda x: add_layer_norm(x, x.double(), (8,), backend="triton"), Exception, "float64"),
+])
+def test_add_norm_bad_inputs_name_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call(torch.randn(4, 8))
+
+
 # ---- GPU -----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
@@ -180,3 +291,26 @@ def test_gpu_fp32_residual_under_autocast_writes_bf16():
         y = layer_norm(x, (768,), w, b, backend="triton")
     want = F.layer_norm(x, (768,), w, b)
     assert y.dtype == torch.bfloat16 and _err(y, want) <= 2 * _err(want.bfloat16(), want) + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("M,N", [(1, 768), (16384, 768), (97, 1025)], ids=str)
+def test_gpu_add_norm_bf16_branch_onto_fp32_stream(kind, M, N):
+    # The training step's case: a bf16 branch added to the fp32 stream under bf16 autocast.
+    stream_in, w, b = _leaves(M, N, True, kind == "layer", device="cuda")
+    branch = torch.randn(M, N, device="cuda").bfloat16().requires_grad_()
+    leaves = (branch, stream_in, w, b)
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
+    want_y, want_s = _torch_add(kind, *leaves64)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, stream = _run_add(kind, branch, stream_in, w, b, "triton")
+        torch_y, torch_s = _torch_add(kind, branch, stream_in, w, b)  # fp32 out: torch's autocast norms run fp32
+    assert y.dtype == torch.bfloat16 and stream.dtype == torch.float32 and torch.equal(stream, torch_s)
+    assert _err(y, want_y) <= 2 * _err(torch_y.bfloat16(), want_y) + 1e-6
+    up_y, up_s = torch.randn_like(want_y), torch.randn_like(want_s)
+    ours = _grads((y, stream), leaves, (up_y.bfloat16(), up_s.float()))
+    theirs = _grads((torch_y.bfloat16(), torch_s), leaves, (up_y.bfloat16(), up_s.float()))
+    for leaf, got, other, ref in zip(leaves, ours, theirs, _grads((want_y, want_s), leaves64, (up_y, up_s))):
+        if ref is not None:
+            assert got.dtype == leaf.dtype and _err(got, ref) <= 2 * _err(other, ref) + 1e-6

@@ -26,7 +26,10 @@ TABLES = {
     "decode": ("KV-cache decode (K and V bytes read)",
                ["kind", "B", "L", "H", "Hkv", "impl", "ms", "GBs", "pct_copy", "x_sdpa", "tokens_per_s"]),
     "step": ("Training step (forward, backward, optimizer)",
-             ["variant", "B", "T", "params_M", "step_ms", "tokens_per_s", "speedup_vs_eager", "mfu_pct", "peak_mem_GiB"]),
+             ["variant", "B", "T", "params_M", "step_ms", "tokens_per_s", "speedup_vs_eager", "mfu_pct", "peak_mem_GiB",
+              "gpu_busy_ms"]),
+    "overhead": ("Host time per call on a tiny input (x torch > 1: fasttrain's host costs less)",
+                 ["op", "mode", "impl", "host_us", "x torch"]),
     "data": ("Tokenizing into shards", ["tokenizer", "workers", "MB", "MB/s"]),
 }
 # On a CPU the Triton kernels run in the interpreter: those rows show that the benchmark works, not speed.

@@ -1,5 +1,10 @@
 """A decoder-only GPT built on fasttrain.ops: pre-norm blocks of causal GQA attention and an MLP.
 
+The residual stream is carried beside the last branch's output rather than summed at the end of each block, so that
+each add lands inside the norm that follows it (fasttrain.ops.add_layer_norm: one pass instead of an add and a norm,
+as flash-attn's and Liger's fused add + norm): block i maps (branch, stream) to (branch, stream), and the final norm
+takes the last pair. The sums are the ones `x = x + branch` makes, in the same order.
+
 Generation plugs in through `cache` (see `GPT.forward`); nothing about caches lives here beyond that hand-off.
 """
 from __future__ import annotations
@@ -76,9 +81,19 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, cache))
-        return x + self.drop(self.mlp(self.norm2(x)))
+    def forward(self, x, residual, cos, sin, cache=None):
+        """x: the previous block's MLP output (the embeddings in the first block), residual: the stream it adds to
+        (None in the first block) -> this block's MLP output and the stream it adds to, both (B, T, C)."""
+        h, residual = add_norm(self.norm1, x, residual)
+        h, residual = self.norm2(self.drop(self.attn(h, cos, sin, cache)), residual)
+        return self.drop(self.mlp(h)), residual
+
+
+def add_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual), or (norm(x), x) for the first block, where the stream begins at x."""
+    if residual is None:
+        return norm(x), x
+    return norm(x, residual)
 
 
 class GPT(nn.Module):
@@ -156,10 +171,10 @@ class GPT(nn.Module):
         if self.rope_cos is not None:
             cos, sin = (self.rope_cos[pos], self.rope_sin[pos]) if pos is not None else (self.rope_cos[:T],
                                                                                           self.rope_sin[:T])
-        x = self.drop(x)
+        x, residual = self.drop(x), None
         for block in self.blocks:
-            x = block(x, cos, sin, cache)
-        logits = self.lm_head(self.norm_f(x))  # (B, T, V)
+            x, residual = block(x, residual, cos, sin, cache)
+        logits = self.lm_head(add_norm(self.norm_f, x, residual)[0])  # (B, T, V)
         if targets is None:
             return logits, None
         # (B*T, V) against (B*T,); the loss and the softmax inside it are fp32 whatever the autocast dtype.

@@ -2,8 +2,8 @@
 from fasttrain.ops.attention import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from fasttrain.ops.cross_entropy import cross_entropy
 from fasttrain.ops.decode import flash_attn_with_kvcache
-from fasttrain.ops.norms import layer_norm, rms_norm
+from fasttrain.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fasttrain.ops.rotary import apply_rotary_emb
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "scaled_dot_product_attention", "flash_attn_with_kvcache",
-           "cross_entropy", "layer_norm", "rms_norm", "apply_rotary_emb"]
+           "cross_entropy", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "apply_rotary_emb"]

@@ -1,10 +1,12 @@
-"""LayerNorm and RMSNorm with torch's functional signatures, on a Triton body shared by both.
+"""LayerNorm and RMSNorm with torch's functional signatures, on a Triton body shared by both, and the pre-norm
+residual add fused into them (`add_layer_norm`, `add_rms_norm`: flash-attn's layer_norm_fn with residual= and
+prenorm=True, Liger's fused add + RMSNorm).
 
 Three layers, as in ops/cross_entropy.py: the kernels in fasttrain.kernels.norms; the `torch.library` ops
-`fasttrain::norm_forward` / `_backward` around them (output, mean, 1/std; then dx, dw, db from the saved statistics),
-with fake implementations and a registered autograd formula; and `layer_norm` / `rms_norm` below, which check their
-inputs, choose the backend and flatten the normalized dims into rows. The reference backend is torch's own
-F.layer_norm / F.rms_norm.
+`fasttrain::norm_forward` / `_backward` around them (output, residual stream, mean, 1/std; then the input gradients,
+dw and db from the saved statistics), with fake implementations and a registered autograd formula; and the public
+functions below, which check their inputs, choose the backend and flatten the normalized dims into rows. The
+reference backend is torch's own F.layer_norm / F.rms_norm, after a plain `x + residual` for the fused forms.
 
 One difference from torch, on every backend: under autocast the output is in the autocast dtype (torch computes the
 norm in fp32 and returns fp32, and the Linear that follows casts it to bf16 in a separate pass; the kernel computes in
@@ -33,55 +35,80 @@ def _kernels():
 # ---- the registered ops --------------------------------------------------------------------------------------------
 
 @custom_op("fasttrain::norm_forward", mutates_args=())
-def _forward_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool,
-                out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    return _kernels().norm_forward(x, weight, bias, eps, is_rms, out_dtype)
+def _forward_op(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
+                is_rms: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _kernels().norm_forward(x, residual, weight, bias, eps, is_rms, out_dtype)
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, eps, is_rms, out_dtype):
+def _(x, residual, weight, bias, eps, is_rms, out_dtype):
     M = x.shape[0]
-    return (x.new_empty(x.shape, dtype=out_dtype), x.new_empty(0 if is_rms else M, dtype=torch.float32),
+    stream = (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype)) if residual is not None
+              else x.new_empty(0))
+    return (x.new_empty(x.shape, dtype=out_dtype), stream, x.new_empty(0 if is_rms else M, dtype=torch.float32),
             x.new_empty(M, dtype=torch.float32))
 
 
 @custom_op("fasttrain::norm_backward", mutates_args=())
 def _backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, is_rms: bool,
-                 has_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = _kernels().norm_backward(dy, x, weight, mean, rstd, is_rms, has_bias)
-    # The schema has no optional outputs: an absent parameter's gradient comes back empty (two distinct tensors: a
-    # custom op's outputs may not alias).
-    return dx, x.new_empty(0) if dw is None else dw, x.new_empty(0) if db is None else db
+                 has_bias: bool, dres: Tensor | None, dx2_dtype: torch.dtype | None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, *rest = _kernels().norm_backward(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype)
+    # The schema has no optional outputs: an absent one (dx2, dw, db) comes back empty (distinct tensors: a custom
+    # op's outputs may not alias).
+    dx2, dw, db = (x.new_empty(0) if t is None else t for t in rest)
+    return dx, dx2, dw, db
 
 
 @_backward_op.register_fake
-def _(dy, x, weight, mean, rstd, is_rms, has_bias):
+def _(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype):
     param = weight if weight is not None else x
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape if dx2_dtype is not None else 0, dtype=dx2_dtype or x.dtype),
             param.new_empty(x.shape[1:] if weight is not None else 0),
             param.new_empty(x.shape[1:] if has_bias else 0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, _, is_rms, _ = inputs
-    ctx.save_for_backward(x, weight, output[1], output[2])
+    x, residual, weight, bias, _, is_rms, _ = inputs
+    # The rows normalized: the new residual stream when the add is fused, else x.
+    ctx.save_for_backward(output[1] if residual is not None else x, weight, output[2], output[3])
     ctx.is_rms, ctx.has_bias = is_rms, bias is not None
+    ctx.dtypes = (x.dtype, residual.dtype) if residual is not None else None
+    # An output nobody used (the final norm's residual stream, the statistics) brings None, not a tensor of zeros.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dy, grad_mean, grad_rstd):  # mean and rstd never leave the op, so they have no gradient
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _backward_op(dy.contiguous(), x, weight, mean, rstd, ctx.is_rms, ctx.has_bias)
-    return dx, (dw if weight is not None else None), (db if ctx.has_bias else None), None, None, None
+def _backward(ctx, dy, dstream, grad_mean, grad_rstd):  # mean and rstd never leave the op, so they have no gradient
+    rows, weight, mean, rstd = ctx.saved_tensors
+    dy = torch.zeros_like(rows) if dy is None else _unit_column_stride(dy)
+    if ctx.dtypes is None:
+        dx, _, dw, db = _backward_op(dy, rows, weight, mean, rstd, ctx.is_rms, ctx.has_bias, None, None)
+        dx_in, dres_in = dx, None
+    else:
+        # s = x + residual: both get the gradient arriving at s (through the norm and from the stream downstream),
+        # each in its own dtype; s has the wider of the two, so at most one needs a second copy (dx2).
+        other = next((d for d in ctx.dtypes if d != rows.dtype), None)
+        dstream = _unit_column_stride(dstream) if dstream is not None else None
+        dx, dx2, dw, db = _backward_op(dy, rows, weight, mean, rstd, ctx.is_rms, ctx.has_bias, dstream, other)
+        dx_in, dres_in = (dx if d == rows.dtype else dx2 for d in ctx.dtypes)
+    return (dx_in, dres_in, dw if weight is not None else None, db if ctx.has_bias else None, None, None, None)
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _unit_column_stride(t: Tensor) -> Tensor:
+    # The kernels take any row stride but unit column stride (a sum's upstream gradient arrives expanded, stride 0).
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 # ---- input checks, backend choice ----------------------------------------------------------------------------------
 
-def _triton_reason(x: Tensor, n_cols: int) -> str | None:
-    if (why := _backend.triton_tensor_reason(x)) is not None:
-        return why
+def _triton_reason(x: Tensor, n_cols: int, residual: Tensor | None) -> str | None:
+    for t in (x, residual):
+        if t is not None and (why := _backend.triton_tensor_reason(t)) is not None:
+            return why
     if n_cols > _kernels().MAX_N:
         return f"normalized rows of {n_cols} elements exceed the kernels' {_kernels().MAX_N} (held in registers)"
     return None
@@ -116,25 +143,44 @@ def _normalized_size(name: str, input: Tensor, normalized_shape, weight: Tensor 
     return n
 
 
-def _out_dtype(input: Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(input.device.type):
-        return torch.get_autocast_dtype(input.device.type)
-    return input.dtype
+def _out_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The norm's output dtype for rows of `dtype`: autocast's when it is on (module docstring), else the rows'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
 
 
-def _norm(input: Tensor, n_cols: int, weight: Tensor | None, bias: Tensor | None, eps: float, is_rms: bool) -> Tensor:
-    x = input.reshape(-1, n_cols)  # (M, N): one row per normalized slice
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+def _rows(t: Tensor, n_cols: int) -> Tensor:
+    return _unit_column_stride(t.reshape(-1, n_cols))  # (M, N): one row per normalized slice
+
+
+def _norm(input: Tensor, residual: Tensor | None, n_cols: int, weight: Tensor | None, bias: Tensor | None,
+          eps: float, is_rms: bool) -> tuple[Tensor, Tensor]:
+    """(the norm of input + residual, or of input alone; input + residual, or an empty tensor) in input's shape."""
+    x, r = _rows(input, n_cols), (_rows(residual, n_cols) if residual is not None else None)
     # (N,) unit-stride parameters; autograd takes their gradients back to the normalized shape.
     weight, bias = (t.reshape(-1).contiguous() if t is not None else None for t in (weight, bias))
-    y, _, _ = _forward_op(x, weight, bias, float(eps), is_rms, _out_dtype(input))
-    return y.view(input.shape)
+    dtype = torch.promote_types(input.dtype, residual.dtype) if residual is not None else input.dtype
+    y, stream, _, _ = _forward_op(x, r, weight, bias, float(eps), is_rms, _out_dtype(input.device, dtype))
+    return y.view(input.shape), (stream.view(input.shape) if residual is not None else stream)
 
 
 def _check_eps(name: str, eps) -> None:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"{name}: eps must be a float >= 0, got {eps!r}")
+
+
+def _check_residual(name: str, input: Tensor, residual) -> None:
+    if not isinstance(residual, Tensor) or not residual.is_floating_point() or residual.shape != input.shape:
+        raise ValueError(f"{name}: residual must be a floating-point tensor of input's shape {tuple(input.shape)}, "
+                         f"got {getattr(residual, 'dtype', type(residual).__name__)} "
+                         f"{tuple(getattr(residual, 'shape', ()))}")
+    if residual.device != input.device:
+        raise ValueError(f"{name}: residual must be on input's device ({input.device}), got {residual.device}")
+
+
+def _choose(input: Tensor, n_cols: int, backend: str | None, residual: Tensor | None = None) -> str:
+    return _backend.choose(OP, {"triton": _triton_reason(input, n_cols, residual), "reference": None}, backend)
 
 
 def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -144,9 +190,9 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
     autocast dtype (module docstring). backend: "auto" (default), "triton" or "reference"."""
     n_cols = _normalized_size("layer_norm", input, normalized_shape, weight, bias)
     _check_eps("layer_norm", eps)
-    if _backend.choose(OP, {"triton": _triton_reason(input, n_cols), "reference": None}, backend) == "reference":
-        return F.layer_norm(input, normalized_shape, weight, bias, eps).to(_out_dtype(input))
-    return _norm(input, n_cols, weight, bias, eps, is_rms=False)
+    if _choose(input, n_cols, backend) == "reference":
+        return F.layer_norm(input, normalized_shape, weight, bias, eps).to(_out_dtype(input.device, input.dtype))
+    return _norm(input, None, n_cols, weight, bias, eps, is_rms=False)[0]
 
 
 def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None, *,
@@ -158,6 +204,36 @@ def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps:
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     _check_eps("rms_norm", eps)
-    if _backend.choose(OP, {"triton": _triton_reason(input, n_cols), "reference": None}, backend) == "reference":
-        return F.rms_norm(input, normalized_shape, weight, eps).to(_out_dtype(input))
-    return _norm(input, n_cols, weight, None, eps, is_rms=True)
+    if _choose(input, n_cols, backend) == "reference":
+        return F.rms_norm(input, normalized_shape, weight, eps).to(_out_dtype(input.device, input.dtype))
+    return _norm(input, None, n_cols, weight, None, eps, is_rms=True)[0]
+
+
+def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape, weight: Tensor | None = None,
+                   bias: Tensor | None = None, eps: float = 1e-5, *, backend: str | None = None
+                   ) -> tuple[Tensor, Tensor]:
+    """A pre-norm block's residual add and the LayerNorm after it, in one pass: (layer_norm(s), s) for
+    s = input + residual, the new residual stream, in the two's promoted dtype as `input + residual` gives it (a bf16
+    branch onto an fp32 stream stays fp32). The norm is `layer_norm`'s (same arguments, same output dtype rule)."""
+    n_cols = _normalized_size("add_layer_norm", input, normalized_shape, weight, bias)
+    _check_residual("add_layer_norm", input, residual)
+    _check_eps("add_layer_norm", eps)
+    if _choose(input, n_cols, backend, residual) == "reference":
+        s = input + residual
+        return F.layer_norm(s, normalized_shape, weight, bias, eps).to(_out_dtype(s.device, s.dtype)), s
+    return _norm(input, residual, n_cols, weight, bias, eps, is_rms=False)
+
+
+def add_rms_norm(input: Tensor, residual: Tensor, normalized_shape, weight: Tensor | None = None,
+                 eps: float | None = None, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """(rms_norm(s), s) for s = input + residual in one pass, as add_layer_norm; eps None means the machine epsilon
+    of s's dtype, as rms_norm(s) would take."""
+    n_cols = _normalized_size("add_rms_norm", input, normalized_shape, weight, None)
+    _check_residual("add_rms_norm", input, residual)
+    if eps is None:
+        eps = torch.finfo(torch.promote_types(input.dtype, residual.dtype)).eps
+    _check_eps("add_rms_norm", eps)
+    if _choose(input, n_cols, backend, residual) == "reference":
+        s = input + residual
+        return F.rms_norm(s, normalized_shape, weight, eps).to(_out_dtype(s.device, s.dtype)), s
+    return _norm(input, residual, n_cols, weight, None, eps, is_rms=True)

@@ -1,0 +1,176 @@
+"""Host time per call of each fasttrain op on a tiny input, where the kernels take microseconds and the host's Python,
+dispatch and launches set the pace: fasttrain against torch's op for the same job, forward and forward + backward,
+beside an empty Triton kernel's launch (the floor under any Triton-backed op); then a cProfile of fasttrain's
+LayerNorm forward + backward that names where the host time goes.
+
+    python benchmarks/bench_overhead.py [--device cpu|cuda] [--quick] [--out DIR]
+
+Why: on an H100 a LayerNorm forward + backward on (16384, 768) ran 110 us of kernels in 806 us of wall time
+(benchmarks/NOTES.md), and the model's step runs dozens of such ops per layer. Timing: many calls back to back, then
+one synchronize; on CUDA each tiny kernel ends long before the host issues the next, so wall time over calls is the
+host's cost per call; `x torch` is torch's host time over fasttrain's (above 1: fasttrain's host costs less). On a CPU
+the ops take their references, so the rows there measure fasttrain's checks and autograd wrapper around torch's op
+(and, for attention and decode, a reference written as the kernels' oracle, not for speed).
+"""
+from __future__ import annotations
+
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from fasttrain.ops import (add_layer_norm, apply_rotary_emb, cross_entropy, flash_attn_func,  # noqa: E402
+                           flash_attn_with_kvcache, layer_norm)
+from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
+
+B, T, H, D, C, V, CACHE = 1, 16, 12, 64, 768, 512, 256
+
+
+def host_us(fn, device: str, calls: int, reps: int = 5) -> float:
+    """Median over reps of (wall time of `calls` back-to-back calls, then one synchronize) / calls, in us."""
+    for _ in range(10):
+        fn()
+    common.synchronize(device)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        common.synchronize(device)
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return sorted(times)[reps // 2]
+
+
+def cases(device: str) -> dict:
+    """name -> (inputs requiring grad, fasttrain fn, torch fn): each fn maps the inputs to a tensor or a tuple."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g, device=device, dtype=dt).requires_grad_()
+
+    rows, branch, w, b = rand(B * T, C, dt=torch.float32), rand(B * T, C), rand(C, dt=torch.float32), rand(
+        C, dt=torch.float32)
+    q, k, v = rand(B, T, H, D), rand(B, T, H, D), rand(B, T, H, D)
+    cos, sin = torch.rand(T, D // 2, generator=g, device=device), torch.rand(T, D // 2, generator=g, device=device)
+    logits, targets = rand(B * T, V), torch.randint(0, V, (B * T,), generator=g, device=device)
+    k_cache, v_cache = (torch.randn(B, CACHE, H, D, generator=g, device=device, dtype=dtype) for _ in range(2))
+    q1 = q.detach()[:, :1]  # (B, 1, H, D): one new token against a full cache of CACHE rows
+    seqlens = torch.full((B,), CACHE, dtype=torch.int32, device=device)
+
+    def sdpa(q, k, v):  # (B, T, H, D) in and out, as flash_attn_func
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+
+    def torch_add_norm(x, r, w, b):
+        s = x + r
+        return F.layer_norm(s, (C,), w, b), s
+
+    return {
+        "layer_norm": ((rows, w, b), lambda x, w, b: layer_norm(x, (C,), w, b), lambda x, w, b: F.layer_norm(
+            x, (C,), w, b)),
+        "add_layer_norm": ((branch, rows, w, b), lambda x, r, w, b: add_layer_norm(x, r, (C,), w, b),
+                           torch_add_norm),
+        "rotary": ((q,), lambda x: apply_rotary_emb(x, cos, sin), lambda x: apply_rotary_emb_reference(x, cos, sin)),
+        "attention": ((q, k, v), lambda q, k, v: flash_attn_func(q, k, v, causal=True), sdpa),
+        "cross_entropy": ((logits,), lambda x: cross_entropy(x, targets), lambda x: F.cross_entropy(x.float(),
+                                                                                                     targets)),
+        "decode": ((), lambda: flash_attn_with_kvcache(q1, k_cache, v_cache, cache_seqlens=seqlens,
+                                                       check_lengths=False),
+                   lambda: F.scaled_dot_product_attention(q1.transpose(1, 2), k_cache.transpose(1, 2),
+                                                          v_cache.transpose(1, 2)).transpose(1, 2)),
+    }
+
+
+def outputs(fn, inputs) -> tuple:
+    out = fn(*inputs)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def check_correct(name: str, inputs, ours, theirs, device: str) -> float:
+    err = max(((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1)).item()
+              for a, b in zip(outputs(ours, inputs), outputs(theirs, inputs)))
+    bound = 3e-2 if device == "cuda" else 1e-4  # bf16 on CUDA, fp32 on CPU
+    if not err < bound:
+        raise AssertionError(f"{name}: fasttrain differs from torch by {err:.3g} (bound {bound})")
+    return err
+
+
+def triton_launch_floor(device: str, calls: int) -> float | None:
+    """Host us per launch of an empty Triton kernel with six tensor and four int arguments (a norm's count)."""
+    if device != "cuda":
+        return None
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty(A, B_, C_, D_, E, F_, n0, n1, n2, n3, BLOCK: tl.constexpr):
+        pass
+
+    ts = [torch.empty(16, device=device) for _ in range(6)]
+    return host_us(lambda: _empty[(1,)](*ts, 1, 2, 3, 4, BLOCK=128), device, calls)
+
+
+def profile_layer_norm(device: str, calls: int, top: int = 15) -> list:
+    """cProfile of fasttrain's LayerNorm forward + backward: [function, self us per call, calls per call]."""
+    inputs, ours, _ = cases(device)["layer_norm"]
+
+    def fwd_bwd():
+        torch.autograd.grad(ours(*inputs), inputs, torch.ones(B * T, C, device=device))
+    fwd_bwd()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fwd_bwd()
+    common.synchronize(device)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, fn): (primitive calls, calls, self s, cumulative s, ...)}
+    ranked = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [[f"{Path(file).name}:{line}({fn})", round(tt / calls * 1e6, 2), round(nc / calls, 2)]
+            for (file, line, fn), (_, nc, tt, _, _) in ranked]
+
+
+def main() -> None:
+    args = common.parse_args(__doc__.splitlines()[0])
+    device = args.device
+    calls = 50 if args.quick else 500
+    rows = []
+    for name, (inputs, ours, theirs) in cases(device).items():
+        err = check_correct(name, inputs, ours, theirs, device)
+        for mode in ("fwd", "fwd+bwd"):
+            if mode == "fwd+bwd" and not inputs:
+                continue
+            times = {}
+            for impl, fn in (("torch", theirs), ("fasttrain", ours)):
+                if mode == "fwd":
+                    def run(fn=fn):
+                        with torch.no_grad():
+                            fn(*inputs)
+                else:
+                    def run(fn=fn):
+                        outs = outputs(fn, inputs)  # upstream gradients of ones, as a sum's backward gives
+                        torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+                times[impl] = host_us(run, device, calls)
+            for impl, us in times.items():
+                rows.append({"op": name, "mode": mode, "impl": impl, "host_us": us,
+                             "x torch": times["torch"] / us, "rel_err": err})
+    floor = triton_launch_floor(device, calls)
+    if floor is not None:
+        rows.append({"op": "empty triton kernel", "mode": "launch", "impl": "triton", "host_us": floor})
+    common.print_table(rows, ["op", "mode", "impl", "host_us", "x torch"])
+    profile = profile_layer_norm(device, calls)
+    print("cProfile, fasttrain layer_norm forward + backward: function, self us per call, calls per call")
+    for entry in profile:
+        print("  ", *entry)
+    path = common.write_results("overhead", device, rows, {"layer_norm_cprofile": profile}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
