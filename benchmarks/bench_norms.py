@@ -25,17 +25,8 @@ from fasttrain.ops import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # 
 # (M rows = batch x tokens, N): GPT-2 small's B16 x T1024 x 768, GPT-2 XL's 1600, Llama-7B's 4096.
 SHAPES = {"cuda": [(16384, 768), (16384, 1600), (8192, 4096)], "cpu": [(2048, 768), (1024, 4096)]}
 QUICK = {"cuda": [(16384, 768)], "cpu": [(2048, 768)]}
-
-
-def _torch_add(norm):
-    def add_norm(branch, x, *args):  # what an eager pre-norm block does: the add, then the norm
-        s = branch + x
-        return norm(s, *args), s
-    return add_norm
-
-
-TORCH = {"layer_norm": F.layer_norm, "rms_norm": F.rms_norm, "add_layer_norm": _torch_add(F.layer_norm),
-         "add_rms_norm": _torch_add(F.rms_norm)}
+TORCH = {"layer_norm": F.layer_norm, "rms_norm": F.rms_norm, "add_layer_norm": common.eager_add_norm(F.layer_norm),
+         "add_rms_norm": common.eager_add_norm(F.rms_norm)}
 OURS = {"layer_norm": layer_norm, "rms_norm": rms_norm, "add_layer_norm": add_layer_norm, "add_rms_norm": add_rms_norm}
 
 
@@ -43,8 +34,9 @@ def autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
 
 
-def leaves_of(kind: str, branch, x, w, b) -> tuple:
-    return (branch,) * kind.startswith("add") + ((x, w) if kind.endswith("rms_norm") else (x, w, b))
+def leaf_names(kind: str) -> tuple:
+    """The tensors a call of `kind` takes gradients for, in `call`'s order."""
+    return ("branch",) * kind.startswith("add") + (("x", "w") if kind.endswith("rms_norm") else ("x", "w", "b"))
 
 
 def call(fn, kind: str, branch, x, w, b) -> tuple:
@@ -56,7 +48,7 @@ def call(fn, kind: str, branch, x, w, b) -> tuple:
 
 
 def fwd_bwd(fn, kind: str, branch, x, w, b, device: str):
-    leaves = leaves_of(kind, branch, x, w, b)
+    leaves = [{"branch": branch, "x": x, "w": w, "b": b}[name] for name in leaf_names(kind)]
 
     def run():
         with autocast(device):
@@ -68,11 +60,11 @@ def fwd_bwd(fn, kind: str, branch, x, w, b, device: str):
 
 def check_correct(kind: str, branch, x, w, b, device: str) -> float:
     """fasttrain's outputs and gradients against torch in float64: the largest error relative to the largest value."""
-    leaves = leaves_of(kind, branch, x, w, b)
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    args64 = dict(zip(("branch", "x", "w", "b"), leaves64)) if kind.startswith("add") else dict(
-        zip(("x", "w", "b"), leaves64))
-    want = call(TORCH[kind], kind, args64.get("branch"), args64["x"], args64["w"], args64.get("b"))
+    given = {"branch": branch, "x": x, "w": w, "b": b}
+    leaves = [given[name] for name in leaf_names(kind)]
+    ref = {name: given[name].detach().double().requires_grad_() for name in leaf_names(kind)}
+    leaves64 = list(ref.values())
+    want = call(TORCH[kind], kind, ref.get("branch"), ref["x"], ref["w"], ref.get("b"))
     upstream = [torch.randn_like(t) for t in want]
     with autocast(device):
         got = call(OURS[kind], kind, branch, x, w, b)

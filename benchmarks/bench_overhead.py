@@ -68,15 +68,11 @@ def cases(device: str) -> dict:
     def sdpa(q, k, v):  # (B, T, H, D) in and out, as flash_attn_func
         return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
 
-    def torch_add_norm(x, r, w, b):
-        s = x + r
-        return F.layer_norm(s, (C,), w, b), s
-
     return {
         "layer_norm": ((rows, w, b), lambda x, w, b: layer_norm(x, (C,), w, b), lambda x, w, b: F.layer_norm(
             x, (C,), w, b)),
         "add_layer_norm": ((branch, rows, w, b), lambda x, r, w, b: add_layer_norm(x, r, (C,), w, b),
-                           torch_add_norm),
+                           lambda x, r, w, b: common.eager_add_norm(F.layer_norm)(x, r, (C,), w, b)),
         "rotary": ((q,), lambda x: apply_rotary_emb(x, cos, sin), lambda x: apply_rotary_emb_reference(x, cos, sin)),
         "attention": ((q, k, v), lambda q, k, v: flash_attn_func(q, k, v, causal=True), sdpa),
         "cross_entropy": ((logits,), lambda x: cross_entropy(x, targets), lambda x: F.cross_entropy(x.float(),

@@ -66,14 +66,6 @@ def eager_cross_entropy(logits, targets, ignore_index=-100):
     return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 
 
-def eager_add_norm(norm_fn):
-    """A pre-norm block's residual add as an eager script writes it: `x = x + branch`, then torch's norm."""
-    def add_norm(branch, residual, *args):
-        s = branch + residual
-        return norm_fn(s, *args), s
-    return add_norm
-
-
 def use_torch_ops(model: GPT, math_attention: bool) -> None:
     """Swap every fasttrain op in the model for what an eager PyTorch script uses."""
     for block in model.blocks:
@@ -82,7 +74,7 @@ def use_torch_ops(model: GPT, math_attention: bool) -> None:
     for module in model.modules():
         if isinstance(module, (LayerNorm, RMSNorm)):
             module.norm_fn = F.layer_norm if isinstance(module, LayerNorm) else F.rms_norm
-            module.add_norm_fn = eager_add_norm(module.norm_fn)
+            module.add_norm_fn = common.eager_add_norm(module.norm_fn)
     model.loss_fn = eager_cross_entropy
 
 

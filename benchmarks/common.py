@@ -72,6 +72,15 @@ def time_interleaved_ms(fns: dict, device: str, rounds: int = 5, min_run_time: f
     return {name: sorted(v)[len(v) // 2] for name, v in per_round.items()}
 
 
+def eager_add_norm(norm_fn):
+    """A pre-norm block's residual add as an eager script writes it, `s = branch + residual`, then torch's norm:
+    the baseline for fasttrain's add_layer_norm / add_rms_norm, with their (branch, residual, shape, ...) arguments."""
+    def add_norm(branch, residual, *args):
+        s = branch + residual
+        return norm_fn(s, *args), s
+    return add_norm
+
+
 def profile_call(fn, device: str, top: int = 8) -> dict:
     """One warm call of fn() under torch.profiler: where its time went. `top_cpu`: the host ops with the most self CPU
     time (ms). On CUDA also `gpu_busy_ms`, the time some kernel, copy or memset ran (the union of their intervals),

@@ -173,7 +173,7 @@ ADD_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float32), (t
               (torch.float16, torch.float16)]
 
 
-@pytest.mark.parametrize("M,N", [(3, 1), (97, 7), (5, 768), (4, 1025)], ids=str)
+@pytest.mark.parametrize("M,N", SIZES, ids=str)
 @pytest.mark.parametrize("kind,affine", [("layer", "wb"), ("layer", ""), ("rms", "w")])
 @pytest.mark.parametrize("dtypes", ADD_DTYPES, ids=lambda d: f"{str(d[0])[6:]}+{str(d[1])[6:]}")
 def test_add_norm_kernel_matches_torch_float64(M, N, kind, affine, dtypes):
