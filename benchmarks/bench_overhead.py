@@ -1,7 +1,10 @@
 """Host time per call of each fasttrain op on a tiny input, where the kernels take microseconds and the host's Python,
 dispatch and launches set the pace: fasttrain against torch's op for the same job, forward and forward + backward,
-beside an empty Triton kernel's launch (the floor under any Triton-backed op); then a cProfile of fasttrain's
-LayerNorm forward + backward that names where the host time goes.
+beside an empty Triton kernel's launch (the floor under any Triton-backed op) and fasttrain's own Python on its
+Triton path with every launch skipped (impl "fasttrain, no launch": each kernel object swapped for one whose
+`kernel[grid](...)` does nothing, so its outputs are garbage and only its time is kept; on a CPU this runs in a child
+process with the Triton backend forced, the one way to time that path's Python without a GPU, and on CUDA the gap to
+the "fasttrain" row is Triton's launcher and the driver); then a cProfile of fasttrain's LayerNorm forward + backward.
 
     python benchmarks/bench_overhead.py [--device cpu|cuda] [--quick] [--out DIR]
 
@@ -14,8 +17,13 @@ the ops take their references, so the rows there measure fasttrain's checks and 
 """
 from __future__ import annotations
 
+import contextlib
 import cProfile
+import importlib
+import json
+import os
 import pstats
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +39,8 @@ from fasttrain.ops import (add_layer_norm, apply_rotary_emb, cross_entropy, flas
 from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
 
 B, T, H, D, C, V, CACHE = 1, 16, 12, 64, 768, 512, 256
+KERNEL_MODULES = ("attention", "cross_entropy", "decode", "norms", "rotary")
+NO_LAUNCH = "fasttrain, no launch"
 
 
 def host_us(fn, device: str, calls: int, reps: int = 5) -> float:
@@ -132,30 +142,82 @@ def profile_layer_norm(device: str, calls: int, top: int = 15) -> list:
             for (file, line, fn), (_, nc, tt, _, _) in ranked]
 
 
+class _NoLaunch:
+    """Stands in for a Triton kernel or autotuner: `kernel[grid](*args)` returns at once."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def launches_skipped():
+    """Every Triton kernel of fasttrain.kernels swapped for a _NoLaunch while inside; restored after."""
+    import triton
+
+    swapped = []
+    for name in KERNEL_MODULES:
+        module = importlib.import_module(f"fasttrain.kernels.{name}")
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, triton.runtime.KernelInterface):
+                swapped.append((module, attr, value))
+                setattr(module, attr, _NoLaunch())
+    try:
+        yield
+    finally:
+        for module, attr, value in swapped:
+            setattr(module, attr, value)
+
+
+def time_modes(name: str, inputs, fn, device: str, calls: int) -> dict[str, float]:
+    """mode -> host us per call of fn on inputs: "fwd" under no_grad, "fwd+bwd" (when inputs take a gradient)."""
+    def fwd():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def fwd_bwd():
+        outs = outputs(fn, inputs)  # upstream gradients of ones, as a sum's backward gives
+        torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+    return {mode: host_us(run, device, calls) for mode, run in (("fwd", fwd), ("fwd+bwd", fwd_bwd))
+            if mode == "fwd" or inputs}
+
+
+def no_launch_rows(device: str, calls: int) -> list[dict]:
+    """The "fasttrain, no launch" rows: in this process on CUDA; on a CPU in a child with TRITON_INTERPRET=1 and
+    FASTTRAIN_BACKEND=triton (the interpreter must be on before fasttrain.kernels is imported)."""
+    if device == "cpu" and os.environ.get("FASTTRAIN_BACKEND") != "triton":
+        env = dict(os.environ, TRITON_INTERPRET="1", FASTTRAIN_BACKEND="triton")
+        child = subprocess.run([sys.executable, __file__, "--no-launch-rows", str(calls)], env=env,
+                               capture_output=True, text=True)
+        if child.returncode != 0:
+            raise RuntimeError(f"the no-launch child failed:\n{child.stderr[-3000:]}")
+        return json.loads(child.stdout.splitlines()[-1])
+    rows = []
+    with launches_skipped():
+        for name, (inputs, ours, _) in cases(device).items():
+            for mode, us in time_modes(name, inputs, ours, device, calls).items():
+                rows.append({"op": name, "mode": mode, "impl": NO_LAUNCH, "host_us": us})
+    return rows
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--no-launch-rows"]:  # the child of no_launch_rows on a CPU
+        print(json.dumps(no_launch_rows("cpu", int(sys.argv[2]))))
+        return
     args = common.parse_args(__doc__.splitlines()[0])
     device = args.device
     calls = 50 if args.quick else 500
     rows = []
+    skipped = {(r["op"], r["mode"]): r["host_us"] for r in no_launch_rows(device, calls)}
     for name, (inputs, ours, theirs) in cases(device).items():
         err = check_correct(name, inputs, ours, theirs, device)
-        for mode in ("fwd", "fwd+bwd"):
-            if mode == "fwd+bwd" and not inputs:
-                continue
-            times = {}
-            for impl, fn in (("torch", theirs), ("fasttrain", ours)):
-                if mode == "fwd":
-                    def run(fn=fn):
-                        with torch.no_grad():
-                            fn(*inputs)
-                else:
-                    def run(fn=fn):
-                        outs = outputs(fn, inputs)  # upstream gradients of ones, as a sum's backward gives
-                        torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
-                times[impl] = host_us(run, device, calls)
-            for impl, us in times.items():
+        times = {impl: time_modes(name, inputs, fn, device, calls) for impl, fn in (("torch", theirs),
+                                                                                    ("fasttrain", ours))}
+        for mode in times["torch"]:
+            entries = [("torch", times["torch"][mode]), ("fasttrain", times["fasttrain"][mode]),
+                       (NO_LAUNCH, skipped[name, mode])]
+            for impl, us in entries:
                 rows.append({"op": name, "mode": mode, "impl": impl, "host_us": us,
-                             "x torch": times["torch"] / us, "rel_err": err})
+                             "x torch": times["torch"][mode] / us, "rel_err": err if impl != NO_LAUNCH else None})
     floor = triton_launch_floor(device, calls)
     if floor is not None:
         rows.append({"op": "empty triton kernel", "mode": "launch", "impl": "triton", "host_us": floor})

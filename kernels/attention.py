@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._aot import signature_from_params
+from ._launch import cdiv, next_power_of_2
 from ._attention_configs import DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS, flat, pruner
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be constexpr (the compiler insists)
@@ -360,9 +361,9 @@ def _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     varlen = cu_seqlens_q is not None
     B = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     H, Hkv, D = q.shape[-2], k.shape[-2], q.shape[-1]
-    constexprs = dict(GROUP=H // Hkv, HEAD_DIM=D, HEAD_DIM_PAD=triton.next_power_of_2(D), VARLEN=varlen,
+    constexprs = dict(GROUP=H // Hkv, HEAD_DIM=D, HEAD_DIM_PAD=next_power_of_2(D), VARLEN=varlen,
                       UPCAST=INTERPRETING and q.dtype != torch.float32)
-    tune_seqlen = triton.next_power_of_2(max(max_seqlen_q, max_seqlen_k))
+    tune_seqlen = next_power_of_2(max(max_seqlen_q, max_seqlen_k))
     return varlen, B, H, Hkv, constexprs, tune_seqlen
 
 
@@ -372,7 +373,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_shape = (H, q.shape[0]) if varlen else (B, H, q.shape[1])
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)  # noqa: E731
+    grid = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)  # noqa: E731
     _attn_fwd[grid](q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                     *_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen),
                     *_bth_strides(out, varlen), *_lse_strides(lse, varlen),
@@ -390,7 +391,7 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
         q, do = q.contiguous(), do.contiguous()  # only SDPA-layout views of millions of tokens: head stride D
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(max_seqlen_q, _PREPROCESS_BLOCK_M), H, B)](
+    _attn_bwd_preprocess_kernel[(cdiv(max_seqlen_q, _PREPROCESS_BLOCK_M), H, B)](
         out, do, delta, None if dlse is None else dlse.contiguous(), *_bth_strides(out, varlen),
         *_bth_strides(do, varlen), *_lse_strides(lse, varlen), cu_seqlens_q, max_seqlen_q,
         HEAD_DIM=cx["HEAD_DIM"], HEAD_DIM_PAD=cx["HEAD_DIM_PAD"], VARLEN=varlen, HAS_DLSE=dlse is not None,
@@ -399,10 +400,10 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
     common = (*_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen),
               *_bth_strides(do, varlen), *_lse_strides(lse, varlen))
     tail = (max_seqlen_q, max_seqlen_k, scale, scale * LOG2E.value, left, right, tune_seqlen)
-    grid_kv = lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), Hkv, B)  # noqa: E731
+    grid_kv = lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), Hkv, B)  # noqa: E731
     _attn_bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *common,
                             *_bth_strides(dk, varlen), *_bth_strides(dv, varlen), *tail, **cx)
-    grid_q = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)  # noqa: E731
+    grid_q = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)  # noqa: E731
     _attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common,
                          *_bth_strides(dq, varlen), *tail, **cx)
     return dq, dk, dv
@@ -411,7 +412,7 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
 def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
     """(signature, constexprs) of one kernel above for an ahead-of-time compile of a dense GQA launch (kernels/_aot.py);
     the config's BLOCK_M/BLOCK_N are added by the caller."""
-    fixed = dict(GROUP=2, HEAD_DIM=head_dim, HEAD_DIM_PAD=triton.next_power_of_2(head_dim), VARLEN=False,
+    fixed = dict(GROUP=2, HEAD_DIM=head_dim, HEAD_DIM_PAD=next_power_of_2(head_dim), VARLEN=False,
                  UPCAST=False, HAS_DLSE=False)
     if kernel is _attn_bwd_preprocess_kernel:
         fixed["BLOCK_M"] = _PREPROCESS_BLOCK_M

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._aot import signature_from_params
+from ._launch import cdiv, multiprocessor_count, next_power_of_2
 
 # Rows stay in registers. The backward holds x, dy, w and the dw/db partial sums per element: AOT sm_90 (bf16,
 # LayerNorm with bias) at 4096 wide and 16 warps takes 110 registers, no spill; 8192 spilled 88 B at 16 warps and
@@ -36,7 +37,7 @@ MAX_N = 4096
 def block_and_warps(n_cols: int, backward: bool) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for rows of n_cols: 8 elements per thread forward, 4 backward (at 8, 1024 wide and 4
     warps, the backward kept 96 registers and 8 B of stack), up to 16 warps."""
-    block = triton.next_power_of_2(n_cols)
+    block = next_power_of_2(n_cols)
     return block, min(max(block // (128 if backward else 256), 1), 16)
 
 
@@ -149,7 +150,7 @@ def norm_forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     if M:
         block, warps = block_and_warps(N, backward=False)
         block_m = rows_per_block(x, block)
-        _norm_forward_kernel[(triton.cdiv(M, block_m),)](
+        _norm_forward_kernel[(cdiv(M, block_m),)](
             x, residual, weight, bias, y, s, mean, rstd, x.stride(0),
             residual.stride(0) if residual is not None else 0, y.stride(0), M, N, eps, IS_RMS=is_rms,
             HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -161,7 +162,7 @@ def _programs(device: torch.device, n_rows: int) -> int:
     # Enough programs to fill every SM a few times over; each writes one partial row of dw/db, so not one per row.
     # The interpreter runs programs one after another, so there a few suffice.
     if device.type == "cuda":
-        return max(1, min(n_rows, 4 * torch.cuda.get_device_properties(device).multi_processor_count))
+        return max(1, min(n_rows, 4 * multiprocessor_count(device)))
     return max(1, min(n_rows, 4))
 
 
@@ -175,7 +176,7 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
     dx = torch.empty((M, N), dtype=x.dtype, device=x.device)
     dx2 = torch.empty((M, N), dtype=dx2_dtype, device=x.device) if dx2_dtype is not None else None
     programs = _programs(x.device, M)
-    rows_per_program = triton.cdiv(M, programs) if M else 0
+    rows_per_program = cdiv(M, programs) if M else 0
     has_weight = weight is not None
     # Every program stores its partial row (zeros when it has no rows), so no memset is needed.
     dw = torch.empty((programs, N) if has_weight else (0,), dtype=torch.float32, device=x.device)

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ._aot import signature_from_params
+from ._launch import cdiv, next_power_of_2
 
 NUM_WARPS = 4
 
@@ -74,14 +75,14 @@ def _rotary_kernel(X, Cos, Sin, Offsets, Out, n_tokens, seq_len, n_heads, n_pos,
 def tokens_per_block(x: torch.Tensor, block_h: int, block_r: int) -> int:
     """Tokens per program: 1 on a GPU (the AOT numbers are for this); ~16k pairs per tile in the interpreter, whose
     cost is per program and per op, not per element (the rotary of a 2-layer GPT step there: 7 s -> 0.3 s)."""
-    return 1 if x.is_cuda else triton.next_power_of_2(max(1, 16384 // (block_h * block_r)))
+    return 1 if x.is_cuda else next_power_of_2(max(1, 16384 // (block_h * block_r)))
 
 
 def blocks(n_heads: int, half: int, n_pass: int) -> tuple[int, int, int]:
     """(BLOCK_H, BLOCK_R, BLOCK_P): up to ~2048 rotated pairs per program, so a token's heads share one table row."""
-    block_r = triton.next_power_of_2(max(half, 1))
-    block_h = min(triton.next_power_of_2(n_heads), max(1, 2048 // block_r))
-    return block_h, block_r, triton.next_power_of_2(max(n_pass, 1))
+    block_r = next_power_of_2(max(half, 1))
+    block_h = min(next_power_of_2(n_heads), max(1, 2048 // block_r))
+    return block_h, block_r, next_power_of_2(max(n_pass, 1))
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: torch.Tensor | None, offset: int,
@@ -95,7 +96,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: torch
     block_h, block_r, block_p = blocks(H, half, n_pass)
     if B * T and H:
         block_t = tokens_per_block(x, block_h, block_r)
-        grid = (triton.cdiv(B * T, block_t), triton.cdiv(H, block_h))
+        grid = (cdiv(B * T, block_t), cdiv(H, block_h))
         _rotary_kernel[grid](
             x, cos, sin, offsets, out, B * T, T, H, cos.shape[-2], offset, half, n_pass,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),

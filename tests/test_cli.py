@@ -146,14 +146,15 @@ def test_bench_runs_a_benchmark_and_refuses_unknown_names(tmp_path, capsys):
     assert code == 2 and "flux" in err and len(err.strip().splitlines()) == 1
 
 
-def _bench_common():
+def _bench_module(stem: str = "common"):
+    """A file of benchmarks/ (not a package) loaded as a module."""
     import importlib.util
     from pathlib import Path
     spec = importlib.util.spec_from_file_location(
-        "bench_common", Path(__file__).resolve().parents[1] / "benchmarks" / "common.py")
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
-    return common
+        f"bench_{stem}", Path(__file__).resolve().parents[1] / "benchmarks" / f"{stem}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_bench_overhead_times_every_op_against_torch(tmp_path, capsys, monkeypatch):
@@ -163,15 +164,29 @@ def test_bench_overhead_times_every_op_against_torch(tmp_path, capsys, monkeypat
     assert code == 0, err
     result = json.loads((tmp_path / "overhead.json").read_text())
     ops = {"layer_norm", "add_layer_norm", "rotary", "attention", "cross_entropy", "decode"}
-    assert {(r["op"], r["impl"]) for r in result["rows"]} == {(op, impl) for op in ops for impl in ("torch", "fasttrain")}
+    impls = ("torch", "fasttrain", "fasttrain, no launch")  # the last from a child process on the Triton path
+    assert {(r["op"], r["impl"]) for r in result["rows"]} == {(op, impl) for op in ops for impl in impls}
     assert all(r["host_us"] > 0 for r in result["rows"])
     # The cProfile names fasttrain's own functions among the costliest.
     assert any("norms.py" in entry[0] for entry in result["ceilings"]["layer_norm_cprofile"])
 
 
+def test_bench_overhead_skips_launches_only_inside_its_context():
+    import torch.nn.functional as F
+    from fasttrain.kernels import norms
+    from fasttrain.ops import layer_norm
+    bench = _bench_module("bench_overhead")
+    kernel, x = norms._norm_forward_kernel, torch.randn(3, 8)
+    with bench.launches_skipped():
+        assert norms._norm_forward_kernel is not kernel
+        layer_norm(x, (8,), backend="triton")  # runs the op's Python; the kernel is not launched
+    assert norms._norm_forward_kernel is kernel
+    assert (layer_norm(x, (8,), backend="triton") - F.layer_norm(x, (8,))).abs().max() < 1e-5
+
+
 def test_profile_call_ranks_the_host_ops():
     x = torch.randn(256, 256, requires_grad=True)
-    prof = _bench_common().profile_call(lambda: (x @ x).sum().backward(), "cpu", top=3)
+    prof = _bench_module().profile_call(lambda: (x @ x).sum().backward(), "cpu", top=3)
     names = [name for name, _ in prof["top_cpu"]]
     assert len(names) == 3 and any("mm" in n for n in names) and all(ms >= 0 for _, ms in prof["top_cpu"])
 
@@ -180,7 +195,7 @@ def test_bench_results_record_each_autotuner_choice(tmp_path, monkeypatch):
     # The GPU run's JSON must say which tile won per shape, or benchmarks/NOTES.md cannot explain its numbers.
     import triton
     from fasttrain.kernels import attention
-    common = _bench_common()
+    common = _bench_module()
     key, config = (128, 2048, 4, False), triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
     monkeypatch.setattr(attention._attn_fwd, "cache", {key: config})
     result = json.loads(common.write_results("attention", "cpu", [{"ms": 1.0}], {}, tmp_path).read_text())

@@ -3,6 +3,7 @@ on CPU) against torch in float64 for outputs and every gradient, with and withou
 leading dims, strided inputs, mixed branch/stream dtypes, unused outputs, autocast's output dtype, the torch.compile
 registration, the fallback for wide rows and input errors. GPU tests (`pytest -m gpu`) hold bf16/fp16 to twice
 torch's own error."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -80,6 +81,41 @@ def test_leading_dims_multi_dim_shape_and_strided_input_match_torch():
         assert _err(got, ref) < TOL_FP32
 
 
+@pytest.mark.parametrize("layout", ["row-strided", "transposed"])
+def test_two_dim_strided_rows_and_strided_weight_match_torch(layout):
+    # 2-D rows go to the kernel without a reshape when their columns are unit-stride; 1-D weights without a copy
+    # when unit-stride: both fast paths, and the layouts that must not take them.
+    if layout == "row-strided":
+        base = torch.randn(6, 40, requires_grad=True)
+        x = base[:, 3:27]  # (6, 24), row stride 40
+    else:
+        base = torch.randn(24, 6, requires_grad=True)
+        x = base.t()  # (6, 24), column stride 6
+    wide = torch.randn(48, requires_grad=True)
+    w, b = wide[::2], torch.randn(24, requires_grad=True)  # w: stride 2
+    for add in (False, True):
+        r = torch.randn(6, 24, requires_grad=True) if add else None
+        leaves = (base, wide, b) + ((r,) if add else ())
+        if add:
+            y, s = add_layer_norm(x, r, (24,), w, b, backend="triton")
+            want_s = x + r
+            want = F.layer_norm(want_s, (24,), w, b)
+            assert _err(s, want_s) < TOL_FP32
+        else:
+            y, want = layer_norm(x, (24,), w, b, backend="triton"), F.layer_norm(x, (24,), w, b)
+        assert y.shape == x.shape and _err(y, want) < TOL_FP32
+        upstream = torch.randn_like(y)
+        for got, ref in zip(torch.autograd.grad(y, leaves, upstream), torch.autograd.grad(want, leaves, upstream)):
+            assert _err(got, ref) < TOL_FP32
+
+
+@pytest.mark.parametrize("normalized_shape", [24, torch.Size([24]), [24], (np.int64(24),)],
+                         ids=["int", "Size", "list", "numpy-int"])
+def test_normalized_shape_takes_what_torch_takes(normalized_shape):
+    x = torch.randn(5, 24)
+    assert _err(layer_norm(x, normalized_shape, backend="triton"), F.layer_norm(x, (24,))) < TOL_FP32
+
+
 def test_rms_norm_default_eps_is_torchs():
     x = 1e-4 * torch.randn(4, 16)  # tiny rows, where eps matters
     assert _err(rms_norm(x, (16,), backend="triton"), F.rms_norm(x, (16,))) < TOL_FP32
@@ -142,6 +178,8 @@ def test_modules_are_torchs_with_the_fused_op(module, torch_module):
     (lambda x, w: layer_norm(x.long(), (8,)), ValueError, "input must be a floating-point"),
     (lambda x, w: layer_norm(x, (7,)), ValueError, r"normalized_shape must be the trailing dims of input \(4, 8\)"),
     (lambda x, w: layer_norm(x, (2, 4, 8)), ValueError, "normalized_shape"),
+    (lambda x, w: layer_norm(x, (8.0,)), ValueError, r"normalized_shape must be .* got \(8.0,\)"),
+    (lambda x, w: layer_norm(x, 8.0), ValueError, "normalized_shape"),
     (lambda x, w: layer_norm(x, (8,), w[:4]), ValueError, r"weight must be a floating-point tensor of shape \(8,\)"),
     (lambda x, w: layer_norm(x, (8,), w, w[:3]), ValueError, "bias must be"),
     (lambda x, w: rms_norm(x, (8,), w.long()), ValueError, "weight must be a floating-point"),

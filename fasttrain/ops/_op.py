@@ -20,12 +20,6 @@ from torch import Tensor, nn
 _PLAIN = (Tensor, nn.Parameter)
 
 
-def _direct(args: tuple) -> bool:
-    if torch.compiler.is_compiling():
-        return False
-    return all(type(a) in _PLAIN and a.device.type != "meta" for a in args if isinstance(a, Tensor))
-
-
 class Op:
     """What torch.library.custom_op returns (register_fake, register_autograd, calling it), with the eager fast
     path above. `.op` is the registered op (for torch.library.opcheck and torch.ops.fasttrain.*)."""
@@ -51,10 +45,17 @@ class Op:
                               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
-        if not _direct(args):
+        # One plain loop over the arguments: this runs on every eager call, and the generator expressions it
+        # replaced cost ~5 us per call on CI's CPU (cProfile of a LayerNorm forward + backward).
+        if torch.compiler.is_compiling():
             return self.op(*args)
-        if self._function is not None and torch.is_grad_enabled() and any(
-                isinstance(a, Tensor) and a.requires_grad for a in args):
+        needs_grad = False
+        for a in args:
+            if isinstance(a, Tensor):
+                if type(a) not in _PLAIN or a.is_meta:  # fake, functional, meta or other subclass: the real op
+                    return self.op(*args)
+                needs_grad = needs_grad or a.requires_grad
+        if needs_grad and self._function is not None and torch.is_grad_enabled():
             return self._function.apply(*args)
         return self._fn(*args)
 

@@ -39,7 +39,8 @@ def num_splits_heuristic(batch_kv_heads: int, m_blocks: int, cache_len: int, num
 
 def _parallel_units(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        from fasttrain.kernels._launch import multiprocessor_count
+        return multiprocessor_count(device)
     # The interpreter runs programs one after another: splitting only adds work there.
     return torch.get_num_threads()
 
@@ -105,14 +106,13 @@ def triton_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
                    softmax_scale: float, window_left: int, window_right: int, rotary_interleaved: bool,
                    q_per_token: bool, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch append (if k), decode and (with several splits) combine. Inputs are already checked."""
-    import triton
-
     from fasttrain.kernels import decode as kernels
+    from fasttrain.kernels._launch import cdiv, next_power_of_2
 
     B, Tq, H, D = q.shape
     Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     # The kernels index these at unit stride (SEQLENS + b, COS + pos * stride_rot + i): a strided view, such as a
     # column of a (B, 2) tensor, would be read wrong. No-ops for the usual contiguous tensors.
     cache_seqlens = cache_seqlens.contiguous()
@@ -138,14 +138,14 @@ def triton_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
             cos.stride(0) if rotary else 0,
             Tq, t_new, t_rows, H, Hkv, Tmax, cos.shape[0] if rotary else 0,
             HEAD_DIM=D, ROT_HALF=half, ROTARY=rotary, Q_PER_TOKEN=q_per_token, INTERLEAVED=rotary_interleaved,
-            HAS_BATCH_IDX=has_batch_idx, BLOCK_D=block_d, BLOCK_R=max(1, triton.next_power_of_2(half)),
+            HAS_BATCH_IDX=has_batch_idx, BLOCK_D=block_d, BLOCK_R=max(1, next_power_of_2(half)),
             num_warps=kernels.append_num_warps(D),
         )
         q = q_attn
 
     rows = Tq * G
-    block_m = min(64, max(16, triton.next_power_of_2(rows)))
-    m_blocks = triton.cdiv(rows, block_m)
+    block_m = min(64, max(16, next_power_of_2(rows)))
+    m_blocks = cdiv(rows, block_m)
     splits = num_splits or num_splits_heuristic(B * Hkv, m_blocks, Tmax, _parallel_units(q.device))
     out = torch.empty(B, Tq, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
@@ -166,11 +166,11 @@ def triton_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
         o_dst.stride(-4), o_dst.stride(-3), o_dst.stride(-2),
         *l_strides, os_stride,
         softmax_scale * math.log2(math.e), Tq, G, Hkv, t_new, window_left, window_right, Tmax,
-        triton.next_power_of_2(Tmax),
+        next_power_of_2(Tmax),
         HEAD_DIM=D, NUM_SPLITS=splits, HAS_BATCH_IDX=has_batch_idx, BLOCK_M=block_m, BLOCK_D=block_d,
     )
     if splits > 1:
-        block_s = triton.next_power_of_2(splits)
+        block_s = next_power_of_2(splits)
         kernels._decode_combine_kernel[(B * Tq * H,)](
             o_dst, l_dst, out, lse,
             o_dst.stride(0), l_dst.stride(0),

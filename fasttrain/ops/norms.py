@@ -122,17 +122,21 @@ def _normalized_size(name: str, input: Tensor, normalized_shape, weight: Tensor 
     if not isinstance(input, Tensor) or not input.is_floating_point():
         raise ValueError(f"{name}: input must be a floating-point tensor, got "
                          f"{getattr(input, 'dtype', type(input).__name__)}")
-    if isinstance(normalized_shape, numbers.Integral):
-        normalized_shape = (normalized_shape,)
-    shape = tuple(normalized_shape)
-    if not shape or len(shape) > input.dim() or any(not isinstance(n, numbers.Integral) or n < 1 for n in shape) \
-            or tuple(input.shape[input.dim() - len(shape):]) != shape:
+    # `type(...) is int` first: isinstance against numbers.Integral (an ABC) costs ~1 us per call, per dim.
+    if type(normalized_shape) is int or isinstance(normalized_shape, numbers.Integral):
+        shape = (normalized_shape,)
+    elif isinstance(normalized_shape, (tuple, list)):
+        shape = tuple(normalized_shape)
+    else:
+        raise ValueError(f"{name}: normalized_shape must be an int or a tuple/list of ints, got {normalized_shape!r}")
+    if not shape or len(shape) > input.dim() or input.shape[input.dim() - len(shape):] != shape or any(
+            (type(n) is not int and not isinstance(n, numbers.Integral)) or n < 1 for n in shape):
         raise ValueError(f"{name}: normalized_shape must be the trailing dims of input {tuple(input.shape)}, got "
-                         f"{tuple(normalized_shape)}")
+                         f"{shape}")
     for arg, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if not isinstance(t, Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+        if not isinstance(t, Tensor) or t.shape != shape or not t.is_floating_point():
             raise ValueError(f"{name}: {arg} must be a floating-point tensor of shape {shape}, got "
                              f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
         if t.device != input.device:
@@ -151,17 +155,25 @@ def _out_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def _rows(t: Tensor, n_cols: int) -> Tensor:
+    if t.dim() == 2 and t.stride(1) == 1:  # already (M, N) rows: no view (one autograd node fewer)
+        return t
     return _unit_column_stride(t.reshape(-1, n_cols))  # (M, N): one row per normalized slice
+
+
+def _flat(t: Tensor | None) -> Tensor | None:
+    # (N,) unit-stride parameters; autograd takes their gradients back to the normalized shape.
+    return t if t is None or (t.dim() == 1 and t.stride(0) == 1) else t.reshape(-1).contiguous()
 
 
 def _norm(input: Tensor, residual: Tensor | None, n_cols: int, weight: Tensor | None, bias: Tensor | None,
           eps: float, is_rms: bool) -> tuple[Tensor, Tensor]:
     """(the norm of input + residual, or of input alone; input + residual, or an empty tensor) in input's shape."""
     x, r = _rows(input, n_cols), (_rows(residual, n_cols) if residual is not None else None)
-    # (N,) unit-stride parameters; autograd takes their gradients back to the normalized shape.
-    weight, bias = (t.reshape(-1).contiguous() if t is not None else None for t in (weight, bias))
     dtype = torch.promote_types(input.dtype, residual.dtype) if residual is not None else input.dtype
-    y, stream, _, _ = _forward_op(x, r, weight, bias, float(eps), is_rms, _out_dtype(input.device, dtype))
+    y, stream, _, _ = _forward_op(x, r, _flat(weight), _flat(bias), float(eps), is_rms,
+                                  _out_dtype(input.device, dtype))
+    if x is input:
+        return y, stream
     return y.view(input.shape), (stream.view(input.shape) if residual is not None else stream)
 
 

@@ -1,0 +1,27 @@
+"""Launch arithmetic for host code, on plain Python ints.
+
+`triton.cdiv` and `triton.next_power_of_2` are constexpr_functions (triton 3.7.1): called from host code, each call
+goes through JITCallable.__call__, which unwraps its arguments as constexprs and imports triton.language.core.
+Measured on CI's CPU (timeit, 200k calls): 3.6-3.8 us per call, against 0.15 us for the same arithmetic here; a norm
+forward + backward did four of them, ~15 us of host time per call beside a kernel of a few microseconds.
+Kernels keep using triton's (tl.cdiv) inside @triton.jit code.
+"""
+import functools
+
+import torch
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, b > 0."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n for n >= 1 (0 for 0), as triton.next_power_of_2."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+@functools.cache
+def multiprocessor_count(device: torch.device) -> int:
+    """SMs of a CUDA device (cached: torch.cuda.get_device_properties builds a Python object per call)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
