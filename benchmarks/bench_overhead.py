@@ -126,9 +126,7 @@ def triton_launch_floor(device: str, calls: int) -> float | None:
 def profile_layer_norm(device: str, calls: int, top: int = 15) -> list:
     """cProfile of fasttrain's LayerNorm forward + backward: [function, self us per call, calls per call]."""
     inputs, ours, _ = cases(device)["layer_norm"]
-
-    def fwd_bwd():
-        torch.autograd.grad(ours(*inputs), inputs, torch.ones(B * T, C, device=device))
+    fwd_bwd = forward_backward(ours, inputs)
     fwd_bwd()
     profiler = cProfile.Profile()
     profiler.enable()
@@ -168,40 +166,49 @@ def launches_skipped():
             setattr(module, attr, value)
 
 
-def time_modes(name: str, inputs, fn, device: str, calls: int) -> dict[str, float]:
+def forward_backward(fn, inputs):
+    """A call of fn on inputs and the gradients of its outputs, with upstream gradients of ones (a sum's)."""
+    def run():
+        outs = outputs(fn, inputs)
+        torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+    return run
+
+
+def time_modes(inputs, fn, device: str, calls: int) -> dict[str, float]:
     """mode -> host us per call of fn on inputs: "fwd" under no_grad, "fwd+bwd" (when inputs take a gradient)."""
     def fwd():
         with torch.no_grad():
             fn(*inputs)
-
-    def fwd_bwd():
-        outs = outputs(fn, inputs)  # upstream gradients of ones, as a sum's backward gives
-        torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
-    return {mode: host_us(run, device, calls) for mode, run in (("fwd", fwd), ("fwd+bwd", fwd_bwd))
-            if mode == "fwd" or inputs}
+    modes = (("fwd", fwd), ("fwd+bwd", forward_backward(fn, inputs))) if inputs else (("fwd", fwd),)
+    return {mode: host_us(run, device, calls) for mode, run in modes}
 
 
-def no_launch_rows(device: str, calls: int) -> list[dict]:
-    """The "fasttrain, no launch" rows: in this process on CUDA; on a CPU in a child with TRITON_INTERPRET=1 and
-    FASTTRAIN_BACKEND=triton (the interpreter must be on before fasttrain.kernels is imported)."""
-    if device == "cpu" and os.environ.get("FASTTRAIN_BACKEND") != "triton":
-        env = dict(os.environ, TRITON_INTERPRET="1", FASTTRAIN_BACKEND="triton")
-        child = subprocess.run([sys.executable, __file__, "--no-launch-rows", str(calls)], env=env,
-                               capture_output=True, text=True)
-        if child.returncode != 0:
-            raise RuntimeError(f"the no-launch child failed:\n{child.stderr[-3000:]}")
-        return json.loads(child.stdout.splitlines()[-1])
+def time_no_launch(device: str, calls: int) -> list[dict]:
+    """The "fasttrain, no launch" rows, timed in this process."""
     rows = []
     with launches_skipped():
         for name, (inputs, ours, _) in cases(device).items():
-            for mode, us in time_modes(name, inputs, ours, device, calls).items():
+            for mode, us in time_modes(inputs, ours, device, calls).items():
                 rows.append({"op": name, "mode": mode, "impl": NO_LAUNCH, "host_us": us})
     return rows
 
 
+def no_launch_rows(device: str, calls: int) -> list[dict]:
+    """time_no_launch on CUDA; on a CPU in a child with TRITON_INTERPRET=1 and FASTTRAIN_BACKEND=triton (the
+    interpreter must be on before fasttrain.kernels is imported, and only the child may take it)."""
+    if device != "cpu":
+        return time_no_launch(device, calls)
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTTRAIN_BACKEND="triton")
+    child = subprocess.run([sys.executable, __file__, "--no-launch-rows", str(calls)], env=env,
+                           capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"the no-launch child failed:\n{child.stderr[-3000:]}")
+    return json.loads(child.stdout.splitlines()[-1])
+
+
 def main() -> None:
     if sys.argv[1:2] == ["--no-launch-rows"]:  # the child of no_launch_rows on a CPU
-        print(json.dumps(no_launch_rows("cpu", int(sys.argv[2]))))
+        print(json.dumps(time_no_launch("cpu", int(sys.argv[2]))))
         return
     args = common.parse_args(__doc__.splitlines()[0])
     device = args.device
@@ -210,8 +217,7 @@ def main() -> None:
     skipped = {(r["op"], r["mode"]): r["host_us"] for r in no_launch_rows(device, calls)}
     for name, (inputs, ours, theirs) in cases(device).items():
         err = check_correct(name, inputs, ours, theirs, device)
-        times = {impl: time_modes(name, inputs, fn, device, calls) for impl, fn in (("torch", theirs),
-                                                                                    ("fasttrain", ours))}
+        times = {impl: time_modes(inputs, fn, device, calls) for impl, fn in (("torch", theirs), ("fasttrain", ours))}
         for mode in times["torch"]:
             entries = [("torch", times["torch"][mode]), ("fasttrain", times["fasttrain"][mode]),
                        (NO_LAUNCH, skipped[name, mode])]
