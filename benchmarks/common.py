@@ -180,16 +180,34 @@ def provenance(device: str) -> dict:
     }
 
 
-def autotune_choices() -> dict:
-    """The config each Triton autotuner in fasttrain.kernels chose, per tuning key: {"attention._attn_fwd":
-    {"(128, 2048, 1, False, ...)": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, ..."}}. Empty until a GPU run tuned."""
+def _autotuners() -> dict:
+    """{"attention._attn_fwd": Autotuner, ...} for every Triton autotuner fasttrain.kernels has imported."""
     modules = {name.rsplit(".", 1)[1]: m for name, m in sys.modules.items() if name.startswith("fasttrain.kernels.")}
     if not modules:
         return {}
     from triton.runtime.autotuner import Autotuner
-    return {f"{module_name}.{name}": {str(key): str(config) for key, config in obj.cache.items()}
-            for module_name, module in sorted(modules.items()) for name, obj in vars(module).items()
-            if isinstance(obj, Autotuner) and obj.cache}
+    return {f"{module_name}.{name}": obj for module_name, module in sorted(modules.items())
+            for name, obj in vars(module).items() if isinstance(obj, Autotuner)}
+
+
+def autotune_choices() -> dict:
+    """The config each Triton autotuner in fasttrain.kernels chose, per tuning key: {"attention._attn_fwd":
+    {"(128, 2048, 1, False, ...)": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, ..."}}. Empty until a GPU run tuned."""
+    return {name: {str(key): str(config) for key, config in tuner.cache.items()}
+            for name, tuner in _autotuners().items() if tuner.cache}
+
+
+def take_tuning_timings() -> dict:
+    """What each autotuner measured at its latest tuning since the last call, and forget it: {"attention._attn_fwd":
+    {"BLOCK_M: 128, ...": median ms}} (inf: the config did not fit). Every candidate's time at one shape, i.e. the
+    side-by-side of the kernel's variants that the autotuner ran anyway."""
+    taken = {}
+    for name, tuner in _autotuners().items():
+        timings = getattr(tuner, "configs_timings", None)
+        if timings:
+            taken[name] = {str(config): t[0] if isinstance(t, (list, tuple)) else t for config, t in timings.items()}
+            tuner.configs_timings = None
+    return taken
 
 
 def write_results(name: str, device: str, rows: list[dict], ceilings: dict, out: Path | None = None) -> Path:

@@ -94,8 +94,13 @@ def compile_one(kernel, signature: dict, constexprs: dict, arch: int, num_warps:
     compiled = triton_compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     used = resources(compiled.asm["cubin"])
+    ptx = compiled.asm["ptx"]
     used["shared_dynamic"] = compiled.metadata.shared
-    used["wgmma"] = "wgmma" in compiled.asm["ptx"]
+    used["wgmma"] = "wgmma" in ptx
+    used["tma"] = "cp.async.bulk.tensor" in ptx
+    # Warp specialization: warpgroups with their own register budgets (setmaxnreg), more warps than configured.
+    used["setmaxnreg"] = "setmaxnreg" in ptx
+    used["launched_warps"] = compiled.metadata.num_warps
     return used
 
 
@@ -121,8 +126,12 @@ def cases(entry: AotKernel, arch: int):
             signature, constexprs = module.aot_signature(kernel, DTYPE[arch], dims[cls])
             label = f"{cls} " + " ".join(f"{k}={v}" for k, v in config.kwargs.items())
             label += f" w{config.num_warps} s{config.num_stages}"
-            yield (label, kernel, signature, {**constexprs, **config.kwargs}, config.num_warps, config.num_stages,
-                   hints)
+            # A module's optional aot_variants(kernel, config kwargs) -> {label suffix: constexprs}: launch-time
+            # constexprs that change a config's code (the attention forward's unmasked warp-specialized loop).
+            variants = module.aot_variants(kernel, config.kwargs) if hasattr(module, "aot_variants") else {"": {}}
+            for suffix, extra in variants.items():
+                yield (label + suffix, kernel, signature, {**constexprs, **config.kwargs, **extra}, config.num_warps,
+                       config.num_stages, hints)
 
 
 def main() -> None:

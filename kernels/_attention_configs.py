@@ -1,10 +1,14 @@
 """Autotune configs for kernels/attention.py, per GPU arch and head-dim class, plus the one interpreter config.
 
-A kernel's autotuner holds every config of its arch; `prune_for_head_dim` keeps those of the call's head-dim class,
-so a d256 call never tries tiles that only fit d64. tests/test_kernels_compile.py compiles each (arch, class, config)
+A kernel's autotuner holds every config of its arch; `pruner` keeps those of the call's head-dim class, so a
+d256 call never tries tiles that only fit d64. tests/test_kernels_compile.py compiles each (arch, class, config)
 ahead of time and fails on compile errors, on shared memory over the arch's limit, and on register spills in the
 sm_90 configs. Tuples are (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M always tiles queries, BLOCK_N keys.
+Forward tuples add WARP_SPECIALIZE (see _FWD); FASTTRAIN_ATTENTION_WS=0 drops those configs at import, the escape
+hatch should a Triton build fault or hang on them.
 """
+import os
+
 import triton
 
 HEAD_DIM_CLASSES = {"d64": (32, 64), "d128": (96, 128), "d256": (256,)}
@@ -18,13 +22,22 @@ HEAD_DIM_CLASSES = {"d64": (32, 64), "d128": (96, 128), "d256": (256,)}
 # (triton 3.6.0, GQA 4:1, bf16, forced alone under CUDA_LAUNCH_BLOCKING=1) where the same tile at 2 stages and
 # (32,128,8,2) were right on every case tried (T 1024-8192, GQA 1/2/4, causal or not).
 # sm_80 lists are checked for compile errors and shared memory only (A100: 164 KB per block).
+# WARP_SPECIALIZE (sm_90, K/V by TMA): Triton's Hopper warp specialization splits the key loop into one loading
+# warpgroup (setmaxnreg 40) and two computing ones (232), each on 64 of the 128 query rows: FlashAttention-3's
+# producer/consumer layout. num_warps=4 is one consumer's share: the kernel launches 12 warps. What the pass takes,
+# found by compiling for sm_90 under triton 3.6.0 and 3.7.1: one key loop (two or three in a row crashed it; a scalar
+# `if` around the mask left the loop unspecialized and spilling), so that loop masks every tile; Q read by TMA too (a
+# masked tl.load of Q failed it: "unsupported load type for producer commit"); no early return (an assertion). The
+# autotuner keeps these configs only where they win; they are pruned where TMA cannot read Q/K/V (tma_aligned).
+WS_TILES = [(128, 64, 4, 3, True), (128, 128, 4, 2, True)]
+_FWD_WS = WS_TILES if os.environ.get("FASTTRAIN_ATTENTION_WS", "1") != "0" else []
 _FWD = {
-    90: {"d64": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-         "d128": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
-         "d256": [(32, 32, 4, 2)]},
-    80: {"d64": [(128, 64, 4, 3)],
-         "d128": [(128, 64, 8, 3), (64, 64, 4, 3)],
-         "d256": [(64, 32, 4, 2)]},
+    90: {"d64": [(128, 64, 4, 3, False), (128, 128, 8, 3, False), (64, 64, 4, 3, False), *_FWD_WS],
+         "d128": [(128, 64, 8, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False), *_FWD_WS],
+         "d256": [(32, 32, 4, 2, False)]},
+    80: {"d64": [(128, 64, 4, 3, False)],
+         "d128": [(128, 64, 8, 3, False), (64, 64, 4, 3, False)],
+         "d256": [(64, 32, 4, 2, False)]},
 }
 _DKDV = {  # the dK/dV accumulators are (BLOCK_N, D) fp32 each, live across the whole query loop
     90: {"d64": [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 8, 2)],
@@ -46,19 +59,29 @@ _DQ = {
 _INTERPRETER = (64, 64, 4, 1)
 
 
-def _config(t):
-    return triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1]}, num_warps=t[2], num_stages=t[3])
+def config(t):
+    """A triton.Config from (BLOCK_M, BLOCK_N, num_warps, num_stages[, WARP_SPECIALIZE])."""
+    kwargs = {"BLOCK_M": t[0], "BLOCK_N": t[1]}
+    if len(t) == 5:
+        kwargs["WARP_SPECIALIZE"] = t[4]
+    return triton.Config(kwargs, num_warps=t[2], num_stages=t[3])
 
 
-def _build(table):
-    out = {arch: {cls: [_config(t) for t in tuples] for cls, tuples in by_class.items()}
+def one_config_table(t) -> dict:
+    """One config for every class, the same object: an autotuner with one config never benchmarks."""
+    one = [config(t)]
+    return {cls: one for cls in HEAD_DIM_CLASSES}
+
+
+def _build(table, interpreter):
+    out = {arch: {cls: [config(t) for t in tuples] for cls, tuples in by_class.items()}
            for arch, by_class in table.items()}
-    one = [_config(_INTERPRETER)]  # the same object for every class: an autotuner with one config never benchmarks
-    out["interpreter"] = {cls: one for cls in HEAD_DIM_CLASSES}
+    out["interpreter"] = one_config_table(interpreter)
     return out
 
 
-FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS = _build(_FWD), _build(_DKDV), _build(_DQ)
+FWD_CONFIGS = _build(_FWD, (*_INTERPRETER, False))
+DKDV_CONFIGS, DQ_CONFIGS = _build(_DKDV, _INTERPRETER), _build(_DQ, _INTERPRETER)
 
 
 def head_dim_class(head_dim: int) -> str:
@@ -75,8 +98,11 @@ def flat(table_for_arch) -> list:
 
 
 def pruner(table_for_arch):
-    """early_config_prune: keep the configs of the call's head-dim class."""
+    """early_config_prune: keep the configs of the call's head-dim class, the warp-specialized ones only where the
+    launch says K and V can be read by TMA (TMA_ALIGNED)."""
     def prune(configs, named_args, **kwargs):
-        keep = table_for_arch[head_dim_class({**named_args, **kwargs}["HEAD_DIM"])]
-        return [c for c in configs if any(c is k for k in keep)]
+        args = {**named_args, **kwargs}
+        keep = table_for_arch[head_dim_class(args["HEAD_DIM"])]
+        return [c for c in configs if any(c is k for k in keep)
+                and (args.get("TMA_ALIGNED", False) or not c.kwargs.get("WARP_SPECIALIZE", False))]
     return prune

@@ -16,6 +16,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from ._aot import signature_from_params
 from ._launch import cdiv, next_power_of_2
@@ -24,16 +25,24 @@ from ._attention_configs import DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS, flat, pru
 LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be constexpr (the compiler insists)
 LN2 = tl.constexpr(0.6931471805599453)
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+# left/right: causal and full attention mask different shares of their tiles (the warp-specialized forward masks
+# all of them), so they tune apart. TMA_ALIGNED is the forward's alone.
+_HALF = (torch.float16, torch.bfloat16)
+_TUNING_KEY = ("HEAD_DIM", "tune_seqlen", "GROUP", "VARLEN", "left", "right", "TMA_ALIGNED")
 
 
-def _autotuned(kernel, table):
-    """The kernel under an autotuner over this machine's configs: its GPU arch's, or the interpreter's one."""
+def _this_machine(table):
+    """The configs of this machine's GPU arch, or the interpreter's one."""
     if INTERPRETING or not torch.cuda.is_available():
-        by_class = table["interpreter"]
-    else:
-        by_class = table[90] if torch.cuda.get_device_capability()[0] >= 9 else table[80]
+        return table["interpreter"]
+    return table[90] if torch.cuda.get_device_capability()[0] >= 9 else table[80]
+
+
+def _autotuned(kernel, by_class):
+    """The kernel under an autotuner over the configs of by_class ({head-dim class: [triton.Config]})."""
     # tune_seqlen is max_seqlen rounded up to a power of 2, so packed batches of varying length share tunings.
-    return triton.autotune(configs=flat(by_class), key=["HEAD_DIM", "tune_seqlen", "GROUP", "VARLEN"],
+    key = [name for name in _TUNING_KEY if name in kernel.arg_names]
+    return triton.autotune(configs=flat(by_class), key=key,
                            prune_configs_by={"early_config_prune": pruner(by_class)})(kernel)
 
 
@@ -109,6 +118,28 @@ def _kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride
 # ---- forward ----------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _masked_scores(s, offs_m, offs_n, seqlen_k, dlo, dhi):
+    """-inf where key offs_n is past the sequence or outside query offs_m's band."""
+    diag = offs_n[None, :] - offs_m[:, None]
+    return tl.where((offs_n[None, :] < seqlen_k) & (diag >= dlo) & (diag <= dhi), s, float("-inf"))
+
+
+@triton.jit
+def _online_softmax(acc, m_i, l_i, s, v, MASKED: tl.constexpr):
+    """One key tile folded into (acc, m, l), with s its (BLOCK_M, BLOCK_N) scores in log2 units and v its values."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row with every key masked so far keeps m = -inf; shift it by 0 so that p = 0, not NaN
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(s - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, seqlen_k, dlo, dhi,
                scale_log2, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_N: tl.constexpr):
@@ -118,20 +149,38 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
                     offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_N)
         s = tl.dot(q, k_t) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
-            diag = offs_n[None, :] - offs_m[:, None]
-            s = tl.where((offs_n[None, :] < seqlen_k) & (diag >= dlo) & (diag <= dhi), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:  # a row with every key masked so far keeps m = -inf; shift it by 0 so that p = 0, not NaN
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new_safe = m_new
-        p = tl.math.exp2(s - m_new_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_new_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+            s = _masked_scores(s, offs_m, offs_n, seqlen_k, dlo, dhi)
         v = _load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n[:, None] < seqlen_k,
                   offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_N, HEAD_DIM_PAD)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, MASKED)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_specialized(acc, m_i, l_i, q_base, k_base, v_base, stride_qt, stride_kt, stride_vt, start_m, offs_m, lo, hi,
+                     seqlen_q, seqlen_k, dlo, dhi, scale_log2, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The forward's loop in a WARP_SPECIALIZE config: Q, K and V tiles by TMA (zero past the sequence), every key
+    tile masked unless no tile needs it (one loop is all Triton's Hopper pass specializes, and its loads must be
+    TMA's; see _attention_configs)."""
+    q_desc = tl.make_tensor_descriptor(q_base, shape=[seqlen_q, HEAD_DIM], strides=[stride_qt, 1],
+                                       block_shape=[BLOCK_M, HEAD_DIM])
+    k_desc = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kt, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    v_desc = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vt, 1],
+                                       block_shape=[BLOCK_N, HEAD_DIM])
+    q = q_desc.load([start_m, 0])  # (BLOCK_M, HEAD_DIM)
+    if UPCAST:
+        q = q.to(tl.float32)
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+        k = k_desc.load([start_n, 0])  # (BLOCK_N, HEAD_DIM)
+        v = v_desc.load([start_n, 0])
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            s = _masked_scores(s, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, dlo, dhi)
+        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, MASKED)
     return acc, m_i, l_i
 
 
@@ -141,28 +190,38 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
                      stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
                      seqlen_q, seqlen_k, scale_log2, left, right, tune_seqlen,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                     VARLEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     VARLEN: tl.constexpr, UPCAST: tl.constexpr, TMA_ALIGNED: tl.constexpr, FULL_TILES: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = _q_program(
         CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M)
-    if start_m >= seqlen_q:
-        return
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
     k_base, v_base = _kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                                stride_vh)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
-    q = _load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m[:, None] < seqlen_q,
-              offs_d[None, :] < HEAD_DIM, True, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
-    lo, a, c, hi = _tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, seqlen_k, BLOCK_N)
+    if WARP_SPECIALIZE:  # no early return: Triton's Hopper pass asserts on one (TaskIdPropagation, 3.6.0 and 3.7.1)
+        keys = tl.where(start_m < seqlen_q, seqlen_k, 0)  # a block past a short packed sequence visits no key
+    else:
+        if start_m >= seqlen_q:
+            return
+        keys = seqlen_k
+    lo, a, c, hi = _tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, keys, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    # Masks cost only on the window's edges: [lo, a) and [c, hi) are masked, [a, c) is not.
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, a,
-                               seqlen_k, dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, a, c,
-                               seqlen_k, dlo, dhi, scale_log2, False, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, c, hi,
-                               seqlen_k, dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
+    if WARP_SPECIALIZE:
+        tl.static_assert(TMA_ALIGNED and not PAD_D, "WARP_SPECIALIZE needs TMA-aligned Q/K/V, a power-of-2 head dim")
+        acc, m_i, l_i = _fwd_specialized(acc, m_i, l_i, q_base, k_base, v_base, stride_qt, stride_kt, stride_vt,
+                                         start_m, offs_m, lo, hi, seqlen_q, seqlen_k, dlo, dhi, scale_log2,
+                                         not FULL_TILES, HEAD_DIM, UPCAST, BLOCK_M, BLOCK_N)
+    else:  # masks cost only on the window's edges: [lo, a) and [c, hi) are masked, [a, c) is not
+        q = _load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m[:, None] < seqlen_q,
+                  offs_d[None, :] < HEAD_DIM, True, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, a,
+                                   seqlen_k, dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, a, c,
+                                   seqlen_k, dlo, dhi, scale_log2, False, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, c, hi,
+                                   seqlen_k, dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
@@ -340,9 +399,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok & col_ok)
 
 
-_attn_fwd = _autotuned(_attn_fwd_kernel, FWD_CONFIGS)
-_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, DKDV_CONFIGS)
-_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, DQ_CONFIGS)
+_attn_fwd = _autotuned(_attn_fwd_kernel, _this_machine(FWD_CONFIGS))
+_attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _this_machine(DKDV_CONFIGS))
+_attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, _this_machine(DQ_CONFIGS))
 _PREPROCESS_BLOCK_M = 32  # at 64, d256 o and dO tiles (fp32, 4 warps) spilled 24 bytes on sm_90
 
 
@@ -367,9 +426,42 @@ def _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return varlen, B, H, Hkv, constexprs, tune_seqlen
 
 
+def tma_aligned(*tensors) -> bool:
+    """Whether every (.., T, H, D) tensor given can be read in (rows, D) tiles by TMA from any batch, head and row:
+    half precision, D a power of 2, and the base and every stride but D's a multiple of 16 bytes (the copy engine's
+    rule; a torch allocation or a whole-head view of one meets it). 2.4 us for three on the 2-vCPU CI machine."""
+    for t in tensors:
+        if t.dtype not in _HALF:
+            return False
+        head_dim = t.shape[-1]
+        if head_dim & (head_dim - 1) or t.data_ptr() & 15:
+            return False
+        for stride in t.stride()[:-1]:
+            if stride & 7:  # 8 two-byte elements = 16 bytes
+                return False
+    return True
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global memory for the TMA descriptors a kernel makes on the device (triton.set_allocator's contract)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator():
+    """Give Triton an allocator for device-made descriptors unless the caller (or torch) has set one already."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
     """out (like q, contiguous), lse float32 (B, H, Tq) or (H, total_q)."""
     varlen, B, H, Hkv, cx, tune_seqlen = _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    cx["TMA_ALIGNED"] = tma_aligned(q, k, v)
+    # Every query sees every key and the key tiles (64 or 128 wide where this is read) are whole: no tile needs a mask.
+    cx["FULL_TILES"] = (not varlen and max_seqlen_k % 128 == 0 and left >= max_seqlen_k - 1
+                        and right >= max_seqlen_q - 1)
+    if cx["TMA_ALIGNED"] and q.is_cuda:
+        _ensure_scratch_allocator()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_shape = (H, q.shape[0]) if varlen else (B, H, q.shape[1])
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
@@ -409,11 +501,18 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
     return dq, dk, dv
 
 
+def aot_variants(kernel, config: dict) -> dict:
+    """The warp-specialized forward compiles twice: its loop masks every tile, or none (FULL_TILES)."""
+    if kernel is _attn_fwd_kernel and config.get("WARP_SPECIALIZE"):
+        return {"": {}, " full": {"FULL_TILES": True}}
+    return {"": {}}
+
+
 def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
     """(signature, constexprs) of one kernel above for an ahead-of-time compile of a dense GQA launch (kernels/_aot.py);
     the config's BLOCK_M/BLOCK_N are added by the caller."""
     fixed = dict(GROUP=2, HEAD_DIM=head_dim, HEAD_DIM_PAD=next_power_of_2(head_dim), VARLEN=False,
-                 UPCAST=False, HAS_DLSE=False)
+                 UPCAST=False, HAS_DLSE=False, TMA_ALIGNED=head_dim == next_power_of_2(head_dim), FULL_TILES=False)
     if kernel is _attn_bwd_preprocess_kernel:
         fixed["BLOCK_M"] = _PREPROCESS_BLOCK_M
 

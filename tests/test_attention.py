@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain import _backend
+from fasttrain.kernels import _attention_configs
+from fasttrain.kernels import attention as attention_kernels
 from fasttrain.ops import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from fasttrain.ops.attention_reference import UNBOUNDED, attention_reference
 
@@ -87,6 +89,87 @@ def test_varlen_uneven_lengths_forward_and_backward():
         dout = torch.randn_like(out)
         for got, want in zip(_grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
             assert _max_err(got, want) < TOL_FP32
+
+
+@pytest.fixture(params=_attention_configs.WS_TILES, ids=lambda t: "x".join(map(str, t[:2])))
+def warp_specialized_forward(request, monkeypatch):
+    """The forward's autotuner holding one WARP_SPECIALIZE config alone, so that the interpreter (or a GPU) runs that
+    path: Q, K and V by tensor descriptor, one loop (masking every tile unless none needs it). Left to itself a
+    GPU's autotuner takes it only where it is the fastest."""
+    monkeypatch.setattr(attention_kernels, "_attn_fwd", attention_kernels._autotuned(
+        attention_kernels._attn_fwd_kernel, _attention_configs.one_config_table(request.param)))
+
+
+# The TMA path needs half precision (tma_aligned); the interpreter computes its tiles in fp32 after loading, so the
+# errors are the inputs' and outputs' rounding: TOL_HALF, against float64 on the same rounded inputs.
+WS_CASES = [  # (B, Tq, Tk, H, Hkv, D, causal, window)
+    (1, 1, 1, 1, 1, 64, True, (-1, -1)),  # T = 1: one row of a 128-row tile, the rest read as zeros
+    (3, 17, 17, 4, 2, 32, True, (-1, -1)),  # batch 3, GQA 2, d32
+    (1, 97, 97, 4, 1, 128, False, (-1, -1)),  # MQA, d128, a partial key tile
+    (2, 256, 256, 2, 1, 64, False, (-1, -1)),  # whole key tiles, every key seen: the loop without masks (FULL_TILES)
+    (2, 128, 128, 2, 2, 64, True, (32, -1)),  # sliding window: tiles before the band are skipped, not masked
+    (1, 97, 300, 2, 2, 64, True, (-1, -1)),  # Tq < Tk
+    (2, 200, 17, 2, 2, 64, True, (-1, -1)),  # Tq > Tk: rows that see no key give 0 and lse +inf
+    (1, 1025, 1025, 1, 1, 64, True, (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,window", WS_CASES, ids=lambda c: str(c))
+def test_warp_specialized_forward_matches_float64_reference(warp_specialized_forward, B, Tq, Tk, H, Hkv, D, causal,
+                                                            window):
+    q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype=torch.bfloat16)
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True,
+                                  backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse, _ = flash_attn_func(q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True,
+                                      backend="reference")
+    assert _max_err(out, ref) < TOL_HALF[torch.bfloat16]
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert _max_err(lse[finite], ref_lse[finite]) < 1e-4  # fp32 throughout: only the log-sum order differs
+    # The backward (not specialized) reads this forward's out and lse. Gradients are bf16-rounded sums over up to
+    # Tq queries, so their error scales with their size: 1% of the largest, 8 bits of mantissa being 0.4%.
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
+    for name, got, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
+        assert _max_err(got, want) <= 1e-2 * want.abs().max().item() + 1e-3, f"d{name}"
+
+
+def test_warp_specialized_forward_varlen_skips_blocks_past_a_sequence(warp_specialized_forward):
+    """Packed sequences of uneven length: a 128-row block past a short sequence's end visits no key and writes
+    nothing (no early return there), and no tile reads past its own sequence (the descriptors end at it)."""
+    lens_q, lens_k = [1, 300, 17, 130], [1, 60, 200, 130]
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(sum(lens_q), 4, 64, generator=g).bfloat16()
+    k, v = (torch.randn(sum(lens_k), 2, 64, generator=g).bfloat16() for _ in range(2))
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
+                                         return_attn_probs=True, backend="triton")
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), 64 ** -0.5, *(_flash_window(True, (-1, -1))),
+                                       cu_q, cu_k)
+    assert _max_err(out, ref) < TOL_HALF[torch.bfloat16]
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and _max_err(lse[finite], ref_lse[finite]) < 1e-4
+
+
+def test_tma_aligned_reads_dtype_head_dim_base_and_strides():
+    x = torch.randn(2, 33, 4, 64).bfloat16()
+    assert attention_kernels.tma_aligned(x, x.transpose(1, 2).contiguous().transpose(1, 2))  # SDPA layout too
+    assert not attention_kernels.tma_aligned(x.float())  # fp32: the TMA configs were built for half tiles
+    assert not attention_kernels.tma_aligned(torch.randn(2, 33, 4, 96).bfloat16())  # D not a power of 2
+    assert not attention_kernels.tma_aligned(torch.randn(2 * 33 * 4 * 64 + 1).bfloat16()[1:].view(2, 33, 4, 64))
+    assert not attention_kernels.tma_aligned(torch.randn(2, 33, 1, 68).bfloat16()[..., :64])  # 136-byte rows
+
+
+def test_pruner_keeps_warp_specialized_configs_only_where_tma_can_read():
+    prune = _attention_configs.pruner(_attention_configs.FWD_CONFIGS[90])
+    configs = _attention_configs.flat(_attention_configs.FWD_CONFIGS[90])
+
+    def specialized(**kwargs):
+        return [c.kwargs["WARP_SPECIALIZE"] for c in prune(configs, {}, HEAD_DIM=128, **kwargs)]
+    assert any(specialized(TMA_ALIGNED=True)) and not all(specialized(TMA_ALIGNED=True))
+    assert specialized(TMA_ALIGNED=False) and not any(specialized(TMA_ALIGNED=False))
+    assert not any(c.kwargs["WARP_SPECIALIZE"] for c in prune(configs, {}, HEAD_DIM=256, TMA_ALIGNED=True))
 
 
 def test_varlen_strided_cu_seqlens():
@@ -307,6 +390,42 @@ GPU_CASES = [  # (B, T, H, Hkv, D, causal, window)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,T,H,Hkv,D,causal,window", GPU_CASES, ids=lambda c: str(c))
 def test_gpu_at_most_twice_pytorch_error(B, T, H, Hkv, D, causal, window, dtype):
+    _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,H,Hkv,D,causal,window", [
+    (1, 1, 1, 1, 128, True, (-1, -1)),
+    (2, 1025, 8, 2, 64, True, (-1, -1)),
+    (1, 4096, 4, 4, 128, False, (-1, -1)),
+    (1, 8192, 4, 1, 128, True, (-1, -1)),
+    (2, 4096, 4, 2, 128, True, (512, -1)),
+], ids=lambda c: str(c))
+def test_gpu_warp_specialized_forward_at_most_twice_pytorch_error(warp_specialized_forward, B, T, H, Hkv, D, causal,
+                                                                   window, dtype):
+    _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_warp_specialized_forward_varlen(warp_specialized_forward):
+    _check_gpu_varlen()
+
+
+@pytest.mark.gpu
+def test_gpu_kv_rows_tma_cannot_read_take_the_pointer_loop():
+    """K/V rows of 68 elements (136 B, not a multiple of 16): the autotuner must not try a TMA config on them."""
+    q, k, v = _inputs(2, 1000, 1000, 4, 2, 68, dtype=torch.bfloat16, device="cuda")
+    q = q.detach()[..., :64].contiguous()
+    k, v = (t.detach()[..., :64] for t in (k, v))  # (2, 1000, 2, 64) views, token stride 136
+    assert not attention_kernels.tma_aligned(q, k, v)
+    out = flash_attn_func(q, k, v, causal=True, backend="triton")
+    ref = flash_attn_func(q.float(), k.float(), v.float(), causal=True, backend="reference")
+    pt = flash_attn_func(q, k, v, causal=True, backend="reference")
+    assert _max_err(out, ref) <= 2 * _max_err(pt, ref) + 1e-5
+
+
+def _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype):
     q, k, v = _inputs(B, T, T, H, Hkv, D, dtype=dtype, device="cuda")
     out = flash_attn_func(q, k, v, causal=causal, window_size=window, backend="triton")
     pt = flash_attn_func(q, k, v, causal=causal, window_size=window, backend="reference")  # eager PyTorch, same dtype
@@ -321,6 +440,15 @@ def test_gpu_at_most_twice_pytorch_error(B, T, H, Hkv, D, causal, window, dtype)
 
 @pytest.mark.gpu
 def test_gpu_varlen_and_sdpa_bf16():
+    _check_gpu_varlen()
+    qs, ks, vs = (torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    got = scaled_dot_product_attention(qs, ks, vs, is_causal=True, backend="triton")
+    torch_bf16 = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+    ref = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), is_causal=True)
+    assert _max_err(got, ref) <= 2 * _max_err(torch_bf16, ref) + 1e-5
+
+
+def _check_gpu_varlen():
     lens = [1, 1000, 3000, 17]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
     q = torch.randn(sum(lens), 8, 128, device="cuda", dtype=torch.bfloat16)
@@ -330,8 +458,3 @@ def test_gpu_varlen_and_sdpa_bf16():
     ref = flash_attn_varlen_func(q.float(), k.float(), v.float(), cu, cu, max(lens), max(lens), causal=True,
                                  backend="reference")
     assert _max_err(out, ref) <= 2 * _max_err(pt, ref) + 1e-5
-    qs, ks, vs = (torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    got = scaled_dot_product_attention(qs, ks, vs, is_causal=True, backend="triton")
-    torch_bf16 = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
-    ref = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), is_causal=True)
-    assert _max_err(got, ref) <= 2 * _max_err(torch_bf16, ref) + 1e-5

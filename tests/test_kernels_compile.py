@@ -55,3 +55,18 @@ def test_sm90_configs_do_not_spill_and_use_wgmma(compiled):
             tuned.setdefault((r["kernel"], r["case"].split()[0]), []).append(r["wgmma"])
     no_wgmma = [f"{kernel} [{cls}]" for (kernel, cls), wgmma in tuned.items() if not any(wgmma)]
     assert len(tuned) == 6 and not no_wgmma, "tl.dot did not lower to wgmma:\n" + "\n".join(no_wgmma)
+
+
+def test_sm90_warp_specialized_forward_configs_specialize(compiled):
+    """A WARP_SPECIALIZE=True config that compiled without specializing (a Triton whose Hopper pass skipped the loop)
+    would run as a slower software-pipelined kernel: each must read by TMA and run a loading warpgroup beside its
+    two computing ones (12 warps for num_warps=4, setmaxnreg); the others keep their configured warps."""
+    rows = [r for r in compiled if r["arch"] == 90 and r["kernel"] == "_attn_fwd_kernel" and "error" not in r]
+    ws = [r for r in rows if "WARP_SPECIALIZE=True" in r["case"]]
+    assert {r["case"].split()[0] for r in ws} == {"d64", "d128"}
+    for r in ws:
+        assert r["tma"] and r["setmaxnreg"] and r["wgmma"], r
+        assert r["launched_warps"] == 3 * int(r["case"].split(" w")[1].split()[0]), r
+    for r in rows:
+        if r not in ws:
+            assert not r["setmaxnreg"] and r["launched_warps"] == int(r["case"].split(" w")[1].split()[0]), r

@@ -27,19 +27,24 @@ def main() -> None:
     parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--warp-specialize", type=int, nargs="+", choices=[0, 1], default=[0],
+                        help="fwd only: 1 compiles the TMA, warp-specialized loop (row: launched_warps, setmaxnreg)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
     import triton
     kernel = KERNELS[args.kernel]
     hints = _aot.divisible(kernel)
-    for bm, bn, warps, stages in itertools.product(args.block_m, args.block_n, args.warps, args.stages):
+    specialize = args.warp_specialize if args.kernel == "fwd" else [None]
+    for bm, bn, warps, stages, ws in itertools.product(args.block_m, args.block_n, args.warps, args.stages,
+                                                       specialize):
         signature, constexprs = attention.aot_signature(kernel, _aot.DTYPE[args.arch], args.head_dim)
+        tile = {"BLOCK_M": bm, "BLOCK_N": bn} if ws is None else {"BLOCK_M": bm, "BLOCK_N": bn,
+                                                                  "WARP_SPECIALIZE": bool(ws)}
         row = {"triton": triton.__version__, "kernel": args.kernel, "head_dim": args.head_dim, "arch": args.arch,
-               "config": [bm, bn, warps, stages]}
+               "config": [bm, bn, warps, stages] + ([] if ws is None else [bool(ws)])}
         try:
-            row.update(_aot.compile_one(kernel, signature, {**constexprs, "BLOCK_M": bm, "BLOCK_N": bn}, args.arch,
-                                        warps, stages, hints))
+            row.update(_aot.compile_one(kernel, signature, {**constexprs, **tile}, args.arch, warps, stages, hints))
         except Exception as e:  # one row per config, whatever happens to the others
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         print(json.dumps(row), flush=True)

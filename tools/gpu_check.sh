@@ -3,18 +3,20 @@
 # given as $1 (default $OUT, as the device tool sets it). The device tool returns at most 8 files: summary.log (each
 # stage's command, exit status and last lines), run.log (everything), and results.tgz holding results/<bench>.json
 # for every GPU benchmark that ran (eight of them: one file each would pass the limit); `tar xzf results.tgz`.
-#   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build test bench bench:NAME,... (default: the first three)
+#   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build probe test bench bench:NAME,... (default: all four)
 # A session now has 15 minutes of device time in all, machine start included, and 10 per call: one full call. The
-# default runs build (~1.5 min), test (~2 min) and then the benchmarks in the order of what is owed (NOTES.md):
-# overhead, step, norms, decode, rotary, attention, cross_entropy, adamw, as many as fit. Each stage is cut at STAGE_TIMEOUT
-# seconds (default 420) and at DEADLINE seconds after the script starts (default 540, inside the device tool's
-# 600 s per call), so that a hang costs one stage's logs, not the call's; what ran is packed either way.
+# default runs build (~1.5 min), probe (the warp-specialized attention forward's GPU tests alone, under a short limit:
+# should they fail or hang on this Triton, every later stage runs with FASTTRAIN_ATTENTION_WS=0), test (~2 min) and
+# then the benchmarks in the order of what is owed (NOTES.md): overhead, step, norms, decode, rotary, attention,
+# cross_entropy, adamw, as many as fit. Each stage is cut at STAGE_TIMEOUT seconds (default 420; the probe's 180) and
+# at DEADLINE seconds after the script starts (default 540, inside the device tool's 600 s per call), so that a hang
+# costs one stage's logs, not the call's; what ran is packed either way.
 set -uo pipefail
 out=${1:-${OUT:?give an output folder}}
 mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the next line changes directory
 cd "$(dirname "$0")/.."
 shift || true
-stages=${*:-build test bench}
+stages=${*:-build probe test bench}
 export PYTHONUNBUFFERED=1
 # `python -m` puts the working directory first on sys.path, where the source fasttrain/ (no _C, no kernels/) would
 # shadow the installed package.
@@ -34,16 +36,27 @@ run_stage() {  # command...
   tail -n 25 "$out/stage.tmp" >> "$out/summary.log"
   rm -f "$out/stage.tmp"
   [ $rc -eq 0 ] || status=1
+  return $rc
 }
+ws_tests="warp_specialized"
+test_select=()
 
 for stage in $stages; do
   case $stage in
     build)
       run_stage $py -m pip install --no-build-isolation --no-deps -v .
       run_stage $py -m fasttrain.cli info ;;
+    probe)
+      test_select=(-k "not $ws_tests")  # the test stage need not run them again
+      if ! STAGE_TIMEOUT=180 run_stage $py -m pytest -m gpu -q -rs -n 8 --timeout 120 -k "$ws_tests" \
+          tests/test_attention.py; then
+        export FASTTRAIN_ATTENTION_WS=0
+        echo "=== the warp-specialized forward failed: FASTTRAIN_ATTENTION_WS=0 from here on" | tee -a "$out/summary.log"
+      fi ;;
     test)
       # xdist: the GPU tests are bound by Triton's compiles, which run on the CPU (16 cores there).
-      run_stage $py -m pytest -m gpu -q -rs -n "${TEST_WORKERS:-12}" --timeout 300 --durations 15 tests ;;
+      run_stage $py -m pytest -m gpu -q -rs -n "${TEST_WORKERS:-12}" --timeout 300 --durations 15 \
+        "${test_select[@]}" tests ;;
     bench|bench:*)
       names=${stage#bench}; names=${names#:}
       [ -n "$names" ] || names=overhead,step,norms,decode,rotary,attention,cross_entropy,adamw
@@ -51,7 +64,7 @@ for stage in $stages; do
         run_stage $py benchmarks/bench_$b.py --device cuda --out "$out/results"
       done
       [ -d "$out/results" ] && tar czf "$out/results.tgz" -C "$out" results && rm -r "$out/results" ;;
-    *) echo "unknown stage $stage (build, test, bench)"; exit 2 ;;
+    *) echo "unknown stage $stage (build, probe, test, bench)"; exit 2 ;;
   esac
 done
 exit $status
