@@ -3,7 +3,7 @@
 backends, and flash-attn when it is installed. bf16, B*T = 16k tokens, H*D = 2048, T = 512..16384, head_dim 64 and
 128, causal and not. Every provider's output is checked against fasttrain's before it is timed.
 
-    python benchmarks/bench_attention.py [--quick] [--device cuda|cpu]
+    python benchmarks/bench_attention.py [--quick] [--seqlens T ...] [--device cuda|cpu]
 
 On CPU this is a smoke test only: the Triton interpreter against the reference at one small fp32 shape.
 """
@@ -99,12 +99,15 @@ def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
 
 
 def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0])
+    args = common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
+        "--seqlens", type=int, nargs="+", help="on a GPU, these T only (default 512..16384; --quick: 512 2048)"))
     modes = ["fwd", "bwd", "fwd+bwd"]
     if args.device == "cpu":  # smoke test: the interpreter is ~1000x slower than a GPU; fp32 only (PLATFORM.md)
         shapes, dtype, ceilings = [(1, 128, 2, 64, True)], torch.float32, {}
     else:
-        seqlens = [512, 2048] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
+        seqlens = args.seqlens or ([512, 2048] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
+        if any(T <= 0 or TOKENS % T for T in seqlens):
+            raise SystemExit(f"--seqlens: each T must divide {TOKENS} (B * T = {TOKENS} tokens), got {seqlens}")
         shapes = [(TOKENS // T, T, HIDDEN // D, D, causal) for D in (64, 128) for causal in (False, True)
                   for T in seqlens]
         dtype = torch.bfloat16

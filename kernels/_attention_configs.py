@@ -4,8 +4,8 @@ A kernel's autotuner holds every config of its arch; `pruner` keeps those of the
 d256 call never tries tiles that only fit d64. tests/test_kernels_compile.py compiles each (arch, class, config)
 ahead of time and fails on compile errors, on shared memory over the arch's limit, and on register spills in the
 sm_90 configs. Tuples are (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M always tiles queries, BLOCK_N keys.
-Forward tuples add WARP_SPECIALIZE (see _FWD); FASTTRAIN_ATTENTION_WS=0 drops those configs at import, the escape
-hatch should a Triton build fault or hang on them.
+Forward and dK/dV tuples add WARP_SPECIALIZE (see _FWD); FASTTRAIN_ATTENTION_WS=0 drops the specialized configs at
+import, the escape hatch should a Triton build fault or hang on them.
 """
 import os
 
@@ -29,8 +29,9 @@ HEAD_DIM_CLASSES = {"d64": (32, 64), "d128": (96, 128), "d256": (256,)}
 # `if` around the mask left the loop unspecialized and spilling), so that loop masks every tile; Q read by TMA too (a
 # masked tl.load of Q failed it: "unsupported load type for producer commit"); no early return (an assertion). The
 # autotuner keeps these configs only where they win; they are pruned where TMA cannot read Q/K/V (tma_aligned).
-WS_TILES = [(128, 64, 4, 3, True), (128, 128, 4, 2, True)]
-_FWD_WS = WS_TILES if os.environ.get("FASTTRAIN_ATTENTION_WS", "1") != "0" else []
+_WS_ON = os.environ.get("FASTTRAIN_ATTENTION_WS", "1") != "0"
+FWD_WS_TILES = [(128, 64, 4, 3, True), (128, 128, 4, 2, True)]
+_FWD_WS = FWD_WS_TILES if _WS_ON else []
 _FWD = {
     90: {"d64": [(128, 64, 4, 3, False), (128, 128, 8, 3, False), (64, 64, 4, 3, False), *_FWD_WS],
          "d128": [(128, 64, 8, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False), *_FWD_WS],
@@ -39,13 +40,20 @@ _FWD = {
          "d128": [(128, 64, 8, 3, False), (64, 64, 4, 3, False)],
          "d256": [(64, 32, 4, 2, False)]},
 }
+# dK/dV's WARP_SPECIALIZE tiles: 128 keys, each computing warpgroup holding 64 keys' dK and dV; the same one loop over
+# (head, query tile), Q and dO by TMA (lse and delta by plain loads, which the pass takes inside the loop). At d128,
+# 64 query rows (FlashAttention-2's tile, which spills as a
+# pointer loop, above) compiled spill-free under triton 3.6.0 but with 8 B of stack under 3.7.1; 32 rows are clean
+# under both (168 registers at entry, 12 warps).
+DKDV_WS_TILES = {"d64": (64, 128, 4, 2, True), "d128": (32, 128, 4, 2, True)}
+_DKDV_WS = {cls: [t] if _WS_ON else [] for cls, t in DKDV_WS_TILES.items()}
 _DKDV = {  # the dK/dV accumulators are (BLOCK_N, D) fp32 each, live across the whole query loop
-    90: {"d64": [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 8, 2)],
-         "d128": [(64, 64, 8, 2), (32, 128, 8, 2)],
-         "d256": [(32, 32, 8, 2)]},
-    80: {"d64": [(64, 64, 4, 3)],
-         "d128": [(32, 64, 8, 2)],
-         "d256": [(32, 32, 8, 2)]},
+    90: {"d64": [(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 64, 8, 2, False), *_DKDV_WS["d64"]],
+         "d128": [(64, 64, 8, 2, False), (32, 128, 8, 2, False), *_DKDV_WS["d128"]],
+         "d256": [(32, 32, 8, 2, False)]},
+    80: {"d64": [(64, 64, 4, 3, False)],
+         "d128": [(32, 64, 8, 2, False)],
+         "d256": [(32, 32, 8, 2, False)]},
 }
 _DQ = {
     90: {"d64": [(128, 64, 8, 3), (64, 64, 4, 3)],
@@ -80,8 +88,8 @@ def _build(table, interpreter):
     return out
 
 
-FWD_CONFIGS = _build(_FWD, (*_INTERPRETER, False))
-DKDV_CONFIGS, DQ_CONFIGS = _build(_DKDV, _INTERPRETER), _build(_DQ, _INTERPRETER)
+FWD_CONFIGS, DKDV_CONFIGS = _build(_FWD, (*_INTERPRETER, False)), _build(_DKDV, (*_INTERPRETER, False))
+DQ_CONFIGS = _build(_DQ, _INTERPRETER)
 
 
 def head_dim_class(head_dim: int) -> str:

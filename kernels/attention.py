@@ -298,22 +298,94 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
 
 
 @triton.jit
+def _dkdv_specialized(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dt, stride_dh,
+                      stride_lh, offs_n, lo, hi, seqlen_q, dlo, dhi, scale_log2, MASKED: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """_dkdv_tiles' flat (head, query tile) loop for a WARP_SPECIALIZE config: Q and dO tiles of the GROUP heads by
+    TMA from (GROUP, seqlen_q, D) descriptors that end at the sequence (zero past it). lse and delta stay pointer
+    loads: a descriptor's last-dimension offset must be a multiple of 16 bytes, and a packed sequence's rows of 4-byte
+    values start anywhere."""
+    q_desc = tl.make_tensor_descriptor(q_base, shape=[GROUP, seqlen_q, HEAD_DIM], strides=[stride_qh, stride_qt, 1],
+                                       block_shape=[1, BLOCK_M, HEAD_DIM])
+    do_desc = tl.make_tensor_descriptor(do_base, shape=[GROUP, seqlen_q, HEAD_DIM], strides=[stride_dh, stride_dt, 1],
+                                        block_shape=[1, BLOCK_M, HEAD_DIM])
+    n_tiles = tl.cdiv(hi - lo, BLOCK_M)
+    for it in tl.range(0, GROUP * n_tiles, warp_specialize=True):
+        g = it // n_tiles
+        start_m = lo + (it - g * n_tiles) * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = q_desc.load([g, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+        do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
+        if UPCAST:
+            q, do = q.to(tl.float32), do.to(tl.float32)
+        if MASKED:
+            lse = tl.load(lse_base + g * stride_lh + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
+            delta = tl.load(delta_base + g * stride_lh + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        else:
+            lse = tl.load(lse_base + g * stride_lh + offs_m)
+            delta = tl.load(delta_base + g * stride_lh + offs_m)
+        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse[None, :] * LOG2E)  # (BLOCK_N, BLOCK_M)
+        if MASKED:
+            diag = offs_n[:, None] - offs_m[None, :]
+            p_t = tl.where((offs_m[None, :] < seqlen_q) & (diag >= dlo) & (diag <= dhi), p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do)
+        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
                           stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                           stride_vb, stride_vt, stride_vh, stride_db, stride_dt, stride_dh, stride_lb, stride_lh,
                           stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
                           seqlen_q, seqlen_k, scale, scale_log2, left, right, tune_seqlen,
                           GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                          VARLEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          VARLEN: tl.constexpr, UPCAST: tl.constexpr, TMA_ALIGNED: tl.constexpr,
+                          FULL_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          WARP_SPECIALIZE: tl.constexpr):
     pid_n, kvh, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k, dlo, dhi = _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN)
     start_n = pid_n * BLOCK_N
-    if start_n >= seqlen_k:
-        return
     b64, kvh64 = b.to(tl.int64), kvh.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
+    k_base, v_base = _kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                               stride_vh)
+    h64 = kvh64 * GROUP  # the first of the GROUP query heads that share this K/V head: dK/dV reduced here, no atomics
+    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
+    do_base = DOut + b64 * stride_db + h64 * stride_dh + q_start.to(tl.int64) * stride_dt
+    lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q_start
+    delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q_start
+    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
+    if WARP_SPECIALIZE:  # no early return (see the forward): a block past a short packed sequence sees no query
+        tl.static_assert(TMA_ALIGNED and not PAD_D, "WARP_SPECIALIZE needs TMA-aligned inputs, a power-of-2 head dim")
+        queries = tl.where(start_n < seqlen_k, seqlen_q, 0)
+        lo, a, c, hi = _tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, queries,
+                                   BLOCK_M)
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vt, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        k, v = k_desc.load([start_n, 0]), v_desc.load([start_n, 0])  # (BLOCK_N, HEAD_DIM), zero past seqlen_k
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        dk, dv = _dkdv_specialized(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
+                                   stride_dt, stride_dh, stride_lh, offs_n, lo, hi, seqlen_q, dlo, dhi, scale_log2,
+                                   not FULL_TILES, HEAD_DIM, UPCAST, GROUP, BLOCK_M)
+        dk_desc = tl.make_tensor_descriptor(DK + b64 * stride_dkb + kvh64 * stride_dkh + k_start.to(tl.int64) *
+                                            stride_dkt, shape=[seqlen_k, HEAD_DIM], strides=[stride_dkt, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM])
+        dv_desc = tl.make_tensor_descriptor(DV + b64 * stride_dvb + kvh64 * stride_dvh + k_start.to(tl.int64) *
+                                            stride_dvt, shape=[seqlen_k, HEAD_DIM], strides=[stride_dvt, 1],
+                                            block_shape=[BLOCK_N, HEAD_DIM])
+        dk_desc.store([start_n, 0], (dk * scale).to(DK.dtype.element_ty))  # rows past seqlen_k are not written
+        dv_desc.store([start_n, 0], dv.to(DV.dtype.element_ty))
+        return
+    if start_n >= seqlen_k:
+        return
     row_ok, col_ok = offs_n[:, None] < seqlen_k, offs_d[None, :] < HEAD_DIM
     k_rows = (k_start + offs_n).to(tl.int64)[:, None]
     k = _load(K + b64 * stride_kb + kvh64 * stride_kh + k_rows * stride_kt + offs_d[None, :], row_ok, col_ok,
@@ -322,13 +394,6 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
               True, PAD_D, UPCAST)
     # The queries that see keys start_n..: j - i in [dlo, dhi] means i - j in [-dhi, -dlo].
     lo, a, c, hi = _tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, seqlen_q, BLOCK_M)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
-    h64 = kvh64 * GROUP  # the first of the GROUP query heads that share this K/V head: dK/dV reduced here, no atomics
-    q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
-    do_base = DOut + b64 * stride_db + h64 * stride_dh + q_start.to(tl.int64) * stride_dt
-    lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q_start
-    delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q_start
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dt,
                          stride_dh, stride_lh, offs_n, offs_d, lo, a, seqlen_q, dlo, dhi, scale_log2, True, HEAD_DIM,
                          PAD_D, UPCAST, GROUP, BLOCK_M)
@@ -442,6 +507,13 @@ def tma_aligned(*tensors) -> bool:
     return True
 
 
+def _full_tiles(varlen, max_seqlen_q, max_seqlen_k, left, right) -> bool:
+    """Every query sees every key and both lengths are multiples of 128 (the widest tile a specialized config
+    takes): no tile has a row or column to mask."""
+    return (not varlen and max_seqlen_q % 128 == 0 and max_seqlen_k % 128 == 0 and left >= max_seqlen_k - 1
+            and right >= max_seqlen_q - 1)
+
+
 def _scratch(size: int, alignment: int, stream):
     """Global memory for the TMA descriptors a kernel makes on the device (triton.set_allocator's contract)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
@@ -457,9 +529,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     """out (like q, contiguous), lse float32 (B, H, Tq) or (H, total_q)."""
     varlen, B, H, Hkv, cx, tune_seqlen = _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     cx["TMA_ALIGNED"] = tma_aligned(q, k, v)
-    # Every query sees every key and the key tiles (64 or 128 wide where this is read) are whole: no tile needs a mask.
-    cx["FULL_TILES"] = (not varlen and max_seqlen_k % 128 == 0 and left >= max_seqlen_k - 1
-                        and right >= max_seqlen_q - 1)
+    cx["FULL_TILES"] = _full_tiles(varlen, max_seqlen_q, max_seqlen_k, left, right)
     if cx["TMA_ALIGNED"] and q.is_cuda:
         _ensure_scratch_allocator()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -483,6 +553,10 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
         q, do = q.contiguous(), do.contiguous()  # only SDPA-layout views of millions of tokens: head stride D
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
+    dkdv_cx = {**cx, "TMA_ALIGNED": tma_aligned(q, k, v, do),
+               "FULL_TILES": _full_tiles(varlen, max_seqlen_q, max_seqlen_k, left, right)}
+    if dkdv_cx["TMA_ALIGNED"] and q.is_cuda:
+        _ensure_scratch_allocator()
     _attn_bwd_preprocess_kernel[(cdiv(max_seqlen_q, _PREPROCESS_BLOCK_M), H, B)](
         out, do, delta, None if dlse is None else dlse.contiguous(), *_bth_strides(out, varlen),
         *_bth_strides(do, varlen), *_lse_strides(lse, varlen), cu_seqlens_q, max_seqlen_q,
@@ -494,7 +568,7 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
     tail = (max_seqlen_q, max_seqlen_k, scale, scale * LOG2E.value, left, right, tune_seqlen)
     grid_kv = lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), Hkv, B)  # noqa: E731
     _attn_bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *common,
-                            *_bth_strides(dk, varlen), *_bth_strides(dv, varlen), *tail, **cx)
+                            *_bth_strides(dk, varlen), *_bth_strides(dv, varlen), *tail, **dkdv_cx)
     grid_q = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)  # noqa: E731
     _attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common,
                          *_bth_strides(dq, varlen), *tail, **cx)
@@ -502,8 +576,8 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
 
 
 def aot_variants(kernel, config: dict) -> dict:
-    """The warp-specialized forward compiles twice: its loop masks every tile, or none (FULL_TILES)."""
-    if kernel is _attn_fwd_kernel and config.get("WARP_SPECIALIZE"):
+    """A warp-specialized forward or dK/dV compiles twice: its loop masks every tile, or none (FULL_TILES)."""
+    if config.get("WARP_SPECIALIZE"):
         return {"": {}, " full": {"FULL_TILES": True}}
     return {"": {}}
 

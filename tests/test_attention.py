@@ -91,7 +91,7 @@ def test_varlen_uneven_lengths_forward_and_backward():
             assert _max_err(got, want) < TOL_FP32
 
 
-@pytest.fixture(params=_attention_configs.WS_TILES, ids=lambda t: "x".join(map(str, t[:2])))
+@pytest.fixture(params=_attention_configs.FWD_WS_TILES, ids=lambda t: "x".join(map(str, t[:2])))
 def warp_specialized_forward(request, monkeypatch):
     """The forward's autotuner holding one WARP_SPECIALIZE config alone, so that the interpreter (or a GPU) runs that
     path: Q, K and V by tensor descriptor, one loop (masking every tile unless none needs it). Left to itself a
@@ -127,11 +127,57 @@ def test_warp_specialized_forward_matches_float64_reference(warp_specialized_for
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
     assert _max_err(lse[finite], ref_lse[finite]) < 1e-4  # fp32 throughout: only the log-sum order differs
-    # The backward (not specialized) reads this forward's out and lse. Gradients are bf16-rounded sums over up to
-    # Tq queries, so their error scales with their size: 1% of the largest, 8 bits of mantissa being 0.4%.
+    _check_half_gradients(q, k, v, out, q64, k64, v64, ref)  # the backward reads this forward's out and lse
+
+
+@pytest.fixture(params=list(_attention_configs.DKDV_WS_TILES.values()), ids=lambda t: "x".join(map(str, t[:2])))
+def warp_specialized_backward(request, monkeypatch):
+    """dK/dV's autotuner holding one WARP_SPECIALIZE config alone: Q, dO, lse and delta by descriptor in one loop."""
+    monkeypatch.setattr(attention_kernels, "_attn_bwd_dkdv", attention_kernels._autotuned(
+        attention_kernels._attn_bwd_dkdv_kernel, _attention_configs.one_config_table(request.param)))
+
+
+def _check_half_gradients(q, k, v, out, q64, k64, v64, ref):
+    """Gradients are bf16-rounded sums over up to Tq queries, so their error scales with their size: within 1% of the
+    largest (8 bits of mantissa are 0.4%). A fixed dO, so that no earlier test's draws change the margins."""
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
     for name, got, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
         assert _max_err(got, want) <= 1e-2 * want.abs().max().item() + 1e-3, f"d{name}"
+
+
+@pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,window", WS_CASES, ids=lambda c: str(c))
+def test_warp_specialized_backward_matches_float64_reference(warp_specialized_backward, B, Tq, Tk, H, Hkv, D, causal,
+                                                             window):
+    """dK/dV by the specialized loop on every awkward shape the forward's test takes (Tq 256: the unmasked loop)."""
+    q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype=torch.bfloat16)
+    out = flash_attn_func(q, k, v, causal=causal, window_size=window, backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = flash_attn_func(q64, k64, v64, causal=causal, window_size=window, backend="reference")
+    _check_half_gradients(q, k, v, out, q64, k64, v64, ref)
+
+
+def test_warp_specialized_backward_lse_gradient_and_varlen(warp_specialized_backward):
+    """A loss on the logsumexp (dlse folded into delta), and packed sequences of uneven length: query tiles that run
+    past their sequence read zeros from the descriptors and masked lse/delta, key blocks past it write nothing."""
+    q, k, v = _inputs(2, 41, 33, 2, 1, 64, dtype=torch.bfloat16)
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend="triton")
+    loss = (out.float() ** 2).sum() + (lse * torch.linspace(-1, 1, 41)).sum()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attention_reference(q64, k64, v64, 64 ** -0.5, UNBOUNDED, 0)
+    ref_loss = (ref ** 2).sum() + (ref_lse * torch.linspace(-1, 1, 41, dtype=torch.float64)).sum()
+    # out ** 2 doubles out's bf16 rounding in dO: 2% of the largest gradient (the pointer loop's error here, 1.3%).
+    for got, want in zip(torch.autograd.grad(loss, (q, k, v)), torch.autograd.grad(ref_loss, (q64, k64, v64))):
+        assert _max_err(got, want) <= 2e-2 * want.abs().max().item()
+    lens_q, lens_k = [1, 130, 17, 61], [5, 60, 200, 61]
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(sum(lens_q), 4, 64, generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(sum(lens_k), 2, 64, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True, backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = attention_reference(q64, k64, v64, 64 ** -0.5, *(_flash_window(True, (-1, -1))), cu_q, cu_k)
+    _check_half_gradients(q, k, v, out, q64, k64, v64, ref)
 
 
 def test_warp_specialized_forward_varlen_skips_blocks_past_a_sequence(warp_specialized_forward):
@@ -161,15 +207,17 @@ def test_tma_aligned_reads_dtype_head_dim_base_and_strides():
     assert not attention_kernels.tma_aligned(torch.randn(2, 33, 1, 68).bfloat16()[..., :64])  # 136-byte rows
 
 
-def test_pruner_keeps_warp_specialized_configs_only_where_tma_can_read():
-    prune = _attention_configs.pruner(_attention_configs.FWD_CONFIGS[90])
-    configs = _attention_configs.flat(_attention_configs.FWD_CONFIGS[90])
+@pytest.mark.parametrize("table", ["FWD_CONFIGS", "DKDV_CONFIGS"])
+def test_pruner_keeps_warp_specialized_configs_only_where_tma_can_read(table):
+    by_class = getattr(_attention_configs, table)[90]
+    prune, configs = _attention_configs.pruner(by_class), _attention_configs.flat(by_class)
 
-    def specialized(**kwargs):
-        return [c.kwargs["WARP_SPECIALIZE"] for c in prune(configs, {}, HEAD_DIM=128, **kwargs)]
-    assert any(specialized(TMA_ALIGNED=True)) and not all(specialized(TMA_ALIGNED=True))
-    assert specialized(TMA_ALIGNED=False) and not any(specialized(TMA_ALIGNED=False))
-    assert not any(c.kwargs["WARP_SPECIALIZE"] for c in prune(configs, {}, HEAD_DIM=256, TMA_ALIGNED=True))
+    def specialized(head_dim, **kwargs):
+        return [c.kwargs["WARP_SPECIALIZE"] for c in prune(configs, {}, HEAD_DIM=head_dim, **kwargs)]
+    for head_dim in (64, 128):
+        assert any(specialized(head_dim, TMA_ALIGNED=True)) and not all(specialized(head_dim, TMA_ALIGNED=True))
+        assert specialized(head_dim, TMA_ALIGNED=False) and not any(specialized(head_dim, TMA_ALIGNED=False))
+    assert not any(specialized(256, TMA_ALIGNED=True))
 
 
 def test_varlen_strided_cu_seqlens():
@@ -393,22 +441,33 @@ def test_gpu_at_most_twice_pytorch_error(B, T, H, Hkv, D, causal, window, dtype)
     _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,T,H,Hkv,D,causal,window", [
+WS_GPU_CASES = [  # (B, T, H, Hkv, D, causal, window)
     (1, 1, 1, 1, 128, True, (-1, -1)),
     (2, 1025, 8, 2, 64, True, (-1, -1)),
-    (1, 4096, 4, 4, 128, False, (-1, -1)),
+    (1, 4096, 4, 4, 128, False, (-1, -1)),  # the unmasked loops (FULL_TILES)
     (1, 8192, 4, 1, 128, True, (-1, -1)),
     (2, 4096, 4, 2, 128, True, (512, -1)),
-], ids=lambda c: str(c))
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,H,Hkv,D,causal,window", WS_GPU_CASES, ids=lambda c: str(c))
 def test_gpu_warp_specialized_forward_at_most_twice_pytorch_error(warp_specialized_forward, B, T, H, Hkv, D, causal,
                                                                    window, dtype):
     _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype)
 
 
 @pytest.mark.gpu
-def test_gpu_warp_specialized_forward_varlen(warp_specialized_forward):
+@pytest.mark.parametrize("B,T,H,Hkv,D,causal,window", WS_GPU_CASES, ids=lambda c: str(c))
+def test_gpu_warp_specialized_backward_at_most_twice_pytorch_error(warp_specialized_backward, B, T, H, Hkv, D,
+                                                                    causal, window):
+    """bf16 only: the dtype changes no code in the loop, and the forward's test already covers fp16 on the card."""
+    _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_warp_specialized_forward_and_backward_varlen(warp_specialized_forward, warp_specialized_backward):
     _check_gpu_varlen()
 
 

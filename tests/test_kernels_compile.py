@@ -57,13 +57,15 @@ def test_sm90_configs_do_not_spill_and_use_wgmma(compiled):
     assert len(tuned) == 6 and not no_wgmma, "tl.dot did not lower to wgmma:\n" + "\n".join(no_wgmma)
 
 
-def test_sm90_warp_specialized_forward_configs_specialize(compiled):
+@pytest.mark.parametrize("kernel", ["_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"])
+def test_sm90_warp_specialized_configs_specialize(compiled, kernel):
     """A WARP_SPECIALIZE=True config that compiled without specializing (a Triton whose Hopper pass skipped the loop)
-    would run as a slower software-pipelined kernel: each must read by TMA and run a loading warpgroup beside its
-    two computing ones (12 warps for num_warps=4, setmaxnreg); the others keep their configured warps."""
-    rows = [r for r in compiled if r["arch"] == 90 and r["kernel"] == "_attn_fwd_kernel" and "error" not in r]
+    would run as a slower software-pipelined kernel: each, masked or not (" full"), must read by TMA and run a loading
+    warpgroup beside its two computing ones (12 warps for num_warps=4, setmaxnreg); the others keep their warps."""
+    rows = [r for r in compiled if r["arch"] == 90 and r["kernel"] == kernel and "error" not in r]
     ws = [r for r in rows if "WARP_SPECIALIZE=True" in r["case"]]
     assert {r["case"].split()[0] for r in ws} == {"d64", "d128"}
+    assert {r["case"].endswith(" full") for r in ws} == {True, False}
     for r in ws:
         assert r["tma"] and r["setmaxnreg"] and r["wgmma"], r
         assert r["launched_warps"] == 3 * int(r["case"].split(" w")[1].split()[0]), r

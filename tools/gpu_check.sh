@@ -5,9 +5,10 @@
 # for every GPU benchmark that ran (eight of them: one file each would pass the limit); `tar xzf results.tgz`.
 #   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build probe test bench bench:NAME,... (default: all four)
 # A session now has 15 minutes of device time in all, machine start included, and 10 per call: one full call. The
-# default runs build (~1.5 min), probe (the warp-specialized attention forward's GPU tests alone, under a short limit:
+# default runs build (~1.5 min), probe (the warp-specialized attention kernels' GPU tests alone, under a short limit:
 # should they fail or hang on this Triton, every later stage runs with FASTTRAIN_ATTENTION_WS=0), test (~2 min) and
-# then the benchmarks in the order of what is owed (NOTES.md): overhead, step, norms, decode, rotary, attention,
+# then the benchmarks in the order of what is owed (NOTES.md): overhead, attention (at T 2048 and 8192 unless
+# BENCH_ARGS_attention says otherwise; BENCH_ARGS_<name> adds flags to any), step, norms, decode, rotary,
 # cross_entropy, adamw, as many as fit. Each stage is cut at STAGE_TIMEOUT seconds (default 420; the probe's 180) and
 # at DEADLINE seconds after the script starts (default 540, inside the device tool's 600 s per call), so that a hang
 # costs one stage's logs, not the call's; what ran is packed either way.
@@ -48,10 +49,11 @@ for stage in $stages; do
       run_stage $py -m fasttrain.cli info ;;
     probe)
       test_select=(-k "not $ws_tests")  # the test stage need not run them again
-      if ! STAGE_TIMEOUT=180 run_stage $py -m pytest -m gpu -q -rs -n 8 --timeout 120 -k "$ws_tests" \
+      if ! STAGE_TIMEOUT=180 run_stage $py -m pytest -m gpu -q -rs -n 12 --timeout 120 -k "$ws_tests" \
           tests/test_attention.py; then
         export FASTTRAIN_ATTENTION_WS=0
-        echo "=== the warp-specialized forward failed: FASTTRAIN_ATTENTION_WS=0 from here on" | tee -a "$out/summary.log"
+        echo "=== the warp-specialized kernels failed: FASTTRAIN_ATTENTION_WS=0 from here on" \
+          | tee -a "$out/summary.log"
       fi ;;
     test)
       # xdist: the GPU tests are bound by Triton's compiles, which run on the CPU (16 cores there).
@@ -59,9 +61,12 @@ for stage in $stages; do
         "${test_select[@]}" tests ;;
     bench|bench:*)
       names=${stage#bench}; names=${names#:}
-      [ -n "$names" ] || names=overhead,step,norms,decode,rotary,attention,cross_entropy,adamw
+      [ -n "$names" ] || names=overhead,attention,step,norms,decode,rotary,cross_entropy,adamw
+      : "${BENCH_ARGS_attention=--seqlens 2048 8192}"  # the targets' range, in a third of the full sweep's time
       for b in ${names//,/ }; do
-        run_stage $py benchmarks/bench_$b.py --device cuda --out "$out/results"
+        extra="BENCH_ARGS_$b"
+        # shellcheck disable=SC2086  # word-split on purpose: the variable holds flags
+        run_stage $py benchmarks/bench_$b.py --device cuda --out "$out/results" ${!extra:-}
       done
       [ -d "$out/results" ] && tar czf "$out/results.tgz" -C "$out" results && rm -r "$out/results" ;;
     *) echo "unknown stage $stage (build, probe, test, bench)"; exit 2 ;;
