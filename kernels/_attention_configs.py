@@ -107,7 +107,7 @@ def flat(table_for_arch) -> list:
 
 def pruner(table_for_arch):
     """early_config_prune: keep the configs of the call's head-dim class, the warp-specialized ones only where the
-    launch says K and V can be read by TMA (TMA_ALIGNED)."""
+    launch says its inputs can be read by TMA (TMA_ALIGNED)."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         keep = table_for_arch[head_dim_class(args["HEAD_DIM"])]

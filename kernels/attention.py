@@ -25,9 +25,9 @@ from ._attention_configs import DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS, flat, pru
 LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be constexpr (the compiler insists)
 LN2 = tl.constexpr(0.6931471805599453)
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-# left/right: causal and full attention mask different shares of their tiles (the warp-specialized forward masks
-# all of them), so they tune apart. TMA_ALIGNED is the forward's alone.
 _HALF = (torch.float16, torch.bfloat16)
+# left/right: causal and full attention mask different shares of their tiles (the warp-specialized loops mask all of
+# them), so they tune apart. TMA_ALIGNED: the forward's and dK/dV's (dQ has no specialized config).
 _TUNING_KEY = ("HEAD_DIM", "tune_seqlen", "GROUP", "VARLEN", "left", "right", "TMA_ALIGNED")
 
 

@@ -3,6 +3,9 @@ the SDPA and varlen front doors, the torch.compile registration, backend choice 
 GPU tests (`pytest -m gpu`) check bf16/fp16 by the rule "at most 2x PyTorch's own same-dtype error, both against an
 fp32 reference" at T up to 8192.
 """
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -205,6 +208,14 @@ def test_tma_aligned_reads_dtype_head_dim_base_and_strides():
     assert not attention_kernels.tma_aligned(torch.randn(2, 33, 4, 96).bfloat16())  # D not a power of 2
     assert not attention_kernels.tma_aligned(torch.randn(2 * 33 * 4 * 64 + 1).bfloat16()[1:].view(2, 33, 4, 64))
     assert not attention_kernels.tma_aligned(torch.randn(2, 33, 1, 68).bfloat16()[..., :64])  # 136-byte rows
+
+
+def test_fasttrain_attention_ws_0_leaves_the_specialized_configs_out():
+    code = ("from fasttrain.kernels import _attention_configs as c; "
+            "print(sum(x.kwargs['WARP_SPECIALIZE'] for t in (c.FWD_CONFIGS, c.DKDV_CONFIGS) for x in c.flat(t[90])))")
+    counts = [subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTTRAIN_ATTENTION_WS": flag},
+                             capture_output=True, text=True, check=True).stdout.strip() for flag in ("0", "1")]
+    assert counts[0] == "0" and int(counts[1]) == 6  # the forward's 2 tiles in d64 and d128, dK/dV's 1 in each
 
 
 @pytest.mark.parametrize("table", ["FWD_CONFIGS", "DKDV_CONFIGS"])

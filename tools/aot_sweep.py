@@ -28,14 +28,15 @@ def main() -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--warp-specialize", type=int, nargs="+", choices=[0, 1], default=[0],
-                        help="fwd only: 1 compiles the TMA, warp-specialized loop (row: launched_warps, setmaxnreg)")
+                        help="fwd and dkdv: 1 compiles the TMA, warp-specialized loop (see launched_warps, "
+                        "setmaxnreg)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
     import triton
     kernel = KERNELS[args.kernel]
     hints = _aot.divisible(kernel)
-    specialize = args.warp_specialize if args.kernel == "fwd" else [None]
+    specialize = args.warp_specialize if "WARP_SPECIALIZE" in kernel.arg_names else [None]
     for bm, bn, warps, stages, ws in itertools.product(args.block_m, args.block_n, args.warps, args.stages,
                                                        specialize):
         signature, constexprs = attention.aot_signature(kernel, _aot.DTYPE[args.arch], args.head_dim)
