@@ -21,6 +21,8 @@ from triton.runtime import _allocation
 from ._aot import signature_from_params
 from ._launch import cdiv, next_power_of_2
 from ._attention_configs import DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS, flat, pruner
+from ._attention_tiles import (kv_bases, load_tile, masked_scores, online_softmax, q_program, seq_bounds, sequence,
+                               tile_range)
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be constexpr (the compiler insists)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -46,98 +48,7 @@ def _autotuned(kernel, by_class):
                            prune_configs_by={"early_config_prune": pruner(by_class)})(kernel)
 
 
-@triton.jit
-def _load(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, UPCAST: tl.constexpr):
-    """A 2-D tile, zero outside row_ok/col_ok; masks only where the bounds can be crossed."""
-    if CHECK_ROWS and CHECK_COLS:
-        x = tl.load(ptrs, mask=row_ok & col_ok, other=0.0)
-    elif CHECK_ROWS:
-        x = tl.load(ptrs, mask=row_ok, other=0.0)
-    elif CHECK_COLS:
-        x = tl.load(ptrs, mask=col_ok, other=0.0)
-    else:
-        x = tl.load(ptrs)
-    if UPCAST:  # the interpreter computes bf16 on raw bits (PLATFORM.md): widen right after the load
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _tile_range(x0, x1, dlo, dhi, n_other, BLOCK: tl.constexpr):
-    """Rows x0..x1 see columns y in [x + dlo, x + dhi] within [0, n_other). Returns (lo, a, b, hi): the columns
-    to visit are [lo, hi) in BLOCK steps from lo, of which the tiles in [a, b) need no mask at all."""
-    lo = (tl.maximum(x0 + dlo, 0) // BLOCK) * BLOCK
-    hi = tl.minimum(x1 + dhi + 1, n_other)
-    full_lo = tl.maximum(x1 + dlo, lo)
-    full_hi = tl.minimum(x0 + dhi + 1, hi)
-    a = lo + tl.cdiv(full_lo - lo, BLOCK) * BLOCK
-    n_full = tl.maximum(full_hi - a, 0) // BLOCK
-    b = a + n_full * BLOCK
-    return lo, tl.where(n_full > 0, a, hi), tl.where(n_full > 0, b, hi), hi
-
-
-@triton.jit
-def _seq_bounds(Cu, b, seqlen, VARLEN: tl.constexpr):
-    """(start, length) of sequence b: from cu_seqlens when packed, else (0, the common length)."""
-    if VARLEN:
-        start = tl.load(Cu + b)
-        return start, tl.load(Cu + b + 1) - start
-    return b * 0, seqlen
-
-
-@triton.jit
-def _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN: tl.constexpr):
-    """(q_start, seqlen_q, k_start, seqlen_k, dlo, dhi) of sequence b: where its rows start, how many there are, and
-    the diagonal band a query sees (dlo <= j - i <= dhi)."""
-    q_start, seqlen_q = _seq_bounds(CuQ, b, seqlen_q, VARLEN)
-    k_start, seqlen_k = _seq_bounds(CuK, b, seqlen_k, VARLEN)
-    return q_start, seqlen_q, k_start, seqlen_k, seqlen_k - seqlen_q - left, seqlen_k - seqlen_q + right
-
-
-@triton.jit
-def _q_program(CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-               VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Where a program of the forward or dQ grid (query block, head, sequence) stands: (b64, h64, kvh64, q_start,
-    seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d). Batch and head indices are int64 for the pointer
-    offsets; the caller returns early when start_m >= seqlen_q (a block past a short packed sequence)."""
-    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start, seqlen_q, k_start, seqlen_k, dlo, dhi = _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN)
-    start_m = pid_m * BLOCK_M
-    return (b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64), q_start, seqlen_q, k_start, seqlen_k, dlo, dhi,
-            start_m, start_m + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM_PAD))
-
-
-@triton.jit
-def _kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh):
-    """Pointers to row 0 of sequence b's keys and values for K/V head kvh (int64: B * T * H * D may pass 2**31)."""
-    k_start64 = k_start.to(tl.int64)
-    return (K + b64 * stride_kb + kvh64 * stride_kh + k_start64 * stride_kt,
-            V + b64 * stride_vb + kvh64 * stride_vh + k_start64 * stride_vt)
-
-
 # ---- forward ----------------------------------------------------------------------------------------------------
-
-@triton.jit
-def _masked_scores(s, offs_m, offs_n, seqlen_k, dlo, dhi):
-    """-inf where key offs_n is past the sequence or outside query offs_m's band."""
-    diag = offs_n[None, :] - offs_m[:, None]
-    return tl.where((offs_n[None, :] < seqlen_k) & (diag >= dlo) & (diag <= dhi), s, float("-inf"))
-
-
-@triton.jit
-def _online_softmax(acc, m_i, l_i, s, v, MASKED: tl.constexpr):
-    """One key tile folded into (acc, m, l), with s its (BLOCK_M, BLOCK_N) scores in log2 units and v its values."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if MASKED:  # a row with every key masked so far keeps m = -inf; shift it by 0 so that p = 0, not NaN
-        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new_safe = m_new
-    p = tl.math.exp2(s - m_new_safe[:, None])
-    alpha = tl.math.exp2(m_i - m_new_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i
-
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, seqlen_k, dlo, dhi,
@@ -145,14 +56,14 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
                BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = _load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], offs_n[None, :] < seqlen_k,
+        k_t = load_tile(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], offs_n[None, :] < seqlen_k,
                     offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_N)
         s = tl.dot(q, k_t) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
-            s = _masked_scores(s, offs_m, offs_n, seqlen_k, dlo, dhi)
-        v = _load(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n[:, None] < seqlen_k,
+            s = masked_scores(s, offs_m, offs_n, seqlen_k, dlo, dhi)
+        v = load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n[:, None] < seqlen_k,
                   offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_N, HEAD_DIM_PAD)
-        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, MASKED)
+        acc, m_i, l_i = online_softmax(acc, m_i, l_i, s, v, MASKED)
     return acc, m_i, l_i
 
 
@@ -179,8 +90,8 @@ def _fwd_specialized(acc, m_i, l_i, q_base, k_base, v_base, stride_qt, stride_kt
             k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
-            s = _masked_scores(s, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, dlo, dhi)
-        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, MASKED)
+            s = masked_scores(s, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, dlo, dhi)
+        acc, m_i, l_i = online_softmax(acc, m_i, l_i, s, v, MASKED)
     return acc, m_i, l_i
 
 
@@ -192,10 +103,10 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                      VARLEN: tl.constexpr, UPCAST: tl.constexpr, TMA_ALIGNED: tl.constexpr, FULL_TILES: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = _q_program(
+    b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = q_program(
         CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
-    k_base, v_base = _kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+    k_base, v_base = kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                                stride_vh)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     if WARP_SPECIALIZE:  # no early return: Triton's Hopper pass asserts on one (TaskIdPropagation, 3.6.0 and 3.7.1)
@@ -204,7 +115,7 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
         if start_m >= seqlen_q:
             return
         keys = seqlen_k
-    lo, a, c, hi = _tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, keys, BLOCK_N)
+    lo, a, c, hi = tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, keys, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
@@ -214,7 +125,7 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
                                          start_m, offs_m, lo, hi, seqlen_q, seqlen_k, dlo, dhi, scale_log2,
                                          not FULL_TILES, HEAD_DIM, UPCAST, BLOCK_M, BLOCK_N)
     else:  # masks cost only on the window's edges: [lo, a) and [c, hi) are masked, [a, c) is not
-        q = _load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m[:, None] < seqlen_q,
+        q = load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m[:, None] < seqlen_q,
                   offs_d[None, :] < HEAD_DIM, True, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, a,
                                    seqlen_k, dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
@@ -241,7 +152,7 @@ def _attn_bwd_preprocess_kernel(Out, DOut, Delta, DLse, stride_ob, stride_ot, st
                                 HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) (minus dlse when the logsumexp has a gradient: d lse / d s = p)."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start, seqlen_q = _seq_bounds(CuQ, b, seqlen_q, VARLEN)
+    q_start, seqlen_q = seq_bounds(CuQ, b, seqlen_q, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
@@ -276,7 +187,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         lse_g, delta_g = lse_base + g * stride_lh, delta_base + g * stride_lh
         start_m = lo + (it - g * n_tiles) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_t = _load(q_g + offs_m[None, :] * stride_qt + offs_d[:, None], offs_m[None, :] < seqlen_q,
+        q_t = load_tile(q_g + offs_m[None, :] * stride_qt + offs_d[:, None], offs_m[None, :] < seqlen_q,
                     offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_M)
         if MASKED:
             lse = tl.load(lse_g + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
@@ -288,7 +199,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         if MASKED:
             diag = offs_n[:, None] - offs_m[None, :]
             p_t = tl.where((offs_m[None, :] < seqlen_q) & (diag >= dlo) & (diag <= dhi), p_t, 0.0)
-        do = _load(do_g + offs_m[:, None] * stride_dt + offs_d[None, :], offs_m[:, None] < seqlen_q,
+        do = load_tile(do_g + offs_m[:, None] * stride_dt + offs_d[None, :], offs_m[:, None] < seqlen_q,
                    offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
@@ -345,13 +256,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
                           FULL_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           WARP_SPECIALIZE: tl.constexpr):
     pid_n, kvh, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start, seqlen_q, k_start, seqlen_k, dlo, dhi = _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN)
+    q_start, seqlen_q, k_start, seqlen_k, dlo, dhi = sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN)
     start_n = pid_n * BLOCK_N
     b64, kvh64 = b.to(tl.int64), kvh.to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
-    k_base, v_base = _kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+    k_base, v_base = kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                                stride_vh)
     h64 = kvh64 * GROUP  # the first of the GROUP query heads that share this K/V head: dK/dV reduced here, no atomics
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
@@ -363,7 +274,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
     if WARP_SPECIALIZE:  # no early return (see the forward): a block past a short packed sequence sees no query
         tl.static_assert(TMA_ALIGNED and not PAD_D, "WARP_SPECIALIZE needs TMA-aligned inputs, a power-of-2 head dim")
         queries = tl.where(start_n < seqlen_k, seqlen_q, 0)
-        lo, a, c, hi = _tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, queries,
+        lo, a, c, hi = tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, queries,
                                    BLOCK_M)
         k_desc = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kt, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
@@ -388,12 +299,12 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
         return
     row_ok, col_ok = offs_n[:, None] < seqlen_k, offs_d[None, :] < HEAD_DIM
     k_rows = (k_start + offs_n).to(tl.int64)[:, None]
-    k = _load(K + b64 * stride_kb + kvh64 * stride_kh + k_rows * stride_kt + offs_d[None, :], row_ok, col_ok,
+    k = load_tile(K + b64 * stride_kb + kvh64 * stride_kh + k_rows * stride_kt + offs_d[None, :], row_ok, col_ok,
               True, PAD_D, UPCAST)  # (BLOCK_N, HEAD_DIM_PAD)
-    v = _load(V + b64 * stride_vb + kvh64 * stride_vh + k_rows * stride_vt + offs_d[None, :], row_ok, col_ok,
+    v = load_tile(V + b64 * stride_vb + kvh64 * stride_vh + k_rows * stride_vt + offs_d[None, :], row_ok, col_ok,
               True, PAD_D, UPCAST)
     # The queries that see keys start_n..: j - i in [dlo, dhi] means i - j in [-dhi, -dlo].
-    lo, a, c, hi = _tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, seqlen_q, BLOCK_M)
+    lo, a, c, hi = tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, seqlen_q, BLOCK_M)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dt,
                          stride_dh, stride_lh, offs_n, offs_d, lo, a, seqlen_q, dlo, dhi, scale_log2, True, HEAD_DIM,
                          PAD_D, UPCAST, GROUP, BLOCK_M)
@@ -416,9 +327,9 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_
               UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = _load(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], offs_n[None, :] < seqlen_k,
+        k_t = load_tile(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], offs_n[None, :] < seqlen_k,
                     offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_N)
-        v_t = _load(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], offs_n[None, :] < seqlen_k,
+        v_t = load_tile(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], offs_n[None, :] < seqlen_k,
                     offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)
         p = tl.math.exp2(tl.dot(q, k_t) * scale_log2 - lse[:, None])  # (BLOCK_M, BLOCK_N); lse in log2 units
         if MASKED:
@@ -436,23 +347,23 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK,
                         stride_dqb, stride_dqt, stride_dqh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
                         tune_seqlen, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                         VARLEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = _q_program(
+    b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = q_program(
         CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M)
     if start_m >= seqlen_q:
         return
     row_ok, col_ok = offs_m[:, None] < seqlen_q, offs_d[None, :] < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)[:, None]
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
-    q = _load(Q + b64 * stride_qb + h64 * stride_qh + q_rows * stride_qt + offs_d[None, :], row_ok, col_ok, True,
+    q = load_tile(Q + b64 * stride_qb + h64 * stride_qh + q_rows * stride_qt + offs_d[None, :], row_ok, col_ok, True,
               PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
-    do = _load(DOut + b64 * stride_db + h64 * stride_dh + q_rows * stride_dt + offs_d[None, :], row_ok, col_ok,
+    do = load_tile(DOut + b64 * stride_db + h64 * stride_dh + q_rows * stride_dt + offs_d[None, :], row_ok, col_ok,
                True, PAD_D, UPCAST)
     l_offs = b64 * stride_lb + h64 * stride_lh + q_start + offs_m
     lse = tl.load(Lse + l_offs, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E
     delta = tl.load(Delta + l_offs, mask=offs_m < seqlen_q, other=0.0)
-    k_base, v_base = _kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+    k_base, v_base = kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                                stride_vh)
-    lo, a, c, hi = _tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, seqlen_k, BLOCK_N)
+    lo, a, c, hi = tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, seqlen_k, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, a, seqlen_k,
                    dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)

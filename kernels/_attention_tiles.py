@@ -1,0 +1,98 @@
+"""Tile-level pieces shared by the attention kernels in kernels/attention.py: where a program stands (its sequence,
+band and tile range), masked tile loads, the score mask and the online-softmax step.
+
+Scores are in log2 units; see kernels/attention.py for the layouts and the band convention dlo <= j - i <= dhi.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, UPCAST: tl.constexpr):
+    """A 2-D tile, zero outside row_ok/col_ok; masks only where the bounds can be crossed."""
+    if CHECK_ROWS and CHECK_COLS:
+        x = tl.load(ptrs, mask=row_ok & col_ok, other=0.0)
+    elif CHECK_ROWS:
+        x = tl.load(ptrs, mask=row_ok, other=0.0)
+    elif CHECK_COLS:
+        x = tl.load(ptrs, mask=col_ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if UPCAST:  # the interpreter computes bf16 on raw bits (PLATFORM.md): widen right after the load
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def tile_range(x0, x1, dlo, dhi, n_other, BLOCK: tl.constexpr):
+    """Rows x0..x1 see columns y in [x + dlo, x + dhi] within [0, n_other). Returns (lo, a, b, hi): the columns
+    to visit are [lo, hi) in BLOCK steps from lo, of which the tiles in [a, b) need no mask at all."""
+    lo = (tl.maximum(x0 + dlo, 0) // BLOCK) * BLOCK
+    hi = tl.minimum(x1 + dhi + 1, n_other)
+    full_lo = tl.maximum(x1 + dlo, lo)
+    full_hi = tl.minimum(x0 + dhi + 1, hi)
+    a = lo + tl.cdiv(full_lo - lo, BLOCK) * BLOCK
+    n_full = tl.maximum(full_hi - a, 0) // BLOCK
+    b = a + n_full * BLOCK
+    return lo, tl.where(n_full > 0, a, hi), tl.where(n_full > 0, b, hi), hi
+
+
+@triton.jit
+def seq_bounds(Cu, b, seqlen, VARLEN: tl.constexpr):
+    """(start, length) of sequence b: from cu_seqlens when packed, else (0, the common length)."""
+    if VARLEN:
+        start = tl.load(Cu + b)
+        return start, tl.load(Cu + b + 1) - start
+    return b * 0, seqlen
+
+
+@triton.jit
+def sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN: tl.constexpr):
+    """(q_start, seqlen_q, k_start, seqlen_k, dlo, dhi) of sequence b: where its rows start, how many there are, and
+    the diagonal band a query sees (dlo <= j - i <= dhi)."""
+    q_start, seqlen_q = seq_bounds(CuQ, b, seqlen_q, VARLEN)
+    k_start, seqlen_k = seq_bounds(CuK, b, seqlen_k, VARLEN)
+    return q_start, seqlen_q, k_start, seqlen_k, seqlen_k - seqlen_q - left, seqlen_k - seqlen_q + right
+
+
+@triton.jit
+def q_program(CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Where a program of the forward or dQ grid (query block, head, sequence) stands: (b64, h64, kvh64, q_start,
+    seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d). Batch and head indices are int64 for the pointer
+    offsets; the caller returns early when start_m >= seqlen_q (a block past a short packed sequence)."""
+    pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start, seqlen_q, k_start, seqlen_k, dlo, dhi = sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN)
+    start_m = pid_m * BLOCK_M
+    return (b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64), q_start, seqlen_q, k_start, seqlen_k, dlo, dhi,
+            start_m, start_m + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM_PAD))
+
+
+@triton.jit
+def kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh):
+    """Pointers to row 0 of sequence b's keys and values for K/V head kvh (int64: B * T * H * D may pass 2**31)."""
+    k_start64 = k_start.to(tl.int64)
+    return (K + b64 * stride_kb + kvh64 * stride_kh + k_start64 * stride_kt,
+            V + b64 * stride_vb + kvh64 * stride_vh + k_start64 * stride_vt)
+
+
+@triton.jit
+def masked_scores(s, offs_m, offs_n, seqlen_k, dlo, dhi):
+    """-inf where key offs_n is past the sequence or outside query offs_m's band."""
+    diag = offs_n[None, :] - offs_m[:, None]
+    return tl.where((offs_n[None, :] < seqlen_k) & (diag >= dlo) & (diag <= dhi), s, float("-inf"))
+
+
+@triton.jit
+def online_softmax(acc, m_i, l_i, s, v, MASKED: tl.constexpr):
+    """One key tile folded into (acc, m, l), with s its (BLOCK_M, BLOCK_N) scores in log2 units and v its values."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row with every key masked so far keeps m = -inf; shift it by 0 so that p = 0, not NaN
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new_safe = m_new
+    p = tl.math.exp2(s - m_new_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_new_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
