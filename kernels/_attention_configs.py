@@ -22,7 +22,7 @@ HEAD_DIM_CLASSES = {"d64": (32, 64), "d128": (96, 128), "d256": (256,)}
 # (triton 3.6.0, GQA 4:1, bf16, forced alone under CUDA_LAUNCH_BLOCKING=1) where the same tile at 2 stages and
 # (32,128,8,2) were right on every case tried (T 1024-8192, GQA 1/2/4, causal or not).
 # sm_80 lists are checked for compile errors and shared memory only (A100: 164 KB per block).
-# WARP_SPECIALIZE (sm_90, K/V by TMA): Triton's Hopper warp specialization splits the key loop into one loading
+# WARP_SPECIALIZE (sm_90, Q/K/V by TMA): Triton's Hopper warp specialization splits the key loop into one loading
 # warpgroup (setmaxnreg 40) and two computing ones (232), each on 64 of the 128 query rows: FlashAttention-3's
 # producer/consumer layout. num_warps=4 is one consumer's share: the kernel launches 12 warps. What the pass takes,
 # found by compiling for sm_90 under triton 3.6.0 and 3.7.1: one key loop (two or three in a row crashed it; a scalar
@@ -42,9 +42,9 @@ _FWD = {
 }
 # dK/dV's WARP_SPECIALIZE tiles: 128 keys, each computing warpgroup holding 64 keys' dK and dV; the same one loop over
 # (head, query tile), Q and dO by TMA (lse and delta by plain loads, which the pass takes inside the loop). At d128,
-# 64 query rows (FlashAttention-2's tile, which spills as a
-# pointer loop, above) compiled spill-free under triton 3.6.0 but with 8 B of stack under 3.7.1; 32 rows are clean
-# under both (168 registers at entry, 12 warps).
+# 64 query rows (FlashAttention-2's tile, which spills as a pointer loop, above) compiled spill-free under triton
+# 3.6.0 but with 8 B of stack under 3.7.1; 32 rows are clean under both (168 registers at entry, 12 warps), where
+# the same 32 x 128 tile as a 4-warp pointer loop takes 255 registers and 776 B of stack.
 DKDV_WS_TILES = {"d64": (64, 128, 4, 2, True), "d128": (32, 128, 4, 2, True)}
 _DKDV_WS = {cls: [t] if _WS_ON else [] for cls, t in DKDV_WS_TILES.items()}
 _DKDV = {  # the dK/dV accumulators are (BLOCK_N, D) fp32 each, live across the whole query loop
