@@ -60,7 +60,8 @@ def q_program(CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP: tl.constexpr, HE
                VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
     """Where a program of the forward or dQ grid (query block, head, sequence) stands: (b64, h64, kvh64, q_start,
     seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d). Batch and head indices are int64 for the pointer
-    offsets; the caller returns early when start_m >= seqlen_q (a block past a short packed sequence)."""
+    offsets. start_m >= seqlen_q is a block past a short packed sequence: the caller returns early, or (in a
+    warp-specialized kernel, which cannot) visits no tile."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k, dlo, dhi = sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN)
     start_m = pid_m * BLOCK_M

@@ -57,12 +57,12 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = load_tile(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], offs_n[None, :] < seqlen_k,
-                    offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_N)
+                        offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_N)
         s = tl.dot(q, k_t) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             s = masked_scores(s, offs_m, offs_n, seqlen_k, dlo, dhi)
         v = load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n[:, None] < seqlen_k,
-                  offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_N, HEAD_DIM_PAD)
+                      offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_N, HEAD_DIM_PAD)
         acc, m_i, l_i = online_softmax(acc, m_i, l_i, s, v, MASKED)
     return acc, m_i, l_i
 
@@ -107,7 +107,7 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
         CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M)
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
     k_base, v_base = kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                               stride_vh)
+                              stride_vh)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     if WARP_SPECIALIZE:  # no early return: Triton's Hopper pass asserts on one (TaskIdPropagation, 3.6.0 and 3.7.1)
         keys = tl.where(start_m < seqlen_q, seqlen_k, 0)  # a block past a short packed sequence visits no key
@@ -126,7 +126,7 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
                                          not FULL_TILES, HEAD_DIM, UPCAST, BLOCK_M, BLOCK_N)
     else:  # masks cost only on the window's edges: [lo, a) and [c, hi) are masked, [a, c) is not
         q = load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m[:, None] < seqlen_q,
-                  offs_d[None, :] < HEAD_DIM, True, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
+                      offs_d[None, :] < HEAD_DIM, True, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, a,
                                    seqlen_k, dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, a, c,
@@ -171,6 +171,27 @@ def _attn_bwd_preprocess_kernel(Out, DOut, Delta, DLse, stride_ob, stride_ot, st
 
 
 @triton.jit
+def _dkdv_step(dk, dv, k, v, q_t, do, lse_row, delta_row, offs_n, offs_m, seqlen_q, dlo, dhi, scale_log2,
+               MASKED: tl.constexpr):
+    """One query tile folded into the (BLOCK_N, D) dK and dV: q_t (D, BLOCK_M) its queries, do (BLOCK_M, D) their
+    output gradients, lse_row / delta_row pointers to their logsumexp (natural units) and delta at row 0."""
+    if MASKED:
+        lse = tl.load(lse_row + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
+        delta = tl.load(delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    else:
+        lse = tl.load(lse_row + offs_m)
+        delta = tl.load(delta_row + offs_m)
+    p_t = tl.math.exp2(tl.dot(k, q_t) * scale_log2 - lse[None, :] * LOG2E)  # (BLOCK_N, BLOCK_M)
+    if MASKED:
+        diag = offs_n[:, None] - offs_m[None, :]
+        p_t = tl.where((offs_m[None, :] < seqlen_q) & (diag >= dlo) & (diag <= dhi), p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do)
+    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])  # (BLOCK_N, BLOCK_M)
+    dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dt, stride_dh,
                 stride_lh, offs_n, offs_d, lo, hi, seqlen_q, dlo, dhi, scale_log2, MASKED: tl.constexpr,
                 HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, UPCAST: tl.constexpr, GROUP: tl.constexpr,
@@ -184,27 +205,14 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         # int32 head offsets: attention_backward keeps (GROUP - 1) * stride_qh / stride_dh under 2**31 (int64 here
         # cost 13 registers and a 16 B spill at d128 64x64 under triton 3.6.0).
         q_g, do_g = q_base + g * stride_qh, do_base + g * stride_dh
-        lse_g, delta_g = lse_base + g * stride_lh, delta_base + g * stride_lh
         start_m = lo + (it - g * n_tiles) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_t = load_tile(q_g + offs_m[None, :] * stride_qt + offs_d[:, None], offs_m[None, :] < seqlen_q,
-                    offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_M)
-        if MASKED:
-            lse = tl.load(lse_g + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
-            delta = tl.load(delta_g + offs_m, mask=offs_m < seqlen_q, other=0.0)
-        else:
-            lse = tl.load(lse_g + offs_m)
-            delta = tl.load(delta_g + offs_m)
-        p_t = tl.math.exp2(tl.dot(k, q_t) * scale_log2 - lse[None, :] * LOG2E)  # (BLOCK_N, BLOCK_M)
-        if MASKED:
-            diag = offs_n[:, None] - offs_m[None, :]
-            p_t = tl.where((offs_m[None, :] < seqlen_q) & (diag >= dlo) & (diag <= dhi), p_t, 0.0)
+                        offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_M)
         do = load_tile(do_g + offs_m[:, None] * stride_dt + offs_d[None, :], offs_m[:, None] < seqlen_q,
-                   offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
+                       offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
+        dk, dv = _dkdv_step(dk, dv, k, v, q_t, do, lse_base + g * stride_lh, delta_base + g * stride_lh, offs_n,
+                            offs_m, seqlen_q, dlo, dhi, scale_log2, MASKED)
     return dk, dv
 
 
@@ -229,19 +237,8 @@ def _dkdv_specialized(dk, dv, k, v, q_base, do_base, lse_base, delta_base, strid
         do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
         if UPCAST:
             q, do = q.to(tl.float32), do.to(tl.float32)
-        if MASKED:
-            lse = tl.load(lse_base + g * stride_lh + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
-            delta = tl.load(delta_base + g * stride_lh + offs_m, mask=offs_m < seqlen_q, other=0.0)
-        else:
-            lse = tl.load(lse_base + g * stride_lh + offs_m)
-            delta = tl.load(delta_base + g * stride_lh + offs_m)
-        p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * scale_log2 - lse[None, :] * LOG2E)  # (BLOCK_N, BLOCK_M)
-        if MASKED:
-            diag = offs_n[:, None] - offs_m[None, :]
-            p_t = tl.where((offs_m[None, :] < seqlen_q) & (diag >= dlo) & (diag <= dhi), p_t, 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do)
-        ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q)
+        dk, dv = _dkdv_step(dk, dv, k, v, tl.trans(q), do, lse_base + g * stride_lh, delta_base + g * stride_lh,
+                            offs_n, offs_m, seqlen_q, dlo, dhi, scale_log2, MASKED)
     return dk, dv
 
 
@@ -263,7 +260,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     k_base, v_base = kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                               stride_vh)
+                              stride_vh)
     h64 = kvh64 * GROUP  # the first of the GROUP query heads that share this K/V head: dK/dV reduced here, no atomics
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
     do_base = DOut + b64 * stride_db + h64 * stride_dh + q_start.to(tl.int64) * stride_dt
@@ -300,9 +297,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
     row_ok, col_ok = offs_n[:, None] < seqlen_k, offs_d[None, :] < HEAD_DIM
     k_rows = (k_start + offs_n).to(tl.int64)[:, None]
     k = load_tile(K + b64 * stride_kb + kvh64 * stride_kh + k_rows * stride_kt + offs_d[None, :], row_ok, col_ok,
-              True, PAD_D, UPCAST)  # (BLOCK_N, HEAD_DIM_PAD)
+                  True, PAD_D, UPCAST)  # (BLOCK_N, HEAD_DIM_PAD)
     v = load_tile(V + b64 * stride_vb + kvh64 * stride_vh + k_rows * stride_vt + offs_d[None, :], row_ok, col_ok,
-              True, PAD_D, UPCAST)
+                  True, PAD_D, UPCAST)
     # The queries that see keys start_n..: j - i in [dlo, dhi] means i - j in [-dhi, -dlo].
     lo, a, c, hi = tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, seqlen_q, BLOCK_M)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dt,
@@ -328,9 +325,9 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = load_tile(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], offs_n[None, :] < seqlen_k,
-                    offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_N)
+                        offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_N)
         v_t = load_tile(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], offs_n[None, :] < seqlen_k,
-                    offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)
+                        offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)
         p = tl.math.exp2(tl.dot(q, k_t) * scale_log2 - lse[:, None])  # (BLOCK_M, BLOCK_N); lse in log2 units
         if MASKED:
             diag = offs_n[None, :] - offs_m[:, None]
@@ -355,14 +352,14 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK,
     q_rows = (q_start + offs_m).to(tl.int64)[:, None]
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     q = load_tile(Q + b64 * stride_qb + h64 * stride_qh + q_rows * stride_qt + offs_d[None, :], row_ok, col_ok, True,
-              PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
+                  PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
     do = load_tile(DOut + b64 * stride_db + h64 * stride_dh + q_rows * stride_dt + offs_d[None, :], row_ok, col_ok,
-               True, PAD_D, UPCAST)
+                   True, PAD_D, UPCAST)
     l_offs = b64 * stride_lb + h64 * stride_lh + q_start + offs_m
     lse = tl.load(Lse + l_offs, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E
     delta = tl.load(Delta + l_offs, mask=offs_m < seqlen_q, other=0.0)
     k_base, v_base = kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                               stride_vh)
+                              stride_vh)
     lo, a, c, hi = tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, seqlen_k, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, a, seqlen_k,
@@ -420,7 +417,8 @@ def tma_aligned(*tensors) -> bool:
 
 def _full_tiles(varlen, max_seqlen_q, max_seqlen_k, left, right) -> bool:
     """Every query sees every key and both lengths are multiples of 128 (the widest tile a specialized config
-    takes): no tile has a row or column to mask."""
+    takes): no tile has a row or column to mask. A constexpr, so the pipelined kernels, which ignore it, also compile
+    once per value (once per process and shape class: seconds, not per call)."""
     return (not varlen and max_seqlen_q % 128 == 0 and max_seqlen_k % 128 == 0 and left >= max_seqlen_k - 1
             and right >= max_seqlen_q - 1)
 
