@@ -181,13 +181,16 @@ def provenance(device: str) -> dict:
 
 
 def _autotuners() -> dict:
-    """{"attention._attn_fwd": Autotuner, ...} for every Triton autotuner fasttrain.kernels has imported."""
+    """{"attention._attn_fwd": Autotuner, ...} for every Triton autotuner fasttrain.kernels has imported, and every
+    PlanTuner (attention._backward_plans: dQ by atomics or by its own kernel)."""
     modules = {name.rsplit(".", 1)[1]: m for name, m in sys.modules.items() if name.startswith("fasttrain.kernels.")}
     if not modules:
         return {}
     from triton.runtime.autotuner import Autotuner
+
+    from fasttrain.kernels._launch import PlanTuner
     return {f"{module_name}.{name}": obj for module_name, module in sorted(modules.items())
-            for name, obj in vars(module).items() if isinstance(obj, Autotuner)}
+            for name, obj in vars(module).items() if isinstance(obj, (Autotuner, PlanTuner))}
 
 
 def autotune_choices() -> dict:

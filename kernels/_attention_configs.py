@@ -55,6 +55,19 @@ _DKDV = {  # the dK/dV accumulators are (BLOCK_N, D) fp32 each, live across the 
          "d128": [(32, 64, 8, 2, False)],
          "d256": [(32, 32, 8, 2, False)]},
 }
+# dK/dV with dQ added by float32 atomics (ATOMIC_DQ; pointer loop only, see kernels/attention.py): one more
+# (BLOCK_M, D) product per tile, added by REDG.E.ADD.F32x4 (SASS). tools/aot_sweep.py --atomic-dq 1 over 32/64/128
+# rows x 64/128 keys x 4/8 warps x 2/3 stages, under 3.7.1 and 3.6.0 (registers 3.7.1/3.6.0, none spilled): d64
+# 64x128/8/2 230/226, 64x128/8/3 232/255, 64x64/8/2 204/209; d128 64x64/8/2 245/255, 32x128/8/2 243/241 (64x128/8
+# spills 8-112 B, every 4-warp d128 tile 24-2992 B); d256 32x32/8/2 223/234. The same tiles as _DKDV's where they fit.
+_DKDV_DQ = {
+    90: {"d64": [(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 64, 8, 2, False)],
+         "d128": [(64, 64, 8, 2, False), (32, 128, 8, 2, False)],
+         "d256": [(32, 32, 8, 2, False)]},
+    80: {"d64": [(64, 64, 8, 2, False)],
+         "d128": [(32, 64, 8, 2, False)],
+         "d256": [(32, 32, 8, 2, False)]},
+}
 _DQ = {
     90: {"d64": [(128, 64, 8, 3), (64, 64, 4, 3)],
          "d128": [(64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
@@ -67,28 +80,31 @@ _DQ = {
 _INTERPRETER = (64, 64, 4, 1)
 
 
-def config(t):
-    """A triton.Config from (BLOCK_M, BLOCK_N, num_warps, num_stages[, WARP_SPECIALIZE])."""
-    kwargs = {"BLOCK_M": t[0], "BLOCK_N": t[1]}
+def config(t, **fixed):
+    """A triton.Config from (BLOCK_M, BLOCK_N, num_warps, num_stages[, WARP_SPECIALIZE]) and constexprs fixed for
+    every config of a table (ATOMIC_DQ)."""
+    kwargs = {"BLOCK_M": t[0], "BLOCK_N": t[1], **fixed}
     if len(t) == 5:
         kwargs["WARP_SPECIALIZE"] = t[4]
     return triton.Config(kwargs, num_warps=t[2], num_stages=t[3])
 
 
-def one_config_table(t) -> dict:
+def one_config_table(t, **fixed) -> dict:
     """One config for every class, the same object: an autotuner with one config never benchmarks."""
-    one = [config(t)]
+    one = [config(t, **fixed)]
     return {cls: one for cls in HEAD_DIM_CLASSES}
 
 
-def _build(table, interpreter):
-    out = {arch: {cls: [config(t) for t in tuples] for cls, tuples in by_class.items()}
+def _build(table, interpreter, **fixed):
+    out = {arch: {cls: [config(t, **fixed) for t in tuples] for cls, tuples in by_class.items()}
            for arch, by_class in table.items()}
-    out["interpreter"] = one_config_table(interpreter)
+    out["interpreter"] = one_config_table(interpreter, **fixed)
     return out
 
 
-FWD_CONFIGS, DKDV_CONFIGS = _build(_FWD, (*_INTERPRETER, False)), _build(_DKDV, (*_INTERPRETER, False))
+FWD_CONFIGS = _build(_FWD, (*_INTERPRETER, False))
+DKDV_CONFIGS = _build(_DKDV, (*_INTERPRETER, False), ATOMIC_DQ=False)
+DKDV_DQ_CONFIGS = _build(_DKDV_DQ, (*_INTERPRETER, False), ATOMIC_DQ=True)
 DQ_CONFIGS = _build(_DQ, _INTERPRETER)
 
 

@@ -25,3 +25,28 @@ def next_power_of_2(n: int) -> int:
 def multiprocessor_count(device: torch.device) -> int:
     """SMs of a CUDA device (cached: torch.cuda.get_device_properties builds a Python object per call)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+class PlanTuner:
+    """An autotuner over whole alternatives (each a callable launching one or more autotuned kernels) rather than
+    one kernel's configs. At a key's first call where kernels can be timed it runs every plan once, so that their
+    kernels tune themselves, times each by triton.testing.do_bench and keeps the fastest; elsewhere (the
+    interpreter) it answers `default`. `cache` and `configs_timings` carry the names triton's Autotuner gives them,
+    so the benchmarks record plans and tiles alike."""
+
+    def __init__(self, default: str):
+        self.default = default
+        self.cache: dict = {}
+        self.configs_timings = None
+
+    def choose(self, key, plans: dict, timeable: bool) -> str:
+        if not timeable:
+            return self.default
+        if key not in self.cache:
+            from triton.testing import do_bench
+            for plan in plans.values():
+                plan()
+            timings = {name: do_bench(plan, quantiles=(0.5, 0.2, 0.8)) for name, plan in plans.items()}
+            self.cache[key] = min(timings, key=lambda name: timings[name][0])
+            self.configs_timings = timings
+        return self.cache[key]

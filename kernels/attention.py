@@ -1,10 +1,13 @@
-"""FlashAttention-2 in Triton: forward, and a backward in three passes (delta, dK/dV, dQ) that recomputes P.
+"""FlashAttention-2 in Triton: forward, and a backward that recomputes P: delta, then dK/dV with dQ by atomics, or
+dK/dV and a separate dQ pass.
 
 Layout (B, T, H, D) with any strides except a unit stride along D; packed variable-length batches are (total, H, D)
 with int32 cu_seqlens. Query i of a sequence sees key j when dlo <= j - i <= dhi, dlo = Tk - Tq - left and
 dhi = Tk - Tq + right (flash-attn's bottom-right alignment; causal is right = 0, "unbounded" a large int). GQA: query
 head h reads K/V head h // GROUP; K and V are never repeated, and the dK/dV program of a K/V head loops over its GROUP
-query heads, so dK/dV are reduced in registers, without atomics, and the backward is deterministic.
+query heads, so dK/dV are reduced in registers, without atomics. dQ is either added by float32 atomics from that same
+program (5 matmuls per query/key tile pair; run-to-run nondeterministic in its last bits) or computed by its own
+kernel, which recomputes P and dP (7 matmuls, deterministic); which one runs is the GPU's to time (PlanTuner).
 
 Scores live in log2 units (s * scale * log2 e) so the online softmax uses exp2. The logsumexp is stored in natural
 units, float32: (B, H, Tq), or (H, total_q) when packed. A row that sees no key gives 0 and lse = +inf.
@@ -19,8 +22,8 @@ import triton.language as tl
 from triton.runtime import _allocation
 
 from ._aot import signature_from_params
-from ._launch import cdiv, next_power_of_2
-from ._attention_configs import DKDV_CONFIGS, DQ_CONFIGS, FWD_CONFIGS, flat, pruner
+from ._launch import PlanTuner, cdiv, next_power_of_2
+from ._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, FWD_CONFIGS, flat, pruner
 from ._attention_tiles import (kv_bases, load_tile, masked_scores, online_softmax, q_program, seq_bounds, sequence,
                                tile_range)
 
@@ -40,12 +43,13 @@ def _this_machine(table):
     return table[90] if torch.cuda.get_device_capability()[0] >= 9 else table[80]
 
 
-def _autotuned(kernel, by_class):
-    """The kernel under an autotuner over the configs of by_class ({head-dim class: [triton.Config]})."""
+def _autotuned(kernel, by_class, **options):
+    """The kernel under an autotuner over the configs of by_class ({head-dim class: [triton.Config]}); options go to
+    triton.autotune (reset_to_zero for an output accumulated by atomics)."""
     # tune_seqlen is max_seqlen rounded up to a power of 2, so packed batches of varying length share tunings.
     key = [name for name in _TUNING_KEY if name in kernel.arg_names]
     return triton.autotune(configs=flat(by_class), key=key,
-                           prune_configs_by={"early_config_prune": pruner(by_class)})(kernel)
+                           prune_configs_by={"early_config_prune": pruner(by_class)}, **options)(kernel)
 
 
 # ---- forward ----------------------------------------------------------------------------------------------------
@@ -171,10 +175,12 @@ def _attn_bwd_preprocess_kernel(Out, DOut, Delta, DLse, stride_ob, stride_ot, st
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_t, do, lse_row, delta_row, offs_n, offs_m, seqlen_q, dlo, dhi, scale_log2,
-               MASKED: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, q_t, do, lse_row, delta_row, offs_n, offs_m, seqlen_q, dlo, dhi, scale, scale_log2,
+               MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """One query tile folded into the (BLOCK_N, D) dK and dV: q_t (D, BLOCK_M) its queries, do (BLOCK_M, D) their
-    output gradients, lse_row / delta_row pointers to their logsumexp (natural units) and delta at row 0."""
+    output gradients, lse_row / delta_row pointers to their logsumexp (natural units) and delta at row 0. Returns
+    (dk, dv, dq): with ATOMIC_DQ, dq is this key block's share of the tile's dQ, dS K (BLOCK_M, D), for the caller
+    to add to the others' (scaled, and then so is dK); otherwise 0."""
     if MASKED:
         lse = tl.load(lse_row + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
         delta = tl.load(delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)
@@ -187,15 +193,19 @@ def _dkdv_step(dk, dv, k, v, q_t, do, lse_row, delta_row, offs_n, offs_m, seqlen
         p_t = tl.where((offs_m[None, :] < seqlen_q) & (diag >= dlo) & (diag <= dhi), p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do)
     ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])  # (BLOCK_N, BLOCK_M)
+    dq = 0.0
+    if ATOMIC_DQ:  # dQ's partial sums leave the program, so the scale goes in here, once for both
+        ds_t = (ds_t * scale).to(q_t.dtype)
+        dq = tl.dot(tl.trans(ds_t), k)  # (BLOCK_M, HEAD_DIM_PAD)
     dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t))
-    return dk, dv
+    return dk, dv, dq
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dt, stride_dh,
-                stride_lh, offs_n, offs_d, lo, hi, seqlen_q, dlo, dhi, scale_log2, MASKED: tl.constexpr,
-                HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, UPCAST: tl.constexpr, GROUP: tl.constexpr,
-                BLOCK_M: tl.constexpr):
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_qh, stride_dt,
+                stride_dh, stride_lh, stride_dqt, stride_dqh, offs_n, offs_d, lo, hi, seqlen_q, dlo, dhi, scale,
+                scale_log2, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, UPCAST: tl.constexpr,
+                GROUP: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr):
     """Query tiles [lo, hi) of each of the GROUP query heads that share this K/V head, in one flat loop. A loop over
     heads around the tile loop spilled 88-248 B at d128 with GROUP 2 (AOT, sm_90, 64x64 and 64x128 tiles, 8 warps)
     where GROUP 1 did not; flat, the two compile alike."""
@@ -211,8 +221,15 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
                         offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_M)
         do = load_tile(do_g + offs_m[:, None] * stride_dt + offs_d[None, :], offs_m[:, None] < seqlen_q,
                        offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
-        dk, dv = _dkdv_step(dk, dv, k, v, q_t, do, lse_base + g * stride_lh, delta_base + g * stride_lh, offs_n,
-                            offs_m, seqlen_q, dlo, dhi, scale_log2, MASKED)
+        dk, dv, dq = _dkdv_step(dk, dv, k, v, q_t, do, lse_base + g * stride_lh, delta_base + g * stride_lh, offs_n,
+                                offs_m, seqlen_q, dlo, dhi, scale, scale_log2, MASKED, ATOMIC_DQ)
+        if ATOMIC_DQ:
+            dq_ptrs = dq_base + g * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
+            if MASKED or PAD_D:
+                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
+                              sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
@@ -237,21 +254,23 @@ def _dkdv_specialized(dk, dv, k, v, q_base, do_base, lse_base, delta_base, strid
         do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
         if UPCAST:
             q, do = q.to(tl.float32), do.to(tl.float32)
-        dk, dv = _dkdv_step(dk, dv, k, v, tl.trans(q), do, lse_base + g * stride_lh, delta_base + g * stride_lh,
-                            offs_n, offs_m, seqlen_q, dlo, dhi, scale_log2, MASKED)
+        dk, dv, _ = _dkdv_step(dk, dv, k, v, tl.trans(q), do, lse_base + g * stride_lh, delta_base + g * stride_lh,
+                               offs_n, offs_m, seqlen_q, dlo, dhi, 1.0, scale_log2, MASKED, False)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
+def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, DQAcc, CuQ, CuK,
                           stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                           stride_vb, stride_vt, stride_vh, stride_db, stride_dt, stride_dh, stride_lb, stride_lh,
                           stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                          seqlen_q, seqlen_k, scale, scale_log2, left, right, tune_seqlen,
-                          GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                          stride_dqb, stride_dqt, stride_dqh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
+                          tune_seqlen, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                           VARLEN: tl.constexpr, UPCAST: tl.constexpr, TMA_ALIGNED: tl.constexpr,
                           FULL_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          WARP_SPECIALIZE: tl.constexpr):
+                          WARP_SPECIALIZE: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """dK and dV of one BLOCK_N-key block; with ATOMIC_DQ, dQ too, added tile by tile into the zeroed float32 DQAcc
+    (FlashAttention-2's backward: 5 matmuls per tile pair, where this kernel and _attn_bwd_dq_kernel take 7)."""
     pid_n, kvh, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k, dlo, dhi = sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN)
     start_n = pid_n * BLOCK_N
@@ -266,10 +285,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
     do_base = DOut + b64 * stride_db + h64 * stride_dh + q_start.to(tl.int64) * stride_dt
     lse_base = Lse + b64 * stride_lb + h64 * stride_lh + q_start
     delta_base = Delta + b64 * stride_lb + h64 * stride_lh + q_start
+    dq_base = DQAcc  # None unless ATOMIC_DQ
+    if ATOMIC_DQ:
+        dq_base = DQAcc + b64 * stride_dqb + h64 * stride_dqh + q_start.to(tl.int64) * stride_dqt
+    dk_scale = 1.0 if ATOMIC_DQ else scale  # ATOMIC_DQ scales dS, so dK, in the loop
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     if WARP_SPECIALIZE:  # no early return (see the forward): a block past a short packed sequence sees no query
         tl.static_assert(TMA_ALIGNED and not PAD_D, "WARP_SPECIALIZE needs TMA-aligned inputs, a power-of-2 head dim")
+        # dQ's partial sums span both computing warpgroups' keys, which Triton's pass cannot split (an unreachable in
+        # WSDataPartition under 3.6.0 and 3.7.1, by pointer atomics or TMA reduce-add; benchmarks/NOTES.md)
+        tl.static_assert(not ATOMIC_DQ, "ATOMIC_DQ takes the pointer loop")
         queries = tl.where(start_n < seqlen_k, seqlen_q, 0)
         lo, a, c, hi = tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, queries,
                                    BLOCK_M)
@@ -302,18 +328,18 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, CuQ, CuK,
                   True, PAD_D, UPCAST)
     # The queries that see keys start_n..: j - i in [dlo, dhi] means i - j in [-dhi, -dlo].
     lo, a, c, hi = tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, seqlen_q, BLOCK_M)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dt,
-                         stride_dh, stride_lh, offs_n, offs_d, lo, a, seqlen_q, dlo, dhi, scale_log2, True, HEAD_DIM,
-                         PAD_D, UPCAST, GROUP, BLOCK_M)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dt,
-                         stride_dh, stride_lh, offs_n, offs_d, a, c, seqlen_q, dlo, dhi, scale_log2, False, HEAD_DIM,
-                         PAD_D, UPCAST, GROUP, BLOCK_M)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dt,
-                         stride_dh, stride_lh, offs_n, offs_d, c, hi, seqlen_q, dlo, dhi, scale_log2, True, HEAD_DIM,
-                         PAD_D, UPCAST, GROUP, BLOCK_M)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_qh,
+                         stride_dt, stride_dh, stride_lh, stride_dqt, stride_dqh, offs_n, offs_d, lo, a, seqlen_q, dlo,
+                         dhi, scale, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, GROUP, ATOMIC_DQ, BLOCK_M)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_qh,
+                         stride_dt, stride_dh, stride_lh, stride_dqt, stride_dqh, offs_n, offs_d, a, c, seqlen_q, dlo,
+                         dhi, scale, scale_log2, False, HEAD_DIM, PAD_D, UPCAST, GROUP, ATOMIC_DQ, BLOCK_M)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_qh,
+                         stride_dt, stride_dh, stride_lh, stride_dqt, stride_dqh, offs_n, offs_d, c, hi, seqlen_q, dlo,
+                         dhi, scale, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, GROUP, ATOMIC_DQ, BLOCK_M)
     mask = row_ok & col_ok
     tl.store(DK + b64 * stride_dkb + kvh64 * stride_dkh + k_rows * stride_dkt + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=mask)
+             (dk * dk_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + b64 * stride_dvb + kvh64 * stride_dvh + k_rows * stride_dvt + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=mask)
 
@@ -374,8 +400,14 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK,
 
 _attn_fwd = _autotuned(_attn_fwd_kernel, _this_machine(FWD_CONFIGS))
 _attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, _this_machine(DKDV_CONFIGS))
+_attn_bwd_dkdv_dq = _autotuned(_attn_bwd_dkdv_kernel, _this_machine(DKDV_DQ_CONFIGS), reset_to_zero=["DQAcc"])
 _attn_bwd_dq = _autotuned(_attn_bwd_dq_kernel, _this_machine(DQ_CONFIGS))
 _PREPROCESS_BLOCK_M = 32  # at 64, d256 o and dO tiles (fp32, 4 warps) spilled 24 bytes on sm_90
+# The backward's dQ, per shape class: by atomics from the dK/dV kernel (5 matmuls per tile pair, run-to-run
+# nondeterministic in the last bits) or by its own kernel (7, deterministic), whichever the GPU times faster. Off
+# the GPU nothing can be timed, so the atomic plan, flash-attn's default, runs there.
+ATOMIC_DQ, SEPARATE_DQ = "atomic dQ", "dQ kernel"
+_backward_plans = PlanTuner(default=ATOMIC_DQ)
 
 
 # ---- launchers: inputs were checked by fasttrain.ops.attention; these allocate, pick strides and launch -----------
@@ -453,8 +485,9 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 
 def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       scale, left, right):
-    """(dq, dk, dv), each contiguous and shaped like its input. dlse (like lse) or None."""
+                       scale, left, right, deterministic=False):
+    """(dq, dk, dv), each contiguous and shaped like its input. dlse (like lse) or None. deterministic: dQ by its own
+    kernel, bit-identical from run to run; otherwise by whichever of that and atomics is faster here."""
     varlen, B, H, Hkv, cx, tune_seqlen = _common(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     if do.stride(-1) != 1:
         do = do.contiguous()
@@ -471,17 +504,34 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
         *_bth_strides(do, varlen), *_lse_strides(lse, varlen), cu_seqlens_q, max_seqlen_q,
         HEAD_DIM=cx["HEAD_DIM"], HEAD_DIM_PAD=cx["HEAD_DIM_PAD"], VARLEN=varlen, HAS_DLSE=dlse is not None,
         BLOCK_M=_PREPROCESS_BLOCK_M)
-    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
     common = (*_bth_strides(q, varlen), *_bth_strides(k, varlen), *_bth_strides(v, varlen),
               *_bth_strides(do, varlen), *_lse_strides(lse, varlen))
     tail = (max_seqlen_q, max_seqlen_k, scale, scale * LOG2E.value, left, right, tune_seqlen)
     grid_kv = lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), Hkv, B)  # noqa: E731
-    _attn_bwd_dkdv[grid_kv](q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k, *common,
-                            *_bth_strides(dk, varlen), *_bth_strides(dv, varlen), *tail, **dkdv_cx)
     grid_q = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)  # noqa: E731
-    _attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common,
-                         *_bth_strides(dq, varlen), *tail, **cx)
-    return dq, dk, dv
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv)
+    dkdv_strides = (*common, *_bth_strides(dk, varlen), *_bth_strides(dv, varlen))
+
+    def atomic_dq():
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # contiguous, like q
+        _attn_bwd_dkdv_dq[grid_kv](*dkdv_args, dq_acc, cu_seqlens_q, cu_seqlens_k, *dkdv_strides,
+                                   *_bth_strides(dq_acc, varlen), *tail, **dkdv_cx)
+        return dq_acc.to(q.dtype)
+
+    def separate_dq():
+        _attn_bwd_dkdv[grid_kv](*dkdv_args, None, cu_seqlens_q, cu_seqlens_k, *dkdv_strides, 0, 0, 0, *tail,
+                                **dkdv_cx)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        _attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common,
+                             *_bth_strides(dq, varlen), *tail, **cx)
+        return dq
+
+    plans = {ATOMIC_DQ: atomic_dq, SEPARATE_DQ: separate_dq}
+    if deterministic:
+        return separate_dq(), dk, dv
+    key = (str(q.dtype), tune_seqlen, left, right, *sorted(dkdv_cx.items()))
+    return plans[_backward_plans.choose(key, plans, q.is_cuda)](), dk, dv
 
 
 def aot_variants(kernel, config: dict) -> dict:
@@ -493,14 +543,14 @@ def aot_variants(kernel, config: dict) -> dict:
 
 def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
     """(signature, constexprs) of one kernel above for an ahead-of-time compile of a dense GQA launch (kernels/_aot.py);
-    the config's BLOCK_M/BLOCK_N are added by the caller."""
+    the config's kwargs (BLOCK_M/BLOCK_N, WARP_SPECIALIZE, ATOMIC_DQ) are added by the caller."""
     fixed = dict(GROUP=2, HEAD_DIM=head_dim, HEAD_DIM_PAD=next_power_of_2(head_dim), VARLEN=False,
                  UPCAST=False, HAS_DLSE=False, TMA_ALIGNED=head_dim == next_power_of_2(head_dim), FULL_TILES=False)
     if kernel is _attn_bwd_preprocess_kernel:
         fixed["BLOCK_M"] = _PREPROCESS_BLOCK_M
 
     def arg_type(name):
-        if name in ("Lse", "Delta", "DLse"):
+        if name in ("Lse", "Delta", "DLse", "DQAcc"):
             return "*fp32"
         if name in ("CuQ", "CuK"):
             return "*i32"

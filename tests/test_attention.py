@@ -54,11 +54,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
 @pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,window", CASES, ids=lambda c: str(c))
-def test_kernel_matches_float64_reference(B, Tq, Tk, H, Hkv, D, causal, window):
+def test_kernel_matches_float64_reference(B, Tq, Tk, H, Hkv, D, causal, window, deterministic):
+    """Both backward plans: dQ added by atomics from the dK/dV kernel (the interpreter's default) and by its own
+    kernel (deterministic=True)."""
     q, k, v = _inputs(B, Tq, Tk, H, Hkv, D)
     out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True,
-                                  backend="triton")
+                                  deterministic=deterministic, backend="triton")
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, ref_lse, _ = flash_attn_func(q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True,
                                       backend="reference")
@@ -72,7 +75,8 @@ def test_kernel_matches_float64_reference(B, Tq, Tk, H, Hkv, D, causal, window):
         assert _max_err(got, want) < TOL_FP32, f"d{name}"
 
 
-def test_varlen_uneven_lengths_forward_and_backward():
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
+def test_varlen_uneven_lengths_forward_and_backward(deterministic):
     lens_q, lens_k = [1, 97, 17, 130], [1, 60, 17, 200]  # includes a length-1 sequence and Tq != Tk per sequence
     cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
     cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
@@ -82,7 +86,8 @@ def test_varlen_uneven_lengths_forward_and_backward():
         k = torch.randn(sum(lens_k), 2, 64, generator=g).requires_grad_()  # (total_k, Hkv, D)
         v = torch.randn(sum(lens_k), 2, 64, generator=g).requires_grad_()
         out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
-                                             window_size=window, return_attn_probs=True, backend="triton")
+                                             window_size=window, return_attn_probs=True, deterministic=deterministic,
+                                             backend="triton")
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
         ref, ref_lse = attention_reference(q64, k64, v64, 64 ** -0.5, *(_flash_window(causal, window)), cu_q, cu_k)
         assert lse.shape == (4, sum(lens_q))
@@ -135,9 +140,10 @@ def test_warp_specialized_forward_matches_float64_reference(warp_specialized_for
 
 @pytest.fixture(params=list(_attention_configs.DKDV_WS_TILES.values()), ids=lambda t: "x".join(map(str, t[:2])))
 def warp_specialized_backward(request, monkeypatch):
-    """dK/dV's autotuner holding one WARP_SPECIALIZE config alone: Q, dO, lse and delta by descriptor in one loop."""
+    """dK/dV's autotuner holding one WARP_SPECIALIZE config alone: Q and dO by descriptor in one loop. Only the plan
+    with a dQ kernel runs it (deterministic=True), since dQ by atomics does not specialize (kernels/attention.py)."""
     monkeypatch.setattr(attention_kernels, "_attn_bwd_dkdv", attention_kernels._autotuned(
-        attention_kernels._attn_bwd_dkdv_kernel, _attention_configs.one_config_table(request.param)))
+        attention_kernels._attn_bwd_dkdv_kernel, _attention_configs.one_config_table(request.param, ATOMIC_DQ=False)))
 
 
 def _check_half_gradients(q, k, v, out, q64, k64, v64, ref):
@@ -153,7 +159,7 @@ def test_warp_specialized_backward_matches_float64_reference(warp_specialized_ba
                                                              window):
     """dK/dV by the specialized loop on every awkward shape the forward's test takes (Tq 256: the unmasked loop)."""
     q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype=torch.bfloat16)
-    out = flash_attn_func(q, k, v, causal=causal, window_size=window, backend="triton")
+    out = flash_attn_func(q, k, v, causal=causal, window_size=window, deterministic=True, backend="triton")
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = flash_attn_func(q64, k64, v64, causal=causal, window_size=window, backend="reference")
     _check_half_gradients(q, k, v, out, q64, k64, v64, ref)
@@ -163,7 +169,7 @@ def test_warp_specialized_backward_lse_gradient_and_varlen(warp_specialized_back
     """A loss on the logsumexp (dlse folded into delta), and packed sequences of uneven length: query tiles that run
     past their sequence read zeros from the descriptors and masked lse/delta, key blocks past it write nothing."""
     q, k, v = _inputs(2, 41, 33, 2, 1, 64, dtype=torch.bfloat16)
-    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend="triton")
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, deterministic=True, backend="triton")
     loss = (out.float() ** 2).sum() + (lse * torch.linspace(-1, 1, 41)).sum()
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, ref_lse = attention_reference(q64, k64, v64, 64 ** -0.5, UNBOUNDED, 0)
@@ -177,7 +183,8 @@ def test_warp_specialized_backward_lse_gradient_and_varlen(warp_specialized_back
     g = torch.Generator().manual_seed(4)
     q = torch.randn(sum(lens_q), 4, 64, generator=g).bfloat16().requires_grad_()
     k, v = (torch.randn(sum(lens_k), 2, 64, generator=g).bfloat16().requires_grad_() for _ in range(2))
-    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True, backend="triton")
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True, deterministic=True,
+                                 backend="triton")
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, _ = attention_reference(q64, k64, v64, 64 ** -0.5, *(_flash_window(True, (-1, -1))), cu_q, cu_k)
     _check_half_gradients(q, k, v, out, q64, k64, v64, ref)
@@ -329,6 +336,40 @@ def test_lse_gradient_flows(backend):
         assert _max_err(got, want) < TOL_FP32
 
 
+class _LaunchSpy:
+    """Stands in for an autotuned kernel: counts its launches and passes them on."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_backward_plans_launch_what_they_say(monkeypatch):
+    """Off the GPU the backward takes dQ by atomics from the dK/dV kernel and launches no dQ kernel;
+    deterministic=True, or torch.use_deterministic_algorithms(True), launches the dQ kernel and no atomics."""
+    names = ("_attn_bwd_dkdv_dq", "_attn_bwd_dkdv", "_attn_bwd_dq")
+    spies = [_LaunchSpy(getattr(attention_kernels, name)) for name in names]
+    for name, spy in zip(names, spies):
+        monkeypatch.setattr(attention_kernels, name, spy)
+
+    def backward(**kwargs):
+        q, k, v = _inputs(1, 40, 40, 2, 1, 32)
+        flash_attn_func(q, k, v, causal=True, backend="triton", **kwargs).sum().backward()
+        return tuple(spy.launches for spy in spies)
+
+    assert backward() == (1, 0, 0)
+    assert backward(deterministic=True) == (1, 1, 1)
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert backward() == (1, 2, 2)
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
 @pytest.mark.parametrize("Tq,Tk,causal", [(33, 33, True), (20, 45, True), (45, 20, True), (20, 45, False)])
 def test_sdpa_matches_torch(Tq, Tk, causal):
     """torch's layout and top-left causal alignment, with GQA through enable_gqa."""
@@ -474,12 +515,39 @@ def test_gpu_warp_specialized_forward_at_most_twice_pytorch_error(warp_specializ
 def test_gpu_warp_specialized_backward_at_most_twice_pytorch_error(warp_specialized_backward, B, T, H, Hkv, D,
                                                                     causal, window):
     """bf16 only: the dtype changes no code in the loop, and the forward's test already covers fp16 on the card."""
-    _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, torch.bfloat16)
+    _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, torch.bfloat16, deterministic=True)
 
 
 @pytest.mark.gpu
 def test_gpu_warp_specialized_forward_and_backward_varlen(warp_specialized_forward, warp_specialized_backward):
+    _check_gpu_varlen(deterministic=True)
+
+
+@pytest.fixture
+def atomic_dq(monkeypatch):
+    """The backward forced to dQ by atomics, whichever plan the GPU's timing would choose."""
+    monkeypatch.setattr(attention_kernels._backward_plans, "choose",
+                        lambda key, plans, timeable: attention_kernels.ATOMIC_DQ)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,H,Hkv,D,causal,window", GPU_CASES, ids=lambda c: str(c))
+def test_gpu_atomic_dq_at_most_twice_pytorch_error(atomic_dq, B, T, H, Hkv, D, causal, window):
+    _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_atomic_dq_varlen(atomic_dq):
     _check_gpu_varlen()
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_backward_is_bitwise_repeatable():
+    q, k, v = _inputs(2, 2048, 2048, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
+    dout = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+    grads = [_grads(flash_attn_func(q, k, v, causal=True, deterministic=True, backend="triton"), (q, k, v), dout)
+             for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 @pytest.mark.gpu
@@ -495,9 +563,9 @@ def test_gpu_kv_rows_tma_cannot_read_take_the_pointer_loop():
     assert _max_err(out, ref) <= 2 * _max_err(pt, ref) + 1e-5
 
 
-def _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype):
+def _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype, deterministic=False):
     q, k, v = _inputs(B, T, T, H, Hkv, D, dtype=dtype, device="cuda")
-    out = flash_attn_func(q, k, v, causal=causal, window_size=window, backend="triton")
+    out = flash_attn_func(q, k, v, causal=causal, window_size=window, deterministic=deterministic, backend="triton")
     pt = flash_attn_func(q, k, v, causal=causal, window_size=window, backend="reference")  # eager PyTorch, same dtype
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = flash_attn_func(q32, k32, v32, causal=causal, window_size=window, backend="reference")
@@ -518,13 +586,20 @@ def test_gpu_varlen_and_sdpa_bf16():
     assert _max_err(got, ref) <= 2 * _max_err(torch_bf16, ref) + 1e-5
 
 
-def _check_gpu_varlen():
+def _check_gpu_varlen(deterministic=False):
+    """Packed sequences of 1-3000 rows, GQA 4: the output and every gradient within 2x PyTorch's own bf16 error."""
     lens = [1, 1000, 3000, 17]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-    q = torch.randn(sum(lens), 8, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(sum(lens), 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    out = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, backend="triton")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(sum(lens), 8, 128, generator=g, device="cuda").bfloat16().requires_grad_()
+    k, v = (torch.randn(sum(lens), 2, 128, generator=g, device="cuda").bfloat16().requires_grad_() for _ in range(2))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, deterministic=deterministic,
+                                 backend="triton")
     pt = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, backend="reference")
-    ref = flash_attn_varlen_func(q.float(), k.float(), v.float(), cu, cu, max(lens), max(lens), causal=True,
-                                 backend="reference")
+    ref = flash_attn_varlen_func(q32, k32, v32, cu, cu, max(lens), max(lens), causal=True, backend="reference")
     assert _max_err(out, ref) <= 2 * _max_err(pt, ref) + 1e-5
+    dout = torch.randn(out.shape, generator=g, device="cuda").bfloat16()
+    for name, got, mine, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(pt, (q, k, v), dout),
+                                     _grads(ref, (q32, k32, v32), dout.float())):
+        assert _max_err(got, want) <= 2 * _max_err(mine, want) + 1e-5, f"d{name}"

@@ -1,9 +1,11 @@
-"""fasttrain.kernels._launch: the host-side launch arithmetic equals triton's own, and the SM count is the device's."""
+"""fasttrain.kernels._launch: the host-side launch arithmetic equals triton's own, the SM count is the device's, and
+the plan tuner keeps the plan it timed fastest."""
 import pytest
 import torch
 import triton
+import triton.testing
 
-from fasttrain.kernels._launch import cdiv, multiprocessor_count, next_power_of_2
+from fasttrain.kernels._launch import PlanTuner, cdiv, multiprocessor_count, next_power_of_2
 
 EDGES = [0, 1, 2, 3, 4, 5, 7, 8, 9, 97, 768, 1023, 1024, 1025, 50257, 2**31 - 1, 2**31, 2**31 + 1, 2**40 + 3]
 
@@ -23,3 +25,18 @@ def test_cdiv_is_tritons():
 def test_gpu_multiprocessor_count_is_the_devices():
     device = torch.device("cuda", torch.cuda.current_device())
     assert multiprocessor_count(device) == torch.cuda.get_device_properties(device).multi_processor_count > 0
+
+
+def test_plan_tuner_runs_each_plan_once_then_times_them_and_keeps_the_fastest(monkeypatch):
+    ran = []
+    plans = {name: (lambda name=name: ran.append(name) or name) for name in ("slow", "fast")}
+    median_ms = {"slow": 2.0, "fast": 1.0}
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, quantiles: [median_ms[fn()], 0.0, 9.0])
+    tuner = PlanTuner(default="slow")
+    assert tuner.choose("k", plans, timeable=False) == "slow" and not ran and not tuner.cache
+    assert tuner.choose("k", plans, timeable=True) == "fast"
+    assert ran == ["slow", "fast", "slow", "fast"]  # once each (their kernels tune), then once each under the timer
+    assert tuner.configs_timings == {"slow": [2.0, 0.0, 9.0], "fast": [1.0, 0.0, 9.0]}
+    assert tuner.choose("k", plans, timeable=True) == "fast" and len(ran) == 4  # remembered per key
+    median_ms.update(slow=0.5)
+    assert tuner.choose("other key", plans, timeable=True) == "slow"

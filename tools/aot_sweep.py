@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--warp-specialize", type=int, nargs="+", choices=[0, 1], default=[0],
                         help="fwd and dkdv: 1 compiles the TMA, warp-specialized loop (see launched_warps, "
                         "setmaxnreg)")
+    parser.add_argument("--atomic-dq", type=int, nargs="+", choices=[0, 1], default=[0],
+                        help="dkdv: 1 compiles the variant that adds dQ by float32 atomics")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
@@ -37,13 +39,18 @@ def main() -> None:
     kernel = KERNELS[args.kernel]
     hints = _aot.divisible(kernel)
     specialize = args.warp_specialize if "WARP_SPECIALIZE" in kernel.arg_names else [None]
-    for bm, bn, warps, stages, ws in itertools.product(args.block_m, args.block_n, args.warps, args.stages,
-                                                       specialize):
+    atomic = args.atomic_dq if "ATOMIC_DQ" in kernel.arg_names else [None]
+    for bm, bn, warps, stages, ws, adq in itertools.product(args.block_m, args.block_n, args.warps, args.stages,
+                                                            specialize, atomic):
         signature, constexprs = attention.aot_signature(kernel, _aot.DTYPE[args.arch], args.head_dim)
-        tile = {"BLOCK_M": bm, "BLOCK_N": bn} if ws is None else {"BLOCK_M": bm, "BLOCK_N": bn,
-                                                                  "WARP_SPECIALIZE": bool(ws)}
+        tile = {"BLOCK_M": bm, "BLOCK_N": bn}
+        if ws is not None:
+            tile["WARP_SPECIALIZE"] = bool(ws)
+        if adq is not None:
+            tile["ATOMIC_DQ"] = bool(adq)
         row = {"triton": triton.__version__, "kernel": args.kernel, "head_dim": args.head_dim, "arch": args.arch,
-               "config": [bm, bn, warps, stages] + ([] if ws is None else [bool(ws)])}
+               "config": [bm, bn, warps, stages] + ([] if ws is None else [bool(ws)]), **(
+                   {} if adq is None else {"atomic_dq": bool(adq)})}
         try:
             row.update(_aot.compile_one(kernel, signature, {**constexprs, **tile}, args.arch, warps, stages, hints))
         except Exception as e:  # one row per config, whatever happens to the others

@@ -39,7 +39,8 @@ def _kernels():
 @custom_op("fasttrain::attention_forward", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                 max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
-                backend: str) -> tuple[Tensor, Tensor]:
+                backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
+    # deterministic is the backward's (saved by _setup_context), as in flash-attn's autograd Function
     if backend == "triton":
         return _kernels().attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                             scale, left, right)
@@ -48,7 +49,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
 
 
 @_forward_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, backend):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, backend, deterministic):
     H = q.shape[-2]
     lse_shape = (H, q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], H, q.shape[1])
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
@@ -57,34 +58,36 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, le
 @custom_op("fasttrain::attention_backward", mutates_args=())
 def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
                  cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-                 max_seqlen_k: int, scale: float, left: int, right: int,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                 max_seqlen_k: int, scale: float, left: int, right: int, backend: str,
+                 deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
         return _kernels().attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
-                                             max_seqlen_q, max_seqlen_k, scale, left, right)
+                                             max_seqlen_q, max_seqlen_k, scale, left, right, deterministic)
     grads = attention_reference_backward(do, q, k, v, out, lse, dlse, scale, left, right, cu_seqlens_q, cu_seqlens_k)
     return tuple(g.contiguous() for g in grads)
 
 
 @_backward_op.register_fake
 def _(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
-      backend):
+      backend, deterministic):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, deterministic = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, left, right, backend)
+    ctx.args = (max_q, max_k, scale, left, right, backend, deterministic)
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, scale, left, right, backend = ctx.args
+    max_q, max_k, scale, left, right, backend, deterministic = ctx.args
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, backend)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, backend,
+                              deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -179,7 +182,8 @@ def _row_offset_reason(q: Tensor, k: Tensor, v: Tensor, max_q: int, max_k: int) 
     return None
 
 
-def _attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, dropout_p, attn_mask=None):
+def _attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, dropout_p, attn_mask=None,
+            deterministic=False):
     """(out, lse) from the registered op, or from the reference outside it for what the kernels do not implement."""
     fallback = ("an attn_mask is not implemented in the kernels" if attn_mask is not None else
                 "dropout_p > 0 is not implemented in the kernels" if dropout_p > 0.0 else
@@ -190,7 +194,7 @@ def _attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, drop
     backend = _choose(q, backend)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (t.contiguous() for t in (q, k, v))  # the kernels need unit stride along head_dim only
-    return _forward_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend)
+    return _forward_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, bool(deterministic))
 
 
 # ---- public functions ----------------------------------------------------------------------------------------------
@@ -206,7 +210,9 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     query i sees keys in [i + Tk - Tq - left, i + Tk - Tq + right]; -1 leaves a side unbounded.
     softmax_scale defaults to D**-0.5. head_dim 32, 64, 96, 128 or 256 runs the kernels; fp16/bf16 on CUDA.
     dropout_p > 0 runs the reference path. softcap and alibi_slopes are not implemented (must stay at defaults).
-    The backward pass is deterministic whatever `deterministic` says (dK/dV are reduced without atomics).
+    deterministic: the backward computes dQ by its own kernel, bit-identical from run to run (also under
+    torch.use_deterministic_algorithms(True)); otherwise, on a GPU, by float32 atomics from the dK/dV kernel where
+    that times faster for the shape (fewer matmuls; the last bits of dQ vary from run to run, as in flash-attn).
     Returns out (B, Tq, H, D); with return_attn_probs, (out, softmax_lse (B, H, Tq) float32, None): the
     probabilities themselves are never materialised. Query rows that see no key give 0 and lse = +inf.
     backend: "auto" (default), "triton" or "reference"; FASTTRAIN_BACKEND overrides auto.
@@ -215,7 +221,8 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     _refuse_unsupported(softcap, alibi_slopes)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
-    out, lse = _attend(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, backend, dropout_p)
+    out, lse = _attend(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, backend, dropout_p,
+                       deterministic=deterministic)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -271,7 +278,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     and in-place version (one host sync), not while a CUDA graph is captured or torch.compile traces. Sequence b's
     queries attend only to sequence b's keys, masked as in `flash_attn_func` with that sequence's Tq_b and Tk_b.
     Returns out (total_q, H, D), or (out, softmax_lse (H, total_q) float32, None) with return_attn_probs.
-    block_table (paged KV) is not implemented and must be None.
+    block_table (paged KV) is not implemented and must be None. deterministic as in `flash_attn_func`.
     """
     _check_qkv(q, k, v, 3, "(total, H, D)")
     _refuse_unsupported(softcap, alibi_slopes)
@@ -286,7 +293,7 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
     out, lse = _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, backend,
-                       dropout_p)
+                       dropout_p, deterministic=deterministic)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -297,7 +304,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. is_causal masks as
     torch does, aligned top-left: query i sees keys j <= i. attn_mask (bool, True = attend, or additive float,
-    broadcastable to (B, H, Tq, Tk)) and dropout_p > 0 run the reference path. Returns (B, H, Tq, D).
+    broadcastable to (B, H, Tq, Tk)) and dropout_p > 0 run the reference path. Returns (B, H, Tq, D). The backward
+    is deterministic under torch.use_deterministic_algorithms(True) (see `flash_attn_func`).
     """
     _check_qkv(query, key, value, 4, "(B, H, T, D)", head_axis=1)
     if key.shape[1] != query.shape[1] and not enable_gqa:
