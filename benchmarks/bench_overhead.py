@@ -39,7 +39,7 @@ from fasttrain.ops import (add_layer_norm, apply_rotary_emb, cross_entropy, flas
 from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
 
 B, T, H, D, C, V, CACHE = 1, 16, 12, 64, 768, 512, 256
-KERNEL_MODULES = ("attention", "cross_entropy", "decode", "norms", "rotary")
+KERNEL_MODULES = ("attention", "attention_backward", "cross_entropy", "decode", "norms", "rotary")
 NO_LAUNCH = "fasttrain, no launch"
 
 

@@ -194,8 +194,9 @@ def _autotuners() -> dict:
 
 
 def autotune_choices() -> dict:
-    """The config each Triton autotuner in fasttrain.kernels chose, per tuning key: {"attention._attn_fwd":
-    {"(128, 2048, 1, False, ...)": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, ..."}}. Empty until a GPU run tuned."""
+    """The config each Triton autotuner in fasttrain.kernels chose, and the plan each PlanTuner chose, per tuning key:
+    {"attention._attn_fwd": {"(128, 2048, 1, False, ...)": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, ..."}}. Empty
+    until a GPU run tuned."""
     return {name: {str(key): str(config) for key, config in tuner.cache.items()}
             for name, tuner in _autotuners().items() if tuner.cache}
 

@@ -34,10 +34,10 @@ class AotKernel:
 
 TABLE = [
     AotKernel("attention", "_attn_fwd_kernel", "FWD_CONFIGS"),
-    AotKernel("attention", "_attn_bwd_preprocess_kernel", None),
-    AotKernel("attention", "_attn_bwd_dkdv_kernel", "DKDV_CONFIGS"),
-    AotKernel("attention", "_attn_bwd_dkdv_kernel", "DKDV_DQ_CONFIGS"),  # ATOMIC_DQ=True: dQ by atomics too
-    AotKernel("attention", "_attn_bwd_dq_kernel", "DQ_CONFIGS"),
+    AotKernel("attention_backward", "_attn_bwd_preprocess_kernel", None),
+    AotKernel("attention_backward", "_attn_bwd_dkdv_kernel", "DKDV_CONFIGS"),
+    AotKernel("attention_backward", "_attn_bwd_dkdv_kernel", "DKDV_DQ_CONFIGS"),  # ATOMIC_DQ=True: dQ by atomics
+    AotKernel("attention_backward", "_attn_bwd_dq_kernel", "DQ_CONFIGS"),
     AotKernel("decode", "_decode_append_kernel", None),
     AotKernel("decode", "_decode_kernel", "DECODE_CONFIGS"),
     AotKernel("decode", "_decode_combine_kernel", None),

@@ -1,4 +1,5 @@
-"""Autotune configs for kernels/attention.py, per GPU arch and head-dim class, plus the one interpreter config.
+"""Autotune configs for kernels/attention.py and attention_backward.py, per GPU arch and head-dim class, plus the one
+interpreter config.
 
 A kernel's autotuner holds every config of its arch; `pruner` keeps those of the call's head-dim class, so a
 d256 call never tries tiles that only fit d64. tests/test_kernels_compile.py compiles each (arch, class, config)
@@ -55,12 +56,21 @@ _DKDV = {  # the dK/dV accumulators are (BLOCK_N, D) fp32 each, live across the 
          "d128": [(32, 64, 8, 2, False)],
          "d256": [(32, 32, 8, 2, False)]},
 }
-# dK/dV with dQ added by float32 atomics (ATOMIC_DQ; pointer loop only, see kernels/attention.py): one more
-# (BLOCK_M, D) product per tile, added by REDG.E.ADD.F32x4 (SASS). tools/aot_sweep.py --atomic-dq 1 over 32/64/128
-# rows x 64/128 keys x 4/8 warps x 2/3 stages, under 3.7.1 and 3.6.0 (registers 3.7.1/3.6.0, none spilled): d64
-# 64x128/8/2 230/226, 64x128/8/3 232/255, 64x64/8/2 204/209; d128 64x64/8/2 245/255, 32x128/8/2 243/241 (64x128/8
-# spills 8-112 B, every 4-warp d128 tile 24-2992 B); d256 32x32/8/2 223/234. The same tiles as _DKDV's where they fit.
+# dK/dV with dQ added by float32 atomics (ATOMIC_DQ; pointer loop only, see kernels/attention_backward.py): one more
+# product per tile, added by REDG.E.ADD.F32x4 (SASS). tools/aot_sweep.py --atomic-dq 1 over 32/64/128 rows x 64/128
+# keys x 4/8 warps x 2/3 stages under 3.7.1 and 3.6.0; registers 3.7.1/3.6.0 of those kept, none spilled: d64
+# 64x128/8/2 226/226, 64x128/8/3 229/255, 64x64/8/2 202/207; d128 64x64/8/2 243/255, 32x128/8/2 232/248 (64x128/8
+# spills 8-112 B, every 4-warp d128 tile 24-2992 B); d256 32x32/8/2 224/234. The sm_80 tiles are its spill-free ones
+# (255 registers, no stack, where _DKDV's d64 (64,64,4,3) spills 16 B with the atomics).
 _DKDV_DQ = {
+    90: {"d64": [(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 64, 8, 2, False)],
+         "d128": [(64, 64, 8, 2, False), (32, 128, 8, 2, False)],
+         "d256": [(32, 32, 8, 2, False)]},
+    80: {"d64": [(64, 64, 4, 2, False)],
+         "d128": [(32, 64, 8, 2, False)],
+         "d256": [(32, 32, 8, 2, False)]},
+}
+_DQ = {
     90: {"d64": [(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 64, 8, 2, False)],
          "d128": [(64, 64, 8, 2, False), (32, 128, 8, 2, False)],
          "d256": [(32, 32, 8, 2, False)]},

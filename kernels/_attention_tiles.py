@@ -1,5 +1,5 @@
-"""Tile-level pieces shared by the attention kernels in kernels/attention.py: where a program stands (its sequence,
-band and tile range), masked tile loads, the score mask and the online-softmax step.
+"""Tile-level pieces shared by the attention kernels in kernels/attention.py and attention_backward.py: where a program
+stands (its sequence, band and tile range), masked tile loads, the score mask and the online-softmax step.
 
 Scores are in log2 units; see kernels/attention.py for the layouts and the band convention dlo <= j - i <= dhi.
 """

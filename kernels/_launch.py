@@ -1,4 +1,4 @@
-"""Launch arithmetic for host code, on plain Python ints.
+"""Host-side launch helpers: arithmetic on plain Python ints, the SM count, and a tuner over whole launch plans.
 
 `triton.cdiv` and `triton.next_power_of_2` are constexpr_functions (triton 3.7.1): called from host code, each call
 goes through JITCallable.__call__, which unwraps its arguments as constexprs and imports triton.language.core.
@@ -7,6 +7,7 @@ forward + backward did four of them, ~15 us of host time per call beside a kerne
 Kernels keep using triton's (tl.cdiv) inside @triton.jit code.
 """
 import functools
+import warnings
 
 import torch
 
@@ -28,11 +29,12 @@ def multiprocessor_count(device: torch.device) -> int:
 
 
 class PlanTuner:
-    """An autotuner over whole alternatives (each a callable launching one or more autotuned kernels) rather than
-    one kernel's configs. At a key's first call where kernels can be timed it runs every plan once, so that their
-    kernels tune themselves, times each by triton.testing.do_bench and keeps the fastest; elsewhere (the
-    interpreter) it answers `default`. `cache` and `configs_timings` carry the names triton's Autotuner gives them,
-    so the benchmarks record plans and tiles alike."""
+    """An autotuner over whole alternatives (each a callable launching one or more autotuned kernels and returning
+    the result) rather than one kernel's configs. At a key's first call where kernels can be timed it runs each plan
+    once, so that its kernels tune themselves, times it by triton.testing.do_bench and keeps the fastest; a plan that
+    raises (a config this GPU rejects, memory) is timed as inf, with a warning, unless every plan does. Elsewhere
+    (the interpreter, a CUDA graph being captured) it answers `default` and remembers nothing. `cache` and
+    `configs_timings` carry the names triton's Autotuner gives them, so the benchmarks record plans and tiles alike."""
 
     def __init__(self, default: str):
         self.default = default
@@ -43,10 +45,19 @@ class PlanTuner:
         if not timeable:
             return self.default
         if key not in self.cache:
-            from triton.testing import do_bench
-            for plan in plans.values():
-                plan()
-            timings = {name: do_bench(plan, quantiles=(0.5, 0.2, 0.8)) for name, plan in plans.items()}
+            from triton.testing import do_bench  # at call time: a process that never tunes never imports it
+            timings, failed = {}, {}
+            for name, plan in plans.items():
+                try:
+                    plan()
+                    timings[name] = do_bench(plan, quantiles=(0.5, 0.2, 0.8))
+                except Exception as e:  # noqa: BLE001 - any failure: the other plans may still serve
+                    failed[name], timings[name] = e, [float("inf")] * 3
+            if len(failed) == len(plans):
+                raise next(iter(failed.values()))
+            for name, e in failed.items():
+                warnings.warn(f"fasttrain: the {name!r} plan failed here and is left out ({type(e).__name__}: {e})",
+                              RuntimeWarning, stacklevel=2)
             self.cache[key] = min(timings, key=lambda name: timings[name][0])
             self.configs_timings = timings
         return self.cache[key]

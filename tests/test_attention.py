@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from fasttrain import _backend
 from fasttrain.kernels import _attention_configs
 from fasttrain.kernels import attention as attention_kernels
+from fasttrain.kernels import attention_backward as backward_kernels
 from fasttrain.ops import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from fasttrain.ops.attention_reference import UNBOUNDED, attention_reference
 
@@ -104,7 +105,7 @@ def warp_specialized_forward(request, monkeypatch):
     """The forward's autotuner holding one WARP_SPECIALIZE config alone, so that the interpreter (or a GPU) runs that
     path: Q, K and V by tensor descriptor, one loop (masking every tile unless none needs it). Left to itself a
     GPU's autotuner takes it only where it is the fastest."""
-    monkeypatch.setattr(attention_kernels, "_attn_fwd", attention_kernels._autotuned(
+    monkeypatch.setattr(attention_kernels, "_attn_fwd", attention_kernels.autotuned(
         attention_kernels._attn_fwd_kernel, _attention_configs.one_config_table(request.param)))
 
 
@@ -141,9 +142,10 @@ def test_warp_specialized_forward_matches_float64_reference(warp_specialized_for
 @pytest.fixture(params=list(_attention_configs.DKDV_WS_TILES.values()), ids=lambda t: "x".join(map(str, t[:2])))
 def warp_specialized_backward(request, monkeypatch):
     """dK/dV's autotuner holding one WARP_SPECIALIZE config alone: Q and dO by descriptor in one loop. Only the plan
-    with a dQ kernel runs it (deterministic=True), since dQ by atomics does not specialize (kernels/attention.py)."""
-    monkeypatch.setattr(attention_kernels, "_attn_bwd_dkdv", attention_kernels._autotuned(
-        attention_kernels._attn_bwd_dkdv_kernel, _attention_configs.one_config_table(request.param, ATOMIC_DQ=False)))
+    with a dQ kernel runs it (deterministic=True), since dQ by atomics does not specialize
+    (kernels/attention_backward.py)."""
+    monkeypatch.setattr(backward_kernels, "_attn_bwd_dkdv", backward_kernels.autotuned(
+        backward_kernels._attn_bwd_dkdv_kernel, _attention_configs.one_config_table(request.param, ATOMIC_DQ=False)))
 
 
 def _check_half_gradients(q, k, v, out, q64, k64, v64, ref):
@@ -336,6 +338,24 @@ def test_lse_gradient_flows(backend):
         assert _max_err(got, want) < TOL_FP32
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
+def test_very_negative_scores_keep_gradients_finite(deterministic):
+    """Every score near -140, so lse ~ -137: a zero key row past the sequence's end would score 0 and weigh
+    exp(137) = inf in fp32, and inf * (k = 0) is NaN in dQ. Non-causal, Tk 40 in a 64-key block."""
+    g = torch.Generator().manual_seed(6)
+    q = (5 + 0.1 * torch.randn(1, 8, 2, 32, generator=g)).requires_grad_()
+    k = (-5 + 0.1 * torch.randn(1, 40, 2, 32, generator=g)).requires_grad_()
+    v = torch.randn(1, 40, 2, 32, generator=g).requires_grad_()
+    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, deterministic=deterministic, backend="triton")
+    assert lse.max() < -120
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = flash_attn_func(q64, k64, v64, backend="reference")
+    dout = torch.randn(out.shape, generator=g)
+    for name, got, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
+        assert torch.isfinite(got).all(), f"d{name}"
+        assert _max_err(got, want) < TOL_FP32 * max(1.0, want.abs().max().item()), f"d{name}"
+
+
 class _LaunchSpy:
     """Stands in for an autotuned kernel: counts its launches and passes them on."""
 
@@ -351,9 +371,9 @@ def test_backward_plans_launch_what_they_say(monkeypatch):
     """Off the GPU the backward takes dQ by atomics from the dK/dV kernel and launches no dQ kernel;
     deterministic=True, or torch.use_deterministic_algorithms(True), launches the dQ kernel and no atomics."""
     names = ("_attn_bwd_dkdv_dq", "_attn_bwd_dkdv", "_attn_bwd_dq")
-    spies = [_LaunchSpy(getattr(attention_kernels, name)) for name in names]
+    spies = [_LaunchSpy(getattr(backward_kernels, name)) for name in names]
     for name, spy in zip(names, spies):
-        monkeypatch.setattr(attention_kernels, name, spy)
+        monkeypatch.setattr(backward_kernels, name, spy)
 
     def backward(**kwargs):
         q, k, v = _inputs(1, 40, 40, 2, 1, 32)
@@ -410,6 +430,19 @@ def test_half_precision_under_the_interpreter(dtype):
     dout = torch.randn_like(out)
     for got, want in zip(_grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
         assert got.dtype == dtype and _max_err(got, want) < 4 * TOL_HALF[dtype]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_registered_ops_schema_and_fake_tensors(deterministic):
+    """torch.library's own checks of both ops (schema, fake implementations against the real ones), both plans."""
+    from fasttrain.ops import attention as attention_ops
+    q, k, v = (t.detach() for t in _inputs(1, 20, 20, 2, 1, 32))
+    args = (q, k, v, None, None, 20, 20, 32 ** -0.5, UNBOUNDED, 0, "triton", deterministic)
+    torch.library.opcheck(attention_ops._forward_op.op, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse = attention_ops._forward_op(*args)
+    backward_args = (torch.randn_like(out), q, k, v, out, lse, None, None, None, 20, 20, 32 ** -0.5, UNBOUNDED, 0,
+                     "triton", deterministic)
+    torch.library.opcheck(attention_ops._backward_op.op, backward_args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph_no_graph_break():
@@ -483,14 +516,25 @@ GPU_CASES = [  # (B, T, H, Hkv, D, causal, window)
     (1, 2048, 4, 2, 256, True, (-1, -1)),
     (2, 4096, 4, 2, 128, True, (512, -1)),
     (1, 1025, 4, 4, 64, False, (100, 100)),
+    (2, 1000, 4, 2, 128, False, (-1, -1)),  # the last key block part-empty, every tile unmasked but there
 ]
+
+
+@pytest.fixture(params=["atomic_dq", "dq_kernel"])
+def backward_plan(request, monkeypatch):
+    """Each backward plan forced, whichever the GPU's timing would choose: returns the `deterministic` to pass."""
+    if request.param == "dq_kernel":
+        return True
+    monkeypatch.setattr(backward_kernels._backward_plans, "choose",
+                        lambda key, plans, timeable: backward_kernels.DQ_BY_ATOMICS)
+    return False
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,T,H,Hkv,D,causal,window", GPU_CASES, ids=lambda c: str(c))
-def test_gpu_at_most_twice_pytorch_error(B, T, H, Hkv, D, causal, window, dtype):
-    _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype)
+def test_gpu_at_most_twice_pytorch_error(backward_plan, B, T, H, Hkv, D, causal, window, dtype):
+    _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype, deterministic=backward_plan)
 
 
 WS_GPU_CASES = [  # (B, T, H, Hkv, D, causal, window)
@@ -523,26 +567,16 @@ def test_gpu_warp_specialized_forward_and_backward_varlen(warp_specialized_forwa
     _check_gpu_varlen(deterministic=True)
 
 
-@pytest.fixture
-def atomic_dq(monkeypatch):
-    """The backward forced to dQ by atomics, whichever plan the GPU's timing would choose."""
-    monkeypatch.setattr(attention_kernels._backward_plans, "choose",
-                        lambda key, plans, timeable: attention_kernels.ATOMIC_DQ)
+@pytest.mark.gpu
+def test_gpu_varlen_both_backward_plans(backward_plan):
+    _check_gpu_varlen(deterministic=backward_plan)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,T,H,Hkv,D,causal,window", GPU_CASES, ids=lambda c: str(c))
-def test_gpu_atomic_dq_at_most_twice_pytorch_error(atomic_dq, B, T, H, Hkv, D, causal, window):
-    _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, torch.bfloat16)
-
-
-@pytest.mark.gpu
-def test_gpu_atomic_dq_varlen(atomic_dq):
-    _check_gpu_varlen()
-
-
-@pytest.mark.gpu
-def test_gpu_deterministic_backward_is_bitwise_repeatable():
+def test_gpu_deterministic_backward_is_bitwise_repeatable(monkeypatch):
+    """deterministic=True overrides the plan tuner, here made to answer the atomic plan."""
+    monkeypatch.setattr(backward_kernels._backward_plans, "choose",
+                        lambda key, plans, timeable: backward_kernels.DQ_BY_ATOMICS)
     q, k, v = _inputs(2, 2048, 2048, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
     dout = torch.randn(q.shape, device="cuda", dtype=q.dtype)
     grads = [_grads(flash_attn_func(q, k, v, causal=True, deterministic=True, backend="triton"), (q, k, v), dout)
@@ -577,8 +611,7 @@ def _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype, determini
 
 
 @pytest.mark.gpu
-def test_gpu_varlen_and_sdpa_bf16():
-    _check_gpu_varlen()
+def test_gpu_sdpa_bf16():
     qs, ks, vs = (torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     got = scaled_dot_product_attention(qs, ks, vs, is_causal=True, backend="triton")
     torch_bf16 = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)

@@ -27,7 +27,7 @@ def test_gpu_multiprocessor_count_is_the_devices():
     assert multiprocessor_count(device) == torch.cuda.get_device_properties(device).multi_processor_count > 0
 
 
-def test_plan_tuner_runs_each_plan_once_then_times_them_and_keeps_the_fastest(monkeypatch):
+def test_plan_tuner_runs_each_plan_once_then_times_it_and_keeps_the_fastest(monkeypatch):
     ran = []
     plans = {name: (lambda name=name: ran.append(name) or name) for name in ("slow", "fast")}
     median_ms = {"slow": 2.0, "fast": 1.0}
@@ -35,8 +35,22 @@ def test_plan_tuner_runs_each_plan_once_then_times_them_and_keeps_the_fastest(mo
     tuner = PlanTuner(default="slow")
     assert tuner.choose("k", plans, timeable=False) == "slow" and not ran and not tuner.cache
     assert tuner.choose("k", plans, timeable=True) == "fast"
-    assert ran == ["slow", "fast", "slow", "fast"]  # once each (their kernels tune), then once each under the timer
+    assert ran == ["slow", "slow", "fast", "fast"]  # once (its kernels tune), then under the timer
     assert tuner.configs_timings == {"slow": [2.0, 0.0, 9.0], "fast": [1.0, 0.0, 9.0]}
     assert tuner.choose("k", plans, timeable=True) == "fast" and len(ran) == 4  # remembered per key
     median_ms.update(slow=0.5)
     assert tuner.choose("other key", plans, timeable=True) == "slow"
+
+
+def test_plan_tuner_leaves_out_a_plan_that_fails_unless_every_plan_does(monkeypatch):
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, quantiles: [fn(), 0.0, 0.0])
+
+    def broken():
+        raise RuntimeError("CUDA out of memory")
+    tuner = PlanTuner(default="broken")
+    with pytest.warns(RuntimeWarning, match="'broken' plan failed here.*out of memory"):
+        assert tuner.choose("k", {"broken": broken, "slow": lambda: 5.0}, timeable=True) == "slow"
+    assert tuner.configs_timings["broken"] == [float("inf")] * 3
+    with pytest.raises(RuntimeError, match="out of memory"):
+        tuner.choose("other key", {"broken": broken}, timeable=True)
+    assert "other key" not in tuner.cache

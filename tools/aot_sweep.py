@@ -12,10 +12,10 @@ import itertools
 import json
 import os
 
-from fasttrain.kernels import _aot, attention
+from fasttrain.kernels import _aot, attention, attention_backward
 
-KERNELS = {"fwd": attention._attn_fwd_kernel, "dkdv": attention._attn_bwd_dkdv_kernel,
-           "dq": attention._attn_bwd_dq_kernel}
+KERNELS = {"fwd": attention._attn_fwd_kernel, "dkdv": attention_backward._attn_bwd_dkdv_kernel,
+           "dq": attention_backward._attn_bwd_dq_kernel}
 
 
 def main() -> None:
@@ -42,15 +42,16 @@ def main() -> None:
     atomic = args.atomic_dq if "ATOMIC_DQ" in kernel.arg_names else [None]
     for bm, bn, warps, stages, ws, adq in itertools.product(args.block_m, args.block_n, args.warps, args.stages,
                                                             specialize, atomic):
-        signature, constexprs = attention.aot_signature(kernel, _aot.DTYPE[args.arch], args.head_dim)
+        signature, constexprs = attention_backward.aot_signature(kernel, _aot.DTYPE[args.arch], args.head_dim)
         tile = {"BLOCK_M": bm, "BLOCK_N": bn}
         if ws is not None:
             tile["WARP_SPECIALIZE"] = bool(ws)
         if adq is not None:
             tile["ATOMIC_DQ"] = bool(adq)
         row = {"triton": triton.__version__, "kernel": args.kernel, "head_dim": args.head_dim, "arch": args.arch,
-               "config": [bm, bn, warps, stages] + ([] if ws is None else [bool(ws)]), **(
-                   {} if adq is None else {"atomic_dq": bool(adq)})}
+               "config": [bm, bn, warps, stages] + ([] if ws is None else [bool(ws)])}
+        if adq is not None:
+            row["atomic_dq"] = bool(adq)
         try:
             row.update(_aot.compile_one(kernel, signature, {**constexprs, **tile}, args.arch, warps, stages, hints))
         except Exception as e:  # one row per config, whatever happens to the others

@@ -1,6 +1,6 @@
 """Fused attention: flash-attn's and torch's public functions over one registered op with a Triton or reference body.
 
-Three layers (STYLE.md): the Triton kernels in fasttrain.kernels.attention; the `torch.library` ops
+Three layers (STYLE.md): the Triton kernels in fasttrain.kernels.attention(_backward); the `torch.library` ops
 `fasttrain::attention_forward` / `fasttrain::attention_backward` with fake implementations and a registered autograd
 formula, so `torch.compile(fullgraph=True)` traces straight through; and the public functions below, which check
 their inputs and choose the backend.
@@ -11,6 +11,7 @@ registered op, because the kernels implement neither.
 """
 from __future__ import annotations
 
+import importlib
 import weakref
 from typing import Optional
 
@@ -27,11 +28,10 @@ HEAD_DIMS = (32, 64, 96, 128, 256)
 _KERNEL_DTYPES_CUDA = (torch.float16, torch.bfloat16)
 
 
-def _kernels():
-    # Imported on first use only: importing fasttrain.kernels turns the Triton interpreter on for a CPU-only
-    # process, which would make `auto` pick the (slow) interpreter for CPU tensors.
-    from fasttrain.kernels import attention
-    return attention
+def _kernels(module: str):
+    """fasttrain.kernels.<module>, imported on first use only: importing fasttrain.kernels turns the Triton
+    interpreter on for a CPU-only process, which would make `auto` pick the (slow) interpreter for CPU tensors."""
+    return importlib.import_module(f"fasttrain.kernels.{module}")
 
 
 # ---- the registered ops ------------------------------------------------------------------------------------------
@@ -42,8 +42,8 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
                 backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
     # deterministic is the backward's (saved by _setup_context), as in flash-attn's autograd Function
     if backend == "triton":
-        return _kernels().attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                            scale, left, right)
+        return _kernels("attention").attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                       max_seqlen_k, scale, left, right)
     out, lse = attention_reference(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k)
     return out.contiguous(), lse.contiguous()  # fresh tensors: a custom op may not return views of its inputs
 
@@ -61,8 +61,9 @@ def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
                  max_seqlen_k: int, scale: float, left: int, right: int, backend: str,
                  deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
-        return _kernels().attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
-                                             max_seqlen_q, max_seqlen_k, scale, left, right, deterministic)
+        return _kernels("attention_backward").attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q,
+                                                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                                                 left, right, deterministic)
     grads = attention_reference_backward(do, q, k, v, out, lse, dlse, scale, left, right, cu_seqlens_q, cu_seqlens_k)
     return tuple(g.contiguous() for g in grads)
 
@@ -174,7 +175,7 @@ def _check_dropout(dropout_p) -> None:
 
 def _row_offset_reason(q: Tensor, k: Tensor, v: Tensor, max_q: int, max_k: int) -> str | None:
     """The kernels step through one sequence's rows with int32 offsets (int64 there cost registers and spills,
-    kernels/attention.py), counted in the given row stride or the contiguous one the backward may copy to."""
+    kernels/attention_backward.py), counted in the given row stride or the contiguous one the backward may copy to."""
     for name, t, rows in (("q", q, max_q), ("k", k, max_k), ("v", v, max_k)):
         if rows * max(t.stride(-3), t.shape[-2] * t.shape[-1]) >= 2**31:
             return (f"{name}'s longest sequence ({rows} rows of {t.shape[-2]} x {t.shape[-1]}) spans 2**31 elements or "
@@ -210,9 +211,11 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     query i sees keys in [i + Tk - Tq - left, i + Tk - Tq + right]; -1 leaves a side unbounded.
     softmax_scale defaults to D**-0.5. head_dim 32, 64, 96, 128 or 256 runs the kernels; fp16/bf16 on CUDA.
     dropout_p > 0 runs the reference path. softcap and alibi_slopes are not implemented (must stay at defaults).
-    deterministic: the backward computes dQ by its own kernel, bit-identical from run to run (also under
-    torch.use_deterministic_algorithms(True)); otherwise, on a GPU, by float32 atomics from the dK/dV kernel where
-    that times faster for the shape (fewer matmuls; the last bits of dQ vary from run to run, as in flash-attn).
+    deterministic: the backward computes dQ by its own kernel (also under torch.use_deterministic_algorithms(True)),
+    bit-identical from run to run in a process, and across processes whose autotuners pick the same tiles
+    (TRITON_CACHE_AUTOTUNING=1 keeps the picks on disk). Otherwise, on a GPU, dQ may come by float32 atomics from the
+    dK/dV kernel where that times faster for the shape (fewer matmuls, a transient float32 buffer of 2x dQ's bytes;
+    dQ's last bits vary from run to run, as in flash-attn).
     Returns out (B, Tq, H, D); with return_attn_probs, (out, softmax_lse (B, H, Tq) float32, None): the
     probabilities themselves are never materialised. Query rows that see no key give 0 and lse = +inf.
     backend: "auto" (default), "triton" or "reference"; FASTTRAIN_BACKEND overrides auto.

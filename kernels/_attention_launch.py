@@ -1,0 +1,115 @@
+"""Host-side pieces the attention forward (kernels/attention.py) and backward (kernels/attention_backward.py)
+share: which configs this machine tunes over, the launch's strides and constexprs, whether TMA can read the inputs,
+the scratch allocator for device-made descriptors, and the ahead-of-time signatures (kernels/_aot.py)."""
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime import _allocation
+
+from ._aot import signature_from_params
+from ._attention_configs import flat, pruner
+from ._launch import next_power_of_2
+
+LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be constexpr (the compiler insists)
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+_HALF = (torch.float16, torch.bfloat16)
+# left/right: causal and full attention mask different shares of their tiles (the warp-specialized loops mask all of
+# them), so they tune apart. TMA_ALIGNED: the forward's and dK/dV's (dQ has no specialized config).
+_TUNING_KEY = ("HEAD_DIM", "tune_seqlen", "GROUP", "VARLEN", "left", "right", "TMA_ALIGNED")
+
+
+def this_machine(table):
+    """The configs of this machine's GPU arch, or the interpreter's one."""
+    if INTERPRETING or not torch.cuda.is_available():
+        return table["interpreter"]
+    return table[90] if torch.cuda.get_device_capability()[0] >= 9 else table[80]
+
+
+def autotuned(kernel, by_class, **options):
+    """The kernel under an autotuner over the configs of by_class ({head-dim class: [triton.Config]}); options go to
+    triton.autotune (reset_to_zero for an output accumulated by atomics)."""
+    # tune_seqlen is max_seqlen rounded up to a power of 2, so packed batches of varying length share tunings.
+    key = [name for name in _TUNING_KEY if name in kernel.arg_names]
+    return triton.autotune(configs=flat(by_class), key=key,
+                           prune_configs_by={"early_config_prune": pruner(by_class)}, **options)(kernel)
+
+
+def bth_strides(x, varlen):
+    """(batch, token, head) element strides; a packed (total, H, D) tensor has batch stride 0."""
+    return (0, x.stride(0), x.stride(1)) if varlen else (x.stride(0), x.stride(1), x.stride(2))
+
+
+def lse_strides(lse, varlen):
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    """(varlen, B, H, Hkv, the constexprs every attention kernel takes, tune_seqlen) of a launch."""
+    varlen = cu_seqlens_q is not None
+    B = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
+    H, Hkv, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    constexprs = dict(GROUP=H // Hkv, HEAD_DIM=D, HEAD_DIM_PAD=next_power_of_2(D), VARLEN=varlen,
+                      UPCAST=INTERPRETING and q.dtype != torch.float32)
+    tune_seqlen = next_power_of_2(max(max_seqlen_q, max_seqlen_k))
+    return varlen, B, H, Hkv, constexprs, tune_seqlen
+
+
+def tma_aligned(*tensors) -> bool:
+    """Whether every (.., T, H, D) tensor given can be read in (rows, D) tiles by TMA from any batch, head and row:
+    half precision, D a power of 2, and the base and every stride but D's a multiple of 16 bytes (the copy engine's
+    rule; a torch allocation or a whole-head view of one meets it). 2.4 us for three on the 2-vCPU CI machine."""
+    for t in tensors:
+        if t.dtype not in _HALF:
+            return False
+        head_dim = t.shape[-1]
+        if head_dim & (head_dim - 1) or t.data_ptr() & 15:
+            return False
+        for stride in t.stride()[:-1]:
+            if stride & 7:  # 8 two-byte elements = 16 bytes
+                return False
+    return True
+
+
+def full_tiles(varlen, max_seqlen_q, max_seqlen_k, left, right) -> bool:
+    """Every query sees every key and both lengths are multiples of 128 (the widest tile a specialized config
+    takes): no tile has a row or column to mask. A constexpr, so the pipelined kernels, which ignore it, also compile
+    once per value (once per process and shape class: seconds, not per call)."""
+    return (not varlen and max_seqlen_q % 128 == 0 and max_seqlen_k % 128 == 0 and left >= max_seqlen_k - 1
+            and right >= max_seqlen_q - 1)
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global memory for the TMA descriptors a kernel makes on the device (triton.set_allocator's contract)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_scratch_allocator():
+    """Give Triton an allocator for device-made descriptors unless the caller (or torch) has set one already."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+def aot_variants(kernel, config: dict) -> dict:
+    """A warp-specialized forward or dK/dV compiles twice: its loop masks every tile, or none (FULL_TILES)."""
+    if config.get("WARP_SPECIALIZE"):
+        return {"": {}, " full": {"FULL_TILES": True}}
+    return {"": {}}
+
+
+def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
+    """(signature, constexprs) of an attention kernel for an ahead-of-time compile of a dense GQA launch
+    (kernels/_aot.py); the config's kwargs (BLOCK_M/BLOCK_N, WARP_SPECIALIZE, ATOMIC_DQ) are added by the caller."""
+    fixed = dict(GROUP=2, HEAD_DIM=head_dim, HEAD_DIM_PAD=next_power_of_2(head_dim), VARLEN=False,
+                 UPCAST=False, HAS_DLSE=False, TMA_ALIGNED=head_dim == next_power_of_2(head_dim), FULL_TILES=False)
+
+    def arg_type(name):
+        if name in ("Lse", "Delta", "DLse", "DQAcc"):
+            return "*fp32"
+        if name in ("CuQ", "CuK"):
+            return "*i32"
+        if name[0].isupper():
+            return f"*{dtype}"
+        return "fp32" if name.startswith("scale") else "i32"
+    return signature_from_params(kernel, arg_type, fixed)
