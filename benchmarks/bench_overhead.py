@@ -149,21 +149,30 @@ class _NoLaunch:
 
 @contextlib.contextmanager
 def launches_skipped():
-    """Every Triton kernel of fasttrain.kernels swapped for a _NoLaunch while inside; restored after."""
+    """Every Triton kernel of fasttrain.kernels swapped for a _NoLaunch while inside; restored after. Each plan tuner
+    (the attention backward's) starts empty inside and gets its own choices back after: plans of skipped launches
+    time as noise, and what it picks from them must not outlive the context."""
     import triton
 
-    swapped = []
+    from fasttrain.kernels._launch import PlanTuner
+
+    swapped, tuners = [], []
     for name in KERNEL_MODULES:
         module = importlib.import_module(f"fasttrain.kernels.{name}")
         for attr, value in list(vars(module).items()):
             if isinstance(value, triton.runtime.KernelInterface):
                 swapped.append((module, attr, value))
                 setattr(module, attr, _NoLaunch())
+            elif isinstance(value, PlanTuner):
+                tuners.append((value, value.cache))
+                value.cache = {}
     try:
         yield
     finally:
         for module, attr, value in swapped:
             setattr(module, attr, value)
+        for tuner, cache in tuners:
+            tuner.cache = cache
 
 
 def forward_backward(fn, inputs):

@@ -182,6 +182,13 @@ def test_bench_overhead_skips_launches_only_inside_its_context():
         layer_norm(x, (8,), backend="triton")  # runs the op's Python; the kernel is not launched
     assert norms._norm_forward_kernel is kernel
     assert (layer_norm(x, (8,), backend="triton") - F.layer_norm(x, (8,))).abs().max() < 1e-5
+    from fasttrain.kernels import attention_backward
+    plans = attention_backward._backward_plans
+    chosen = plans.cache
+    with bench.launches_skipped():
+        assert plans.cache == {} and plans.cache is not chosen
+        plans.cache["a key"] = "a plan timed on skipped launches"
+    assert plans.cache is chosen and "a key" not in plans.cache
 
 
 def test_profile_call_ranks_the_host_ops():
