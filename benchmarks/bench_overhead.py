@@ -164,15 +164,15 @@ def launches_skipped():
                 swapped.append((module, attr, value))
                 setattr(module, attr, _NoLaunch())
             elif isinstance(value, PlanTuner):
-                tuners.append((value, value.cache))
+                tuners.append((value, value.cache, value.configs_timings))
                 value.cache = {}
     try:
         yield
     finally:
         for module, attr, value in swapped:
             setattr(module, attr, value)
-        for tuner, cache in tuners:
-            tuner.cache = cache
+        for tuner, cache, timings in tuners:
+            tuner.cache, tuner.configs_timings = cache, timings
 
 
 def forward_backward(fn, inputs):

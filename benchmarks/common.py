@@ -182,7 +182,7 @@ def provenance(device: str) -> dict:
 
 def _autotuners() -> dict:
     """{"attention._attn_fwd": Autotuner, ...} for every Triton autotuner fasttrain.kernels has imported, and every
-    PlanTuner (attention._backward_plans: dQ by atomics or by its own kernel)."""
+    PlanTuner (attention_backward._backward_plans: dQ by atomics or by its own kernel)."""
     modules = {name.rsplit(".", 1)[1]: m for name, m in sys.modules.items() if name.startswith("fasttrain.kernels.")}
     if not modules:
         return {}

@@ -98,6 +98,7 @@ def compile_one(kernel, signature: dict, constexprs: dict, arch: int, num_warps:
     ptx = compiled.asm["ptx"]
     used["shared_dynamic"] = compiled.metadata.shared
     used["wgmma"] = "wgmma" in ptx
+    used["mma_sync"] = ptx.count("mma.sync")  # the pre-Hopper MMA: a product whose M is under wgmma's 64
     used["tma"] = "cp.async.bulk.tensor" in ptx
     # Warp specialization: warpgroups with their own register budgets (setmaxnreg), more warps than configured.
     used["setmaxnreg"] = "setmaxnreg" in ptx

@@ -7,6 +7,7 @@ forward + backward did four of them, ~15 us of host time per call beside a kerne
 Kernels keep using triton's (tl.cdiv) inside @triton.jit code.
 """
 import functools
+import traceback
 import warnings
 
 import torch
@@ -32,9 +33,10 @@ class PlanTuner:
     """An autotuner over whole alternatives (each a callable launching one or more autotuned kernels and returning
     the result) rather than one kernel's configs. At a key's first call where kernels can be timed it runs each plan
     once, so that its kernels tune themselves, times it by triton.testing.do_bench and keeps the fastest; a plan that
-    raises (a config this GPU rejects, memory) is timed as inf, with a warning, unless every plan does. Elsewhere
-    (the interpreter, a CUDA graph being captured) it answers `default` and remembers nothing. `cache` and
-    `configs_timings` carry the names triton's Autotuner gives them, so the benchmarks record plans and tiles alike."""
+    raises (a config this GPU rejects, memory) is timed as inf, with a warning, unless every plan does. Where
+    nothing can be timed (the interpreter, a CUDA graph being captured) it answers the key's earlier choice, else
+    `default`, and remembers nothing new. `cache` and `configs_timings` carry the names triton's Autotuner gives
+    them, so the benchmarks record plans and tiles alike."""
 
     def __init__(self, default: str):
         self.default = default
@@ -43,7 +45,7 @@ class PlanTuner:
 
     def choose(self, key, plans: dict, timeable: bool) -> str:
         if not timeable:
-            return self.default
+            return self.cache.get(key, self.default)
         if key not in self.cache:
             from triton.testing import do_bench  # at call time: a process that never tunes never imports it
             timings, failed = {}, {}
@@ -52,6 +54,7 @@ class PlanTuner:
                     plan()
                     timings[name] = do_bench(plan, quantiles=(0.5, 0.2, 0.8))
                 except Exception as e:  # noqa: BLE001 - any failure: the other plans may still serve
+                    traceback.clear_frames(e.__traceback__)  # after an OOM, the next plan needs that memory
                     failed[name], timings[name] = e, [float("inf")] * 3
             if len(failed) == len(plans):
                 raise next(iter(failed.values()))

@@ -287,7 +287,8 @@ _attn_bwd_dq = autotuned(_attn_bwd_dq_kernel, this_machine(DQ_CONFIGS))
 _PREPROCESS_BLOCK_M = 32  # at 64, d256 o and dO tiles (fp32, 4 warps) spilled 24 bytes on sm_90
 # The backward's dQ, per shape class: by atomics from the dK/dV kernel (5 matmuls per tile pair, run-to-run
 # nondeterministic in the last bits, a float32 buffer of 2x dQ's bytes) or by its own kernel (7, deterministic),
-# whichever the GPU times faster. Where nothing can be timed (the interpreter), the atomic plan, flash-attn's default.
+# whichever the GPU times faster. Where nothing can be timed: the shape's earlier choice, else (the interpreter) the
+# atomic plan, flash-attn's default.
 DQ_BY_ATOMICS, DQ_BY_KERNEL = "atomic dQ", "dQ kernel"
 _backward_plans = PlanTuner(default=DQ_BY_ATOMICS)
 

@@ -57,6 +57,9 @@ def test_sm90_configs_do_not_spill_and_use_wgmma(compiled):
             tuned.setdefault((kernel, r["case"].split()[0]), []).append(r["wgmma"])
     no_wgmma = [f"{kernel} [{cls}]" for (kernel, cls), wgmma in tuned.items() if not any(wgmma)]
     assert len(tuned) == 8 and not no_wgmma, "tl.dot did not lower to wgmma:\n" + "\n".join(no_wgmma)
+    # The atomic dK/dV's dQ product on 32-row tiles is computed transposed so that it, too, runs on wgmma.
+    atomic = [r for r in rows if "ATOMIC_DQ=True" in r["case"] and not r["case"].startswith("d256")]
+    assert atomic and all(r["mma_sync"] == 0 for r in atomic), [(r["case"], r["mma_sync"]) for r in atomic]
 
 
 @pytest.mark.parametrize("kernel", ["_attn_fwd_kernel", "_attn_bwd_dkdv_kernel"])

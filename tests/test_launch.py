@@ -40,6 +40,7 @@ def test_plan_tuner_runs_each_plan_once_then_times_it_and_keeps_the_fastest(monk
     assert tuner.choose("k", plans, timeable=True) == "fast" and len(ran) == 4  # remembered per key
     median_ms.update(slow=0.5)
     assert tuner.choose("other key", plans, timeable=True) == "slow"
+    assert tuner.choose("k", plans, timeable=False) == "fast" and len(ran) == 8  # e.g. in a CUDA graph capture
 
 
 def test_plan_tuner_leaves_out_a_plan_that_fails_unless_every_plan_does(monkeypatch):
