@@ -100,13 +100,24 @@ def test_varlen_uneven_lengths_forward_and_backward(deterministic):
             assert _max_err(got, want) < TOL_FP32
 
 
+def _pin_config(monkeypatch, module, tuner: str, kernel, tile, **fixed):
+    """module.<tuner> replaced by an autotuner over the one config `tile` (with `fixed` constexprs), which it never
+    benchmarks: the interpreter, or a GPU, runs that path whatever the timing would choose."""
+    monkeypatch.setattr(module, tuner, module.autotuned(kernel, _attention_configs.one_config_table(tile, **fixed)))
+
+
+def _force_atomic_dq(monkeypatch):
+    """The backward's plan tuner made to answer dQ by atomics, whatever the GPU's timing would choose."""
+    monkeypatch.setattr(backward_kernels._backward_plans, "choose",
+                        lambda key, plans, timeable: backward_kernels.DQ_BY_ATOMICS)
+
+
 @pytest.fixture(params=_attention_configs.FWD_WS_TILES, ids=lambda t: "x".join(map(str, t[:2])))
 def warp_specialized_forward(request, monkeypatch):
     """The forward's autotuner holding one WARP_SPECIALIZE config alone, so that the interpreter (or a GPU) runs that
     path: Q, K and V by tensor descriptor, one loop (masking every tile unless none needs it). Left to itself a
     GPU's autotuner takes it only where it is the fastest."""
-    monkeypatch.setattr(attention_kernels, "_attn_fwd", attention_kernels.autotuned(
-        attention_kernels._attn_fwd_kernel, _attention_configs.one_config_table(request.param)))
+    _pin_config(monkeypatch, attention_kernels, "_attn_fwd", attention_kernels._attn_fwd_kernel, request.param)
 
 
 # The TMA path needs half precision (tma_aligned); the interpreter computes its tiles in fp32 after loading, so the
@@ -144,8 +155,8 @@ def warp_specialized_backward(request, monkeypatch):
     """dK/dV's autotuner holding one WARP_SPECIALIZE config alone: Q and dO by descriptor in one loop. Only the plan
     with a dQ kernel runs it (deterministic=True), since dQ by atomics does not specialize
     (kernels/attention_backward.py)."""
-    monkeypatch.setattr(backward_kernels, "_attn_bwd_dkdv", backward_kernels.autotuned(
-        backward_kernels._attn_bwd_dkdv_kernel, _attention_configs.one_config_table(request.param, ATOMIC_DQ=False)))
+    _pin_config(monkeypatch, backward_kernels, "_attn_bwd_dkdv", backward_kernels._attn_bwd_dkdv_kernel, request.param,
+                ATOMIC_DQ=False)
 
 
 def _check_half_gradients(q, k, v, out, q64, k64, v64, ref):
@@ -364,9 +375,8 @@ def test_very_negative_scores_keep_gradients_finite(Tq, deterministic):
 def atomic_dq_32_rows(monkeypatch):
     """The atomic dK/dV kernel on 32-row query tiles, whose dQ share is computed as (K^T dS)^T (the interpreter's
     own config has 64)."""
-    monkeypatch.setattr(backward_kernels, "_attn_bwd_dkdv_dq", backward_kernels.autotuned(
-        backward_kernels._attn_bwd_dkdv_kernel, _attention_configs.one_config_table((32, 64, 4, 1, False),
-                                                                                    ATOMIC_DQ=True)))
+    _pin_config(monkeypatch, backward_kernels, "_attn_bwd_dkdv_dq", backward_kernels._attn_bwd_dkdv_kernel,
+                (32, 64, 4, 1, False), ATOMIC_DQ=True)
 
 
 @pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,window", [
@@ -552,8 +562,7 @@ def backward_plan(request, monkeypatch):
     """Each backward plan forced, whichever the GPU's timing would choose: returns the `deterministic` to pass."""
     if request.param == "dq_kernel":
         return True
-    monkeypatch.setattr(backward_kernels._backward_plans, "choose",
-                        lambda key, plans, timeable: backward_kernels.DQ_BY_ATOMICS)
+    _force_atomic_dq(monkeypatch)
     return False
 
 
@@ -602,8 +611,7 @@ def test_gpu_varlen_both_backward_plans(backward_plan):
 @pytest.mark.gpu
 def test_gpu_deterministic_backward_is_bitwise_repeatable(monkeypatch):
     """deterministic=True overrides the plan tuner, here made to answer the atomic plan."""
-    monkeypatch.setattr(backward_kernels._backward_plans, "choose",
-                        lambda key, plans, timeable: backward_kernels.DQ_BY_ATOMICS)
+    _force_atomic_dq(monkeypatch)
     q, k, v = _inputs(2, 2048, 2048, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
     dout = torch.randn(q.shape, device="cuda", dtype=q.dtype)
     grads = [_grads(flash_attn_func(q, k, v, causal=True, deterministic=True, backend="triton"), (q, k, v), dout)
