@@ -245,7 +245,9 @@ def test_two_workers_give_the_same_shards_as_one(tmp_path, corpus_dir, monkeypat
     two = prepare(config(tmp_path / "b", [corpus_dir], num_workers=2, **kw))
     assert not two.reused and two.folder != one.folder
     assert np.array_equal(one.train, two.train) and np.array_equal(one.val, two.val)
-    assert one.manifest["shards"] == two.manifest["shards"] and one.manifest["sources"] == two.manifest["sources"]
+    def contents(m):  # a shard's entry less its mtime
+        return {split: {k: v for k, v in e.items() if k != "mtime_ns"} for split, e in m["shards"].items()}
+    assert contents(one.manifest) == contents(two.manifest) and one.manifest["sources"] == two.manifest["sources"]
     assert one.manifest["build"]["workers"] == 1 and two.manifest["build"]["workers"] == 2
 
 
@@ -268,6 +270,8 @@ def test_a_pool_is_started_only_for_enough_python_bound_work():
     (dict(num_workers=-1), r"DataConfig.num_workers"),
     (dict(max_bytes=0), r"DataConfig.max_bytes"),
     (dict(paths="docs/"), r"DataConfig.paths must be a list"),
+    (dict(seed=-1), r"DataConfig.seed must be an int >= 0"),
+    (dict(cache_dir=123), r"DataConfig.cache_dir must be a path or None, got 123"),
 ])
 def test_bad_settings_raise_one_clear_line(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -285,3 +289,82 @@ def test_missing_tokenizer_file_and_empty_corpus_raise(tmp_path, corpus_dir):
     bad.write_text("{}")
     with pytest.raises(ValueError, match=r"tokenizer .*bad.json' is not a valid tokenizer.json"):
         prepare(config(tmp_path, [corpus_dir], tokenizer=str(bad)))
+
+
+def test_jsonl_records_split_on_newline_only_and_a_bad_record_costs_only_itself(tmp_path):
+    texts = ["line\u2028separator", "paragraph\u2029separator", "next\u0085line", "plain"]
+    lines = [json.dumps({"text": t}, ensure_ascii=False).encode() for t in texts]
+    lines.insert(2, b'{"text": "caf\xe9 in latin-1"}')  # one bad byte: that record, not the file
+    lines.insert(3, b'{"text": "cut emoji \\ud83d"}')  # a lone surrogate no tokenizer can encode
+    (tmp_path / "r.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    for tokenizer in ("byte", "bpe"):
+        corpus = prepare(config(tmp_path / tokenizer, [tmp_path / "r.jsonl"], tokenizer=tokenizer, vocab_size=300))
+        assert docs_of(corpus, corpus.train) == texts
+        assert corpus.manifest["sources"][str(tmp_path / "r.jsonl")]["skipped"] == {
+            "jsonl line not UTF-8": 1, "jsonl record with a lone surrogate (\\ud800-\\udfff escape)": 1}
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe", "file"])
+def test_text_that_spells_a_special_token_stays_text(tmp_path, corpus_dir, tokenizer):
+    (corpus_dir / "llm.py").write_text('EOT = "<|endoftext|>"  # GPT-2\'s end-of-text\n')
+    if tokenizer == "file":
+        trained = prepare(config(tmp_path / "t", [corpus_dir], tokenizer="bpe", vocab_size=300))
+        tokenizer = str(trained.tokenizer_file)
+    corpus = prepare(config(tmp_path, [corpus_dir], tokenizer=tokenizer, vocab_size=300))
+    docs = docs_of(corpus, corpus.train)  # one end-of-text per document: none from the text
+    assert 'EOT = "<|endoftext|>"  # GPT-2\'s end-of-text\n' in docs and len(docs) == 8
+
+
+@pytest.mark.parametrize("val_fraction", [0.0, 0.02, 0.3, 0.97])
+def test_bpe_learns_from_exactly_the_training_side_of_the_split(val_fraction):
+    # Every seed and corpus size where _split's at-least-one-each-side fix moves a document, and where it does not.
+    for n in range(1, 7):
+        texts = [f"document {i} " * 3 for i in range(n)]
+        for seed in range(60):
+            seen = list(shards._train_side(iter(texts), seed, val_fraction))
+            if n == 1 and val_fraction > 0:  # its head: the share of characters _write_splits gives training
+                assert seen == [texts[0][: round(len(texts[0]) * (1 - val_fraction))]]
+                continue
+            is_val = shards._split(n, val_fraction, seed)  # a held-back document comes later: BPE counts words
+            assert sorted(seen) == [t for t, v in zip(texts, is_val) if not v], (n, seed)
+
+
+def test_a_file_found_twice_is_read_once(tmp_path, corpus_dir):
+    (corpus_dir / "again.md").symlink_to(corpus_dir / "notes.md")
+    corpus = prepare(config(tmp_path, [corpus_dir, corpus_dir / "readme.txt"]))
+    docs = docs_of(corpus, corpus.train)
+    assert docs.count(TEXTS["notes.md"]) == 1 and docs.count(TEXTS["readme.txt"]) == 1
+    assert corpus.manifest["sources"][str(corpus_dir / "readme.txt")]["ignored"] == 1
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang():
+    # os._exit(1) as the task function: each worker process ends without a word, as one the OOM killer takes does.
+    with pytest.raises(RuntimeError, match=r"a data worker process died .*DataConfig.num_workers=0"):
+        list(parallel.map_in_order(os._exit, [1, 1, 1], workers=2, tok_config=None))
+
+
+def test_a_shard_written_over_in_place_is_rebuilt(tmp_path, corpus_dir):
+    first = prepare(config(tmp_path, [corpus_dir]))
+    expected = np.array(first.train)
+    path = first.folder / "train.bin"
+    with open(path, "r+b") as fh:
+        fh.write(b"\xff" * 64)  # ids far above the vocabulary, same size
+    os.utime(path, ns=(1, 1))  # the write moved the mtime; pinned so a coarse file-system clock cannot hide it
+    again = prepare(config(tmp_path, [corpus_dir]))
+    assert not again.reused and int(again.train.max()) < again.tokenizer.vocab_size
+    assert np.array_equal(again.train, expected)
+
+
+def test_a_cache_dir_that_is_a_file_is_a_clear_error_and_a_failed_build_leaves_no_temporaries(
+        tmp_path, corpus_dir, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"DataConfig.cache_dir \(or \$FASTTRAIN_CACHE\): cannot make"):
+        prepare(DataConfig(paths=[str(corpus_dir)], cache_dir=str(tmp_path / "file")))
+
+    def fail(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(shards, "_write_splits", fail)  # after the whole token stream is on disk
+    with pytest.raises(OSError, match="disk full"):
+        prepare(config(tmp_path, [corpus_dir]))
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]

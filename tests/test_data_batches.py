@@ -82,6 +82,8 @@ def test_loading_a_state_of_other_batches_raises(tokens):
     ((np.arange(100), 0, 8), {}, ValueError, r"batch_size must be a positive int"),
     ((np.arange(100), 2, 0), {}, ValueError, r"seq_len must be a positive int"),
     ((np.arange(100), 2, 8), {"mode": "shuffle"}, ValueError, r"mode must be one of"),
+    ((np.arange(100), 2, 8), {"seed": -1}, ValueError, r"seed must be an int >= 0, got -1"),
+    ((np.arange(100), 2, 8), {"seed": 1.5}, ValueError, r"seed must be an int >= 0, got 1.5"),
     ((torch.arange(100), 2, 8), {}, TypeError, r"tokens must be a 1-D numpy array"),
     ((np.zeros((4, 100)), 2, 8), {}, TypeError, r"tokens must be a 1-D numpy array"),
 ])

@@ -74,8 +74,10 @@ class DataConfig:
             raise ValueError(f"DataConfig.val_fraction must be in [0, 1), got {self.val_fraction!r}")
         if self.max_bytes is not None and (not isinstance(self.max_bytes, int) or self.max_bytes <= 0):
             raise ValueError(f"DataConfig.max_bytes must be a positive int or None, got {self.max_bytes!r}")
-        if not isinstance(self.seed, int):
-            raise ValueError(f"DataConfig.seed must be an int, got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"DataConfig.seed must be an int >= 0 (numpy's seeds are), got {self.seed!r}")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise ValueError(f"DataConfig.cache_dir must be a path or None, got {self.cache_dir!r}")
 
     def resolved_cache_dir(self) -> Path:
         if self.cache_dir is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterator
 
 import numpy as np
@@ -87,12 +89,18 @@ def chunks(files: list[SourceFile]) -> list[list[SourceFile]]:
 
 def map_in_order(fn: Callable, tasks: list, workers: int, tok_config: dict | None) -> Iterator:
     """fn over tasks, in task order: in this process for workers <= 1, else in a 'spawn' pool (safe beside torch's
-    threads, where 'fork' is not)."""
+    threads, where 'fork' is not). A worker that dies (killed, out of memory) is an error, not a hang:
+    multiprocessing.Pool.imap waits forever for its task."""
     workers = min(workers, len(tasks))
     if workers <= 1:
         _set_tokenizer(tok_config)
         yield from map(fn, tasks)
         return
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(tok_config,)) as pool:
-        yield from pool.imap(fn, tasks)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker,
+                                 initargs=(tok_config,)) as pool:
+            yield from pool.map(fn, tasks)
+    except BrokenProcessPool as exc:
+        raise RuntimeError(f"a data worker process died (killed, or out of memory?) while reading or tokenizing; "
+                           f"DataConfig.num_workers=0 works in this process instead ({exc})") from exc

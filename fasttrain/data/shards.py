@@ -27,7 +27,7 @@ from fasttrain.data.parallel import chunks, map_in_order, read_task, tokenize_ta
 from fasttrain.data.sources import PYPDF_MISSING, SourceFile, discover
 from fasttrain.data.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer_file, tokenizer_spec, train_bpe
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: special-token text encoded as text, JSONL split on \n only, BPE sees train exactly
 _noted_pypdf = False
 
 
@@ -53,12 +53,19 @@ def prepare(cfg: DataConfig) -> Corpus:
     files, ignored = discover(cfg)
     key = cache_key(cfg, files, tokenizer_spec(cfg.tokenizer, cfg.vocab_size))
     folder = cfg.resolved_cache_dir() / key[:24]
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"DataConfig.cache_dir (or $FASTTRAIN_CACHE): cannot make the shard folder {str(folder)!r} "
+                         f"({exc.strerror or exc})") from exc
     with _locked(folder / ".lock"):
         manifest = _trusted_manifest(folder, key)
         reused = manifest is not None
         if manifest is None:
-            manifest = _build(cfg, files, ignored, key, folder)
+            try:
+                manifest = _build(cfg, files, ignored, key, folder)
+            finally:  # a failed build leaves no temporary behind (the token stream is the corpus' size)
+                _remove_temporaries(folder)
     return Corpus(folder, manifest, reused=reused)
 
 
@@ -87,14 +94,29 @@ def _trusted_manifest(folder: Path, key: str) -> dict | None:
         return None
     for entry in list(manifest["shards"].values()) + ([manifest["tokenizer_file"]] if manifest.get(
             "tokenizer_file") else []):
+        # Size and mtime, as make and ccache judge a file: a shard written over in place is rebuilt, not read
+        # (out-of-range ids would reach the embedding). Its sha256 would reread it at ~1 GB/s on every start.
         path = folder / entry["file"]
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+        stat = path.stat() if path.is_file() else None
+        if stat is None or (stat.st_size, stat.st_mtime_ns) != (entry["bytes"], entry["mtime_ns"]):
             return None
     return manifest
 
 
+def _remove_temporaries(folder: Path) -> None:
+    """Every `_atomic_path` file in `folder`; the caller holds its lock, so none is another build's."""
+    for stale in folder.glob("*.tmp*"):
+        stale.unlink(missing_ok=True)
+
+
 def _atomic_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp{os.getpid()}")
+
+
+def _file_entry(path: Path) -> dict:
+    """What `_trusted_manifest` checks of a file before reusing it."""
+    stat = path.stat()
+    return {"file": path.name, "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def _sha256(path: Path) -> str:
@@ -106,9 +128,9 @@ def _sha256(path: Path) -> str:
 
 
 def _split(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
-    """Boolean per document: True for validation. A seeded uniform draw per document index (`_is_drawn_val`), so
-    the split depends only on (seed, document order), never on the number of workers. With two or more documents
-    and a positive fraction, each side gets at least one."""
+    """Boolean per document: True for validation. A seeded uniform draw per document index (streamed by
+    `_train_side`), so the split depends only on (seed, document order), never on the number of workers. With two
+    or more documents and a positive fraction, each side gets at least one."""
     u = np.random.default_rng(seed).random(n_docs)
     is_val = u < val_fraction
     if val_fraction > 0 and n_docs >= 2:
@@ -119,13 +141,44 @@ def _split(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
     return is_val
 
 
-def _is_drawn_val(seed: int, val_fraction: float) -> Iterator[bool]:
-    """The draws of `_split` one document at a time (Generator.random() repeats random(n) value for value), for
-    BPE training before the number of documents is known. Only the at-least-one-each-side fix of a tiny corpus is
-    not seen here."""
+def _train_side(texts: Iterator[str], seed: int, val_fraction: float) -> Iterator[str]:
+    """The documents `_split` puts in training, streamed before their number is known (Generator.random() repeats
+    random(n) value for value), for BPE to learn from training text only. The at-least-one-each-side fix of
+    `_split` is followed by holding back one document: while no document has drawn validation, the one with the
+    smallest draw (the one `_split` moves to validation if none does); while none has drawn training, the
+    validation one with the largest draw (the one it moves to training). A one-document corpus gives its head, the
+    characters in the share `_write_splits` cuts in tokens."""
+    if val_fraction == 0:
+        yield from texts
+        return
     rng = np.random.default_rng(seed)
-    while True:
-        yield rng.random() < val_fraction
+    held_train = held_val = None  # (draw, text)
+    any_train = any_val = False
+    n = 0
+    for text in texts:
+        u, n = rng.random(), n + 1
+        if u < val_fraction:
+            any_val = True
+            if held_train is not None:
+                yield held_train[1]
+                held_train = None
+            if not any_train and (held_val is None or u > held_val[0]):
+                held_val = (u, text)
+            continue
+        any_train, held_val = True, None
+        if any_val:
+            yield text
+        elif held_train is None or u < held_train[0]:
+            if held_train is not None:
+                yield held_train[1]
+            held_train = (u, text)
+        else:
+            yield text
+    held = held_train or held_val
+    if n == 1:
+        yield held[1][: round(len(held[1]) * (1 - val_fraction))]
+    elif held_val is not None:
+        yield held_val[1]
 
 
 def _tokenizer_for(cfg: DataConfig, files: list[SourceFile]) -> Tokenizer:
@@ -133,26 +186,22 @@ def _tokenizer_for(cfg: DataConfig, files: list[SourceFile]) -> Tokenizer:
         return ByteTokenizer()
     if cfg.tokenizer != "bpe":
         return load_tokenizer_file(cfg.tokenizer)
-
-    def train_texts() -> Iterator[str]:  # BPE learns from training documents only: validation stays unseen
-        draws = _is_drawn_val(cfg.seed, cfg.val_fraction)
-        workers = workers_for(files, cfg.num_workers)
-        for docs in map_in_order(read_task, [(f, cfg.jsonl_field) for f in files], workers, None):
-            yield from (text for text in docs.texts if not next(draws))
-    return train_bpe(train_texts(), cfg.vocab_size)
+    workers = workers_for(files, cfg.num_workers)
+    docs = map_in_order(read_task, [(f, cfg.jsonl_field) for f in files], workers, None)
+    texts = (text for d in docs for text in d.texts)
+    return train_bpe(_train_side(texts, cfg.seed, cfg.val_fraction), cfg.vocab_size)
 
 
 def _build(cfg: DataConfig, files: list[SourceFile], ignored: dict[str, int], key: str, folder: Path) -> dict:
     started = time.perf_counter()
-    for stale in folder.glob("*.tmp*"):  # left by a killed build; we hold the lock
-        stale.unlink()
+    _remove_temporaries(folder)  # left by a killed build
     tok = _tokenizer_for(cfg, files)
     tok_file = None
     if not isinstance(tok, ByteTokenizer):
         tmp = _atomic_path(folder / "tokenizer.json")
         tok.save(tmp)
         os.replace(tmp, folder / "tokenizer.json")
-        tok_file = {"file": "tokenizer.json", "bytes": (folder / "tokenizer.json").stat().st_size}
+        tok_file = _file_entry(folder / "tokenizer.json")
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
 
     sources = {s: {"files": 0, "documents": 0, "bytes": 0, "tokens": 0, "skipped": {}, "ignored": n}
@@ -229,9 +278,7 @@ def _write_splits(folder: Path, all_path: Path, doc_lengths: np.ndarray, is_val:
             for a, b in spans:
                 out.write(tokens[a:b].tobytes())
         os.replace(tmp, path)
-        n_tokens = sum(b - a for a, b in spans)
-        shards[split] = {"file": path.name, "tokens": n_tokens, "bytes": n_tokens * dtype.itemsize,
-                         "sha256": _sha256(path)}
+        shards[split] = {**_file_entry(path), "tokens": sum(b - a for a, b in spans), "sha256": _sha256(path)}
     del tokens
     return shards
 

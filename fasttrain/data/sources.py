@@ -75,8 +75,8 @@ def _walk(root: Path, skip_dirs: set[str]) -> list[Path]:
 
 def discover(cfg: DataConfig) -> tuple[list[SourceFile], dict[str, int]]:
     """The files to read, in a fixed order (configured paths in order, each sorted), and per source the number of
-    files ignored: an unrecognised extension, or not a regular file. ValueError for a missing path or when nothing
-    is left."""
+    files ignored: an unrecognised extension, not a regular file, or a file already found. ValueError for a missing
+    path or when nothing is left."""
     code_extensions = {e.lower() for e in cfg.code_extensions}
     if cfg.paths:
         roots = [(str(p), Path(p).expanduser(), None) for p in cfg.paths]
@@ -84,6 +84,7 @@ def discover(cfg: DataConfig) -> tuple[list[SourceFile], dict[str, int]]:
         roots = [(DEFAULT_SOURCE, Path(sysconfig.get_paths()["stdlib"]), {".py"})]
     files: list[SourceFile] = []
     ignored: dict[str, int] = {}
+    seen: set[str] = set()
     used = 0
     for source, root, only in roots:
         if not root.exists():
@@ -99,9 +100,13 @@ def discover(cfg: DataConfig) -> tuple[list[SourceFile], dict[str, int]]:
                 kind = "code" if path.suffix in only else None
             else:
                 kind = _kind(path, code_extensions, explicit)
-            if kind is None or not path.is_file():  # is_file: False for a dangling link, a socket, a fifo
+            resolved = str(path.resolve())
+            # is_file: False for a dangling link, a socket, a fifo. A file found twice (a folder and a file in it,
+            # a link to a file beside it) is read once: twice could put one document in both splits.
+            if kind is None or not path.is_file() or resolved in seen:
                 ignored[source] += 1
                 continue
+            seen.add(resolved)
             stat = path.stat()
             limit = None
             if cfg.max_bytes is not None:
@@ -113,7 +118,7 @@ def discover(cfg: DataConfig) -> tuple[list[SourceFile], dict[str, int]]:
                         break
                     limit = cfg.max_bytes - used
             used += stat.st_size if limit is None else limit
-            files.append(SourceFile(str(path.resolve()), source, kind, stat.st_size, stat.st_mtime_ns, limit))
+            files.append(SourceFile(resolved, source, kind, stat.st_size, stat.st_mtime_ns, limit))
     if not files:
         raise ValueError(f"DataConfig.paths: no readable files in {[r[0] for r in roots]} after include={cfg.include} "
                          f"exclude={cfg.exclude} (extensions: text {TEXT_EXTENSIONS}, jsonl {JSONL_EXTENSIONS}, "
@@ -137,28 +142,39 @@ def _read_bytes(f: SourceFile) -> bytes:
         return fh.read() if f.limit is None else fh.read(f.limit)
 
 
+def _count(skipped: dict[str, int], reason: str) -> None:
+    skipped[reason] = skipped.get(reason, 0) + 1
+
+
 def _read_jsonl(f: SourceFile, data: bytes, field: str) -> Documents:
+    """One document per record. Records are split on b"\n" alone (str.splitlines would also split inside a record at
+    U+2028, U+2029 or U+0085, which JSON leaves unescaped) and decoded one by one, so a bad byte or a lone
+    surrogate costs its record, not the file."""
     if f.limit is not None and len(data) == f.limit:
         data = data[: data.rfind(b"\n") + 1]  # whole records only
-    text = _decode(data, truncated=False)
-    if text is None:
-        return Documents([], {"binary or not UTF-8": 1})
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
     docs, skipped, first_keys, field_seen = [], {}, None, False
     missing = f"jsonl record without string {field!r}"
-    for line in text.splitlines():
-        if not line.strip():
+    for raw in data.split(b"\n"):
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            _count(skipped, "jsonl line not UTF-8")
+            continue
         except json.JSONDecodeError:
-            skipped["jsonl line not JSON"] = skipped.get("jsonl line not JSON", 0) + 1
+            _count(skipped, "jsonl line not JSON")
             continue
         if first_keys is None and isinstance(record, dict):
             first_keys = sorted(record)
         field_seen = field_seen or (isinstance(record, dict) and field in record)
         value = record.get(field) if isinstance(record, dict) else None
         if not isinstance(value, str):
-            skipped[missing] = skipped.get(missing, 0) + 1
+            _count(skipped, missing)
+        elif not _is_encodable(value):
+            _count(skipped, "jsonl record with a lone surrogate (\\ud800-\\udfff escape)")
         elif value:
             docs.append(value)
     # A field that no record has is a wrong setting, not a bad record: say so instead of skipping the whole file.
@@ -166,6 +182,16 @@ def _read_jsonl(f: SourceFile, data: bytes, field: str) -> Documents:
         raise ValueError(f"DataConfig.jsonl_field {field!r} is in no record of {f.path} "
                          f"(the first record has keys {first_keys})")
     return Documents(docs, skipped)
+
+
+def _is_encodable(text: str) -> bool:
+    """False for a string no UTF-8 tokenizer can take: JSON's "\\ud83d" escape (half of a cut emoji) decodes to a
+    lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read_pdf(f: SourceFile) -> Documents:

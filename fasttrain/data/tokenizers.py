@@ -54,6 +54,10 @@ class HFTokenizer:
             vocab = tokenizer.get_vocab(with_added_tokens=True)
             eot = EOT_TOKEN
         self.eot_id = vocab[eot]
+        # Text that spells a special token ("<|endoftext|>" in a document about LLMs) is encoded as ordinary text,
+        # as nanoGPT's encode_ordinary does: HF would otherwise match it as the token, adding a document boundary
+        # and losing the text on decode. Not stored in the JSON, so it is set on every load.
+        tokenizer.encode_special_tokens = True
         # Added tokens can sit above get_vocab_size(); the largest id bounds the embedding table.
         self.vocab_size = max(vocab.values()) + 1
 

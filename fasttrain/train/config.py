@@ -90,6 +90,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
             raise ValueError(f"early_stopping_patience must be >= 1 or none, got {self.early_stopping_patience}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (numpy's seeds are), got {self.seed}")
         if self.sample_tokens < 0:
             raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
         if self.precision not in PRECISIONS:
