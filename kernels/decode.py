@@ -160,13 +160,13 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Grid (NUM_SPLITS, B * Hkv, cdiv(Tq * G, BLOCK_M)).
+    """Grid (B * Hkv, NUM_SPLITS, cdiv(Tq * G, BLOCK_M)).
 
     O is (B, Tq, H, D) in q's dtype with one split, else the fp32 partials (NUM_SPLITS, B, Tq, H, D); LSE is fp32,
     natural log: (B, H, Tq) with one split, else (NUM_SPLITS, B, Tq, H). qk_scale = softmax_scale * log2(e).
     """
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     b = pid_bh // n_kv_heads
     hkv = pid_bh % n_kv_heads

@@ -381,3 +381,30 @@ def test_cuda_state_dict_to_torch_and_back():
         opt.step()
         ref.step()
     assert_states_close(opt, ref, params, ref_params)
+
+
+def test_dtensor_params_step_as_plain_ones(tmp_path):
+    # What FSDP2's fully_shard and tensor parallel hand an optimizer: the native kernels' ops have no sharding rules,
+    # so these take the reference, clipping norm included, and land where plain tensors do.
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain = make_params()[:3]
+        sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in plain]
+        opts = [AdamW(ps, lr=1e-2, weight_decay=0.1, max_grad_norm=0.5) for ps in (plain, sharded)]
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            for p, d in zip(plain, sharded):
+                p.grad = torch.randn(p.shape, generator=gen)
+                d.grad = distribute_tensor(p.grad.clone(), mesh, [Shard(0)])
+            for opt in opts:
+                opt.step()
+        for p, d in zip(plain, sharded):
+            assert torch.allclose(d.full_tensor(), p, rtol=1e-6, atol=1e-7)
+        # a replicated DTensor, as torch's clip_grad_norm_ returns for DTensor grads
+        assert torch.allclose(opts[1].last_grad_norm.full_tensor(), opts[0].last_grad_norm, rtol=1e-6)
+    finally:
+        dist.destroy_process_group()

@@ -518,6 +518,54 @@ def test_unsupported_head_dim_falls_back_or_refuses():
     assert out.shape == q.shape
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_no_keys_give_zeros_as_torch(backend):
+    # A sequence with no keys (Tk = 0, or an empty one in a packed batch): out 0, lse +inf, as SDPA gives 0.
+    q, k, v = _inputs(2, 5, 0, 2, 2, 32)
+    out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, backend=backend)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse, torch.full_like(lse, float("inf")))
+    sdpa = scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), backend=backend)
+    assert torch.equal(sdpa, F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))))
+    q, k, v = _inputs(1, 6, 4, 2, 2, 32)
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in ([0, 3, 6], [0, 0, 4]))
+    packed = flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, 3, 4, backend=backend)
+    assert torch.equal(packed[:3], torch.zeros(3, 2, 32))
+    assert _max_err(packed[3:], flash_attn_func(q[:, 3:], k, v, backend="reference")[0]) < TOL_FP32
+
+
+def test_more_sequences_than_the_grid_takes_fall_back_to_the_reference(monkeypatch):
+    # CUDA's grid takes 65535 blocks on the batch axis; patched to 2 here, so 3 sequences exceed it.
+    import fasttrain.ops.attention as attention_ops
+    monkeypatch.setattr(attention_ops, "GRID_YZ_MAX", 2)
+    q, k, v = _inputs(3, 5, 5, 2, 2, 32)
+    with pytest.raises(_backend.BackendError, match=r"3 sequences exceed the kernels' grid \(2 per launch"):
+        flash_attn_func(q, k, v, backend="triton")
+    cu = torch.tensor([0, 5, 10, 15], dtype=torch.int32)
+    with pytest.warns(RuntimeWarning, match="sequences exceed"):
+        packed = flash_attn_varlen_func(*(t.reshape(15, 2, 32) for t in (q, k, v)), cu, cu, 5, 5, causal=True)
+    assert _max_err(packed, flash_attn_func(q, k, v, causal=True, backend="reference").reshape(15, 2, 32)) < 1e-6
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_double_backward_matches_torch_float64(causal):
+    # A gradient penalty through attention: the first-order gradients kept as a graph (create_graph=True).
+    def penalty(attend, q, k, v):
+        grads = torch.autograd.grad(attend(q, k, v).pow(2).sum() + sum(t.pow(3).sum() for t in (q, k, v)), (q, k, v),
+                                    create_graph=True)
+        return torch.autograd.grad(sum(g.pow(2).sum() for g in grads), (q, k, v))
+
+    def torch_sdpa(q, k, v):  # (B, T, H, D) <-> (B, H, T, D); the math backend: torch's flash has no double backward
+        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+            return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal,
+                                                  enable_gqa=True).transpose(1, 2)
+
+    q, k, v = _inputs(1, 9, 9, 4, 2, 32)
+    want = penalty(torch_sdpa, *(t.detach().double().requires_grad_() for t in (q, k, v)))
+    got = penalty(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, backend="triton"), q, k, v)
+    for name, g, ref in zip("qkv", got, want):
+        assert _max_err(g, ref) < TOL_FP32 * ref.abs().max().item(), f"d{name}"
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda q, k, v: flash_attn_func(q[0], k, v), ValueError, "q must be 4-D"),
     (lambda q, k, v: flash_attn_func(q, k[:, :, :1].repeat(1, 1, 3, 1), v[:, :, :1].repeat(1, 1, 3, 1)),
@@ -537,6 +585,9 @@ def test_unsupported_head_dim_falls_back_or_refuses():
      "max_seqlen_q"),
     (lambda q, k, v: scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))), ValueError,
      "enable_gqa"),
+    (lambda q, k, v: scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), enable_gqa=True,
+                                                  attn_mask=torch.ones(8, 8, dtype=torch.long)),
+     TypeError, "attn_mask must be bool .* or floating-point .*, got torch.int64"),
 ])
 def test_bad_inputs_name_the_argument(call, error, match):
     q, k, v = _inputs(1, 8, 8, 4, 2, 32)

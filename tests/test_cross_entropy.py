@@ -98,6 +98,27 @@ def test_compiles_with_fullgraph():
     assert _err(loss, want) < TOL_FP32 and _err(grad, torch.autograd.grad(want, x64)[0]) < TOL_FP32
 
 
+def _gradient_penalty(loss_fn, x):
+    """d/dx |d loss / dx|^2, the first-order gradient kept as a graph (create_graph=True); the cube keeps it attached
+    even where the op's own part would be dropped."""
+    (g,) = torch.autograd.grad(loss_fn(x) + x.pow(3).sum(), x, create_graph=True)
+    return torch.autograd.grad(g.pow(2).sum(), x)[0]
+
+
+def test_double_backward_matches_torch():
+    logits, target = _inputs(6, 40, ignore_every=4)
+    x64, _ = _torch64(logits, target, "sum")
+    got = _gradient_penalty(lambda x: cross_entropy(x, target, backend="triton"), logits)
+    assert _err(got, _gradient_penalty(lambda x: F.cross_entropy(x, target), x64)) < TOL_FP32
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_int32_targets_work_on_every_backend(backend):
+    logits, target = _inputs(5, 12)
+    loss = cross_entropy(logits, target.int(), backend=backend)
+    assert _err(loss, _torch64(logits, target, "mean")[1]) < TOL_FP32
+
+
 @pytest.mark.parametrize("call,error,match", [
     (lambda x, t: cross_entropy(x[0], t), ValueError, "input must be a 2-D"),
     (lambda x, t: cross_entropy(x[:, :0], t), ValueError, "at least one class"),

@@ -182,6 +182,21 @@ def test_bad_inputs_raise(changes, match):
         flash_attn_with_kvcache(**_bad(**changes))
 
 
+def test_the_grid_puts_batch_times_kv_heads_on_its_unbounded_axis(monkeypatch):
+    # CUDA caps a grid's y and z at 65535 blocks: B 2048 x 32 KV heads (Llama-2-7B serving) is 65536.
+    from fasttrain.kernels import decode as kernels
+    grids, launch = [], kernels._decode
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return launch[grid]
+    monkeypatch.setattr(kernels, "_decode", Recording())
+    kw = _case(1, 4, 2, CPU_LENGTHS)
+    _assert_matches_reference(kw, num_splits=3)
+    assert grids == [(len(CPU_LENGTHS) * 2, 3, 1)]
+
+
 def test_backend_refuses_what_it_cannot_serve():
     kw = _case(1, 4, 2, (3,), Tmax=32, dtype=torch.bfloat16)
     with pytest.raises(BackendError, match="fp32 only"):

@@ -109,11 +109,22 @@ def test_two_dim_strided_rows_and_strided_weight_match_torch(layout):
             assert _err(got, ref) < TOL_FP32
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("normalized_shape", [24, torch.Size([24]), [24], (np.int64(24),)],
                          ids=["int", "Size", "list", "numpy-int"])
-def test_normalized_shape_takes_what_torch_takes(normalized_shape):
+def test_normalized_shape_takes_what_torch_takes(normalized_shape, backend):
     x = torch.randn(5, 24)
-    assert _err(layer_norm(x, normalized_shape, backend="triton"), F.layer_norm(x, (24,))) < TOL_FP32
+    assert _err(layer_norm(x, normalized_shape, backend=backend), F.layer_norm(x, (24,))) < TOL_FP32
+    assert _err(rms_norm(x, normalized_shape, backend=backend), F.rms_norm(x, (24,))) < TOL_FP32
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_a_weight_of_another_dtype_is_applied_in_fp32_on_every_backend(backend):
+    # fp32 rows, fp16 parameters: the kernels take them; torch's CPU layer_norm refuses the mix.
+    x, w, b = _leaves(5, 24, True, True)
+    got = layer_norm(x, (24,), w.half(), b.half(), backend=backend)
+    want = F.layer_norm(x, (24,), w.half().float(), b.half().float())
+    assert got.dtype == torch.float32 and _err(got, want) < TOL_FP32
 
 
 def test_rms_norm_default_eps_is_torchs():
@@ -352,3 +363,46 @@ def test_gpu_add_norm_bf16_branch_onto_fp32_stream(kind, M, N):
     for leaf, got, other, ref in zip(leaves, ours, theirs, _grads((want_y, want_s), leaves64, (up_y, up_s))):
         if ref is not None:
             assert got.dtype == leaf.dtype and _err(got, ref) <= 2 * _err(other, ref) + 1e-6
+
+
+def _hessian_vector(fn, leaves):
+    """d/dleaves of |d fn / d leaves|^2 with fn's first-order gradient kept as a graph: a gradient penalty. The cube
+    term keeps the first-order gradient attached even where the op's own part would be dropped."""
+    y = fn(*leaves) + sum(t.pow(3).sum() for t in leaves)
+    grads = torch.autograd.grad(y, leaves, create_graph=True)
+    return torch.autograd.grad(sum(g.pow(2).sum() for g in grads), leaves)
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms", "add_layer", "add_rms"])
+def test_double_backward_matches_torch(kind):
+    fused, base = kind.startswith("add_"), kind.removeprefix("add_")
+    x, w, b = _leaves(6, 24, True, base == "layer", seed=4)
+    r = torch.randn(6, 24, generator=torch.Generator().manual_seed(5)).requires_grad_() if fused else None
+    leaves = [t for t in (x, r, w, b) if t is not None]
+
+    def loss(norm, add):
+        def fn(*t):
+            it = iter(t)
+            x, r, w = next(it), next(it) if fused else None, next(it)
+            b = next(it, None)
+            if not fused:
+                return norm(base, x, w, b).pow(3).sum()
+            y, s = add(base, x, r, w, b)
+            return (y.pow(3) * s).sum()
+        return fn
+
+    ours = loss(lambda *a: _run(*a, "triton"), lambda *a: _run_add(*a, "triton"))
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    for got, want in zip(_hessian_vector(ours, leaves), _hessian_vector(loss(_torch, _torch_add), leaves64)):
+        assert _err(got, want) < TOL_FP32
+
+
+def test_add_norm_fp16_branch_onto_bf16_stream_rounds_each_gradient_once():
+    # s = fp16 + bf16 is fp32; the stream's gradient reaches each input in its own dtype, never through the other's.
+    x = torch.randn(2, 16).half().requires_grad_()
+    r = torch.randn(2, 16).bfloat16().requires_grad_()
+    y, stream = add_layer_norm(x, r, (16,), backend="triton")
+    upstream = torch.tensor([[1e5], [1e-8]]).expand(2, 16)  # past fp16's range; under its smallest subnormal
+    dx, dr = torch.autograd.grad(stream, (x, r), upstream)
+    assert dx.dtype == torch.float16 and dr.dtype == torch.bfloat16
+    assert torch.equal(dr.float(), upstream.bfloat16().float()) and torch.equal(dx.float(), upstream.half().float())

@@ -60,6 +60,23 @@ class Op:
         return self._fn(*args)
 
 
+def reference_gradients(reference: Callable, inputs: tuple, grad_outputs: tuple) -> tuple:
+    """The gradients of `reference(*inputs)` (a tensor or a tuple of them) against `grad_outputs`, as a graph.
+
+    What an op's backward returns when autograd builds one (create_graph=True, seen as torch.is_grad_enabled()
+    inside the backward): for a double backward (a gradient penalty, a Hessian-vector product). The kernels compute
+    their gradients outside autograd, so returned there the second derivative would silently lack the op's terms.
+    An input that is not a tensor, or needs no gradient, gets None; so does a grad_output given as None.
+    """
+    wanted = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
+    outputs = reference(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
+    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
+                                     allow_unused=True) if pairs and wanted else ())
+    return tuple(next(found, None) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
+
+
 def custom_op(name: str, *, mutates_args: Iterable[str]) -> Callable[[Callable], Op]:
     """Decorator, as torch.library.custom_op(name, mutates_args=...)."""
     return lambda fn: Op(name, fn, mutates_args)

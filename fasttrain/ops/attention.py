@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fasttrain import _backend
-from fasttrain.ops._op import custom_op
+from fasttrain.ops._op import custom_op, reference_gradients
 from fasttrain.ops.attention_reference import (UNBOUNDED, attention_reference, attention_reference_backward,
                                               lse_dtype)
 
@@ -83,6 +83,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     max_q, max_k, scale, left, right, backend, deterministic = ctx.args
+    if torch.is_grad_enabled():  # a double backward follows (see reference_gradients)
+        dq, dk, dv = reference_gradients(
+            lambda q, k, v: attention_reference(q, k, v, scale, left, right, cu_q, cu_k), (q, k, v), (dout, dlse))
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
     if dout is None:
         dout = torch.zeros_like(out)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
@@ -163,6 +167,7 @@ def _choose(q: Tensor, backend: str | None, fallback_reason: str | None = None) 
     return _backend.choose(OP, {"triton": _triton_reason(q, fallback_reason), "reference": None}, backend)
 
 
+GRID_YZ_MAX = 65535
 _backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "reference": None})
 _backend.register(f"{OP} with dropout_p > 0 or an attn_mask",
                   lambda: {"triton": "not implemented in the kernels", "reference": None})
@@ -173,9 +178,15 @@ def _check_dropout(dropout_p) -> None:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
-def _row_offset_reason(q: Tensor, k: Tensor, v: Tensor, max_q: int, max_k: int) -> str | None:
-    """The kernels step through one sequence's rows with int32 offsets (int64 there cost registers and spills,
-    kernels/attention_backward.py), counted in the given row stride or the contiguous one the backward may copy to."""
+def _kernel_limit_reason(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, max_q: int, max_k: int
+                         ) -> str | None:
+    """What the kernels' launch cannot address. The grid is (query tiles, H, B): CUDA allows 65535 on its last two
+    axes, and tiles of one head launch together (consecutive blocks share its K and V in L2). And they step through
+    one sequence's rows with int32 offsets (int64 there cost registers and spills, kernels/attention_backward.py),
+    counted in the given row stride or the contiguous one the backward may copy to."""
+    n_seq = q.shape[0] if cu_q is None else cu_q.numel() - 1
+    if n_seq > GRID_YZ_MAX:
+        return f"{n_seq} sequences exceed the kernels' grid ({GRID_YZ_MAX} per launch, CUDA's limit)"
     for name, t, rows in (("q", q, max_q), ("k", k, max_k), ("v", v, max_k)):
         if rows * max(t.stride(-3), t.shape[-2] * t.shape[-1]) >= 2**31:
             return (f"{name}'s longest sequence ({rows} rows of {t.shape[-2]} x {t.shape[-1]}) spans 2**31 elements or "
@@ -188,7 +199,7 @@ def _attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, drop
     """(out, lse) from the registered op, or from the reference outside it for what the kernels do not implement."""
     fallback = ("an attn_mask is not implemented in the kernels" if attn_mask is not None else
                 "dropout_p > 0 is not implemented in the kernels" if dropout_p > 0.0 else
-                _row_offset_reason(q, k, v, max_q, max_k))
+                _kernel_limit_reason(q, k, v, cu_q, max_q, max_k))
     if fallback is not None:
         _choose(q, backend, fallback)
         return attention_reference(q, k, v, scale, left, right, cu_q, cu_k, attn_mask=attn_mask, dropout_p=dropout_p)
@@ -315,6 +326,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise ValueError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal=True cannot both be set (as in torch)")
+    if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        # An int 0/1 mask (a tokenizer's attention_mask) added to the scores would mask nothing; torch refuses it.
+        raise TypeError(f"attn_mask must be bool (True = attend) or floating-point (added to the scores), got "
+                        f"{attn_mask.dtype}")
     _check_dropout(dropout_p)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, T, D) -> (B, T, H, D) views
     Tq, Tk = q.shape[1], k.shape[1]

@@ -40,7 +40,7 @@ def _dense(q, k, v, scale, left, right, attn_mask=None, dropout_p=0.0):
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
     # Shift by the detached row max: softmax and d lse/ds = p are unchanged, and rows that see no key stay finite.
-    m = s.amax(dim=-1, keepdim=True).detach()  # (B, H, Tq, 1)
+    m = s.amax(dim=-1, keepdim=True).detach() if Tk else s.new_zeros(B, H, Tq, 1)  # (B, H, Tq, 1); no keys: 0
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)  # (B, H, Tq, 1)

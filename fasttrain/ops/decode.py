@@ -158,7 +158,8 @@ def triton_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
         l_dst = torch.empty(splits, B, Tq, H, device=q.device, dtype=torch.float32)
         l_strides = l_dst.stride()
         os_stride = o_dst.stride(0)
-    kernels._decode[(splits, B * Hkv, m_blocks)](
+    # B * Hkv on the grid's first axis: CUDA caps the other two at 65535 (B 2048 x 32 KV heads is 65536).
+    kernels._decode[(B * Hkv, splits, m_blocks)](
         q, k_cache, v_cache, cache_seqlens, batch_idx, o_dst, l_dst,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -312,7 +313,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         k, v: (B, Tnew, Hkv, D) or None: written at rows cache_seqlens[b] .. cache_seqlens[b] + Tnew - 1.
         rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) or None: rotate the first rotary_dim dims of k at its
             cache positions and of q (at its causal positions, or all at cache_seqlens when neither causal nor
-            windowed). rotary_interleaved picks pairs (0, 1), (2, 3).. over (i, i + rotary_dim / 2).
+            windowed). rotary_interleaved picks pairs (0, 1), (2, 3).. over (i, i + rotary_dim / 2). Where Tq !=
+            Tnew, q row t turns by its position in the causal mask below (cache_seqlens + Tnew - Tq + t), where
+            flash-attn turns it by cache_seqlens + t, off the position its own mask gives it; at Tq == Tnew, the
+            decoding case, the two agree.
         cache_seqlens: int or (B,) int32/int64 tensor: rows already in the cache. Attention covers
             cache_seqlens + Tnew keys. None: the whole cache (Tmax), only without k/v. Not advanced here.
         cache_batch_idx: (B,) int tensor or None: the cache row of each sequence.

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fasttrain import _backend
-from fasttrain.ops._op import custom_op
+from fasttrain.ops._op import custom_op, reference_gradients
 
 OP = "norms"
 
@@ -70,29 +70,47 @@ def _(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _, is_rms, _ = inputs
+    x, residual, weight, bias, eps, is_rms, _ = inputs
     # The rows normalized: the new residual stream when the add is fused, else x.
-    ctx.save_for_backward(output[1] if residual is not None else x, weight, output[2], output[3])
-    ctx.is_rms, ctx.has_bias = is_rms, bias is not None
+    ctx.save_for_backward(output[1] if residual is not None else x, weight, bias, output[2], output[3])
+    ctx.is_rms, ctx.has_bias, ctx.eps = is_rms, bias is not None, eps
     ctx.dtypes = (x.dtype, residual.dtype) if residual is not None else None
     # An output nobody used (the final norm's residual stream, the statistics) brings None, not a tensor of zeros.
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, dstream, grad_mean, grad_rstd):  # mean and rstd never leave the op, so they have no gradient
-    rows, weight, mean, rstd = ctx.saved_tensors
+    rows, weight, bias, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # a double backward follows
+        return _reference_backward(ctx, rows, weight, bias, dy, dstream)
     dy = torch.zeros_like(rows) if dy is None else _unit_column_stride(dy)
     if ctx.dtypes is None:
         dx, _, dw, db = _backward_op(dy, rows, weight, mean, rstd, ctx.is_rms, ctx.has_bias, None, None)
         dx_in, dres_in = dx, None
     else:
         # s = x + residual: both get the gradient arriving at s (through the norm and from the stream downstream),
-        # each in its own dtype; s has the wider of the two, so at most one needs a second copy (dx2).
-        other = next((d for d in ctx.dtypes if d != rows.dtype), None)
+        # each in its own dtype. s has the wider of the two, so at most one needs a second copy (dx2); when
+        # neither has s's dtype (fp16 + bf16 make fp32), both take s's and autograd rounds each once.
+        other = next((d for d in ctx.dtypes if d != rows.dtype), None) if rows.dtype in ctx.dtypes else None
         dstream = _unit_column_stride(dstream) if dstream is not None else None
         dx, dx2, dw, db = _backward_op(dy, rows, weight, mean, rstd, ctx.is_rms, ctx.has_bias, dstream, other)
-        dx_in, dres_in = (dx if d == rows.dtype else dx2 for d in ctx.dtypes)
+        dx_in, dres_in = (dx2 if d == other else dx for d in ctx.dtypes)
     return (dx_in, dres_in, dw if weight is not None else None, db if ctx.has_bias else None, None, None, None)
+
+
+def _reference_backward(ctx, rows, weight, bias, dy, dstream):
+    """The gradients as a graph, through torch's own norms in fp32 (see reference_gradients)."""
+    def norm(rows, weight, bias):
+        shape, w = rows.shape[-1:], None if weight is None else weight.float()
+        if ctx.is_rms:
+            return F.rms_norm(rows.float(), shape, w, ctx.eps)
+        return F.layer_norm(rows.float(), shape, w, None if bias is None else bias.float(), ctx.eps)
+    drows, dw, db = reference_gradients(norm, (rows, weight, bias), (dy,))
+    if ctx.dtypes is None:
+        return drows, None, dw, db, None, None, None
+    if dstream is not None:  # s = x + residual passes the stream's gradient to both
+        drows = dstream if drows is None else drows + dstream
+    return drows, drows, dw, db, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -117,8 +135,9 @@ def _triton_reason(x: Tensor, n_cols: int, residual: Tensor | None) -> str | Non
 _backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "reference": None})
 
 
-def _normalized_size(name: str, input: Tensor, normalized_shape, weight: Tensor | None, bias: Tensor | None) -> int:
-    """The number of elements per normalized row, after checking every argument against normalized_shape."""
+def _normalized(name: str, input: Tensor, normalized_shape, weight: Tensor | None, bias: Tensor | None
+                ) -> tuple[int, tuple[int, ...]]:
+    """(elements per normalized row, normalized_shape as a tuple), after checking every argument against it."""
     if not isinstance(input, Tensor) or not input.is_floating_point():
         raise ValueError(f"{name}: input must be a floating-point tensor, got "
                          f"{getattr(input, 'dtype', type(input).__name__)}")
@@ -144,7 +163,7 @@ def _normalized_size(name: str, input: Tensor, normalized_shape, weight: Tensor 
     n = 1
     for d in shape:
         n *= d
-    return n
+    return n, shape
 
 
 def _out_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -177,6 +196,18 @@ def _norm(input: Tensor, residual: Tensor | None, n_cols: int, weight: Tensor | 
     return y.view(input.shape), (stream.view(input.shape) if residual is not None else stream)
 
 
+def _reference(is_rms: bool, x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
+               eps: float) -> Tensor:
+    """torch's norm, in the kernels' output dtype. A weight or bias of another dtype than x (which the kernels
+    take, computing in fp32) is applied in fp32 here too: torch's CPU kernels refuse mixes such as fp32 x, fp16
+    weight."""
+    out_dtype = _out_dtype(x.device, x.dtype)
+    if any(t is not None and t.dtype != x.dtype for t in (weight, bias)):
+        x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
+    y = F.rms_norm(x, shape, weight, eps) if is_rms else F.layer_norm(x, shape, weight, bias, eps)
+    return y.to(out_dtype)
+
+
 def _check_eps(name: str, eps) -> None:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
         raise ValueError(f"{name}: eps must be a float >= 0, got {eps!r}")
@@ -200,10 +231,10 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
     """torch's `F.layer_norm`: normalize over the trailing `normalized_shape` dims to zero mean and unit variance,
     then scale by weight and shift by bias. Statistics in fp32 whatever the dtype; under autocast the output is in the
     autocast dtype (module docstring). backend: "auto" (default), "triton" or "reference"."""
-    n_cols = _normalized_size("layer_norm", input, normalized_shape, weight, bias)
+    n_cols, shape = _normalized("layer_norm", input, normalized_shape, weight, bias)
     _check_eps("layer_norm", eps)
     if _choose(input, n_cols, backend) == "reference":
-        return F.layer_norm(input, normalized_shape, weight, bias, eps).to(_out_dtype(input.device, input.dtype))
+        return _reference(False, input, shape, weight, bias, eps)
     return _norm(input, None, n_cols, weight, bias, eps, is_rms=False)[0]
 
 
@@ -212,12 +243,12 @@ def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps:
     """torch's `F.rms_norm`: x / sqrt(mean(x^2) + eps) over the trailing `normalized_shape` dims, times weight;
     eps None means torch.finfo(input.dtype).eps, as in torch. Statistics in fp32; under autocast the output is in the
     autocast dtype (module docstring). backend: "auto" (default), "triton" or "reference"."""
-    n_cols = _normalized_size("rms_norm", input, normalized_shape, weight, None)
+    n_cols, shape = _normalized("rms_norm", input, normalized_shape, weight, None)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     _check_eps("rms_norm", eps)
     if _choose(input, n_cols, backend) == "reference":
-        return F.rms_norm(input, normalized_shape, weight, eps).to(_out_dtype(input.device, input.dtype))
+        return _reference(True, input, shape, weight, None, eps)
     return _norm(input, None, n_cols, weight, None, eps, is_rms=True)[0]
 
 
@@ -227,12 +258,12 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape, weight: Te
     """A pre-norm block's residual add and the LayerNorm after it, in one pass: (layer_norm(s), s) for
     s = input + residual, the new residual stream, in the two's promoted dtype as `input + residual` gives it (a bf16
     branch onto an fp32 stream stays fp32). The norm is `layer_norm`'s (same arguments, same output dtype rule)."""
-    n_cols = _normalized_size("add_layer_norm", input, normalized_shape, weight, bias)
+    n_cols, shape = _normalized("add_layer_norm", input, normalized_shape, weight, bias)
     _check_residual("add_layer_norm", input, residual)
     _check_eps("add_layer_norm", eps)
     if _choose(input, n_cols, backend, residual) == "reference":
         s = input + residual
-        return F.layer_norm(s, normalized_shape, weight, bias, eps).to(_out_dtype(s.device, s.dtype)), s
+        return _reference(False, s, shape, weight, bias, eps), s
     return _norm(input, residual, n_cols, weight, bias, eps, is_rms=False)
 
 
@@ -240,12 +271,12 @@ def add_rms_norm(input: Tensor, residual: Tensor, normalized_shape, weight: Tens
                  eps: float | None = None, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
     """(rms_norm(s), s) for s = input + residual in one pass, as add_layer_norm; eps None means the machine epsilon
     of s's dtype, as rms_norm(s) would take."""
-    n_cols = _normalized_size("add_rms_norm", input, normalized_shape, weight, None)
+    n_cols, shape = _normalized("add_rms_norm", input, normalized_shape, weight, None)
     _check_residual("add_rms_norm", input, residual)
     if eps is None:
         eps = torch.finfo(torch.promote_types(input.dtype, residual.dtype)).eps
     _check_eps("add_rms_norm", eps)
     if _choose(input, n_cols, backend, residual) == "reference":
         s = input + residual
-        return F.rms_norm(s, normalized_shape, weight, eps).to(_out_dtype(s.device, s.dtype)), s
+        return _reference(True, s, shape, weight, None, eps), s
     return _norm(input, residual, n_cols, weight, None, eps, is_rms=True)

@@ -13,6 +13,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fasttrain import _backend, _extension
 
@@ -77,8 +78,10 @@ def _native_ops_reason() -> str | None:
     return None
 
 
-def _reasons(device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
+def _reasons(device: torch.device, dtype: torch.dtype, subclass: bool = False) -> dict[str, str | None]:
     dtype_why = None if dtype in NATIVE_DTYPES else f"native kernels take {NATIVE_DTYPES}, got {dtype}"
+    if subclass:  # the kernels' ops have no DTensor sharding rules (per-shard step, clipping norm over the shards)
+        dtype_why = "native kernels take plain tensors, not a tensor subclass (DTensor: FSDP2, tensor parallel)"
     cuda = _backend.cuda_extension_reason(device) or _native_ops_reason() or dtype_why
     cpu = _backend.cpu_extension_reason(device) or _native_ops_reason() or dtype_why
     return {"cuda": cuda, "cpu": cpu, "reference": None}
@@ -182,7 +185,8 @@ class AdamW(Optimizer):
         return state
 
     def _collect(self) -> list[tuple[dict, dict]]:
-        """Per param group: (device, dtype) -> lists of params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps."""
+        """Per param group: (device, dtype, is a tensor subclass) -> lists of params, grads, exp_avgs, exp_avg_sqs,
+        max_exp_avg_sqs, steps."""
         out = []
         for group in self.param_groups:
             buckets: dict = defaultdict(lambda: ([], [], [], [], [], []))
@@ -195,7 +199,7 @@ class AdamW(Optimizer):
                 grad = p.grad
                 if grad.stride() != p.stride():  # the kernels walk grad and param as one flat range of memory
                     grad = torch.empty_like(p).copy_(grad)
-                b = buckets[(p.device, p.dtype)]
+                b = buckets[(p.device, p.dtype, is_traceable_wrapper_subclass(p))]
                 b[0].append(p)
                 b[1].append(grad)
                 b[2].append(state["exp_avg"])
@@ -232,8 +236,8 @@ class AdamW(Optimizer):
         collected = self._collect()
         backends = {}
         for _, buckets in collected:
-            for device, dtype in buckets:
-                backends[(device, dtype)] = _backend.choose("adamw", _reasons(device, dtype), self.backend)
+            for key in buckets:
+                backends[key] = _backend.choose("adamw", _reasons(*key), self.backend)
         grad_norm = None
         if self.max_grad_norm is not None:
             grad_norm = self._global_grad_norm(collected, backends)
@@ -241,8 +245,8 @@ class AdamW(Optimizer):
                 self.last_grad_norm = grad_norm if grad_scale is None else grad_norm / grad_scale.to(grad_norm.device)
         for group, buckets in collected:
             beta1, beta2 = (float(b) for b in group["betas"])
-            for (device, dtype), lists in buckets.items():
-                self._step_bucket(backends[(device, dtype)], device, lists, group, beta1, beta2,
+            for (device, dtype, subclass), lists in buckets.items():
+                self._step_bucket(backends[(device, dtype, subclass)], device, lists, group, beta1, beta2,
                                   grad_scale, found_inf, grad_norm)
         return loss
 
