@@ -57,7 +57,7 @@ def main() -> None:
                              "MB/s": mb / (ms * 1e-3), "speedup": one_ms / ms,
                              "tokens": len(corpus.train) + len(corpus.val)})
     print_table(rows, ["tokenizer", "workers", "MB", "ms", "MB/s", "speedup", "tokens"])
-    path = write_results("data", device, rows, ceilings={}, out=args.out)
+    path = write_results("data", device, rows, ceilings={}, out=args.out, quick=args.quick)
     print(f"wrote {path}")
 
 

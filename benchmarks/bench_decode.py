@@ -209,7 +209,7 @@ def main():
             rows += bench_generate(cfg, B, prompt_len, new, dtype, label)
     common.print_table([r for r in rows if r["kind"] == "generate"],
                        ["model", "B", "prompt", "new", "impl", "tokens_per_s", "x_eager", "same_as_eager"])
-    path = common.write_results("decode", dev, rows, {"copy_GBs": copy_gbs}, args.out)
+    path = common.write_results("decode", dev, rows, {"copy_GBs": copy_gbs}, args.out, args.quick)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s; results in {path}")
 
 

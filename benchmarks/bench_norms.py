@@ -117,7 +117,7 @@ def main() -> None:
                              "rel_err_vs_float64": rel_err})
         print(f"M {M} x N {N} done", flush=True)
     common.print_table(rows, ["op", "M", "N", "impl", "ms", "GB/s", "%copy", "x eager"])
-    path = common.write_results("norms", device, rows, {"copy_GB/s": copy_gbs}, args.out)
+    path = common.write_results("norms", device, rows, {"copy_GB/s": copy_gbs}, args.out, args.quick)
     print(f"wrote {path}")
 
 

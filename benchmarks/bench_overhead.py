@@ -241,7 +241,7 @@ def main() -> None:
     print("cProfile, fasttrain layer_norm forward + backward: function, self us per call, calls per call")
     for entry in profile:
         print("  ", *entry)
-    path = common.write_results("overhead", device, rows, {"layer_norm_cprofile": profile}, args.out)
+    path = common.write_results("overhead", device, rows, {"layer_norm_cprofile": profile}, args.out, args.quick)
     print(f"wrote {path}")
 
 

@@ -76,7 +76,7 @@ def main() -> None:
                          "x eager": times["torch eager"] / ms, "rel_err_vs_float64": rel_err})
         print(f"B {B} T {T} H {H}/{Hkv} D {D} done", flush=True)
     common.print_table(rows, ["B", "T", "H", "Hkv", "D", "dtype", "impl", "ms", "GB/s", "%copy", "x eager"])
-    path = common.write_results("rotary", device, rows, {"copy_GB/s": copy_gbs}, args.out)
+    path = common.write_results("rotary", device, rows, {"copy_GB/s": copy_gbs}, args.out, args.quick)
     print(f"wrote {path}")
 
 

@@ -9,8 +9,9 @@ backend, i.e. FlashAttention-2 on an H100, and torch's fused AdamW), `compile` (
 fasttrain.optim.AdamW) and `fasttrain+compile` (the same model under torch.compile: fasttrain's ops stay opaque
 kernels, inductor fuses what lies between them); the torch rows add the residual and then call torch's norms, rotate
 eagerly and compute the loss as `F.cross_entropy(logits.float())`. All start
-from the same weights, take the same batch, and clip at global norm 1.0; the first step's losses are checked to agree
-before anything is timed.
+from the same weights, take the same batch, and clip at global norm 1.0. Each variant's first step is checked against
+eager's before that variant is timed: the loss, the gradient norm before clipping, and the change the optimizer made
+to the weights; one that disagrees is not timed, and the run exits 1 after writing what it measured.
 FLOPs per token: fasttrain.model.flops_per_token (6 per matmul weight + causal attention); MFU against the dense
 datasheet peak, and the share of the matmul ceiling measured in this run. One more step per variant runs under
 torch.profiler (common.profile_call): on CUDA, gpu_busy_ms is the time kernels ran, so step_ms - gpu_busy_ms is the
@@ -96,16 +97,39 @@ def make_step(model, step_model, opt, clip_outside: bool, x, y, device: str):
     else:
         autocast = torch.autocast("cpu", enabled=False)  # fp32
 
-    def step() -> torch.Tensor:
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, gradient norm before clipping)."""
         with autocast:
             _, loss = step_model(x, y)
         loss.backward()
-        if clip_outside:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP) if clip_outside else None
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return loss.detach(), opt.last_grad_norm if norm is None else norm
     return step
+
+
+def first_step(model, step) -> dict:
+    """The first step's loss, gradient norm and per-parameter change (also the compile warm-up)."""
+    before = [p.detach().clone() for p in model.parameters()]
+    loss, norm = step()
+    return {"loss": loss.item(), "grad_norm": norm.item(),
+            "deltas": [p.detach() - b for p, b in zip(model.parameters(), before)]}
+
+
+def disagreement(got: dict, eager: dict, device: str) -> str | None:
+    """Why a variant's first step is not eager's, or None. Same weights and batch: the loss and the norm agree to
+    the dtype's precision; the update is compared on average, since the first Adam step is lr * sign(grad) and a
+    gradient near 0 may flip sign between two correct kernels (bf16)."""
+    tol = 2e-2 if device == "cuda" else 1e-4
+    for key in ("loss", "grad_norm"):
+        if abs(got[key] - eager[key]) > tol * abs(eager[key]):
+            return f"{key} {got[key]:.6g}, eager's {eager[key]:.6g}"
+    moved = sum(d.abs().sum().item() for d in eager["deltas"])
+    off = sum((a - b).abs().sum().item() for a, b in zip(got["deltas"], eager["deltas"]))
+    if off > (0.1 if device == "cuda" else 1e-3) * moved:  # an optimizer that did nothing is off by 1.0
+        return f"weight update off by {off / moved:.3g} of eager's (mean absolute)"
+    return None
 
 
 def main() -> None:
@@ -121,11 +145,18 @@ def main() -> None:
     ceiling = common.matmul_tflops(device)
     peak = peak_flops(torch.device(device), "bf16")  # datasheet bf16 peak on CUDA, None on CPU
     flops = flops_per_token(cfg, T) * B * T
-    rows, first_losses = [], {}
+    rows, wrong, eager_step = [], [], None
     for name in names:
         model, step_model, opt, clip_outside = make_variant(name, base, device)
         step = make_step(model, step_model, opt, clip_outside, x, y, device)
-        first_losses[name] = step().item()  # also the compile warm-up
+        checked = first_step(model, step)
+        eager_step = eager_step or checked
+        if (why := disagreement(checked, eager_step, device)) is not None:
+            rows.append({"variant": name, "B": B, "T": T, "skipped": f"wrong result: {why}"})
+            wrong.append(name)
+            continue
+        first_loss = checked["loss"]
+        del checked  # eager's deltas stay, as eager_step
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -133,7 +164,7 @@ def main() -> None:
         profile = common.profile_call(step, device)
         row = {"variant": name, "B": B, "T": T, "params_M": model.num_params() / 1e6, "step_ms": ms,
                "tokens_per_s": B * T / (ms * 1e-3), "TFLOP/s": flops / (ms * 1e-3) / 1e12,
-               "first_loss": first_losses[name]}
+               "first_loss": first_loss}
         row["pct_matmul_ceiling"] = 100 * row["TFLOP/s"] / ceiling
         if peak is not None:
             row["mfu_pct"] = 100 * flops / (ms * 1e-3) / peak
@@ -146,23 +177,21 @@ def main() -> None:
         del model, step_model, opt, step
         if device == "cuda":
             torch.cuda.empty_cache()
-    # Same weights, same batch: the first losses agree to the dtype's precision (bf16 logits on GPU).
-    tol = 2e-2 if device == "cuda" else 1e-4
-    for name, loss in first_losses.items():
-        if abs(loss - first_losses["eager"]) > tol * abs(first_losses["eager"]):
-            raise SystemExit(f"{name}'s first loss {loss} differs from eager's {first_losses['eager']}")
     eager = next(r for r in rows if r["variant"] == "eager")
     for r in rows:
-        r["speedup_vs_eager"] = r["tokens_per_s"] / eager["tokens_per_s"]
+        if "tokens_per_s" in r:
+            r["speedup_vs_eager"] = r["tokens_per_s"] / eager["tokens_per_s"]
     columns = ["variant", "B", "T", "params_M", "step_ms", "tokens_per_s", "speedup_vs_eager", "TFLOP/s",
                "pct_matmul_ceiling"] + (["mfu_pct"] if peak is not None else []) + (
-               ["peak_mem_GiB", "gpu_busy_ms"] if device == "cuda" else [])
+               ["peak_mem_GiB", "gpu_busy_ms"] if device == "cuda" else []) + (["skipped"] if wrong else [])
     print(f"training step, {common.device_name(device)}, {'bf16 autocast' if device == 'cuda' else 'fp32'}; "
           f"matmul ceiling {ceiling:.3g} TFLOP/s")
     common.print_table(rows, columns)
     path = common.write_results("step", device, rows, {"matmul_tflops": ceiling, "peak_tflops": peak and peak / 1e12},
-                                args.out)
+                                args.out, args.quick)
     print(f"wrote {path}")
+    if wrong:
+        raise SystemExit(f"wrong results, not timed: {wrong}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import torch
 
+import fasttrain
+from fasttrain.info import cpu_name
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -34,14 +37,15 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"{cpu_name()} x{torch.get_num_threads()} threads"
 
 
 def device_slug(device: str) -> str:
-    """Folder name for results: 'nvidia-h100-80gb-hbm3', 'cpu-x86_64-2t'."""
+    """Folder name for results: 'nvidia-h100-80gb-hbm3', 'cpu-amd-epyc-2t' (the CPU's model, so that two machines'
+    results never share a folder)."""
     if device == "cuda":
         return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+    return f"cpu-{re.sub(r'[^a-z0-9]+', '-', cpu_name().lower()).strip('-')}-{torch.get_num_threads()}t"
 
 
 def synchronize(device: str) -> None:
@@ -153,12 +157,28 @@ def _git(*args: str) -> str | None:
 
 
 def _git_commit() -> str:
-    """HEAD, with '+dirty' when tracked files under csrc/, kernels/ or fasttrain/ differ from it."""
+    """HEAD, with '+dirty' when tracked files under csrc/, kernels/, fasttrain/ or benchmarks/ differ from it."""
     head = _git("rev-parse", "HEAD")
     if head is None:
         return "unknown"
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "kernels", "fasttrain")
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "kernels", "fasttrain", "benchmarks")
     return head.strip() + ("+dirty" if dirty else "")
+
+
+def installed_differs() -> list[str]:
+    """The checkout's Python files that the imported fasttrain does not hold byte for byte (the benchmarks import the
+    installed package, not this checkout: an edit not reinstalled is not what was timed). The wheel maps kernels/
+    to fasttrain/kernels/."""
+    root, installed = Path(__file__).resolve().parent.parent, Path(fasttrain.__file__).resolve().parent
+    if installed == root / "fasttrain":  # run against the source tree itself
+        return []
+    differ = []
+    for source in sorted([*(root / "fasttrain").rglob("*.py"), *(root / "kernels").rglob("*.py")]):
+        rel = source.relative_to(root / ("kernels" if source.is_relative_to(root / "kernels") else "fasttrain"))
+        copy = installed / ("kernels" if source.is_relative_to(root / "kernels") else "") / rel
+        if not copy.is_file() or copy.read_bytes() != source.read_bytes():
+            differ.append(str(source.relative_to(root)))
+    return differ
 
 
 def provenance(device: str) -> dict:
@@ -175,6 +195,8 @@ def provenance(device: str) -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "git_commit": _git_commit(),
+        "fasttrain_path": str(Path(fasttrain.__file__).resolve().parent),
+        "installed_differs_from_checkout": installed_differs(),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -214,14 +236,20 @@ def take_tuning_timings() -> dict:
     return taken
 
 
-def write_results(name: str, device: str, rows: list[dict], ceilings: dict, out: Path | None = None) -> Path:
+def write_results(name: str, device: str, rows: list[dict], ceilings: dict, out: Path | None = None,
+                  quick: bool = False) -> Path:
     """Write {provenance, ceilings, rows, autotuned} atomically to <out or results/<device>>/<name>.json; return the
-    path. `autotuned` records which tile each Triton autotuner picked (benchmarks/NOTES.md reads it)."""
+    path. `autotuned` records which tile each Triton autotuner picked (benchmarks/NOTES.md reads it). A --quick run
+    writes <name>.quick.json: a smoke test's subset never replaces a full run's rows (nor README's table)."""
     folder = out or RESULTS_DIR / device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.json"
+    path = folder / f"{name}{'.quick' if quick else ''}.json"
+    prov = provenance(device)
+    if prov["installed_differs_from_checkout"]:
+        print(f"warning: the installed fasttrain ({prov['fasttrain_path']}) differs from this checkout in "
+              f"{prov['installed_differs_from_checkout'][:5]}: reinstall before measuring", file=sys.stderr)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"benchmark": name, **provenance(device), "ceilings": ceilings, "rows": rows,
+    tmp.write_text(json.dumps({"benchmark": name, "quick": quick, **prov, "ceilings": ceilings, "rows": rows,
                                "autotuned": autotune_choices()}, indent=1))
     os.replace(tmp, path)
     return path

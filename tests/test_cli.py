@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,18 +141,19 @@ def test_train_with_toml_then_resume_then_eval(tmp_path, capsys):
 def test_bench_runs_a_benchmark_and_refuses_unknown_names(tmp_path, capsys):
     code, out, err = run_cli(capsys, ["bench", "adamw", "--device", "cpu", "--quick", "--out", str(tmp_path)])
     assert code == 0, err
-    result = json.loads((tmp_path / "adamw.json").read_text())
-    assert result["benchmark"] == "adamw" and result["rows"] and result["device_type"] == "cpu"
+    # A smoke run's subset goes beside a full run's results, never over them.
+    assert not (tmp_path / "adamw.json").exists()
+    result = json.loads((tmp_path / "adamw.quick.json").read_text())
+    assert result["benchmark"] == "adamw" and result["rows"] and result["device_type"] == "cpu" and result["quick"]
     code, out, err = run_cli(capsys, ["bench", "adamw", "flux"])
     assert code == 2 and "flux" in err and len(err.strip().splitlines()) == 1
 
 
-def _bench_module(stem: str = "common"):
-    """A file of benchmarks/ (not a package) loaded as a module."""
+def _bench_module(stem: str = "common", folder: str = "benchmarks"):
+    """A file of benchmarks/ (or tools/; not packages) loaded as a module."""
     import importlib.util
-    from pathlib import Path
     spec = importlib.util.spec_from_file_location(
-        f"bench_{stem}", Path(__file__).resolve().parents[1] / "benchmarks" / f"{stem}.py")
+        f"{folder}_{stem}", Path(__file__).resolve().parents[1] / folder / f"{stem}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -162,7 +164,7 @@ def test_bench_overhead_times_every_op_against_torch(tmp_path, capsys, monkeypat
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     code, out, err = run_cli(capsys, ["bench", "overhead", "--device", "cpu", "--quick", "--out", str(tmp_path)])
     assert code == 0, err
-    result = json.loads((tmp_path / "overhead.json").read_text())
+    result = json.loads((tmp_path / "overhead.quick.json").read_text())
     ops = {"layer_norm", "add_layer_norm", "rotary", "attention", "cross_entropy", "decode"}
     impls = ("torch", "fasttrain", "fasttrain, no launch")  # the last from a child process on the Triton path
     assert {(r["op"], r["impl"]) for r in result["rows"]} == {(op, impl) for op in ops for impl in impls}
@@ -210,6 +212,62 @@ def test_bench_results_record_each_autotuner_choice(tmp_path, monkeypatch):
     assert "BLOCK_M: 128" in str(config)
 
 
-def test_info_still_works(capsys):
+def test_benchmarks_check_results_before_timing(monkeypatch):
+    # attention: a provider off by a constant is not timed
+    bench = _bench_module("bench_attention")
+    found = bench.providers("cpu")
+    monkeypatch.setattr(bench, "providers", lambda device: {
+        "fasttrain": lambda q, k, v, causal: found["fasttrain"](q, k, v, causal) + 0.1, "eager": found["eager"]})
+    rows = bench.bench_shape("cpu", torch.float32, 1, 16, 2, 32, True, ["fwd"])
+    assert rows[0]["skipped"].startswith("wrong result") and "fwd_ms" not in rows[0]
+    assert rows[1]["max_rel_err"] < 1e-6 and rows[1]["fwd_ms"] > 0
+    # step: an optimizer that left the weights alone
+    step = _bench_module("bench_step")
+    weights = [torch.randn(4, 4)]
+    eager = {"loss": 2.0, "grad_norm": 1.0, "deltas": [1e-3 * torch.randn(4, 4)]}
+    assert step.disagreement(dict(eager, deltas=[d + 1e-9 for d in eager["deltas"]]), eager, "cpu") is None
+    assert "weight update off by 1" in step.disagreement(dict(eager, deltas=[0 * w for w in weights]), eager, "cpu")
+    assert "grad_norm" in step.disagreement(dict(eager, grad_norm=1.1), eager, "cpu")
+    # adamw: betas that a single step cannot tell apart
+    adamw = _bench_module("bench_adamw")
+    real = adamw.AdamW
+    monkeypatch.setattr(adamw, "AdamW", lambda params, **kw: real(params, **dict(kw, betas=(0.0, 0.0))))
+    with pytest.raises(AssertionError, match="differs from torch"):
+        adamw.check_correct([(64, 32), (32,)], "cpu")
+    monkeypatch.setattr(adamw, "AdamW", real)
+    assert adamw.check_correct([(64, 32), (32,)], "cpu") < 1e-6
+
+
+def test_results_say_which_code_ran(tmp_path, monkeypatch):
+    import shutil
+    import types
+
+    import fasttrain
+    common = _bench_module()
+    assert common.installed_differs() == []  # the suite runs against a fresh install of this checkout
+    copy = tmp_path / "site" / "fasttrain"
+    shutil.copytree(Path(fasttrain.__file__).parent, copy, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    with open(copy / "kernels" / "norms.py", "a") as fh:
+        fh.write("# an edit not reinstalled\n")
+    monkeypatch.setattr(common, "fasttrain", types.SimpleNamespace(__file__=str(copy / "__init__.py")))
+    assert common.installed_differs() == ["kernels/norms.py"]
+    result = json.loads(common.write_results("norms", "cpu", [{"ms": 1.0}], {}, tmp_path).read_text())
+    assert result["installed_differs_from_checkout"] == ["kernels/norms.py"] and not result["quick"]
+
+
+def test_readme_table_formats_counts_and_dimensions():
+    table = _bench_module("readme_table", "tools")
+    assert [table._fmt(1_068_863_488, "params"), table._fmt(1_062_016, "params"), table._fmt(128_256, "V"),
+            table._fmt(50_257, "V"), table._fmt(2.5e-3, "ms")] == ["1,069M", "1.06M", "128,256", "50257", "0.0025"]
+
+
+def test_info_still_works(capsys, monkeypatch):
     code, out, _ = run_cli(capsys, ["info"])
     assert code == 0 and out.startswith("fasttrain ")
+    import platform
+    from fasttrain.info import cpu_name
+    if Path("/proc/cpuinfo").is_file() and "model name" in Path("/proc/cpuinfo").read_text():
+        assert cpu_name() not in ("", platform.machine()) and cpu_name() in out
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "bogus")  # would fail every op call: info says so
+    code, out, _ = run_cli(capsys, ["info"])
+    assert code == 0 and "FASTTRAIN_BACKEND: " in out and "bogus" in out

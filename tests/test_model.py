@@ -211,6 +211,26 @@ def test_casting_the_model_keeps_the_rotary_tables_fp32():
     assert torch.equal(model.half().float().rope_cos, cos)
 
 
+@pytest.mark.parametrize("load", ["to_empty+reset", "assign"])
+def test_a_model_built_on_the_meta_device_works(load):
+    # How FSDP2 and big-model loading build it: no memory until the weights arrive. The rope tables are not in the
+    # state dict, and assign=True hands each tensor over as its own Parameter.
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(**SMALL))
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**SMALL))
+    if load == "assign":
+        model.load_state_dict(ref.state_dict(), assign=True)
+    else:
+        model.to_empty(device="cpu")
+        model.reset_parameters()
+        model.load_state_dict(ref.state_dict())
+    assert model.lm_head.weight is model.wte.weight and len(list(model.parameters())) == len(list(ref.parameters()))
+    assert torch.equal(model.rope_cos, ref.rope_cos) and torch.equal(model.rope_sin, ref.rope_sin)
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 9))
+    assert torch.equal(model(idx)[0], ref(idx)[0])
+
+
 def test_compiles_with_fullgraph_and_matches_eager():
     # aot_eager traces forward and backward through every op's fake implementation (the fused add + norm's
     # included, with the last stream's gradient absent), as inductor does on a GPU in bench_step's compiled rows.

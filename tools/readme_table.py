@@ -36,11 +36,13 @@ TABLES = {
 CPU_SMOKE_ONLY = {"attention", "decode"}
 
 
-def _fmt(v) -> str:
+def _fmt(v, column: str) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-    if isinstance(v, int) and abs(v) >= 100_000:
-        return f"{v / 1e6:.1f}M"
+    if isinstance(v, int) and column == "params":  # 1.06M, 140M, 1,069M
+        return f"{v / 1e6:.3g}M" if v < 10**9 else f"{v / 1e6:,.0f}M"
+    if isinstance(v, int) and abs(v) >= 100_000:  # a dimension, exact: V = 128,256
+        return f"{v:,}"
     return "" if v is None else str(v)
 
 
@@ -50,7 +52,7 @@ def table(result: dict) -> list[str]:
     lines = [f"**{title}** — {result['device']}, torch {result['torch']}, triton {result['triton']}, "
              f"{result['date'][:10]}, commit {result['git_commit'][:12]}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in result["rows"]]
+    lines += ["| " + " | ".join(_fmt(r.get(c), c) for c in columns) + " |" for r in result["rows"]]
     return lines + [""]
 
 

@@ -11,6 +11,9 @@ INITS = ("gpt2", "xavier", "he")
 
 @dataclass
 class GPTConfig:
+    """The model's shape. n_kv_head and d_ff given as None are resolved here, as HF configs resolve theirs, so
+    `dataclasses.replace(cfg, n_head=...)` keeps the resolved values: pass n_kv_head=None (d_ff=None) with it to derive
+    them again (the trainer's config.build does)."""
     n_layer: int = 12
     """Number of transformer blocks."""
     n_head: int = 12

@@ -122,21 +122,37 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
+        self.register_load_state_dict_post_hook(GPT._after_load)
         self.reset_parameters()
+
+    def _rebuild_rope_tables(self, device) -> None:
+        cfg = self.config
+        self.rope_cos, self.rope_sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=device)
 
     def _apply(self, fn, recurse=True):
         # nn.Module.to(dtype) / .half() cast every floating buffer too; bf16 tables are off by up to 4e-3 (one bf16
         # ulp of values near 1), so rebuild them in fp32 on their new device from the config instead.
         super()._apply(fn, recurse)
         if self.rope_cos is not None and self.rope_cos.dtype != torch.float32:
-            cfg = self.config
-            self.rope_cos, self.rope_sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta,
-                                                         device=self.rope_cos.device)
+            self._rebuild_rope_tables(self.rope_cos.device)
         return self
 
+    @staticmethod
+    def _after_load(self, incompatible_keys) -> None:
+        # A model built on the meta device and loaded with assign=True (FSDP2's and big models' way) gets each
+        # state-dict tensor as its own Parameter, untying the head from the embedding, and keeps meta rope tables
+        # (they are not in the state dict).
+        if self.config.tie_embeddings and self.lm_head.weight is not self.wte.weight:
+            self.lm_head.weight = self.wte.weight
+        if self.rope_cos is not None and self.rope_cos.device != self.wte.weight.device:
+            self._rebuild_rope_tables(self.wte.weight.device)
+
     def reset_parameters(self) -> None:
-        """Initialise every weight by `config.init`; biases to zero, norm weights to one."""
+        """Initialise every weight by `config.init`; biases to zero, norm weights to one; the rope tables rebuilt
+        (after `to_empty()` from the meta device they hold whatever the memory held)."""
         cfg = self.config
+        if self.rope_cos is not None:
+            self._rebuild_rope_tables(self.rope_cos.device)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 if module is self.lm_head and cfg.tie_embeddings:
