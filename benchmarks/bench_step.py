@@ -110,11 +110,12 @@ def make_step(model, step_model, opt, clip_outside: bool, x, y, device: str):
 
 
 def first_step(model, step) -> dict:
-    """The first step's loss, gradient norm and per-parameter change (also the compile warm-up)."""
+    """The first step's loss, gradient norm and per-parameter change (also the compile warm-up). The change is kept
+    in host memory: eager's stays for every later variant, and on the GPU it would count in their peak memory."""
     before = [p.detach().clone() for p in model.parameters()]
     loss, norm = step()
     return {"loss": loss.item(), "grad_norm": norm.item(),
-            "deltas": [p.detach() - b for p, b in zip(model.parameters(), before)]}
+            "deltas": [(p.detach() - b).cpu() for p, b in zip(model.parameters(), before)]}
 
 
 def disagreement(got: dict, eager: dict, device: str) -> str | None:
