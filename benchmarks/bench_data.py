@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import parse_args, print_table, time_ms, write_results  # noqa: E402
@@ -46,13 +48,17 @@ def main() -> None:
         rows = [{"tokenizer": "bpe-4096 training (incl. shards)", "workers": 2, "MB": mb, "ms": train_s * 1e3,
                  "MB/s": mb / train_s, "tokens": len(bpe.train) + len(bpe.val)}]
         for tokenizer in ("byte", str(bpe.tokenizer_file)):
-            one_ms = None
+            one_ms = serial = None
             for workers in (1, 2):
                 cfg = dataclasses.replace(base, tokenizer=tokenizer, num_workers=workers)
-                ms = cold(cfg)
-                one_ms = one_ms or ms
+                # Checked before it is timed: the pool builds the shards one worker builds, token for token.
                 corpus = prepare(dataclasses.replace(cfg, cache_dir=f"{root}/check-{workers}-{len(rows)}"))
                 assert corpus.manifest["build"]["workers"] == workers
+                serial = serial or corpus
+                if not (np.array_equal(corpus.train, serial.train) and np.array_equal(corpus.val, serial.val)):
+                    raise SystemExit(f"{tokenizer}: {workers} workers built other shards than 1")
+                ms = cold(cfg)
+                one_ms = one_ms or ms
                 rows.append({"tokenizer": corpus.tokenizer.name, "workers": workers, "MB": mb, "ms": ms,
                              "MB/s": mb / (ms * 1e-3), "speedup": one_ms / ms,
                              "tokens": len(corpus.train) + len(corpus.val)})

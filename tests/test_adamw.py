@@ -258,6 +258,22 @@ def test_bad_extras_raise():
             AdamW(p, max_grad_norm=bad)
     with pytest.raises(ValueError, match="backend must be one of"):
         AdamW(p, backend="gpu")
+    for name in ("capturable", "differentiable"):
+        with pytest.raises(ValueError, match=f"{name}=True is not supported"):
+            AdamW(p, **{name: True})
+
+
+def test_takes_torchs_foreach_and_fused_flags():
+    # A script's torch.optim.AdamW(..., fused=True) becomes fasttrain's by the import alone; the step is the same.
+    params = make_params()
+    plain, flagged = clone_params(params), clone_params(params)
+    opts = [AdamW(plain, lr=1e-2), AdamW(flagged, lr=1e-2, fused=True, foreach=False, capturable=False)]
+    for seed in range(3):
+        set_grads([plain, flagged], seed)
+        for opt in opts:
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(plain, flagged))
+    assert opts[1].state_dict()["param_groups"][0]["fused"] is True
 
 
 # ---- GPU (pytest -m gpu on the GPU machine): the CUDA multi-tensor kernel ----

@@ -123,8 +123,8 @@ def _check_hyper(lr, betas, eps, weight_decay) -> None:
 class AdamW(Optimizer):
     """torch.optim.AdamW with fused native kernels.
 
-    Same arguments as torch.optim.AdamW (foreach/fused/capturable/differentiable are not taken: the kernels are always
-    fused), plus:
+    Same arguments as torch.optim.AdamW; foreach and fused are taken and change nothing (the step is one fused
+    kernel per device and dtype whatever they say), capturable and differentiable only as False. Plus:
       max_grad_norm: clip the global grad norm to this value inside the step (one norm pass, then the update pass,
         no host sync); the norm before clipping is kept in `last_grad_norm` (a float32 device tensor).
       backend: "auto" (default), "cuda", "cpu" or "reference" (see fasttrain._backend; FASTTRAIN_BACKEND overrides auto).
@@ -135,15 +135,19 @@ class AdamW(Optimizer):
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 max_grad_norm: float | None = None, backend: str | None = None) -> None:
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, max_grad_norm: float | None = None, backend: str | None = None) -> None:
         _check_hyper(lr, betas, eps, weight_decay)
+        for name, value in (("capturable", capturable), ("differentiable", differentiable)):
+            if value:  # a step under CUDA graph capture, or one autograd can differentiate: not measured, not taken
+                raise ValueError(f"{name}=True is not supported by fasttrain's AdamW (use torch.optim.AdamW)")
         if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         _backend.requested_backend(backend)  # validates the name now rather than at the first step
         betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
         # The keys of torch.optim.AdamW's groups, so that each optimizer can load the other's state_dict.
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        foreach=None, capturable=False, differentiable=False, fused=None,
+                        foreach=foreach, capturable=False, differentiable=False, fused=fused,
                         decoupled_weight_decay=True)
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.backend = backend
