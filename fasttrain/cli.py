@@ -59,6 +59,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, args.which, device)
+    seq_len = args.seq_len or cfg.train.seq_len
+    if seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     with tempfile.TemporaryDirectory() as tmp:
         spec = "byte"
         if hasattr(tokenizer, "save"):  # the run's own tokenizer, so the data is tokenized exactly as in training
@@ -68,7 +71,6 @@ def _eval(args: argparse.Namespace) -> int:
                                        val_fraction=0.0, max_bytes=None)
         corpus = prepare(data_cfg)
     tokens = np.concatenate([corpus.train, corpus.val]) if len(corpus.val) else corpus.train
-    seq_len = min(args.seq_len or cfg.train.seq_len, model.config.max_seq_len)
     if len(tokens) < seq_len + 1:
         raise ValueError(f"--data {args.data!r} has {len(tokens)} tokens; evaluating at seq_len {seq_len} needs "
                          f"at least {seq_len + 1}")
@@ -85,6 +87,9 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_NEW_TOKENS = 200  # --max-new-tokens when not given, capped by the room the prompt leaves
+
+
 def _generate(args: argparse.Namespace) -> int:
     from fasttrain.generate import generate
     from fasttrain.train.checkpoint import load_for_inference
@@ -95,10 +100,15 @@ def _generate(args: argparse.Namespace) -> int:
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("--prompt must encode to at least one token, got an empty prompt")
-    room = model.config.max_seq_len - len(prompt)
-    if args.max_new_tokens > room:
-        raise ValueError(f"--max-new-tokens {args.max_new_tokens} plus the prompt's {len(prompt)} tokens exceed the "
-                         f"model's max_seq_len {model.config.max_seq_len}; use at most {max(room, 0)}")
+    # The last new token is never fed back: prompt + n new tokens take len(prompt) + n - 1 positions.
+    room = model.config.max_seq_len + 1 - len(prompt)
+    if room < 1:
+        raise ValueError(f"--prompt is {len(prompt)} tokens, more than the model's max_seq_len "
+                         f"{model.config.max_seq_len}")
+    max_new_tokens = min(DEFAULT_NEW_TOKENS, room) if args.max_new_tokens is None else args.max_new_tokens
+    if max_new_tokens > room:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} after the prompt's {len(prompt)} tokens exceeds the "
+                         f"model's max_seq_len {model.config.max_seq_len}; use at most {room}")
     new: list[int] = []
     shown = ""
 
@@ -113,7 +123,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     print(args.prompt, end="", flush=True)
     with autocast_for(resolve_precision(cfg.train.precision, device), device)():
-        result = generate(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        result = generate(model, [prompt], max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, stop_tokens=[tokenizer.eot_id], seed=args.seed, on_token=stream,
                           compile=args.compile, cuda_graph=args.cuda_graph)
     print(tokenizer.decode(new)[len(shown):], flush=True)
@@ -187,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt with a trained model (KV cache), streaming the text")
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory (or checkpoint file)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: {DEFAULT_NEW_TOKENS}, or fewer where the model's max_seq_len leaves less room")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)

@@ -112,7 +112,7 @@ def _check(model, prompts, max_new_tokens, temperature, top_k, top_p) -> None:
     if longest > model.config.max_seq_len:
         raise ValueError(f"longest prompt + max_new_tokens - 1 = {longest} exceeds the model's max_seq_len "
                          f"{model.config.max_seq_len}")
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")

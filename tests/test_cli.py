@@ -106,6 +106,12 @@ def test_train_with_toml_then_resume_then_eval(tmp_path, capsys):
     assert saved["optim"]["schedule"] == "linear" and saved["optim"]["lr"] == 0.004
     assert saved["model"]["norm"] == "rmsnorm" and saved["model"]["n_layer"] == 1 and saved["train"]["steps"] == 12
 
+    # A refused resume (the batches would differ) must leave config.json as it was for the next plain resume.
+    code, out, err = run_cli(capsys, ["train", "--resume", str(tmp_path / "run"), "--train.steps", "18",
+                                      "--train.batch_size", "8"])
+    assert code == 2 and "batch_size" in err
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == saved
+
     # Resume the finished run with more steps: the saved config is the base, the override extends it.
     code, out, err = run_cli(capsys, ["train", "--resume", str(tmp_path / "run"), "--train.steps", "18",
                                       "--optim.schedule", "linear"])
@@ -122,6 +128,9 @@ def test_train_with_toml_then_resume_then_eval(tmp_path, capsys):
 
     code, out, err = run_cli(capsys, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "x")])
     assert code == 2 and err.startswith("fasttrain: error:") and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(capsys, ["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(corpus),
+                                      "--seq-len", "33"])
+    assert code == 2 and "--seq-len 33 exceeds the model's max_seq_len 32" in err
 
     # Greedy generation streams exactly what the library's generate() returns for the same checkpoint.
     from fasttrain.generate import generate
@@ -136,6 +145,15 @@ def test_train_with_toml_then_resume_then_eval(tmp_path, capsys):
     code, out, err = run_cli(capsys, ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "x",
                                       "--max-new-tokens", "100000"])
     assert code == 2 and "--max-new-tokens" in err and len(err.strip().splitlines()) == 1
+    # A 30-token prompt leaves room for 3 new tokens in max_seq_len 32 (the last one is never fed back), as
+    # generate() allows; 4 is one too many.
+    code, out, err = run_cli(capsys, ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "x" * 30,
+                                      "--max-new-tokens", "4"])
+    assert code == 2 and "--max-new-tokens 4" in err and "use at most 3" in err
+    for limit in (["--max-new-tokens", "3"], []):  # without the flag: min(200, room), not an error
+        code, out, err = run_cli(capsys, ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "x" * 30,
+                                          "--temperature", "0", *limit])
+        assert code == 0, err
 
 
 def test_bench_runs_a_benchmark_and_refuses_unknown_names(tmp_path, capsys):

@@ -110,6 +110,8 @@ def test_cache_shapes_are_static():
     (dict(prompts=[[1, 64]]), r"prompts\[0\] must be a non-empty list of token ids in \[0, 64\)"),
     (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
     (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=float("nan")), "temperature must be >= 0"),
+    (dict(top_p=float("nan")), r"top_p must be None or in \(0, 1\]"),
     (dict(top_k=0), "top_k must be None or an int >= 1"),
     (dict(top_p=1.5), r"top_p must be None or in \(0, 1\]"),
     (dict(cuda_graph=True), "cuda_graph=True needs the model on a CUDA device"),

@@ -64,10 +64,13 @@ def test_apply_sets_every_group_and_state_round_trips():
     ("step", dict(), "schedule must be one of"),
     ("constant", dict(min_lr=2.0), "min_lr"),
     ("constant", dict(warmup_steps=-1), "warmup_steps"),
+    ("constant", dict(lr=math.inf), "lr must be finite and > 0"),
+    ("constant", dict(lr=math.nan), "lr must be finite and > 0"),
+    ("constant", dict(lr=0.0), "lr must be finite and > 0"),
 ])
 def test_bad_arguments_raise(kind, kw, match):
     with pytest.raises(ValueError, match=match):
-        LRSchedule(kind, lr=LR, **kw)
+        LRSchedule(kind, **{"lr": LR, **kw})
 
 
 def test_negative_step_raises():

@@ -1,10 +1,12 @@
 """The training loop on tiny models: learning, accumulation, exact resume, kill-safe checkpoints, the run directory."""
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import pytest
 import torch
@@ -36,15 +38,15 @@ def corpus_dir(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def run_config(tmp_path, corpus_dir, model=None, optim=None, **train_kw):
+def run_config(tmp_path, corpus_dir, model=None, optim=None, data=None, **train_kw):
     train_kw = {"steps": 40, "batch_size": 8, "seq_len": 32, "eval_interval": 10, "eval_batches": 2,
                 "checkpoint_interval": 10, "log_interval": 5, "progress_bar": False, "sample_tokens": 0,
                 "out_dir": str(tmp_path / "run"), **train_kw}
+    data = {"paths": [str(corpus_dir)], "num_workers": 0, "val_fraction": 0.25, "cache_dir": str(tmp_path / "cache"),
+            **(data or {})}
     return RunConfig(model=GPTConfig(**{**TINY_MODEL, **(model or {})}),
                      optim=OptimConfig(**{"lr": 3e-3, "warmup_steps": 5, **(optim or {})}),
-                     train=TrainConfig(**train_kw),
-                     data=DataConfig(paths=[str(corpus_dir)], num_workers=0, val_fraction=0.25,
-                                     cache_dir=str(tmp_path / "cache")))
+                     train=TrainConfig(**train_kw), data=DataConfig(**data))
 
 
 def test_loss_falls_and_the_run_directory_is_complete(tmp_path, corpus_dir):
@@ -103,7 +105,10 @@ def test_gradient_accumulation_equals_one_big_batch():
     b.load_state_dict(a.state_dict())
     x, y = torch.randint(0, 64, (8, 32)), torch.randint(0, 64, (8, 32))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # fp32
+
+    def no_autocast():  # fp32
+        return torch.autocast("cpu", enabled=False)
+
     loss_big = forward_backward(a, [(x, y)], torch.device("cpu"), no_autocast, scaler)
     loss_acc = forward_backward(b, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], torch.device("cpu"),
                                 no_autocast, scaler)
@@ -129,6 +134,15 @@ def test_resume_after_sigterm_gives_the_identical_loss_curve(tmp_path, corpus_di
     assert resumed.steps == full.steps == list(range(1, 17))
     assert resumed.train_loss == full.train_loss  # exact equality on CPU
     assert resumed.val_loss == full.val_loss and resumed.learning_rate == full.learning_rate
+
+
+def test_a_run_resumes_in_fp16(tmp_path, corpus_dir):
+    # A non-fp16 run saves an empty scaler state: the fp16 resume starts a fresh scale instead of failing to load it.
+    kw = dict(optim={"warmup_steps": 1}, batch_size=4, eval_interval=2)
+    train(run_config(tmp_path, corpus_dir, steps=2, **kw))
+    resumed = train(run_config(tmp_path, corpus_dir, steps=3, precision="fp16", **kw), resume=True)
+    assert resumed.stopped == "completed" and resumed.metrics.steps == [1, 2, 3]
+    assert checkpoint.load(resumed.run_dir)["scaler"]["scale"] > 0
 
 
 def test_a_run_that_died_before_its_first_checkpoint_can_be_started_again(tmp_path, corpus_dir):
@@ -211,6 +225,20 @@ def test_checkpoint_keeps_the_last_k_and_the_best(tmp_path):
         checkpoint.load(tmp_path / "missing")
 
 
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    checkpoint.save(tmp_path, 1, {"step": 1}, keep_last=2)
+    folder = checkpoint.checkpoint_dir(tmp_path)
+    (tmp_path / "config.json").write_text('{"model": {}}')
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as archive:
+        archive.writestr("notes.txt", "not a checkpoint")
+    for wrong in (folder / "latest", tmp_path / "config.json", tmp_path / "other.zip"):
+        with pytest.raises(ValueError, match=f"{wrong.name}' is not a fasttrain checkpoint"):
+            checkpoint.load(wrong)
+    (folder / "step_00000001.pt").unlink()  # `latest` now names a file that is gone
+    with pytest.raises(ValueError, match=r"step_00000001.pt', named by .*latest', does not exist"):
+        checkpoint.load(tmp_path)
+
+
 def test_early_stopping_counts_evaluations_without_improvement():
     early = EarlyStopping(patience=2)
     assert [early.update(v) for v in (3.0, 2.5, 2.6)] == [True, True, False]
@@ -227,6 +255,18 @@ def test_early_stopping_ends_the_run(tmp_path, corpus_dir):
     result = train(cfg)
     assert result.stopped == "early_stopping" and result.metrics.steps[-1] < 100
     assert checkpoint.load(result.run_dir)["step"] == result.metrics.steps[-1]
+
+    # Resuming it is a no-op, as for a completed run: no step, no new checkpoint.
+    folder = checkpoint.checkpoint_dir(result.run_dir)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    again = train(cfg, resume=True)
+    assert again.stopped == "early_stopping" and again.metrics.steps == result.metrics.steps
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    # A larger patience is read at resume time, so the run goes on.
+    last = result.metrics.steps[-1]
+    more = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, early_stopping_patience=3,
+                                                                    steps=last + 2)), resume=True)
+    assert more.metrics.steps[-1] == last + 2
 
 
 def test_tensorboard_logs_or_names_the_missing_package(tmp_path, corpus_dir):
@@ -256,6 +296,62 @@ def test_seq_len_above_max_seq_len_and_missing_data_raise(tmp_path):
     cfg = run_config(tmp_path, tmp_path / "no-such-dir")
     with pytest.raises(ValueError, match="no-such-dir"):
         train(cfg)
+
+
+def test_settings_that_cannot_work_together_raise_at_once():
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        TrainConfig(seed=-1)
+    with pytest.raises(ValueError, match="train.early_stopping_patience needs a validation split.*data.val_fraction"):
+        RunConfig(model=GPTConfig(**TINY_MODEL), train=TrainConfig(seq_len=32, early_stopping_patience=2),
+                  data=DataConfig(val_fraction=0.0))
+
+
+def test_an_out_dir_that_is_no_run_folder_is_refused_before_the_data(tmp_path):
+    # The corpus does not exist: these errors must come before the data preparation would report it.
+    missing = tmp_path / "no-such-corpus"
+    project = tmp_path / "project"
+    project.mkdir()
+    for text in ('{"my": "app config"}', "not json {"):
+        (project / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=r"train.out_dir .*project' holds a config.json that is not a fasttrain"):
+            train(run_config(tmp_path, missing, out_dir=str(project)))
+        assert (project / "config.json").read_text() == text
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match=r"train.out_dir .*a_file' cannot be made: File exists"):
+        train(run_config(tmp_path, missing, out_dir=str(tmp_path / "a_file")))
+
+
+def test_a_sample_prompt_longer_than_the_model_is_refused_before_training(tmp_path, corpus_dir):
+    steps = []
+    cfg = run_config(tmp_path, corpus_dir, steps=6, sample_tokens=5, sample_prompt="x" * 40)
+    with pytest.raises(ValueError, match=r"train.sample_prompt is 40 tokens, more than model.max_seq_len \(32\)"):
+        train(cfg, callbacks=[lambda step, metrics: steps.append(step)])
+    assert steps == []
+
+
+def test_splits_shorter_than_a_window_are_named_before_training(tmp_path):
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "a.txt").write_text("x" * 20)
+    with pytest.raises(ValueError, match=r"training split has .* train.seq_len 32 .*data.paths.*data.max_bytes"):
+        train(run_config(tmp_path, tmp_path / "small"))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.txt").write_text("x" * 300)  # one document: its last 5% (15 tokens) is validation
+    with pytest.raises(ValueError, match=r"validation split has 15 tokens; train.seq_len 32 .* data.val_fraction"):
+        train(run_config(tmp_path, tmp_path / "one", data={"val_fraction": 0.05}))
+
+
+def test_val_fraction_0_trains_without_evaluation(tmp_path, corpus_dir):
+    cfg = run_config(tmp_path, corpus_dir, optim={"warmup_steps": 1}, data={"val_fraction": 0.0}, steps=4,
+                     batch_size=4, eval_interval=2, checkpoint_interval=2, log_interval=2, keep_last=1)
+    result = train(cfg)
+    m = result.metrics
+    assert result.stopped == "completed" and m.steps == [1, 2, 3, 4] and result.best_val_loss is None
+    assert m.val_loss == [] and json.loads((result.run_dir / "training_metrics.json").read_text())["val_loss"] == []
+    folder = checkpoint.checkpoint_dir(result.run_dir)
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_00000004.pt"]  # keep_last 1, no best
+    for png in ("training_curve.png", "loss_by_epoch.png"):
+        assert (result.run_dir / png).is_file()
+    checkpoint.load_for_inference(result.run_dir)  # which="best" falls back to latest
 
 
 @pytest.mark.gpu

@@ -29,8 +29,8 @@ class LRSchedule:
                  min_lr: float = 0.0):
         if kind not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0 < lr < math.inf:
+            raise ValueError(f"lr must be finite and > 0, got {lr}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if kind == "inverse_sqrt" and warmup_steps < 1:

@@ -7,8 +7,10 @@ the next save.
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -84,14 +86,32 @@ def resolve(path: str | Path, which: str = "latest") -> Path:
         raise ValueError(f"checkpoint {str(path)!r} does not exist")
     if not pointer.is_file():
         raise ValueError(f"no {which} checkpoint in run directory {str(path)!r} (missing {pointer})")
-    return pointer.parent / pointer.read_text().strip()
+    file = pointer.parent / pointer.read_text().strip()
+    if not file.is_file():
+        raise ValueError(f"checkpoint {str(file)!r}, named by {str(pointer)!r}, does not exist")
+    return file
 
 
 def load(path: str | Path, which: str = "latest", map_location: str | torch.device = "cpu") -> dict:
     """The state dict saved by `save`, from a checkpoint file or a run directory's `which` pointer."""
     file = resolve(path, which)
-    # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle.
-    return torch.load(file, map_location=map_location, weights_only=True)
+    if not _is_torch_archive(file):
+        raise ValueError(f"{str(file)!r} is not a fasttrain checkpoint (not an archive written by torch.save)")
+    try:
+        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle.
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{str(file)!r} is not a fasttrain checkpoint (it holds objects other than tensors, "
+                         f"numbers and strings)") from None
+
+
+def _is_torch_archive(file: Path) -> bool:
+    """torch.save writes a zip archive around a data.pkl; anything else (a pointer file, a config.json) would reach
+    torch's legacy unpickler and fail with an error that names neither the file nor the mistake."""
+    if not zipfile.is_zipfile(file):
+        return False
+    with zipfile.ZipFile(file) as archive:
+        return any(name.rsplit("/", 1)[-1] == "data.pkl" for name in archive.namelist())
 
 
 def rng_state() -> dict:

@@ -53,7 +53,7 @@ class TrainConfig:
     seq_len: int = 256
     """Tokens per training sequence; at most model.max_seq_len."""
     eval_interval: int = 100
-    """Evaluate on the validation split every this many steps (and after the last step)."""
+    """Evaluate on the validation split every this many steps and after the last (never if data.val_fraction is 0)."""
     eval_batches: int = 20
     """Validation batches per evaluation (the same ones every time)."""
     checkpoint_interval: int = 500
@@ -61,7 +61,7 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept besides the best one."""
     early_stopping_patience: int | None = None
-    """Stop after this many evaluations without a lower validation loss; None: never."""
+    """Stop after this many evaluations without a lower validation loss; None: never. Needs data.val_fraction > 0."""
     log_interval: int = 10
     """Steps between progress-bar / metrics updates (each one waits for the device)."""
     precision: str = "auto"
@@ -115,6 +115,8 @@ class RunConfig:
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
                              f"({self.model.max_seq_len})")
+        if self.train.early_stopping_patience is not None and self.data.val_fraction == 0:
+            raise ValueError("train.early_stopping_patience needs a validation split, but data.val_fraction is 0")
         try:
             self.schedule()
         except ValueError as e:

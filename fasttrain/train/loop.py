@@ -93,17 +93,44 @@ def forward_backward(model, micro_batches, device: torch.device, autocast, scale
     return total / len(micro_batches)
 
 
+def _sample_prompt_ids(tokenizer, prompt: str, max_seq_len: int) -> list[int]:
+    """The ids of train.sample_prompt; raises when they leave no room for one sampled token within max_seq_len."""
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    if len(ids) > max_seq_len:
+        raise ValueError(f"train.sample_prompt is {len(ids)} tokens, more than model.max_seq_len ({max_seq_len})")
+    return ids
+
+
 def sample_text(model: GPT, tokenizer, prompt: str, n_tokens: int, seed: int, autocast) -> str:
     """prompt + up to n_tokens sampled at temperature 0.8 from the 40 likeliest, within max_seq_len."""
-    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    ids = _sample_prompt_ids(tokenizer, prompt, model.config.max_seq_len)
     n_tokens = min(n_tokens, model.config.max_seq_len + 1 - len(ids))
-    if n_tokens < 1:
-        raise ValueError(f"train.sample_prompt is {len(ids)} tokens, more than model.max_seq_len "
-                         f"({model.config.max_seq_len})")
     with autocast():
         result = generate(model, [ids], n_tokens, temperature=0.8, top_k=40, stop_tokens=[tokenizer.eot_id],
                           seed=seed)
     return tokenizer.decode(ids + result.tokens[0])
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether path is a config.json that a fasttrain run wrote (a JSON object with the four section tables)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and all(isinstance(data.get(k), dict) for k in ("model", "optim", "train", "data"))
+
+
+def _check_splits(corpus, cfg: RunConfig) -> None:
+    """Each split the run cuts into windows holds at least one window (train.seq_len + 1 tokens)."""
+    need, d = cfg.train.seq_len + 1, cfg.data
+    if len(corpus.train) < need:
+        raise ValueError(f"the training split has {len(corpus.train):,} tokens; train.seq_len {cfg.train.seq_len} "
+                         f"needs at least {need}: add data (data.paths) or raise data.max_bytes (now {d.max_bytes}), "
+                         f"or lower train.seq_len")
+    if d.val_fraction > 0 and len(corpus.val) < need:
+        raise ValueError(f"the validation split has {len(corpus.val):,} tokens; train.seq_len {cfg.train.seq_len} "
+                         f"needs at least {need}: raise data.val_fraction (now {d.val_fraction}), lower "
+                         f"train.seq_len, or set data.val_fraction 0 to train without evaluation")
 
 
 def _seed_everything(seed: int) -> None:
@@ -129,10 +156,21 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     if not resume and (checkpoint.checkpoint_dir(run_dir) / "latest").is_file():  # never train over a run the user has
         raise ValueError(f"train.out_dir {str(run_dir)!r} already holds a run: continue it with --resume, or pick "
                          f"a new --train.out_dir")
+    if not resume and (run_dir / "config.json").is_file() and not _is_run_config(run_dir / "config.json"):
+        raise ValueError(f"train.out_dir {str(run_dir)!r} holds a config.json that is not a fasttrain run's; pick "
+                         f"a new --train.out_dir")
     state = checkpoint.load(run_dir, "latest") if resume else None
+    try:  # before the data preparation, which can take minutes
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"train.out_dir {str(run_dir)!r} cannot be made: {e.strerror or e}") from None
 
     corpus = prepare(cfg.data)
+    _check_splits(corpus, cfg)
+    evaluating = cfg.data.val_fraction > 0  # 0: the user asked for no validation split
     tokenizer = corpus.tokenizer
+    if tc.sample_tokens > 0:
+        _sample_prompt_ids(tokenizer, tc.sample_prompt, cfg.model.max_seq_len)  # fail now, not after the whole run
     if cfg.model.vocab_size is None:  # pad to a multiple of 64: tensor-core-friendly matmul shapes for the head
         padded = -(-tokenizer.vocab_size // 64) * 64
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=padded))
@@ -142,10 +180,6 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     if state is not None and state["config"]["model"] != to_dict(cfg.model):
         diff = [k for k, v in to_dict(cfg.model).items() if state["config"]["model"].get(k) != v]
         raise ValueError(f"cannot resume {run_dir}: model.{', model.'.join(diff)} differ from its checkpoint")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=1))
-    if hasattr(tokenizer, "save"):
-        tokenizer.save(run_dir / "tokenizer.json")
 
     _seed_everything(tc.seed)
     model = GPT(cfg.model).to(device)
@@ -159,7 +193,8 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and state["scaler"]:  # empty when a non-fp16 run saved it: fp16 starts a fresh scale
+            scaler.load_state_dict(state["scaler"])
         train_batches.load_state_dict(state["batches"])
         metrics = Metrics.from_state_dict(state["metrics"])
         early.load_state_dict(state["early_stopping"])
@@ -170,6 +205,10 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     tokens_per_step = tc.batch_size * tc.grad_accum * tc.seq_len
     flops, peak = flops_per_token(cfg.model, tc.seq_len), peak_flops(device, precision)
     board = TensorBoard(run_dir) if tc.tensorboard else None
+    # Only now, with every check passed: a refused --resume must leave the config a plain --resume continues from.
+    checkpoint.atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=1))
+    if hasattr(tokenizer, "save"):
+        tokenizer.save(run_dir / "tokenizer.json")
 
     def save(step: int, is_best: bool) -> None:
         checkpoint.save(run_dir, step, {
@@ -209,10 +248,13 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
             raise FloatingPointError(f"training loss became {losses[bad]} at step {metrics.steps[bad - len(losses)]}; "
                                      f"lower optim.lr (now {oc.lr}) or set optim.max_grad_norm")
 
-    stopped = "completed"
+    # A resumed run that early stopping ended has nothing left to do, like a completed one (should_stop reads the
+    # current patience, so raising it lets the run go on).
+    stopped = "early_stopping" if early.should_stop else "completed"
+    end = start if early.should_stop else tc.steps
     model.train()
     with StopRequest() as stop:
-        for step in range(start, tc.steps):
+        for step in range(start, end):
             done = step + 1
             lr = schedule.apply(optimizer, step)
             micro = [train_batches.next() for _ in range(tc.grad_accum)]
@@ -225,7 +267,7 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
                 flush()
 
             is_best = False
-            eval_now = done % tc.eval_interval == 0 or done == tc.steps
+            eval_now = evaluating and (done % tc.eval_interval == 0 or done == tc.steps)
             if eval_now:
                 if pending:
                     flush()
