@@ -17,6 +17,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _out_dir(preset, files: list[dict], overrides: dict) -> str:
+    """train.out_dir as the overrides, else the last config file naming it, else the preset gives it: read, not
+    built, since the run's own config.json (not the preset) is what the other settings are checked against."""
+    for update in (overrides, *reversed(files)):
+        section = update.get("train")
+        if isinstance(section, dict) and section.get("out_dir") is not None:
+            return section["out_dir"]
+    return preset.train.out_dir
+
+
 def _train(args: argparse.Namespace) -> int:
     from fasttrain.config import ConfigError, from_dict, load_file, parse_overrides
     from fasttrain.train import RunConfig, train
@@ -26,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides = parse_overrides(RunConfig, args.extra)
     files = [load_file(f) for f in args.config]
     if args.resume is not None:
-        run = Path(args.resume or build(PRESETS[args.preset](), *files, overrides).train.out_dir)
+        run = Path(args.resume or _out_dir(PRESETS[args.preset](), files, overrides))
         if not (run / "config.json").is_file():
             raise ConfigError(f"--resume: {str(run)!r} is not a run directory (no config.json)")
         base = from_dict(RunConfig, load_file(run / "config.json"))
@@ -110,22 +120,27 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens {max_new_tokens} after the prompt's {len(prompt)} tokens exceeds the "
                          f"model's max_seq_len {model.config.max_seq_len}; use at most {room}")
     new: list[int] = []
-    shown = ""
+    shown = None  # the text printed after the prompt; None until generate() has taken its arguments
 
     def stream(_: int, token: int) -> None:
         # Decode everything so far and print the new suffix: a byte or BPE token may end mid-character.
         nonlocal shown
+        if shown is None:
+            print(args.prompt, end="", flush=True)
+            shown = ""
         new.append(token)
         text = tokenizer.decode(new)
         if not text.endswith("\ufffd"):
             print(text[len(shown):], end="", flush=True)
             shown = text
 
-    print(args.prompt, end="", flush=True)
     with autocast_for(resolve_precision(cfg.train.precision, device), device)():
         result = generate(model, [prompt], max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, stop_tokens=[tokenizer.eot_id], seed=args.seed, on_token=stream,
-                          compile=args.compile, cuda_graph=args.cuda_graph)
+                          compile=args.compile, cuda_graph=args.cuda_graph, vocab_size=tokenizer.vocab_size)
+    if shown is None:  # the first token was a stop token
+        print(args.prompt, end="")
+        shown = ""
     print(tokenizer.decode(new)[len(shown):], flush=True)
     decode_tps = max(result.new_tokens - 1, 0) / result.decode_s if result.decode_s > 0 else float("nan")
     print(f"[{result.new_tokens} tokens; prefill {result.prompt_tokens} tokens in {result.prefill_s * 1e3:.1f} ms; "

@@ -157,7 +157,7 @@ def _decode_step(model, cache: KVCache, batch: int, device: torch.device, compil
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
              seed: int | None = None, on_token: Callable[[int, int], None] | None = None, compile: bool = False,
-             cuda_graph: bool = False) -> GenerationResult:
+             cuda_graph: bool = False, vocab_size: int | None = None) -> GenerationResult:
     """Continue each prompt by up to max_new_tokens tokens.
 
     model: a fasttrain GPT (its forward takes `cache=`); it runs in eval mode here and gets its mode back after.
@@ -165,8 +165,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     A sequence stops at its first token in stop_tokens (left out of the result); the batch stops when all have.
     on_token(i, token) is called for every new token of prompt i as soon as it is chosen (for streaming).
     compile: torch.compile the decode step; cuda_graph: capture it in a CUDA graph (CUDA only).
+    vocab_size: draw ids below it only: the tokenizer's, when the model's embedding is padded (to a multiple of 64, as
+    the trainer pads it) with ids no tokenizer has, which an early checkpoint still gives weight.
     """
     _check(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    limit = model.config.vocab_size if vocab_size is None else vocab_size
+    if not isinstance(limit, int) or not 1 <= limit <= model.config.vocab_size:
+        raise ValueError(f"vocab_size must be an int in [1, the model's {model.config.vocab_size}], got {vocab_size!r}")
     device = next(model.parameters()).device
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
@@ -200,7 +205,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         logits, _ = model(idx, cache=cache)  # (B, Tp, V)
         cache.prefilling = False
         cache.seqlens.copy_(lengths)
-        next_tokens = sample(logits[torch.arange(B, device=device), lengths - 1], temperature, top_k, top_p,
+        next_tokens = sample(logits[torch.arange(B, device=device), lengths - 1, :limit], temperature, top_k, top_p,
                              generator)  # (B,)
         tokens = next_tokens.tolist()  # the one host sync per token
         prefill_s = time.perf_counter() - start
@@ -213,7 +218,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
                 break
             logits = step(next_tokens[:, None])  # (B, V)
             cache.seqlens += 1
-            next_tokens = sample(logits, temperature, top_k, top_p, generator)
+            next_tokens = sample(logits[:, :limit], temperature, top_k, top_p, generator)
             tokens = next_tokens.tolist()
         decode_s = time.perf_counter() - start
     finally:

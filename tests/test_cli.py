@@ -112,9 +112,10 @@ def test_train_with_toml_then_resume_then_eval(tmp_path, capsys):
     assert code == 2 and "batch_size" in err
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == saved
 
-    # Resume the finished run with more steps: the saved config is the base, the override extends it.
-    code, out, err = run_cli(capsys, ["train", "--resume", str(tmp_path / "run"), "--train.steps", "18",
-                                      "--optim.schedule", "linear"])
+    # Resume the finished run with more steps: the saved config is the base, the override extends it. The run is named
+    # by --train.out_dir, whose preset (warmup 30 > 18 steps) would not validate: only the run's config must.
+    code, out, err = run_cli(capsys, ["train", "--resume", "--train.out_dir", str(tmp_path / "run"),
+                                      "--train.steps", "18", "--optim.schedule", "linear"])
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "training_metrics.json").read_text())
     assert metrics["steps"] == list(range(1, 19))
@@ -136,7 +137,8 @@ def test_train_with_toml_then_resume_then_eval(tmp_path, capsys):
     from fasttrain.generate import generate
     from fasttrain.train.checkpoint import load_for_inference
     model, tokenizer, _ = load_for_inference(tmp_path / "run")
-    expected = generate(model, [tokenizer.encode("def f(")], 20, temperature=0.0, stop_tokens=[tokenizer.eot_id])
+    expected = generate(model, [tokenizer.encode("def f(")], 20, temperature=0.0, stop_tokens=[tokenizer.eot_id],
+                        vocab_size=tokenizer.vocab_size)
     code, out, err = run_cli(capsys, ["generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "def f(",
                                       "--max-new-tokens", "20", "--temperature", "0"])
     assert code == 0, err

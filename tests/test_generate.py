@@ -79,6 +79,15 @@ def test_sampling_is_seeded_and_restores_training_mode(reference_ops):
     assert a == b and model.training
 
 
+def test_padded_vocabulary_ids_are_never_drawn(reference_ops):
+    # The trainer pads the embedding to a multiple of 64; ids past the tokenizer's (here 40 of 64) mean nothing.
+    model = _model()
+    drawn = generate(model, PROMPTS, 20, temperature=2.0, seed=0).tokens
+    assert max(t for seq in drawn for t in seq) >= 40  # the chaotic model draws them when allowed
+    kept = generate(model, PROMPTS, 20, temperature=2.0, seed=0, vocab_size=40).tokens
+    assert max(t for seq in kept for t in seq) < 40 and sum(map(len, kept)) == 60
+
+
 def test_sample_filters_and_frequencies():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(20000, 1)  # (N, V)
     g = torch.Generator().manual_seed(0)
@@ -115,6 +124,7 @@ def test_cache_shapes_are_static():
     (dict(top_k=0), "top_k must be None or an int >= 1"),
     (dict(top_p=1.5), r"top_p must be None or in \(0, 1\]"),
     (dict(cuda_graph=True), "cuda_graph=True needs the model on a CUDA device"),
+    (dict(vocab_size=65), r"vocab_size must be an int in \[1, the model's 64\], got 65"),
 ])
 def test_bad_arguments_raise(kwargs, match, reference_ops):
     args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs

@@ -107,7 +107,7 @@ def sample_text(model: GPT, tokenizer, prompt: str, n_tokens: int, seed: int, au
     n_tokens = min(n_tokens, model.config.max_seq_len + 1 - len(ids))
     with autocast():
         result = generate(model, [ids], n_tokens, temperature=0.8, top_k=40, stop_tokens=[tokenizer.eot_id],
-                          seed=seed)
+                          seed=seed, vocab_size=tokenizer.vocab_size)
     return tokenizer.decode(ids + result.tokens[0])
 
 
