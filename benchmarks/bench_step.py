@@ -124,11 +124,11 @@ def disagreement(got: dict, eager: dict, device: str) -> str | None:
     gradient near 0 may flip sign between two correct kernels (bf16)."""
     tol = 2e-2 if device == "cuda" else 1e-4
     for key in ("loss", "grad_norm"):
-        if abs(got[key] - eager[key]) > tol * abs(eager[key]):
+        if not abs(got[key] - eager[key]) <= tol * abs(eager[key]):  # NaN too
             return f"{key} {got[key]:.6g}, eager's {eager[key]:.6g}"
     moved = sum(d.abs().sum().item() for d in eager["deltas"])
     off = sum((a - b).abs().sum().item() for a, b in zip(got["deltas"], eager["deltas"]))
-    if off > (0.1 if device == "cuda" else 1e-3) * moved:  # an optimizer that did nothing is off by 1.0
+    if not off <= (0.1 if device == "cuda" else 1e-3) * moved:  # one that did nothing is off by 1.0; NaN too
         return f"weight update off by {off / moved:.3g} of eager's (mean absolute)"
     return None
 

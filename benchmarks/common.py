@@ -157,11 +157,13 @@ def _git(*args: str) -> str | None:
 
 
 def _git_commit() -> str:
-    """HEAD, with '+dirty' when tracked files under csrc/, kernels/, fasttrain/ or benchmarks/ differ from it."""
+    """HEAD, with '+dirty' when tracked files under csrc/, kernels/, fasttrain/ or benchmarks/ (but its results/,
+    which each run rewrites) differ from it."""
     head = _git("rev-parse", "HEAD")
     if head is None:
         return "unknown"
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "kernels", "fasttrain", "benchmarks")
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "kernels", "fasttrain", "benchmarks",
+                 ":(exclude)benchmarks/results")
     return head.strip() + ("+dirty" if dirty else "")
 
 

@@ -546,8 +546,9 @@ def test_more_sequences_than_the_grid_takes_fall_back_to_the_reference(monkeypat
     assert _max_err(packed, flash_attn_func(q, k, v, causal=True, backend="reference").reshape(15, 2, 32)) < 1e-6
 
 
+@pytest.mark.parametrize("aliased", [False, True], ids=["qkv", "x-as-qkv"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_double_backward_matches_torch_float64(causal):
+def test_double_backward_matches_torch_float64(causal, aliased):
     # A gradient penalty through attention: the first-order gradients kept as a graph (create_graph=True).
     def penalty(attend, q, k, v):
         grads = torch.autograd.grad(attend(q, k, v).pow(2).sum() + sum(t.pow(3).sum() for t in (q, k, v)), (q, k, v),
@@ -559,9 +560,15 @@ def test_double_backward_matches_torch_float64(causal):
             return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal,
                                                   enable_gqa=True).transpose(1, 2)
 
-    q, k, v = _inputs(1, 9, 9, 4, 2, 32)
-    want = penalty(torch_sdpa, *(t.detach().double().requires_grad_() for t in (q, k, v)))
-    got = penalty(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, backend="triton"), q, k, v)
+    if aliased:  # self-attention on one tensor: each slot's gradient counted once
+        x = _inputs(1, 9, 9, 4, 4, 32)[0]
+        x64 = x.detach().double().requires_grad_()
+        want = penalty(lambda x, *_: torch_sdpa(x, x, x), x64, x64, x64)
+        got = penalty(lambda x, *_: flash_attn_func(x, x, x, causal=causal, backend="triton"), x, x, x)
+    else:
+        q, k, v = _inputs(1, 9, 9, 4, 2, 32)
+        want = penalty(torch_sdpa, *(t.detach().double().requires_grad_() for t in (q, k, v)))
+        got = penalty(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, backend="triton"), q, k, v)
     for name, g, ref in zip("qkv", got, want):
         assert _max_err(g, ref) < TOL_FP32 * ref.abs().max().item(), f"d{name}"
 

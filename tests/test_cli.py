@@ -237,10 +237,12 @@ def test_benchmarks_check_results_before_timing(monkeypatch):
     bench = _bench_module("bench_attention")
     found = bench.providers("cpu")
     monkeypatch.setattr(bench, "providers", lambda device: {
-        "fasttrain": lambda q, k, v, causal: found["fasttrain"](q, k, v, causal) + 0.1, "eager": found["eager"]})
-    rows = bench.bench_shape("cpu", torch.float32, 1, 16, 2, 32, True, ["fwd"])
+        "fasttrain": lambda q, k, v, causal: found["fasttrain"](q, k, v, causal) + 0.1, "eager": found["eager"],
+        "nan": lambda q, k, v, causal: found["eager"](q, k, v, causal) * float("nan")})
+    rows = bench.bench_shape("cpu", torch.float32, 2, 16, 4, 32, True, ["fwd"])
     assert rows[0]["skipped"].startswith("wrong result") and "fwd_ms" not in rows[0]
     assert rows[1]["max_rel_err"] < 1e-6 and rows[1]["fwd_ms"] > 0
+    assert rows[2]["skipped"].startswith("wrong result")
     # step: an optimizer that left the weights alone
     step = _bench_module("bench_step")
     weights = [torch.randn(4, 4)]
@@ -248,6 +250,7 @@ def test_benchmarks_check_results_before_timing(monkeypatch):
     assert step.disagreement(dict(eager, deltas=[d + 1e-9 for d in eager["deltas"]]), eager, "cpu") is None
     assert "weight update off by 1" in step.disagreement(dict(eager, deltas=[0 * w for w in weights]), eager, "cpu")
     assert "grad_norm" in step.disagreement(dict(eager, grad_norm=1.1), eager, "cpu")
+    assert "loss" in step.disagreement(dict(eager, loss=float("nan")), eager, "cpu")
     # adamw: betas that a single step cannot tell apart
     adamw = _bench_module("bench_adamw")
     real = adamw.AdamW

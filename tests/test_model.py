@@ -211,7 +211,7 @@ def test_casting_the_model_keeps_the_rotary_tables_fp32():
     assert torch.equal(model.half().float().rope_cos, cos)
 
 
-@pytest.mark.parametrize("load", ["to_empty+reset", "assign"])
+@pytest.mark.parametrize("load", ["to_empty+reset", "to_empty", "assign"])
 def test_a_model_built_on_the_meta_device_works(load):
     # How FSDP2 and big-model loading build it: no memory until the weights arrive. The rope tables are not in the
     # state dict, and assign=True hands each tensor over as its own Parameter.
@@ -223,12 +223,21 @@ def test_a_model_built_on_the_meta_device_works(load):
         model.load_state_dict(ref.state_dict(), assign=True)
     else:
         model.to_empty(device="cpu")
-        model.reset_parameters()
+        if load == "to_empty+reset":
+            model.reset_parameters()
         model.load_state_dict(ref.state_dict())
     assert model.lm_head.weight is model.wte.weight and len(list(model.parameters())) == len(list(ref.parameters()))
     assert torch.equal(model.rope_cos, ref.rope_cos) and torch.equal(model.rope_sin, ref.rope_sin)
     idx = torch.randint(0, SMALL["vocab_size"], (2, 9))
     assert torch.equal(model(idx)[0], ref(idx)[0])
+
+
+def test_a_head_untied_by_the_user_stays_untied_through_a_load():
+    model = GPT(GPTConfig(**SMALL))
+    model.lm_head.weight = torch.nn.Parameter(model.wte.weight.detach().clone())  # fine-tune the head alone
+    state = {k: v + 1 if k == "lm_head.weight" else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    assert model.lm_head.weight is not model.wte.weight and torch.equal(model.lm_head.weight, state["lm_head.weight"])
 
 
 def test_compiles_with_fullgraph_and_matches_eager():

@@ -40,7 +40,7 @@ def _fmt(v, column: str) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     if isinstance(v, int) and column == "params":  # 1.06M, 140M, 1,069M
-        return f"{v / 1e6:.3g}M" if v < 10**9 else f"{v / 1e6:,.0f}M"
+        return f"{v / 1e6:.3g}M" if v < 999_500_000 else f"{v / 1e6:,.0f}M"
     if isinstance(v, int) and abs(v) >= 100_000:  # a dimension, exact: V = 128,256
         return f"{v:,}"
     return "" if v is None else str(v)

@@ -96,11 +96,15 @@ def map_in_order(fn: Callable, tasks: list, workers: int, tok_config: dict | Non
         _set_tokenizer(tok_config)
         yield from map(fn, tasks)
         return
-    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_pool_worker, initargs=(tok_config,))
+    completed = False
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker,
-                                 initargs=(tok_config,)) as pool:
-            yield from pool.map(fn, tasks)
+        yield from pool.map(fn, tasks)
+        completed = True
     except BrokenProcessPool as exc:
-        raise RuntimeError(f"a data worker process died (killed, or out of memory?) while reading or tokenizing; "
-                           f"DataConfig.num_workers=0 works in this process instead ({exc})") from exc
+        raise RuntimeError(f"a data worker process died or failed to start (killed, out of memory, a tokenizer it "
+                           f"could not build?); DataConfig.num_workers=0 works in this process instead ({exc})"
+                           ) from exc
+    finally:  # a caller that stops early (an error while writing) does not wait for the tasks still queued
+        pool.shutdown(wait=completed, cancel_futures=not completed)

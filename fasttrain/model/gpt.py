@@ -122,6 +122,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
             self.rope_cos = self.rope_sin = None
+        self.register_load_state_dict_pre_hook(GPT._before_load)
         self.register_load_state_dict_post_hook(GPT._after_load)
         self.reset_parameters()
 
@@ -130,21 +131,30 @@ class GPT(nn.Module):
         self.rope_cos, self.rope_sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=device)
 
     def _apply(self, fn, recurse=True):
+        # to_empty() off the meta device gives each module a Parameter of its own, untying a tied head.
+        tied = self.lm_head.weight is self.wte.weight
+        super()._apply(fn, recurse)
+        if tied and self.lm_head.weight is not self.wte.weight:
+            self.lm_head.weight = self.wte.weight
         # nn.Module.to(dtype) / .half() cast every floating buffer too; bf16 tables are off by up to 4e-3 (one bf16
         # ulp of values near 1), so rebuild them in fp32 on their new device from the config instead.
-        super()._apply(fn, recurse)
         if self.rope_cos is not None and self.rope_cos.dtype != torch.float32:
             self._rebuild_rope_tables(self.rope_cos.device)
         return self
 
     @staticmethod
+    def _before_load(self, *args) -> None:
+        self._tied_before_load = self.lm_head.weight is self.wte.weight
+
+    @staticmethod
     def _after_load(self, incompatible_keys) -> None:
         # A model built on the meta device and loaded with assign=True (FSDP2's and big models' way) gets each
-        # state-dict tensor as its own Parameter, untying the head from the embedding, and keeps meta rope tables
-        # (they are not in the state dict).
-        if self.config.tie_embeddings and self.lm_head.weight is not self.wte.weight:
+        # state-dict tensor as its own Parameter, untying a tied head from the embedding; a head the user untied
+        # stays untied. The rope tables are not in the state dict: after to_empty() (or on meta) they hold nothing,
+        # so they are rebuilt from the config on the weights' device (a few KB).
+        if self._tied_before_load and self.lm_head.weight is not self.wte.weight:
             self.lm_head.weight = self.wte.weight
-        if self.rope_cos is not None and self.rope_cos.device != self.wte.weight.device:
+        if self.rope_cos is not None:
             self._rebuild_rope_tables(self.wte.weight.device)
 
     def reset_parameters(self) -> None:

@@ -68,6 +68,9 @@ def reference_gradients(reference: Callable, inputs: tuple, grad_outputs: tuple)
     their gradients outside autograd, so returned there the second derivative would silently lack the op's terms.
     An input that is not a tensor, or needs no gradient, gets None; so does a grad_output given as None.
     """
+    # A view per slot: self-attention may pass one tensor as q, k and v, and a gradient taken with respect to the
+    # tensor itself would be the total over the slots, returned once per slot (3x).
+    inputs = tuple(t.view_as(t) if isinstance(t, Tensor) and t.requires_grad else t for t in inputs)
     wanted = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
     outputs = reference(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)

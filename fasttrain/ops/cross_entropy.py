@@ -88,7 +88,8 @@ def cross_entropy(input: Tensor, target: Tensor, ignore_index: int = -100, reduc
     input: (N, V) logits, any floating dtype; target: (N,) integer class indices. Rows whose target equals
     ignore_index add nothing and get zero gradient; "mean" divides by the rows not ignored (NaN when all are, as in
     torch). Unlike torch, the loss is float32 whatever the logits dtype (a bf16 mean loses the digits a training curve
-    shows), and on the triton backend a target outside [0, V) gives a NaN loss instead of a device assert.
+    shows), and on the triton backend a target outside [0, V) gives a NaN loss instead of a device assert (not under
+    a double backward, create_graph=True, whose gradients come from torch's cross-entropy).
     Class weights and label smoothing are not implemented. backend: "auto" (default), "triton" or "reference".
     """
     if not isinstance(input, Tensor) or input.dim() != 2 or not input.is_floating_point():

@@ -199,11 +199,12 @@ def _norm(input: Tensor, residual: Tensor | None, n_cols: int, weight: Tensor | 
 def _reference(is_rms: bool, x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
                eps: float) -> Tensor:
     """torch's norm, in the kernels' output dtype. A weight or bias of another dtype than x (which the kernels
-    take, computing in fp32) is applied in fp32 here too: torch's CPU kernels refuse mixes such as fp32 x, fp16
-    weight."""
+    take, computing in fp32) is applied in fp32 (fp64 for fp64 x) here too: torch's CPU kernels refuse mixes such as
+    fp32 x, fp16 weight."""
     out_dtype = _out_dtype(x.device, x.dtype)
     if any(t is not None and t.dtype != x.dtype for t in (weight, bias)):
-        x, weight, bias = (None if t is None else t.float() for t in (x, weight, bias))
+        wide = torch.promote_types(x.dtype, torch.float32)
+        x, weight, bias = (None if t is None else t.to(wide) for t in (x, weight, bias))
     y = F.rms_norm(x, shape, weight, eps) if is_rms else F.layer_norm(x, shape, weight, bias, eps)
     return y.to(out_dtype)
 

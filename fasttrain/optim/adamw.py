@@ -138,6 +138,8 @@ class AdamW(Optimizer):
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, max_grad_norm: float | None = None, backend: str | None = None) -> None:
         _check_hyper(lr, betas, eps, weight_decay)
+        if foreach and fused:
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's check and message
         for name, value in (("capturable", capturable), ("differentiable", differentiable)):
             if value:  # a step under CUDA graph capture, or one autograd can differentiate: not measured, not taken
                 raise ValueError(f"{name}=True is not supported by fasttrain's AdamW (use torch.optim.AdamW)")
