@@ -31,8 +31,8 @@ from fasttrain.ops.attention_reference import UNBOUNDED, attention_reference  # 
 TOKENS, HIDDEN = 16384, 2048
 # Largest error allowed against the fp32 reference, relative to the reference's largest magnitude (at least 1): a bf16
 # kernel rounds its output and gradients once (2**-8 relative) and sums in fp32; H100 measured at most 0.012 absolute
-# between fasttrain and the peers. The eager reference in bf16 (scores rounded too, worse than any fused kernel) misses
-# by 0.002-0.009 on out, dq, dk, dv at T 2048 and 8192, causal or not, d128 (CPU, /tmp check of this session): 5x margin.
+# between fasttrain and the peers. The eager reference in bf16 (scores rounded too, worse than any fused kernel)
+# misses by 0.002-0.009 on out, dq, dk, dv at T 2048 and 8192, causal or not, d128 (measured on the CPU): 5x margin.
 # A wrong mask, scale or tile misses by O(1).
 CHECK_RTOL = {torch.bfloat16: 5e-2, torch.float16: 2e-2, torch.float32: 1e-4}
 EAGER_MAX_SCORE_BYTES = 8 << 30  # eager materialises (B, H, T, T) scores several times over; skip beyond this
