@@ -43,9 +43,11 @@ def device_name(device: str) -> str:
 def device_slug(device: str) -> str:
     """Folder name for results: 'nvidia-h100-80gb-hbm3', 'cpu-amd-epyc-2t' (the CPU's model, so that two machines'
     results never share a folder)."""
+    def slug(name: str) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     if device == "cuda":
-        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    return f"cpu-{re.sub(r'[^a-z0-9]+', '-', cpu_name().lower()).strip('-')}-{torch.get_num_threads()}t"
+        return slug(torch.cuda.get_device_name())
+    return f"cpu-{slug(cpu_name())}-{torch.get_num_threads()}t"
 
 
 def synchronize(device: str) -> None:
@@ -175,11 +177,11 @@ def installed_differs() -> list[str]:
     if installed == root / "fasttrain":  # run against the source tree itself
         return []
     differ = []
-    for source in sorted([*(root / "fasttrain").rglob("*.py"), *(root / "kernels").rglob("*.py")]):
-        rel = source.relative_to(root / ("kernels" if source.is_relative_to(root / "kernels") else "fasttrain"))
-        copy = installed / ("kernels" if source.is_relative_to(root / "kernels") else "") / rel
-        if not copy.is_file() or copy.read_bytes() != source.read_bytes():
-            differ.append(str(source.relative_to(root)))
+    for checkout, copies in ((root / "fasttrain", installed), (root / "kernels", installed / "kernels")):
+        for source in sorted(checkout.rglob("*.py")):
+            copy = copies / source.relative_to(checkout)
+            if not copy.is_file() or copy.read_bytes() != source.read_bytes():
+                differ.append(str(source.relative_to(root)))
     return differ
 
 

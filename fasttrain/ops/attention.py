@@ -26,6 +26,7 @@ from fasttrain.ops.attention_reference import (UNBOUNDED, attention_reference, a
 OP = "attention"
 HEAD_DIMS = (32, 64, 96, 128, 256)
 _KERNEL_DTYPES_CUDA = (torch.float16, torch.bfloat16)
+GRID_YZ_MAX = 65535  # CUDA's limit on a grid's y and z axes (the kernels put H and B there)
 
 
 def _kernels(module: str):
@@ -167,7 +168,6 @@ def _choose(q: Tensor, backend: str | None, fallback_reason: str | None = None) 
     return _backend.choose(OP, {"triton": _triton_reason(q, fallback_reason), "reference": None}, backend)
 
 
-GRID_YZ_MAX = 65535
 _backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "reference": None})
 _backend.register(f"{OP} with dropout_p > 0 or an attn_mask",
                   lambda: {"triton": "not implemented in the kernels", "reference": None})

@@ -99,13 +99,10 @@ def _backward(ctx, dy, dstream, grad_mean, grad_rstd):  # mean and rstd never le
 
 
 def _reference_backward(ctx, rows, weight, bias, dy, dstream):
-    """The gradients as a graph, through torch's own norms in fp32 (see reference_gradients)."""
-    def norm(rows, weight, bias):
-        shape, w = rows.shape[-1:], None if weight is None else weight.float()
-        if ctx.is_rms:
-            return F.rms_norm(rows.float(), shape, w, ctx.eps)
-        return F.layer_norm(rows.float(), shape, w, None if bias is None else bias.float(), ctx.eps)
-    drows, dw, db = reference_gradients(norm, (rows, weight, bias), (dy,))
+    """The gradients as a graph, through the reference backend's norm (see reference_gradients)."""
+    drows, dw, db = reference_gradients(
+        lambda rows, weight, bias: _reference(ctx.is_rms, rows, rows.shape[-1:], weight, bias, ctx.eps),
+        (rows, weight, bias), (dy,))
     if ctx.dtypes is None:
         return drows, None, dw, db, None, None, None
     if dstream is not None:  # s = x + residual passes the stream's gradient to both
