@@ -1,18 +1,16 @@
-"""Attention forward, backward and forward+backward TFLOP/s: fasttrain's Triton kernels against eager PyTorch
-(matmul-softmax-matmul, the reference in fasttrain.ops.attention_reference), SDPA's FLASH, CUDNN and EFFICIENT
-backends, and flash-attn when it is installed. bf16, B*T = 16k tokens, H*D = 2048, T = 512..16384, head_dim 64 and
-128, causal and not. Before a provider is timed, its output and its gradients are checked against the fp32 reference
+"""Attention forward, backward and forward+backward TFLOP/s: fasttrain's kernels against eager PyTorch
+(matmul-softmax-matmul, the reference in fasttrain.ops.attention_reference), SDPA's backends, and flash-attn when it
+is installed. On a GPU: the Triton kernels against SDPA's FLASH, CUDNN and EFFICIENT, bf16, B*T = 16k tokens,
+H*D = 2048, T = 512..16384, head_dim 64 and 128, causal and not. On the CPU: the C++ kernel against SDPA's FLASH
+(torch's own CPU flash kernel), fp32, B*T = 2048 tokens, H*D = 512, T 256 and 1024, head_dim 64. Before a provider is timed, its output and its gradients are checked against the fp32 reference
 on four heads, two of the first sequence and two of the last (the whole shape's fp32 scores would not fit at
 T = 16384); one that is off is not timed, and the run exits 1 after writing what it measured.
 
     python benchmarks/bench_attention.py [--quick] [--seqlens T ...] [--device cuda|cpu]
-
-On CPU this is a smoke test only: the Triton interpreter against the reference at one small fp32 shape.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -22,13 +20,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-if not torch.cuda.is_available():  # the CPU smoke test runs the kernels in the Triton interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from fasttrain.ops import flash_attn_func  # noqa: E402
 from fasttrain.ops.attention_reference import UNBOUNDED, attention_reference  # noqa: E402
 
 TOKENS, HIDDEN = 16384, 2048
+TOKENS_CPU, HIDDEN_CPU, HEAD_DIM_CPU = 2048, 512, 64
 # Largest error allowed against the fp32 reference, relative to the reference's largest magnitude (at least 1): a bf16
 # kernel rounds its output and gradients once (2**-8 relative) and sums in fp32; H100 measured at most 0.012 absolute
 # between fasttrain and the peers. The eager reference in bf16 (scores rounded too, worse than any fused kernel)
@@ -56,8 +52,9 @@ def _sdpa(backend):
 
 
 def providers(device: str) -> dict:
+    kernel = "triton" if device == "cuda" else "cpu"
     found = {
-        "fasttrain": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal, backend="triton"),
+        "fasttrain": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal, backend=kernel),
         "eager": lambda q, k, v, causal: attention_reference(q, k, v, q.shape[-1] ** -0.5, UNBOUNDED,
                                                              0 if causal else UNBOUNDED)[0],
     }
@@ -68,6 +65,9 @@ def providers(device: str) -> dict:
         with contextlib.suppress(ImportError):
             import flash_attn
             found["flash_attn"] = lambda q, k, v, causal: flash_attn.flash_attn_func(q, k, v, causal=causal)
+    else:
+        from torch.nn.attention import SDPBackend
+        found["sdpa_flash"] = _sdpa(SDPBackend.FLASH_ATTENTION)
     return found
 
 
@@ -131,18 +131,20 @@ def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
 
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
-        "--seqlens", type=int, nargs="+", help="on a GPU, these T only (default 512..16384; --quick: 512 2048)"))
+        "--seqlens", type=int, nargs="+",
+        help="these T only (GPU default 512..16384, --quick 512 2048; CPU default 256 1024, --quick 256)"))
     modes = ["fwd", "bwd", "fwd+bwd"]
-    if args.device == "cpu":  # smoke test: the interpreter is ~1000x slower than a GPU; fp32 only (PLATFORM.md)
-        shapes, dtype, ceilings = [(1, 128, 2, 64, True)], torch.float32, {}
+    if args.device == "cpu":
+        tokens, seqlens = TOKENS_CPU, args.seqlens or ([256] if args.quick else [256, 1024])
+        head_dims, dtype = (HEAD_DIM_CPU,), torch.float32
+        hidden, ceilings = HIDDEN_CPU, {"matmul_fp32_tflops": common.matmul_tflops(args.device)}
     else:
-        seqlens = args.seqlens or ([512, 2048] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
-        if any(T <= 0 or TOKENS % T for T in seqlens):
-            raise SystemExit(f"--seqlens: each T must divide {TOKENS} (B * T = {TOKENS} tokens), got {seqlens}")
-        shapes = [(TOKENS // T, T, HIDDEN // D, D, causal) for D in (64, 128) for causal in (False, True)
-                  for T in seqlens]
-        dtype = torch.bfloat16
-        ceilings = {"matmul_bf16_tflops": common.matmul_tflops(args.device)}
+        tokens, seqlens = TOKENS, args.seqlens or ([512, 2048] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
+        head_dims, dtype = (64, 128), torch.bfloat16
+        hidden, ceilings = HIDDEN, {"matmul_bf16_tflops": common.matmul_tflops(args.device)}
+    if any(T <= 0 or tokens % T for T in seqlens):
+        raise SystemExit(f"--seqlens: each T must divide {tokens} (B * T = {tokens} tokens), got {seqlens}")
+    shapes = [(tokens // T, T, hidden // D, D, causal) for D in head_dims for causal in (False, True) for T in seqlens]
     rows = []
     for B, T, H, D, causal in shapes:
         rows += bench_shape(args.device, dtype, B, T, H, D, causal, modes)

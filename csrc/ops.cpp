@@ -13,4 +13,13 @@ TORCH_LIBRARY(fasttrain, m) {
       "Tensor? grad_norm, float max_grad_norm) -> ()");
   // Sum of squares of every element of every grad, as a float32 scalar tensor on the grads' device.
   m.def("adamw_grad_sumsq(Tensor[] grads) -> Tensor");
+  // Attention in flash-attn's layout ((B, T, H, D), or packed (total, H, D) with cu_seqlens): query i of a sequence
+  // sees keys j with -left <= j - i - (Tk - Tq) <= right. Returns out in q's dtype and a float32 lse,
+  // (B, H, Tq) or (H, total_q). The backward recomputes the probabilities from lse; dlse is lse's gradient.
+  m.def(
+      "attention_forward_cpu(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "float scale, int left, int right) -> (Tensor, Tensor)");
+  m.def(
+      "attention_backward_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, float scale, int left, int right) -> (Tensor, Tensor, Tensor)");
 }

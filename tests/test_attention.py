@@ -1,5 +1,5 @@
-"""fasttrain.ops attention: the Triton kernels (interpreted on CPU, fp32) against a float64 reference, every gradient,
-the SDPA and varlen front doors, the torch.compile registration, backend choice and input errors.
+"""fasttrain.ops attention: the Triton kernels (interpreted on CPU, fp32) and the C++ CPU kernel against a float64
+reference, every gradient, the SDPA and varlen front doors, the torch.compile registration, backend choice and input errors.
 GPU tests (`pytest -m gpu`) check bf16/fp16 by the rule "at most 2x PyTorch's own same-dtype error, both against an
 fp32 reference" at T up to 8192.
 """
@@ -55,14 +55,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
+# Triton's two backward plans (dQ added by atomics from the dK/dV kernel, the interpreter's default, and dQ by its own
+# kernel, deterministic=True) and the C++ CPU kernel (one plan).
+KERNELS = [("triton", False), ("triton", True), ("cpu", False)]
+KERNEL_IDS = ["atomic_dq", "dq_kernel", "cpu"]
+
+
+@pytest.mark.parametrize("backend,deterministic", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,window", CASES, ids=lambda c: str(c))
-def test_kernel_matches_float64_reference(B, Tq, Tk, H, Hkv, D, causal, window, deterministic):
-    """Both backward plans: dQ added by atomics from the dK/dV kernel (the interpreter's default) and by its own
-    kernel (deterministic=True)."""
+def test_kernel_matches_float64_reference(B, Tq, Tk, H, Hkv, D, causal, window, backend, deterministic):
     q, k, v = _inputs(B, Tq, Tk, H, Hkv, D)
     out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True,
-                                  deterministic=deterministic, backend="triton")
+                                  deterministic=deterministic, backend=backend)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref, ref_lse, _ = flash_attn_func(q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True,
                                       backend="reference")
@@ -76,8 +80,8 @@ def test_kernel_matches_float64_reference(B, Tq, Tk, H, Hkv, D, causal, window, 
         assert _max_err(got, want) < TOL_FP32, f"d{name}"
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
-def test_varlen_uneven_lengths_forward_and_backward(deterministic):
+@pytest.mark.parametrize("backend,deterministic", KERNELS, ids=KERNEL_IDS)
+def test_varlen_uneven_lengths_forward_and_backward(backend, deterministic):
     lens_q, lens_k = [1, 97, 17, 130], [1, 60, 17, 200]  # includes a length-1 sequence and Tq != Tk per sequence
     cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
     cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
@@ -88,7 +92,7 @@ def test_varlen_uneven_lengths_forward_and_backward(deterministic):
         v = torch.randn(sum(lens_k), 2, 64, generator=g).requires_grad_()
         out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
                                              window_size=window, return_attn_probs=True, deterministic=deterministic,
-                                             backend="triton")
+                                             backend=backend)
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
         ref, ref_lse = attention_reference(q64, k64, v64, 64 ** -0.5, *(_flash_window(causal, window)), cu_q, cu_k)
         assert lse.shape == (4, sum(lens_q))
@@ -336,7 +340,7 @@ def _flash_window(causal, window):
     return left, 0 if causal else right
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_lse_gradient_flows(backend):
     """A loss on the returned logsumexp differentiates through it (d lse / d s = p), on both backends."""
     q, k, v = _inputs(2, 40, 33, 2, 1, 32)
@@ -456,11 +460,13 @@ def test_sdpa_attn_mask_and_dropout_take_the_reference_path():
         flash_attn_func(q.float(), k.float(), v.float(), dropout_p=0.1, backend="triton")
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_under_the_interpreter(dtype):
-    """fp16/bf16 run through the same kernels (widened after each load when interpreting)."""
+def test_half_precision_on_the_cpu(dtype, backend):
+    """fp16/bf16 run through the same kernels (widened after each load when interpreting; widened on entry and
+    rounded once at the end by the C++ kernel)."""
     q, k, v = _inputs(1, 50, 50, 2, 1, 64, dtype=dtype)
-    out = flash_attn_func(q, k, v, causal=True, backend="triton")
+    out = flash_attn_func(q, k, v, causal=True, backend=backend)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = flash_attn_func(q64, k64, v64, causal=True, backend="reference")
     assert out.dtype == dtype and _max_err(out, ref) < TOL_HALF[dtype]
@@ -469,27 +475,27 @@ def test_half_precision_under_the_interpreter(dtype):
         assert got.dtype == dtype and _max_err(got, want) < 4 * TOL_HALF[dtype]
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_registered_ops_schema_and_fake_tensors(deterministic):
-    """torch.library's own checks of both ops (schema, fake implementations against the real ones), both plans."""
+@pytest.mark.parametrize("backend,deterministic", KERNELS, ids=KERNEL_IDS)
+def test_registered_ops_schema_and_fake_tensors(backend, deterministic):
+    """torch.library's own checks of both ops (schema, fake implementations against the real ones), every plan."""
     from fasttrain.ops import attention as attention_ops
     q, k, v = (t.detach() for t in _inputs(1, 20, 20, 2, 1, 32))
-    args = (q, k, v, None, None, 20, 20, 32 ** -0.5, UNBOUNDED, 0, "triton", deterministic)
+    args = (q, k, v, None, None, 20, 20, 32 ** -0.5, UNBOUNDED, 0, backend, deterministic)
     torch.library.opcheck(attention_ops._forward_op.op, args, test_utils=("test_schema", "test_faketensor"))
     out, lse = attention_ops._forward_op(*args)
     backward_args = (torch.randn_like(out), q, k, v, out, lse, None, None, None, 20, 20, 32 ** -0.5, UNBOUNDED, 0,
-                     "triton", deterministic)
+                     backend, deterministic)
     torch.library.opcheck(attention_ops._backward_op.op, backward_args, test_utils=("test_schema", "test_faketensor"))
 
 
-def test_torch_compile_fullgraph_no_graph_break():
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_torch_compile_fullgraph_no_graph_break(backend):
     """The registered op traces under fullgraph=True, forward and backward, and gives eager's numbers."""
     torch._dynamo.reset()
     q, k, v = _inputs(2, 24, 24, 4, 2, 32)
 
     def loss_fn(q, k, v):
-        return flash_attn_func(q, k, v, causal=True, backend="triton").square().sum()
-
+        return flash_attn_func(q, k, v, causal=True, backend=backend).square().sum()
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     want = torch.autograd.grad(loss_fn(q, k, v), (q, k, v))
@@ -497,28 +503,52 @@ def test_torch_compile_fullgraph_no_graph_break():
         assert _max_err(a, b) < 1e-5
 
 
-def test_auto_chooses_reference_on_cpu_without_the_interpreter(monkeypatch):
+def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
+    import fasttrain.ops.attention as attention_ops
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    q, k, v = _inputs(1, 8, 8, 2, 1, 32)
+    q, k, v = _inputs(1, 8, 8, 2, 1, 48)  # any head_dim: the C++ kernel's matmuls take it
+    assert attention_ops._choose(q, "auto") == "cpu"
     with warnings.catch_warnings():  # the intended CPU path, not a fallback: no warning
         warnings.simplefilter("error")
         out = flash_attn_func(q, k, v, causal=True, backend="auto")
-    out.sum().backward()  # the model's CPU training path: autograd through the reference op
+    out.sum().backward()  # the model's CPU training path: autograd through the C++ kernel's op
     assert q.grad is not None and torch.isfinite(q.grad).all()
     with pytest.raises(_backend.BackendError, match="TRITON_INTERPRET"):
         flash_attn_func(q, k, v, backend="triton")
+    with pytest.warns(RuntimeWarning, match="the CPU kernel takes fp32, bf16 or fp16, got torch.float64"):
+        attention_ops._choose(q.double(), "auto")
+    monkeypatch.setattr(attention_ops, "_CPU_OP_REASON", "no extension here")
+    with pytest.raises(_backend.BackendError, match="no extension here"):
+        flash_attn_func(q, k, v, backend="cpu")
 
 
-def test_unsupported_head_dim_falls_back_or_refuses():
+def test_cpu_kernel_takes_strided_inputs_and_is_bitwise_repeatable():
+    # q, k, v as a model slices them from one (B, T, 3, H, D) projection; dout a transposed view
+    qkv = torch.randn(2, 97, 3, 4, 32, requires_grad=True)
+    q, k, v = qkv.unbind(2)
+    dout = torch.randn(2, 4, 97, 32).transpose(1, 2)
+    runs = []
+    for _ in range(2):
+        out = flash_attn_func(q, k, v, causal=True, backend="cpu")
+        runs.append((out, *_grads(out, (q, k, v), dout)))
+    ref = flash_attn_func(*(t.detach().contiguous() for t in (q, k, v)), causal=True, backend="reference")
+    assert _max_err(runs[0][0], ref) < TOL_FP32
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_unsupported_head_dim_falls_back_or_refuses(monkeypatch):
+    import fasttrain.ops.attention as attention_ops
     q, k, v = _inputs(1, 8, 8, 2, 2, 48)
     with pytest.raises(_backend.BackendError, match="head_dim"):
         flash_attn_func(q, k, v, backend="triton")
+    assert attention_ops._choose(q, "auto") == "cpu"  # CPU tensors: the C++ kernel takes any head_dim
+    monkeypatch.setattr(attention_ops, "_cpu_reason", lambda q: "off in this test")
     with pytest.warns(RuntimeWarning, match="head_dim"):
         out = flash_attn_func(q, k, v)
     assert out.shape == q.shape
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_no_keys_give_zeros_as_torch(backend):
     # A sequence with no keys (Tk = 0, or an empty one in a packed batch): out 0, lse +inf, as SDPA gives 0.
     q, k, v = _inputs(2, 5, 0, 2, 2, 32)
@@ -537,6 +567,7 @@ def test_more_sequences_than_the_grid_takes_fall_back_to_the_reference(monkeypat
     # CUDA's grid takes 65535 blocks on the batch axis; patched to 2 here, so 3 sequences exceed it.
     import fasttrain.ops.attention as attention_ops
     monkeypatch.setattr(attention_ops, "GRID_YZ_MAX", 2)
+    monkeypatch.setattr(attention_ops, "_cpu_reason", lambda q: "off in this test")  # else auto takes the C++ kernel
     q, k, v = _inputs(3, 5, 5, 2, 2, 32)
     with pytest.raises(_backend.BackendError, match=r"3 sequences exceed the kernels' grid \(2 per launch"):
         flash_attn_func(q, k, v, backend="triton")

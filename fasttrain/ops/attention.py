@@ -5,9 +5,10 @@ Three layers (STYLE.md): the Triton kernels in fasttrain.kernels.attention(_back
 formula, so `torch.compile(fullgraph=True)` traces straight through; and the public functions below, which check
 their inputs and choose the backend.
 
-Backends: `triton` (CUDA fp16/bf16; CPU tensors under TRITON_INTERPRET=1) and `reference` (plain PyTorch, any
-device and dtype). An arbitrary `attn_mask` or `dropout_p > 0` always takes the reference path, outside the
-registered op, because the kernels implement neither.
+Backends: `triton` (CUDA fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu` (csrc/attention_cpu.cpp: CPU
+tensors in fp32, bf16 or fp16, computed in fp32) and `reference` (plain PyTorch, any device and dtype). An arbitrary
+`attn_mask` or `dropout_p > 0` always takes the reference path, outside the registered op, because the kernels
+implement neither.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fasttrain import _backend
+from fasttrain import _backend, _extension
 from fasttrain.ops._op import custom_op, reference_gradients
 from fasttrain.ops.attention_reference import (UNBOUNDED, attention_reference, attention_reference_backward,
                                               lse_dtype)
@@ -26,6 +27,7 @@ from fasttrain.ops.attention_reference import (UNBOUNDED, attention_reference, a
 OP = "attention"
 HEAD_DIMS = (32, 64, 96, 128, 256)
 _KERNEL_DTYPES_CUDA = (torch.float16, torch.bfloat16)
+_KERNEL_DTYPES_CPU = (torch.float32, torch.bfloat16, torch.float16)
 GRID_YZ_MAX = 65535  # CUDA's limit on a grid's y and z axes (the kernels put H and B there)
 
 
@@ -45,6 +47,8 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor],
     if backend == "triton":
         return _kernels("attention").attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                        max_seqlen_k, scale, left, right)
+    if backend == "cpu":
+        return torch.ops.fasttrain.attention_forward_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right)
     out, lse = attention_reference(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k)
     return out.contiguous(), lse.contiguous()  # fresh tensors: a custom op may not return views of its inputs
 
@@ -65,6 +69,9 @@ def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
         return _kernels("attention_backward").attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q,
                                                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                                                                  left, right, deterministic)
+    if backend == "cpu":
+        return torch.ops.fasttrain.attention_backward_cpu(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                                                          scale, left, right)
     grads = attention_reference_backward(do, q, k, v, out, lse, dlse, scale, left, right, cu_seqlens_q, cu_seqlens_k)
     return tuple(g.contiguous() for g in grads)
 
@@ -164,13 +171,40 @@ def _triton_reason(q: Tensor, fallback_reason: str | None = None) -> str | None:
     return None
 
 
-def _choose(q: Tensor, backend: str | None, fallback_reason: str | None = None) -> str:
-    return _backend.choose(OP, {"triton": _triton_reason(q, fallback_reason), "reference": None}, backend)
+def _cpu_op_reason() -> str | None:
+    if (why := _extension.why_unavailable()) is not None:
+        return why
+    if not hasattr(torch.ops.fasttrain, "attention_forward_cpu"):
+        return "fasttrain._C has no attention_forward_cpu op (stale build? reinstall)"
+    return None
 
 
-_backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "reference": None})
+# Read once, at import: under torch.compile, Dynamo traces _choose but cannot trace the extension's import.
+_CPU_OP_REASON = _cpu_op_reason()
+
+
+def _cpu_reason(q: Tensor) -> str | None:
+    if q.device.type != "cpu":
+        return _backend.cpu_extension_reason(q.device)  # NotForDevice
+    if _CPU_OP_REASON is not None:
+        return _CPU_OP_REASON
+    if q.dtype not in _KERNEL_DTYPES_CPU:
+        return f"the CPU kernel takes fp32, bf16 or fp16, got {q.dtype}"
+    return None
+
+
+def _choose(q: Tensor, backend: str | None, unsupported: str | None = None, triton_limit: str | None = None) -> str:
+    """unsupported: what no kernel implements (an attn_mask, dropout); triton_limit: what the GPU launch cannot take."""
+    return _backend.choose(OP, {"triton": _triton_reason(q, unsupported or triton_limit),
+                                "cpu": unsupported or _cpu_reason(q), "reference": None}, backend)
+
+
+_backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()),
+                               "cpu": _CPU_OP_REASON,
+                               "reference": None})
 _backend.register(f"{OP} with dropout_p > 0 or an attn_mask",
-                  lambda: {"triton": "not implemented in the kernels", "reference": None})
+                  lambda: {"triton": "not implemented in the kernels", "cpu": "not implemented in the kernels",
+                           "reference": None})
 
 
 def _check_dropout(dropout_p) -> None:
@@ -197,13 +231,11 @@ def _kernel_limit_reason(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, m
 def _attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, dropout_p, attn_mask=None,
             deterministic=False):
     """(out, lse) from the registered op, or from the reference outside it for what the kernels do not implement."""
-    fallback = ("an attn_mask is not implemented in the kernels" if attn_mask is not None else
-                "dropout_p > 0 is not implemented in the kernels" if dropout_p > 0.0 else
-                _kernel_limit_reason(q, k, v, cu_q, max_q, max_k))
-    if fallback is not None:
-        _choose(q, backend, fallback)
+    unsupported = ("an attn_mask is not implemented in the kernels" if attn_mask is not None else
+                   "dropout_p > 0 is not implemented in the kernels" if dropout_p > 0.0 else None)
+    backend = _choose(q, backend, unsupported, _kernel_limit_reason(q, k, v, cu_q, max_q, max_k))
+    if unsupported is not None:
         return attention_reference(q, k, v, scale, left, right, cu_q, cu_k, attn_mask=attn_mask, dropout_p=dropout_p)
-    backend = _choose(q, backend)
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (t.contiguous() for t in (q, k, v))  # the kernels need unit stride along head_dim only
     return _forward_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, bool(deterministic))
@@ -220,7 +252,8 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with Hkv dividing H (GQA/MQA; K and V are never repeated).
     causal: query i sees keys j <= i + Tk - Tq (aligned bottom-right, as flash-attn). window_size (left, right):
     query i sees keys in [i + Tk - Tq - left, i + Tk - Tq + right]; -1 leaves a side unbounded.
-    softmax_scale defaults to D**-0.5. head_dim 32, 64, 96, 128 or 256 runs the kernels; fp16/bf16 on CUDA.
+    softmax_scale defaults to D**-0.5. head_dim 32, 64, 96, 128 or 256 runs the GPU kernels (fp16/bf16); on the
+    CPU the C++ kernel takes any head_dim in fp32, bf16 or fp16.
     dropout_p > 0 runs the reference path. softcap and alibi_slopes are not implemented (must stay at defaults).
     deterministic: the backward computes dQ by its own kernel (also under torch.use_deterministic_algorithms(True)),
     bit-identical from run to run in a process, and across processes whose autotuners pick the same tiles
@@ -229,7 +262,7 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     dQ's last bits vary from run to run, as in flash-attn).
     Returns out (B, Tq, H, D); with return_attn_probs, (out, softmax_lse (B, H, Tq) float32, None): the
     probabilities themselves are never materialised. Query rows that see no key give 0 and lse = +inf.
-    backend: "auto" (default), "triton" or "reference"; FASTTRAIN_BACKEND overrides auto.
+    backend: "auto" (default), "triton", "cpu" or "reference"; FASTTRAIN_BACKEND overrides auto.
     """
     _check_qkv(q, k, v, 4, "(B, T, H, D)")
     _refuse_unsupported(softcap, alibi_slopes)
