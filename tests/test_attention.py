@@ -1,5 +1,6 @@
 """fasttrain.ops attention: the Triton kernels (interpreted on CPU, fp32) and the C++ CPU kernel against a float64
-reference, every gradient, the SDPA and varlen front doors, the torch.compile registration, backend choice and input errors.
+reference, every gradient, the SDPA and varlen front doors, the torch.compile registration, backend choice and input
+errors.
 GPU tests (`pytest -m gpu`) check bf16/fp16 by the rule "at most 2x PyTorch's own same-dtype error, both against an
 fp32 reference" at T up to 8192.
 """
