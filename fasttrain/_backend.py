@@ -129,5 +129,14 @@ def cpu_extension_reason(device: torch.device) -> str | None:
     return _extension.why_unavailable()
 
 
+def native_op_reason(name: str) -> str | None:
+    """None if fasttrain._C loaded and registered torch.ops.fasttrain.<name>."""
+    if (why := _extension.why_unavailable()) is not None:
+        return why
+    if not hasattr(torch.ops.fasttrain, name):
+        return f"fasttrain._C has no {name} op (stale build? reinstall)"
+    return None
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fasttrain import _backend, _extension
+from fasttrain import _backend
 from fasttrain.ops._op import custom_op, reference_gradients
 from fasttrain.ops.attention_reference import (UNBOUNDED, attention_reference, attention_reference_backward,
                                               lse_dtype)
@@ -171,16 +171,8 @@ def _triton_reason(q: Tensor, fallback_reason: str | None = None) -> str | None:
     return None
 
 
-def _cpu_op_reason() -> str | None:
-    if (why := _extension.why_unavailable()) is not None:
-        return why
-    if not hasattr(torch.ops.fasttrain, "attention_forward_cpu"):
-        return "fasttrain._C has no attention_forward_cpu op (stale build? reinstall)"
-    return None
-
-
 # Read once, at import: under torch.compile, Dynamo traces _choose but cannot trace the extension's import.
-_CPU_OP_REASON = _cpu_op_reason()
+_CPU_OP_REASON = _backend.native_op_reason("attention_forward_cpu")
 
 
 def _cpu_reason(q: Tensor) -> str | None:

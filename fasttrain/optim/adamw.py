@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from fasttrain import _backend, _extension
+from fasttrain import _backend
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CLIP_EPS = 1e-6  # added to the norm before dividing, as torch.nn.utils.clip_grad_norm_ does
@@ -70,20 +70,12 @@ def grad_sumsq_reference(grads: list[Tensor]) -> Tensor:
     return sum(g.double().square().sum() for g in grads).float()
 
 
-def _native_ops_reason() -> str | None:
-    if (why := _extension.why_unavailable()) is not None:
-        return why
-    if not hasattr(torch.ops.fasttrain, "adamw_step_"):
-        return "fasttrain._C has no adamw_step_ op (stale build? reinstall)"
-    return None
-
-
 def _reasons(device: torch.device, dtype: torch.dtype, subclass: bool = False) -> dict[str, str | None]:
     dtype_why = None if dtype in NATIVE_DTYPES else f"native kernels take {NATIVE_DTYPES}, got {dtype}"
     if subclass:  # the kernels' ops have no DTensor sharding rules (per-shard step, clipping norm over the shards)
         dtype_why = "native kernels take plain tensors, not a tensor subclass (DTensor: FSDP2, tensor parallel)"
-    cuda = _backend.cuda_extension_reason(device) or _native_ops_reason() or dtype_why
-    cpu = _backend.cpu_extension_reason(device) or _native_ops_reason() or dtype_why
+    cuda = _backend.cuda_extension_reason(device) or _backend.native_op_reason("adamw_step_") or dtype_why
+    cpu = _backend.cpu_extension_reason(device) or _backend.native_op_reason("adamw_step_") or dtype_why
     return {"cuda": cuda, "cpu": cpu, "reference": None}
 
 
