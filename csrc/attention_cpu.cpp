@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -47,7 +48,9 @@ inline float exp_approx(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  const float pow2n = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n; n in [-126, 127] after the clamp
+  float pow2n;
+  std::memcpy(&pow2n, &bits, sizeof pow2n);  // C++17's bit cast, which GCC vectorizes as one
   return x < -87.0f ? 0.0f : y * pow2n;
 }
 
