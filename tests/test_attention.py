@@ -343,7 +343,7 @@ def _flash_window(causal, window):
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
 def test_lse_gradient_flows(backend):
-    """A loss on the returned logsumexp differentiates through it (d lse / d s = p), on both backends."""
+    """A loss on the returned logsumexp differentiates through it (d lse / d s = p), on every backend."""
     q, k, v = _inputs(2, 40, 33, 2, 1, 32)
     out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend=backend)
     loss = (out * out).sum() + (lse * torch.linspace(-1, 1, 40)).sum()
@@ -497,6 +497,7 @@ def test_torch_compile_fullgraph_no_graph_break(backend):
 
     def loss_fn(q, k, v):
         return flash_attn_func(q, k, v, causal=True, backend=backend).square().sum()
+
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     want = torch.autograd.grad(loss_fn(q, k, v), (q, k, v))
@@ -521,6 +522,29 @@ def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
     monkeypatch.setattr(attention_ops, "_CPU_OP_REASON", "no extension here")
     with pytest.raises(_backend.BackendError, match="no extension here"):
         flash_attn_func(q, k, v, backend="cpu")
+
+
+@pytest.mark.parametrize("Tq,Tk,H,Hkv,D,causal,window", [
+    (700, 1250, 4, 1, 128, True, (-1, -1)),  # diagonal 550 keys in: rows 448-473 see none of their block's 3rd tile
+    (1100, 1100, 2, 2, 64, False, (700, 400)),  # a band of 1164 keys per block: three tiles, rows start mid-tile
+    (64, 1537, 2, 1, 32, False, (-1, -1)),  # one query block over four key tiles, the last one 1 key
+])
+def test_cpu_kernel_across_key_tiles(Tq, Tk, H, Hkv, D, causal, window):
+    """The C++ kernel's online softmax over several 512-key tiles, with rows that see none of a tile; out, lse and
+    every gradient (a loss on lse too) against float64."""
+    q, k, v = _inputs(1, Tq, Tk, H, Hkv, D, seed=3)
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True, backend="cpu")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse, _ = flash_attn_func(q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True,
+                                      backend="reference")
+    finite = torch.isfinite(ref_lse)
+    assert _max_err(out, ref) < TOL_FP32 and torch.equal(torch.isfinite(lse), finite)
+    assert _max_err(lse[finite], ref_lse[finite]) < TOL_FP32
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse).masked_fill(~finite, 0.0)
+    got = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
+    want = torch.autograd.grad((ref, ref_lse), (q64, k64, v64), (dout.double(), dlse.double()))
+    for name, a, b in zip("qkv", got, want):
+        assert _max_err(a, b) < TOL_FP32, f"d{name}"
 
 
 def test_cpu_kernel_takes_strided_inputs_and_is_bitwise_repeatable():
