@@ -1,7 +1,11 @@
-"""flash_attn_with_kvcache: the split-KV Triton kernels (interpreter on CPU, fp16/bf16 on GPU) against the reference.
+"""flash_attn_with_kvcache: the split-KV Triton kernels (interpreter on CPU, fp16/bf16 on GPU) and the C++ CPU kernel
+against the reference.
 
-CPU shapes stay small (D = 32, caches <= 320 rows) because the interpreter's cost grows with programs x tiles.
+CPU shapes stay small (D = 32, caches <= 320 rows) because the interpreter's cost grows with programs x tiles; the C++
+kernel's own tests below take caches across several of its 512-key tiles.
 """
+import warnings
+
 import pytest
 import torch
 
@@ -9,8 +13,9 @@ from fasttrain._backend import BackendError
 from fasttrain.ops import flash_attn_with_kvcache
 from fasttrain.ops.decode import _kvcache_op, num_splits_heuristic
 
-# fp32 under the interpreter: measured max |error| ~5e-7 on these shapes.
+# fp32 under the interpreter and in the C++ kernel: measured max |error| ~5e-7 on these shapes.
 TOL_FP32 = dict(atol=1e-5, rtol=1e-5)
+KERNELS = ("triton", "cpu")  # every case below runs both against the reference
 CPU_LENGTHS = (1, 97, 300)  # cache rows already filled, one per sequence: the awkward sizes of the issue
 
 
@@ -42,11 +47,15 @@ def _run(kw, backend, **extra):
     return out, lse, kw["k_cache"], kw["v_cache"]
 
 
-def _assert_matches_reference(kw, tol=TOL_FP32, **extra):
-    got, want = _run(kw, "triton", **extra), _run(kw, "reference", **extra)
-    for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), got, want):
-        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
-    return got
+def _assert_matches_reference(kw, tol=TOL_FP32, kernels=KERNELS, **extra):
+    """Each kernel's (out, lse, k_cache, v_cache) against the reference's; returns the first kernel's."""
+    want = _run(kw, "reference", **extra)
+    results = []
+    for backend in kernels:
+        results.append(_run(kw, backend, **extra))
+        for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), results[-1], want):
+            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{backend} {name}: {m}")
+    return results[0]
 
 
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
@@ -91,19 +100,21 @@ def test_rows_without_keys_give_zero_and_inf_lse():
     assert torch.isfinite(lse[1, :, 2:]).all() and torch.isfinite(lse[2]).all()
 
 
-def test_whole_cache_when_no_seqlens():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_whole_cache_when_no_seqlens(backend):
     kw = _case(1, 4, 2, (5, 6), Tmax=96, append=False)
     del kw["cache_seqlens"]
-    out = flash_attn_with_kvcache(**kw, backend="triton")
+    out = flash_attn_with_kvcache(**kw, backend=backend)
     full = dict(kw, cache_seqlens=96)  # an int is taken for every sequence
     torch.testing.assert_close(out, flash_attn_with_kvcache(**full, backend="reference"), **TOL_FP32)
 
 
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
-def test_append_writes_exactly_the_new_rows(rotary):
+def test_append_writes_exactly_the_new_rows(rotary, backend):
     lengths, batch_idx = (0, 97, 317), [2, 0, 4]  # 317 + 3 new rows fill the cache to its last row
     kw = _case(3, 4, 2, lengths, rotary=rotary, batch_idx=batch_idx)
-    _, _, kc, vc = _run(kw, "triton", num_splits=2)
+    _, _, kc, vc = _run(kw, backend, num_splits=2)
     expect_k = kw["k"]
     if rotary:  # the reference's rotation, in fp32 (checked against the closed form in test_rotary_reference)
         _, _, ref_kc, _ = _run(kw, "reference")
@@ -202,6 +213,63 @@ def test_backend_refuses_what_it_cannot_serve():
     with pytest.raises(BackendError, match="fp32 only"):
         flash_attn_with_kvcache(**kw, backend="triton")
     flash_attn_with_kvcache(**kw, backend="reference")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_kernel_half_precision(dtype):
+    # The append (rotation included) is the reference's own code: caches bitwise equal. Attention in fp32 from the
+    # same rounded inputs: lse to fp32 summation order, out within one rounding of q's dtype.
+    kw = _case(2, 8, 2, CPU_LENGTHS, rotary=True, dtype=dtype)
+    out, lse, kc, vc = _run(kw, "cpu")
+    ref_out, ref_lse, ref_kc, ref_vc = _run(kw, "reference")
+    assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc) and out.dtype == dtype
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=1e-2, rtol=0)
+
+
+@pytest.mark.parametrize("Tq,H,Hkv,window", [
+    (1, 32, 8, (-1, -1)),  # a decode step of GQA 32/8: 4 rows per K/V head, the decode path, keys in 3 splits
+    (2, 4, 4, (700, -1)),  # the decode path (2 rows per head), a sliding window starting mid-block
+    (16, 8, 1, (-1, -1)),  # 16 tokens x 8 heads = 128 rows: the prefill path, two row blocks per K/V head
+    (5, 4, 4, (700, -1)),  # the prefill path (20 rows per head), a window starting mid-tile
+])
+def test_cpu_kernel_across_key_tiles(Tq, H, Hkv, window):
+    """Caches of 1600 rows, lengths up to four 512-key tiles, read in place: q a transposed view, the caches head
+    slices of wider ones, so the kernel must follow their row strides (no rotary: it would hand on a fresh q)."""
+    kw = _case(Tq, H, Hkv, (1, 1025, 1580), D=64, Tmax=1600, seed=5)
+    want = _run(kw, "reference", window_size=window)
+    q = kw["q"].transpose(1, 2).contiguous().transpose(1, 2)  # (B, Tq, H, D) with strides of (B, H, Tq, D)
+    caches = []
+    for name in ("k_cache", "v_cache"):
+        wide = torch.randn(*kw[name].shape[:2], 2 * Hkv, 64)
+        wide[:, :, :Hkv] = kw[name]
+        caches.append(wide[:, :, :Hkv])
+    assert (Tq == 1 or q.stride(1) == 64) and caches[0].stride(1) == 2 * Hkv * 64
+    out, lse = flash_attn_with_kvcache(**dict(kw, q=q, k_cache=caches[0], v_cache=caches[1]), window_size=window,
+                                       return_softmax_lse=True, backend="cpu")
+    for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), (out, lse, *caches), want):
+        torch.testing.assert_close(a, b, **TOL_FP32, msg=lambda m: f"{name}: {m}")
+
+
+def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
+    from fasttrain import _backend
+    from fasttrain.ops import decode
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    kw = _case(1, 4, 2, CPU_LENGTHS, D=48)  # any head_dim
+    assert _backend.choose(decode.OP, decode._backend_reasons(kw["q"]), "auto") == "cpu"
+    with warnings.catch_warnings():  # the intended CPU path, not a fallback: no warning
+        warnings.simplefilter("error")
+        _run(kw, "auto")
+    with pytest.warns(RuntimeWarning, match="the CPU kernel takes fp32, bf16 or fp16, got torch.float64"):
+        _backend.choose(decode.OP, decode._backend_reasons(kw["q"].double()), "auto")
+
+
+def test_cpu_kernel_refuses_a_cache_row_out_of_range():
+    # check_lengths=False skips the Python checks; the kernel still reads only rows that exist.
+    kw = _case(2, 4, 2, (3, 5), Tmax=64, append=False, batch_idx=[0, 1])
+    kw["cache_batch_idx"] = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match=r"cache_batch_idx must lie in \[0, 3\), got 3"):
+        flash_attn_with_kvcache(**kw, check_lengths=False, backend="cpu")
 
 
 def test_registered_op_traces():

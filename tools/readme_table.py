@@ -32,8 +32,6 @@ TABLES = {
                  ["op", "mode", "impl", "host_us", "x torch"]),
     "data": ("Tokenizing into shards", ["tokenizer", "workers", "MB", "MB/s"]),
 }
-# On a CPU the Triton kernels run in the interpreter: those rows show that the benchmark works, not speed.
-CPU_SMOKE_ONLY = {"decode"}
 
 
 def _fmt(v, column: str) -> str:
@@ -64,10 +62,6 @@ def section() -> str:
         out.append(f"### {folder.name}\n")
         for name in TABLES:
             if name not in results:
-                continue
-            if results[name]["device_type"] == "cpu" and name in CPU_SMOKE_ONLY:
-                out.append(f"`bench_{name}.py` on a CPU runs the Triton interpreter as a smoke test: no speed to "
-                           f"report there.\n")
                 continue
             out.extend(table(results[name]))
     return "\n".join(out)

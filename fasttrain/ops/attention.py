@@ -175,14 +175,19 @@ def _triton_reason(q: Tensor, fallback_reason: str | None = None) -> str | None:
 _CPU_OP_REASON = _backend.native_op_reason("attention_forward_cpu")
 
 
-def _cpu_reason(q: Tensor) -> str | None:
+def cpu_kernel_reason(q: Tensor, op_reason: str | None) -> str | None:
+    """Why csrc/attention_cpu.cpp cannot take q; op_reason: native_op_reason of the op that would be called."""
     if q.device.type != "cpu":
         return _backend.cpu_extension_reason(q.device)  # NotForDevice
-    if _CPU_OP_REASON is not None:
-        return _CPU_OP_REASON
+    if op_reason is not None:
+        return op_reason
     if q.dtype not in _KERNEL_DTYPES_CPU:
         return f"the CPU kernel takes fp32, bf16 or fp16, got {q.dtype}"
     return None
+
+
+def _cpu_reason(q: Tensor) -> str | None:
+    return cpu_kernel_reason(q, _CPU_OP_REASON)
 
 
 def _choose(q: Tensor, backend: str | None, unsupported: str | None = None, triton_limit: str | None = None) -> str:

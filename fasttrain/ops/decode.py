@@ -1,5 +1,6 @@
-"""KV-cache decoding: `flash_attn_with_kvcache` (flash-attn's signature), its pure-PyTorch reference, and the launcher
-of the split-KV Triton kernels in fasttrain/kernels/decode.py.
+"""KV-cache decoding: `flash_attn_with_kvcache` (flash-attn's signature), its pure-PyTorch reference, the launcher
+of the split-KV Triton kernels in fasttrain/kernels/decode.py, and the CPU path through the C++ attention kernel
+(csrc/attention_cpu.cpp, op attention_kvcache_cpu).
 
 Inference only: no gradients flow through it. The op appends the new k/v rows into the caches in place (it does not
 advance cache_seqlens: the caller owns the lengths, as in flash-attn).
@@ -13,7 +14,7 @@ import torch
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op
-from fasttrain.ops.attention import _check_like_q, _refuse_unsupported, _scale, _window
+from fasttrain.ops.attention import _check_like_q, _refuse_unsupported, _scale, _window, cpu_kernel_reason
 
 OP = "flash_attn_with_kvcache"
 _MAX_HEAD_DIM = 256
@@ -60,6 +61,30 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Te
     return torch.cat((rot.to(x.dtype), x[..., 2 * half:]), dim=-1)
 
 
+def _append(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, rotary_interleaved: bool,
+            q_per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write k/v (rotated, with q, when rotary tables are given) at rows cache_seqlens.. of the caches, in place.
+    Returns q as attention sees it and the lengths (B,) int64 after the append. rows: (B,) cache row per sequence."""
+    B, Tq = q.shape[:2]
+    seqlens = cache_seqlens.long()
+    if k is None:
+        return q, seqlens
+    t_new = k.shape[1]
+    pos = seqlens[:, None] + torch.arange(t_new, device=q.device)  # (B, Tnew)
+    if rotary_cos is not None:
+        k = _rotate(k, rotary_cos, rotary_sin, pos, rotary_interleaved)
+        qpos = (seqlens[:, None] + t_new - Tq + torch.arange(Tq, device=q.device) if q_per_token
+                else seqlens[:, None].expand(B, Tq))  # (B, Tq)
+        q = _rotate(q, rotary_cos, rotary_sin, qpos, rotary_interleaved)
+    k_cache[rows[:, None], pos] = k
+    v_cache[rows[:, None], pos] = v
+    return q, seqlens + t_new
+
+
+def _cache_rows(q: torch.Tensor, cache_batch_idx: Optional[torch.Tensor]) -> torch.Tensor:
+    return cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(q.shape[0], device=q.device)
+
+
 def reference_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                       softmax_scale: float, window_left: int, window_right: int, rotary_interleaved: bool,
                       q_per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,20 +96,9 @@ def reference_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
     """
     B, Tq, H, D = q.shape
     Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
-    rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(B, device=q.device)
-    seqlens = cache_seqlens.long()
-    t_new = 0
-    if k is not None:
-        t_new = k.shape[1]
-        pos = seqlens[:, None] + torch.arange(t_new, device=q.device)  # (B, Tnew)
-        if rotary_cos is not None:
-            k = _rotate(k, rotary_cos, rotary_sin, pos, rotary_interleaved)
-            qpos = (seqlens[:, None] + t_new - Tq + torch.arange(Tq, device=q.device) if q_per_token
-                    else seqlens[:, None].expand(B, Tq))  # (B, Tq)
-            q = _rotate(q, rotary_cos, rotary_sin, qpos, rotary_interleaved)
-        k_cache[rows[:, None], pos] = k
-        v_cache[rows[:, None], pos] = v
-    lengths = seqlens + t_new  # (B,)
+    rows = _cache_rows(q, cache_batch_idx)
+    q, lengths = _append(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, rotary_interleaved,
+                         q_per_token)
     kc = k_cache[rows].float().repeat_interleave(H // Hkv, dim=2)  # (B, Tmax, H, D)
     vc = v_cache[rows].float().repeat_interleave(H // Hkv, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q.float(), kc) * softmax_scale  # (B, H, Tq, Tmax)
@@ -98,6 +112,17 @@ def reference_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
     probs = torch.exp(scores - torch.where(empty, 0.0, lse)[..., None])
     out = torch.einsum("bhts,bshd->bthd", probs, vc)
     return out.to(q.dtype).contiguous(), torch.where(empty, float("inf"), lse)
+
+
+def cpu_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                softmax_scale: float, window_left: int, window_right: int, rotary_interleaved: bool,
+                q_per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's append, then the C++ kernel, which reads each sequence's cache row in place (no copy of the
+    cache, no repeat of K/V over a GQA group). Arguments as reference_kvcache."""
+    q, lengths = _append(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                         _cache_rows(q, cache_batch_idx), rotary_interleaved, q_per_token)
+    return torch.ops.fasttrain.attention_kvcache_cpu(q, k_cache, v_cache, lengths, cache_batch_idx, softmax_scale,
+                                                     window_left, window_right)
 
 
 # ------------------------------------------------------------------------------------------------------------ launcher
@@ -195,6 +220,8 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k
             window_left, window_right, rotary_interleaved, q_per_token)
     if backend == "triton":
         return triton_kvcache(*args, num_splits)
+    if backend == "cpu":
+        return cpu_kvcache(*args)
     return reference_kvcache(*args)
 
 
@@ -215,10 +242,13 @@ def _backend_reasons(q: torch.Tensor) -> dict[str, Optional[str]]:
                          f"{q.dtype}"
         elif q.shape[-1] > _MAX_HEAD_DIM:
             triton_why = f"head_dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
-    return {"triton": triton_why, "reference": None}
+    return {"triton": triton_why, "cpu": cpu_kernel_reason(q, _CPU_OP_REASON), "reference": None}
 
 
-_backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "reference": None})
+# Read once, at import, as in fasttrain.ops.attention (Dynamo cannot trace the extension's import).
+_CPU_OP_REASON = _backend.native_op_reason("attention_kvcache_cpu")
+_backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "cpu": _CPU_OP_REASON,
+                               "reference": None})
 
 
 # ---------------------------------------------------------------------------------------------------------- public API
@@ -330,7 +360,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         check_lengths: check cache_seqlens (and cache_batch_idx, and the rotary table) against the cache, at the
             cost of one host sync; skipped anyway while a CUDA graph is captured. A caller that tracks the lengths
             itself (fasttrain.generate) passes False. Rows past the cache end are never written either way.
-        backend: "auto" (default), "triton" or "reference"; see fasttrain._backend.
+        backend: "auto" (default), "triton", "cpu" (the C++ kernel: CPU tensors in fp32, bf16 or fp16, any
+            head_dim; num_splits does not apply) or "reference"; see fasttrain._backend.
         cache_leftpad, block_table (paged cache), alibi_slopes and softcap are flash-attn options that this op does
             not implement: anything but their defaults raises ValueError. So does num_splits < 0.
 
