@@ -147,6 +147,27 @@ def main() -> None:
     peak = peak_flops(torch.device(device), "bf16")  # datasheet bf16 peak on CUDA, None on CPU
     flops = flops_per_token(cfg, T) * B * T
     rows, wrong, eager_step = [], [], None
+
+    def measure(name, model, step, ms, first_loss):
+        row = {"variant": name, "B": B, "T": T, "params_M": model.num_params() / 1e6, "step_ms": ms,
+               "tokens_per_s": B * T / (ms * 1e-3), "TFLOP/s": flops / (ms * 1e-3) / 1e12,
+               "first_loss": first_loss}
+        row["pct_matmul_ceiling"] = 100 * row["TFLOP/s"] / ceiling
+        if peak is not None:
+            row["mfu_pct"] = 100 * flops / (ms * 1e-3) / peak
+        if device == "cuda":
+            row["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        profile = common.profile_call(step, device)
+        if device == "cuda":
+            # The GPU idles for step_ms - gpu_busy_ms: the host's launches, not the kernels, set that part.
+            row["gpu_busy_ms"] = profile["gpu_busy_ms"]
+        row["profile"] = profile
+        rows.append(row)
+
+    # On a GPU each variant is timed alone (its peak memory is its own); on the CPU all are kept and timed in
+    # alternation, since this VM's speed drifts by 20-30% over a minute and one after another it put a 5-20%
+    # swing between variants (NOTES.md, Training step).
+    kept = {}
     for name in names:
         model, step_model, opt, clip_outside = make_variant(name, base, device)
         step = make_step(model, step_model, opt, clip_outside, x, y, device)
@@ -158,26 +179,19 @@ def main() -> None:
             continue
         first_loss = checked["loss"]
         del checked  # eager's deltas stay, as eager_step
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        ms = common.time_ms(step, device)
-        profile = common.profile_call(step, device)
-        row = {"variant": name, "B": B, "T": T, "params_M": model.num_params() / 1e6, "step_ms": ms,
-               "tokens_per_s": B * T / (ms * 1e-3), "TFLOP/s": flops / (ms * 1e-3) / 1e12,
-               "first_loss": first_loss}
-        row["pct_matmul_ceiling"] = 100 * row["TFLOP/s"] / ceiling
-        if peak is not None:
-            row["mfu_pct"] = 100 * flops / (ms * 1e-3) / peak
-        if device == "cuda":
-            row["peak_mem_GiB"] = torch.cuda.max_memory_allocated() / 2**30
-            # The GPU idles for step_ms - gpu_busy_ms: the host's launches, not the kernels, set that part.
-            row["gpu_busy_ms"] = profile["gpu_busy_ms"]
-        row["profile"] = profile
-        rows.append(row)
+        if device != "cuda":
+            kept[name] = (model, step, first_loss)
+            continue
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        measure(name, model, step, common.time_ms(step, device), first_loss)
         del model, step_model, opt, step
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
+    if kept:
+        times = common.time_interleaved_ms({name: step for name, (_, step, _) in kept.items()}, device)
+        for name, (model, step, first_loss) in kept.items():
+            measure(name, model, step, times[name], first_loss)
+    rows.sort(key=lambda r: names.index(r["variant"]))
     eager = next(r for r in rows if r["variant"] == "eager")
     for r in rows:
         if "tokens_per_s" in r:
