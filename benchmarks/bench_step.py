@@ -5,7 +5,7 @@
 
 Rows: `eager` (attention by PyTorch's SDPA math path, torch.optim.AdamW foreach), `eager-sdpa` (SDPA's default
 backend, i.e. FlashAttention-2 on an H100, and torch's fused AdamW), `compile` (torch.compile of eager-sdpa),
-`fasttrain` (fasttrain.ops attention, norms with the residual adds fused in, rotary and cross-entropy +
+`fasttrain` (fasttrain.ops attention, norms with the residual adds fused in, rotary, GELU and cross-entropy +
 fasttrain.optim.AdamW) and `fasttrain+compile` (the same model under torch.compile: fasttrain's ops stay opaque
 kernels, inductor fuses what lies between them); the torch rows add the residual and then call torch's norms, rotate
 eagerly and compute the loss as `F.cross_entropy(logits.float())`. All start
@@ -72,6 +72,7 @@ def use_torch_ops(model: GPT, math_attention: bool) -> None:
     for block in model.blocks:
         block.attn.attn_fn = sdpa_attention(math_only=math_attention)
         block.attn.rotary_fn = apply_rotary_emb_reference
+        block.mlp.gelu_fn = F.gelu
     for module in model.modules():
         if isinstance(module, (LayerNorm, RMSNorm)):
             module.norm_fn = F.layer_norm if isinstance(module, LayerNorm) else F.rms_norm

@@ -28,4 +28,8 @@ TORCH_LIBRARY(fasttrain, m) {
   m.def(
       "attention_kvcache_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lengths, "
       "Tensor? cache_batch_idx, float scale, int left, int right) -> (Tensor, Tensor)");
+  // GELU with the tanh approximation, y = x / 2 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))), and its gradient
+  // (grad_x from the output's gradient and x). Contiguous float32, bfloat16 or float16, computed in fp32.
+  m.def("gelu_tanh_cpu(Tensor x) -> Tensor");
+  m.def("gelu_tanh_backward_cpu(Tensor grad, Tensor x) -> Tensor");
 }

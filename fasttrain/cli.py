@@ -148,7 +148,8 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = ("adamw", "attention", "cross_entropy", "decode", "norms", "rotary", "step", "overhead", "data")
+BENCHMARKS = ("adamw", "attention", "cross_entropy", "decode", "norms", "rotary", "activation", "step", "overhead",
+              "data")
 
 
 def _bench(args: argparse.Namespace) -> int:

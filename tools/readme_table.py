@@ -23,6 +23,8 @@ TABLES = {
               ["op", "M", "N", "impl", "ms", "GB/s", "%copy", "x eager"]),
     "rotary": ("Rotary embedding of q and k, forward + backward (fewest bytes: 4 passes over q and k)",
                ["B", "T", "H", "Hkv", "D", "dtype", "impl", "ms", "GB/s", "%copy", "x eager"]),
+    "activation": ("GELU (tanh) forward + backward (fewest bytes: 5 passes over x)",
+                   ["M", "N", "dtype", "impl", "ms", "GB/s", "%copy", "x eager"]),
     "decode": ("KV-cache decode (K and V bytes read)",
                ["kind", "B", "L", "H", "Hkv", "impl", "ms", "GBs", "pct_copy", "x_sdpa", "tokens_per_s"]),
     "step": ("Training step (forward, backward, optimizer)",

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from fasttrain.model.config import GPTConfig
 from fasttrain.model.norms import LayerNorm, RMSNorm
 from fasttrain.model.rotary import rotary_tables
-from fasttrain.ops import apply_rotary_emb, cross_entropy, flash_attn_func
+from fasttrain.ops import apply_rotary_emb, cross_entropy, flash_attn_func, gelu
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
@@ -62,6 +62,7 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.down.residual_out = True
+        self.gelu_fn = gelu  # fasttrain.ops.gelu, torch's signature; benchmarks swap in F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)  # (B, T, F) or (B, T, 2F)
@@ -69,7 +70,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)  # (B, T, F) each
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh")
+            h = self.gelu_fn(h, approximate="tanh")
         return self.down(h)
 
 
