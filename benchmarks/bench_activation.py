@@ -62,15 +62,8 @@ def main() -> None:
         impls = {"torch eager": tanh, "fasttrain": lambda t: gelu(t, approximate="tanh"),
                  "torch.compile": torch.compile(tanh), "torch eager, erf": F.gelu}
         runs = {name: fwd_bwd(fn, x, dy) for name, fn in impls.items()}
-        for run in runs.values():
-            run()  # compiles and warms up outside the timed region
-        times = common.time_interleaved_ms(runs, device)
-        min_bytes = 5 * M * N * x.element_size()
-        for name, ms in times.items():
-            gbs = min_bytes / (ms * 1e-3) / 1e9
-            rows.append({"M": M, "N": N, "dtype": str(dtype).removeprefix("torch."), "impl": name, "ms": ms,
-                         "GB/s": gbs, "%copy": 100 * gbs / copy_gbs, "x eager": times["torch eager"] / ms,
-                         "rel_err_vs_float64": rel_err})
+        rows += common.memory_bound_rows(runs, device, 5 * M * N * x.element_size(), copy_gbs, M=M, N=N,
+                                         dtype=str(dtype).removeprefix("torch."), rel_err_vs_float64=rel_err)
         print(f"M {M} N {N} done", flush=True)
     common.print_table(rows, ["M", "N", "dtype", "impl", "ms", "GB/s", "%copy", "x eager"])
     path = common.write_results("activation", device, rows, {"copy_GB/s": copy_gbs}, args.out, args.quick)

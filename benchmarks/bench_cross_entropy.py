@@ -84,13 +84,9 @@ def main() -> None:
         for run in runs.values():
             run()  # compiles and warms up outside the timed region
         peaks = {name: peak_mb(run, device) for name, run in runs.items()}
-        times = common.time_interleaved_ms(runs, device)
-        min_bytes = 3 * N * V * x.element_size()
-        for name, ms in times.items():
-            gbs = min_bytes / (ms * 1e-3) / 1e9
-            rows.append({"N": N, "V": V, "dtype": str(dtype).removeprefix("torch."), "impl": name, "ms": ms,
-                         "GB/s": gbs, "%copy": 100 * gbs / copy_gbs, "x eager": times["torch eager"] / ms,
-                         "peak_MB": peaks[name], "rel_err_vs_float64": rel_err})
+        for row in common.memory_bound_rows(runs, device, 3 * N * V * x.element_size(), copy_gbs, N=N, V=V,
+                                            dtype=str(dtype).removeprefix("torch.")):
+            rows.append({**row, "peak_MB": peaks[row["impl"]], "rel_err_vs_float64": rel_err})
         print(f"N {N} x V {V} done", flush=True)
     common.print_table(rows, ["N", "V", "dtype", "impl", "ms", "GB/s", "%copy", "x eager", "peak_MB"])
     path = common.write_results("cross_entropy", device, rows, {"copy_GB/s": copy_gbs}, args.out, args.quick)

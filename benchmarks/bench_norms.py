@@ -107,14 +107,8 @@ def main() -> None:
             if device == "cuda":
                 impls["torch.compile"] = torch.compile(TORCH[kind])
             runs = {name: fwd_bwd(fn, kind, branch, x, w, b, device) for name, fn in impls.items()}
-            for run in runs.values():
-                run()  # compiles and warms up outside the timed region
-            times = common.time_interleaved_ms(runs, device)
-            for name, ms in times.items():
-                gbs = min_bytes(kind, M, N, device) / (ms * 1e-3) / 1e9
-                rows.append({"op": kind, "M": M, "N": N, "impl": name, "ms": ms, "GB/s": gbs,
-                             "%copy": 100 * gbs / copy_gbs, "x eager": times["torch eager"] / ms,
-                             "rel_err_vs_float64": rel_err})
+            rows += common.memory_bound_rows(runs, device, min_bytes(kind, M, N, device), copy_gbs, op=kind, M=M,
+                                             N=N, rel_err_vs_float64=rel_err)
         print(f"M {M} x N {N} done", flush=True)
     common.print_table(rows, ["op", "M", "N", "impl", "ms", "GB/s", "%copy", "x eager"])
     path = common.write_results("norms", device, rows, {"copy_GB/s": copy_gbs}, args.out, args.quick)

@@ -65,15 +65,9 @@ def main() -> None:
         if device == "cuda":
             impls["torch.compile"] = torch.compile(apply_rotary_emb_reference)
         runs = {name: fwd_bwd(fn, qkv, H, Hkv, cos, sin) for name, fn in impls.items()}
-        for run in runs.values():
-            run()  # compiles and warms up outside the timed region
-        times = common.time_interleaved_ms(runs, device)
         min_bytes = 4 * B * T * (H + Hkv) * D * qkv.element_size()
-        for name, ms in times.items():
-            gbs = min_bytes / (ms * 1e-3) / 1e9
-            rows.append({"B": B, "T": T, "H": H, "Hkv": Hkv, "D": D, "dtype": str(dtype).removeprefix("torch."),
-                         "impl": name, "ms": ms, "GB/s": gbs, "%copy": 100 * gbs / copy_gbs,
-                         "x eager": times["torch eager"] / ms, "rel_err_vs_float64": rel_err})
+        rows += common.memory_bound_rows(runs, device, min_bytes, copy_gbs, B=B, T=T, H=H, Hkv=Hkv, D=D,
+                                         dtype=str(dtype).removeprefix("torch."), rel_err_vs_float64=rel_err)
         print(f"B {B} T {T} H {H}/{Hkv} D {D} done", flush=True)
     common.print_table(rows, ["B", "T", "H", "Hkv", "D", "dtype", "impl", "ms", "GB/s", "%copy", "x eager"])
     path = common.write_results("rotary", device, rows, {"copy_GB/s": copy_gbs}, args.out, args.quick)

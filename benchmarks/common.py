@@ -78,6 +78,21 @@ def time_interleaved_ms(fns: dict, device: str, rounds: int = 5, min_run_time: f
     return {name: sorted(v)[len(v) // 2] for name, v in per_round.items()}
 
 
+def memory_bound_rows(runs: dict, device: str, nbytes: int, copy_gbs: float, **fields) -> list[dict]:
+    """Warm up the runs (compiling any torch.compile one outside the timed region), time them in alternation
+    (time_interleaved_ms) and give a row per run: `fields`, then its ms, the GB/s of moving nbytes, that as % of
+    copy_gbs, and its speed over the "torch eager" run."""
+    for run in runs.values():
+        run()
+    times = time_interleaved_ms(runs, device)
+    rows = []
+    for name, ms in times.items():
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        rows.append({**fields, "impl": name, "ms": ms, "GB/s": gbs, "%copy": 100 * gbs / copy_gbs,
+                     "x eager": times["torch eager"] / ms})
+    return rows
+
+
 def eager_add_norm(norm_fn):
     """A pre-norm block's residual add as an eager script writes it, `s = branch + residual`, then torch's norm:
     the baseline for fasttrain's add_layer_norm / add_rms_norm, with their (branch, residual, shape, ...) arguments."""
