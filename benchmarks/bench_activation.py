@@ -40,12 +40,8 @@ def check_correct(x, dy) -> float:
     (want_grad,) = torch.autograd.grad(want, x64, dy.double())
     got = gelu(x, approximate="tanh")
     (grad,) = torch.autograd.grad(got, x, dy)
-    err = max(((got.double() - want).abs().max() / want.abs().max()).item(),
-              ((grad.double() - want_grad).abs().max() / want_grad.abs().max()).item())
-    bound = 1e-2 if x.dtype == torch.bfloat16 else 1e-5
-    if not err < bound:
-        raise AssertionError(f"fasttrain gelu differs from float64 by {err:.3g} (bound {bound})")
-    return err
+    return common.relative_error([(got, want), (grad, want_grad)], "gelu",
+                                 1e-2 if x.dtype == torch.bfloat16 else 1e-5)
 
 
 def main() -> None:

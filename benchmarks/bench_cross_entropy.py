@@ -50,12 +50,8 @@ def check_correct(x, t) -> float:
     (want_grad,) = torch.autograd.grad(want, x64)
     got = cross_entropy(x, t)
     (grad,) = torch.autograd.grad(got, x)
-    err = max(abs(got.item() - want.item()) / abs(want.item()),
-              ((grad.double() - want_grad).abs().max() / want_grad.abs().max()).item())
     bound = 1e-2 if x.dtype == torch.bfloat16 else 1e-4  # bf16 gradients round to 8 bits of mantissa
-    if not err < bound:
-        raise AssertionError(f"fasttrain cross_entropy differs from torch float64 by {err:.3g} (bound {bound})")
-    return err
+    return common.relative_error([(got, want), (grad, want_grad)], "cross_entropy", bound)
 
 
 def peak_mb(run, device: str) -> float | None:

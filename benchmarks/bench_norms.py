@@ -70,12 +70,8 @@ def check_correct(kind: str, branch, x, w, b, device: str) -> float:
         got = call(OURS[kind], kind, branch, x, w, b)
     grads = torch.autograd.grad(got, leaves, [u.to(g.dtype) for u, g in zip(upstream, got)])
     want_grads = torch.autograd.grad(want, leaves64, upstream)
-    err = max(((a.double() - r).abs().max() / r.abs().max()).item()
-              for a, r in zip((*got, *grads), (*want, *want_grads)))
     bound = 1e-2 if device == "cuda" else 1e-4  # bf16 outputs and branch gradients round to 8 bits of mantissa
-    if not err < bound:
-        raise AssertionError(f"fasttrain {kind} differs from torch float64 by {err:.3g} (bound {bound})")
-    return err
+    return common.relative_error(zip((*got, *grads), (*want, *want_grads)), kind, bound)
 
 
 def min_bytes(kind: str, M: int, N: int, device: str) -> int:

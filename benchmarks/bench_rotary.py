@@ -43,12 +43,8 @@ def check_correct(qkv, H, cos, sin) -> float:
     upstream = torch.randn_like(want)
     (grad,) = torch.autograd.grad(got, qkv, upstream.to(got.dtype))
     (want_grad,) = torch.autograd.grad(want, q64, upstream)
-    err = max(((got.double() - want).abs().max() / want.abs().max()).item(),
-              ((grad[:, :, :H].double() - want_grad).abs().max() / want_grad.abs().max()).item())
-    bound = 1e-2 if got.dtype == torch.bfloat16 else 1e-5
-    if not err < bound:
-        raise AssertionError(f"fasttrain rotary differs from float64 by {err:.3g} (bound {bound})")
-    return err
+    return common.relative_error([(got, want), (grad[:, :, :H], want_grad)], "rotary",
+                                 1e-2 if got.dtype == torch.bfloat16 else 1e-5)
 
 
 def main() -> None:

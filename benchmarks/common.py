@@ -78,6 +78,15 @@ def time_interleaved_ms(fns: dict, device: str, rounds: int = 5, min_run_time: f
     return {name: sorted(v)[len(v) // 2] for name, v in per_round.items()}
 
 
+def relative_error(pairs, what: str, bound: float) -> float:
+    """The largest max|got - want| / max|want| over the (got, want) pairs, want in float64; AssertionError naming
+    `what` unless it is under bound (NaN fails too)."""
+    err = max(((got.double() - want).abs().max() / want.abs().max()).item() for got, want in pairs)
+    if not err < bound:
+        raise AssertionError(f"fasttrain {what} differs from float64 by {err:.3g} (bound {bound})")
+    return err
+
+
 def memory_bound_rows(runs: dict, device: str, nbytes: int, copy_gbs: float, **fields) -> list[dict]:
     """Warm up the runs (compiling any torch.compile one outside the timed region), time them in alternation
     (time_interleaved_ms) and give a row per run: `fields`, then its ms, the GB/s of moving nbytes, that as % of

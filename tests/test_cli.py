@@ -251,6 +251,14 @@ def test_benchmarks_check_results_before_timing(monkeypatch):
     assert "weight update off by 1" in step.disagreement(dict(eager, deltas=[0 * w for w in weights]), eager, "cpu")
     assert "grad_norm" in step.disagreement(dict(eager, grad_norm=1.1), eager, "cpu")
     assert "loss" in step.disagreement(dict(eager, loss=float("nan")), eager, "cpu")
+    # the memory-bound benchmarks' check: the worst pair decides, NaN fails
+    common = _bench_module()
+    want = torch.randn(8, dtype=torch.float64)
+    assert common.relative_error([(want.float(), want), (want.float() * 1.001, want)], "op", 1e-2) > 5e-4
+    with pytest.raises(AssertionError, match="fasttrain op differs from float64"):
+        common.relative_error([(want.float(), want), (want.float() + 1.0, want)], "op", 1e-2)
+    with pytest.raises(AssertionError):
+        common.relative_error([(want.float() * float("nan"), want)], "op", 1e-2)
     # adamw: betas that a single step cannot tell apart
     adamw = _bench_module("bench_adamw")
     real = adamw.AdamW
