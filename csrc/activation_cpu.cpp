@@ -20,7 +20,6 @@ namespace {
 
 constexpr float kSqrt2OverPi = 0.7978845608028654f;
 constexpr float kCubic = 0.044715f;
-constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr int64_t kBlock = 1024;  // elements widened to fp32 at a time (fp16/bf16): 4 KiB, in L1
 
@@ -64,11 +63,11 @@ void elementwise(const T* const (&in)[kInputs], T* out, int64_t n, F&& f) {
       float a[kBlock], b[kBlock], o[kBlock];
       for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
         const int64_t m = std::min(kBlock, end - i0);
-        for (int64_t i = 0; i < m; ++i) a[i] = static_cast<float>(in[0][i0 + i]);
+        widen(in[0] + i0, a, m);
         if constexpr (kInputs == 1) {
           f(a, o, m);
         } else {
-          for (int64_t i = 0; i < m; ++i) b[i] = static_cast<float>(in[1][i0 + i]);
+          widen(in[1] + i0, b, m);
           f(a, b, o, m);
         }
         for (int64_t i = 0; i < m; ++i) out[i0 + i] = static_cast<T>(o[i]);
@@ -79,23 +78,12 @@ void elementwise(const T* const (&in)[kInputs], T* out, int64_t n, F&& f) {
 
 void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
-  const auto dtype = t.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, name,
-              " must be float32, bfloat16 or float16, got ", dtype);
-}
-
-// Calls f with a null pointer to the C++ type of dtype (float, c10::BFloat16, c10::Half; check() has run).
-template <typename F>
-void dispatch(at::ScalarType dtype, F&& f) {
-  if (dtype == at::kFloat) return f(static_cast<float*>(nullptr));
-  if (dtype == at::kBFloat16) return f(static_cast<c10::BFloat16*>(nullptr));
-  return f(static_cast<c10::Half*>(nullptr));
 }
 
 at::Tensor gelu_tanh_cpu(const at::Tensor& x) {
   check(x, "x");
   at::Tensor y = at::empty_like(x);
-  dispatch(x.scalar_type(), [&](auto* type) {
+  dispatch_dtype(x.scalar_type(), "GELU", [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     const T* const in[1] = {x.data_ptr<T>()};
     elementwise<T, 1>(in, y.data_ptr<T>(), x.numel(), gelu_tanh);
@@ -109,7 +97,7 @@ at::Tensor gelu_tanh_backward_cpu(const at::Tensor& grad, const at::Tensor& x) {
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type(),
               "grad must have x's shape and dtype");
   at::Tensor dx = at::empty_like(x);
-  dispatch(x.scalar_type(), [&](auto* type) {
+  dispatch_dtype(x.scalar_type(), "GELU", [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     const T* const in[2] = {grad.data_ptr<T>(), x.data_ptr<T>()};
     elementwise<T, 2>(in, dx.data_ptr<T>(), x.numel(), gelu_tanh_grad);

@@ -32,7 +32,6 @@ namespace {
 
 constexpr int64_t kRows = 64;   // query rows per task: the causal diagonal wastes at most half a (kRows)^2 tile
 constexpr int64_t kKeys = 512;  // keys per score tile: 128 KiB of scores per thread, inside L2
-constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // s[0, n) *= scale; returns the largest.
 FT_CPU_CLONES float scale_and_max(float* __restrict s, int64_t n, float scale) {
@@ -142,13 +141,6 @@ Rows<T> rows_of(const at::Tensor& x) {
   return {static_cast<T*>(x.data_ptr()), x.dim() == 3 ? 0 : x.stride(0), x.stride(-3), x.stride(-2)};
 }
 
-inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
-
-template <typename T>
-void widen(const T* src, float* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
 // Rows [t0, t0 + n) of head h of x as an (n, D) fp32 matrix: a view of fp32 x, else x widened into scratch.
 template <typename T>
 at::Tensor rows_fp32(const Rows<const T>& x, int64_t b, int64_t t0, int64_t h, int64_t n, int64_t D,
@@ -236,17 +228,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "k/v must match q's head_dim and their head count divide q's");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "k and v must have q's dtype");
   check_dense_last({{"q", &q}, {"k", &k}, {"v", &v}});
-}
-
-// Calls f with a null pointer to the C++ type of dtype, for f to dispatch on.
-template <typename F>
-void dispatch_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(static_cast<float*>(nullptr));
-    case at::kBFloat16: return f(static_cast<c10::BFloat16*>(nullptr));
-    case at::kHalf: return f(static_cast<c10::Half*>(nullptr));
-    default: TORCH_CHECK(false, "the CPU attention kernel takes float32, bfloat16 or float16, got ", dtype);
-  }
 }
 
 // A forward task's buffers, fp32: its query rows, the score tile, widened K/V tiles, the output accumulator, the
@@ -380,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
   const auto lse_shape = cu_q.has_value() ? std::vector<int64_t>{P.H, q.size(0)}
                                           : std::vector<int64_t>{q.size(0), P.H, q.size(1)};
   at::Tensor lse = at::empty(lse_shape, q.options().dtype(at::kFloat));
-  dispatch_dtype(q.scalar_type(), [&](auto* type) {
+  dispatch_dtype(q.scalar_type(), "attention", [&](auto* type) {
     forward<std::remove_pointer_t<decltype(type)>>(P, q, k, v, out, lse);
   });
   return {out, lse};
@@ -508,13 +489,14 @@ void decode(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at
   const Rows<T> outr = rows_of<T>(out);
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, n_seq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> o(D);
     for (int64_t si = begin; si < end; ++si) {
       const Sequence& s = P.seqs[si];
       const int64_t G = P.group(), n = s.Tq * G;
       for (int64_t R = 0; R < rows; ++R) {
         float m_all = -kInf, l_all = 0.0f;
         for (int64_t i = first[si]; i < first[si + 1]; ++i) m_all = std::max(m_all, m[i * rows + R]);
-        std::vector<float> o(D, 0.0f);
+        std::fill(o.begin(), o.end(), 0.0f);
         if (m_all != -kInf) {
           for (int64_t i = first[si]; i < first[si + 1]; ++i) {
             const float w = std::exp(m[i * rows + R] - m_all);  // 0 for a split whose keys this row does not see
@@ -564,7 +546,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(const at::Tensor& q, co
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({B, P.H, Tq}, q.options().dtype(at::kFloat));
-  dispatch_dtype(q.scalar_type(), [&](auto* type) {
+  dispatch_dtype(q.scalar_type(), "attention", [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
     if (Tq * P.group() <= kDecodeRows) {
       decode<T>(P, q, k_cache, v_cache, out, lse);

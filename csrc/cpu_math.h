@@ -1,11 +1,15 @@
 // What the CPU kernels share: the clones GCC compiles a hot loop into (AVX-512, AVX2, baseline x86-64, one picked
-// at load time), and an exp that vectorizes. Included by attention_cpu.cpp and activation_cpu.cpp, both compiled
-// with -fno-trapping-math (CMakeLists.txt), without which GCC leaves the selects below scalar.
+// at load time), an exp that vectorizes, the widening of fp16/bf16 to fp32 and the dispatch on the three dtypes.
+// Included by attention_cpu.cpp and activation_cpu.cpp, both compiled with -fno-trapping-math (CMakeLists.txt),
+// without which GCC leaves the selects below scalar.
 #pragma once
+
+#include <ATen/ATen.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -14,6 +18,8 @@
 #endif
 
 namespace fasttrain {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // exp(x) by Cephes' expf polynomial on a range-reduced argument (about 2 ulp), written so that GCC vectorizes it:
 // libm's expf does not vectorize without -ffast-math, which would also drop the -inf handling the masks need.
@@ -35,6 +41,26 @@ inline float exp_approx(float x) {
   float pow2n;
   std::memcpy(&pow2n, &bits, sizeof pow2n);  // C++17's bit cast, which GCC vectorizes as one
   return x < -87.0f ? 0.0f : y * pow2n;
+}
+
+inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+
+// dst[0, n) = src as fp32 (c10::BFloat16 or c10::Half)
+template <typename T>
+void widen(const T* src, float* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+// Calls f with a null pointer to the C++ type of dtype (float, c10::BFloat16, c10::Half), for f to dispatch on;
+// another dtype is an error naming the kernel.
+template <typename F>
+void dispatch_dtype(at::ScalarType dtype, const char* kernel, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(static_cast<float*>(nullptr));
+    case at::kBFloat16: return f(static_cast<c10::BFloat16*>(nullptr));
+    case at::kHalf: return f(static_cast<c10::Half*>(nullptr));
+    default: TORCH_CHECK(false, "the CPU ", kernel, " kernel takes float32, bfloat16 or float16, got ", dtype);
+  }
 }
 
 }  // namespace fasttrain

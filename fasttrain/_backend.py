@@ -129,6 +129,21 @@ def cpu_extension_reason(device: torch.device) -> str | None:
     return _extension.why_unavailable()
 
 
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # attention_cpu and activation_cpu: in fp32
+
+
+def cpu_kernel_reason(t: torch.Tensor, op_reason: str | None) -> str | None:
+    """None if a C++ CPU kernel can take t: a CPU tensor of CPU_KERNEL_DTYPES, and op_reason (native_op_reason of
+    the op that would be called, read once at import) None."""
+    if t.device.type != "cpu":
+        return cpu_extension_reason(t.device)  # NotForDevice
+    if op_reason is not None:
+        return op_reason
+    if t.dtype not in CPU_KERNEL_DTYPES:
+        return f"the CPU kernel takes fp32, bf16 or fp16, got {t.dtype}"
+    return None
+
+
 def native_op_reason(name: str) -> str | None:
     """None if fasttrain._C loaded and registered torch.ops.fasttrain.<name>."""
     if (why := _extension.why_unavailable()) is not None:

@@ -27,7 +27,6 @@ from fasttrain.ops.attention_reference import (UNBOUNDED, attention_reference, a
 OP = "attention"
 HEAD_DIMS = (32, 64, 96, 128, 256)
 _KERNEL_DTYPES_CUDA = (torch.float16, torch.bfloat16)
-_KERNEL_DTYPES_CPU = (torch.float32, torch.bfloat16, torch.float16)
 GRID_YZ_MAX = 65535  # CUDA's limit on a grid's y and z axes (the kernels put H and B there)
 
 
@@ -175,19 +174,8 @@ def _triton_reason(q: Tensor, fallback_reason: str | None = None) -> str | None:
 _CPU_OP_REASON = _backend.native_op_reason("attention_forward_cpu")
 
 
-def cpu_kernel_reason(q: Tensor, op_reason: str | None) -> str | None:
-    """Why csrc/attention_cpu.cpp cannot take q; op_reason: native_op_reason of the op that would be called."""
-    if q.device.type != "cpu":
-        return _backend.cpu_extension_reason(q.device)  # NotForDevice
-    if op_reason is not None:
-        return op_reason
-    if q.dtype not in _KERNEL_DTYPES_CPU:
-        return f"the CPU kernel takes fp32, bf16 or fp16, got {q.dtype}"
-    return None
-
-
 def _cpu_reason(q: Tensor) -> str | None:
-    return cpu_kernel_reason(q, _CPU_OP_REASON)
+    return _backend.cpu_kernel_reason(q, _CPU_OP_REASON)
 
 
 def _choose(q: Tensor, backend: str | None, unsupported: str | None = None, triton_limit: str | None = None) -> str:

@@ -14,7 +14,7 @@ import torch
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op
-from fasttrain.ops.attention import _check_like_q, _refuse_unsupported, _scale, _window, cpu_kernel_reason
+from fasttrain.ops.attention import _check_like_q, _refuse_unsupported, _scale, _window
 
 OP = "flash_attn_with_kvcache"
 _MAX_HEAD_DIM = 256
@@ -242,7 +242,7 @@ def _backend_reasons(q: torch.Tensor) -> dict[str, Optional[str]]:
                          f"{q.dtype}"
         elif q.shape[-1] > _MAX_HEAD_DIM:
             triton_why = f"head_dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
-    return {"triton": triton_why, "cpu": cpu_kernel_reason(q, _CPU_OP_REASON), "reference": None}
+    return {"triton": triton_why, "cpu": _backend.cpu_kernel_reason(q, _CPU_OP_REASON), "reference": None}
 
 
 # Read once, at import, as in fasttrain.ops.attention (Dynamo cannot trace the extension's import).
