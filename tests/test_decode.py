@@ -227,16 +227,17 @@ def test_cpu_kernel_half_precision(dtype):
     torch.testing.assert_close(out.float(), ref_out.float(), atol=1e-2, rtol=0)
 
 
-@pytest.mark.parametrize("Tq,H,Hkv,window", [
-    (1, 32, 8, (-1, -1)),  # a decode step of GQA 32/8: 4 rows per K/V head, the decode path, keys in 3 splits
-    (2, 4, 4, (700, -1)),  # the decode path (2 rows per head), a sliding window starting mid-block
-    (16, 8, 1, (-1, -1)),  # 16 tokens x 8 heads = 128 rows: the prefill path, two row blocks per K/V head
-    (5, 4, 4, (700, -1)),  # the prefill path (20 rows per head), a window starting mid-tile
+@pytest.mark.parametrize("Tq,H,Hkv,window,lengths", [
+    (1, 32, 8, (-1, -1), (1, 1025, 1580)),  # a decode step of GQA 32/8: 4 rows per K/V head, the decode path
+    (1, 32, 8, (-1, -1), (1021,)),  # batch 1: one sequence's keys in 3 splits (not whole blocks), combined
+    (2, 4, 4, (700, -1), (1, 1025, 1580)),  # the decode path (2 rows per head), a window starting mid-block
+    (16, 8, 1, (-1, -1), (1, 1025, 1580)),  # 16 tokens x 8 heads = 128 rows: the prefill path, two row blocks
+    (5, 4, 4, (700, -1), (1, 1025, 1580)),  # the prefill path (20 rows per head), a window starting mid-tile
 ])
-def test_cpu_kernel_across_key_tiles(Tq, H, Hkv, window):
+def test_cpu_kernel_across_key_tiles(Tq, H, Hkv, window, lengths):
     """Caches of 1600 rows, lengths up to four 512-key tiles, read in place: q a transposed view, the caches head
     slices of wider ones, so the kernel must follow their row strides (no rotary: it would hand on a fresh q)."""
-    kw = _case(Tq, H, Hkv, (1, 1025, 1580), D=64, Tmax=1600, seed=5)
+    kw = _case(Tq, H, Hkv, lengths, D=64, Tmax=1600, seed=5)
     want = _run(kw, "reference", window_size=window)
     q = kw["q"].transpose(1, 2).contiguous().transpose(1, 2)  # (B, Tq, H, D) with strides of (B, H, Tq, D)
     caches = []
