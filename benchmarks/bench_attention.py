@@ -2,7 +2,7 @@
 (matmul-softmax-matmul, the reference in fasttrain.ops.attention_reference), SDPA's backends, and flash-attn when it
 is installed. On a GPU: the Triton kernels against SDPA's FLASH, CUDNN and EFFICIENT, bf16, B*T = 16k tokens,
 H*D = 2048, T = 512..16384, head_dim 64 and 128, causal and not. On the CPU: the C++ kernel against SDPA's FLASH
-(torch's own CPU flash kernel), fp32, B*T = 2048 tokens, H*D = 512, T 256 and 1024, head_dim 64. Before a provider
+(torch's own CPU flash kernel), fp32, B*T = 2048 tokens, H*D = 512, T 128 (the main job's), 256 and 1024, head_dim 64. Before a provider
 is timed, its output and its gradients are checked against the fp32 reference on four heads, two of the first
 sequence and two of the last (the whole shape's fp32 scores would not fit at T = 16384); one that is off is not
 timed, and the run exits 1 after writing what it measured.
@@ -133,10 +133,10 @@ def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
         "--seqlens", type=int, nargs="+",
-        help="these T only (GPU default 512..16384, --quick 512 2048; CPU default 256 1024, --quick 256)"))
+        help="these T only (GPU default 512..16384, --quick 512 2048; CPU default 128 256 1024, --quick 256)"))
     modes = ["fwd", "bwd", "fwd+bwd"]
     if args.device == "cpu":
-        tokens, seqlens = TOKENS_CPU, args.seqlens or ([256] if args.quick else [256, 1024])
+        tokens, seqlens = TOKENS_CPU, args.seqlens or ([256] if args.quick else [128, 256, 1024])
         head_dims, dtype = (HEAD_DIM_CPU,), torch.float32
         hidden, ceilings = HIDDEN_CPU, {"matmul_fp32_tflops": common.matmul_tflops(args.device)}
     else:

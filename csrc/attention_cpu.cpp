@@ -6,7 +6,7 @@
 // else a path of its own that reads the cache in memory order (decode, below). Backward: one task per (sequence,
 // K/V head), which owns that head's dK and dV and the dQ of its GQA group, so no two threads write the same row; P
 // is recomputed from the saved lse, five matmuls per tile (S, dP, dV, dK, dQ). The matmuls go to torch's BLAS (MKL
-// in the x86 wheels) through at::mm on views, single-threaded inside the parallel region; the softmax loops are
+// in the x86 wheels) straight (cpu_blas.h), single-threaded inside the parallel region; the softmax loops are
 // ours, vectorized by GCC in AVX-512 / AVX2 clones. fp16/bf16 inputs are computed in fp32 and rounded once at the
 // end, as the GPU kernels do. Ops (schemas in ops.cpp): fasttrain::attention_forward_cpu, attention_backward_cpu
 // and attention_kvcache_cpu, CPU dispatch key.
@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_blas.h"
 #include "cpu_math.h"
 
 #include <algorithm>
@@ -123,10 +124,6 @@ void softmax_update(float* row, int64_t cw, int64_t a, int64_t b, float scale, f
   }
 }
 
-// A (rows, cols) view of row-major floats `ld` apart.
-at::Tensor mat(const float* p, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
-}
 
 // Row (b, t), head h of a (B, T, H, D) tensor, or of a packed (total, H, D) one (b = 0), dense along D only.
 template <typename T>
@@ -141,15 +138,20 @@ Rows<T> rows_of(const at::Tensor& x) {
   return {static_cast<T*>(x.data_ptr()), x.dim() == 3 ? 0 : x.stride(0), x.stride(-3), x.stride(-2)};
 }
 
-// Rows [t0, t0 + n) of head h of x as an (n, D) fp32 matrix: a view of fp32 x, else x widened into scratch.
+// An fp32 matrix's rows, `ld` floats apart.
+struct Tile {
+  const float* p;
+  int64_t ld;
+};
+
+// Rows [t0, t0 + n) of head h of x as an (n, D) fp32 matrix: in place for fp32 x, else x widened into scratch.
 template <typename T>
-at::Tensor rows_fp32(const Rows<const T>& x, int64_t b, int64_t t0, int64_t h, int64_t n, int64_t D,
-                     float* scratch) {
+Tile rows_fp32(const Rows<const T>& x, int64_t b, int64_t t0, int64_t h, int64_t n, int64_t D, float* scratch) {
   if constexpr (std::is_same_v<T, float>) {
-    return mat(x.at(b, t0, h), n, D, x.row);
+    return {x.at(b, t0, h), x.row};
   } else {
     for (int64_t i = 0; i < n; ++i) widen(x.at(b, t0 + i, h), scratch + i * D, D);
-    return mat(scratch, n, D, D);
+    return {scratch, D};
   }
 }
 
@@ -168,6 +170,12 @@ struct Problem {
   int64_t left, right;  // query i sees keys j with -left <= j - i - (Tk - Tq) <= right
 
   int64_t group() const { return H / Hkv; }
+  // The widest score tile any task needs: kKeys, or fewer when no sequence has that many keys.
+  int64_t tile_keys() const {
+    int64_t keys = 0;
+    for (const Sequence& s : seqs) keys = std::max(keys, s.k_end);
+    return std::min(kKeys, keys);
+  }
   // Keys [lo, hi) seen by query row i of sequence s, clamped to [0, k_end).
   int64_t key_lo(const Sequence& s, int64_t i) const { return std::max<int64_t>(0, i + s.Tk - s.Tq - left); }
   int64_t key_hi(const Sequence& s, int64_t i) const {
@@ -232,12 +240,13 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 // A forward task's buffers, fp32: its query rows, the score tile, widened K/V tiles, the output accumulator, the
 // running max and sum, and each row's key range.
+// Sized by the widest tile: kKeys of them are 128 KiB, which glibc's malloc maps afresh per call (page faults).
 struct ForwardScratch {
   std::vector<float> q, tile, k, v, acc, m, l;
   std::vector<int64_t> lo, hi;
-  explicit ForwardScratch(int64_t D)
-      : q(kRows * D), tile(kRows * kKeys), k(kKeys * D), v(kKeys * D), acc(kRows * D), m(kRows), l(kRows),
-        lo(kRows), hi(kRows) {}
+  ForwardScratch(int64_t D, int64_t keys)
+      : q(kRows * D), tile(kRows * keys), k(keys * D), v(keys * D), acc(kRows * D), m(kRows), l(kRows), lo(kRows),
+        hi(kRows) {}
 };
 
 // Rows [i0, i0 + n) of the Tq * group query rows of K/V head kvh in sequence s, token-major: row i is token
@@ -259,18 +268,17 @@ void forward_block(const Problem& P, const Sequence& s, int64_t kvh, int64_t i0,
   std::fill(acc, acc + n * D, 0.0f);
   std::fill(m, m + n, -kInf);
   std::fill(l, l + n, 0.0f);
-  const at::Tensor q_t = mat(w.q.data(), n, D, D);
-  at::Tensor acc_t = mat(acc, n, D, D);
   for (int64_t c0 = lo; c0 < hi; c0 += kKeys) {
     const int64_t cw = std::min(kKeys, hi - c0);
-    at::Tensor tile_t = mat(tile, n, cw, cw);
-    at::mm_out(tile_t, q_t, rows_fp32(k, s.k_batch, s.k_row + c0, kvh, cw, D, w.k.data()).t());  // (n, cw) scores
+    const Tile kt = rows_fp32(k, s.k_batch, s.k_row + c0, kvh, cw, D, w.k.data());
+    gemm(false, true, n, cw, D, w.q.data(), D, kt.p, kt.ld, 0.0f, tile, cw);  // (n, D) @ (cw, D)^T: scores
     for (int64_t r = 0; r < n; ++r) {
       const int64_t a = std::clamp<int64_t>(w.lo[r] - c0, 0, cw);
       softmax_update(tile + r * cw, cw, a, std::clamp<int64_t>(w.hi[r] - c0, a, cw), P.scale, m[r], l[r],
                      acc + r * D, D);
     }
-    acc_t.addmm_(tile_t, rows_fp32(v, s.k_batch, s.k_row + c0, kvh, cw, D, w.v.data()));  // (n, cw) @ (cw, D)
+    const Tile vt = rows_fp32(v, s.k_batch, s.k_row + c0, kvh, cw, D, w.v.data());
+    gemm(false, false, n, D, cw, tile, cw, vt.p, vt.ld, 1.0f, acc, D);  // acc += (n, cw) @ (cw, D)
   }
   for (int64_t r = 0; r < n; ++r) {
     const int64_t t = (i0 + r) / G, h = kvh * G + (i0 + r) % G;
@@ -298,7 +306,7 @@ void forward(const Problem& P, const at::Tensor& q, const at::Tensor& k, const a
   const Rows<T> outr = rows_of<T>(out);
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
-    ForwardScratch w(P.D);
+    ForwardScratch w(P.D, P.tile_keys());
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = tasks[t];
       forward_block<T>(P, P.seqs[task.seq], task.kvh, task.i0, qr, kr, vr, outr, lp, w);
@@ -322,15 +330,13 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
       for (int64_t r = 0; r < n; ++r) {  // d lse / d s = p, so an lse gradient only shifts delta
         delta[r] = dot(do_p + r * dout.row, out_p + r * out.row, D) - (dlse ? dlse[lse0 + r] : 0.0f);
       }
-      const at::Tensor q_b = mat(q.at(s.q_batch, t0, h), n, D, q.row), do_b = mat(do_p, n, D, dout.row);
-      at::Tensor dq_b = mat(dq.at(s.q_batch, t0, h), n, D, dq.row);
+      const float* q_p = q.at(s.q_batch, t0, h);
+      float* dq_p = dq.at(s.q_batch, t0, h);
       for (int64_t c0 = lo; c0 < hi; c0 += kKeys) {
         const int64_t cw = std::min(kKeys, hi - c0), k0 = s.k_row + c0;
-        const at::Tensor k_c = mat(k.at(s.k_batch, k0, kvh), cw, D, k.row);
-        const at::Tensor v_c = mat(v.at(s.k_batch, k0, kvh), cw, D, v.row);
-        at::Tensor p_t = mat(p_tile, n, cw, cw), ds_t = mat(ds_tile, n, cw, cw);
-        at::mm_out(p_t, q_b, k_c.t());   // (n, cw) scores
-        at::mm_out(ds_t, do_b, v_c.t());  // (n, cw) dP
+        const float *k_p = k.at(s.k_batch, k0, kvh), *v_p = v.at(s.k_batch, k0, kvh);
+        gemm(false, true, n, cw, D, q_p, q.row, k_p, k.row, 0.0f, p_tile, cw);       // (n, cw) scores
+        gemm(false, true, n, cw, D, do_p, dout.row, v_p, v.row, 0.0f, ds_tile, cw);  // (n, cw) dP
         for (int64_t r = 0; r < n; ++r) {
           float* p = p_tile + r * cw;
           float* ds = ds_tile + r * cw;
@@ -341,9 +347,9 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
           probabilities(p + a, b - a, P.scale, lse[lse0 + r]);  // lse +inf (no key) gives 0
           score_grad(p, ds, cw, delta[r], P.scale);
         }
-        mat(dv.at(s.k_batch, k0, kvh), cw, D, dv.row).addmm_(p_t.t(), do_b);  // (cw, n) @ (n, D)
-        mat(dk.at(s.k_batch, k0, kvh), cw, D, dk.row).addmm_(ds_t.t(), q_b);
-        dq_b.addmm_(ds_t, k_c);  // (n, cw) @ (cw, D)
+        gemm(true, false, cw, D, n, p_tile, cw, do_p, dout.row, 1.0f, dv.at(s.k_batch, k0, kvh), dv.row);  // P^T dO
+        gemm(true, false, cw, D, n, ds_tile, cw, q_p, q.row, 1.0f, dk.at(s.k_batch, k0, kvh), dk.row);    // dS^T Q
+        gemm(false, false, n, D, cw, ds_tile, cw, k_p, k.row, 1.0f, dq_p, dq.row);                         // dS K
       }
     }
   }
@@ -388,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   const float* dlp = dlf.has_value() ? dlf->data_ptr<float>() : nullptr;
   const int64_t n_tasks = static_cast<int64_t>(P.seqs.size()) * P.Hkv;
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p_tile(kRows * kKeys), ds_tile(kRows * kKeys), delta(kRows);
+    std::vector<float> p_tile(kRows * P.tile_keys()), ds_tile(kRows * P.tile_keys()), delta(kRows);
     for (int64_t t = begin; t < end; ++t) {
       backward_heads(P, P.seqs[t / P.Hkv], t % P.Hkv, dor, qr, kr, vr, outr, lp, dlp, dqr, dkr, dvr, p_tile.data(),
                      ds_tile.data(), delta.data());

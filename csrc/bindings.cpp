@@ -3,6 +3,8 @@
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
+#include "cpu_blas.h"
+
 namespace {
 
 bool built_with_cuda() {
@@ -13,10 +15,14 @@ bool built_with_cuda() {
 #endif
 }
 
+const char* cpu_tile_blas() { return fasttrain::tile_blas() != nullptr ? "sgemm_" : "at::mm"; }
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fasttrain native kernels (CPU always; CUDA when built with it)";
   m.def("built_with_cuda", &built_with_cuda, "True if the CUDA sources were compiled into this extension");
   m.def("openmp_max_threads", &omp_get_max_threads, "OpenMP threads the CPU kernels may use");
+  m.def("cpu_tile_blas", &cpu_tile_blas,
+        "What the CPU attention kernels' tile matmuls call: sgemm_ (libtorch's BLAS, straight) or at::mm");
 }

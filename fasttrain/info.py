@@ -44,7 +44,7 @@ def report() -> str:
         lines.append(f"extension: unavailable: {_extension.why_unavailable()}")
     else:
         lines.append(f"extension fasttrain._C: loaded, CUDA kernels {'built' if ext.built_with_cuda() else 'not built'}, "
-                     f"OpenMP threads {ext.openmp_max_threads()}")
+                     f"OpenMP threads {ext.openmp_max_threads()}, CPU attention tiles through {ext.cpu_tile_blas()}")
     lines.append(f"TRITON_INTERPRET={'1' if _backend.triton_interpreting() else 'unset'}")
     if "FASTTRAIN_BACKEND" in os.environ:  # forces every op: a bad value fails every call, so say so here
         try:

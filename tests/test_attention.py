@@ -561,6 +561,46 @@ def test_cpu_kernel_takes_strided_inputs_and_is_bitwise_repeatable():
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+# In a child process, since the route is read once per process: the C++ kernel's out and grads on GQA T 97 (strided
+# q/k/v from one projection) and on four key tiles, the last of one key, and the route the tiles took.
+_TILE_ROUTE_RUN = """
+import sys, torch
+from fasttrain import _C
+from fasttrain.ops import flash_attn_func
+g = torch.Generator().manual_seed(5)
+results = []
+for B, Tq, Tk, H, Hkv, causal in ((2, 97, 97, 4, 2, True), (1, 64, 1537, 2, 1, False)):
+    q = torch.randn(B, Tq, H, 32, generator=g).requires_grad_()
+    kv = torch.randn(B, Tk, 2, Hkv, 32, generator=g).requires_grad_()
+    k, v = kv.unbind(2)
+    out = flash_attn_func(q, k, v, causal=causal, backend="cpu")
+    dout = torch.randn(out.shape, generator=g)
+    results.append((q, kv, causal, dout, out, *torch.autograd.grad(out, (q, kv), dout)))
+torch.save({"route": _C.cpu_tile_blas(), "results": [tuple(t.detach() if torch.is_tensor(t) else t for t in r)
+                                                      for r in results]}, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("route", ["sgemm_", "at::mm"])
+def test_cpu_kernel_tiles_through_blas_or_at_mm(route, tmp_path):
+    """The tiles' matmuls call MKL's sgemm_ straight where libtorch exports it (the x86 wheels), at::mm where it does
+    not or FASTTRAIN_CPU_BLAS=aten asks; both routes against float64, forward and backward."""
+    if route == "sgemm_" and not torch.backends.mkl.is_available():
+        route = "at::mm"  # a torch without MKL exports no sgemm_ for the weak symbol to find
+    env = {k: v for k, v in os.environ.items() if k != "FASTTRAIN_CPU_BLAS"}
+    if route == "at::mm":
+        env["FASTTRAIN_CPU_BLAS"] = "aten"
+    subprocess.run([sys.executable, "-c", _TILE_ROUTE_RUN, str(tmp_path / "run.pt")], env=env, check=True)
+    run = torch.load(tmp_path / "run.pt")
+    assert run["route"] == route
+    for q, kv, causal, dout, out, dq, dkv in run["results"]:
+        q64, kv64 = (t.double().requires_grad_() for t in (q, kv))
+        ref = flash_attn_func(q64, *kv64.unbind(2), causal=causal, backend="reference")
+        assert _max_err(out, ref) < TOL_FP32
+        want = torch.autograd.grad(ref, (q64, kv64), dout.double())
+        assert _max_err(dq, want[0]) < TOL_FP32 and _max_err(dkv, want[1]) < TOL_FP32
+
+
 def test_unsupported_head_dim_falls_back_or_refuses(monkeypatch):
     import fasttrain.ops.attention as attention_ops
     q, k, v = _inputs(1, 8, 8, 2, 2, 48)
