@@ -2,10 +2,10 @@
 (matmul-softmax-matmul, the reference in fasttrain.ops.attention_reference), SDPA's backends, and flash-attn when it
 is installed. On a GPU: the Triton kernels against SDPA's FLASH, CUDNN and EFFICIENT, bf16, B*T = 16k tokens,
 H*D = 2048, T = 512..16384, head_dim 64 and 128, causal and not. On the CPU: the C++ kernel against SDPA's FLASH
-(torch's own CPU flash kernel), fp32, B*T = 2048 tokens, H*D = 512, T 128 (the main job's), 256 and 1024, head_dim 64. Before a provider
-is timed, its output and its gradients are checked against the fp32 reference on four heads, two of the first
-sequence and two of the last (the whole shape's fp32 scores would not fit at T = 16384); one that is off is not
-timed, and the run exits 1 after writing what it measured.
+(torch's own CPU flash kernel), fp32, B*T = 2048 tokens, H*D = 512, T 128 (the main job's), 256 and 1024, head_dim
+64. Before a provider is timed, its output and its gradients are checked against the fp32 reference on four heads,
+two of the first sequence and two of the last (the whole shape's fp32 scores would not fit at T = 16384); one that
+is off is not timed, and the run exits 1 after writing what it measured.
 
     python benchmarks/bench_attention.py [--quick] [--seqlens T ...] [--device cuda|cpu]
 """
