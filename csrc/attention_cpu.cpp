@@ -124,7 +124,6 @@ void softmax_update(float* row, int64_t cw, int64_t a, int64_t b, float scale, f
   }
 }
 
-
 // Row (b, t), head h of a (B, T, H, D) tensor, or of a packed (total, H, D) one (b = 0), dense along D only.
 template <typename T>
 struct Rows {
