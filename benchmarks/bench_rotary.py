@@ -20,8 +20,10 @@ from fasttrain.model.rotary import rotary_tables  # noqa: E402
 from fasttrain.ops import apply_rotary_emb  # noqa: E402
 from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
 
-# (B, T, H, Hkv, D): GPT-2 small's step (B16 x T1024, 12 heads of 64), Llama-3-8B's (GQA 32/8, d128).
-SHAPES = {"cuda": [(16, 1024, 12, 12, 64), (4, 4096, 32, 8, 128)], "cpu": [(4, 256, 4, 4, 64), (2, 512, 8, 2, 128)]}
+# (B, T, H, Hkv, D): GPT-2 small's step (B16 x T1024, 12 heads of 64), Llama-3-8B's (GQA 32/8, d128); on the CPU
+# the main job's step (B16 x T128, 4 heads of 32) first.
+SHAPES = {"cuda": [(16, 1024, 12, 12, 64), (4, 4096, 32, 8, 128)],
+          "cpu": [(16, 128, 4, 4, 32), (4, 256, 4, 4, 64), (2, 512, 8, 2, 128)]}
 QUICK = {"cuda": [(16, 1024, 12, 12, 64)], "cpu": [(4, 256, 4, 4, 64)]}
 DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 

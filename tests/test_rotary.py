@@ -1,7 +1,12 @@
-"""fasttrain.ops.apply_rotary_emb: the Triton kernel (interpreted on CPU) against a float64 rotation for outputs and
-gradients, on awkward lengths, GQA head counts, partial and interleaved rotation, int and per-sequence offsets,
-per-sequence tables, strided views of a fused qkv, in place, the torch.compile registration and input errors. GPU
-tests (`pytest -m gpu`) hold bf16/fp16 to twice the reference's own error."""
+"""fasttrain.ops.apply_rotary_emb: the Triton kernel (interpreted on CPU) and the C++ CPU kernel against a float64
+rotation for outputs and gradients, on awkward lengths, GQA head counts, partial and interleaved rotation, int and
+per-sequence offsets, per-sequence tables, strided views of a fused qkv, bf16/fp16, in place, the torch.compile
+registration and input errors. GPU tests (`pytest -m gpu`) hold bf16/fp16 to twice the reference's own error."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -10,6 +15,7 @@ from fasttrain.ops.rotary import apply_rotary_emb, apply_rotary_emb_reference
 
 # fp32 kernel vs float64: one product pair per element; measured worst 4.8e-7 on unit-normal inputs.
 TOL_FP32 = 2e-6
+KERNELS = ["triton", "cpu"]
 
 
 def _tables(n_pos, rot, device="cpu"):
@@ -32,8 +38,8 @@ def _err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1.0)).item()
 
 
-def _check(x, cos, sin, interleaved=False, offsets=0, tol=TOL_FP32):
-    y = apply_rotary_emb(x, cos, sin, interleaved=interleaved, seqlen_offsets=offsets, backend="triton")
+def _check(x, cos, sin, backend, interleaved=False, offsets=0, tol=TOL_FP32):
+    y = apply_rotary_emb(x, cos, sin, interleaved=interleaved, seqlen_offsets=offsets, backend=backend)
     x64, want = _want(x, cos, sin, interleaved, offsets)
     assert y.dtype == x.dtype and y.shape == x.shape and _err(y, want) < tol
     upstream = torch.randn_like(want)
@@ -44,30 +50,34 @@ def _check(x, cos, sin, interleaved=False, offsets=0, tol=TOL_FP32):
 
 @pytest.mark.parametrize("B,T,H,D", [(1, 1, 1, 8), (2, 97, 3, 64), (1, 1025, 2, 16), (2, 5, 12, 128)], ids=str)
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_kernel_matches_float64(B, T, H, D, interleaved):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_matches_float64(B, T, H, D, interleaved, backend):
     cos, sin = _tables(T, D)
-    _check(_x(B, T, H, D), cos, sin, interleaved)
+    _check(_x(B, T, H, D), cos, sin, backend, interleaved)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_partial_rotation_passes_the_rest_through(interleaved):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_partial_rotation_passes_the_rest_through(interleaved, backend):
     x = _x(2, 9, 3, 32)
     cos, sin = _tables(9, 12)  # rotary_dim 12 of 32
-    _check(x, cos, sin, interleaved)
-    y = apply_rotary_emb(x, cos, sin, interleaved=interleaved, backend="triton")
+    _check(x, cos, sin, backend, interleaved)
+    y = apply_rotary_emb(x, cos, sin, interleaved=interleaved, backend=backend)
     assert torch.equal(y[..., 12:], x[..., 12:])
 
 
-def test_int_and_tensor_offsets_and_per_sequence_tables():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_int_and_tensor_offsets_and_per_sequence_tables(backend):
     x = _x(3, 7, 4, 32)
     cos, sin = _tables(40, 32)
-    _check(x, cos, sin, offsets=5)
+    _check(x, cos, sin, backend, offsets=5)
     offsets = torch.tensor([0, 11, 30])
-    _check(x, cos, sin, offsets=offsets)
+    _check(x, cos, sin, backend, offsets=offsets)
+    _check(x, cos, sin, backend, offsets=offsets.int())
     positions = offsets[:, None] + torch.arange(7)  # (B, T): what a KV cache gives the model
-    per_sequence = apply_rotary_emb(x, cos[positions], sin[positions], backend="triton")
-    assert _err(per_sequence, apply_rotary_emb(x, cos, sin, seqlen_offsets=offsets, backend="triton")) < TOL_FP32
-    _check(x, cos[positions], sin[positions])
+    per_sequence = apply_rotary_emb(x, cos[positions], sin[positions], backend=backend)
+    assert _err(per_sequence, apply_rotary_emb(x, cos, sin, seqlen_offsets=offsets, backend=backend)) < TOL_FP32
+    _check(x, cos[positions], sin[positions], backend)
 
 
 def test_tensor_offset_past_the_table_gives_nan_not_a_wild_read():
@@ -77,43 +87,116 @@ def test_tensor_offset_past_the_table_gives_nan_not_a_wild_read():
     assert torch.isfinite(y[0]).all() and torch.isfinite(y[1, 1]).all() and torch.isnan(y[1, 2]).all()
 
 
-def test_strided_qkv_views_with_gqa_heads():
+def test_cpu_kernel_refuses_a_tensor_offset_past_the_table():
+    x = _x(2, 3, 2, 16)
+    cos, sin = _tables(4, 16)
+    with pytest.raises(RuntimeError, match=r"seqlen_offsets \+ T must stay within the 4 positions"):
+        apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([0, 2]), backend="cpu")
+    assert _err(apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([1, 0]), backend="cpu"),
+                _want(x, cos, sin, offsets=torch.tensor([1, 0]))[1]) < TOL_FP32  # the last row still in reach
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(offset=5), r"offset \+ T = 9 is past the 8 positions"),
+    (dict(offsets=torch.tensor([0, -1])), r"seqlen_offsets in \[-1, 0\]"),
+    (dict(offsets=torch.tensor([0])), r"offsets must be a \(B,\) CPU tensor"),
+    (dict(x=torch.randn(2, 4, 3, 32)[..., ::2]), "unit stride along D"),
+    (dict(cos=torch.ones(8, 9), sin=torch.ones(8, 9)), "9 columns, more than head_dim / 2"),
+    (dict(cos=torch.ones(2, 4, 8), sin=torch.ones(2, 4, 8), offset=1), "offsets need a shared"),
+    (dict(cos=torch.ones(2, 5, 8), sin=torch.ones(2, 5, 8)), r"per-sequence cos/sin must be \(B, T, R/2\)"),
+    (dict(x=torch.randn(2, 4, 3, 16).double()), "takes float32, bfloat16 or float16"),
+], ids=str)
+def test_cpu_op_checks_what_the_wrapper_would(change, match):
+    # torch.ops.fasttrain.rotary_cpu called directly: an error, never a read past the tables.
+    cos, sin = _tables(8, 16)
+    args = dict(x=torch.randn(2, 4, 3, 16), cos=cos, sin=sin, offsets=None, offset=0) | change
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fasttrain.rotary_cpu(*args.values(), False, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_cpu_kernel_low_precision_at_most_the_reference_error(dtype, interleaved):
+    # Both round an fp32 rotation once to dtype; the kernel's fp32 math differs from the reference's by an ulp of
+    # fp32 at most, so the two results differ by one rounding of dtype at most.
+    x = _x(2, 97, 5, 64, dtype=dtype)[:, :, :4]  # strided, as the model passes q
+    cos, sin = _tables(104, 48)
+    y = apply_rotary_emb(x, cos, sin, interleaved=interleaved, seqlen_offsets=7, backend="cpu")
+    ref = apply_rotary_emb(x, cos, sin, interleaved=interleaved, seqlen_offsets=7, backend="reference")
+    x64, want = _want(x, cos, sin, interleaved, offsets=7)
+    ulp = torch.finfo(dtype).eps
+    assert y.dtype == dtype and torch.equal(y[..., 48:], x[..., 48:])
+    assert _err(y, want) <= _err(ref, want) + ulp
+    upstream = torch.randn_like(want)
+    (grad,) = torch.autograd.grad(y, x, upstream.to(dtype))
+    (ref_grad,) = torch.autograd.grad(ref, x, upstream.to(dtype))
+    (want_grad,) = torch.autograd.grad(want, x64, upstream)
+    assert _err(grad, want_grad) <= _err(ref_grad, want_grad) + ulp
+
+
+def test_auto_takes_the_cpu_kernel_without_the_interpreter():
+    # The main job's path: CPU tensors, no TRITON_INTERPRET (the tests turn it on, hence a fresh interpreter), and no
+    # fallback warning.
+    script = textwrap.dedent("""
+        import warnings; warnings.simplefilter("error")
+        import torch
+        from fasttrain.ops import apply_rotary_emb
+        x = torch.randn(2, 5, 3, 8, requires_grad=True)
+        cos, sin = torch.rand(2, 5, 4).unbind(0)
+        with torch.profiler.profile() as prof:
+            apply_rotary_emb(x, cos, sin).sum().backward()
+        print("rotary_cpu calls:", sum(e.name == "fasttrain::rotary_cpu" for e in prof.events()))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "rotary_cpu calls: 2" in result.stdout, result.stderr  # forward, backward
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_strided_qkv_views_with_gqa_heads(backend):
     B, T, H, Hkv, D = 2, 33, 4, 2, 16
     qkv = torch.randn(B, T, H + 2 * Hkv, D, requires_grad=True)
     q, k, _ = qkv.split([H, Hkv, Hkv], dim=2)  # not contiguous: the model's layout
     cos, sin = _tables(T, D)
     for t in (q, k):
-        y = apply_rotary_emb(t, cos, sin, backend="triton")
+        y = apply_rotary_emb(t, cos, sin, backend=backend)
         assert y.is_contiguous() and _err(y, apply_rotary_emb_reference(t, cos, sin)) < TOL_FP32
-    loss = (apply_rotary_emb(q, cos, sin, backend="triton") ** 2).sum() + apply_rotary_emb(k, cos, sin).sum()
+    loss = (apply_rotary_emb(q, cos, sin, backend=backend) ** 2).sum() + apply_rotary_emb(k, cos, sin).sum()
     want = (apply_rotary_emb_reference(q, cos, sin) ** 2).sum() + apply_rotary_emb_reference(k, cos, sin).sum()
     (grad,) = torch.autograd.grad(loss, qkv)
     (want_grad,) = torch.autograd.grad(want, qkv)
     assert _err(grad, want_grad) < TOL_FP32
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
 def test_inplace_rotates_x_and_refuses_x_requiring_grad(backend):
     x = _x(2, 6, 3, 16).detach()
     cos, sin = _tables(10, 16)
     want = apply_rotary_emb_reference(x, cos, sin, seqlen_offsets=2)
     out = apply_rotary_emb(x, cos, sin, inplace=True, seqlen_offsets=2, backend=backend)
     assert out is x and _err(x, want) < TOL_FP32
+    view = _x(2, 6, 5, 16, dtype=torch.bfloat16).detach()
+    q, before = view[:, :, :3], view.clone()  # q: strided, in place inside its qkv
+    want = apply_rotary_emb_reference(q, cos[:, :4], sin[:, :4], seqlen_offsets=2)  # rotary_dim 8 of 16
+    apply_rotary_emb(q, cos[:, :4], sin[:, :4], inplace=True, seqlen_offsets=2, backend=backend)
+    assert _err(q, want) <= torch.finfo(torch.bfloat16).eps  # one bf16 rounding apart at most
+    assert torch.equal(q[..., 8:], before[:, :, :3, 8:]) and torch.equal(view[:, :, 3:], before[:, :, 3:])
     with pytest.raises(ValueError, match="inplace=True needs x that does not require grad"):
         apply_rotary_emb(x.requires_grad_(), cos, sin, inplace=True, backend=backend)
 
 
-def test_compiles_with_fullgraph():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_compiles_with_fullgraph(backend):
     x = _x(2, 5, 3, 16)
     cos, sin = _tables(5, 16)
-    step = torch.compile(lambda x: apply_rotary_emb(x, cos, sin, backend="triton"), fullgraph=True, backend="eager")
+    step = torch.compile(lambda x: apply_rotary_emb(x, cos, sin, backend=backend), fullgraph=True, backend="eager")
     y = step(x)
     x64, want = _want(x, cos, sin)
     assert _err(y, want) < TOL_FP32
     assert _err(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(want.sum(), x64)[0]) < TOL_FP32
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
 def test_tables_get_no_gradient(backend):
     x = _x(2, 5, 3, 16)
     cos, sin = _tables(5, 16)
@@ -153,6 +236,7 @@ def test_tables_get_no_gradient(backend):
     (lambda x, c, s: apply_rotary_emb(torch.randn(2, 4, 3, 32)[..., ::2], c, s, inplace=True, backend="triton"),
      ValueError, "unit stride along D"),
     (lambda x, c, s: apply_rotary_emb(x.double(), c, s, backend="triton"), RuntimeError, "float64"),
+    (lambda x, c, s: apply_rotary_emb(x.double(), c, s, backend="cpu"), RuntimeError, "fp32, bf16 or fp16"),
     (lambda x, c, s: apply_rotary_emb(x, c, s, backend="cuda"), RuntimeError, "cuda"),
 ])
 def test_bad_inputs_name_the_argument(call, error, match):

@@ -1,10 +1,10 @@
 """Rotary position embedding with flash-attn's signature (`flash_attn.layers.rotary.apply_rotary_emb`), on a Triton
-body that reads x once and writes the result once.
+body (GPU) or a C++ one (CPU) that reads x once and writes the result once.
 
-Three layers, as in ops/cross_entropy.py: the kernel in fasttrain.kernels.rotary; the `torch.library` ops
-`fasttrain::rotary` (out of place, with autograd: the gradient is the upstream gradient rotated back, the same op with
-conjugate=True) and `fasttrain::rotary_` (in place, no autograd) around it; and `apply_rotary_emb` below, which
-checks its inputs and chooses the backend. The reference is plain PyTorch in fp32.
+Three layers, as in ops/cross_entropy.py: the kernels in fasttrain.kernels.rotary and csrc/rotary_cpu.cpp; the
+`torch.library` ops `fasttrain::rotary` (out of place, with autograd: the gradient is the upstream gradient rotated
+back, the same op with conjugate=True) and `fasttrain::rotary_` (in place, no autograd) around them; and
+`apply_rotary_emb` below, which checks its inputs and chooses the backend. The reference is plain PyTorch in fp32.
 """
 from __future__ import annotations
 
@@ -50,20 +50,22 @@ def apply_rotary_emb_reference(x: Tensor, cos: Tensor, sin: Tensor, interleaved:
 
 @custom_op("fasttrain::rotary", mutates_args=())
 def _rotary_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, offset: int, interleaved: bool,
-               conjugate: bool) -> Tensor:
+               conjugate: bool, backend: str) -> Tensor:
+    if backend == "cpu":
+        return torch.ops.fasttrain.rotary_cpu(x, cos, sin, offsets, offset, interleaved, conjugate)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     return _kernels().rotary(x, cos, sin, offsets, offset, interleaved, conjugate, out)
 
 
 @_rotary_op.register_fake
-def _(x, cos, sin, offsets, offset, interleaved, conjugate):
+def _(x, cos, sin, offsets, offset, interleaved, conjugate, backend):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _setup_context(ctx, inputs, output):
-    _, cos, sin, offsets, offset, interleaved, conjugate = inputs
+    _, cos, sin, offsets, offset, interleaved, conjugate, backend = inputs
     ctx.save_for_backward(cos, sin, offsets)
-    ctx.offset, ctx.interleaved, ctx.conjugate = offset, interleaved, conjugate
+    ctx.offset, ctx.interleaved, ctx.conjugate, ctx.backend = offset, interleaved, conjugate, backend
 
 
 def _backward(ctx, grad):
@@ -72,8 +74,8 @@ def _backward(ctx, grad):
     # upstream gradient arrives expanded, stride 0).
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
-    dx = _rotary_op(grad, cos, sin, offsets, ctx.offset, ctx.interleaved, not ctx.conjugate)
-    return dx, None, None, None, None, None, None
+    dx = _rotary_op(grad, cos, sin, offsets, ctx.offset, ctx.interleaved, not ctx.conjugate, ctx.backend)
+    return dx, None, None, None, None, None, None, None
 
 
 _rotary_op.register_autograd(_backward, setup_context=_setup_context)
@@ -81,18 +83,24 @@ _rotary_op.register_autograd(_backward, setup_context=_setup_context)
 
 @custom_op("fasttrain::rotary_", mutates_args=("x",))
 def _rotary_inplace_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, offset: int,
-                       interleaved: bool) -> None:
-    _kernels().rotary(x, cos, sin, offsets, offset, interleaved, False, x)
+                       interleaved: bool, backend: str) -> None:
+    if backend == "cpu":
+        torch.ops.fasttrain.rotary_cpu_(x, cos, sin, offsets, offset, interleaved)
+    else:
+        _kernels().rotary(x, cos, sin, offsets, offset, interleaved, False, x)
 
 
 @_rotary_inplace_op.register_fake
-def _(x, cos, sin, offsets, offset, interleaved):
+def _(x, cos, sin, offsets, offset, interleaved, backend):
     return None
 
 
 # ---- input checks, backend choice ----------------------------------------------------------------------------------
 
-_backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "reference": None})
+# Read once, at import (Dynamo cannot trace the extension's import; see ops/attention.py).
+_CPU_OP_REASON = _backend.native_op_reason("rotary_cpu")
+_backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "cpu": _CPU_OP_REASON,
+                               "reference": None})
 
 
 def _check(x, cos, sin, seqlen_offsets) -> None:
@@ -138,11 +146,13 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     cos, sin: (T_ro, R/2), row t + seqlen_offsets used for token t, or (B, T, R/2) per sequence (seqlen_offsets 0).
     R = 2 * cos.shape[-1] <= D: the first R dims of each head are rotated, the rest pass through. interleaved=False
     pairs dim i with i + R/2 (GPT-NeoX), True pairs 2i with 2i + 1 (GPT-J). seqlen_offsets: an int, or a (B,) integer
-    tensor of per-sequence start positions (KV-cache decoding; a position past the table gives NaN on the triton
-    backend, since checking it would sync). Math in fp32; the result is in x's dtype, a new contiguous tensor, or x
-    itself when inplace=True (which refuses x requiring grad). Gradients flow to x only: cos/sin are detached on
-    every backend (the model's tables are fixed buffers; flash-attn gives them no gradient either).
-    backend: "auto" (default), "triton" or "reference".
+    tensor of per-sequence start positions (KV-cache decoding; a position past the table is an error on the cpu
+    backend, NaN on the triton backend, since checking it there would sync). Math in fp32; the result is in x's
+    dtype, a new contiguous tensor, or x itself when inplace=True (which refuses x requiring grad). Gradients flow to
+    x only: cos/sin are detached on every backend (the model's tables are fixed buffers; flash-attn gives them no
+    gradient either).
+    backend: "auto" (default), "triton" (CUDA; CPU tensors under TRITON_INTERPRET=1), "cpu" (csrc/rotary_cpu.cpp:
+    fp32, bf16, fp16 CPU tensors) or "reference".
     """
     _check(x, cos, sin, seqlen_offsets)
     for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
@@ -151,7 +161,9 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     cos, sin = cos.detach(), sin.detach()
     if inplace and x.requires_grad and torch.is_grad_enabled():
         raise ValueError("apply_rotary_emb: inplace=True needs x that does not require grad (or torch.no_grad())")
-    if _backend.choose(OP, {"triton": _backend.triton_tensor_reason(x), "reference": None}, backend) == "reference":
+    reasons = {"triton": _backend.triton_tensor_reason(x), "cpu": _backend.cpu_kernel_reason(x, _CPU_OP_REASON),
+               "reference": None}
+    if (chosen := _backend.choose(OP, reasons, backend)) == "reference":
         out = apply_rotary_emb_reference(x, cos, sin, interleaved, seqlen_offsets)
         return x.copy_(out) if inplace else out
     if x.stride(-1) != 1:
@@ -161,6 +173,6 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     cos, sin = cos.contiguous(), sin.contiguous()  # tables: one row per position, small
     offsets, offset = (seqlen_offsets, 0) if isinstance(seqlen_offsets, Tensor) else (None, int(seqlen_offsets))
     if inplace:
-        _rotary_inplace_op(x, cos, sin, offsets, offset, interleaved)
+        _rotary_inplace_op(x, cos, sin, offsets, offset, interleaved, chosen)
         return x
-    return _rotary_op(x, cos, sin, offsets, offset, interleaved, False)
+    return _rotary_op(x, cos, sin, offsets, offset, interleaved, False, chosen)

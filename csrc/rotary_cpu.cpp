@@ -1,0 +1,164 @@
+// Rotary position embedding on the CPU, x (B, T, H, D) read once and the result written once, forward and backward
+// (the backward is the rotation by the opposite angle, conjugate=true); the reference is
+// fasttrain.ops.rotary.apply_rotary_emb_reference. That reference (fp32 copy, slices, four products, two cats, and
+// their backward) took 1.80 ms per forward + backward of the CPU step's q (16 x 128 x 4 x 32 fp32, 1 MB;
+// benchmarks/NOTES.md), 8 calls per step. Pairs (i, i + R/2) (GPT-NeoX) or (2i, 2i + 1) (GPT-J), R = 2 * cos.size(-1)
+// <= D; the dims past R are copied through. x may be a strided view with unit stride along D (q and k are slices of
+// one qkv projection), so nothing is copied first. fp16/bf16 are computed in fp32 a token at a time.
+// Ops (schemas in ops.cpp): fasttrain::rotary_cpu (out of place) and fasttrain::rotary_cpu_ (in place).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/TensorIterator.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_math.h"
+
+namespace fasttrain {
+namespace {
+
+// One token's heads: o = x rotated by the angles whose cos/sin rows are c/s (sin negated when sign is -1). Heads are
+// `x_head`/`o_head` floats apart; o may be x (in place): pair i reads and writes only its own two elements, so the
+// iterations stay independent and `omp simd` holds either way.
+FT_CPU_CLONES void rotate_token(const float* x, int64_t x_head, float* o, int64_t o_head, int64_t heads,
+                                const float* c, const float* s, float sign, int64_t half, bool interleaved) {
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* xh = x + h * x_head;
+    float* oh = o + h * o_head;
+    if (interleaved) {
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = xh[2 * i], x2 = xh[2 * i + 1], si = sign * s[i];
+        oh[2 * i] = x1 * c[i] - x2 * si;
+        oh[2 * i + 1] = x2 * c[i] + x1 * si;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = xh[i], x2 = xh[i + half], si = sign * s[i];
+        oh[i] = x1 * c[i] - x2 * si;
+        oh[i + half] = x2 * c[i] + x1 * si;
+      }
+    }
+  }
+}
+
+struct Rotation {
+  int64_t B, T, H, D, half;
+  const float* cos;        // (n_pos, half), or (B * T, half) per sequence; contiguous fp32
+  const float* sin;
+  bool per_sequence;
+  const int64_t* offsets;  // (B,) or null
+  int64_t offset;
+  bool interleaved;
+  float sign;              // -1: rotate by the opposite angle (the backward)
+
+  int64_t row(int64_t b, int64_t t) const {
+    return per_sequence ? b * T + t : t + offset + (offsets ? offsets[b] : 0);
+  }
+};
+
+// out (may be x) = x rotated; strides in elements, unit along D for both.
+template <typename T>
+void rotate(const Rotation& r, const T* x, at::IntArrayRef xs, T* out, at::IntArrayRef os) {
+  const int64_t tokens = r.B * r.T, per_token = r.H * r.D, rot = 2 * r.half;
+  const bool copy_pass = rot < r.D && out != x;
+  // Tokens per thread at least: ATen's grain for its own elementwise kernels, 32k elements.
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(per_token, 1));
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buffer(std::is_same_v<T, float> ? 0 : r.H * rot);  // the token's rotated dims, (H, R)
+    for (int64_t token = begin; token < end; ++token) {
+      const int64_t b = token / r.T, t = token % r.T;
+      const float* c = r.cos + r.row(b, t) * r.half;
+      const float* s = r.sin + r.row(b, t) * r.half;
+      const T* xt = x + b * xs[0] + t * xs[1];
+      T* ot = out + b * os[0] + t * os[1];
+      if constexpr (std::is_same_v<T, float>) {
+        rotate_token(xt, xs[2], ot, os[2], r.H, c, s, r.sign, r.half, r.interleaved);
+      } else {
+        for (int64_t h = 0; h < r.H; ++h) widen(xt + h * xs[2], buffer.data() + h * rot, rot);
+        rotate_token(buffer.data(), rot, buffer.data(), rot, r.H, c, s, r.sign, r.half, r.interleaved);
+        for (int64_t h = 0; h < r.H; ++h) {
+          for (int64_t i = 0; i < rot; ++i) ot[h * os[2] + i] = static_cast<T>(buffer[h * rot + i]);
+        }
+      }
+      if (copy_pass) {
+        for (int64_t h = 0; h < r.H; ++h) {
+          std::memcpy(ot + h * os[2] + rot, xt + h * xs[2] + rot, (r.D - rot) * sizeof(T));
+        }
+      }
+    }
+  });
+}
+
+// Checks the inputs the Python wrapper already validated (a direct caller of torch.ops.fasttrain gets an error, not a
+// wild read) and rotates x into out.
+void rotary_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                 const std::optional<at::Tensor>& offsets, int64_t offset, bool interleaved, bool conjugate,
+                 at::Tensor& out) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && x.stride(3) == 1,
+              "rotary_cpu: x must be a (B, T, H, D) CPU tensor with unit stride along D, got ", x.sizes());
+  TORCH_CHECK(cos.device().is_cpu() && cos.sizes() == sin.sizes() && (cos.dim() == 2 || cos.dim() == 3),
+              "rotary_cpu: cos and sin must be CPU tensors of one shape, (T_ro, R/2) or (B, T, R/2)");
+  const int64_t B = x.size(0), T = x.size(1), half = cos.size(-1);
+  const bool per_sequence = cos.dim() == 3;
+  const int64_t n_pos = per_sequence ? T : cos.size(0);
+  TORCH_CHECK(2 * half <= x.size(3), "rotary_cpu: cos/sin have ", half, " columns, more than head_dim / 2");
+  TORCH_CHECK(!per_sequence || (cos.size(0) == B && cos.size(1) == T),
+              "rotary_cpu: per-sequence cos/sin must be (B, T, R/2)");
+  TORCH_CHECK(!per_sequence || (offset == 0 && !offsets), "rotary_cpu: offsets need a shared (T_ro, R/2) table");
+  const at::Tensor c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
+  at::Tensor offs;
+  if (offsets) {
+    TORCH_CHECK(offsets->device().is_cpu() && offsets->dim() == 1 && offsets->size(0) == B,
+                "rotary_cpu: offsets must be a (B,) CPU tensor");
+    offs = offsets->to(at::kLong).contiguous();
+    if (B > 0) {
+      // On the CPU the bound costs nothing to check: a position past the table is an error, not the NaN the
+      // Triton kernel (which cannot sync to check it) writes.
+      const int64_t lo = offs.min().item<int64_t>(), hi = offs.max().item<int64_t>();
+      TORCH_CHECK(lo + offset >= 0 && (T == 0 || hi + offset + T <= n_pos), "apply_rotary_emb: seqlen_offsets + T ",
+                  "must stay within the ", n_pos, " positions of cos/sin, got seqlen_offsets in [", lo, ", ", hi,
+                  "] with T = ", T);
+    }
+  } else if (!per_sequence) {
+    TORCH_CHECK(offset >= 0 && (T == 0 || offset + T <= n_pos), "rotary_cpu: offset + T = ", offset + T,
+                " is past the ", n_pos, " positions of cos/sin");
+  }
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.stride(3) == 1,
+              "rotary_cpu: out must have x's shape and dtype, unit stride along D");
+  const Rotation r{B, T, x.size(2), x.size(3), half, c.data_ptr<float>(), s.data_ptr<float>(), per_sequence,
+                   offsets ? offs.data_ptr<int64_t>() : nullptr, offset, interleaved, conjugate ? -1.0f : 1.0f};
+  if (x.numel() == 0) return;
+  dispatch_dtype(x.scalar_type(), "rotary", [&](auto* type) {
+    using T_ = std::remove_pointer_t<decltype(type)>;
+    rotate<T_>(r, x.data_ptr<T_>(), x.strides(), out.data_ptr<T_>(), out.strides());
+  });
+}
+
+at::Tensor rotary_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                      const std::optional<at::Tensor>& offsets, int64_t offset, bool interleaved, bool conjugate) {
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  rotary_into(x, cos, sin, offsets, offset, interleaved, conjugate, out);
+  return out;
+}
+
+void rotary_cpu_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const std::optional<at::Tensor>& offsets,
+                 int64_t offset, bool interleaved) {
+  rotary_into(x, cos, sin, offsets, offset, interleaved, false, x);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasttrain, CPU, m) {
+  m.impl("rotary_cpu", &rotary_cpu);
+  m.impl("rotary_cpu_", &rotary_cpu_);
+}
+
+}  // namespace fasttrain
