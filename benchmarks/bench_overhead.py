@@ -12,8 +12,8 @@ Why: on an H100 a LayerNorm forward + backward on (16384, 768) ran 110 us of ker
 (benchmarks/NOTES.md), and the model's step runs dozens of such ops per layer. Timing: many calls back to back, then
 one synchronize; on CUDA each tiny kernel ends long before the host issues the next, so wall time over calls is the
 host's cost per call; `x torch` is torch's host time over fasttrain's (above 1: fasttrain's host costs less). On a CPU
-the ops take their references, so the rows there measure fasttrain's checks and autograd wrapper around torch's op
-(and, for attention and decode, a reference written as the kernels' oracle, not for speed).
+attention, decode and rotary run their C++ kernels and the other ops their references, so the rows there measure
+fasttrain's checks and autograd wrapper around a kernel or torch's op.
 """
 from __future__ import annotations
 
