@@ -15,6 +15,7 @@ import torch
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op
 from fasttrain.ops.attention import _check_like_q, _refuse_unsupported, _scale, _window
+from fasttrain.ops.rotary import apply_rotary_emb_reference
 
 OP = "flash_attn_with_kvcache"
 _MAX_HEAD_DIM = 256
@@ -48,19 +49,6 @@ def _parallel_units(device: torch.device) -> int:
 
 # ----------------------------------------------------------------------------------------------------------- reference
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-            interleaved: bool) -> torch.Tensor:
-    """Rotary embedding of x (B, T, nh, D) at positions pos (B, T); cos/sin (Tro, rd/2) rotate the first rd dims."""
-    half = cos.shape[1]
-    c = cos.float()[pos][:, :, None, :]  # (B, T, 1, rd/2)
-    s = sin.float()[pos][:, :, None, :]
-    xr = x[..., :2 * half].float()
-    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :half], xr[..., half:])
-    o1, o2 = x1 * c - x2 * s, x2 * c + x1 * s
-    rot = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)  # (B, T, nh, rd)
-    return torch.cat((rot.to(x.dtype), x[..., 2 * half:]), dim=-1)
-
-
 def _append(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, rotary_interleaved: bool,
             q_per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Write k/v (rotated, with q, when rotary tables are given) at rows cache_seqlens.. of the caches, in place.
@@ -72,10 +60,10 @@ def _append(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ro
     t_new = k.shape[1]
     pos = seqlens[:, None] + torch.arange(t_new, device=q.device)  # (B, Tnew)
     if rotary_cos is not None:
-        k = _rotate(k, rotary_cos, rotary_sin, pos, rotary_interleaved)
+        k = apply_rotary_emb_reference(k, rotary_cos[pos], rotary_sin[pos], rotary_interleaved)  # (B, Tnew, rd/2) rows
         qpos = (seqlens[:, None] + t_new - Tq + torch.arange(Tq, device=q.device) if q_per_token
                 else seqlens[:, None].expand(B, Tq))  # (B, Tq)
-        q = _rotate(q, rotary_cos, rotary_sin, qpos, rotary_interleaved)
+        q = apply_rotary_emb_reference(q, rotary_cos[qpos], rotary_sin[qpos], rotary_interleaved)
     k_cache[rows[:, None], pos] = k
     v_cache[rows[:, None], pos] = v
     return q, seqlens + t_new
