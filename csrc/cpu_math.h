@@ -1,7 +1,7 @@
 // What the CPU kernels share: the clones GCC compiles a hot loop into (AVX-512, AVX2, baseline x86-64, one picked
 // at load time), an exp that vectorizes, the widening of fp16/bf16 to fp32 and the dispatch on the three dtypes.
-// Included by attention_cpu.cpp and activation_cpu.cpp, both compiled with -fno-trapping-math (CMakeLists.txt),
-// without which GCC leaves the selects below scalar.
+// Included by attention_cpu.cpp, activation_cpu.cpp and rotary_cpu.cpp; the first two, whose loops call exp_approx,
+// are compiled with -fno-trapping-math (CMakeLists.txt), without which GCC leaves its selects scalar.
 #pragma once
 
 #include <ATen/ATen.h>
