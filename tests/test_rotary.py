@@ -129,11 +129,14 @@ def test_cpu_op_checks_what_the_wrapper_would(change, match, inplace):
             torch.ops.fasttrain.rotary_cpu(*args.values(), False, False)
 
 
-def test_cpu_kernel_refuses_in_place_on_overlapping_x():
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+def test_inplace_refuses_an_expanded_x(backend):
     cos, sin = _tables(8, 16)
     x = torch.randn(1, 1, 1, 16).expand(2, 3, 4, 16)  # one row, 24 aliases
-    with pytest.raises(RuntimeError, match="single memory location"):
-        apply_rotary_emb(x, cos, sin, inplace=True, backend="cpu")
+    with pytest.raises(ValueError, match="inplace=True needs x whose elements do not share memory"):
+        apply_rotary_emb(x, cos, sin, inplace=True, backend=backend)
+    with pytest.raises(RuntimeError, match="single memory location"):  # the C++ op on its own refuses too
+        torch.ops.fasttrain.rotary_cpu_(x, cos, sin, None, 0, False)
 
 
 @pytest.mark.parametrize("backend", KERNELS + ["reference"])

@@ -161,6 +161,10 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
     cos, sin = cos.detach(), sin.detach()
     if inplace and x.requires_grad and torch.is_grad_enabled():
         raise ValueError("apply_rotary_emb: inplace=True needs x that does not require grad (or torch.no_grad())")
+    if inplace and any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
+        # An expanded x: every alias would be rotated again (by racing programs or threads on the kernels).
+        raise ValueError(f"apply_rotary_emb: inplace=True needs x whose elements do not share memory, got strides "
+                         f"{x.stride()} (an expanded tensor; pass .contiguous() or inplace=False)")
     reasons = {"triton": _backend.triton_tensor_reason(x), "cpu": _backend.cpu_kernel_reason(x, _CPU_OP_REASON),
                "reference": None}
     if (chosen := _backend.choose(OP, reasons, backend)) == "reference":
