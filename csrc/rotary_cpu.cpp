@@ -128,16 +128,17 @@ void rotary_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
   const at::Tensor c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
   // Rows t + offset (+ offsets[b]), t < T, must lie in [0, n_pos); compared without sums that could overflow int64.
   const int64_t n_pos = per_sequence ? T : cos.size(0);
-  TORCH_CHECK(per_sequence || (-n_pos <= offset && offset <= n_pos), "rotary_cpu: offset ", offset,
-              " is outside the ", n_pos, " positions of cos/sin");
   at::Tensor offs;
   if (offsets) {
-    // On the CPU the bound costs two reductions: a position past the table is an error here, not the NaN the Triton
-    // kernel (which would have to sync to check it) writes.
+    // On the CPU the bound costs one reduction: a position past the table is an error here, not the NaN the Triton
+    // kernel (which would have to sync to check it) writes. offset is bounded first, so -offset and the difference
+    // cannot overflow either.
     offs = offsets->to(at::kLong).contiguous();
-    const int64_t lo = offs.min().item<int64_t>(), hi = offs.max().item<int64_t>();
-    TORCH_CHECK(lo >= -offset && hi <= n_pos - T - offset, "rotary_cpu: seqlen_offsets + T must stay within the ",
-                n_pos, " positions of cos/sin, got seqlen_offsets in [", lo, ", ", hi, "] with T = ", T);
+    const auto [lo_t, hi_t] = at::aminmax(offs);
+    const int64_t lo = lo_t.item<int64_t>(), hi = hi_t.item<int64_t>();
+    TORCH_CHECK(-n_pos <= offset && offset <= n_pos && lo >= -offset && hi <= n_pos - T - offset,
+                "rotary_cpu: seqlen_offsets + offset ", offset, " + T must stay within the ", n_pos,
+                " positions of cos/sin, got seqlen_offsets in [", lo, ", ", hi, "] with T = ", T);
   } else if (!per_sequence) {
     TORCH_CHECK(offset >= 0 && offset <= n_pos - T, "rotary_cpu: offset ", offset, " + T = ", T,
                 " is past the ", n_pos, " positions of cos/sin");

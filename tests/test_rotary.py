@@ -90,7 +90,7 @@ def test_tensor_offset_past_the_table_gives_nan_not_a_wild_read():
 def test_cpu_kernel_refuses_a_tensor_offset_past_the_table():
     x = _x(2, 3, 2, 16)
     cos, sin = _tables(4, 16)
-    with pytest.raises(RuntimeError, match=r"seqlen_offsets \+ T must stay within the 4 positions"):
+    with pytest.raises(RuntimeError, match=r"seqlen_offsets \+ offset 0 \+ T must stay within the 4 positions"):
         apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([0, 2]), backend="cpu")
     assert _err(apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([1, 0]), backend="cpu"),
                 _want(x, cos, sin, offsets=torch.tensor([1, 0]))[1]) < TOL_FP32  # the last row still in reach
@@ -101,8 +101,10 @@ BIG = 2 ** 63 - 1  # offsets whose sums with T overflow int64
 
 @pytest.mark.parametrize("change,match", [
     (dict(offset=5), r"offset 5 \+ T = 4 is past the 8 positions"),
-    (dict(offset=BIG), "is outside the 8 positions"),
-    (dict(offset=-BIG), "is outside the 8 positions"),
+    (dict(offset=BIG), "is past the 8 positions"),
+    (dict(offset=-BIG), "is past the 8 positions"),
+    (dict(offsets=torch.tensor([0, 0]), offset=BIG), "must stay within the 8 positions"),
+    (dict(offsets=torch.tensor([0, 0]), offset=-BIG), "must stay within the 8 positions"),
     (dict(offsets=torch.tensor([0, -1])), r"seqlen_offsets in \[-1, 0\]"),
     (dict(offsets=torch.tensor([0, BIG])), r"seqlen_offsets in \[0, 9223372036854775807\]"),
     (dict(offsets=torch.tensor([0, 6]), offset=-3), r"in \[0, 6\] with T = 4"),
