@@ -66,20 +66,65 @@ FT_CPU_CLONES void score_grad(const float* __restrict p, float* __restrict dp, i
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta) * scale;
 }
 
-// a . b in 8 lanes summed as a tree at the end. An `omp simd` reduction had GCC add the lanes one after another
-// through the stack, 8 dependent adds per dot: the decode path's hot spot at GQA (perf, AVX2 clone).
-inline float dot_lanes(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float lane[8] = {};
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    for (int64_t k = 0; k < 8; ++k) lane[k] += a[j + k] * b[j + k];
-  }
-  float tail = 0.0f;
-  for (; j < n; ++j) tail += a[j] * b[j];
-  return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7])) + tail;
+#if defined(__GNUC__)
+#define FT_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define FT_ALWAYS_INLINE inline
+#endif
+
+// Eight fp32 lanes: one ymm register in the AVX2 and AVX-512 clones, two xmm in the baseline one. The decode loops
+// below hold their accumulators in these explicitly: GCC's `omp simd` reduction stored the lanes to the stack and
+// added them one after another (perf, AVX2 clone), and it does not keep a row block's accumulators in registers.
+typedef float v8 __attribute__((vector_size(32)));
+
+FT_ALWAYS_INLINE v8 load8(const float* p) {
+  v8 x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
 }
 
-FT_CPU_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t n) { return dot_lanes(a, b, n); }
+FT_ALWAYS_INLINE void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof x); }
+
+// ((x0 + x4) + (x1 + x5)) + ((x2 + x6) + (x3 + x7)), in registers: reading the lanes by index had GCC store the
+// vector to the stack and add them as scalars.
+FT_ALWAYS_INLINE float sum8(v8 x) {
+#if defined(__clang__)
+  x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3);
+  x += __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6);
+  x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5);
+#else  // GCC before 12 has only __builtin_shuffle
+  typedef int32_t i8 __attribute__((vector_size(32)));
+  x += __builtin_shuffle(x, i8{4, 5, 6, 7, 0, 1, 2, 3});
+  x += __builtin_shuffle(x, i8{1, 0, 3, 2, 5, 4, 7, 6});
+  x += __builtin_shuffle(x, i8{2, 3, 0, 1, 6, 7, 4, 5});
+#endif
+  return x[0];
+}
+
+// s[r * ld] = q_r . key for the N rows q_r = q + r * D (a GQA group's): each 8 floats of the key loaded once for
+// the N rows, each row's lanes summed as a tree at the end.
+template <int N>
+FT_ALWAYS_INLINE void dot_rows(const float* __restrict q, const float* __restrict key, int64_t D,
+                               float* __restrict s, int64_t ld) {
+  v8 a[N];
+  for (int r = 0; r < N; ++r) a[r] = v8{};  // not `= {}`, which GCC made a memset of the stack
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    const v8 x = load8(key + d);
+    for (int r = 0; r < N; ++r) a[r] += load8(q + r * D + d) * x;
+  }
+  for (int r = 0; r < N; ++r) {
+    float tail = 0.0f;
+    for (int64_t j = d; j < D; ++j) tail += q[r * D + j] * key[j];
+    s[r * ld] = sum8(a[r]) + tail;
+  }
+}
+
+FT_CPU_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s;
+  dot_rows<1>(a, b, n, &s, 0);
+  return s;
+}
 
 // y[0, n) += a * x
 FT_CPU_CLONES void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
@@ -87,20 +132,87 @@ FT_CPU_CLONES void axpy(float a, const float* __restrict x, float* __restrict y,
   for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
 }
 
-// s[r * ld] = q_r . key for the n rows q_r = q[r * D, (r + 1) * D): a call per key row and head, not per dot (a call
-// through the clones' dispatch per dot held a GQA 32/8 decode to 13 GB/s).
-FT_CPU_CLONES void dots(const float* __restrict q, int64_t n, const float* __restrict key, int64_t D,
-                        float* __restrict s, int64_t ld) {
-  for (int64_t r = 0; r < n; ++r) s[r * ld] = dot_lanes(q + r * D, key, D);
+// Columns [d, d + 8 W) of acc_r += sum_i p[r * ld + i] * value_i (i < cw, r < N; value_i = value + i * ldv,
+// acc_r = acc + r * D), the N x W accumulators held in registers over the cw values.
+template <int N, int W>
+FT_ALWAYS_INLINE void accumulate_columns(const float* __restrict p, int64_t ld, int64_t cw,
+                                         const float* __restrict value, int64_t ldv, int64_t D, int64_t d,
+                                         float* __restrict acc) {
+  v8 a[N][W];
+  for (int r = 0; r < N; ++r) {
+    for (int w = 0; w < W; ++w) a[r][w] = load8(acc + r * D + d + 8 * w);
+  }
+  for (int64_t i = 0; i < cw; ++i) {
+    v8 x[W];
+    for (int w = 0; w < W; ++w) x[w] = load8(value + i * ldv + d + 8 * w);
+    for (int r = 0; r < N; ++r) {
+      const float pr = p[r * ld + i];
+      for (int w = 0; w < W; ++w) a[r][w] += pr * x[w];
+    }
+  }
+  for (int r = 0; r < N; ++r) {
+    for (int w = 0; w < W; ++w) store8(acc + r * D + d + 8 * w, a[r][w]);
+  }
 }
 
-// acc_r += p[r * ld] * value for the n rows acc_r = acc[r * D, (r + 1) * D).
-FT_CPU_CLONES void axpys(const float* __restrict p, int64_t ld, int64_t n, const float* __restrict value, int64_t D,
-                         float* __restrict acc) {
-  for (int64_t r = 0; r < n; ++r) {
-    const float w = p[r * ld];
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) acc[r * D + d] += w * value[d];
+// acc_r += sum_i p[r * ld + i] * value_i over all D columns: 16 at a time for N <= 4 (2N accumulators, two values
+// and a weight: at most 11 of AVX2's 16 registers), else 8.
+template <int N>
+FT_ALWAYS_INLINE void accumulate_rows(const float* __restrict p, int64_t ld, int64_t cw,
+                                      const float* __restrict value, int64_t ldv, int64_t D, float* __restrict acc) {
+  int64_t d = 0;
+  if constexpr (N <= 4) {
+    for (; d + 16 <= D; d += 16) accumulate_columns<N, 2>(p, ld, cw, value, ldv, D, d, acc);
+  }
+  for (; d + 8 <= D; d += 8) accumulate_columns<N, 1>(p, ld, cw, value, ldv, D, d, acc);
+  for (; d < D; ++d) {
+    for (int64_t i = 0; i < cw; ++i) {
+      for (int r = 0; r < N; ++r) acc[r * D + d] += p[r * ld + i] * value[i * ldv + d];
+    }
+  }
+}
+
+// One key row against every K/V head's n query rows (n <= kDecodeRows): s[(h * n + r) * ld] = q_{h, r} . key_h
+// with q_{h, r} = q + (h * n + r) * D and key_h = key + h * hk. A call per key row, not per dot: a call through the
+// clones' dispatch per dot held a GQA 32/8 decode to 13 GB/s.
+FT_CPU_CLONES void score_key(const float* __restrict q, int64_t n, int64_t Hkv, const float* __restrict key,
+                             int64_t hk, int64_t D, float* __restrict s, int64_t ld) {
+  for (int64_t h = 0; h < Hkv; ++h) {
+    const float *qh = q + h * n * D, *kh = key + h * hk;
+    float* sh = s + h * n * ld;
+    switch (n) {
+      case 1: dot_rows<1>(qh, kh, D, sh, ld); break;
+      case 2: dot_rows<2>(qh, kh, D, sh, ld); break;
+      case 3: dot_rows<3>(qh, kh, D, sh, ld); break;
+      case 4: dot_rows<4>(qh, kh, D, sh, ld); break;
+      case 5: dot_rows<5>(qh, kh, D, sh, ld); break;
+      case 6: dot_rows<6>(qh, kh, D, sh, ld); break;
+      case 7: dot_rows<7>(qh, kh, D, sh, ld); break;
+      case 8: dot_rows<8>(qh, kh, D, sh, ld); break;
+      default: TORCH_INTERNAL_ASSERT(false, "score_key takes at most 8 rows per head, got ", n);
+    }
+  }
+}
+
+// A block of cw key rows' values into every K/V head's n accumulators: acc_{h, r} += sum_i p_{h, r}[i] value_{h, i}
+// with p_{h, r} = p + (h * n + r) * cw, value_{h, i} = value + i * ldv + h * hv and acc_{h, r} = acc + (h * n + r) * D.
+FT_CPU_CLONES void accumulate_block(const float* __restrict p, int64_t cw, int64_t n, int64_t Hkv,
+                                    const float* __restrict value, int64_t ldv, int64_t hv, int64_t D,
+                                    float* __restrict acc) {
+  for (int64_t h = 0; h < Hkv; ++h) {
+    const float *ph = p + h * n * cw, *vh = value + h * hv;
+    float* ah = acc + h * n * D;
+    switch (n) {
+      case 1: accumulate_rows<1>(ph, cw, cw, vh, ldv, D, ah); break;
+      case 2: accumulate_rows<2>(ph, cw, cw, vh, ldv, D, ah); break;
+      case 3: accumulate_rows<3>(ph, cw, cw, vh, ldv, D, ah); break;
+      case 4: accumulate_rows<4>(ph, cw, cw, vh, ldv, D, ah); break;
+      case 5: accumulate_rows<5>(ph, cw, cw, vh, ldv, D, ah); break;
+      case 6: accumulate_rows<6>(ph, cw, cw, vh, ldv, D, ah); break;
+      case 7: accumulate_rows<7>(ph, cw, cw, vh, ldv, D, ah); break;
+      case 8: accumulate_rows<8>(ph, cw, cw, vh, ldv, D, ah); break;
+      default: TORCH_INTERNAL_ASSERT(false, "accumulate_block takes at most 8 rows per head, got ", n);
+    }
   }
 }
 
@@ -403,24 +515,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
 }
 
 // Decoding: Tq * group <= kDecodeRows query rows per K/V head, so a key row costs a few dot products and reading
-// the cache bounds the time. A task takes a range of one sequence's keys for every head and walks it in memory
-// order, kDecodeKeys rows at a time, each row holding every K/V head: read one head at a time, the
-// (B, Tmax, Hkv, D) cache strides Hkv * D elements between rows, which the prefetchers do not follow (measured on
-// the 2-core EPYC, fp32 8 x 4096 x 12 x 64: summing each head in turn 8.2 GB/s, the whole cache 30 GB/s). The
-// ranges of a sequence (splits, enough for every thread) are combined through their max, sum and unnormalized out.
+// the cache bounds the time. A task takes a range of one sequence's keys for every head and walks it in blocks of
+// block_keys rows. The scores of a block are taken in memory order, each key row holding every K/V head: read one
+// head at a time, the (B, Tmax, Hkv, D) cache strides Hkv * D elements between rows, which the prefetchers do not
+// follow (measured on the 2-core EPYC, fp32 8 x 4096 x 12 x 64: summing each head in turn 8.2 GB/s, the whole cache
+// 30 GB/s). The values are then taken a head at a time, each head's accumulators held in registers over the block;
+// the scores pass has brought them into L2 (fp32: a prefetch per line) or widened them there (bf16, fp16). The ranges
+// of a sequence (splits, enough for every thread) are combined through their max, sum and unnormalized out.
 constexpr int64_t kDecodeRows = 8;
-constexpr int64_t kDecodeKeys = 64;        // scores of a block: H * Tq x 64 floats, L1-resident
-constexpr int64_t kMinKeysPerSplit = 256;  // fewer would spend more on the combine than on the keys
+constexpr int64_t kDecodeKeys = 64;          // most keys per block: scores H * Tq x 64 floats, L1-resident
+constexpr int64_t kDecodeValues = 32768;     // floats of values per block (128 KiB), inside the 512 KiB L2
+constexpr int64_t kMinKeysPerSplit = 256;    // fewer would spend more on the combine than on the keys
 
-// Row (b, j) of head h as fp32: in place for fp32 x, else widened into scratch[0, D).
-template <typename T>
-const float* row_fp32(const Rows<const T>& x, int64_t b, int64_t j, int64_t h, int64_t D, float* scratch) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x.at(b, j, h);
-  } else {
-    widen(x.at(b, j, h), scratch, D);
-    return scratch;
-  }
+// Keys per block: kDecodeKeys, fewer (a multiple of 8) where a block's values would outgrow kDecodeValues.
+int64_t block_keys(const Problem& P) {
+  return std::clamp<int64_t>(kDecodeValues / (P.Hkv * P.D) / 8 * 8, 8, kDecodeKeys);
+}
+
+// Asks for the cache lines of [p, p + bytes) in L2, for a pass that reads them out of memory order.
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  const auto first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t{63};
+  const auto end = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes);
+  for (uintptr_t line = first; line < end; line += 64) __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
 }
 
 // Keys [k0, k1) of sequence s for every query row, ordered (K/V head, row of its block as in forward_block): the
@@ -429,20 +545,30 @@ template <typename T>
 void decode_split(const Problem& P, const Sequence& s, int64_t k0, int64_t k1, const Rows<const T>& q,
                   const Rows<const T>& k, const Rows<const T>& v, float* m, float* l, float* acc,
                   std::vector<float>& scratch) {
-  const int64_t D = P.D, G = P.group(), n = s.Tq * G, rows = P.Hkv * n;
-  scratch.resize(rows * D + rows * kDecodeKeys + D);
-  float *qs = scratch.data(), *scores = qs + rows * D, *widened = scores + rows * kDecodeKeys;
+  constexpr bool in_place = std::is_same_v<T, float>;
+  const int64_t D = P.D, G = P.group(), n = s.Tq * G, rows = P.Hkv * n, HD = P.Hkv * D, bk = block_keys(P);
+  scratch.resize(rows * D + rows * bk + (in_place ? 0 : HD + bk * HD));
+  // qs (rows, D); scores (rows, bk); widened K row (Hkv, D) and values (bk, Hkv, D) for bf16 and fp16
+  float *qs = scratch.data(), *scores = qs + rows * D, *key_w = scores + rows * bk, *value_w = key_w + HD;
   for (int64_t R = 0; R < rows; ++R) {
     widen(q.at(s.q_batch, s.q_row + (R % n) / G, (R / n) * G + R % G), qs + R * D, D);
   }
   std::fill(m, m + rows, -kInf);
   std::fill(l, l + rows, 0.0f);
   std::fill(acc, acc + rows * D, 0.0f);
-  for (int64_t c0 = k0; c0 < k1; c0 += kDecodeKeys) {
-    const int64_t cw = std::min(kDecodeKeys, k1 - c0);
+  for (int64_t c0 = k0; c0 < k1; c0 += bk) {
+    const int64_t cw = std::min(bk, k1 - c0);
     for (int64_t i = 0; i < cw; ++i) {
-      for (int64_t kvh = 0; kvh < P.Hkv; ++kvh) {
-        dots(qs + kvh * n * D, n, row_fp32(k, s.k_batch, c0 + i, kvh, D, widened), D, scores + kvh * n * cw + i, cw);
+      const int64_t j = c0 + i;
+      if constexpr (in_place) {
+        for (int64_t h = 0; h < P.Hkv; ++h) prefetch_l2(v.at(s.k_batch, j, h), D * sizeof(float));
+        score_key(qs, n, P.Hkv, k.at(s.k_batch, j, 0), k.head, D, scores + i, cw);
+      } else {
+        for (int64_t h = 0; h < P.Hkv; ++h) {
+          widen(k.at(s.k_batch, j, h), key_w + h * D, D);
+          widen(v.at(s.k_batch, j, h), value_w + (i * P.Hkv + h) * D, D);
+        }
+        score_key(qs, n, P.Hkv, key_w, D, D, scores + i, cw);
       }
     }
     for (int64_t R = 0; R < rows; ++R) {
@@ -450,11 +576,10 @@ void decode_split(const Problem& P, const Sequence& s, int64_t k0, int64_t k1, c
       softmax_update(scores + R * cw, cw, a, std::clamp<int64_t>(P.key_hi(s, t) - c0, a, cw), P.scale, m[R], l[R],
                      acc + R * D, D);
     }
-    for (int64_t i = 0; i < cw; ++i) {
-      for (int64_t kvh = 0; kvh < P.Hkv; ++kvh) {
-        axpys(scores + kvh * n * cw + i, cw, n, row_fp32(v, s.k_batch, c0 + i, kvh, D, widened), D,
-              acc + kvh * n * D);
-      }
+    if constexpr (in_place) {
+      accumulate_block(scores, cw, n, P.Hkv, v.at(s.k_batch, c0, 0), v.row, v.head, D, acc);
+    } else {
+      accumulate_block(scores, cw, n, P.Hkv, value_w, HD, D, D, acc);
     }
   }
 }
@@ -469,11 +594,12 @@ void decode(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at
   std::vector<Split> splits;
   std::vector<int64_t> first(n_seq + 1);
   const int64_t wanted = (4 * at::get_num_threads() + n_seq - 1) / std::max<int64_t>(n_seq, 1);
+  const int64_t bk = block_keys(P);
   for (int64_t si = 0; si < n_seq; ++si) {
     const Sequence& s = P.seqs[si];
     const int64_t lo = P.key_lo(s, 0), hi = std::max(lo, P.key_hi(s, s.Tq - 1));
     const int64_t count = std::clamp<int64_t>(wanted, 1, std::max<int64_t>(1, (hi - lo) / kMinKeysPerSplit));
-    const int64_t chunk = ((hi - lo + count - 1) / count + kDecodeKeys - 1) / kDecodeKeys * kDecodeKeys;
+    const int64_t chunk = ((hi - lo + count - 1) / count + bk - 1) / bk * bk;
     first[si] = static_cast<int64_t>(splits.size());
     for (int64_t k0 = lo; k0 < hi || k0 == lo; k0 += std::max<int64_t>(chunk, 1)) {
       splits.push_back({si, k0, std::min(hi, k0 + chunk)});

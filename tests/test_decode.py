@@ -252,6 +252,23 @@ def test_cpu_kernel_across_key_tiles(Tq, H, Hkv, window, lengths):
         torch.testing.assert_close(a, b, **TOL_FP32, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("D", [8, 20, 72, 128])
+@pytest.mark.parametrize("Tq,H,Hkv", [(1, 4, 4), (1, 3, 1), (2, 4, 1), (1, 5, 1), (2, 6, 2), (1, 7, 1), (2, 8, 2)],
+                         ids=["rows1", "rows3", "rows4", "rows5", "rows6", "rows7", "rows8"])
+def test_cpu_kernel_every_row_count_and_head_dim(Tq, H, Hkv, D):
+    """The decode path's register blocks: 1-8 query rows per K/V head (Tq x group), each compiled on its own, and
+    head dims that leave 16-, 8- and single-column remainders."""
+    _assert_matches_reference(_case(Tq, H, Hkv, CPU_LENGTHS, D=D), kernels=("cpu",))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_short_blocks_for_wide_rows(dtype):
+    # 16 K/V heads x d128: 2048 floats a key row, so a block holds 16 keys (128 KiB of values), not 64.
+    kw = _case(1, 32, 16, CPU_LENGTHS, D=128, dtype=dtype)
+    tol = TOL_FP32 if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    _assert_matches_reference(kw, tol=tol, kernels=("cpu",))
+
+
 def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
     from fasttrain import _backend
     from fasttrain.ops import decode
