@@ -70,7 +70,7 @@ void elementwise(const T* const (&in)[kInputs], T* out, int64_t n, F&& f) {
           widen(in[1] + i0, b, m);
           f(a, b, o, m);
         }
-        for (int64_t i = 0; i < m; ++i) out[i0 + i] = static_cast<T>(o[i]);
+        narrow(o, out + i0, m);
       }
     }
   });

@@ -16,6 +16,7 @@
 
 #include "adamw.h"
 #include "adamw_checks.h"
+#include "cpu_math.h"
 
 namespace fasttrain {
 namespace {
@@ -28,12 +29,6 @@ constexpr int64_t kChunk = 65536;
 constexpr int64_t kParallelMin = 1 << 16;
 // fp32 tile for bf16/fp16 tensors: 5 x 4 KiB on the stack.
 constexpr int64_t kTile = 1024;
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FT_CPU_CLONES
-#endif
 
 FT_CPU_CLONES void adamw_span_f32(const AdamWElementScalars& s, float* __restrict p, const float* __restrict g,
                                   float* __restrict m, float* __restrict v, int64_t n) {
@@ -57,16 +52,6 @@ void adamw_span(const AdamWElementScalars& s, float* p, const float* g, float* m
   } else {
     adamw_span_f32(s, p, g, m, v, n);
   }
-}
-
-template <typename T>
-void widen(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-template <typename T>
-void narrow(const float* src, T* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
 // bf16/fp16: widen a tile of each stream to fp32, run the fp32 loop, round back.

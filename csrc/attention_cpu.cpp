@@ -395,7 +395,8 @@ void forward_block(const Problem& P, const Sequence& s, int64_t kvh, int64_t i0,
     const int64_t t = (i0 + r) / G, h = kvh * G + (i0 + r) % G;
     T* o = out.at(s.q_batch, s.q_row + t, h);
     const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;  // a row that sees no key: 0, lse +inf (as the reference)
-    for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(acc[r * D + d] * inv);
+    for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= inv;
+    narrow(acc + r * D, o, D);
     lse[s.lse + h * P.lse_head + t] = l[r] > 0.0f ? m[r] + std::log(l[r]) : kInf;
   }
 }
@@ -638,7 +639,8 @@ void decode(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at
         const int64_t t = (R % n) / G, h = (R / n) * G + R % G;
         const float inv = l_all > 0.0f ? 1.0f / l_all : 0.0f;  // no key: 0 and lse +inf, as forward_block
         T* dst = outr.at(s.q_batch, s.q_row + t, h);
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(o[d] * inv);
+        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+        narrow(o.data(), dst, D);
         lp[s.lse + h * P.lse_head + t] = l_all > 0.0f ? m_all + std::log(l_all) : kInf;
       }
     }

@@ -87,9 +87,7 @@ void rotate(const Rotation& r, const T* x, at::IntArrayRef xs, T* out, at::IntAr
       } else {
         for (int64_t h = 0; h < r.H; ++h) widen(xt + h * xs[2], buffer.data() + h * rot, rot);
         rotate_token(buffer.data(), rot, buffer.data(), rot, r.H, c, s, r.sign, r.half, r.interleaved);
-        for (int64_t h = 0; h < r.H; ++h) {
-          for (int64_t i = 0; i < rot; ++i) ot[h * os[2] + i] = static_cast<T>(buffer[h * rot + i]);
-        }
+        for (int64_t h = 0; h < r.H; ++h) narrow(buffer.data() + h * rot, ot + h * os[2], rot);
       }
       if (copy_pass) {
         for (int64_t h = 0; h < r.H; ++h) {
