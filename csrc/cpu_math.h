@@ -12,10 +12,6 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__GNUC__) && defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define FT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
@@ -63,45 +59,14 @@ void narrow(const float* src, T* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
 }
 
-#if defined(__GNUC__) && defined(__x86_64__)
-// fp16 to and from fp32 eight at a time by F16C's vcvtph2ps / vcvtps2ph (round to nearest even), the scalar paths'
-// values bit for bit (NaNs stay NaN; their payloads may differ). c10::Half picks F16C at compile time only, so this
-// baseline x86-64 build converted bit by bit, and GCC 12 vectorizes no _Float16 conversion even in an F16C clone:
-// fp16 decode 1.52x, attention forward 1.21x once widened so (benchmarks/NOTES.md, Decode, CPU kernel).
-inline bool has_f16c() {
-  static const bool yes = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-  return yes;
-}
-
-__attribute__((target("avx,f16c"))) inline void widen_f16c(const c10::Half* src, float* dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
-  }
-  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
-__attribute__((target("avx,f16c"))) inline void narrow_f16c(const float* src, c10::Half* dst, int64_t n) {
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j), h);
-  }
-  for (; j < n; ++j) dst[j] = static_cast<c10::Half>(src[j]);
-}
-
+// fp16: by F16C's vcvtph2ps / vcvtps2ph where the CPU has them; bf16's rounding in the clones. Both give the scalar
+// paths' bits (cpu_math.cpp says why they exist).
 template <>
-inline void widen(const c10::Half* src, float* dst, int64_t n) {
-  if (has_f16c()) return widen_f16c(src, dst, n);
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-}
-
+void widen(const c10::Half* src, float* dst, int64_t n);
 template <>
-inline void narrow(const float* src, c10::Half* dst, int64_t n) {
-  if (has_f16c()) return narrow_f16c(src, dst, n);
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<c10::Half>(src[j]);
-}
-#endif
+void narrow(const float* src, c10::Half* dst, int64_t n);
+template <>
+void narrow(const float* src, c10::BFloat16* dst, int64_t n);
 
 // Calls f with a null pointer to the C++ type of dtype (float, c10::BFloat16, c10::Half), for f to dispatch on;
 // another dtype is an error naming the kernel.
