@@ -55,12 +55,10 @@ void widen(const T* src, float* dst, int64_t n) {
 
 // dst[0, n) = src rounded to T (c10::BFloat16 or c10::Half), to nearest even
 template <typename T>
-void narrow(const float* src, T* dst, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
-}
+void narrow(const float* src, T* dst, int64_t n);
 
-// fp16: by F16C's vcvtph2ps / vcvtps2ph where the CPU has them; bf16's rounding in the clones. Both give the scalar
-// paths' bits (cpu_math.cpp says why they exist).
+// In cpu_math.cpp: fp16 by F16C's vcvtph2ps / vcvtps2ph where the CPU has them, bf16's rounding in the clones, each
+// giving c10's conversions' bits.
 template <>
 void widen(const c10::Half* src, float* dst, int64_t n);
 template <>
