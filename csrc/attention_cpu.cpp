@@ -530,7 +530,7 @@ constexpr int64_t kMinKeysPerSplit = 256;    // fewer would spend more on the co
 
 // Keys per block: kDecodeKeys, fewer (a multiple of 8) where a block's values would outgrow kDecodeValues.
 int64_t block_keys(const Problem& P) {
-  return std::clamp<int64_t>(kDecodeValues / (P.Hkv * P.D) / 8 * 8, 8, kDecodeKeys);
+  return std::clamp<int64_t>(kDecodeValues / std::max<int64_t>(1, P.Hkv * P.D) / 8 * 8, 8, kDecodeKeys);
 }
 
 // Asks for the cache lines of [p, p + bytes) in L2, for a pass that reads them out of memory order.
@@ -589,6 +589,7 @@ template <typename T>
 void decode(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
             at::Tensor& lse) {
   const int64_t n_seq = static_cast<int64_t>(P.seqs.size()), rows = P.H * (n_seq ? P.seqs[0].Tq : 0), D = P.D;
+  if (rows == 0) return;  // no query row (Tq 0): out and lse are empty
   struct Split {
     int64_t seq, k0, k1;
   };

@@ -4,14 +4,16 @@
 // process (benchmarks/NOTES.md, fp16 and bf16 conversions): fp16 AdamW 8-10x, rotary 4-5x, decode 1.5-1.6x.
 #include "cpu_math.h"
 
-#if defined(__GNUC__) && defined(__x86_64__)
+// clang accepts __builtin_cpu_supports("f16c") from 18 on
+#if defined(__GNUC__) && defined(__x86_64__) && (!defined(__clang__) || __clang_major__ >= 18)
+#define FT_F16C 1
 #include <immintrin.h>
 #endif
 
 namespace fasttrain {
 namespace {
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(FT_F16C)
 bool has_f16c() {
   static const bool yes = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
   return yes;
@@ -50,7 +52,7 @@ FT_CPU_CLONES void narrow_bf16(const float* __restrict src, uint16_t* __restrict
 
 template <>
 void widen(const c10::Half* src, float* dst, int64_t n) {
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(FT_F16C)
   if (has_f16c()) return widen_f16c(src, dst, n);
 #endif
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
@@ -58,7 +60,7 @@ void widen(const c10::Half* src, float* dst, int64_t n) {
 
 template <>
 void narrow(const float* src, c10::Half* dst, int64_t n) {
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(FT_F16C)
   if (has_f16c()) return narrow_f16c(src, dst, n);
 #endif
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<c10::Half>(src[j]);

@@ -217,14 +217,8 @@ def test_backend_refuses_what_it_cannot_serve():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_kernel_half_precision(dtype):
-    # The append (rotation included) is the reference's own code: caches bitwise equal. Attention in fp32 from the
-    # same rounded inputs: lse to fp32 summation order, out within one rounding of q's dtype.
-    kw = _case(2, 8, 2, CPU_LENGTHS, rotary=True, dtype=dtype)
-    out, lse, kc, vc = _run(kw, "cpu")
-    ref_out, ref_lse, ref_kc, ref_vc = _run(kw, "reference")
-    assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc) and out.dtype == dtype
-    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(out.float(), ref_out.float(), atol=1e-2, rtol=0)
+    # The append (rotation included) is the reference's own code: caches bitwise equal.
+    _assert_low_precision_matches_reference(_case(2, 8, 2, CPU_LENGTHS, rotary=True, dtype=dtype))
 
 
 @pytest.mark.parametrize("Tq,H,Hkv,window,lengths", [
@@ -252,21 +246,59 @@ def test_cpu_kernel_across_key_tiles(Tq, H, Hkv, window, lengths):
         torch.testing.assert_close(a, b, **TOL_FP32, msg=lambda m: f"{name}: {m}")
 
 
+ROW_COUNTS = {"rows1": (1, 4, 4), "rows2": (1, 2, 1), "rows3": (1, 3, 1), "rows4": (1, 4, 1), "rows5": (1, 5, 1),
+              "rows6": (2, 6, 2), "rows7": (1, 7, 1), "rows8": (2, 8, 2)}  # Tq x H / Hkv query rows per K/V head
+
+
 @pytest.mark.parametrize("D", [8, 20, 72, 128])
-@pytest.mark.parametrize("Tq,H,Hkv", [(1, 4, 4), (1, 3, 1), (2, 4, 1), (1, 5, 1), (2, 6, 2), (1, 7, 1), (2, 8, 2)],
-                         ids=["rows1", "rows3", "rows4", "rows5", "rows6", "rows7", "rows8"])
+@pytest.mark.parametrize("Tq,H,Hkv", ROW_COUNTS.values(), ids=ROW_COUNTS.keys())
 def test_cpu_kernel_every_row_count_and_head_dim(Tq, H, Hkv, D):
     """The decode path's register blocks: 1-8 query rows per K/V head (Tq x group), each compiled on its own, and
     head dims that leave 16-, 8- and single-column remainders."""
     _assert_matches_reference(_case(Tq, H, Hkv, CPU_LENGTHS, D=D), kernels=("cpu",))
 
 
+def _assert_low_precision_matches_reference(kw):
+    # Attention in fp32 from the same rounded inputs, rounded once, as the reference: lse to fp32 summation order,
+    # out within one rounding (a relative unit in the last place of bf16 / fp16).
+    (out, lse, kc, vc), (ref_out, ref_lse, ref_kc, ref_vc) = _run(kw, "cpu"), _run(kw, "reference")
+    assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc) and out.dtype == kw["q"].dtype
+    torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
+    ulp = 2.0 ** -7 if out.dtype == torch.bfloat16 else 2.0 ** -10
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=1e-6, rtol=ulp)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [20, 72])
+@pytest.mark.parametrize("rows", ["rows1", "rows4", "rows6"])
+def test_cpu_kernel_low_precision_every_head_dim(rows, D, dtype):
+    """bf16 / fp16 caches widened a block at a time, head dims off the 8-wide conversions."""
+    Tq, H, Hkv = ROW_COUNTS[rows]
+    _assert_low_precision_matches_reference(_case(Tq, H, Hkv, CPU_LENGTHS, D=D, dtype=dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernel_short_blocks_for_wide_rows(dtype):
-    # 16 K/V heads x d128: 2048 floats a key row, so a block holds 16 keys (128 KiB of values), not 64.
-    kw = _case(1, 32, 16, CPU_LENGTHS, D=128, dtype=dtype)
-    tol = TOL_FP32 if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    _assert_matches_reference(kw, tol=tol, kernels=("cpu",))
+@pytest.mark.parametrize("Hkv", [16, 64])
+def test_cpu_kernel_short_blocks_for_wide_rows(Hkv, dtype):
+    # d128 key rows of 16 K/V heads (2048 floats: blocks of 16 keys, 128 KiB of values) and of 64 (8192: the floor of
+    # 8 keys), lengths past 512 so that a sequence's keys split across threads and are combined.
+    kw = _case(1, Hkv, Hkv, (1, 97, 1030), D=128, Tmax=1100, dtype=dtype)
+    if dtype == torch.float32:
+        _assert_matches_reference(kw, kernels=("cpu",))
+    else:
+        _assert_low_precision_matches_reference(kw)
+
+
+def test_cpu_kernel_empty_query_and_head_dim():
+    # Tq 0: nothing to attend, empty results; head_dim 0: every score 0, so lse = log(keys seen).
+    op = torch.ops.fasttrain.attention_kvcache_cpu
+    kc = torch.randn(2, 16, 2, 8)
+    out, lse = op(torch.randn(2, 0, 4, 8), kc, kc, torch.tensor([3, 5]), None, 1.0, 1 << 30, 0)
+    assert out.shape == (2, 0, 4, 8) and lse.shape == (2, 4, 0)
+    kc = torch.randn(2, 16, 2, 0)
+    out, lse = op(torch.randn(2, 1, 4, 0), kc, kc, torch.tensor([3, 5]), None, 1.0, 1 << 30, 0)
+    assert out.shape == (2, 1, 4, 0)
+    torch.testing.assert_close(lse, torch.tensor([3.0, 5.0]).log()[:, None, None].expand(2, 4, 1))
 
 
 def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
