@@ -122,8 +122,13 @@ def test_rotary_is_a_rotation_that_encodes_relative_position():
     cos, sin = rotary_tables(64, 16)
     assert cos.shape == sin.shape == (64, 8)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
-    rq = lambda t: apply_rotary(q, cos[t:t + 1], sin[t:t + 1])
-    rk = lambda t: apply_rotary(k, cos[t:t + 1], sin[t:t + 1])
+
+    def rq(t):
+        return apply_rotary(q, cos[t:t + 1], sin[t:t + 1])
+
+    def rk(t):
+        return apply_rotary(k, cos[t:t + 1], sin[t:t + 1])
+
     torch.testing.assert_close(rq(5).norm(), q.norm())
     # <R(m) q, R(n) k> depends only on m - n.
     torch.testing.assert_close((rq(9) * rk(4)).sum(), (rq(30) * rk(25)).sum(), rtol=1e-5, atol=1e-5)
