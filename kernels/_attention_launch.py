@@ -58,8 +58,8 @@ def launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
 
 def tma_aligned(*tensors) -> bool:
     """Whether every (.., T, H, D) tensor given can be read in (rows, D) tiles by TMA from any batch, head and row:
-    half precision, D a power of 2, and the base and every stride but D's a multiple of 16 bytes (the copy engine's
-    rule; a torch allocation or a whole-head view of one meets it). 2.4 us for three on the 2-vCPU CI machine."""
+    half precision, D a power of 2, and the base and every stride but D's a nonzero multiple of 16 bytes (the copy
+    engine's rule; a torch allocation or a whole-head view of one meets it). 2.4 us for three on the 2-vCPU CI machine."""
     for t in tensors:
         if t.dtype not in _HALF:
             return False
@@ -67,7 +67,7 @@ def tma_aligned(*tensors) -> bool:
         if head_dim & (head_dim - 1) or t.data_ptr() & 15:
             return False
         for stride in t.stride()[:-1]:
-            if stride & 7:  # 8 two-byte elements = 16 bytes
+            if stride == 0 or stride & 7:  # 8 two-byte elements = 16 bytes; an expanded dim TMA is not known to take
                 return False
     return True
 

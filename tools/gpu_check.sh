@@ -29,7 +29,7 @@ run_stage() {  # command...
   echo "=== $*" | tee -a "$out/summary.log" >> "$out/run.log"
   local t0=$SECONDS left=$((${DEADLINE:-540} - SECONDS))
   local limit=$((left < ${STAGE_TIMEOUT:-420} ? left : ${STAGE_TIMEOUT:-420}))
-  if [ "$limit" -le 5 ]; then echo "=== skipped: deadline" | tee -a "$out/summary.log"; status=1; return; fi
+  if [ "$limit" -le 5 ]; then echo "=== skipped: deadline" | tee -a "$out/summary.log"; status=1; return 124; fi
   timeout -k 30 "$limit" "$@" > "$out/stage.tmp" 2>&1
   local rc=$?
   cat "$out/stage.tmp" >> "$out/run.log"
@@ -41,6 +41,11 @@ run_stage() {  # command...
 }
 ws_tests="warp_specialized"
 test_select=()
+# The benchmarks' JSON, packed once however the script ends (a stage cut by the deadline, several bench stages).
+pack() { [ -d "$out/results" ] && tar czf "$out/results.tgz" -C "$out" results && rm -r "$out/results"; }
+trap pack EXIT
+# Five C++ files and the CUDA ones: compiled in parallel whichever generator CMake finds.
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-16}
 
 for stage in $stages; do
   case $stage in
@@ -67,8 +72,7 @@ for stage in $stages; do
         extra="BENCH_ARGS_$b"
         # shellcheck disable=SC2086  # word-split on purpose: the variable holds flags
         run_stage $py benchmarks/bench_$b.py --device cuda --out "$out/results" ${!extra:-}
-      done
-      [ -d "$out/results" ] && tar czf "$out/results.tgz" -C "$out" results && rm -r "$out/results" ;;
+      done ;;
     *) echo "unknown stage $stage (build, probe, test, bench)"; exit 2 ;;
   esac
 done
