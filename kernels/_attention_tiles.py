@@ -38,6 +38,21 @@ def tile_range(x0, x1, dlo, dhi, n_other, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def tma_rows(seqlen):
+    """Rows of a tensor descriptor over a sequence's seqlen rows. TMA takes no zero dimension (cuTensorMapEncodeTiled:
+    every globalDim non-zero), so an empty sequence's descriptor holds one row, which tma_start keeps every tile off
+    (its address, the next sequence's row or past the tensor, is never touched)."""
+    return tl.maximum(seqlen, 1)
+
+
+@triton.jit
+def tma_start(seqlen, start):
+    """The first row of a tile that starts at row start of a sequence's descriptor: past an empty sequence's one row,
+    so that the tile reads zeros and writes nothing, as every tile past a sequence's end does."""
+    return tl.where(seqlen == 0, 1, start)
+
+
+@triton.jit
 def seq_bounds(Cu, b, seqlen, VARLEN: tl.constexpr):
     """(start, length) of sequence b: from cu_seqlens when packed, else (0, the common length)."""
     if VARLEN:

@@ -18,7 +18,8 @@ from ._attention_configs import FWD_CONFIGS
 from ._attention_launch import (LOG2E, autotuned, bth_strides, ensure_scratch_allocator, full_tiles, launch_params,
                                 lse_strides, this_machine, tma_aligned)
 from ._attention_launch import aot_signature, aot_variants  # noqa: F401 - kernels/_aot.py reads them off this module
-from ._attention_tiles import kv_bases, load_tile, masked_scores, online_softmax, q_program, tile_range
+from ._attention_tiles import (kv_bases, load_tile, masked_scores, online_softmax, q_program, tile_range, tma_rows,
+                               tma_start)
 from ._launch import cdiv
 
 LN2 = tl.constexpr(0.6931471805599453)  # globals a kernel reads must be constexpr (the compiler insists)
@@ -48,13 +49,14 @@ def _fwd_specialized(acc, m_i, l_i, q_base, k_base, v_base, stride_qt, stride_kt
     """The forward's loop in a WARP_SPECIALIZE config: Q, K and V tiles by TMA (zero past the sequence), every key
     tile masked unless no tile needs it (one loop is all Triton's Hopper pass specializes, and its loads must be
     TMA's; see _attention_configs)."""
-    q_desc = tl.make_tensor_descriptor(q_base, shape=[seqlen_q, HEAD_DIM], strides=[stride_qt, 1],
+    rows_q, rows_k = tma_rows(seqlen_q), tma_rows(seqlen_k)  # no key tile is visited when seqlen_k is 0
+    q_desc = tl.make_tensor_descriptor(q_base, shape=[rows_q, HEAD_DIM], strides=[stride_qt, 1],
                                        block_shape=[BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kt, 1],
+    k_desc = tl.make_tensor_descriptor(k_base, shape=[rows_k, HEAD_DIM], strides=[stride_kt, 1],
                                        block_shape=[BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vt, 1],
+    v_desc = tl.make_tensor_descriptor(v_base, shape=[rows_k, HEAD_DIM], strides=[stride_vt, 1],
                                        block_shape=[BLOCK_N, HEAD_DIM])
-    q = q_desc.load([start_m, 0])  # (BLOCK_M, HEAD_DIM)
+    q = q_desc.load([tma_start(seqlen_q, start_m), 0])  # (BLOCK_M, HEAD_DIM)
     if UPCAST:
         q = q.to(tl.float32)
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):

@@ -16,7 +16,8 @@ from ._attention_launch import (INTERPRETING, LOG2E, autotuned, bth_strides, ens
                                 launch_params, lse_strides, this_machine, tma_aligned)
 from ._attention_launch import aot_signature as _attention_aot_signature
 from ._attention_launch import aot_variants  # noqa: F401 - kernels/_aot.py reads it off this module
-from ._attention_tiles import kv_bases, load_tile, q_program, seq_bounds, sequence, tile_range
+from ._attention_tiles import (kv_bases, load_tile, q_program, seq_bounds, sequence, tile_range, tma_rows,
+                               tma_start)
 from ._launch import PlanTuner, cdiv, next_power_of_2
 
 
@@ -118,9 +119,10 @@ def _dkdv_specialized(dk, dv, k, v, q_base, do_base, lse_base, delta_base, strid
     TMA from (GROUP, seqlen_q, D) descriptors that end at the sequence (zero past it). lse and delta stay pointer
     loads: a descriptor's last-dimension offset must be a multiple of 16 bytes, and a packed sequence's rows of 4-byte
     values start anywhere."""
-    q_desc = tl.make_tensor_descriptor(q_base, shape=[GROUP, seqlen_q, HEAD_DIM], strides=[stride_qh, stride_qt, 1],
+    rows_q = tma_rows(seqlen_q)  # no query tile is visited when seqlen_q is 0
+    q_desc = tl.make_tensor_descriptor(q_base, shape=[GROUP, rows_q, HEAD_DIM], strides=[stride_qh, stride_qt, 1],
                                        block_shape=[1, BLOCK_M, HEAD_DIM])
-    do_desc = tl.make_tensor_descriptor(do_base, shape=[GROUP, seqlen_q, HEAD_DIM], strides=[stride_dh, stride_dt, 1],
+    do_desc = tl.make_tensor_descriptor(do_base, shape=[GROUP, rows_q, HEAD_DIM], strides=[stride_dh, stride_dt, 1],
                                         block_shape=[1, BLOCK_M, HEAD_DIM])
     n_tiles = tl.cdiv(hi - lo, BLOCK_M)
     for it in tl.range(0, GROUP * n_tiles, warp_specialize=True):
@@ -176,24 +178,25 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, DQAcc, CuQ, CuK,
         queries = tl.where(start_n < seqlen_k, seqlen_q, 0)
         lo, a, c, hi = tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, queries,
                                    BLOCK_M)
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_kt, 1],
+        rows_k, k_row = tma_rows(seqlen_k), tma_start(seqlen_k, start_n)
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[rows_k, HEAD_DIM], strides=[stride_kt, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[seqlen_k, HEAD_DIM], strides=[stride_vt, 1],
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[rows_k, HEAD_DIM], strides=[stride_vt, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
-        k, v = k_desc.load([start_n, 0]), v_desc.load([start_n, 0])  # (BLOCK_N, HEAD_DIM), zero past seqlen_k
+        k, v = k_desc.load([k_row, 0]), v_desc.load([k_row, 0])  # (BLOCK_N, HEAD_DIM), zero past seqlen_k
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         dk, dv = _dkdv_specialized(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
                                    stride_dt, stride_dh, stride_lh, offs_n, lo, hi, seqlen_q, dlo, dhi, scale_log2,
                                    not FULL_TILES, HEAD_DIM, UPCAST, GROUP, BLOCK_M)
         dk_desc = tl.make_tensor_descriptor(DK + b64 * stride_dkb + kvh64 * stride_dkh + k_start.to(tl.int64) *
-                                            stride_dkt, shape=[seqlen_k, HEAD_DIM], strides=[stride_dkt, 1],
+                                            stride_dkt, shape=[rows_k, HEAD_DIM], strides=[stride_dkt, 1],
                                             block_shape=[BLOCK_N, HEAD_DIM])
         dv_desc = tl.make_tensor_descriptor(DV + b64 * stride_dvb + kvh64 * stride_dvh + k_start.to(tl.int64) *
-                                            stride_dvt, shape=[seqlen_k, HEAD_DIM], strides=[stride_dvt, 1],
+                                            stride_dvt, shape=[rows_k, HEAD_DIM], strides=[stride_dvt, 1],
                                             block_shape=[BLOCK_N, HEAD_DIM])
-        dk_desc.store([start_n, 0], (dk * scale).to(DK.dtype.element_ty))  # rows past seqlen_k are not written
-        dv_desc.store([start_n, 0], dv.to(DV.dtype.element_ty))
+        dk_desc.store([k_row, 0], (dk * scale).to(DK.dtype.element_ty))  # rows past seqlen_k are not written
+        dv_desc.store([k_row, 0], dv.to(DV.dtype.element_ty))
         return
     if start_n >= seqlen_k:
         return

@@ -72,7 +72,6 @@ def test_half_precision_converts_as_torch(dtype):
     """Every bit pattern of the dtype (and a tail past the 8-wide conversions): the kernel's widening (F16C for fp16)
     and rounding back (to nearest even) give torch's .float() and .to(dtype) bit for bit, NaNs staying NaN. The
     backward's products of every pattern and slopes of 1.02-1.13 reach the overflow to inf and the subnormals."""
-    import fasttrain.ops  # noqa: F401  (registers torch.ops.fasttrain)
     bits = torch.cat([torch.arange(-32768, 32768, dtype=torch.int32), torch.tensor([0x3C01, 0x0001, -1, 5, 7])])
     every = bits.to(torch.int16).view(dtype)  # (65541,)
     x = (0.8 + 1.5 * torch.rand(every.shape, generator=torch.Generator().manual_seed(2))).to(dtype)

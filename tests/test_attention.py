@@ -226,6 +226,29 @@ def test_warp_specialized_forward_varlen_skips_blocks_past_a_sequence(warp_speci
     assert torch.equal(torch.isfinite(lse), finite) and _max_err(lse[finite], ref_lse[finite]) < 1e-4
 
 
+def test_warp_specialized_kernels_take_empty_packed_sequences(warp_specialized_forward, warp_specialized_backward):
+    """Sequences of 0 queries (their keys get dK = dV = 0), of 0 keys (their queries see nothing: out 0, lse +inf,
+    dQ 0) and of both, the last: their descriptors get one row, which no tile reads or writes (TMA takes no zero
+    dimension)."""
+    lens_q, lens_k = [0, 5, 130, 4, 0], [3, 0, 140, 7, 0]
+    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(sum(lens_q), 4, 64, generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(sum(lens_k), 2, 64, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
+                                         return_attn_probs=True, deterministic=True, backend="triton")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = attention_reference(q64, k64, v64, 64 ** -0.5, *(_flash_window(True, (-1, -1))), cu_q, cu_k)
+    assert _max_err(out, ref) < TOL_HALF[torch.bfloat16]
+    assert torch.all(out[:5] == 0) and torch.all(lse[:, :5] == float("inf"))  # sequence 1's queries see no key
+    dk, dv = torch.autograd.grad(out, (k, v), torch.randn(out.shape, generator=g).to(out.dtype), retain_graph=True)
+    assert torch.all(dk[:3] == 0) and torch.all(dv[:3] == 0)  # sequence 0's keys, seen by no query
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and _max_err(lse[finite], ref_lse[finite]) < 1e-4
+    _check_half_gradients(q, k, v, out, q64, k64, v64, ref)
+
+
 def test_tma_aligned_reads_dtype_head_dim_base_and_strides():
     x = torch.randn(2, 33, 4, 64).bfloat16()
     assert attention_kernels.tma_aligned(x, x.transpose(1, 2).contiguous().transpose(1, 2))  # SDPA layout too
@@ -772,15 +795,17 @@ with pytest.MonkeyPatch.context() as mp:
     t._pin_config(mp, t.backward_kernels, "_attn_bwd_dkdv", t.backward_kernels._attn_bwd_dkdv_kernel, dkdv,
                   ATOMIC_DQ=False)
     t._check_gpu_varlen(deterministic=True, lens=(1, 0, 1000, 3000, 17, 0))
+    t._check_gpu_varlen(deterministic=True, lens=(0, 1000, 3000, 17, 0), lens_k=(5, 0, 3000, 40, 0))
 """
 
 
 @pytest.mark.gpu
 def test_gpu_tma_kernels_take_empty_packed_sequences():
-    """Sequences of 0 rows, the last among them, through the warp-specialized forward and dK/dV: those kernels cannot
-    return early, so their tensor descriptors get a zero dimension, never run on a card yet. In a child process, so
-    that a fault there cannot poison this worker's CUDA context for the tests after it; not named for the probe
-    stage of tools/gpu_check.sh, whose failure would turn the specialized kernels off for the whole call."""
+    """Sequences of 0 rows (queries, keys or both; the last among them) through the warp-specialized forward and
+    dK/dV, which cannot return early: their descriptors get one row that no tile touches (tma_rows in
+    kernels/_attention_tiles.py), never run on a card yet. In a child process, so that a fault there cannot poison
+    this worker's CUDA context for the tests after it; not named for the probe stage of tools/gpu_check.sh, whose
+    failure would turn the specialized kernels off for the whole call."""
     child = subprocess.run([sys.executable, "-c", _EMPTY_SEQUENCES_CHILD, os.path.dirname(__file__)],
                            capture_output=True, text=True, timeout=280)
     assert child.returncode == 0, child.stderr[-3000:]
@@ -837,17 +862,21 @@ def test_gpu_sdpa_bf16():
     assert _max_err(got, ref) <= 2 * _max_err(torch_bf16, ref) + 1e-5
 
 
-def _check_gpu_varlen(deterministic=False, lens=(1, 1000, 3000, 17)):
-    """Packed sequences of 1-3000 rows, GQA 4: the output and every gradient within 2x PyTorch's own bf16 error."""
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+def _check_gpu_varlen(deterministic=False, lens=(1, 1000, 3000, 17), lens_k=None):
+    """Packed sequences of 1-3000 rows (keys as many as queries unless lens_k), GQA 4: the output and every gradient
+    within 2x PyTorch's own bf16 error."""
+    lens_k = lens if lens_k is None else lens_k
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+                  for n in (lens, lens_k))
     g = torch.Generator(device="cuda").manual_seed(5)
     q = torch.randn(sum(lens), 8, 128, generator=g, device="cuda").bfloat16().requires_grad_()
-    k, v = (torch.randn(sum(lens), 2, 128, generator=g, device="cuda").bfloat16().requires_grad_() for _ in range(2))
+    k, v = (torch.randn(sum(lens_k), 2, 128, generator=g, device="cuda").bfloat16().requires_grad_()
+            for _ in range(2))
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    out = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, deterministic=deterministic,
-                                 backend="triton")
-    pt = flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True, backend="reference")
-    ref = flash_attn_varlen_func(q32, k32, v32, cu, cu, max(lens), max(lens), causal=True, backend="reference")
+    packing = (cu_q, cu_k, max(lens), max(lens_k))
+    out = flash_attn_varlen_func(q, k, v, *packing, causal=True, deterministic=deterministic, backend="triton")
+    pt = flash_attn_varlen_func(q, k, v, *packing, causal=True, backend="reference")
+    ref = flash_attn_varlen_func(q32, k32, v32, *packing, causal=True, backend="reference")
     assert _max_err(out, ref) <= 2 * _max_err(pt, ref) + 1e-5
     dout = torch.randn(out.shape, generator=g, device="cuda").bfloat16()
     for name, got, mine, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(pt, (q, k, v), dout),
