@@ -15,9 +15,10 @@ from ._launch import next_power_of_2
 LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be constexpr (the compiler insists)
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 _HALF = (torch.float16, torch.bfloat16)
-# left/right: causal and full attention mask different shares of their tiles (the warp-specialized loops mask all of
-# them), so they tune apart. TMA_ALIGNED: the forward's and dK/dV's (dQ has no specialized config).
-_TUNING_KEY = ("HEAD_DIM", "tune_seqlen", "GROUP", "VARLEN", "left", "right", "TMA_ALIGNED")
+# tune_left/right (band_class): causal and full attention mask different shares of their tiles (the
+# warp-specialized loops mask all of them), so they tune apart. TMA_ALIGNED: the forward's and dK/dV's (dQ has no
+# specialized config).
+_TUNING_KEY = ("HEAD_DIM", "tune_seqlen", "GROUP", "VARLEN", "tune_left", "tune_right", "TMA_ALIGNED")
 
 
 def this_machine(table):
@@ -45,15 +46,25 @@ def lse_strides(lse, varlen):
     return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
 
 
-def launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
-    """(varlen, B, H, Hkv, the constexprs every attention kernel takes, tune_seqlen) of a launch."""
+def band_class(edge: int, tune_seqlen: int) -> int:
+    """A band edge (left or right) as the tuners key it: +-tune_seqlen once it reaches past every (query, key) pair
+    of such a sequence (unbounded), else its sign times its size rounded up to a power of 2. SDPA's top-left causal
+    (right = Tq - Tk) and the windows wider than a sequence would otherwise re-tune at every new length."""
+    if abs(edge) >= tune_seqlen:
+        return tune_seqlen if edge > 0 else -tune_seqlen
+    return next_power_of_2(edge) if edge >= 0 else -next_power_of_2(-edge)
+
+
+def launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, left, right):
+    """(varlen, B, H, Hkv, the constexprs every attention kernel takes, the tuning key's ints: tune_seqlen,
+    tune_left, tune_right) of a launch."""
     varlen = cu_seqlens_q is not None
     B = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     H, Hkv, D = q.shape[-2], k.shape[-2], q.shape[-1]
     constexprs = dict(GROUP=H // Hkv, HEAD_DIM=D, HEAD_DIM_PAD=next_power_of_2(D), VARLEN=varlen,
                       UPCAST=INTERPRETING and q.dtype != torch.float32)
     tune_seqlen = next_power_of_2(max(max_seqlen_q, max_seqlen_k))
-    return varlen, B, H, Hkv, constexprs, tune_seqlen
+    return varlen, B, H, Hkv, constexprs, (tune_seqlen, band_class(left, tune_seqlen), band_class(right, tune_seqlen))
 
 
 def tma_aligned(*tensors) -> bool:

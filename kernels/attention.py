@@ -75,7 +75,7 @@ def _fwd_specialized(acc, m_i, l_i, q_base, k_base, v_base, stride_qt, stride_kt
 def _attn_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
-                     seqlen_q, seqlen_k, scale_log2, left, right, tune_seqlen,
+                     seqlen_q, seqlen_k, scale_log2, left, right, tune_seqlen, tune_left, tune_right,
                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                      VARLEN: tl.constexpr, UPCAST: tl.constexpr, TMA_ALIGNED: tl.constexpr, FULL_TILES: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
@@ -124,7 +124,7 @@ _attn_fwd = autotuned(_attn_fwd_kernel, this_machine(FWD_CONFIGS))
 
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
     """out (like q, contiguous), lse float32 (B, H, Tq) or (H, total_q)."""
-    varlen, B, H, Hkv, cx, tune_seqlen = launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    varlen, B, H, Hkv, cx, tune = launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, left, right)
     cx["TMA_ALIGNED"] = tma_aligned(q, k, v)
     cx["FULL_TILES"] = full_tiles(varlen, max_seqlen_q, max_seqlen_k, left, right)
     if cx["TMA_ALIGNED"] and q.is_cuda:
@@ -136,5 +136,5 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     _attn_fwd[grid](q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
                     *bth_strides(q, varlen), *bth_strides(k, varlen), *bth_strides(v, varlen),
                     *bth_strides(out, varlen), *lse_strides(lse, varlen),
-                    max_seqlen_q, max_seqlen_k, scale * LOG2E.value, left, right, tune_seqlen, **cx)
+                    max_seqlen_q, max_seqlen_k, scale * LOG2E.value, left, right, *tune, **cx)
     return out, lse

@@ -144,10 +144,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, DQAcc, CuQ, CuK,
                           stride_vb, stride_vt, stride_vh, stride_db, stride_dt, stride_dh, stride_lb, stride_lh,
                           stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
                           stride_dqb, stride_dqt, stride_dqh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
-                          tune_seqlen, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                          VARLEN: tl.constexpr, UPCAST: tl.constexpr, TMA_ALIGNED: tl.constexpr,
-                          FULL_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          WARP_SPECIALIZE: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                          tune_seqlen, tune_left, tune_right, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          HEAD_DIM_PAD: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
+                          TMA_ALIGNED: tl.constexpr, FULL_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dK and dV of one BLOCK_N-key block; with ATOMIC_DQ, dQ too, added tile by tile into the zeroed float32 DQAcc
     (FlashAttention-2's backward: 5 matmuls per tile pair, where this kernel and _attn_bwd_dq_kernel take 7)."""
     pid_n, kvh, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -254,8 +254,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK,
                         stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                         stride_vb, stride_vt, stride_vh, stride_db, stride_dt, stride_dh, stride_lb, stride_lh,
                         stride_dqb, stride_dqt, stride_dqh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
-                        tune_seqlen, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                        VARLEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        tune_seqlen, tune_left, tune_right, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        HEAD_DIM_PAD: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
     b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = q_program(
         CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M)
     if start_m >= seqlen_q:
@@ -301,7 +302,7 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
     """(dq, dk, dv), each contiguous and shaped like its input. dlse (like lse) or None. deterministic: dQ by its own
     kernel, bit-identical from run to run for the same tiles; otherwise by whichever of that and atomics is faster
     here."""
-    varlen, B, H, Hkv, cx, tune_seqlen = launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    varlen, B, H, Hkv, cx, tune = launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, left, right)
     if do.stride(-1) != 1:
         do = do.contiguous()
     if (H // Hkv - 1) * max(q.stride(-2), do.stride(-2)) >= 2**31:  # _dkdv_tiles offsets heads in int32
@@ -320,7 +321,7 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
     dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
     common = (*bth_strides(q, varlen), *bth_strides(k, varlen), *bth_strides(v, varlen),
               *bth_strides(do, varlen), *lse_strides(lse, varlen))
-    tail = (max_seqlen_q, max_seqlen_k, scale, scale * LOG2E.value, left, right, tune_seqlen)
+    tail = (max_seqlen_q, max_seqlen_k, scale, scale * LOG2E.value, left, right, *tune)
     grid_kv = lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), Hkv, B)  # noqa: E731
     grid_q = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)  # noqa: E731
     dkdv_args = (q, k, v, do, lse, delta, dk, dv)
@@ -344,7 +345,7 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
         return separate_dq(), dk, dv
     plans = {DQ_BY_ATOMICS: atomic_dq, DQ_BY_KERNEL: separate_dq}
     # B * Hkv: the dK/dV grid's width, which decides how well the atomic plan's single kernel fills the GPU
-    key = (str(q.dtype), tune_seqlen, next_power_of_2(B * Hkv), left, right, *sorted(dkdv_cx.items()))
+    key = (str(q.dtype), *tune, next_power_of_2(B * Hkv), *sorted(dkdv_cx.items()))
     timeable = q.is_cuda and not INTERPRETING and not torch.cuda.is_current_stream_capturing()
     return plans[_backward_plans.choose(key, plans, timeable)](), dk, dv
 

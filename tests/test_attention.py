@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain import _backend
-from fasttrain.kernels import _attention_configs
+from fasttrain.kernels import _attention_configs, _attention_launch
 from fasttrain.kernels import attention as attention_kernels
 from fasttrain.kernels import attention_backward as backward_kernels
 from fasttrain.ops import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
@@ -258,6 +258,18 @@ def test_tma_aligned_reads_dtype_head_dim_base_and_strides():
     assert not attention_kernels.tma_aligned(torch.randn(2, 33, 1, 68).bfloat16()[..., :64])  # 136-byte rows
     # An expanded dO ((out * w).sum(): strides (0, 0, 0, 1)): a zero stride is not given to TMA
     assert not attention_kernels.tma_aligned(torch.randn(64).bfloat16().expand(2, 33, 4, 64))
+
+
+def test_tuners_key_band_edges_by_octave_and_unbounded_past_the_sequence():
+    band_class = _attention_launch.band_class
+    # SDPA's top-left causal at Tq 100 against Tk 357..611 (right = Tq - Tk) shares one key per octave
+    assert {band_class(100 - tk, 1024) for tk in range(357, 612)} == {-512}
+    assert [band_class(e, 1024) for e in (0, 1, 3, 64, 65, -1, -5)] == [0, 1, 4, 64, 128, -1, -8]
+    # a window as wide as the sequence, or wider, is unbounded: one key with UNBOUNDED
+    assert {band_class(e, 1024) for e in (1024, 5000, UNBOUNDED)} == {1024} and band_class(-2000, 1024) == -1024
+    for tuner in (attention_kernels._attn_fwd, backward_kernels._attn_bwd_dkdv, backward_kernels._attn_bwd_dkdv_dq,
+                  backward_kernels._attn_bwd_dq):  # a key name the kernel lacks would be dropped without a word
+        assert {"tune_seqlen", "tune_left", "tune_right"} <= set(tuner.keys) and not {"left", "right"} & set(tuner.keys)
 
 
 def test_fasttrain_attention_ws_0_leaves_the_specialized_configs_out():
