@@ -1,4 +1,4 @@
-"""One full training step (forward, backward, optimizer) of the same GPT, five ways, side by side.
+"""One full training step (forward, backward, optimizer) of the same GPT, five ways (six on CUDA), side by side.
 
     python benchmarks/bench_step.py                  # CPU: a small shape in fp32; GPU: GPT-2 small in bf16
     python benchmarks/bench_step.py --quick          # smallest shape, no torch.compile row on CPU
@@ -6,9 +6,10 @@
 Rows: `eager` (attention by PyTorch's SDPA math path, torch.optim.AdamW foreach), `eager-sdpa` (SDPA's default
 backend, i.e. FlashAttention-2 on an H100, and torch's fused AdamW), `compile` (torch.compile of eager-sdpa),
 `fasttrain` (fasttrain.ops attention, norms with the residual adds fused in, rotary, GELU and cross-entropy +
-fasttrain.optim.AdamW) and `fasttrain+compile` (the same model under torch.compile: fasttrain's ops stay opaque
-kernels, inductor fuses what lies between them); the torch rows add the residual and then call torch's norms, rotate
-eagerly and compute the loss as `F.cross_entropy(logits.float())`. All start
+fasttrain.optim.AdamW), `fasttrain+compile` (the same model under torch.compile: fasttrain's ops stay opaque
+kernels, inductor fuses what lies between them) and, on CUDA, `fasttrain+graph` (fasttrain's whole step, forward,
+backward and AdamW, captured once as a CUDA graph and replayed: graphed_step); the torch rows add the residual and
+then call torch's norms, rotate eagerly and compute the loss as `F.cross_entropy(logits.float())`. All start
 from the same weights, take the same batch, and clip at global norm 1.0. Each variant's first step is checked against
 eager's before that variant is timed: the loss, the gradient norm before clipping, and the change the optimizer made
 to the weights; one that disagrees is not timed, and the run exits 1 after writing what it measured.
@@ -84,7 +85,7 @@ def make_variant(name: str, base: GPT, device: str):
     model = copy.deepcopy(base)
     if name.startswith("fasttrain"):
         opt = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=CLIP)
-        return model, torch.compile(model) if name.endswith("compile") else model, opt, False
+        return model, torch.compile(model) if name.endswith("+compile") else model, opt, False
     use_torch_ops(model, math_attention=name == "eager")
     fused = name != "eager" and device == "cuda"
     opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, weight_decay=WEIGHT_DECAY, fused=fused or None)
@@ -107,6 +108,49 @@ def make_step(model, step_model, opt, clip_outside: bool, x, y, device: str):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach(), opt.last_grad_norm if norm is None else norm
+    return step
+
+
+def graphed_step(model, opt, x, y):
+    """fasttrain's step as one CUDA graph replay: what the step costs without the host's ~700 launches, which on an
+    H200 took longer than the kernels (the `fasttrain` row of 2026-12-04: 66 ms a step, 32 ms of it kernels).
+    Three warm-up steps on a side stream first (the autotuners pick their tiles, AdamW makes its state) at lr 0, so
+    the weights stay the ones every variant starts from; AdamW's state is then zeroed in place, its fresh value (the
+    graph keeps those addresses), and the lr restored before the capture, which records it. Grads set to None before
+    the capture are allocated inside it, at addresses each replay rewrites (torch.cuda.graph's whole-network recipe);
+    autocast's weight cache is off, since a capture may not hold casts across replays."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    lrs = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            with autocast:
+                _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    for state in opt.state.values():
+        for t in state.values():
+            if isinstance(t, torch.Tensor):
+                t.zero_()
+    for group, lr in zip(opt.param_groups, lrs):
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        with autocast:
+            _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+    static = (loss.detach(), opt.last_grad_norm)
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        graph.replay()
+        return static
     return step
 
 
@@ -143,7 +187,8 @@ def main() -> None:
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     names = ["eager", "eager-sdpa", "fasttrain"] + ([] if device == "cpu" and args.quick else
-                                                   ["compile", "fasttrain+compile"])
+                                                   ["compile", "fasttrain+compile"]) + (
+                                                   ["fasttrain+graph"] if device == "cuda" else [])
     ceiling = common.matmul_tflops(device)
     peak = peak_flops(torch.device(device), "bf16")  # datasheet bf16 peak on CUDA, None on CPU
     flops = flops_per_token(cfg, T) * B * T
@@ -171,7 +216,8 @@ def main() -> None:
     kept = {}
     for name in names:
         model, step_model, opt, clip_outside = make_variant(name, base, device)
-        step = make_step(model, step_model, opt, clip_outside, x, y, device)
+        step = (graphed_step(model, opt, x, y) if name.endswith("+graph") else
+                make_step(model, step_model, opt, clip_outside, x, y, device))
         checked = first_step(model, step)
         eager_step = eager_step or checked
         if (why := disagreement(checked, eager_step, device)) is not None:

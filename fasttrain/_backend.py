@@ -7,7 +7,6 @@ whole run; ops that do not have that backend at all keep choosing automatically.
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from typing import Callable
@@ -25,7 +24,16 @@ _warned: set[tuple[str, str]] = set()
 
 class NotForDevice(str):
     """A reason that only says the backend is not meant for this device (Triton on a CPU without the interpreter,
-    the cuda backend on CPU tensors): the reference is then the intended path, not a fallback worth a warning."""
+    the cuda backend on CPU tensors): the reference is then the intended path, not a fallback worth a warning.
+
+    Each is a module constant, never built in a call: torch.compile traces the backend choice, and Dynamo under
+    torch 2.11 cannot trace str.__new__ (the H200 run's warning), so a subclass built per call broke the graph at
+    every op, and each break costs a graph's launch overhead."""
+
+
+NEEDS_INTERPRETER = NotForDevice("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+CUDA_TAKES_CUDA = NotForDevice("the cuda backend takes CUDA tensors")
+CPU_TAKES_CPU = NotForDevice("the cpu backend takes CPU tensors")
 
 
 class BackendError(RuntimeError):
@@ -78,13 +86,18 @@ def _warn_fallback(op: str, reasons: dict[str, str | None]) -> None:
 
 # What each backend needs, for the ops to compose into their `reasons`.
 
-@functools.cache
+_triton_import: list[str | None] = []  # the first import's outcome
+
+
+@torch.compiler.assume_constant_result  # a trace takes the value; functools.cache here made Dynamo warn per compile
 def _triton_import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except Exception as e:
-        return f"triton failed to import ({type(e).__name__}: {e})"
-    return None
+    if not _triton_import:
+        try:
+            import triton  # noqa: F401
+            _triton_import.append(None)
+        except Exception as e:
+            _triton_import.append(f"triton failed to import ({type(e).__name__}: {e})")
+    return _triton_import[0]
 
 
 def triton_interpreting() -> bool:
@@ -98,7 +111,7 @@ def triton_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type == "cpu":
-        return None if triton_interpreting() else NotForDevice("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
+        return None if triton_interpreting() else NEEDS_INTERPRETER
     return f"Triton kernels do not run on {device.type} tensors"
 
 
@@ -114,7 +127,7 @@ def triton_tensor_reason(t: torch.Tensor) -> str | None:
 def cuda_extension_reason(device: torch.device) -> str | None:
     """None if fasttrain._C has CUDA kernels usable for tensors of this device."""
     if device.type != "cuda":
-        return NotForDevice(f"the cuda backend takes CUDA tensors, got {device.type}")
+        return CUDA_TAKES_CUDA
     if not _extension.available():
         return _extension.why_unavailable()
     if not _extension.built_with_cuda():
@@ -125,7 +138,7 @@ def cuda_extension_reason(device: torch.device) -> str | None:
 def cpu_extension_reason(device: torch.device) -> str | None:
     """None if fasttrain._C's C++ CPU kernels can serve tensors of this device."""
     if device.type != "cpu":
-        return NotForDevice(f"the cpu backend takes CPU tensors, got {device.type}")
+        return CPU_TAKES_CPU
     return _extension.why_unavailable()
 
 

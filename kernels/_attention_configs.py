@@ -30,8 +30,12 @@ HEAD_DIM_CLASSES = {"d64": (32, 64), "d128": (96, 128), "d256": (256,)}
 # `if` around the mask left the loop unspecialized and spilling), so that loop masks every tile; Q read by TMA too (a
 # masked tl.load of Q failed it: "unsupported load type for producer commit"); no early return (an assertion). The
 # autotuner keeps these configs only where they win; they are pruned where TMA cannot read Q/K/V (tma_aligned).
+# On an H200 (triton 3.6.0) the forward's 128 x 64 tile at 3 stages gave NaN rows in 10 of the 12 GPU cases, the
+# unmasked loop too (so not the masks: a stage read before its load landed or after its reuse), and was right in the
+# interpreter; the 128 x 128 tile at 2 stages and both dK/dV tiles were right in every case (pytest-gpu.log in
+# benchmarks/results/nvidia-h200/), so the first left the list.
 _WS_ON = os.environ.get("FASTTRAIN_ATTENTION_WS", "1") != "0"
-FWD_WS_TILES = [(128, 64, 4, 3, True), (128, 128, 4, 2, True)]
+FWD_WS_TILES = [(128, 128, 4, 2, True)]
 _FWD_WS = FWD_WS_TILES if _WS_ON else []
 _FWD = {
     90: {"d64": [(128, 64, 4, 3, False), (128, 128, 8, 3, False), (64, 64, 4, 3, False), *_FWD_WS],

@@ -40,6 +40,33 @@ def test_a_backend_not_meant_for_the_device_is_no_fallback_worth_a_warning(monke
                                    "reference": None}) == "reference"
 
 
+def test_no_reason_is_built_in_a_call_so_that_a_trace_never_breaks_on_one(monkeypatch):
+    """torch.compile traces the backend choice, and Dynamo under torch 2.11 cannot trace str.__new__: on an H200
+    (2026-12-04) a NotForDevice built per call broke the graph at every op. The reasons returned for CUDA tensors and
+    CPU ones are module constants, and the triton import check is a constant to a trace (no functools.cache wrapper,
+    which Dynamo warned about at each compile)."""
+    from fasttrain.ops import flash_attn_func, gelu, layer_norm
+
+    def refuse(cls, *args):
+        raise AssertionError(f"NotForDevice{args} built in a call")
+    monkeypatch.setattr(NotForDevice, "__new__", refuse)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FASTTRAIN_BACKEND", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _backend.triton_reason(cuda) is None and _backend.triton_reason(cpu) is _backend.NEEDS_INTERPRETER
+    assert _backend.cpu_extension_reason(cuda) is _backend.CPU_TAKES_CPU
+    assert _backend.cpu_kernel_reason(torch.empty(2, device="meta"), None) is _backend.CPU_TAKES_CPU
+    assert _backend.cuda_extension_reason(cpu) is _backend.CUDA_TAKES_CUDA
+    assert getattr(_backend._triton_import_error, "_dynamo_marked_constant", False)
+    x, q = torch.randn(4, 32), torch.randn(1, 8, 2, 16)
+
+    def ops(x, q):
+        return gelu(x).sum() + layer_norm(x, (32,)).sum() + flash_attn_func(q, q, q, causal=True).sum()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the lru_cache warning, had a cached function stayed on the traced path
+        torch.testing.assert_close(torch.compile(ops, fullgraph=True, backend="eager")(x, q), ops(x, q))
+
+
 def test_a_named_backend_that_cannot_serve_raises(monkeypatch):
     monkeypatch.delenv("FASTTRAIN_BACKEND", raising=False)
     with pytest.raises(BackendError, match="backend='cpu' cannot serve these inputs: dtype float64"):

@@ -77,3 +77,28 @@ def test_sm90_warp_specialized_configs_specialize(compiled, kernel):
     for r in rows:
         if r not in ws:
             assert not r["setmaxnreg"] and r["launched_warps"] == int(r["case"].split(" w")[1].split()[0]), r
+
+
+_BENCH_KERNEL_CHILD = """
+import importlib.util, pathlib, sys
+path = pathlib.Path(sys.argv[1]) / "bench_overhead.py"
+sys.path.insert(0, str(path.parent))
+spec = importlib.util.spec_from_file_location("bench_overhead", path)
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+from fasttrain.kernels._aot import compile_one
+kernel = bench._empty_kernel
+signature = {name: "*fp32" if i < 6 else "i32" for i, name in enumerate(kernel.arg_names) if name != "BLOCK"}
+print(compile_one(kernel, {**signature, "BLOCK": "constexpr"}, {"BLOCK": 128}, 90, 4, 1)["reg"])
+"""
+
+
+def test_the_benchmarks_empty_kernel_compiles_for_sm90():
+    """bench_overhead's launch floor: on an H200 (triton 3.6.0) its kernel, then defined inside a function, failed to
+    compile (the JIT reads the annotation `tl.constexpr` among the module's globals), which the interpreter never
+    sees; the run lost every row it had timed."""
+    bench_dir = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+    child = subprocess.run([sys.executable, "-c", _BENCH_KERNEL_CHILD, bench_dir], capture_output=True, text=True,
+                           env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert int(child.stdout.split()[-1]) > 0  # registers used: a cubin was built

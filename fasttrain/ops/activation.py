@@ -57,9 +57,12 @@ _CPU_OP_REASON = _backend.native_op_reason("gelu_tanh_cpu")
 _backend.register(OP, lambda: {"cpu": _CPU_OP_REASON, "reference": None})
 
 
+_ERF_GELU = _backend.NotForDevice("approximate='none' is torch's erf GELU, which the reference runs")
+
+
 def _cpu_reason(x: Tensor, approximate: str) -> str | None:
     if approximate != "tanh":
-        return _backend.NotForDevice("approximate='none' is torch's erf GELU, which the reference runs")
+        return _ERF_GELU
     return _backend.cpu_kernel_reason(x, _CPU_OP_REASON)
 
 
