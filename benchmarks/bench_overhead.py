@@ -1,6 +1,7 @@
 """Host time per call of each fasttrain op on a tiny input, where the kernels take microseconds and the host's Python,
 dispatch and launches set the pace: fasttrain against torch's op for the same job, forward and forward + backward,
-beside an empty Triton kernel's launch (the floor under any Triton-backed op) and fasttrain's own Python on its
+beside an empty Triton kernel's launch (the floor under any Triton-backed op), on CUDA the driver calls Triton's
+launcher makes at each launch (driver_call_rows), and fasttrain's own Python on its
 Triton path with every launch skipped (impl "fasttrain, no launch": each kernel object swapped for one whose
 `kernel[grid](...)` does nothing, so its outputs are garbage and only its time is kept; on a CPU this runs in a child
 process with the Triton backend forced, the one way to time that path's Python without a GPU, and on CUDA the gap to
@@ -123,6 +124,43 @@ def triton_launch_floor(device: str, calls: int) -> float | None:
     return host_us(lambda: _empty_kernel[(1,)](*ts, 1, 2, 3, 4, BLOCK=128), device, calls)
 
 
+def driver_call_rows(device: str, calls: int) -> list[dict]:
+    """Host us per call of the driver calls Triton's C launcher makes at every launch besides the launch itself
+    (triton 3.6 and 3.7, backends/nvidia/driver.py): cuCtxGetCurrent once, cuPointerGetAttribute once per pointer
+    argument (8 for a norm forward). Through ctypes, whose own ~0.5 us is included. Why: Triton's Python measured
+    7 us per launch on the 2-vCPU VM with the driver mocked, yet an op took ~150-600 us of host time per call on the
+    H200 machine (NOTES.md, Host time per op call). A failed call is a row that says so, not a lost run."""
+    if device != "cuda":
+        return []
+    import ctypes
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError as e:
+        return [{"op": "driver calls", "mode": "driver call", "impl": "ctypes", "skipped": f"libcuda: {e}"}]
+    cuda.cuPointerGetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64]
+    cuda.cuCtxGetCurrent.argtypes = [ctypes.c_void_p]
+    t = torch.empty(16, device=device)
+    out, ctx = ctypes.c_uint64(), ctypes.c_void_p()
+    calls_by_name = {
+        # 3: CU_POINTER_ATTRIBUTE_DEVICE_POINTER, what the launcher asks
+        "cuPointerGetAttribute": lambda: cuda.cuPointerGetAttribute(ctypes.byref(out), 3, t.data_ptr()),
+        "cuCtxGetCurrent": lambda: cuda.cuCtxGetCurrent(ctypes.byref(ctx)),
+    }
+    rows = []
+    for name, call in calls_by_name.items():
+        row = {"op": name, "mode": "driver call", "impl": "ctypes"}
+        try:
+            status = call()
+        except ctypes.ArgumentError as e:
+            status = f"{type(e).__name__}: {e}"
+        if status != 0:
+            row["skipped"] = f"returned {status}"
+        else:
+            row["host_us"] = host_us(call, device, calls)
+        rows.append(row)
+    return rows
+
+
 def profile_layer_norm(device: str, calls: int, top: int = 15) -> list:
     """cProfile of fasttrain's LayerNorm forward + backward: [function, self us per call, calls per call]."""
     inputs, ours, _ = cases(device)["layer_norm"]
@@ -236,6 +274,7 @@ def main() -> None:
     floor = triton_launch_floor(device, calls)
     if floor is not None:
         rows.append({"op": "empty triton kernel", "mode": "launch", "impl": "triton", "host_us": floor})
+    rows += driver_call_rows(device, calls)
     common.print_table(rows, ["op", "mode", "impl", "host_us", "x torch"])
     profile = profile_layer_norm(device, calls)
     print("cProfile, fasttrain layer_norm forward + backward: function, self us per call, calls per call")

@@ -102,3 +102,12 @@ def test_the_benchmarks_empty_kernel_compiles_for_sm90():
                            env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
     assert child.returncode == 0, child.stderr[-3000:]
     assert int(child.stdout.split()[-1]) > 0  # registers used: a cubin was built
+
+
+def test_triton_launch_python_tool_times_a_launch_without_a_gpu():
+    """tools/triton_launch_python.py, the measurement behind NOTES.md's split of a launch's host time."""
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "triton_launch_python.py")
+    child = subprocess.run([sys.executable, tool, "--calls", "50"], capture_output=True, text=True,
+                           env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert float(child.stdout.split(" us per launch")[0].split()[-1]) > 0
