@@ -8,11 +8,11 @@ backend, i.e. FlashAttention-2 on an H100, and torch's fused AdamW), `compile` (
 `fasttrain` (fasttrain.ops attention, norms with the residual adds fused in, rotary, GELU and cross-entropy +
 fasttrain.optim.AdamW), `fasttrain+compile` (the same model under torch.compile: fasttrain's ops stay opaque
 kernels, inductor fuses what lies between them) and, on CUDA, `fasttrain+graph` (fasttrain's whole step, forward,
-backward and AdamW, captured once as a CUDA graph and replayed: graphed_step); the torch rows add the residual and
-then call torch's norms, rotate eagerly and compute the loss as `F.cross_entropy(logits.float())`. All start
-from the same weights, take the same batch, and clip at global norm 1.0. Each variant's first step is checked against
-eager's before that variant is timed: the loss, the gradient norm before clipping, and the change the optimizer made
-to the weights; one that disagrees is not timed, and the run exits 1 after writing what it measured.
+backward and AdamW, captured once as a CUDA graph and replayed, as train.cuda_graph does); the torch rows add the
+residual and then call torch's norms, rotate eagerly and compute the loss as `F.cross_entropy(logits.float())`. All
+start from the same weights, take the same batch, and clip at global norm 1.0. Each variant's first step is checked
+against eager's before that variant is timed: the loss, the gradient norm before clipping, and the change the
+optimizer made to the weights; one that disagrees is not timed, and the run exits 1 after writing what it measured.
 FLOPs per token: fasttrain.model.flops_per_token (6 per matmul weight + causal attention); MFU against the dense
 datasheet peak, and the share of the matmul ceiling measured in this run. One more step per variant runs under
 torch.profiler (common.profile_call): on CUDA, gpu_busy_ms is the time kernels ran, so step_ms - gpu_busy_ms is the
@@ -36,7 +36,8 @@ from fasttrain.model import GPT, GPTConfig, flops_per_token  # noqa: E402
 from fasttrain.model.norms import LayerNorm, RMSNorm  # noqa: E402
 from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
 from fasttrain.optim import AdamW  # noqa: E402
-from fasttrain.train.loop import param_groups, peak_flops  # noqa: E402
+from fasttrain.train.graphed import GraphedStep  # noqa: E402
+from fasttrain.train.loop import autocast_for, param_groups, peak_flops  # noqa: E402
 
 WEIGHT_DECAY, LR, CLIP = 0.1, 3e-4, 1.0
 
@@ -112,45 +113,15 @@ def make_step(model, step_model, opt, clip_outside: bool, x, y, device: str):
 
 
 def graphed_step(model, opt, x, y):
-    """fasttrain's step as one CUDA graph replay: what the step costs without the host's ~700 launches, which on an
-    H200 took longer than the kernels (the `fasttrain` row of 2026-12-04: 66 ms a step, 32 ms of it kernels).
-    Three warm-up steps on a side stream first (the autotuners pick their tiles, AdamW makes its state) at lr 0, so
-    the weights stay the ones every variant starts from; AdamW's state is then zeroed in place, its fresh value (the
-    graph keeps those addresses), and the lr restored before the capture, which records it. Grads set to None before
-    the capture are allocated inside it, at addresses each replay rewrites (torch.cuda.graph's whole-network recipe);
-    autocast's weight cache is off, since a capture may not hold casts across replays."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
-    lrs = [group["lr"] for group in opt.param_groups]
-    for group in opt.param_groups:
-        group["lr"] = 0.0
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            with autocast:
-                _, loss = model(x, y)
-            loss.backward()
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    for state in opt.state.values():
-        for t in state.values():
-            if isinstance(t, torch.Tensor):
-                t.zero_()
-    for group, lr in zip(opt.param_groups, lrs):
-        group["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        with autocast:
-            _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-    static = (loss.detach(), opt.last_grad_norm)
+    """fasttrain's step as one CUDA graph replay (fasttrain.train.graphed.GraphedStep, the trainer's
+    train.cuda_graph): what the step costs without the host's ~700 launches, which on an H200 took longer than the
+    kernels (the `fasttrain` row of 2026-12-04: 66 ms a step, 32 ms of it kernels). The capture's warm-up runs at
+    lr 0, so the weights stay the ones every variant starts from."""
+    graphed = GraphedStep(model, opt, 1, x.shape[0], x.shape[1], x.device,
+                          autocast_for("bf16", x.device, cache_enabled=False))
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
-        graph.replay()
-        return static
+        return graphed.step([(x, y)], LR), opt.last_grad_norm
     return step
 
 

@@ -18,6 +18,7 @@ from fasttrain.optim import AdamW
 from fasttrain.train import OptimConfig, RunConfig, TrainConfig, train
 from fasttrain.train import checkpoint
 from fasttrain.train.callbacks import EarlyStopping, StopRequest
+from fasttrain.train.graphed import GraphedStep, warm_up
 from fasttrain.train.loop import forward_backward
 
 # head_dim 8: attention takes the reference path (no interpreter), which keeps a step at a few milliseconds.
@@ -306,6 +307,54 @@ def test_settings_that_cannot_work_together_raise_at_once():
                   data=DataConfig(val_fraction=0.0))
 
 
+def test_cuda_graph_refuses_what_it_cannot_capture_before_any_data(tmp_path):
+    model = GPTConfig(**TINY_MODEL)
+    for train_kw, optim_kw, match in [
+            ({"compile": True}, {}, "train.cuda_graph and train.compile cannot both be on"),
+            ({"device": "cpu"}, {}, "train.cuda_graph needs a CUDA device, but train.device is 'cpu'"),
+            ({"precision": "fp16"}, {}, "train.cuda_graph does not take precision 'fp16'"),
+            ({}, {"backend": "reference"}, "train.cuda_graph needs AdamW's cuda backend.*'reference'")]:
+        with pytest.raises(ValueError, match=match):
+            RunConfig(model=model, optim=OptimConfig(**optim_kw), train=TrainConfig(seq_len=32, cuda_graph=True,
+                                                                                     **train_kw))
+    if not torch.cuda.is_available():  # device auto resolves to the CPU here; the corpus does not exist
+        cfg = run_config(tmp_path, tmp_path / "no-such-dir", cuda_graph=True)
+        with pytest.raises(ValueError, match="train.cuda_graph needs a CUDA device.*'auto' resolved to cpu"):
+            train(cfg)
+        with pytest.raises(ValueError, match="a CUDA graph needs a CUDA device, got cpu"):
+            net = GPT(dataclasses.replace(model, vocab_size=64))
+            GraphedStep(net, AdamW(net.parameters()), 1, 2, 8, torch.device("cpu"), None)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_the_graph_warm_up_leaves_weights_and_optimizer_state_as_they_were(backend):
+    """What makes a graphed run's first replay its next step: the warm-up (fasttrain.train.graphed.warm_up) at lr 0
+    moves no weight and puts AdamW's state back, fresh or loaded (a resume). Exact on the CPU."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(**TINY_MODEL, vocab_size=64)
+    nets = [GPT(cfg), GPT(cfg)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [AdamW(net.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, backend=backend) for net in nets]
+    x, y = torch.randint(0, 64, (2, 2, 16))
+
+    def step_of(net, opt):
+        def one_step():
+            _, loss = net(x, y)
+            loss.backward()
+            opt.step()
+            return loss
+        return one_step
+    for warm_up_steps in (3, 2):  # over a fresh state, then over one a step old (as after a resume)
+        warm_up(opts[0], step_of(nets[0], opts[0]), warm_up_steps)
+        for net, opt in zip(nets, opts):
+            opt.zero_grad(set_to_none=True)
+            step_of(net, opt)()
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(p, q)
+        assert all(torch.equal(opts[0].state[p][k], opts[1].state[q][k]) for k in opts[1].state[q])
+    assert opts[0].param_groups[0]["lr"] == 1e-2
+
+
 def test_an_out_dir_that_is_no_run_folder_is_refused_before_the_data(tmp_path):
     # The corpus does not exist: these errors must come before the data preparation would report it.
     missing = tmp_path / "no-such-corpus"
@@ -373,3 +422,28 @@ def test_mixed_precision_training_on_cuda(tmp_path, corpus_dir, precision, compi
         assert checkpoint.load(result.run_dir)["scaler"]["scale"] > 0
     model, _, _ = checkpoint.load_for_inference(result.run_dir, device="cuda")
     assert next(model.parameters()).device.type == "cuda"
+
+
+@pytest.mark.gpu
+def test_cuda_graph_training_matches_eager_and_resumes(tmp_path, corpus_dir):
+    """train.cuda_graph: the replayed step (grad accumulation and dropout included) follows the eager run's loss
+    curve (bf16: kernels of different tiles would round apart, the same ones replay identically), and a run stopped
+    by a signal resumes into the curve of an uninterrupted graphed run."""
+    kw = dict(model={"n_head": 1, "dropout": 0.0}, steps=30, grad_accum=2, precision="bf16", device="cuda",
+              eval_interval=10, checkpoint_interval=100, log_interval=5)
+    eager = train(run_config(tmp_path / "eager", corpus_dir, **kw)).metrics
+    graphed = train(run_config(tmp_path / "graphed", corpus_dir, cuda_graph=True, **kw)).metrics
+    assert graphed.steps == eager.steps and graphed.learning_rate == eager.learning_rate
+    for got, want in zip(graphed.train_loss, eager.train_loss):
+        assert abs(got - want) <= 2e-2 * abs(want), (graphed.train_loss, eager.train_loss)
+    assert graphed.train_loss[-1] < 0.6 * graphed.train_loss[0]
+
+    def sigterm_at_step_12(step, metrics):
+        if step == 12:
+            os.kill(os.getpid(), signal.SIGTERM)
+    cfg = run_config(tmp_path / "split", corpus_dir, cuda_graph=True, **kw)
+    assert train(cfg, callbacks=[sigterm_at_step_12]).stopped == "interrupted"
+    resumed = train(cfg, resume=True).metrics
+    assert resumed.steps == graphed.steps
+    for got, want in zip(resumed.train_loss, graphed.train_loss):
+        assert abs(got - want) <= 2e-2 * abs(want), (resumed.train_loss, graphed.train_loss)

@@ -70,6 +70,10 @@ class TrainConfig:
     """'auto' (cuda when available), 'cpu' or 'cuda'."""
     compile: bool = False
     """Run the model through torch.compile."""
+    cuda_graph: bool = False
+    """Capture the optimizer step (forward and backward over the micro-batches, then AdamW) once as a CUDA graph and
+    replay it: one launch per step from the host instead of hundreds. CUDA only, bf16 or fp32 (fp16's GradScaler
+    decides on the host), not with compile, AdamW on its cuda backend."""
     seed: int = 0
     """Seed of the initialisation, dropout and batch order."""
     out_dir: str = "runs/default"
@@ -121,11 +125,28 @@ class RunConfig:
             self.schedule()
         except ValueError as e:
             raise ValueError(f"optim: {e}") from None
+        if self.train.cuda_graph:
+            _check_cuda_graph(self)
 
     def schedule(self) -> LRSchedule:
         o = self.optim
         return LRSchedule(o.schedule, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=self.train.steps,
                           min_lr=o.min_lr_ratio * o.lr)
+
+
+def _check_cuda_graph(cfg: RunConfig) -> None:
+    """What train.cuda_graph cannot take, refused before any data is prepared."""
+    t = cfg.train
+    if t.compile:
+        raise ValueError("train.cuda_graph and train.compile cannot both be on: the graph captures the eager step "
+                         "(pick one)")
+    if t.device == "cpu":
+        raise ValueError("train.cuda_graph needs a CUDA device, but train.device is 'cpu'")
+    if t.precision == "fp16":
+        raise ValueError("train.cuda_graph does not take precision 'fp16': its GradScaler decides on the host whether "
+                         "a step is skipped; use 'bf16' or 'fp32'")
+    if cfg.optim.backend in ("cpu", "reference"):
+        raise ValueError(f"train.cuda_graph needs AdamW's cuda backend, but optim.backend is {cfg.optim.backend!r}")
 
 
 def build(base: RunConfig, *updates: dict) -> RunConfig:

@@ -23,6 +23,7 @@ from fasttrain.optim import AdamW
 from fasttrain.train import checkpoint
 from fasttrain.train.callbacks import EarlyStopping, StopRequest, evaluate
 from fasttrain.train.config import RunConfig
+from fasttrain.train.graphed import GraphedStep
 from fasttrain.train.metrics import Metrics, TensorBoard
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, for MFU; other devices report none. Matched by substring
@@ -59,12 +60,13 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
-def autocast_for(precision: str, device: torch.device):
-    """A zero-argument context-manager factory: autocast in bf16/fp16, nothing in fp32."""
+def autocast_for(precision: str, device: torch.device, cache_enabled: bool = True):
+    """A zero-argument context-manager factory: autocast in bf16/fp16, nothing in fp32. cache_enabled=False for a
+    CUDA graph's capture, whose cached weight casts would not outlive it."""
     if precision == "fp32":
         return contextlib.nullcontext
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
+    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
@@ -150,6 +152,12 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     tc, oc = cfg.train, cfg.optim
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
+    if tc.cuda_graph and device.type != "cuda":
+        raise ValueError(f"train.cuda_graph needs a CUDA device, but train.device {tc.device!r} resolved to "
+                         f"{device.type}")
+    if tc.cuda_graph and precision == "fp16":
+        raise ValueError("train.cuda_graph does not take fp16 (train.precision 'auto' chose it: this GPU lacks bf16); "
+                         "set train.precision to 'fp32'")
     run_dir = Path(tc.out_dir)
     # A run is a checkpoint, not a config.json: a run that died before its first checkpoint left nothing --resume
     # could continue, so refusing it would leave the folder usable by neither command.
@@ -253,15 +261,23 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     stopped = "early_stopping" if early.should_stop else "completed"
     end = start if early.should_stop else tc.steps
     model.train()
+    graphed = None
+    if tc.cuda_graph and start < end:
+        graphed = GraphedStep(model, optimizer, tc.grad_accum, tc.batch_size, tc.seq_len, device,
+                              autocast_for(precision, device, cache_enabled=False))
     with StopRequest() as stop:
         for step in range(start, end):
             done = step + 1
-            lr = schedule.apply(optimizer, step)
             micro = [train_batches.next() for _ in range(tc.grad_accum)]
-            loss = forward_backward(step_model, micro, device, autocast, scaler)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            if graphed is not None:  # the grads live in the graph's pool: never set to None here
+                lr = schedule(step)
+                loss = graphed.step(micro, lr)
+            else:
+                lr = schedule.apply(optimizer, step)
+                loss = forward_backward(step_model, micro, device, autocast, scaler)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
             pending.append((done, lr, train_batches.epoch, loss))
             if done % tc.log_interval == 0:
                 flush()
