@@ -11,9 +11,10 @@
 # otherwise; BENCH_ARGS_<name> adds flags to any), step, norms, decode, rotary, cross_entropy, adamw, as many as fit.
 # Seconds on an H200 (2026-12-04): build 56, info 6, probe 65, test 111, overhead 56, attention 73, step 67, norms 70,
 # decode 76, rotary 28, cross_entropy 25, adamw 33: 666 in all, so one call reaches norms; a second call at once,
-# while the machine is warm (30 s) and still holds the install, runs the rest: `bench:decode,rotary,...`. Each stage is cut at STAGE_TIMEOUT seconds (default 420; the probe's 180) and
-# at DEADLINE seconds after the script starts (default 540, inside the device tool's 600 s per call), so that a hang
-# costs one stage's logs, not the call's; what ran is packed either way.
+# while the machine is warm (30 s) and still holds the install, runs the rest: `bench:decode,rotary,...`. Each
+# stage is cut at STAGE_TIMEOUT seconds (default 420; the probe's 180) and at DEADLINE seconds after the script starts
+# (default 540, inside the device tool's 600 s per call), so that a hang costs one stage's logs, not the call's; what
+# ran is packed either way.
 set -uo pipefail
 out=${1:-${OUT:?give an output folder}}
 mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the next line changes directory
