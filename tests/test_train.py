@@ -1,4 +1,5 @@
 """The training loop on tiny models: learning, accumulation, exact resume, kill-safe checkpoints, the run directory."""
+import contextlib
 import dataclasses
 import json
 import os
@@ -18,7 +19,7 @@ from fasttrain.optim import AdamW
 from fasttrain.train import OptimConfig, RunConfig, TrainConfig, train
 from fasttrain.train import checkpoint
 from fasttrain.train.callbacks import EarlyStopping, StopRequest
-from fasttrain.train.graphed import GraphedStep, warm_up
+from fasttrain.train.graphed import WARMUP_STEPS, GraphedStep, warm_up
 from fasttrain.train.loop import forward_backward
 
 # head_dim 8: attention takes the reference path (no interpreter), which keeps a step at a few milliseconds.
@@ -353,6 +354,55 @@ def test_the_graph_warm_up_leaves_weights_and_optimizer_state_as_they_were(backe
         assert torch.equal(p, q)
         assert all(torch.equal(opts[0].state[p][k], opts[1].state[q][k]) for k in opts[1].state[q])
     assert opts[0].param_groups[0]["lr"] == 1e-2
+
+
+class _CpuGraphedStep(GraphedStep):
+    """A CUDA graph's semantics on the CPU, for GraphedStep's own logic: the capture executes nothing (the eager
+    stand-in's effects are undone), and a replay reruns the step with its grads overwritten, not accumulated (a
+    replay rewrites the grads the capture allocated)."""
+
+    def _capture(self, one_step, optimizer, device):
+        warm_up(optimizer, one_step, WARMUP_STEPS)
+        optimizer.zero_grad(set_to_none=True)
+        params = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+        state = {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+        loss = one_step()
+        with torch.no_grad():
+            for p, before in zip((p for group in optimizer.param_groups for p in group["params"]), params):
+                p.copy_(before)
+        for p, s in optimizer.state.items():
+            for k, v in s.items():
+                v.copy_(state[p][k])
+        self._one_step, self._optimizer = one_step, optimizer
+        return loss
+
+    def _replay(self):
+        self._optimizer.zero_grad(set_to_none=True)
+        self.loss.copy_(self._one_step())
+
+
+def test_graphed_step_is_the_eager_step_on_new_batches_and_lrs():
+    """GraphedStep's buffers, device lr and accumulation, with a CUDA graph's semantics emulated on the CPU: each
+    replay is the eager step (grad accumulation 2, a new lr each step, clipping), bit for bit."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(**TINY_MODEL, vocab_size=64)
+    nets = [GPT(cfg), GPT(cfg)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [AdamW(net.parameters(), lr=1e-2, weight_decay=0.1, max_grad_norm=1.0) for net in nets]
+    graphed = _CpuGraphedStep(nets[0], opts[0], 2, 2, 16, torch.device("cpu"), contextlib.nullcontext)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        micro = [tuple(torch.randint(0, 64, (2, 2, 16), generator=gen)) for _ in range(2)]
+        lr = 1e-2 * (step + 1) / 3
+        got = graphed.step(micro, lr)
+        for group in opts[1].param_groups:
+            group["lr"] = lr
+        opts[1].zero_grad(set_to_none=True)
+        want = forward_backward(nets[1], micro, torch.device("cpu"), contextlib.nullcontext,
+                                torch.amp.GradScaler("cpu", enabled=False))
+        opts[1].step()
+        assert torch.equal(got, want), step
+    assert all(torch.equal(p, q) for p, q in zip(nets[0].parameters(), nets[1].parameters()))
 
 
 def test_an_out_dir_that_is_no_run_folder_is_refused_before_the_data(tmp_path):

@@ -48,12 +48,11 @@ class GraphedStep:
 
     model: in train mode, on CUDA, not compiled. optimizer: fasttrain.optim.AdamW (its step reads a CUDA tensor lr
     on the device and never synchronizes). micro_batches: grad_accum (x, y) pairs of (batch_size, seq_len) int64.
+    What is CUDA's sits in _capture and _replay; the rest (buffers, the device lr, the accumulation) is plain torch.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer, grad_accum: int, batch_size: int, seq_len: int,
                  device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]):
-        if device.type != "cuda":
-            raise ValueError(f"a CUDA graph needs a CUDA device, got {device}")
         self.x = torch.zeros((grad_accum, batch_size, seq_len), dtype=torch.int64, device=device)
         self.y = torch.zeros_like(self.x)
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
@@ -69,7 +68,12 @@ class GraphedStep:
                 total += loss.detach()
             optimizer.step()
             return total / grad_accum
+        self.loss = self._capture(one_step, optimizer, device)
 
+    def _capture(self, one_step: Callable[[], torch.Tensor], optimizer, device: torch.device) -> torch.Tensor:
+        """Warm up on a side stream, then record one_step() as self.graph; returns the loss tensor it writes."""
+        if device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs a CUDA device, got {device}")
         rng = torch.cuda.get_rng_state(device)  # the warm-up's dropout draws are not the run's
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -80,7 +84,11 @@ class GraphedStep:
         optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.loss = one_step()
+            loss = one_step()
+        return loss
+
+    def _replay(self) -> None:
+        self.graph.replay()
 
     def step(self, micro_batches, lr: float) -> torch.Tensor:
         """One optimizer step on these micro-batches at this lr; the mean loss, a device tensor of its own."""
@@ -88,5 +96,5 @@ class GraphedStep:
             self.x[i].copy_(x, non_blocking=True)
             self.y[i].copy_(y, non_blocking=True)
         self.lr.fill_(lr)
-        self.graph.replay()
+        self._replay()
         return self.loss.clone()
