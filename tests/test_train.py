@@ -476,9 +476,9 @@ def test_mixed_precision_training_on_cuda(tmp_path, corpus_dir, precision, compi
 
 @pytest.mark.gpu
 def test_cuda_graph_training_matches_eager_and_resumes(tmp_path, corpus_dir):
-    """train.cuda_graph: the replayed step (grad accumulation and dropout included) follows the eager run's loss
-    curve (bf16: kernels of different tiles would round apart, the same ones replay identically), and a run stopped
-    by a signal resumes into the curve of an uninterrupted graphed run."""
+    """train.cuda_graph: the replayed step (grad accumulation included; no dropout, whose draws inside a graph need
+    not be eager's) follows the eager run's loss curve (bf16: kernels of different tiles would round apart, the same
+    ones replay identically), and a run stopped by a signal resumes into the curve of an uninterrupted graphed run."""
     kw = dict(model={"n_head": 1, "dropout": 0.0}, steps=30, grad_accum=2, precision="bf16", device="cuda",
               eval_interval=10, checkpoint_interval=100, log_interval=5)
     eager = train(run_config(tmp_path / "eager", corpus_dir, **kw)).metrics
