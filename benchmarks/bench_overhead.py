@@ -116,12 +116,13 @@ def _empty_kernel(A, B_, C_, D_, E, F_, n0, n1, n2, n3, BLOCK: tl.constexpr):
     pass  # module level: the JIT reads the annotation `tl.constexpr` among the module's globals, not a function's
 
 
-def triton_launch_floor(device: str, calls: int) -> float | None:
+def launch_floor_rows(device: str, calls: int) -> list[dict]:
     """Host us per launch of an empty Triton kernel with six tensor and four int arguments (a norm's count)."""
     if device != "cuda":
-        return None
+        return []
     ts = [torch.empty(16, device=device) for _ in range(6)]
-    return host_us(lambda: _empty_kernel[(1,)](*ts, 1, 2, 3, 4, BLOCK=128), device, calls)
+    us = host_us(lambda: _empty_kernel[(1,)](*ts, 1, 2, 3, 4, BLOCK=128), device, calls)
+    return [{"op": "empty triton kernel", "mode": "launch", "impl": "triton", "host_us": us}]
 
 
 def driver_call_rows(device: str, calls: int) -> list[dict]:
@@ -271,17 +272,31 @@ def main() -> None:
             for impl, us in entries:
                 rows.append({"op": name, "mode": mode, "impl": impl, "host_us": us,
                              "x torch": times["torch"][mode] / us, "rel_err": err if impl != NO_LAUNCH else None})
-    floor = triton_launch_floor(device, calls)
-    if floor is not None:
-        rows.append({"op": "empty triton kernel", "mode": "launch", "impl": "triton", "host_us": floor})
-    rows += driver_call_rows(device, calls)
-    common.print_table(rows, ["op", "mode", "impl", "host_us", "x torch"])
-    profile = profile_layer_norm(device, calls)
-    print("cProfile, fasttrain layer_norm forward + backward: function, self us per call, calls per call")
-    for entry in profile:
-        print("  ", *entry)
-    path = common.write_results("overhead", device, rows, {"layer_norm_cprofile": profile}, args.out, args.quick)
+    common.print_table(rows, ["op", "mode", "impl", "host_us", "x torch"])  # before the extras: a failure there
+    # must not take these rows with it (the H200 run of 2026-12-04 lost them all to the empty kernel's NameError)
+    failures = []
+
+    def attempt(what: str, part):
+        try:
+            return part(device, calls)
+        except Exception as e:  # noqa: BLE001 -- kept as a row, printed, and the run exits 1 after writing
+            failures.append({"op": what, "mode": "failed", "impl": "-", "skipped": f"{type(e).__name__}: {e}"})
+            return None
+
+    extras = (attempt("launch floor", launch_floor_rows) or []) + (attempt("driver calls", driver_call_rows) or [])
+    profile = attempt("cProfile", profile_layer_norm) or []
+    extras += failures
+    if extras:  # none on a CPU
+        common.print_table(extras, ["op", "mode", "impl", "host_us", "skipped"])
+    if profile:
+        print("cProfile, fasttrain layer_norm forward + backward: function, self us per call, calls per call")
+        for entry in profile:
+            print("  ", *entry)
+    path = common.write_results("overhead", device, rows + extras, {"layer_norm_cprofile": profile}, args.out,
+                                args.quick)
     print(f"wrote {path}")
+    if failures:
+        raise SystemExit(f"failed, the rest written: {[r['op'] for r in failures]}")
 
 
 if __name__ == "__main__":

@@ -193,6 +193,25 @@ def test_bench_overhead_times_every_op_against_torch(tmp_path, capsys, monkeypat
     assert any("norms.py" in entry[0] for entry in result["ceilings"]["layer_norm_cprofile"])
 
 
+def test_bench_overhead_keeps_its_op_rows_when_a_later_part_fails(tmp_path, monkeypatch):
+    # On the H200 (2026-12-04) the launch floor raised after every op had been timed, and nothing was written.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bench = _bench_module("bench_overhead")
+
+    def broken(device, calls):
+        raise NameError("tl")
+    monkeypatch.setattr(bench, "driver_call_rows", broken)
+    monkeypatch.setattr(bench, "no_launch_rows", lambda device, calls: [
+        {"op": op, "mode": mode, "host_us": 1.0} for op in bench.cases(device) for mode in ("fwd", "fwd+bwd")])
+    monkeypatch.setattr(sys, "argv", ["bench_overhead.py", "--device", "cpu", "--quick", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="driver calls"):
+        bench.main()
+    rows = json.loads((tmp_path / "overhead.quick.json").read_text())["rows"]
+    assert {r["op"] for r in rows if r["impl"] == "fasttrain"} == set(bench.cases("cpu"))
+    assert [r for r in rows if r["mode"] == "failed"] == [
+        {"op": "driver calls", "mode": "failed", "impl": "-", "skipped": "NameError: tl"}]
+
+
 def test_bench_overhead_skips_launches_only_inside_its_context():
     import torch.nn.functional as F
     from fasttrain.kernels import norms
