@@ -232,6 +232,38 @@ def test_bench_overhead_skips_launches_only_inside_its_context():
     assert plans.cache is chosen and "a key" not in plans.cache
 
 
+def test_ws_tile_probe_runs_each_tile_pinned_in_its_own_process(tmp_path):
+    # On a CPU, in the interpreter (conftest), each candidate and v2 on one small shape per head-dim class.
+    probe = Path(__file__).resolve().parents[1] / "tools" / "ws_tile_probe.py"
+    done = subprocess.run([sys.executable, str(probe), "--device", "cpu", "--out", str(tmp_path)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "ws_tiles.json").read_text())["rows"]
+    tool = _bench_module("ws_tile_probe", "tools")
+    want = {("v2", D) for D in (64, 128)} | {(",".join(map(str, t)), int(cls[1:]))
+                                             for cls, tiles in tool.CANDIDATES.items() for t in tiles}
+    assert {(r["tile"], r["D"]) for r in rows} == want
+    assert all(r["right"] and r["nan_rows"] == 0 for r in rows)
+    for r in rows:  # the config launched is the one pinned (v2: the interpreter's, not specialized)
+        bm, bn, warps, stages = r["tile"].split(",") if r["tile"] != "v2" else (64, 64, 4, 1)
+        assert r["ran"] == (f"{{'BLOCK_M': {bm}, 'BLOCK_N': {bn}, 'WARP_SPECIALIZE': {r['tile'] != 'v2'}}} "
+                            f"w{warps} s{stages}")
+
+
+def test_ws_tile_probe_calls_nan_or_a_large_error_wrong_and_keeps_a_crash_as_a_row():
+    tool = _bench_module("ws_tile_probe", "tools")
+    ref = torch.randn(2, 3, 4, 8)
+    pytorch = ref + 1e-3
+    assert tool.verdict(ref + 1e-3, pytorch, ref)["right"]
+    assert not tool.verdict(ref + 3e-3, pytorch, ref)["right"]  # over twice PyTorch's error
+    nan = ref.clone()
+    nan[1, 2, 0, 5] = float("nan")
+    judged = tool.verdict(nan, pytorch, ref)
+    assert judged["nan_rows"] == 1 and not judged["right"]
+    (row,) = tool.run_child("not,a,tile", "cpu")
+    assert not row["right"] and row["failed"].startswith("exit 1") and "ValueError" in row["failed"]
+
+
 def test_profile_call_ranks_the_host_ops():
     x = torch.randn(256, 256, requires_grad=True)
     prof = _bench_module().profile_call(lambda: (x @ x).sum().backward(), "cpu", top=3)

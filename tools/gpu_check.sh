@@ -3,15 +3,18 @@
 # given as $1 (default $OUT, as the device tool sets it). The device tool returns at most 8 files: summary.log (each
 # stage's command, exit status and last lines), run.log (everything), and results.tgz holding results/<bench>.json
 # for every GPU benchmark that ran (eight of them: one file each would pass the limit); `tar xzf results.tgz`.
-#   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build probe test bench bench:NAME,... (default: all four)
+#   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build probe test bench bench:NAME,... tiles
 # A session now has 15 minutes of device time in all, machine start included, and 10 per call. The default runs
 # build, probe (the warp-specialized attention kernels' GPU tests alone, under a short limit: should they fail or
-# hang on this Triton, every later stage runs with FASTTRAIN_ATTENTION_WS=0), test and then the benchmarks in the
-# order of what is owed (NOTES.md): overhead, attention (at T 2048 and 8192 unless BENCH_ARGS_attention says
-# otherwise; BENCH_ARGS_<name> adds flags to any), step, norms, decode, rotary, cross_entropy, adamw, as many as fit.
+# hang on this Triton, every later stage runs with FASTTRAIN_ATTENTION_WS=0), test, then what is owed (NOTES.md):
+# the benchmarks overhead, attention (at T 2048 and 8192 unless BENCH_ARGS_attention says otherwise; BENCH_ARGS_<name>
+# adds flags to any) and step, then tiles (tools/ws_tile_probe.py: each warp-specialized forward tile pinned alone,
+# right or not and how fast, beside v2), then the benchmarks measured on the H200 at the code they time (norms,
+# decode, rotary, cross_entropy, adamw), as many as fit.
 # Seconds on an H200 (2026-12-04): build 56, info 6, probe 65, test 111, overhead 56, attention 73, step 67, norms 70,
-# decode 76, rotary 28, cross_entropy 25, adamw 33: 666 in all, so one call reaches norms; a second call at once,
-# while the machine is warm (30 s) and still holds the install, runs the rest: `bench:decode,rotary,...`. Each
+# decode 76, rotary 28, cross_entropy 25, adamw 33; tiles not yet run (8 children, each compiling its tile: ~120
+# predicted). So one call reaches about tiles; a second call at once, while the machine is warm (30 s) and still
+# holds the install, runs the rest: `bench:norms,decode,...`. Each
 # stage is cut at STAGE_TIMEOUT seconds (default 420; the probe's 180) and at DEADLINE seconds after the script starts
 # (default 540, inside the device tool's 600 s per call), so that a hang costs one stage's logs, not the call's; what
 # ran is packed either way.
@@ -20,7 +23,7 @@ out=${1:-${OUT:?give an output folder}}
 mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the next line changes directory
 cd "$(dirname "$0")/.."
 shift || true
-stages=${*:-build probe test bench}
+stages=${*:-build probe test bench:overhead,attention,step tiles bench:norms,decode,rotary,cross_entropy,adamw}
 export PYTHONUNBUFFERED=1
 # `python -m` puts the working directory first on sys.path, where the source fasttrain/ (no _C, no kernels/) would
 # shadow the installed package.
@@ -76,7 +79,9 @@ for stage in $stages; do
         # shellcheck disable=SC2086  # word-split on purpose: the variable holds flags
         run_stage $py benchmarks/bench_$b.py --device cuda --out "$out/results" ${!extra:-}
       done ;;
-    *) echo "unknown stage $stage (build, probe, test, bench)"; exit 2 ;;
+    tiles)
+      run_stage $py tools/ws_tile_probe.py --device cuda --out "$out/results" ;;
+    *) echo "unknown stage $stage (build, probe, test, bench, bench:NAME,..., tiles)"; exit 2 ;;
   esac
 done
 exit $status
