@@ -12,7 +12,7 @@
 # right or not and how fast, beside v2), then the benchmarks measured on the H200 at the code they time (norms,
 # decode, rotary, cross_entropy, adamw), as many as fit.
 # Seconds on an H200 (2026-12-04): build 56, info 6, probe 65, test 111, overhead 56, attention 73, step 67, norms 70,
-# decode 76, rotary 28, cross_entropy 25, adamw 33; tiles not yet run (8 children, each compiling its tile: ~120
+# decode 76, rotary 28, cross_entropy 25, adamw 33; tiles not yet run (8 children, each compiling its tile: ~180
 # predicted). So one call reaches about tiles; a second call at once, while the machine is warm (30 s) and still
 # holds the install, runs the rest: `bench:norms,decode,...`. Each
 # stage is cut at STAGE_TIMEOUT seconds (default 420; the probe's 180) and at DEADLINE seconds after the script starts
