@@ -125,6 +125,12 @@ def graphed_step(model, opt, x, y):
     return step
 
 
+def variants(device: str, quick: bool) -> list[str]:
+    """The rows in their order; the CUDA graph's last, where a capture the driver refuses costs no other row."""
+    compiled = [] if device == "cpu" and quick else ["compile", "fasttrain+compile"]
+    return ["eager", "eager-sdpa", "fasttrain", *compiled] + (["fasttrain+graph"] if device == "cuda" else [])
+
+
 def first_step(model, step) -> dict:
     """The first step's loss, gradient norm and per-parameter change (also the compile warm-up). The change is kept
     in host memory: eager's stays for every later variant, and on the GPU it would count in their peak memory."""
@@ -157,9 +163,7 @@ def main() -> None:
     base = GPT(cfg).to(device)
     x = torch.randint(0, cfg.vocab_size, (B, T), device=device)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=device)
-    names = ["eager", "eager-sdpa", "fasttrain"] + ([] if device == "cpu" and args.quick else
-                                                   ["compile", "fasttrain+compile"]) + (
-                                                   ["fasttrain+graph"] if device == "cuda" else [])
+    names = variants(device, args.quick)
     ceiling = common.matmul_tflops(device)
     peak = peak_flops(torch.device(device), "bf16")  # datasheet bf16 peak on CUDA, None on CPU
     flops = flops_per_token(cfg, T) * B * T
@@ -185,15 +189,12 @@ def main() -> None:
     # alternation, since this VM's speed drifts by 20-30% over a minute and one after another it put a 5-20%
     # swing between variants (NOTES.md, Training step).
     kept = {}
-    for name in names:
+
+    def run_variant(name):
+        nonlocal eager_step
         model, step_model, opt, clip_outside = make_variant(name, base, device)
         if name.endswith("+graph"):
-            try:  # last in the order: a capture the driver refuses costs this row, not the rows already measured
-                step = graphed_step(model, opt, x, y)
-            except RuntimeError as e:
-                rows.append({"variant": name, "B": B, "T": T, "skipped": f"capture failed: {e}"[:300]})
-                wrong.append(name)
-                continue
+            step = graphed_step(model, opt, x, y)
         else:
             step = make_step(model, step_model, opt, clip_outside, x, y, device)
         checked = first_step(model, step)
@@ -201,17 +202,27 @@ def main() -> None:
         if (why := disagreement(checked, eager_step, device)) is not None:
             rows.append({"variant": name, "B": B, "T": T, "skipped": f"wrong result: {why}"})
             wrong.append(name)
-            continue
+            return
         first_loss = checked["loss"]
         del checked  # eager's deltas stay, as eager_step
         if device != "cuda":
             kept[name] = (model, step, first_loss)
-            continue
+            return
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         measure(name, model, step, common.time_ms(step, device), first_loss)
         del model, step_model, opt, step
         torch.cuda.empty_cache()
+
+    for name in names:
+        if not name.endswith("+graph"):
+            run_variant(name)
+            continue
+        try:  # a capture or replay the driver refuses costs this row, not the rows measured (written below)
+            run_variant(name)
+        except RuntimeError as e:  # CUDA's errors included (torch.AcceleratorError is one)
+            rows.append({"variant": name, "B": B, "T": T, "skipped": f"failed: {type(e).__name__}: {e}"[:300]})
+            wrong.append(name)
     if kept:
         times = common.time_interleaved_ms({name: step for name, (_, step, _) in kept.items()}, device)
         for name, (model, step, first_loss) in kept.items():

@@ -232,6 +232,27 @@ def test_bench_overhead_skips_launches_only_inside_its_context():
     assert plans.cache is chosen and "a key" not in plans.cache
 
 
+def test_bench_step_keeps_its_rows_when_the_cuda_graph_fails(tmp_path, monkeypatch):
+    # The graph row is the one a driver may refuse; on the CPU its GraphedStep is made to fail at its first replay
+    # (the correctness check), which before 2026-12-04's second session lost every row (a refused capture did not).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU kernels and references, as a user runs it
+    step = _bench_module("bench_step")
+    monkeypatch.setattr(step, "variants", lambda device, quick: ["eager", "fasttrain", "fasttrain+graph"])
+    monkeypatch.setattr(step.common, "matmul_tflops", lambda device: 1.0)  # the ceiling's timing, not under test
+    why = "operation not permitted when stream is capturing"
+
+    def refused():
+        raise RuntimeError(why)
+    monkeypatch.setattr(step, "graphed_step", lambda model, opt, x, y: refused)
+    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--device", "cpu", "--quick", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="fasttrain\\+graph"):
+        step.main()
+    rows = json.loads((tmp_path / "step.quick.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["eager", "fasttrain", "fasttrain+graph"]
+    assert all(r["step_ms"] > 0 for r in rows[:2])
+    assert rows[2]["skipped"] == f"failed: RuntimeError: {why}"
+
+
 def test_ws_tile_probe_runs_each_tile_pinned_in_its_own_process(tmp_path):
     # On a CPU, in the interpreter (conftest), each candidate and v2 on one small shape per head-dim class.
     probe = Path(__file__).resolve().parents[1] / "tools" / "ws_tile_probe.py"
