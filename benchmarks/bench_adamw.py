@@ -1,6 +1,8 @@
 """AdamW step: fasttrain (fused kernel, and with fused clipping) vs torch.optim.AdamW foreach=False (eager),
 foreach=True and fused=True, over a GPT-like mix of tensors. Memory-bound: 28 bytes per fp32 param per step (read
 param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq), reported as GB/s and % of measured copy bandwidth.
+On CUDA a second ceiling beside copy's: AdamW's access pattern alone (four streams read, three written, one add per
+written element) by a Triton kernel, `%streams` of it, which says how much of the gap to copy the pattern itself costs.
 
     python benchmarks/bench_adamw.py [--device cpu|cuda] [--quick] [--out DIR]
 """
@@ -11,6 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -20,6 +24,37 @@ from fasttrain.optim import AdamW  # noqa: E402
 BYTES_PER_PARAM = 28  # fp32: 4 reads + 3 writes of 4 bytes
 SIZES = {"cpu": [1 << 20, 4 << 20, 16 << 20, 64 << 20], "cuda": [1 << 20, 16 << 20, 128 << 20, 1 << 30]}
 QUICK = {"cpu": [1 << 20], "cuda": [1 << 20, 16 << 20]}
+
+
+STREAM_CONFIGS = [(1024, 4), (4096, 8), (8192, 16)]  # (BLOCK, num_warps): the fastest sets the ceiling
+
+
+@triton.jit
+def _seven_streams_kernel(P, G, M, V, n, BLOCK: tl.constexpr):
+    """AdamW's traffic with none of its arithmetic: read p, g, m, v, write p + g, m + g, v + g (28 bytes/element)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(G + offs, mask=mask)
+    tl.store(P + offs, tl.load(P + offs, mask=mask) + g, mask=mask)
+    tl.store(M + offs, tl.load(M + offs, mask=mask) + g, mask=mask)
+    tl.store(V + offs, tl.load(V + offs, mask=mask) + g, mask=mask)
+
+
+def seven_streams(p, g, m, v, block: int = 1024, num_warps: int = 4) -> None:
+    """p, m, v += g in one pass over four flat fp32 tensors of one size."""
+    n = p.numel()
+    _seven_streams_kernel[(triton.cdiv(n, block),)](p, g, m, v, n, BLOCK=block, num_warps=num_warps)
+
+
+def seven_stream_gbs(device: str, n: int) -> float | None:
+    """GB/s of AdamW's access pattern over n fp32 elements (the fastest of STREAM_CONFIGS), or None off CUDA, where
+    Triton would run in its interpreter."""
+    if device != "cuda":
+        return None
+    p, g, m, v = (torch.randn(n, device=device) for _ in range(4))
+    best = min(common.time_ms(lambda: seven_streams(p, g, m, v, block, warps), device)
+               for block, warps in STREAM_CONFIGS)
+    return BYTES_PER_PARAM * n / (best * 1e-3) / 1e9
 
 
 def gpt_shapes(n_params: int) -> list[tuple[int, ...]]:
@@ -93,6 +128,9 @@ def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
     device = args.device
     copy_gbs = common.announce_copy_bandwidth(device)
+    streams_gbs = seven_stream_gbs(device, max((QUICK if args.quick else SIZES)[device]))
+    if streams_gbs is not None:
+        print(f"AdamW's access pattern alone: {streams_gbs:.1f} GB/s, {100 * streams_gbs / copy_gbs:.1f}% of copy")
     rows = []
     for n_target in (QUICK if args.quick else SIZES)[device]:
         shapes = gpt_shapes(n_target)
@@ -106,7 +144,8 @@ def main() -> None:
         for name, ms in times.items():
             gbs = BYTES_PER_PARAM * n / (ms * 1e-3) / 1e9
             rows.append({"params": n, "tensors": len(shapes), "impl": name, "ms": ms, "GB/s": gbs,
-                         "%copy": 100 * gbs / copy_gbs, "x eager": times["torch eager"] / ms,
+                         "%copy": 100 * gbs / copy_gbs, "%streams": streams_gbs and 100 * gbs / streams_gbs,
+                         "x eager": times["torch eager"] / ms,
                          "x fused": times["torch fused"] / ms, "rel_err_vs_torch": rel_err})
         del steps
         gc.collect()
@@ -115,8 +154,10 @@ def main() -> None:
         print(f"{n / 1e6:.1f}M params in {len(shapes)} tensors done", flush=True)
         del params
         gc.collect()
-    common.print_table(rows, ["params", "tensors", "impl", "ms", "GB/s", "%copy", "x eager", "x fused"])
-    path = common.write_results("adamw", device, rows, {"copy_GB/s": copy_gbs}, args.out, args.quick)
+    common.print_table(rows, ["params", "tensors", "impl", "ms", "GB/s", "%copy"] + (
+        ["%streams"] if streams_gbs else []) + ["x eager", "x fused"])
+    path = common.write_results("adamw", device, rows, {"copy_GB/s": copy_gbs, "seven_streams_GB/s": streams_gbs},
+                                args.out, args.quick)
     print(f"wrote {path}")
 
 

@@ -341,6 +341,16 @@ def test_benchmarks_check_results_before_timing(monkeypatch):
     assert adamw.check_correct([(64, 32), (32,)], "cpu") < 1e-6
 
 
+def test_adamw_benchmarks_streams_ceiling_moves_adamws_bytes():
+    # In the interpreter (conftest): p, m, v += g over a size no block divides; on a CPU no ceiling is reported.
+    adamw = _bench_module("bench_adamw")
+    p, g, m, v = (torch.randn(5000) for _ in range(4))
+    want = [t + g for t in (p, m, v)]
+    adamw.seven_streams(p, g, m, v, block=1024)
+    assert all(torch.equal(got, w) for got, w in zip((p, m, v), want))
+    assert adamw.seven_stream_gbs("cpu", 5000) is None
+
+
 def test_results_say_which_code_ran(tmp_path, monkeypatch):
     import shutil
     import types

@@ -81,25 +81,28 @@ def test_sm90_warp_specialized_configs_specialize(compiled, kernel):
 
 _BENCH_KERNEL_CHILD = """
 import importlib.util, pathlib, sys
-path = pathlib.Path(sys.argv[1]) / "bench_overhead.py"
+path = pathlib.Path(sys.argv[1]) / (sys.argv[2] + ".py")
 sys.path.insert(0, str(path.parent))
-spec = importlib.util.spec_from_file_location("bench_overhead", path)
+spec = importlib.util.spec_from_file_location(sys.argv[2], path)
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 from fasttrain.kernels._aot import compile_one
-kernel = bench._empty_kernel
-signature = {name: "*fp32" if i < 6 else "i32" for i, name in enumerate(kernel.arg_names) if name != "BLOCK"}
-print(compile_one(kernel, {**signature, "BLOCK": "constexpr"}, {"BLOCK": 128}, 90, 4, 1)["reg"])
+kernel = getattr(bench, sys.argv[3])
+# pointers are capitalized (fp32 tensors), the other runtime arguments ints, BLOCK the one constexpr
+signature = {name: "*fp32" if name[0].isupper() else "i32" for name in kernel.arg_names if name != "BLOCK"}
+print(compile_one(kernel, {**signature, "BLOCK": "constexpr"}, {"BLOCK": 1024}, 90, 4, 1)["reg"])
 """
 
 
-def test_the_benchmarks_empty_kernel_compiles_for_sm90():
-    """bench_overhead's launch floor: on an H200 (triton 3.6.0) its kernel, then defined inside a function, failed to
-    compile (the JIT reads the annotation `tl.constexpr` among the module's globals), which the interpreter never
-    sees; the run lost every row it had timed."""
+@pytest.mark.parametrize("bench,kernel", [("bench_overhead", "_empty_kernel"),
+                                          ("bench_adamw", "_seven_streams_kernel")])
+def test_the_benchmarks_own_kernels_compile_for_sm90(bench, kernel):
+    """Kernels the benchmarks launch on a card and the interpreter cannot vouch for: on an H200 (triton 3.6.0)
+    bench_overhead's launch floor, its kernel then defined inside a function, failed to compile (the JIT reads the
+    annotation `tl.constexpr` among the module's globals), and the run lost every row it had timed."""
     bench_dir = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-    child = subprocess.run([sys.executable, "-c", _BENCH_KERNEL_CHILD, bench_dir], capture_output=True, text=True,
-                           env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
+    child = subprocess.run([sys.executable, "-c", _BENCH_KERNEL_CHILD, bench_dir, bench, kernel], capture_output=True,
+                           text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
     assert child.returncode == 0, child.stderr[-3000:]
     assert int(child.stdout.split()[-1]) > 0  # registers used: a cubin was built
 

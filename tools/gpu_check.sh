@@ -9,12 +9,12 @@
 # hang on this Triton, every later stage runs with FASTTRAIN_ATTENTION_WS=0), test, then what is owed (NOTES.md):
 # the benchmarks overhead, attention (at T 2048 and 8192 unless BENCH_ARGS_attention says otherwise; BENCH_ARGS_<name>
 # adds flags to any) and step, then tiles (tools/ws_tile_probe.py: each warp-specialized forward tile pinned alone,
-# right or not and how fast, beside v2), then the benchmarks measured on the H200 at the code they time (norms,
-# decode, rotary, cross_entropy, adamw), as many as fit.
+# right or not and how fast, beside v2), then adamw (its new ceiling, AdamW's access pattern alone) and the
+# benchmarks measured on the H200 at the code they time (norms, decode, rotary, cross_entropy), as many as fit.
 # Seconds on an H200 (2026-12-04): build 56, info 6, probe 65, test 111, overhead 56, attention 73, step 67, norms 70,
 # decode 76, rotary 28, cross_entropy 25, adamw 33; tiles not yet run (8 children, each compiling its tile: ~180
 # predicted). So one call reaches about tiles; a second call at once, while the machine is warm (30 s) and still
-# holds the install, runs the rest: `bench:norms,decode,...`. Each
+# holds the install, runs the rest: `tiles bench:adamw,norms,...`. Each
 # stage is cut at STAGE_TIMEOUT seconds (default 420; the probe's 180) and at DEADLINE seconds after the script starts
 # (default 540, inside the device tool's 600 s per call), so that a hang costs one stage's logs, not the call's; what
 # ran is packed either way.
@@ -23,7 +23,7 @@ out=${1:-${OUT:?give an output folder}}
 mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the next line changes directory
 cd "$(dirname "$0")/.."
 shift || true
-stages=${*:-build probe test bench:overhead,attention,step tiles bench:norms,decode,rotary,cross_entropy,adamw}
+stages=${*:-build probe test bench:overhead,attention,step tiles bench:adamw,norms,decode,rotary,cross_entropy}
 export PYTHONUNBUFFERED=1
 # `python -m` puts the working directory first on sys.path, where the source fasttrain/ (no _C, no kernels/) would
 # shadow the installed package.
