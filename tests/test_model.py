@@ -250,8 +250,8 @@ def test_compiles_with_fullgraph_and_matches_eager(interpret, monkeypatch):
     # aot_eager traces forward and backward through every op's fake implementation (the fused add + norm's
     # included, with the last stream's gradient absent), as inductor does on a GPU in bench_step's compiled rows.
     # Without the interpreter each op's choice passes over a backend that is not live, as on a GPU (the CPU kernels
-    # there): under torch 2.11, the GPU machine's, the code of acda720 broke this trace 9 times (a reason built per
-    # call, benchmarks/NOTES.md), which torch 2.13 traced through.
+    # there): under torch 2.11, the GPU machine's, the code of acda720 failed here (9 breaks in the forward alone,
+    # by torch._dynamo.explain: a reason built per call, benchmarks/NOTES.md), which torch 2.13 traced through.
     monkeypatch.setenv("TRITON_INTERPRET", interpret)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, d_model=64, vocab_size=96, max_seq_len=64, bias=True))
