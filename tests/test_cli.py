@@ -285,6 +285,17 @@ def test_ws_tile_probe_calls_nan_or_a_large_error_wrong_and_keeps_a_crash_as_a_r
     assert not row["right"] and row["failed"].startswith("exit 1") and "ValueError" in row["failed"]
 
 
+def test_ncu_attention_runs_each_provider_inside_the_range_after_a_warm_up():
+    # On a CPU, in the interpreter (conftest): fasttrain alone, at a small shape; the tiles it names are the tuners'.
+    tool = Path(__file__).resolve().parents[1] / "tools" / "ncu_attention.py"
+    done = subprocess.run([sys.executable, str(tool), "--device", "cpu"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "fasttrain: forward and backward ran in the range"
+    assert lines[1] == "fasttrain forward tile: ({'BLOCK_M': 64, 'BLOCK_N': 64, 'WARP_SPECIALIZE': False}, 4, 1)"
+    assert len(lines) == 5 and all(line.startswith("fasttrain d") for line in lines[2:])
+
+
 def test_profile_call_ranks_the_host_ops():
     x = torch.randn(256, 256, requires_grad=True)
     prof = _bench_module().profile_call(lambda: (x @ x).sum().backward(), "cpu", top=3)

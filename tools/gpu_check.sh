@@ -3,14 +3,15 @@
 # given as $1 (default $OUT, as the device tool sets it). The device tool returns at most 8 files: summary.log (each
 # stage's command, exit status and last lines), run.log (everything), and results.tgz holding results/<bench>.json
 # for every GPU benchmark that ran (eight of them: one file each would pass the limit); `tar xzf results.tgz`.
-#   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build probe test bench bench:NAME,... tiles
+#   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build probe test bench bench:NAME,... tiles ncu
 # A session now has 15 minutes of device time in all, machine start included, and 10 per call. The default runs
 # build, probe (the warp-specialized attention kernels' GPU tests alone, under a short limit: should they fail or
 # hang on this Triton, every later stage runs with FASTTRAIN_ATTENTION_WS=0), test, then what is owed (NOTES.md):
 # the benchmarks overhead, attention (at T 2048 and 8192 unless BENCH_ARGS_attention says otherwise; BENCH_ARGS_<name>
 # adds flags to any) and step, then tiles (tools/ws_tile_probe.py: each warp-specialized forward tile pinned alone,
 # right or not and how fast, beside v2), then adamw (its new ceiling, AdamW's access pattern alone) and the
-# benchmarks measured on the H200 at the code they time (norms, decode, rotary, cross_entropy), as many as fit.
+# benchmarks measured on the H200 at the code they time (norms, decode, rotary, cross_entropy), then ncu (Nsight
+# Compute's counters of attention's kernels beside cuDNN's and FLASH's: tools/ncu_attention.py), as many as fit.
 # Seconds on an H200 (2026-12-04): build 56, info 6, probe 65, test 111, overhead 56, attention 73, step 67, norms 70,
 # decode 76, rotary 28, cross_entropy 25, adamw 33; tiles not yet run (8 children, each compiling its tile: ~180
 # predicted). So one call reaches about tiles; a second call at once, while the machine is warm (30 s) and still
@@ -23,7 +24,7 @@ out=${1:-${OUT:?give an output folder}}
 mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the next line changes directory
 cd "$(dirname "$0")/.."
 shift || true
-stages=${*:-build probe test bench:overhead,attention,step tiles bench:adamw,norms,decode,rotary,cross_entropy}
+stages=${*:-build probe test bench:overhead,attention,step tiles bench:adamw,norms,decode,rotary,cross_entropy ncu}
 export PYTHONUNBUFFERED=1
 # `python -m` puts the working directory first on sys.path, where the source fasttrain/ (no _C, no kernels/) would
 # shadow the installed package.
@@ -81,7 +82,17 @@ for stage in $stages; do
       done ;;
     tiles)
       run_stage $py tools/ws_tile_probe.py --device cuda --out "$out/results" ;;
-    *) echo "unknown stage $stage (build, probe, test, bench, bench:NAME,..., tiles)"; exit 2 ;;
+    ncu)
+      # Nsight Compute over the kernels inside tools/ncu_attention.py's NVTX range (Firecracker machines read the
+      # counters; clocks left alone, as METHOD.md asks); the report stays in $out, its counters go out as CSV.
+      ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+      mkdir -p "$out/results"
+      run_stage "${ncu_bin:-ncu}" --clock-control none --nvtx --nvtx-include "profiled/" --section SpeedOfLight \
+          --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+          --section SchedulerStats --section WarpStateStats -f -o "$out/ncu_attention" $py tools/ncu_attention.py &&
+        run_stage bash -c '"$0" --import "$1" --csv --page details > "$2"' "${ncu_bin:-ncu}" \
+          "$out/ncu_attention.ncu-rep" "$out/results/ncu_attention.csv" ;;
+    *) echo "unknown stage $stage (build, probe, test, bench, bench:NAME,..., tiles, ncu)"; exit 2 ;;
   esac
 done
 exit $status
