@@ -215,12 +215,12 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     for name in names:
-        if not name.endswith("+graph"):
-            run_variant(name)
-            continue
-        try:  # a capture or replay the driver refuses costs this row, not the rows measured (written below)
+        try:
             run_variant(name)
         except RuntimeError as e:  # CUDA's errors included (torch.AcceleratorError is one)
+            if not name.endswith("+graph"):
+                raise
+            # a capture or replay the driver refuses costs this row, not the rows measured (written below)
             rows.append({"variant": name, "B": B, "T": T, "skipped": f"failed: {type(e).__name__}: {e}"[:300]})
             wrong.append(name)
     if kept:

@@ -308,7 +308,7 @@ def test_settings_that_cannot_work_together_raise_at_once():
                   data=DataConfig(val_fraction=0.0))
 
 
-def test_cuda_graph_refuses_what_it_cannot_capture_before_any_data(tmp_path):
+def test_cuda_graph_refuses_what_it_cannot_capture_before_any_data(tmp_path, monkeypatch):
     model = GPTConfig(**TINY_MODEL)
     for train_kw, optim_kw, match in [
             ({"compile": True}, {}, "train.cuda_graph and train.compile cannot both be on"),
@@ -318,13 +318,13 @@ def test_cuda_graph_refuses_what_it_cannot_capture_before_any_data(tmp_path):
         with pytest.raises(ValueError, match=match):
             RunConfig(model=model, optim=OptimConfig(**optim_kw), train=TrainConfig(seq_len=32, cuda_graph=True,
                                                                                      **train_kw))
-    if not torch.cuda.is_available():  # device auto resolves to the CPU here; the corpus does not exist
-        cfg = run_config(tmp_path, tmp_path / "no-such-dir", cuda_graph=True)
-        with pytest.raises(ValueError, match="train.cuda_graph needs a CUDA device.*'auto' resolved to cpu"):
-            train(cfg)
-        with pytest.raises(ValueError, match="a CUDA graph needs a CUDA device, got cpu"):
-            net = GPT(dataclasses.replace(model, vocab_size=64))
-            GraphedStep(net, AdamW(net.parameters()), 1, 2, 8, torch.device("cpu"), None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # device auto resolves to the CPU, GPU or not
+    cfg = run_config(tmp_path, tmp_path / "no-such-dir", cuda_graph=True)  # the corpus does not exist
+    with pytest.raises(ValueError, match="train.cuda_graph needs a CUDA device.*'auto' resolved to cpu"):
+        train(cfg)
+    with pytest.raises(ValueError, match="a CUDA graph needs a CUDA device, got cpu"):
+        net = GPT(dataclasses.replace(model, vocab_size=64))
+        GraphedStep(net, AdamW(net.parameters()), 1, 2, 8, torch.device("cpu"), None)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
