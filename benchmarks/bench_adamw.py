@@ -19,6 +19,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+from fasttrain.kernels._launch import cdiv  # noqa: E402
 from fasttrain.optim import AdamW  # noqa: E402
 
 BYTES_PER_PARAM = 28  # fp32: 4 reads + 3 writes of 4 bytes
@@ -43,7 +44,7 @@ def _seven_streams_kernel(P, G, M, V, n, BLOCK: tl.constexpr):
 def seven_streams(p, g, m, v, block: int = 1024, num_warps: int = 4) -> None:
     """p, m, v += g in one pass over four flat fp32 tensors of one size."""
     n = p.numel()
-    _seven_streams_kernel[(triton.cdiv(n, block),)](p, g, m, v, n, BLOCK=block, num_warps=num_warps)
+    _seven_streams_kernel[(cdiv(n, block),)](p, g, m, v, n, BLOCK=block, num_warps=num_warps)
 
 
 def seven_stream_gbs(device: str, n: int) -> float | None:
