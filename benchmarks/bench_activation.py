@@ -7,6 +7,7 @@ and % of the measured copy bandwidth.
 
     python benchmarks/bench_activation.py [--device cpu|cuda] [--quick] [--out DIR]
 """
+
 from __future__ import annotations
 
 import math
@@ -35,13 +36,12 @@ def check_correct(x, dy) -> float:
     """fasttrain's GELU and its gradient against float64 (x * sigmoid(2u)): the largest error relative to the
     largest value."""
     x64 = x.detach().double().requires_grad_()
-    u = math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64 ** 3)
+    u = math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3)
     want = x64 * torch.sigmoid(2 * u)
     (want_grad,) = torch.autograd.grad(want, x64, dy.double())
     got = gelu(x, approximate="tanh")
     (grad,) = torch.autograd.grad(got, x, dy)
-    return common.relative_error([(got, want), (grad, want_grad)], "gelu",
-                                 1e-2 if x.dtype == torch.bfloat16 else 1e-5)
+    return common.relative_error([(got, want), (grad, want_grad)], "gelu", 1e-2 if x.dtype == torch.bfloat16 else 1e-5)
 
 
 def main() -> None:
@@ -55,11 +55,23 @@ def main() -> None:
         dy = torch.randn(M, N, generator=g, device=device).to(dtype)
         rel_err = check_correct(x, dy)
         tanh = lambda t: F.gelu(t, approximate="tanh")  # noqa: E731
-        impls = {"torch eager": tanh, "fasttrain": lambda t: gelu(t, approximate="tanh"),
-                 "torch.compile": torch.compile(tanh), "torch eager, erf": F.gelu}
+        impls = {
+            "torch eager": tanh,
+            "fasttrain": lambda t: gelu(t, approximate="tanh"),
+            "torch.compile": torch.compile(tanh),
+            "torch eager, erf": F.gelu,
+        }
         runs = {name: fwd_bwd(fn, x, dy) for name, fn in impls.items()}
-        rows += common.memory_bound_rows(runs, device, 5 * M * N * x.element_size(), copy_gbs, M=M, N=N,
-                                         dtype=str(dtype).removeprefix("torch."), rel_err_vs_float64=rel_err)
+        rows += common.memory_bound_rows(
+            runs,
+            device,
+            5 * M * N * x.element_size(),
+            copy_gbs,
+            M=M,
+            N=N,
+            dtype=str(dtype).removeprefix("torch."),
+            rel_err_vs_float64=rel_err,
+        )
         print(f"M {M} N {N} done", flush=True)
     common.print_table(rows, ["M", "N", "dtype", "impl", "ms", "GB/s", "%copy", "x eager"])
     path = common.write_results("activation", device, rows, {"copy_GB/s": copy_gbs}, args.out, args.quick)

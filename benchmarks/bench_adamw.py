@@ -6,6 +6,7 @@ written element) by a Triton kernel, `%streams` of it, which says how much of th
 
     python benchmarks/bench_adamw.py [--device cpu|cuda] [--quick] [--out DIR]
 """
+
 from __future__ import annotations
 
 import gc
@@ -53,8 +54,10 @@ def seven_stream_gbs(device: str, n: int) -> float | None:
     if device != "cuda":
         return None
     p, g, m, v = (torch.randn(n, device=device) for _ in range(4))
-    best = min(common.time_ms(lambda: seven_streams(p, g, m, v, block, warps), device)
-               for block, warps in STREAM_CONFIGS)
+    best = min(
+        common.time_ms(lambda block=block, warps=warps: seven_streams(p, g, m, v, block, warps), device)
+        for block, warps in STREAM_CONFIGS
+    )
     return BYTES_PER_PARAM * n / (best * 1e-3) / 1e9
 
 
@@ -119,8 +122,9 @@ def check_correct(shapes, device: str) -> float:
         err = max((p - q).abs().max().item() for p, q in zip(ours, ref))
         scale = max(q.abs().max().item() for q in ref)
         if not err <= 1e-6 * scale:  # NaN too
-            raise AssertionError(f"fasttrain AdamW (max_grad_norm={clip}) differs from torch: {err:.3g} vs scale "
-                                 f"{scale:.3g}")
+            raise AssertionError(
+                f"fasttrain AdamW (max_grad_norm={clip}) differs from torch: {err:.3g} vs scale {scale:.3g}"
+            )
         worst = max(worst, err / scale)
     return worst
 
@@ -144,10 +148,20 @@ def main() -> None:
         times = common.time_interleaved_ms(steps, device)
         for name, ms in times.items():
             gbs = BYTES_PER_PARAM * n / (ms * 1e-3) / 1e9
-            rows.append({"params": n, "tensors": len(shapes), "impl": name, "ms": ms, "GB/s": gbs,
-                         "%copy": 100 * gbs / copy_gbs, "%streams": streams_gbs and 100 * gbs / streams_gbs,
-                         "x eager": times["torch eager"] / ms,
-                         "x fused": times["torch fused"] / ms, "rel_err_vs_torch": rel_err})
+            rows.append(
+                {
+                    "params": n,
+                    "tensors": len(shapes),
+                    "impl": name,
+                    "ms": ms,
+                    "GB/s": gbs,
+                    "%copy": 100 * gbs / copy_gbs,
+                    "%streams": streams_gbs and 100 * gbs / streams_gbs,
+                    "x eager": times["torch eager"] / ms,
+                    "x fused": times["torch fused"] / ms,
+                    "rel_err_vs_torch": rel_err,
+                }
+            )
         del steps
         gc.collect()
         if device == "cuda":
@@ -155,10 +169,15 @@ def main() -> None:
         print(f"{n / 1e6:.1f}M params in {len(shapes)} tensors done", flush=True)
         del params
         gc.collect()
-    common.print_table(rows, ["params", "tensors", "impl", "ms", "GB/s", "%copy"] + (
-        ["%streams"] if streams_gbs else []) + ["x eager", "x fused"])
-    path = common.write_results("adamw", device, rows, {"copy_GB/s": copy_gbs, "seven_streams_GB/s": streams_gbs},
-                                args.out, args.quick)
+    common.print_table(
+        rows,
+        ["params", "tensors", "impl", "ms", "GB/s", "%copy"]
+        + (["%streams"] if streams_gbs else [])
+        + ["x eager", "x fused"],
+    )
+    path = common.write_results(
+        "adamw", device, rows, {"copy_GB/s": copy_gbs, "seven_streams_GB/s": streams_gbs}, args.out, args.quick
+    )
     print(f"wrote {path}")
 
 

@@ -9,6 +9,7 @@ is off is not timed, and the run exits 1 after writing what it measured.
 
     python benchmarks/bench_attention.py [--quick] [--seqlens T ...] [--device cuda|cpu]
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,9 +47,11 @@ def _sdpa(backend):
 
     def run(q, k, v, causal):  # (B, T, H, D) in and out; SDPA gets (B, H, T, D) views
         with sdpa_kernel(backend):
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=causal)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            )
         return out.transpose(1, 2)
+
     return run
 
 
@@ -56,18 +59,27 @@ def providers(device: str) -> dict:
     kernel = "triton" if device == "cuda" else "cpu"
     found = {
         "fasttrain": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal, backend=kernel),
-        "eager": lambda q, k, v, causal: attention_reference(q, k, v, q.shape[-1] ** -0.5, UNBOUNDED,
-                                                             0 if causal else UNBOUNDED)[0],
+        "eager": lambda q, k, v, causal: attention_reference(
+            q, k, v, q.shape[-1] ** -0.5, UNBOUNDED, 0 if causal else UNBOUNDED
+        )[0],
     }
     if device == "cuda":
         from torch.nn.attention import SDPBackend
-        found.update({"sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
-                      "sdpa_efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION)})
+
+        found.update(
+            {
+                "sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION),
+                "sdpa_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
+                "sdpa_efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION),
+            }
+        )
         with contextlib.suppress(ImportError):
             import flash_attn
+
             found["flash_attn"] = lambda q, k, v, causal: flash_attn.flash_attn_func(q, k, v, causal=causal)
     else:
         from torch.nn.attention import SDPBackend
+
         found["sdpa_flash"] = _sdpa(SDPBackend.FLASH_ATTENTION)
     return found
 
@@ -106,8 +118,10 @@ def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
             rows.append({**row, "skipped": str(e).splitlines()[0][:120]})
             continue
         got = (out, *torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
-        errors = {what: round(_rel_err(_checked_slice(t), want), 6)
-                  for what, t, want in zip(("out", "dq", "dk", "dv"), got, expected)}
+        errors = {
+            what: round(_rel_err(_checked_slice(t), want), 6)
+            for what, t, want in zip(("out", "dq", "dk", "dv"), got, expected)
+        }
         del got
         row["max_rel_err"] = max(errors.values())
         if not row["max_rel_err"] <= CHECK_RTOL[dtype]:  # NaN too
@@ -115,11 +129,11 @@ def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
             continue
         for mode in modes:
             if mode == "fwd":
-                call = lambda: fn(q, k, v, causal)  # noqa: E731
+                call = lambda fn=fn: fn(q, k, v, causal)
             elif mode == "bwd":
-                call = lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)  # noqa: E731
+                call = lambda out=out: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
             else:
-                call = lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dout)  # noqa: E731
+                call = lambda fn=fn: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dout)
             ms = common.time_ms(call, device)
             row[f"{mode}_ms"] = ms
             row[f"{mode}_tflops"] = flops(mode, B, H, T, D, causal) / (ms * 1e-3) / 1e12
@@ -131,9 +145,15 @@ def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
 
 
 def main() -> None:
-    args = common.parse_args(__doc__.splitlines()[0], lambda p: p.add_argument(
-        "--seqlens", type=int, nargs="+",
-        help="these T only (GPU default 512..16384, --quick 512 2048; CPU default 128 256 1024, --quick 256)"))
+    args = common.parse_args(
+        __doc__.splitlines()[0],
+        lambda p: p.add_argument(
+            "--seqlens",
+            type=int,
+            nargs="+",
+            help="these T only (GPU default 512..16384, --quick 512 2048; CPU default 128 256 1024, --quick 256)",
+        ),
+    )
     modes = ["fwd", "bwd", "fwd+bwd"]
     if args.device == "cpu":
         tokens, seqlens = TOKENS_CPU, args.seqlens or ([256] if args.quick else [128, 256, 1024])

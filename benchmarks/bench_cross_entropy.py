@@ -5,6 +5,7 @@ gradient), reported as GB/s and % of the measured copy bandwidth; on CUDA also t
 
     python benchmarks/bench_cross_entropy.py [--device cpu|cuda] [--quick] [--out DIR]
 """
+
 from __future__ import annotations
 
 import sys
@@ -40,6 +41,7 @@ def fwd_bwd(loss_fn, x, t):
     def run():
         (grad,) = torch.autograd.grad(loss_fn(x, t), x)
         return grad
+
     return run
 
 
@@ -80,8 +82,9 @@ def main() -> None:
         for run in runs.values():
             run()  # compiles and warms up outside the timed region
         peaks = {name: peak_mb(run, device) for name, run in runs.items()}
-        for row in common.memory_bound_rows(runs, device, 3 * N * V * x.element_size(), copy_gbs, N=N, V=V,
-                                            dtype=str(dtype).removeprefix("torch.")):
+        for row in common.memory_bound_rows(
+            runs, device, 3 * N * V * x.element_size(), copy_gbs, N=N, V=V, dtype=str(dtype).removeprefix("torch.")
+        ):
             rows.append({**row, "peak_MB": peaks[row["impl"]], "rel_err_vs_float64": rel_err})
         print(f"N {N} x V {V} done", flush=True)
     common.print_table(rows, ["N", "V", "dtype", "impl", "ms", "GB/s", "%copy", "x eager", "peak_MB"])

@@ -9,6 +9,7 @@ The baseline is num_workers=1 (everything in this process). The 2-worker rows fo
 skip for a corpus too small to repay it; each spawn worker re-imports this script, and so torch, as any script
 that imports torch would make it do.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,15 +39,28 @@ def main() -> None:
         runs = iter(range(1_000_000))
 
         def cold(cfg: DataConfig) -> float:
-            return time_ms(lambda: prepare(dataclasses.replace(cfg, cache_dir=f"{root}/{next(runs)}")), device,
-                           warmup=1, min_run_time=2.0 if args.quick else 6.0)
+            return time_ms(
+                lambda: prepare(dataclasses.replace(cfg, cache_dir=f"{root}/{next(runs)}")),
+                device,
+                warmup=1,
+                min_run_time=2.0 if args.quick else 6.0,
+            )
 
         start = time.perf_counter()
-        bpe = prepare(dataclasses.replace(base, tokenizer="bpe", vocab_size=4096, num_workers=2,
-                                          cache_dir=f"{root}/bpe"))
+        bpe = prepare(
+            dataclasses.replace(base, tokenizer="bpe", vocab_size=4096, num_workers=2, cache_dir=f"{root}/bpe")
+        )
         train_s = time.perf_counter() - start
-        rows = [{"tokenizer": "bpe-4096 training (incl. shards)", "workers": 2, "MB": mb, "ms": train_s * 1e3,
-                 "MB/s": mb / train_s, "tokens": len(bpe.train) + len(bpe.val)}]
+        rows = [
+            {
+                "tokenizer": "bpe-4096 training (incl. shards)",
+                "workers": 2,
+                "MB": mb,
+                "ms": train_s * 1e3,
+                "MB/s": mb / train_s,
+                "tokens": len(bpe.train) + len(bpe.val),
+            }
+        ]
         for tokenizer in ("byte", str(bpe.tokenizer_file)):
             one_ms = serial = None
             for workers in (1, 2):
@@ -59,9 +73,17 @@ def main() -> None:
                     raise SystemExit(f"{tokenizer}: {workers} workers built other shards than 1")
                 ms = cold(cfg)
                 one_ms = one_ms or ms
-                rows.append({"tokenizer": corpus.tokenizer.name, "workers": workers, "MB": mb, "ms": ms,
-                             "MB/s": mb / (ms * 1e-3), "speedup": one_ms / ms,
-                             "tokens": len(corpus.train) + len(corpus.val)})
+                rows.append(
+                    {
+                        "tokenizer": corpus.tokenizer.name,
+                        "workers": workers,
+                        "MB": mb,
+                        "ms": ms,
+                        "MB/s": mb / (ms * 1e-3),
+                        "speedup": one_ms / ms,
+                        "tokens": len(corpus.train) + len(corpus.val),
+                    }
+                )
     print_table(rows, ["tokenizer", "workers", "MB", "ms", "MB/s", "speedup", "tokens"])
     path = write_results("data", device, rows, ceilings={}, out=args.out, quick=args.quick)
     print(f"wrote {path}")

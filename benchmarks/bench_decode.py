@@ -10,6 +10,7 @@ before it is timed. One decode step appends one token per sequence, at the same 
 identical work. On the CPU the implementations are timed in alternation (common.time_interleaved_ms) and the
 reference (fp32 einsum over the whole cache, K/V repeated over the GQA group) joins them.
 """
+
 from __future__ import annotations
 
 import sys
@@ -42,6 +43,7 @@ def _rotating(make, nbytes: int):
     def next_inputs():
         state["i"] = (state["i"] + 1) % len(copies)
         return copies[state["i"]]
+
     return next_inputs
 
 
@@ -54,10 +56,11 @@ def _eager_cat(q, k_past, v_past, k, v):
 
 def _sdpa_static(q, kc, vc, k, v, L):
     """A static (B, Hkv, Tmax, D) cache written in place, SDPA over its first L rows (equal lengths: no mask)."""
-    kc[:, :, L - 1:L] = k.transpose(1, 2)
-    vc[:, :, L - 1:L] = v.transpose(1, 2)
-    return F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :L], vc[:, :, :L],
-                                          enable_gqa=True).transpose(1, 2)
+    kc[:, :, L - 1 : L] = k.transpose(1, 2)
+    vc[:, :, L - 1 : L] = v.transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), kc[:, :, :L], vc[:, :, :L], enable_gqa=True).transpose(
+        1, 2
+    )
 
 
 def bench_kernel(B, L, H, Hkv, D, dtype, copy_gbs):
@@ -66,35 +69,42 @@ def bench_kernel(B, L, H, Hkv, D, dtype, copy_gbs):
     Tmax = -(-L // 256) * 256
 
     def make():
-        return dict(q=torch.randn(B, 1, H, D, device=dev, dtype=dtype),
-                    k=torch.randn(B, 1, Hkv, D, device=dev, dtype=dtype),
-                    v=torch.randn(B, 1, Hkv, D, device=dev, dtype=dtype),
-                    kc=torch.randn(B, Tmax, Hkv, D, device=dev, dtype=dtype),
-                    vc=torch.randn(B, Tmax, Hkv, D, device=dev, dtype=dtype),
-                    seqlens=torch.full((B,), L - 1, dtype=torch.int32, device=dev))
+        return dict(
+            q=torch.randn(B, 1, H, D, device=dev, dtype=dtype),
+            k=torch.randn(B, 1, Hkv, D, device=dev, dtype=dtype),
+            v=torch.randn(B, 1, Hkv, D, device=dev, dtype=dtype),
+            kc=torch.randn(B, Tmax, Hkv, D, device=dev, dtype=dtype),
+            vc=torch.randn(B, Tmax, Hkv, D, device=dev, dtype=dtype),
+            seqlens=torch.full((B,), L - 1, dtype=torch.int32, device=dev),
+        )
+
     inputs = _rotating(make, kv_bytes)
     backend = "triton" if dev == "cuda" else "cpu"
 
     def ours(x):
-        return flash_attn_with_kvcache(x["q"], x["kc"], x["vc"], x["k"], x["v"], cache_seqlens=x["seqlens"],
-                                       check_lengths=False, backend=backend)
+        return flash_attn_with_kvcache(
+            x["q"], x["kc"], x["vc"], x["k"], x["v"], cache_seqlens=x["seqlens"], check_lengths=False, backend=backend
+        )
 
     impls = {"fasttrain": ours}
     if dev == "cpu":
-        impls["reference"] = lambda x: flash_attn_with_kvcache(x["q"], x["kc"], x["vc"], x["k"], x["v"],
-                                                               cache_seqlens=x["seqlens"], backend="reference")
+        impls["reference"] = lambda x: flash_attn_with_kvcache(
+            x["q"], x["kc"], x["vc"], x["k"], x["v"], cache_seqlens=x["seqlens"], backend="reference"
+        )
     past = {}  # the eager baseline's own (B, Hkv, L - 1, D) caches, made from the same rows
 
     def eager(x):
         if id(x) not in past:
-            past[id(x)] = tuple(x[c][:, :L - 1].transpose(1, 2).contiguous() for c in ("kc", "vc"))
+            past[id(x)] = tuple(x[c][:, : L - 1].transpose(1, 2).contiguous() for c in ("kc", "vc"))
         return _eager_cat(x["q"], *past[id(x)], x["k"], x["v"])
+
     static = {}
 
     def sdpa(x):
         if id(x) not in static:
             static[id(x)] = (x["kc"].transpose(1, 2).contiguous(), x["vc"].transpose(1, 2).contiguous())
         return _sdpa_static(x["q"], *static[id(x)], x["k"], x["v"], L)
+
     impls.update(eager_cat=eager, sdpa_static=sdpa)
 
     x = inputs()
@@ -104,13 +114,17 @@ def bench_kernel(B, L, H, Hkv, D, dtype, copy_gbs):
         if err > (1e-4 if dtype == torch.float32 else 3e-2):
             raise AssertionError(f"{name} disagrees with fasttrain by {err} at B={B} L={L} H={H}/{Hkv}")
     calls = {name: (lambda fn=fn: fn(inputs())) for name, fn in impls.items()}
-    times = (common.time_interleaved_ms(calls, dev) if dev == "cpu"
-             else {name: common.time_ms(call, dev) for name, call in calls.items()})
+    times = (
+        common.time_interleaved_ms(calls, dev)
+        if dev == "cpu"
+        else {name: common.time_ms(call, dev) for name, call in calls.items()}
+    )
     rows = []
     for name, ms in times.items():
         gbs = kv_bytes / (ms * 1e-3) / 1e9
-        rows.append(dict(kind="decode", B=B, L=L, H=H, Hkv=Hkv, D=D, impl=name, ms=ms, GBs=gbs,
-                         pct_copy=100 * gbs / copy_gbs))
+        rows.append(
+            dict(kind="decode", B=B, L=L, H=H, Hkv=Hkv, D=D, impl=name, ms=ms, GBs=gbs, pct_copy=100 * gbs / copy_gbs)
+        )
     base = {r["impl"]: r["ms"] for r in rows}
     for r in rows:
         r["x_eager"] = base["eager_cat"] / r["ms"]
@@ -135,8 +149,7 @@ class CatCache:
         self.v[i] = v if self.v[i] is None else torch.cat([self.v[i], v], dim=2)
         if i == self.n_layer - 1:
             self.length += T
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[i], self.v[i], is_causal=T > 1,
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), self.k[i], self.v[i], is_causal=T > 1, enable_gqa=True)
         return out.transpose(1, 2)  # (B, T, H, D)
 
 
@@ -171,8 +184,18 @@ def bench_generate(cfg: GPTConfig, B, prompt_len, new, dtype, label):
             else:
                 result = generate(model, prompts, new, temperature=0.0, **run)
                 tokens, seconds = result.tokens, result.prefill_s + result.decode_s
-        rows.append(dict(kind="generate", model=label, B=B, prompt=prompt_len, new=new, impl=name,
-                         tokens_per_s=B * new / seconds, tokens=tokens))
+        rows.append(
+            dict(
+                kind="generate",
+                model=label,
+                B=B,
+                prompt=prompt_len,
+                new=new,
+                impl=name,
+                tokens_per_s=B * new / seconds,
+                tokens=tokens,
+            )
+        )
     # Greedy paths of a random model meet near-ties that rounding breaks either way: agreement is reported, not
     # asserted (the kernels themselves are checked above and in tests/test_generate.py).
     eager_tps, eager_tokens = rows[0]["tokens_per_s"], rows[0]["tokens"]
@@ -188,13 +211,16 @@ def main():
     if dev == "cuda":
         dtype, D = torch.bfloat16, 128
         batches, contexts, heads = (1, 4, 16, 64), (1024, 4096, 16384, 32768), ((32, 8), (32, 32))
-        gen = [(GPTConfig(n_layer=12, n_head=12, d_model=768, vocab_size=50304, max_seq_len=2048), "gpt2-small"),]
+        gen = [
+            (GPTConfig(n_layer=12, n_head=12, d_model=768, vocab_size=50304, max_seq_len=2048), "gpt2-small"),
+        ]
         gen_shapes = [(1, 128, 256), (16, 128, 256)]
     else:
         dtype, D = torch.float32, 64
         batches, contexts, heads = (1, 8), (1024, 4096), ((32, 8), (12, 12))
-        gen = [(GPTConfig(n_layer=4, n_head=8, n_kv_head=2, d_model=512, vocab_size=8192, max_seq_len=2048),
-                "4x512-gqa")]
+        gen = [
+            (GPTConfig(n_layer=4, n_head=8, n_kv_head=2, d_model=512, vocab_size=8192, max_seq_len=2048), "4x512-gqa")
+        ]
         gen_shapes = [(1, 1024, 32), (8, 512, 32)]
     rows = []
     for H, Hkv in heads:
@@ -206,13 +232,17 @@ def main():
                 rows += bench_kernel(B, L, H, Hkv, D, dtype, copy_gbs)
                 if args.quick:
                     break
-    common.print_table([r for r in rows if r["kind"] == "decode"],
-                       ["B", "L", "H", "Hkv", "impl", "ms", "GBs", "pct_copy", "x_eager", "x_sdpa"])
+    common.print_table(
+        [r for r in rows if r["kind"] == "decode"],
+        ["B", "L", "H", "Hkv", "impl", "ms", "GBs", "pct_copy", "x_eager", "x_sdpa"],
+    )
     for cfg, label in gen:
         for B, prompt_len, new in gen_shapes:
             rows += bench_generate(cfg, B, prompt_len, new, dtype, label)
-    common.print_table([r for r in rows if r["kind"] == "generate"],
-                       ["model", "B", "prompt", "new", "impl", "tokens_per_s", "x_eager", "same_as_eager"])
+    common.print_table(
+        [r for r in rows if r["kind"] == "generate"],
+        ["model", "B", "prompt", "new", "impl", "tokens_per_s", "x_eager", "same_as_eager"],
+    )
     path = common.write_results("decode", dev, rows, {"copy_GBs": copy_gbs}, args.out, args.quick)
     print(f"copy bandwidth {copy_gbs:.0f} GB/s; results in {path}")
 

@@ -8,6 +8,7 @@ statistics are under 0.1% at these shapes), reported as GB/s and % of the measur
 
     python benchmarks/bench_norms.py [--device cpu|cuda] [--quick] [--out DIR]
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,12 @@ from fasttrain.ops import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # 
 # (M rows = batch x tokens, N): GPT-2 small's B16 x T1024 x 768, GPT-2 XL's 1600, Llama-7B's 4096.
 SHAPES = {"cuda": [(16384, 768), (16384, 1600), (8192, 4096)], "cpu": [(2048, 768), (1024, 4096)]}
 QUICK = {"cuda": [(16384, 768)], "cpu": [(2048, 768)]}
-TORCH = {"layer_norm": F.layer_norm, "rms_norm": F.rms_norm, "add_layer_norm": common.eager_add_norm(F.layer_norm),
-         "add_rms_norm": common.eager_add_norm(F.rms_norm)}
+TORCH = {
+    "layer_norm": F.layer_norm,
+    "rms_norm": F.rms_norm,
+    "add_layer_norm": common.eager_add_norm(F.layer_norm),
+    "add_rms_norm": common.eager_add_norm(F.rms_norm),
+}
 OURS = {"layer_norm": layer_norm, "rms_norm": rms_norm, "add_layer_norm": add_layer_norm, "add_rms_norm": add_rms_norm}
 
 
@@ -55,6 +60,7 @@ def fwd_bwd(fn, kind: str, branch, x, w, b, device: str):
             outs = call(fn, kind, branch, x, w, b)
         # Upstream gradients in each output's dtype, as the next Linear (and the stream downstream) hand back.
         return torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs])
+
     return run
 
 
@@ -95,16 +101,20 @@ def main() -> None:
         w = (1 + 0.5 * torch.randn(N, generator=g, device=device)).requires_grad_()
         b = (0.5 * torch.randn(N, generator=g, device=device)).requires_grad_()
         # The branch a block adds to the stream: bf16 out of a Linear under autocast on CUDA.
-        branch = torch.randn(M, N, generator=g, device=device).to(
-            torch.bfloat16 if device == "cuda" else torch.float32).requires_grad_()
+        branch = (
+            torch.randn(M, N, generator=g, device=device)
+            .to(torch.bfloat16 if device == "cuda" else torch.float32)
+            .requires_grad_()
+        )
         for kind in OURS:
             rel_err = check_correct(kind, branch, x, w, b, device)
             impls = {"torch eager": TORCH[kind], "fasttrain": OURS[kind]}
             if device == "cuda":
                 impls["torch.compile"] = torch.compile(TORCH[kind])
             runs = {name: fwd_bwd(fn, kind, branch, x, w, b, device) for name, fn in impls.items()}
-            rows += common.memory_bound_rows(runs, device, min_bytes(kind, M, N, device), copy_gbs, op=kind, M=M,
-                                             N=N, rel_err_vs_float64=rel_err)
+            rows += common.memory_bound_rows(
+                runs, device, min_bytes(kind, M, N, device), copy_gbs, op=kind, M=M, N=N, rel_err_vs_float64=rel_err
+            )
         print(f"M {M} x N {N} done", flush=True)
     common.print_table(rows, ["op", "M", "N", "impl", "ms", "GB/s", "%copy", "x eager"])
     path = common.write_results("norms", device, rows, {"copy_GB/s": copy_gbs}, args.out, args.quick)

@@ -16,6 +16,7 @@ host's cost per call; `x torch` is torch's host time over fasttrain's (above 1: 
 attention, decode and rotary run their C++ kernels and the other ops their references, so the rows there measure
 fasttrain's checks and autograd wrapper around a kernel or torch's op.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,8 +38,14 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from fasttrain.ops import (add_layer_norm, apply_rotary_emb, cross_entropy, flash_attn_func,  # noqa: E402
-                           flash_attn_with_kvcache, layer_norm)
+from fasttrain.ops import (
+    add_layer_norm,
+    apply_rotary_emb,
+    cross_entropy,
+    flash_attn_func,  # noqa: E402
+    flash_attn_with_kvcache,
+    layer_norm,
+)
 from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
 
 B, T, H, D, C, V, CACHE = 1, 16, 12, 64, 768, 512, 256
@@ -69,8 +76,12 @@ def cases(device: str) -> dict:
     def rand(*shape, dt=dtype):
         return torch.randn(*shape, generator=g, device=device, dtype=dt).requires_grad_()
 
-    rows, branch, w, b = rand(B * T, C, dt=torch.float32), rand(B * T, C), rand(C, dt=torch.float32), rand(
-        C, dt=torch.float32)
+    rows, branch, w, b = (
+        rand(B * T, C, dt=torch.float32),
+        rand(B * T, C),
+        rand(C, dt=torch.float32),
+        rand(C, dt=torch.float32),
+    )
     q, k, v = rand(B, T, H, D), rand(B, T, H, D), rand(B, T, H, D)
     cos, sin = torch.rand(T, D // 2, generator=g, device=device), torch.rand(T, D // 2, generator=g, device=device)
     logits, targets = rand(B * T, V), torch.randint(0, V, (B * T,), generator=g, device=device)
@@ -82,18 +93,30 @@ def cases(device: str) -> dict:
         return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
 
     return {
-        "layer_norm": ((rows, w, b), lambda x, w, b: layer_norm(x, (C,), w, b), lambda x, w, b: F.layer_norm(
-            x, (C,), w, b)),
-        "add_layer_norm": ((branch, rows, w, b), lambda x, r, w, b: add_layer_norm(x, r, (C,), w, b),
-                           lambda x, r, w, b: common.eager_add_norm(F.layer_norm)(x, r, (C,), w, b)),
+        "layer_norm": (
+            (rows, w, b),
+            lambda x, w, b: layer_norm(x, (C,), w, b),
+            lambda x, w, b: F.layer_norm(x, (C,), w, b),
+        ),
+        "add_layer_norm": (
+            (branch, rows, w, b),
+            lambda x, r, w, b: add_layer_norm(x, r, (C,), w, b),
+            lambda x, r, w, b: common.eager_add_norm(F.layer_norm)(x, r, (C,), w, b),
+        ),
         "rotary": ((q,), lambda x: apply_rotary_emb(x, cos, sin), lambda x: apply_rotary_emb_reference(x, cos, sin)),
         "attention": ((q, k, v), lambda q, k, v: flash_attn_func(q, k, v, causal=True), sdpa),
-        "cross_entropy": ((logits,), lambda x: cross_entropy(x, targets), lambda x: F.cross_entropy(x.float(),
-                                                                                                     targets)),
-        "decode": ((), lambda: flash_attn_with_kvcache(q1, k_cache, v_cache, cache_seqlens=seqlens,
-                                                       check_lengths=False),
-                   lambda: F.scaled_dot_product_attention(q1.transpose(1, 2), k_cache.transpose(1, 2),
-                                                          v_cache.transpose(1, 2)).transpose(1, 2)),
+        "cross_entropy": (
+            (logits,),
+            lambda x: cross_entropy(x, targets),
+            lambda x: F.cross_entropy(x.float(), targets),
+        ),
+        "decode": (
+            (),
+            lambda: flash_attn_with_kvcache(q1, k_cache, v_cache, cache_seqlens=seqlens, check_lengths=False),
+            lambda: F.scaled_dot_product_attention(
+                q1.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2)
+            ).transpose(1, 2),
+        ),
     }
 
 
@@ -103,8 +126,10 @@ def outputs(fn, inputs) -> tuple:
 
 
 def check_correct(name: str, inputs, ours, theirs, device: str) -> float:
-    err = max(((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1)).item()
-              for a, b in zip(outputs(ours, inputs), outputs(theirs, inputs)))
+    err = max(
+        ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1)).item()
+        for a, b in zip(outputs(ours, inputs), outputs(theirs, inputs))
+    )
     bound = 3e-2 if device == "cuda" else 1e-4  # bf16 on CUDA, fp32 on CPU
     if not err < bound:
         raise AssertionError(f"{name}: fasttrain differs from torch by {err:.3g} (bound {bound})")
@@ -134,6 +159,7 @@ def driver_call_rows(device: str, calls: int) -> list[dict]:
     if device != "cuda":
         return []
     import ctypes
+
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError as e:
@@ -175,8 +201,10 @@ def profile_layer_norm(device: str, calls: int, top: int = 15) -> list:
     profiler.disable()
     stats = pstats.Stats(profiler).stats  # {(file, line, fn): (primitive calls, calls, self s, cumulative s, ...)}
     ranked = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-    return [[f"{Path(file).name}:{line}({fn})", round(tt / calls * 1e6, 2), round(nc / calls, 2)]
-            for (file, line, fn), (_, nc, tt, _, _) in ranked]
+    return [
+        [f"{Path(file).name}:{line}({fn})", round(tt / calls * 1e6, 2), round(nc / calls, 2)]
+        for (file, line, fn), (_, nc, tt, _, _) in ranked
+    ]
 
 
 class _NoLaunch:
@@ -216,17 +244,21 @@ def launches_skipped():
 
 def forward_backward(fn, inputs):
     """A call of fn on inputs and the gradients of its outputs, with upstream gradients of ones (a sum's)."""
+
     def run():
         outs = outputs(fn, inputs)
         torch.autograd.grad(outs, inputs, [torch.ones_like(o) for o in outs])
+
     return run
 
 
 def time_modes(inputs, fn, device: str, calls: int) -> dict[str, float]:
     """mode -> host us per call of fn on inputs: "fwd" under no_grad, "fwd+bwd" (when inputs take a gradient)."""
+
     def fwd():
         with torch.no_grad():
             fn(*inputs)
+
     modes = (("fwd", fwd), ("fwd+bwd", forward_backward(fn, inputs))) if inputs else (("fwd", fwd),)
     return {mode: host_us(run, device, calls) for mode, run in modes}
 
@@ -247,8 +279,9 @@ def no_launch_rows(device: str, calls: int) -> list[dict]:
     if device != "cpu":
         return time_no_launch(device, calls)
     env = dict(os.environ, TRITON_INTERPRET="1", FASTTRAIN_BACKEND="triton")
-    child = subprocess.run([sys.executable, __file__, "--no-launch-rows", str(calls)], env=env,
-                           capture_output=True, text=True)
+    child = subprocess.run(
+        [sys.executable, __file__, "--no-launch-rows", str(calls)], env=env, capture_output=True, text=True
+    )
     if child.returncode != 0:
         raise RuntimeError(f"the no-launch child failed:\n{child.stderr[-3000:]}")
     return json.loads(child.stdout.splitlines()[-1])
@@ -267,11 +300,22 @@ def main() -> None:
         err = check_correct(name, inputs, ours, theirs, device)
         times = {impl: time_modes(inputs, fn, device, calls) for impl, fn in (("torch", theirs), ("fasttrain", ours))}
         for mode in times["torch"]:
-            entries = [("torch", times["torch"][mode]), ("fasttrain", times["fasttrain"][mode]),
-                       (NO_LAUNCH, skipped[name, mode])]
+            entries = [
+                ("torch", times["torch"][mode]),
+                ("fasttrain", times["fasttrain"][mode]),
+                (NO_LAUNCH, skipped[name, mode]),
+            ]
             for impl, us in entries:
-                rows.append({"op": name, "mode": mode, "impl": impl, "host_us": us,
-                             "x torch": times["torch"][mode] / us, "rel_err": err if impl != NO_LAUNCH else None})
+                rows.append(
+                    {
+                        "op": name,
+                        "mode": mode,
+                        "impl": impl,
+                        "host_us": us,
+                        "x torch": times["torch"][mode] / us,
+                        "rel_err": err if impl != NO_LAUNCH else None,
+                    }
+                )
     common.print_table(rows, ["op", "mode", "impl", "host_us", "x torch"])  # before the extras: a failure there
     # must not take these rows with it (the H200 run of 2026-12-04 lost them all to the empty kernel's NameError)
     failures = []
@@ -292,8 +336,9 @@ def main() -> None:
         print("cProfile, fasttrain layer_norm forward + backward: function, self us per call, calls per call")
         for entry in profile:
             print("  ", *entry)
-    path = common.write_results("overhead", device, rows + extras, {"layer_norm_cprofile": profile}, args.out,
-                                args.quick)
+    path = common.write_results(
+        "overhead", device, rows + extras, {"layer_norm_cprofile": profile}, args.out, args.quick
+    )
     print(f"wrote {path}")
     if failures:
         raise SystemExit(f"failed, the rest written: {[r['op'] for r in failures]}")

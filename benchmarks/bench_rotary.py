@@ -6,6 +6,7 @@ Memory-bound: the fewest bytes read q and k and write the rotated copies, then r
 
     python benchmarks/bench_rotary.py [--device cpu|cuda] [--quick] [--out DIR]
 """
+
 from __future__ import annotations
 
 import sys
@@ -22,8 +23,10 @@ from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
 
 # (B, T, H, Hkv, D): GPT-2 small's step (B16 x T1024, 12 heads of 64), Llama-3-8B's (GQA 32/8, d128); on the CPU
 # the main job's step (B16 x T128, 4 heads of 32) first.
-SHAPES = {"cuda": [(16, 1024, 12, 12, 64), (4, 4096, 32, 8, 128)],
-          "cpu": [(16, 128, 4, 4, 32), (4, 256, 4, 4, 64), (2, 512, 8, 2, 128)]}
+SHAPES = {
+    "cuda": [(16, 1024, 12, 12, 64), (4, 4096, 32, 8, 128)],
+    "cpu": [(16, 128, 4, 4, 32), (4, 256, 4, 4, 64), (2, 512, 8, 2, 128)],
+}
 QUICK = {"cuda": [(16, 1024, 12, 12, 64)], "cpu": [(4, 256, 4, 4, 64)]}
 DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 
@@ -33,6 +36,7 @@ def fwd_bwd(fn, qkv, H, Hkv, cos, sin):
         q, k, _ = qkv.split([H, Hkv, Hkv], dim=2)  # (B, T, H|Hkv, D) views
         rq, rk = fn(q, cos, sin), fn(k, cos, sin)
         return torch.autograd.grad((rq, rk), qkv, (torch.ones_like(rq), torch.ones_like(rk)))
+
     return run
 
 
@@ -45,8 +49,9 @@ def check_correct(qkv, H, cos, sin) -> float:
     upstream = torch.randn_like(want)
     (grad,) = torch.autograd.grad(got, qkv, upstream.to(got.dtype))
     (want_grad,) = torch.autograd.grad(want, q64, upstream)
-    return common.relative_error([(got, want), (grad[:, :, :H], want_grad)], "rotary",
-                                 1e-2 if got.dtype == torch.bfloat16 else 1e-5)
+    return common.relative_error(
+        [(got, want), (grad[:, :, :H], want_grad)], "rotary", 1e-2 if got.dtype == torch.bfloat16 else 1e-5
+    )
 
 
 def main() -> None:
@@ -64,8 +69,19 @@ def main() -> None:
             impls["torch.compile"] = torch.compile(apply_rotary_emb_reference)
         runs = {name: fwd_bwd(fn, qkv, H, Hkv, cos, sin) for name, fn in impls.items()}
         min_bytes = 4 * B * T * (H + Hkv) * D * qkv.element_size()
-        rows += common.memory_bound_rows(runs, device, min_bytes, copy_gbs, B=B, T=T, H=H, Hkv=Hkv, D=D,
-                                         dtype=str(dtype).removeprefix("torch."), rel_err_vs_float64=rel_err)
+        rows += common.memory_bound_rows(
+            runs,
+            device,
+            min_bytes,
+            copy_gbs,
+            B=B,
+            T=T,
+            H=H,
+            Hkv=Hkv,
+            D=D,
+            dtype=str(dtype).removeprefix("torch."),
+            rel_err_vs_float64=rel_err,
+        )
         print(f"B {B} T {T} H {H}/{Hkv} D {D} done", flush=True)
     common.print_table(rows, ["B", "T", "H", "Hkv", "D", "dtype", "impl", "ms", "GB/s", "%copy", "x eager"])
     path = common.write_results("rotary", device, rows, {"copy_GB/s": copy_gbs}, args.out, args.quick)

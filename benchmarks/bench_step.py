@@ -18,6 +18,7 @@ datasheet peak, and the share of the matmul ceiling measured in this run. One mo
 torch.profiler (common.profile_call): on CUDA, gpu_busy_ms is the time kernels ran, so step_ms - gpu_busy_ms is the
 GPU waiting on the host, and the JSON keeps the kernels and host ops that took the most.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,12 +56,15 @@ def shapes(device: str, quick: bool) -> tuple[GPTConfig, int, int]:
 
 def sdpa_attention(math_only: bool):
     """Eager attention in the model's (B, T, H, D) layout through torch's SDPA."""
+
     def attend(q, k, v, dropout_p=0.0, causal=True):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, D)
         with sdpa_kernel(SDPBackend.MATH) if math_only else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal,
-                                                 enable_gqa=k.shape[1] != q.shape[1])
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]
+            )
         return out.transpose(1, 2)  # (B, T, H, D)
+
     return attend
 
 
@@ -109,6 +113,7 @@ def make_step(model, step_model, opt, clip_outside: bool, x, y, device: str):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach(), opt.last_grad_norm if norm is None else norm
+
     return step
 
 
@@ -117,11 +122,13 @@ def graphed_step(model, opt, x, y):
     train.cuda_graph): what the step costs without the host's ~700 launches, which on an H200 took longer than the
     kernels (the `fasttrain` row of 2026-12-04: 66 ms a step, 32 ms of it kernels). The capture's warm-up runs at
     lr 0, so the weights stay the ones every variant starts from."""
-    graphed = GraphedStep(model, opt, 1, x.shape[0], x.shape[1], x.device,
-                          autocast_for("bf16", x.device, cache_enabled=False))
+    graphed = GraphedStep(
+        model, opt, 1, x.shape[0], x.shape[1], x.device, autocast_for("bf16", x.device, cache_enabled=False)
+    )
 
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         return graphed.step([(x, y)], LR), opt.last_grad_norm
+
     return step
 
 
@@ -136,8 +143,11 @@ def first_step(model, step) -> dict:
     in host memory: eager's stays for every later variant, and on the GPU it would count in their peak memory."""
     before = [p.detach().clone() for p in model.parameters()]
     loss, norm = step()
-    return {"loss": loss.item(), "grad_norm": norm.item(),
-            "deltas": [(p.detach() - b).cpu() for p, b in zip(model.parameters(), before)]}
+    return {
+        "loss": loss.item(),
+        "grad_norm": norm.item(),
+        "deltas": [(p.detach() - b).cpu() for p, b in zip(model.parameters(), before)],
+    }
 
 
 def disagreement(got: dict, eager: dict, device: str) -> str | None:
@@ -170,9 +180,16 @@ def main() -> None:
     rows, wrong, eager_step = [], [], None
 
     def measure(name, model, step, ms, first_loss):
-        row = {"variant": name, "B": B, "T": T, "params_M": model.num_params() / 1e6, "step_ms": ms,
-               "tokens_per_s": B * T / (ms * 1e-3), "TFLOP/s": flops / (ms * 1e-3) / 1e12,
-               "first_loss": first_loss}
+        row = {
+            "variant": name,
+            "B": B,
+            "T": T,
+            "params_M": model.num_params() / 1e6,
+            "step_ms": ms,
+            "tokens_per_s": B * T / (ms * 1e-3),
+            "TFLOP/s": flops / (ms * 1e-3) / 1e12,
+            "first_loss": first_loss,
+        }
         row["pct_matmul_ceiling"] = 100 * row["TFLOP/s"] / ceiling
         if peak is not None:
             row["mfu_pct"] = 100 * flops / (ms * 1e-3) / peak
@@ -232,14 +249,30 @@ def main() -> None:
     for r in rows:
         if "tokens_per_s" in r:
             r["speedup_vs_eager"] = r["tokens_per_s"] / eager["tokens_per_s"]
-    columns = ["variant", "B", "T", "params_M", "step_ms", "tokens_per_s", "speedup_vs_eager", "TFLOP/s",
-               "pct_matmul_ceiling"] + (["mfu_pct"] if peak is not None else []) + (
-               ["peak_mem_GiB", "gpu_busy_ms"] if device == "cuda" else []) + (["skipped"] if wrong else [])
-    print(f"training step, {common.device_name(device)}, {'bf16 autocast' if device == 'cuda' else 'fp32'}; "
-          f"matmul ceiling {ceiling:.3g} TFLOP/s")
+    columns = (
+        [
+            "variant",
+            "B",
+            "T",
+            "params_M",
+            "step_ms",
+            "tokens_per_s",
+            "speedup_vs_eager",
+            "TFLOP/s",
+            "pct_matmul_ceiling",
+        ]
+        + (["mfu_pct"] if peak is not None else [])
+        + (["peak_mem_GiB", "gpu_busy_ms"] if device == "cuda" else [])
+        + (["skipped"] if wrong else [])
+    )
+    print(
+        f"training step, {common.device_name(device)}, {'bf16 autocast' if device == 'cuda' else 'fp32'}; "
+        f"matmul ceiling {ceiling:.3g} TFLOP/s"
+    )
     common.print_table(rows, columns)
-    path = common.write_results("step", device, rows, {"matmul_tflops": ceiling, "peak_tflops": peak and peak / 1e12},
-                                args.out, args.quick)
+    path = common.write_results(
+        "step", device, rows, {"matmul_tflops": ceiling, "peak_tflops": peak and peak / 1e12}, args.out, args.quick
+    )
     print(f"wrote {path}")
     if wrong:
         raise SystemExit(f"wrong results or failed captures, not timed: {wrong}")

@@ -3,6 +3,7 @@
 Rules (../shared/BENCHMARKS.md): medians after warm-up, random inputs, correctness checked before timing, every
 result file records device, versions, git commit, command and date.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,10 @@ def device_name(device: str) -> str:
 def device_slug(device: str) -> str:
     """Folder name for results: 'nvidia-h100-80gb-hbm3', 'cpu-amd-epyc-2t' (the CPU's model, so that two machines'
     results never share a folder)."""
+
     def slug(name: str) -> str:
         return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
     if device == "cuda":
         return slug(torch.cuda.get_device_name())
     return f"cpu-{slug(cpu_name())}-{torch.get_num_threads()}t"
@@ -59,8 +62,10 @@ def time_ms(fn, device: str, warmup: int = 3, min_run_time: float = 0.5) -> floa
     """Median milliseconds per call of fn() after warm-up."""
     if device == "cuda":
         import triton.testing
+
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
     from torch.utils import benchmark
+
     for _ in range(warmup):
         fn()
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
@@ -97,17 +102,27 @@ def memory_bound_rows(runs: dict, device: str, nbytes: int, copy_gbs: float, **f
     rows = []
     for name, ms in times.items():
         gbs = nbytes / (ms * 1e-3) / 1e9
-        rows.append({**fields, "impl": name, "ms": ms, "GB/s": gbs, "%copy": 100 * gbs / copy_gbs,
-                     "x eager": times["torch eager"] / ms})
+        rows.append(
+            {
+                **fields,
+                "impl": name,
+                "ms": ms,
+                "GB/s": gbs,
+                "%copy": 100 * gbs / copy_gbs,
+                "x eager": times["torch eager"] / ms,
+            }
+        )
     return rows
 
 
 def eager_add_norm(norm_fn):
     """A pre-norm block's residual add as an eager script writes it, `s = branch + residual`, then torch's norm:
     the baseline for fasttrain's add_layer_norm / add_rms_norm, with their (branch, residual, shape, ...) arguments."""
+
     def add_norm(branch, residual, *args):
         s = branch + residual
         return norm_fn(s, *args), s
+
     return add_norm
 
 
@@ -118,6 +133,7 @@ def profile_call(fn, device: str, top: int = 8) -> dict:
     (ms, summed by name). A busy time well under the call's wall time means the GPU waited for the host."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
+
     fn()
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -135,16 +151,20 @@ def profile_call(fn, device: str, top: int = 8) -> dict:
     out = {"top_cpu": ranked((e.name, e.self_cpu_time_total) for e in events if e.device_type == DeviceType.CPU)}
     if device == "cuda":
         # Kineto reports each kernel, copy and memset as an event on the device; user annotations mirror CPU ranges.
-        device_events = [e for e in events
-                         if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+        device_events = [
+            e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        ]
         spans = sorted((e.time_range.start, e.time_range.end) for e in device_events)
         busy, reach = 0.0, float("-inf")
         for start, end in spans:
             busy += max(0.0, end - max(start, reach))
             reach = max(reach, end)
-        out.update(gpu_busy_ms=busy / 1e3, gpu_span_ms=(spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0,
-                   gpu_events=len(spans),
-                   top_gpu=ranked((e.name, e.time_range.elapsed_us()) for e in device_events))
+        out.update(
+            gpu_busy_ms=busy / 1e3,
+            gpu_span_ms=(spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0,
+            gpu_events=len(spans),
+            top_gpu=ranked((e.name, e.time_range.elapsed_us()) for e in device_events),
+        )
     return out
 
 
@@ -188,8 +208,17 @@ def _git_commit() -> str:
     head = _git("rev-parse", "HEAD")
     if head is None:
         return "unknown"
-    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "csrc", "kernels", "fasttrain", "benchmarks",
-                 ":(exclude)benchmarks/results")
+    dirty = _git(
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        "csrc",
+        "kernels",
+        "fasttrain",
+        "benchmarks",
+        ":(exclude)benchmarks/results",
+    )
     return head.strip() + ("+dirty" if dirty else "")
 
 
@@ -212,6 +241,7 @@ def installed_differs() -> list[str]:
 def provenance(device: str) -> dict:
     try:
         import triton
+
         triton_version = triton.__version__
     except Exception:
         triton_version = None
@@ -239,16 +269,24 @@ def _autotuners() -> dict:
     from triton.runtime.autotuner import Autotuner
 
     from fasttrain.kernels._launch import PlanTuner
-    return {f"{module_name}.{name}": obj for module_name, module in sorted(modules.items())
-            for name, obj in vars(module).items() if isinstance(obj, (Autotuner, PlanTuner))}
+
+    return {
+        f"{module_name}.{name}": obj
+        for module_name, module in sorted(modules.items())
+        for name, obj in vars(module).items()
+        if isinstance(obj, (Autotuner, PlanTuner))
+    }
 
 
 def autotune_choices() -> dict:
     """The config each Triton autotuner in fasttrain.kernels chose, and the plan each PlanTuner chose, per tuning key:
     {"attention._attn_fwd": {"(128, 2048, 1, False, ...)": "BLOCK_M: 128, BLOCK_N: 64, num_warps: 8, ..."}}. Empty
     until a GPU run tuned."""
-    return {name: {str(key): str(config) for key, config in tuner.cache.items()}
-            for name, tuner in _autotuners().items() if tuner.cache}
+    return {
+        name: {str(key): str(config) for key, config in tuner.cache.items()}
+        for name, tuner in _autotuners().items()
+        if tuner.cache
+    }
 
 
 def take_tuning_timings() -> dict:
@@ -264,8 +302,9 @@ def take_tuning_timings() -> dict:
     return taken
 
 
-def write_results(name: str, device: str, rows: list[dict], ceilings: dict, out: Path | None = None,
-                  quick: bool = False) -> Path:
+def write_results(
+    name: str, device: str, rows: list[dict], ceilings: dict, out: Path | None = None, quick: bool = False
+) -> Path:
     """Write {provenance, ceilings, rows, autotuned} atomically to <out or results/<device>>/<name>.json; return the
     path. `autotuned` records which tile each Triton autotuner picked (benchmarks/NOTES.md reads it). A --quick run
     writes <name>.quick.json: a smoke test's subset never replaces a full run's rows (nor README's table)."""
@@ -274,11 +313,25 @@ def write_results(name: str, device: str, rows: list[dict], ceilings: dict, out:
     path = folder / f"{name}{'.quick' if quick else ''}.json"
     prov = provenance(device)
     if prov["installed_differs_from_checkout"]:
-        print(f"warning: the installed fasttrain ({prov['fasttrain_path']}) differs from this checkout in "
-              f"{prov['installed_differs_from_checkout'][:5]}: reinstall before measuring", file=sys.stderr)
+        print(
+            f"warning: the installed fasttrain ({prov['fasttrain_path']}) differs from this checkout in "
+            f"{prov['installed_differs_from_checkout'][:5]}: reinstall before measuring",
+            file=sys.stderr,
+        )
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"benchmark": name, "quick": quick, **prov, "ceilings": ceilings, "rows": rows,
-                               "autotuned": autotune_choices()}, indent=1))
+    tmp.write_text(
+        json.dumps(
+            {
+                "benchmark": name,
+                "quick": quick,
+                **prov,
+                "ceilings": ceilings,
+                "rows": rows,
+                "autotuned": autotune_choices(),
+            },
+            indent=1,
+        )
+    )
     os.replace(tmp, path)
     return path
 

@@ -5,11 +5,12 @@ Each op builds an ordered map backend -> None (can serve these inputs) or a reas
 a faster one exists. A backend asked for by name that cannot serve raises. FASTTRAIN_BACKEND=<name> forces one for a
 whole run; ops that do not have that backend at all keep choosing automatically.
 """
+
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -77,8 +78,9 @@ def choose(op: str, reasons: dict[str, str | None], backend: str | None = None) 
 
 
 def _warn_fallback(op: str, reasons: dict[str, str | None]) -> None:
-    skipped = "; ".join(f"{b}: {why}" for b, why in reasons.items()
-                        if b != "reference" and not isinstance(why, NotForDevice))
+    skipped = "; ".join(
+        f"{b}: {why}" for b, why in reasons.items() if b != "reference" and not isinstance(why, NotForDevice)
+    )
     if skipped and (op, skipped) not in _warned:
         _warned.add((op, skipped))
         warnings.warn(f"fasttrain: {op} runs on the reference backend ({skipped})", RuntimeWarning, stacklevel=4)
@@ -94,6 +96,7 @@ def _triton_import_error() -> str | None:
     if not _triton_import:
         try:
             import triton  # noqa: F401
+
             _triton_import.append(None)
         except Exception as e:
             _triton_import.append(f"triton failed to import ({type(e).__name__}: {e})")

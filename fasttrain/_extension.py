@@ -1,4 +1,5 @@
 """Loading the native extension fasttrain._C without ever breaking ``import fasttrain``."""
+
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,11 @@ def load():
     try:
         module = importlib.import_module("fasttrain._C")
     except Exception as e:  # a missing build, an ABI mismatch with torch, an undefined symbol...
-        return None, f"fasttrain._C failed to import ({type(e).__name__}: {e}); reinstall with `pip install --no-build-isolation .`"
+        return (
+            None,
+            f"fasttrain._C failed to import ({type(e).__name__}: {e}); "
+            "reinstall with `pip install --no-build-isolation .`",
+        )
     return module, None
 
 

@@ -3,6 +3,7 @@
 A mistake the user can fix (a bad key, a missing file, a value out of range) ends with one line
 `fasttrain: error: ...` and exit code 2; FASTTRAIN_DEBUG=1 shows the traceback instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ from pathlib import Path
 
 def _info(args: argparse.Namespace) -> int:
     from fasttrain.info import report
+
     print(report())
     return 0
 
@@ -48,8 +50,10 @@ def _train(args: argparse.Namespace) -> int:
     if m.train_loss:
         print(f"train loss {m.train_loss[0]:.4f} (step {m.steps[0]}) -> {m.train_loss[-1]:.4f} (step {m.steps[-1]})")
     if m.val_loss:
-        print(f"val loss {m.val_loss[-1]:.4f}, perplexity {m.val_perplexity[-1]:.2f}, "
-              f"accuracy {m.val_accuracy[-1]:.3f}; best val loss {result.best_val_loss:.4f}")
+        print(
+            f"val loss {m.val_loss[-1]:.4f}, perplexity {m.val_perplexity[-1]:.2f}, "
+            f"accuracy {m.val_accuracy[-1]:.3f}; best val loss {result.best_val_loss:.4f}"
+        )
     print(f"run directory: {result.run_dir}")
     if result.sample is not None:
         print(f"--- sample ---\n{result.sample}\n--------------")
@@ -77,13 +81,16 @@ def _eval(args: argparse.Namespace) -> int:
         if hasattr(tokenizer, "save"):  # the run's own tokenizer, so the data is tokenized exactly as in training
             spec = str(Path(tmp) / "tokenizer.json")
             tokenizer.save(spec)
-        data_cfg = dataclasses.replace(cfg.data, paths=[args.data], include=[], exclude=[], tokenizer=spec,
-                                       val_fraction=0.0, max_bytes=None)
+        data_cfg = dataclasses.replace(
+            cfg.data, paths=[args.data], include=[], exclude=[], tokenizer=spec, val_fraction=0.0, max_bytes=None
+        )
         corpus = prepare(data_cfg)
     tokens = np.concatenate([corpus.train, corpus.val]) if len(corpus.val) else corpus.train
     if len(tokens) < seq_len + 1:
-        raise ValueError(f"--data {args.data!r} has {len(tokens)} tokens; evaluating at seq_len {seq_len} needs "
-                         f"at least {seq_len + 1}")
+        raise ValueError(
+            f"--data {args.data!r} has {len(tokens)} tokens; evaluating at seq_len {seq_len} needs "
+            f"at least {seq_len + 1}"
+        )
     windows = (len(tokens) - 1) // seq_len
     batch_size = min(args.batch_size, windows)
     n_batches = windows // batch_size  # every window at most once; at most batch_size - 1 left over
@@ -92,8 +99,10 @@ def _eval(args: argparse.Namespace) -> int:
     batches = Batches(tokens, batch_size, seq_len, mode="sequential")
     autocast = autocast_for(resolve_precision(cfg.train.precision, device), device)
     result = evaluate(model, batches, n_batches, device, autocast)
-    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  accuracy {result['accuracy']:.4f}  "
-          f"({n_batches * batch_size * seq_len:,} tokens)")
+    print(
+        f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  accuracy {result['accuracy']:.4f}  "
+        f"({n_batches * batch_size * seq_len:,} tokens)"
+    )
     return 0
 
 
@@ -113,12 +122,15 @@ def _generate(args: argparse.Namespace) -> int:
     # The last new token is never fed back: prompt + n new tokens take len(prompt) + n - 1 positions.
     room = model.config.max_seq_len + 1 - len(prompt)
     if room < 1:
-        raise ValueError(f"--prompt is {len(prompt)} tokens, more than the model's max_seq_len "
-                         f"{model.config.max_seq_len}")
+        raise ValueError(
+            f"--prompt is {len(prompt)} tokens, more than the model's max_seq_len {model.config.max_seq_len}"
+        )
     max_new_tokens = min(DEFAULT_NEW_TOKENS, room) if args.max_new_tokens is None else args.max_new_tokens
     if max_new_tokens > room:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} after the prompt's {len(prompt)} tokens exceeds the "
-                         f"model's max_seq_len {model.config.max_seq_len}; use at most {room}")
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} after the prompt's {len(prompt)} tokens exceeds the "
+            f"model's max_seq_len {model.config.max_seq_len}; use at most {room}"
+        )
     new: list[int] = []
     shown = None  # the text printed after the prompt; None until generate() has taken its arguments
 
@@ -131,36 +143,71 @@ def _generate(args: argparse.Namespace) -> int:
         new.append(token)
         text = tokenizer.decode(new)
         if not text.endswith("\ufffd"):
-            print(text[len(shown):], end="", flush=True)
+            print(text[len(shown) :], end="", flush=True)
             shown = text
 
     with autocast_for(resolve_precision(cfg.train.precision, device), device)():
-        result = generate(model, [prompt], max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, stop_tokens=[tokenizer.eot_id], seed=args.seed, on_token=stream,
-                          compile=args.compile, cuda_graph=args.cuda_graph, vocab_size=tokenizer.vocab_size)
+        result = generate(
+            model,
+            [prompt],
+            max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop_tokens=[tokenizer.eot_id],
+            seed=args.seed,
+            on_token=stream,
+            compile=args.compile,
+            cuda_graph=args.cuda_graph,
+            vocab_size=tokenizer.vocab_size,
+        )
     if shown is None:  # the first token was a stop token
         print(args.prompt, end="")
         shown = ""
-    print(tokenizer.decode(new)[len(shown):], flush=True)
+    print(tokenizer.decode(new)[len(shown) :], flush=True)
     decode_tps = max(result.new_tokens - 1, 0) / result.decode_s if result.decode_s > 0 else float("nan")
-    print(f"[{result.new_tokens} tokens; prefill {result.prompt_tokens} tokens in {result.prefill_s * 1e3:.1f} ms; "
-          f"decode {decode_tps:.1f} tokens/s on {device}]", file=sys.stderr)
+    print(
+        f"[{result.new_tokens} tokens; prefill {result.prompt_tokens} tokens in {result.prefill_s * 1e3:.1f} ms; "
+        f"decode {decode_tps:.1f} tokens/s on {device}]",
+        file=sys.stderr,
+    )
     return 0
 
 
-BENCHMARKS = ("adamw", "attention", "cross_entropy", "decode", "norms", "rotary", "activation", "step", "overhead",
-              "data")
+BENCHMARKS = (
+    "adamw",
+    "attention",
+    "cross_entropy",
+    "decode",
+    "norms",
+    "rotary",
+    "activation",
+    "step",
+    "overhead",
+    "data",
+)
 
 
 def _bench(args: argparse.Namespace) -> int:
     import subprocess
 
-    folder = Path(args.dir) if args.dir else next(
-        (d for d in (Path.cwd() / "benchmarks", Path(__file__).resolve().parent.parent / "benchmarks")
-         if (d / "common.py").is_file()), None)
+    folder = (
+        Path(args.dir)
+        if args.dir
+        else next(
+            (
+                d
+                for d in (Path.cwd() / "benchmarks", Path(__file__).resolve().parent.parent / "benchmarks")
+                if (d / "common.py").is_file()
+            ),
+            None,
+        )
+    )
     if folder is None or not (folder / "common.py").is_file():
-        raise ValueError("fasttrain bench runs the scripts in a source checkout's benchmarks/ folder: run it from "
-                         "the repository root or pass --dir PATH/benchmarks")
+        raise ValueError(
+            "fasttrain bench runs the scripts in a source checkout's benchmarks/ folder: run it from "
+            "the repository root or pass --dir PATH/benchmarks"
+        )
     unknown = sorted(set(args.names) - set(BENCHMARKS))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
@@ -187,17 +234,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_info)
 
     from fasttrain.train.presets import PRESETS
+
     p = sub.add_parser(
-        "train", help="train a GPT (no arguments: a small model on the Python standard library's source)",
+        "train",
+        help="train a GPT (no arguments: a small model on the Python standard library's source)",
         epilog="Overrides: --SECTION.FIELD VALUE for any field of the sections model, optim, train, data "
-               "(e.g. --model.n_layer 4 --optim.lr 1e-3 --data.paths docs/,notes.md). Applied after the preset "
-               "and the --config files, in that order.")
-    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                   help="starting config (default: gpu-default on a CUDA machine, tiny otherwise)")
-    p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="TOML (or a run's config.json) with [model], [optim], [train], [data] tables; repeatable")
-    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN",
-                   help="continue the run in RUN (default: train.out_dir) from its latest checkpoint")
+        "(e.g. --model.n_layer 4 --optim.lr 1e-3 --data.paths docs/,notes.md). Applied after the preset "
+        "and the --config files, in that order.",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="starting config (default: gpu-default on a CUDA machine, tiny otherwise)",
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="TOML (or a run's config.json) with [model], [optim], [train], [data] tables; repeatable",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="RUN",
+        help="continue the run in RUN (default: train.out_dir) from its latest checkpoint",
+    )
     p.set_defaults(run=_train, accepts_extra=True)
 
     p = sub.add_parser("eval", help="loss, perplexity and next-token accuracy of a trained model on some data")
@@ -213,8 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt with a trained model (KV cache), streaming the text")
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory (or checkpoint file)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"default: {DEFAULT_NEW_TOKENS}, or fewer where the model's max_seq_len leaves less room")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"default: {DEFAULT_NEW_TOKENS}, or fewer where the model's max_seq_len leaves less room",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -226,8 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("bench", help="run the benchmarks (from a source checkout) and write their JSON results")
-    p.add_argument("names", nargs="*", metavar="NAME",
-                   help=f"which to run (default all): {', '.join(BENCHMARKS)}")
+    p.add_argument("names", nargs="*", metavar="NAME", help=f"which to run (default all): {', '.join(BENCHMARKS)}")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--quick", action="store_true", help="a few small shapes only (smoke test)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")

@@ -3,15 +3,17 @@
 Every mistake a user can make (an unknown key, a value of the wrong type, an unreadable file) raises ConfigError,
 a ValueError whose one-line message names the key and what was expected.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -174,8 +176,10 @@ def _field_type(cls, key: str):
         hints = _hints(tp)
         if part not in hints:
             known = ", ".join(sorted(hints))
-            raise ConfigError(f"unknown config key {key!r} (known {'sections' if depth == 0 else 'fields'} of "
-                              f"{'.'.join(parts[:depth]) or 'the config'}: {known})")
+            raise ConfigError(
+                f"unknown config key {key!r} (known {'sections' if depth == 0 else 'fields'} of "
+                f"{'.'.join(parts[:depth]) or 'the config'}: {known})"
+            )
         tp = hints[part]
     if dataclasses.is_dataclass(tp):
         example = dataclasses.fields(tp)[0].name

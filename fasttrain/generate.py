@@ -9,11 +9,12 @@ padding out of every real token's view), then each sequence decodes from its own
 sequence). The cache is allocated once with its length rounded up, so the decode step has fixed shapes and can be
 compiled (`compile=True`) or captured in a CUDA graph (`cuda_graph=True`).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import torch
 
@@ -52,12 +53,18 @@ class KVCache:
             self.v[layer, :, :T] = v
             return flash_attn_func(q, k, v, causal=True)
         # Lengths were checked against max_len before decoding started: no per-layer host sync.
-        return flash_attn_with_kvcache(q, self.k[layer], self.v[layer], k, v, cache_seqlens=self.seqlens,
-                                       causal=True, check_lengths=False)
+        return flash_attn_with_kvcache(
+            q, self.k[layer], self.v[layer], k, v, cache_seqlens=self.seqlens, causal=True, check_lengths=False
+        )
 
 
-def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token per row of logits (B, V): argmax when temperature == 0, else a draw from softmax(logits / T)
     restricted to the top_k most likely tokens and to the smallest set of them whose probability reaches top_p."""
     if temperature == 0:
@@ -110,8 +117,10 @@ def _check(model, prompts, max_new_tokens, temperature, top_k, top_p) -> None:
     # The last new token is never fed back, so positions run up to len + max_new_tokens - 2.
     longest = max(len(p) for p in prompts) + max_new_tokens - 1
     if longest > model.config.max_seq_len:
-        raise ValueError(f"longest prompt + max_new_tokens - 1 = {longest} exceeds the model's max_seq_len "
-                         f"{model.config.max_seq_len}")
+        raise ValueError(
+            f"longest prompt + max_new_tokens - 1 = {longest} exceeds the model's max_seq_len "
+            f"{model.config.max_seq_len}"
+        )
     if not temperature >= 0:  # NaN too
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
@@ -122,6 +131,7 @@ def _check(model, prompts, max_new_tokens, temperature, top_k, top_p) -> None:
 
 def _decode_step(model, cache: KVCache, batch: int, device: torch.device, compile: bool, cuda_graph: bool):
     """tokens (B, 1) -> next-token logits (B, V), appending to the cache (the caller advances cache.seqlens)."""
+
     def step(tokens: torch.Tensor) -> torch.Tensor:
         logits, _ = model(tokens, cache=cache)  # (B, 1, V)
         return logits[:, -1]
@@ -154,10 +164,21 @@ def _decode_step(model, cache: KVCache, batch: int, device: torch.device, compil
 
 
 @torch.inference_mode()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
-             seed: int | None = None, on_token: Callable[[int, int], None] | None = None, compile: bool = False,
-             cuda_graph: bool = False, vocab_size: int | None = None) -> GenerationResult:
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] = (),
+    seed: int | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    compile: bool = False,
+    cuda_graph: bool = False,
+    vocab_size: int | None = None,
+) -> GenerationResult:
     """Continue each prompt by up to max_new_tokens tokens.
 
     model: a fasttrain GPT (its forward takes `cache=`); it runs in eval mode here and gets its mode back after.
@@ -205,8 +226,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         logits, _ = model(idx, cache=cache)  # (B, Tp, V)
         cache.prefilling = False
         cache.seqlens.copy_(lengths)
-        next_tokens = sample(logits[torch.arange(B, device=device), lengths - 1, :limit], temperature, top_k, top_p,
-                             generator)  # (B,)
+        next_tokens = sample(
+            logits[torch.arange(B, device=device), lengths - 1, :limit], temperature, top_k, top_p, generator
+        )  # (B,)
         tokens = next_tokens.tolist()  # the one host sync per token
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()

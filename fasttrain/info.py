@@ -1,4 +1,5 @@
 """`fasttrain info`: versions, device, and which backends are live for each op."""
+
 from __future__ import annotations
 
 import os
@@ -6,7 +7,6 @@ import platform
 
 import torch
 
-import fasttrain
 from fasttrain import _backend, _extension
 
 
@@ -30,6 +30,7 @@ def report() -> str:
     lines = [f"fasttrain {fasttrain.__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
     try:
         import triton
+
         lines.append(f"triton {triton.__version__}")
     except Exception as e:
         lines.append(f"triton unavailable ({type(e).__name__}: {e})")
@@ -43,8 +44,10 @@ def report() -> str:
     if ext is None:
         lines.append(f"extension: unavailable: {_extension.why_unavailable()}")
     else:
-        lines.append(f"extension fasttrain._C: loaded, CUDA kernels {'built' if ext.built_with_cuda() else 'not built'}, "
-                     f"OpenMP threads {ext.openmp_max_threads()}, CPU attention tiles through {ext.cpu_tile_blas()}")
+        lines.append(
+            f"extension fasttrain._C: loaded, CUDA kernels {'built' if ext.built_with_cuda() else 'not built'}, "
+            f"OpenMP threads {ext.openmp_max_threads()}, CPU attention tiles through {ext.cpu_tile_blas()}"
+        )
     lines.append(f"TRITON_INTERPRET={'1' if _backend.triton_interpreting() else 'unset'}")
     if "FASTTRAIN_BACKEND" in os.environ:  # forces every op: a bad value fails every call, so say so here
         try:

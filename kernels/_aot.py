@@ -7,6 +7,7 @@ TABLE holds one entry per kernel; a kernel file joins with one AotKernel line pe
 
     python -m fasttrain.kernels._aot --arch 90        # one JSON object per compiled (kernel, class, config)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,12 +65,17 @@ def divisible(kernel) -> tuple[str, ...]:
     """Arguments a real launch passes as multiples of 16, so that the JIT specializes them: every pointer (torch
     allocations and head-aligned views; pointer parameters are capitalized) and the strides of (.., D)-rows with D a
     multiple of 16. The logsumexp strides (stride_l*) are left out: with Tq = 1 or an odd head count they are not."""
-    return tuple(p.name for p in kernel.params if not p.is_constexpr and (
-        p.name[0].isupper() or (p.name.startswith("stride_") and not p.name.startswith("stride_l"))))
+    return tuple(
+        p.name
+        for p in kernel.params
+        if not p.is_constexpr
+        and (p.name[0].isupper() or (p.name.startswith("stride_") and not p.name.startswith("stride_l")))
+    )
 
 
 def _cuobjdump() -> Path:
     import triton
+
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -78,22 +84,27 @@ def resources(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(_cuobjdump()), "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        text = subprocess.run(
+            [str(_cuobjdump()), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
     return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text)}
 
 
-def compile_one(kernel, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int,
-                hints: tuple = ()) -> dict:
+def compile_one(
+    kernel, signature: dict, constexprs: dict, arch: int, num_warps: int, num_stages: int, hints: tuple = ()
+) -> dict:
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile as triton_compile
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+
     # `hints` names the arguments that the JIT would specialize as multiples of 16 at a real launch (aligned
     # pointers, strides of whole heads): without the hint, loads compile unvectorized and spill (decode d128: 255
     # registers and 144 B of stack without, 96 registers with).
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in hints}
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton_compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    compiled = triton_compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     used = resources(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
     used["shared_dynamic"] = compiled.metadata.shared
@@ -132,8 +143,15 @@ def cases(entry: AotKernel, arch: int):
             # constexprs that change a config's code (the attention forward's unmasked warp-specialized loop).
             variants = module.aot_variants(kernel, config.kwargs) if hasattr(module, "aot_variants") else {"": {}}
             for suffix, extra in variants.items():
-                yield (label + suffix, kernel, signature, {**constexprs, **config.kwargs, **extra}, config.num_warps,
-                       config.num_stages, hints)
+                yield (
+                    label + suffix,
+                    kernel,
+                    signature,
+                    {**constexprs, **config.kwargs, **extra},
+                    config.num_warps,
+                    config.num_stages,
+                    hints,
+                )
 
 
 def main() -> None:

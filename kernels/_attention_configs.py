@@ -8,6 +8,7 @@ sm_90 configs. Tuples are (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M alw
 Forward and dK/dV tuples add WARP_SPECIALIZE (see _FWD); FASTTRAIN_ATTENTION_WS=0 drops the specialized configs at
 import, the escape hatch should a Triton build fault or hang on them.
 """
+
 import os
 
 import triton
@@ -38,12 +39,16 @@ _WS_ON = os.environ.get("FASTTRAIN_ATTENTION_WS", "1") != "0"
 FWD_WS_TILES = [(128, 128, 4, 2, True)]
 _FWD_WS = FWD_WS_TILES if _WS_ON else []
 _FWD = {
-    90: {"d64": [(128, 64, 4, 3, False), (128, 128, 8, 3, False), (64, 64, 4, 3, False), *_FWD_WS],
-         "d128": [(128, 64, 8, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False), *_FWD_WS],
-         "d256": [(32, 32, 4, 2, False)]},
-    80: {"d64": [(128, 64, 4, 3, False)],
-         "d128": [(128, 64, 8, 3, False), (64, 64, 4, 3, False)],
-         "d256": [(64, 32, 4, 2, False)]},
+    90: {
+        "d64": [(128, 64, 4, 3, False), (128, 128, 8, 3, False), (64, 64, 4, 3, False), *_FWD_WS],
+        "d128": [(128, 64, 8, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False), *_FWD_WS],
+        "d256": [(32, 32, 4, 2, False)],
+    },
+    80: {
+        "d64": [(128, 64, 4, 3, False)],
+        "d128": [(128, 64, 8, 3, False), (64, 64, 4, 3, False)],
+        "d256": [(64, 32, 4, 2, False)],
+    },
 }
 # dK/dV's WARP_SPECIALIZE tiles: 128 keys, each computing warpgroup holding 64 keys' dK and dV; the same one loop over
 # (head, query tile), Q and dO by TMA (lse and delta by plain loads, which the pass takes inside the loop). At d128,
@@ -53,12 +58,12 @@ _FWD = {
 DKDV_WS_TILES = {"d64": (64, 128, 4, 2, True), "d128": (32, 128, 4, 2, True)}
 _DKDV_WS = {cls: [t] if _WS_ON else [] for cls, t in DKDV_WS_TILES.items()}
 _DKDV = {  # the dK/dV accumulators are (BLOCK_N, D) fp32 each, live across the whole query loop
-    90: {"d64": [(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 64, 8, 2, False), *_DKDV_WS["d64"]],
-         "d128": [(64, 64, 8, 2, False), (32, 128, 8, 2, False), *_DKDV_WS["d128"]],
-         "d256": [(32, 32, 8, 2, False)]},
-    80: {"d64": [(64, 64, 4, 3, False)],
-         "d128": [(32, 64, 8, 2, False)],
-         "d256": [(32, 32, 8, 2, False)]},
+    90: {
+        "d64": [(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 64, 8, 2, False), *_DKDV_WS["d64"]],
+        "d128": [(64, 64, 8, 2, False), (32, 128, 8, 2, False), *_DKDV_WS["d128"]],
+        "d256": [(32, 32, 8, 2, False)],
+    },
+    80: {"d64": [(64, 64, 4, 3, False)], "d128": [(32, 64, 8, 2, False)], "d256": [(32, 32, 8, 2, False)]},
 }
 # dK/dV with dQ added by float32 atomics (ATOMIC_DQ; pointer loop only, see kernels/attention_backward.py): one more
 # product per tile, added by REDG.E.ADD.F32x4 (SASS). tools/aot_sweep.py --atomic-dq 1 over 32/64/128 rows x 64/128
@@ -67,20 +72,20 @@ _DKDV = {  # the dK/dV accumulators are (BLOCK_N, D) fp32 each, live across the 
 # spills 8-112 B, every 4-warp d128 tile 24-2992 B); d256 32x32/8/2 224/234. The sm_80 tiles are its spill-free ones
 # (255 registers, no stack, where _DKDV's d64 (64,64,4,3) spills 16 B with the atomics).
 _DKDV_DQ = {
-    90: {"d64": [(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 64, 8, 2, False)],
-         "d128": [(64, 64, 8, 2, False), (32, 128, 8, 2, False)],
-         "d256": [(32, 32, 8, 2, False)]},
-    80: {"d64": [(64, 64, 4, 2, False)],
-         "d128": [(32, 64, 8, 2, False)],
-         "d256": [(32, 32, 8, 2, False)]},
+    90: {
+        "d64": [(64, 128, 8, 2, False), (64, 128, 8, 3, False), (64, 64, 8, 2, False)],
+        "d128": [(64, 64, 8, 2, False), (32, 128, 8, 2, False)],
+        "d256": [(32, 32, 8, 2, False)],
+    },
+    80: {"d64": [(64, 64, 4, 2, False)], "d128": [(32, 64, 8, 2, False)], "d256": [(32, 32, 8, 2, False)]},
 }
 _DQ = {
-    90: {"d64": [(128, 64, 8, 3), (64, 64, 4, 3)],
-         "d128": [(64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
-         "d256": [(32, 32, 8, 2)]},
-    80: {"d64": [(64, 64, 4, 3)],
-         "d128": [(64, 32, 4, 3)],
-         "d256": [(32, 32, 8, 2)]},
+    90: {
+        "d64": [(128, 64, 8, 3), (64, 64, 4, 3)],
+        "d128": [(64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+        "d256": [(32, 32, 8, 2)],
+    },
+    80: {"d64": [(64, 64, 4, 3)], "d128": [(64, 32, 4, 3)], "d256": [(32, 32, 8, 2)]},
 }
 # The interpreter runs numpy per tile: fewer, larger tiles are faster (B1 H2 T300 D64: ~1 s per launch).
 _INTERPRETER = (64, 64, 4, 1)
@@ -102,8 +107,10 @@ def one_config_table(t, **fixed) -> dict:
 
 
 def _build(table, interpreter, **fixed):
-    out = {arch: {cls: [config(t, **fixed) for t in tuples] for cls, tuples in by_class.items()}
-           for arch, by_class in table.items()}
+    out = {
+        arch: {cls: [config(t, **fixed) for t in tuples] for cls, tuples in by_class.items()}
+        for arch, by_class in table.items()
+    }
     out["interpreter"] = one_config_table(interpreter, **fixed)
     return out
 
@@ -130,9 +137,15 @@ def flat(table_for_arch) -> list:
 def pruner(table_for_arch):
     """early_config_prune: keep the configs of the call's head-dim class, the warp-specialized ones only where the
     launch says its inputs can be read by TMA (TMA_ALIGNED)."""
+
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         keep = table_for_arch[head_dim_class(args["HEAD_DIM"])]
-        return [c for c in configs if any(c is k for k in keep)
-                and (args.get("TMA_ALIGNED", False) or not c.kwargs.get("WARP_SPECIALIZE", False))]
+        return [
+            c
+            for c in configs
+            if any(c is k for k in keep)
+            and (args.get("TMA_ALIGNED", False) or not c.kwargs.get("WARP_SPECIALIZE", False))
+        ]
+
     return prune

@@ -1,6 +1,7 @@
 """Host-side pieces the attention forward (kernels/attention.py) and backward (kernels/attention_backward.py)
 share: which configs this machine tunes over, the launch's strides and constexprs, whether TMA can read the inputs,
 the scratch allocator for device-made descriptors, and the ahead-of-time signatures (kernels/_aot.py)."""
+
 import os
 
 import torch
@@ -33,8 +34,9 @@ def autotuned(kernel, by_class, **options):
     triton.autotune (reset_to_zero for an output accumulated by atomics)."""
     # tune_seqlen is max_seqlen rounded up to a power of 2, so packed batches of varying length share tunings.
     key = [name for name in _TUNING_KEY if name in kernel.arg_names]
-    return triton.autotune(configs=flat(by_class), key=key,
-                           prune_configs_by={"early_config_prune": pruner(by_class)}, **options)(kernel)
+    return triton.autotune(
+        configs=flat(by_class), key=key, prune_configs_by={"early_config_prune": pruner(by_class)}, **options
+    )(kernel)
 
 
 def bth_strides(x, varlen):
@@ -61,8 +63,13 @@ def launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, left, right):
     varlen = cu_seqlens_q is not None
     B = cu_seqlens_q.numel() - 1 if varlen else q.shape[0]
     H, Hkv, D = q.shape[-2], k.shape[-2], q.shape[-1]
-    constexprs = dict(GROUP=H // Hkv, HEAD_DIM=D, HEAD_DIM_PAD=next_power_of_2(D), VARLEN=varlen,
-                      UPCAST=INTERPRETING and q.dtype != torch.float32)
+    constexprs = dict(
+        GROUP=H // Hkv,
+        HEAD_DIM=D,
+        HEAD_DIM_PAD=next_power_of_2(D),
+        VARLEN=varlen,
+        UPCAST=INTERPRETING and q.dtype != torch.float32,
+    )
     tune_seqlen = next_power_of_2(max(max_seqlen_q, max_seqlen_k))
     return varlen, B, H, Hkv, constexprs, (tune_seqlen, band_class(left, tune_seqlen), band_class(right, tune_seqlen))
 
@@ -70,7 +77,7 @@ def launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, left, right):
 def tma_aligned(*tensors) -> bool:
     """Whether every (.., T, H, D) tensor given can be read in (rows, D) tiles by TMA from any batch, head and row:
     half precision, D a power of 2, and the base and every stride but D's a nonzero multiple of 16 bytes (the copy
-    engine's rule; a torch allocation or a whole-head view of one meets it). 2.4 us for three on the 2-vCPU CI machine."""
+    engine's rule; a torch allocation or a whole-head view of one meets it)."""
     for t in tensors:
         if t.dtype not in _HALF:
             return False
@@ -87,8 +94,13 @@ def full_tiles(varlen, max_seqlen_q, max_seqlen_k, left, right) -> bool:
     """Every query sees every key and both lengths are multiples of 128 (the widest tile a specialized config
     takes): no tile has a row or column to mask. A constexpr, so the pipelined kernels, which ignore it, also compile
     once per value (once per process and shape class: seconds, not per call)."""
-    return (not varlen and max_seqlen_q % 128 == 0 and max_seqlen_k % 128 == 0 and left >= max_seqlen_k - 1
-            and right >= max_seqlen_q - 1)
+    return (
+        not varlen
+        and max_seqlen_q % 128 == 0
+        and max_seqlen_k % 128 == 0
+        and left >= max_seqlen_k - 1
+        and right >= max_seqlen_q - 1
+    )
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -112,8 +124,16 @@ def aot_variants(kernel, config: dict) -> dict:
 def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
     """(signature, constexprs) of an attention kernel for an ahead-of-time compile of a dense GQA launch
     (kernels/_aot.py); the config's kwargs (BLOCK_M/BLOCK_N, WARP_SPECIALIZE, ATOMIC_DQ) are added by the caller."""
-    fixed = dict(GROUP=2, HEAD_DIM=head_dim, HEAD_DIM_PAD=next_power_of_2(head_dim), VARLEN=False,
-                 UPCAST=False, HAS_DLSE=False, TMA_ALIGNED=head_dim == next_power_of_2(head_dim), FULL_TILES=False)
+    fixed = dict(
+        GROUP=2,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=next_power_of_2(head_dim),
+        VARLEN=False,
+        UPCAST=False,
+        HAS_DLSE=False,
+        TMA_ALIGNED=head_dim == next_power_of_2(head_dim),
+        FULL_TILES=False,
+    )
 
     def arg_type(name):
         if name in ("Lse", "Delta", "DLse", "DQAcc"):
@@ -123,4 +143,5 @@ def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
         if name[0].isupper():
             return f"*{dtype}"
         return "fp32" if name.startswith("scale") else "i32"
+
     return signature_from_params(kernel, arg_type, fixed)

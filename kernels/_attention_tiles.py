@@ -3,6 +3,7 @@ stands (its sequence, band and tile range), masked tile loads, the score mask an
 
 Scores are in log2 units; see kernels/attention.py for the layouts and the band convention dlo <= j - i <= dhi.
 """
+
 import triton
 import triton.language as tl
 
@@ -71,8 +72,18 @@ def sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN: tl.constexpr)
 
 
 @triton.jit
-def q_program(CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-               VARLEN: tl.constexpr, BLOCK_M: tl.constexpr):
+def q_program(
+    CuQ,
+    CuK,
+    seqlen_q,
+    seqlen_k,
+    left,
+    right,
+    GROUP: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    VARLEN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """Where a program of the forward or dQ grid (query block, head, sequence) stands: (b64, h64, kvh64, q_start,
     seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d). Batch and head indices are int64 for the pointer
     offsets. start_m >= seqlen_q is a block past a short packed sequence: the caller returns early, or (in a
@@ -80,16 +91,30 @@ def q_program(CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP: tl.constexpr, HE
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k, dlo, dhi = sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN)
     start_m = pid_m * BLOCK_M
-    return (b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64), q_start, seqlen_q, k_start, seqlen_k, dlo, dhi,
-            start_m, start_m + tl.arange(0, BLOCK_M), tl.arange(0, HEAD_DIM_PAD))
+    return (
+        b.to(tl.int64),
+        h.to(tl.int64),
+        (h // GROUP).to(tl.int64),
+        q_start,
+        seqlen_q,
+        k_start,
+        seqlen_k,
+        dlo,
+        dhi,
+        start_m,
+        start_m + tl.arange(0, BLOCK_M),
+        tl.arange(0, HEAD_DIM_PAD),
+    )
 
 
 @triton.jit
 def kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh):
     """Pointers to row 0 of sequence b's keys and values for K/V head kvh (int64: B * T * H * D may pass 2**31)."""
     k_start64 = k_start.to(tl.int64)
-    return (K + b64 * stride_kb + kvh64 * stride_kh + k_start64 * stride_kt,
-            V + b64 * stride_vb + kvh64 * stride_vh + k_start64 * stride_vt)
+    return (
+        K + b64 * stride_kb + kvh64 * stride_kh + k_start64 * stride_kt,
+        V + b64 * stride_vb + kvh64 * stride_vh + k_start64 * stride_vt,
+    )
 
 
 @triton.jit

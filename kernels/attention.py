@@ -10,52 +10,128 @@ units, float32: (B, H, Tq), or (H, total_q) when packed. A row that sees no key 
 No (Tq, Tk) matrix is ever stored. Tested in tests/test_attention.py, compiled ahead of time per config in
 tests/test_kernels_compile.py, timed in benchmarks/bench_attention.py.
 """
+
 import torch
 import triton
 import triton.language as tl
 
 from ._attention_configs import FWD_CONFIGS
-from ._attention_launch import (LOG2E, autotuned, bth_strides, ensure_scratch_allocator, full_tiles, launch_params,
-                                lse_strides, this_machine, tma_aligned)
-from ._attention_launch import aot_signature, aot_variants  # noqa: F401 - kernels/_aot.py reads them off this module
-from ._attention_tiles import (kv_bases, load_tile, masked_scores, online_softmax, q_program, tile_range, tma_rows,
-                               tma_start)
+from ._attention_launch import (  # noqa: F401 - kernels/_aot.py reads them off this module
+    LOG2E,
+    aot_signature,
+    aot_variants,
+    autotuned,
+    bth_strides,
+    ensure_scratch_allocator,
+    full_tiles,
+    launch_params,
+    lse_strides,
+    this_machine,
+    tma_aligned,
+)
+from ._attention_tiles import (
+    kv_bases,
+    load_tile,
+    masked_scores,
+    online_softmax,
+    q_program,
+    tile_range,
+    tma_rows,
+    tma_start,
+)
 from ._launch import cdiv
 
 LN2 = tl.constexpr(0.6931471805599453)  # globals a kernel reads must be constexpr (the compiler insists)
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, seqlen_k, dlo, dhi,
-               scale_log2, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr, UPCAST: tl.constexpr,
-               BLOCK_N: tl.constexpr):
+def _fwd_tiles(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    seqlen_k,
+    dlo,
+    dhi,
+    scale_log2,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAD_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = load_tile(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], offs_n[None, :] < seqlen_k,
-                        offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_N)
+        k_t = load_tile(
+            k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
+            offs_n[None, :] < seqlen_k,
+            offs_d[:, None] < HEAD_DIM,
+            MASKED,
+            PAD_D,
+            UPCAST,
+        )  # (HEAD_DIM_PAD, BLOCK_N)
         s = tl.dot(q, k_t) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             s = masked_scores(s, offs_m, offs_n, seqlen_k, dlo, dhi)
-        v = load_tile(v_base + offs_n[:, None] * stride_vt + offs_d[None, :], offs_n[:, None] < seqlen_k,
-                      offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_N, HEAD_DIM_PAD)
+        v = load_tile(
+            v_base + offs_n[:, None] * stride_vt + offs_d[None, :],
+            offs_n[:, None] < seqlen_k,
+            offs_d[None, :] < HEAD_DIM,
+            MASKED,
+            PAD_D,
+            UPCAST,
+        )  # (BLOCK_N, HEAD_DIM_PAD)
         acc, m_i, l_i = online_softmax(acc, m_i, l_i, s, v, MASKED)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _fwd_specialized(acc, m_i, l_i, q_base, k_base, v_base, stride_qt, stride_kt, stride_vt, start_m, offs_m, lo, hi,
-                     seqlen_q, seqlen_k, dlo, dhi, scale_log2, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _fwd_specialized(
+    acc,
+    m_i,
+    l_i,
+    q_base,
+    k_base,
+    v_base,
+    stride_qt,
+    stride_kt,
+    stride_vt,
+    start_m,
+    offs_m,
+    lo,
+    hi,
+    seqlen_q,
+    seqlen_k,
+    dlo,
+    dhi,
+    scale_log2,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     """The forward's loop in a WARP_SPECIALIZE config: Q, K and V tiles by TMA (zero past the sequence), every key
     tile masked unless no tile needs it (one loop is all Triton's Hopper pass specializes, and its loads must be
     TMA's; see _attention_configs)."""
     rows_q, rows_k = tma_rows(seqlen_q), tma_rows(seqlen_k)  # no key tile is visited when seqlen_k is 0
-    q_desc = tl.make_tensor_descriptor(q_base, shape=[rows_q, HEAD_DIM], strides=[stride_qt, 1],
-                                       block_shape=[BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(k_base, shape=[rows_k, HEAD_DIM], strides=[stride_kt, 1],
-                                       block_shape=[BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(v_base, shape=[rows_k, HEAD_DIM], strides=[stride_vt, 1],
-                                       block_shape=[BLOCK_N, HEAD_DIM])
+    q_desc = tl.make_tensor_descriptor(
+        q_base, shape=[rows_q, HEAD_DIM], strides=[stride_qt, 1], block_shape=[BLOCK_M, HEAD_DIM]
+    )
+    k_desc = tl.make_tensor_descriptor(
+        k_base, shape=[rows_k, HEAD_DIM], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM]
+    )
+    v_desc = tl.make_tensor_descriptor(
+        v_base, shape=[rows_k, HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM]
+    )
     q = q_desc.load([tma_start(seqlen_q, start_m), 0])  # (BLOCK_M, HEAD_DIM)
     if UPCAST:
         q = q.to(tl.float32)
@@ -72,18 +148,54 @@ def _fwd_specialized(acc, m_i, l_i, q_base, k_base, v_base, stride_qt, stride_kt
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
-                     stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                     stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
-                     seqlen_q, seqlen_k, scale_log2, left, right, tune_seqlen, tune_left, tune_right,
-                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                     VARLEN: tl.constexpr, UPCAST: tl.constexpr, TMA_ALIGNED: tl.constexpr, FULL_TILES: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+def _attn_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    seqlen_q,
+    seqlen_k,
+    scale_log2,
+    left,
+    right,
+    tune_seqlen,
+    tune_left,
+    tune_right,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    TMA_ALIGNED: tl.constexpr,
+    FULL_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
     b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = q_program(
-        CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M)
+        CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M
+    )
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
-    k_base, v_base = kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                              stride_vh)
+    k_base, v_base = kv_bases(
+        K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh
+    )
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
     if WARP_SPECIALIZE:  # no early return: Triton's Hopper pass asserts on one (TaskIdPropagation, 3.6.0 and 3.7.1)
         keys = tl.where(start_m < seqlen_q, seqlen_k, 0)  # a block past a short packed sequence visits no key
@@ -97,25 +209,119 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, CuQ, CuK,
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     if WARP_SPECIALIZE:
         tl.static_assert(TMA_ALIGNED and not PAD_D, "WARP_SPECIALIZE needs TMA-aligned Q/K/V, a power-of-2 head dim")
-        acc, m_i, l_i = _fwd_specialized(acc, m_i, l_i, q_base, k_base, v_base, stride_qt, stride_kt, stride_vt,
-                                         start_m, offs_m, lo, hi, seqlen_q, seqlen_k, dlo, dhi, scale_log2,
-                                         not FULL_TILES, HEAD_DIM, UPCAST, BLOCK_M, BLOCK_N)
+        acc, m_i, l_i = _fwd_specialized(
+            acc,
+            m_i,
+            l_i,
+            q_base,
+            k_base,
+            v_base,
+            stride_qt,
+            stride_kt,
+            stride_vt,
+            start_m,
+            offs_m,
+            lo,
+            hi,
+            seqlen_q,
+            seqlen_k,
+            dlo,
+            dhi,
+            scale_log2,
+            not FULL_TILES,
+            HEAD_DIM,
+            UPCAST,
+            BLOCK_M,
+            BLOCK_N,
+        )
     else:  # masks cost only on the window's edges: [lo, a) and [c, hi) are masked, [a, c) is not
-        q = load_tile(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m[:, None] < seqlen_q,
-                      offs_d[None, :] < HEAD_DIM, True, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, a,
-                                   seqlen_k, dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, a, c,
-                                   seqlen_k, dlo, dhi, scale_log2, False, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, c, hi,
-                                   seqlen_k, dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
+        q = load_tile(
+            q_base + offs_m[:, None] * stride_qt + offs_d[None, :],
+            offs_m[:, None] < seqlen_q,
+            offs_d[None, :] < HEAD_DIM,
+            True,
+            PAD_D,
+            UPCAST,
+        )  # (BLOCK_M, HEAD_DIM_PAD)
+        acc, m_i, l_i = _fwd_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            lo,
+            a,
+            seqlen_k,
+            dlo,
+            dhi,
+            scale_log2,
+            True,
+            HEAD_DIM,
+            PAD_D,
+            UPCAST,
+            BLOCK_N,
+        )
+        acc, m_i, l_i = _fwd_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            a,
+            c,
+            seqlen_k,
+            dlo,
+            dhi,
+            scale_log2,
+            False,
+            HEAD_DIM,
+            PAD_D,
+            UPCAST,
+            BLOCK_N,
+        )
+        acc, m_i, l_i = _fwd_tiles(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            stride_kt,
+            stride_vt,
+            offs_m,
+            offs_d,
+            c,
+            hi,
+            seqlen_k,
+            dlo,
+            dhi,
+            scale_log2,
+            True,
+            HEAD_DIM,
+            PAD_D,
+            UPCAST,
+            BLOCK_N,
+        )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     o_base = Out + b64 * stride_ob + h64 * stride_oh + q_start.to(tl.int64) * stride_ot
     row_ok = offs_m < seqlen_q
-    tl.store(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(
+        o_base + offs_m[:, None] * stride_ot + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+    )
     tl.store(Lse + b64 * stride_lb + h64 * stride_lh + q_start + offs_m, lse, mask=row_ok)
 
 
@@ -133,8 +339,25 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     lse_shape = (H, q.shape[0]) if varlen else (B, H, q.shape[1])
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     grid = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)  # noqa: E731
-    _attn_fwd[grid](q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                    *bth_strides(q, varlen), *bth_strides(k, varlen), *bth_strides(v, varlen),
-                    *bth_strides(out, varlen), *lse_strides(lse, varlen),
-                    max_seqlen_q, max_seqlen_k, scale * LOG2E.value, left, right, *tune, **cx)
+    _attn_fwd[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        *bth_strides(q, varlen),
+        *bth_strides(k, varlen),
+        *bth_strides(v, varlen),
+        *bth_strides(out, varlen),
+        *lse_strides(lse, varlen),
+        max_seqlen_q,
+        max_seqlen_k,
+        scale * LOG2E.value,
+        left,
+        right,
+        *tune,
+        **cx,
+    )
     return out, lse

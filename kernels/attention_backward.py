@@ -7,25 +7,52 @@ Layouts, masks and units as in kernels/attention.py. GQA: the dK/dV program of a
 heads, so dK/dV are reduced in registers, without atomics. Tested in tests/test_attention.py, compiled ahead of time
 per config in tests/test_kernels_compile.py, timed in benchmarks/bench_attention.py.
 """
+
 import torch
 import triton
 import triton.language as tl
 
 from ._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS
-from ._attention_launch import (INTERPRETING, LOG2E, autotuned, bth_strides, ensure_scratch_allocator, full_tiles,
-                                launch_params, lse_strides, this_machine, tma_aligned)
+from ._attention_launch import (
+    INTERPRETING,
+    LOG2E,
+    aot_variants,  # noqa: F401 - kernels/_aot.py reads it off this module
+    autotuned,
+    bth_strides,
+    ensure_scratch_allocator,
+    full_tiles,
+    launch_params,
+    lse_strides,
+    this_machine,
+    tma_aligned,
+)
 from ._attention_launch import aot_signature as _attention_aot_signature
-from ._attention_launch import aot_variants  # noqa: F401 - kernels/_aot.py reads it off this module
-from ._attention_tiles import (kv_bases, load_tile, q_program, seq_bounds, sequence, tile_range, tma_rows,
-                               tma_start)
+from ._attention_tiles import kv_bases, load_tile, q_program, seq_bounds, sequence, tile_range, tma_rows, tma_start
 from ._launch import PlanTuner, cdiv, next_power_of_2
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(Out, DOut, Delta, DLse, stride_ob, stride_ot, stride_oh, stride_db, stride_dt,
-                                stride_dh, stride_lb, stride_lh, CuQ, seqlen_q,
-                                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, VARLEN: tl.constexpr,
-                                HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_preprocess_kernel(
+    Out,
+    DOut,
+    Delta,
+    DLse,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_db,
+    stride_dt,
+    stride_dh,
+    stride_lb,
+    stride_lh,
+    CuQ,
+    seqlen_q,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    VARLEN: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """delta = rowsum(dO * O) (minus dlse when the logsumexp has a gradient: d lse / d s = p)."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q = seq_bounds(CuQ, b, seqlen_q, VARLEN)
@@ -35,10 +62,12 @@ def _attn_bwd_preprocess_kernel(Out, DOut, Delta, DLse, stride_ob, stride_ot, st
     rows = (q_start + offs_m).to(tl.int64)
     # int64 head index too: dO from an SDPA-layout view has stride_dh = T * D, and H * T * D may pass 2**31.
     b64, h64 = b.to(tl.int64), h.to(tl.int64)
-    o = tl.load(Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_ot + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DOut + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dt + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(
+        Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0
+    ).to(tl.float32)
+    do = tl.load(
+        DOut + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dt + offs_d[None, :], mask=mask, other=0.0
+    ).to(tl.float32)
     delta = tl.sum(o * do, 1)
     l_offs = b64 * stride_lb + h64 * stride_lh + rows
     if HAS_DLSE:
@@ -47,8 +76,26 @@ def _attn_bwd_preprocess_kernel(Out, DOut, Delta, DLse, stride_ob, stride_ot, st
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, q_t, do, lse_row, delta_row, offs_n, offs_m, seqlen_q, seqlen_k, dlo, dhi, scale,
-               scale_log2, MASKED: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+def _dkdv_step(
+    dk,
+    dv,
+    k,
+    v,
+    q_t,
+    do,
+    lse_row,
+    delta_row,
+    offs_n,
+    offs_m,
+    seqlen_q,
+    seqlen_k,
+    dlo,
+    dhi,
+    scale,
+    scale_log2,
+    MASKED: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+):
     """One query tile folded into the (BLOCK_N, D) dK and dV: q_t (D, BLOCK_M) its queries, do (BLOCK_M, D) their
     output gradients, lse_row / delta_row pointers to their logsumexp (natural units) and delta at row 0. Returns
     (dk, dv, dq): with ATOMIC_DQ, dq is this key block's share of the tile's dQ, dS K (BLOCK_M, D), for the caller
@@ -80,50 +127,138 @@ def _dkdv_step(dk, dv, k, v, q_t, do, lse_row, delta_row, offs_n, offs_m, seqlen
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_qh, stride_dt,
-                stride_dh, stride_lh, stride_dqt, stride_dqh, offs_n, offs_d, lo, hi, seqlen_q, seqlen_k, dlo, dhi,
-                scale, scale_log2, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
-                UPCAST: tl.constexpr, GROUP: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_tiles(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    dq_base,
+    stride_qt,
+    stride_qh,
+    stride_dt,
+    stride_dh,
+    stride_lh,
+    stride_dqt,
+    stride_dqh,
+    offs_n,
+    offs_d,
+    lo,
+    hi,
+    seqlen_q,
+    seqlen_k,
+    dlo,
+    dhi,
+    scale,
+    scale_log2,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAD_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    GROUP: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """Query tiles [lo, hi) of each of the GROUP query heads that share this K/V head, in one flat loop. A loop over
     heads around the tile loop spilled 88-248 B at d128 with GROUP 2 (AOT, sm_90, 64x64 and 64x128 tiles, 8 warps)
     where GROUP 1 did not; flat, the two compile alike."""
     n_tiles = tl.cdiv(hi - lo, BLOCK_M)
-    for it in range(0, GROUP * n_tiles):
+    for it in range(GROUP * n_tiles):
         g = it // n_tiles
         # int32 head offsets: attention_backward keeps (GROUP - 1) * stride_qh / stride_dh under 2**31 (int64 here
         # cost 13 registers and a 16 B spill at d128 64x64 under triton 3.6.0).
         q_g, do_g = q_base + g * stride_qh, do_base + g * stride_dh
         start_m = lo + (it - g * n_tiles) * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_t = load_tile(q_g + offs_m[None, :] * stride_qt + offs_d[:, None], offs_m[None, :] < seqlen_q,
-                        offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_M)
-        do = load_tile(do_g + offs_m[:, None] * stride_dt + offs_d[None, :], offs_m[:, None] < seqlen_q,
-                       offs_d[None, :] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
-        dk, dv, dq = _dkdv_step(dk, dv, k, v, q_t, do, lse_base + g * stride_lh, delta_base + g * stride_lh, offs_n,
-                                offs_m, seqlen_q, seqlen_k, dlo, dhi, scale, scale_log2, MASKED, ATOMIC_DQ)
+        q_t = load_tile(
+            q_g + offs_m[None, :] * stride_qt + offs_d[:, None],
+            offs_m[None, :] < seqlen_q,
+            offs_d[:, None] < HEAD_DIM,
+            MASKED,
+            PAD_D,
+            UPCAST,
+        )  # (HEAD_DIM_PAD, BLOCK_M)
+        do = load_tile(
+            do_g + offs_m[:, None] * stride_dt + offs_d[None, :],
+            offs_m[:, None] < seqlen_q,
+            offs_d[None, :] < HEAD_DIM,
+            MASKED,
+            PAD_D,
+            UPCAST,
+        )  # (BLOCK_M, HEAD_DIM_PAD)
+        dk, dv, dq = _dkdv_step(
+            dk,
+            dv,
+            k,
+            v,
+            q_t,
+            do,
+            lse_base + g * stride_lh,
+            delta_base + g * stride_lh,
+            offs_n,
+            offs_m,
+            seqlen_q,
+            seqlen_k,
+            dlo,
+            dhi,
+            scale,
+            scale_log2,
+            MASKED,
+            ATOMIC_DQ,
+        )
         if ATOMIC_DQ:
             dq_ptrs = dq_base + g * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
             if MASKED or PAD_D:
-                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM),
-                              sem="relaxed")
+                tl.atomic_add(
+                    dq_ptrs, dq, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed"
+                )
             else:
                 tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _dkdv_specialized(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dt, stride_dh,
-                      stride_lh, offs_n, lo, hi, seqlen_q, dlo, dhi, scale_log2, MASKED: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_specialized(
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    stride_qt,
+    stride_qh,
+    stride_dt,
+    stride_dh,
+    stride_lh,
+    offs_n,
+    lo,
+    hi,
+    seqlen_q,
+    dlo,
+    dhi,
+    scale_log2,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    UPCAST: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """_dkdv_tiles' flat (head, query tile) loop for a WARP_SPECIALIZE config: Q and dO tiles of the GROUP heads by
     TMA from (GROUP, seqlen_q, D) descriptors that end at the sequence (zero past it). lse and delta stay pointer
     loads: a descriptor's last-dimension offset must be a multiple of 16 bytes, and a packed sequence's rows of 4-byte
     values start anywhere."""
     rows_q = tma_rows(seqlen_q)  # no query tile is visited when seqlen_q is 0
-    q_desc = tl.make_tensor_descriptor(q_base, shape=[GROUP, rows_q, HEAD_DIM], strides=[stride_qh, stride_qt, 1],
-                                       block_shape=[1, BLOCK_M, HEAD_DIM])
-    do_desc = tl.make_tensor_descriptor(do_base, shape=[GROUP, rows_q, HEAD_DIM], strides=[stride_dh, stride_dt, 1],
-                                        block_shape=[1, BLOCK_M, HEAD_DIM])
+    q_desc = tl.make_tensor_descriptor(
+        q_base, shape=[GROUP, rows_q, HEAD_DIM], strides=[stride_qh, stride_qt, 1], block_shape=[1, BLOCK_M, HEAD_DIM]
+    )
+    do_desc = tl.make_tensor_descriptor(
+        do_base, shape=[GROUP, rows_q, HEAD_DIM], strides=[stride_dh, stride_dt, 1], block_shape=[1, BLOCK_M, HEAD_DIM]
+    )
     n_tiles = tl.cdiv(hi - lo, BLOCK_M)
     for it in tl.range(0, GROUP * n_tiles, warp_specialize=True):
         g = it // n_tiles
@@ -133,21 +268,86 @@ def _dkdv_specialized(dk, dv, k, v, q_base, do_base, lse_base, delta_base, strid
         do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)
         if UPCAST:
             q, do = q.to(tl.float32), do.to(tl.float32)
-        dk, dv, _ = _dkdv_step(dk, dv, k, v, tl.trans(q), do, lse_base + g * stride_lh, delta_base + g * stride_lh,
-                               offs_n, offs_m, seqlen_q, 0, dlo, dhi, 1.0, scale_log2, MASKED, False)
+        dk, dv, _ = _dkdv_step(
+            dk,
+            dv,
+            k,
+            v,
+            tl.trans(q),
+            do,
+            lse_base + g * stride_lh,
+            delta_base + g * stride_lh,
+            offs_n,
+            offs_m,
+            seqlen_q,
+            0,
+            dlo,
+            dhi,
+            1.0,
+            scale_log2,
+            MASKED,
+            False,
+        )
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, DQAcc, CuQ, CuK,
-                          stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                          stride_vb, stride_vt, stride_vh, stride_db, stride_dt, stride_dh, stride_lb, stride_lh,
-                          stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                          stride_dqb, stride_dqt, stride_dqh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
-                          tune_seqlen, tune_left, tune_right, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                          HEAD_DIM_PAD: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr,
-                          TMA_ALIGNED: tl.constexpr, FULL_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+def _attn_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    DOut,
+    Lse,
+    Delta,
+    DK,
+    DV,
+    DQAcc,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_db,
+    stride_dt,
+    stride_dh,
+    stride_lb,
+    stride_lh,
+    stride_dkb,
+    stride_dkt,
+    stride_dkh,
+    stride_dvb,
+    stride_dvt,
+    stride_dvh,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
+    seqlen_q,
+    seqlen_k,
+    scale,
+    scale_log2,
+    left,
+    right,
+    tune_seqlen,
+    tune_left,
+    tune_right,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    TMA_ALIGNED: tl.constexpr,
+    FULL_TILES: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+):
     """dK and dV of one BLOCK_N-key block; with ATOMIC_DQ, dQ too, added tile by tile into the zeroed float32 DQAcc
     (FlashAttention-2's backward: 5 matmuls per tile pair, where this kernel and _attn_bwd_dq_kernel take 7)."""
     pid_n, kvh, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -157,8 +357,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, DQAcc, CuQ, CuK,
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
-    k_base, v_base = kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                              stride_vh)
+    k_base, v_base = kv_bases(
+        K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh
+    )
     h64 = kvh64 * GROUP  # the first of the GROUP query heads that share this K/V head: dK/dV reduced here, no atomics
     q_base = Q + b64 * stride_qb + h64 * stride_qh + q_start.to(tl.int64) * stride_qt
     do_base = DOut + b64 * stride_db + h64 * stride_dh + q_start.to(tl.int64) * stride_dt
@@ -176,25 +377,56 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, DQAcc, CuQ, CuK,
         # WSDataPartition: pointer atomics under 3.7.1, TMA reduce-add under 3.6.0 and 3.7.1; benchmarks/NOTES.md)
         tl.static_assert(not ATOMIC_DQ, "ATOMIC_DQ takes the pointer loop")
         queries = tl.where(start_n < seqlen_k, seqlen_q, 0)
-        lo, a, c, hi = tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, queries,
-                                   BLOCK_M)
+        lo, a, c, hi = tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, queries, BLOCK_M)
         rows_k, k_row = tma_rows(seqlen_k), tma_start(seqlen_k, start_n)
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[rows_k, HEAD_DIM], strides=[stride_kt, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[rows_k, HEAD_DIM], strides=[stride_vt, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+        k_desc = tl.make_tensor_descriptor(
+            k_base, shape=[rows_k, HEAD_DIM], strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM]
+        )
+        v_desc = tl.make_tensor_descriptor(
+            v_base, shape=[rows_k, HEAD_DIM], strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM]
+        )
         k, v = k_desc.load([k_row, 0]), v_desc.load([k_row, 0])  # (BLOCK_N, HEAD_DIM), zero past seqlen_k
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        dk, dv = _dkdv_specialized(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
-                                   stride_dt, stride_dh, stride_lh, offs_n, lo, hi, seqlen_q, dlo, dhi, scale_log2,
-                                   not FULL_TILES, HEAD_DIM, UPCAST, GROUP, BLOCK_M)
-        dk_desc = tl.make_tensor_descriptor(DK + b64 * stride_dkb + kvh64 * stride_dkh + k_start.to(tl.int64) *
-                                            stride_dkt, shape=[rows_k, HEAD_DIM], strides=[stride_dkt, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM])
-        dv_desc = tl.make_tensor_descriptor(DV + b64 * stride_dvb + kvh64 * stride_dvh + k_start.to(tl.int64) *
-                                            stride_dvt, shape=[rows_k, HEAD_DIM], strides=[stride_dvt, 1],
-                                            block_shape=[BLOCK_N, HEAD_DIM])
+        dk, dv = _dkdv_specialized(
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            lse_base,
+            delta_base,
+            stride_qt,
+            stride_qh,
+            stride_dt,
+            stride_dh,
+            stride_lh,
+            offs_n,
+            lo,
+            hi,
+            seqlen_q,
+            dlo,
+            dhi,
+            scale_log2,
+            not FULL_TILES,
+            HEAD_DIM,
+            UPCAST,
+            GROUP,
+            BLOCK_M,
+        )
+        dk_desc = tl.make_tensor_descriptor(
+            DK + b64 * stride_dkb + kvh64 * stride_dkh + k_start.to(tl.int64) * stride_dkt,
+            shape=[rows_k, HEAD_DIM],
+            strides=[stride_dkt, 1],
+            block_shape=[BLOCK_N, HEAD_DIM],
+        )
+        dv_desc = tl.make_tensor_descriptor(
+            DV + b64 * stride_dvb + kvh64 * stride_dvh + k_start.to(tl.int64) * stride_dvt,
+            shape=[rows_k, HEAD_DIM],
+            strides=[stride_dvt, 1],
+            block_shape=[BLOCK_N, HEAD_DIM],
+        )
         dk_desc.store([k_row, 0], (dk * scale).to(DK.dtype.element_ty))  # rows past seqlen_k are not written
         dv_desc.store([k_row, 0], dv.to(DV.dtype.element_ty))
         return
@@ -202,44 +434,188 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, DQAcc, CuQ, CuK,
         return
     row_ok, col_ok = offs_n[:, None] < seqlen_k, offs_d[None, :] < HEAD_DIM
     k_rows = (k_start + offs_n).to(tl.int64)[:, None]
-    k = load_tile(K + b64 * stride_kb + kvh64 * stride_kh + k_rows * stride_kt + offs_d[None, :], row_ok, col_ok,
-                  True, PAD_D, UPCAST)  # (BLOCK_N, HEAD_DIM_PAD)
-    v = load_tile(V + b64 * stride_vb + kvh64 * stride_vh + k_rows * stride_vt + offs_d[None, :], row_ok, col_ok,
-                  True, PAD_D, UPCAST)
+    k = load_tile(
+        K + b64 * stride_kb + kvh64 * stride_kh + k_rows * stride_kt + offs_d[None, :],
+        row_ok,
+        col_ok,
+        True,
+        PAD_D,
+        UPCAST,
+    )  # (BLOCK_N, HEAD_DIM_PAD)
+    v = load_tile(
+        V + b64 * stride_vb + kvh64 * stride_vh + k_rows * stride_vt + offs_d[None, :],
+        row_ok,
+        col_ok,
+        True,
+        PAD_D,
+        UPCAST,
+    )
     # The queries that see keys start_n..: j - i in [dlo, dhi] means i - j in [-dhi, -dlo].
     lo, a, c, hi = tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, seqlen_q, BLOCK_M)
     if ATOMIC_DQ:  # a block past the sequence's last key masks every tile, so that its zero rows add nothing to dQ
         a = tl.where(start_n + BLOCK_N > seqlen_k, hi, a)
         c = tl.where(start_n + BLOCK_N > seqlen_k, hi, c)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_qh,
-                         stride_dt, stride_dh, stride_lh, stride_dqt, stride_dqh, offs_n, offs_d, lo, a, seqlen_q,
-                         seqlen_k, dlo, dhi, scale, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, GROUP, ATOMIC_DQ,
-                         BLOCK_M)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_qh,
-                         stride_dt, stride_dh, stride_lh, stride_dqt, stride_dqh, offs_n, offs_d, a, c, seqlen_q,
-                         seqlen_k, dlo, dhi, scale, scale_log2, False, HEAD_DIM, PAD_D, UPCAST, GROUP, ATOMIC_DQ,
-                         BLOCK_M)
-    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_qh,
-                         stride_dt, stride_dh, stride_lh, stride_dqt, stride_dqh, offs_n, offs_d, c, hi, seqlen_q,
-                         seqlen_k, dlo, dhi, scale, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, GROUP, ATOMIC_DQ,
-                         BLOCK_M)
+    dk, dv = _dkdv_tiles(
+        dk,
+        dv,
+        k,
+        v,
+        q_base,
+        do_base,
+        lse_base,
+        delta_base,
+        dq_base,
+        stride_qt,
+        stride_qh,
+        stride_dt,
+        stride_dh,
+        stride_lh,
+        stride_dqt,
+        stride_dqh,
+        offs_n,
+        offs_d,
+        lo,
+        a,
+        seqlen_q,
+        seqlen_k,
+        dlo,
+        dhi,
+        scale,
+        scale_log2,
+        True,
+        HEAD_DIM,
+        PAD_D,
+        UPCAST,
+        GROUP,
+        ATOMIC_DQ,
+        BLOCK_M,
+    )
+    dk, dv = _dkdv_tiles(
+        dk,
+        dv,
+        k,
+        v,
+        q_base,
+        do_base,
+        lse_base,
+        delta_base,
+        dq_base,
+        stride_qt,
+        stride_qh,
+        stride_dt,
+        stride_dh,
+        stride_lh,
+        stride_dqt,
+        stride_dqh,
+        offs_n,
+        offs_d,
+        a,
+        c,
+        seqlen_q,
+        seqlen_k,
+        dlo,
+        dhi,
+        scale,
+        scale_log2,
+        False,
+        HEAD_DIM,
+        PAD_D,
+        UPCAST,
+        GROUP,
+        ATOMIC_DQ,
+        BLOCK_M,
+    )
+    dk, dv = _dkdv_tiles(
+        dk,
+        dv,
+        k,
+        v,
+        q_base,
+        do_base,
+        lse_base,
+        delta_base,
+        dq_base,
+        stride_qt,
+        stride_qh,
+        stride_dt,
+        stride_dh,
+        stride_lh,
+        stride_dqt,
+        stride_dqh,
+        offs_n,
+        offs_d,
+        c,
+        hi,
+        seqlen_q,
+        seqlen_k,
+        dlo,
+        dhi,
+        scale,
+        scale_log2,
+        True,
+        HEAD_DIM,
+        PAD_D,
+        UPCAST,
+        GROUP,
+        ATOMIC_DQ,
+        BLOCK_M,
+    )
     mask = row_ok & col_ok
-    tl.store(DK + b64 * stride_dkb + kvh64 * stride_dkh + k_rows * stride_dkt + offs_d[None, :],
-             (dk * dk_scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + b64 * stride_dvb + kvh64 * stride_dvh + k_rows * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=mask)
+    tl.store(
+        DK + b64 * stride_dkb + kvh64 * stride_dkh + k_rows * stride_dkt + offs_d[None, :],
+        (dk * dk_scale).to(DK.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        DV + b64 * stride_dvb + kvh64 * stride_dvh + k_rows * stride_dvt + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, seqlen_k, dlo,
-              dhi, scale_log2, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, PAD_D: tl.constexpr,
-              UPCAST: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_tiles(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_base,
+    v_base,
+    stride_kt,
+    stride_vt,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    seqlen_k,
+    dlo,
+    dhi,
+    scale_log2,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAD_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = load_tile(k_base + offs_n[None, :] * stride_kt + offs_d[:, None], offs_n[None, :] < seqlen_k,
-                        offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)  # (HEAD_DIM_PAD, BLOCK_N)
-        v_t = load_tile(v_base + offs_n[None, :] * stride_vt + offs_d[:, None], offs_n[None, :] < seqlen_k,
-                        offs_d[:, None] < HEAD_DIM, MASKED, PAD_D, UPCAST)
+        k_t = load_tile(
+            k_base + offs_n[None, :] * stride_kt + offs_d[:, None],
+            offs_n[None, :] < seqlen_k,
+            offs_d[:, None] < HEAD_DIM,
+            MASKED,
+            PAD_D,
+            UPCAST,
+        )  # (HEAD_DIM_PAD, BLOCK_N)
+        v_t = load_tile(
+            v_base + offs_n[None, :] * stride_vt + offs_d[:, None],
+            offs_n[None, :] < seqlen_k,
+            offs_d[:, None] < HEAD_DIM,
+            MASKED,
+            PAD_D,
+            UPCAST,
+        )
         p = tl.math.exp2(tl.dot(q, k_t) * scale_log2 - lse[:, None])  # (BLOCK_M, BLOCK_N); lse in log2 units
         if MASKED:
             diag = offs_n[None, :] - offs_m[:, None]
@@ -250,39 +626,159 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, CuQ, CuK,
-                        stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
-                        stride_vb, stride_vt, stride_vh, stride_db, stride_dt, stride_dh, stride_lb, stride_lh,
-                        stride_dqb, stride_dqt, stride_dqh, seqlen_q, seqlen_k, scale, scale_log2, left, right,
-                        tune_seqlen, tune_left, tune_right, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        HEAD_DIM_PAD: tl.constexpr, VARLEN: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+def _attn_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    DOut,
+    Lse,
+    Delta,
+    DQ,
+    CuQ,
+    CuK,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_db,
+    stride_dt,
+    stride_dh,
+    stride_lb,
+    stride_lh,
+    stride_dqb,
+    stride_dqt,
+    stride_dqh,
+    seqlen_q,
+    seqlen_k,
+    scale,
+    scale_log2,
+    left,
+    right,
+    tune_seqlen,
+    tune_left,
+    tune_right,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PAD: tl.constexpr,
+    VARLEN: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = q_program(
-        CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M)
+        CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M
+    )
     if start_m >= seqlen_q:
         return
     row_ok, col_ok = offs_m[:, None] < seqlen_q, offs_d[None, :] < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)[:, None]
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
-    q = load_tile(Q + b64 * stride_qb + h64 * stride_qh + q_rows * stride_qt + offs_d[None, :], row_ok, col_ok, True,
-                  PAD_D, UPCAST)  # (BLOCK_M, HEAD_DIM_PAD)
-    do = load_tile(DOut + b64 * stride_db + h64 * stride_dh + q_rows * stride_dt + offs_d[None, :], row_ok, col_ok,
-                   True, PAD_D, UPCAST)
+    q = load_tile(
+        Q + b64 * stride_qb + h64 * stride_qh + q_rows * stride_qt + offs_d[None, :],
+        row_ok,
+        col_ok,
+        True,
+        PAD_D,
+        UPCAST,
+    )  # (BLOCK_M, HEAD_DIM_PAD)
+    do = load_tile(
+        DOut + b64 * stride_db + h64 * stride_dh + q_rows * stride_dt + offs_d[None, :],
+        row_ok,
+        col_ok,
+        True,
+        PAD_D,
+        UPCAST,
+    )
     l_offs = b64 * stride_lb + h64 * stride_lh + q_start + offs_m
     lse = tl.load(Lse + l_offs, mask=offs_m < seqlen_q, other=float("inf")) * LOG2E
     delta = tl.load(Delta + l_offs, mask=offs_m < seqlen_q, other=0.0)
-    k_base, v_base = kv_bases(K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                              stride_vh)
+    k_base, v_base = kv_bases(
+        K, V, b64, kvh64, k_start, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh
+    )
     lo, a, c, hi = tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, seqlen_k, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, a, seqlen_k,
-                   dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, a, c, seqlen_k,
-                   dlo, dhi, scale_log2, False, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, c, hi, seqlen_k,
-                   dlo, dhi, scale_log2, True, HEAD_DIM, PAD_D, UPCAST, BLOCK_N)
-    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows * stride_dqt + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=row_ok & col_ok)
+    dq = _dq_tiles(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        lo,
+        a,
+        seqlen_k,
+        dlo,
+        dhi,
+        scale_log2,
+        True,
+        HEAD_DIM,
+        PAD_D,
+        UPCAST,
+        BLOCK_N,
+    )
+    dq = _dq_tiles(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        a,
+        c,
+        seqlen_k,
+        dlo,
+        dhi,
+        scale_log2,
+        False,
+        HEAD_DIM,
+        PAD_D,
+        UPCAST,
+        BLOCK_N,
+    )
+    dq = _dq_tiles(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_base,
+        v_base,
+        stride_kt,
+        stride_vt,
+        offs_m,
+        offs_d,
+        c,
+        hi,
+        seqlen_k,
+        dlo,
+        dhi,
+        scale_log2,
+        True,
+        HEAD_DIM,
+        PAD_D,
+        UPCAST,
+        BLOCK_N,
+    )
+    tl.store(
+        DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows * stride_dqt + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=row_ok & col_ok,
+    )
 
 
 _attn_bwd_dkdv = autotuned(_attn_bwd_dkdv_kernel, this_machine(DKDV_CONFIGS))
@@ -297,8 +793,23 @@ DQ_BY_ATOMICS, DQ_BY_KERNEL = "atomic dQ", "dQ kernel"
 _backward_plans = PlanTuner(default=DQ_BY_ATOMICS)
 
 
-def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                       scale, left, right, deterministic=False):
+def attention_backward(
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dlse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    left,
+    right,
+    deterministic=False,
+):
     """(dq, dk, dv), each contiguous and shaped like its input. dlse (like lse) or None. deterministic: dQ by its own
     kernel, bit-identical from run to run for the same tiles; otherwise by whichever of that and atomics is faster
     here."""
@@ -309,18 +820,37 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
         q, do = q.contiguous(), do.contiguous()  # only SDPA-layout views of millions of tokens: head stride D
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
-    dkdv_cx = {**cx, "TMA_ALIGNED": tma_aligned(q, k, v, do),
-               "FULL_TILES": full_tiles(varlen, max_seqlen_q, max_seqlen_k, left, right)}
+    dkdv_cx = {
+        **cx,
+        "TMA_ALIGNED": tma_aligned(q, k, v, do),
+        "FULL_TILES": full_tiles(varlen, max_seqlen_q, max_seqlen_k, left, right),
+    }
     if dkdv_cx["TMA_ALIGNED"] and q.is_cuda:
         ensure_scratch_allocator()
     _attn_bwd_preprocess_kernel[(cdiv(max_seqlen_q, _PREPROCESS_BLOCK_M), H, B)](
-        out, do, delta, None if dlse is None else dlse.contiguous(), *bth_strides(out, varlen),
-        *bth_strides(do, varlen), *lse_strides(lse, varlen), cu_seqlens_q, max_seqlen_q,
-        HEAD_DIM=cx["HEAD_DIM"], HEAD_DIM_PAD=cx["HEAD_DIM_PAD"], VARLEN=varlen, HAS_DLSE=dlse is not None,
-        BLOCK_M=_PREPROCESS_BLOCK_M)
+        out,
+        do,
+        delta,
+        None if dlse is None else dlse.contiguous(),
+        *bth_strides(out, varlen),
+        *bth_strides(do, varlen),
+        *lse_strides(lse, varlen),
+        cu_seqlens_q,
+        max_seqlen_q,
+        HEAD_DIM=cx["HEAD_DIM"],
+        HEAD_DIM_PAD=cx["HEAD_DIM_PAD"],
+        VARLEN=varlen,
+        HAS_DLSE=dlse is not None,
+        BLOCK_M=_PREPROCESS_BLOCK_M,
+    )
     dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
-    common = (*bth_strides(q, varlen), *bth_strides(k, varlen), *bth_strides(v, varlen),
-              *bth_strides(do, varlen), *lse_strides(lse, varlen))
+    common = (
+        *bth_strides(q, varlen),
+        *bth_strides(k, varlen),
+        *bth_strides(v, varlen),
+        *bth_strides(do, varlen),
+        *lse_strides(lse, varlen),
+    )
     tail = (max_seqlen_q, max_seqlen_k, scale, scale * LOG2E.value, left, right, *tune)
     grid_kv = lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), Hkv, B)  # noqa: E731
     grid_q = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)  # noqa: E731
@@ -329,16 +859,24 @@ def attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
 
     def atomic_dq():
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # contiguous, whatever q's strides
-        _attn_bwd_dkdv_dq[grid_kv](*dkdv_args, dq_acc, cu_seqlens_q, cu_seqlens_k, *dkdv_strides,
-                                   *bth_strides(dq_acc, varlen), *tail, **dkdv_cx)
+        _attn_bwd_dkdv_dq[grid_kv](
+            *dkdv_args,
+            dq_acc,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            *dkdv_strides,
+            *bth_strides(dq_acc, varlen),
+            *tail,
+            **dkdv_cx,
+        )
         return dq_acc.to(q.dtype)
 
     def separate_dq():
-        _attn_bwd_dkdv[grid_kv](*dkdv_args, None, cu_seqlens_q, cu_seqlens_k, *dkdv_strides, 0, 0, 0, *tail,
-                                **dkdv_cx)
+        _attn_bwd_dkdv[grid_kv](*dkdv_args, None, cu_seqlens_q, cu_seqlens_k, *dkdv_strides, 0, 0, 0, *tail, **dkdv_cx)
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        _attn_bwd_dq[grid_q](q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common,
-                             *bth_strides(dq, varlen), *tail, **cx)
+        _attn_bwd_dq[grid_q](
+            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common, *bth_strides(dq, varlen), *tail, **cx
+        )
         return dq
 
     if deterministic:

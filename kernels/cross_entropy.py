@@ -15,6 +15,7 @@ than a read out of bounds (checking targets on the host would cost a sync).
 
 Pure device code: nothing here imports fasttrain.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -55,8 +56,9 @@ def _ce_forward_kernel(Logits, Target, Loss, Lse, row_stride, n_cols, ignore_ind
 
 
 @triton.jit
-def _ce_backward_kernel(GradRow, Logits, Target, Lse, GradLogits, row_stride, grad_row_stride, n_cols, ignore_index,
-                        BLOCK_V: tl.constexpr):
+def _ce_backward_kernel(
+    GradRow, Logits, Target, Lse, GradLogits, row_stride, grad_row_stride, n_cols, ignore_index, BLOCK_V: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = Logits + row * row_stride
     g_row = GradLogits + row * grad_row_stride
@@ -79,26 +81,41 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     loss = torch.empty(N, dtype=torch.float32, device=logits.device)
     lse = torch.empty(N, dtype=torch.float32, device=logits.device)
     if N:
-        _ce_forward_kernel[(N,)](logits, target, loss, lse, logits.stride(0), V, ignore_index, BLOCK_V=BLOCK_V,
-                                 num_warps=NUM_WARPS)
+        _ce_forward_kernel[(N,)](
+            logits, target, loss, lse, logits.stride(0), V, ignore_index, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS
+        )
     return loss, lse
 
 
-def cross_entropy_backward(grad_row: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
-                           ignore_index: int) -> torch.Tensor:
+def cross_entropy_backward(
+    grad_row: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
     """d loss / d logits (N, V) in the logits dtype, from the per-row upstream gradient grad_row (N,) float32."""
     N, V = logits.shape
     grad = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
     if N:
-        _ce_backward_kernel[(N,)](grad_row, logits, target, lse, grad, logits.stride(0), grad.stride(0), V,
-                                  ignore_index, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+        _ce_backward_kernel[(N,)](
+            grad_row,
+            logits,
+            target,
+            lse,
+            grad,
+            logits.stride(0),
+            grad.stride(0),
+            V,
+            ignore_index,
+            BLOCK_V=BLOCK_V,
+            num_warps=NUM_WARPS,
+        )
     return grad
 
 
 # ---- ahead-of-time compile (kernels/_aot.py) -----------------------------------------------------------------------
 
+
 def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
     """(signature, constexprs) of a kernel above for an ahead-of-time compile; head_dim plays no part."""
+
     def arg_type(name):
         if name == "Target":
             return "*i64"
@@ -107,6 +124,7 @@ def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
         if name[0].isupper():
             return f"*{dtype}"
         return "i32"
+
     return signature_from_params(kernel, arg_type, {"BLOCK_V": BLOCK_V})
 
 

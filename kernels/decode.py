@@ -20,6 +20,7 @@ within the split partials it is -inf, so that the combine weighs such a split 0.
 Pure device code: nothing here imports fasttrain. Under TRITON_INTERPRET=1 one fixed config serves (the autotuner's
 benchmarker needs a GPU); on a GPU the decode kernel autotunes over a few tile sizes.
 """
+
 import os
 
 import torch
@@ -37,12 +38,12 @@ LN2 = tl.constexpr(0.6931471805599453)  # globals a kernel reads must be constex
 # 70 KB shared, cp.async pipelined); which one wins per shape is left to the autotuner, not yet measured on an H100
 # (no GPU in the session that wrote them).
 _CONFIGS = {
-    90: {"d64": [(64, 4, 3), (128, 4, 3), (128, 8, 4)],
-         "d128": [(64, 4, 3), (64, 4, 4), (128, 8, 3)],
-         "d256": [(32, 4, 3), (64, 8, 2)]},
-    80: {"d64": [(64, 4, 3), (128, 4, 3)],
-         "d128": [(64, 4, 3), (128, 8, 2)],
-         "d256": [(32, 4, 3), (64, 8, 2)]},
+    90: {
+        "d64": [(64, 4, 3), (128, 4, 3), (128, 8, 4)],
+        "d128": [(64, 4, 3), (64, 4, 4), (128, 8, 3)],
+        "d256": [(32, 4, 3), (64, 8, 2)],
+    },
+    80: {"d64": [(64, 4, 3), (128, 4, 3)], "d128": [(64, 4, 3), (128, 8, 2)], "d256": [(32, 4, 3), (64, 8, 2)]},
 }
 # The interpreter runs numpy per tile: fewer, larger tiles are faster.
 _INTERPRETER = (64, 4, 1)
@@ -52,8 +53,9 @@ def _config(t):
     return triton.Config({"BLOCK_N": t[0]}, num_warps=t[1], num_stages=t[2])
 
 
-DECODE_CONFIGS = {arch: {cls: [_config(t) for t in ts] for cls, ts in by_class.items()}
-                  for arch, by_class in _CONFIGS.items()}
+DECODE_CONFIGS = {
+    arch: {cls: [_config(t) for t in ts] for cls, ts in by_class.items()} for arch, by_class in _CONFIGS.items()
+}
 _ONE = _config(_INTERPRETER)  # one object for every class: an autotuner with a single config never benchmarks
 DECODE_CONFIGS["interpreter"] = {cls: [_ONE] for cls in ("d64", "d128", "d256")}
 
@@ -69,8 +71,19 @@ def _arch_configs() -> dict:
 
 
 @triton.jit
-def _copy_row(SRC, DST, cos, sin, ok, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr,
-              ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _copy_row(
+    SRC,
+    DST,
+    cos,
+    sin,
+    ok,
+    HEAD_DIM: tl.constexpr,
+    ROT_HALF: tl.constexpr,
+    ROTARY: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """Copy one head row of D elements from SRC to DST (only if ok: SRC may be out of range otherwise), rotating
     the first 2 * ROT_HALF of them."""
     if ROTARY:
@@ -96,18 +109,50 @@ def _copy_row(SRC, DST, cos, sin, ok, HEAD_DIM: tl.constexpr, ROT_HALF: tl.const
 
 @triton.jit
 def _decode_append_kernel(
-    Q, K, V, KC, VC, QR, COS, SIN, SEQLENS, BATCH_IDX,
-    stride_qb, stride_qt, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_kcb, stride_kct, stride_kch,
-    stride_vcb, stride_vct, stride_vch,
-    stride_qrb, stride_qrt, stride_qrh,
+    Q,
+    K,
+    V,
+    KC,
+    VC,
+    QR,
+    COS,
+    SIN,
+    SEQLENS,
+    BATCH_IDX,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kct,
+    stride_kch,
+    stride_vcb,
+    stride_vct,
+    stride_vch,
+    stride_qrb,
+    stride_qrt,
+    stride_qrh,
     stride_rot,
-    tq, t_new, t_rows, n_heads, n_kv_heads, t_cache, t_rot,
-    HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr, ROTARY: tl.constexpr, Q_PER_TOKEN: tl.constexpr,
+    tq,
+    t_new,
+    t_rows,
+    n_heads,
+    n_kv_heads,
+    t_cache,
+    t_rot,
+    HEAD_DIM: tl.constexpr,
+    ROT_HALF: tl.constexpr,
+    ROTARY: tl.constexpr,
+    Q_PER_TOKEN: tl.constexpr,
     INTERLEAVED: tl.constexpr,
-    HAS_BATCH_IDX: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BATCH_IDX: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """Grid (B * t_rows, max(H, Hkv)) with t_rows = max(Tq, Tnew): append k/v row (b, t, h); rotate q row (b, t, h)."""
     pid_bt = tl.program_id(0)
@@ -128,12 +173,32 @@ def _decode_append_kernel(
         sin = tl.load(SIN + pos * stride_rot + offs_r, mask=in_table, other=0.0).to(tl.float32)
     # Rows past the cache end are never written; the launcher reports them before launching.
     ok = (t < t_new) & (h < n_kv_heads) & (pos < t_cache)
-    _copy_row(K + b * stride_kb + t * stride_kt + h * stride_kh,
-              KC + cache_b.to(tl.int64) * stride_kcb + pos.to(tl.int64) * stride_kct + h * stride_kch,
-              cos, sin, ok, HEAD_DIM, ROT_HALF, ROTARY, INTERLEAVED, BLOCK_D, BLOCK_R)
-    _copy_row(V + b * stride_vb + t * stride_vt + h * stride_vh,
-              VC + cache_b.to(tl.int64) * stride_vcb + pos.to(tl.int64) * stride_vct + h * stride_vch,
-              cos, sin, ok, HEAD_DIM, ROT_HALF, False, INTERLEAVED, BLOCK_D, BLOCK_R)
+    _copy_row(
+        K + b * stride_kb + t * stride_kt + h * stride_kh,
+        KC + cache_b.to(tl.int64) * stride_kcb + pos.to(tl.int64) * stride_kct + h * stride_kch,
+        cos,
+        sin,
+        ok,
+        HEAD_DIM,
+        ROT_HALF,
+        ROTARY,
+        INTERLEAVED,
+        BLOCK_D,
+        BLOCK_R,
+    )
+    _copy_row(
+        V + b * stride_vb + t * stride_vt + h * stride_vh,
+        VC + cache_b.to(tl.int64) * stride_vcb + pos.to(tl.int64) * stride_vct + h * stride_vch,
+        cos,
+        sin,
+        ok,
+        HEAD_DIM,
+        ROT_HALF,
+        False,
+        INTERLEAVED,
+        BLOCK_D,
+        BLOCK_R,
+    )
     if ROTARY:
         # q sits where causal masking puts it (bottom-right aligned), or all at cache_seqlens when not causal.
         qpos = seqlen
@@ -142,27 +207,66 @@ def _decode_append_kernel(
         in_table = (offs_r < ROT_HALF) & (qpos >= 0) & (qpos < t_rot)
         qcos = tl.load(COS + qpos * stride_rot + offs_r, mask=in_table, other=1.0).to(tl.float32)
         qsin = tl.load(SIN + qpos * stride_rot + offs_r, mask=in_table, other=0.0).to(tl.float32)
-        _copy_row(Q + b * stride_qb + t * stride_qt + h * stride_qh,
-                  QR + b * stride_qrb + t * stride_qrt + h * stride_qrh,
-                  qcos, qsin, (t < tq) & (h < n_heads), HEAD_DIM, ROT_HALF, True, INTERLEAVED, BLOCK_D, BLOCK_R)
+        _copy_row(
+            Q + b * stride_qb + t * stride_qt + h * stride_qh,
+            QR + b * stride_qrb + t * stride_qrt + h * stride_qrh,
+            qcos,
+            qsin,
+            (t < tq) & (h < n_heads),
+            HEAD_DIM,
+            ROT_HALF,
+            True,
+            INTERLEAVED,
+            BLOCK_D,
+            BLOCK_R,
+        )
 
 
 @triton.jit
 def _decode_kernel(
-    Q, KC, VC, SEQLENS, BATCH_IDX, O, LSE,
-    stride_qb, stride_qt, stride_qh,
-    stride_kcb, stride_kct, stride_kch,
-    stride_vcb, stride_vct, stride_vch,
-    stride_ob, stride_ot, stride_oh,
-    stride_ls, stride_lb, stride_lt, stride_lh,
+    Q,
+    KC,
+    VC,
+    SEQLENS,
+    BATCH_IDX,
+    Out,
+    LSE,
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kcb,
+    stride_kct,
+    stride_kch,
+    stride_vcb,
+    stride_vct,
+    stride_vch,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_ls,
+    stride_lb,
+    stride_lt,
+    stride_lh,
     stride_os,
-    qk_scale, tq, group, n_kv_heads, seqlen_add, window_left, window_right, t_cache, t_cache_bucket,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    qk_scale,
+    tq,
+    group,
+    n_kv_heads,
+    seqlen_add,
+    window_left,
+    window_right,
+    t_cache,
+    t_cache_bucket,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    HAS_BATCH_IDX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Grid (B * Hkv, NUM_SPLITS, cdiv(Tq * G, BLOCK_M)).
 
-    O is (B, Tq, H, D) in q's dtype with one split, else the fp32 partials (NUM_SPLITS, B, Tq, H, D); LSE is fp32,
+    Out is (B, Tq, H, D) in q's dtype with one split, else the fp32 partials (NUM_SPLITS, B, Tq, H, D); LSE is fp32,
     natural log: (B, H, Tq) with one split, else (NUM_SPLITS, B, Tq, H). qk_scale = softmax_scale * log2(e).
     """
     pid_bh = tl.program_id(0)
@@ -182,8 +286,11 @@ def _decode_kernel(
     row_ok = offs_m < tq * group
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM  # a constexpr bound: all-true when HEAD_DIM == BLOCK_D, so loads stay vectorized
-    q = tl.load(Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    q = tl.load(
+        Q + b * stride_qb + t[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
     qpos = seqlen - tq + t
 
     # Keys any row of this sequence can see: [lo, hi). Split pid_s takes an equal share, whole tiles.
@@ -207,8 +314,11 @@ def _decode_kernel(
         k = tl.load(kc_base + offs_n[:, None].to(tl.int64) * stride_kct + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(vc_base + offs_n[:, None].to(tl.int64) * stride_vct + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
-        visible = (n_ok[None, :] & (offs_n[None, :] - qpos[:, None] <= window_right)
-                   & (qpos[:, None] - offs_n[None, :] <= window_left))
+        visible = (
+            n_ok[None, :]
+            & (offs_n[None, :] - qpos[:, None] <= window_right)
+            & (qpos[:, None] - offs_n[None, :] <= window_left)
+        )
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no visible key keeps m = -inf; shift it by 0 so that exp2 gives 0, not NaN.
@@ -226,26 +336,39 @@ def _decode_kernel(
         lse = tl.where(seen, lse, float("inf"))
     else:
         lse = tl.where(seen, lse, float("-inf"))
-    o_ptrs = (O + pid_s * stride_os + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh
-              + offs_d[None, :])
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    o_ptrs = (
+        Out + pid_s * stride_os + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    )
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + pid_s * stride_ls + b * stride_lb + t * stride_lt + head * stride_lh, lse, mask=row_ok)
 
 
 @triton.jit
 def _decode_combine_kernel(
-    O_PART, LSE_PART, O, LSE,
-    stride_ps, stride_ls,
-    stride_ob, stride_ot, stride_oh,
-    stride_lb, stride_lh, stride_lt,
-    tq, n_heads, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    O_PART,
+    LSE_PART,
+    Out,
+    LSE,
+    stride_ps,
+    stride_ls,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_lb,
+    stride_lh,
+    stride_lt,
+    tq,
+    n_heads,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Grid (B * Tq * H,): out = sum_s exp(lse_s - lse) * out_s with lse = logsumexp_s lse_s.
 
     O_PART (num_splits, B, Tq, H, D) and LSE_PART (num_splits, B, Tq, H) are contiguous fp32;
     row = (b * Tq + t) * H + h.
-    O is (B, Tq, H, D) in q's dtype; LSE (B, H, Tq) fp32.
+    Out is (B, Tq, H, D) in q's dtype; LSE (B, H, Tq) fp32.
     """
     row = tl.program_id(0)
     b = row // (tq * n_heads)
@@ -260,10 +383,13 @@ def _decode_combine_kernel(
     total = tl.sum(w, 0)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    parts = tl.load(O_PART + offs_s[:, None] * stride_ps + row * HEAD_DIM + offs_d[None, :],
-                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_D)
+    parts = tl.load(
+        O_PART + offs_s[:, None] * stride_ps + row * HEAD_DIM + offs_d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # (BLOCK_S, BLOCK_D)
     out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
-    tl.store(O + b * stride_ob + t * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(Out + b * stride_ob + t * stride_ot + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
     lse = tl.where(total > 0.0, m_shift + tl.log(tl.where(total > 0.0, total, 1.0)), float("inf"))
     tl.store(LSE + b * stride_lb + h * stride_lh + t * stride_lt, lse)
 
@@ -281,9 +407,11 @@ def _prune(configs, named_args, **kwargs):
 
 
 # t_cache_bucket is the cache's allocated length rounded up to a power of 2: short and long caches tune apart.
-_decode = triton.autotune(configs=list({id(c): c for cs in _arch_configs().values() for c in cs}.values()),
-                          key=["BLOCK_M", "BLOCK_D", "NUM_SPLITS", "t_cache_bucket"],
-                          prune_configs_by={"early_config_prune": _prune})(_decode_kernel)
+_decode = triton.autotune(
+    configs=list({id(c): c for cs in _arch_configs().values() for c in cs}.values()),
+    key=["BLOCK_M", "BLOCK_D", "NUM_SPLITS", "t_cache_bucket"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_decode_kernel)
 
 
 def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
@@ -291,22 +419,30 @@ def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
     query token (a 16-row block), 4 splits, fused rotary over the whole head, the combine at its widest (BLOCK_S =
     128, ops/decode.py's most splits); BLOCK_N comes from the config."""
     fixed = {
-        _decode_append_kernel: dict(ROTARY=True, Q_PER_TOKEN=True, INTERLEAVED=False,
-                                    HAS_BATCH_IDX=True, HEAD_DIM=head_dim, ROT_HALF=head_dim // 2,
-                                    BLOCK_D=head_dim, BLOCK_R=head_dim // 2),
+        _decode_append_kernel: dict(
+            ROTARY=True,
+            Q_PER_TOKEN=True,
+            INTERLEAVED=False,
+            HAS_BATCH_IDX=True,
+            HEAD_DIM=head_dim,
+            ROT_HALF=head_dim // 2,
+            BLOCK_D=head_dim,
+            BLOCK_R=head_dim // 2,
+        ),
         _decode_kernel: dict(HEAD_DIM=head_dim, NUM_SPLITS=4, HAS_BATCH_IDX=True, BLOCK_M=16, BLOCK_D=head_dim),
         _decode_combine_kernel: dict(HEAD_DIM=head_dim, BLOCK_S=128, BLOCK_D=head_dim),
     }[kernel]
-    fp32 = {"COS", "SIN", "LSE", "O_PART", "LSE_PART"} | ({"O"} if kernel is _decode_kernel else set())
+    fp32 = {"COS", "SIN", "LSE", "O_PART", "LSE_PART"} | ({"Out"} if kernel is _decode_kernel else set())
 
     def arg_type(name):
         if name in ("SEQLENS", "BATCH_IDX"):
             return "*i32"
         if name in fp32:
             return "*fp32"
-        if name.isupper():  # pointers are upper case, runtime scalars lower case
+        if name[0].isupper():  # pointers are capitalized, runtime scalars lower case
             return f"*{dtype}"
         return "fp32" if name == "qk_scale" else "i32"
+
     return signature_from_params(kernel, arg_type, fixed)
 
 
@@ -320,4 +456,3 @@ def aot_num_warps(kernel, constexprs: dict) -> int:
     if kernel is _decode_combine_kernel:
         return combine_num_warps(constexprs["BLOCK_S"], constexprs["BLOCK_D"])
     return append_num_warps(constexprs["HEAD_DIM"])
-

@@ -21,6 +21,7 @@ fused add saves a pass each way: in eager the add reads x and residual and write
 and in backward the norm's dx and the stream's gradient are summed (and cast for the branch) in separate kernels.
 Pure device code: nothing here imports fasttrain.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -42,9 +43,28 @@ def block_and_warps(n_cols: int, backward: bool) -> tuple[int, int]:
 
 
 @triton.jit
-def _norm_forward_kernel(X, R, W, B, Y, RO, Mean, Rstd, x_row_stride, r_row_stride, out_row_stride, n_rows, n_cols,
-                         eps, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _norm_forward_kernel(
+    X,
+    R,
+    W,
+    B,
+    Y,
+    RO,
+    Mean,
+    Rstd,
+    x_row_stride,
+    r_row_stride,
+    out_row_stride,
+    n_rows,
+    n_cols,
+    eps,
+    IS_RMS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # Y and RO are fresh (M, N) tensors: one row stride serves both.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -75,10 +95,32 @@ def _norm_forward_kernel(X, R, W, B, Y, RO, Mean, Rstd, x_row_stride, r_row_stri
 
 
 @triton.jit
-def _norm_backward_kernel(DY, X, W, Mean, Rstd, DRES, DX, DX2, DW, DB, dy_row_stride, x_row_stride, dres_row_stride,
-                          dx_row_stride, n_rows, n_cols, rows_per_program, IS_RMS: tl.constexpr,
-                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DRES: tl.constexpr,
-                          HAS_DX2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _norm_backward_kernel(
+    DY,
+    X,
+    W,
+    Mean,
+    Rstd,
+    DRES,
+    DX,
+    DX2,
+    DW,
+    DB,
+    dy_row_stride,
+    x_row_stride,
+    dres_row_stride,
+    dx_row_stride,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    IS_RMS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_DRES: tl.constexpr,
+    HAS_DX2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     # With xhat = (x - mean) * rstd and g = dy * w:  dx = rstd * (g - xhat * mean(g * xhat) - mean(g)), where the
     # mean(g) term is LayerNorm's only (RMSNorm does not subtract a mean); dw = sum_rows dy * xhat, db = sum_rows dy.
     # DX and DX2 are fresh (M, N) tensors: one row stride serves both.
@@ -133,9 +175,15 @@ def rows_per_block(x: torch.Tensor, block_n: int) -> int:
     return 1 if x.is_cuda else max(1, 16384 // block_n)
 
 
-def norm_forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
-                 bias: torch.Tensor | None, eps: float, is_rms: bool, out_dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def norm_forward(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y (M, N) in out_dtype, s = x + residual (M, N) in their promoted dtype (empty without a residual), mean (M,)
     fp32 (empty for RMSNorm), rstd (M,) fp32): the norm of s, or of x alone, for x and residual (M, N) with unit
     column stride and N <= MAX_N."""
@@ -151,10 +199,28 @@ def norm_forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         block, warps = block_and_warps(N, backward=False)
         block_m = rows_per_block(x, block)
         _norm_forward_kernel[(cdiv(M, block_m),)](
-            x, residual, weight, bias, y, s, mean, rstd, x.stride(0),
-            residual.stride(0) if residual is not None else 0, y.stride(0), M, N, eps, IS_RMS=is_rms,
-            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            BLOCK_M=block_m, BLOCK_N=block, num_warps=warps)
+            x,
+            residual,
+            weight,
+            bias,
+            y,
+            s,
+            mean,
+            rstd,
+            x.stride(0),
+            residual.stride(0) if residual is not None else 0,
+            y.stride(0),
+            M,
+            N,
+            eps,
+            IS_RMS=is_rms,
+            HAS_RESIDUAL=residual is not None,
+            HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block,
+            num_warps=warps,
+        )
     return y, s, mean, rstd
 
 
@@ -166,10 +232,17 @@ def _programs(device: torch.device, n_rows: int) -> int:
     return max(1, min(n_rows, 4))
 
 
-def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
-                  rstd: torch.Tensor, is_rms: bool, has_bias: bool, dres: torch.Tensor | None = None,
-                  dx2_dtype: torch.dtype | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+def norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    is_rms: bool,
+    has_bias: bool,
+    dres: torch.Tensor | None = None,
+    dx2_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dx (M, N) in x's dtype, plus dres when given; the same values in dx2_dtype, or None; dw (N,) and db (N,) in
     the weight's dtype, or None) for dy, x (the normalized rows) and dres (M, N), unit column stride."""
     M, N = x.shape
@@ -184,16 +257,37 @@ def norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
     if M:
         block, warps = block_and_warps(N, backward=True)
         _norm_backward_kernel[(programs,)](
-            dy, x, weight, mean, rstd, dres, dx, dx2, dw, db, dy.stride(0), x.stride(0),
-            dres.stride(0) if dres is not None else 0, dx.stride(0), M, N, rows_per_program, IS_RMS=is_rms,
-            HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, HAS_DRES=dres is not None, HAS_DX2=dx2 is not None,
-            BLOCK_M=rows_per_block(x, block), BLOCK_N=block, num_warps=warps)
+            dy,
+            x,
+            weight,
+            mean,
+            rstd,
+            dres,
+            dx,
+            dx2,
+            dw,
+            db,
+            dy.stride(0),
+            x.stride(0),
+            dres.stride(0) if dres is not None else 0,
+            dx.stride(0),
+            M,
+            N,
+            rows_per_program,
+            IS_RMS=is_rms,
+            HAS_WEIGHT=has_weight,
+            HAS_BIAS=has_bias,
+            HAS_DRES=dres is not None,
+            HAS_DX2=dx2 is not None,
+            BLOCK_M=rows_per_block(x, block),
+            BLOCK_N=block,
+            num_warps=warps,
+        )
     else:  # no rows, so no program ran: the (1, N) partials must read as zeros
         dw.zero_()
         db.zero_()
     param_dtype = weight.dtype if has_weight else x.dtype
-    return (dx, dx2, dw.sum(0).to(param_dtype) if has_weight else None,
-            db.sum(0).to(param_dtype) if has_bias else None)
+    return (dx, dx2, dw.sum(0).to(param_dtype) if has_weight else None, db.sum(0).to(param_dtype) if has_bias else None)
 
 
 # ---- ahead-of-time compile (kernels/_aot.py) -----------------------------------------------------------------------
@@ -205,15 +299,28 @@ def aot_signature(kernel, dtype: str, block_n: int) -> tuple[dict, dict]:
     """(signature, constexprs) of a kernel above for an ahead-of-time compile: LayerNorm with weight, bias and the
     residual add fused (the most live values) on rows of BLOCK_N = block_n (RMSNorm is the same code with the mean
     terms gone)."""
+
     def arg_type(name):
         if name in ("Mean", "Rstd", "DW", "DB"):
             return "*fp32"
         if name[0].isupper():
             return f"*{dtype}"
         return "fp32" if name == "eps" else "i32"
-    return signature_from_params(kernel, arg_type, {"IS_RMS": False, "HAS_RESIDUAL": True, "HAS_WEIGHT": True,
-                                                    "HAS_BIAS": True, "HAS_DRES": True, "HAS_DX2": True,
-                                                    "BLOCK_M": 1, "BLOCK_N": block_n})
+
+    return signature_from_params(
+        kernel,
+        arg_type,
+        {
+            "IS_RMS": False,
+            "HAS_RESIDUAL": True,
+            "HAS_WEIGHT": True,
+            "HAS_BIAS": True,
+            "HAS_DRES": True,
+            "HAS_DX2": True,
+            "BLOCK_M": 1,
+            "BLOCK_N": block_n,
+        },
+    )
 
 
 def aot_num_warps(kernel, constexprs: dict) -> int:

@@ -1,10 +1,11 @@
 """Rotary position embedding (RoPE) on (B, T, H, D) in one pass, launched by fasttrain/ops/rotary.py (which holds
 the PyTorch reference).
 
-`_rotary_kernel`: one program per (token, block of heads) on a GPU. It loads the token's cos/sin row once (fp32 math whatever
-the dtypes) and rotates every head of the block: pairs (i, i + R/2) (GPT-NeoX, flash-attn's interleaved=False) or
-(2i, 2i + 1) (GPT-J), R = 2 * cos.shape[-1] <= D; the dims past R are copied through. x may be any strided view with
-unit stride along D (the model passes q and k as slices of one qkv projection), so no copy precedes the kernel.
+`_rotary_kernel`: one program per (token, block of heads) on a GPU. It loads the token's cos/sin row once (fp32 math
+whatever the dtypes) and rotates every head of the block: pairs (i, i + R/2) (GPT-NeoX, flash-attn's
+interleaved=False) or (2i, 2i + 1) (GPT-J), R = 2 * cos.shape[-1] <= D; the dims past R are copied through. x may be
+any strided view with unit stride along D (the model passes q and k as slices of one qkv projection), so no copy
+precedes the kernel.
 CONJUGATE rotates by -angle: the backward is the same kernel on the upstream gradient.
 Bytes: x read once, the output written once (the tables, one row per token, are 1/H of that or less). Eager PyTorch
 (fp32 copy, two halves, four products, a cat, a cast back) moves ~5x as much.
@@ -12,6 +13,7 @@ A position outside the table reads NaN rather than out of bounds (checking tenso
 
 Pure device code: nothing here imports fasttrain.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -23,11 +25,37 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _rotary_kernel(X, Cos, Sin, Offsets, Out, n_tokens, seq_len, n_heads, n_pos, offset, half, n_pass,
-                   stride_xb, stride_xt, stride_xh, stride_ob, stride_ot, stride_oh, table_b_stride, table_t_stride,
-                   INTERLEAVED: tl.constexpr, CONJUGATE: tl.constexpr, PER_SEQUENCE: tl.constexpr,
-                   OFFSET_TENSOR: tl.constexpr, COPY_PASS: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+def _rotary_kernel(
+    X,
+    Cos,
+    Sin,
+    Offsets,
+    Out,
+    n_tokens,
+    seq_len,
+    n_heads,
+    n_pos,
+    offset,
+    half,
+    n_pass,
+    stride_xb,
+    stride_xt,
+    stride_xh,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    table_b_stride,
+    table_t_stride,
+    INTERLEAVED: tl.constexpr,
+    CONJUGATE: tl.constexpr,
+    PER_SEQUENCE: tl.constexpr,
+    OFFSET_TENSOR: tl.constexpr,
+    COPY_PASS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # Tiles are (tokens, heads, pairs); BLOCK_T is 1 on a GPU, larger only in the interpreter (see tokens_per_block).
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_ok = tokens < n_tokens
@@ -85,8 +113,16 @@ def blocks(n_heads: int, half: int, n_pass: int) -> tuple[int, int, int]:
     return block_h, block_r, next_power_of_2(max(n_pass, 1))
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: torch.Tensor | None, offset: int,
-           interleaved: bool, conjugate: bool, out: torch.Tensor) -> torch.Tensor:
+def rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    offsets: torch.Tensor | None,
+    offset: int,
+    interleaved: bool,
+    conjugate: bool,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """Write the rotation of x (B, T, H, D), unit stride along D, into out (same shape; may be x itself).
     cos/sin: (T_ro, R/2) indexed by t + offset (+ offsets[b]), or (B, T, R/2) per sequence; unit last stride."""
     B, T, H, D = x.shape
@@ -98,20 +134,47 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, offsets: torch
         block_t = tokens_per_block(x, block_h, block_r)
         grid = (cdiv(B * T, block_t), cdiv(H, block_h))
         _rotary_kernel[grid](
-            x, cos, sin, offsets, out, B * T, T, H, cos.shape[-2], offset, half, n_pass,
-            x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            cos.stride(0) if per_sequence else 0, cos.stride(-2),
-            INTERLEAVED=interleaved, CONJUGATE=conjugate, PER_SEQUENCE=per_sequence,
-            OFFSET_TENSOR=offsets is not None, COPY_PASS=n_pass > 0 and out.data_ptr() != x.data_ptr(),
-            BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=block_p, num_warps=NUM_WARPS)
+            x,
+            cos,
+            sin,
+            offsets,
+            out,
+            B * T,
+            T,
+            H,
+            cos.shape[-2],
+            offset,
+            half,
+            n_pass,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            cos.stride(0) if per_sequence else 0,
+            cos.stride(-2),
+            INTERLEAVED=interleaved,
+            CONJUGATE=conjugate,
+            PER_SEQUENCE=per_sequence,
+            OFFSET_TENSOR=offsets is not None,
+            COPY_PASS=n_pass > 0 and out.data_ptr() != x.data_ptr(),
+            BLOCK_T=block_t,
+            BLOCK_H=block_h,
+            BLOCK_R=block_r,
+            BLOCK_P=block_p,
+            num_warps=NUM_WARPS,
+        )
     return out
 
 
 # ---- ahead-of-time compile (kernels/_aot.py) -----------------------------------------------------------------------
 
+
 def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
     """(signature, constexprs) for an ahead-of-time compile: the model's case, full-width half-split rotation of 16
     heads with fp32 shared tables and int offsets (GPT-2 small has 12 heads, Llama 32)."""
+
     def arg_type(name):
         if name in ("Cos", "Sin"):
             return "*fp32"
@@ -120,10 +183,23 @@ def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
         if name[0].isupper():
             return f"*{dtype}"
         return "i32"
+
     block_h, block_r, block_p = blocks(16, head_dim // 2, 0)
-    return signature_from_params(kernel, arg_type, {
-        "INTERLEAVED": False, "CONJUGATE": False, "PER_SEQUENCE": False, "OFFSET_TENSOR": False, "COPY_PASS": False,
-        "BLOCK_T": 1, "BLOCK_H": block_h, "BLOCK_R": block_r, "BLOCK_P": block_p})
+    return signature_from_params(
+        kernel,
+        arg_type,
+        {
+            "INTERLEAVED": False,
+            "CONJUGATE": False,
+            "PER_SEQUENCE": False,
+            "OFFSET_TENSOR": False,
+            "COPY_PASS": False,
+            "BLOCK_T": 1,
+            "BLOCK_H": block_h,
+            "BLOCK_R": block_r,
+            "BLOCK_P": block_p,
+        },
+    )
 
 
 def aot_num_warps(kernel, constexprs: dict) -> int:

@@ -1,6 +1,7 @@
 """fasttrain.ops.gelu: the C++ CPU kernel for approximate="tanh" against float64 and torch's F.gelu, forward and
 backward, on awkward sizes (1 element, a block's tail, several threads' chunks), half precision, non-finite and
 strided inputs, the double backward, the torch.compile registration, the backend choice and input errors."""
+
 import math
 import warnings
 
@@ -15,14 +16,17 @@ from fasttrain.ops import activation, gelu
 def _float64_gelu_tanh(x):
     """The function in float64, as x * sigmoid(2u) (no cancellation), and its derivative."""
     x = x.double()
-    u = math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)
+    u = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
     s = torch.sigmoid(2 * u)
-    du = math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x ** 2)
+    du = math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x**2)
     return x * s, s + 2 * x * s * (1 - s) * du
 
 
-@pytest.mark.parametrize("shape", [(1,), (97,), (3, 1025), (16 * 1024 + 7,), (4, 64, 1100)],
-                         ids=["one", "97", "3x1025", "chunk-tail", "several-chunks"])
+@pytest.mark.parametrize(
+    "shape",
+    [(1,), (97,), (3, 1025), (16 * 1024 + 7,), (4, 64, 1100)],
+    ids=["one", "97", "3x1025", "chunk-tail", "several-chunks"],
+)
 def test_matches_float64_and_torch(shape):
     g = torch.Generator().manual_seed(0)
     x = (3 * torch.randn(shape, generator=g)).requires_grad_()
@@ -62,7 +66,7 @@ def test_half_precision_rounds_once(dtype):
     (dx,) = torch.autograd.grad(y, x, dy)
     assert y.dtype == dtype and dx.dtype == dtype
     want, slope = _float64_gelu_tanh(x.detach())
-    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10  # one unit in the last place, relative
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # one unit in the last place, relative
     torch.testing.assert_close(y.double(), want, atol=1e-6, rtol=ulp)
     torch.testing.assert_close(dx.double(), dy.double() * slope, atol=1e-3, rtol=ulp)
 
@@ -76,9 +80,10 @@ def test_half_precision_converts_as_torch(dtype):
     every = bits.to(torch.int16).view(dtype)  # (65541,)
     x = (0.8 + 1.5 * torch.rand(every.shape, generator=torch.Generator().manual_seed(2))).to(dtype)
     ops = torch.ops.fasttrain
-    for got, want in ((ops.gelu_tanh_cpu(every), ops.gelu_tanh_cpu(every.float()).to(dtype)),
-                      (ops.gelu_tanh_backward_cpu(every, x),
-                       ops.gelu_tanh_backward_cpu(every.float(), x.float()).to(dtype))):
+    for got, want in (
+        (ops.gelu_tanh_cpu(every), ops.gelu_tanh_cpu(every.float()).to(dtype)),
+        (ops.gelu_tanh_backward_cpu(every, x), ops.gelu_tanh_backward_cpu(every.float(), x.float()).to(dtype)),
+    ):
         nan = want.isnan()
         assert torch.equal(got.isnan(), nan)
         assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
@@ -111,11 +116,11 @@ def test_strided_input_and_double_backward():
 def test_registered_ops_trace_and_compile():
     x = torch.randn(8, 33)
     torch.library.opcheck(activation._gelu_tanh_op.op, (x,), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(activation._gelu_tanh_backward_op.op, (torch.randn(8, 33), x),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        activation._gelu_tanh_backward_op.op, (torch.randn(8, 33), x), test_utils=("test_schema", "test_faketensor")
+    )
     x = x.requires_grad_()
-    compiled = torch.compile(lambda t: gelu(t, approximate="tanh").square().sum(), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(lambda t: gelu(t, approximate="tanh").square().sum(), fullgraph=True, backend="aot_eager")
     (got,) = torch.autograd.grad(compiled(x), x)
     (want,) = torch.autograd.grad(F.gelu(x, approximate="tanh").square().sum(), x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -136,11 +141,14 @@ def test_backend_choice(monkeypatch):
         gelu(x, approximate="tanh", backend="cpu")
 
 
-@pytest.mark.parametrize("args,error,match", [
-    ((torch.arange(4),), TypeError, "floating-point"),
-    (([1.0, 2.0],), TypeError, "floating-point"),
-    ((torch.randn(4), "erf"), ValueError, "approximate must be 'none' or 'tanh'"),
-])
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        ((torch.arange(4),), TypeError, "floating-point"),
+        (([1.0, 2.0],), TypeError, "floating-point"),
+        ((torch.randn(4), "erf"), ValueError, "approximate must be 'none' or 'tanh'"),
+    ],
+)
 def test_bad_inputs_raise(args, error, match):
     with pytest.raises(error, match=match):
         gelu(*args)
@@ -148,6 +156,7 @@ def test_bad_inputs_raise(args, error, match):
 
 def test_the_model_uses_it():
     from fasttrain.model import GPT, GPTConfig
+
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, d_model=64, vocab_size=128, max_seq_len=32))
     assert all(block.mlp.gelu_fn is gelu for block in model.blocks)

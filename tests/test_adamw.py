@@ -1,6 +1,7 @@
 """fasttrain.optim.AdamW against torch.optim.AdamW: parity over 100 steps, state_dict both ways, fused clipping,
 GradScaler, torch's errors. CPU tests run the C++ kernel ("cpu") and the reference; `-m gpu` tests run the CUDA kernel.
 """
+
 import copy
 
 import pytest
@@ -31,9 +32,11 @@ def clone_params(params):
 
 def groups(params, lr, tensor_lr):
     """Three groups with different lr, weight decay (0 included) and a tensor lr."""
-    return [{"params": params[:2], "weight_decay": 0.0},
-            {"params": params[2:4], "lr": torch.tensor(3e-3) if tensor_lr else 3e-3, "weight_decay": 0.1},
-            {"params": params[4:]}]
+    return [
+        {"params": params[:2], "weight_decay": 0.0},
+        {"params": params[2:4], "lr": torch.tensor(3e-3) if tensor_lr else 3e-3, "weight_decay": 0.1},
+        {"params": params[4:]},
+    ]
 
 
 def set_grads(param_lists, seed, scale=1.0):
@@ -66,10 +69,13 @@ def assert_states_close(opt, ref_opt, params, ref_params, rtol=FP32_RTOL, exact=
 def assert_low_precision_within_2x_torch_fused(device, dtype, steps):
     """Ours in dtype is no further from an fp32 run than torch's fused AdamW in dtype is (both do fp32 math)."""
     p32, ours, torch_fused = (
-        [p.detach().to(device, dt).requires_grad_() for p in make_params()]
-        for dt in (torch.float32, dtype, dtype))
-    opts = [torch.optim.AdamW(p32, lr=1e-2, foreach=False), AdamW(ours, lr=1e-2, backend=device),
-            torch.optim.AdamW(torch_fused, lr=1e-2, fused=True)]
+        [p.detach().to(device, dt).requires_grad_() for p in make_params()] for dt in (torch.float32, dtype, dtype)
+    )
+    opts = [
+        torch.optim.AdamW(p32, lr=1e-2, foreach=False),
+        AdamW(ours, lr=1e-2, backend=device),
+        torch.optim.AdamW(torch_fused, lr=1e-2, fused=True),
+    ]
     for step in range(steps):
         set_grads([p32, ours, torch_fused], seed=step)
         for o in opts:
@@ -81,14 +87,23 @@ def assert_low_precision_within_2x_torch_fused(device, dtype, steps):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("amsgrad,maximize,tensor_lr", [(False, False, False), (True, False, False),
-                                                         (False, True, False), (False, False, True)])
+@pytest.mark.parametrize(
+    "amsgrad,maximize,tensor_lr",
+    [(False, False, False), (True, False, False), (False, True, False), (False, False, True)],
+)
 def test_parity_with_torch_100_steps(backend, amsgrad, maximize, tensor_lr):
     params, ref_params = make_params(), make_params()
-    opt = AdamW(groups(params, 1e-3, tensor_lr), lr=1e-3, betas=(0.9, 0.95), amsgrad=amsgrad, maximize=maximize,
-                backend=backend)
-    ref = torch.optim.AdamW(groups(ref_params, 1e-3, tensor_lr), lr=1e-3, betas=(0.9, 0.95), amsgrad=amsgrad,
-                            maximize=maximize, foreach=False)
+    opt = AdamW(
+        groups(params, 1e-3, tensor_lr), lr=1e-3, betas=(0.9, 0.95), amsgrad=amsgrad, maximize=maximize, backend=backend
+    )
+    ref = torch.optim.AdamW(
+        groups(ref_params, 1e-3, tensor_lr),
+        lr=1e-3,
+        betas=(0.9, 0.95),
+        amsgrad=amsgrad,
+        maximize=maximize,
+        foreach=False,
+    )
     for step in range(STEPS):
         set_grads([params, ref_params], seed=step)
         opt.step()
@@ -114,8 +129,10 @@ def test_params_without_grad_are_untouched(backend):
 @pytest.mark.parametrize("direction", ["torch_to_ours", "ours_to_torch"])
 def test_state_dict_round_trip(backend, direction):
     """Train 5 steps with one optimizer, load its state_dict into the other, train 5 more: same as 10 with torch."""
-    make = {"ours": lambda p: AdamW(groups(p, 1e-3, False), lr=1e-3, amsgrad=True, backend=backend),
-            "torch": lambda p: torch.optim.AdamW(groups(p, 1e-3, False), lr=1e-3, amsgrad=True, foreach=False)}
+    make = {
+        "ours": lambda p: AdamW(groups(p, 1e-3, False), lr=1e-3, amsgrad=True, backend=backend),
+        "torch": lambda p: torch.optim.AdamW(groups(p, 1e-3, False), lr=1e-3, amsgrad=True, foreach=False),
+    }
     first, second = direction.split("_to_")
     params, ref_params = make_params(), make_params()
     ref = make["torch"](ref_params)
@@ -225,11 +242,14 @@ def test_bad_hyperparameters_raise_torchs_error(kwargs, error, message):
         AdamW([torch.zeros(2, requires_grad=True)]).add_param_group({"params": [torch.zeros(1)], **kwargs})
 
 
-@pytest.mark.parametrize("params,error,message", [
-    ([], ValueError, "empty parameter list"),
-    (torch.zeros(2, requires_grad=True), TypeError, "iterable of Tensors or dicts"),
-    ([torch.zeros(2, requires_grad=True) * 2], ValueError, "can't optimize a non-leaf Tensor"),
-])
+@pytest.mark.parametrize(
+    "params,error,message",
+    [
+        ([], ValueError, "empty parameter list"),
+        (torch.zeros(2, requires_grad=True), TypeError, "iterable of Tensors or dicts"),
+        ([torch.zeros(2, requires_grad=True) * 2], ValueError, "can't optimize a non-leaf Tensor"),
+    ],
+)
 def test_bad_params_raise_torchs_error(params, error, message):
     with pytest.raises(error, match=message):
         torch.optim.AdamW(params)
@@ -278,13 +298,15 @@ def test_takes_torchs_foreach_and_fused_flags():
 
 # ---- GPU (pytest -m gpu on the GPU machine): the CUDA multi-tensor kernel ----
 
+
 def cuda_params(dtype=torch.float32, seed=0):
     return [p.detach().cuda().to(dtype).requires_grad_() for p in make_params(seed=seed)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("amsgrad,maximize,tensor_lr", [(False, False, False), (True, True, False),
-                                                         (False, False, True)])
+@pytest.mark.parametrize(
+    "amsgrad,maximize,tensor_lr", [(False, False, False), (True, True, False), (False, False, True)]
+)
 def test_cuda_parity_with_torch_100_steps(amsgrad, maximize, tensor_lr):
     params, ref_params = cuda_params(), cuda_params()
     lr = torch.tensor(1e-3, device="cuda") if tensor_lr else 1e-3
@@ -369,13 +391,13 @@ def test_cuda_many_tensors_large_and_unaligned_match_reference():
     base = torch.randn(sum(sizes) + 3, generator=gen).cuda()
     views, offset = [], 1  # offset 1: every tensor starts 4 bytes past a 16-byte boundary, or elsewhere
     for n in sizes:
-        views.append(base[offset:offset + n])
+        views.append(base[offset : offset + n])
         offset += n
     params = [v.detach().requires_grad_() for v in views]  # disjoint views of one buffer: independent params
     ref_params = [p.detach().clone().requires_grad_() for p in params]
     opt = AdamW(params, lr=1e-3, amsgrad=True, max_grad_norm=10.0, backend="cuda")
     ref = AdamW(ref_params, lr=1e-3, amsgrad=True, max_grad_norm=10.0, backend="reference")
-    for step in range(3):
+    for _ in range(3):
         for p, q in zip(params, ref_params):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()
@@ -411,6 +433,7 @@ def test_dtensor_params_step_as_plain_ones(tmp_path):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))

@@ -4,6 +4,7 @@ errors.
 GPU tests (`pytest -m gpu`) check bf16/fp16 by the rule "at most 2x PyTorch's own same-dtype error, both against an
 fp32 reference" at T up to 8192.
 """
+
 import os
 import subprocess
 import sys
@@ -66,11 +67,13 @@ KERNEL_IDS = ["atomic_dq", "dq_kernel", "cpu"]
 @pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,window", CASES, ids=lambda c: str(c))
 def test_kernel_matches_float64_reference(B, Tq, Tk, H, Hkv, D, causal, window, backend, deterministic):
     q, k, v = _inputs(B, Tq, Tk, H, Hkv, D)
-    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True,
-                                  deterministic=deterministic, backend=backend)
+    out, lse, _ = flash_attn_func(
+        q, k, v, causal=causal, window_size=window, return_attn_probs=True, deterministic=deterministic, backend=backend
+    )
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse, _ = flash_attn_func(q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True,
-                                      backend="reference")
+    ref, ref_lse, _ = flash_attn_func(
+        q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True, backend="reference"
+    )
     assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (B, H, Tq)
     assert _max_err(out, ref) < TOL_FP32
     finite = torch.isfinite(ref_lse)
@@ -91,11 +94,22 @@ def test_varlen_uneven_lengths_forward_and_backward(backend, deterministic):
         q = torch.randn(sum(lens_q), 4, 64, generator=g).requires_grad_()  # (total_q, H, D)
         k = torch.randn(sum(lens_k), 2, 64, generator=g).requires_grad_()  # (total_k, Hkv, D)
         v = torch.randn(sum(lens_k), 2, 64, generator=g).requires_grad_()
-        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
-                                             window_size=window, return_attn_probs=True, deterministic=deterministic,
-                                             backend=backend)
+        out, lse, _ = flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            cu_q,
+            cu_k,
+            max(lens_q),
+            max(lens_k),
+            causal=causal,
+            window_size=window,
+            return_attn_probs=True,
+            deterministic=deterministic,
+            backend=backend,
+        )
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-        ref, ref_lse = attention_reference(q64, k64, v64, 64 ** -0.5, *(_flash_window(causal, window)), cu_q, cu_k)
+        ref, ref_lse = attention_reference(q64, k64, v64, 64**-0.5, *(_flash_window(causal, window)), cu_q, cu_k)
         assert lse.shape == (4, sum(lens_q))
         assert _max_err(out, ref) < TOL_FP32
         finite = torch.isfinite(ref_lse)
@@ -113,8 +127,9 @@ def _pin_config(monkeypatch, module, tuner: str, kernel, tile, **fixed):
 
 def _force_atomic_dq(monkeypatch):
     """The backward's plan tuner made to answer dQ by atomics, whatever the GPU's timing would choose."""
-    monkeypatch.setattr(backward_kernels._backward_plans, "choose",
-                        lambda key, plans, timeable: backward_kernels.DQ_BY_ATOMICS)
+    monkeypatch.setattr(
+        backward_kernels._backward_plans, "choose", lambda key, plans, timeable: backward_kernels.DQ_BY_ATOMICS
+    )
 
 
 @pytest.fixture(params=_attention_configs.FWD_WS_TILES, ids=lambda t: "x".join(map(str, t[:2])))
@@ -140,14 +155,15 @@ WS_CASES = [  # (B, Tq, Tk, H, Hkv, D, causal, window)
 
 
 @pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,window", WS_CASES, ids=lambda c: str(c))
-def test_warp_specialized_forward_matches_float64_reference(warp_specialized_forward, B, Tq, Tk, H, Hkv, D, causal,
-                                                            window):
+def test_warp_specialized_forward_matches_float64_reference(
+    warp_specialized_forward, B, Tq, Tk, H, Hkv, D, causal, window
+):
     q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype=torch.bfloat16)
-    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True,
-                                  backend="triton")
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True, backend="triton")
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse, _ = flash_attn_func(q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True,
-                                      backend="reference")
+    ref, ref_lse, _ = flash_attn_func(
+        q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True, backend="reference"
+    )
     assert _max_err(out, ref) < TOL_HALF[torch.bfloat16]
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
@@ -160,8 +176,14 @@ def warp_specialized_backward(request, monkeypatch):
     """dK/dV's autotuner holding one WARP_SPECIALIZE config alone: Q and dO by descriptor in one loop. Only the plan
     with a dQ kernel runs it (deterministic=True), since dQ by atomics does not specialize
     (kernels/attention_backward.py)."""
-    _pin_config(monkeypatch, backward_kernels, "_attn_bwd_dkdv", backward_kernels._attn_bwd_dkdv_kernel, request.param,
-                ATOMIC_DQ=False)
+    _pin_config(
+        monkeypatch,
+        backward_kernels,
+        "_attn_bwd_dkdv",
+        backward_kernels._attn_bwd_dkdv_kernel,
+        request.param,
+        ATOMIC_DQ=False,
+    )
 
 
 def _check_half_gradients(q, k, v, out, q64, k64, v64, ref):
@@ -173,8 +195,9 @@ def _check_half_gradients(q, k, v, out, q64, k64, v64, ref):
 
 
 @pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,window", WS_CASES, ids=lambda c: str(c))
-def test_warp_specialized_backward_matches_float64_reference(warp_specialized_backward, B, Tq, Tk, H, Hkv, D, causal,
-                                                             window):
+def test_warp_specialized_backward_matches_float64_reference(
+    warp_specialized_backward, B, Tq, Tk, H, Hkv, D, causal, window
+):
     """dK/dV by the specialized loop on every awkward shape the forward's test takes (Tq 256: the unmasked loop)."""
     q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype=torch.bfloat16)
     out = flash_attn_func(q, k, v, causal=causal, window_size=window, deterministic=True, backend="triton")
@@ -190,8 +213,8 @@ def test_warp_specialized_backward_lse_gradient_and_varlen(warp_specialized_back
     out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, deterministic=True, backend="triton")
     loss = (out.float() ** 2).sum() + (lse * torch.linspace(-1, 1, 41)).sum()
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = attention_reference(q64, k64, v64, 64 ** -0.5, UNBOUNDED, 0)
-    ref_loss = (ref ** 2).sum() + (ref_lse * torch.linspace(-1, 1, 41, dtype=torch.float64)).sum()
+    ref, ref_lse = attention_reference(q64, k64, v64, 64**-0.5, UNBOUNDED, 0)
+    ref_loss = (ref**2).sum() + (ref_lse * torch.linspace(-1, 1, 41, dtype=torch.float64)).sum()
     # out ** 2 doubles out's bf16 rounding in dO: 2% of the largest gradient (the pointer loop's error here, 1.3%).
     for got, want in zip(torch.autograd.grad(loss, (q, k, v)), torch.autograd.grad(ref_loss, (q64, k64, v64))):
         assert _max_err(got, want) <= 2e-2 * want.abs().max().item()
@@ -201,10 +224,11 @@ def test_warp_specialized_backward_lse_gradient_and_varlen(warp_specialized_back
     g = torch.Generator().manual_seed(4)
     q = torch.randn(sum(lens_q), 4, 64, generator=g).bfloat16().requires_grad_()
     k, v = (torch.randn(sum(lens_k), 2, 64, generator=g).bfloat16().requires_grad_() for _ in range(2))
-    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True, deterministic=True,
-                                 backend="triton")
+    out = flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True, deterministic=True, backend="triton"
+    )
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = attention_reference(q64, k64, v64, 64 ** -0.5, *(_flash_window(True, (-1, -1))), cu_q, cu_k)
+    ref, _ = attention_reference(q64, k64, v64, 64**-0.5, *(_flash_window(True, (-1, -1))), cu_q, cu_k)
     _check_half_gradients(q, k, v, out, q64, k64, v64, ref)
 
 
@@ -217,10 +241,12 @@ def test_warp_specialized_forward_varlen_skips_blocks_past_a_sequence(warp_speci
     g = torch.Generator().manual_seed(2)
     q = torch.randn(sum(lens_q), 4, 64, generator=g).bfloat16()
     k, v = (torch.randn(sum(lens_k), 2, 64, generator=g).bfloat16() for _ in range(2))
-    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
-                                         return_attn_probs=True, backend="triton")
-    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(), 64 ** -0.5, *(_flash_window(True, (-1, -1))),
-                                       cu_q, cu_k)
+    out, lse, _ = flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True, return_attn_probs=True, backend="triton"
+    )
+    ref, ref_lse = attention_reference(
+        q.double(), k.double(), v.double(), 64**-0.5, *(_flash_window(True, (-1, -1))), cu_q, cu_k
+    )
     assert _max_err(out, ref) < TOL_HALF[torch.bfloat16]
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite) and _max_err(lse[finite], ref_lse[finite]) < 1e-4
@@ -236,10 +262,21 @@ def test_warp_specialized_kernels_take_empty_packed_sequences(warp_specialized_f
     g = torch.Generator().manual_seed(6)
     q = torch.randn(sum(lens_q), 4, 64, generator=g).bfloat16().requires_grad_()
     k, v = (torch.randn(sum(lens_k), 2, 64, generator=g).bfloat16().requires_grad_() for _ in range(2))
-    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
-                                         return_attn_probs=True, deterministic=True, backend="triton")
+    out, lse, _ = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max(lens_q),
+        max(lens_k),
+        causal=True,
+        return_attn_probs=True,
+        deterministic=True,
+        backend="triton",
+    )
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = attention_reference(q64, k64, v64, 64 ** -0.5, *(_flash_window(True, (-1, -1))), cu_q, cu_k)
+    ref, ref_lse = attention_reference(q64, k64, v64, 64**-0.5, *(_flash_window(True, (-1, -1))), cu_q, cu_k)
     assert _max_err(out, ref) < TOL_HALF[torch.bfloat16]
     assert torch.all(out[:5] == 0) and torch.all(lse[:, :5] == float("inf"))  # sequence 1's queries see no key
     dk, dv = torch.autograd.grad(out, (k, v), torch.randn(out.shape, generator=g).to(out.dtype), retain_graph=True)
@@ -267,16 +304,30 @@ def test_tuners_key_band_edges_by_octave_and_unbounded_past_the_sequence():
     assert [band_class(e, 1024) for e in (0, 1, 3, 64, 65, -1, -5)] == [0, 1, 4, 64, 128, -1, -8]
     # a window as wide as the sequence, or wider, is unbounded: one key with UNBOUNDED
     assert {band_class(e, 1024) for e in (1024, 5000, UNBOUNDED)} == {1024} and band_class(-2000, 1024) == -1024
-    for tuner in (attention_kernels._attn_fwd, backward_kernels._attn_bwd_dkdv, backward_kernels._attn_bwd_dkdv_dq,
-                  backward_kernels._attn_bwd_dq):  # a key name the kernel lacks would be dropped without a word
+    for tuner in (
+        attention_kernels._attn_fwd,
+        backward_kernels._attn_bwd_dkdv,
+        backward_kernels._attn_bwd_dkdv_dq,
+        backward_kernels._attn_bwd_dq,
+    ):  # a key name the kernel lacks would be dropped without a word
         assert {"tune_seqlen", "tune_left", "tune_right"} <= set(tuner.keys) and not {"left", "right"} & set(tuner.keys)
 
 
 def test_fasttrain_attention_ws_0_leaves_the_specialized_configs_out():
-    code = ("from fasttrain.kernels import _attention_configs as c; "
-            "print(sum(x.kwargs['WARP_SPECIALIZE'] for t in (c.FWD_CONFIGS, c.DKDV_CONFIGS) for x in c.flat(t[90])))")
-    counts = [subprocess.run([sys.executable, "-c", code], env={**os.environ, "FASTTRAIN_ATTENTION_WS": flag},
-                             capture_output=True, text=True, check=True).stdout.strip() for flag in ("0", "1")]
+    code = (
+        "from fasttrain.kernels import _attention_configs as c; "
+        "print(sum(x.kwargs['WARP_SPECIALIZE'] for t in (c.FWD_CONFIGS, c.DKDV_CONFIGS) for x in c.flat(t[90])))"
+    )
+    counts = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "FASTTRAIN_ATTENTION_WS": flag},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for flag in ("0", "1")
+    ]
     assert counts[0] == "0" and int(counts[1]) == 4  # the forward's tile and dK/dV's, each in d64 and d128
 
 
@@ -287,6 +338,7 @@ def test_pruner_keeps_warp_specialized_configs_only_where_tma_can_read(table):
 
     def specialized(head_dim, **kwargs):
         return [c.kwargs["WARP_SPECIALIZE"] for c in prune(configs, {}, HEAD_DIM=head_dim, **kwargs)]
+
     for head_dim in (64, 128):
         assert any(specialized(head_dim, TMA_ALIGNED=True)) and not all(specialized(head_dim, TMA_ALIGNED=True))
         assert specialized(head_dim, TMA_ALIGNED=False) and not any(specialized(head_dim, TMA_ALIGNED=False))
@@ -386,7 +438,7 @@ def test_lse_gradient_flows(backend):
     out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend=backend)
     loss = (out * out).sum() + (lse * torch.linspace(-1, 1, 40)).sum()
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse = attention_reference(q64, k64, v64, 32 ** -0.5, UNBOUNDED, 0)
+    ref, ref_lse = attention_reference(q64, k64, v64, 32**-0.5, UNBOUNDED, 0)
     ref_loss = (ref * ref).sum() + (ref_lse * torch.linspace(-1, 1, 40, dtype=torch.float64)).sum()
     for got, want in zip(torch.autograd.grad(loss, (q, k, v)), torch.autograd.grad(ref_loss, (q64, k64, v64))):
         assert _max_err(got, want) < TOL_FP32
@@ -418,14 +470,24 @@ def test_very_negative_scores_keep_gradients_finite(Tq, deterministic):
 def atomic_dq_32_rows(monkeypatch):
     """The atomic dK/dV kernel on 32-row query tiles, whose dQ share is computed as (K^T dS)^T (the interpreter's
     own config has 64)."""
-    _pin_config(monkeypatch, backward_kernels, "_attn_bwd_dkdv_dq", backward_kernels._attn_bwd_dkdv_kernel,
-                (32, 64, 4, 1, False), ATOMIC_DQ=True)
+    _pin_config(
+        monkeypatch,
+        backward_kernels,
+        "_attn_bwd_dkdv_dq",
+        backward_kernels._attn_bwd_dkdv_kernel,
+        (32, 64, 4, 1, False),
+        ATOMIC_DQ=True,
+    )
 
 
-@pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,window", [
-    (1, 97, 97, 4, 2, 96, True, (-1, -1)),  # head_dim 96 padded to 128, GQA 2
-    (2, 70, 45, 2, 2, 32, False, (20, 5)),  # two-sided window, Tk in a part-empty key block
-], ids=lambda c: str(c))
+@pytest.mark.parametrize(
+    "B,Tq,Tk,H,Hkv,D,causal,window",
+    [
+        (1, 97, 97, 4, 2, 96, True, (-1, -1)),  # head_dim 96 padded to 128, GQA 2
+        (2, 70, 45, 2, 2, 32, False, (20, 5)),  # two-sided window, Tk in a part-empty key block
+    ],
+    ids=lambda c: str(c),
+)
 def test_atomic_dq_on_32_row_tiles_matches_float64(atomic_dq_32_rows, B, Tq, Tk, H, Hkv, D, causal, window):
     q, k, v = _inputs(B, Tq, Tk, H, Hkv, D)
     out = flash_attn_func(q, k, v, causal=causal, window_size=window, backend="triton")
@@ -478,8 +540,9 @@ def test_sdpa_matches_torch(Tq, Tk, causal):
     k = torch.randn(2, 2, Tk, 32, generator=g, dtype=torch.float64)
     v = torch.randn(2, 2, Tk, 32, generator=g, dtype=torch.float64)
     want = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, scale=0.3)
-    got = scaled_dot_product_attention(*(t.float() for t in (q, k, v)), is_causal=causal, enable_gqa=True,
-                                       scale=0.3, backend="triton")
+    got = scaled_dot_product_attention(
+        *(t.float() for t in (q, k, v)), is_causal=causal, enable_gqa=True, scale=0.3, backend="triton"
+    )
     assert got.shape == want.shape and _max_err(got, want) < TOL_FP32
 
 
@@ -518,12 +581,29 @@ def test_half_precision_on_the_cpu(dtype, backend):
 def test_registered_ops_schema_and_fake_tensors(backend, deterministic):
     """torch.library's own checks of both ops (schema, fake implementations against the real ones), every plan."""
     from fasttrain.ops import attention as attention_ops
+
     q, k, v = (t.detach() for t in _inputs(1, 20, 20, 2, 1, 32))
-    args = (q, k, v, None, None, 20, 20, 32 ** -0.5, UNBOUNDED, 0, backend, deterministic)
+    args = (q, k, v, None, None, 20, 20, 32**-0.5, UNBOUNDED, 0, backend, deterministic)
     torch.library.opcheck(attention_ops._forward_op.op, args, test_utils=("test_schema", "test_faketensor"))
     out, lse = attention_ops._forward_op(*args)
-    backward_args = (torch.randn_like(out), q, k, v, out, lse, None, None, None, 20, 20, 32 ** -0.5, UNBOUNDED, 0,
-                     backend, deterministic)
+    backward_args = (
+        torch.randn_like(out),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        None,
+        None,
+        None,
+        20,
+        20,
+        32**-0.5,
+        UNBOUNDED,
+        0,
+        backend,
+        deterministic,
+    )
     torch.library.opcheck(attention_ops._backward_op.op, backward_args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -545,6 +625,7 @@ def test_torch_compile_fullgraph_no_graph_break(backend):
 
 def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
     import fasttrain.ops.attention as attention_ops
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = _inputs(1, 8, 8, 2, 1, 48)  # any head_dim: the C++ kernel's matmuls take it
     assert attention_ops._choose(q, "auto") == "cpu"
@@ -562,19 +643,23 @@ def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
         flash_attn_func(q, k, v, backend="cpu")
 
 
-@pytest.mark.parametrize("Tq,Tk,H,Hkv,D,causal,window", [
-    (700, 1250, 4, 1, 128, True, (-1, -1)),  # diagonal 550 keys in: rows 448-473 see none of their block's 3rd tile
-    (1100, 1100, 2, 2, 64, False, (700, 400)),  # a band of 1164 keys per block: three tiles, rows start mid-tile
-    (64, 1537, 2, 1, 32, False, (-1, -1)),  # one query block over four key tiles, the last one 1 key
-])
+@pytest.mark.parametrize(
+    "Tq,Tk,H,Hkv,D,causal,window",
+    [
+        (700, 1250, 4, 1, 128, True, (-1, -1)),  # diagonal 550 keys in: rows 448-473 see none of their block's 3rd tile
+        (1100, 1100, 2, 2, 64, False, (700, 400)),  # a band of 1164 keys per block: three tiles, rows start mid-tile
+        (64, 1537, 2, 1, 32, False, (-1, -1)),  # one query block over four key tiles, the last one 1 key
+    ],
+)
 def test_cpu_kernel_across_key_tiles(Tq, Tk, H, Hkv, D, causal, window):
     """The C++ kernel's online softmax over several 512-key tiles, with rows that see none of a tile; out, lse and
     every gradient (a loss on lse too) against float64."""
     q, k, v = _inputs(1, Tq, Tk, H, Hkv, D, seed=3)
     out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True, backend="cpu")
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, ref_lse, _ = flash_attn_func(q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True,
-                                      backend="reference")
+    ref, ref_lse, _ = flash_attn_func(
+        q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True, backend="reference"
+    )
     finite = torch.isfinite(ref_lse)
     assert _max_err(out, ref) < TOL_FP32 and torch.equal(torch.isfinite(lse), finite)
     assert _max_err(lse[finite], ref_lse[finite]) < TOL_FP32
@@ -641,6 +726,7 @@ def test_cpu_kernel_tiles_through_blas_or_at_mm(route, tmp_path):
 
 def test_unsupported_head_dim_falls_back_or_refuses(monkeypatch):
     import fasttrain.ops.attention as attention_ops
+
     q, k, v = _inputs(1, 8, 8, 2, 2, 48)
     with pytest.raises(_backend.BackendError, match="head_dim"):
         flash_attn_func(q, k, v, backend="triton")
@@ -669,6 +755,7 @@ def test_no_keys_give_zeros_as_torch(backend):
 def test_more_sequences_than_the_grid_takes_fall_back_to_the_reference(monkeypatch):
     # CUDA's grid takes 65535 blocks on the batch axis; patched to 2 here, so 3 sequences exceed it.
     import fasttrain.ops.attention as attention_ops
+
     monkeypatch.setattr(attention_ops, "GRID_YZ_MAX", 2)
     monkeypatch.setattr(attention_ops, "_cpu_reason", lambda q: "off in this test")  # else auto takes the C++ kernel
     q, k, v = _inputs(3, 5, 5, 2, 2, 32)
@@ -685,14 +772,16 @@ def test_more_sequences_than_the_grid_takes_fall_back_to_the_reference(monkeypat
 def test_double_backward_matches_torch_float64(causal, aliased):
     # A gradient penalty through attention: the first-order gradients kept as a graph (create_graph=True).
     def penalty(attend, q, k, v):
-        grads = torch.autograd.grad(attend(q, k, v).pow(2).sum() + sum(t.pow(3).sum() for t in (q, k, v)), (q, k, v),
-                                    create_graph=True)
+        grads = torch.autograd.grad(
+            attend(q, k, v).pow(2).sum() + sum(t.pow(3).sum() for t in (q, k, v)), (q, k, v), create_graph=True
+        )
         return torch.autograd.grad(sum(g.pow(2).sum() for g in grads), (q, k, v))
 
     def torch_sdpa(q, k, v):  # (B, T, H, D) <-> (B, H, T, D); the math backend: torch's flash has no double backward
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal,
-                                                  enable_gqa=True).transpose(1, 2)
+            return F.scaled_dot_product_attention(
+                *(t.transpose(1, 2) for t in (q, k, v)), is_causal=causal, enable_gqa=True
+            ).transpose(1, 2)
 
     if aliased:  # self-attention on one tensor: each slot's gradient counted once
         x = _inputs(1, 9, 9, 4, 4, 32)[0]
@@ -707,29 +796,54 @@ def test_double_backward_matches_torch_float64(causal, aliased):
         assert _max_err(g, ref) < TOL_FP32 * ref.abs().max().item(), f"d{name}"
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda q, k, v: flash_attn_func(q[0], k, v), ValueError, "q must be 4-D"),
-    (lambda q, k, v: flash_attn_func(q, k[:, :, :1].repeat(1, 1, 3, 1), v[:, :, :1].repeat(1, 1, 3, 1)),
-     ValueError, "must divide"),
-    (lambda q, k, v: flash_attn_func(q, k.double(), v), TypeError, "k must have q's dtype"),
-    (lambda q, k, v: flash_attn_func(q, k, v[..., :16]), ValueError, "same shape"),
-    (lambda q, k, v: flash_attn_func(q, k, v, window_size=(-2, 3)), ValueError, "window_size"),
-    (lambda q, k, v: flash_attn_func(q, k, v, softcap=1.0), ValueError, "softcap"),
-    (lambda q, k, v: flash_attn_func(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
-    (lambda q, k, v: flash_attn_func(q.long(), k, v), TypeError, "floating-point"),
-    (lambda q, k, v: flash_attn_varlen_func(q[0], k[0], v[0], torch.tensor([0, 8]), torch.tensor([0, 8]), 8, 8),
-     TypeError, "cu_seqlens_q"),
-    (lambda q, k, v: flash_attn_varlen_func(q[0], k[0], v[0], torch.tensor([0, 5], dtype=torch.int32),
-                                            torch.tensor([0, 8], dtype=torch.int32), 8, 8), ValueError, "packed"),
-    (lambda q, k, v: flash_attn_varlen_func(q[0], k[0], v[0], torch.tensor([0, 8], dtype=torch.int32),
-                                            torch.tensor([0, 8], dtype=torch.int32), 4, 8), ValueError,
-     "max_seqlen_q"),
-    (lambda q, k, v: scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))), ValueError,
-     "enable_gqa"),
-    (lambda q, k, v: scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), enable_gqa=True,
-                                                  attn_mask=torch.ones(8, 8, dtype=torch.long)),
-     TypeError, "attn_mask must be bool .* or floating-point .*, got torch.int64"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda q, k, v: flash_attn_func(q[0], k, v), ValueError, "q must be 4-D"),
+        (
+            lambda q, k, v: flash_attn_func(q, k[:, :, :1].repeat(1, 1, 3, 1), v[:, :, :1].repeat(1, 1, 3, 1)),
+            ValueError,
+            "must divide",
+        ),
+        (lambda q, k, v: flash_attn_func(q, k.double(), v), TypeError, "k must have q's dtype"),
+        (lambda q, k, v: flash_attn_func(q, k, v[..., :16]), ValueError, "same shape"),
+        (lambda q, k, v: flash_attn_func(q, k, v, window_size=(-2, 3)), ValueError, "window_size"),
+        (lambda q, k, v: flash_attn_func(q, k, v, softcap=1.0), ValueError, "softcap"),
+        (lambda q, k, v: flash_attn_func(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
+        (lambda q, k, v: flash_attn_func(q.long(), k, v), TypeError, "floating-point"),
+        (
+            lambda q, k, v: flash_attn_varlen_func(q[0], k[0], v[0], torch.tensor([0, 8]), torch.tensor([0, 8]), 8, 8),
+            TypeError,
+            "cu_seqlens_q",
+        ),
+        (
+            lambda q, k, v: flash_attn_varlen_func(
+                q[0], k[0], v[0], torch.tensor([0, 5], dtype=torch.int32), torch.tensor([0, 8], dtype=torch.int32), 8, 8
+            ),
+            ValueError,
+            "packed",
+        ),
+        (
+            lambda q, k, v: flash_attn_varlen_func(
+                q[0], k[0], v[0], torch.tensor([0, 8], dtype=torch.int32), torch.tensor([0, 8], dtype=torch.int32), 4, 8
+            ),
+            ValueError,
+            "max_seqlen_q",
+        ),
+        (
+            lambda q, k, v: scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))),
+            ValueError,
+            "enable_gqa",
+        ),
+        (
+            lambda q, k, v: scaled_dot_product_attention(
+                *(t.transpose(1, 2) for t in (q, k, v)), enable_gqa=True, attn_mask=torch.ones(8, 8, dtype=torch.long)
+            ),
+            TypeError,
+            "attn_mask must be bool .* or floating-point .*, got torch.int64",
+        ),
+    ],
+)
 def test_bad_inputs_name_the_argument(call, error, match):
     q, k, v = _inputs(1, 8, 8, 4, 2, 32)
     with pytest.raises(error, match=match):
@@ -778,15 +892,17 @@ WS_GPU_CASES = [  # (B, T, H, Hkv, D, causal, window)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("B,T,H,Hkv,D,causal,window", WS_GPU_CASES, ids=lambda c: str(c))
-def test_gpu_warp_specialized_forward_at_most_twice_pytorch_error(warp_specialized_forward, B, T, H, Hkv, D, causal,
-                                                                   window, dtype):
+def test_gpu_warp_specialized_forward_at_most_twice_pytorch_error(
+    warp_specialized_forward, B, T, H, Hkv, D, causal, window, dtype
+):
     _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,T,H,Hkv,D,causal,window", WS_GPU_CASES, ids=lambda c: str(c))
-def test_gpu_warp_specialized_backward_at_most_twice_pytorch_error(warp_specialized_backward, B, T, H, Hkv, D,
-                                                                    causal, window):
+def test_gpu_warp_specialized_backward_at_most_twice_pytorch_error(
+    warp_specialized_backward, B, T, H, Hkv, D, causal, window
+):
     """bf16 only: the dtype changes no code in the loop, and the forward's test already covers fp16 on the card."""
     _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, torch.bfloat16, deterministic=True)
 
@@ -818,8 +934,12 @@ def test_gpu_tma_kernels_take_empty_packed_sequences():
     kernels/_attention_tiles.py), never run on a card yet. In a child process, so that a fault there cannot poison
     this worker's CUDA context for the tests after it; not named for the probe stage of tools/gpu_check.sh, whose
     failure would turn the specialized kernels off for the whole call."""
-    child = subprocess.run([sys.executable, "-c", _EMPTY_SEQUENCES_CHILD, os.path.dirname(__file__)],
-                           capture_output=True, text=True, timeout=280)
+    child = subprocess.run(
+        [sys.executable, "-c", _EMPTY_SEQUENCES_CHILD, os.path.dirname(__file__)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
 
 
@@ -834,8 +954,10 @@ def test_gpu_deterministic_backward_is_bitwise_repeatable(monkeypatch):
     _force_atomic_dq(monkeypatch)
     q, k, v = _inputs(2, 2048, 2048, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
     dout = torch.randn(q.shape, device="cuda", dtype=q.dtype)
-    grads = [_grads(flash_attn_func(q, k, v, causal=True, deterministic=True, backend="triton"), (q, k, v), dout)
-             for _ in range(2)]
+    grads = [
+        _grads(flash_attn_func(q, k, v, causal=True, deterministic=True, backend="triton"), (q, k, v), dout)
+        for _ in range(2)
+    ]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
@@ -860,8 +982,9 @@ def _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype, determini
     ref = flash_attn_func(q32, k32, v32, causal=causal, window_size=window, backend="reference")
     assert _max_err(out, ref) <= 2 * _max_err(pt, ref) + 1e-5
     dout = torch.randn_like(out)
-    for name, got, mine, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(pt, (q, k, v), dout),
-                                     _grads(ref, (q32, k32, v32), dout.float())):
+    for name, got, mine, want in zip(
+        "qkv", _grads(out, (q, k, v), dout), _grads(pt, (q, k, v), dout), _grads(ref, (q32, k32, v32), dout.float())
+    ):
         assert _max_err(got, want) <= 2 * _max_err(mine, want) + 1e-5, f"d{name}"
 
 
@@ -878,12 +1001,12 @@ def _check_gpu_varlen(deterministic=False, lens=(1, 1000, 3000, 17), lens_k=None
     """Packed sequences of 1-3000 rows (keys as many as queries unless lens_k), GQA 4: the output and every gradient
     within 2x PyTorch's own bf16 error."""
     lens_k = lens if lens_k is None else lens_k
-    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
-                  for n in (lens, lens_k))
+    cu_q, cu_k = (
+        torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32, device="cuda") for n in (lens, lens_k)
+    )
     g = torch.Generator(device="cuda").manual_seed(5)
     q = torch.randn(sum(lens), 8, 128, generator=g, device="cuda").bfloat16().requires_grad_()
-    k, v = (torch.randn(sum(lens_k), 2, 128, generator=g, device="cuda").bfloat16().requires_grad_()
-            for _ in range(2))
+    k, v = (torch.randn(sum(lens_k), 2, 128, generator=g, device="cuda").bfloat16().requires_grad_() for _ in range(2))
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     packing = (cu_q, cu_k, max(lens), max(lens_k))
     out = flash_attn_varlen_func(q, k, v, *packing, causal=True, deterministic=deterministic, backend="triton")
@@ -891,6 +1014,7 @@ def _check_gpu_varlen(deterministic=False, lens=(1, 1000, 3000, 17), lens_k=None
     ref = flash_attn_varlen_func(q32, k32, v32, *packing, causal=True, backend="reference")
     assert _max_err(out, ref) <= 2 * _max_err(pt, ref) + 1e-5
     dout = torch.randn(out.shape, generator=g, device="cuda").bfloat16()
-    for name, got, mine, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(pt, (q, k, v), dout),
-                                     _grads(ref, (q32, k32, v32), dout.float())):
+    for name, got, mine, want in zip(
+        "qkv", _grads(out, (q, k, v), dout), _grads(pt, (q, k, v), dout), _grads(ref, (q32, k32, v32), dout.float())
+    ):
         assert _max_err(got, want) <= 2 * _max_err(mine, want) + 1e-5, f"d{name}"

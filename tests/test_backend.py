@@ -1,4 +1,5 @@
 """The backend chooser, the extension loader, and `fasttrain info`."""
+
 import subprocess
 import sys
 import textwrap
@@ -36,8 +37,10 @@ def test_a_backend_not_meant_for_the_device_is_no_fallback_worth_a_warning(monke
     monkeypatch.delenv("FASTTRAIN_BACKEND", raising=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert choose("op_quiet", {"triton": NotForDevice("CPU tensors need the interpreter"),
-                                   "reference": None}) == "reference"
+        assert (
+            choose("op_quiet", {"triton": NotForDevice("CPU tensors need the interpreter"), "reference": None})
+            == "reference"
+        )
 
 
 def test_no_reason_is_built_in_a_call_so_that_a_trace_never_breaks_on_one(monkeypatch):
@@ -49,6 +52,7 @@ def test_no_reason_is_built_in_a_call_so_that_a_trace_never_breaks_on_one(monkey
 
     def refuse(cls, *args):
         raise AssertionError(f"NotForDevice{args} built in a call")
+
     monkeypatch.setattr(NotForDevice, "__new__", refuse)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("FASTTRAIN_BACKEND", raising=False)
@@ -62,6 +66,7 @@ def test_no_reason_is_built_in_a_call_so_that_a_trace_never_breaks_on_one(monkey
 
     def ops(x, q):
         return gelu(x).sum() + layer_norm(x, (32,)).sum() + flash_attn_func(q, q, q, causal=True).sum()
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the lru_cache warning, had a cached function stayed on the traced path
         torch.testing.assert_close(torch.compile(ops, fullgraph=True, backend="eager")(x, q), ops(x, q))
@@ -117,6 +122,7 @@ def test_a_broken_extension_never_breaks_import_and_ops_fall_back():
 
 def test_info_lists_every_op_and_its_backends():
     from fasttrain.info import report
+
     text = report()
     for op in ("adamw", "attention", "flash_attn_with_kvcache"):
         assert f"  {op}" in text, text

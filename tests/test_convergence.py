@@ -4,6 +4,7 @@ Fast means attention and cross-entropy on `triton` (under TRITON_INTERPRET=1 on 
 and AdamW on `cpu` (the C++ kernel) or `cuda`. Both runs start from the same init and see the same batches, so any
 divergence beyond fp32 rounding is a bug in a kernel's forward, backward or update that per-op tests missed.
 """
+
 import contextlib
 import functools
 import math
@@ -45,8 +46,9 @@ def _batches(vocab: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor
     return out
 
 
-def _train(cfg: GPTConfig, ops: str, adamw: str, batches, device: str = "cpu",
-           autocast: torch.dtype | None = None) -> tuple[list[float], dict]:
+def _train(
+    cfg: GPTConfig, ops: str, adamw: str, batches, device: str = "cpu", autocast: torch.dtype | None = None
+) -> tuple[list[float], dict]:
     """Losses over len(batches) steps, and the first step's gradients by parameter name."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
@@ -79,7 +81,9 @@ def _check_agree(cfg: GPTConfig) -> None:
     fast, fast_grads = _train(cfg, "triton", "cpu", batches)
     ref, ref_grads = _train(cfg, "reference", "reference", batches)
     for name, g in ref_grads.items():
-        torch.testing.assert_close(fast_grads[name], g, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            fast_grads[name], g, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m, name=name: f"{name}: {m}"
+        )
     gaps = [abs(a - b) for a, b in zip(fast, ref)]
     assert max(gaps) < LOSS_ATOL, f"loss curves diverge: fast {fast} reference {ref}"
     _assert_learns(ref, cfg.vocab_size)

@@ -1,6 +1,7 @@
 """fasttrain.ops.cross_entropy: the Triton kernels (interpreted on CPU) against torch's F.cross_entropy in float64,
 every reduction, ignored rows, awkward sizes, the torch.compile registration and input errors. GPU tests
 (`pytest -m gpu`) check bf16/fp16 against torch's own error and the memory the op saves."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,15 +120,18 @@ def test_int32_targets_work_on_every_backend(backend):
     assert _err(loss, _torch64(logits, target, "mean")[1]) < TOL_FP32
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda x, t: cross_entropy(x[0], t), ValueError, "input must be a 2-D"),
-    (lambda x, t: cross_entropy(x[:, :0], t), ValueError, "at least one class"),
-    (lambda x, t: cross_entropy(x, t.float()), ValueError, "target must be an integer"),
-    (lambda x, t: cross_entropy(x, t[:2]), ValueError, r"target must be an integer tensor of shape \(4,\)"),
-    (lambda x, t: cross_entropy(x, t, reduction="avg"), ValueError, "reduction"),
-    (lambda x, t: cross_entropy(x, t, ignore_index=1.5), TypeError, "ignore_index"),
-    (lambda x, t: cross_entropy(x, t, backend="cuda"), Exception, "cuda"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda x, t: cross_entropy(x[0], t), ValueError, "input must be a 2-D"),
+        (lambda x, t: cross_entropy(x[:, :0], t), ValueError, "at least one class"),
+        (lambda x, t: cross_entropy(x, t.float()), ValueError, "target must be an integer"),
+        (lambda x, t: cross_entropy(x, t[:2]), ValueError, r"target must be an integer tensor of shape \(4,\)"),
+        (lambda x, t: cross_entropy(x, t, reduction="avg"), ValueError, "reduction"),
+        (lambda x, t: cross_entropy(x, t, ignore_index=1.5), TypeError, "ignore_index"),
+        (lambda x, t: cross_entropy(x, t, backend="cuda"), Exception, "cuda"),
+    ],
+)
 def test_bad_inputs_name_the_argument(call, error, match):
     logits, target = _inputs(4, 10)
     with pytest.raises(error, match=match):
@@ -135,6 +139,7 @@ def test_bad_inputs_name_the_argument(call, error, match):
 
 
 # ---- GPU -----------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -1,5 +1,6 @@
 """fasttrain.data sources and shards: every source type, skipping, the default corpus, BPE and tokenizer.json,
 shard reuse and invalidation, the split, 1 vs 2 workers, and the errors a user can cause."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,9 @@ TEXTS = {
     "notes.md": "# Notes\n\nMarkdown *is* text: ünïcødé ✓.\n",
     "readme.txt": "Plain text, read as one document.\n",
     "src/model.py": "def f(x):\n    return x * 2  # code keeps its indentation\n",
-    "src/lib.rs": "fn main() { println!(\"rust\"); }\n",
+    "src/lib.rs": 'fn main() { println!("rust"); }\n',
 }
-JSONL_RECORDS = ["first jsonl record", "second one, with \"quotes\""]
+JSONL_RECORDS = ["first jsonl record", 'second one, with "quotes"']
 PDF_TEXT = "Hello from a generated PDF"
 
 
@@ -103,8 +104,10 @@ def test_pdfs_are_skipped_and_counted_with_one_note_when_pypdf_is_missing(tmp_pa
     monkeypatch.setattr(shards, "_noted_pypdf", False)
     with pytest.warns(UserWarning, match=r"2 PDF files skipped: pypdf is not installed"):
         corpus = prepare(config(tmp_path, [corpus_dir]))
-    assert corpus.manifest["sources"][str(corpus_dir)]["skipped"]["pdf (pypdf not installed: pip install "
-                                                                 "fasttrain[pdf])"] == 2
+    assert (
+        corpus.manifest["sources"][str(corpus_dir)]["skipped"]["pdf (pypdf not installed: pip install fasttrain[pdf])"]
+        == 2
+    )
     assert PDF_TEXT not in corpus.tokenizer.decode(corpus.train.tolist())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the note is given once per process
@@ -155,12 +158,14 @@ def test_bpe_is_trained_saved_and_round_trips(tmp_path, corpus_dir):
     rebuilt = tokenizer_from_config(json.loads(json.dumps(tok.to_config())))  # as a checkpoint stores it
     assert rebuilt.encode(sample) == ids and rebuilt.eot_id == tok.eot_id and rebuilt.vocab_size == tok.vocab_size
     as_bytes = prepare(config(tmp_path, [corpus_dir]))  # every document decodes back to its source text
-    assert sorted(docs_of(corpus, corpus.train) + docs_of(corpus, corpus.val)) == sorted(docs_of(as_bytes,
-                                                                                                as_bytes.train))
+    assert sorted(docs_of(corpus, corpus.train) + docs_of(corpus, corpus.val)) == sorted(
+        docs_of(as_bytes, as_bytes.train)
+    )
 
 
 def test_a_local_tokenizer_json_gets_end_of_text_and_can_need_uint32(tmp_path, corpus_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers
+
     words = ["plain", "text", "read", "as", "one", "document"] + [f"w{i}" for i in range(70_000)]
     hf = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
     hf.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -245,8 +250,10 @@ def test_two_workers_give_the_same_shards_as_one(tmp_path, corpus_dir, monkeypat
     two = prepare(config(tmp_path / "b", [corpus_dir], num_workers=2, **kw))
     assert not two.reused and two.folder != one.folder
     assert np.array_equal(one.train, two.train) and np.array_equal(one.val, two.val)
+
     def contents(m):  # a shard's entry less its mtime
         return {split: {k: v for k, v in e.items() if k != "mtime_ns"} for split, e in m["shards"].items()}
+
     assert contents(one.manifest) == contents(two.manifest) and one.manifest["sources"] == two.manifest["sources"]
     assert one.manifest["build"]["workers"] == 1 and two.manifest["build"]["workers"] == 2
 
@@ -254,6 +261,7 @@ def test_two_workers_give_the_same_shards_as_one(tmp_path, corpus_dir, monkeypat
 def test_a_pool_is_started_only_for_enough_python_bound_work():
     def files(kind, mb, n=4):
         return [SourceFile(f"/x/{i}.{kind}", "x", kind, int(mb * 1e6 / n), 0, None) for i in range(n)]
+
     assert parallel.workers_for(files("pdf", 6.0), num_workers=2) == 2  # ~24 s of pypdf
     assert parallel.workers_for(files("pdf", 6.0), num_workers=8) == 2
     assert parallel.workers_for(files("pdf", 1.0), num_workers=2) == 1
@@ -262,17 +270,20 @@ def test_a_pool_is_started_only_for_enough_python_bound_work():
     assert parallel.workers_for(files("pdf", 40.0), num_workers=0) == 1
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(paths=["/no/such/dir"]), r"DataConfig.paths: '/no/such/dir' does not exist"),
-    (dict(val_fraction=1.0), r"DataConfig.val_fraction must be in \[0, 1\)"),
-    (dict(val_fraction=-0.1), r"DataConfig.val_fraction"),
-    (dict(tokenizer="bpe", vocab_size=100), r"DataConfig.vocab_size must be an int >= 257"),
-    (dict(num_workers=-1), r"DataConfig.num_workers"),
-    (dict(max_bytes=0), r"DataConfig.max_bytes"),
-    (dict(paths="docs/"), r"DataConfig.paths must be a list"),
-    (dict(seed=-1), r"DataConfig.seed must be an int >= 0"),
-    (dict(cache_dir=123), r"DataConfig.cache_dir must be a path or None, got 123"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(paths=["/no/such/dir"]), r"DataConfig.paths: '/no/such/dir' does not exist"),
+        (dict(val_fraction=1.0), r"DataConfig.val_fraction must be in \[0, 1\)"),
+        (dict(val_fraction=-0.1), r"DataConfig.val_fraction"),
+        (dict(tokenizer="bpe", vocab_size=100), r"DataConfig.vocab_size must be an int >= 257"),
+        (dict(num_workers=-1), r"DataConfig.num_workers"),
+        (dict(max_bytes=0), r"DataConfig.max_bytes"),
+        (dict(paths="docs/"), r"DataConfig.paths must be a list"),
+        (dict(seed=-1), r"DataConfig.seed must be an int >= 0"),
+        (dict(cache_dir=123), r"DataConfig.cache_dir must be a path or None, got 123"),
+    ],
+)
 def test_bad_settings_raise_one_clear_line(kw, match):
     with pytest.raises(ValueError, match=match):
         prepare(DataConfig(**kw))
@@ -301,7 +312,9 @@ def test_jsonl_records_split_on_newline_only_and_a_bad_record_costs_only_itself(
         corpus = prepare(config(tmp_path / tokenizer, [tmp_path / "r.jsonl"], tokenizer=tokenizer, vocab_size=300))
         assert docs_of(corpus, corpus.train) == texts
         assert corpus.manifest["sources"][str(tmp_path / "r.jsonl")]["skipped"] == {
-            "jsonl line not UTF-8": 1, "jsonl record with a lone surrogate (\\ud800-\\udfff escape)": 1}
+            "jsonl line not UTF-8": 1,
+            "jsonl record with a lone surrogate (\\ud800-\\udfff escape)": 1,
+        }
 
 
 @pytest.mark.parametrize("tokenizer", ["bpe", "file"])
@@ -356,13 +369,15 @@ def test_a_shard_written_over_in_place_is_rebuilt(tmp_path, corpus_dir):
 
 
 def test_a_cache_dir_that_is_a_file_is_a_clear_error_and_a_failed_build_leaves_no_temporaries(
-        tmp_path, corpus_dir, monkeypatch):
+    tmp_path, corpus_dir, monkeypatch
+):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"DataConfig.cache_dir \(or \$FASTTRAIN_CACHE\): cannot make"):
         prepare(DataConfig(paths=[str(corpus_dir)], cache_dir=str(tmp_path / "file")))
 
     def fail(*args):
         raise OSError("disk full")
+
     monkeypatch.setattr(shards, "_write_splits", fail)  # after the whole token stream is on disk
     with pytest.raises(OSError, match="disk full"):
         prepare(config(tmp_path, [corpus_dir]))

@@ -1,4 +1,5 @@
 """fasttrain.data.Batches: shapes and shift, random and sequential windows, exact resume, and bad arguments."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,8 @@ def test_windows_are_shifted_slices_of_the_tokens(tokens, mode, batch_size, seq_
         assert torch.equal(x[:, 1:], y[:, :-1])
         for row_x, row_y in zip(x.numpy(), y.numpy()):
             start = int(np.flatnonzero(tokens == row_x[0])[0])
-            assert np.array_equal(row_x, tokens[start: start + seq_len])
-            assert np.array_equal(row_y, tokens[start + 1: start + seq_len + 1])
+            assert np.array_equal(row_x, tokens[start : start + seq_len])
+            assert np.array_equal(row_y, tokens[start + 1 : start + seq_len + 1])
 
 
 def test_random_windows_cover_the_split_and_depend_on_the_seed(tokens):
@@ -77,16 +78,19 @@ def test_loading_a_state_of_other_batches_raises(tokens):
         Batches(tokens, 4, 50, seed=7, mode="sequential").load_state_dict(state)
 
 
-@pytest.mark.parametrize("args, kw, error, match", [
-    ((np.arange(10), 2, 10), {}, ValueError, r"tokens has 10 tokens; seq_len=10 needs at least 11"),
-    ((np.arange(100), 0, 8), {}, ValueError, r"batch_size must be a positive int"),
-    ((np.arange(100), 2, 0), {}, ValueError, r"seq_len must be a positive int"),
-    ((np.arange(100), 2, 8), {"mode": "shuffle"}, ValueError, r"mode must be one of"),
-    ((np.arange(100), 2, 8), {"seed": -1}, ValueError, r"seed must be an int >= 0, got -1"),
-    ((np.arange(100), 2, 8), {"seed": 1.5}, ValueError, r"seed must be an int >= 0, got 1.5"),
-    ((torch.arange(100), 2, 8), {}, TypeError, r"tokens must be a 1-D numpy array"),
-    ((np.zeros((4, 100)), 2, 8), {}, TypeError, r"tokens must be a 1-D numpy array"),
-])
+@pytest.mark.parametrize(
+    "args, kw, error, match",
+    [
+        ((np.arange(10), 2, 10), {}, ValueError, r"tokens has 10 tokens; seq_len=10 needs at least 11"),
+        ((np.arange(100), 0, 8), {}, ValueError, r"batch_size must be a positive int"),
+        ((np.arange(100), 2, 0), {}, ValueError, r"seq_len must be a positive int"),
+        ((np.arange(100), 2, 8), {"mode": "shuffle"}, ValueError, r"mode must be one of"),
+        ((np.arange(100), 2, 8), {"seed": -1}, ValueError, r"seed must be an int >= 0, got -1"),
+        ((np.arange(100), 2, 8), {"seed": 1.5}, ValueError, r"seed must be an int >= 0, got 1.5"),
+        ((torch.arange(100), 2, 8), {}, TypeError, r"tokens must be a 1-D numpy array"),
+        ((np.zeros((4, 100)), 2, 8), {}, TypeError, r"tokens must be a 1-D numpy array"),
+    ],
+)
 def test_bad_arguments(args, kw, error, match):
     with pytest.raises(error, match=match):
         Batches(*args, **kw)

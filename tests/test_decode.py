@@ -4,6 +4,7 @@ against the reference.
 CPU shapes stay small (D = 32, caches <= 320 rows) because the interpreter's cost grows with programs x tiles; the C++
 kernel's own tests below take caches across several of its 512-key tiles.
 """
+
 import warnings
 
 import pytest
@@ -19,8 +20,21 @@ KERNELS = ("triton", "cpu")  # every case below runs both against the reference
 CPU_LENGTHS = (1, 97, 300)  # cache rows already filled, one per sequence: the awkward sizes of the issue
 
 
-def _case(Tq, H, Hkv, lengths, D=32, Tmax=320, append=True, rotary=False, dtype=torch.float32, device="cpu",
-          batch_idx=None, rotary_dim=None, seed=0):
+def _case(
+    Tq,
+    H,
+    Hkv,
+    lengths,
+    D=32,
+    Tmax=320,
+    append=True,
+    rotary=False,
+    dtype=torch.float32,
+    device="cpu",
+    batch_idx=None,
+    rotary_dim=None,
+    seed=0,
+):
     g = torch.Generator(device="cpu").manual_seed(seed)
 
     def randn(*shape):
@@ -28,8 +42,12 @@ def _case(Tq, H, Hkv, lengths, D=32, Tmax=320, append=True, rotary=False, dtype=
 
     B = len(lengths)
     Bc = B if batch_idx is None else max(batch_idx) + 2
-    kw = dict(q=randn(B, Tq, H, D), k_cache=randn(Bc, Tmax, Hkv, D), v_cache=randn(Bc, Tmax, Hkv, D),
-              cache_seqlens=torch.tensor(lengths, dtype=torch.int32, device=device))
+    kw = dict(
+        q=randn(B, Tq, H, D),
+        k_cache=randn(Bc, Tmax, Hkv, D),
+        v_cache=randn(Bc, Tmax, Hkv, D),
+        cache_seqlens=torch.tensor(lengths, dtype=torch.int32, device=device),
+    )
     if append:
         kw.update(k=randn(B, Tq, Hkv, D), v=randn(B, Tq, Hkv, D))
     if rotary:
@@ -54,7 +72,7 @@ def _assert_matches_reference(kw, tol=TOL_FP32, kernels=KERNELS, **extra):
     for backend in kernels:
         results.append(_run(kw, backend, **extra))
         for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), results[-1], want):
-            torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{backend} {name}: {m}")
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, backend=backend, name=name: f"{backend} {name}: {m}")
     return results[0]
 
 
@@ -80,8 +98,7 @@ def test_many_rows_and_odd_head_dim(Tq, H, Hkv, D):
 
 @pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (40, -1)), (False, (20, 5))])
 def test_windows_and_non_causal(causal, window):
-    _assert_matches_reference(_case(3, 4, 2, CPU_LENGTHS, rotary=True), num_splits=2, causal=causal,
-                              window_size=window)
+    _assert_matches_reference(_case(3, 4, 2, CPU_LENGTHS, rotary=True), num_splits=2, causal=causal, window_size=window)
 
 
 def test_rotary_variants_and_batch_idx():
@@ -118,12 +135,12 @@ def test_append_writes_exactly_the_new_rows(rotary, backend):
     expect_k = kw["k"]
     if rotary:  # the reference's rotation, in fp32 (checked against the closed form in test_rotary_reference)
         _, _, ref_kc, _ = _run(kw, "reference")
-        expect_k = torch.stack([ref_kc[r, n:n + 3] for r, n in zip(batch_idx, lengths)])
+        expect_k = torch.stack([ref_kc[r, n : n + 3] for r, n in zip(batch_idx, lengths)])
     written = torch.zeros(kc.shape[:2], dtype=torch.bool)  # (B_cache, Tmax)
     for b, (row, n) in enumerate(zip(batch_idx, lengths)):
-        written[row, n:n + 3] = True
-        torch.testing.assert_close(kc[row, n:n + 3], expect_k[b], atol=1e-6, rtol=0)
-        assert torch.equal(vc[row, n:n + 3], kw["v"][b])
+        written[row, n : n + 3] = True
+        torch.testing.assert_close(kc[row, n : n + 3], expect_k[b], atol=1e-6, rtol=0)
+        assert torch.equal(vc[row, n : n + 3], kw["v"][b])
     assert torch.equal(kc[~written], kw["k_cache"][~written])
     assert torch.equal(vc[~written], kw["v_cache"][~written])
 
@@ -172,22 +189,25 @@ def _bad(**changes):
     return kw
 
 
-@pytest.mark.parametrize("changes,match", [
-    (dict(cache_seqlens=torch.tensor([3, 63], dtype=torch.int32)), "cache too short"),
-    (dict(q=torch.randn(2, 2, 5, 32)), "multiple of k_cache's heads"),
-    (dict(k_cache=torch.randn(2, 64, 2, 32, dtype=torch.float16)), "k_cache must have q's dtype"),
-    (dict(v=torch.randn(2, 2, 2, 32, dtype=torch.float64)), "v must be torch.float32"),
-    (dict(v=None), "k and v must be given together"),
-    (dict(cache_seqlens=torch.tensor([3, 5, 1])), "cache_seqlens must be an int32/int64 tensor of shape"),
-    (dict(cache_seqlens=torch.tensor([-1, 5])), "cache_seqlens must be >= 0"),
-    (dict(cache_seqlens=[3, 5]), "cache_seqlens must be an int32/int64 tensor"),
-    (dict(cache_batch_idx=torch.tensor([0, 2])), r"cache_batch_idx must lie in \[0, 2\)"),
-    (dict(k=None, v=None, rotary_cos=torch.ones(64, 16), rotary_sin=torch.ones(64, 16)), "pass k and v"),
-    (dict(rotary_cos=torch.ones(6, 16), rotary_sin=torch.ones(6, 16)), "rotary_cos has 6 rows"),
-    (dict(q=torch.randn(2, 2, 4)), "q must be 4-D"),
-    (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), "block_table"),
-    (dict(num_splits=-1), "num_splits must be an int >= 0"),
-])
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(cache_seqlens=torch.tensor([3, 63], dtype=torch.int32)), "cache too short"),
+        (dict(q=torch.randn(2, 2, 5, 32)), "multiple of k_cache's heads"),
+        (dict(k_cache=torch.randn(2, 64, 2, 32, dtype=torch.float16)), "k_cache must have q's dtype"),
+        (dict(v=torch.randn(2, 2, 2, 32, dtype=torch.float64)), "v must be torch.float32"),
+        (dict(v=None), "k and v must be given together"),
+        (dict(cache_seqlens=torch.tensor([3, 5, 1])), "cache_seqlens must be an int32/int64 tensor of shape"),
+        (dict(cache_seqlens=torch.tensor([-1, 5])), "cache_seqlens must be >= 0"),
+        (dict(cache_seqlens=[3, 5]), "cache_seqlens must be an int32/int64 tensor"),
+        (dict(cache_batch_idx=torch.tensor([0, 2])), r"cache_batch_idx must lie in \[0, 2\)"),
+        (dict(k=None, v=None, rotary_cos=torch.ones(64, 16), rotary_sin=torch.ones(64, 16)), "pass k and v"),
+        (dict(rotary_cos=torch.ones(6, 16), rotary_sin=torch.ones(6, 16)), "rotary_cos has 6 rows"),
+        (dict(q=torch.randn(2, 2, 4)), "q must be 4-D"),
+        (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), "block_table"),
+        (dict(num_splits=-1), "num_splits must be an int >= 0"),
+    ],
+)
 def test_bad_inputs_raise(changes, match):
     with pytest.raises((ValueError, TypeError), match=match):
         flash_attn_with_kvcache(**_bad(**changes))
@@ -196,12 +216,14 @@ def test_bad_inputs_raise(changes, match):
 def test_the_grid_puts_batch_times_kv_heads_on_its_unbounded_axis(monkeypatch):
     # CUDA caps a grid's y and z at 65535 blocks: B 2048 x 32 KV heads (Llama-2-7B serving) is 65536.
     from fasttrain.kernels import decode as kernels
+
     grids, launch = [], kernels._decode
 
     class Recording:
         def __getitem__(self, grid):
             grids.append(grid)
             return launch[grid]
+
     monkeypatch.setattr(kernels, "_decode", Recording())
     kw = _case(1, 4, 2, CPU_LENGTHS)
     _assert_matches_reference(kw, num_splits=3)
@@ -221,13 +243,16 @@ def test_cpu_kernel_half_precision(dtype):
     _assert_low_precision_matches_reference(_case(2, 8, 2, CPU_LENGTHS, rotary=True, dtype=dtype))
 
 
-@pytest.mark.parametrize("Tq,H,Hkv,window,lengths", [
-    (1, 32, 8, (-1, -1), (1, 1025, 1580)),  # a decode step of GQA 32/8: 4 rows per K/V head, the decode path
-    (1, 32, 8, (-1, -1), (1021,)),  # batch 1: one sequence's keys in 3 splits (not whole blocks), combined
-    (2, 4, 4, (700, -1), (1, 1025, 1580)),  # the decode path (2 rows per head), a window starting mid-block
-    (16, 8, 1, (-1, -1), (1, 1025, 1580)),  # 16 tokens x 8 heads = 128 rows: the prefill path, two row blocks
-    (5, 4, 4, (700, -1), (1, 1025, 1580)),  # the prefill path (20 rows per head), a window starting mid-tile
-])
+@pytest.mark.parametrize(
+    "Tq,H,Hkv,window,lengths",
+    [
+        (1, 32, 8, (-1, -1), (1, 1025, 1580)),  # a decode step of GQA 32/8: 4 rows per K/V head, the decode path
+        (1, 32, 8, (-1, -1), (1021,)),  # batch 1: one sequence's keys in 3 splits (not whole blocks), combined
+        (2, 4, 4, (700, -1), (1, 1025, 1580)),  # the decode path (2 rows per head), a window starting mid-block
+        (16, 8, 1, (-1, -1), (1, 1025, 1580)),  # 16 tokens x 8 heads = 128 rows: the prefill path, two row blocks
+        (5, 4, 4, (700, -1), (1, 1025, 1580)),  # the prefill path (20 rows per head), a window starting mid-tile
+    ],
+)
 def test_cpu_kernel_across_key_tiles(Tq, H, Hkv, window, lengths):
     """Caches of 1600 rows, lengths up to four 512-key tiles, read in place: q a transposed view, the caches head
     slices of wider ones, so the kernel must follow their row strides (no rotary: it would hand on a fresh q)."""
@@ -240,14 +265,26 @@ def test_cpu_kernel_across_key_tiles(Tq, H, Hkv, window, lengths):
         wide[:, :, :Hkv] = kw[name]
         caches.append(wide[:, :, :Hkv])
     assert (Tq == 1 or q.stride(1) == 64) and caches[0].stride(1) == 2 * Hkv * 64
-    out, lse = flash_attn_with_kvcache(**dict(kw, q=q, k_cache=caches[0], v_cache=caches[1]), window_size=window,
-                                       return_softmax_lse=True, backend="cpu")
+    out, lse = flash_attn_with_kvcache(
+        **dict(kw, q=q, k_cache=caches[0], v_cache=caches[1]),
+        window_size=window,
+        return_softmax_lse=True,
+        backend="cpu",
+    )
     for name, a, b in zip(("out", "lse", "k_cache", "v_cache"), (out, lse, *caches), want):
-        torch.testing.assert_close(a, b, **TOL_FP32, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, **TOL_FP32, msg=lambda m, name=name: f"{name}: {m}")
 
 
-ROW_COUNTS = {"rows1": (1, 4, 4), "rows2": (1, 2, 1), "rows3": (1, 3, 1), "rows4": (1, 4, 1), "rows5": (1, 5, 1),
-              "rows6": (2, 6, 2), "rows7": (1, 7, 1), "rows8": (2, 8, 2)}  # Tq x H / Hkv query rows per K/V head
+ROW_COUNTS = {
+    "rows1": (1, 4, 4),
+    "rows2": (1, 2, 1),
+    "rows3": (1, 3, 1),
+    "rows4": (1, 4, 1),
+    "rows5": (1, 5, 1),
+    "rows6": (2, 6, 2),
+    "rows7": (1, 7, 1),
+    "rows8": (2, 8, 2),
+}  # Tq x H / Hkv query rows per K/V head
 
 
 @pytest.mark.parametrize("D", [8, 20, 72, 128])
@@ -264,7 +301,7 @@ def _assert_low_precision_matches_reference(kw):
     (out, lse, kc, vc), (ref_out, ref_lse, ref_kc, ref_vc) = _run(kw, "cpu"), _run(kw, "reference")
     assert torch.equal(kc, ref_kc) and torch.equal(vc, ref_vc) and out.dtype == kw["q"].dtype
     torch.testing.assert_close(lse, ref_lse, atol=1e-4, rtol=1e-5)
-    ulp = 2.0 ** -7 if out.dtype == torch.bfloat16 else 2.0 ** -10
+    ulp = 2.0**-7 if out.dtype == torch.bfloat16 else 2.0**-10
     torch.testing.assert_close(out.float(), ref_out.float(), atol=1e-6, rtol=ulp)
 
 
@@ -304,6 +341,7 @@ def test_cpu_kernel_empty_query_and_head_dim():
 def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
     from fasttrain import _backend
     from fasttrain.ops import decode
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     kw = _case(1, 4, 2, CPU_LENGTHS, D=48)  # any head_dim
     assert _backend.choose(decode.OP, decode._backend_reasons(kw["q"]), "auto") == "cpu"
@@ -325,12 +363,29 @@ def test_cpu_kernel_refuses_a_cache_row_out_of_range():
 def test_registered_op_traces():
     # Schema (the in-place cache update), fake implementation and torch.compile-style dispatch.
     kw = _case(2, 4, 2, (3, 9), Tmax=32, rotary=True)
-    args = (kw["q"], kw["k_cache"], kw["v_cache"], kw["k"], kw["v"], kw["rotary_cos"], kw["rotary_sin"],
-            kw["cache_seqlens"], None, 32 ** -0.5, 1 << 30, 0, False, True, 0, "reference")
+    args = (
+        kw["q"],
+        kw["k_cache"],
+        kw["v_cache"],
+        kw["k"],
+        kw["v"],
+        kw["rotary_cos"],
+        kw["rotary_sin"],
+        kw["cache_seqlens"],
+        None,
+        32**-0.5,
+        1 << 30,
+        0,
+        False,
+        True,
+        0,
+        "reference",
+    )
     torch.library.opcheck(_kvcache_op.op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 # ---------------------------------------------------------------------------------------------------- GPU
+
 
 def _torch_same_dtype(kw):
     """PyTorch's own low-precision path (scores and p @ v in the input dtype, softmax in fp32): the error yardstick."""
@@ -339,10 +394,10 @@ def _torch_same_dtype(kw):
     out = torch.empty_like(q)
     for b in range(B):
         n = int(kw["cache_seqlens"][b])
-        kc[b, n:n + Tq], vc[b, n:n + Tq] = kw["k"][b], kw["v"][b]
-        k = kc[b, :n + Tq].repeat_interleave(H // kc.shape[2], dim=1)  # (L, H, D)
-        v = vc[b, :n + Tq].repeat_interleave(H // kc.shape[2], dim=1)
-        s = torch.einsum("thd,shd->hts", q[b], k) * D ** -0.5  # (H, Tq, L) in the input dtype
+        kc[b, n : n + Tq], vc[b, n : n + Tq] = kw["k"][b], kw["v"][b]
+        k = kc[b, : n + Tq].repeat_interleave(H // kc.shape[2], dim=1)  # (L, H, D)
+        v = vc[b, : n + Tq].repeat_interleave(H // kc.shape[2], dim=1)
+        s = torch.einsum("thd,shd->hts", q[b], k) * D**-0.5  # (H, Tq, L) in the input dtype
         causal = torch.arange(n + Tq, device=q.device) <= (n + torch.arange(Tq, device=q.device))[:, None]
         p = torch.softmax(s.float().masked_fill(~causal, float("-inf")), dim=-1).to(q.dtype)
         out[b] = torch.einsum("hts,shd->thd", p, v)
@@ -363,7 +418,7 @@ def test_gpu_low_precision_within_twice_torch_error(dtype, Tq, H, Hkv):
     assert (got.float() - want).abs().max().item() <= 2 * torch_err + 1e-5
     torch.testing.assert_close(got_lse, want_lse, atol=2e-2, rtol=0)
     for b, n in enumerate(lengths):
-        assert torch.equal(kc[b, n:n + Tq], kw["k"][b]) and torch.equal(vc[b, n:n + Tq], kw["v"][b])
+        assert torch.equal(kc[b, n : n + Tq], kw["k"][b]) and torch.equal(vc[b, n : n + Tq], kw["v"][b])
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@ cache (Triton kernels, interpreted on CPU) must give exactly the tokens of full 
 
 The tests about the loop itself run every op on the reference backend: the interpreter costs ~0.15 s per decode
 launch on 2 cores, and those tests are not about the kernels."""
+
 import pytest
 import torch
 
@@ -14,8 +15,9 @@ PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2],
 
 def _model(positions="rotary", n_kv_head=2, device="cpu", dtype=torch.float32):
     torch.manual_seed(0)
-    cfg = GPTConfig(n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=128, vocab_size=64, max_seq_len=64,
-                    positions=positions)
+    cfg = GPTConfig(
+        n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=128, vocab_size=64, max_seq_len=64, positions=positions
+    )
     model = GPT(cfg)
     with torch.no_grad():  # large weights: a chaotic model whose greedy paths vary, not one repeated token
         for p in model.parameters():
@@ -38,7 +40,7 @@ def _greedy_by_recompute(model, prompt, n, backend="reference"):
         for _ in range(n):
             logits, _ = model(idx)  # (1, T, V)
             idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return idx[0, len(prompt):].tolist()
+    return idx[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("positions", ["rotary", "learned"])
@@ -65,9 +67,10 @@ def test_stop_tokens_and_streaming(reference_ops):
     # Stop at a token that prompt 0 emits for the first time at step 4.
     stop = next(t for i, t in enumerate(full[0]) if i >= 3 and t not in full[0][:i])
     streamed = []
-    result = generate(model, PROMPTS, 10, temperature=0.0, stop_tokens=[stop],
-                      on_token=lambda i, t: streamed.append((i, t)))
-    want = [seq[:seq.index(stop)] if stop in seq else seq for seq in full]
+    result = generate(
+        model, PROMPTS, 10, temperature=0.0, stop_tokens=[stop], on_token=lambda i, t: streamed.append((i, t))
+    )
+    want = [seq[: seq.index(stop)] if stop in seq else seq for seq in full]
     assert result.tokens == want and len(want[0]) >= 3
     assert [[t for i, t in streamed if i == b] for b in range(3)] == want
 
@@ -113,19 +116,22 @@ def test_cache_shapes_are_static():
     assert cache.positions(2).tolist() == [[0, 1], [5, 6], [9, 10]]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(prompts=[[1] * 60], max_new_tokens=6), "exceeds the model's max_seq_len 64"),
-    (dict(prompts=[[1], []]), r"prompts\[1\] must be a non-empty list"),
-    (dict(prompts=[[1, 64]]), r"prompts\[0\] must be a non-empty list of token ids in \[0, 64\)"),
-    (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
-    (dict(temperature=float("nan")), "temperature must be >= 0"),
-    (dict(top_p=float("nan")), r"top_p must be None or in \(0, 1\]"),
-    (dict(top_k=0), "top_k must be None or an int >= 1"),
-    (dict(top_p=1.5), r"top_p must be None or in \(0, 1\]"),
-    (dict(cuda_graph=True), "cuda_graph=True needs the model on a CUDA device"),
-    (dict(vocab_size=65), r"vocab_size must be an int in \[1, the model's 64\], got 65"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(prompts=[[1] * 60], max_new_tokens=6), "exceeds the model's max_seq_len 64"),
+        (dict(prompts=[[1], []]), r"prompts\[1\] must be a non-empty list"),
+        (dict(prompts=[[1, 64]]), r"prompts\[0\] must be a non-empty list of token ids in \[0, 64\)"),
+        (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(temperature=float("nan")), "temperature must be >= 0"),
+        (dict(top_p=float("nan")), r"top_p must be None or in \(0, 1\]"),
+        (dict(top_k=0), "top_k must be None or an int >= 1"),
+        (dict(top_p=1.5), r"top_p must be None or in \(0, 1\]"),
+        (dict(cuda_graph=True), "cuda_graph=True needs the model on a CUDA device"),
+        (dict(vocab_size=65), r"vocab_size must be an int in \[1, the model's 64\], got 65"),
+    ],
+)
 def test_bad_arguments_raise(kwargs, match, reference_ops):
     args = dict(prompts=[[1, 2]], max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=match):
@@ -138,15 +144,18 @@ def _assert_greedy_up_to_rounding(model, prompts, tokens):
     exact token equality would fail on ties that bf16 rounding breaks either way."""
     for prompt, new in zip(prompts, tokens):
         idx = torch.tensor([prompt + new], device="cuda")
-        logits = model(idx)[0][0, len(prompt) - 1:-1].float()  # (n_new, V): the logits each new token came from
+        logits = model(idx)[0][0, len(prompt) - 1 : -1].float()  # (n_new, V): the logits each new token came from
         chosen = logits.gather(-1, torch.tensor(new, device="cuda")[:, None])[:, 0]
         tie = 0.02 * logits.abs().amax(dim=-1)  # bf16 keeps 8 bits: ~0.4% per rounding, a few roundings deep
         assert (logits.amax(dim=-1) - chosen <= tie).all(), (prompt, new)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", [dict(cuda_graph=True), dict(compile=True), dict(compile=True, cuda_graph=True)],
-                         ids=["graph", "compile", "compile+graph"])
+@pytest.mark.parametrize(
+    "mode",
+    [dict(cuda_graph=True), dict(compile=True), dict(compile=True, cuda_graph=True)],
+    ids=["graph", "compile", "compile+graph"],
+)
 def test_gpu_decode_step_modes(mode):
     model = _model(device="cuda", dtype=torch.bfloat16)
     eager = generate(model, PROMPTS, 24, temperature=0.0)

@@ -1,9 +1,9 @@
 """attn_implementation="fasttrain" in HF Transformers: a small random Llama (GQA 4/2, head_dim 32, no download)
 gives eager attention's logits and gradients, with and without a padding mask, and its greedy generation with a KV
 cache; unsupported features are refused by name."""
+
 import pytest
 import torch
-
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fasttrain.integrations.hf import fasttrain_attention_forward  # importing registers "fasttrain"
@@ -13,8 +13,15 @@ TOL = 2e-5  # fp32 logits of a 2-layer model: measured 3.6e-7 against eager
 
 @pytest.fixture(scope="module")
 def model():
-    cfg = LlamaConfig(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg)
 

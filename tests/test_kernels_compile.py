@@ -5,6 +5,7 @@ so this compiles each entry of fasttrain.kernels._aot.TABLE per arch in a subpro
 subprocess per arch, side by side. Fails on a compile error, on shared memory over the arch's per-block limit, and on
 register spills (cuobjdump STACK or LOCAL > 0) in the configs tuned for sm_90.
 """
+
 import json
 import os
 import subprocess
@@ -18,9 +19,16 @@ from fasttrain.kernels import _aot
 @pytest.fixture(scope="module")
 def compiled():
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # the @triton.jit decorators must build compilable kernels
-    procs = {arch: subprocess.Popen([sys.executable, "-m", "fasttrain.kernels._aot", "--arch", str(arch)],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for arch in _aot.SHARED_LIMIT}
+    procs = {
+        arch: subprocess.Popen(
+            [sys.executable, "-m", "fasttrain.kernels._aot", "--arch", str(arch)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for arch in _aot.SHARED_LIMIT
+    }
     rows = []
     for arch, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=600)
@@ -35,15 +43,21 @@ def test_every_kernel_and_config_compiles(compiled, arch):
     assert {r["kernel"] for r in rows} == {e.kernel for e in _aot.TABLE}
     errors = [f"{r['kernel']} [{r['case']}]: {r['error']}" for r in rows if "error" in r]
     assert not errors, "\n".join(errors)
-    over = [f"{r['kernel']} [{r['case']}]: {r['shared'] + r['shared_dynamic']} B" for r in rows
-            if r["shared"] + r["shared_dynamic"] > _aot.SHARED_LIMIT[arch]]
+    over = [
+        f"{r['kernel']} [{r['case']}]: {r['shared'] + r['shared_dynamic']} B"
+        for r in rows
+        if r["shared"] + r["shared_dynamic"] > _aot.SHARED_LIMIT[arch]
+    ]
     assert not over, f"shared memory over the sm_{arch} limit {_aot.SHARED_LIMIT[arch]} B:\n" + "\n".join(over)
 
 
 def test_sm90_configs_do_not_spill_and_use_wgmma(compiled):
     rows = [r for r in compiled if r["arch"] == 90 and "error" not in r]
-    spills = [f"{r['kernel']} [{r['case']}]: stack {r['stack']} B, local {r['local']} B, {r['reg']} regs"
-              for r in rows if r["stack"] or r["local"]]
+    spills = [
+        f"{r['kernel']} [{r['case']}]: stack {r['stack']} B, local {r['local']} B, {r['reg']} regs"
+        for r in rows
+        if r["stack"] or r["local"]
+    ]
     assert not spills, "register spills in sm_90 configs:\n" + "\n".join(spills)
     # d64/d128 are the tuned sizes (DESIGN.md): each kernel's list for each holds a config whose tl.dot lowered to
     # wgmma (a list may also hold an mma.sync fallback; the autotuner measures). The d256 tiles are 32 rows, below a
@@ -51,8 +65,9 @@ def test_sm90_configs_do_not_spill_and_use_wgmma(compiled):
     # dK/dV's two tables (dQ by atomics or not) count apart.
     tuned = {}
     for r in rows:
-        if r["kernel"] in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel") \
-                and not r["case"].startswith("d256"):
+        if r["kernel"] in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel") and not r[
+            "case"
+        ].startswith("d256"):
             kernel = r["kernel"] + (" ATOMIC_DQ" if "ATOMIC_DQ=True" in r["case"] else "")
             tuned.setdefault((kernel, r["case"].split()[0]), []).append(r["wgmma"])
     no_wgmma = [f"{kernel} [{cls}]" for (kernel, cls), wgmma in tuned.items() if not any(wgmma)]
@@ -94,15 +109,21 @@ print(compile_one(kernel, {**signature, "BLOCK": "constexpr"}, {"BLOCK": 1024}, 
 """
 
 
-@pytest.mark.parametrize("bench,kernel", [("bench_overhead", "_empty_kernel"),
-                                          ("bench_adamw", "_seven_streams_kernel")])
+@pytest.mark.parametrize(
+    "bench,kernel", [("bench_overhead", "_empty_kernel"), ("bench_adamw", "_seven_streams_kernel")]
+)
 def test_the_benchmarks_own_kernels_compile_for_sm90(bench, kernel):
     """Kernels the benchmarks launch on a card and the interpreter cannot vouch for: on an H200 (triton 3.6.0)
     bench_overhead's launch floor, its kernel then defined inside a function, failed to compile (the JIT reads the
     annotation `tl.constexpr` among the module's globals), and the run lost every row it had timed."""
     bench_dir = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
-    child = subprocess.run([sys.executable, "-c", _BENCH_KERNEL_CHILD, bench_dir, bench, kernel], capture_output=True,
-                           text=True, env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", _BENCH_KERNEL_CHILD, bench_dir, bench, kernel],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+        timeout=300,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     assert int(child.stdout.split()[-1]) > 0  # registers used: a cubin was built
 
@@ -110,7 +131,12 @@ def test_the_benchmarks_own_kernels_compile_for_sm90(bench, kernel):
 def test_triton_launch_python_tool_times_a_launch_without_a_gpu():
     """tools/triton_launch_python.py, the measurement behind NOTES.md's split of a launch's host time."""
     tool = os.path.join(os.path.dirname(__file__), "..", "tools", "triton_launch_python.py")
-    child = subprocess.run([sys.executable, tool, "--calls", "50"], capture_output=True, text=True,
-                           env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=300)
+    child = subprocess.run(
+        [sys.executable, tool, "--calls", "50"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+        timeout=300,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     assert float(child.stdout.split(" us per launch")[0].split()[-1]) > 0

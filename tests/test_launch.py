@@ -1,5 +1,6 @@
 """fasttrain.kernels._launch: the host-side launch arithmetic equals triton's own, the SM count is the device's, and
 the plan tuner keeps the plan it timed fastest."""
+
 import pytest
 import torch
 import triton
@@ -48,6 +49,7 @@ def test_plan_tuner_leaves_out_a_plan_that_fails_unless_every_plan_does(monkeypa
 
     def broken():
         raise RuntimeError("CUDA out of memory")
+
     tuner = PlanTuner(default="broken")
     with pytest.warns(RuntimeWarning, match="'broken' plan failed here.*out of memory"):
         assert tuner.choose("k", {"broken": broken, "slow": lambda: 5.0}, timeable=True) == "slow"

@@ -1,4 +1,5 @@
 """The GPT model: every architecture option, parameter/FLOP counts, init schemes, rotary, the cache hand-off."""
+
 import math
 
 import pytest
@@ -124,10 +125,10 @@ def test_rotary_is_a_rotation_that_encodes_relative_position():
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
     def rq(t):
-        return apply_rotary(q, cos[t:t + 1], sin[t:t + 1])
+        return apply_rotary(q, cos[t : t + 1], sin[t : t + 1])
 
     def rk(t):
-        return apply_rotary(k, cos[t:t + 1], sin[t:t + 1])
+        return apply_rotary(k, cos[t : t + 1], sin[t : t + 1])
 
     torch.testing.assert_close(rq(5).norm(), q.norm())
     # <R(m) q, R(n) k> depends only on m - n.
@@ -172,23 +173,26 @@ def test_cache_hand_off_reproduces_the_full_forward(positions):
     cache.lengths += 7
     steps = []
     for t in range(7, 12):
-        logits, _ = model(idx[:, t:t + 1], cache=cache)
+        logits, _ = model(idx[:, t : t + 1], cache=cache)
         cache.lengths += 1
         steps.append(logits)
     torch.testing.assert_close(torch.cat([prefill] + steps, 1), full, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(n_head=4, n_kv_head=3), "n_kv_head"),
-    (dict(n_head=5), "n_head"),
-    (dict(norm="batchnorm"), "norm must be one of"),
-    (dict(activation="relu"), "activation must be one of"),
-    (dict(positions="alibi"), "positions must be one of"),
-    (dict(init="orthogonal"), "init must be one of"),
-    (dict(n_layer=0), "n_layer"),
-    (dict(dropout=1.0), "dropout"),
-    (dict(n_head=2, d_model=6), "even head_dim"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n_head=4, n_kv_head=3), "n_kv_head"),
+        (dict(n_head=5), "n_head"),
+        (dict(norm="batchnorm"), "norm must be one of"),
+        (dict(activation="relu"), "activation must be one of"),
+        (dict(positions="alibi"), "positions must be one of"),
+        (dict(init="orthogonal"), "init must be one of"),
+        (dict(n_layer=0), "n_layer"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(n_head=2, d_model=6), "even head_dim"),
+    ],
+)
 def test_bad_config_raises_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GPTConfig(**{**SMALL, **kwargs})

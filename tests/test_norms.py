@@ -3,6 +3,7 @@ on CPU) against torch in float64 for outputs and every gradient, with and withou
 leading dims, strided inputs, mixed branch/stream dtypes, unused outputs, autocast's output dtype, the torch.compile
 registration, the fallback for wide rows and input errors. GPU tests (`pytest -m gpu`) hold bf16/fp16 to twice
 torch's own error."""
+
 import numpy as np
 import pytest
 import torch
@@ -35,8 +36,9 @@ def _leaves(M, N, weight, bias, dtype=torch.float32, device="cpu", seed=0):
     counts; each a leaf requiring grad, or None."""
     g = torch.Generator(device=device).manual_seed(seed)
     x, w, b = (torch.randn(shape, generator=g, device=device) for shape in ((M, N), (N,), (N,)))
-    return [t.to(dtype).requires_grad_() if on else None for t, on in ((x, True), (1 + 0.5 * w, weight),
-                                                                        (0.5 * b, bias))]
+    return [
+        t.to(dtype).requires_grad_() if on else None for t, on in ((x, True), (1 + 0.5 * w, weight), (0.5 * b, bias))
+    ]
 
 
 def _grads(y, leaves, upstream):
@@ -76,8 +78,9 @@ def test_leading_dims_multi_dim_shape_and_strided_input_match_torch():
     want = F.layer_norm(x, (3, 5), w, b)
     assert y.shape == x.shape and _err(y, want) < TOL_FP32
     upstream = torch.randn_like(y)
-    for got, ref in zip(torch.autograd.grad(y, (base, w, b), upstream), torch.autograd.grad(want, (base, w, b),
-                                                                                            upstream)):
+    for got, ref in zip(
+        torch.autograd.grad(y, (base, w, b), upstream), torch.autograd.grad(want, (base, w, b), upstream)
+    ):
         assert _err(got, ref) < TOL_FP32
 
 
@@ -110,8 +113,9 @@ def test_two_dim_strided_rows_and_strided_weight_match_torch(layout):
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("normalized_shape", [24, torch.Size([24]), [24], (np.int64(24),)],
-                         ids=["int", "Size", "list", "numpy-int"])
+@pytest.mark.parametrize(
+    "normalized_shape", [24, torch.Size([24]), [24], (np.int64(24),)], ids=["int", "Size", "list", "numpy-int"]
+)
 def test_normalized_shape_takes_what_torch_takes(normalized_shape, backend):
     x = torch.randn(5, 24)
     assert _err(layer_norm(x, normalized_shape, backend=backend), F.layer_norm(x, (24,))) < TOL_FP32
@@ -142,15 +146,14 @@ def test_autocast_writes_the_autocast_dtype(kind, backend):
         torch_y = _torch(kind, x, w, b)  # fp32 out: torch's autocast runs norms in fp32
     assert torch_y.dtype == torch.float32 and y.dtype == torch.float16
     # The same fp32 value (up to summation order) rounded once: at most one fp16 step apart.
-    assert torch.allclose(y.float(), torch_y.half().float(), rtol=2 ** -10, atol=0)
+    assert torch.allclose(y.float(), torch_y.half().float(), rtol=2**-10, atol=0)
     (gx,) = torch.autograd.grad(y.float().sum(), x)
     assert gx.dtype == torch.float32
 
 
 def test_compiles_with_fullgraph():
     x, w, b = _leaves(6, 40, True, True)
-    step = torch.compile(lambda x, w, b: layer_norm(x, (40,), w, b, backend="triton"), fullgraph=True,
-                         backend="eager")
+    step = torch.compile(lambda x, w, b: layer_norm(x, (40,), w, b, backend="triton"), fullgraph=True, backend="eager")
     y = step(x, w, b)
     want = F.layer_norm(x, (40,), w, b)
     assert _err(y, want) < TOL_FP32
@@ -167,9 +170,14 @@ def test_rows_wider_than_the_kernel_take_the_reference_or_refuse():
     assert _err(y, F.layer_norm(x, x.shape[-1:])) < TOL_FP32
 
 
-@pytest.mark.parametrize("module,torch_module", [(LayerNorm(24, bias=True), nn.LayerNorm(24)),
-                                                 (LayerNorm(24, bias=False), nn.LayerNorm(24, bias=False)),
-                                                 (RMSNorm(24, eps=1e-6), nn.RMSNorm(24, eps=1e-6))])
+@pytest.mark.parametrize(
+    "module,torch_module",
+    [
+        (LayerNorm(24, bias=True), nn.LayerNorm(24)),
+        (LayerNorm(24, bias=False), nn.LayerNorm(24, bias=False)),
+        (RMSNorm(24, eps=1e-6), nn.RMSNorm(24, eps=1e-6)),
+    ],
+)
 def test_modules_are_torchs_with_the_fused_op(module, torch_module):
     with torch.no_grad():
         for p in module.parameters():
@@ -185,25 +193,33 @@ def test_modules_are_torchs_with_the_fused_op(module, torch_module):
         assert _err(got, ref) < TOL_FP32
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda x, w: layer_norm(x.long(), (8,)), ValueError, "input must be a floating-point"),
-    (lambda x, w: layer_norm(x, (7,)), ValueError, r"normalized_shape must be the trailing dims of input \(4, 8\)"),
-    (lambda x, w: layer_norm(x, (2, 4, 8)), ValueError, "normalized_shape"),
-    (lambda x, w: layer_norm(x, (8.0,)), ValueError, r"normalized_shape must be .* got \(8.0,\)"),
-    (lambda x, w: layer_norm(x, 8.0), ValueError, "normalized_shape"),
-    (lambda x, w: layer_norm(x, (8,), w[:4]), ValueError, r"weight must be a floating-point tensor of shape \(8,\)"),
-    (lambda x, w: layer_norm(x, (8,), w, w[:3]), ValueError, "bias must be"),
-    (lambda x, w: rms_norm(x, (8,), w.long()), ValueError, "weight must be a floating-point"),
-    (lambda x, w: layer_norm(x, (8,), eps=-1.0), ValueError, "eps must be a float >= 0"),
-    (lambda x, w: rms_norm(x, (8,), eps="1e-6"), ValueError, "eps"),
-    (lambda x, w: rms_norm(x, (8,), backend="cuda"), Exception, "cuda"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda x, w: layer_norm(x.long(), (8,)), ValueError, "input must be a floating-point"),
+        (lambda x, w: layer_norm(x, (7,)), ValueError, r"normalized_shape must be the trailing dims of input \(4, 8\)"),
+        (lambda x, w: layer_norm(x, (2, 4, 8)), ValueError, "normalized_shape"),
+        (lambda x, w: layer_norm(x, (8.0,)), ValueError, r"normalized_shape must be .* got \(8.0,\)"),
+        (lambda x, w: layer_norm(x, 8.0), ValueError, "normalized_shape"),
+        (
+            lambda x, w: layer_norm(x, (8,), w[:4]),
+            ValueError,
+            r"weight must be a floating-point tensor of shape \(8,\)",
+        ),
+        (lambda x, w: layer_norm(x, (8,), w, w[:3]), ValueError, "bias must be"),
+        (lambda x, w: rms_norm(x, (8,), w.long()), ValueError, "weight must be a floating-point"),
+        (lambda x, w: layer_norm(x, (8,), eps=-1.0), ValueError, "eps must be a float >= 0"),
+        (lambda x, w: rms_norm(x, (8,), eps="1e-6"), ValueError, "eps"),
+        (lambda x, w: rms_norm(x, (8,), backend="cuda"), Exception, "cuda"),
+    ],
+)
 def test_bad_inputs_name_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.randn(4, 8), torch.randn(8))
 
 
 # ---- the residual add fused in -------------------------------------------------------------------------------------
+
 
 def _run_add(kind, x, r, w, b, backend, eps=1e-5):
     if kind == "layer":
@@ -218,8 +234,12 @@ def _torch_add(kind, x, r, w, b, eps=1e-5):
 
 # (branch dtype, residual dtype): fp32; a half-precision branch onto an fp32 stream, as under autocast; the reverse;
 # an fp16 stream, where s is rounded before it is normalized.
-ADD_DTYPES = [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float16),
-              (torch.float16, torch.float16)]
+ADD_DTYPES = [
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.float32, torch.float16),
+    (torch.float16, torch.float16),
+]
 
 
 @pytest.mark.parametrize("M,N", SIZES, ids=str)
@@ -238,7 +258,7 @@ def test_add_norm_kernel_matches_torch_float64(M, N, kind, affine, dtypes):
     exact = leaves64[0] + leaves64[1]
     want_s = exact + (exact.to(wide).double() - exact).detach()
     want_y = _torch(kind, want_s, *leaves64[2:])
-    half_step = 2 ** -11 if wide == torch.float16 else 0.0
+    half_step = 2**-11 if wide == torch.float16 else 0.0
     assert _err(stream, want_s) <= half_step + 1e-7 and _err(y, want_y) < TOL_FP32 + half_step
     up_y, up_s = torch.randn_like(want_y), torch.randn_like(want_s)
     got = _grads((y, stream), (x, r, w, b), (up_y.to(y.dtype), up_s.to(stream.dtype)))
@@ -249,7 +269,8 @@ def test_add_norm_kernel_matches_torch_float64(M, N, kind, affine, dtypes):
             # x and residual take the same gradient, each in its own dtype (one fp16 rounding where it is fp16);
             # an fp16 upstream gradient rounds once more.
             assert g.dtype == leaf.dtype and _err(g, want) < TOL_FP32 + 2 * half_step + (
-                2 ** -11 if g.dtype == torch.float16 else 0)
+                2**-11 if g.dtype == torch.float16 else 0
+            )
 
 
 @pytest.mark.parametrize("used", ["normed", "stream"])
@@ -273,19 +294,22 @@ def test_add_norm_under_autocast_writes_the_autocast_dtype_and_an_fp32_stream():
         y, stream = add_layer_norm(branch, x, (96,), w, b, backend="triton")
         want_y, want_s = _torch_add("layer", branch, x, w, b)
     assert y.dtype == torch.float16 and stream.dtype == torch.float32 and torch.equal(stream, want_s)
-    assert torch.allclose(y.float(), want_y.half().float(), rtol=2 ** -10, atol=0)
+    assert torch.allclose(y.float(), want_y.half().float(), rtol=2**-10, atol=0)
 
 
 def test_add_norm_compiles_with_fullgraph():
     x, w, b = _leaves(6, 40, True, True)
     r = torch.randn(6, 40, requires_grad=True)
-    step = torch.compile(lambda x, r, w, b: add_layer_norm(x, r, (40,), w, b, backend="triton"), fullgraph=True,
-                         backend="eager")
+    step = torch.compile(
+        lambda x, r, w, b: add_layer_norm(x, r, (40,), w, b, backend="triton"), fullgraph=True, backend="eager"
+    )
     y, stream = step(x, r, w, b)
     want_y, want_s = _torch_add("layer", x, r, w, b)
     assert _err(y, want_y) < TOL_FP32 and _err(stream, want_s) < TOL_FP32
-    for got, ref in zip(torch.autograd.grad((y * stream).sum(), (x, r, w, b)),
-                        torch.autograd.grad((want_y * want_s).sum(), (x, r, w, b))):
+    for got, ref in zip(
+        torch.autograd.grad((y * stream).sum(), (x, r, w, b)),
+        torch.autograd.grad((want_y * want_s).sum(), (x, r, w, b)),
+    ):
         assert _err(got, ref) < TOL_FP32
 
 
@@ -299,21 +323,29 @@ def test_norm_modules_take_a_residual(backend):
         assert torch.equal(stream, x + r) and _err(y, module(x + r)) < TOL_FP32
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda x: add_layer_norm(x, x[:, :4], (8,)), ValueError, r"residual must be a floating-point tensor of input's "
-                                                               r"shape \(4, 8\), got torch.float32 \(4, 4\)"),
-    (lambda x: add_rms_norm(x, x.long(), (8,)), ValueError, "residual must be a floating-point"),
-    (lambda x: add_layer_norm(x, None, (8,)), ValueError, "residual must be"),
-    (lambda x: add_layer_norm(x, x, (7,)), ValueError, "normalized_shape"),
-    (lambda x: add_rms_norm(x, x, (8,), eps=-1.0), ValueError, "add_rms_norm: eps must be a float >= 0"),
-    (lambda x: add_layer_norm(x, x.double(), (8,), backend="triton"), Exception, "float64"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (
+            lambda x: add_layer_norm(x, x[:, :4], (8,)),
+            ValueError,
+            r"residual must be a floating-point tensor of input's "
+            r"shape \(4, 8\), got torch.float32 \(4, 4\)",
+        ),
+        (lambda x: add_rms_norm(x, x.long(), (8,)), ValueError, "residual must be a floating-point"),
+        (lambda x: add_layer_norm(x, None, (8,)), ValueError, "residual must be"),
+        (lambda x: add_layer_norm(x, x, (7,)), ValueError, "normalized_shape"),
+        (lambda x: add_rms_norm(x, x, (8,), eps=-1.0), ValueError, "add_rms_norm: eps must be a float >= 0"),
+        (lambda x: add_layer_norm(x, x.double(), (8,), backend="triton"), Exception, "float64"),
+    ],
+)
 def test_add_norm_bad_inputs_name_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call(torch.randn(4, 8))
 
 
 # ---- GPU -----------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -389,6 +421,7 @@ def test_double_backward_matches_torch(kind):
                 return norm(base, x, w, b).pow(3).sum()
             y, s = add(base, x, r, w, b)
             return (y.pow(3) * s).sum()
+
         return fn
 
     ours = loss(lambda *a: _run(*a, "triton"), lambda *a: _run_add(*a, "triton"))

@@ -1,5 +1,6 @@
 """fasttrain.ops._op.Op: eager calls run the Python implementation without the dispatcher (and its autograd formula
 under a plain autograd.Function); fake, meta and traced calls take the registered torch.library op."""
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode

@@ -2,6 +2,7 @@
 rotation for outputs and gradients, on awkward lengths, GQA head counts, partial and interleaved rotation, int and
 per-sequence offsets, per-sequence tables, strided views of a fused qkv, bf16/fp16, in place, the torch.compile
 registration and input errors. GPU tests (`pytest -m gpu`) hold bf16/fp16 to twice the reference's own error."""
+
 import os
 import subprocess
 import sys
@@ -92,42 +93,53 @@ def test_cpu_kernel_refuses_a_tensor_offset_past_the_table():
     cos, sin = _tables(4, 16)
     with pytest.raises(RuntimeError, match=r"seqlen_offsets \+ offset 0 \+ T must stay within the 4 positions"):
         apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([0, 2]), backend="cpu")
-    assert _err(apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([1, 0]), backend="cpu"),
-                _want(x, cos, sin, offsets=torch.tensor([1, 0]))[1]) < TOL_FP32  # the last row still in reach
+    assert (
+        _err(
+            apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([1, 0]), backend="cpu"),
+            _want(x, cos, sin, offsets=torch.tensor([1, 0]))[1],
+        )
+        < TOL_FP32
+    )  # the last row still in reach
 
 
-BIG = 2 ** 63 - 1  # offsets whose sums with T overflow int64
+BIG = 2**63 - 1  # offsets whose sums with T overflow int64
 
 
 def _change_id(value) -> str:
     """A test id without a random tensor's values, which differ between xdist's workers and break its collection."""
+
     def show(v):
         if not torch.is_tensor(v):
             return str(v)
         return str(v.tolist()) if v.numel() <= 2 else f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
+
     return ",".join(f"{k}={show(v)}" for k, v in value.items()) if isinstance(value, dict) else str(value)
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(offset=5), r"offset 5 \+ T = 4 is past the 8 positions"),
-    (dict(offset=BIG), "is past the 8 positions"),
-    (dict(offset=-BIG), "is past the 8 positions"),
-    (dict(offsets=torch.tensor([0, 0]), offset=BIG), "must stay within the 8 positions"),
-    (dict(offsets=torch.tensor([0, 0]), offset=-BIG), "must stay within the 8 positions"),
-    (dict(offsets=torch.tensor([0, -1])), r"seqlen_offsets in \[-1, 0\]"),
-    (dict(offsets=torch.tensor([0, BIG])), r"seqlen_offsets in \[0, 9223372036854775807\]"),
-    (dict(offsets=torch.tensor([0, 6]), offset=-3), r"in \[0, 6\] with T = 4"),
-    (dict(offsets=torch.tensor([0])), r"offsets must be a \(B,\) integer CPU tensor"),
-    (dict(offsets=torch.tensor([0.0, 1.0])), r"offsets must be a \(B,\) integer CPU tensor"),
-    (dict(offsets=torch.tensor([False, True])), r"offsets must be a \(B,\) integer CPU tensor"),
-    (dict(x=torch.randn(2, 4, 3, 32)[..., ::2]), "unit stride along D"),
-    (dict(cos=torch.ones(8, 9), sin=torch.ones(8, 9)), "9 columns, more than head_dim / 2"),
-    (dict(cos=torch.ones(8, 8, dtype=torch.long), sin=torch.ones(8, 8, dtype=torch.long)), "floating-point CPU"),
-    (dict(sin=torch.ones(8, 4)), "of one shape"),
-    (dict(cos=torch.ones(2, 4, 8), sin=torch.ones(2, 4, 8), offset=1), "offsets need a shared"),
-    (dict(cos=torch.ones(2, 5, 8), sin=torch.ones(2, 5, 8)), r"per-sequence cos/sin must be \(B, T, R/2\)"),
-    (dict(x=torch.randn(2, 4, 3, 16).double()), "takes float32, bfloat16 or float16"),
-], ids=_change_id)
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(offset=5), r"offset 5 \+ T = 4 is past the 8 positions"),
+        (dict(offset=BIG), "is past the 8 positions"),
+        (dict(offset=-BIG), "is past the 8 positions"),
+        (dict(offsets=torch.tensor([0, 0]), offset=BIG), "must stay within the 8 positions"),
+        (dict(offsets=torch.tensor([0, 0]), offset=-BIG), "must stay within the 8 positions"),
+        (dict(offsets=torch.tensor([0, -1])), r"seqlen_offsets in \[-1, 0\]"),
+        (dict(offsets=torch.tensor([0, BIG])), r"seqlen_offsets in \[0, 9223372036854775807\]"),
+        (dict(offsets=torch.tensor([0, 6]), offset=-3), r"in \[0, 6\] with T = 4"),
+        (dict(offsets=torch.tensor([0])), r"offsets must be a \(B,\) integer CPU tensor"),
+        (dict(offsets=torch.tensor([0.0, 1.0])), r"offsets must be a \(B,\) integer CPU tensor"),
+        (dict(offsets=torch.tensor([False, True])), r"offsets must be a \(B,\) integer CPU tensor"),
+        (dict(x=torch.randn(2, 4, 3, 32)[..., ::2]), "unit stride along D"),
+        (dict(cos=torch.ones(8, 9), sin=torch.ones(8, 9)), "9 columns, more than head_dim / 2"),
+        (dict(cos=torch.ones(8, 8, dtype=torch.long), sin=torch.ones(8, 8, dtype=torch.long)), "floating-point CPU"),
+        (dict(sin=torch.ones(8, 4)), "of one shape"),
+        (dict(cos=torch.ones(2, 4, 8), sin=torch.ones(2, 4, 8), offset=1), "offsets need a shared"),
+        (dict(cos=torch.ones(2, 5, 8), sin=torch.ones(2, 5, 8)), r"per-sequence cos/sin must be \(B, T, R/2\)"),
+        (dict(x=torch.randn(2, 4, 3, 16).double()), "takes float32, bfloat16 or float16"),
+    ],
+    ids=_change_id,
+)
 @pytest.mark.parametrize("inplace", [False, True], ids=["rotary_cpu", "rotary_cpu_"])
 def test_cpu_op_checks_what_the_wrapper_would(change, match, inplace):
     # torch.ops.fasttrain.rotary_cpu(_) called directly: an error, never a read past the tables.
@@ -169,8 +181,9 @@ def test_cpu_kernel_low_precision_is_one_rounding_from_the_reference(dtype, inte
     x = _x(2, 97, 5, 64, dtype=dtype)[:, :, :4]  # strided, as the model passes q
     cos, sin = _tables(140, 48)
     offsets = torch.tensor([7, 40])
-    kwargs = {"int offset": dict(seqlen_offsets=7), "tensor offsets": dict(seqlen_offsets=offsets),
-              "per sequence": {}}[tables]
+    kwargs = {"int offset": dict(seqlen_offsets=7), "tensor offsets": dict(seqlen_offsets=offsets), "per sequence": {}}[
+        tables
+    ]
     if tables == "per sequence":
         positions = offsets[:, None] + torch.arange(97)  # (B, T)
         cos, sin = cos[positions], sin[positions]
@@ -182,8 +195,10 @@ def test_cpu_kernel_low_precision_is_one_rounding_from_the_reference(dtype, inte
     upstream = torch.randn(x.shape).to(dtype)
     (grad,) = torch.autograd.grad(y, x, upstream)
     (ref_grad,) = torch.autograd.grad(ref, x, upstream)
-    assert ((grad.float() - ref_grad.float()).abs() <= torch.finfo(dtype).eps * ref_grad.float().abs()
-            + torch.finfo(dtype).tiny).all()
+    assert (
+        (grad.float() - ref_grad.float()).abs()
+        <= torch.finfo(dtype).eps * ref_grad.float().abs() + torch.finfo(dtype).tiny
+    ).all()
 
 
 def test_auto_takes_the_cpu_kernel_without_the_interpreter():
@@ -259,39 +274,69 @@ def test_tables_get_no_gradient(backend):
     assert grad_x is not None and grad_cos is None
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda x, c, s: apply_rotary_emb(x[0], c, s), ValueError, "x must be a floating-point"),
-    (lambda x, c, s: apply_rotary_emb(x.long(), c, s), ValueError, "x must be a floating-point"),
-    (lambda x, c, s: apply_rotary_emb(x, c[0], s), ValueError, "cos must be"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s.long()), ValueError, "sin must be a floating-point"),
-    (lambda x, c, s: apply_rotary_emb(x, c.to("meta"), s), ValueError, "cos must be on x's device"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s[:, :2]), ValueError, "sin must have cos's shape"),
-    (lambda x, c, s: apply_rotary_emb(x, torch.ones(8, 9), torch.ones(8, 9)), ValueError, "1..8 columns"),
-    (lambda x, c, s: apply_rotary_emb(x, c[:3], s[:3]), ValueError, "fewer than seqlen_offsets"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=5), ValueError, "fewer than seqlen_offsets"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=-1), ValueError, "seqlen_offsets must be an int >= 0"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=True), ValueError, "seqlen_offsets must be an int"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=1.0), ValueError, "seqlen_offsets must be an int"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=torch.zeros(2)), ValueError, "integer tensor of shape"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=torch.zeros(3, dtype=torch.long)), ValueError,
-     r"integer tensor of shape \(2,\)"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=torch.zeros(2, dtype=torch.long, device="meta")),
-     ValueError, "seqlen_offsets must be on x's device"),
-    (lambda x, c, s: apply_rotary_emb(x, c[:4].expand(2, 4, 8), s[:4].expand(2, 4, 8), seqlen_offsets=1),
-     ValueError, "seqlen_offsets must be 0"),
-    (lambda x, c, s: apply_rotary_emb(x, c[:4].expand(2, 4, 8), s[:4].expand(2, 4, 8),
-                                      seqlen_offsets=torch.zeros(2, dtype=torch.long)), ValueError,
-     "seqlen_offsets must be 0"),
-    (lambda x, c, s: apply_rotary_emb(x, c[:5].expand(2, 5, 8), s[:5].expand(2, 5, 8)), ValueError,
-     r"must be \(2, 4, R/2\)"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, interleaved="yes"), TypeError, "interleaved must be a bool"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, inplace=1), TypeError, "inplace must be a bool"),
-    (lambda x, c, s: apply_rotary_emb(torch.randn(2, 4, 3, 32)[..., ::2], c, s, inplace=True, backend="triton"),
-     ValueError, "unit stride along D"),
-    (lambda x, c, s: apply_rotary_emb(x.double(), c, s, backend="triton"), RuntimeError, "float64"),
-    (lambda x, c, s: apply_rotary_emb(x.double(), c, s, backend="cpu"), RuntimeError, "fp32, bf16 or fp16"),
-    (lambda x, c, s: apply_rotary_emb(x, c, s, backend="cuda"), RuntimeError, "cuda"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda x, c, s: apply_rotary_emb(x[0], c, s), ValueError, "x must be a floating-point"),
+        (lambda x, c, s: apply_rotary_emb(x.long(), c, s), ValueError, "x must be a floating-point"),
+        (lambda x, c, s: apply_rotary_emb(x, c[0], s), ValueError, "cos must be"),
+        (lambda x, c, s: apply_rotary_emb(x, c, s.long()), ValueError, "sin must be a floating-point"),
+        (lambda x, c, s: apply_rotary_emb(x, c.to("meta"), s), ValueError, "cos must be on x's device"),
+        (lambda x, c, s: apply_rotary_emb(x, c, s[:, :2]), ValueError, "sin must have cos's shape"),
+        (lambda x, c, s: apply_rotary_emb(x, torch.ones(8, 9), torch.ones(8, 9)), ValueError, "1..8 columns"),
+        (lambda x, c, s: apply_rotary_emb(x, c[:3], s[:3]), ValueError, "fewer than seqlen_offsets"),
+        (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=5), ValueError, "fewer than seqlen_offsets"),
+        (
+            lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=-1),
+            ValueError,
+            "seqlen_offsets must be an int >= 0",
+        ),
+        (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=True), ValueError, "seqlen_offsets must be an int"),
+        (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=1.0), ValueError, "seqlen_offsets must be an int"),
+        (
+            lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=torch.zeros(2)),
+            ValueError,
+            "integer tensor of shape",
+        ),
+        (
+            lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=torch.zeros(3, dtype=torch.long)),
+            ValueError,
+            r"integer tensor of shape \(2,\)",
+        ),
+        (
+            lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=torch.zeros(2, dtype=torch.long, device="meta")),
+            ValueError,
+            "seqlen_offsets must be on x's device",
+        ),
+        (
+            lambda x, c, s: apply_rotary_emb(x, c[:4].expand(2, 4, 8), s[:4].expand(2, 4, 8), seqlen_offsets=1),
+            ValueError,
+            "seqlen_offsets must be 0",
+        ),
+        (
+            lambda x, c, s: apply_rotary_emb(
+                x, c[:4].expand(2, 4, 8), s[:4].expand(2, 4, 8), seqlen_offsets=torch.zeros(2, dtype=torch.long)
+            ),
+            ValueError,
+            "seqlen_offsets must be 0",
+        ),
+        (
+            lambda x, c, s: apply_rotary_emb(x, c[:5].expand(2, 5, 8), s[:5].expand(2, 5, 8)),
+            ValueError,
+            r"must be \(2, 4, R/2\)",
+        ),
+        (lambda x, c, s: apply_rotary_emb(x, c, s, interleaved="yes"), TypeError, "interleaved must be a bool"),
+        (lambda x, c, s: apply_rotary_emb(x, c, s, inplace=1), TypeError, "inplace must be a bool"),
+        (
+            lambda x, c, s: apply_rotary_emb(torch.randn(2, 4, 3, 32)[..., ::2], c, s, inplace=True, backend="triton"),
+            ValueError,
+            "unit stride along D",
+        ),
+        (lambda x, c, s: apply_rotary_emb(x.double(), c, s, backend="triton"), RuntimeError, "float64"),
+        (lambda x, c, s: apply_rotary_emb(x.double(), c, s, backend="cpu"), RuntimeError, "fp32, bf16 or fp16"),
+        (lambda x, c, s: apply_rotary_emb(x, c, s, backend="cuda"), RuntimeError, "cuda"),
+    ],
+)
 def test_bad_inputs_name_the_argument(call, error, match):
     cos, sin = _tables(8, 16)
     with pytest.raises(error, match=match):
@@ -300,10 +345,14 @@ def test_bad_inputs_name_the_argument(call, error, match):
 
 # ---- GPU -----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,T,H,D,rot,interleaved", [
-    (1, 1, 32, 128, 128, False), (16, 1024, 12, 64, 64, False), (2, 1025, 8, 128, 64, True)], ids=str)
+@pytest.mark.parametrize(
+    "B,T,H,D,rot,interleaved",
+    [(1, 1, 32, 128, 128, False), (16, 1024, 12, 64, 64, False), (2, 1025, 8, 128, 64, True)],
+    ids=str,
+)
 @pytest.mark.parametrize("view", [False, True], ids=["contiguous", "view"])
 def test_gpu_at_most_twice_the_reference_error(B, T, H, D, rot, interleaved, view, dtype):
     x = _x(B, T, H + 2 * view, D, dtype=dtype, device="cuda")[:, :, :H]  # view: strided, as the model passes q

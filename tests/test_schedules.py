@@ -1,4 +1,5 @@
 """LR schedules: the shape of each one, and bad arguments."""
+
 import math
 
 import pytest
@@ -30,7 +31,7 @@ def test_constant_after_warmup():
 def test_decay_ends_at_min_lr_and_holds(kind):
     lrs = curve(kind)
     assert lrs[WARMUP] == pytest.approx(LR)
-    assert all(b < a for a, b in zip(lrs[WARMUP:TOTAL], lrs[WARMUP + 1:TOTAL + 1]))
+    assert all(b < a for a, b in zip(lrs[WARMUP:TOTAL], lrs[WARMUP + 1 : TOTAL + 1]))
     assert lrs[TOTAL] == pytest.approx(MIN) and lrs[-1] == pytest.approx(MIN)
     # Halfway through the decay both are at the midpoint; a quarter in, cosine is still above linear.
     assert lrs[WARMUP + (TOTAL - WARMUP) // 2] == pytest.approx((LR + MIN) / 2)
@@ -57,17 +58,20 @@ def test_apply_sets_every_group_and_state_round_trips():
     assert [again(i) for i in range(TOTAL)] == [s(i) for i in range(TOTAL)]
 
 
-@pytest.mark.parametrize("kind, kw, match", [
-    ("cosine", dict(total_steps=None), "total_steps"),
-    ("linear", dict(warmup_steps=20, total_steps=20), "total_steps"),
-    ("inverse_sqrt", dict(warmup_steps=0), "warmup_steps"),
-    ("step", dict(), "schedule must be one of"),
-    ("constant", dict(min_lr=2.0), "min_lr"),
-    ("constant", dict(warmup_steps=-1), "warmup_steps"),
-    ("constant", dict(lr=math.inf), "lr must be finite and > 0"),
-    ("constant", dict(lr=math.nan), "lr must be finite and > 0"),
-    ("constant", dict(lr=0.0), "lr must be finite and > 0"),
-])
+@pytest.mark.parametrize(
+    "kind, kw, match",
+    [
+        ("cosine", dict(total_steps=None), "total_steps"),
+        ("linear", dict(warmup_steps=20, total_steps=20), "total_steps"),
+        ("inverse_sqrt", dict(warmup_steps=0), "warmup_steps"),
+        ("step", dict(), "schedule must be one of"),
+        ("constant", dict(min_lr=2.0), "min_lr"),
+        ("constant", dict(warmup_steps=-1), "warmup_steps"),
+        ("constant", dict(lr=math.inf), "lr must be finite and > 0"),
+        ("constant", dict(lr=math.nan), "lr must be finite and > 0"),
+        ("constant", dict(lr=0.0), "lr must be finite and > 0"),
+    ],
+)
 def test_bad_arguments_raise(kind, kw, match):
     with pytest.raises(ValueError, match=match):
         LRSchedule(kind, **{"lr": LR, **kw})

@@ -1,4 +1,5 @@
 """The training loop on tiny models: learning, accumulation, exact resume, kill-safe checkpoints, the run directory."""
+
 import contextlib
 import dataclasses
 import json
@@ -16,8 +17,7 @@ from fasttrain.config import parse_overrides
 from fasttrain.data import DataConfig
 from fasttrain.model import GPT, GPTConfig
 from fasttrain.optim import AdamW
-from fasttrain.train import OptimConfig, RunConfig, TrainConfig, train
-from fasttrain.train import checkpoint
+from fasttrain.train import OptimConfig, RunConfig, TrainConfig, checkpoint, train
 from fasttrain.train.callbacks import EarlyStopping, StopRequest
 from fasttrain.train.graphed import WARMUP_STEPS, GraphedStep, warm_up
 from fasttrain.train.loop import forward_backward
@@ -41,14 +41,32 @@ def corpus_dir(tmp_path_factory):
 
 
 def run_config(tmp_path, corpus_dir, model=None, optim=None, data=None, **train_kw):
-    train_kw = {"steps": 40, "batch_size": 8, "seq_len": 32, "eval_interval": 10, "eval_batches": 2,
-                "checkpoint_interval": 10, "log_interval": 5, "progress_bar": False, "sample_tokens": 0,
-                "out_dir": str(tmp_path / "run"), **train_kw}
-    data = {"paths": [str(corpus_dir)], "num_workers": 0, "val_fraction": 0.25, "cache_dir": str(tmp_path / "cache"),
-            **(data or {})}
-    return RunConfig(model=GPTConfig(**{**TINY_MODEL, **(model or {})}),
-                     optim=OptimConfig(**{"lr": 3e-3, "warmup_steps": 5, **(optim or {})}),
-                     train=TrainConfig(**train_kw), data=DataConfig(**data))
+    train_kw = {
+        "steps": 40,
+        "batch_size": 8,
+        "seq_len": 32,
+        "eval_interval": 10,
+        "eval_batches": 2,
+        "checkpoint_interval": 10,
+        "log_interval": 5,
+        "progress_bar": False,
+        "sample_tokens": 0,
+        "out_dir": str(tmp_path / "run"),
+        **train_kw,
+    }
+    data = {
+        "paths": [str(corpus_dir)],
+        "num_workers": 0,
+        "val_fraction": 0.25,
+        "cache_dir": str(tmp_path / "cache"),
+        **(data or {}),
+    }
+    return RunConfig(
+        model=GPTConfig(**{**TINY_MODEL, **(model or {})}),
+        optim=OptimConfig(**{"lr": 3e-3, "warmup_steps": 5, **(optim or {})}),
+        train=TrainConfig(**train_kw),
+        data=DataConfig(**data),
+    )
 
 
 def test_loss_falls_and_the_run_directory_is_complete(tmp_path, corpus_dir):
@@ -112,8 +130,9 @@ def test_gradient_accumulation_equals_one_big_batch():
         return torch.autocast("cpu", enabled=False)
 
     loss_big = forward_backward(a, [(x, y)], torch.device("cpu"), no_autocast, scaler)
-    loss_acc = forward_backward(b, [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)], torch.device("cpu"),
-                                no_autocast, scaler)
+    loss_acc = forward_backward(
+        b, [(x[i : i + 2], y[i : i + 2]) for i in range(0, 8, 2)], torch.device("cpu"), no_autocast, scaler
+    )
     torch.testing.assert_close(loss_acc, loss_big, rtol=1e-6, atol=1e-6)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-7, msg=name)
@@ -252,8 +271,14 @@ def test_early_stopping_counts_evaluations_without_improvement():
 
 def test_early_stopping_ends_the_run(tmp_path, corpus_dir):
     # lr 1e-9 barely moves the weights, so the validation loss stalls and patience runs out after a few evals.
-    cfg = run_config(tmp_path, corpus_dir, optim={"lr": 1e-9, "schedule": "constant", "warmup_steps": 0},
-                     steps=100, eval_interval=2, early_stopping_patience=2)
+    cfg = run_config(
+        tmp_path,
+        corpus_dir,
+        optim={"lr": 1e-9, "schedule": "constant", "warmup_steps": 0},
+        steps=100,
+        eval_interval=2,
+        early_stopping_patience=2,
+    )
     result = train(cfg)
     assert result.stopped == "early_stopping" and result.metrics.steps[-1] < 100
     assert checkpoint.load(result.run_dir)["step"] == result.metrics.steps[-1]
@@ -266,8 +291,10 @@ def test_early_stopping_ends_the_run(tmp_path, corpus_dir):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     # A larger patience is read at resume time, so the run goes on.
     last = result.metrics.steps[-1]
-    more = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, early_stopping_patience=3,
-                                                                    steps=last + 2)), resume=True)
+    more = train(
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, early_stopping_patience=3, steps=last + 2)),
+        resume=True,
+    )
     assert more.metrics.steps[-1] == last + 2
 
 
@@ -284,10 +311,23 @@ def test_tensorboard_logs_or_names_the_missing_package(tmp_path, corpus_dir):
 
 
 def test_none_on_the_command_line_is_none_for_optional_strings():
-    overrides = parse_overrides(RunConfig, ["--optim.backend", "none", "--data.cache_dir=null",
-                                            "--train.early_stopping_patience", "None", "--train.out_dir", "none"])
-    assert overrides == {"optim": {"backend": None}, "data": {"cache_dir": None},
-                         "train": {"early_stopping_patience": None, "out_dir": "none"}}
+    overrides = parse_overrides(
+        RunConfig,
+        [
+            "--optim.backend",
+            "none",
+            "--data.cache_dir=null",
+            "--train.early_stopping_patience",
+            "None",
+            "--train.out_dir",
+            "none",
+        ],
+    )
+    assert overrides == {
+        "optim": {"backend": None},
+        "data": {"cache_dir": None},
+        "train": {"early_stopping_patience": None, "out_dir": "none"},
+    }
 
 
 def test_seq_len_above_max_seq_len_and_missing_data_raise(tmp_path):
@@ -304,20 +344,25 @@ def test_settings_that_cannot_work_together_raise_at_once():
     with pytest.raises(ValueError, match="seed must be >= 0"):
         TrainConfig(seed=-1)
     with pytest.raises(ValueError, match="train.early_stopping_patience needs a validation split.*data.val_fraction"):
-        RunConfig(model=GPTConfig(**TINY_MODEL), train=TrainConfig(seq_len=32, early_stopping_patience=2),
-                  data=DataConfig(val_fraction=0.0))
+        RunConfig(
+            model=GPTConfig(**TINY_MODEL),
+            train=TrainConfig(seq_len=32, early_stopping_patience=2),
+            data=DataConfig(val_fraction=0.0),
+        )
 
 
 def test_cuda_graph_refuses_what_it_cannot_capture_before_any_data(tmp_path, monkeypatch):
     model = GPTConfig(**TINY_MODEL)
     for train_kw, optim_kw, match in [
-            ({"compile": True}, {}, "train.cuda_graph and train.compile cannot both be on"),
-            ({"device": "cpu"}, {}, "train.cuda_graph needs a CUDA device, but train.device is 'cpu'"),
-            ({"precision": "fp16"}, {}, "train.cuda_graph does not take precision 'fp16'"),
-            ({}, {"backend": "reference"}, "train.cuda_graph needs AdamW's cuda backend.*'reference'")]:
+        ({"compile": True}, {}, "train.cuda_graph and train.compile cannot both be on"),
+        ({"device": "cpu"}, {}, "train.cuda_graph needs a CUDA device, but train.device is 'cpu'"),
+        ({"precision": "fp16"}, {}, "train.cuda_graph does not take precision 'fp16'"),
+        ({}, {"backend": "reference"}, "train.cuda_graph needs AdamW's cuda backend.*'reference'"),
+    ]:
         with pytest.raises(ValueError, match=match):
-            RunConfig(model=model, optim=OptimConfig(**optim_kw), train=TrainConfig(seq_len=32, cuda_graph=True,
-                                                                                     **train_kw))
+            RunConfig(
+                model=model, optim=OptimConfig(**optim_kw), train=TrainConfig(seq_len=32, cuda_graph=True, **train_kw)
+            )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # device auto resolves to the CPU, GPU or not
     cfg = run_config(tmp_path, tmp_path / "no-such-dir", cuda_graph=True)  # the corpus does not exist
     with pytest.raises(ValueError, match="train.cuda_graph needs a CUDA device.*'auto' resolved to cpu"):
@@ -344,7 +389,9 @@ def test_the_graph_warm_up_leaves_weights_and_optimizer_state_as_they_were(backe
             loss.backward()
             opt.step()
             return loss
+
         return one_step
+
     for warm_up_steps in (3, 2):  # over a fresh state, then over one a step old (as after a resume)
         warm_up(opts[0], step_of(nets[0], opts[0]), warm_up_steps)
         for net, opt in zip(nets, opts):
@@ -398,8 +445,9 @@ def test_graphed_step_is_the_eager_step_on_new_batches_and_lrs():
         for group in opts[1].param_groups:
             group["lr"] = lr
         opts[1].zero_grad(set_to_none=True)
-        want = forward_backward(nets[1], micro, torch.device("cpu"), contextlib.nullcontext,
-                                torch.amp.GradScaler("cpu", enabled=False))
+        want = forward_backward(
+            nets[1], micro, torch.device("cpu"), contextlib.nullcontext, torch.amp.GradScaler("cpu", enabled=False)
+        )
         opts[1].step()
         assert torch.equal(got, want), step
     assert all(torch.equal(p, q) for p, q in zip(nets[0].parameters(), nets[1].parameters()))
@@ -440,8 +488,18 @@ def test_splits_shorter_than_a_window_are_named_before_training(tmp_path):
 
 
 def test_val_fraction_0_trains_without_evaluation(tmp_path, corpus_dir):
-    cfg = run_config(tmp_path, corpus_dir, optim={"warmup_steps": 1}, data={"val_fraction": 0.0}, steps=4,
-                     batch_size=4, eval_interval=2, checkpoint_interval=2, log_interval=2, keep_last=1)
+    cfg = run_config(
+        tmp_path,
+        corpus_dir,
+        optim={"warmup_steps": 1},
+        data={"val_fraction": 0.0},
+        steps=4,
+        batch_size=4,
+        eval_interval=2,
+        checkpoint_interval=2,
+        log_interval=2,
+        keep_last=1,
+    )
     result = train(cfg)
     m = result.metrics
     assert result.stopped == "completed" and m.steps == [1, 2, 3, 4] and result.best_val_loss is None
@@ -457,8 +515,16 @@ def test_val_fraction_0_trains_without_evaluation(tmp_path, corpus_dir):
 @pytest.mark.parametrize("precision, compile", [("bf16", False), ("fp16", False), ("bf16", True)])
 def test_mixed_precision_training_on_cuda(tmp_path, corpus_dir, precision, compile):
     # n_head 1 -> head_dim 32: attention runs on the Triton kernels; fp16 goes through the GradScaler.
-    cfg = run_config(tmp_path, corpus_dir, model={"n_head": 1}, steps=60, precision=precision, device="cuda",
-                     compile=compile, sample_tokens=16)
+    cfg = run_config(
+        tmp_path,
+        corpus_dir,
+        model={"n_head": 1},
+        steps=60,
+        precision=precision,
+        device="cuda",
+        compile=compile,
+        sample_tokens=16,
+    )
     result = train(cfg)
     m = result.metrics
     assert result.stopped == "completed" and all(torch.isfinite(torch.tensor(m.train_loss)))
@@ -479,8 +545,16 @@ def test_cuda_graph_training_matches_eager_and_resumes(tmp_path, corpus_dir):
     """train.cuda_graph: the replayed step (grad accumulation included; no dropout, whose draws inside a graph need
     not be eager's) follows the eager run's loss curve (bf16: kernels of different tiles would round apart, the same
     ones replay identically), and a run stopped by a signal resumes into the curve of an uninterrupted graphed run."""
-    kw = dict(model={"n_head": 1, "dropout": 0.0}, steps=30, grad_accum=2, precision="bf16", device="cuda",
-              eval_interval=10, checkpoint_interval=100, log_interval=5)
+    kw = dict(
+        model={"n_head": 1, "dropout": 0.0},
+        steps=30,
+        grad_accum=2,
+        precision="bf16",
+        device="cuda",
+        eval_interval=10,
+        checkpoint_interval=100,
+        log_interval=5,
+    )
     eager = train(run_config(tmp_path / "eager", corpus_dir, **kw)).metrics
     graphed = train(run_config(tmp_path / "graphed", corpus_dir, cuda_graph=True, **kw)).metrics
     assert graphed.steps == eager.steps and graphed.learning_rate == eager.learning_rate
@@ -491,6 +565,7 @@ def test_cuda_graph_training_matches_eager_and_resumes(tmp_path, corpus_dir):
     def sigterm_at_step_12(step, metrics):
         if step == 12:
             os.kill(os.getpid(), signal.SIGTERM)
+
     cfg = run_config(tmp_path / "split", corpus_dir, cuda_graph=True, **kw)
     assert train(cfg, callbacks=[sigterm_at_step_12]).stopped == "interrupted"
     resumed = train(cfg, resume=True).metrics

@@ -5,6 +5,7 @@ Run it under each Triton the kernels must serve (CI pins 3.7.1; the GPU machine'
 
     TRITON_INTERPRET=0 python tools/aot_sweep.py --kernel dkdv --head-dim 128 > sweep.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,11 @@ import os
 
 from fasttrain.kernels import _aot, attention, attention_backward
 
-KERNELS = {"fwd": attention._attn_fwd_kernel, "dkdv": attention_backward._attn_bwd_dkdv_kernel,
-           "dq": attention_backward._attn_bwd_dq_kernel}
+KERNELS = {
+    "fwd": attention._attn_fwd_kernel,
+    "dkdv": attention_backward._attn_bwd_dkdv_kernel,
+    "dq": attention_backward._attn_bwd_dq_kernel,
+}
 
 
 def main() -> None:
@@ -27,29 +31,47 @@ def main() -> None:
     parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--stages", type=int, nargs="+", default=[2, 3])
-    parser.add_argument("--warp-specialize", type=int, nargs="+", choices=[0, 1], default=[0],
-                        help="fwd and dkdv: 1 compiles the TMA, warp-specialized loop (see launched_warps, "
-                        "setmaxnreg)")
-    parser.add_argument("--atomic-dq", type=int, nargs="+", choices=[0, 1], default=[0],
-                        help="dkdv: 1 compiles the variant that adds dQ by float32 atomics")
+    parser.add_argument(
+        "--warp-specialize",
+        type=int,
+        nargs="+",
+        choices=[0, 1],
+        default=[0],
+        help="fwd and dkdv: 1 compiles the TMA, warp-specialized loop (see launched_warps, setmaxnreg)",
+    )
+    parser.add_argument(
+        "--atomic-dq",
+        type=int,
+        nargs="+",
+        choices=[0, 1],
+        default=[0],
+        help="dkdv: 1 compiles the variant that adds dQ by float32 atomics",
+    )
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
     import triton
+
     kernel = KERNELS[args.kernel]
     hints = _aot.divisible(kernel)
     specialize = args.warp_specialize if "WARP_SPECIALIZE" in kernel.arg_names else [None]
     atomic = args.atomic_dq if "ATOMIC_DQ" in kernel.arg_names else [None]
-    for bm, bn, warps, stages, ws, adq in itertools.product(args.block_m, args.block_n, args.warps, args.stages,
-                                                            specialize, atomic):
+    for bm, bn, warps, stages, ws, adq in itertools.product(
+        args.block_m, args.block_n, args.warps, args.stages, specialize, atomic
+    ):
         signature, constexprs = attention_backward.aot_signature(kernel, _aot.DTYPE[args.arch], args.head_dim)
         tile = {"BLOCK_M": bm, "BLOCK_N": bn}
         if ws is not None:
             tile["WARP_SPECIALIZE"] = bool(ws)
         if adq is not None:
             tile["ATOMIC_DQ"] = bool(adq)
-        row = {"triton": triton.__version__, "kernel": args.kernel, "head_dim": args.head_dim, "arch": args.arch,
-               "config": [bm, bn, warps, stages] + ([] if ws is None else [bool(ws)])}
+        row = {
+            "triton": triton.__version__,
+            "kernel": args.kernel,
+            "head_dim": args.head_dim,
+            "arch": args.arch,
+            "config": [bm, bn, warps, stages] + ([] if ws is None else [bool(ws)]),
+        }
         if adq is not None:
             row["atomic_dq"] = bool(adq)
         try:

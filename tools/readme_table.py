@@ -1,7 +1,8 @@
 """Regenerate README.md's benchmark section from benchmarks/results/<device>/*.json.
 
-    python tools/readme_table.py          # rewrites the block between the bench-table markers in README.md
+python tools/readme_table.py          # rewrites the block between the bench-table markers in README.md
 """
+
 from __future__ import annotations
 
 import json
@@ -13,25 +14,53 @@ START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
 # benchmark -> (title, columns); rows are shown as measured.
 TABLES = {
-    "adamw": ("AdamW step (fp32, GPT-like mix of tensors; 28 bytes/param)",
-              ["params", "impl", "ms", "GB/s", "%copy", "x eager", "x fused"]),
-    "attention": ("Attention forward/backward (B*T = 16k tokens on a GPU, 2048 on a CPU)",
-                  ["provider", "B", "T", "H", "D", "causal", "fwd_tflops", "bwd_tflops", "fwd+bwd_tflops"]),
-    "cross_entropy": ("Cross-entropy forward + backward (fewest bytes: 3 N V s)",
-                      ["N", "V", "dtype", "impl", "ms", "GB/s", "%copy", "x eager", "peak_MB"]),
-    "norms": ("LayerNorm / RMSNorm forward + backward (fp32 residual in; bf16 autocast out on CUDA)",
-              ["op", "M", "N", "impl", "ms", "GB/s", "%copy", "x eager"]),
-    "rotary": ("Rotary embedding of q and k, forward + backward (fewest bytes: 4 passes over q and k)",
-               ["B", "T", "H", "Hkv", "D", "dtype", "impl", "ms", "GB/s", "%copy", "x eager"]),
-    "activation": ("GELU (tanh) forward + backward (fewest bytes: 5 passes over x)",
-                   ["M", "N", "dtype", "impl", "ms", "GB/s", "%copy", "x eager"]),
-    "decode": ("KV-cache decode (K and V bytes read)",
-               ["kind", "B", "L", "H", "Hkv", "impl", "ms", "GBs", "pct_copy", "x_sdpa", "tokens_per_s"]),
-    "step": ("Training step (forward, backward, optimizer)",
-             ["variant", "B", "T", "params_M", "step_ms", "tokens_per_s", "speedup_vs_eager", "mfu_pct", "peak_mem_GiB",
-              "gpu_busy_ms"]),
-    "overhead": ("Host time per call on a tiny input (x torch > 1: fasttrain's host costs less)",
-                 ["op", "mode", "impl", "host_us", "x torch"]),
+    "adamw": (
+        "AdamW step (fp32, GPT-like mix of tensors; 28 bytes/param)",
+        ["params", "impl", "ms", "GB/s", "%copy", "x eager", "x fused"],
+    ),
+    "attention": (
+        "Attention forward/backward (B*T = 16k tokens on a GPU, 2048 on a CPU)",
+        ["provider", "B", "T", "H", "D", "causal", "fwd_tflops", "bwd_tflops", "fwd+bwd_tflops"],
+    ),
+    "cross_entropy": (
+        "Cross-entropy forward + backward (fewest bytes: 3 N V s)",
+        ["N", "V", "dtype", "impl", "ms", "GB/s", "%copy", "x eager", "peak_MB"],
+    ),
+    "norms": (
+        "LayerNorm / RMSNorm forward + backward (fp32 residual in; bf16 autocast out on CUDA)",
+        ["op", "M", "N", "impl", "ms", "GB/s", "%copy", "x eager"],
+    ),
+    "rotary": (
+        "Rotary embedding of q and k, forward + backward (fewest bytes: 4 passes over q and k)",
+        ["B", "T", "H", "Hkv", "D", "dtype", "impl", "ms", "GB/s", "%copy", "x eager"],
+    ),
+    "activation": (
+        "GELU (tanh) forward + backward (fewest bytes: 5 passes over x)",
+        ["M", "N", "dtype", "impl", "ms", "GB/s", "%copy", "x eager"],
+    ),
+    "decode": (
+        "KV-cache decode (K and V bytes read)",
+        ["kind", "B", "L", "H", "Hkv", "impl", "ms", "GBs", "pct_copy", "x_sdpa", "tokens_per_s"],
+    ),
+    "step": (
+        "Training step (forward, backward, optimizer)",
+        [
+            "variant",
+            "B",
+            "T",
+            "params_M",
+            "step_ms",
+            "tokens_per_s",
+            "speedup_vs_eager",
+            "mfu_pct",
+            "peak_mem_GiB",
+            "gpu_busy_ms",
+        ],
+    ),
+    "overhead": (
+        "Host time per call on a tiny input (x torch > 1: fasttrain's host costs less)",
+        ["op", "mode", "impl", "host_us", "x torch"],
+    ),
     "data": ("Tokenizing into shards", ["tokenizer", "workers", "MB", "MB/s"]),
 }
 
@@ -49,9 +78,13 @@ def _fmt(v, column: str) -> str:
 def table(result: dict) -> list[str]:
     title, wanted = TABLES[result["benchmark"]]
     columns = [c for c in wanted if any(c in r for r in result["rows"])]
-    lines = [f"**{title}** — {result['device']}, torch {result['torch']}, triton {result['triton']}, "
-             f"{result['date'][:10]}, commit {result['git_commit'][:12]}", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [
+        f"**{title}** — {result['device']}, torch {result['torch']}, triton {result['triton']}, "
+        f"{result['date'][:10]}, commit {result['git_commit'][:12]}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     lines += ["| " + " | ".join(_fmt(r.get(c), c) for c in columns) + " |" for r in result["rows"]]
     return lines + [""]
 

@@ -8,6 +8,7 @@ What it leaves out is the C launcher: its argument parsing and the driver calls 
 (cuCtxGetCurrent, cuPointerGetAttribute per pointer argument, cuLaunchKernelEx), which bench_overhead.py times on
 a card. The kernel is the norm forward, 14 runtime arguments (8 pointers) and 7 constexprs, as the model launches it.
 """
+
 import argparse
 import os
 import time
@@ -49,8 +50,15 @@ def main() -> None:
     block, warps = norms.block_and_warps(N, backward=False)
     block_m = norms.rows_per_block(x, block)
     launch_args = (x, None, w, b, y, s, mean, rstd, x.stride(0), 0, y.stride(0), M, N, 1e-5)
-    constexprs = dict(IS_RMS=False, HAS_RESIDUAL=False, HAS_WEIGHT=True, HAS_BIAS=True, BLOCK_M=block_m,
-                      BLOCK_N=block, num_warps=warps)
+    constexprs = dict(
+        IS_RMS=False,
+        HAS_RESIDUAL=False,
+        HAS_WEIGHT=True,
+        HAS_BIAS=True,
+        BLOCK_M=block_m,
+        BLOCK_N=block,
+        num_warps=warps,
+    )
     grid = (-(-M // block_m),)
     kernel = norms._norm_forward_kernel
     compiled = kernel.warmup(*launch_args, grid=grid, **constexprs)  # compiles (ptxas), launches nothing
@@ -59,6 +67,7 @@ def main() -> None:
 
     def launch():
         kernel[grid](*launch_args, **constexprs)
+
     for _ in range(100):
         launch()
     times = []
@@ -67,8 +76,10 @@ def main() -> None:
         for _ in range(args.calls):
             launch()
         times.append((time.perf_counter() - start) / args.calls * 1e6)
-    print(f"triton {triton.__version__}: {sorted(times)[2]:.1f} us per launch (median of 5 x {args.calls}), "
-          f"norm forward, Python only")
+    print(
+        f"triton {triton.__version__}: {sorted(times)[2]:.1f} us per launch (median of 5 x {args.calls}), "
+        f"norm forward, Python only"
+    )
 
 
 if __name__ == "__main__":

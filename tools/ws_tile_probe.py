@@ -11,6 +11,7 @@ tile is right when its error against fp32 is at most twice PyTorch's own in bf16
 it timed. The run exits 1 only when v2 is not right. On a CPU (TRITON_INTERPRET=1) it runs one small shape per class
 untimed: its own plumbing, checked by a test.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,14 +54,16 @@ def verdict(out: torch.Tensor, pytorch: torch.Tensor, ref: torch.Tensor) -> dict
 
 def child(tile: str, device: str) -> list[dict]:
     """The rows of one candidate ("BM,BN,W,S") or of V2, in this process."""
+    from bench_attention import flops  # benchmarks/ is on sys.path (above)
+
     from fasttrain.kernels import _attention_configs, attention
     from fasttrain.ops import flash_attn_func
-    from bench_attention import flops  # benchmarks/ is on sys.path (above)
 
     pinned = None if tile == V2 else tuple(int(x) for x in tile.split(","))
     if pinned is not None:  # the autotuner over this one config, which it never benchmarks
-        attention._attn_fwd = attention.autotuned(attention._attn_fwd_kernel,
-                                                  _attention_configs.one_config_table((*pinned, True)))
+        attention._attn_fwd = attention.autotuned(
+            attention._attn_fwd_kernel, _attention_configs.one_config_table((*pinned, True))
+        )
     rows = []
     for B, T, H, Hkv, D, causal in shapes(device):
         if pinned is not None and pinned[:4] not in CANDIDATES[f"d{D}"]:
@@ -73,10 +76,21 @@ def child(tile: str, device: str) -> list[dict]:
             pytorch = flash_attn_func(q, k, v, causal=causal, backend="reference")
             ref = flash_attn_func(q.float(), k.float(), v.float(), causal=causal, backend="reference")
         ran = attention._attn_fwd.best_config  # the config the autotuner launched: the pinned one, or v2's pick
-        row = {"tile": tile, "B": B, "T": T, "H": H, "Hkv": Hkv, "D": D, "causal": causal,
-               "ran": f"{ran.kwargs} w{ran.num_warps} s{ran.num_stages}", **verdict(out, pytorch, ref)}
+        row = {
+            "tile": tile,
+            "B": B,
+            "T": T,
+            "H": H,
+            "Hkv": Hkv,
+            "D": D,
+            "causal": causal,
+            "ran": f"{ran.kwargs} w{ran.num_warps} s{ran.num_stages}",
+            **verdict(out, pytorch, ref),
+        }
         if row["right"] and device == "cuda":
-            ms = common.time_ms(lambda: flash_attn_func(q, k, v, causal=causal, backend="triton"), device)
+            ms = common.time_ms(
+                lambda q=q, k=k, v=v, causal=causal: flash_attn_func(q, k, v, causal=causal, backend="triton"), device
+            )
             row.update(fwd_ms=ms, fwd_tflops=flops("fwd", B, H, T, D, causal) / (ms * 1e-3) / 1e12)
         rows.append(row)
     return rows
@@ -86,8 +100,13 @@ def run_child(tile: str, device: str) -> list[dict]:
     """child(tile) in a fresh process; a crash, a hang or unreadable output is one row that says so."""
     env = dict(os.environ, FASTTRAIN_ATTENTION_WS="0" if tile == V2 else "1")
     try:
-        done = subprocess.run([sys.executable, __file__, "--child", tile, "--device", device], env=env,
-                              capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", tile, "--device", device],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT_S,
+        )
     except subprocess.TimeoutExpired:
         return [{"tile": tile, "right": False, "failed": f"no answer in {CHILD_TIMEOUT_S} s"}]
     if done.returncode != 0:
@@ -107,8 +126,25 @@ def main() -> None:
     for tile in tiles:  # written after each child, so that a run cut short keeps the tiles it finished
         rows += run_child(tile, args.device)
         path = common.write_results("ws_tiles", args.device, rows, {}, args.out, args.quick)
-    common.print_table(rows, ["tile", "B", "T", "H", "Hkv", "D", "causal", "max_err", "bound", "nan_rows", "right",
-                              "fwd_tflops", "ran", "failed"])
+    common.print_table(
+        rows,
+        [
+            "tile",
+            "B",
+            "T",
+            "H",
+            "Hkv",
+            "D",
+            "causal",
+            "max_err",
+            "bound",
+            "nan_rows",
+            "right",
+            "fwd_tflops",
+            "ran",
+            "failed",
+        ],
+    )
     print("wrote", path)
     if not all(r["right"] for r in rows if r["tile"] == V2):  # a tile may be wrong (that is what is asked); v2 not
         raise SystemExit("v2, the forward without the specialized tiles, was not right: see its rows")

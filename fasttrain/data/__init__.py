@@ -1,9 +1,10 @@
 """Data: sources (text, Markdown, code, JSONL, PDF) -> tokenizer -> token shards (memmap) -> batches.
 
-    corpus = prepare(DataConfig(paths=["docs/"], tokenizer="bpe"))
-    batches = Batches(corpus.train, batch_size=8, seq_len=256)
-    x, y = batches.next()
+corpus = prepare(DataConfig(paths=["docs/"], tokenizer="bpe"))
+batches = Batches(corpus.train, batch_size=8, seq_len=256)
+x, y = batches.next()
 """
+
 from fasttrain.data.config import DataConfig
 from fasttrain.data.corpus import Corpus
 from fasttrain.data.shards import prepare
@@ -17,5 +18,6 @@ def __getattr__(name: str):
     # so torch is loaded only when Batches is first used.
     if name == "Batches":
         from fasttrain.data.batches import Batches
+
         return Batches
     raise AttributeError(f"module 'fasttrain.data' has no attribute {name!r}")

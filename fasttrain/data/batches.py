@@ -1,4 +1,5 @@
 """Batches: (x, y) windows of a token array, random or in sequential epochs, resumable to the exact batch."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,10 @@ class Batches:
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, mode: str = "random"):
         if not isinstance(tokens, np.ndarray) or tokens.ndim != 1:
-            raise TypeError(f"tokens must be a 1-D numpy array (e.g. corpus.train), got {type(tokens).__name__}"
-                            f"{getattr(tokens, 'shape', '')}")
+            raise TypeError(
+                f"tokens must be a 1-D numpy array (e.g. corpus.train), got {type(tokens).__name__}"
+                f"{getattr(tokens, 'shape', '')}"
+            )
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(seq_len, int) or seq_len < 1:
@@ -55,7 +58,7 @@ class Batches:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y), each (B, T) int64 on the CPU."""
         starts = self._starts()
-        rows = np.stack([self.tokens[s: s + self.seq_len + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
+        rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
         self.step += 1
         xy = torch.from_numpy(rows)
         return xy[:, :-1], xy[:, 1:]
@@ -66,17 +69,27 @@ class Batches:
 
     def state_dict(self) -> dict:
         """JSON-able position; loading it into Batches over the same tokens continues with the same batches."""
-        return {"step": self.step, "seed": self.seed, "mode": self.mode, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "num_tokens": len(self.tokens)}
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "mode": self.mode,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "num_tokens": len(self.tokens),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for name in ("seed", "mode", "batch_size", "seq_len"):
             if state.get(name) != getattr(self, name):
-                raise ValueError(f"Batches state has {name}={state.get(name)!r} but these Batches have "
-                                 f"{getattr(self, name)!r}: resuming would not repeat the same batches")
+                raise ValueError(
+                    f"Batches state has {name}={state.get(name)!r} but these Batches have "
+                    f"{getattr(self, name)!r}: resuming would not repeat the same batches"
+                )
         if state.get("num_tokens") != len(self.tokens):
-            raise ValueError(f"Batches state was saved over {state.get('num_tokens')} tokens but these Batches have "
-                             f"{len(self.tokens)}: the data changed since the checkpoint")
+            raise ValueError(
+                f"Batches state was saved over {state.get('num_tokens')} tokens but these Batches have "
+                f"{len(self.tokens)}: the data changed since the checkpoint"
+            )
         if not isinstance(state.get("step"), int) or state["step"] < 0:
             raise ValueError(f"Batches state step must be a non-negative int, got {state.get('step')!r}")
         self.step = state["step"]

@@ -1,4 +1,5 @@
 """DataConfig: where the text comes from, how it is tokenized, how it is split, where the shards live."""
+
 from __future__ import annotations
 
 import os
@@ -6,9 +7,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_CODE_EXTENSIONS = [
-    ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".cu", ".cuh", ".rs", ".go", ".java", ".kt", ".scala",
-    ".js", ".jsx", ".ts", ".tsx", ".rb", ".php", ".swift", ".m", ".lua", ".jl", ".r", ".sh", ".bash", ".sql",
-    ".html", ".css", ".toml", ".yaml", ".yml", ".cmake",
+    ".py",
+    ".pyi",
+    ".c",
+    ".h",
+    ".cc",
+    ".cpp",
+    ".cxx",
+    ".hpp",
+    ".cu",
+    ".cuh",
+    ".rs",
+    ".go",
+    ".java",
+    ".kt",
+    ".scala",
+    ".js",
+    ".jsx",
+    ".ts",
+    ".tsx",
+    ".rb",
+    ".php",
+    ".swift",
+    ".m",
+    ".lua",
+    ".jl",
+    ".r",
+    ".sh",
+    ".bash",
+    ".sql",
+    ".html",
+    ".css",
+    ".toml",
+    ".yaml",
+    ".yml",
+    ".cmake",
 ]
 TEXT_EXTENSIONS = (".txt", ".text", ".md", ".markdown", ".rst")
 JSONL_EXTENSIONS = (".jsonl", ".ndjson")
@@ -63,11 +96,15 @@ class DataConfig:
         if not isinstance(self.tokenizer, (str, os.PathLike)):
             raise ValueError(f"DataConfig.tokenizer must be 'byte', 'bpe' or a path, got {self.tokenizer!r}")
         if check_files and self.tokenizer not in ("byte", "bpe") and not Path(self.tokenizer).is_file():
-            raise ValueError(f"DataConfig.tokenizer must be 'byte', 'bpe' or a path to a tokenizer.json; "
-                             f"{self.tokenizer!r} is not a file")
+            raise ValueError(
+                f"DataConfig.tokenizer must be 'byte', 'bpe' or a path to a tokenizer.json; "
+                f"{self.tokenizer!r} is not a file"
+            )
         if self.tokenizer == "bpe" and not (isinstance(self.vocab_size, int) and self.vocab_size >= 257):
-            raise ValueError(f"DataConfig.vocab_size must be an int >= 257 (256 bytes + end-of-text) for "
-                             f"tokenizer='bpe', got {self.vocab_size!r}")
+            raise ValueError(
+                f"DataConfig.vocab_size must be an int >= 257 (256 bytes + end-of-text) for "
+                f"tokenizer='bpe', got {self.vocab_size!r}"
+            )
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers must be an int >= 0, got {self.num_workers!r}")
         if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= self.val_fraction < 1.0:

@@ -1,4 +1,5 @@
 """Corpus: the prepared shards of one DataConfig, opened as read-only memmaps, with its tokenizer and summary."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,9 @@ class Corpus:
         self.manifest = manifest
         self.reused = reused
         self.tokenizer_file = folder / manifest["tokenizer_file"]["file"] if manifest["tokenizer_file"] else None
-        self.tokenizer: Tokenizer = (ByteTokenizer() if self.tokenizer_file is None
-                                     else load_tokenizer_file(self.tokenizer_file))
+        self.tokenizer: Tokenizer = (
+            ByteTokenizer() if self.tokenizer_file is None else load_tokenizer_file(self.tokenizer_file)
+        )
         self.tokenizer.name = manifest["tokenizer"]["name"]
         self.train = self._open("train")
         self.val = self._open("val")
@@ -39,19 +41,33 @@ class Corpus:
         """Documents, bytes and tokens per source, what was skipped and why, and the split."""
         header = ["source", "files", "documents", "bytes", "tokens", "ignored", "skipped"]
         rows = [header] + [
-            [source, f"{r['files']:,}", f"{r['documents']:,}", f"{r['bytes']:,}", f"{r['tokens']:,}",
-             f"{r['ignored']:,}", ", ".join(f"{n:,} {why}" for why, n in sorted(r["skipped"].items())) or "0"]
-            for source, r in self.manifest["sources"].items()]
+            [
+                source,
+                f"{r['files']:,}",
+                f"{r['documents']:,}",
+                f"{r['bytes']:,}",
+                f"{r['tokens']:,}",
+                f"{r['ignored']:,}",
+                ", ".join(f"{n:,} {why}" for why, n in sorted(r["skipped"].items())) or "0",
+            ]
+            for source, r in self.manifest["sources"].items()
+        ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = ["  ".join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:-1], widths[1:-1])]
-                           + [row[-1]]) for row in rows]
+        lines = [
+            "  ".join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:-1], widths[1:-1])] + [row[-1]])
+            for row in rows
+        ]
         tok, shards, split = self.manifest["tokenizer"], self.manifest["shards"], self.manifest["split"]
-        lines.append(f"tokenizer {tok['name']} (vocab {tok['vocab_size']:,}, end-of-text {tok['eot_id']}); "
-                     f"train {shards['train']['tokens']:,} tokens, val {shards['val']['tokens']:,} tokens "
-                     f"({split['val_documents']:,} of {split['documents']:,} documents), {self.manifest['dtype']}; "
-                     f"{'reused' if self.reused else 'built'} in {self.folder}")
+        lines.append(
+            f"tokenizer {tok['name']} (vocab {tok['vocab_size']:,}, end-of-text {tok['eot_id']}); "
+            f"train {shards['train']['tokens']:,} tokens, val {shards['val']['tokens']:,} tokens "
+            f"({split['val_documents']:,} of {split['documents']:,} documents), {self.manifest['dtype']}; "
+            f"{'reused' if self.reused else 'built'} in {self.folder}"
+        )
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return (f"Corpus(train={len(self.train):,} tokens, val={len(self.val):,} tokens, "
-                f"tokenizer={self.tokenizer.name!r}, folder={str(self.folder)!r})")
+        return (
+            f"Corpus(train={len(self.train):,} tokens, val={len(self.val):,} tokens, "
+            f"tokenizer={self.tokenizer.name!r}, folder={str(self.folder)!r})"
+        )

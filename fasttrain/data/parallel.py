@@ -1,12 +1,13 @@
 """Parallel reading and tokenizing: tasks of consecutive files, run in this process or a 'spawn' pool, results
 always in file order, so the shards are identical for any number of workers."""
+
 from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -66,7 +67,7 @@ def tokenize_task(args: tuple[list[SourceFile], str, str]) -> list[tuple[np.ndar
     eot = np.array([tok.eot_id], dtype=dtype)
     out, first = [], 0
     for d in docs:
-        mine = ids[first: first + len(d.texts)]
+        mine = ids[first : first + len(d.texts)]
         first += len(d.texts)
         tokens = np.concatenate([p for i in mine for p in (i.astype(dtype), eot)]) if mine else np.empty(0, dtype)
         lengths = np.array([len(i) + 1 for i in mine], dtype=np.int64)
@@ -96,15 +97,17 @@ def map_in_order(fn: Callable, tasks: list, workers: int, tok_config: dict | Non
         _set_tokenizer(tok_config)
         yield from map(fn, tasks)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_pool_worker, initargs=(tok_config,))
+    pool = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_pool_worker, initargs=(tok_config,)
+    )
     completed = False
     try:
         yield from pool.map(fn, tasks)
         completed = True
     except BrokenProcessPool as exc:
-        raise RuntimeError(f"a data worker process died or failed to start (killed, out of memory, a tokenizer it "
-                           f"could not build?); DataConfig.num_workers=0 works in this process instead ({exc})"
-                           ) from exc
+        raise RuntimeError(
+            f"a data worker process died or failed to start (killed, out of memory, a tokenizer it "
+            f"could not build?); DataConfig.num_workers=0 works in this process instead ({exc})"
+        ) from exc
     finally:  # a caller that stops early (an error while writing) does not wait for the tasks still queued
         pool.shutdown(wait=completed, cancel_futures=not completed)

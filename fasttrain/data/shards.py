@@ -8,6 +8,7 @@ Layout of one cache folder (named by the hash of everything that decides its con
                          without it (a killed run) is never trusted
 Every file is written under a temporary name and moved into place with os.replace.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,8 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -56,8 +57,10 @@ def prepare(cfg: DataConfig) -> Corpus:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"DataConfig.cache_dir (or $FASTTRAIN_CACHE): cannot make the shard folder {str(folder)!r} "
-                         f"({exc.strerror or exc})") from exc
+        raise ValueError(
+            f"DataConfig.cache_dir (or $FASTTRAIN_CACHE): cannot make the shard folder {str(folder)!r} "
+            f"({exc.strerror or exc})"
+        ) from exc
     with _locked(folder / ".lock"):
         manifest = _trusted_manifest(folder, key)
         reused = manifest is not None
@@ -92,8 +95,9 @@ def _trusted_manifest(folder: Path, key: str) -> dict | None:
         return None
     if manifest.get("key") != key or manifest.get("format") != FORMAT_VERSION:
         return None
-    for entry in list(manifest["shards"].values()) + ([manifest["tokenizer_file"]] if manifest.get(
-            "tokenizer_file") else []):
+    for entry in list(manifest["shards"].values()) + (
+        [manifest["tokenizer_file"]] if manifest.get("tokenizer_file") else []
+    ):
         # Size and mtime, as make and ccache judge a file: a shard written over in place is rebuilt, not read
         # (out-of-range ids would reach the embedding). Its sha256 would reread it at ~1 GB/s on every start.
         path = folder / entry["file"]
@@ -204,8 +208,10 @@ def _build(cfg: DataConfig, files: list[SourceFile], ignored: dict[str, int], ke
         tok_file = _file_entry(folder / "tokenizer.json")
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
 
-    sources = {s: {"files": 0, "documents": 0, "bytes": 0, "tokens": 0, "skipped": {}, "ignored": n}
-               for s, n in ignored.items()}
+    sources = {
+        s: {"files": 0, "documents": 0, "bytes": 0, "tokens": 0, "skipped": {}, "ignored": n}
+        for s, n in ignored.items()
+    }
     workers = workers_for(files, cfg.num_workers)
     all_tmp = _atomic_path(folder / "all.bin")
     lengths = []
@@ -226,8 +232,10 @@ def _build(cfg: DataConfig, files: list[SourceFile], ignored: dict[str, int], ke
     doc_lengths = np.concatenate(lengths)
     if len(doc_lengths) == 0:
         all_tmp.unlink()
-        raise ValueError(f"DataConfig.paths: the corpus is empty: {len(files)} files gave no document "
-                         f"(skipped: {_skipped_total(sources)})")
+        raise ValueError(
+            f"DataConfig.paths: the corpus is empty: {len(files)} files gave no document "
+            f"(skipped: {_skipped_total(sources)})"
+        )
     is_val = _split(len(doc_lengths), cfg.val_fraction, cfg.seed)
     shards = _write_splits(folder, all_tmp, doc_lengths, is_val, cfg.val_fraction, dtype)
     all_tmp.unlink()
@@ -235,14 +243,31 @@ def _build(cfg: DataConfig, files: list[SourceFile], ignored: dict[str, int], ke
         "format": FORMAT_VERSION,
         "key": key,
         "dtype": dtype.name,
-        "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-                      "spec": tokenizer_spec(cfg.tokenizer, cfg.vocab_size)},
+        "tokenizer": {
+            "name": tok.name,
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "spec": tokenizer_spec(cfg.tokenizer, cfg.vocab_size),
+        },
         "tokenizer_file": tok_file,
         "sources": sources,
-        "files": [{"path": f.path, "source": f.source, "kind": f.kind, "size": f.size, "mtime_ns": f.mtime_ns,
-                   "limit": f.limit} for f in files],
-        "split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "documents": len(doc_lengths),
-                  "val_documents": int(is_val.sum()) if len(doc_lengths) > 1 else 0},
+        "files": [
+            {
+                "path": f.path,
+                "source": f.source,
+                "kind": f.kind,
+                "size": f.size,
+                "mtime_ns": f.mtime_ns,
+                "limit": f.limit,
+            }
+            for f in files
+        ],
+        "split": {
+            "val_fraction": cfg.val_fraction,
+            "seed": cfg.seed,
+            "documents": len(doc_lengths),
+            "val_documents": int(is_val.sum()) if len(doc_lengths) > 1 else 0,
+        },
         "shards": shards,
         "build": {"workers": workers, "seconds": round(time.perf_counter() - started, 3)},
     }
@@ -252,8 +277,9 @@ def _build(cfg: DataConfig, files: list[SourceFile], ignored: dict[str, int], ke
     return manifest
 
 
-def _write_splits(folder: Path, all_path: Path, doc_lengths: np.ndarray, is_val: np.ndarray, val_fraction: float,
-                  dtype: np.dtype) -> dict:
+def _write_splits(
+    folder: Path, all_path: Path, doc_lengths: np.ndarray, is_val: np.ndarray, val_fraction: float, dtype: np.dtype
+) -> dict:
     """Copy each document's tokens from the packed stream into train.bin or val.bin, keeping document order."""
     tokens = np.memmap(all_path, dtype=dtype, mode="r")
     ends = np.cumsum(doc_lengths)

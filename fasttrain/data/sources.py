@@ -3,6 +3,7 @@
 One document per text, Markdown, code or PDF file; one per JSONL record. A file that cannot be read as text
 (binary, not UTF-8, corrupt PDF, no pypdf) is skipped with a reason that the summary counts: it never stops a run.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -61,8 +62,9 @@ def _kind(path: Path, code_extensions: set[str], explicit: bool) -> str | None:
 
 def _matches(rel: str, patterns: list[str]) -> bool:
     # fnmatch's "*" also matches "/", so "*.md" keeps Markdown at any depth; "**/x" must also match a top-level "x".
-    return any(fnmatch.fnmatchcase(rel, p) or (p.startswith("**/") and fnmatch.fnmatchcase(rel, p[3:]))
-               for p in patterns)
+    return any(
+        fnmatch.fnmatchcase(rel, p) or (p.startswith("**/") and fnmatch.fnmatchcase(rel, p[3:])) for p in patterns
+    )
 
 
 def _walk(root: Path, skip_dirs: set[str]) -> list[Path]:
@@ -120,9 +122,11 @@ def discover(cfg: DataConfig) -> tuple[list[SourceFile], dict[str, int]]:
             used += stat.st_size if limit is None else limit
             files.append(SourceFile(resolved, source, kind, stat.st_size, stat.st_mtime_ns, limit))
     if not files:
-        raise ValueError(f"DataConfig.paths: no readable files in {[r[0] for r in roots]} after include={cfg.include} "
-                         f"exclude={cfg.exclude} (extensions: text {TEXT_EXTENSIONS}, jsonl {JSONL_EXTENSIONS}, "
-                         f"pdf, and code_extensions)")
+        raise ValueError(
+            f"DataConfig.paths: no readable files in {[r[0] for r in roots]} after include={cfg.include} "
+            f"exclude={cfg.exclude} (extensions: text {TEXT_EXTENSIONS}, jsonl {JSONL_EXTENSIONS}, "
+            f"pdf, and code_extensions)"
+        )
     return files, ignored
 
 
@@ -153,7 +157,7 @@ def _read_jsonl(f: SourceFile, data: bytes, field: str) -> Documents:
     if f.limit is not None and len(data) == f.limit:
         data = data[: data.rfind(b"\n") + 1]  # whole records only
     if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
+        data = data[len(codecs.BOM_UTF8) :]
     docs, skipped, first_keys, field_seen = [], {}, None, False
     missing = f"jsonl record without string {field!r}"
     for raw in data.split(b"\n"):
@@ -179,8 +183,9 @@ def _read_jsonl(f: SourceFile, data: bytes, field: str) -> Documents:
             docs.append(value)
     # A field that no record has is a wrong setting, not a bad record: say so instead of skipping the whole file.
     if first_keys is not None and not field_seen:
-        raise ValueError(f"DataConfig.jsonl_field {field!r} is in no record of {f.path} "
-                         f"(the first record has keys {first_keys})")
+        raise ValueError(
+            f"DataConfig.jsonl_field {field!r} is in no record of {f.path} (the first record has keys {first_keys})"
+        )
     return Documents(docs, skipped)
 
 

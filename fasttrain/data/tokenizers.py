@@ -4,13 +4,13 @@ Every tokenizer has an end-of-text id that separates packed documents, and `to_c
 that rebuilds it exactly (`tokenizer_from_config`): an HF tokenizer embeds its whole JSON, so a checkpoint that
 records the config decodes with the same tokenizer on any machine.
 """
+
 from __future__ import annotations
 
-import os
-
 import hashlib
+import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -98,6 +98,7 @@ def tokenizer_from_config(config: dict) -> Tokenizer:
     if config["kind"] == "byte":
         return ByteTokenizer()
     from tokenizers import Tokenizer as _HF
+
     if not isinstance(config.get("json"), str):
         raise ValueError("tokenizer config of kind 'hf' must embed the tokenizer JSON string under 'json'")
     return HFTokenizer(_HF.from_str(config["json"]), config.get("name", "tokenizer.json"))
@@ -106,6 +107,7 @@ def tokenizer_from_config(config: dict) -> Tokenizer:
 def load_tokenizer_file(path: str | Path) -> HFTokenizer:
     """A local tokenizer.json; ValueError naming `tokenizer` when it is not one."""
     from tokenizers import Tokenizer as _HF
+
     try:
         tok = _HF.from_file(str(path))
     except Exception as exc:  # the Rust side raises a bare Exception for a malformed file
@@ -115,12 +117,18 @@ def load_tokenizer_file(path: str | Path) -> HFTokenizer:
 
 def train_bpe(texts: Iterator[str], vocab_size: int) -> HFTokenizer:
     """Byte-level BPE over `texts`: every byte is in the alphabet, so any text round-trips."""
-    from tokenizers import Tokenizer as _HF, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as _HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
     tok = _HF(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT_TOKEN], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TOKEN],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return HFTokenizer(tok, f"bpe-{vocab_size}")
 

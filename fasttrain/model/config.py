@@ -1,4 +1,5 @@
 """GPTConfig: the shape and the choices of the decoder-only transformer."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ class GPTConfig:
     """The model's shape. n_kv_head and d_ff given as None are resolved here, as HF configs resolve theirs, so
     `dataclasses.replace(cfg, n_head=...)` keeps the resolved values: pass n_kv_head=None (d_ff=None) with it to derive
     them again (the trainer's config.build does)."""
+
     n_layer: int = 12
     """Number of transformer blocks."""
     n_head: int = 12

@@ -1,4 +1,5 @@
 """Parameter count and FLOPs per token from a GPTConfig, for MFU."""
+
 from __future__ import annotations
 
 from fasttrain.model.config import GPTConfig

@@ -7,6 +7,7 @@ takes the last pair. The sums are the ones `x = x + branch` makes, in the same o
 
 Generation plugs in through `cache` (see `GPT.forward`); nothing about caches lives here beyond that hand-off.
 """
+
 from __future__ import annotations
 
 import math
@@ -164,7 +165,7 @@ class GPT(nn.Module):
         cfg = self.config
         if self.rope_cos is not None:
             self._rebuild_rope_tables(self.rope_cos.device)
-        for name, module in self.named_modules():
+        for module in self.modules():
             if isinstance(module, nn.Linear):
                 if module is self.lm_head and cfg.tie_embeddings:
                     continue
@@ -188,7 +189,7 @@ class GPT(nn.Module):
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be a (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}")
         B, T = idx.shape
-        if cache is None and T > self.config.max_seq_len:
+        if cache is None and self.config.max_seq_len < T:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
         pos = cache.positions(T) if cache is not None else None  # (B, T) long, or None: 0..T-1 for every row
         x = self.wte(idx)  # (B, T, C)
@@ -196,8 +197,9 @@ class GPT(nn.Module):
             x = x + self.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
         cos = sin = None
         if self.rope_cos is not None:
-            cos, sin = (self.rope_cos[pos], self.rope_sin[pos]) if pos is not None else (self.rope_cos[:T],
-                                                                                          self.rope_sin[:T])
+            cos, sin = (
+                (self.rope_cos[pos], self.rope_sin[pos]) if pos is not None else (self.rope_cos[:T], self.rope_sin[:T])
+            )
         x, residual = self.drop(x), None
         for block in self.blocks:
             x, residual = block(x, residual, cos, sin, cache)

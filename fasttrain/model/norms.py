@@ -3,6 +3,7 @@ checkpoints load either way. `forward(input)` is torch's; `forward(input, residu
 add fused into the norm and returns (normed, input + residual), as flash-attn's norm modules do with prenorm=True.
 `norm_fn` and `add_norm_fn` are the functional forms they call (benchmarks swap in torch's to time the same model
 without fasttrain's kernels, as they do each attention layer's attn_fn)."""
+
 from __future__ import annotations
 
 import torch

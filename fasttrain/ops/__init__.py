@@ -1,4 +1,5 @@
-"""Public ops: flash-attn- and torch-compatible signatures over the kernels, with a pure-PyTorch reference beside each."""
+"""Public ops: flash-attn- and torch-compatible signatures over the kernels, a pure-PyTorch reference beside each."""
+
 from fasttrain.ops.activation import gelu
 from fasttrain.ops.attention import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from fasttrain.ops.cross_entropy import cross_entropy
@@ -6,5 +7,16 @@ from fasttrain.ops.decode import flash_attn_with_kvcache
 from fasttrain.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fasttrain.ops.rotary import apply_rotary_emb
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "scaled_dot_product_attention", "flash_attn_with_kvcache",
-           "cross_entropy", "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "apply_rotary_emb", "gelu"]
+__all__ = [
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "scaled_dot_product_attention",
+    "flash_attn_with_kvcache",
+    "cross_entropy",
+    "layer_norm",
+    "rms_norm",
+    "add_layer_norm",
+    "add_rms_norm",
+    "apply_rotary_emb",
+    "gelu",
+]

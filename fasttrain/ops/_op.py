@@ -10,9 +10,10 @@ autograd.Function with the op's own setup_context/backward when a gradient is ne
 tracing and every tensor argument is a plain tensor on a real device; fake, meta and functional tensors, and
 every traced call, take the registered op, exactly as before.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -41,8 +42,11 @@ class Op:
             setup_context(ctx, args, output)
             return output
 
-        self._function = type(name.replace("::", "_") + "_eager", (torch.autograd.Function,),
-                              {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+        self._function = type(
+            name.replace("::", "_") + "_eager",
+            (torch.autograd.Function,),
+            {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+        )
 
     def __call__(self, *args):
         # One plain loop over the arguments, not generator expressions: this runs on every eager call, and two
@@ -75,8 +79,11 @@ def reference_gradients(reference: Callable, inputs: tuple, grad_outputs: tuple)
     outputs = reference(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None and o.requires_grad]
-    found = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True,
-                                     allow_unused=True) if pairs and wanted else ())
+    found = iter(
+        torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], create_graph=True, allow_unused=True)
+        if pairs and wanted
+        else ()
+    )
     return tuple(next(found, None) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
 
 

@@ -7,6 +7,7 @@ The kernel computes x * sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3), the sa
 x / 2 * (1 + tanh(u)) without its cancellation in the negative tail (torch gives 0 below x ~ -5.3, the kernel the
 small value itself); elsewhere within 5e-7 of float64.
 """
+
 from __future__ import annotations
 
 import torch
@@ -75,8 +76,9 @@ def gelu(input: Tensor, approximate: str = "none", *, backend: str | None = None
     kernel). backend: "auto" (default), "cpu" or "reference".
     """
     if not isinstance(input, Tensor) or not input.is_floating_point():
-        raise TypeError(f"gelu: input must be a floating-point tensor, got "
-                        f"{getattr(input, 'dtype', type(input).__name__)}")
+        raise TypeError(
+            f"gelu: input must be a floating-point tensor, got {getattr(input, 'dtype', type(input).__name__)}"
+        )
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     if _backend.choose(OP, {"cpu": _cpu_reason(input, approximate), "reference": None}, backend) == "reference":

@@ -10,19 +10,18 @@ tensors in fp32, bf16 or fp16, computed in fp32) and `reference` (plain PyTorch,
 `attn_mask` or `dropout_p > 0` always takes the reference path, outside the registered op, because the kernels
 implement neither.
 """
+
 from __future__ import annotations
 
 import importlib
 import weakref
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op, reference_gradients
-from fasttrain.ops.attention_reference import (UNBOUNDED, attention_reference, attention_reference_backward,
-                                              lse_dtype)
+from fasttrain.ops.attention_reference import UNBOUNDED, attention_reference, attention_reference_backward, lse_dtype
 
 OP = "attention"
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -38,14 +37,27 @@ def _kernels(module: str):
 
 # ---- the registered ops ------------------------------------------------------------------------------------------
 
+
 @custom_op("fasttrain::attention_forward", mutates_args=())
-def _forward_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                max_seqlen_q: int, max_seqlen_k: int, scale: float, left: int, right: int,
-                backend: str, deterministic: bool) -> tuple[Tensor, Tensor]:
+def _forward_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    left: int,
+    right: int,
+    backend: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor]:
     # deterministic is the backward's (saved by _setup_context), as in flash-attn's autograd Function
     if backend == "triton":
-        return _kernels("attention").attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                       max_seqlen_k, scale, left, right)
+        return _kernels("attention").attention_forward(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right
+        )
     if backend == "cpu":
         return torch.ops.fasttrain.attention_forward_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right)
     out, lse = attention_reference(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k)
@@ -60,24 +72,69 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, le
 
 
 @custom_op("fasttrain::attention_backward", mutates_args=())
-def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-                 cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
-                 max_seqlen_k: int, scale: float, left: int, right: int, backend: str,
-                 deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_op(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    left: int,
+    right: int,
+    backend: str,
+    deterministic: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
-        return _kernels("attention_backward").attention_backward(do, q, k, v, out, lse, dlse, cu_seqlens_q,
-                                                                 cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                                                 left, right, deterministic)
+        return _kernels("attention_backward").attention_backward(
+            do,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            dlse,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            scale,
+            left,
+            right,
+            deterministic,
+        )
     if backend == "cpu":
-        return torch.ops.fasttrain.attention_backward_cpu(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
-                                                          scale, left, right)
+        return torch.ops.fasttrain.attention_backward_cpu(
+            do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, scale, left, right
+        )
     grads = attention_reference_backward(do, q, k, v, out, lse, dlse, scale, left, right, cu_seqlens_q, cu_seqlens_k)
     return tuple(g.contiguous() for g in grads)
 
 
 @_backward_op.register_fake
-def _(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
-      backend, deterministic):
+def _(
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dlse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    scale,
+    left,
+    right,
+    backend,
+    deterministic,
+):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
@@ -92,13 +149,15 @@ def _backward(ctx, dout, dlse):
     max_q, max_k, scale, left, right, backend, deterministic = ctx.args
     if torch.is_grad_enabled():  # a double backward follows (see reference_gradients)
         dq, dk, dv = reference_gradients(
-            lambda q, k, v: attention_reference(q, k, v, scale, left, right, cu_q, cu_k), (q, k, v), (dout, dlse))
+            lambda q, k, v: attention_reference(q, k, v, scale, left, right, cu_q, cu_k), (q, k, v), (dout, dlse)
+        )
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
     if dout is None:
         dout = torch.zeros_like(out)
     deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
-    dq, dk, dv = _backward_op(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, backend,
-                              deterministic)
+    dq, dk, dv = _backward_op(
+        dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, backend, deterministic
+    )
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -106,6 +165,7 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- input checks and backend choice -----------------------------------------------------------------------------
+
 
 def _check_like_q(q: Tensor, named) -> None:
     """Each (name, tensor) of `named` has q's dtype and device."""
@@ -136,8 +196,11 @@ def _check_qkv(q, k, v, rank: int, layout: str, head_axis: int = -2) -> None:
 
 def _window(causal: bool, window_size) -> tuple[int, int]:
     """flash-attn's (causal, window_size) -> kernel (left, right) diagonal bounds; -1 means unbounded."""
-    if not (isinstance(window_size, (tuple, list)) and len(window_size) == 2
-            and all(isinstance(w, int) and w >= -1 for w in window_size)):
+    if not (
+        isinstance(window_size, (tuple, list))
+        and len(window_size) == 2
+        and all(isinstance(w, int) and w >= -1 for w in window_size)
+    ):
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
     left, right = (UNBOUNDED if w == -1 else w for w in window_size)
     return left, (0 if causal else right)
@@ -145,7 +208,7 @@ def _window(causal: bool, window_size) -> tuple[int, int]:
 
 def _scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:
-        return head_dim ** -0.5
+        return head_dim**-0.5
     if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     return float(softmax_scale)
@@ -180,16 +243,24 @@ def _cpu_reason(q: Tensor) -> str | None:
 
 def _choose(q: Tensor, backend: str | None, unsupported: str | None = None, triton_limit: str | None = None) -> str:
     """unsupported: what no kernel implements (an attn_mask, dropout); triton_limit: what the GPU launch cannot take."""
-    return _backend.choose(OP, {"triton": _triton_reason(q, unsupported or triton_limit),
-                                "cpu": unsupported or _cpu_reason(q), "reference": None}, backend)
+    return _backend.choose(
+        OP,
+        {
+            "triton": _triton_reason(q, unsupported or triton_limit),
+            "cpu": unsupported or _cpu_reason(q),
+            "reference": None,
+        },
+        backend,
+    )
 
 
-_backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()),
-                               "cpu": _CPU_OP_REASON,
-                               "reference": None})
-_backend.register(f"{OP} with dropout_p > 0 or an attn_mask",
-                  lambda: {"triton": "not implemented in the kernels", "cpu": "not implemented in the kernels",
-                           "reference": None})
+_backend.register(
+    OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "cpu": _CPU_OP_REASON, "reference": None}
+)
+_backend.register(
+    f"{OP} with dropout_p > 0 or an attn_mask",
+    lambda: {"triton": "not implemented in the kernels", "cpu": "not implemented in the kernels", "reference": None},
+)
 
 
 def _check_dropout(dropout_p) -> None:
@@ -197,8 +268,7 @@ def _check_dropout(dropout_p) -> None:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
-def _kernel_limit_reason(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, max_q: int, max_k: int
-                         ) -> str | None:
+def _kernel_limit_reason(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, max_q: int, max_k: int) -> str | None:
     """What the kernels' launch cannot address. The grid is (query tiles, H, B): CUDA allows 65535 on its last two
     axes, and tiles of one head launch together (consecutive blocks share its K and V in L2). And they step through
     one sequence's rows with int32 offsets (int64 there cost registers and spills, kernels/attention_backward.py),
@@ -208,16 +278,24 @@ def _kernel_limit_reason(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, m
         return f"{n_seq} sequences exceed the kernels' grid ({GRID_YZ_MAX} per launch, CUDA's limit)"
     for name, t, rows in (("q", q, max_q), ("k", k, max_k), ("v", v, max_k)):
         if rows * max(t.stride(-3), t.shape[-2] * t.shape[-1]) >= 2**31:
-            return (f"{name}'s longest sequence ({rows} rows of {t.shape[-2]} x {t.shape[-1]}) spans 2**31 elements or "
-                    f"more, past the kernels' int32 row offsets")
+            return (
+                f"{name}'s longest sequence ({rows} rows of {t.shape[-2]} x {t.shape[-1]}) spans 2**31 elements or "
+                f"more, past the kernels' int32 row offsets"
+            )
     return None
 
 
-def _attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, dropout_p, attn_mask=None,
-            deterministic=False):
+def _attend(
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, dropout_p, attn_mask=None, deterministic=False
+):
     """(out, lse) from the registered op, or from the reference outside it for what the kernels do not implement."""
-    unsupported = ("an attn_mask is not implemented in the kernels" if attn_mask is not None else
-                   "dropout_p > 0 is not implemented in the kernels" if dropout_p > 0.0 else None)
+    unsupported = (
+        "an attn_mask is not implemented in the kernels"
+        if attn_mask is not None
+        else "dropout_p > 0 is not implemented in the kernels"
+        if dropout_p > 0.0
+        else None
+    )
     backend = _choose(q, backend, unsupported, _kernel_limit_reason(q, k, v, cu_q, max_q, max_k))
     if unsupported is not None:
         return attention_reference(q, k, v, scale, left, right, cu_q, cu_k, attn_mask=attn_mask, dropout_p=dropout_p)
@@ -228,10 +306,22 @@ def _attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, drop
 
 # ---- public functions ----------------------------------------------------------------------------------------------
 
-def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, softmax_scale: float | None = None,
-                    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                    alibi_slopes: Tensor | None = None, deterministic: bool = False,
-                    return_attn_probs: bool = False, *, backend: str | None = None):
+
+def flash_attn_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    backend: str | None = None,
+):
     """flash-attn's `flash_attn_func`: softmax(q k^T * scale) v over (B, T, H, D) tensors.
 
     q: (B, Tq, H, D); k, v: (B, Tk, Hkv, D) with Hkv dividing H (GQA/MQA; K and V are never repeated).
@@ -253,8 +343,9 @@ def flash_attn_func(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0, sof
     _refuse_unsupported(softcap, alibi_slopes)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
-    out, lse = _attend(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, backend, dropout_p,
-                       deterministic=deterministic)
+    out, lse = _attend(
+        q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, backend, dropout_p, deterministic=deterministic
+    )
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -286,9 +377,11 @@ def _longest_sequence(name: str, cu: Tensor, total: int) -> int | None:
 
 def _check_cu_seqlens(name: str, cu: Tensor, total: int, batch: int | None, device) -> int | None:
     if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-        raise TypeError(f"{name} must be a 1-D int32 tensor of B + 1 offsets, got "
-                        f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__}"
-                        f"{tuple(cu.shape) if isinstance(cu, Tensor) else ''}")
+        raise TypeError(
+            f"{name} must be a 1-D int32 tensor of B + 1 offsets, got "
+            f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__}"
+            f"{tuple(cu.shape) if isinstance(cu, Tensor) else ''}"
+        )
     if cu.device != device:
         raise ValueError(f"{name} must be on q's device ({device}), got {cu.device}")
     if batch is not None and cu.numel() != batch:
@@ -296,13 +389,26 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int, batch: int | None, devi
     return _longest_sequence(name, cu, total)
 
 
-def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
-                           softmax_scale: float | None = None, causal: bool = False,
-                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
-                           alibi_slopes: Tensor | None = None, deterministic: bool = False,
-                           return_attn_probs: bool = False, block_table: Tensor | None = None, *,
-                           backend: str | None = None):
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Tensor | None = None,
+    *,
+    backend: str | None = None,
+):
     """flash-attn's `flash_attn_varlen_func`: B sequences packed along the first axis.
 
     q: (total_q, H, D); k, v: (total_k, Hkv, D); cu_seqlens_q/k: (B + 1,) int32 offsets from 0 to total_q/total_k;
@@ -324,14 +430,36 @@ def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
             raise ValueError(f"{name} must be an int >= the longest sequence ({real}), got {given!r}")
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
-    out, lse = _attend(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, backend,
-                       dropout_p, deterministic=deterministic)
+    out, lse = _attend(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        left,
+        right,
+        backend,
+        dropout_p,
+        deterministic=deterministic,
+    )
     return (out, lse, None) if return_attn_probs else out
 
 
-def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
-                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                                 enable_gqa: bool = False, *, backend: str | None = None) -> Tensor:
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    backend: str | None = None,
+) -> Tensor:
     """torch's `scaled_dot_product_attention` over (B, H, T, D) tensors (4-D only).
 
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. is_causal masks as
@@ -346,13 +474,15 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         raise ValueError("attn_mask and is_causal=True cannot both be set (as in torch)")
     if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         # An int 0/1 mask (a tokenizer's attention_mask) added to the scores would mask nothing; torch refuses it.
-        raise TypeError(f"attn_mask must be bool (True = attend) or floating-point (added to the scores), got "
-                        f"{attn_mask.dtype}")
+        raise TypeError(
+            f"attn_mask must be bool (True = attend) or floating-point (added to the scores), got {attn_mask.dtype}"
+        )
     _check_dropout(dropout_p)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, T, D) -> (B, T, H, D) views
     Tq, Tk = q.shape[1], k.shape[1]
     # top-left causal is the bottom-right band shifted by Tq - Tk: j - i - (Tk - Tq) <= Tq - Tk
     left, right = UNBOUNDED, (Tq - Tk if is_causal else UNBOUNDED)
-    out, _ = _attend(q, k, v, None, None, Tq, Tk, _scale(scale, q.shape[-1]), left, right, backend, dropout_p,
-                     attn_mask)
+    out, _ = _attend(
+        q, k, v, None, None, Tq, Tk, _scale(scale, q.shape[-1]), left, right, backend, dropout_p, attn_mask
+    )
     return out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)

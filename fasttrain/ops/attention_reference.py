@@ -7,6 +7,7 @@ A query row that sees no key outputs zeros and has logsumexp +inf, so that exp(s
 
 This code materialises the (Tq, Tk) score matrix; the kernels in fasttrain.kernels.attention never do.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,11 +44,11 @@ def _dense(q, k, v, scale, left, right, attn_mask=None, dropout_p=0.0):
     m = s.amax(dim=-1, keepdim=True).detach() if Tk else s.new_zeros(B, H, Tq, 1)  # (B, H, Tq, 1); no keys: 0
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
-    l = e.sum(dim=-1, keepdim=True)  # (B, H, Tq, 1)
-    empty = l == 0
-    l_safe = torch.where(empty, torch.ones_like(l), l)
-    p = e / l_safe
-    lse = torch.where(empty, torch.full_like(l, float("inf")), m + torch.log(l_safe)).squeeze(-1)  # (B, H, Tq)
+    denom = e.sum(dim=-1, keepdim=True)  # (B, H, Tq, 1)
+    empty = denom == 0
+    denom_safe = torch.where(empty, torch.ones_like(denom), denom)
+    p = e / denom_safe
+    lse = torch.where(empty, torch.full_like(denom, float("inf")), m + torch.log(denom_safe)).squeeze(-1)  # (B, H, Tq)
     if dropout_p > 0.0:
         p = torch.nn.functional.dropout(p, dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)  # (B, Tq, H, D)
@@ -61,8 +62,18 @@ def _sequences(cu_seqlens_q, cu_seqlens_k):
         yield cq[b], cq[b + 1], ck[b], ck[b + 1]
 
 
-def attention_reference(q, k, v, scale: float, left: int = UNBOUNDED, right: int = UNBOUNDED,
-                        cu_seqlens_q=None, cu_seqlens_k=None, attn_mask=None, dropout_p: float = 0.0):
+def attention_reference(
+    q,
+    k,
+    v,
+    scale: float,
+    left: int = UNBOUNDED,
+    right: int = UNBOUNDED,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    attn_mask=None,
+    dropout_p: float = 0.0,
+):
     """Differentiable attention: out in q's dtype and lse, (B, H, Tq) or (H, total_q) when packed, in lse_dtype.
 
     attn_mask (bool: True = keep, or additive float) broadcasts to (B, H, Tq, Tk); dense inputs only.
@@ -72,9 +83,9 @@ def attention_reference(q, k, v, scale: float, left: int = UNBOUNDED, right: int
         return out, lse.to(lse_dtype(q.dtype))
     outs, lses = [], []
     for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
-        o, l = _dense(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, left, right, None, dropout_p)
+        o, lse = _dense(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, left, right, None, dropout_p)
         outs.append(o[0])  # (Tq_b, H, D)
-        lses.append(l[0])  # (H, Tq_b)
+        lses.append(lse[0])  # (H, Tq_b)
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1).to(lse_dtype(q.dtype))
 
 
@@ -101,8 +112,9 @@ def _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right):
     return dq, dk, dv
 
 
-def attention_reference_backward(do, q, k, v, out, lse, dlse, scale: float, left: int, right: int,
-                                 cu_seqlens_q=None, cu_seqlens_k=None):
+def attention_reference_backward(
+    do, q, k, v, out, lse, dlse, scale: float, left: int, right: int, cu_seqlens_q=None, cu_seqlens_k=None
+):
     """(dq, dk, dv) in the dtypes of q, k, v, recomputing P from lse as the kernels do."""
     if cu_seqlens_q is None:
         dq, dk, dv = _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right)
@@ -110,7 +122,19 @@ def attention_reference_backward(do, q, k, v, out, lse, dlse, scale: float, left
         parts = []
         for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
             dl = None if dlse is None else dlse[None, :, qs:qe]  # (H, total_q) -> (1, H, Tq_b)
-            parts.append(_dense_backward(do[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke],
-                                         out[None, qs:qe], lse[None, :, qs:qe], dl, scale, left, right))
+            parts.append(
+                _dense_backward(
+                    do[None, qs:qe],
+                    q[None, qs:qe],
+                    k[None, ks:ke],
+                    v[None, ks:ke],
+                    out[None, qs:qe],
+                    lse[None, :, qs:qe],
+                    dl,
+                    scale,
+                    left,
+                    right,
+                )
+            )
         dq, dk, dv = (torch.cat([p[i][0] for p in parts], dim=0) for i in range(3))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

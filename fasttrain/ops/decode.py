@@ -5,10 +5,10 @@ of the split-KV Triton kernels in fasttrain/kernels/decode.py, and the CPU path 
 Inference only: no gradients flow through it. The op appends the new k/v rows into the caches in place (it does not
 advance cache_seqlens: the caller owns the lengths, as in flash-attn).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -42,6 +42,7 @@ def num_splits_heuristic(batch_kv_heads: int, m_blocks: int, cache_len: int, num
 def _parallel_units(device: torch.device) -> int:
     if device.type == "cuda":
         from fasttrain.kernels._launch import multiprocessor_count
+
         return multiprocessor_count(device)
     # The interpreter runs programs one after another: splitting only adds work there.
     return torch.get_num_threads()
@@ -49,8 +50,10 @@ def _parallel_units(device: torch.device) -> int:
 
 # ----------------------------------------------------------------------------------------------------------- reference
 
-def _append(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, rotary_interleaved: bool,
-            q_per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+
+def _append(
+    q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, rotary_interleaved: bool, q_per_token: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Write k/v (rotated, with q, when rotary tables are given) at rows cache_seqlens.. of the caches, in place.
     Returns q as attention sees it and the lengths (B,) int64 after the append. rows: (B,) cache row per sequence."""
     B, Tq = q.shape[:2]
@@ -61,21 +64,37 @@ def _append(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, ro
     pos = seqlens[:, None] + torch.arange(t_new, device=q.device)  # (B, Tnew)
     if rotary_cos is not None:
         k = apply_rotary_emb_reference(k, rotary_cos[pos], rotary_sin[pos], rotary_interleaved)  # (B, Tnew, rd/2) rows
-        qpos = (seqlens[:, None] + t_new - Tq + torch.arange(Tq, device=q.device) if q_per_token
-                else seqlens[:, None].expand(B, Tq))  # (B, Tq)
+        qpos = (
+            seqlens[:, None] + t_new - Tq + torch.arange(Tq, device=q.device)
+            if q_per_token
+            else seqlens[:, None].expand(B, Tq)
+        )  # (B, Tq)
         q = apply_rotary_emb_reference(q, rotary_cos[qpos], rotary_sin[qpos], rotary_interleaved)
     k_cache[rows[:, None], pos] = k
     v_cache[rows[:, None], pos] = v
     return q, seqlens + t_new
 
 
-def _cache_rows(q: torch.Tensor, cache_batch_idx: Optional[torch.Tensor]) -> torch.Tensor:
+def _cache_rows(q: torch.Tensor, cache_batch_idx: torch.Tensor | None) -> torch.Tensor:
     return cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(q.shape[0], device=q.device)
 
 
-def reference_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                      softmax_scale: float, window_left: int, window_right: int, rotary_interleaved: bool,
-                      q_per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k,
+    v,
+    rotary_cos,
+    rotary_sin,
+    cache_seqlens,
+    cache_batch_idx,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    rotary_interleaved: bool,
+    q_per_token: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch, fp32 math: appends k/v in place like the kernels, returns out (B, Tq, H, D) and lse (B, H, Tq).
 
     Takes the normalized arguments of the op (see flash_attn_with_kvcache): cache_seqlens a (B,) tensor, window
@@ -85,15 +104,17 @@ def reference_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
     B, Tq, H, D = q.shape
     Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
     rows = _cache_rows(q, cache_batch_idx)
-    q, lengths = _append(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, rotary_interleaved,
-                         q_per_token)
+    q, lengths = _append(
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, rotary_interleaved, q_per_token
+    )
     kc = k_cache[rows].float().repeat_interleave(H // Hkv, dim=2)  # (B, Tmax, H, D)
     vc = v_cache[rows].float().repeat_interleave(H // Hkv, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q.float(), kc) * softmax_scale  # (B, H, Tq, Tmax)
     j = torch.arange(Tmax, device=q.device)
     qpos = lengths[:, None] - Tq + torch.arange(Tq, device=q.device)  # (B, Tq)
-    visible = ((j < lengths[:, None, None]) & (j - qpos[..., None] <= window_right)
-               & (qpos[..., None] - j <= window_left))  # (B, Tq, Tmax)
+    visible = (
+        (j < lengths[:, None, None]) & (j - qpos[..., None] <= window_right) & (qpos[..., None] - j <= window_left)
+    )  # (B, Tq, Tmax)
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, Tq); -inf where no key is visible
     empty = torch.isinf(lse)
@@ -102,22 +123,62 @@ def reference_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
     return out.to(q.dtype).contiguous(), torch.where(empty, float("inf"), lse)
 
 
-def cpu_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                softmax_scale: float, window_left: int, window_right: int, rotary_interleaved: bool,
-                q_per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def cpu_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k,
+    v,
+    rotary_cos,
+    rotary_sin,
+    cache_seqlens,
+    cache_batch_idx,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    rotary_interleaved: bool,
+    q_per_token: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's append, then the C++ kernel, which reads each sequence's cache row in place (no copy of the
     cache, no repeat of K/V over a GQA group). Arguments as reference_kvcache."""
-    q, lengths = _append(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
-                         _cache_rows(q, cache_batch_idx), rotary_interleaved, q_per_token)
-    return torch.ops.fasttrain.attention_kvcache_cpu(q, k_cache, v_cache, lengths, cache_batch_idx, softmax_scale,
-                                                     window_left, window_right)
+    q, lengths = _append(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        rotary_cos,
+        rotary_sin,
+        cache_seqlens,
+        _cache_rows(q, cache_batch_idx),
+        rotary_interleaved,
+        q_per_token,
+    )
+    return torch.ops.fasttrain.attention_kvcache_cpu(
+        q, k_cache, v_cache, lengths, cache_batch_idx, softmax_scale, window_left, window_right
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ launcher
 
-def triton_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                   softmax_scale: float, window_left: int, window_right: int, rotary_interleaved: bool,
-                   q_per_token: bool, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def triton_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k,
+    v,
+    rotary_cos,
+    rotary_sin,
+    cache_seqlens,
+    cache_batch_idx,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    rotary_interleaved: bool,
+    q_per_token: bool,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch append (if k), decode and (with several splits) combine. Inputs are already checked."""
     from fasttrain.kernels import decode as kernels
     from fasttrain.kernels._launch import cdiv, next_power_of_2
@@ -141,17 +202,50 @@ def triton_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
         cos, sin = (rotary_cos.contiguous(), rotary_sin.contiguous()) if rotary else (k_cache, k_cache)
         t_rows = max(Tq, t_new)
         kernels._decode_append_kernel[(B * t_rows, max(H, Hkv))](
-            q, k, v, k_cache, v_cache, q_attn, cos, sin, cache_seqlens, batch_idx,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            q_attn.stride(0), q_attn.stride(1), q_attn.stride(2),
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            q_attn,
+            cos,
+            sin,
+            cache_seqlens,
+            batch_idx,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            q_attn.stride(0),
+            q_attn.stride(1),
+            q_attn.stride(2),
             cos.stride(0) if rotary else 0,
-            Tq, t_new, t_rows, H, Hkv, Tmax, cos.shape[0] if rotary else 0,
-            HEAD_DIM=D, ROT_HALF=half, ROTARY=rotary, Q_PER_TOKEN=q_per_token, INTERLEAVED=rotary_interleaved,
-            HAS_BATCH_IDX=has_batch_idx, BLOCK_D=block_d, BLOCK_R=max(1, next_power_of_2(half)),
+            Tq,
+            t_new,
+            t_rows,
+            H,
+            Hkv,
+            Tmax,
+            cos.shape[0] if rotary else 0,
+            HEAD_DIM=D,
+            ROT_HALF=half,
+            ROTARY=rotary,
+            Q_PER_TOKEN=q_per_token,
+            INTERLEAVED=rotary_interleaved,
+            HAS_BATCH_IDX=has_batch_idx,
+            BLOCK_D=block_d,
+            BLOCK_R=max(1, next_power_of_2(half)),
             num_warps=kernels.append_num_warps(D),
         )
         q = q_attn
@@ -173,39 +267,106 @@ def triton_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seql
         os_stride = o_dst.stride(0)
     # B * Hkv on the grid's first axis: CUDA caps the other two at 65535 (B 2048 x 32 KV heads is 65536).
     kernels._decode[(B * Hkv, splits, m_blocks)](
-        q, k_cache, v_cache, cache_seqlens, batch_idx, o_dst, l_dst,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        o_dst.stride(-4), o_dst.stride(-3), o_dst.stride(-2),
-        *l_strides, os_stride,
-        softmax_scale * math.log2(math.e), Tq, G, Hkv, t_new, window_left, window_right, Tmax,
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        batch_idx,
+        o_dst,
+        l_dst,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        o_dst.stride(-4),
+        o_dst.stride(-3),
+        o_dst.stride(-2),
+        *l_strides,
+        os_stride,
+        softmax_scale * math.log2(math.e),
+        Tq,
+        G,
+        Hkv,
+        t_new,
+        window_left,
+        window_right,
+        Tmax,
         next_power_of_2(Tmax),
-        HEAD_DIM=D, NUM_SPLITS=splits, HAS_BATCH_IDX=has_batch_idx, BLOCK_M=block_m, BLOCK_D=block_d,
+        HEAD_DIM=D,
+        NUM_SPLITS=splits,
+        HAS_BATCH_IDX=has_batch_idx,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
     )
     if splits > 1:
         block_s = next_power_of_2(splits)
         kernels._decode_combine_kernel[(B * Tq * H,)](
-            o_dst, l_dst, out, lse,
-            o_dst.stride(0), l_dst.stride(0),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1), lse.stride(2),
-            Tq, H, splits,
-            HEAD_DIM=D, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=kernels.combine_num_warps(block_s, block_d),
+            o_dst,
+            l_dst,
+            out,
+            lse,
+            o_dst.stride(0),
+            l_dst.stride(0),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            lse.stride(0),
+            lse.stride(1),
+            lse.stride(2),
+            Tq,
+            H,
+            splits,
+            HEAD_DIM=D,
+            BLOCK_S=block_s,
+            BLOCK_D=block_d,
+            num_warps=kernels.combine_num_warps(block_s, block_d),
         )
     return out, lse
 
 
 # ---------------------------------------------------------------------------------------------------- op registration
 
+
 @custom_op("fasttrain::flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"))
-def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
-                v: Optional[torch.Tensor], rotary_cos: Optional[torch.Tensor], rotary_sin: Optional[torch.Tensor],
-                cache_seqlens: torch.Tensor, cache_batch_idx: Optional[torch.Tensor], softmax_scale: float,
-                window_left: int, window_right: int, rotary_interleaved: bool, q_per_token: bool, num_splits: int,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, softmax_scale,
-            window_left, window_right, rotary_interleaved, q_per_token)
+def _kvcache_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
+    rotary_cos: torch.Tensor | None,
+    rotary_sin: torch.Tensor | None,
+    cache_seqlens: torch.Tensor,
+    cache_batch_idx: torch.Tensor | None,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    rotary_interleaved: bool,
+    q_per_token: bool,
+    num_splits: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        rotary_cos,
+        rotary_sin,
+        cache_seqlens,
+        cache_batch_idx,
+        softmax_scale,
+        window_left,
+        window_right,
+        rotary_interleaved,
+        q_per_token,
+    )
     if backend == "triton":
         return triton_kvcache(*args, num_splits)
     if backend == "cpu":
@@ -214,20 +375,37 @@ def _kvcache_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k
 
 
 @_kvcache_op.register_fake
-def _(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, softmax_scale,
-      window_left, window_right, rotary_interleaved, q_per_token, num_splits, backend):
+def _(
+    q,
+    k_cache,
+    v_cache,
+    k,
+    v,
+    rotary_cos,
+    rotary_sin,
+    cache_seqlens,
+    cache_batch_idx,
+    softmax_scale,
+    window_left,
+    window_right,
+    rotary_interleaved,
+    q_per_token,
+    num_splits,
+    backend,
+):
     B, Tq, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty(B, H, Tq, dtype=torch.float32)
 
 
-def _backend_reasons(q: torch.Tensor) -> dict[str, Optional[str]]:
+def _backend_reasons(q: torch.Tensor) -> dict[str, str | None]:
     triton_why = _backend.triton_reason(q.device)
     if triton_why is None:
         if q.device.type == "cuda" and q.dtype not in (torch.float16, torch.bfloat16):
             triton_why = f"the decode kernel takes fp16/bf16 on CUDA, got {q.dtype}"
         elif q.device.type == "cpu" and q.dtype != torch.float32:
-            triton_why = f"the Triton interpreter runs the decode kernel in fp32 only (bf16 is broken there), got " \
-                         f"{q.dtype}"
+            triton_why = (
+                f"the Triton interpreter runs the decode kernel in fp32 only (bf16 is broken there), got {q.dtype}"
+            )
         elif q.shape[-1] > _MAX_HEAD_DIM:
             triton_why = f"head_dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
     return {"triton": triton_why, "cpu": _backend.cpu_kernel_reason(q, _CPU_OP_REASON), "reference": None}
@@ -235,11 +413,13 @@ def _backend_reasons(q: torch.Tensor) -> dict[str, Optional[str]]:
 
 # Read once, at import, as in fasttrain.ops.attention (Dynamo cannot trace the extension's import).
 _CPU_OP_REASON = _backend.native_op_reason("attention_kvcache_cpu")
-_backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "cpu": _CPU_OP_REASON,
-                               "reference": None})
+_backend.register(
+    OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "cpu": _CPU_OP_REASON, "reference": None}
+)
 
 
 # ---------------------------------------------------------------------------------------------------------- public API
+
 
 def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx) -> None:
     """Shapes, dtypes and devices; raises ValueError/TypeError naming the argument."""
@@ -280,26 +460,29 @@ def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cac
         if k is None:
             raise ValueError("rotary_cos/rotary_sin rotate the appended k: pass k and v with them")
         if rotary_cos.dim() != 2 or rotary_cos.shape != rotary_sin.shape or not 0 < 2 * rotary_cos.shape[1] <= D:
-            raise ValueError(f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
-                             f"head_dim {D}, got {tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+            raise ValueError(
+                f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
+                f"head_dim {D}, got {tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}"
+            )
         if rotary_cos.device != q.device or rotary_sin.device != q.device:
             raise ValueError(f"rotary_cos and rotary_sin must be on q's device {q.device}")
-    if cache_seqlens is None:
-        if k is not None:
-            raise ValueError("cache_seqlens is required when k and v are appended (it says where they go)")
+    if cache_seqlens is None and k is not None:
+        raise ValueError("cache_seqlens is required when k and v are appended (it says where they go)")
     for name, t in (("cache_seqlens", cache_seqlens), ("cache_batch_idx", cache_batch_idx)):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or t.shape != (B,) or t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} must be an int32/int64 tensor of shape ({B},), "
-                             f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"{name} must be an int32/int64 tensor of shape ({B},), "
+                f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+            )
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     if cache_batch_idx is None and Bc != B:
         raise ValueError(f"k_cache's batch {Bc} must equal q's batch {B} (or pass cache_batch_idx)")
 
 
-def _check_values(cache_seqlens, cache_batch_idx, t_new: int, Tmax: int, Bc: int, rotary_rows: Optional[int]) -> None:
+def _check_values(cache_seqlens, cache_batch_idx, t_new: int, Tmax: int, Bc: int, rotary_rows: int | None) -> None:
     """Lengths against the cache and the rotary table. One host sync; skipped while a CUDA graph is being captured."""
     if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
         return
@@ -310,19 +493,40 @@ def _check_values(cache_seqlens, cache_batch_idx, t_new: int, Tmax: int, Bc: int
     if lo < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {lo}")
     if hi + t_new > Tmax:
-        raise ValueError(f"cache too short: a sequence needs {hi + t_new} rows (cache_seqlens {hi} + {t_new} new), "
-                         f"k_cache has {Tmax}")
+        raise ValueError(
+            f"cache too short: a sequence needs {hi + t_new} rows (cache_seqlens {hi} + {t_new} new), "
+            f"k_cache has {Tmax}"
+        )
     if idx and (idx[0] < 0 or idx[1] >= Bc):
         raise ValueError(f"cache_batch_idx must lie in [0, {Bc}), got values in [{idx[0]}, {idx[1]}]")
     if rotary_rows is not None and hi + t_new > rotary_rows:
         raise ValueError(f"rotary_cos has {rotary_rows} rows, positions up to {hi + t_new - 1} are needed")
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
-                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
-                            softmax_scale=None, causal=True, window_size=(-1, -1), softcap=0.0,
-                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
-                            *, check_lengths=True, backend=None):
+def flash_attn_with_kvcache(
+    q,
+    k_cache,
+    v_cache,
+    k=None,
+    v=None,
+    rotary_cos=None,
+    rotary_sin=None,
+    cache_seqlens=None,
+    cache_batch_idx=None,
+    cache_leftpad=None,
+    block_table=None,
+    softmax_scale=None,
+    causal=True,
+    window_size=(-1, -1),
+    softcap=0.0,
+    rotary_interleaved=True,
+    alibi_slopes=None,
+    num_splits=0,
+    return_softmax_lse=False,
+    *,
+    check_lengths=True,
+    backend=None,
+):
     """Attention of a few new query tokens against a KV cache, appending their k/v in place (flash-attn's signature).
 
     Args:
@@ -371,14 +575,31 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         cache_seqlens = torch.full((B,), Tmax, dtype=torch.int32, device=q.device)
     t_new = 0 if k is None else k.shape[1]
     if check_lengths:
-        _check_values(cache_seqlens, cache_batch_idx, t_new, Tmax, Bc,
-                      None if rotary_cos is None else rotary_cos.shape[0])
+        _check_values(
+            cache_seqlens, cache_batch_idx, t_new, Tmax, Bc, None if rotary_cos is None else rotary_cos.shape[0]
+        )
     q_per_token = causal or tuple(window_size) != (-1, -1)
     scale = _scale(softmax_scale, D)
     name = _backend.choose(OP, _backend_reasons(q), backend)
     if k is not None:
         k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     q = q if q.stride(-1) == 1 else q.contiguous()
-    out, lse = _kvcache_op(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
-                           scale, left, right, bool(rotary_interleaved), q_per_token, num_splits, name)
+    out, lse = _kvcache_op(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        rotary_cos,
+        rotary_sin,
+        cache_seqlens,
+        cache_batch_idx,
+        scale,
+        left,
+        right,
+        bool(rotary_interleaved),
+        q_per_token,
+        num_splits,
+        name,
+    )
     return (out, lse) if return_softmax_lse else out

@@ -12,6 +12,7 @@ One difference from torch, on every backend: under autocast the output is in the
 norm in fp32 and returns fp32, and the Linear that follows casts it to bf16 in a separate pass; the kernel computes in
 fp32 and writes bf16 once, the same rounding without the extra read and write).
 """
+
 from __future__ import annotations
 
 import numbers
@@ -29,30 +30,54 @@ OP = "norms"
 def _kernels():
     # Imported on first use only (see ops/attention.py: importing the kernels turns the interpreter on for CPU runs).
     from fasttrain.kernels import norms
+
     return norms
 
 
 # ---- the registered ops --------------------------------------------------------------------------------------------
 
+
 @custom_op("fasttrain::norm_forward", mutates_args=())
-def _forward_op(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
-                is_rms: bool, out_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _forward_op(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    is_rms: bool,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return _kernels().norm_forward(x, residual, weight, bias, eps, is_rms, out_dtype)
 
 
 @_forward_op.register_fake
 def _(x, residual, weight, bias, eps, is_rms, out_dtype):
     M = x.shape[0]
-    stream = (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype)) if residual is not None
-              else x.new_empty(0))
-    return (x.new_empty(x.shape, dtype=out_dtype), stream, x.new_empty(0 if is_rms else M, dtype=torch.float32),
-            x.new_empty(M, dtype=torch.float32))
+    stream = (
+        x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+        if residual is not None
+        else x.new_empty(0)
+    )
+    return (
+        x.new_empty(x.shape, dtype=out_dtype),
+        stream,
+        x.new_empty(0 if is_rms else M, dtype=torch.float32),
+        x.new_empty(M, dtype=torch.float32),
+    )
 
 
 @custom_op("fasttrain::norm_backward", mutates_args=())
-def _backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor, is_rms: bool,
-                 has_bias: bool, dres: Tensor | None, dx2_dtype: torch.dtype | None
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    is_rms: bool,
+    has_bias: bool,
+    dres: Tensor | None,
+    dx2_dtype: torch.dtype | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dx, *rest = _kernels().norm_backward(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype)
     # The schema has no optional outputs: an absent one (dx2, dw, db) comes back empty (distinct tensors: a custom
     # op's outputs may not alias).
@@ -63,10 +88,12 @@ def _backward_op(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rst
 @_backward_op.register_fake
 def _(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype):
     param = weight if weight is not None else x
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            x.new_empty(x.shape if dx2_dtype is not None else 0, dtype=dx2_dtype or x.dtype),
-            param.new_empty(x.shape[1:] if weight is not None else 0),
-            param.new_empty(x.shape[1:] if has_bias else 0))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty(x.shape if dx2_dtype is not None else 0, dtype=dx2_dtype or x.dtype),
+        param.new_empty(x.shape[1:] if weight is not None else 0),
+        param.new_empty(x.shape[1:] if has_bias else 0),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -102,7 +129,9 @@ def _reference_backward(ctx, rows, weight, bias, dy, dstream):
     """The gradients as a graph, through the reference backend's norm (see reference_gradients)."""
     drows, dw, db = reference_gradients(
         lambda rows, weight, bias: _reference(ctx.is_rms, rows, rows.shape[-1:], weight, bias, ctx.eps),
-        (rows, weight, bias), (dy,))
+        (rows, weight, bias),
+        (dy,),
+    )
     if ctx.dtypes is None:
         return drows, None, dw, db, None, None, None
     if dstream is not None:  # s = x + residual passes the stream's gradient to both
@@ -120,6 +149,7 @@ def _unit_column_stride(t: Tensor) -> Tensor:
 
 # ---- input checks, backend choice ----------------------------------------------------------------------------------
 
+
 def _triton_reason(x: Tensor, n_cols: int, residual: Tensor | None) -> str | None:
     for t in (x, residual):
         if t is not None and (why := _backend.triton_tensor_reason(t)) is not None:
@@ -132,12 +162,14 @@ def _triton_reason(x: Tensor, n_cols: int, residual: Tensor | None) -> str | Non
 _backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "reference": None})
 
 
-def _normalized(name: str, input: Tensor, normalized_shape, weight: Tensor | None, bias: Tensor | None
-                ) -> tuple[int, tuple[int, ...]]:
+def _normalized(
+    name: str, input: Tensor, normalized_shape, weight: Tensor | None, bias: Tensor | None
+) -> tuple[int, tuple[int, ...]]:
     """(elements per normalized row, normalized_shape as a tuple), after checking every argument against it."""
     if not isinstance(input, Tensor) or not input.is_floating_point():
-        raise ValueError(f"{name}: input must be a floating-point tensor, got "
-                         f"{getattr(input, 'dtype', type(input).__name__)}")
+        raise ValueError(
+            f"{name}: input must be a floating-point tensor, got {getattr(input, 'dtype', type(input).__name__)}"
+        )
     # `type(...) is int` first: isinstance against numbers.Integral (an ABC) costs ~1 us per call, per dim.
     if type(normalized_shape) is int or isinstance(normalized_shape, numbers.Integral):
         shape = (normalized_shape,)
@@ -145,16 +177,23 @@ def _normalized(name: str, input: Tensor, normalized_shape, weight: Tensor | Non
         shape = tuple(normalized_shape)
     else:
         raise ValueError(f"{name}: normalized_shape must be an int or a tuple/list of ints, got {normalized_shape!r}")
-    if not shape or len(shape) > input.dim() or input.shape[input.dim() - len(shape):] != shape or any(
-            (type(n) is not int and not isinstance(n, numbers.Integral)) or n < 1 for n in shape):
-        raise ValueError(f"{name}: normalized_shape must be the trailing dims of input {tuple(input.shape)}, got "
-                         f"{shape}")
+    if (
+        not shape
+        or len(shape) > input.dim()
+        or input.shape[input.dim() - len(shape) :] != shape
+        or any((type(n) is not int and not isinstance(n, numbers.Integral)) or n < 1 for n in shape)
+    ):
+        raise ValueError(
+            f"{name}: normalized_shape must be the trailing dims of input {tuple(input.shape)}, got {shape}"
+        )
     for arg, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if not isinstance(t, Tensor) or t.shape != shape or not t.is_floating_point():
-            raise ValueError(f"{name}: {arg} must be a floating-point tensor of shape {shape}, got "
-                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"{name}: {arg} must be a floating-point tensor of shape {shape}, got "
+                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+            )
         if t.device != input.device:
             raise ValueError(f"{name}: {arg} must be on input's device ({input.device}), got {t.device}")
     n = 1
@@ -181,20 +220,27 @@ def _flat(t: Tensor | None) -> Tensor | None:
     return t if t is None or (t.dim() == 1 and t.stride(0) == 1) else t.reshape(-1).contiguous()
 
 
-def _norm(input: Tensor, residual: Tensor | None, n_cols: int, weight: Tensor | None, bias: Tensor | None,
-          eps: float, is_rms: bool) -> tuple[Tensor, Tensor]:
+def _norm(
+    input: Tensor,
+    residual: Tensor | None,
+    n_cols: int,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    is_rms: bool,
+) -> tuple[Tensor, Tensor]:
     """(the norm of input + residual, or of input alone; input + residual, or an empty tensor) in input's shape."""
     x, r = _rows(input, n_cols), (_rows(residual, n_cols) if residual is not None else None)
     dtype = torch.promote_types(input.dtype, residual.dtype) if residual is not None else input.dtype
-    y, stream, _, _ = _forward_op(x, r, _flat(weight), _flat(bias), float(eps), is_rms,
-                                  _out_dtype(input.device, dtype))
+    y, stream, _, _ = _forward_op(x, r, _flat(weight), _flat(bias), float(eps), is_rms, _out_dtype(input.device, dtype))
     if x is input:
         return y, stream
     return y.view(input.shape), (stream.view(input.shape) if residual is not None else stream)
 
 
-def _reference(is_rms: bool, x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None,
-               eps: float) -> Tensor:
+def _reference(
+    is_rms: bool, x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
     """torch's norm, in the kernels' output dtype. A weight or bias of another dtype than x (which the kernels
     take, computing in fp32) is applied in fp32 (fp64 for fp64 x) here too: torch's CPU kernels refuse mixes such as
     fp32 x, fp16 weight."""
@@ -213,9 +259,11 @@ def _check_eps(name: str, eps) -> None:
 
 def _check_residual(name: str, input: Tensor, residual) -> None:
     if not isinstance(residual, Tensor) or not residual.is_floating_point() or residual.shape != input.shape:
-        raise ValueError(f"{name}: residual must be a floating-point tensor of input's shape {tuple(input.shape)}, "
-                         f"got {getattr(residual, 'dtype', type(residual).__name__)} "
-                         f"{tuple(getattr(residual, 'shape', ()))}")
+        raise ValueError(
+            f"{name}: residual must be a floating-point tensor of input's shape {tuple(input.shape)}, "
+            f"got {getattr(residual, 'dtype', type(residual).__name__)} "
+            f"{tuple(getattr(residual, 'shape', ()))}"
+        )
     if residual.device != input.device:
         raise ValueError(f"{name}: residual must be on input's device ({input.device}), got {residual.device}")
 
@@ -224,8 +272,15 @@ def _choose(input: Tensor, n_cols: int, backend: str | None, residual: Tensor | 
     return _backend.choose(OP, {"triton": _triton_reason(input, n_cols, residual), "reference": None}, backend)
 
 
-def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bias: Tensor | None = None,
-               eps: float = 1e-5, *, backend: str | None = None) -> Tensor:
+def layer_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> Tensor:
     """torch's `F.layer_norm`: normalize over the trailing `normalized_shape` dims to zero mean and unit variance,
     then scale by weight and shift by bias. Statistics in fp32 whatever the dtype; under autocast the output is in the
     autocast dtype (module docstring). backend: "auto" (default), "triton" or "reference"."""
@@ -236,8 +291,14 @@ def layer_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, bi
     return _norm(input, None, n_cols, weight, bias, eps, is_rms=False)[0]
 
 
-def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps: float | None = None, *,
-             backend: str | None = None) -> Tensor:
+def rms_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
     """torch's `F.rms_norm`: x / sqrt(mean(x^2) + eps) over the trailing `normalized_shape` dims, times weight;
     eps None means torch.finfo(input.dtype).eps, as in torch. Statistics in fp32; under autocast the output is in the
     autocast dtype (module docstring). backend: "auto" (default), "triton" or "reference"."""
@@ -250,9 +311,16 @@ def rms_norm(input: Tensor, normalized_shape, weight: Tensor | None = None, eps:
     return _norm(input, None, n_cols, weight, None, eps, is_rms=True)[0]
 
 
-def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape, weight: Tensor | None = None,
-                   bias: Tensor | None = None, eps: float = 1e-5, *, backend: str | None = None
-                   ) -> tuple[Tensor, Tensor]:
+def add_layer_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
     """A pre-norm block's residual add and the LayerNorm after it, in one pass: (layer_norm(s), s) for
     s = input + residual, the new residual stream, in the two's promoted dtype as `input + residual` gives it (a bf16
     branch onto an fp32 stream stays fp32). The norm is `layer_norm`'s (same arguments, same output dtype rule)."""
@@ -265,8 +333,15 @@ def add_layer_norm(input: Tensor, residual: Tensor, normalized_shape, weight: Te
     return _norm(input, residual, n_cols, weight, bias, eps, is_rms=False)
 
 
-def add_rms_norm(input: Tensor, residual: Tensor, normalized_shape, weight: Tensor | None = None,
-                 eps: float | None = None, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
+def add_rms_norm(
+    input: Tensor,
+    residual: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
     """(rms_norm(s), s) for s = input + residual in one pass, as add_layer_norm; eps None means the machine epsilon
     of s's dtype, as rms_norm(s) would take."""
     n_cols, shape = _normalized("add_rms_norm", input, normalized_shape, weight, None)

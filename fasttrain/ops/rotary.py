@@ -6,6 +6,7 @@ Three layers, as in ops/cross_entropy.py: the kernels in fasttrain.kernels.rotar
 back, the same op with conjugate=True) and `fasttrain::rotary_` (in place, no autograd) around them; and
 `apply_rotary_emb` below, which checks its inputs and chooses the backend. The reference is plain PyTorch in fp32.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -22,13 +23,16 @@ OP = "rotary"
 def _kernels():
     # Imported on first use only (see ops/attention.py: importing the kernels turns the interpreter on for CPU runs).
     from fasttrain.kernels import rotary
+
     return rotary
 
 
 # ---- the reference -------------------------------------------------------------------------------------------------
 
-def apply_rotary_emb_reference(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False,
-                               seqlen_offsets: int | Tensor = 0) -> Tensor:
+
+def apply_rotary_emb_reference(
+    x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, seqlen_offsets: int | Tensor = 0
+) -> Tensor:
     """The rotation in fp32 torch ops, returned in x's dtype (arguments as for apply_rotary_emb)."""
     B, T = x.shape[:2]
     rot = 2 * cos.shape[-1]
@@ -37,10 +41,10 @@ def apply_rotary_emb_reference(x: Tensor, cos: Tensor, sin: Tensor, interleaved:
             positions = seqlen_offsets.long()[:, None] + torch.arange(T, device=x.device)  # (B, T)
             cos, sin = cos[positions], sin[positions]  # (B, T, R/2)
         else:
-            cos, sin = cos[seqlen_offsets:seqlen_offsets + T], sin[seqlen_offsets:seqlen_offsets + T]  # (T, R/2)
+            cos, sin = cos[seqlen_offsets : seqlen_offsets + T], sin[seqlen_offsets : seqlen_offsets + T]  # (T, R/2)
     cos, sin = cos.float().unsqueeze(-2), sin.float().unsqueeze(-2)  # (..., T, 1, R/2): broadcast over heads
     xr = x[..., :rot].float()
-    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :rot // 2], xr[..., rot // 2:])
+    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., : rot // 2], xr[..., rot // 2 :])
     o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin  # (B, T, H, R/2) each
     out = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
     return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)  # (B, T, H, D)
@@ -48,9 +52,18 @@ def apply_rotary_emb_reference(x: Tensor, cos: Tensor, sin: Tensor, interleaved:
 
 # ---- the registered ops --------------------------------------------------------------------------------------------
 
+
 @custom_op("fasttrain::rotary", mutates_args=())
-def _rotary_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, offset: int, interleaved: bool,
-               conjugate: bool, backend: str) -> Tensor:
+def _rotary_op(
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    offsets: Tensor | None,
+    offset: int,
+    interleaved: bool,
+    conjugate: bool,
+    backend: str,
+) -> Tensor:
     if backend == "cpu":
         return torch.ops.fasttrain.rotary_cpu(x, cos, sin, offsets, offset, interleaved, conjugate)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -82,8 +95,9 @@ _rotary_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @custom_op("fasttrain::rotary_", mutates_args=("x",))
-def _rotary_inplace_op(x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, offset: int,
-                       interleaved: bool, backend: str) -> None:
+def _rotary_inplace_op(
+    x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, offset: int, interleaved: bool, backend: str
+) -> None:
     if backend == "cpu":
         torch.ops.fasttrain.rotary_cpu_(x, cos, sin, offsets, offset, interleaved)
     else:
@@ -99,48 +113,67 @@ def _(x, cos, sin, offsets, offset, interleaved, backend):
 
 # Read once, at import (Dynamo cannot trace the extension's import; see ops/attention.py).
 _CPU_OP_REASON = _backend.native_op_reason("rotary_cpu")
-_backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "cpu": _CPU_OP_REASON,
-                               "reference": None})
+_backend.register(
+    OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "cpu": _CPU_OP_REASON, "reference": None}
+)
 
 
 def _check(x, cos, sin, seqlen_offsets) -> None:
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"apply_rotary_emb: x must be a floating-point (B, T, H, D) tensor, got "
-                         f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        raise ValueError(
+            f"apply_rotary_emb: x must be a floating-point (B, T, H, D) tensor, got "
+            f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
+        )
     B, T, _, D = x.shape
     for name, t in (("cos", cos), ("sin", sin)):
         if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() not in (2, 3):
-            raise ValueError(f"apply_rotary_emb: {name} must be a floating-point (T_ro, R/2) or (B, T, R/2) tensor, "
-                             f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            raise ValueError(
+                f"apply_rotary_emb: {name} must be a floating-point (T_ro, R/2) or (B, T, R/2) tensor, "
+                f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+            )
         if t.device != x.device:
             raise ValueError(f"apply_rotary_emb: {name} must be on x's device ({x.device}), got {t.device}")
     if sin.shape != cos.shape:
         raise ValueError(f"apply_rotary_emb: sin must have cos's shape {tuple(cos.shape)}, got {tuple(sin.shape)}")
     if not 1 <= 2 * cos.shape[-1] <= D:
-        raise ValueError(f"apply_rotary_emb: cos/sin must have 1..{D // 2} columns (rotary_dim / 2 <= head_dim / 2), "
-                         f"got {cos.shape[-1]}")
+        raise ValueError(
+            f"apply_rotary_emb: cos/sin must have 1..{D // 2} columns (rotary_dim / 2 <= head_dim / 2), "
+            f"got {cos.shape[-1]}"
+        )
     if cos.dim() == 3:
         if tuple(cos.shape[:2]) != (B, T):
-            raise ValueError(f"apply_rotary_emb: per-sequence cos/sin must be ({B}, {T}, R/2), got "
-                             f"{tuple(cos.shape)}")
+            raise ValueError(f"apply_rotary_emb: per-sequence cos/sin must be ({B}, {T}, R/2), got {tuple(cos.shape)}")
         if not (isinstance(seqlen_offsets, numbers.Integral) and seqlen_offsets == 0):
             raise ValueError("apply_rotary_emb: seqlen_offsets must be 0 with per-sequence (B, T, R/2) cos/sin")
     if isinstance(seqlen_offsets, Tensor):
         if seqlen_offsets.shape != (B,) or seqlen_offsets.is_floating_point() or seqlen_offsets.dtype == torch.bool:
-            raise ValueError(f"apply_rotary_emb: seqlen_offsets must be an int or an integer tensor of shape ({B},), "
-                             f"got {seqlen_offsets.dtype} {tuple(seqlen_offsets.shape)}")
+            raise ValueError(
+                f"apply_rotary_emb: seqlen_offsets must be an int or an integer tensor of shape ({B},), "
+                f"got {seqlen_offsets.dtype} {tuple(seqlen_offsets.shape)}"
+            )
         if seqlen_offsets.device != x.device:
             raise ValueError(f"apply_rotary_emb: seqlen_offsets must be on x's device ({x.device})")
     elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, numbers.Integral) or seqlen_offsets < 0:
-        raise ValueError(f"apply_rotary_emb: seqlen_offsets must be an int >= 0 or a ({B},) tensor, got "
-                         f"{seqlen_offsets!r}")
+        raise ValueError(
+            f"apply_rotary_emb: seqlen_offsets must be an int >= 0 or a ({B},) tensor, got {seqlen_offsets!r}"
+        )
     elif cos.dim() == 2 and seqlen_offsets + T > cos.shape[0]:
-        raise ValueError(f"apply_rotary_emb: cos/sin have {cos.shape[0]} positions, fewer than seqlen_offsets + T = "
-                         f"{seqlen_offsets + T}")
+        raise ValueError(
+            f"apply_rotary_emb: cos/sin have {cos.shape[0]} positions, fewer than seqlen_offsets + T = "
+            f"{seqlen_offsets + T}"
+        )
 
 
-def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, inplace: bool = False,
-                     seqlen_offsets: int | Tensor = 0, *, backend: str | None = None) -> Tensor:
+def apply_rotary_emb(
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    interleaved: bool = False,
+    inplace: bool = False,
+    seqlen_offsets: int | Tensor = 0,
+    *,
+    backend: str | None = None,
+) -> Tensor:
     """Rotate x (B, T, H, D) by the angles whose cos/sin are given, as flash-attn's `apply_rotary_emb`.
 
     cos, sin: (T_ro, R/2), row t + seqlen_offsets used for token t, or (B, T, R/2) per sequence (seqlen_offsets 0).
@@ -163,10 +196,15 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = Fa
         raise ValueError("apply_rotary_emb: inplace=True needs x that does not require grad (or torch.no_grad())")
     if inplace and any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
         # An expanded x: every alias would be rotated again (by racing programs or threads on the kernels).
-        raise ValueError(f"apply_rotary_emb: inplace=True needs x whose elements do not share memory, got strides "
-                         f"{x.stride()} (an expanded tensor; pass .contiguous() or inplace=False)")
-    reasons = {"triton": _backend.triton_tensor_reason(x), "cpu": _backend.cpu_kernel_reason(x, _CPU_OP_REASON),
-               "reference": None}
+        raise ValueError(
+            f"apply_rotary_emb: inplace=True needs x whose elements do not share memory, got strides "
+            f"{x.stride()} (an expanded tensor; pass .contiguous() or inplace=False)"
+        )
+    reasons = {
+        "triton": _backend.triton_tensor_reason(x),
+        "cpu": _backend.cpu_kernel_reason(x, _CPU_OP_REASON),
+        "reference": None,
+    }
     if (chosen := _backend.choose(OP, reasons, backend)) == "reference":
         out = apply_rotary_emb_reference(x, cos, sin, interleaved, seqlen_offsets)
         return x.copy_(out) if inplace else out

@@ -6,6 +6,7 @@ single-tensor math op for op, the test oracle and the fallback).
 
 State and param_groups use torch.optim.AdamW's layout, so a state_dict saved by either loads into the other.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -21,11 +22,26 @@ NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CLIP_EPS = 1e-6  # added to the norm before dividing, as torch.nn.utils.clip_grad_norm_ does
 
 
-def adamw_reference(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                    max_exp_avg_sqs: list[Tensor], steps: list[Tensor], *, lr: float | Tensor, beta1: float,
-                    beta2: float, eps: float, weight_decay: float, amsgrad: bool, maximize: bool,
-                    grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
-                    grad_norm: Tensor | None = None, max_grad_norm: float | None = None) -> None:
+def adamw_reference(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    max_exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    amsgrad: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    grad_norm: Tensor | None = None,
+    max_grad_norm: float | None = None,
+) -> None:
     """One AdamW step in plain PyTorch, in the order of operations of torch's single-tensor AdamW.
 
     Beyond torch: grads are multiplied by 1/grad_scale (GradScaler) and by the clip coefficient
@@ -94,18 +110,20 @@ def _check_hyper(lr, betas, eps, weight_decay) -> None:
     """torch.optim.AdamW's checks and messages."""
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= lr:
+    if not lr >= 0.0:
         raise ValueError(f"Invalid learning rate: {lr}")
-    if not 0.0 <= eps:
+    if not eps >= 0.0:
         raise ValueError(f"Invalid epsilon value: {eps}")
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
     if not 0.0 <= betas[1] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 1: {betas[1]}")
-    if not 0.0 <= weight_decay:
+    if not weight_decay >= 0.0:
         raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-    if not ((isinstance(betas[0], float) and isinstance(betas[1], float))
-            or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))):
+    if not (
+        (isinstance(betas[0], float) and isinstance(betas[1], float))
+        or (isinstance(betas[0], Tensor) and isinstance(betas[1], Tensor))
+    ):
         raise ValueError("betas must be either both floats or both Tensors")
     for i, beta in enumerate(betas):
         if isinstance(beta, Tensor) and beta.numel() != 1:
@@ -119,16 +137,30 @@ class AdamW(Optimizer):
     kernel per device and dtype whatever they say), capturable and differentiable only as False. Plus:
       max_grad_norm: clip the global grad norm to this value inside the step (one norm pass, then the update pass,
         no host sync); the norm before clipping is kept in `last_grad_norm` (a float32 device tensor).
-      backend: "auto" (default), "cuda", "cpu" or "reference" (see fasttrain._backend; FASTTRAIN_BACKEND overrides auto).
+      backend: "auto" (default), "cuda", "cpu" or "reference" (see fasttrain._backend; FASTTRAIN_BACKEND overrides
+        auto).
     Works with torch.amp.GradScaler: the inverse scale and found_inf are read on the device, an inf step is skipped.
     """
 
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
-                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, max_grad_norm: float | None = None, backend: str | None = None) -> None:
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        max_grad_norm: float | None = None,
+        backend: str | None = None,
+    ) -> None:
         _check_hyper(lr, betas, eps, weight_decay)
         if foreach and fused:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's check and message
@@ -140,9 +172,19 @@ class AdamW(Optimizer):
         _backend.requested_backend(backend)  # validates the name now rather than at the first step
         betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
         # The keys of torch.optim.AdamW's groups, so that each optimizer can load the other's state_dict.
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        foreach=foreach, capturable=False, differentiable=False, fused=fused,
-                        decoupled_weight_decay=True)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=amsgrad,
+            maximize=maximize,
+            foreach=foreach,
+            capturable=False,
+            differentiable=False,
+            fused=fused,
+            decoupled_weight_decay=True,
+        )
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.backend = backend
         self.last_grad_norm: Tensor | None = None
@@ -159,8 +201,9 @@ class AdamW(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            for key, value in dict(amsgrad=False, maximize=False, foreach=None, capturable=False,
-                                   differentiable=False, fused=None).items():
+            for key, value in dict(
+                amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None
+            ).items():
                 group.setdefault(key, value)
             group["decoupled_weight_decay"] = True
 
@@ -244,8 +287,17 @@ class AdamW(Optimizer):
         for group, buckets in collected:
             beta1, beta2 = (float(b) for b in group["betas"])
             for (device, dtype, subclass), lists in buckets.items():
-                self._step_bucket(backends[(device, dtype, subclass)], device, lists, group, beta1, beta2,
-                                  grad_scale, found_inf, grad_norm)
+                self._step_bucket(
+                    backends[(device, dtype, subclass)],
+                    device,
+                    lists,
+                    group,
+                    beta1,
+                    beta2,
+                    grad_scale,
+                    found_inf,
+                    grad_norm,
+                )
         return loss
 
     def _step_bucket(self, backend, device, lists, group, beta1, beta2, grad_scale, found_inf, grad_norm) -> None:
@@ -256,11 +308,25 @@ class AdamW(Optimizer):
             return None if t is None else t.to(device, non_blocking=True)
 
         if backend == "reference":
-            adamw_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr=lr, beta1=beta1,
-                            beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                            amsgrad=group["amsgrad"], maximize=group["maximize"], grad_scale=on_device(grad_scale),
-                            found_inf=on_device(found_inf), grad_norm=on_device(grad_norm),
-                            max_grad_norm=self.max_grad_norm)
+            adamw_reference(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                max_exp_avg_sqs,
+                steps,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                amsgrad=group["amsgrad"],
+                maximize=group["maximize"],
+                grad_scale=on_device(grad_scale),
+                found_inf=on_device(found_inf),
+                grad_norm=on_device(grad_norm),
+                max_grad_norm=self.max_grad_norm,
+            )
             return
         # A CUDA tensor lr is read by the kernel on the device; a CPU one is a host value (no sync).
         lr_tensor, lr_value = None, 0.0
@@ -269,7 +335,22 @@ class AdamW(Optimizer):
         else:
             lr_value = float(lr)
         torch.ops.fasttrain.adamw_step_(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr_tensor, lr_value, beta1, beta2, float(group["eps"]),
-            float(group["weight_decay"]), bool(group["amsgrad"]), bool(group["maximize"]),
-            on_device(grad_scale), on_device(found_inf), on_device(grad_norm),
-            self.max_grad_norm if self.max_grad_norm is not None else 0.0)
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            steps,
+            lr_tensor,
+            lr_value,
+            beta1,
+            beta2,
+            float(group["eps"]),
+            float(group["weight_decay"]),
+            bool(group["amsgrad"]),
+            bool(group["maximize"]),
+            on_device(grad_scale),
+            on_device(found_inf),
+            on_device(grad_norm),
+            self.max_grad_norm if self.max_grad_norm is not None else 0.0,
+        )

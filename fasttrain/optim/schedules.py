@@ -7,6 +7,7 @@
 
 As a torch scheduler: `torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: sched(s) / sched.lr)`.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,15 @@ class LRSchedule:
     Warmup is linear from lr / warmup_steps at step 0 to lr at step warmup_steps - 1 (never 0, so step 0 learns).
     """
 
-    def __init__(self, kind: str = "constant", *, lr: float, warmup_steps: int = 0, total_steps: int | None = None,
-                 min_lr: float = 0.0):
+    def __init__(
+        self,
+        kind: str = "constant",
+        *,
+        lr: float,
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        min_lr: float = 0.0,
+    ):
         if kind not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
         if not 0 < lr < math.inf:
@@ -35,10 +43,10 @@ class LRSchedule:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if kind == "inverse_sqrt" and warmup_steps < 1:
             raise ValueError("the inverse_sqrt schedule needs warmup_steps >= 1 (its peak is at warmup_steps)")
-        if kind in ("cosine", "linear"):
-            if total_steps is None or total_steps <= warmup_steps:
-                raise ValueError(f"the {kind} schedule needs total_steps > warmup_steps ({warmup_steps}), "
-                                 f"got {total_steps}")
+        if kind in ("cosine", "linear") and (total_steps is None or total_steps <= warmup_steps):
+            raise ValueError(
+                f"the {kind} schedule needs total_steps > warmup_steps ({warmup_steps}), got {total_steps}"
+            )
         if not 0.0 <= min_lr <= lr:
             raise ValueError(f"min_lr must be in [0, lr={lr}], got {min_lr}")
         self.kind, self.lr, self.warmup_steps = kind, lr, warmup_steps
@@ -65,10 +73,20 @@ class LRSchedule:
         return lr
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "lr": self.lr, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
-                "min_lr": self.min_lr}
+        return {
+            "kind": self.kind,
+            "lr": self.lr,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "min_lr": self.min_lr,
+        }
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "LRSchedule":
-        return cls(state["kind"], lr=state["lr"], warmup_steps=state["warmup_steps"],
-                   total_steps=state["total_steps"], min_lr=state["min_lr"])
+    def from_state_dict(cls, state: dict) -> LRSchedule:
+        return cls(
+            state["kind"],
+            lr=state["lr"],
+            warmup_steps=state["warmup_steps"],
+            total_steps=state["total_steps"],
+            min_lr=state["min_lr"],
+        )

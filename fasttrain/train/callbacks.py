@@ -1,4 +1,5 @@
 """What runs between steps: evaluation, early stopping, and the SIGINT/SIGTERM handler that asks for a clean stop."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,9 @@ import torch
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, n_batches: int, device: torch.device,
-             autocast=contextlib.nullcontext) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, batches, n_batches: int, device: torch.device, autocast=contextlib.nullcontext
+) -> dict[str, float]:
     """Mean loss (nats/token), perplexity and next-token accuracy over n_batches of `batches` (x, y pairs)."""
     was_training = model.training
     model.eval()
@@ -25,8 +27,11 @@ def evaluate(model: torch.nn.Module, batches, n_batches: int, device: torch.devi
         with autocast():
             logits, _ = model(x)  # (B, T, V)
         logits = logits.float()
-        loss_sum += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),  # (B*T, V), (B*T,)
-                                                      reduction="sum")
+        loss_sum += torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1),
+            y.flatten(),  # (B*T, V), (B*T,)
+            reduction="sum",
+        )
         correct += (logits.argmax(-1) == y).sum()
         tokens += y.numel()
     model.train(was_training)
@@ -85,7 +90,7 @@ class StopRequest:
         elif previous == signal.SIG_DFL:
             os.kill(os.getpid(), signum)  # the default action (termination), now that our handler is gone
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)

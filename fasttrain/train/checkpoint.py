@@ -4,6 +4,7 @@ Every file is written to a temporary name, fsynced, then renamed over its target
 so a run killed mid-save leaves the previous checkpoint and pointers intact; the partial temporary is swept up by
 the next save.
 """
+
 from __future__ import annotations
 
 import os
@@ -101,8 +102,9 @@ def load(path: str | Path, which: str = "latest", map_location: str | torch.devi
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle.
         return torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"{str(file)!r} is not a fasttrain checkpoint (it holds objects other than tensors, "
-                         f"numbers and strings)") from None
+        raise ValueError(
+            f"{str(file)!r} is not a fasttrain checkpoint (it holds objects other than tensors, numbers and strings)"
+        ) from None
 
 
 def _is_torch_archive(file: Path) -> bool:
@@ -120,8 +122,13 @@ def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": random.getstate(),
     }
 

@@ -1,4 +1,5 @@
 """The run config: sections model (GPTConfig), optim, train and data (DataConfig), one dataclass each."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -88,8 +89,17 @@ class TrainConfig:
     """Prompt of that sample."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_interval", "eval_batches",
-                     "checkpoint_interval", "keep_last", "log_interval"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "eval_interval",
+            "eval_batches",
+            "checkpoint_interval",
+            "keep_last",
+            "log_interval",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
@@ -117,8 +127,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
-            raise ValueError(f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
-                             f"({self.model.max_seq_len})")
+            raise ValueError(
+                f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})"
+            )
         if self.train.early_stopping_patience is not None and self.data.val_fraction == 0:
             raise ValueError("train.early_stopping_patience needs a validation split, but data.val_fraction is 0")
         try:
@@ -130,21 +141,25 @@ class RunConfig:
 
     def schedule(self) -> LRSchedule:
         o = self.optim
-        return LRSchedule(o.schedule, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=self.train.steps,
-                          min_lr=o.min_lr_ratio * o.lr)
+        return LRSchedule(
+            o.schedule, lr=o.lr, warmup_steps=o.warmup_steps, total_steps=self.train.steps, min_lr=o.min_lr_ratio * o.lr
+        )
 
 
 def _check_cuda_graph(cfg: RunConfig) -> None:
     """What train.cuda_graph cannot take, refused before any data is prepared."""
     t = cfg.train
     if t.compile:
-        raise ValueError("train.cuda_graph and train.compile cannot both be on: the graph captures the eager step "
-                         "(pick one)")
+        raise ValueError(
+            "train.cuda_graph and train.compile cannot both be on: the graph captures the eager step (pick one)"
+        )
     if t.device == "cpu":
         raise ValueError("train.cuda_graph needs a CUDA device, but train.device is 'cpu'")
     if t.precision == "fp16":
-        raise ValueError("train.cuda_graph does not take precision 'fp16': its GradScaler decides on the host whether "
-                         "a step is skipped; use 'bf16' or 'fp32'")
+        raise ValueError(
+            "train.cuda_graph does not take precision 'fp16': its GradScaler decides on the host whether "
+            "a step is skipped; use 'bf16' or 'fp32'"
+        )
     if cfg.optim.backend in ("cpu", "reference"):
         raise ValueError(f"train.cuda_graph needs AdamW's cuda backend, but optim.backend is {cfg.optim.backend!r}")
 

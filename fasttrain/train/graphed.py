@@ -11,10 +11,11 @@ writes the learning rate into a device tensor AdamW reads, and replays. The warm
 the optimizer's state as they were, so the first replay is the run's next step. The autocast given should have
 its weight cache off (loop.autocast_for(..., cache_enabled=False)): cached casts would not outlive the capture.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -51,8 +52,16 @@ class GraphedStep:
     What is CUDA's sits in _capture and _replay; the rest (buffers, the device lr, the accumulation) is plain torch.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer, grad_accum: int, batch_size: int, seq_len: int,
-                 device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer,
+        grad_accum: int,
+        batch_size: int,
+        seq_len: int,
+        device: torch.device,
+        autocast: Callable[[], contextlib.AbstractContextManager],
+    ):
         self.x = torch.zeros((grad_accum, batch_size, seq_len), dtype=torch.int64, device=device)
         self.y = torch.zeros_like(self.x)
         self.lr = torch.zeros((), dtype=torch.float32, device=device)
@@ -68,6 +77,7 @@ class GraphedStep:
                 total += loss.detach()
             optimizer.step()
             return total / grad_accum
+
         self.loss = self._capture(one_step, optimizer, device)
 
     def _capture(self, one_step: Callable[[], torch.Tensor], optimizer, device: torch.device) -> torch.Tensor:

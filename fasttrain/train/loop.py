@@ -1,4 +1,5 @@
 """The training loop: `train(RunConfig) -> TrainResult`."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,9 +8,9 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,8 +29,15 @@ from fasttrain.train.metrics import Metrics, TensorBoard
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, for MFU; other devices report none. Matched by substring
 # in order, so the most specific name comes first.
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12,
-              "A10": 125e12}
+PEAK_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+}
 
 
 @dataclass
@@ -108,8 +116,16 @@ def sample_text(model: GPT, tokenizer, prompt: str, n_tokens: int, seed: int, au
     ids = _sample_prompt_ids(tokenizer, prompt, model.config.max_seq_len)
     n_tokens = min(n_tokens, model.config.max_seq_len + 1 - len(ids))
     with autocast():
-        result = generate(model, [ids], n_tokens, temperature=0.8, top_k=40, stop_tokens=[tokenizer.eot_id],
-                          seed=seed, vocab_size=tokenizer.vocab_size)
+        result = generate(
+            model,
+            [ids],
+            n_tokens,
+            temperature=0.8,
+            top_k=40,
+            stop_tokens=[tokenizer.eot_id],
+            seed=seed,
+            vocab_size=tokenizer.vocab_size,
+        )
     return tokenizer.decode(ids + result.tokens[0])
 
 
@@ -126,13 +142,17 @@ def _check_splits(corpus, cfg: RunConfig) -> None:
     """Each split the run cuts into windows holds at least one window (train.seq_len + 1 tokens)."""
     need, d = cfg.train.seq_len + 1, cfg.data
     if len(corpus.train) < need:
-        raise ValueError(f"the training split has {len(corpus.train):,} tokens; train.seq_len {cfg.train.seq_len} "
-                         f"needs at least {need}: add data (data.paths) or raise data.max_bytes (now {d.max_bytes}), "
-                         f"or lower train.seq_len")
+        raise ValueError(
+            f"the training split has {len(corpus.train):,} tokens; train.seq_len {cfg.train.seq_len} "
+            f"needs at least {need}: add data (data.paths) or raise data.max_bytes (now {d.max_bytes}), "
+            f"or lower train.seq_len"
+        )
     if d.val_fraction > 0 and len(corpus.val) < need:
-        raise ValueError(f"the validation split has {len(corpus.val):,} tokens; train.seq_len {cfg.train.seq_len} "
-                         f"needs at least {need}: raise data.val_fraction (now {d.val_fraction}), lower "
-                         f"train.seq_len, or set data.val_fraction 0 to train without evaluation")
+        raise ValueError(
+            f"the validation split has {len(corpus.val):,} tokens; train.seq_len {cfg.train.seq_len} "
+            f"needs at least {need}: raise data.val_fraction (now {d.val_fraction}), lower "
+            f"train.seq_len, or set data.val_fraction 0 to train without evaluation"
+        )
 
 
 def _seed_everything(seed: int) -> None:
@@ -153,20 +173,27 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
     if tc.cuda_graph and device.type != "cuda":
-        raise ValueError(f"train.cuda_graph needs a CUDA device, but train.device {tc.device!r} resolved to "
-                         f"{device.type}")
+        raise ValueError(
+            f"train.cuda_graph needs a CUDA device, but train.device {tc.device!r} resolved to {device.type}"
+        )
     if tc.cuda_graph and precision == "fp16":
-        raise ValueError("train.cuda_graph does not take fp16 (train.precision 'auto' chose it: this GPU lacks bf16); "
-                         "set train.precision to 'fp32'")
+        raise ValueError(
+            "train.cuda_graph does not take fp16 (train.precision 'auto' chose it: this GPU lacks bf16); "
+            "set train.precision to 'fp32'"
+        )
     run_dir = Path(tc.out_dir)
     # A run is a checkpoint, not a config.json: a run that died before its first checkpoint left nothing --resume
     # could continue, so refusing it would leave the folder usable by neither command.
     if not resume and (checkpoint.checkpoint_dir(run_dir) / "latest").is_file():  # never train over a run the user has
-        raise ValueError(f"train.out_dir {str(run_dir)!r} already holds a run: continue it with --resume, or pick "
-                         f"a new --train.out_dir")
+        raise ValueError(
+            f"train.out_dir {str(run_dir)!r} already holds a run: continue it with --resume, or pick "
+            f"a new --train.out_dir"
+        )
     if not resume and (run_dir / "config.json").is_file() and not _is_run_config(run_dir / "config.json"):
-        raise ValueError(f"train.out_dir {str(run_dir)!r} holds a config.json that is not a fasttrain run's; pick "
-                         f"a new --train.out_dir")
+        raise ValueError(
+            f"train.out_dir {str(run_dir)!r} holds a config.json that is not a fasttrain run's; pick "
+            f"a new --train.out_dir"
+        )
     state = checkpoint.load(run_dir, "latest") if resume else None
     try:  # before the data preparation, which can take minutes
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -183,16 +210,24 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
         padded = -(-tokenizer.vocab_size // 64) * 64
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=padded))
     elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-                         f"({tokenizer.vocab_size})")
+        raise ValueError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({tokenizer.vocab_size})"
+        )
     if state is not None and state["config"]["model"] != to_dict(cfg.model):
         diff = [k for k, v in to_dict(cfg.model).items() if state["config"]["model"].get(k) != v]
         raise ValueError(f"cannot resume {run_dir}: model.{', model.'.join(diff)} differ from its checkpoint")
 
     _seed_everything(tc.seed)
     model = GPT(cfg.model).to(device)
-    optimizer = AdamW(param_groups(model, oc.weight_decay), lr=oc.lr, betas=(oc.beta1, oc.beta2), eps=oc.eps,
-                      weight_decay=oc.weight_decay, max_grad_norm=oc.max_grad_norm, backend=oc.backend)
+    optimizer = AdamW(
+        param_groups(model, oc.weight_decay),
+        lr=oc.lr,
+        betas=(oc.beta1, oc.beta2),
+        eps=oc.eps,
+        weight_decay=oc.weight_decay,
+        max_grad_norm=oc.max_grad_norm,
+        backend=oc.backend,
+    )
     schedule = cfg.schedule()
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     train_batches = Batches(corpus.train, tc.batch_size, tc.seq_len, seed=tc.seed, mode="random")
@@ -219,12 +254,25 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
         tokenizer.save(run_dir / "tokenizer.json")
 
     def save(step: int, is_best: bool) -> None:
-        checkpoint.save(run_dir, step, {
-            "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "scaler": scaler.state_dict(), "batches": train_batches.state_dict(),
-            "rng": checkpoint.rng_state(), "metrics": metrics.state_dict(), "early_stopping": early.state_dict(),
-            "config": to_dict(cfg), "tokenizer": tokenizer.to_config(),
-        }, keep_last=tc.keep_last, is_best=is_best)
+        checkpoint.save(
+            run_dir,
+            step,
+            {
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict(),
+                "batches": train_batches.state_dict(),
+                "rng": checkpoint.rng_state(),
+                "metrics": metrics.state_dict(),
+                "early_stopping": early.state_dict(),
+                "config": to_dict(cfg),
+                "tokenizer": tokenizer.to_config(),
+            },
+            keep_last=tc.keep_last,
+            is_best=is_best,
+        )
 
     bar = tqdm(total=tc.steps, initial=start, disable=not tc.progress_bar, dynamic_ncols=True, unit="step")
     pending: list[tuple[int, float, float, torch.Tensor]] = []  # (step, lr, epoch, loss on device) since last log
@@ -248,13 +296,16 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
         bar.update(len(pending))
         bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{pending[-1][1]:.2e}", tok_s=f"{tok_s:,.0f}")
         if board is not None:
-            board.scalars(pending[-1][0], {"train/loss": losses[-1], "train/lr": pending[-1][1],
-                                           "train/tokens_per_s": tok_s})
+            board.scalars(
+                pending[-1][0], {"train/loss": losses[-1], "train/lr": pending[-1][1], "train/tokens_per_s": tok_s}
+            )
         pending.clear()
         bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
         if bad is not None and precision != "fp16":  # fp16 skips such steps through the GradScaler
-            raise FloatingPointError(f"training loss became {losses[bad]} at step {metrics.steps[bad - len(losses)]}; "
-                                     f"lower optim.lr (now {oc.lr}) or set optim.max_grad_norm")
+            raise FloatingPointError(
+                f"training loss became {losses[bad]} at step {metrics.steps[bad - len(losses)]}; "
+                f"lower optim.lr (now {oc.lr}) or set optim.max_grad_norm"
+            )
 
     # A resumed run that early stopping ended has nothing left to do, like a completed one (should_stop reads the
     # current patience, so raising it lets the run go on).
@@ -263,8 +314,15 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     model.train()
     graphed = None
     if tc.cuda_graph and start < end:
-        graphed = GraphedStep(model, optimizer, tc.grad_accum, tc.batch_size, tc.seq_len, device,
-                              autocast_for(precision, device, cache_enabled=False))
+        graphed = GraphedStep(
+            model,
+            optimizer,
+            tc.grad_accum,
+            tc.batch_size,
+            tc.seq_len,
+            device,
+            autocast_for(precision, device, cache_enabled=False),
+        )
     with StopRequest() as stop:
         for step in range(start, end):
             done = step + 1
@@ -291,20 +349,26 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
                 result = evaluate(model, val_batches, tc.eval_batches, device, autocast)
                 metrics.record_val(done, train_batches.epoch, result)
                 is_best = early.update(result["loss"])
-                bar.write(f"step {done}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-                          f"accuracy {result['accuracy']:.3f}")
+                bar.write(
+                    f"step {done}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+                    f"accuracy {result['accuracy']:.3f}"
+                )
                 if board is not None:
                     board.scalars(done, {f"val/{k}": v for k, v in result.items()})
             for callback in callbacks:
                 callback(done, metrics)
             if stop.signal is not None:
                 stopped = "interrupted"
-                bar.write(f"step {done}: signal {stop.signal} received; writing a checkpoint and stopping "
-                          f"(send it again to stop at once)")
+                bar.write(
+                    f"step {done}: signal {stop.signal} received; writing a checkpoint and stopping "
+                    f"(send it again to stop at once)"
+                )
             elif early.should_stop:
                 stopped = "early_stopping"
-                bar.write(f"step {done}: early stopping, no better validation loss in "
-                          f"{tc.early_stopping_patience} evaluations")
+                bar.write(
+                    f"step {done}: early stopping, no better validation loss in "
+                    f"{tc.early_stopping_patience} evaluations"
+                )
             if is_best or done % tc.checkpoint_interval == 0 or done == tc.steps or stopped != "completed":
                 if pending:
                     flush()

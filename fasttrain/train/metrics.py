@@ -1,4 +1,5 @@
 """The run's metrics history: `training_metrics.json` (rewritten atomically as training goes) and the two plots."""
+
 from __future__ import annotations
 
 import io
@@ -49,7 +50,7 @@ class Metrics:
         return asdict(self)
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "Metrics":
+    def from_state_dict(cls, state: dict) -> Metrics:
         return cls(**state)
 
     def write(self, run_dir: Path) -> None:
@@ -58,6 +59,7 @@ class Metrics:
     def plot(self, run_dir: Path) -> None:
         """training_curve.png (losses by step, lr on a log axis) and loss_by_epoch.png."""
         import matplotlib
+
         matplotlib.use("Agg")  # files only: no display on a training machine
         import matplotlib.pyplot as plt
 
@@ -102,8 +104,9 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ValueError("train.tensorboard=true needs the tensorboard package "
-                             "(pip install 'fasttrain[tensorboard]')") from None
+            raise ValueError(
+                "train.tensorboard=true needs the tensorboard package (pip install 'fasttrain[tensorboard]')"
+            ) from None
         self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
