@@ -1,16 +1,28 @@
-"""One chooser for every op: cuda (csrc/*.cu), triton (kernels/), cpu (csrc/*.cpp), reference (plain PyTorch).
+"""One dispatcher for every op and the optimizer.
 
-Each op builds an ordered map backend -> None (can serve these inputs) or a reason it cannot, and asks `choose`.
-`backend="auto"` takes the first that can serve and warns once, with the reasons, when that is `reference` although
-a faster one exists. A backend asked for by name that cannot serve raises. FASTTRAIN_BACKEND=<name> forces one for a
-whole run; ops that do not have that backend at all keep choosing automatically.
+Each op declares its backends in one `Table`: an ordered map, fastest first, from a backend's name to a `Backend`,
+that is, a `reason(*args)` (None when the backend can serve these inputs, else why not) and its implementation, the
+object the op's registered body calls (`forward`, `backward`, whatever the op's shape needs). `Table.choose` is the
+only chooser: `backend="auto"` takes the first that can serve and warns once, with the reasons, when that is
+`reference` although a faster one exists here; a backend asked for by name that cannot serve raises `BackendError`;
+FASTTRAIN_BACKEND=<name> forces one for a whole run (ops without that backend keep choosing automatically). The
+reference is a column like the others: plain PyTorch, the test oracle and the fallback. docs/adding-an-op.md walks
+a new op through.
+
+This module is also the only place that reads the environment switches (FASTTRAIN_BACKEND, TRITON_INTERPRET) and the
+only loader of the Triton kernels (`kernels`), which are imported on first use: a process that never launches one
+never imports Triton's compiler.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import os
 import warnings
 from collections.abc import Callable
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -19,17 +31,13 @@ from fasttrain import _extension
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 AUTO = "auto"
 
-_liveness_probes: dict[str, Callable[[], dict[str, str | None]]] = {}
-_warned: set[tuple[str, str]] = set()
-
 
 class NotForDevice(str):
     """A reason that only says the backend is not meant for this device (Triton on a CPU without the interpreter,
     the cuda backend on CPU tensors): the reference is then the intended path, not a fallback worth a warning.
 
-    Each is a module constant, never built in a call: torch.compile traces the backend choice, and Dynamo under
-    torch 2.11 cannot trace str.__new__ (the H200 run's warning), so a subclass built per call broke the graph at
-    every op, and each break costs a graph's launch overhead."""
+    Each is a module constant, never built in a call: torch.compile traces the backend choice, and Dynamo cannot
+    trace str.__new__ on a str subclass (torch 2.11), so one built per call would break the graph at every op."""
 
 
 NEEDS_INTERPRETER = NotForDevice("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
@@ -41,13 +49,86 @@ class BackendError(RuntimeError):
     """A backend asked for by name cannot serve the inputs."""
 
 
-def register(op: str, probe: Callable[[], dict[str, str | None]]) -> None:
-    """Declare an op's backends for `fasttrain info`: probe() -> backend -> None if live here, else why not."""
-    _liveness_probes[op] = probe
+def always(*args, **kwargs) -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One column of an op's table."""
+
+    reason: Callable[..., str | None]
+    """(the op's arguments, as the op passes them to Table.choose) -> None if this backend can serve them, else why
+    not: a module constant or a NotForDevice where the backend is simply not meant for this device."""
+    impl: Any
+    """What the op's registered body calls for this backend (an object with the op's forward/backward functions)."""
+    live: Callable[[], str | None] = always
+    """() -> None if the backend can run on this machine's default device, else why not (for `fasttrain info`)."""
+
+
+_tables: dict[str, Table] = {}
+
+
+class Table:
+    """An op's backends, fastest first; the last is always `reference`."""
+
+    def __init__(self, op: str, backends: dict[str, Backend]):
+        if list(backends)[-1:] != ["reference"] or not set(backends) <= set(BACKENDS):
+            raise ValueError(f"{op}: backends must be among {BACKENDS} and end with 'reference', got {list(backends)}")
+        self.op, self.backends = op, backends
+        self._warned: set[str] = set()
+        _tables[op] = self
+
+    def __getitem__(self, name: str) -> Any:
+        """The implementation of backend `name`."""
+        return self.backends[name].impl
+
+    def reasons(self, *args) -> dict[str, str | None]:
+        """backend -> why it cannot serve these arguments (None: it can), for every backend."""
+        return {name: b.reason(*args) for name, b in self.backends.items()}
+
+    def choose(self, *args, backend: str | None = None) -> str:
+        """The backend for one call with these arguments (see the module docstring)."""
+        name = requested_backend(backend)
+        forced_by_env = backend in (None, AUTO) and name != AUTO
+        if name != AUTO and (name in self.backends or not forced_by_env):
+            if name not in self.backends:
+                why = f"{self.op} has no {name!r} backend (it has {tuple(self.backends)})"
+            else:
+                why = self.backends[name].reason(*args)
+            if why is not None:
+                source = "FASTTRAIN_BACKEND" if forced_by_env else "backend"
+                raise BackendError(f"{self.op}: {source}={name!r} cannot serve these inputs: {why}")
+            return name
+        skipped = {}
+        for candidate, b in self.backends.items():
+            why = b.reason(*args)
+            if why is None:
+                if candidate == "reference":
+                    self._warn_fallback(skipped)
+                return candidate
+            skipped[candidate] = why
+        raise AssertionError("unreachable: the reference serves every input")
+
+    def _warn_fallback(self, skipped: dict[str, str]) -> None:
+        if torch.compiler.is_compiling():  # a warning inside a trace breaks the graph; the eager call warns
+            return
+        text = "; ".join(f"{b}: {why}" for b, why in skipped.items() if not isinstance(why, NotForDevice))
+        if text and text not in self._warned:
+            self._warned.add(text)
+            warnings.warn(f"fasttrain: {self.op} runs on the reference backend ({text})", RuntimeWarning, stacklevel=4)
+
+    def liveness(self) -> dict[str, str | None]:
+        return {name: b.live() for name, b in self.backends.items()}
 
 
 def liveness() -> dict[str, dict[str, str | None]]:
-    return {op: probe() for op, probe in sorted(_liveness_probes.items())}
+    """op -> backend -> None if live on this machine, else why not (`fasttrain info`)."""
+    import fasttrain.ops  # noqa: F401  (declares the ops' tables)
+    import fasttrain.optim  # noqa: F401
+
+    probes = {op: table.liveness for op, table in _tables.items()} | _liveness_probes
+    return {op: probe() for op, probe in sorted(probes.items())}
 
 
 def requested_backend(backend: str | None) -> str:
@@ -55,38 +136,24 @@ def requested_backend(backend: str | None) -> str:
     name = backend if backend not in (None, AUTO) else os.environ.get("FASTTRAIN_BACKEND", AUTO)
     if name != AUTO and name not in BACKENDS:
         source = "backend" if backend not in (None, AUTO) else "FASTTRAIN_BACKEND"
-        raise ValueError(f"{source} must be one of {(AUTO,) + BACKENDS}, got {name!r}")
+        raise ValueError(f"{source} must be one of {(AUTO, *BACKENDS)}, got {name!r}")
     return name
 
 
-def choose(op: str, reasons: dict[str, str | None], backend: str | None = None) -> str:
-    """Pick the backend for one call. `reasons` is ordered fastest first and always includes 'reference'."""
-    name = requested_backend(backend)
-    forced_by_env = backend in (None, AUTO) and name != AUTO
-    if name != AUTO and (name in reasons or not forced_by_env):
-        why = reasons.get(name, f"{op} has no {name!r} backend (it has {tuple(reasons)})")
-        if why is not None:
-            source = "FASTTRAIN_BACKEND" if forced_by_env else "backend"
-            raise BackendError(f"{op}: {source}={name!r} cannot serve these inputs: {why}")
-        return name
-    for candidate, why in reasons.items():
-        if why is None:
-            if candidate == "reference":
-                _warn_fallback(op, reasons)
-            return candidate
-    raise BackendError(f"{op}: no backend can serve these inputs: {reasons}")
+# ---- the kernels -----------------------------------------------------------------------------------------------------
+
+_kernel_modules: dict[str, ModuleType] = {}
 
 
-def _warn_fallback(op: str, reasons: dict[str, str | None]) -> None:
-    skipped = "; ".join(
-        f"{b}: {why}" for b, why in reasons.items() if b != "reference" and not isinstance(why, NotForDevice)
-    )
-    if skipped and (op, skipped) not in _warned:
-        _warned.add((op, skipped))
-        warnings.warn(f"fasttrain: {op} runs on the reference backend ({skipped})", RuntimeWarning, stacklevel=4)
+def kernels(family: str) -> ModuleType:
+    """fasttrain.kernels.<family>, imported at its first launch."""
+    module = _kernel_modules.get(family)
+    if module is None:
+        module = _kernel_modules[family] = importlib.import_module(f"fasttrain.kernels.{family}")
+    return module
 
 
-# What each backend needs, for the ops to compose into their `reasons`.
+# ---- what each backend needs, for the ops' reasons -------------------------------------------------------------------
 
 _triton_import: list[str | None] = []  # the first import's outcome
 
@@ -104,6 +171,7 @@ def _triton_import_error() -> str | None:
 
 
 def triton_interpreting() -> bool:
+    """Whether Triton kernels run in its interpreter (TRITON_INTERPRET=1), which serves CPU tensors."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -145,7 +213,7 @@ def cpu_extension_reason(device: torch.device) -> str | None:
     return _extension.why_unavailable()
 
 
-CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # attention_cpu and activation_cpu: in fp32
+CPU_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the C++ CPU kernels compute in fp32
 
 
 def cpu_kernel_reason(t: torch.Tensor, op_reason: str | None) -> str | None:
@@ -161,7 +229,8 @@ def cpu_kernel_reason(t: torch.Tensor, op_reason: str | None) -> str | None:
 
 
 def native_op_reason(name: str) -> str | None:
-    """None if fasttrain._C loaded and registered torch.ops.fasttrain.<name>."""
+    """None if fasttrain._C loaded and registered torch.ops.fasttrain.<name>. Read once, at an op module's import:
+    Dynamo cannot trace the extension's import."""
     if (why := _extension.why_unavailable()) is not None:
         return why
     if not hasattr(torch.ops.fasttrain, name):
@@ -171,3 +240,20 @@ def native_op_reason(name: str) -> str | None:
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ---- transitional: the ops not yet declared as a Table ---------------------------------------------------------------
+
+_liveness_probes: dict[str, Callable[[], dict[str, str | None]]] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def register(op: str, probe: Callable[[], dict[str, str | None]]) -> None:
+    _liveness_probes[op] = probe
+
+
+def choose(op: str, reasons: dict[str, str | None], backend: str | None = None) -> str:
+    table = Table.__new__(Table)
+    table.op, table._warned = op, _warned
+    table.backends = {name: Backend(lambda why=why: why, None) for name, why in reasons.items()}
+    return table.choose(backend=backend)

@@ -1,14 +1,15 @@
 """`custom_op`: a torch.library custom op whose eager calls skip the dispatcher.
 
 torch.compile needs each kernel wrapped as a torch.library op (schema, fake implementation, autograd formula) so
-that Dynamo and Inductor can trace around it. In eager mode that wrapper is pure CPU cost: on an H100 under torch
-2.11 a LayerNorm forward + backward on (16384, 768) took 123 us of GPU time but 1172 us of wall time, the
-custom-op path (dispatcher, Python autograd glue, a Dynamo-disable frame per call) being most of the rest, where
-eager F.layer_norm took 213 us; this path brought it to 806 us (the rest is Triton's launcher and our own Python,
-benchmarks/NOTES.md). So an `Op` runs its Python implementation straight (under a plain
-autograd.Function with the op's own setup_context/backward when a gradient is needed) whenever no compiler is
-tracing and every tensor argument is a plain tensor on a real device; fake, meta and functional tensors, and
-every traced call, take the registered op, exactly as before.
+that Dynamo and Inductor can trace around it. In eager mode that wrapper is pure host cost (the dispatcher, Python
+autograd glue, a Dynamo-disable frame per call: most of a small op's wall time on a GPU, benchmarks/NOTES.md). So an
+`Op` runs its Python implementation straight (under a plain autograd.Function with the op's own
+setup_context/backward when a gradient is needed) whenever no compiler is tracing and every tensor argument is a
+plain tensor on a real device; fake, meta and functional tensors, and every traced call, take the registered op.
+
+An op whose last argument is its backend's name may give `reference=`: the reference backend's forward, in plain
+differentiable torch ops, which a trace then records inline instead of the opaque registered op, so that Inductor
+fuses it with its neighbours as it would the user's own torch code.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ class Op:
     """What torch.library.custom_op returns (register_fake, register_autograd, calling it), with the eager fast
     path above. `.op` is the registered op (for torch.library.opcheck and torch.ops.fasttrain.*)."""
 
-    def __init__(self, name: str, fn: Callable, mutates_args: Iterable[str]):
+    def __init__(self, name: str, fn: Callable, mutates_args: Iterable[str], reference: Callable | None = None):
         self.op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
-        self._fn, self._name = fn, name
+        self._fn, self._name, self._reference = fn, name, reference
         self._function: type[torch.autograd.Function] | None = None
 
     def register_fake(self, fake: Callable) -> Callable:
@@ -52,6 +53,8 @@ class Op:
         # One plain loop over the arguments, not generator expressions: this runs on every eager call, and two
         # generators cost ~5 us per call on CI's CPU (cProfile of a LayerNorm forward + backward).
         if torch.compiler.is_compiling():
+            if self._reference is not None and args[-1] == "reference":
+                return self._reference(*args[:-1])
             return self.op(*args)
         needs_grad = False
         for a in args:
@@ -87,6 +90,6 @@ def reference_gradients(reference: Callable, inputs: tuple, grad_outputs: tuple)
     return tuple(next(found, None) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
 
 
-def custom_op(name: str, *, mutates_args: Iterable[str]) -> Callable[[Callable], Op]:
-    """Decorator, as torch.library.custom_op(name, mutates_args=...)."""
-    return lambda fn: Op(name, fn, mutates_args)
+def custom_op(name: str, *, mutates_args: Iterable[str], reference: Callable | None = None) -> Callable[[Callable], Op]:
+    """Decorator, as torch.library.custom_op(name, mutates_args=...); reference= as in the module docstring."""
+    return lambda fn: Op(name, fn, mutates_args, reference)

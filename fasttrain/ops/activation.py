@@ -1,7 +1,9 @@
-"""GELU with torch's signature, `gelu(input, approximate)`, over a C++ CPU kernel for approximate="tanh"
-(csrc/activation_cpu.cpp, GPT-2's activation and the model's), where torch 2.13's own CPU kernel took 3.7x its erf
-GELU's time (benchmarks/NOTES.md). The reference is torch's F.gelu itself: on a GPU (where torch's kernel runs at
-memory speed and torch.compile fuses it into its neighbours) and for approximate="none" it is the intended path.
+"""GELU with torch's signature, `gelu(input, approximate)`: the smallest op, and the template of every other one
+(docs/adding-an-op.md).
+
+Backends: `cpu`, a C++ kernel for approximate="tanh" (csrc/activation_cpu.cpp, GPT-2's activation and the model's),
+where torch's own CPU kernel is several times slower than its erf GELU (benchmarks/NOTES.md); `reference`, torch's
+F.gelu itself, which on a GPU runs at memory speed and which torch.compile fuses into its neighbours.
 
 The kernel computes x * sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3), the same function as torch's
 x / 2 * (1 + tanh(u)) without its cancellation in the negative tail (torch gives 0 below x ~ -5.3, the kernel the
@@ -17,47 +19,39 @@ from torch import Tensor
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op, reference_gradients
 
-OP = "gelu"
+APPROXIMATIONS = ("none", "tanh")
 
 
-@custom_op("fasttrain::gelu_tanh", mutates_args=())
-def _gelu_tanh_op(x: Tensor) -> Tensor:
-    return torch.ops.fasttrain.gelu_tanh_cpu(x)
+# ---- the backends: what each computes -------------------------------------------------------------------------------
 
 
-@_gelu_tanh_op.register_fake
-def _(x):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+class Reference:
+    """torch's own GELU and its gradient."""
+
+    @staticmethod
+    def forward(x: Tensor, approximate: str) -> Tensor:
+        return F.gelu(x, approximate=approximate)
+
+    @staticmethod
+    def backward(grad: Tensor, x: Tensor, approximate: str) -> Tensor:
+        return torch.ops.aten.gelu_backward(grad, x, approximate=approximate)
 
 
-@custom_op("fasttrain::gelu_tanh_backward", mutates_args=())
-def _gelu_tanh_backward_op(grad: Tensor, x: Tensor) -> Tensor:
-    return torch.ops.fasttrain.gelu_tanh_backward_cpu(grad, x)
+class Cpu:
+    """csrc/activation_cpu.cpp: fp32, bf16 and fp16 computed in fp32, contiguous tensors."""
+
+    @staticmethod
+    def forward(x: Tensor, approximate: str) -> Tensor:
+        return torch.ops.fasttrain.gelu_tanh_cpu(x)
+
+    @staticmethod
+    def backward(grad: Tensor, x: Tensor, approximate: str) -> Tensor:
+        return torch.ops.fasttrain.gelu_tanh_backward_cpu(grad, x)
 
 
-@_gelu_tanh_backward_op.register_fake
-def _(grad, x):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+# ---- the table: which backend can serve which inputs ----------------------------------------------------------------
 
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-
-
-def _backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    if torch.is_grad_enabled():  # a double backward follows (see reference_gradients)
-        return reference_gradients(lambda x: F.gelu(x, approximate="tanh"), (x,), (grad,))
-    return _gelu_tanh_backward_op(grad.contiguous(), x)
-
-
-_gelu_tanh_op.register_autograd(_backward, setup_context=_setup_context)
-
-# Read once, at import (Dynamo cannot trace the extension's import; see ops/attention.py).
 _CPU_OP_REASON = _backend.native_op_reason("gelu_tanh_cpu")
-_backend.register(OP, lambda: {"cpu": _CPU_OP_REASON, "reference": None})
-
-
 _ERF_GELU = _backend.NotForDevice("approximate='none' is torch's erf GELU, which the reference runs")
 
 
@@ -65,6 +59,56 @@ def _cpu_reason(x: Tensor, approximate: str) -> str | None:
     if approximate != "tanh":
         return _ERF_GELU
     return _backend.cpu_kernel_reason(x, _CPU_OP_REASON)
+
+
+GELU = _backend.Table(
+    "gelu",
+    {
+        "cpu": _backend.Backend(_cpu_reason, Cpu, live=lambda: _CPU_OP_REASON),
+        "reference": _backend.Backend(_backend.always, Reference),
+    },
+)
+
+
+# ---- the registered op: one body for every backend, fake implementations, autograd ---------------------------------
+
+
+@custom_op("fasttrain::gelu", mutates_args=(), reference=Reference.forward)
+def _gelu_op(x: Tensor, approximate: str, backend: str) -> Tensor:
+    return GELU[backend].forward(x, approximate)
+
+
+@_gelu_op.register_fake
+def _(x, approximate, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@custom_op("fasttrain::gelu_backward", mutates_args=())
+def _gelu_backward_op(grad: Tensor, x: Tensor, approximate: str, backend: str) -> Tensor:
+    return GELU[backend].backward(grad, x, approximate)
+
+
+@_gelu_backward_op.register_fake
+def _(grad, x, approximate, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, ctx.approximate, ctx.backend = inputs
+    ctx.save_for_backward(x)
+
+
+def _backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    if torch.is_grad_enabled():  # a double backward follows (see reference_gradients)
+        return *reference_gradients(lambda x: Reference.forward(x, ctx.approximate), (x,), (grad,)), None, None
+    return _gelu_backward_op(grad.contiguous(), x, ctx.approximate, ctx.backend), None, None
+
+
+_gelu_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the public function: check the arguments, choose, call --------------------------------------------------------
 
 
 def gelu(input: Tensor, approximate: str = "none", *, backend: str | None = None) -> Tensor:
@@ -79,8 +123,7 @@ def gelu(input: Tensor, approximate: str = "none", *, backend: str | None = None
         raise TypeError(
             f"gelu: input must be a floating-point tensor, got {getattr(input, 'dtype', type(input).__name__)}"
         )
-    if approximate not in ("none", "tanh"):
+    if approximate not in APPROXIMATIONS:
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
-    if _backend.choose(OP, {"cpu": _cpu_reason(input, approximate), "reference": None}, backend) == "reference":
-        return F.gelu(input, approximate=approximate)
-    return _gelu_tanh_op(input.contiguous())
+    name = GELU.choose(input, approximate, backend=backend)
+    return _gelu_op(input if name == "reference" else input.contiguous(), approximate, name)
