@@ -2,12 +2,13 @@
 
 Each op declares its backends in one `Table`: an ordered map, fastest first, from a backend's name to a `Backend`,
 that is, a `reason(*args)` (None when the backend can serve these inputs, else why not) and its implementation, the
-object the op's registered body calls (`forward`, `backward`, whatever the op's shape needs). `Table.choose` is the
-only chooser: `backend="auto"` takes the first that can serve and warns once, with the reasons, when that is
-`reference` although a faster one exists here; a backend asked for by name that cannot serve raises `BackendError`;
-FASTTRAIN_BACKEND=<name> forces one for a whole run (ops without that backend keep choosing automatically). The
-reference is a column like the others: plain PyTorch, the test oracle and the fallback. docs/adding-an-op.md walks
-a new op through.
+object the op's registered body calls (`forward`, `backward`, whatever the op's shape needs), or a `direct` op that
+serves the whole call itself (its own schema, fake implementation and autograd: a C++ op launching precompiled
+kernels). `Table.choose` is the only chooser: `backend="auto"` takes the first that can serve and warns once, with
+the reasons, when that is `reference` although a faster one exists here; a backend asked for by name that cannot
+serve raises `BackendError`; FASTTRAIN_BACKEND=<name> forces one for a whole run (ops without that backend keep
+choosing automatically). The reference is a column like the others: plain PyTorch, the test oracle and the
+fallback. docs/adding-an-op.md walks a new op through.
 
 This module is also the only place that reads the environment switches (FASTTRAIN_BACKEND, TRITON_INTERPRET) and the
 only loader of the Triton kernels (`kernels`), which are imported on first use: a process that never launches one
@@ -60,10 +61,14 @@ class Backend:
     reason: Callable[..., str | None]
     """(the op's arguments, as the op passes them to Table.choose) -> None if this backend can serve them, else why
     not: a module constant or a NotForDevice where the backend is simply not meant for this device."""
-    impl: Any
+    impl: Any = None
     """What the op's registered body calls for this backend (an object with the op's forward/backward functions)."""
     live: Callable[[], str | None] = always
     """() -> None if the backend can run on this machine's default device, else why not (for `fasttrain info`)."""
+    direct: Callable | None = None
+    """An op that serves the whole call in place of the registered one, called with the registered op's arguments
+    less the backend's name: its own schema, fake implementation and autograd (a C++ op launching precompiled
+    kernels), so the call costs no Python body and no Python autograd (fasttrain.ops._op.Op hands it over)."""
 
 
 _tables: dict[str, Table] = {}
@@ -76,6 +81,7 @@ class Table:
         if list(backends)[-1:] != ["reference"] or not set(backends) <= set(BACKENDS):
             raise ValueError(f"{op}: backends must be among {BACKENDS} and end with 'reference', got {list(backends)}")
         self.op, self.backends = op, backends
+        self.direct = {name: b.direct for name, b in backends.items() if b.direct is not None}
         self._warned: set[str] = set()
         _tables[op] = self
 
@@ -127,8 +133,7 @@ def liveness() -> dict[str, dict[str, str | None]]:
     import fasttrain.ops  # noqa: F401  (declares the ops' tables)
     import fasttrain.optim  # noqa: F401
 
-    probes = {op: table.liveness for op, table in _tables.items()} | _liveness_probes
-    return {op: probe() for op, probe in sorted(probes.items())}
+    return {op: _tables[op].liveness() for op in sorted(_tables)}
 
 
 def requested_backend(backend: str | None) -> str:
@@ -146,7 +151,8 @@ _kernel_modules: dict[str, ModuleType] = {}
 
 
 def kernels(family: str) -> ModuleType:
-    """fasttrain.kernels.<family>, imported at its first launch."""
+    """fasttrain.kernels.<family>, imported at its first launch: a process that never launches a Triton kernel never
+    imports Triton's compiler."""
     module = _kernel_modules.get(family)
     if module is None:
         module = _kernel_modules[family] = importlib.import_module(f"fasttrain.kernels.{family}")
@@ -184,6 +190,11 @@ def triton_reason(device: torch.device) -> str | None:
     if device.type == "cpu":
         return None if triton_interpreting() else NEEDS_INTERPRETER
     return f"Triton kernels do not run on {device.type} tensors"
+
+
+def triton_live() -> str | None:
+    """None if Triton kernels can run on this machine's default device (`fasttrain info`)."""
+    return triton_reason(default_device())
 
 
 def triton_tensor_reason(t: torch.Tensor) -> str | None:
@@ -240,20 +251,3 @@ def native_op_reason(name: str) -> str | None:
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-# ---- transitional: the ops not yet declared as a Table ---------------------------------------------------------------
-
-_liveness_probes: dict[str, Callable[[], dict[str, str | None]]] = {}
-_warned: set[tuple[str, str]] = set()
-
-
-def register(op: str, probe: Callable[[], dict[str, str | None]]) -> None:
-    _liveness_probes[op] = probe
-
-
-def choose(op: str, reasons: dict[str, str | None], backend: str | None = None) -> str:
-    table = Table.__new__(Table)
-    table.op, table._warned = op, _warned
-    table.backends = {name: Backend(lambda why=why: why, None) for name, why in reasons.items()}
-    return table.choose(backend=backend)

@@ -24,8 +24,7 @@ def cpu_name() -> str:
 
 
 def report() -> str:
-    import fasttrain.ops  # noqa: F401  (registers the ops' liveness probes)
-    import fasttrain.optim  # noqa: F401
+    import fasttrain
 
     lines = [f"fasttrain {fasttrain.__version__}", f"python {platform.python_version()}", f"torch {torch.__version__}"]
     try:

@@ -2,8 +2,6 @@
 share: which configs this machine tunes over, the launch's strides and constexprs, whether TMA can read the inputs,
 the scratch allocator for device-made descriptors, and the ahead-of-time signatures (kernels/_aot.py)."""
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -11,10 +9,9 @@ from triton.runtime import _allocation
 
 from ._aot import signature_from_params
 from ._attention_configs import flat, pruner
-from ._launch import next_power_of_2
+from ._launch import INTERPRETING, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be constexpr (the compiler insists)
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 _HALF = (torch.float16, torch.bfloat16)
 # tune_left/right (band_class): causal and full attention mask different shares of their tiles (the
 # warp-specialized loops mask all of them), so they tune apart. TMA_ALIGNED: the forward's and dK/dV's (dQ has no

@@ -1,17 +1,22 @@
-"""Host-side launch helpers: arithmetic on plain Python ints, the SM count, and a tuner over whole launch plans.
+"""Host-side launch helpers: whether Triton interprets, arithmetic on plain Python ints, the SM count, and a tuner
+over whole launch plans.
 
 `triton.cdiv` and `triton.next_power_of_2` are constexpr_functions (triton 3.7.1): called from host code, each call
-goes through JITCallable.__call__, which unwraps its arguments as constexprs and imports triton.language.core.
-Measured on CI's CPU (timeit, 200k calls): 3.6-3.8 us per call, against 0.15 us for the same arithmetic here; a norm
-forward + backward did four of them, ~15 us of host time per call beside a kernel of a few microseconds.
-Kernels keep using triton's (tl.cdiv) inside @triton.jit code.
+goes through JITCallable.__call__, which unwraps its arguments as constexprs and imports triton.language.core, many
+times the cost of the same arithmetic on Python ints here. Kernels keep using triton's (tl.cdiv) inside @triton.jit
+code.
 """
 
 import functools
+import os
 import traceback
 import warnings
 
 import torch
+
+# The one reading of TRITON_INTERPRET in kernels/: Triton reads it when a @triton.jit decorator runs, so it is fixed
+# for the process once these modules are imported. The interpreter runs on CPU tensors, one config per kernel.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def cdiv(a: int, b: int) -> int:

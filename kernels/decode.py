@@ -1,6 +1,7 @@
 """Split-KV flash-decoding: a few query tokens against a long, preallocated KV cache.
 
-Three kernels, launched in this order by fasttrain/ops/decode.py (which also holds the pure-PyTorch reference):
+Three kernels, launched in this order by `decode` below (fasttrain/ops/decode.py holds the op and its pure-PyTorch
+reference):
 
 1. `_decode_append_kernel` writes the new k/v rows (B, Tnew, Hkv, D) into the cache at rows cache_seqlens[b] + t,
    rotating k (and q, into a fresh tensor) with the cos/sin tables on the way when rotary is fused. One program
@@ -21,22 +22,21 @@ Pure device code: nothing here imports fasttrain. Under TRITON_INTERPRET=1 one f
 benchmarker needs a GPU); on a GPU the decode kernel autotunes over a few tile sizes.
 """
 
-import os
+import math
 
 import torch
 import triton
 import triton.language as tl
 
 from ._aot import signature_from_params
+from ._launch import INTERPRETING, cdiv, multiprocessor_count, next_power_of_2
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 LN2 = tl.constexpr(0.6931471805599453)  # globals a kernel reads must be constexpr (the compiler insists)
 
 # Decode is bound by reading K and V: deeper pipelines and wider key tiles keep more bytes in flight, at the cost of
 # shared memory (one K and one V tile per stage) and registers. Tuples are (BLOCK_N, num_warps, num_stages). All
 # compile for sm_90 and sm_80 without spills (tests/test_kernels_compile.py; sm_90 bf16 d128 (64, 4, 3): 96 registers,
-# 70 KB shared, cp.async pipelined); which one wins per shape is left to the autotuner, not yet measured on an H100
-# (no GPU in the session that wrote them).
+# 70 KB shared, cp.async pipelined); which one wins per shape is the autotuner's choice.
 _CONFIGS = {
     90: {
         "d64": [(64, 4, 3), (128, 4, 3), (128, 8, 4)],
@@ -412,6 +412,200 @@ _decode = triton.autotune(
     key=["BLOCK_M", "BLOCK_D", "NUM_SPLITS", "t_cache_bucket"],
     prune_configs_by={"early_config_prune": _prune},
 )(_decode_kernel)
+
+
+# Keys per split at least: fewer would spend more on the split's setup and the combine than on reading K and V.
+MIN_KEYS_PER_SPLIT = 128
+MAX_SPLITS = 128
+
+
+def num_splits_heuristic(batch_kv_heads: int, m_blocks: int, cache_len: int, num_sms: int) -> int:
+    """How many chunks to cut each sequence's keys into so that the decode grid fills the GPU.
+
+    batch_kv_heads * m_blocks programs run per split; aim for two per SM (one waits on memory while the other
+    computes) but keep at least MIN_KEYS_PER_SPLIT keys per split. Depends on the cache's allocated length, not on
+    cache_seqlens, so it needs no host sync and a captured CUDA graph stays valid as the sequences grow.
+    """
+    programs = batch_kv_heads * m_blocks
+    if programs >= num_sms:
+        return 1
+    wanted = math.ceil(2 * num_sms / programs)
+    by_length = max(1, cache_len // MIN_KEYS_PER_SPLIT)
+    return max(1, min(wanted, by_length, MAX_SPLITS))
+
+
+def _parallel_units(device: torch.device) -> int:
+    if device.type == "cuda":
+        return multiprocessor_count(device)
+    # The interpreter runs programs one after another: splitting only adds work there.
+    return torch.get_num_threads()
+
+
+def decode(
+    q,
+    k_cache,
+    v_cache,
+    k,
+    v,
+    rotary_cos,
+    rotary_sin,
+    cache_seqlens,
+    cache_batch_idx,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    rotary_interleaved: bool,
+    q_per_token: bool,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q (B, Tq, H, D) against the caches (B_cache, Tmax, Hkv, D) after appending k/v (B, Tnew, Hkv, D)
+    at rows cache_seqlens[b].. (rotating k, and q into a fresh tensor, when cos/sin are given): the append (if k),
+    the decode and (with several splits) the combine. Returns out (B, Tq, H, D) in q's dtype and lse (B, H, Tq)
+    fp32. num_splits 0 picks the split count by num_splits_heuristic. Inputs are checked by the caller."""
+    B, Tq, H, D = q.shape
+    Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    G = H // Hkv
+    block_d = max(16, next_power_of_2(D))
+    # The kernels index these at unit stride (SEQLENS + b, COS + pos * stride_rot + i): a strided view, such as a
+    # column of a (B, 2) tensor, would be read wrong. No-ops for the usual contiguous tensors.
+    cache_seqlens = cache_seqlens.contiguous()
+    cache_batch_idx = None if cache_batch_idx is None else cache_batch_idx.contiguous()
+    has_batch_idx = cache_batch_idx is not None
+    batch_idx = cache_batch_idx if has_batch_idx else cache_seqlens  # a placeholder pointer, never read
+    t_new = 0 if k is None else k.shape[1]
+    if k is not None:
+        rotary = rotary_cos is not None
+        q_attn = torch.empty(q.shape, device=q.device, dtype=q.dtype) if rotary else q
+        half = rotary_cos.shape[1] if rotary else 0
+        # one row stride serves both tables; placeholders when not rotary
+        cos, sin = (rotary_cos.contiguous(), rotary_sin.contiguous()) if rotary else (k_cache, k_cache)
+        t_rows = max(Tq, t_new)
+        _decode_append_kernel[(B * t_rows, max(H, Hkv))](
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            q_attn,
+            cos,
+            sin,
+            cache_seqlens,
+            batch_idx,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            v.stride(0),
+            v.stride(1),
+            v.stride(2),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            q_attn.stride(0),
+            q_attn.stride(1),
+            q_attn.stride(2),
+            cos.stride(0) if rotary else 0,
+            Tq,
+            t_new,
+            t_rows,
+            H,
+            Hkv,
+            Tmax,
+            cos.shape[0] if rotary else 0,
+            HEAD_DIM=D,
+            ROT_HALF=half,
+            ROTARY=rotary,
+            Q_PER_TOKEN=q_per_token,
+            INTERLEAVED=rotary_interleaved,
+            HAS_BATCH_IDX=has_batch_idx,
+            BLOCK_D=block_d,
+            BLOCK_R=max(1, next_power_of_2(half)),
+            num_warps=append_num_warps(D),
+        )
+        q = q_attn
+
+    rows = Tq * G
+    block_m = min(64, max(16, next_power_of_2(rows)))
+    m_blocks = cdiv(rows, block_m)
+    splits = num_splits or num_splits_heuristic(B * Hkv, m_blocks, Tmax, _parallel_units(q.device))
+    out = torch.empty(B, Tq, H, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
+    if splits == 1:
+        o_dst, l_dst = out, lse
+        l_strides = (0, lse.stride(0), lse.stride(2), lse.stride(1))  # (split, b, t, h)
+        os_stride = 0
+    else:
+        o_dst = torch.empty(splits, B, Tq, H, D, device=q.device, dtype=torch.float32)
+        l_dst = torch.empty(splits, B, Tq, H, device=q.device, dtype=torch.float32)
+        l_strides = l_dst.stride()
+        os_stride = o_dst.stride(0)
+    # B * Hkv on the grid's first axis: CUDA caps the other two at 65535 (B 2048 x 32 KV heads is 65536).
+    _decode[(B * Hkv, splits, m_blocks)](
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens,
+        batch_idx,
+        o_dst,
+        l_dst,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        o_dst.stride(-4),
+        o_dst.stride(-3),
+        o_dst.stride(-2),
+        *l_strides,
+        os_stride,
+        softmax_scale * math.log2(math.e),
+        Tq,
+        G,
+        Hkv,
+        t_new,
+        window_left,
+        window_right,
+        Tmax,
+        next_power_of_2(Tmax),
+        HEAD_DIM=D,
+        NUM_SPLITS=splits,
+        HAS_BATCH_IDX=has_batch_idx,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+    )
+    if splits > 1:
+        block_s = next_power_of_2(splits)
+        _decode_combine_kernel[(B * Tq * H,)](
+            o_dst,
+            l_dst,
+            out,
+            lse,
+            o_dst.stride(0),
+            l_dst.stride(0),
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            lse.stride(0),
+            lse.stride(1),
+            lse.stride(2),
+            Tq,
+            H,
+            splits,
+            HEAD_DIM=D,
+            BLOCK_S=block_s,
+            BLOCK_D=block_d,
+            num_warps=combine_num_warps(block_s, block_d),
+        )
+    return out, lse
 
 
 def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:

@@ -43,6 +43,13 @@ def _max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
 
+def _choose(q, k, v):
+    """The backend `auto` picks for dense attention of q, k, v without a mask or dropout."""
+    from fasttrain.ops.attention import ATTENTION
+
+    return ATTENTION.choose(q, k, v, None, q.shape[1], k.shape[1], None, 0.0)
+
+
 # (B, Tq, Tk, H, Hkv, D, causal, window): together every listed value of T, head_dim, GQA ratio, batch, mask kind.
 CASES = [
     (1, 1, 1, 1, 1, 32, True, (-1, -1)),  # T = 1
@@ -583,7 +590,7 @@ def test_registered_ops_schema_and_fake_tensors(backend, deterministic):
     from fasttrain.ops import attention as attention_ops
 
     q, k, v = (t.detach() for t in _inputs(1, 20, 20, 2, 1, 32))
-    args = (q, k, v, None, None, 20, 20, 32**-0.5, UNBOUNDED, 0, backend, deterministic)
+    args = (q, k, v, None, None, 20, 20, 32**-0.5, UNBOUNDED, 0, None, 0.0, None, deterministic, backend)
     torch.library.opcheck(attention_ops._forward_op.op, args, test_utils=("test_schema", "test_faketensor"))
     out, lse = attention_ops._forward_op(*args)
     backward_args = (
@@ -601,8 +608,11 @@ def test_registered_ops_schema_and_fake_tensors(backend, deterministic):
         32**-0.5,
         UNBOUNDED,
         0,
-        backend,
+        None,
+        0.0,
+        None,
         deterministic,
+        backend,
     )
     torch.library.opcheck(attention_ops._backward_op.op, backward_args, test_utils=("test_schema", "test_faketensor"))
 
@@ -628,7 +638,7 @@ def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = _inputs(1, 8, 8, 2, 1, 48)  # any head_dim: the C++ kernel's matmuls take it
-    assert attention_ops._choose(q, "auto") == "cpu"
+    assert _choose(q, k, v) == "cpu"
     with warnings.catch_warnings():  # the intended CPU path, not a fallback: no warning
         warnings.simplefilter("error")
         out = flash_attn_func(q, k, v, causal=True, backend="auto")
@@ -637,7 +647,7 @@ def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
     with pytest.raises(_backend.BackendError, match="TRITON_INTERPRET"):
         flash_attn_func(q, k, v, backend="triton")
     with pytest.warns(RuntimeWarning, match="the CPU kernel takes fp32, bf16 or fp16, got torch.float64"):
-        attention_ops._choose(q.double(), "auto")
+        _choose(q.double(), k, v)
     monkeypatch.setattr(attention_ops, "_CPU_OP_REASON", "no extension here")
     with pytest.raises(_backend.BackendError, match="no extension here"):
         flash_attn_func(q, k, v, backend="cpu")
@@ -730,8 +740,8 @@ def test_unsupported_head_dim_falls_back_or_refuses(monkeypatch):
     q, k, v = _inputs(1, 8, 8, 2, 2, 48)
     with pytest.raises(_backend.BackendError, match="head_dim"):
         flash_attn_func(q, k, v, backend="triton")
-    assert attention_ops._choose(q, "auto") == "cpu"  # CPU tensors: the C++ kernel takes any head_dim
-    monkeypatch.setattr(attention_ops, "_cpu_reason", lambda q: "off in this test")
+    assert _choose(q, k, v) == "cpu"  # CPU tensors: the C++ kernel takes any head_dim
+    monkeypatch.setattr(attention_ops, "_CPU_OP_REASON", "off in this test")
     with pytest.warns(RuntimeWarning, match="head_dim"):
         out = flash_attn_func(q, k, v)
     assert out.shape == q.shape
@@ -757,7 +767,7 @@ def test_more_sequences_than_the_grid_takes_fall_back_to_the_reference(monkeypat
     import fasttrain.ops.attention as attention_ops
 
     monkeypatch.setattr(attention_ops, "GRID_YZ_MAX", 2)
-    monkeypatch.setattr(attention_ops, "_cpu_reason", lambda q: "off in this test")  # else auto takes the C++ kernel
+    monkeypatch.setattr(attention_ops, "_CPU_OP_REASON", "off in this test")  # else auto takes the C++ kernel
     q, k, v = _inputs(3, 5, 5, 2, 2, 32)
     with pytest.raises(_backend.BackendError, match=r"3 sequences exceed the kernels' grid \(2 per launch"):
         flash_attn_func(q, k, v, backend="triton")

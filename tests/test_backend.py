@@ -1,4 +1,4 @@
-"""The backend chooser, the extension loader, and `fasttrain info`."""
+"""The backend table and its chooser, the extension loader, and `fasttrain info`."""
 
 import subprocess
 import sys
@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from fasttrain import _backend, _extension
-from fasttrain._backend import BackendError, NotForDevice, choose
+from fasttrain._backend import Backend, BackendError, NotForDevice, Table
+
+
+def choose(op: str, reasons: dict, backend: str | None = None) -> str:
+    """Table.choose over a table of fixed reasons (a fresh table per call: its warnings are its own)."""
+    table = Table(op, {name: Backend(lambda why=why: why) for name, why in reasons.items()})
+    del _backend._tables[op]  # not an op of fasttrain's: `fasttrain info` should not list it
+    return table.choose(backend=backend)
 
 
 def test_the_installed_extension_loads():
@@ -25,12 +32,15 @@ def test_auto_takes_the_first_backend_that_can_serve(monkeypatch):
 
 def test_falling_back_to_reference_warns_once_with_the_reasons(monkeypatch):
     monkeypatch.delenv("FASTTRAIN_BACKEND", raising=False)
-    reasons = {"triton": "head_dim 40 is not supported", "reference": None}
+    table = Table("op_warn", {"triton": Backend(lambda x: x), "reference": Backend(_backend.always)})
+    del _backend._tables["op_warn"]
     with pytest.warns(RuntimeWarning, match="op_warn runs on the reference backend.*head_dim 40"):
-        assert choose("op_warn", reasons) == "reference"
+        assert table.choose("head_dim 40 is not supported") == "reference"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert choose("op_warn", reasons) == "reference"  # once per (op, reasons)
+        assert table.choose("head_dim 40 is not supported") == "reference"  # once per (op, reasons)
+    with pytest.warns(RuntimeWarning, match="head_dim 48"):  # other reasons warn again
+        assert table.choose("head_dim 48 is not supported") == "reference"
 
 
 def test_a_backend_not_meant_for_the_device_is_no_fallback_worth_a_warning(monkeypatch):

@@ -1,23 +1,24 @@
-"""Convergence tier (STYLE.md): a tiny GPT trained with every op on its fast backend against every op on `reference`.
+"""Convergence tier: a tiny GPT trained with every op on its fast backend against every op on `reference`.
 
-Fast means attention and cross-entropy on `triton` (under TRITON_INTERPRET=1 on a CPU, which tests/conftest.py sets)
-and AdamW on `cpu` (the C++ kernel) or `cuda`. Both runs start from the same init and see the same batches, so any
-divergence beyond fp32 rounding is a bug in a kernel's forward, backward or update that per-op tests missed.
+Fast means every op that has a `triton` backend on it (attention, cross-entropy, norms, rotary; under
+TRITON_INTERPRET=1 on a CPU, which tests/conftest.py sets), GELU on its C++ kernel on a CPU, and AdamW on `cpu` (the
+C++ kernel) or `cuda`. Both runs start from the same init and see the same batches, so any divergence beyond fp32
+rounding is a bug in a kernel's forward, backward or update that per-op tests missed.
 """
 
 import contextlib
-import functools
 import math
+import os
+from unittest import mock
 
 import pytest
 import torch
 
 from fasttrain.model import GPT, GPTConfig
-from fasttrain.ops import cross_entropy, flash_attn_func
 from fasttrain.optim import AdamW
 
 # head_dim 32 (d_model / n_head), the smallest the Triton kernels take. The interpreter's cost is per program
-# (PLATFORM.md): B2 H2 T64 (one 64x64 tile) measured ~0.2 s per launch, and a step launches 4 kernels per layer
+# B2 H2 T64 (one 64x64 tile) measured ~0.2 s per launch, and a step launches 4 kernels per layer
 # (forward; backward's preprocess, dK/dV and dQ). At B1 and 2 layers a whole 8-step fast run measured 2.7-3.9 s.
 TINY = dict(n_layer=2, n_head=2, d_model=64, vocab_size=96, max_seq_len=64)
 B, T, STEPS, LR = 1, 64, 8, 3e-3
@@ -49,24 +50,23 @@ def _batches(vocab: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor
 def _train(
     cfg: GPTConfig, ops: str, adamw: str, batches, device: str = "cpu", autocast: torch.dtype | None = None
 ) -> tuple[list[float], dict]:
-    """Losses over len(batches) steps, and the first step's gradients by parameter name."""
+    """Losses over len(batches) steps, and the first step's gradients by parameter name. FASTTRAIN_BACKEND=ops forces
+    every op that has that backend, and a forced backend raises rather than falls back, so a run here really went
+    through the chosen kernels."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    for block in model.blocks:
-        # A named backend raises rather than falls back, so a run here really went through the chosen kernels.
-        block.attn.attn_fn = functools.partial(flash_attn_func, backend=ops)
-    model.loss_fn = functools.partial(cross_entropy, backend=ops)
     opt = AdamW(model.parameters(), lr=LR, weight_decay=0.1, max_grad_norm=1.0, backend=adamw)
     losses, first_grads = [], {}
-    for idx, targets in batches:
-        with torch.autocast(device, dtype=autocast) if autocast is not None else contextlib.nullcontext():
-            _, loss = model(idx.to(device), targets.to(device))
-        loss.backward()
-        if not first_grads:
-            first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    with mock.patch.dict(os.environ, {"FASTTRAIN_BACKEND": ops}):
+        for idx, targets in batches:
+            with torch.autocast(device, dtype=autocast) if autocast is not None else contextlib.nullcontext():
+                _, loss = model(idx.to(device), targets.to(device))
+            loss.backward()
+            if not first_grads:
+                first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
     return losses, first_grads
 
 

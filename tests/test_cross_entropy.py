@@ -12,6 +12,7 @@ from fasttrain.ops.cross_entropy import cross_entropy
 # fp32 kernel vs float64 torch on logits of scale 3: the online logsumexp reorders sums; measured worst 3.2e-7
 # (relative, for a summed loss).
 TOL_FP32 = 2e-5
+BACKENDS = ["triton", "reference"]  # the reference computes its gradient from the saved logsumexp, as the kernel
 
 
 def _inputs(N, V, dtype=torch.float32, device="cpu", ignore_every=0, seed=0):
@@ -40,9 +41,10 @@ SIZES = [(1, 1), (1, 97), (97, 1025), (5, kernels.BLOCK_V + 1), (3, 3 * kernels.
 
 @pytest.mark.parametrize("N,V", SIZES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_kernel_matches_torch_float64(N, V, reduction):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_torch_float64(N, V, reduction, backend):
     logits, target = _inputs(N, V, ignore_every=3 if N > 3 else 0)
-    loss = cross_entropy(logits, target, reduction=reduction, backend="triton")
+    loss = cross_entropy(logits, target, reduction=reduction, backend=backend)
     x64, want = _torch64(logits, target, reduction)
     assert loss.dtype == torch.float32 and loss.shape == want.shape
     assert _err(loss, want) < TOL_FP32
@@ -52,14 +54,15 @@ def test_kernel_matches_torch_float64(N, V, reduction):
     assert grad.dtype == logits.dtype and _err(grad, want_grad) < TOL_FP32
 
 
-def test_ignored_rows_have_zero_loss_and_gradient_and_all_ignored_mean_is_nan():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_have_zero_loss_and_gradient_and_all_ignored_mean_is_nan(backend):
     logits, target = _inputs(6, 50, ignore_every=2)
-    rows = cross_entropy(logits, target, reduction="none", backend="triton")
+    rows = cross_entropy(logits, target, reduction="none", backend=backend)
     assert torch.equal(rows[::2], torch.zeros(3))
     (grad,) = torch.autograd.grad(rows.sum(), logits)
     assert torch.equal(grad[::2], torch.zeros(3, 50)) and grad[1::2].abs().sum() > 0
     target[:] = 7
-    assert torch.isnan(cross_entropy(logits, target, ignore_index=7, backend="triton"))  # 0 / 0, as torch
+    assert torch.isnan(cross_entropy(logits, target, ignore_index=7, backend=backend))  # 0 / 0, as torch
     assert torch.isnan(F.cross_entropy(logits, target, ignore_index=7))
 
 
@@ -72,9 +75,10 @@ def test_out_of_range_target_gives_nan_on_the_kernel_and_an_error_on_the_referen
         cross_entropy(logits, target, backend="reference")
 
 
-def test_fp16_logits_give_fp16_gradients_within_rounding():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_logits_give_fp16_gradients_within_rounding(backend):
     logits, target = _inputs(33, 1000, dtype=torch.float16)
-    loss = cross_entropy(logits, target, backend="triton")
+    loss = cross_entropy(logits, target, backend=backend)
     x64, want = _torch64(logits, target, "mean")
     assert _err(loss, want) < 1e-4  # the loss is computed in fp32 from exact fp16 inputs
     (grad,) = torch.autograd.grad(loss, logits)
@@ -106,10 +110,11 @@ def _gradient_penalty(loss_fn, x):
     return torch.autograd.grad(g.pow(2).sum(), x)[0]
 
 
-def test_double_backward_matches_torch():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_matches_torch(backend):
     logits, target = _inputs(6, 40, ignore_every=4)
     x64, _ = _torch64(logits, target, "sum")
-    got = _gradient_penalty(lambda x: cross_entropy(x, target, backend="triton"), logits)
+    got = _gradient_penalty(lambda x: cross_entropy(x, target, backend=backend), logits)
     assert _err(got, _gradient_penalty(lambda x: F.cross_entropy(x, target), x64)) < TOL_FP32
 
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from fasttrain._backend import BackendError
+from fasttrain.kernels.decode import num_splits_heuristic
 from fasttrain.ops import flash_attn_with_kvcache
-from fasttrain.ops.decode import _kvcache_op, num_splits_heuristic
+from fasttrain.ops.decode import _kvcache_op
 
 # fp32 under the interpreter and in the C++ kernel: measured max |error| ~5e-7 on these shapes.
 TOL_FP32 = dict(atol=1e-5, rtol=1e-5)
@@ -339,17 +340,16 @@ def test_cpu_kernel_empty_query_and_head_dim():
 
 
 def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
-    from fasttrain import _backend
     from fasttrain.ops import decode
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     kw = _case(1, 4, 2, CPU_LENGTHS, D=48)  # any head_dim
-    assert _backend.choose(decode.OP, decode._backend_reasons(kw["q"]), "auto") == "cpu"
+    assert decode.DECODE.choose(kw["q"]) == "cpu"
     with warnings.catch_warnings():  # the intended CPU path, not a fallback: no warning
         warnings.simplefilter("error")
         _run(kw, "auto")
     with pytest.warns(RuntimeWarning, match="the CPU kernel takes fp32, bf16 or fp16, got torch.float64"):
-        _backend.choose(decode.OP, decode._backend_reasons(kw["q"].double()), "auto")
+        decode.DECODE.choose(kw["q"].double())
 
 
 def test_cpu_kernel_refuses_a_cache_row_out_of_range():

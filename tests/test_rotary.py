@@ -51,14 +51,14 @@ def _check(x, cos, sin, backend, interleaved=False, offsets=0, tol=TOL_FP32):
 
 @pytest.mark.parametrize("B,T,H,D", [(1, 1, 1, 8), (2, 97, 3, 64), (1, 1025, 2, 16), (2, 5, 12, 128)], ids=str)
 @pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("backend", KERNELS)
-def test_kernel_matches_float64(B, T, H, D, interleaved, backend):
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+def test_matches_float64(B, T, H, D, interleaved, backend):
     cos, sin = _tables(T, D)
     _check(_x(B, T, H, D), cos, sin, backend, interleaved)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
 def test_partial_rotation_passes_the_rest_through(interleaved, backend):
     x = _x(2, 9, 3, 32)
     cos, sin = _tables(9, 12)  # rotary_dim 12 of 32
@@ -67,7 +67,7 @@ def test_partial_rotation_passes_the_rest_through(interleaved, backend):
     assert torch.equal(y[..., 12:], x[..., 12:])
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
 def test_int_and_tensor_offsets_and_per_sequence_tables(backend):
     x = _x(3, 7, 4, 32)
     cos, sin = _tables(40, 32)
@@ -192,12 +192,15 @@ def test_cpu_kernel_low_precision_is_one_rounding_from_the_reference(dtype, inte
     one_ulp = torch.finfo(dtype).eps * ref.float().abs() + torch.finfo(dtype).tiny
     assert y.dtype == dtype and torch.equal(y[..., 48:], x[..., 48:])
     assert ((y.float() - ref.float()).abs() <= one_ulp).all()
-    upstream = torch.randn(x.shape).to(dtype)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     (grad,) = torch.autograd.grad(y, x, upstream)
     (ref_grad,) = torch.autograd.grad(ref, x, upstream)
+    # As above, plus where a pair's two products cancel: their fp32 sums (fused or not) differ by up to two fp32 ulps
+    # of the products, which the result's own ulp does not bound.
+    cancellation = 2**-21 * upstream.float().abs().amax(-1, keepdim=True)
     assert (
         (grad.float() - ref_grad.float()).abs()
-        <= torch.finfo(dtype).eps * ref_grad.float().abs() + torch.finfo(dtype).tiny
+        <= torch.finfo(dtype).eps * ref_grad.float().abs() + torch.finfo(dtype).tiny + cancellation
     ).all()
 
 
@@ -253,7 +256,7 @@ def test_inplace_rotates_x_and_refuses_x_requiring_grad(backend):
         apply_rotary_emb(x.requires_grad_(), cos, sin, inplace=True, backend=backend)
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
 def test_compiles_with_fullgraph(backend):
     x = _x(2, 5, 3, 16)
     cos, sin = _tables(5, 16)

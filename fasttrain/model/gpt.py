@@ -37,21 +37,17 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         self.proj.residual_out = True  # scaled by 1/sqrt(2 n_layer) under the gpt2 init
         self.dropout = cfg.dropout
-        # The attention function, (q, k, v, dropout_p=, causal=) in (B, T, H, D): benchmarks swap in eager PyTorch
-        # here to time the same model without fasttrain's kernels.
-        self.attn_fn = flash_attn_func
-        self.rotary_fn = apply_rotary_emb  # (x (B, T, H, D), cos, sin), swapped likewise
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, H + 2 Hkv, D)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)  # (B, T, H|Hkv, D)
         if cos is not None:
-            q, k = self.rotary_fn(q, cos, sin), self.rotary_fn(k, cos, sin)
+            q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         if cache is not None:
             y = cache.attend(self.layer_idx, q, k, v)  # (B, T, H, D)
         else:
-            y = self.attn_fn(q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=True)
+            y = flash_attn_func(q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=True)
         return self.proj(y.reshape(B, T, self.n_head * self.head_dim))  # (B, T, C)
 
 
@@ -63,7 +59,6 @@ class MLP(nn.Module):
         self.up = nn.Linear(cfg.d_model, (2 if self.gated else 1) * cfg.d_ff, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.down.residual_out = True
-        self.gelu_fn = gelu  # fasttrain.ops.gelu, torch's signature; benchmarks swap in F.gelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)  # (B, T, F) or (B, T, 2F)
@@ -71,7 +66,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)  # (B, T, F) each
             h = F.silu(gate) * up
         else:
-            h = self.gelu_fn(h, approximate="tanh")
+            h = gelu(h, approximate="tanh")
         return self.down(h)
 
 
@@ -112,9 +107,6 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = _norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        # The loss, (logits (N, V), targets (N,), ignore_index=) -> mean over kept rows: benchmarks swap in eager
-        # PyTorch here, as they do each block's attn_fn.
-        self.loss_fn = cross_entropy
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.positions == "rotary":
@@ -207,7 +199,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits, None
         # (B*T, V) against (B*T,); the loss and the softmax inside it are fp32 whatever the autocast dtype.
-        loss = self.loss_fn(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
+        loss = cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-100)
         return logits, loss
 
     def num_params(self, non_embedding: bool = False) -> int:

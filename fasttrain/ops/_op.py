@@ -7,9 +7,11 @@ autograd glue, a Dynamo-disable frame per call: most of a small op's wall time o
 setup_context/backward when a gradient is needed) whenever no compiler is tracing and every tensor argument is a
 plain tensor on a real device; fake, meta and functional tensors, and every traced call, take the registered op.
 
-An op whose last argument is its backend's name may give `reference=`: the reference backend's forward, in plain
-differentiable torch ops, which a trace then records inline instead of the opaque registered op, so that Inductor
-fuses it with its neighbours as it would the user's own torch code.
+An op whose last argument is its backend's name gives its `table=` (fasttrain._backend.Table): a call for a backend
+whose column has a `direct` op goes straight to that op (its own schema, fake implementation and autograd), eager or
+traced. It may also give `reference=`: the reference backend's forward, in plain differentiable torch ops, which a
+trace then records inline instead of the opaque registered op, so that Inductor fuses it with its neighbours as it
+would the user's own torch code.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ class Op:
     """What torch.library.custom_op returns (register_fake, register_autograd, calling it), with the eager fast
     path above. `.op` is the registered op (for torch.library.opcheck and torch.ops.fasttrain.*)."""
 
-    def __init__(self, name: str, fn: Callable, mutates_args: Iterable[str], reference: Callable | None = None):
+    def __init__(self, name: str, fn: Callable, mutates_args: Iterable[str], table=None, reference=None):
         self.op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
         self._fn, self._name, self._reference = fn, name, reference
+        self._direct: dict[str, Callable] = table.direct if table is not None else {}
         self._function: type[torch.autograd.Function] | None = None
 
     def register_fake(self, fake: Callable) -> Callable:
@@ -50,8 +53,9 @@ class Op:
         )
 
     def __call__(self, *args):
-        # One plain loop over the arguments, not generator expressions: this runs on every eager call, and two
-        # generators cost ~5 us per call on CI's CPU (cProfile of a LayerNorm forward + backward).
+        # One plain loop over the arguments, not generator expressions: this runs on every eager call.
+        if self._direct and (direct := self._direct.get(args[-1])) is not None:
+            return direct(*args[:-1])
         if torch.compiler.is_compiling():
             if self._reference is not None and args[-1] == "reference":
                 return self._reference(*args[:-1])
@@ -90,6 +94,9 @@ def reference_gradients(reference: Callable, inputs: tuple, grad_outputs: tuple)
     return tuple(next(found, None) if isinstance(t, Tensor) and t.requires_grad else None for t in inputs)
 
 
-def custom_op(name: str, *, mutates_args: Iterable[str], reference: Callable | None = None) -> Callable[[Callable], Op]:
-    """Decorator, as torch.library.custom_op(name, mutates_args=...); reference= as in the module docstring."""
-    return lambda fn: Op(name, fn, mutates_args, reference)
+def custom_op(
+    name: str, *, mutates_args: Iterable[str], table=None, reference: Callable | None = None
+) -> Callable[[Callable], Op]:
+    """Decorator, as torch.library.custom_op(name, mutates_args=...); table= and reference= as in the module
+    docstring."""
+    return lambda fn: Op(name, fn, mutates_args, table, reference)

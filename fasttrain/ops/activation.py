@@ -73,7 +73,7 @@ GELU = _backend.Table(
 # ---- the registered op: one body for every backend, fake implementations, autograd ---------------------------------
 
 
-@custom_op("fasttrain::gelu", mutates_args=(), reference=Reference.forward)
+@custom_op("fasttrain::gelu", mutates_args=(), table=GELU, reference=Reference.forward)
 def _gelu_op(x: Tensor, approximate: str, backend: str) -> Tensor:
     return GELU[backend].forward(x, approximate)
 

@@ -1,19 +1,14 @@
-"""Fused attention: flash-attn's and torch's public functions over one registered op with a Triton or reference body.
+"""Fused attention: flash-attn's `flash_attn_func` / `flash_attn_varlen_func` and torch's
+`scaled_dot_product_attention` over one registered op.
 
-Three layers (STYLE.md): the Triton kernels in fasttrain.kernels.attention(_backward); the `torch.library` ops
-`fasttrain::attention_forward` / `fasttrain::attention_backward` with fake implementations and a registered autograd
-formula, so `torch.compile(fullgraph=True)` traces straight through; and the public functions below, which check
-their inputs and choose the backend.
-
-Backends: `triton` (CUDA fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu` (csrc/attention_cpu.cpp: CPU
-tensors in fp32, bf16 or fp16, computed in fp32) and `reference` (plain PyTorch, any device and dtype). An arbitrary
-`attn_mask` or `dropout_p > 0` always takes the reference path, outside the registered op, because the kernels
-implement neither.
+Backends: `triton` (fasttrain/kernels/attention*.py: CUDA fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu`
+(csrc/attention_cpu.cpp: CPU tensors in fp32, bf16 or fp16, computed in fp32) and `reference`
+(fasttrain/ops/attention_reference.py: plain PyTorch, any device and dtype, and the only one with an `attn_mask` or
+`dropout_p > 0`).
 """
 
 from __future__ import annotations
 
-import importlib
 import weakref
 
 import torch
@@ -21,24 +16,134 @@ from torch import Tensor
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op, reference_gradients
-from fasttrain.ops.attention_reference import UNBOUNDED, attention_reference, attention_reference_backward, lse_dtype
+from fasttrain.ops.attention_reference import (
+    UNBOUNDED,
+    attention_reference,
+    attention_reference_backward,
+    dropout_generator,
+    lse_dtype,
+)
 
-OP = "attention"
 HEAD_DIMS = (32, 64, 96, 128, 256)
 _KERNEL_DTYPES_CUDA = (torch.float16, torch.bfloat16)
 GRID_YZ_MAX = 65535  # CUDA's limit on a grid's y and z axes (the kernels put H and B there)
 
 
-def _kernels(module: str):
-    """fasttrain.kernels.<module>, imported on first use only: importing fasttrain.kernels turns the Triton
-    interpreter on for a CPU-only process, which would make `auto` pick the (slow) interpreter for CPU tensors."""
-    return importlib.import_module(f"fasttrain.kernels.{module}")
+# ---- the backends: what each computes -------------------------------------------------------------------------------
+# forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, attn_mask, dropout_p,
+#   dropout_seed) -> (out, lse); backward(do, q, k, v, out, lse, dlse, the forward's arguments from cu_seqlens_q,
+#   deterministic) -> (dq, dk, dv). The kernels serve no attn_mask and no dropout (their reasons say so).
 
 
-# ---- the registered ops ------------------------------------------------------------------------------------------
+class Reference:
+    @staticmethod
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed):
+        generator = dropout_generator(seed, q.device)
+        out, lse = attention_reference(q, k, v, scale, left, right, cu_q, cu_k, attn_mask, dropout_p, generator)
+        return out.contiguous(), lse.contiguous()  # fresh tensors: a custom op may not return views of its inputs
+
+    @staticmethod
+    def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det):
+        generator = dropout_generator(seed, q.device)
+        grads = attention_reference_backward(
+            do, q, k, v, out, lse, dlse, scale, left, right, cu_q, cu_k, mask, p, generator
+        )
+        return tuple(g.contiguous() for g in grads)
+
+    @staticmethod
+    def traced(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, deterministic):
+        """What a torch.compile trace records for the reference backend: its plain torch ops, inline (dropout from
+        torch's RNG, in autograd's keeping); packed sequences, whose offsets it would read on the host, keep the
+        registered op."""
+        if cu_q is not None:
+            args = (cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, deterministic)
+            return _forward_op.op(q, k, v, *args, "reference")
+        return attention_reference(q, k, v, scale, left, right, None, None, attn_mask, dropout_p)
 
 
-@custom_op("fasttrain::attention_forward", mutates_args=())
+class Triton:
+    @staticmethod
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed):
+        return _backend.kernels("attention").attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
+
+    @staticmethod
+    def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det):
+        return _backend.kernels("attention_backward").attention_backward(
+            do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, det
+        )
+
+
+class Cpu:
+    @staticmethod
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed):
+        return torch.ops.fasttrain.attention_forward_cpu(q, k, v, cu_q, cu_k, scale, left, right)
+
+    @staticmethod
+    def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det):
+        return torch.ops.fasttrain.attention_backward_cpu(do, q, k, v, out, lse, dlse, cu_q, cu_k, scale, left, right)
+
+
+# ---- the table: which backend can serve which inputs ----------------------------------------------------------------
+# Each reason takes (q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p).
+
+# Read once, at import: under torch.compile, Dynamo traces the choice but cannot trace the extension's import.
+_CPU_OP_REASON = _backend.native_op_reason("attention_forward_cpu")
+_MASK = "an attn_mask is not implemented in the kernels"
+_DROPOUT = "dropout_p > 0 is not implemented in the kernels"
+
+
+def _unsupported(attn_mask: Tensor | None, dropout_p: float) -> str | None:
+    """What no kernel implements."""
+    return _MASK if attn_mask is not None else _DROPOUT if dropout_p > 0.0 else None
+
+
+def _kernel_limit_reason(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, max_q: int, max_k: int) -> str | None:
+    """What the kernels' launch cannot address. The grid is (query tiles, H, B): CUDA allows 65535 on its last two
+    axes, and tiles of one head launch together (consecutive blocks share its K and V in L2). And they step through
+    one sequence's rows with int32 offsets (int64 there cost registers and spills, kernels/attention_backward.py),
+    counted in the given row stride or the contiguous one the backward may copy to."""
+    n_seq = q.shape[0] if cu_q is None else cu_q.numel() - 1
+    if n_seq > GRID_YZ_MAX:
+        return f"{n_seq} sequences exceed the kernels' grid ({GRID_YZ_MAX} per launch, CUDA's limit)"
+    for name, t, rows in (("q", q, max_q), ("k", k, max_k), ("v", v, max_k)):
+        if rows * max(t.stride(-3), t.shape[-2] * t.shape[-1]) >= 2**31:
+            return (
+                f"{name}'s longest sequence ({rows} rows of {t.shape[-2]} x {t.shape[-1]}) spans 2**31 elements or "
+                f"more, past the kernels' int32 row offsets"
+            )
+    return None
+
+
+def _triton_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p) -> str | None:
+    if (why := _unsupported(attn_mask, dropout_p) or _backend.triton_tensor_reason(q)) is not None:
+        return why
+    if q.device.type == "cuda" and q.dtype not in _KERNEL_DTYPES_CUDA:
+        return f"the CUDA kernels take fp16/bf16, got {q.dtype}"
+    if (why := _kernel_limit_reason(q, k, v, cu_q, max_q, max_k)) is not None:
+        return why
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim must be one of {HEAD_DIMS} for the kernels, got {q.shape[-1]}"
+    return None
+
+
+def _cpu_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p) -> str | None:
+    return _unsupported(attn_mask, dropout_p) or _backend.cpu_kernel_reason(q, _CPU_OP_REASON)
+
+
+ATTENTION = _backend.Table(
+    "attention",
+    {
+        "triton": _backend.Backend(_triton_reason, Triton, live=_backend.triton_live),
+        "cpu": _backend.Backend(_cpu_reason, Cpu, live=lambda: _CPU_OP_REASON),
+        "reference": _backend.Backend(_backend.always, Reference),
+    },
+)
+
+
+# ---- the registered ops: one body for every backend, fake implementations, autograd --------------------------------
+
+
+@custom_op("fasttrain::attention_forward", mutates_args=(), table=ATTENTION, reference=Reference.traced)
 def _forward_op(
     q: Tensor,
     k: Tensor,
@@ -50,22 +155,32 @@ def _forward_op(
     scale: float,
     left: int,
     right: int,
-    backend: str,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    dropout_seed: Tensor | None,
     deterministic: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     # deterministic is the backward's (saved by _setup_context), as in flash-attn's autograd Function
-    if backend == "triton":
-        return _kernels("attention").attention_forward(
-            q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right
-        )
-    if backend == "cpu":
-        return torch.ops.fasttrain.attention_forward_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, left, right)
-    out, lse = attention_reference(q, k, v, scale, left, right, cu_seqlens_q, cu_seqlens_k)
-    return out.contiguous(), lse.contiguous()  # fresh tensors: a custom op may not return views of its inputs
+    return ATTENTION[backend].forward(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        left,
+        right,
+        attn_mask,
+        dropout_p,
+        dropout_seed,
+    )
 
 
 @_forward_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, backend, deterministic):
+def _(q, k, v, cu_seqlens_q, *args):
     H = q.shape[-2]
     lse_shape = (H, q.shape[0]) if cu_seqlens_q is not None else (q.shape[0], H, q.shape[1])
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(lse_shape, dtype=lse_dtype(q.dtype))
@@ -87,84 +202,93 @@ def _backward_op(
     scale: float,
     left: int,
     right: int,
-    backend: str,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    dropout_seed: Tensor | None,
     deterministic: bool,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        return _kernels("attention_backward").attention_backward(
-            do,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            dlse,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-            scale,
-            left,
-            right,
-            deterministic,
-        )
-    if backend == "cpu":
-        return torch.ops.fasttrain.attention_backward_cpu(
-            do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, scale, left, right
-        )
-    grads = attention_reference_backward(do, q, k, v, out, lse, dlse, scale, left, right, cu_seqlens_q, cu_seqlens_k)
-    return tuple(g.contiguous() for g in grads)
+    return ATTENTION[backend].backward(
+        do,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dlse,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        scale,
+        left,
+        right,
+        attn_mask,
+        dropout_p,
+        dropout_seed,
+        deterministic,
+    )
 
 
 @_backward_op.register_fake
-def _(
-    do,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    dlse,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    scale,
-    left,
-    right,
-    backend,
-    deterministic,
-):
+def _(do, q, k, v, *args):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, deterministic = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, left, right, backend, deterministic)
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, deterministic, backend = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, attn_mask, seed)
+    ctx.args = (max_q, max_k, scale, left, right)
+    ctx.dropout_p, ctx.deterministic, ctx.backend = dropout_p, deterministic, backend
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    max_q, max_k, scale, left, right, backend, deterministic = ctx.args
-    if torch.is_grad_enabled():  # a double backward follows (see reference_gradients)
-        dq, dk, dv = reference_gradients(
-            lambda q, k, v: attention_reference(q, k, v, scale, left, right, cu_q, cu_k), (q, k, v), (dout, dlse)
-        )
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    q, k, v, out, lse, cu_q, cu_k, attn_mask, seed = ctx.saved_tensors
+    max_q, max_k, scale, left, right = ctx.args
+    if torch.is_grad_enabled() or ctx.needs_input_grad[10]:
+        # A double backward follows (see reference_gradients), or a float attn_mask takes a gradient: the
+        # reference's autograd gives every one.
+        def reference(q, k, v, mask):
+            generator = dropout_generator(seed, q.device)
+            return attention_reference(q, k, v, scale, left, right, cu_q, cu_k, mask, ctx.dropout_p, generator)
+
+        with torch.enable_grad():
+            grads = reference_gradients(reference, (q, k, v, attn_mask), (dout, dlse))
+        if not torch.is_grad_enabled():
+            grads = tuple(None if g is None else g.detach() for g in grads)
+        dq, dk, dv, dmask = grads
+        return dq, dk, dv, *(None,) * 7, dmask, *(None,) * 4  # cu_seqlens_q .. right, attn_mask, dropout_p .. backend
     if dout is None:
         dout = torch.zeros_like(out)
-    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
+    deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
     dq, dk, dv = _backward_op(
-        dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, backend, deterministic
+        dout,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dlse,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        scale,
+        left,
+        right,
+        attn_mask,
+        ctx.dropout_p,
+        seed,
+        deterministic,
+        ctx.backend,
     )
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    return dq, dk, dv, *(None,) * 12
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ---- input checks and backend choice -----------------------------------------------------------------------------
+# ---- argument checks -----------------------------------------------------------------------------------------------
 
 
 def _check_like_q(q: Tensor, named) -> None:
@@ -221,87 +345,37 @@ def _refuse_unsupported(softcap, alibi_slopes) -> None:
         raise ValueError("alibi_slopes must be None (ALiBi is not implemented)")
 
 
-def _triton_reason(q: Tensor, fallback_reason: str | None = None) -> str | None:
-    if fallback_reason is not None:
-        return fallback_reason
-    if q.device.type == "cuda" and q.dtype not in _KERNEL_DTYPES_CUDA:
-        return f"the CUDA kernels take fp16/bf16, got {q.dtype}"
-    if (why := _backend.triton_tensor_reason(q)) is not None:
-        return why
-    if q.shape[-1] not in HEAD_DIMS:
-        return f"head_dim must be one of {HEAD_DIMS} for the kernels, got {q.shape[-1]}"
-    return None
-
-
-# Read once, at import: under torch.compile, Dynamo traces _choose but cannot trace the extension's import.
-_CPU_OP_REASON = _backend.native_op_reason("attention_forward_cpu")
-
-
-def _cpu_reason(q: Tensor) -> str | None:
-    return _backend.cpu_kernel_reason(q, _CPU_OP_REASON)
-
-
-def _choose(q: Tensor, backend: str | None, unsupported: str | None = None, triton_limit: str | None = None) -> str:
-    """unsupported: what no kernel implements (an attn_mask, dropout); triton_limit: what the GPU launch cannot take."""
-    return _backend.choose(
-        OP,
-        {
-            "triton": _triton_reason(q, unsupported or triton_limit),
-            "cpu": unsupported or _cpu_reason(q),
-            "reference": None,
-        },
-        backend,
-    )
-
-
-_backend.register(
-    OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "cpu": _CPU_OP_REASON, "reference": None}
-)
-_backend.register(
-    f"{OP} with dropout_p > 0 or an attn_mask",
-    lambda: {"triton": "not implemented in the kernels", "cpu": "not implemented in the kernels", "reference": None},
-)
-
-
 def _check_dropout(dropout_p) -> None:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
-def _kernel_limit_reason(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, max_q: int, max_k: int) -> str | None:
-    """What the kernels' launch cannot address. The grid is (query tiles, H, B): CUDA allows 65535 on its last two
-    axes, and tiles of one head launch together (consecutive blocks share its K and V in L2). And they step through
-    one sequence's rows with int32 offsets (int64 there cost registers and spills, kernels/attention_backward.py),
-    counted in the given row stride or the contiguous one the backward may copy to."""
-    n_seq = q.shape[0] if cu_q is None else cu_q.numel() - 1
-    if n_seq > GRID_YZ_MAX:
-        return f"{n_seq} sequences exceed the kernels' grid ({GRID_YZ_MAX} per launch, CUDA's limit)"
-    for name, t, rows in (("q", q, max_q), ("k", k, max_k), ("v", v, max_k)):
-        if rows * max(t.stride(-3), t.shape[-2] * t.shape[-1]) >= 2**31:
-            return (
-                f"{name}'s longest sequence ({rows} rows of {t.shape[-2]} x {t.shape[-1]}) spans 2**31 elements or "
-                f"more, past the kernels' int32 row offsets"
-            )
-    return None
-
-
 def _attend(
     q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, dropout_p, attn_mask=None, deterministic=False
 ):
-    """(out, lse) from the registered op, or from the reference outside it for what the kernels do not implement."""
-    unsupported = (
-        "an attn_mask is not implemented in the kernels"
-        if attn_mask is not None
-        else "dropout_p > 0 is not implemented in the kernels"
-        if dropout_p > 0.0
-        else None
-    )
-    backend = _choose(q, backend, unsupported, _kernel_limit_reason(q, k, v, cu_q, max_q, max_k))
-    if unsupported is not None:
-        return attention_reference(q, k, v, scale, left, right, cu_q, cu_k, attn_mask=attn_mask, dropout_p=dropout_p)
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+    """(out, lse) from the registered op, on the backend chosen for these inputs."""
+    name = ATTENTION.choose(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, backend=backend)
+    # The reference's dropout draws from a seed (from torch's RNG) that its backward draws from again.
+    seed = torch.randint(1 << 62, ()) if dropout_p > 0.0 else None
+    if name != "reference" and (q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
         q, k, v = (t.contiguous() for t in (q, k, v))  # the kernels need unit stride along head_dim only
-    return _forward_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, bool(deterministic))
+    return _forward_op(
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        scale,
+        left,
+        right,
+        attn_mask,
+        float(dropout_p),
+        seed,
+        bool(deterministic),
+        name,
+    )
 
 
 # ---- public functions ----------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Attention in plain PyTorch: the test oracle, and the fallback for what the kernel does not serve.
+"""Attention in plain PyTorch: the reference backend of fasttrain.ops.attention (the test oracle, and the fallback
+for what the kernels do not serve: an attn_mask, dropout, other head dims and dtypes).
 
 Layout is flash-attn's: q (B, Tq, H, D), k and v (B, Tk, Hkv, D), Hkv divides H; packed variable-length batches are
 q (total_q, H, D) with int32 `cu_seqlens` offsets. Masking follows flash-attn: query i may see key j when
@@ -11,6 +12,7 @@ This code materialises the (Tq, Tk) score matrix; the kernels in fasttrain.kerne
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 # Stands for an unbounded window side. Large enough for any sequence, small enough that i + off + UNBOUNDED stays
 # inside int32 in the kernels (2**30 + 2 * 2**29 < 2**31).
@@ -30,16 +32,35 @@ def window_mask(Tq: int, Tk: int, left: int, right: int, device) -> torch.Tensor
     return (d >= -left) & (d <= right)
 
 
-def _dense(q, k, v, scale, left, right, attn_mask=None, dropout_p=0.0):
+def dropout_generator(seed: torch.Tensor | None, device) -> torch.Generator | None:
+    """A generator on `device` seeded by `seed` (a CPU int64 tensor): forward and backward each build one from the
+    same seed, so that the backward draws the forward's dropout mask again instead of saving it."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _dropout_scale(p, dropout_p: float, generator: torch.Generator):
+    """Dropout's factor for each entry of p: 0 where dropped, 1 / (1 - dropout_p) where kept, drawn from generator."""
+    keep = torch.rand(p.shape, generator=generator, device=p.device) >= dropout_p
+    return keep.to(p.dtype) / (1 - dropout_p)
+
+
+def _masked_scores(s, Tq, Tk, left, right, attn_mask):
+    """The scores s (B, H, Tq, Tk) with the window and attn_mask applied: -inf where a key is not seen."""
+    s = s.masked_fill(~window_mask(Tq, Tk, left, right, s.device), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return s
+
+
+def _dense(q, k, v, scale, left, right, attn_mask=None, dropout_p=0.0, generator=None):
     """q (B, Tq, H, D), k/v (B, Tk, Hkv, D) -> out (B, Tq, H, D), lse (B, H, Tq) float32-or-wider."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     k = k.repeat_interleave(H // Hkv, dim=2)  # (B, Tk, H, D): the oracle may repeat; the kernel never does
     v = v.repeat_interleave(H // Hkv, dim=2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, H, Tq, Tk)
-    s = s.masked_fill(~window_mask(Tq, Tk, left, right, q.device), float("-inf"))
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    s = _masked_scores(torch.einsum("bqhd,bkhd->bhqk", q, k) * scale, Tq, Tk, left, right, attn_mask)  # (B, H, Tq, Tk)
     # Shift by the detached row max: softmax and d lse/ds = p are unchanged, and rows that see no key stay finite.
     m = s.amax(dim=-1, keepdim=True).detach() if Tk else s.new_zeros(B, H, Tq, 1)  # (B, H, Tq, 1); no keys: 0
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -49,8 +70,8 @@ def _dense(q, k, v, scale, left, right, attn_mask=None, dropout_p=0.0):
     denom_safe = torch.where(empty, torch.ones_like(denom), denom)
     p = e / denom_safe
     lse = torch.where(empty, torch.full_like(denom, float("inf")), m + torch.log(denom_safe)).squeeze(-1)  # (B, H, Tq)
-    if dropout_p > 0.0:
-        p = torch.nn.functional.dropout(p, dropout_p)
+    if dropout_p > 0.0:  # from the generator, drawn again by the backward; else torch's RNG, in autograd's keeping
+        p = p * _dropout_scale(p, dropout_p, generator) if generator is not None else F.dropout(p, dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)  # (B, Tq, H, D)
     return out, lse
 
@@ -73,24 +94,28 @@ def attention_reference(
     cu_seqlens_k=None,
     attn_mask=None,
     dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
 ):
     """Differentiable attention: out in q's dtype and lse, (B, H, Tq) or (H, total_q) when packed, in lse_dtype.
 
-    attn_mask (bool: True = keep, or additive float) broadcasts to (B, H, Tq, Tk); dense inputs only.
+    attn_mask (bool: True = keep, or additive float) broadcasts to (B, H, Tq, Tk); dense inputs only. dropout_p
+    drops probabilities after the softmax (lse is the undropped one), drawn from `generator` or, when None, torch's
+    RNG.
     """
     if cu_seqlens_q is None:
-        out, lse = _dense(q, k, v, scale, left, right, attn_mask, dropout_p)
+        out, lse = _dense(q, k, v, scale, left, right, attn_mask, dropout_p, generator)
         return out, lse.to(lse_dtype(q.dtype))
     outs, lses = [], []
     for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
-        o, lse = _dense(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, left, right, None, dropout_p)
+        o, lse = _dense(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, left, right, None, dropout_p, generator)
         outs.append(o[0])  # (Tq_b, H, D)
         lses.append(lse[0])  # (H, Tq_b)
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1).to(lse_dtype(q.dtype))
 
 
-def _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right):
-    """Gradients by the FlashAttention-2 recurrence, in float32 (float64 stays float64). Shapes as in _dense."""
+def _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right, attn_mask=None, dropout_p=0.0, generator=None):
+    """Gradients by the FlashAttention-2 recurrence, in float32 (float64 stays float64). Shapes as in _dense; the
+    dropout mask is drawn again from `generator` as _dense drew it."""
     wide = torch.promote_types(q.dtype, torch.float32)
     do, q, k, v, out = (t.to(wide) for t in (do, q, k, v, out))
     B, Tq, H, D = q.shape
@@ -98,26 +123,46 @@ def _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right):
     G = H // Hkv
     kr = k.repeat_interleave(G, dim=2)  # (B, Tk, H, D)
     vr = v.repeat_interleave(G, dim=2)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, kr) * scale  # (B, H, Tq, Tk)
-    s = s.masked_fill(~window_mask(Tq, Tk, left, right, q.device), float("-inf"))
+    s = _masked_scores(torch.einsum("bqhd,bkhd->bhqk", q, kr) * scale, Tq, Tk, left, right, attn_mask)  # (B, H, Tq, Tk)
     p = torch.exp(s - lse.to(wide)[..., None])  # lse = +inf on empty rows makes them 0
+    # With dropout, out = (p * z) v for the forward's factors z: dV and dP go through z, and delta = rowsum(dO * O)
+    # still equals rowsum(p * dP), so FlashAttention-2's recurrence holds as is.
+    z = _dropout_scale(p, dropout_p, generator) if dropout_p > 0.0 else None
+    p_out = p if z is None else p * z
     delta = (do * out).sum(-1).transpose(1, 2)  # (B, Tq, H) -> (B, H, Tq)
     if dlse is not None:
         delta = delta - dlse.to(wide)  # d lse / d s = p, so an lse gradient only shifts delta
     dp = torch.einsum("bqhd,bkhd->bhqk", do, vr)  # (B, H, Tq, Tk)
+    if z is not None:
+        dp = dp * z
     ds = p * (dp - delta[..., None]) * scale
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, kr)  # (B, Tq, H, D)
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, q).reshape(B, Tk, Hkv, G, D).sum(3)  # (B, Tk, H, D) -> (B, Tk, Hkv, D)
-    dv = torch.einsum("bhqk,bqhd->bkhd", p, do).reshape(B, Tk, Hkv, G, D).sum(3)  # (B, Tk, Hkv, D)
+    dv = torch.einsum("bhqk,bqhd->bkhd", p_out, do).reshape(B, Tk, Hkv, G, D).sum(3)  # (B, Tk, Hkv, D)
     return dq, dk, dv
 
 
 def attention_reference_backward(
-    do, q, k, v, out, lse, dlse, scale: float, left: int, right: int, cu_seqlens_q=None, cu_seqlens_k=None
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dlse,
+    scale: float,
+    left: int,
+    right: int,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    attn_mask=None,
+    dropout_p: float = 0.0,
+    generator: torch.Generator | None = None,
 ):
-    """(dq, dk, dv) in the dtypes of q, k, v, recomputing P from lse as the kernels do."""
+    """(dq, dk, dv) in the dtypes of q, k, v, recomputing P from lse as the kernels do; attn_mask, dropout_p and a
+    generator seeded as the forward's, as for attention_reference."""
     if cu_seqlens_q is None:
-        dq, dk, dv = _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right)
+        dq, dk, dv = _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right, attn_mask, dropout_p, generator)
     else:
         parts = []
         for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
@@ -134,6 +179,9 @@ def attention_reference_backward(
                     scale,
                     left,
                     right,
+                    None,
+                    dropout_p,
+                    generator,
                 )
             )
         dq, dk, dv = (torch.cat([p[i][0] for p in parts], dim=0) for i in range(3))

@@ -1,14 +1,14 @@
-"""KV-cache decoding: `flash_attn_with_kvcache` (flash-attn's signature), its pure-PyTorch reference, the launcher
-of the split-KV Triton kernels in fasttrain/kernels/decode.py, and the CPU path through the C++ attention kernel
-(csrc/attention_cpu.cpp, op attention_kvcache_cpu).
+"""KV-cache decoding: `flash_attn_with_kvcache`, flash-attn's signature.
+
+Backends: `triton` (the split-KV kernels, fasttrain/kernels/decode.py), `cpu` (the reference's append, then the C++
+decode kernel of csrc/attention_cpu.cpp, which reads each sequence's cache row in place) and `reference` (plain
+PyTorch, fp32 math).
 
 Inference only: no gradients flow through it. The op appends the new k/v rows into the caches in place (it does not
 advance cache_seqlens: the caller owns the lengths, as in flash-attn).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -17,38 +17,10 @@ from fasttrain.ops._op import custom_op
 from fasttrain.ops.attention import _check_like_q, _refuse_unsupported, _scale, _window
 from fasttrain.ops.rotary import apply_rotary_emb_reference
 
-OP = "flash_attn_with_kvcache"
-_MAX_HEAD_DIM = 256
-# Keys per split at least: fewer would spend more on the split's setup and the combine than on reading K and V.
-_MIN_KEYS_PER_SPLIT = 128
-_MAX_SPLITS = 128
+MAX_HEAD_DIM = 256  # the Triton kernels' widest head
 
 
-def num_splits_heuristic(batch_kv_heads: int, m_blocks: int, cache_len: int, num_sms: int) -> int:
-    """How many chunks to cut each sequence's keys into so that the decode grid fills the GPU.
-
-    batch_kv_heads * m_blocks programs run per split; aim for two per SM (one waits on memory while the other
-    computes) but keep at least _MIN_KEYS_PER_SPLIT keys per split. Depends on the cache's allocated length, not on
-    cache_seqlens, so it needs no host sync and a captured CUDA graph stays valid as the sequences grow.
-    """
-    programs = batch_kv_heads * m_blocks
-    if programs >= num_sms:
-        return 1
-    wanted = math.ceil(2 * num_sms / programs)
-    by_length = max(1, cache_len // _MIN_KEYS_PER_SPLIT)
-    return max(1, min(wanted, by_length, _MAX_SPLITS))
-
-
-def _parallel_units(device: torch.device) -> int:
-    if device.type == "cuda":
-        from fasttrain.kernels._launch import multiprocessor_count
-
-        return multiprocessor_count(device)
-    # The interpreter runs programs one after another: splitting only adds work there.
-    return torch.get_num_threads()
-
-
-# ----------------------------------------------------------------------------------------------------------- reference
+# ---- the backends: what each computes -------------------------------------------------------------------------------
 
 
 def _append(
@@ -94,12 +66,13 @@ def reference_kvcache(
     window_right: int,
     rotary_interleaved: bool,
     q_per_token: bool,
+    num_splits: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch, fp32 math: appends k/v in place like the kernels, returns out (B, Tq, H, D) and lse (B, H, Tq).
 
-    Takes the normalized arguments of the op (see flash_attn_with_kvcache): cache_seqlens a (B,) tensor, window
-    sides as from fasttrain.ops.attention._window. A query row that sees no key gives 0 and lse = +inf, as the
-    attention op (and flash-attn).
+    Takes the registered op's arguments (see flash_attn_with_kvcache): cache_seqlens a (B,) tensor, window sides as
+    from fasttrain.ops.attention._window; num_splits is the Triton launch's and changes nothing here. A query row
+    that sees no key gives 0 and lse = +inf, as the attention op (and flash-attn).
     """
     B, Tq, H, D = q.shape
     Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
@@ -123,25 +96,16 @@ def reference_kvcache(
     return out.to(q.dtype).contiguous(), torch.where(empty, float("inf"), lse)
 
 
-def cpu_kvcache(
-    q,
-    k_cache,
-    v_cache,
-    k,
-    v,
-    rotary_cos,
-    rotary_sin,
-    cache_seqlens,
-    cache_batch_idx,
-    softmax_scale: float,
-    window_left: int,
-    window_right: int,
-    rotary_interleaved: bool,
-    q_per_token: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+class Reference:
+    forward = staticmethod(reference_kvcache)
+
+
+class Cpu:
     """The reference's append, then the C++ kernel, which reads each sequence's cache row in place (no copy of the
-    cache, no repeat of K/V over a GQA group). Arguments as reference_kvcache."""
-    q, lengths = _append(
+    cache, no repeat of K/V over a GQA group)."""
+
+    @staticmethod
+    def forward(
         q,
         k_cache,
         v_cache,
@@ -150,189 +114,70 @@ def cpu_kvcache(
         rotary_cos,
         rotary_sin,
         cache_seqlens,
-        _cache_rows(q, cache_batch_idx),
-        rotary_interleaved,
-        q_per_token,
-    )
-    return torch.ops.fasttrain.attention_kvcache_cpu(
-        q, k_cache, v_cache, lengths, cache_batch_idx, softmax_scale, window_left, window_right
-    )
-
-
-# ------------------------------------------------------------------------------------------------------------ launcher
-
-
-def triton_kvcache(
-    q,
-    k_cache,
-    v_cache,
-    k,
-    v,
-    rotary_cos,
-    rotary_sin,
-    cache_seqlens,
-    cache_batch_idx,
-    softmax_scale: float,
-    window_left: int,
-    window_right: int,
-    rotary_interleaved: bool,
-    q_per_token: bool,
-    num_splits: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch append (if k), decode and (with several splits) combine. Inputs are already checked."""
-    from fasttrain.kernels import decode as kernels
-    from fasttrain.kernels._launch import cdiv, next_power_of_2
-
-    B, Tq, H, D = q.shape
-    Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
-    G = H // Hkv
-    block_d = max(16, next_power_of_2(D))
-    # The kernels index these at unit stride (SEQLENS + b, COS + pos * stride_rot + i): a strided view, such as a
-    # column of a (B, 2) tensor, would be read wrong. No-ops for the usual contiguous tensors.
-    cache_seqlens = cache_seqlens.contiguous()
-    cache_batch_idx = None if cache_batch_idx is None else cache_batch_idx.contiguous()
-    has_batch_idx = cache_batch_idx is not None
-    batch_idx = cache_batch_idx if has_batch_idx else cache_seqlens  # a placeholder pointer, never read
-    t_new = 0 if k is None else k.shape[1]
-    if k is not None:
-        rotary = rotary_cos is not None
-        q_attn = torch.empty(q.shape, device=q.device, dtype=q.dtype) if rotary else q
-        half = rotary_cos.shape[1] if rotary else 0
-        # one row stride serves both tables; placeholders when not rotary
-        cos, sin = (rotary_cos.contiguous(), rotary_sin.contiguous()) if rotary else (k_cache, k_cache)
-        t_rows = max(Tq, t_new)
-        kernels._decode_append_kernel[(B * t_rows, max(H, Hkv))](
-            q,
-            k,
-            v,
-            k_cache,
-            v_cache,
-            q_attn,
-            cos,
-            sin,
-            cache_seqlens,
-            batch_idx,
-            q.stride(0),
-            q.stride(1),
-            q.stride(2),
-            k.stride(0),
-            k.stride(1),
-            k.stride(2),
-            v.stride(0),
-            v.stride(1),
-            v.stride(2),
-            k_cache.stride(0),
-            k_cache.stride(1),
-            k_cache.stride(2),
-            v_cache.stride(0),
-            v_cache.stride(1),
-            v_cache.stride(2),
-            q_attn.stride(0),
-            q_attn.stride(1),
-            q_attn.stride(2),
-            cos.stride(0) if rotary else 0,
-            Tq,
-            t_new,
-            t_rows,
-            H,
-            Hkv,
-            Tmax,
-            cos.shape[0] if rotary else 0,
-            HEAD_DIM=D,
-            ROT_HALF=half,
-            ROTARY=rotary,
-            Q_PER_TOKEN=q_per_token,
-            INTERLEAVED=rotary_interleaved,
-            HAS_BATCH_IDX=has_batch_idx,
-            BLOCK_D=block_d,
-            BLOCK_R=max(1, next_power_of_2(half)),
-            num_warps=kernels.append_num_warps(D),
+        cache_batch_idx,
+        softmax_scale: float,
+        window_left: int,
+        window_right: int,
+        rotary_interleaved: bool,
+        q_per_token: bool,
+        num_splits: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = _cache_rows(q, cache_batch_idx)
+        q, lengths = _append(
+            q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, rotary_interleaved, q_per_token
         )
-        q = q_attn
-
-    rows = Tq * G
-    block_m = min(64, max(16, next_power_of_2(rows)))
-    m_blocks = cdiv(rows, block_m)
-    splits = num_splits or num_splits_heuristic(B * Hkv, m_blocks, Tmax, _parallel_units(q.device))
-    out = torch.empty(B, Tq, H, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, H, Tq, device=q.device, dtype=torch.float32)
-    if splits == 1:
-        o_dst, l_dst = out, lse
-        l_strides = (0, lse.stride(0), lse.stride(2), lse.stride(1))  # (split, b, t, h)
-        os_stride = 0
-    else:
-        o_dst = torch.empty(splits, B, Tq, H, D, device=q.device, dtype=torch.float32)
-        l_dst = torch.empty(splits, B, Tq, H, device=q.device, dtype=torch.float32)
-        l_strides = l_dst.stride()
-        os_stride = o_dst.stride(0)
-    # B * Hkv on the grid's first axis: CUDA caps the other two at 65535 (B 2048 x 32 KV heads is 65536).
-    kernels._decode[(B * Hkv, splits, m_blocks)](
-        q,
-        k_cache,
-        v_cache,
-        cache_seqlens,
-        batch_idx,
-        o_dst,
-        l_dst,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        o_dst.stride(-4),
-        o_dst.stride(-3),
-        o_dst.stride(-2),
-        *l_strides,
-        os_stride,
-        softmax_scale * math.log2(math.e),
-        Tq,
-        G,
-        Hkv,
-        t_new,
-        window_left,
-        window_right,
-        Tmax,
-        next_power_of_2(Tmax),
-        HEAD_DIM=D,
-        NUM_SPLITS=splits,
-        HAS_BATCH_IDX=has_batch_idx,
-        BLOCK_M=block_m,
-        BLOCK_D=block_d,
-    )
-    if splits > 1:
-        block_s = next_power_of_2(splits)
-        kernels._decode_combine_kernel[(B * Tq * H,)](
-            o_dst,
-            l_dst,
-            out,
-            lse,
-            o_dst.stride(0),
-            l_dst.stride(0),
-            out.stride(0),
-            out.stride(1),
-            out.stride(2),
-            lse.stride(0),
-            lse.stride(1),
-            lse.stride(2),
-            Tq,
-            H,
-            splits,
-            HEAD_DIM=D,
-            BLOCK_S=block_s,
-            BLOCK_D=block_d,
-            num_warps=kernels.combine_num_warps(block_s, block_d),
+        return torch.ops.fasttrain.attention_kvcache_cpu(
+            q, k_cache, v_cache, lengths, cache_batch_idx, softmax_scale, window_left, window_right
         )
-    return out, lse
 
 
-# ---------------------------------------------------------------------------------------------------- op registration
+class Triton:
+    """fasttrain/kernels/decode.py: append (rotary fused), split-KV decode, combine."""
+
+    @staticmethod
+    def forward(*args) -> tuple[torch.Tensor, torch.Tensor]:  # the registered op's arguments, less the backend
+        return _backend.kernels("decode").decode(*args)
 
 
-@custom_op("fasttrain::flash_attn_with_kvcache", mutates_args=("k_cache", "v_cache"))
+# ---- the table: which backend can serve which inputs ----------------------------------------------------------------
+
+# Read once, at import: Dynamo cannot trace the extension's import.
+_CPU_OP_REASON = _backend.native_op_reason("attention_kvcache_cpu")
+
+
+def _triton_reason(q: torch.Tensor) -> str | None:
+    if (why := _backend.triton_reason(q.device)) is not None:
+        return why
+    if q.device.type == "cuda" and q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the decode kernel takes fp16/bf16 on CUDA, got {q.dtype}"
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        return f"the Triton interpreter runs the decode kernel in fp32 only (bf16 is broken there), got {q.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    return None
+
+
+DECODE = _backend.Table(
+    "flash_attn_with_kvcache",
+    {
+        "triton": _backend.Backend(_triton_reason, Triton, live=_backend.triton_live),
+        "cpu": _backend.Backend(
+            lambda q: _backend.cpu_kernel_reason(q, _CPU_OP_REASON), Cpu, live=lambda: _CPU_OP_REASON
+        ),
+        "reference": _backend.Backend(_backend.always, Reference),
+    },
+)
+
+
+# ---- the registered op: one body for every backend, its fake implementation -----------------------------------------
+
+
+@custom_op(
+    "fasttrain::flash_attn_with_kvcache",
+    mutates_args=("k_cache", "v_cache"),
+    table=DECODE,
+    reference=Reference.forward,
+)
 def _kvcache_op(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -351,7 +196,7 @@ def _kvcache_op(
     num_splits: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    args = (
+    return DECODE[backend].forward(
         q,
         k_cache,
         v_cache,
@@ -366,59 +211,17 @@ def _kvcache_op(
         window_right,
         rotary_interleaved,
         q_per_token,
+        num_splits,
     )
-    if backend == "triton":
-        return triton_kvcache(*args, num_splits)
-    if backend == "cpu":
-        return cpu_kvcache(*args)
-    return reference_kvcache(*args)
 
 
 @_kvcache_op.register_fake
-def _(
-    q,
-    k_cache,
-    v_cache,
-    k,
-    v,
-    rotary_cos,
-    rotary_sin,
-    cache_seqlens,
-    cache_batch_idx,
-    softmax_scale,
-    window_left,
-    window_right,
-    rotary_interleaved,
-    q_per_token,
-    num_splits,
-    backend,
-):
+def _(q, *args):
     B, Tq, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty(B, H, Tq, dtype=torch.float32)
 
 
-def _backend_reasons(q: torch.Tensor) -> dict[str, str | None]:
-    triton_why = _backend.triton_reason(q.device)
-    if triton_why is None:
-        if q.device.type == "cuda" and q.dtype not in (torch.float16, torch.bfloat16):
-            triton_why = f"the decode kernel takes fp16/bf16 on CUDA, got {q.dtype}"
-        elif q.device.type == "cpu" and q.dtype != torch.float32:
-            triton_why = (
-                f"the Triton interpreter runs the decode kernel in fp32 only (bf16 is broken there), got {q.dtype}"
-            )
-        elif q.shape[-1] > _MAX_HEAD_DIM:
-            triton_why = f"head_dim {q.shape[-1]} > {_MAX_HEAD_DIM}"
-    return {"triton": triton_why, "cpu": _backend.cpu_kernel_reason(q, _CPU_OP_REASON), "reference": None}
-
-
-# Read once, at import, as in fasttrain.ops.attention (Dynamo cannot trace the extension's import).
-_CPU_OP_REASON = _backend.native_op_reason("attention_kvcache_cpu")
-_backend.register(
-    OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "cpu": _CPU_OP_REASON, "reference": None}
-)
-
-
-# ---------------------------------------------------------------------------------------------------------- public API
+# ---- the public function: check the arguments, choose, call --------------------------------------------------------
 
 
 def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx) -> None:
@@ -580,7 +383,7 @@ def flash_attn_with_kvcache(
         )
     q_per_token = causal or tuple(window_size) != (-1, -1)
     scale = _scale(softmax_scale, D)
-    name = _backend.choose(OP, _backend_reasons(q), backend)
+    name = DECODE.choose(q, backend=backend)
     if k is not None:
         k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     q = q if q.stride(-1) == 1 else q.contiguous()

@@ -1,12 +1,11 @@
-"""LayerNorm and RMSNorm with torch's functional signatures, on a Triton body shared by both, and the pre-norm
-residual add fused into them (`add_layer_norm`, `add_rms_norm`: flash-attn's layer_norm_fn with residual= and
-prenorm=True, Liger's fused add + RMSNorm).
+"""LayerNorm and RMSNorm with torch's functional signatures, and the pre-norm residual add fused into them
+(`add_layer_norm`, `add_rms_norm`: flash-attn's layer_norm_fn with residual= and prenorm=True, Liger's fused add +
+RMSNorm), all four over one registered op on rows (M, N).
 
-Three layers, as in ops/cross_entropy.py: the kernels in fasttrain.kernels.norms; the `torch.library` ops
-`fasttrain::norm_forward` / `_backward` around them (output, residual stream, mean, 1/std; then the input gradients,
-dw and db from the saved statistics), with fake implementations and a registered autograd formula; and the public
-functions below, which check their inputs, choose the backend and flatten the normalized dims into rows. The
-reference backend is torch's own F.layer_norm / F.rms_norm, after a plain `x + residual` for the fused forms.
+Backends: `triton` (fasttrain/kernels/norms.py: one pass each way, rows up to MAX_N wide held in registers) and
+`reference` (plain PyTorch: torch's native LayerNorm and its backward from the saved statistics; RMSNorm in closed
+form). The reference is what CPU tensors take without the Triton interpreter; its backward computes the gradients
+from the forward's mean and 1/std as the kernel does, rather than recomputing the forward under autograd.
 
 One difference from torch, on every backend: under autocast the output is in the autocast dtype (torch computes the
 norm in fp32 and returns fp32, and the Linear that follows casts it to bf16 in a separate pass; the kernel computes in
@@ -18,26 +17,103 @@ from __future__ import annotations
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op, reference_gradients
 
-OP = "norms"
+# ---- the backends: what each computes -------------------------------------------------------------------------------
+# forward(x, residual, weight, bias, eps, is_rms, out_dtype) -> (y (M, N) in out_dtype, s = x + residual (M, N) in
+#   the two's promoted dtype (empty without a residual: the schema has no optional outputs), mean (M,) (empty for
+#   RMSNorm), rstd (M,)): the norm of s, or of x alone, over rows x and residual (M, N) and weight, bias (N,);
+#   statistics in fp32 (fp64 for fp64 rows).
+# backward(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype) -> (dx in x's dtype, plus dres when given;
+#   the same values in dx2_dtype or None; dw and db in the weight's dtype, or None), x the rows normalized.
 
 
-def _kernels():
-    # Imported on first use only (see ops/attention.py: importing the kernels turns the interpreter on for CPU runs).
-    from fasttrain.kernels import norms
+class Reference:
+    @staticmethod
+    def forward(x, residual, weight, bias, eps, is_rms, out_dtype):
+        s = x if residual is None else x + residual
+        wide = torch.promote_types(s.dtype, torch.float32)  # half-precision rows are normalized in fp32, as the kernel
+        rows, weight, bias = (_to(t, wide) for t in (s, weight, bias))
+        if is_rms:
+            rstd = torch.rsqrt(rows.square().mean(-1) + eps)  # (M,)
+            y = rows * rstd[:, None] if weight is None else rows * rstd[:, None] * weight
+            mean = rstd.new_empty(0)
+        else:
+            y, mean, rstd = torch.native_layer_norm(rows, rows.shape[-1:], weight, bias, eps)
+            mean, rstd = mean.view(-1), rstd.view(-1)  # (M, 1) -> (M,)
+        return y.to(out_dtype), (s if residual is not None else x.new_empty(0)), mean, rstd
 
-    return norms
+    @staticmethod
+    def backward(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype):
+        wide = rstd.dtype  # the forward's
+        rows, g, w = (_to(t, wide) for t in (x, dy, weight))
+        dw = db = None
+        if is_rms:
+            xhat = rows * rstd[:, None]
+            gw = g if w is None else g * w
+            dx = (gw - xhat * (gw * xhat).mean(-1, keepdim=True)) * rstd[:, None]
+            if w is not None:
+                dw = (g * xhat).sum(0)
+        else:
+            mask = [True, w is not None, False]
+            dx, dw, _ = torch.ops.aten.native_layer_norm_backward(
+                g, rows, rows.shape[-1:], mean[:, None], rstd[:, None], w, None, mask
+            )
+            if has_bias:
+                db = g.sum(0)
+        if dres is not None:
+            dx = dx + dres
+        param_dtype = weight.dtype if weight is not None else x.dtype
+        return (
+            dx.to(x.dtype),
+            None if dx2_dtype is None else dx.to(dx2_dtype),
+            None if dw is None else dw.to(param_dtype),
+            None if db is None else db.to(param_dtype),
+        )
 
 
-# ---- the registered ops --------------------------------------------------------------------------------------------
+def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
-@custom_op("fasttrain::norm_forward", mutates_args=())
+class Triton:
+    @staticmethod
+    def forward(x, residual, weight, bias, eps, is_rms, out_dtype):
+        return _backend.kernels("norms").norm_forward(x, residual, weight, bias, eps, is_rms, out_dtype)
+
+    @staticmethod
+    def backward(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype):
+        return _backend.kernels("norms").norm_backward(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype)
+
+
+# ---- the table: which backend can serve which inputs ----------------------------------------------------------------
+
+
+def _triton_reason(x: Tensor, n_cols: int, residual: Tensor | None) -> str | None:
+    for t in (x, residual):
+        if t is not None and (why := _backend.triton_tensor_reason(t)) is not None:
+            return why
+    if n_cols > (widest := _backend.kernels("norms").MAX_N):
+        return f"normalized rows of {n_cols} elements exceed the kernels' {widest} (held in registers)"
+    return None
+
+
+NORMS = _backend.Table(
+    "norms",
+    {
+        "triton": _backend.Backend(_triton_reason, Triton, live=_backend.triton_live),
+        "reference": _backend.Backend(_backend.always, Reference),
+    },
+)
+
+
+# ---- the registered ops: one body for every backend, fake implementations, autograd --------------------------------
+
+
+@custom_op("fasttrain::norm_forward", mutates_args=(), table=NORMS, reference=Reference.forward)
 def _forward_op(
     x: Tensor,
     residual: Tensor | None,
@@ -46,23 +122,21 @@ def _forward_op(
     eps: float,
     is_rms: bool,
     out_dtype: torch.dtype,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _kernels().norm_forward(x, residual, weight, bias, eps, is_rms, out_dtype)
+    return NORMS[backend].forward(x, residual, weight, bias, eps, is_rms, out_dtype)
 
 
 @_forward_op.register_fake
-def _(x, residual, weight, bias, eps, is_rms, out_dtype):
+def _(x, residual, weight, bias, eps, is_rms, out_dtype, backend):
     M = x.shape[0]
-    stream = (
-        x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
-        if residual is not None
-        else x.new_empty(0)
-    )
+    stream_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    stats = torch.promote_types(stream_dtype, torch.float32)
     return (
         x.new_empty(x.shape, dtype=out_dtype),
-        stream,
-        x.new_empty(0 if is_rms else M, dtype=torch.float32),
-        x.new_empty(M, dtype=torch.float32),
+        x.new_empty(x.shape if residual is not None else 0, dtype=stream_dtype),
+        x.new_empty(0 if is_rms else M, dtype=stats),
+        x.new_empty(M, dtype=stats),
     )
 
 
@@ -77,16 +151,16 @@ def _backward_op(
     has_bias: bool,
     dres: Tensor | None,
     dx2_dtype: torch.dtype | None,
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, *rest = _kernels().norm_backward(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype)
-    # The schema has no optional outputs: an absent one (dx2, dw, db) comes back empty (distinct tensors: a custom
-    # op's outputs may not alias).
+    dx, *rest = NORMS[backend].backward(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype)
+    # An absent output (dx2, dw, db) comes back empty (distinct tensors: a custom op's outputs may not alias).
     dx2, dw, db = (x.new_empty(0) if t is None else t for t in rest)
     return dx, dx2, dw, db
 
 
 @_backward_op.register_fake
-def _(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype):
+def _(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype, backend):
     param = weight if weight is not None else x
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -97,10 +171,10 @@ def _(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps, is_rms, _ = inputs
+    x, residual, weight, bias, eps, is_rms, out_dtype, backend = inputs
     # The rows normalized: the new residual stream when the add is fused, else x.
     ctx.save_for_backward(output[1] if residual is not None else x, weight, bias, output[2], output[3])
-    ctx.is_rms, ctx.has_bias, ctx.eps = is_rms, bias is not None, eps
+    ctx.is_rms, ctx.has_bias, ctx.eps, ctx.out_dtype, ctx.backend = is_rms, bias is not None, eps, out_dtype, backend
     ctx.dtypes = (x.dtype, residual.dtype) if residual is not None else None
     # An output nobody used (the final norm's residual stream, the statistics) brings None, not a tensor of zeros.
     ctx.set_materialize_grads(False)
@@ -112,7 +186,7 @@ def _backward(ctx, dy, dstream, grad_mean, grad_rstd):  # mean and rstd never le
         return _reference_backward(ctx, rows, weight, bias, dy, dstream)
     dy = torch.zeros_like(rows) if dy is None else _unit_column_stride(dy)
     if ctx.dtypes is None:
-        dx, _, dw, db = _backward_op(dy, rows, weight, mean, rstd, ctx.is_rms, ctx.has_bias, None, None)
+        dx, _, dw, db = _backward_op(dy, rows, weight, mean, rstd, ctx.is_rms, ctx.has_bias, None, None, ctx.backend)
         dx_in, dres_in = dx, None
     else:
         # s = x + residual: both get the gradient arriving at s (through the norm and from the stream downstream),
@@ -120,23 +194,25 @@ def _backward(ctx, dy, dstream, grad_mean, grad_rstd):  # mean and rstd never le
         # neither has s's dtype (fp16 + bf16 make fp32), both take s's and autograd rounds each once.
         other = next((d for d in ctx.dtypes if d != rows.dtype), None) if rows.dtype in ctx.dtypes else None
         dstream = _unit_column_stride(dstream) if dstream is not None else None
-        dx, dx2, dw, db = _backward_op(dy, rows, weight, mean, rstd, ctx.is_rms, ctx.has_bias, dstream, other)
+        dx, dx2, dw, db = _backward_op(
+            dy, rows, weight, mean, rstd, ctx.is_rms, ctx.has_bias, dstream, other, ctx.backend
+        )
         dx_in, dres_in = (dx2 if d == other else dx for d in ctx.dtypes)
-    return (dx_in, dres_in, dw if weight is not None else None, db if ctx.has_bias else None, None, None, None)
+    return (dx_in, dres_in, dw if weight is not None else None, db if ctx.has_bias else None, None, None, None, None)
 
 
 def _reference_backward(ctx, rows, weight, bias, dy, dstream):
     """The gradients as a graph, through the reference backend's norm (see reference_gradients)."""
     drows, dw, db = reference_gradients(
-        lambda rows, weight, bias: _reference(ctx.is_rms, rows, rows.shape[-1:], weight, bias, ctx.eps),
+        lambda rows, weight, bias: Reference.forward(rows, None, weight, bias, ctx.eps, ctx.is_rms, ctx.out_dtype)[0],
         (rows, weight, bias),
         (dy,),
     )
     if ctx.dtypes is None:
-        return drows, None, dw, db, None, None, None
+        return drows, None, dw, db, None, None, None, None
     if dstream is not None:  # s = x + residual passes the stream's gradient to both
         drows = dstream if drows is None else drows + dstream
-    return drows, drows, dw, db, None, None, None
+    return drows, drows, dw, db, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -147,19 +223,7 @@ def _unit_column_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# ---- input checks, backend choice ----------------------------------------------------------------------------------
-
-
-def _triton_reason(x: Tensor, n_cols: int, residual: Tensor | None) -> str | None:
-    for t in (x, residual):
-        if t is not None and (why := _backend.triton_tensor_reason(t)) is not None:
-            return why
-    if n_cols > _kernels().MAX_N:
-        return f"normalized rows of {n_cols} elements exceed the kernels' {_kernels().MAX_N} (held in registers)"
-    return None
-
-
-_backend.register(OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "reference": None})
+# ---- the public functions: check the arguments, choose, call -------------------------------------------------------
 
 
 def _normalized(
@@ -228,28 +292,17 @@ def _norm(
     bias: Tensor | None,
     eps: float,
     is_rms: bool,
+    backend: str | None,
 ) -> tuple[Tensor, Tensor]:
     """(the norm of input + residual, or of input alone; input + residual, or an empty tensor) in input's shape."""
+    name = NORMS.choose(input, n_cols, residual, backend=backend)
     x, r = _rows(input, n_cols), (_rows(residual, n_cols) if residual is not None else None)
     dtype = torch.promote_types(input.dtype, residual.dtype) if residual is not None else input.dtype
-    y, stream, _, _ = _forward_op(x, r, _flat(weight), _flat(bias), float(eps), is_rms, _out_dtype(input.device, dtype))
+    out_dtype = _out_dtype(input.device, dtype)
+    y, stream, _, _ = _forward_op(x, r, _flat(weight), _flat(bias), float(eps), is_rms, out_dtype, name)
     if x is input:
         return y, stream
     return y.view(input.shape), (stream.view(input.shape) if residual is not None else stream)
-
-
-def _reference(
-    is_rms: bool, x: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
-) -> Tensor:
-    """torch's norm, in the kernels' output dtype. A weight or bias of another dtype than x (which the kernels
-    take, computing in fp32) is applied in fp32 (fp64 for fp64 x) here too: torch's CPU kernels refuse mixes such as
-    fp32 x, fp16 weight."""
-    out_dtype = _out_dtype(x.device, x.dtype)
-    if any(t is not None and t.dtype != x.dtype for t in (weight, bias)):
-        wide = torch.promote_types(x.dtype, torch.float32)
-        x, weight, bias = (None if t is None else t.to(wide) for t in (x, weight, bias))
-    y = F.rms_norm(x, shape, weight, eps) if is_rms else F.layer_norm(x, shape, weight, bias, eps)
-    return y.to(out_dtype)
 
 
 def _check_eps(name: str, eps) -> None:
@@ -268,10 +321,6 @@ def _check_residual(name: str, input: Tensor, residual) -> None:
         raise ValueError(f"{name}: residual must be on input's device ({input.device}), got {residual.device}")
 
 
-def _choose(input: Tensor, n_cols: int, backend: str | None, residual: Tensor | None = None) -> str:
-    return _backend.choose(OP, {"triton": _triton_reason(input, n_cols, residual), "reference": None}, backend)
-
-
 def layer_norm(
     input: Tensor,
     normalized_shape,
@@ -286,9 +335,7 @@ def layer_norm(
     autocast dtype (module docstring). backend: "auto" (default), "triton" or "reference"."""
     n_cols, shape = _normalized("layer_norm", input, normalized_shape, weight, bias)
     _check_eps("layer_norm", eps)
-    if _choose(input, n_cols, backend) == "reference":
-        return _reference(False, input, shape, weight, bias, eps)
-    return _norm(input, None, n_cols, weight, bias, eps, is_rms=False)[0]
+    return _norm(input, None, n_cols, weight, bias, eps, False, backend)[0]
 
 
 def rms_norm(
@@ -306,9 +353,7 @@ def rms_norm(
     if eps is None:
         eps = torch.finfo(input.dtype).eps
     _check_eps("rms_norm", eps)
-    if _choose(input, n_cols, backend) == "reference":
-        return _reference(True, input, shape, weight, None, eps)
-    return _norm(input, None, n_cols, weight, None, eps, is_rms=True)[0]
+    return _norm(input, None, n_cols, weight, None, eps, True, backend)[0]
 
 
 def add_layer_norm(
@@ -327,10 +372,7 @@ def add_layer_norm(
     n_cols, shape = _normalized("add_layer_norm", input, normalized_shape, weight, bias)
     _check_residual("add_layer_norm", input, residual)
     _check_eps("add_layer_norm", eps)
-    if _choose(input, n_cols, backend, residual) == "reference":
-        s = input + residual
-        return _reference(False, s, shape, weight, bias, eps), s
-    return _norm(input, residual, n_cols, weight, bias, eps, is_rms=False)
+    return _norm(input, residual, n_cols, weight, bias, eps, False, backend)
 
 
 def add_rms_norm(
@@ -349,7 +391,4 @@ def add_rms_norm(
     if eps is None:
         eps = torch.finfo(torch.promote_types(input.dtype, residual.dtype)).eps
     _check_eps("add_rms_norm", eps)
-    if _choose(input, n_cols, backend, residual) == "reference":
-        s = input + residual
-        return _reference(True, s, shape, weight, None, eps), s
-    return _norm(input, residual, n_cols, weight, None, eps, is_rms=True)
+    return _norm(input, residual, n_cols, weight, None, eps, True, backend)

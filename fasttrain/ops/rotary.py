@@ -1,10 +1,9 @@
-"""Rotary position embedding with flash-attn's signature (`flash_attn.layers.rotary.apply_rotary_emb`), on a Triton
-body (GPU) or a C++ one (CPU) that reads x once and writes the result once.
+"""Rotary position embedding with flash-attn's signature (`flash_attn.layers.rotary.apply_rotary_emb`), over two
+registered ops: `fasttrain::rotary` (out of place, with autograd: the gradient is the upstream gradient rotated
+back, the same op with conjugate=True) and `fasttrain::rotary_` (in place, no autograd).
 
-Three layers, as in ops/cross_entropy.py: the kernels in fasttrain.kernels.rotary and csrc/rotary_cpu.cpp; the
-`torch.library` ops `fasttrain::rotary` (out of place, with autograd: the gradient is the upstream gradient rotated
-back, the same op with conjugate=True) and `fasttrain::rotary_` (in place, no autograd) around them; and
-`apply_rotary_emb` below, which checks its inputs and chooses the backend. The reference is plain PyTorch in fp32.
+Backends: `triton` (fasttrain/kernels/rotary.py) and `cpu` (csrc/rotary_cpu.cpp), each reading x once and writing
+the result once, and `reference` (plain PyTorch in fp32).
 """
 
 from __future__ import annotations
@@ -17,17 +16,10 @@ from torch import Tensor
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op
 
-OP = "rotary"
-
-
-def _kernels():
-    # Imported on first use only (see ops/attention.py: importing the kernels turns the interpreter on for CPU runs).
-    from fasttrain.kernels import rotary
-
-    return rotary
-
-
-# ---- the reference -------------------------------------------------------------------------------------------------
+# ---- the backends: what each computes -------------------------------------------------------------------------------
+# forward(x, cos, sin, offsets, offset, interleaved, conjugate) -> the rotation of x (B, T, H, D) by the angles of
+#   cos/sin at positions t + offset (+ offsets[b]), by their opposite when conjugate, as a new tensor;
+# inplace(x, cos, sin, offsets, offset, interleaved) writes it into x.
 
 
 def apply_rotary_emb_reference(
@@ -50,10 +42,59 @@ def apply_rotary_emb_reference(
     return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)  # (B, T, H, D)
 
 
-# ---- the registered ops --------------------------------------------------------------------------------------------
+class Reference:
+    @staticmethod
+    def forward(x, cos, sin, offsets, offset, interleaved, conjugate):
+        sin = -sin if conjugate else sin  # the rotation by the opposite angle
+        return apply_rotary_emb_reference(x, cos, sin, interleaved, offsets if offsets is not None else offset)
+
+    @staticmethod
+    def inplace(x, cos, sin, offsets, offset, interleaved):
+        x.copy_(Reference.forward(x, cos, sin, offsets, offset, interleaved, False))
 
 
-@custom_op("fasttrain::rotary", mutates_args=())
+class Triton:
+    @staticmethod
+    def forward(x, cos, sin, offsets, offset, interleaved, conjugate):
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return _backend.kernels("rotary").rotary(x, cos, sin, offsets, offset, interleaved, conjugate, out)
+
+    @staticmethod
+    def inplace(x, cos, sin, offsets, offset, interleaved):
+        _backend.kernels("rotary").rotary(x, cos, sin, offsets, offset, interleaved, False, x)
+
+
+class Cpu:
+    @staticmethod
+    def forward(x, cos, sin, offsets, offset, interleaved, conjugate):
+        return torch.ops.fasttrain.rotary_cpu(x, cos, sin, offsets, offset, interleaved, conjugate)
+
+    @staticmethod
+    def inplace(x, cos, sin, offsets, offset, interleaved):
+        torch.ops.fasttrain.rotary_cpu_(x, cos, sin, offsets, offset, interleaved)
+
+
+# ---- the table: which backend can serve which inputs ----------------------------------------------------------------
+
+# Read once, at import (Dynamo cannot trace the extension's import).
+_CPU_OP_REASON = _backend.native_op_reason("rotary_cpu")
+
+ROTARY = _backend.Table(
+    "rotary",
+    {
+        "triton": _backend.Backend(_backend.triton_tensor_reason, Triton, live=_backend.triton_live),
+        "cpu": _backend.Backend(
+            lambda x: _backend.cpu_kernel_reason(x, _CPU_OP_REASON), Cpu, live=lambda: _CPU_OP_REASON
+        ),
+        "reference": _backend.Backend(_backend.always, Reference),
+    },
+)
+
+
+# ---- the registered ops: one body for every backend, fake implementations, autograd --------------------------------
+
+
+@custom_op("fasttrain::rotary", mutates_args=(), table=ROTARY, reference=Reference.forward)
 def _rotary_op(
     x: Tensor,
     cos: Tensor,
@@ -64,10 +105,7 @@ def _rotary_op(
     conjugate: bool,
     backend: str,
 ) -> Tensor:
-    if backend == "cpu":
-        return torch.ops.fasttrain.rotary_cpu(x, cos, sin, offsets, offset, interleaved, conjugate)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    return _kernels().rotary(x, cos, sin, offsets, offset, interleaved, conjugate, out)
+    return ROTARY[backend].forward(x, cos, sin, offsets, offset, interleaved, conjugate)
 
 
 @_rotary_op.register_fake
@@ -94,14 +132,11 @@ def _backward(ctx, grad):
 _rotary_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@custom_op("fasttrain::rotary_", mutates_args=("x",))
+@custom_op("fasttrain::rotary_", mutates_args=("x",), reference=Reference.inplace)
 def _rotary_inplace_op(
     x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, offset: int, interleaved: bool, backend: str
 ) -> None:
-    if backend == "cpu":
-        torch.ops.fasttrain.rotary_cpu_(x, cos, sin, offsets, offset, interleaved)
-    else:
-        _kernels().rotary(x, cos, sin, offsets, offset, interleaved, False, x)
+    ROTARY[backend].inplace(x, cos, sin, offsets, offset, interleaved)
 
 
 @_rotary_inplace_op.register_fake
@@ -109,13 +144,7 @@ def _(x, cos, sin, offsets, offset, interleaved, backend):
     return None
 
 
-# ---- input checks, backend choice ----------------------------------------------------------------------------------
-
-# Read once, at import (Dynamo cannot trace the extension's import; see ops/attention.py).
-_CPU_OP_REASON = _backend.native_op_reason("rotary_cpu")
-_backend.register(
-    OP, lambda: {"triton": _backend.triton_reason(_backend.default_device()), "cpu": _CPU_OP_REASON, "reference": None}
-)
+# ---- the public function: check the arguments, choose, call --------------------------------------------------------
 
 
 def _check(x, cos, sin, seqlen_offsets) -> None:
@@ -200,21 +229,15 @@ def apply_rotary_emb(
             f"apply_rotary_emb: inplace=True needs x whose elements do not share memory, got strides "
             f"{x.stride()} (an expanded tensor; pass .contiguous() or inplace=False)"
         )
-    reasons = {
-        "triton": _backend.triton_tensor_reason(x),
-        "cpu": _backend.cpu_kernel_reason(x, _CPU_OP_REASON),
-        "reference": None,
-    }
-    if (chosen := _backend.choose(OP, reasons, backend)) == "reference":
-        out = apply_rotary_emb_reference(x, cos, sin, interleaved, seqlen_offsets)
-        return x.copy_(out) if inplace else out
-    if x.stride(-1) != 1:
-        if inplace:
-            raise ValueError("apply_rotary_emb: inplace=True needs x with unit stride along D")
-        x = x.contiguous()
-    cos, sin = cos.contiguous(), sin.contiguous()  # tables: one row per position, small
+    name = ROTARY.choose(x, backend=backend)
+    if name != "reference":
+        if x.stride(-1) != 1:
+            if inplace:
+                raise ValueError("apply_rotary_emb: inplace=True needs x with unit stride along D")
+            x = x.contiguous()
+        cos, sin = cos.contiguous(), sin.contiguous()  # tables: one row per position, small
     offsets, offset = (seqlen_offsets, 0) if isinstance(seqlen_offsets, Tensor) else (None, int(seqlen_offsets))
     if inplace:
-        _rotary_inplace_op(x, cos, sin, offsets, offset, interleaved, chosen)
+        _rotary_inplace_op(x, cos, sin, offsets, offset, interleaved, name)
         return x
-    return _rotary_op(x, cos, sin, offsets, offset, interleaved, False, chosen)
+    return _rotary_op(x, cos, sin, offsets, offset, interleaved, False, name)

@@ -1,8 +1,9 @@
 """fasttrain.optim.AdamW: a drop-in for torch.optim.AdamW with fused kernels, fused clipping and GradScaler support.
 
-Backends (fasttrain._backend): `cuda` (csrc/adamw_cuda.cu, one multi-tensor launch per (device, dtype) group),
-`cpu` (csrc/adamw_cpu.cpp, vectorized + OpenMP, one call per group), `reference` (`adamw_reference` below: torch's
-single-tensor math op for op, the test oracle and the fallback).
+Backends, declared in one table (fasttrain._backend) and chosen per (device, dtype) group of parameters: `cuda`
+(csrc/adamw_cuda.cu, one multi-tensor launch per group), `cpu` (csrc/adamw_cpu.cpp, vectorized + OpenMP, one call
+per group), both behind the extension's op fasttrain::adamw_step_, and `reference` (`adamw_reference` below:
+torch's single-tensor math op for op, the test oracle and the fallback).
 
 State and param_groups use torch.optim.AdamW's layout, so a state_dict saved by either loads into the other.
 """
@@ -86,24 +87,97 @@ def grad_sumsq_reference(grads: list[Tensor]) -> Tensor:
     return sum(g.double().square().sum() for g in grads).float()
 
 
-def _reasons(device: torch.device, dtype: torch.dtype, subclass: bool = False) -> dict[str, str | None]:
-    dtype_why = None if dtype in NATIVE_DTYPES else f"native kernels take {NATIVE_DTYPES}, got {dtype}"
+class Reference:
+    step = staticmethod(adamw_reference)
+    grad_sumsq = staticmethod(grad_sumsq_reference)
+
+
+class Native:
+    """The extension's kernels, CPU or CUDA by the tensors' device: one call per group."""
+
+    @staticmethod
+    def step(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        steps,
+        *,
+        lr,
+        beta1,
+        beta2,
+        eps,
+        weight_decay,
+        amsgrad,
+        maximize,
+        grad_scale=None,
+        found_inf=None,
+        grad_norm=None,
+        max_grad_norm=None,
+    ) -> None:
+        # A CUDA tensor lr is read by the kernel on the device; a CPU one is a host value (no sync).
+        lr_tensor, lr_value = None, 0.0
+        if isinstance(lr, Tensor) and lr.device.type != "cpu":
+            lr_tensor = lr.to(device=params[0].device, dtype=torch.float32).reshape(())  # (1,) or () -> ()
+        else:
+            lr_value = float(lr)
+        torch.ops.fasttrain.adamw_step_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            steps,
+            lr_tensor,
+            lr_value,
+            beta1,
+            beta2,
+            float(eps),
+            float(weight_decay),
+            bool(amsgrad),
+            bool(maximize),
+            grad_scale,
+            found_inf,
+            grad_norm,
+            max_grad_norm if max_grad_norm is not None else 0.0,
+        )
+
+    @staticmethod
+    def grad_sumsq(grads: list[Tensor]) -> Tensor:
+        return torch.ops.fasttrain.adamw_grad_sumsq(grads)
+
+
+# Each reason takes a group's (device, dtype, whether its params are a tensor subclass). Read once, at import.
+_OP_REASON = _backend.native_op_reason("adamw_step_")
+
+
+def _group_reason(dtype: torch.dtype, subclass: bool) -> str | None:
     if subclass:  # the kernels' ops have no DTensor sharding rules (per-shard step, clipping norm over the shards)
-        dtype_why = "native kernels take plain tensors, not a tensor subclass (DTensor: FSDP2, tensor parallel)"
-    cuda = _backend.cuda_extension_reason(device) or _backend.native_op_reason("adamw_step_") or dtype_why
-    cpu = _backend.cpu_extension_reason(device) or _backend.native_op_reason("adamw_step_") or dtype_why
-    return {"cuda": cuda, "cpu": cpu, "reference": None}
+        return "native kernels take plain tensors, not a tensor subclass (DTensor: FSDP2, tensor parallel)"
+    return None if dtype in NATIVE_DTYPES else f"native kernels take {NATIVE_DTYPES}, got {dtype}"
 
 
-def _probe() -> dict[str, str | None]:
-    device = _backend.default_device()
-    reasons = _reasons(device, torch.float32)
-    if device.type == "cuda":
-        reasons["cpu"] = _reasons(torch.device("cpu"), torch.float32)["cpu"]
-    return reasons
+def _cuda_reason(device: torch.device, dtype: torch.dtype, subclass: bool) -> str | None:
+    return _backend.cuda_extension_reason(device) or _OP_REASON or _group_reason(dtype, subclass)
 
 
-_backend.register("adamw", _probe)
+def _cpu_reason(device: torch.device, dtype: torch.dtype, subclass: bool) -> str | None:
+    return _backend.cpu_extension_reason(device) or _OP_REASON or _group_reason(dtype, subclass)
+
+
+ADAMW = _backend.Table(
+    "adamw",
+    {
+        "cuda": _backend.Backend(
+            _cuda_reason, Native, live=lambda: _cuda_reason(_backend.default_device(), torch.float32, False)
+        ),
+        "cpu": _backend.Backend(
+            _cpu_reason, Native, live=lambda: _cpu_reason(torch.device("cpu"), torch.float32, False)
+        ),
+        "reference": _backend.Backend(_backend.always, Reference),
+    },
+)
 
 
 def _check_hyper(lr, betas, eps, weight_decay) -> None:
@@ -256,10 +330,7 @@ class AdamW(Optimizer):
         partial = []
         for _, buckets in collected:
             for key, lists in buckets.items():
-                if backends[key] == "reference":
-                    partial.append(grad_sumsq_reference(lists[1]))
-                else:
-                    partial.append(torch.ops.fasttrain.adamw_grad_sumsq(lists[1]))
+                partial.append(ADAMW[backends[key]].grad_sumsq(lists[1]))
         if not partial:
             return None
         device = partial[0].device
@@ -278,7 +349,7 @@ class AdamW(Optimizer):
         backends = {}
         for _, buckets in collected:
             for key in buckets:
-                backends[key] = _backend.choose("adamw", _reasons(*key), self.backend)
+                backends[key] = ADAMW.choose(*key, backend=self.backend)
         grad_norm = None
         if self.max_grad_norm is not None:
             grad_norm = self._global_grad_norm(collected, backends)
@@ -301,56 +372,20 @@ class AdamW(Optimizer):
         return loss
 
     def _step_bucket(self, backend, device, lists, group, beta1, beta2, grad_scale, found_inf, grad_norm) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = lists
-        lr = group["lr"]
-
         def on_device(t):
             return None if t is None else t.to(device, non_blocking=True)
 
-        if backend == "reference":
-            adamw_reference(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                steps,
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                amsgrad=group["amsgrad"],
-                maximize=group["maximize"],
-                grad_scale=on_device(grad_scale),
-                found_inf=on_device(found_inf),
-                grad_norm=on_device(grad_norm),
-                max_grad_norm=self.max_grad_norm,
-            )
-            return
-        # A CUDA tensor lr is read by the kernel on the device; a CPU one is a host value (no sync).
-        lr_tensor, lr_value = None, 0.0
-        if isinstance(lr, Tensor) and lr.device.type != "cpu":
-            lr_tensor = lr.to(device=device, dtype=torch.float32).reshape(())  # (1,) or () -> ()
-        else:
-            lr_value = float(lr)
-        torch.ops.fasttrain.adamw_step_(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            max_exp_avg_sqs,
-            steps,
-            lr_tensor,
-            lr_value,
-            beta1,
-            beta2,
-            float(group["eps"]),
-            float(group["weight_decay"]),
-            bool(group["amsgrad"]),
-            bool(group["maximize"]),
-            on_device(grad_scale),
-            on_device(found_inf),
-            on_device(grad_norm),
-            self.max_grad_norm if self.max_grad_norm is not None else 0.0,
+        ADAMW[backend].step(
+            *lists,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"],
+            maximize=group["maximize"],
+            grad_scale=on_device(grad_scale),
+            found_inf=on_device(found_inf),
+            grad_norm=on_device(grad_norm),
+            max_grad_norm=self.max_grad_norm,
         )
