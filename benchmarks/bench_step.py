@@ -3,16 +3,16 @@
     python benchmarks/bench_step.py                  # CPU: a small shape in fp32; GPU: GPT-2 small in bf16
     python benchmarks/bench_step.py --quick          # smallest shape, no torch.compile row on CPU
 
-Rows: `eager` (attention by PyTorch's SDPA math path, torch.optim.AdamW foreach), `eager-sdpa` (SDPA's default
-backend, i.e. FlashAttention-2 on an H100, and torch's fused AdamW), `compile` (torch.compile of eager-sdpa),
-`fasttrain` (fasttrain.ops attention, norms with the residual adds fused in, rotary, GELU and cross-entropy +
-fasttrain.optim.AdamW), `fasttrain+compile` (the same model under torch.compile: fasttrain's ops stay opaque
-kernels, inductor fuses what lies between them) and, on CUDA, `fasttrain+graph` (fasttrain's whole step, forward,
-backward and AdamW, captured once as a CUDA graph and replayed, as train.cuda_graph does); the torch rows add the
-residual and then call torch's norms, rotate eagerly and compute the loss as `F.cross_entropy(logits.float())`. All
-start from the same weights, take the same batch, and clip at global norm 1.0. Each variant's first step is checked
-against eager's before that variant is timed: the loss, the gradient norm before clipping, and the change the
-optimizer made to the weights; one that disagrees is not timed, and the run exits 1 after writing what it measured.
+Rows: `eager` (eager_gpt.EagerGPT, the same model as a stock PyTorch script writes it, with attention by SDPA's math
+path and torch.optim.AdamW foreach), `eager-sdpa` (the same with SDPA's default backend, i.e. FlashAttention-2 on an
+H100, and torch's fused AdamW), `compile` (torch.compile of eager-sdpa), `fasttrain` (fasttrain.model.GPT on
+fasttrain.ops, their backends chosen as in training, FASTTRAIN_BACKEND included, + fasttrain.optim.AdamW),
+`fasttrain+compile` (the same model under torch.compile: fasttrain's kernels stay opaque ops, inductor fuses what
+lies between them) and, on CUDA, `fasttrain+graph` (fasttrain's whole step, forward, backward and AdamW, captured
+once as a CUDA graph and replayed, as train.cuda_graph does). All start from the same weights, take the same
+batch, and clip at global norm 1.0. Each variant's first step is checked against eager's before that variant is
+timed: the loss, the gradient norm before clipping, and the change the optimizer made to the weights; one that
+disagrees is not timed, and the run exits 1 after writing what it measured.
 FLOPs per token: fasttrain.model.flops_per_token (6 per matmul weight + causal attention); MFU against the dense
 datasheet peak, and the share of the matmul ceiling measured in this run. One more step per variant runs under
 torch.profiler (common.profile_call): on CUDA, gpu_busy_ms is the time kernels ran, so step_ms - gpu_busy_ms is the
@@ -21,21 +21,17 @@ GPU waiting on the host, and the JSON keeps the kernels and host ops that took t
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from eager_gpt import EagerGPT  # noqa: E402
 
 from fasttrain.model import GPT, GPTConfig, flops_per_token  # noqa: E402
-from fasttrain.model.norms import LayerNorm, RMSNorm  # noqa: E402
-from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
 from fasttrain.optim import AdamW  # noqa: E402
 from fasttrain.train.graphed import GraphedStep  # noqa: E402
 from fasttrain.train.loop import autocast_for, param_groups, peak_flops  # noqa: E402
@@ -54,44 +50,14 @@ def shapes(device: str, quick: bool) -> tuple[GPTConfig, int, int]:
     return GPTConfig(n_layer=4, n_head=4, d_model=256, vocab_size=320, max_seq_len=256), 8, 256
 
 
-def sdpa_attention(math_only: bool):
-    """Eager attention in the model's (B, T, H, D) layout through torch's SDPA."""
-
-    def attend(q, k, v, dropout_p=0.0, causal=True):
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|Hkv, T, D)
-        with sdpa_kernel(SDPBackend.MATH) if math_only else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout_p, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1]
-            )
-        return out.transpose(1, 2)  # (B, T, H, D)
-
-    return attend
-
-
-def eager_cross_entropy(logits, targets, ignore_index=-100):
-    """What a careful eager script does: the log-softmax in fp32 whatever the autocast dtype."""
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
-
-
-def use_torch_ops(model: GPT, math_attention: bool) -> None:
-    """Swap every fasttrain op in the model for what an eager PyTorch script uses."""
-    for block in model.blocks:
-        block.attn.attn_fn = sdpa_attention(math_only=math_attention)
-        block.attn.rotary_fn = apply_rotary_emb_reference
-        block.mlp.gelu_fn = F.gelu
-    for module in model.modules():
-        if isinstance(module, (LayerNorm, RMSNorm)):
-            module.norm_fn = F.layer_norm if isinstance(module, LayerNorm) else F.rms_norm
-            module.add_norm_fn = common.eager_add_norm(module.norm_fn)
-    model.loss_fn = eager_cross_entropy
-
-
 def make_variant(name: str, base: GPT, device: str):
-    model = copy.deepcopy(base)
     if name.startswith("fasttrain"):
+        model = copy.deepcopy(base)
         opt = AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=CLIP)
         return model, torch.compile(model) if name.endswith("+compile") else model, opt, False
-    use_torch_ops(model, math_attention=name == "eager")
+    model = EagerGPT(base.config, math_attention=name == "eager").to(device)
+    model.load_state_dict(base.state_dict())  # strict: the same parameter names; their order too, checked here
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in base.named_parameters()]
     fused = name != "eager" and device == "cuda"
     opt = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, weight_decay=WEIGHT_DECAY, fused=fused or None)
     step_model = torch.compile(model) if name == "compile" else model
@@ -119,9 +85,9 @@ def make_step(model, step_model, opt, clip_outside: bool, x, y, device: str):
 
 def graphed_step(model, opt, x, y):
     """fasttrain's step as one CUDA graph replay (fasttrain.train.graphed.GraphedStep, the trainer's
-    train.cuda_graph): what the step costs without the host's ~700 launches, which on an H200 took longer than the
-    kernels (the `fasttrain` row of 2026-12-04: 66 ms a step, 32 ms of it kernels). The capture's warm-up runs at
-    lr 0, so the weights stay the ones every variant starts from."""
+    train.cuda_graph): what the step costs without the host's launches, where those take longer than the kernels
+    (benchmarks/NOTES.md). The capture's warm-up runs at lr 0, so the weights stay the ones every variant starts
+    from."""
     graphed = GraphedStep(
         model, opt, 1, x.shape[0], x.shape[1], x.device, autocast_for("bf16", x.device, cache_enabled=False)
     )
@@ -184,7 +150,7 @@ def main() -> None:
             "variant": name,
             "B": B,
             "T": T,
-            "params_M": model.num_params() / 1e6,
+            "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "step_ms": ms,
             "tokens_per_s": B * T / (ms * 1e-3),
             "TFLOP/s": flops / (ms * 1e-3) / 1e12,
@@ -203,8 +169,7 @@ def main() -> None:
         rows.append(row)
 
     # On a GPU each variant is timed alone (its peak memory is its own); on the CPU all are kept and timed in
-    # alternation, since this VM's speed drifts by 20-30% over a minute and one after another it put a 5-20%
-    # swing between variants (NOTES.md, Training step).
+    # alternation, since a shared virtual machine's speed drifts within a run (NOTES.md, Training step).
     kept = {}
 
     def run_variant(name):
