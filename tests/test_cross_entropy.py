@@ -129,9 +129,11 @@ def test_int32_targets_work_on_every_backend(backend):
     "call,error,match",
     [
         (lambda x, t: cross_entropy(x[0], t), ValueError, "input must be a 2-D"),
+        (lambda x, t: cross_entropy(x.long(), t), TypeError, "input must be a floating-point tensor"),
         (lambda x, t: cross_entropy(x[:, :0], t), ValueError, "at least one class"),
-        (lambda x, t: cross_entropy(x, t.float()), ValueError, "target must be an integer"),
-        (lambda x, t: cross_entropy(x, t[:2]), ValueError, r"target must be an integer tensor of shape \(4,\)"),
+        (lambda x, t: cross_entropy(x, t.float()), TypeError, "target must be an integer"),
+        (lambda x, t: cross_entropy(x, t.bool()), TypeError, "target must be an integer"),
+        (lambda x, t: cross_entropy(x, t[:2]), ValueError, r"target must have shape \(4,\)"),
         (lambda x, t: cross_entropy(x, t, reduction="avg"), ValueError, "reduction"),
         (lambda x, t: cross_entropy(x, t, ignore_index=1.5), TypeError, "ignore_index"),
         (lambda x, t: cross_entropy(x, t, backend="cuda"), Exception, "cuda"),

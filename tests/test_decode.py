@@ -196,7 +196,7 @@ def _bad(**changes):
         (dict(cache_seqlens=torch.tensor([3, 63], dtype=torch.int32)), "cache too short"),
         (dict(q=torch.randn(2, 2, 5, 32)), "multiple of k_cache's heads"),
         (dict(k_cache=torch.randn(2, 64, 2, 32, dtype=torch.float16)), "k_cache must have q's dtype"),
-        (dict(v=torch.randn(2, 2, 2, 32, dtype=torch.float64)), "v must be torch.float32"),
+        (dict(v=torch.randn(2, 2, 2, 32, dtype=torch.float64)), "v must have k_cache's dtype torch.float32"),
         (dict(v=None), "k and v must be given together"),
         (dict(cache_seqlens=torch.tensor([3, 5, 1])), "cache_seqlens must be an int32/int64 tensor of shape"),
         (dict(cache_seqlens=torch.tensor([-1, 5])), "cache_seqlens must be >= 0"),

@@ -211,20 +211,16 @@ def test_modules_are_torchs_with_the_fused_op(module, torch_module):
 @pytest.mark.parametrize(
     "call,error,match",
     [
-        (lambda x, w: layer_norm(x.long(), (8,)), ValueError, "input must be a floating-point"),
+        (lambda x, w: layer_norm(x.long(), (8,)), TypeError, "input must be a floating-point"),
         (lambda x, w: layer_norm(x, (7,)), ValueError, r"normalized_shape must be the trailing dims of input \(4, 8\)"),
         (lambda x, w: layer_norm(x, (2, 4, 8)), ValueError, "normalized_shape"),
-        (lambda x, w: layer_norm(x, (8.0,)), ValueError, r"normalized_shape must be .* got \(8.0,\)"),
-        (lambda x, w: layer_norm(x, 8.0), ValueError, "normalized_shape"),
-        (
-            lambda x, w: layer_norm(x, (8,), w[:4]),
-            ValueError,
-            r"weight must be a floating-point tensor of shape \(8,\)",
-        ),
-        (lambda x, w: layer_norm(x, (8,), w, w[:3]), ValueError, "bias must be"),
-        (lambda x, w: rms_norm(x, (8,), w.long()), ValueError, "weight must be a floating-point"),
+        (lambda x, w: layer_norm(x, (8.0,)), TypeError, r"normalized_shape must be .* got \(8.0,\)"),
+        (lambda x, w: layer_norm(x, 8.0), TypeError, "normalized_shape"),
+        (lambda x, w: layer_norm(x, (8,), w[:4]), ValueError, r"weight must have shape \(8,\), got \(4,\)"),
+        (lambda x, w: layer_norm(x, (8,), w, w[:3]), ValueError, "bias must have shape"),
+        (lambda x, w: rms_norm(x, (8,), w.long()), TypeError, "weight must be a floating-point"),
         (lambda x, w: layer_norm(x, (8,), eps=-1.0), ValueError, "eps must be a float >= 0"),
-        (lambda x, w: rms_norm(x, (8,), eps="1e-6"), ValueError, "eps"),
+        (lambda x, w: rms_norm(x, (8,), eps="1e-6"), TypeError, "eps"),
         (lambda x, w: rms_norm(x, (8,), backend="cuda"), Exception, "cuda"),
     ],
 )
@@ -346,11 +342,10 @@ def test_norm_modules_take_a_residual(backend, monkeypatch):
         (
             lambda x: add_layer_norm(x, x[:, :4], (8,)),
             ValueError,
-            r"residual must be a floating-point tensor of input's "
-            r"shape \(4, 8\), got torch.float32 \(4, 4\)",
+            r"residual must have input's shape \(4, 8\), got \(4, 4\)",
         ),
-        (lambda x: add_rms_norm(x, x.long(), (8,)), ValueError, "residual must be a floating-point"),
-        (lambda x: add_layer_norm(x, None, (8,)), ValueError, "residual must be"),
+        (lambda x: add_rms_norm(x, x.long(), (8,)), TypeError, "residual must be a floating-point"),
+        (lambda x: add_layer_norm(x, None, (8,)), TypeError, "residual must be"),
         (lambda x: add_layer_norm(x, x, (7,)), ValueError, "normalized_shape"),
         (lambda x: add_rms_norm(x, x, (8,), eps=-1.0), ValueError, "add_rms_norm: eps must be a float >= 0"),
         (lambda x: add_layer_norm(x, x.double(), (8,), backend="triton"), Exception, "float64"),

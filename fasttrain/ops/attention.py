@@ -291,40 +291,41 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- argument checks -----------------------------------------------------------------------------------------------
 
 
-def _check_like_q(q: Tensor, named) -> None:
+def _check_like_q(q: Tensor, named, q_name: str = "q") -> None:
     """Each (name, tensor) of `named` has q's dtype and device."""
     for name, t in named:
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+            raise TypeError(f"{name} must have {q_name}'s dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device ({q.device}), got {t.device}")
+            raise ValueError(f"{name} must be on {q_name}'s device ({q.device}), got {t.device}")
 
 
-def _check_qkv(q, k, v, rank: int, layout: str, head_axis: int = -2) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def _check_qkv(q, k, v, rank: int, layout: str, head_axis: int = -2, names=("q", "k", "v")) -> None:
+    qn, kn, vn = names
+    for name, t in zip(names, (q, k, v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != rank:
             raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-    _check_like_q(q, (("k", k), ("v", v)))
+    _check_like_q(q, ((kn, k), (vn, v)), qn)
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(f"{kn} and {vn} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[:-3] != q.shape[:-3] or k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in batch and head_dim ({layout})")
+        raise ValueError(f"{kn} {tuple(k.shape)} must match {qn} {tuple(q.shape)} in batch and head_dim ({layout})")
     H, Hkv = q.shape[head_axis], k.shape[head_axis]
     if Hkv == 0 or H % Hkv:
-        raise ValueError(f"the number of k/v heads ({Hkv}) must divide the number of q heads ({H})")
+        raise ValueError(f"the number of {kn}/{vn} heads ({Hkv}) must divide the number of {qn} heads ({H})")
 
 
 def _window(causal: bool, window_size) -> tuple[int, int]:
     """flash-attn's (causal, window_size) -> kernel (left, right) diagonal bounds; -1 means unbounded."""
-    if not (
-        isinstance(window_size, (tuple, list))
-        and len(window_size) == 2
-        and all(isinstance(w, int) and w >= -1 for w in window_size)
+    if not isinstance(window_size, (tuple, list)) or not all(
+        isinstance(w, int) and not isinstance(w, bool) for w in window_size
     ):
+        raise TypeError(f"window_size must be a pair of ints (-1 = unbounded), got {window_size!r}")
+    if len(window_size) != 2 or not all(w >= -1 for w in window_size):
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
     left, right = (UNBOUNDED if w == -1 else w for w in window_size)
     return left, (0 if causal else right)
@@ -346,6 +347,8 @@ def _refuse_unsupported(softcap, alibi_slopes) -> None:
 
 
 def _check_dropout(dropout_p) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
@@ -450,12 +453,13 @@ def _longest_sequence(name: str, cu: Tensor, total: int) -> int | None:
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, total: int, batch: int | None, device) -> int | None:
-    if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
+    if not isinstance(cu, Tensor) or cu.dtype != torch.int32:
         raise TypeError(
-            f"{name} must be a 1-D int32 tensor of B + 1 offsets, got "
+            f"{name} must be an int32 tensor of B + 1 offsets, got "
             f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__}"
-            f"{tuple(cu.shape) if isinstance(cu, Tensor) else ''}"
         )
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be a 1-D tensor of B + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} must be on q's device ({device}), got {cu.device}")
     if batch is not None and cu.numel() != batch:
@@ -500,7 +504,9 @@ def flash_attn_varlen_func(
     real_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.numel(), q.device)
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # the kernels read Cu + b
     for name, given, real in (("max_seqlen_q", max_seqlen_q, real_q), ("max_seqlen_k", max_seqlen_k, real_k)):
-        if not isinstance(given, int) or (real is not None and given < real):
+        if not isinstance(given, int) or isinstance(given, bool):
+            raise TypeError(f"{name} must be an int, got {type(given).__name__}")
+        if real is not None and given < real:
             raise ValueError(f"{name} must be an int >= the longest sequence ({real}), got {given!r}")
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
@@ -541,11 +547,13 @@ def scaled_dot_product_attention(
     broadcastable to (B, H, Tq, Tk)) and dropout_p > 0 run the reference path. Returns (B, H, Tq, D). The backward
     is deterministic under torch.use_deterministic_algorithms(True) (see `flash_attn_func`).
     """
-    _check_qkv(query, key, value, 4, "(B, H, T, D)", head_axis=1)
+    _check_qkv(query, key, value, 4, "(B, H, T, D)", head_axis=1, names=("query", "key", "value"))
     if key.shape[1] != query.shape[1] and not enable_gqa:
         raise ValueError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal=True cannot both be set (as in torch)")
+    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
     if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         # An int 0/1 mask (a tokenizer's attention_mask) added to the scores would mask nothing; torch refuses it.
         raise TypeError(

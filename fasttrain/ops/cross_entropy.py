@@ -125,23 +125,20 @@ def cross_entropy(
     a double backward, create_graph=True, whose gradients come from the reference).
     Class weights and label smoothing are not implemented. backend: "auto" (default), "triton" or "reference".
     """
-    if not isinstance(input, Tensor) or input.dim() != 2 or not input.is_floating_point():
-        raise ValueError(
-            f"input must be a 2-D floating-point tensor of logits (N, V), got "
-            f"{getattr(input, 'dtype', type(input).__name__)} {tuple(getattr(input, 'shape', ()))}"
+    if not isinstance(input, Tensor) or not input.is_floating_point():
+        raise TypeError(
+            f"input must be a floating-point tensor of logits, got {getattr(input, 'dtype', type(input).__name__)}"
         )
+    if input.dim() != 2:
+        raise ValueError(f"input must be a 2-D tensor of logits (N, V), got shape {tuple(input.shape)}")
     if input.shape[1] == 0:
         raise ValueError("input must have at least one class (V >= 1), got shape (N, 0)")
-    if (
-        not isinstance(target, Tensor)
-        or target.shape != input.shape[:1]
-        or target.is_floating_point()
-        or target.dtype == torch.bool
-    ):
-        raise ValueError(
-            f"target must be an integer tensor of shape ({input.shape[0]},), got "
-            f"{getattr(target, 'dtype', type(target).__name__)} {tuple(getattr(target, 'shape', ()))}"
-        )
+    integer = isinstance(target, Tensor) and not (target.is_floating_point() or target.is_complex())
+    if not integer or target.dtype == torch.bool:
+        got = getattr(target, "dtype", type(target).__name__)
+        raise TypeError(f"target must be an integer tensor of class indices, got {got}")
+    if target.shape != input.shape[:1]:
+        raise ValueError(f"target must have shape ({input.shape[0]},), got {tuple(target.shape)}")
     if target.device != input.device:
         raise ValueError(f"target must be on input's device ({input.device}), got {target.device}")
     if reduction not in REDUCTIONS:

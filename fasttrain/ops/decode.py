@@ -251,15 +251,20 @@ def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cac
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+            if t.dtype != k_cache.dtype:
+                raise TypeError(f"{name} must have k_cache's dtype {k_cache.dtype}, got {t.dtype}")
             if t.dim() != 4 or t.shape[0] != B or t.shape[2:] != (Hkv, D):
                 raise ValueError(f"{name} must be (B={B}, Tnew, Hkv={Hkv}, D={D}), got {tuple(t.shape)}")
-            if t.dtype != k_cache.dtype or t.device != q.device:
-                raise TypeError(f"{name} must be {k_cache.dtype} on {q.device}, got {t.dtype} on {t.device}")
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
         if v.shape[1] != k.shape[1]:
             raise ValueError(f"k and v must have the same number of new tokens, got {k.shape[1]} and {v.shape[1]}")
     if (rotary_cos is None) != (rotary_sin is None):
         raise ValueError("rotary_cos and rotary_sin must be given together")
     if rotary_cos is not None:
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         if k is None:
             raise ValueError("rotary_cos/rotary_sin rotate the appended k: pass k and v with them")
         if rotary_cos.dim() != 2 or rotary_cos.shape != rotary_sin.shape or not 0 < 2 * rotary_cos.shape[1] <= D:
@@ -274,11 +279,12 @@ def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cac
     for name, t in (("cache_seqlens", cache_seqlens), ("cache_batch_idx", cache_batch_idx)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or t.shape != (B,) or t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(
-                f"{name} must be an int32/int64 tensor of shape ({B},), "
-                f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(
+                f"{name} must be an int32/int64 tensor of shape ({B},), got {getattr(t, 'dtype', type(t).__name__)}"
             )
+        if t.shape != (B,):
+            raise ValueError(f"{name} must be an int32/int64 tensor of shape ({B},), got shape {tuple(t.shape)}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     if cache_batch_idx is None and Bc != B:
@@ -370,7 +376,9 @@ def flash_attn_with_kvcache(
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx)
     left, right = _window(causal, window_size)
-    if not isinstance(num_splits, int) or num_splits < 0:
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool):
+        raise TypeError(f"num_splits must be an int >= 0, got {type(num_splits).__name__}")
+    if num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
     B, Tq, H, D = q.shape
     Bc, Tmax = k_cache.shape[:2]

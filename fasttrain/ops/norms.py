@@ -231,33 +231,32 @@ def _normalized(
 ) -> tuple[int, tuple[int, ...]]:
     """(elements per normalized row, normalized_shape as a tuple), after checking every argument against it."""
     if not isinstance(input, Tensor) or not input.is_floating_point():
-        raise ValueError(
+        raise TypeError(
             f"{name}: input must be a floating-point tensor, got {getattr(input, 'dtype', type(input).__name__)}"
         )
-    # `type(...) is int` first: isinstance against numbers.Integral (an ABC) costs ~1 us per call, per dim.
+    # `type(...) is int` first: isinstance against numbers.Integral (an ABC) is several times slower, per dim.
     if type(normalized_shape) is int or isinstance(normalized_shape, numbers.Integral):
         shape = (normalized_shape,)
     elif isinstance(normalized_shape, (tuple, list)):
         shape = tuple(normalized_shape)
     else:
-        raise ValueError(f"{name}: normalized_shape must be an int or a tuple/list of ints, got {normalized_shape!r}")
-    if (
-        not shape
-        or len(shape) > input.dim()
-        or input.shape[input.dim() - len(shape) :] != shape
-        or any((type(n) is not int and not isinstance(n, numbers.Integral)) or n < 1 for n in shape)
-    ):
+        raise TypeError(f"{name}: normalized_shape must be an int or a tuple/list of ints, got {normalized_shape!r}")
+    for n in shape:
+        if type(n) is not int and not isinstance(n, numbers.Integral):
+            raise TypeError(f"{name}: normalized_shape must be an int or a tuple/list of ints, got {shape}")
+    if not shape or len(shape) > input.dim() or input.shape[input.dim() - len(shape) :] != shape or min(shape) < 1:
         raise ValueError(
             f"{name}: normalized_shape must be the trailing dims of input {tuple(input.shape)}, got {shape}"
         )
     for arg, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
-        if not isinstance(t, Tensor) or t.shape != shape or not t.is_floating_point():
-            raise ValueError(
-                f"{name}: {arg} must be a floating-point tensor of shape {shape}, got "
-                f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(
+                f"{name}: {arg} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
             )
+        if t.shape != shape:
+            raise ValueError(f"{name}: {arg} must have shape {shape}, got {tuple(t.shape)}")
         if t.device != input.device:
             raise ValueError(f"{name}: {arg} must be on input's device ({input.device}), got {t.device}")
     n = 1
@@ -306,17 +305,20 @@ def _norm(
 
 
 def _check_eps(name: str, eps) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"{name}: eps must be a float, got {type(eps).__name__}")
+    if not eps >= 0:
         raise ValueError(f"{name}: eps must be a float >= 0, got {eps!r}")
 
 
 def _check_residual(name: str, input: Tensor, residual) -> None:
-    if not isinstance(residual, Tensor) or not residual.is_floating_point() or residual.shape != input.shape:
-        raise ValueError(
-            f"{name}: residual must be a floating-point tensor of input's shape {tuple(input.shape)}, "
-            f"got {getattr(residual, 'dtype', type(residual).__name__)} "
-            f"{tuple(getattr(residual, 'shape', ()))}"
+    if not isinstance(residual, Tensor) or not residual.is_floating_point():
+        raise TypeError(
+            f"{name}: residual must be a floating-point tensor, "
+            f"got {getattr(residual, 'dtype', type(residual).__name__)}"
         )
+    if residual.shape != input.shape:
+        raise ValueError(f"{name}: residual must have input's shape {tuple(input.shape)}, got {tuple(residual.shape)}")
     if residual.device != input.device:
         raise ValueError(f"{name}: residual must be on input's device ({input.device}), got {residual.device}")
 

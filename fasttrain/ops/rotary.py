@@ -148,17 +148,17 @@ def _(x, cos, sin, offsets, offset, interleaved, backend):
 
 
 def _check(x, cos, sin, seqlen_offsets) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(
-            f"apply_rotary_emb: x must be a floating-point (B, T, H, D) tensor, got "
-            f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}"
-        )
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"apply_rotary_emb: x must be a floating-point tensor, got {_kind(x)}")
+    if x.dim() != 4:
+        raise ValueError(f"apply_rotary_emb: x must be a (B, T, H, D) tensor, got shape {tuple(x.shape)}")
     B, T, _, D = x.shape
     for name, t in (("cos", cos), ("sin", sin)):
-        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() not in (2, 3):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"apply_rotary_emb: {name} must be a floating-point tensor, got {_kind(t)}")
+        if t.dim() not in (2, 3):
             raise ValueError(
-                f"apply_rotary_emb: {name} must be a floating-point (T_ro, R/2) or (B, T, R/2) tensor, "
-                f"got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}"
+                f"apply_rotary_emb: {name} must be a (T_ro, R/2) or (B, T, R/2) tensor, got shape {tuple(t.shape)}"
             )
         if t.device != x.device:
             raise ValueError(f"apply_rotary_emb: {name} must be on x's device ({x.device}), got {t.device}")
@@ -169,28 +169,39 @@ def _check(x, cos, sin, seqlen_offsets) -> None:
             f"apply_rotary_emb: cos/sin must have 1..{D // 2} columns (rotary_dim / 2 <= head_dim / 2), "
             f"got {cos.shape[-1]}"
         )
+    if isinstance(seqlen_offsets, Tensor):
+        if seqlen_offsets.is_floating_point() or seqlen_offsets.is_complex() or seqlen_offsets.dtype == torch.bool:
+            raise TypeError(
+                f"apply_rotary_emb: seqlen_offsets must be an int or an integer tensor, got {seqlen_offsets.dtype}"
+            )
+        if seqlen_offsets.shape != (B,):
+            raise ValueError(
+                f"apply_rotary_emb: seqlen_offsets must be an integer tensor of shape ({B},), "
+                f"got {tuple(seqlen_offsets.shape)}"
+            )
+        if seqlen_offsets.device != x.device:
+            raise ValueError(f"apply_rotary_emb: seqlen_offsets must be on x's device ({x.device})")
+    elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, numbers.Integral):
+        raise TypeError(
+            f"apply_rotary_emb: seqlen_offsets must be an int or an integer tensor, got {type(seqlen_offsets).__name__}"
+        )
+    elif seqlen_offsets < 0:
+        raise ValueError(f"apply_rotary_emb: seqlen_offsets must be an int >= 0, got {seqlen_offsets}")
     if cos.dim() == 3:
         if tuple(cos.shape[:2]) != (B, T):
             raise ValueError(f"apply_rotary_emb: per-sequence cos/sin must be ({B}, {T}, R/2), got {tuple(cos.shape)}")
         if not (isinstance(seqlen_offsets, numbers.Integral) and seqlen_offsets == 0):
             raise ValueError("apply_rotary_emb: seqlen_offsets must be 0 with per-sequence (B, T, R/2) cos/sin")
-    if isinstance(seqlen_offsets, Tensor):
-        if seqlen_offsets.shape != (B,) or seqlen_offsets.is_floating_point() or seqlen_offsets.dtype == torch.bool:
-            raise ValueError(
-                f"apply_rotary_emb: seqlen_offsets must be an int or an integer tensor of shape ({B},), "
-                f"got {seqlen_offsets.dtype} {tuple(seqlen_offsets.shape)}"
-            )
-        if seqlen_offsets.device != x.device:
-            raise ValueError(f"apply_rotary_emb: seqlen_offsets must be on x's device ({x.device})")
-    elif isinstance(seqlen_offsets, bool) or not isinstance(seqlen_offsets, numbers.Integral) or seqlen_offsets < 0:
-        raise ValueError(
-            f"apply_rotary_emb: seqlen_offsets must be an int >= 0 or a ({B},) tensor, got {seqlen_offsets!r}"
-        )
-    elif cos.dim() == 2 and seqlen_offsets + T > cos.shape[0]:
+    elif isinstance(seqlen_offsets, numbers.Integral) and seqlen_offsets + T > cos.shape[0]:
         raise ValueError(
             f"apply_rotary_emb: cos/sin have {cos.shape[0]} positions, fewer than seqlen_offsets + T = "
             f"{seqlen_offsets + T}"
         )
+
+
+def _kind(t) -> str:
+    """What a wrong argument is, for an error message: its dtype, or its type when not a tensor."""
+    return str(t.dtype) if isinstance(t, Tensor) else type(t).__name__
 
 
 def apply_rotary_emb(

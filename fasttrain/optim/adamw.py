@@ -241,8 +241,11 @@ class AdamW(Optimizer):
         for name, value in (("capturable", capturable), ("differentiable", differentiable)):
             if value:  # a step under CUDA graph capture, or one autograd can differentiate: not measured, not taken
                 raise ValueError(f"{name}=True is not supported by fasttrain's AdamW (use torch.optim.AdamW)")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        if max_grad_norm is not None:
+            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
+                raise TypeError(f"max_grad_norm must be a positive number or None, got {type(max_grad_norm).__name__}")
+            if not max_grad_norm > 0:
+                raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         _backend.requested_backend(backend)  # validates the name now rather than at the first step
         betas = tuple(b.squeeze() if isinstance(b, Tensor) and b.dim() != 0 else b for b in betas)
         # The keys of torch.optim.AdamW's groups, so that each optimizer can load the other's state_dict.
@@ -270,7 +273,7 @@ class AdamW(Optimizer):
         _check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         for p in group["params"]:
             if not torch.is_floating_point(p):
-                raise RuntimeError(f"fasttrain AdamW requires floating point parameters, got {p.dtype}")
+                raise TypeError(f"fasttrain AdamW requires floating point parameters, got {p.dtype}")
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)

@@ -1,0 +1,116 @@
+"""One exception type per kind of mistake, across every public op and AdamW: TypeError for a wrong type or dtype (a
+non-tensor, an integer tensor where a float one is needed), ValueError for a wrong value or shape."""
+
+import pytest
+import torch
+
+from fasttrain.ops import (
+    add_layer_norm,
+    add_rms_norm,
+    apply_rotary_emb,
+    cross_entropy,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    gelu,
+    layer_norm,
+    rms_norm,
+    scaled_dot_product_attention,
+)
+from fasttrain.optim import AdamW
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+def _cos_sin(T=4, half=4):
+    return _x(T, half), _x(T, half)
+
+
+def _varlen(q, k=None):
+    cu = torch.tensor([0, 3, 4], dtype=torch.int32)
+    k = q if k is None else k
+    return flash_attn_varlen_func(q, k, k, cu, cu, 3, 3)
+
+
+def _kvcache(q, cache=None):
+    cache = _x(2, 8, 2, 16) if cache is None else cache
+    return flash_attn_with_kvcache(q, cache, cache.clone(), cache_seqlens=torch.tensor([3, 5], dtype=torch.int32))
+
+
+LONG = torch.long
+# op -> (a wrong dtype, a non-tensor, a wrong shape or value): each a call that must raise
+CASES = {
+    "gelu": (
+        lambda: gelu(torch.arange(4)),
+        lambda: gelu([1.0, 2.0]),
+        lambda: gelu(_x(4), approximate="erf"),
+    ),
+    "layer_norm": (
+        lambda: layer_norm(_x(4, 8, dtype=LONG), (8,)),
+        lambda: layer_norm(_x(4, 8), (8,), weight=[1.0] * 8),
+        lambda: layer_norm(_x(4, 8), (7,)),
+    ),
+    "rms_norm": (
+        lambda: rms_norm(_x(4, 8), (8,), weight=_x(8, dtype=LONG)),
+        lambda: rms_norm(_x(4, 8), "8"),
+        lambda: rms_norm(_x(4, 8), (8,), weight=_x(4)),
+    ),
+    "add_layer_norm": (
+        lambda: add_layer_norm(_x(4, 8), _x(4, 8, dtype=LONG), (8,)),
+        lambda: add_layer_norm(_x(4, 8), None, (8,)),
+        lambda: add_layer_norm(_x(4, 8), _x(4, 4), (8,)),
+    ),
+    "add_rms_norm": (
+        lambda: add_rms_norm(_x(4, 8, dtype=LONG), _x(4, 8), (8,)),
+        lambda: add_rms_norm(_x(4, 8), _x(4, 8), (8,), eps="1e-6"),
+        lambda: add_rms_norm(_x(4, 8), _x(4, 8), (8,), eps=-1.0),
+    ),
+    "cross_entropy": (
+        lambda: cross_entropy(_x(4, 10, dtype=LONG), torch.zeros(4, dtype=LONG)),
+        lambda: cross_entropy(_x(4, 10), [0, 1, 2, 3]),
+        lambda: cross_entropy(_x(4, 10), torch.zeros(3, dtype=LONG)),
+    ),
+    "apply_rotary_emb": (
+        lambda: apply_rotary_emb(_x(1, 4, 2, 8, dtype=LONG), *_cos_sin()),
+        lambda: apply_rotary_emb(_x(1, 4, 2, 8), *_cos_sin(), seqlen_offsets=1.5),
+        lambda: apply_rotary_emb(_x(4, 2, 8), *_cos_sin()),
+    ),
+    "flash_attn_func": (
+        lambda: flash_attn_func(*(_x(1, 4, 2, 16, dtype=LONG),) * 3),
+        lambda: flash_attn_func(_x(1, 4, 2, 16), _x(1, 4, 2, 16), None),
+        lambda: flash_attn_func(*(_x(4, 2, 16),) * 3),
+    ),
+    "flash_attn_varlen_func": (
+        lambda: _varlen(_x(4, 2, 16, dtype=LONG)),
+        lambda: flash_attn_varlen_func(*(_x(4, 2, 16),) * 3, [0, 3, 4], [0, 3, 4], 3, 3),
+        lambda: _varlen(_x(1, 4, 2, 16)),
+    ),
+    "scaled_dot_product_attention": (
+        lambda: scaled_dot_product_attention(*(_x(1, 2, 4, 16, dtype=LONG),) * 3),
+        lambda: scaled_dot_product_attention(*(_x(1, 2, 4, 16),) * 3, attn_mask=[[True]]),
+        lambda: scaled_dot_product_attention(_x(1, 2, 4, 16), _x(1, 2, 4, 8), _x(1, 2, 4, 8)),
+    ),
+    "flash_attn_with_kvcache": (
+        lambda: _kvcache(_x(2, 1, 4, 16, dtype=LONG)),
+        lambda: _kvcache("q"),
+        lambda: _kvcache(_x(2, 4, 16)),
+    ),
+    "AdamW": (
+        lambda: AdamW([_x(3, dtype=LONG)]),
+        lambda: AdamW([_x(3)], max_grad_norm="1"),
+        lambda: AdamW([_x(3)], lr=-1.0),
+    ),
+}
+MISTAKES = [("wrong dtype", TypeError), ("not a tensor", TypeError), ("wrong shape or value", ValueError)]
+
+
+@pytest.mark.parametrize("mistake,error", MISTAKES, ids=[m for m, _ in MISTAKES])
+@pytest.mark.parametrize("op", list(CASES))
+def test_each_kind_of_mistake_raises_its_type(op, mistake, error):
+    call = CASES[op][[m for m, _ in MISTAKES].index(mistake)]
+    with pytest.raises(error) as raised:
+        call()
+    assert type(raised.value) is error  # not a subclass standing in for it
+    assert len(str(raised.value).splitlines()) == 1  # one line that names what was wrong
