@@ -16,25 +16,21 @@ import triton
 HEAD_DIM_CLASSES = {"d64": (32, 64), "d128": (96, 128), "d256": (256,)}
 
 # sm_90 lists hold only configs that compile without spills (cuobjdump STACK 0, bf16, GQA 2, pointers and row
-# strides specialized as multiples of 16 as at a real launch) under triton 3.7.1, CI's. tools/aot_sweep.py compiled
-# the grid (BLOCK 32/64/128, 4/8 warps, 2/3 stages) under 3.7.1 and 3.6.0 (torch 2.11's, the GPU machine's): every
-# config here is spill-free and on wgmma under both. Left out for spilling: fwd d128 (64,128,4,*) 16-80 B; dkdv
-# with 4 warps and 128-key tiles, 8-2056 B; dkdv d128 (64,128,8,*), FlashAttention-2's tile, up to 32 B; dq d128
-# (128,128,8,2) 48-56 B. Left out for faulting: dkdv d128 (64,64,8,3) made an illegal memory access on an H100
-# (triton 3.6.0, GQA 4:1, bf16, forced alone under CUDA_LAUNCH_BLOCKING=1) where the same tile at 2 stages and
-# (32,128,8,2) were right on every case tried (T 1024-8192, GQA 1/2/4, causal or not).
+# strides specialized as multiples of 16 as at a real launch) and on wgmma under triton 3.6.0 and 3.7.1
+# (tools/aot_sweep.py over BLOCK 32/64/128, 4/8 warps, 2/3 stages). Left out for spilling: fwd d128 (64,128,4,*)
+# 16-80 B; dkdv with 4 warps and 128-key tiles, 8-2056 B; dkdv d128 (64,128,8,*), FlashAttention-2's tile, up to
+# 32 B; dq d128 (128,128,8,2) 48-56 B. Left out for wrong results on sm_90 under triton 3.6.0: dkdv d128 (64,64,8,3)
+# (an illegal memory access at GQA 4:1, bf16, where the same tile at 2 stages is right), and the warp-specialized
+# forward's 128 x 64 tile at 3 stages (NaN rows, masked loop or not: a stage read before its load lands or after its
+# reuse), right in the interpreter (benchmarks/NOTES.md).
 # sm_80 lists are checked for compile errors and shared memory only (A100: 164 KB per block).
 # WARP_SPECIALIZE (sm_90, Q/K/V by TMA): Triton's Hopper warp specialization splits the key loop into one loading
 # warpgroup (setmaxnreg 40) and two computing ones (232), each on 64 of the 128 query rows: FlashAttention-3's
-# producer/consumer layout. num_warps=4 is one consumer's share: the kernel launches 12 warps. What the pass takes,
-# found by compiling for sm_90 under triton 3.6.0 and 3.7.1: one key loop (two or three in a row crashed it; a scalar
-# `if` around the mask left the loop unspecialized and spilling), so that loop masks every tile; Q read by TMA too (a
-# masked tl.load of Q failed it: "unsupported load type for producer commit"); no early return (an assertion). The
-# autotuner keeps these configs only where they win; they are pruned where TMA cannot read Q/K/V (tma_aligned).
-# On an H200 (triton 3.6.0) the forward's 128 x 64 tile at 3 stages gave NaN rows in 10 of the 12 GPU cases, the
-# unmasked loop too (so not the masks: a stage read before its load landed or after its reuse), and was right in the
-# interpreter; the 128 x 128 tile at 2 stages and both dK/dV tiles were right in every case (pytest-gpu.log in
-# benchmarks/results/nvidia-h200/), so the first left the list.
+# producer/consumer layout. num_warps=4 is one consumer's share: the kernel launches 12 warps. What the pass takes
+# under triton 3.6.0 and 3.7.1: one key loop (two or three in a row crash it; a scalar `if` around the mask leaves
+# the loop unspecialized and spilling), so that loop masks every tile; Q read by TMA too (a masked tl.load of Q fails
+# it: "unsupported load type for producer commit"); no early return (an assertion). The autotuner keeps these
+# configs only where they win; they are pruned where TMA cannot read Q/K/V (tma_aligned).
 _WS_ON = os.environ.get("FASTTRAIN_ATTENTION_WS", "1") != "0"
 FWD_WS_TILES = [(128, 128, 4, 2, True)]
 _FWD_WS = FWD_WS_TILES if _WS_ON else []
@@ -52,7 +48,7 @@ _FWD = {
 }
 # dK/dV's WARP_SPECIALIZE tiles: 128 keys, each computing warpgroup holding 64 keys' dK and dV; the same one loop over
 # (head, query tile), Q and dO by TMA (lse and delta by plain loads, which the pass takes inside the loop). At d128,
-# 64 query rows (FlashAttention-2's tile, which spills as a pointer loop, above) compiled spill-free under triton
+# 64 query rows (FlashAttention-2's tile, which spills as a pointer loop, above) compile spill-free under triton
 # 3.6.0 but with 8 B of stack under 3.7.1; 32 rows are clean under both (168 registers at entry, 12 warps), where
 # the same 32 x 128 tile as a 4-warp pointer loop takes 255 registers and 776 B of stack.
 DKDV_WS_TILES = {"d64": (64, 128, 4, 2, True), "d128": (32, 128, 4, 2, True)}
@@ -87,7 +83,7 @@ _DQ = {
     },
     80: {"d64": [(64, 64, 4, 3)], "d128": [(64, 32, 4, 3)], "d256": [(32, 32, 8, 2)]},
 }
-# The interpreter runs numpy per tile: fewer, larger tiles are faster (B1 H2 T300 D64: ~1 s per launch).
+# The interpreter's cost is per program and per tile operation, not per element: fewer, larger tiles are faster.
 _INTERPRETER = (64, 64, 4, 1)
 
 

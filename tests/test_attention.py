@@ -21,10 +21,9 @@ from fasttrain.kernels import attention_backward as backward_kernels
 from fasttrain.ops import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from fasttrain.ops.attention_reference import UNBOUNDED, attention_reference
 
-# fp32 kernel vs float64 oracle, absolute on unit-variance inputs: measured worst 3e-6 over the cases below.
-TOL_FP32 = 5e-5
-# the interpreter computes fp16/bf16 tiles in fp32 after loading; the error is the final rounding of out and grads.
-TOL_HALF = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+from helpers import TOL_FP32, TOL_HALF, assert_within_2x_torch, float64_leaves, grads, max_err
+
+TOL = TOL_FP32["attention"]
 
 
 def _inputs(B, Tq, Tk, H, Hkv, D, dtype=torch.float32, device="cpu", seed=0):
@@ -35,12 +34,9 @@ def _inputs(B, Tq, Tk, H, Hkv, D, dtype=torch.float32, device="cpu", seed=0):
     return q, k, v
 
 
-def _grads(out, inputs, dout):
-    return torch.autograd.grad(out, inputs, dout)
-
-
-def _max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
+def _cu_seqlens(lengths) -> torch.Tensor:
+    """(B + 1,) int32 offsets of packed sequences of these lengths."""
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
 def _choose(q, k, v):
@@ -60,7 +56,7 @@ CASES = [
     (1, 97, 300, 2, 2, 64, True, (-1, -1)),  # Tq < Tk, causal aligned bottom-right
     (2, 128, 17, 4, 4, 32, True, (-1, -1)),  # Tq > Tk: the first 111 rows see no key -> 0, lse +inf
     (1, 300, 128, 2, 1, 96, False, (-1, -1)),  # head_dim 96 padded to 128
-    (1, 1025, 1025, 1, 1, 32, True, (-1, -1)),  # STYLE.md's awkward 1025
+    (1, 1025, 1025, 1, 1, 32, True, (-1, -1)),  # one past a power of two
 ]
 
 
@@ -77,25 +73,25 @@ def test_kernel_matches_float64_reference(B, Tq, Tk, H, Hkv, D, causal, window, 
     out, lse, _ = flash_attn_func(
         q, k, v, causal=causal, window_size=window, return_attn_probs=True, deterministic=deterministic, backend=backend
     )
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = float64_leaves(q, k, v)
     ref, ref_lse, _ = flash_attn_func(
         q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True, backend="reference"
     )
     assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (B, H, Tq)
-    assert _max_err(out, ref) < TOL_FP32
+    assert max_err(out, ref) < TOL
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)  # rows that see no key: +inf in both
-    assert _max_err(lse[finite], ref_lse[finite]) < TOL_FP32
+    assert max_err(lse[finite], ref_lse[finite]) < TOL
     dout = torch.randn_like(out)
-    for name, got, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
-        assert _max_err(got, want) < TOL_FP32, f"d{name}"
+    for name, got, want in zip("qkv", grads(out, (q, k, v), dout), grads(ref, (q64, k64, v64), dout.double())):
+        assert max_err(got, want) < TOL, f"d{name}"
 
 
 @pytest.mark.parametrize("backend,deterministic", KERNELS, ids=KERNEL_IDS)
 def test_varlen_uneven_lengths_forward_and_backward(backend, deterministic):
     lens_q, lens_k = [1, 97, 17, 130], [1, 60, 17, 200]  # includes a length-1 sequence and Tq != Tk per sequence
-    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    cu_q = _cu_seqlens(lens_q)
+    cu_k = _cu_seqlens(lens_k)
     for causal, window in ((True, (-1, -1)), (False, (24, 8))):
         g = torch.Generator().manual_seed(1)
         q = torch.randn(sum(lens_q), 4, 64, generator=g).requires_grad_()  # (total_q, H, D)
@@ -115,15 +111,15 @@ def test_varlen_uneven_lengths_forward_and_backward(backend, deterministic):
             deterministic=deterministic,
             backend=backend,
         )
-        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        q64, k64, v64 = float64_leaves(q, k, v)
         ref, ref_lse = attention_reference(q64, k64, v64, 64**-0.5, *(_flash_window(causal, window)), cu_q, cu_k)
         assert lse.shape == (4, sum(lens_q))
-        assert _max_err(out, ref) < TOL_FP32
+        assert max_err(out, ref) < TOL
         finite = torch.isfinite(ref_lse)
-        assert torch.equal(torch.isfinite(lse), finite) and _max_err(lse[finite], ref_lse[finite]) < TOL_FP32
+        assert torch.equal(torch.isfinite(lse), finite) and max_err(lse[finite], ref_lse[finite]) < TOL
         dout = torch.randn_like(out)
-        for got, want in zip(_grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
-            assert _max_err(got, want) < TOL_FP32
+        for got, want in zip(grads(out, (q, k, v), dout), grads(ref, (q64, k64, v64), dout.double())):
+            assert max_err(got, want) < TOL
 
 
 def _pin_config(monkeypatch, module, tuner: str, kernel, tile, **fixed):
@@ -167,14 +163,14 @@ def test_warp_specialized_forward_matches_float64_reference(
 ):
     q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype=torch.bfloat16)
     out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True, backend="triton")
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = float64_leaves(q, k, v)
     ref, ref_lse, _ = flash_attn_func(
         q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True, backend="reference"
     )
-    assert _max_err(out, ref) < TOL_HALF[torch.bfloat16]
+    assert max_err(out, ref) < TOL_HALF[torch.bfloat16]
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite)
-    assert _max_err(lse[finite], ref_lse[finite]) < 1e-4  # fp32 throughout: only the log-sum order differs
+    assert max_err(lse[finite], ref_lse[finite]) < 1e-4  # fp32 throughout: only the log-sum order differs
     _check_half_gradients(q, k, v, out, q64, k64, v64, ref)  # the backward reads this forward's out and lse
 
 
@@ -197,8 +193,8 @@ def _check_half_gradients(q, k, v, out, q64, k64, v64, ref):
     """Gradients are bf16-rounded sums over up to Tq queries, so their error scales with their size: within 1% of the
     largest (8 bits of mantissa are 0.4%). A fixed dO, so that no earlier test's draws change the margins."""
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.dtype)
-    for name, got, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
-        assert _max_err(got, want) <= 1e-2 * want.abs().max().item() + 1e-3, f"d{name}"
+    for name, got, want in zip("qkv", grads(out, (q, k, v), dout), grads(ref, (q64, k64, v64), dout.double())):
+        assert max_err(got, want) <= 1e-2 * want.abs().max().item() + 1e-3, f"d{name}"
 
 
 @pytest.mark.parametrize("B,Tq,Tk,H,Hkv,D,causal,window", WS_CASES, ids=lambda c: str(c))
@@ -208,7 +204,7 @@ def test_warp_specialized_backward_matches_float64_reference(
     """dK/dV by the specialized loop on every awkward shape the forward's test takes (Tq 256: the unmasked loop)."""
     q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype=torch.bfloat16)
     out = flash_attn_func(q, k, v, causal=causal, window_size=window, deterministic=True, backend="triton")
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = float64_leaves(q, k, v)
     ref = flash_attn_func(q64, k64, v64, causal=causal, window_size=window, backend="reference")
     _check_half_gradients(q, k, v, out, q64, k64, v64, ref)
 
@@ -219,22 +215,22 @@ def test_warp_specialized_backward_lse_gradient_and_varlen(warp_specialized_back
     q, k, v = _inputs(2, 41, 33, 2, 1, 64, dtype=torch.bfloat16)
     out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, deterministic=True, backend="triton")
     loss = (out.float() ** 2).sum() + (lse * torch.linspace(-1, 1, 41)).sum()
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = float64_leaves(q, k, v)
     ref, ref_lse = attention_reference(q64, k64, v64, 64**-0.5, UNBOUNDED, 0)
     ref_loss = (ref**2).sum() + (ref_lse * torch.linspace(-1, 1, 41, dtype=torch.float64)).sum()
     # out ** 2 doubles out's bf16 rounding in dO: 2% of the largest gradient (the pointer loop's error here, 1.3%).
     for got, want in zip(torch.autograd.grad(loss, (q, k, v)), torch.autograd.grad(ref_loss, (q64, k64, v64))):
-        assert _max_err(got, want) <= 2e-2 * want.abs().max().item()
+        assert max_err(got, want) <= 2e-2 * want.abs().max().item()
     lens_q, lens_k = [1, 130, 17, 61], [5, 60, 200, 61]
-    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    cu_q = _cu_seqlens(lens_q)
+    cu_k = _cu_seqlens(lens_k)
     g = torch.Generator().manual_seed(4)
     q = torch.randn(sum(lens_q), 4, 64, generator=g).bfloat16().requires_grad_()
     k, v = (torch.randn(sum(lens_k), 2, 64, generator=g).bfloat16().requires_grad_() for _ in range(2))
     out = flash_attn_varlen_func(
         q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=True, deterministic=True, backend="triton"
     )
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = float64_leaves(q, k, v)
     ref, _ = attention_reference(q64, k64, v64, 64**-0.5, *(_flash_window(True, (-1, -1))), cu_q, cu_k)
     _check_half_gradients(q, k, v, out, q64, k64, v64, ref)
 
@@ -243,8 +239,8 @@ def test_warp_specialized_forward_varlen_skips_blocks_past_a_sequence(warp_speci
     """Packed sequences of uneven length: a 128-row block past a short sequence's end visits no key and writes
     nothing (no early return there), and no tile reads past its own sequence (the descriptors end at it)."""
     lens_q, lens_k = [1, 300, 17, 130], [1, 60, 200, 130]
-    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    cu_q = _cu_seqlens(lens_q)
+    cu_k = _cu_seqlens(lens_k)
     g = torch.Generator().manual_seed(2)
     q = torch.randn(sum(lens_q), 4, 64, generator=g).bfloat16()
     k, v = (torch.randn(sum(lens_k), 2, 64, generator=g).bfloat16() for _ in range(2))
@@ -254,9 +250,9 @@ def test_warp_specialized_forward_varlen_skips_blocks_past_a_sequence(warp_speci
     ref, ref_lse = attention_reference(
         q.double(), k.double(), v.double(), 64**-0.5, *(_flash_window(True, (-1, -1))), cu_q, cu_k
     )
-    assert _max_err(out, ref) < TOL_HALF[torch.bfloat16]
+    assert max_err(out, ref) < TOL_HALF[torch.bfloat16]
     finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite) and _max_err(lse[finite], ref_lse[finite]) < 1e-4
+    assert torch.equal(torch.isfinite(lse), finite) and max_err(lse[finite], ref_lse[finite]) < 1e-4
 
 
 def test_warp_specialized_kernels_take_empty_packed_sequences(warp_specialized_forward, warp_specialized_backward):
@@ -264,8 +260,8 @@ def test_warp_specialized_kernels_take_empty_packed_sequences(warp_specialized_f
     dQ 0) and of both, the last: their descriptors get one row, which no tile reads or writes (TMA takes no zero
     dimension)."""
     lens_q, lens_k = [0, 5, 130, 4, 0], [3, 0, 140, 7, 0]
-    cu_q = torch.tensor([0] + torch.tensor(lens_q).cumsum(0).tolist(), dtype=torch.int32)
-    cu_k = torch.tensor([0] + torch.tensor(lens_k).cumsum(0).tolist(), dtype=torch.int32)
+    cu_q = _cu_seqlens(lens_q)
+    cu_k = _cu_seqlens(lens_k)
     g = torch.Generator().manual_seed(6)
     q = torch.randn(sum(lens_q), 4, 64, generator=g).bfloat16().requires_grad_()
     k, v = (torch.randn(sum(lens_k), 2, 64, generator=g).bfloat16().requires_grad_() for _ in range(2))
@@ -282,14 +278,14 @@ def test_warp_specialized_kernels_take_empty_packed_sequences(warp_specialized_f
         deterministic=True,
         backend="triton",
     )
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = float64_leaves(q, k, v)
     ref, ref_lse = attention_reference(q64, k64, v64, 64**-0.5, *(_flash_window(True, (-1, -1))), cu_q, cu_k)
-    assert _max_err(out, ref) < TOL_HALF[torch.bfloat16]
+    assert max_err(out, ref) < TOL_HALF[torch.bfloat16]
     assert torch.all(out[:5] == 0) and torch.all(lse[:, :5] == float("inf"))  # sequence 1's queries see no key
     dk, dv = torch.autograd.grad(out, (k, v), torch.randn(out.shape, generator=g).to(out.dtype), retain_graph=True)
     assert torch.all(dk[:3] == 0) and torch.all(dv[:3] == 0)  # sequence 0's keys, seen by no query
     finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite) and _max_err(lse[finite], ref_lse[finite]) < 1e-4
+    assert torch.equal(torch.isfinite(lse), finite) and max_err(lse[finite], ref_lse[finite]) < 1e-4
     _check_half_gradients(q, k, v, out, q64, k64, v64, ref)
 
 
@@ -361,7 +357,7 @@ def test_varlen_strided_cu_seqlens():
     assert strided.stride(0) == 2
     got = flash_attn_varlen_func(q, k, v, strided, strided, 24, 24, causal=True, backend="triton")
     want = flash_attn_varlen_func(q, k, v, cu, cu, 24, 24, causal=True, backend="reference")
-    assert _max_err(got, want) < TOL_FP32
+    assert max_err(got, want) < TOL
 
 
 def _count_offset_reads(monkeypatch):
@@ -411,7 +407,7 @@ def test_varlen_under_inference_mode():
         for _ in range(2):
             got = flash_attn_varlen_func(q, k, v, cu, cu, 15, 15, causal=True, backend="triton")
         want = flash_attn_varlen_func(q, k, v, cu, cu, 15, 15, causal=True, backend="reference")
-    assert _max_err(got, want) < TOL_FP32
+    assert max_err(got, want) < TOL
 
 
 @pytest.mark.gpu
@@ -444,11 +440,11 @@ def test_lse_gradient_flows(backend):
     q, k, v = _inputs(2, 40, 33, 2, 1, 32)
     out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend=backend)
     loss = (out * out).sum() + (lse * torch.linspace(-1, 1, 40)).sum()
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = float64_leaves(q, k, v)
     ref, ref_lse = attention_reference(q64, k64, v64, 32**-0.5, UNBOUNDED, 0)
     ref_loss = (ref * ref).sum() + (ref_lse * torch.linspace(-1, 1, 40, dtype=torch.float64)).sum()
     for got, want in zip(torch.autograd.grad(loss, (q, k, v)), torch.autograd.grad(ref_loss, (q64, k64, v64))):
-        assert _max_err(got, want) < TOL_FP32
+        assert max_err(got, want) < TOL
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "dq_kernel"])
@@ -463,14 +459,14 @@ def test_very_negative_scores_keep_gradients_finite(Tq, deterministic):
     v = torch.randn(1, 40, 2, 32, generator=g).requires_grad_()
     out, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, deterministic=deterministic, backend="triton")
     assert lse.max() < -120
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = float64_leaves(q, k, v)
     ref = flash_attn_func(q64, k64, v64, backend="reference")
     dout = torch.randn(out.shape, generator=g)
-    for name, got, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
+    for name, got, want in zip("qkv", grads(out, (q, k, v), dout), grads(ref, (q64, k64, v64), dout.double())):
         assert torch.isfinite(got).all(), f"d{name}"
         # scores of -140 in fp32 carry ~1e-5 of rounding into every exp: 0.1% of the largest gradient (measured
         # worst 5.2e-5 on dQ's 0.08)
-        assert _max_err(got, want) < TOL_FP32 + 1e-3 * want.abs().max().item(), f"d{name}"
+        assert max_err(got, want) < TOL + 1e-3 * want.abs().max().item(), f"d{name}"
 
 
 @pytest.fixture
@@ -498,11 +494,11 @@ def atomic_dq_32_rows(monkeypatch):
 def test_atomic_dq_on_32_row_tiles_matches_float64(atomic_dq_32_rows, B, Tq, Tk, H, Hkv, D, causal, window):
     q, k, v = _inputs(B, Tq, Tk, H, Hkv, D)
     out = flash_attn_func(q, k, v, causal=causal, window_size=window, backend="triton")
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = float64_leaves(q, k, v)
     ref = flash_attn_func(q64, k64, v64, causal=causal, window_size=window, backend="reference")
     dout = torch.randn_like(out)
-    for name, got, want in zip("qkv", _grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
-        assert _max_err(got, want) < TOL_FP32, f"d{name}"
+    for name, got, want in zip("qkv", grads(out, (q, k, v), dout), grads(ref, (q64, k64, v64), dout.double())):
+        assert max_err(got, want) < TOL, f"d{name}"
 
 
 class _LaunchSpy:
@@ -550,7 +546,7 @@ def test_sdpa_matches_torch(Tq, Tk, causal):
     got = scaled_dot_product_attention(
         *(t.float() for t in (q, k, v)), is_causal=causal, enable_gqa=True, scale=0.3, backend="triton"
     )
-    assert got.shape == want.shape and _max_err(got, want) < TOL_FP32
+    assert got.shape == want.shape and max_err(got, want) < TOL
 
 
 def test_sdpa_attn_mask_and_dropout_take_the_reference_path():
@@ -559,7 +555,7 @@ def test_sdpa_attn_mask_and_dropout_take_the_reference_path():
     mask[:, 0] = True
     for m in (mask, torch.randn(2, 1, 24, 24, dtype=torch.float64)):
         want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
-        assert _max_err(scaled_dot_product_attention(q, k, v, attn_mask=m), want) < 1e-12
+        assert max_err(scaled_dot_product_attention(q, k, v, attn_mask=m), want) < 1e-12
     with pytest.raises(_backend.BackendError, match="attn_mask"):
         scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, backend="triton")
     torch.manual_seed(0)
@@ -569,6 +565,39 @@ def test_sdpa_attn_mask_and_dropout_take_the_reference_path():
         flash_attn_func(q.float(), k.float(), v.float(), dropout_p=0.1, backend="triton")
 
 
+@pytest.mark.parametrize("case", ["dropout", "packed dropout", "float mask", "bool mask"])
+def test_reference_dropout_and_mask_gradients_check_numerically(case):
+    """The reference backend's closed-form backward with dropout (its mask drawn again from the forward's seed) and
+    an attn_mask (a float one takes a gradient too), checked by torch.autograd.gradcheck in float64 (and the double
+    backward by gradgradcheck); torch's RNG is reseeded at each call so that every call drops the same
+    probabilities."""
+    q, k, v = float64_leaves(*_inputs(1, 5, 6, 2, 1, 4, seed=7))
+    mask = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+
+    def attend(q, k, v, mask, on=True):
+        """The case's attention; on=False leaves the dropout or the mask out."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            p = 0.3 if on else 0.0
+            if case == "packed dropout":
+                cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+                return flash_attn_varlen_func(q[0], k[0, :5], v[0, :5], cu, cu, 3, 3, dropout_p=p, causal=True)
+            if case == "dropout":
+                return flash_attn_func(q, k, v, dropout_p=p, causal=True)
+            attn_mask = None if not on else mask if case == "float mask" else mask > 0
+            sdpa = scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask, enable_gqa=True)
+            return sdpa.transpose(1, 2)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback to the reference, which this test means
+        assert not torch.allclose(attend(q, k, v, mask), attend(q, k, v, mask, on=False))  # dropout or mask acts
+        inputs = (q, k, v, mask) if case == "float mask" else (q, k, v)
+        fn = (lambda *t: attend(*t)) if case == "float mask" else (lambda q, k, v: attend(q, k, v, mask))
+        assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+        if case == "dropout":  # the double backward recomputes the forward, with the same mask
+            assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
+
+
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_on_the_cpu(dtype, backend):
@@ -576,12 +605,12 @@ def test_half_precision_on_the_cpu(dtype, backend):
     rounded once at the end by the C++ kernel)."""
     q, k, v = _inputs(1, 50, 50, 2, 1, 64, dtype=dtype)
     out = flash_attn_func(q, k, v, causal=True, backend=backend)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = float64_leaves(q, k, v)
     ref = flash_attn_func(q64, k64, v64, causal=True, backend="reference")
-    assert out.dtype == dtype and _max_err(out, ref) < TOL_HALF[dtype]
+    assert out.dtype == dtype and max_err(out, ref) < TOL_HALF[dtype]
     dout = torch.randn_like(out)
-    for got, want in zip(_grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):
-        assert got.dtype == dtype and _max_err(got, want) < 4 * TOL_HALF[dtype]
+    for got, want in zip(grads(out, (q, k, v), dout), grads(ref, (q64, k64, v64), dout.double())):
+        assert got.dtype == dtype and max_err(got, want) < 4 * TOL_HALF[dtype]
 
 
 @pytest.mark.parametrize("backend,deterministic", KERNELS, ids=KERNEL_IDS)
@@ -630,7 +659,7 @@ def test_torch_compile_fullgraph_no_graph_break(backend):
     got = torch.autograd.grad(compiled(q, k, v), (q, k, v))
     want = torch.autograd.grad(loss_fn(q, k, v), (q, k, v))
     for a, b in zip(got, want):
-        assert _max_err(a, b) < 1e-5
+        assert max_err(a, b) < 1e-5
 
 
 def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
@@ -666,18 +695,18 @@ def test_cpu_kernel_across_key_tiles(Tq, Tk, H, Hkv, D, causal, window):
     every gradient (a loss on lse too) against float64."""
     q, k, v = _inputs(1, Tq, Tk, H, Hkv, D, seed=3)
     out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True, backend="cpu")
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    q64, k64, v64 = float64_leaves(q, k, v)
     ref, ref_lse, _ = flash_attn_func(
         q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True, backend="reference"
     )
     finite = torch.isfinite(ref_lse)
-    assert _max_err(out, ref) < TOL_FP32 and torch.equal(torch.isfinite(lse), finite)
-    assert _max_err(lse[finite], ref_lse[finite]) < TOL_FP32
+    assert max_err(out, ref) < TOL and torch.equal(torch.isfinite(lse), finite)
+    assert max_err(lse[finite], ref_lse[finite]) < TOL
     dout, dlse = torch.randn_like(out), torch.randn_like(lse).masked_fill(~finite, 0.0)
     got = torch.autograd.grad((out, lse), (q, k, v), (dout, dlse))
     want = torch.autograd.grad((ref, ref_lse), (q64, k64, v64), (dout.double(), dlse.double()))
     for name, a, b in zip("qkv", got, want):
-        assert _max_err(a, b) < TOL_FP32, f"d{name}"
+        assert max_err(a, b) < TOL, f"d{name}"
 
 
 def test_cpu_kernel_takes_strided_inputs_and_is_bitwise_repeatable():
@@ -688,9 +717,9 @@ def test_cpu_kernel_takes_strided_inputs_and_is_bitwise_repeatable():
     runs = []
     for _ in range(2):
         out = flash_attn_func(q, k, v, causal=True, backend="cpu")
-        runs.append((out, *_grads(out, (q, k, v), dout)))
+        runs.append((out, *grads(out, (q, k, v), dout)))
     ref = flash_attn_func(*(t.detach().contiguous() for t in (q, k, v)), causal=True, backend="reference")
-    assert _max_err(runs[0][0], ref) < TOL_FP32
+    assert max_err(runs[0][0], ref) < TOL
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
@@ -729,9 +758,9 @@ def test_cpu_kernel_tiles_through_blas_or_at_mm(route, tmp_path):
     for q, kv, causal, dout, out, dq, dkv in run["results"]:
         q64, kv64 = (t.double().requires_grad_() for t in (q, kv))
         ref = flash_attn_func(q64, *kv64.unbind(2), causal=causal, backend="reference")
-        assert _max_err(out, ref) < TOL_FP32
+        assert max_err(out, ref) < TOL
         want = torch.autograd.grad(ref, (q64, kv64), dout.double())
-        assert _max_err(dq, want[0]) < TOL_FP32 and _max_err(dkv, want[1]) < TOL_FP32
+        assert max_err(dq, want[0]) < TOL and max_err(dkv, want[1]) < TOL
 
 
 def test_unsupported_head_dim_falls_back_or_refuses(monkeypatch):
@@ -759,7 +788,7 @@ def test_no_keys_give_zeros_as_torch(backend):
     cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in ([0, 3, 6], [0, 0, 4]))
     packed = flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, 3, 4, backend=backend)
     assert torch.equal(packed[:3], torch.zeros(3, 2, 32))
-    assert _max_err(packed[3:], flash_attn_func(q[:, 3:], k, v, backend="reference")[0]) < TOL_FP32
+    assert max_err(packed[3:], flash_attn_func(q[:, 3:], k, v, backend="reference")[0]) < TOL
 
 
 def test_more_sequences_than_the_grid_takes_fall_back_to_the_reference(monkeypatch):
@@ -774,7 +803,7 @@ def test_more_sequences_than_the_grid_takes_fall_back_to_the_reference(monkeypat
     cu = torch.tensor([0, 5, 10, 15], dtype=torch.int32)
     with pytest.warns(RuntimeWarning, match="sequences exceed"):
         packed = flash_attn_varlen_func(*(t.reshape(15, 2, 32) for t in (q, k, v)), cu, cu, 5, 5, causal=True)
-    assert _max_err(packed, flash_attn_func(q, k, v, causal=True, backend="reference").reshape(15, 2, 32)) < 1e-6
+    assert max_err(packed, flash_attn_func(q, k, v, causal=True, backend="reference").reshape(15, 2, 32)) < 1e-6
 
 
 @pytest.mark.parametrize("aliased", [False, True], ids=["qkv", "x-as-qkv"])
@@ -800,10 +829,10 @@ def test_double_backward_matches_torch_float64(causal, aliased):
         got = penalty(lambda x, *_: flash_attn_func(x, x, x, causal=causal, backend="triton"), x, x, x)
     else:
         q, k, v = _inputs(1, 9, 9, 4, 2, 32)
-        want = penalty(torch_sdpa, *(t.detach().double().requires_grad_() for t in (q, k, v)))
+        want = penalty(torch_sdpa, *float64_leaves(q, k, v))
         got = penalty(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, backend="triton"), q, k, v)
     for name, g, ref in zip("qkv", got, want):
-        assert _max_err(g, ref) < TOL_FP32 * ref.abs().max().item(), f"d{name}"
+        assert max_err(g, ref) < TOL * ref.abs().max().item(), f"d{name}"
 
 
 @pytest.mark.parametrize(
@@ -941,9 +970,8 @@ with pytest.MonkeyPatch.context() as mp:
 def test_gpu_tma_kernels_take_empty_packed_sequences():
     """Sequences of 0 rows (queries, keys or both; the last among them) through the warp-specialized forward and
     dK/dV, which cannot return early: their descriptors get one row that no tile touches (tma_rows in
-    kernels/_attention_tiles.py), never run on a card yet. In a child process, so that a fault there cannot poison
-    this worker's CUDA context for the tests after it; not named for the probe stage of tools/gpu_check.sh, whose
-    failure would turn the specialized kernels off for the whole call."""
+    kernels/_attention_tiles.py). In a child process, so that a fault there cannot poison this worker's CUDA context
+    for the tests after it."""
     child = subprocess.run(
         [sys.executable, "-c", _EMPTY_SEQUENCES_CHILD, os.path.dirname(__file__)],
         capture_output=True,
@@ -965,7 +993,7 @@ def test_gpu_deterministic_backward_is_bitwise_repeatable(monkeypatch):
     q, k, v = _inputs(2, 2048, 2048, 8, 2, 128, dtype=torch.bfloat16, device="cuda")
     dout = torch.randn(q.shape, device="cuda", dtype=q.dtype)
     grads = [
-        _grads(flash_attn_func(q, k, v, causal=True, deterministic=True, backend="triton"), (q, k, v), dout)
+        grads(flash_attn_func(q, k, v, causal=True, deterministic=True, backend="triton"), (q, k, v), dout)
         for _ in range(2)
     ]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
@@ -981,7 +1009,7 @@ def test_gpu_kv_rows_tma_cannot_read_take_the_pointer_loop():
     out = flash_attn_func(q, k, v, causal=True, backend="triton")
     ref = flash_attn_func(q.float(), k.float(), v.float(), causal=True, backend="reference")
     pt = flash_attn_func(q, k, v, causal=True, backend="reference")
-    assert _max_err(out, ref) <= 2 * _max_err(pt, ref) + 1e-5
+    assert_within_2x_torch(out, pt, ref, measure=max_err, slack=1e-5)
 
 
 def _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype, deterministic=False):
@@ -990,12 +1018,12 @@ def _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype, determini
     pt = flash_attn_func(q, k, v, causal=causal, window_size=window, backend="reference")  # eager PyTorch, same dtype
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = flash_attn_func(q32, k32, v32, causal=causal, window_size=window, backend="reference")
-    assert _max_err(out, ref) <= 2 * _max_err(pt, ref) + 1e-5
+    assert_within_2x_torch(out, pt, ref, measure=max_err, slack=1e-5)
     dout = torch.randn_like(out)
     for name, got, mine, want in zip(
-        "qkv", _grads(out, (q, k, v), dout), _grads(pt, (q, k, v), dout), _grads(ref, (q32, k32, v32), dout.float())
+        "qkv", grads(out, (q, k, v), dout), grads(pt, (q, k, v), dout), grads(ref, (q32, k32, v32), dout.float())
     ):
-        assert _max_err(got, want) <= 2 * _max_err(mine, want) + 1e-5, f"d{name}"
+        assert_within_2x_torch(got, mine, want, measure=max_err, slack=1e-5, what=f"d{name}")
 
 
 @pytest.mark.gpu
@@ -1004,7 +1032,7 @@ def test_gpu_sdpa_bf16():
     got = scaled_dot_product_attention(qs, ks, vs, is_causal=True, backend="triton")
     torch_bf16 = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
     ref = F.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), is_causal=True)
-    assert _max_err(got, ref) <= 2 * _max_err(torch_bf16, ref) + 1e-5
+    assert_within_2x_torch(got, torch_bf16, ref, measure=max_err, slack=1e-5)
 
 
 def _check_gpu_varlen(deterministic=False, lens=(1, 1000, 3000, 17), lens_k=None):
@@ -1022,9 +1050,9 @@ def _check_gpu_varlen(deterministic=False, lens=(1, 1000, 3000, 17), lens_k=None
     out = flash_attn_varlen_func(q, k, v, *packing, causal=True, deterministic=deterministic, backend="triton")
     pt = flash_attn_varlen_func(q, k, v, *packing, causal=True, backend="reference")
     ref = flash_attn_varlen_func(q32, k32, v32, *packing, causal=True, backend="reference")
-    assert _max_err(out, ref) <= 2 * _max_err(pt, ref) + 1e-5
+    assert_within_2x_torch(out, pt, ref, measure=max_err, slack=1e-5)
     dout = torch.randn(out.shape, generator=g, device="cuda").bfloat16()
     for name, got, mine, want in zip(
-        "qkv", _grads(out, (q, k, v), dout), _grads(pt, (q, k, v), dout), _grads(ref, (q32, k32, v32), dout.float())
+        "qkv", grads(out, (q, k, v), dout), grads(pt, (q, k, v), dout), grads(ref, (q32, k32, v32), dout.float())
     ):
-        assert _max_err(got, want) <= 2 * _max_err(mine, want) + 1e-5, f"d{name}"
+        assert_within_2x_torch(got, mine, want, measure=max_err, slack=1e-5, what=f"d{name}")

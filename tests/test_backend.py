@@ -54,9 +54,9 @@ def test_a_backend_not_meant_for_the_device_is_no_fallback_worth_a_warning(monke
 
 
 def test_no_reason_is_built_in_a_call_so_that_a_trace_never_breaks_on_one(monkeypatch):
-    """torch.compile traces the backend choice, and Dynamo under torch 2.11 cannot trace str.__new__: on an H200
-    (2026-12-04) a NotForDevice built per call broke the graph at every op. The reasons returned for CUDA tensors and
-    CPU ones are module constants, and the triton import check is a constant to a trace (no functools.cache wrapper,
+    """torch.compile traces the backend choice, and Dynamo under torch 2.11 cannot trace str.__new__: a NotForDevice
+    built per call would break the graph at every op. The reasons returned for CUDA tensors and CPU ones are module
+    constants, and the triton import check is a constant to a trace (no functools.cache wrapper,
     which Dynamo warned about at each compile)."""
     from fasttrain.ops import flash_attn_func, gelu, layer_norm
 

@@ -17,9 +17,9 @@ import torch
 from fasttrain.model import GPT, GPTConfig
 from fasttrain.optim import AdamW
 
-# head_dim 32 (d_model / n_head), the smallest the Triton kernels take. The interpreter's cost is per program
-# B2 H2 T64 (one 64x64 tile) measured ~0.2 s per launch, and a step launches 4 kernels per layer
-# (forward; backward's preprocess, dK/dV and dQ). At B1 and 2 layers a whole 8-step fast run measured 2.7-3.9 s.
+# head_dim 32 (d_model / n_head), the smallest the Triton kernels take. The interpreter's cost is per program and
+# tile, and a step launches 4 attention kernels per layer (forward; backward's preprocess, dK/dV and dQ): B1, T64
+# (one 64x64 tile) and 2 layers keep the fast run to seconds.
 TINY = dict(n_layer=2, n_head=2, d_model=64, vocab_size=96, max_seq_len=64)
 B, T, STEPS, LR = 1, 64, 8, 3e-3
 
@@ -105,8 +105,8 @@ def test_fast_and_reference_agree_with_gqa_and_rotary():
 @pytest.mark.parametrize("variant", [dict(TINY, positions="learned"), GQA_ROTARY], ids=["mha_learned", "gqa_rotary"])
 def test_fast_and_reference_agree_on_cuda_in_bf16(variant):
     # The CUDA kernels take fp16/bf16 only, so the fast run trains under bf16 autocast with the CUDA AdamW. Judged
-    # by the house rule (STYLE.md): its loss curve may stray from the fp32 reference by at most 2x as far as the
-    # reference ops' own bf16-autocast curve does.
+    # by the house rule for low precision (tests/helpers.py): its loss curve may stray from the fp32 reference by at
+    # most 2x as far as the reference ops' own bf16-autocast curve does.
     cfg = GPTConfig(**variant)
     batches = _batches(cfg.vocab_size)
     fast, _ = _train(cfg, "triton", "cuda", batches, "cuda", torch.bfloat16)

@@ -1,7 +1,7 @@
 """Fused attention: flash-attn's `flash_attn_func` / `flash_attn_varlen_func` and torch's
 `scaled_dot_product_attention` over one registered op.
 
-Backends: `triton` (fasttrain/kernels/attention*.py: CUDA fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu`
+Backends: `triton` (kernels/attention*.py: CUDA fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu`
 (csrc/attention_cpu.cpp: CPU tensors in fp32, bf16 or fp16, computed in fp32) and `reference`
 (fasttrain/ops/attention_reference.py: plain PyTorch, any device and dtype, and the only one with an `attn_mask` or
 `dropout_p > 0`).

@@ -2,7 +2,7 @@
 returns the per-row losses (reduced after it with plain torch ops, so autograd hands the backward a per-row gradient
 whatever the reduction).
 
-Backends: `triton` (fasttrain/kernels/cross_entropy.py: never materializes fp32 logits or log-probabilities) and
+Backends: `triton` (kernels/cross_entropy.py: never materializes fp32 logits or log-probabilities) and
 `reference` (plain PyTorch in fp32: the logsumexp forward, and the gradient softmax - onehot from the saved
 logsumexp, as the kernel computes it, rather than torch's autograd through log_softmax and nll_loss).
 """

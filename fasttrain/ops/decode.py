@@ -1,6 +1,6 @@
 """KV-cache decoding: `flash_attn_with_kvcache`, flash-attn's signature.
 
-Backends: `triton` (the split-KV kernels, fasttrain/kernels/decode.py), `cpu` (the reference's append, then the C++
+Backends: `triton` (the split-KV kernels, kernels/decode.py), `cpu` (the reference's append, then the C++
 decode kernel of csrc/attention_cpu.cpp, which reads each sequence's cache row in place) and `reference` (plain
 PyTorch, fp32 math).
 
@@ -132,7 +132,7 @@ class Cpu:
 
 
 class Triton:
-    """fasttrain/kernels/decode.py: append (rotary fused), split-KV decode, combine."""
+    """kernels/decode.py: append (rotary fused), split-KV decode, combine."""
 
     @staticmethod
     def forward(*args) -> tuple[torch.Tensor, torch.Tensor]:  # the registered op's arguments, less the backend

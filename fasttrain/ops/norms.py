@@ -2,7 +2,7 @@
 (`add_layer_norm`, `add_rms_norm`: flash-attn's layer_norm_fn with residual= and prenorm=True, Liger's fused add +
 RMSNorm), all four over one registered op on rows (M, N).
 
-Backends: `triton` (fasttrain/kernels/norms.py: one pass each way, rows up to MAX_N wide held in registers) and
+Backends: `triton` (kernels/norms.py: one pass each way, rows up to MAX_N wide held in registers) and
 `reference` (plain PyTorch: torch's native LayerNorm and its backward from the saved statistics; RMSNorm in closed
 form). The reference is what CPU tensors take without the Triton interpreter; its backward computes the gradients
 from the forward's mean and 1/std as the kernel does, rather than recomputing the forward under autograd.

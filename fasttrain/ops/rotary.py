@@ -2,7 +2,7 @@
 registered ops: `fasttrain::rotary` (out of place, with autograd: the gradient is the upstream gradient rotated
 back, the same op with conjugate=True) and `fasttrain::rotary_` (in place, no autograd).
 
-Backends: `triton` (fasttrain/kernels/rotary.py) and `cpu` (csrc/rotary_cpu.cpp), each reading x once and writing
+Backends: `triton` (kernels/rotary.py) and `cpu` (csrc/rotary_cpu.cpp), each reading x once and writing
 the result once, and `reference` (plain PyTorch in fp32).
 """
 
