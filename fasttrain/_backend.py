@@ -10,9 +10,9 @@ serve raises `BackendError`; FASTTRAIN_BACKEND=<name> forces one for a whole run
 choosing automatically). The reference is a column like the others: plain PyTorch, the test oracle and the
 fallback. docs/adding-an-op.md walks a new op through.
 
-This module is also the only place that reads the environment switches (FASTTRAIN_BACKEND, TRITON_INTERPRET) and the
-only loader of the Triton kernels (`kernels`), which are imported on first use: a process that never launches one
-never imports Triton's compiler.
+This module is also where the ops read the backend switches (FASTTRAIN_BACKEND, TRITON_INTERPRET; the kernels read
+the latter in kernels/_launch.py) and the only loader of the Triton kernels (`kernels`), which are imported on first
+use: a process that never launches one never imports Triton's compiler.
 """
 
 from __future__ import annotations

@@ -3,13 +3,14 @@ returns the per-row losses (reduced after it with plain torch ops, so autograd h
 whatever the reduction).
 
 Backends: `triton` (kernels/cross_entropy.py: never materializes fp32 logits or log-probabilities) and
-`reference` (plain PyTorch in fp32: the logsumexp forward, and the gradient softmax - onehot from the saved
-logsumexp, as the kernel computes it, rather than torch's autograd through log_softmax and nll_loss).
+`reference` (plain PyTorch in fp32: torch's log_softmax and nll_loss forward, and the gradient softmax - onehot in
+closed form from the saved logsumexp, as the kernel computes it, rather than torch's autograd through them).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fasttrain import _backend
@@ -27,10 +28,12 @@ class Reference:
     @staticmethod
     def forward(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
         x = logits.float()
-        kept = target != ignore_index
-        lse = torch.logsumexp(x, dim=-1)  # (N,)
-        picked = x.gather(1, torch.where(kept, target, 0)[:, None]).squeeze(1)  # (N,) x[target]; an ignored row, 0's
-        return torch.where(kept, lse - picked, 0.0), lse
+        logp = torch.log_softmax(x, dim=-1)  # (N, V)
+        loss = F.nll_loss(logp, target, ignore_index=ignore_index, reduction="none")  # (N,), an ignored row's 0
+        # lse = x_j - logp_j at any column j: at the target, where logp_j = -loss is rounded least (an ignored row
+        # takes column 0, its gradient being 0 anyway). One gather each instead of another pass over the logits.
+        col = torch.where(target == ignore_index, 0, target)[:, None]  # (N, 1)
+        return loss, (x.gather(1, col) - logp.gather(1, col)).squeeze(1)
 
     @staticmethod
     def backward(grad_row: Tensor, logits: Tensor, target: Tensor, lse: Tensor, ignore_index: int) -> Tensor:

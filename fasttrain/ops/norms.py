@@ -44,7 +44,7 @@ class Reference:
         else:
             y, mean, rstd = torch.native_layer_norm(rows, rows.shape[-1:], weight, bias, eps)
             mean, rstd = mean.view(-1), rstd.view(-1)  # (M, 1) -> (M,)
-        return y.to(out_dtype), (s if residual is not None else x.new_empty(0)), mean, rstd
+        return _to(y, out_dtype), (s if residual is not None else x.new_empty(0)), mean, rstd
 
     @staticmethod
     def backward(dy, x, weight, mean, rstd, is_rms, has_bias, dres, dx2_dtype):
@@ -67,12 +67,7 @@ class Reference:
         if dres is not None:
             dx = dx + dres
         param_dtype = weight.dtype if weight is not None else x.dtype
-        return (
-            dx.to(x.dtype),
-            None if dx2_dtype is None else dx.to(dx2_dtype),
-            None if dw is None else dw.to(param_dtype),
-            None if db is None else db.to(param_dtype),
-        )
+        return _to(dx, x.dtype), _to(dx if dx2_dtype else None, dx2_dtype), _to(dw, param_dtype), _to(db, param_dtype)
 
 
 def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
