@@ -215,7 +215,7 @@ HEADLINE += [
     Headline("AdamW", "adamw", {"params": 139686912}, "140M params, fp32"),
     Headline("AdamW", "adamw", {"params": 1068873216}, "1.07B params, fp32"),
     Headline("cross-entropy", "cross_entropy", {"N": 8192, "V": 50304}, "N 8192 x V 50304, bf16"),
-    Headline("LayerNorm", "norms", {"op": "layer_norm", "M": 16384, "N": 768}, "16384 x 768"),
+    Headline("LayerNorm", "norms", {"op": "layer_norm", "M": 16384, "N": 768}, "16384 x 768, fp32 in, bf16 out"),
     Headline("rotary", "rotary", {"B": 16, "T": 1024, "H": 12}, "B 16 x T 1024 x H 12 x D 64, bf16"),
     Headline("rotary", "rotary", {"B": 4, "T": 4096, "H": 32}, "B 4 x T 4096, GQA 32/8, D 128, bf16"),
 ]
