@@ -162,11 +162,15 @@ def test_bad_input_is_a_counted_skip_never_a_crash(tmp_path, capsys):
     (bad / "nocolumn.csv").write_text("a,b\n1,2\n")
     (bad / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00garbage")
     write_dataset(bad / "ds", {"body": ["x"]})
+    write_dataset(bad / "ds_badstate", {"text": ["x"]})
+    (bad / "ds_badstate" / "state.json").write_text("{not json")
+    write_dataset(bad / "ds_noshard", {"text": ["x"]})
+    (bad / "ds_noshard" / "data-00000-of-00001.arrow").unlink()
     cfg = config(tmp_path, [bad], max_decompressed_bytes=1_000_000)
     with pytest.raises(ValueError) as error:
         prepare(cfg)
     message = str(error.value)
-    assert len(message.splitlines()) == 1 and message.startswith("DataConfig.paths: the corpus is empty: 10 files")
+    assert len(message.splitlines()) == 1 and message.startswith("DataConfig.paths: the corpus is empty: 11 files")
     reasons = {
         "1 corrupt gzip",
         "2 decompresses to over 1,000,000 bytes (DataConfig.max_decompressed_bytes)",
@@ -175,6 +179,8 @@ def test_bad_input_is_a_counted_skip_never_a_crash(tmp_path, capsys):
         "1 notebook not JSON",
         "1 notebook without cells",
         "1 unreadable image",
+        "1 corrupt datasets folder (state.json)",
+        "1 datasets folder without a shard its state.json names",
     }
     for reason in reasons:
         assert reason in message, reason
@@ -183,7 +189,7 @@ def test_bad_input_is_a_counted_skip_never_a_crash(tmp_path, capsys):
     (bad / "good.md").write_text("one good document\n")
     corpus = prepare(cfg)
     assert documents(corpus) == ["one good document\n"]
-    assert sum(corpus.manifest["sources"][str(bad)]["skipped"].values()) == 10
+    assert sum(corpus.manifest["sources"][str(bad)]["skipped"].values()) == 12  # 11 files, 1 shard not there
 
 
 def test_missing_optional_readers_are_skip_reasons(tmp_path, formats_dir, monkeypatch):

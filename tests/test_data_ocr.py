@@ -58,8 +58,8 @@ def recovered(expected: list[str], text: str) -> float:
 
 @pytest.fixture(scope="module")
 def scans_dir(tmp_path_factory):
-    """mixed.png: four lines in four fonts and sizes, on a transparent background; tilted.jpg: two lines rotated 2 degrees; scan.pdf: one page
-    that is only an image; blank.webp: no text."""
+    """mixed.png: four lines in four fonts and sizes, on a transparent background; tilted.jpg: two lines rotated 2
+    degrees; scan.pdf: one page that is only an image; blank.webp: no text."""
     root = tmp_path_factory.mktemp("scans")
     expected = {}
     lines = [

@@ -22,6 +22,7 @@ from fasttrain.data.sources import Documents, ReadOptions, SourceFile, captured,
 PYPDF_MISSING = "pdf (pypdf not installed: pip install fasttrain[pdf])"
 OCR_MISSING = "ocr not installed (pip install fasttrain[ocr])"
 OCR_OFF = "image or scanned page (DataConfig.ocr is false)"
+ENGINE_NAME = "RapidOCR (PP-OCRv6 small, onnxruntime)"
 _PACKAGES = ("rapidocr", "onnxruntime")
 # Detection runs on the image scaled down to at most 1280 px a side and never up (RapidOCR's default scales the
 # short side up to 736 px: 10x the work on a text strip); no 180-degree classifier (a model pass per line, for

@@ -256,11 +256,11 @@ def _build(cfg: DataConfig, files: list[SourceFile], found: dict[str, Found], ke
     sources = {}
     for s, here in found.items():
         sources[s] = {**_row(), "ignored": here.ignored, "skipped": dict(here.skipped), "warnings": {}, "formats": {}}
-    workers = workers_for(files, cfg.num_workers)
+    tasks = [(chunk, ReadOptions.of(cfg), dtype.str) for chunk in chunks(files)]
+    workers = min(workers_for(files, cfg.num_workers), len(tasks))
     all_tmp = _atomic_path(folder / "all.bin")
     lengths, seen = [], set()
     with open(all_tmp, "wb") as out:
-        tasks = [(chunk, ReadOptions.of(cfg), dtype.str) for chunk in chunks(files)]
         results = (r for chunk in map_in_order(tokenize_task, tasks, workers, tok.to_config()) for r in chunk)
         for f, r in zip(files, results, strict=True):
             keep = np.ones(len(r.lengths), dtype=bool)

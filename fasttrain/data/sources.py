@@ -13,6 +13,7 @@ import contextlib
 import fnmatch
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -51,7 +52,7 @@ _PARSER_LOGGERS = ("pypdf", "PIL", "pyarrow", "RapidOCR")
 @dataclass(frozen=True)
 class SourceFile:
     path: str
-    """Absolute path of the file (of the folder, for a Hugging Face `datasets` folder)."""
+    """Absolute path of the file (for a Hugging Face `datasets` folder, of one of its Arrow shards)."""
     source: str
     """The configured path (or "stdlib") it was found under: the row of the summary it counts in."""
     kind: str
@@ -173,13 +174,14 @@ def _walk(root: Path, skip_dirs: set[str], found: Found) -> list[Path]:
     return sorted(entries, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _stat(path: Path, kind: str) -> tuple[int, int]:
-    """(size, mtime_ns); for a `datasets` folder, the sum of its files' sizes and the latest mtime."""
-    if kind != HF_DATASET:
-        st = path.stat()
-        return st.st_size, st.st_mtime_ns
-    stats = [p.stat() for p in sorted(path.iterdir()) if p.is_file()]
-    return sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
+def dataset_shards(folder: Path) -> list[Path]:
+    """The Arrow files of a `datasets` folder in its state.json's order; [folder] itself when state.json cannot be
+    read (its reader then says so)."""
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        return [folder / entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [folder]
 
 
 def discover(cfg: DataConfig) -> tuple[list[SourceFile], dict[str, Found]]:
@@ -209,39 +211,46 @@ def discover(cfg: DataConfig) -> tuple[list[SourceFile], dict[str, Found]]:
             rel = path.name if explicit else path.relative_to(root).as_posix()
             if (cfg.include and not _matches(rel, cfg.include)) or _matches(rel, cfg.exclude):
                 continue
-            try:
-                resolved = str(path.resolve(strict=True))
-            except FileNotFoundError:  # a dangling link
-                here.ignored += 1
-                continue
-            except (RuntimeError, OSError):  # a file link that points back at itself (ELOOP)
-                count(here.skipped, SYMLINK_LOOP)
-                continue
-            if path.is_dir():
-                kind, compression = (HF_DATASET, None) if is_hf_dataset(path) else (None, None)
+            if path.is_dir():  # a `datasets` folder: one file per Arrow shard, so that workers can share them
+                members, kind, compression = dataset_shards(path), HF_DATASET, None
             elif only is not None:
-                kind, compression = ("code" if path.suffix in only else None), None
+                members, kind, compression = [path], ("code" if path.suffix in only else None), None
             else:
-                kind, compression = _kind(path, code_extensions, explicit)
-            # is_file: False for a socket or a fifo. A file found twice (a folder and a file in it, a link to a
-            # file beside it) is read once: twice could put one document in both splits.
-            if kind is None or (kind != HF_DATASET and not path.is_file()) or resolved in seen:
-                here.ignored += 1
-                continue
-            seen.add(resolved)
-            size, mtime_ns = _stat(path, kind)
-            limit = None
-            if cfg.max_bytes is not None:
-                if used >= cfg.max_bytes:
-                    capped = True
-                    break
-                if used + size > cfg.max_bytes:
-                    if kind not in CUTTABLE_KINDS or compression is not None:
-                        capped = True  # a PDF, table, image or compressed file is not cut: the cap ends the corpus
+                members, (kind, compression) = [path], _kind(path, code_extensions, explicit)
+            for member in members:
+                try:
+                    resolved = str(member.resolve(strict=True))
+                except FileNotFoundError:  # a dangling link, or a shard that state.json names but is not there
+                    if kind == HF_DATASET:
+                        count(here.skipped, "datasets folder without a shard its state.json names")
+                    else:
+                        here.ignored += 1
+                    continue
+                except (RuntimeError, OSError):  # a file link that points back at itself (ELOOP)
+                    count(here.skipped, SYMLINK_LOOP)
+                    continue
+                # is_file: False for a socket or a fifo. A file found twice (a folder and a file in it, a link to a
+                # file beside it) is read once: twice could put one document in both splits.
+                if kind is None or not (member.is_file() or member.is_dir() and kind == HF_DATASET):
+                    here.ignored += 1
+                    continue
+                if resolved in seen:
+                    here.ignored += 1
+                    continue
+                seen.add(resolved)
+                stat = member.stat()
+                limit = None
+                if cfg.max_bytes is not None:
+                    if used >= cfg.max_bytes:
+                        capped = True
                         break
-                    limit = cfg.max_bytes - used
-            used += size if limit is None else limit
-            files.append(SourceFile(resolved, source, kind, size, mtime_ns, limit, compression))
+                    if used + stat.st_size > cfg.max_bytes:
+                        if kind not in CUTTABLE_KINDS or compression is not None:
+                            capped = True  # a PDF, table, image or compressed file is not cut: the cap ends the corpus
+                            break
+                        limit = cfg.max_bytes - used
+                used += stat.st_size if limit is None else limit
+                files.append(SourceFile(resolved, source, kind, stat.st_size, stat.st_mtime_ns, limit, compression))
     if not files:
         loops = sum(f.skipped.get(SYMLINK_LOOP, 0) for f in found.values())
         raise ValueError(

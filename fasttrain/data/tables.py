@@ -1,11 +1,10 @@
 """Readers of columnar tables through pyarrow (`pip install fasttrain[parquet]`): Parquet files and Hugging Face
 `datasets` folders, one document per row of DataConfig.text_column. A `datasets` folder (`save_to_disk`) is
 state.json, whose "_data_files" lists its shards, dataset_info.json, and the shards as Arrow IPC streams, so
-pyarrow reads it without `datasets` installed."""
+pyarrow reads it without `datasets` installed; each shard is a file of its own to the workers."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -40,26 +39,21 @@ def read_parquet(f: SourceFile, opts: ReadOptions) -> Documents:
 
 
 def read_hf_dataset(f: SourceFile, opts: ReadOptions) -> Documents:
-    folder = Path(f.path)
+    """One Arrow shard of a `datasets` folder (discovery lists them from state.json; the folder itself when
+    state.json could not be read)."""
     try:
         pa = _pyarrow()
+        if Path(f.path).is_dir():
+            raise Skip("corrupt datasets folder (state.json)")
         try:
-            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-            shards = [folder / entry["filename"] for entry in state["_data_files"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise Skip("corrupt datasets folder (state.json)") from exc
-        docs = Documents([])
-        for shard in shards:
-            try:
-                with pa.memory_map(str(shard)) as source:
-                    reader = pa.ipc.open_stream(source)
-                    if opts.text_column not in reader.schema.names:
-                        raise Skip(missing_column(opts.text_column))
-                    at = reader.schema.get_field_index(opts.text_column)
-                    docs.texts += _documents(pa, (b.select([at]) for b in reader), opts.text_column).texts
-            except (pa.ArrowException, OSError) as exc:
-                raise Skip("corrupt datasets folder (arrow shard)") from exc
-        return docs
+            with pa.memory_map(f.path) as source:
+                reader = pa.ipc.open_stream(source)
+                if opts.text_column not in reader.schema.names:
+                    raise Skip(missing_column(opts.text_column))
+                at = reader.schema.get_field_index(opts.text_column)
+                return _documents(pa, (b.select([at]) for b in reader), opts.text_column)
+        except (pa.ArrowException, OSError) as exc:
+            raise Skip("corrupt datasets shard (not an Arrow stream)") from exc
     except Skip as exc:
         return Documents([], {str(exc): 1})
 
