@@ -1,6 +1,6 @@
 """Compile Triton kernels ahead of time for sm_90 and sm_80 on a machine without a GPU, and read their resources.
 
-The interpreter forgives what the compiler rejects (PLATFORM.md), so tests/test_kernels_compile.py runs this module
+The interpreter forgives what the compiler rejects (docs/platform.md), so tests/test_kernels_compile.py runs this module
 in a subprocess with TRITON_INTERPRET=0 (the @triton.jit decorators must see it off) and checks every row.
 TABLE holds one entry per kernel; a kernel file joins with one AotKernel line per kernel and an
 `aot_signature(kernel, dtype, head_dim) -> (signature, constexprs)` function (signature_from_params builds one).

@@ -1,4 +1,4 @@
-"""Convergence tier: a tiny GPT trained with every op on its fast backend against every op on `reference`.
+"""Convergence tier (docs/conventions.md): a tiny GPT, every op on its fast backend against every op on `reference`.
 
 Fast means every op that has a `triton` backend on it (attention, cross-entropy, norms, rotary; under
 TRITON_INTERPRET=1 on a CPU, which tests/conftest.py sets), GELU on its C++ kernel on a CPU, and AdamW on `cpu` (the
@@ -18,8 +18,8 @@ from fasttrain.model import GPT, GPTConfig
 from fasttrain.optim import AdamW
 
 # head_dim 32 (d_model / n_head), the smallest the Triton kernels take. The interpreter's cost is per program and
-# tile, and a step launches 4 attention kernels per layer (forward; backward's preprocess, dK/dV and dQ): B1, T64
-# (one 64x64 tile) and 2 layers keep the fast run to seconds.
+# tile (docs/platform.md), and a step launches 4 attention kernels per layer (forward; backward's preprocess, dK/dV
+# and dQ): B1, T64 (one 64x64 tile) and 2 layers keep the fast run to seconds.
 TINY = dict(n_layer=2, n_head=2, d_model=64, vocab_size=96, max_seq_len=64)
 B, T, STEPS, LR = 1, 64, 8, 3e-3
 
@@ -105,8 +105,8 @@ def test_fast_and_reference_agree_with_gqa_and_rotary():
 @pytest.mark.parametrize("variant", [dict(TINY, positions="learned"), GQA_ROTARY], ids=["mha_learned", "gqa_rotary"])
 def test_fast_and_reference_agree_on_cuda_in_bf16(variant):
     # The CUDA kernels take fp16/bf16 only, so the fast run trains under bf16 autocast with the CUDA AdamW. Judged
-    # by the house rule for low precision (tests/helpers.py): its loss curve may stray from the fp32 reference by at
-    # most 2x as far as the reference ops' own bf16-autocast curve does.
+    # by docs/conventions.md's rule: its loss curve may stray from the fp32 reference by at most 2x as far as the
+    # reference ops' own bf16-autocast curve does.
     cfg = GPTConfig(**variant)
     batches = _batches(cfg.vocab_size)
     fast, _ = _train(cfg, "triton", "cuda", batches, "cuda", torch.bfloat16)
