@@ -30,8 +30,8 @@ class Reference:
         x = logits.float()
         logp = torch.log_softmax(x, dim=-1)  # (N, V)
         loss = F.nll_loss(logp, target, ignore_index=ignore_index, reduction="none")  # (N,), an ignored row's 0
-        # lse = x_j - logp_j at any column j: at the target, where logp_j = -loss is rounded least (an ignored row
-        # takes column 0, its gradient being 0 anyway). One gather each instead of another pass over the logits.
+        # lse = x_j - logp_j at any column j, off by logp_j's rounding: taken at the target, where |logp_j| is the
+        # row's loss (an ignored row takes column 0; its gradient is 0). Two gathers, not another pass over x.
         col = torch.where(target == ignore_index, 0, target)[:, None]  # (N, 1)
         return loss, (x.gather(1, col) - logp.gather(1, col)).squeeze(1)
 
