@@ -218,27 +218,34 @@ def compile_one(
     return report(compile_kernel(kernel, signature, constexprs, arch, num_warps, num_stages, hints))
 
 
+# Launch settings of Triton's metadata; a release that lacks one (an older Triton) gives null.
+_LAUNCH_FIELDS = (
+    "num_ctas",
+    "global_scratch_size",
+    "global_scratch_align",
+    "profile_scratch_size",
+    "profile_scratch_align",
+    "launch_pdl",
+    "launch_cooperative_grid",
+)
+
+
 def metadata(case: Case, compiled, cubin_name: str, used: dict) -> dict:
     """The .json beside a cubin: what a launcher needs to load and call it, and what it was compiled from."""
     md = compiled.metadata
+    entry = compiled.asm["ptx"].split(".entry", 1)[1].split(")", 1)[0]  # the function's parameter list
     return {
         **case.row(),
         "cubin": cubin_name,
         "entry": md.name,
         "signature": case.signature,
         "args": [[name, t] for name, t in case.signature.items() if t != "constexpr"],
-        "cubin_params": len(re.findall(r"\.param\b", compiled.asm["ptx"].split(".entry", 1)[1].split(")", 1)[0])),
+        "cubin_params": len(re.findall(r"\.param\b", entry)),
         "divisible_by_16": list(case.divisible),
         "launched_warps": md.num_warps,
-        "num_ctas": md.num_ctas,
         "shared": md.shared,
-        "global_scratch_size": md.global_scratch_size,
-        "global_scratch_align": md.global_scratch_align,
-        "profile_scratch_size": md.profile_scratch_size,
-        "profile_scratch_align": md.profile_scratch_align,
-        "launch_pdl": md.launch_pdl,
-        "launch_cooperative_grid": md.launch_cooperative_grid,
-        "triton": md.triton_version,
+        **{field: getattr(md, field, None) for field in _LAUNCH_FIELDS},
+        "triton": getattr(md, "triton_version", None) or importlib.import_module("triton").__version__,
         "hash": md.hash,
         "resources": used,
     }
@@ -304,7 +311,10 @@ def main() -> None:
         for case, t in rows:  # in order, each as soon as its compile is done
             row = {**results[t].result(), **case.row()}
             failed |= "error" in row
-            print(json.dumps(row), flush=True)
+            try:
+                print(json.dumps(row), flush=True)
+            except BrokenPipeError:  # the reader left (`| head`): the rest still compiles for --out, unprinted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             if "cubin" in row:
                 entries[row["cubin"]] = json.loads((Path(args.out) / row["cubin"]).with_suffix(".json").read_text())
     if args.out is not None:
