@@ -84,7 +84,7 @@ def make_params(shapes, device):
 
 
 def variants(device: str) -> dict:
-    """name -> factory(params) -> step function. Torch's are the baselines of ../shared/BENCHMARKS.md."""
+    """name -> factory(params) -> step function. Torch's are the baselines of docs/benchmarks.md."""
     backend = native_backend(device)
     return {
         "torch eager": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=False).step,

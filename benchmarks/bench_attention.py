@@ -37,7 +37,7 @@ EAGER_MAX_SCORE_BYTES = 8 << 30  # eager materialises (B, H, T, T) scores severa
 
 
 def flops(mode: str, B: int, H: int, T: int, D: int, causal: bool) -> float:
-    """BENCHMARKS.md: forward 4*B*H*T*T*D, halved when causal; backward 2.5x the forward."""
+    """docs/benchmarks.md: forward 4*B*H*T*T*D, halved when causal; backward 2.5x the forward."""
     fwd = 4 * B * H * T * T * D / (2 if causal else 1)
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd+bwd": 3.5 * fwd}[mode]
 

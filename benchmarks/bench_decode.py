@@ -4,7 +4,7 @@ cache, then end-to-end greedy generation vs an eager loop.
     python benchmarks/bench_decode.py --device cuda  # Triton: batch 1..64 x context 1k..32k, GQA 32/8 and MHA, d128
     python benchmarks/bench_decode.py --device cpu   # C++: batch 1, 8 x context 1k, 4k, GQA 32/8, MHA 12 (d64)
 
-Bytes (BENCHMARKS.md): the K and V cache bytes read, 2 * B * L * Hkv * D * element size; GB/s is reported with its
+Bytes (docs/benchmarks.md): the K and V cache bytes read, 2 * B * L * Hkv * D * element size; GB/s is reported with its
 percentage of the copy bandwidth measured in the same run. Every implementation is checked against fasttrain's output
 before it is timed. One decode step appends one token per sequence, at the same row each call, so timed calls repeat
 identical work. On the CPU the implementations are timed in alternation (common.time_interleaved_ms) and the

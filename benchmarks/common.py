@@ -1,6 +1,6 @@
 """What every benchmark shares: timing, the measured copy-bandwidth ceiling, provenance, and the JSON results file.
 
-Rules (../shared/BENCHMARKS.md): medians after warm-up, random inputs, correctness checked before timing, every
+Rules (docs/benchmarks.md): medians after warm-up, random inputs, correctness checked before timing, every
 result file records device, versions, git commit, command and date.
 """
 

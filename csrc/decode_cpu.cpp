@@ -3,11 +3,12 @@
 // bounds the time. A task takes a range of one sequence's keys for every head and walks it in blocks of block_keys
 // rows. The scores of a block are taken in memory order, each key row holding every K/V head: read one head at a
 // time, the (B, Tmax, Hkv, D) cache strides Hkv * D elements between rows, which the prefetchers do not follow (about
-// a quarter of the in-order bandwidth: benchmarks/NOTES.md, CPU decode). The values are then taken a head at a time,
-// each head's accumulators held in registers over the block (cpu_simd.h); the scores pass has brought them into L2
-// (fp32: a prefetch per line) or widened them there (bf16, fp16). The ranges of a sequence (splits, enough for every
-// thread) are combined through their max, sum and unnormalized out. More query rows per K/V head take the attention
-// forward (attention_cpu.cpp), whose matmuls then pay off. fasttrain/ops/attention_reference.py is the oracle.
+// a quarter of the in-order bandwidth: benchmarks/NOTES.md, Decode on the CPU). The values are then taken a head at a
+// time, each head's accumulators held in registers over the block (cpu_simd.h); the scores pass has brought them into
+// L2 (fp32: a prefetch per line) or widened them there (bf16, fp16). The ranges of a sequence (splits, enough for
+// every thread) are combined through their max, sum and unnormalized out. More query rows per K/V head take the
+// attention forward (attention_cpu.cpp), whose matmuls then pay off. fasttrain/ops/attention_reference.py is the
+// oracle.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -41,7 +42,7 @@ FT_CPU_CLONES void axpy(float a, const float* __restrict x, float* __restrict y,
 
 // One key row against every K/V head's n query rows (n <= kDecodeRows): s[(h * n + r) * ld] = q_{h, r} . key_h
 // with q_{h, r} = q + (h * n + r) * D and key_h = key + h * hk. A call per key row, not per dot, so that the clones'
-// dispatch (an indirect call) is paid once per key row (benchmarks/NOTES.md, CPU decode).
+// dispatch (an indirect call) is paid once per key row (benchmarks/NOTES.md, Decode on the CPU).
 FT_CPU_CLONES void score_key(const float* __restrict q, int64_t n, int64_t Hkv, const float* __restrict key,
                              int64_t hk, int64_t D, float* __restrict s, int64_t ld) {
   for (int64_t h = 0; h < Hkv; ++h) {

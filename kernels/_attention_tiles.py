@@ -19,7 +19,7 @@ def load_tile(ptrs, row_ok, col_ok, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.con
         x = tl.load(ptrs, mask=col_ok, other=0.0)
     else:
         x = tl.load(ptrs)
-    if UPCAST:  # the interpreter computes bf16 on raw bits (PLATFORM.md): widen right after the load
+    if UPCAST:  # the interpreter computes bf16 on raw bits (docs/platform.md): widen right after the load
         x = x.to(tl.float32)
     return x
 

@@ -53,7 +53,7 @@ CASES = [
     (1, 97, 300, 2, 2, 64, True, (-1, -1)),  # Tq < Tk, causal aligned bottom-right
     (2, 128, 17, 4, 4, 32, True, (-1, -1)),  # Tq > Tk: the first 111 rows see no key -> 0, lse +inf
     (1, 300, 128, 2, 1, 96, False, (-1, -1)),  # head_dim 96 padded to 128
-    (1, 1025, 1025, 1, 1, 32, True, (-1, -1)),  # STYLE.md's awkward 1025
+    (1, 1025, 1025, 1, 1, 32, True, (-1, -1)),  # docs/conventions.md's awkward 1025
 ]
 
 

@@ -1,4 +1,4 @@
-"""Convergence tier (STYLE.md): a tiny GPT trained with every op on its fast backend against every op on `reference`.
+"""Convergence tier (docs/conventions.md): a tiny GPT with every op on its fast backend against every op on `reference`.
 
 Fast means attention and cross-entropy on `triton` (under TRITON_INTERPRET=1 on a CPU, which tests/conftest.py sets)
 and AdamW on `cpu` (the C++ kernel) or `cuda`. Both runs start from the same init and see the same batches, so any
@@ -17,7 +17,7 @@ from fasttrain.ops import cross_entropy, flash_attn_func
 from fasttrain.optim import AdamW
 
 # head_dim 32 (d_model / n_head), the smallest the Triton kernels take. The interpreter's cost is per program
-# (PLATFORM.md): B2 H2 T64 (one 64x64 tile) measured ~0.2 s per launch, and a step launches 4 kernels per layer
+# (docs/platform.md): B2 H2 T64 (one 64x64 tile) measured ~0.2 s per launch, and a step launches 4 kernels per layer
 # (forward; backward's preprocess, dK/dV and dQ). At B1 and 2 layers a whole 8-step fast run measured 2.7-3.9 s.
 TINY = dict(n_layer=2, n_head=2, d_model=64, vocab_size=96, max_seq_len=64)
 B, T, STEPS, LR = 1, 64, 8, 3e-3
@@ -105,7 +105,7 @@ def test_fast_and_reference_agree_with_gqa_and_rotary():
 @pytest.mark.parametrize("variant", [dict(TINY, positions="learned"), GQA_ROTARY], ids=["mha_learned", "gqa_rotary"])
 def test_fast_and_reference_agree_on_cuda_in_bf16(variant):
     # The CUDA kernels take fp16/bf16 only, so the fast run trains under bf16 autocast with the CUDA AdamW. Judged
-    # by the house rule (STYLE.md): its loss curve may stray from the fp32 reference by at most 2x as far as the
+    # by docs/conventions.md's rule: its loss curve may stray from the fp32 reference by at most 2x as far as the
     # reference ops' own bf16-autocast curve does.
     cfg = GPTConfig(**variant)
     batches = _batches(cfg.vocab_size)

@@ -78,7 +78,7 @@ def test_sm90_configs_do_not_spill_and_use_wgmma(compiled):
         if r["stack"] or r["local"]
     ]
     assert not spills, "register spills in sm_90 configs:\n" + "\n".join(spills)
-    # d64/d128 are the tuned sizes (DESIGN.md): each kernel's list for each holds a config whose tl.dot lowered to
+    # d64/d128, the tuned sizes (docs/backends.md): each kernel's list for each holds a config whose tl.dot lowered to
     # wgmma (a list may also hold an mma.sync fallback; the autotuner measures). The d256 tiles are 32 rows, below a
     # warpgroup MMA's 64. Decode kernels are memory-bound with 16-row tiles (mma.sync); cross-entropy has no matmul.
     # dK/dV's two tables (dQ by atomics or not) count apart.

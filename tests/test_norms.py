@@ -139,7 +139,7 @@ def test_rms_norm_default_eps_is_torchs():
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_autocast_writes_the_autocast_dtype(kind, backend):
-    # fp16, not bf16: the interpreter's fp32 -> bf16 store truncates (PLATFORM.md); a GPU test checks bf16.
+    # fp16, not bf16: the interpreter's fp32 -> bf16 store truncates (docs/platform.md); a GPU test checks bf16.
     x, w, b = _leaves(8, 96, True, kind == "layer")
     with torch.autocast("cpu", dtype=torch.float16):
         y = _run(kind, x, w, b, backend)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Compile-only check of every csrc/*.cu with nvcc for sm_80 and sm_90 against the installed torch's headers, so CUDA
 # code cannot rot on a machine without a GPU (CI). Host code is compiled with -Wall -Wextra as CMakeLists.txt builds
-# it, torch's and Python's headers as system headers; any warning (a register spill among them) fails the file. A CPU torch wheel
-# lacks c10/cuda/impl/cuda_cmake_macros.h: a two-line stub in a temp dir stands in for it. Nothing is linked or run.
+# it, torch's and Python's headers as system headers; any warning (a register spill among them) fails the file. A CPU
+# torch wheel lacks c10/cuda/impl/cuda_cmake_macros.h: a two-line stub in a temp dir stands in for it
+# (docs/platform.md). Nothing is linked or run.
 #   usage: tools/nvcc_check.sh [file.cu ...]     (default: every csrc/*.cu); exit status 1 on any error or warning
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -35,7 +35,7 @@ def flops_per_token(cfg: GPTConfig, seq_len: int, training: bool = True) -> floa
     """Matmul FLOPs per token: 2 per weight of every matmul (blocks and output head) plus causal attention.
 
     Attention scores and weighted values cost 4 * T * H * D per token per layer, halved because causal attention
-    only computes the lower triangle (the convention of BENCHMARKS.md). Training counts forward + backward as
+    only computes the lower triangle (the convention of docs/benchmarks.md). Training counts forward + backward as
     3x forward. Embedding lookups, norms and softmax are not counted.
     """
     matmul_weights = cfg.n_layer * _block_matmul_weights(cfg) + cfg.d_model * _vocab(cfg)

@@ -1,6 +1,6 @@
 """Fused attention: flash-attn's and torch's public functions over one registered op with a Triton or reference body.
 
-Three layers (STYLE.md): the Triton kernels in fasttrain.kernels.attention(_backward); the `torch.library` ops
+Three layers (docs/conventions.md): Triton kernels in fasttrain.kernels.attention(_backward); the `torch.library` ops
 `fasttrain::attention_forward` / `fasttrain::attention_backward` with fake implementations and a registered autograd
 formula, so `torch.compile(fullgraph=True)` traces straight through; and the public functions below, which check
 their inputs and choose the backend.

@@ -201,6 +201,7 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
         raise ValueError(f"train.out_dir {str(run_dir)!r} cannot be made: {e.strerror or e}") from None
 
     corpus = prepare(cfg.data)
+    corpus.report(run_dir)  # the data summary, on screen and as run_dir/data_summary.{txt,json}
     _check_splits(corpus, cfg)
     evaluating = cfg.data.val_fraction > 0  # 0: the user asked for no validation split
     tokenizer = corpus.tokenizer
