@@ -1,11 +1,11 @@
-// GELU with the tanh approximation (GPT-2's) on the CPU, forward and backward, one pass over memory each; the
-// reference is torch's F.gelu(x, approximate="tanh"). torch 2.13's own CPU kernel for it took 5.96 ms forward and
-// 4.32 ms backward on 2048 x 1024 fp32 (2 threads, AVX2), against 1.61 / 2.35 for its exact (erf) GELU and 0.95 for
-// a plain multiply: 10% of the CPU training step (benchmarks/NOTES.md). Through the vectorizing exp of cpu_math.h;
-// fp16/bf16 are computed in fp32 a block at a time and rounded once.
+// GELU with the tanh approximation (GPT-2's) on the CPU, forward and backward, one pass over memory each; the reference
+// is torch's F.gelu(x, approximate="tanh"), whose CPU kernel is several times slower than its exact (erf) GELU
+// (benchmarks/NOTES.md). Through the vectorizing exp of cpu_math.h; fp16/bf16 are computed in fp32 a block at a time
+// and rounded once.
 // Ops (schemas in ops.cpp): fasttrain::gelu_tanh_cpu and fasttrain::gelu_tanh_backward_cpu, CPU dispatch key.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>

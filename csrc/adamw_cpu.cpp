@@ -22,8 +22,7 @@ namespace fasttrain {
 namespace {
 
 // 64K elements (256 KiB per fp32 stream) per chunk: long sequential runs for the prefetchers on each of the 4-5
-// streams. Measured 1.0-1.9x torch's fused CPU AdamW at 1M-67M params on the 2-core CI machine
-// (benchmarks/results/cpu-x86_64-2t/adamw.json).
+// streams (timings against torch's fused CPU AdamW: benchmarks/NOTES.md).
 constexpr int64_t kChunk = 65536;
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelMin = 1 << 16;
@@ -104,8 +103,8 @@ void adamw_group(at::TensorList params, at::TensorList grads, at::TensorList exp
   const std::vector<Chunk> chunks = make_chunks(params, &total);
   const bool amsgrad = !max_exp_avg_sqs.empty();
   const int64_t n_chunks = static_cast<int64_t>(chunks.size());
-  // Dynamic: a thread that the OS preempts (2 shared cores) leaves its chunks to the others instead of stalling the
-  // step; static scheduling measured 16 ms median vs 0.6 ms best at 1M params on the loaded CI-sized machine.
+  // Dynamic: a thread that the OS preempts (shared cores) leaves its chunks to the others instead of stalling the
+  // whole step until it runs again.
 #pragma omp parallel for schedule(dynamic, 1) if (total >= kParallelMin)
   for (int64_t c = 0; c < n_chunks; ++c) {
     const Chunk& k = chunks[c];

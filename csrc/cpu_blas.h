@@ -1,12 +1,14 @@
-// Row-major fp32 matrix products for the CPU attention kernels' tiles, straight into the BLAS that libtorch carries.
-// Each call of at::mm on a tile paid for the dispatcher, from_blob views and the output checks: ~900 calls per layer,
-// forward and backward, on the main job's attention (B 16 x T 128, 4 heads of 32, causal). x86 wheels link MKL into
-// libtorch_cpu and export its Fortran sgemm_; the weak declaration leaves the symbol null where a torch build does
-// not (or FASTTRAIN_CPU_BLAS=aten asks for it), and the tiles then go through at::mm as before. Called inside
-// at::parallel_for, MKL runs single-threaded either way, as it does under at::mm.
+// Row-major fp32 matrix products for the CPU attention kernels' tiles, straight into the BLAS that libtorch carries:
+// at::mm on a tile pays for the dispatcher, from_blob views and the output checks, and a layer's attention makes
+// hundreds of tile products forward and backward at small shapes. x86 wheels link MKL into libtorch_cpu and export its
+// Fortran sgemm_; the weak declaration leaves the symbol null where a torch build does not (or FASTTRAIN_CPU_BLAS=aten
+// asks for it), and the tiles then go through at::mm. Called inside at::parallel_for, MKL runs single-threaded either
+// way, as it does under at::mm.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 
 #include <cstdint>
 #include <cstdlib>

@@ -1,7 +1,7 @@
 // The fp16/bf16 conversions of cpu_math.h that need instructions or clones of their own. c10::Half picks F16C at
-// compile time only, so this baseline x86-64 build converted fp16 bit by bit, and GCC 12 vectorizes no _Float16
-// conversion even in an F16C clone; c10::BFloat16's rounding is a scalar branch on NaN. Measured, kernel A/B in one
-// process (benchmarks/NOTES.md, fp16 and bf16 conversions): fp16 AdamW 8-10x, rotary 4-5x, decode 1.5-1.6x.
+// compile time only, so in a baseline x86-64 build it converts fp16 bit by bit, and GCC 12 vectorizes no _Float16
+// conversion even in an F16C clone; c10::BFloat16's rounding is a scalar branch on NaN. What this buys per kernel:
+// benchmarks/NOTES.md, fp16 and bf16 conversions on the CPU.
 #include "cpu_math.h"
 
 // clang accepts __builtin_cpu_supports("f16c") from 18 on

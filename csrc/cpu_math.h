@@ -5,7 +5,7 @@
 // which GCC leaves its selects scalar.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cmath>
 #include <cstdint>

@@ -1,17 +1,17 @@
 // Rotary position embedding on the CPU, x (B, T, H, D) read once and the result written once, forward and backward
 // (the backward is the rotation by the opposite angle, conjugate=true); the reference is
-// fasttrain.ops.rotary.apply_rotary_emb_reference. That reference (fp32 copy, slices, four products, two cats, and
-// their backward) took 1.80 ms per forward + backward of the CPU step's q (16 x 128 x 4 x 32 fp32, 1 MB;
-// benchmarks/NOTES.md), 8 calls per step; this kernel takes 49 us per pass there, against 29 us for x.clone() (2
-// threads), and took the step from 1.18x to 1.21x eager's speed. Pairs (i, i + R/2) (GPT-NeoX) or (2i, 2i + 1)
-// (GPT-J), R = 2 * cos.size(-1) <= D; the dims past R are copied through. x may be a strided view with unit stride
-// along D (q and k are slices of one qkv projection), so nothing is copied first. fp16/bf16 are computed in fp32 a
-// token at a time.
+// fasttrain.ops.rotary.apply_rotary_emb_reference, which makes an fp32 copy, slices, four products and two cats (and
+// as many again backward), where this kernel moves the bytes of x.clone() (timings: benchmarks/NOTES.md).
+// Pairs (i, i + R/2) (GPT-NeoX) or (2i, 2i + 1) (GPT-J), R = 2 * cos.size(-1) <= D; the dims past R are copied
+// through. x may be a strided view with unit stride along D (q and k are slices of one qkv projection), so nothing is
+// copied first. fp16/bf16 are computed in fp32 a token at a time.
 // Ops (schemas in ops.cpp): fasttrain::rotary_cpu (out of place) and fasttrain::rotary_cpu_ (in place).
-#include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -1,13 +1,12 @@
 """Host-side pieces the attention forward (kernels/attention.py) and backward (kernels/attention_backward.py)
 share: which configs this machine tunes over, the launch's strides and constexprs, whether TMA can read the inputs,
-the scratch allocator for device-made descriptors, and the ahead-of-time signatures (kernels/_aot.py)."""
+the scratch allocator for device-made descriptors, and what tools/aot.py compiles ahead of time."""
 
 import torch
 import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
-from ._aot import signature_from_params
 from ._attention_configs import flat, pruner
 from ._launch import INTERPRETING, next_power_of_2
 
@@ -111,34 +110,52 @@ def ensure_scratch_allocator():
         triton.set_allocator(_scratch)
 
 
-def aot_variants(kernel, config: dict) -> dict:
-    """A warp-specialized forward or dK/dV compiles twice: its loop masks every tile, or none (FULL_TILES)."""
-    if config.get("WARP_SPECIALIZE"):
-        return {"": {}, " full": {"FULL_TILES": True}}
-    return {"": {}}
+# ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
+
+# Runtime arguments that are not pointers in the inputs' dtype or i32 scalars.
+AOT_TYPES = {
+    "Lse": "*fp32",
+    "Delta": "*fp32",
+    "DLse": "*fp32",
+    "DQAcc": "*fp32",
+    "CuQ": "*i32",
+    "CuK": "*i32",
+    "scale": "fp32",
+    "scale_log2": "fp32",
+}
+AOT_HEAD_DIMS = {"d64": 64, "d128": 128, "d256": 256}  # each head-dim class compiled at its widest
 
 
-def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
-    """(signature, constexprs) of an attention kernel for an ahead-of-time compile of a dense GQA launch
-    (kernels/_aot.py); the config's kwargs (BLOCK_M/BLOCK_N, WARP_SPECIALIZE, ATOMIC_DQ) are added by the caller."""
-    fixed = dict(
+def aot_launch(head_dim: int, dtype: str) -> dict:
+    """The constexprs of the launch compiled ahead of time: dense (not packed), GQA 2:1, no lse gradient."""
+    return dict(
         GROUP=2,
         HEAD_DIM=head_dim,
         HEAD_DIM_PAD=next_power_of_2(head_dim),
         VARLEN=False,
         UPCAST=False,
         HAS_DLSE=False,
-        TMA_ALIGNED=head_dim == next_power_of_2(head_dim),
+        TMA_ALIGNED=dtype in ("fp16", "bf16") and head_dim == next_power_of_2(head_dim),
         FULL_TILES=False,
     )
 
-    def arg_type(name):
-        if name in ("Lse", "Delta", "DLse", "DQAcc"):
-            return "*fp32"
-        if name in ("CuQ", "CuK"):
-            return "*i32"
-        if name[0].isupper():
-            return f"*{dtype}"
-        return "fp32" if name.startswith("scale") else "i32"
 
-    return signature_from_params(kernel, arg_type, fixed)
+def aot_cases(table_for_arch: dict, dtype: str) -> list[dict]:
+    """Every config of one arch's table ({head-dim class: [triton.Config]}) over aot_launch; a warp-specialized
+    config compiles twice: its loop masks every tile, or none (FULL_TILES)."""
+    cases = []
+    for cls, configs in table_for_arch.items():
+        for c in configs:
+            label = f"{cls} " + " ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" w{c.num_warps} s{c.num_stages}"
+            case = dict(
+                label=label,
+                constexprs={**aot_launch(AOT_HEAD_DIMS[cls], dtype), **c.kwargs},
+                num_warps=c.num_warps,
+                num_stages=c.num_stages,
+            )
+            cases.append(case)
+            if c.kwargs.get("WARP_SPECIALIZE"):
+                cases.append(
+                    {**case, "label": label + " full", "constexprs": {**case["constexprs"], "FULL_TILES": True}}
+                )
+    return cases

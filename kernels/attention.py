@@ -16,10 +16,10 @@ import triton
 import triton.language as tl
 
 from ._attention_configs import FWD_CONFIGS
-from ._attention_launch import (  # noqa: F401 - kernels/_aot.py reads them off this module
+from ._attention_launch import (
+    AOT_TYPES,
     LOG2E,
-    aot_signature,
-    aot_variants,
+    aot_cases,
     autotuned,
     bth_strides,
     ensure_scratch_allocator,
@@ -361,3 +361,11 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         **cx,
     )
     return out, lse
+
+
+# ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
+
+
+def aot_kernels(arch: int, dtype: str) -> list[dict]:
+    """The forward under each of arch's configs (kernels/_attention_launch.aot_cases)."""
+    return [dict(kernel=_attn_fwd_kernel, types=AOT_TYPES, cases=aot_cases(FWD_CONFIGS[arch], dtype))]

@@ -14,9 +14,12 @@ import triton.language as tl
 
 from ._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS
 from ._attention_launch import (
+    AOT_HEAD_DIMS,
+    AOT_TYPES,
     INTERPRETING,
     LOG2E,
-    aot_variants,  # noqa: F401 - kernels/_aot.py reads it off this module
+    aot_cases,
+    aot_launch,
     autotuned,
     bth_strides,
     ensure_scratch_allocator,
@@ -26,7 +29,6 @@ from ._attention_launch import (
     this_machine,
     tma_aligned,
 )
-from ._attention_launch import aot_signature as _attention_aot_signature
 from ._attention_tiles import kv_bases, load_tile, q_program, seq_bounds, sequence, tile_range, tma_rows, tma_start
 from ._launch import PlanTuner, cdiv, next_power_of_2
 
@@ -888,9 +890,19 @@ def attention_backward(
     return plans[_backward_plans.choose(key, plans, timeable)](), dk, dv
 
 
-def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
-    """kernels/_attention_launch.aot_signature, with the preprocess kernel's fixed BLOCK_M."""
-    signature, constexprs = _attention_aot_signature(kernel, dtype, head_dim)
-    if kernel is _attn_bwd_preprocess_kernel:
-        constexprs["BLOCK_M"] = _PREPROCESS_BLOCK_M
-    return signature, constexprs
+# ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
+
+
+def aot_kernels(arch: int, dtype: str) -> list[dict]:
+    """The preprocess per head-dim class (a fixed launch), dK/dV under each config of both its tables (dQ by atomics
+    or not) and dQ under each of its configs, for arch (kernels/_attention_launch.aot_cases)."""
+    preprocess = [
+        dict(label=f"{cls} w4", constexprs={**aot_launch(d, dtype), "BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=4)
+        for cls, d in AOT_HEAD_DIMS.items()
+    ]
+    dkdv = aot_cases(DKDV_CONFIGS[arch], dtype) + aot_cases(DKDV_DQ_CONFIGS[arch], dtype)
+    return [
+        dict(kernel=_attn_bwd_preprocess_kernel, types=AOT_TYPES, cases=preprocess),
+        dict(kernel=_attn_bwd_dkdv_kernel, types=AOT_TYPES, cases=dkdv),
+        dict(kernel=_attn_bwd_dq_kernel, types=AOT_TYPES, cases=aot_cases(DQ_CONFIGS[arch], dtype)),
+    ]

@@ -20,12 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import signature_from_params
-
 # 16-byte loads of bf16 need 8 elements per thread: 8 warps x 32 threads x 8 = 2048 per chunk, two loads in flight
 # per thread at 4096 (AOT sm_90: forward 55 registers, backward 40, no spills). The interpreter runs numpy per chunk,
 # so fewer, larger chunks are faster there too. Row strides are named *_stride, not stride_*, so that the AOT compile
-# does not take them for multiples of 16 (kernels/_aot.py): a vocabulary such as GPT-2's 50257 is not one.
+# does not take them for multiples of 16 (tools/aot.py): a vocabulary such as GPT-2's 50257 is not one.
 BLOCK_V = 4096
 NUM_WARPS = 8
 
@@ -110,23 +108,11 @@ def cross_entropy_backward(
     return grad
 
 
-# ---- ahead-of-time compile (kernels/_aot.py) -----------------------------------------------------------------------
+# ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
 
 
-def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
-    """(signature, constexprs) of a kernel above for an ahead-of-time compile; head_dim plays no part."""
-
-    def arg_type(name):
-        if name == "Target":
-            return "*i64"
-        if name in ("Loss", "Lse", "GradRow"):
-            return "*fp32"
-        if name[0].isupper():
-            return f"*{dtype}"
-        return "i32"
-
-    return signature_from_params(kernel, arg_type, {"BLOCK_V": BLOCK_V})
-
-
-def aot_num_warps(kernel, constexprs: dict) -> int:
-    return NUM_WARPS
+def aot_kernels(arch: int, dtype: str) -> list[dict]:
+    """Both kernels as launched: one shape whatever the vocabulary; pointers not listed are in the logits' dtype."""
+    types = {"Target": "*i64", "Loss": "*fp32", "Lse": "*fp32", "GradRow": "*fp32"}
+    case = dict(label=f"any w{NUM_WARPS}", constexprs={"BLOCK_V": BLOCK_V}, num_warps=NUM_WARPS)
+    return [dict(kernel=k, types=types, cases=[case]) for k in (_ce_forward_kernel, _ce_backward_kernel)]

@@ -28,7 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import signature_from_params
 from ._launch import INTERPRETING, cdiv, multiprocessor_count, next_power_of_2
 
 LN2 = tl.constexpr(0.6931471805599453)  # globals a kernel reads must be constexpr (the compiler insists)
@@ -608,45 +607,47 @@ def decode(
     return out, lse
 
 
-def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
-    """(signature, constexprs) of one kernel above for an ahead-of-time compile (kernels/_aot.py): GQA 32/8 with one
-    query token (a 16-row block), 4 splits, fused rotary over the whole head, the combine at its widest (BLOCK_S =
-    128, ops/decode.py's most splits); BLOCK_N comes from the config."""
-    fixed = {
-        _decode_append_kernel: dict(
-            ROTARY=True,
-            Q_PER_TOKEN=True,
-            INTERLEAVED=False,
-            HAS_BATCH_IDX=True,
-            HEAD_DIM=head_dim,
-            ROT_HALF=head_dim // 2,
-            BLOCK_D=head_dim,
-            BLOCK_R=head_dim // 2,
-        ),
-        _decode_kernel: dict(HEAD_DIM=head_dim, NUM_SPLITS=4, HAS_BATCH_IDX=True, BLOCK_M=16, BLOCK_D=head_dim),
-        _decode_combine_kernel: dict(HEAD_DIM=head_dim, BLOCK_S=128, BLOCK_D=head_dim),
-    }[kernel]
-    fp32 = {"COS", "SIN", "LSE", "O_PART", "LSE_PART"} | ({"Out"} if kernel is _decode_kernel else set())
-
-    def arg_type(name):
-        if name in ("SEQLENS", "BATCH_IDX"):
-            return "*i32"
-        if name in fp32:
-            return "*fp32"
-        if name[0].isupper():  # pointers are capitalized, runtime scalars lower case
-            return f"*{dtype}"
-        return "fp32" if name == "qk_scale" else "i32"
-
-    return signature_from_params(kernel, arg_type, fixed)
-
-
 def append_num_warps(head_dim: int) -> int:
     """Warps for the append: one row of D elements per program, one warp up to d128."""
     return 1 if head_dim <= 128 else 2
 
 
-def aot_num_warps(kernel, constexprs: dict) -> int:
-    """Warps of a fixed (not autotuned) launch, as ops/decode.py picks them."""
-    if kernel is _decode_combine_kernel:
-        return combine_num_warps(constexprs["BLOCK_S"], constexprs["BLOCK_D"])
-    return append_num_warps(constexprs["HEAD_DIM"])
+# ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
+
+
+def aot_kernels(arch: int, dtype: str) -> list[dict]:
+    """Per head dim, GQA 32/8 with one query token (a 16-row block) and 4 splits: the append with rotary fused over
+    the whole head, the decode kernel under each of arch's configs, the combine at its widest (BLOCK_S = 128, the
+    launcher's most splits). Pointers not listed here are in the cache's dtype."""
+    types = {"SEQLENS": "*i32", "BATCH_IDX": "*i32", "COS": "*fp32", "SIN": "*fp32", "LSE": "*fp32"}
+    types.update({"O_PART": "*fp32", "LSE_PART": "*fp32", "qk_scale": "fp32"})
+    append, decode, combine = [], [], []
+    for cls, configs in DECODE_CONFIGS[arch].items():
+        d = {"d64": 64, "d128": 128, "d256": 256}[cls]
+        warps = append_num_warps(d)
+        rotary = dict(ROTARY=True, Q_PER_TOKEN=True, INTERLEAVED=False, HAS_BATCH_IDX=True, ROT_HALF=d // 2)
+        append.append(
+            dict(
+                label=f"{cls} w{warps}",
+                constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_R=d // 2, **rotary),
+                num_warps=warps,
+            )
+        )
+        for c in configs:
+            decode.append(
+                dict(
+                    label=f"{cls} BLOCK_N={c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}",
+                    constexprs=dict(HEAD_DIM=d, NUM_SPLITS=4, HAS_BATCH_IDX=True, BLOCK_M=16, BLOCK_D=d, **c.kwargs),
+                    num_warps=c.num_warps,
+                    num_stages=c.num_stages,
+                )
+            )
+        warps = combine_num_warps(128, d)
+        combine.append(
+            dict(label=f"{cls} w{warps}", constexprs=dict(HEAD_DIM=d, BLOCK_S=128, BLOCK_D=d), num_warps=warps)
+        )
+    return [
+        dict(kernel=_decode_append_kernel, types=types, cases=append),
+        dict(kernel=_decode_kernel, types={**types, "Out": "*fp32"}, cases=decode),  # Out: the splits' partials
+        dict(kernel=_decode_combine_kernel, types=types, cases=combine),
+    ]

@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import signature_from_params
 from ._launch import cdiv, multiprocessor_count, next_power_of_2
 
 # Rows stay in registers. The backward holds x, dy, w and the dw/db partial sums per element: AOT sm_90 (bf16,
@@ -289,38 +288,20 @@ def norm_backward(
     return (dx, dx2, dw.sum(0).to(param_dtype) if has_weight else None, db.sum(0).to(param_dtype) if has_bias else None)
 
 
-# ---- ahead-of-time compile (kernels/_aot.py) -----------------------------------------------------------------------
-
-AOT_SIZES = (1024, 2048, 4096)  # BLOCK_N of GPT-2 small (768), GPT-2 XL (1600), Llama-7B (4096)
+# ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
 
 
-def aot_signature(kernel, dtype: str, block_n: int) -> tuple[dict, dict]:
-    """(signature, constexprs) of a kernel above for an ahead-of-time compile: LayerNorm with weight, bias and the
-    residual add fused (the most live values) on rows of BLOCK_N = block_n (RMSNorm is the same code with the mean
-    terms gone)."""
-
-    def arg_type(name):
-        if name in ("Mean", "Rstd", "DW", "DB"):
-            return "*fp32"
-        if name[0].isupper():
-            return f"*{dtype}"
-        return "fp32" if name == "eps" else "i32"
-
-    return signature_from_params(
-        kernel,
-        arg_type,
-        {
-            "IS_RMS": False,
-            "HAS_RESIDUAL": True,
-            "HAS_WEIGHT": True,
-            "HAS_BIAS": True,
-            "HAS_DRES": True,
-            "HAS_DX2": True,
-            "BLOCK_M": 1,
-            "BLOCK_N": block_n,
-        },
-    )
-
-
-def aot_num_warps(kernel, constexprs: dict) -> int:
-    return block_and_warps(constexprs["BLOCK_N"], backward=kernel is _norm_backward_kernel)[1]
+def aot_kernels(arch: int, dtype: str) -> list[dict]:
+    """LayerNorm with weight, bias and the residual add fused (the most live values; RMSNorm is the same code with the
+    mean terms gone), one row per program, at the BLOCK_N of GPT-2 small (768), GPT-2 XL (1600) and Llama-7B (4096);
+    pointers not listed are in x's dtype."""
+    types = {"Mean": "*fp32", "Rstd": "*fp32", "DW": "*fp32", "DB": "*fp32", "eps": "fp32"}
+    flags = dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, HAS_DRES=True, HAS_DX2=True)
+    out = []
+    for kernel in (_norm_forward_kernel, _norm_backward_kernel):
+        cases = []
+        for n in (1024, 2048, 4096):
+            warps = block_and_warps(n, backward=kernel is _norm_backward_kernel)[1]
+            cases.append(dict(label=f"n{n} w{warps}", constexprs=dict(BLOCK_M=1, BLOCK_N=n, **flags), num_warps=warps))
+        out.append(dict(kernel=kernel, types=types, cases=cases))
+    return out

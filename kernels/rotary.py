@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ._aot import signature_from_params
 from ._launch import cdiv, next_power_of_2
 
 NUM_WARPS = 4
@@ -168,39 +167,16 @@ def rotary(
     return out
 
 
-# ---- ahead-of-time compile (kernels/_aot.py) -----------------------------------------------------------------------
+# ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
 
 
-def aot_signature(kernel, dtype: str, head_dim: int) -> tuple[dict, dict]:
-    """(signature, constexprs) for an ahead-of-time compile: the model's case, full-width half-split rotation of 16
-    heads with fp32 shared tables and int offsets (GPT-2 small has 12 heads, Llama 32)."""
-
-    def arg_type(name):
-        if name in ("Cos", "Sin"):
-            return "*fp32"
-        if name == "Offsets":
-            return "*i64"
-        if name[0].isupper():
-            return f"*{dtype}"
-        return "i32"
-
-    block_h, block_r, block_p = blocks(16, head_dim // 2, 0)
-    return signature_from_params(
-        kernel,
-        arg_type,
-        {
-            "INTERLEAVED": False,
-            "CONJUGATE": False,
-            "PER_SEQUENCE": False,
-            "OFFSET_TENSOR": False,
-            "COPY_PASS": False,
-            "BLOCK_T": 1,
-            "BLOCK_H": block_h,
-            "BLOCK_R": block_r,
-            "BLOCK_P": block_p,
-        },
-    )
-
-
-def aot_num_warps(kernel, constexprs: dict) -> int:
-    return NUM_WARPS
+def aot_kernels(arch: int, dtype: str) -> list[dict]:
+    """The model's case per head dim: full-width half-split rotation of 16 heads with fp32 shared tables and int
+    offsets (GPT-2 small has 12 heads, Llama 32); pointers not listed are in x's dtype."""
+    cases = []
+    for d in (64, 128, 256):
+        block_h, block_r, block_p = blocks(16, d // 2, 0)
+        flags = dict(INTERLEAVED=False, CONJUGATE=False, PER_SEQUENCE=False, OFFSET_TENSOR=False, COPY_PASS=False)
+        constexprs = dict(BLOCK_T=1, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=block_p, **flags)
+        cases.append(dict(label=f"d{d} w{NUM_WARPS}", constexprs=constexprs, num_warps=NUM_WARPS))
+    return [dict(kernel=_rotary_kernel, types={"Cos": "*fp32", "Sin": "*fp32", "Offsets": "*i64"}, cases=cases)]

@@ -1,54 +1,73 @@
 """Every Triton kernel and autotune config compiles ahead of time for sm_90 and sm_80, without a GPU.
 
-The interpreter forgives what the compiler rejects (a non-constexpr global, a bad layout, too much shared memory),
-so this compiles each entry of fasttrain.kernels._aot.TABLE per arch in a subprocess with TRITON_INTERPRET=0, one
-subprocess per arch, side by side. Fails on a compile error, on shared memory over the arch's per-block limit, and on
-register spills (cuobjdump STACK or LOCAL > 0) in the configs tuned for sm_90.
+The interpreter forgives what the compiler rejects (a non-constexpr global, a bad layout, too much shared memory), so
+this runs tools/aot.py over every case the kernels describe (each module's aot_kernels) for both archs, in one
+subprocess with TRITON_INTERPRET=0 and a worker per core, as a build step would: kernels from the checkout's kernels/,
+cubins and their metadata written out. Fails on a compile error, on shared memory over the arch's per-block limit, on
+register spills (cuobjdump STACK or LOCAL > 0) in the configs tuned for sm_90, and on metadata that does not match
+the kernel. The cubins land in Triton's cache too, so a rerun with unchanged kernels takes seconds.
 """
 
+import importlib.util
+import inspect
 import json
 import os
+import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from fasttrain.kernels import _aot
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "tools"
+_spec = importlib.util.spec_from_file_location("aot", TOOLS / "aot.py")
+aot = sys.modules["aot"] = importlib.util.module_from_spec(_spec)  # registered first: its dataclass looks it up
+_spec.loader.exec_module(aot)
+aot.use_kernels_dir(ROOT / "kernels")  # the kernels that the subprocess compiles, for jit_kernels() below
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def out_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("aot")
+
+
+@pytest.fixture(scope="module")
+def compiled(out_dir):
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # the @triton.jit decorators must build compilable kernels
-    procs = {
-        arch: subprocess.Popen(
-            [sys.executable, "-m", "fasttrain.kernels._aot", "--arch", str(arch)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for arch in _aot.SHARED_LIMIT
-    }
-    rows = []
-    for arch, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"sm_{arch} AOT run failed:\n{stderr[-4000:]}"
-        rows += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    archs = [str(a) for a in sorted(aot.SHARED_LIMIT, reverse=True)]
+    command = [sys.executable, str(TOOLS / "aot.py"), "--arch", *archs, "--jobs", str(os.cpu_count() or 1)]
+    command += ["--kernels-dir", str(ROOT / "kernels"), "--out", str(out_dir)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    # exit status 1 with a row per failed case: test_every_kernel_and_config_compiles names them
+    assert rows and proc.returncode in (0, 1), f"tools/aot.py failed:\n{proc.stderr[-4000:]}"
     return rows
 
 
-@pytest.mark.parametrize("arch", sorted(_aot.SHARED_LIMIT))
+def jit_kernels() -> set[str]:
+    """Every @triton.jit kernel (a name ending in _kernel) of the public kernel modules, described or not."""
+    names = set()
+    for module in pkgutil.iter_modules([str(ROOT / "kernels")]):
+        if not module.name.startswith("_"):
+            # JITFunction, or the interpreter's stand-in for it here (tests run under TRITON_INTERPRET=1)
+            found = vars(aot.kernel_module(module.name)).items()
+            names |= {n for n, v in found if n.endswith("_kernel") and hasattr(v, "arg_names")}
+    return names
+
+
+@pytest.mark.parametrize("arch", sorted(aot.SHARED_LIMIT))
 def test_every_kernel_and_config_compiles(compiled, arch):
     rows = [r for r in compiled if r["arch"] == arch]
-    assert {r["kernel"] for r in rows} == {e.kernel for e in _aot.TABLE}
+    assert {r["kernel"] for r in rows} == jit_kernels()  # a kernel without a compile description fails here
     errors = [f"{r['kernel']} [{r['case']}]: {r['error']}" for r in rows if "error" in r]
     assert not errors, "\n".join(errors)
     over = [
         f"{r['kernel']} [{r['case']}]: {r['shared'] + r['shared_dynamic']} B"
         for r in rows
-        if r["shared"] + r["shared_dynamic"] > _aot.SHARED_LIMIT[arch]
+        if r["shared"] + r["shared_dynamic"] > aot.SHARED_LIMIT[arch]
     ]
-    assert not over, f"shared memory over the sm_{arch} limit {_aot.SHARED_LIMIT[arch]} B:\n" + "\n".join(over)
+    assert not over, f"shared memory over the sm_{arch} limit {aot.SHARED_LIMIT[arch]} B:\n" + "\n".join(over)
 
 
 def test_sm90_configs_do_not_spill_and_use_wgmma(compiled):
@@ -65,15 +84,14 @@ def test_sm90_configs_do_not_spill_and_use_wgmma(compiled):
     # dK/dV's two tables (dQ by atomics or not) count apart.
     tuned = {}
     for r in rows:
-        if r["kernel"] in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel") and not r[
-            "case"
-        ].startswith("d256"):
-            kernel = r["kernel"] + (" ATOMIC_DQ" if "ATOMIC_DQ=True" in r["case"] else "")
-            tuned.setdefault((kernel, r["case"].split()[0]), []).append(r["wgmma"])
-    no_wgmma = [f"{kernel} [{cls}]" for (kernel, cls), wgmma in tuned.items() if not any(wgmma)]
+        head_dim = r["constexprs"].get("HEAD_DIM")
+        if r["kernel"] in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel") and head_dim != 256:
+            kernel = r["kernel"] + (" ATOMIC_DQ" if r["constexprs"].get("ATOMIC_DQ") else "")
+            tuned.setdefault((kernel, head_dim), []).append(r["wgmma"])
+    no_wgmma = [f"{kernel} [d{d}]" for (kernel, d), wgmma in tuned.items() if not any(wgmma)]
     assert len(tuned) == 8 and not no_wgmma, "tl.dot did not lower to wgmma:\n" + "\n".join(no_wgmma)
     # The atomic dK/dV's dQ product on 32-row tiles is computed transposed so that it, too, runs on wgmma.
-    atomic = [r for r in rows if "ATOMIC_DQ=True" in r["case"] and not r["case"].startswith("d256")]
+    atomic = [r for r in rows if r["constexprs"].get("ATOMIC_DQ") and r["constexprs"]["HEAD_DIM"] != 256]
     assert atomic and all(r["mma_sync"] == 0 for r in atomic), [(r["case"], r["mma_sync"]) for r in atomic]
 
 
@@ -83,49 +101,77 @@ def test_sm90_warp_specialized_configs_specialize(compiled, kernel):
     would run as a slower software-pipelined kernel: each, masked or not (" full"), must read by TMA and run a loading
     warpgroup beside its two computing ones (12 warps for num_warps=4, setmaxnreg); the others keep their warps."""
     rows = [r for r in compiled if r["arch"] == 90 and r["kernel"] == kernel and "error" not in r]
-    ws = [r for r in rows if "WARP_SPECIALIZE=True" in r["case"]]
-    assert {r["case"].split()[0] for r in ws} == {"d64", "d128"}
-    assert {r["case"].endswith(" full") for r in ws} == {True, False}
+    ws = [r for r in rows if r["constexprs"]["WARP_SPECIALIZE"]]
+    assert {r["constexprs"]["HEAD_DIM"] for r in ws} == {64, 128}
+    assert {r["constexprs"]["FULL_TILES"] for r in ws} == {True, False}
     for r in ws:
         assert r["tma"] and r["setmaxnreg"] and r["wgmma"], r
-        assert r["launched_warps"] == 3 * int(r["case"].split(" w")[1].split()[0]), r
+        assert r["launched_warps"] == 3 * r["num_warps"], r
     for r in rows:
         if r not in ws:
-            assert not r["setmaxnreg"] and r["launched_warps"] == int(r["case"].split(" w")[1].split()[0]), r
+            assert not r["setmaxnreg"] and r["launched_warps"] == r["num_warps"], r
 
 
+def test_each_cubin_has_the_metadata_a_launcher_needs(compiled, out_dir):
+    entries = json.loads((out_dir / "index.json").read_text())
+    assert len({e["cubin"] for e in entries}) == len(entries) == len({r["cubin"] for r in compiled})
+    for e in entries:
+        assert (out_dir / e["cubin"]).read_bytes()[:4] == b"\x7fELF", e["cubin"]
+        assert json.loads((out_dir / e["cubin"]).with_suffix(".json").read_text()) == e
+        kernel = getattr(aot.kernel_module(e["module"]), e["kernel"])
+        assert e["entry"] == e["kernel"] and list(e["signature"]) == kernel.arg_names
+        # the interpreter's stand-in for a JITFunction (tests run under TRITON_INTERPRET=1) keeps the function as .fn
+        parameters = inspect.signature(kernel.fn).parameters
+        constexpr = {n for n in kernel.arg_names if "constexpr" in str(parameters[n].annotation)}
+        assert [name for name, _ in e["args"]] == [n for n in kernel.arg_names if n not in constexpr]
+        assert set(e["constexprs"]) == constexpr
+        assert set(e["divisible_by_16"]) <= {name for name, _ in e["args"]}
+        assert e["cubin_params"] == len(e["args"]) + 2  # and Triton's global and profile scratch pointers
+        assert e["shared"] == e["resources"]["shared_dynamic"] and e["launched_warps"] >= e["num_warps"]
+
+
+BENCH_KERNELS = [("bench_overhead", "_empty_kernel"), ("bench_adamw", "_seven_streams_kernel")]
+# One child for all of them (each child pays for importing torch and Triton): argv = benchmarks/, tools/, then pairs
+# of benchmark module and kernel; prints {kernel: registers} of each sm_90 compile.
 _BENCH_KERNEL_CHILD = """
-import importlib.util, pathlib, sys
-path = pathlib.Path(sys.argv[1]) / (sys.argv[2] + ".py")
-sys.path.insert(0, str(path.parent))
-spec = importlib.util.spec_from_file_location(sys.argv[2], path)
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
-from fasttrain.kernels._aot import compile_one
-kernel = getattr(bench, sys.argv[3])
-# pointers are capitalized (fp32 tensors), the other runtime arguments ints, BLOCK the one constexpr
-signature = {name: "*fp32" if name[0].isupper() else "i32" for name in kernel.arg_names if name != "BLOCK"}
-print(compile_one(kernel, {**signature, "BLOCK": "constexpr"}, {"BLOCK": 1024}, 90, 4, 1)["reg"])
+import importlib.util, json, pathlib, sys
+bench_dir, tools = pathlib.Path(sys.argv[1]), sys.argv[2]
+sys.path[:0] = [str(bench_dir), tools]
+from aot import compile_one
+regs = {}
+for module, name in zip(sys.argv[3::2], sys.argv[4::2]):
+    spec = importlib.util.spec_from_file_location(module, bench_dir / (module + ".py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    kernel = getattr(bench, name)
+    # pointers are capitalized (fp32 tensors), the other runtime arguments ints, BLOCK the one constexpr
+    signature = {a: "*fp32" if a[0].isupper() else "i32" for a in kernel.arg_names if a != "BLOCK"}
+    regs[name] = compile_one(kernel, {**signature, "BLOCK": "constexpr"}, {"BLOCK": 1024}, 90, 4, 1)["reg"]
+print(json.dumps(regs))
 """
 
 
-@pytest.mark.parametrize(
-    "bench,kernel", [("bench_overhead", "_empty_kernel"), ("bench_adamw", "_seven_streams_kernel")]
-)
-def test_the_benchmarks_own_kernels_compile_for_sm90(bench, kernel):
-    """Kernels the benchmarks launch on a card and the interpreter cannot vouch for: on an H200 (triton 3.6.0)
-    bench_overhead's launch floor, its kernel then defined inside a function, failed to compile (the JIT reads the
-    annotation `tl.constexpr` among the module's globals), and the run lost every row it had timed."""
-    bench_dir = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+@pytest.fixture(scope="module")
+def bench_kernel_registers():
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    pairs = [name for pair in BENCH_KERNELS for name in pair]
     child = subprocess.run(
-        [sys.executable, "-c", _BENCH_KERNEL_CHILD, bench_dir, bench, kernel],
+        [sys.executable, "-c", _BENCH_KERNEL_CHILD, str(bench_dir), str(TOOLS), *pairs],
         capture_output=True,
         text=True,
         env={**os.environ, "TRITON_INTERPRET": "0"},
         timeout=300,
     )
     assert child.returncode == 0, child.stderr[-3000:]
-    assert int(child.stdout.split()[-1]) > 0  # registers used: a cubin was built
+    return json.loads(child.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("bench,kernel", BENCH_KERNELS)
+def test_the_benchmarks_own_kernels_compile_for_sm90(bench_kernel_registers, bench, kernel):
+    """Kernels the benchmarks launch on a GPU and the interpreter cannot vouch for: one the JIT cannot compile (a kernel
+    defined inside a function, say, whose `tl.constexpr` annotation the JIT looks up among the module's globals) would
+    fail only there, after its benchmark had run."""
+    assert bench_kernel_registers[kernel] > 0  # registers used: a cubin was built
 
 
 def test_triton_launch_python_tool_times_a_launch_without_a_gpu():

@@ -1,7 +1,8 @@
 """Compile a grid of attention tile configs for one arch ahead of time and print registers, stack and shared memory.
 
-Picks candidates for kernels/_attention_configs.py without a GPU: a config that spills here spills on the card.
-Run it under each Triton the kernels must serve (CI pins 3.7.1; the GPU machine's torch 2.11 brings 3.6.0), e.g.
+Picks candidates for kernels/_attention_configs.py without a GPU: a config that spills here spills on the GPU. The
+compiles are those of tools/aot.py (the attention family's launch, kernels/_attention_launch.aot_launch, with the
+tile swept). Run it under each Triton release the kernels support (3.6 to 3.8), e.g.
 
     TRITON_INTERPRET=0 python tools/aot_sweep.py --kernel dkdv --head-dim 128 > sweep.jsonl
 """
@@ -13,7 +14,10 @@ import itertools
 import json
 import os
 
-from fasttrain.kernels import _aot, attention, attention_backward
+import aot  # tools/aot.py, beside this file
+
+from fasttrain.kernels import attention, attention_backward
+from fasttrain.kernels._attention_launch import AOT_TYPES, aot_launch
 
 KERNELS = {
     "fwd": attention._attn_fwd_kernel,
@@ -26,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=sorted(KERNELS), required=True)
     parser.add_argument("--head-dim", type=int, required=True)
-    parser.add_argument("--arch", type=int, choices=sorted(_aot.SHARED_LIMIT), default=90)
+    parser.add_argument("--arch", type=int, choices=sorted(aot.SHARED_LIMIT), default=90)
     parser.add_argument("--block-m", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
@@ -53,13 +57,13 @@ def main() -> None:
     import triton
 
     kernel = KERNELS[args.kernel]
-    hints = _aot.divisible(kernel)
+    hints = aot.divisible(kernel)
+    dtype = aot.DTYPE[args.arch]
     specialize = args.warp_specialize if "WARP_SPECIALIZE" in kernel.arg_names else [None]
     atomic = args.atomic_dq if "ATOMIC_DQ" in kernel.arg_names else [None]
     for bm, bn, warps, stages, ws, adq in itertools.product(
         args.block_m, args.block_n, args.warps, args.stages, specialize, atomic
     ):
-        signature, constexprs = attention_backward.aot_signature(kernel, _aot.DTYPE[args.arch], args.head_dim)
         tile = {"BLOCK_M": bm, "BLOCK_N": bn}
         if ws is not None:
             tile["WARP_SPECIALIZE"] = bool(ws)
@@ -75,7 +79,10 @@ def main() -> None:
         if adq is not None:
             row["atomic_dq"] = bool(adq)
         try:
-            row.update(_aot.compile_one(kernel, signature, {**constexprs, **tile}, args.arch, warps, stages, hints))
+            signature, constexprs = aot.signature(
+                kernel, AOT_TYPES, {**aot_launch(args.head_dim, dtype), **tile}, dtype
+            )
+            row.update(aot.compile_one(kernel, signature, constexprs, args.arch, warps, stages, hints))
         except Exception as e:  # one row per config, whatever happens to the others
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         print(json.dumps(row), flush=True)

@@ -1,24 +1,17 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build with CUDA, `pytest -m gpu`, then the benchmarks. Logs and JSON go to the folder
-# given as $1 (default $OUT, as the device tool sets it). The device tool returns at most 8 files: summary.log (each
-# stage's command, exit status and last lines), run.log (everything), and results.tgz holding results/<bench>.json
-# for every GPU benchmark that ran (eight of them: one file each would pass the limit); `tar xzf results.tgz`.
+# The GPU checks in one run: build with CUDA, `pytest -m gpu`, then the benchmarks. Logs and JSON go to the folder
+# given as $1 (default $OUT) as three files: summary.log (each stage's command, exit status and last lines), run.log
+# (everything), and results.tgz holding results/<bench>.json for every GPU benchmark that ran (`tar xzf results.tgz`).
 #   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build probe test bench bench:NAME,... tiles ncu
-# A session now has 15 minutes of device time in all, machine start included, and 10 per call. The default runs
-# build, probe (the warp-specialized attention kernels' GPU tests alone, under a short limit: should they fail or
-# hang on this Triton, every later stage runs with FASTTRAIN_ATTENTION_WS=0), test, then what is owed (NOTES.md):
-# the benchmarks overhead, attention (at T 2048 and 8192 unless BENCH_ARGS_attention says otherwise; BENCH_ARGS_<name>
-# adds flags to any) and step, then tiles (tools/ws_tile_probe.py: each warp-specialized forward tile pinned alone,
-# right or not and how fast, beside v2), then adamw (its new ceiling, AdamW's access pattern alone) and the
-# benchmarks measured on the H200 at the code they time (norms, decode, rotary, cross_entropy), then ncu (Nsight
-# Compute's counters of attention's kernels beside cuDNN's and FLASH's: tools/ncu_attention.py), as many as fit.
-# Seconds on an H200 (2026-12-04): build 56, info 6, probe 65, test 111, overhead 56, attention 73, step 67, norms 70,
-# decode 76, rotary 28, cross_entropy 25, adamw 33; tiles not yet run (8 children, each compiling its tile: ~180
-# predicted). So one call reaches about tiles; a second call at once, while the machine is warm (30 s) and still
-# holds the install, runs the rest: `tiles bench:adamw,norms,...`. Each
-# stage is cut at STAGE_TIMEOUT seconds (default 420; the probe's 180) and at DEADLINE seconds after the script starts
-# (default 540, inside the device tool's 600 s per call), so that a hang costs one stage's logs, not the call's; what
-# ran is packed either way.
+# The default runs build, probe (the warp-specialized attention kernels' GPU tests alone, under a short limit: should
+# they fail or hang on this Triton, every later stage runs with FASTTRAIN_ATTENTION_WS=0), test, the benchmarks
+# overhead, attention (at T 2048 and 8192 unless BENCH_ARGS_attention says otherwise; BENCH_ARGS_<name> adds flags to
+# any) and step, then tiles (tools/ws_tile_probe.py: each warp-specialized forward tile pinned alone, right or not and
+# how fast), the other kernels' benchmarks (adamw, norms, decode, rotary, cross_entropy), and ncu (Nsight Compute's
+# counters of attention's kernels beside cuDNN's and FLASH's: tools/ncu_attention.py). Stages after build share the
+# installed package, so a later run on the same machine can take the rest: `tools/gpu_check.sh OUT tiles bench:adamw`.
+# Each stage is cut at STAGE_TIMEOUT seconds (default 420; the probe's 180) and the whole run at DEADLINE seconds
+# after it starts (default 540), so that a hang costs one stage's logs, not the run's; what ran is packed either way.
 set -uo pipefail
 out=${1:-${OUT:?give an output folder}}
 mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the next line changes directory
@@ -83,8 +76,8 @@ for stage in $stages; do
     tiles)
       run_stage $py tools/ws_tile_probe.py --device cuda --out "$out/results" ;;
     ncu)
-      # Nsight Compute over the kernels inside tools/ncu_attention.py's NVTX range (Firecracker machines read the
-      # counters; clocks left alone, as METHOD.md asks); the report stays in $out, its counters go out as CSV.
+      # Nsight Compute over the kernels inside tools/ncu_attention.py's NVTX range, clocks left as the driver sets
+      # them; the report stays in $out, its counters go out as CSV.
       ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
       mkdir -p "$out/results"
       run_stage "${ncu_bin:-ncu}" --clock-control none --nvtx --nvtx-include "profiled/" --section SpeedOfLight \

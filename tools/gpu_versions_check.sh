@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # The CPU test suite under the GPU machine's torch and Triton, in a side venv, so that what a version skew breaks is
-# found before a card's minutes are spent on it: torch 2.11's Dynamo (the card's) could not trace a str subclass built
-# per call, which torch 2.13 (CI's) traced through, and the H200's compiled step broke its graph at every op
-# (benchmarks/NOTES.md, 2026-12-04). The versions are read off the newest GPU result (benchmarks/results/nvidia-*/).
-# torch comes from PyPI as its CUDA build (~4.6 GB installed with its CUDA libraries, which import without a GPU), so
-# the build compiles the .cu sources with this machine's nvcc, as the card's build does; numpy < 2.3, since triton
-# 3.6.0's interpreter takes int() of a one-element array, which numpy 2.4 refuses (the card runs no interpreter).
-# Not for CI (the download). Measured on the 2-vCPU VM: install ~2 min, build 67 s, tests 5.5 min.
+# found on the CPU: Dynamo in one torch release may refuse to trace what another traces through, and a graph break at
+# every op makes a compiled step no faster than eager. The versions are read off the newest GPU result
+# (benchmarks/results/nvidia-*/). torch comes from PyPI as its CUDA build (~4.6 GB installed with its CUDA libraries,
+# which import without a GPU), so the build compiles the .cu sources with this machine's nvcc, as the GPU build does;
+# numpy < 2.3, since triton 3.6.0's interpreter takes int() of a one-element array, which numpy 2.4 refuses. Not for
+# CI (the download takes minutes, the suite in the side venv about as long as CI's).
 #   usage: tools/gpu_versions_check.sh [VENV_DIR] [pytest args...]   (default VENV_DIR /tmp/fasttrain-gpu-versions)
 set -euo pipefail
 cd "$(dirname "$0")/.."
