@@ -37,8 +37,9 @@ from fasttrain.model import GPT, GPTConfig, flops_per_token  # noqa: E402
 from fasttrain.model.norms import LayerNorm, RMSNorm  # noqa: E402
 from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
 from fasttrain.optim import AdamW  # noqa: E402
+from fasttrain.train.build import param_groups  # noqa: E402
+from fasttrain.train.device import autocast_for, peak_flops  # noqa: E402
 from fasttrain.train.graphed import GraphedStep  # noqa: E402
-from fasttrain.train.loop import autocast_for, param_groups, peak_flops  # noqa: E402
 
 WEIGHT_DECAY, LR, CLIP = 0.1, 3e-4, 1.0
 

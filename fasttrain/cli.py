@@ -67,9 +67,9 @@ def _eval(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fasttrain.data import Batches, prepare
+    from fasttrain.train.build import load_for_inference
     from fasttrain.train.callbacks import evaluate
-    from fasttrain.train.checkpoint import load_for_inference
-    from fasttrain.train.loop import autocast_for, resolve_device, resolve_precision
+    from fasttrain.train.device import autocast_for, resolve_device, resolve_precision
 
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, args.which, device)
@@ -111,8 +111,8 @@ DEFAULT_NEW_TOKENS = 200  # --max-new-tokens when not given, capped by the room 
 
 def _generate(args: argparse.Namespace) -> int:
     from fasttrain.generate import generate
-    from fasttrain.train.checkpoint import load_for_inference
-    from fasttrain.train.loop import autocast_for, resolve_device, resolve_precision
+    from fasttrain.train.build import load_for_inference
+    from fasttrain.train.device import autocast_for, resolve_device, resolve_precision
 
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, args.which, device)

@@ -215,7 +215,7 @@ def test_train_with_toml_then_resume_then_eval(tmp_path, capsys):
 
     # Greedy generation streams exactly what the library's generate() returns for the same checkpoint.
     from fasttrain.generate import generate
-    from fasttrain.train.checkpoint import load_for_inference
+    from fasttrain.train.build import load_for_inference
 
     model, tokenizer, _ = load_for_inference(tmp_path / "run")
     expected = generate(
