@@ -305,6 +305,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: output still buffered meets a closed pipe here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`fasttrain info | head -1`): no traceback. Python's signal docs' recipe: stdout goes to
+        # devnull, so that the interpreter's own flush at exit fails no more, and the exit status is 1.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     args.extra = extra

@@ -1,6 +1,7 @@
 """`fasttrain train | eval | info` from the command line: overrides, TOML, resume, and one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -530,3 +531,16 @@ def test_info_still_works(capsys, monkeypatch):
     monkeypatch.setenv("FASTTRAIN_BACKEND", "bogus")  # would fail every op call: info says so
     code, out, _ = run_cli(capsys, ["info"])
     assert code == 0 and "FASTTRAIN_BACKEND: " in out and "bogus" in out
+
+
+def test_a_closed_pipe_ends_the_output_quietly():
+    # `fasttrain info | head -1`: the reader is gone before the first write (its end closed before the start).
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "fasttrain.cli", "info"], stdout=write, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 1 and proc.stderr == ""
