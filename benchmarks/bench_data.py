@@ -1,6 +1,6 @@
 """Data preprocessing throughput: MB of source text tokenized into shards per second, 1 vs 2 workers.
 
-    python benchmarks/bench_data.py [--quick] [--mb 16]
+    python -m fasttrain.benchmarks.bench_data [--quick] [--mb 16]
 
 Each timed call is a whole cold `prepare` (discover, read, tokenize, write shards, hash, manifest) into a fresh
 cache folder, on the default corpus (the stdlib's .py files) capped at --mb. The BPE tokenizer is trained once
@@ -13,19 +13,14 @@ that imports torch would make it do.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import parse_args, print_table, time_ms, write_results  # noqa: E402
-
-import fasttrain.data.parallel as parallel  # noqa: E402
-from fasttrain.data import DataConfig, prepare  # noqa: E402
+import fasttrain.data.parallel as parallel
+from fasttrain.benchmarks.common import parse_args, print_table, time_ms, write_results
+from fasttrain.data import DataConfig, prepare
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """One full training step (forward, backward, optimizer) of the same GPT, five ways (six on CUDA), side by side.
 
-    python benchmarks/bench_step.py                  # CPU: a small shape in fp32; GPU: GPT-2 small in bf16
-    python benchmarks/bench_step.py --quick          # smallest shape, no torch.compile row on CPU
+    python -m fasttrain.benchmarks.bench_step            # CPU: a small shape in fp32; GPU: GPT-2 small in bf16
+    python -m fasttrain.benchmarks.bench_step --quick    # smallest shape, no torch.compile row on CPU
 
 Rows: `eager` (attention by PyTorch's SDPA math path, torch.optim.AdamW foreach), `eager-sdpa` (SDPA's default
 backend, i.e. FlashAttention-2 on an H100, and torch's fused AdamW), `compile` (torch.compile of eager-sdpa),
@@ -23,23 +23,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from fasttrain.model import GPT, GPTConfig, flops_per_token  # noqa: E402
-from fasttrain.model.norms import LayerNorm, RMSNorm  # noqa: E402
-from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
-from fasttrain.optim import AdamW  # noqa: E402
-from fasttrain.train.build import param_groups  # noqa: E402
-from fasttrain.train.device import autocast_for, peak_flops  # noqa: E402
-from fasttrain.train.graphed import GraphedStep  # noqa: E402
+from fasttrain.benchmarks import common
+from fasttrain.model import GPT, GPTConfig, flops_per_token
+from fasttrain.model.norms import LayerNorm, RMSNorm
+from fasttrain.ops.rotary import apply_rotary_emb_reference
+from fasttrain.optim import AdamW
+from fasttrain.train.build import param_groups
+from fasttrain.train.device import autocast_for, peak_flops
+from fasttrain.train.graphed import GraphedStep
 
 WEIGHT_DECAY, LR, CLIP = 0.1, 3e-4, 1.0
 
