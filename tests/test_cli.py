@@ -14,6 +14,9 @@ from fasttrain.train import RunConfig
 from fasttrain.train.config import build
 from fasttrain.train.presets import PRESETS, tiny
 
+# The CLI as a CPU user runs it (conftest.cpu_user): C++ kernels and references, not the Triton interpreter.
+pytestmark = pytest.mark.usefixtures("cpu_user")
+
 
 def write_corpus(folder):
     folder.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,9 @@ from fasttrain.train.callbacks import EarlyStopping, StopRequest
 from fasttrain.train.graphed import WARMUP_STEPS, GraphedStep, warm_up
 from fasttrain.train.step import forward_backward
 
-# head_dim 8: attention takes the reference path (no interpreter), which keeps a step at a few milliseconds.
+# The trainer as a CPU user runs it (conftest.cpu_user): C++ kernels and references, not the Triton interpreter.
+pytestmark = pytest.mark.usefixtures("cpu_user")
+
 TINY_MODEL = dict(n_layer=2, n_head=4, d_model=32, max_seq_len=32)
 
 
