@@ -1,4 +1,4 @@
-"""`fasttrain train | eval | generate | bench | info`.
+"""`fasttrain train | data | eval | generate | bench | info`.
 
 A mistake the user can fix (a bad key, a missing file, a value out of range) ends with one line
 `fasttrain: error: ...` and exit code 2; FASTTRAIN_DEBUG=1 shows the traceback instead.
@@ -58,6 +58,22 @@ def _train(args: argparse.Namespace) -> int:
     if result.sample is not None:
         print(f"--- sample ---\n{result.sample}\n--------------")
     return 130 if result.stopped == "interrupted" else 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from fasttrain.config import load_file, parse_overrides
+    from fasttrain.data import prepare
+    from fasttrain.train import RunConfig
+    from fasttrain.train.config import build
+    from fasttrain.train.presets import PRESETS
+
+    # The config `fasttrain train` would build from the same arguments, so its shards are the ones training reuses.
+    paths = {"data": {"paths": args.paths}} if args.paths else {}
+    cfg = build(
+        PRESETS[args.preset](), *(load_file(f) for f in args.config), parse_overrides(RunConfig, args.extra), paths
+    )
+    prepare(cfg.data).report()
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -250,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in RUN (default: train.out_dir) from its latest checkpoint",
     )
     p.set_defaults(run=_train, accepts_extra=True)
+
+    p = sub.add_parser(
+        "data",
+        help="prepare a corpus (read, tokenize, shard) and print its summary, without training",
+        epilog="Takes train's --preset, --config and --data.FIELD VALUE overrides: the shards it builds are the "
+        "ones `fasttrain train` with the same arguments reuses.",
+    )
+    p.add_argument("paths", nargs="*", metavar="PATH", help="files and folders (default: the config's data.paths)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="starting config, as for train")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="TOML config, as for train")
+    p.set_defaults(run=_data, accepts_extra=True)
 
     p = sub.add_parser("eval", help="loss, perplexity and next-token accuracy of a trained model on some data")
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory (or checkpoint file)")

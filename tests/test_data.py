@@ -90,8 +90,22 @@ def test_every_source_type_is_read_and_bad_files_are_counted(tmp_path, corpus_di
     assert docs[1].strip() == PDF_TEXT
     assert docs[2:] == [TEXTS["readme.txt"], *JSONL_RECORDS, TEXTS["src/lib.rs"], TEXTS["src/model.py"]]
     row = corpus.manifest["sources"][str(corpus_dir)]
-    assert row["skipped"] == {"corrupt pdf": 1, "binary or not UTF-8": 1, "jsonl line not JSON": 1}
-    assert row["ignored"] == 2  # image.png, dangling.md
+    assert row["skipped"] == {
+        "corrupt pdf": 1,
+        "binary or not UTF-8": 1,
+        "jsonl line not JSON": 1,
+        "unreadable image": 1,  # image.png: a PNG signature and nothing else
+    }
+    assert row["ignored"] == 1  # dangling.md
+    assert row["warnings"] == {"pypdf: EOF marker not found": 1}  # counted, not printed
+    assert row["formats"]["pdf"] == {
+        "files": 2,
+        "documents": 1,
+        "duplicates": 0,
+        "bytes": len(docs[1].encode()),
+        "tokens": len(docs[1].encode()) + 1,
+        "skipped": {"corrupt pdf": 1},
+    }
     assert row["documents"] == 7 and row["tokens"] == len(corpus.train)
     assert row["bytes"] == sum(len(d.encode()) for d in docs)
     summary = corpus.summary()
@@ -282,6 +296,10 @@ def test_a_pool_is_started_only_for_enough_python_bound_work():
         (dict(paths="docs/"), r"DataConfig.paths must be a list"),
         (dict(seed=-1), r"DataConfig.seed must be an int >= 0"),
         (dict(cache_dir=123), r"DataConfig.cache_dir must be a path or None, got 123"),
+        (dict(text_column=""), r"DataConfig.text_column must be a non-empty string"),
+        (dict(dedup="yes"), r"DataConfig.dedup must be true or false, got 'yes'"),
+        (dict(ocr=1), r"DataConfig.ocr must be true or false"),
+        (dict(max_decompressed_bytes=0), r"DataConfig.max_decompressed_bytes must be a positive int"),
     ],
 )
 def test_bad_settings_raise_one_clear_line(kw, match):
@@ -293,7 +311,7 @@ def test_missing_tokenizer_file_and_empty_corpus_raise(tmp_path, corpus_dir):
     with pytest.raises(ValueError, match=r"DataConfig.tokenizer .*'nope.json' is not a file"):
         prepare(config(tmp_path, [corpus_dir], tokenizer="nope.json"))
     with pytest.raises(ValueError, match=r"DataConfig.paths: no readable files"):
-        prepare(config(tmp_path, [corpus_dir], include=["*.png"]))
+        prepare(config(tmp_path, [corpus_dir], include=["*.gif"]))
     with pytest.raises(ValueError, match=r"the corpus is empty: 2 files gave no document"):
         prepare(config(tmp_path, [corpus_dir], include=["blob.txt", "broken.pdf"]))
     bad = tmp_path / "bad.json"
@@ -383,3 +401,24 @@ def test_a_cache_dir_that_is_a_file_is_a_clear_error_and_a_failed_build_leaves_n
         prepare(config(tmp_path, [corpus_dir]))
     (folder,) = (tmp_path / "cache").iterdir()
     assert sorted(p.name for p in folder.iterdir()) == [".lock"]
+
+
+def test_parser_warnings_are_counted_not_printed(tmp_path, capsys):
+    root = tmp_path / "pdfs"
+    root.mkdir()
+    write_pdf(root / "ok.pdf", "A fine PDF")
+    data = (root / "ok.pdf").read_bytes()
+    at = data.rindex(b"startxref\n") + len(b"startxref\n")
+    (root / "badxref.pdf").write_bytes(data[:at] + b"1" + data[at:])  # a wrong xref offset: read, with warnings
+    (root / "junk.pdf").write_bytes(b"%PDF-1.4\n" + bytes(range(256)))
+    corpus = prepare(config(tmp_path, [root]))
+    row = corpus.manifest["sources"][str(root)]
+    assert [d.strip() for d in docs_of(corpus, corpus.train)] == ["A fine PDF"]  # badxref.pdf's text: a duplicate
+    assert row["duplicates"] == 1 and row["skipped"] == {"corrupt pdf": 1}
+    assert row["warnings"] == {  # files that raised each; numbers as N, so one kind counts under one key
+        "pypdf: EOF marker not found": 1,
+        "pypdf: incorrect startxref pointer(N)": 1,
+        "pypdf: parsing for Object Streams": 1,
+    }
+    assert "parser warnings" in corpus.summary() and "EOF marker not found" in corpus.summary()
+    assert "EOF" not in capsys.readouterr().err

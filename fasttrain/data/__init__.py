@@ -1,4 +1,4 @@
-"""Data: sources (text, Markdown, code, JSONL, PDF) -> tokenizer -> token shards (memmap) -> batches.
+"""Data: sources (text, code, JSONL, HTML, notebooks, tables, PDFs, images) -> tokenizer -> token shards -> batches.
 
 corpus = prepare(DataConfig(paths=["docs/"], tokenizer="bpe"))
 batches = Batches(corpus.train, batch_size=8, seq_len=256)

@@ -36,7 +36,6 @@ DEFAULT_CODE_EXTENSIONS = [
     ".sh",
     ".bash",
     ".sql",
-    ".html",
     ".css",
     ".toml",
     ".yaml",
@@ -46,6 +45,12 @@ DEFAULT_CODE_EXTENSIONS = [
 TEXT_EXTENSIONS = (".txt", ".text", ".md", ".markdown", ".rst")
 JSONL_EXTENSIONS = (".jsonl", ".ndjson")
 PDF_EXTENSIONS = (".pdf",)
+HTML_EXTENSIONS = (".html", ".htm", ".xhtml")
+NOTEBOOK_EXTENSIONS = (".ipynb",)
+CSV_EXTENSIONS = {".csv": ",", ".tsv": "\t"}
+PARQUET_EXTENSIONS = (".parquet",)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
+COMPRESSED_EXTENSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 
 
 @dataclass
@@ -57,9 +62,19 @@ class DataConfig:
     exclude: list[str] = field(default_factory=list)
     """Glob patterns, relative to each path, of the files dropped; applied after `include`."""
     code_extensions: list[str] = field(default_factory=lambda: list(DEFAULT_CODE_EXTENSIONS))
-    """File extensions read as source code (one document per file), besides .txt/.md/.rst, .jsonl and .pdf."""
+    """File extensions read as source code (one document per file), besides the formats read by their own reader
+    (text, JSONL, PDF, HTML, notebooks, CSV/TSV, Parquet, images; see docs/data.md)."""
     jsonl_field: str = "text"
     """The field of each JSONL record that holds its text."""
+    text_column: str = "text"
+    """The column that holds the text in CSV/TSV files (by header), Parquet files and Hugging Face `datasets`
+    folders; a table without it is skipped and counted."""
+    dedup: bool = True
+    """Drop documents whose text exactly repeats an earlier one (by content hash); the summary counts them."""
+    ocr: bool = True
+    """Read images and PDF pages without a text layer by OCR (needs `pip install fasttrain[ocr]`); False skips them."""
+    max_decompressed_bytes: int = 1 << 30
+    """Largest size a .gz/.zst file may decompress to; a larger one (a zip bomb) is skipped and counted."""
     tokenizer: str = "byte"
     """"byte" (256 byte values + end-of-text), "bpe" (byte-level BPE trained on the training documents), or a path
     to a tokenizer.json (given an <|endoftext|> token when it has no end-of-text of its own)."""
@@ -91,8 +106,15 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name} must be a list of strings, got {value!r}")
         if not all(str(e).startswith(".") for e in self.code_extensions):
             raise ValueError(f"DataConfig.code_extensions must start with '.', got {self.code_extensions!r}")
-        if not isinstance(self.jsonl_field, str) or not self.jsonl_field:
-            raise ValueError(f"DataConfig.jsonl_field must be a non-empty string, got {self.jsonl_field!r}")
+        for name in ("jsonl_field", "text_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"DataConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("dedup", "ocr"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"DataConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        m = self.max_decompressed_bytes
+        if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
+            raise ValueError(f"DataConfig.max_decompressed_bytes must be a positive int, got {m!r}")
         if not isinstance(self.tokenizer, (str, os.PathLike)):
             raise ValueError(f"DataConfig.tokenizer must be 'byte', 'bpe' or a path, got {self.tokenizer!r}")
         if check_files and self.tokenizer not in ("byte", "bpe") and not Path(self.tokenizer).is_file():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fasttrain.data import summary
 from fasttrain.data.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer_file
 
 
@@ -38,33 +39,16 @@ class Corpus:
         return self.manifest["key"]
 
     def summary(self) -> str:
-        """Documents, bytes and tokens per source, what was skipped and why, and the split."""
-        header = ["source", "files", "documents", "bytes", "tokens", "ignored", "skipped"]
-        rows = [header] + [
-            [
-                source,
-                f"{r['files']:,}",
-                f"{r['documents']:,}",
-                f"{r['bytes']:,}",
-                f"{r['tokens']:,}",
-                f"{r['ignored']:,}",
-                ", ".join(f"{n:,} {why}" for why, n in sorted(r["skipped"].items())) or "0",
-            ]
-            for source, r in self.manifest["sources"].items()
-        ]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        lines = [
-            "  ".join([row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:-1], widths[1:-1])] + [row[-1]])
-            for row in rows
-        ]
-        tok, shards, split = self.manifest["tokenizer"], self.manifest["shards"], self.manifest["split"]
-        lines.append(
-            f"tokenizer {tok['name']} (vocab {tok['vocab_size']:,}, end-of-text {tok['eot_id']}); "
-            f"train {shards['train']['tokens']:,} tokens, val {shards['val']['tokens']:,} tokens "
-            f"({split['val_documents']:,} of {split['documents']:,} documents), {self.manifest['dtype']}; "
-            f"{'reused' if self.reused else 'built'} in {self.folder}"
-        )
-        return "\n".join(lines)
+        """Per source and format: files, documents, duplicates removed, bytes, tokens, what was skipped and why;
+        the parser warnings counted; the tokenizer and the split (fasttrain.data.summary)."""
+        return summary.table(self.manifest, self.folder, self.reused)
+
+    def report(self, run_dir: str | Path | None = None) -> None:
+        """Print the summary; with run_dir, also write it there as data_summary.txt and data_summary.json."""
+        text = self.summary()
+        print(text, flush=True)
+        if run_dir is not None:
+            summary.write(Path(run_dir), text, summary.as_json(self.manifest, self.folder, self.reused))
 
     def __repr__(self) -> str:
         return (

@@ -3,15 +3,17 @@ always in file order, so the shards are identical for any number of workers."""
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import NamedTuple
 
 import numpy as np
 
-from fasttrain.data.sources import Documents, SourceFile, read_documents
+from fasttrain.data.sources import Documents, ReadOptions, SourceFile, read_documents
 from fasttrain.data.tokenizers import ByteTokenizer, Tokenizer, tokenizer_from_config
 
 # When a pool repays its start. Measured on the 2-core CI machine, shared with other jobs: a 'spawn' worker starts
@@ -19,13 +21,17 @@ from fasttrain.data.tokenizers import ByteTokenizer, Tokenizer, tokenizer_from_c
 # process, stdlib .py files are read and tokenized at ~60-100 MB/s with the byte tokenizer and ~1.3 MB/s with an HF
 # BPE-4096, whose encode_batch already uses every core; forcing 2 workers on 8 MB gave 2.1 MB/s byte (all start-up)
 # and 0.95 MB/s BPE (benchmarks/bench_data.py). Only Python-bound work can gain: pypdf reads ~0.2-0.3 MB/s of real
-# (compressed) PDF per process. There 2 workers matched 1 (3.2 MB of PDF: 10.4 vs 9.9 s) because other jobs held the
-# second core; with idle cores they split the work. So work is estimated as PDF bytes at that rate plus the rest at
-# the byte rate, and a worker is started per ~10 s of it: PDFs above ~5 MB get two.
+# (compressed) PDF per process, and OCR takes ~1-6 s per image (plus ~2 s to load its models, once per worker).
+# There 2 workers matched 1 (3.2 MB of PDF: 10.4 vs 9.9 s) because other jobs held the second core; with idle cores
+# they split the work. So work is estimated as PDF bytes at that rate, images at their rate and the rest at the byte
+# rate, and a worker is started per ~10 s of it: PDFs above ~5 MB, or 5 images or more, get two.
 _FAST_MB_S = 100.0
 _PDF_MB_S = 0.25
+_OCR_S_PER_IMAGE = 2.0
 _MIN_WORK_S_PER_WORKER = 10.0
 _CHUNK_BYTES = 1 << 20
+# Kinds whose files each make a task of their own (seconds of work each), so that a pool shares them out evenly.
+_SLOW_KINDS = ("pdf", "image")
 
 _worker_tokenizer: Tokenizer | None = None
 
@@ -33,8 +39,14 @@ _worker_tokenizer: Tokenizer | None = None
 def workers_for(files: list[SourceFile], num_workers: int) -> int:
     """Processes worth starting for `files`: at most num_workers, one per _MIN_WORK_S_PER_WORKER of estimated work.
     The shards never depend on this: tasks come back in file order whatever the count."""
-    seconds = sum((f.limit or f.size) / 1e6 / (_PDF_MB_S if f.kind == "pdf" else _FAST_MB_S) for f in files)
+    seconds = sum(_work_s(f) for f in files)
     return max(1, min(num_workers, int(seconds / _MIN_WORK_S_PER_WORKER)))
+
+
+def _work_s(f: SourceFile) -> float:
+    if f.kind == "image":
+        return _OCR_S_PER_IMAGE
+    return (f.limit or f.size) / 1e6 / (_PDF_MB_S if f.kind == "pdf" else _FAST_MB_S)
 
 
 def _set_tokenizer(tok_config: dict | None) -> None:
@@ -48,15 +60,33 @@ def _init_pool_worker(tok_config: dict | None) -> None:
     _set_tokenizer(tok_config)
 
 
-def read_task(args: tuple[SourceFile, str]) -> Documents:
+def read_task(args: tuple[SourceFile, ReadOptions]) -> Documents:
     return read_documents(*args)
 
 
-def tokenize_task(args: tuple[list[SourceFile], str, str]) -> list[tuple[np.ndarray, np.ndarray, int, dict]]:
-    """Per file of the chunk: (tokens of every document each followed by end-of-text, tokens per document, text
-    bytes, skipped reasons)."""
-    files, jsonl_field, dtype = args
-    docs = [read_documents(f, jsonl_field) for f in files]
+def doc_hash(data: bytes) -> bytes:
+    """What tells exact duplicates apart: 128 bits of BLAKE2b (a collision among 10^12 documents has odds ~1e-15)."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class FileTokens(NamedTuple):
+    """One file's share of the token stream."""
+
+    tokens: np.ndarray
+    """Every document's ids, each followed by end-of-text."""
+    lengths: np.ndarray
+    """Tokens per document, its end-of-text included."""
+    nbytes: np.ndarray
+    """UTF-8 bytes per document."""
+    hashes: list[bytes]
+    """doc_hash per document."""
+    skipped: dict[str, int]
+    warnings: dict[str, int]
+
+
+def tokenize_task(args: tuple[list[SourceFile], ReadOptions, str]) -> list[FileTokens]:
+    files, opts, dtype = args
+    docs = [read_documents(f, opts) for f in files]
     texts = [t for d in docs for t in d.texts]
     tok = _worker_tokenizer
     if isinstance(tok, ByteTokenizer):
@@ -68,19 +98,21 @@ def tokenize_task(args: tuple[list[SourceFile], str, str]) -> list[tuple[np.ndar
     out, first = [], 0
     for d in docs:
         mine = ids[first : first + len(d.texts)]
+        encoded = [t.encode("utf-8") for t in d.texts]
         first += len(d.texts)
         tokens = np.concatenate([p for i in mine for p in (i.astype(dtype), eot)]) if mine else np.empty(0, dtype)
         lengths = np.array([len(i) + 1 for i in mine], dtype=np.int64)
-        out.append((tokens, lengths, sum(len(t.encode("utf-8")) for t in d.texts), d.skipped))
+        nbytes = np.array([len(b) for b in encoded], dtype=np.int64)
+        out.append(FileTokens(tokens, lengths, nbytes, [doc_hash(b) for b in encoded], d.skipped, d.warnings))
     return out
 
 
 def chunks(files: list[SourceFile]) -> list[list[SourceFile]]:
     """Tasks of consecutive files: text up to about _CHUNK_BYTES (about a second of BPE at the rate above, and many
-    documents per HF encode_batch call), each PDF alone (seconds of pypdf each), so a pool shares work out evenly."""
+    documents per HF encode_batch call), each PDF or image alone (seconds each), so a pool shares work out evenly."""
     groups, size = [[]], 0
     for f in files:
-        if groups[-1] and (size >= _CHUNK_BYTES or f.kind == "pdf" or groups[-1][-1].kind == "pdf"):
+        if groups[-1] and (size >= _CHUNK_BYTES or f.kind in _SLOW_KINDS or groups[-1][-1].kind in _SLOW_KINDS):
             groups.append([])
             size = 0
         groups[-1].append(f)

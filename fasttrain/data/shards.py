@@ -4,7 +4,8 @@ Layout of one cache folder (named by the hash of everything that decides its con
     train.bin, val.bin   packed token ids (uint16 when the vocabulary fits, else uint32), each document followed by
                          the end-of-text id
     tokenizer.json       the BPE or user tokenizer (absent for the byte tokenizer)
-    manifest.json        sources, per-source counts, tokenizer, shard sizes and sha256: written last, so a folder
+    manifest.json        sources, per-source and per-format counts (documents, bytes, tokens, duplicates, what
+                         was skipped and why), tokenizer, shard sizes and sha256: written last, so a folder
                          without it (a killed run) is never trusted
 Every file is written under a temporary name and moved into place with os.replace.
 """
@@ -15,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -24,21 +26,27 @@ import numpy as np
 
 from fasttrain.data.config import DataConfig
 from fasttrain.data.corpus import Corpus
-from fasttrain.data.parallel import chunks, map_in_order, read_task, tokenize_task, workers_for
-from fasttrain.data.sources import PYPDF_MISSING, SourceFile, discover
+from fasttrain.data.parallel import chunks, doc_hash, map_in_order, read_task, tokenize_task, workers_for
+from fasttrain.data.scans import PYPDF_MISSING, ocr_version
+from fasttrain.data.sources import HF_DATASET, Found, ReadOptions, SourceFile, discover, package_version
 from fasttrain.data.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer_file, tokenizer_spec, train_bpe
 
-FORMAT_VERSION = 2  # 2: special-token text encoded as text, JSONL split on \n only, BPE sees train exactly
+FORMAT_VERSION = 3  # 3: HTML, notebooks, tables, compressed files, OCR; exact duplicates removed
 _noted_pypdf = False
 
 
 def cache_key(cfg: DataConfig, files: list[SourceFile], tok_spec: dict) -> str:
     """Hash of what decides the shards: each file's path, size and mtime (include/exclude/max_bytes/code_extensions
-    act through the file list and limits), the JSONL field, the tokenizer, and the split."""
+    act through the file list and limits), the reader settings and the optional readers installed, the tokenizer,
+    dedup, and the split."""
     payload = {
         "format": FORMAT_VERSION,
-        "files": [[f.path, f.source, f.kind, f.size, f.mtime_ns, f.limit] for f in files],
+        "files": [[f.path, f.source, f.kind, f.size, f.mtime_ns, f.limit, f.compression] for f in files],
         "jsonl_field": cfg.jsonl_field,
+        "text_column": cfg.text_column,
+        "max_decompressed_bytes": cfg.max_decompressed_bytes,
+        "readers": _reader_versions(cfg, files),
+        "dedup": cfg.dedup,
         "tokenizer": tok_spec,
         "val_fraction": cfg.val_fraction,
         "seed": cfg.seed,
@@ -46,12 +54,28 @@ def cache_key(cfg: DataConfig, files: list[SourceFile], tok_spec: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def _reader_versions(cfg: DataConfig, files: list[SourceFile]) -> dict:
+    """The optional readers these files need, with their versions (None: not installed): installing one, or
+    switching OCR on, must rebuild shards that skipped what it reads."""
+    kinds, compressions = {f.kind for f in files}, {f.compression for f in files}
+    out = {}
+    if "pdf" in kinds:
+        out["pypdf"] = package_version("pypdf")
+    if kinds & {"parquet", HF_DATASET}:
+        out["pyarrow"] = package_version("pyarrow")
+    if "zstd" in compressions and sys.version_info < (3, 14):
+        out["zstandard"] = package_version("zstandard")
+    if kinds & {"pdf", "image"}:
+        out["ocr"] = ocr_version() if cfg.ocr else "off"
+    return out
+
+
 def prepare(cfg: DataConfig) -> Corpus:
     """Token shards for `cfg`: reused when a complete build with the same key exists, else built (in parallel with
     cfg.num_workers processes). ValueError, naming the setting, for a missing path, an empty corpus, a JSONL field
     that no record has, or an unusable tokenizer file."""
     cfg.validate()
-    files, ignored = discover(cfg)
+    files, found = discover(cfg)
     key = cache_key(cfg, files, tokenizer_spec(cfg.tokenizer, cfg.vocab_size))
     folder = cfg.resolved_cache_dir() / key[:24]
     try:
@@ -66,7 +90,7 @@ def prepare(cfg: DataConfig) -> Corpus:
         reused = manifest is not None
         if manifest is None:
             try:
-                manifest = _build(cfg, files, ignored, key, folder)
+                manifest = _build(cfg, files, found, key, folder)
             finally:  # a failed build leaves no temporary behind (the token stream is the corpus' size)
                 _remove_temporaries(folder)
     return Corpus(folder, manifest, reused=reused)
@@ -185,18 +209,39 @@ def _train_side(texts: Iterator[str], seed: int, val_fraction: float) -> Iterato
         yield held_val[1]
 
 
+def _unique(texts: Iterator[str]) -> Iterator[str]:
+    """The texts less exact repeats of an earlier one, as _build drops them."""
+    seen: set[bytes] = set()
+    for text in texts:
+        h = doc_hash(text.encode("utf-8"))
+        if h not in seen:
+            seen.add(h)
+            yield text
+
+
 def _tokenizer_for(cfg: DataConfig, files: list[SourceFile]) -> Tokenizer:
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.tokenizer != "bpe":
         return load_tokenizer_file(cfg.tokenizer)
     workers = workers_for(files, cfg.num_workers)
-    docs = map_in_order(read_task, [(f, cfg.jsonl_field) for f in files], workers, None)
+    docs = map_in_order(read_task, [(f, ReadOptions.of(cfg)) for f in files], workers, None)
     texts = (text for d in docs for text in d.texts)
+    texts = _unique(texts) if cfg.dedup else texts
     return train_bpe(_train_side(texts, cfg.seed, cfg.val_fraction), cfg.vocab_size)
 
 
-def _build(cfg: DataConfig, files: list[SourceFile], ignored: dict[str, int], key: str, folder: Path) -> dict:
+def _row() -> dict:
+    """One source's (or one format's) counts in the manifest."""
+    return {"files": 0, "documents": 0, "bytes": 0, "tokens": 0, "duplicates": 0, "skipped": {}}
+
+
+def _add(counts: dict[str, int], more: dict[str, int]) -> None:
+    for reason, n in more.items():
+        counts[reason] = counts.get(reason, 0) + n
+
+
+def _build(cfg: DataConfig, files: list[SourceFile], found: dict[str, Found], key: str, folder: Path) -> dict:
     started = time.perf_counter()
     _remove_temporaries(folder)  # left by a killed build
     tok = _tokenizer_for(cfg, files)
@@ -208,33 +253,41 @@ def _build(cfg: DataConfig, files: list[SourceFile], ignored: dict[str, int], ke
         tok_file = _file_entry(folder / "tokenizer.json")
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
 
-    sources = {
-        s: {"files": 0, "documents": 0, "bytes": 0, "tokens": 0, "skipped": {}, "ignored": n}
-        for s, n in ignored.items()
-    }
-    workers = workers_for(files, cfg.num_workers)
+    sources = {}
+    for s, here in found.items():
+        sources[s] = {**_row(), "ignored": here.ignored, "skipped": dict(here.skipped), "warnings": {}, "formats": {}}
+    tasks = [(chunk, ReadOptions.of(cfg), dtype.str) for chunk in chunks(files)]
+    workers = min(workers_for(files, cfg.num_workers), len(tasks))
     all_tmp = _atomic_path(folder / "all.bin")
-    lengths = []
+    lengths, seen = [], set()
     with open(all_tmp, "wb") as out:
-        tasks = [(chunk, cfg.jsonl_field, dtype.str) for chunk in chunks(files)]
         results = (r for chunk in map_in_order(tokenize_task, tasks, workers, tok.to_config()) for r in chunk)
-        for f, (tokens, doc_lengths, nbytes, skipped) in zip(files, results, strict=True):
+        for f, r in zip(files, results, strict=True):
+            keep = np.ones(len(r.lengths), dtype=bool)
+            if cfg.dedup:
+                for i, h in enumerate(r.hashes):
+                    keep[i] = h not in seen
+                    seen.add(h)
+            tokens = r.tokens if keep.all() else r.tokens[np.repeat(keep, r.lengths)]
             out.write(tokens.tobytes())
-            lengths.append(doc_lengths)
+            lengths.append(r.lengths[keep])
             row = sources[f.source]
-            row["files"] += 1
-            row["documents"] += len(doc_lengths)
-            row["bytes"] += nbytes
-            row["tokens"] += len(tokens)
-            for reason, n in skipped.items():
-                row["skipped"][reason] = row["skipped"].get(reason, 0) + n
+            fmt = row["formats"].setdefault(f.format, _row())
+            for counts in (row, fmt):
+                counts["files"] += 1
+                counts["documents"] += int(keep.sum())
+                counts["duplicates"] += int((~keep).sum())
+                counts["bytes"] += int(r.nbytes[keep].sum())
+                counts["tokens"] += len(tokens)
+                _add(counts["skipped"], r.skipped)
+            _add(row["warnings"], r.warnings)
     _note_pypdf(sources)
     doc_lengths = np.concatenate(lengths)
     if len(doc_lengths) == 0:
         all_tmp.unlink()
+        skipped = ", ".join(f"{n:,} {why}" for why, n in sorted(_skipped_total(sources).items())) or "none"
         raise ValueError(
-            f"DataConfig.paths: the corpus is empty: {len(files)} files gave no document "
-            f"(skipped: {_skipped_total(sources)})"
+            f"DataConfig.paths: the corpus is empty: {len(files)} files gave no document (skipped: {skipped})"
         )
     is_val = _split(len(doc_lengths), cfg.val_fraction, cfg.seed)
     shards = _write_splits(folder, all_tmp, doc_lengths, is_val, cfg.val_fraction, dtype)
@@ -256,6 +309,7 @@ def _build(cfg: DataConfig, files: list[SourceFile], ignored: dict[str, int], ke
                 "path": f.path,
                 "source": f.source,
                 "kind": f.kind,
+                "compression": f.compression,
                 "size": f.size,
                 "mtime_ns": f.mtime_ns,
                 "limit": f.limit,
@@ -268,6 +322,7 @@ def _build(cfg: DataConfig, files: list[SourceFile], ignored: dict[str, int], ke
             "documents": len(doc_lengths),
             "val_documents": int(is_val.sum()) if len(doc_lengths) > 1 else 0,
         },
+        "dedup": cfg.dedup,
         "shards": shards,
         "build": {"workers": workers, "seconds": round(time.perf_counter() - started, 3)},
     }

@@ -112,6 +112,7 @@ def start_run(cfg: RunConfig, resume: bool) -> Run:
         raise ValueError(f"train.out_dir {str(run_dir)!r} cannot be made: {e.strerror or e}") from None
 
     corpus = prepare(cfg.data)
+    corpus.report(run_dir)  # the data summary, on screen and as run_dir/data_summary.{txt,json}
     _check_splits(corpus, cfg)
     if tc.sample_tokens > 0:
         sample_prompt_ids(corpus.tokenizer, tc.sample_prompt, cfg.model.max_seq_len)  # fail now, not after the run
