@@ -5,22 +5,18 @@ ours, only that the op adds no cost. Inputs are the MLP's: (B*T, 4 * d_model) ro
 Memory-bound: the fewest bytes read x and write y, then read the gradient and x and write dx (5 passes), as GB/s
 and % of the measured copy bandwidth.
 
-    python benchmarks/bench_activation.py [--device cpu|cuda] [--quick] [--out DIR]
+    python -m fasttrain.benchmarks.bench_activation [--device cpu|cuda] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from fasttrain.ops import gelu  # noqa: E402
+from fasttrain.benchmarks import common
+from fasttrain.ops import gelu
 
 # (rows, width): the bench_step CPU model's MLP (B8 x T256, d 256 -> 1024) and GPT-2 small's (B16 x T1024, 3072).
 SHAPES = {"cuda": [(16384, 3072), (4096, 3072)], "cpu": [(2048, 1024), (8192, 3072)]}

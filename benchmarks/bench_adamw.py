@@ -4,24 +4,20 @@ param, grad, exp_avg, exp_avg_sq; write param, exp_avg, exp_avg_sq), reported as
 On CUDA a second ceiling beside copy's: AdamW's access pattern alone (four streams read, three written, one add per
 written element) by a Triton kernel, `%streams` of it, which says how much of the gap to copy the pattern itself costs.
 
-    python benchmarks/bench_adamw.py [--device cpu|cuda] [--quick] [--out DIR]
+    python -m fasttrain.benchmarks.bench_adamw [--device cpu|cuda] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
 import gc
-import sys
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from fasttrain.kernels._launch import cdiv  # noqa: E402
-from fasttrain.optim import AdamW  # noqa: E402
+from fasttrain.benchmarks import common
+from fasttrain.kernels._launch import cdiv
+from fasttrain.optim import AdamW
 
 BYTES_PER_PARAM = 28  # fp32: 4 reads + 3 writes of 4 bytes
 SIZES = {"cpu": [1 << 20, 4 << 20, 16 << 20, 64 << 20], "cuda": [1 << 20, 16 << 20, 128 << 20, 1 << 30]}

@@ -3,21 +3,16 @@ a careful script does under autocast), torch on the native dtype, and torch.comp
 Memory-bound: the fewest bytes are 3 N V s (read the logits in the forward and in the backward, write the
 gradient), reported as GB/s and % of the measured copy bandwidth; on CUDA also the peak memory each one adds.
 
-    python benchmarks/bench_cross_entropy.py [--device cpu|cuda] [--quick] [--out DIR]
+    python -m fasttrain.benchmarks.bench_cross_entropy [--device cpu|cuda] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from fasttrain.ops import cross_entropy  # noqa: E402
+from fasttrain.benchmarks import common
+from fasttrain.ops import cross_entropy
 
 # (N rows = batch x tokens, V): GPT-2's padded vocabulary, Llama-2's, Llama-3's; bf16 on CUDA, fp32 on CPU.
 SHAPES = {"cuda": [(8192, 50304), (16384, 32000), (4096, 128256)], "cpu": [(256, 8192), (1024, 32000)]}

@@ -2,7 +2,7 @@
 tokenizer and a BPE-4096 tokenizer.json, 1 vs 2 workers, beside HF tokenizers' own batch encoding of the same text
 in memory (the peer: tokenizing alone); and OCR: images per second and words recovered, beside tesseract.
 
-    python benchmarks/bench_data.py [--quick] [--mb 16] [--pdf-mb 1] [--images 16]
+    python -m fasttrain.benchmarks.bench_data [--quick] [--mb 16] [--pdf-mb 1] [--images 16]
 
 The same documents (the stdlib's .py files, up to --mb MB of UTF-8 text) are written as .txt files, HTML pages,
 notebooks (one code cell each), and in 8 parts as JSONL files (plain, gzip, zstd), CSV files, Parquet files and a
@@ -10,7 +10,7 @@ notebooks (one code cell each), and in 8 parts as JSONL files (plain, gzip, zstd
 ~0.25 MB/s. Each timed call is a
 whole cold `prepare` (discover, read, tokenize, dedup, write shards, hash, manifest) into a fresh cache folder.
 The 2-worker rows force the pool (which `prepare` skips for a corpus too small to repay it); its spawn workers
-re-import this script, which imports nothing heavy at the top, as `fasttrain train` and `fasttrain data` do not.
+re-import this module, which imports nothing heavy at the top, as `fasttrain train` and `fasttrain data` do not.
 OCR rows render --images images of text (four fonts, 12-28 px, every fourth rotated 2 degrees) and time `prepare`
 with OCR's cache cleared, and each engine alone on the same images in this process, single-threaded.
 """
@@ -25,7 +25,6 @@ import json
 import os
 import random
 import re
-import sys
 import sysconfig
 import tempfile
 import time
@@ -166,10 +165,8 @@ def recall(expected: list[list[str]], texts: list[str]) -> float:
 
 
 def main() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import parse_args, print_table, time_ms, write_results
-
     import fasttrain.data.parallel as parallel
+    from fasttrain.benchmarks.common import parse_args, print_table, time_ms, write_results
     from fasttrain.data import DataConfig, prepare
 
     def extra(p):

@@ -1,8 +1,10 @@
 """KV-cache decode: fasttrain's split-KV kernel vs eager (cache grown by torch.cat + SDPA) and SDPA over a static
 cache, then end-to-end greedy generation vs an eager loop.
 
-    python benchmarks/bench_decode.py --device cuda  # Triton: batch 1..64 x context 1k..32k, GQA 32/8 and MHA, d128
-    python benchmarks/bench_decode.py --device cpu   # C++: batch 1, 8 x context 1k, 4k, GQA 32/8, MHA 12 (d64)
+    python -m fasttrain.benchmarks.bench_decode --device cuda  # Triton, d128: batch 1..64 x context 1k..32k
+    python -m fasttrain.benchmarks.bench_decode --device cpu   # C++, d64: batch 1, 8 x context 1k, 4k
+
+Heads: GQA 32/8, and MHA (32 heads on CUDA, 12 on the CPU).
 
 Bytes (docs/benchmarks.md): the K and V cache bytes read, 2 * B * L * Hkv * D * element size; GB/s is reported with its
 percentage of the copy bandwidth measured in the same run. Every implementation is checked against fasttrain's output
@@ -13,31 +15,25 @@ reference (fp32 einsum over the whole cache, K/V repeated over the GQA group) jo
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from fasttrain.benchmarks import common
+from fasttrain.generate import generate
+from fasttrain.model import GPT, GPTConfig
+from fasttrain.ops import flash_attn_with_kvcache
 
-args = common.parse_args(__doc__.splitlines()[0])
-
-from fasttrain.generate import generate  # noqa: E402
-from fasttrain.model import GPT, GPTConfig  # noqa: E402
-from fasttrain.ops import flash_attn_with_kvcache  # noqa: E402
-
-# Inputs smaller than 4x the last cache level are rotated so that reads come from memory: H100's L2, the L3 of the
-# EPYC that CI and the CPU results run on (lscpu: 32 MiB).
+# Inputs smaller than 4x the last cache level are rotated so that reads come from memory: an H100's L2 (50 MB), the
+# L3 of the EPYC CPUs the CPU results come from (32 MiB).
 LAST_CACHE_BYTES = {"cuda": 50 << 20, "cpu": 32 << 20}
 MAX_CACHE_BYTES = 12 << 30  # K + V per shape; the eager baseline holds a second, concatenated copy
 
 
-def _rotating(make, nbytes: int):
+def _rotating(make, nbytes: int, dev: str):
     """Copies of the inputs, enough to exceed 4x the last cache level, handed out in turn."""
-    copies = [make() for _ in range(max(1, -(-4 * LAST_CACHE_BYTES[args.device] // max(nbytes, 1))))]
+    copies = [make() for _ in range(max(1, -(-4 * LAST_CACHE_BYTES[dev] // max(nbytes, 1))))]
     state = {"i": 0}
 
     def next_inputs():
@@ -63,8 +59,7 @@ def _sdpa_static(q, kc, vc, k, v, L):
     )
 
 
-def bench_kernel(B, L, H, Hkv, D, dtype, copy_gbs):
-    dev = args.device
+def bench_kernel(dev, B, L, H, Hkv, D, dtype, copy_gbs):
     kv_bytes = 2 * B * L * Hkv * D * torch.finfo(dtype).bits // 8
     Tmax = -(-L // 256) * 256
 
@@ -78,7 +73,7 @@ def bench_kernel(B, L, H, Hkv, D, dtype, copy_gbs):
             seqlens=torch.full((B,), L - 1, dtype=torch.int32, device=dev),
         )
 
-    inputs = _rotating(make, kv_bytes)
+    inputs = _rotating(make, kv_bytes, dev)
     backend = "triton" if dev == "cuda" else "cpu"
 
     def ours(x):
@@ -169,8 +164,7 @@ def eager_generate(model, prompts, max_new_tokens):
     return [list(t) for t in zip(*out)], time.perf_counter() - start
 
 
-def bench_generate(cfg: GPTConfig, B, prompt_len, new, dtype, label):
-    dev = args.device
+def bench_generate(dev, cfg: GPTConfig, B, prompt_len, new, dtype, label):
     torch.manual_seed(0)
     model = GPT(cfg).to(dev, dtype).eval()
     prompts = torch.randint(0, cfg.vocab_size, (B, prompt_len)).tolist()
@@ -206,6 +200,7 @@ def bench_generate(cfg: GPTConfig, B, prompt_len, new, dtype, label):
 
 
 def main():
+    args = common.parse_args(__doc__.splitlines()[0])
     dev = args.device
     copy_gbs = common.copy_bandwidth_gbs(dev)
     if dev == "cuda":
@@ -229,7 +224,7 @@ def main():
                 if 2 * B * L * Hkv * D * torch.finfo(dtype).bits // 8 > MAX_CACHE_BYTES:
                     print(f"skip B={B} L={L} H={H}/{Hkv}: K+V over {MAX_CACHE_BYTES >> 30} GiB")
                     continue
-                rows += bench_kernel(B, L, H, Hkv, D, dtype, copy_gbs)
+                rows += bench_kernel(dev, B, L, H, Hkv, D, dtype, copy_gbs)
                 if args.quick:
                     break
     common.print_table(
@@ -238,7 +233,7 @@ def main():
     )
     for cfg, label in gen:
         for B, prompt_len, new in gen_shapes:
-            rows += bench_generate(cfg, B, prompt_len, new, dtype, label)
+            rows += bench_generate(dev, cfg, B, prompt_len, new, dtype, label)
     common.print_table(
         [r for r in rows if r["kind"] == "generate"],
         ["model", "B", "prompt", "new", "impl", "tokens_per_s", "x_eager", "same_as_eager"],

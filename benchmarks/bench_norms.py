@@ -6,22 +6,18 @@ Memory-bound: the fewest bytes are the forward's reads of x (and the branch) and
 backward's reads of the normalized rows, dy (and the stream's gradient) and writes of the input gradients (weight and
 statistics are under 0.1% at these shapes), reported as GB/s and % of the measured copy bandwidth.
 
-    python benchmarks/bench_norms.py [--device cpu|cuda] [--quick] [--out DIR]
+    python -m fasttrain.benchmarks.bench_norms [--device cpu|cuda] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from fasttrain.ops import add_layer_norm, add_rms_norm, layer_norm, rms_norm  # noqa: E402
+from fasttrain.benchmarks import common
+from fasttrain.ops import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 # (M rows = batch x tokens, N): GPT-2 small's B16 x T1024 x 768, GPT-2 XL's 1600, Llama-7B's 4096.
 SHAPES = {"cuda": [(16384, 768), (16384, 1600), (8192, 4096)], "cpu": [(2048, 768), (1024, 4096)]}

@@ -7,10 +7,10 @@ Triton path with every launch skipped (impl "fasttrain, no launch": each kernel 
 process with the Triton backend forced, the one way to time that path's Python without a GPU, and on CUDA the gap to
 the "fasttrain" row is Triton's launcher and the driver); then a cProfile of fasttrain's LayerNorm forward + backward.
 
-    python benchmarks/bench_overhead.py [--device cpu|cuda] [--quick] [--out DIR]
+    python -m fasttrain.benchmarks.bench_overhead [--device cpu|cuda] [--quick] [--out DIR]
 
-Why: on an H100 a LayerNorm forward + backward on (16384, 768) ran 110 us of kernels in 806 us of wall time
-(benchmarks/NOTES.md), and the model's step runs dozens of such ops per layer. Timing: many calls back to back, then
+Why: on a GPU a small op's kernels can take a fraction of its wall time (benchmarks/NOTES.md, Host time per op
+call), and the model's step runs dozens of such ops per layer. Timing: many calls back to back, then
 one synchronize; on CUDA each tiny kernel ends long before the host issues the next, so wall time over calls is the
 host's cost per call; `x torch` is torch's host time over fasttrain's (above 1: fasttrain's host costs less). On a CPU
 attention, decode and rotary run their C++ kernels and the other ops their references, so the rows there measure
@@ -35,18 +35,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
+from fasttrain.benchmarks import common
 from fasttrain.ops import (
     add_layer_norm,
     apply_rotary_emb,
     cross_entropy,
-    flash_attn_func,  # noqa: E402
+    flash_attn_func,
     flash_attn_with_kvcache,
     layer_norm,
 )
-from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
+from fasttrain.ops.rotary import apply_rotary_emb_reference
 
 B, T, H, D, C, V, CACHE = 1, 16, 12, 64, 768, 512, 256
 KERNEL_MODULES = ("attention", "attention_backward", "cross_entropy", "decode", "norms", "rotary")
@@ -153,9 +151,9 @@ def launch_floor_rows(device: str, calls: int) -> list[dict]:
 def driver_call_rows(device: str, calls: int) -> list[dict]:
     """Host us per call of the driver calls Triton's C launcher makes at every launch besides the launch itself
     (triton 3.6 and 3.7, backends/nvidia/driver.py): cuCtxGetCurrent once, cuPointerGetAttribute once per pointer
-    argument (8 for a norm forward). Through ctypes, whose own ~0.5 us is included. Why: Triton's Python measured
-    7 us per launch on the 2-vCPU VM with the driver mocked, yet an op took ~150-600 us of host time per call on the
-    H200 machine (NOTES.md, Host time per op call). A failed call is a row that says so, not a lost run."""
+    argument (8 for a norm forward). Through ctypes, whose own cost is included. Why: Triton's Python alone (the
+    driver mocked) is a small part of an op's host time on a GPU machine (benchmarks/NOTES.md, Host time per op
+    call); these rows time the rest of a launch. A failed call is a row that says so, not a lost run."""
     if device != "cuda":
         return []
     import ctypes
@@ -278,9 +276,10 @@ def no_launch_rows(device: str, calls: int) -> list[dict]:
     interpreter must be on before fasttrain.kernels is imported, and only the child may take it)."""
     if device != "cpu":
         return time_no_launch(device, calls)
-    env = dict(os.environ, TRITON_INTERPRET="1", FASTTRAIN_BACKEND="triton")
+    # PYTHONSAFEPATH: a source checkout in the working directory must not shadow the installed fasttrain.
+    env = dict(os.environ, TRITON_INTERPRET="1", FASTTRAIN_BACKEND="triton", PYTHONSAFEPATH="1")
     child = subprocess.run(
-        [sys.executable, __file__, "--no-launch-rows", str(calls)], env=env, capture_output=True, text=True
+        [sys.executable, "-m", __spec__.name, "--no-launch-rows", str(calls)], env=env, capture_output=True, text=True
     )
     if child.returncode != 0:
         raise RuntimeError(f"the no-launch child failed:\n{child.stderr[-3000:]}")
@@ -317,7 +316,7 @@ def main() -> None:
                     }
                 )
     common.print_table(rows, ["op", "mode", "impl", "host_us", "x torch"])  # before the extras: a failure there
-    # must not take these rows with it (the H200 run of 2026-12-04 lost them all to the empty kernel's NameError)
+    # must not take these rows with it
     failures = []
 
     def attempt(what: str, part):

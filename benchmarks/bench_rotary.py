@@ -4,22 +4,17 @@ it (CUDA). Inputs are the model's: q and k as strided views of one fused qkv pro
 Memory-bound: the fewest bytes read q and k and write the rotated copies, then read and write their gradients
 (4 passes over q and k; the tables, one row per token, are left out), as GB/s and % of the measured copy bandwidth.
 
-    python benchmarks/bench_rotary.py [--device cpu|cuda] [--quick] [--out DIR]
+    python -m fasttrain.benchmarks.bench_rotary [--device cpu|cuda] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from fasttrain.model.rotary import rotary_tables  # noqa: E402
-from fasttrain.ops import apply_rotary_emb  # noqa: E402
-from fasttrain.ops.rotary import apply_rotary_emb_reference  # noqa: E402
+from fasttrain.benchmarks import common
+from fasttrain.model.rotary import rotary_tables
+from fasttrain.ops import apply_rotary_emb
+from fasttrain.ops.rotary import apply_rotary_emb_reference
 
 # (B, T, H, Hkv, D): GPT-2 small's step (B16 x T1024, 12 heads of 64), Llama-3-8B's (GQA 32/8, d128); on the CPU
 # the main job's step (B16 x T128, 4 heads of 32) first.

@@ -1,7 +1,7 @@
 """One full training step (forward, backward, optimizer) of the same GPT, five ways (six on CUDA), side by side.
 
-    python benchmarks/bench_step.py                  # CPU: a small shape in fp32; GPU: GPT-2 small in bf16
-    python benchmarks/bench_step.py --quick          # smallest shape, no torch.compile row on CPU
+    python -m fasttrain.benchmarks.bench_step            # CPU: a small shape in fp32; GPU: GPT-2 small in bf16
+    python -m fasttrain.benchmarks.bench_step --quick    # smallest shape, no torch.compile row on CPU
 
 Rows: `eager` (eager_gpt.EagerGPT, the same model as a stock PyTorch script writes it, with attention by SDPA's math
 path and torch.optim.AdamW foreach), `eager-sdpa` (the same with SDPA's default backend, i.e. FlashAttention-2 on an
@@ -22,19 +22,16 @@ GPU waiting on the host, and the JSON keeps the kernels and host ops that took t
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-from eager_gpt import EagerGPT  # noqa: E402
-
-from fasttrain.model import GPT, GPTConfig, flops_per_token  # noqa: E402
-from fasttrain.optim import AdamW  # noqa: E402
-from fasttrain.train.graphed import GraphedStep  # noqa: E402
-from fasttrain.train.loop import autocast_for, param_groups, peak_flops  # noqa: E402
+from fasttrain.benchmarks import common
+from fasttrain.benchmarks.eager_gpt import EagerGPT
+from fasttrain.model import GPT, GPTConfig, flops_per_token
+from fasttrain.optim import AdamW
+from fasttrain.train.build import param_groups
+from fasttrain.train.device import autocast_for, peak_flops
+from fasttrain.train.graphed import GraphedStep
 
 WEIGHT_DECAY, LR, CLIP = 0.1, 3e-4, 1.0
 

@@ -1,7 +1,10 @@
 """What every benchmark shares: timing, the measured copy-bandwidth ceiling, provenance, and the JSON results file.
 
 Rules (docs/benchmarks.md): medians after warm-up, random inputs, correctness checked before timing, every
-result file records device, versions, git commit, command and date.
+result file records device, versions, git commit, command and date. The benchmarks ship inside the package
+(fasttrain.benchmarks) and run as `fasttrain bench NAME` or `python -m fasttrain.benchmarks.bench_NAME`; results go to
+--out, by default ./benchmarks/results/<device>/ under the working directory (in a source checkout's root: beside the
+scripts).
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 import fasttrain
 from fasttrain.info import cpu_name
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path("benchmarks") / "results"
+"""Where results go without --out: relative to the working directory, never inside the installed package."""
 
 
 def parse_args(description: str, extra=None) -> argparse.Namespace:
@@ -29,7 +33,7 @@ def parse_args(description: str, extra=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="a few small shapes only (smoke test)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/<device>)")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default ./benchmarks/results/<device>)")
     if extra is not None:
         extra(parser)
     return parser.parse_args()
@@ -74,8 +78,8 @@ def time_ms(fn, device: str, warmup: int = 3, min_run_time: float = 0.5) -> floa
 
 def time_interleaved_ms(fns: dict, device: str, rounds: int = 5, min_run_time: float = 0.2) -> dict:
     """Median ms per call of each fn, timed in alternation over several rounds (median of the round medians), so a
-    memory-bandwidth drift of the (shared, virtual) machine hits every variant alike. On a 2-core VM the same
-    AdamW step measured 31 ms and 41 ms in two back-to-back single runs."""
+    memory-bandwidth drift of the (shared, virtual) machine hits every variant alike: back-to-back single runs of
+    one variant there can differ by a third."""
     per_round: dict = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -194,21 +198,31 @@ def matmul_tflops(device: str, n: int = 8192, dtype=torch.bfloat16) -> float:
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
-def _git(*args: str) -> str | None:
+def checkout() -> Path | None:
+    """The fasttrain source checkout the benchmark runs from (the working directory, its root), or None: the
+    benchmarks import the installed package, and this is what its commit and differences are read from."""
+    root = Path.cwd()
+    if (root / "fasttrain" / "__init__.py").is_file() and (root / "benchmarks" / "common.py").is_file():
+        return root
+    return None
+
+
+def _git(root: Path, *args: str) -> str | None:
     try:
-        root = Path(__file__).resolve().parent.parent
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
     except Exception:
         return None
 
 
 def _git_commit() -> str:
-    """HEAD, with '+dirty' when tracked files under csrc/, kernels/, fasttrain/ or benchmarks/ (but its results/,
-    which each run rewrites) differ from it."""
-    head = _git("rev-parse", "HEAD")
+    """The checkout's HEAD, with '+dirty' when tracked files under csrc/, kernels/, fasttrain/ or benchmarks/ (but its
+    results/, which each run rewrites) differ from it; 'unknown' outside a checkout."""
+    root = checkout()
+    head = None if root is None else _git(root, "rev-parse", "HEAD")
     if head is None:
         return "unknown"
     dirty = _git(
+        root,
         "status",
         "--porcelain",
         "--untracked-files=no",
@@ -224,15 +238,19 @@ def _git_commit() -> str:
 
 def installed_differs() -> list[str]:
     """The checkout's Python files that the imported fasttrain does not hold byte for byte (the benchmarks import the
-    installed package, not this checkout: an edit not reinstalled is not what was timed). The wheel maps kernels/
-    to fasttrain/kernels/."""
-    root, installed = Path(__file__).resolve().parent.parent, Path(fasttrain.__file__).resolve().parent
-    if installed == root / "fasttrain":  # run against the source tree itself
+    installed package, not the checkout: an edit not reinstalled is not what was timed). The wheel maps kernels/ and
+    benchmarks/ to fasttrain/kernels/ and fasttrain/benchmarks/. Empty outside a checkout."""
+    root, installed = checkout(), Path(fasttrain.__file__).resolve().parent
+    if root is None or installed == root / "fasttrain":  # nothing to compare, or run against the source tree itself
         return []
     differ = []
-    for checkout, copies in ((root / "fasttrain", installed), (root / "kernels", installed / "kernels")):
-        for source in sorted(checkout.rglob("*.py")):
-            copy = copies / source.relative_to(checkout)
+    for folder, package in (
+        ("fasttrain", installed),
+        ("kernels", installed / "kernels"),
+        ("benchmarks", installed / "benchmarks"),
+    ):
+        for source in sorted((root / folder).rglob("*.py")):
+            copy = package / source.relative_to(root / folder)
             if not copy.is_file() or copy.read_bytes() != source.read_bytes():
                 differ.append(str(source.relative_to(root)))
     return differ
@@ -254,6 +272,7 @@ def provenance(device: str) -> dict:
         "python": platform.python_version(),
         "git_commit": _git_commit(),
         "fasttrain_path": str(Path(fasttrain.__file__).resolve().parent),
+        "fasttrain_version": fasttrain.__version__,
         "installed_differs_from_checkout": installed_differs(),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -305,9 +324,10 @@ def take_tuning_timings() -> dict:
 def write_results(
     name: str, device: str, rows: list[dict], ceilings: dict, out: Path | None = None, quick: bool = False
 ) -> Path:
-    """Write {provenance, ceilings, rows, autotuned} atomically to <out or results/<device>>/<name>.json; return the
-    path. `autotuned` records which tile each Triton autotuner picked (benchmarks/NOTES.md reads it). A --quick run
-    writes <name>.quick.json: a smoke test's subset never replaces a full run's rows (nor README's table)."""
+    """Write {provenance, ceilings, rows, autotuned} atomically to <out or ./benchmarks/results/<device>>/<name>.json;
+    return the path. `autotuned` records which tile each Triton autotuner picked (benchmarks/NOTES.md reads it). A
+    --quick run writes <name>.quick.json: a smoke test's subset never replaces a full run's rows (nor README's table).
+    """
     folder = out or RESULTS_DIR / device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}{'.quick' if quick else ''}.json"

@@ -83,9 +83,9 @@ def _eval(args: argparse.Namespace) -> int:
     import numpy as np
 
     from fasttrain.data import Batches, prepare
+    from fasttrain.train.build import load_for_inference
     from fasttrain.train.callbacks import evaluate
-    from fasttrain.train.checkpoint import load_for_inference
-    from fasttrain.train.loop import autocast_for, resolve_device, resolve_precision
+    from fasttrain.train.device import autocast_for, resolve_device, resolve_precision
 
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, args.which, device)
@@ -127,8 +127,8 @@ DEFAULT_NEW_TOKENS = 200  # --max-new-tokens when not given, capped by the room 
 
 def _generate(args: argparse.Namespace) -> int:
     from fasttrain.generate import generate
-    from fasttrain.train.checkpoint import load_for_inference
-    from fasttrain.train.loop import autocast_for, resolve_device, resolve_precision
+    from fasttrain.train.build import load_for_inference
+    from fasttrain.train.device import autocast_for, resolve_device, resolve_precision
 
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, args.which, device)
@@ -207,34 +207,20 @@ BENCHMARKS = (
 def _bench(args: argparse.Namespace) -> int:
     import subprocess
 
-    folder = (
-        Path(args.dir)
-        if args.dir
-        else next(
-            (
-                d
-                for d in (Path.cwd() / "benchmarks", Path(__file__).resolve().parent.parent / "benchmarks")
-                if (d / "common.py").is_file()
-            ),
-            None,
-        )
-    )
-    if folder is None or not (folder / "common.py").is_file():
-        raise ValueError(
-            "fasttrain bench runs the scripts in a source checkout's benchmarks/ folder: run it from "
-            "the repository root or pass --dir PATH/benchmarks"
-        )
     unknown = sorted(set(args.names) - set(BENCHMARKS))
     if unknown:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    # PYTHONSAFEPATH: `-m` would put the working directory first on the path, where a source checkout's fasttrain/
+    # (no _C, no kernels) would shadow the installed package.
+    env = dict(os.environ, PYTHONSAFEPATH="1")
     failed = []
     for name in args.names or BENCHMARKS:
-        cmd = [sys.executable, str(folder / f"bench_{name}.py")]
+        cmd = [sys.executable, "-m", f"fasttrain.benchmarks.bench_{name}"]
         cmd += ["--device", args.device] if args.device else []
         cmd += ["--quick"] if args.quick else []
         cmd += ["--out", args.out] if args.out else []
         print(f"== {' '.join(cmd)}", flush=True)
-        if subprocess.run(cmd).returncode != 0:
+        if subprocess.run(cmd, env=env).returncode != 0:
             failed.append(name)
     if failed:
         print(f"fasttrain: error: benchmarks failed: {', '.join(failed)}", file=sys.stderr)
@@ -321,17 +307,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (CUDA only)")
     p.set_defaults(run=_generate)
 
-    p = sub.add_parser("bench", help="run the benchmarks (from a source checkout) and write their JSON results")
+    p = sub.add_parser("bench", help="run the benchmarks and write their JSON results")
     p.add_argument("names", nargs="*", metavar="NAME", help=f"which to run (default all): {', '.join(BENCHMARKS)}")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--quick", action="store_true", help="a few small shapes only (smoke test)")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device>)")
-    p.add_argument("--dir", default=None, help="the benchmarks/ folder (default: ./benchmarks or the source tree's)")
+    p.add_argument("--out", default=None, help="results folder (default ./benchmarks/results/<device>)")
     p.set_defaults(run=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # inside the try: output still buffered meets a closed pipe here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`fasttrain info | head -1`): no traceback. Python's signal docs' recipe: stdout goes to
+        # devnull, so that the interpreter's own flush at exit fails no more, and the exit status is 1.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     args.extra = extra

@@ -1,8 +1,9 @@
 """fasttrain.generate: static KV cache, sampling, stop tokens, batches of uneven prompts; greedy decoding with the
-cache (Triton kernels, interpreted on CPU) must give exactly the tokens of full recompute with the reference ops.
+cache must give exactly the tokens of full recompute with the reference ops.
 
-The tests about the loop itself run every op on the reference backend: the interpreter costs ~0.15 s per decode
-launch on 2 cores, and those tests are not about the kernels."""
+Generation runs as a CPU user runs it (conftest.cpu_user: the C++ kernels); the kernels' own tests cover the Triton
+ones, interpreted here and compiled on a GPU (the gpu tests below). The tests about the loop itself run every op on
+the reference backend."""
 
 import pytest
 import torch
@@ -10,13 +11,15 @@ import torch
 from fasttrain.generate import CACHE_ROUND, KVCache, generate, sample
 from fasttrain.model import GPT, GPTConfig
 
+pytestmark = pytest.mark.usefixtures("cpu_user")
+
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2], [7]]  # lengths 5, 17, 1
 
 
-def _model(positions="rotary", n_kv_head=2, device="cpu", dtype=torch.float32):
+def _model(positions="rotary", n_kv_head=2, device="cpu", dtype=torch.float32, n_layer=2):
     torch.manual_seed(0)
     cfg = GPTConfig(
-        n_layer=2, n_head=4, n_kv_head=n_kv_head, d_model=128, vocab_size=64, max_seq_len=64, positions=positions
+        n_layer=n_layer, n_head=4, n_kv_head=n_kv_head, d_model=128, vocab_size=64, max_seq_len=64, positions=positions
     )
     model = GPT(cfg)
     with torch.no_grad():  # large weights: a chaotic model whose greedy paths vary, not one repeated token
@@ -54,8 +57,9 @@ def test_greedy_with_cache_equals_full_recompute(positions):
 
 
 def test_compiled_decode_step_matches_eager():
-    # torch.compile traces the cache hand-off and the registered decode op (opaque to it, with a fake kernel).
-    model = _model().eval()
+    # torch.compile traces the cache hand-off and the registered decode op (opaque to it, with a fake kernel); one
+    # layer holds every kind of op the step has, and compiling costs time per op.
+    model = _model(n_layer=1).eval()
     eager = generate(model, PROMPTS, 4, temperature=0.0)
     compiled = generate(model, PROMPTS, 4, temperature=0.0, compile=True)
     assert compiled.tokens == eager.tokens and compiled.setup_s > 0

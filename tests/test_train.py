@@ -18,11 +18,14 @@ from fasttrain.data import DataConfig
 from fasttrain.model import GPT, GPTConfig
 from fasttrain.optim import AdamW
 from fasttrain.train import OptimConfig, RunConfig, TrainConfig, checkpoint, train
+from fasttrain.train.build import load_for_inference
 from fasttrain.train.callbacks import EarlyStopping, StopRequest
 from fasttrain.train.graphed import WARMUP_STEPS, GraphedStep, warm_up
-from fasttrain.train.loop import forward_backward
+from fasttrain.train.step import forward_backward
 
-# head_dim 8: attention takes the reference path (no interpreter), which keeps a step at a few milliseconds.
+# The trainer as a CPU user runs it (conftest.cpu_user): C++ kernels and references, not the Triton interpreter.
+pytestmark = pytest.mark.usefixtures("cpu_user")
+
 TINY_MODEL = dict(n_layer=2, n_head=4, d_model=32, max_seq_len=32)
 
 
@@ -91,7 +94,7 @@ def test_loss_falls_and_the_run_directory_is_complete(tmp_path, corpus_dir):
     # keep_last=1 plus the best: at most two step files survive.
     files = sorted(p.name for p in (run / "checkpoints").glob("step_*.pt"))
     assert "step_00000060.pt" in files and len(files) <= 2
-    model, tokenizer, loaded_cfg = checkpoint.load_for_inference(run, which="latest")
+    model, tokenizer, loaded_cfg = load_for_inference(run, which="latest")
     assert loaded_cfg.model.vocab_size == 320 and tokenizer.decode(tokenizer.encode("x = 1")) == "x = 1"
     idx = torch.tensor([tokenizer.encode("def add_1_3(x):")])
     logits, _ = model(idx)
@@ -508,7 +511,7 @@ def test_val_fraction_0_trains_without_evaluation(tmp_path, corpus_dir):
     assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_00000004.pt"]  # keep_last 1, no best
     for png in ("training_curve.png", "loss_by_epoch.png"):
         assert (result.run_dir / png).is_file()
-    checkpoint.load_for_inference(result.run_dir)  # which="best" falls back to latest
+    load_for_inference(result.run_dir)  # which="best" falls back to latest
 
 
 @pytest.mark.gpu
@@ -536,7 +539,7 @@ def test_mixed_precision_training_on_cuda(tmp_path, corpus_dir, precision, compi
         assert len(m.mfu) == len(m.tokens_per_s) and 0 < max(m.mfu) < 1
     if precision == "fp16":
         assert checkpoint.load(result.run_dir)["scaler"]["scale"] > 0
-    model, _, _ = checkpoint.load_for_inference(result.run_dir, device="cuda")
+    model, _, _ = load_for_inference(result.run_dir, device="cuda")
     assert next(model.parameters()).device.type == "cuda"
 
 

@@ -71,7 +71,7 @@ for stage in $stages; do
       for b in ${names//,/ }; do
         extra="BENCH_ARGS_$b"
         # shellcheck disable=SC2086  # word-split on purpose: the variable holds flags
-        run_stage $py benchmarks/bench_$b.py --device cuda --out "$out/results" ${!extra:-}
+        run_stage $py -m fasttrain.benchmarks.bench_$b --device cuda --out "$out/results" ${!extra:-}
       done ;;
     tiles)
       run_stage $py tools/ws_tile_probe.py --device cuda --out "$out/results" ;;

@@ -18,12 +18,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import common  # noqa: E402
+from fasttrain.benchmarks import common
 
 CANDIDATES = {  # head-dim class -> (BLOCK_M, BLOCK_N, num_warps, num_stages): WARP_SPECIALIZE tiles, 12 warps each
     "d64": [(128, 64, 4, 2), (128, 64, 4, 3), (128, 128, 4, 2), (128, 128, 4, 3)],
@@ -54,8 +52,7 @@ def verdict(out: torch.Tensor, pytorch: torch.Tensor, ref: torch.Tensor) -> dict
 
 def child(tile: str, device: str) -> list[dict]:
     """The rows of one candidate ("BM,BN,W,S") or of V2, in this process."""
-    from bench_attention import flops  # benchmarks/ is on sys.path (above)
-
+    from fasttrain.benchmarks.bench_attention import flops
     from fasttrain.kernels import _attention_configs, attention
     from fasttrain.ops import flash_attn_func
 

@@ -71,7 +71,7 @@ class StopRequest:
 
     A second signal restores the previous handlers and acts as they would (KeyboardInterrupt for SIGINT, exit for a
     default SIGTERM): a step or evaluation can take minutes, and Ctrl-C twice must still stop the process. Cutting a
-    checkpoint write short that way is safe, since every file is written atomically (checkpoint.atomic_write).
+    checkpoint write short that way is safe, since every file is written atomically (fasttrain.train.files).
     Only the main thread can install signal handlers; elsewhere (a training thread) the signals keep their handlers.
     """
 

@@ -1,13 +1,12 @@
 """Checkpoints: one file per step under RUN/checkpoints/, plus `latest` and `best` pointer files.
 
-Every file is written to a temporary name, fsynced, then renamed over its target (os.replace is atomic on POSIX),
-so a run killed mid-save leaves the previous checkpoint and pointers intact; the partial temporary is swept up by
-the next save.
+Every file is written atomically (fasttrain.train.files), so a run killed mid-save leaves the previous checkpoint and
+pointers intact; the partial temporary is swept up by the next save. A checkpoint is data only (tensors, numbers,
+strings): what it holds is the trainer's business (fasttrain.train.run), not this module's.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
@@ -17,34 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fasttrain.train.files import TEMPORARY, atomic_write, atomic_write_text
+
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 POINTERS = ("latest", "best")
-
-
-def atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)  # the rename itself survives a power loss, not only a kill
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -55,7 +30,7 @@ def save(run_dir: str | Path, step: int, state: dict, keep_last: int, is_best: b
     """Write state as step_<step>.pt, point `latest` (and `best` if is_best) at it, keep the last keep_last + best."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(".*.tmp-*"):  # left by a save that was killed
+    for stale in folder.glob(TEMPORARY):  # left by a save that was killed
         stale.unlink(missing_ok=True)
     path = folder / f"step_{step:08d}.pt"
     atomic_write(path, lambda f: torch.save(state, f))
@@ -140,23 +115,3 @@ def set_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     random.setstate(state["python"])
-
-
-def load_for_inference(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu"):
-    """(model in eval mode on device, tokenizer, RunConfig) from a run directory or checkpoint file.
-
-    which='best' falls back to 'latest' when the run never evaluated.
-    """
-    from fasttrain.config import from_dict
-    from fasttrain.data import tokenizer_from_config
-    from fasttrain.model import GPT
-    from fasttrain.train.config import RunConfig
-
-    run_dir = Path(run_dir)
-    if which == "best" and run_dir.is_dir() and not (checkpoint_dir(run_dir) / "best").is_file():
-        which = "latest"
-    state = load(run_dir, which, map_location="cpu")
-    config = from_dict(RunConfig, state["config"])
-    model = GPT(config.model)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), tokenizer_from_config(state["tokenizer"]), config

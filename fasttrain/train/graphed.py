@@ -1,15 +1,15 @@
 """`GraphedStep`: one optimizer step (forward and backward over the micro-batches, then AdamW) as a CUDA graph.
 
 Why: replayed, the step costs the host one launch where eager mode makes hundreds, each through Triton's launcher
-and the driver. On an H200 the eager GPT-2-small step (B 16 x T 1024, bf16) ran 31.8 ms of kernels in 66.4 ms
-(benchmarks/NOTES.md, Training step): the rest was the GPU waiting on launches.
+and the driver; where those launches take longer than the kernels, the eager GPU waits on the host
+(benchmarks/NOTES.md, Training step, has the numbers).
 
 The recipe is torch.cuda.graph's whole-network capture: a few warm-up steps on a side stream (the autotuners pick
 their tiles, AdamW makes its state, the allocator settles), grads set to None so that the capture allocates them
 in its own pool, at addresses every replay rewrites; then each step copies its batch into static input buffers,
 writes the learning rate into a device tensor AdamW reads, and replays. The warm-up (warm_up) leaves the weights and
 the optimizer's state as they were, so the first replay is the run's next step. The autocast given should have
-its weight cache off (loop.autocast_for(..., cache_enabled=False)): cached casts would not outlive the capture.
+its weight cache off (device.autocast_for(..., cache_enabled=False)): cached casts would not outlive the capture.
 """
 
 from __future__ import annotations

@@ -1,0 +1,54 @@
+"""A run's model and optimizer, built from its config: for training (fasttrain.train.run) and for reading a trained
+run back (load_for_inference, which `fasttrain eval` and `fasttrain generate` use)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fasttrain.config import from_dict
+from fasttrain.data import tokenizer_from_config
+from fasttrain.model import GPT, GPTConfig
+from fasttrain.optim import AdamW
+from fasttrain.train import checkpoint
+from fasttrain.train.config import OptimConfig, RunConfig
+
+
+def build_model(cfg: GPTConfig) -> GPT:
+    """The model a run trains and a checkpoint's weights load into (initialised from the torch RNG)."""
+    return GPT(cfg)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; leave norm weights and biases alone (they set scales, not features)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, oc: OptimConfig) -> AdamW:
+    return AdamW(
+        param_groups(model, oc.weight_decay),
+        lr=oc.lr,
+        betas=(oc.beta1, oc.beta2),
+        eps=oc.eps,
+        weight_decay=oc.weight_decay,
+        max_grad_norm=oc.max_grad_norm,
+        backend=oc.backend,
+    )
+
+
+def load_for_inference(run_dir: str | Path, which: str = "best", device: str | torch.device = "cpu"):
+    """(model in eval mode on device, tokenizer, RunConfig) from a run directory or checkpoint file.
+
+    which='best' falls back to 'latest' when the run never evaluated.
+    """
+    run_dir = Path(run_dir)
+    if which == "best" and run_dir.is_dir() and not (checkpoint.checkpoint_dir(run_dir) / "best").is_file():
+        which = "latest"
+    state = checkpoint.load(run_dir, which, map_location="cpu")
+    config = from_dict(RunConfig, state["config"])
+    model = build_model(config.model)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), tokenizer_from_config(state["tokenizer"]), config

@@ -1,0 +1,227 @@
+"""Set-up and resume: the checks a run's config and folder must pass, then the run's live state (`Run`), fresh or
+restored from the run directory's latest checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fasttrain.config import to_dict
+from fasttrain.data import Batches, Corpus, prepare
+from fasttrain.model import GPT
+from fasttrain.optim import AdamW
+from fasttrain.optim.schedules import LRSchedule
+from fasttrain.train import checkpoint
+from fasttrain.train.build import build_model, build_optimizer
+from fasttrain.train.callbacks import EarlyStopping
+from fasttrain.train.config import RunConfig, TrainConfig
+from fasttrain.train.device import autocast_for, resolve_device, resolve_precision
+from fasttrain.train.files import atomic_write_text
+from fasttrain.train.metrics import Metrics, TensorBoard
+from fasttrain.train.sample import sample_prompt_ids
+
+
+@dataclass
+class Run:
+    """What a run holds from set-up to its end; each phase of the loop (fasttrain.train.loop) reads and updates it."""
+
+    cfg: RunConfig
+    """The config as run: model.vocab_size filled in from the tokenizer."""
+    run_dir: Path
+    device: torch.device
+    precision: str
+    """train.precision resolved: 'fp32', 'bf16' or 'fp16'."""
+    autocast: Callable[[], AbstractContextManager]
+    """A fresh autocast context for the precision (nothing in fp32)."""
+    corpus: Corpus
+    model: GPT
+    step_model: torch.nn.Module
+    """What the training step calls: the model, or its torch.compile wrapper."""
+    optimizer: AdamW
+    schedule: LRSchedule
+    scaler: torch.amp.GradScaler
+    """fp16's loss scaler; disabled (a pass-through) in the other precisions."""
+    train_batches: Batches
+    metrics: Metrics
+    early: EarlyStopping
+    board: TensorBoard | None = None
+    """TensorBoard's writer when train.tensorboard is on."""
+    start: int = 0
+    """Steps taken before this process started: the checkpoint's step on a resume, else 0."""
+
+    @property
+    def tokenizer(self):
+        return self.corpus.tokenizer
+
+    @property
+    def evaluating(self) -> bool:
+        """False when data.val_fraction is 0: the user asked for no validation split."""
+        return self.cfg.data.val_fraction > 0
+
+    def state_dict(self, step: int) -> dict:
+        """The checkpoint after `step` steps: all a resume needs to continue as if never stopped."""
+        return {
+            "step": step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "batches": self.train_batches.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "metrics": self.metrics.state_dict(),
+            "early_stopping": self.early.state_dict(),
+            "config": to_dict(self.cfg),
+            "tokenizer": self.tokenizer.to_config(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        # The scaler's state is empty when a non-fp16 run saved it: an fp16 resume starts a fresh scale.
+        if self.scaler.is_enabled() and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.train_batches.load_state_dict(state["batches"])
+        self.metrics = Metrics.from_state_dict(state["metrics"])
+        self.early.load_state_dict(state["early_stopping"])
+        checkpoint.set_rng_state(state["rng"])
+        self.start = state["step"]
+
+
+def start_run(cfg: RunConfig, resume: bool) -> Run:
+    """Check what can be checked before the data (the device, the run folder), prepare the data and check it, build
+    the model and optimizer, restore the latest checkpoint when resuming; config.json (and the tokenizer) are written
+    last, once every check has passed."""
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    precision = resolve_precision(tc.precision, device)
+    _check_device(tc, device, precision)
+    run_dir = Path(tc.out_dir)
+    _check_out_dir(run_dir, resume)
+    state = checkpoint.load(run_dir, "latest") if resume else None
+    try:  # before the data preparation, which can take minutes
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"train.out_dir {str(run_dir)!r} cannot be made: {e.strerror or e}") from None
+
+    corpus = prepare(cfg.data)
+    corpus.report(run_dir)  # the data summary, on screen and as run_dir/data_summary.{txt,json}
+    _check_splits(corpus, cfg)
+    if tc.sample_tokens > 0:
+        sample_prompt_ids(corpus.tokenizer, tc.sample_prompt, cfg.model.max_seq_len)  # fail now, not after the run
+    cfg = _with_vocab_size(cfg, corpus.tokenizer)
+    if state is not None and state["config"]["model"] != to_dict(cfg.model):
+        diff = [k for k, v in to_dict(cfg.model).items() if state["config"]["model"].get(k) != v]
+        raise ValueError(f"cannot resume {run_dir}: model.{', model.'.join(diff)} differ from its checkpoint")
+
+    _seed_everything(tc.seed)
+    model = build_model(cfg.model).to(device)
+    run = Run(
+        cfg=cfg,
+        run_dir=run_dir,
+        device=device,
+        precision=precision,
+        autocast=autocast_for(precision, device),
+        corpus=corpus,
+        model=model,
+        step_model=model,
+        optimizer=build_optimizer(model, cfg.optim),
+        schedule=cfg.schedule(),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        train_batches=Batches(corpus.train, tc.batch_size, tc.seq_len, seed=tc.seed, mode="random"),
+        metrics=Metrics(),
+        early=EarlyStopping(tc.early_stopping_patience),
+    )
+    if state is not None:
+        run.load_state_dict(state)
+    if tc.compile:
+        run.step_model = torch.compile(model)
+    if tc.tensorboard:
+        run.board = TensorBoard(run_dir)
+    # Only now, with every check passed: a refused --resume must leave the config a plain --resume continues from.
+    atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=1))
+    if hasattr(run.tokenizer, "save"):
+        run.tokenizer.save(run_dir / "tokenizer.json")
+    return run
+
+
+def _check_device(tc: TrainConfig, device: torch.device, precision: str) -> None:
+    """What train.cuda_graph needs of the device and precision that 'auto' resolved to."""
+    if tc.cuda_graph and device.type != "cuda":
+        raise ValueError(
+            f"train.cuda_graph needs a CUDA device, but train.device {tc.device!r} resolved to {device.type}"
+        )
+    if tc.cuda_graph and precision == "fp16":
+        raise ValueError(
+            "train.cuda_graph does not take fp16 (train.precision 'auto' chose it: this GPU lacks bf16); "
+            "set train.precision to 'fp32'"
+        )
+
+
+def _check_out_dir(run_dir: Path, resume: bool) -> None:
+    """A fresh run never trains over a run the user has, nor into a folder whose config.json is not a run's."""
+    if resume:
+        return
+    # A run is a checkpoint, not a config.json: a run that died before its first checkpoint left nothing --resume
+    # could continue, so refusing it would leave the folder usable by neither command.
+    if (checkpoint.checkpoint_dir(run_dir) / "latest").is_file():
+        raise ValueError(
+            f"train.out_dir {str(run_dir)!r} already holds a run: continue it with --resume, or pick "
+            f"a new --train.out_dir"
+        )
+    if (run_dir / "config.json").is_file() and not _is_run_config(run_dir / "config.json"):
+        raise ValueError(
+            f"train.out_dir {str(run_dir)!r} holds a config.json that is not a fasttrain run's; pick "
+            f"a new --train.out_dir"
+        )
+
+
+def _is_run_config(path: Path) -> bool:
+    """Whether path is a config.json that a fasttrain run wrote (a JSON object with the four section tables)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and all(isinstance(data.get(k), dict) for k in ("model", "optim", "train", "data"))
+
+
+def _check_splits(corpus: Corpus, cfg: RunConfig) -> None:
+    """Each split the run cuts into windows holds at least one window (train.seq_len + 1 tokens)."""
+    need, d = cfg.train.seq_len + 1, cfg.data
+    if len(corpus.train) < need:
+        raise ValueError(
+            f"the training split has {len(corpus.train):,} tokens; train.seq_len {cfg.train.seq_len} "
+            f"needs at least {need}: add data (data.paths) or raise data.max_bytes (now {d.max_bytes}), "
+            f"or lower train.seq_len"
+        )
+    if d.val_fraction > 0 and len(corpus.val) < need:
+        raise ValueError(
+            f"the validation split has {len(corpus.val):,} tokens; train.seq_len {cfg.train.seq_len} "
+            f"needs at least {need}: raise data.val_fraction (now {d.val_fraction}), lower "
+            f"train.seq_len, or set data.val_fraction 0 to train without evaluation"
+        )
+
+
+def _with_vocab_size(cfg: RunConfig, tokenizer) -> RunConfig:
+    """cfg with model.vocab_size set from the tokenizer when not given, checked against it when given."""
+    if cfg.model.vocab_size is None:  # pad to a multiple of 64: tensor-core-friendly matmul shapes for the head
+        padded = -(-tokenizer.vocab_size // 64) * 64
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=padded))
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({tokenizer.vocab_size})"
+        )
+    return cfg
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

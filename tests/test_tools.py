@@ -1,0 +1,66 @@
+"""The checkout's tools/ scripts: the warp-specialized tile probe, the Nsight Compute driver."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _bench_module(stem: str, folder: str = "tools"):
+    """The script folder/stem.py of the checkout (tools/ is no package) loaded as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"{folder}_{stem}", Path(__file__).resolve().parents[1] / folder / f"{stem}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ws_tile_probe_runs_each_tile_pinned_in_its_own_process(tmp_path):
+    # On a CPU, in the interpreter (conftest), each candidate and v2 on one small shape per head-dim class.
+    probe = Path(__file__).resolve().parents[1] / "tools" / "ws_tile_probe.py"
+    done = subprocess.run(
+        [sys.executable, str(probe), "--device", "cpu", "--out", str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "ws_tiles.json").read_text())["rows"]
+    tool = _bench_module("ws_tile_probe", "tools")
+    want = {("v2", D) for D in (64, 128)} | {
+        (",".join(map(str, t)), int(cls[1:])) for cls, tiles in tool.CANDIDATES.items() for t in tiles
+    }
+    assert {(r["tile"], r["D"]) for r in rows} == want
+    assert all(r["right"] and r["nan_rows"] == 0 for r in rows)
+    for r in rows:  # the config launched is the one pinned (v2: the interpreter's, not specialized)
+        bm, bn, warps, stages = r["tile"].split(",") if r["tile"] != "v2" else (64, 64, 4, 1)
+        assert r["ran"] == (
+            f"{{'BLOCK_M': {bm}, 'BLOCK_N': {bn}, 'WARP_SPECIALIZE': {r['tile'] != 'v2'}}} w{warps} s{stages}"
+        )
+
+
+def test_ws_tile_probe_calls_nan_or_a_large_error_wrong_and_keeps_a_crash_as_a_row():
+    tool = _bench_module("ws_tile_probe", "tools")
+    ref = torch.randn(2, 3, 4, 8)
+    pytorch = ref + 1e-3
+    assert tool.verdict(ref + 1e-3, pytorch, ref)["right"]
+    assert not tool.verdict(ref + 3e-3, pytorch, ref)["right"]  # over twice PyTorch's error
+    nan = ref.clone()
+    nan[1, 2, 0, 5] = float("nan")
+    judged = tool.verdict(nan, pytorch, ref)
+    assert judged["nan_rows"] == 1 and not judged["right"]
+    (row,) = tool.run_child("not,a,tile", "cpu")
+    assert not row["right"] and row["failed"].startswith("exit 1") and "ValueError" in row["failed"]
+
+
+def test_ncu_attention_runs_each_provider_inside_the_range_after_a_warm_up():
+    # On a CPU, in the interpreter (conftest): fasttrain alone, at a small shape; the tiles it names are the tuners'.
+    tool = Path(__file__).resolve().parents[1] / "tools" / "ncu_attention.py"
+    done = subprocess.run([sys.executable, str(tool), "--device", "cpu"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "fasttrain: forward and backward ran in the range"
+    assert lines[1] == "fasttrain forward tile: ({'BLOCK_M': 64, 'BLOCK_N': 64, 'WARP_SPECIALIZE': False}, 4, 1)"
+    assert len(lines) == 5 and all(line.startswith("fasttrain d") for line in lines[2:])
