@@ -1,12 +1,14 @@
 """`fasttrain train | data | eval | generate | bench | info`.
 
-A mistake the user can fix (a bad key, a missing file, a value out of range) ends with one line
-`fasttrain: error: ...` and exit code 2; FASTTRAIN_DEBUG=1 shows the traceback instead.
+A mistake the user can fix (a bad key, a missing file, a value out of range, a damaged checkpoint, a diverged run)
+ends with one line `fasttrain: error: ...` and exit code 2; a file-system failure (permission, read-only, no space)
+ends with one line naming the path and exit code 1. --debug (or FASTTRAIN_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -50,9 +52,10 @@ def _train(args: argparse.Namespace) -> int:
     if m.train_loss:
         print(f"train loss {m.train_loss[0]:.4f} (step {m.steps[0]}) -> {m.train_loss[-1]:.4f} (step {m.steps[-1]})")
     if m.val_loss:
+        best = "none finite" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
         print(
             f"val loss {m.val_loss[-1]:.4f}, perplexity {m.val_perplexity[-1]:.2f}, "
-            f"accuracy {m.val_accuracy[-1]:.3f}; best val loss {result.best_val_loss:.4f}"
+            f"accuracy {m.val_accuracy[-1]:.3f}; best val loss {best}"
         )
     print(f"run directory: {result.run_dir}")
     if result.sample is not None:
@@ -230,7 +233,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fasttrain", description=__doc__.splitlines()[0])
+    debug_help = "show the traceback of an error instead of its one line (as FASTTRAIN_DEBUG=1 does)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def add_command(*a, **kw):  # --debug after the command too, without masking one given before it
+        p = add_parser(*a, **kw)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        return p
+
+    sub.add_parser = add_command
 
     p = sub.add_parser("info", help="versions, device, and the live backends of each op")
     p.set_defaults(run=_info)
@@ -342,10 +355,35 @@ def _main(argv: list[str] | None) -> int:
     except (ValueError, TypeError, FloatingPointError) as e:
         # Our contract: user mistakes raise ValueError/TypeError with a one-line message naming what to fix; a
         # diverged run raises FloatingPointError saying which setting to change.
-        if os.environ.get("FASTTRAIN_DEBUG") == "1":
+        if args.debug or os.environ.get("FASTTRAIN_DEBUG") == "1":
             raise
         print(f"fasttrain: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if isinstance(e, BrokenPipeError) or args.debug or os.environ.get("FASTTRAIN_DEBUG") == "1":
+            raise  # a closed stdout is main's to end quietly
+        print(f"fasttrain: error: {os_error_line(e)}", file=sys.stderr)
+        return 1
+
+
+_OS_ADVICE = {
+    errno.EACCES: "check its permissions, or pick another folder",
+    errno.EPERM: "check its permissions, or pick another folder",
+    errno.EROFS: "it is on a read-only file system: pick a folder on a writable one",
+    errno.ENOSPC: "the disk is full: free space on it, or pick a folder on another disk",
+    errno.EDQUOT: "the disk quota is used up: free space, or pick a folder on another disk",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line: what failed, on which path, and what to do (whatever was saved before is intact,
+    since every file of a run is replaced atomically)."""
+    parts = [e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)]
+    if e.filename is not None:
+        parts[0] += f": {e.filename}"
+    if e.errno in _OS_ADVICE:
+        parts.append(_OS_ADVICE[e.errno])
+    return "; ".join([*parts, "the files saved before are intact"])
 
 
 if __name__ == "__main__":

@@ -508,7 +508,8 @@ def test_val_fraction_0_trains_without_evaluation(tmp_path, corpus_dir):
     assert result.stopped == "completed" and m.steps == [1, 2, 3, 4] and result.best_val_loss is None
     assert m.val_loss == [] and json.loads((result.run_dir / "training_metrics.json").read_text())["val_loss"] == []
     folder = checkpoint.checkpoint_dir(result.run_dir)
-    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_00000004.pt"]  # keep_last 1, no best
+    # keep_last 1, no best; each checkpoint with its checksum
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_00000004.pt", "step_00000004.pt.sha256"]
     for png in ("training_curve.png", "loss_by_epoch.png"):
         assert (result.run_dir / png).is_file()
     load_for_inference(result.run_dir)  # which="best" falls back to latest

@@ -47,8 +47,13 @@ def load_for_inference(run_dir: str | Path, which: str = "best", device: str | t
     run_dir = Path(run_dir)
     if which == "best" and run_dir.is_dir() and not (checkpoint.checkpoint_dir(run_dir) / "best").is_file():
         which = "latest"
-    state = checkpoint.load(run_dir, which, map_location="cpu")
+    state = checkpoint.load(run_dir, which, map_location="cpu", require=("config", "model", "tokenizer"))
     config = from_dict(RunConfig, state["config"])
     model = build_model(config.model)
+    file = checkpoint.resolve(run_dir, which)
+    checkpoint.check_model_state(model, state["model"], file)
+    bad = checkpoint.first_non_finite(state["model"])
+    if bad is not None:
+        raise checkpoint.CheckpointError(f"checkpoint {str(file)!r} holds a NaN or inf in {bad} (its run diverged)")
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer_from_config(state["tokenizer"]), config

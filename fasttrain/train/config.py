@@ -10,6 +10,7 @@ from fasttrain.model import GPTConfig
 from fasttrain.optim.schedules import LRSchedule
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ON_NAN = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 ADAMW_BACKENDS = (None, "auto", "cuda", "cpu", "reference")
 
@@ -87,6 +88,13 @@ class TrainConfig:
     """Tokens sampled from the trained model at the end (0: none; at most model.max_seq_len + 1 - prompt tokens)."""
     sample_prompt: str = "def "
     """Prompt of that sample."""
+    on_nan: str = "stop"
+    """A step whose loss or gradient norm is not finite is skipped (the weights and optimizer state stay as they were;
+    in fp16 the GradScaler's own skips count too). 'stop': end the run with an error after train.max_bad_steps such
+    steps in a row; 'skip': go on, counting them (metrics' skipped_steps)."""
+    max_bad_steps: int = 10
+    """Consecutive non-finite steps after which on_nan 'stop' ends the run (checked at each log interval and before
+    every checkpoint, so the run may take up to log_interval - 1 more steps before it stops)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -99,6 +107,7 @@ class TrainConfig:
             "checkpoint_interval",
             "keep_last",
             "log_interval",
+            "max_bad_steps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -110,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.on_nan not in ON_NAN:
+            raise ValueError(f"on_nan must be one of {ON_NAN}, got {self.on_nan!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
 

@@ -1,15 +1,25 @@
-"""Atomic writes: each file of a run directory is written to a temporary name, fsynced, then renamed over its target
-(os.replace is atomic on POSIX), so a process killed mid-write leaves the previous version whole."""
+"""Atomic writes and the run folder's lock.
+
+Each file of a run directory is written to a temporary name of its writer's own (the pid in it), fsynced, then
+renamed over its target (os.replace is atomic on POSIX), so a process killed mid-write leaves the previous version
+whole; the next writer sweeps the temporaries of writers that are gone. A run folder has one writer at a time:
+RunLock holds an exclusive flock(2) on RUN/.lock, which the OS releases when the process ends however it ends.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 TEMPORARY = ".*.tmp-*"
 """Glob of the temporaries atomic_write makes: a killed write leaves one behind, for the next writer to sweep."""
+_TEMPORARY_PID = re.compile(r"^\..+\.tmp-(\d+)$")
+LOCK_FILE = ".lock"
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -37,3 +47,52 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sweep_temporaries(folder: Path) -> None:
+    """Remove the temporaries in folder left by writers that are no longer running (a killed save or metrics write);
+    a live process's are its own business."""
+    for tmp in Path(folder).glob(TEMPORARY):
+        match = _TEMPORARY_PID.match(tmp.name)
+        if match and not _alive(int(match.group(1))):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class RunLock:
+    """An exclusive advisory lock on a run folder (flock on RUN/.lock, which holds the owner's pid); `release()` or
+    the process's end frees it. ValueError naming the holder's pid when another process (or another RunLock of this
+    one) has it."""
+
+    def __init__(self, run_dir: Path, what: str = "train.out_dir"):
+        path = Path(run_dir) / LOCK_FILE
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise ValueError(
+                f"{what} {str(run_dir)!r} is in use by another fasttrain run (pid {holder}); wait for it to end, "
+                f"or pick another {what}"
+            ) from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the last descriptor of the open file drops its flock
+            self.fd = None

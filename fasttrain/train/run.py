@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from fasttrain.train.build import build_model, build_optimizer
 from fasttrain.train.callbacks import EarlyStopping
 from fasttrain.train.config import RunConfig, TrainConfig
 from fasttrain.train.device import autocast_for, resolve_device, resolve_precision
-from fasttrain.train.files import atomic_write_text
+from fasttrain.train.files import RunLock, atomic_write_text, sweep_temporaries
 from fasttrain.train.metrics import Metrics, TensorBoard
 from fasttrain.train.sample import sample_prompt_ids
 
@@ -54,8 +55,12 @@ class Run:
     early: EarlyStopping
     board: TensorBoard | None = None
     """TensorBoard's writer when train.tensorboard is on."""
+    lock: RunLock | None = None
+    """The run folder's lock, held from set-up to the end of train()."""
     start: int = 0
     """Steps taken before this process started: the checkpoint's step on a resume, else 0."""
+    bad_streak: int = 0
+    """Non-finite (skipped) steps in a row up to the last one checked (fasttrain.train.step.check_losses)."""
 
     @property
     def tokenizer(self):
@@ -96,20 +101,43 @@ class Run:
 
 
 def start_run(cfg: RunConfig, resume: bool) -> Run:
-    """Check what can be checked before the data (the device, the run folder), prepare the data and check it, build
-    the model and optimizer, restore the latest checkpoint when resuming; config.json (and the tokenizer) are written
-    last, once every check has passed."""
+    """Check what can be checked before the data (the device, the run folder), lock the run folder, prepare the data
+    and check it, build the model and optimizer, restore the latest good checkpoint when resuming. Writes nothing
+    but the lock and the data summary: `write_run_files` writes config.json once the loop has steps to take."""
     tc = cfg.train
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
     _check_device(tc, device, precision)
     run_dir = Path(tc.out_dir)
     _check_out_dir(run_dir, resume)
-    state = checkpoint.load(run_dir, "latest") if resume else None
+    if resume:
+        checkpoint.resolve(run_dir, "latest")  # a run folder with nothing to resume is named before it is locked
     try:  # before the data preparation, which can take minutes
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"train.out_dir {str(run_dir)!r} cannot be made: {e.strerror or e}") from None
+    lock = RunLock(run_dir)
+    try:
+        return _start_locked(cfg, resume, run_dir, device, precision, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _start_locked(cfg: RunConfig, resume: bool, run_dir: Path, device, precision: str, lock: RunLock) -> Run:
+    tc = cfg.train
+    _check_out_dir(run_dir, resume)  # again, now that no other trainer can be writing it
+    for folder in (run_dir, checkpoint.checkpoint_dir(run_dir)):
+        if folder.is_dir():
+            sweep_temporaries(folder)
+    state = None
+    if resume:
+        state = checkpoint.load_latest_good(run_dir, _warn, require=STATE_KEYS)
+        if tc.steps < state["step"]:
+            raise ValueError(
+                f"cannot resume {run_dir} with train.steps {tc.steps}: the run is at step {state['step']}, and a "
+                f"resume only goes forward (give train.steps above {state['step']}); nothing was changed"
+            )
 
     corpus = prepare(cfg.data)
     corpus.report(run_dir)  # the data summary, on screen and as run_dir/data_summary.{txt,json}
@@ -138,18 +166,44 @@ def start_run(cfg: RunConfig, resume: bool) -> Run:
         train_batches=Batches(corpus.train, tc.batch_size, tc.seq_len, seed=tc.seed, mode="random"),
         metrics=Metrics(),
         early=EarlyStopping(tc.early_stopping_patience),
+        lock=lock,
     )
     if state is not None:
+        checkpoint.check_model_state(model, state["model"], checkpoint.resolve(run_dir, "latest"))
         run.load_state_dict(state)
     if tc.compile:
         run.step_model = torch.compile(model)
     if tc.tensorboard:
         run.board = TensorBoard(run_dir)
-    # Only now, with every check passed: a refused --resume must leave the config a plain --resume continues from.
-    atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=1))
-    if hasattr(run.tokenizer, "save"):
-        run.tokenizer.save(run_dir / "tokenizer.json")
     return run
+
+
+STATE_KEYS = (
+    "step",
+    "model",
+    "optimizer",
+    "schedule",
+    "scaler",
+    "batches",
+    "rng",
+    "metrics",
+    "early_stopping",
+    "config",
+    "tokenizer",
+)
+"""What a resume reads of a checkpoint (Run.state_dict writes them all)."""
+
+
+def write_run_files(run: Run) -> None:
+    """config.json and the tokenizer: written only once every check has passed and there are steps to take, so a
+    refused or empty --resume leaves the config a plain --resume continues from."""
+    atomic_write_text(run.run_dir / "config.json", json.dumps(to_dict(run.cfg), indent=1))
+    if hasattr(run.tokenizer, "save"):
+        run.tokenizer.save(run.run_dir / "tokenizer.json")
+
+
+def _warn(line: str) -> None:
+    print(f"fasttrain: warning: {line}", file=sys.stderr, flush=True)
 
 
 def _check_device(tc: TrainConfig, device: torch.device, precision: str) -> None:

@@ -1,0 +1,200 @@
+"""Reliability of a run folder: divergence never reaches a checkpoint, one writer per run folder, checkpoints that
+verify themselves, and one line (never a traceback) for every failure, each leaving every saved file as it was."""
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_train import run_config, write_corpus
+
+from fasttrain.cli import main
+from fasttrain.model import GPT
+from fasttrain.train import checkpoint, train
+from fasttrain.train.files import RunLock
+
+pytestmark = pytest.mark.usefixtures("cpu_user")
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"), n_files=4)
+
+
+def snapshot(folder):
+    """Every file under folder, by path, with its bytes."""
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def poison_from(monkeypatch, first_step, last_step=math.inf, evaluation=False):
+    """Make the model's training loss (and with evaluation, its logits in evaluation) NaN from optimizer step
+    first_step to last_step; returns the callback that counts the steps."""
+    state = {"step": 0}
+    forward = GPT.forward
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = forward(self, idx, targets)
+        if first_step <= state["step"] + 1 <= last_step:
+            if loss is not None and self.training:
+                loss = loss * float("nan")
+            elif evaluation and not self.training:
+                logits = logits * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+
+    def count(step, metrics):
+        state["step"] = step
+
+    return count
+
+
+def one_error_line(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fasttrain: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+# -- 1. divergence
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_a_diverged_run_stops_and_leaves_the_last_good_checkpoint(tmp_path, corpus_dir, monkeypatch, precision):
+    # Steps 5.. are NaN: fp16's GradScaler skips them itself, fp32's AdamW by the loss's flag; the run stops after
+    # max_bad_steps in a row; the step-6 checkpoint is not written (its step was bad) and nothing saved changes.
+    count = poison_from(monkeypatch, 5)
+    saved = {}
+
+    def keep(step, metrics):
+        count(step, metrics)
+        if step == 4:
+            saved.update(snapshot(tmp_path / "run"))
+
+    cfg = run_config(
+        tmp_path,
+        corpus_dir,
+        steps=12,
+        batch_size=4,
+        checkpoint_interval=3,
+        eval_interval=3,
+        log_interval=4,
+        precision=precision,
+        max_bad_steps=3,
+    )
+    with pytest.raises(FloatingPointError, match="3 steps in a row .up to step 7.") as info:
+        train(cfg, callbacks=[keep])
+    assert "\n" not in str(info.value)
+    folder = checkpoint.checkpoint_dir(tmp_path / "run")
+    assert (folder / "latest").read_text() == "step_00000003.pt" and (folder / "best").read_text() == "step_00000003.pt"
+    assert {p: b for p, b in snapshot(tmp_path / "run").items() if "checkpoints" in p.parts} == {
+        p: b for p, b in saved.items() if "checkpoints" in p.parts
+    }
+    state = checkpoint.load(tmp_path / "run")
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_on_nan_skip_skips_and_counts_and_the_weights_stay_finite(tmp_path, corpus_dir, monkeypatch):
+    count = poison_from(monkeypatch, 3, 4)
+    cfg = run_config(tmp_path, corpus_dir, steps=8, batch_size=4, log_interval=2, eval_interval=4, on_nan="skip")
+    result = train(cfg, callbacks=[count])
+    m = result.metrics
+    assert result.stopped == "completed" and m.skipped_steps == [3, 4] and m.steps == list(range(1, 9))
+    assert math.isnan(m.train_loss[2]) and all(math.isfinite(v) for v in m.train_loss[4:])
+    assert json.loads((result.run_dir / "training_metrics.json").read_text())["skipped_steps"] == [3, 4]
+    state = checkpoint.load(result.run_dir)
+    assert state["step"] == 8 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_no_checkpoint_with_a_nan_is_ever_written(tmp_path):
+    checkpoint.save(tmp_path, 1, {"w": torch.randn(3, 3)}, keep_last=2)
+    before = snapshot(tmp_path)
+    bad = {"model": {"w": torch.randn(3, 3)}, "optimizer": {"state": {0: {"exp_avg": torch.tensor([1.0, math.inf])}}}}
+    with pytest.raises(FloatingPointError, match=r"optimizer.state.0.exp_avg holds a NaN or inf; .*step_00000001.pt"):
+        checkpoint.save(tmp_path, 2, bad, keep_last=2)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_diverged_cli_run_ends_with_one_line_and_exit_2(tmp_path, corpus_dir, monkeypatch, capsys):
+    # All steps NaN from the first: no val loss is finite either (the best loss line must still print).
+    poison_from(monkeypatch, 1, evaluation=True)
+    args = ["train", "--preset", "tiny", "--model.n_layer", "1", "--model.d_model", "32", "--model.max_seq_len", "32"]
+    args += ["--train.seq_len", "32", "--train.batch_size", "2", "--train.steps", "4", "--train.progress_bar", "false"]
+    args += ["--train.log_interval", "2", "--train.max_bad_steps", "2", "--train.sample_tokens", "0"]
+    args += ["--train.out_dir", str(tmp_path / "run"), "--data.paths", str(corpus_dir)]
+    args += ["--data.cache_dir", str(tmp_path / "cache"), "--optim.warmup_steps", "1"]
+    assert main(args) == 2
+    assert "training diverged: 2 steps in a row" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # on_nan=skip: the run ends, its val loss NaN, without a crash on the missing best loss.
+    assert main([*args, "--train.on_nan", "skip", "--train.eval_interval", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "best val loss none finite" in out
+
+
+# -- 2. one writer per run folder
+
+# What RunLock does, without importing torch: flock RUN/.lock and write the pid into it.
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(os.path.join(sys.argv[1], ".lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_folder_has_one_writer_and_a_killed_holder_frees_it(tmp_path, corpus_dir):
+    cfg = run_config(
+        tmp_path, corpus_dir, steps=2, batch_size=4, eval_interval=2, checkpoint_interval=2, optim={"warmup_steps": 1}
+    )
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run")], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"locked\n"
+        before = snapshot(tmp_path / "run")
+        with pytest.raises(ValueError, match=rf"in use by another fasttrain run \(pid {holder.pid}\)"):
+            train(cfg)
+        assert snapshot(tmp_path / "run") == before
+    finally:
+        holder.kill()  # SIGKILL: the OS frees the lock; nothing has to clean up
+        holder.wait(timeout=30)
+    assert train(cfg).stopped == "completed"
+
+    # A resume while another writer holds the folder is refused too, and changes nothing.
+    lock = RunLock(tmp_path / "run")
+    try:
+        before = snapshot(tmp_path / "run")
+        with pytest.raises(ValueError, match=rf"pid {os.getpid()}"):
+            train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4)), resume=True)
+        assert snapshot(tmp_path / "run") == before
+    finally:
+        lock.release()
+
+
+def test_temporaries_of_dead_writers_are_swept_and_live_ones_kept(tmp_path, corpus_dir):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    left = [run / f".training_metrics.json.tmp-{dead.pid}", run / f".config.json.tmp-{dead.pid}"]
+    left += [run / "checkpoints" / f".step_00000002.pt.tmp-{dead.pid}", run / f".training_curve.png.tmp-{dead.pid}"]
+    live = run / f".training_metrics.json.tmp-{os.getppid()}"
+    for path in [*left, live]:
+        path.write_bytes(b"partial")
+    train(
+        run_config(
+            tmp_path,
+            corpus_dir,
+            steps=2,
+            batch_size=4,
+            eval_interval=2,
+            checkpoint_interval=2,
+            optim={"warmup_steps": 1},
+        )
+    )
+    assert not any(path.exists() for path in left) and live.read_bytes() == b"partial"
