@@ -2,9 +2,12 @@
 verify themselves, and one line (never a traceback) for every failure, each leaving every saved file as it was."""
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import random
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +17,7 @@ from test_train import run_config, write_corpus
 
 from fasttrain.cli import main
 from fasttrain.model import GPT
-from fasttrain.train import checkpoint, train
+from fasttrain.train import checkpoint, files, train
 from fasttrain.train.files import RunLock
 
 pytestmark = pytest.mark.usefixtures("cpu_user")
@@ -198,3 +201,167 @@ def test_temporaries_of_dead_writers_are_swept_and_live_ones_kept(tmp_path, corp
         )
     )
     assert not any(path.exists() for path in left) and live.read_bytes() == b"partial"
+
+
+# -- 3. checkpoints that verify themselves; 4. one line for every failure
+
+
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory, corpus_dir):
+    """A finished tiny run (checkpoints at steps 2 and 4); tests work on a copy (`copy_run`)."""
+    tmp = tmp_path_factory.mktemp("done")
+    with pytest.MonkeyPatch.context() as mp:  # the cpu_user fixture, for a module-scoped run
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        cfg = small_config(tmp, corpus_dir)
+        train(cfg)
+    return tmp / "run"
+
+
+def small_config(tmp_path, corpus_dir, **kw):
+    kw = {"steps": 4, "batch_size": 4, "eval_interval": 2, "checkpoint_interval": 2, **kw}
+    return run_config(tmp_path, corpus_dir, optim={"warmup_steps": 1}, **kw)
+
+
+def copy_run(done_run, tmp_path):
+    shutil.copytree(done_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def flip(path, offset, n=16):
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + n):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_anywhere_in_a_checkpoint_are_caught(tmp_path, done_run):
+    run = copy_run(done_run, tmp_path)
+    file = run / "checkpoints" / "step_00000004.pt"
+    size = file.stat().st_size
+    for offset in random.Random(0).sample(range(size - 16), 6):
+        original = file.read_bytes()
+        flip(file, offset)
+        with pytest.raises(checkpoint.CheckpointError, match=rf"'{file}' (is damaged|is not a fasttrain)"):
+            checkpoint.load(run)
+        file.write_bytes(original)
+    assert checkpoint.load(run)["step"] == 4
+
+
+def test_a_damaged_checkpoint_stops_eval_and_generate_and_resume_falls_back(tmp_path, done_run, corpus_dir, capsys):
+    run, cfg = copy_run(done_run, tmp_path), small_config(tmp_path, corpus_dir)
+    file = run / "checkpoints" / "step_00000004.pt"
+    flip(file, file.stat().st_size // 2)
+    before = snapshot(run)
+    eval_args = ["eval", "--checkpoint", str(run), "--data", str(corpus_dir), "--which", "latest", "--max-batches", "1"]
+    for args in (eval_args, ["generate", "--checkpoint", str(run), "--prompt", "def", "--which", "latest"]):
+        assert main(args) == 2
+        assert "step_00000004.pt' is damaged: its bytes do not match" in one_error_line(capsys.readouterr().err)
+    assert snapshot(run) == before
+
+    result = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=6)), resume=True)
+    err = capsys.readouterr().err
+    assert "fasttrain: warning: " in err and "resuming from the previous good one, step_00000002.pt" in err
+    assert result.metrics.steps == [1, 2, 3, 4, 5, 6] and checkpoint.load(run)["step"] == 6
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.pop("model"), "it has no 'model' entry"),
+        (lambda s: s.pop("config"), "it has no 'config' entry"),
+        (lambda s: s["model"].pop("lm_head.weight"), "does not fit the run's model: it has no 'lm_head.weight'"),
+        (lambda s: s["model"].update(extra=torch.ones(2)), "does not fit the run's model: it has an unknown 'extra'"),
+        (
+            lambda s: s["model"].update({"lm_head.weight": torch.ones(3, 5)}),
+            "lm_head.weight is (3, 5), the model's is (320, 32)",
+        ),
+        # lm_head.weight is wte.weight (tied): the first name of the tensor is the one named.
+        (lambda s: s["model"]["lm_head.weight"].fill_(math.nan), "holds a NaN or inf in wte.weight (its run diverged)"),
+    ],
+)
+def test_a_checkpoint_of_the_wrong_contents_is_one_line(tmp_path, done_run, corpus_dir, capsys, change, message):
+    run = copy_run(done_run, tmp_path)
+    file = run / "checkpoints" / "step_00000004.pt"
+    state = torch.load(file, weights_only=True)
+    change(state)
+    torch.save(state, file)  # as another tool would write it: no checksum, no check of what it holds
+    (run / "checkpoints" / "step_00000004.pt.sha256").unlink()
+    before = snapshot(run)
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "def", "--which", "latest"]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert snapshot(run) == before
+
+
+def test_a_resume_of_the_wrong_contents_is_one_line(tmp_path, done_run, capsys):
+    run = copy_run(done_run, tmp_path)
+    for file in sorted((run / "checkpoints").glob("step_*.pt")):
+        state = torch.load(file, weights_only=True)
+        del state["optimizer"]
+        checkpoint.save(run, state["step"], state, keep_last=2)
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run), "--train.steps", "6"]) == 2
+    assert "step_00000004.pt' is not a fasttrain run's checkpoint: it has no 'optimizer' entry" in one_error_line(
+        capsys.readouterr().err
+    )
+    assert snapshot(run) == before
+
+
+def test_a_resume_never_goes_back_and_changes_nothing(tmp_path, done_run, capsys):
+    run = copy_run(done_run, tmp_path)
+    before = snapshot(run)
+    assert main(["train", "--resume", str(run), "--train.steps", "3"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "train.steps 3: the run is at step 4, and a resume only goes forward" in line
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "the run is at step 4 (completed); nothing to train" in capsys.readouterr().out
+    assert snapshot(run) == before
+
+
+def failing_open(code):
+    """files.open raising OSError(code) for the temporaries of atomic writes: as on a read-only mount (EROFS), or a
+    folder root cannot write either (root ignores chmod, so the tests patch instead)."""
+
+    def fake(path, *args, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+
+    return fake
+
+
+@pytest.mark.parametrize(
+    "code, advice", [(errno.EROFS, "read-only file system"), (errno.EACCES, "check its permissions")]
+)
+def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, done_run, monkeypatch, capsys, code, advice):
+    run = copy_run(done_run, tmp_path)
+    before = snapshot(run)
+    monkeypatch.setattr(files, "open", failing_open(code), raising=False)
+    assert main(["train", "--resume", str(run), "--train.steps", "6"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{os.strerror(code)}: {run}/." in line and advice in line
+    assert snapshot(run) == before
+    monkeypatch.setenv("FASTTRAIN_DEBUG", "1")  # the traceback, for a bug report
+    with pytest.raises(OSError):
+        main(["train", "--resume", str(run), "--train.steps", "6"])
+
+
+def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_path, done_run, monkeypatch, capsys):
+    run = copy_run(done_run, tmp_path)
+    before = snapshot(run)
+    written = {"n": 0}
+    real_write = checkpoint._Hashing.write
+
+    def write_until_full(self, data):
+        written["n"] += len(data)
+        if written["n"] > 10_000:
+            self.error = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise self.error
+        return real_write(self, data)
+
+    monkeypatch.setattr(checkpoint._Hashing, "write", write_until_full)
+    assert main(["train", "--resume", str(run), "--train.steps", "6"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert f"No space left on device: {run / 'checkpoints' / 'step_00000006.pt'}; the disk is full" in line
+    after = snapshot(run)
+    assert {p: b for p, b in after.items() if "checkpoints" in p.parts} == {
+        p: b for p, b in before.items() if "checkpoints" in p.parts
+    }
+    assert not list(run.rglob(".*.tmp-*"))

@@ -32,8 +32,10 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)  # the rename itself survives a power loss, not only a kill
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:  # a write's own: no path in it
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -76,23 +78,21 @@ class RunLock:
     one) has it."""
 
     def __init__(self, run_dir: Path, what: str = "train.out_dir"):
-        path = Path(run_dir) / LOCK_FILE
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.file = open(Path(run_dir) / LOCK_FILE, "a+b", buffering=0)  # noqa: SIM115 (held until release)
+        fd = self.file.fileno()
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            self.file.close()
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
             raise ValueError(
                 f"{what} {str(run_dir)!r} is in use by another fasttrain run (pid {holder}); wait for it to end, "
                 f"or pick another {what}"
             ) from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # opened for appending: lands at 0, after the truncation
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the last descriptor of the open file drops its flock
-            self.fd = None
+        self.file.close()  # closing the last descriptor of the open file drops its flock

@@ -19,7 +19,7 @@ from fasttrain.train.config import RunConfig
 from fasttrain.train.files import atomic_write_text
 from fasttrain.train.metrics import Metrics
 from fasttrain.train.progress import Progress
-from fasttrain.train.run import Run, start_run, write_run_files
+from fasttrain.train.run import NothingToTrain, Run, start_run, write_run_files
 from fasttrain.train.sample import sample_text
 from fasttrain.train.step import TrainStep, check_losses
 
@@ -46,7 +46,13 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     """
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"cfg must be a RunConfig, got {type(cfg).__name__}")
-    run = start_run(cfg, resume)
+    try:
+        run = start_run(cfg, resume)
+    except NothingToTrain as ended:  # said, and nothing in the run folder changes
+        stopped = EARLY_STOPPING if ended.early.should_stop else COMPLETED
+        print(f"{cfg.train.out_dir}: the run is at step {ended.step} ({stopped.replace('_', ' ')}); nothing to train")
+        best = ended.early.best if math.isfinite(ended.early.best) else None
+        return TrainResult(Path(cfg.train.out_dir), ended.metrics, stopped, best_val_loss=best, sample=None)
     try:
         return _train(run, callbacks)
     finally:
@@ -55,14 +61,7 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
 
 def _train(run: Run, callbacks) -> TrainResult:
     tc = run.cfg.train
-    # A resumed run that early stopping ended has nothing left to do, like a completed one (should_stop reads the
-    # current patience, so raising it lets the run go on).
-    stopped = EARLY_STOPPING if run.early.should_stop else COMPLETED
-    steps = range(run.start, run.start if run.early.should_stop else tc.steps)
-    if not steps:  # said, and nothing in the run folder changes
-        print(f"{run.run_dir}: the run is at step {run.start} ({stopped.replace('_', ' ')}); nothing to train")
-        best = run.early.best if math.isfinite(run.early.best) else None
-        return TrainResult(run_dir=run.run_dir, metrics=run.metrics, stopped=stopped, best_val_loss=best, sample=None)
+    stopped, steps = COMPLETED, range(run.start, tc.steps)  # a resume has steps to take (start_run checked)
     write_run_files(run)
     log = Progress(run)
     run.model.train()

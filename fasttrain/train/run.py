@@ -100,6 +100,16 @@ class Run:
         self.start = state["step"]
 
 
+class NothingToTrain(Exception):
+    """A resume of a run that has ended (completed, or early stopping ended it): the loop says so and changes
+    nothing."""
+
+    def __init__(self, state: dict, early: EarlyStopping):
+        super().__init__(state["step"])
+        self.step, self.early = state["step"], early
+        self.metrics = Metrics.from_state_dict(state["metrics"])
+
+
 def start_run(cfg: RunConfig, resume: bool) -> Run:
     """Check what can be checked before the data (the device, the run folder), lock the run folder, prepare the data
     and check it, build the model and optimizer, restore the latest good checkpoint when resuming. Writes nothing
@@ -138,6 +148,10 @@ def _start_locked(cfg: RunConfig, resume: bool, run_dir: Path, device, precision
                 f"cannot resume {run_dir} with train.steps {tc.steps}: the run is at step {state['step']}, and a "
                 f"resume only goes forward (give train.steps above {state['step']}); nothing was changed"
             )
+        early = EarlyStopping(tc.early_stopping_patience)  # the current patience: raising it lets the run go on
+        early.load_state_dict(state["early_stopping"])
+        if tc.steps == state["step"] or early.should_stop:
+            raise NothingToTrain(state, early)
 
     corpus = prepare(cfg.data)
     corpus.report(run_dir)  # the data summary, on screen and as run_dir/data_summary.{txt,json}
