@@ -112,11 +112,20 @@ def to_dict(obj) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """base with update's keys laid over it, tables merged key by key (neither input is changed)."""
+def merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """base with update's keys laid over it, tables merged key by key (neither input is changed); ConfigError when
+    update gives a plain value where base has a table (a TOML `model = 3`), which a later table would replace."""
     out = dict(base)
     for key, value in update.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if isinstance(out.get(key), dict):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{prefix}{key} must be a table of keys ([{prefix}{key}] in TOML), got {value!r} "
+                    f"({type(value).__name__})"
+                )
+            out[key] = merge(out[key], value, f"{prefix}{key}.")
+        else:
+            out[key] = value
     return out
 
 

@@ -8,14 +8,17 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from test_train import run_config, write_corpus
 
 from fasttrain.cli import main
+from fasttrain.data.tokenizers import MAX_PIECE, train_bpe
 from fasttrain.model import GPT
 from fasttrain.train import checkpoint, files, train
 from fasttrain.train.files import RunLock
@@ -365,3 +368,107 @@ def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_pat
         p: b for p, b in before.items() if "checkpoints" in p.parts
     }
     assert not list(run.rglob(".*.tmp-*"))
+
+
+# -- 5. TOML sections of the wrong type; 6. BPE on a line without spaces
+
+
+@pytest.mark.parametrize(
+    "toml, message",
+    [
+        ("model = 3", "model must be a table of keys ([model] in TOML), got 3 (int)"),
+        ('optim = "fast"', "optim must be a table of keys ([optim] in TOML), got 'fast' (str)"),
+        ("train = [1]", "train must be a table of keys ([train] in TOML), got [1] (list)"),
+        ("[data]\npaths = 1", "data.paths expects list[str], got 1 (int)"),
+    ],
+)
+def test_a_toml_section_that_is_not_a_table_is_an_error(tmp_path, capsys, toml, message):
+    # An override of the same section after it (--model.n_layer) used to replace the 3 with a fresh table.
+    (tmp_path / "bad.toml").write_text(toml + "\n")
+    code = main(
+        [
+            "train",
+            "--config",
+            str(tmp_path / "bad.toml"),
+            "--model.n_layer",
+            "1",
+            "--train.out_dir",
+            str(tmp_path / "x"),
+        ]
+    )
+    assert code == 2 and message in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "x").exists()
+
+
+def test_bpe_training_on_a_1_mb_line_without_spaces_takes_seconds():
+    rng = random.Random(0)
+    line = "".join(rng.choices("ACGT", k=1_000_000))  # a DNA string: one 1 MB "word" to the GPT-2 split
+    start = time.perf_counter()
+    tok = train_bpe(iter([line, "def f(x):\n    return x\n"]), 300)
+    assert time.perf_counter() - start < 30  # quadratic in the line, it did not finish in minutes
+    assert tok.decode(tok.encode(line[:5000])) == line[:5000]
+    assert max(len(tok.decode([i])) for i in range(tok.vocab_size)) <= MAX_PIECE
+
+
+# -- 7. kill -9 anywhere in a save
+
+
+def kill_during_save(run, seed, state):
+    """In a forked child (no interpreter start, no imports): checkpoint.save(run, 3, state) killed by SIGKILL at a
+    point drawn by seed among the operations that touch the disk (each chunk torch.save writes, each fsync, rename
+    and unlink), counted on a dry run first. Returns the child's wait status."""
+    pid = os.fork()
+    if pid:
+        return os.waitpid(pid, 0)[1]
+    try:
+        calls = {"n": 0, "kill_at": None}
+
+        def counted(fn):
+            def wrapper(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == calls["kill_at"]:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return fn(*args, **kwargs)
+
+            return wrapper
+
+        checkpoint._Hashing.write = counted(checkpoint._Hashing.write)
+        for name in ("fsync", "replace", "unlink"):
+            setattr(os, name, counted(getattr(os, name)))
+        checkpoint.save(run / "dry", 1, state, keep_last=1)
+        checkpoint.save(run / "dry", 2, state, keep_last=1, is_best=True)  # the second prunes the first
+        calls["kill_at"] = calls["n"] + random.Random(seed).randint(1, calls["n"] // 2)
+        checkpoint.save(run, 3, state, keep_last=2, is_best=True)
+    finally:
+        os._exit(1)  # not killed: the parent sees exit status 1
+
+
+def model_state(step):
+    g = torch.Generator().manual_seed(step)
+    return {"step": step, "model": {f"w{i}": torch.randn(64, 64, generator=g) for i in range(6)}}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, *(pytest.param(s, marks=pytest.mark.slow) for s in range(3, 23))])
+def test_a_kill_at_any_point_of_a_save_leaves_a_loadable_run(tmp_path, seed):
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, model_state(step), keep_last=2, is_best=step == 1)
+    before = snapshot(tmp_path / "checkpoints")
+    status = kill_during_save(tmp_path, seed, model_state(3))
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    after = snapshot(tmp_path / "checkpoints")
+    # latest and best load and verify: the old ones, or step 3's once it is whole.
+    latest, best = checkpoint.load(tmp_path), checkpoint.load(tmp_path, "best")
+    assert latest["step"] in (2, 3) and best["step"] in (1, 3)
+    for name in ("latest", "best"):
+        checkpoint.verify(checkpoint.resolve(tmp_path, name))
+    # Every file saved before is as it was, but for the pointers moved to step 3 and what the prune then removed.
+    for path, data in before.items():
+        if path.name in ("latest", "best") and after[path] != data:
+            assert after[path] == b"step_00000003.pt"
+        elif path not in after:
+            assert latest["step"] == 3 and path.name.startswith("step_00000001.pt")
+        else:
+            assert after[path] == data, path
+    # The next save sweeps what the killed one left.
+    checkpoint.save(tmp_path, 4, {"step": 4}, keep_last=2)
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp-*"))

@@ -188,8 +188,10 @@ def test_a_run_that_died_before_its_first_checkpoint_can_be_started_again(tmp_pa
 
 def test_a_second_signal_stops_at_once():
     # The first signal asks for a checkpoint and a clean stop; the second goes to the handler that was there before.
+    # Python's own SIGINT handler is installed here: a shell's background job starts with SIGINT ignored.
     seen = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with StopRequest() as stop:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -205,6 +207,7 @@ def test_a_second_signal_stops_at_once():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 KILLED_SAVE = textwrap.dedent("""
