@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 NORMS = ("layernorm", "rmsnorm")
@@ -71,8 +72,8 @@ class GPTConfig:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.positions == "rotary" and self.head_dim % 2:
             raise ValueError(f"rotary positions need an even head_dim, got d_model/n_head = {self.head_dim}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if not 0 < self.rope_theta < math.inf:
+            raise ValueError(f"rope_theta must be finite and > 0, got {self.rope_theta}")
 
     @property
     def head_dim(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from fasttrain.config import from_dict, merge, to_dict
@@ -39,7 +40,17 @@ class OptimConfig:
     """AdamW backend: None or 'auto', 'cuda', 'cpu' or 'reference' (AdamW has no Triton kernel)."""
 
     def __post_init__(self) -> None:
-        # Checked here so a wrong name fails at startup, not at the first optimizer step after data preparation.
+        # Checked here so a wrong value fails at startup, not when the optimizer is built after data preparation.
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("eps", "weight_decay"):
+            if not 0.0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and not 0.0 < self.max_grad_norm < math.inf:
+            raise ValueError(f"max_grad_norm must be finite and > 0, or none, got {self.max_grad_norm}")
         if self.backend not in ADAMW_BACKENDS:
             raise ValueError(f"backend must be one of {ADAMW_BACKENDS}, got {self.backend!r}")
 
@@ -119,6 +130,8 @@ class TrainConfig:
             raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not self.out_dir:
+            raise ValueError("out_dir must name a folder, got ''")
         if self.on_nan not in ON_NAN:
             raise ValueError(f"on_nan must be one of {ON_NAN}, got {self.on_nan!r}")
         if self.device not in DEVICES:
