@@ -1,8 +1,11 @@
 """Reliability of a run folder: divergence never reaches a checkpoint, one writer per run folder, checkpoints that
 verify themselves, and one line (never a traceback) for every failure, each leaving every saved file as it was."""
 
+import contextlib
+import ctypes
 import dataclasses
 import errno
+import io
 import json
 import math
 import os
@@ -583,3 +586,96 @@ def test_a_bad_eval_or_generate_option_is_one_line(done_run, corpus_dir, capsys,
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err, err
+
+
+# -- 7. a real full disk and a real read-only mount, in a private mount namespace of a forked child
+
+CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
+MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
+
+
+def _private_mounts(libc) -> None:
+    """This process in a mount namespace of its own (and a user namespace when not root), whose mounts no other
+    process sees and which end with it; OSError where the machine does not allow it."""
+    uid, gid = os.geteuid(), os.getegid()
+    if libc.unshare(CLONE_NEWNS if uid == 0 else CLONE_NEWNS | CLONE_NEWUSER) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+    if uid != 0:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
+
+
+def _mount(libc, source, target, fstype, flags, data=None) -> None:
+    args = [None if a is None else str(a).encode() for a in (source, target, fstype)]
+    if libc.mount(*args, flags, None if data is None else data.encode()) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {target}")
+
+
+def in_mount_namespace(tmp_path, body):
+    """body() in a forked child with private mounts; returns what it returned (JSON), or None where mounts are not
+    allowed here."""
+    result = tmp_path / "result.json"
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            try:
+                _private_mounts(libc)
+            except OSError:
+                result.write_text("null")
+                code = 0
+            else:
+                result.write_text(json.dumps(body(libc)))
+                code = 0
+        except BaseException as e:
+            result.write_text(json.dumps({"error": repr(e)}))
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    return json.loads(result.read_text())
+
+
+def test_a_real_full_disk_and_a_real_read_only_mount_are_one_line(tmp_path, done_run, corpus_dir):
+    def body(libc):
+        out = {}
+        disk = tmp_path / "disk"
+        disk.mkdir()
+        used = sum(p.stat().st_size for p in done_run.rglob("*") if p.is_file())
+        _mount(libc, "tmpfs", disk, "tmpfs", 0, f"size={used + 200_000}")  # no room for one more checkpoint
+        shutil.copytree(done_run, disk / "run")
+        before = snapshot(disk / "run")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            out["full_code"] = main(["train", "--resume", str(disk / "run"), "--train.steps", "6"])
+        out["full_err"] = err.getvalue()
+        after = snapshot(disk / "run")
+        out["full_kept"] = all(after.get(p) == b for p, b in before.items() if "checkpoints" in p.parts)
+        out["full_temporaries"] = [str(p) for p in (disk / "run").rglob(".*.tmp-*")]
+
+        ro = tmp_path / "ro"
+        shutil.copytree(done_run, ro)
+        _mount(libc, ro, ro, None, MS_BIND)
+        _mount(libc, None, ro, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        before = snapshot(ro)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            out["ro_code"] = main(["train", "--resume", str(ro), "--train.steps", "6"])
+            out["ro_eval"] = main(["eval", "--checkpoint", str(ro), "--data", str(corpus_dir), "--max-batches", "1"])
+        out["ro_err"] = err.getvalue()
+        out["ro_kept"] = snapshot(ro) == before
+        return out
+
+    out = in_mount_namespace(tmp_path, body)
+    if out is None:
+        pytest.skip("no private mount namespace here: the patched full disk and read-only tests above stand in")
+    assert "error" not in out, out
+    assert out["full_code"] == 1 and out["full_kept"] and not out["full_temporaries"], out
+    line = one_error_line(out["full_err"])
+    assert "No space left on device: " in line and "step_00000006.pt; the disk is full" in line
+    assert out["ro_code"] == 1 and out["ro_eval"] == 0 and out["ro_kept"], out
+    line = one_error_line(out["ro_err"])
+    assert f"Read-only file system: {tmp_path / 'ro' / '.lock'}; it is on a read-only file system" in line
