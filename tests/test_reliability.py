@@ -299,17 +299,23 @@ def test_a_checkpoint_of_the_wrong_contents_is_one_line(tmp_path, done_run, corp
     assert snapshot(run) == before
 
 
-def test_a_resume_of_the_wrong_contents_is_one_line(tmp_path, done_run, capsys):
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.pop("optimizer"), "step_00000004.pt' is not a fasttrain run's checkpoint: it has no 'optimizer'"),
+        (lambda s: s["early_stopping"].clear(), "step_00000004.pt' does not fit this run: no 'best' entry"),
+        (lambda s: s["model"].update(extra=torch.ones(1)), "step_00000004.pt' does not fit the run's model"),
+    ],
+)
+def test_a_resume_of_the_wrong_contents_is_one_line(tmp_path, done_run, capsys, change, message):
     run = copy_run(done_run, tmp_path)
     for file in sorted((run / "checkpoints").glob("step_*.pt")):
         state = torch.load(file, weights_only=True)
-        del state["optimizer"]
+        change(state)
         checkpoint.save(run, state["step"], state, keep_last=2)
     before = snapshot(run)
     assert main(["train", "--resume", str(run), "--train.steps", "6"]) == 2
-    assert "step_00000004.pt' is not a fasttrain run's checkpoint: it has no 'optimizer' entry" in one_error_line(
-        capsys.readouterr().err
-    )
+    assert message in one_error_line(capsys.readouterr().err)
     assert snapshot(run) == before
 
 

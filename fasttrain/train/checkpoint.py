@@ -204,12 +204,12 @@ def load_file(file: Path, map_location: str | torch.device = "cpu", require: Ite
 
 def load_latest_good(
     run_dir: str | Path, warn: Callable[[str], None], map_location="cpu", require: Iterable[str] = ()
-) -> dict:
-    """The state of `latest`, or, when that file is damaged, of the newest older checkpoint that loads (warn(line)
+) -> tuple[Path, dict]:
+    """(file, state) of `latest`, or, when that file is damaged, of the newest older checkpoint that loads (warn(line)
     says which was passed over); CheckpointError naming latest's file when none does."""
     first = resolve(run_dir, "latest")
     try:
-        return load_file(first, map_location, require)
+        return first, load_file(first, map_location, require)
     except CheckpointError as error:
         for older in (p for p in step_files(run_dir) if p.name < first.name):
             try:
@@ -217,7 +217,7 @@ def load_latest_good(
             except CheckpointError:
                 continue
             warn(f"{error}; resuming from the previous good one, {older.name}")
-            return state
+            return older, state
         raise
 
 

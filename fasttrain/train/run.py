@@ -17,6 +17,7 @@ import torch
 
 from fasttrain.config import to_dict
 from fasttrain.data import Batches, Corpus, prepare
+from fasttrain.data.summary import as_json
 from fasttrain.model import GPT
 from fasttrain.optim import AdamW
 from fasttrain.optim.schedules import LRSchedule
@@ -140,21 +141,26 @@ def _start_locked(cfg: RunConfig, resume: bool, run_dir: Path, device, precision
     for folder in (run_dir, checkpoint.checkpoint_dir(run_dir)):
         if folder.is_dir():
             sweep_temporaries(folder)
-    state = None
+    state = file = None
     if resume:
-        state = checkpoint.load_latest_good(run_dir, _warn, require=STATE_KEYS)
+        file, state = checkpoint.load_latest_good(run_dir, _warn, require=STATE_KEYS)
         if tc.steps < state["step"]:
             raise ValueError(
                 f"cannot resume {run_dir} with train.steps {tc.steps}: the run is at step {state['step']}, and a "
                 f"resume only goes forward (give train.steps above {state['step']}); nothing was changed"
             )
         early = EarlyStopping(tc.early_stopping_patience)  # the current patience: raising it lets the run go on
-        early.load_state_dict(state["early_stopping"])
+        try:
+            early.load_state_dict(state["early_stopping"])
+        except (KeyError, TypeError) as e:
+            raise _does_not_fit(file, e) from None
         if tc.steps == state["step"] or early.should_stop:
             raise NothingToTrain(state, early)
 
     corpus = prepare(cfg.data)
-    corpus.report(run_dir)  # the data summary, on screen and as run_dir/data_summary.{txt,json}
+    # The data summary, on screen and, for a fresh run, as run_dir/data_summary.{txt,json} (which say why a corpus
+    # too small is refused); a resume's is written by write_run_files, once nothing can refuse it.
+    corpus.report(None if resume else run_dir)
     _check_splits(corpus, cfg)
     if tc.sample_tokens > 0:
         sample_prompt_ids(corpus.tokenizer, tc.sample_prompt, cfg.model.max_seq_len)  # fail now, not after the run
@@ -183,8 +189,11 @@ def _start_locked(cfg: RunConfig, resume: bool, run_dir: Path, device, precision
         lock=lock,
     )
     if state is not None:
-        checkpoint.check_model_state(model, state["model"], checkpoint.resolve(run_dir, "latest"))
-        run.load_state_dict(state)
+        checkpoint.check_model_state(model, state["model"], file)
+        try:
+            run.load_state_dict(state)
+        except (KeyError, IndexError, TypeError, RuntimeError) as e:  # an entry of the wrong shape or contents
+            raise _does_not_fit(file, e) from None
     if tc.compile:
         run.step_model = torch.compile(model)
     if tc.tensorboard:
@@ -208,9 +217,19 @@ STATE_KEYS = (
 """What a resume reads of a checkpoint (Run.state_dict writes them all)."""
 
 
+def _does_not_fit(file: Path, e: Exception) -> checkpoint.CheckpointError:
+    what = f"no {e.args[0]!r} entry" if isinstance(e, KeyError) else str(e).splitlines()[0]
+    return checkpoint.CheckpointError(f"checkpoint {str(file)!r} does not fit this run: {what}")
+
+
 def write_run_files(run: Run) -> None:
-    """config.json and the tokenizer: written only once every check has passed and there are steps to take, so a
-    refused or empty --resume leaves the config a plain --resume continues from."""
+    """The data summary, config.json and the tokenizer: written only once every check has passed and there are steps
+    to take, so a refused or empty --resume changes nothing in the run folder."""
+    c = run.corpus
+    if run.start:  # a resume: its summary is written only now
+        atomic_write_text(run.run_dir / "data_summary.txt", c.summary() + "\n")
+        data = json.dumps(as_json(c.manifest, c.folder, c.reused), indent=1)
+        atomic_write_text(run.run_dir / "data_summary.json", data)
     atomic_write_text(run.run_dir / "config.json", json.dumps(to_dict(run.cfg), indent=1))
     if hasattr(run.tokenizer, "save"):
         run.tokenizer.save(run.run_dir / "tokenizer.json")
