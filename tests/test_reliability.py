@@ -479,9 +479,11 @@ def test_a_kill_at_any_point_of_a_save_leaves_a_loadable_run(tmp_path, seed):
             assert latest["step"] == 3 and path.name.startswith("step_00000001.pt")
         else:
             assert after[path] == data, path
-    # The next save sweeps what the killed one left.
+    # The next save sweeps what the killed one left: its temporaries, a sidecar whose file a killed prune removed.
     checkpoint.save(tmp_path, 4, {"step": 4}, keep_last=2)
-    assert not list((tmp_path / "checkpoints").glob(".*.tmp-*"))
+    folder = tmp_path / "checkpoints"
+    assert not list(folder.glob(".*.tmp-*"))
+    assert all(p.with_name(p.name.removesuffix(".sha256")).is_file() for p in folder.glob("*.sha256"))
 
 
 # -- 7. the CLI's bad-input table: in-process main() calls, each refused before any data is read

@@ -144,6 +144,9 @@ def _prune(folder: Path, keep_last: int) -> None:
         if p.name not in keep:
             p.unlink()
             p.with_name(p.name + CHECKSUM).unlink(missing_ok=True)
+    for sidecar in folder.glob(f"step_*.pt{CHECKSUM}"):  # a prune killed between a file and its sidecar
+        if not sidecar.with_name(sidecar.name.removesuffix(CHECKSUM)).exists():
+            sidecar.unlink(missing_ok=True)
 
 
 def step_files(run_dir: str | Path) -> list[Path]:
