@@ -193,6 +193,7 @@ def test_temporaries_of_dead_writers_are_swept_and_live_ones_kept(tmp_path, corp
     (run / "checkpoints").mkdir(parents=True)
     left = [run / f".training_metrics.json.tmp-{dead.pid}", run / f".config.json.tmp-{dead.pid}"]
     left += [run / "checkpoints" / f".step_00000002.pt.tmp-{dead.pid}", run / f".training_curve.png.tmp-{dead.pid}"]
+    left += [run / f".tokenizer.json.tmp-{dead.pid}", run / f".data_summary.txt.tmp-{dead.pid}"]
     live = run / f".training_metrics.json.tmp-{os.getppid()}"
     for path in [*left, live]:
         path.write_bytes(b"partial")
@@ -351,7 +352,9 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, done_run, monkeyp
     line = one_error_line(capsys.readouterr().err)
     assert f"{os.strerror(code)}: {run}/." in line and advice in line
     assert snapshot(run) == before
-    monkeypatch.setenv("FASTTRAIN_DEBUG", "1")  # the traceback, for a bug report
+    with pytest.raises(OSError):  # the traceback, for a bug report
+        main(["train", "--resume", str(run), "--train.steps", "6", "--debug"])
+    monkeypatch.setenv("FASTTRAIN_DEBUG", "1")
     with pytest.raises(OSError):
         main(["train", "--resume", str(run), "--train.steps", "6"])
 

@@ -80,7 +80,7 @@ class HFTokenizer:
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json atomically (temp name, then rename): a run directory never holds half a tokenizer."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a trainer sweeps these when their writer is gone
         self._tok.save(str(tmp))
         os.replace(tmp, path)
 
