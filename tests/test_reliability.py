@@ -1,30 +1,30 @@
 """Reliability of a run folder: divergence never reaches a checkpoint, one writer per run folder, checkpoints that
 verify themselves, and one line (never a traceback) for every failure, each leaving every saved file as it was."""
 
-import contextlib
-import ctypes
 import dataclasses
 import errno
-import io
 import json
 import math
 import os
 import random
-import shutil
-import signal
 import subprocess
 import sys
-import time
-import typing
 
 import pytest
 import torch
-from test_train import run_config, write_corpus
+from reliability_helpers import (
+    copy_run,
+    make_corpus,
+    make_done_run,
+    one_error_line,
+    poison_from,
+    small_config,
+    snapshot,
+)
+from test_train import run_config
 
 from fasttrain.cli import main
-from fasttrain.data.tokenizers import MAX_PIECE, train_bpe
-from fasttrain.model import GPT
-from fasttrain.train import RunConfig, checkpoint, files, train
+from fasttrain.train import checkpoint, files, train
 from fasttrain.train.files import RunLock
 
 pytestmark = pytest.mark.usefixtures("cpu_user")
@@ -32,41 +32,12 @@ pytestmark = pytest.mark.usefixtures("cpu_user")
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"), n_files=4)
+    return make_corpus(tmp_path_factory)
 
 
-def snapshot(folder):
-    """Every file under folder, by path, with its bytes."""
-    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def poison_from(monkeypatch, first_step, last_step=math.inf, evaluation=False):
-    """Make the model's training loss (and with evaluation, its logits in evaluation) NaN from optimizer step
-    first_step to last_step; returns the callback that counts the steps."""
-    state = {"step": 0}
-    forward = GPT.forward
-
-    def poisoned(self, idx, targets=None):
-        logits, loss = forward(self, idx, targets)
-        if first_step <= state["step"] + 1 <= last_step:
-            if loss is not None and self.training:
-                loss = loss * float("nan")
-            elif evaluation and not self.training:
-                logits = logits * float("nan")
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", poisoned)
-
-    def count(step, metrics):
-        state["step"] = step
-
-    return count
-
-
-def one_error_line(err):
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fasttrain: error: ") and "Traceback" not in err, err
-    return lines[0]
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory, corpus_dir):
+    return make_done_run(tmp_path_factory, corpus_dir)
 
 
 # -- 1. divergence
@@ -212,27 +183,6 @@ def test_temporaries_of_dead_writers_are_swept_and_live_ones_kept(tmp_path, corp
 
 
 # -- 3. checkpoints that verify themselves; 4. one line for every failure
-
-
-@pytest.fixture(scope="module")
-def done_run(tmp_path_factory, corpus_dir):
-    """A finished tiny run (checkpoints at steps 2 and 4); tests work on a copy (`copy_run`)."""
-    tmp = tmp_path_factory.mktemp("done")
-    with pytest.MonkeyPatch.context() as mp:  # the cpu_user fixture, for a module-scoped run
-        mp.delenv("TRITON_INTERPRET", raising=False)
-        cfg = small_config(tmp, corpus_dir)
-        train(cfg)
-    return tmp / "run"
-
-
-def small_config(tmp_path, corpus_dir, **kw):
-    kw = {"steps": 4, "batch_size": 4, "eval_interval": 2, "checkpoint_interval": 2, **kw}
-    return run_config(tmp_path, corpus_dir, optim={"warmup_steps": 1}, **kw)
-
-
-def copy_run(done_run, tmp_path):
-    shutil.copytree(done_run, tmp_path / "run")
-    return tmp_path / "run"
 
 
 def flip(path, offset, n=16):
@@ -381,312 +331,3 @@ def test_a_full_disk_at_a_save_is_one_line_and_keeps_the_last_checkpoint(tmp_pat
         p: b for p, b in before.items() if "checkpoints" in p.parts
     }
     assert not list(run.rglob(".*.tmp-*"))
-
-
-# -- 5. TOML sections of the wrong type; 6. BPE on a line without spaces
-
-
-@pytest.mark.parametrize(
-    "toml, message",
-    [
-        ("model = 3", "model must be a table of keys ([model] in TOML), got 3 (int)"),
-        ('optim = "fast"', "optim must be a table of keys ([optim] in TOML), got 'fast' (str)"),
-        ("train = [1]", "train must be a table of keys ([train] in TOML), got [1] (list)"),
-        ("[data]\npaths = 1", "data.paths expects list[str], got 1 (int)"),
-    ],
-)
-def test_a_toml_section_that_is_not_a_table_is_an_error(tmp_path, capsys, toml, message):
-    # An override of the same section after it (--model.n_layer) used to replace the 3 with a fresh table.
-    (tmp_path / "bad.toml").write_text(toml + "\n")
-    code = main(
-        [
-            "train",
-            "--config",
-            str(tmp_path / "bad.toml"),
-            "--model.n_layer",
-            "1",
-            "--train.out_dir",
-            str(tmp_path / "x"),
-        ]
-    )
-    assert code == 2 and message in one_error_line(capsys.readouterr().err)
-    assert not (tmp_path / "x").exists()
-
-
-def test_bpe_training_on_a_1_mb_line_without_spaces_takes_seconds():
-    rng = random.Random(0)
-    line = "".join(rng.choices("ACGT", k=1_000_000))  # a DNA string: one 1 MB "word" to the GPT-2 split
-    start = time.perf_counter()
-    tok = train_bpe(iter([line, "def f(x):\n    return x\n"]), 300)
-    assert time.perf_counter() - start < 30  # quadratic in the line, it did not finish in minutes
-    assert tok.decode(tok.encode(line[:5000])) == line[:5000]
-    assert max(len(tok.decode([i])) for i in range(tok.vocab_size)) <= MAX_PIECE
-
-
-# -- 7. kill -9 anywhere in a save
-
-
-def kill_during_save(run, seed, state):
-    """In a forked child (no interpreter start, no imports): checkpoint.save(run, 3, state) killed by SIGKILL at a
-    point drawn by seed among the operations that touch the disk (each chunk torch.save writes, each fsync, rename
-    and unlink), counted on a dry run first. Returns the child's wait status."""
-    pid = os.fork()
-    if pid:
-        return os.waitpid(pid, 0)[1]
-    try:
-        calls = {"n": 0, "kill_at": None}
-
-        def counted(fn):
-            def wrapper(*args, **kwargs):
-                calls["n"] += 1
-                if calls["n"] == calls["kill_at"]:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return fn(*args, **kwargs)
-
-            return wrapper
-
-        checkpoint._Hashing.write = counted(checkpoint._Hashing.write)
-        for name in ("fsync", "replace", "unlink"):
-            setattr(os, name, counted(getattr(os, name)))
-        checkpoint.save(run / "dry", 1, state, keep_last=1)
-        checkpoint.save(run / "dry", 2, state, keep_last=1, is_best=True)  # the second prunes the first
-        calls["kill_at"] = calls["n"] + random.Random(seed).randint(1, calls["n"] // 2)
-        checkpoint.save(run, 3, state, keep_last=2, is_best=True)
-    finally:
-        os._exit(1)  # not killed: the parent sees exit status 1
-
-
-def model_state(step):
-    g = torch.Generator().manual_seed(step)
-    return {"step": step, "model": {f"w{i}": torch.randn(64, 64, generator=g) for i in range(6)}}
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2, *(pytest.param(s, marks=pytest.mark.slow) for s in range(3, 23))])
-def test_a_kill_at_any_point_of_a_save_leaves_a_loadable_run(tmp_path, seed):
-    for step in (1, 2):
-        checkpoint.save(tmp_path, step, model_state(step), keep_last=2, is_best=step == 1)
-    before = snapshot(tmp_path / "checkpoints")
-    status = kill_during_save(tmp_path, seed, model_state(3))
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
-    after = snapshot(tmp_path / "checkpoints")
-    # latest and best load and verify: the old ones, or step 3's once it is whole.
-    latest, best = checkpoint.load(tmp_path), checkpoint.load(tmp_path, "best")
-    assert latest["step"] in (2, 3) and best["step"] in (1, 3)
-    for name in ("latest", "best"):
-        checkpoint.verify(checkpoint.resolve(tmp_path, name))
-    # Every file saved before is as it was, but for the pointers moved to step 3 and what the prune then removed.
-    for path, data in before.items():
-        if path.name in ("latest", "best") and after[path] != data:
-            assert after[path] == b"step_00000003.pt"
-        elif path not in after:
-            assert latest["step"] == 3 and path.name.startswith("step_00000001.pt")
-        else:
-            assert after[path] == data, path
-    # The next save sweeps what the killed one left: its temporaries, a sidecar whose file a killed prune removed.
-    checkpoint.save(tmp_path, 4, {"step": 4}, keep_last=2)
-    folder = tmp_path / "checkpoints"
-    assert not list(folder.glob(".*.tmp-*"))
-    assert all(p.with_name(p.name.removesuffix(".sha256")).is_file() for p in folder.glob("*.sha256"))
-
-
-# -- 7. the CLI's bad-input table: in-process main() calls, each refused before any data is read
-
-
-def config_fields():
-    """(section.field, the field's type) for every field of every section of RunConfig."""
-    sections = typing.get_type_hints(RunConfig)
-    for section in dataclasses.fields(RunConfig):
-        hints = typing.get_type_hints(sections[section.name])
-        for f in dataclasses.fields(sections[section.name]):
-            yield f"{section.name}.{f.name}", hints[f.name]
-
-
-def refused(capsys, tmp_path, *args):
-    """main's exit code and its one error line, for a command that must not create its out_dir. The data folder
-    is missing: a config that were accepted would end there, not train the default corpus."""
-    first = ["--train.out_dir", str(tmp_path / "never"), "--data.paths", str(tmp_path / "no_data")]
-    code = main(["train", *first, *args])
-    line = one_error_line(capsys.readouterr().err)
-    assert not (tmp_path / "never").exists()
-    return code, line
-
-
-def test_every_option_of_the_wrong_type_is_one_line(tmp_path, capsys):
-    checked = 0
-    for key, tp in config_fields():
-        options = typing.get_args(tp) or (tp,)
-        if int in options or float in options:
-            wrong = "1x"
-        elif bool in options:
-            wrong = "maybe"
-        else:
-            continue  # a str or list[str] takes any text
-        code, line = refused(capsys, tmp_path, f"--{key}", wrong)
-        assert code == 2 and f"--{key} expects" in line and repr(wrong) in line, (key, line)
-        checked += 1
-    assert checked >= 40
-
-
-RANGES = [
-    ("model.n_layer", "0"),
-    ("model.n_head", "-2"),
-    ("model.n_kv_head", "3"),
-    ("model.d_model", "30"),
-    ("model.max_seq_len", "0"),
-    ("model.dropout", "1"),
-    ("model.rope_theta", "nan"),
-    ("model.rope_theta", "inf"),
-    ("model.norm", "batchnorm"),
-    ("model.activation", "relu6"),
-    ("optim.lr", "0"),
-    ("optim.lr", "nan"),
-    ("optim.beta1", "1"),
-    ("optim.beta2", "-0.5"),
-    ("optim.beta2", "nan"),
-    ("optim.eps", "-1e-8"),
-    ("optim.weight_decay", "inf"),
-    ("optim.max_grad_norm", "0"),
-    ("optim.max_grad_norm", "nan"),
-    ("optim.schedule", "exp"),
-    ("optim.warmup_steps", "-1"),
-    ("optim.min_lr_ratio", "2"),
-    ("optim.backend", "triton"),
-    *((f"train.{name}", "0") for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_interval")),
-    *((f"train.{name}", "0") for name in ("eval_batches", "checkpoint_interval", "keep_last", "log_interval")),
-    ("train.max_bad_steps", "0"),
-    ("train.early_stopping_patience", "0"),
-    ("train.seed", "-1"),
-    ("train.sample_tokens", "-1"),
-    ("train.precision", "fp8"),
-    ("train.device", "tpu"),
-    ("train.on_nan", "ignore"),
-    ("train.out_dir", ""),
-    ("data.val_fraction", "1.5"),
-    ("data.val_fraction", "-0.1"),
-    ("data.num_workers", "-1"),
-    ("data.max_decompressed_bytes", "0"),
-    ("data.jsonl_field", ""),
-]
-
-
-def test_every_option_out_of_range_is_one_line(tmp_path, capsys):
-    for key, value in RANGES:
-        code, line = refused(capsys, tmp_path, f"--{key}", value)
-        assert code == 2 and key.split(".")[1] in line, (key, value, line)
-
-
-@pytest.mark.parametrize(
-    "command, args, message",
-    [
-        ("eval", ["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-        ("eval", ["--seq-len", "-3"], "--seq-len must be >= 1, got -3"),
-        ("eval", ["--max-batches", "0"], "--max-batches must be >= 1, got 0"),
-        ("generate", ["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
-        ("generate", ["--temperature", "-1"], "temperature"),
-        ("generate", ["--top-k", "0"], "top_k"),
-        ("generate", ["--top-p", "1.5"], "top_p"),
-        ("generate", ["--prompt", ""], "--prompt must encode to at least one token"),
-    ],
-)
-def test_a_bad_eval_or_generate_option_is_one_line(done_run, corpus_dir, capsys, command, args, message):
-    base = ["--checkpoint", str(done_run)]
-    base += ["--data", str(corpus_dir)] if command == "eval" else ["--prompt", "def", "--max-new-tokens", "2"]
-    try:
-        code = main([command, *base, *args])
-    except SystemExit as e:  # argparse's own checks: its usage line, then the error line
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err, err
-
-
-# -- 7. a real full disk and a real read-only mount, in a private mount namespace of a forked child
-
-CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
-MS_RDONLY, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
-
-
-def _private_mounts(libc) -> None:
-    """This process in a mount namespace of its own (and a user namespace when not root), whose mounts no other
-    process sees and which end with it; OSError where the machine does not allow it."""
-    uid, gid = os.geteuid(), os.getegid()
-    if libc.unshare(CLONE_NEWNS if uid == 0 else CLONE_NEWNS | CLONE_NEWUSER) != 0:
-        raise OSError(ctypes.get_errno(), "unshare")
-    if uid != 0:
-        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-            with open(f"/proc/self/{name}", "w") as f:
-                f.write(text)
-    _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)
-
-
-def _mount(libc, source, target, fstype, flags, data=None) -> None:
-    args = [None if a is None else str(a).encode() for a in (source, target, fstype)]
-    if libc.mount(*args, flags, None if data is None else data.encode()) != 0:
-        raise OSError(ctypes.get_errno(), f"mount {target}")
-
-
-def in_mount_namespace(tmp_path, body):
-    """body() in a forked child with private mounts; returns what it returned (JSON), or None where mounts are not
-    allowed here."""
-    result = tmp_path / "result.json"
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            try:
-                _private_mounts(libc)
-            except OSError:
-                result.write_text("null")
-                code = 0
-            else:
-                result.write_text(json.dumps(body(libc)))
-                code = 0
-        except BaseException as e:
-            result.write_text(json.dumps({"error": repr(e)}))
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
-    return json.loads(result.read_text())
-
-
-def test_a_real_full_disk_and_a_real_read_only_mount_are_one_line(tmp_path, done_run, corpus_dir):
-    def body(libc):
-        out = {}
-        disk = tmp_path / "disk"
-        disk.mkdir()
-        used = sum(p.stat().st_size for p in done_run.rglob("*") if p.is_file())
-        _mount(libc, "tmpfs", disk, "tmpfs", 0, f"size={used + 200_000}")  # no room for one more checkpoint
-        shutil.copytree(done_run, disk / "run")
-        before = snapshot(disk / "run")
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            out["full_code"] = main(["train", "--resume", str(disk / "run"), "--train.steps", "6"])
-        out["full_err"] = err.getvalue()
-        after = snapshot(disk / "run")
-        out["full_kept"] = all(after.get(p) == b for p, b in before.items() if "checkpoints" in p.parts)
-        out["full_temporaries"] = [str(p) for p in (disk / "run").rglob(".*.tmp-*")]
-
-        ro = tmp_path / "ro"
-        shutil.copytree(done_run, ro)
-        _mount(libc, ro, ro, None, MS_BIND)
-        _mount(libc, None, ro, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
-        before = snapshot(ro)
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            out["ro_code"] = main(["train", "--resume", str(ro), "--train.steps", "6"])
-            out["ro_eval"] = main(["eval", "--checkpoint", str(ro), "--data", str(corpus_dir), "--max-batches", "1"])
-        out["ro_err"] = err.getvalue()
-        out["ro_kept"] = snapshot(ro) == before
-        return out
-
-    out = in_mount_namespace(tmp_path, body)
-    if out is None:
-        pytest.skip("no private mount namespace here: the patched full disk and read-only tests above stand in")
-    assert "error" not in out, out
-    assert out["full_code"] == 1 and out["full_kept"] and not out["full_temporaries"], out
-    line = one_error_line(out["full_err"])
-    assert "No space left on device: " in line and "step_00000006.pt; the disk is full" in line
-    assert out["ro_code"] == 1 and out["ro_eval"] == 0 and out["ro_kept"], out
-    line = one_error_line(out["ro_err"])
-    assert f"Read-only file system: {tmp_path / 'ro' / '.lock'}; it is on a read-only file system" in line
