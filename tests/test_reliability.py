@@ -222,6 +222,16 @@ def test_a_damaged_checkpoint_stops_eval_and_generate_and_resume_falls_back(tmp_
     assert result.metrics.steps == [1, 2, 3, 4, 5, 6] and checkpoint.load(run)["step"] == 6
 
 
+def test_a_latest_that_names_a_missing_file_resumes_from_the_newest_good_one(tmp_path, done_run, corpus_dir, capsys):
+    run = copy_run(done_run, tmp_path)
+    (run / "checkpoints" / "latest").write_text("step_00000009.pt")
+    (run / "checkpoints" / "step_00000004.pt").write_bytes(b"PK\x03\x04 not a whole archive")
+    result = train(small_config(tmp_path, corpus_dir, steps=6), resume=True)
+    err = capsys.readouterr().err
+    assert "step_00000009.pt" in err and "resuming from the previous good one, step_00000002.pt" in err
+    assert result.metrics.steps == [1, 2, 3, 4, 5, 6]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

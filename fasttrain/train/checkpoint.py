@@ -208,20 +208,30 @@ def load_file(file: Path, map_location: str | torch.device = "cpu", require: Ite
 def load_latest_good(
     run_dir: str | Path, warn: Callable[[str], None], map_location="cpu", require: Iterable[str] = ()
 ) -> tuple[Path, dict]:
-    """(file, state) of `latest`, or, when that file is damaged, of the newest older checkpoint that loads (warn(line)
-    says which was passed over); CheckpointError naming latest's file when none does."""
-    first = resolve(run_dir, "latest")
+    """(file, state) of `latest`, or, when that file is damaged or missing, of the newest older checkpoint that loads
+    (warn(line) says which was passed over); CheckpointError naming latest's file when none does."""
+    pointer = checkpoint_dir(run_dir) / "latest"
     try:
-        return first, load_file(first, map_location, require)
-    except CheckpointError as error:
-        for older in (p for p in step_files(run_dir) if p.name < first.name):
-            try:
-                state = load_file(older, map_location, require)
-            except CheckpointError:
-                continue
-            warn(f"{error}; resuming from the previous good one, {older.name}")
-            return older, state
-        raise
+        first = resolve(run_dir, "latest")
+    except ValueError as e:
+        if not pointer.is_file():  # no run to resume: the caller's error
+            raise
+        first, error = None, str(e)
+    if first is not None:
+        try:
+            return first, load_file(first, map_location, require)
+        except CheckpointError as e:
+            error = str(e)
+    for older in step_files(run_dir):
+        if first is not None and older.name >= first.name:
+            continue
+        try:
+            state = load_file(older, map_location, require)
+        except CheckpointError:
+            continue
+        warn(f"{error}; resuming from the previous good one, {older.name}")
+        return older, state
+    raise CheckpointError(error)
 
 
 def check_model_state(model: torch.nn.Module, state: dict, file: str | Path) -> None:

@@ -186,6 +186,11 @@ def _check_cuda_graph(cfg: RunConfig) -> None:
         )
     if cfg.optim.backend in ("cpu", "reference"):
         raise ValueError(f"train.cuda_graph needs AdamW's cuda backend, but optim.backend is {cfg.optim.backend!r}")
+    if t.on_nan == "skip":
+        raise ValueError(
+            "train.cuda_graph cannot skip a non-finite step (the graph always applies its update); "
+            "use train.on_nan 'stop' or eager steps"
+        )
 
 
 def build(base: RunConfig, *updates: dict) -> RunConfig:

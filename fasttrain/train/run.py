@@ -121,7 +121,7 @@ def start_run(cfg: RunConfig, resume: bool) -> Run:
     _check_device(tc, device, precision)
     run_dir = Path(tc.out_dir)
     _check_out_dir(run_dir, resume)
-    if resume:
+    if resume and not (checkpoint.checkpoint_dir(run_dir) / "latest").is_file():
         checkpoint.resolve(run_dir, "latest")  # a run folder with nothing to resume is named before it is locked
     try:  # before the data preparation, which can take minutes
         run_dir.mkdir(parents=True, exist_ok=True)
