@@ -24,8 +24,8 @@ from fasttrain.ops import apply_rotary_emb, cross_entropy, flash_attn_func, gelu
 
 def _norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, eps=1e-6)
-    return LayerNorm(cfg.d_model, bias=cfg.bias)
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -33,10 +33,13 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.residual_out = True  # scaled by 1/sqrt(2 n_layer) under the gpt2 init
         self.dropout = cfg.dropout
+        # flash-attn's (left, right): a window of w keys is the query and the w - 1 before it.
+        window = cfg.window(layer_idx)
+        self.window_size = (-1, -1) if window is None else (window - 1, 0)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -45,9 +48,13 @@ class CausalSelfAttention(nn.Module):
         if cos is not None:
             q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         if cache is not None:
-            y = cache.attend(self.layer_idx, q, k, v)  # (B, T, H, D)
+            # Only a windowed layer passes window_size, so a cache for full attention needs no such argument.
+            window = {} if self.window_size == (-1, -1) else {"window_size": self.window_size}
+            y = cache.attend(self.layer_idx, q, k, v, **window)  # (B, T, H, D)
         else:
-            y = flash_attn_func(q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=True)
+            y = flash_attn_func(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=True, window_size=self.window_size
+            )
         return self.proj(y.reshape(B, T, self.n_head * self.head_dim))  # (B, T, C)
 
 
@@ -110,7 +117,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.positions == "rotary":
-            cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+            cos, sin = _rotary_tables(cfg)
             # Not saved in checkpoints: rebuilt from the config, and kept fp32 through `.to(dtype)` (see _apply).
             self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D/2)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -121,8 +128,7 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def _rebuild_rope_tables(self, device) -> None:
-        cfg = self.config
-        self.rope_cos, self.rope_sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=device)
+        self.rope_cos, self.rope_sin = _rotary_tables(self.config, device)
 
     def _apply(self, fn, recurse=True):
         # to_empty() off the meta device gives each module a Parameter of its own, untying a tied head.
@@ -175,7 +181,8 @@ class GPT(nn.Module):
         """idx (B, T) long -> (logits (B, T, V), mean cross-entropy against targets (B, T) or None).
 
         With a cache, token t of sequence b sits at position `cache.positions(T)[b, t]` and attention layer i uses
-        `cache.attend(i, q, k, v)` (q (B, T, H, D), k/v (B, T, Hkv, D) after rotary) instead of its own.
+        `cache.attend(i, q, k, v)` (q (B, T, H, D), k/v (B, T, Hkv, D) after rotary) instead of its own; a layer with
+        a sliding window also passes window_size=(left, 0) as flash-attn's.
         Targets equal to -100 are ignored by the loss.
         """
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
@@ -208,6 +215,13 @@ class GPT(nn.Module):
         if non_embedding:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
         return n
+
+
+def _rotary_tables(cfg: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    llama3 = None
+    if cfg.rope_scaling == "llama3":
+        llama3 = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_seq_len)
+    return rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=device, llama3=llama3)
 
 
 def _init_matrix(weight: torch.Tensor, cfg: GPTConfig, residual_out: bool) -> None:

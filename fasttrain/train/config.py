@@ -167,11 +167,12 @@ def _check_cuda_graph(cfg: RunConfig) -> None:
 def build(base: RunConfig, *updates: dict) -> RunConfig:
     """base with nested updates (from TOML files, then overrides) laid over it, checked as a RunConfig.
 
-    model.n_kv_head and model.d_ff follow their inputs (n_head; d_model and activation) when base holds the values
-    derived from them: `--model.d_model 256` on a preset also resizes its MLP unless `--model.d_ff` is given.
+    model.n_kv_head, head_dim, d_ff, qkv_bias and norm_eps follow their inputs (n_head; d_model, activation; bias;
+    norm) when base holds the values derived from them: `--model.d_model 256` on a preset also resizes its MLP
+    unless `--model.d_ff` is given.
     """
     data = to_dict(base)
-    for name in ("n_kv_head", "d_ff"):
+    for name in ("n_kv_head", "head_dim", "d_ff", "qkv_bias", "norm_eps"):
         if data["model"][name] == getattr(GPTConfig(**{**data["model"], name: None}), name):
             data["model"][name] = None
     for update in updates:

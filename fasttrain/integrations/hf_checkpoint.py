@@ -1,0 +1,423 @@
+"""Hugging Face checkpoint folders <-> fasttrain's GPT: GPT-2, Llama, Mistral and Qwen2.
+
+A folder holds config.json and model.safetensors (or model.safetensors.index.json with its shards). Reading maps the
+config onto a GPTConfig and the tensors onto GPT's state dict: q, k and v stacked into one `qkv` matrix (rows q, then
+k, then v), gate and up into one `up` matrix (rows gate, then up), GPT-2's Conv1D weights (in, out) transposed to
+nn.Linear's (out, in). Writing does the inverse. Nothing here needs transformers; safetensors is its dependency.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fasttrain.model import GPT, GPTConfig
+
+FAMILIES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+"""model_type -> the transformers class a folder of that family loads as."""
+
+# Tensors some checkpoints store that are not weights: GPT-2's causal-mask buffers, old Llama's rotary frequencies.
+_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+class CheckpointError(ValueError):
+    """A folder that is not a checkpoint fasttrain can read, or a model that cannot be written as one."""
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of checkpoint folder path, checked to be of a supported family."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"init.from: {str(path)!r} is not a folder")
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"init.from: {str(path)!r} is not a Hugging Face checkpoint (no config.json)")
+    try:
+        hf = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"init.from: cannot read {file}: {e}") from None
+    family_of(hf)
+    return hf
+
+
+def family_of(hf: dict) -> str:
+    """The model_type of HF config dict hf, one of FAMILIES, else CheckpointError naming it."""
+    model_type = hf.get("model_type")
+    supported = ", ".join(f"{k} ({v})" for k, v in FAMILIES.items())
+    if model_type not in FAMILIES:
+        arch = ", ".join(hf.get("architectures") or []) or "none given"
+        raise CheckpointError(
+            f"unsupported architecture: model_type {model_type!r} (architectures: {arch}); supported: {supported}"
+        )
+    return model_type
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    """The GPTConfig of a GPT that computes what transformers' model of HF config dict hf computes."""
+    family = family_of(hf)
+    if family == "gpt2":
+        return _gpt2_config(hf)
+    return _llama_config(hf, family)
+
+
+def _gpt2_config(hf: dict) -> GPTConfig:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"gpt2: activation_function {act!r} is not supported (gelu_new, gelu_pytorch_tanh)")
+    if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
+        raise CheckpointError("gpt2: only scale_attn_weights=true, scale_attn_by_inverse_layer_idx=false is supported")
+    if hf.get("add_cross_attention", False):
+        raise CheckpointError("gpt2: add_cross_attention is not supported (decoder-only models)")
+    return GPTConfig(
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        d_model=hf["n_embd"],
+        d_ff=hf.get("n_inner") or None,
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf["n_positions"],
+        dropout=float(hf.get("resid_pdrop", 0.0)),
+        norm="layernorm",
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        positions="learned",
+        activation="gelu",
+        bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+    )
+
+
+def _rope(hf: dict, family: str) -> dict:
+    """rope_theta and the llama3 scaling fields from transformers 5's rope_parameters or 4's rope_theta/rope_scaling."""
+    params = dict(hf.get("rope_scaling") or {})
+    params.update(hf.get("rope_parameters") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError(f"{family}: partial_rotary_factor other than 1 is not supported")
+    out = {"rope_theta": float(theta)}
+    if kind == "llama3":
+        out.update(
+            rope_scaling="llama3",
+            rope_factor=float(params["factor"]),
+            rope_low_freq_factor=float(params["low_freq_factor"]),
+            rope_high_freq_factor=float(params["high_freq_factor"]),
+            rope_original_max_seq_len=int(
+                params.get("original_max_position_embeddings", hf["max_position_embeddings"])
+            ),
+        )
+    elif kind != "default":
+        raise CheckpointError(f"{family}: rope type {kind!r} is not supported (default, llama3)")
+    return out
+
+
+def _llama_config(hf: dict, family: str) -> GPTConfig:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{family}: hidden_act {act!r} is not supported (silu)")
+    attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    qkv_bias = family == "qwen2"
+    if family == "llama" and attention_bias != mlp_bias:
+        raise CheckpointError("llama: attention_bias and mlp_bias must be equal (fasttrain's bias covers both)")
+    window, full_layers = None, 0
+    n_layer = hf["num_hidden_layers"]
+    if family == "mistral":
+        window = hf.get("sliding_window")
+    elif family == "qwen2" and hf.get("use_sliding_window", False) and hf.get("sliding_window") is not None:
+        kinds = hf.get("layer_types") or [
+            "sliding_attention" if i >= hf.get("max_window_layers", n_layer) else "full_attention"
+            for i in range(n_layer)
+        ]
+        full_layers = kinds.index("sliding_attention") if "sliding_attention" in kinds else n_layer
+        if any(k != "sliding_attention" for k in kinds[full_layers:]):
+            raise CheckpointError("qwen2: layer_types must be full_attention layers followed by sliding_attention ones")
+        window = hf["sliding_window"] if full_layers < n_layer else None
+    return GPTConfig(
+        n_layer=n_layer,
+        n_head=hf["num_attention_heads"],
+        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        d_model=hf["hidden_size"],
+        head_dim=hf.get("head_dim") or None,
+        d_ff=hf["intermediate_size"],
+        vocab_size=hf["vocab_size"],
+        max_seq_len=hf["max_position_embeddings"],
+        dropout=float(hf.get("attention_dropout", 0.0)),
+        norm="rmsnorm",
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        positions="rotary",
+        activation="swiglu",
+        bias=attention_bias and family == "llama",
+        qkv_bias=qkv_bias or (attention_bias and family == "llama"),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=window,
+        full_attention_layers=full_layers if window is not None else 0,
+        **_rope(hf, family),
+    )
+
+
+def family_for(cfg: GPTConfig) -> str:
+    """The HF family whose model computes what GPT(cfg) computes, else CheckpointError saying which option has none."""
+    if cfg.positions == "learned":
+        if cfg.norm != "layernorm" or cfg.activation != "gelu" or not cfg.bias or cfg.sliding_window:
+            raise CheckpointError(
+                "export: learned positions map to gpt2, which needs norm 'layernorm', activation 'gelu', bias true "
+                "and no sliding_window"
+            )
+        return "gpt2"
+    if cfg.norm != "rmsnorm" or cfg.activation != "swiglu":
+        raise CheckpointError("export: rotary positions map to llama/mistral/qwen2, which need rmsnorm and swiglu")
+    if cfg.qkv_bias and not cfg.bias:
+        return "qwen2"
+    if cfg.qkv_bias != cfg.bias:
+        raise CheckpointError("export: qkv_bias without bias on the other projections has no HF family but qwen2")
+    if cfg.sliding_window is not None:
+        if cfg.full_attention_layers or cfg.bias:
+            raise CheckpointError("export: a sliding window maps to mistral (no biases, full_attention_layers 0)")
+        return "mistral"
+    return "llama"
+
+
+def config_to_hf(cfg: GPTConfig, base: dict | None = None) -> dict:
+    """The HF config dict of GPT(cfg): base (the checkpoint's own config.json, for its token ids and other keys)
+    with every field that sets the computation replaced."""
+    family = family_for(cfg)
+    hf = dict(base or {}) if (base or {}).get("model_type") == family else {}
+    hf.update(model_type=family, architectures=[FAMILIES[family]], vocab_size=cfg.vocab_size)
+    hf["tie_word_embeddings"] = cfg.tie_embeddings
+    if family == "gpt2":
+        hf.update(
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.d_model,
+            n_inner=cfg.d_ff,
+            n_positions=cfg.max_seq_len,
+            layer_norm_epsilon=cfg.norm_eps,
+            activation_function=hf.get("activation_function", "gelu_new"),
+        )
+        return hf
+    for key in ("rope_scaling", "rope_theta"):
+        hf.pop(key, None)
+    rope = {"rope_type": cfg.rope_scaling or "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling == "llama3":
+        rope.update(
+            factor=cfg.rope_factor,
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_seq_len,
+        )
+    hf.update(
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        hidden_size=cfg.d_model,
+        head_dim=cfg.head_dim,
+        intermediate_size=cfg.d_ff,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_act="silu",
+        rope_parameters=rope,
+    )
+    if family == "llama":
+        hf.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    elif family == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    else:
+        windowed = cfg.sliding_window is not None
+        hf.update(
+            use_sliding_window=windowed,
+            sliding_window=cfg.sliding_window,
+            max_window_layers=cfg.full_attention_layers if windowed else cfg.n_layer,
+        )
+        hf.pop("layer_types", None)
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------------------- tensors
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of checkpoint folder path: model.safetensors, or the shards model.safetensors.index.json names."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"init.from: cannot read {index}: {e}") from None
+        tensors = {}
+        for shard in shards:
+            if not (path / shard).is_file():
+                raise CheckpointError(f"init.from: shard {shard!r} named in {index.name} is missing")
+            tensors.update(load_file(path / shard))
+        return tensors
+    raise CheckpointError(
+        f"init.from: {str(path)!r} has no model.safetensors or model.safetensors.index.json (only safetensors are read)"
+    )
+
+
+def _pairs(cfg: GPTConfig, family: str) -> list[tuple[str, list[str], bool]]:
+    """(our key, the HF keys stacked into it along rows, transposed as Conv1D) for every tensor of GPT(cfg)."""
+    pairs = []
+    if family == "gpt2":
+        pairs += [("wte.weight", ["wte.weight"], False), ("wpe.weight", ["wpe.weight"], False)]
+        for i in range(cfg.n_layer):
+            h, b = f"h.{i}.", f"blocks.{i}."
+            for ours, theirs, conv in (
+                ("norm1", "ln_1", False),
+                ("attn.qkv", "attn.c_attn", True),
+                ("attn.proj", "attn.c_proj", True),
+                ("norm2", "ln_2", False),
+                ("mlp.up", "mlp.c_fc", True),
+                ("mlp.down", "mlp.c_proj", True),
+            ):
+                pairs += [(b + ours + ".weight", [h + theirs + ".weight"], conv)]
+                pairs += [(b + ours + ".bias", [h + theirs + ".bias"], False)]
+        pairs += [("norm_f.weight", ["ln_f.weight"], False), ("norm_f.bias", ["ln_f.bias"], False)]
+    else:
+        pairs += [("wte.weight", ["model.embed_tokens.weight"], False)]
+        for i in range(cfg.n_layer):
+            h, b = f"model.layers.{i}.", f"blocks.{i}."
+            attn = [h + f"self_attn.{x}_proj" for x in "qkv"]
+            pairs += [
+                (b + "norm1.weight", [h + "input_layernorm.weight"], False),
+                (b + "attn.qkv.weight", [a + ".weight" for a in attn], False),
+                (b + "attn.proj.weight", [h + "self_attn.o_proj.weight"], False),
+                (b + "norm2.weight", [h + "post_attention_layernorm.weight"], False),
+                (b + "mlp.up.weight", [h + "mlp.gate_proj.weight", h + "mlp.up_proj.weight"], False),
+                (b + "mlp.down.weight", [h + "mlp.down_proj.weight"], False),
+            ]
+            if cfg.qkv_bias:
+                pairs += [(b + "attn.qkv.bias", [a + ".bias" for a in attn], False)]
+            if cfg.bias:
+                pairs += [
+                    (b + "attn.proj.bias", [h + "self_attn.o_proj.bias"], False),
+                    (b + "mlp.up.bias", [h + "mlp.gate_proj.bias", h + "mlp.up_proj.bias"], False),
+                    (b + "mlp.down.bias", [h + "mlp.down_proj.bias"], False),
+                ]
+        pairs += [("norm_f.weight", ["model.norm.weight"], False)]
+    if not cfg.tie_embeddings:
+        pairs += [("lm_head.weight", ["lm_head.weight"], False)]
+    return pairs
+
+
+def state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg: GPTConfig, family: str) -> dict[str, torch.Tensor]:
+    """GPT(cfg)'s state dict from a family checkpoint's tensors; a missing or unexpected tensor is an error."""
+    if family == "gpt2":
+        # The original GPT-2 files name the GPT2Model's tensors bare; save_pretrained prefixes them "transformer.".
+        tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    if cfg.tie_embeddings:
+        tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    used, out = set(), {}
+    for ours, theirs, conv in _pairs(cfg, family):
+        missing = [k for k in theirs if k not in tensors]
+        if missing:
+            raise CheckpointError(f"init.from: the checkpoint has no tensor {missing[0]!r} ({family} layout)")
+        parts = [tensors[k].t() if conv else tensors[k] for k in theirs]
+        out[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        used.update(theirs)
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["wte.weight"]
+    extra = [k for k in tensors if k not in used and not k.endswith(_BUFFERS)]
+    if extra:
+        raise CheckpointError(f"init.from: unexpected tensor {extra[0]!r} for a {family} model of this config")
+    return out
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """A transformers checkpoint's tensors (contiguous, unshared) from GPT(cfg)'s state dict."""
+    family = family_for(cfg)
+    prefix = "transformer." if family == "gpt2" else ""
+    out = {}
+    for ours, theirs, conv in _pairs(cfg, family):
+        tensor = state[ours]
+        parts = tensor.split([_rows(cfg, family, k) for k in theirs]) if len(theirs) > 1 else [tensor]
+        for key, part in zip(theirs, parts):
+            name = key if key == "lm_head.weight" else prefix + key
+            out[name] = (part.t() if conv else part).detach().contiguous().clone()
+    return out
+
+
+def _rows(cfg: GPTConfig, family: str, key: str) -> int:
+    if key.endswith(("q_proj.weight", "q_proj.bias")):
+        return cfg.n_head * cfg.head_dim
+    if key.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")):
+        return cfg.n_kv_head * cfg.head_dim
+    return cfg.d_ff  # gate_proj / up_proj
+
+
+# ---------------------------------------------------------------------------------------------------------- models
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, dict]:
+    """(GPT with the checkpoint's weights in dtype, the checkpoint's config.json dict) from folder path."""
+    hf = read_config(path)
+    try:
+        cfg = config_from_hf(hf)
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"init.from: config.json of {family_of(hf)} is incomplete or invalid: {e}") from None
+    state = state_dict_from_hf(read_tensors(path), cfg, family_of(hf))
+    with torch.device("meta"):
+        model = GPT(cfg)
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"init.from: tensor for {key} has shape {tuple(tensor.shape)}, the config gives "
+                f"{tuple(expected[key].shape)}"
+            )
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    return model, hf
+
+
+def save_model(
+    model: GPT,
+    path: str | Path,
+    *,
+    base_config: dict | None = None,
+    tokenizer_file: str | Path | None = None,
+    force: bool = False,
+) -> Path:
+    """Write model as a transformers checkpoint folder (config.json, model.safetensors, tokenizer.json when
+    tokenizer_file is given). The folder is written beside path and renamed into place, so an error leaves nothing;
+    an existing non-empty path is refused unless force (then replaced whole)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"export: {str(path)!r} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise CheckpointError(f"export: {str(path)!r} is not empty (pass --force to replace it)")
+    hf = config_to_hf(model.config, base_config)
+    hf["torch_dtype"] = hf["dtype"] = str(model.wte.weight.dtype).removeprefix("torch.")
+    tensors = state_dict_to_hf(model.state_dict(), model.config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer_file is not None:
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
