@@ -1,4 +1,4 @@
-"""`fasttrain train | data | eval | generate | bench | info`.
+"""`fasttrain train | data | eval | generate | export | bench | info`.
 
 A mistake the user can fix (a bad key, a missing file, a value out of range) ends with one line
 `fasttrain: error: ...` and exit code 2; FASTTRAIN_DEBUG=1 shows the traceback instead.
@@ -204,6 +204,14 @@ BENCHMARKS = (
 )
 
 
+def _export(args: argparse.Namespace) -> int:
+    from fasttrain.train.export import export_run
+
+    out = export_run(args.checkpoint, args.to, which=args.which, force=args.force)
+    print(f"exported {args.checkpoint} ({args.which}) as a transformers checkpoint: {out}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -240,9 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a GPT (no arguments: a small model on the Python standard library's source)",
-        epilog="Overrides: --SECTION.FIELD VALUE for any field of the sections model, optim, train, data "
+        epilog="Overrides: --SECTION.FIELD VALUE for any field of the sections model, optim, train, data, init "
         "(e.g. --model.n_layer 4 --optim.lr 1e-3 --data.paths docs/,notes.md). Applied after the preset "
-        "and the --config files, in that order.",
+        "and the --config files, in that order. --init.from DIR starts from a Hugging Face checkpoint folder "
+        "(GPT-2, Llama, Mistral, Qwen2): its model config, weights and tokenizer.json.",
     )
     p.add_argument(
         "--preset",
@@ -306,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (CUDA only)")
     p.set_defaults(run=_generate)
+
+    p = sub.add_parser("export", help="write a trained run as a transformers checkpoint folder")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory (or checkpoint file)")
+    p.add_argument("--to", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint of the run (default best)")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    p.set_defaults(run=_export)
 
     p = sub.add_parser("bench", help="run the benchmarks and write their JSON results")
     p.add_argument("names", nargs="*", metavar="NAME", help=f"which to run (default all): {', '.join(BENCHMARKS)}")

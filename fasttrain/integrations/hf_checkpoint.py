@@ -26,6 +26,9 @@ FAMILIES = {
 }
 """model_type -> the transformers class a folder of that family loads as."""
 
+HF_CONFIG = "hf_config.json"
+"""The file of a run directory started from a checkpoint that holds the checkpoint's config.json."""
+
 # Tensors some checkpoints store that are not weights: GPT-2's causal-mask buffers, old Llama's rotary frequencies.
 _BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
@@ -363,18 +366,29 @@ def _rows(cfg: GPTConfig, family: str, key: str) -> int:
 # ---------------------------------------------------------------------------------------------------------- models
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, dict]:
-    """(GPT with the checkpoint's weights in dtype, the checkpoint's config.json dict) from folder path."""
+def checkpoint_config(path: str | Path) -> GPTConfig:
+    """The GPTConfig of checkpoint folder path (its config.json read and mapped; the weights are not read)."""
     hf = read_config(path)
     try:
-        cfg = config_from_hf(hf)
+        return config_from_hf(hf)
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"init.from: config.json of {family_of(hf)} is incomplete or invalid: {e}") from None
-    state = state_dict_from_hf(read_tensors(path), cfg, family_of(hf))
-    with torch.device("meta"):
-        model = GPT(cfg)
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """tokenizer.json of checkpoint folder path, which must have one."""
+    file = Path(path) / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(f"init.from: {str(path)!r} has no tokenizer.json (the data is tokenized with it)")
+    return file
+
+
+def load_weights(model: GPT, path: str | Path) -> GPT:
+    """model with the weights of checkpoint folder path, in model's dtype and on its device; the checkpoint must be
+    of model's config (shapes are checked, each mismatch named)."""
+    state = state_dict_from_hf(read_tensors(path), model.config, family_of(read_config(path)))
     expected = model.state_dict()
     for key, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
@@ -382,8 +396,16 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GP
                 f"init.from: tensor for {key} has shape {tuple(tensor.shape)}, the config gives "
                 f"{tuple(expected[key].shape)}"
             )
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
-    return model, hf
+    ref = model.wte.weight
+    model.load_state_dict({k: v.to(ref.dtype) for k, v in state.items()}, assign=ref.is_meta)
+    return model
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, dict]:
+    """(GPT with the checkpoint's weights in dtype, the checkpoint's config.json dict) from folder path."""
+    with torch.device("meta"):
+        model = GPT(checkpoint_config(path)).to(dtype)
+    return load_weights(model, path), read_config(path)
 
 
 def save_model(
@@ -391,11 +413,11 @@ def save_model(
     path: str | Path,
     *,
     base_config: dict | None = None,
-    tokenizer_file: str | Path | None = None,
+    tokenizer_json: str | None = None,
     force: bool = False,
 ) -> Path:
-    """Write model as a transformers checkpoint folder (config.json, model.safetensors, tokenizer.json when
-    tokenizer_file is given). The folder is written beside path and renamed into place, so an error leaves nothing;
+    """Write model as a transformers checkpoint folder (config.json, model.safetensors, and tokenizer.json holding
+    tokenizer_json when given). The folder is written beside path and renamed into place, so an error leaves nothing;
     an existing non-empty path is refused unless force (then replaced whole)."""
     from safetensors.torch import save_file
 
@@ -412,8 +434,8 @@ def save_model(
     try:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer_file is not None:
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        if tokenizer_json is not None:
+            (tmp / "tokenizer.json").write_text(tokenizer_json)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fasttrain.config import from_dict, merge, to_dict
+from fasttrain.config import ConfigError, from_dict, merge, to_dict
 from fasttrain.data import DataConfig
 from fasttrain.model import GPTConfig
 from fasttrain.optim.schedules import LRSchedule
@@ -115,6 +115,14 @@ class TrainConfig:
 
 
 @dataclass
+class InitConfig:
+    from_: str | None = None
+    """`--init.from DIR`: a Hugging Face checkpoint folder (config.json, model.safetensors or a sharded index,
+    tokenizer.json) of GPT-2, Llama, Mistral or Qwen2 to start from: the model section, the weights and the
+    tokenizer come from it. None: random weights."""
+
+
+@dataclass
 class RunConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     """The model's shape."""
@@ -124,6 +132,8 @@ class RunConfig:
     """The loop: steps, batches, precision, evaluation, checkpoints."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus, tokenizer and split."""
+    init: InitConfig = field(default_factory=InitConfig)
+    """Where the weights start from."""
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
@@ -177,4 +187,39 @@ def build(base: RunConfig, *updates: dict) -> RunConfig:
             data["model"][name] = None
     for update in updates:
         data = merge(data, update)
+    given = [u["init"]["from"] for u in updates if isinstance(u.get("init"), dict) and u["init"].get("from")]
+    if given:
+        data = _from_checkpoint(data, given[-1], updates)
     return from_dict(RunConfig, data)
+
+
+# Model fields a run may set apart from its checkpoint's: they change training, not the function the weights compute.
+_FREE_MODEL_FIELDS = ("dropout", "init")
+
+
+def _from_checkpoint(data: dict, path: str, updates: tuple[dict, ...]) -> dict:
+    """data with the model section of checkpoint folder path and its tokenizer.json; a model field or data.tokenizer
+    the updates set otherwise is an error naming it. Read only when an update names init.from, so a resumed run
+    needs its checkpoint folder no more."""
+    from fasttrain.integrations.hf_checkpoint import checkpoint_config, tokenizer_file
+
+    model = to_dict(checkpoint_config(path))
+    tokenizer = str(tokenizer_file(path))
+    for update in updates:
+        for key, value in (update.get("model") or {}).items():
+            if key not in model:
+                raise ConfigError(f"unknown config key 'model.{key}' (known in this section: {', '.join(model)})")
+            if key in _FREE_MODEL_FIELDS:
+                model[key] = value
+            elif value != model[key]:
+                raise ConfigError(
+                    f"model.{key} {value!r} conflicts with init.from {path!r}, whose config gives {model[key]!r} "
+                    f"(leave model.{key} out: the model comes from the checkpoint)"
+                )
+        given = (update.get("data") or {}).get("tokenizer")
+        if given is not None and given != tokenizer:
+            raise ConfigError(
+                f"data.tokenizer {given!r} conflicts with init.from {path!r}, whose tokenizer.json the data is "
+                f"tokenized with (leave data.tokenizer out)"
+            )
+    return {**data, "model": model, "data": {**data["data"], "tokenizer": tokenizer}}

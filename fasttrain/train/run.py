@@ -16,6 +16,7 @@ import torch
 
 from fasttrain.config import to_dict
 from fasttrain.data import Batches, Corpus, prepare
+from fasttrain.integrations.hf_checkpoint import HF_CONFIG, load_weights, read_config
 from fasttrain.model import GPT
 from fasttrain.optim import AdamW
 from fasttrain.optim.schedules import LRSchedule
@@ -123,6 +124,8 @@ def start_run(cfg: RunConfig, resume: bool) -> Run:
 
     _seed_everything(tc.seed)
     model = build_model(cfg.model).to(device)
+    if state is None and cfg.init.from_ is not None:
+        load_weights(model, cfg.init.from_)
     run = Run(
         cfg=cfg,
         run_dir=run_dir,
@@ -147,6 +150,9 @@ def start_run(cfg: RunConfig, resume: bool) -> Run:
         run.board = TensorBoard(run_dir)
     # Only now, with every check passed: a refused --resume must leave the config a plain --resume continues from.
     atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=1))
+    if state is None and cfg.init.from_ is not None:
+        # The checkpoint's own config (token ids, its other keys), which `fasttrain export` writes back.
+        atomic_write_text(run_dir / HF_CONFIG, json.dumps(read_config(cfg.init.from_), indent=1))
     if hasattr(run.tokenizer, "save"):
         run.tokenizer.save(run_dir / "tokenizer.json")
     return run

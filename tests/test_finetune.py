@@ -1,0 +1,166 @@
+"""Fine-tuning from the command line: `fasttrain train --init.from DIR` on a tiny Llama-shaped checkpoint with its
+own tokenizer.json, then `fasttrain export` back to a folder transformers loads with the same logits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fasttrain.cli import main  # noqa: E402
+from fasttrain.data.tokenizers import load_tokenizer_file, train_bpe  # noqa: E402
+from fasttrain.integrations.hf_checkpoint import load_model  # noqa: E402
+from fasttrain.train.build import load_for_inference  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("cpu_user")
+
+TEXT = [f"def f_{i}(x):\n    return x * {i % 7} + {i % 3}\n" for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """(checkpoint folder of a tiny random Llama with a BPE tokenizer.json of its own, corpus folder)."""
+    root = tmp_path_factory.mktemp("finetune")
+    tok = train_bpe(iter(TEXT), 300)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_size=32,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        vocab_size=tok.vocab_size,
+        bos_token_id=tok.eot_id,
+        eos_token_id=tok.eot_id,
+    )
+    ckpt = root / "ckpt"
+    transformers.LlamaForCausalLM(config).save_pretrained(ckpt)
+    tok.save(ckpt / "tokenizer.json")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"part{i}.txt").write_text("\n".join(TEXT[i * 15 : (i + 1) * 15]))
+    return ckpt, corpus
+
+
+def train_args(tmp_path, ckpt, corpus, *extra):
+    return [
+        "train",
+        "--preset",
+        "tiny",
+        "--init.from",
+        str(ckpt),
+        "--data.paths",
+        str(corpus),
+        "--data.num_workers",
+        "0",
+        "--data.val_fraction",
+        "0.25",
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--train.out_dir",
+        str(tmp_path / "run"),
+        "--train.seq_len",
+        "32",
+        "--train.batch_size",
+        "2",
+        "--train.steps",
+        "3",
+        "--optim.warmup_steps",
+        "1",
+        "--train.eval_interval",
+        "3",
+        "--train.eval_batches",
+        "1",
+        "--train.progress_bar",
+        "false",
+        "--train.sample_tokens",
+        "0",
+        *extra,
+    ]
+
+
+def run_cli(capsys, args):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_from_checkpoint_then_export_round_trip(tmp_path, source, capsys):
+    ckpt, corpus = source
+    # lr 1e-9: after training, the run's weights are the checkpoint's to ~1e-8, which shows they were loaded.
+    code, out, err = run_cli(capsys, train_args(tmp_path, ckpt, corpus, "--optim.lr", "1e-9"))
+    assert code == 0, err
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["init"]["from"] == str(ckpt) and saved["data"]["tokenizer"] == str(ckpt / "tokenizer.json")
+    assert saved["model"]["n_kv_head"] == 2 and saved["model"]["norm"] == "rmsnorm"
+    assert json.loads((run / "hf_config.json").read_text())["model_type"] == "llama"
+    model, tokenizer, _ = load_for_inference(run, "latest")
+    original, _ = load_model(ckpt)
+    for (name, got), want in zip(model.state_dict().items(), original.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
+    theirs = load_tokenizer_file(ckpt / "tokenizer.json")
+    assert tokenizer.encode(TEXT[5]) == theirs.encode(TEXT[5]) and tokenizer.eot_id == theirs.eot_id
+
+    code, out, err = run_cli(capsys, ["export", "--checkpoint", str(run), "--to", str(tmp_path / "hf")])
+    assert code == 0, err
+    exported = tmp_path / "hf"
+    assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    hf = json.loads((exported / "config.json").read_text())
+    assert (hf["model_type"], hf["eos_token_id"]) == ("llama", tokenizer.eot_id)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    fast_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(exported / "tokenizer.json"))
+    idx = torch.tensor([fast_tok("def f_3(x):\n    return x")["input_ids"]])
+    assert idx.shape[1] > 3 and idx.max() < 300
+    with torch.no_grad():
+        want = model(idx)[0]
+        err = ((reloaded(idx).logits - want).abs().max() / want.abs().max()).item()
+    assert err <= 1e-5, err
+
+    # An existing export is never overwritten without --force; nothing is changed by the refusal.
+    before = (exported / "model.safetensors").read_bytes()
+    code, out, err = run_cli(capsys, ["export", "--checkpoint", str(run), "--to", str(exported)])
+    assert code == 2 and "is not empty (pass --force to replace it)" in err
+    assert (exported / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--model.n_layer", "3"], "model.n_layer 3 conflicts with init.from"),
+        (["--model.norm", "layernorm"], "model.norm 'layernorm' conflicts with init.from"),
+        (["--data.tokenizer", "byte"], "data.tokenizer 'byte' conflicts with init.from"),
+        (["--train.seq_len", "128"], "train.seq_len (128) exceeds model.max_seq_len (64)"),
+    ],
+)
+def test_conflicting_options_end_with_one_line(tmp_path, source, capsys, extra, message):
+    ckpt, corpus = source
+    code, out, err = run_cli(capsys, train_args(tmp_path, ckpt, corpus, *extra))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_bad_checkpoint_folders_end_with_one_line(tmp_path, source, capsys):
+    ckpt, corpus = source
+    no_tok = tmp_path / "no_tok"
+    no_tok.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tok / name).write_bytes((ckpt / name).read_bytes())
+    cases = [
+        (tmp_path / "nothing", "is not a folder"),
+        (corpus, "is not a Hugging Face checkpoint (no config.json)"),
+        (no_tok, "has no tokenizer.json"),
+    ]
+    for folder, message in cases:
+        code, out, err = run_cli(capsys, train_args(tmp_path, folder, corpus))
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], err
+    assert not (tmp_path / "run").exists()
+    code, out, err = run_cli(capsys, ["export", "--checkpoint", str(tmp_path / "norun"), "--to", str(tmp_path / "x")])
+    assert code == 2 and not (tmp_path / "x").exists()
