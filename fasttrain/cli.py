@@ -207,8 +207,9 @@ BENCHMARKS = (
 def _export(args: argparse.Namespace) -> int:
     from fasttrain.train.export import export_run
 
-    out = export_run(args.checkpoint, args.to, which=args.which, force=args.force)
-    print(f"exported {args.checkpoint} ({args.which}) as a transformers checkpoint: {out}")
+    out = export_run(args.checkpoint, args.to, which=args.which, force=args.force, adapters_only=args.adapters_only)
+    what = "PEFT LoRA adapters" if args.adapters_only else "a transformers checkpoint"
+    print(f"exported {args.checkpoint} ({args.which}) as {what}: {out}")
     return 0
 
 
@@ -248,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a GPT (no arguments: a small model on the Python standard library's source)",
-        epilog="Overrides: --SECTION.FIELD VALUE for any field of the sections model, optim, train, data, init "
+        epilog="Overrides: --SECTION.FIELD VALUE for any field of the sections model, optim, train, data, init, "
+        "finetune "
         "(e.g. --model.n_layer 4 --optim.lr 1e-3 --data.paths docs/,notes.md). Applied after the preset "
         "and the --config files, in that order. --init.from DIR starts from a Hugging Face checkpoint folder "
         "(GPT-2, Llama, Mistral, Qwen2): its model config, weights and tokenizer.json.",
@@ -321,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
     p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint of the run (default best)")
     p.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    p.add_argument(
+        "--adapters-only",
+        action="store_true",
+        help="write the LoRA adapters alone (PEFT's format) instead of the merged model",
+    )
     p.set_defaults(run=_export)
 
     p = sub.add_parser("bench", help="run the benchmarks and write their JSON results")

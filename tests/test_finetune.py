@@ -164,3 +164,81 @@ def test_bad_checkpoint_folders_end_with_one_line(tmp_path, source, capsys):
     assert not (tmp_path / "run").exists()
     code, out, err = run_cli(capsys, ["export", "--checkpoint", str(tmp_path / "norun"), "--to", str(tmp_path / "x")])
     assert code == 2 and not (tmp_path / "x").exists()
+
+
+def _logits_close(got, want, rel=1e-5):
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    assert err <= rel, err
+
+
+def test_lora_run_exports_merged_and_as_peft_adapters(tmp_path, source, capsys):
+    peft = pytest.importorskip("peft")
+    ckpt, corpus = source
+    lora = ["--finetune.lora_rank", "4", "--finetune.lora_targets", "q_proj,v_proj,down_proj", "--optim.lr", "3e-2"]
+    code, out, err = run_cli(capsys, train_args(tmp_path, ckpt, corpus, *lora))
+    assert code == 0, err
+    assert "finetune: 1,664 of " in out  # 2 layers x 4 x (q: 32 + 32, v: 32 + 16, down: 64 + 32)
+    run = tmp_path / "run"
+    model, _, _ = load_for_inference(run, "latest")
+    original, _ = load_model(ckpt)
+    trained = dict(model.state_dict())
+    for name, want in original.state_dict().items():
+        assert torch.equal(trained[name], want), name  # the base weights stayed frozen
+    idx = torch.randint(0, 300, (1, 17))
+    with torch.no_grad():
+        ours = model(idx)[0]
+        assert (ours - original(idx)[0]).abs().max() > 1e-4  # the adapters trained
+
+    assert main(["export", "--checkpoint", str(run), "--to", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert main(["export", "--checkpoint", str(run), "--to", str(tmp_path / "adapter"), "--adapters-only"]) == 0
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    base = transformers.AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        _logits_close(merged(idx).logits, ours)
+        _logits_close(adapted(idx).logits, ours)
+
+
+def test_frozen_parameters_keep_their_values_and_get_no_optimizer_state(tmp_path, source, capsys):
+    from fasttrain.train import checkpoint
+
+    ckpt, corpus = source
+    freeze = ["--finetune.freeze", "embeddings,blocks:1", "--optim.lr", "3e-2"]
+    code, out, err = run_cli(capsys, train_args(tmp_path, ckpt, corpus, *freeze))
+    assert code == 0, err
+    state = checkpoint.load(tmp_path / "run", "latest")
+    original, _ = load_model(ckpt)
+    trainable = 0
+    for name, want in original.state_dict().items():
+        frozen = name.startswith(("wte.", "blocks.0."))
+        assert torch.equal(state["model"][name], want) == frozen, name
+        trainable += 0 if frozen else 1
+    assert len(state["optimizer"]["state"]) == trainable  # AdamW state for the trainable tensors alone
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--finetune.lora_rank", "2", "--finetune.lora_targets", "c_attn"], "lora_targets ['c_attn'] match no module"),
+        (["--finetune.freeze", "*.nothing"], "finetune.freeze '*.nothing' matches no parameter"),
+        (["--finetune.lora_dropout", "1.5"], "lora_dropout must be in [0, 1)"),
+    ],
+)
+def test_bad_finetune_options_end_with_one_line(tmp_path, source, capsys, extra, message):
+    ckpt, corpus = source
+    code, out, err = run_cli(capsys, train_args(tmp_path, ckpt, corpus, *extra))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err
+
+
+def test_adapters_only_needs_a_lora_run(tmp_path, source, capsys):
+    ckpt, corpus = source
+    assert run_cli(capsys, train_args(tmp_path, ckpt, corpus))[0] == 0
+    code, out, err = run_cli(
+        capsys, ["export", "--checkpoint", str(tmp_path / "run"), "--to", str(tmp_path / "a"), "--adapters-only"]
+    )
+    assert code == 2 and "--adapters-only needs a LoRA run" in err and not (tmp_path / "a").exists()

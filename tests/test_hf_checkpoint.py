@@ -233,3 +233,30 @@ def test_loaded_model_trains_with_gradients(checkpoints):
     model(idx[:, :-1], idx[:, 1:])[1].backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "name, targets",
+    [("gpt2", None), ("llama3", ["all-linear"]), ("qwen2", ["q_proj", "v_proj", "gate_proj", "down_proj"])],
+)
+def test_lora_adapters_load_in_peft_with_the_same_logits(checkpoints, tmp_path, name, targets):
+    peft = pytest.importorskip("peft")
+    from fasttrain.finetune import apply_lora, merge_lora, save_adapter
+
+    hf_model, folder = checkpoints[name]
+    model, _ = load_model(folder)
+    spec = apply_lora(model, rank=4, alpha=8.0, targets=targets)
+    with torch.no_grad():  # PEFT starts B at zero; random B makes every adapter count
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)
+    model.eval()
+    save_adapter(model, spec, tmp_path / "adapter")
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    idx = torch.randint(0, V, (2, 13))
+    with torch.no_grad():
+        ours = model(idx)[0]
+        _close(ours, peft_model(idx).logits)
+        assert (ours - hf_model(idx).logits).abs().max() > 1e-2  # the adapters change the model
+        _close(merge_lora(model)(idx)[0], ours)

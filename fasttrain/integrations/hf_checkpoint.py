@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -318,6 +319,27 @@ def _pairs(cfg: GPTConfig, family: str) -> list[tuple[str, list[str], bool]]:
     return pairs
 
 
+def hf_linears(cfg: GPTConfig) -> dict[str, list[tuple[str, int, int | None]]]:
+    """Our Linear module name -> the transformers modules it holds, as (full module name, first row, end row or
+    None for the last) of its weight, for the family GPT(cfg) maps to: `blocks.0.attn.qkv` -> the q_proj, k_proj,
+    v_proj rows of Llama, or all rows of GPT-2's c_attn. The tied head is left out (it is the embedding)."""
+    family = family_for(cfg)
+    prefix = "transformer." if family == "gpt2" else ""
+    out = {}
+    for ours, theirs, _ in _pairs(cfg, family):
+        if not ours.endswith(".weight") or ours.startswith(("wte", "wpe", "norm_f")) or ".norm" in ours:
+            continue
+        start, spans = 0, []
+        for key in theirs:
+            rows = _rows(cfg, family, key) if len(theirs) > 1 else None
+            stop = start + rows if rows is not None else None
+            module = key.removesuffix(".weight")
+            spans.append((module if module == "lm_head" else prefix + module, start, stop))
+            start = stop
+        out[ours.removesuffix(".weight")] = spans
+    return out
+
+
 def state_dict_from_hf(tensors: dict[str, torch.Tensor], cfg: GPTConfig, family: str) -> dict[str, torch.Tensor]:
     """GPT(cfg)'s state dict from a family checkpoint's tensors; a missing or unexpected tensor is an error."""
     if family == "gpt2":
@@ -345,8 +367,13 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str
     """A transformers checkpoint's tensors (contiguous, unshared) from GPT(cfg)'s state dict."""
     family = family_for(cfg)
     prefix = "transformer." if family == "gpt2" else ""
+    pairs = _pairs(cfg, family)
+    known = {ours for ours, _, _ in pairs} | {"lm_head.weight"}
+    extra = [k for k in state if k not in known]
+    if extra:
+        raise CheckpointError(f"export: {extra[0]!r} has no place in a {family} checkpoint (merge LoRA layers first)")
     out = {}
-    for ours, theirs, conv in _pairs(cfg, family):
+    for ours, theirs, conv in pairs:
         tensor = state[ours]
         parts = tensor.split([_rows(cfg, family, k) for k in theirs]) if len(theirs) > 1 else [tensor]
         for key, part in zip(theirs, parts):
@@ -417,25 +444,34 @@ def save_model(
     force: bool = False,
 ) -> Path:
     """Write model as a transformers checkpoint folder (config.json, model.safetensors, and tokenizer.json holding
-    tokenizer_json when given). The folder is written beside path and renamed into place, so an error leaves nothing;
-    an existing non-empty path is refused unless force (then replaced whole)."""
+    tokenizer_json when given), through write_folder."""
     from safetensors.torch import save_file
 
+    hf = config_to_hf(model.config, base_config)
+    hf["torch_dtype"] = hf["dtype"] = str(model.wte.weight.dtype).removeprefix("torch.")
+    tensors = {k: v.cpu() for k, v in state_dict_to_hf(model.state_dict(), model.config).items()}
+
+    def write(folder: Path) -> None:
+        (folder / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer_json is not None:
+            (folder / "tokenizer.json").write_text(tokenizer_json)
+
+    return write_folder(path, write, force)
+
+
+def write_folder(path: str | Path, write: Callable[[Path], None], force: bool = False) -> Path:
+    """Fill folder path by write(folder): written into a temporary folder beside it and renamed into place, so an
+    error leaves nothing; an existing non-empty path is refused unless force (then replaced whole)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"export: {str(path)!r} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise CheckpointError(f"export: {str(path)!r} is not empty (pass --force to replace it)")
-    hf = config_to_hf(model.config, base_config)
-    hf["torch_dtype"] = hf["dtype"] = str(model.wte.weight.dtype).removeprefix("torch.")
-    tensors = state_dict_to_hf(model.state_dict(), model.config)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer_json is not None:
-            (tmp / "tokenizer.json").write_text(tokenizer_json)
+        write(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

@@ -123,6 +123,31 @@ class InitConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    lora_rank: int = 0
+    """LoRA rank r; 0: no LoRA (every weight not frozen trains). With LoRA only the adapters train."""
+    lora_alpha: float = 8.0
+    """LoRA updates are scaled by lora_alpha / lora_rank (PEFT's default alpha, 8)."""
+    lora_dropout: float = 0.0
+    """Dropout on the input of each LoRA branch."""
+    lora_targets: list[str] = field(default_factory=list)
+    """The transformers modules that get LoRA, as PEFT's target_modules list (q_proj, v_proj on Llama; c_attn on
+    GPT-2; a module matches a name it equals or ends with after a dot) or 'all-linear'; empty: PEFT's default for
+    the model's family."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameters kept fixed: 'embeddings', 'blocks:N' (the first N blocks) or patterns over parameter names
+    ('blocks.0.*'). Frozen parameters get no gradient and no optimizer state."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+
+
+@dataclass
 class RunConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     """The model's shape."""
@@ -134,6 +159,8 @@ class RunConfig:
     """Corpus, tokenizer and split."""
     init: InitConfig = field(default_factory=InitConfig)
     """Where the weights start from."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """LoRA and frozen parameters."""
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
