@@ -201,6 +201,7 @@ BENCHMARKS = (
     "step",
     "overhead",
     "data",
+    "lora",
 )
 
 
