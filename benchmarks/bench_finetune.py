@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,12 @@ VARIANTS = [
     "fasttrain frozen half",
 ]
 LR, STEPS = 1e-4, {"cpu": 8, "cuda": 20}
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def _rss() -> int:
@@ -127,7 +132,7 @@ def memory_of(name: str, ckpt: str, device: str, shape: dict) -> dict:
     step()
     if device == "cuda":
         return {"peak_MB": round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _peak_rss()
     return {"peak_rss_above_setup_MB": round((peak - base) / 2**20, 1), "peak_rss_MB": round(peak / 2**20, 1)}
 
 

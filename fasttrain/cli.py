@@ -1,4 +1,4 @@
-"""`fasttrain train | data | eval | generate | export | bench | info`.
+"""`fasttrain train | data | eval | generate | check | export | bench | info`.
 
 A mistake the user can fix (a bad key, a missing file, a value out of range) ends with one line
 `fasttrain: error: ...` and exit code 2; FASTTRAIN_DEBUG=1 shows the traceback instead.
@@ -205,6 +205,20 @@ BENCHMARKS = (
 )
 
 
+def _check(args: argparse.Namespace) -> int:
+    from fasttrain.config import load_file, parse_overrides
+    from fasttrain.train import RunConfig
+    from fasttrain.train.check import run_checks
+    from fasttrain.train.config import build
+    from fasttrain.train.presets import PRESETS
+
+    cfg = build(PRESETS[args.preset](), *(load_file(f) for f in args.config), parse_overrides(RunConfig, args.extra))
+    checks = run_checks(cfg, steps=args.steps, lr=args.lr)
+    for check in checks:
+        print(check.line(), flush=True)
+    return 0 if all(c.passed is not False for c in checks) else 1
+
+
 def _export(args: argparse.Namespace) -> int:
     from fasttrain.train.export import export_run
 
@@ -319,6 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (CUDA only)")
     p.set_defaults(run=_generate)
 
+    p = sub.add_parser(
+        "check",
+        help="debugging aids: initial loss vs ln(vocab), overfit one batch, float64 gradcheck, kernel gradients",
+        epilog="Takes train's --preset, --config and --SECTION.FIELD overrides (--init.from DIR included). Exit code "
+        "0 when every judged check passes, 1 otherwise.",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model config (default tiny)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="TOML config, as for train")
+    p.add_argument("--steps", type=int, default=200, help="most steps to overfit one batch (default 200)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the overfitting (default 3e-3)")
+    p.set_defaults(run=_check, accepts_extra=True)
+
     p = sub.add_parser("export", help="write a trained run as a transformers checkpoint folder")
     p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory (or checkpoint file)")
     p.add_argument("--to", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
@@ -358,7 +384,7 @@ def _main(argv: list[str] | None) -> int:
     args.extra = extra
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    for name in ("batch_size", "max_batches", "seq_len", "max_new_tokens"):
+    for name in ("batch_size", "max_batches", "seq_len", "max_new_tokens", "steps"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
