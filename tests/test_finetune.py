@@ -107,7 +107,9 @@ def test_train_from_checkpoint_then_export_round_trip(tmp_path, source, capsys):
     theirs = load_tokenizer_file(ckpt / "tokenizer.json")
     assert tokenizer.encode(TEXT[5]) == theirs.encode(TEXT[5]) and tokenizer.eot_id == theirs.eot_id
 
-    code, out, err = run_cli(capsys, ["export", "--checkpoint", str(run), "--to", str(tmp_path / "hf")])
+    code, out, err = run_cli(
+        capsys, ["export", "--checkpoint", str(run), "--to", str(tmp_path / "hf"), "--which", "latest"]
+    )
     assert code == 0, err
     exported = tmp_path / "hf"
     assert sorted(p.name for p in exported.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
@@ -189,9 +191,22 @@ def test_lora_run_exports_merged_and_as_peft_adapters(tmp_path, source, capsys):
         ours = model(idx)[0]
         assert (ours - original(idx)[0]).abs().max() > 1e-4  # the adapters trained
 
-    assert main(["export", "--checkpoint", str(run), "--to", str(tmp_path / "merged")]) == 0
+    # A LoRA run resumes with its adapters (the checkpoint folder is not read again).
+    code, out, err = run_cli(capsys, ["train", "--resume", str(run), "--train.steps", "4"])
+    assert code == 0, err
+    resumed, _, _ = load_for_inference(run, "latest")
+    with torch.no_grad():
+        assert (resumed(idx)[0] - ours).abs().max() > 0  # one more step taken on the adapters
+    model = resumed
+    with torch.no_grad():
+        ours = model(idx)[0]
+
+    latest = ["--which", "latest"]
+    assert main(["export", "--checkpoint", str(run), "--to", str(tmp_path / "merged"), *latest]) == 0
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    assert main(["export", "--checkpoint", str(run), "--to", str(tmp_path / "adapter"), "--adapters-only"]) == 0
+    assert (
+        main(["export", "--checkpoint", str(run), "--to", str(tmp_path / "adapter"), "--adapters-only", *latest]) == 0
+    )
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
