@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fasttrain.model.config import GPTConfig
 from fasttrain.model.norms import LayerNorm, RMSNorm
 from fasttrain.model.rotary import rotary_tables
-from fasttrain.ops import apply_rotary_emb, cross_entropy, flash_attn_func, gelu
+from fasttrain.ops import apply_rotary_emb, cross_entropy, flash_attn_func, flash_attn_varlen_func, gelu
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
@@ -41,13 +41,29 @@ class CausalSelfAttention(nn.Module):
         window = cfg.window(layer_idx)
         self.window_size = (-1, -1) if window is None else (window - 1, 0)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, cache=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, cache=None, segments=None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, H + 2 Hkv, D)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)  # (B, T, H|Hkv, D)
         if cos is not None:
             q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        if cache is not None:
+        if segments is not None:
+            cu_seqlens, max_len = segments
+            y = flash_attn_varlen_func(
+                q.reshape(B * T, self.n_head, self.head_dim),  # (B*T, H, D): the rows' segments end to end
+                k.reshape(B * T, self.n_kv_head, self.head_dim),
+                v.reshape(B * T, self.n_kv_head, self.head_dim),
+                cu_seqlens,
+                cu_seqlens,
+                max_len,
+                max_len,
+                dropout_p=self.dropout if self.training else 0.0,
+                causal=True,
+                window_size=self.window_size,
+            )
+        elif cache is not None:
             # Only a windowed layer passes window_size, so a cache for full attention needs no such argument.
             window = {} if self.window_size == (-1, -1) else {"window_size": self.window_size}
             y = cache.attend(self.layer_idx, q, k, v, **window)  # (B, T, H, D)
@@ -85,11 +101,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, residual, cos, sin, cache=None):
+    def forward(self, x, residual, cos, sin, cache=None, segments=None):
         """x: the previous block's MLP output (the embeddings in the first block), residual: the stream it adds to
         (None in the first block) -> this block's MLP output and the stream it adds to, both (B, T, C)."""
         h, residual = add_norm(self.norm1, x, residual)
-        h, residual = self.norm2(self.drop(self.attn(h, cos, sin, cache)), residual)
+        h, residual = self.norm2(self.drop(self.attn(h, cos, sin, cache, segments)), residual)
         return self.drop(self.mlp(h)), residual
 
 
@@ -177,8 +193,20 @@ class GPT(nn.Module):
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache=None,
+        positions: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ):
         """idx (B, T) long -> (logits (B, T, V), mean cross-entropy against targets (B, T) or None).
+
+        Packed examples: with cu_seqlens ((N + 1,) int32 offsets into the B*T tokens laid end to end, no example
+        crossing a row) each example attends only to itself, and positions (B, T) long give each token its place in
+        its example (rotary angles, learned positions), as flash-attn's varlen interface takes them.
 
         With a cache, token t of sequence b sits at position `cache.positions(T)[b, t]` and attention layer i uses
         `cache.attend(i, q, k, v)` (q (B, T, H, D), k/v (B, T, Hkv, D) after rotary) instead of its own; a layer with
@@ -190,7 +218,13 @@ class GPT(nn.Module):
         B, T = idx.shape
         if cache is None and self.config.max_seq_len < T:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-        pos = cache.positions(T) if cache is not None else None  # (B, T) long, or None: 0..T-1 for every row
+        if (positions is None) != (cu_seqlens is None) or (cu_seqlens is not None and cache is not None):
+            raise ValueError("positions and cu_seqlens go together, and not with a cache")
+        if positions is not None and positions.shape != idx.shape:
+            raise ValueError(f"positions must be (B, T) = {tuple(idx.shape)}, got {tuple(positions.shape)}")
+        pos = cache.positions(T) if cache is not None else positions  # (B, T) long, or None: 0..T-1 for every row
+        # The longest example bounds the varlen launch; read once here, not in every layer.
+        segments = None if cu_seqlens is None else (cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
@@ -201,7 +235,7 @@ class GPT(nn.Module):
             )
         x, residual = self.drop(x), None
         for block in self.blocks:
-            x, residual = block(x, residual, cos, sin, cache)
+            x, residual = block(x, residual, cos, sin, cache, segments)
         logits = self.lm_head(add_norm(self.norm_f, x, residual)[0])  # (B, T, V)
         if targets is None:
             return logits, None
