@@ -60,3 +60,13 @@ def test_padding_mode_puts_one_example_per_row_and_ignores_the_pad():
     assert cu.tolist()[-1] == 48 and positions.max() == 15
     with pytest.raises(ValueError, match="mode must be one of"):
         ExampleBatches(examples, 1, 16, mode="stack")
+
+
+def test_positions_and_cu_seqlens_go_together():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, d_model=16, vocab_size=11, max_seq_len=8))
+    idx = torch.randint(0, 11, (1, 6))
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="positions and cu_seqlens go together"):
+        model(idx, cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"positions must be \(B, T\) = \(1, 6\), got \(6,\)"):
+        model(idx, positions=torch.arange(6), cu_seqlens=cu)
