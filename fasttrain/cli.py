@@ -1,4 +1,4 @@
-"""`fasttrain train | data | eval | generate | bench | info`.
+"""`fasttrain train | data | eval | generate | check | export | bench | info`.
 
 A mistake the user can fix (a bad key, a missing file, a value out of range, a damaged checkpoint, a diverged run)
 ends with one line `fasttrain: error: ...` and exit code 2; a file-system failure (permission, read-only, no space)
@@ -204,7 +204,31 @@ BENCHMARKS = (
     "step",
     "overhead",
     "data",
+    "lora",
 )
+
+
+def _check(args: argparse.Namespace) -> int:
+    from fasttrain.config import load_file, parse_overrides
+    from fasttrain.train import RunConfig
+    from fasttrain.train.check import run_checks
+    from fasttrain.train.config import build
+    from fasttrain.train.presets import PRESETS
+
+    cfg = build(PRESETS[args.preset](), *(load_file(f) for f in args.config), parse_overrides(RunConfig, args.extra))
+    checks = run_checks(cfg, steps=args.steps, lr=args.lr)
+    for check in checks:
+        print(check.line(), flush=True)
+    return 0 if all(c.passed is not False for c in checks) else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fasttrain.train.export import export_run
+
+    out = export_run(args.checkpoint, args.to, which=args.which, force=args.force, adapters_only=args.adapters_only)
+    what = "PEFT LoRA adapters" if args.adapters_only else "a transformers checkpoint"
+    print(f"exported {args.checkpoint} ({args.which}) as {what}: {out}")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -253,9 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a GPT (no arguments: a small model on the Python standard library's source)",
-        epilog="Overrides: --SECTION.FIELD VALUE for any field of the sections model, optim, train, data "
+        epilog="Overrides: --SECTION.FIELD VALUE for any field of the sections model, optim, train, data, init, "
+        "finetune "
         "(e.g. --model.n_layer 4 --optim.lr 1e-3 --data.paths docs/,notes.md). Applied after the preset "
-        "and the --config files, in that order.",
+        "and the --config files, in that order. --init.from DIR starts from a Hugging Face checkpoint folder "
+        "(GPT-2, Llama, Mistral, Qwen2): its model config, weights and tokenizer.json.",
     )
     p.add_argument(
         "--preset",
@@ -320,6 +346,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (CUDA only)")
     p.set_defaults(run=_generate)
 
+    p = sub.add_parser(
+        "check",
+        help="debugging aids: initial loss vs ln(vocab), overfit one batch, float64 gradcheck, kernel gradients",
+        epilog="Takes train's --preset, --config and --SECTION.FIELD overrides (--init.from DIR included). Exit code "
+        "0 when every judged check passes, 1 otherwise.",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model config (default tiny)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="TOML config, as for train")
+    p.add_argument("--steps", type=int, default=200, help="most steps to overfit one batch (default 200)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the overfitting (default 3e-3)")
+    p.set_defaults(run=_check, accepts_extra=True)
+
+    p = sub.add_parser("export", help="write a trained run as a transformers checkpoint folder")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory (or checkpoint file)")
+    p.add_argument("--to", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint of the run (default best)")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    p.add_argument(
+        "--adapters-only",
+        action="store_true",
+        help="write the LoRA adapters alone (PEFT's format) instead of the merged model",
+    )
+    p.set_defaults(run=_export)
+
     p = sub.add_parser("bench", help="run the benchmarks and write their JSON results")
     p.add_argument("names", nargs="*", metavar="NAME", help=f"which to run (default all): {', '.join(BENCHMARKS)}")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
@@ -347,7 +397,7 @@ def _main(argv: list[str] | None) -> int:
     args.extra = extra
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    for name in ("batch_size", "max_batches", "seq_len", "max_new_tokens"):
+    for name in ("batch_size", "max_batches", "seq_len", "max_new_tokens", "steps"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:

@@ -18,11 +18,13 @@ import torch
 from fasttrain.config import to_dict
 from fasttrain.data import Batches, Corpus, prepare
 from fasttrain.data.summary import as_json
+from fasttrain.finetune import memory
+from fasttrain.integrations.hf_checkpoint import HF_CONFIG, load_weights, read_config
 from fasttrain.model import GPT
 from fasttrain.optim import AdamW
 from fasttrain.optim.schedules import LRSchedule
 from fasttrain.train import checkpoint
-from fasttrain.train.build import build_model, build_optimizer
+from fasttrain.train.build import apply_finetune, build_model, build_optimizer
 from fasttrain.train.callbacks import EarlyStopping
 from fasttrain.train.config import RunConfig, TrainConfig
 from fasttrain.train.device import autocast_for, resolve_device, resolve_precision
@@ -171,6 +173,10 @@ def _start_locked(cfg: RunConfig, resume: bool, run_dir: Path, device, precision
 
     _seed_everything(tc.seed)
     model = build_model(cfg.model).to(device)
+    if state is None and cfg.init.from_ is not None:
+        load_weights(model, cfg.init.from_)
+    if apply_finetune(model, cfg.finetune) is not None or cfg.finetune.freeze:
+        _report_finetune(model)
     run = Run(
         cfg=cfg,
         run_dir=run_dir,
@@ -231,12 +237,24 @@ def write_run_files(run: Run) -> None:
         data = json.dumps(as_json(c.manifest, c.folder, c.reused), indent=1)
         atomic_write_text(run.run_dir / "data_summary.json", data)
     atomic_write_text(run.run_dir / "config.json", json.dumps(to_dict(run.cfg), indent=1))
+    if not run.start and run.cfg.init.from_ is not None:
+        # The checkpoint's own config (token ids, its other keys), which `fasttrain export` writes back.
+        atomic_write_text(run.run_dir / HF_CONFIG, json.dumps(read_config(run.cfg.init.from_), indent=1))
     if hasattr(run.tokenizer, "save"):
         run.tokenizer.save(run.run_dir / "tokenizer.json")
 
 
 def _warn(line: str) -> None:
     print(f"fasttrain: warning: {line}", file=sys.stderr, flush=True)
+
+
+def _report_finetune(model: GPT) -> None:
+    m = memory(model)
+    mb = {k: m[k] / 2**20 for k in ("parameters", "gradients", "optimizer_state")}
+    print(
+        f"finetune: {m['trainable_parameters']:,} of {m['all_parameters']:,} parameters train; parameters "
+        f"{mb['parameters']:.1f} MB, gradients {mb['gradients']:.1f} MB, optimizer state {mb['optimizer_state']:.1f} MB"
+    )
 
 
 def _check_device(tc: TrainConfig, device: torch.device, precision: str) -> None:
