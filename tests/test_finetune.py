@@ -4,6 +4,7 @@ own tokenizer.json, then `fasttrain export` back to a folder transformers loads 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -257,3 +258,17 @@ def test_adapters_only_needs_a_lora_run(tmp_path, source, capsys):
         capsys, ["export", "--checkpoint", str(tmp_path / "run"), "--to", str(tmp_path / "a"), "--adapters-only"]
     )
     assert code == 2 and "--adapters-only needs a LoRA run" in err and not (tmp_path / "a").exists()
+
+
+def test_prompt_completion_data_is_tokenized_with_the_checkpoints_tokenizer(tmp_path, source, capsys):
+    ckpt, _ = source
+    records = [{"prompt": f"def f_{i}(x):\n", "completion": f"    return x * {i % 7}\n"} for i in range(12)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = train_args(tmp_path, ckpt, data, "--data.format", "prompt_completion", "--data.packing", "false")
+    code, out, err = run_cli(capsys, args)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
+    assert summary["tokenizer"] == "tokenizer.json:tokenizer.json" and summary["examples"] == {"train": 9, "val": 3}
+    metrics = json.loads((tmp_path / "run" / "training_metrics.json").read_text())
+    assert len(metrics["train_loss"]) == 3 and all(math.isfinite(v) for v in metrics["train_loss"])

@@ -51,6 +51,9 @@ CSV_EXTENSIONS = {".csv": ",", ".tsv": "\t"}
 PARQUET_EXTENSIONS = (".parquet",)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
 COMPRESSED_EXTENSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+FORMATS = ("text", "prompt_completion")
+"""DataConfig.format: corpora of documents (fasttrain.data.prepare), or prompt/completion JSONL records
+(fasttrain.data.examples.prepare_examples)."""
 
 
 @dataclass
@@ -66,6 +69,16 @@ class DataConfig:
     (text, JSONL, PDF, HTML, notebooks, CSV/TSV, Parquet, images; see docs/data.md)."""
     jsonl_field: str = "text"
     """The field of each JSONL record that holds its text."""
+    format: str = "text"
+    """"text": documents of any format above, every token learned. "prompt_completion": JSONL records with a
+    prompt and a completion field, the loss on the completion only (fine-tuning; docs/finetuning.md)."""
+    prompt_field: str = "prompt"
+    """format "prompt_completion": the field of each JSONL record that holds the prompt."""
+    completion_field: str = "completion"
+    """format "prompt_completion": the field of each JSONL record that holds the completion."""
+    packing: bool = True
+    """format "prompt_completion": pack several examples into each sequence, none attending to another (True), or
+    one example per sequence, padded (False)."""
     text_column: str = "text"
     """The column that holds the text in CSV/TSV files (by header), Parquet files and Hugging Face `datasets`
     folders; a table without it is skipped and counted."""
@@ -106,10 +119,12 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name} must be a list of strings, got {value!r}")
         if not all(str(e).startswith(".") for e in self.code_extensions):
             raise ValueError(f"DataConfig.code_extensions must start with '.', got {self.code_extensions!r}")
-        for name in ("jsonl_field", "text_column"):
+        if self.format not in FORMATS:
+            raise ValueError(f"DataConfig.format must be one of {FORMATS}, got {self.format!r}")
+        for name in ("jsonl_field", "text_column", "prompt_field", "completion_field"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"DataConfig.{name} must be a non-empty string, got {getattr(self, name)!r}")
-        for name in ("dedup", "ocr"):
+        for name in ("dedup", "ocr", "packing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"DataConfig.{name} must be true or false, got {getattr(self, name)!r}")
         m = self.max_decompressed_bytes

@@ -15,26 +15,30 @@ import torch
 def evaluate(
     model: torch.nn.Module, batches, n_batches: int, device: torch.device, autocast=contextlib.nullcontext
 ) -> dict[str, float]:
-    """Mean loss (nats/token), perplexity and next-token accuracy over n_batches of `batches` (x, y pairs)."""
+    """Mean loss (nats/token), perplexity and next-token accuracy over n_batches of `batches`: (x, y) pairs, or
+    (x, y, positions, cu_seqlens) of packed examples, whose targets of -100 (prompts, padding) are not counted."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    tokens = 0
+    tokens = torch.zeros((), dtype=torch.int64, device=device)
     for _ in range(n_batches):
-        x, y = batches.next()
-        x, y = x.to(device), y.to(device)
+        x, y, *packed = (t.to(device) for t in batches.next())
+        kwargs = {"positions": packed[0], "cu_seqlens": packed[1]} if packed else {}
         with autocast():
-            logits, _ = model(x)  # (B, T, V)
+            logits, _ = model(x, **kwargs)  # (B, T, V)
         logits = logits.float()
         loss_sum += torch.nn.functional.cross_entropy(
             logits.flatten(0, 1),
             y.flatten(),  # (B*T, V), (B*T,)
             reduction="sum",
+            ignore_index=-100,
         )
-        correct += (logits.argmax(-1) == y).sum()
-        tokens += y.numel()
+        counted = y != -100
+        correct += ((logits.argmax(-1) == y) & counted).sum()
+        tokens += counted.sum()
     model.train(was_training)
+    tokens = tokens.item()
     loss = loss_sum.item() / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct.item() / tokens}
 

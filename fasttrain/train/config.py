@@ -223,6 +223,11 @@ def _check_cuda_graph(cfg: RunConfig) -> None:
         )
     if cfg.optim.backend in ("cpu", "reference"):
         raise ValueError(f"train.cuda_graph needs AdamW's cuda backend, but optim.backend is {cfg.optim.backend!r}")
+    if cfg.data.format != "text":
+        raise ValueError(
+            "train.cuda_graph takes data.format 'text' only: packed examples change their segment offsets "
+            "(cu_seqlens) every batch, which a captured graph cannot"
+        )
     if t.on_nan == "skip":
         raise ValueError(
             "train.cuda_graph cannot skip a non-finite step (the graph always applies its update); "

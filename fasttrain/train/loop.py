@@ -12,14 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fasttrain.data import Batches
 from fasttrain.train import checkpoint
 from fasttrain.train.callbacks import StopRequest, evaluate
 from fasttrain.train.config import RunConfig
 from fasttrain.train.files import atomic_write_text
 from fasttrain.train.metrics import Metrics
 from fasttrain.train.progress import Progress
-from fasttrain.train.run import NothingToTrain, Run, start_run, write_run_files
+from fasttrain.train.run import NothingToTrain, Run, start_run, val_batches, write_run_files
 from fasttrain.train.sample import sample_text
 from fasttrain.train.step import TrainStep, check_losses
 
@@ -96,8 +95,8 @@ def _evaluate(run: Run, log: Progress, done: int) -> bool:
     """Evaluate on the same validation batches as every time; True if this is the best validation loss so far."""
     _log_losses(run, log)
     tc = run.cfg.train
-    val_batches = Batches(run.corpus.val, tc.batch_size, tc.seq_len, mode="sequential")
-    result = evaluate(run.model, val_batches, tc.eval_batches, run.device, run.autocast)
+    batches = val_batches(run.corpus, run.cfg)
+    result = evaluate(run.model, batches, tc.eval_batches, run.device, run.autocast)
     run.metrics.record_val(done, run.train_batches.epoch, result)
     is_best = run.early.update(result["loss"])
     log.write(

@@ -17,6 +17,7 @@ import torch
 
 from fasttrain.config import to_dict
 from fasttrain.data import Batches, Corpus, prepare
+from fasttrain.data.examples import ExampleBatches, ExampleSet, prepare_examples
 from fasttrain.data.summary import as_json
 from fasttrain.finetune import memory
 from fasttrain.integrations.hf_checkpoint import HF_CONFIG, load_weights, read_config
@@ -45,7 +46,8 @@ class Run:
     """train.precision resolved: 'fp32', 'bf16' or 'fp16'."""
     autocast: Callable[[], AbstractContextManager]
     """A fresh autocast context for the precision (nothing in fp32)."""
-    corpus: Corpus
+    corpus: Corpus | ExampleSet
+    """The data: a Corpus of token shards (data.format 'text') or an ExampleSet (data.format 'prompt_completion')."""
     model: GPT
     step_model: torch.nn.Module
     """What the training step calls: the model, or its torch.compile wrapper."""
@@ -53,7 +55,7 @@ class Run:
     schedule: LRSchedule
     scaler: torch.amp.GradScaler
     """fp16's loss scaler; disabled (a pass-through) in the other precisions."""
-    train_batches: Batches
+    train_batches: Batches | ExampleBatches
     metrics: Metrics
     early: EarlyStopping
     board: TensorBoard | None = None
@@ -159,7 +161,9 @@ def _start_locked(cfg: RunConfig, resume: bool, run_dir: Path, device, precision
         if tc.steps == state["step"] or early.should_stop:
             raise NothingToTrain(state, early)
 
-    corpus = prepare(cfg.data)
+    corpus = prepare(cfg.data) if cfg.data.format == "text" else prepare_examples(cfg.data)
+    if isinstance(corpus, ExampleSet):
+        corpus.fit(tc.seq_len)
     # The data summary, on screen and, for a fresh run, as run_dir/data_summary.{txt,json} (which say why a corpus
     # too small is refused); a resume's is written by write_run_files, once nothing can refuse it.
     corpus.report(None if resume else run_dir)
@@ -189,7 +193,7 @@ def _start_locked(cfg: RunConfig, resume: bool, run_dir: Path, device, precision
         optimizer=build_optimizer(model, cfg.optim),
         schedule=cfg.schedule(),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        train_batches=Batches(corpus.train, tc.batch_size, tc.seq_len, seed=tc.seed, mode="random"),
+        train_batches=train_batches(corpus, cfg),
         metrics=Metrics(),
         early=EarlyStopping(tc.early_stopping_patience),
         lock=lock,
@@ -234,7 +238,8 @@ def write_run_files(run: Run) -> None:
     c = run.corpus
     if run.start:  # a resume: its summary is written only now
         atomic_write_text(run.run_dir / "data_summary.txt", c.summary() + "\n")
-        data = json.dumps(as_json(c.manifest, c.folder, c.reused), indent=1)
+        summary = c.summary_json() if isinstance(c, ExampleSet) else as_json(c.manifest, c.folder, c.reused)
+        data = json.dumps(summary, indent=1)
         atomic_write_text(run.run_dir / "data_summary.json", data)
     atomic_write_text(run.run_dir / "config.json", json.dumps(to_dict(run.cfg), indent=1))
     if not run.start and run.cfg.init.from_ is not None:
@@ -297,9 +302,44 @@ def _is_run_config(path: Path) -> bool:
     return isinstance(data, dict) and all(isinstance(data.get(k), dict) for k in ("model", "optim", "train", "data"))
 
 
-def _check_splits(corpus: Corpus, cfg: RunConfig) -> None:
-    """Each split the run cuts into windows holds at least one window (train.seq_len + 1 tokens)."""
+def train_batches(corpus: Corpus | ExampleSet, cfg: RunConfig) -> Batches | ExampleBatches:
+    """The training batches: random windows of a corpus, or the examples packed or padded, shuffled per epoch."""
+    tc = cfg.train
+    if isinstance(corpus, Corpus):
+        return Batches(corpus.train, tc.batch_size, tc.seq_len, seed=tc.seed, mode="random")
+    return _example_batches(corpus.train, corpus, cfg, shuffle=True)
+
+
+def val_batches(corpus: Corpus | ExampleSet, cfg: RunConfig) -> Batches | ExampleBatches:
+    """The validation batches, the same ones at every evaluation: windows (or rows of examples) in order."""
+    tc = cfg.train
+    if isinstance(corpus, Corpus):
+        return Batches(corpus.val, tc.batch_size, tc.seq_len, mode="sequential")
+    return _example_batches(corpus.val, corpus, cfg, shuffle=False)
+
+
+def _example_batches(examples, corpus: ExampleSet, cfg: RunConfig, shuffle: bool) -> ExampleBatches:
+    tc, mode = cfg.train, "pack" if cfg.data.packing else "pad"
+    pad_id = corpus.tokenizer.eot_id  # any id: padding's targets are IGNORE and no example attends to it
+    return ExampleBatches(examples, tc.batch_size, tc.seq_len, mode, pad_id=pad_id, seed=tc.seed, shuffle=shuffle)
+
+
+def _check_splits(corpus: Corpus | ExampleSet, cfg: RunConfig) -> None:
+    """Each split the run cuts into windows holds at least one window (train.seq_len + 1 tokens); of examples, at
+    least one example."""
     need, d = cfg.train.seq_len + 1, cfg.data
+    if isinstance(corpus, ExampleSet):
+        if not corpus.train:
+            raise ValueError(
+                f"the training split has no example with a completion token within train.seq_len "
+                f"{cfg.train.seq_len}: add examples or raise train.seq_len"
+            )
+        if d.val_fraction > 0 and not corpus.val:
+            raise ValueError(
+                f"the validation split has no example (data.val_fraction {d.val_fraction} of "
+                f"{len(corpus.train)} examples): add examples, or set data.val_fraction 0 to train without evaluation"
+            )
+        return
     if len(corpus.train) < need:
         raise ValueError(
             f"the training split has {len(corpus.train):,} tokens; train.seq_len {cfg.train.seq_len} "

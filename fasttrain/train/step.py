@@ -13,12 +13,19 @@ from fasttrain.train.run import Run
 
 
 def forward_backward(model, micro_batches, device: torch.device, autocast, scaler) -> torch.Tensor:
-    """Accumulate the gradient of the mean loss over equal-sized micro-batches; return that mean loss (detached)."""
+    """Accumulate the gradient of the mean loss over equal-sized micro-batches; return that mean loss (detached).
+
+    A micro-batch is (x, y), or (x, y, positions, cu_seqlens) of packed examples (fasttrain.data.examples): each
+    micro-batch's loss is the mean over its learned tokens, and the step's loss the mean of those means."""
     total = torch.zeros((), device=device)
-    for x, y in micro_batches:
+    for x, y, *packed in micro_batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        kwargs = {}
+        if packed:
+            positions, cu_seqlens = (t.to(device, non_blocking=True) for t in packed)
+            kwargs = {"positions": positions, "cu_seqlens": cu_seqlens}
         with autocast():
-            _, loss = model(x, y)
+            _, loss = model(x, y, **kwargs)
         scaler.scale(loss / len(micro_batches)).backward()
         total += loss.detach()
     return total / len(micro_batches)
