@@ -75,6 +75,13 @@ def _data(args: argparse.Namespace) -> int:
     cfg = build(
         PRESETS[args.preset](), *(load_file(f) for f in args.config), parse_overrides(RunConfig, args.extra), paths
     )
+    if cfg.data.format == "prompt_completion":
+        from fasttrain.data.examples import prepare_examples
+
+        examples = prepare_examples(cfg.data)
+        examples.fit(cfg.train.seq_len)  # the cut and dropped examples that training would count
+        examples.report()
+        return 0
     prepare(cfg.data).report()
     return 0
 
@@ -103,6 +110,8 @@ def _eval(args: argparse.Namespace) -> int:
         data_cfg = dataclasses.replace(
             cfg.data, paths=[args.data], include=[], exclude=[], tokenizer=spec, val_fraction=0.0, max_bytes=None
         )
+        if cfg.data.format == "prompt_completion":  # the run's kind of data: the completions' loss only
+            return _eval_examples(args, model, data_cfg, seq_len, cfg, device)
         corpus = prepare(data_cfg)
     tokens = np.concatenate([corpus.train, corpus.val]) if len(corpus.val) else corpus.train
     if len(tokens) < seq_len + 1:
@@ -121,6 +130,33 @@ def _eval(args: argparse.Namespace) -> int:
     print(
         f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  accuracy {result['accuracy']:.4f}  "
         f"({n_batches * batch_size * seq_len:,} tokens)"
+    )
+    return 0
+
+
+def _eval_examples(args, model, data_cfg, seq_len: int, cfg, device) -> int:
+    """`fasttrain eval` of a run trained on prompt/completion JSONL: every example of --data once, in order, packed
+    or padded as in training; the loss, perplexity and accuracy of the completion tokens."""
+    from fasttrain.data.examples import ExampleBatches, prepare_examples
+    from fasttrain.train.callbacks import evaluate
+    from fasttrain.train.device import autocast_for, resolve_precision
+
+    examples = prepare_examples(data_cfg)
+    examples.fit(seq_len)
+    if not examples.train:
+        raise ValueError(f"--data {args.data!r} has no example with a completion token within seq_len {seq_len}")
+    mode = "pack" if cfg.data.packing else "pad"
+    rows = len(ExampleBatches(examples.train, 1, seq_len, mode).rows)
+    batch_size = min(args.batch_size, rows)
+    n_batches = rows // batch_size  # every row at most once; at most batch_size - 1 left over
+    if args.max_batches is not None:
+        n_batches = min(n_batches, args.max_batches)
+    batches = ExampleBatches(examples.train, batch_size, seq_len, mode, examples.tokenizer.eot_id, shuffle=False)
+    autocast = autocast_for(resolve_precision(cfg.train.precision, device), device)
+    result = evaluate(model, batches, n_batches, device, autocast)
+    print(
+        f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  accuracy {result['accuracy']:.4f}  "
+        f"({n_batches * batch_size} rows of {seq_len} tokens; completion tokens only)"
     )
     return 0
 

@@ -19,6 +19,7 @@ from fasttrain.data.examples import ExampleBatches, prepare_examples
 from fasttrain.data.tokenizers import ByteTokenizer
 from fasttrain.model import GPT, GPTConfig
 from fasttrain.train import OptimConfig, RunConfig, TrainConfig, checkpoint, train
+from fasttrain.train.build import load_for_inference
 from fasttrain.train.step import forward_backward
 
 pytestmark = pytest.mark.usefixtures("cpu_user")
@@ -175,3 +176,29 @@ def test_bad_records_and_settings_end_with_one_line(tmp_path, capsys):
 def test_cuda_graph_refuses_prompt_completion_data(tmp_path, jsonl):
     with pytest.raises(ValueError, match="train.cuda_graph takes data.format 'text' only"):
         run_config(tmp_path, jsonl, cuda_graph=True, device="cuda")
+
+
+def test_data_and_eval_commands_read_prompt_completion_runs(tmp_path, capsys, jsonl):
+    code, lines = _cli(capsys, tmp_path, jsonl, "--data.prompt_field", "q", "--data.completion_field", "a")
+    assert code == 0, lines
+    code = main(["data", str(jsonl), "--data.format", "prompt_completion", "--data.prompt_field", "q"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "needs string fields 'q' and 'completion'" in err  # the run's other field name is not given
+    fields = ["--data.prompt_field", "q", "--data.completion_field", "a"]
+    code = main(["data", str(jsonl), "--data.format", "prompt_completion", *fields])
+    assert code == 0 and "prompt/completion examples: 16 train, 4 validation" in capsys.readouterr().out
+
+    # eval: every example once (batch 1, padded rows in order); the loss is the completion tokens' mean NLL.
+    code = main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(jsonl), "--batch-size", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("loss ") and "completion tokens only" in out
+    model, tok, _ = load_for_inference(str(tmp_path / "run"), "best", torch.device("cpu"))
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for record in RECORDS:
+            p, c = tok.encode(record["q"]), tok.encode(record["a"])
+            ids = torch.tensor([p + c + [tok.eot_id]])
+            logp = torch.log_softmax(model(ids[:, :-1])[0][0].double(), -1)  # (T, V)
+            nll -= sum(logp[t, ids[0, t + 1]].item() for t in range(len(p) - 1, ids.shape[1] - 1))
+            count += len(c) + 1
+    assert abs(float(out.split()[1]) - nll / count) < 1e-4, (out, nll / count)
