@@ -173,6 +173,34 @@ def test_bad_records_and_settings_end_with_one_line(tmp_path, capsys):
         assert code == 2 and len(lines) == 1 and message in lines[0], lines
 
 
+def test_folders_are_searched_for_jsonl_files(tmp_path):
+    folder = tmp_path / "data"
+    (folder / "more").mkdir(parents=True)
+    write_jsonl(folder / "a.jsonl", RECORDS[:3])
+    write_jsonl(folder / "more" / "b.ndjson", RECORDS[3:5])
+    (folder / "notes.txt").write_text("not read")
+    examples = prepare_examples(DataConfig(paths=[str(folder)], prompt_field="q", completion_field="a"))
+    assert examples.files == [folder / "a.jsonl", folder / "more" / "b.ndjson"]
+    assert len(examples.train) + len(examples.val) == 5
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="data.paths holds no .jsonl or .ndjson file"):
+        prepare_examples(DataConfig(paths=[str(tmp_path / "empty")]))
+    with pytest.raises(ValueError, match="data.paths: .*missing.jsonl' does not exist"):
+        prepare_examples(DataConfig(paths=[str(tmp_path / "missing.jsonl")]))
+
+
+def test_a_resume_over_other_examples_is_refused(jsonl):
+    examples = prepare_examples(DataConfig(paths=[str(jsonl)], prompt_field="q", completion_field="a"))
+    batches = ExampleBatches(examples.train, 2, 32)
+    batches.next()
+    state = batches.state_dict()
+    assert state["served"] == 2
+    with pytest.raises(ValueError, match="saved over .* rows but these batches have"):
+        ExampleBatches(examples.train[:3], 2, 32).load_state_dict(state)
+    with pytest.raises(ValueError, match="ExampleBatches state has mode='pack' but these batches have 'pad'"):
+        ExampleBatches(examples.train, 2, 32, mode="pad").load_state_dict(state)
+
+
 def test_cuda_graph_refuses_prompt_completion_data(tmp_path, jsonl):
     with pytest.raises(ValueError, match="train.cuda_graph takes data.format 'text' only"):
         run_config(tmp_path, jsonl, cuda_graph=True, device="cuda")
