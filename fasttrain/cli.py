@@ -194,6 +194,7 @@ BENCHMARKS = (
     "adamw",
     "attention",
     "cross_entropy",
+    "linear_cross_entropy",
     "decode",
     "norms",
     "rotary",

@@ -129,14 +129,15 @@ def test_low_precision_within_twice_torch_error(dtype, backend):
 
 def test_autocast_computes_the_logits_in_the_autocast_dtype():
     x, weight, bias, target = _inputs(33, 32, 200, bias=True)
+    x = x.detach().bfloat16().requires_grad_()  # a bf16 activation against fp32 weights, as a model under autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = linear_cross_entropy(x, weight, target, bias, backend="cpu")
         torch_loss = _torch(x, weight, bias, target)
     assert loss.dtype == torch.float32
     assert err(loss, torch_loss) < 1e-5  # the same bf16 logits, the same fp32 softmax
     ours, theirs = grads(loss, (x, weight, bias), None), grads(torch_loss, (x, weight, bias), None)
-    for a, b in zip(ours, theirs):
-        assert a.dtype == torch.float32 and err(a, b) < 1e-2 * b.abs().max().item()
+    for a, b, t in zip(ours, theirs, (x, weight, bias)):
+        assert a.dtype == t.dtype and err(a, b) < 1e-2 * b.abs().max().item()
 
 
 def test_non_contiguous_inputs():

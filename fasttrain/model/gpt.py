@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fasttrain.model.config import GPTConfig
 from fasttrain.model.norms import LayerNorm, RMSNorm
 from fasttrain.model.rotary import rotary_tables
-from fasttrain.ops import apply_rotary_emb, cross_entropy, flash_attn_func, gelu
+from fasttrain.ops import apply_rotary_emb, cross_entropy, flash_attn_func, gelu, linear_cross_entropy
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
@@ -171,12 +171,16 @@ class GPT(nn.Module):
             elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 module.reset_parameters()
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None):
-        """idx (B, T) long -> (logits (B, T, V), mean cross-entropy against targets (B, T) or None).
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, return_logits: bool | None = None
+    ):
+        """idx (B, T) long -> (logits (B, T, V) or None, mean cross-entropy against targets (B, T) or None).
 
+        With targets, the lm_head and the loss run fused (fasttrain.ops.linear_cross_entropy: the (B, T, V) logits are
+        never held) and the logits returned are None, unless return_logits=True asks for them (then the loss is taken
+        from them); without targets the logits are returned. Targets equal to -100 are ignored by the loss.
         With a cache, token t of sequence b sits at position `cache.positions(T)[b, t]` and attention layer i uses
         `cache.attend(i, q, k, v)` (q (B, T, H, D), k/v (B, T, Hkv, D) after rotary) instead of its own.
-        Targets equal to -100 are ignored by the loss.
         """
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be a (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}")
@@ -195,7 +199,12 @@ class GPT(nn.Module):
         x, residual = self.drop(x), None
         for block in self.blocks:
             x, residual = block(x, residual, cos, sin, cache)
-        logits = self.lm_head(add_norm(self.norm_f, x, residual)[0])  # (B, T, V)
+        x = add_norm(self.norm_f, x, residual)[0]  # (B, T, C)
+        if targets is not None and not return_logits:
+            # (B*T, C) and the head (V, C) against (B*T,): the loss is fp32 whatever the autocast dtype.
+            loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits, None
         # (B*T, V) against (B*T,); the loss and the softmax inside it are fp32 whatever the autocast dtype.

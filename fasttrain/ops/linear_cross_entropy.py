@@ -288,8 +288,9 @@ def _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, so
         raise ValueError(f"weight must have shape (V, {x.shape[1]}) with V >= 1, got {tuple(weight.shape)}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    autocast = torch.is_autocast_enabled(x.device.type)  # then F.linear casts them to one dtype
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != x.dtype:
+        if t is not None and t.dtype != x.dtype and not autocast:
             raise TypeError(f"{name} must have x's dtype ({x.dtype}), got {t.dtype}")
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} must be on x's device ({x.device}), got {t.device}")
@@ -344,8 +345,7 @@ def linear_cross_entropy(
     _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, softcap)
     if torch.is_autocast_enabled(x.device.type):  # F.linear's autocast: the matmuls in the autocast dtype
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+        x, weight, bias = (t.to(dtype) if t is not None else None for t in (x, weight, bias))
     name = LINEAR_CROSS_ENTROPY.choose(x, weight, target, backend=backend)
     x, weight = x.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
