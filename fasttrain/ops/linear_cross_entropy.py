@@ -39,27 +39,32 @@ CPU_CHUNK_ELEMENTS = 1 << 23
 
 def _ce_chunk_torch(logits, target, scale, ignore_index, label_smoothing, softcap):
     """(loss (C,), lse (C,), d loss / d logits (C, V) in the logits' dtype or None) for logits (C, V), as
-    kernels/linear_cross_entropy.py's ce_chunk computes them; scale (C,) fp32: the rows' upstream gradients."""
-    z = logits.float()  # (C, V); the logits buffer itself when they are fp32
+    kernels/linear_cross_entropy.py's ce_chunk computes them; scale (C,) fp32: the rows' upstream gradients.
+    Works over the chunk's own buffers in place: four passes over them for the gradient (max, exp, sum, scale)."""
+    z = logits.float()  # (C, V); the logits buffer itself when they are fp32: the chunk's own, overwritten here
     t = None
     if softcap:
         t = torch.tanh(z / softcap)
         z = t * softcap
-    lse = torch.logsumexp(z, dim=-1)  # (C,)
     ignored = target == ignore_index
     col = torch.where(ignored, 0, target)[:, None]  # (C, 1); an ignored row takes column 0, its loss is masked
-    loss = lse - z.gather(1, col).squeeze(1)
+    z_target = z.gather(1, col).squeeze(1)
+    z_mean = z.mean(dim=-1) if label_smoothing else None
+    m = z.amax(dim=-1, keepdim=True)  # (C, 1)
+    p = z.sub_(m).exp_()  # exp(z - max), unnormalized
+    total = p.sum(dim=-1, keepdim=True)  # (C, 1)
+    lse = (m + total.log()).squeeze(1)  # (C,)
+    loss = lse - z_target
     if label_smoothing:
-        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z.mean(dim=-1))
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - z_mean)
     loss = torch.where(ignored, 0.0, loss)
     if scale is None:
         return loss, lse, None
     g = torch.where(ignored, 0.0, scale)[:, None]  # (C, 1)
-    grad = z.sub_(lse[:, None]).exp_()  # softmax, over z: a buffer of this chunk's own (the logits or their copy)
+    grad = p.mul_(g / total)  # softmax * g
     if label_smoothing:
-        grad.sub_(label_smoothing / grad.shape[1])
-    grad.scatter_add_(1, col, torch.full_like(g, label_smoothing - 1.0))  # - (1 - eps) onehot
-    grad.mul_(g)
+        grad.sub_(g * (label_smoothing / grad.shape[1]))
+    grad.scatter_add_(1, col, g * (label_smoothing - 1.0))  # - (1 - eps) onehot * g
     if t is not None:
         grad.mul_(t.mul_(t).neg_().add_(1.0))  # d(cap tanh(y / cap)) / dy = 1 - tanh^2
     return loss, lse, grad.to(logits.dtype)
@@ -70,7 +75,7 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif acc.is_cuda:
-        acc.copy_(torch.addmm(acc, a, b, out_dtype=torch.float32))  # cuBLAS accumulates in fp32
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # cuBLAS: half inputs, fp32 sums, in place
     else:
         acc.add_(a @ b)
 
