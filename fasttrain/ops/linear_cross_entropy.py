@@ -80,7 +80,7 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.add_(a @ b)
 
 
-def _chunked(x, weight, bias, target, scale, ignore_index, label_smoothing, softcap, chunk_rows, step):
+def _chunked(x, weight, bias, target, scale, chunk_rows, step):
     """The chunk loop of every backend: (loss (N,), lse (N,), dx, dW, db) with step(logits_c, target_c, scale_c)
     -> (loss_c, lse_c, gradient_c or None). Without scale, losses only (the gradients are empty tensors)."""
     N, K = x.shape
@@ -122,7 +122,7 @@ class Reference:
     @staticmethod
     def forward(x, weight, bias, target, scale, ignore_index, label_smoothing, softcap):
         step = _torch_step(ignore_index, label_smoothing, softcap)
-        return _chunked(x, weight, bias, target, scale, ignore_index, label_smoothing, softcap, max(len(x), 1), step)
+        return _chunked(x, weight, bias, target, scale, max(len(x), 1), step)
 
 
 class Cpu:
@@ -130,7 +130,7 @@ class Cpu:
     def forward(x, weight, bias, target, scale, ignore_index, label_smoothing, softcap):
         rows = max(1, CPU_CHUNK_ELEMENTS // weight.shape[0])
         step = _torch_step(ignore_index, label_smoothing, softcap)
-        return _chunked(x, weight, bias, target, scale, ignore_index, label_smoothing, softcap, rows, step)
+        return _chunked(x, weight, bias, target, scale, rows, step)
 
 
 class Triton:
@@ -147,7 +147,7 @@ class Triton:
         # Liger's chunking: about as many logits per chunk as x has elements, in a power of two of rows.
         per_chunk = -(-N // -(-V // K))  # ceil(N / ceil(V / K))
         rows = 1 << max(per_chunk - 1, 0).bit_length()
-        return _chunked(x, weight, bias, target, scale, ignore_index, label_smoothing, softcap, rows, step)
+        return _chunked(x, weight, bias, target, scale, rows, step)
 
 
 # ---- the table: which backend can serve which inputs ----------------------------------------------------------------
