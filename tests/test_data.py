@@ -282,6 +282,8 @@ def test_a_pool_is_started_only_for_enough_python_bound_work():
     assert parallel.workers_for(files("text", 500.0), num_workers=2) == 1  # ~5 s: less than a pool costs
     assert parallel.workers_for(files("text", 5000.0), num_workers=4) == 4
     assert parallel.workers_for(files("pdf", 40.0), num_workers=0) == 1
+    assert parallel.workers_for(files("image", 0.1, n=9), num_workers=2) == 1  # ~18 s of OCR
+    assert parallel.workers_for(files("image", 0.1, n=10), num_workers=2) == 2
 
 
 @pytest.mark.parametrize(

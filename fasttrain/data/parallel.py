@@ -24,7 +24,7 @@ from fasttrain.data.tokenizers import ByteTokenizer, Tokenizer, tokenizer_from_c
 # (compressed) PDF per process, and OCR takes ~1-6 s per image (plus ~2 s to load its models, once per worker).
 # There 2 workers matched 1 (3.2 MB of PDF: 10.4 vs 9.9 s) because other jobs held the second core; with idle cores
 # they split the work. So work is estimated as PDF bytes at that rate, images at their rate and the rest at the byte
-# rate, and a worker is started per ~10 s of it: PDFs above ~5 MB, or 5 images or more, get two.
+# rate, and a worker is started per whole ~10 s of it: ~5 MB of PDF, or 10 images, get two.
 _FAST_MB_S = 100.0
 _PDF_MB_S = 0.25
 _OCR_S_PER_IMAGE = 2.0
