@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -35,15 +36,17 @@ namespace {
 constexpr int64_t kRows = 64;   // query rows per task: the causal diagonal wastes at most half a (kRows)^2 tile
 constexpr int64_t kKeys = 512;  // keys per score tile: 128 KiB of scores per thread, inside L2
 
-// s[0, n) *= scale; returns the largest.
+// s[0, n) *= scale; returns the largest, or NaN if any is NaN (a NaN input makes its row NaN, as softmax does).
 FT_CPU_CLONES float scale_and_max(float* __restrict s, int64_t n, float scale) {
   float m = -kInf;
-#pragma omp simd reduction(max : m)
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
   for (int64_t j = 0; j < n; ++j) {
     s[j] *= scale;
     m = s[j] > m ? s[j] : m;
+    nan |= s[j] != s[j];
   }
-  return m;
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 // s[0, n) = exp(s - shift); returns their sum.
@@ -179,10 +182,12 @@ void forward_block(const Problem& P, const Sequence& s, int64_t kvh, int64_t i0,
   for (int64_t r = 0; r < n; ++r) {
     const int64_t t = (i0 + r) / G, h = kvh * G + (i0 + r) % G;
     T* o = out.at(s.q_batch, s.q_row + t, h);
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;  // a row that sees no key: 0, lse +inf (as the reference)
+    // A row that sees no key: 0, lse +inf (as the reference); a NaN row stays NaN, its lse too (backward's p NaN).
+    const bool seen = l[r] > 0.0f || std::isnan(l[r]);
+    const float inv = seen ? 1.0f / l[r] : 0.0f;
     for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= inv;
     narrow(acc + r * D, o, D);
-    lse[s.lse + h * P.lse_head + t] = l[r] > 0.0f ? m[r] + std::log(l[r]) : kInf;
+    lse[s.lse + h * P.lse_head + t] = seen ? m[r] + std::log(l[r]) : kInf;
   }
 }
 
@@ -305,7 +310,8 @@ void softmax_update(float* row, int64_t cw, int64_t a, int64_t b, float scale, f
   std::fill(row, row + a, 0.0f);
   std::fill(row + b, row + cw, 0.0f);
   if (a == b) return;
-  const float m_new = std::max(m, scale_and_max(row + a, b - a, scale));
+  const float row_max = scale_and_max(row + a, b - a, scale);
+  const float m_new = std::isnan(row_max) || std::isnan(m) ? row_max + m : std::max(m, row_max);  // NaN stays
   if (m_new == -kInf) {  // every visible score -inf: nothing to add yet
     std::fill(row + a, row + b, 0.0f);
     return;

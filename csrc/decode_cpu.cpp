@@ -184,7 +184,10 @@ void decode(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at
       const int64_t G = P.group(), n = s.Tq * G;
       for (int64_t R = 0; R < rows; ++R) {
         float m_all = -kInf, l_all = 0.0f;
-        for (int64_t i = first[si]; i < first[si + 1]; ++i) m_all = std::max(m_all, m[i * rows + R]);
+        for (int64_t i = first[si]; i < first[si + 1]; ++i) {
+          const float mi = m[i * rows + R];
+          m_all = std::isnan(mi) || std::isnan(m_all) ? mi + m_all : std::max(m_all, mi);  // a NaN split: NaN
+        }
         std::fill(o.begin(), o.end(), 0.0f);
         if (m_all != -kInf) {
           for (int64_t i = first[si]; i < first[si + 1]; ++i) {
@@ -194,11 +197,12 @@ void decode(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at
           }
         }
         const int64_t t = (R % n) / G, h = (R / n) * G + R % G;
-        const float inv = l_all > 0.0f ? 1.0f / l_all : 0.0f;  // no key: 0 and lse +inf, as forward_block
+        const bool seen = l_all > 0.0f || std::isnan(l_all);  // no key: 0 and lse +inf; NaN stays, as forward_block
+        const float inv = seen ? 1.0f / l_all : 0.0f;
         T* dst = outr.at(s.q_batch, s.q_row + t, h);
         for (int64_t d = 0; d < D; ++d) o[d] *= inv;
         narrow(o.data(), dst, D);
-        lp[s.lse + h * P.lse_head + t] = l_all > 0.0f ? m_all + std::log(l_all) : kInf;
+        lp[s.lse + h * P.lse_head + t] = seen ? m_all + std::log(l_all) : kInf;
       }
     }
   });

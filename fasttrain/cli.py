@@ -1,12 +1,14 @@
-"""`fasttrain train | data | eval | generate | bench | info`.
+"""`fasttrain train | data | eval | generate | check | export | bench | info`.
 
-A mistake the user can fix (a bad key, a missing file, a value out of range) ends with one line
-`fasttrain: error: ...` and exit code 2; FASTTRAIN_DEBUG=1 shows the traceback instead.
+A mistake the user can fix (a bad key, a missing file, a value out of range, a damaged checkpoint, a diverged run)
+ends with one line `fasttrain: error: ...` and exit code 2; a file-system failure (permission, read-only, no space)
+ends with one line naming the path and exit code 1. --debug (or FASTTRAIN_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -50,9 +52,10 @@ def _train(args: argparse.Namespace) -> int:
     if m.train_loss:
         print(f"train loss {m.train_loss[0]:.4f} (step {m.steps[0]}) -> {m.train_loss[-1]:.4f} (step {m.steps[-1]})")
     if m.val_loss:
+        best = "none finite" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
         print(
             f"val loss {m.val_loss[-1]:.4f}, perplexity {m.val_perplexity[-1]:.2f}, "
-            f"accuracy {m.val_accuracy[-1]:.3f}; best val loss {result.best_val_loss:.4f}"
+            f"accuracy {m.val_accuracy[-1]:.3f}; best val loss {best}"
         )
     print(f"run directory: {result.run_dir}")
     if result.sample is not None:
@@ -202,7 +205,31 @@ BENCHMARKS = (
     "step",
     "overhead",
     "data",
+    "lora",
 )
+
+
+def _check(args: argparse.Namespace) -> int:
+    from fasttrain.config import load_file, parse_overrides
+    from fasttrain.train import RunConfig
+    from fasttrain.train.check import run_checks
+    from fasttrain.train.config import build
+    from fasttrain.train.presets import PRESETS
+
+    cfg = build(PRESETS[args.preset](), *(load_file(f) for f in args.config), parse_overrides(RunConfig, args.extra))
+    checks = run_checks(cfg, steps=args.steps, lr=args.lr)
+    for check in checks:
+        print(check.line(), flush=True)
+    return 0 if all(c.passed is not False for c in checks) else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fasttrain.train.export import export_run
+
+    out = export_run(args.checkpoint, args.to, which=args.which, force=args.force, adapters_only=args.adapters_only)
+    what = "PEFT LoRA adapters" if args.adapters_only else "a transformers checkpoint"
+    print(f"exported {args.checkpoint} ({args.which}) as {what}: {out}")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -231,7 +258,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fasttrain", description=__doc__.splitlines()[0])
+    debug_help = "show the traceback of an error instead of its one line (as FASTTRAIN_DEBUG=1 does)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def add_command(*a, **kw):  # --debug after the command too, without masking one given before it
+        p = add_parser(*a, **kw)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        return p
+
+    sub.add_parser = add_command
 
     p = sub.add_parser("info", help="versions, device, and the live backends of each op")
     p.set_defaults(run=_info)
@@ -241,9 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="train a GPT (no arguments: a small model on the Python standard library's source)",
-        epilog="Overrides: --SECTION.FIELD VALUE for any field of the sections model, optim, train, data "
+        epilog="Overrides: --SECTION.FIELD VALUE for any field of the sections model, optim, train, data, init, "
+        "finetune "
         "(e.g. --model.n_layer 4 --optim.lr 1e-3 --data.paths docs/,notes.md). Applied after the preset "
-        "and the --config files, in that order.",
+        "and the --config files, in that order. --init.from DIR starts from a Hugging Face checkpoint folder "
+        "(GPT-2, Llama, Mistral, Qwen2): its model config, weights and tokenizer.json.",
     )
     p.add_argument(
         "--preset",
@@ -308,6 +347,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (CUDA only)")
     p.set_defaults(run=_generate)
 
+    p = sub.add_parser(
+        "check",
+        help="debugging aids: initial loss vs ln(vocab), overfit one batch, float64 gradcheck, kernel gradients",
+        epilog="Takes train's --preset, --config and --SECTION.FIELD overrides (--init.from DIR included). Exit code "
+        "0 when every judged check passes, 1 otherwise.",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="model config (default tiny)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="TOML config, as for train")
+    p.add_argument("--steps", type=int, default=200, help="most steps to overfit one batch (default 200)")
+    p.add_argument("--lr", type=float, default=3e-3, help="learning rate of the overfitting (default 3e-3)")
+    p.set_defaults(run=_check, accepts_extra=True)
+
+    p = sub.add_parser("export", help="write a trained run as a transformers checkpoint folder")
+    p.add_argument("--checkpoint", required=True, metavar="RUN", help="run directory (or checkpoint file)")
+    p.add_argument("--to", required=True, metavar="DIR", help="folder to write (must not exist or be empty)")
+    p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint of the run (default best)")
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists and is not empty")
+    p.add_argument(
+        "--adapters-only",
+        action="store_true",
+        help="write the LoRA adapters alone (PEFT's format) instead of the merged model",
+    )
+    p.set_defaults(run=_export)
+
     p = sub.add_parser("bench", help="run the benchmarks and write their JSON results")
     p.add_argument("names", nargs="*", metavar="NAME", help=f"which to run (default all): {', '.join(BENCHMARKS)}")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
@@ -335,7 +398,7 @@ def _main(argv: list[str] | None) -> int:
     args.extra = extra
     if extra and not getattr(args, "accepts_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    for name in ("batch_size", "max_batches", "seq_len", "max_new_tokens"):
+    for name in ("batch_size", "max_batches", "seq_len", "max_new_tokens", "steps"):
         if getattr(args, name, None) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
@@ -343,10 +406,35 @@ def _main(argv: list[str] | None) -> int:
     except (ValueError, TypeError, FloatingPointError) as e:
         # Our contract: user mistakes raise ValueError/TypeError with a one-line message naming what to fix; a
         # diverged run raises FloatingPointError saying which setting to change.
-        if os.environ.get("FASTTRAIN_DEBUG") == "1":
+        if args.debug or os.environ.get("FASTTRAIN_DEBUG") == "1":
             raise
         print(f"fasttrain: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if isinstance(e, BrokenPipeError) or args.debug or os.environ.get("FASTTRAIN_DEBUG") == "1":
+            raise  # a closed stdout is main's to end quietly
+        print(f"fasttrain: error: {os_error_line(e)}", file=sys.stderr)
+        return 1
+
+
+_OS_ADVICE = {
+    errno.EACCES: "check its permissions, or pick another folder",
+    errno.EPERM: "check its permissions, or pick another folder",
+    errno.EROFS: "it is on a read-only file system: pick a folder on a writable one",
+    errno.ENOSPC: "the disk is full: free space on it, or pick a folder on another disk",
+    errno.EDQUOT: "the disk quota is used up: free space, or pick a folder on another disk",
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as one line: what failed, on which path, and what to do (whatever was saved before is intact,
+    since every file of a run is replaced atomically)."""
+    parts = [e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)]
+    if e.filename is not None:
+        parts[0] += f": {e.filename}"
+    if e.errno in _OS_ADVICE:
+        parts.append(_OS_ADVICE[e.errno])
+    return "; ".join([*parts, "the files saved before are intact"])
 
 
 if __name__ == "__main__":

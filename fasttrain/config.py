@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import keyword
 import types
 import typing
 from pathlib import Path
@@ -22,6 +23,17 @@ class ConfigError(ValueError):
 
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
+
+
+def _field(key: str) -> str:
+    """The dataclass field a config key names: a key that is a Python keyword (`init.from`) is a field with a
+    trailing underscore (PEP 8's `from_`)."""
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def _key(field: str) -> str:
+    """The config key of a dataclass field: _field's inverse."""
+    return field[:-1] if field.endswith("_") and keyword.iskeyword(field[:-1]) else field
 
 
 def _describe(tp) -> str:
@@ -93,8 +105,10 @@ def from_dict(cls, data: dict[str, Any], prefix: str = ""):
     kwargs = {}
     for name, value in data.items():
         key = prefix + name
+        name = _field(name)
         if name not in fields:
-            raise ConfigError(f"unknown config key {key!r} (known in this section: {', '.join(sorted(fields))})")
+            known = ", ".join(sorted(_key(f) for f in fields))
+            raise ConfigError(f"unknown config key {key!r} (known in this section: {known})")
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = from_dict(tp, value, key + ".")
@@ -109,14 +123,28 @@ def from_dict(cls, data: dict[str, Any], prefix: str = ""):
 
 
 def to_dict(obj) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
+    """The nested dict of dataclass obj, keyed as configs are (`from`, not the field `from_`)."""
+    return _keyed(dataclasses.asdict(obj))
 
 
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """base with update's keys laid over it, tables merged key by key (neither input is changed)."""
+def _keyed(data: dict[str, Any]) -> dict[str, Any]:
+    return {_key(k): _keyed(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """base with update's keys laid over it, tables merged key by key (neither input is changed); ConfigError when
+    update gives a plain value where base has a table (a TOML `model = 3`), which a later table would replace."""
     out = dict(base)
     for key, value in update.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if isinstance(out.get(key), dict):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{prefix}{key} must be a table of keys ([{prefix}{key}] in TOML), got {value!r} "
+                    f"({type(value).__name__})"
+                )
+            out[key] = merge(out[key], value, f"{prefix}{key}.")
+        else:
+            out[key] = value
     return out
 
 
@@ -174,14 +202,15 @@ def _field_type(cls, key: str):
         if not dataclasses.is_dataclass(tp):
             raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:depth])!r} is not a section")
         hints = _hints(tp)
+        part = _field(part)
         if part not in hints:
-            known = ", ".join(sorted(hints))
+            known = ", ".join(sorted(_key(h) for h in hints))
             raise ConfigError(
                 f"unknown config key {key!r} (known {'sections' if depth == 0 else 'fields'} of "
                 f"{'.'.join(parts[:depth]) or 'the config'}: {known})"
             )
         tp = hints[part]
     if dataclasses.is_dataclass(tp):
-        example = dataclasses.fields(tp)[0].name
+        example = _key(dataclasses.fields(tp)[0].name)
         raise ConfigError(f"--{key} is a section; give one of its fields, e.g. --{key}.{example}")
     return tp

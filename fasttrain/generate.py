@@ -42,7 +42,9 @@ class KVCache:
     def positions(self, T: int) -> torch.Tensor:
         return self.seqlens[:, None].long() + torch.arange(T, device=self.seqlens.device)  # (B, T)
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size=(-1, -1)
+    ) -> torch.Tensor:
         if self.k is None:
             shape = (self.n_layer, self.batch, self.max_len) + tuple(k.shape[2:])  # (L, B, Tmax, Hkv, D)
             self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
@@ -51,10 +53,18 @@ class KVCache:
             T = k.shape[1]
             self.k[layer, :, :T] = k
             self.v[layer, :, :T] = v
-            return flash_attn_func(q, k, v, causal=True)
+            return flash_attn_func(q, k, v, causal=True, window_size=window_size)
         # Lengths were checked against max_len before decoding started: no per-layer host sync.
         return flash_attn_with_kvcache(
-            q, self.k[layer], self.v[layer], k, v, cache_seqlens=self.seqlens, causal=True, check_lengths=False
+            q,
+            self.k[layer],
+            self.v[layer],
+            k,
+            v,
+            cache_seqlens=self.seqlens,
+            causal=True,
+            window_size=window_size,
+            check_lengths=False,
         )
 
 

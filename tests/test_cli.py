@@ -95,6 +95,9 @@ def test_overrides_are_typed_and_derived_sizes_follow_their_inputs():
     assert cfg.model.d_model == 256 and cfg.model.d_ff == 1024 and cfg.train.compile and cfg.optim.lr == 3e-4
     assert build(tiny(), {"model": {"d_model": 256, "d_ff": 300}}).model.d_ff == 300
     assert build(tiny(), {"model": {"n_head": 8}}).model.n_kv_head == 8
+    assert build(tiny(), {"model": {"n_head": 8}}).model.head_dim == tiny().model.d_model // 8
+    derived = build(tiny(), {"model": {"bias": True, "norm": "rmsnorm"}}).model
+    assert derived.qkv_bias and derived.norm_eps == 1e-6
     assert set(PRESETS) >= {"default", "tiny", "gpt2-small"}
     assert PRESETS["gpt2-small"]().train.precision == "bf16"
 

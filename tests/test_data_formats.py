@@ -248,4 +248,4 @@ def test_train_prints_the_summary_and_writes_it_to_the_run_directory(tmp_path, f
     assert out.strip() == built and (run / "data_summary.txt").read_text().strip() == built
     saved = json.loads((run / "data_summary.json").read_text())
     assert saved["sources"] == corpus.manifest["sources"] and saved["folder"] == str(corpus.folder)
-    assert sorted(os.listdir(run)) == ["data_summary.json", "data_summary.txt"]
+    assert sorted(os.listdir(run)) == [".lock", "data_summary.json", "data_summary.txt"]  # .lock: the run's lock

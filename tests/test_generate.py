@@ -16,10 +16,17 @@ pytestmark = pytest.mark.usefixtures("cpu_user")
 PROMPTS = [[3, 1, 4, 1, 5], [9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4, 6, 2], [7]]  # lengths 5, 17, 1
 
 
-def _model(positions="rotary", n_kv_head=2, device="cpu", dtype=torch.float32, n_layer=2):
+def _model(positions="rotary", n_kv_head=2, device="cpu", dtype=torch.float32, n_layer=2, **options):
     torch.manual_seed(0)
     cfg = GPTConfig(
-        n_layer=n_layer, n_head=4, n_kv_head=n_kv_head, d_model=128, vocab_size=64, max_seq_len=64, positions=positions
+        n_layer=n_layer,
+        n_head=4,
+        n_kv_head=n_kv_head,
+        d_model=128,
+        vocab_size=64,
+        max_seq_len=64,
+        positions=positions,
+        **options,
     )
     model = GPT(cfg)
     with torch.no_grad():  # large weights: a chaotic model whose greedy paths vary, not one repeated token
@@ -54,6 +61,15 @@ def test_greedy_with_cache_equals_full_recompute(positions):
     got = generate(model, PROMPTS, 8, temperature=0.0)
     assert got.tokens == want
     assert got.new_tokens == 24 and got.prompt_tokens == 23 and got.tokens_per_s > 0
+
+
+def test_sliding_window_decodes_as_it_recomputes():
+    # Layer 0 attends fully, layer 1 through a window of 6 keys: shorter than the 17-token prompt and its continuation.
+    model = _model(sliding_window=6, full_attention_layers=1).eval()
+    want = [_greedy_by_recompute(model, p, 8) for p in PROMPTS]
+    assert generate(model, PROMPTS, 8, temperature=0.0).tokens == want
+    full = _model().eval()
+    assert [_greedy_by_recompute(full, p, 8) for p in PROMPTS] != want  # the window changes what the model says
 
 
 def test_compiled_decode_step_matches_eager():

@@ -18,6 +18,20 @@ VARIANTS = [
     dict(positions="learned", tie_embeddings=False, bias=True, n_kv_head=2, activation="swiglu"),
     dict(positions="learned", norm="rmsnorm", bias=True, dropout=0.1, init="xavier"),
     dict(init="he", d_ff=48),
+    # The HF families' options: head_dim apart from d_model / n_head, q/k/v biases alone, a window on the last
+    # block, llama3 rope scaling, a norm epsilon.
+    dict(
+        norm="rmsnorm",
+        activation="swiglu",
+        n_kv_head=2,
+        head_dim=16,
+        qkv_bias=True,
+        sliding_window=7,
+        full_attention_layers=1,
+        rope_scaling="llama3",
+        rope_original_max_seq_len=16,
+        norm_eps=1e-5,
+    ),
 ]
 
 
@@ -191,6 +205,13 @@ def test_cache_hand_off_reproduces_the_full_forward(positions):
         (dict(n_layer=0), "n_layer"),
         (dict(dropout=1.0), "dropout"),
         (dict(n_head=2, d_model=6), "even head_dim"),
+        (dict(head_dim=0), "head_dim must be a positive int"),
+        (dict(norm_eps=0.0), "norm_eps must be > 0"),
+        (dict(rope_scaling="yarn"), "rope_scaling must be one of"),
+        (dict(rope_scaling="llama3", positions="learned"), "needs positions 'rotary'"),
+        (dict(rope_scaling="llama3", rope_low_freq_factor=4.0), "rope_low_freq_factor < rope_high_freq_factor"),
+        (dict(sliding_window=0), "sliding_window must be a positive int"),
+        (dict(full_attention_layers=-1), "full_attention_layers must be >= 0"),
     ],
 )
 def test_bad_config_raises_a_clear_error(kwargs, match):

@@ -204,8 +204,10 @@ def test_a_run_that_died_before_its_first_checkpoint_can_be_started_again(tmp_pa
 
 def test_a_second_signal_stops_at_once():
     # The first signal asks for a checkpoint and a clean stop; the second goes to the handler that was there before.
+    # Python's own SIGINT handler is installed here: a shell's background job starts with SIGINT ignored.
     seen = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with StopRequest() as stop:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -221,6 +223,7 @@ def test_a_second_signal_stops_at_once():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 KILLED_SAVE = textwrap.dedent("""
@@ -524,7 +527,8 @@ def test_val_fraction_0_trains_without_evaluation(tmp_path, corpus_dir):
     assert result.stopped == "completed" and m.steps == [1, 2, 3, 4] and result.best_val_loss is None
     assert m.val_loss == [] and json.loads((result.run_dir / "training_metrics.json").read_text())["val_loss"] == []
     folder = checkpoint.checkpoint_dir(result.run_dir)
-    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_00000004.pt"]  # keep_last 1, no best
+    # keep_last 1, no best; each checkpoint with its checksum
+    assert sorted(p.name for p in folder.iterdir()) == ["latest", "step_00000004.pt", "step_00000004.pt.sha256"]
     for png in ("training_curve.png", "loss_by_epoch.png"):
         assert (result.run_dir / png).is_file()
     load_for_inference(result.run_dir)  # which="best" falls back to latest

@@ -70,6 +70,6 @@ def write(folder: Path, text: str, data: dict) -> None:
     Path(folder).mkdir(parents=True, exist_ok=True)
     for name, content in (("data_summary.txt", text + "\n"), ("data_summary.json", json.dumps(data, indent=1))):
         path = Path(folder) / name
-        tmp = path.with_name(f".{name}.tmp{os.getpid()}")
+        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")  # a trainer sweeps these when their writer is gone
         tmp.write_text(content, encoding="utf-8")
         os.replace(tmp, path)

@@ -80,7 +80,7 @@ class HFTokenizer:
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json atomically (temp name, then rename): a run directory never holds half a tokenizer."""
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a trainer sweeps these when their writer is gone
         self._tok.save(str(tmp))
         os.replace(tmp, path)
 
@@ -115,13 +115,24 @@ def load_tokenizer_file(path: str | Path) -> HFTokenizer:
     return HFTokenizer(tok, f"tokenizer.json:{Path(path).name}")
 
 
+MAX_PIECE = 128
+"""Longest run of non-space characters that BPE sees as one piece: longer runs (a minified line, base64, a DNA string)
+are cut into pieces of this many characters before the GPT-2 split, so BPE training time is linear in the corpus
+rather than quadratic in its longest word. No merge spans the cut, so no token is longer than this."""
+
+
 def train_bpe(texts: Iterator[str], vocab_size: int) -> HFTokenizer:
     """Byte-level BPE over `texts`: every byte is in the alphabet, so any text round-trips."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as _HF
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = _HF(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(rf"\S{{{MAX_PIECE}}}"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

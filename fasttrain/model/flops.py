@@ -8,7 +8,7 @@ from fasttrain.model.config import GPTConfig
 def _block_matmul_weights(cfg: GPTConfig) -> int:
     C, F = cfg.d_model, cfg.d_ff
     up_out = 2 * F if cfg.activation == "swiglu" else F
-    return C * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + C * C + C * up_out + F * C
+    return C * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + cfg.n_head * cfg.head_dim * C + C * up_out + F * C
 
 
 def _vocab(cfg: GPTConfig) -> int:
@@ -21,9 +21,11 @@ def param_count(cfg: GPTConfig, non_embedding: bool = False) -> int:
     """Parameters of GPT(cfg), tied weights counted once; equals `GPT(cfg).num_params(non_embedding)`."""
     C, F, V = cfg.d_model, cfg.d_ff, _vocab(cfg)
     per_block = _block_matmul_weights(cfg)
+    if cfg.qkv_bias:
+        per_block += (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
     if cfg.bias:
         up_out = 2 * F if cfg.activation == "swiglu" else F
-        per_block += (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + C + up_out + C
+        per_block += C + up_out + C
     norm = C * (2 if cfg.norm == "layernorm" and cfg.bias else 1)  # weight, plus bias for a biased LayerNorm
     n = cfg.n_layer * (per_block + 2 * norm) + norm + (0 if cfg.tie_embeddings else V * C)
     if not non_embedding:

@@ -19,13 +19,20 @@ import torch.nn.functional as F
 from fasttrain.model.config import GPTConfig
 from fasttrain.model.norms import LayerNorm, RMSNorm
 from fasttrain.model.rotary import rotary_tables
-from fasttrain.ops import apply_rotary_emb, cross_entropy, flash_attn_func, gelu, linear_cross_entropy
+from fasttrain.ops import (
+    apply_rotary_emb,
+    cross_entropy,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    gelu,
+    linear_cross_entropy,
+)
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.d_model, eps=1e-6)
-    return LayerNorm(cfg.d_model, bias=cfg.bias)
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class CausalSelfAttention(nn.Module):
@@ -33,21 +40,44 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.proj.residual_out = True  # scaled by 1/sqrt(2 n_layer) under the gpt2 init
         self.dropout = cfg.dropout
+        # flash-attn's (left, right): a window of w keys is the query and the w - 1 before it.
+        window = cfg.window(layer_idx)
+        self.window_size = (-1, -1) if window is None else (window - 1, 0)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, cache=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, cache=None, segments=None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)  # (B, T, H + 2 Hkv, D)
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)  # (B, T, H|Hkv, D)
         if cos is not None:
             q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        if cache is not None:
-            y = cache.attend(self.layer_idx, q, k, v)  # (B, T, H, D)
+        if segments is not None:
+            cu_seqlens, max_len = segments
+            y = flash_attn_varlen_func(
+                q.reshape(B * T, self.n_head, self.head_dim),  # (B*T, H, D): the rows' segments end to end
+                k.reshape(B * T, self.n_kv_head, self.head_dim),
+                v.reshape(B * T, self.n_kv_head, self.head_dim),
+                cu_seqlens,
+                cu_seqlens,
+                max_len,
+                max_len,
+                dropout_p=self.dropout if self.training else 0.0,
+                causal=True,
+                window_size=self.window_size,
+            )
+        elif cache is not None:
+            # Only a windowed layer passes window_size, so a cache for full attention needs no such argument.
+            window = {} if self.window_size == (-1, -1) else {"window_size": self.window_size}
+            y = cache.attend(self.layer_idx, q, k, v, **window)  # (B, T, H, D)
         else:
-            y = flash_attn_func(q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=True)
+            y = flash_attn_func(
+                q, k, v, dropout_p=self.dropout if self.training else 0.0, causal=True, window_size=self.window_size
+            )
         return self.proj(y.reshape(B, T, self.n_head * self.head_dim))  # (B, T, C)
 
 
@@ -78,11 +108,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, residual, cos, sin, cache=None):
+    def forward(self, x, residual, cos, sin, cache=None, segments=None):
         """x: the previous block's MLP output (the embeddings in the first block), residual: the stream it adds to
         (None in the first block) -> this block's MLP output and the stream it adds to, both (B, T, C)."""
         h, residual = add_norm(self.norm1, x, residual)
-        h, residual = self.norm2(self.drop(self.attn(h, cos, sin, cache)), residual)
+        h, residual = self.norm2(self.drop(self.attn(h, cos, sin, cache, segments)), residual)
         return self.drop(self.mlp(h)), residual
 
 
@@ -110,7 +140,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         if cfg.positions == "rotary":
-            cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
+            cos, sin = _rotary_tables(cfg)
             # Not saved in checkpoints: rebuilt from the config, and kept fp32 through `.to(dtype)` (see _apply).
             self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D/2)
             self.register_buffer("rope_sin", sin, persistent=False)
@@ -121,8 +151,7 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def _rebuild_rope_tables(self, device) -> None:
-        cfg = self.config
-        self.rope_cos, self.rope_sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=device)
+        self.rope_cos, self.rope_sin = _rotary_tables(self.config, device)
 
     def _apply(self, fn, recurse=True):
         # to_empty() off the meta device gives each module a Parameter of its own, untying a tied head.
@@ -172,22 +201,41 @@ class GPT(nn.Module):
                 module.reset_parameters()
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache=None, return_logits: bool | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache=None,
+        positions: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        return_logits: bool | None = None,
     ):
         """idx (B, T) long -> (logits (B, T, V) or None, mean cross-entropy against targets (B, T) or None).
 
         With targets, the lm_head and the loss run fused (fasttrain.ops.linear_cross_entropy: the (B, T, V) logits are
         never held) and the logits returned are None, unless return_logits=True asks for them (then the loss is taken
         from them); without targets the logits are returned. Targets equal to -100 are ignored by the loss.
+
+        Packed examples: with cu_seqlens ((N + 1,) int32 offsets into the B*T tokens laid end to end, no example
+        crossing a row) each example attends only to itself, and positions (B, T) long give each token its place in
+        its example (rotary angles, learned positions), as flash-attn's varlen interface takes them.
+
         With a cache, token t of sequence b sits at position `cache.positions(T)[b, t]` and attention layer i uses
-        `cache.attend(i, q, k, v)` (q (B, T, H, D), k/v (B, T, Hkv, D) after rotary) instead of its own.
+        `cache.attend(i, q, k, v)` (q (B, T, H, D), k/v (B, T, Hkv, D) after rotary) instead of its own; a layer with
+        a sliding window also passes window_size=(left, 0) as flash-attn's.
         """
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be a (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}")
         B, T = idx.shape
         if cache is None and self.config.max_seq_len < T:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-        pos = cache.positions(T) if cache is not None else None  # (B, T) long, or None: 0..T-1 for every row
+        if (positions is None) != (cu_seqlens is None) or (cu_seqlens is not None and cache is not None):
+            raise ValueError("positions and cu_seqlens go together, and not with a cache")
+        if positions is not None and positions.shape != idx.shape:
+            raise ValueError(f"positions must be (B, T) = {tuple(idx.shape)}, got {tuple(positions.shape)}")
+        pos = cache.positions(T) if cache is not None else positions  # (B, T) long, or None: 0..T-1 for every row
+        # The longest example bounds the varlen launch; read once here, not in every layer.
+        segments = None if cu_seqlens is None else (cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(pos if pos is not None else torch.arange(T, device=idx.device))
@@ -198,9 +246,10 @@ class GPT(nn.Module):
             )
         x, residual = self.drop(x), None
         for block in self.blocks:
-            x, residual = block(x, residual, cos, sin, cache)
+            x, residual = block(x, residual, cos, sin, cache, segments)
         x = add_norm(self.norm_f, x, residual)[0]  # (B, T, C)
-        if targets is not None and not return_logits:
+        # Fused only for a plain nn.Linear head: a wrapped one (LoRA on lm_head) computes more than x @ W.T.
+        if targets is not None and not return_logits and type(self.lm_head) is nn.Linear:
             # (B*T, C) and the head (V, C) against (B*T,): the loss is fp32 whatever the autocast dtype.
             loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
             return None, loss
@@ -217,6 +266,13 @@ class GPT(nn.Module):
         if non_embedding:
             n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
         return n
+
+
+def _rotary_tables(cfg: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    llama3 = None
+    if cfg.rope_scaling == "llama3":
+        llama3 = (cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_seq_len)
+    return rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta, device=device, llama3=llama3)
 
 
 def _init_matrix(weight: torch.Tensor, cfg: GPTConfig, residual_out: bool) -> None:

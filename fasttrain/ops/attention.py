@@ -332,8 +332,8 @@ def _window(causal: bool, window_size) -> tuple[int, int]:
 
 
 def _scale(softmax_scale, head_dim: int) -> float:
-    if softmax_scale is None:
-        return head_dim**-0.5
+    if softmax_scale is None:  # head_dim 0: every score is an empty sum, the outputs are empty (as torch's)
+        return head_dim**-0.5 if head_dim > 0 else 1.0
     if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     return float(softmax_scale)

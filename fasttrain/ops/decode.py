@@ -92,6 +92,9 @@ def reference_kvcache(
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, Tq); -inf where no key is visible
     empty = torch.isinf(lse)
     probs = torch.exp(scores - torch.where(empty, 0.0, lse)[..., None])
+    # Cache rows at or past a sequence's length are never read, as in the kernels: a NaN there (torch.empty's
+    # garbage) must not reach the output through a 0 probability.
+    vc = vc.masked_fill((j >= lengths[:, None])[:, :, None, None], 0.0)  # (B, Tmax, H, D)
     out = torch.einsum("bhts,bshd->bthd", probs, vc)
     return out.to(q.dtype).contiguous(), torch.where(empty, float("inf"), lse)
 

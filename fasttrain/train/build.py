@@ -9,10 +9,11 @@ import torch
 
 from fasttrain.config import from_dict
 from fasttrain.data import tokenizer_from_config
+from fasttrain.finetune import LoRASpec, apply_lora, freeze
 from fasttrain.model import GPT, GPTConfig
 from fasttrain.optim import AdamW
 from fasttrain.train import checkpoint
-from fasttrain.train.config import OptimConfig, RunConfig
+from fasttrain.train.config import FinetuneConfig, OptimConfig, RunConfig
 
 
 def build_model(cfg: GPTConfig) -> GPT:
@@ -20,10 +21,22 @@ def build_model(cfg: GPTConfig) -> GPT:
     return GPT(cfg)
 
 
+def apply_finetune(model: GPT, fc: FinetuneConfig) -> LoRASpec | None:
+    """LoRA layers (all else frozen) and the frozen parameters fc asks for, in place -> the LoRA spec or None."""
+    spec = apply_lora(model, fc.lora_rank, fc.lora_alpha, fc.lora_dropout, fc.lora_targets) if fc.lora_rank else None
+    if fc.freeze:
+        freeze(model, fc.freeze)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("finetune.freeze leaves no parameter to train")
+    return spec
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; leave norm weights and biases alone (they set scales, not features)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """Decay matrices and embeddings; leave norm weights and biases alone (they set scales, not features). Frozen
+    parameters are left out, so they get no optimizer state."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -44,11 +57,24 @@ def load_for_inference(run_dir: str | Path, which: str = "best", device: str | t
 
     which='best' falls back to 'latest' when the run never evaluated.
     """
+    model, tokenizer, config, _ = load_run(run_dir, which)
+    return model.to(device).eval(), tokenizer, config
+
+
+def load_run(run_dir: str | Path, which: str = "best"):
+    """(model on the CPU with its LoRA layers, tokenizer, RunConfig, LoRASpec or None) from a run directory or
+    checkpoint file; which='best' falls back to 'latest' when the run never evaluated."""
     run_dir = Path(run_dir)
     if which == "best" and run_dir.is_dir() and not (checkpoint.checkpoint_dir(run_dir) / "best").is_file():
         which = "latest"
-    state = checkpoint.load(run_dir, which, map_location="cpu")
+    state = checkpoint.load(run_dir, which, map_location="cpu", require=("config", "model", "tokenizer"))
     config = from_dict(RunConfig, state["config"])
     model = build_model(config.model)
+    spec = apply_finetune(model, config.finetune)
+    file = checkpoint.resolve(run_dir, which)
+    checkpoint.check_model_state(model, state["model"], file)
+    bad = checkpoint.first_non_finite(state["model"])
+    if bad is not None:
+        raise checkpoint.CheckpointError(f"checkpoint {str(file)!r} holds a NaN or inf in {bad} (its run diverged)")
     model.load_state_dict(state["model"])
-    return model.to(device).eval(), tokenizer_from_config(state["tokenizer"]), config
+    return model, tokenizer_from_config(state["tokenizer"]), config, spec

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from fasttrain.config import from_dict, merge, to_dict
+from fasttrain.config import ConfigError, from_dict, merge, to_dict
 from fasttrain.data import DataConfig
 from fasttrain.model import GPTConfig
 from fasttrain.optim.schedules import LRSchedule
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ON_NAN = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 ADAMW_BACKENDS = (None, "auto", "cuda", "cpu", "reference")
 
@@ -38,7 +40,17 @@ class OptimConfig:
     """AdamW backend: None or 'auto', 'cuda', 'cpu' or 'reference' (AdamW has no Triton kernel)."""
 
     def __post_init__(self) -> None:
-        # Checked here so a wrong name fails at startup, not at the first optimizer step after data preparation.
+        # Checked here so a wrong value fails at startup, not when the optimizer is built after data preparation.
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("eps", "weight_decay"):
+            if not 0.0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be finite and >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and not 0.0 < self.max_grad_norm < math.inf:
+            raise ValueError(f"max_grad_norm must be finite and > 0, or none, got {self.max_grad_norm}")
         if self.backend not in ADAMW_BACKENDS:
             raise ValueError(f"backend must be one of {ADAMW_BACKENDS}, got {self.backend!r}")
 
@@ -87,6 +99,13 @@ class TrainConfig:
     """Tokens sampled from the trained model at the end (0: none; at most model.max_seq_len + 1 - prompt tokens)."""
     sample_prompt: str = "def "
     """Prompt of that sample."""
+    on_nan: str = "stop"
+    """A step whose loss or gradient norm is not finite is skipped (the weights and optimizer state stay as they were;
+    in fp16 the GradScaler's own skips count too). 'stop': end the run with an error after train.max_bad_steps such
+    steps in a row; 'skip': go on, counting them (metrics' skipped_steps)."""
+    max_bad_steps: int = 10
+    """Consecutive non-finite steps after which on_nan 'stop' ends the run (checked at each log interval and before
+    every checkpoint, so the run may take up to log_interval - 1 more steps before it stops)."""
 
     def __post_init__(self) -> None:
         for name in (
@@ -99,6 +118,7 @@ class TrainConfig:
             "checkpoint_interval",
             "keep_last",
             "log_interval",
+            "max_bad_steps",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -110,8 +130,45 @@ class TrainConfig:
             raise ValueError(f"sample_tokens must be >= 0, got {self.sample_tokens}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not self.out_dir:
+            raise ValueError("out_dir must name a folder, got ''")
+        if self.on_nan not in ON_NAN:
+            raise ValueError(f"on_nan must be one of {ON_NAN}, got {self.on_nan!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+
+
+@dataclass
+class InitConfig:
+    from_: str | None = None
+    """`--init.from DIR`: a Hugging Face checkpoint folder (config.json, model.safetensors or a sharded index,
+    tokenizer.json) of GPT-2, Llama, Mistral or Qwen2 to start from: the model section, the weights and the
+    tokenizer come from it. None: random weights."""
+
+
+@dataclass
+class FinetuneConfig:
+    lora_rank: int = 0
+    """LoRA rank r; 0: no LoRA (every weight not frozen trains). With LoRA only the adapters train."""
+    lora_alpha: float = 8.0
+    """LoRA updates are scaled by lora_alpha / lora_rank (PEFT's default alpha, 8)."""
+    lora_dropout: float = 0.0
+    """Dropout on the input of each LoRA branch."""
+    lora_targets: list[str] = field(default_factory=list)
+    """The transformers modules that get LoRA, as PEFT's target_modules list (q_proj, v_proj on Llama; c_attn on
+    GPT-2; a module matches a name it equals or ends with after a dot) or 'all-linear'; empty: PEFT's default for
+    the model's family."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameters kept fixed: 'embeddings', 'blocks:N' (the first N blocks) or patterns over parameter names
+    ('blocks.0.*'). Frozen parameters get no gradient and no optimizer state."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an int >= 0, got {self.lora_rank!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
 
 
 @dataclass
@@ -124,6 +181,10 @@ class RunConfig:
     """The loop: steps, batches, precision, evaluation, checkpoints."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus, tokenizer and split."""
+    init: InitConfig = field(default_factory=InitConfig)
+    """Where the weights start from."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """LoRA and frozen parameters."""
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
@@ -162,18 +223,59 @@ def _check_cuda_graph(cfg: RunConfig) -> None:
         )
     if cfg.optim.backend in ("cpu", "reference"):
         raise ValueError(f"train.cuda_graph needs AdamW's cuda backend, but optim.backend is {cfg.optim.backend!r}")
+    if t.on_nan == "skip":
+        raise ValueError(
+            "train.cuda_graph cannot skip a non-finite step (the graph always applies its update); "
+            "use train.on_nan 'stop' or eager steps"
+        )
 
 
 def build(base: RunConfig, *updates: dict) -> RunConfig:
     """base with nested updates (from TOML files, then overrides) laid over it, checked as a RunConfig.
 
-    model.n_kv_head and model.d_ff follow their inputs (n_head; d_model and activation) when base holds the values
-    derived from them: `--model.d_model 256` on a preset also resizes its MLP unless `--model.d_ff` is given.
+    model.n_kv_head, head_dim, d_ff, qkv_bias and norm_eps follow their inputs (n_head; d_model, activation; bias;
+    norm) when base holds the values derived from them: `--model.d_model 256` on a preset also resizes its MLP
+    unless `--model.d_ff` is given.
     """
     data = to_dict(base)
-    for name in ("n_kv_head", "d_ff"):
+    for name in ("n_kv_head", "head_dim", "d_ff", "qkv_bias", "norm_eps"):
         if data["model"][name] == getattr(GPTConfig(**{**data["model"], name: None}), name):
             data["model"][name] = None
     for update in updates:
         data = merge(data, update)
+    given = [u["init"]["from"] for u in updates if isinstance(u.get("init"), dict) and u["init"].get("from")]
+    if given:
+        data = _from_checkpoint(data, given[-1], updates)
     return from_dict(RunConfig, data)
+
+
+# Model fields a run may set apart from its checkpoint's: they change training, not the function the weights compute.
+_FREE_MODEL_FIELDS = ("dropout", "init")
+
+
+def _from_checkpoint(data: dict, path: str, updates: tuple[dict, ...]) -> dict:
+    """data with the model section of checkpoint folder path and its tokenizer.json; a model field or data.tokenizer
+    the updates set otherwise is an error naming it. Read only when an update names init.from, so a resumed run
+    needs its checkpoint folder no more."""
+    from fasttrain.integrations.hf_checkpoint import checkpoint_config, tokenizer_file
+
+    model = to_dict(checkpoint_config(path))
+    tokenizer = str(tokenizer_file(path))
+    for update in updates:
+        for key, value in (update.get("model") or {}).items():
+            if key not in model:
+                raise ConfigError(f"unknown config key 'model.{key}' (known in this section: {', '.join(model)})")
+            if key in _FREE_MODEL_FIELDS:
+                model[key] = value
+            elif value != model[key]:
+                raise ConfigError(
+                    f"model.{key} {value!r} conflicts with init.from {path!r}, whose config gives {model[key]!r} "
+                    f"(leave model.{key} out: the model comes from the checkpoint)"
+                )
+        given = (update.get("data") or {}).get("tokenizer")
+        if given is not None and given != tokenizer:
+            raise ConfigError(
+                f"data.tokenizer {given!r} conflicts with init.from {path!r}, whose tokenizer.json the data is "
+                f"tokenized with (leave data.tokenizer out)"
+            )
+    return {**data, "model": model, "data": {**data["data"], "tokenizer": tokenizer}}

@@ -19,7 +19,7 @@ from fasttrain.train.config import RunConfig
 from fasttrain.train.files import atomic_write_text
 from fasttrain.train.metrics import Metrics
 from fasttrain.train.progress import Progress
-from fasttrain.train.run import Run, start_run
+from fasttrain.train.run import NothingToTrain, Run, start_run, write_run_files
 from fasttrain.train.sample import sample_text
 from fasttrain.train.step import TrainStep, check_losses
 
@@ -46,20 +46,31 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     """
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"cfg must be a RunConfig, got {type(cfg).__name__}")
-    run = start_run(cfg, resume)
+    try:
+        run = start_run(cfg, resume)
+    except NothingToTrain as ended:  # said, and nothing in the run folder changes
+        stopped = EARLY_STOPPING if ended.early.should_stop else COMPLETED
+        print(f"{cfg.train.out_dir}: the run is at step {ended.step} ({stopped.replace('_', ' ')}); nothing to train")
+        best = ended.early.best if math.isfinite(ended.early.best) else None
+        return TrainResult(Path(cfg.train.out_dir), ended.metrics, stopped, best_val_loss=best, sample=None)
+    try:
+        return _train(run, callbacks)
+    finally:
+        run.lock.release()
+
+
+def _train(run: Run, callbacks) -> TrainResult:
     tc = run.cfg.train
-    # A resumed run that early stopping ended has nothing left to do, like a completed one (should_stop reads the
-    # current patience, so raising it lets the run go on).
-    stopped = EARLY_STOPPING if run.early.should_stop else COMPLETED
-    steps = range(run.start, run.start if run.early.should_stop else tc.steps)
+    stopped, steps = COMPLETED, range(run.start, tc.steps)  # a resume has steps to take (start_run checked)
+    write_run_files(run)
     log = Progress(run)
     run.model.train()
-    take_step = TrainStep(run) if steps else None
+    take_step = TrainStep(run)
     with StopRequest() as stop:
         for step in steps:
             done = step + 1
-            lr, loss = take_step(step)
-            log.record(done, lr, run.train_batches.epoch, loss)
+            lr, loss, bad = take_step(step)
+            log.record(done, lr, run.train_batches.epoch, loss, bad)
             if done % tc.log_interval == 0:
                 _log_losses(run, log)
             eval_now = run.evaluating and (done % tc.eval_interval == 0 or done == tc.steps)
@@ -78,7 +89,7 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
 
 def _log_losses(run: Run, log: Progress) -> None:
     """Every step's loss reaches the metrics through here, and is checked on the way."""
-    check_losses(run, log.flush())
+    check_losses(run, log.flush(), log.write)
 
 
 def _evaluate(run: Run, log: Progress, done: int) -> bool:
@@ -115,8 +126,12 @@ def _stop_reason(run: Run, log: Progress, stop: StopRequest, done: int) -> str:
 
 
 def _save_checkpoint(run: Run, log: Progress, done: int, is_best: bool) -> None:
-    """The checkpoint after `done` steps, then the metrics it includes."""
+    """The checkpoint after `done` steps, then the metrics it includes; none while the last step was skipped as
+    non-finite, so latest and best stay on a checkpoint of a good step."""
     _log_losses(run, log)
+    if run.bad_streak:
+        log.write(f"step {done}: no checkpoint, the last {run.bad_streak} step(s) were not finite")
+        return
     checkpoint.save(run.run_dir, done, run.state_dict(done), keep_last=run.cfg.train.keep_last, is_best=is_best)
     run.metrics.write(run.run_dir)
 

@@ -38,6 +38,8 @@ class Metrics:
     """exp(val_loss)."""
     val_accuracy: list[float] = field(default_factory=list)
     """Fraction of validation tokens whose argmax prediction is the next token."""
+    skipped_steps: list[int] = field(default_factory=list)
+    """Steps skipped for a non-finite loss or gradient norm (their train_loss entries are the losses seen)."""
 
     def record_val(self, step: int, epoch: float, result: dict[str, float]) -> None:
         self.val_steps.append(step)

@@ -20,26 +20,28 @@ class Progress:
         self.bar = tqdm(total=tc.steps, initial=run.start, disable=not tc.progress_bar, dynamic_ncols=True, unit="step")
         self.tokens_per_step = tc.batch_size * tc.grad_accum * tc.seq_len
         self.flops, self.peak = flops_per_token(run.cfg.model, tc.seq_len), peak_flops(run.device, run.precision)
-        self.pending: list[tuple[int, float, float, torch.Tensor]] = []  # (step, lr, epoch, loss on the device)
+        # (step, lr, epoch, loss and non-finite flag on the device)
+        self.pending: list[tuple[int, float, float, torch.Tensor, torch.Tensor]] = []
         self.restart_clock()
 
-    def record(self, step: int, lr: float, epoch: float, loss: torch.Tensor) -> None:
-        self.pending.append((step, lr, epoch, loss))
+    def record(self, step: int, lr: float, epoch: float, loss: torch.Tensor, bad: torch.Tensor) -> None:
+        self.pending.append((step, lr, epoch, loss, bad))
 
     def restart_clock(self) -> None:
         """Start the next throughput interval now: tokens/s counts training steps only, not evaluation or saving."""
         self.t_log = time.perf_counter()
 
-    def flush(self) -> list[tuple[int, float]]:
-        """Move the pending losses into the metrics, the bar and TensorBoard; returns them as (step, loss)."""
+    def flush(self) -> list[tuple[int, float, bool]]:
+        """Move the pending losses into the metrics, the bar and TensorBoard; returns them as (step, loss, bad)."""
         if not self.pending:
             return []
         pending, metrics = self.pending, self.run.metrics
-        losses = torch.stack([p[3] for p in pending]).tolist()
+        both = torch.stack([torch.stack([p[3].float(), p[4].float()]) for p in pending]).tolist()  # (steps, 2)
+        losses, bads = [b[0] for b in both], [b[1] > 0 for b in both]
         now = time.perf_counter()
         tok_s = len(pending) * self.tokens_per_step / (now - self.t_log)
         self.t_log = now
-        for (step, lr, epoch, _), value in zip(pending, losses):
+        for (step, lr, epoch, *_), value in zip(pending, losses):
             metrics.steps.append(step)
             metrics.train_loss.append(value)
             metrics.learning_rate.append(lr)
@@ -53,7 +55,7 @@ class Progress:
         self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{last_lr:.2e}", tok_s=f"{tok_s:,.0f}")
         self.scalars(last_step, {"train/loss": losses[-1], "train/lr": last_lr, "train/tokens_per_s": tok_s})
         self.pending = []
-        return [(p[0], value) for p, value in zip(pending, losses)]
+        return [(p[0], value, bad) for p, value, bad in zip(pending, losses, bads)]
 
     def write(self, line: str) -> None:
         """A line above the bar (plain stdout when the bar is off)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -16,15 +17,18 @@ import torch
 
 from fasttrain.config import to_dict
 from fasttrain.data import Batches, Corpus, prepare
+from fasttrain.data.summary import as_json
+from fasttrain.finetune import memory
+from fasttrain.integrations.hf_checkpoint import HF_CONFIG, load_weights, read_config
 from fasttrain.model import GPT
 from fasttrain.optim import AdamW
 from fasttrain.optim.schedules import LRSchedule
 from fasttrain.train import checkpoint
-from fasttrain.train.build import build_model, build_optimizer
+from fasttrain.train.build import apply_finetune, build_model, build_optimizer
 from fasttrain.train.callbacks import EarlyStopping
 from fasttrain.train.config import RunConfig, TrainConfig
 from fasttrain.train.device import autocast_for, resolve_device, resolve_precision
-from fasttrain.train.files import atomic_write_text
+from fasttrain.train.files import RunLock, atomic_write_text, sweep_temporaries
 from fasttrain.train.metrics import Metrics, TensorBoard
 from fasttrain.train.sample import sample_prompt_ids
 
@@ -54,8 +58,12 @@ class Run:
     early: EarlyStopping
     board: TensorBoard | None = None
     """TensorBoard's writer when train.tensorboard is on."""
+    lock: RunLock | None = None
+    """The run folder's lock, held from set-up to the end of train()."""
     start: int = 0
     """Steps taken before this process started: the checkpoint's step on a resume, else 0."""
+    bad_streak: int = 0
+    """Non-finite (skipped) steps in a row up to the last one checked (fasttrain.train.step.check_losses)."""
 
     @property
     def tokenizer(self):
@@ -95,24 +103,66 @@ class Run:
         self.start = state["step"]
 
 
+class NothingToTrain(Exception):
+    """A resume of a run that has ended (completed, or early stopping ended it): the loop says so and changes
+    nothing."""
+
+    def __init__(self, state: dict, early: EarlyStopping):
+        super().__init__(state["step"])
+        self.step, self.early = state["step"], early
+        self.metrics = Metrics.from_state_dict(state["metrics"])
+
+
 def start_run(cfg: RunConfig, resume: bool) -> Run:
-    """Check what can be checked before the data (the device, the run folder), prepare the data and check it, build
-    the model and optimizer, restore the latest checkpoint when resuming; config.json (and the tokenizer) are written
-    last, once every check has passed."""
+    """Check what can be checked before the data (the device, the run folder), lock the run folder, prepare the data
+    and check it, build the model and optimizer, restore the latest good checkpoint when resuming. Writes nothing
+    but the lock and the data summary: `write_run_files` writes config.json once the loop has steps to take."""
     tc = cfg.train
     device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
     _check_device(tc, device, precision)
     run_dir = Path(tc.out_dir)
     _check_out_dir(run_dir, resume)
-    state = checkpoint.load(run_dir, "latest") if resume else None
+    if resume and not (checkpoint.checkpoint_dir(run_dir) / "latest").is_file():
+        checkpoint.resolve(run_dir, "latest")  # a run folder with nothing to resume is named before it is locked
     try:  # before the data preparation, which can take minutes
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"train.out_dir {str(run_dir)!r} cannot be made: {e.strerror or e}") from None
+    lock = RunLock(run_dir)
+    try:
+        return _start_locked(cfg, resume, run_dir, device, precision, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _start_locked(cfg: RunConfig, resume: bool, run_dir: Path, device, precision: str, lock: RunLock) -> Run:
+    tc = cfg.train
+    _check_out_dir(run_dir, resume)  # again, now that no other trainer can be writing it
+    for folder in (run_dir, checkpoint.checkpoint_dir(run_dir)):
+        if folder.is_dir():
+            sweep_temporaries(folder)
+    state = file = None
+    if resume:
+        file, state = checkpoint.load_latest_good(run_dir, _warn, require=STATE_KEYS)
+        if tc.steps < state["step"]:
+            raise ValueError(
+                f"cannot resume {run_dir} with train.steps {tc.steps}: the run is at step {state['step']}, and a "
+                f"resume only goes forward (give train.steps above {state['step']}); nothing was changed"
+            )
+        early = EarlyStopping(tc.early_stopping_patience)  # the current patience: raising it lets the run go on
+        try:
+            early.load_state_dict(state["early_stopping"])
+        except (KeyError, TypeError) as e:
+            raise _does_not_fit(file, e) from None
+        if tc.steps == state["step"] or early.should_stop:
+            raise NothingToTrain(state, early)
 
     corpus = prepare(cfg.data)
-    corpus.report(run_dir)  # the data summary, on screen and as run_dir/data_summary.{txt,json}
+    # The data summary, on screen and, for a fresh run, as run_dir/data_summary.{txt,json} (which say why a corpus
+    # too small is refused); a resume's is written by write_run_files, once nothing can refuse it.
+    corpus.report(None if resume else run_dir)
     _check_splits(corpus, cfg)
     if tc.sample_tokens > 0:
         sample_prompt_ids(corpus.tokenizer, tc.sample_prompt, cfg.model.max_seq_len)  # fail now, not after the run
@@ -123,6 +173,10 @@ def start_run(cfg: RunConfig, resume: bool) -> Run:
 
     _seed_everything(tc.seed)
     model = build_model(cfg.model).to(device)
+    if state is None and cfg.init.from_ is not None:
+        load_weights(model, cfg.init.from_)
+    if apply_finetune(model, cfg.finetune) is not None or cfg.finetune.freeze:
+        _report_finetune(model)
     run = Run(
         cfg=cfg,
         run_dir=run_dir,
@@ -138,18 +192,69 @@ def start_run(cfg: RunConfig, resume: bool) -> Run:
         train_batches=Batches(corpus.train, tc.batch_size, tc.seq_len, seed=tc.seed, mode="random"),
         metrics=Metrics(),
         early=EarlyStopping(tc.early_stopping_patience),
+        lock=lock,
     )
     if state is not None:
-        run.load_state_dict(state)
+        checkpoint.check_model_state(model, state["model"], file)
+        try:
+            run.load_state_dict(state)
+        except (KeyError, IndexError, TypeError, RuntimeError) as e:  # an entry of the wrong shape or contents
+            raise _does_not_fit(file, e) from None
     if tc.compile:
         run.step_model = torch.compile(model)
     if tc.tensorboard:
         run.board = TensorBoard(run_dir)
-    # Only now, with every check passed: a refused --resume must leave the config a plain --resume continues from.
-    atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=1))
-    if hasattr(run.tokenizer, "save"):
-        run.tokenizer.save(run_dir / "tokenizer.json")
     return run
+
+
+STATE_KEYS = (
+    "step",
+    "model",
+    "optimizer",
+    "schedule",
+    "scaler",
+    "batches",
+    "rng",
+    "metrics",
+    "early_stopping",
+    "config",
+    "tokenizer",
+)
+"""What a resume reads of a checkpoint (Run.state_dict writes them all)."""
+
+
+def _does_not_fit(file: Path, e: Exception) -> checkpoint.CheckpointError:
+    what = f"no {e.args[0]!r} entry" if isinstance(e, KeyError) else str(e).splitlines()[0]
+    return checkpoint.CheckpointError(f"checkpoint {str(file)!r} does not fit this run: {what}")
+
+
+def write_run_files(run: Run) -> None:
+    """The data summary, config.json and the tokenizer: written only once every check has passed and there are steps
+    to take, so a refused or empty --resume changes nothing in the run folder."""
+    c = run.corpus
+    if run.start:  # a resume: its summary is written only now
+        atomic_write_text(run.run_dir / "data_summary.txt", c.summary() + "\n")
+        data = json.dumps(as_json(c.manifest, c.folder, c.reused), indent=1)
+        atomic_write_text(run.run_dir / "data_summary.json", data)
+    atomic_write_text(run.run_dir / "config.json", json.dumps(to_dict(run.cfg), indent=1))
+    if not run.start and run.cfg.init.from_ is not None:
+        # The checkpoint's own config (token ids, its other keys), which `fasttrain export` writes back.
+        atomic_write_text(run.run_dir / HF_CONFIG, json.dumps(read_config(run.cfg.init.from_), indent=1))
+    if hasattr(run.tokenizer, "save"):
+        run.tokenizer.save(run.run_dir / "tokenizer.json")
+
+
+def _warn(line: str) -> None:
+    print(f"fasttrain: warning: {line}", file=sys.stderr, flush=True)
+
+
+def _report_finetune(model: GPT) -> None:
+    m = memory(model)
+    mb = {k: m[k] / 2**20 for k in ("parameters", "gradients", "optimizer_state")}
+    print(
+        f"finetune: {m['trainable_parameters']:,} of {m['all_parameters']:,} parameters train; parameters "
+        f"{mb['parameters']:.1f} MB, gradients {mb['gradients']:.1f} MB, optimizer state {mb['optimizer_state']:.1f} MB"
+    )
 
 
 def _check_device(tc: TrainConfig, device: torch.device, precision: str) -> None:

@@ -3,7 +3,7 @@ replayed as one CUDA graph (train.cuda_graph). And what a run's losses must be t
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 
@@ -45,26 +45,62 @@ class TrainStep:
                 autocast_for(run.precision, run.device, cache_enabled=False),
             )
 
-    def __call__(self, step: int) -> tuple[float, torch.Tensor]:
+    def __call__(self, step: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """(lr, mean loss, bad): bad is a device bool, True when the loss or the gradient norm was not finite; such a
+        step is skipped on the device (eager steps; a graphed step is only flagged), with no host sync."""
         run = self.run
         micro = [run.train_batches.next() for _ in range(run.cfg.train.grad_accum)]
         if self.graphed is not None:  # the grads live in the graph's pool: never set to None here
             lr = run.schedule(step)
-            return lr, self.graphed.step(micro, lr)
+            loss = self.graphed.step(micro, lr)
+            return lr, loss, ~torch.isfinite(loss)
         lr = run.schedule.apply(run.optimizer, step)
         loss = forward_backward(run.step_model, micro, run.device, run.autocast, run.scaler)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
-        return lr, loss
+        bad = ~torch.isfinite(loss)
+        optimizer = run.optimizer
+        if run.scaler.is_enabled():
+            run.scaler.step(optimizer)
+            # The GradScaler's own inf/NaN check of the grads, read before update() clears it: a step it skipped.
+            found = run.scaler._found_inf_per_device(optimizer).values()
+            bad = bad | (sum(t.to(loss.device) for t in found) > 0)
+            run.scaler.update()
+        else:
+            # AdamW skips the whole step on the device when found_inf > 0, as under a GradScaler.
+            optimizer.found_inf = bad.float()
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        norm = getattr(optimizer, "last_grad_norm", None)
+        if norm is not None:  # this step's norm before clipping (max_grad_norm set)
+            bad = bad | ~torch.isfinite(norm.to(loss.device))
+        optimizer.zero_grad(set_to_none=True)
+        return lr, loss, bad
 
 
-def check_losses(run: Run, losses: list[tuple[int, float]]) -> None:
-    """Stop a diverged run: FloatingPointError at the first non-finite (step, loss). fp16 is exempt: its GradScaler
-    skips such steps and lowers the scale."""
-    bad = next(((step, loss) for step, loss in losses if not math.isfinite(loss)), None)
-    if bad is not None and run.precision != "fp16":
-        raise FloatingPointError(
-            f"training loss became {bad[1]} at step {bad[0]}; lower optim.lr (now {run.cfg.optim.lr}) or set "
-            f"optim.max_grad_norm"
+def check_losses(run: Run, losses: list[tuple[int, float, bool]], write: Callable[[str], None]) -> None:
+    """Count the skipped (non-finite) steps among (step, loss, bad); with train.on_nan 'stop', FloatingPointError
+    once train.max_bad_steps of them come in a row. No checkpoint is written after that: latest and best stay on the
+    last good one."""
+    tc = run.cfg.train
+    skipped = []
+    for step, loss, bad in losses:
+        if not bad:
+            run.bad_streak = 0
+            continue
+        skipped.append(step)
+        run.bad_streak += 1
+        if tc.on_nan == "stop" and run.bad_streak >= tc.max_bad_steps:
+            run.metrics.skipped_steps.extend(skipped)
+            advice = "use train.precision 'bf16' or 'fp32', " if run.precision == "fp16" else ""
+            raise FloatingPointError(
+                f"training diverged: {run.bad_streak} steps in a row (up to step {step}) had a non-finite loss or "
+                f"gradient norm (loss {loss}); the checkpoints were left as they were; {advice}lower optim.lr "
+                f"(now {run.cfg.optim.lr}) or set optim.max_grad_norm, then --resume"
+            )
+    run.metrics.skipped_steps.extend(skipped)
+    if skipped:
+        write(
+            f"step {losses[-1][0]}: {len(skipped)} step(s) skipped for a non-finite loss or gradient norm "
+            f"({len(run.metrics.skipped_steps)} in all)"
         )
