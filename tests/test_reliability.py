@@ -205,16 +205,23 @@ def test_flipped_bytes_anywhere_in_a_checkpoint_are_caught(tmp_path, done_run):
     assert checkpoint.load(run)["step"] == 4
 
 
-def test_a_damaged_checkpoint_stops_eval_and_generate_and_resume_falls_back(tmp_path, done_run, corpus_dir, capsys):
+def test_a_damaged_checkpoint_stops_eval_generate_and_export_and_resume_falls_back(
+    tmp_path, done_run, corpus_dir, capsys
+):
     run, cfg = copy_run(done_run, tmp_path), small_config(tmp_path, corpus_dir)
     file = run / "checkpoints" / "step_00000004.pt"
     flip(file, file.stat().st_size // 2)
     before = snapshot(run)
     eval_args = ["eval", "--checkpoint", str(run), "--data", str(corpus_dir), "--which", "latest", "--max-batches", "1"]
-    for args in (eval_args, ["generate", "--checkpoint", str(run), "--prompt", "def", "--which", "latest"]):
-        assert main(args) == 2
+    export_args = ["export", "--checkpoint", str(run), "--to", str(tmp_path / "exported"), "--which", "latest"]
+    for args in (
+        eval_args,
+        ["generate", "--checkpoint", str(run), "--prompt", "def", "--which", "latest"],
+        export_args,
+    ):
+        assert main(args) == 2, args[0]
         assert "step_00000004.pt' is damaged: its bytes do not match" in one_error_line(capsys.readouterr().err)
-    assert snapshot(run) == before
+    assert snapshot(run) == before and not (tmp_path / "exported").exists()
 
     result = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=6)), resume=True)
     err = capsys.readouterr().err
