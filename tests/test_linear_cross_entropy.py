@@ -168,8 +168,25 @@ def test_compiles_with_fullgraph(backend):
 def test_registered_ops_pass_opcheck():
     x, weight, bias, target = _inputs(5, 8, 30, bias=True, ignore_every=2)
     for reduction in ("mean", "none"):
-        args = (x, weight, bias, target, -100, reduction, 0.1, 3.0, "cpu")
-        torch.library.opcheck(lce._forward_op.op, args, test_utils=("test_schema", "test_faketensor"))
+        for weight_grad in (True, False):
+            args = (x, weight, bias, target, -100, reduction, 0.1, 3.0, weight_grad, "cpu")
+            torch.library.opcheck(lce._forward_op.op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_frozen_head_gets_no_gradient_and_x_the_right_one(reduction, backend):
+    """A head that needs no gradient (frozen, or LoRA elsewhere) is left out of the computation: dx alone."""
+    x, weight, bias, target = _inputs(13, 16, 90, bias=True, ignore_every=3)
+    weight, bias = weight.detach(), bias.detach()
+    loss = linear_cross_entropy(x, weight, target, bias, reduction=reduction, backend=backend)
+    leaves = float64_leaves(x)
+    want = _torch(leaves[0], weight.double(), bias.double(), target, reduction=reduction)
+    upstream = torch.randn(want.shape, dtype=torch.float64)
+    (dx,) = torch.autograd.grad(loss, x, upstream.float())
+    assert err(loss, want) < TOL and err(dx, torch.autograd.grad(want, leaves[0], upstream)[0]) < TOL
+    args = (x.detach(), weight, bias, target, -100, "sum", 0.0, 0.0, False, "cpu")
+    assert [t.numel() for t in lce._forward_op(*args)[2:]] == [x.numel(), 0, 0]  # no dW, no db
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

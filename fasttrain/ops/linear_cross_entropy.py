@@ -80,9 +80,10 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
         acc.add_(a @ b)
 
 
-def _chunked(x, weight, bias, target, scale, chunk_rows, step):
+def _chunked(x, weight, bias, target, scale, weight_grad, chunk_rows, step):
     """The chunk loop of every backend: (loss (N,), lse (N,), dx, dW, db) with step(logits_c, target_c, scale_c)
-    -> (loss_c, lse_c, gradient_c or None). Without scale, losses only (the gradients are empty tensors)."""
+    -> (loss_c, lse_c, gradient_c or None). Without scale, losses only (the gradients are empty tensors); without
+    weight_grad (a frozen head), dx alone: a third fewer FLOPs and no fp32 accumulator."""
     N, K = x.shape
     V = weight.shape[0]
     loss = x.new_empty(N, dtype=torch.float32)
@@ -90,6 +91,7 @@ def _chunked(x, weight, bias, target, scale, chunk_rows, step):
     dx, dw, db = (x.new_empty(0) for _ in range(3))  # three tensors: a registered op's outputs may not alias
     if scale is not None:
         dx = torch.empty_like(x)
+    if scale is not None and weight_grad:
         dw = weight.new_zeros((V, K), dtype=torch.float32)
         db = bias.new_zeros(V, dtype=torch.float32) if bias is not None else db
     for start in range(0, N, chunk_rows):
@@ -100,10 +102,11 @@ def _chunked(x, weight, bias, target, scale, chunk_rows, step):
         loss[start:stop], lse[start:stop], grad = step(logits, target[start:stop], s)
         if grad is not None:
             torch.mm(grad, weight, out=dx[start:stop])
-            _accumulate(dw, grad.t(), x_c)
-            if bias is not None:
-                db.add_(grad.sum(0, dtype=torch.float32))
-    if scale is not None:
+            if weight_grad:
+                _accumulate(dw, grad.t(), x_c)
+                if bias is not None:
+                    db.add_(grad.sum(0, dtype=torch.float32))
+    if scale is not None and weight_grad:
         dw = dw.to(weight.dtype)
         db = db.to(bias.dtype) if bias is not None else db
     return loss, lse, dx, dw, db
@@ -114,28 +117,29 @@ def _torch_step(ignore_index, label_smoothing, softcap):
 
 
 # ---- the backends: what each computes -------------------------------------------------------------------------------
-# forward(x, weight, bias, target, scale, ignore_index, label_smoothing, softcap) -> (loss (N,), lse (N,), dx, dW, db):
-# scale (N,) fp32 the rows' upstream gradients, or None for the losses alone (then the gradients are empty tensors).
+# forward(x, weight, bias, target, scale, weight_grad, ignore_index, label_smoothing, softcap) -> (loss (N,), lse (N,),
+# dx, dW, db): scale (N,) fp32 the rows' upstream gradients, or None for the losses alone (then the gradients are empty
+# tensors); weight_grad False: dW and db empty too (a frozen head).
 
 
 class Reference:
     @staticmethod
-    def forward(x, weight, bias, target, scale, ignore_index, label_smoothing, softcap):
+    def forward(x, weight, bias, target, scale, weight_grad, ignore_index, label_smoothing, softcap):
         step = _torch_step(ignore_index, label_smoothing, softcap)
-        return _chunked(x, weight, bias, target, scale, max(len(x), 1), step)
+        return _chunked(x, weight, bias, target, scale, weight_grad, max(len(x), 1), step)
 
 
 class Cpu:
     @staticmethod
-    def forward(x, weight, bias, target, scale, ignore_index, label_smoothing, softcap):
+    def forward(x, weight, bias, target, scale, weight_grad, ignore_index, label_smoothing, softcap):
         rows = max(1, CPU_CHUNK_ELEMENTS // weight.shape[0])
         step = _torch_step(ignore_index, label_smoothing, softcap)
-        return _chunked(x, weight, bias, target, scale, rows, step)
+        return _chunked(x, weight, bias, target, scale, weight_grad, rows, step)
 
 
 class Triton:
     @staticmethod
-    def forward(x, weight, bias, target, scale, ignore_index, label_smoothing, softcap):
+    def forward(x, weight, bias, target, scale, weight_grad, ignore_index, label_smoothing, softcap):
         launch = _backend.kernels("linear_cross_entropy").ce_chunk
 
         def step(logits, target, scale):
@@ -147,7 +151,7 @@ class Triton:
         # Liger's chunking: about as many logits per chunk as x has elements, in a power of two of rows.
         per_chunk = -(-N // -(-V // K))  # ceil(N / ceil(V / K))
         rows = 1 << max(per_chunk - 1, 0).bit_length()
-        return _chunked(x, weight, bias, target, scale, rows, step)
+        return _chunked(x, weight, bias, target, scale, weight_grad, rows, step)
 
 
 # ---- the table: which backend can serve which inputs ----------------------------------------------------------------
@@ -194,11 +198,14 @@ def _forward_op(
     reduction: str,
     label_smoothing: float,
     softcap: float,
+    weight_grad: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     scale = None if reduction == "none" else _uniform_scale(target, ignore_index, reduction)
     impl = LINEAR_CROSS_ENTROPY[backend]
-    rows, lse, dx, dw, db = impl.forward(x, weight, bias, target, scale, ignore_index, label_smoothing, softcap)
+    rows, lse, dx, dw, db = impl.forward(
+        x, weight, bias, target, scale, weight_grad, ignore_index, label_smoothing, softcap
+    )
     if reduction == "none":
         return rows, lse, dx, dw, db
     loss = rows.sum() if reduction == "sum" else rows.sum() / (target != ignore_index).sum()
@@ -206,12 +213,14 @@ def _forward_op(
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, target, ignore_index, reduction, label_smoothing, softcap, backend):
+def _(x, weight, bias, target, ignore_index, reduction, label_smoothing, softcap, weight_grad, backend):
     N = x.shape[0]
     loss = x.new_empty((N,) if reduction == "none" else (), dtype=torch.float32)
     lse = x.new_empty((N,), dtype=torch.float32)
     if reduction == "none":
         return loss, lse, x.new_empty(0), x.new_empty(0), x.new_empty(0)
+    if not weight_grad:
+        return loss, lse, torch.empty_like(x), x.new_empty(0), x.new_empty(0)
     db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     return loss, lse, torch.empty_like(x), torch.empty_like(weight), db
 
@@ -226,15 +235,20 @@ def _backward_op(
     ignore_index: int,
     label_smoothing: float,
     softcap: float,
+    weight_grad: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     impl = LINEAR_CROSS_ENTROPY[backend]
-    _, _, dx, dw, db = impl.forward(x, weight, bias, target, grad_rows, ignore_index, label_smoothing, softcap)
+    _, _, dx, dw, db = impl.forward(
+        x, weight, bias, target, grad_rows, weight_grad, ignore_index, label_smoothing, softcap
+    )
     return dx, dw, db
 
 
 @_backward_op.register_fake
-def _(grad_rows, x, weight, bias, target, ignore_index, label_smoothing, softcap, backend):
+def _(grad_rows, x, weight, bias, target, ignore_index, label_smoothing, softcap, weight_grad, backend):
+    if not weight_grad:
+        return torch.empty_like(x), x.new_empty(0), x.new_empty(0)
     db = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     return torch.empty_like(x), torch.empty_like(weight), db
 
@@ -248,7 +262,8 @@ def _torch_loss(x, weight, bias, target, ignore_index, reduction, label_smoothin
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, target, ctx.ignore_index, ctx.reduction, ctx.label_smoothing, ctx.softcap, ctx.backend = inputs
+    x, weight, bias, target, ctx.ignore_index, ctx.reduction, ctx.label_smoothing, ctx.softcap = inputs[:8]
+    ctx.weight_grad, ctx.backend = inputs[8:]
     ctx.has_bias = bias is not None
     if ctx.reduction == "none":
         ctx.save_for_backward(x, weight, bias, target)
@@ -265,14 +280,27 @@ def _backward(ctx, grad_loss, *unused):  # the lse and the stored gradients leav
     elif ctx.reduction == "none":
         grad_rows = grad_loss.float().contiguous()
         dx, dw, db = _backward_op(
-            grad_rows, x, weight, bias, target, ctx.ignore_index, ctx.label_smoothing, ctx.softcap, ctx.backend
+            grad_rows,
+            x,
+            weight,
+            bias,
+            target,
+            ctx.ignore_index,
+            ctx.label_smoothing,
+            ctx.softcap,
+            ctx.weight_grad,
+            ctx.backend,
         )
     else:
         dx, dw, db = stored
         g = grad_loss.float()
-        dx, dw = (dx * g).to(x.dtype), (dw * g).to(weight.dtype)
-        db = (db * g).to(bias.dtype) if ctx.has_bias else db
-    return dx, dw, db if ctx.has_bias else None, None, None, None, None, None, None
+        dx = (dx * g).to(x.dtype)
+        if ctx.weight_grad:
+            dw = (dw * g).to(weight.dtype)
+            db = (db * g).to(bias.dtype) if ctx.has_bias else db
+    if not ctx.weight_grad:  # a frozen head: its gradients were never computed
+        dw = db = None
+    return dx, dw, db if ctx.has_bias else None, None, None, None, None, None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -364,6 +392,7 @@ def linear_cross_entropy(
             reduction,
             float(label_smoothing),
             float(softcap or 0.0),
+            weight.requires_grad or (bias is not None and bias.requires_grad),
             name,
         )
     return loss
