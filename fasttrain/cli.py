@@ -233,6 +233,7 @@ BENCHMARKS = (
     "adamw",
     "attention",
     "cross_entropy",
+    "linear_cross_entropy",
     "decode",
     "norms",
     "rotary",

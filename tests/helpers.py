@@ -16,6 +16,8 @@ TOL_FP32 = {
     "attention": 5e-5,
     # relative (err) for a summed loss: the online logsumexp reorders sums; measured worst 3.2e-7
     "cross_entropy": 2e-5,
+    # relative (err), the loss and the gradients of x, weight and bias: measured worst 2.1e-6 over the test grid
+    "linear_cross_entropy": 1e-5,
     # absolute and relative (torch.testing.assert_close): measured max |error| ~5e-7 on test_decode's shapes
     "decode": 1e-5,
     # relative (err) on unit-normal rows: a reordered fp32 row sum; measured worst 1.8e-6 (N 1000)

@@ -10,8 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fasttrain.benchmarks import bench_adamw, bench_attention, bench_overhead, bench_step, common
+from fasttrain.benchmarks import (
+    bench_adamw,
+    bench_attention,
+    bench_linear_cross_entropy,
+    bench_overhead,
+    bench_step,
+    common,
+)
 from fasttrain.cli import main
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -236,3 +244,23 @@ def test_results_say_which_code_ran(tmp_path, monkeypatch):
     assert common.installed_differs() == ["kernels/norms.py"]
     result = json.loads(common.write_results("norms", "cpu", [{"ms": 1.0}], {}, tmp_path).read_text())
     assert result["installed_differs_from_checkout"] == ["kernels/norms.py"] and not result["quick"]
+
+
+def test_bench_linear_cross_entropy_checks_the_loss_and_measures_each_calls_own_memory(monkeypatch):
+    """Its correctness check fails on a wrong gradient; the CPU peak is what a call adds (an eager call over (N, V)
+    logits adds several N V x 4 bytes, the fused one less); Liger's row says why it cannot run on a CPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a user's CPU: the cpu backend, not the interpreter
+    bench = bench_linear_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=g).requires_grad_()
+    w = (torch.randn(4096, 32, generator=g) / 4).requires_grad_()
+    t = torch.randint(0, 4096, (512,), generator=g)
+    assert bench.check_correct(x, w, t) < 1e-5
+    logits_mb = 512 * 4096 * 4 / 2**20  # 8 MiB
+    eager = bench.peak_mb(bench.fwd_bwd(bench.eager, x, w, t), "cpu")
+    ours = bench.peak_mb(bench.fwd_bwd(bench.linear_cross_entropy, x, w, t), "cpu")
+    assert eager > 2 * logits_mb and ours < eager, (eager, ours)
+    assert "needs CUDA" in bench.variants("cpu")["liger"]
+    monkeypatch.setattr(bench, "linear_cross_entropy", lambda x, w, t: 1.01 * F.cross_entropy(F.linear(x, w), t))
+    with pytest.raises(AssertionError, match="linear_cross_entropy differs from float64"):
+        bench.check_correct(x, w, t)

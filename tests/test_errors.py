@@ -14,6 +14,7 @@ from fasttrain.ops import (
     flash_attn_with_kvcache,
     gelu,
     layer_norm,
+    linear_cross_entropy,
     rms_norm,
     scaled_dot_product_attention,
 )
@@ -71,6 +72,11 @@ CASES = {
         lambda: cross_entropy(_x(4, 10, dtype=LONG), torch.zeros(4, dtype=LONG)),
         lambda: cross_entropy(_x(4, 10), [0, 1, 2, 3]),
         lambda: cross_entropy(_x(4, 10), torch.zeros(3, dtype=LONG)),
+    ),
+    "linear_cross_entropy": (
+        lambda: linear_cross_entropy(_x(4, 8), _x(10, 8, dtype=torch.float16), torch.zeros(4, dtype=LONG)),
+        lambda: linear_cross_entropy(_x(4, 8), _x(10, 8), [0, 1, 2, 3]),
+        lambda: linear_cross_entropy(_x(4, 8), _x(10, 8), torch.zeros(4, dtype=LONG), label_smoothing=-0.1),
     ),
     "apply_rotary_emb": (
         lambda: apply_rotary_emb(_x(1, 4, 2, 8, dtype=LONG), *_cos_sin()),

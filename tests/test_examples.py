@@ -41,7 +41,9 @@ def test_packed_examples_equal_each_example_alone(options):
     assert len(batches.rows) == 2  # [5, 1, 17, 9] and [30, 2]: 32 tokens each, no padding
     idx, targets, positions, cu = batches.next()
     assert idx.shape == (2, 32) and cu[-1] == 64
-    logits, loss = model(idx, targets, positions=positions, cu_seqlens=cu)
+    logits, loss = model(idx, targets, positions=positions, cu_seqlens=cu, return_logits=True)
+    fused = model(idx, targets, positions=positions, cu_seqlens=cu)[1]  # the loss without the logits
+    torch.testing.assert_close(fused, loss, rtol=1e-6, atol=0)
     flat = logits.reshape(64, -1)
     for start, stop in zip(cu[:-1].tolist(), cu[1:].tolist()):
         alone = model(idx.reshape(1, 64)[:, start:stop])[0][0]

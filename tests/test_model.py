@@ -41,7 +41,7 @@ def test_forward_backward_and_param_count(variant):
     cfg = GPTConfig(**SMALL, **variant)
     model = GPT(cfg)
     idx = torch.randint(0, cfg.vocab_size, (3, 37))
-    logits, loss = model(idx, torch.roll(idx, -1, 1))
+    logits, loss = model(idx, torch.roll(idx, -1, 1), return_logits=True)
     assert logits.shape == (3, 37, cfg.vocab_size)
     # A fresh model predicts close to uniformly: loss near ln(V).
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 1.0
@@ -268,6 +268,26 @@ def test_a_head_untied_by_the_user_stays_untied_through_a_load():
     state = {k: v + 1 if k == "lm_head.weight" else v for k, v in model.state_dict().items()}
     model.load_state_dict(state)
     assert model.lm_head.weight is not model.wte.weight and torch.equal(model.lm_head.weight, state["lm_head.weight"])
+
+
+@pytest.mark.parametrize("variant", [VARIANTS[0], VARIANTS[2]], ids=["tied", "untied"])
+@pytest.mark.parametrize("interpret", ["1", "0"], ids=["triton-interpreted", "cpu"])
+def test_fused_loss_matches_the_loss_on_logits(variant, interpret, monkeypatch):
+    """With targets the lm_head and the loss run fused (no logits returned); return_logits=True takes the loss from
+    the logits: the same loss and gradients, ignored targets included."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, **variant))
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 37))
+    targets = torch.roll(idx, -1, 1)
+    targets[:, -5:] = -100
+    params = list(model.parameters())
+    logits, loss = model(idx, targets, return_logits=True)
+    none, fused = model(idx, targets)
+    assert none is None and logits.shape == (2, 37, SMALL["vocab_size"])
+    torch.testing.assert_close(fused, loss, rtol=1e-6, atol=0)
+    for got, want in zip(torch.autograd.grad(fused, params), torch.autograd.grad(loss, params)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("interpret", ["1", "0"], ids=["triton-interpreted", "cpu-kernels"])

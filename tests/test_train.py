@@ -107,6 +107,22 @@ def test_loss_falls_and_the_run_directory_is_complete(tmp_path, corpus_dir):
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_the_fused_loss_leaves_the_runs_losses_as_they_were(tmp_path, corpus_dir, monkeypatch):
+    """The trainer's loss runs through linear_cross_entropy (GPT's default with targets); the same run with the loss
+    taken from the logits instead (return_logits=True) gives the same losses, step by step."""
+    kw = dict(steps=8, eval_interval=4, checkpoint_interval=8, log_interval=1)
+    fused = train(run_config(tmp_path / "fused", corpus_dir, **kw)).metrics
+    forward = GPT.forward
+
+    def with_logits(self, idx, targets=None, **options):
+        return forward(self, idx, targets, **{**options, "return_logits": True})
+
+    monkeypatch.setattr(GPT, "forward", with_logits)
+    on_logits = train(run_config(tmp_path / "logits", corpus_dir, **kw)).metrics
+    assert len(fused.train_loss) == 8 and fused.train_loss == pytest.approx(on_logits.train_loss, rel=1e-5)
+    assert fused.val_loss == pytest.approx(on_logits.val_loss, rel=1e-5)
+
+
 def test_overfitting_one_batch_drives_the_loss_near_zero():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=8, d_model=64, vocab_size=64, max_seq_len=32))

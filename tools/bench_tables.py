@@ -32,7 +32,9 @@ VOCABULARY = {
     "fwd TFLOP/s": "attention forward, 4 B H T T D FLOPs (halved when causal) per second",
     "bwd TFLOP/s": "attention backward, 2.5x the forward's FLOPs per second",
     "fwd+bwd TFLOP/s": "attention forward + backward, 3.5x the forward's FLOPs per second",
-    "TFLOP/s": "the training step's matmul FLOPs (6 per parameter per token, plus causal attention) per second",
+    "TFLOP/s": "matmul FLOPs per second: the training step's (6 per parameter per token, plus causal attention), the "
+    "linear cross-entropy's (6 N V K: logits, dx, dW)",
+    "%matmul": "TFLOP/s as a percentage of a large square matmul measured in the same run",
     "%MFU": "TFLOP/s as a percentage of the device's dense bf16 peak",
     "GB/s": "the fewest bytes the op must move (each input read once, each output written once) per second",
     "%copy": "GB/s as a percentage of device-to-device copy measured in the same run",
@@ -99,7 +101,7 @@ IMPLS = {
 }
 MEASURES = set(VOCABULARY) - {"impl", "params", "MB", "images", "note"}
 # The other columns: dimensions and labels of a row, as the benchmarks name them.
-LABELS = {"B", "T", "H", "Hkv", "D", "L", "M", "N", "V", "causal", "dtype", "op", "mode", "model", "prompt", "new",
+LABELS = {"B", "T", "H", "Hkv", "D", "L", "M", "N", "K", "V", "causal", "dtype", "op", "mode", "model", "prompt", "new",
           "format", "tokenizer", "workers"}  # fmt: skip
 
 
@@ -156,6 +158,11 @@ TABLES = [
         "cross_entropy",
         "Cross-entropy forward + backward (fewest bytes: 3 N V times the element size)",
         ["N", "V", "dtype", "impl", "ms", "GB/s", "%copy", "x eager", "x compile", "peak MiB"],
+    ),
+    Table(
+        "linear_cross_entropy",
+        "Linear cross-entropy forward + backward: x (N, K) through a head (V, K) into the loss, gradients of both",
+        ["N", "K", "V", "dtype", "impl", "ms", "TFLOP/s", "%matmul", "x eager", "x compile", "peak MiB", "note"],
     ),
     Table(
         "norms",

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from fasttrain.model.config import GPTConfig
 from fasttrain.model.norms import LayerNorm, RMSNorm
 from fasttrain.model.rotary import rotary_tables
-from fasttrain.ops import apply_rotary_emb, cross_entropy, flash_attn_func, flash_attn_varlen_func, gelu
+from fasttrain.ops import (
+    apply_rotary_emb,
+    cross_entropy,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    gelu,
+    linear_cross_entropy,
+)
 
 
 def _norm(cfg: GPTConfig) -> nn.Module:
@@ -201,8 +208,13 @@ class GPT(nn.Module):
         cache=None,
         positions: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        return_logits: bool | None = None,
     ):
-        """idx (B, T) long -> (logits (B, T, V), mean cross-entropy against targets (B, T) or None).
+        """idx (B, T) long -> (logits (B, T, V) or None, mean cross-entropy against targets (B, T) or None).
+
+        With targets, the lm_head and the loss run fused (fasttrain.ops.linear_cross_entropy: the (B, T, V) logits are
+        never held) and the logits returned are None, unless return_logits=True asks for them (then the loss is taken
+        from them); without targets the logits are returned. Targets equal to -100 are ignored by the loss.
 
         Packed examples: with cu_seqlens ((N + 1,) int32 offsets into the B*T tokens laid end to end, no example
         crossing a row) each example attends only to itself, and positions (B, T) long give each token its place in
@@ -211,7 +223,6 @@ class GPT(nn.Module):
         With a cache, token t of sequence b sits at position `cache.positions(T)[b, t]` and attention layer i uses
         `cache.attend(i, q, k, v)` (q (B, T, H, D), k/v (B, T, Hkv, D) after rotary) instead of its own; a layer with
         a sliding window also passes window_size=(left, 0) as flash-attn's.
-        Targets equal to -100 are ignored by the loss.
         """
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be a (B, T) integer tensor, got {tuple(idx.shape)} {idx.dtype}")
@@ -236,7 +247,13 @@ class GPT(nn.Module):
         x, residual = self.drop(x), None
         for block in self.blocks:
             x, residual = block(x, residual, cos, sin, cache, segments)
-        logits = self.lm_head(add_norm(self.norm_f, x, residual)[0])  # (B, T, V)
+        x = add_norm(self.norm_f, x, residual)[0]  # (B, T, C)
+        # Fused only for a plain nn.Linear head: a wrapped one (LoRA on lm_head) computes more than x @ W.T.
+        if targets is not None and not return_logits and type(self.lm_head) is nn.Linear:
+            # (B*T, C) and the head (V, C) against (B*T,): the loss is fp32 whatever the autocast dtype.
+            loss = linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+            return None, loss
+        logits = self.lm_head(x)  # (B, T, V)
         if targets is None:
             return logits, None
         # (B*T, V) against (B*T,); the loss and the softmax inside it are fp32 whatever the autocast dtype.

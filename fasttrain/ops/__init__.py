@@ -4,6 +4,7 @@ from fasttrain.ops.activation import gelu
 from fasttrain.ops.attention import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from fasttrain.ops.cross_entropy import cross_entropy
 from fasttrain.ops.decode import flash_attn_with_kvcache
+from fasttrain.ops.linear_cross_entropy import linear_cross_entropy
 from fasttrain.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fasttrain.ops.rotary import apply_rotary_emb
 
@@ -13,6 +14,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "flash_attn_with_kvcache",
     "cross_entropy",
+    "linear_cross_entropy",
     "layer_norm",
     "rms_norm",
     "add_layer_norm",
