@@ -165,6 +165,27 @@ def test_fused_clipping_equals_clip_grad_norm(backend, max_norm):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_norm_skips_the_step_instead_of_clipping_by_it(backend, bad):
+    params = make_params()
+    opt = AdamW(params, lr=1e-2, max_grad_norm=1.0, backend=backend)
+    set_grads([params], seed=0, scale=3.0)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    moments = [opt.state[p]["exp_avg"].clone() for p in params]
+    set_grads([params], seed=1, scale=3.0)
+    params[1].grad[3] = bad
+    opt.step()
+    assert not torch.isfinite(opt.last_grad_norm)
+    assert all(torch.equal(p, b) for p, b in zip(params, before)), "a non-finite norm must not touch params"
+    assert all(torch.equal(opt.state[p]["exp_avg"], m) for p, m in zip(params, moments))
+    assert opt.state[params[0]]["step"].item() == 1
+    set_grads([params], seed=2, scale=3.0)  # the next finite step goes on as usual
+    opt.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_grad_scaler_with_inf_step(backend):
     """GradScaler.step hands our optimizer scale and found_inf; a step with an inf gradient changes nothing."""
     params, ref_params = make_params(), make_params()

@@ -210,7 +210,8 @@ class AdamW(Optimizer):
     Same arguments as torch.optim.AdamW; foreach and fused are taken and change nothing (the step is one fused
     kernel per device and dtype whatever they say), capturable and differentiable only as False. Plus:
       max_grad_norm: clip the global grad norm to this value inside the step (one norm pass, then the update pass,
-        no host sync); the norm before clipping is kept in `last_grad_norm` (a float32 device tensor).
+        no host sync); the norm before clipping is kept in `last_grad_norm` (a float32 device tensor), and a step
+        whose norm is not finite is skipped (as a GradScaler skips an inf step) instead of clipping by it.
       backend: "auto" (default), "cuda", "cpu" or "reference" (see fasttrain._backend; FASTTRAIN_BACKEND overrides
         auto).
     Works with torch.amp.GradScaler: the inverse scale and found_inf are read on the device, an inf step is skipped.
@@ -358,6 +359,9 @@ class AdamW(Optimizer):
             grad_norm = self._global_grad_norm(collected, backends)
             if grad_norm is not None:
                 self.last_grad_norm = grad_norm if grad_scale is None else grad_norm / grad_scale.to(grad_norm.device)
+                # Clipping by a non-finite norm would write NaN into every weight: that step is skipped, on the device.
+                bad_norm = (~torch.isfinite(grad_norm)).float()
+                found_inf = bad_norm if found_inf is None else found_inf.to(grad_norm.device) + bad_norm
         for group, buckets in collected:
             beta1, beta2 = (float(b) for b in group["betas"])
             for (device, dtype, subclass), lists in buckets.items():
