@@ -51,18 +51,6 @@ def check_correct(x, t) -> float:
     return common.relative_error([(got, want), (grad, want_grad)], "cross_entropy", bound)
 
 
-def peak_mb(run, device: str) -> float | None:
-    """Memory a call adds at its peak, over what the inputs already hold (CUDA only)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
     device, dtype = args.device, DTYPE[args.device]
@@ -76,7 +64,7 @@ def main() -> None:
         runs = {name: fwd_bwd(fn, x, t) for name, fn in variants(device).items()}
         for run in runs.values():
             run()  # compiles and warms up outside the timed region
-        peaks = {name: peak_mb(run, device) for name, run in runs.items()}
+        peaks = {name: common.peak_mb(run, device) for name, run in runs.items()}
         for row in common.memory_bound_rows(
             runs, device, 3 * N * V * x.element_size(), copy_gbs, N=N, V=V, dtype=str(dtype).removeprefix("torch.")
         ):

@@ -11,9 +11,7 @@ calls freed).
 
 from __future__ import annotations
 
-import ctypes
 import importlib
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -70,30 +68,6 @@ def check_correct(x, w, t) -> float:
     return common.relative_error(pairs, "linear_cross_entropy", bound)
 
 
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def peak_mb(run, device: str) -> float:
-    """Memory a call adds at its peak, over what is held before it."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory that malloc keeps resident would hide a call's own
-    base = _rss_mb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets the peak resident set (VmHWM) to the current one
-    run()
-    return _rss_mb("VmHWM") - base
-
-
 def main() -> None:
     args = common.parse_args(__doc__.splitlines()[0])
     device, dtype = args.device, DTYPE[args.device]
@@ -115,7 +89,7 @@ def main() -> None:
                 runs[name] = fwd_bwd(fn, x, w, t)
         for run in runs.values():
             run()  # compiles and warms up outside the timed region
-        peaks = {name: peak_mb(run, device) for name, run in runs.items()}
+        peaks = {name: common.peak_mb(run, device) for name, run in runs.items()}
         times = common.time_interleaved_ms(runs, device, rounds=3 if device == "cpu" else 5)
         for name, ms in times.items():
             tflops = 6 * N * V * K / (ms * 1e-3) / 1e12

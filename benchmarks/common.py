@@ -10,6 +10,7 @@ scripts).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as _dt
 import json
 import os
@@ -367,3 +368,30 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return "-" if v is None else str(v)
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_mb(run, device: str) -> float | None:
+    """Memory a call of run() adds at its peak, over what is held before it: the CUDA allocator's peak, or on a
+    Linux CPU the peak resident set (None where /proc cannot reset it)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed memory that malloc keeps resident would hide a call's own
+    base = _rss_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set (VmHWM) to the current one
+    run()
+    return _rss_mb("VmHWM") - base

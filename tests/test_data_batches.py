@@ -70,7 +70,7 @@ def test_resume_yields_exactly_the_batches_of_an_uninterrupted_run(tokens, mode)
 
 def test_loading_a_state_of_other_batches_raises(tokens):
     state = Batches(tokens, 4, 50, seed=7).state_dict()
-    with pytest.raises(ValueError, match=r"batch_size=4 but these Batches have 8"):
+    with pytest.raises(ValueError, match=r"batch_size=4 but these batches have 8"):
         Batches(tokens, 8, 50, seed=7).load_state_dict(state)
     with pytest.raises(ValueError, match=r"the data changed"):
         Batches(tokens[:-1], 4, 50, seed=7).load_state_dict(state)

@@ -79,17 +79,27 @@ class Batches:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("seed", "mode", "batch_size", "seq_len"):
-            if state.get(name) != getattr(self, name):
-                raise ValueError(
-                    f"Batches state has {name}={state.get(name)!r} but these Batches have "
-                    f"{getattr(self, name)!r}: resuming would not repeat the same batches"
-                )
-        if state.get("num_tokens") != len(self.tokens):
-            raise ValueError(
-                f"Batches state was saved over {state.get('num_tokens')} tokens but these Batches have "
-                f"{len(self.tokens)}: the data changed since the checkpoint"
-            )
-        if not isinstance(state.get("step"), int) or state["step"] < 0:
-            raise ValueError(f"Batches state step must be a non-negative int, got {state.get('step')!r}")
+        check_resume_state(
+            self, state, ("seed", "mode", "batch_size", "seq_len"), ("num_tokens", len(self.tokens)), "step"
+        )
         self.step = state["step"]
+
+
+def check_resume_state(batches, state: dict, settings: tuple[str, ...], size: tuple[str, int], position: str) -> None:
+    """Refuse a batch iterator's saved state that would not repeat the same batches: other settings, data of another
+    size (size: the state's key and this iterator's value), or a position that is not an int >= 0."""
+    kind = type(batches).__name__
+    for name in settings:
+        if state.get(name) != getattr(batches, name):
+            raise ValueError(
+                f"{kind} state has {name}={state.get(name)!r} but these batches have {getattr(batches, name)!r}: "
+                "resuming would not repeat the same batches"
+            )
+    key, n = size
+    if state.get(key) != n:
+        raise ValueError(
+            f"{kind} state was saved over {state.get(key)} {key.removeprefix('num_')} but these batches have {n}: the "
+            "data changed since the checkpoint"
+        )
+    if not isinstance(state.get(position), int) or state[position] < 0:
+        raise ValueError(f"{kind} state {position} must be a non-negative int, got {state.get(position)!r}")

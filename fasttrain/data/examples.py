@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fasttrain.data.batches import check_resume_state
+
 IGNORE = -100
 """Target of a token the loss skips (the prompt, padding): cross-entropy's ignore_index."""
 MODES = ("pack", "pad")
@@ -219,17 +221,6 @@ class ExampleBatches:
         return {**{k: getattr(self, k) for k in keys}, "rows": len(self.rows)}
 
     def load_state_dict(self, state: dict) -> None:
-        for name in ("seed", "mode", "batch_size", "seq_len", "shuffle"):
-            if state.get(name) != getattr(self, name):
-                raise ValueError(
-                    f"ExampleBatches state has {name}={state.get(name)!r} but these batches have "
-                    f"{getattr(self, name)!r}: resuming would not repeat the same batches"
-                )
-        if state.get("rows") != len(self.rows):
-            raise ValueError(
-                f"ExampleBatches state was saved over {state.get('rows')} rows but these batches have "
-                f"{len(self.rows)}: the examples changed since the checkpoint"
-            )
-        if not isinstance(state.get("served"), int) or state["served"] < 0:
-            raise ValueError(f"ExampleBatches state served must be a non-negative int, got {state.get('served')!r}")
+        settings = ("seed", "mode", "batch_size", "seq_len", "shuffle")
+        check_resume_state(self, state, settings, ("rows", len(self.rows)), "served")
         self.served = state["served"]
