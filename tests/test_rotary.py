@@ -77,6 +77,17 @@ def test_int_and_tensor_offsets_and_per_sequence_tables(backend):
     _check(x, cos[positions], sin[positions], backend)
 
 
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+@pytest.mark.parametrize("B", [1, 3])
+def test_tables_with_a_leading_batch_of_one_match_the_plain_table(backend, B):
+    # Hugging Face's rotary embeddings give (1, T, R/2)-shaped rows (their half-width form here).
+    x = _x(B, 7, 4, 32, seed=B)
+    cos, sin = _tables(7, 24)  # partial rotation: 24 of 32 dims
+    y = apply_rotary_emb(x, cos[None], sin[None], backend=backend)
+    assert torch.equal(y, apply_rotary_emb(x, cos, sin, backend=backend))
+    _check(x, cos[None], sin[None], backend)
+
+
 def test_tensor_offset_past_the_table_gives_nan_not_a_wild_read():
     x = _x(2, 3, 2, 16)
     cos, sin = _tables(4, 16)
@@ -322,7 +333,22 @@ def test_tables_get_no_gradient(backend):
         (
             lambda x, c, s: apply_rotary_emb(x, c[:5].expand(2, 5, 8), s[:5].expand(2, 5, 8)),
             ValueError,
-            r"must be \(2, 4, R/2\)",
+            r"must be \(2, 4, R/2\) or \(1, 4, R/2\)",
+        ),
+        (
+            lambda x, c, s: apply_rotary_emb(x, c[None, :5], s[None, :5]),
+            ValueError,
+            r"must be \(2, 4, R/2\) or \(1, 4, R/2\), got \(1, 5, 8\)",
+        ),
+        (
+            lambda x, c, s: apply_rotary_emb(x, c[:4].expand(3, 4, 8), s[:4].expand(3, 4, 8)),
+            ValueError,
+            r"got \(3, 4, 8\)",
+        ),
+        (
+            lambda x, c, s: apply_rotary_emb(x, c[None, :4], s[None, :4], seqlen_offsets=2),
+            ValueError,
+            "seqlen_offsets must be 0",
         ),
         (lambda x, c, s: apply_rotary_emb(x, c, s, interleaved="yes"), TypeError, "interleaved must be a bool"),
         (lambda x, c, s: apply_rotary_emb(x, c, s, inplace=1), TypeError, "inplace must be a bool"),

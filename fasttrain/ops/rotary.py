@@ -188,8 +188,11 @@ def _check(x, cos, sin, seqlen_offsets) -> None:
     elif seqlen_offsets < 0:
         raise ValueError(f"apply_rotary_emb: seqlen_offsets must be an int >= 0, got {seqlen_offsets}")
     if cos.dim() == 3:
-        if tuple(cos.shape[:2]) != (B, T):
-            raise ValueError(f"apply_rotary_emb: per-sequence cos/sin must be ({B}, {T}, R/2), got {tuple(cos.shape)}")
+        if cos.shape[1] != T or cos.shape[0] not in (1, B):
+            raise ValueError(
+                f"apply_rotary_emb: per-sequence cos/sin must be ({B}, {T}, R/2) or (1, {T}, R/2), "
+                f"got {tuple(cos.shape)}"
+            )
         if not (isinstance(seqlen_offsets, numbers.Integral) and seqlen_offsets == 0):
             raise ValueError("apply_rotary_emb: seqlen_offsets must be 0 with per-sequence (B, T, R/2) cos/sin")
     elif isinstance(seqlen_offsets, numbers.Integral) and seqlen_offsets + T > cos.shape[0]:
@@ -216,7 +219,8 @@ def apply_rotary_emb(
 ) -> Tensor:
     """Rotate x (B, T, H, D) by the angles whose cos/sin are given, as flash-attn's `apply_rotary_emb`.
 
-    cos, sin: (T_ro, R/2), row t + seqlen_offsets used for token t, or (B, T, R/2) per sequence (seqlen_offsets 0).
+    cos, sin: (T_ro, R/2), row t + seqlen_offsets used for token t, or (B, T, R/2) per sequence (seqlen_offsets 0),
+    or (1, T, R/2) shared by every sequence (seqlen_offsets 0; as Hugging Face's rotary embeddings return them).
     R = 2 * cos.shape[-1] <= D: the first R dims of each head are rotated, the rest pass through. interleaved=False
     pairs dim i with i + R/2 (GPT-NeoX), True pairs 2i with 2i + 1 (GPT-J). seqlen_offsets: an int, or a (B,) integer
     tensor of per-sequence start positions (KV-cache decoding; a position past the table is an error on the cpu
@@ -232,6 +236,8 @@ def apply_rotary_emb(
         if not isinstance(flag, bool):
             raise TypeError(f"apply_rotary_emb: {name} must be a bool, got {type(flag).__name__}")
     cos, sin = cos.detach(), sin.detach()
+    if cos.dim() == 3 and cos.shape[0] == 1:
+        cos, sin = cos[0], sin[0]  # (1, T, R/2) -> (T, R/2): one table for every sequence (HF's rotary tables)
     if inplace and x.requires_grad and torch.is_grad_enabled():
         raise ValueError("apply_rotary_emb: inplace=True needs x that does not require grad (or torch.no_grad())")
     if inplace and any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
