@@ -3,9 +3,10 @@
     import fasttrain.integrations.hf                      # registers "fasttrain" (needs `pip install fasttrain[hf]`)
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="fasttrain")
 
-Transformers builds its masks for this name as it does for "sdpa": where the mask is only causal (no padding, no
-packing, no sliding window shorter than the sequence) it passes none and the kernel masks causally; any other mask
-goes to fasttrain's scaled_dot_product_attention as given, which runs its reference (PyTorch) path for it.
+Masks come from fasttrain_mask: transformers' sdpa mask, or none where it is only causal (no padding, no packing, no
+sliding window shorter than the sequence), and the kernel masks causally; any other mask goes to fasttrain's
+scaled_dot_product_attention as given, which runs its reference (PyTorch) path for it. Under torch.compile the mask
+cannot be read without a graph break, so a compiled model always runs that reference path.
 """
 
 from __future__ import annotations
@@ -51,5 +52,19 @@ def fasttrain_attention_forward(
     return out.transpose(1, 2), None  # (B, H, Tq, D) -> (B, Tq, H, D)
 
 
+def fasttrain_mask(*args, **kwargs) -> torch.Tensor | None:
+    """The mask for attn_implementation="fasttrain": transformers' sdpa mask (same arguments), or None wherever that
+    mask is only causal over a square (Tq == Tk) block, so the kernel masks causally instead. While tracing the
+    mask's values are unknown (reading them would break the graph): it is returned as built."""
+    mask = sdpa_mask(*args, **kwargs)
+    if mask is None or mask.dtype != torch.bool or mask.dim() != 4 or torch.compiler.is_compiling():
+        return mask
+    T = mask.shape[-1]
+    if mask.shape[-2] != T or T < 2:
+        return mask
+    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    return None if bool((mask == causal).all()) else mask  # one host read per forward, as sdpa_mask's own check
+
+
 AttentionInterface.register(NAME, fasttrain_attention_forward)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+AttentionMaskInterface.register(NAME, fasttrain_mask)
