@@ -25,7 +25,8 @@ from fasttrain.ops._op import custom_op
 def apply_rotary_emb_reference(
     x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, seqlen_offsets: int | Tensor = 0
 ) -> Tensor:
-    """The rotation in fp32 torch ops, returned in x's dtype (arguments as for apply_rotary_emb)."""
+    """The rotation in torch ops, in fp32 (float64 for float64 inputs), returned in x's dtype (arguments as for
+    apply_rotary_emb)."""
     B, T = x.shape[:2]
     rot = 2 * cos.shape[-1]
     if cos.dim() == 2:
@@ -34,8 +35,9 @@ def apply_rotary_emb_reference(
             cos, sin = cos[positions], sin[positions]  # (B, T, R/2)
         else:
             cos, sin = cos[seqlen_offsets : seqlen_offsets + T], sin[seqlen_offsets : seqlen_offsets + T]  # (T, R/2)
-    cos, sin = cos.float().unsqueeze(-2), sin.float().unsqueeze(-2)  # (..., T, 1, R/2): broadcast over heads
-    xr = x[..., :rot].float()
+    compute = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = cos.to(compute).unsqueeze(-2), sin.to(compute).unsqueeze(-2)  # (..., T, 1, R/2): over heads
+    xr = x[..., :rot].to(compute)
     x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., : rot // 2], xr[..., rot // 2 :])
     o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin  # (B, T, H, R/2) each
     out = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)

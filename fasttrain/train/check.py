@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +56,18 @@ def run_checks(cfg: RunConfig, steps: int = 200, lr: float = 3e-3, seed: int = 0
     return [
         initial_loss(model, pretrained, seed),
         overfit(model, cfg, steps, lr, seed),
-        gradcheck_model(model_cfg, seed),
-        kernel_gradients(model_cfg, seed),
+        _quietly(gradcheck_model, model_cfg, seed),
+        _quietly(kernel_gradients, model_cfg, seed),
     ]
+
+
+def _quietly(check, *args) -> Check:
+    # These checks run float64 models, which every op serves by its reference: the fallback notices would only say so.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="fasttrain: .* runs on the reference backend", category=RuntimeWarning
+        )
+        return check(*args)
 
 
 def _batch(cfg: GPTConfig, B: int, T: int, seed: int) -> torch.Tensor:
@@ -139,9 +149,7 @@ def gradcheck_model(cfg: GPTConfig, seed: int) -> Check:
     fn, params = _functional(model, idx)
     start = time.perf_counter()
     try:
-        # eps 1e-3, not 1e-6: the rotary op rotates in fp32 whatever its input's dtype, and its rounding (~1e-7)
-        # over a 1e-6 step would swamp the finite differences; a wrong backward is off by far more than 1e-3.
-        ok = torch.autograd.gradcheck(fn, params, eps=1e-3, atol=1e-4, rtol=1e-3, fast_mode=True)
+        ok = torch.autograd.gradcheck(fn, params, fast_mode=True)
         why = ""
     except RuntimeError as e:  # gradcheck raises with the mismatching Jacobian
         ok, why = False, "; " + str(e).splitlines()[0][:160]
