@@ -13,6 +13,7 @@ import pytest
 
 import fasttrain.data.parallel as parallel
 import fasttrain.data.shards as shards
+from fasttrain.benchmarks.bench_data import write_pdf
 from fasttrain.data import DataConfig, prepare, tokenizer_from_config
 from fasttrain.data.sources import SourceFile
 
@@ -24,28 +25,6 @@ TEXTS = {
 }
 JSONL_RECORDS = ["first jsonl record", 'second one, with "quotes"']
 PDF_TEXT = "Hello from a generated PDF"
-
-
-def write_pdf(path, text: str) -> None:
-    """A one-page PDF whose content stream draws `text` in Helvetica, with a correct xref table."""
-    content = f"BT /F1 18 Tf 72 720 Td ({text}) Tj ET".encode()
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-        b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(content), content),
-        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
-    ]
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    path.write_bytes(bytes(out))
 
 
 @pytest.fixture

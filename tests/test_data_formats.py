@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from test_data import docs_of
 
 from fasttrain.cli import main
 from fasttrain.data import DataConfig, prepare, summary
@@ -78,12 +79,7 @@ def config(tmp_path, paths, **kw) -> DataConfig:
 
 
 def documents(corpus) -> list[str]:
-    ids, docs, start = corpus.train.tolist(), [], 0
-    for i, t in enumerate(ids):
-        if t == corpus.tokenizer.eot_id:
-            docs.append(corpus.tokenizer.decode(ids[start:i]))
-            start = i + 1
-    return docs
+    return docs_of(corpus, corpus.train)
 
 
 def test_every_format_is_read_and_counted_per_format(tmp_path, formats_dir):
