@@ -199,11 +199,11 @@ def _decode_append_kernel(
         BLOCK_R,
     )
     if ROTARY:
-        # q sits where causal masking puts it (bottom-right aligned), or all at cache_seqlens when not causal.
+        # flash-attn's positions: row t at cache_seqlens + t, or all at cache_seqlens when neither causal nor windowed
         qpos = seqlen
         if Q_PER_TOKEN:
-            qpos = seqlen + t_new - tq + t
-        in_table = (offs_r < ROT_HALF) & (qpos >= 0) & (qpos < t_rot)
+            qpos = seqlen + t
+        in_table = (offs_r < ROT_HALF) & (qpos < t_rot)
         qcos = tl.load(COS + qpos * stride_rot + offs_r, mask=in_table, other=1.0).to(tl.float32)
         qsin = tl.load(SIN + qpos * stride_rot + offs_r, mask=in_table, other=0.0).to(tl.float32)
         _copy_row(

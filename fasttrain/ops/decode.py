@@ -15,6 +15,7 @@ import torch
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op
 from fasttrain.ops.attention import _check_like_q, _refuse_unsupported, _scale, _window
+from fasttrain.ops.attention_reference import UNBOUNDED
 from fasttrain.ops.rotary import apply_rotary_emb_reference
 
 MAX_HEAD_DIM = 256  # the Triton kernels' widest head
@@ -36,11 +37,9 @@ def _append(
     pos = seqlens[:, None] + torch.arange(t_new, device=q.device)  # (B, Tnew)
     if rotary_cos is not None:
         k = apply_rotary_emb_reference(k, rotary_cos[pos], rotary_sin[pos], rotary_interleaved)  # (B, Tnew, rd/2) rows
-        qpos = (
-            seqlens[:, None] + t_new - Tq + torch.arange(Tq, device=q.device)
-            if q_per_token
-            else seqlens[:, None].expand(B, Tq)
-        )  # (B, Tq)
+        # flash-attn's positions: row t at cache_seqlens + t, or every row at cache_seqlens when neither causal nor
+        # windowed
+        qpos = seqlens[:, None] + torch.arange(Tq, device=q.device) if q_per_token else seqlens[:, None].expand(B, Tq)
         q = apply_rotary_emb_reference(q, rotary_cos[qpos], rotary_sin[qpos], rotary_interleaved)
     k_cache[rows[:, None], pos] = k
     v_cache[rows[:, None], pos] = v
@@ -294,8 +293,11 @@ def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cac
         raise ValueError(f"k_cache's batch {Bc} must equal q's batch {B} (or pass cache_batch_idx)")
 
 
-def _check_values(cache_seqlens, cache_batch_idx, t_new: int, Tmax: int, Bc: int, rotary_rows: int | None) -> None:
-    """Lengths against the cache and the rotary table. One host sync; skipped while a CUDA graph is being captured."""
+def _check_values(
+    cache_seqlens, cache_batch_idx, t_new: int, Tmax: int, Bc: int, rotary_rows: int | None, rotary_span: int
+) -> None:
+    """Lengths against the cache and the rotary table, whose rows cache_seqlens .. cache_seqlens + rotary_span - 1
+    are read. One host sync; skipped while a CUDA graph is being captured."""
     if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     parts = [cache_seqlens.min(), cache_seqlens.max()]
@@ -311,8 +313,8 @@ def _check_values(cache_seqlens, cache_batch_idx, t_new: int, Tmax: int, Bc: int
         )
     if idx and (idx[0] < 0 or idx[1] >= Bc):
         raise ValueError(f"cache_batch_idx must lie in [0, {Bc}), got values in [{idx[0]}, {idx[1]}]")
-    if rotary_rows is not None and hi + t_new > rotary_rows:
-        raise ValueError(f"rotary_cos has {rotary_rows} rows, positions up to {hi + t_new - 1} are needed")
+    if rotary_rows is not None and hi + rotary_span > rotary_rows:
+        raise ValueError(f"rotary_cos has {rotary_rows} rows, positions up to {hi + rotary_span - 1} are needed")
 
 
 def flash_attn_with_kvcache(
@@ -328,7 +330,7 @@ def flash_attn_with_kvcache(
     cache_leftpad=None,
     block_table=None,
     softmax_scale=None,
-    causal=True,
+    causal=False,
     window_size=(-1, -1),
     softcap=0.0,
     rotary_interleaved=True,
@@ -346,18 +348,17 @@ def flash_attn_with_kvcache(
         k_cache, v_cache: (B_cache, Tmax, Hkv, D), Hkv divides H, q's dtype; updated in place when k/v are given.
         k, v: (B, Tnew, Hkv, D) or None: written at rows cache_seqlens[b] .. cache_seqlens[b] + Tnew - 1.
         rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) or None: rotate the first rotary_dim dims of k at its
-            cache positions and of q (at its causal positions, or all at cache_seqlens when neither causal nor
-            windowed). rotary_interleaved picks pairs (0, 1), (2, 3).. over (i, i + rotary_dim / 2). Where Tq !=
-            Tnew, q row t turns by its position in the causal mask below (cache_seqlens + Tnew - Tq + t), where
-            flash-attn turns it by cache_seqlens + t, off the position its own mask gives it; at Tq == Tnew, the
-            decoding case, the two agree.
+            cache positions (cache_seqlens + t) and of q: row t at cache_seqlens + t when causal or windowed, every
+            row at cache_seqlens otherwise, as flash-attn (so where Tq > Tnew, seqlen_ro must cover cache_seqlens +
+            Tq). rotary_interleaved picks pairs (0, 1), (2, 3).. over (i, i + rotary_dim / 2).
         cache_seqlens: int or (B,) int32/int64 tensor: rows already in the cache. Attention covers
             cache_seqlens + Tnew keys. None: the whole cache (Tmax), only without k/v. Not advanced here.
         cache_batch_idx: (B,) int tensor or None: the cache row of each sequence.
         softmax_scale: default 1 / sqrt(D).
-        causal: query token t sits at key position cache_seqlens + Tnew - Tq + t and sees keys up to it.
-            (flash-attn defaults to False; True is what decoding a causal model needs.)
-        window_size: (left, right), -1 for unbounded: keys in [qpos - left, qpos + right].
+        causal: mask aligned bottom-right, as flash-attn: query row t sees keys up to cache_seqlens + Tnew - Tq + t.
+            Default False, as flash-attn; decoding a causal model with Tq > 1 needs True.
+        window_size: (left, right), -1 for unbounded (a tuple, list or 2-element integer tensor): row t sees keys in
+            [p - left, p + right] with p = cache_seqlens + Tnew - Tq + t.
         num_splits: 0 picks the split-KV factor from B * Hkv and Tmax; > 1 forces it.
         return_softmax_lse: also return the logsumexp (B, H, Tq), fp32; +inf for a row that sees no key (its out
             is 0), as fasttrain's flash_attn_func.
@@ -388,11 +389,11 @@ def flash_attn_with_kvcache(
     if cache_seqlens is None:
         cache_seqlens = torch.full((B,), Tmax, dtype=torch.int32, device=q.device)
     t_new = 0 if k is None else k.shape[1]
+    q_per_token = (left, right) != (UNBOUNDED, UNBOUNDED)  # causal or windowed
     if check_lengths:
-        _check_values(
-            cache_seqlens, cache_batch_idx, t_new, Tmax, Bc, None if rotary_cos is None else rotary_cos.shape[0]
-        )
-    q_per_token = causal or tuple(window_size) != (-1, -1)
+        rotary_rows = None if rotary_cos is None else rotary_cos.shape[0]
+        span = max(t_new, Tq if q_per_token else 1)  # k rows, and q's rows when they turn per token
+        _check_values(cache_seqlens, cache_batch_idx, t_new, Tmax, Bc, rotary_rows, span)
     scale = _scale(softmax_scale, D)
     name = DECODE.choose(q, backend=backend)
     if k is not None:
