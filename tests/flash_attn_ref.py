@@ -22,9 +22,13 @@ def local_mask(Tq: int, Tk: int, window: tuple[int, int], key_lengths: torch.Ten
     return hidden
 
 
-def attention_ref(q, k, v, key_padding_mask=None, causal=False, window=(-1, -1), upcast=True, reorder=False):
+def attention_ref(
+    q, k, v, key_padding_mask=None, causal=False, window=(-1, -1), upcast=True, reorder=False, key_leftpad=None
+):
     """softmax(q k^T / sqrt(D)) v over (B, T, H, D) tensors, K/V heads repeated over their GQA groups. upcast: in
-    fp32 (else in the input dtype); reorder: scale k instead of q. Rows that see no key give 0."""
+    fp32 (else in the input dtype); reorder: scale k instead of q. Rows that see no key give 0. key_leftpad (B,):
+    the padding rows that open each sequence's keys (also masked by key_padding_mask); the masks' positions stay
+    the rows' own indices."""
     if causal:
         window = (window[0], 0)
     dtype = q.dtype
@@ -43,6 +47,8 @@ def attention_ref(q, k, v, key_padding_mask=None, causal=False, window=(-1, -1),
         hidden = hidden | ~key_padding_mask[:, None, None, :]
     if window != (-1, -1):
         lengths = None if key_padding_mask is None else key_padding_mask.sum(-1)
+        if key_leftpad is not None:  # the sequence ends at its padding plus its real keys
+            lengths = lengths + key_leftpad
         hidden = hidden | local_mask(Tq, Tk, window, lengths, q.device)
     scores = scores.masked_fill(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1).masked_fill(hidden.all(-1, keepdim=True), 0.0).to(v.dtype)

@@ -207,6 +207,11 @@ def _bad(**changes):
         (dict(rotary_cos=torch.ones(6, 16), rotary_sin=torch.ones(6, 16)), "rotary_cos has 6 rows"),
         (dict(q=torch.randn(2, 2, 4)), "q must be 4-D"),
         (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), "block_table"),
+        (
+            dict(cache_leftpad=torch.tensor([0, 6], dtype=torch.int32)),
+            r"cache_leftpad must lie in \[0, cache_seqlens\]",
+        ),
+        (dict(cache_leftpad=torch.tensor([0.0, 1.0])), "cache_leftpad must be an int32/int64 tensor"),
         (dict(num_splits=-1), "num_splits must be an int >= 0"),
     ],
 )
@@ -332,10 +337,10 @@ def test_cpu_kernel_empty_query_and_head_dim():
     # Tq 0: nothing to attend, empty results; head_dim 0: every score 0, so lse = log(keys seen).
     op = torch.ops.fasttrain.attention_kvcache_cpu
     kc = torch.randn(2, 16, 2, 8)
-    out, lse = op(torch.randn(2, 0, 4, 8), kc, kc, torch.tensor([3, 5]), None, 1.0, 1 << 30, 0)
+    out, lse = op(torch.randn(2, 0, 4, 8), kc, kc, torch.tensor([3, 5]), None, None, 1.0, 1 << 30, 0)
     assert out.shape == (2, 0, 4, 8) and lse.shape == (2, 4, 0)
     kc = torch.randn(2, 16, 2, 0)
-    out, lse = op(torch.randn(2, 1, 4, 0), kc, kc, torch.tensor([3, 5]), None, 1.0, 1 << 30, 0)
+    out, lse = op(torch.randn(2, 1, 4, 0), kc, kc, torch.tensor([3, 5]), None, None, 1.0, 1 << 30, 0)
     assert out.shape == (2, 1, 4, 0)
     torch.testing.assert_close(lse, torch.tensor([3.0, 5.0]).log()[:, None, None].expand(2, 4, 1))
 
@@ -374,6 +379,7 @@ def test_registered_op_traces():
         kw["rotary_sin"],
         kw["cache_seqlens"],
         None,
+        torch.tensor([1, 0], dtype=torch.int32),
         32**-0.5,
         1 << 30,
         0,

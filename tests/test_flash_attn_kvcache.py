@@ -30,6 +30,7 @@ def _check_kvcache(
     new_kv,
     mha_type,
     num_splits,
+    has_leftpad,
     backend,
     dtype=torch.float32,
 ):
@@ -49,6 +50,9 @@ def _check_kvcache(
     # q rows turn at cache_seqlens + t when causal or windowed: the table must reach cache_seqlens + seqlen_q
     room = (seqlen_q if (causal or local) and rotary_dim > 0 else seqlen_new) if new_kv else 0
     cache_seqlens = torch.randint(0 if new_kv else 1, seqlen_k - room + 1, (B,), dtype=torch.int32)
+    leftpad = None
+    if has_leftpad:  # padding rows below each sequence's filled length, as flash-attn's test draws them
+        leftpad = torch.stack([torch.randint(0, max(int(n), 1), ()) for n in cache_seqlens]).to(torch.int32)
     batch_idx = torch.randperm(Bc, dtype=torch.int32)[:B] if has_batch_idx else None
     rows = batch_idx.long() if has_batch_idx else torch.arange(B)
 
@@ -69,6 +73,8 @@ def _check_kvcache(
         kc_ref[update] = k_ro.double().flatten(0, 1)
         vc_ref[update] = v.double().flatten(0, 1)
     key_padding_mask = j < cache_seqlens[:, None] + (seqlen_new if new_kv else 0)
+    if has_leftpad:
+        key_padding_mask &= j >= leftpad[:, None]
     window = tuple(int(w) for w in window_size)
 
     kc, vc = k_cache.clone(), v_cache.clone()
@@ -82,15 +88,16 @@ def _check_kvcache(
         rotary_sin=sin,
         cache_seqlens=cache_seqlens,
         cache_batch_idx=batch_idx,
+        cache_leftpad=leftpad,
         causal=causal,
         window_size=window_size,
         rotary_interleaved=rotary_interleaved,
         num_splits=num_splits,
         backend=backend,
     )
-    ref = attention_ref(q_ro.double(), kc_ref, vc_ref, key_padding_mask, causal=causal, window=window)
-    low = (q_ro.to(dtype), kc_ref.to(dtype), vc_ref.to(dtype))
-    pt = attention_ref(*low, key_padding_mask, causal=causal, window=window, upcast=False, reorder=True)
+    masks = dict(key_padding_mask=key_padding_mask, causal=causal, window=window, key_leftpad=leftpad)
+    ref = attention_ref(q_ro.double(), kc_ref, vc_ref, **masks)
+    pt = attention_ref(q_ro.to(dtype), kc_ref.to(dtype), vc_ref.to(dtype), **masks, upcast=False, reorder=True)
     assert_within(out, ref, pt, mult=3)
     if new_kv:
         torch.testing.assert_close(kc[rows].double(), kc_ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
@@ -98,21 +105,22 @@ def _check_kvcache(
 
 
 def _id(case):
-    sq, sk, d, bidx, rf, inter, eq, causal, local, new_kv, mha, splits = case
+    sq, sk, d, bidx, rf, inter, eq, causal, local, new_kv, mha, splits, leftpad = case
     flags = [f"q{sq}", f"k{sk}", f"d{d}", mha, f"rot{rf}" + ("i" if inter else ""), f"splits{splits}"]
-    for on, name in ((bidx, "batch_idx"), (not eq, "fewer_new"), (causal, "causal"), (local, "local")):
+    named = ((bidx, "batch_idx"), (not eq, "fewer_new"), (causal, "causal"), (local, "local"), (leftpad, "leftpad"))
+    for on, name in named:
         flags += [name] if on else []
     return "-".join(flags + ([] if new_kv else ["no_append"]))
 
 
 SAMPLE = [
-    (1, 128, 64, False, 0.0, False, True, False, False, True, "mha", 0),  # plain decode step
-    (1, 339, 64, True, 1.0, True, True, True, False, True, "gqa", 3),  # rotary, picked cache rows, three splits
-    (3, 97, 32, False, 0.5, False, False, True, False, True, "mqa", 1),  # fewer new keys than queries, rotary
-    (3, 97, 32, False, 1.0, True, False, False, False, True, "gqa", 2),  # non-causal: every q row at cache_seqlens
-    (4, 128, 64, False, 0.5, False, True, False, True, True, "gqa", 0),  # a random window (a tensor), rotary
-    (16, 128, 32, True, 0.0, False, True, True, True, False, "mha", 2),  # no append, causal and windowed
-    (8, 64, 40, False, 0.0, False, False, True, False, True, "gqa", 0),  # head_dim 40
+    (1, 128, 64, False, 0.0, False, True, False, False, True, "mha", 0, False),  # plain decode step
+    (1, 339, 64, True, 1.0, True, True, True, False, True, "gqa", 3, True),  # rotary, cache rows picked, left padding
+    (3, 97, 32, False, 0.5, False, False, True, False, True, "mqa", 1, False),  # fewer new keys than queries, rotary
+    (3, 97, 32, False, 1.0, True, False, False, False, True, "gqa", 2, False),  # non-causal: q rows at cache_seqlens
+    (4, 128, 64, False, 0.5, False, True, False, True, True, "gqa", 0, True),  # a random window (a tensor), padding
+    (16, 128, 32, True, 0.0, False, True, True, True, False, "mha", 2, True),  # no append, causal, windowed, padding
+    (8, 64, 40, False, 0.0, False, False, True, False, True, "gqa", 0, False),  # head_dim 40
 ]
 
 
@@ -129,15 +137,15 @@ def test_flash_attn_kvcache_low_precision_cpu_kernel(dtype, case):
 
 
 def _grid():
-    shapes = [(1, 128), (1, 339), (3, 97), (8, 128), (64, 128)]
+    shapes = [(1, 128), (1, 339), (3, 97), (64, 128)]
     rotaries = [(0.0, False), (0.5, False), (1.0, True)]  # (fraction, interleaved)
-    for (sq, sk), (rf, inter), bidx, eq, causal, local, new_kv, mha, splits in itertools.product(
+    for (sq, sk), (rf, inter), bidx, eq, causal, local, new_kv, mha, splits, pad in itertools.product(
         shapes, rotaries, (False, True), (False, True), (False, True), (False, True), (False, True),
-        ("mha", "gqa", "mqa"), (0, 3),
+        ("mha", "gqa", "mqa"), (0, 3), (False, True),
     ):  # fmt: skip
         if (sq > sk and new_kv) or (not new_kv and rf > 0.0):  # the combinations flash-attn's test skips
             continue
-        yield sq, sk, 64, bidx, rf, inter, eq, causal, local, new_kv, mha, splits
+        yield sq, sk, 64, bidx, rf, inter, eq, causal, local, new_kv, mha, splits, pad
 
 
 @pytest.mark.slow
