@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op, reference_gradients
+from fasttrain.ops.attention_masks import kernel_band
 from fasttrain.ops.attention_reference import (
     UNBOUNDED,
     attention_reference,
@@ -600,9 +601,12 @@ def scaled_dot_product_attention(
     """torch's `scaled_dot_product_attention` over (B, H, T, D) tensors (4-D only).
 
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. is_causal masks as
-    torch does, aligned top-left: query i sees keys j <= i. attn_mask (bool, True = attend, or additive float,
-    broadcastable to (B, H, Tq, Tk)) and dropout_p > 0 run the reference path. Returns (B, H, Tq, D). The backward
-    is deterministic under torch.use_deterministic_algorithms(True) (see `flash_attn_func`).
+    torch does, aligned top-left: query i sees keys j <= i. attn_mask: bool (True = attend) or additive float,
+    broadcastable to (B, H, Tq, Tk). A mask that is a band (causal, sliding-window: the same keys i - L .. i + R for
+    every row, batch and head; 0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per
+    mask tensor, one host sync on a GPU); any other mask, and dropout_p > 0, runs the reference path. Returns
+    (B, H, Tq, D). The backward is deterministic under torch.use_deterministic_algorithms(True) (see
+    `flash_attn_func`).
     """
     _check_qkv(query, key, value, 4, "(B, H, T, D)", head_axis=1, names=("query", "key", "value"))
     if key.shape[1] != query.shape[1] and not enable_gqa:
@@ -621,6 +625,10 @@ def scaled_dot_product_attention(
     Tq, Tk = q.shape[1], k.shape[1]
     # top-left causal is the bottom-right band shifted by Tq - Tk: j - i - (Tk - Tq) <= Tq - Tk
     left, right = UNBOUNDED, (Tq - Tk if is_causal else UNBOUNDED)
+    if attn_mask is not None and dropout_p == 0.0 and backend != "reference":
+        band = kernel_band(attn_mask, q.shape[0], Tq, Tk)  # a causal or windowed mask: the kernels' band
+        if band is not None:
+            (left, right), attn_mask = band, None
     out, _ = _attend(
         q, k, v, None, None, Tq, Tk, _scale(scale, q.shape[-1]), left, right, backend, dropout_p, attn_mask
     )
