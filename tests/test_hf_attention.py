@@ -231,3 +231,26 @@ def test_offsets():
     cu, restarts = packed_offsets(torch.tensor([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]]))
     assert cu.tolist() == [0, 0, 0, 3, 3, 5, 5, 5, 5, 5, 10] and bool(restarts)
     assert not packed_offsets(torch.arange(4)[None] + 2)[1]
+
+
+@pytest.mark.filterwarnings("ignore:fasttrain. attention runs on the reference")  # the windowed case
+@pytest.mark.parametrize("window", [None, 2])
+def test_bidirectional_attention_with_padding_matches_torch(window, monkeypatch):
+    # An encoder's (or a cross-attention's) padding mask: every query sees its row's real keys (within the window).
+    B, H, Tq, Tk, D = 2, 4, 6, 9, 32
+    q, k, v = (torch.randn(B, H, t, D, generator=torch.Generator().manual_seed(t)) for t in (Tq, Tk, Tk))
+    mask = torch.ones(B, Tk, dtype=torch.bool)
+    mask[0, :3], mask[1, 7:] = False, False
+    module = torch.nn.Module()
+    module.is_causal = False
+    visible = mask[:, None, None, :].expand(B, 1, Tq, Tk)
+    if window is not None:  # transformers' bidirectional window: |i - j| <= W, at Tq == Tk
+        k, v, mask, Tk = k[:, :, :Tq], v[:, :, :Tq], mask[:, :Tq], Tq
+        i, j = torch.arange(Tq)[:, None], torch.arange(Tk)
+        visible = mask[:, None, None, :] & ((i - j).abs() <= window)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible).transpose(1, 2)
+    with monkeypatch.context() as m:
+        if window is None:  # the varlen kernel; a bidirectional window takes the reference
+            m.setenv("FASTTRAIN_BACKEND", "cpu")
+        out, _ = fasttrain_attention_forward(module, q, k, v, mask, sliding_window=window)
+    assert (out - want).abs().max() < TOL

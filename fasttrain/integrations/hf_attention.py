@@ -78,18 +78,22 @@ def _once_per_tensor(name: str, t: Tensor, extra: tuple, compute: Callable[[], t
     return value
 
 
-def padding_offsets(mask: Tensor, Tq: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, Tk) bool key mask, queries at the last Tq key positions -> (cu_seqlens_q, cu_seqlens_k) (3B + 1,) int32
-    over the flattened rows, and whether any row has a hole. Row b is cut at s (its first real key) and e (one past its
-    last): [0, s), [s, e), [e, Tk); queries by the same cuts shifted by Tk - Tq and clamped to [0, Tq]. A row without
-    a real key is one sequence of pads."""
+def padding_offsets(mask: Tensor, Tq: int, causal: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, Tk) bool key mask -> (cu_seqlens_q, cu_seqlens_k) (3B + 1,) int32 over the flattened rows, and whether any
+    row has a hole. Row b's keys are cut at s (its first real key) and e (one past its last): [0, s), [s, e), [e, Tk).
+    Causal: the queries are the last Tq key positions, cut at the same places (shifted by Tk - Tq, clamped to
+    [0, Tq]), so each sequence keeps the bottom-right alignment; not causal: every query sees the real keys. A row
+    without a real key is one sequence of pads."""
     B, Tk = mask.shape
     j = torch.arange(Tk, device=mask.device)
     s = torch.where(mask, j, Tk).amin(1)  # (B,)
     e = torch.maximum(torch.where(mask, j + 1, 0).amax(1), s)
     holes = (mask.sum(1) != e - s).any()
     ends_k = torch.stack((s, e, torch.full_like(s, Tk)), 1)  # (B, 3): where each row's three sequences end
-    ends_q = (ends_k - (Tk - Tq)).clamp(0, Tq)
+    if causal:
+        ends_q = (ends_k - (Tk - Tq)).clamp(0, Tq)
+    else:
+        ends_q = torch.tensor([0, Tq, Tq], device=mask.device).expand(B, 3)
     rows = torch.arange(B, device=mask.device)[:, None]
     zero = torch.zeros(1, dtype=torch.int32, device=mask.device)
     cu_q = torch.cat((zero, (ends_q + rows * Tq).flatten().int()))  # (3B + 1,)
@@ -161,13 +165,17 @@ def _read_holes(offsets: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor,
 def _padded(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
     Tq, Tk = q.shape[1], mask.shape[1]
     k, v = k[:, :Tk], v[:, :Tk]  # a static cache's rows past the mask are unwritten
+    if not causal and window != (-1, -1):  # the cuts would move a bidirectional window off the tokens' positions
+        return _dense(q, k, v, mask, causal, window, dropout_p, scale)
     kw = dict(dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=window)
     if not _tracing(mask):
-        cu_q, cu_k, holes = _once_per_tensor("padding", mask, (Tq,), lambda: _read_holes(padding_offsets(mask, Tq)))
+        cu_q, cu_k, holes = _once_per_tensor(
+            "padding", mask, (Tq, causal), lambda: _read_holes(padding_offsets(mask, Tq, causal))
+        )
         if holes:
             return _dense(q, k, v, mask, causal, window, dropout_p, scale)
         return _varlen(q, k, v, cu_q, cu_k, Tq, Tk, **kw)
-    cu_q, cu_k, holes = padding_offsets(mask, Tq)
+    cu_q, cu_k, holes = padding_offsets(mask, Tq, causal)
     # Branching on holes would read them on the host in every layer; a device-side check costs no sync.
     torch._assert_async(~holes, "attn_implementation='fasttrain' under torch.compile takes padding masks without holes")
     return _varlen(q, k, v, cu_q, cu_k, Tq, Tk, **kw)
