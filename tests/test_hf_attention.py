@@ -254,3 +254,24 @@ def test_bidirectional_attention_with_padding_matches_torch(window, monkeypatch)
             m.setenv("FASTTRAIN_BACKEND", "cpu")
         out, _ = fasttrain_attention_forward(module, q, k, v, mask, sliding_window=window)
     assert (out - want).abs().max() < TOL
+
+
+def test_the_reference_fallback_warns_only_outside_a_trace(monkeypatch):
+    # A warning traced would break the graph (and fail fullgraph=True): the op chooser warns only in eager calls.
+    from fasttrain.ops.attention import ATTENTION
+
+    monkeypatch.delenv("FASTTRAIN_BACKEND", raising=False)
+    monkeypatch.setattr(ATTENTION, "_warned", set())  # as in a fresh process: the first fallback warns
+    q = torch.randn(1, 4, 5, 32)
+    mask = torch.rand(1, 1, 5, 5, generator=torch.Generator().manual_seed(0)) > 0.3  # a user's own 4-D mask
+
+    def attend(q, mask):
+        return fasttrain_attention_forward(torch.nn.Module(), q, q, q, mask)[0]
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        traced = torch.compile(attend, backend="eager", fullgraph=True)(q, mask)
+    with pytest.warns(RuntimeWarning, match="attention runs on the reference"):
+        eager = attend(q, mask)
+    assert torch.equal(traced, eager)
