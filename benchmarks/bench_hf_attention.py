@@ -17,9 +17,11 @@ import torch
 from fasttrain.benchmarks import common
 
 IMPLS = ("eager", "sdpa", "fasttrain")
-# (layers, hidden, heads, kv heads, B, T): head_dim 64, GQA 4:1
-SHAPES = {"cuda": (8, 1024, 16, 4, 8, 1024), "cpu": (4, 512, 8, 2, 4, 256)}
-QUICK = {"cuda": (2, 512, 8, 2, 4, 256), "cpu": (2, 256, 4, 1, 2, 64)}
+# (layers, hidden, heads, kv heads, B, T): head_dim 64, GQA 4:1 or 2:1; narrow and long, so that attention is a
+# large share of the step; a small vocabulary for the same reason.
+SHAPES = {"cuda": (8, 1024, 16, 4, 8, 2048), "cpu": (4, 256, 4, 1, 4, 1024)}
+QUICK = {"cuda": (2, 512, 8, 2, 4, 512), "cpu": (2, 128, 2, 1, 2, 512)}
+VOCAB = 512
 DTYPE = {"cuda": torch.bfloat16, "cpu": torch.float32}
 # 1-token decode kernels: (B, H, Hkv, D, cached keys)
 DECODE = {"cuda": [(1, 32, 8, 128, 4096), (16, 32, 8, 128, 1024)], "cpu": [(1, 32, 8, 128, 1024), (4, 8, 2, 64, 256)]}
@@ -31,7 +33,7 @@ def build(device: str, dtype, layers: int, hidden: int, heads: int, kv_heads: in
     import fasttrain.integrations.hf  # noqa: F401  (registers "fasttrain")
 
     cfg = LlamaConfig(
-        vocab_size=4096,
+        vocab_size=VOCAB,
         hidden_size=hidden,
         intermediate_size=4 * hidden,
         num_hidden_layers=layers,
@@ -45,7 +47,7 @@ def build(device: str, dtype, layers: int, hidden: int, heads: int, kv_heads: in
 
 def padded_batch(B: int, T: int, device: str):
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, 4096, (B, T), generator=g).to(device)
+    ids = torch.randint(1, VOCAB, (B, T), generator=g).to(device)
     mask = torch.ones(B, T, dtype=torch.long)
     for b in range(B):
         mask[b, : (3 * T * b) // (8 * max(B - 1, 1))] = 0  # left padding: 0 .. 3/8 of T

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from fasttrain.integrations.hf import fasttrain_attention_forward, fasttrain_mask  # importing registers "fasttrain"
-from fasttrain.integrations.hf_attention import packed_offsets, padding_offsets
+from fasttrain.integrations.hf_attention import packed_offsets, padding_offsets, padding_offsets_read
 from fasttrain.ops import flash_attn_func
 
 TOL = 2e-5  # fp32 logits and gradients of a 2-layer model: measured <= 4e-7 against eager
@@ -228,6 +228,10 @@ def test_offsets():
     assert cu_q.tolist() == [0, 0, 2, 2, 2, 2, 4, 6, 6, 6, 6, 8, 8]
     assert cu_k.dtype == cu_q.dtype == torch.int32 and bool(holes)
     assert not padding_offsets(mask[:3], 5)[2]
+    for Tq, causal in ((2, True), (5, True), (3, False)):  # the host-side twin gives the same offsets
+        want_q, want_k, want_holes = padding_offsets(mask, Tq, causal)
+        got_q, got_k, got_holes = padding_offsets_read(mask, Tq, causal)
+        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k) and got_holes == bool(want_holes)
     cu, restarts = packed_offsets(torch.tensor([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]]))
     assert cu.tolist() == [0, 0, 0, 3, 3, 5, 5, 5, 5, 5, 10] and bool(restarts)
     assert not packed_offsets(torch.arange(4)[None] + 2)[1]

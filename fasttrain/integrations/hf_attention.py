@@ -158,8 +158,21 @@ def _dense(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
     return out.transpose(1, 2)  # (B, H, Tq, D) -> (B, Tq, H, D)
 
 
-def _read_holes(offsets: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, bool]:
-    return offsets[0], offsets[1], bool(offsets[2])  # one host read
+def padding_offsets_read(mask: Tensor, Tq: int, causal: bool = True) -> tuple[Tensor, Tensor, bool]:
+    """padding_offsets with the cuts read on the host (one read of (B, 3) values) and the offsets built there: a
+    handful of ops where the device computation takes some twenty, which a decode step notices."""
+    B, Tk = mask.shape
+    first = mask.int().argmax(1)  # (B,): the first True (0 where none)
+    stats = torch.stack((first, Tk - mask.flip(1).int().argmax(1), mask.sum(1)), 1).tolist()  # (B, 3)
+    cu_q, cu_k, holes = [0], [0], False
+    for b, (s, e, n) in enumerate(stats):
+        s, e = (s, e) if n else (Tk, Tk)
+        holes |= n != e - s
+        ends_q = [min(max(x - (Tk - Tq), 0), Tq) for x in (s, e, Tk)] if causal else [0, Tq, Tq]
+        cu_k += [b * Tk + x for x in (s, e, Tk)]
+        cu_q += [b * Tq + x for x in ends_q]
+    new = (torch.tensor(cu, dtype=torch.int32).to(mask.device, non_blocking=True) for cu in (cu_q, cu_k))
+    return *new, holes
 
 
 def _padded(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
@@ -170,7 +183,7 @@ def _padded(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
     kw = dict(dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=window)
     if not _tracing(mask):
         cu_q, cu_k, holes = _once_per_tensor(
-            "padding", mask, (Tq, causal), lambda: _read_holes(padding_offsets(mask, Tq, causal))
+            "padding", mask, (Tq, causal), lambda: padding_offsets_read(mask, Tq, causal)
         )
         if holes:
             return _dense(q, k, v, mask, causal, window, dropout_p, scale)
