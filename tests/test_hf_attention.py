@@ -154,11 +154,22 @@ def _attention_ops(graphs) -> int:
     )
 
 
-@pytest.mark.parametrize("case", ["none", "ones", pytest.param("left", marks=pytest.mark.slow)])
-def test_compiles_to_one_graph_holding_the_kernels(models, case, monkeypatch):
+@pytest.mark.parametrize(
+    ("name", "case"),
+    [
+        ("llama", "none"),
+        ("llama", "ones"),
+        pytest.param("llama", "left", marks=pytest.mark.slow),
+        pytest.param("mistral", "ones", marks=pytest.mark.slow),
+        pytest.param("qwen2", "none", marks=pytest.mark.slow),
+        pytest.param("gpt2", "left", marks=pytest.mark.slow),
+    ],
+)
+def test_compiles_to_one_graph_holding_the_kernels(models, name, case, monkeypatch):
     # Unpadded training as the HF Trainer runs it (an all-ones mask) and without a mask; the mask's values are unknown
     # while tracing, so both reach the kernels through device-side offsets, and no warning may be traced.
-    model = models["llama"]
+    model = models[name]
+    _no_dropout(model)
     inputs = _inputs("left" if case == "left" else "none")
     if case == "ones":
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
