@@ -10,8 +10,9 @@ kernel call:
   sequences (position_ids restarting inside a row, or cu_seq_lens_* from a flattening collator) go to
   `flash_attn_varlen_func` with offsets from them;
 - a padding mask: `flash_attn_varlen_func` over the padded rows themselves, each row cut into three sequences
-  (the pads before the first real token, the real tokens, the pads after the last): no gather, no host read, static
-  shapes, so it traces; queries are the last Tq key positions (a static cache's unwritten rows past the mask are cut);
+  (the pads before the first real token, the real tokens, the pads after the last): no gather, static shapes; the
+  cuts are read on the host once per forward in eager mode and computed on the device while tracing; queries are the
+  last Tq key positions (a static cache's unwritten rows past the mask are cut);
 - sliding windows: window_size=(sliding_window - 1, 0), as transformers' sliding mask (key j with i - W < j <= i);
 - a 4-D mask of the user's own, or a padding mask with holes (a masked token between real ones): the reference,
   through fasttrain's scaled_dot_product_attention. Under torch.compile a hole cannot be seen without a host read
@@ -62,19 +63,23 @@ def fasttrain_mask(*args, **kwargs) -> Tensor | None:
 
 # ---- offsets for the varlen kernel -----------------------------------------------------------------------------------
 
-# The last tensor each offset computation read, by identity and in-place version: a model hands one mask and one
-# position_ids to every layer, so the offsets (and any host read behind them) are computed once per forward.
-_memo: dict[str, tuple] = {}
+# The offsets last computed from each tensor, by identity and in-place version: a model hands the same mask (one per
+# layer kind) and position_ids to every layer, so the offsets and the host read behind them come once per forward.
+_memo: dict[tuple[str, int], tuple] = {}
+_MEMO_SIZE = 8
 
 
 def _once_per_tensor(name: str, t: Tensor, extra: tuple, compute: Callable[[], tuple]) -> tuple:
-    version = None if t.is_inference() else t._version
-    seen = _memo.get(name)
+    version = None if t.is_inference() else t._version  # inference tensors keep no version: never remembered
+    key = (name, id(t))
+    seen = _memo.get(key)
     if seen is not None and version is not None and seen[0]() is t and seen[1] == (version, *extra):
         return seen[2]
     value = compute()
     if version is not None:
-        _memo[name] = (weakref.ref(t), (version, *extra), value)
+        if len(_memo) >= _MEMO_SIZE:
+            _memo.clear()
+        _memo[key] = (weakref.ref(t), (version, *extra), value)
     return value
 
 
@@ -99,6 +104,23 @@ def padding_offsets(mask: Tensor, Tq: int, causal: bool = True) -> tuple[Tensor,
     cu_q = torch.cat((zero, (ends_q + rows * Tq).flatten().int()))  # (3B + 1,)
     cu_k = torch.cat((zero, (ends_k + rows * Tk).flatten().int()))
     return cu_q, cu_k, holes
+
+
+def padding_offsets_read(mask: Tensor, Tq: int, causal: bool = True) -> tuple[Tensor, Tensor, bool]:
+    """padding_offsets with the cuts read on the host (one read of (B, 3) values) and the offsets built there: a
+    handful of ops where the device computation takes some twenty, which a decode step notices."""
+    B, Tk = mask.shape
+    first = mask.int().argmax(1)  # (B,): the first True (0 where none)
+    stats = torch.stack((first, Tk - mask.flip(1).int().argmax(1), mask.sum(1)), 1).tolist()  # (B, 3)
+    cu_q, cu_k, holes = [0], [0], False
+    for b, (s, e, n) in enumerate(stats):
+        s, e = (s, e) if n else (Tk, Tk)
+        holes |= n != e - s
+        ends_q = [min(max(x - (Tk - Tq), 0), Tq) for x in (s, e, Tk)] if causal else [0, Tq, Tq]
+        cu_k += [b * Tk + x for x in (s, e, Tk)]
+        cu_q += [b * Tq + x for x in ends_q]
+    new = (torch.tensor(cu, dtype=torch.int32).to(mask.device, non_blocking=True) for cu in (cu_q, cu_k))
+    return *new, holes
 
 
 def packed_offsets(position_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -156,23 +178,6 @@ def _dense(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
         enable_gqa=k.shape[2] != q.shape[2],
     )
     return out.transpose(1, 2)  # (B, H, Tq, D) -> (B, Tq, H, D)
-
-
-def padding_offsets_read(mask: Tensor, Tq: int, causal: bool = True) -> tuple[Tensor, Tensor, bool]:
-    """padding_offsets with the cuts read on the host (one read of (B, 3) values) and the offsets built there: a
-    handful of ops where the device computation takes some twenty, which a decode step notices."""
-    B, Tk = mask.shape
-    first = mask.int().argmax(1)  # (B,): the first True (0 where none)
-    stats = torch.stack((first, Tk - mask.flip(1).int().argmax(1), mask.sum(1)), 1).tolist()  # (B, 3)
-    cu_q, cu_k, holes = [0], [0], False
-    for b, (s, e, n) in enumerate(stats):
-        s, e = (s, e) if n else (Tk, Tk)
-        holes |= n != e - s
-        ends_q = [min(max(x - (Tk - Tq), 0), Tq) for x in (s, e, Tk)] if causal else [0, Tq, Tq]
-        cu_k += [b * Tk + x for x in (s, e, Tk)]
-        cu_q += [b * Tq + x for x in ends_q]
-    new = (torch.tensor(cu, dtype=torch.int32).to(mask.device, non_blocking=True) for cu in (cu_q, cu_k))
-    return *new, holes
 
 
 def _padded(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
