@@ -19,6 +19,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.masking_utils import sdpa_mask
 
 from fasttrain.integrations.hf import fasttrain_attention_forward, fasttrain_mask  # importing registers "fasttrain"
 from fasttrain.integrations.hf_attention import packed_offsets, padding_offsets, padding_offsets_read
@@ -217,7 +218,7 @@ def test_dropout_reaches_the_attention_op():
 
 
 def test_mask_function_returns_what_the_kernels_need():
-    args = dict(batch_size=2, q_length=6, kv_length=6, allow_is_causal_skip=False)
+    args = dict(batch_size=2, q_length=6, kv_length=6, allow_is_causal_skip=False, use_vmap=False)
     assert fasttrain_mask(**args, attention_mask=torch.ones(2, 6, dtype=torch.bool)) is None
     assert fasttrain_mask(**args) is None
     padded = torch.ones(2, 6, dtype=torch.bool)
@@ -229,9 +230,14 @@ def test_mask_function_returns_what_the_kernels_need():
     ones = torch.ones(2, 6, dtype=torch.bool)
     assert torch.equal(fasttrain_mask(**dict(args, kv_length=9), attention_mask=ones), ones)
     # a model's own mask overlay (use_vmap) keeps transformers' full mask
-    full = fasttrain_mask(**args, attention_mask=padded, use_vmap=True, mask_function=lambda b, h, q, kv: kv <= q)
+    overlay = dict(args, use_vmap=True, mask_function=lambda b, h, q, kv: kv <= q)
+    full = fasttrain_mask(**overlay, attention_mask=padded)
     assert full.shape == (2, 1, 6, 6) and not full[0, 0, :, :2].any()
     assert torch.equal(full[1, 0], torch.ones(6, 6, dtype=torch.bool).tril())
+    # releases without use_vmap flag an overlay only by refusing the causal skip
+    del args["use_vmap"]
+    assert torch.equal(fasttrain_mask(**args, attention_mask=padded), sdpa_mask(**args, attention_mask=padded))
+    assert fasttrain_mask(**dict(args, allow_is_causal_skip=True), attention_mask=padded).shape == (2, 6)
 
 
 def test_offsets():

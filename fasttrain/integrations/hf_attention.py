@@ -48,7 +48,10 @@ def fasttrain_mask(*args, **kwargs) -> Tensor | None:
     (use_vmap), which only a full mask expresses. Packing and sliding windows reach the attention function through
     position_ids and sliding_window, as on the flash-attention path. An all-ones mask is read on the host (one read per
     forward) except while tracing, where it is returned and the varlen kernel serves it."""
-    if kwargs.get("use_vmap", False):
+    # Releases before use_vmap (4.53) flag an overlay only by allow_is_causal_skip=False, which they also pass for
+    # a static cache: there any mask without the skip is built in full.
+    overlay = kwargs["use_vmap"] if "use_vmap" in kwargs else not kwargs.get("allow_is_causal_skip", True)
+    if overlay:
         return sdpa_mask(*args, **kwargs)
     names = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "mask_function", "attention_mask")
     named = dict(zip(names, args)) | kwargs
