@@ -21,6 +21,7 @@ from transformers import (
 )
 from transformers.masking_utils import sdpa_mask
 
+from fasttrain.integrations import hf_attention
 from fasttrain.integrations.hf import fasttrain_attention_forward, fasttrain_mask  # importing registers "fasttrain"
 from fasttrain.integrations.hf_attention import packed_offsets, padding_offsets, padding_offsets_read
 from fasttrain.ops import flash_attn_func
@@ -190,6 +191,28 @@ def test_compiles_to_one_graph_holding_the_kernels(models, name, case, monkeypat
         logits, grads = _run(model, "fasttrain", inputs, compile_backend=counter)
     assert counter.frame_count == 1
     assert _attention_ops(graphs) >= model.config.num_hidden_layers
+    _assert_matches_eager(model, inputs, logits, grads)
+
+
+@pytest.mark.parametrize("given", ["position_ids, batch 2", "cu_seq_lens"])
+def test_packed_sequences_match_eager(models, given, monkeypatch):
+    model = models["llama"]
+    inputs = _inputs("packed")
+    if given == "cu_seq_lens":  # DataCollatorWithFlattening(return_flash_attn_kwargs=True); eager reads position_ids
+        cu = torch.tensor([0, 5, 8, 13], dtype=torch.int32)
+        inputs |= dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
+
+        def from_position_ids(position_ids):
+            raise AssertionError("the offsets given were not used")
+
+        monkeypatch.setattr(hf_attention, "_exact_packed_offsets", from_position_ids)
+    else:  # each row packed on its own
+        ids = torch.randint(0, 100, (2, T), generator=torch.Generator().manual_seed(5))
+        pos = torch.stack((inputs["position_ids"][0], torch.arange(T).roll(4) % T))  # row 1: 9..12, then 0..8
+        inputs |= dict(input_ids=ids, position_ids=pos)
+    with monkeypatch.context() as m:
+        m.setenv("FASTTRAIN_BACKEND", "cpu")
+        logits, grads = _run(model, "fasttrain", inputs)
     _assert_matches_eager(model, inputs, logits, grads)
 
 
