@@ -23,7 +23,7 @@ from transformers.masking_utils import sdpa_mask
 
 from fasttrain.integrations import hf_attention
 from fasttrain.integrations.hf import fasttrain_attention_forward, fasttrain_mask  # importing registers "fasttrain"
-from fasttrain.integrations.hf_attention import packed_offsets, padding_offsets, padding_offsets_read
+from fasttrain.integrations.hf_attention import left_padding, packed_offsets, padding_offsets, padding_offsets_read
 from fasttrain.ops import flash_attn_func
 
 TOL = 2e-5  # fp32 logits and gradients of a 2-layer model: measured <= 4e-7 against eager
@@ -274,6 +274,9 @@ def test_offsets():
         want_q, want_k, want_holes = padding_offsets(mask, Tq, causal)
         got_q, got_k, got_holes = padding_offsets_read(mask, Tq, causal)
         assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k) and got_holes == bool(want_holes)
+    leftpad, seqlens = left_padding(mask[[0, 0]])  # pads, then real keys to the end
+    assert leftpad.tolist() == [2, 2] and seqlens.tolist() == [5, 5] and leftpad.dtype == torch.int32
+    assert all(left_padding(mask[[0, b]]) is None for b in (1, 2, 3))  # right padding, no real key, a hole
     cu, restarts = packed_offsets(torch.tensor([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]]))
     assert cu.tolist() == [0, 0, 0, 3, 3, 5, 5, 5, 5, 5, 10] and bool(restarts)
     assert not packed_offsets(torch.arange(4)[None] + 2)[1]

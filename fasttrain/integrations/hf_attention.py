@@ -13,6 +13,8 @@ kernel call:
   (the pads before the first real token, the real tokens, the pads after the last): no gather, static shapes; the
   cuts are read on the host once per forward in eager mode and computed on the device while tracing; queries are the
   last Tq key positions (a static cache's unwritten rows past the mask are cut);
+- a decode step (Tq < Tk, no gradients) of a left-padded batch: `flash_attn_with_kvcache` on transformers' cache in
+  place, cache_leftpad skipping each row's pads;
 - sliding windows: window_size=(sliding_window - 1, 0), as transformers' sliding mask (key j with i - W < j <= i);
 - a 4-D mask of the user's own, or a padding mask with holes (a masked token between real ones): the reference,
   through fasttrain's scaled_dot_product_attention. Under torch.compile a hole cannot be seen without a host read
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor
 from transformers.masking_utils import sdpa_mask
 
-from fasttrain.ops import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
+from fasttrain.ops import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, scaled_dot_product_attention
 
 UNSUPPORTED = ("softcap", "position_bias", "s_aux")
 
@@ -126,6 +128,17 @@ def padding_offsets_read(mask: Tensor, Tq: int, causal: bool = True) -> tuple[Te
     return *new, holes
 
 
+def left_padding(mask: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(B, Tk) bool key mask -> (cache_leftpad, cache_seqlens) (B,) int32 for flash_attn_with_kvcache where every row
+    is pads then real keys up to the end (one host read), else None."""
+    B, Tk = mask.shape
+    stats = torch.stack((mask.int().argmax(1), mask.sum(1)), 1).tolist()  # (B, 2): first real key, count
+    if any(n == 0 or s + n != Tk for s, n in stats):  # s + n == Tk: every key from the first real one is real
+        return None
+    starts = torch.tensor([s for s, _ in stats], dtype=torch.int32)
+    return starts.to(mask.device), torch.full((B,), Tk, dtype=torch.int32, device=mask.device)
+
+
 def packed_offsets(position_ids: Tensor) -> tuple[Tensor, Tensor]:
     """(B, T) position ids -> (cu_seqlens (B*T + 1,) int32, whether any row restarts). A sequence starts at each row's
     first token and wherever a position is not its predecessor's plus one (transformers' packed-sequence rule). Static
@@ -189,6 +202,22 @@ def _padded(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
     if not causal and window != (-1, -1):  # the cuts would move a bidirectional window off the tokens' positions
         return _dense(q, k, v, mask, causal, window, dropout_p, scale)
     kw = dict(dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=window)
+    if not _tracing(mask) and causal and Tq < Tk and dropout_p == 0.0 and not torch.is_grad_enabled():
+        # A decode step of a left-padded batch: the KV-cache kernel reads the cache in place.
+        cache = _once_per_tensor("left padding", mask, (), lambda: left_padding(mask))
+        if cache is not None:
+            leftpad, seqlens = cache
+            return flash_attn_with_kvcache(
+                q,
+                k,
+                v,
+                cache_seqlens=seqlens,
+                cache_leftpad=leftpad,
+                softmax_scale=scale,
+                causal=True,
+                window_size=window,
+                check_lengths=False,
+            )
     if not _tracing(mask):
         cu_q, cu_k, holes = _once_per_tensor(
             "padding", mask, (Tq, causal), lambda: padding_offsets_read(mask, Tq, causal)
