@@ -16,9 +16,9 @@ kernel call:
 - a decode step (Tq < Tk, no gradients) of a left-padded batch: `flash_attn_with_kvcache` on transformers' cache in
   place, cache_leftpad skipping each row's pads;
 - sliding windows: window_size=(sliding_window - 1, 0), as transformers' sliding mask (key j with i - W < j <= i);
-- a 4-D mask of the user's own, or a padding mask with holes (a masked token between real ones): the reference,
-  through fasttrain's scaled_dot_product_attention. Under torch.compile a hole cannot be seen without a host read
-  in every layer: a device-side assert refuses it instead.
+- a 4-D mask of the user's own, or a padding mask with holes (a masked token between real ones): fasttrain's
+  scaled_dot_product_attention with a mask, which takes the reference unless it recognizes a causal one. Under
+  torch.compile a hole cannot be seen without a host read in every layer: a device-side assert refuses it instead.
 
 While tracing, the packed-sequence test on position_ids is a torch.cond between the varlen and the plain kernel (its
 predicate is read on the host at run time, once per layer); a padding mask needs no branch.
