@@ -146,6 +146,26 @@ def test_greedy_generation_matches_eager(models, name, cache, backend, monkeypat
         assert (got - want).abs().max() < TOL
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_cached_forward_without_a_mask_matches_eager(models, cache, monkeypatch):
+    # A static cache's keys run to its full length, unwritten past the tokens seen: the mask function then hands the
+    # attention function the written length, which transformers' flash-attention path leaves to a mask.
+    from transformers import DynamicCache, StaticCache
+
+    model = models["llama"].eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for impl in ("fasttrain", "eager"):
+        model.set_attn_implementation(impl)
+        kv = DynamicCache(config=model.config) if cache == "dynamic" else StaticCache(model.config, max_cache_len=20)
+        with monkeypatch.context() as m, torch.no_grad():
+            if impl == "fasttrain":
+                m.setenv("FASTTRAIN_BACKEND", "cpu")
+            logits[impl] = [model(ids[:, a:b], cache=kv).logits for a, b in ((0, 6), (6, 7), (7, 9))]
+    for got, want in zip(logits["fasttrain"], logits["eager"], strict=True):  # prefill, one token, two tokens
+        assert (got - want).abs().max() < TOL
+
+
 def _attention_ops(graphs) -> int:
     """fasttrain attention calls in the traced graphs, torch.cond's branches included."""
     return sum(

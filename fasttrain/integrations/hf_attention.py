@@ -46,10 +46,11 @@ def _tracing(t: Tensor) -> bool:
 def fasttrain_mask(*args, **kwargs) -> Tensor | None:
     """transformers' mask-function contract (sdpa_mask's arguments) -> None where the inputs are only causal (no
     padding), else the 2-D boolean padding mask (B, Tk) cut to the last kv_length keys, as transformers'
-    flash_attention_mask; transformers' sdpa mask (B, 1, Tq, Tk) where the model overlays a mask function of its own
-    (use_vmap), which only a full mask expresses. Packing and sliding windows reach the attention function through
-    position_ids and sliding_window, as on the flash-attention path. An all-ones mask is read on the host (one read per
-    forward) except while tracing, where it is returned and the varlen kernel serves it."""
+    flash_attention_mask (an all-True one over the written keys of a static cache called without a mask);
+    transformers' sdpa mask (B, 1, Tq, Tk) where the model overlays a mask function of its own (use_vmap), which
+    only a full mask expresses. Packing and sliding windows reach the attention function through position_ids and
+    sliding_window, as on the flash-attention path. An all-ones mask is read on the host (one read per forward)
+    except while tracing, where it is returned and the varlen kernel serves it."""
     # Releases before use_vmap (4.53) flag an overlay only by allow_is_causal_skip=False, which they also pass for
     # a static cache: there any mask without the skip is built in full.
     overlay = kwargs["use_vmap"] if "use_vmap" in kwargs else not kwargs.get("allow_is_causal_skip", True)
@@ -59,11 +60,32 @@ def fasttrain_mask(*args, **kwargs) -> Tensor | None:
     named = dict(zip(names, args)) | kwargs
     mask, kv_length = named.get("attention_mask"), named["kv_length"]
     if mask is None:
-        return None
+        return _unwritten_keys_mask(named, args, kwargs)
     mask = mask[:, -kv_length:]  # (B, Tk): a sliding layer's cache keeps only the last kv_length keys
     if mask.shape[1] == kv_length and not _tracing(mask) and bool(mask.all()):
         return None
     return mask
+
+
+def _unwritten_keys_mask(named: dict, args, kwargs) -> Tensor | None:
+    """No padding mask given: None where every key is written, else (a static cache: keys to its full length, written
+    ones first) an all-True (B, written) mask, so that the attention function cuts the keys as for a padding mask;
+    transformers' sdpa mask where that length cannot be read (tracing) or the cache does not start at key 0."""
+    kv_length, kv_offset = named["kv_length"], named.get("kv_offset", 0)
+    if "q_length" in named:
+        written = named.get("q_offset", 0) + named["q_length"] - kv_offset
+    else:  # releases before q_length (4.53) give the query's cache positions
+        written = named["cache_position"][-1] + 1 - kv_offset
+    if isinstance(written, Tensor):  # a static cache keeps its length in a tensor
+        if _tracing(written):
+            return sdpa_mask(*args, **kwargs)
+        written = int(written)
+    if written == kv_length:
+        return None
+    if kv_offset != 0:
+        return sdpa_mask(*args, **kwargs)
+    device = named.get("device") or (named["cache_position"].device if "cache_position" in named else "cpu")
+    return torch.ones(named["batch_size"], written, dtype=torch.bool, device=device)
 
 
 # ---- offsets for the varlen kernel -----------------------------------------------------------------------------------
