@@ -185,8 +185,10 @@ def _attention_ops(graphs) -> int:
         ("llama", "ones"),
         pytest.param("llama", "left", marks=pytest.mark.slow),
         pytest.param("mistral", "ones", marks=pytest.mark.slow),
+        pytest.param("llama", "cu_seq_lens", marks=pytest.mark.slow),
         pytest.param("qwen2", "none", marks=pytest.mark.slow),
         pytest.param("gpt2", "left", marks=pytest.mark.slow),
+        pytest.param("gpt2", "none", marks=pytest.mark.slow),
     ],
 )
 def test_compiles_to_one_graph_holding_the_kernels(models, name, case, monkeypatch):
@@ -194,9 +196,12 @@ def test_compiles_to_one_graph_holding_the_kernels(models, name, case, monkeypat
     # while tracing, so both reach the kernels through device-side offsets, and no warning may be traced.
     model = models[name]
     _no_dropout(model)
-    inputs = _inputs("left" if case == "left" else "none")
+    inputs = _inputs({"left": "left", "cu_seq_lens": "packed"}.get(case, "none"))
     if case == "ones":
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if case == "cu_seq_lens":  # packed sequences as a flattening collator passes them (eager reads position_ids)
+        cu = torch.tensor([0, 5, 8, 13], dtype=torch.int32)
+        inputs |= dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5)
     graphs = []
 
     def keep(gm, example_inputs):
@@ -234,6 +239,19 @@ def test_packed_sequences_match_eager(models, given, monkeypatch):
         m.setenv("FASTTRAIN_BACKEND", "cpu")
         logits, grads = _run(model, "fasttrain", inputs)
     _assert_matches_eager(model, inputs, logits, grads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["hole", "packed position_ids"])
+def test_what_a_trace_cannot_branch_on_is_refused_on_the_device(models, case):
+    model = models["llama"]
+    inputs = _inputs("left" if case == "hole" else "packed")
+    if case == "hole":
+        inputs["attention_mask"][0, 6] = 0
+    model.set_attn_implementation("fasttrain")
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="under torch.compile"):
+        torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs)
 
 
 def test_a_padding_mask_with_a_hole_runs_the_reference_exactly(models):

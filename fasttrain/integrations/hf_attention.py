@@ -20,8 +20,8 @@ kernel call:
   scaled_dot_product_attention with a mask, which takes the reference unless it recognizes a causal one. Under
   torch.compile a hole cannot be seen without a host read in every layer: a device-side assert refuses it instead.
 
-While tracing, the packed-sequence test on position_ids is a torch.cond between the varlen and the plain kernel (its
-predicate is read on the host at run time, once per layer); a padding mask needs no branch.
+While tracing nothing is read on the host: a padding mask's cuts are computed on the device, and packed sequences
+come as cu_seq_lens (restarting position_ids fail a device-side assert).
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ from transformers.masking_utils import sdpa_mask
 from fasttrain.ops import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, scaled_dot_product_attention
 
 UNSUPPORTED = ("softcap", "position_bias", "s_aux")
+_PACKED_WHILE_TRACING = (
+    "attn_implementation='fasttrain' under torch.compile takes packed sequences as cu_seq_lens_q/k and "
+    "max_length_q/k (DataCollatorWithFlattening(return_flash_attn_kwargs=True)), not as restarting position_ids"
+)
 
 
 def _tracing(t: Tensor) -> bool:
@@ -273,15 +277,9 @@ def _unpadded(q, k, v, position_ids, causal, window, dropout_p, scale, varlen_kw
             if packed is not None:
                 return _varlen(q, k, v, packed[0], packed[0], packed[1], packed[1], **kw)
         else:
-            cu, restarts = packed_offsets(pos)
-
-            def packed_call(q, k, v, cu):
-                return _varlen(q, k, v, cu, cu, Tq, Tq, **kw)
-
-            def plain(q, k, v, cu):
-                return flash_attn_func(q, k, v, **kw)
-
-            return torch.cond(restarts, packed_call, plain, (q, k, v, cu))
+            # Branching on a restart would read it on the host in every layer (and torch.cond refuses q, k and v
+            # that are views of one tensor, as GPT-2's are): a device-side check refuses packing instead.
+            torch._assert_async(~packed_offsets(pos)[1], _PACKED_WHILE_TRACING)
     return flash_attn_func(q, k, v, **kw)
 
 
