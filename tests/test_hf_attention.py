@@ -113,7 +113,12 @@ def test_logits_and_gradients_match_eager_on_the_cpu_kernel(models, name, case, 
 
 
 @pytest.mark.parametrize(
-    ("name", "case"), [("llama", "left"), ("mistral", "packed"), pytest.param("qwen2", "right", marks=pytest.mark.slow)]
+    ("name", "case"),
+    [
+        ("llama", "left"),
+        pytest.param("mistral", "packed", marks=pytest.mark.slow),
+        pytest.param("qwen2", "right", marks=pytest.mark.slow),
+    ],
 )
 def test_logits_and_gradients_match_eager_on_the_triton_kernels(models, name, case, monkeypatch):
     model = models[name]
