@@ -69,9 +69,5 @@ def assert_within_2x_torch(ours, torch_same_dtype, want, measure=err, slack: flo
 
 
 def set_attn_implementation(model, impl: str) -> None:
-    """model.set_attn_implementation(impl) where transformers has it (4.54+); before, the config's field, which
-    the attention layers and the mask builder read at every forward."""
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(impl)
-    else:
-        model.config._attn_implementation = impl
+    """model.set_attn_implementation(impl): the attention layers and the mask builder read it at every forward."""
+    model.set_attn_implementation(impl)

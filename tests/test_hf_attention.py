@@ -302,10 +302,7 @@ def test_mask_function_returns_what_the_kernels_need():
     full = fasttrain_mask(**overlay, attention_mask=padded)
     assert full.shape == (2, 1, 6, 6) and not full[0, 0, :, :2].any()
     assert torch.equal(full[1, 0], torch.ones(6, 6, dtype=torch.bool).tril())
-    # releases without use_vmap flag an overlay only by refusing the causal skip
-    del args["use_vmap"]
-    assert torch.equal(fasttrain_mask(**args, attention_mask=padded), sdpa_mask(**args, attention_mask=padded))
-    assert fasttrain_mask(**dict(args, allow_is_causal_skip=True), attention_mask=padded).shape == (2, 6)
+    assert torch.equal(full, sdpa_mask(**overlay, attention_mask=padded))
 
 
 def test_offsets():

@@ -55,10 +55,7 @@ def fasttrain_mask(*args, **kwargs) -> Tensor | None:
     only a full mask expresses. Packing and sliding windows reach the attention function through position_ids and
     sliding_window, as on the flash-attention path. An all-ones mask is read on the host (one read per forward)
     except while tracing, where it is returned and the varlen kernel serves it."""
-    # Releases before use_vmap (4.53) flag an overlay only by allow_is_causal_skip=False, which they also pass for
-    # a static cache: there any mask without the skip is built in full.
-    overlay = kwargs["use_vmap"] if "use_vmap" in kwargs else not kwargs.get("allow_is_causal_skip", True)
-    if overlay:
+    if kwargs.get("use_vmap", False):
         return sdpa_mask(*args, **kwargs)
     names = ("batch_size", "q_length", "kv_length", "q_offset", "kv_offset", "mask_function", "attention_mask")
     named = dict(zip(names, args)) | kwargs
@@ -76,10 +73,7 @@ def _unwritten_keys_mask(named: dict, args, kwargs) -> Tensor | None:
     ones first) an all-True (B, written) mask, so that the attention function cuts the keys as for a padding mask;
     transformers' sdpa mask where that length cannot be read (tracing) or the cache does not start at key 0."""
     kv_length, kv_offset = named["kv_length"], named.get("kv_offset", 0)
-    if "q_length" in named:
-        written = named.get("q_offset", 0) + named["q_length"] - kv_offset
-    else:  # releases before q_length (4.53) give the query's cache positions
-        written = named["cache_position"][-1] + 1 - kv_offset
+    written = named.get("q_offset", 0) + named["q_length"] - kv_offset
     if isinstance(written, Tensor):  # a static cache keeps its length in a tensor
         if _tracing(written):
             return sdpa_mask(*args, **kwargs)
@@ -88,7 +82,7 @@ def _unwritten_keys_mask(named: dict, args, kwargs) -> Tensor | None:
         return None
     if kv_offset != 0:
         return sdpa_mask(*args, **kwargs)
-    device = named.get("device") or (named["cache_position"].device if "cache_position" in named else "cpu")
+    device = named.get("device") or "cpu"
     return torch.ones(named["batch_size"], written, dtype=torch.bool, device=device)
 
 
