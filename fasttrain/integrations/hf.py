@@ -68,3 +68,5 @@ def fasttrain_mask(*args, **kwargs) -> torch.Tensor | None:
 
 AttentionInterface.register(NAME, fasttrain_attention_forward)
 AttentionMaskInterface.register(NAME, fasttrain_mask)
+
+from fasttrain.integrations.hf_apply import *  # noqa: E402, F403  (apply, revert, apply_to_<family>: hf_apply.__all__)
