@@ -43,7 +43,7 @@ CONFIGS = {
 }
 # what apply() patches in each (the parts' module counts): the table in docs/hf.md
 PATCHED = {
-    "gpt2": {"attention": 1, "norms": 5, "loss": 1},
+    "gpt2": {"attention": 1, "norms": 5, "mlp": 2, "loss": 1},  # mlp: the GELU-tanh activation
     "llama": {"attention": 1, "norms": 5, "rotary": 1, "mlp": 2, "loss": 1},
     "mistral": {"attention": 1, "norms": 5, "rotary": 1, "mlp": 2, "loss": 1},
     "qwen2": {"attention": 1, "norms": 5, "rotary": 1, "mlp": 2, "loss": 1},
@@ -51,7 +51,7 @@ PATCHED = {
     "gemma2": {"norms": 9, "rotary": 1, "mlp": 2, "loss": 1},  # attention softcapping: left as it is
     "gemma3": {"attention": 1, "norms": 13, "rotary": 1, "mlp": 2, "loss": 1},  # q_norm, k_norm per layer
 }
-OPS = ("rms_norm", "layer_norm", "apply_rotary_emb", "swiglu", "geglu", "linear_cross_entropy")
+OPS = ("rms_norm", "layer_norm", "apply_rotary_emb", "swiglu", "geglu", "gelu", "linear_cross_entropy")
 
 
 def _model(arch: str, seed: int = 0):
@@ -155,7 +155,9 @@ def test_loss_gradients_and_logits_match_the_unpatched_model(arch, padded, calls
     _assert_grads_close(_grads(model), _grads(ref))
     assert calls["linear_cross_entropy"] == 1
     assert calls["rms_norm"] + calls["layer_norm"] == PATCHED[arch]["norms"]
-    if arch != "gpt2":
+    if arch == "gpt2":
+        assert calls["gelu"] == 2
+    else:
         assert calls["apply_rotary_emb"] == 2 * 2  # q and k per layer
         assert calls["geglu" if arch.startswith("gemma") else "swiglu"] == 2
 
@@ -320,11 +322,12 @@ def test_bad_arguments(call, error, match):
         call()
 
 
-def test_bf16_within_twice_the_unpatched_error(cpu_user):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_within_twice_the_unpatched_error(device, cpu_user):
     # bf16 weights: the patched model's loss and gradients at most twice as far from the float64 model's as the
     # unpatched bf16 model's
-    ref = _model("llama")
-    ids, labels, _ = _batch(False)
+    ref = _model("llama").to(device)
+    ids, labels, _ = (t if t is None else t.to(device) for t in _batch(False))
     out = {}
     for name, dtype, patched in (
         ("want", torch.float64, False),

@@ -21,7 +21,8 @@ run once on a random probe and compared with the replacement's formula: what doe
 - rotary: the modeling file's `apply_rotary_pos_emb` (rotate_half layout: cos/sin tables of duplicated halves, as
   every transformers rotary embedding builds them) runs fasttrain.ops.apply_rotary_emb.
 - mlp: modules with gate_proj, up_proj, down_proj and an act_fn of SiLU or GELU-tanh run
-  `down_proj(swiglu(gate_proj(x), up_proj(x)))` (geglu for GELU-tanh).
+  `down_proj(swiglu(gate_proj(x), up_proj(x)))` (geglu for GELU-tanh); a plain MLP's GELU-tanh activation module
+  (GPT-2's) runs fasttrain.ops.gelu.
 - loss: the causal LM's forward, when it trains with labels (or skip_logits=True), runs the base model and then
   fasttrain.ops.linear_cross_entropy on the last hidden states, with transformers' ForCausalLMLoss semantics (labels
   shifted inside, ignore_index -100, `shift_labels`, `num_items_in_batch`: a sum divided by it) and the model's
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fasttrain.ops import apply_rotary_emb, geglu, layer_norm, linear_cross_entropy, rms_norm, swiglu
+from fasttrain.ops import apply_rotary_emb, geglu, gelu, layer_norm, linear_cross_entropy, rms_norm, swiglu
 
 __all__ = [
     "Patch",
@@ -216,8 +217,28 @@ def _mlp_plan(module: nn.Module) -> Callable | None:
     return None
 
 
+def _gelu_tanh_forward(self, input: Tensor) -> Tensor:
+    return gelu(input, approximate="tanh")
+
+
+def _is_gelu_tanh(module: nn.Module) -> bool:
+    """A leaf GELU module (transformers' NewGELUActivation, GELUTanh, ...) that the probe finds to be GELU-tanh."""
+    if "GELU" not in type(module).__name__.upper() or list(module.children()) or list(module.parameters()):
+        return False
+    x = _probe((2, 64), "cpu")
+    with torch.no_grad():
+        return _close(module(x), F.gelu(x, approximate="tanh"))
+
+
 def _patch_mlps(patch: Patch, model: nn.Module, strict: bool) -> None:
+    gated_mlps = []  # their act_fn modules are no longer called
     for name, module in model.named_modules():
+        if any(name.startswith(f"{m}.") for m in gated_mlps):
+            continue
+        if _is_gelu_tanh(module):  # a plain MLP's activation (GPT-2's): fasttrain's GELU-tanh
+            _swap_forward(patch, module, _gelu_tanh_forward)
+            patch.patched.setdefault("mlp", []).append(name)
+            continue
         parts = [getattr(module, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
         if not all(isinstance(p, nn.Linear) for p in parts) or not hasattr(module, "act_fn"):
             continue
@@ -227,6 +248,7 @@ def _patch_mlps(patch: Patch, model: nn.Module, strict: bool) -> None:
             continue
         _swap_forward(patch, module, forward)
         patch.patched.setdefault("mlp", []).append(name)
+        gated_mlps.append(name)
 
 
 # ---- rotary: the modeling file's function, swapped once for all its models ------------------------------------------
