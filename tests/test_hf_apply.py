@@ -192,16 +192,16 @@ def test_num_items_in_batch_shift_labels_and_skip_logits(cpu_user):
     ref = _model("llama")
     ids, labels, _ = _batch(False)
     n, shift = torch.tensor(37), torch.roll(labels, -1, dims=1)
-    cases = [dict(num_items_in_batch=n), dict(shift_labels=shift), dict()]
+    cases = [dict(num_items_in_batch=n), dict(shift_labels=shift), dict(logits_to_keep=torch.arange(13)), dict()]
     with torch.no_grad():
         want = [ref(ids, labels=labels, **kwargs).loss for kwargs in cases]  # before apply (see the first test)
     model = copy.deepcopy(ref)
     _apply(model)
     with torch.no_grad():
-        for kwargs, loss in zip(cases[:2], want):
+        for kwargs, loss in zip(cases[:3], want):
             assert err(model(ids, labels=labels, **kwargs).loss, loss) < TOL, kwargs
         out = model(ids, labels=labels, skip_logits=False)  # asked for: training returns the logits
-    assert out.logits.shape == (2, 13, V) and err(out.loss, want[2]) < TOL
+    assert out.logits.shape == (2, 13, V) and err(out.loss, want[3]) < TOL
 
 
 def test_compiles_to_one_graph(cpu_user):

@@ -112,6 +112,19 @@ def _swap_forward(patch: Patch, module: nn.Module, forward: Callable) -> None:
     patch._undo.append(undo)
 
 
+def _confirms(probe: Callable) -> Callable:
+    """A probe that raises (a module of another shape than the one it looks for) confirms nothing: None."""
+
+    @functools.wraps(probe)
+    def run(*args):
+        try:
+            return probe(*args)
+        except Exception:
+            return None
+
+    return run
+
+
 def _probe(shape, device, dtype=torch.float32) -> Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
 
@@ -155,6 +168,7 @@ def _layer_norm_forward(self, input: Tensor) -> Tensor:
     return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+@_confirms
 def _rms_norm_plan(module: nn.Module) -> Callable | None:
     """The replacement forward of an RMSNorm-like module, if the probe confirms one of the two scalings."""
     eps_name = _rms_eps(module)
@@ -203,6 +217,7 @@ def _gated_mlp_forward(gated: Callable) -> Callable:
     return forward
 
 
+@_confirms
 def _mlp_plan(module: nn.Module) -> Callable | None:
     """The replacement forward of a gate/up/down MLP whose activation and forward the probe confirms."""
     weight = module.gate_proj.weight
@@ -221,6 +236,7 @@ def _gelu_tanh_forward(self, input: Tensor) -> Tensor:
     return gelu(input, approximate="tanh")
 
 
+@_confirms
 def _is_gelu_tanh(module: nn.Module) -> bool:
     """A leaf GELU module (transformers' NewGELUActivation, GELUTanh, ...) that the probe finds to be GELU-tanh."""
     if "GELU" not in type(module).__name__.upper() or list(module.children()) or list(module.parameters()):
@@ -275,6 +291,7 @@ def _rotary_function(original: Callable) -> Callable:
     return apply_rotary_pos_emb
 
 
+@_confirms
 def _rotary_matches(original: Callable, replacement: Callable, head_dim: int, device) -> bool:
     freqs = _probe((5, head_dim // 2), device)  # the angles of 5 positions
     cos, sin = (torch.cat((f, f), dim=-1)[None] for f in (freqs.cos(), freqs.sin()))  # (1, 5, D), as HF builds them
@@ -341,7 +358,8 @@ def _loss_forward(original: Callable, unbound: Callable) -> Callable:
         labels = kwargs.get("labels")
         if skip_logits is None:
             skip_logits = self.training and labels is not None
-        plain = kwargs.get("logits_to_keep", 0) == 0 and kwargs.get("return_dict") is not False
+        keep = kwargs.get("logits_to_keep", 0)  # an int, or a tensor of positions
+        plain = isinstance(keep, int) and keep == 0 and kwargs.get("return_dict") is not False
         if labels is None or not skip_logits or not plain:
             return original(**kwargs)
         kwargs.pop("labels")
@@ -401,8 +419,12 @@ def _patch_attention(patch: Patch, model: nn.Module, strict: bool) -> None:
         warnings.warn(f"fasttrain apply: {message}", RuntimeWarning, stacklevel=4)
         return
     before = config._attn_implementation
-    model.set_attn_implementation(hf.NAME)
-    patch._undo.append(lambda: model.set_attn_implementation(before))
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(hf.NAME)
+        patch._undo.append(lambda: model.set_attn_implementation(before))
+    else:  # a transformers without it: the config is what the attention layers read
+        config._attn_implementation = hf.NAME
+        patch._undo.append(lambda: setattr(config, "_attn_implementation", before))
     patch.patched["attention"] = [hf.NAME]
 
 
