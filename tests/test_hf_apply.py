@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from fasttrain.integrations import hf_apply
+from fasttrain.integrations import hf_apply, hf_modules
 from fasttrain.integrations.hf import apply, revert
 
 from helpers import assert_within_2x_torch, err
@@ -85,9 +85,9 @@ def _revert_after():
     yield
     while _PATCHED_MODELS:
         model = _PATCHED_MODELS.pop()
-        if hf_apply._HANDLE in model.__dict__:
+        if hf_modules.HANDLE in model.__dict__:
             revert(model)
-    assert not hf_apply._ROTARY_SWAPS
+    assert not hf_modules.ROTARY_SWAPS
 
 
 @pytest.fixture
@@ -95,13 +95,14 @@ def calls(monkeypatch):
     """How many times each fasttrain op ran through the patched modules (counted from apply() on)."""
     counts = dict.fromkeys(OPS, 0)
     for name in OPS:
-        op = getattr(hf_apply, name)
+        where = hf_apply if name == "linear_cross_entropy" else hf_modules
+        op = getattr(where, name)
 
         def counted(*args, _op=op, _name=name, **kwargs):
             counts[_name] += 1
             return _op(*args, **kwargs)
 
-        monkeypatch.setattr(hf_apply, name, counted)
+        monkeypatch.setattr(where, name, counted)
     return counts
 
 
@@ -169,7 +170,7 @@ def test_loss_gradients_and_logits_match_the_unpatched_model(arch, padded, calls
     assert (out.logits - want_eval.logits)[real].abs().max() < TOL
 
     revert(model)
-    assert "forward" not in model.__dict__ and hf_apply._HANDLE not in model.__dict__
+    assert "forward" not in model.__dict__ and hf_modules.HANDLE not in model.__dict__
     assert all("forward" not in m.__dict__ for m in model.modules())
     assert model.config._attn_implementation == ref.config._attn_implementation
     after = model.state_dict()
@@ -278,6 +279,22 @@ def test_twice_applied_is_left_as_it_is_and_revert_restores_the_shared_rotary(cp
         revert(b)
 
 
+def test_a_peft_lora_model_patched_through_its_base_model(cpu_user):
+    ref = _peft(_model("llama"))
+    ids, labels, _ = _batch(False)
+    want = ref(input_ids=ids, labels=labels)  # before apply (see the first test)
+    want.loss.backward()
+    model = copy.deepcopy(ref)
+    model.zero_grad(set_to_none=True)
+    patch = _apply(model.get_base_model())
+    assert set(patch.patched) == {"attention", "norms", "rotary", "mlp", "loss"}
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    assert out.logits is None and err(out.loss, want.loss) < TOL
+    _assert_grads_close(_grads(model), _grads(ref))  # the adapters' gradients only
+    assert all("lora_" in name for name in _grads(model))
+
+
 def test_parts_can_be_turned_off(cpu_user):
     model = _model("llama")
     patch = _apply(model, attention=False, loss=False, rotary=False)
@@ -290,7 +307,7 @@ def test_unsupported_architecture_and_best_effort():
     model = tf.PhiForCausalLM(cfg)
     with pytest.raises(ValueError, match="model_type 'phi' is not supported; supported: GPT-2 .*Llama"):
         apply(model)
-    assert hf_apply._HANDLE not in model.__dict__
+    assert hf_modules.HANDLE not in model.__dict__
     with pytest.warns(RuntimeWarning, match="not among"):
         patch = apply(model, strict=False)
     assert "norms" in patch.patched and "loss" in patch.patched
@@ -309,10 +326,17 @@ def test_a_module_the_probe_does_not_confirm():
     _PATCHED_MODELS.append(model)
 
 
+def _peft(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+
 @pytest.mark.parametrize(
     "call,error,match",
     [
         (lambda: apply(torch.nn.Linear(2, 2)), TypeError, "model must be a transformers PreTrainedModel"),
+        (lambda: apply(_peft(_model("llama"))), TypeError, r"for a PEFT model, its get_base_model\(\)"),
         (lambda: apply(_model("llama"), norms=1), TypeError, "norms must be a bool"),
         (lambda: hf_apply.apply_to_llama(_model("gpt2")), ValueError, "must be a Llama model, got 'gpt2'"),
     ],
