@@ -4,14 +4,14 @@
     model = AutoModelForCausalLM.from_pretrained(name)
     apply(model)             # attention, norms, rotary, gated MLP, loss; revert(model) undoes it
 
-Every part is found by type and structure, not by model family, and swapped at the instance level (a module's own
-`forward`, the model's attention implementation), so that other models in the process are untouched; the one
-exception is rotary, which transformers calls as a module-level function of the modeling file: it is swapped there,
-counted across the models that use it and restored when the last is reverted, so while one model of a family is
-patched every model of that family in the process rotates on fasttrain's kernel (the same rotation, to rounding).
-transformers' own replacement hook for it (`use_kernel_forward_from_hub`) loads kernels from the Hub through the
-`kernels` package, not a local function. Before a part is swapped, its original is
-run once on a random probe and compared with the replacement's formula: what does not match stays as it is.
+Every part is found by type and structure, not by model family (the module swaps live in hf_modules.py), and
+swapped at the instance level (a module's own `forward`, the model's attention implementation), so that other models
+in the process are untouched. The one exception is rotary, which transformers calls as a module-level function of the
+modeling file: it is swapped there, counted across the models that use it and restored when the last is reverted, so
+while one model of a family is patched every model of that family in the process rotates on fasttrain's kernel (the
+same rotation, to rounding). transformers' own replacement hook for it (`use_kernel_forward_from_hub`) loads kernels
+from the Hub through the `kernels` package, not a local function. Before a part is swapped, its original is run once
+on a random probe and compared with the replacement's formula: what does not match stays as it is.
 
 - attention: `model.set_attn_implementation("fasttrain")` (fasttrain.integrations.hf); left as it is where the model
   softcaps attention logits (Gemma 2), which fasttrain's attention does not implement.
