@@ -3,14 +3,14 @@
 # given as $1 (default $OUT) as three files: summary.log (each stage's command, exit status and last lines), run.log
 # (everything), and results.tgz holding results/<bench>.json for every GPU benchmark that ran (`tar xzf results.tgz`).
 #   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build probe test bench bench:NAME,... tiles ncu
-# The default runs build (and Liger Kernel's wheel from .whl/ when carried there), probe (the warp-specialized attention kernels' GPU tests alone, under a short limit: should
-# they fail or hang on this Triton, every later stage runs with FASTTRAIN_ATTENTION_WS=0), test, the benchmarks
-# overhead, attention (at T 2048 and 8192 unless BENCH_ARGS_attention says otherwise; BENCH_ARGS_<name> adds flags to
-# any), step and hf_step, then tiles (tools/ws_tile_probe.py: each warp-specialized forward tile pinned alone, right or not and
-# how fast), the other kernels' benchmarks (adamw, norms, decode, rotary, cross_entropy, linear_cross_entropy,
-# swiglu), and ncu (Nsight Compute's
-# counters of attention's kernels beside cuDNN's and FLASH's: tools/ncu_attention.py). Stages after build share the
-# installed package, so a later run on the same machine can take the rest: `tools/gpu_check.sh OUT tiles bench:adamw`.
+# The default runs build (and Liger Kernel's wheel from .whl/ when carried there), probe (the warp-specialized attention
+# kernels' GPU tests alone, under a short limit: should they fail or hang on this Triton, every later stage runs with
+# FASTTRAIN_ATTENTION_WS=0), test, the benchmarks overhead, attention (at T 2048 and 8192 unless BENCH_ARGS_attention
+# says otherwise; BENCH_ARGS_<name> adds flags to any), step and hf_step, then tiles (tools/ws_tile_probe.py: each
+# warp-specialized forward tile pinned alone, right or not and how fast), the other kernels' benchmarks (adamw, norms,
+# decode, rotary, cross_entropy, linear_cross_entropy, swiglu), and ncu (Nsight Compute's counters of attention's
+# kernels beside cuDNN's and FLASH's: tools/ncu_attention.py). Stages after build share the installed package, so a
+# later run on the same machine can take the rest: `tools/gpu_check.sh OUT tiles bench:adamw`.
 # Each stage is cut at STAGE_TIMEOUT seconds (default 420; the probe's 180) and the whole run at DEADLINE seconds
 # after it starts (default 540), so that a hang costs one stage's logs, not the run's; what ran is packed either way.
 set -uo pipefail
