@@ -4,6 +4,7 @@ A launch costs seconds (two Python processes importing torch), so each runs ever
 tests/dist_checks.py, which prints `ok <name>` per passing check.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +42,77 @@ def test_adamw_on_fsdp2_shards_matches_torch():
     out = torchrun(str(CHECKS), "adamw")
     for name in ("fsdp_matches_torch", "state_dict_layout", "mixed_plain_and_sharded", "found_inf_agreed"):
         assert f"ok {name}" in out, f"check {name} did not report:\n{out[-4000:]}"
+
+
+# ---- the trainer under torchrun ----------------------------------------------------------------------------------
+
+STEPS = 20
+
+
+def write_corpus(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(6):
+        (folder / f"m{f}.py").write_text("".join(f"def g_{f}_{i}(y):\n    return y * {i % 5}\n\n" for i in range(30)))
+    return folder
+
+
+def train_args(tmp_path: Path, out: str, *extra: str) -> list[str]:
+    """A tiny run of STEPS steps whose clipping is active at every step (max_grad_norm 0.05), so the global norm
+    decides every update; checkpoints at STEPS / 2 and STEPS."""
+    return [
+        "train",
+        "--preset",
+        "tiny",
+        *("--model.n_layer", "2", "--model.n_head", "4", "--model.d_model", "32", "--model.max_seq_len", "32"),
+        *("--train.seq_len", "32", "--train.batch_size", "4", "--train.steps", str(STEPS), "--train.log_interval", "1"),
+        *("--optim.warmup_steps", "2", "--optim.max_grad_norm", "0.05"),
+        *("--train.eval_interval", str(STEPS), "--train.eval_batches", "2", "--train.checkpoint_interval", "10"),
+        *("--train.progress_bar", "false", "--train.sample_tokens", "4", "--train.out_dir", str(tmp_path / out)),
+        *("--data.paths", str(tmp_path / "corpus"), "--data.num_workers", "0", "--data.val_fraction", "0.2"),
+        *("--data.cache_dir", str(tmp_path / "cache")),
+        *extra,
+    ]
+
+
+def losses(run: Path) -> list[float]:
+    return json.loads((run / "training_metrics.json").read_text())["train_loss"]
+
+
+def assert_same_curve(got: list[float], want: list[float], what: str) -> None:
+    assert len(got) == len(want) == STEPS, (what, len(got), len(want))
+    for step, (a, b) in enumerate(zip(got, want), 1):
+        assert abs(a - b) <= 1e-5 * abs(b), f"{what}: step {step} loss {a} vs one process's {b}"
+
+
+def cli(args: list[str]) -> None:
+    from fasttrain.cli import main
+
+    assert main(args) == 0
+
+
+def back_to(run: Path, step: int) -> None:
+    """Point the run's latest checkpoint at an earlier step, as if it had been stopped there."""
+    (run / "checkpoints" / "latest").write_text(f"step_{step:08d}.pt")
+
+
+@pytest.mark.usefixtures("cpu_user")
+def test_ddp_curve_equals_one_process_and_resumes_across_world_sizes(tmp_path):
+    write_corpus(tmp_path / "corpus")
+    # One process with grad_accum 2 takes the batches that 2 ranks with grad_accum 1 take (fasttrain.data.Batches).
+    cli(train_args(tmp_path, "one", "--train.grad_accum", "2"))
+    out = torchrun("-m", "fasttrain", *train_args(tmp_path, "ddp", "--dist.strategy", "ddp"), cwd=tmp_path)
+    assert out.count("global batch 8 sequences (batch_size 4 x grad_accum 1 x 2 ranks)") == 1  # rank 0 alone speaks
+    assert out.count("--- sample ---") == 1
+    assert_same_curve(losses(tmp_path / "ddp"), losses(tmp_path / "one"), "ddp")
+
+    # 2 -> 1: the ddp run's step-10 checkpoint (one file, from rank 0) resumed by one process.
+    back_to(tmp_path / "ddp", 10)
+    cli(["train", "--resume", str(tmp_path / "ddp"), "--dist.strategy", "none", "--train.grad_accum", "2"])
+    assert_same_curve(losses(tmp_path / "ddp"), losses(tmp_path / "one"), "ddp resumed by one process")
+    # 1 -> 2: the one-process run's step-10 checkpoint resumed by 2 ranks.
+    back_to(tmp_path / "one", 10)
+    resume = ["train", "--resume", str(tmp_path / "one"), "--dist.strategy", "ddp", "--train.grad_accum", "1"]
+    torchrun("-m", "fasttrain", *resume, cwd=tmp_path)
+    metrics = json.loads((tmp_path / "one" / "training_metrics.json").read_text())
+    assert metrics["steps"] == list(range(1, STEPS + 1))
+    assert_same_curve(metrics["train_loss"], losses(tmp_path / "ddp"), "one-process run resumed by ddp")
