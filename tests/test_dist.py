@@ -116,3 +116,30 @@ def test_ddp_curve_equals_one_process_and_resumes_across_world_sizes(tmp_path):
     metrics = json.loads((tmp_path / "one" / "training_metrics.json").read_text())
     assert metrics["steps"] == list(range(1, STEPS + 1))
     assert_same_curve(metrics["train_loss"], losses(tmp_path / "ddp"), "one-process run resumed by ddp")
+
+
+FAKE_TORCHRUN = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+
+
+@pytest.mark.parametrize(
+    "env, args, message",
+    [
+        ({}, ["--dist.strategy", "ddp"], "dist.strategy 'ddp' needs torchrun's environment (no RANK)"),
+        ({"WORLD_SIZE": "2"}, [], "one of 2 started by torchrun, but dist.strategy is 'none'"),
+        (FAKE_TORCHRUN, ["--dist.strategy", "ddp", "--dist.backend", "nccl"], "'nccl' needs CUDA devices"),
+        ({}, ["--dist.strategy", "zero"], "dist: strategy must be one of ('none', 'ddp', 'fsdp')"),
+        ({}, ["--dist.timeout_s", "0"], "dist: timeout_s must be finite and > 0"),
+    ],
+)
+def test_bad_dist_options_end_with_one_line(tmp_path, capsys, monkeypatch, env, args, message):
+    from fasttrain.cli import main
+
+    for key in (*FAKE_TORCHRUN, "GROUP_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    write_corpus(tmp_path / "corpus")
+    assert main(train_args(tmp_path, "run", *args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fasttrain: error: ") and message in err[0], err
+    assert not (tmp_path / "run").exists()  # refused before the run folder is made
