@@ -6,11 +6,13 @@ tests/dist_checks.py, which prints `ok <name>` per passing check.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from fasttrain import _extension
@@ -58,7 +60,7 @@ def write_corpus(folder: Path) -> Path:
 
 def train_args(tmp_path: Path, out: str, *extra: str) -> list[str]:
     """A tiny run of STEPS steps whose clipping is active at every step (max_grad_norm 0.05), so the global norm
-    decides every update; checkpoints at STEPS / 2 and STEPS."""
+    decides every update; a checkpoint every 5 steps, all kept."""
     return [
         "train",
         "--preset",
@@ -66,10 +68,10 @@ def train_args(tmp_path: Path, out: str, *extra: str) -> list[str]:
         *("--model.n_layer", "2", "--model.n_head", "4", "--model.d_model", "32", "--model.max_seq_len", "32"),
         *("--train.seq_len", "32", "--train.batch_size", "4", "--train.steps", str(STEPS), "--train.log_interval", "1"),
         *("--optim.warmup_steps", "2", "--optim.max_grad_norm", "0.05"),
-        *("--train.eval_interval", str(STEPS), "--train.eval_batches", "2", "--train.checkpoint_interval", "10"),
+        *("--train.eval_interval", str(STEPS), "--train.eval_batches", "2", "--train.checkpoint_interval", "5"),
         *("--train.progress_bar", "false", "--train.sample_tokens", "4", "--train.out_dir", str(tmp_path / out)),
         *("--data.paths", str(tmp_path / "corpus"), "--data.num_workers", "0", "--data.val_fraction", "0.2"),
-        *("--data.cache_dir", str(tmp_path / "cache")),
+        *("--data.cache_dir", str(tmp_path / "cache"), "--train.keep_last", "4"),
         *extra,
     ]
 
@@ -90,32 +92,87 @@ def cli(args: list[str]) -> None:
     assert main(args) == 0
 
 
-def back_to(run: Path, step: int) -> None:
-    """Point the run's latest checkpoint at an earlier step, as if it had been stopped there."""
-    (run / "checkpoints" / "latest").write_text(f"step_{step:08d}.pt")
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: one process with grad_accum 2, which takes the batches 2 ranks with grad_accum 1 take
+    (fasttrain.data.Batches). -> (folder with the corpus and the run `one`, its losses)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    write_corpus(tmp / "corpus")
+    with pytest.MonkeyPatch.context() as mp:  # conftest's cpu_user, for a module-scoped fixture
+        mp.delenv("TRITON_INTERPRET", raising=False)
+        mp.setenv("OMP_NUM_THREADS", "1")
+        cli(train_args(tmp, "one", "--train.grad_accum", "2"))
+    return tmp, losses(tmp / "one")
+
+
+def resumed_copy(tmp: Path, run: str, step: int, name: str) -> Path:
+    """A copy of run whose latest checkpoint is the one of `step`, as if it had stopped there."""
+    copy = tmp / name
+    shutil.copytree(tmp / run, copy)
+    target = f"step_{step:08d}"  # a sharded checkpoint's folder, or a one-file checkpoint
+    if not (copy / "checkpoints" / target).is_dir():
+        target += ".pt"
+    (copy / "checkpoints" / "latest").write_text(target)
+    return copy
 
 
 @pytest.mark.usefixtures("cpu_user")
-def test_ddp_curve_equals_one_process_and_resumes_across_world_sizes(tmp_path):
-    write_corpus(tmp_path / "corpus")
-    # One process with grad_accum 2 takes the batches that 2 ranks with grad_accum 1 take (fasttrain.data.Batches).
-    cli(train_args(tmp_path, "one", "--train.grad_accum", "2"))
-    out = torchrun("-m", "fasttrain", *train_args(tmp_path, "ddp", "--dist.strategy", "ddp"), cwd=tmp_path)
+def test_ddp_curve_equals_one_process_and_resumes_across_world_sizes(one_process):
+    tmp, want = one_process
+    out = torchrun("-m", "fasttrain", *train_args(tmp, "ddp", "--dist.strategy", "ddp"), cwd=tmp)
     assert out.count("global batch 8 sequences (batch_size 4 x grad_accum 1 x 2 ranks)") == 1  # rank 0 alone speaks
     assert out.count("--- sample ---") == 1
-    assert_same_curve(losses(tmp_path / "ddp"), losses(tmp_path / "one"), "ddp")
+    assert_same_curve(losses(tmp / "ddp"), want, "ddp")
 
-    # 2 -> 1: the ddp run's step-10 checkpoint (one file, from rank 0) resumed by one process.
-    back_to(tmp_path / "ddp", 10)
-    cli(["train", "--resume", str(tmp_path / "ddp"), "--dist.strategy", "none", "--train.grad_accum", "2"])
-    assert_same_curve(losses(tmp_path / "ddp"), losses(tmp_path / "one"), "ddp resumed by one process")
-    # 1 -> 2: the one-process run's step-10 checkpoint resumed by 2 ranks.
-    back_to(tmp_path / "one", 10)
-    resume = ["train", "--resume", str(tmp_path / "one"), "--dist.strategy", "ddp", "--train.grad_accum", "1"]
-    torchrun("-m", "fasttrain", *resume, cwd=tmp_path)
-    metrics = json.loads((tmp_path / "one" / "training_metrics.json").read_text())
-    assert metrics["steps"] == list(range(1, STEPS + 1))
-    assert_same_curve(metrics["train_loss"], losses(tmp_path / "ddp"), "one-process run resumed by ddp")
+    # 2 -> 1: the ddp run's step-5 checkpoint (one file, from rank 0) resumed by one process.
+    run = resumed_copy(tmp, "ddp", 5, "ddp_then_one")
+    cli(["train", "--resume", str(run), "--dist.strategy", "none", "--train.grad_accum", "2"])
+    assert_same_curve(losses(run), want, "ddp resumed by one process")
+
+
+@pytest.mark.usefixtures("cpu_user")
+def test_fsdp_curve_equals_one_process_resumes_across_world_sizes_and_consolidates(one_process, capsys):
+    from fasttrain.cli import main
+    from fasttrain.train.build import load_for_inference
+
+    tmp, want = one_process
+    out = torchrun("-m", "fasttrain", *train_args(tmp, "fsdp", "--dist.strategy", "fsdp"), cwd=tmp)
+    assert out.count("dist: fsdp over 2 ranks") == 1 and out.count("--- sample ---") == 1
+    assert_same_curve(losses(tmp / "fsdp"), want, "fsdp")
+    assert (tmp / "fsdp" / "sample.txt").read_text() == (tmp / "one" / "sample.txt").read_text()
+
+    # Read whole by one process without a process group: the weights the one-process run ended with.
+    ours, _, _ = load_for_inference(tmp / "fsdp", "latest")
+    theirs, _, _ = load_for_inference(tmp / "one", "latest")
+    for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    # A sharded checkpoint resumed as a one-file run: one line saying which strategy reads it.
+    assert main(["train", "--resume", str(tmp / "fsdp"), "--dist.strategy", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a sharded (fsdp) checkpoint, which dist.strategy fsdp resumes" in err[0], err
+
+    # 2 -> 1 from step 5, then that run's step-10 checkpoint (written by one rank) 1 -> 2.
+    run = resumed_copy(tmp, "fsdp", 5, "fsdp_then_one")
+    torchrun("-m", "fasttrain", "train", "--resume", str(run), "--train.grad_accum", "2", nproc=1, cwd=tmp)
+    assert_same_curve(losses(run), want, "fsdp resumed by one rank")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("cpu_user")
+def test_one_rank_checkpoints_resume_on_two(one_process):
+    tmp, want = one_process
+    # ddp: the one-process run's step-10 checkpoint resumed by 2 ranks.
+    run = resumed_copy(tmp, "one", 10, "one_then_ddp")
+    resume = ("train", "--resume", str(run), "--dist.strategy", "ddp", "--train.grad_accum", "1")
+    torchrun("-m", "fasttrain", *resume, cwd=tmp)
+    assert_same_curve(losses(run), want, "one-process run resumed by ddp")
+    # fsdp: a 1-rank run's step-10 checkpoint resumed by 2 ranks.
+    fsdp_one = ("--dist.strategy", "fsdp", "--train.grad_accum", "2")
+    torchrun("-m", "fasttrain", *train_args(tmp, "fsdp_one", *fsdp_one), nproc=1, cwd=tmp)
+    assert_same_curve(losses(tmp / "fsdp_one"), want, "fsdp on one rank")
+    run = resumed_copy(tmp, "fsdp_one", 10, "fsdp_one_then_two")
+    torchrun("-m", "fasttrain", "train", "--resume", str(run), "--train.grad_accum", "1", cwd=tmp)
+    assert_same_curve(losses(run), want, "fsdp resumed by two ranks after one")
 
 
 FAKE_TORCHRUN = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}

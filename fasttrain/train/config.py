@@ -180,6 +180,9 @@ class DistConfig:
     parameters, gradients and optimizer state sharded over the ranks). 'ddp' and 'fsdp' need torchrun."""
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    reshard_after_forward: bool = True
+    """fsdp: free each block's gathered parameters after its forward and gather them again for its backward (less
+    memory); False keeps them from forward to backward (less communication)."""
     timeout_s: float = 1800.0
     """Seconds a collective waits for the other ranks before the job fails (a rank that died), data preparation on
     rank 0 included."""

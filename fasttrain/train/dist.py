@@ -31,6 +31,8 @@ class Dist:
         self.cfg, self.rank, self.world_size, self.local_rank = cfg, rank, world_size, local_rank
         self.control = None
         """The process group the host-side agreements (stop, barrier) go over: gloo, whatever the device."""
+        self.main_pid = os.getpid()
+        """Rank 0's process id (what names the temporaries of a save every rank writes into)."""
 
     @property
     def on(self) -> bool:
@@ -61,17 +63,31 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return bool(t.item())
 
-    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """The module the training step calls: DDP around the model (its weights broadcast from rank 0)."""
-        if self.cfg.strategy != "ddp":
-            return model
-        from torch.nn.parallel import DistributedDataParallel
+    def wrap(self, model: torch.nn.Module, device: torch.device, precision: str, compile: bool) -> torch.nn.Module:
+        """The module the training step calls: the model (compiled when compile), DDP around it (its weights
+        broadcast from rank 0), or the model sharded in place by FSDP2 (fasttrain.train.sharded.shard)."""
+        if self.cfg.strategy == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
 
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+            from fasttrain.train import sharded
+
+            mesh = init_device_mesh(device.type, (self.world_size,))
+            sharded.shard(model, mesh, precision, self.cfg.reshard_after_forward, compile_blocks=compile)
+            return model
+        if self.cfg.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        return torch.compile(model) if compile else model
 
     def sync_grads(self, model: torch.nn.Module, sync: bool):
-        """A context for one micro-batch's backward: gradients are all-reduced only when sync (the last of a step)."""
+        """A context for one micro-batch's backward: gradients are reduced over the ranks only when sync (the last
+        micro-batch of a step)."""
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
+        model = getattr(model, "_orig_mod", model)  # under torch.compile
         if sync or not hasattr(model, "no_sync"):
             return contextlib.nullcontext()
         return model.no_sync()
@@ -121,6 +137,9 @@ def start(cfg: DistConfig, device_name: str) -> tuple[Dist, torch.device]:
     dist.init_process_group(backend, timeout=timeout, device_id=device if backend == "nccl" else None)
     d = Dist(cfg, rank, world, local)
     d.control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
+    pid = [os.getpid()]
+    dist.broadcast_object_list(pid, src=0, group=d.control)
+    d.main_pid = pid[0]
     if not d.is_main:  # one voice: the other ranks' stdout goes nowhere (errors still reach stderr)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
     return d, device

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fasttrain.train import checkpoint, dist
+from fasttrain.train import checkpoint, dist, sharded
+from fasttrain.train.build import apply_finetune, build_model
 from fasttrain.train.callbacks import StopRequest, evaluate
 from fasttrain.train.config import RunConfig
 from fasttrain.train.files import atomic_write_text
@@ -98,6 +99,18 @@ def _train(run: Run, callbacks) -> TrainResult:
     return _finish(run, log, stopped)
 
 
+def _gathered_model(run: Run):
+    """On rank 0, a plain copy of an FSDP run's model with every weight (None on the other ranks, which help
+    gather it)."""
+    state = sharded.full_model_state(run.model, run.job)
+    if state is None:
+        return None
+    model = build_model(run.cfg.model)
+    apply_finetune(model, run.cfg.finetune)
+    model.load_state_dict(state)
+    return model.to(run.device)
+
+
 def _job_line(run: Run) -> str:
     tc, job = run.cfg.train, run.job
     batch = tc.batch_size * tc.grad_accum * job.world_size
@@ -153,8 +166,13 @@ def _save_checkpoint(run: Run, log: Progress, done: int, is_best: bool) -> None:
     if run.bad_streak:
         log.write(f"step {done}: no checkpoint, the last {run.bad_streak} step(s) were not finite")
         return
-    if run.job.is_main:  # the one-file format: every rank holds the same weights and optimizer state
-        checkpoint.save(run.run_dir, done, run.state_dict(done), keep_last=run.cfg.train.keep_last, is_best=is_best)
+    keep_last = run.cfg.train.keep_last
+    if run.job.cfg.strategy == "fsdp":  # every rank writes its shards
+        trainer_state = run.state_dict(done, weights=False)
+        sharded.save(run.run_dir, done, run.model, run.optimizer, trainer_state, keep_last, is_best, run.job)
+    elif run.job.is_main:  # the one-file format: every rank holds the same weights and optimizer state
+        checkpoint.save(run.run_dir, done, run.state_dict(done), keep_last=keep_last, is_best=is_best)
+    if run.job.is_main:
         run.metrics.write(run.run_dir)
 
 
@@ -162,11 +180,15 @@ def _finish(run: Run, log: Progress, stopped: str) -> TrainResult:
     """The metrics and plots, and (unless interrupted) the sample; the result."""
     log.close()
     tc, text = run.cfg.train, None
+    sampling = stopped != INTERRUPTED and tc.sample_tokens > 0
+    model = run.model
+    if sampling and run.job.cfg.strategy == "fsdp":  # rank 0 samples from the whole model, gathered
+        model = _gathered_model(run)
     if run.job.is_main:
         run.metrics.write(run.run_dir)
         run.metrics.plot(run.run_dir)
-        if stopped != INTERRUPTED and tc.sample_tokens > 0:
-            text = sample_text(run.model, run.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed, run.autocast)
+        if sampling:
+            text = sample_text(model, run.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed, run.autocast)
             atomic_write_text(run.run_dir / "sample.txt", text)
     run.job.barrier()  # the job ends when rank 0 has written its files
     best = run.early.best if math.isfinite(run.early.best) else None

@@ -24,10 +24,10 @@ from fasttrain.integrations.hf_checkpoint import HF_CONFIG, load_weights, read_c
 from fasttrain.model import GPT
 from fasttrain.optim import AdamW
 from fasttrain.optim.schedules import LRSchedule
-from fasttrain.train import checkpoint
+from fasttrain.train import checkpoint, sharded
 from fasttrain.train.build import apply_finetune, build_model, build_optimizer
 from fasttrain.train.callbacks import EarlyStopping
-from fasttrain.train.config import DistConfig, RunConfig, TrainConfig
+from fasttrain.train.config import DistConfig, RunConfig
 from fasttrain.train.device import autocast_for, resolve_precision
 from fasttrain.train.dist import Dist
 from fasttrain.train.files import RunLock, atomic_write_text, sweep_temporaries
@@ -79,12 +79,13 @@ class Run:
         """False when data.val_fraction is 0: the user asked for no validation split."""
         return self.cfg.data.val_fraction > 0
 
-    def state_dict(self, step: int) -> dict:
-        """The checkpoint after `step` steps: all a resume needs to continue as if never stopped."""
+    def state_dict(self, step: int, weights: bool = True) -> dict:
+        """The checkpoint after `step` steps: all a resume needs to continue as if never stopped. weights=False
+        leaves out the model and optimizer (a sharded checkpoint holds them: fasttrain.train.sharded)."""
+        weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()} if weights else {}
         return {
             "step": step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **weights,
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "batches": self.train_batches.state_dict(),
@@ -96,8 +97,10 @@ class Run:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """A checkpoint's state; its model and optimizer when it holds them (a one-file checkpoint)."""
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         # The scaler's state is empty when a non-fp16 run saved it: an fp16 resume starts a fresh scale.
         if self.scaler.is_enabled() and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -125,7 +128,7 @@ def start_run(cfg: RunConfig, resume: bool, job: Dist, device: torch.device) -> 
     job and device: from fasttrain.train.dist.start; every rank checks and reads, rank 0 alone locks and writes."""
     tc = cfg.train
     precision = resolve_precision(tc.precision, device)
-    _check_device(tc, device, precision)
+    _check_device(cfg, device, precision)
     run_dir = Path(tc.out_dir)
     _check_out_dir(run_dir, resume)
     if resume and not (checkpoint.checkpoint_dir(run_dir) / "latest").is_file():
@@ -156,8 +159,12 @@ def _start_locked(
                 sweep_temporaries(folder)
     state = file = None
     if resume:
-        file, state = checkpoint.load_latest_good(run_dir, _warn, require=STATE_KEYS)
-        _check_strategy(file, state, cfg)
+        file = sharded.latest(run_dir)
+        if file is not None:
+            state = sharded.load_trainer_state(file, require=SHARDED_STATE_KEYS)
+        else:
+            file, state = checkpoint.load_latest_good(run_dir, _warn, require=STATE_KEYS)
+        _check_strategy(file, cfg)
         if tc.steps < state["step"]:
             raise ValueError(
                 f"cannot resume {run_dir} with train.steps {tc.steps}: the run is at step {state['step']}, and a "
@@ -195,6 +202,9 @@ def _start_locked(
         load_weights(model, cfg.init.from_)
     if apply_finetune(model, cfg.finetune) is not None or cfg.finetune.freeze:
         _report_finetune(model)
+    if state is not None and "model" in state:  # before FSDP shards the model
+        checkpoint.check_model_state(model, state["model"], file)
+    step_model = job.wrap(model, device, precision, tc.compile)
     run = Run(
         cfg=cfg,
         run_dir=run_dir,
@@ -203,7 +213,7 @@ def _start_locked(
         autocast=autocast_for(precision, device),
         corpus=corpus,
         model=model,
-        step_model=model,
+        step_model=step_model,
         optimizer=build_optimizer(model, cfg.optim),
         schedule=cfg.schedule(),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
@@ -214,14 +224,12 @@ def _start_locked(
         job=job,
     )
     if state is not None:
-        checkpoint.check_model_state(model, state["model"], file)
+        if "model" not in state:
+            sharded.load_sharded(file, model, run.optimizer)
         try:
             run.load_state_dict(state)
         except (KeyError, IndexError, TypeError, RuntimeError) as e:  # an entry of the wrong shape or contents
             raise _does_not_fit(file, e) from None
-    run.step_model = job.wrap(model, device)
-    if tc.compile:
-        run.step_model = torch.compile(run.step_model)
     if tc.tensorboard and job.is_main:
         run.board = TensorBoard(run_dir)
     return run
@@ -241,15 +249,18 @@ STATE_KEYS = (
     "tokenizer",
 )
 """What a resume reads of a checkpoint (Run.state_dict writes them all)."""
+SHARDED_STATE_KEYS = tuple(k for k in STATE_KEYS if k not in ("model", "optimizer"))
+"""What a resume reads of a sharded checkpoint's trainer.pt."""
 
 
-def _check_strategy(file: Path, state: dict, cfg: RunConfig) -> None:
+def _check_strategy(file: Path, cfg: RunConfig) -> None:
     """A resume reads a checkpoint of its own format: one file (no strategy, ddp) or a sharded folder (fsdp)."""
-    saved = state["config"].get("dist", {}).get("strategy", "none")
-    if (saved == "fsdp") != (cfg.dist.strategy == "fsdp"):
+    fsdp = cfg.dist.strategy == "fsdp"
+    if file.is_dir() != fsdp:
+        kind, takes = ("a sharded (fsdp)", "fsdp") if file.is_dir() else ("a one-file", "'none' or 'ddp'")
         raise ValueError(
-            f"cannot resume {str(file)!r} with dist.strategy {cfg.dist.strategy!r}: its run used {saved!r}, whose "
-            "checkpoints are another format (resume fsdp runs with fsdp; ddp and one-process runs with either of those)"
+            f"cannot resume {str(file)!r} with dist.strategy {cfg.dist.strategy!r}: it is {kind} checkpoint, "
+            f"which dist.strategy {takes} resumes (fsdp on one process: torchrun --nproc_per_node 1)"
         )
 
 
@@ -288,8 +299,14 @@ def _report_finetune(model: GPT) -> None:
     )
 
 
-def _check_device(tc: TrainConfig, device: torch.device, precision: str) -> None:
-    """What train.cuda_graph needs of the device and precision that 'auto' resolved to."""
+def _check_device(cfg: RunConfig, device: torch.device, precision: str) -> None:
+    """What train.cuda_graph and dist.strategy fsdp need of the device and precision that 'auto' resolved to."""
+    tc = cfg.train
+    if cfg.dist.strategy == "fsdp" and precision == "fp16":
+        raise ValueError(
+            "dist.strategy 'fsdp' does not take precision 'fp16' (train.precision "
+            f"{tc.precision!r}): each rank's GradScaler would see only its shards; use 'bf16' or 'fp32'"
+        )
     if tc.cuda_graph and device.type != "cuda":
         raise ValueError(
             f"train.cuda_graph needs a CUDA device, but train.device {tc.device!r} resolved to {device.type}"
