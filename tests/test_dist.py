@@ -7,6 +7,7 @@ tests/dist_checks.py, which prints `ok <name>` per passing check.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -200,3 +201,63 @@ def test_bad_dist_options_end_with_one_line(tmp_path, capsys, monkeypatch, env, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fasttrain: error: ") and message in err[0], err
     assert not (tmp_path / "run").exists()  # refused before the run folder is made
+
+
+def rank_pid(torchrun_pid: int, rank: int) -> int:
+    """The pid of the worker of `rank` that torchrun started (Linux: /proc)."""
+    for task in Path(f"/proc/{torchrun_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in env:
+                return int(child)
+    raise AssertionError(f"torchrun {torchrun_pid} has no worker of rank {rank}")
+
+
+def signal_rank_1(sig: int, when: str, tmp: Path, *args: str) -> tuple[int, str]:
+    """Launch 2 ranks, send sig to rank 1 once rank 0 prints a line starting with `when` -> (torchrun's exit code,
+    its output)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "WORLD_", "LOCAL_"))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**env, "PYTHONUNBUFFERED": "1"}, cwd=tmp
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(when):
+                os.kill(rank_pid(proc.pid, 1), sig)
+                break
+        lines.append(proc.communicate(timeout=LAUNCH_TIMEOUT_S)[0])
+    finally:
+        proc.kill()
+    return proc.returncode, "".join(lines)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers in /proc")
+@pytest.mark.usefixtures("cpu_user")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(one_process, strategy):
+    tmp, _ = one_process
+    args = train_args(tmp, f"term_{strategy}", "--dist.strategy", strategy, "--train.steps", "400")
+    code, out = signal_rank_1(signal.SIGTERM, "dist:", tmp, "-m", "fasttrain", *args)  # "dist:": the loop starts
+    assert code == 0, out[-4000:]
+    stopped = json.loads((tmp / f"term_{strategy}" / "training_metrics.json").read_text())["steps"][-1]
+    assert 0 < stopped < 400 and f"step {stopped}: signal to a rank received" in out, out[-4000:]
+    latest = (tmp / f"term_{strategy}" / "checkpoints" / "latest").read_text()
+    assert latest.startswith(f"step_{stopped:08d}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds torchrun's workers in /proc")
+@pytest.mark.usefixtures("cpu_user")
+def test_a_killed_rank_restarts_the_job_from_its_latest_checkpoint(one_process):
+    tmp, want = one_process
+    # Killed after the evaluation of step 6 (which changes nothing the curve depends on) and its checkpoint.
+    args = train_args(tmp, "killed", "--dist.strategy", "ddp", "--train.checkpoint_interval", "2")
+    args += ["--train.eval_interval", "6"]
+    code, out = signal_rank_1(signal.SIGKILL, "step 6: val loss", tmp, "--max-restarts", "1", "-m", "fasttrain", *args)
+    assert code == 0, out[-4000:]
+    assert out.count("dist: ddp over 2 ranks") == 2  # the first start and the restart
+    assert_same_curve(losses(tmp / "killed"), want, "ddp restarted after a rank was killed")

@@ -97,6 +97,29 @@ class Dist:
             dist.destroy_process_group()
 
 
+class JobError(ConnectionError):
+    """A collective failed: another rank died or stopped answering within dist.timeout_s. One line, saying what to
+    do (the CLI prints it as it prints an OSError); the run folder holds the latest checkpoint, as after any stop."""
+
+    def __init__(self, error: Exception, job: Dist):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        super().__init__(
+            f"rank {job.rank} of {job.world_size}: the job lost a rank ({first[:200]}); resume it with --resume "
+            "(torchrun --max-restarts N does so by itself)"
+        )
+
+
+def lost_rank(error: RuntimeError) -> bool:
+    """Whether error is a collective's failure (gloo raises plain RuntimeErrors, NCCL and the store DistErrors)."""
+    text = str(error)
+    return isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text or "Connection reset" in text
+
+
+def restarted() -> bool:
+    """Whether torchrun started this process again after a failure of the job (--max-restarts)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 def check_launch(cfg: DistConfig) -> None:
     """ValueError when dist.strategy and the launch disagree: a strategy without torchrun's environment, or a
     torchrun job of several processes without a strategy (each would train alone over the same run folder)."""

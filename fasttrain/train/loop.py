@@ -47,8 +47,14 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"cfg must be a RunConfig, got {type(cfg).__name__}")
     job, device = dist.start(cfg.dist, cfg.train.device)
+    if dist.restarted() and (checkpoint.checkpoint_dir(cfg.train.out_dir) / "latest").is_file():
+        resume = True  # torchrun --max-restarts started this job again after a rank failed: go on from the latest
     try:
         return _train_job(cfg, resume, callbacks, job, device)
+    except RuntimeError as e:
+        if job.on and dist.lost_rank(e):
+            raise dist.JobError(e, job) from None
+        raise
     finally:
         job.close()
 
