@@ -233,6 +233,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 BENCHMARKS = (
     "adamw",
+    "adamw_fsdp",
     "attention",
     "cross_entropy",
     "linear_cross_entropy",

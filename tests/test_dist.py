@@ -261,3 +261,20 @@ def test_a_killed_rank_restarts_the_job_from_its_latest_checkpoint(one_process):
     assert code == 0, out[-4000:]
     assert out.count("dist: ddp over 2 ranks") == 2  # the first start and the restart
     assert_same_curve(losses(tmp / "killed"), want, "ddp restarted after a rank was killed")
+
+
+def test_fsdp_adamw_benchmark_checks_results_before_timing(tmp_path, monkeypatch):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fasttrain.benchmarks import bench_adamw_fsdp as bench
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        assert bench.check_correct([(64, 32), (1, 8), (32,)], mesh, "cpu") < 1e-6
+        real = bench.AdamW  # betas that 3 steps tell apart from the asked ones
+        monkeypatch.setattr(bench, "AdamW", lambda params, **kw: real(params, **dict(kw, betas=(0.0, 0.0))))
+        with pytest.raises(AssertionError, match="differs from torch"):
+            bench.check_correct([(64, 32), (1, 8), (32,)], mesh, "cpu")
+    finally:
+        dist.destroy_process_group()
