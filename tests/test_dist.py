@@ -67,6 +67,7 @@ def train_args(tmp_path: Path, out: str, *extra: str) -> list[str]:
         "--preset",
         "tiny",
         *("--model.n_layer", "2", "--model.n_head", "4", "--model.d_model", "32", "--model.max_seq_len", "32"),
+        *("--model.norm", "rmsnorm", "--model.activation", "swiglu"),  # a Llama, which `fasttrain export` writes
         *("--train.seq_len", "32", "--train.batch_size", "4", "--train.steps", str(STEPS), "--train.log_interval", "1"),
         *("--optim.warmup_steps", "2", "--optim.max_grad_norm", "0.05"),
         *("--train.eval_interval", str(STEPS), "--train.eval_batches", "2", "--train.checkpoint_interval", "5"),
@@ -147,6 +148,8 @@ def test_fsdp_curve_equals_one_process_resumes_across_world_sizes_and_consolidat
     theirs, _, _ = load_for_inference(tmp / "one", "latest")
     for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    assert main(["export", "--checkpoint", str(tmp / "fsdp"), "--to", str(tmp / "fsdp_hf"), "--which", "latest"]) == 0
+    assert (tmp / "fsdp_hf" / "model.safetensors").is_file()
     # A sharded checkpoint resumed as a one-file run: one line saying which strategy reads it.
     assert main(["train", "--resume", str(tmp / "fsdp"), "--dist.strategy", "none"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
