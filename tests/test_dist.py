@@ -281,3 +281,24 @@ def test_fsdp_adamw_benchmark_checks_results_before_timing(tmp_path, monkeypatch
             bench.check_correct([(64, 32), (1, 8), (32,)], mesh, "cpu")
     finally:
         dist.destroy_process_group()
+
+
+def test_sharded_checkpoints_are_pruned_as_one_file_checkpoints_are(tmp_path):
+    from fasttrain.train import sharded
+
+    folder = tmp_path / "checkpoints"
+    for step in range(1, 6):
+        (folder / f"step_{step:08d}").mkdir(parents=True)
+        (folder / f"step_{step:08d}" / "__0_0.distcp").write_bytes(b"x")
+    (folder / "best").write_text("step_00000002")
+    (folder / "latest").write_text("step_00000005")
+    (folder / ".step_00000006.tmp-1").mkdir()  # a save under way: not a checkpoint yet
+    sharded._prune(folder, keep_last=2)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".step_00000006.tmp-1",
+        "best",
+        "latest",
+        "step_00000002",
+        "step_00000004",
+        "step_00000005",
+    ]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fasttrain.train.checkpoint import POINTERS, CheckpointError, checkpoint_dir, load_file
+from fasttrain.train.checkpoint import CheckpointError, checkpoint_dir, load_file, prunable
 from fasttrain.train.files import _fsync_dir, atomic_write, atomic_write_text, sweep_temporaries
 
 TRAINER_STATE = "trainer.pt"
@@ -92,12 +92,8 @@ def save(run_dir: Path, step: int, model, optimizer, trainer_state: dict, keep_l
 
 
 def _prune(folder: Path, keep_last: int) -> None:
-    steps = sorted(p for p in folder.iterdir() if _FOLDER.match(p.name))
-    keep = {p.name for p in steps[-keep_last:]}
-    keep.update((folder / name).read_text().strip() for name in POINTERS if (folder / name).is_file())
-    for p in steps:
-        if p.name not in keep:
-            shutil.rmtree(p)
+    for p in prunable(folder, _FOLDER, keep_last):
+        shutil.rmtree(p)
 
 
 def load_trainer_state(path: Path, require=()) -> dict:
