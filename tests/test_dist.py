@@ -107,6 +107,12 @@ def one_process(tmp_path_factory):
     return tmp, losses(tmp / "one")
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
 def resumed_copy(tmp: Path, run: str, step: int, name: str) -> Path:
     """A copy of run whose latest checkpoint is the one of `step`, as if it had stopped there."""
     copy = tmp / name
@@ -157,8 +163,13 @@ def test_fsdp_curve_equals_one_process_resumes_across_world_sizes_and_consolidat
 
     # 2 -> 1 from step 5, then that run's step-10 checkpoint (written by one rank) 1 -> 2.
     run = resumed_copy(tmp, "fsdp", 5, "fsdp_then_one")
+    # A save killed mid-way leaves its temporary folder (the pid in its name is gone) and the pointers untouched.
+    killed = run / "checkpoints" / f".step_00000006.tmp-{dead_pid()}"
+    shutil.copytree(run / "checkpoints" / "step_00000010", killed)
+    (killed / "trainer.pt").unlink()
     torchrun("-m", "fasttrain", "train", "--resume", str(run), "--train.grad_accum", "2", nproc=1, cwd=tmp)
     assert_same_curve(losses(run), want, "fsdp resumed by one rank")
+    assert not killed.exists()  # swept by the resume
 
 
 @pytest.mark.slow
