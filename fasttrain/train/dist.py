@@ -1,5 +1,6 @@
-"""A run on several processes under torchrun: the process group, the model's wrapping (DDP), gradient sync on the
-last micro-batch only, and what the ranks must agree on (the logged loss, whether to stop).
+"""A run on several processes under torchrun: the process group, the model's wrapping (DDP here, FSDP2 in
+fasttrain.train.sharded), gradient sync on the last micro-batch only, and what the ranks must agree on (the logged
+loss, whether to stop).
 
 Every rank runs the same loop on its own stream of batches (fasttrain.data: batch i of rank r is the job's batch
 i * world_size + r, so a 2-rank run takes the batches a 1-rank run with twice the grad_accum takes); rank 0 alone
