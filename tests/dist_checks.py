@@ -1,11 +1,12 @@
 """Checks that need several processes, run under torchrun by tests/test_dist*.py (CPU, gloo):
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_checks.py adamw
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_checks.py units
 
 Each check asserts on every rank and rank 0 prints `ok <name>` when it passes, so the launching test can tell a check
 that ran from one that did not. One launch runs every check of a job: a launch costs seconds, a check milliseconds.
 """
 
+import contextlib
 import sys
 
 import torch
@@ -159,8 +160,60 @@ def check_found_inf_agreed(mesh) -> None:
     report("found_inf_agreed")
 
 
+def check_gradients_sync_on_the_last_micro_batch(mesh) -> None:
+    """The trainer's step over 3 micro-batches all-reduces DDP's gradients once, on the last, and they equal one
+    process's over the job's batches."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fasttrain.train.config import DistConfig
+    from fasttrain.train.dist import Dist
+    from fasttrain.train.step import forward_backward
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1)
+    ddp = DistributedDataParallel(model)
+    reduces = []
+
+    def counting_hook(state, bucket):
+        reduces.append(bucket.buffer().numel())
+        fut = dist.all_reduce(bucket.buffer().div_(dist.get_world_size()), async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    ddp.register_comm_hook(None, counting_hook)
+    job = Dist(DistConfig(strategy="ddp"), dist.get_rank(), dist.get_world_size())
+
+    class Loss(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, y):
+            return None, (self.inner(x.float()).squeeze(-1) - y.float()).square().mean()
+
+    gen = torch.Generator().manual_seed(1)
+    job_batches = [(torch.randn(4, 6, generator=gen), torch.randn(4, generator=gen)) for _ in range(6)]
+    mine = job_batches[dist.get_rank() :: dist.get_world_size()]  # 3 micro-batches
+    no_scale = torch.amp.GradScaler("cpu", enabled=False)
+    wrapped = Loss(ddp)
+    forward_backward(
+        wrapped, mine, torch.device("cpu"), contextlib.nullcontext, no_scale, lambda last: job.sync_grads(ddp, last)
+    )
+    assert len(reduces) == 1, f"{len(reduces)} all-reduces for 3 micro-batches"
+    torch.manual_seed(0)
+    alone = nn.Linear(6, 1)
+    forward_backward(Loss(alone), job_batches, torch.device("cpu"), contextlib.nullcontext, no_scale)
+    assert_close(model.weight.grad, alone.weight.grad, "DDP gradient after 3 micro-batches")
+    report("gradients_sync_on_the_last_micro_batch")
+
+
 JOBS = {
-    "adamw": [check_fsdp_matches_torch, check_state_dict_layout, check_mixed_plain_and_sharded, check_found_inf_agreed]
+    "units": [
+        check_fsdp_matches_torch,
+        check_state_dict_layout,
+        check_mixed_plain_and_sharded,
+        check_found_inf_agreed,
+        check_gradients_sync_on_the_last_micro_batch,
+    ]
 }
 
 

@@ -41,9 +41,10 @@ def torchrun(*args: str, nproc: int = 2, cwd=None) -> str:
     return text
 
 
-def test_adamw_on_fsdp2_shards_matches_torch():
-    out = torchrun(str(CHECKS), "adamw")
-    for name in ("fsdp_matches_torch", "state_dict_layout", "mixed_plain_and_sharded", "found_inf_agreed"):
+def test_adamw_on_fsdp2_shards_matches_torch_and_ddp_syncs_once_per_step():
+    out = torchrun(str(CHECKS), "units")
+    checks = ("fsdp_matches_torch", "state_dict_layout", "mixed_plain_and_sharded", "found_inf_agreed")
+    for name in (*checks, "gradients_sync_on_the_last_micro_batch"):
         assert f"ok {name}" in out, f"check {name} did not report:\n{out[-4000:]}"
 
 
