@@ -96,7 +96,7 @@ inline void prefetch_l2(const void* p, int64_t bytes) {
   for (uintptr_t line = first; line < end; line += 64) __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 2);
 }
 
-// Keys [k0, k1) of sequence s for every query row, ordered (K/V head, row of its block as in forward_block): the
+// Keys [k0, k1) of sequence s (counted from its first key row, s.k_row) for every query row, ordered (K/V head, row of its block as in forward_block): the
 // running max m, sum l and unnormalized out acc of each.
 template <typename T>
 void decode_split(const Problem& P, const Sequence& s, int64_t k0, int64_t k1, const Rows<const T>& q,
@@ -116,7 +116,7 @@ void decode_split(const Problem& P, const Sequence& s, int64_t k0, int64_t k1, c
   for (int64_t c0 = k0; c0 < k1; c0 += bk) {
     const int64_t cw = std::min(bk, k1 - c0);
     for (int64_t i = 0; i < cw; ++i) {
-      const int64_t j = c0 + i;
+      const int64_t j = s.k_row + c0 + i;  // keys are counted from the sequence's first row (after any left padding)
       if constexpr (in_place) {
         for (int64_t h = 0; h < P.Hkv; ++h) prefetch_l2(v.at(s.k_batch, j, h), D * sizeof(float));
         score_key(qs, n, P.Hkv, k.at(s.k_batch, j, 0), k.head, D, scores + i, cw);
@@ -134,7 +134,7 @@ void decode_split(const Problem& P, const Sequence& s, int64_t k0, int64_t k1, c
                      acc + R * D, D);
     }
     if constexpr (in_place) {
-      accumulate_block(scores, cw, n, P.Hkv, v.at(s.k_batch, c0, 0), v.row, v.head, D, acc);
+      accumulate_block(scores, cw, n, P.Hkv, v.at(s.k_batch, s.k_row + c0, 0), v.row, v.head, D, acc);
     } else {
       accumulate_block(scores, cw, n, P.Hkv, value_w, HD, D, D, acc);
     }
@@ -209,11 +209,13 @@ void decode(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at
 }
 
 // Decoding against a KV cache (fasttrain/ops/decode.py appends the new rows first): query token t of sequence b
-// sits at key position cache_lengths[b] - Tq + t and sees keys [0, cache_lengths[b]) of cache row
-// cache_batch_idx[b] (or b) within the window, and no key past the cache's end.
+// sits at key position cache_lengths[b] - Tq + t and sees keys [cache_leftpad[b] (or 0), cache_lengths[b]) of cache
+// row cache_batch_idx[b] (or b) within the window, and no key past the cache's end. A left-padded sequence is the
+// problem's sequence that starts at its first real row: positions relative to it are those relative to row 0.
 std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(const at::Tensor& q, const at::Tensor& k_cache,
                                                          const at::Tensor& v_cache, const at::Tensor& cache_lengths,
                                                          const std::optional<at::Tensor>& cache_batch_idx,
+                                                         const std::optional<at::Tensor>& cache_leftpad,
                                                          double scale, int64_t left, int64_t right) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "q must be (B, Tq, H, D) and k_cache, v_cache the same (B_cache, Tmax, Hkv, D)");
@@ -230,13 +232,21 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(const at::Tensor& q, co
     rows = cache_batch_idx->to(at::kLong).contiguous();
     TORCH_CHECK(rows.numel() == B, "cache_batch_idx must hold one row per sequence (", B, "), got ", rows.numel());
   }
+  at::Tensor pads;
+  if (cache_leftpad.has_value()) {
+    pads = cache_leftpad->to(at::kLong).contiguous();
+    TORCH_CHECK(pads.numel() == B, "cache_leftpad must hold one offset per sequence (", B, "), got ", pads.numel());
+  }
   Problem P = make_problem(q, k_cache, scale, left, right);
   P.lse_head = Tq;
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t row = rows.defined() ? rows.data_ptr<int64_t>()[b] : b;
     TORCH_CHECK(0 <= row && row < Bc, "cache_batch_idx must lie in [0, ", Bc, "), got ", row);
-    P.seqs.push_back({b, 0, row, 0, Tq, len[b], std::clamp<int64_t>(len[b], 0, Tmax), b * P.H * Tq});
+    const int64_t pad = pads.defined() ? pads.data_ptr<int64_t>()[b] : 0;
+    TORCH_CHECK(0 <= pad && pad <= len[b], "cache_leftpad must lie in [0, cache_lengths], got ", pad, " of ", len[b]);
+    const int64_t end = std::clamp<int64_t>(len[b], pad, std::max(pad, Tmax));
+    P.seqs.push_back({b, 0, row, pad, Tq, len[b] - pad, end - pad, b * P.H * Tq});
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({B, P.H, Tq}, q.options().dtype(at::kFloat));

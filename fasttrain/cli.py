@@ -383,7 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint of the run (default best)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--cuda-graph", action="store_true", help="capture the decode step in a CUDA graph (CUDA only)")
+    p.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="capture the decode step in a CUDA graph (default: on a CUDA device)",
+    )
     p.set_defaults(run=_generate)
 
     p = sub.add_parser(

@@ -186,7 +186,7 @@ def generate(
     seed: int | None = None,
     on_token: Callable[[int, int], None] | None = None,
     compile: bool = False,
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
     vocab_size: int | None = None,
 ) -> GenerationResult:
     """Continue each prompt by up to max_new_tokens tokens.
@@ -195,7 +195,9 @@ def generate(
     temperature 0 is greedy; top_k / top_p restrict sampling (see `sample`); seed makes the draws repeatable.
     A sequence stops at its first token in stop_tokens (left out of the result); the batch stops when all have.
     on_token(i, token) is called for every new token of prompt i as soon as it is chosen (for streaming).
-    compile: torch.compile the decode step; cuda_graph: capture it in a CUDA graph (CUDA only).
+    compile: torch.compile the decode step. cuda_graph: capture it in a CUDA graph (CUDA only); None (default)
+    captures it on a CUDA device, where one replay per token takes the place of the step's many launches (their host
+    time is most of an eager decode step at small batch: benchmarks/NOTES.md), and not elsewhere.
     vocab_size: draw ids below it only: the tokenizer's, when the model's embedding is padded (to a multiple of 64, as
     the trainer pads it) with ids no tokenizer has, which an early checkpoint still gives weight.
     """
@@ -206,6 +208,8 @@ def generate(
     device = next(model.parameters()).device
     if cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
     stop = set(stop_tokens)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     B = len(prompts)

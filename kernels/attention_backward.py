@@ -811,10 +811,11 @@ def attention_backward(
     left,
     right,
     deterministic=False,
+    into=None,
 ):
-    """(dq, dk, dv), each contiguous and shaped like its input. dlse (like lse) or None. deterministic: dQ by its own
-    kernel, bit-identical from run to run for the same tiles; otherwise by whichever of that and atomics is faster
-    here."""
+    """(dq, dk, dv), each contiguous and shaped like its input, or written into `into` (three tensors shaped like q,
+    k, v, any strides: views of one packed gradient). dlse (like lse) or None. deterministic: dQ by its own kernel,
+    bit-identical from run to run for the same tiles; otherwise by whichever of that and atomics is faster here."""
     varlen, B, H, Hkv, cx, tune = launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, left, right)
     if do.stride(-1) != 1:
         do = do.contiguous()
@@ -845,7 +846,10 @@ def attention_backward(
         HAS_DLSE=dlse is not None,
         BLOCK_M=_PREPROCESS_BLOCK_M,
     )
-    dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+    if into is None:
+        dq_out, dk, dv = None, *(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (k, v))
+    else:
+        dq_out, dk, dv = into
     common = (
         *bth_strides(q, varlen),
         *bth_strides(k, varlen),
@@ -871,11 +875,11 @@ def attention_backward(
             *tail,
             **dkdv_cx,
         )
-        return dq_acc.to(q.dtype)
+        return dq_acc.to(q.dtype) if dq_out is None else dq_out.copy_(dq_acc)  # the cast is the one copy
 
     def separate_dq():
         _attn_bwd_dkdv[grid_kv](*dkdv_args, None, cu_seqlens_q, cu_seqlens_k, *dkdv_strides, 0, 0, 0, *tail, **dkdv_cx)
-        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq_out is None else dq_out
         _attn_bwd_dq[grid_q](
             q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common, *bth_strides(dq, varlen), *tail, **cx
         )

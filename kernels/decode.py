@@ -199,11 +199,11 @@ def _decode_append_kernel(
         BLOCK_R,
     )
     if ROTARY:
-        # q sits where causal masking puts it (bottom-right aligned), or all at cache_seqlens when not causal.
+        # flash-attn's positions: row t at cache_seqlens + t, or all at cache_seqlens when neither causal nor windowed
         qpos = seqlen
         if Q_PER_TOKEN:
-            qpos = seqlen + t_new - tq + t
-        in_table = (offs_r < ROT_HALF) & (qpos >= 0) & (qpos < t_rot)
+            qpos = seqlen + t
+        in_table = (offs_r < ROT_HALF) & (qpos < t_rot)
         qcos = tl.load(COS + qpos * stride_rot + offs_r, mask=in_table, other=1.0).to(tl.float32)
         qsin = tl.load(SIN + qpos * stride_rot + offs_r, mask=in_table, other=0.0).to(tl.float32)
         _copy_row(
@@ -228,6 +228,7 @@ def _decode_kernel(
     VC,
     SEQLENS,
     BATCH_IDX,
+    LEFTPAD,
     Out,
     LSE,
     stride_qb,
@@ -259,6 +260,7 @@ def _decode_kernel(
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -295,7 +297,11 @@ def _decode_kernel(
     # Keys any row of this sequence can see: [lo, hi). Split pid_s takes an equal share, whole tiles.
     # The last query token sits at seqlen - 1 and window_right >= 0. Keys stop at the cache end (t_cache rows) even
     # when a caller passed check_lengths=False with too long a length: past it lie the next sequence or unmapped memory.
-    lo = tl.maximum(seqlen - tq - window_left, 0)
+    # Keys before LEFTPAD[b] are padding (flash-attn's cache_leftpad).
+    first = 0
+    if HAS_LEFTPAD:
+        first = tl.load(LEFTPAD + b).to(tl.int32)
+    lo = tl.maximum(seqlen - tq - window_left, first)
     hi = tl.maximum(tl.minimum(seqlen, t_cache), lo)
     chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + pid_s * chunk
@@ -450,6 +456,7 @@ def decode(
     rotary_sin,
     cache_seqlens,
     cache_batch_idx,
+    cache_leftpad,
     softmax_scale: float,
     window_left: int,
     window_right: int,
@@ -458,9 +465,10 @@ def decode(
     num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, Tq, H, D) against the caches (B_cache, Tmax, Hkv, D) after appending k/v (B, Tnew, Hkv, D)
-    at rows cache_seqlens[b].. (rotating k, and q into a fresh tensor, when cos/sin are given): the append (if k),
-    the decode and (with several splits) the combine. Returns out (B, Tq, H, D) in q's dtype and lse (B, H, Tq)
-    fp32. num_splits 0 picks the split count by num_splits_heuristic. Inputs are checked by the caller."""
+    at rows cache_seqlens[b].. (rotating k, and q into a fresh tensor, when cos/sin are given), keys before
+    cache_leftpad[b] (if given) masked: the append (if k), the decode and (with several splits) the combine. Returns
+    out (B, Tq, H, D) in q's dtype and lse (B, H, Tq) fp32. num_splits 0 picks the split count by
+    num_splits_heuristic. Inputs are checked by the caller."""
     B, Tq, H, D = q.shape
     Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
@@ -469,6 +477,7 @@ def decode(
     # column of a (B, 2) tensor, would be read wrong. No-ops for the usual contiguous tensors.
     cache_seqlens = cache_seqlens.contiguous()
     cache_batch_idx = None if cache_batch_idx is None else cache_batch_idx.contiguous()
+    cache_leftpad = None if cache_leftpad is None else cache_leftpad.contiguous()
     has_batch_idx = cache_batch_idx is not None
     batch_idx = cache_batch_idx if has_batch_idx else cache_seqlens  # a placeholder pointer, never read
     t_new = 0 if k is None else k.shape[1]
@@ -550,6 +559,7 @@ def decode(
         v_cache,
         cache_seqlens,
         batch_idx,
+        cache_seqlens if cache_leftpad is None else cache_leftpad,  # a placeholder pointer when None, never read
         o_dst,
         l_dst,
         q.stride(0),
@@ -578,6 +588,7 @@ def decode(
         HEAD_DIM=D,
         NUM_SPLITS=splits,
         HAS_BATCH_IDX=has_batch_idx,
+        HAS_LEFTPAD=cache_leftpad is not None,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
     )
@@ -619,7 +630,7 @@ def aot_kernels(arch: int, dtype: str) -> list[dict]:
     """Per head dim, GQA 32/8 with one query token (a 16-row block) and 4 splits: the append with rotary fused over
     the whole head, the decode kernel under each of arch's configs, the combine at its widest (BLOCK_S = 128, the
     launcher's most splits). Pointers not listed here are in the cache's dtype."""
-    types = {"SEQLENS": "*i32", "BATCH_IDX": "*i32", "COS": "*fp32", "SIN": "*fp32", "LSE": "*fp32"}
+    types = {"SEQLENS": "*i32", "BATCH_IDX": "*i32", "LEFTPAD": "*i32", "COS": "*fp32", "SIN": "*fp32", "LSE": "*fp32"}
     types.update({"O_PART": "*fp32", "LSE_PART": "*fp32", "qk_scale": "fp32"})
     append, decode, combine = [], [], []
     for cls, configs in DECODE_CONFIGS[arch].items():
@@ -637,7 +648,15 @@ def aot_kernels(arch: int, dtype: str) -> list[dict]:
             decode.append(
                 dict(
                     label=f"{cls} BLOCK_N={c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}",
-                    constexprs=dict(HEAD_DIM=d, NUM_SPLITS=4, HAS_BATCH_IDX=True, BLOCK_M=16, BLOCK_D=d, **c.kwargs),
+                    constexprs=dict(
+                        HEAD_DIM=d,
+                        NUM_SPLITS=4,
+                        HAS_BATCH_IDX=True,
+                        HAS_LEFTPAD=True,
+                        BLOCK_M=16,
+                        BLOCK_D=d,
+                        **c.kwargs,
+                    ),
                     num_warps=c.num_warps,
                     num_stages=c.num_stages,
                 )

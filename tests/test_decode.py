@@ -83,7 +83,7 @@ def _assert_matches_reference(kw, tol=TOL, kernels=KERNELS, **extra):
 @pytest.mark.parametrize("Tq", [1, 2, 3, 4])
 def test_matches_reference(Tq, H, Hkv, rotary):
     # Three splits, so the combine step runs; lengths 1, 97, 300 in one batch.
-    _assert_matches_reference(_case(Tq, H, Hkv, CPU_LENGTHS, rotary=rotary), num_splits=3)
+    _assert_matches_reference(_case(Tq, H, Hkv, CPU_LENGTHS, rotary=rotary), num_splits=3, causal=True)
 
 
 @pytest.mark.parametrize("num_splits", [0, 1, 2, 16])
@@ -113,7 +113,7 @@ def test_rotary_variants_and_batch_idx():
 def test_rows_without_keys_give_zero_and_inf_lse():
     # No append: sequence 0 has no key; sequence 1 has 2, so its first two of four query tokens see none.
     kw = _case(4, 4, 2, (0, 2, 97), append=False)
-    out, lse, _, _ = _assert_matches_reference(kw, num_splits=2)
+    out, lse, _, _ = _assert_matches_reference(kw, num_splits=2, causal=True)
     assert torch.all(out[0] == 0) and torch.all(lse[0] == float("inf"))
     assert torch.all(out[1, :2] == 0) and torch.all(lse[1, :, :2] == float("inf"))
     assert torch.isfinite(lse[1, :, 2:]).all() and torch.isfinite(lse[2]).all()
@@ -207,6 +207,11 @@ def _bad(**changes):
         (dict(rotary_cos=torch.ones(6, 16), rotary_sin=torch.ones(6, 16)), "rotary_cos has 6 rows"),
         (dict(q=torch.randn(2, 2, 4)), "q must be 4-D"),
         (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), "block_table"),
+        (
+            dict(cache_leftpad=torch.tensor([0, 6], dtype=torch.int32)),
+            r"cache_leftpad must lie in \[0, cache_seqlens\]",
+        ),
+        (dict(cache_leftpad=torch.tensor([0.0, 1.0])), "cache_leftpad must be an int32/int64 tensor"),
         (dict(num_splits=-1), "num_splits must be an int >= 0"),
     ],
 )
@@ -332,10 +337,10 @@ def test_cpu_kernel_empty_query_and_head_dim():
     # Tq 0: nothing to attend, empty results; head_dim 0: every score 0, so lse = log(keys seen).
     op = torch.ops.fasttrain.attention_kvcache_cpu
     kc = torch.randn(2, 16, 2, 8)
-    out, lse = op(torch.randn(2, 0, 4, 8), kc, kc, torch.tensor([3, 5]), None, 1.0, 1 << 30, 0)
+    out, lse = op(torch.randn(2, 0, 4, 8), kc, kc, torch.tensor([3, 5]), None, None, 1.0, 1 << 30, 0)
     assert out.shape == (2, 0, 4, 8) and lse.shape == (2, 4, 0)
     kc = torch.randn(2, 16, 2, 0)
-    out, lse = op(torch.randn(2, 1, 4, 0), kc, kc, torch.tensor([3, 5]), None, 1.0, 1 << 30, 0)
+    out, lse = op(torch.randn(2, 1, 4, 0), kc, kc, torch.tensor([3, 5]), None, None, 1.0, 1 << 30, 0)
     assert out.shape == (2, 1, 4, 0)
     torch.testing.assert_close(lse, torch.tensor([3.0, 5.0]).log()[:, None, None].expand(2, 4, 1))
 
@@ -374,6 +379,7 @@ def test_registered_op_traces():
         kw["rotary_sin"],
         kw["cache_seqlens"],
         None,
+        torch.tensor([1, 0], dtype=torch.int32),
         32**-0.5,
         1 << 30,
         0,
@@ -413,8 +419,8 @@ def test_gpu_low_precision_within_twice_torch_error(dtype, Tq, H, Hkv):
     lengths = (1, 97, 4000, 16381 - Tq)  # up to the last row of a 16k cache
     kw = _case(Tq, H, Hkv, lengths, D=128, Tmax=16384, dtype=dtype, device="cuda", seed=Tq)
     ref32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
-    want, want_lse, _, _ = _run(ref32, "reference")
-    got, got_lse, kc, vc = _run(kw, "triton")
+    want, want_lse, _, _ = _run(ref32, "reference", causal=True)
+    got, got_lse, kc, vc = _run(kw, "triton", causal=True)
     assert_within_2x_torch(got, _torch_same_dtype(kw), want, measure=max_err, slack=1e-5)
     torch.testing.assert_close(got_lse, want_lse, atol=2e-2, rtol=0)
     for b, n in enumerate(lengths):

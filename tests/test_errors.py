@@ -10,7 +10,11 @@ from fasttrain.ops import (
     apply_rotary_emb,
     cross_entropy,
     flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
     gelu,
     layer_norm,
@@ -33,6 +37,11 @@ def _varlen(q, k=None):
     cu = torch.tensor([0, 3, 4], dtype=torch.int32)
     k = q if k is None else k
     return flash_attn_varlen_func(q, k, k, cu, cu, 3, 3)
+
+
+def _varlen_kv(q, cu_k=None):
+    cu = torch.tensor([0, 3, 4], dtype=torch.int32)
+    return flash_attn_varlen_kvpacked_func(q, _x(4, 2, 2, 16), cu, cu if cu_k is None else cu_k, 3, 3)
 
 
 def _kvcache(q, cache=None):
@@ -92,6 +101,26 @@ CASES = {
         lambda: _varlen(_x(4, 2, 16, dtype=LONG)),
         lambda: flash_attn_varlen_func(*(_x(4, 2, 16),) * 3, [0, 3, 4], [0, 3, 4], 3, 3),
         lambda: _varlen(_x(1, 4, 2, 16)),
+    ),
+    "flash_attn_qkvpacked_func": (
+        lambda: flash_attn_qkvpacked_func(_x(1, 4, 3, 2, 16, dtype=LONG)),
+        lambda: flash_attn_qkvpacked_func("qkv"),
+        lambda: flash_attn_qkvpacked_func(_x(1, 4, 2, 2, 16)),
+    ),
+    "flash_attn_kvpacked_func": (
+        lambda: flash_attn_kvpacked_func(_x(1, 4, 2, 16), _x(1, 4, 2, 2, 16, dtype=torch.float16)),
+        lambda: flash_attn_kvpacked_func(None, _x(1, 4, 2, 2, 16)),
+        lambda: flash_attn_kvpacked_func(_x(1, 4, 2, 16), _x(1, 4, 2, 2, 8)),
+    ),
+    "flash_attn_varlen_qkvpacked_func": (
+        lambda: flash_attn_varlen_qkvpacked_func(_x(4, 3, 2, 16), torch.tensor([0, 3, 4]), 3),
+        lambda: flash_attn_varlen_qkvpacked_func(_x(4, 3, 2, 16), [0, 3, 4], 3),
+        lambda: flash_attn_varlen_qkvpacked_func(_x(4, 3, 2, 16), torch.tensor([0, 3, 4], dtype=torch.int32), 2),
+    ),
+    "flash_attn_varlen_kvpacked_func": (
+        lambda: _varlen_kv(_x(4, 2, 16, dtype=LONG)),
+        lambda: _varlen_kv(_x(4, 2, 16), [0, 3, 4]),
+        lambda: _varlen_kv(_x(4, 2, 16), torch.tensor([0, 2, 5], dtype=torch.int32)),
     ),
     "scaled_dot_product_attention": (
         lambda: scaled_dot_product_attention(*(_x(1, 2, 4, 16, dtype=LONG),) * 3),

@@ -170,6 +170,28 @@ def _assert_greedy_up_to_rounding(model, prompts, tokens):
         assert (logits.amax(dim=-1) - chosen <= tie).all(), (prompt, new)
 
 
+def test_the_decode_step_is_captured_by_default_on_cuda_only(monkeypatch):
+    from fasttrain import generate as generation
+
+    seen, step = [], generation._decode_step
+    monkeypatch.setattr(generation, "_decode_step", lambda *a: seen.append(a[-1]) or step(*a))
+    model = _model()
+    generate(model, PROMPTS, 3, temperature=0.0)  # CPU: no graph
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        generate(model, PROMPTS, 3, temperature=0.0, cuda_graph=True)
+    assert seen == [False]
+
+
+@pytest.mark.gpu
+def test_gpu_default_generation_replays_a_captured_decode_step(monkeypatch):
+    captures, graph = [], torch.cuda.CUDAGraph
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda *a, **k: captures.append(1) or graph(*a, **k))
+    model = _model(device="cuda", dtype=torch.bfloat16)
+    default = generate(model, PROMPTS, 24, temperature=0.0)
+    assert captures == [1]
+    assert default.tokens == generate(model, PROMPTS, 24, temperature=0.0, cuda_graph=False).tokens
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "mode",
@@ -178,8 +200,8 @@ def _assert_greedy_up_to_rounding(model, prompts, tokens):
 )
 def test_gpu_decode_step_modes(mode):
     model = _model(device="cuda", dtype=torch.bfloat16)
-    eager = generate(model, PROMPTS, 24, temperature=0.0)
-    got = generate(model, PROMPTS, 24, temperature=0.0, **mode)
+    eager = generate(model, PROMPTS, 24, temperature=0.0, cuda_graph=False)
+    got = generate(model, PROMPTS, 24, temperature=0.0, **{"cuda_graph": False, **mode})
     _assert_greedy_up_to_rounding(model, PROMPTS, eager.tokens)
     _assert_greedy_up_to_rounding(model, PROMPTS, got.tokens)
     if not mode.get("compile"):  # the graph replays the eager kernels: bit for bit the same tokens

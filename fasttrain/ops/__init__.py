@@ -2,6 +2,12 @@
 
 from fasttrain.ops.activation import gelu
 from fasttrain.ops.attention import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
+from fasttrain.ops.attention_packed import (
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 from fasttrain.ops.cross_entropy import cross_entropy
 from fasttrain.ops.decode import flash_attn_with_kvcache
 from fasttrain.ops.linear_cross_entropy import linear_cross_entropy
@@ -11,6 +17,10 @@ from fasttrain.ops.rotary import apply_rotary_emb
 __all__ = [
     "flash_attn_func",
     "flash_attn_varlen_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_varlen_kvpacked_func",
     "scaled_dot_product_attention",
     "flash_attn_with_kvcache",
     "cross_entropy",

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op, reference_gradients
+from fasttrain.ops.attention_masks import kernel_band
 from fasttrain.ops.attention_reference import (
     UNBOUNDED,
     attention_reference,
@@ -32,7 +33,15 @@ GRID_YZ_MAX = 65535  # CUDA's limit on a grid's y and z axes (the kernels put H 
 # ---- the backends: what each computes -------------------------------------------------------------------------------
 # forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, attn_mask, dropout_p,
 #   dropout_seed) -> (out, lse); backward(do, q, k, v, out, lse, dlse, the forward's arguments from cu_seqlens_q,
-#   deterministic) -> (dq, dk, dv). The kernels serve no attn_mask and no dropout (their reasons say so).
+#   deterministic, into) -> (dq, dk, dv), written into `into` (three tensors shaped like q, k, v: views of one packed
+#   gradient) when it is given. The kernels serve no attn_mask and no dropout (their reasons say so).
+
+
+def _written(grads, into):
+    """grads as they are, or copied into the given tensors (a backend that cannot write into views)."""
+    if into is None:
+        return tuple(g.contiguous() for g in grads)
+    return tuple(dst.copy_(g) for dst, g in zip(into, grads))
 
 
 class Reference:
@@ -43,12 +52,12 @@ class Reference:
         return out.contiguous(), lse.contiguous()  # fresh tensors: a custom op may not return views of its inputs
 
     @staticmethod
-    def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det):
+    def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det, into):
         generator = dropout_generator(seed, q.device)
         grads = attention_reference_backward(
             do, q, k, v, out, lse, dlse, scale, left, right, cu_q, cu_k, mask, p, generator
         )
-        return tuple(g.contiguous() for g in grads)
+        return _written(grads, into)
 
     @staticmethod
     def traced(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, deterministic):
@@ -67,9 +76,9 @@ class Triton:
         return _backend.kernels("attention").attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
 
     @staticmethod
-    def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det):
+    def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det, into):
         return _backend.kernels("attention_backward").attention_backward(
-            do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, det
+            do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, det, into
         )
 
 
@@ -79,8 +88,9 @@ class Cpu:
         return torch.ops.fasttrain.attention_forward_cpu(q, k, v, cu_q, cu_k, scale, left, right)
 
     @staticmethod
-    def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det):
-        return torch.ops.fasttrain.attention_backward_cpu(do, q, k, v, out, lse, dlse, cu_q, cu_k, scale, left, right)
+    def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det, into):
+        grads = torch.ops.fasttrain.attention_backward_cpu(do, q, k, v, out, lse, dlse, cu_q, cu_k, scale, left, right)
+        return _written(grads, into)
 
 
 # ---- the table: which backend can serve which inputs ----------------------------------------------------------------
@@ -227,12 +237,47 @@ def _backward_op(
         dropout_p,
         dropout_seed,
         deterministic,
+        None,
     )
 
 
 @_backward_op.register_fake
 def _(do, q, k, v, *args):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+@custom_op("fasttrain::attention_backward_into", mutates_args=("dq", "dk", "dv"))
+def _backward_into_op(
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cu_seqlens_k: Tensor | None,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    left: int,
+    right: int,
+    dropout_p: float,
+    dropout_seed: Tensor | None,
+    deterministic: bool,
+    backend: str,
+) -> None:
+    """The backward written into dq, dk, dv (views of one packed gradient: the packed functions' backward)."""
+    args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, None, dropout_p)
+    ATTENTION[backend].backward(do, q, k, v, out, lse, dlse, *args, dropout_seed, deterministic, (dq, dk, dv))
+
+
+@_backward_into_op.register_fake
+def _(*args):
+    return None
 
 
 def _setup_context(ctx, inputs, output):
@@ -320,7 +365,14 @@ def _check_qkv(q, k, v, rank: int, layout: str, head_axis: int = -2, names=("q",
 
 
 def _window(causal: bool, window_size) -> tuple[int, int]:
-    """flash-attn's (causal, window_size) -> kernel (left, right) diagonal bounds; -1 means unbounded."""
+    """flash-attn's (causal, window_size) -> kernel (left, right) diagonal bounds; -1 means unbounded. window_size is
+    any pair of integers flash-attn takes: a tuple, a list, or a 2-element integer tensor (read on the host)."""
+    if isinstance(window_size, Tensor):
+        if window_size.is_floating_point() or window_size.is_complex() or window_size.dtype == torch.bool:
+            raise TypeError(f"window_size must hold integers (-1 = unbounded), got a {window_size.dtype} tensor")
+        if window_size.shape != (2,):
+            raise ValueError(f"window_size must be a pair of ints, got a tensor of shape {tuple(window_size.shape)}")
+        window_size = tuple(window_size.tolist())
     if not isinstance(window_size, (tuple, list)) or not all(
         isinstance(w, int) and not isinstance(w, bool) for w in window_size
     ):
@@ -467,6 +519,19 @@ def _check_cu_seqlens(name: str, cu: Tensor, total: int, batch: int | None, devi
     return _longest_sequence(name, cu, total)
 
 
+def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> tuple[Tensor, Tensor]:
+    """The offsets and longest-sequence bounds of packed q (total_q, ...) and k (total_k, ...); returns the offsets
+    contiguous (the kernels read Cu + b)."""
+    real_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None, q.device)
+    real_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.numel(), q.device)
+    for name, given, real in (("max_seqlen_q", max_seqlen_q, real_q), ("max_seqlen_k", max_seqlen_k, real_k)):
+        if not isinstance(given, int) or isinstance(given, bool):
+            raise TypeError(f"{name} must be an int, got {type(given).__name__}")
+        if real is not None and given < real:
+            raise ValueError(f"{name} must be an int >= the longest sequence ({real}), got {given!r}")
+    return cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+
+
 def flash_attn_varlen_func(
     q: Tensor,
     k: Tensor,
@@ -500,14 +565,7 @@ def flash_attn_varlen_func(
     _refuse_unsupported(softcap, alibi_slopes)
     if block_table is not None:
         raise ValueError("block_table must be None (a paged KV cache is not implemented)")
-    real_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], None, q.device)
-    real_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.numel(), q.device)
-    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # the kernels read Cu + b
-    for name, given, real in (("max_seqlen_q", max_seqlen_q, real_q), ("max_seqlen_k", max_seqlen_k, real_k)):
-        if not isinstance(given, int) or isinstance(given, bool):
-            raise TypeError(f"{name} must be an int, got {type(given).__name__}")
-        if real is not None and given < real:
-            raise ValueError(f"{name} must be an int >= the longest sequence ({real}), got {given!r}")
+    cu_seqlens_q, cu_seqlens_k = _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
     out, lse = _attend(
@@ -543,9 +601,12 @@ def scaled_dot_product_attention(
     """torch's `scaled_dot_product_attention` over (B, H, T, D) tensors (4-D only).
 
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. is_causal masks as
-    torch does, aligned top-left: query i sees keys j <= i. attn_mask (bool, True = attend, or additive float,
-    broadcastable to (B, H, Tq, Tk)) and dropout_p > 0 run the reference path. Returns (B, H, Tq, D). The backward
-    is deterministic under torch.use_deterministic_algorithms(True) (see `flash_attn_func`).
+    torch does, aligned top-left: query i sees keys j <= i. attn_mask: bool (True = attend) or additive float,
+    broadcastable to (B, H, Tq, Tk). A mask that is a band (causal, sliding-window: the same keys i - L .. i + R for
+    every row, batch and head; 0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per
+    mask tensor, one host sync on a GPU); any other mask, and dropout_p > 0, runs the reference path. Returns
+    (B, H, Tq, D). The backward is deterministic under torch.use_deterministic_algorithms(True) (see
+    `flash_attn_func`).
     """
     _check_qkv(query, key, value, 4, "(B, H, T, D)", head_axis=1, names=("query", "key", "value"))
     if key.shape[1] != query.shape[1] and not enable_gqa:
@@ -564,6 +625,10 @@ def scaled_dot_product_attention(
     Tq, Tk = q.shape[1], k.shape[1]
     # top-left causal is the bottom-right band shifted by Tq - Tk: j - i - (Tk - Tq) <= Tq - Tk
     left, right = UNBOUNDED, (Tq - Tk if is_causal else UNBOUNDED)
+    if attn_mask is not None and dropout_p == 0.0 and backend != "reference":
+        band = kernel_band(attn_mask, q.shape[0], Tq, Tk)  # a causal or windowed mask: the kernels' band
+        if band is not None:
+            (left, right), attn_mask = band, None
     out, _ = _attend(
         q, k, v, None, None, Tq, Tk, _scale(scale, q.shape[-1]), left, right, backend, dropout_p, attn_mask
     )

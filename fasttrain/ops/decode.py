@@ -15,6 +15,7 @@ import torch
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op
 from fasttrain.ops.attention import _check_like_q, _refuse_unsupported, _scale, _window
+from fasttrain.ops.attention_reference import UNBOUNDED
 from fasttrain.ops.rotary import apply_rotary_emb_reference
 
 MAX_HEAD_DIM = 256  # the Triton kernels' widest head
@@ -36,11 +37,9 @@ def _append(
     pos = seqlens[:, None] + torch.arange(t_new, device=q.device)  # (B, Tnew)
     if rotary_cos is not None:
         k = apply_rotary_emb_reference(k, rotary_cos[pos], rotary_sin[pos], rotary_interleaved)  # (B, Tnew, rd/2) rows
-        qpos = (
-            seqlens[:, None] + t_new - Tq + torch.arange(Tq, device=q.device)
-            if q_per_token
-            else seqlens[:, None].expand(B, Tq)
-        )  # (B, Tq)
+        # flash-attn's positions: row t at cache_seqlens + t, or every row at cache_seqlens when neither causal nor
+        # windowed
+        qpos = seqlens[:, None] + torch.arange(Tq, device=q.device) if q_per_token else seqlens[:, None].expand(B, Tq)
         q = apply_rotary_emb_reference(q, rotary_cos[qpos], rotary_sin[qpos], rotary_interleaved)
     k_cache[rows[:, None], pos] = k
     v_cache[rows[:, None], pos] = v
@@ -61,6 +60,7 @@ def reference_kvcache(
     rotary_sin,
     cache_seqlens,
     cache_batch_idx,
+    cache_leftpad,
     softmax_scale: float,
     window_left: int,
     window_right: int,
@@ -88,6 +88,8 @@ def reference_kvcache(
     visible = (
         (j < lengths[:, None, None]) & (j - qpos[..., None] <= window_right) & (qpos[..., None] - j <= window_left)
     )  # (B, Tq, Tmax)
+    if cache_leftpad is not None:
+        visible &= j >= cache_leftpad.long()[:, None, None]  # the sequence's padding rows
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # (B, H, Tq); -inf where no key is visible
     empty = torch.isinf(lse)
@@ -118,6 +120,7 @@ class Cpu:
         rotary_sin,
         cache_seqlens,
         cache_batch_idx,
+        cache_leftpad,
         softmax_scale: float,
         window_left: int,
         window_right: int,
@@ -130,7 +133,7 @@ class Cpu:
             q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, rotary_interleaved, q_per_token
         )
         return torch.ops.fasttrain.attention_kvcache_cpu(
-            q, k_cache, v_cache, lengths, cache_batch_idx, softmax_scale, window_left, window_right
+            q, k_cache, v_cache, lengths, cache_batch_idx, cache_leftpad, softmax_scale, window_left, window_right
         )
 
 
@@ -191,6 +194,7 @@ def _kvcache_op(
     rotary_sin: torch.Tensor | None,
     cache_seqlens: torch.Tensor,
     cache_batch_idx: torch.Tensor | None,
+    cache_leftpad: torch.Tensor | None,
     softmax_scale: float,
     window_left: int,
     window_right: int,
@@ -209,6 +213,7 @@ def _kvcache_op(
         rotary_sin,
         cache_seqlens,
         cache_batch_idx,
+        cache_leftpad,
         softmax_scale,
         window_left,
         window_right,
@@ -227,7 +232,7 @@ def _(q, *args):
 # ---- the public function: check the arguments, choose, call --------------------------------------------------------
 
 
-def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx) -> None:
+def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad) -> None:
     """Shapes, dtypes and devices; raises ValueError/TypeError naming the argument."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
@@ -279,7 +284,11 @@ def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cac
             raise ValueError(f"rotary_cos and rotary_sin must be on q's device {q.device}")
     if cache_seqlens is None and k is not None:
         raise ValueError("cache_seqlens is required when k and v are appended (it says where they go)")
-    for name, t in (("cache_seqlens", cache_seqlens), ("cache_batch_idx", cache_batch_idx)):
+    for name, t in (
+        ("cache_seqlens", cache_seqlens),
+        ("cache_batch_idx", cache_batch_idx),
+        ("cache_leftpad", cache_leftpad),
+    ):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
@@ -294,14 +303,24 @@ def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cac
         raise ValueError(f"k_cache's batch {Bc} must equal q's batch {B} (or pass cache_batch_idx)")
 
 
-def _check_values(cache_seqlens, cache_batch_idx, t_new: int, Tmax: int, Bc: int, rotary_rows: int | None) -> None:
-    """Lengths against the cache and the rotary table. One host sync; skipped while a CUDA graph is being captured."""
+def _check_values(
+    cache_seqlens, cache_batch_idx, cache_leftpad, t_new: int, Tmax: int, Bc: int, rotary_rows, rotary_span: int
+) -> None:
+    """Lengths against the cache and the rotary table, whose rows cache_seqlens .. cache_seqlens + rotary_span - 1
+    are read. One host sync; skipped while a CUDA graph is being captured."""
     if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     parts = [cache_seqlens.min(), cache_seqlens.max()]
+    if cache_leftpad is not None:  # padding within the filled rows: 0 <= cache_leftpad <= cache_seqlens
+        parts += [cache_leftpad.min(), (cache_leftpad.long() - cache_seqlens.long()).max()]
     if cache_batch_idx is not None:
         parts += [cache_batch_idx.min(), cache_batch_idx.max()]
-    lo, hi, *idx = torch.stack([p.long() for p in parts]).tolist()
+    lo, hi, *rest = torch.stack([p.long() for p in parts]).tolist()
+    if cache_leftpad is not None:
+        (pad_lo, past), rest = rest[:2], rest[2:]
+        if pad_lo < 0 or past > 0:
+            raise ValueError("cache_leftpad must lie in [0, cache_seqlens] for every sequence")
+    idx = rest
     if lo < 0:
         raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {lo}")
     if hi + t_new > Tmax:
@@ -311,8 +330,8 @@ def _check_values(cache_seqlens, cache_batch_idx, t_new: int, Tmax: int, Bc: int
         )
     if idx and (idx[0] < 0 or idx[1] >= Bc):
         raise ValueError(f"cache_batch_idx must lie in [0, {Bc}), got values in [{idx[0]}, {idx[1]}]")
-    if rotary_rows is not None and hi + t_new > rotary_rows:
-        raise ValueError(f"rotary_cos has {rotary_rows} rows, positions up to {hi + t_new - 1} are needed")
+    if rotary_rows is not None and hi + rotary_span > rotary_rows:
+        raise ValueError(f"rotary_cos has {rotary_rows} rows, positions up to {hi + rotary_span - 1} are needed")
 
 
 def flash_attn_with_kvcache(
@@ -328,7 +347,7 @@ def flash_attn_with_kvcache(
     cache_leftpad=None,
     block_table=None,
     softmax_scale=None,
-    causal=True,
+    causal=False,
     window_size=(-1, -1),
     softcap=0.0,
     rotary_interleaved=True,
@@ -346,18 +365,20 @@ def flash_attn_with_kvcache(
         k_cache, v_cache: (B_cache, Tmax, Hkv, D), Hkv divides H, q's dtype; updated in place when k/v are given.
         k, v: (B, Tnew, Hkv, D) or None: written at rows cache_seqlens[b] .. cache_seqlens[b] + Tnew - 1.
         rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) or None: rotate the first rotary_dim dims of k at its
-            cache positions and of q (at its causal positions, or all at cache_seqlens when neither causal nor
-            windowed). rotary_interleaved picks pairs (0, 1), (2, 3).. over (i, i + rotary_dim / 2). Where Tq !=
-            Tnew, q row t turns by its position in the causal mask below (cache_seqlens + Tnew - Tq + t), where
-            flash-attn turns it by cache_seqlens + t, off the position its own mask gives it; at Tq == Tnew, the
-            decoding case, the two agree.
+            cache positions (cache_seqlens + t) and of q: row t at cache_seqlens + t when causal or windowed, every
+            row at cache_seqlens otherwise, as flash-attn (so where Tq > Tnew, seqlen_ro must cover cache_seqlens +
+            Tq). rotary_interleaved picks pairs (0, 1), (2, 3).. over (i, i + rotary_dim / 2).
         cache_seqlens: int or (B,) int32/int64 tensor: rows already in the cache. Attention covers
             cache_seqlens + Tnew keys. None: the whole cache (Tmax), only without k/v. Not advanced here.
         cache_batch_idx: (B,) int tensor or None: the cache row of each sequence.
+        cache_leftpad: (B,) int32/int64 tensor or None: sequence b's first cache_leftpad[b] rows are padding, never
+            attended (flash-attn's left-padded cache); positions (the masks', rotary's, the append's) stay the
+            rows' own indices, as flash-attn's.
         softmax_scale: default 1 / sqrt(D).
-        causal: query token t sits at key position cache_seqlens + Tnew - Tq + t and sees keys up to it.
-            (flash-attn defaults to False; True is what decoding a causal model needs.)
-        window_size: (left, right), -1 for unbounded: keys in [qpos - left, qpos + right].
+        causal: mask aligned bottom-right, as flash-attn: query row t sees keys up to cache_seqlens + Tnew - Tq + t.
+            Default False, as flash-attn; decoding a causal model with Tq > 1 needs True.
+        window_size: (left, right), -1 for unbounded (a tuple, list or 2-element integer tensor): row t sees keys in
+            [p - left, p + right] with p = cache_seqlens + Tnew - Tq + t.
         num_splits: 0 picks the split-KV factor from B * Hkv and Tmax; > 1 forces it.
         return_softmax_lse: also return the logsumexp (B, H, Tq), fp32; +inf for a row that sees no key (its out
             is 0), as fasttrain's flash_attn_func.
@@ -366,18 +387,18 @@ def flash_attn_with_kvcache(
             itself (fasttrain.generate) passes False. Rows past the cache end are never written either way.
         backend: "auto" (default), "triton", "cpu" (the C++ kernel: CPU tensors in fp32, bf16 or fp16, any
             head_dim; num_splits does not apply) or "reference"; see fasttrain._backend.
-        cache_leftpad, block_table (paged cache), alibi_slopes and softcap are flash-attn options that this op does
-            not implement: anything but their defaults raises ValueError. So does num_splits < 0.
+        block_table (paged cache), alibi_slopes and softcap are flash-attn options that this op does not implement:
+            anything but their defaults raises ValueError. So does num_splits < 0.
 
     Returns:
         out (B, Tq, H, D) in q's dtype, and lse when return_softmax_lse.
     """
     _refuse_unsupported(softcap, alibi_slopes)
-    if cache_leftpad is not None or block_table is not None:
-        raise ValueError("cache_leftpad and block_table (a paged cache) must be None: not implemented")
+    if block_table is not None:
+        raise ValueError("block_table must be None (a paged cache is not implemented)")
     if isinstance(cache_seqlens, int) and isinstance(q, torch.Tensor):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx)
+    _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad)
     left, right = _window(causal, window_size)
     if not isinstance(num_splits, int) or isinstance(num_splits, bool):
         raise TypeError(f"num_splits must be an int >= 0, got {type(num_splits).__name__}")
@@ -388,11 +409,11 @@ def flash_attn_with_kvcache(
     if cache_seqlens is None:
         cache_seqlens = torch.full((B,), Tmax, dtype=torch.int32, device=q.device)
     t_new = 0 if k is None else k.shape[1]
+    q_per_token = (left, right) != (UNBOUNDED, UNBOUNDED)  # causal or windowed
     if check_lengths:
-        _check_values(
-            cache_seqlens, cache_batch_idx, t_new, Tmax, Bc, None if rotary_cos is None else rotary_cos.shape[0]
-        )
-    q_per_token = causal or tuple(window_size) != (-1, -1)
+        rotary_rows = None if rotary_cos is None else rotary_cos.shape[0]
+        span = max(t_new, Tq if q_per_token else 1)  # k rows, and q's rows when they turn per token
+        _check_values(cache_seqlens, cache_batch_idx, cache_leftpad, t_new, Tmax, Bc, rotary_rows, span)
     scale = _scale(softmax_scale, D)
     name = DECODE.choose(q, backend=backend)
     if k is not None:
@@ -408,6 +429,7 @@ def flash_attn_with_kvcache(
         rotary_sin,
         cache_seqlens,
         cache_batch_idx,
+        cache_leftpad,
         scale,
         left,
         right,

@@ -1,0 +1,181 @@
+"""flash-attn's packed attention functions: q, k and v stacked in one tensor (`qkv`), or k and v (`kv`).
+
+The kernels read q, k and v as strided views of the packed tensor, and the backward writes dq, dk and dv into views
+of one packed gradient, so no concatenation happens either way (the Triton kernels write the views directly; the CPU
+kernel and the reference copy their gradients in). Semantics, arguments and returns are flash-attn's; masks, GQA
+and backends as in fasttrain.ops.flash_attn_func / flash_attn_varlen_func.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from fasttrain.ops.attention import (
+    ATTENTION,
+    _backward_into_op,
+    _check_dropout,
+    _check_qkv,
+    _check_varlen,
+    _forward_op,
+    _refuse_unsupported,
+    _scale,
+    _window,
+)
+
+
+def _split(q_src: Tensor, kv_src: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, k, v) views: of qkv (..., 3, H, D) when kv_src is None, else q_src and kv_src (..., 2, Hkv, D)."""
+    return q_src.unbind(-3) if kv_src is None else (q_src, *kv_src.unbind(-3))
+
+
+class _PackedAttention(torch.autograd.Function):
+    """The attention op over views of packed inputs, its backward into views of packed gradients."""
+
+    @staticmethod
+    def forward(ctx, q_src, kv_src, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, deterministic, backend):
+        q, k, v = _split(q_src, kv_src)
+        name = ATTENTION.choose(q, k, v, cu_q, max_q, max_k, None, dropout_p, backend=backend)
+        seed = torch.randint(1 << 62, ()) if dropout_p > 0.0 else None  # the backward draws the same dropout
+        args = (cu_q, cu_k, max_q, max_k, scale, left, right)
+        out, lse = _forward_op(q, k, v, *args, None, dropout_p, seed, deterministic, name)
+        ctx.save_for_backward(q_src, kv_src, out, lse, cu_q, cu_k, seed)
+        ctx.args, ctx.dropout_p, ctx.deterministic, ctx.backend = args, dropout_p, deterministic, name
+        return out, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dlse):
+        q_src, kv_src, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+        grads = (torch.empty_like(q_src), None if kv_src is None else torch.empty_like(kv_src))
+        dq, dk, dv = _split(*grads)
+        q, k, v = _split(q_src, kv_src)
+        dout = torch.zeros_like(out) if dout is None else dout
+        deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
+        _backward_into_op(
+            dq, dk, dv, dout, q, k, v, out, lse, dlse, *ctx.args, ctx.dropout_p, seed, deterministic, ctx.backend
+        )
+        return *grads, *(None,) * 10
+
+
+def _check_packed(packed: Tensor, name: str, rank: int, n: int, layout: str) -> Tensor:
+    """packed (rank-D, n tensors along axis -3), with unit stride along head_dim (what the kernels need of each
+    view)."""
+    if not isinstance(packed, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
+    if packed.dim() != rank or packed.shape[-3] != n:
+        raise ValueError(f"{name} must be {layout}, got shape {tuple(packed.shape)}")
+    return packed if packed.stride(-1) == 1 else packed.contiguous()
+
+
+def _packed(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
+            alibi_slopes, deterministic, return_attn_probs, backend):  # fmt: skip
+    """max_q and max_k: None for (B, T, ...) inputs (their T)."""
+    _refuse_unsupported(softcap, alibi_slopes)
+    if kv_src is not None:
+        if not isinstance(q_src, Tensor):
+            raise TypeError(f"q must be a torch.Tensor, got {type(q_src).__name__}")
+        q_src = q_src if q_src.stride(-1) == 1 else q_src.contiguous()  # the kernels need unit stride on head_dim
+    q, k, v = _split(q_src, kv_src)
+    rank, layout = (3, "(total, H, D)") if cu_q is not None else (4, "(B, T, H, D)")
+    _check_qkv(q, k, v, rank, layout)
+    if cu_q is not None:
+        cu_q, cu_k = _check_varlen(q, k, cu_q, cu_k, max_q, max_k)
+    else:
+        max_q, max_k = q.shape[1], k.shape[1]
+    scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
+    _check_dropout(dropout_p)
+    args = (cu_q, cu_k, max_q, max_k, scale, left, right, float(dropout_p), bool(deterministic), backend)
+    out, lse = _PackedAttention.apply(q_src, kv_src, *args)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_qkvpacked_func(
+    qkv: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    backend: str | None = None,
+):
+    """flash-attn's `flash_attn_qkvpacked_func`: qkv (B, T, 3, H, D) -> out (B, T, H, D), or (out, softmax_lse
+    (B, H, T), None) with return_attn_probs. Arguments as in `flash_attn_func`."""
+    qkv = _check_packed(qkv, "qkv", 5, 3, "(B, T, 3, H, D)")
+    return _packed(qkv, None, None, None, None, None, dropout_p, softmax_scale, causal, window_size, softcap,
+                   alibi_slopes, deterministic, return_attn_probs, backend)  # fmt: skip
+
+
+def flash_attn_kvpacked_func(
+    q: Tensor,
+    kv: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    backend: str | None = None,
+):
+    """flash-attn's `flash_attn_kvpacked_func`: q (B, Tq, H, D), kv (B, Tk, 2, Hkv, D) -> out (B, Tq, H, D), or
+    (out, softmax_lse (B, H, Tq), None) with return_attn_probs. Arguments as in `flash_attn_func`."""
+    kv = _check_packed(kv, "kv", 5, 2, "(B, Tk, 2, Hkv, D)")
+    return _packed(q, kv, None, None, None, None, dropout_p, softmax_scale, causal, window_size,
+                   softcap, alibi_slopes, deterministic, return_attn_probs, backend)  # fmt: skip
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    backend: str | None = None,
+):
+    """flash-attn's `flash_attn_varlen_qkvpacked_func`: qkv (total, 3, H, D) with cu_seqlens (B + 1,) int32 offsets
+    for queries and keys alike -> out (total, H, D), or (out, softmax_lse (H, total), None) with return_attn_probs.
+    Arguments as in `flash_attn_varlen_func`."""
+    qkv = _check_packed(qkv, "qkv", 4, 3, "(total, 3, H, D)")
+    return _packed(qkv, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend)  # fmt: skip
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: Tensor,
+    kv: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    backend: str | None = None,
+):
+    """flash-attn's `flash_attn_varlen_kvpacked_func`: q (total_q, H, D), kv (total_k, 2, Hkv, D) -> out
+    (total_q, H, D), or (out, softmax_lse (H, total_q), None) with return_attn_probs. Arguments as in
+    `flash_attn_varlen_func`."""
+    kv = _check_packed(kv, "kv", 4, 2, "(total_k, 2, Hkv, D)")
+    return _packed(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend)  # fmt: skip

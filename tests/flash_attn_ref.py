@@ -1,0 +1,79 @@
+"""flash-attn's test references, written for fasttrain from flash-attn's documented semantics: attention with key
+padding, bottom-right causal and sliding-window masks, and rotary embeddings at per-sequence offsets. The error rule
+that goes with them: a kernel's error against the upcast reference is at most `mult` times that of PyTorch computing
+the same in the input dtype with its operations reordered, plus a small floor."""
+
+import torch
+
+
+def local_mask(Tq: int, Tk: int, window: tuple[int, int], key_lengths: torch.Tensor | None, device) -> torch.Tensor:
+    """True where query i may NOT see key j: keys outside [i + sk - Tq - left, min(i + sk - Tq + right, sk)], with
+    sk the sequence's key count (bottom-right alignment); -1 leaves a side unbounded. (B or 1, 1, Tq, Tk)."""
+    i = torch.arange(Tq, device=device)[:, None]  # (Tq, 1)
+    j = torch.arange(Tk, device=device)  # (Tk,)
+    sk = torch.full((1,), Tk, device=device) if key_lengths is None else key_lengths.to(device)
+    sk = sk[:, None, None, None]  # (B, 1, 1, 1)
+    left, right = window
+    hidden = torch.zeros(sk.shape[0], 1, Tq, Tk, dtype=torch.bool, device=device)
+    if right >= 0:
+        hidden |= j > torch.minimum(i + sk - Tq + right, sk)
+    if left >= 0:
+        hidden |= j < i + sk - Tq - left
+    return hidden
+
+
+def attention_ref(
+    q, k, v, key_padding_mask=None, causal=False, window=(-1, -1), upcast=True, reorder=False, key_leftpad=None
+):
+    """softmax(q k^T / sqrt(D)) v over (B, T, H, D) tensors, K/V heads repeated over their GQA groups. upcast: in
+    fp32 (else in the input dtype); reorder: scale k instead of q. Rows that see no key give 0. key_leftpad (B,):
+    the padding rows that open each sequence's keys (also masked by key_padding_mask); the masks' positions stay
+    the rows' own indices."""
+    if causal:
+        window = (window[0], 0)
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    g = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
+    scale = q.shape[-1] ** -0.5
+    if reorder:
+        scores = torch.einsum("bthd,bshd->bhts", q, k * scale)
+    else:
+        scores = torch.einsum("bthd,bshd->bhts", q * scale, k)
+    Tq, Tk = q.shape[1], k.shape[1]
+    hidden = torch.zeros(1, 1, Tq, Tk, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        hidden = hidden | ~key_padding_mask[:, None, None, :]
+    if window != (-1, -1):
+        lengths = None if key_padding_mask is None else key_padding_mask.sum(-1)
+        if key_leftpad is not None:  # the sequence ends at its padding plus its real keys
+            lengths = lengths + key_leftpad
+        hidden = hidden | local_mask(Tq, Tk, window, lengths, q.device)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).masked_fill(hidden.all(-1, keepdim=True), 0.0).to(v.dtype)
+    return torch.einsum("bhts,bshd->bthd", probs, v).to(dtype)
+
+
+def rotate(x, cos, sin, offsets, interleaved: bool):
+    """x (B, T, H, D) with its first 2 * cos.shape[1] dims turned by the table rows offsets[b] + t (in fp32, or in
+    fp64 for fp64 inputs)."""
+    B, T = x.shape[:2]
+    half = cos.shape[1]
+    pos = offsets.long()[:, None] + torch.arange(T, device=x.device)  # (B, T)
+    wide = torch.promote_types(x.dtype, torch.float32)
+    c, s = cos[pos].to(wide)[:, :, None], sin[pos].to(wide)[:, :, None]  # (B, T, 1, half)
+    xr, rest = x[..., : 2 * half].to(wide), x[..., 2 * half :]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        turned = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        turned = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((turned.to(x.dtype), rest), dim=-1)
+
+
+def assert_within(out, ref, pt, mult: float, floor: float = 1e-5) -> None:
+    """flash-attn's rule: max |out - ref| <= mult * max |pt - ref| + floor."""
+    err, pt_err = (out.float() - ref.float()).abs().max().item(), (pt.float() - ref.float()).abs().max().item()
+    assert err <= mult * pt_err + floor, f"error {err:.3g} > {mult} x PyTorch's {pt_err:.3g} + {floor}"

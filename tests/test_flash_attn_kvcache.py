@@ -1,0 +1,161 @@
+"""flash-attn's own kvcache test cases (test_flash_attn_kvcache), ported: random cache lengths, new keys appended
+(fewer than the queries, or as many), rotary over none, half or all of head_dim at flash-attn's positions, causal or
+a random sliding window given as a tensor, MHA/GQA/MQA, a cache picked per sequence, any split count. Each backend's
+output must be within 3x PyTorch's own error of the upcast reference (flash-attn's rule for this test), and the
+caches must hold the rotated new rows. A representative sample runs by default; the whole grid under -m slow."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from fasttrain.ops import flash_attn_with_kvcache
+
+from flash_attn_ref import assert_within, attention_ref, rotate
+
+BACKENDS = ("triton", "cpu", "reference")
+
+
+def _check_kvcache(
+    seqlen_q,
+    seqlen_k,
+    d,
+    has_batch_idx,
+    rotary_fraction,
+    rotary_interleaved,
+    seqlen_new_eq_seqlen_q,
+    causal,
+    local,
+    new_kv,
+    mha_type,
+    num_splits,
+    has_leftpad,
+    backend,
+    dtype=torch.float32,
+):
+    torch.manual_seed(0)
+    B, H = 2, 6
+    Bc = 2 * B if has_batch_idx else B
+    Hkv = {"mha": H, "gqa": 3, "mqa": 1}[mha_type]
+    rotary_dim = math.floor(int(rotary_fraction * d) / 16) * 16
+    window_size = torch.randint(0, seqlen_k, (2,)) if local else (-1, -1)  # a tensor, as flash-attn's test passes
+    q = torch.randn(B, seqlen_q, H, d, dtype=dtype)
+    # fewer new keys than queries where there can be (flash-attn draws 1..seqlen_q, which may give seqlen_q)
+    seqlen_new = seqlen_q if seqlen_new_eq_seqlen_q or seqlen_q == 1 else torch.randint(1, seqlen_q, (1,)).item()
+    k = torch.randn(B, seqlen_new, Hkv, d, dtype=dtype) if new_kv else None
+    v = torch.randn(B, seqlen_new, Hkv, d, dtype=dtype) if new_kv else None
+    k_cache = torch.randn(Bc, seqlen_k, Hkv, d, dtype=dtype)
+    v_cache = torch.randn(Bc, seqlen_k, Hkv, d, dtype=dtype)
+    # q rows turn at cache_seqlens + t when causal or windowed: the table must reach cache_seqlens + seqlen_q
+    room = (seqlen_q if (causal or local) and rotary_dim > 0 else seqlen_new) if new_kv else 0
+    cache_seqlens = torch.randint(0 if new_kv else 1, seqlen_k - room + 1, (B,), dtype=torch.int32)
+    leftpad = None
+    if has_leftpad:  # padding rows below each sequence's filled length, as flash-attn's test draws them
+        leftpad = torch.stack([torch.randint(0, max(int(n), 1), ()) for n in cache_seqlens]).to(torch.int32)
+    batch_idx = torch.randperm(Bc, dtype=torch.int32)[:B] if has_batch_idx else None
+    rows = batch_idx.long() if has_batch_idx else torch.arange(B)
+
+    cos = sin = None
+    q_ro, k_ro = q, k
+    if rotary_dim > 0:
+        angle = torch.rand(seqlen_k, rotary_dim // 2) * 2 * math.pi
+        cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+        if causal or local:
+            q_ro = rotate(q.double(), cos, sin, cache_seqlens, rotary_interleaved)
+        else:  # every query row at cache_seqlens
+            q_ro = rotate(q.double().flatten(1, 2)[:, None], cos, sin, cache_seqlens, rotary_interleaved).view(q.shape)
+        k_ro = rotate(k.double(), cos, sin, cache_seqlens, rotary_interleaved)
+    j = torch.arange(seqlen_k)[None]  # (1, seqlen_k)
+    kc_ref, vc_ref = k_cache[rows].double(), v_cache[rows].double()
+    if new_kv:
+        update = (cache_seqlens[:, None] <= j) & (j < cache_seqlens[:, None] + seqlen_new)  # (B, seqlen_k)
+        kc_ref[update] = k_ro.double().flatten(0, 1)
+        vc_ref[update] = v.double().flatten(0, 1)
+    key_padding_mask = j < cache_seqlens[:, None] + (seqlen_new if new_kv else 0)
+    if has_leftpad:
+        key_padding_mask &= j >= leftpad[:, None]
+    window = tuple(int(w) for w in window_size)
+
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = flash_attn_with_kvcache(
+        q,
+        kc,
+        vc,
+        k,
+        v,
+        rotary_cos=cos,
+        rotary_sin=sin,
+        cache_seqlens=cache_seqlens,
+        cache_batch_idx=batch_idx,
+        cache_leftpad=leftpad,
+        causal=causal,
+        window_size=window_size,
+        rotary_interleaved=rotary_interleaved,
+        num_splits=num_splits,
+        backend=backend,
+    )
+    masks = dict(key_padding_mask=key_padding_mask, causal=causal, window=window, key_leftpad=leftpad)
+    ref = attention_ref(q_ro.double(), kc_ref, vc_ref, **masks)
+    pt = attention_ref(q_ro.to(dtype), kc_ref.to(dtype), vc_ref.to(dtype), **masks, upcast=False, reorder=True)
+    assert_within(out, ref, pt, mult=3)
+    if new_kv:
+        torch.testing.assert_close(kc[rows].double(), kc_ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+        assert torch.equal(vc[rows].double(), vc_ref)
+
+
+def _id(case):
+    sq, sk, d, bidx, rf, inter, eq, causal, local, new_kv, mha, splits, leftpad = case
+    flags = [f"q{sq}", f"k{sk}", f"d{d}", mha, f"rot{rf}" + ("i" if inter else ""), f"splits{splits}"]
+    named = ((bidx, "batch_idx"), (not eq, "fewer_new"), (causal, "causal"), (local, "local"), (leftpad, "leftpad"))
+    for on, name in named:
+        flags += [name] if on else []
+    return "-".join(flags + ([] if new_kv else ["no_append"]))
+
+
+SAMPLE = [
+    (1, 128, 64, False, 0.0, False, True, False, False, True, "mha", 0, False),  # plain decode step
+    (1, 339, 64, True, 1.0, True, True, True, False, True, "gqa", 3, True),  # rotary, cache rows picked, left padding
+    (3, 97, 32, False, 0.5, False, False, True, False, True, "mqa", 1, False),  # fewer new keys than queries, rotary
+    (3, 97, 32, False, 1.0, True, False, False, False, True, "gqa", 2, False),  # non-causal: q rows at cache_seqlens
+    (4, 128, 64, False, 0.5, False, True, False, True, True, "gqa", 0, True),  # a random window (a tensor), padding
+    (16, 128, 32, True, 0.0, False, True, True, True, False, "mha", 2, True),  # no append, causal, windowed, padding
+    (8, 64, 40, False, 0.0, False, False, True, False, True, "gqa", 0, False),  # head_dim 40
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", SAMPLE, ids=_id)
+def test_flash_attn_kvcache_sample(backend, case):
+    _check_kvcache(*case, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", SAMPLE[1:3], ids=_id)
+def test_flash_attn_kvcache_low_precision_cpu_kernel(dtype, case):
+    _check_kvcache(*case, backend="cpu", dtype=dtype)
+
+
+def _grid():
+    shapes = [(1, 128), (1, 339), (3, 97), (64, 128)]
+    rotaries = [(0.0, False), (0.5, False), (1.0, True)]  # (fraction, interleaved)
+    for (sq, sk), (rf, inter), bidx, eq, causal, local, new_kv, mha, splits, pad in itertools.product(
+        shapes, rotaries, (False, True), (False, True), (False, True), (False, True), (False, True),
+        ("mha", "gqa", "mqa"), (0, 3), (False, True),
+    ):  # fmt: skip
+        if (sq > sk and new_kv) or (not new_kv and rf > 0.0):  # the combinations flash-attn's test skips
+            continue
+        yield sq, sk, 64, bidx, rf, inter, eq, causal, local, new_kv, mha, splits, pad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ("triton", "cpu"))
+def test_flash_attn_kvcache_grid(backend):
+    # every case in one test: a grid this size would cost seconds to collect in every run
+    failed = []
+    for case in _grid():
+        try:
+            _check_kvcache(*case, backend=backend)
+        except AssertionError as e:
+            failed.append(f"{_id(case)}: {e}")
+    assert not failed, f"{len(failed)} cases failed:\n" + "\n".join(failed)

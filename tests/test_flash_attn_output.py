@@ -1,0 +1,186 @@
+"""flash-attn's own output tests (test_flash_attn_output, test_flash_attn_varlen_output), ported for the arguments
+fasttrain's kernels serve: seqlen pairs off the tile sizes, head dims, causal or a random window given as a tensor,
+MHA/GQA/MQA, deterministic, q/k/v apart or k/v packed. The output must be within 2x, and dq/dk/dv within 3x,
+PyTorch's own error against the upcast reference (flash-attn's rule; here fp32 against float64). A representative
+sample runs by default; the whole grid under -m slow."""
+
+import itertools
+
+import pytest
+import torch
+
+from fasttrain.ops import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+)
+from fasttrain.ops.attention import HEAD_DIMS
+
+from flash_attn_ref import assert_within, attention_ref
+
+
+def _ref_and_pt(q, k, v, causal, window):
+    """The float64 reference and PyTorch's fp32 (reordered) output, with their gradient leaves."""
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    leaves32 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*leaves64, causal=causal, window=window)
+    pt = attention_ref(*leaves32, causal=causal, window=window, upcast=False, reorder=True)
+    return (ref, leaves64), (pt, leaves32)
+
+
+def _assert_grads(out, inputs, ref, pt, g):
+    got = torch.autograd.grad(out, inputs, g)
+    want = torch.autograd.grad(ref[0], ref[1], g.double())
+    yard = torch.autograd.grad(pt[0], pt[1], g)
+    for a, b, c in zip(got, want, yard):
+        assert_within(a, b, c, mult=3)
+
+
+def _check_output(seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked, backend):
+    torch.manual_seed(0)
+    B, H = 2, 6
+    Hkv = {"mha": H, "mqa": 1, "gqa": 2}[mha_type]
+    window_size = torch.randint(0, seqlen_k, (2,)) if local else (-1, -1)
+    window = tuple(int(w) for w in window_size)
+    q = torch.randn(B, seqlen_q, H, d, requires_grad=True)
+    kv = torch.randn(B, seqlen_k, 2, Hkv, d, requires_grad=True)
+    k, v = (t.detach().clone().requires_grad_() for t in kv.unbind(2))
+    kw = dict(causal=causal, window_size=window_size, deterministic=deterministic, backend=backend)
+    if kvpacked:
+        out, inputs = flash_attn_kvpacked_func(q, kv, **kw), (q, kv)
+    else:
+        out, inputs = flash_attn_func(q, k, v, **kw), (q, k, v)
+    ref, pt = _ref_and_pt(q, k, v, causal, window)
+    assert_within(out, ref[0], pt[0], mult=2)
+    g = torch.randn_like(out)
+    if kvpacked:  # the packed gradient against the references' dk and dv, stacked
+        dq, dkv = torch.autograd.grad(out, inputs, g)
+        want = torch.autograd.grad(ref[0], ref[1], g.double())
+        yard = torch.autograd.grad(pt[0], pt[1], g)
+        assert_within(dq, want[0], yard[0], mult=3)
+        assert_within(dkv, torch.stack(want[1:], 2), torch.stack(yard[1:], 2), mult=3)
+    else:
+        _assert_grads(out, inputs, ref, pt, g)
+
+
+def _check_varlen_output(seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked, backend):
+    torch.manual_seed(0)
+    B, H = 3, 4
+    Hkv = {"mha": H, "mqa": 1, "gqa": 2}[mha_type]
+    window_size = torch.randint(0, seqlen_k, (2,)) if local else (-1, -1)
+    window = tuple(int(w) for w in window_size)
+    # random lengths per sequence, as flash-attn's random padding masks leave them (one at full length)
+    q_lens = [seqlen_q, *torch.randint(1, seqlen_q + 1, (B - 1,)).tolist()]
+    k_lens = [seqlen_k, *torch.randint(1, seqlen_k + 1, (B - 1,)).tolist()]
+    cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), H, d, requires_grad=True)
+    kv = torch.randn(sum(k_lens), 2, Hkv, d, requires_grad=True)
+    k, v = (t.detach().clone().requires_grad_() for t in kv.unbind(1))
+    kw = dict(causal=causal, window_size=window_size, deterministic=deterministic, backend=backend)
+    lengths = (cu_q, cu_k, max(q_lens), max(k_lens))
+    if kvpacked:
+        out = flash_attn_varlen_kvpacked_func(q, kv, *lengths, **kw)
+    else:
+        out = flash_attn_varlen_func(q, k, v, *lengths, **kw)
+    refs, pts = [], []
+    for b in range(B):  # each sequence alone, bottom-right aligned to its own lengths
+        qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        (ref, _), (pt, _) = _ref_and_pt(q[qs][None], k[ks][None], v[ks][None], causal, window)
+        refs.append(ref[0])
+        pts.append(pt[0])
+    assert_within(out, torch.cat(refs), torch.cat(pts), mult=2)
+    inputs = (q, kv) if kvpacked else (q, k, v)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, g)
+    # the references' gradients, whole: the same sequences through autograd on float64 and fp32 leaves
+    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    leaves32 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want, yard = [], []
+    for leaves, upcast, bucket in ((leaves64, True, want), (leaves32, False, yard)):
+        outs = []
+        for b in range(B):
+            qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+            lq, lk, lv = leaves[0][qs][None], leaves[1][ks][None], leaves[2][ks][None]
+            outs.append(attention_ref(lq, lk, lv, causal=causal, window=window, upcast=upcast, reorder=not upcast)[0])
+        bucket.extend(torch.autograd.grad(torch.cat(outs), leaves, g.to(leaves[0].dtype)))
+    if kvpacked:
+        want, yard = [want[0], torch.stack(want[1:], 1)], [yard[0], torch.stack(yard[1:], 1)]
+    for a, b, c in zip(got, want, yard):
+        assert_within(a, b, c, mult=3)
+
+
+def _id(case):
+    sq, sk, d, causal, local, mha, det, packed = case
+    flags = [f"q{sq}", f"k{sk}", f"d{d}", mha]
+    for on, name in ((causal, "causal"), (local, "local"), (det, "deterministic"), (packed, "kvpacked")):
+        flags += [name] if on else []
+    return "-".join(flags)
+
+
+# (seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked)
+SAMPLE = [
+    (113, 203, 32, True, False, "mha", False, False),
+    (128, 217, 64, False, True, "gqa", True, True),
+    (108, 256, 96, True, True, "mqa", False, False),
+    (203, 113, 64, True, False, "gqa", False, True),  # more queries than keys: the first rows see none
+    (1, 239, 64, False, False, "mha", False, False),
+    (97, 97, 40, True, False, "gqa", False, False),  # a head dim the CPU kernel alone takes
+]
+TRITON_SAMPLE = [  # the interpreter's cost grows with the tiles: shorter sequences
+    (17, 40, 32, True, False, "gqa", False, False),
+    (40, 17, 64, True, True, "mha", True, True),
+]
+
+
+@pytest.mark.parametrize("case", SAMPLE, ids=_id)
+def test_flash_attn_output_cpu_kernel(case):
+    _check_output(*case, backend="cpu")
+
+
+@pytest.mark.parametrize("case", SAMPLE[:2], ids=_id)
+def test_flash_attn_varlen_output_cpu_kernel(case):
+    _check_varlen_output(*case, backend="cpu")
+
+
+@pytest.mark.parametrize("case", TRITON_SAMPLE, ids=_id)
+def test_flash_attn_output_triton(case):
+    _check_output(*case, backend="triton")
+
+
+@pytest.mark.parametrize("case", TRITON_SAMPLE[:1], ids=_id)
+def test_flash_attn_varlen_output_triton(case):
+    _check_varlen_output(*case, backend="triton")
+
+
+def _grid(head_dims):
+    shapes = [(113, 203), (128, 217), (113, 211), (108, 256), (256, 512), (512, 256), (1, 239), (239, 1)]
+    for (sq, sk), d, causal, local, mha, det, packed in itertools.product(
+        shapes, head_dims, (False, True), (False, True), ("mha", "mqa", "gqa"), (False, True), (False, True)
+    ):
+        yield sq, sk, d, causal, local, mha, det, packed
+
+
+def _run_grid(check, cases, backend):
+    """Every case, one test (a grid this size would cost seconds to collect in every run); the failures by name."""
+    failed = []
+    for case in cases:
+        try:
+            check(*case, backend=backend)
+        except AssertionError as e:
+            failed.append(f"{_id(case)}: {e}")
+    assert not failed, f"{len(failed)} cases failed:\n" + "\n".join(failed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_flash_attn_output_grid_cpu_kernel(varlen):
+    _run_grid(_check_varlen_output if varlen else _check_output, _grid((32, 40, 59, 64, 96, 111, 128)), "cpu")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_flash_attn_output_grid_triton(varlen):
+    cases = _grid(tuple(d for d in HEAD_DIMS if d <= 128))
+    _run_grid(_check_varlen_output if varlen else _check_output, cases, "triton")
