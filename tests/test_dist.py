@@ -314,3 +314,31 @@ def test_sharded_checkpoints_are_pruned_as_one_file_checkpoints_are(tmp_path):
         "step_00000004",
         "step_00000005",
     ]
+
+
+def test_a_sharded_checkpoint_with_a_nan_is_not_written(tmp_path):
+    # One rank (a file store, no launch): what every rank of a job does, the non-finite check agreed over the job.
+    from fasttrain.optim import AdamW
+    from fasttrain.train import sharded
+    from fasttrain.train.config import DistConfig
+    from fasttrain.train.dist import Dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        job = Dist(DistConfig(strategy="fsdp"))
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        model.blocks = [model[0]]  # sharded.shard's units: each block, then the root
+        sharded.shard(model, None, "fp32", reshard_after_forward=True, compile_blocks=False)
+        opt = AdamW(model.parameters())
+        model(torch.randn(5, 4)).square().sum().backward()
+        opt.step()
+        run = tmp_path / "run"
+        sharded.save(run, 1, model, opt, {"step": 1}, keep_last=2, is_best=False, job=job)
+        with torch.no_grad():
+            model[1].weight.to_local()[0, 0] = float("nan")
+        with pytest.raises(FloatingPointError, match=r"step 2 not written: model\.1\.weight holds a NaN"):
+            sharded.save(run, 2, model, opt, {"step": 2}, keep_last=2, is_best=False, job=job)
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+        assert sharded.load_trainer_state(sharded.latest(run)) == {"step": 1}
+    finally:
+        dist.destroy_process_group()

@@ -1,12 +1,12 @@
 """FSDP runs: the sharding (fully_shard per block, then the root) and their checkpoints, which are
 torch.distributed.checkpoint (DCP) folders.
 
-A checkpoint is RUN/checkpoints/step_N/: each rank's shards of the model and optimizer (DCP's files, with the FQN
-keys of torch.distributed.checkpoint.state_dict, so it loads at any world size) and trainer.pt (the rest of the
-run's state, from rank 0). It is written into a temporary folder and renamed once every rank has written its part,
-so a job killed mid-save leaves the previous checkpoint and the pointers as they were; `latest` and `best` name the
-folder as they name a one-file checkpoint. One process reads the whole model back without a process group
-(`load_model`: eval, generate, export).
+A checkpoint is RUN/checkpoints/step_N/ (never one holding a NaN or an inf): each rank's shards of the model and
+optimizer (DCP's files, with the FQN keys of torch.distributed.checkpoint.state_dict, so it loads at any world size)
+and trainer.pt (the rest of the run's state, from rank 0). It is written into a temporary folder and renamed once
+every rank has written its part, so a job killed mid-save leaves the previous checkpoint and the pointers as they
+were; `latest` and `best` name the folder as they name a one-file checkpoint. One process reads the whole model back
+without a process group (`load_model`: eval, generate, export).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fasttrain.train.checkpoint import CheckpointError, checkpoint_dir, load_file, prunable
+from fasttrain.train.checkpoint import CheckpointError, checkpoint_dir, first_non_finite, load_file, prunable
 from fasttrain.train.files import _fsync_dir, atomic_write, atomic_write_text, sweep_temporaries
 
 TRAINER_STATE = "trainer.pt"
@@ -67,6 +67,12 @@ def save(run_dir: Path, step: int, model, optimizer, trainer_state: dict, keep_l
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     folder = checkpoint_dir(run_dir)
+    bad = _first_non_finite_shard(model, optimizer)
+    if job.any(bad is not None):  # every rank refuses together: none of them writes its shards
+        raise FloatingPointError(
+            f"checkpoint of step {step} not written: {bad or 'a shard on another rank'} holds a NaN or inf; the "
+            f"latest checkpoint is the one before"
+        )
     final = folder / f"step_{step:08d}"
     tmp = folder / f".{final.name}.tmp-{job.main_pid}"  # one name on every rank: rank 0's pid, for the sweep
     if job.is_main:
@@ -89,6 +95,20 @@ def save(run_dir: Path, step: int, model, optimizer, trainer_state: dict, keep_l
             atomic_write_text(folder / "best", final.name)
         _prune(folder, keep_last)
     return final
+
+
+def _first_non_finite_shard(model: torch.nn.Module, optimizer) -> str | None:
+    """The name of the first parameter or optimizer state whose local shard holds a NaN or inf, else None."""
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    names = {p: name for name, p in model.named_parameters()}
+    state = {
+        "model": {name: local(p) for name, p in model.named_parameters()},
+        "optimizer": {names.get(p, "?"): {k: local(v) for k, v in s.items()} for p, s in optimizer.state.items()},
+    }
+    return first_non_finite(state)
 
 
 def _prune(folder: Path, keep_last: int) -> None:
