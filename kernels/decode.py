@@ -118,6 +118,7 @@ def _decode_append_kernel(
     SIN,
     SEQLENS,
     BATCH_IDX,
+    BLOCK_TABLE,
     stride_qb,
     stride_qt,
     stride_qh,
@@ -133,6 +134,7 @@ def _decode_append_kernel(
     stride_vcb,
     stride_vct,
     stride_vch,
+    stride_bt,
     stride_qrb,
     stride_qrt,
     stride_qrh,
@@ -150,10 +152,13 @@ def _decode_append_kernel(
     Q_PER_TOKEN: tl.constexpr,
     INTERLEAVED: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr,
+    PAGE: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """Grid (B * t_rows, max(H, Hkv)) with t_rows = max(Tq, Tnew): append k/v row (b, t, h); rotate q row (b, t, h)."""
+    """Grid (B * t_rows, max(H, Hkv)) with t_rows = max(Tq, Tnew): append k/v row (b, t, h); rotate q row (b, t, h).
+    PAGE > 0: the caches are pages of PAGE rows, sequence b's row p in page BLOCK_TABLE[b, p // PAGE] (stride_bt
+    between sequences)."""
     pid_bt = tl.program_id(0)
     h = tl.program_id(1)
     b = pid_bt // t_rows
@@ -172,9 +177,13 @@ def _decode_append_kernel(
         sin = tl.load(SIN + pos * stride_rot + offs_r, mask=in_table, other=0.0).to(tl.float32)
     # Rows past the cache end are never written; the launcher reports them before launching.
     ok = (t < t_new) & (h < n_kv_heads) & (pos < t_cache)
+    row = pos
+    if PAGE > 0:
+        cache_b = tl.load(BLOCK_TABLE + b * stride_bt + pos // PAGE, mask=pos < t_cache, other=0).to(tl.int32)
+        row = pos % PAGE
     _copy_row(
         K + b * stride_kb + t * stride_kt + h * stride_kh,
-        KC + cache_b.to(tl.int64) * stride_kcb + pos.to(tl.int64) * stride_kct + h * stride_kch,
+        KC + cache_b.to(tl.int64) * stride_kcb + row.to(tl.int64) * stride_kct + h * stride_kch,
         cos,
         sin,
         ok,
@@ -187,7 +196,7 @@ def _decode_append_kernel(
     )
     _copy_row(
         V + b * stride_vb + t * stride_vt + h * stride_vh,
-        VC + cache_b.to(tl.int64) * stride_vcb + pos.to(tl.int64) * stride_vct + h * stride_vch,
+        VC + cache_b.to(tl.int64) * stride_vcb + row.to(tl.int64) * stride_vct + h * stride_vch,
         cos,
         sin,
         ok,
@@ -229,6 +238,7 @@ def _decode_kernel(
     SEQLENS,
     BATCH_IDX,
     LEFTPAD,
+    BLOCK_TABLE,
     Out,
     LSE,
     stride_qb,
@@ -240,6 +250,7 @@ def _decode_kernel(
     stride_vcb,
     stride_vct,
     stride_vch,
+    stride_bt,
     stride_ob,
     stride_ot,
     stride_oh,
@@ -261,6 +272,7 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr,
+    PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -302,6 +314,8 @@ def _decode_kernel(
     if HAS_LEFTPAD:
         first = tl.load(LEFTPAD + b).to(tl.int32)
     lo = tl.maximum(seqlen - tq - window_left, first)
+    if PAGE > 0:  # whole tiles, each inside one page (PAGE is a multiple of BLOCK_N); the mask drops keys below lo
+        lo = lo // BLOCK_N * BLOCK_N
     hi = tl.maximum(tl.minimum(seqlen, t_cache), lo)
     chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = lo + pid_s * chunk
@@ -316,11 +330,18 @@ def _decode_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(kc_base + offs_n[:, None].to(tl.int64) * stride_kct + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(vc_base + offs_n[:, None].to(tl.int64) * stride_vct + offs_d[None, :], mask=kv_mask, other=0.0)
+        rows_n = offs_n
+        if PAGE > 0:  # one table read per tile
+            page = tl.load(BLOCK_TABLE + b * stride_bt + start_n // PAGE).to(tl.int64)
+            kc_base = KC + page * stride_kcb + hkv * stride_kch
+            vc_base = VC + page * stride_vcb + hkv * stride_vch
+            rows_n = start_n % PAGE + tl.arange(0, BLOCK_N)
+        k = tl.load(kc_base + rows_n[:, None].to(tl.int64) * stride_kct + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(vc_base + rows_n[:, None].to(tl.int64) * stride_vct + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
         visible = (
             n_ok[None, :]
+            & (offs_n[None, :] >= first)
             & (offs_n[None, :] - qpos[:, None] <= window_right)
             & (qpos[:, None] - offs_n[None, :] <= window_left)
         )
@@ -457,6 +478,7 @@ def decode(
     cache_seqlens,
     cache_batch_idx,
     cache_leftpad,
+    block_table,
     softmax_scale: float,
     window_left: int,
     window_right: int,
@@ -466,11 +488,16 @@ def decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, Tq, H, D) against the caches (B_cache, Tmax, Hkv, D) after appending k/v (B, Tnew, Hkv, D)
     at rows cache_seqlens[b].. (rotating k, and q into a fresh tensor, when cos/sin are given), keys before
-    cache_leftpad[b] (if given) masked: the append (if k), the decode and (with several splits) the combine. Returns
+    cache_leftpad[b] (if given) masked, through block_table's pages if given: the append (if k), the decode and (with
+    several splits) the combine. Returns
     out (B, Tq, H, D) in q's dtype and lse (B, H, Tq) fp32. num_splits 0 picks the split count by
     num_splits_heuristic. Inputs are checked by the caller."""
     B, Tq, H, D = q.shape
-    Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[2]
+    # a paged cache: (num_blocks, page, Hkv, D) read through block_table (B, max_blocks): Tmax rows per sequence
+    page = 0 if block_table is None else k_cache.shape[1]
+    Tmax = k_cache.shape[1] if block_table is None else block_table.shape[1] * page
+    table = cache_seqlens[:, None] if block_table is None else block_table.contiguous()  # a placeholder if not paged
     G = H // Hkv
     block_d = max(16, next_power_of_2(D))
     # The kernels index these at unit stride (SEQLENS + b, COS + pos * stride_rot + i): a strided view, such as a
@@ -499,6 +526,7 @@ def decode(
             sin,
             cache_seqlens,
             batch_idx,
+            table,
             q.stride(0),
             q.stride(1),
             q.stride(2),
@@ -514,6 +542,7 @@ def decode(
             v_cache.stride(0),
             v_cache.stride(1),
             v_cache.stride(2),
+            table.stride(0),
             q_attn.stride(0),
             q_attn.stride(1),
             q_attn.stride(2),
@@ -531,6 +560,7 @@ def decode(
             Q_PER_TOKEN=q_per_token,
             INTERLEAVED=rotary_interleaved,
             HAS_BATCH_IDX=has_batch_idx,
+            PAGE=page,
             BLOCK_D=block_d,
             BLOCK_R=max(1, next_power_of_2(half)),
             num_warps=append_num_warps(D),
@@ -560,6 +590,7 @@ def decode(
         cache_seqlens,
         batch_idx,
         cache_seqlens if cache_leftpad is None else cache_leftpad,  # a placeholder pointer when None, never read
+        table,
         o_dst,
         l_dst,
         q.stride(0),
@@ -571,6 +602,7 @@ def decode(
         v_cache.stride(0),
         v_cache.stride(1),
         v_cache.stride(2),
+        table.stride(0),
         o_dst.stride(-4),
         o_dst.stride(-3),
         o_dst.stride(-2),
@@ -589,6 +621,7 @@ def decode(
         NUM_SPLITS=splits,
         HAS_BATCH_IDX=has_batch_idx,
         HAS_LEFTPAD=cache_leftpad is not None,
+        PAGE=page,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
     )
@@ -628,31 +661,36 @@ def append_num_warps(head_dim: int) -> int:
 
 def aot_kernels(arch: int, dtype: str) -> list[dict]:
     """Per head dim, GQA 32/8 with one query token (a 16-row block) and 4 splits: the append with rotary fused over
-    the whole head, the decode kernel under each of arch's configs, the combine at its widest (BLOCK_S = 128, the
+    the whole head, the decode kernel under each of arch's configs, each of these again on a paged cache of 256-row
+    pages (the decode kernel under the class's first config), the combine at its widest (BLOCK_S = 128, the
     launcher's most splits). Pointers not listed here are in the cache's dtype."""
-    types = {"SEQLENS": "*i32", "BATCH_IDX": "*i32", "LEFTPAD": "*i32", "COS": "*fp32", "SIN": "*fp32", "LSE": "*fp32"}
+    types = {"SEQLENS": "*i32", "BATCH_IDX": "*i32", "LEFTPAD": "*i32", "BLOCK_TABLE": "*i32", "COS": "*fp32"}
+    types.update({"SIN": "*fp32", "LSE": "*fp32"})
     types.update({"O_PART": "*fp32", "LSE_PART": "*fp32", "qk_scale": "fp32"})
     append, decode, combine = [], [], []
     for cls, configs in DECODE_CONFIGS[arch].items():
         d = {"d64": 64, "d128": 128, "d256": 256}[cls]
         warps = append_num_warps(d)
         rotary = dict(ROTARY=True, Q_PER_TOKEN=True, INTERLEAVED=False, HAS_BATCH_IDX=True, ROT_HALF=d // 2)
-        append.append(
-            dict(
-                label=f"{cls} w{warps}",
-                constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_R=d // 2, **rotary),
-                num_warps=warps,
+        for page in (0, 256):
+            append.append(
+                dict(
+                    label=f"{cls} w{warps}" + (f" paged {page}" if page else ""),
+                    constexprs=dict(HEAD_DIM=d, BLOCK_D=d, BLOCK_R=d // 2, **rotary, PAGE=page),
+                    num_warps=warps,
+                )
             )
-        )
-        for c in configs:
+        for c, page in [(c, 0) for c in configs] + [(configs[0], 256)]:
             decode.append(
                 dict(
-                    label=f"{cls} BLOCK_N={c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}",
+                    label=f"{cls} BLOCK_N={c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+                    + (f" paged {page}" if page else ""),
                     constexprs=dict(
                         HEAD_DIM=d,
                         NUM_SPLITS=4,
-                        HAS_BATCH_IDX=True,
+                        HAS_BATCH_IDX=not page,
                         HAS_LEFTPAD=True,
+                        PAGE=page,
                         BLOCK_M=16,
                         BLOCK_D=d,
                         **c.kwargs,

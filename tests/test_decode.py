@@ -185,6 +185,11 @@ def test_num_splits_fills_the_gpu():
     assert num_splits_heuristic(1, 1, 1024, 132) == 1024 // 128  # at least 128 keys per split
 
 
+def _pages(n_blocks=3):
+    """A paged cache of n_blocks 128-row pages for _bad's (B=2, Hkv=2, D=32) inputs."""
+    return dict(k_cache=torch.randn(n_blocks, 128, 2, 32), v_cache=torch.randn(n_blocks, 128, 2, 32))
+
+
 def _bad(**changes):
     kw = _case(2, 4, 2, (3, 5), Tmax=64)
     kw.update(changes)
@@ -206,7 +211,17 @@ def _bad(**changes):
         (dict(k=None, v=None, rotary_cos=torch.ones(64, 16), rotary_sin=torch.ones(64, 16)), "pass k and v"),
         (dict(rotary_cos=torch.ones(6, 16), rotary_sin=torch.ones(6, 16)), "rotary_cos has 6 rows"),
         (dict(q=torch.randn(2, 2, 4)), "q must be 4-D"),
-        (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), "block_table"),
+        (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), "page_block_size .* must be a multiple of 128"),
+        (
+            dict(**_pages(), block_table=torch.tensor([[0], [3]], dtype=torch.int32)),
+            r"block_table must lie in \[0, 3\)",
+        ),
+        (dict(**_pages(), block_table=torch.tensor([[0], [1]])), "block_table must be an int32 tensor"),
+        (dict(**_pages(), block_table=torch.zeros(3, 1, dtype=torch.int32)), r"block_table must be \(B=2"),
+        (
+            dict(**_pages(), block_table=torch.zeros(2, 1, dtype=torch.int32), cache_batch_idx=torch.tensor([0, 1])),
+            "cache_batch_idx must be None with a block_table",
+        ),
         (
             dict(cache_leftpad=torch.tensor([0, 6], dtype=torch.int32)),
             r"cache_leftpad must lie in \[0, cache_seqlens\]",
@@ -380,6 +395,7 @@ def test_registered_op_traces():
         kw["cache_seqlens"],
         None,
         torch.tensor([1, 0], dtype=torch.int32),
+        None,
         32**-0.5,
         1 << 30,
         0,

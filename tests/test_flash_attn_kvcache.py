@@ -31,6 +31,7 @@ def _check_kvcache(
     mha_type,
     num_splits,
     has_leftpad,
+    page,
     backend,
     dtype=torch.float32,
 ):
@@ -45,8 +46,15 @@ def _check_kvcache(
     seqlen_new = seqlen_q if seqlen_new_eq_seqlen_q or seqlen_q == 1 else torch.randint(1, seqlen_q, (1,)).item()
     k = torch.randn(B, seqlen_new, Hkv, d, dtype=dtype) if new_kv else None
     v = torch.randn(B, seqlen_new, Hkv, d, dtype=dtype) if new_kv else None
-    k_cache = torch.randn(Bc, seqlen_k, Hkv, d, dtype=dtype)
-    v_cache = torch.randn(Bc, seqlen_k, Hkv, d, dtype=dtype)
+    block_table = None
+    if page:  # pages of `page` rows in a shuffled pool three times the batch's need, as flash-attn's test builds it
+        n_blocks = -(-seqlen_k // page)
+        pool_k, pool_v = (torch.randn(n_blocks * B * 3, page, Hkv, d, dtype=dtype) for _ in range(2))
+        block_table = torch.randperm(n_blocks * B * 3, dtype=torch.int32)[: n_blocks * B].view(B, n_blocks)
+        k_cache, v_cache = (pool[block_table.long()].flatten(1, 2)[:, :seqlen_k] for pool in (pool_k, pool_v))
+    else:
+        k_cache = torch.randn(Bc, seqlen_k, Hkv, d, dtype=dtype)
+        v_cache = torch.randn(Bc, seqlen_k, Hkv, d, dtype=dtype)
     # q rows turn at cache_seqlens + t when causal or windowed: the table must reach cache_seqlens + seqlen_q
     room = (seqlen_q if (causal or local) and rotary_dim > 0 else seqlen_new) if new_kv else 0
     cache_seqlens = torch.randint(0 if new_kv else 1, seqlen_k - room + 1, (B,), dtype=torch.int32)
@@ -77,7 +85,7 @@ def _check_kvcache(
         key_padding_mask &= j >= leftpad[:, None]
     window = tuple(int(w) for w in window_size)
 
-    kc, vc = k_cache.clone(), v_cache.clone()
+    kc, vc = (pool_k.clone(), pool_v.clone()) if page else (k_cache.clone(), v_cache.clone())
     out = flash_attn_with_kvcache(
         q,
         kc,
@@ -89,6 +97,7 @@ def _check_kvcache(
         cache_seqlens=cache_seqlens,
         cache_batch_idx=batch_idx,
         cache_leftpad=leftpad,
+        block_table=block_table,
         causal=causal,
         window_size=window_size,
         rotary_interleaved=rotary_interleaved,
@@ -100,13 +109,16 @@ def _check_kvcache(
     pt = attention_ref(q_ro.to(dtype), kc_ref.to(dtype), vc_ref.to(dtype), **masks, upcast=False, reorder=True)
     assert_within(out, ref, pt, mult=3)
     if new_kv:
+        if page:  # each sequence's pages, in order
+            kc, vc = (c[block_table.long()].flatten(1, 2)[:, :seqlen_k] for c in (kc, vc))
         torch.testing.assert_close(kc[rows].double(), kc_ref, atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
         assert torch.equal(vc[rows].double(), vc_ref)
 
 
 def _id(case):
-    sq, sk, d, bidx, rf, inter, eq, causal, local, new_kv, mha, splits, leftpad = case
+    sq, sk, d, bidx, rf, inter, eq, causal, local, new_kv, mha, splits, leftpad, page = case
     flags = [f"q{sq}", f"k{sk}", f"d{d}", mha, f"rot{rf}" + ("i" if inter else ""), f"splits{splits}"]
+    flags += [f"paged{page}"] if page else []
     named = ((bidx, "batch_idx"), (not eq, "fewer_new"), (causal, "causal"), (local, "local"), (leftpad, "leftpad"))
     for on, name in named:
         flags += [name] if on else []
@@ -114,13 +126,15 @@ def _id(case):
 
 
 SAMPLE = [
-    (1, 128, 64, False, 0.0, False, True, False, False, True, "mha", 0, False),  # plain decode step
-    (1, 339, 64, True, 1.0, True, True, True, False, True, "gqa", 3, True),  # rotary, cache rows picked, left padding
-    (3, 97, 32, False, 0.5, False, False, True, False, True, "mqa", 1, False),  # fewer new keys than queries, rotary
-    (3, 97, 32, False, 1.0, True, False, False, False, True, "gqa", 2, False),  # non-causal: q rows at cache_seqlens
-    (4, 128, 64, False, 0.5, False, True, False, True, True, "gqa", 0, True),  # a random window (a tensor), padding
-    (16, 128, 32, True, 0.0, False, True, True, True, False, "mha", 2, True),  # no append, causal, windowed, padding
-    (8, 64, 40, False, 0.0, False, False, True, False, True, "gqa", 0, False),  # head_dim 40
+    (1, 128, 64, False, 0.0, False, True, False, False, True, "mha", 0, False, 0),  # plain decode step
+    (1, 339, 64, True, 1.0, True, True, True, False, True, "gqa", 3, True, 0),  # rotary, rows picked, left padding
+    (3, 97, 32, False, 0.5, False, False, True, False, True, "mqa", 1, False, 0),  # fewer new keys than queries
+    (3, 97, 32, False, 1.0, True, False, False, False, True, "gqa", 2, False, 0),  # non-causal: q at cache_seqlens
+    (4, 128, 64, False, 0.5, False, True, False, True, True, "gqa", 0, True, 0),  # a random window (a tensor), padding
+    (16, 128, 32, True, 0.0, False, True, True, True, False, "mha", 2, True, 0),  # no append, causal, window, padding
+    (8, 64, 40, False, 0.0, False, False, True, False, True, "gqa", 0, False, 0),  # head_dim 40
+    (1, 339, 64, False, 1.0, False, True, True, False, True, "gqa", 3, False, 256),  # paged: 2 pages, rotary, splits
+    (3, 300, 32, False, 0.5, True, False, True, True, True, "mqa", 0, True, 128),  # paged 128, window, left padding
 ]
 
 
@@ -139,13 +153,13 @@ def test_flash_attn_kvcache_low_precision_cpu_kernel(dtype, case):
 def _grid():
     shapes = [(1, 128), (1, 339), (3, 97), (64, 128)]
     rotaries = [(0.0, False), (0.5, False), (1.0, True)]  # (fraction, interleaved)
-    for (sq, sk), (rf, inter), bidx, eq, causal, local, new_kv, mha, splits, pad in itertools.product(
+    for (sq, sk), (rf, inter), bidx, eq, causal, local, new_kv, mha, splits, pad, page in itertools.product(
         shapes, rotaries, (False, True), (False, True), (False, True), (False, True), (False, True),
-        ("mha", "gqa", "mqa"), (0, 3), (False, True),
+        ("mha", "gqa", "mqa"), (0, 3), (False, True), (0, 256),
     ):  # fmt: skip
-        if (sq > sk and new_kv) or (not new_kv and rf > 0.0):  # the combinations flash-attn's test skips
+        if (sq > sk and new_kv) or (not new_kv and rf > 0.0) or (bidx and page):  # what flash-attn's test skips
             continue
-        yield sq, sk, 64, bidx, rf, inter, eq, causal, local, new_kv, mha, splits, pad
+        yield sq, sk, 64, bidx, rf, inter, eq, causal, local, new_kv, mha, splits, pad, page
 
 
 @pytest.mark.slow

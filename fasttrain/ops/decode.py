@@ -25,10 +25,22 @@ MAX_HEAD_DIM = 256  # the Triton kernels' widest head
 
 
 def _append(
-    q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, rotary_interleaved: bool, q_per_token: bool
+    q,
+    k_cache,
+    v_cache,
+    k,
+    v,
+    rotary_cos,
+    rotary_sin,
+    cache_seqlens,
+    rows,
+    block_table,
+    rotary_interleaved: bool,
+    q_per_token: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Write k/v (rotated, with q, when rotary tables are given) at rows cache_seqlens.. of the caches, in place.
-    Returns q as attention sees it and the lengths (B,) int64 after the append. rows: (B,) cache row per sequence."""
+    Returns q as attention sees it and the lengths (B,) int64 after the append. rows: (B,) cache row per sequence;
+    block_table: (B, max_blocks) pages of a paged cache, or None."""
     B, Tq = q.shape[:2]
     seqlens = cache_seqlens.long()
     if k is None:
@@ -41,9 +53,19 @@ def _append(
         # windowed
         qpos = seqlens[:, None] + torch.arange(Tq, device=q.device) if q_per_token else seqlens[:, None].expand(B, Tq)
         q = apply_rotary_emb_reference(q, rotary_cos[qpos], rotary_sin[qpos], rotary_interleaved)
-    k_cache[rows[:, None], pos] = k
-    v_cache[rows[:, None], pos] = v
+    if block_table is None:
+        where = (rows[:, None], pos)
+    else:  # sequence b's row p: row p % page of page block_table[b, p // page]
+        page = k_cache.shape[1]
+        where = (block_table.long().gather(1, pos // page), pos % page)
+    k_cache[where] = k
+    v_cache[where] = v
     return q, seqlens + t_new
+
+
+def _paged(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """(B, max_blocks * page, Hkv, D): each sequence's pages in order, copied out of the paged cache."""
+    return cache[block_table.long()].flatten(1, 2)  # (B, max_blocks, page, Hkv, D) -> (B, max_blocks * page, ...)
 
 
 def _cache_rows(q: torch.Tensor, cache_batch_idx: torch.Tensor | None) -> torch.Tensor:
@@ -61,6 +83,7 @@ def reference_kvcache(
     cache_seqlens,
     cache_batch_idx,
     cache_leftpad,
+    block_table,
     softmax_scale: float,
     window_left: int,
     window_right: int,
@@ -75,11 +98,15 @@ def reference_kvcache(
     that sees no key gives 0 and lse = +inf, as the attention op (and flash-attn).
     """
     B, Tq, H, D = q.shape
-    Tmax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    Hkv = k_cache.shape[2]
     rows = _cache_rows(q, cache_batch_idx)
     q, lengths = _append(
-        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, rotary_interleaved, q_per_token
-    )
+        q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, block_table, rotary_interleaved,
+        q_per_token,
+    )  # fmt: skip
+    if block_table is not None:
+        k_cache, v_cache, rows = _paged(k_cache, block_table), _paged(v_cache, block_table), torch.arange(B)
+    Tmax = k_cache.shape[1]
     kc = k_cache[rows].float().repeat_interleave(H // Hkv, dim=2)  # (B, Tmax, H, D)
     vc = v_cache[rows].float().repeat_interleave(H // Hkv, dim=2)
     scores = torch.einsum("bthd,bshd->bhts", q.float(), kc) * softmax_scale  # (B, H, Tq, Tmax)
@@ -107,7 +134,7 @@ class Reference:
 
 class Cpu:
     """The reference's append, then the C++ kernel, which reads each sequence's cache row in place (no copy of the
-    cache, no repeat of K/V over a GQA group)."""
+    cache, no repeat of K/V over a GQA group); a paged cache's pages are copied out per sequence first."""
 
     @staticmethod
     def forward(
@@ -121,6 +148,7 @@ class Cpu:
         cache_seqlens,
         cache_batch_idx,
         cache_leftpad,
+        block_table,
         softmax_scale: float,
         window_left: int,
         window_right: int,
@@ -130,8 +158,11 @@ class Cpu:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = _cache_rows(q, cache_batch_idx)
         q, lengths = _append(
-            q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, rotary_interleaved, q_per_token
-        )
+            q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, rows, block_table, rotary_interleaved,
+            q_per_token,
+        )  # fmt: skip
+        if block_table is not None:  # the C++ kernel reads contiguous rows: each sequence's pages copied out
+            k_cache, v_cache = _paged(k_cache, block_table), _paged(v_cache, block_table)
         return torch.ops.fasttrain.attention_kvcache_cpu(
             q, k_cache, v_cache, lengths, cache_batch_idx, cache_leftpad, softmax_scale, window_left, window_right
         )
@@ -195,6 +226,7 @@ def _kvcache_op(
     cache_seqlens: torch.Tensor,
     cache_batch_idx: torch.Tensor | None,
     cache_leftpad: torch.Tensor | None,
+    block_table: torch.Tensor | None,
     softmax_scale: float,
     window_left: int,
     window_right: int,
@@ -214,6 +246,7 @@ def _kvcache_op(
         cache_seqlens,
         cache_batch_idx,
         cache_leftpad,
+        block_table,
         softmax_scale,
         window_left,
         window_right,
@@ -232,7 +265,9 @@ def _(q, *args):
 # ---- the public function: check the arguments, choose, call --------------------------------------------------------
 
 
-def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad) -> None:
+def _check(
+    q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, paged: bool
+) -> None:
     """Shapes, dtypes and devices; raises ValueError/TypeError naming the argument."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
@@ -299,22 +334,42 @@ def _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cac
             raise ValueError(f"{name} must be an int32/int64 tensor of shape ({B},), got shape {tuple(t.shape)}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
-    if cache_batch_idx is None and Bc != B:
+    if cache_batch_idx is None and Bc != B and not paged:
         raise ValueError(f"k_cache's batch {Bc} must equal q's batch {B} (or pass cache_batch_idx)")
 
 
-def _check_values(
-    cache_seqlens, cache_batch_idx, cache_leftpad, t_new: int, Tmax: int, Bc: int, rotary_rows, rotary_span: int
-) -> None:
+PAGE_MULTIPLE = 128  # the Triton decode kernel's widest key tile: each tile then lies in one page
+
+
+def _check_paged(q, k_cache, block_table, cache_batch_idx) -> None:
+    """A paged cache: k_cache (num_blocks, page_block_size, Hkv, D), block_table (B, max_blocks) int32."""
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
+        got = getattr(block_table, "dtype", type(block_table).__name__)
+        raise TypeError(f"block_table must be an int32 tensor (B, max_blocks), got {got}")
+    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0] or block_table.shape[1] == 0:
+        raise ValueError(f"block_table must be (B={q.shape[0]}, max_blocks >= 1), got shape {tuple(block_table.shape)}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table is on {block_table.device}, q on {q.device}")
+    if k_cache.shape[1] % PAGE_MULTIPLE:
+        raise ValueError(
+            f"page_block_size (k_cache.shape[1] with a block_table) must be a multiple of {PAGE_MULTIPLE}, "
+            f"got {k_cache.shape[1]}"
+        )
+    if cache_batch_idx is not None:
+        raise ValueError("cache_batch_idx must be None with a block_table (a paged cache picks pages, not rows)")
+
+
+def _check_values(cache_seqlens, index, cache_leftpad, t_new: int, Tmax: int, rotary_rows, rotary_span: int) -> None:
     """Lengths against the cache and the rotary table, whose rows cache_seqlens .. cache_seqlens + rotary_span - 1
-    are read. One host sync; skipped while a CUDA graph is being captured."""
+    are read, and index = (name, tensor, bound) (cache_batch_idx's rows or block_table's pages) within [0, bound).
+    One host sync; skipped while a CUDA graph is being captured."""
     if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     parts = [cache_seqlens.min(), cache_seqlens.max()]
     if cache_leftpad is not None:  # padding within the filled rows: 0 <= cache_leftpad <= cache_seqlens
         parts += [cache_leftpad.min(), (cache_leftpad.long() - cache_seqlens.long()).max()]
-    if cache_batch_idx is not None:
-        parts += [cache_batch_idx.min(), cache_batch_idx.max()]
+    if index is not None:
+        parts += [index[1].min(), index[1].max()]
     lo, hi, *rest = torch.stack([p.long() for p in parts]).tolist()
     if cache_leftpad is not None:
         (pad_lo, past), rest = rest[:2], rest[2:]
@@ -328,8 +383,8 @@ def _check_values(
             f"cache too short: a sequence needs {hi + t_new} rows (cache_seqlens {hi} + {t_new} new), "
             f"k_cache has {Tmax}"
         )
-    if idx and (idx[0] < 0 or idx[1] >= Bc):
-        raise ValueError(f"cache_batch_idx must lie in [0, {Bc}), got values in [{idx[0]}, {idx[1]}]")
+    if idx and (idx[0] < 0 or idx[1] >= index[2]):
+        raise ValueError(f"{index[0]} must lie in [0, {index[2]}), got values in [{idx[0]}, {idx[1]}]")
     if rotary_rows is not None and hi + rotary_span > rotary_rows:
         raise ValueError(f"rotary_cos has {rotary_rows} rows, positions up to {hi + rotary_span - 1} are needed")
 
@@ -387,18 +442,23 @@ def flash_attn_with_kvcache(
             itself (fasttrain.generate) passes False. Rows past the cache end are never written either way.
         backend: "auto" (default), "triton", "cpu" (the C++ kernel: CPU tensors in fp32, bf16 or fp16, any
             head_dim; num_splits does not apply) or "reference"; see fasttrain._backend.
-        block_table (paged cache), alibi_slopes and softcap are flash-attn options that this op does not implement:
-            anything but their defaults raises ValueError. So does num_splits < 0.
+        block_table: (B, max_blocks) int32 or None: a paged cache. k_cache and v_cache are then (num_blocks,
+            page_block_size, Hkv, D) pages, sequence b's row p in page block_table[b, p // page_block_size];
+            page_block_size a multiple of 128 (flash-attn's kernels take multiples of 256). Not with cache_batch_idx.
+            The CPU kernel and the reference copy each sequence's pages out; the Triton kernels read them in place.
+        alibi_slopes and softcap are flash-attn options that this op does not implement: anything but their defaults
+            raises ValueError. So does num_splits < 0.
 
     Returns:
         out (B, Tq, H, D) in q's dtype, and lse when return_softmax_lse.
     """
     _refuse_unsupported(softcap, alibi_slopes)
-    if block_table is not None:
-        raise ValueError("block_table must be None (a paged cache is not implemented)")
     if isinstance(cache_seqlens, int) and isinstance(q, torch.Tensor):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
-    _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad)
+    paged = block_table is not None
+    _check(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad, paged)
+    if paged:
+        _check_paged(q, k_cache, block_table, cache_batch_idx)
     left, right = _window(causal, window_size)
     if not isinstance(num_splits, int) or isinstance(num_splits, bool):
         raise TypeError(f"num_splits must be an int >= 0, got {type(num_splits).__name__}")
@@ -406,6 +466,8 @@ def flash_attn_with_kvcache(
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
     B, Tq, H, D = q.shape
     Bc, Tmax = k_cache.shape[:2]
+    if paged:  # Bc pages of Tmax rows; a sequence spans max_blocks of them
+        Tmax *= block_table.shape[1]
     if cache_seqlens is None:
         cache_seqlens = torch.full((B,), Tmax, dtype=torch.int32, device=q.device)
     t_new = 0 if k is None else k.shape[1]
@@ -413,7 +475,10 @@ def flash_attn_with_kvcache(
     if check_lengths:
         rotary_rows = None if rotary_cos is None else rotary_cos.shape[0]
         span = max(t_new, Tq if q_per_token else 1)  # k rows, and q's rows when they turn per token
-        _check_values(cache_seqlens, cache_batch_idx, cache_leftpad, t_new, Tmax, Bc, rotary_rows, span)
+        index = ("block_table", block_table, Bc) if paged else None
+        if cache_batch_idx is not None:
+            index = ("cache_batch_idx", cache_batch_idx, Bc)
+        _check_values(cache_seqlens, index, cache_leftpad, t_new, Tmax, rotary_rows, span)
     scale = _scale(softmax_scale, D)
     name = DECODE.choose(q, backend=backend)
     if k is not None:
@@ -430,6 +495,7 @@ def flash_attn_with_kvcache(
         cache_seqlens,
         cache_batch_idx,
         cache_leftpad,
+        block_table,
         scale,
         left,
         right,
