@@ -68,3 +68,12 @@ def assert_within_2x_torch(ours, torch_same_dtype, want, measure=err, slack: flo
     same dtype, plus `slack` for the rounding of an exactly computed value."""
     ours_err, torch_err = measure(ours, want), measure(torch_same_dtype, want)
     assert ours_err <= 2 * torch_err + slack, f"{what} error {ours_err:.3g}, torch's {torch_err:.3g}"
+
+
+def set_attn_implementation(model, impl: str) -> None:
+    """model.set_attn_implementation(impl) where transformers has it (4.54+); before, the config's field, which
+    the attention layers and the mask builder read at every forward."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:
+        model.config._attn_implementation = impl

@@ -9,6 +9,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fasttrain.integrations.hf import fasttrain_attention_forward  # importing registers "fasttrain"
 
+from helpers import set_attn_implementation
+
 TOL = 2e-5  # fp32 logits of a 2-layer model: measured 3.6e-7 against eager
 
 
@@ -28,7 +30,7 @@ def model():
 
 
 def _run(model, impl, ids, mask=None):
-    model.set_attn_implementation(impl)
+    set_attn_implementation(model, impl)
     model.zero_grad(set_to_none=True)
     out = model(ids, attention_mask=mask, labels=ids)
     out.loss.backward()
@@ -53,7 +55,7 @@ def test_greedy_generation_with_kv_cache_matches_eager(model):
     ids = torch.randint(0, 100, (1, 7), generator=torch.Generator().manual_seed(2))
     outs = {}
     for impl in ("fasttrain", "eager"):
-        model.set_attn_implementation(impl)
+        set_attn_implementation(model, impl)
         outs[impl] = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(outs["fasttrain"], outs["eager"])
 

@@ -26,6 +26,8 @@ from fasttrain.integrations.hf import fasttrain_attention_forward, fasttrain_mas
 from fasttrain.integrations.hf_attention import left_padding, packed_offsets, padding_offsets, padding_offsets_read
 from fasttrain.ops import flash_attn_func
 
+from helpers import set_attn_implementation
+
 TOL = 2e-5  # fp32 logits and gradients of a 2-layer model: measured <= 4e-7 against eager
 T = 13
 SMALL = dict(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
@@ -76,7 +78,7 @@ def _real(inputs) -> torch.Tensor:
 
 def _run(model, impl, inputs, compile_backend=None):
     """Logits and every parameter's gradient of a random weighting of the real tokens' logits."""
-    model.set_attn_implementation(impl)
+    set_attn_implementation(model, impl)
     model.train()
     model.zero_grad(set_to_none=True)
     call = model if compile_backend is None else torch.compile(model, backend=compile_backend, fullgraph=True)
@@ -141,7 +143,7 @@ def test_greedy_generation_matches_eager(models, name, cache, backend, monkeypat
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation=cache)
     outs = {}
     for impl in ("fasttrain", "eager"):
-        model.set_attn_implementation(impl)
+        set_attn_implementation(model, impl)
         with monkeypatch.context() as m:
             if impl == "fasttrain":
                 m.setenv("FASTTRAIN_BACKEND", backend)
@@ -161,7 +163,7 @@ def test_cached_forward_without_a_mask_matches_eager(models, cache, monkeypatch)
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(4))
     logits = {}
     for impl in ("fasttrain", "eager"):
-        model.set_attn_implementation(impl)
+        set_attn_implementation(model, impl)
         kv = DynamicCache(config=model.config) if cache == "dynamic" else StaticCache(model.config, max_cache_len=20)
         with monkeypatch.context() as m, torch.no_grad():
             if impl == "fasttrain":
@@ -253,7 +255,7 @@ def test_what_a_trace_cannot_branch_on_is_refused_on_the_device(models, case):
     inputs = _inputs("left" if case == "hole" else "packed")
     if case == "hole":
         inputs["attention_mask"][0, 6] = 0
-    model.set_attn_implementation("fasttrain")
+    set_attn_implementation(model, "fasttrain")
     torch._dynamo.reset()
     with pytest.raises(RuntimeError, match="under torch.compile"):
         torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs)

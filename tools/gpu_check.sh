@@ -2,7 +2,7 @@
 # The GPU checks in one run: build with CUDA, `pytest -m gpu`, then the benchmarks. Logs and JSON go to the folder
 # given as $1 (default $OUT) as three files: summary.log (each stage's command, exit status and last lines), run.log
 # (everything), and results.tgz holding results/<bench>.json for every GPU benchmark that ran (`tar xzf results.tgz`).
-#   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build probe test bench bench:NAME,... tiles ncu
+#   usage: tools/gpu_check.sh [OUT_DIR] [stages...]   stages: build probe test bench bench:NAME,... tiles ncu dist
 # The default runs build (and Liger Kernel's wheel from .whl/ when carried there), probe (the warp-specialized attention
 # kernels' GPU tests alone, under a short limit: should they fail or hang on this Triton, every later stage runs with
 # FASTTRAIN_ATTENTION_WS=0), test, the benchmarks overhead, attention (at T 2048 and 8192 unless BENCH_ARGS_attention
@@ -13,6 +13,9 @@
 # later run on the same machine can take the rest: `tools/gpu_check.sh OUT tiles bench:adamw`.
 # Each stage is cut at STAGE_TIMEOUT seconds (default 420; the probe's 180) and the whole run at DEADLINE seconds
 # after it starts (default 540), so that a hang costs one stage's logs, not the run's; what ran is packed either way.
+# dist (not in the default list: `tools/gpu_check.sh OUT build dist`): the trainer under torchrun with FSDP2 over nccl
+# on every GPU (one is a valid job), its sharded checkpoint read back by `fasttrain eval`, then bench_adamw_fsdp (the
+# optimizer step on FSDP2 shards at 16M and 128M params, fasttrain vs torch fused).
 set -uo pipefail
 out=${1:-${OUT:?give an output folder}}
 mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the next line changes directory
@@ -89,7 +92,15 @@ for stage in $stages; do
           --section SchedulerStats --section WarpStateStats -f -o "$out/ncu_attention" $py tools/ncu_attention.py &&
         run_stage bash -c '"$0" --import "$1" --csv --page details > "$2"' "${ncu_bin:-ncu}" \
           "$out/ncu_attention.ncu-rep" "$out/results/ncu_attention.csv" ;;
-    *) echo "unknown stage $stage (build, probe, test, bench, bench:NAME,..., tiles, ncu)"; exit 2 ;;
+    dist)
+      gpus=$(nvidia-smi --list-gpus | wc -l)
+      run_stage $py -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m fasttrain train --preset tiny \
+          --dist.strategy fsdp --train.steps 40 --train.checkpoint_interval 20 --train.eval_interval 20 \
+          --train.progress_bar false --train.out_dir "$out/dist_fsdp" &&
+        run_stage $py -m fasttrain.cli eval --checkpoint "$out/dist_fsdp" --max-batches 4 \
+          --data "$($py -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/json"
+      run_stage $py -m fasttrain.benchmarks.bench_adamw_fsdp --device cuda --out "$out/results" ;;
+    *) echo "unknown stage $stage (build, probe, test, bench, bench:NAME,..., tiles, ncu, dist)"; exit 2 ;;
   esac
 done
 exit $status
