@@ -32,6 +32,10 @@ TORCH_LIBRARY(fasttrain, m) {
   // (grad_x from the output's gradient and x). Contiguous float32, bfloat16 or float16, computed in fp32.
   m.def("gelu_tanh_cpu(Tensor x) -> Tensor");
   m.def("gelu_tanh_backward_cpu(Tensor grad, Tensor x) -> Tensor");
+  // The gated MLP's activation: out = act(gate) * up, act SiLU or (gelu) GELU's tanh approximation, and its gradients
+  // (grad_gate, grad_up) from the output's gradient. Contiguous float32, bfloat16 or float16 of one shape, in fp32.
+  m.def("swiglu_cpu(Tensor gate, Tensor up, bool gelu) -> Tensor");
+  m.def("swiglu_backward_cpu(Tensor grad, Tensor gate, Tensor up, bool gelu) -> (Tensor, Tensor)");
   // Rotary embedding of x (B, T, H, D), unit stride along D: pairs (i, i + R/2), or (2i, 2i + 1) when interleaved,
   // R = 2 * cos.size(-1), rotated by the angles of cos/sin row t + offset (+ offsets[b]) of a (T_ro, R/2) table, or
   // row (b, t) of a (B, T, R/2) one; conjugate rotates by the opposite angle (the backward). Float32, bfloat16 or

@@ -60,7 +60,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f"run directory: {result.run_dir}")
     if result.sample is not None:
         print(f"--- sample ---\n{result.sample}\n--------------")
-    return 130 if result.stopped == "interrupted" else 0
+    # Under torchrun every rank ends a stop it was asked for with 0: torchrun counts any other code as the job failing
+    # (and --max-restarts would start it again).
+    return 130 if result.stopped == "interrupted" and "TORCHELASTIC_RUN_ID" not in os.environ else 0
 
 
 def _data(args: argparse.Namespace) -> int:
@@ -231,6 +233,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 BENCHMARKS = (
     "adamw",
+    "adamw_fsdp",
     "attention",
     "cross_entropy",
     "linear_cross_entropy",
@@ -238,7 +241,9 @@ BENCHMARKS = (
     "norms",
     "rotary",
     "activation",
+    "swiglu",
     "step",
+    "hf_step",
     "overhead",
     "data",
     "lora",

@@ -24,6 +24,8 @@ TOL_FP32 = {
     "norms": 1e-5,
     # relative (err): one product pair per element; measured worst 4.8e-7 on unit-normal inputs
     "rotary": 2e-6,
+    # relative (err): one activation and one product per element; measured worst 4.7e-7 on 3x-unit-normal gates
+    "swiglu": 2e-6,
 }
 # fp16/bf16 under the interpreter, which computes the attention tiles in fp32 after loading: the error is the final
 # rounding of out and the gradients.

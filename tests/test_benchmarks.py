@@ -264,3 +264,21 @@ def test_bench_linear_cross_entropy_checks_the_loss_and_measures_each_calls_own_
     monkeypatch.setattr(bench, "linear_cross_entropy", lambda x, w, t: 1.01 * F.cross_entropy(F.linear(x, w), t))
     with pytest.raises(AssertionError, match="linear_cross_entropy differs from float64"):
         bench.check_correct(x, w, t)
+
+
+def test_bench_hf_step_times_only_a_variant_whose_first_step_agrees():
+    from fasttrain.benchmarks import bench_hf_step
+
+    want = {"loss": 4.0, "deltas": [1e-3 * torch.randn(8, 8, generator=torch.Generator().manual_seed(0))]}
+    assert (
+        bench_hf_step.disagreement(dict(want, deltas=[d * (1 + 1e-6) for d in want["deltas"]]), want, torch.float32)
+        is None
+    )
+    assert "loss" in bench_hf_step.disagreement(dict(want, loss=4.1), want, torch.float32)
+    assert "loss" in bench_hf_step.disagreement(dict(want, loss=float("nan")), want, torch.float32)
+    assert "weight update" in bench_hf_step.disagreement(
+        dict(want, deltas=[2 * want["deltas"][0]]), want, torch.float32
+    )
+    # Liger's row on a CPU, and for GPT-2 anywhere, says why it cannot run
+    assert "needs CUDA" in bench_hf_step.variants("llama", "cpu")["liger"]
+    assert "no gpt2 patch" in bench_hf_step.liger_patch("gpt2", "cuda")

@@ -94,3 +94,28 @@ def test_loading_a_state_of_other_batches_raises(tokens):
 def test_bad_arguments(args, kw, error, match):
     with pytest.raises(error, match=match):
         Batches(*args, **kw)
+
+
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+def test_ranks_take_disjoint_strides_of_one_stream(tokens, mode):
+    # 3 ranks of batch 2 take, step by step, the batches of one process, rank r the job's batches r, r + 3, ...
+    one = Batches(tokens, 2, 7, seed=5, mode=mode)
+    ranks = [Batches(tokens, 2, 7, seed=5, mode=mode, rank=r, world_size=3) for r in range(3)]
+    for _ in range(4):
+        for r in ranks:
+            x, y = r.next()
+            want_x, want_y = one.next()
+            assert torch.equal(x, want_x) and torch.equal(y, want_y)
+    assert {r.step for r in ranks} == {one.step} and ranks[1].epoch == one.epoch  # positions count the job's batches
+    # a position saved by 3 ranks resumes at another world size: 2 ranks go on where the job stopped
+    two = [Batches(tokens, 2, 7, seed=5, mode=mode, rank=r, world_size=2) for r in range(2)]
+    for b in two:
+        b.load_state_dict(ranks[0].state_dict())
+    for b in two:
+        assert torch.equal(b.next()[0], one.next()[0])
+
+
+@pytest.mark.parametrize("rank, world_size", [(2, 2), (-1, 2), (0, 0), (0, True)])
+def test_bad_rank_or_world_size(tokens, rank, world_size):
+    with pytest.raises(ValueError, match="rank must be|world_size must be"):
+        Batches(tokens, 2, 7, rank=rank, world_size=world_size)

@@ -16,11 +16,13 @@ from fasttrain.ops import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
+    geglu,
     gelu,
     layer_norm,
     linear_cross_entropy,
     rms_norm,
     scaled_dot_product_attention,
+    swiglu,
 )
 from fasttrain.optim import AdamW
 
@@ -56,6 +58,16 @@ CASES = {
         lambda: gelu(torch.arange(4)),
         lambda: gelu([1.0, 2.0]),
         lambda: gelu(_x(4), approximate="erf"),
+    ),
+    "swiglu": (
+        lambda: swiglu(_x(4, 8), _x(4, 8, dtype=torch.float64)),
+        lambda: swiglu(_x(4, 8), [1.0] * 8),
+        lambda: swiglu(_x(4, 8), _x(4, 7)),
+    ),
+    "geglu": (
+        lambda: geglu(_x(4, 8, dtype=LONG), _x(4, 8, dtype=LONG)),
+        lambda: geglu("gate", _x(4, 8)),
+        lambda: geglu(_x(4, 8), _x(8, 4)),
     ),
     "layer_norm": (
         lambda: layer_norm(_x(4, 8, dtype=LONG), (8,)),

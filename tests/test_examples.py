@@ -72,3 +72,14 @@ def test_positions_and_cu_seqlens_go_together():
         model(idx, cu_seqlens=cu)
     with pytest.raises(ValueError, match=r"positions must be \(B, T\) = \(1, 6\), got \(6,\)"):
         model(idx, positions=torch.arange(6), cu_seqlens=cu)
+
+
+def test_ranks_take_disjoint_strides_of_the_example_stream():
+    examples = [(torch.arange(n).numpy(), torch.arange(n).numpy()) for n in (3, 9, 7, 5, 2, 11, 4)]
+    one = ExampleBatches(examples, 2, 16, mode="pad", seed=1)
+    ranks = [ExampleBatches(examples, 2, 16, mode="pad", seed=1, rank=r, world_size=2) for r in range(2)]
+    for _ in range(5):  # 20 rows of 7: across epochs, each in its own order
+        for r in ranks:
+            got, want = r.next(), one.next()
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert ranks[0].served == ranks[1].served == one.served

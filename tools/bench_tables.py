@@ -180,6 +180,11 @@ TABLES = [
         ["M", "N", "dtype", "impl", "ms", "GB/s", "%copy", "x eager", "x compile"],
     ),
     Table(
+        "swiglu",
+        "SwiGLU / GeGLU, act(gate) * up, forward + backward (fewest bytes: 8 passes over gate)",
+        ["op", "M", "N", "dtype", "impl", "ms", "GB/s", "%copy", "x eager", "x compile"],
+    ),
+    Table(
         "overhead",
         "Host time per call on a tiny input",
         ["op", "mode", "impl", "host us", "x torch"],

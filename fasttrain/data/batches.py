@@ -14,9 +14,22 @@ class Batches:
     mode="random": each row starts at a uniform offset; batch i draws from a generator seeded by (seed, i), so the
     position is just the batch counter. mode="sequential": non-overlapping windows with stride T in order, B per
     batch, wrapping around at the end of each epoch (for evaluation, or epoch-based training).
+
+    Ranks of a job of world_size processes share the stream: rank r takes batches r, r + world_size, ..., so the
+    ranks' batches are disjoint, and together those of one process taking world_size batches per step. `step`
+    counts the job's batches, the same on every rank, so a saved position resumes at any world size.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, mode: str = "random"):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        mode: str = "random",
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not isinstance(tokens, np.ndarray) or tokens.ndim != 1:
             raise TypeError(
                 f"tokens must be a 1-D numpy array (e.g. corpus.train), got {type(tokens).__name__}"
@@ -30,6 +43,7 @@ class Batches:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_rank(rank, world_size)
         if len(tokens) < seq_len + 1:
             raise ValueError(f"tokens has {len(tokens):,} tokens; seq_len={seq_len} needs at least {seq_len + 1}")
         self.tokens = tokens
@@ -37,6 +51,7 @@ class Batches:
         self.seq_len = seq_len
         self.seed = seed
         self.mode = mode
+        self.rank, self.world_size = rank, world_size
         self.step = 0
         # Sequential windows: window w covers tokens[w*T : w*T + T + 1]; the last token only ever serves as a target.
         self.windows = (len(tokens) - 1) // seq_len
@@ -49,17 +64,18 @@ class Batches:
         return self.step * self.batch_size * self.seq_len / (len(self.tokens) - 1)
 
     def _starts(self) -> np.ndarray:
+        batch = self.step + self.rank
         if self.mode == "random":
-            rng = np.random.default_rng([self.seed, self.step])
+            rng = np.random.default_rng([self.seed, batch])
             return rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
-        first = self.step * self.batch_size
+        first = batch * self.batch_size
         return (np.arange(first, first + self.batch_size) % self.windows) * self.seq_len
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next (x, y), each (B, T) int64 on the CPU."""
         starts = self._starts()
         rows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int64)  # (B, T + 1)
-        self.step += 1
+        self.step += self.world_size
         xy = torch.from_numpy(rows)
         return xy[:, :-1], xy[:, 1:]
 
@@ -83,6 +99,13 @@ class Batches:
             self, state, ("seed", "mode", "batch_size", "seq_len"), ("num_tokens", len(self.tokens)), "step"
         )
         self.step = state["step"]
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size {world_size}), got {rank!r}")
 
 
 def check_resume_state(batches, state: dict, settings: tuple[str, ...], size: tuple[str, int], position: str) -> None:

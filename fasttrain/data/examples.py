@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttrain.data.batches import check_resume_state
+from fasttrain.data.batches import check_rank, check_resume_state
 
 IGNORE = -100
 """Target of a token the loss skips (the prompt, padding): cross-entropy's ignore_index."""
@@ -153,6 +153,9 @@ class ExampleBatches:
     mode 'pack': examples fill each row in order until the next one does not fit; the rest of a row is padding, a
     segment of its own whose targets are IGNORE. mode 'pad': one example per row. next() -> (idx, targets,
     positions, cu_seqlens): (B, T) long each, and the (N + 1,) int32 offsets of the N segments in the B*T tokens.
+
+    Ranks of a job of world_size processes share the stream as fasttrain.data.Batches' do: rank r takes batches r,
+    r + world_size, ...; `served` counts the job's rows, the same on every rank.
     """
 
     def __init__(
@@ -164,13 +167,17 @@ class ExampleBatches:
         pad_id: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        check_rank(rank, world_size)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not examples:
             raise ValueError("no examples to batch")
         self.batch_size, self.seq_len, self.mode, self.seed, self.shuffle = batch_size, seq_len, mode, seed, shuffle
         self.truncated, self.served = 0, 0
+        self.rank, self.world_size = rank, world_size
         rows: list[list[tuple[np.ndarray, np.ndarray]]] = [[]]
         for ids, targets in examples:
             if len(ids) > seq_len:
@@ -205,10 +212,11 @@ class ExampleBatches:
 
     def next(self):
         picked = []
-        for _ in range(self.batch_size):
-            epoch, i = divmod(self.served, len(self.rows))
+        first = self.served + self.rank * self.batch_size
+        for row in range(first, first + self.batch_size):
+            epoch, i = divmod(row, len(self.rows))
             picked.append(self.rows[self._order(epoch)[i]])
-            self.served += 1
+        self.served += self.batch_size * self.world_size
         idx, targets, positions = (torch.from_numpy(np.stack([r[k] for r in picked])).long() for k in range(3))
         lengths = [n for r in picked for n in r[3]]
         cu_seqlens = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)

@@ -20,3 +20,5 @@ __all__ = ["NAME", "fasttrain_attention_forward", "fasttrain_mask"]
 
 AttentionInterface.register(NAME, fasttrain_attention_forward)
 AttentionMaskInterface.register(NAME, fasttrain_mask)
+
+from fasttrain.integrations.hf_apply import *  # noqa: E402, F403  (apply, revert, apply_to_<family>: hf_apply.__all__)

@@ -13,6 +13,7 @@ from fasttrain.ops.decode import flash_attn_with_kvcache
 from fasttrain.ops.linear_cross_entropy import linear_cross_entropy
 from fasttrain.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fasttrain.ops.rotary import apply_rotary_emb
+from fasttrain.ops.swiglu import geglu, swiglu
 
 __all__ = [
     "flash_attn_func",
@@ -31,4 +32,6 @@ __all__ = [
     "add_rms_norm",
     "apply_rotary_emb",
     "gelu",
+    "swiglu",
+    "geglu",
 ]

@@ -36,9 +36,12 @@ def _band(visible: Tensor, Tk: int, *conditions: Tensor) -> tuple[int, int] | No
     row is cut on that side; None unless every condition (0-d bool tensors) holds too. One transfer to the host."""
     Tq = visible.shape[0]
     j = torch.arange(Tk, device=visible.device)
-    lo = torch.where(visible, j, Tk).amin(-1)  # (Tq,): Tk where a row sees nothing
-    hi = torch.where(visible, j, -1).amax(-1)  # (Tq,): -1 there
-    contiguous = (visible.sum(-1) == (hi - lo + 1).clamp(min=0)).all()
+    # Byte-wide passes: the first and the last visible key of each row, then the row against that interval.
+    v8 = visible.contiguous().view(torch.uint8)
+    seen = visible.any(-1)
+    lo = torch.where(seen, v8.argmax(-1), Tk)  # (Tq,): Tk where a row sees nothing
+    hi = torch.where(seen, (Tk - 1) - v8.flip(-1).argmax(-1), -1)  # (Tq,): -1 there
+    contiguous = ~(visible ^ ((j >= lo[:, None]) & (j <= hi[:, None]))).any()
     flags = torch.stack((contiguous, *conditions)).long()
     stats = torch.cat((lo, hi, flags)).cpu()
     if not bool(stats[2 * Tq :].all()):

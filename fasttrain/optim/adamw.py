@@ -6,18 +6,29 @@ per group), both behind the extension's op fasttrain::adamw_step_, and `referenc
 torch's single-tensor math op for op, the test oracle and the fallback).
 
 State and param_groups use torch.optim.AdamW's layout, so a state_dict saved by either loads into the other.
+
+DTensor params (FSDP2's fully_shard, tensor parallel) take the same kernels on their local shards (`to_local()`, the
+update is elementwise), with their state held as DTensors of the param's placement, as torch's AdamW holds it. Only
+the clipping norm and GradScaler's found_inf cross shards: the local sums of squares (and found_inf) are all-reduced
+over the mesh dimensions that shard the params, in one collective per mesh, on the device (no host sync).
 """
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from fasttrain import _backend
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CLIP_EPS = 1e-6  # added to the norm before dividing, as torch.nn.utils.clip_grad_norm_ does
@@ -148,13 +159,14 @@ class Native:
         return torch.ops.fasttrain.adamw_grad_sumsq(grads)
 
 
-# Each reason takes a group's (device, dtype, whether its params are a tensor subclass). Read once, at import.
+# Each reason takes a group's (device, dtype, whether its params are a tensor subclass other than DTensor, whose
+# local shards the kernels take). Read once, at import.
 _OP_REASON = _backend.native_op_reason("adamw_step_")
 
 
 def _group_reason(dtype: torch.dtype, subclass: bool) -> str | None:
-    if subclass:  # the kernels' ops have no DTensor sharding rules (per-shard step, clipping norm over the shards)
-        return "native kernels take plain tensors, not a tensor subclass (DTensor: FSDP2, tensor parallel)"
+    if subclass:
+        return "native kernels take plain tensors and DTensors, not another tensor subclass"
     return None if dtype in NATIVE_DTYPES else f"native kernels take {NATIVE_DTYPES}, got {dtype}"
 
 
@@ -178,6 +190,42 @@ ADAMW = _backend.Table(
         "reference": _backend.Backend(_backend.always, Reference),
     },
 )
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    # A DTensor exists only once its module is imported; importing it here would add ~1 s to `import fasttrain`.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _shard_key(p: DTensor):
+    """(mesh, the mesh dims whose placement shards p), or None for a DTensor every rank holds whole."""
+    dims = tuple(i for i, placement in enumerate(p.placements) if placement.is_shard())
+    return (p.device_mesh, dims) if dims else None
+
+
+def _local_like(t: Tensor, p: DTensor) -> Tensor:
+    """The local shard of t (p, its grad or a state tensor) laid out as p's."""
+    if not _is_dtensor(t):
+        raise RuntimeError(
+            "fasttrain AdamW: a DTensor param has plain-tensor state; load sharded optimizer state with "
+            "torch.distributed.checkpoint (set_optimizer_state_dict), not a full state_dict"
+        )
+    if t.device_mesh != p.device_mesh or t.placements != p.placements:
+        t = t.redistribute(p.device_mesh, p.placements)
+    return t.to_local()
+
+
+def _all_reduce_sum(shard_key, local: Tensor | None, found_inf: Tensor | None):
+    """local and found_inf (either may be None) summed over the ranks that shard_key's mesh dims span: one
+    all-reduce per dim on one buffer, on the device, without a host sync."""
+    mesh, dims = shard_key
+    parts = [t.to(mesh.device_type, torch.float32).reshape(1) for t in (local, found_inf) if t is not None]
+    buf = torch.cat(parts)  # (1 or 2,): a fresh buffer, so the caller's tensors stay untouched
+    for dim in dims:
+        dist.all_reduce(buf, group=mesh.get_group(dim))
+    out = iter(buf.unbind())
+    return (None if local is None else next(out)), (None if found_inf is None else next(out))
 
 
 def _check_hyper(lr, betas, eps, weight_decay) -> None:
@@ -210,8 +258,9 @@ class AdamW(Optimizer):
     Same arguments as torch.optim.AdamW; foreach and fused are taken and change nothing (the step is one fused
     kernel per device and dtype whatever they say), capturable and differentiable only as False. Plus:
       max_grad_norm: clip the global grad norm to this value inside the step (one norm pass, then the update pass,
-        no host sync); the norm before clipping is kept in `last_grad_norm` (a float32 device tensor), and a step
-        whose norm is not finite is skipped (as a GradScaler skips an inf step) instead of clipping by it.
+        no host sync); the norm before clipping is kept in `last_grad_norm` (a float32 device tensor; with DTensor
+        params the global norm, the same on every rank), and a step whose norm is not finite is skipped (as a
+        GradScaler skips an inf step) instead of clipping by it.
       backend: "auto" (default), "cuda", "cpu" or "reference" (see fasttrain._backend; FASTTRAIN_BACKEND overrides
         auto).
     Works with torch.amp.GradScaler: the inverse scale and found_inf are read on the device, an inf step is skipped.
@@ -304,41 +353,66 @@ class AdamW(Optimizer):
         return state
 
     def _collect(self) -> list[tuple[dict, dict]]:
-        """Per param group: (device, dtype, is a tensor subclass) -> lists of params, grads, exp_avgs, exp_avg_sqs,
-        max_exp_avg_sqs, steps."""
+        """Per param group: (device, dtype, is a tensor subclass other than DTensor) -> lists of params, grads,
+        exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, and each grad's shard key (`_shard_key`). A DTensor enters as
+        its local shard, so one kernel call serves the plain params and the shards of a (device, dtype)."""
         out = []
         for group in self.param_groups:
-            buckets: dict = defaultdict(lambda: ([], [], [], [], [], []))
+            buckets: dict = defaultdict(lambda: ([], [], [], [], [], [], []))
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
                 state = self._state_for(p, group)
-                grad = p.grad
-                if grad.stride() != p.stride():  # the kernels walk grad and param as one flat range of memory
-                    grad = torch.empty_like(p).copy_(grad)
-                b = buckets[(p.device, p.dtype, is_traceable_wrapper_subclass(p))]
-                b[0].append(p)
-                b[1].append(grad)
-                b[2].append(state["exp_avg"])
-                b[3].append(state["exp_avg_sq"])
+                tensors = [p, p.grad, state["exp_avg"], state["exp_avg_sq"]]
                 if group["amsgrad"]:
-                    b[4].append(state["max_exp_avg_sq"])
+                    tensors.append(state["max_exp_avg_sq"])
+                shard_key = None
+                if _is_dtensor(p):
+                    shard_key = _shard_key(p)
+                    tensors = [_local_like(t, p) for t in tensors]
+                p_, grad = tensors[0], tensors[1]
+                if grad.stride() != p_.stride():  # the kernels walk grad and param as one flat range of memory
+                    grad = torch.empty_like(p_).copy_(grad)
+                subclass = is_traceable_wrapper_subclass(p_)
+                b = buckets[(p_.device, p_.dtype, subclass)]
+                b[0].append(p_)
+                b[1].append(grad)
+                b[2].append(tensors[2])
+                b[3].append(tensors[3])
+                if group["amsgrad"]:
+                    b[4].append(tensors[4])
                 b[5].append(state["step"])
+                b[6].append(shard_key)
             out.append((group, buckets))
         return out
 
-    def _global_grad_norm(self, collected, backends) -> Tensor | None:
-        """sqrt of the sum of squares over every grad of every group: one native pass per (device, dtype)."""
-        partial = []
+    def _global_grad_norm(self, collected, backends, found_inf):
+        """sqrt of the sum of squares over every grad of every group, and found_inf agreed over the shards.
+
+        One native pass per (device, dtype) and shard key; the sums of the sharded grads, with found_inf beside them,
+        are all-reduced once per shard key (the mesh dimensions that shard them), then added to the unsharded ones.
+        Returns (norm, found_inf); norm is None when no param has a grad."""
+        partial: dict = defaultdict(list)  # shard key -> sums of squares
         for _, buckets in collected:
             for key, lists in buckets.items():
-                partial.append(ADAMW[backends[key]].grad_sumsq(lists[1]))
+                by_key: dict = defaultdict(list)
+                for grad, shard_key in zip(lists[1], lists[6]):
+                    by_key[shard_key].append(grad)
+                for shard_key, grads in by_key.items():
+                    partial[shard_key].append(ADAMW[backends[key]].grad_sumsq(grads))
         if not partial:
-            return None
-        device = partial[0].device
-        return torch.stack([t.to(device, non_blocking=True) for t in partial]).sum().sqrt()
+            return None, found_inf
+        total = []
+        for shard_key, sums in partial.items():
+            device = sums[0].device
+            local = torch.stack([t.to(device, non_blocking=True) for t in sums]).sum()
+            if shard_key is not None:
+                local, found_inf = _all_reduce_sum(shard_key, local, found_inf)
+            total.append(local)
+        device = total[0].device
+        return torch.stack([t.to(device, non_blocking=True) for t in total]).sum().sqrt(), found_inf
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -356,12 +430,18 @@ class AdamW(Optimizer):
                 backends[key] = ADAMW.choose(*key, backend=self.backend)
         grad_norm = None
         if self.max_grad_norm is not None:
-            grad_norm = self._global_grad_norm(collected, backends)
+            grad_norm, found_inf = self._global_grad_norm(collected, backends, found_inf)
             if grad_norm is not None:
                 self.last_grad_norm = grad_norm if grad_scale is None else grad_norm / grad_scale.to(grad_norm.device)
                 # Clipping by a non-finite norm would write NaN into every weight: that step is skipped, on the device.
                 bad_norm = (~torch.isfinite(grad_norm)).float()
                 found_inf = bad_norm if found_inf is None else found_inf.to(grad_norm.device) + bad_norm
+        elif found_inf is not None:  # an inf in one rank's shard skips the step on every rank
+            for shard_key in dict.fromkeys(
+                k for _, buckets in collected for lists in buckets.values() for k in lists[6]
+            ):
+                if shard_key is not None:
+                    _, found_inf = _all_reduce_sum(shard_key, None, found_inf)
         for group, buckets in collected:
             beta1, beta2 = (float(b) for b in group["betas"])
             for (device, dtype, subclass), lists in buckets.items():
@@ -383,7 +463,7 @@ class AdamW(Optimizer):
             return None if t is None else t.to(device, non_blocking=True)
 
         ADAMW[backend].step(
-            *lists,
+            *lists[:6],
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,

@@ -12,7 +12,7 @@ from fasttrain.data import tokenizer_from_config
 from fasttrain.finetune import LoRASpec, apply_lora, freeze
 from fasttrain.model import GPT, GPTConfig
 from fasttrain.optim import AdamW
-from fasttrain.train import checkpoint
+from fasttrain.train import checkpoint, sharded
 from fasttrain.train.config import FinetuneConfig, OptimConfig, RunConfig
 
 
@@ -63,18 +63,29 @@ def load_for_inference(run_dir: str | Path, which: str = "best", device: str | t
 
 def load_run(run_dir: str | Path, which: str = "best"):
     """(model on the CPU with its LoRA layers, tokenizer, RunConfig, LoRASpec or None) from a run directory or
-    checkpoint file; which='best' falls back to 'latest' when the run never evaluated."""
+    checkpoint file, or an FSDP run's sharded checkpoint folder (consolidated here, at any world size it was
+    written with); which='best' falls back to 'latest' when the run never evaluated."""
     run_dir = Path(run_dir)
     if which == "best" and run_dir.is_dir() and not (checkpoint.checkpoint_dir(run_dir) / "best").is_file():
         which = "latest"
-    state = checkpoint.load(run_dir, which, map_location="cpu", require=("config", "model", "tokenizer"))
+    folder = run_dir if sharded.is_sharded(run_dir) else sharded.latest(run_dir, which) if run_dir.is_dir() else None
+    if folder is not None:  # an FSDP run's checkpoint, read whole by this one process
+        state = sharded.load_trainer_state(folder, require=("config", "tokenizer"))
+        file = folder
+    else:
+        state = checkpoint.load(run_dir, which, map_location="cpu", require=("config", "model", "tokenizer"))
+        file = checkpoint.resolve(run_dir, which)
     config = from_dict(RunConfig, state["config"])
     model = build_model(config.model)
     spec = apply_finetune(model, config.finetune)
-    file = checkpoint.resolve(run_dir, which)
-    checkpoint.check_model_state(model, state["model"], file)
-    bad = checkpoint.first_non_finite(state["model"])
+    if folder is not None:
+        sharded.load_model(folder, model)
+        weights = model.state_dict()
+    else:
+        checkpoint.check_model_state(model, state["model"], file)
+        weights = state["model"]
+    bad = checkpoint.first_non_finite(weights)
     if bad is not None:
         raise checkpoint.CheckpointError(f"checkpoint {str(file)!r} holds a NaN or inf in {bad} (its run diverged)")
-    model.load_state_dict(state["model"])
+    model.load_state_dict(weights)
     return model, tokenizer_from_config(state["tokenizer"]), config, spec

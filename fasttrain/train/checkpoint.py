@@ -137,16 +137,21 @@ def _float_tensors(obj, name: str) -> Iterable[tuple[str, torch.Tensor]]:
 
 
 def _prune(folder: Path, keep_last: int) -> None:
-    steps = sorted(p for p in folder.iterdir() if _NAME.match(p.name))
-    keep = {p.name for p in steps[-keep_last:]}
-    keep.update((folder / name).read_text().strip() for name in POINTERS if (folder / name).is_file())
-    for p in steps:
-        if p.name not in keep:
-            p.unlink()
-            p.with_name(p.name + CHECKSUM).unlink(missing_ok=True)
+    for p in prunable(folder, _NAME, keep_last):
+        p.unlink()
+        p.with_name(p.name + CHECKSUM).unlink(missing_ok=True)
     for sidecar in folder.glob(f"step_*.pt{CHECKSUM}"):  # a prune killed between a file and its sidecar
         if not sidecar.with_name(sidecar.name.removesuffix(CHECKSUM)).exists():
             sidecar.unlink(missing_ok=True)
+
+
+def prunable(folder: Path, pattern: re.Pattern, keep_last: int) -> list[Path]:
+    """The checkpoints in folder (names matching pattern) that are neither among the last keep_last nor named by a
+    pointer."""
+    steps = sorted(p for p in folder.iterdir() if pattern.match(p.name))
+    keep = {p.name for p in steps[-keep_last:]}
+    keep.update((folder / name).read_text().strip() for name in POINTERS if (folder / name).is_file())
+    return [p for p in steps if p.name not in keep]
 
 
 def step_files(run_dir: str | Path) -> list[Path]:

@@ -14,6 +14,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ON_NAN = ("stop", "skip")
 DEVICES = ("auto", "cpu", "cuda")
 ADAMW_BACKENDS = (None, "auto", "cuda", "cpu", "reference")
+STRATEGIES = ("none", "ddp", "fsdp")
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass
@@ -172,6 +174,29 @@ class FinetuneConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: str = "none"
+    """'none' (one process), 'ddp' (each rank holds the whole model; gradients all-reduced) or 'fsdp' (FSDP2:
+    parameters, gradients and optimizer state sharded over the ranks). 'ddp' and 'fsdp' need torchrun."""
+    backend: str = "auto"
+    """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    reshard_after_forward: bool = True
+    """fsdp: free each block's gathered parameters after its forward and gather them again for its backward (less
+    memory); False keeps them from forward to backward (less communication)."""
+    timeout_s: float = 1800.0
+    """Seconds a collective waits for the other ranks before the job fails (a rank that died), data preparation on
+    rank 0 included."""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if self.backend not in DIST_BACKENDS:
+            raise ValueError(f"backend must be one of {DIST_BACKENDS}, got {self.backend!r}")
+        if not 0 < self.timeout_s < math.inf:
+            raise ValueError(f"timeout_s must be finite and > 0, got {self.timeout_s}")
+
+
+@dataclass
 class RunConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     """The model's shape."""
@@ -185,6 +210,8 @@ class RunConfig:
     """Where the weights start from."""
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """LoRA and frozen parameters."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Several processes under torchrun: DDP or FSDP2."""
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
@@ -199,6 +226,10 @@ class RunConfig:
             raise ValueError(f"optim: {e}") from None
         if self.train.cuda_graph:
             _check_cuda_graph(self)
+            if self.dist.strategy != "none":
+                raise ValueError(
+                    f"train.cuda_graph takes one process; dist.strategy is {self.dist.strategy!r} (turn one off)"
+                )
 
     def schedule(self) -> LRSchedule:
         o = self.optim

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -57,7 +58,10 @@ def sweep_temporaries(folder: Path) -> None:
     for tmp in Path(folder).glob(TEMPORARY):
         match = _TEMPORARY_PID.match(tmp.name)
         if match and not _alive(int(match.group(1))):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():  # a sharded checkpoint's folder (fasttrain.train.sharded)
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

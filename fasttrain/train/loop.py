@@ -12,7 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fasttrain.train import checkpoint
+from fasttrain.train import checkpoint, dist, sharded
+from fasttrain.train.build import apply_finetune, build_model
 from fasttrain.train.callbacks import StopRequest, evaluate
 from fasttrain.train.config import RunConfig
 from fasttrain.train.files import atomic_write_text
@@ -45,8 +46,22 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     """
     if not isinstance(cfg, RunConfig):
         raise TypeError(f"cfg must be a RunConfig, got {type(cfg).__name__}")
+    job, device = dist.start(cfg.dist, cfg.train.device)
+    if dist.restarted() and (checkpoint.checkpoint_dir(cfg.train.out_dir) / "latest").is_file():
+        resume = True  # torchrun --max-restarts started this job again after a rank failed: go on from the latest
     try:
-        run = start_run(cfg, resume)
+        return _train_job(cfg, resume, callbacks, job, device)
+    except RuntimeError as e:
+        if job.on and dist.lost_rank(e):
+            raise dist.JobError(e, job) from None
+        raise
+    finally:
+        job.close()
+
+
+def _train_job(cfg: RunConfig, resume: bool, callbacks, job: dist.Dist, device) -> TrainResult:
+    try:
+        run = start_run(cfg, resume, job, device)
     except NothingToTrain as ended:  # said, and nothing in the run folder changes
         stopped = EARLY_STOPPING if ended.early.should_stop else COMPLETED
         print(f"{cfg.train.out_dir}: the run is at step {ended.step} ({stopped.replace('_', ' ')}); nothing to train")
@@ -55,14 +70,18 @@ def train(cfg: RunConfig, *, resume: bool = False, callbacks: list[Callable[[int
     try:
         return _train(run, callbacks)
     finally:
-        run.lock.release()
+        if run.lock is not None:
+            run.lock.release()
 
 
 def _train(run: Run, callbacks) -> TrainResult:
     tc = run.cfg.train
     stopped, steps = COMPLETED, range(run.start, tc.steps)  # a resume has steps to take (start_run checked)
-    write_run_files(run)
+    if run.job.is_main:
+        write_run_files(run)
     log = Progress(run)
+    if run.job.on:
+        log.write(_job_line(run))
     run.model.train()
     take_step = TrainStep(run)
     with StopRequest() as stop:
@@ -84,6 +103,28 @@ def _train(run: Run, callbacks) -> TrainResult:
             if eval_now or done % tc.checkpoint_interval == 0:
                 log.restart_clock()
     return _finish(run, log, stopped)
+
+
+def _gathered_model(run: Run):
+    """On rank 0, a plain copy of an FSDP run's model with every weight (None on the other ranks, which help
+    gather it)."""
+    state = sharded.full_model_state(run.model, run.job)
+    if state is None:
+        return None
+    model = build_model(run.cfg.model)
+    apply_finetune(model, run.cfg.finetune)
+    model.load_state_dict(state)
+    return model.to(run.device)
+
+
+def _job_line(run: Run) -> str:
+    tc, job = run.cfg.train, run.job
+    batch = tc.batch_size * tc.grad_accum * job.world_size
+    return (
+        f"dist: {job.cfg.strategy} over {job.world_size} ranks; global batch {batch} sequences "
+        f"(batch_size {tc.batch_size} x grad_accum {tc.grad_accum} x {job.world_size} ranks), "
+        f"{batch * tc.seq_len:,} tokens per step"
+    )
 
 
 def _log_losses(run: Run, log: Progress) -> None:
@@ -109,9 +150,9 @@ def _evaluate(run: Run, log: Progress, done: int) -> bool:
 
 def _stop_reason(run: Run, log: Progress, stop: StopRequest, done: int) -> str:
     """INTERRUPTED after SIGINT/SIGTERM, EARLY_STOPPING when patience ran out, else COMPLETED (go on)."""
-    if stop.signal is not None:
+    if run.job.any(stop.signal is not None):  # every rank stops at the same step, whichever got the signal
         log.write(
-            f"step {done}: signal {stop.signal} received; writing a checkpoint and stopping "
+            f"step {done}: signal {stop.signal or 'to a rank'} received; writing a checkpoint and stopping "
             f"(send it again to stop at once)"
         )
         return INTERRUPTED
@@ -131,18 +172,30 @@ def _save_checkpoint(run: Run, log: Progress, done: int, is_best: bool) -> None:
     if run.bad_streak:
         log.write(f"step {done}: no checkpoint, the last {run.bad_streak} step(s) were not finite")
         return
-    checkpoint.save(run.run_dir, done, run.state_dict(done), keep_last=run.cfg.train.keep_last, is_best=is_best)
-    run.metrics.write(run.run_dir)
+    keep_last = run.cfg.train.keep_last
+    if run.job.cfg.strategy == "fsdp":  # every rank writes its shards
+        trainer_state = run.state_dict(done, weights=False)
+        sharded.save(run.run_dir, done, run.model, run.optimizer, trainer_state, keep_last, is_best, run.job)
+    elif run.job.is_main:  # the one-file format: every rank holds the same weights and optimizer state
+        checkpoint.save(run.run_dir, done, run.state_dict(done), keep_last=keep_last, is_best=is_best)
+    if run.job.is_main:
+        run.metrics.write(run.run_dir)
 
 
 def _finish(run: Run, log: Progress, stopped: str) -> TrainResult:
     """The metrics and plots, and (unless interrupted) the sample; the result."""
     log.close()
-    run.metrics.write(run.run_dir)
-    run.metrics.plot(run.run_dir)
     tc, text = run.cfg.train, None
-    if stopped != INTERRUPTED and tc.sample_tokens > 0:
-        text = sample_text(run.model, run.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed, run.autocast)
-        atomic_write_text(run.run_dir / "sample.txt", text)
+    sampling = stopped != INTERRUPTED and tc.sample_tokens > 0
+    model = run.model
+    if sampling and run.job.cfg.strategy == "fsdp":  # rank 0 samples from the whole model, gathered
+        model = _gathered_model(run)
+    if run.job.is_main:
+        run.metrics.write(run.run_dir)
+        run.metrics.plot(run.run_dir)
+        if sampling:
+            text = sample_text(model, run.tokenizer, tc.sample_prompt, tc.sample_tokens, tc.seed, run.autocast)
+            atomic_write_text(run.run_dir / "sample.txt", text)
+    run.job.barrier()  # the job ends when rank 0 has written its files
     best = run.early.best if math.isfinite(run.early.best) else None
     return TrainResult(run_dir=run.run_dir, metrics=run.metrics, stopped=stopped, best_val_loss=best, sample=text)

@@ -17,9 +17,13 @@ class Progress:
     def __init__(self, run: Run):
         tc = run.cfg.train
         self.run = run
-        self.bar = tqdm(total=tc.steps, initial=run.start, disable=not tc.progress_bar, dynamic_ncols=True, unit="step")
-        self.tokens_per_step = tc.batch_size * tc.grad_accum * tc.seq_len
+        bar_off = not tc.progress_bar or not run.job.is_main
+        self.bar = tqdm(total=tc.steps, initial=run.start, disable=bar_off, dynamic_ncols=True, unit="step")
+        # The job's tokens, and the peak of all its devices: tokens/s and MFU are the job's.
+        self.tokens_per_step = tc.batch_size * tc.grad_accum * tc.seq_len * run.job.world_size
         self.flops, self.peak = flops_per_token(run.cfg.model, tc.seq_len), peak_flops(run.device, run.precision)
+        if self.peak is not None:
+            self.peak *= run.job.world_size
         # (step, lr, epoch, loss and non-finite flag on the device)
         self.pending: list[tuple[int, float, float, torch.Tensor, torch.Tensor]] = []
         self.restart_clock()
@@ -58,8 +62,9 @@ class Progress:
         return [(p[0], value, bad) for p, value, bad in zip(pending, losses, bads)]
 
     def write(self, line: str) -> None:
-        """A line above the bar (plain stdout when the bar is off)."""
-        self.bar.write(line)
+        """A line above the bar (plain stdout when the bar is off); rank 0's alone in a job of several."""
+        if self.run.job.is_main:
+            self.bar.write(line)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.run.board is not None:

@@ -24,11 +24,12 @@ from fasttrain.integrations.hf_checkpoint import HF_CONFIG, load_weights, read_c
 from fasttrain.model import GPT
 from fasttrain.optim import AdamW
 from fasttrain.optim.schedules import LRSchedule
-from fasttrain.train import checkpoint
+from fasttrain.train import checkpoint, sharded
 from fasttrain.train.build import apply_finetune, build_model, build_optimizer
 from fasttrain.train.callbacks import EarlyStopping
-from fasttrain.train.config import RunConfig, TrainConfig
-from fasttrain.train.device import autocast_for, resolve_device, resolve_precision
+from fasttrain.train.config import DistConfig, RunConfig
+from fasttrain.train.device import autocast_for, resolve_precision
+from fasttrain.train.dist import Dist
 from fasttrain.train.files import RunLock, atomic_write_text, sweep_temporaries
 from fasttrain.train.metrics import Metrics, TensorBoard
 from fasttrain.train.sample import sample_prompt_ids
@@ -50,7 +51,7 @@ class Run:
     """The data: a Corpus of token shards (data.format 'text') or an ExampleSet (data.format 'prompt_completion')."""
     model: GPT
     step_model: torch.nn.Module
-    """What the training step calls: the model, or its torch.compile wrapper."""
+    """What the training step calls: the model, or its DDP wrapper, or the torch.compile wrapper of either."""
     optimizer: AdamW
     schedule: LRSchedule
     scaler: torch.amp.GradScaler
@@ -61,7 +62,9 @@ class Run:
     board: TensorBoard | None = None
     """TensorBoard's writer when train.tensorboard is on."""
     lock: RunLock | None = None
-    """The run folder's lock, held from set-up to the end of train()."""
+    """The run folder's lock, held from set-up to the end of train() (by rank 0 alone in a job of several)."""
+    job: Dist = dataclasses.field(default_factory=lambda: Dist(DistConfig()))
+    """This process's place in a torchrun job (a job of one without dist.strategy)."""
     start: int = 0
     """Steps taken before this process started: the checkpoint's step on a resume, else 0."""
     bad_streak: int = 0
@@ -76,12 +79,13 @@ class Run:
         """False when data.val_fraction is 0: the user asked for no validation split."""
         return self.cfg.data.val_fraction > 0
 
-    def state_dict(self, step: int) -> dict:
-        """The checkpoint after `step` steps: all a resume needs to continue as if never stopped."""
+    def state_dict(self, step: int, weights: bool = True) -> dict:
+        """The checkpoint after `step` steps: all a resume needs to continue as if never stopped. weights=False
+        leaves out the model and optimizer (a sharded checkpoint holds them: fasttrain.train.sharded)."""
+        weights = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()} if weights else {}
         return {
             "step": step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **weights,
             "schedule": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "batches": self.train_batches.state_dict(),
@@ -93,8 +97,10 @@ class Run:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """A checkpoint's state; its model and optimizer when it holds them (a one-file checkpoint)."""
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         # The scaler's state is empty when a non-fp16 run saved it: an fp16 resume starts a fresh scale.
         if self.scaler.is_enabled() and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
@@ -115,39 +121,50 @@ class NothingToTrain(Exception):
         self.metrics = Metrics.from_state_dict(state["metrics"])
 
 
-def start_run(cfg: RunConfig, resume: bool) -> Run:
+def start_run(cfg: RunConfig, resume: bool, job: Dist, device: torch.device) -> Run:
     """Check what can be checked before the data (the device, the run folder), lock the run folder, prepare the data
     and check it, build the model and optimizer, restore the latest good checkpoint when resuming. Writes nothing
-    but the lock and the data summary: `write_run_files` writes config.json once the loop has steps to take."""
+    but the lock and the data summary: `write_run_files` writes config.json once the loop has steps to take.
+    job and device: from fasttrain.train.dist.start; every rank checks and reads, rank 0 alone locks and writes."""
     tc = cfg.train
-    device = resolve_device(tc.device)
     precision = resolve_precision(tc.precision, device)
-    _check_device(tc, device, precision)
+    _check_device(cfg, device, precision)
     run_dir = Path(tc.out_dir)
     _check_out_dir(run_dir, resume)
     if resume and not (checkpoint.checkpoint_dir(run_dir) / "latest").is_file():
         checkpoint.resolve(run_dir, "latest")  # a run folder with nothing to resume is named before it is locked
-    try:  # before the data preparation, which can take minutes
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"train.out_dir {str(run_dir)!r} cannot be made: {e.strerror or e}") from None
-    lock = RunLock(run_dir)
+    lock = None
+    if job.is_main:
+        try:  # before the data preparation, which can take minutes
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"train.out_dir {str(run_dir)!r} cannot be made: {e.strerror or e}") from None
+        lock = RunLock(run_dir)
     try:
-        return _start_locked(cfg, resume, run_dir, device, precision, lock)
+        return _start_locked(cfg, resume, run_dir, device, precision, lock, job)
     except BaseException:
-        lock.release()
+        if lock is not None:
+            lock.release()
         raise
 
 
-def _start_locked(cfg: RunConfig, resume: bool, run_dir: Path, device, precision: str, lock: RunLock) -> Run:
+def _start_locked(
+    cfg: RunConfig, resume: bool, run_dir: Path, device, precision: str, lock: RunLock | None, job: Dist
+) -> Run:
     tc = cfg.train
     _check_out_dir(run_dir, resume)  # again, now that no other trainer can be writing it
-    for folder in (run_dir, checkpoint.checkpoint_dir(run_dir)):
-        if folder.is_dir():
-            sweep_temporaries(folder)
+    if job.is_main:
+        for folder in (run_dir, checkpoint.checkpoint_dir(run_dir)):
+            if folder.is_dir():
+                sweep_temporaries(folder)
     state = file = None
     if resume:
-        file, state = checkpoint.load_latest_good(run_dir, _warn, require=STATE_KEYS)
+        file = sharded.latest(run_dir)
+        if file is not None:
+            state = sharded.load_trainer_state(file, require=SHARDED_STATE_KEYS)
+        else:
+            file, state = checkpoint.load_latest_good(run_dir, _warn, require=STATE_KEYS)
+        _check_strategy(file, cfg)
         if tc.steps < state["step"]:
             raise ValueError(
                 f"cannot resume {run_dir} with train.steps {tc.steps}: the run is at step {state['step']}, and a "
@@ -161,12 +178,16 @@ def _start_locked(cfg: RunConfig, resume: bool, run_dir: Path, device, precision
         if tc.steps == state["step"] or early.should_stop:
             raise NothingToTrain(state, early)
 
+    if not job.is_main:  # rank 0 prepares the shards; the others then find them in the cache
+        job.barrier()
     corpus = prepare(cfg.data) if cfg.data.format == "text" else prepare_examples(cfg.data)
+    if job.is_main:
+        job.barrier()
     if isinstance(corpus, ExampleSet):
         corpus.fit(tc.seq_len)
     # The data summary, on screen and, for a fresh run, as run_dir/data_summary.{txt,json} (which say why a corpus
     # too small is refused); a resume's is written by write_run_files, once nothing can refuse it.
-    corpus.report(None if resume else run_dir)
+    corpus.report(None if resume or not job.is_main else run_dir)
     _check_splits(corpus, cfg)
     if tc.sample_tokens > 0:
         sample_prompt_ids(corpus.tokenizer, tc.sample_prompt, cfg.model.max_seq_len)  # fail now, not after the run
@@ -181,6 +202,9 @@ def _start_locked(cfg: RunConfig, resume: bool, run_dir: Path, device, precision
         load_weights(model, cfg.init.from_)
     if apply_finetune(model, cfg.finetune) is not None or cfg.finetune.freeze:
         _report_finetune(model)
+    if state is not None and "model" in state:  # before FSDP shards the model
+        checkpoint.check_model_state(model, state["model"], file)
+    step_model = job.wrap(model, device, precision, tc.compile)
     run = Run(
         cfg=cfg,
         run_dir=run_dir,
@@ -189,24 +213,24 @@ def _start_locked(cfg: RunConfig, resume: bool, run_dir: Path, device, precision
         autocast=autocast_for(precision, device),
         corpus=corpus,
         model=model,
-        step_model=model,
+        step_model=step_model,
         optimizer=build_optimizer(model, cfg.optim),
         schedule=cfg.schedule(),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        train_batches=train_batches(corpus, cfg),
+        train_batches=train_batches(corpus, cfg, job.rank, job.world_size),
         metrics=Metrics(),
         early=EarlyStopping(tc.early_stopping_patience),
         lock=lock,
+        job=job,
     )
     if state is not None:
-        checkpoint.check_model_state(model, state["model"], file)
+        if "model" not in state:
+            sharded.load_sharded(file, model, run.optimizer)
         try:
             run.load_state_dict(state)
         except (KeyError, IndexError, TypeError, RuntimeError) as e:  # an entry of the wrong shape or contents
             raise _does_not_fit(file, e) from None
-    if tc.compile:
-        run.step_model = torch.compile(model)
-    if tc.tensorboard:
+    if tc.tensorboard and job.is_main:
         run.board = TensorBoard(run_dir)
     return run
 
@@ -225,6 +249,19 @@ STATE_KEYS = (
     "tokenizer",
 )
 """What a resume reads of a checkpoint (Run.state_dict writes them all)."""
+SHARDED_STATE_KEYS = tuple(k for k in STATE_KEYS if k not in ("model", "optimizer"))
+"""What a resume reads of a sharded checkpoint's trainer.pt."""
+
+
+def _check_strategy(file: Path, cfg: RunConfig) -> None:
+    """A resume reads a checkpoint of its own format: one file (no strategy, ddp) or a sharded folder (fsdp)."""
+    fsdp = cfg.dist.strategy == "fsdp"
+    if file.is_dir() != fsdp:
+        kind, takes = ("a sharded (fsdp)", "fsdp") if file.is_dir() else ("a one-file", "'none' or 'ddp'")
+        raise ValueError(
+            f"cannot resume {str(file)!r} with dist.strategy {cfg.dist.strategy!r}: it is {kind} checkpoint, "
+            f"which dist.strategy {takes} resumes (fsdp on one process: torchrun --nproc_per_node 1)"
+        )
 
 
 def _does_not_fit(file: Path, e: Exception) -> checkpoint.CheckpointError:
@@ -262,8 +299,14 @@ def _report_finetune(model: GPT) -> None:
     )
 
 
-def _check_device(tc: TrainConfig, device: torch.device, precision: str) -> None:
-    """What train.cuda_graph needs of the device and precision that 'auto' resolved to."""
+def _check_device(cfg: RunConfig, device: torch.device, precision: str) -> None:
+    """What train.cuda_graph and dist.strategy fsdp need of the device and precision that 'auto' resolved to."""
+    tc = cfg.train
+    if cfg.dist.strategy == "fsdp" and precision == "fp16":
+        raise ValueError(
+            "dist.strategy 'fsdp' does not take precision 'fp16' (train.precision "
+            f"{tc.precision!r}): each rank's GradScaler would see only its shards; use 'bf16' or 'fp32'"
+        )
     if tc.cuda_graph and device.type != "cuda":
         raise ValueError(
             f"train.cuda_graph needs a CUDA device, but train.device {tc.device!r} resolved to {device.type}"
@@ -302,12 +345,15 @@ def _is_run_config(path: Path) -> bool:
     return isinstance(data, dict) and all(isinstance(data.get(k), dict) for k in ("model", "optim", "train", "data"))
 
 
-def train_batches(corpus: Corpus | ExampleSet, cfg: RunConfig) -> Batches | ExampleBatches:
-    """The training batches: random windows of a corpus, or the examples packed or padded, shuffled per epoch."""
+def train_batches(
+    corpus: Corpus | ExampleSet, cfg: RunConfig, rank: int = 0, world_size: int = 1
+) -> Batches | ExampleBatches:
+    """The training batches of one rank: random windows of a corpus, or the examples packed or padded, shuffled per
+    epoch."""
     tc = cfg.train
     if isinstance(corpus, Corpus):
-        return Batches(corpus.train, tc.batch_size, tc.seq_len, seed=tc.seed, mode="random")
-    return _example_batches(corpus.train, corpus, cfg, shuffle=True)
+        return Batches(corpus.train, tc.batch_size, tc.seq_len, seed=tc.seed, rank=rank, world_size=world_size)
+    return _example_batches(corpus.train, corpus, cfg, shuffle=True, rank=rank, world_size=world_size)
 
 
 def val_batches(corpus: Corpus | ExampleSet, cfg: RunConfig) -> Batches | ExampleBatches:
@@ -318,10 +364,22 @@ def val_batches(corpus: Corpus | ExampleSet, cfg: RunConfig) -> Batches | Exampl
     return _example_batches(corpus.val, corpus, cfg, shuffle=False)
 
 
-def _example_batches(examples, corpus: ExampleSet, cfg: RunConfig, shuffle: bool) -> ExampleBatches:
+def _example_batches(
+    examples, corpus: ExampleSet, cfg: RunConfig, shuffle: bool, rank: int = 0, world_size: int = 1
+) -> ExampleBatches:
     tc, mode = cfg.train, "pack" if cfg.data.packing else "pad"
     pad_id = corpus.tokenizer.eot_id  # any id: padding's targets are IGNORE and no example attends to it
-    return ExampleBatches(examples, tc.batch_size, tc.seq_len, mode, pad_id=pad_id, seed=tc.seed, shuffle=shuffle)
+    return ExampleBatches(
+        examples,
+        tc.batch_size,
+        tc.seq_len,
+        mode,
+        pad_id=pad_id,
+        seed=tc.seed,
+        shuffle=shuffle,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 def _check_splits(corpus: Corpus | ExampleSet, cfg: RunConfig) -> None:

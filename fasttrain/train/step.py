@@ -3,6 +3,7 @@ replayed as one CUDA graph (train.cuda_graph). And what a run's losses must be t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -12,23 +13,31 @@ from fasttrain.train.graphed import GraphedStep
 from fasttrain.train.run import Run
 
 
-def forward_backward(model, micro_batches, device: torch.device, autocast, scaler) -> torch.Tensor:
+def forward_backward(model, micro_batches, device: torch.device, autocast, scaler, sync_grads=None) -> torch.Tensor:
     """Accumulate the gradient of the mean loss over equal-sized micro-batches; return that mean loss (detached).
 
     A micro-batch is (x, y), or (x, y, positions, cu_seqlens) of packed examples (fasttrain.data.examples): each
-    micro-batch's loss is the mean over its learned tokens, and the step's loss the mean of those means."""
+    micro-batch's loss is the mean over its learned tokens, and the step's loss the mean of those means.
+    sync_grads(last) -> the context of one micro-batch's forward and backward (fasttrain.train.dist: the ranks'
+    gradients are reduced on the last micro-batch only)."""
     total = torch.zeros((), device=device)
-    for x, y, *packed in micro_batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        kwargs = {}
-        if packed:
-            positions, cu_seqlens = (t.to(device, non_blocking=True) for t in packed)
-            kwargs = {"positions": positions, "cu_seqlens": cu_seqlens}
-        with autocast():
-            _, loss = model(x, y, **kwargs)
-        scaler.scale(loss / len(micro_batches)).backward()
-        total += loss.detach()
+    for i, (x, y, *packed) in enumerate(micro_batches):
+        with sync_grads(i == len(micro_batches) - 1) if sync_grads else contextlib.nullcontext():
+            total += _forward_backward(model, x, y, packed, device, autocast, scaler, len(micro_batches))
     return total / len(micro_batches)
+
+
+def _forward_backward(model, x, y, packed, device, autocast, scaler, n_micro) -> torch.Tensor:
+    """One micro-batch: the loss's gradient / n_micro accumulated; its loss (detached)."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    kwargs = {}
+    if packed:
+        positions, cu_seqlens = (t.to(device, non_blocking=True) for t in packed)
+        kwargs = {"positions": positions, "cu_seqlens": cu_seqlens}
+    with autocast():
+        _, loss = model(x, y, **kwargs)
+    scaler.scale(loss / n_micro).backward()
+    return loss.detach()
 
 
 class TrainStep:
@@ -62,7 +71,11 @@ class TrainStep:
             loss = self.graphed.step(micro, lr)
             return lr, loss, ~torch.isfinite(loss)
         lr = run.schedule.apply(run.optimizer, step)
-        loss = forward_backward(run.step_model, micro, run.device, run.autocast, run.scaler)
+        model = run.step_model
+        loss = forward_backward(
+            model, micro, run.device, run.autocast, run.scaler, lambda last: run.job.sync_grads(model, last)
+        )
+        loss = run.job.mean(loss)  # every rank logs, and skips on, the job's loss
         bad = ~torch.isfinite(loss)
         optimizer = run.optimizer
         if run.scaler.is_enabled():
