@@ -1,5 +1,6 @@
 """KV-cache decode: fasttrain's split-KV kernel vs eager (cache grown by torch.cat + SDPA) and SDPA over a static
-cache, then end-to-end greedy generation vs an eager loop.
+cache, and the same cache as shuffled pages of 256 rows (block_table), then end-to-end greedy generation vs an eager
+loop.
 
     python -m fasttrain.benchmarks.bench_decode --device cuda  # Triton, d128: batch 1..64 x context 1k..32k
     python -m fasttrain.benchmarks.bench_decode --device cpu   # C++, d64: batch 1, 8 x context 1k, 4k
@@ -28,7 +29,10 @@ from fasttrain.ops import flash_attn_with_kvcache
 # Inputs smaller than 4x the last cache level are rotated so that reads come from memory: an H100's L2 (50 MB), the
 # L3 of the EPYC CPUs the CPU results come from (32 MiB).
 LAST_CACHE_BYTES = {"cuda": 50 << 20, "cpu": 32 << 20}
-MAX_CACHE_BYTES = 12 << 30  # K + V per shape; the eager baseline holds a second, concatenated copy
+MAX_CACHE_BYTES = (
+    12 << 30
+)  # K + V per shape; the eager baseline holds a second, concatenated copy, the paged row a third
+PAGE = 256  # rows per page of the paged-cache row (flash-attn's kernels take multiples of 256)
 
 
 def _rotating(make, nbytes: int, dev: str):
@@ -81,7 +85,25 @@ def bench_kernel(dev, B, L, H, Hkv, D, dtype, copy_gbs):
             x["q"], x["kc"], x["vc"], x["k"], x["v"], cache_seqlens=x["seqlens"], check_lengths=False, backend=backend
         )
 
-    impls = {"fasttrain": ours}
+    paged = {}  # the same rows as pages of PAGE rows in a shuffled pool, and each sequence's block table
+
+    def ours_paged(x):
+        if id(x) not in paged:
+            n = Tmax // PAGE
+            where = torch.randperm(B * n, device=dev)
+            pools = []
+            for c in ("kc", "vc"):
+                pool = torch.empty(B * n, PAGE, Hkv, D, device=dev, dtype=dtype)
+                pool[where] = x[c].reshape(B * n, PAGE, Hkv, D)  # (B, Tmax, ...) -> (B * n pages, PAGE, ...)
+                pools.append(pool)
+            paged[id(x)] = (*pools, where.view(B, n).to(torch.int32))
+        pool_k, pool_v, table = paged[id(x)]
+        return flash_attn_with_kvcache(
+            x["q"], pool_k, pool_v, x["k"], x["v"], cache_seqlens=x["seqlens"], block_table=table,
+            check_lengths=False, backend=backend,
+        )  # fmt: skip
+
+    impls = {"fasttrain": ours, "fasttrain_paged": ours_paged}
     if dev == "cpu":
         impls["reference"] = lambda x: flash_attn_with_kvcache(
             x["q"], x["kc"], x["vc"], x["k"], x["v"], cache_seqlens=x["seqlens"], backend="reference"
@@ -124,6 +146,7 @@ def bench_kernel(dev, B, L, H, Hkv, D, dtype, copy_gbs):
     for r in rows:
         r["x_eager"] = base["eager_cat"] / r["ms"]
         r["x_sdpa"] = base["sdpa_static"] / r["ms"]
+        r["x_contiguous"] = base["fasttrain"] / r["ms"]  # the paged row: its speed against the contiguous cache
     return rows
 
 
@@ -233,7 +256,7 @@ def main():
                     break
     common.print_table(
         [r for r in rows if r["kind"] == "decode"],
-        ["B", "L", "H", "Hkv", "impl", "ms", "GBs", "pct_copy", "x_eager", "x_sdpa"],
+        ["B", "L", "H", "Hkv", "impl", "ms", "GBs", "pct_copy", "x_eager", "x_sdpa", "x_contiguous"],
     )
     for cfg, label in gen:
         for B, prompt_len, new in gen_shapes:
