@@ -134,24 +134,16 @@ TRITON_SAMPLE = [  # the interpreter's cost grows with the tiles: shorter sequen
 ]
 
 
-@pytest.mark.parametrize("case", SAMPLE, ids=_id)
-def test_flash_attn_output_cpu_kernel(case):
-    _check_output(*case, backend="cpu")
+# (backend, case, varlen): the CPU kernel on flash-attn's lengths, the interpreted Triton kernels on shorter ones
+CASES = [("cpu", c, False) for c in SAMPLE] + [("cpu", c, True) for c in SAMPLE[:2]]
+CASES += [("triton", c, False) for c in TRITON_SAMPLE] + [("triton", TRITON_SAMPLE[0], True)]
 
 
-@pytest.mark.parametrize("case", SAMPLE[:2], ids=_id)
-def test_flash_attn_varlen_output_cpu_kernel(case):
-    _check_varlen_output(*case, backend="cpu")
-
-
-@pytest.mark.parametrize("case", TRITON_SAMPLE, ids=_id)
-def test_flash_attn_output_triton(case):
-    _check_output(*case, backend="triton")
-
-
-@pytest.mark.parametrize("case", TRITON_SAMPLE[:1], ids=_id)
-def test_flash_attn_varlen_output_triton(case):
-    _check_varlen_output(*case, backend="triton")
+@pytest.mark.parametrize(
+    "backend,case,varlen", CASES, ids=[f"{b}-{_id(c)}" + ("-varlen" if v else "") for b, c, v in CASES]
+)
+def test_flash_attn_output(backend, case, varlen):
+    (_check_varlen_output if varlen else _check_output)(*case, backend=backend)
 
 
 def _grid(head_dims):
@@ -173,14 +165,11 @@ def _run_grid(check, cases, backend):
     assert not failed, f"{len(failed)} cases failed:\n" + "\n".join(failed)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_flash_attn_output_grid_cpu_kernel(varlen):
-    _run_grid(_check_varlen_output if varlen else _check_output, _grid((32, 40, 59, 64, 96, 111, 128)), "cpu")
+GRID_HEAD_DIMS = {"cpu": (32, 40, 59, 64, 96, 111, 128), "triton": tuple(d for d in HEAD_DIMS if d <= 128)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_flash_attn_output_grid_triton(varlen):
-    cases = _grid(tuple(d for d in HEAD_DIMS if d <= 128))
-    _run_grid(_check_varlen_output if varlen else _check_output, cases, "triton")
+@pytest.mark.parametrize("backend", list(GRID_HEAD_DIMS))
+def test_flash_attn_output_grid(backend, varlen):
+    _run_grid(_check_varlen_output if varlen else _check_output, _grid(GRID_HEAD_DIMS[backend]), backend)
