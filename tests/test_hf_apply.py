@@ -369,3 +369,10 @@ def test_bf16_within_twice_the_unpatched_error(device, cpu_user):
     assert_within_2x_torch(out["ours"][0], out["torch"][0], out["want"][0], slack=1e-3, what="loss")
     for name, want in out["want"][1].items():
         assert_within_2x_torch(out["ours"][1][name], out["torch"][1][name], want, what=name)
+
+
+def test_the_hf_module_exports_the_apply_functions():
+    from fasttrain.integrations import hf
+
+    assert set(hf_apply.__all__) <= set(hf.__all__) and hf.apply is hf_apply.apply and hf.apply_to_llama
+    assert {"NAME", "fasttrain_attention_forward", "fasttrain_mask"} <= set(hf.__all__)

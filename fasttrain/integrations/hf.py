@@ -21,4 +21,7 @@ __all__ = ["NAME", "fasttrain_attention_forward", "fasttrain_mask"]
 AttentionInterface.register(NAME, fasttrain_attention_forward)
 AttentionMaskInterface.register(NAME, fasttrain_mask)
 
-from fasttrain.integrations.hf_apply import *  # noqa: E402, F403  (apply, revert, apply_to_<family>: hf_apply.__all__)
+from fasttrain.integrations.hf_apply import *  # noqa: E402, F403  (apply, revert, apply_to_<family>)
+from fasttrain.integrations.hf_apply import __all__ as _apply_names  # noqa: E402
+
+__all__ += _apply_names
