@@ -77,3 +77,15 @@ def assert_within(out, ref, pt, mult: float, floor: float = 1e-5) -> None:
     """flash-attn's rule: max |out - ref| <= mult * max |pt - ref| + floor."""
     err, pt_err = (out.float() - ref.float()).abs().max().item(), (pt.float() - ref.float()).abs().max().item()
     assert err <= mult * pt_err + floor, f"error {err:.3g} > {mult} x PyTorch's {pt_err:.3g} + {floor}"
+
+
+def run_grid(check, cases, name, **kwargs) -> None:
+    """check(*case, **kwargs) for every case, in one test (a grid of thousands would cost seconds to collect in every
+    run); fails naming each case that failed, by name(case)."""
+    failed = []
+    for case in cases:
+        try:
+            check(*case, **kwargs)
+        except AssertionError as e:
+            failed.append(f"{name(case)}: {e}")
+    assert not failed, f"{len(failed)} cases failed:\n" + "\n".join(failed)

@@ -12,7 +12,7 @@ import torch
 
 from fasttrain.ops import flash_attn_with_kvcache
 
-from flash_attn_ref import assert_within, attention_ref, rotate
+from flash_attn_ref import assert_within, attention_ref, rotate, run_grid
 
 BACKENDS = ("triton", "cpu", "reference")
 
@@ -165,11 +165,4 @@ def _grid():
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ("triton", "cpu"))
 def test_flash_attn_kvcache_grid(backend):
-    # every case in one test: a grid this size would cost seconds to collect in every run
-    failed = []
-    for case in _grid():
-        try:
-            _check_kvcache(*case, backend=backend)
-        except AssertionError as e:
-            failed.append(f"{_id(case)}: {e}")
-    assert not failed, f"{len(failed)} cases failed:\n" + "\n".join(failed)
+    run_grid(_check_kvcache, _grid(), _id, backend=backend)

@@ -17,32 +17,49 @@ from fasttrain.ops import (
 )
 from fasttrain.ops.attention import HEAD_DIMS
 
-from flash_attn_ref import assert_within, attention_ref
+from flash_attn_ref import assert_within, attention_ref, run_grid
 
 
-def _ref_and_pt(q, k, v, causal, window):
-    """The float64 reference and PyTorch's fp32 (reordered) output, with their gradient leaves."""
-    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    leaves32 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ref = attention_ref(*leaves64, causal=causal, window=window)
-    pt = attention_ref(*leaves32, causal=causal, window=window, upcast=False, reorder=True)
-    return (ref, leaves64), (pt, leaves32)
+def _references(q, k, v, causal, window, pieces=None):
+    """The float64 reference and PyTorch's fp32 (reordered) outputs, each with its gradient leaves (copies of q, k,
+    v). pieces: for packed varlen inputs, the (query, key) slices of each sequence, attended alone and concatenated."""
+    found = []
+    for upcast in (True, False):
+        leaves = [(t.detach().double() if upcast else t.detach().clone()).requires_grad_() for t in (q, k, v)]
+        kw = dict(causal=causal, window=window, upcast=upcast, reorder=not upcast)
+        if pieces is None:
+            out = attention_ref(*leaves, **kw)
+        else:  # each sequence alone, bottom-right aligned to its own lengths
+            lq, lk, lv = leaves
+            out = torch.cat([attention_ref(lq[qs][None], lk[ks][None], lv[ks][None], **kw)[0] for qs, ks in pieces])
+        found.append((out, leaves))
+    return found
 
 
-def _assert_grads(out, inputs, ref, pt, g):
+def _assert_output_and_grads(out, inputs, kvpacked, ref, pt, kv_axis):
+    """flash-attn's rule: the output within 2x, each gradient within 3x PyTorch's error; a packed kv's gradient
+    against the references' dk and dv stacked along kv_axis."""
+    assert_within(out, ref[0], pt[0], mult=2)
+    g = torch.randn_like(out)
     got = torch.autograd.grad(out, inputs, g)
-    want = torch.autograd.grad(ref[0], ref[1], g.double())
-    yard = torch.autograd.grad(pt[0], pt[1], g)
+    want = list(torch.autograd.grad(ref[0], ref[1], g.double()))
+    yard = list(torch.autograd.grad(pt[0], pt[1], g))
+    if kvpacked:
+        want, yard = [want[0], torch.stack(want[1:], kv_axis)], [yard[0], torch.stack(yard[1:], kv_axis)]
     for a, b, c in zip(got, want, yard):
         assert_within(a, b, c, mult=3)
+
+
+def _heads_and_window(H, mha_type, seqlen_k, local):
+    """Hkv, the window as flash-attn's test draws it (a tensor when local), and as ints."""
+    window_size = torch.randint(0, seqlen_k, (2,)) if local else (-1, -1)
+    return {"mha": H, "mqa": 1, "gqa": 2}[mha_type], window_size, tuple(int(w) for w in window_size)
 
 
 def _check_output(seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked, backend):
     torch.manual_seed(0)
     B, H = 2, 6
-    Hkv = {"mha": H, "mqa": 1, "gqa": 2}[mha_type]
-    window_size = torch.randint(0, seqlen_k, (2,)) if local else (-1, -1)
-    window = tuple(int(w) for w in window_size)
+    Hkv, window_size, window = _heads_and_window(H, mha_type, seqlen_k, local)
     q = torch.randn(B, seqlen_q, H, d, requires_grad=True)
     kv = torch.randn(B, seqlen_k, 2, Hkv, d, requires_grad=True)
     k, v = (t.detach().clone().requires_grad_() for t in kv.unbind(2))
@@ -51,25 +68,14 @@ def _check_output(seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic,
         out, inputs = flash_attn_kvpacked_func(q, kv, **kw), (q, kv)
     else:
         out, inputs = flash_attn_func(q, k, v, **kw), (q, k, v)
-    ref, pt = _ref_and_pt(q, k, v, causal, window)
-    assert_within(out, ref[0], pt[0], mult=2)
-    g = torch.randn_like(out)
-    if kvpacked:  # the packed gradient against the references' dk and dv, stacked
-        dq, dkv = torch.autograd.grad(out, inputs, g)
-        want = torch.autograd.grad(ref[0], ref[1], g.double())
-        yard = torch.autograd.grad(pt[0], pt[1], g)
-        assert_within(dq, want[0], yard[0], mult=3)
-        assert_within(dkv, torch.stack(want[1:], 2), torch.stack(yard[1:], 2), mult=3)
-    else:
-        _assert_grads(out, inputs, ref, pt, g)
+    ref, pt = _references(q, k, v, causal, window)
+    _assert_output_and_grads(out, inputs, kvpacked, ref, pt, kv_axis=2)
 
 
 def _check_varlen_output(seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked, backend):
     torch.manual_seed(0)
     B, H = 3, 4
-    Hkv = {"mha": H, "mqa": 1, "gqa": 2}[mha_type]
-    window_size = torch.randint(0, seqlen_k, (2,)) if local else (-1, -1)
-    window = tuple(int(w) for w in window_size)
+    Hkv, window_size, window = _heads_and_window(H, mha_type, seqlen_k, local)
     # random lengths per sequence, as flash-attn's random padding masks leave them (one at full length)
     q_lens = [seqlen_q, *torch.randint(1, seqlen_q + 1, (B - 1,)).tolist()]
     k_lens = [seqlen_k, *torch.randint(1, seqlen_k + 1, (B - 1,)).tolist()]
@@ -81,34 +87,12 @@ def _check_varlen_output(seqlen_q, seqlen_k, d, causal, local, mha_type, determi
     kw = dict(causal=causal, window_size=window_size, deterministic=deterministic, backend=backend)
     lengths = (cu_q, cu_k, max(q_lens), max(k_lens))
     if kvpacked:
-        out = flash_attn_varlen_kvpacked_func(q, kv, *lengths, **kw)
+        out, inputs = flash_attn_varlen_kvpacked_func(q, kv, *lengths, **kw), (q, kv)
     else:
-        out = flash_attn_varlen_func(q, k, v, *lengths, **kw)
-    refs, pts = [], []
-    for b in range(B):  # each sequence alone, bottom-right aligned to its own lengths
-        qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
-        (ref, _), (pt, _) = _ref_and_pt(q[qs][None], k[ks][None], v[ks][None], causal, window)
-        refs.append(ref[0])
-        pts.append(pt[0])
-    assert_within(out, torch.cat(refs), torch.cat(pts), mult=2)
-    inputs = (q, kv) if kvpacked else (q, k, v)
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, inputs, g)
-    # the references' gradients, whole: the same sequences through autograd on float64 and fp32 leaves
-    leaves64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    leaves32 = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    want, yard = [], []
-    for leaves, upcast, bucket in ((leaves64, True, want), (leaves32, False, yard)):
-        outs = []
-        for b in range(B):
-            qs, ks = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
-            lq, lk, lv = leaves[0][qs][None], leaves[1][ks][None], leaves[2][ks][None]
-            outs.append(attention_ref(lq, lk, lv, causal=causal, window=window, upcast=upcast, reorder=not upcast)[0])
-        bucket.extend(torch.autograd.grad(torch.cat(outs), leaves, g.to(leaves[0].dtype)))
-    if kvpacked:
-        want, yard = [want[0], torch.stack(want[1:], 1)], [yard[0], torch.stack(yard[1:], 1)]
-    for a, b, c in zip(got, want, yard):
-        assert_within(a, b, c, mult=3)
+        out, inputs = flash_attn_varlen_func(q, k, v, *lengths, **kw), (q, k, v)
+    pieces = [(slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))) for b in range(B)]
+    ref, pt = _references(q, k, v, causal, window, pieces)
+    _assert_output_and_grads(out, inputs, kvpacked, ref, pt, kv_axis=1)
 
 
 def _id(case):
@@ -154,17 +138,6 @@ def _grid(head_dims):
         yield sq, sk, d, causal, local, mha, det, packed
 
 
-def _run_grid(check, cases, backend):
-    """Every case, one test (a grid this size would cost seconds to collect in every run); the failures by name."""
-    failed = []
-    for case in cases:
-        try:
-            check(*case, backend=backend)
-        except AssertionError as e:
-            failed.append(f"{_id(case)}: {e}")
-    assert not failed, f"{len(failed)} cases failed:\n" + "\n".join(failed)
-
-
 GRID_HEAD_DIMS = {"cpu": (32, 40, 59, 64, 96, 111, 128), "triton": tuple(d for d in HEAD_DIMS if d <= 128)}
 
 
@@ -172,4 +145,5 @@ GRID_HEAD_DIMS = {"cpu": (32, 40, 59, 64, 96, 111, 128), "triton": tuple(d for d
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 @pytest.mark.parametrize("backend", list(GRID_HEAD_DIMS))
 def test_flash_attn_output_grid(backend, varlen):
-    _run_grid(_check_varlen_output if varlen else _check_output, _grid(GRID_HEAD_DIMS[backend]), backend)
+    check = _check_varlen_output if varlen else _check_output
+    run_grid(check, _grid(GRID_HEAD_DIMS[backend]), _id, backend=backend)
