@@ -96,8 +96,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from fasttrain.data import Batches, prepare
     from fasttrain.train.build import load_for_inference
-    from fasttrain.train.callbacks import evaluate
-    from fasttrain.train.device import autocast_for, resolve_device, resolve_precision
+    from fasttrain.train.device import resolve_device
 
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_for_inference(args.checkpoint, args.which, device)
@@ -122,16 +121,30 @@ def _eval(args: argparse.Namespace) -> int:
             f"at least {seq_len + 1}"
         )
     windows = (len(tokens) - 1) // seq_len
-    batch_size = min(args.batch_size, windows)
-    n_batches = windows // batch_size  # every window at most once; at most batch_size - 1 left over
+    batch_size, n_batches = _batch_plan(args, windows)
+    batches = Batches(tokens, batch_size, seq_len, mode="sequential")
+    return _report_eval(model, batches, n_batches, cfg, device, f"{n_batches * batch_size * seq_len:,} tokens")
+
+
+def _batch_plan(args, items: int) -> tuple[int, int]:
+    """(batch_size, n_batches) for `fasttrain eval`: every window or row at most once, at most batch_size - 1 left
+    over, at most --max-batches batches."""
+    batch_size = min(args.batch_size, items)
+    n_batches = items // batch_size
     if args.max_batches is not None:
         n_batches = min(n_batches, args.max_batches)
-    batches = Batches(tokens, batch_size, seq_len, mode="sequential")
+    return batch_size, n_batches
+
+
+def _report_eval(model, batches, n_batches: int, cfg, device, what: str) -> int:
+    """Evaluate n_batches of batches in the run's precision and print the loss, perplexity and accuracy over what."""
+    from fasttrain.train.callbacks import evaluate
+    from fasttrain.train.device import autocast_for, resolve_precision
+
     autocast = autocast_for(resolve_precision(cfg.train.precision, device), device)
     result = evaluate(model, batches, n_batches, device, autocast)
     print(
-        f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  accuracy {result['accuracy']:.4f}  "
-        f"({n_batches * batch_size * seq_len:,} tokens)"
+        f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  accuracy {result['accuracy']:.4f}  ({what})"
     )
     return 0
 
@@ -140,8 +153,6 @@ def _eval_examples(args, model, data_cfg, seq_len: int, cfg, device) -> int:
     """`fasttrain eval` of a run trained on prompt/completion JSONL: every example of --data once, in order, packed
     or padded as in training; the loss, perplexity and accuracy of the completion tokens."""
     from fasttrain.data.examples import ExampleBatches, prepare_examples
-    from fasttrain.train.callbacks import evaluate
-    from fasttrain.train.device import autocast_for, resolve_precision
 
     examples = prepare_examples(data_cfg)
     examples.fit(seq_len)
@@ -149,18 +160,10 @@ def _eval_examples(args, model, data_cfg, seq_len: int, cfg, device) -> int:
         raise ValueError(f"--data {args.data!r} has no example with a completion token within seq_len {seq_len}")
     mode = "pack" if cfg.data.packing else "pad"
     rows = len(ExampleBatches(examples.train, 1, seq_len, mode).rows)
-    batch_size = min(args.batch_size, rows)
-    n_batches = rows // batch_size  # every row at most once; at most batch_size - 1 left over
-    if args.max_batches is not None:
-        n_batches = min(n_batches, args.max_batches)
+    batch_size, n_batches = _batch_plan(args, rows)
     batches = ExampleBatches(examples.train, batch_size, seq_len, mode, examples.tokenizer.eot_id, shuffle=False)
-    autocast = autocast_for(resolve_precision(cfg.train.precision, device), device)
-    result = evaluate(model, batches, n_batches, device, autocast)
-    print(
-        f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  accuracy {result['accuracy']:.4f}  "
-        f"({n_batches * batch_size} rows of {seq_len} tokens; completion tokens only)"
-    )
-    return 0
+    what = f"{n_batches * batch_size} rows of {seq_len} tokens; completion tokens only"
+    return _report_eval(model, batches, n_batches, cfg, device, what)
 
 
 DEFAULT_NEW_TOKENS = 200  # --max-new-tokens when not given, capped by the room the prompt leaves
