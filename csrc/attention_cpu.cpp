@@ -70,6 +70,22 @@ FT_CPU_CLONES void score_grad(const float* __restrict p, float* __restrict dp, i
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta) * scale;
 }
 
+// s[0, n) = softcap * tanh(x), x = s * pre (pre = scale / softcap), with 1 - tanh^2 x into dcap when it is not
+// null: from a = 1 - |tanh x| = 2 / (e^2|x| + 1) in (0, 1], tanh = sign(x) (1 - a) and 1 - tanh^2 = a (2 - a), with
+// no cancellation where |tanh| nears 1 (exp_approx saturates, so a large |x| gives a = 0).
+FT_CPU_CLONES void cap_scores(float* __restrict s, int64_t n, float pre, float softcap, float* __restrict dcap) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = s[j] * pre, a = 2.0f / (exp_approx(2.0f * std::fabs(x)) + 1.0f), t = 1.0f - a;
+    s[j] = softcap * (x < 0.0f ? -t : t);
+    if (dcap) dcap[j] = a * (2.0f - a);
+  }
+}
+
+// s[0, n) -= slope * |d - j|: ALiBi's bias for the key j columns before query position d.
+FT_CPU_CLONES void alibi_scores(float* __restrict s, int64_t n, float slope, int64_t d) {
+  for (int64_t j = 0; j < n; ++j) s[j] -= slope * static_cast<float>(std::abs(d - j));
+}
+
 FT_CPU_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float s;
   dot_rows<1>(a, b, n, &s, 0);
@@ -114,12 +130,12 @@ Problem attention_problem(const at::Tensor& q, const at::Tensor& k, const std::o
     for (int64_t s = 0; s + 1 < cq.numel(); ++s) {
       TORCH_CHECK(a[s] <= a[s + 1] && b[s] <= b[s + 1], "cu_seqlens must not decrease");
       const int64_t Tk = b[s + 1] - b[s];
-      p.seqs.push_back({0, a[s], 0, b[s], a[s + 1] - a[s], Tk, Tk, a[s]});
+      p.seqs.push_back({0, a[s], 0, b[s], a[s + 1] - a[s], Tk, Tk, a[s], s});
     }
     p.lse_head = q.size(0);
   } else {
     const int64_t B = q.size(0), Tq = q.size(1), Tk = k.size(1);
-    for (int64_t b = 0; b < B; ++b) p.seqs.push_back({b, 0, b, 0, Tq, Tk, Tk, b * p.H * Tq});
+    for (int64_t b = 0; b < B; ++b) p.seqs.push_back({b, 0, b, 0, Tq, Tk, Tk, b * p.H * Tq, b});
     p.lse_head = Tq;
   }
   return p;
@@ -172,9 +188,13 @@ void forward_block(const Problem& P, const Sequence& s, int64_t kvh, int64_t i0,
     const Tile kt = rows_fp32(k, s.k_batch, s.k_row + c0, kvh, cw, D, w.k.data());
     gemm(false, true, n, cw, D, w.q.data(), D, kt.p, kt.ld, 0.0f, tile, cw);  // (n, D) @ (cw, D)^T: scores
     for (int64_t r = 0; r < n; ++r) {
-      const int64_t a = std::clamp<int64_t>(w.lo[r] - c0, 0, cw);
-      softmax_update(tile + r * cw, cw, a, std::clamp<int64_t>(w.hi[r] - c0, a, cw), P.scale, m[r], l[r],
-                     acc + r * D, D);
+      const int64_t a = std::clamp<int64_t>(w.lo[r] - c0, 0, cw), b = std::clamp<int64_t>(w.hi[r] - c0, a, cw);
+      float scale = P.scale;
+      if (P.modified()) {  // the visible scores made final here: softmax_update scales by 1
+        modify_scores(P, s, kvh * G + (i0 + r) % G, (i0 + r) / G, c0 + a, tile + r * cw + a, b - a, nullptr);
+        scale = 1.0f;
+      }
+      softmax_update(tile + r * cw, cw, a, b, scale, m[r], l[r], acc + r * D, D);
     }
     const Tile vt = rows_fp32(v, s.k_batch, s.k_row + c0, kvh, cw, D, w.v.data());
     gemm(false, false, n, D, cw, tile, cw, vt.p, vt.ld, 1.0f, acc, D);  // acc += (n, cw) @ (cw, D)
@@ -220,7 +240,8 @@ void forward(const Problem& P, const at::Tensor& q, const at::Tensor& k, const a
 void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows<const float>& dout,
                     const Rows<const float>& q, const Rows<const float>& k, const Rows<const float>& v,
                     const Rows<const float>& out, const float* lse, const float* dlse, const Rows<float>& dq,
-                    const Rows<float>& dk, const Rows<float>& dv, float* p_tile, float* ds_tile, float* delta) {
+                    const Rows<float>& dk, const Rows<float>& dv, float* p_tile, float* ds_tile, float* delta,
+                    float* dcap) {
   const int64_t D = P.D, group = P.group();
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     for (int64_t i0 = 0; i0 < s.Tq; i0 += kRows) {
@@ -246,8 +267,16 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
           const int64_t b = std::clamp<int64_t>(P.key_hi(s, i0 + r) - c0, a, cw);
           std::fill(p, p + a, 0.0f);
           std::fill(p + b, p + cw, 0.0f);
-          probabilities(p + a, b - a, P.scale, lse[lse0 + r]);  // lse +inf (no key) gives 0
+          if (P.modified()) {
+            modify_scores(P, s, h, i0 + r, c0 + a, p + a, b - a, P.softcap > 0.0f ? dcap : nullptr);
+            probabilities(p + a, b - a, 1.0f, lse[lse0 + r]);
+          } else {
+            probabilities(p + a, b - a, P.scale, lse[lse0 + r]);  // lse +inf (no key) gives 0
+          }
           score_grad(p, ds, cw, delta[r], P.scale);
+          if (P.softcap > 0.0f) {  // through the cap: d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+            for (int64_t j = a; j < b; ++j) ds[j] *= dcap[j - a];
+          }
         }
         gemm(true, false, cw, D, n, p_tile, cw, do_p, dout.row, 1.0f, dv.at(s.k_batch, k0, kvh), dv.row);  // P^T dO
         gemm(true, false, cw, D, n, ds_tile, cw, q_p, q.row, 1.0f, dk.at(s.k_batch, k0, kvh), dk.row);    // dS^T Q
@@ -262,9 +291,11 @@ at::Tensor widened(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const std::optional<at::Tensor>& cu_q,
                                                          const std::optional<at::Tensor>& cu_k, double scale,
-                                                         int64_t left, int64_t right) {
+                                                         int64_t left, int64_t right, double softcap,
+                                                         const std::optional<at::Tensor>& alibi_slopes) {
   check_inputs(q, k, v, cu_q, cu_k);
-  const Problem P = attention_problem(q, k, cu_q, cu_k, scale, left, right);
+  Problem P = attention_problem(q, k, cu_q, cu_k, scale, left, right);
+  set_modifiers(P, softcap, alibi_slopes, static_cast<int64_t>(P.seqs.size()));
   at::Tensor out = at::empty(q.sizes(), q.options());
   const auto lse_shape = cu_q.has_value() ? std::vector<int64_t>{P.H, q.size(0)}
                                           : std::vector<int64_t>{q.size(0), P.H, q.size(1)};
@@ -276,10 +307,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_q,
-    const std::optional<at::Tensor>& cu_k, double scale, int64_t left, int64_t right) {
+    const std::optional<at::Tensor>& cu_k, double scale, int64_t left, int64_t right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   check_inputs(q, k, v, cu_q, cu_k);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must have q's shape");
-  const Problem P = attention_problem(q, k, cu_q, cu_k, scale, left, right);
+  Problem P = attention_problem(q, k, cu_q, cu_k, scale, left, right);
+  set_modifiers(P, softcap, alibi_slopes, static_cast<int64_t>(P.seqs.size()));
   const at::Tensor dof = widened(dout), qf = widened(q), kf = widened(k), vf = widened(v), of = widened(out);
   const at::Tensor lf = widened(lse);
   const std::optional<at::Tensor> dlf = dlse.has_value() ? std::optional<at::Tensor>(widened(*dlse)) : std::nullopt;
@@ -294,10 +327,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   const float* dlp = dlf.has_value() ? dlf->data_ptr<float>() : nullptr;
   const int64_t n_tasks = static_cast<int64_t>(P.seqs.size()) * P.Hkv;
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p_tile(kRows * tile_keys(P)), ds_tile(kRows * tile_keys(P)), delta(kRows);
+    std::vector<float> p_tile(kRows * tile_keys(P)), ds_tile(kRows * tile_keys(P)), delta(kRows),
+        dcap(tile_keys(P));
     for (int64_t t = begin; t < end; ++t) {
       backward_heads(P, P.seqs[t / P.Hkv], t % P.Hkv, dor, qr, kr, vr, outr, lp, dlp, dqr, dkr, dvr, p_tile.data(),
-                     ds_tile.data(), delta.data());
+                     ds_tile.data(), delta.data(), dcap.data());
     }
   });
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
@@ -322,6 +356,29 @@ void softmax_update(float* row, int64_t cw, int64_t a, int64_t b, float scale, f
   if (alpha != 1.0f) {
     for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
   }
+}
+
+void modify_scores(const Problem& P, const Sequence& s, int64_t h, int64_t i, int64_t j0, float* row, int64_t n,
+                   float* dcap) {
+  if (P.softcap > 0.0f) {
+    cap_scores(row, n, P.scale / P.softcap, P.softcap, dcap);
+  } else {
+    for (int64_t j = 0; j < n; ++j) row[j] *= P.scale;
+  }
+  if (P.alibi != nullptr) alibi_scores(row, n, P.alibi[s.id * P.alibi_batch + h], i + s.Tk - s.Tq - j0);
+}
+
+void set_modifiers(Problem& P, double softcap, const std::optional<at::Tensor>& alibi_slopes, int64_t batch) {
+  TORCH_CHECK(softcap >= 0.0, "softcap must be >= 0, got ", softcap);
+  P.softcap = static_cast<float>(softcap);
+  if (!alibi_slopes.has_value()) return;
+  const at::Tensor& a = *alibi_slopes;
+  TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kFloat && a.is_contiguous(),
+              "alibi_slopes must be a contiguous float32 CPU tensor");
+  TORCH_CHECK((a.dim() == 1 && a.size(0) == P.H) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == P.H),
+              "alibi_slopes must be (H,) or (B, H)");
+  P.alibi = a.data_ptr<float>();
+  P.alibi_batch = a.dim() == 2 ? P.H : 0;
 }
 
 void check_dense_last(std::initializer_list<std::pair<const char*, const at::Tensor*>> named) {

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -27,10 +28,10 @@ Rows<T> rows_of(const at::Tensor& x) {
 }
 
 // One sequence: the (batch, row) of its first query and first key, its lengths, the key rows present (k_end < Tk
-// only for a KV cache shorter than the length it is given: keys stop at its end), and where its head 0 starts in
-// lse ((B, H, Tq) dense, (H, total_q) packed).
+// only for a KV cache shorter than the length it is given: keys stop at its end), where its head 0 starts in
+// lse ((B, H, Tq) dense, (H, total_q) packed), and its index (its row of (B, H) ALiBi slopes).
 struct Sequence {
-  int64_t q_batch, q_row, k_batch, k_row, Tq, Tk, k_end, lse;
+  int64_t q_batch, q_row, k_batch, k_row, Tq, Tk, k_end, lse, id;
 };
 
 // What every task shares.
@@ -39,8 +40,14 @@ struct Problem {
   int64_t H, Hkv, D, lse_head;  // lse_head: lse's stride between heads
   float scale;
   int64_t left, right;  // query i sees keys j with -left <= j - i - (Tk - Tq) <= right
+  // Score modifiers (flash-attn's): softcap > 0 caps the scaled score x at softcap * tanh(x / softcap), then ALiBi
+  // adds -slope * |i + Tk - Tq - j| with the slope of (sequence id, head h) when alibi is not null.
+  float softcap = 0.0f;
+  const float* alibi = nullptr;
+  int64_t alibi_batch = 0;  // the slopes' stride between sequences: 0 for (H,) slopes
 
   int64_t group() const { return H / Hkv; }
+  bool modified() const { return softcap > 0.0f || alibi != nullptr; }
   // Keys [lo, hi) seen by query row i of sequence s, clamped to [0, k_end).
   int64_t key_lo(const Sequence& s, int64_t i) const { return std::max<int64_t>(0, i + s.Tk - s.Tq - left); }
   int64_t key_hi(const Sequence& s, int64_t i) const {
@@ -58,6 +65,14 @@ inline Problem make_problem(const at::Tensor& q, const at::Tensor& k, double sca
   p.right = right;
   return p;
 }
+
+// Raw scores row[0, n) (q . k) of query row i of sequence s, head h, against keys j0.. become the scores softmax
+// takes (scaled, capped, biased: Problem's modifiers). dcap, when not null, gets d(capped)/d(scaled) = 1 - tanh^2.
+void modify_scores(const Problem& P, const Sequence& s, int64_t h, int64_t i, int64_t j0, float* row, int64_t n,
+                   float* dcap);
+
+// The softcap and ALiBi slopes of an attention op's arguments set on P (checked: slopes float32 (H,) or (B, H)).
+void set_modifiers(Problem& P, double softcap, const std::optional<at::Tensor>& alibi_slopes, int64_t batch);
 
 // Every tensor named is on the CPU with a unit stride along its last dimension; the error names the first that is not.
 void check_dense_last(std::initializer_list<std::pair<const char*, const at::Tensor*>> named);

@@ -130,8 +130,13 @@ void decode_split(const Problem& P, const Sequence& s, int64_t k0, int64_t k1, c
     }
     for (int64_t R = 0; R < rows; ++R) {
       const int64_t t = (R % n) / G, a = std::clamp<int64_t>(P.key_lo(s, t) - c0, 0, cw);
-      softmax_update(scores + R * cw, cw, a, std::clamp<int64_t>(P.key_hi(s, t) - c0, a, cw), P.scale, m[R], l[R],
-                     acc + R * D, D);
+      const int64_t b = std::clamp<int64_t>(P.key_hi(s, t) - c0, a, cw);
+      float scale = P.scale;
+      if (P.modified()) {  // the visible scores made final here: softmax_update scales by 1
+        modify_scores(P, s, (R / n) * G + R % G, t, c0 + a, scores + R * cw + a, b - a, nullptr);
+        scale = 1.0f;
+      }
+      softmax_update(scores + R * cw, cw, a, b, scale, m[R], l[R], acc + R * D, D);
     }
     if constexpr (in_place) {
       accumulate_block(scores, cw, n, P.Hkv, v.at(s.k_batch, s.k_row + c0, 0), v.row, v.head, D, acc);
@@ -216,7 +221,9 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(const at::Tensor& q, co
                                                          const at::Tensor& v_cache, const at::Tensor& cache_lengths,
                                                          const std::optional<at::Tensor>& cache_batch_idx,
                                                          const std::optional<at::Tensor>& cache_leftpad,
-                                                         double scale, int64_t left, int64_t right) {
+                                                         double scale, int64_t left, int64_t right,
+                                                         double softcap,
+                                                         const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "q must be (B, Tq, H, D) and k_cache, v_cache the same (B_cache, Tmax, Hkv, D)");
   TORCH_CHECK(q.size(3) == k_cache.size(3) && k_cache.size(2) > 0 && q.size(2) % k_cache.size(2) == 0,
@@ -239,6 +246,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(const at::Tensor& q, co
   }
   Problem P = make_problem(q, k_cache, scale, left, right);
   P.lse_head = Tq;
+  set_modifiers(P, softcap, alibi_slopes, B);
   const int64_t* len = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t row = rows.defined() ? rows.data_ptr<int64_t>()[b] : b;
@@ -246,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kvcache_cpu(const at::Tensor& q, co
     const int64_t pad = pads.defined() ? pads.data_ptr<int64_t>()[b] : 0;
     TORCH_CHECK(0 <= pad && pad <= len[b], "cache_leftpad must lie in [0, cache_lengths], got ", pad, " of ", len[b]);
     const int64_t end = std::clamp<int64_t>(len[b], pad, std::max(pad, Tmax));
-    P.seqs.push_back({b, 0, row, pad, Tq, len[b] - pad, end - pad, b * P.H * Tq});
+    P.seqs.push_back({b, 0, row, pad, Tq, len[b] - pad, end - pad, b * P.H * Tq, b});
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({B, P.H, Tq}, q.options().dtype(at::kFloat));

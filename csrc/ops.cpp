@@ -16,18 +16,22 @@ TORCH_LIBRARY(fasttrain, m) {
   // Attention in flash-attn's layout ((B, T, H, D), or packed (total, H, D) with cu_seqlens): query i of a sequence
   // sees keys j with -left <= j - i - (Tk - Tq) <= right. Returns out in q's dtype and a float32 lse,
   // (B, H, Tq) or (H, total_q). The backward recomputes the probabilities from lse; dlse is lse's gradient.
+  // softcap > 0 caps the scaled scores at softcap * tanh(s / softcap); alibi_slopes (float32 (H,) or (B, H)) adds
+  // -slope * |i + Tk - Tq - j| after it (flash-attn's order).
   m.def(
       "attention_forward_cpu(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
-      "float scale, int left, int right) -> (Tensor, Tensor)");
+      "float scale, int left, int right, float softcap, Tensor? alibi_slopes) -> (Tensor, Tensor)");
   m.def(
       "attention_backward_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
-      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, float scale, int left, int right) -> (Tensor, Tensor, Tensor)");
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, float scale, int left, int right, float softcap, "
+      "Tensor? alibi_slopes) -> (Tensor, Tensor, Tensor)");
   // The same attention against a KV cache (B_cache, Tmax, Hkv, D) that already holds the new rows: sequence b reads
   // cache row cache_batch_idx[b] (or b), keys [cache_leftpad[b] (or 0), cache_lengths[b]) clamped to Tmax; its Tq
   // queries are its last positions. Returns out (B, Tq, H, D) and a float32 lse (B, H, Tq).
   m.def(
       "attention_kvcache_cpu(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_lengths, "
-      "Tensor? cache_batch_idx, Tensor? cache_leftpad, float scale, int left, int right) -> (Tensor, Tensor)");
+      "Tensor? cache_batch_idx, Tensor? cache_leftpad, float scale, int left, int right, float softcap, "
+      "Tensor? alibi_slopes) -> (Tensor, Tensor)");
   // GELU with the tanh approximation, y = x / 2 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))), and its gradient
   // (grad_x from the output's gradient and x). Contiguous float32, bfloat16 or float16, computed in fp32.
   m.def("gelu_tanh_cpu(Tensor x) -> Tensor");

@@ -15,7 +15,17 @@ _HALF = (torch.float16, torch.bfloat16)
 # tune_left/right (band_class): causal and full attention mask different shares of their tiles (the
 # warp-specialized loops mask all of them), so they tune apart. TMA_ALIGNED: the forward's and dK/dV's (dQ has no
 # specialized config).
-_TUNING_KEY = ("HEAD_DIM", "tune_seqlen", "GROUP", "VARLEN", "tune_left", "tune_right", "TMA_ALIGNED")
+_TUNING_KEY = (
+    "HEAD_DIM",
+    "tune_seqlen",
+    "GROUP",
+    "VARLEN",
+    "tune_left",
+    "tune_right",
+    "TMA_ALIGNED",
+    "SOFTCAP",
+    "ALIBI",
+)
 
 
 def this_machine(table):
@@ -70,6 +80,16 @@ def launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, left, right):
     return varlen, B, H, Hkv, constexprs, (tune_seqlen, band_class(left, tune_seqlen), band_class(right, tune_seqlen))
 
 
+def score_modifiers(softcap: float, alibi_slopes) -> tuple[dict, dict]:
+    """The launch arguments of flash-attn's score modifiers (kernels/_attention_tiles.modified_scores): (constexpr
+    flags, so that a launch without them compiles the plain kernel; the values they read). With SOFTCAP the caller
+    passes scale / softcap as scale_log2."""
+    alibi = alibi_slopes is not None
+    stride_ab = alibi_slopes.stride(0) if alibi and alibi_slopes.dim() == 2 else 0
+    flags = dict(SOFTCAP=softcap > 0.0, ALIBI=alibi)
+    return flags, dict(softcap_log2=softcap * LOG2E.value, Alibi=alibi_slopes, stride_ab=stride_ab)
+
+
 def tma_aligned(*tensors) -> bool:
     """Whether every (.., T, H, D) tensor given can be read in (rows, D) tiles by TMA from any batch, head and row:
     half precision, D a power of 2, and the base and every stride but D's a nonzero multiple of 16 bytes (the copy
@@ -122,6 +142,8 @@ AOT_TYPES = {
     "CuK": "*i32",
     "scale": "fp32",
     "scale_log2": "fp32",
+    "softcap_log2": "fp32",
+    "Alibi": "*fp32",
 }
 AOT_HEAD_DIMS = {"d64": 64, "d128": 128, "d256": 256}  # each head-dim class compiled at its widest
 
@@ -137,12 +159,15 @@ def aot_launch(head_dim: int, dtype: str) -> dict:
         HAS_DLSE=False,
         TMA_ALIGNED=dtype in ("fp16", "bf16") and head_dim == next_power_of_2(head_dim),
         FULL_TILES=False,
+        SOFTCAP=False,
+        ALIBI=False,
     )
 
 
-def aot_cases(table_for_arch: dict, dtype: str) -> list[dict]:
+def aot_cases(table_for_arch: dict, dtype: str, modified: bool = False) -> list[dict]:
     """Every config of one arch's table ({head-dim class: [triton.Config]}) over aot_launch; a warp-specialized
-    config compiles twice: its loop masks every tile, or none (FULL_TILES)."""
+    config compiles twice: its loop masks every tile, or none (FULL_TILES). modified: each case once more with both
+    score modifiers (SOFTCAP and ALIBI, the most registers either takes)."""
     cases = []
     for cls, configs in table_for_arch.items():
         for c in configs:
@@ -158,4 +183,9 @@ def aot_cases(table_for_arch: dict, dtype: str) -> list[dict]:
                 cases.append(
                     {**case, "label": label + " full", "constexprs": {**case["constexprs"], "FULL_TILES": True}}
                 )
+    if modified:
+        both = {"SOFTCAP": True, "ALIBI": True}
+        cases += [
+            {**c, "label": c["label"] + " softcap+alibi", "constexprs": {**c["constexprs"], **both}} for c in cases
+        ]
     return cases

@@ -137,3 +137,40 @@ def online_softmax(acc, m_i, l_i, s, v, MASKED: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i
+
+
+TWO_LOG2E = tl.constexpr(2.8853900817779268)  # 2 / ln 2; globals a kernel reads must be constexpr
+
+
+@triton.jit
+def tanh_and_slope(x):
+    """(tanh x, 1 - tanh^2 x) from a = 1 - |tanh x| = 2 / (e^2|x| + 1), in (0, 1]: tanh = sign(x) (1 - a), and
+    1 - tanh^2 = a (2 - a) with no cancellation where |tanh| nears 1 (1 - t * t would lose it). |x| stops at 30, where
+    tanh is 1 in float32, so that the exp2 never overflows; libdevice's tanh has no interpreter implementation."""
+    a = 2.0 / (tl.math.exp2(tl.minimum(tl.abs(x), 30.0) * TWO_LOG2E) + 1.0)
+    t = 1.0 - a
+    return tl.where(x < 0.0, -t, t), a * (2.0 - a)
+
+
+@triton.jit
+def modified_scores(s, q_pos, k_pos, softcap_log2, slope_log2, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """flash-attn's score modifiers on a tile of scores s in log2 units: with SOFTCAP, s holds x / softcap (the
+    launch folds 1 / softcap into the scale) and becomes softcap * tanh(x / softcap) (softcap_log2 = softcap *
+    log2 e); with ALIBI, -slope * |q_pos - k_pos| is added after it (slope_log2 = slope * log2 e; q_pos = i + Tk - Tq
+    and k_pos = j, broadcastable to s). Returns (s, dcap): dcap = 1 - tanh^2, the cap's derivative that the backward
+    multiplies dS by (1.0 without SOFTCAP; the forward leaves it unused)."""
+    dcap = 1.0
+    if SOFTCAP:
+        t, dcap = tanh_and_slope(s)
+        s = softcap_log2 * t
+    if ALIBI:
+        s = s - slope_log2 * tl.abs(q_pos - k_pos).to(tl.float32)
+    return s, dcap
+
+
+@triton.jit
+def alibi_slope_log2(Alibi, b64, h64, stride_ab, ALIBI: tl.constexpr):
+    """Sequence b's head h slope of the ALiBi slopes ((B, H), or (H,) with stride_ab 0) in log2 units; 0 without."""
+    if ALIBI:
+        return tl.load(Alibi + b64 * stride_ab + h64) * 1.4426950408889634
+    return 0.0

@@ -26,13 +26,16 @@ from ._attention_launch import (
     full_tiles,
     launch_params,
     lse_strides,
+    score_modifiers,
     this_machine,
     tma_aligned,
 )
 from ._attention_tiles import (
+    alibi_slope_log2,
     kv_bases,
     load_tile,
     masked_scores,
+    modified_scores,
     online_softmax,
     q_program,
     tile_range,
@@ -67,6 +70,11 @@ def _fwd_tiles(
     PAD_D: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    q_off,
+    softcap_log2,
+    slope_log2,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -79,6 +87,7 @@ def _fwd_tiles(
             UPCAST,
         )  # (HEAD_DIM_PAD, BLOCK_N)
         s = tl.dot(q, k_t) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
+        s, _ = modified_scores(s, offs_m[:, None] + q_off, offs_n[None, :], softcap_log2, slope_log2, SOFTCAP, ALIBI)
         if MASKED:
             s = masked_scores(s, offs_m, offs_n, seqlen_k, dlo, dhi)
         v = load_tile(
@@ -118,6 +127,10 @@ def _fwd_specialized(
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    softcap_log2,
+    slope_log2,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """The forward's loop in a WARP_SPECIALIZE config: Q, K and V tiles by TMA (zero past the sequence), every key
     tile masked unless no tile needs it (one loop is all Triton's Hopper pass specializes, and its loads must be
@@ -141,8 +154,11 @@ def _fwd_specialized(
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        q_pos = offs_m[:, None] + (seqlen_k - seqlen_q)
+        s, _ = modified_scores(s, q_pos, offs_n[None, :], softcap_log2, slope_log2, SOFTCAP, ALIBI)
         if MASKED:
-            s = masked_scores(s, offs_m, start_n + tl.arange(0, BLOCK_N), seqlen_k, dlo, dhi)
+            s = masked_scores(s, offs_m, offs_n, seqlen_k, dlo, dhi)
         acc, m_i, l_i = online_softmax(acc, m_i, l_i, s, v, MASKED)
     return acc, m_i, l_i
 
@@ -188,7 +204,14 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    softcap_log2,
+    Alibi,
+    stride_ab,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
+    """With SOFTCAP, scale_log2 is scale / softcap (tanh's argument) and softcap_log2 softcap * log2 e; with ALIBI,
+    Alibi holds the float32 slopes, (B, H) or (H,) with stride_ab 0 (kernels/_attention_tiles.modified_scores)."""
     b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = q_program(
         CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M
     )
@@ -204,6 +227,7 @@ def _attn_fwd_kernel(
             return
         keys = seqlen_k
     lo, a, c, hi = tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, keys, BLOCK_N)
+    slope_log2 = alibi_slope_log2(Alibi, b64, h64, stride_ab, ALIBI)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
@@ -233,6 +257,10 @@ def _attn_fwd_kernel(
             UPCAST,
             BLOCK_M,
             BLOCK_N,
+            softcap_log2,
+            slope_log2,
+            SOFTCAP,
+            ALIBI,
         )
     else:  # masks cost only on the window's edges: [lo, a) and [c, hi) are masked, [a, c) is not
         q = load_tile(
@@ -265,6 +293,11 @@ def _attn_fwd_kernel(
             PAD_D,
             UPCAST,
             BLOCK_N,
+            seqlen_k - seqlen_q,
+            softcap_log2,
+            slope_log2,
+            SOFTCAP,
+            ALIBI,
         )
         acc, m_i, l_i = _fwd_tiles(
             acc,
@@ -288,6 +321,11 @@ def _attn_fwd_kernel(
             PAD_D,
             UPCAST,
             BLOCK_N,
+            seqlen_k - seqlen_q,
+            softcap_log2,
+            slope_log2,
+            SOFTCAP,
+            ALIBI,
         )
         acc, m_i, l_i = _fwd_tiles(
             acc,
@@ -311,6 +349,11 @@ def _attn_fwd_kernel(
             PAD_D,
             UPCAST,
             BLOCK_N,
+            seqlen_k - seqlen_q,
+            softcap_log2,
+            slope_log2,
+            SOFTCAP,
+            ALIBI,
         )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -328,9 +371,14 @@ def _attn_fwd_kernel(
 _attn_fwd = autotuned(_attn_fwd_kernel, this_machine(FWD_CONFIGS))
 
 
-def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
-    """out (like q, contiguous), lse float32 (B, H, Tq) or (H, total_q)."""
+def attention_forward(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, softcap=0.0, alibi_slopes=None
+):
+    """out (like q, contiguous), lse float32 (B, H, Tq) or (H, total_q). softcap > 0 caps the scores, alibi_slopes
+    (float32 (H,) or (B, H), contiguous) adds ALiBi's bias (flash-attn's)."""
     varlen, B, H, Hkv, cx, tune = launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, left, right)
+    flags, modifiers = score_modifiers(softcap, alibi_slopes)
+    cx.update(flags)
     cx["TMA_ALIGNED"] = tma_aligned(q, k, v)
     cx["FULL_TILES"] = full_tiles(varlen, max_seqlen_q, max_seqlen_k, left, right)
     if cx["TMA_ALIGNED"] and q.is_cuda:
@@ -354,11 +402,12 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         *lse_strides(lse, varlen),
         max_seqlen_q,
         max_seqlen_k,
-        scale * LOG2E.value,
+        scale / softcap if softcap > 0.0 else scale * LOG2E.value,
         left,
         right,
         *tune,
         **cx,
+        **modifiers,
     )
     return out, lse
 
@@ -368,4 +417,4 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def aot_kernels(arch: int, dtype: str) -> list[dict]:
     """The forward under each of arch's configs (kernels/_attention_launch.aot_cases)."""
-    return [dict(kernel=_attn_fwd_kernel, types=AOT_TYPES, cases=aot_cases(FWD_CONFIGS[arch], dtype))]
+    return [dict(kernel=_attn_fwd_kernel, types=AOT_TYPES, cases=aot_cases(FWD_CONFIGS[arch], dtype, modified=True))]

@@ -26,10 +26,22 @@ from ._attention_launch import (
     full_tiles,
     launch_params,
     lse_strides,
+    score_modifiers,
     this_machine,
     tma_aligned,
 )
-from ._attention_tiles import kv_bases, load_tile, q_program, seq_bounds, sequence, tile_range, tma_rows, tma_start
+from ._attention_tiles import (
+    alibi_slope_log2,
+    kv_bases,
+    load_tile,
+    modified_scores,
+    q_program,
+    seq_bounds,
+    sequence,
+    tile_range,
+    tma_rows,
+    tma_start,
+)
 from ._launch import PlanTuner, cdiv, next_power_of_2
 
 
@@ -97,6 +109,11 @@ def _dkdv_step(
     scale_log2,
     MASKED: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
+    q_off,
+    softcap_log2,
+    slope_log2,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """One query tile folded into the (BLOCK_N, D) dK and dV: q_t (D, BLOCK_M) its queries, do (BLOCK_M, D) their
     output gradients, lse_row / delta_row pointers to their logsumexp (natural units) and delta at row 0. Returns
@@ -108,7 +125,9 @@ def _dkdv_step(
     else:
         lse = tl.load(lse_row + offs_m)
         delta = tl.load(delta_row + offs_m)
-    p_t = tl.math.exp2(tl.dot(k, q_t) * scale_log2 - lse[None, :] * LOG2E)  # (BLOCK_N, BLOCK_M)
+    s_t = tl.dot(k, q_t) * scale_log2  # (BLOCK_N, BLOCK_M)
+    s_t, dcap = modified_scores(s_t, offs_m[None, :] + q_off, offs_n[:, None], softcap_log2, slope_log2, SOFTCAP, ALIBI)
+    p_t = tl.math.exp2(s_t - lse[None, :] * LOG2E)
     if MASKED:
         diag = offs_n[:, None] - offs_m[None, :]
         keep = (offs_m[None, :] < seqlen_q) & (diag >= dlo) & (diag <= dhi)
@@ -117,6 +136,8 @@ def _dkdv_step(
         p_t = tl.where(keep, p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do)
     ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])  # (BLOCK_N, BLOCK_M)
+    if SOFTCAP:  # through the cap: d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
+        ds_t = ds_t * dcap
     dq = 0.0
     if ATOMIC_DQ:  # dQ's partial sums leave the program, so the scale goes in here, once for both
         ds_t = (ds_t * scale).to(q_t.dtype)
@@ -163,6 +184,11 @@ def _dkdv_tiles(
     GROUP: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    q_off,
+    softcap_log2,
+    alibi_base,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """Query tiles [lo, hi) of each of the GROUP query heads that share this K/V head, in one flat loop. A loop over
     heads around the tile loop spilled 88-248 B at d128 with GROUP 2 (AOT, sm_90, 64x64 and 64x128 tiles, 8 warps)
@@ -210,6 +236,11 @@ def _dkdv_tiles(
             scale_log2,
             MASKED,
             ATOMIC_DQ,
+            q_off,
+            softcap_log2,
+            tl.load(alibi_base + g) * LOG2E if ALIBI else 0.0,
+            SOFTCAP,
+            ALIBI,
         )
         if ATOMIC_DQ:
             dq_ptrs = dq_base + g * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
@@ -249,6 +280,11 @@ def _dkdv_specialized(
     UPCAST: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    q_off,
+    softcap_log2,
+    alibi_base,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """_dkdv_tiles' flat (head, query tile) loop for a WARP_SPECIALIZE config: Q and dO tiles of the GROUP heads by
     TMA from (GROUP, seqlen_q, D) descriptors that end at the sequence (zero past it). lse and delta stay pointer
@@ -289,6 +325,11 @@ def _dkdv_specialized(
             scale_log2,
             MASKED,
             False,
+            q_off,
+            softcap_log2,
+            tl.load(alibi_base + g) * LOG2E if ALIBI else 0.0,
+            SOFTCAP,
+            ALIBI,
         )
     return dk, dv
 
@@ -349,6 +390,11 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
+    softcap_log2,
+    Alibi,
+    stride_ab,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """dK and dV of one BLOCK_N-key block; with ATOMIC_DQ, dQ too, added tile by tile into the zeroed float32 DQAcc
     (FlashAttention-2's backward: 5 matmuls per tile pair, where this kernel and _attn_bwd_dq_kernel take 7)."""
@@ -371,6 +417,10 @@ def _attn_bwd_dkdv_kernel(
     if ATOMIC_DQ:
         dq_base = DQAcc + b64 * stride_dqb + h64 * stride_dqh + q_start.to(tl.int64) * stride_dqt
     dk_scale = 1.0 if ATOMIC_DQ else scale  # ATOMIC_DQ scales dS, so dK, in the loop
+    alibi_base = Alibi  # None unless ALIBI: the slopes of the GROUP query heads from h64
+    if ALIBI:
+        alibi_base = Alibi + b64 * stride_ab + h64
+    q_off = seqlen_k - seqlen_q  # ALiBi's query position is i + Tk - Tq
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     if WARP_SPECIALIZE:  # no early return (see the forward): a block past a short packed sequence sees no query
@@ -416,6 +466,11 @@ def _attn_bwd_dkdv_kernel(
             UPCAST,
             GROUP,
             BLOCK_M,
+            q_off,
+            softcap_log2,
+            alibi_base,
+            SOFTCAP,
+            ALIBI,
         )
         dk_desc = tl.make_tensor_descriptor(
             DK + b64 * stride_dkb + kvh64 * stride_dkh + k_start.to(tl.int64) * stride_dkt,
@@ -491,6 +546,11 @@ def _attn_bwd_dkdv_kernel(
         GROUP,
         ATOMIC_DQ,
         BLOCK_M,
+        q_off,
+        softcap_log2,
+        alibi_base,
+        SOFTCAP,
+        ALIBI,
     )
     dk, dv = _dkdv_tiles(
         dk,
@@ -526,6 +586,11 @@ def _attn_bwd_dkdv_kernel(
         GROUP,
         ATOMIC_DQ,
         BLOCK_M,
+        q_off,
+        softcap_log2,
+        alibi_base,
+        SOFTCAP,
+        ALIBI,
     )
     dk, dv = _dkdv_tiles(
         dk,
@@ -561,6 +626,11 @@ def _attn_bwd_dkdv_kernel(
         GROUP,
         ATOMIC_DQ,
         BLOCK_M,
+        q_off,
+        softcap_log2,
+        alibi_base,
+        SOFTCAP,
+        ALIBI,
     )
     mask = row_ok & col_ok
     tl.store(
@@ -599,6 +669,11 @@ def _dq_tiles(
     PAD_D: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    q_off,
+    softcap_log2,
+    slope_log2,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -618,11 +693,15 @@ def _dq_tiles(
             PAD_D,
             UPCAST,
         )
-        p = tl.math.exp2(tl.dot(q, k_t) * scale_log2 - lse[:, None])  # (BLOCK_M, BLOCK_N); lse in log2 units
+        s = tl.dot(q, k_t) * scale_log2  # (BLOCK_M, BLOCK_N)
+        s, dcap = modified_scores(s, offs_m[:, None] + q_off, offs_n[None, :], softcap_log2, slope_log2, SOFTCAP, ALIBI)
+        p = tl.math.exp2(s - lse[:, None])  # lse in log2 units
         if MASKED:
             diag = offs_n[None, :] - offs_m[:, None]
             p = tl.where((offs_n[None, :] < seqlen_k) & (diag >= dlo) & (diag <= dhi), p, 0.0)
         ds = p * (tl.dot(do, v_t) - delta[:, None])
+        if SOFTCAP:  # through the cap, as in _dkdv_step
+            ds = ds * dcap
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t))
     return dq
 
@@ -671,6 +750,11 @@ def _attn_bwd_dq_kernel(
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    softcap_log2,
+    Alibi,
+    stride_ab,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = q_program(
         CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M
@@ -704,6 +788,7 @@ def _attn_bwd_dq_kernel(
     )
     lo, a, c, hi = tile_range(start_m, tl.minimum(start_m + BLOCK_M, seqlen_q) - 1, dlo, dhi, seqlen_k, BLOCK_N)
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    slope_log2 = alibi_slope_log2(Alibi, b64, h64, stride_ab, ALIBI)
     dq = _dq_tiles(
         dq,
         q,
@@ -727,6 +812,11 @@ def _attn_bwd_dq_kernel(
         PAD_D,
         UPCAST,
         BLOCK_N,
+        seqlen_k - seqlen_q,
+        softcap_log2,
+        slope_log2,
+        SOFTCAP,
+        ALIBI,
     )
     dq = _dq_tiles(
         dq,
@@ -751,6 +841,11 @@ def _attn_bwd_dq_kernel(
         PAD_D,
         UPCAST,
         BLOCK_N,
+        seqlen_k - seqlen_q,
+        softcap_log2,
+        slope_log2,
+        SOFTCAP,
+        ALIBI,
     )
     dq = _dq_tiles(
         dq,
@@ -775,6 +870,11 @@ def _attn_bwd_dq_kernel(
         PAD_D,
         UPCAST,
         BLOCK_N,
+        seqlen_k - seqlen_q,
+        softcap_log2,
+        slope_log2,
+        SOFTCAP,
+        ALIBI,
     )
     tl.store(
         DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows * stride_dqt + offs_d[None, :],
@@ -812,11 +912,16 @@ def attention_backward(
     right,
     deterministic=False,
     into=None,
+    softcap=0.0,
+    alibi_slopes=None,
 ):
     """(dq, dk, dv), each contiguous and shaped like its input, or written into `into` (three tensors shaped like q,
     k, v, any strides: views of one packed gradient). dlse (like lse) or None. deterministic: dQ by its own kernel,
-    bit-identical from run to run for the same tiles; otherwise by whichever of that and atomics is faster here."""
+    bit-identical from run to run for the same tiles; otherwise by whichever of that and atomics is faster here.
+    softcap and alibi_slopes as in the forward (kernels/attention.attention_forward)."""
     varlen, B, H, Hkv, cx, tune = launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, left, right)
+    flags, modifiers = score_modifiers(softcap, alibi_slopes)
+    cx.update(flags)
     if do.stride(-1) != 1:
         do = do.contiguous()
     if (H // Hkv - 1) * max(q.stride(-2), do.stride(-2)) >= 2**31:  # _dkdv_tiles offsets heads in int32
@@ -857,7 +962,8 @@ def attention_backward(
         *bth_strides(do, varlen),
         *lse_strides(lse, varlen),
     )
-    tail = (max_seqlen_q, max_seqlen_k, scale, scale * LOG2E.value, left, right, *tune)
+    scale_log2 = scale / softcap if softcap > 0.0 else scale * LOG2E.value  # with softcap: tanh's argument
+    tail = (max_seqlen_q, max_seqlen_k, scale, scale_log2, left, right, *tune)
     grid_kv = lambda meta: (cdiv(max_seqlen_k, meta["BLOCK_N"]), Hkv, B)  # noqa: E731
     grid_q = lambda meta: (cdiv(max_seqlen_q, meta["BLOCK_M"]), H, B)  # noqa: E731
     dkdv_args = (q, k, v, do, lse, delta, dk, dv)
@@ -874,14 +980,30 @@ def attention_backward(
             *bth_strides(dq_acc, varlen),
             *tail,
             **dkdv_cx,
+            **modifiers,
         )
         return dq_acc.to(q.dtype) if dq_out is None else dq_out.copy_(dq_acc)  # the cast is the one copy
 
     def separate_dq():
-        _attn_bwd_dkdv[grid_kv](*dkdv_args, None, cu_seqlens_q, cu_seqlens_k, *dkdv_strides, 0, 0, 0, *tail, **dkdv_cx)
+        _attn_bwd_dkdv[grid_kv](
+            *dkdv_args, None, cu_seqlens_q, cu_seqlens_k, *dkdv_strides, 0, 0, 0, *tail, **dkdv_cx, **modifiers
+        )
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq_out is None else dq_out
         _attn_bwd_dq[grid_q](
-            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common, *bth_strides(dq, varlen), *tail, **cx
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dq,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            *common,
+            *bth_strides(dq, varlen),
+            *tail,
+            **cx,
+            **modifiers,
         )
         return dq
 
@@ -904,9 +1026,9 @@ def aot_kernels(arch: int, dtype: str) -> list[dict]:
         dict(label=f"{cls} w4", constexprs={**aot_launch(d, dtype), "BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=4)
         for cls, d in AOT_HEAD_DIMS.items()
     ]
-    dkdv = aot_cases(DKDV_CONFIGS[arch], dtype) + aot_cases(DKDV_DQ_CONFIGS[arch], dtype)
+    dkdv = aot_cases(DKDV_CONFIGS[arch], dtype, True) + aot_cases(DKDV_DQ_CONFIGS[arch], dtype, True)
     return [
         dict(kernel=_attn_bwd_preprocess_kernel, types=AOT_TYPES, cases=preprocess),
         dict(kernel=_attn_bwd_dkdv_kernel, types=AOT_TYPES, cases=dkdv),
-        dict(kernel=_attn_bwd_dq_kernel, types=AOT_TYPES, cases=aot_cases(DQ_CONFIGS[arch], dtype)),
+        dict(kernel=_attn_bwd_dq_kernel, types=AOT_TYPES, cases=aot_cases(DQ_CONFIGS[arch], dtype, True)),
     ]

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._attention_tiles import modified_scores
 from ._launch import INTERPRETING, cdiv, multiprocessor_count, next_power_of_2
 
 LN2 = tl.constexpr(0.6931471805599453)  # globals a kernel reads must be constexpr (the compiler insists)
@@ -276,11 +277,19 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    softcap_log2,
+    Alibi,
+    stride_ab,
+    SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr,
 ):
     """Grid (B * Hkv, NUM_SPLITS, cdiv(Tq * G, BLOCK_M)).
 
     Out is (B, Tq, H, D) in q's dtype with one split, else the fp32 partials (NUM_SPLITS, B, Tq, H, D); LSE is fp32,
-    natural log: (B, H, Tq) with one split, else (NUM_SPLITS, B, Tq, H). qk_scale = softmax_scale * log2(e).
+    natural log: (B, H, Tq) with one split, else (NUM_SPLITS, B, Tq, H). qk_scale = softmax_scale * log2(e), or
+    softmax_scale / softcap with SOFTCAP (softcap_log2 = softcap * log2 e); ALIBI: the float32 slopes (B, H), or (H,)
+    with stride_ab 0 (kernels/_attention_tiles.modified_scores). ALiBi's distance is qpos - j in cache rows: a
+    left-padded sequence's positions both count from its first real row, which cancels.
     """
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -305,6 +314,9 @@ def _decode_kernel(
         other=0.0,
     )  # (BLOCK_M, BLOCK_D)
     qpos = seqlen - tq + t
+    slope_log2 = 0.0
+    if ALIBI:  # one slope per row: rows mix the heads of a GQA group
+        slope_log2 = tl.load(Alibi + b * stride_ab + head, mask=row_ok, other=0.0)[:, None] * 1.4426950408889634
 
     # Keys any row of this sequence can see: [lo, hi). Split pid_s takes an equal share, whole tiles.
     # The last query token sits at seqlen - 1 and window_right >= 0. Keys stop at the cache end (t_cache rows) even
@@ -339,6 +351,7 @@ def _decode_kernel(
         k = tl.load(kc_base + rows_n[:, None].to(tl.int64) * stride_kct + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(vc_base + rows_n[:, None].to(tl.int64) * stride_vct + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        s, _ = modified_scores(s, qpos[:, None], offs_n[None, :], softcap_log2, slope_log2, SOFTCAP, ALIBI)
         visible = (
             n_ok[None, :]
             & (offs_n[None, :] >= first)
@@ -485,13 +498,16 @@ def decode(
     rotary_interleaved: bool,
     q_per_token: bool,
     num_splits: int,
+    softcap: float = 0.0,
+    alibi_slopes=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (B, Tq, H, D) against the caches (B_cache, Tmax, Hkv, D) after appending k/v (B, Tnew, Hkv, D)
     at rows cache_seqlens[b].. (rotating k, and q into a fresh tensor, when cos/sin are given), keys before
     cache_leftpad[b] (if given) masked, through block_table's pages if given: the append (if k), the decode and (with
     several splits) the combine. Returns
     out (B, Tq, H, D) in q's dtype and lse (B, H, Tq) fp32. num_splits 0 picks the split count by
-    num_splits_heuristic. Inputs are checked by the caller."""
+    num_splits_heuristic. softcap > 0 and alibi_slopes (float32 (H,) or (B, H)) modify the scores as flash-attn's.
+    Inputs are checked by the caller."""
     B, Tq, H, D = q.shape
     Hkv = k_cache.shape[2]
     # a paged cache: (num_blocks, page, Hkv, D) read through block_table (B, max_blocks): Tmax rows per sequence
@@ -608,7 +624,7 @@ def decode(
         o_dst.stride(-2),
         *l_strides,
         os_stride,
-        softmax_scale * math.log2(math.e),
+        softmax_scale / softcap if softcap > 0.0 else softmax_scale * math.log2(math.e),
         Tq,
         G,
         Hkv,
@@ -624,6 +640,11 @@ def decode(
         PAGE=page,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
+        softcap_log2=softcap * math.log2(math.e),
+        Alibi=alibi_slopes,
+        stride_ab=alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        SOFTCAP=softcap > 0.0,
+        ALIBI=alibi_slopes is not None,
     )
     if splits > 1:
         block_s = next_power_of_2(splits)
@@ -662,11 +683,12 @@ def append_num_warps(head_dim: int) -> int:
 def aot_kernels(arch: int, dtype: str) -> list[dict]:
     """Per head dim, GQA 32/8 with one query token (a 16-row block) and 4 splits: the append with rotary fused over
     the whole head, the decode kernel under each of arch's configs, each of these again on a paged cache of 256-row
-    pages (the decode kernel under the class's first config), the combine at its widest (BLOCK_S = 128, the
-    launcher's most splits). Pointers not listed here are in the cache's dtype."""
+    pages (the decode kernel under the class's first config, which also compiles with softcap and ALiBi), the
+    combine at its widest (BLOCK_S = 128, the launcher's most splits). Pointers not listed here are in the cache's
+    dtype."""
     types = {"SEQLENS": "*i32", "BATCH_IDX": "*i32", "LEFTPAD": "*i32", "BLOCK_TABLE": "*i32", "COS": "*fp32"}
     types.update({"SIN": "*fp32", "LSE": "*fp32"})
-    types.update({"O_PART": "*fp32", "LSE_PART": "*fp32", "qk_scale": "fp32"})
+    types.update({"O_PART": "*fp32", "LSE_PART": "*fp32", "qk_scale": "fp32", "softcap_log2": "fp32", "Alibi": "*fp32"})
     append, decode, combine = [], [], []
     for cls, configs in DECODE_CONFIGS[arch].items():
         d = {"d64": 64, "d128": 128, "d256": 256}[cls]
@@ -680,11 +702,12 @@ def aot_kernels(arch: int, dtype: str) -> list[dict]:
                     num_warps=warps,
                 )
             )
-        for c, page in [(c, 0) for c in configs] + [(configs[0], 256)]:
+        for c, page, mods in [(c, 0, False) for c in configs] + [(configs[0], 256, False), (configs[0], 0, True)]:
             decode.append(
                 dict(
                     label=f"{cls} BLOCK_N={c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
-                    + (f" paged {page}" if page else ""),
+                    + (f" paged {page}" if page else "")
+                    + (" softcap+alibi" if mods else ""),
                     constexprs=dict(
                         HEAD_DIM=d,
                         NUM_SPLITS=4,
@@ -693,6 +716,8 @@ def aot_kernels(arch: int, dtype: str) -> list[dict]:
                         PAGE=page,
                         BLOCK_M=16,
                         BLOCK_D=d,
+                        SOFTCAP=mods,
+                        ALIBI=mods,
                         **c.kwargs,
                     ),
                     num_warps=c.num_warps,

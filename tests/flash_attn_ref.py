@@ -1,5 +1,6 @@
 """flash-attn's test references, written for fasttrain from flash-attn's documented semantics: attention with key
-padding, bottom-right causal and sliding-window masks, and rotary embeddings at per-sequence offsets. The error rule
+padding, bottom-right causal and sliding-window masks, score soft-capping, ALiBi biases, and rotary embeddings at
+per-sequence offsets. The error rule
 that goes with them: a kernel's error against the upcast reference is at most `mult` times that of PyTorch computing
 the same in the input dtype with its operations reordered, plus a small floor."""
 
@@ -22,18 +23,45 @@ def local_mask(Tq: int, Tk: int, window: tuple[int, int], key_lengths: torch.Ten
     return hidden
 
 
+def alibi_bias(slopes, Tq: int, Tk: int, causal: bool = False, key_lengths=None, key_leftpad=None) -> torch.Tensor:
+    """flash-attn's test bias from ALiBi slopes (B, H): -slope * |i + sk - Tq - j| with sk the sequence's key count
+    (key_lengths (B,), else Tk) and j counted from its first real key (after key_leftpad); when causal, flash-attn's
+    test takes slope * (j - Tk + 1) instead, which differs by a constant per row (the same softmax). (B, H, Tq, Tk)."""
+    slopes = slopes[:, :, None, None]  # (B, H, 1, 1)
+    if causal:
+        return torch.arange(-Tk + 1, 1, device=slopes.device, dtype=torch.float32) * slopes
+    i = torch.arange(Tq, device=slopes.device)[:, None]  # (Tq, 1)
+    j = torch.arange(Tk, device=slopes.device).expand(slopes.shape[0], 1, 1, Tk)  # (B, 1, 1, Tk)
+    if key_leftpad is not None:
+        pad = key_leftpad.long()[:, None, None, None]
+        j = torch.where(j >= pad, j - pad, 2**32)
+    sk = Tk if key_lengths is None else key_lengths.long()[:, None, None, None]
+    return -slopes * (i + sk - Tq - j).abs().to(torch.float32)
+
+
 def attention_ref(
-    q, k, v, key_padding_mask=None, causal=False, window=(-1, -1), upcast=True, reorder=False, key_leftpad=None
+    q,
+    k,
+    v,
+    key_padding_mask=None,
+    causal=False,
+    window=(-1, -1),
+    upcast=True,
+    reorder=False,
+    key_leftpad=None,
+    softcap=0.0,
+    attn_bias=None,
 ):
     """softmax(q k^T / sqrt(D)) v over (B, T, H, D) tensors, K/V heads repeated over their GQA groups. upcast: in
-    fp32 (else in the input dtype); reorder: scale k instead of q. Rows that see no key give 0. key_leftpad (B,):
-    the padding rows that open each sequence's keys (also masked by key_padding_mask); the masks' positions stay
-    the rows' own indices."""
+    fp32 or wider (else in the input dtype); reorder: scale k instead of q. Rows that see no key give 0. key_leftpad
+    (B,): the padding rows that open each sequence's keys (also masked by key_padding_mask); the masks' positions
+    stay the rows' own indices. softcap > 0: scores -> softcap * tanh(scores / softcap) before the masks; attn_bias
+    (broadcastable to (B, H, Tq, Tk)) is added after them, as flash-attn's reference orders them."""
     if causal:
         window = (window[0], 0)
     dtype = q.dtype
-    if upcast:
-        q, k, v = q.float(), k.float(), v.float()
+    if upcast:  # fp32, or float64 kept (the float64 oracle of fp32 kernels)
+        q, k, v = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (q, k, v))
     g = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2)
     scale = q.shape[-1] ** -0.5
@@ -41,6 +69,8 @@ def attention_ref(
         scores = torch.einsum("bthd,bshd->bhts", q, k * scale)
     else:
         scores = torch.einsum("bthd,bshd->bhts", q * scale, k)
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
     Tq, Tk = q.shape[1], k.shape[1]
     hidden = torch.zeros(1, 1, Tq, Tk, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
@@ -51,6 +81,8 @@ def attention_ref(
             lengths = lengths + key_leftpad
         hidden = hidden | local_mask(Tq, Tk, window, lengths, q.device)
     scores = scores.masked_fill(hidden, float("-inf"))
+    if attn_bias is not None:
+        scores = scores + attn_bias.to(scores.dtype)
     probs = torch.softmax(scores, dim=-1).masked_fill(hidden.all(-1, keepdim=True), 0.0).to(v.dtype)
     return torch.einsum("bhts,bshd->bthd", probs, v).to(dtype)
 

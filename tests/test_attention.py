@@ -613,13 +613,16 @@ def test_half_precision_on_the_cpu(dtype, backend):
         assert got.dtype == dtype and max_err(got, want) < 4 * TOL_HALF[dtype]
 
 
+@pytest.mark.parametrize("modified", [False, True], ids=["plain", "softcap-alibi"])
 @pytest.mark.parametrize("backend,deterministic", KERNELS, ids=KERNEL_IDS)
-def test_registered_ops_schema_and_fake_tensors(backend, deterministic):
-    """torch.library's own checks of both ops (schema, fake implementations against the real ones), every plan."""
+def test_registered_ops_schema_and_fake_tensors(backend, deterministic, modified):
+    """torch.library's own checks of both ops (schema, fake implementations against the real ones), every plan, with
+    and without the score modifiers."""
     from fasttrain.ops import attention as attention_ops
 
     q, k, v = (t.detach() for t in _inputs(1, 20, 20, 2, 1, 32))
-    args = (q, k, v, None, None, 20, 20, 32**-0.5, UNBOUNDED, 0, None, 0.0, None, deterministic, backend)
+    modifiers = (5.0, torch.rand(1, 2)) if modified else (0.0, None)
+    args = (q, k, v, None, None, 20, 20, 32**-0.5, UNBOUNDED, 0, None, 0.0, None, *modifiers, deterministic, backend)
     torch.library.opcheck(attention_ops._forward_op.op, args, test_utils=("test_schema", "test_faketensor"))
     out, lse = attention_ops._forward_op(*args)
     backward_args = (
@@ -640,6 +643,7 @@ def test_registered_ops_schema_and_fake_tensors(backend, deterministic):
         None,
         0.0,
         None,
+        *modifiers,
         deterministic,
         backend,
     )
@@ -847,7 +851,8 @@ def test_double_backward_matches_torch_float64(causal, aliased):
         (lambda q, k, v: flash_attn_func(q, k.double(), v), TypeError, "k must have q's dtype"),
         (lambda q, k, v: flash_attn_func(q, k, v[..., :16]), ValueError, "same shape"),
         (lambda q, k, v: flash_attn_func(q, k, v, window_size=(-2, 3)), ValueError, "window_size"),
-        (lambda q, k, v: flash_attn_func(q, k, v, softcap=1.0), ValueError, "softcap"),
+        (lambda q, k, v: flash_attn_func(q, k, v, softcap=-1.0), ValueError, "softcap"),
+        (lambda q, k, v: flash_attn_func(q, k, v, alibi_slopes=torch.rand(3)), ValueError, "alibi_slopes"),
         (lambda q, k, v: flash_attn_func(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
         (lambda q, k, v: flash_attn_func(q.long(), k, v), TypeError, "floating-point"),
         (

@@ -111,7 +111,7 @@ def test_triton_backward_writes_the_packed_gradient_in_place(monkeypatch):
     written, launch = [], attention_backward.attention_backward
 
     def recording(*args):  # addresses only: a reference held here would make autograd copy the gradient
-        written.append([(t.data_ptr(), t.stride(-3)) for t in args[-1]])
+        written.append([(t.data_ptr(), t.stride(-3)) for t in args[15]])  # into
         return launch(*args)
 
     monkeypatch.setattr(attention_backward, "attention_backward", recording)
@@ -202,7 +202,12 @@ def test_compiles_without_graph_breaks():
             "cu_seqlens_q must rise from 0 to the packed length 5",
         ),
         (lambda: flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 32), dropout_p=1.0), ValueError, "dropout_p"),
-        (lambda: flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 32), softcap=5.0), ValueError, "softcap"),
+        (lambda: flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 32), softcap=-5.0), ValueError, "softcap"),
+        (
+            lambda: flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 32), alibi_slopes=torch.rand(2).double()),
+            TypeError,
+            "alibi_slopes must be float32",
+        ),
     ],
 )
 def test_bad_inputs_name_the_argument(call, error, match):

@@ -352,10 +352,10 @@ def test_cpu_kernel_empty_query_and_head_dim():
     # Tq 0: nothing to attend, empty results; head_dim 0: every score 0, so lse = log(keys seen).
     op = torch.ops.fasttrain.attention_kvcache_cpu
     kc = torch.randn(2, 16, 2, 8)
-    out, lse = op(torch.randn(2, 0, 4, 8), kc, kc, torch.tensor([3, 5]), None, None, 1.0, 1 << 30, 0)
+    out, lse = op(torch.randn(2, 0, 4, 8), kc, kc, torch.tensor([3, 5]), None, None, 1.0, 1 << 30, 0, 0.0, None)
     assert out.shape == (2, 0, 4, 8) and lse.shape == (2, 4, 0)
     kc = torch.randn(2, 16, 2, 0)
-    out, lse = op(torch.randn(2, 1, 4, 0), kc, kc, torch.tensor([3, 5]), None, None, 1.0, 1 << 30, 0)
+    out, lse = op(torch.randn(2, 1, 4, 0), kc, kc, torch.tensor([3, 5]), None, None, 1.0, 1 << 30, 0, 0.0, None)
     assert out.shape == (2, 1, 4, 0)
     torch.testing.assert_close(lse, torch.tensor([3.0, 5.0]).log()[:, None, None].expand(2, 4, 1))
 
@@ -402,6 +402,8 @@ def test_registered_op_traces():
         False,
         True,
         0,
+        5.0,
+        torch.rand(2, 4),
         "reference",
     )
     torch.library.opcheck(_kvcache_op.op, args, test_utils=("test_schema", "test_faketensor"))

@@ -161,3 +161,40 @@ def test_each_kind_of_mistake_raises_its_type(op, mistake, error):
         call()
     assert type(raised.value) is error  # not a subclass standing in for it
     assert len(str(raised.value).splitlines()) == 1  # one line that names what was wrong
+
+
+def _modified(call, softcap=0.0, alibi_slopes=None):
+    """call's attention (B 2, H 4) with flash-attn's score modifiers."""
+    q = _x(2, 4, 4, 16)
+    kw = dict(softcap=softcap, alibi_slopes=alibi_slopes)
+    if call == "func":
+        return flash_attn_func(q, q, q, **kw)
+    if call == "varlen":
+        cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+        return flash_attn_varlen_func(q.flatten(0, 1), q.flatten(0, 1), q.flatten(0, 1), cu, cu, 5, 5, **kw)
+    if call == "qkvpacked":
+        return flash_attn_qkvpacked_func(torch.stack((q, q, q), 2), **kw)
+    return flash_attn_with_kvcache(q[:, :1], q, q.clone(), cache_seqlens=torch.tensor([3, 4], dtype=torch.int32), **kw)
+
+
+# (the argument's mistake, its error): softcap and alibi_slopes as flash-attn takes them
+MODIFIER_MISTAKES = [
+    (dict(softcap="1.0"), TypeError),
+    (dict(softcap=True), TypeError),
+    (dict(softcap=-1.0), ValueError),
+    (dict(softcap=float("nan")), ValueError),
+    (dict(alibi_slopes=[0.5] * 4), TypeError),
+    (dict(alibi_slopes=torch.rand(4).double()), TypeError),
+    (dict(alibi_slopes=torch.rand(3)), ValueError),
+    (dict(alibi_slopes=torch.rand(3, 4)), ValueError),
+    (dict(alibi_slopes=torch.rand(4, device="meta")), ValueError),
+]
+
+
+@pytest.mark.parametrize("call", ["func", "varlen", "qkvpacked", "kvcache"])
+@pytest.mark.parametrize("kwargs,error", MODIFIER_MISTAKES, ids=[str(i) for i in range(len(MODIFIER_MISTAKES))])
+def test_score_modifier_mistakes_name_the_argument(call, kwargs, error):
+    with pytest.raises(error, match=next(iter(kwargs))) as raised:
+        _modified(call, **kwargs)
+    assert type(raised.value) is error
+    assert len(str(raised.value).splitlines()) == 1

@@ -1,6 +1,7 @@
 """flash-attn's own kvcache test cases (test_flash_attn_kvcache), ported: random cache lengths, new keys appended
 (fewer than the queries, or as many), rotary over none, half or all of head_dim at flash-attn's positions, causal or
-a random sliding window given as a tensor, MHA/GQA/MQA, a cache picked per sequence, any split count. Each backend's
+a random sliding window given as a tensor, MHA/GQA/MQA, a cache picked per sequence, any split count, ALiBi slopes
+(B, H) with flash-attn's test bias and softcap (q scaled by it, as in flash-attn's output test). Each backend's
 output must be within 3x PyTorch's own error of the upcast reference (flash-attn's rule for this test), and the
 caches must hold the rotated new rows. A representative sample runs by default; the whole grid under -m slow."""
 
@@ -12,7 +13,7 @@ import torch
 
 from fasttrain.ops import flash_attn_with_kvcache
 
-from flash_attn_ref import assert_within, attention_ref, rotate, run_grid
+from flash_attn_ref import alibi_bias, assert_within, attention_ref, rotate, run_grid
 
 BACKENDS = ("triton", "cpu", "reference")
 
@@ -34,6 +35,8 @@ def _check_kvcache(
     page,
     backend,
     dtype=torch.float32,
+    softcap=0.0,
+    alibi=False,
 ):
     torch.manual_seed(0)
     B, H = 2, 6
@@ -41,7 +44,7 @@ def _check_kvcache(
     Hkv = {"mha": H, "gqa": 3, "mqa": 1}[mha_type]
     rotary_dim = math.floor(int(rotary_fraction * d) / 16) * 16
     window_size = torch.randint(0, seqlen_k, (2,)) if local else (-1, -1)  # a tensor, as flash-attn's test passes
-    q = torch.randn(B, seqlen_q, H, d, dtype=dtype)
+    q = torch.randn(B, seqlen_q, H, d, dtype=dtype) * (softcap if softcap > 0 else 1.0)
     # fewer new keys than queries where there can be (flash-attn draws 1..seqlen_q, which may give seqlen_q)
     seqlen_new = seqlen_q if seqlen_new_eq_seqlen_q or seqlen_q == 1 else torch.randint(1, seqlen_q, (1,)).item()
     k = torch.randn(B, seqlen_new, Hkv, d, dtype=dtype) if new_kv else None
@@ -84,6 +87,7 @@ def _check_kvcache(
     if has_leftpad:
         key_padding_mask &= j >= leftpad[:, None]
     window = tuple(int(w) for w in window_size)
+    slopes = torch.rand(B, H) * 0.3 if alibi else None
 
     kc, vc = (pool_k.clone(), pool_v.clone()) if page else (k_cache.clone(), v_cache.clone())
     out = flash_attn_with_kvcache(
@@ -102,9 +106,14 @@ def _check_kvcache(
         window_size=window_size,
         rotary_interleaved=rotary_interleaved,
         num_splits=num_splits,
+        softcap=softcap,
+        alibi_slopes=slopes,
         backend=backend,
     )
     masks = dict(key_padding_mask=key_padding_mask, causal=causal, window=window, key_leftpad=leftpad)
+    if alibi:
+        masks["attn_bias"] = alibi_bias(slopes, seqlen_q, seqlen_k, causal, key_padding_mask.sum(-1), leftpad)
+    masks["softcap"] = softcap
     ref = attention_ref(q_ro.double(), kc_ref, vc_ref, **masks)
     pt = attention_ref(q_ro.to(dtype), kc_ref.to(dtype), vc_ref.to(dtype), **masks, upcast=False, reorder=True)
     assert_within(out, ref, pt, mult=3)
@@ -166,3 +175,29 @@ def _grid():
 @pytest.mark.parametrize("backend", ("triton", "cpu"))
 def test_flash_attn_kvcache_grid(backend):
     run_grid(_check_kvcache, _grid(), _id, backend=backend)
+
+
+# (case, softcap, alibi): a decode step, left padding with rotary and splits, fewer new keys than queries, a window
+# over left padding, a paged cache
+MODIFIED = [
+    (SAMPLE[0], 50.0, True),
+    (SAMPLE[1], 0.0, True),
+    (SAMPLE[2], 50.0, False),
+    (SAMPLE[4], 50.0, True),
+    (SAMPLE[8], 30.0, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "case,softcap,alibi", MODIFIED, ids=[_id(c) + f"-softcap{s:g}" + ("-alibi" if a else "") for c, s, a in MODIFIED]
+)
+def test_flash_attn_kvcache_softcap_alibi(backend, case, softcap, alibi):
+    _check_kvcache(*case, backend=backend, softcap=softcap, alibi=alibi)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("softcap,alibi", [(50.0, False), (0.0, True), (50.0, True)], ids=["softcap", "alibi", "both"])
+@pytest.mark.parametrize("backend", ("triton", "cpu"))
+def test_flash_attn_kvcache_softcap_alibi_grid(backend, softcap, alibi):
+    run_grid(_check_kvcache, _grid(), _id, backend=backend, softcap=softcap, alibi=alibi)

@@ -1,6 +1,7 @@
 """flash-attn's own output tests (test_flash_attn_output, test_flash_attn_varlen_output), ported for the arguments
 fasttrain's kernels serve: seqlen pairs off the tile sizes, head dims, causal or a random window given as a tensor,
-MHA/GQA/MQA, deterministic, q/k/v apart or k/v packed. The output must be within 2x, and dq/dk/dv within 3x,
+MHA/GQA/MQA, deterministic, q/k/v apart or k/v packed, softcap (q scaled by it, as flash-attn's test does) and ALiBi
+slopes (B, H) drawn as flash-attn's test draws them. The output must be within 2x, and dq/dk/dv within 3x,
 PyTorch's own error against the upcast reference (flash-attn's rule; here fp32 against float64). A representative
 sample runs by default; the whole grid under -m slow."""
 
@@ -17,21 +18,28 @@ from fasttrain.ops import (
 )
 from fasttrain.ops.attention import HEAD_DIMS
 
-from flash_attn_ref import assert_within, attention_ref, run_grid
+from flash_attn_ref import alibi_bias, assert_within, attention_ref, run_grid
 
 
-def _references(q, k, v, causal, window, pieces=None):
+def _references(q, k, v, causal, window, pieces=None, softcap=0.0, slopes=None):
     """The float64 reference and PyTorch's fp32 (reordered) outputs, each with its gradient leaves (copies of q, k,
-    v). pieces: for packed varlen inputs, the (query, key) slices of each sequence, attended alone and concatenated."""
+    v). pieces: for packed varlen inputs, the (query, key) slices of each sequence, attended alone and concatenated.
+    softcap and ALiBi slopes (B, H) as flash-attn's reference takes them (the slopes as its test's bias)."""
     found = []
     for upcast in (True, False):
         leaves = [(t.detach().double() if upcast else t.detach().clone()).requires_grad_() for t in (q, k, v)]
-        kw = dict(causal=causal, window=window, upcast=upcast, reorder=not upcast)
+        kw = dict(causal=causal, window=window, upcast=upcast, reorder=not upcast, softcap=softcap)
         if pieces is None:
-            out = attention_ref(*leaves, **kw)
+            bias = None if slopes is None else alibi_bias(slopes, q.shape[1], k.shape[1], causal)
+            out = attention_ref(*leaves, **kw, attn_bias=bias)
         else:  # each sequence alone, bottom-right aligned to its own lengths
             lq, lk, lv = leaves
-            out = torch.cat([attention_ref(lq[qs][None], lk[ks][None], lv[ks][None], **kw)[0] for qs, ks in pieces])
+            parts = []
+            for b, (qs, ks) in enumerate(pieces):
+                Tq, Tk = lq[qs].shape[0], lk[ks].shape[0]
+                bias = None if slopes is None else alibi_bias(slopes[b : b + 1], Tq, Tk, causal)
+                parts.append(attention_ref(lq[qs][None], lk[ks][None], lv[ks][None], **kw, attn_bias=bias)[0])
+            out = torch.cat(parts)
         found.append((out, leaves))
     return found
 
@@ -56,23 +64,35 @@ def _heads_and_window(H, mha_type, seqlen_k, local):
     return {"mha": H, "mqa": 1, "gqa": 2}[mha_type], window_size, tuple(int(w) for w in window_size)
 
 
-def _check_output(seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked, backend):
+def _query(shape, softcap):
+    """A leaf query, scaled by softcap when there is one (flash-attn's test: so that the scores reach the cap)."""
+    q = torch.randn(shape)
+    return (q * softcap if softcap > 0 else q).requires_grad_()
+
+
+def _check_output(
+    seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked, backend, softcap=0.0, alibi=False
+):
     torch.manual_seed(0)
     B, H = 2, 6
     Hkv, window_size, window = _heads_and_window(H, mha_type, seqlen_k, local)
-    q = torch.randn(B, seqlen_q, H, d, requires_grad=True)
+    q = _query((B, seqlen_q, H, d), softcap)
     kv = torch.randn(B, seqlen_k, 2, Hkv, d, requires_grad=True)
     k, v = (t.detach().clone().requires_grad_() for t in kv.unbind(2))
+    slopes = torch.rand(B, H) * 0.3 if alibi else None
     kw = dict(causal=causal, window_size=window_size, deterministic=deterministic, backend=backend)
+    kw.update(softcap=softcap, alibi_slopes=slopes)
     if kvpacked:
         out, inputs = flash_attn_kvpacked_func(q, kv, **kw), (q, kv)
     else:
         out, inputs = flash_attn_func(q, k, v, **kw), (q, k, v)
-    ref, pt = _references(q, k, v, causal, window)
+    ref, pt = _references(q, k, v, causal, window, softcap=softcap, slopes=slopes)
     _assert_output_and_grads(out, inputs, kvpacked, ref, pt, kv_axis=2)
 
 
-def _check_varlen_output(seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked, backend):
+def _check_varlen_output(
+    seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked, backend, softcap=0.0, alibi=False
+):
     torch.manual_seed(0)
     B, H = 3, 4
     Hkv, window_size, window = _heads_and_window(H, mha_type, seqlen_k, local)
@@ -81,17 +101,19 @@ def _check_varlen_output(seqlen_q, seqlen_k, d, causal, local, mha_type, determi
     k_lens = [seqlen_k, *torch.randint(1, seqlen_k + 1, (B - 1,)).tolist()]
     cu_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     cu_k = torch.tensor([0, *torch.tensor(k_lens).cumsum(0).tolist()], dtype=torch.int32)
-    q = torch.randn(sum(q_lens), H, d, requires_grad=True)
+    q = _query((sum(q_lens), H, d), softcap)
     kv = torch.randn(sum(k_lens), 2, Hkv, d, requires_grad=True)
     k, v = (t.detach().clone().requires_grad_() for t in kv.unbind(1))
+    slopes = torch.rand(B, H) * 0.3 if alibi else None
     kw = dict(causal=causal, window_size=window_size, deterministic=deterministic, backend=backend)
+    kw.update(softcap=softcap, alibi_slopes=slopes)
     lengths = (cu_q, cu_k, max(q_lens), max(k_lens))
     if kvpacked:
         out, inputs = flash_attn_varlen_kvpacked_func(q, kv, *lengths, **kw), (q, kv)
     else:
         out, inputs = flash_attn_varlen_func(q, k, v, *lengths, **kw), (q, k, v)
     pieces = [(slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))) for b in range(B)]
-    ref, pt = _references(q, k, v, causal, window, pieces)
+    ref, pt = _references(q, k, v, causal, window, pieces, softcap, slopes)
     _assert_output_and_grads(out, inputs, kvpacked, ref, pt, kv_axis=1)
 
 
@@ -147,3 +169,39 @@ GRID_HEAD_DIMS = {"cpu": (32, 40, 59, 64, 96, 111, 128), "triton": tuple(d for d
 def test_flash_attn_output_grid(backend, varlen):
     check = _check_varlen_output if varlen else _check_output
     run_grid(check, _grid(GRID_HEAD_DIMS[backend]), _id, backend=backend)
+
+
+# (backend, case, softcap, alibi, varlen): flash-attn's softcap 50 and ALiBi slopes, apart and together, through the
+# CPU kernel and both of the Triton backward's dQ plans (atomics; deterministic: the dQ kernel)
+MODIFIED = [
+    ("cpu", SAMPLE[0], 50.0, False, False),
+    ("cpu", SAMPLE[1], 0.0, True, False),
+    ("cpu", SAMPLE[3], 50.0, True, False),  # more queries than keys
+    ("cpu", SAMPLE[4], 50.0, True, False),  # one query
+    ("cpu", SAMPLE[5], 50.0, True, False),  # 97 x 97, head dim 40
+    ("cpu", SAMPLE[1], 50.0, True, True),
+    ("triton", TRITON_SAMPLE[0], 50.0, True, False),
+    ("triton", TRITON_SAMPLE[1], 50.0, True, False),
+    ("triton", TRITON_SAMPLE[1], 0.0, True, True),
+    ("triton", TRITON_SAMPLE[0], 50.0, False, True),
+]
+
+
+def _modified_id(backend, case, softcap, alibi, varlen):
+    flags = [f"softcap{softcap:g}"] if softcap else []
+    return "-".join([backend, _id(case), *flags, *(["alibi"] if alibi else []), *(["varlen"] if varlen else [])])
+
+
+@pytest.mark.parametrize("backend,case,softcap,alibi,varlen", MODIFIED, ids=[_modified_id(*m) for m in MODIFIED])
+def test_flash_attn_output_softcap_alibi(backend, case, softcap, alibi, varlen):
+    (_check_varlen_output if varlen else _check_output)(*case, backend=backend, softcap=softcap, alibi=alibi)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("backend", list(GRID_HEAD_DIMS))
+@pytest.mark.parametrize("softcap,alibi", [(50.0, False), (0.0, True), (50.0, True)], ids=["softcap", "alibi", "both"])
+def test_flash_attn_output_softcap_alibi_grid(backend, varlen, softcap, alibi):
+    check = _check_varlen_output if varlen else _check_output
+    cases = (c for c in _grid(GRID_HEAD_DIMS[backend][:4]) if c[0] <= 256 and c[1] <= 256)
+    run_grid(check, cases, _id, backend=backend, softcap=softcap, alibi=alibi)

@@ -32,9 +32,10 @@ GRID_YZ_MAX = 65535  # CUDA's limit on a grid's y and z axes (the kernels put H 
 
 # ---- the backends: what each computes -------------------------------------------------------------------------------
 # forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, attn_mask, dropout_p,
-#   dropout_seed) -> (out, lse); backward(do, q, k, v, out, lse, dlse, the forward's arguments from cu_seqlens_q,
-#   deterministic, into) -> (dq, dk, dv), written into `into` (three tensors shaped like q, k, v: views of one packed
-#   gradient) when it is given. The kernels serve no attn_mask and no dropout (their reasons say so).
+#   dropout_seed, softcap, alibi_slopes) -> (out, lse); backward(do, q, k, v, out, lse, dlse, the forward's arguments
+#   from cu_seqlens_q, deterministic, into) -> (dq, dk, dv), written into `into` (three tensors shaped like q, k, v:
+#   views of one packed gradient) when it is given. The kernels serve no attn_mask and no dropout (their reasons say
+#   so).
 
 
 def _written(grads, into):
@@ -46,50 +47,64 @@ def _written(grads, into):
 
 class Reference:
     @staticmethod
-    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed):
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, softcap, alibi):
         generator = dropout_generator(seed, q.device)
-        out, lse = attention_reference(q, k, v, scale, left, right, cu_q, cu_k, attn_mask, dropout_p, generator)
+        out, lse = attention_reference(
+            q, k, v, scale, left, right, cu_q, cu_k, attn_mask, dropout_p, generator, softcap, alibi
+        )
         return out.contiguous(), lse.contiguous()  # fresh tensors: a custom op may not return views of its inputs
 
     @staticmethod
-    def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det, into):
+    def backward(
+        do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into
+    ):
         generator = dropout_generator(seed, q.device)
         grads = attention_reference_backward(
-            do, q, k, v, out, lse, dlse, scale, left, right, cu_q, cu_k, mask, p, generator
+            do, q, k, v, out, lse, dlse, scale, left, right, cu_q, cu_k, mask, p, generator, cap, alibi
         )
         return _written(grads, into)
 
     @staticmethod
-    def traced(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, deterministic):
+    def traced(
+        q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, softcap, alibi, deterministic
+    ):
         """What a torch.compile trace records for the reference backend: its plain torch ops, inline (dropout from
         torch's RNG, in autograd's keeping); packed sequences, whose offsets it would read on the host, keep the
         registered op."""
         if cu_q is not None:
-            args = (cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, deterministic)
-            return _forward_op.op(q, k, v, *args, "reference")
-        return attention_reference(q, k, v, scale, left, right, None, None, attn_mask, dropout_p)
+            args = (cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, softcap, alibi)
+            return _forward_op.op(q, k, v, *args, deterministic, "reference")
+        return attention_reference(q, k, v, scale, left, right, None, None, attn_mask, dropout_p, None, softcap, alibi)
 
 
 class Triton:
     @staticmethod
-    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed):
-        return _backend.kernels("attention").attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, softcap, alibi):
+        return _backend.kernels("attention").attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, alibi
+        )
 
     @staticmethod
-    def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det, into):
+    def backward(
+        do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into
+    ):
         return _backend.kernels("attention_backward").attention_backward(
-            do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, det, into
+            do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, det, into, cap, alibi
         )
 
 
 class Cpu:
     @staticmethod
-    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed):
-        return torch.ops.fasttrain.attention_forward_cpu(q, k, v, cu_q, cu_k, scale, left, right)
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, softcap, alibi):
+        return torch.ops.fasttrain.attention_forward_cpu(q, k, v, cu_q, cu_k, scale, left, right, softcap, alibi)
 
     @staticmethod
-    def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det, into):
-        grads = torch.ops.fasttrain.attention_backward_cpu(do, q, k, v, out, lse, dlse, cu_q, cu_k, scale, left, right)
+    def backward(
+        do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into
+    ):
+        grads = torch.ops.fasttrain.attention_backward_cpu(
+            do, q, k, v, out, lse, dlse, cu_q, cu_k, scale, left, right, cap, alibi
+        )
         return _written(grads, into)
 
 
@@ -168,6 +183,8 @@ def _forward_op(
     attn_mask: Tensor | None,
     dropout_p: float,
     dropout_seed: Tensor | None,
+    softcap: float,
+    alibi_slopes: Tensor | None,
     deterministic: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
@@ -186,6 +203,8 @@ def _forward_op(
         attn_mask,
         dropout_p,
         dropout_seed,
+        softcap,
+        alibi_slopes,
     )
 
 
@@ -215,6 +234,8 @@ def _backward_op(
     attn_mask: Tensor | None,
     dropout_p: float,
     dropout_seed: Tensor | None,
+    softcap: float,
+    alibi_slopes: Tensor | None,
     deterministic: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -236,6 +257,8 @@ def _backward_op(
         attn_mask,
         dropout_p,
         dropout_seed,
+        softcap,
+        alibi_slopes,
         deterministic,
         None,
     )
@@ -267,12 +290,15 @@ def _backward_into_op(
     right: int,
     dropout_p: float,
     dropout_seed: Tensor | None,
+    softcap: float,
+    alibi_slopes: Tensor | None,
     deterministic: bool,
     backend: str,
 ) -> None:
     """The backward written into dq, dk, dv (views of one packed gradient: the packed functions' backward)."""
     args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, None, dropout_p)
-    ATTENTION[backend].backward(do, q, k, v, out, lse, dlse, *args, dropout_seed, deterministic, (dq, dk, dv))
+    extra = (dropout_seed, softcap, alibi_slopes, deterministic, (dq, dk, dv))
+    ATTENTION[backend].backward(do, q, k, v, out, lse, dlse, *args, *extra)
 
 
 @_backward_into_op.register_fake
@@ -281,28 +307,32 @@ def _(*args):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, deterministic, backend = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, attn_mask, seed)
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed = inputs[:13]
+    softcap, alibi_slopes, deterministic, backend = inputs[13:]
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k, attn_mask, seed, alibi_slopes)
     ctx.args = (max_q, max_k, scale, left, right)
+    ctx.softcap = softcap
     ctx.dropout_p, ctx.deterministic, ctx.backend = dropout_p, deterministic, backend
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k, attn_mask, seed = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, attn_mask, seed, alibi_slopes = ctx.saved_tensors
     max_q, max_k, scale, left, right = ctx.args
     if torch.is_grad_enabled() or ctx.needs_input_grad[10]:
         # A double backward follows (see reference_gradients), or a float attn_mask takes a gradient: the
         # reference's autograd gives every one.
         def reference(q, k, v, mask):
             generator = dropout_generator(seed, q.device)
-            return attention_reference(q, k, v, scale, left, right, cu_q, cu_k, mask, ctx.dropout_p, generator)
+            return attention_reference(
+                q, k, v, scale, left, right, cu_q, cu_k, mask, ctx.dropout_p, generator, ctx.softcap, alibi_slopes
+            )
 
         with torch.enable_grad():
             grads = reference_gradients(reference, (q, k, v, attn_mask), (dout, dlse))
         if not torch.is_grad_enabled():
             grads = tuple(None if g is None else g.detach() for g in grads)
         dq, dk, dv, dmask = grads
-        return dq, dk, dv, *(None,) * 7, dmask, *(None,) * 4  # cu_seqlens_q .. right, attn_mask, dropout_p .. backend
+        return dq, dk, dv, *(None,) * 7, dmask, *(None,) * 6  # cu_seqlens_q .. right, attn_mask, dropout_p .. backend
     if dout is None:
         dout = torch.zeros_like(out)
     deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
@@ -324,10 +354,12 @@ def _backward(ctx, dout, dlse):
         attn_mask,
         ctx.dropout_p,
         seed,
+        ctx.softcap,
+        alibi_slopes,
         deterministic,
         ctx.backend,
     )
-    return dq, dk, dv, *(None,) * 12
+    return dq, dk, dv, *(None,) * 14  # the slopes take no gradient, as in flash-attn
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -391,11 +423,31 @@ def _scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
-def _refuse_unsupported(softcap, alibi_slopes) -> None:
-    if softcap != 0.0:
-        raise ValueError(f"softcap must be 0.0 (score soft-capping is not implemented), got {softcap!r}")
-    if alibi_slopes is not None:
-        raise ValueError("alibi_slopes must be None (ALiBi is not implemented)")
+def _check_softcap(softcap) -> float:
+    """flash-attn's softcap: a float >= 0, 0 for none."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float (0.0 = no capping), got {type(softcap).__name__}")
+    if not softcap >= 0.0 or softcap == float("inf"):  # NaN fails the first test
+        raise ValueError(f"softcap must be a finite float >= 0 (0.0 = no capping), got {softcap!r}")
+    return float(softcap)
+
+
+def _check_alibi(alibi_slopes, batch: int, heads: int, device) -> Tensor | None:
+    """flash-attn's alibi_slopes: None, or float32 (H,) or (B, H) on q's device; returned with a unit last stride."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, Tensor):
+        raise TypeError(f"alibi_slopes must be a float32 tensor or None, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32 (as flash-attn requires), got {alibi_slopes.dtype}")
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(
+            f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (nheads or batch x nheads), got "
+            f"{tuple(alibi_slopes.shape)}"
+        )
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on q's device ({device}), got {alibi_slopes.device}")
+    return alibi_slopes.contiguous()
 
 
 def _check_dropout(dropout_p) -> None:
@@ -406,7 +458,22 @@ def _check_dropout(dropout_p) -> None:
 
 
 def _attend(
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, dropout_p, attn_mask=None, deterministic=False
+    q,
+    k,
+    v,
+    cu_q,
+    cu_k,
+    max_q,
+    max_k,
+    scale,
+    left,
+    right,
+    backend,
+    dropout_p,
+    attn_mask=None,
+    deterministic=False,
+    softcap=0.0,
+    alibi_slopes=None,
 ):
     """(out, lse) from the registered op, on the backend chosen for these inputs."""
     name = ATTENTION.choose(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, backend=backend)
@@ -428,6 +495,8 @@ def _attend(
         attn_mask,
         float(dropout_p),
         seed,
+        float(softcap),
+        alibi_slopes,
         bool(deterministic),
         name,
     )
@@ -458,7 +527,9 @@ def flash_attn_func(
     query i sees keys in [i + Tk - Tq - left, i + Tk - Tq + right]; -1 leaves a side unbounded.
     softmax_scale defaults to D**-0.5. head_dim 32, 64, 96, 128 or 256 runs the GPU kernels (fp16/bf16); on the
     CPU the C++ kernel takes any head_dim in fp32, bf16 or fp16.
-    dropout_p > 0 runs the reference path. softcap and alibi_slopes are not implemented (must stay at defaults).
+    dropout_p > 0 runs the reference path. softcap > 0 caps the scaled scores at softcap * tanh(s / softcap) (Gemma 2),
+    before the mask and the ALiBi bias. alibi_slopes: float32 (H,) or (B, H); adds -slope * |i + Tk - Tq - j| to the
+    score of query i and key j (not scaled by softmax_scale; no gradient reaches the slopes, as in flash-attn).
     deterministic: the backward computes dQ by its own kernel (also under torch.use_deterministic_algorithms(True)),
     bit-identical from run to run in a process, and across processes whose autotuners pick the same tiles
     (TRITON_CACHE_AUTOTUNING=1 keeps the picks on disk). Otherwise, on a GPU, dQ may come by float32 atomics from the
@@ -469,11 +540,25 @@ def flash_attn_func(
     backend: "auto" (default), "triton", "cpu" or "reference"; FASTTRAIN_BACKEND overrides auto.
     """
     _check_qkv(q, k, v, 4, "(B, T, H, D)")
-    _refuse_unsupported(softcap, alibi_slopes)
+    softcap, alibi_slopes = _check_softcap(softcap), _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
     out, lse = _attend(
-        q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, backend, dropout_p, deterministic=deterministic
+        q,
+        k,
+        v,
+        None,
+        None,
+        q.shape[1],
+        k.shape[1],
+        scale,
+        left,
+        right,
+        backend,
+        dropout_p,
+        deterministic=deterministic,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
     )
     return (out, lse, None) if return_attn_probs else out
 
@@ -559,13 +644,15 @@ def flash_attn_varlen_func(
     and in-place version (one host sync), not while a CUDA graph is captured or torch.compile traces. Sequence b's
     queries attend only to sequence b's keys, masked as in `flash_attn_func` with that sequence's Tq_b and Tk_b.
     Returns out (total_q, H, D), or (out, softmax_lse (H, total_q) float32, None) with return_attn_probs.
-    block_table (paged KV) is not implemented and must be None. deterministic as in `flash_attn_func`.
+    block_table (paged KV) is not implemented and must be None. deterministic, softcap and alibi_slopes ((H,) or
+    (B, H), B the number of sequences; each sequence's own Tq_b and Tk_b place the bias) as in `flash_attn_func`.
     """
     _check_qkv(q, k, v, 3, "(total, H, D)")
-    _refuse_unsupported(softcap, alibi_slopes)
+    softcap = _check_softcap(softcap)
     if block_table is not None:
         raise ValueError("block_table must be None (a paged KV cache is not implemented)")
     cu_seqlens_q, cu_seqlens_k = _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    alibi_slopes = _check_alibi(alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
     out, lse = _attend(
@@ -582,6 +669,8 @@ def flash_attn_varlen_func(
         backend,
         dropout_p,
         deterministic=deterministic,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
     )
     return (out, lse, None) if return_attn_probs else out
 

@@ -15,11 +15,12 @@ from torch.autograd.function import once_differentiable
 from fasttrain.ops.attention import (
     ATTENTION,
     _backward_into_op,
+    _check_alibi,
     _check_dropout,
     _check_qkv,
+    _check_softcap,
     _check_varlen,
     _forward_op,
-    _refuse_unsupported,
     _scale,
     _window,
 )
@@ -34,29 +35,32 @@ class _PackedAttention(torch.autograd.Function):
     """The attention op over views of packed inputs, its backward into views of packed gradients."""
 
     @staticmethod
-    def forward(ctx, q_src, kv_src, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, deterministic, backend):
+    def forward(
+        ctx, q_src, kv_src, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, deterministic, backend, softcap,
+        alibi,
+    ):  # fmt: skip
         q, k, v = _split(q_src, kv_src)
         name = ATTENTION.choose(q, k, v, cu_q, max_q, max_k, None, dropout_p, backend=backend)
         seed = torch.randint(1 << 62, ()) if dropout_p > 0.0 else None  # the backward draws the same dropout
         args = (cu_q, cu_k, max_q, max_k, scale, left, right)
-        out, lse = _forward_op(q, k, v, *args, None, dropout_p, seed, deterministic, name)
-        ctx.save_for_backward(q_src, kv_src, out, lse, cu_q, cu_k, seed)
+        out, lse = _forward_op(q, k, v, *args, None, dropout_p, seed, softcap, alibi, deterministic, name)
+        ctx.save_for_backward(q_src, kv_src, out, lse, cu_q, cu_k, seed, alibi)
         ctx.args, ctx.dropout_p, ctx.deterministic, ctx.backend = args, dropout_p, deterministic, name
+        ctx.softcap = softcap
         return out, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout, dlse):
-        q_src, kv_src, out, lse, cu_q, cu_k, seed = ctx.saved_tensors
+        q_src, kv_src, out, lse, cu_q, cu_k, seed, alibi = ctx.saved_tensors
         grads = (torch.empty_like(q_src), None if kv_src is None else torch.empty_like(kv_src))
         dq, dk, dv = _split(*grads)
         q, k, v = _split(q_src, kv_src)
         dout = torch.zeros_like(out) if dout is None else dout
         deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
-        _backward_into_op(
-            dq, dk, dv, dout, q, k, v, out, lse, dlse, *ctx.args, ctx.dropout_p, seed, deterministic, ctx.backend
-        )
-        return *grads, *(None,) * 10
+        args = (*ctx.args, ctx.dropout_p, seed, ctx.softcap, alibi, deterministic, ctx.backend)
+        _backward_into_op(dq, dk, dv, dout, q, k, v, out, lse, dlse, *args)
+        return *grads, *(None,) * 12  # the slopes take no gradient, as in flash-attn
 
 
 def _check_packed(packed: Tensor, name: str, rank: int, n: int, layout: str) -> Tensor:
@@ -72,7 +76,7 @@ def _check_packed(packed: Tensor, name: str, rank: int, n: int, layout: str) -> 
 def _packed(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
             alibi_slopes, deterministic, return_attn_probs, backend):  # fmt: skip
     """max_q and max_k: None for (B, T, ...) inputs (their T)."""
-    _refuse_unsupported(softcap, alibi_slopes)
+    softcap = _check_softcap(softcap)
     if kv_src is not None:
         if not isinstance(q_src, Tensor):
             raise TypeError(f"q must be a torch.Tensor, got {type(q_src).__name__}")
@@ -84,9 +88,12 @@ def _packed(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, c
         cu_q, cu_k = _check_varlen(q, k, cu_q, cu_k, max_q, max_k)
     else:
         max_q, max_k = q.shape[1], k.shape[1]
+    batch = q.shape[0] if cu_q is None else cu_q.numel() - 1
+    alibi_slopes = _check_alibi(alibi_slopes, batch, q.shape[-2], q.device)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
-    args = (cu_q, cu_k, max_q, max_k, scale, left, right, float(dropout_p), bool(deterministic), backend)
+    args = (cu_q, cu_k, max_q, max_k, scale, left, right, float(dropout_p), bool(deterministic), backend, softcap)
+    args = (*args, alibi_slopes)
     out, lse = _PackedAttention.apply(q_src, kv_src, *args)
     return (out, lse, None) if return_attn_probs else out
 

@@ -46,6 +46,29 @@ def _dropout_scale(p, dropout_p: float, generator: torch.Generator):
     return keep.to(p.dtype) / (1 - dropout_p)
 
 
+def alibi_bias(slopes, Tq: int, Tk: int, device) -> torch.Tensor:
+    """ALiBi's bias -slope * |i + Tk - Tq - j| (flash-attn's, aligned bottom-right; not scaled by the softmax scale):
+    (B, H, Tq, Tk) float32 for (B, H) slopes, (1, H, Tq, Tk) for (H,) ones."""
+    i = torch.arange(Tq, device=device)[:, None]
+    j = torch.arange(Tk, device=device)[None, :]
+    distance = (i + Tk - Tq - j).abs().float()  # (Tq, Tk)
+    slopes = slopes.float().reshape(-1, slopes.shape[-1])  # (H,) -> (1, H); (B, H) stays
+    return -slopes[:, :, None, None] * distance
+
+
+def _modified_scores(s, Tq, Tk, softcap: float, alibi_slopes):
+    """The scaled scores s (B, H, Tq, Tk) soft-capped (softcap * tanh(s / softcap)) and then given ALiBi's bias, as
+    flash-attn orders them; also d(capped)/ds = 1 - tanh^2 (None without softcap)."""
+    dcap = None
+    if softcap > 0.0:
+        x = s / softcap
+        # 1 - tanh^2 as cosh^-2: no cancellation where |tanh| nears 1 (cosh's overflow gives the limit, 0)
+        s, dcap = torch.tanh(x) * softcap, torch.cosh(x.detach()).pow(-2)
+    if alibi_slopes is not None:
+        s = s + alibi_bias(alibi_slopes, Tq, Tk, s.device).to(s.dtype)
+    return s, dcap
+
+
 def _masked_scores(s, Tq, Tk, left, right, attn_mask):
     """The scores s (B, H, Tq, Tk) with the window and attn_mask applied: -inf where a key is not seen."""
     s = s.masked_fill(~window_mask(Tq, Tk, left, right, s.device), float("-inf"))
@@ -54,13 +77,14 @@ def _masked_scores(s, Tq, Tk, left, right, attn_mask):
     return s
 
 
-def _dense(q, k, v, scale, left, right, attn_mask=None, dropout_p=0.0, generator=None):
+def _dense(q, k, v, scale, left, right, attn_mask=None, dropout_p=0.0, generator=None, softcap=0.0, alibi_slopes=None):
     """q (B, Tq, H, D), k/v (B, Tk, Hkv, D) -> out (B, Tq, H, D), lse (B, H, Tq) float32-or-wider."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     k = k.repeat_interleave(H // Hkv, dim=2)  # (B, Tk, H, D): the oracle may repeat; the kernel never does
     v = v.repeat_interleave(H // Hkv, dim=2)
-    s = _masked_scores(torch.einsum("bqhd,bkhd->bhqk", q, k) * scale, Tq, Tk, left, right, attn_mask)  # (B, H, Tq, Tk)
+    s, _ = _modified_scores(torch.einsum("bqhd,bkhd->bhqk", q, k) * scale, Tq, Tk, softcap, alibi_slopes)
+    s = _masked_scores(s, Tq, Tk, left, right, attn_mask)  # (B, H, Tq, Tk)
     # Shift by the detached row max: softmax and d lse/ds = p are unchanged, and rows that see no key stay finite.
     m = s.amax(dim=-1, keepdim=True).detach() if Tk else s.new_zeros(B, H, Tq, 1)  # (B, H, Tq, 1); no keys: 0
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -74,6 +98,11 @@ def _dense(q, k, v, scale, left, right, attn_mask=None, dropout_p=0.0, generator
         p = p * _dropout_scale(p, dropout_p, generator) if generator is not None else F.dropout(p, dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)  # (B, Tq, H, D)
     return out, lse
+
+
+def _sequence_slopes(alibi_slopes, b: int):
+    """Packed sequence b's slopes: (H,) ones for every sequence, or row b of (B, H) ones."""
+    return alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
 
 
 def _sequences(cu_seqlens_q, cu_seqlens_k):
@@ -95,25 +124,35 @@ def attention_reference(
     attn_mask=None,
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
+    softcap: float = 0.0,
+    alibi_slopes=None,
 ):
     """Differentiable attention: out in q's dtype and lse, (B, H, Tq) or (H, total_q) when packed, in lse_dtype.
 
     attn_mask (bool: True = keep, or additive float) broadcasts to (B, H, Tq, Tk); dense inputs only. dropout_p
     drops probabilities after the softmax (lse is the undropped one), drawn from `generator` or, when None, torch's
-    RNG.
+    RNG. softcap > 0 caps the scaled scores at softcap * tanh(s / softcap); alibi_slopes ((H,) or (B, H) float32)
+    adds ALiBi's bias after it (alibi_bias), per sequence when packed.
     """
     if cu_seqlens_q is None:
-        out, lse = _dense(q, k, v, scale, left, right, attn_mask, dropout_p, generator)
+        out, lse = _dense(q, k, v, scale, left, right, attn_mask, dropout_p, generator, softcap, alibi_slopes)
         return out, lse.to(lse_dtype(q.dtype))
     outs, lses = [], []
-    for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
-        o, lse = _dense(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, left, right, None, dropout_p, generator)
+    for b, (qs, qe, ks, ke) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
+        slopes = _sequence_slopes(alibi_slopes, b)
+        o, lse = _dense(
+            q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], scale, left, right, None, dropout_p, generator, softcap,
+            slopes,
+        )  # fmt: skip
         outs.append(o[0])  # (Tq_b, H, D)
         lses.append(lse[0])  # (H, Tq_b)
     return torch.cat(outs, dim=0), torch.cat(lses, dim=1).to(lse_dtype(q.dtype))
 
 
-def _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right, attn_mask=None, dropout_p=0.0, generator=None):
+def _dense_backward(
+    do, q, k, v, out, lse, dlse, scale, left, right, attn_mask=None, dropout_p=0.0, generator=None, softcap=0.0,
+    alibi_slopes=None,
+):  # fmt: skip
     """Gradients by the FlashAttention-2 recurrence, in float32 (float64 stays float64). Shapes as in _dense; the
     dropout mask is drawn again from `generator` as _dense drew it."""
     wide = torch.promote_types(q.dtype, torch.float32)
@@ -123,7 +162,8 @@ def _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right, attn_mask=N
     G = H // Hkv
     kr = k.repeat_interleave(G, dim=2)  # (B, Tk, H, D)
     vr = v.repeat_interleave(G, dim=2)
-    s = _masked_scores(torch.einsum("bqhd,bkhd->bhqk", q, kr) * scale, Tq, Tk, left, right, attn_mask)  # (B, H, Tq, Tk)
+    s, dcap = _modified_scores(torch.einsum("bqhd,bkhd->bhqk", q, kr) * scale, Tq, Tk, softcap, alibi_slopes)
+    s = _masked_scores(s, Tq, Tk, left, right, attn_mask)  # (B, H, Tq, Tk)
     p = torch.exp(s - lse.to(wide)[..., None])  # lse = +inf on empty rows makes them 0
     # With dropout, out = (p * z) v for the forward's factors z: dV and dP go through z, and delta = rowsum(dO * O)
     # still equals rowsum(p * dP), so FlashAttention-2's recurrence holds as is.
@@ -136,6 +176,8 @@ def _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right, attn_mask=N
     if z is not None:
         dp = dp * z
     ds = p * (dp - delta[..., None]) * scale
+    if dcap is not None:  # through the cap: d(softcap * tanh(s / softcap)) / ds = 1 - tanh^2
+        ds = ds * dcap
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, kr)  # (B, Tq, H, D)
     dk = torch.einsum("bhqk,bqhd->bkhd", ds, q).reshape(B, Tk, Hkv, G, D).sum(3)  # (B, Tk, H, D) -> (B, Tk, Hkv, D)
     dv = torch.einsum("bhqk,bqhd->bkhd", p_out, do).reshape(B, Tk, Hkv, G, D).sum(3)  # (B, Tk, Hkv, D)
@@ -158,14 +200,18 @@ def attention_reference_backward(
     attn_mask=None,
     dropout_p: float = 0.0,
     generator: torch.Generator | None = None,
+    softcap: float = 0.0,
+    alibi_slopes=None,
 ):
     """(dq, dk, dv) in the dtypes of q, k, v, recomputing P from lse as the kernels do; attn_mask, dropout_p and a
-    generator seeded as the forward's, as for attention_reference."""
+    generator seeded as the forward's, softcap and alibi_slopes as for attention_reference (no slope gradient)."""
     if cu_seqlens_q is None:
-        dq, dk, dv = _dense_backward(do, q, k, v, out, lse, dlse, scale, left, right, attn_mask, dropout_p, generator)
+        dq, dk, dv = _dense_backward(
+            do, q, k, v, out, lse, dlse, scale, left, right, attn_mask, dropout_p, generator, softcap, alibi_slopes
+        )
     else:
         parts = []
-        for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
+        for b, (qs, qe, ks, ke) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k)):
             dl = None if dlse is None else dlse[None, :, qs:qe]  # (H, total_q) -> (1, H, Tq_b)
             parts.append(
                 _dense_backward(
@@ -182,6 +228,8 @@ def attention_reference_backward(
                     None,
                     dropout_p,
                     generator,
+                    softcap,
+                    _sequence_slopes(alibi_slopes, b),
                 )
             )
         dq, dk, dv = (torch.cat([p[i][0] for p in parts], dim=0) for i in range(3))

@@ -14,7 +14,7 @@ import torch
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op
-from fasttrain.ops.attention import _check_like_q, _refuse_unsupported, _scale, _window
+from fasttrain.ops.attention import _check_alibi, _check_like_q, _check_softcap, _scale, _window
 from fasttrain.ops.attention_reference import UNBOUNDED
 from fasttrain.ops.rotary import apply_rotary_emb_reference
 
@@ -90,6 +90,8 @@ def reference_kvcache(
     rotary_interleaved: bool,
     q_per_token: bool,
     num_splits: int = 0,
+    softcap: float = 0.0,
+    alibi_slopes=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch, fp32 math: appends k/v in place like the kernels, returns out (B, Tq, H, D) and lse (B, H, Tq).
 
@@ -112,6 +114,11 @@ def reference_kvcache(
     scores = torch.einsum("bthd,bshd->bhts", q.float(), kc) * softmax_scale  # (B, H, Tq, Tmax)
     j = torch.arange(Tmax, device=q.device)
     qpos = lengths[:, None] - Tq + torch.arange(Tq, device=q.device)  # (B, Tq)
+    if softcap > 0.0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if alibi_slopes is not None:  # -slope * |qpos - j|: a left pad shifts both positions alike (flash-attn's)
+        slopes = alibi_slopes.float().reshape(-1, H)[:, :, None, None]  # (B or 1, H, 1, 1)
+        scores = scores - slopes * (qpos[:, None, :, None] - j).abs().float()  # (B, H, Tq, Tmax)
     visible = (
         (j < lengths[:, None, None]) & (j - qpos[..., None] <= window_right) & (qpos[..., None] - j <= window_left)
     )  # (B, Tq, Tmax)
@@ -155,6 +162,8 @@ class Cpu:
         rotary_interleaved: bool,
         q_per_token: bool,
         num_splits: int,
+        softcap: float = 0.0,
+        alibi_slopes=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rows = _cache_rows(q, cache_batch_idx)
         q, lengths = _append(
@@ -163,9 +172,8 @@ class Cpu:
         )  # fmt: skip
         if block_table is not None:  # the C++ kernel reads contiguous rows: each sequence's pages copied out
             k_cache, v_cache = _paged(k_cache, block_table), _paged(v_cache, block_table)
-        return torch.ops.fasttrain.attention_kvcache_cpu(
-            q, k_cache, v_cache, lengths, cache_batch_idx, cache_leftpad, softmax_scale, window_left, window_right
-        )
+        args = (cache_batch_idx, cache_leftpad, softmax_scale, window_left, window_right, softcap, alibi_slopes)
+        return torch.ops.fasttrain.attention_kvcache_cpu(q, k_cache, v_cache, lengths, *args)
 
 
 class Triton:
@@ -233,6 +241,8 @@ def _kvcache_op(
     rotary_interleaved: bool,
     q_per_token: bool,
     num_splits: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return DECODE[backend].forward(
@@ -253,6 +263,8 @@ def _kvcache_op(
         rotary_interleaved,
         q_per_token,
         num_splits,
+        softcap,
+        alibi_slopes,
     )
 
 
@@ -446,13 +458,15 @@ def flash_attn_with_kvcache(
             page_block_size, Hkv, D) pages, sequence b's row p in page block_table[b, p // page_block_size];
             page_block_size a multiple of 128 (flash-attn's kernels take multiples of 256). Not with cache_batch_idx.
             The CPU kernel and the reference copy each sequence's pages out; the Triton kernels read them in place.
-        alibi_slopes and softcap are flash-attn options that this op does not implement: anything but their defaults
-            raises ValueError. So does num_splits < 0.
+        softcap: > 0 caps the scaled scores at softcap * tanh(s / softcap) (Gemma 2); 0.0 = off.
+        alibi_slopes: float32 (H,) or (B, H) or None: adds -slope * |p - j| to query row t's score of key j, p its
+            position as in window_size (with cache_leftpad, both counted from the first real row: the same distance).
+        num_splits < 0 raises ValueError.
 
     Returns:
         out (B, Tq, H, D) in q's dtype, and lse when return_softmax_lse.
     """
-    _refuse_unsupported(softcap, alibi_slopes)
+    softcap = _check_softcap(softcap)
     if isinstance(cache_seqlens, int) and isinstance(q, torch.Tensor):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     paged = block_table is not None
@@ -480,6 +494,7 @@ def flash_attn_with_kvcache(
             index = ("cache_batch_idx", cache_batch_idx, Bc)
         _check_values(cache_seqlens, index, cache_leftpad, t_new, Tmax, rotary_rows, span)
     scale = _scale(softmax_scale, D)
+    alibi_slopes = _check_alibi(alibi_slopes, B, H, q.device)
     name = DECODE.choose(q, backend=backend)
     if k is not None:
         k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
@@ -502,6 +517,8 @@ def flash_attn_with_kvcache(
         bool(rotary_interleaved),
         q_per_token,
         num_splits,
+        softcap,
+        alibi_slopes,
         name,
     )
     return (out, lse) if return_softmax_lse else out
