@@ -1,6 +1,7 @@
 """attn_implementation="fasttrain" in HF Transformers: a small random Llama (GQA 4/2, head_dim 32, no download)
 gives eager attention's logits and gradients on unpadded inputs (T = 1 too), and its greedy generation with a KV
-cache; unsupported features are refused by name. tests/test_hf_attention.py holds padded, packed, sliding-window,
+cache; unsupported features (T5-style position biases, attention sinks) are refused by name.
+tests/test_hf_attention.py holds padded, packed, sliding-window,
 cached and compiled inputs across Llama, Mistral, Qwen2 and GPT-2."""
 
 import pytest
@@ -62,5 +63,5 @@ def test_greedy_generation_with_kv_cache_matches_eager(model):
 
 def test_unsupported_features_are_refused_by_name(model):
     q = torch.randn(1, 4, 3, 32)
-    with pytest.raises(ValueError, match="softcap"):
-        fasttrain_attention_forward(model.model.layers[0].self_attn, q, q, q, None, softcap=30.0)
+    with pytest.raises(ValueError, match="position_bias"):
+        fasttrain_attention_forward(model.model.layers[0].self_attn, q, q, q, None, position_bias=torch.zeros(1))

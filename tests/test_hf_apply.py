@@ -38,7 +38,11 @@ CONFIGS = {
     "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**_COMMON, sliding_window=None)),
     "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**_COMMON)),
     "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_COMMON, head_dim=16)),
-    "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_COMMON, head_dim=16, attn_implementation="eager")),
+    # attention-logit softcapping low enough to cap these tiny scores (Gemma 2's own is 50): the logits move by 2e-3,
+    # 100x TOL, when it is left out
+    "gemma2": lambda: tf.Gemma2ForCausalLM(
+        tf.Gemma2Config(**_COMMON, head_dim=16, attn_logit_softcapping=0.02, attn_implementation="eager")
+    ),
     "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**_COMMON, head_dim=16)),
 }
 # what apply() patches in each (the parts' module counts): the table in docs/hf.md
@@ -48,7 +52,7 @@ PATCHED = {
     "mistral": {"attention": 1, "norms": 5, "rotary": 1, "mlp": 2, "loss": 1},
     "qwen2": {"attention": 1, "norms": 5, "rotary": 1, "mlp": 2, "loss": 1},
     "gemma": {"attention": 1, "norms": 5, "rotary": 1, "mlp": 2, "loss": 1},
-    "gemma2": {"norms": 9, "rotary": 1, "mlp": 2, "loss": 1},  # attention softcapping: left as it is
+    "gemma2": {"attention": 1, "norms": 9, "rotary": 1, "mlp": 2, "loss": 1},  # attention softcapped by the kernels
     "gemma3": {"attention": 1, "norms": 13, "rotary": 1, "mlp": 2, "loss": 1},  # q_norm, k_norm per layer
 }
 OPS = ("rms_norm", "layer_norm", "apply_rotary_emb", "swiglu", "geglu", "gelu", "linear_cross_entropy")
@@ -71,9 +75,7 @@ _PATCHED_MODELS = []
 
 
 def _apply(model, **kwargs):
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="fasttrain apply: attention left")  # Gemma 2's softcapping
-        patch = apply(model, **kwargs)
+    patch = apply(model, **kwargs)
     _PATCHED_MODELS.append(model)
     return patch
 
@@ -177,7 +179,7 @@ def test_loss_gradients_and_logits_match_the_unpatched_model(arch, padded, calls
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma", "gemma2"])
 def test_greedy_generation_matches(arch, cpu_user):
     ref = _model(arch).eval()
     ids = torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(2))

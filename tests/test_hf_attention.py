@@ -1,5 +1,6 @@
 """attn_implementation="fasttrain" on the kernels: tiny random Llama (GQA 4/2), Mistral (sliding window 5 < T),
-Qwen2 (one full and one sliding layer) and GPT-2, fp32, against transformers' eager attention, for padded (left and
+Qwen2 (one full and one sliding layer), Gemma 2 (attention-logit softcapping; a sliding and a full layer) and GPT-2,
+fp32, against transformers' eager attention, for padded (left and
 right), packed (position_ids restarting) and unpadded batches, greedy generation with dynamic and static caches
 (batch 2, left padding), and torch.compile(fullgraph=True). FASTTRAIN_BACKEND=cpu or =triton makes any fallback to
 the reference an error, so a passing case ran the kernels."""
@@ -10,6 +11,8 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -32,6 +35,7 @@ TOL = 2e-5  # fp32 logits and gradients of a 2-layer model: measured <= 4e-7 aga
 T = 13
 SMALL = dict(vocab_size=100, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
 LLAMA_LIKE = dict(SMALL, num_key_value_heads=2, max_position_embeddings=64)
+CAP = 0.05  # Gemma 2's attention softcap here: leaving it out moves the logits by far more than TOL
 
 
 def _build(name: str) -> torch.nn.Module:
@@ -44,11 +48,15 @@ def _build(name: str) -> torch.nn.Module:
         cfg = Qwen2Config(**LLAMA_LIKE, use_sliding_window=True, sliding_window=5, max_window_layers=1)
         assert cfg.layer_types == ["full_attention", "sliding_attention"]
         return Qwen2ForCausalLM(cfg)
+    if name == "gemma2":  # a cap low enough for these tiny scores to reach it (Gemma 2's own is 50)
+        cfg = Gemma2Config(**LLAMA_LIKE, head_dim=32, sliding_window=5, attn_logit_softcapping=CAP)
+        assert cfg.layer_types == ["sliding_attention", "full_attention"]
+        return Gemma2ForCausalLM(cfg)
     cfg = GPT2Config(vocab_size=100, n_embd=128, n_layer=2, n_head=4, n_positions=64, eos_token_id=0, bos_token_id=0)
     return GPT2LMHeadModel(cfg)
 
 
-MODELS = ("llama", "mistral", "qwen2", "gpt2")
+MODELS = ("llama", "mistral", "qwen2", "gemma2", "gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +128,7 @@ def test_logits_and_gradients_match_eager_on_the_cpu_kernel(models, name, case, 
         ("llama", "left"),
         pytest.param("mistral", "packed", marks=pytest.mark.slow),
         pytest.param("qwen2", "right", marks=pytest.mark.slow),
+        pytest.param("gemma2", "left", marks=pytest.mark.slow),
     ],
 )
 def test_logits_and_gradients_match_eager_on_the_triton_kernels(models, name, case, monkeypatch):

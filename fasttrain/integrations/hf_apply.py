@@ -13,8 +13,8 @@ same rotation, to rounding). transformers' own replacement hook for it (`use_ker
 from the Hub through the `kernels` package, not a local function. Before a part is swapped, its original is run once
 on a random probe and compared with the replacement's formula: what does not match stays as it is.
 
-- attention: `model.set_attn_implementation("fasttrain")` (fasttrain.integrations.hf); left as it is where the model
-  softcaps attention logits (Gemma 2), which fasttrain's attention does not implement.
+- attention: `model.set_attn_implementation("fasttrain")` (fasttrain.integrations.hf), Gemma 2's attention-logit
+  softcapping included (the kernels' softcap).
 - norms: RMSNorm-like leaf modules (a weight and `variance_epsilon` or `eps`; Gemma's `(1 + weight)` scale found by
   the probe) and `nn.LayerNorm` run fasttrain.ops.rms_norm / layer_norm. The residual add stays outside the norm:
   transformers writes it inside each family's decoder-layer forward, which only a per-family patch could change.
@@ -161,11 +161,6 @@ def _patch_attention(patch: Patch, model: nn.Module, strict: bool) -> None:
     import fasttrain.integrations.hf as hf  # registers attn_implementation="fasttrain"
 
     config = model.config
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        message = f"attention left as {config._attn_implementation!r}: fasttrain's does not softcap attention logits"
-        patch.skipped.append(message)
-        warnings.warn(f"fasttrain apply: {message}", RuntimeWarning, stacklevel=4)
-        return
     before = config._attn_implementation
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(hf.NAME)

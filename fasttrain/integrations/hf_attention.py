@@ -22,6 +22,10 @@ kernel call:
 
 While tracing nothing is read on the host: a padding mask's cuts are computed on the device, and packed sequences
 come as cu_seq_lens (restarting position_ids fail a device-side assert).
+
+A model's attention-logit softcapping (Gemma 2's `softcap` keyword, from attn_logit_softcapping) goes to every kernel
+call as flash-attn's softcap; the masked paths, which torch's scaled_dot_product_attention signature cannot cap, take
+fasttrain's reference attention with the mask and the cap.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ from torch import Tensor
 from transformers.masking_utils import sdpa_mask
 
 from fasttrain.ops import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, scaled_dot_product_attention
+from fasttrain.ops.attention_reference import UNBOUNDED, attention_reference
 
-UNSUPPORTED = ("softcap", "position_bias", "s_aux")
+UNSUPPORTED = ("position_bias", "s_aux")
 _PACKED_WHILE_TRACING = (
     "attn_implementation='fasttrain' under torch.compile takes packed sequences as cu_seq_lens_q/k and "
     "max_length_q/k (DataCollatorWithFlattening(return_flash_attn_kwargs=True)), not as restarting position_ids"
@@ -194,7 +199,29 @@ def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw) -> Tensor:
     return out.view(q.shape)  # (B*Tq, H, D) -> (B, Tq, H, D)
 
 
-def _dense(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
+def _masked(query, key, value, attn_mask, dropout_p, scale, softcap) -> Tensor:
+    """Attention with a (B or 1, 1, Tq, Tk) mask over (B, H, T, D) inputs -> (B, Tq, H, D): fasttrain's
+    scaled_dot_product_attention, or with softcap > 0 (no part of torch's signature) the reference attention, which
+    takes a mask and the cap."""
+    if softcap > 0.0:
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, T, D) -> (B, T, H, D) views
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return attention_reference(
+            q, k, v, scale, UNBOUNDED, UNBOUNDED, None, None, attn_mask, dropout_p, None, softcap
+        )[0]
+    out = scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attn_mask,
+        dropout_p=dropout_p,
+        scale=scale,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return out.transpose(1, 2)  # (B, H, Tq, D) -> (B, Tq, H, D)
+
+
+def _dense(q, k, v, mask, causal, window, dropout_p, scale, softcap=0.0) -> Tensor:
     """The reference for a 2-D key mask the varlen cuts cannot express (holes): (B, Tq, Tk) visibility from the key
     mask, the causal diagonal aligned bottom-right and the window."""
     Tq, Tk = q.shape[1], k.shape[1]
@@ -206,22 +233,16 @@ def _dense(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
         band &= i - j <= left
     if right >= 0:
         band &= j - i <= right
-    out = scaled_dot_product_attention(
-        *(t.transpose(1, 2) for t in (q, k, v)),  # (B, T, H, D) -> (B, H, T, D)
-        attn_mask=(mask[:, None, :] & band)[:, None],  # (B, 1, Tq, Tk)
-        dropout_p=dropout_p,
-        scale=scale,
-        enable_gqa=k.shape[2] != q.shape[2],
-    )
-    return out.transpose(1, 2)  # (B, H, Tq, D) -> (B, Tq, H, D)
+    qkv = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D) -> (B, H, T, D)
+    return _masked(*qkv, (mask[:, None, :] & band)[:, None], dropout_p, scale, softcap)  # mask (B, 1, Tq, Tk)
 
 
-def _padded(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
+def _padded(q, k, v, mask, causal, window, dropout_p, scale, softcap=0.0) -> Tensor:
     Tq, Tk = q.shape[1], mask.shape[1]
     k, v = k[:, :Tk], v[:, :Tk]  # a static cache's rows past the mask are unwritten
     if not causal and window != (-1, -1):  # the cuts would move a bidirectional window off the tokens' positions
-        return _dense(q, k, v, mask, causal, window, dropout_p, scale)
-    kw = dict(dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=window)
+        return _dense(q, k, v, mask, causal, window, dropout_p, scale, softcap)
+    kw = dict(dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=window, softcap=softcap)
     if not _tracing(mask) and causal and Tq < Tk and dropout_p == 0.0 and not torch.is_grad_enabled():
         # A decode step of a left-padded batch: the KV-cache kernel reads the cache in place.
         cache = _once_per_tensor("left padding", mask, (), lambda: left_padding(mask))
@@ -236,6 +257,7 @@ def _padded(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
                 softmax_scale=scale,
                 causal=True,
                 window_size=window,
+                softcap=softcap,
                 check_lengths=False,
             )
     if not _tracing(mask):
@@ -243,7 +265,7 @@ def _padded(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
             "padding", mask, (Tq, causal), lambda: padding_offsets_read(mask, Tq, causal)
         )
         if holes:
-            return _dense(q, k, v, mask, causal, window, dropout_p, scale)
+            return _dense(q, k, v, mask, causal, window, dropout_p, scale, softcap)
         return _varlen(q, k, v, cu_q, cu_k, Tq, Tk, **kw)
     cu_q, cu_k, holes = padding_offsets(mask, Tq, causal)
     # Branching on holes would read them on the host in every layer; a device-side check costs no sync.
@@ -251,8 +273,8 @@ def _padded(q, k, v, mask, causal, window, dropout_p, scale) -> Tensor:
     return _varlen(q, k, v, cu_q, cu_k, Tq, Tk, **kw)
 
 
-def _unpadded(q, k, v, position_ids, causal, window, dropout_p, scale, varlen_kwargs) -> Tensor:
-    kw = dict(dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=window)
+def _unpadded(q, k, v, position_ids, causal, window, dropout_p, scale, varlen_kwargs, softcap=0.0) -> Tensor:
+    kw = dict(dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=window, softcap=softcap)
     B, Tq = q.shape[:2]
     cu_q, cu_k = varlen_kwargs.get("cu_seq_lens_q"), varlen_kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None:  # a flattening collator's offsets (batch 1)
@@ -291,28 +313,21 @@ def fasttrain_attention_forward(
     **kwargs,
 ) -> tuple[Tensor, None]:
     """transformers' attention-function contract: query (B, H, Tq, D), key/value (B, Hkv, Tk, D), attention_mask
-    from fasttrain_mask -> ((B, Tq, H, D), no attention weights). dropout goes to the kernels' dropout_p."""
+    from fasttrain_mask -> ((B, Tq, H, D), no attention weights). dropout goes to the kernels' dropout_p; softcap
+    (Gemma 2's attention-logit softcapping, None for none) to their softcap."""
     for unsupported in UNSUPPORTED:
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"attn_implementation='fasttrain' does not implement {unsupported}; use 'eager'")
+    softcap = float(kwargs.get("softcap") or 0.0)
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     if attention_mask is not None and attention_mask.dim() == 4:  # the user's own mask, or a model's overlay
-        out = scaled_dot_product_attention(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=dropout,
-            scale=scaling,
-            enable_gqa=key.shape[1] != query.shape[1],
-        )
-        return out.transpose(1, 2), None  # (B, H, Tq, D) -> (B, Tq, H, D)
+        return _masked(query, key, value, attention_mask, dropout, scaling, softcap), None
     # transformers' sliding masks: causal keys i - W < j <= i; bidirectional |i - j| <= W
     W = sliding_window
     window = (-1, -1) if W is None else (W - 1, 0) if causal else (W, W)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, T, D) -> (B, T, H, D) views
     if attention_mask is not None:
-        out = _padded(q, k, v, attention_mask.bool(), causal, window, dropout, scaling)
+        out = _padded(q, k, v, attention_mask.bool(), causal, window, dropout, scaling, softcap)
     else:
-        out = _unpadded(q, k, v, position_ids, causal, window, dropout, scaling, kwargs)
+        out = _unpadded(q, k, v, position_ids, causal, window, dropout, scaling, kwargs, softcap)
     return out, None
