@@ -3,9 +3,11 @@
 is installed. On a GPU: the Triton kernels against SDPA's FLASH, CUDNN and EFFICIENT, bf16, B*T = 16k tokens,
 H*D = 2048, T = 512..16384, head_dim 64 and 128, causal and not. On the CPU: the C++ kernel against SDPA's FLASH
 (torch's own CPU flash kernel), fp32, B*T = 2048 tokens, H*D = 512, T 128 (the main job's), 256 and 1024, head_dim
-64. Before a provider is timed, its output and its gradients are checked against the fp32 reference on four heads,
-two of the first sequence and two of the last (the whole shape's fp32 scores would not fit at T = 16384); one that
-is off is not timed, and the run exits 1 after writing what it measured.
+64. Rows fasttrain_softcap (softcap 50, Gemma 2's) and fasttrain_alibi (ALiBi's slopes 2^(-8h/H)) time the kernels
+with flash-attn's score modifiers; their *_vs_plain columns are their times over the plain fasttrain row's (1.10:
+10% slower). Before a provider is timed, its output and its gradients are checked against the fp32 reference (with
+the same modifiers) on four heads, two of the first sequence and two of the last (the whole shape's fp32 scores would
+not fit at T = 16384); one that is off is not timed, and the run exits 1 after writing what it measured.
 
     python -m fasttrain.benchmarks.bench_attention [--quick] [--seqlens T ...] [--device cuda|cpu]
 """
@@ -13,6 +15,7 @@ is off is not timed, and the run exits 1 after writing what it measured.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,19 @@ TOKENS_CPU, HIDDEN_CPU, HEAD_DIM_CPU = 2048, 512, 64
 # or not, d128; a wrong mask, scale or tile misses by O(1).
 CHECK_RTOL = {torch.bfloat16: 5e-2, torch.float16: 2e-2, torch.float32: 1e-4}
 EAGER_MAX_SCORE_BYTES = 8 << 30  # eager materialises (B, H, T, T) scores several times over; skip beyond this
+SOFTCAP = 50.0  # Gemma 2's attention softcap
+# the providers that run fasttrain's kernels with score modifiers: their keyword arguments (alibi: the slopes' flag)
+MODIFIED = {"fasttrain_softcap": {"softcap": SOFTCAP}, "fasttrain_alibi": {"alibi": True}}
+
+
+@functools.lru_cache
+def alibi_slopes(H: int, device: str) -> torch.Tensor:
+    """ALiBi's slopes for H heads (a power of 2): 2^(-8h/H), h = 1..H, float32 (H,)."""
+    return torch.tensor([2.0 ** (-8.0 * h / H) for h in range(1, H + 1)], device=device)
+
+
+def _modifiers(q, softcap=0.0, alibi=False) -> dict:
+    return dict(softcap=softcap, alibi_slopes=alibi_slopes(q.shape[2], str(q.device)) if alibi else None)
 
 
 def flops(mode: str, B: int, H: int, T: int, D: int, causal: bool) -> float:
@@ -54,6 +70,12 @@ def providers(device: str) -> dict:
     kernel = "triton" if device == "cuda" else "cpu"
     found = {
         "fasttrain": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal, backend=kernel),
+        **{
+            name: lambda q, k, v, causal, kw=kw: flash_attn_func(
+                q, k, v, causal=causal, backend=kernel, **_modifiers(q, **kw)
+            )
+            for name, kw in MODIFIED.items()
+        },
         "eager": lambda q, k, v, causal: attention_reference(
             q, k, v, q.shape[-1] ** -0.5, UNBOUNDED, 0 if causal else UNBOUNDED
         )[0],
@@ -85,10 +107,13 @@ def _checked_slice(t):
     return torch.cat([t[:1, :, :2], t[-1:, :, -2:]], dim=2)
 
 
-def _reference(q, k, v, dout, causal):
-    """fp32 out, dq, dk, dv on the checked slice."""
+def _reference(q, k, v, dout, causal, softcap=0.0, alibi=False):
+    """fp32 out, dq, dk, dv on the checked slice, with the score modifiers given (MODIFIED's keywords)."""
+    slopes = _modifiers(q, alibi=alibi)["alibi_slopes"]
+    slopes = None if slopes is None else torch.cat([slopes[:2], slopes[-2:]])  # the checked slice's heads
     q, k, v = (_checked_slice(t).detach().float().requires_grad_() for t in (q, k, v))
-    out = attention_reference(q, k, v, q.shape[-1] ** -0.5, UNBOUNDED, 0 if causal else UNBOUNDED)[0]
+    window = (UNBOUNDED, 0 if causal else UNBOUNDED)
+    out = attention_reference(q, k, v, q.shape[-1] ** -0.5, *window, None, None, None, 0.0, None, softcap, slopes)[0]
     return (out.detach(), *torch.autograd.grad(out, (q, k, v), _checked_slice(dout).float()))
 
 
@@ -100,7 +125,8 @@ def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, generator=g, device=device, dtype=dtype).requires_grad_() for _ in range(3))
     dout = torch.randn(B, T, H, D, generator=g, device=device, dtype=dtype)
-    rows, expected = [], _reference(q, k, v, dout, causal)
+    rows, plain = [], _reference(q, k, v, dout, causal)
+    expected = {name: _reference(q, k, v, dout, causal, **kw) for name, kw in MODIFIED.items()}
     common.take_tuning_timings()  # drop what an earlier shape's tuning left
     for name, fn in providers(device).items():
         row = {"provider": name, "B": B, "T": T, "H": H, "D": D, "causal": causal, "dtype": str(dtype)[6:]}
@@ -115,7 +141,7 @@ def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
         got = (out, *torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
         errors = {
             what: round(_rel_err(_checked_slice(t), want), 6)
-            for what, t, want in zip(("out", "dq", "dk", "dv"), got, expected)
+            for what, t, want in zip(("out", "dq", "dk", "dv"), got, expected.get(name, plain))
         }
         del got
         row["max_rel_err"] = max(errors.values())
@@ -134,6 +160,9 @@ def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
             row[f"{mode}_tflops"] = flops(mode, B, H, T, D, causal) / (ms * 1e-3) / 1e12
         if name == "fasttrain":  # every tile's time at this shape (warp-specialized or not), as the autotuner saw it
             row["tuning_ms"] = common.take_tuning_timings()
+        base = next((r for r in rows if r["provider"] == "fasttrain" and "skipped" not in r), None)
+        if name in MODIFIED and base is not None:
+            row.update({f"{mode}_vs_plain": round(row[f"{mode}_ms"] / base[f"{mode}_ms"], 3) for mode in modes})
         rows.append(row)
         del out
     return rows
@@ -165,6 +194,7 @@ def main() -> None:
     for B, T, H, D, causal in shapes:
         rows += bench_shape(args.device, dtype, B, T, H, D, causal, modes)
     cols = ["provider", "B", "T", "H", "D", "causal", "max_rel_err"] + [f"{m}_tflops" for m in modes]
+    cols += [f"{m}_vs_plain" for m in modes]
     common.print_table(rows, cols + ["skipped"])
     print("ceilings:", ceilings)
     print("wrote", common.write_results("attention", args.device, rows, ceilings, args.out, args.quick))

@@ -193,6 +193,19 @@ def test_benchmarks_check_results_before_timing(monkeypatch):
     assert rows[0]["skipped"].startswith("wrong result") and "fwd_ms" not in rows[0]
     assert rows[1]["max_rel_err"] < 1e-6 and rows[1]["fwd_ms"] > 0
     assert rows[2]["skipped"].startswith("wrong result")
+    # attention with score modifiers: each checked against the reference with its own modifiers, timed against plain
+    monkeypatch.setattr(
+        bench,
+        "providers",
+        lambda device: {
+            "fasttrain": found["fasttrain"],
+            "fasttrain_softcap": found["fasttrain_softcap"],
+            "fasttrain_alibi": found["fasttrain"],  # the plain kernel under the ALiBi row's name
+        },
+    )
+    rows = bench.bench_shape("cpu", torch.float32, 2, 16, 4, 32, True, ["fwd"])
+    assert rows[1]["max_rel_err"] < 1e-5 and rows[1]["fwd_vs_plain"] > 0
+    assert rows[2]["skipped"].startswith("wrong result")
     # step: an optimizer that left the weights alone
     step = bench_step
     weights = [torch.randn(4, 4)]
