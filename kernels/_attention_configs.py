@@ -83,8 +83,16 @@ _DQ = {
     },
     80: {"d64": [(64, 64, 4, 3)], "d128": [(64, 32, 4, 3)], "d256": [(32, 32, 8, 2)]},
 }
+# sm_90 tiles that spill once flash-attn's score modifiers (SOFTCAP, ALIBI: a tanh and a distance per score) add
+# their registers, so that launches with either leave them out and keep the rest of their class (triton 3.7.1, bf16,
+# both modifiers, plain -> modified: fwd d64 (128,64,4,3) 232 -> 255 registers and 32 B of stack, fwd d128
+# (128,128,8,2) 255 -> 255 and 72 B; dkdv with atomic dQ d128 (64,64,8,2) 243 -> 255 and 16 B).
+_SPILL_MODIFIED_FWD = {90: {"d64": [(128, 64, 4, 3, False)], "d128": [(128, 128, 8, 2, False)]}}
+_SPILL_MODIFIED_DKDV_DQ = {90: {"d128": [(64, 64, 8, 2, False)]}}
 # The interpreter's cost is per program and per tile operation, not per element: fewer, larger tiles are faster.
 _INTERPRETER = (64, 64, 4, 1)
+# ids of the configs left out of launches with score modifiers (from the _SPILL_MODIFIED tables)
+PLAIN_ONLY: set[int] = set()
 
 
 def config(t, **fixed):
@@ -102,18 +110,21 @@ def one_config_table(t, **fixed) -> dict:
     return {cls: one for cls in HEAD_DIM_CLASSES}
 
 
-def _build(table, interpreter, **fixed):
+def _build(table, interpreter, spill_modified=None, **fixed):
     out = {
         arch: {cls: [config(t, **fixed) for t in tuples] for cls, tuples in by_class.items()}
         for arch, by_class in table.items()
     }
+    for arch, by_class in (spill_modified or {}).items():
+        for cls, tuples in by_class.items():
+            PLAIN_ONLY.update(id(c) for t, c in zip(table[arch][cls], out[arch][cls]) if t in tuples)
     out["interpreter"] = one_config_table(interpreter, **fixed)
     return out
 
 
-FWD_CONFIGS = _build(_FWD, (*_INTERPRETER, False))
+FWD_CONFIGS = _build(_FWD, (*_INTERPRETER, False), _SPILL_MODIFIED_FWD)
 DKDV_CONFIGS = _build(_DKDV, (*_INTERPRETER, False), ATOMIC_DQ=False)
-DKDV_DQ_CONFIGS = _build(_DKDV_DQ, (*_INTERPRETER, False), ATOMIC_DQ=True)
+DKDV_DQ_CONFIGS = _build(_DKDV_DQ, (*_INTERPRETER, False), _SPILL_MODIFIED_DKDV_DQ, ATOMIC_DQ=True)
 DQ_CONFIGS = _build(_DQ, _INTERPRETER)
 
 
@@ -132,16 +143,19 @@ def flat(table_for_arch) -> list:
 
 def pruner(table_for_arch):
     """early_config_prune: keep the configs of the call's head-dim class, the warp-specialized ones only where the
-    launch says its inputs can be read by TMA (TMA_ALIGNED)."""
+    launch says its inputs can be read by TMA (TMA_ALIGNED), and with score modifiers (SOFTCAP or ALIBI) only those
+    that do not spill with them (PLAIN_ONLY)."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         keep = table_for_arch[head_dim_class(args["HEAD_DIM"])]
+        modified = args.get("SOFTCAP", False) or args.get("ALIBI", False)
         return [
             c
             for c in configs
             if any(c is k for k in keep)
             and (args.get("TMA_ALIGNED", False) or not c.kwargs.get("WARP_SPECIALIZE", False))
+            and not (modified and id(c) in PLAIN_ONLY)
         ]
 
     return prune

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 from triton.runtime import _allocation
 
-from ._attention_configs import flat, pruner
+from ._attention_configs import PLAIN_ONLY, flat, pruner
 from ._launch import INTERPRETING, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be constexpr (the compiler insists)
@@ -167,8 +167,9 @@ def aot_launch(head_dim: int, dtype: str) -> dict:
 def aot_cases(table_for_arch: dict, dtype: str, modified: bool = False) -> list[dict]:
     """Every config of one arch's table ({head-dim class: [triton.Config]}) over aot_launch; a warp-specialized
     config compiles twice: its loop masks every tile, or none (FULL_TILES). modified: each case once more with both
-    score modifiers (SOFTCAP and ALIBI, the most registers either takes)."""
-    cases = []
+    score modifiers (SOFTCAP and ALIBI, the most registers either takes), except the configs that such launches leave
+    out (_attention_configs.PLAIN_ONLY)."""
+    cases, with_modifiers = [], []
     for cls, configs in table_for_arch.items():
         for c in configs:
             label = f"{cls} " + " ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" w{c.num_warps} s{c.num_stages}"
@@ -178,14 +179,15 @@ def aot_cases(table_for_arch: dict, dtype: str, modified: bool = False) -> list[
                 num_warps=c.num_warps,
                 num_stages=c.num_stages,
             )
-            cases.append(case)
+            variants = [case]
             if c.kwargs.get("WARP_SPECIALIZE"):
-                cases.append(
+                variants.append(
                     {**case, "label": label + " full", "constexprs": {**case["constexprs"], "FULL_TILES": True}}
                 )
-    if modified:
-        both = {"SOFTCAP": True, "ALIBI": True}
-        cases += [
-            {**c, "label": c["label"] + " softcap+alibi", "constexprs": {**c["constexprs"], **both}} for c in cases
-        ]
-    return cases
+            cases += variants
+            if modified and id(c) not in PLAIN_ONLY:
+                with_modifiers += variants
+    both = {"SOFTCAP": True, "ALIBI": True}
+    return cases + [
+        {**c, "label": c["label"] + " softcap+alibi", "constexprs": {**c["constexprs"], **both}} for c in with_modifiers
+    ]

@@ -348,6 +348,18 @@ def test_pruner_keeps_warp_specialized_configs_only_where_tma_can_read(table):
     assert not any(specialized(256, TMA_ALIGNED=True))
 
 
+@pytest.mark.parametrize("table", ["FWD_CONFIGS", "DKDV_DQ_CONFIGS"])
+def test_pruner_leaves_out_the_tiles_that_spill_with_score_modifiers(table):
+    by_class = getattr(_attention_configs, table)[90]
+    prune, configs = _attention_configs.pruner(by_class), _attention_configs.flat(by_class)
+    for head_dim in (64, 128, 256):
+        plain = prune(configs, {}, HEAD_DIM=head_dim, TMA_ALIGNED=True, SOFTCAP=False, ALIBI=False)
+        for flags in ({"SOFTCAP": True, "ALIBI": False}, {"SOFTCAP": False, "ALIBI": True}):
+            modified = prune(configs, {}, HEAD_DIM=head_dim, TMA_ALIGNED=True, **flags)
+            assert modified == [c for c in plain if id(c) not in _attention_configs.PLAIN_ONLY] and modified
+    assert any(id(c) in _attention_configs.PLAIN_ONLY for c in configs)
+
+
 def test_varlen_strided_cu_seqlens():
     # cu_seqlens as a column of a (B + 1, 2) tensor: the kernels read Cu + b, so a strided view must be copied first.
     g = torch.Generator().manual_seed(3)
