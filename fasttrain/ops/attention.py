@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op, reference_gradients
-from fasttrain.ops.attention_masks import kernel_band
+from fasttrain.ops.attention_masks import Segments, kernel_plan
 from fasttrain.ops.attention_reference import (
     UNBOUNDED,
     attention_reference,
@@ -602,9 +602,11 @@ def scaled_dot_product_attention(
 
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. is_causal masks as
     torch does, aligned top-left: query i sees keys j <= i. attn_mask: bool (True = attend) or additive float,
-    broadcastable to (B, H, Tq, Tk). A mask that is a band (causal, sliding-window: the same keys i - L .. i + R for
-    every row, batch and head; 0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per
-    mask tensor, one host sync on a GPU); any other mask, and dropout_p > 0, runs the reference path. Returns
+    broadcastable to (B, H, Tq, Tk). A mask that is one for every head and lets each query row see one stretch of
+    keys (0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per mask tensor, one host
+    sync on a GPU): a band (causal, sliding-window) as is; padding (key lengths per batch row, with or without
+    causality) and document packing (block-diagonal) as varlen launches over gathered rows. Any other mask, and
+    dropout_p > 0, runs the reference path. Returns
     (B, H, Tq, D). The backward is deterministic under torch.use_deterministic_algorithms(True) (see
     `flash_attn_func`).
     """
@@ -625,11 +627,39 @@ def scaled_dot_product_attention(
     Tq, Tk = q.shape[1], k.shape[1]
     # top-left causal is the bottom-right band shifted by Tq - Tk: j - i - (Tk - Tq) <= Tq - Tk
     left, right = UNBOUNDED, (Tq - Tk if is_causal else UNBOUNDED)
+    scale = _scale(scale, q.shape[-1])
     if attn_mask is not None and dropout_p == 0.0 and backend != "reference":
-        band = kernel_band(attn_mask, q.shape[0], Tq, Tk)  # a causal or windowed mask: the kernels' band
-        if band is not None:
-            (left, right), attn_mask = band, None
-    out, _ = _attend(
-        q, k, v, None, None, Tq, Tk, _scale(scale, q.shape[-1]), left, right, backend, dropout_p, attn_mask
-    )
+        plan = kernel_plan(attn_mask, q.shape[0], Tq, Tk, q.device)
+        if isinstance(plan, Segments):  # padding or packed documents: varlen launches over gathered rows
+            return _segmented(q, k, v, plan, scale, backend, dropout_p).transpose(1, 2)
+        if plan is not None:  # a causal or windowed mask: the kernels' band
+            (left, right), attn_mask = plan, None
+    out, _ = _attend(q, k, v, None, None, Tq, Tk, scale, left, right, backend, dropout_p, attn_mask)
     return out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)
+
+
+def _segmented(q, k, v, plan: Segments, scale: float, backend, dropout_p: float) -> Tensor:
+    """Attention of q (B, Tq, H, D) over k, v (B, Tk, Hkv, D) as the mask's packed launches: each gathers its query
+    and key rows, runs the varlen kernel and scatters its rows into the output; rows in no launch stay 0."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    q_rows = q.reshape(B * Tq, H, D)  # (B, Tq, H, D) -> (B * Tq, H, D)
+    k_rows, v_rows = k.reshape(B * Tk, Hkv, D), v.reshape(B * Tk, Hkv, D)  # (B * Tk, Hkv, D)
+    out = q.new_zeros(B * Tq, H, D)
+    for p in plan.launches:
+        part, _ = _attend(
+            q_rows.index_select(0, p.q_rows),
+            k_rows.index_select(0, p.k_rows),
+            v_rows.index_select(0, p.k_rows),
+            p.cu_seqlens_q,
+            p.cu_seqlens_k,
+            p.max_seqlen_q,
+            p.max_seqlen_k,
+            scale,
+            UNBOUNDED,
+            p.right,
+            backend,
+            dropout_p,
+        )
+        out = out.index_copy(0, p.q_rows, part)
+    return out.view(B, Tq, H, D)
