@@ -246,6 +246,7 @@ BENCHMARKS = (
     "activation",
     "swiglu",
     "step",
+    "first_step",
     "hf_step",
     "overhead",
     "data",

@@ -12,7 +12,7 @@ from fasttrain.ops import attention_masks, scaled_dot_product_attention
 from fasttrain.ops.attention_masks import Segments, kernel_plan
 from fasttrain.ops.attention_reference import UNBOUNDED
 
-from helpers import TOL_FP32
+from helpers import TOL_FP32, assert_within_2x_torch, float64_leaves, randn
 
 TOL = dict(atol=TOL_FP32["attention"], rtol=TOL_FP32["attention"])
 
@@ -207,3 +207,30 @@ def test_dropout_and_a_gradient_mask_keep_the_reference():
     q, k, v = _qkv(1, 2, 8, 8)
     with pytest.raises(BackendError, match="attn_mask"):  # the mask is kept for the reference to apply
         scaled_dot_product_attention(q, k, v, attn_mask=_band_mask(8, 8, None, 0), dropout_p=0.1, backend="cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["right-padded-causal", "documents", "key-padding"])
+def test_gpu_segments_within_2x_torch(name):
+    """bf16 at a model's size on the Triton kernels: output and gradients within 2x torch's own bf16 error."""
+    B, H, T, D = 4, 8, 1024, 128
+    lengths = torch.tensor([1024, 700, 333, 1])
+    pad = torch.arange(T)[None] < lengths[:, None]
+    keep = {
+        "right-padded-causal": (pad[:, None, :] & _causal(T))[:, None],
+        "documents": _documents(T, [(0, 300), (300, 301), (301, 800), (800, T)]),
+        "key-padding": pad[:, None, None, :],
+    }[name].cuda()
+    q, k, v = (randn(B, H, T, D, dtype=torch.bfloat16, device="cuda", seed=s) for s in range(3))
+    do = randn(B, H, T, D, dtype=torch.bfloat16, device="cuda", seed=3, grad=False)
+    out = scaled_dot_product_attention(q, k, v, attn_mask=keep, backend="triton")
+    mine = [t.detach().requires_grad_() for t in (q, k, v)]
+    torch_out = F.scaled_dot_product_attention(*mine, attn_mask=keep)
+    wide = float64_leaves(q, k, v)
+    want = F.scaled_dot_product_attention(*wide, attn_mask=keep)
+    assert_within_2x_torch(out, torch_out, want, what="out")
+    ours = torch.autograd.grad(out, (q, k, v), do)
+    theirs = torch.autograd.grad(torch_out, mine, do)
+    exact = torch.autograd.grad(want, wide, do.double())
+    for n, a, b, c in zip("qkv", ours, theirs, exact):
+        assert_within_2x_torch(a, b, c, what=f"d{n}")
