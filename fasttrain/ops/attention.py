@@ -559,12 +559,15 @@ def flash_attn_varlen_func(
     and in-place version (one host sync), not while a CUDA graph is captured or torch.compile traces. Sequence b's
     queries attend only to sequence b's keys, masked as in `flash_attn_func` with that sequence's Tq_b and Tk_b.
     Returns out (total_q, H, D), or (out, softmax_lse (H, total_q) float32, None) with return_attn_probs.
-    block_table (paged KV) is not implemented and must be None. deterministic as in `flash_attn_func`.
+    block_table: (B, max_blocks) int32, or None: k and v are then a paged cache (num_blocks, page_block_size,
+    Hkv, D), sequence b's key t in page block_table[b, t // page_block_size] (cu_seqlens_k still gives the lengths);
+    each sequence's keys are gathered out of their pages (differentiable into the cache) before the kernels run.
+    deterministic as in `flash_attn_func`.
     """
+    if block_table is not None:
+        k, v = _keys_from_pages(q, k, v, block_table, cu_seqlens_k)
     _check_qkv(q, k, v, 3, "(total, H, D)")
     _refuse_unsupported(softcap, alibi_slopes)
-    if block_table is not None:
-        raise ValueError("block_table must be None (a paged KV cache is not implemented)")
     cu_seqlens_q, cu_seqlens_k = _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
@@ -584,6 +587,53 @@ def flash_attn_varlen_func(
         deterministic=deterministic,
     )
     return (out, lse, None) if return_attn_probs else out
+
+
+def _keys_from_pages(q, k_cache, v_cache, block_table, cu_seqlens_k) -> tuple[Tensor, Tensor]:
+    """Packed keys and values (total_k, Hkv, D) of a paged cache (num_blocks, page_block_size, Hkv, D): sequence b's
+    key t from row t % page_block_size of page block_table[b, t // page_block_size]. The lengths and the pages used
+    are read on the host (two reads) and checked against the table and the cache; refused while a CUDA graph is
+    captured."""
+    for name, t in (("k", k_cache), ("v", v_cache)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"{name} must be a paged cache (num_blocks, page_block_size, Hkv, D) with a block_table, got {got}"
+            )
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
+        got = getattr(block_table, "dtype", type(block_table).__name__)
+        raise TypeError(f"block_table must be an int32 tensor (B, max_blocks), got {got}")
+    if not isinstance(cu_seqlens_k, Tensor) or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() < 2:
+        raise ValueError("cu_seqlens_k must be a 1-D tensor of B + 1 offsets")
+    B = cu_seqlens_k.numel() - 1
+    if block_table.dim() != 2 or block_table.shape[0] != B or block_table.shape[1] == 0:
+        raise ValueError(f"block_table must be (B={B}, max_blocks >= 1), got shape {tuple(block_table.shape)}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table must be on q's device ({q.device}), got {block_table.device}")
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError(
+            "block_table: the keys' pages are found from cu_seqlens_k on the host, not while a CUDA graph is captured"
+        )
+    num_blocks, page = k_cache.shape[:2]
+    cu = cu_seqlens_k.long()
+    lengths = cu.diff()  # (B,)
+    total = int(cu[-1])
+    seq = torch.repeat_interleave(torch.arange(B, device=q.device), lengths, output_size=total)  # (total_k,)
+    t = torch.arange(total, device=q.device) - cu[:-1][seq]  # each key's position in its sequence
+    slot = (t // page).clamp(max=block_table.shape[1] - 1)
+    pages = block_table.long()[seq, slot]  # (total_k,)
+    if total:
+        longest, lo, hi = torch.stack((lengths.max(), pages.min(), pages.max())).tolist()
+        if longest > block_table.shape[1] * page:
+            raise ValueError(
+                f"a sequence of {longest} keys needs more than block_table's {block_table.shape[1]} pages of {page}"
+            )
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(f"block_table's pages must lie in [0, {num_blocks}), got values in [{lo}, {hi}]")
+    rows = pages * page + t % page  # (total_k,) rows of the cache seen as (num_blocks * page, Hkv, D)
+    return k_cache.flatten(0, 1).index_select(0, rows), v_cache.flatten(0, 1).index_select(0, rows)
 
 
 def scaled_dot_product_attention(
