@@ -234,3 +234,29 @@ def test_gpu_segments_within_2x_torch(name):
     exact = torch.autograd.grad(want, wide, do.double())
     for n, a, b, c in zip("qkv", ours, theirs, exact):
         assert_within_2x_torch(a, b, c, what=f"d{n}")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_documents_and_padding_match_torch(seed):
+    """Per batch row: random documents, each causal or not, then padding on a random side; every row one stretch."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = 3, 24
+    keep = torch.zeros(B, 1, T, T, dtype=torch.bool)
+    for b in range(B):
+        cuts = sorted(torch.randperm(T - 1, generator=g)[: int(torch.randint(0, 5, (), generator=g))].add(1).tolist())
+        for s, e in zip([0, *cuts], [*cuts, T]):
+            keep[b, 0, s:e, s:e] = _causal(e - s) if torch.rand((), generator=g) < 0.7 else True
+        pad = int(torch.randint(0, T // 2, (), generator=g))
+        if torch.rand((), generator=g) < 0.5:
+            keep[b, 0, :, T - pad :] = False  # right padding: the last keys
+        else:
+            keep[b, 0, :, :pad] = False
+    assert isinstance(_plan(keep, B, T, T), Segments)
+    q, k, v = _qkv(B, 2, T, T, seed=seed)
+    out = scaled_dot_product_attention(q, k, v, attn_mask=keep, backend="cpu")
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    want = F.scaled_dot_product_attention(*leaves, attn_mask=keep)
+    torch.testing.assert_close(out, want, **TOL)
+    do = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(want, leaves, do)):
+        torch.testing.assert_close(a, b, **TOL)

@@ -101,51 +101,55 @@ def _band(lo: Tensor, hi: Tensor, Tk: int) -> tuple[int, int] | None:
     return L, R
 
 
-def _runs(lo: list[int], hi: list[int]):
-    """Yield (q0, q1, k0, k1, causal) over one batch row's query rows: maximal runs sharing their first key lo whose
-    last key stays put (full) or moves by one per row (causal); a run of one row counts as full."""
-    i, T = 0, len(lo)
-    while i < T:
-        if lo[i] > hi[i]:  # a row that sees no key
-            i += 1
-            continue
-        start, step = i, None
-        i += 1
-        while i < T and lo[i] == lo[start] and lo[i] <= hi[i]:
-            d = hi[i] - hi[i - 1]
-            if d not in (0, 1) or (step is not None and d != step):
-                break
-            step, i = d, i + 1
-        yield start, i, lo[start], hi[i - 1] + 1, step == 1
+def _runs(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut the query rows of host lo, hi (b, Tq) into runs that share their first key and whose last key stays put
+    (full) or moves by one per row (causal). Returns (rows, starts, causal): the flattened row numbers of the rows
+    that see a key, in order; where each run starts among them (bool); whether each run is causal."""
+    seen = lo <= hi
+    first_col = torch.zeros_like(seen)
+    first_col[:, 0] = True
+    d = hi - hi.roll(1, dims=1)  # the last key's step from the row before
+    # continues: this row and the one before see keys, from the same first key, the last one a step of 0 or 1 on
+    continues = seen & ~first_col & seen.roll(1, dims=1) & (lo == lo.roll(1, dims=1)) & ((d == 0) | (d == 1))
+    # ... and at the step the run has taken, once it has one (a run's second row sets it)
+    starts = seen & ~(continues & (~continues.roll(1, dims=1) | (d == d.roll(1, dims=1))))
+    rows = seen.flatten().nonzero().flatten()
+    starts = starts.flatten()[rows]
+    second = torch.cat((starts[1:], torch.ones(1, dtype=torch.bool))).logical_not() & starts  # runs of 2+ rows
+    causal = (d.flatten()[rows].roll(-1) == 1)[second.nonzero().flatten()]
+    is_causal = torch.zeros(len(rows), dtype=torch.bool)
+    is_causal[second.nonzero().flatten()] = causal
+    return rows, starts, is_causal[starts]
 
 
-def _segments(lo: Tensor, hi: Tensor, same: bool, B: int, Tq: int, Tk: int, device) -> Segments | None:
-    """The packed launches for host rows lo, hi (b, Tq); None where the gathered keys would exceed 2 * B * Tk."""
-    rows = [list(_runs(lo[0].tolist(), hi[0].tolist()))] * B if same else [
-        list(_runs(lo[b].tolist(), hi[b].tolist())) for b in range(lo.shape[0])
-    ]  # fmt: skip
+def _segments(lo: Tensor, hi: Tensor, B: int, Tq: int, Tk: int, device) -> Segments | None:
+    """The packed launches for host rows lo, hi (B, Tq); None where the gathered keys would exceed 2 * B * Tk."""
+    rows, starts, causal = _runs(lo, hi)
+    run = starts.cumsum(0) - 1  # (rows,): each row's run
+    n_runs = int(starts.sum())
+    first = rows[starts]  # (runs,): each run's first row, flattened as b * Tq + i
+    last = torch.zeros(n_runs, dtype=torch.long).scatter_reduce(0, run, rows, "amax")
+    batch = first // Tq
+    k0 = batch * Tk + lo.flatten()[first]  # (runs,): first key, flattened as b * Tk + j
+    k1 = batch * Tk + hi.flatten()[last] + 1
     launches = []
-    for causal in (True, False):
-        q_parts, k_parts, len_q, len_k = [], [], [], []
-        for b, runs in enumerate(rows):
-            for q0, q1, k0, k1, is_causal in runs:
-                if is_causal == causal:
-                    q_parts.append(torch.arange(b * Tq + q0, b * Tq + q1))
-                    k_parts.append(torch.arange(b * Tk + k0, b * Tk + k1))
-                    len_q.append(q1 - q0)
-                    len_k.append(k1 - k0)
-        if not q_parts:
+    for kind in (True, False):
+        pick = causal == kind
+        if not pick.any():
             continue
+        len_q, len_k = (last - first + 1)[pick], (k1 - k0)[pick]
+        k_start = torch.repeat_interleave(k0[pick] - torch.cumsum(len_k, 0) + len_k, len_k)
+        k_rows = k_start + torch.arange(int(len_k.sum()))  # each run's keys k0 .. k1 - 1, runs in order
         zero = torch.zeros(1, dtype=torch.int32)
         launches.append(
             Packed(
-                right=0 if causal else UNBOUNDED,
-                q_rows=torch.cat(q_parts).to(device),
-                k_rows=torch.cat(k_parts).to(device),
-                cu_seqlens_q=torch.cat((zero, torch.tensor(len_q).cumsum(0, dtype=torch.int32))).to(device),
-                cu_seqlens_k=torch.cat((zero, torch.tensor(len_k).cumsum(0, dtype=torch.int32))).to(device),
-                max_seqlen_q=max(len_q),
-                max_seqlen_k=max(len_k),
+                right=0 if kind else UNBOUNDED,
+                q_rows=rows[pick[run]].to(device),
+                k_rows=k_rows.to(device),
+                cu_seqlens_q=torch.cat((zero, len_q.cumsum(0).int())).to(device),
+                cu_seqlens_k=torch.cat((zero, len_k.cumsum(0).int())).to(device),
+                max_seqlen_q=int(len_q.max()),
+                max_seqlen_k=int(len_k.max()),
             )
         )
     if not launches or sum(p.k_rows.numel() for p in launches) > 2 * B * Tk:
@@ -191,4 +195,4 @@ def _kernel_plan(mask: Tensor, B: int, Tq: int, Tk: int, device) -> tuple[int, i
         left, right = (UNBOUNDED if L == UNBOUNDED else L + shift), (UNBOUNDED if R == UNBOUNDED else R - shift)
         if left >= 0:  # else a window ending before the bottom-right diagonal: segments serve it
             return left, right
-    return _segments(lo, hi, same, B, Tq, Tk, device)
+    return _segments(lo.expand(B, Tq), hi.expand(B, Tq), B, Tq, Tk, device)
