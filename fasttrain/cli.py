@@ -238,6 +238,7 @@ BENCHMARKS = (
     "adamw",
     "adamw_fsdp",
     "attention",
+    "attention_masks",
     "cross_entropy",
     "linear_cross_entropy",
     "decode",

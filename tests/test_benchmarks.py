@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from fasttrain.benchmarks import (
     bench_adamw,
     bench_attention,
+    bench_attention_masks,
     bench_first_step,
     bench_linear_cross_entropy,
     bench_overhead,
@@ -193,6 +194,26 @@ def test_bench_first_step_keeps_its_rows_and_refuses_a_wrong_or_failed_one(tmp_p
         ("fasttrain+compile", "warm", True),
     ]
     assert rows[3]["skipped"] == "failed: exit 1: inductor failed" and "wrong result" in rows[4]["skipped"]
+
+
+def test_bench_attention_masks_checks_each_provider_before_timing_it(monkeypatch):
+    monkeypatch.setattr(common, "time_ms", lambda fn, device: (fn(), 1.0)[1])
+    right = bench_attention_masks.providers("cpu")["fasttrain"]
+    monkeypatch.setattr(
+        bench_attention_masks,
+        "providers",
+        lambda device: {"fasttrain": right, "sdpa": right, "wrong": lambda q, k, v, mask: right(q, k, v, mask) * 1.01},
+    )
+    B, H, T, D = 2, 2, 16, 8
+    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+    masks = bench_attention_masks.masks(B, T, "cpu")
+    assert set(masks) == {"causal", "right-padded causal", "left-padded causal", "key padding", "documents"}
+    rows = bench_attention_masks.bench_mask(
+        "documents", masks["documents"], q, k, v, torch.randn_like(q), "cpu", torch.float32
+    )
+    assert [r["provider"] for r in rows] == ["fasttrain", "sdpa", "wrong"]
+    assert rows[0]["max_rel_err"] < 1e-5 and rows[0]["fwd_x_sdpa"] == 1.0
+    assert rows[2]["skipped"].startswith("wrong result") and "fwd_ms" not in rows[2]
 
 
 def test_profile_call_ranks_the_host_ops():
