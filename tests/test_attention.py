@@ -255,6 +255,29 @@ def test_warp_specialized_forward_varlen_skips_blocks_past_a_sequence(warp_speci
     assert torch.equal(torch.isfinite(lse), finite) and max_err(lse[finite], ref_lse[finite]) < 1e-4
 
 
+@pytest.mark.parametrize(
+    "B,Tq,Tk,H,Hkv,D,causal,window",
+    [
+        (3, 17, 17, 4, 2, 32, True, (-1, -1)),
+        pytest.param(2, 256, 256, 2, 1, 64, False, (-1, -1), marks=pytest.mark.slow),  # unmasked (FULL_TILES)
+        (2, 200, 17, 2, 2, 64, True, (-1, -1)),
+    ],
+    ids=lambda c: str(c),
+)
+def test_warp_specialized_kernels_take_softcap_and_alibi(
+    warp_specialized_forward, warp_specialized_backward, B, Tq, Tk, H, Hkv, D, causal, window
+):
+    # flash-attn's score modifiers in the specialized loops (the unmasked FULL_TILES one too), forward and dK/dV
+    q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype=torch.bfloat16)
+    slopes = torch.rand(B, H, generator=torch.Generator().manual_seed(1))
+    kw = dict(causal=causal, window_size=window, softcap=2.0, alibi_slopes=slopes)
+    out = flash_attn_func(q, k, v, deterministic=True, backend="triton", **kw)
+    q64, k64, v64 = float64_leaves(q, k, v)
+    ref = flash_attn_func(q64, k64, v64, backend="reference", **kw)
+    assert max_err(out, ref) < TOL_HALF[torch.bfloat16]
+    _check_half_gradients(q, k, v, out, q64, k64, v64, ref)
+
+
 def test_warp_specialized_kernels_take_empty_packed_sequences(warp_specialized_forward, warp_specialized_backward):
     """Sequences of 0 queries (their keys get dK = dV = 0), of 0 keys (their queries see nothing: out 0, lse +inf,
     dQ 0) and of both, the last: their descriptors get one row, which no tile reads or writes (TMA takes no zero
