@@ -145,8 +145,8 @@ def aot_launch(head_dim: int, dtype: str) -> dict:
 
 def aot_cases(table_for_arch: dict, dtype: str, dropout: bool = False) -> list[dict]:
     """Every config of one arch's table ({head-dim class: [triton.Config]}) over aot_launch; a warp-specialized
-    config compiles twice: its loop masks every tile, or none (FULL_TILES). dropout: each pointer-loop config once
-    more with DROPOUT (the warp-specialized ones do not take it)."""
+    config compiles twice: its loop masks every tile, or none (FULL_TILES). dropout: each config that takes it
+    once more with DROPOUT (not the warp-specialized ones, nor those marked no_dropout)."""
     cases = []
     for cls, configs in table_for_arch.items():
         for c in configs:
@@ -162,7 +162,7 @@ def aot_cases(table_for_arch: dict, dtype: str, dropout: bool = False) -> list[d
                 cases.append(
                     {**case, "label": label + " full", "constexprs": {**case["constexprs"], "FULL_TILES": True}}
                 )
-            elif dropout:
+            elif dropout and not getattr(c, "no_dropout", False):
                 cases.append(
                     {**case, "label": label + " dropout", "constexprs": {**case["constexprs"], "DROPOUT": True}}
                 )

@@ -290,3 +290,18 @@ def test_registered_ops_with_a_seed(backend):
     out, lse = attention_ops._forward_op(*args)
     bwd = (torch.randn_like(out), q, k, v, out, lse, None, None, None, 20, 20, 32**-0.5, 1 << 30, 0, None, 0.3, seed)
     torch.library.opcheck(attention_ops._backward_op.op, (*bwd, False, backend), test_utils=checks)
+
+
+def test_dropout_prunes_the_tiles_that_spill_with_it():
+    """With DROPOUT the autotuners keep the pointer-loop tiles that take it (kernels/_attention_configs.py): at d128
+    on sm_90 one dK/dV tile and no atomic-dQ one, so that dropout's backward takes the dQ kernel there."""
+    from fasttrain.kernels import _attention_configs as configs
+
+    for table, kept in ((configs.DKDV_CONFIGS, 1), (configs.DKDV_DQ_CONFIGS, 0)):
+        by_class = table[90]
+        prune = configs.pruner(by_class)
+        args = dict(HEAD_DIM=128, TMA_ALIGNED=False)
+        assert len(prune(configs.flat(by_class), args, DROPOUT=True)) == kept
+        pointer_loop = [c for c in by_class["d128"] if not c.kwargs.get("WARP_SPECIALIZE")]
+        assert len(prune(configs.flat(by_class), args, DROPOUT=False)) == len(pointer_loop) > kept
+        assert configs.takes_dropout(by_class, 128) == bool(kept) and configs.takes_dropout(by_class, 64)
