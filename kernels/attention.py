@@ -9,6 +9,9 @@ Scores live in log2 units (s * scale * log2 e) so the online softmax uses exp2. 
 units, float32: (B, H, Tq), or (H, total_q) when packed. A row that sees no key gives 0 and lse = +inf.
 No (Tq, Tk) matrix is ever stored. Tested in tests/test_attention.py, compiled ahead of time per config in
 tests/test_kernels_compile.py, timed in benchmarks/bench_attention.py.
+DROPOUT (dropout_p > 0): out = (P * Z / (1 - dropout_p)) V with the logsumexp undropped, Z the keep mask of the
+launch's seed tensor, a pure function of (seed, offset, sequence, head, query row, key column) that the backward
+regenerates (kernels/_attention_dropout.py documents it).
 """
 
 import torch

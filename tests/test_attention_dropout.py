@@ -305,3 +305,23 @@ def test_dropout_prunes_the_tiles_that_spill_with_it():
         pointer_loop = [c for c in by_class["d128"] if not c.kwargs.get("WARP_SPECIALIZE")]
         assert len(prune(configs.flat(by_class), args, DROPOUT=False)) == len(pointer_loop) > kept
         assert configs.takes_dropout(by_class, 128) == bool(kept) and configs.takes_dropout(by_class, 64)
+
+
+def test_the_benchmark_checks_and_times_the_dropout_row(monkeypatch):
+    """bench_attention's fasttrain_dropout row is checked against the reference's dropout of the same seed before
+    it is timed, and reports its time over the plain kernel's; a row off by a constant is not timed."""
+    from fasttrain.benchmarks import bench_attention as bench
+
+    found = bench.providers("cpu")
+    for off, wrong in ((0.0, False), (0.1, True)):
+        providers = {
+            "fasttrain": found["fasttrain"],
+            "fasttrain_dropout": lambda q, k, v, causal, off=off: found["fasttrain_dropout"](q, k, v, causal) + off,
+        }
+        monkeypatch.setattr(bench, "providers", lambda device, providers=providers: providers)
+        plain, dropped = bench.bench_shape("cpu", torch.float32, 2, 16, 4, 32, True, ["fwd"])
+        assert plain["fwd_ms"] > 0
+        if wrong:
+            assert dropped["skipped"].startswith("wrong result") and "fwd_ms" not in dropped
+        else:
+            assert dropped["max_rel_err"] < TOL and dropped["vs_plain_fwd"] > 0
