@@ -325,3 +325,22 @@ def test_the_benchmark_checks_and_times_the_dropout_row(monkeypatch):
             assert dropped["skipped"].startswith("wrong result") and "fwd_ms" not in dropped
         else:
             assert dropped["max_rel_err"] < TOL and dropped["vs_plain_fwd"] > 0
+
+
+def test_sdpa_padding_mask_with_dropout_runs_the_kernels(monkeypatch):
+    """A key-padding mask (varlen launches over gathered rows) with dropout: the kernels, not the reference; padded
+    keys get nothing, and the dropout acts."""
+
+    def refused(*args):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(attention_ops.Reference, "forward", staticmethod(refused))
+    q, k, v = (t.transpose(1, 2) for t in _leaves((2, 16, 2, 32), (2, 16, 2, 32), (2, 16, 2, 32)))  # (B, H, T, D)
+    keep = (torch.arange(16)[None] < torch.tensor([16, 9])[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
+    dropped = scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=0.3, backend="cpu")
+    plain = scaled_dot_product_attention(q, k, v, attn_mask=keep, backend="cpu")
+    v2 = v.detach().clone()
+    v2[1, :, 9:] = 1e6  # padded values: seen by no query, with or without dropout
+    again = _seeded(scaled_dot_product_attention, q, k, v2, attn_mask=keep, dropout_p=0.3, backend="cpu")
+    assert torch.isfinite(again).all() and again.abs().max() < 1e3
+    assert not torch.allclose(dropped, plain) and dropped.shape == plain.shape
