@@ -21,7 +21,6 @@
 #include "cpu_simd.h"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -77,29 +76,43 @@ FT_CPU_CLONES float dot(const float* __restrict a, const float* __restrict b, in
   return s;
 }
 
-// Philox4x32-10 of counter c under key (k0, k1), as triton.language.random.philox computes it.
-std::array<uint32_t, 4> philox(std::array<uint32_t, 4> c, uint32_t k0, uint32_t k1) {
-  for (int round = 0; round < 10; ++round) {
-    const uint64_t b = uint64_t{0xCD9E8D57} * c[2], a = uint64_t{0xD2511F53} * c[0];
-    c = {static_cast<uint32_t>(b >> 32) ^ c[1] ^ k0, static_cast<uint32_t>(b),
-         static_cast<uint32_t>(a >> 32) ^ c[3] ^ k1, static_cast<uint32_t>(a)};
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
+constexpr int64_t kGroups = 64;  // Philox calls per batch of dropout_keep: 512 keys
+
+// w[word][t]: Philox4x32-10 (as triton.language.random.philox) of counter (g0 + t, i, bh, offset) under key
+// (k0, k1), for t in [0, m): one call per SIMD lane (the 32x32 -> 64-bit products vectorize).
+FT_CPU_CLONES void philox_groups(uint32_t g0, int64_t m, uint32_t i, uint32_t bh, uint32_t offset, uint32_t k0,
+                                 uint32_t k1, uint32_t (*__restrict w)[kGroups]) {
+#pragma omp simd
+  for (int64_t t = 0; t < m; ++t) {
+    uint32_t c0 = g0 + static_cast<uint32_t>(t), c1 = i, c2 = bh, c3 = offset, a = k0, b = k1;
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t pb = uint64_t{0xCD9E8D57} * c2, pa = uint64_t{0xD2511F53} * c0;
+      const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ a, n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ b;
+      c1 = static_cast<uint32_t>(pb);
+      c3 = static_cast<uint32_t>(pa);
+      c0 = n0;
+      c2 = n2;
+      a += 0x9E3779B9u;
+      b += 0xBB67AE85u;
+    }
+    w[0][t] = c0;
+    w[1][t] = c1;
+    w[2][t] = c2;
+    w[3][t] = c3;
   }
-  return c;
 }
 
 // keep[0, n): whether scores (query i, keys j0 .. j0 + n - 1) of head row bh = b * H + h are kept, one Philox call
-// per eight keys.
+// per eight keys (kernels/_attention_dropout.py: key j takes the 16-bit half j % 8 / 4 of word j % 4).
 void dropout_keep(const Dropout& d, uint32_t bh, uint32_t i, int64_t j0, int64_t n, uint8_t* keep) {
   const uint32_t k0 = static_cast<uint32_t>(d.seed), k1 = static_cast<uint32_t>(d.seed >> 32);
-  int64_t j = j0;
-  while (j < j0 + n) {
-    const int64_t g = j / 8;
-    const std::array<uint32_t, 4> r = philox({static_cast<uint32_t>(g), i, bh, d.offset}, k0, k1);
-    for (; j < j0 + n && j / 8 == g; ++j) {
-      const int64_t e = j % 8;
-      keep[j - j0] = ((r[e % 4] >> (16 * (e / 4))) & 0xFFFFu) < d.threshold;
+  uint32_t w[4][kGroups];
+  for (int64_t g = j0 / 8; g * 8 < j0 + n; g += kGroups) {
+    const int64_t m = std::min(kGroups, (j0 + n + 7) / 8 - g);
+    philox_groups(static_cast<uint32_t>(g), m, i, bh, d.offset, k0, k1, w);
+    for (int64_t j = std::max(j0, g * 8); j < std::min(j0 + n, (g + m) * 8); ++j) {
+      const int64_t t = j / 8 - g, e = j % 8;
+      keep[j - j0] = ((w[e % 4][t] >> (16 * (e / 4))) & 0xFFFFu) < d.threshold;
     }
   }
 }
