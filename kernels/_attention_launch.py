@@ -14,7 +14,7 @@ LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be const
 _HALF = (torch.float16, torch.bfloat16)
 # tune_left/right (band_class): causal and full attention mask different shares of their tiles (the
 # warp-specialized loops mask all of them), so they tune apart. TMA_ALIGNED: the forward's and dK/dV's (dQ has no
-# specialized config).
+# specialized config). DROPOUT: its kernels do more per score, so they tune apart; so do SOFTCAP and ALIBI.
 _TUNING_KEY = (
     "HEAD_DIM",
     "tune_seqlen",
@@ -23,6 +23,7 @@ _TUNING_KEY = (
     "tune_left",
     "tune_right",
     "TMA_ALIGNED",
+    "DROPOUT",
     "SOFTCAP",
     "ALIBI",
 )
@@ -142,6 +143,8 @@ AOT_TYPES = {
     "CuK": "*i32",
     "scale": "fp32",
     "scale_log2": "fp32",
+    "Seed": "*i64",
+    "dropout_scale": "fp32",
     "softcap_log2": "fp32",
     "Alibi": "*fp32",
 }
@@ -159,16 +162,18 @@ def aot_launch(head_dim: int, dtype: str) -> dict:
         HAS_DLSE=False,
         TMA_ALIGNED=dtype in ("fp16", "bf16") and head_dim == next_power_of_2(head_dim),
         FULL_TILES=False,
+        DROPOUT=False,
         SOFTCAP=False,
         ALIBI=False,
     )
 
 
-def aot_cases(table_for_arch: dict, dtype: str, modified: bool = False) -> list[dict]:
+def aot_cases(table_for_arch: dict, dtype: str, dropout: bool = False, modified: bool = False) -> list[dict]:
     """Every config of one arch's table ({head-dim class: [triton.Config]}) over aot_launch; a warp-specialized
-    config compiles twice: its loop masks every tile, or none (FULL_TILES). modified: each case once more with both
-    score modifiers (SOFTCAP and ALIBI, the most registers either takes), except the configs that such launches leave
-    out (_attention_configs.PLAIN_ONLY)."""
+    config compiles twice: its loop masks every tile, or none (FULL_TILES). dropout: each config that takes it
+    once more with DROPOUT (not the warp-specialized ones, nor those marked no_dropout). modified: each plain case
+    once more with both score modifiers (SOFTCAP and ALIBI, the most registers either takes), except the configs
+    that such launches leave out (_attention_configs.PLAIN_ONLY)."""
     cases, with_modifiers = [], []
     for cls, configs in table_for_arch.items():
         for c in configs:
@@ -185,6 +190,10 @@ def aot_cases(table_for_arch: dict, dtype: str, modified: bool = False) -> list[
                     {**case, "label": label + " full", "constexprs": {**case["constexprs"], "FULL_TILES": True}}
                 )
             cases += variants
+            if dropout and not c.kwargs.get("WARP_SPECIALIZE") and not getattr(c, "no_dropout", False):
+                cases.append(
+                    {**case, "label": label + " dropout", "constexprs": {**case["constexprs"], "DROPOUT": True}}
+                )
             if modified and id(c) not in PLAIN_ONLY:
                 with_modifiers += variants
     both = {"SOFTCAP": True, "ALIBI": True}

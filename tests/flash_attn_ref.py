@@ -1,8 +1,8 @@
 """flash-attn's test references, written for fasttrain from flash-attn's documented semantics: attention with key
 padding, bottom-right causal and sliding-window masks, score soft-capping, ALiBi biases, and rotary embeddings at
-per-sequence offsets. The error rule
-that goes with them: a kernel's error against the upcast reference is at most `mult` times that of PyTorch computing
-the same in the input dtype with its operations reordered, plus a small floor."""
+per-sequence offsets. The error rule that goes with them: a kernel's error against the upcast reference is at most
+`mult` times that of PyTorch computing the same in the input dtype with its operations reordered, plus a small
+floor."""
 
 import torch
 
@@ -49,14 +49,18 @@ def attention_ref(
     upcast=True,
     reorder=False,
     key_leftpad=None,
+    dropout_p=0.0,
+    dropout_mask=None,
     softcap=0.0,
     attn_bias=None,
 ):
     """softmax(q k^T / sqrt(D)) v over (B, T, H, D) tensors, K/V heads repeated over their GQA groups. upcast: in
     fp32 or wider (else in the input dtype); reorder: scale k instead of q. Rows that see no key give 0. key_leftpad
     (B,): the padding rows that open each sequence's keys (also masked by key_padding_mask); the masks' positions
-    stay the rows' own indices. softcap > 0: scores -> softcap * tanh(scores / softcap) before the masks; attn_bias
-    (broadcastable to (B, H, Tq, Tk)) is added after them, as flash-attn's reference orders them."""
+    stay the rows' own indices. dropout_mask (B, H, Tq, Tk) bool, True = kept: the probabilities dropped where False
+    and the rest scaled by 1 / (1 - dropout_p), as flash-attn's reference applies a kernel's mask. softcap > 0:
+    scores -> softcap * tanh(scores / softcap) before the masks; attn_bias (broadcastable to (B, H, Tq, Tk)) is added
+    after them, as flash-attn's reference orders them."""
     if causal:
         window = (window[0], 0)
     dtype = q.dtype
@@ -84,7 +88,17 @@ def attention_ref(
     if attn_bias is not None:
         scores = scores + attn_bias.to(scores.dtype)
     probs = torch.softmax(scores, dim=-1).masked_fill(hidden.all(-1, keepdim=True), 0.0).to(v.dtype)
+    if dropout_mask is not None:
+        probs = probs.masked_fill(~dropout_mask, 0.0) / (1 - dropout_p)
     return torch.einsum("bhts,bshd->bthd", probs, v).to(dtype)
+
+
+def dropout_fraction(S_dmask, Tq: int, Tk: int, causal: bool, window) -> float:
+    """flash-attn's get_dropout_fraction: the share of the visible scores that S_dmask (its top-left (Tq, Tk)
+    block; negative = dropped) marks dropped."""
+    S = S_dmask[..., :Tq, :Tk]
+    visible = ~local_mask(Tq, Tk, (window[0], 0) if causal else window, None, S.device)[0, 0]
+    return ((S < 0) & visible).sum().item() / (visible.sum().item() * S.shape[0] * S.shape[1])
 
 
 def rotate(x, cos, sin, offsets, interleaved: bool):
