@@ -291,17 +291,44 @@ def norm_backward(
 # ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
 
 
-def aot_kernels(arch: int, dtype: str) -> list[dict]:
-    """LayerNorm with weight, bias and the residual add fused (the most live values; RMSNorm is the same code with the
-    mean terms gone), one row per program, at the BLOCK_N of GPT-2 small (768), GPT-2 XL (1600) and Llama-7B (4096);
-    pointers not listed are in x's dtype."""
+def aot_kernels(arch: int, dtype: str, shipped: bool = False) -> list[dict]:
+    """The compiles of the norm kernels for tools/aot.py. Every tensor is in `dtype` (the statistics and the dw/db
+    partials fp32), one row per program (BLOCK_M = 1, as on a GPU).
+
+    shipped=False, CI's compile check: LayerNorm with weight, bias and the residual add fused (the most live values;
+    RMSNorm is the same code with the mean terms gone) at the BLOCK_N of GPT-2 small (768), GPT-2 XL (1600) and
+    Llama-7B (4096). shipped=True, the cubins a CUDA build ships for the C++ launch path: every flag combination an
+    op call can take with rows of one dtype (HAS_DX2 never: dx and dres share it) at every BLOCK_N up to MAX_N, each
+    with block_and_warps' warps."""
     types = {"Mean": "*fp32", "Rstd": "*fp32", "DW": "*fp32", "DB": "*fp32", "eps": "fp32"}
-    flags = dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, HAS_DRES=True, HAS_DX2=True)
+    if shipped:
+        blocks = [1 << i for i in range(MAX_N.bit_length())]  # 1, 2, 4, ..., MAX_N
+        forward = [
+            dict(IS_RMS=rms, HAS_RESIDUAL=res, HAS_WEIGHT=w, HAS_BIAS=b)
+            for rms in (False, True)
+            for res in (False, True)
+            for w in (False, True)
+            for b in ((False,) if rms else (False, True))
+        ]
+        backward = [
+            dict(IS_RMS=rms, HAS_WEIGHT=w, HAS_BIAS=b, HAS_DRES=dres, HAS_DX2=False)
+            for rms in (False, True)
+            for w in (False, True)
+            for b in ((False,) if rms else (False, True))
+            for dres in (False, True)
+        ]
+    else:
+        blocks = [1024, 2048, 4096]
+        forward = [dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True)]
+        backward = [dict(IS_RMS=False, HAS_WEIGHT=True, HAS_BIAS=True, HAS_DRES=True, HAS_DX2=True)]
     out = []
-    for kernel in (_norm_forward_kernel, _norm_backward_kernel):
+    for kernel, flag_sets in ((_norm_forward_kernel, forward), (_norm_backward_kernel, backward)):
         cases = []
-        for n in (1024, 2048, 4096):
-            warps = block_and_warps(n, backward=kernel is _norm_backward_kernel)[1]
-            cases.append(dict(label=f"n{n} w{warps}", constexprs=dict(BLOCK_M=1, BLOCK_N=n, **flags), num_warps=warps))
+        for flags in flag_sets:
+            name = " ".join(k.lower() for k, v in flags.items() if v) or "plain"
+            for n in blocks:
+                warps = block_and_warps(n, backward=kernel is _norm_backward_kernel)[1]
+                constexprs = dict(BLOCK_M=1, BLOCK_N=n, **flags)
+                cases.append(dict(label=f"n{n} w{warps} {name}", constexprs=constexprs, num_warps=warps))
         out.append(dict(kernel=kernel, types=types, cases=cases))
     return out
