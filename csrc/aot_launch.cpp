@@ -78,6 +78,7 @@ LaunchFn cuda_launch = nullptr;
 MultiprocessorsFn cuda_multiprocessors = nullptr;
 
 bool g_recording = false;
+bool g_keep = true;
 int g_record_multiprocessors = 0;
 std::vector<Record> g_records;
 std::mutex g_records_mutex;
@@ -220,7 +221,7 @@ void launch(const Entry& e, Grid grid, c10::DeviceIndex device, std::initializer
   params[n + 1] = &storage[n + 1];
   const Launch l{&e, grid, device, params.data(), n + 2, values.begin(), n};
   if (g_recording) {
-    record_launch(l);
+    if (g_keep) record_launch(l);
     return;
   }
   TORCH_CHECK(device >= 0, "aot: CPU tensors are launched only while recording");
@@ -282,9 +283,10 @@ void clear() {
   table().clear();
 }
 
-void record(bool on, int multiprocessors) {
+void record(bool on, int multiprocessors, bool keep) {
   std::lock_guard<std::mutex> lock(g_records_mutex);
   g_recording = on;
+  g_keep = keep;
   g_record_multiprocessors = multiprocessors;
   g_records.clear();
 }

@@ -129,7 +129,8 @@ struct Record {
   std::vector<int64_t> ints;        // per runtime argument: the packed integer or address, else 0
   int scratch_params;               // parameters packed after the runtime arguments (the scratch pointers)
 };
-void record(bool on, int multiprocessors);
+// keep=false: launches are packed and checked, then dropped (a no-op launch, for timing the host path).
+void record(bool on, int multiprocessors, bool keep);
 std::vector<Record> records();
 
 }  // namespace fasttrain::aot

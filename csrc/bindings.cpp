@@ -45,7 +45,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("aot_registered", &aot::registered, "How many compiled cases are registered");
   m.def("aot_clear", &aot::clear, "Forget every registered case (tests)");
   m.def("aot_record", &aot::record, pybind11::arg("on"), pybind11::arg("multiprocessors") = 132,
-        "Record launches instead of making them (CPU tensors accepted), with this SM count; clears the records");
+        pybind11::arg("keep") = true,
+        "Record launches instead of making them (CPU tensors accepted), with this SM count; clears the records. "
+        "keep=False drops each launch once packed (a no-op launch, for host-time benchmarks)");
   m.def(
       "aot_records",
       []() {

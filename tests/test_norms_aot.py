@@ -219,7 +219,11 @@ def test_autograd_runs_in_cpp_and_gives_both_inputs_the_stream_gradient(registry
     assert fwd["kernel"] == "_norm_forward_kernel" and bwd["kernel"] == "_norm_backward_kernel"
     assert bwd["constexprs"][3] == 1  # HAS_DRES: the stream's own gradient joins dx
     # dx of the one kernel launch for both (uncomputed: compared bit for bit)
-    assert torch.equal(x.grad.view(torch.int16), r.grad.view(torch.int16)) and w.grad.shape == (100,) and w.grad.dtype == torch.bfloat16
+    assert (
+        torch.equal(x.grad.view(torch.int16), r.grad.view(torch.int16))
+        and w.grad.shape == (100,)
+        and w.grad.dtype == torch.bfloat16
+    )
 
 
 def test_double_backward_is_refused_not_silently_first_order(registry):
@@ -317,3 +321,42 @@ def test_full_shipped_set_compiles_and_registers(tmp_path):
         assert _aot.load(tmp_path, arch=90) == len(rows) == C.aot_registered()
     finally:
         C.aot_clear()
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+# (op, args, kwargs): a wrong dtype, a non-tensor, a wrong shape, a wrong eps type and value
+BAD_CALLS = [
+    (layer_norm, lambda: (_x(4, 8, dtype=torch.long), (8,)), {}),
+    (layer_norm, lambda: (_x(4, 8), (8,)), {"weight": [1.0] * 8}),
+    (layer_norm, lambda: (_x(4, 8), (7,)), {}),
+    (rms_norm, lambda: (_x(4, 8), "8"), {}),
+    (rms_norm, lambda: (_x(4, 8), (8,)), {"weight": _x(4)}),
+    (add_layer_norm, lambda: (_x(4, 8), _x(4, 4), (8,)), {}),
+    (add_rms_norm, lambda: (_x(4, 8), _x(4, 8), (8,)), {"eps": "1e-6"}),
+    (add_rms_norm, lambda: (_x(4, 8), _x(4, 8), (8,)), {"eps": -1.0}),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD_CALLS)))
+def test_bad_input_gives_the_same_error_whichever_backend_is_asked(i):
+    # The public functions check their arguments before a backend is chosen: aot's calls get the JIT's errors.
+    op, args, kwargs = BAD_CALLS[i]
+    errors = set()
+    for backend in ("aot", "triton", "reference"):
+        with pytest.raises((TypeError, ValueError)) as e:
+            op(*args(), **kwargs, backend=backend)
+        errors.add((type(e.value), str(e.value)))
+    assert len(errors) == 1, errors
+
+
+def test_the_cpp_op_checks_its_rows(registry):
+    x = torch.randn(3, 100, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="norm_forward_aot: weight must be an \\(N,\\) unit-stride tensor in x's"):
+        torch.ops.fasttrain.norm_forward_aot(x, None, torch.randn(100), None, 1e-5, True, torch.float16)
+    with pytest.raises(RuntimeError, match="norm_forward_aot: residual must be"):
+        torch.ops.fasttrain.norm_forward_aot(x, x[:2], None, None, 1e-5, True, torch.float16)
+    with pytest.raises(RuntimeError, match="norm_forward_aot: out_dtype must be x's dtype"):
+        torch.ops.fasttrain.norm_forward_aot(x, None, None, None, 1e-5, True, torch.float32)
