@@ -40,27 +40,31 @@ const std::vector<KernelSpec>& specs() {
 
 struct Key {
   Kernel kernel;
-  at::ScalarType dtype;
-  uint8_t n;
+  uint8_t n, np;
   std::array<int64_t, kMaxConstexprs> constexprs;
+  std::array<int8_t, kMaxPointers> pointers;
   bool operator==(const Key& o) const {
-    return kernel == o.kernel && dtype == o.dtype && n == o.n &&
-           std::memcmp(constexprs.data(), o.constexprs.data(), n * sizeof(int64_t)) == 0;
+    return kernel == o.kernel && n == o.n && np == o.np &&
+           std::memcmp(constexprs.data(), o.constexprs.data(), n * sizeof(int64_t)) == 0 &&
+           std::memcmp(pointers.data(), o.pointers.data(), np) == 0;
   }
 };
 
 struct KeyHash {
   size_t operator()(const Key& k) const {
-    uint64_t h = (static_cast<uint64_t>(k.kernel) << 8) ^ static_cast<uint64_t>(k.dtype);
+    uint64_t h = static_cast<uint64_t>(k.kernel);
     for (int i = 0; i < k.n; ++i) h = (h ^ static_cast<uint64_t>(k.constexprs[i])) * 0x100000001b3ull;
+    for (int i = 0; i < k.np; ++i) h = (h ^ static_cast<uint64_t>(k.pointers[i])) * 0x100000001b3ull;
     return static_cast<size_t>(h);
   }
 };
 
-Key make_key(Kernel kernel, at::ScalarType dtype, const int64_t* values, size_t n) {
+Key make_key(Kernel kernel, const at::ScalarType* pointers, size_t np, const int64_t* values, size_t n) {
   TORCH_CHECK(n <= kMaxConstexprs, "aot: more than ", kMaxConstexprs, " constexprs");
-  Key key{kernel, dtype, static_cast<uint8_t>(n), {}};
+  TORCH_CHECK(np <= kMaxPointers, "aot: more than ", kMaxPointers, " pointer arguments");
+  Key key{kernel, static_cast<uint8_t>(n), static_cast<uint8_t>(np), {}, {}};
   std::copy(values, values + n, key.constexprs.begin());
+  for (size_t i = 0; i < np; ++i) key.pointers[i] = static_cast<int8_t>(pointers[i]);
   return key;
 }
 
@@ -147,6 +151,10 @@ at::ScalarType parse_dtype(const std::string& d) {
   if (d == "bf16") return at::kBFloat16;
   if (d == "fp16") return at::kHalf;
   if (d == "fp32") return at::kFloat;
+  if (d == "i32") return at::kInt;
+  if (d == "i64") return at::kLong;
+  if (d == "i8") return at::kChar;
+  if (d == "u8") return at::kByte;
   TORCH_CHECK(false, "aot: unsupported dtype ", d);
 }
 
@@ -165,15 +173,17 @@ int multiprocessors(c10::DeviceIndex device) {
   return cuda_multiprocessors(device);
 }
 
-const Entry& find(Kernel kernel, at::ScalarType dtype, std::initializer_list<int64_t> constexprs) {
-  const Key key = make_key(kernel, dtype, constexprs.begin(), constexprs.size());
+const Entry& find(Kernel kernel, std::initializer_list<at::ScalarType> pointers,
+                  std::initializer_list<int64_t> constexprs) {
+  const Key key = make_key(kernel, pointers.begin(), pointers.size(), constexprs.begin(), constexprs.size());
   auto& t = table();
   auto it = t.find(key);
   if (it == t.end()) {
-    std::string values;
+    std::string values, types;
     for (int64_t v : constexprs) values += (values.empty() ? "" : ", ") + std::to_string(v);
-    TORCH_CHECK(false, "aot: no shipped cubin for ", specs()[static_cast<int>(kernel)].name, " in ", dtype,
-                " with constexprs (", values, ") (rebuild with CUDA to ship them, or FASTTRAIN_AOT=0)");
+    for (at::ScalarType p : pointers) types += std::string(types.empty() ? "" : ", ") + c10::toString(p);
+    TORCH_CHECK(false, "aot: no shipped cubin for ", specs()[static_cast<int>(kernel)].name, " with pointers to (",
+                types, ") and constexprs (", values, ") (rebuild with CUDA to ship them, or FASTTRAIN_AOT=0)");
   }
   return *it->second;
 }
@@ -261,7 +271,10 @@ void register_entry(const std::string& kernel, const std::string& dtype, std::ve
   e->label = std::move(label);
   e->name = std::move(name);
   e->constexprs = std::move(constexprs);
-  for (const auto& t : arg_types) e->args.push_back(parse_type(t));
+  for (const auto& t : arg_types) {
+    e->args.push_back(parse_type(t));
+    if (e->args.back() == ArgType::Ptr) e->pointers.push_back(parse_dtype(t.substr(1)));
+  }
   for (const auto& d : divisible) {
     auto at = std::find(arg_names.begin(), arg_names.end(), d);
     TORCH_CHECK(at != arg_names.end(), "aot: ", kernel, ": divisible_by_16 names ", d, ", not an argument");
@@ -271,7 +284,8 @@ void register_entry(const std::string& kernel, const std::string& dtype, std::ve
   e->num_ctas = num_ctas;
   e->shared = shared;
   e->cubin = std::move(cubin);
-  const Key key = make_key(e->kernel, e->dtype, e->constexprs.data(), e->constexprs.size());
+  const Key key =
+      make_key(e->kernel, e->pointers.data(), e->pointers.size(), e->constexprs.data(), e->constexprs.size());
   std::lock_guard<std::mutex> lock(table_mutex());
   table().emplace(key, std::move(e));  // a case registered twice keeps the first
 }

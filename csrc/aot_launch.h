@@ -6,7 +6,7 @@
 //
 // The registry is filled once, from Python (fasttrain/_aot.py reads index.json and hands each entry's metadata and
 // cubin bytes to register_entry: no JSON parsing here). An op finds its case by (kernel, dtype, constexpr values in
-// parameter order) with one hash lookup on integers, and launches it through `launch`, which checks every value
+// parameter order, and the element type of each pointer) with one hash lookup on integers, and launches it through `launch`, which checks every value
 // against the compiled case (types, i32 range, the arguments compiled as multiples of 16) before it reaches the
 // launch hook: the CUDA build's driver launch (aot_launch_cuda.cu), or a recorder that keeps the launch instead of
 // making it (tests and the host-time benchmark run the whole call path on CPU tensors with it).
@@ -30,6 +30,7 @@ enum class ArgType : uint8_t { Ptr, I32, I64, F32 };
 
 constexpr int kMaxArgs = 32;
 constexpr int kMaxConstexprs = 12;
+constexpr int kMaxPointers = 16;
 
 // One runtime argument as an op passes it: a tensor's address (0 for an absent one), an integer or a float.
 struct Value {
@@ -61,7 +62,8 @@ inline Value real(double x) {
 // One compiled case: what registration received, and the per-device function handles the CUDA launch caches.
 struct Entry {
   Kernel kernel;
-  at::ScalarType dtype;
+  at::ScalarType dtype;  // the case's nominal dtype (tools/aot.py --dtype)
+  std::vector<at::ScalarType> pointers;  // element type of each pointer argument, in order
   std::string label;  // tools/aot.py's case label
   std::string name;   // the cubin's entry function
   std::vector<int64_t> constexprs;
@@ -96,8 +98,9 @@ using MultiprocessorsFn = int (*)(c10::DeviceIndex);
 // The launch and the SM count a CUDA build installs at load (nullptr without CUDA).
 void set_cuda(LaunchFn launch, MultiprocessorsFn multiprocessors);
 
-// The case of `kernel` compiled for dtype with these constexpr values (parameter order), or an error naming it.
-const Entry& find(Kernel kernel, at::ScalarType dtype, std::initializer_list<int64_t> constexprs);
+// The case of `kernel` compiled with these pointer element types (its pointer arguments in order; the op names one
+// for an absent tensor too, as its shipped set compiles it) and constexpr values (parameter order), or an error.
+const Entry& find(Kernel kernel, std::initializer_list<at::ScalarType> pointers, std::initializer_list<int64_t> constexprs);
 
 // Checks values against entry (count, kinds, i32 range, multiples of 16), packs them and hands the launch to the hook
 // (the recorder while recording, else the CUDA launch). device: the tensors' device index (-1 for CPU tensors, which

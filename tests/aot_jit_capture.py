@@ -124,30 +124,36 @@ _TRITON_DTYPE = {"BFloat16": "bf16", "Half": "fp16", "Float": "fp32"}  # the rec
 
 
 def run_case(C, norms, entries, case: dict) -> dict:
+    """case: kind (forward, backward), M, N, dtype, profile (kernels/norms.py _pointer_types: same, autocast,
+    branch), is_rms, residual, weight, bias (and dres, backward's residual-stream gradient: residual)."""
     torch.manual_seed(case.get("seed", 0))
-    dtype = DTYPES[case["dtype"]]
+    half, profile = DTYPES[case["dtype"]], case["profile"]
+    rows = half if profile == "same" else torch.float32  # the stream, weight and bias
     M, N, is_rms = case["M"], case["N"], case["is_rms"]
-    x = torch.randn(M, N, dtype=dtype)
-    residual = torch.randn(M, N, dtype=dtype) if case["residual"] else None
-    weight = torch.randn(N, dtype=dtype) if case["weight"] else None
-    bias = torch.randn(N, dtype=dtype) if case["bias"] else None
+    x = torch.randn(M, N, dtype=half if profile != "autocast" else torch.float32)
+    residual = torch.randn(M, N, dtype=rows) if case["residual"] else None
+    weight = torch.randn(N, dtype=rows) if case["weight"] else None
+    bias = torch.randn(N, dtype=rows) if case["bias"] else None
     inputs = {"x": x, "residual": residual, "weight": weight, "bias": bias}
     out = {}
     if case["kind"] == "forward":
-        jit = norms.norm_forward(x, residual, weight, bias, 1e-5, is_rms, dtype)
+        jit = norms.norm_forward(x, residual, weight, bias, 1e-5, is_rms, half)
         out["jit"] = jit_launch(_names({**inputs, **dict(zip(("y", "s", "mean", "rstd"), jit))}))
-        ours = torch.ops.fasttrain.norm_forward_aot(x, residual, weight, bias, 1e-5, is_rms, dtype)
+        ours = torch.ops.fasttrain.norm_forward_aot(x, residual, weight, bias, 1e-5, is_rms, half)
         out["aot"] = aot_launch(C, entries, _names({**inputs, **dict(zip(("y", "s", "mean", "rstd"), ours))}))
     else:
-        dy = torch.randn(M, N, dtype=dtype)
-        dres = torch.randn(M, N, dtype=dtype) if case["residual"] else None
+        dy = torch.randn(M, N, dtype=half)
+        x = x.to(rows)  # backward's x is the rows normalized: the stream
+        dres = torch.randn(M, N, dtype=rows) if case["residual"] else None
+        dx2_dtype = half if profile == "branch" else None
         mean = torch.randn(0 if is_rms else M)
         rstd = torch.rand(M) + 0.5
         inputs = {"dy": dy, "x": x, "weight": weight, "mean": mean, "rstd": rstd, "dres": dres}
-        jit = norms.norm_backward(dy, x, weight, mean, rstd, is_rms, case["bias"], dres, None)
-        out["jit"] = jit_launch(_names({**inputs, "dx": jit[0]}))
-        ours = torch.ops.fasttrain.norm_backward_aot(dy, x, weight, mean, rstd, is_rms, case["bias"], dres, None)
-        out["aot"] = aot_launch(C, entries, _names({**inputs, "dx": ours[0]}))
+        args = (dy, x, weight, mean, rstd, is_rms, case["bias"], dres, dx2_dtype)
+        jit = norms.norm_backward(*args)
+        out["jit"] = jit_launch(_names({**inputs, "dx": jit[0], "dx2": jit[1]}))
+        ours = torch.ops.fasttrain.norm_backward_aot(*args)
+        out["aot"] = aot_launch(C, entries, _names({**inputs, "dx": ours[0], "dx2": ours[1]}))
     return out
 
 

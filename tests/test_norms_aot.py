@@ -42,9 +42,10 @@ def _compile(out: Path, dtypes: list[str], cases: str | None) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    """The shipped cases at BLOCK_N 128 (rows of 65..128), fp16 and bf16: every flag combination of both kernels."""
+    """The shipped fp16 cases at BLOCK_N 128 (rows of 65..128): every dtype profile and flag combination of both
+    kernels (bf16 shares every line of the launch path; the slow test compiles it)."""
     out = tmp_path_factory.mktemp("aot")
-    return out, _compile(out, ["fp16", "bf16"], "^n128 ")
+    return out, _compile(out, ["fp16"], "^n128 ")
 
 
 @pytest.fixture
@@ -62,42 +63,55 @@ def test_shipped_set_lists_every_flag_combination_and_block():
     from fasttrain.kernels import norms
 
     assert norms.MAX_N == _AOT_MAX_N
-    forward, backward = norms.aot_kernels(90, "bf16", shipped=True)
     blocks = {1 << i for i in range(13)}
-    fwd = {tuple(c["constexprs"][f] for f in (*FORWARD_FLAGS, "BLOCK_N")) for c in forward["cases"]}
-    # LayerNorm: residual x weight x bias; RMSNorm: residual x weight (no bias)
-    assert len(fwd) == len(forward["cases"]) == 12 * len(blocks)
-    assert {f[-1] for f in fwd} == blocks
-    for c in forward["cases"] + backward["cases"]:
-        n = c["constexprs"]["BLOCK_N"]
-        assert c["constexprs"]["BLOCK_M"] == 1
-        assert c["num_warps"] == norms.block_and_warps(n, backward=c in backward["cases"])[1]
-    assert all(not c["constexprs"]["HAS_DX2"] for c in backward["cases"]) and len(backward["cases"]) == 12 * 13
+    # fp32: one profile; a half dtype: same, autocast, branch (the branch always with its residual and dx2)
+    for dtype, profiles in (("fp32", 1), ("bf16", 3)):
+        entries = norms.aot_kernels(90, dtype, shipped=True)
+        assert len(entries) == 2 * profiles
+        for entry in entries:
+            cases = entry["cases"]
+            flags = {tuple(v for k, v in c["constexprs"].items() if k != "BLOCK_N") for c in cases}
+            branch = "branch" in cases[0]["label"]
+            assert len(flags) == (6 if branch and entry["kernel"] is norms._norm_forward_kernel else 12)
+            assert {c["constexprs"]["BLOCK_N"] for c in cases} == blocks and len(cases) == len(flags) * len(blocks)
+            backward = entry["kernel"] is norms._norm_backward_kernel
+            for c in cases:
+                assert c["constexprs"]["BLOCK_M"] == 1
+                assert c["num_warps"] == norms.block_and_warps(c["constexprs"]["BLOCK_N"], backward=backward)[1]
+                assert not backward or c["constexprs"]["HAS_DX2"] == branch
     # CI's compile check keeps its three-case sample per kernel
     assert [len(k["cases"]) for k in norms.aot_kernels(90, "bf16")] == [3, 3]
 
 
+PROFILES = ("same", "autocast", "branch")
+
+
+def _profile_tensors(profile, half, M, N, residual, weight, bias):
+    rows = half if profile == "same" else torch.float32
+    x = torch.randn(M, N, dtype=half if profile != "autocast" else torch.float32, requires_grad=True)
+    r = torch.randn(M, N, dtype=rows, requires_grad=True) if residual else None
+    w = torch.randn(N, dtype=rows, requires_grad=True) if weight else None
+    b = torch.randn(N, dtype=rows, requires_grad=True) if bias else None
+    return x, r, w, b
+
+
 def test_sample_registers_and_serves_every_flag_combination(sample, registry):
     rows = sample[1]
-    assert len(rows) == 2 * 2 * 12 and all("error" not in r for r in rows)
+    assert len(rows) == 2 * (12 + 12) + (6 + 12) and all("error" not in r for r in rows)
     index = json.loads((sample[0] / "index.json").read_text())
     assert {e["arch"] for e in index} == {90} and all((sample[0] / e["cubin"]).exists() for e in index)
-    for dtype in (torch.float16, torch.bfloat16):
+    for profile in PROFILES:
         for is_rms in (False, True):
-            for residual in (False, True):
+            for residual in (True,) if profile == "branch" else (False, True):
                 for weight in (False, True):
                     for bias in (False,) if is_rms else (False, True):
-                        x = torch.randn(3, 100, dtype=dtype, requires_grad=True)
-                        r = torch.randn(3, 100, dtype=dtype) if residual else None
-                        w = torch.randn(100, dtype=dtype) if weight else None
-                        b = torch.randn(100, dtype=dtype) if bias else None
-                        y, s, _, _ = torch.ops.fasttrain.norm_forward_aot(x, r, w, b, 1e-5, is_rms, dtype)
-                        grads = (torch.randn_like(y), torch.randn_like(s) if residual else None)
-                        torch.autograd.backward(
-                            [t for t, g in zip((y, s), grads) if g is not None], [g for g in grads if g is not None]
-                        )
+                        x, r, w, b = _profile_tensors(profile, torch.float16, 3, 100, residual, weight, bias)
+                        y, s, _, _ = torch.ops.fasttrain.norm_forward_aot(x, r, w, b, 1e-5, is_rms, torch.float16)
+                        outs = [y] + ([s] if residual else [])
+                        torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
     records = C.aot_records()
-    assert len(records) == 2 * 2 * 12 and {r["case"] for r in records} == {r["case"] for r in rows}
+    assert len(records) == len(rows) - 6  # the branch's backward without dres runs only when s goes unused
+    assert {r["case"] for r in records} <= {r["case"] for r in rows}
 
 
 def test_registration_refuses_cubins_of_other_parameters(sample):
@@ -124,25 +138,27 @@ def test_registration_refuses_cubins_of_other_parameters(sample):
         )
 
 
-# (kind, M, N, dtype, is_rms, residual, weight, bias): awkward widths (97, 65, 100), batch 1, both dtypes, every
-# optional tensor absent somewhere.
+# (kind, M, N, profile, is_rms, residual, weight, bias), fp16: awkward widths (97, 65, 100), batch 1, every dtype
+# profile, every optional tensor absent somewhere.
 CASES = [
-    ("forward", 5, 97, "fp16", False, False, True, True),
-    ("forward", 1, 128, "bf16", True, False, True, False),
-    ("forward", 7, 100, "bf16", False, True, False, False),
-    ("forward", 3, 65, "fp16", True, True, False, False),
-    ("backward", 9, 97, "fp16", False, False, True, True),
-    ("backward", 1, 100, "bf16", True, True, True, False),
-    ("backward", 600, 65, "fp16", False, True, False, True),  # more rows than 4 programs per SM: 2 rows each
-    ("backward", 4, 128, "bf16", True, False, False, False),
+    ("forward", 5, 97, "same", False, False, True, True),
+    ("forward", 1, 128, "same", True, False, True, False),
+    ("forward", 7, 100, "autocast", False, True, False, False),
+    ("forward", 3, 65, "branch", True, True, True, False),
+    ("forward", 2, 97, "branch", False, True, True, True),
+    ("backward", 9, 97, "same", False, False, True, True),
+    ("backward", 1, 100, "autocast", True, True, True, False),
+    ("backward", 600, 65, "same", False, True, False, True),  # more rows than 4 programs per SM: 2 rows each
+    ("backward", 4, 128, "branch", True, True, False, False),
+    ("backward", 5, 100, "branch", False, False, True, True),  # dx2 without dres: the stream output unused
 ]
-FIELDS = ("kind", "M", "N", "dtype", "is_rms", "residual", "weight", "bias")
+FIELDS = ("kind", "M", "N", "profile", "is_rms", "residual", "weight", "bias")
 
 
 @pytest.fixture(scope="module")
 def captured(sample):
     """One child over every case: the JIT's launch and the recorded C++ launch of each."""
-    cases = [dict(zip(FIELDS, c)) for c in CASES]
+    cases = [dict(zip(FIELDS, c), dtype="fp16") for c in CASES]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "aot_jit_capture.py"), str(sample[0]), json.dumps(cases)],
         capture_output=True,
@@ -208,10 +224,8 @@ def test_cpu_tensors_are_taken_only_while_recording(registry):
 
 
 def test_autograd_runs_in_cpp_and_gives_both_inputs_the_stream_gradient(registry):
-    x = torch.randn(4, 100, dtype=torch.bfloat16, requires_grad=True)
-    r = torch.randn(4, 100, dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(100, dtype=torch.bfloat16, requires_grad=True)
-    y, s, mean, rstd = torch.ops.fasttrain.norm_forward_aot(x, r, w, None, 1e-5, True, torch.bfloat16)
+    x, r, w, _ = _profile_tensors("same", torch.float16, 4, 100, True, True, False)
+    y, s, mean, rstd = torch.ops.fasttrain.norm_forward_aot(x, r, w, None, 1e-5, True, torch.float16)
     assert "CppNode" in type(y.grad_fn).__name__ or "NormAot" in y.grad_fn.name()
     assert not mean.requires_grad and not rstd.requires_grad
     (y.float().sum() + s.float().sum()).backward()
@@ -219,11 +233,19 @@ def test_autograd_runs_in_cpp_and_gives_both_inputs_the_stream_gradient(registry
     assert fwd["kernel"] == "_norm_forward_kernel" and bwd["kernel"] == "_norm_backward_kernel"
     assert bwd["constexprs"][3] == 1  # HAS_DRES: the stream's own gradient joins dx
     # dx of the one kernel launch for both (uncomputed: compared bit for bit)
-    assert (
-        torch.equal(x.grad.view(torch.int16), r.grad.view(torch.int16))
-        and w.grad.shape == (100,)
-        and w.grad.dtype == torch.bfloat16
-    )
+    assert torch.equal(x.grad.view(torch.int16), r.grad.view(torch.int16))
+    assert w.grad.shape == (100,) and w.grad.dtype == torch.float16
+
+
+def test_autograd_gives_a_half_branch_its_own_copy_of_the_fp32_stream_gradient(registry):
+    x, r, w, b = _profile_tensors("branch", torch.float16, 4, 100, True, True, True)
+    y, s, _, _ = torch.ops.fasttrain.norm_forward_aot(x, r, w, b, 1e-5, False, torch.float16)
+    assert y.dtype == torch.float16 and s.dtype == torch.float32
+    y.float().sum().backward()  # the stream unused: no dres, but dx2 for the branch
+    _, bwd = C.aot_records()
+    assert bwd["constexprs"][3:5] == [0, 1] and "branch" in bwd["case"]
+    assert x.grad.dtype == torch.float16 and r.grad.dtype == torch.float32
+    assert w.grad.dtype == b.grad.dtype == torch.float32
 
 
 def test_double_backward_is_refused_not_silently_first_order(registry):
@@ -255,6 +277,24 @@ def test_aot_column_comes_first_and_follows_the_switches(monkeypatch):
     monkeypatch.delenv("FASTTRAIN_AOT")
     if not C.built_with_cuda():
         assert "without CUDA" in _backend.aot_reason(torch.device("cuda"))
+
+
+def test_aot_column_takes_the_shipped_dtype_profiles(monkeypatch):
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    h, b, f = torch.float16, torch.bfloat16, torch.float32
+
+    def why(x, r=None, w=None, autocast=None, n=100):
+        monkeypatch.setattr(torch, "is_autocast_enabled", lambda device: autocast is not None)
+        monkeypatch.setattr(torch, "get_autocast_dtype", lambda device: autocast)
+        t = lambda dtype, *shape: None if dtype is None else torch.empty(*shape, dtype=dtype)  # noqa: E731
+        return NORMS.reasons(t(x, 2, n), n, t(r, 2, n), t(w, n), t(w, n))["aot"]
+
+    # same; autocast's half output from fp32 rows; a half branch onto an fp32 stream under autocast
+    for args in [(h, h, h), (b, None, b), (f, f, f), (f, None, f, h), (f, f, f, b), (h, f, f, h), (b, f, None, b)]:
+        assert why(*args) is None, args
+    for args in [(h, None, f), (f, h, f), (h, f, f), (h, b, h), (b, f, f, h), (h, h, h, b), (torch.float64,)]:
+        assert why(*args) is not None, args
+    assert "exceed" in why(h, n=_AOT_MAX_N + 1)
 
 
 # ---- GPU: the aot column against the triton column and the reference ------------------------------------------------
@@ -298,6 +338,32 @@ def test_gpu_aot_matches_triton_outputs_and_gradients(op, M, N, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("op", ["add_layer_norm", "add_rms_norm"])
+def test_gpu_aot_bf16_branch_onto_fp32_stream_under_autocast_matches_triton(op):
+    torch.manual_seed(0)
+    leaves = [
+        torch.randn(97, 768, device="cuda", dtype=torch.bfloat16),
+        torch.randn(97, 768, device="cuda"),
+        1 + 0.5 * torch.randn(768, device="cuda"),
+        0.5 * torch.randn(768, device="cuda"),
+    ]
+    up = [torch.randn(97, 768, device="cuda", dtype=torch.bfloat16), torch.randn(97, 768, device="cuda")]
+    results = {}
+    for backend in ("aot", "triton"):
+        inputs = [t.detach().clone().requires_grad_() for t in leaves]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs = GPU_OPS[op](*inputs, backend)
+        assert outs[0].dtype == torch.bfloat16 and outs[1].dtype == torch.float32
+        torch.autograd.backward(outs, up)
+        results[backend] = [o.detach() for o in outs] + [t.grad for t in inputs]
+    for got, want in zip(results["aot"], results["triton"]):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
 def test_gpu_aot_is_chosen_and_off_switches_select_the_jit(monkeypatch):
     x = torch.randn(8, 768, device="cuda", dtype=torch.bfloat16)
     assert NORMS.choose(x, 768, None, None, None) == "aot"
@@ -315,7 +381,7 @@ def test_gpu_aot_is_chosen_and_off_switches_select_the_jit(monkeypatch):
 @pytest.mark.slow
 def test_full_shipped_set_compiles_and_registers(tmp_path):
     rows = _compile(tmp_path, ["bf16", "fp16", "fp32"], None)
-    assert len(rows) == 3 * 2 * 12 * 13 and all("error" not in r for r in rows)
+    assert len(rows) == 2 * (12 + 12 + 12 + 12 + 6 + 12) * 13 + (12 + 12) * 13 and all("error" not in r for r in rows)
     C.aot_clear()
     try:
         assert _aot.load(tmp_path, arch=90) == len(rows) == C.aot_registered()
@@ -354,9 +420,11 @@ def test_bad_input_gives_the_same_error_whichever_backend_is_asked(i):
 
 def test_the_cpp_op_checks_its_rows(registry):
     x = torch.randn(3, 100, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="norm_forward_aot: weight must be an \\(N,\\) unit-stride tensor in x's"):
-        torch.ops.fasttrain.norm_forward_aot(x, None, torch.randn(100), None, 1e-5, True, torch.float16)
+    with pytest.raises(RuntimeError, match="norm_forward_aot: weight must be an \\(N,\\) unit-stride tensor"):
+        torch.ops.fasttrain.norm_forward_aot(x, None, torch.randn(99).half(), None, 1e-5, True, torch.float16)
     with pytest.raises(RuntimeError, match="norm_forward_aot: residual must be"):
         torch.ops.fasttrain.norm_forward_aot(x, x[:2], None, None, 1e-5, True, torch.float16)
-    with pytest.raises(RuntimeError, match="norm_forward_aot: out_dtype must be x's dtype"):
-        torch.ops.fasttrain.norm_forward_aot(x, None, None, None, 1e-5, True, torch.float32)
+    # a dtype mix that was not shipped (fp32 weight on fp16 rows) is named, not launched
+    with pytest.raises(RuntimeError, match=r"no shipped cubin .* pointers to \(Half, Half, Float, Half"):
+        torch.ops.fasttrain.norm_forward_aot(x, None, torch.randn(100), None, 1e-5, True, torch.float16)
+    assert C.aot_records() == []

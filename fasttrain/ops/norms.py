@@ -89,25 +89,32 @@ class Triton:
 # ---- the table: which backend can serve which inputs ----------------------------------------------------------------
 
 # What kernels/norms.py aot_kernels(shipped=True) lists; its MAX_N, not read from there: that would import Triton.
-_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_AOT_HALF = (torch.float16, torch.bfloat16)
+_AOT_DTYPES = (*_AOT_HALF, torch.float32)
 _AOT_MAX_N = 4096
+_AOT_MIX = "the shipped cubins take one dtype, fp32 rows with a half-precision output, or a half branch onto fp32"
 
 
 def _aot_reason(
     x: Tensor, n_cols: int, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None
 ) -> str | None:
+    """None for the dtype profiles kernels/norms.py ships (_pointer_types): one dtype; fp32 rows (x, residual, weight,
+    bias) with autocast's half output; a half x added onto an fp32 residual, weight and bias fp32, output half."""
     if (why := _backend.aot_reason(x.device)) is not None:
         return why
-    dtype = x.dtype
-    if dtype not in _AOT_DTYPES:
-        return f"the shipped cubins take fp16, bf16 or fp32, got {dtype}"
-    for t in (residual, weight, bias):
-        if t is not None and t.dtype != dtype:
-            return "the shipped cubins take input, residual, weight and bias of one dtype"
-    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != dtype:
-        return "the shipped cubins write the output in the input's dtype, not autocast's"
     if n_cols > _AOT_MAX_N:
         return f"normalized rows of {n_cols} elements exceed the kernels' {_AOT_MAX_N} (held in registers)"
+    stream = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else stream
+    if stream not in _AOT_DTYPES or out not in _AOT_DTYPES:
+        return f"the shipped cubins take fp16, bf16 or fp32, got {stream}"
+    for t in (residual, weight, bias):
+        if t is not None and t.dtype != stream:
+            return _AOT_MIX
+    if stream != out and stream != torch.float32:  # out is stream's, or half from fp32 rows
+        return _AOT_MIX
+    if x.dtype != stream and not (x.dtype == out and out in _AOT_HALF):  # a branch: x in the output's half dtype
+        return _AOT_MIX
     return None
 
 
