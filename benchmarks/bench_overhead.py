@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import cProfile
 import importlib
+import inspect
 import json
 import os
 import pstats
@@ -254,8 +255,10 @@ def _register_described(dtype: torch.dtype) -> None:
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     for entry in norms.aot_kernels(90, name, shipped=True):
         kernel = entry["kernel"]
-        constexprs = [p.name for p in kernel.params if p.is_constexpr]
-        args = [p.name for p in kernel.params if not p.is_constexpr]
+        # kernel.fn's annotations: the interpreter's stand-in for a JITFunction (TRITON_INTERPRET=1) has no .params
+        parameters = inspect.signature(kernel.fn).parameters.values()
+        constexprs = [p.name for p in parameters if "constexpr" in str(p.annotation)]
+        args = [p.name for p in parameters if "constexpr" not in str(p.annotation)]
         types = [entry["types"].get(a) or (f"*{name}" if a[0].isupper() else "i32") for a in args]
         pointers = [a for a in args if a[0].isupper()]  # compiled 16-divisible, as tools/aot.py compiles them
         for case in entry["cases"]:
