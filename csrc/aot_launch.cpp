@@ -227,9 +227,8 @@ void launch(const Entry& e, Grid grid, c10::DeviceIndex device, std::initializer
     }
     ++i;
   }
-  params[n] = &storage[n];  // the global and profile scratch pointers: null
-  params[n + 1] = &storage[n + 1];
-  const Launch l{&e, grid, device, params.data(), n + 2, values.begin(), n};
+  for (int k = n; k < n + e.scratch; ++k) params[k] = &storage[k];  // the scratch pointers: null
+  const Launch l{&e, grid, device, params.data(), n + e.scratch, values.begin(), n};
   if (g_recording) {
     if (g_keep) record_launch(l);
     return;
@@ -259,8 +258,9 @@ void register_entry(const std::string& kernel, const std::string& dtype, std::ve
               "]: its parameters differ from what the C++ op passes (cubins from another kernel version?)");
   TORCH_CHECK(arg_types.size() == arg_names.size() && constexprs.size() == constexpr_names.size(), "aot: ", kernel,
               " [", label, "]: malformed entry");
-  TORCH_CHECK(cubin_params == static_cast<int>(arg_names.size()) + 2, "aot: ", kernel, " [", label, "]: ",
-              cubin_params, " cubin parameters, expected the arguments and two scratch pointers");
+  const int scratch = cubin_params - static_cast<int>(arg_names.size());
+  TORCH_CHECK(scratch >= 0 && scratch <= 2, "aot: ", kernel, " [", label, "]: ", cubin_params,
+              " cubin parameters, expected the arguments and up to two scratch pointers");
   TORCH_CHECK(global_scratch == 0 && profile_scratch == 0, "aot: ", kernel, " [", label,
               "] needs scratch memory, which the launcher does not allocate");
   TORCH_CHECK(static_cast<int>(arg_names.size()) <= kMaxArgs, "aot: ", kernel, " takes more than ", kMaxArgs,
@@ -283,6 +283,7 @@ void register_entry(const std::string& kernel, const std::string& dtype, std::ve
   e->warps = warps;
   e->num_ctas = num_ctas;
   e->shared = shared;
+  e->scratch = scratch;
   e->cubin = std::move(cubin);
   const Key key =
       make_key(e->kernel, e->pointers.data(), e->pointers.size(), e->constexprs.data(), e->constexprs.size());

@@ -1,8 +1,9 @@
 // Launching Triton kernels compiled ahead of time (tools/aot.py, cubins shipped in the wheel) from C++, in Triton's
 // calling convention: the runtime arguments in the kernel's parameter order with the constexprs left out, each in its
-// compiled type (a pointer as a 64-bit device address, i32 as int32_t, fp32 as float), then the global and the
-// profile scratch pointers Triton appends (null: the shipped cubins need no scratch; registration refuses any that
-// does); blockDim.x = 32 * launched warps, the dynamic shared memory of the metadata.
+// compiled type (a pointer as a 64-bit device address, i32 as int32_t, fp32 as float), then the scratch pointers
+// Triton appends (global, then profile, as many as the cubin's function takes beyond the arguments; null: the shipped
+// cubins need no scratch, and registration refuses any that does); blockDim.x = 32 * launched warps, the dynamic
+// shared memory of the metadata.
 //
 // The registry is filled once, from Python (fasttrain/_aot.py reads index.json and hands each entry's metadata and
 // cubin bytes to register_entry: no JSON parsing here). An op finds its case by (kernel, dtype, constexpr values in
@@ -71,7 +72,8 @@ struct Entry {
   uint64_t divisible = 0;  // bit i: runtime argument i was compiled as a multiple of 16
   int warps = 0;           // as launched (Triton's metadata num_warps)
   int num_ctas = 1;
-  int shared = 0;  // dynamic shared memory, bytes
+  int shared = 0;   // dynamic shared memory, bytes
+  int scratch = 2;  // null scratch pointers after the arguments (Triton's global and profile scratch)
   std::string cubin;
   mutable std::array<void*, 64> functions{};  // CUfunction per device index, loaded at first launch there
 };

@@ -65,10 +65,11 @@ def _arch_reason(arch: int) -> str | None:
     if arch not in _loaded:
         if not (AOT_DIR / "index.json").exists():
             _loaded[arch] = "no shipped cubins (fasttrain._C was built without CUDA)"
-        elif load(AOT_DIR, arch) == 0:
-            _loaded[arch] = f"no shipped cubins for sm_{arch}"
         else:
-            _loaded[arch] = None
+            try:
+                _loaded[arch] = None if load(AOT_DIR, arch) else f"no shipped cubins for sm_{arch}"
+            except Exception as e:  # cubins the launcher refuses (a stale or foreign build): the JIT serves
+                _loaded[arch] = f"the shipped cubins did not load ({type(e).__name__}: {str(e)[:300]})"
     return _loaded[arch]
 
 

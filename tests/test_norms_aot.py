@@ -267,6 +267,20 @@ def test_torch_compile_traces_the_op_forward_and_backward(registry):
     assert x.grad.shape == x.shape and w.grad.shape == w.shape
 
 
+def test_torch_compile_traces_the_public_functions_on_the_aot_column(registry, monkeypatch):
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)  # CPU tensors take the column (recorded)
+
+    def f(x, r, w, b):
+        y, s = add_layer_norm(x, r, (100,), w, b)
+        return rms_norm(s, (100,), w) + y
+
+    x, r, w, b = _profile_tensors("same", torch.float16, 3, 100, True, True, True)
+    torch.compile(f, fullgraph=True, backend="aot_eager")(x, r, w, b).float().sum().backward()
+    kernels = [rec["kernel"] for rec in C.aot_records()]
+    assert kernels.count("_norm_forward_kernel") == 2 and kernels.count("_norm_backward_kernel") == 2
+    assert all(t.grad is not None for t in (x, r, w, b))
+
+
 def test_aot_column_comes_first_and_follows_the_switches(monkeypatch):
     assert list(NORMS.backends) == ["aot", "triton", "reference"]
     assert NORMS.direct["aot"] is torch.ops.fasttrain.norm_forward_aot
