@@ -2,10 +2,12 @@
 are told, check each result before timing it, and keep what they measured when a later part fails."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 from fasttrain.benchmarks import (
     bench_adamw,
     bench_attention,
+    bench_attention_masks,
+    bench_first_step,
     bench_linear_cross_entropy,
     bench_overhead,
     bench_step,
@@ -157,6 +161,62 @@ def test_bench_step_keeps_its_rows_when_the_cuda_graph_fails(tmp_path, monkeypat
     assert [r["variant"] for r in rows] == ["eager", "fasttrain", "fasttrain+graph"]
     assert all(r["step_ms"] > 0 for r in rows[:2])
     assert rows[2]["skipped"] == f"failed: RuntimeError: {why}"
+
+
+def test_bench_first_step_times_a_process_from_its_start_to_its_first_step(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    started = time.time()
+    row = bench_first_step.child("fasttrain", "cpu", True, started)
+    assert row["to_first_step_s"] == pytest.approx(time.time() - started - row["second_step_s"], abs=0.05)
+    parts = row["start_and_imports_s"] + row["build_s"] + row["first_step_s"]
+    assert row["to_first_step_s"] == pytest.approx(parts) and min(row.values()) > 0 and math.isfinite(row["first_loss"])
+
+
+def test_bench_first_step_keeps_its_rows_and_refuses_a_wrong_or_failed_one(tmp_path, monkeypatch):
+    losses = {"fasttrain": 5.0, "compile": 5.0, "fasttrain+compile": 6.0}  # the last one's first loss is off
+
+    def run_child(variant, device, quick, caches):
+        assert (caches / "triton").parent == caches  # one cache folder per variant, shared by its cold and warm runs
+        if variant == "compile" and (caches / "ran").exists():
+            raise RuntimeError("exit 1: inductor failed")
+        (caches / "ran").touch()
+        return {"to_first_step_s": 1.0, "first_loss": losses[variant]}
+
+    monkeypatch.setattr(bench_first_step, "run_child", run_child)
+    monkeypatch.setattr(bench_first_step, "variants", lambda device, quick: list(losses))
+    monkeypatch.setattr(sys, "argv", ["bench_first_step", "--device", "cpu", "--quick", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="compile warm"):
+        bench_first_step.main()
+    rows = json.loads((tmp_path / "first_step.quick.json").read_text())["rows"]
+    assert [(r["variant"], r["cache"], "skipped" in r) for r in rows] == [
+        ("fasttrain", "cold", False),
+        ("fasttrain", "warm", False),
+        ("compile", "cold", False),
+        ("compile", "warm", True),
+        ("fasttrain+compile", "cold", True),
+        ("fasttrain+compile", "warm", True),
+    ]
+    assert rows[3]["skipped"] == "failed: exit 1: inductor failed" and "wrong result" in rows[4]["skipped"]
+
+
+def test_bench_attention_masks_checks_each_provider_before_timing_it(monkeypatch):
+    monkeypatch.setattr(common, "time_ms", lambda fn, device: (fn(), 1.0)[1])
+    right = bench_attention_masks.providers("cpu")["fasttrain"]
+    monkeypatch.setattr(
+        bench_attention_masks,
+        "providers",
+        lambda device: {"fasttrain": right, "sdpa": right, "wrong": lambda q, k, v, mask: right(q, k, v, mask) * 1.01},
+    )
+    B, H, T, D = 2, 2, 16, 8
+    q, k, v = (torch.randn(B, H, T, D, requires_grad=True) for _ in range(3))
+    masks = bench_attention_masks.masks(B, T, "cpu")
+    assert set(masks) == {"causal", "right-padded causal", "left-padded causal", "key padding", "documents"}
+    rows = bench_attention_masks.bench_mask(
+        "documents", masks["documents"], q, k, v, torch.randn_like(q), "cpu", torch.float32
+    )
+    assert [r["provider"] for r in rows] == ["fasttrain", "sdpa", "wrong"]
+    assert rows[0]["max_rel_err"] < 1e-5 and rows[0]["fwd_x_sdpa"] == 1.0
+    assert rows[2]["skipped"].startswith("wrong result") and "fwd_ms" not in rows[2]
 
 
 def test_profile_call_ranks_the_host_ops():

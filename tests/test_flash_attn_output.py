@@ -147,3 +147,72 @@ GRID_HEAD_DIMS = {"cpu": (32, 40, 59, 64, 96, 111, 128), "triton": tuple(d for d
 def test_flash_attn_output_grid(backend, varlen):
     check = _check_varlen_output if varlen else _check_output
     run_grid(check, _grid(GRID_HEAD_DIMS[backend]), _id, backend=backend)
+
+
+def _block_table(cu_k, page, extra_blocks=3):
+    """A shuffled block table (B, max_blocks) int32 for sequences of lengths cu_k.diff() (unused slots -1, never
+    read), with extra pages nobody uses; and the number of pages."""
+    need = [-(-n // page) for n in cu_k.diff().tolist()]
+    num_blocks = sum(need) + extra_blocks
+    pages = iter(torch.randperm(num_blocks).tolist())
+    table = torch.full((len(need), max(need)), -1, dtype=torch.int32)
+    for b, n in enumerate(need):
+        table[b, :n] = torch.tensor([next(pages) for _ in range(n)])
+    return table, num_blocks
+
+
+def _to_pages(x, cu_k, table, num_blocks, page, fill):
+    """x (total_k, ...) laid out in the pages the table gives, `fill(shape)` everywhere else."""
+    cache = fill(num_blocks, page, *x.shape[1:])
+    for b in range(table.shape[0]):
+        for t in range(int(cu_k[b + 1] - cu_k[b])):
+            cache[table[b, t // page], t % page] = x[int(cu_k[b]) + t]
+    return cache
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("page", [4, 16])
+def test_flash_attn_varlen_paged_kv(backend, page):
+    """flash-attn's test_flash_attn_varlen_causal with paged_kv_block_size: a block_table over a shuffled paged cache
+    gives the contiguous call's output exactly, and the keys' gradients land in the pages that hold them."""
+    torch.manual_seed(0)
+    H, Hkv, D = 4, 2, 32
+    q_lens, k_lens = [5, 1, 23], [30, 7, 23]
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32) for n in (q_lens, k_lens))
+    q = torch.randn(sum(q_lens), H, D, requires_grad=True)
+    k, v = (torch.randn(sum(k_lens), Hkv, D, requires_grad=True) for _ in range(2))
+    table, num_blocks = _block_table(cu_k, page)
+    k_cache, v_cache = (
+        _to_pages(t.detach(), cu_k, table, num_blocks, page, torch.randn).requires_grad_() for t in (k, v)
+    )
+    args = (cu_q, cu_k, max(q_lens), max(k_lens))
+    want = flash_attn_varlen_func(q, k, v, *args, causal=True, backend=backend)
+    got = flash_attn_varlen_func(q, k_cache, v_cache, *args, causal=True, block_table=table, backend=backend)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    do = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, (q, k_cache, v_cache), do)
+    dq, dk, dv = torch.autograd.grad(want, (q, k, v), do)
+    torch.testing.assert_close(got_grads[0], dq, atol=0, rtol=0)
+    for name, a, b in (("k", got_grads[1], dk), ("v", got_grads[2], dv)):
+        want_pages = _to_pages(b, cu_k, table, num_blocks, page, torch.zeros)  # 0 in the pages nobody reads
+        torch.testing.assert_close(a, want_pages, atol=0, rtol=0, msg=lambda m, n=name: f"d{n}_cache: {m}")
+
+
+def test_flash_attn_varlen_paged_kv_refuses_bad_tables():
+    q = torch.randn(9, 2, 16)
+    cu_q = torch.tensor([0, 4, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 6, 14], dtype=torch.int32)
+    cache = torch.randn(5, 4, 2, 16)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    args = (cu_q, cu_k, 5, 8)
+    flash_attn_varlen_func(q, cache, cache, *args, block_table=table)  # the valid call the others break
+    with pytest.raises(ValueError, match=r"block_table's pages must lie in \[0, 5\), got values in \[0, 7\]"):
+        flash_attn_varlen_func(q, cache, cache, *args, block_table=torch.tensor([[0, 1], [2, 7]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="needs more than block_table's 1 pages of 4"):
+        flash_attn_varlen_func(q, cache, cache, *args, block_table=table[:, :1])
+    with pytest.raises(TypeError, match="block_table must be an int32 tensor"):
+        flash_attn_varlen_func(q, cache, cache, *args, block_table=table.long())
+    with pytest.raises(ValueError, match=r"block_table must be \(B=2, max_blocks >= 1\)"):
+        flash_attn_varlen_func(q, cache, cache, *args, block_table=table[:1])
+    with pytest.raises(ValueError, match="k must be a paged cache"):
+        flash_attn_varlen_func(q, cache[0], cache, *args, block_table=table)

@@ -24,7 +24,7 @@ out=${1:-${OUT:?give an output folder}}
 mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the next line changes directory
 cd "$(dirname "$0")/.."
 shift || true
-stages=${*:-build probe test bench:overhead,attention,step,hf_step tiles bench:adamw,norms,decode,rotary,cross_entropy,linear_cross_entropy,swiglu ncu}
+stages=${*:-build probe test bench:overhead,attention,step,hf_step tiles bench:adamw,norms,decode,rotary,cross_entropy,linear_cross_entropy,swiglu,attention_masks,first_step ncu}
 export PYTHONUNBUFFERED=1
 # `python -m` puts the working directory first on sys.path, where the source fasttrain/ (no _C, no kernels/) would
 # shadow the installed package.

@@ -17,7 +17,8 @@ kernel call:
   place, cache_leftpad skipping each row's pads;
 - sliding windows: window_size=(sliding_window - 1, 0), as transformers' sliding mask (key j with i - W < j <= i);
 - a 4-D mask of the user's own, or a padding mask with holes (a masked token between real ones): fasttrain's
-  scaled_dot_product_attention with a mask, which takes the reference unless it recognizes a causal one. Under
+  scaled_dot_product_attention with a mask, which runs the kernels where each query row sees one stretch of keys
+  (causal, sliding-window, padding, packed documents) and the reference otherwise. Under
   torch.compile a hole cannot be seen without a host read in every layer: a device-side assert refuses it instead.
 
 While tracing nothing is read on the host: a padding mask's cuts are computed on the device, and packed sequences

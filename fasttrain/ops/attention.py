@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op, reference_gradients
-from fasttrain.ops.attention_masks import kernel_band
+from fasttrain.ops.attention_masks import Segments, kernel_plan
 from fasttrain.ops.attention_reference import (
     UNBOUNDED,
     attention_reference,
@@ -559,12 +559,15 @@ def flash_attn_varlen_func(
     and in-place version (one host sync), not while a CUDA graph is captured or torch.compile traces. Sequence b's
     queries attend only to sequence b's keys, masked as in `flash_attn_func` with that sequence's Tq_b and Tk_b.
     Returns out (total_q, H, D), or (out, softmax_lse (H, total_q) float32, None) with return_attn_probs.
-    block_table (paged KV) is not implemented and must be None. deterministic as in `flash_attn_func`.
+    block_table: (B, max_blocks) int32, or None: k and v are then a paged cache (num_blocks, page_block_size,
+    Hkv, D), sequence b's key t in page block_table[b, t // page_block_size] (cu_seqlens_k still gives the lengths);
+    each sequence's keys are gathered out of their pages (differentiable into the cache) before the kernels run.
+    deterministic as in `flash_attn_func`.
     """
+    if block_table is not None:
+        k, v = _keys_from_pages(q, k, v, block_table, cu_seqlens_k)
     _check_qkv(q, k, v, 3, "(total, H, D)")
     _refuse_unsupported(softcap, alibi_slopes)
-    if block_table is not None:
-        raise ValueError("block_table must be None (a paged KV cache is not implemented)")
     cu_seqlens_q, cu_seqlens_k = _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
@@ -586,6 +589,53 @@ def flash_attn_varlen_func(
     return (out, lse, None) if return_attn_probs else out
 
 
+def _keys_from_pages(q, k_cache, v_cache, block_table, cu_seqlens_k) -> tuple[Tensor, Tensor]:
+    """Packed keys and values (total_k, Hkv, D) of a paged cache (num_blocks, page_block_size, Hkv, D): sequence b's
+    key t from row t % page_block_size of page block_table[b, t // page_block_size]. The lengths and the pages used
+    are read on the host (two reads) and checked against the table and the cache; refused while a CUDA graph is
+    captured."""
+    for name, t in (("k", k_cache), ("v", v_cache)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(
+                f"{name} must be a paged cache (num_blocks, page_block_size, Hkv, D) with a block_table, got {got}"
+            )
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
+        got = getattr(block_table, "dtype", type(block_table).__name__)
+        raise TypeError(f"block_table must be an int32 tensor (B, max_blocks), got {got}")
+    if not isinstance(cu_seqlens_k, Tensor) or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() < 2:
+        raise ValueError("cu_seqlens_k must be a 1-D tensor of B + 1 offsets")
+    B = cu_seqlens_k.numel() - 1
+    if block_table.dim() != 2 or block_table.shape[0] != B or block_table.shape[1] == 0:
+        raise ValueError(f"block_table must be (B={B}, max_blocks >= 1), got shape {tuple(block_table.shape)}")
+    if block_table.device != q.device:
+        raise ValueError(f"block_table must be on q's device ({q.device}), got {block_table.device}")
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ValueError(
+            "block_table: the keys' pages are found from cu_seqlens_k on the host, not while a CUDA graph is captured"
+        )
+    num_blocks, page = k_cache.shape[:2]
+    cu = cu_seqlens_k.long()
+    lengths = cu.diff()  # (B,)
+    total = int(cu[-1])
+    seq = torch.repeat_interleave(torch.arange(B, device=q.device), lengths, output_size=total)  # (total_k,)
+    t = torch.arange(total, device=q.device) - cu[:-1][seq]  # each key's position in its sequence
+    slot = (t // page).clamp(max=block_table.shape[1] - 1)
+    pages = block_table.long()[seq, slot]  # (total_k,)
+    if total:
+        longest, lo, hi = torch.stack((lengths.max(), pages.min(), pages.max())).tolist()
+        if longest > block_table.shape[1] * page:
+            raise ValueError(
+                f"a sequence of {longest} keys needs more than block_table's {block_table.shape[1]} pages of {page}"
+            )
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(f"block_table's pages must lie in [0, {num_blocks}), got values in [{lo}, {hi}]")
+    rows = pages * page + t % page  # (total_k,) rows of the cache seen as (num_blocks * page, Hkv, D)
+    return k_cache.flatten(0, 1).index_select(0, rows), v_cache.flatten(0, 1).index_select(0, rows)
+
+
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -602,9 +652,11 @@ def scaled_dot_product_attention(
 
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. is_causal masks as
     torch does, aligned top-left: query i sees keys j <= i. attn_mask: bool (True = attend) or additive float,
-    broadcastable to (B, H, Tq, Tk). A mask that is a band (causal, sliding-window: the same keys i - L .. i + R for
-    every row, batch and head; 0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per
-    mask tensor, one host sync on a GPU); any other mask, and dropout_p > 0, runs the reference path. Returns
+    broadcastable to (B, H, Tq, Tk). A mask that is one for every head and lets each query row see one stretch of
+    keys (0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per mask tensor, one host
+    sync on a GPU): a band (causal, sliding-window) as is; padding (key lengths per batch row, with or without
+    causality) and document packing (block-diagonal) as varlen launches over gathered rows. Any other mask, and
+    dropout_p > 0, runs the reference path. Returns
     (B, H, Tq, D). The backward is deterministic under torch.use_deterministic_algorithms(True) (see
     `flash_attn_func`).
     """
@@ -625,11 +677,39 @@ def scaled_dot_product_attention(
     Tq, Tk = q.shape[1], k.shape[1]
     # top-left causal is the bottom-right band shifted by Tq - Tk: j - i - (Tk - Tq) <= Tq - Tk
     left, right = UNBOUNDED, (Tq - Tk if is_causal else UNBOUNDED)
+    scale = _scale(scale, q.shape[-1])
     if attn_mask is not None and dropout_p == 0.0 and backend != "reference":
-        band = kernel_band(attn_mask, q.shape[0], Tq, Tk)  # a causal or windowed mask: the kernels' band
-        if band is not None:
-            (left, right), attn_mask = band, None
-    out, _ = _attend(
-        q, k, v, None, None, Tq, Tk, _scale(scale, q.shape[-1]), left, right, backend, dropout_p, attn_mask
-    )
+        plan = kernel_plan(attn_mask, q.shape[0], Tq, Tk, q.device)
+        if isinstance(plan, Segments):  # padding or packed documents: varlen launches over gathered rows
+            return _segmented(q, k, v, plan, scale, backend, dropout_p).transpose(1, 2)
+        if plan is not None:  # a causal or windowed mask: the kernels' band
+            (left, right), attn_mask = plan, None
+    out, _ = _attend(q, k, v, None, None, Tq, Tk, scale, left, right, backend, dropout_p, attn_mask)
     return out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)
+
+
+def _segmented(q, k, v, plan: Segments, scale: float, backend, dropout_p: float) -> Tensor:
+    """Attention of q (B, Tq, H, D) over k, v (B, Tk, Hkv, D) as the mask's packed launches: each gathers its query
+    and key rows, runs the varlen kernel and scatters its rows into the output; rows in no launch stay 0."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    q_rows = q.reshape(B * Tq, H, D)  # (B, Tq, H, D) -> (B * Tq, H, D)
+    k_rows, v_rows = k.reshape(B * Tk, Hkv, D), v.reshape(B * Tk, Hkv, D)  # (B * Tk, Hkv, D)
+    out = q.new_zeros(B * Tq, H, D)
+    for p in plan.launches:
+        part, _ = _attend(
+            q_rows.index_select(0, p.q_rows),
+            k_rows.index_select(0, p.k_rows),
+            v_rows.index_select(0, p.k_rows),
+            p.cu_seqlens_q,
+            p.cu_seqlens_k,
+            p.max_seqlen_q,
+            p.max_seqlen_k,
+            scale,
+            UNBOUNDED,
+            p.right,
+            backend,
+            dropout_p,
+        )
+        out = out.index_copy(0, p.q_rows, part)
+    return out.view(B, Tq, H, D)
