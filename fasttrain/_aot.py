@@ -63,7 +63,10 @@ def load(directory: Path | str = AOT_DIR, arch: int | None = None) -> int:
 
 def _arch_reason(arch: int) -> str | None:
     if arch not in _loaded:
-        if not (AOT_DIR / "index.json").exists():
+        other = next((a for a, why in _loaded.items() if why is None), None)
+        if other is not None:  # the registry keys a case by kernel, dtypes and constexprs, not by arch
+            _loaded[arch] = f"the sm_{other} cubins serve another device here (one arch per process)"
+        elif not (AOT_DIR / "index.json").exists():
             _loaded[arch] = "no shipped cubins (fasttrain._C was built without CUDA)"
         else:
             try:
