@@ -124,6 +124,8 @@ CUresult launch_once(const Launch& l, CUfunction fn, CUstream stream) {
 
 void launch_cuda(const Launch& l) {
   if (static_cast<uint64_t>(l.grid.x) * l.grid.y * l.grid.z == 0) return;
+  // The tensors' device current (its primary context with it), as a handle is loaded and a launch made in it.
+  const c10::cuda::CUDAGuard guard(l.device);
   CUfunction fn = function(*l.entry, l.device);
   CUstream stream = reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream(l.device).stream());
   CUresult status = launch_once(l, fn, stream);
