@@ -3,9 +3,11 @@
 is installed. On a GPU: the Triton kernels against SDPA's FLASH, CUDNN and EFFICIENT, bf16, B*T = 16k tokens,
 H*D = 2048, T = 512..16384, head_dim 64 and 128, causal and not. On the CPU: the C++ kernel against SDPA's FLASH
 (torch's own CPU flash kernel), fp32, B*T = 2048 tokens, H*D = 512, T 128 (the main job's), 256 and 1024, head_dim
-64. Before a provider is timed, its output and its gradients are checked against the fp32 reference on four heads,
-two of the first sequence and two of the last (the whole shape's fp32 scores would not fit at T = 16384); one that
-is off is not timed, and the run exits 1 after writing what it measured.
+64. A row `fasttrain_dropout` times the same kernels with attention dropout 0.1 (its vs_plain_* columns: its time over
+the plain kernel's). Before a provider is timed, its output and its gradients are checked against the fp32 reference
+on four heads, two of the first sequence and two of the last (the whole shape's fp32 scores would not fit at
+T = 16384), the dropout row against the reference's dropout of the same seed on one sequence of at most 256 tokens;
+one that is off is not timed, and the run exits 1 after writing what it measured.
 
     python -m fasttrain.benchmarks.bench_attention [--quick] [--seqlens T ...] [--device cuda|cpu]
 """
@@ -29,6 +31,7 @@ TOKENS_CPU, HIDDEN_CPU, HEAD_DIM_CPU = 2048, 512, 64
 # or not, d128; a wrong mask, scale or tile misses by O(1).
 CHECK_RTOL = {torch.bfloat16: 5e-2, torch.float16: 2e-2, torch.float32: 1e-4}
 EAGER_MAX_SCORE_BYTES = 8 << 30  # eager materialises (B, H, T, T) scores several times over; skip beyond this
+DROPOUT_P = 0.1  # GPT-2's attn_pdrop
 
 
 def flops(mode: str, B: int, H: int, T: int, D: int, causal: bool) -> float:
@@ -54,6 +57,9 @@ def providers(device: str) -> dict:
     kernel = "triton" if device == "cuda" else "cpu"
     found = {
         "fasttrain": lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal, backend=kernel),
+        "fasttrain_dropout": lambda q, k, v, causal: flash_attn_func(
+            q, k, v, dropout_p=DROPOUT_P, causal=causal, backend=kernel
+        ),
         "eager": lambda q, k, v, causal: attention_reference(
             q, k, v, q.shape[-1] ** -0.5, UNBOUNDED, 0 if causal else UNBOUNDED
         )[0],
@@ -96,6 +102,21 @@ def _rel_err(got, want) -> float:
     return ((got.float() - want).abs().max() / want.abs().max().clamp(min=1.0)).item()
 
 
+def _dropout_errors(fn, q, k, v, dout, causal) -> dict:
+    """fn's out and gradients against the fp32 reference's with the same dropout seed (the mask depends on the
+    sequence and head, so the check runs on a whole sequence: the first, cut to 256 tokens)."""
+    q, k, v, dout = (t[:1, :256].detach() for t in (q, k, v, dout))
+    reference = lambda q, k, v, c: flash_attn_func(q, k, v, DROPOUT_P, causal=c, backend="reference")  # noqa: E731
+    found = []
+    for call, dtype in ((fn, q.dtype), (reference, torch.float32)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(0)  # the same dropout seed for both (on every device)
+        out = call(*leaves, causal)
+        found.append((out, *torch.autograd.grad(out, leaves, dout.to(dtype))))
+    got, want = found
+    return {what: round(_rel_err(a, b.float()), 6) for what, a, b in zip(("out", "dq", "dk", "dv"), got, want)}
+
+
 def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(B, T, H, D, generator=g, device=device, dtype=dtype).requires_grad_() for _ in range(3))
@@ -112,12 +133,15 @@ def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
         except RuntimeError as e:  # an SDPA backend that does not take this shape/dtype on this device
             rows.append({**row, "skipped": str(e).splitlines()[0][:120]})
             continue
-        got = (out, *torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
-        errors = {
-            what: round(_rel_err(_checked_slice(t), want), 6)
-            for what, t, want in zip(("out", "dq", "dk", "dv"), got, expected)
-        }
-        del got
+        if name == "fasttrain_dropout":
+            errors = _dropout_errors(fn, q, k, v, dout, causal)
+        else:
+            got = (out, *torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+            errors = {
+                what: round(_rel_err(_checked_slice(t), want), 6)
+                for what, t, want in zip(("out", "dq", "dk", "dv"), got, expected)
+            }
+            del got
         row["max_rel_err"] = max(errors.values())
         if not row["max_rel_err"] <= CHECK_RTOL[dtype]:  # NaN too
             rows.append({**row, "skipped": f"wrong result: {errors} (allowed {CHECK_RTOL[dtype]})"})
@@ -132,8 +156,11 @@ def bench_shape(device, dtype, B, T, H, D, causal, modes) -> list[dict]:
             ms = common.time_ms(call, device)
             row[f"{mode}_ms"] = ms
             row[f"{mode}_tflops"] = flops(mode, B, H, T, D, causal) / (ms * 1e-3) / 1e12
-        if name == "fasttrain":  # every tile's time at this shape (warp-specialized or not), as the autotuner saw it
+        if name.startswith("fasttrain"):  # every tile's time at this shape, as the autotuner saw it
             row["tuning_ms"] = common.take_tuning_timings()
+        if name == "fasttrain_dropout" and "fwd_ms" in rows[0]:  # the plain kernel's row comes first
+            for mode in modes:
+                row[f"vs_plain_{mode}"] = round(row[f"{mode}_ms"] / rows[0][f"{mode}_ms"], 3)
         rows.append(row)
         del out
     return rows
@@ -165,6 +192,7 @@ def main() -> None:
     for B, T, H, D, causal in shapes:
         rows += bench_shape(args.device, dtype, B, T, H, D, causal, modes)
     cols = ["provider", "B", "T", "H", "D", "causal", "max_rel_err"] + [f"{m}_tflops" for m in modes]
+    cols += [f"vs_plain_{m}" for m in modes]
     common.print_table(rows, cols + ["skipped"])
     print("ceilings:", ceilings)
     print("wrote", common.write_results("attention", args.device, rows, ceilings, args.out, args.quick))

@@ -76,6 +76,64 @@ FT_CPU_CLONES float dot(const float* __restrict a, const float* __restrict b, in
   return s;
 }
 
+constexpr int64_t kGroups = 64;  // Philox calls per batch of dropout_keep: 512 keys
+
+// w[word][t]: Philox4x32-10 (as triton.language.random.philox) of counter (g0 + t, i, bh, offset) under key
+// (k0, k1), for t in [0, m): one call per SIMD lane (the 32x32 -> 64-bit products vectorize).
+FT_CPU_CLONES void philox_groups(uint32_t g0, int64_t m, uint32_t i, uint32_t bh, uint32_t offset, uint32_t k0,
+                                 uint32_t k1, uint32_t (*__restrict w)[kGroups]) {
+#pragma omp simd
+  for (int64_t t = 0; t < m; ++t) {
+    uint32_t c0 = g0 + static_cast<uint32_t>(t), c1 = i, c2 = bh, c3 = offset, a = k0, b = k1;
+    for (int round = 0; round < 10; ++round) {
+      const uint64_t pb = uint64_t{0xCD9E8D57} * c2, pa = uint64_t{0xD2511F53} * c0;
+      const uint32_t n0 = static_cast<uint32_t>(pb >> 32) ^ c1 ^ a, n2 = static_cast<uint32_t>(pa >> 32) ^ c3 ^ b;
+      c1 = static_cast<uint32_t>(pb);
+      c3 = static_cast<uint32_t>(pa);
+      c0 = n0;
+      c2 = n2;
+      a += 0x9E3779B9u;
+      b += 0xBB67AE85u;
+    }
+    w[0][t] = c0;
+    w[1][t] = c1;
+    w[2][t] = c2;
+    w[3][t] = c3;
+  }
+}
+
+// keep[0, n): whether scores (query i, keys j0 .. j0 + n - 1) of head row bh = b * H + h are kept, one Philox call
+// per eight keys (kernels/_attention_dropout.py: key j takes the 16-bit half j % 8 / 4 of word j % 4).
+void dropout_keep(const Dropout& d, uint32_t bh, uint32_t i, int64_t j0, int64_t n, uint8_t* keep) {
+  const uint32_t k0 = static_cast<uint32_t>(d.seed), k1 = static_cast<uint32_t>(d.seed >> 32);
+  uint32_t w[4][kGroups];
+  for (int64_t g = j0 / 8; g * 8 < j0 + n; g += kGroups) {
+    const int64_t m = std::min(kGroups, (j0 + n + 7) / 8 - g);
+    philox_groups(static_cast<uint32_t>(g), m, i, bh, d.offset, k0, k1, w);
+    for (int64_t j = std::max(j0, g * 8); j < std::min(j0 + n, (g + m) * 8); ++j) {
+      const int64_t t = j / 8 - g, e = j % 8;
+      keep[j - j0] = ((w[e % 4][t] >> (16 * (e / 4))) & 0xFFFFu) < d.threshold;
+    }
+  }
+}
+
+// The Dropout of dropout_p and a (seed, offset) int64 tensor.
+Dropout dropout_of(double dropout_p, const std::optional<at::Tensor>& seed) {
+  Dropout d;
+  if (dropout_p <= 0.0) return d;
+  TORCH_CHECK(seed.has_value() && seed->numel() == 2 && seed->scalar_type() == at::kLong && seed->device().is_cpu(),
+              "dropout_seed must be a CPU int64 tensor of (seed, offset)");
+  const at::Tensor s = seed->contiguous();
+  const int64_t* v = s.data_ptr<int64_t>();
+  d.on = true;
+  d.seed = static_cast<uint64_t>(v[0]);
+  d.offset = static_cast<uint32_t>(static_cast<uint64_t>(v[1]));
+  d.threshold = static_cast<uint32_t>(std::clamp<int64_t>(static_cast<int64_t>(65536.0 * (1.0 - dropout_p) + 0.5), 1,
+                                                          65536));
+  d.scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  return d;
+}
+
 // An fp32 matrix's rows, `ld` floats apart.
 struct Tile {
   const float* p;
@@ -143,9 +201,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 struct ForwardScratch {
   std::vector<float> q, tile, k, v, acc, m, l;
   std::vector<int64_t> lo, hi;
+  std::vector<uint8_t> keep;  // one row's dropout mask
   ForwardScratch(int64_t D, int64_t keys)
       : q(kRows * D), tile(kRows * keys), k(keys * D), v(keys * D), acc(kRows * D), m(kRows), l(kRows), lo(kRows),
-        hi(kRows) {}
+        hi(kRows), keep(keys) {}
 };
 
 // Rows [i0, i0 + n) of the Tq * group query rows of K/V head kvh in sequence s, token-major: row i is token
@@ -154,7 +213,7 @@ struct ForwardScratch {
 template <typename T>
 void forward_block(const Problem& P, const Sequence& s, int64_t kvh, int64_t i0, const Rows<const T>& q,
                    const Rows<const T>& k, const Rows<const T>& v, const Rows<T>& out, float* lse,
-                   ForwardScratch& w) {
+                   ForwardScratch& w, const Dropout& dropout, int64_t seq) {
   const int64_t D = P.D, G = P.group(), n = std::min(kRows, s.Tq * G - i0);
   for (int64_t r = 0; r < n; ++r) {
     const int64_t t = (i0 + r) / G;
@@ -173,8 +232,14 @@ void forward_block(const Problem& P, const Sequence& s, int64_t kvh, int64_t i0,
     gemm(false, true, n, cw, D, w.q.data(), D, kt.p, kt.ld, 0.0f, tile, cw);  // (n, D) @ (cw, D)^T: scores
     for (int64_t r = 0; r < n; ++r) {
       const int64_t a = std::clamp<int64_t>(w.lo[r] - c0, 0, cw);
-      softmax_update(tile + r * cw, cw, a, std::clamp<int64_t>(w.hi[r] - c0, a, cw), P.scale, m[r], l[r],
-                     acc + r * D, D);
+      const int64_t b = std::clamp<int64_t>(w.hi[r] - c0, a, cw);
+      softmax_update(tile + r * cw, cw, a, b, P.scale, m[r], l[r], acc + r * D, D);
+      if (dropout.on) {  // l keeps the undropped sum; only the kept probabilities reach acc
+        const int64_t t = (i0 + r) / G, bh = seq * P.H + kvh * G + (i0 + r) % G;
+        float* row = tile + r * cw;
+        dropout_keep(dropout, static_cast<uint32_t>(bh), static_cast<uint32_t>(t), c0 + a, b - a, w.keep.data());
+        for (int64_t j = a; j < b; ++j) row[j] = w.keep[j - a] ? row[j] : 0.0f;
+      }
     }
     const Tile vt = rows_fp32(v, s.k_batch, s.k_row + c0, kvh, cw, D, w.v.data());
     gemm(false, false, n, D, cw, tile, cw, vt.p, vt.ld, 1.0f, acc, D);  // acc += (n, cw) @ (cw, D)
@@ -184,7 +249,7 @@ void forward_block(const Problem& P, const Sequence& s, int64_t kvh, int64_t i0,
     T* o = out.at(s.q_batch, s.q_row + t, h);
     // A row that sees no key: 0, lse +inf (as the reference); a NaN row stays NaN, its lse too (backward's p NaN).
     const bool seen = l[r] > 0.0f || std::isnan(l[r]);
-    const float inv = seen ? 1.0f / l[r] : 0.0f;
+    const float inv = seen ? dropout.scale / l[r] : 0.0f;
     for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= inv;
     narrow(acc + r * D, o, D);
     lse[s.lse + h * P.lse_head + t] = seen ? m[r] + std::log(l[r]) : kInf;
@@ -194,7 +259,7 @@ void forward_block(const Problem& P, const Sequence& s, int64_t kvh, int64_t i0,
 // attention_forward (attention_cpu.h) for inputs of type T: one task per (sequence, K/V head, row block).
 template <typename T>
 void forward(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-             at::Tensor& lse) {
+             at::Tensor& lse, const Dropout& dropout) {
   struct Task {
     int64_t seq, kvh, i0;
   };
@@ -211,7 +276,7 @@ void forward(const Problem& P, const at::Tensor& q, const at::Tensor& k, const a
     ForwardScratch w(P.D, tile_keys(P));
     for (int64_t t = begin; t < end; ++t) {
       const Task& task = tasks[t];
-      forward_block<T>(P, P.seqs[task.seq], task.kvh, task.i0, qr, kr, vr, outr, lp, w);
+      forward_block<T>(P, P.seqs[task.seq], task.kvh, task.i0, qr, kr, vr, outr, lp, w, dropout, task.seq);
     }
   });
 }
@@ -220,7 +285,8 @@ void forward(const Problem& P, const at::Tensor& q, const at::Tensor& k, const a
 void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows<const float>& dout,
                     const Rows<const float>& q, const Rows<const float>& k, const Rows<const float>& v,
                     const Rows<const float>& out, const float* lse, const float* dlse, const Rows<float>& dq,
-                    const Rows<float>& dk, const Rows<float>& dv, float* p_tile, float* ds_tile, float* delta) {
+                    const Rows<float>& dk, const Rows<float>& dv, float* p_tile, float* ds_tile, float* delta,
+                    const Dropout& dropout, int64_t seq, uint8_t* keep) {
   const int64_t D = P.D, group = P.group();
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     for (int64_t i0 = 0; i0 < s.Tq; i0 += kRows) {
@@ -247,7 +313,15 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
           std::fill(p, p + a, 0.0f);
           std::fill(p + b, p + cw, 0.0f);
           probabilities(p + a, b - a, P.scale, lse[lse0 + r]);  // lse +inf (no key) gives 0
+          if (dropout.on) {  // dP through the mask Z / p_keep; then P Z / p_keep for dV
+            dropout_keep(dropout, static_cast<uint32_t>(seq * P.H + h), static_cast<uint32_t>(i0 + r), c0 + a, b - a,
+                         keep);
+            for (int64_t j = a; j < b; ++j) ds[j] = keep[j - a] ? ds[j] * dropout.scale : 0.0f;
+          }
           score_grad(p, ds, cw, delta[r], P.scale);
+          if (dropout.on) {
+            for (int64_t j = a; j < b; ++j) p[j] = keep[j - a] ? p[j] * dropout.scale : 0.0f;
+          }
         }
         gemm(true, false, cw, D, n, p_tile, cw, do_p, dout.row, 1.0f, dv.at(s.k_batch, k0, kvh), dv.row);  // P^T dO
         gemm(true, false, cw, D, n, ds_tile, cw, q_p, q.row, 1.0f, dk.at(s.k_batch, k0, kvh), dk.row);    // dS^T Q
@@ -262,22 +336,25 @@ at::Tensor widened(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const std::optional<at::Tensor>& cu_q,
                                                          const std::optional<at::Tensor>& cu_k, double scale,
-                                                         int64_t left, int64_t right) {
+                                                         int64_t left, int64_t right, double dropout_p,
+                                                         const std::optional<at::Tensor>& dropout_seed) {
   check_inputs(q, k, v, cu_q, cu_k);
   const Problem P = attention_problem(q, k, cu_q, cu_k, scale, left, right);
   at::Tensor out = at::empty(q.sizes(), q.options());
   const auto lse_shape = cu_q.has_value() ? std::vector<int64_t>{P.H, q.size(0)}
                                           : std::vector<int64_t>{q.size(0), P.H, q.size(1)};
   at::Tensor lse = at::empty(lse_shape, q.options().dtype(at::kFloat));
-  attention_forward(P, q, k, v, out, lse);
+  attention_forward(P, q, k, v, out, lse, dropout_of(dropout_p, dropout_seed));
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& dlse, const std::optional<at::Tensor>& cu_q,
-    const std::optional<at::Tensor>& cu_k, double scale, int64_t left, int64_t right) {
+    const std::optional<at::Tensor>& cu_k, double scale, int64_t left, int64_t right, double dropout_p,
+    const std::optional<at::Tensor>& dropout_seed) {
   check_inputs(q, k, v, cu_q, cu_k);
+  const Dropout dropout = dropout_of(dropout_p, dropout_seed);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must have q's shape");
   const Problem P = attention_problem(q, k, cu_q, cu_k, scale, left, right);
   const at::Tensor dof = widened(dout), qf = widened(q), kf = widened(k), vf = widened(v), of = widened(out);
@@ -295,9 +372,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   const int64_t n_tasks = static_cast<int64_t>(P.seqs.size()) * P.Hkv;
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p_tile(kRows * tile_keys(P)), ds_tile(kRows * tile_keys(P)), delta(kRows);
+    std::vector<uint8_t> keep(tile_keys(P));
     for (int64_t t = begin; t < end; ++t) {
       backward_heads(P, P.seqs[t / P.Hkv], t % P.Hkv, dor, qr, kr, vr, outr, lp, dlp, dqr, dkr, dvr, p_tile.data(),
-                     ds_tile.data(), delta.data());
+                     ds_tile.data(), delta.data(), dropout, t / P.Hkv, keep.data());
     }
   });
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
@@ -332,9 +410,9 @@ void check_dense_last(std::initializer_list<std::pair<const char*, const at::Ten
 }
 
 void attention_forward(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       at::Tensor& out, at::Tensor& lse) {
+                       at::Tensor& out, at::Tensor& lse, const Dropout& dropout) {
   dispatch_dtype(q.scalar_type(), "attention", [&](auto* type) {
-    forward<std::remove_pointer_t<decltype(type)>>(P, q, k, v, out, lse);
+    forward<std::remove_pointer_t<decltype(type)>>(P, q, k, v, out, lse, dropout);
   });
 }
 

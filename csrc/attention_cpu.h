@@ -67,9 +67,19 @@ void check_dense_last(std::initializer_list<std::pair<const char*, const at::Ten
 void softmax_update(float* row, int64_t cw, int64_t a, int64_t b, float scale, float& m, float& l, float* acc,
                     int64_t D);
 
+// Attention dropout: score (sequence b, head h, query i, key j) is kept when its Philox4x32-10 value (key seed,
+// counter (j / 8, i, b * H + h, offset); kernels/_attention_dropout.py gives the layout) is below threshold, and
+// scaled by `scale` = 1 / (1 - dropout_p). Off when `on` is false.
+struct Dropout {
+  bool on = false;
+  uint64_t seed = 0;
+  uint32_t offset = 0, threshold = 0;
+  float scale = 1.0f;
+};
+
 // out (q's shape, dense, q's dtype) and lse (float32) of every sequence of P: one task per (sequence, K/V head, block
 // of query rows), each an online softmax over tiles of keys whose matmuls go to the BLAS (attention_cpu.cpp).
 void attention_forward(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       at::Tensor& out, at::Tensor& lse);
+                       at::Tensor& out, at::Tensor& lse, const Dropout& dropout = {});
 
 }  // namespace fasttrain

@@ -16,12 +16,14 @@ TORCH_LIBRARY(fasttrain, m) {
   // Attention in flash-attn's layout ((B, T, H, D), or packed (total, H, D) with cu_seqlens): query i of a sequence
   // sees keys j with -left <= j - i - (Tk - Tq) <= right. Returns out in q's dtype and a float32 lse,
   // (B, H, Tq) or (H, total_q). The backward recomputes the probabilities from lse; dlse is lse's gradient.
+  // dropout_p > 0 drops probabilities by the mask of dropout_seed (int64 (2,): seed, offset), the same in both.
   m.def(
       "attention_forward_cpu(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
-      "float scale, int left, int right) -> (Tensor, Tensor)");
+      "float scale, int left, int right, float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor, Tensor)");
   m.def(
       "attention_backward_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
-      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, float scale, int left, int right) -> (Tensor, Tensor, Tensor)");
+      "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, float scale, int left, int right, float dropout_p=0., "
+      "Tensor? dropout_seed=None) -> (Tensor, Tensor, Tensor)");
   // The same attention against a KV cache (B_cache, Tmax, Hkv, D) that already holds the new rows: sequence b reads
   // cache row cache_batch_idx[b] (or b), keys [cache_leftpad[b] (or 0), cache_lengths[b]) clamped to Tmax; its Tq
   // queries are its last positions. Returns out (B, Tq, H, D) and a float32 lse (B, H, Tq).

@@ -83,6 +83,16 @@ _DQ = {
     },
     80: {"d64": [(64, 64, 4, 3)], "d128": [(64, 32, 4, 3)], "d256": [(32, 32, 8, 2)]},
 }
+# Tiles left out of the tuning when DROPOUT is on (the warp-specialized ones never take it): those that spill on
+# sm_90 with the mask's Philox and select in the loop (tools/aot.py, bf16, triton 3.7.1): forward d64 128x64/4/3
+# (255 registers, 64 B of stack) and d128 128x128/8/2 (255, 72 B); dK/dV d128 64x64/8/2 and, with atomic dQ, both
+# d128 tiles (255, 8 B each; 229-243 registers and no stack without dropout). dK/dV with atomic dQ keeps no d128
+# tile, so at d128 dropout's backward takes the dQ kernel (attention_backward).
+_DROPOUT_SPILLS = {
+    "fwd": {90: {"d64": [(128, 64, 4, 3, False)], "d128": [(128, 128, 8, 2, False)]}},
+    "dkdv": {90: {"d128": [(64, 64, 8, 2, False)]}},
+    "dkdv_dq": {90: {"d128": [(64, 64, 8, 2, False), (32, 128, 8, 2, False)]}},
+}
 # The interpreter's cost is per program and per tile operation, not per element: fewer, larger tiles are faster.
 _INTERPRETER = (64, 64, 4, 1)
 
@@ -102,18 +112,28 @@ def one_config_table(t, **fixed) -> dict:
     return {cls: one for cls in HEAD_DIM_CLASSES}
 
 
-def _build(table, interpreter, **fixed):
-    out = {
-        arch: {cls: [config(t, **fixed) for t in tuples] for cls, tuples in by_class.items()}
-        for arch, by_class in table.items()
-    }
+def _build(table, interpreter, dropout_spills=None, **fixed):
+    """{arch: {class: [triton.Config]}} of table; a config of dropout_spills ({arch: {class: [tuple]}}) is marked
+    no_dropout, which the pruner and tools/aot.py read."""
+    out = {}
+    for arch, by_class in table.items():
+        out[arch] = {}
+        for cls, tuples in by_class.items():
+            out[arch][cls] = [config(t, **fixed) for t in tuples]
+            for c, t in zip(out[arch][cls], tuples):
+                c.no_dropout = t in (dropout_spills or {}).get(arch, {}).get(cls, [])
     out["interpreter"] = one_config_table(interpreter, **fixed)
     return out
 
 
-FWD_CONFIGS = _build(_FWD, (*_INTERPRETER, False))
-DKDV_CONFIGS = _build(_DKDV, (*_INTERPRETER, False), ATOMIC_DQ=False)
-DKDV_DQ_CONFIGS = _build(_DKDV_DQ, (*_INTERPRETER, False), ATOMIC_DQ=True)
+def takes_dropout(table_for_arch, head_dim: int) -> bool:
+    """Whether some config of head_dim's class in one arch's table takes DROPOUT."""
+    return any(not getattr(c, "no_dropout", False) for c in table_for_arch[head_dim_class(head_dim)])
+
+
+FWD_CONFIGS = _build(_FWD, (*_INTERPRETER, False), _DROPOUT_SPILLS["fwd"])
+DKDV_CONFIGS = _build(_DKDV, (*_INTERPRETER, False), _DROPOUT_SPILLS["dkdv"], ATOMIC_DQ=False)
+DKDV_DQ_CONFIGS = _build(_DKDV_DQ, (*_INTERPRETER, False), _DROPOUT_SPILLS["dkdv_dq"], ATOMIC_DQ=True)
 DQ_CONFIGS = _build(_DQ, _INTERPRETER)
 
 
@@ -132,7 +152,7 @@ def flat(table_for_arch) -> list:
 
 def pruner(table_for_arch):
     """early_config_prune: keep the configs of the call's head-dim class, the warp-specialized ones only where the
-    launch says its inputs can be read by TMA (TMA_ALIGNED)."""
+    launch says its inputs can be read by TMA (TMA_ALIGNED), with DROPOUT those that take it."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -142,6 +162,7 @@ def pruner(table_for_arch):
             for c in configs
             if any(c is k for k in keep)
             and (args.get("TMA_ALIGNED", False) or not c.kwargs.get("WARP_SPECIALIZE", False))
+            and not (args.get("DROPOUT", False) and getattr(c, "no_dropout", False))
         ]
 
     return prune

@@ -14,8 +14,8 @@ LOG2E = tl.constexpr(1.4426950408889634)  # globals a kernel reads must be const
 _HALF = (torch.float16, torch.bfloat16)
 # tune_left/right (band_class): causal and full attention mask different shares of their tiles (the
 # warp-specialized loops mask all of them), so they tune apart. TMA_ALIGNED: the forward's and dK/dV's (dQ has no
-# specialized config).
-_TUNING_KEY = ("HEAD_DIM", "tune_seqlen", "GROUP", "VARLEN", "tune_left", "tune_right", "TMA_ALIGNED")
+# specialized config). DROPOUT: its kernels do more per score, so they tune apart.
+_TUNING_KEY = ("HEAD_DIM", "tune_seqlen", "GROUP", "VARLEN", "tune_left", "tune_right", "TMA_ALIGNED", "DROPOUT")
 
 
 def this_machine(table):
@@ -122,6 +122,8 @@ AOT_TYPES = {
     "CuK": "*i32",
     "scale": "fp32",
     "scale_log2": "fp32",
+    "Seed": "*i64",
+    "dropout_scale": "fp32",
 }
 AOT_HEAD_DIMS = {"d64": 64, "d128": 128, "d256": 256}  # each head-dim class compiled at its widest
 
@@ -137,12 +139,14 @@ def aot_launch(head_dim: int, dtype: str) -> dict:
         HAS_DLSE=False,
         TMA_ALIGNED=dtype in ("fp16", "bf16") and head_dim == next_power_of_2(head_dim),
         FULL_TILES=False,
+        DROPOUT=False,
     )
 
 
-def aot_cases(table_for_arch: dict, dtype: str) -> list[dict]:
+def aot_cases(table_for_arch: dict, dtype: str, dropout: bool = False) -> list[dict]:
     """Every config of one arch's table ({head-dim class: [triton.Config]}) over aot_launch; a warp-specialized
-    config compiles twice: its loop masks every tile, or none (FULL_TILES)."""
+    config compiles twice: its loop masks every tile, or none (FULL_TILES). dropout: each config that takes it
+    once more with DROPOUT (not the warp-specialized ones, nor those marked no_dropout)."""
     cases = []
     for cls, configs in table_for_arch.items():
         for c in configs:
@@ -157,5 +161,9 @@ def aot_cases(table_for_arch: dict, dtype: str) -> list[dict]:
             if c.kwargs.get("WARP_SPECIALIZE"):
                 cases.append(
                     {**case, "label": label + " full", "constexprs": {**case["constexprs"], "FULL_TILES": True}}
+                )
+            elif dropout and not getattr(c, "no_dropout", False):
+                cases.append(
+                    {**case, "label": label + " dropout", "constexprs": {**case["constexprs"], "DROPOUT": True}}
                 )
     return cases

@@ -125,8 +125,9 @@ def masked_scores(s, offs_m, offs_n, seqlen_k, dlo, dhi):
 
 
 @triton.jit
-def online_softmax(acc, m_i, l_i, s, v, MASKED: tl.constexpr):
-    """One key tile folded into (acc, m, l), with s its (BLOCK_M, BLOCK_N) scores in log2 units and v its values."""
+def online_softmax(acc, m_i, l_i, s, v, MASKED: tl.constexpr, keep=None, DROPOUT: tl.constexpr = False):
+    """One key tile folded into (acc, m, l), with s its (BLOCK_M, BLOCK_N) scores in log2 units and v its values;
+    with DROPOUT, only the kept scores (keep: bool like s) reach acc, l stays the undropped sum."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:  # a row with every key masked so far keeps m = -inf; shift it by 0 so that p = 0, not NaN
         m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -135,5 +136,7 @@ def online_softmax(acc, m_i, l_i, s, v, MASKED: tl.constexpr):
     p = tl.math.exp2(s - m_new_safe[:, None])
     alpha = tl.math.exp2(m_i - m_new_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        p = tl.where(keep, p, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i

@@ -9,6 +9,9 @@ Scores live in log2 units (s * scale * log2 e) so the online softmax uses exp2. 
 units, float32: (B, H, Tq), or (H, total_q) when packed. A row that sees no key gives 0 and lse = +inf.
 No (Tq, Tk) matrix is ever stored. Tested in tests/test_attention.py, compiled ahead of time per config in
 tests/test_kernels_compile.py, timed in benchmarks/bench_attention.py.
+DROPOUT (dropout_p > 0): out = (P * Z / (1 - dropout_p)) V with the logsumexp undropped, Z the keep mask of the
+launch's seed tensor, a pure function of (seed, offset, sequence, head, query row, key column) that the backward
+regenerates (kernels/_attention_dropout.py documents it).
 """
 
 import torch
@@ -16,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ._attention_configs import FWD_CONFIGS
+from ._attention_dropout import dropout_args, keep_tile
 from ._attention_launch import (
     AOT_TYPES,
     LOG2E,
@@ -67,6 +71,11 @@ def _fwd_tiles(
     PAD_D: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    seed,
+    offset,
+    bh,
+    threshold,
+    DROPOUT: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -89,7 +98,10 @@ def _fwd_tiles(
             PAD_D,
             UPCAST,
         )  # (BLOCK_N, HEAD_DIM_PAD)
-        acc, m_i, l_i = online_softmax(acc, m_i, l_i, s, v, MASKED)
+        keep = None
+        if DROPOUT:
+            keep = keep_tile(seed, offset, bh, offs_m, start_n, threshold, offs_m.shape[0], BLOCK_N)
+        acc, m_i, l_i = online_softmax(acc, m_i, l_i, s, v, MASKED, keep, DROPOUT)
     return acc, m_i, l_i
 
 
@@ -188,6 +200,10 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
+    Seed=None,
+    dropout_threshold=0,
+    dropout_scale=1.0,
+    DROPOUT: tl.constexpr = False,
 ):
     b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = q_program(
         CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M
@@ -207,8 +223,12 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    seed, offset, bh = 0, 0, 0
+    if DROPOUT:  # the mask's key and counter (kernels/_attention_dropout.py): b * H + h, H the grid's second axis
+        seed, offset, bh = tl.load(Seed), tl.load(Seed + 1), (b64 * tl.num_programs(1) + h64).to(tl.int32)
     if WARP_SPECIALIZE:
         tl.static_assert(TMA_ALIGNED and not PAD_D, "WARP_SPECIALIZE needs TMA-aligned Q/K/V, a power-of-2 head dim")
+        tl.static_assert(not DROPOUT, "dropout takes the pointer loop")
         acc, m_i, l_i = _fwd_specialized(
             acc,
             m_i,
@@ -265,6 +285,11 @@ def _attn_fwd_kernel(
             PAD_D,
             UPCAST,
             BLOCK_N,
+            seed,
+            offset,
+            bh,
+            dropout_threshold,
+            DROPOUT,
         )
         acc, m_i, l_i = _fwd_tiles(
             acc,
@@ -288,6 +313,11 @@ def _attn_fwd_kernel(
             PAD_D,
             UPCAST,
             BLOCK_N,
+            seed,
+            offset,
+            bh,
+            dropout_threshold,
+            DROPOUT,
         )
         acc, m_i, l_i = _fwd_tiles(
             acc,
@@ -311,9 +341,16 @@ def _attn_fwd_kernel(
             PAD_D,
             UPCAST,
             BLOCK_N,
+            seed,
+            offset,
+            bh,
+            dropout_threshold,
+            DROPOUT,
         )
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if DROPOUT:
+        out = out * dropout_scale
     lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     o_base = Out + b64 * stride_ob + h64 * stride_oh + q_start.to(tl.int64) * stride_ot
     row_ok = offs_m < seqlen_q
@@ -328,10 +365,14 @@ def _attn_fwd_kernel(
 _attn_fwd = autotuned(_attn_fwd_kernel, this_machine(FWD_CONFIGS))
 
 
-def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right):
-    """out (like q, contiguous), lse float32 (B, H, Tq) or (H, total_q)."""
+def attention_forward(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, dropout_p=0.0, seed=None
+):
+    """out (like q, contiguous), lse float32 (B, H, Tq) or (H, total_q). dropout_p > 0: seed is the int64 (2,)
+    (seed, offset) tensor on q's device that the mask is drawn from (kernels/_attention_dropout.py)."""
     varlen, B, H, Hkv, cx, tune = launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, left, right)
-    cx["TMA_ALIGNED"] = tma_aligned(q, k, v)
+    dropout = dropout_args(dropout_p, seed)
+    cx["TMA_ALIGNED"] = tma_aligned(q, k, v) and not dropout["DROPOUT"]  # dropout takes the pointer loop
     cx["FULL_TILES"] = full_tiles(varlen, max_seqlen_q, max_seqlen_k, left, right)
     if cx["TMA_ALIGNED"] and q.is_cuda:
         ensure_scratch_allocator()
@@ -359,6 +400,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         right,
         *tune,
         **cx,
+        **dropout,
     )
     return out, lse
 
@@ -368,4 +410,4 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
 
 def aot_kernels(arch: int, dtype: str) -> list[dict]:
     """The forward under each of arch's configs (kernels/_attention_launch.aot_cases)."""
-    return [dict(kernel=_attn_fwd_kernel, types=AOT_TYPES, cases=aot_cases(FWD_CONFIGS[arch], dtype))]
+    return [dict(kernel=_attn_fwd_kernel, types=AOT_TYPES, cases=aot_cases(FWD_CONFIGS[arch], dtype, dropout=True))]

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS
+from ._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, takes_dropout
+from ._attention_dropout import dropout_args, keep_tile
 from ._attention_launch import (
     AOT_HEAD_DIMS,
     AOT_TYPES,
@@ -97,11 +98,19 @@ def _dkdv_step(
     scale_log2,
     MASKED: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
+    seed,
+    offset,
+    bh,
+    start_n,
+    threshold,
+    dropout_scale,
+    DROPOUT: tl.constexpr,
 ):
     """One query tile folded into the (BLOCK_N, D) dK and dV: q_t (D, BLOCK_M) its queries, do (BLOCK_M, D) their
     output gradients, lse_row / delta_row pointers to their logsumexp (natural units) and delta at row 0. Returns
     (dk, dv, dq): with ATOMIC_DQ, dq is this key block's share of the tile's dQ, dS K (BLOCK_M, D), for the caller
-    to add to the others' (scaled, and then so is dK); otherwise 0. seqlen_k is read with ATOMIC_DQ only."""
+    to add to the others' (scaled, and then so is dK); otherwise 0. seqlen_k is read with ATOMIC_DQ only. DROPOUT:
+    the forward's mask Z of head row bh, regenerated: dV from P Z / p_keep, dP through Z too."""
     if MASKED:
         lse = tl.load(lse_row + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
         delta = tl.load(delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)
@@ -115,8 +124,20 @@ def _dkdv_step(
         if ATOMIC_DQ:  # key rows past the sequence (k = 0) must add nothing to dQ: exp(-lse) may be inf, inf * 0 NaN
             keep = keep & (offs_n[:, None] < seqlen_k)
         p_t = tl.where(keep, p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do)
-    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])  # (BLOCK_N, BLOCK_M)
+    if DROPOUT:
+        BLOCK_M: tl.constexpr = offs_m.shape[0]
+        BLOCK_N: tl.constexpr = offs_n.shape[0]
+        kept = tl.trans(keep_tile(seed, offset, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N))  # (BLOCK_N, BLOCK_M)
+        # The mask rides in p's sign across the dV product, so that no bool tile stays live beside the accumulators
+        # (it cost 24 B of spills at d128 64 x 64 on sm_90); a dropped p of 0 reads as kept, and adds 0 either way.
+        p_t = tl.where(kept, p_t, -p_t)
+        dv += tl.dot((tl.maximum(p_t, 0.0) * dropout_scale).to(do.dtype), do)
+        dp_t = tl.where(p_t >= 0.0, tl.dot(v, tl.trans(do)) * dropout_scale, 0.0)  # (BLOCK_N, BLOCK_M)
+        p_t = tl.abs(p_t)
+    else:
+        dv += tl.dot(p_t.to(do.dtype), do)
+        dp_t = tl.dot(v, tl.trans(do))
+    ds_t = p_t * (dp_t - delta[None, :])  # (BLOCK_N, BLOCK_M)
     dq = 0.0
     if ATOMIC_DQ:  # dQ's partial sums leave the program, so the scale goes in here, once for both
         ds_t = (ds_t * scale).to(q_t.dtype)
@@ -163,6 +184,13 @@ def _dkdv_tiles(
     GROUP: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    seed,
+    offset,
+    bh,
+    start_n,
+    threshold,
+    dropout_scale,
+    DROPOUT: tl.constexpr,
 ):
     """Query tiles [lo, hi) of each of the GROUP query heads that share this K/V head, in one flat loop. A loop over
     heads around the tile loop spilled 88-248 B at d128 with GROUP 2 (AOT, sm_90, 64x64 and 64x128 tiles, 8 warps)
@@ -210,6 +238,13 @@ def _dkdv_tiles(
             scale_log2,
             MASKED,
             ATOMIC_DQ,
+            seed,
+            offset,
+            bh + g,
+            start_n,
+            threshold,
+            dropout_scale,
+            DROPOUT,
         )
         if ATOMIC_DQ:
             dq_ptrs = dq_base + g * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
@@ -289,6 +324,13 @@ def _dkdv_specialized(
             scale_log2,
             MASKED,
             False,
+            0,
+            0,
+            0,
+            0,
+            0,
+            1.0,
+            False,
         )
     return dk, dv
 
@@ -349,9 +391,14 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
+    Seed=None,
+    dropout_threshold=0,
+    dropout_scale=1.0,
+    DROPOUT: tl.constexpr = False,
 ):
     """dK and dV of one BLOCK_N-key block; with ATOMIC_DQ, dQ too, added tile by tile into the zeroed float32 DQAcc
-    (FlashAttention-2's backward: 5 matmuls per tile pair, where this kernel and _attn_bwd_dq_kernel take 7)."""
+    (FlashAttention-2's backward: 5 matmuls per tile pair, where this kernel and _attn_bwd_dq_kernel take 7).
+    DROPOUT: the forward's mask, regenerated from Seed (kernels/_attention_dropout.py)."""
     pid_n, kvh, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k, dlo, dhi = sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN)
     start_n = pid_n * BLOCK_N
@@ -378,6 +425,7 @@ def _attn_bwd_dkdv_kernel(
         # dQ's partial sums span both computing warpgroups' keys, which Triton's pass cannot split (an unreachable in
         # WSDataPartition: pointer atomics under 3.7.1, TMA reduce-add under 3.6.0 and 3.7.1; benchmarks/NOTES.md)
         tl.static_assert(not ATOMIC_DQ, "ATOMIC_DQ takes the pointer loop")
+        tl.static_assert(not DROPOUT, "dropout takes the pointer loop")
         queries = tl.where(start_n < seqlen_k, seqlen_q, 0)
         lo, a, c, hi = tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, queries, BLOCK_M)
         rows_k, k_row = tma_rows(seqlen_k), tma_start(seqlen_k, start_n)
@@ -434,6 +482,10 @@ def _attn_bwd_dkdv_kernel(
         return
     if start_n >= seqlen_k:
         return
+    seed, offset, bh = 0, 0, 0
+    if DROPOUT:  # the mask's key and counter: bh + g = b * H + h for query head h = kvh * GROUP + g
+        seed, offset = tl.load(Seed), tl.load(Seed + 1)
+        bh = (b64 * tl.num_programs(1) * GROUP + h64).to(tl.int32)
     row_ok, col_ok = offs_n[:, None] < seqlen_k, offs_d[None, :] < HEAD_DIM
     k_rows = (k_start + offs_n).to(tl.int64)[:, None]
     k = load_tile(
@@ -491,6 +543,13 @@ def _attn_bwd_dkdv_kernel(
         GROUP,
         ATOMIC_DQ,
         BLOCK_M,
+        seed,
+        offset,
+        bh,
+        start_n,
+        dropout_threshold,
+        dropout_scale,
+        DROPOUT,
     )
     dk, dv = _dkdv_tiles(
         dk,
@@ -526,6 +585,13 @@ def _attn_bwd_dkdv_kernel(
         GROUP,
         ATOMIC_DQ,
         BLOCK_M,
+        seed,
+        offset,
+        bh,
+        start_n,
+        dropout_threshold,
+        dropout_scale,
+        DROPOUT,
     )
     dk, dv = _dkdv_tiles(
         dk,
@@ -561,6 +627,13 @@ def _attn_bwd_dkdv_kernel(
         GROUP,
         ATOMIC_DQ,
         BLOCK_M,
+        seed,
+        offset,
+        bh,
+        start_n,
+        dropout_threshold,
+        dropout_scale,
+        DROPOUT,
     )
     mask = row_ok & col_ok
     tl.store(
@@ -599,6 +672,12 @@ def _dq_tiles(
     PAD_D: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    seed,
+    offset,
+    bh,
+    threshold,
+    dropout_scale,
+    DROPOUT: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -622,7 +701,11 @@ def _dq_tiles(
         if MASKED:
             diag = offs_n[None, :] - offs_m[:, None]
             p = tl.where((offs_n[None, :] < seqlen_k) & (diag >= dlo) & (diag <= dhi), p, 0.0)
-        ds = p * (tl.dot(do, v_t) - delta[:, None])
+        dp = tl.dot(do, v_t)  # (BLOCK_M, BLOCK_N)
+        if DROPOUT:  # dP through the forward's mask Z / p_keep
+            keep = keep_tile(seed, offset, bh, offs_m, start_n, threshold, offs_m.shape[0], BLOCK_N)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t))
     return dq
 
@@ -671,12 +754,19 @@ def _attn_bwd_dq_kernel(
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    Seed=None,
+    dropout_threshold=0,
+    dropout_scale=1.0,
+    DROPOUT: tl.constexpr = False,
 ):
     b64, h64, kvh64, q_start, seqlen_q, k_start, seqlen_k, dlo, dhi, start_m, offs_m, offs_d = q_program(
         CuQ, CuK, seqlen_q, seqlen_k, left, right, GROUP, HEAD_DIM_PAD, VARLEN, BLOCK_M
     )
     if start_m >= seqlen_q:
         return
+    seed, offset, bh = 0, 0, 0
+    if DROPOUT:  # the mask's key and counter (kernels/_attention_dropout.py): b * H + h, H the grid's second axis
+        seed, offset, bh = tl.load(Seed), tl.load(Seed + 1), (b64 * tl.num_programs(1) + h64).to(tl.int32)
     row_ok, col_ok = offs_m[:, None] < seqlen_q, offs_d[None, :] < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)[:, None]
     PAD_D: tl.constexpr = HEAD_DIM != HEAD_DIM_PAD
@@ -727,6 +817,12 @@ def _attn_bwd_dq_kernel(
         PAD_D,
         UPCAST,
         BLOCK_N,
+        seed,
+        offset,
+        bh,
+        dropout_threshold,
+        dropout_scale,
+        DROPOUT,
     )
     dq = _dq_tiles(
         dq,
@@ -751,6 +847,12 @@ def _attn_bwd_dq_kernel(
         PAD_D,
         UPCAST,
         BLOCK_N,
+        seed,
+        offset,
+        bh,
+        dropout_threshold,
+        dropout_scale,
+        DROPOUT,
     )
     dq = _dq_tiles(
         dq,
@@ -775,6 +877,12 @@ def _attn_bwd_dq_kernel(
         PAD_D,
         UPCAST,
         BLOCK_N,
+        seed,
+        offset,
+        bh,
+        dropout_threshold,
+        dropout_scale,
+        DROPOUT,
     )
     tl.store(
         DQ + b64 * stride_dqb + h64 * stride_dqh + q_rows * stride_dqt + offs_d[None, :],
@@ -812,11 +920,15 @@ def attention_backward(
     right,
     deterministic=False,
     into=None,
+    dropout_p=0.0,
+    seed=None,
 ):
     """(dq, dk, dv), each contiguous and shaped like its input, or written into `into` (three tensors shaped like q,
     k, v, any strides: views of one packed gradient). dlse (like lse) or None. deterministic: dQ by its own kernel,
-    bit-identical from run to run for the same tiles; otherwise by whichever of that and atomics is faster here."""
+    bit-identical from run to run for the same tiles; otherwise by whichever of that and atomics is faster here.
+    dropout_p and seed: the forward's (attention_forward), whose mask every kernel here regenerates."""
     varlen, B, H, Hkv, cx, tune = launch_params(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, left, right)
+    dropout = dropout_args(dropout_p, seed)
     if do.stride(-1) != 1:
         do = do.contiguous()
     if (H // Hkv - 1) * max(q.stride(-2), do.stride(-2)) >= 2**31:  # _dkdv_tiles offsets heads in int32
@@ -825,7 +937,7 @@ def attention_backward(
     delta = torch.empty_like(lse)
     dkdv_cx = {
         **cx,
-        "TMA_ALIGNED": tma_aligned(q, k, v, do),
+        "TMA_ALIGNED": tma_aligned(q, k, v, do) and not dropout["DROPOUT"],  # dropout takes the pointer loop
         "FULL_TILES": full_tiles(varlen, max_seqlen_q, max_seqlen_k, left, right),
     }
     if dkdv_cx["TMA_ALIGNED"] and q.is_cuda:
@@ -874,22 +986,40 @@ def attention_backward(
             *bth_strides(dq_acc, varlen),
             *tail,
             **dkdv_cx,
+            **dropout,
         )
         return dq_acc.to(q.dtype) if dq_out is None else dq_out.copy_(dq_acc)  # the cast is the one copy
 
     def separate_dq():
-        _attn_bwd_dkdv[grid_kv](*dkdv_args, None, cu_seqlens_q, cu_seqlens_k, *dkdv_strides, 0, 0, 0, *tail, **dkdv_cx)
+        _attn_bwd_dkdv[grid_kv](
+            *dkdv_args, None, cu_seqlens_q, cu_seqlens_k, *dkdv_strides, 0, 0, 0, *tail, **dkdv_cx, **dropout
+        )
         dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq_out is None else dq_out
         _attn_bwd_dq[grid_q](
-            q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k, *common, *bth_strides(dq, varlen), *tail, **cx
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dq,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            *common,
+            *bth_strides(dq, varlen),
+            *tail,
+            **cx,
+            **dropout,
         )
         return dq
 
     if deterministic:
         return separate_dq(), dk, dv
     plans = {DQ_BY_ATOMICS: atomic_dq, DQ_BY_KERNEL: separate_dq}
+    if dropout["DROPOUT"] and not takes_dropout(this_machine(DKDV_DQ_CONFIGS), cx["HEAD_DIM"]):
+        return separate_dq(), dk, dv  # no atomic-dQ tile of this head dim takes dropout without spilling
     # B * Hkv: the dK/dV grid's width, which decides how well the atomic plan's single kernel fills the GPU
-    key = (str(q.dtype), *tune, next_power_of_2(B * Hkv), *sorted(dkdv_cx.items()))
+    key = (str(q.dtype), *tune, next_power_of_2(B * Hkv), dropout["DROPOUT"], *sorted(dkdv_cx.items()))
     timeable = q.is_cuda and not INTERPRETING and not torch.cuda.is_current_stream_capturing()
     return plans[_backward_plans.choose(key, plans, timeable)](), dk, dv
 
@@ -904,9 +1034,10 @@ def aot_kernels(arch: int, dtype: str) -> list[dict]:
         dict(label=f"{cls} w4", constexprs={**aot_launch(d, dtype), "BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=4)
         for cls, d in AOT_HEAD_DIMS.items()
     ]
-    dkdv = aot_cases(DKDV_CONFIGS[arch], dtype) + aot_cases(DKDV_DQ_CONFIGS[arch], dtype)
+    dkdv = aot_cases(DKDV_CONFIGS[arch], dtype, dropout=True) + aot_cases(DKDV_DQ_CONFIGS[arch], dtype, dropout=True)
+    dq = aot_cases(DQ_CONFIGS[arch], dtype, dropout=True)
     return [
         dict(kernel=_attn_bwd_preprocess_kernel, types=AOT_TYPES, cases=preprocess),
         dict(kernel=_attn_bwd_dkdv_kernel, types=AOT_TYPES, cases=dkdv),
-        dict(kernel=_attn_bwd_dq_kernel, types=AOT_TYPES, cases=aot_cases(DQ_CONFIGS[arch], dtype)),
+        dict(kernel=_attn_bwd_dq_kernel, types=AOT_TYPES, cases=dq),
     ]

@@ -23,12 +23,23 @@ def local_mask(Tq: int, Tk: int, window: tuple[int, int], key_lengths: torch.Ten
 
 
 def attention_ref(
-    q, k, v, key_padding_mask=None, causal=False, window=(-1, -1), upcast=True, reorder=False, key_leftpad=None
+    q,
+    k,
+    v,
+    key_padding_mask=None,
+    causal=False,
+    window=(-1, -1),
+    upcast=True,
+    reorder=False,
+    key_leftpad=None,
+    dropout_p=0.0,
+    dropout_mask=None,
 ):
     """softmax(q k^T / sqrt(D)) v over (B, T, H, D) tensors, K/V heads repeated over their GQA groups. upcast: in
     fp32 (else in the input dtype); reorder: scale k instead of q. Rows that see no key give 0. key_leftpad (B,):
     the padding rows that open each sequence's keys (also masked by key_padding_mask); the masks' positions stay
-    the rows' own indices."""
+    the rows' own indices. dropout_mask (B, H, Tq, Tk) bool, True = kept: the probabilities dropped where False and
+    the rest scaled by 1 / (1 - dropout_p), as flash-attn's reference applies a kernel's mask."""
     if causal:
         window = (window[0], 0)
     dtype = q.dtype
@@ -52,7 +63,17 @@ def attention_ref(
         hidden = hidden | local_mask(Tq, Tk, window, lengths, q.device)
     scores = scores.masked_fill(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1).masked_fill(hidden.all(-1, keepdim=True), 0.0).to(v.dtype)
+    if dropout_mask is not None:
+        probs = probs.masked_fill(~dropout_mask, 0.0) / (1 - dropout_p)
     return torch.einsum("bhts,bshd->bthd", probs, v).to(dtype)
+
+
+def dropout_fraction(S_dmask, Tq: int, Tk: int, causal: bool, window) -> float:
+    """flash-attn's get_dropout_fraction: the share of the visible scores that S_dmask (its top-left (Tq, Tk)
+    block; negative = dropped) marks dropped."""
+    S = S_dmask[..., :Tq, :Tk]
+    visible = ~local_mask(Tq, Tk, (window[0], 0) if causal else window, None, S.device)[0, 0]
+    return ((S < 0) & visible).sum().item() / (visible.sum().item() * S.shape[0] * S.shape[1])
 
 
 def rotate(x, cos, sin, offsets, interleaved: bool):

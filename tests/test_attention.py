@@ -549,7 +549,7 @@ def test_sdpa_matches_torch(Tq, Tk, causal):
     assert got.shape == want.shape and max_err(got, want) < TOL
 
 
-def test_sdpa_attn_mask_and_dropout_take_the_reference_path():
+def test_sdpa_attn_mask_takes_the_reference_path_and_dropout_the_kernels():
     q, k, v = (torch.randn(2, 2, 24, 32, dtype=torch.float64) for _ in range(3))  # (B, H, T, D)
     mask = torch.rand(24, 24) > 0.3
     mask[:, 0] = True
@@ -561,8 +561,7 @@ def test_sdpa_attn_mask_and_dropout_take_the_reference_path():
     torch.manual_seed(0)
     dropped = flash_attn_func(q, k, v, dropout_p=0.5)
     assert dropped.shape == q.shape and not torch.allclose(dropped, flash_attn_func(q, k, v))
-    with pytest.raises(_backend.BackendError, match="dropout"):
-        flash_attn_func(q.float(), k.float(), v.float(), dropout_p=0.1, backend="triton")
+    assert flash_attn_func(q.float(), k.float(), v.float(), dropout_p=0.1, backend="triton").shape == q.shape
 
 
 @pytest.mark.parametrize("case", ["dropout", "packed dropout", "float mask", "bool mask"])

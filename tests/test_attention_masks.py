@@ -201,12 +201,15 @@ def test_the_answer_is_read_once_per_mask_and_again_after_a_change(monkeypatch):
     assert _plan(mask, 2, 8, 8) is None and len(calls) == 2
 
 
-def test_dropout_and_a_gradient_mask_keep_the_reference():
+def test_a_gradient_mask_keeps_the_reference_and_dropout_the_band():
     mask = torch.zeros(8, 8).masked_fill(~_band_mask(8, 8, None, 0), float("-inf")).requires_grad_()
     assert _plan(mask, 1, 8, 8) is None  # its gradient is the reference's
     q, k, v = _qkv(1, 2, 8, 8)
-    with pytest.raises(BackendError, match="attn_mask"):  # the mask is kept for the reference to apply
-        scaled_dot_product_attention(q, k, v, attn_mask=_band_mask(8, 8, None, 0), dropout_p=0.1, backend="cpu")
+    outs = []
+    for kw in (dict(attn_mask=_band_mask(8, 8, None, 0), backend="cpu"), dict(is_causal=True, backend="reference")):
+        torch.manual_seed(3)  # the same dropout seed: the kernels' mask on the band, the reference's on is_causal
+        outs.append(scaled_dot_product_attention(q, k, v, dropout_p=0.3, **kw))
+    torch.testing.assert_close(*outs)
 
 
 @pytest.mark.gpu

@@ -17,21 +17,36 @@ from fasttrain.ops import (
 )
 from fasttrain.ops.attention import HEAD_DIMS
 
-from flash_attn_ref import assert_within, attention_ref, run_grid
+from flash_attn_ref import assert_within, attention_ref, dropout_fraction, run_grid
 
 
-def _references(q, k, v, causal, window, pieces=None):
+def _references(q, k, v, causal, window, pieces=None, dropout_p=0.0, S_dmask=None):
     """The float64 reference and PyTorch's fp32 (reordered) outputs, each with its gradient leaves (copies of q, k,
-    v). pieces: for packed varlen inputs, the (query, key) slices of each sequence, attended alone and concatenated."""
+    v). pieces: for packed varlen inputs, the (query, key) slices of each sequence, attended alone and concatenated.
+    S_dmask: the kernel's dropout mask as flash-attn returns it (negative = dropped), applied by both."""
     found = []
     for upcast in (True, False):
         leaves = [(t.detach().double() if upcast else t.detach().clone()).requires_grad_() for t in (q, k, v)]
-        kw = dict(causal=causal, window=window, upcast=upcast, reorder=not upcast)
+        kw = dict(causal=causal, window=window, upcast=upcast, reorder=not upcast, dropout_p=dropout_p)
         if pieces is None:
-            out = attention_ref(*leaves, **kw)
+            keep = None if S_dmask is None else S_dmask[:, :, : q.shape[1], : k.shape[1]] >= 0
+            out = attention_ref(*leaves, **kw, dropout_mask=keep)
         else:  # each sequence alone, bottom-right aligned to its own lengths
             lq, lk, lv = leaves
-            out = torch.cat([attention_ref(lq[qs][None], lk[ks][None], lv[ks][None], **kw)[0] for qs, ks in pieces])
+            out = torch.cat(
+                [
+                    attention_ref(
+                        lq[qs][None],
+                        lk[ks][None],
+                        lv[ks][None],
+                        **kw,
+                        dropout_mask=None
+                        if S_dmask is None
+                        else S_dmask[b, None, :, : qs.stop - qs.start, : ks.stop - ks.start] >= 0,
+                    )[0]
+                    for b, (qs, ks) in enumerate(pieces)
+                ]
+            )
         found.append((out, leaves))
     return found
 
@@ -56,7 +71,18 @@ def _heads_and_window(H, mha_type, seqlen_k, local):
     return {"mha": H, "mqa": 1, "gqa": 2}[mha_type], window_size, tuple(int(w) for w in window_size)
 
 
-def _check_output(seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked, backend):
+def _check_dropout(S_dmask, seqlen_q, seqlen_k, causal, local, window, dropout_p):
+    """flash-attn's dropout check: the dropped share of the visible scores within 0.01 of dropout_p (0.025 with a
+    window, fewer scores); without dropout S_dmask is flash-attn's empty tensor."""
+    if dropout_p == 0.0:
+        assert S_dmask.shape == (0,)
+        return None
+    fraction = dropout_fraction(S_dmask, seqlen_q, seqlen_k, causal, window)
+    assert abs(fraction - dropout_p) <= (0.025 if local else 0.01), fraction
+    return S_dmask
+
+
+def _check_output(seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked, backend, dropout_p=0.0):
     torch.manual_seed(0)
     B, H = 2, 6
     Hkv, window_size, window = _heads_and_window(H, mha_type, seqlen_k, local)
@@ -64,15 +90,19 @@ def _check_output(seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic,
     kv = torch.randn(B, seqlen_k, 2, Hkv, d, requires_grad=True)
     k, v = (t.detach().clone().requires_grad_() for t in kv.unbind(2))
     kw = dict(causal=causal, window_size=window_size, deterministic=deterministic, backend=backend)
+    kw.update(dropout_p=dropout_p, return_attn_probs=True)
     if kvpacked:
-        out, inputs = flash_attn_kvpacked_func(q, kv, **kw), (q, kv)
+        (out, _, S_dmask), inputs = flash_attn_kvpacked_func(q, kv, **kw), (q, kv)
     else:
-        out, inputs = flash_attn_func(q, k, v, **kw), (q, k, v)
-    ref, pt = _references(q, k, v, causal, window)
+        (out, _, S_dmask), inputs = flash_attn_func(q, k, v, **kw), (q, k, v)
+    S_dmask = _check_dropout(S_dmask, seqlen_q, seqlen_k, causal, local, window, dropout_p)
+    ref, pt = _references(q, k, v, causal, window, None, dropout_p, S_dmask)
     _assert_output_and_grads(out, inputs, kvpacked, ref, pt, kv_axis=2)
 
 
-def _check_varlen_output(seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked, backend):
+def _check_varlen_output(
+    seqlen_q, seqlen_k, d, causal, local, mha_type, deterministic, kvpacked, backend, dropout_p=0.0
+):
     torch.manual_seed(0)
     B, H = 3, 4
     Hkv, window_size, window = _heads_and_window(H, mha_type, seqlen_k, local)
@@ -85,13 +115,18 @@ def _check_varlen_output(seqlen_q, seqlen_k, d, causal, local, mha_type, determi
     kv = torch.randn(sum(k_lens), 2, Hkv, d, requires_grad=True)
     k, v = (t.detach().clone().requires_grad_() for t in kv.unbind(1))
     kw = dict(causal=causal, window_size=window_size, deterministic=deterministic, backend=backend)
+    kw.update(dropout_p=dropout_p, return_attn_probs=True)
     lengths = (cu_q, cu_k, max(q_lens), max(k_lens))
     if kvpacked:
-        out, inputs = flash_attn_varlen_kvpacked_func(q, kv, *lengths, **kw), (q, kv)
+        (out, _, S_dmask), inputs = flash_attn_varlen_kvpacked_func(q, kv, *lengths, **kw), (q, kv)
     else:
-        out, inputs = flash_attn_varlen_func(q, k, v, *lengths, **kw), (q, k, v)
+        (out, _, S_dmask), inputs = flash_attn_varlen_func(q, k, v, *lengths, **kw), (q, k, v)
+    if dropout_p == 0.0:
+        assert S_dmask.shape == (0,)
+    else:  # the first sequence is at full length: flash-attn's fraction check on it
+        _check_dropout(S_dmask[:1], seqlen_q, seqlen_k, causal, local, window, dropout_p)
     pieces = [(slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))) for b in range(B)]
-    ref, pt = _references(q, k, v, causal, window, pieces)
+    ref, pt = _references(q, k, v, causal, window, pieces, dropout_p, None if dropout_p == 0.0 else S_dmask)
     _assert_output_and_grads(out, inputs, kvpacked, ref, pt, kv_axis=1)
 
 
@@ -128,6 +163,21 @@ CASES += [("triton", c, False) for c in TRITON_SAMPLE] + [("triton", TRITON_SAMP
 )
 def test_flash_attn_output(backend, case, varlen):
     (_check_varlen_output if varlen else _check_output)(*case, backend=backend)
+
+
+# flash-attn's dropout_p 0.17: the kernel's mask read back from S_dmask, applied by the references
+DROPOUT_CASES = [("cpu", SAMPLE[0], False), ("cpu", SAMPLE[1], False), ("cpu", SAMPLE[1], True)]
+DROPOUT_CASES += [("triton", (33, 97, 32, True, False, "gqa", False, False), False)]
+DROPOUT_CASES += [("triton", TRITON_SAMPLE[1], True)]
+
+
+@pytest.mark.parametrize(
+    "backend,case,varlen",
+    DROPOUT_CASES,
+    ids=[f"{b}-{_id(c)}" + ("-varlen" if v else "") for b, c, v in DROPOUT_CASES],
+)
+def test_flash_attn_output_dropout(backend, case, varlen):
+    (_check_varlen_output if varlen else _check_output)(*case, backend=backend, dropout_p=0.17)
 
 
 def _grid(head_dims):

@@ -102,6 +102,21 @@ def test_dropout_is_random_in_training_and_off_in_eval():
     assert torch.equal(model(idx)[0], model(idx)[0])
 
 
+def test_attention_dropout_runs_the_cpu_kernel(cpu_user, monkeypatch):
+    """A config with dropout trains through the attention kernels: auto takes the C++ kernel, not the reference."""
+    from fasttrain.ops import attention as attention_ops
+
+    def refused(*args):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(attention_ops.Reference, "forward", staticmethod(refused))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, dropout=0.2))
+    idx = torch.randint(0, 61, (2, 16))
+    model(idx)[0].float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def _std(model, attr):
     return getattr(model.blocks[0], attr[0]).__getattr__(attr[1]).weight.std().item()
 

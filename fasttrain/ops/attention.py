@@ -3,8 +3,9 @@
 
 Backends: `triton` (kernels/attention*.py: CUDA fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu`
 (csrc/attention_cpu.cpp: CPU tensors in fp32, bf16 or fp16, computed in fp32) and `reference`
-(fasttrain/ops/attention_reference.py: plain PyTorch, any device and dtype, and the only one with an `attn_mask` or
-`dropout_p > 0`).
+(fasttrain/ops/attention_reference.py: plain PyTorch, any device and dtype, and the only one with an `attn_mask`).
+Attention dropout draws the same mask on every backend: a pure function of an int64 (2,) seed tensor on q's device
+(fasttrain/ops/attention_dropout.py), which the backward reads again.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from torch import Tensor
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op, reference_gradients
+from fasttrain.ops.attention_dropout import dropout_seed
 from fasttrain.ops.attention_masks import Segments, kernel_plan
 from fasttrain.ops.attention_reference import (
     UNBOUNDED,
     attention_reference,
     attention_reference_backward,
-    dropout_generator,
     lse_dtype,
+    s_dmask,
 )
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -34,7 +36,7 @@ GRID_YZ_MAX = 65535  # CUDA's limit on a grid's y and z axes (the kernels put H 
 # forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, attn_mask, dropout_p,
 #   dropout_seed) -> (out, lse); backward(do, q, k, v, out, lse, dlse, the forward's arguments from cu_seqlens_q,
 #   deterministic, into) -> (dq, dk, dv), written into `into` (three tensors shaped like q, k, v: views of one packed
-#   gradient) when it is given. The kernels serve no attn_mask and no dropout (their reasons say so).
+#   gradient) when it is given. The kernels serve no attn_mask (their reasons say so).
 
 
 def _written(grads, into):
@@ -47,49 +49,49 @@ def _written(grads, into):
 class Reference:
     @staticmethod
     def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed):
-        generator = dropout_generator(seed, q.device)
-        out, lse = attention_reference(q, k, v, scale, left, right, cu_q, cu_k, attn_mask, dropout_p, generator)
+        out, lse = attention_reference(q, k, v, scale, left, right, cu_q, cu_k, attn_mask, dropout_p, seed)
         return out.contiguous(), lse.contiguous()  # fresh tensors: a custom op may not return views of its inputs
 
     @staticmethod
     def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det, into):
-        generator = dropout_generator(seed, q.device)
-        grads = attention_reference_backward(
-            do, q, k, v, out, lse, dlse, scale, left, right, cu_q, cu_k, mask, p, generator
-        )
+        grads = attention_reference_backward(do, q, k, v, out, lse, dlse, scale, left, right, cu_q, cu_k, mask, p, seed)
         return _written(grads, into)
 
     @staticmethod
     def traced(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, deterministic):
-        """What a torch.compile trace records for the reference backend: its plain torch ops, inline (dropout from
-        torch's RNG, in autograd's keeping); packed sequences, whose offsets it would read on the host, keep the
-        registered op."""
+        """What a torch.compile trace records for the reference backend: its plain torch ops, inline, dropout
+        included (the seed's mask, as every backend draws it: plain tensor ops on the seed tensor, which autograd
+        keeps for the backward); packed sequences, whose offsets it would read on the host, keep the registered op."""
         if cu_q is not None:
             args = (cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, deterministic)
             return _forward_op.op(q, k, v, *args, "reference")
-        return attention_reference(q, k, v, scale, left, right, None, None, attn_mask, dropout_p)
+        return attention_reference(q, k, v, scale, left, right, None, None, attn_mask, dropout_p, seed)
 
 
 class Triton:
     @staticmethod
     def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed):
-        return _backend.kernels("attention").attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right)
+        return _backend.kernels("attention").attention_forward(
+            q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed
+        )
 
     @staticmethod
     def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det, into):
         return _backend.kernels("attention_backward").attention_backward(
-            do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, det, into
+            do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, det, into, p, seed
         )
 
 
 class Cpu:
     @staticmethod
     def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed):
-        return torch.ops.fasttrain.attention_forward_cpu(q, k, v, cu_q, cu_k, scale, left, right)
+        return torch.ops.fasttrain.attention_forward_cpu(q, k, v, cu_q, cu_k, scale, left, right, dropout_p, seed)
 
     @staticmethod
     def backward(do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, det, into):
-        grads = torch.ops.fasttrain.attention_backward_cpu(do, q, k, v, out, lse, dlse, cu_q, cu_k, scale, left, right)
+        grads = torch.ops.fasttrain.attention_backward_cpu(
+            do, q, k, v, out, lse, dlse, cu_q, cu_k, scale, left, right, p, seed
+        )
         return _written(grads, into)
 
 
@@ -99,12 +101,11 @@ class Cpu:
 # Read once, at import: under torch.compile, Dynamo traces the choice but cannot trace the extension's import.
 _CPU_OP_REASON = _backend.native_op_reason("attention_forward_cpu")
 _MASK = "an attn_mask is not implemented in the kernels"
-_DROPOUT = "dropout_p > 0 is not implemented in the kernels"
 
 
 def _unsupported(attn_mask: Tensor | None, dropout_p: float) -> str | None:
     """What no kernel implements."""
-    return _MASK if attn_mask is not None else _DROPOUT if dropout_p > 0.0 else None
+    return _MASK if attn_mask is not None else None
 
 
 def _kernel_limit_reason(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, max_q: int, max_k: int) -> str | None:
@@ -294,8 +295,7 @@ def _backward(ctx, dout, dlse):
         # A double backward follows (see reference_gradients), or a float attn_mask takes a gradient: the
         # reference's autograd gives every one.
         def reference(q, k, v, mask):
-            generator = dropout_generator(seed, q.device)
-            return attention_reference(q, k, v, scale, left, right, cu_q, cu_k, mask, ctx.dropout_p, generator)
+            return attention_reference(q, k, v, scale, left, right, cu_q, cu_k, mask, ctx.dropout_p, seed)
 
         with torch.enable_grad():
             grads = reference_gradients(reference, (q, k, v, attn_mask), (dout, dlse))
@@ -408,13 +408,14 @@ def _check_dropout(dropout_p) -> None:
 def _attend(
     q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, backend, dropout_p, attn_mask=None, deterministic=False
 ):
-    """(out, lse) from the registered op, on the backend chosen for these inputs."""
+    """(out, lse, the dropout seed or None) from the registered op, on the backend chosen for these inputs."""
     name = ATTENTION.choose(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, backend=backend)
-    # The reference's dropout draws from a seed (from torch's RNG) that its backward draws from again.
-    seed = torch.randint(1 << 62, ()) if dropout_p > 0.0 else None
+    # Every backend's dropout mask is a function of this seed (from torch's RNG on q's device), which the backward
+    # reads again.
+    seed = dropout_seed(q.device) if dropout_p > 0.0 else None
     if name != "reference" and (q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1):
         q, k, v = (t.contiguous() for t in (q, k, v))  # the kernels need unit stride along head_dim only
-    return _forward_op(
+    out, lse = _forward_op(
         q,
         k,
         v,
@@ -431,6 +432,16 @@ def _attend(
         bool(deterministic),
         name,
     )
+    return out, lse, seed
+
+
+def attn_probs(q, k, lse, seed, dropout_p, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0) -> Tensor:
+    """flash-attn's third value with return_attn_probs: S_dmask (attention_reference.s_dmask, computed from the
+    forward's lse and dropout seed only when asked) with dropout, else the empty tensor flash-attn returns."""
+    if dropout_p == 0.0:
+        return q.new_empty((0,))
+    with torch.no_grad():
+        return s_dmask(q, k, lse, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k)
 
 
 # ---- public functions ----------------------------------------------------------------------------------------------
@@ -458,24 +469,30 @@ def flash_attn_func(
     query i sees keys in [i + Tk - Tq - left, i + Tk - Tq + right]; -1 leaves a side unbounded.
     softmax_scale defaults to D**-0.5. head_dim 32, 64, 96, 128 or 256 runs the GPU kernels (fp16/bf16); on the
     CPU the C++ kernel takes any head_dim in fp32, bf16 or fp16.
-    dropout_p > 0 runs the reference path. softcap and alibi_slopes are not implemented (must stay at defaults).
+    dropout_p drops attention probabilities inside the kernels (every backend draws the same mask from a fresh
+    seed on q's device, which the backward reads again; fasttrain/ops/attention_dropout.py). softcap and
+    alibi_slopes are not implemented (must stay at defaults).
     deterministic: the backward computes dQ by its own kernel (also under torch.use_deterministic_algorithms(True)),
     bit-identical from run to run in a process, and across processes whose autotuners pick the same tiles
     (TRITON_CACHE_AUTOTUNING=1 keeps the picks on disk). Otherwise, on a GPU, dQ may come by float32 atomics from the
     dK/dV kernel where that times faster for the shape (fewer matmuls, a transient float32 buffer of 2x dQ's bytes;
     dQ's last bits vary from run to run, as in flash-attn).
-    Returns out (B, Tq, H, D); with return_attn_probs, (out, softmax_lse (B, H, Tq) float32, None): the
-    probabilities themselves are never materialised. Query rows that see no key give 0 and lse = +inf.
+    Returns out (B, Tq, H, D); with return_attn_probs, (out, softmax_lse (B, H, Tq) float32, S_dmask): with
+    dropout, flash-attn's S_dmask (B, H, Tq and Tk rounded up to 128) in q's dtype, the probabilities with dropped
+    ones negated, computed from lse and the seed only when asked (the kernels never write it); without dropout an
+    empty tensor, as flash-attn returns. Query rows that see no key give 0 and lse = +inf.
     backend: "auto" (default), "triton", "cpu" or "reference"; FASTTRAIN_BACKEND overrides auto.
     """
     _check_qkv(q, k, v, 4, "(B, T, H, D)")
     _refuse_unsupported(softcap, alibi_slopes)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
-    out, lse = _attend(
+    out, lse, seed = _attend(
         q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, backend, dropout_p, deterministic=deterministic
     )
-    return (out, lse, None) if return_attn_probs else out
+    if not return_attn_probs:
+        return out
+    return out, lse, attn_probs(q, k, lse, seed, dropout_p, scale, left, right)
 
 
 # The offsets checked last, per argument: a model hands the same cu_seqlens to every layer and reading them costs a
@@ -558,7 +575,9 @@ def flash_attn_varlen_func(
     max_seqlen_q/k: the longest sequence (a bound; it sizes the launch grid). The offsets are checked once per tensor
     and in-place version (one host sync), not while a CUDA graph is captured or torch.compile traces. Sequence b's
     queries attend only to sequence b's keys, masked as in `flash_attn_func` with that sequence's Tq_b and Tk_b.
-    Returns out (total_q, H, D), or (out, softmax_lse (H, total_q) float32, None) with return_attn_probs.
+    Returns out (total_q, H, D), or (out, softmax_lse (H, total_q) float32, S_dmask) with return_attn_probs
+    (S_dmask (B, H, max_seqlen_q and max_seqlen_k rounded up to 128), sequence b at [b, :, :Tq_b, :Tk_b]; see
+    `flash_attn_func`).
     block_table: (B, max_blocks) int32, or None: k and v are then a paged cache (num_blocks, page_block_size,
     Hkv, D), sequence b's key t in page block_table[b, t // page_block_size] (cu_seqlens_k still gives the lengths);
     each sequence's keys are gathered out of their pages (differentiable into the cache) before the kernels run.
@@ -571,7 +590,7 @@ def flash_attn_varlen_func(
     cu_seqlens_q, cu_seqlens_k = _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
-    out, lse = _attend(
+    out, lse, seed = _attend(
         q,
         k,
         v,
@@ -586,7 +605,12 @@ def flash_attn_varlen_func(
         dropout_p,
         deterministic=deterministic,
     )
-    return (out, lse, None) if return_attn_probs else out
+    if not return_attn_probs:
+        return out
+    probs = attn_probs(
+        q, k, lse, seed, dropout_p, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
+    )
+    return out, lse, probs
 
 
 def _keys_from_pages(q, k_cache, v_cache, block_table, cu_seqlens_k) -> tuple[Tensor, Tensor]:
@@ -655,8 +679,8 @@ def scaled_dot_product_attention(
     broadcastable to (B, H, Tq, Tk). A mask that is one for every head and lets each query row see one stretch of
     keys (0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per mask tensor, one host
     sync on a GPU): a band (causal, sliding-window) as is; padding (key lengths per batch row, with or without
-    causality) and document packing (block-diagonal) as varlen launches over gathered rows. Any other mask, and
-    dropout_p > 0, runs the reference path. Returns
+    causality) and document packing (block-diagonal) as varlen launches over gathered rows; dropout_p with them too.
+    Any other mask runs the reference path. Returns
     (B, H, Tq, D). The backward is deterministic under torch.use_deterministic_algorithms(True) (see
     `flash_attn_func`).
     """
@@ -678,13 +702,13 @@ def scaled_dot_product_attention(
     # top-left causal is the bottom-right band shifted by Tq - Tk: j - i - (Tk - Tq) <= Tq - Tk
     left, right = UNBOUNDED, (Tq - Tk if is_causal else UNBOUNDED)
     scale = _scale(scale, q.shape[-1])
-    if attn_mask is not None and dropout_p == 0.0 and backend != "reference":
+    if attn_mask is not None and backend != "reference":
         plan = kernel_plan(attn_mask, q.shape[0], Tq, Tk, q.device)
         if isinstance(plan, Segments):  # padding or packed documents: varlen launches over gathered rows
             return _segmented(q, k, v, plan, scale, backend, dropout_p).transpose(1, 2)
         if plan is not None:  # a causal or windowed mask: the kernels' band
             (left, right), attn_mask = plan, None
-    out, _ = _attend(q, k, v, None, None, Tq, Tk, scale, left, right, backend, dropout_p, attn_mask)
+    out, _, _ = _attend(q, k, v, None, None, Tq, Tk, scale, left, right, backend, dropout_p, attn_mask)
     return out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)
 
 
@@ -697,7 +721,7 @@ def _segmented(q, k, v, plan: Segments, scale: float, backend, dropout_p: float)
     k_rows, v_rows = k.reshape(B * Tk, Hkv, D), v.reshape(B * Tk, Hkv, D)  # (B * Tk, Hkv, D)
     out = q.new_zeros(B * Tq, H, D)
     for p in plan.launches:
-        part, _ = _attend(
+        part, _, _ = _attend(
             q_rows.index_select(0, p.q_rows),
             k_rows.index_select(0, p.k_rows),
             v_rows.index_select(0, p.k_rows),

@@ -22,7 +22,9 @@ from fasttrain.ops.attention import (
     _refuse_unsupported,
     _scale,
     _window,
+    attn_probs,
 )
+from fasttrain.ops.attention_dropout import dropout_seed
 
 
 def _split(q_src: Tensor, kv_src: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -34,10 +36,10 @@ class _PackedAttention(torch.autograd.Function):
     """The attention op over views of packed inputs, its backward into views of packed gradients."""
 
     @staticmethod
-    def forward(ctx, q_src, kv_src, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, deterministic, backend):
+    def forward(ctx, q_src, kv_src, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed, deterministic,
+                backend):  # fmt: skip
         q, k, v = _split(q_src, kv_src)
         name = ATTENTION.choose(q, k, v, cu_q, max_q, max_k, None, dropout_p, backend=backend)
-        seed = torch.randint(1 << 62, ()) if dropout_p > 0.0 else None  # the backward draws the same dropout
         args = (cu_q, cu_k, max_q, max_k, scale, left, right)
         out, lse = _forward_op(q, k, v, *args, None, dropout_p, seed, deterministic, name)
         ctx.save_for_backward(q_src, kv_src, out, lse, cu_q, cu_k, seed)
@@ -56,7 +58,7 @@ class _PackedAttention(torch.autograd.Function):
         _backward_into_op(
             dq, dk, dv, dout, q, k, v, out, lse, dlse, *ctx.args, ctx.dropout_p, seed, deterministic, ctx.backend
         )
-        return *grads, *(None,) * 10
+        return *grads, *(None,) * 11
 
 
 def _check_packed(packed: Tensor, name: str, rank: int, n: int, layout: str) -> Tensor:
@@ -86,9 +88,12 @@ def _packed(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, c
         max_q, max_k = q.shape[1], k.shape[1]
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
-    args = (cu_q, cu_k, max_q, max_k, scale, left, right, float(dropout_p), bool(deterministic), backend)
+    seed = dropout_seed(q.device) if dropout_p > 0.0 else None  # every backend's mask; the backward reads it again
+    args = (cu_q, cu_k, max_q, max_k, scale, left, right, float(dropout_p), seed, bool(deterministic), backend)
     out, lse = _PackedAttention.apply(q_src, kv_src, *args)
-    return (out, lse, None) if return_attn_probs else out
+    if not return_attn_probs:
+        return out
+    return out, lse, attn_probs(q, k, lse, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k)
 
 
 def flash_attn_qkvpacked_func(
@@ -105,7 +110,7 @@ def flash_attn_qkvpacked_func(
     backend: str | None = None,
 ):
     """flash-attn's `flash_attn_qkvpacked_func`: qkv (B, T, 3, H, D) -> out (B, T, H, D), or (out, softmax_lse
-    (B, H, T), None) with return_attn_probs. Arguments as in `flash_attn_func`."""
+    (B, H, T), S_dmask) with return_attn_probs. Arguments as in `flash_attn_func`."""
     qkv = _check_packed(qkv, "qkv", 5, 3, "(B, T, 3, H, D)")
     return _packed(qkv, None, None, None, None, None, dropout_p, softmax_scale, causal, window_size, softcap,
                    alibi_slopes, deterministic, return_attn_probs, backend)  # fmt: skip
@@ -126,7 +131,7 @@ def flash_attn_kvpacked_func(
     backend: str | None = None,
 ):
     """flash-attn's `flash_attn_kvpacked_func`: q (B, Tq, H, D), kv (B, Tk, 2, Hkv, D) -> out (B, Tq, H, D), or
-    (out, softmax_lse (B, H, Tq), None) with return_attn_probs. Arguments as in `flash_attn_func`."""
+    (out, softmax_lse (B, H, Tq), S_dmask) with return_attn_probs. Arguments as in `flash_attn_func`."""
     kv = _check_packed(kv, "kv", 5, 2, "(B, Tk, 2, Hkv, D)")
     return _packed(q, kv, None, None, None, None, dropout_p, softmax_scale, causal, window_size,
                    softcap, alibi_slopes, deterministic, return_attn_probs, backend)  # fmt: skip
@@ -148,7 +153,7 @@ def flash_attn_varlen_qkvpacked_func(
     backend: str | None = None,
 ):
     """flash-attn's `flash_attn_varlen_qkvpacked_func`: qkv (total, 3, H, D) with cu_seqlens (B + 1,) int32 offsets
-    for queries and keys alike -> out (total, H, D), or (out, softmax_lse (H, total), None) with return_attn_probs.
+    for queries and keys alike -> out (total, H, D), or (out, softmax_lse (H, total), S_dmask) with return_attn_probs.
     Arguments as in `flash_attn_varlen_func`."""
     qkv = _check_packed(qkv, "qkv", 4, 3, "(total, 3, H, D)")
     return _packed(qkv, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
@@ -174,7 +179,7 @@ def flash_attn_varlen_kvpacked_func(
     backend: str | None = None,
 ):
     """flash-attn's `flash_attn_varlen_kvpacked_func`: q (total_q, H, D), kv (total_k, 2, Hkv, D) -> out
-    (total_q, H, D), or (out, softmax_lse (H, total_q), None) with return_attn_probs. Arguments as in
+    (total_q, H, D), or (out, softmax_lse (H, total_q), S_dmask) with return_attn_probs. Arguments as in
     `flash_attn_varlen_func`."""
     kv = _check_packed(kv, "kv", 4, 2, "(total_k, 2, Hkv, D)")
     return _packed(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
