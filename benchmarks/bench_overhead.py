@@ -5,7 +5,9 @@ launcher makes at each launch (driver_call_rows), and fasttrain's own Python on 
 Triton path with every launch skipped (impl "fasttrain, no launch": each kernel object swapped for one whose
 `kernel[grid](...)` does nothing, so its outputs are garbage and only its time is kept; on a CPU this runs in a child
 process with the Triton backend forced, the one way to time that path's Python without a GPU, and on CUDA the gap to
-the "fasttrain" row is Triton's launcher and the driver); then a cProfile of fasttrain's LayerNorm forward + backward.
+the "fasttrain" row is Triton's launcher and the driver); the norms on their aot path (the kernels compiled ahead of
+time and launched from C++) with every launch dropped once packed (impl "fasttrain aot, no launch",
+aot_launches_dropped), on a CPU too; then a cProfile of fasttrain's LayerNorm forward + backward.
 
     python -m fasttrain.benchmarks.bench_overhead [--device cpu|cuda] [--quick] [--out DIR]
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import cProfile
 import importlib
+import inspect
 import json
 import os
 import pstats
@@ -49,6 +52,8 @@ from fasttrain.ops.rotary import apply_rotary_emb_reference
 B, T, H, D, C, V, CACHE = 1, 16, 12, 64, 768, 512, 256
 KERNEL_MODULES = ("attention", "attention_backward", "cross_entropy", "decode", "norms", "rotary")
 NO_LAUNCH = "fasttrain, no launch"
+AOT_NO_LAUNCH = "fasttrain aot, no launch"
+AOT_OPS = ("layer_norm", "add_layer_norm")  # the ops with an aot column
 
 
 def host_us(fn, device: str, calls: int, reps: int = 5) -> float:
@@ -240,6 +245,88 @@ def launches_skipped():
             tuner.cache, tuner.configs_timings = cache, timings
 
 
+def _register_described(dtype: torch.dtype) -> None:
+    """Launch-less registry entries for the norms' shipped cases in dtype, made from the kernels' description
+    (kernels/norms.py aot_kernels(shipped=True), with tools/aot.py's signature rules): what a CPU build, which ships
+    no cubins, needs for the C++ op path to run with its launches dropped. No cubin is ever read."""
+    from fasttrain import _C
+    from fasttrain.kernels import norms
+
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    for entry in norms.aot_kernels(90, name, shipped=True):
+        kernel = entry["kernel"]
+        # kernel.fn's annotations: the interpreter's stand-in for a JITFunction (TRITON_INTERPRET=1) has no .params
+        parameters = inspect.signature(kernel.fn).parameters.values()
+        constexprs = [p.name for p in parameters if "constexpr" in str(p.annotation)]
+        args = [p.name for p in parameters if "constexpr" not in str(p.annotation)]
+        types = [entry["types"].get(a) or (f"*{name}" if a[0].isupper() else "i32") for a in args]
+        pointers = [a for a in args if a[0].isupper()]  # compiled 16-divisible, as tools/aot.py compiles them
+        for case in entry["cases"]:
+            values = [int(case["constexprs"][c]) for c in constexprs]
+            _C.aot_register(
+                kernel.__name__,
+                name,
+                values,
+                constexprs,
+                args,
+                types,
+                pointers,
+                case["num_warps"],
+                1,
+                0,
+                len(args) + 2,
+                0,
+                0,
+                kernel.__name__,
+                case["label"],
+                b"",
+            )
+
+
+@contextlib.contextmanager
+def aot_launches_dropped(device: str, dtypes):
+    """The norms' aot column serving this device, each launch packed and checked in C++ and then dropped
+    (fasttrain._C's recorder with keep=False): the C++ op path's host time without the launch. Where no cubins are
+    registered (a CPU), launch-less entries for dtypes stand in (_register_described); the registry is emptied
+    after."""
+    from fasttrain import _C, _backend
+
+    described = _C.aot_registered() == 0
+    if described:
+        for dtype in dtypes:
+            _register_described(dtype)
+    reason = _backend.aot_reason
+    _backend.aot_reason = lambda device: None
+    _C.aot_record(True, 132, keep=False)
+    try:
+        yield
+    finally:
+        _C.aot_record(False, 0)
+        _backend.aot_reason = reason
+        if described:
+            _C.aot_clear()
+
+
+def aot_no_launch_rows(device: str, calls: int) -> list[dict]:
+    """The "fasttrain aot, no launch" rows of AOT_OPS whose inputs the aot column takes (one dtype)."""
+    from fasttrain.ops.norms import NORMS
+
+    rows = []
+    all_cases = cases(device)
+    dtypes = {t.dtype for name in AOT_OPS for t in all_cases[name][0]}
+    with aot_launches_dropped(device, dtypes):
+        for name in AOT_OPS:
+            inputs, ours, _ = all_cases[name]
+            x, residual, weight, bias = (inputs[0], None, *inputs[1:]) if len(inputs) == 3 else inputs
+            why = NORMS.reasons(x, C, residual, weight, bias)["aot"]
+            if why is not None:
+                rows.append({"op": name, "mode": "-", "impl": AOT_NO_LAUNCH, "skipped": why})
+                continue
+            for mode, us in time_modes(inputs, ours, device, calls).items():
+                rows.append({"op": name, "mode": mode, "impl": AOT_NO_LAUNCH, "host_us": us})
+    return rows
+
+
 def forward_backward(fn, inputs):
     """A call of fn on inputs and the gradients of its outputs, with upstream gradients of ones (a sum's)."""
 
@@ -295,6 +382,8 @@ def main() -> None:
     calls = 50 if args.quick else 500
     rows = []
     skipped = {(r["op"], r["mode"]): r["host_us"] for r in no_launch_rows(device, calls)}
+    aot = aot_no_launch_rows(device, calls)
+    aot_us = {(r["op"], r["mode"]): r["host_us"] for r in aot if "host_us" in r}
     for name, (inputs, ours, theirs) in cases(device).items():
         err = check_correct(name, inputs, ours, theirs, device)
         times = {impl: time_modes(inputs, fn, device, calls) for impl, fn in (("torch", theirs), ("fasttrain", ours))}
@@ -304,6 +393,8 @@ def main() -> None:
                 ("fasttrain", times["fasttrain"][mode]),
                 (NO_LAUNCH, skipped[name, mode]),
             ]
+            if (name, mode) in aot_us:
+                entries.append((AOT_NO_LAUNCH, aot_us[name, mode]))
             for impl, us in entries:
                 rows.append(
                     {
@@ -312,7 +403,7 @@ def main() -> None:
                         "impl": impl,
                         "host_us": us,
                         "x torch": times["torch"][mode] / us,
-                        "rel_err": err if impl != NO_LAUNCH else None,
+                        "rel_err": err if impl not in (NO_LAUNCH, AOT_NO_LAUNCH) else None,
                     }
                 )
     common.print_table(rows, ["op", "mode", "impl", "host_us", "x torch"])  # before the extras: a failure there
@@ -326,7 +417,11 @@ def main() -> None:
             failures.append({"op": what, "mode": "failed", "impl": "-", "skipped": f"{type(e).__name__}: {e}"})
             return None
 
-    extras = (attempt("launch floor", launch_floor_rows) or []) + (attempt("driver calls", driver_call_rows) or [])
+    extras = (
+        [r for r in aot if "skipped" in r]
+        + (attempt("launch floor", launch_floor_rows) or [])
+        + (attempt("driver calls", driver_call_rows) or [])
+    )
     profile = attempt("cProfile", profile_layer_norm) or []
     extras += failures
     if extras:  # none on a CPU

@@ -50,4 +50,13 @@ TORCH_LIBRARY(fasttrain, m) {
       "rotary_cpu(Tensor x, Tensor cos, Tensor sin, Tensor? offsets, int offset, bool interleaved, bool conjugate) "
       "-> Tensor");
   m.def("rotary_cpu_(Tensor(a!) x, Tensor cos, Tensor sin, Tensor? offsets, int offset, bool interleaved) -> ()");
+  // LayerNorm / RMSNorm over rows (M, N) of one dtype, with the residual add optionally fused, from the norms' Triton
+  // kernels compiled ahead of time (norms_aot.cpp): fasttrain/ops/norms.py's forward and backward, the same outputs
+  // (y, s = x + residual or empty, mean (empty for RMSNorm), rstd) and (dx, empty, dw or empty, db or empty).
+  m.def(
+      "norm_forward_aot(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool is_rms, "
+      "ScalarType out_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "norm_backward_aot(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool is_rms, bool has_bias, "
+      "Tensor? dres, ScalarType? dx2_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
 }

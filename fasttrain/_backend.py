@@ -10,9 +10,9 @@ serve raises `BackendError`; FASTTRAIN_BACKEND=<name> forces one for a whole run
 choosing automatically). The reference is a column like the others: plain PyTorch, the test oracle and the
 fallback. docs/adding-an-op.md walks a new op through.
 
-This module is also where the ops read the backend switches (FASTTRAIN_BACKEND, TRITON_INTERPRET; the kernels read
-the latter in kernels/_launch.py) and the only loader of the Triton kernels (`kernels`), which are imported on first
-use: a process that never launches one never imports Triton's compiler.
+This module is also where the ops read the backend switches (FASTTRAIN_BACKEND, FASTTRAIN_AOT, TRITON_INTERPRET; the
+kernels read the latter in kernels/_launch.py) and the only loader of the Triton kernels (`kernels`), which are
+imported on first use: a process that never launches one never imports Triton's compiler.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from fasttrain import _extension
 
-BACKENDS = ("cuda", "triton", "cpu", "reference")
+BACKENDS = ("cuda", "aot", "triton", "cpu", "reference")
 AUTO = "auto"
 
 
@@ -44,6 +44,8 @@ class NotForDevice(str):
 NEEDS_INTERPRETER = NotForDevice("CPU tensors need TRITON_INTERPRET=1 (the Triton interpreter)")
 CUDA_TAKES_CUDA = NotForDevice("the cuda backend takes CUDA tensors")
 CPU_TAKES_CPU = NotForDevice("the cpu backend takes CPU tensors")
+AOT_TAKES_CUDA = NotForDevice("the aot backend takes CUDA tensors")
+AOT_OFF = NotForDevice("FASTTRAIN_AOT=0 (the Triton JIT serves)")
 
 
 class BackendError(RuntimeError):
@@ -204,6 +206,23 @@ def triton_tensor_reason(t: torch.Tensor) -> str | None:
     if t.dtype == torch.float64:
         return "the kernels do not take float64"
     return None
+
+
+def aot_reason(device: torch.device) -> str | None:
+    """None if Triton kernels compiled ahead of time (shipped in a CUDA build's wheel, fasttrain/_aot.py) can be
+    launched from C++ for tensors of this device: a CUDA device whose arch has shipped cubins, FASTTRAIN_AOT not 0."""
+    if device.type != "cuda":
+        return AOT_TAKES_CUDA
+    if os.environ.get("FASTTRAIN_AOT") == "0":
+        return AOT_OFF
+    from fasttrain import _aot
+
+    return _aot.reason(device)
+
+
+def aot_live() -> str | None:
+    """None if the aot backend can serve this machine's default device (`fasttrain info`)."""
+    return aot_reason(default_device())
 
 
 def cuda_extension_reason(device: torch.device) -> str | None:

@@ -291,17 +291,72 @@ def norm_backward(
 # ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
 
 
-def aot_kernels(arch: int, dtype: str) -> list[dict]:
-    """LayerNorm with weight, bias and the residual add fused (the most live values; RMSNorm is the same code with the
-    mean terms gone), one row per program, at the BLOCK_N of GPT-2 small (768), GPT-2 XL (1600) and Llama-7B (4096);
-    pointers not listed are in x's dtype."""
-    types = {"Mean": "*fp32", "Rstd": "*fp32", "DW": "*fp32", "DB": "*fp32", "eps": "fp32"}
-    flags = dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, HAS_DRES=True, HAS_DX2=True)
+def _pointer_types(dtype: str, profile: str) -> dict:
+    """Triton types of the norm kernels' pointers for one dtype profile of the C++ launch path (csrc/norms_aot.cpp
+    keys a call the same way; an absent tensor counts as the dtype noted):
+    - same: every tensor in dtype;
+    - autocast: the rows (x, residual, the stream RO, weight, bias) fp32, the output y in dtype, and so dy (autocast's
+      norm on an fp32 residual stream);
+    - branch: x in dtype added onto an fp32 residual, so the stream, weight, bias fp32 and y in dtype; backward, dx in
+      the stream's fp32 and DX2 in the branch's dtype (a pre-norm block's add under autocast)."""
+    rows = dtype if profile == "same" else "fp32"
+    fwd = {"X": f"*{dtype if profile != 'autocast' else 'fp32'}", "R": f"*{rows}", "W": f"*{rows}", "B": f"*{rows}"}
+    fwd.update(Y=f"*{dtype}", RO=f"*{rows}")
+    bwd = {"DY": f"*{dtype}", "X": f"*{rows}", "W": f"*{rows}", "DRES": f"*{rows}", "DX": f"*{rows}"}
+    bwd["DX2"] = f"*{dtype if profile == 'branch' else rows}"
+    return {"forward": fwd, "backward": bwd}
+
+
+def aot_kernels(arch: int, dtype: str, shipped: bool = False) -> list[dict]:
+    """The compiles of the norm kernels for tools/aot.py, one row per program (BLOCK_M = 1, as on a GPU); statistics
+    and the dw/db partials fp32.
+
+    shipped=False, CI's compile check: every tensor in dtype, LayerNorm with weight, bias and the residual add fused
+    (the most live values; RMSNorm is the same code with the mean terms gone) at the BLOCK_N of GPT-2 small (768),
+    GPT-2 XL (1600) and Llama-7B (4096). shipped=True, the cubins a CUDA build ships for the C++ launch path: each
+    dtype profile of _pointer_types (only "same" for fp32) with every flag combination a call of that profile can
+    take, at every BLOCK_N up to MAX_N, each with block_and_warps' warps."""
+    scalars = {"Mean": "*fp32", "Rstd": "*fp32", "DW": "*fp32", "DB": "*fp32", "eps": "fp32"}
+    if not shipped:
+        flags = dict(IS_RMS=False, HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, HAS_DRES=True, HAS_DX2=True)
+        out = []
+        for kernel in (_norm_forward_kernel, _norm_backward_kernel):
+            cases = []
+            for n in (1024, 2048, 4096):
+                warps = block_and_warps(n, backward=kernel is _norm_backward_kernel)[1]
+                constexprs = dict(BLOCK_M=1, BLOCK_N=n, **flags)
+                cases.append(dict(label=f"n{n} w{warps}", constexprs=constexprs, num_warps=warps))
+            out.append(dict(kernel=kernel, types=scalars, cases=cases))
+        return out
+    blocks = [1 << i for i in range(MAX_N.bit_length())]  # 1, 2, 4, ..., MAX_N
     out = []
-    for kernel in (_norm_forward_kernel, _norm_backward_kernel):
-        cases = []
-        for n in (1024, 2048, 4096):
-            warps = block_and_warps(n, backward=kernel is _norm_backward_kernel)[1]
-            cases.append(dict(label=f"n{n} w{warps}", constexprs=dict(BLOCK_M=1, BLOCK_N=n, **flags), num_warps=warps))
-        out.append(dict(kernel=kernel, types=types, cases=cases))
+    for profile in ("same",) if dtype == "fp32" else ("same", "autocast", "branch"):
+        forward = [
+            dict(IS_RMS=rms, HAS_RESIDUAL=res, HAS_WEIGHT=w, HAS_BIAS=b)
+            for rms in (False, True)
+            for res in ((True,) if profile == "branch" else (False, True))
+            for w in (False, True)
+            for b in ((False,) if rms else (False, True))
+        ]
+        backward = [
+            dict(IS_RMS=rms, HAS_WEIGHT=w, HAS_BIAS=b, HAS_DRES=dres, HAS_DX2=profile == "branch")
+            for rms in (False, True)
+            for w in (False, True)
+            for b in ((False,) if rms else (False, True))
+            for dres in (False, True)
+        ]
+        types = _pointer_types(dtype, profile)
+        for kernel, flag_sets, kind in (
+            (_norm_forward_kernel, forward, "forward"),
+            (_norm_backward_kernel, backward, "backward"),
+        ):
+            cases = []
+            for flags in flag_sets:
+                name = " ".join(k.lower() for k, v in flags.items() if v) or "plain"
+                for n in blocks:
+                    warps = block_and_warps(n, backward=kind == "backward")[1]
+                    constexprs = dict(BLOCK_M=1, BLOCK_N=n, **flags)
+                    label = f"n{n} w{warps} {profile}: {name}"
+                    cases.append(dict(label=label, constexprs=constexprs, num_warps=warps))
+            out.append(dict(kernel=kernel, types={**scalars, **types[kind]}, cases=cases))
     return out

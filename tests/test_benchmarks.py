@@ -79,7 +79,8 @@ def test_fasttrain_bench_times_every_op_against_torch_and_writes_where_it_is_tol
     result = json.loads((tmp_path / "out" / "overhead.quick.json").read_text())
     ops = {"layer_norm", "add_layer_norm", "rotary", "attention", "cross_entropy", "decode"}
     impls = ("torch", "fasttrain", "fasttrain, no launch")  # the last from a child process on the Triton path
-    assert {(r["op"], r["impl"]) for r in result["rows"]} == {(op, impl) for op in ops for impl in impls}
+    aot = {(op, "fasttrain aot, no launch") for op in ("layer_norm", "add_layer_norm")}  # the norms' C++ path
+    assert {(r["op"], r["impl"]) for r in result["rows"]} == {(op, impl) for op in ops for impl in impls} | aot
     assert all(r["host_us"] > 0 for r in result["rows"])
     # The cProfile names fasttrain's own functions among the costliest.
     assert any("norms.py" in entry[0] for entry in result["ceilings"]["layer_norm_cprofile"])
@@ -107,6 +108,8 @@ def test_bench_overhead_keeps_its_op_rows_when_a_later_part_fails(tmp_path, monk
             for mode in ("fwd", "fwd+bwd")
         ],
     )
+    # (the aot rows import the Triton kernels here, which with TRITON_INTERPRET unset would leave them compiled-only)
+    monkeypatch.setattr(bench_overhead, "aot_no_launch_rows", lambda device, calls: [])
     monkeypatch.setattr(sys, "argv", ["bench_overhead", "--device", "cpu", "--quick", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="driver calls"):
         bench_overhead.main()
@@ -355,3 +358,16 @@ def test_bench_hf_step_times_only_a_variant_whose_first_step_agrees():
     # Liger's row on a CPU, and for GPT-2 anywhere, says why it cannot run
     assert "needs CUDA" in bench_hf_step.variants("llama", "cpu")["liger"]
     assert "no gpt2 patch" in bench_hf_step.liger_patch("gpt2", "cuda")
+
+
+def test_bench_overhead_drops_aot_launches_only_inside_its_context():
+    import fasttrain._C as C
+    from fasttrain.ops import layer_norm
+    from fasttrain.ops.norms import NORMS
+
+    x, w = torch.randn(3, 8, requires_grad=True), torch.randn(8)
+    with bench_overhead.aot_launches_dropped("cpu", {torch.float32}):
+        assert NORMS.choose(x, 8, None, w, None) == "aot"
+        layer_norm(x, (8,), w).sum().backward()  # the C++ op and its autograd run; no kernel is launched
+        assert C.aot_records() == [] and C.aot_registered() > 0
+    assert C.aot_registered() == 0 and NORMS.choose(x, 8, None, w, None) != "aot"

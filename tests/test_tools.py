@@ -64,3 +64,17 @@ def test_ncu_attention_runs_each_provider_inside_the_range_after_a_warm_up():
     assert lines[0] == "fasttrain: forward and backward ran in the range"
     assert lines[1] == "fasttrain forward tile: ({'BLOCK_M': 64, 'BLOCK_N': 64, 'WARP_SPECIALIZE': False}, 4, 1)"
     assert len(lines) == 5 and all(line.startswith("fasttrain d") for line in lines[2:])
+
+
+def test_aot_host_ab_times_the_three_paths_of_each_norm():
+    """tools/aot_host_ab.py, the interleaved measurement behind NOTES.md's aot host times."""
+    tool = Path(__file__).resolve().parent.parent / "tools" / "aot_host_ab.py"
+    done = subprocess.run(
+        [sys.executable, str(tool), "--rounds", "1", "--calls", "3"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        f"{op} {mode}" for op in ("layer_norm", "add_layer_norm") for mode in ("fwd", "fwd+bwd")
+    ]
+    assert all(line.count(" us per call") == 1 and "aot, no launch" in line for line in lines)

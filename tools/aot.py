@@ -8,15 +8,19 @@ returns a list of plain dicts, one per @triton.jit kernel,
      "types": {argument: Triton type},  # runtime arguments other than dtype pointers and i32 scalars, e.g. "*fp32"
      "cases": [{"label": str, "constexprs": {name: value}, "num_warps": int, "num_stages": int (default 3)}]}
 
-and imports nothing from here. This tool builds each case's signature from the kernel's parameters in order: a
-constexpr takes its value from the case (a constexpr the case leaves out is an error; names the kernel lacks are
-ignored, so a family shares one dict), a runtime argument its type from `types`, else "*<dtype>" when capitalized (a
-pointer, by the kernels' naming) and "i32" when not. Pointers and the stride_* arguments (but stride_l*, the
-logsumexp's) are compiled as multiples of 16, as the JIT specializes them at a real launch (`divisible`); a launcher
-of these cubins must pass only such values.
+and imports nothing from here. A module whose aot_kernels also takes `shipped` ships cubins: with shipped=True it
+lists every specialization its ops launch through the C++ launch path (fasttrain/_aot.py), which `--shipped` compiles
+(a CUDA build does, docs/backends.md); without it, the small sample that CI compiles.
+
+This tool builds each case's signature from the kernel's parameters in order: a constexpr takes its value from the case
+(a constexpr the case leaves out is an error; names the kernel lacks are ignored, so a family shares one dict), a
+runtime argument its type from `types`, else "*<dtype>" when capitalized (a pointer, by the kernels' naming) and "i32"
+when not. Pointers and the stride_* arguments (but stride_l*, the logsumexp's) are compiled as multiples of 16, as the
+JIT specializes them at a real launch (`divisible`); a launcher of these cubins must pass only such values.
 
     python tools/aot.py --arch 80 90                 # one JSON row per (arch, dtype, kernel, case) on stdout
     python tools/aot.py --arch 80 90 --dtype bf16 fp16 --out DIR --jobs 8 --kernels-dir kernels
+    python tools/aot.py --arch 80 90 --dtype bf16 fp16 fp32 --shipped --out DIR --jobs 8   # what a CUDA build ships
 
 --out DIR also writes DIR/sm_<arch>/<kernel>-<dtype>-<id>.cubin and, beside each, a .json of its metadata, and
 DIR/index.json holding all of them: kernel, module, arch, dtype, case (the label), entry (the cubin's function),
@@ -40,6 +44,7 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import multiprocessing
 import os
@@ -132,20 +137,26 @@ def kernel_module(name: str):
     return importlib.import_module(f"{_package}.{name}")
 
 
-def kernel_modules() -> list[str]:
-    """The kernel modules that describe an ahead-of-time compile, longest first."""
+def ships(module: str) -> bool:
+    """Whether a kernel module's aot_kernels takes `shipped` (its cubins ship in a CUDA build's wheel)."""
+    return "shipped" in inspect.signature(kernel_module(module).aot_kernels).parameters
+
+
+def kernel_modules(shipped: bool = False) -> list[str]:
+    """The kernel modules that describe an ahead-of-time compile (with shipped, those that ship cubins), longest
+    first."""
     package = importlib.import_module(_package)
     names = [m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")]
-    names = [n for n in names if hasattr(kernel_module(n), "aot_kernels")]
+    names = [n for n in names if hasattr(kernel_module(n), "aot_kernels") and (not shipped or ships(n))]
     return sorted(names, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n))
 
 
 @functools.cache
-def module_cases(module: str, arch: int, dtype: str) -> tuple[Case, ...]:
-    """Every case a kernel module describes for arch and dtype, in its order."""
+def module_cases(module: str, arch: int, dtype: str, shipped: bool = False) -> tuple[Case, ...]:
+    """Every case a kernel module describes for arch and dtype (with shipped, its shipped set), in its order."""
     mod = kernel_module(module)
     out = []
-    for entry in mod.aot_kernels(arch, dtype):
+    for entry in mod.aot_kernels(arch, dtype, shipped=True) if shipped else mod.aot_kernels(arch, dtype):
         kernel = entry["kernel"]
         for case in entry["cases"]:
             sig, values = signature(kernel, entry.get("types", {}), case["constexprs"], dtype)
@@ -251,9 +262,10 @@ def metadata(case: Case, compiled, cubin_name: str, used: dict) -> dict:
     }
 
 
-def run_case(module: str, arch: int, dtype: str, index: int, out: str | None) -> dict:
-    """Compile case `index` of module_cases(module, arch, dtype): its report row, with "error" if it failed."""
-    case = module_cases(module, arch, dtype)[index]
+def run_case(module: str, arch: int, dtype: str, index: int, out: str | None, shipped: bool = False) -> dict:
+    """Compile case `index` of module_cases(module, arch, dtype, shipped): its report row, with "error" if it
+    failed."""
+    case = module_cases(module, arch, dtype, shipped)[index]
     row = case.row()
     try:
         kernel = getattr(kernel_module(module), case.kernel)
@@ -280,6 +292,9 @@ def main() -> None:
     parser.add_argument("--arch", type=int, nargs="+", choices=sorted(SHARED_LIMIT), required=True)
     parser.add_argument("--dtype", nargs="+", choices=["bf16", "fp16", "fp32"], help="default: bf16 sm_90, fp16 sm_80")
     parser.add_argument("--kernel", nargs="+", help="only these kernels (JIT function names)")
+    parser.add_argument("--modules", nargs="+", help="only these kernel modules (e.g. norms)")
+    parser.add_argument("--cases", help="only the cases whose label matches this regular expression (re.search)")
+    parser.add_argument("--shipped", action="store_true", help="the shipped sets of the modules that ship cubins")
     parser.add_argument("--out", help="write cubins and their metadata here")
     parser.add_argument("--jobs", type=int, default=1, help="compiles side by side (processes)")
     parser.add_argument("--kernels-dir", help="import the kernels from this folder (default: fasttrain.kernels)")
@@ -290,15 +305,24 @@ def main() -> None:
         use_kernels_dir(args.kernels_dir)
     # One task per distinct compile: a case equal to an earlier one (same key) reuses its result under its own label.
     tasks, rows, first = [], [], {}
-    for module in kernel_modules():
+    modules = kernel_modules(args.shipped)
+    if args.modules:
+        if unknown := set(args.modules) - set(modules):
+            raise SystemExit(
+                f"--modules: no such {'shipping ' if args.shipped else ''}kernel module: {sorted(unknown)}"
+            )
+        modules = [m for m in modules if m in args.modules]
+    for module in modules:
         for arch in args.arch:
             for dtype in args.dtype or [DTYPE[arch]]:
-                for i, case in enumerate(module_cases(module, arch, dtype)):
+                for i, case in enumerate(module_cases(module, arch, dtype, args.shipped)):
                     if args.kernel and case.kernel not in args.kernel:
+                        continue
+                    if args.cases and not re.search(args.cases, case.label):
                         continue
                     rows.append((case, first.setdefault((case.key(), dtype), len(tasks))))
                     if rows[-1][1] == len(tasks):
-                        tasks.append((module, arch, dtype, i, args.out))
+                        tasks.append((module, arch, dtype, i, args.out, args.shipped))
     if args.jobs > 1:
         # Forked workers inherit the imported kernels and the enumerated cases; this process has compiled nothing, so
         # they share no compiler state.

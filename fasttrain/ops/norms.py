@@ -2,10 +2,12 @@
 (`add_layer_norm`, `add_rms_norm`: flash-attn's layer_norm_fn with residual= and prenorm=True, Liger's fused add +
 RMSNorm), all four over one registered op on rows (M, N).
 
-Backends: `triton` (kernels/norms.py: one pass each way, rows up to MAX_N wide held in registers) and
-`reference` (plain PyTorch: torch's native LayerNorm and its backward from the saved statistics; RMSNorm in closed
-form). The reference is what CPU tensors take without the Triton interpreter; its backward computes the gradients
-from the forward's mean and 1/std as the kernel does, rather than recomputing the forward under autograd.
+Backends: `aot` (the same kernels compiled ahead of time and launched from C++, csrc/norms_aot.cpp: the op, its checks
+and its autograd in C++, so an eager call never enters Python past the backend choice; CUDA calls whose tensors share
+one dtype, with the cubins of a CUDA build), `triton` (kernels/norms.py: one pass each way, rows up to MAX_N wide held
+in registers) and `reference` (plain PyTorch: torch's native LayerNorm and its backward from the saved statistics;
+RMSNorm in closed form). The reference is what CPU tensors take without the Triton interpreter; its backward computes
+the gradients from the forward's mean and 1/std as the kernel does, rather than recomputing the forward under autograd.
 
 One difference from torch, on every backend: under autocast the output is in the autocast dtype (torch computes the
 norm in fp32 and returns fp32, and the Linear that follows casts it to bf16 in a separate pass; the kernel computes in
@@ -86,8 +88,37 @@ class Triton:
 
 # ---- the table: which backend can serve which inputs ----------------------------------------------------------------
 
+# What kernels/norms.py aot_kernels(shipped=True) lists; its MAX_N, not read from there: that would import Triton.
+_AOT_HALF = (torch.float16, torch.bfloat16)
+_AOT_DTYPES = (*_AOT_HALF, torch.float32)
+_AOT_MAX_N = 4096
+_AOT_MIX = "the shipped cubins take one dtype, fp32 rows with a half-precision output, or a half branch onto fp32"
 
-def _triton_reason(x: Tensor, n_cols: int, residual: Tensor | None) -> str | None:
+
+def _aot_reason(
+    x: Tensor, n_cols: int, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None
+) -> str | None:
+    """None for the dtype profiles kernels/norms.py ships (_pointer_types): one dtype; fp32 rows (x, residual, weight,
+    bias) with autocast's half output; a half x added onto an fp32 residual, weight and bias fp32, output half."""
+    if (why := _backend.aot_reason(x.device)) is not None:
+        return why
+    if n_cols > _AOT_MAX_N:
+        return f"normalized rows of {n_cols} elements exceed the kernels' {_AOT_MAX_N} (held in registers)"
+    stream = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else stream
+    if stream not in _AOT_DTYPES or out not in _AOT_DTYPES:
+        return f"the shipped cubins take fp16, bf16 or fp32, got {stream}"
+    for t in (residual, weight, bias):
+        if t is not None and t.dtype != stream:
+            return _AOT_MIX
+    if stream != out and stream != torch.float32:  # out is stream's, or half from fp32 rows
+        return _AOT_MIX
+    if x.dtype != stream and not (x.dtype == out and out in _AOT_HALF):  # a branch: x in the output's half dtype
+        return _AOT_MIX
+    return None
+
+
+def _triton_reason(x: Tensor, n_cols: int, residual: Tensor | None, *_) -> str | None:
     for t in (x, residual):
         if t is not None and (why := _backend.triton_tensor_reason(t)) is not None:
             return why
@@ -99,6 +130,14 @@ def _triton_reason(x: Tensor, n_cols: int, residual: Tensor | None) -> str | Non
 NORMS = _backend.Table(
     "norms",
     {
+        "aot": _backend.Backend(
+            _aot_reason,
+            None,
+            live=_backend.aot_live,
+            direct=torch.ops.fasttrain.norm_forward_aot
+            if _backend.native_op_reason("norm_forward_aot") is None
+            else None,
+        ),
         "triton": _backend.Backend(_triton_reason, Triton, live=_backend.triton_live),
         "reference": _backend.Backend(_backend.always, Reference),
     },
@@ -289,7 +328,7 @@ def _norm(
     backend: str | None,
 ) -> tuple[Tensor, Tensor]:
     """(the norm of input + residual, or of input alone; input + residual, or an empty tensor) in input's shape."""
-    name = NORMS.choose(input, n_cols, residual, backend=backend)
+    name = NORMS.choose(input, n_cols, residual, weight, bias, backend=backend)
     x, r = _rows(input, n_cols), (_rows(residual, n_cols) if residual is not None else None)
     dtype = torch.promote_types(input.dtype, residual.dtype) if residual is not None else input.dtype
     out_dtype = _out_dtype(input.device, dtype)

@@ -1,0 +1,314 @@
+// The registry of ahead-of-time compiled Triton kernels, argument packing and the launch hook (aot_launch.h). Built
+// in every build: without CUDA only the recorder launches, which is how the CPU tests run the C++ ops.
+#include "aot_launch.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+
+namespace fasttrain::aot {
+namespace {
+
+// Each kernel's parameters as the C++ ops pass them: registration checks an entry against these, so a cubin built
+// from a kernel whose parameters moved is refused instead of launched with the arguments out of place.
+struct KernelSpec {
+  Kernel kernel;
+  const char* name;
+  std::vector<std::string> constexprs;
+  std::vector<std::string> args;
+};
+
+const std::vector<KernelSpec>& specs() {
+  static const std::vector<KernelSpec> kSpecs = {
+      {Kernel::NormForward,
+       "_norm_forward_kernel",
+       {"IS_RMS", "HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "BLOCK_M", "BLOCK_N"},
+       {"X", "R", "W", "B", "Y", "RO", "Mean", "Rstd", "x_row_stride", "r_row_stride", "out_row_stride", "n_rows",
+        "n_cols", "eps"}},
+      {Kernel::NormBackward,
+       "_norm_backward_kernel",
+       {"IS_RMS", "HAS_WEIGHT", "HAS_BIAS", "HAS_DRES", "HAS_DX2", "BLOCK_M", "BLOCK_N"},
+       {"DY", "X", "W", "Mean", "Rstd", "DRES", "DX", "DX2", "DW", "DB", "dy_row_stride", "x_row_stride",
+        "dres_row_stride", "dx_row_stride", "n_rows", "n_cols", "rows_per_program"}},
+  };
+  return kSpecs;
+}
+
+struct Key {
+  Kernel kernel;
+  uint8_t n, np;
+  std::array<int64_t, kMaxConstexprs> constexprs;
+  std::array<int8_t, kMaxPointers> pointers;
+  bool operator==(const Key& o) const {
+    return kernel == o.kernel && n == o.n && np == o.np &&
+           std::memcmp(constexprs.data(), o.constexprs.data(), n * sizeof(int64_t)) == 0 &&
+           std::memcmp(pointers.data(), o.pointers.data(), np) == 0;
+  }
+};
+
+struct KeyHash {
+  size_t operator()(const Key& k) const {
+    uint64_t h = static_cast<uint64_t>(k.kernel);
+    for (int i = 0; i < k.n; ++i) h = (h ^ static_cast<uint64_t>(k.constexprs[i])) * 0x100000001b3ull;
+    for (int i = 0; i < k.np; ++i) h = (h ^ static_cast<uint64_t>(k.pointers[i])) * 0x100000001b3ull;
+    return static_cast<size_t>(h);
+  }
+};
+
+Key make_key(Kernel kernel, const at::ScalarType* pointers, size_t np, const int64_t* values, size_t n) {
+  TORCH_CHECK(n <= kMaxConstexprs, "aot: more than ", kMaxConstexprs, " constexprs");
+  TORCH_CHECK(np <= kMaxPointers, "aot: more than ", kMaxPointers, " pointer arguments");
+  Key key{kernel, static_cast<uint8_t>(n), static_cast<uint8_t>(np), {}, {}};
+  std::copy(values, values + n, key.constexprs.begin());
+  for (size_t i = 0; i < np; ++i) key.pointers[i] = static_cast<int8_t>(pointers[i]);
+  return key;
+}
+
+// Entries are never removed while the process may launch them (clear() is for tests), so references stay valid.
+std::unordered_map<Key, std::unique_ptr<Entry>, KeyHash>& table() {
+  static std::unordered_map<Key, std::unique_ptr<Entry>, KeyHash> t;
+  return t;
+}
+std::mutex& table_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+LaunchFn cuda_launch = nullptr;
+MultiprocessorsFn cuda_multiprocessors = nullptr;
+
+bool g_recording = false;
+bool g_keep = true;
+int g_record_multiprocessors = 0;
+std::vector<Record> g_records;
+std::mutex g_records_mutex;
+
+const char* kind_name(ArgType t) {
+  switch (t) {
+    case ArgType::Ptr:
+      return "ptr";
+    case ArgType::I32:
+      return "i32";
+    case ArgType::I64:
+      return "i64";
+    case ArgType::F32:
+      return "fp32";
+  }
+  return "?";
+}
+
+void record_launch(const Launch& l) {
+  const Entry& e = *l.entry;
+  Record r;
+  r.kernel = specs()[static_cast<int>(e.kernel)].name;
+  r.dtype = c10::toString(e.dtype);
+  r.label = e.label;
+  r.constexprs = e.constexprs;
+  r.grid = l.grid;
+  r.warps = e.warps;
+  r.num_ctas = e.num_ctas;
+  r.shared = e.shared;
+  const int n = static_cast<int>(e.args.size());
+  for (int i = 0; i < n; ++i) {
+    r.types.emplace_back(kind_name(e.args[i]));
+    double f = 0;
+    int64_t v = 0;
+    switch (e.args[i]) {
+      case ArgType::Ptr:
+        v = static_cast<int64_t>(*static_cast<uint64_t*>(l.params[i]));
+        break;
+      case ArgType::I32:
+        v = *static_cast<int32_t*>(l.params[i]);
+        break;
+      case ArgType::I64:
+        v = *static_cast<int64_t*>(l.params[i]);
+        break;
+      case ArgType::F32:
+        f = *static_cast<float*>(l.params[i]);
+        break;
+    }
+    r.ints.push_back(v);
+    r.floats.push_back(f);
+  }
+  r.scratch_params = l.n_params - n;
+  std::lock_guard<std::mutex> lock(g_records_mutex);
+  g_records.push_back(std::move(r));
+}
+
+ArgType parse_type(const std::string& t) {
+  if (!t.empty() && t[0] == '*') return ArgType::Ptr;
+  if (t == "i32") return ArgType::I32;
+  if (t == "i64") return ArgType::I64;
+  if (t == "fp32") return ArgType::F32;
+  TORCH_CHECK(false, "aot: unsupported argument type ", t);
+}
+
+at::ScalarType parse_dtype(const std::string& d) {
+  if (d == "bf16") return at::kBFloat16;
+  if (d == "fp16") return at::kHalf;
+  if (d == "fp32") return at::kFloat;
+  if (d == "i32") return at::kInt;
+  if (d == "i64") return at::kLong;
+  if (d == "i8") return at::kChar;
+  if (d == "u8") return at::kByte;
+  TORCH_CHECK(false, "aot: unsupported dtype ", d);
+}
+
+}  // namespace
+
+void set_cuda(LaunchFn launch, MultiprocessorsFn multiprocessors) {
+  cuda_launch = launch;
+  cuda_multiprocessors = multiprocessors;
+}
+
+bool recording() { return g_recording; }
+
+int multiprocessors(c10::DeviceIndex device) {
+  if (g_recording) return g_record_multiprocessors;
+  TORCH_CHECK(cuda_multiprocessors != nullptr, "aot: fasttrain._C was built without CUDA");
+  return cuda_multiprocessors(device);
+}
+
+const Entry& find(Kernel kernel, std::initializer_list<at::ScalarType> pointers,
+                  std::initializer_list<int64_t> constexprs) {
+  const Key key = make_key(kernel, pointers.begin(), pointers.size(), constexprs.begin(), constexprs.size());
+  auto& t = table();
+  auto it = t.find(key);
+  if (it == t.end()) {
+    std::string values, types;
+    for (int64_t v : constexprs) values += (values.empty() ? "" : ", ") + std::to_string(v);
+    for (at::ScalarType p : pointers) types += std::string(types.empty() ? "" : ", ") + c10::toString(p);
+    TORCH_CHECK(false, "aot: no shipped cubin for ", specs()[static_cast<int>(kernel)].name, " with pointers to (",
+                types, ") and constexprs (", values, ") (rebuild with CUDA to ship them, or FASTTRAIN_AOT=0)");
+  }
+  return *it->second;
+}
+
+void launch(const Entry& e, Grid grid, c10::DeviceIndex device, std::initializer_list<Value> values) {
+  const int n = static_cast<int>(e.args.size());
+  TORCH_CHECK(static_cast<int>(values.size()) == n, "aot: ", e.name, " takes ", n, " arguments, got ",
+              values.size());
+  // Each parameter's storage: 8 bytes suit every type the registry takes; + 2 for the scratch pointers.
+  std::array<uint64_t, kMaxArgs + 2> storage{};
+  std::array<void*, kMaxArgs + 2> params{};
+  int i = 0;
+  for (const Value& v : values) {
+    void* slot = &storage[i];
+    params[i] = slot;
+    switch (e.args[i]) {
+      case ArgType::Ptr:
+        TORCH_CHECK(v.kind == ArgType::Ptr, "aot: ", e.name, " argument ", i, " must be a tensor");
+        TORCH_CHECK(!(e.divisible >> i & 1) || v.ptr % 16 == 0, "aot: ", e.name, " argument ", i,
+                    " was compiled for 16-byte aligned addresses, got ", v.ptr);
+        *static_cast<uint64_t*>(slot) = v.ptr;
+        break;
+      case ArgType::I32:
+        TORCH_CHECK(v.kind == ArgType::I64, "aot: ", e.name, " argument ", i, " must be an integer");
+        TORCH_CHECK(v.i >= INT32_MIN && v.i <= INT32_MAX, "aot: ", e.name, " argument ", i, " = ", v.i,
+                    " does not fit the compiled i32");
+        TORCH_CHECK(!(e.divisible >> i & 1) || v.i % 16 == 0, "aot: ", e.name, " argument ", i,
+                    " was compiled as a multiple of 16, got ", v.i);
+        *static_cast<int32_t*>(slot) = static_cast<int32_t>(v.i);
+        break;
+      case ArgType::I64:
+        TORCH_CHECK(v.kind == ArgType::I64, "aot: ", e.name, " argument ", i, " must be an integer");
+        TORCH_CHECK(!(e.divisible >> i & 1) || v.i % 16 == 0, "aot: ", e.name, " argument ", i,
+                    " was compiled as a multiple of 16, got ", v.i);
+        *static_cast<int64_t*>(slot) = v.i;
+        break;
+      case ArgType::F32:
+        TORCH_CHECK(v.kind == ArgType::F32, "aot: ", e.name, " argument ", i, " must be a float");
+        *static_cast<float*>(slot) = static_cast<float>(v.f);
+        break;
+    }
+    ++i;
+  }
+  for (int k = n; k < n + e.scratch; ++k) params[k] = &storage[k];  // the scratch pointers: null
+  const Launch l{&e, grid, device, params.data(), n + e.scratch, values.begin(), n};
+  if (g_recording) {
+    if (g_keep) record_launch(l);
+    return;
+  }
+  TORCH_CHECK(device >= 0, "aot: CPU tensors are launched only while recording");
+  TORCH_CHECK(cuda_launch != nullptr, "aot: fasttrain._C was built without CUDA");
+  cuda_launch(l);
+}
+
+std::vector<std::string> kernel_names() {
+  std::vector<std::string> out;
+  for (const auto& s : specs()) out.emplace_back(s.name);
+  return out;
+}
+
+void register_entry(const std::string& kernel, const std::string& dtype, std::vector<int64_t> constexprs,
+                    const std::vector<std::string>& constexpr_names, const std::vector<std::string>& arg_names,
+                    const std::vector<std::string>& arg_types, const std::vector<std::string>& divisible, int warps,
+                    int num_ctas, int shared, int cubin_params, int64_t global_scratch, int64_t profile_scratch,
+                    std::string name, std::string label, std::string cubin) {
+  const KernelSpec* spec = nullptr;
+  for (const auto& s : specs()) {
+    if (kernel == s.name) spec = &s;
+  }
+  TORCH_CHECK(spec != nullptr, "aot: no C++ op launches ", kernel);
+  TORCH_CHECK(constexpr_names == spec->constexprs && arg_names == spec->args, "aot: ", kernel, " [", label,
+              "]: its parameters differ from what the C++ op passes (cubins from another kernel version?)");
+  TORCH_CHECK(arg_types.size() == arg_names.size() && constexprs.size() == constexpr_names.size(), "aot: ", kernel,
+              " [", label, "]: malformed entry");
+  const int scratch = cubin_params - static_cast<int>(arg_names.size());
+  TORCH_CHECK(scratch >= 0 && scratch <= 2, "aot: ", kernel, " [", label, "]: ", cubin_params,
+              " cubin parameters, expected the arguments and up to two scratch pointers");
+  TORCH_CHECK(global_scratch == 0 && profile_scratch == 0, "aot: ", kernel, " [", label,
+              "] needs scratch memory, which the launcher does not allocate");
+  TORCH_CHECK(static_cast<int>(arg_names.size()) <= kMaxArgs, "aot: ", kernel, " takes more than ", kMaxArgs,
+              " arguments");
+  auto e = std::make_unique<Entry>();
+  e->kernel = spec->kernel;
+  e->dtype = parse_dtype(dtype);
+  e->label = std::move(label);
+  e->name = std::move(name);
+  e->constexprs = std::move(constexprs);
+  for (const auto& t : arg_types) {
+    e->args.push_back(parse_type(t));
+    if (e->args.back() == ArgType::Ptr) e->pointers.push_back(parse_dtype(t.substr(1)));
+  }
+  for (const auto& d : divisible) {
+    auto at = std::find(arg_names.begin(), arg_names.end(), d);
+    TORCH_CHECK(at != arg_names.end(), "aot: ", kernel, ": divisible_by_16 names ", d, ", not an argument");
+    e->divisible |= uint64_t{1} << (at - arg_names.begin());
+  }
+  e->warps = warps;
+  e->num_ctas = num_ctas;
+  e->shared = shared;
+  e->scratch = scratch;
+  e->cubin = std::move(cubin);
+  const Key key =
+      make_key(e->kernel, e->pointers.data(), e->pointers.size(), e->constexprs.data(), e->constexprs.size());
+  std::lock_guard<std::mutex> lock(table_mutex());
+  table().emplace(key, std::move(e));  // a case registered twice keeps the first
+}
+
+int64_t registered() { return static_cast<int64_t>(table().size()); }
+
+void clear() {
+  std::lock_guard<std::mutex> lock(table_mutex());
+  table().clear();
+}
+
+void record(bool on, int multiprocessors, bool keep) {
+  std::lock_guard<std::mutex> lock(g_records_mutex);
+  g_recording = on;
+  g_keep = keep;
+  g_record_multiprocessors = multiprocessors;
+  g_records.clear();
+}
+
+std::vector<Record> records() {
+  std::lock_guard<std::mutex> lock(g_records_mutex);
+  return g_records;
+}
+
+}  // namespace fasttrain::aot

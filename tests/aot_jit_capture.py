@@ -1,0 +1,185 @@
+"""What the Triton JIT launcher and the C++ aot launcher are given for the same norm calls, without a GPU.
+
+Run as a script (tests/test_norms_aot.py starts it): TRITON_INTERPRET=0 before Triton is imported, the active driver
+mocked to an sm_90 one, and JITFunction._do_compile replaced by a stand-in that compiles nothing and records what the
+JIT specialized (its signature with the constexprs it made of None and 1-valued arguments, its divisibility-16
+attributes, num_warps) and then the launch it is given (grid, every argument). kernels/norms.py's launchers run as on
+a GPU (one row per program forward; 4 * 132 programs at most backward). The C++ ops run on the same tensors with the
+launch recorder on, the registry loaded from the shipped cubins in argv[1]. Tensors are named by role, so the two
+processes' addresses never need to match: an input by its name, an output by the returned tensor it is, any other
+buffer (the dw/db partials) "buffer", an absent one or an empty tensor "null".
+
+    python tests/aot_jit_capture.py AOT_DIR CASES_JSON   # prints one JSON object per case
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ["TRITON_INTERPRET"] = "0"  # before triton: the decorators must build JIT functions
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+MULTIPROCESSORS = 132
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class _NoGpu:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+_jit_launches = []
+
+
+class _Recorded:
+    """A compiled kernel that records its launch instead of making it."""
+
+    def __init__(self, fn, signature, constexprs, options, attrs):
+        self.fn, self.signature, self.constexprs, self.options, self.attrs = fn, signature, constexprs, options, attrs
+        self.function, self.packed_metadata = 0, None
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, grid_0, grid_1, grid_2, stream, function, metadata, launch_metadata, enter, exit, *args):
+        _jit_launches.append((self, (grid_0, grid_1, grid_2), args))
+
+
+def _do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+    return _Recorded(self, signature, constexprs, options, attrs)
+
+
+def _names(named: dict) -> dict:
+    """address -> role, for the tensors that have one (an empty tensor's address is 0: "null")."""
+    return {t.data_ptr(): name for name, t in named.items() if t is not None and t.numel()}
+
+
+def _role(value, names: dict):
+    if value is None:
+        return "null"
+    if isinstance(value, torch.Tensor):
+        value = value.data_ptr()
+        return names.get(value, "buffer") if value else "null"
+    return value
+
+
+def jit_launch(names: dict) -> dict:
+    (kernel, grid, args) = _jit_launches.pop()
+    params = [p.name for p in kernel.fn.params]
+    # constexprs: {(index,): value}; attrs: {(index,): [["tt.divisibility", 16]]}
+    constexprs = {params[i[0]]: (v if not isinstance(v, torch.dtype) else str(v)) for i, v in kernel.constexprs.items()}
+    divisible = sorted(params[i[0]] for i, a in kernel.attrs.items() if ["tt.divisibility", 16] in a)
+    return {
+        "kernel": kernel.fn.__name__,
+        "signature": dict(kernel.signature),
+        "constexprs": constexprs,
+        "divisible": divisible,
+        "num_warps": kernel.options.num_warps,
+        "grid": list(grid),
+        "args": {p: _role(a, names) for p, a in zip(params, args) if kernel.signature[p] != "constexpr"},
+    }
+
+
+def aot_launch(C, entries: dict, names: dict) -> dict:
+    (r,) = C.aot_records()
+    C.aot_record(True, MULTIPROCESSORS)  # clears
+    entry = entries[(r["kernel"], _TRITON_DTYPE[r["dtype"]], r["case"])]
+    arg_names = [n for n, _ in entry["args"]]
+    values = {n: (_pointer_role(v, names) if t == "ptr" else v) for n, t, v in zip(arg_names, r["types"], r["args"])}
+    return {
+        "kernel": r["kernel"],
+        "case": r["case"],
+        "constexprs": dict(zip(entry["constexprs"], r["constexprs"])),
+        "types": dict(entry["args"]),
+        "divisible": sorted(entry["divisible_by_16"]),
+        "num_warps": r["num_warps"],
+        "shared": r["shared"],
+        "entry_shared": entry["shared"],
+        "grid": list(r["grid"]),
+        "args": values,
+        "scratch_params": r["scratch_params"],
+    }
+
+
+def _pointer_role(address: int, names: dict) -> str:
+    return names.get(address, "buffer") if address else "null"
+
+
+_TRITON_DTYPE = {"BFloat16": "bf16", "Half": "fp16", "Float": "fp32"}  # the records' dtype names (c10's)
+
+
+def run_case(C, norms, entries, case: dict) -> dict:
+    """case: kind (forward, backward), M, N, dtype, profile (kernels/norms.py _pointer_types: same, autocast,
+    branch), is_rms, residual, weight, bias (and dres, backward's residual-stream gradient: residual)."""
+    torch.manual_seed(case.get("seed", 0))
+    half, profile = DTYPES[case["dtype"]], case["profile"]
+    rows = half if profile == "same" else torch.float32  # the stream, weight and bias
+    M, N, is_rms = case["M"], case["N"], case["is_rms"]
+    x = torch.randn(M, N, dtype=half if profile != "autocast" else torch.float32)
+    residual = torch.randn(M, N, dtype=rows) if case["residual"] else None
+    weight = torch.randn(N, dtype=rows) if case["weight"] else None
+    bias = torch.randn(N, dtype=rows) if case["bias"] else None
+    inputs = {"x": x, "residual": residual, "weight": weight, "bias": bias}
+    out = {}
+    if case["kind"] == "forward":
+        jit = norms.norm_forward(x, residual, weight, bias, 1e-5, is_rms, half)
+        out["jit"] = jit_launch(_names({**inputs, **dict(zip(("y", "s", "mean", "rstd"), jit))}))
+        ours = torch.ops.fasttrain.norm_forward_aot(x, residual, weight, bias, 1e-5, is_rms, half)
+        out["aot"] = aot_launch(C, entries, _names({**inputs, **dict(zip(("y", "s", "mean", "rstd"), ours))}))
+    else:
+        dy = torch.randn(M, N, dtype=half)
+        x = x.to(rows)  # backward's x is the rows normalized: the stream
+        dres = torch.randn(M, N, dtype=rows) if case["residual"] else None
+        dx2_dtype = half if profile == "branch" else None
+        mean = torch.randn(0 if is_rms else M)
+        rstd = torch.rand(M) + 0.5
+        inputs = {"dy": dy, "x": x, "weight": weight, "mean": mean, "rstd": rstd, "dres": dres}
+        args = (dy, x, weight, mean, rstd, is_rms, case["bias"], dres, dx2_dtype)
+        jit = norms.norm_backward(*args)
+        out["jit"] = jit_launch(_names({**inputs, "dx": jit[0], "dx2": jit[1]}))
+        ours = torch.ops.fasttrain.norm_backward_aot(*args)
+        out["aot"] = aot_launch(C, entries, _names({**inputs, "dx": ours[0], "dx2": ours[1]}))
+    return out
+
+
+def main() -> None:
+    aot_dir, cases = sys.argv[1], json.loads(sys.argv[2])
+    driver.set_active(_NoGpu())
+    JITFunction._do_compile = _do_compile
+    import fasttrain._C as C
+    from fasttrain import _aot
+    from fasttrain.kernels import norms
+
+    norms.rows_per_block = lambda x, block_n: 1  # a GPU's tiles: one row per program
+    norms._programs = lambda device, n_rows: max(1, min(n_rows, 4 * MULTIPROCESSORS))
+    C.aot_clear()
+    _aot.load(aot_dir, arch=90)
+    index = json.loads(Path(aot_dir, "index.json").read_text())
+    entries = {(e["kernel"], e["dtype"], e["case"]): e for e in index}
+    C.aot_record(True, MULTIPROCESSORS)
+    try:
+        for case in cases:
+            print(json.dumps({"case": case, **run_case(C, norms, entries, case)}), flush=True)
+    finally:
+        C.aot_record(False, 0)
+    assert triton.__version__  # the JIT whose launches these are: the test reports its version
+    print(json.dumps({"triton": triton.__version__}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Host time of the norms' aot path against torch's op and the Triton path, interleaved, without a GPU: each round
+times torch's op, fasttrain's Triton path with its launches skipped (bench_overhead.launches_skipped) and its aot path
+with its launches dropped (bench_overhead.aot_launches_dropped), one after another, and keeps each one's minimum over
+the rounds, which other tenants' load on a shared machine can only raise. One intra-op thread: the ops are tiny.
+
+    python tools/aot_host_ab.py [--rounds 25] [--calls 200]     # us per call, forward and forward + backward
+"""
+
+import argparse
+import os
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"  # before fasttrain's kernels: the Triton path takes CPU tensors
+
+import torch  # noqa: E402
+
+from fasttrain.benchmarks import bench_overhead  # noqa: E402
+
+
+def per_call(run, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def runner(fn, inputs, mode: str):
+    if mode == "fwd+bwd":
+        return bench_overhead.forward_backward(fn, inputs)
+
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+
+    return forward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cases = bench_overhead.cases("cpu")
+    for name in bench_overhead.AOT_OPS:
+        inputs, ours, theirs = cases[name]
+        for mode in ("fwd", "fwd+bwd"):
+            best = {"torch": float("inf"), "triton, no launch": float("inf"), "aot, no launch": float("inf")}
+            for _ in range(args.rounds):
+                best["torch"] = min(best["torch"], per_call(runner(theirs, inputs, mode), args.calls))
+                with bench_overhead.launches_skipped():
+                    us = per_call(runner(ours, inputs, mode), args.calls)
+                best["triton, no launch"] = min(best["triton, no launch"], us)
+                with bench_overhead.aot_launches_dropped("cpu", {torch.float32}):
+                    us = per_call(runner(ours, inputs, mode), args.calls)
+                best["aot, no launch"] = min(best["aot, no launch"], us)
+            times = "  ".join(f"{impl} {us:.1f}" for impl, us in best.items())
+            print(f"{name} {mode}: {times} us per call", flush=True)
+
+
+if __name__ == "__main__":
+    main()
