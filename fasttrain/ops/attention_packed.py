@@ -12,18 +12,15 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fasttrain.ops.attention import (
-    ATTENTION,
-    _backward_into_op,
+from fasttrain.ops.attention import ATTENTION, _backward_into_op, _forward_op, attn_probs
+from fasttrain.ops.attention_checks import (
     _check_alibi,
     _check_dropout,
     _check_qkv,
     _check_softcap,
     _check_varlen,
-    _forward_op,
     _scale,
     _window,
-    attn_probs,
 )
 from fasttrain.ops.attention_dropout import dropout_seed
 

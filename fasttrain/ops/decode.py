@@ -14,7 +14,7 @@ import torch
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op
-from fasttrain.ops.attention import _check_alibi, _check_like_q, _check_softcap, _scale, _window
+from fasttrain.ops.attention_checks import _check_alibi, _check_like_q, _check_softcap, _scale, _window
 from fasttrain.ops.attention_reference import UNBOUNDED
 from fasttrain.ops.rotary import apply_rotary_emb_reference
 
