@@ -169,3 +169,52 @@ def test_gpu_decode_with_modifiers_matches_the_reference(paged):
     out = flash_attn_with_kvcache(q, *cache, block_table=block_table, backend="triton", **kw)
     want = flash_attn_with_kvcache(q, *cache, block_table=block_table, backend="reference", **kw)
     assert err(out, want) < 2e-2
+
+
+def _flash_lse(q, k, slopes, causal, key_offset=0):
+    """flash-attn's lse for (B, Tq, H, D) against (B, Tk, H, D), float64: its causal kernel adds slope * j to key j,
+    its other kernels -slope * |i + Tk - Tq - j|; key_offset: padding rows that open the keys (not counted in j)."""
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1] - key_offset
+    k = k[:, key_offset:]
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * D**-0.5
+    i, j = torch.arange(Tq)[:, None], torch.arange(Tk)[None, :]
+    slopes = slopes.double().view(-1, H, 1, 1)
+    s = s + (slopes * j if causal else -slopes * (i + Tk - Tq - j).abs())
+    if causal:
+        s = s.masked_fill(j > i + Tk - Tq, float("-inf"))
+    return torch.logsumexp(s, dim=-1)  # (B, H, Tq)
+
+
+@pytest.mark.parametrize("backend", [*KERNELS, "reference"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non-causal"])
+def test_alibi_lse_is_flash_attns(backend, causal):
+    # flash-attn's causal kernels bias key j by slope * j: the same output, an lse higher by slope * (i + Tk - Tq);
+    # every function with its signature returns that lse.
+    B, Tq, Tk, H, D = 2, 5, 11, 2, 32
+    q, k, v = _leaves((B, Tq, H, D), (B, Tk, H, D), (B, Tk, H, D))
+    slopes = torch.rand(B, H)
+    kw = dict(causal=causal, alibi_slopes=slopes, backend=backend)
+    want = _flash_lse(q, k, slopes, causal)
+    _, lse, _ = flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+    torch.testing.assert_close(lse.double(), want, atol=1e-5, rtol=1e-5)
+    cu_q = torch.tensor([0, Tq, 2 * Tq], dtype=torch.int32)
+    cu_k = torch.tensor([0, Tk, 2 * Tk], dtype=torch.int32)
+    flat = [t.flatten(0, 1) for t in (q, k, v)]
+    _, lse, _ = flash_attn_varlen_func(*flat, cu_q, cu_k, Tq, Tk, return_attn_probs=True, **kw)
+    torch.testing.assert_close(lse.double(), want.transpose(0, 1).flatten(1), atol=1e-5, rtol=1e-5)  # (H, B * Tq)
+    qkv = torch.stack((q, q, q), dim=2)  # (B, Tq, 3, H, D): queries as their own keys
+    _, lse, _ = flash_attn_qkvpacked_func(qkv, return_attn_probs=True, **kw)
+    torch.testing.assert_close(lse.double(), _flash_lse(q, q, slopes, causal), atol=1e-5, rtol=1e-5)
+    if backend == "reference":
+        return
+    # the cache: 3 padding rows open each sequence, 8 rows filled, 2 new queries attend to them
+    cache = torch.randn(B, 16, H, D)
+    cache[:, 3:11] = k[:, :8].detach()
+    pad = torch.full((B,), 3, dtype=torch.int32)
+    seqlens = torch.full((B,), 11, dtype=torch.int32)
+    q2 = q[:, :2].detach()
+    _, lse = flash_attn_with_kvcache(
+        q2, cache, cache.clone(), cache_seqlens=seqlens, cache_leftpad=pad, return_softmax_lse=True, **kw
+    )
+    torch.testing.assert_close(lse.double(), _flash_lse(q2, cache[:, :11], slopes, causal, 3), atol=1e-5, rtol=1e-5)

@@ -424,6 +424,33 @@ def attn_probs(q, k, lse, seed, dropout_p, scale, left, right, cu_q=None, cu_k=N
         return s_dmask(q, k, lse, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k)
 
 
+def _flash_causal(alibi_slopes: Tensor | None, left: int, right: int, max_k: int) -> bool:
+    """Whether flash-attn runs its causal kernel with ALiBi here: a window unbounded on the left (or reaching past
+    max_k, which it clamps) and right = 0."""
+    return alibi_slopes is not None and right == 0 and left >= max_k
+
+
+def flash_lse(lse: Tensor, alibi_slopes: Tensor | None, left: int, right: int, max_k: int, shift: Tensor) -> Tensor:
+    """The logsumexp (B, H, Tq) flash-attn returns. Its causal kernel adds slope * j to key j's score instead of
+    ALiBi's -slope * (i + Tk - Tq - j): the same softmax, outputs and gradients, an lse higher by
+    slope * (i + Tk - Tq). shift (B or 1, Tq): i + Tk - Tq for each query row; slopes (H,) or (B, H)."""
+    if not _flash_causal(alibi_slopes, left, right, max_k):
+        return lse
+    return lse + alibi_slopes.view(-1, lse.shape[1], 1) * shift[:, None, :]  # slopes (B or 1, H, 1)
+
+
+def _varlen_flash_lse(lse, alibi_slopes, left, right, max_k, cu_q, cu_k) -> Tensor:
+    """flash_lse for a packed lse (H, total_q), each row shifted by i + Tk_b - Tq_b of its sequence b."""
+    if not _flash_causal(alibi_slopes, left, right, max_k):
+        return lse
+    total_q = lse.shape[1]
+    len_q, len_k = cu_q.diff().long(), cu_k.diff().long()
+    seq = torch.repeat_interleave(torch.arange(len_q.numel(), device=lse.device), len_q, output_size=total_q)
+    shift = torch.arange(total_q, device=lse.device) - cu_q.long()[:-1][seq] + (len_k - len_q)[seq]  # (total_q,)
+    slopes = alibi_slopes[:, None] if alibi_slopes.dim() == 1 else alibi_slopes[seq].t()  # (H, 1) or (H, total_q)
+    return lse + slopes * shift
+
+
 # ---- public functions ----------------------------------------------------------------------------------------------
 
 
@@ -488,7 +515,9 @@ def flash_attn_func(
     )
     if not return_attn_probs:
         return out
-    return out, lse, attn_probs(q, k, lse, seed, dropout_p, scale, left, right)
+    probs = attn_probs(q, k, lse, seed, dropout_p, scale, left, right)
+    shift = torch.arange(q.shape[1], device=q.device)[None] + (k.shape[1] - q.shape[1])  # (1, Tq)
+    return out, flash_lse(lse, alibi_slopes, left, right, k.shape[1], shift), probs
 
 
 def flash_attn_varlen_func(
@@ -556,7 +585,7 @@ def flash_attn_varlen_func(
     probs = attn_probs(
         q, k, lse, seed, dropout_p, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     )
-    return out, lse, probs
+    return out, _varlen_flash_lse(lse, alibi_slopes, left, right, max_seqlen_k, cu_seqlens_q, cu_seqlens_k), probs
 
 
 def scaled_dot_product_attention(

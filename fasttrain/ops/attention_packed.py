@@ -12,7 +12,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from fasttrain.ops.attention import ATTENTION, _backward_into_op, _forward_op, attn_probs
+from fasttrain.ops.attention import (
+    ATTENTION,
+    _backward_into_op,
+    _forward_op,
+    _varlen_flash_lse,
+    attn_probs,
+    flash_lse,
+)
 from fasttrain.ops.attention_checks import (
     _check_alibi,
     _check_dropout,
@@ -94,7 +101,11 @@ def _packed(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, c
     out, lse = _PackedAttention.apply(q_src, kv_src, *args)
     if not return_attn_probs:
         return out
-    return out, lse, attn_probs(q, k, lse, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k)
+    probs = attn_probs(q, k, lse, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k)
+    if cu_q is not None:
+        return out, _varlen_flash_lse(lse, alibi_slopes, left, right, max_k, cu_q, cu_k), probs
+    shift = torch.arange(max_q, device=q.device)[None] + (max_k - max_q)  # (1, Tq)
+    return out, flash_lse(lse, alibi_slopes, left, right, max_k, shift), probs
 
 
 def flash_attn_qkvpacked_func(

@@ -14,6 +14,7 @@ import torch
 
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op
+from fasttrain.ops.attention import flash_lse
 from fasttrain.ops.attention_checks import _check_alibi, _check_like_q, _check_softcap, _scale, _window
 from fasttrain.ops.attention_reference import UNBOUNDED
 from fasttrain.ops.rotary import apply_rotary_emb_reference
@@ -521,4 +522,9 @@ def flash_attn_with_kvcache(
         alibi_slopes,
         name,
     )
-    return (out, lse) if return_softmax_lse else out
+    if not return_softmax_lse:
+        return out
+    # each sequence's keys: its cache, its new rows, less its left padding
+    Tk = cache_seqlens.long() + t_new - (0 if cache_leftpad is None else cache_leftpad.long())  # (B,)
+    shift = torch.arange(Tq, device=q.device)[None] + (Tk - Tq)[:, None]  # (B, Tq)
+    return out, flash_lse(lse, alibi_slopes, left, right, Tmax, shift)
