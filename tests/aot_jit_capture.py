@@ -12,6 +12,7 @@ buffer (the dw/db partials) "buffer", an absent one or an empty tensor "null".
     python tests/aot_jit_capture.py AOT_DIR CASES_JSON   # prints one JSON object per case
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -21,26 +22,19 @@ os.environ["TRITON_INTERPRET"] = "0"  # before triton: the decorators must build
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+# The sm_90 driver stand-in that tools/triton_launch_python.py times Triton's launch with.
+_spec = importlib.util.spec_from_file_location(
+    "triton_launch_python", Path(__file__).resolve().parents[1] / "tools" / "triton_launch_python.py"
+)
+_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_tool)
+_NoGpu = _tool._NoGpu
+
 MULTIPROCESSORS = 132
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-class _NoGpu:
-    def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
 
 
 _jit_launches = []

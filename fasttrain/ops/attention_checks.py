@@ -156,6 +156,17 @@ def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) 
     return cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
 
 
+def _check_block_table(block_table, batch: int, device) -> None:
+    """A paged cache's table: (batch, max_blocks >= 1) int32 on q's device."""
+    if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
+        got = getattr(block_table, "dtype", type(block_table).__name__)
+        raise TypeError(f"block_table must be an int32 tensor (B, max_blocks), got {got}")
+    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] == 0:
+        raise ValueError(f"block_table must be (B={batch}, max_blocks >= 1), got shape {tuple(block_table.shape)}")
+    if block_table.device != device:
+        raise ValueError(f"block_table must be on q's device ({device}), got {block_table.device}")
+
+
 def _keys_from_pages(q, k_cache, v_cache, block_table, cu_seqlens_k) -> tuple[Tensor, Tensor]:
     """Packed keys and values (total_k, Hkv, D) of a paged cache (num_blocks, page_block_size, Hkv, D): sequence b's
     key t from row t % page_block_size of page block_table[b, t // page_block_size]. The lengths and the pages used
@@ -169,16 +180,10 @@ def _keys_from_pages(q, k_cache, v_cache, block_table, cu_seqlens_k) -> tuple[Te
             )
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
-        got = getattr(block_table, "dtype", type(block_table).__name__)
-        raise TypeError(f"block_table must be an int32 tensor (B, max_blocks), got {got}")
     if not isinstance(cu_seqlens_k, Tensor) or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() < 2:
         raise ValueError("cu_seqlens_k must be a 1-D tensor of B + 1 offsets")
     B = cu_seqlens_k.numel() - 1
-    if block_table.dim() != 2 or block_table.shape[0] != B or block_table.shape[1] == 0:
-        raise ValueError(f"block_table must be (B={B}, max_blocks >= 1), got shape {tuple(block_table.shape)}")
-    if block_table.device != q.device:
-        raise ValueError(f"block_table must be on q's device ({q.device}), got {block_table.device}")
+    _check_block_table(block_table, B, q.device)
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         raise ValueError(
             "block_table: the keys' pages are found from cu_seqlens_k on the host, not while a CUDA graph is captured"

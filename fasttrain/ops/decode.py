@@ -15,7 +15,14 @@ import torch
 from fasttrain import _backend
 from fasttrain.ops._op import custom_op
 from fasttrain.ops.attention import flash_lse
-from fasttrain.ops.attention_checks import _check_alibi, _check_like_q, _check_softcap, _scale, _window
+from fasttrain.ops.attention_checks import (
+    _check_alibi,
+    _check_block_table,
+    _check_like_q,
+    _check_softcap,
+    _scale,
+    _window,
+)
 from fasttrain.ops.attention_reference import UNBOUNDED
 from fasttrain.ops.rotary import apply_rotary_emb_reference
 
@@ -356,13 +363,7 @@ PAGE_MULTIPLE = 128  # the Triton decode kernel's widest key tile: each tile the
 
 def _check_paged(q, k_cache, block_table, cache_batch_idx) -> None:
     """A paged cache: k_cache (num_blocks, page_block_size, Hkv, D), block_table (B, max_blocks) int32."""
-    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32:
-        got = getattr(block_table, "dtype", type(block_table).__name__)
-        raise TypeError(f"block_table must be an int32 tensor (B, max_blocks), got {got}")
-    if block_table.dim() != 2 or block_table.shape[0] != q.shape[0] or block_table.shape[1] == 0:
-        raise ValueError(f"block_table must be (B={q.shape[0]}, max_blocks >= 1), got shape {tuple(block_table.shape)}")
-    if block_table.device != q.device:
-        raise ValueError(f"block_table is on {block_table.device}, q on {q.device}")
+    _check_block_table(block_table, q.shape[0], q.device)
     if k_cache.shape[1] % PAGE_MULTIPLE:
         raise ValueError(
             f"page_block_size (k_cache.shape[1] with a block_table) must be a multiple of {PAGE_MULTIPLE}, "
