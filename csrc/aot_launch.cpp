@@ -34,6 +34,15 @@ const std::vector<KernelSpec>& specs() {
        {"IS_RMS", "HAS_WEIGHT", "HAS_BIAS", "HAS_DRES", "HAS_DX2", "BLOCK_M", "BLOCK_N"},
        {"DY", "X", "W", "Mean", "Rstd", "DRES", "DX", "DX2", "DW", "DB", "dy_row_stride", "x_row_stride",
         "dres_row_stride", "dx_row_stride", "n_rows", "n_cols", "rows_per_program"}},
+      {Kernel::CrossEntropyForward,
+       "_ce_forward_kernel",
+       {"BLOCK_V"},
+       {"Logits", "Target", "Loss", "Lse", "row_stride", "n_cols", "ignore_index"}},
+      {Kernel::CrossEntropyBackward,
+       "_ce_backward_kernel",
+       {"BLOCK_V"},
+       {"GradRow", "Logits", "Target", "Lse", "GradLogits", "row_stride", "grad_row_stride", "n_cols",
+        "ignore_index"}},
   };
   return kSpecs;
 }

@@ -1,4 +1,5 @@
-"""What the Triton JIT launcher and the C++ aot launcher are given for the same norm calls, without a GPU.
+"""What the Triton JIT launcher and the C++ aot launcher are given for the same norm or cross-entropy calls, without
+a GPU.
 
 Run as a script (tests/test_norms_aot.py starts it): TRITON_INTERPRET=0 before Triton is imported, the active driver
 mocked to an sm_90 one, and JITFunction._do_compile replaced by a stand-in that compiles nothing and records what the
@@ -10,6 +11,9 @@ processes' addresses never need to match: an input by its name, an output by the
 buffer (the dw/db partials) "buffer", an absent one or an empty tensor "null".
 
     python tests/aot_jit_capture.py AOT_DIR CASES_JSON   # prints one JSON object per case
+
+A case with "op": "cross_entropy" runs kernels/cross_entropy.py's launchers and the cross_entropy_*_aot ops
+(tests/test_cross_entropy_aot.py starts those); any other case, the norms'.
 """
 
 import importlib.util
@@ -151,13 +155,36 @@ def run_case(C, norms, entries, case: dict) -> dict:
     return out
 
 
+def run_cross_entropy_case(C, ce, entries, case: dict) -> dict:
+    """case: kind (forward, backward), N, V, dtype, ignore_index, ignored (how many rows' targets are ignore_index)."""
+    torch.manual_seed(case.get("seed", 0))
+    N, V, ignore_index = case["N"], case["V"], case["ignore_index"]
+    logits = torch.randn(N, V, dtype=DTYPES[case["dtype"]])
+    target = torch.randint(0, V, (N,))
+    target[: case["ignored"]] = ignore_index
+    inputs = {"logits": logits, "target": target}
+    out = {}
+    if case["kind"] == "forward":
+        jit = ce.cross_entropy_forward(logits, target, ignore_index)
+        out["jit"] = jit_launch(_names({**inputs, "loss": jit[0], "lse": jit[1]}))
+        ours = torch.ops.fasttrain.cross_entropy_forward_aot(logits, target, ignore_index)
+        out["aot"] = aot_launch(C, entries, _names({**inputs, "loss": ours[0], "lse": ours[1]}))
+    else:
+        inputs["grad_row"], inputs["lse"] = torch.randn(N), torch.randn(N)
+        args = (inputs["grad_row"], logits, target, inputs["lse"], ignore_index)
+        out["jit"] = jit_launch(_names({**inputs, "grad": ce.cross_entropy_backward(*args)}))
+        ours = torch.ops.fasttrain.cross_entropy_backward_aot(*args)
+        out["aot"] = aot_launch(C, entries, _names({**inputs, "grad": ours}))
+    return out
+
+
 def main() -> None:
     aot_dir, cases = sys.argv[1], json.loads(sys.argv[2])
     driver.set_active(_NoGpu())
     JITFunction._do_compile = _do_compile
     import fasttrain._C as C
     from fasttrain import _aot
-    from fasttrain.kernels import norms
+    from fasttrain.kernels import cross_entropy, norms
 
     norms.rows_per_block = lambda x, block_n: 1  # a GPU's tiles: one row per program
     norms._programs = lambda device, n_rows: max(1, min(n_rows, 4 * MULTIPROCESSORS))
@@ -168,7 +195,11 @@ def main() -> None:
     C.aot_record(True, MULTIPROCESSORS)
     try:
         for case in cases:
-            print(json.dumps({"case": case, **run_case(C, norms, entries, case)}), flush=True)
+            if case.get("op") == "cross_entropy":
+                captured = run_cross_entropy_case(C, cross_entropy, entries, case)
+            else:
+                captured = run_case(C, norms, entries, case)
+            print(json.dumps({"case": case, **captured}), flush=True)
     finally:
         C.aot_record(False, 0)
     assert triton.__version__  # the JIT whose launches these are: the test reports its version
