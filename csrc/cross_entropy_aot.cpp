@@ -2,8 +2,10 @@
 // of time and shipped as cubins (aot_launch.h), so an eager call costs no Python launcher, and the autograd below
 // keeps an eager forward + backward out of Python. The ops compute what the Python launchers
 // (kernels/cross_entropy.py cross_entropy_forward / cross_entropy_backward) compute, with the same launches: one
-// program per row, BLOCK_V columns per chunk, whatever the vocabulary. Per-row losses: fasttrain/ops/cross_entropy.py
-// reduces them with plain torch ops, so the backward takes a per-row gradient whatever the reduction.
+// program per row, BLOCK_V columns per chunk, whatever the vocabulary. The forward op reduces the per-row losses as
+// fasttrain/ops/cross_entropy.py does after its registered op ("none", "sum", or "mean": the sum over the rows not
+// ignored, divided by their count, NaN when every row is), so a public call makes one C++ call; its autograd gives the
+// backward op the per-row gradient those torch ops' autograd would.
 // Logits fp16, bf16 or fp32; targets int64; loss and logsumexp fp32. The cubins were compiled for 16-byte aligned
 // pointers: a misaligned target or upstream gradient (a shifted view of the tokens) is copied, as is misaligned logits
 // (which the op's aot column sends to the JIT instead, sparing the copy).
@@ -11,7 +13,10 @@
 // while the launches are recorded (aot_launch.h); Meta for tracing; Autograd for cross_entropy_forward_aot.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ne.h>
+#include <ATen/ops/sum.h>
 #include <c10/core/ScalarType.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -51,8 +56,17 @@ void check_row_vector(const char* name, const char* arg, const Tensor& t, const 
               name, ": ", arg, " must be an (N,) ", c10::toString(dtype), " tensor on logits' device");
 }
 
-std::tuple<Tensor, Tensor> cross_entropy_forward_aot(const Tensor& logits_in, const Tensor& target_in,
-                                                     int64_t ignore_index) {
+enum class Reduction { None, Sum, Mean };
+
+Reduction reduction_of(const char* name, c10::string_view reduction) {
+  if (reduction == "none") return Reduction::None;
+  if (reduction == "sum") return Reduction::Sum;
+  TORCH_CHECK(reduction == "mean", name, ": reduction must be one of ('mean', 'sum', 'none'), got '", reduction, "'");
+  return Reduction::Mean;
+}
+
+// The per-row losses before the reduction, and their logsumexp.
+std::tuple<Tensor, Tensor> cross_entropy_rows(const Tensor& logits_in, const Tensor& target_in, int64_t ignore_index) {
   constexpr const char* kName = "cross_entropy_forward_aot";
   check_logits(kName, logits_in);
   check_row_vector(kName, "target", target_in, logits_in, at::kLong);
@@ -68,6 +82,18 @@ std::tuple<Tensor, Tensor> cross_entropy_forward_aot(const Tensor& logits_in, co
                 {aot::ptr(logits), aot::ptr(target), aot::ptr(loss), aot::ptr(lse), aot::integer(logits.stride(0)),
                  aot::integer(V), aot::integer(ignore_index)});
   }
+  return {loss, lse};
+}
+
+// The rows not ignored (int64, 0-dim): the mean's divisor, as fasttrain/ops/cross_entropy.py counts them.
+Tensor kept_rows(const Tensor& target, int64_t ignore_index) { return at::ne(target, ignore_index).sum(); }
+
+std::tuple<Tensor, Tensor> cross_entropy_forward_aot(const Tensor& logits, const Tensor& target, int64_t ignore_index,
+                                                     c10::string_view reduction) {
+  const Reduction r = reduction_of("cross_entropy_forward_aot", reduction);
+  auto [loss, lse] = cross_entropy_rows(logits, target, ignore_index);
+  if (r == Reduction::Sum) return {loss.sum(), lse};
+  if (r == Reduction::Mean) return {at::div(loss.sum(), kept_rows(target, ignore_index)), lse};
   return {loss, lse};
 }
 
@@ -97,27 +123,36 @@ Tensor cross_entropy_backward_aot(const Tensor& grad_row_in, const Tensor& logit
 
 // ---- Meta: shapes and dtypes only, for torch.compile's fake tensors ----
 
-std::tuple<Tensor, Tensor> cross_entropy_forward_aot_meta(const Tensor& logits, const Tensor&, int64_t) {
+std::tuple<Tensor, Tensor> cross_entropy_forward_aot_meta(const Tensor& logits, const Tensor&, int64_t,
+                                                          c10::string_view reduction) {
   const auto opts = logits.options().dtype(at::kFloat);
-  return {at::empty({logits.size(0)}, opts), at::empty({logits.size(0)}, opts)};
+  const bool rows = reduction_of("cross_entropy_forward_aot", reduction) == Reduction::None;
+  return {at::empty(rows ? at::IntArrayRef{logits.size(0)} : at::IntArrayRef{}, opts),
+          at::empty({logits.size(0)}, opts)};
 }
 
 Tensor cross_entropy_backward_aot_meta(const Tensor&, const Tensor& logits, const Tensor&, const Tensor&, int64_t) {
   return at::empty(logits.sizes(), logits.options());
 }
 
-// ---- Autograd: fasttrain/ops/cross_entropy.py's setup_context and backward ----
+// ---- Autograd: fasttrain/ops/cross_entropy.py's setup_context and backward, and its reduction's ----
 
 struct CrossEntropyAot : public torch::autograd::Function<CrossEntropyAot> {
   static std::vector<Tensor> forward(torch::autograd::AutogradContext* ctx, const Tensor& logits,
-                                     const Tensor& target, int64_t ignore_index) {
+                                     const Tensor& target, int64_t ignore_index, c10::string_view reduction) {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fasttrain::cross_entropy_forward_aot", "")
                                .typed<decltype(cross_entropy_forward_aot)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [loss, lse] = op.call(logits, target, ignore_index);
-    ctx->save_for_backward({logits, target, lse});
+    const Reduction r = reduction_of("cross_entropy_forward_aot", reduction);
+    auto [loss, lse] = op.call(logits, target, ignore_index, "none");
+    Tensor count;
+    if (r == Reduction::Mean) count = kept_rows(target, ignore_index);
+    ctx->save_for_backward({logits, target, lse, count});
     ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = static_cast<int64_t>(r);
+    if (r == Reduction::Sum) loss = loss.sum();
+    if (r == Reduction::Mean) loss = at::div(loss.sum(), count);
     ctx->mark_non_differentiable({lse});  // the logsumexp never leaves cross_entropy
     return {loss, lse};
   }
@@ -130,16 +165,21 @@ struct CrossEntropyAot : public torch::autograd::Function<CrossEntropyAot> {
                                .findSchemaOrThrow("fasttrain::cross_entropy_backward_aot", "")
                                .typed<decltype(cross_entropy_backward_aot)>();
     const auto saved = ctx->get_saved_variables();
-    // A sum's or mean's upstream gradient arrives expanded (stride 0), possibly in another dtype: fp32, unit stride.
-    const Tensor grad_row = grads[0].to(at::kFloat).contiguous();
+    // The per-row gradient, fp32 and unit stride: a sum's spreads the upstream gradient over the rows; a mean's
+    // divides it by the count first, as torch's autograd of sum / count does.
+    const auto r = static_cast<Reduction>(ctx->saved_data["reduction"].toInt());
+    Tensor grad_row = grads[0].to(at::kFloat);
+    if (r == Reduction::Mean) grad_row = at::div(grad_row, saved[3]);
+    if (r != Reduction::None) grad_row = grad_row.expand({saved[0].size(0)});
+    grad_row = grad_row.contiguous();
     Tensor grad = op.call(grad_row, saved[0], saved[1], saved[2], ctx->saved_data["ignore_index"].toInt());
-    return {grad, Tensor(), Tensor()};
+    return {grad, Tensor(), Tensor(), Tensor()};
   }
 };
 
 std::tuple<Tensor, Tensor> cross_entropy_forward_aot_autograd(const Tensor& logits, const Tensor& target,
-                                                              int64_t ignore_index) {
-  auto out = CrossEntropyAot::apply(logits, target, ignore_index);
+                                                              int64_t ignore_index, c10::string_view reduction) {
+  auto out = CrossEntropyAot::apply(logits, target, ignore_index, reduction);
   return {out[0], out[1]};
 }
 

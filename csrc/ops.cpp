@@ -59,10 +59,13 @@ TORCH_LIBRARY(fasttrain, m) {
   m.def(
       "norm_backward_aot(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool is_rms, bool has_bias, "
       "Tensor? dres, ScalarType? dx2_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Cross-entropy over logits (N, V) and int64 targets (N,), per row, from the Triton kernels compiled ahead of time
-  // (cross_entropy_aot.cpp): fasttrain/ops/cross_entropy.py's forward (loss, lse, each (N,) float32, an ignored row's
-  // loss 0) and backward (d loss / d logits (N, V) in the logits' dtype, from the per-row gradient grad_row).
-  m.def("cross_entropy_forward_aot(Tensor logits, Tensor target, int ignore_index) -> (Tensor, Tensor)");
+  // Cross-entropy over logits (N, V) and int64 targets (N,) from the Triton kernels compiled ahead of time
+  // (cross_entropy_aot.cpp): fasttrain/ops/cross_entropy.py's forward (loss float32, (N,) per row with an ignored
+  // row's 0, or reduced to a scalar by "sum" or "mean"; lse (N,) float32) and backward (d loss / d logits (N, V) in the
+  // logits' dtype, from the per-row gradient grad_row).
+  m.def(
+      "cross_entropy_forward_aot(Tensor logits, Tensor target, int ignore_index, str reduction=\"none\") "
+      "-> (Tensor, Tensor)");
   m.def(
       "cross_entropy_backward_aot(Tensor grad_row, Tensor logits, Tensor target, Tensor lse, int ignore_index) "
       "-> Tensor");

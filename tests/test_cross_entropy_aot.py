@@ -171,6 +171,8 @@ def test_launcher_refuses_what_the_cubins_were_not_compiled_for(registry):
         torch.ops.fasttrain.cross_entropy_forward_aot(logits, target.int(), -100)
     with pytest.raises(RuntimeError, match="logits must be \\(N, V\\)"):
         torch.ops.fasttrain.cross_entropy_forward_aot(logits.t(), target, -100)
+    with pytest.raises(RuntimeError, match="reduction must be one of \\('mean', 'sum', 'none'\\), got 'avg'"):
+        torch.ops.fasttrain.cross_entropy_forward_aot(logits, target, -100, "avg")
     assert C.aot_records() == []
 
 
@@ -222,21 +224,27 @@ def test_torch_compile_traces_the_op_forward_and_backward(registry):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_public_function_takes_the_aot_column_for_each_reduction(registry, monkeypatch, reduction):
+def test_public_function_is_one_cpp_call_for_each_reduction(registry, monkeypatch, reduction):
     monkeypatch.setattr(_backend, "aot_reason", lambda device: None)  # CPU tensors take the column (recorded)
     logits, target = _inputs(5, 97, ignored=2)
     loss = cross_entropy(logits, target.int(), reduction=reduction)  # an int32 target is converted, as on triton
     want = F.cross_entropy(logits.detach().float(), target, reduction=reduction)
     assert loss.shape == want.shape and loss.dtype == torch.float32
+    # The reduction's autograd is the C++ node's own: no Python node (SumBackward, DivBackward) above it.
+    assert "CppNode" in type(loss.grad_fn).__name__ or "CrossEntropyAot" in loss.grad_fn.name()
     loss.backward(torch.randn_like(loss))
     assert [r["kernel"] for r in C.aot_records()] == ["_ce_forward_kernel", "_ce_backward_kernel"]
-    assert logits.grad.shape == logits.shape
+    assert logits.grad.shape == logits.shape and logits.grad.dtype == torch.float16
 
 
-def test_torch_compile_traces_the_public_function_on_the_aot_column(registry, monkeypatch):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_compile_traces_the_public_function_on_the_aot_column(registry, monkeypatch, reduction):
     monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
     logits, target = _inputs(3, 97, ignored=1)
-    torch.compile(cross_entropy, fullgraph=True, backend="aot_eager")(logits, target).backward()
+    f = torch.compile(cross_entropy, fullgraph=True, backend="aot_eager")
+    loss = f(logits, target, reduction=reduction)
+    assert loss.shape == ((3,) if reduction == "none" else ())
+    loss.sum().backward()
     assert [r["kernel"] for r in C.aot_records()] == ["_ce_forward_kernel", "_ce_backward_kernel"]
 
 

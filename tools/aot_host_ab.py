@@ -1,9 +1,10 @@
-"""Host time of the norms' aot path against torch's op and the Triton path, interleaved, without a GPU: each round
-times torch's op, fasttrain's Triton path with its launches skipped (bench_overhead.launches_skipped) and its aot path
-with its launches dropped (bench_overhead.aot_launches_dropped), one after another, and keeps each one's minimum over
-the rounds, which other tenants' load on a shared machine can only raise. One intra-op thread: the ops are tiny.
+"""Host time of the aot path (bench_overhead.AOT_OPS: the norms, cross-entropy) against torch's op and the Triton path,
+interleaved, without a GPU: each round times torch's op, fasttrain's Triton path with its launches skipped
+(bench_overhead.launches_skipped) and its aot path with its launches dropped (bench_overhead.aot_launches_dropped),
+one after another, and keeps each one's minimum over the rounds, which other tenants' load on a shared machine can
+only raise. One intra-op thread: the ops are tiny.
 
-    python tools/aot_host_ab.py [--rounds 25] [--calls 200]     # us per call, forward and forward + backward
+    python tools/aot_host_ab.py [--rounds 25] [--calls 200] [--ops cross_entropy]   # us per call, fwd and fwd + bwd
 """
 
 import argparse
@@ -39,10 +40,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--ops", nargs="+", choices=bench_overhead.AOT_OPS, default=bench_overhead.AOT_OPS)
     args = parser.parse_args()
     torch.set_num_threads(1)
     cases = bench_overhead.cases("cpu")
-    for name in bench_overhead.AOT_OPS:
+    for name in args.ops:
         inputs, ours, theirs = cases[name]
         for mode in ("fwd", "fwd+bwd"):
             best = {"torch": float("inf"), "triton, no launch": float("inf"), "aot, no launch": float("inf")}

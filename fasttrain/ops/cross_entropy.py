@@ -3,7 +3,7 @@ returns the per-row losses (reduced after it with plain torch ops, so autograd h
 whatever the reduction).
 
 Backends: `aot` (the same kernels compiled ahead of time and launched from C++, csrc/cross_entropy_aot.cpp: the op,
-its checks and its autograd in C++, so an eager call runs no Python past the backend choice and the reduction; CUDA
+its checks, the reduction and its autograd in C++, so an eager call runs no Python past the backend choice; CUDA
 fp16, bf16 or fp32 logits, with the cubins of a CUDA build), `triton` (kernels/cross_entropy.py: never materializes
 fp32 logits or log-probabilities) and `reference` (plain PyTorch in fp32: torch's log_softmax and nll_loss forward,
 and the gradient softmax - onehot in closed form from the saved logsumexp, as the kernel computes it, rather than
@@ -193,6 +193,8 @@ def cross_entropy(
     name = CROSS_ENTROPY.choose(input, ignore_index, backend=backend)
     if name != "reference" and input.stride(-1) != 1:
         input = input.contiguous()  # the kernels need unit stride along the vocabulary only
+    if name == "aot" and (aot := CROSS_ENTROPY.direct.get("aot")) is not None:
+        return aot(input, target.long(), ignore_index, reduction)[0]  # reduced in C++ too: one op call, no Python
     loss, _ = _forward_op(input, target.long().contiguous(), ignore_index, name)
     if reduction == "none":
         return loss
