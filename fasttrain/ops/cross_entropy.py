@@ -97,7 +97,7 @@ CROSS_ENTROPY = _backend.Table(
             _aot_reason,
             None,
             live=_backend.aot_live,
-            direct=torch.ops.fasttrain.cross_entropy_forward_aot
+            direct=torch.ops.fasttrain.cross_entropy_forward_aot.default
             if _backend.native_op_reason("cross_entropy_forward_aot") is None
             else None,
         ),
