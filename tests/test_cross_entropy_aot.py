@@ -248,6 +248,15 @@ def test_torch_compile_traces_the_public_function_on_the_aot_column(registry, mo
     assert [r["kernel"] for r in C.aot_records()] == ["_ce_forward_kernel", "_ce_backward_kernel"]
 
 
+def test_registered_op_on_the_aot_column_is_the_cpp_op(registry):
+    from fasttrain.ops.cross_entropy import _forward_op
+
+    logits, target = _inputs(3, 97)
+    loss, lse = _forward_op(logits, target, -100, "aot")
+    assert loss.shape == lse.shape == (3,) and "CrossEntropyAot" in loss.grad_fn.name()
+    assert [r["kernel"] for r in C.aot_records()] == ["_ce_forward_kernel"]
+
+
 def test_aot_column_comes_first_and_follows_the_switches(monkeypatch):
     assert list(CROSS_ENTROPY.backends) == ["aot", "triton", "reference"]
     assert CROSS_ENTROPY.direct["aot"] is torch.ops.fasttrain.cross_entropy_forward_aot.default  # no packet lookup

@@ -62,6 +62,7 @@ class Triton:
 # What kernels/cross_entropy.py aot_kernels(shipped=True) lists: one case per kernel and logits dtype, any vocabulary.
 _AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _I32 = 2**31 - 1
+_AOT_OP_REASON = _backend.native_op_reason("cross_entropy_forward_aot")  # read once: Dynamo cannot trace the import
 
 
 def _aot_reason(logits: Tensor, ignore_index: int) -> str | None:
@@ -70,6 +71,8 @@ def _aot_reason(logits: Tensor, ignore_index: int) -> str | None:
     odd offset goes to the JIT, which compiles for it, rather than being copied)."""
     if (why := _backend.aot_reason(logits.device)) is not None:
         return why
+    if _AOT_OP_REASON is not None:
+        return _AOT_OP_REASON
     if logits.dtype not in _AOT_DTYPES:
         return f"the shipped cubins take fp16, bf16 or fp32 logits, got {logits.dtype}"
     if max(logits.shape[1], logits.stride(0)) > _I32:
@@ -97,9 +100,7 @@ CROSS_ENTROPY = _backend.Table(
             _aot_reason,
             None,
             live=_backend.aot_live,
-            direct=torch.ops.fasttrain.cross_entropy_forward_aot.default
-            if _backend.native_op_reason("cross_entropy_forward_aot") is None
-            else None,
+            direct=torch.ops.fasttrain.cross_entropy_forward_aot.default if _AOT_OP_REASON is None else None,
         ),
         "triton": _backend.Backend(_triton_reason, Triton, live=_backend.triton_live),
         "reference": _backend.Backend(_backend.always, Reference),
