@@ -169,8 +169,8 @@ struct CrossEntropyAot : public torch::autograd::Function<CrossEntropyAot> {
     // divides it by the count first, as torch's autograd of sum / count does.
     const auto r = static_cast<Reduction>(ctx->saved_data["reduction"].toInt());
     Tensor grad_row = grads[0].to(at::kFloat);
-    if (r == Reduction::Mean) grad_row = at::div(grad_row, saved[3]);
     if (r != Reduction::None) grad_row = grad_row.expand({saved[0].size(0)});
+    if (r == Reduction::Mean) grad_row = at::div(grad_row, saved[3]);  // a new dense (N,) vector: no copy below
     grad_row = grad_row.contiguous();
     Tensor grad = op.call(grad_row, saved[0], saved[1], saved[2], ctx->saved_data["ignore_index"].toInt());
     return {grad, Tensor(), Tensor(), Tensor()};
