@@ -3,11 +3,12 @@
 RMSNorm), all four over one registered op on rows (M, N).
 
 Backends: `aot` (the same kernels compiled ahead of time and launched from C++, csrc/norms_aot.cpp: the op, its checks
-and its autograd in C++, so an eager call never enters Python past the backend choice; CUDA calls whose tensors share
-one dtype, with the cubins of a CUDA build), `triton` (kernels/norms.py: one pass each way, rows up to MAX_N wide held
-in registers) and `reference` (plain PyTorch: torch's native LayerNorm and its backward from the saved statistics;
-RMSNorm in closed form). The reference is what CPU tensors take without the Triton interpreter; its backward computes
-the gradients from the forward's mean and 1/std as the kernel does, rather than recomputing the forward under autograd.
+and its autograd in C++, so an eager call never enters Python past the backend choice, and the commonest calls skip
+the general checks and choice too, `_aot_short`; CUDA calls whose tensors share one dtype, with the cubins of a CUDA
+build), `triton` (kernels/norms.py: one pass each way, rows up to MAX_N wide held in registers) and `reference` (plain
+PyTorch: torch's native LayerNorm and its backward from the saved statistics; RMSNorm in closed form). The reference
+is what CPU tensors take without the Triton interpreter; its backward computes the gradients from the forward's mean
+and 1/std as the kernel does, rather than recomputing the forward under autograd.
 
 One difference from torch, on every backend: under autocast the output is in the autocast dtype (torch computes the
 norm in fp32 and returns fp32, and the Linear that follows casts it to bf16 in a separate pass; the kernel computes in
