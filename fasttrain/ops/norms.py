@@ -356,6 +356,8 @@ def _aot_short(
     else this one skips, so both give the same launch (tests/test_norms_aot.py)."""
     if backend is not None or _AOT_OP is None or type(input) is not Tensor:
         return None
+    if _backend.aot_reason(device := input.device) is not None:  # first: a CPU tensor leaves at once
+        return None
     if type(normalized_shape) is int:
         n = normalized_shape
     elif type(normalized_shape) in (tuple, list, torch.Size) and len(normalized_shape) == 1:
@@ -369,13 +371,10 @@ def _aot_short(
         return None
     if dtype not in _AOT_DTYPES or input.dim() == 0 or input.shape[-1] != n:
         return None
-    device = input.device
     for t, shape in ((residual, input.shape), (weight, (n,)), (bias, (n,))):
         if t is not None and (not isinstance(t, Tensor) or t.dtype != dtype or t.device != device or t.shape != shape):
             return None
     if os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO or torch.is_autocast_enabled(device.type):
-        return None
-    if _backend.aot_reason(device) is not None:
         return None
     x, r = _rows(input, n), (_rows(residual, n) if residual is not None else None)
     y, stream, _, _ = _AOT_OP(x, r, _flat(weight), _flat(bias), eps, is_rms, dtype)
