@@ -9,6 +9,7 @@ backward without Python; torch.compile traces the op. GPU tests (`pytest -m gpu`
 column and the reference, outputs and gradients.
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -235,6 +236,28 @@ def test_public_function_is_one_cpp_call_for_each_reduction(registry, monkeypatc
     loss.backward(torch.randn_like(loss))
     assert [r["kernel"] for r in C.aot_records()] == ["_ce_forward_kernel", "_ce_backward_kernel"]
     assert logits.grad.shape == logits.shape and logits.grad.dtype == torch.float16
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_short_path_makes_the_general_paths_launches(registry, monkeypatch, reduction):
+    module = importlib.import_module("fasttrain.ops.cross_entropy")  # fasttrain.ops.cross_entropy is the function
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    logits, target = _inputs(5, 97, ignored=2)
+    launches = {}
+    for path, backend in (("general", "aot"), ("short", None)):
+        if path == "short":  # the short path never checks or chooses here
+            monkeypatch.setattr(module.CROSS_ENTROPY, "choose", lambda *a, **k: pytest.fail("the general path ran"))
+        loss = cross_entropy(logits, target, reduction=reduction, backend=backend)
+        loss.backward(torch.ones_like(loss))
+        fwd, bwd = C.aot_records()
+        C.aot_record(True, SM)  # clears
+        # logits, target and the integers as given (the outputs, lse and the per-row gradient are each call's own)
+        launches[path] = [
+            (fwd["kernel"], fwd["case"], fwd["grid"], [fwd["args"][i] for i in (0, 1, 4, 5, 6)]),
+            (bwd["kernel"], bwd["case"], bwd["grid"], [bwd["args"][i] for i in (1, 2, 5, 6, 7, 8)]),
+        ]
+        assert loss.shape == ((5,) if reduction == "none" else ())
+    assert launches["short"] == launches["general"]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

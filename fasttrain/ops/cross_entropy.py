@@ -2,15 +2,17 @@
 returns the per-row losses (reduced after it with plain torch ops, so autograd hands the backward a per-row gradient
 whatever the reduction).
 
-Backends: `aot` (the same kernels compiled ahead of time and launched from C++, csrc/cross_entropy_aot.cpp: the op,
-its checks, the reduction and its autograd in C++, so an eager call runs no Python past the backend choice; CUDA
-fp16, bf16 or fp32 logits, with the cubins of a CUDA build), `triton` (kernels/cross_entropy.py: never materializes
-fp32 logits or log-probabilities) and `reference` (plain PyTorch in fp32: torch's log_softmax and nll_loss forward,
-and the gradient softmax - onehot in closed form from the saved logsumexp, as the kernel computes it, rather than
-torch's autograd through them).
+Backends: `aot` (the same kernels compiled ahead of time and launched from C++, csrc/cross_entropy_aot.cpp: the op, its
+checks, the reduction and its autograd in C++, so an eager call runs no Python past the backend choice, and the
+commonest calls skip the general checks and choice too, `_aot_short`; CUDA fp16, bf16 or fp32 logits, with the cubins of
+a CUDA build), `triton` (kernels/cross_entropy.py: never materializes fp32 logits or log-probabilities) and `reference`
+(plain PyTorch in fp32: torch's log_softmax and nll_loss forward, and the gradient softmax - onehot in closed form from
+the saved logsumexp, as the kernel computes it, rather than torch's autograd through them).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,11 @@ def _aot_reason(logits: Tensor, ignore_index: int) -> str | None:
     odd offset goes to the JIT, which compiles for it, rather than being copied)."""
     if (why := _backend.aot_reason(logits.device)) is not None:
         return why
+    return _aot_input_reason(logits, ignore_index)
+
+
+def _aot_input_reason(logits: Tensor, ignore_index: int) -> str | None:
+    """_aot_reason past the device's."""
     if _AOT_OP_REASON is not None:
         return _AOT_OP_REASON
     if logits.dtype not in _AOT_DTYPES:
@@ -159,6 +166,30 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- the public function: check the arguments, choose, call, reduce ------------------------------------------------
 
 
+_AOT_OP = CROSS_ENTROPY.direct.get("aot")
+
+
+def _aot_short(input, target, ignore_index, reduction, backend) -> Tensor | None:
+    """The loss from the aot op for a call that the checks and choice in `cross_entropy` would send there unchanged:
+    no backend named or forced, plain tensors on one device, logits (N, V) of a shipped dtype with unit column stride
+    that the aot column takes (_aot_reason), int64 targets (N,), an int ignore_index and a known reduction, no trace.
+    Else None, and the general path checks, chooses and calls; it does nothing else this one skips, so both give the
+    same launch (tests/test_cross_entropy_aot.py)."""
+    if backend is not None or _AOT_OP is None or type(input) is not Tensor or type(target) is not Tensor:
+        return None
+    if _backend.aot_reason(device := input.device) is not None:  # first: a CPU tensor leaves at once
+        return None
+    if input.dim() != 2 or input.stride(1) != 1 or input.shape[1] == 0 or target.dtype != torch.int64:
+        return None
+    if target.shape != input.shape[:1] or target.device != device or type(ignore_index) is not int:
+        return None
+    if reduction not in REDUCTIONS or torch.compiler.is_compiling() or _aot_input_reason(input, ignore_index):
+        return None
+    if os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO:
+        return None
+    return _AOT_OP(input, target, ignore_index, reduction)[0]
+
+
 def cross_entropy(
     input: Tensor, target: Tensor, ignore_index: int = -100, reduction: str = "mean", *, backend: str | None = None
 ) -> Tensor:
@@ -171,6 +202,8 @@ def cross_entropy(
     a double backward, create_graph=True, whose gradients come from the reference).
     Class weights and label smoothing are not implemented. backend: "auto" (default), "aot", "triton" or
     "reference"; on "aot" a double backward raises (FASTTRAIN_AOT=0 or backend="triton" serve it)."""
+    if (loss := _aot_short(input, target, ignore_index, reduction, backend)) is not None:
+        return loss
     if not isinstance(input, Tensor) or not input.is_floating_point():
         raise TypeError(
             f"input must be a floating-point tensor of logits, got {getattr(input, 'dtype', type(input).__name__)}"
@@ -194,8 +227,8 @@ def cross_entropy(
     name = CROSS_ENTROPY.choose(input, ignore_index, backend=backend)
     if name != "reference" and input.stride(-1) != 1:
         input = input.contiguous()  # the kernels need unit stride along the vocabulary only
-    if name == "aot" and (aot := CROSS_ENTROPY.direct.get("aot")) is not None:
-        return aot(input, target.long(), ignore_index, reduction)[0]  # reduced in C++ too: one op call, no Python
+    if name == "aot" and _AOT_OP is not None:
+        return _AOT_OP(input, target.long(), ignore_index, reduction)[0]  # reduced in C++ too: one op call
     loss, _ = _forward_op(input, target.long().contiguous(), ignore_index, name)
     if reduction == "none":
         return loss
