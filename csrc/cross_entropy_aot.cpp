@@ -165,8 +165,8 @@ struct CrossEntropyAot : public torch::autograd::Function<CrossEntropyAot> {
                                .findSchemaOrThrow("fasttrain::cross_entropy_backward_aot", "")
                                .typed<decltype(cross_entropy_backward_aot)>();
     const auto saved = ctx->get_saved_variables();
-    // The per-row gradient, fp32 and unit stride: a sum's spreads the upstream gradient over the rows; a mean's
-    // divides it by the count first, as torch's autograd of sum / count does.
+    // The per-row gradient, fp32 and unit stride: a sum's spreads the upstream gradient over the rows; a mean's also
+    // divides it by the count, the values torch's autograd of sum / count gives.
     const auto r = static_cast<Reduction>(ctx->saved_data["reduction"].toInt());
     Tensor grad_row = grads[0].to(at::kFloat);
     if (r != Reduction::None) grad_row = grad_row.expand({saved[0].size(0)});
