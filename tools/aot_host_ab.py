@@ -1,7 +1,8 @@
-"""Host time of the norms' aot path against torch's op and the Triton path, interleaved, without a GPU: each round
-times torch's op, fasttrain's Triton path with its launches skipped (bench_overhead.launches_skipped) and its aot path
-with its launches dropped (bench_overhead.aot_launches_dropped), one after another, and keeps each one's minimum over
-the rounds, which other tenants' load on a shared machine can only raise. One intra-op thread: the ops are tiny.
+"""Host time of the aot paths (bench_overhead.AOT_OPS: the norms, rotary) against torch's op (for rotary the eager
+rotation) and the Triton path, interleaved, without a GPU: each round times torch's op, fasttrain's Triton path with
+its launches skipped (bench_overhead.launches_skipped) and its aot path with its launches dropped
+(bench_overhead.aot_launches_dropped), one after another, and keeps each one's minimum over the rounds, which other
+tenants' load on a shared machine can only raise. One intra-op thread: the ops are tiny.
 
     python tools/aot_host_ab.py [--rounds 25] [--calls 200]     # us per call, forward and forward + backward
 """
