@@ -319,7 +319,7 @@ def _aot_why(name: str, inputs) -> str | None:
 
     if name == "rotary":
         tables = torch.empty(T, D // 2, device=inputs[0].device)  # cases()'s cos and sin: fp32 (T, D/2)
-        return ROTARY.reasons(inputs[0], tables, tables, None, False, False)["aot"]
+        return ROTARY.reasons(inputs[0], tables, tables, None, False)["aot"]
     x, residual, weight, bias = (inputs[0], None, *inputs[1:]) if len(inputs) == 3 else inputs
     return NORMS.reasons(x, C, residual, weight, bias)["aot"]
 

@@ -121,7 +121,7 @@ Tensor rotary_aot(const Tensor& x_in, const Tensor& cos, const Tensor& sin, cons
                   int64_t offset, bool interleaved, bool conjugate) {
   check("rotary_aot", x_in, cos, sin, offsets, offset);
   // The cubins take unit stride along D, (B, T, H) strides that are multiples of 16 and an aligned x: any other view
-  // (a sum's expanded upstream gradient, a transposed one) is copied first, as the JIT path copies a D-strided one.
+  // (a sum's expanded upstream gradient, a transposed one) is copied first, as the Python path copies a D-strided one.
   const Tensor x =
       x_in.stride(3) == 1 && strides16(x_in) && aligned16(x_in) ? x_in : x_in.clone(at::MemoryFormat::Contiguous);
   Tensor out = at::empty(x.sizes(), x.options());
@@ -132,11 +132,13 @@ Tensor rotary_aot(const Tensor& x_in, const Tensor& cos, const Tensor& sin, cons
 void rotary_aot_(Tensor& x, const Tensor& cos, const Tensor& sin, const optional<Tensor>& offsets, int64_t offset,
                  bool interleaved) {
   check("rotary_aot_", x, cos, sin, offsets, offset);
-  TORCH_CHECK_VALUE(x.numel() == 0 || (x.stride(3) == 1 && strides16(x) && aligned16(x)),
-                    "rotary_aot_: x must have unit stride along D, (B, T, H) strides that are multiples of 16 and a "
-                    "16-byte aligned address (the shipped cubins' layout), got strides ",
-                    x.strides());
-  launch_rotary(x, cos, sin, offsets, offset, interleaved, false, x);
+  if (x.numel() == 0 || (x.stride(3) == 1 && strides16(x) && aligned16(x))) {
+    launch_rotary(x, cos, sin, offsets, offset, interleaved, false, x);
+  } else {  // a layout the cubins were not compiled for: rotated in a contiguous copy, then copied back
+    Tensor rotated = x.clone(at::MemoryFormat::Contiguous);
+    launch_rotary(rotated, cos, sin, offsets, offset, interleaved, false, rotated);
+    x.copy_(rotated);
+  }
   torch::autograd::impl::bump_version(x);  // as a registered in-place op does: a saved x is seen as modified
 }
 

@@ -380,7 +380,7 @@ def test_bench_overhead_drops_rotary_aot_launches_only_inside_its_context():
 
     x, cos, sin = torch.randn(1, 4, 2, 32, requires_grad=True), torch.rand(4, 16), torch.rand(4, 16)
     with bench_overhead.aot_launches_dropped("cpu", {torch.float32}):
-        assert ROTARY.choose(x, cos, sin, None, False, False) == "aot"
+        assert ROTARY.choose(x, cos, sin, None, False) == "aot"
         apply_rotary_emb(x, cos, sin).sum().backward()  # the C++ op and its autograd run; no kernel is launched
         assert C.aot_records() == [] and x.grad.shape == x.shape
-    assert C.aot_registered() == 0 and ROTARY.choose(x, cos, sin, None, False, False) != "aot"
+    assert C.aot_registered() == 0 and ROTARY.choose(x, cos, sin, None, False) != "aot"

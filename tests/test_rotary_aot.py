@@ -187,9 +187,19 @@ def test_launcher_refuses_what_was_not_shipped(registry):
         torch.ops.fasttrain.rotary_aot(x, cos, sin, None, 0, True, False)  # interleaved
     with pytest.raises(RuntimeError, match="no shipped cubin for _rotary_kernel"):
         torch.ops.fasttrain.rotary_aot(x, cos.half(), sin.float(), None, 0, False, False)
-    with pytest.raises(ValueError, match=r"rotary_aot_: x must have unit stride along D, \(B, T, H\) strides"):
-        torch.ops.fasttrain.rotary_aot_(torch.randn(2, 3, 12, 40)[..., :32], cos, sin, None, 0, False)
     assert C.aot_records() == []
+
+
+def test_inplace_op_on_another_layout_rotates_a_copy_and_writes_it_back(registry):
+    x = torch.randn(2, 3, 12, 40)[..., :32]  # (B, T, H) strides 1440, 480, 40: not multiples of 16
+    cos, sin = _tables(3, 16)
+    torch.ops.fasttrain.rotary_aot_(x, cos, sin, None, 0, False)
+    (r,) = C.aot_records()
+    assert r["args"][0] == r["args"][4] != x.data_ptr() and r["args"][12:15] == [3 * 12 * 32, 12 * 32, 32]
+    misaligned = torch.randn(2 * 3 * 12 * 32 + 1)[1:].view(2, 3, 12, 32)  # 4 bytes past an aligned address
+    torch.ops.fasttrain.rotary_aot(misaligned, cos, sin, None, 0, False, False)
+    torch.ops.fasttrain.rotary_aot_(misaligned, cos, sin, None, 0, False)
+    assert all(r["args"][0] % 16 == 0 for r in C.aot_records())
 
 
 def test_cpu_tensors_are_taken_only_while_recording(registry):
@@ -242,16 +252,16 @@ def test_aot_column_comes_first_and_takes_the_shipped_calls(monkeypatch):
     assert ROTARY.direct["aot"] is torch.ops.fasttrain.rotary_aot
     x = torch.randn(2, 3, 12, 32)
     cos, sin = _tables(3, 16)
-    assert ROTARY.reasons(x, cos, sin, None, False, False)["aot"] is _backend.AOT_TAKES_CUDA
+    assert ROTARY.reasons(x, cos, sin, None, False)["aot"] is _backend.AOT_TAKES_CUDA
     monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
 
-    def why(x=x, cos=cos, sin=sin, offsets=None, interleaved=False, inplace=False):
-        return ROTARY.reasons(x, cos, sin, offsets, interleaved, inplace)["aot"]
+    def why(x=x, cos=cos, sin=sin, offsets=None, interleaved=False):
+        return ROTARY.reasons(x, cos, sin, offsets, interleaved)["aot"]
 
     h = torch.float16
     assert why() is None and why(x.half()) is None and why(x.half(), cos.half(), sin.half()) is None
     assert why(x.bfloat16(), cos.bfloat16(), sin.bfloat16()) is None
-    assert why(offsets=torch.zeros(2, dtype=torch.int32)) is None and why(inplace=True) is None
+    assert why(offsets=torch.zeros(2, dtype=torch.int32)) is None
     assert "fp16, bf16 or fp32" in why(x.half(), cos.bfloat16(), sin.bfloat16())
     assert "fp16, bf16 or fp32" in why(x.double(), cos.double(), sin.double())
     assert "fp16, bf16 or fp32" in why(x.half(), cos.half(), sin)
@@ -262,7 +272,7 @@ def test_aot_column_comes_first_and_takes_the_shipped_calls(monkeypatch):
     assert "int32 or int64" in why(offsets=torch.zeros(2, dtype=torch.int16))
     assert "without a gradient" in why(x.clone().requires_grad_(), offsets=torch.zeros(2, dtype=torch.int64))
     misaligned = torch.randn(2 * 3 * 12 * 32 + 1)[1:].view(2, 3, 12, 32)
-    assert why(misaligned) is None and "in place" in why(misaligned, inplace=True)  # out of place: copied
+    assert why(misaligned) is None  # the C++ ops copy it
     monkeypatch.undo()
     monkeypatch.setenv("FASTTRAIN_AOT", "0")
     assert _backend.aot_reason(torch.device("cuda")) is _backend.AOT_OFF
@@ -343,12 +353,12 @@ def test_gpu_aot_matches_triton_outputs_and_gradients(B, T, H, D, rot, tables, o
 def test_gpu_aot_is_chosen_and_off_switches_select_the_jit(monkeypatch):
     x = torch.randn(2, 8, 12, 64, device="cuda", dtype=torch.bfloat16)
     cos, sin = (t.cuda() for t in _tables(8, 32))
-    assert ROTARY.choose(x, cos, sin, None, False, False) == "aot"
+    assert ROTARY.choose(x, cos, sin, None, False) == "aot"
     monkeypatch.setenv("FASTTRAIN_AOT", "0")
-    assert ROTARY.choose(x, cos, sin, None, False, False) == "triton"
+    assert ROTARY.choose(x, cos, sin, None, False) == "triton"
     monkeypatch.delenv("FASTTRAIN_AOT")
     monkeypatch.setenv("FASTTRAIN_BACKEND", "triton")
-    assert ROTARY.choose(x, cos, sin, None, False, False) == "triton"
+    assert ROTARY.choose(x, cos, sin, None, False) == "triton"
     torch.testing.assert_close(
         apply_rotary_emb(x, cos, sin).float(), apply_rotary_emb_reference(x, cos, sin).float(), rtol=2e-2, atol=2e-2
     )

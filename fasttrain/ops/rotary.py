@@ -103,9 +103,7 @@ _AOT_MIN_HALF = 5
 _I32 = 2**31 - 1
 
 
-def _aot_reason(
-    x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, interleaved: bool, inplace: bool
-) -> str | None:
+def _aot_reason(x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, interleaved: bool) -> str | None:
     """None for the calls kernels/rotary.py ships cubins for (the arguments checked by _check)."""
     if (why := _backend.aot_reason(x.device)) is not None:
         return why
@@ -125,8 +123,6 @@ def _aot_reason(
         return "the shipped cubins take int32 or int64 seqlen_offsets tensors, without a gradient"
     if x.numel() > _I32 or cos.numel() > _I32:
         return "tensors past 2**31 elements take the JIT's 64-bit indexing"
-    if inplace and (x.stride(0) % 16 or x.stride(1) % 16 or x.stride(2) % 16 or x.data_ptr() % 16):
-        return "in place, the cubins take x with (B, T, H) strides that are multiples of 16, 16-byte aligned"
     return None
 
 
@@ -308,7 +304,7 @@ def apply_rotary_emb(
             f"{x.stride()} (an expanded tensor; pass .contiguous() or inplace=False)"
         )
     offsets, offset = (seqlen_offsets, 0) if isinstance(seqlen_offsets, Tensor) else (None, int(seqlen_offsets))
-    name = ROTARY.choose(x, cos, sin, offsets, interleaved, inplace, backend=backend)
+    name = ROTARY.choose(x, cos, sin, offsets, interleaved, backend=backend)
     if name != "reference":
         if x.stride(-1) != 1:
             if inplace:
