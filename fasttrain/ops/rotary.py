@@ -68,11 +68,7 @@ class Triton:
         _backend.kernels("rotary").rotary(x, cos, sin, offsets, offset, interleaved, False, x)
 
 
-class Aot:
-    @staticmethod
-    def forward(x, cos, sin, offsets, offset, interleaved, conjugate):
-        return torch.ops.fasttrain.rotary_aot(x, cos, sin, offsets, offset, interleaved, conjugate)
-
+class Aot:  # the out-of-place op is the column's direct op, fasttrain::rotary_aot (the table below)
     @staticmethod
     def inplace(x, cos, sin, offsets, offset, interleaved):
         torch.ops.fasttrain.rotary_aot_(x, cos, sin, offsets, offset, interleaved)
