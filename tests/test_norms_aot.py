@@ -262,6 +262,74 @@ def test_torch_compile_traces_the_public_functions_on_the_aot_column(registry, m
     assert all(t.grad is not None for t in (x, r, w, b))
 
 
+def _launches(records):
+    """The recorded launches with each address reduced to whether it is null (outputs and statistics are fresh
+    allocations per call)."""
+    return [{**r, "args": [bool(a) if t == "ptr" else a for t, a in zip(r["types"], r["args"])]} for r in records]
+
+
+SHORT_CALLS = {
+    "layer_norm": lambda x, r, w, b: layer_norm(x, (100,), w, b),
+    "layer_norm, int shape": lambda x, r, w, b: layer_norm(x, 100, w, None, 1e-6),
+    "rms_norm, eps None": lambda x, r, w, b: rms_norm(x, [100], w),
+    "add_layer_norm": lambda x, r, w, b: add_layer_norm(x, r, torch.Size([100]), w, b),
+    "add_rms_norm, eps None": lambda x, r, w, b: add_rms_norm(x, r, (100,), None),
+}
+
+
+@pytest.mark.parametrize("shape", [(3, 100), (2, 3, 100), (1, 100)], ids=str)
+@pytest.mark.parametrize("call", list(SHORT_CALLS))
+def test_short_path_takes_the_common_calls_and_launches_what_the_general_path_does(registry, monkeypatch, call, shape):
+    import fasttrain.ops.norms as norms
+
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    torch.manual_seed(0)
+    leaves = [torch.randn(*s, dtype=torch.float16, requires_grad=True) for s in (shape, shape, (100,), (100,))]
+    runs = []
+    for short in (True, False):
+        if short:  # the short path never asks the table
+            monkeypatch.setattr(NORMS, "choose", lambda *a, **k: pytest.fail("the general path ran"))
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+            monkeypatch.setattr(norms, "_AOT_OP", None)
+        out = SHORT_CALLS[call](*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        assert all(o.shape == shape for o in outs)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        runs.append((_launches(C.aot_records()[2 * len(runs) :]), [t.grad for t in leaves]))
+        for t in leaves:
+            t.grad = None
+    (short_launches, short_grads), (general_launches, general_grads) = runs
+    assert len(short_launches) == 2 and short_launches == general_launches
+    assert [g is None for g in short_grads] == [g is None for g in general_grads]
+
+
+def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkeypatch):
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    chosen = []
+    choose = NORMS.choose
+    monkeypatch.setattr(NORMS, "choose", lambda *a, **k: chosen.append(1) or choose(*a, **k))
+    x = torch.randn(3, 100, dtype=torch.float16)
+    w = torch.randn(100, dtype=torch.float16)
+    general = [
+        lambda: layer_norm(x, (100,), w, backend="aot"),  # a backend named
+        lambda: layer_norm(x, (100,), w.float()),  # a dtype mix (the general path takes it to triton or reference)
+        lambda: layer_norm(x.view(3, 10, 10), (10, 10)),  # two normalized dims
+        lambda: layer_norm(x, (100,), w, eps=0),  # an int eps
+        lambda: rms_norm(x.double(), (100,)),  # not a shipped dtype
+    ]
+    for i, call in enumerate(general):
+        call()
+        assert len(chosen) == i + 1, i
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "reference")
+    layer_norm(x, (100,), w)
+    assert len(chosen) == len(general) + 1
+    # a bad argument never reaches the op: the general path raises its error
+    with pytest.raises(ValueError, match="layer_norm: weight must have shape"):
+        layer_norm(x, (100,), w[:99])
+
+
 def test_aot_column_comes_first_and_follows_the_switches(monkeypatch):
     assert list(NORMS.backends) == ["aot", "triton", "reference"]
     assert NORMS.direct["aot"] is torch.ops.fasttrain.norm_forward_aot
