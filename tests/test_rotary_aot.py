@@ -247,6 +247,71 @@ def test_torch_compile_traces_the_public_function_on_the_aot_column(registry, mo
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
 
 
+def _launches(records):
+    """The recorded launches with each address reduced to whether it is null (outputs are fresh per call)."""
+    return [{**r, "args": [bool(a) if t == "ptr" else a for t, a in zip(r["types"], r["args"])]} for r in records]
+
+
+# (x's shape, or a qkv view's (B, T, H + 2, D) taking heads 1..H; tables' dtype; seqlen_offsets), fp16 x
+SHORT_CALLS = [((2, 5, 12, 32), torch.float32, 0), ((1, 1, 16, 48), torch.float32, 3), ((2, 3, 1, 32), None, 2)]
+
+
+@pytest.mark.parametrize("view", [False, True], ids=["contiguous", "qkv-view"])
+@pytest.mark.parametrize("i", range(len(SHORT_CALLS)), ids=lambda i: str(SHORT_CALLS[i]))
+def test_short_path_takes_the_common_call_and_launches_what_the_general_path_does(registry, monkeypatch, i, view):
+    shape, table_dtype, offset = SHORT_CALLS[i]
+    B, T, H, D = shape
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    torch.manual_seed(0)
+    half = 12 if D == 48 else 16  # D 48: the pass-through copy
+    cos, sin = _tables(T + offset, half, table_dtype or torch.float16)
+    leaf = torch.randn(B, T, H + 2 if view else H, D, dtype=torch.float16, requires_grad=True)
+    runs = []
+    for short in (True, False):
+        if short:  # the short path never asks the table
+            monkeypatch.setattr(ROTARY, "choose", lambda *a, **k: pytest.fail("the general path ran"))
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+            monkeypatch.setattr(ops_rotary, "_AOT_OP", None)
+        x = leaf[:, :, 1 : H + 1] if view else leaf
+        apply_rotary_emb(x, cos, sin, seqlen_offsets=offset).float().sum().backward()
+        runs.append((_launches(C.aot_records()[2 * len(runs) :]), leaf.grad))
+        leaf.grad = None
+    (short_launches, short_grad), (general_launches, general_grad) = runs
+    assert len(short_launches) == 2 and short_launches == general_launches
+    assert short_grad.shape == general_grad.shape == leaf.shape
+
+
+@pytest.mark.filterwarnings("ignore:fasttrain. rotary runs on the reference backend")  # the float64 call
+def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkeypatch):
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    chosen = []
+    choose = ROTARY.choose
+    monkeypatch.setattr(ROTARY, "choose", lambda *a, **k: chosen.append(1) or choose(*a, **k))
+    x = torch.randn(2, 3, 12, 32, dtype=torch.float16)
+    cos, sin = _tables(3, 16)
+    general = [
+        lambda: apply_rotary_emb(x, cos, sin, backend="aot"),  # a backend named
+        lambda: apply_rotary_emb(x, cos, sin, interleaved=True),
+        lambda: apply_rotary_emb(x.clone(), cos, sin, inplace=True),
+        lambda: apply_rotary_emb(x, cos[None], sin[None]),  # HF's (1, T, R/2) tables
+        lambda: apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.zeros(2, dtype=torch.int32)),
+        lambda: apply_rotary_emb(x, cos.t().contiguous().t(), sin),  # a table not contiguous
+        lambda: apply_rotary_emb(x.double(), cos, sin),  # not a shipped dtype
+        lambda: apply_rotary_emb(x, cos.bfloat16(), sin.bfloat16()),  # tables neither fp32 nor x's dtype
+    ]
+    for i, call in enumerate(general):
+        call()
+        assert len(chosen) == i + 1, i
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "reference")
+    apply_rotary_emb(x, cos, sin)
+    assert len(chosen) == len(general) + 1
+    # a bad argument never reaches the op: the general path raises its error
+    with pytest.raises(ValueError, match="apply_rotary_emb: cos/sin have 3 positions"):
+        apply_rotary_emb(x, cos, sin, seqlen_offsets=1)
+
+
 def test_aot_column_comes_first_and_takes_the_shipped_calls(monkeypatch):
     assert list(ROTARY.backends) == ["aot", "triton", "cpu", "reference"]
     assert ROTARY.direct["aot"] is torch.ops.fasttrain.rotary_aot

@@ -3,14 +3,16 @@ registered ops: `fasttrain::rotary` (out of place, with autograd: the gradient i
 back, the same op with conjugate=True) and `fasttrain::rotary_` (in place, no autograd).
 
 Backends: `aot` (the Triton kernel compiled ahead of time and launched from C++, csrc/rotary_aot.cpp: the op, its
-checks and its autograd in C++, so an eager call never enters Python past the backend choice; CUDA calls inside the
-shipped set, kernels/rotary.py aot_kernels), `triton` (kernels/rotary.py) and `cpu` (csrc/rotary_cpu.cpp), each
+checks and its autograd in C++, so an eager call never enters Python past the backend choice, and the commonest call
+skips the general checks and choice too, `_aot_short`; CUDA calls inside the shipped set, kernels/rotary.py
+aot_kernels), `triton` (kernels/rotary.py) and `cpu` (csrc/rotary_cpu.cpp), each
 reading x once and writing the result once, and `reference` (plain PyTorch in fp32).
 """
 
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 from torch import Tensor
@@ -197,6 +199,44 @@ def _(x, cos, sin, offsets, offset, interleaved, backend):
     return None
 
 
+# ---- the short path: the commonest call, straight to the aot op ----------------------------------------------------
+
+_AOT_OP = ROTARY.direct["aot"].default if "aot" in ROTARY.direct else None
+
+
+def _aot_short(x, cos, sin, interleaved, inplace, seqlen_offsets, backend) -> Tensor | None:
+    """The aot op's rotation for a call that `_check` and the choice below would send there unchanged (the model's):
+    no backend named or forced, out of place, half-split pairs, an int offset within the table, plain tensors on one
+    device, x of a shipped dtype and size with unit stride along D, contiguous (T_ro, R/2) tables of one shipped dtype,
+    the aot column live for the device. Else None, and the general path checks, chooses and calls; it does nothing
+    else this one skips, so both give the same launch (tests/test_rotary_aot.py)."""
+    if backend is not None or _AOT_OP is None or type(x) is not Tensor or interleaved is not False or inplace:
+        return None
+    if _backend.aot_reason(device := x.device) is not None:  # first: a CPU tensor leaves at once
+        return None
+    if type(cos) is not Tensor or type(sin) is not Tensor or type(seqlen_offsets) is not int or seqlen_offsets < 0:
+        return None
+    dtype = x.dtype
+    if dtype not in _AOT_DTYPES or x.dim() != 4 or cos.dim() != 2 or sin.shape != cos.shape:
+        return None
+    if (
+        cos.dtype not in (torch.float32, dtype)
+        or sin.dtype != cos.dtype
+        or cos.device != device
+        or sin.device != device
+    ):
+        return None
+    _, T, H, D = x.shape
+    n_pos, half = cos.shape
+    if D % 16 or D > _AOT_MAX_HEAD_DIM or H > _AOT_MAX_HEADS or not _AOT_MIN_HALF <= half <= D // 2:
+        return None
+    if seqlen_offsets + T > n_pos or x.stride(-1) != 1 or not (cos.is_contiguous() and sin.is_contiguous()):
+        return None
+    if x.numel() > _I32 or cos.numel() > _I32 or os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO:
+        return None
+    return _AOT_OP(x, cos.detach(), sin.detach(), None, seqlen_offsets, False, False)
+
+
 # ---- the public function: check the arguments, choose, call --------------------------------------------------------
 
 
@@ -284,6 +324,8 @@ def apply_rotary_emb(
     backend: "auto" (default), "aot" (CUDA, the shipped cubins: kernels/rotary.py aot_kernels), "triton" (CUDA; CPU
     tensors under TRITON_INTERPRET=1), "cpu" (csrc/rotary_cpu.cpp: fp32, bf16, fp16 CPU tensors) or "reference".
     """
+    if (out := _aot_short(x, cos, sin, interleaved, inplace, seqlen_offsets, backend)) is not None:
+        return out
     _check(x, cos, sin, seqlen_offsets)
     for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
         if not isinstance(flag, bool):
