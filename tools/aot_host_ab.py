@@ -1,7 +1,7 @@
 """Host time of the aot paths (bench_overhead.AOT_OPS: the norms, rotary) against torch's op (for rotary the eager
 rotation) and the Triton path, interleaved, without a GPU: each round times torch's op, fasttrain's Triton path with
 its launches skipped (bench_overhead.launches_skipped) and its aot path with its launches dropped
-(bench_overhead.aot_launches_dropped), for the norms with and without their short path (fasttrain/ops/norms.py
+(bench_overhead.aot_launches_dropped), with and without the op's short path (fasttrain/ops/norms.py and rotary.py
 _aot_short: the public function straight to the C++ op), one after another, and keeps each one's minimum over the
 rounds, which other tenants' load on a shared machine can only raise. Time is the calling thread's CPU time (a CPU
 tensor's backward runs on the calling thread too), so a preempted interval does not count. One intra-op thread: the
@@ -19,9 +19,10 @@ os.environ["TRITON_INTERPRET"] = "1"  # before fasttrain's kernels: the Triton p
 import torch  # noqa: E402
 
 from fasttrain.benchmarks import bench_overhead  # noqa: E402
-from fasttrain.ops import norms  # noqa: E402
+from fasttrain.ops import norms, rotary  # noqa: E402
 
-SHORT_PATH = ("layer_norm", "add_layer_norm")  # the ops whose public functions have a short path to the aot op
+# op -> the module whose _AOT_OP its public function's short path calls (None: the general path)
+SHORT_PATH = {"layer_norm": norms, "add_layer_norm": norms, "rotary": rotary}
 
 
 def per_call(run, calls: int) -> float:
@@ -63,11 +64,12 @@ def main() -> None:
                 best["triton, no launch"] = min(best["triton, no launch"], us)
                 with bench_overhead.aot_launches_dropped("cpu", {torch.float32}):
                     if name in SHORT_PATH:
-                        short, norms._AOT_OP = norms._AOT_OP, None
+                        module = SHORT_PATH[name]
+                        short, module._AOT_OP = module._AOT_OP, None
                         try:
                             us = per_call(runner(ours, inputs, mode), args.calls)
                         finally:
-                            norms._AOT_OP = short
+                            module._AOT_OP = short
                         best[impls[2]] = min(best[impls[2]], us)
                     us = per_call(runner(ours, inputs, mode), args.calls)
                 best["aot, no launch"] = min(best["aot, no launch"], us)
