@@ -28,6 +28,7 @@ namespace fasttrain::aot {
 enum class Kernel : uint8_t {
   NormForward,
   NormBackward,
+  Rotary,
   CrossEntropyForward,
   CrossEntropyBackward,
 };

@@ -24,7 +24,7 @@ import fasttrain._C as C
 from fasttrain import _aot, _backend
 from fasttrain.ops.cross_entropy import CROSS_ENTROPY, cross_entropy
 
-from helpers import aot_jit_launches, assert_aot_launch_is_jit_launch
+from helpers import aot_jit_launches, assert_aot_launch_is_the_jit_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 SM = 132
@@ -131,7 +131,7 @@ def captured(sample):
 @pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: "-".join(map(str, CASES[i])))
 def test_recorded_launch_is_what_the_jit_launcher_is_given(captured, i):
     jit, aot = captured[i]["jit"], captured[i]["aot"]
-    assert_aot_launch_is_jit_launch(jit, aot)
+    assert_aot_launch_is_the_jit_launch(jit, aot)
     assert aot["grid"] == [CASES[i][1], 1, 1] and aot["num_warps"] == 8
     # 1-valued integers the JIT made constexprs of: V = 1 (n_cols and the row strides) and an ignore_index of 1
     ones = [n for n, t in jit["signature"].items() if t == "constexpr" and n not in aot["constexprs"]]

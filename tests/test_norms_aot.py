@@ -23,7 +23,7 @@ import fasttrain._C as C
 from fasttrain import _aot, _backend
 from fasttrain.ops.norms import _AOT_MAX_N, NORMS, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
-from helpers import aot_jit_launches, assert_aot_launch_is_jit_launch
+from helpers import assert_aot_launch_is_the_jit_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 SM = 132  # the recorder's SM count (an H100's), which the backward's program count follows
@@ -159,12 +159,23 @@ FIELDS = ("kind", "M", "N", "profile", "is_rms", "residual", "weight", "bias")
 @pytest.fixture(scope="module")
 def captured(sample):
     """One child over every case: the JIT's launch and the recorded C++ launch of each."""
-    return aot_jit_launches(sample[0], [dict(zip(FIELDS, c), dtype="fp16") for c in CASES])
+    cases = [dict(zip(FIELDS, c), dtype="fp16") for c in CASES]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "aot_jit_capture.py"), str(sample[0]), json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    return [line for line in lines if "case" in line]
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: "-".join(map(str, CASES[i])))
 def test_recorded_launch_is_what_the_jit_launcher_is_given(captured, i):
-    assert_aot_launch_is_jit_launch(captured[i]["jit"], captured[i]["aot"])
+    jit, aot = captured[i]["jit"], captured[i]["aot"]
+    assert_aot_launch_is_the_jit_launch(jit, aot)
 
 
 def test_launcher_refuses_what_the_cubin_was_not_compiled_for(registry):

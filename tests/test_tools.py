@@ -75,6 +75,8 @@ def test_aot_host_ab_times_the_three_paths_of_each_aot_op():
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [
-        f"{op} {mode}" for op in ("layer_norm", "add_layer_norm", "cross_entropy") for mode in ("fwd", "fwd+bwd")
+        f"{op} {mode}"
+        for op in ("layer_norm", "add_layer_norm", "rotary", "cross_entropy")
+        for mode in ("fwd", "fwd+bwd")
     ]
     assert all(line.count(" us per call") == 1 and "aot, no launch" in line for line in lines)
