@@ -34,8 +34,40 @@ const std::vector<KernelSpec>& specs() {
        {"IS_RMS", "HAS_WEIGHT", "HAS_BIAS", "HAS_DRES", "HAS_DX2", "BLOCK_M", "BLOCK_N"},
        {"DY", "X", "W", "Mean", "Rstd", "DRES", "DX", "DX2", "DW", "DB", "dy_row_stride", "x_row_stride",
         "dres_row_stride", "dx_row_stride", "n_rows", "n_cols", "rows_per_program"}},
+      {Kernel::DecodeAppend,
+       "_decode_append_kernel",
+       {"HEAD_DIM", "ROT_HALF", "ROTARY", "Q_PER_TOKEN", "INTERLEAVED", "HAS_BATCH_IDX", "PAGE", "BLOCK_D", "BLOCK_R"},
+       {"Q",          "K",          "V",          "KC",         "VC",         "QR",         "COS",
+        "SIN",        "SEQLENS",    "BATCH_IDX",  "BLOCK_TABLE", "stride_qb", "stride_qt",  "stride_qh",
+        "stride_kb",  "stride_kt",  "stride_kh",  "stride_vb",  "stride_vt",  "stride_vh",  "stride_kcb",
+        "stride_kct", "stride_kch", "stride_vcb", "stride_vct", "stride_vch", "stride_bt",  "stride_qrb",
+        "stride_qrt", "stride_qrh", "stride_rot", "tq",         "t_new",      "t_rows",     "n_heads",
+        "n_kv_heads", "t_cache",    "t_rot"}},
+      {Kernel::Decode,
+       "_decode_kernel",
+       {"HEAD_DIM", "SPLIT", "HAS_BATCH_IDX", "HAS_LEFTPAD", "PAGE", "BLOCK_M", "BLOCK_N", "BLOCK_D", "SOFTCAP",
+        "ALIBI"},
+       {"Q",          "KC",          "VC",         "SEQLENS",     "BATCH_IDX",      "LEFTPAD",    "BLOCK_TABLE",
+        "Out",        "LSE",         "stride_qb",  "stride_qt",   "stride_qh",      "stride_kcb", "stride_kct",
+        "stride_kch", "stride_vcb",  "stride_vct", "stride_vch",  "stride_bt",      "stride_ob",  "stride_ot",
+        "stride_oh",  "stride_ls",   "stride_lb",  "stride_lt",   "stride_lh",      "stride_os",  "qk_scale",
+        "tq",         "group",       "n_kv_heads", "seqlen_add",  "window_left",    "window_right", "t_cache",
+        "t_cache_bucket", "num_splits", "softcap_log2", "Alibi", "stride_ab"}},
+      {Kernel::DecodeCombine,
+       "_decode_combine_kernel",
+       {"HEAD_DIM", "BLOCK_S", "BLOCK_D"},
+       {"O_PART", "LSE_PART", "Out", "LSE", "stride_ps", "stride_ls", "stride_ob", "stride_ot", "stride_oh",
+        "stride_lb", "stride_lh", "stride_lt", "tq", "n_heads", "num_splits"}},
   };
   return kSpecs;
+}
+
+// The spec of a kernel, by value rather than by position: kSpecs need not follow the enum's order.
+const KernelSpec& spec_of(Kernel kernel) {
+  for (const auto& s : specs()) {
+    if (s.kernel == kernel) return s;
+  }
+  TORCH_CHECK(false, "aot: kernel ", static_cast<int>(kernel), " has no spec");
 }
 
 struct Key {
@@ -104,7 +136,7 @@ const char* kind_name(ArgType t) {
 void record_launch(const Launch& l) {
   const Entry& e = *l.entry;
   Record r;
-  r.kernel = specs()[static_cast<int>(e.kernel)].name;
+  r.kernel = spec_of(e.kernel).name;
   r.dtype = c10::toString(e.dtype);
   r.label = e.label;
   r.constexprs = e.constexprs;
@@ -182,7 +214,7 @@ const Entry& find(Kernel kernel, std::initializer_list<at::ScalarType> pointers,
     std::string values, types;
     for (int64_t v : constexprs) values += (values.empty() ? "" : ", ") + std::to_string(v);
     for (at::ScalarType p : pointers) types += std::string(types.empty() ? "" : ", ") + c10::toString(p);
-    TORCH_CHECK(false, "aot: no shipped cubin for ", specs()[static_cast<int>(kernel)].name, " with pointers to (",
+    TORCH_CHECK(false, "aot: no shipped cubin for ", spec_of(kernel).name, " with pointers to (",
                 types, ") and constexprs (", values, ") (rebuild with CUDA to ship them, or FASTTRAIN_AOT=0)");
   }
   return *it->second;

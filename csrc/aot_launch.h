@@ -25,11 +25,17 @@
 namespace fasttrain::aot {
 
 // The kernels the C++ ops launch. A new op family adds its kernels here and to kKernels in aot_launch.cpp.
-enum class Kernel : uint8_t { NormForward, NormBackward };
+enum class Kernel : uint8_t {
+  NormForward,
+  NormBackward,
+  DecodeAppend,
+  Decode,
+  DecodeCombine,
+};
 
 enum class ArgType : uint8_t { Ptr, I32, I64, F32 };
 
-constexpr int kMaxArgs = 32;
+constexpr int kMaxArgs = 48;  // the decode kernel takes 40
 constexpr int kMaxConstexprs = 12;
 constexpr int kMaxPointers = 16;
 
