@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -205,6 +207,13 @@ int multiprocessors(c10::DeviceIndex device) {
   return cuda_multiprocessors(device);
 }
 
+const Entry* lookup(Kernel kernel, std::initializer_list<at::ScalarType> pointers,
+                    std::initializer_list<int64_t> constexprs) {
+  const Key key = make_key(kernel, pointers.begin(), pointers.size(), constexprs.begin(), constexprs.size());
+  auto it = table().find(key);
+  return it == table().end() ? nullptr : it->second.get();
+}
+
 const Entry& find(Kernel kernel, std::initializer_list<at::ScalarType> pointers,
                   std::initializer_list<int64_t> constexprs) {
   const Key key = make_key(kernel, pointers.begin(), pointers.size(), constexprs.begin(), constexprs.size());
@@ -268,6 +277,69 @@ void launch(const Entry& e, Grid grid, c10::DeviceIndex device, std::initializer
   TORCH_CHECK(device >= 0, "aot: CPU tensors are launched only while recording");
   TORCH_CHECK(cuda_launch != nullptr, "aot: fasttrain._C was built without CUDA");
   cuda_launch(l);
+}
+
+namespace {
+
+TimeFn cuda_time = nullptr;
+CapturingFn cuda_capturing = nullptr;
+std::mutex g_tune_mutex;
+std::map<std::vector<int64_t>, int> g_tuned;  // (kernel, key...) -> the candidate chosen
+std::deque<double> g_tune_times;             // the recorder's times, consumed in order
+
+// Timed runs per candidate, after one untimed run (which also loads its module on the device).
+constexpr int kTuneRuns = 5;
+
+}  // namespace
+
+void set_cuda_timing(TimeFn time, CapturingFn capturing) {
+  cuda_time = time;
+  cuda_capturing = capturing;
+}
+
+void tune_reset(std::vector<double> times) {
+  std::lock_guard<std::mutex> lock(g_tune_mutex);
+  g_tuned.clear();
+  g_tune_times.assign(times.begin(), times.end());
+}
+
+int tune(Kernel kernel, std::initializer_list<int64_t> key, int candidates, c10::DeviceIndex device,
+         const std::function<void(int)>& run) {
+  TORCH_CHECK(candidates > 0, "aot: nothing to tune among for ", spec_of(kernel).name);
+  if (candidates == 1) return 0;
+  std::vector<int64_t> k{static_cast<int64_t>(kernel)};
+  k.insert(k.end(), key.begin(), key.end());
+  {
+    std::lock_guard<std::mutex> lock(g_tune_mutex);
+    auto it = g_tuned.find(k);
+    if (it != g_tuned.end() && it->second < candidates) return it->second;
+  }
+  std::vector<double> times(candidates);
+  if (g_recording) {
+    std::lock_guard<std::mutex> lock(g_tune_mutex);
+    if (g_tune_times.size() < static_cast<size_t>(candidates)) return 0;
+    for (double& t : times) {
+      t = g_tune_times.front();
+      g_tune_times.pop_front();
+    }
+  } else {
+    TORCH_CHECK(cuda_time != nullptr && cuda_capturing != nullptr, "aot: fasttrain._C was built without CUDA");
+    if (cuda_capturing(device)) return 0;
+  }
+  for (int i = 0; i < candidates; ++i) {
+    if (g_recording) {
+      run(i);
+      continue;
+    }
+    run(i);
+    times[i] = cuda_time(device, [&] {
+      for (int r = 0; r < kTuneRuns; ++r) run(i);
+    });
+  }
+  const int best = static_cast<int>(std::min_element(times.begin(), times.end()) - times.begin());
+  std::lock_guard<std::mutex> lock(g_tune_mutex);
+  g_tuned[k] = best;
+  return best;
 }
 
 std::vector<std::string> kernel_names() {

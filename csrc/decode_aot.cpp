@@ -3,8 +3,9 @@
 // Python launcher. The op does what kernels/decode.py `decode` does on a GPU for the calls its shipped set covers
 // (kernels/decode.py _shipped): fp16/bf16, head_dim 64, 128 or 256, no rotary, no cache_batch_idx, no block table,
 // no softcap or ALiBi; cache_leftpad optional; k/v appended or not; any Tq, GQA group, window and split count up to
-// kMaxSplits. The same grids, arguments, split heuristic and outputs; the decode tile is the head-dim class's first
-// config (kernels/decode.py _CONFIGS). The JIT's placeholders are kept: cache_seqlens stands for the absent
+// kMaxSplits. The same grids, arguments, split heuristic and outputs; the decode tile is chosen among the shipped
+// ones by timing them at a shape class's first call (aot::tune, the JIT autotuner's key), as the JIT's autotuner
+// chooses among its configs. The JIT's placeholders are kept: cache_seqlens stands for the absent
 // cache_batch_idx, cache_leftpad and block table (the last as a (B, 1) view, stride 1), k_cache for the rotary tables.
 // The cubins assume what the JIT finds on the usual tensors: 16-byte aligned pointers, strides that are multiples of
 // 16 elements. Inputs that are not (q, k, v, the lengths) are copied; a cache that is not is refused (it is updated
@@ -18,7 +19,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
+#include <vector>
 
 #include "aot_launch.h"
 
@@ -47,9 +50,13 @@ int64_t num_splits_heuristic(int64_t batch_kv_heads, int64_t m_blocks, int64_t c
   return std::max<int64_t>(1, std::min({wanted, by_length, kMaxSplits}));
 }
 
-// The decode tile of each head-dim class: the first config of kernels/decode.py _CONFIGS, the same on sm_80 and
-// sm_90 (tests/test_decode_aot.py holds the two to each other).
-int64_t block_n_of(int64_t head_dim) { return head_dim <= 64 ? 64 : head_dim <= 128 ? 64 : 32; }
+// The decode tiles, by BLOCK_N, that a head-dim class may ship (kernels/decode.py shipped_tiles), its first config's
+// first: the same on sm_80 and sm_90 (tests/test_decode_aot.py holds the two to each other). The candidates of a
+// call are those of the registry's arch that were shipped.
+std::array<int64_t, 4> block_ns(int64_t head_dim) {
+  if (head_dim <= 128) return {64, 16, 32, 128};
+  return {32, 16, 64, 128};
+}
 
 bool aligned_16(const Tensor& t, int dims) {
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) return false;
@@ -164,54 +171,72 @@ std::tuple<Tensor, Tensor> decode_aot(const Tensor& q_in, const Tensor& k_cache,
     os_stride = o_dst.stride(0);
   }
   const int64_t o_dim = o_dst.dim();
-  const aot::Entry& e = aot::find(
-      aot::Kernel::Decode,
-      {dtype, dtype, dtype, at::kInt, at::kInt, at::kInt, at::kInt, splits > 1 ? at::kFloat : dtype, at::kFloat,
-       at::kFloat},
-      {D, splits > 1, false, leftpad.has_value(), 0, block_m, block_n_of(D), D, false, false});
+  const at::ScalarType o_type = splits > 1 ? at::kFloat : dtype;
+  const std::array<int64_t, 4> tiles = block_ns(D);
+  auto tile = [&](int64_t block_n, bool required) {
+    const std::initializer_list<at::ScalarType> pointers = {dtype,    dtype,    dtype,  at::kInt,   at::kInt,
+                                                            at::kInt, at::kInt, o_type, at::kFloat, at::kFloat};
+    const std::initializer_list<int64_t> constexprs = {D, splits > 1, false, leftpad.has_value(), 0, block_m,
+                                                       block_n, D, false, false};
+    return required ? &aot::find(aot::Kernel::Decode, pointers, constexprs)
+                    : aot::lookup(aot::Kernel::Decode, pointers, constexprs);
+  };
+  std::vector<const aot::Entry*> candidates;
+  for (int64_t block_n : tiles) {
+    if (const aot::Entry* e = tile(block_n, false)) candidates.push_back(e);
+  }
+  if (candidates.empty()) candidates.push_back(tile(tiles[0], true));  // none shipped: the registry's error
   // B * Hkv on the grid's first axis: CUDA caps the other two at 65535.
-  aot::launch(
-      e, {static_cast<uint32_t>(B * Hkv), static_cast<uint32_t>(splits), static_cast<uint32_t>(m_blocks)}, device,
-      {aot::ptr(q),
-       aot::ptr(k_cache),
-       aot::ptr(v_cache),
-       aot::ptr(seqlens),
-       aot::ptr(seqlens),
-       aot::ptr(leftpad ? *leftpad : seqlens),
-       aot::ptr(table),
-       aot::ptr(o_dst),
-       aot::ptr(l_dst),
-       aot::integer(q.stride(0)),
-       aot::integer(q.stride(1)),
-       aot::integer(q.stride(2)),
-       aot::integer(k_cache.stride(0)),
-       aot::integer(k_cache.stride(1)),
-       aot::integer(k_cache.stride(2)),
-       aot::integer(v_cache.stride(0)),
-       aot::integer(v_cache.stride(1)),
-       aot::integer(v_cache.stride(2)),
-       aot::integer(1),
-       aot::integer(o_dst.stride(o_dim - 4)),
-       aot::integer(o_dst.stride(o_dim - 3)),
-       aot::integer(o_dst.stride(o_dim - 2)),
-       aot::integer(ls[0]),
-       aot::integer(ls[1]),
-       aot::integer(ls[2]),
-       aot::integer(ls[3]),
-       aot::integer(os_stride),
-       aot::real(softmax_scale * 1.4426950408889634),  // log2(e), the double Python's math.log2(math.e) gives
-       aot::integer(Tq),
-       aot::integer(G),
-       aot::integer(Hkv),
-       aot::integer(t_new),
-       aot::integer(window_left),
-       aot::integer(window_right),
-       aot::integer(Tmax),
-       aot::integer(next_power_of_2(Tmax)),
-       aot::integer(splits),
-       aot::real(0.0),
-       aot::ptr(at::Tensor()),
-       aot::integer(0)});
+  auto launch_decode = [&](const aot::Entry& e) {
+    aot::launch(
+        e, {static_cast<uint32_t>(B * Hkv), static_cast<uint32_t>(splits), static_cast<uint32_t>(m_blocks)}, device,
+        {aot::ptr(q),
+         aot::ptr(k_cache),
+         aot::ptr(v_cache),
+         aot::ptr(seqlens),
+         aot::ptr(seqlens),
+         aot::ptr(leftpad ? *leftpad : seqlens),
+         aot::ptr(table),
+         aot::ptr(o_dst),
+         aot::ptr(l_dst),
+         aot::integer(q.stride(0)),
+         aot::integer(q.stride(1)),
+         aot::integer(q.stride(2)),
+         aot::integer(k_cache.stride(0)),
+         aot::integer(k_cache.stride(1)),
+         aot::integer(k_cache.stride(2)),
+         aot::integer(v_cache.stride(0)),
+         aot::integer(v_cache.stride(1)),
+         aot::integer(v_cache.stride(2)),
+         aot::integer(1),
+         aot::integer(o_dst.stride(o_dim - 4)),
+         aot::integer(o_dst.stride(o_dim - 3)),
+         aot::integer(o_dst.stride(o_dim - 2)),
+         aot::integer(ls[0]),
+         aot::integer(ls[1]),
+         aot::integer(ls[2]),
+         aot::integer(ls[3]),
+         aot::integer(os_stride),
+         aot::real(softmax_scale * 1.4426950408889634),  // log2(e), the double Python's math.log2(math.e) gives
+         aot::integer(Tq),
+         aot::integer(G),
+         aot::integer(Hkv),
+         aot::integer(t_new),
+         aot::integer(window_left),
+         aot::integer(window_right),
+         aot::integer(Tmax),
+         aot::integer(next_power_of_2(Tmax)),
+         aot::integer(splits),
+         aot::real(0.0),
+         aot::ptr(at::Tensor()),
+         aot::integer(0)});
+  };
+  // The tile, timed among the shipped ones at a shape class's first call: kernels/decode.py's autotuning key
+  // (BLOCK_M, BLOCK_D, num_splits, t_cache_bucket) and the dtype. Every trial writes only out/lse or the partials.
+  const int chosen =
+      aot::tune(aot::Kernel::Decode, {static_cast<int64_t>(dtype), block_m, D, splits, next_power_of_2(Tmax)},
+                static_cast<int>(candidates.size()), device, [&](int i) { launch_decode(*candidates[i]); });
+  launch_decode(*candidates[chosen]);
   if (splits > 1) {
     const int64_t block_s = next_power_of_2(splits);
     const aot::Entry& c =
@@ -230,7 +255,8 @@ std::tuple<Tensor, Tensor> decode_aot(const Tensor& q_in, const Tensor& k_cache,
 std::tuple<Tensor, Tensor> decode_aot_meta(const Tensor& q, const Tensor&, const Tensor&, const optional<Tensor>&,
                                            const optional<Tensor>&, const Tensor&, const optional<Tensor>&, double,
                                            int64_t, int64_t, int64_t) {
-  return {at::empty(q.sizes(), q.options()), at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat))};
+  return {at::empty(q.sizes(), q.options()),
+          at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat))};
 }
 
 }  // namespace

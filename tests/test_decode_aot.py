@@ -28,8 +28,9 @@ from fasttrain.ops.decode import flash_attn_with_kvcache
 ROOT = Path(__file__).resolve().parent.parent
 SM = 132  # the recorder's SM count (an H100's), which the split heuristic follows
 # The sample: head dim 64, fp16 (bf16 and the other head dims share every line of the launch path): the append, the
-# decode kernel at BLOCK_M 16 and 32 with SPLIT and LEFTPAD on and off, the combine for 3-4 and 5-8 splits.
-SAMPLE = "^d64 (w1|m(16|32) BLOCK_N=64 |s4 |s8 )"
+# decode kernel at BLOCK_M 16 and 32 with SPLIT and LEFTPAD on and off, the combine for 3-4 and 5-8 splits; and the
+# class's second tile (BLOCK_N 128) for one split, BLOCK_M 16, no left padding, for the tuning tests.
+SAMPLE = "^d64 (w1|m(16|32) BLOCK_N=64 |s4 |s8 |m16 BLOCK_N=128 w4 s3$)"
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +42,20 @@ def sample(tmp_path_factory):
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(rows) == 1 + 8 + 2 and all("error" not in r and r["local"] == 0 for r in rows)
+    assert len(rows) == 1 + 8 + 2 + 1 and all("error" not in r and r["local"] == 0 for r in rows)
     return out, rows
 
 
 @pytest.fixture
 def registry(sample):
-    """The sample registered with the C++ launcher and the launches recorded; both undone after the test."""
+    """The sample registered with the C++ launcher and the launches recorded, nothing tuned; undone after the test."""
     C.aot_clear()
+    C.aot_tune_reset()
     assert _aot.load(sample[0], arch=90) == len(sample[1])
     C.aot_record(True, SM)
     yield
     C.aot_record(False, 0)
+    C.aot_tune_reset()
     C.aot_clear()
 
 
@@ -142,6 +145,38 @@ def test_recorded_launches_are_what_the_jit_launcher_is_given(captured, i):
         _assert_same_launch(j, a)
     assert ("split" in aot[len(kernels) - 1]["case"]) == (len(aot) == len(kernels) + 1)  # the combine after splits
     assert ("leftpad" in aot[len(kernels) - 1]["case"]) == (leftpad is not None)
+
+
+def _block_ns(records):
+    return [r["constexprs"][6] for r in records if r["kernel"] == "_decode_kernel"]  # BLOCK_N
+
+
+def test_tuning_times_each_shipped_tile_once_per_shape_class_and_keeps_the_fastest(registry):
+    def call(Tmax):
+        q, kc, vc, _, _, lengths = _tensors(Tmax=Tmax, t_new=0)  # 4 rows per K/V head: BLOCK_M 16
+        torch.ops.fasttrain.decode_aot(q, kc, vc, None, None, lengths, None, 0.125, UNBOUNDED, 0, 1)
+        launches = _block_ns(C.aot_records())
+        C.aot_record(True, SM)  # clears
+        return launches
+
+    C.aot_tune_reset([3.0, 1.0, 1.0, 2.0])  # ms: the recorded trials' times, in order
+    assert call(256) == [64, 128, 128]  # a trial of each tile (the first config's first), then the faster
+    assert call(256) == [128]  # the class's choice, cached
+    assert call(512) == [64, 128, 64]  # another t_cache_bucket: its own trials
+    assert call(200) == [128]  # the same bucket (256) as the first
+    assert call(1024) == [64] and call(1024) == [64]  # no times left: the first tile, untimed, uncached
+    C.aot_tune_reset([1.0, 2.0])
+    assert call(256) == [64, 128, 64]  # reset: tuned afresh
+
+
+def test_tuning_leaves_a_class_with_one_shipped_tile_untimed(registry):
+    C.aot_tune_reset([1.0, 2.0])
+    q, kc, vc, k, v, lengths = _tensors(t_new=1)
+    torch.ops.fasttrain.decode_aot(q, kc, vc, k, v, lengths, lengths, 0.125, UNBOUNDED, 0, 1)  # left padding
+    assert _block_ns(C.aot_records()) == [64]
+    C.aot_record(True, SM)  # clears
+    torch.ops.fasttrain.decode_aot(q, kc, vc, k, v, lengths, None, 0.125, UNBOUNDED, 0, 1)  # two tiles: both times
+    assert _block_ns(C.aot_records()) == [64, 128, 64]
 
 
 def _tensors(B=2, Tq=1, H=32, Hkv=8, D=64, Tmax=256, t_new=1, dtype=torch.float16):
@@ -277,3 +312,23 @@ def test_gpu_aot_is_chosen_and_off_switches_select_the_jit(monkeypatch):
     assert ops.DECODE.choose(q, kc, kc, None, None, None, 0.0, None, 0) == "aot"
     monkeypatch.setenv("FASTTRAIN_AOT", "0")
     assert ops.DECODE.choose(q, kc, kc, None, None, None, 0.0, None, 0) == "triton"
+
+
+@pytest.mark.gpu
+def test_gpu_tuning_under_graph_capture_takes_the_first_tile_and_replays_as_eager():
+    C.aot_tune_reset()
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    kc, vc = (torch.randn(1, 2048, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    lengths = torch.tensor([1500], device="cuda", dtype=torch.int32)
+    args = (q, kc, vc, None, None, lengths, None, 128**-0.5, UNBOUNDED, 0, 0)
+    torch.ops.fasttrain.decode_aot(*args)  # eager: every tile's module loaded, the class tuned
+    torch.cuda.synchronize()
+    C.aot_tune_reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a fresh class under capture: nothing timed (no sync), the first tile
+        out, lse = torch.ops.fasttrain.decode_aot(*args)
+    graph.replay()
+    want, want_lse = torch.ops.fasttrain.decode_aot(*args)  # eager: tuned now, maybe another tile
+    torch.testing.assert_close(out.float(), want.float(), atol=2.0**-7, rtol=2.0**-7)
+    torch.testing.assert_close(lse, want_lse)
