@@ -36,6 +36,22 @@ const std::vector<KernelSpec>& specs() {
        {"IS_RMS", "HAS_WEIGHT", "HAS_BIAS", "HAS_DRES", "HAS_DX2", "BLOCK_M", "BLOCK_N"},
        {"DY", "X", "W", "Mean", "Rstd", "DRES", "DX", "DX2", "DW", "DB", "dy_row_stride", "x_row_stride",
         "dres_row_stride", "dx_row_stride", "n_rows", "n_cols", "rows_per_program"}},
+      {Kernel::Rotary,
+       "_rotary_kernel",
+       {"INTERLEAVED", "CONJUGATE", "PER_SEQUENCE", "OFFSET_TENSOR", "COPY_PASS", "BLOCK_T", "BLOCK_H", "BLOCK_R",
+        "BLOCK_P"},
+       {"X", "Cos", "Sin", "Offsets", "Out", "n_tokens", "seq_len", "n_heads", "n_pos", "offset", "half", "n_pass",
+        "stride_xb", "stride_xt", "stride_xh", "stride_ob", "stride_ot", "stride_oh", "table_b_stride",
+        "table_t_stride"}},
+      {Kernel::CrossEntropyForward,
+       "_ce_forward_kernel",
+       {"BLOCK_V"},
+       {"Logits", "Target", "Loss", "Lse", "row_stride", "n_cols", "ignore_index"}},
+      {Kernel::CrossEntropyBackward,
+       "_ce_backward_kernel",
+       {"BLOCK_V"},
+       {"GradRow", "Logits", "Target", "Lse", "GradLogits", "row_stride", "grad_row_stride", "n_cols",
+        "ignore_index"}},
       {Kernel::DecodeAppend,
        "_decode_append_kernel",
        {"HEAD_DIM", "ROT_HALF", "ROTARY", "Q_PER_TOKEN", "INTERLEAVED", "HAS_BATCH_IDX", "PAGE", "BLOCK_D", "BLOCK_R"},
@@ -64,7 +80,7 @@ const std::vector<KernelSpec>& specs() {
   return kSpecs;
 }
 
-// The spec of a kernel, by value rather than by position: kSpecs need not follow the enum's order.
+// The spec of a kernel, found by value: the enum's order need not be kSpecs' order.
 const KernelSpec& spec_of(Kernel kernel) {
   for (const auto& s : specs()) {
     if (s.kernel == kernel) return s;

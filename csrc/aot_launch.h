@@ -29,6 +29,9 @@ namespace fasttrain::aot {
 enum class Kernel : uint8_t {
   NormForward,
   NormBackward,
+  Rotary,
+  CrossEntropyForward,
+  CrossEntropyBackward,
   DecodeAppend,
   Decode,
   DecodeCombine,

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,6 +23,8 @@ from fasttrain import _aot, _backend
 from fasttrain.ops import decode as ops
 from fasttrain.ops.attention_reference import UNBOUNDED
 from fasttrain.ops.decode import flash_attn_with_kvcache
+
+from helpers import aot_jit_launches, assert_aot_launch_is_the_jit_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 SM = 132  # the recorder's SM count (an H100's), which the split heuristic follows
@@ -104,34 +105,7 @@ FIELDS = ("B", "Tq", "H", "Hkv", "D", "Tmax", "lengths", "leftpad", "t_new", "wi
 
 @pytest.fixture(scope="module")
 def captured(sample):
-    cases = [dict(zip(FIELDS, c), op="decode", dtype="fp16") for c in CASES]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "aot_jit_capture.py"), str(sample[0]), json.dumps(cases)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "0"},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [line for line in map(json.loads, proc.stdout.splitlines()) if "case" in line]
-
-
-def _assert_same_launch(jit: dict, aot: dict) -> None:
-    assert jit["kernel"] == aot["kernel"]
-    assert jit["grid"] == aot["grid"] and jit["num_warps"] == aot["num_warps"]
-    assert aot["shared"] == aot["entry_shared"] and aot["scratch_params"] == 2
-    assert aot["constexprs"] == {k: int(jit["constexprs"][k]) for k in aot["constexprs"]}
-    assert list(aot["args"]) == [
-        n for n, t in jit["signature"].items() if t != "constexpr" or n not in aot["constexprs"]
-    ]
-    for name, value in aot["args"].items():
-        if jit["signature"][name] == "constexpr":  # a None pointer (the cubin: a null) or a 1 (the cubin: a 1)
-            assert (value, jit["constexprs"][name]) in (("null", None), (1, 1)), name
-            continue
-        assert jit["signature"][name] == aot["types"][name], name
-        want = float(np.float32(jit["args"][name])) if aot["types"][name] == "fp32" else jit["args"][name]
-        assert value == want, name
-    assert all(n in jit["divisible"] or aot["args"][n] == "null" for n in aot["divisible"])
+    return aot_jit_launches(sample[0], [dict(zip(FIELDS, c), op="decode", dtype="fp16") for c in CASES])
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: f"case{i}")
@@ -142,7 +116,7 @@ def test_recorded_launches_are_what_the_jit_launcher_is_given(captured, i):
     assert [launch["kernel"] for launch in jit] == [launch["kernel"] for launch in aot]
     assert [launch["kernel"] for launch in aot][: len(kernels)] == kernels
     for j, a in zip(jit, aot):
-        _assert_same_launch(j, a)
+        assert_aot_launch_is_the_jit_launch(j, a)
     assert ("split" in aot[len(kernels) - 1]["case"]) == (len(aot) == len(kernels) + 1)  # the combine after splits
     assert ("leftpad" in aot[len(kernels) - 1]["case"]) == (leftpad is not None)
 

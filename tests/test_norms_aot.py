@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,8 @@ import torch.nn.functional as F
 import fasttrain._C as C
 from fasttrain import _aot, _backend
 from fasttrain.ops.norms import _AOT_MAX_N, NORMS, add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+from helpers import assert_aot_launch_is_the_jit_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 SM = 132  # the recorder's SM count (an H100's), which the backward's program count follows
@@ -174,27 +175,7 @@ def captured(sample):
 @pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: "-".join(map(str, CASES[i])))
 def test_recorded_launch_is_what_the_jit_launcher_is_given(captured, i):
     jit, aot = captured[i]["jit"], captured[i]["aot"]
-    assert jit["kernel"] == aot["kernel"]
-    assert jit["grid"] == aot["grid"] and jit["num_warps"] == aot["num_warps"]
-    assert aot["shared"] == aot["entry_shared"] and aot["scratch_params"] == 2
-    # The compiled case: the kernel's constexprs as the JIT took them.
-    assert aot["constexprs"] == {k: int(jit["constexprs"][k]) for k in aot["constexprs"]}
-    assert list(aot["args"]) == [
-        n for n, t in jit["signature"].items() if t != "constexpr" or n not in aot["constexprs"]
-    ]
-    for name, value in aot["args"].items():
-        if jit["signature"][name] == "constexpr":
-            # The JIT made a constexpr of a None pointer (dropped from its launch: the cubin gets a null it never
-            # reads) or of a 1-valued integer (the cubin gets the 1 as an ordinary argument).
-            assert (value, jit["constexprs"][name]) in (("null", None), (1, 1)), name
-            continue
-        assert jit["signature"][name] == aot["types"][name], name
-        if aot["types"][name] == "fp32":
-            assert value == float(np.float32(jit["args"][name])), name
-        else:
-            assert value == jit["args"][name], name
-    # The cubin assumes 16-divisibility only of what the JIT found divisible (or a null it never reads).
-    assert all(n in jit["divisible"] or aot["args"][n] == "null" for n in aot["divisible"])
+    assert_aot_launch_is_the_jit_launch(jit, aot)
 
 
 def test_launcher_refuses_what_the_cubin_was_not_compiled_for(registry):
