@@ -9,6 +9,8 @@ How a kernel is judged: against a float64 computation of the same function, inpu
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -101,6 +103,57 @@ def assert_aot_launch_is_the_jit_launch(jit: dict, aot: dict) -> None:
             assert value == jit["args"][name], name
     # The cubin assumes 16-divisibility only of what the JIT found divisible (or a null it never reads).
     assert all(n in jit["divisible"] or aot["args"][n] == "null" for n in aot["divisible"])
+
+
+def aot_compile(out, module: str, dtypes: list[str], cases: str | None = None, archs=("90",)) -> list[dict]:
+    """tools/aot.py --shipped for one kernel module into out (cases: a regex over the case labels): its rows, one per
+    compiled case (what it reports: registers, spills, errors)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    command = [sys.executable, str(root / "tools" / "aot.py"), "--arch", *archs, "--dtype", *dtypes, "--shipped"]
+    command += ["--modules", module, "--kernels-dir", str(root / "kernels"), "--out", str(out)]
+    command += ["--jobs", str(os.cpu_count() or 1)] + (["--cases", cases] if cases else [])
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@contextlib.contextmanager
+def aot_recording(directories: list, count: int, multiprocessors: int = 132):
+    """The sm_90 cubins of `directories` (count cases in all) registered with the C++ launcher, nothing tuned, and
+    the launches recorded (on `multiprocessors` SMs, an H100's by default) while inside; all undone after."""
+    import fasttrain._C as C
+    from fasttrain import _aot
+
+    C.aot_clear()
+    C.aot_tune_reset()
+    assert sum(_aot.load(d, arch=90) for d in directories) == count
+    C.aot_record(True, multiprocessors)
+    try:
+        yield
+    finally:
+        C.aot_record(False, 0)
+        C.aot_tune_reset()
+        C.aot_clear()
+
+
+def assert_one_error_on_every_backend(call) -> None:
+    """call(backend) raises one TypeError or ValueError, type and message alike, whether aot, triton or reference is
+    asked: the public functions check their arguments before a backend is chosen."""
+    import pytest
+
+    errors = set()
+    for backend in ("aot", "triton", "reference"):
+        with pytest.raises((TypeError, ValueError)) as e:
+            call(backend)
+        errors.add((type(e.value), str(e.value)))
+    assert len(errors) == 1, errors
 
 
 def aot_jit_launches(aot_dir, cases: list[dict]) -> list[dict]:

@@ -11,10 +11,6 @@ column and the reference, outputs and gradients.
 
 import importlib
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,38 +20,30 @@ import fasttrain._C as C
 from fasttrain import _aot, _backend
 from fasttrain.ops.cross_entropy import CROSS_ENTROPY, cross_entropy
 
-from helpers import aot_jit_launches, assert_aot_launch_is_the_jit_launch
+from helpers import (
+    aot_compile,
+    aot_jit_launches,
+    aot_recording,
+    assert_aot_launch_is_the_jit_launch,
+    assert_one_error_on_every_backend,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 SM = 132
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def _compile(out: Path, archs: list[str], dtypes: list[str]) -> list[dict]:
-    """tools/aot.py --shipped for cross-entropy into out, one job: its rows."""
-    command = [sys.executable, str(ROOT / "tools" / "aot.py"), "--arch", *archs, "--dtype", *dtypes, "--shipped"]
-    command += ["--modules", "cross_entropy", "--kernels-dir", str(ROOT / "kernels"), "--out", str(out), "--jobs", "1"]
-    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     """The whole sm_90 shipped set: both kernels for each logits dtype (six cubins)."""
     out = tmp_path_factory.mktemp("aot")
-    return out, _compile(out, ["90"], list(DTYPES))
+    return out, aot_compile(out, "cross_entropy", list(DTYPES))
 
 
 @pytest.fixture
 def registry(sample):
     """The shipped set registered with the C++ launcher and the launches recorded; both undone after the test."""
-    C.aot_clear()
-    assert _aot.load(sample[0], arch=90) == len(sample[1])
-    C.aot_record(True, SM)
-    yield
-    C.aot_record(False, 0)
-    C.aot_clear()
+    with aot_recording([sample[0]], len(sample[1]), SM):
+        yield
 
 
 def _inputs(N, V, dtype=torch.float16, ignored=0, ignore_index=-100):
@@ -302,12 +290,7 @@ BAD_CALLS = [
 @pytest.mark.parametrize("i", range(len(BAD_CALLS)))
 def test_bad_input_gives_the_same_error_whichever_backend_is_asked(i):
     args, kwargs = BAD_CALLS[i]
-    errors = set()
-    for backend in ("aot", "triton", "reference"):
-        with pytest.raises((TypeError, ValueError)) as e:
-            cross_entropy(*args(), **kwargs, backend=backend)
-        errors.add((type(e.value), str(e.value)))
-    assert len(errors) == 1, errors
+    assert_one_error_on_every_backend(lambda backend: cross_entropy(*args(), **kwargs, backend=backend))
 
 
 # ---- GPU: the aot column against the triton column and the reference ------------------------------------------------
@@ -352,7 +335,7 @@ def test_gpu_aot_is_chosen_and_off_switches_select_the_jit(monkeypatch):
 
 @pytest.mark.slow
 def test_full_shipped_set_compiles_and_registers(tmp_path):
-    rows = _compile(tmp_path, ["80", "90"], list(DTYPES))
+    rows = aot_compile(tmp_path, "cross_entropy", list(DTYPES), archs=("80", "90"))
     assert len(rows) == 12 and all("error" not in r and r["local"] == 0 for r in rows)
     C.aot_clear()
     try:

@@ -9,24 +9,17 @@ traces the public function on the column. GPU tests (`pytest -m gpu`) hold the c
 reference: outputs, lse and the caches after the append.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import fasttrain._C as C
-from fasttrain import _aot, _backend
+from fasttrain import _backend
 from fasttrain.ops import decode as ops
 from fasttrain.ops.attention_reference import UNBOUNDED
 from fasttrain.ops.decode import flash_attn_with_kvcache
 
-from helpers import aot_jit_launches, assert_aot_launch_is_the_jit_launch
+from helpers import aot_compile, aot_jit_launches, aot_recording, assert_aot_launch_is_the_jit_launch
 
-ROOT = Path(__file__).resolve().parent.parent
 SM = 132  # the recorder's SM count (an H100's), which the split heuristic follows
 # The sample: head dim 64, fp16 (bf16 and the other head dims share every line of the launch path): the append, the
 # decode kernel at BLOCK_M 16 and 32 with SPLIT and LEFTPAD on and off, the combine for 3-4 and 5-8 splits; and the
@@ -37,12 +30,7 @@ SAMPLE = "^d64 (w1|m(16|32) BLOCK_N=64 |s4 |s8 |m16 BLOCK_N=128 w4 s3$)"
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot")
-    command = [sys.executable, str(ROOT / "tools" / "aot.py"), "--arch", "90", "--dtype", "fp16", "--shipped"]
-    command += ["--modules", "decode", "--kernels-dir", str(ROOT / "kernels"), "--out", str(out)]
-    command += ["--jobs", str(os.cpu_count() or 1), "--cases", SAMPLE]
-    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = aot_compile(out, "decode", ["fp16"], SAMPLE)
     assert len(rows) == 1 + 8 + 2 + 1 and all("error" not in r and r["local"] == 0 for r in rows)
     return out, rows
 
@@ -50,14 +38,8 @@ def sample(tmp_path_factory):
 @pytest.fixture
 def registry(sample):
     """The sample registered with the C++ launcher and the launches recorded, nothing tuned; undone after the test."""
-    C.aot_clear()
-    C.aot_tune_reset()
-    assert _aot.load(sample[0], arch=90) == len(sample[1])
-    C.aot_record(True, SM)
-    yield
-    C.aot_record(False, 0)
-    C.aot_tune_reset()
-    C.aot_clear()
+    with aot_recording([sample[0]], len(sample[1]), SM):
+        yield
 
 
 def test_shipped_set_is_the_columns_scope():

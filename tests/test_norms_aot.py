@@ -10,10 +10,6 @@ GPU tests (`pytest -m gpu`) hold the aot column to the triton column and the ref
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,22 +19,16 @@ import fasttrain._C as C
 from fasttrain import _aot, _backend
 from fasttrain.ops.norms import _AOT_MAX_N, NORMS, add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
-from helpers import assert_aot_launch_is_the_jit_launch
+from helpers import (
+    aot_compile,
+    aot_jit_launches,
+    aot_recording,
+    assert_aot_launch_is_the_jit_launch,
+    assert_one_error_on_every_backend,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 SM = 132  # the recorder's SM count (an H100's), which the backward's program count follows
 FORWARD_FLAGS = ("IS_RMS", "HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS")
-
-
-def _compile(out: Path, dtypes: list[str], cases: str | None) -> list[dict]:
-    """tools/aot.py --shipped for the norms, sm_90, into out: its rows."""
-    command = [sys.executable, str(ROOT / "tools" / "aot.py"), "--arch", "90", "--dtype", *dtypes, "--shipped"]
-    command += ["--modules", "norms", "--kernels-dir", str(ROOT / "kernels"), "--out", str(out)]
-    command += ["--jobs", str(os.cpu_count() or 1)] + (["--cases", cases] if cases else [])
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +36,14 @@ def sample(tmp_path_factory):
     """The shipped fp16 cases at BLOCK_N 128 (rows of 65..128): every dtype profile and flag combination of both
     kernels (bf16 shares every line of the launch path; the slow test compiles it)."""
     out = tmp_path_factory.mktemp("aot")
-    return out, _compile(out, ["fp16"], "^n128 ")
+    return out, aot_compile(out, "norms", ["fp16"], "^n128 ")
 
 
 @pytest.fixture
 def registry(sample):
     """The sample registered with the C++ launcher and the launches recorded; both undone after the test."""
-    C.aot_clear()
-    assert _aot.load(sample[0], arch=90) == len(sample[1])
-    C.aot_record(True, SM)
-    yield
-    C.aot_record(False, 0)
-    C.aot_clear()
+    with aot_recording([sample[0]], len(sample[1]), SM):
+        yield
 
 
 def test_shipped_set_lists_every_flag_combination_and_block():
@@ -159,17 +145,7 @@ FIELDS = ("kind", "M", "N", "profile", "is_rms", "residual", "weight", "bias")
 @pytest.fixture(scope="module")
 def captured(sample):
     """One child over every case: the JIT's launch and the recorded C++ launch of each."""
-    cases = [dict(zip(FIELDS, c), dtype="fp16") for c in CASES]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "aot_jit_capture.py"), str(sample[0]), json.dumps(cases)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "0"},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    return [line for line in lines if "case" in line]
+    return aot_jit_launches(sample[0], [dict(zip(FIELDS, c), dtype="fp16") for c in CASES])
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: "-".join(map(str, CASES[i])))
@@ -443,7 +419,7 @@ def test_gpu_aot_is_chosen_and_off_switches_select_the_jit(monkeypatch):
 
 @pytest.mark.slow
 def test_full_shipped_set_compiles_and_registers(tmp_path):
-    rows = _compile(tmp_path, ["bf16", "fp16", "fp32"], None)
+    rows = aot_compile(tmp_path, "norms", ["bf16", "fp16", "fp32"])
     assert len(rows) == 2 * (12 + 12 + 12 + 12 + 6 + 12) * 13 + (12 + 12) * 13 and all("error" not in r for r in rows)
     C.aot_clear()
     try:
@@ -471,14 +447,8 @@ BAD_CALLS = [
 
 @pytest.mark.parametrize("i", range(len(BAD_CALLS)))
 def test_bad_input_gives_the_same_error_whichever_backend_is_asked(i):
-    # The public functions check their arguments before a backend is chosen: aot's calls get the JIT's errors.
     op, args, kwargs = BAD_CALLS[i]
-    errors = set()
-    for backend in ("aot", "triton", "reference"):
-        with pytest.raises((TypeError, ValueError)) as e:
-            op(*args(), **kwargs, backend=backend)
-        errors.add((type(e.value), str(e.value)))
-    assert len(errors) == 1, errors
+    assert_one_error_on_every_backend(lambda backend: op(*args(), **kwargs, backend=backend))
 
 
 def test_the_cpp_op_checks_its_rows(registry):

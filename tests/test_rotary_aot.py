@@ -8,12 +8,8 @@ torch.compile traces the op; bad input gets the Python path's errors. GPU tests 
 to the triton column and the reference, outputs and gradients.
 """
 
-import json
 import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,20 +19,13 @@ from fasttrain import _aot, _backend
 from fasttrain.ops import rotary as ops_rotary
 from fasttrain.ops.rotary import ROTARY, apply_rotary_emb, apply_rotary_emb_reference
 
-from helpers import assert_aot_launch_is_the_jit_launch
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _compile(out: Path, dtypes: list[str], cases: str) -> list[dict]:
-    """tools/aot.py --shipped for rotary, sm_90, into out: its rows."""
-    command = [sys.executable, str(ROOT / "tools" / "aot.py"), "--arch", "90", "--dtype", *dtypes, "--shipped"]
-    command += ["--modules", "rotary", "--kernels-dir", str(ROOT / "kernels"), "--out", str(out)]
-    command += ["--jobs", str(os.cpu_count() or 1), "--cases", cases]
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+from helpers import (
+    aot_compile,
+    aot_jit_launches,
+    aot_recording,
+    assert_aot_launch_is_the_jit_launch,
+    assert_one_error_on_every_backend,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,20 +34,16 @@ def sample(tmp_path_factory):
     one head's of the shared fp16 tables; bf16 and fp32 x with fp32 shared tables, forward and conjugate. Two
     folders (the registry takes both)."""
     half = tmp_path_factory.mktemp("aot_fp16")
-    rows = _compile(half, ["fp16"], "^r16 h16 |^r16 h1 fp16 tables shared:")
+    rows = aot_compile(half, "rotary", ["fp16"], "^r16 h16 |^r16 h1 fp16 tables shared:")
     other = tmp_path_factory.mktemp("aot_bf16_fp32")
-    rows += _compile(other, ["bf16", "fp32"], "^r16 h16 fp32 tables shared: (plain|conjugate)$")
+    rows += aot_compile(other, "rotary", ["bf16", "fp32"], "^r16 h16 fp32 tables shared: (plain|conjugate)$")
     return [half, other], rows
 
 
 @pytest.fixture
 def registry(sample):
-    C.aot_clear()
-    assert sum(_aot.load(d, arch=90) for d in sample[0]) == len(sample[1])
-    C.aot_record(True, 132)
-    yield
-    C.aot_record(False, 0)
-    C.aot_clear()
+    with aot_recording(sample[0], len(sample[1])):
+        yield
 
 
 def test_shipped_set_covers_every_tile_the_aot_column_takes():
@@ -117,22 +102,7 @@ FIELDS = ("kind", "dtype", "B", "T", "H", "D", "half", "tables", "mode", "offset
 
 @pytest.fixture(scope="module")
 def captured(sample):
-    cases = [dict(zip(FIELDS, c)) for c in CASES]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "aot_jit_capture.py"),
-            os.pathsep.join(map(str, sample[0])),
-            json.dumps(cases),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "TRITON_INTERPRET": "0"},
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    return [line for line in lines if "case" in line]
+    return aot_jit_launches(os.pathsep.join(map(str, sample[0])), [dict(zip(FIELDS, c)) for c in CASES])
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: "-".join(map(str, CASES[i])))
@@ -362,12 +332,7 @@ BAD_CALLS = [
 @pytest.mark.parametrize("i", range(len(BAD_CALLS)))
 def test_bad_input_gives_the_same_error_whichever_backend_is_asked(i):
     args, kwargs = BAD_CALLS[i]
-    errors = set()
-    for backend in ("aot", "triton", "reference"):
-        with pytest.raises((TypeError, ValueError)) as e:
-            apply_rotary_emb(*args(), **kwargs, backend=backend)
-        errors.add((type(e.value), str(e.value)))
-    assert len(errors) == 1, errors
+    assert_one_error_on_every_backend(lambda backend: apply_rotary_emb(*args(), **kwargs, backend=backend))
 
 
 # ---- GPU: the aot column against the triton column and the reference ------------------------------------------------
@@ -434,7 +399,7 @@ def test_gpu_aot_is_chosen_and_off_switches_select_the_jit(monkeypatch):
 
 @pytest.mark.slow
 def test_full_shipped_set_compiles_and_registers(tmp_path):
-    rows = _compile(tmp_path, ["bf16", "fp16", "fp32"], ".")
+    rows = aot_compile(tmp_path, "rotary", ["bf16", "fp16", "fp32"])
     assert len(rows) == 408 * 5 and all("error" not in r for r in rows)
     C.aot_clear()
     try:
