@@ -221,6 +221,72 @@ def test_the_public_function_takes_the_column_and_torch_compile_traces_it(regist
     assert out.shape == q.shape and [r["kernel"] for r in C.aot_records()] == [r["kernel"] for r in eager]
 
 
+def _launches(records):
+    """The recorded launches with each address reduced to whether it is null (fresh allocations per call)."""
+    return [{**r, "args": [bool(a) if t == "ptr" else a for t, a in zip(r["types"], r["args"])]} for r in records]
+
+
+SHORT_CALLS = {  # the generation loops' calls: fasttrain.generate's, then the Hugging Face integration's
+    "generate": lambda q, kc, vc, k, v, lengths: flash_attn_with_kvcache(
+        q, kc, vc, k, v, cache_seqlens=lengths, causal=True, window_size=(-1, -1), check_lengths=False
+    ),
+    "hf, left padded": lambda q, kc, vc, k, v, lengths: flash_attn_with_kvcache(
+        q,
+        kc,
+        vc,
+        cache_seqlens=lengths + 1,
+        cache_leftpad=torch.tensor([3, 0][: q.shape[0]], dtype=torch.int64),
+        softmax_scale=0.1,
+        causal=True,
+        window_size=(7, -1),
+        softcap=0.0,
+        check_lengths=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("call", list(SHORT_CALLS))
+def test_short_path_takes_the_loops_call_and_launches_what_the_general_path_does(registry, monkeypatch, call):
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    runs = []
+    for short in (True, False):
+        q, kc, vc, k, v, lengths = _tensors(B=1, Tmax=512)  # 4 splits by the heuristic: all three kernels
+        if short:  # the short path never asks the table
+            monkeypatch.setattr(ops.DECODE, "choose", lambda *a, **k: pytest.fail("the general path ran"))
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+            monkeypatch.setattr(ops, "_AOT_OP", None)
+        out = SHORT_CALLS[call](q, kc, vc, k, v, lengths)
+        assert out.shape == q.shape
+        runs.append(_launches(C.aot_records()))
+        C.aot_record(True, SM)  # clears
+    assert runs[0] == runs[1] and len(runs[0]) >= 2
+
+
+def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkeypatch):
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    chosen = []
+    choose = ops.DECODE.choose
+    monkeypatch.setattr(ops.DECODE, "choose", lambda *a, **k: chosen.append(1) or choose(*a, **k))
+    q, kc, vc, k, v, lengths = _tensors(B=1, Tmax=512)  # 4 splits: the sample's combine
+    kw = dict(cache_seqlens=lengths, causal=True)
+    general = [
+        lambda: flash_attn_with_kvcache(q, kc, vc, k, v, **kw),  # check_lengths (a host read of the lengths)
+        lambda: flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, return_softmax_lse=True),
+        lambda: flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, backend="aot"),
+        lambda: flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, window_size=[-1, -1]),
+        lambda: flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, softmax_scale=1),
+        lambda: flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=5, causal=True, check_lengths=False),
+    ]
+    for i, call in enumerate(general):
+        call()
+        assert len(chosen) == i + 1, i
+    # a bad argument never reaches the op: the general path raises its error
+    with pytest.raises(ValueError, match="v_cache must have k_cache's shape"):
+        flash_attn_with_kvcache(q, kc, vc[:, :7], k, v, **kw, check_lengths=False)
+
+
 # ---- on a GPU: the column against the triton column and the reference ------------------------------------------------
 
 
