@@ -55,7 +55,8 @@ KERNEL_MODULES = ("attention", "attention_backward", "cross_entropy", "decode", 
 NO_LAUNCH = "fasttrain, no launch"
 AOT_NO_LAUNCH = "fasttrain aot, no launch"
 AOT_OPS = ("layer_norm", "add_layer_norm", "rotary", "cross_entropy")  # the ops with an aot column
-AOT_MODULES = ("norms", "rotary", "cross_entropy")  # their kernel modules (kernels/<name>.py aot_kernels(shipped=True))
+# Their kernel modules (kernels/<name>.py aot_kernels(shipped=True)), and decode's (tools/aot_host_ab.py times it).
+AOT_MODULES = ("norms", "rotary", "cross_entropy", "decode")
 
 
 def host_us(fn, device: str, calls: int, reps: int = 5) -> float:
@@ -261,8 +262,10 @@ def _register_described(dtype: torch.dtype) -> None:
         constexprs = [p.name for p in parameters if "constexpr" in str(p.annotation)]
         args = [p.name for p in parameters if "constexpr" not in str(p.annotation)]
         types = [entry["types"].get(a) or (f"*{name}" if a[0].isupper() else "i32") for a in args]
-        # compiled 16-divisible, as tools/aot.py compiles them
-        divisible = [a for a in args if a[0].isupper() or (a.startswith("stride_") and not a.startswith("stride_l"))]
+        # compiled 16-divisible, as tools/aot.py compiles them: the entry's own list, else its default rule
+        divisible = entry.get("divisible") or [
+            a for a in args if a[0].isupper() or (a.startswith("stride_") and not a.startswith("stride_l"))
+        ]
         for case in entry["cases"]:
             values = [int(case["constexprs"][c]) for c in constexprs]
             _C.aot_register(

@@ -80,3 +80,12 @@ def test_aot_host_ab_times_the_three_paths_of_each_aot_op():
         for mode in ("fwd", "fwd+bwd")
     ]
     assert all(line.count(" us per call") == 1 and "aot, no launch" in line for line in lines)
+    done = subprocess.run(
+        [sys.executable, str(tool), "--decode", "--rounds", "1", "--calls", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = done.stdout.splitlines()
+    assert line.startswith("decode fwd: ") and line.count(" no launch ") == 3

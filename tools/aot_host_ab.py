@@ -7,7 +7,12 @@ minimum over the rounds, which other tenants' load on a shared machine can only 
 CPU time (a CPU tensor's backward runs on the calling thread too), so a preempted interval does not count. One
 intra-op thread: the ops are tiny.
 
+With --decode, flash_attn_with_kvcache's generation-loop call instead (fp16, B 1 x H 12 x D 64, a 512-row cache,
+one token appended): the aot path with and without its short path, and the C++ op called alone. No torch or Triton
+row: on a CPU both compute the attention, which the dropped launch does not.
+
     python tools/aot_host_ab.py [--rounds 25] [--calls 200] [--ops cross_entropy]   # us per call, fwd and fwd + bwd
+    python tools/aot_host_ab.py --decode
 """
 
 import argparse
@@ -46,13 +51,45 @@ def runner(fn, inputs, mode: str):
     return forward
 
 
+def decode(rounds: int, calls: int) -> None:
+    from fasttrain.ops import decode as ops
+
+    B, Tmax, H, D = 1, 512, 12, 64
+    q = torch.randn(B, 1, H, D, dtype=torch.float16)
+    k_cache, v_cache = torch.randn(B, Tmax, H, D, dtype=torch.float16), torch.randn(B, Tmax, H, D, dtype=torch.float16)
+    k, v = torch.randn(B, 1, H, D, dtype=torch.float16), torch.randn(B, 1, H, D, dtype=torch.float16)
+    lengths = torch.tensor([100], dtype=torch.int32)
+
+    def call():
+        ops.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, causal=True, check_lengths=False)
+
+    def op():
+        ops._AOT_OP(q, k_cache, v_cache, k, v, lengths, None, D**-0.5, ops.UNBOUNDED, 0, 0)
+
+    impls = ("aot without the short path, no launch", "aot, no launch", "the C++ op alone, no launch")
+    best = dict.fromkeys(impls, float("inf"))
+    with torch.no_grad(), bench_overhead.aot_launches_dropped("cpu", {torch.float16}):
+        for _ in range(rounds):
+            short, ops._AOT_OP = ops._AOT_OP, None
+            try:
+                best[impls[0]] = min(best[impls[0]], per_call(call, calls))
+            finally:
+                ops._AOT_OP = short
+            best[impls[1]] = min(best[impls[1]], per_call(call, calls))
+            best[impls[2]] = min(best[impls[2]], per_call(op, calls))
+    print("decode fwd: " + "  ".join(f"{impl} {us:.1f}" for impl, us in best.items()) + " us per call", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--ops", nargs="+", choices=bench_overhead.AOT_OPS, default=bench_overhead.AOT_OPS)
+    parser.add_argument("--decode", action="store_true", help="flash_attn_with_kvcache's aot path instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.decode:
+        return decode(args.rounds, args.calls)
     cases = bench_overhead.cases("cpu")
     for name in args.ops:
         inputs, ours, theirs = cases[name]
