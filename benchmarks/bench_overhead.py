@@ -5,8 +5,9 @@ launcher makes at each launch (driver_call_rows), and fasttrain's own Python on 
 Triton path with every launch skipped (impl "fasttrain, no launch": each kernel object swapped for one whose
 `kernel[grid](...)` does nothing, so its outputs are garbage and only its time is kept; on a CPU this runs in a child
 process with the Triton backend forced, the one way to time that path's Python without a GPU, and on CUDA the gap to
-the "fasttrain" row is Triton's launcher and the driver); the norms on their aot path (the kernels compiled ahead of
-time and launched from C++) with every launch dropped once packed (impl "fasttrain aot, no launch",
+the "fasttrain" row is Triton's launcher and the driver); the norms, rotary and cross-entropy on their aot path (the
+kernels
+compiled ahead of time and launched from C++) with every launch dropped once packed (impl "fasttrain aot, no launch",
 aot_launches_dropped), on a CPU too; then a cProfile of fasttrain's LayerNorm forward + backward.
 
     python -m fasttrain.benchmarks.bench_overhead [--device cpu|cuda] [--quick] [--out DIR]
@@ -53,7 +54,8 @@ B, T, H, D, C, V, CACHE = 1, 16, 12, 64, 768, 512, 256
 KERNEL_MODULES = ("attention", "attention_backward", "cross_entropy", "decode", "norms", "rotary")
 NO_LAUNCH = "fasttrain, no launch"
 AOT_NO_LAUNCH = "fasttrain aot, no launch"
-AOT_OPS = ("layer_norm", "add_layer_norm")  # the ops with an aot column
+AOT_OPS = ("layer_norm", "add_layer_norm", "rotary", "cross_entropy")  # the ops with an aot column
+AOT_MODULES = ("norms", "rotary", "cross_entropy")  # their kernel modules (kernels/<name>.py aot_kernels(shipped=True))
 
 
 def host_us(fn, device: str, calls: int, reps: int = 5) -> float:
@@ -246,21 +248,21 @@ def launches_skipped():
 
 
 def _register_described(dtype: torch.dtype) -> None:
-    """Launch-less registry entries for the norms' shipped cases in dtype, made from the kernels' description
-    (kernels/norms.py aot_kernels(shipped=True), with tools/aot.py's signature rules): what a CPU build, which ships
-    no cubins, needs for the C++ op path to run with its launches dropped. No cubin is ever read."""
+    """Launch-less registry entries for the shipped cases in dtype of AOT_MODULES, made from the kernels' description
+    (aot_kernels(shipped=True), with tools/aot.py's signature rules): what a CPU build, which ships no cubins, needs
+    for the C++ op path to run with its launches dropped. No cubin is ever read."""
     from fasttrain import _C
-    from fasttrain.kernels import norms
 
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    for entry in norms.aot_kernels(90, name, shipped=True):
+    for entry in (e for m in AOT_MODULES for e in _kernel_module(m).aot_kernels(90, name, shipped=True)):
         kernel = entry["kernel"]
         # kernel.fn's annotations: the interpreter's stand-in for a JITFunction (TRITON_INTERPRET=1) has no .params
         parameters = inspect.signature(kernel.fn).parameters.values()
         constexprs = [p.name for p in parameters if "constexpr" in str(p.annotation)]
         args = [p.name for p in parameters if "constexpr" not in str(p.annotation)]
         types = [entry["types"].get(a) or (f"*{name}" if a[0].isupper() else "i32") for a in args]
-        pointers = [a for a in args if a[0].isupper()]  # compiled 16-divisible, as tools/aot.py compiles them
+        # compiled 16-divisible, as tools/aot.py compiles them
+        divisible = [a for a in args if a[0].isupper() or (a.startswith("stride_") and not a.startswith("stride_l"))]
         for case in entry["cases"]:
             values = [int(case["constexprs"][c]) for c in constexprs]
             _C.aot_register(
@@ -270,7 +272,7 @@ def _register_described(dtype: torch.dtype) -> None:
                 constexprs,
                 args,
                 types,
-                pointers,
+                divisible,
                 case["num_warps"],
                 1,
                 0,
@@ -285,7 +287,7 @@ def _register_described(dtype: torch.dtype) -> None:
 
 @contextlib.contextmanager
 def aot_launches_dropped(device: str, dtypes):
-    """The norms' aot column serving this device, each launch packed and checked in C++ and then dropped
+    """The aot columns serving this device, each launch packed and checked in C++ and then dropped
     (fasttrain._C's recorder with keep=False): the C++ op path's host time without the launch. Where no cubins are
     registered (a CPU), launch-less entries for dtypes stand in (_register_described); the registry is emptied
     after."""
@@ -307,18 +309,34 @@ def aot_launches_dropped(device: str, dtypes):
             _C.aot_clear()
 
 
-def aot_no_launch_rows(device: str, calls: int) -> list[dict]:
-    """The "fasttrain aot, no launch" rows of AOT_OPS whose inputs the aot column takes (one dtype)."""
-    from fasttrain.ops.norms import NORMS
+def _kernel_module(name: str):
+    return importlib.import_module(f"fasttrain.kernels.{name}")
 
+
+def _aot_why(name: str, inputs) -> str | None:
+    """Why the aot column does not take case `name`'s inputs (None: it does)."""
+    from fasttrain.ops.cross_entropy import CROSS_ENTROPY
+    from fasttrain.ops.norms import NORMS
+    from fasttrain.ops.rotary import ROTARY
+
+    if name == "cross_entropy":
+        return CROSS_ENTROPY.reasons(inputs[0], -100)["aot"]
+    if name == "rotary":
+        tables = torch.empty(T, D // 2, device=inputs[0].device)  # cases()'s cos and sin: fp32 (T, D/2)
+        return ROTARY.reasons(inputs[0], tables, tables, None, False)["aot"]
+    x, residual, weight, bias = (inputs[0], None, *inputs[1:]) if len(inputs) == 3 else inputs
+    return NORMS.reasons(x, C, residual, weight, bias)["aot"]
+
+
+def aot_no_launch_rows(device: str, calls: int) -> list[dict]:
+    """The "fasttrain aot, no launch" rows of AOT_OPS whose inputs the aot column takes."""
     rows = []
     all_cases = cases(device)
     dtypes = {t.dtype for name in AOT_OPS for t in all_cases[name][0]}
     with aot_launches_dropped(device, dtypes):
         for name in AOT_OPS:
             inputs, ours, _ = all_cases[name]
-            x, residual, weight, bias = (inputs[0], None, *inputs[1:]) if len(inputs) == 3 else inputs
-            why = NORMS.reasons(x, C, residual, weight, bias)["aot"]
+            why = _aot_why(name, inputs)
             if why is not None:
                 rows.append({"op": name, "mode": "-", "impl": AOT_NO_LAUNCH, "skipped": why})
                 continue

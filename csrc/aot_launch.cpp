@@ -34,8 +34,32 @@ const std::vector<KernelSpec>& specs() {
        {"IS_RMS", "HAS_WEIGHT", "HAS_BIAS", "HAS_DRES", "HAS_DX2", "BLOCK_M", "BLOCK_N"},
        {"DY", "X", "W", "Mean", "Rstd", "DRES", "DX", "DX2", "DW", "DB", "dy_row_stride", "x_row_stride",
         "dres_row_stride", "dx_row_stride", "n_rows", "n_cols", "rows_per_program"}},
+      {Kernel::Rotary,
+       "_rotary_kernel",
+       {"INTERLEAVED", "CONJUGATE", "PER_SEQUENCE", "OFFSET_TENSOR", "COPY_PASS", "BLOCK_T", "BLOCK_H", "BLOCK_R",
+        "BLOCK_P"},
+       {"X", "Cos", "Sin", "Offsets", "Out", "n_tokens", "seq_len", "n_heads", "n_pos", "offset", "half", "n_pass",
+        "stride_xb", "stride_xt", "stride_xh", "stride_ob", "stride_ot", "stride_oh", "table_b_stride",
+        "table_t_stride"}},
+      {Kernel::CrossEntropyForward,
+       "_ce_forward_kernel",
+       {"BLOCK_V"},
+       {"Logits", "Target", "Loss", "Lse", "row_stride", "n_cols", "ignore_index"}},
+      {Kernel::CrossEntropyBackward,
+       "_ce_backward_kernel",
+       {"BLOCK_V"},
+       {"GradRow", "Logits", "Target", "Lse", "GradLogits", "row_stride", "grad_row_stride", "n_cols",
+        "ignore_index"}},
   };
   return kSpecs;
+}
+
+// The spec of a kernel, found by value: the enum's order need not be kSpecs' order.
+const KernelSpec& spec_of(Kernel kernel) {
+  for (const auto& s : specs()) {
+    if (s.kernel == kernel) return s;
+  }
+  TORCH_CHECK(false, "aot: kernel ", static_cast<int>(kernel), " has no spec");
 }
 
 struct Key {
@@ -104,7 +128,7 @@ const char* kind_name(ArgType t) {
 void record_launch(const Launch& l) {
   const Entry& e = *l.entry;
   Record r;
-  r.kernel = specs()[static_cast<int>(e.kernel)].name;
+  r.kernel = spec_of(e.kernel).name;
   r.dtype = c10::toString(e.dtype);
   r.label = e.label;
   r.constexprs = e.constexprs;
@@ -182,7 +206,7 @@ const Entry& find(Kernel kernel, std::initializer_list<at::ScalarType> pointers,
     std::string values, types;
     for (int64_t v : constexprs) values += (values.empty() ? "" : ", ") + std::to_string(v);
     for (at::ScalarType p : pointers) types += std::string(types.empty() ? "" : ", ") + c10::toString(p);
-    TORCH_CHECK(false, "aot: no shipped cubin for ", specs()[static_cast<int>(kernel)].name, " with pointers to (",
+    TORCH_CHECK(false, "aot: no shipped cubin for ", spec_of(kernel).name, " with pointers to (",
                 types, ") and constexprs (", values, ") (rebuild with CUDA to ship them, or FASTTRAIN_AOT=0)");
   }
   return *it->second;

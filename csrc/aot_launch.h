@@ -25,7 +25,13 @@
 namespace fasttrain::aot {
 
 // The kernels the C++ ops launch. A new op family adds its kernels here and to kKernels in aot_launch.cpp.
-enum class Kernel : uint8_t { NormForward, NormBackward };
+enum class Kernel : uint8_t {
+  NormForward,
+  NormBackward,
+  Rotary,
+  CrossEntropyForward,
+  CrossEntropyBackward,
+};
 
 enum class ArgType : uint8_t { Ptr, I32, I64, F32 };
 

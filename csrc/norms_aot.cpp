@@ -175,6 +175,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_backward_aot_meta(const Tensor&,
 
 // ---- Autograd: fasttrain/ops/norms.py's setup_context and backward, for the one-dtype calls this op takes ----
 
+// What the backward needs of the forward's arguments, packed into one integer: flags in bits 0-2, dtypes above.
+struct Call {
+  bool is_rms, has_bias, has_residual;
+  at::ScalarType x_dtype, residual_dtype;
+
+  int64_t pack() const {
+    return int64_t{is_rms} | int64_t{has_bias} << 1 | int64_t{has_residual} << 2 |
+           static_cast<int64_t>(x_dtype) << 8 | static_cast<int64_t>(residual_dtype) << 16;
+  }
+  static Call unpack(int64_t v) {
+    return {(v & 1) != 0, (v & 2) != 0, (v & 4) != 0, static_cast<at::ScalarType>((v >> 8) & 0xff),
+            static_cast<at::ScalarType>((v >> 16) & 0xff)};
+  }
+};
+
 struct NormAot : public torch::autograd::Function<NormAot> {
   static std::vector<Tensor> forward(torch::autograd::AutogradContext* ctx, const Tensor& x,
                                      const optional<Tensor>& residual, const optional<Tensor>& weight,
@@ -186,13 +201,10 @@ struct NormAot : public torch::autograd::Function<NormAot> {
     auto [y, s, mean, rstd] = op.call(x, residual, weight, bias, eps, is_rms, out_dtype);
     // The rows normalized: the new residual stream when the add is fused, else x.
     ctx->save_for_backward({residual ? s : x, weight ? *weight : Tensor(), mean, rstd});
-    ctx->saved_data["is_rms"] = is_rms;
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->saved_data["has_residual"] = residual.has_value();
-    if (residual) {
-      ctx->saved_data["x_dtype"] = x.scalar_type();
-      ctx->saved_data["residual_dtype"] = residual->scalar_type();
-    }
+    // One entry (each is a string-keyed map insertion): the flags, and with a residual the two inputs' dtypes.
+    ctx->saved_data["call"] = Call{is_rms, bias.has_value(), residual.has_value(), x.scalar_type(),
+                                   residual ? residual->scalar_type() : x.scalar_type()}
+                                  .pack();
     ctx->mark_non_differentiable({mean, rstd});
     // An output nobody used (the final norm's residual stream) brings an undefined gradient, not zeros.
     ctx->set_materialize_grads(false);
@@ -209,8 +221,7 @@ struct NormAot : public torch::autograd::Function<NormAot> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &rows = saved[0], &mean = saved[2], &rstd = saved[3];
     const optional<Tensor> weight = saved[1].defined() ? optional<Tensor>(saved[1]) : std::nullopt;
-    const bool is_rms = ctx->saved_data["is_rms"].toBool(), has_bias = ctx->saved_data["has_bias"].toBool();
-    const bool has_residual = ctx->saved_data["has_residual"].toBool();
+    const auto [is_rms, has_bias, has_residual, x_dtype, residual_dtype] = Call::unpack(ctx->saved_data["call"].toInt());
     // The kernels take any row stride but unit column stride (a sum's upstream gradient arrives expanded, stride 0).
     auto unit = [](const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
     const Tensor dy = grads[0].defined() ? unit(grads[0]) : at::zeros_like(rows);
@@ -222,8 +233,6 @@ struct NormAot : public torch::autograd::Function<NormAot> {
     // in its own dtype. s has the wider of the two, so at most one needs a second copy (dx2).
     optional<Tensor> dres;
     if (grads[1].defined()) dres = unit(grads[1]);
-    const auto x_dtype = ctx->saved_data["x_dtype"].toScalarType();
-    const auto residual_dtype = ctx->saved_data["residual_dtype"].toScalarType();
     optional<at::ScalarType> other;
     if (x_dtype != rows.scalar_type()) other = x_dtype;
     if (residual_dtype != rows.scalar_type()) other = residual_dtype;

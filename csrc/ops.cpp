@@ -59,4 +59,20 @@ TORCH_LIBRARY(fasttrain, m) {
   m.def(
       "norm_backward_aot(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, bool is_rms, bool has_bias, "
       "Tensor? dres, ScalarType? dx2_dtype) -> (Tensor, Tensor, Tensor, Tensor)");
+  // rotary_cpu and rotary_cpu_ from the rotary Triton kernel compiled ahead of time (rotary_aot.cpp), for CUDA x of
+  // unit stride along D; the out-of-place op has its autograd (the same op with conjugate flipped).
+  m.def(
+      "rotary_aot(Tensor x, Tensor cos, Tensor sin, Tensor? offsets, int offset, bool interleaved, bool conjugate) "
+      "-> Tensor");
+  m.def("rotary_aot_(Tensor(a!) x, Tensor cos, Tensor sin, Tensor? offsets, int offset, bool interleaved) -> ()");
+  // Cross-entropy over logits (N, V) and int64 targets (N,) from the Triton kernels compiled ahead of time
+  // (cross_entropy_aot.cpp): fasttrain/ops/cross_entropy.py's forward (loss float32, (N,) per row with an ignored
+  // row's 0, or reduced to a scalar by "sum" or "mean"; lse (N,) float32) and backward (d loss / d logits (N, V) in the
+  // logits' dtype, from the per-row gradient grad_row).
+  m.def(
+      "cross_entropy_forward_aot(Tensor logits, Tensor target, int ignore_index, str reduction=\"none\") "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "cross_entropy_backward_aot(Tensor grad_row, Tensor logits, Tensor target, Tensor lse, int ignore_index) "
+      "-> Tensor");
 }

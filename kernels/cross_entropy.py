@@ -111,8 +111,13 @@ def cross_entropy_backward(
 # ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
 
 
-def aot_kernels(arch: int, dtype: str) -> list[dict]:
-    """Both kernels as launched: one shape whatever the vocabulary; pointers not listed are in the logits' dtype."""
+def aot_kernels(arch: int, dtype: str, shipped: bool = False) -> list[dict]:
+    """Both kernels as cross_entropy_forward / cross_entropy_backward launch them, for tools/aot.py: one BLOCK_V and
+    num_warps whatever the vocabulary (the row is streamed in chunks), so one case per kernel serves every V whose
+    row stride, V and ignore_index fit the compiled i32 (the JIT compiles i64 variants past that; the op's aot column
+    sends those calls there). Logits, and the backward's gradient, in dtype; targets int64 (the op converts any
+    integer target); loss, logsumexp and the per-row upstream gradient fp32. shipped=True (the cubins a CUDA build
+    ships for csrc/cross_entropy_aot.cpp) and CI's compile sample are the same two cases."""
     types = {"Target": "*i64", "Loss": "*fp32", "Lse": "*fp32", "GradRow": "*fp32"}
     case = dict(label=f"any w{NUM_WARPS}", constexprs={"BLOCK_V": BLOCK_V}, num_warps=NUM_WARPS)
     return [dict(kernel=k, types=types, cases=[case]) for k in (_ce_forward_kernel, _ce_backward_kernel)]

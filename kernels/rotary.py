@@ -93,10 +93,11 @@ def _rotary_kernel(
     c, s = cos[:, None, :], sin[:, None, :]
     tl.store(o_head + i1[None, None, :], (x1 * c - x2 * s).to(Out.dtype.element_ty), mask=mask)
     tl.store(o_head + i2[None, None, :], (x2 * c + x1 * s).to(Out.dtype.element_ty), mask=mask)
-    if COPY_PASS:
-        j = 2 * half + tl.arange(0, BLOCK_P)
-        pass_mask = token_head_ok & (j < 2 * half + n_pass)[None, None, :]
-        tl.store(o_head + j[None, None, :], tl.load(x_head + j[None, None, :], mask=pass_mask), mask=pass_mask)
+    if COPY_PASS:  # BLOCK_P dims at a time, so that the pass-through width is not one more compiled axis
+        for p in range(0, n_pass, BLOCK_P):
+            j = 2 * half + p + tl.arange(0, BLOCK_P)
+            pass_mask = token_head_ok & (j < 2 * half + n_pass)[None, None, :]
+            tl.store(o_head + j[None, None, :], tl.load(x_head + j[None, None, :], mask=pass_mask), mask=pass_mask)
 
 
 def tokens_per_block(x: torch.Tensor, block_h: int, block_r: int) -> int:
@@ -105,11 +106,14 @@ def tokens_per_block(x: torch.Tensor, block_h: int, block_r: int) -> int:
     return 1 if x.is_cuda else next_power_of_2(max(1, 16384 // (block_h * block_r)))
 
 
-def blocks(n_heads: int, half: int, n_pass: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_R, BLOCK_P): up to ~2048 rotated pairs per program, so a token's heads share one table row."""
+PASS_BLOCK = 64  # pass-through dims copied per step (BLOCK_P): one value, so no compiled axis of its own
+
+
+def blocks(n_heads: int, half: int) -> tuple[int, int]:
+    """(BLOCK_H, BLOCK_R): up to ~2048 rotated pairs per program, so a token's heads share one table row."""
     block_r = next_power_of_2(max(half, 1))
     block_h = min(next_power_of_2(n_heads), max(1, 2048 // block_r))
-    return block_h, block_r, next_power_of_2(max(n_pass, 1))
+    return block_h, block_r
 
 
 def rotary(
@@ -128,7 +132,7 @@ def rotary(
     half = cos.shape[-1]
     n_pass = D - 2 * half
     per_sequence = cos.dim() == 3
-    block_h, block_r, block_p = blocks(H, half, n_pass)
+    block_h, block_r = blocks(H, half)
     if B * T and H:
         block_t = tokens_per_block(x, block_h, block_r)
         grid = (cdiv(B * T, block_t), cdiv(H, block_h))
@@ -161,7 +165,7 @@ def rotary(
             BLOCK_T=block_t,
             BLOCK_H=block_h,
             BLOCK_R=block_r,
-            BLOCK_P=block_p,
+            BLOCK_P=PASS_BLOCK,
             num_warps=NUM_WARPS,
         )
     return out
@@ -170,13 +174,60 @@ def rotary(
 # ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
 
 
-def aot_kernels(arch: int, dtype: str) -> list[dict]:
-    """The model's case per head dim: full-width half-split rotation of 16 heads with fp32 shared tables and int
-    offsets (GPT-2 small has 12 heads, Llama 32); pointers not listed are in x's dtype."""
-    cases = []
-    for d in (64, 128, 256):
-        block_h, block_r, block_p = blocks(16, d // 2, 0)
-        flags = dict(INTERLEAVED=False, CONJUGATE=False, PER_SEQUENCE=False, OFFSET_TENSOR=False, COPY_PASS=False)
-        constexprs = dict(BLOCK_T=1, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=block_p, **flags)
-        cases.append(dict(label=f"d{d} w{NUM_WARPS}", constexprs=constexprs, num_warps=NUM_WARPS))
-    return [dict(kernel=_rotary_kernel, types={"Cos": "*fp32", "Sin": "*fp32", "Offsets": "*i64"}, cases=cases)]
+# The shipped set's bounds (aot_kernels(shipped=True)); calls outside it take the JIT (fasttrain/ops/rotary.py).
+MAX_HEADS = 128
+MAX_HEAD_DIM = 256  # and a multiple of 16: the strides are compiled as multiples of 16
+MIN_HALF = 5  # rotated pairs per head at least (BLOCK_R >= 8)
+
+
+def aot_kernels(arch: int, dtype: str, shipped: bool = False) -> list[dict]:
+    """The compiles of the rotary kernel for tools/aot.py, one token per program (BLOCK_T = 1, as on a GPU).
+
+    shipped=False, CI's compile check: the model's case per head dim, a full-width half-split rotation of 16 heads
+    with fp32 shared tables (GPT-2 small has 12 heads, Llama 32). shipped=True, the cubins a CUDA build ships for the
+    C++ launch path (csrc/rotary_aot.cpp): half-split pairs (interleaved=False), tables in fp32 or x's dtype, every
+    (BLOCK_H, BLOCK_R) of `blocks` for up to MAX_HEADS heads and MIN_HALF..MAX_HEAD_DIM / 2 rotated pairs; shared
+    tables, per-sequence ones, or shared ones with an int32 or int64 offsets tensor (inference: no conjugate); with
+    and without the pass-through copy and the conjugate (the backward). x and out are in dtype."""
+    if not shipped:
+        cases = []
+        for d in (64, 128, 256):
+            block_h, block_r = blocks(16, d // 2)
+            flags = dict(INTERLEAVED=False, CONJUGATE=False, PER_SEQUENCE=False, OFFSET_TENSOR=False, COPY_PASS=False)
+            constexprs = dict(BLOCK_T=1, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=PASS_BLOCK, **flags)
+            cases.append(dict(label=f"d{d} w{NUM_WARPS}", constexprs=constexprs, num_warps=NUM_WARPS))
+        return [dict(kernel=_rotary_kernel, types={"Cos": "*fp32", "Sin": "*fp32", "Offsets": "*i64"}, cases=cases)]
+    tiles = [
+        (block_h, block_r)
+        for block_r in (8, 16, 32, 64, 128)  # next_power_of_2(half), MIN_HALF <= half <= MAX_HEAD_DIM / 2
+        for block_h in sorted({blocks(1 << i, block_r)[0] for i in range(MAX_HEADS.bit_length())})
+    ]
+    out = []
+    for tables in ("fp32",) if dtype == "fp32" else ("fp32", dtype):
+        for mode, offsets in (
+            ("shared", "i64"),
+            ("per-sequence", "i64"),
+            ("i32-offsets", "i32"),
+            ("i64-offsets", "i64"),
+        ):
+            flag_sets = [
+                dict(
+                    INTERLEAVED=False,
+                    CONJUGATE=conj,
+                    PER_SEQUENCE=mode == "per-sequence",
+                    OFFSET_TENSOR=mode.endswith("offsets"),
+                    COPY_PASS=copy,
+                )
+                for conj in ((False,) if mode.endswith("offsets") else (False, True))
+                for copy in (False, True)
+            ]
+            cases = []
+            for flags in flag_sets:
+                name = " ".join(k.lower() for k in ("CONJUGATE", "COPY_PASS") if flags[k]) or "plain"
+                for block_h, block_r in tiles:
+                    constexprs = dict(BLOCK_T=1, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_P=PASS_BLOCK, **flags)
+                    label = f"r{block_r} h{block_h} {tables} tables {mode}: {name}"
+                    cases.append(dict(label=label, constexprs=constexprs, num_warps=NUM_WARPS))
+            types = {"Cos": f"*{tables}", "Sin": f"*{tables}", "Offsets": f"*{offsets}"}
+            out.append(dict(kernel=_rotary_kernel, types=types, cases=cases))
+    return out

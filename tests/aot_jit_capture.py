@@ -1,15 +1,20 @@
-"""What the Triton JIT launcher and the C++ aot launcher are given for the same norm calls, without a GPU.
+"""What the Triton JIT launcher and the C++ aot launcher are given for the same norm, rotary and cross-entropy calls,
+without a GPU.
 
 Run as a script (tests/test_norms_aot.py starts it): TRITON_INTERPRET=0 before Triton is imported, the active driver
 mocked to an sm_90 one, and JITFunction._do_compile replaced by a stand-in that compiles nothing and records what the
 JIT specialized (its signature with the constexprs it made of None and 1-valued arguments, its divisibility-16
 attributes, num_warps) and then the launch it is given (grid, every argument). kernels/norms.py's launchers run as on
-a GPU (one row per program forward; 4 * 132 programs at most backward). The C++ ops run on the same tensors with the
+a GPU (one row per program forward; 4 * 132 programs at most backward), kernels/rotary.py's likewise (one token per
+program). The C++ ops run on the same tensors with the
 launch recorder on, the registry loaded from the shipped cubins in argv[1]. Tensors are named by role, so the two
 processes' addresses never need to match: an input by its name, an output by the returned tensor it is, any other
 buffer (the dw/db partials) "buffer", an absent one or an empty tensor "null".
 
-    python tests/aot_jit_capture.py AOT_DIR CASES_JSON   # prints one JSON object per case
+    python tests/aot_jit_capture.py AOT_DIR[:AOT_DIR...] CASES_JSON   # prints one JSON object per case
+
+A case with "op": "cross_entropy" runs kernels/cross_entropy.py's launchers and the cross_entropy_*_aot ops
+(tests/test_cross_entropy_aot.py starts those).
 """
 
 import importlib.util
@@ -151,24 +156,87 @@ def run_case(C, norms, entries, case: dict) -> dict:
     return out
 
 
+def run_rotary_case(C, rotary, entries, case: dict) -> dict:
+    """case: kind (rotary, rotary_ in place), B, T, H, D, half, dtype, tables (fp32 or same), mode (shared,
+    per-sequence, offsets), offsets_dtype, offset, conjugate, view (x a head slice of a wider qkv tensor)."""
+    torch.manual_seed(case.get("seed", 0))
+    dtype = DTYPES[case["dtype"]]
+    B, T, H, D, half = case["B"], case["T"], case["H"], case["D"], case["half"]
+    table_dtype = torch.float32 if case["tables"] == "fp32" else dtype
+    if case["view"]:
+        x = torch.randn(B, T, 2 * H + 1, D, dtype=dtype)[:, :, 1 : H + 1]  # (B, T, H, D), the model's qkv slice
+    else:
+        x = torch.randn(B, T, H, D, dtype=dtype)
+    rows = (B, T, half) if case["mode"] == "per-sequence" else (T + case["offset"] + 3, half)
+    cos, sin = torch.randn(*rows, dtype=table_dtype), torch.randn(*rows, dtype=table_dtype)
+    offsets = None
+    if case["mode"] == "offsets":
+        offsets = torch.randint(0, 3, (B,), dtype=getattr(torch, case["offsets_dtype"]))
+    offset, conjugate, inplace = case["offset"], case["conjugate"], case["kind"] == "rotary_"
+    inputs = {"x": x, "cos": cos, "sin": sin, "offsets": offsets}
+    out = {}
+    jit_out = x if inplace else torch.empty(x.shape, dtype=dtype)
+    rotary.rotary(x, cos, sin, offsets, offset, False, conjugate, jit_out)
+    out["jit"] = jit_launch(_names({**inputs, "out": jit_out}))
+    if inplace:
+        torch.ops.fasttrain.rotary_aot_(x, cos, sin, offsets, offset, False)
+        ours = x
+    else:
+        ours = torch.ops.fasttrain.rotary_aot(x, cos, sin, offsets, offset, False, conjugate)
+    out["aot"] = aot_launch(C, entries, _names({**inputs, "out": ours}))
+    return out
+
+
+def run_cross_entropy_case(C, ce, entries, case: dict) -> dict:
+    """case: kind (forward, backward), N, V, dtype, ignore_index, ignored (how many rows' targets are ignore_index)."""
+    torch.manual_seed(case.get("seed", 0))
+    N, V, ignore_index = case["N"], case["V"], case["ignore_index"]
+    logits = torch.randn(N, V, dtype=DTYPES[case["dtype"]])
+    target = torch.randint(0, V, (N,))
+    target[: case["ignored"]] = ignore_index
+    inputs = {"logits": logits, "target": target}
+    out = {}
+    if case["kind"] == "forward":
+        jit = ce.cross_entropy_forward(logits, target, ignore_index)
+        out["jit"] = jit_launch(_names({**inputs, "loss": jit[0], "lse": jit[1]}))
+        ours = torch.ops.fasttrain.cross_entropy_forward_aot(logits, target, ignore_index)
+        out["aot"] = aot_launch(C, entries, _names({**inputs, "loss": ours[0], "lse": ours[1]}))
+    else:
+        inputs["grad_row"], inputs["lse"] = torch.randn(N), torch.randn(N)
+        args = (inputs["grad_row"], logits, target, inputs["lse"], ignore_index)
+        out["jit"] = jit_launch(_names({**inputs, "grad": ce.cross_entropy_backward(*args)}))
+        ours = torch.ops.fasttrain.cross_entropy_backward_aot(*args)
+        out["aot"] = aot_launch(C, entries, _names({**inputs, "grad": ours}))
+    return out
+
+
 def main() -> None:
     aot_dir, cases = sys.argv[1], json.loads(sys.argv[2])
     driver.set_active(_NoGpu())
     JITFunction._do_compile = _do_compile
     import fasttrain._C as C
     from fasttrain import _aot
-    from fasttrain.kernels import norms
+    from fasttrain.kernels import cross_entropy, norms, rotary
 
     norms.rows_per_block = lambda x, block_n: 1  # a GPU's tiles: one row per program
+    rotary.tokens_per_block = lambda x, block_h, block_r: 1  # one token per program
     norms._programs = lambda device, n_rows: max(1, min(n_rows, 4 * MULTIPROCESSORS))
     C.aot_clear()
-    _aot.load(aot_dir, arch=90)
-    index = json.loads(Path(aot_dir, "index.json").read_text())
-    entries = {(e["kernel"], e["dtype"], e["case"]): e for e in index}
+    entries = {}
+    for directory in aot_dir.split(os.pathsep):  # one or more tools/aot.py --out folders
+        _aot.load(directory, arch=90)
+        index = json.loads(Path(directory, "index.json").read_text())
+        entries.update({(e["kernel"], e["dtype"], e["case"]): e for e in index})
     C.aot_record(True, MULTIPROCESSORS)
     try:
         for case in cases:
-            print(json.dumps({"case": case, **run_case(C, norms, entries, case)}), flush=True)
+            if case.get("op") == "cross_entropy":
+                result = run_cross_entropy_case(C, cross_entropy, entries, case)
+            elif case["kind"].startswith("rotary"):
+                result = run_rotary_case(C, rotary, entries, case)
+            else:
+                result = run_case(C, norms, entries, case)
+            print(json.dumps({"case": case, **result}), flush=True)
     finally:
         C.aot_record(False, 0)
     assert triton.__version__  # the JIT whose launches these are: the test reports its version

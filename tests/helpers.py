@@ -9,6 +9,7 @@ How a kernel is judged: against a float64 computation of the same function, inpu
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 TOL_FP32 = {
@@ -73,3 +74,52 @@ def assert_within_2x_torch(ours, torch_same_dtype, want, measure=err, slack: flo
 def set_attn_implementation(model, impl: str) -> None:
     """model.set_attn_implementation(impl): the attention layers and the mask builder read it at every forward."""
     model.set_attn_implementation(impl)
+
+
+def assert_aot_launch_is_the_jit_launch(jit: dict, aot: dict) -> None:
+    """A launch of the C++ aot launcher (recorded) is the one Triton's JIT launcher is given for the same call
+    (tests/aot_jit_capture.py captures both): kernel, grid, warps, the compiled case's constexprs as the JIT took
+    them, every argument in order with its type and value."""
+    assert jit["kernel"] == aot["kernel"]
+    assert jit["grid"] == aot["grid"] and jit["num_warps"] == aot["num_warps"]
+    assert aot["shared"] == aot["entry_shared"] and aot["scratch_params"] == 2
+    # The compiled case: the kernel's constexprs as the JIT took them.
+    assert aot["constexprs"] == {k: int(jit["constexprs"][k]) for k in aot["constexprs"]}
+    assert list(aot["args"]) == [
+        n for n, t in jit["signature"].items() if t != "constexpr" or n not in aot["constexprs"]
+    ]
+    for name, value in aot["args"].items():
+        if jit["signature"][name] == "constexpr":
+            # The JIT made a constexpr of a None pointer (dropped from its launch: the cubin gets a null it never
+            # reads) or of a 1-valued integer (the cubin gets the 1 as an ordinary argument).
+            assert (value, jit["constexprs"][name]) in (("null", None), (1, 1)), name
+            continue
+        assert jit["signature"][name] == aot["types"][name], name
+        if aot["types"][name] == "fp32":
+            assert value == float(np.float32(jit["args"][name])), name
+        else:
+            assert value == jit["args"][name], name
+    # The cubin assumes 16-divisibility only of what the JIT found divisible (or a null it never reads).
+    assert all(n in jit["divisible"] or aot["args"][n] == "null" for n in aot["divisible"])
+
+
+def aot_jit_launches(aot_dir, cases: list[dict]) -> list[dict]:
+    """Per case, {"case", "jit", "aot"}: the JIT launcher's launch and the recorded C++ launch of one call, from
+    tests/aot_jit_capture.py in one child (it imports Triton with the interpreter off and mocks the driver)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "aot_jit_capture.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(aot_dir), json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    return [line for line in lines if "case" in line]

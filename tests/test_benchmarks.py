@@ -79,7 +79,8 @@ def test_fasttrain_bench_times_every_op_against_torch_and_writes_where_it_is_tol
     result = json.loads((tmp_path / "out" / "overhead.quick.json").read_text())
     ops = {"layer_norm", "add_layer_norm", "rotary", "attention", "cross_entropy", "decode"}
     impls = ("torch", "fasttrain", "fasttrain, no launch")  # the last from a child process on the Triton path
-    aot = {(op, "fasttrain aot, no launch") for op in ("layer_norm", "add_layer_norm")}  # the norms' C++ path
+    aot_ops = ("layer_norm", "add_layer_norm", "rotary", "cross_entropy")
+    aot = {(op, "fasttrain aot, no launch") for op in aot_ops}  # the C++ paths
     assert {(r["op"], r["impl"]) for r in result["rows"]} == {(op, impl) for op in ops for impl in impls} | aot
     assert all(r["host_us"] > 0 for r in result["rows"])
     # The cProfile names fasttrain's own functions among the costliest.
@@ -362,12 +363,29 @@ def test_bench_hf_step_times_only_a_variant_whose_first_step_agrees():
 
 def test_bench_overhead_drops_aot_launches_only_inside_its_context():
     import fasttrain._C as C
-    from fasttrain.ops import layer_norm
+    from fasttrain.ops import cross_entropy, layer_norm
+    from fasttrain.ops.cross_entropy import CROSS_ENTROPY
     from fasttrain.ops.norms import NORMS
 
     x, w = torch.randn(3, 8, requires_grad=True), torch.randn(8)
+    target = torch.randint(0, 8, (3,))
     with bench_overhead.aot_launches_dropped("cpu", {torch.float32}):
-        assert NORMS.choose(x, 8, None, w, None) == "aot"
+        assert NORMS.choose(x, 8, None, w, None) == "aot" and CROSS_ENTROPY.choose(x, -100) == "aot"
         layer_norm(x, (8,), w).sum().backward()  # the C++ op and its autograd run; no kernel is launched
+        cross_entropy(x, target).backward()
         assert C.aot_records() == [] and C.aot_registered() > 0
     assert C.aot_registered() == 0 and NORMS.choose(x, 8, None, w, None) != "aot"
+    assert CROSS_ENTROPY.choose(x, -100) != "aot"
+
+
+def test_bench_overhead_drops_rotary_aot_launches_only_inside_its_context():
+    import fasttrain._C as C
+    from fasttrain.ops import apply_rotary_emb
+    from fasttrain.ops.rotary import ROTARY
+
+    x, cos, sin = torch.randn(1, 4, 2, 32, requires_grad=True), torch.rand(4, 16), torch.rand(4, 16)
+    with bench_overhead.aot_launches_dropped("cpu", {torch.float32}):
+        assert ROTARY.choose(x, cos, sin, None, False) == "aot"
+        apply_rotary_emb(x, cos, sin).sum().backward()  # the C++ op and its autograd run; no kernel is launched
+        assert C.aot_records() == [] and x.grad.shape == x.shape
+    assert C.aot_registered() == 0 and ROTARY.choose(x, cos, sin, None, False) != "aot"

@@ -15,7 +15,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,6 +22,8 @@ import torch.nn.functional as F
 import fasttrain._C as C
 from fasttrain import _aot, _backend
 from fasttrain.ops.norms import _AOT_MAX_N, NORMS, add_layer_norm, add_rms_norm, layer_norm, rms_norm
+
+from helpers import assert_aot_launch_is_the_jit_launch
 
 ROOT = Path(__file__).resolve().parent.parent
 SM = 132  # the recorder's SM count (an H100's), which the backward's program count follows
@@ -174,27 +175,7 @@ def captured(sample):
 @pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: "-".join(map(str, CASES[i])))
 def test_recorded_launch_is_what_the_jit_launcher_is_given(captured, i):
     jit, aot = captured[i]["jit"], captured[i]["aot"]
-    assert jit["kernel"] == aot["kernel"]
-    assert jit["grid"] == aot["grid"] and jit["num_warps"] == aot["num_warps"]
-    assert aot["shared"] == aot["entry_shared"] and aot["scratch_params"] == 2
-    # The compiled case: the kernel's constexprs as the JIT took them.
-    assert aot["constexprs"] == {k: int(jit["constexprs"][k]) for k in aot["constexprs"]}
-    assert list(aot["args"]) == [
-        n for n, t in jit["signature"].items() if t != "constexpr" or n not in aot["constexprs"]
-    ]
-    for name, value in aot["args"].items():
-        if jit["signature"][name] == "constexpr":
-            # The JIT made a constexpr of a None pointer (dropped from its launch: the cubin gets a null it never
-            # reads) or of a 1-valued integer (the cubin gets the 1 as an ordinary argument).
-            assert (value, jit["constexprs"][name]) in (("null", None), (1, 1)), name
-            continue
-        assert jit["signature"][name] == aot["types"][name], name
-        if aot["types"][name] == "fp32":
-            assert value == float(np.float32(jit["args"][name])), name
-        else:
-            assert value == jit["args"][name], name
-    # The cubin assumes 16-divisibility only of what the JIT found divisible (or a null it never reads).
-    assert all(n in jit["divisible"] or aot["args"][n] == "null" for n in aot["divisible"])
+    assert_aot_launch_is_the_jit_launch(jit, aot)
 
 
 def test_launcher_refuses_what_the_cubin_was_not_compiled_for(registry):
@@ -279,6 +260,74 @@ def test_torch_compile_traces_the_public_functions_on_the_aot_column(registry, m
     kernels = [rec["kernel"] for rec in C.aot_records()]
     assert kernels.count("_norm_forward_kernel") == 2 and kernels.count("_norm_backward_kernel") == 2
     assert all(t.grad is not None for t in (x, r, w, b))
+
+
+def _launches(records):
+    """The recorded launches with each address reduced to whether it is null (outputs and statistics are fresh
+    allocations per call)."""
+    return [{**r, "args": [bool(a) if t == "ptr" else a for t, a in zip(r["types"], r["args"])]} for r in records]
+
+
+SHORT_CALLS = {
+    "layer_norm": lambda x, r, w, b: layer_norm(x, (100,), w, b),
+    "layer_norm, int shape": lambda x, r, w, b: layer_norm(x, 100, w, None, 1e-6),
+    "rms_norm, eps None": lambda x, r, w, b: rms_norm(x, [100], w),
+    "add_layer_norm": lambda x, r, w, b: add_layer_norm(x, r, torch.Size([100]), w, b),
+    "add_rms_norm, eps None": lambda x, r, w, b: add_rms_norm(x, r, (100,), None),
+}
+
+
+@pytest.mark.parametrize("shape", [(3, 100), (2, 3, 100), (1, 100)], ids=str)
+@pytest.mark.parametrize("call", list(SHORT_CALLS))
+def test_short_path_takes_the_common_calls_and_launches_what_the_general_path_does(registry, monkeypatch, call, shape):
+    import fasttrain.ops.norms as norms
+
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    torch.manual_seed(0)
+    leaves = [torch.randn(*s, dtype=torch.float16, requires_grad=True) for s in (shape, shape, (100,), (100,))]
+    runs = []
+    for short in (True, False):
+        if short:  # the short path never asks the table
+            monkeypatch.setattr(NORMS, "choose", lambda *a, **k: pytest.fail("the general path ran"))
+        else:
+            monkeypatch.undo()
+            monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+            monkeypatch.setattr(norms, "_AOT_OP", None)
+        out = SHORT_CALLS[call](*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        assert all(o.shape == shape for o in outs)
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        runs.append((_launches(C.aot_records()[2 * len(runs) :]), [t.grad for t in leaves]))
+        for t in leaves:
+            t.grad = None
+    (short_launches, short_grads), (general_launches, general_grads) = runs
+    assert len(short_launches) == 2 and short_launches == general_launches
+    assert [g is None for g in short_grads] == [g is None for g in general_grads]
+
+
+def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkeypatch):
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    chosen = []
+    choose = NORMS.choose
+    monkeypatch.setattr(NORMS, "choose", lambda *a, **k: chosen.append(1) or choose(*a, **k))
+    x = torch.randn(3, 100, dtype=torch.float16)
+    w = torch.randn(100, dtype=torch.float16)
+    general = [
+        lambda: layer_norm(x, (100,), w, backend="aot"),  # a backend named
+        lambda: layer_norm(x, (100,), w.float()),  # a dtype mix (the general path takes it to triton or reference)
+        lambda: layer_norm(x.view(3, 10, 10), (10, 10)),  # two normalized dims
+        lambda: layer_norm(x, (100,), w, eps=0),  # an int eps
+        lambda: rms_norm(x.double(), (100,)),  # not a shipped dtype
+    ]
+    for i, call in enumerate(general):
+        call()
+        assert len(chosen) == i + 1, i
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "reference")
+    layer_norm(x, (100,), w)
+    assert len(chosen) == len(general) + 1
+    # a bad argument never reaches the op: the general path raises its error
+    with pytest.raises(ValueError, match="layer_norm: weight must have shape"):
+        layer_norm(x, (100,), w[:99])
 
 
 def test_aot_column_comes_first_and_follows_the_switches(monkeypatch):

@@ -66,7 +66,7 @@ def test_ncu_attention_runs_each_provider_inside_the_range_after_a_warm_up():
     assert len(lines) == 5 and all(line.startswith("fasttrain d") for line in lines[2:])
 
 
-def test_aot_host_ab_times_the_three_paths_of_each_norm():
+def test_aot_host_ab_times_the_three_paths_of_each_aot_op():
     """tools/aot_host_ab.py, the interleaved measurement behind NOTES.md's aot host times."""
     tool = Path(__file__).resolve().parent.parent / "tools" / "aot_host_ab.py"
     done = subprocess.run(
@@ -75,6 +75,8 @@ def test_aot_host_ab_times_the_three_paths_of_each_norm():
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [
-        f"{op} {mode}" for op in ("layer_norm", "add_layer_norm") for mode in ("fwd", "fwd+bwd")
+        f"{op} {mode}"
+        for op in ("layer_norm", "add_layer_norm", "rotary", "cross_entropy")
+        for mode in ("fwd", "fwd+bwd")
     ]
     assert all(line.count(" us per call") == 1 and "aot, no launch" in line for line in lines)

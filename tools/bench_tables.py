@@ -29,6 +29,7 @@ VOCABULARY = {
     "ms": "median time per call (per optimizer step for the training step), milliseconds",
     "fwd ms": "attention forward alone, milliseconds",
     "bwd ms": "attention backward alone, milliseconds",
+    "fwd+bwd ms": "forward + backward, milliseconds",
     "fwd TFLOP/s": "attention forward, 4 B H T T D FLOPs (halved when causal) per second",
     "bwd TFLOP/s": "attention backward, 2.5x the forward's FLOPs per second",
     "fwd+bwd TFLOP/s": "attention forward + backward, 3.5x the forward's FLOPs per second",
@@ -41,6 +42,8 @@ VOCABULARY = {
     "x eager": "the torch eager baseline's time (the row at 1) over this row's; above 1: faster",
     "x compile": "torch.compile's time at the same shape over this row's; above 1: faster",
     "x SDPA": "SDPA over a static cache: its time over this row's",
+    "fwd x SDPA": "torch's SDPA with the same mask: its forward time over this row's",
+    "fwd+bwd x SDPA": "torch's SDPA with the same mask: its forward + backward time over this row's",
     "x fused": "torch.optim.AdamW(fused=True): its time over this row's",
     "x torch": "torch's own op of the same kind: its host time over this row's",
     "peak GiB": "peak CUDA memory of the process during the step",
@@ -48,6 +51,11 @@ VOCABULARY = {
     "GPU busy ms": "time kernels ran in one profiled step; ms minus this is the GPU waiting on the host",
     "tokens/s": "tokens trained (step) or generated (generation) per second",
     "host us": "host time per call on a tiny input, microseconds",
+    "to step 1 s": "from process start to the first finished training step, seconds",
+    "imports s": "process start and imports, seconds",
+    "build s": "model and optimizer built, seconds",
+    "step 1 s": "the first step, compiling and autotuning included, seconds",
+    "step 2 s": "the second step, seconds",
     "params": "parameters updated (AdamW) or in the model (step)",
     "MB": "document text prepared, MB",
     "MB/s": "document text read, tokenized and written as shards per second, MB",
@@ -65,6 +73,14 @@ KEYS = {
     "step_ms": "ms",
     "fwd_ms": "fwd ms",
     "bwd_ms": "bwd ms",
+    "fwd+bwd_ms": "fwd+bwd ms",
+    "fwd_x_sdpa": "fwd x SDPA",
+    "fwd+bwd_x_sdpa": "fwd+bwd x SDPA",
+    "to_first_step_s": "to step 1 s",
+    "start_and_imports_s": "imports s",
+    "build_s": "build s",
+    "first_step_s": "step 1 s",
+    "second_step_s": "step 2 s",
     "fwd_tflops": "fwd TFLOP/s",
     "bwd_tflops": "bwd TFLOP/s",
     "fwd+bwd_tflops": "fwd+bwd TFLOP/s",
@@ -90,6 +106,7 @@ IMPLS = {
     "compile": "torch.compile",
     "fasttrain+compile": "fasttrain + torch.compile",
     "fasttrain+graph": "fasttrain + CUDA graph",
+    "sdpa": "torch SDPA",
     "sdpa_flash": "SDPA FLASH",
     "sdpa_cudnn": "SDPA cuDNN",
     "sdpa_efficient": "SDPA efficient",
@@ -102,7 +119,7 @@ IMPLS = {
 MEASURES = set(VOCABULARY) - {"impl", "params", "MB", "images", "note"}
 # The other columns: dimensions and labels of a row, as the benchmarks name them.
 LABELS = {"B", "T", "H", "Hkv", "D", "L", "M", "N", "K", "V", "causal", "dtype", "op", "mode", "model", "prompt", "new",
-          "format", "tokenizer", "workers"}  # fmt: skip
+          "format", "tokenizer", "workers", "mask", "cache"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -138,6 +155,12 @@ TABLES = [
         ["B", "T", "H", "D", "causal", "impl", "fwd TFLOP/s", "bwd TFLOP/s", "fwd+bwd TFLOP/s", "note"],
     ),
     Table(
+        "attention_masks",
+        "SDPA with a mask: fasttrain's kernels (the mask's plan kept, or read at the call) against torch's SDPA with "
+        "the same mask",
+        ["mask", "B", "T", "H", "D", "dtype", "impl", "fwd ms", "fwd+bwd ms", "fwd x SDPA", "fwd+bwd x SDPA"],
+    ),
+    Table(
         "decode",
         "KV-cache decode step, one new token per sequence (bytes: the K and V cache read)",
         ["B", "L", "H", "Hkv", "D", "impl", "ms", "GB/s", "%copy", "x SDPA", "x eager"],
@@ -148,6 +171,11 @@ TABLES = [
         "Generation: prefill, then one decode step per new token",
         ["model", "B", "prompt", "new", "impl", "tokens/s", "x eager"],
         {"kind": "generate"},
+    ),
+    Table(
+        "first_step",
+        "Time to the first training step, from process start (cold and warm compile caches)",
+        ["B", "T", "impl", "cache", "to step 1 s", "imports s", "build s", "step 1 s", "step 2 s"],
     ),
     Table(
         "adamw",

@@ -12,8 +12,9 @@
 # kernels beside cuDNN's and FLASH's: tools/ncu_attention.py). Stages after build share the installed package, so a
 # later run on the same machine can take the rest: `tools/gpu_check.sh OUT tiles bench:adamw`.
 # A CUDA build also compiles the shipped Triton kernels (tools/aot.py --shipped, CMakeLists.txt), so `info` shows
-# the aot column live, test runs its gpu tests (tests/test_norms_aot.py: aot against triton and the reference) and
-# bench:overhead its "fasttrain aot, no launch" rows beside "fasttrain" (the aot path, launches made).
+# the aot column live, test runs its gpu tests (tests/test_norms_aot.py, tests/test_cross_entropy_aot.py: aot
+# against triton and the reference) and bench:overhead its "fasttrain aot, no launch" rows beside "fasttrain" (the aot
+# path, launches made).
 # Each stage is cut at STAGE_TIMEOUT seconds (default 420; the probe's 180) and the whole run at DEADLINE seconds
 # after it starts (default 540), so that a hang costs one stage's logs, not the run's; what ran is packed either way.
 # dist (not in the default list: `tools/gpu_check.sh OUT build dist`): the trainer under torchrun with FSDP2 over nccl

@@ -2,12 +2,17 @@
 returns the per-row losses (reduced after it with plain torch ops, so autograd hands the backward a per-row gradient
 whatever the reduction).
 
-Backends: `triton` (kernels/cross_entropy.py: never materializes fp32 logits or log-probabilities) and
-`reference` (plain PyTorch in fp32: torch's log_softmax and nll_loss forward, and the gradient softmax - onehot in
-closed form from the saved logsumexp, as the kernel computes it, rather than torch's autograd through them).
+Backends: `aot` (the same kernels compiled ahead of time and launched from C++, csrc/cross_entropy_aot.cpp: the op, its
+checks, the reduction and its autograd in C++, so an eager call runs no Python past the backend choice, and the
+commonest calls skip the general checks and choice too, `_aot_short`; CUDA fp16, bf16 or fp32 logits, with the cubins of
+a CUDA build), `triton` (kernels/cross_entropy.py: never materializes fp32 logits or log-probabilities) and `reference`
+(plain PyTorch in fp32: torch's log_softmax and nll_loss forward, and the gradient softmax - onehot in closed form from
+the saved logsumexp, as the kernel computes it, rather than torch's autograd through them).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +61,55 @@ class Triton:
 
 # ---- the table: which backend can serve which inputs ----------------------------------------------------------------
 
+# What kernels/cross_entropy.py aot_kernels(shipped=True) lists: one case per kernel and logits dtype, any vocabulary.
+_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_I32 = 2**31 - 1
+_AOT_OP_REASON = _backend.native_op_reason("cross_entropy_forward_aot")  # read once: Dynamo cannot trace the import
+
+
+def _aot_reason(logits: Tensor, ignore_index: int) -> str | None:
+    """None for what the shipped cubins were compiled for: CUDA fp16/bf16/fp32 logits whose row stride and V fit
+    int32 (the JIT compiles an i64 variant past that), an int32 ignore_index, logits 16-byte aligned (a view at an
+    odd offset goes to the JIT, which compiles for it, rather than being copied)."""
+    if (why := _backend.aot_reason(logits.device)) is not None:
+        return why
+    return _aot_input_reason(logits, ignore_index)
+
+
+def _aot_input_reason(logits: Tensor, ignore_index: int) -> str | None:
+    """_aot_reason past the device's."""
+    if _AOT_OP_REASON is not None:
+        return _AOT_OP_REASON
+    if logits.dtype not in _AOT_DTYPES:
+        return f"the shipped cubins take fp16, bf16 or fp32 logits, got {logits.dtype}"
+    if max(logits.shape[1], logits.stride(0)) > _I32:
+        return "a logits row stride or vocabulary past int32 (the JIT compiles for it)"
+    if not -_I32 - 1 <= ignore_index <= _I32:
+        return "an ignore_index past int32 (the JIT compiles for it)"
+    # Dynamo cannot trace storage_offset: a traced call leaves a misaligned view to the C++ op's copy.
+    if (
+        not torch.compiler.is_compiling()
+        and logits.stride(1) == 1
+        and logits.storage_offset() * logits.element_size() % 16
+    ):
+        return "logits not 16-byte aligned (the JIT compiles for it; the aot path would copy them)"
+    return None
+
+
+def _triton_reason(logits: Tensor, ignore_index: int) -> str | None:
+    return _backend.triton_tensor_reason(logits)
+
+
 CROSS_ENTROPY = _backend.Table(
     "cross_entropy",
     {
-        "triton": _backend.Backend(_backend.triton_tensor_reason, Triton, live=_backend.triton_live),
+        "aot": _backend.Backend(
+            _aot_reason,
+            None,
+            live=_backend.aot_live,
+            direct=torch.ops.fasttrain.cross_entropy_forward_aot.default if _AOT_OP_REASON is None else None,
+        ),
+        "triton": _backend.Backend(_triton_reason, Triton, live=_backend.triton_live),
         "reference": _backend.Backend(_backend.always, Reference),
     },
 )
@@ -116,6 +166,30 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- the public function: check the arguments, choose, call, reduce ------------------------------------------------
 
 
+_AOT_OP = CROSS_ENTROPY.direct.get("aot")
+
+
+def _aot_short(input, target, ignore_index, reduction, backend) -> Tensor | None:
+    """The loss from the aot op for a call that the checks and choice in `cross_entropy` would send there unchanged:
+    no backend named or forced, plain tensors on one device, logits (N, V) of a shipped dtype with unit column stride
+    that the aot column takes (_aot_reason), int64 targets (N,), an int ignore_index and a known reduction, no trace.
+    Else None, and the general path checks, chooses and calls; it does nothing else this one skips, so both give the
+    same launch (tests/test_cross_entropy_aot.py)."""
+    if backend is not None or _AOT_OP is None or type(input) is not Tensor or type(target) is not Tensor:
+        return None
+    if _backend.aot_reason(device := input.device) is not None:  # first: a CPU tensor leaves at once
+        return None
+    if input.dim() != 2 or input.stride(1) != 1 or input.shape[1] == 0 or target.dtype != torch.int64:
+        return None
+    if target.shape != input.shape[:1] or target.device != device or type(ignore_index) is not int:
+        return None
+    if reduction not in REDUCTIONS or torch.compiler.is_compiling() or _aot_input_reason(input, ignore_index):
+        return None
+    if os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO:
+        return None
+    return _AOT_OP(input, target, ignore_index, reduction)[0]
+
+
 def cross_entropy(
     input: Tensor, target: Tensor, ignore_index: int = -100, reduction: str = "mean", *, backend: str | None = None
 ) -> Tensor:
@@ -126,8 +200,10 @@ def cross_entropy(
     torch). Unlike torch, the loss is float32 whatever the logits dtype (a bf16 mean loses the digits a training curve
     shows), and on the triton backend a target outside [0, V) gives a NaN loss instead of a device assert (not under
     a double backward, create_graph=True, whose gradients come from the reference).
-    Class weights and label smoothing are not implemented. backend: "auto" (default), "triton" or "reference".
-    """
+    Class weights and label smoothing are not implemented. backend: "auto" (default), "aot", "triton" or
+    "reference"; on "aot" a double backward raises (FASTTRAIN_AOT=0 or backend="triton" serve it)."""
+    if (loss := _aot_short(input, target, ignore_index, reduction, backend)) is not None:
+        return loss
     if not isinstance(input, Tensor) or not input.is_floating_point():
         raise TypeError(
             f"input must be a floating-point tensor of logits, got {getattr(input, 'dtype', type(input).__name__)}"
@@ -148,9 +224,11 @@ def cross_entropy(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    name = CROSS_ENTROPY.choose(input, backend=backend)
+    name = CROSS_ENTROPY.choose(input, ignore_index, backend=backend)
     if name != "reference" and input.stride(-1) != 1:
         input = input.contiguous()  # the kernels need unit stride along the vocabulary only
+    if name == "aot" and _AOT_OP is not None:
+        return _AOT_OP(input, target.long(), ignore_index, reduction)[0]  # reduced in C++ too: one op call
     loss, _ = _forward_op(input, target.long().contiguous(), ignore_index, name)
     if reduction == "none":
         return loss

@@ -3,11 +3,12 @@
 RMSNorm), all four over one registered op on rows (M, N).
 
 Backends: `aot` (the same kernels compiled ahead of time and launched from C++, csrc/norms_aot.cpp: the op, its checks
-and its autograd in C++, so an eager call never enters Python past the backend choice; CUDA calls whose tensors share
-one dtype, with the cubins of a CUDA build), `triton` (kernels/norms.py: one pass each way, rows up to MAX_N wide held
-in registers) and `reference` (plain PyTorch: torch's native LayerNorm and its backward from the saved statistics;
-RMSNorm in closed form). The reference is what CPU tensors take without the Triton interpreter; its backward computes
-the gradients from the forward's mean and 1/std as the kernel does, rather than recomputing the forward under autograd.
+and its autograd in C++, so an eager call never enters Python past the backend choice, and the commonest calls skip
+the general checks and choice too, `_aot_short`; CUDA calls whose tensors share one dtype, with the cubins of a CUDA
+build), `triton` (kernels/norms.py: one pass each way, rows up to MAX_N wide held in registers) and `reference` (plain
+PyTorch: torch's native LayerNorm and its backward from the saved statistics; RMSNorm in closed form). The reference
+is what CPU tensors take without the Triton interpreter; its backward computes the gradients from the forward's mean
+and 1/std as the kernel does, rather than recomputing the forward under autograd.
 
 One difference from torch, on every backend: under autocast the output is in the autocast dtype (torch computes the
 norm in fp32 and returns fp32, and the Linear that follows casts it to bf16 in a separate pass; the kernel computes in
@@ -17,6 +18,7 @@ fp32 and writes bf16 once, the same rounding without the extra read and write).
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 from torch import Tensor
@@ -338,6 +340,49 @@ def _norm(
     return y.view(input.shape), (stream.view(input.shape) if residual is not None else stream)
 
 
+# ---- the short path: the commonest calls, straight to the aot op ---------------------------------------------------
+
+_AOT_OP = NORMS.direct["aot"].default if "aot" in NORMS.direct else None
+_MACHINE_EPS = {dtype: torch.finfo(dtype).eps for dtype in _AOT_DTYPES}
+
+
+def _aot_short(
+    input, residual, normalized_shape, weight, bias, eps, is_rms: bool, backend
+) -> tuple[Tensor, Tensor] | None:
+    """(y, s) from the aot op for a call that the checks and choice below `_norm` would send there unchanged: no
+    backend named or forced, normalized_shape one int (or one in a tuple, list or Size) within the shipped widths,
+    plain tensors of one shipped dtype on one device, eps a float >= 0 (None: RMSNorm's machine epsilon), no autocast,
+    the aot column live for the device. Else None, and the general path checks, chooses and calls; it does nothing
+    else this one skips, so both give the same launch (tests/test_norms_aot.py)."""
+    if backend is not None or _AOT_OP is None or type(input) is not Tensor:
+        return None
+    if _backend.aot_reason(device := input.device) is not None:  # first: a CPU tensor leaves at once
+        return None
+    if type(normalized_shape) is int:
+        n = normalized_shape
+    elif type(normalized_shape) in (tuple, list, torch.Size) and len(normalized_shape) == 1:
+        n = normalized_shape[0]
+    else:
+        return None
+    dtype = input.dtype
+    if eps is None and is_rms:
+        eps = _MACHINE_EPS.get(dtype)
+    if type(n) is not int or not 0 < n <= _AOT_MAX_N or type(eps) is not float or not eps >= 0:
+        return None
+    if dtype not in _AOT_DTYPES or input.dim() == 0 or input.shape[-1] != n:
+        return None
+    for t, shape in ((residual, input.shape), (weight, (n,)), (bias, (n,))):
+        if t is not None and (not isinstance(t, Tensor) or t.dtype != dtype or t.device != device or t.shape != shape):
+            return None
+    if os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO or torch.is_autocast_enabled(device.type):
+        return None
+    x, r = _rows(input, n), (_rows(residual, n) if residual is not None else None)
+    y, stream, _, _ = _AOT_OP(x, r, _flat(weight), _flat(bias), eps, is_rms, dtype)
+    if x is input:
+        return y, stream
+    return y.view(input.shape), (stream.view(input.shape) if residual is not None else stream)
+
+
 def _check_eps(name: str, eps) -> None:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"{name}: eps must be a float, got {type(eps).__name__}")
@@ -369,6 +414,8 @@ def layer_norm(
     """torch's `F.layer_norm`: normalize over the trailing `normalized_shape` dims to zero mean and unit variance,
     then scale by weight and shift by bias. Statistics in fp32 whatever the dtype; under autocast the output is in the
     autocast dtype (module docstring). backend: "auto" (default), "triton" or "reference"."""
+    if (out := _aot_short(input, None, normalized_shape, weight, bias, eps, False, backend)) is not None:
+        return out[0]
     n_cols, shape = _normalized("layer_norm", input, normalized_shape, weight, bias)
     _check_eps("layer_norm", eps)
     return _norm(input, None, n_cols, weight, bias, eps, False, backend)[0]
@@ -385,6 +432,8 @@ def rms_norm(
     """torch's `F.rms_norm`: x / sqrt(mean(x^2) + eps) over the trailing `normalized_shape` dims, times weight;
     eps None means torch.finfo(input.dtype).eps, as in torch. Statistics in fp32; under autocast the output is in the
     autocast dtype (module docstring). backend: "auto" (default), "triton" or "reference"."""
+    if (out := _aot_short(input, None, normalized_shape, weight, None, eps, True, backend)) is not None:
+        return out[0]
     n_cols, shape = _normalized("rms_norm", input, normalized_shape, weight, None)
     if eps is None:
         eps = torch.finfo(input.dtype).eps
@@ -405,6 +454,8 @@ def add_layer_norm(
     """A pre-norm block's residual add and the LayerNorm after it, in one pass: (layer_norm(s), s) for
     s = input + residual, the new residual stream, in the two's promoted dtype as `input + residual` gives it (a bf16
     branch onto an fp32 stream stays fp32). The norm is `layer_norm`'s (same arguments, same output dtype rule)."""
+    if (out := _aot_short(input, residual, normalized_shape, weight, bias, eps, False, backend)) is not None:
+        return out
     n_cols, shape = _normalized("add_layer_norm", input, normalized_shape, weight, bias)
     _check_residual("add_layer_norm", input, residual)
     _check_eps("add_layer_norm", eps)
@@ -422,6 +473,8 @@ def add_rms_norm(
 ) -> tuple[Tensor, Tensor]:
     """(rms_norm(s), s) for s = input + residual in one pass, as add_layer_norm; eps None means the machine epsilon
     of s's dtype, as rms_norm(s) would take."""
+    if (out := _aot_short(input, residual, normalized_shape, weight, None, eps, True, backend)) is not None:
+        return out
     n_cols, shape = _normalized("add_rms_norm", input, normalized_shape, weight, None)
     _check_residual("add_rms_norm", input, residual)
     if eps is None:

@@ -2,13 +2,17 @@
 registered ops: `fasttrain::rotary` (out of place, with autograd: the gradient is the upstream gradient rotated
 back, the same op with conjugate=True) and `fasttrain::rotary_` (in place, no autograd).
 
-Backends: `triton` (kernels/rotary.py) and `cpu` (csrc/rotary_cpu.cpp), each reading x once and writing
-the result once, and `reference` (plain PyTorch in fp32).
+Backends: `aot` (the Triton kernel compiled ahead of time and launched from C++, csrc/rotary_aot.cpp: the op, its
+checks and its autograd in C++, so an eager call never enters Python past the backend choice, and the commonest call
+skips the general checks and choice too, `_aot_short`; CUDA calls inside the shipped set, kernels/rotary.py
+aot_kernels), `triton` (kernels/rotary.py) and `cpu` (csrc/rotary_cpu.cpp), each
+reading x once and writing the result once, and `reference` (plain PyTorch in fp32).
 """
 
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 from torch import Tensor
@@ -66,6 +70,12 @@ class Triton:
         _backend.kernels("rotary").rotary(x, cos, sin, offsets, offset, interleaved, False, x)
 
 
+class Aot:  # the out-of-place op is the column's direct op, fasttrain::rotary_aot (the table below)
+    @staticmethod
+    def inplace(x, cos, sin, offsets, offset, interleaved):
+        torch.ops.fasttrain.rotary_aot_(x, cos, sin, offsets, offset, interleaved)
+
+
 class Cpu:
     @staticmethod
     def forward(x, cos, sin, offsets, offset, interleaved, conjugate):
@@ -80,13 +90,56 @@ class Cpu:
 
 # Read once, at import (Dynamo cannot trace the extension's import).
 _CPU_OP_REASON = _backend.native_op_reason("rotary_cpu")
+_AOT_OP_REASON = _backend.native_op_reason("rotary_aot")
+
+# What kernels/rotary.py aot_kernels(shipped=True) lists, not read from there: that would import Triton.
+_AOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_AOT_OFFSETS = (torch.int32, torch.int64)
+_AOT_MAX_HEADS = 128
+_AOT_MAX_HEAD_DIM = 256
+_AOT_MIN_HALF = 5
+_I32 = 2**31 - 1
+
+
+def _aot_reason(x: Tensor, cos: Tensor, sin: Tensor, offsets: Tensor | None, interleaved: bool) -> str | None:
+    """None for the calls kernels/rotary.py ships cubins for (the arguments checked by _check)."""
+    if (why := _backend.aot_reason(x.device)) is not None:
+        return why
+    if _AOT_OP_REASON is not None:
+        return _AOT_OP_REASON
+    B, T, H, D = x.shape
+    if x.dtype not in _AOT_DTYPES or cos.dtype not in (torch.float32, x.dtype) or sin.dtype != cos.dtype:
+        return f"the shipped cubins take fp16, bf16 or fp32 x with fp32 or x-dtype tables, got {x.dtype}, {cos.dtype}"
+    if interleaved:
+        return "the shipped cubins rotate half-split pairs (interleaved=False)"
+    if D % 16 or D > _AOT_MAX_HEAD_DIM or H > _AOT_MAX_HEADS or cos.shape[-1] < _AOT_MIN_HALF:
+        return (
+            f"the shipped cubins take head_dim a multiple of 16 up to {_AOT_MAX_HEAD_DIM}, up to {_AOT_MAX_HEADS} "
+            f"heads and rotary_dim >= {2 * _AOT_MIN_HALF}, got {H} heads of {D} with rotary_dim {2 * cos.shape[-1]}"
+        )
+    if offsets is not None and (offsets.dtype not in _AOT_OFFSETS or (x.requires_grad and torch.is_grad_enabled())):
+        return "the shipped cubins take int32 or int64 seqlen_offsets tensors, without a gradient"
+    if x.numel() > _I32 or cos.numel() > _I32:
+        return "tensors past 2**31 elements take the JIT's 64-bit indexing"
+    return None
+
+
+def _jit_reason(reason):
+    return lambda x, *_: reason(x)
+
 
 ROTARY = _backend.Table(
     "rotary",
     {
-        "triton": _backend.Backend(_backend.triton_tensor_reason, Triton, live=_backend.triton_live),
+        "aot": _backend.Backend(
+            _aot_reason,
+            Aot,
+            live=_backend.aot_live,
+            direct=torch.ops.fasttrain.rotary_aot if _AOT_OP_REASON is None else None,
+        ),
+        "triton": _backend.Backend(_jit_reason(_backend.triton_tensor_reason), Triton, live=_backend.triton_live),
         "cpu": _backend.Backend(
-            lambda x: _backend.cpu_kernel_reason(x, _CPU_OP_REASON), Cpu, live=lambda: _CPU_OP_REASON
+            _jit_reason(lambda x: _backend.cpu_kernel_reason(x, _CPU_OP_REASON)), Cpu, live=lambda: _CPU_OP_REASON
         ),
         "reference": _backend.Backend(_backend.always, Reference),
     },
@@ -144,6 +197,44 @@ def _rotary_inplace_op(
 @_rotary_inplace_op.register_fake
 def _(x, cos, sin, offsets, offset, interleaved, backend):
     return None
+
+
+# ---- the short path: the commonest call, straight to the aot op ----------------------------------------------------
+
+_AOT_OP = ROTARY.direct["aot"].default if "aot" in ROTARY.direct else None
+
+
+def _aot_short(x, cos, sin, interleaved, inplace, seqlen_offsets, backend) -> Tensor | None:
+    """The aot op's rotation for a call that `_check` and the choice below would send there unchanged (the model's):
+    no backend named or forced, out of place, half-split pairs, an int offset within the table, plain tensors on one
+    device, x of a shipped dtype and size with unit stride along D, contiguous (T_ro, R/2) tables of one shipped dtype,
+    the aot column live for the device. Else None, and the general path checks, chooses and calls; it does nothing
+    else this one skips, so both give the same launch (tests/test_rotary_aot.py)."""
+    if backend is not None or _AOT_OP is None or type(x) is not Tensor or interleaved is not False or inplace:
+        return None
+    if _backend.aot_reason(device := x.device) is not None:  # first: a CPU tensor leaves at once
+        return None
+    if type(cos) is not Tensor or type(sin) is not Tensor or type(seqlen_offsets) is not int or seqlen_offsets < 0:
+        return None
+    dtype = x.dtype
+    if dtype not in _AOT_DTYPES or x.dim() != 4 or cos.dim() != 2 or sin.shape != cos.shape:
+        return None
+    if (
+        cos.dtype not in (torch.float32, dtype)
+        or sin.dtype != cos.dtype
+        or cos.device != device
+        or sin.device != device
+    ):
+        return None
+    _, T, H, D = x.shape
+    n_pos, half = cos.shape
+    if D % 16 or D > _AOT_MAX_HEAD_DIM or H > _AOT_MAX_HEADS or not _AOT_MIN_HALF <= half <= D // 2:
+        return None
+    if seqlen_offsets + T > n_pos or x.stride(-1) != 1 or not (cos.is_contiguous() and sin.is_contiguous()):
+        return None
+    if x.numel() > _I32 or cos.numel() > _I32 or os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO:
+        return None
+    return _AOT_OP(x, cos.detach(), sin.detach(), None, seqlen_offsets, False, False)
 
 
 # ---- the public function: check the arguments, choose, call --------------------------------------------------------
@@ -230,9 +321,11 @@ def apply_rotary_emb(
     dtype, a new contiguous tensor, or x itself when inplace=True (which refuses x requiring grad). Gradients flow to
     x only: cos/sin are detached on every backend (the model's tables are fixed buffers; flash-attn gives them no
     gradient either).
-    backend: "auto" (default), "triton" (CUDA; CPU tensors under TRITON_INTERPRET=1), "cpu" (csrc/rotary_cpu.cpp:
-    fp32, bf16, fp16 CPU tensors) or "reference".
+    backend: "auto" (default), "aot" (CUDA, the shipped cubins: kernels/rotary.py aot_kernels), "triton" (CUDA; CPU
+    tensors under TRITON_INTERPRET=1), "cpu" (csrc/rotary_cpu.cpp: fp32, bf16, fp16 CPU tensors) or "reference".
     """
+    if (out := _aot_short(x, cos, sin, interleaved, inplace, seqlen_offsets, backend)) is not None:
+        return out
     _check(x, cos, sin, seqlen_offsets)
     for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
         if not isinstance(flag, bool):
@@ -248,14 +341,14 @@ def apply_rotary_emb(
             f"apply_rotary_emb: inplace=True needs x whose elements do not share memory, got strides "
             f"{x.stride()} (an expanded tensor; pass .contiguous() or inplace=False)"
         )
-    name = ROTARY.choose(x, backend=backend)
+    offsets, offset = (seqlen_offsets, 0) if isinstance(seqlen_offsets, Tensor) else (None, int(seqlen_offsets))
+    name = ROTARY.choose(x, cos, sin, offsets, interleaved, backend=backend)
     if name != "reference":
         if x.stride(-1) != 1:
             if inplace:
                 raise ValueError("apply_rotary_emb: inplace=True needs x with unit stride along D")
             x = x.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()  # tables: one row per position, small
-    offsets, offset = (seqlen_offsets, 0) if isinstance(seqlen_offsets, Tensor) else (None, int(seqlen_offsets))
     if inplace:
         _rotary_inplace_op(x, cos, sin, offsets, offset, interleaved, name)
         return x
