@@ -398,12 +398,19 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
             for (int64_t j = a; j < b; ++j) p[j] = keep[j - a] ? p[j] * dropout.scale : 0.0f;
           }
         }
-        // dV and dK sum over every query row of the GQA group: each block's share is summed apart and then added,
-        // so that no one fp32 accumulator takes Tq * group terms in a row (the BLAS sums k sequentially).
-        gemm(true, false, cw, D, n, p_tile, cw, do_p, dout.row, 0.0f, kv_tile, D);  // (cw, D) P^T dO
-        add_rows(dv.at(s.k_batch, k0, kvh), dv.row, kv_tile, cw, D);
-        gemm(true, false, cw, D, n, ds_tile, cw, q_p, q.row, 0.0f, kv_tile, D);  // (cw, D) dS^T Q
-        add_rows(dk.at(s.k_batch, k0, kvh), dk.row, kv_tile, cw, D);
+        // dV and dK sum over every query row of the GQA group. With fewer keys than rows (each p large: one key gives
+        // dV = the sum of Tq * group dO rows) the block's share is summed apart and then added, since the BLAS sums
+        // k sequentially into one fp32 accumulator; wider tiles add straight in (the extra pass costs time there).
+        float *dv_p = dv.at(s.k_batch, k0, kvh), *dk_p = dk.at(s.k_batch, k0, kvh);
+        if (cw < n) {
+          gemm(true, false, cw, D, n, p_tile, cw, do_p, dout.row, 0.0f, kv_tile, D);  // (cw, D) P^T dO
+          add_rows(dv_p, dv.row, kv_tile, cw, D);
+          gemm(true, false, cw, D, n, ds_tile, cw, q_p, q.row, 0.0f, kv_tile, D);  // (cw, D) dS^T Q
+          add_rows(dk_p, dk.row, kv_tile, cw, D);
+        } else {
+          gemm(true, false, cw, D, n, p_tile, cw, do_p, dout.row, 1.0f, dv_p, dv.row);  // (cw, D) P^T dO
+          gemm(true, false, cw, D, n, ds_tile, cw, q_p, q.row, 1.0f, dk_p, dk.row);    // (cw, D) dS^T Q
+        }
         gemm(false, false, n, D, cw, ds_tile, cw, k_p, k.row, 1.0f, dq_p, dq.row);  // (n, D) dS K
       }
     }
@@ -455,7 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p_tile(kRows * tile_keys(P)), ds_tile(kRows * tile_keys(P)), delta(kRows),
         dcap(tile_keys(P));
-    std::vector<float> kv_tile(tile_keys(P) * P.D);
+    std::vector<float> kv_tile(std::min(kRows, tile_keys(P)) * P.D);
     std::vector<uint8_t> keep(tile_keys(P));
     for (int64_t t = begin; t < end; ++t) {
       backward_heads(P, P.seqs[t / P.Hkv], t % P.Hkv, dor, qr, kr, vr, outr, lp, dlp, dqr, dkr, dvr, p_tile.data(),
