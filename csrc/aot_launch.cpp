@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <unordered_map>
@@ -50,6 +52,30 @@ const std::vector<KernelSpec>& specs() {
        {"BLOCK_V"},
        {"GradRow", "Logits", "Target", "Lse", "GradLogits", "row_stride", "grad_row_stride", "n_cols",
         "ignore_index"}},
+      {Kernel::DecodeAppend,
+       "_decode_append_kernel",
+       {"HEAD_DIM", "ROT_HALF", "ROTARY", "Q_PER_TOKEN", "INTERLEAVED", "HAS_BATCH_IDX", "PAGE", "BLOCK_D", "BLOCK_R"},
+       {"Q",          "K",          "V",          "KC",         "VC",         "QR",         "COS",
+        "SIN",        "SEQLENS",    "BATCH_IDX",  "BLOCK_TABLE", "stride_qb", "stride_qt",  "stride_qh",
+        "stride_kb",  "stride_kt",  "stride_kh",  "stride_vb",  "stride_vt",  "stride_vh",  "stride_kcb",
+        "stride_kct", "stride_kch", "stride_vcb", "stride_vct", "stride_vch", "stride_bt",  "stride_qrb",
+        "stride_qrt", "stride_qrh", "stride_rot", "tq",         "t_new",      "t_rows",     "n_heads",
+        "n_kv_heads", "t_cache",    "t_rot"}},
+      {Kernel::Decode,
+       "_decode_kernel",
+       {"HEAD_DIM", "SPLIT", "HAS_BATCH_IDX", "HAS_LEFTPAD", "PAGE", "BLOCK_M", "BLOCK_N", "BLOCK_D", "SOFTCAP",
+        "ALIBI"},
+       {"Q",          "KC",          "VC",         "SEQLENS",     "BATCH_IDX",      "LEFTPAD",    "BLOCK_TABLE",
+        "Out",        "LSE",         "stride_qb",  "stride_qt",   "stride_qh",      "stride_kcb", "stride_kct",
+        "stride_kch", "stride_vcb",  "stride_vct", "stride_vch",  "stride_bt",      "stride_ob",  "stride_ot",
+        "stride_oh",  "stride_ls",   "stride_lb",  "stride_lt",   "stride_lh",      "stride_os",  "qk_scale",
+        "tq",         "group",       "n_kv_heads", "seqlen_add",  "window_left",    "window_right", "t_cache",
+        "t_cache_bucket", "num_splits", "softcap_log2", "Alibi", "stride_ab"}},
+      {Kernel::DecodeCombine,
+       "_decode_combine_kernel",
+       {"HEAD_DIM", "BLOCK_S", "BLOCK_D"},
+       {"O_PART", "LSE_PART", "Out", "LSE", "stride_ps", "stride_ls", "stride_ob", "stride_ot", "stride_oh",
+        "stride_lb", "stride_lh", "stride_lt", "tq", "n_heads", "num_splits"}},
   };
   return kSpecs;
 }
@@ -197,6 +223,13 @@ int multiprocessors(c10::DeviceIndex device) {
   return cuda_multiprocessors(device);
 }
 
+const Entry* lookup(Kernel kernel, std::initializer_list<at::ScalarType> pointers,
+                    std::initializer_list<int64_t> constexprs) {
+  const Key key = make_key(kernel, pointers.begin(), pointers.size(), constexprs.begin(), constexprs.size());
+  auto it = table().find(key);
+  return it == table().end() ? nullptr : it->second.get();
+}
+
 const Entry& find(Kernel kernel, std::initializer_list<at::ScalarType> pointers,
                   std::initializer_list<int64_t> constexprs) {
   const Key key = make_key(kernel, pointers.begin(), pointers.size(), constexprs.begin(), constexprs.size());
@@ -260,6 +293,69 @@ void launch(const Entry& e, Grid grid, c10::DeviceIndex device, std::initializer
   TORCH_CHECK(device >= 0, "aot: CPU tensors are launched only while recording");
   TORCH_CHECK(cuda_launch != nullptr, "aot: fasttrain._C was built without CUDA");
   cuda_launch(l);
+}
+
+namespace {
+
+TimeFn cuda_time = nullptr;
+CapturingFn cuda_capturing = nullptr;
+std::mutex g_tune_mutex;
+std::map<std::vector<int64_t>, int> g_tuned;  // (kernel, key...) -> the candidate chosen
+std::deque<double> g_tune_times;             // the recorder's times, consumed in order
+
+// Timed runs per candidate, after one untimed run (which also loads its module on the device).
+constexpr int kTuneRuns = 5;
+
+}  // namespace
+
+void set_cuda_timing(TimeFn time, CapturingFn capturing) {
+  cuda_time = time;
+  cuda_capturing = capturing;
+}
+
+void tune_reset(std::vector<double> times) {
+  std::lock_guard<std::mutex> lock(g_tune_mutex);
+  g_tuned.clear();
+  g_tune_times.assign(times.begin(), times.end());
+}
+
+int tune(Kernel kernel, std::initializer_list<int64_t> key, int candidates, c10::DeviceIndex device,
+         const std::function<void(int)>& run) {
+  TORCH_CHECK(candidates > 0, "aot: nothing to tune among for ", spec_of(kernel).name);
+  if (candidates == 1) return 0;
+  std::vector<int64_t> k{static_cast<int64_t>(kernel)};
+  k.insert(k.end(), key.begin(), key.end());
+  {
+    std::lock_guard<std::mutex> lock(g_tune_mutex);
+    auto it = g_tuned.find(k);
+    if (it != g_tuned.end() && it->second < candidates) return it->second;
+  }
+  std::vector<double> times(candidates);
+  if (g_recording) {
+    std::lock_guard<std::mutex> lock(g_tune_mutex);
+    if (g_tune_times.size() < static_cast<size_t>(candidates)) return 0;
+    for (double& t : times) {
+      t = g_tune_times.front();
+      g_tune_times.pop_front();
+    }
+  } else {
+    TORCH_CHECK(cuda_time != nullptr && cuda_capturing != nullptr, "aot: fasttrain._C was built without CUDA");
+    if (cuda_capturing(device)) return 0;
+  }
+  for (int i = 0; i < candidates; ++i) {
+    if (g_recording) {
+      run(i);
+      continue;
+    }
+    run(i);
+    times[i] = cuda_time(device, [&] {
+      for (int r = 0; r < kTuneRuns; ++r) run(i);
+    });
+  }
+  const int best = static_cast<int>(std::min_element(times.begin(), times.end()) - times.begin());
+  std::lock_guard<std::mutex> lock(g_tune_mutex);
+  g_tuned[k] = best;
+  return best;
 }
 
 std::vector<std::string> kernel_names() {

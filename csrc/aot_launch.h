@@ -18,6 +18,7 @@
 
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <string>
 #include <vector>
@@ -31,11 +32,14 @@ enum class Kernel : uint8_t {
   Rotary,
   CrossEntropyForward,
   CrossEntropyBackward,
+  DecodeAppend,
+  Decode,
+  DecodeCombine,
 };
 
 enum class ArgType : uint8_t { Ptr, I32, I64, F32 };
 
-constexpr int kMaxArgs = 32;
+constexpr int kMaxArgs = 48;  // the decode kernel takes 40
 constexpr int kMaxConstexprs = 12;
 constexpr int kMaxPointers = 16;
 
@@ -110,6 +114,10 @@ void set_cuda(LaunchFn launch, MultiprocessorsFn multiprocessors);
 // for an absent tensor too, as its shipped set compiles it) and constexpr values (parameter order), or an error.
 const Entry& find(Kernel kernel, std::initializer_list<at::ScalarType> pointers, std::initializer_list<int64_t> constexprs);
 
+// The same case, or nullptr when it was not shipped (an op probing the tiles it may tune among).
+const Entry* lookup(Kernel kernel, std::initializer_list<at::ScalarType> pointers,
+                    std::initializer_list<int64_t> constexprs);
+
 // Checks values against entry (count, kinds, i32 range, multiples of 16), packs them and hands the launch to the hook
 // (the recorder while recording, else the CUDA launch). device: the tensors' device index (-1 for CPU tensors, which
 // only the recorder takes).
@@ -120,6 +128,23 @@ int multiprocessors(c10::DeviceIndex device);
 
 // Whether launches are being recorded (CPU tensors are taken only then).
 bool recording();
+
+// Autotuning among shipped tiles, once per shape class: the index of the candidate chosen for (kernel, key), from the
+// cache, else found by running each candidate (run(i) makes candidate i's launches on torch's current stream) and
+// timing it, then cached. One candidate: 0, untimed. While a CUDA graph is being captured nothing can be timed: 0 (the
+// first candidate, whose tile is the JIT's first config) and nothing cached. While recording, each candidate runs once
+// (its launches recorded) and its time is the next of tune_times' list; with the list empty, 0 and nothing cached.
+int tune(Kernel kernel, std::initializer_list<int64_t> key, int candidates, c10::DeviceIndex device,
+         const std::function<void(int)>& run);
+
+// The CUDA build's timing (aot_launch_cuda.cu): milliseconds of `run` on the device's current stream by CUDA events,
+// and whether that stream is being captured into a graph.
+using TimeFn = double (*)(c10::DeviceIndex, const std::function<void()>&);
+using CapturingFn = bool (*)(c10::DeviceIndex);
+void set_cuda_timing(TimeFn time, CapturingFn capturing);
+
+// Tests: forget every tuned choice and time the recorded candidates by `times`, in order.
+void tune_reset(std::vector<double> times);
 
 // Registration and the recorder, for fasttrain/_aot.py and the tests (bound in bindings.cpp).
 std::vector<std::string> kernel_names();

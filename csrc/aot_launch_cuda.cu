@@ -11,6 +11,7 @@
 #include <dlfcn.h>
 
 #include <array>
+#include <functional>
 #include <mutex>
 
 #include "aot_launch.h"
@@ -29,6 +30,13 @@ struct Driver {
   decltype(&cuFuncSetAttribute) func_set_attribute = nullptr;
   decltype(&cuLaunchKernel) launch_kernel = nullptr;
   decltype(&cuLaunchKernelEx) launch_kernel_ex = nullptr;
+  // aot::tune's timing
+  decltype(&cuEventCreate) event_create = nullptr;
+  decltype(&cuEventRecord) event_record = nullptr;
+  decltype(&cuEventSynchronize) event_synchronize = nullptr;
+  decltype(&cuEventElapsedTime) event_elapsed_time = nullptr;
+  decltype(&cuEventDestroy) event_destroy = nullptr;
+  decltype(&cuStreamIsCapturing) stream_is_capturing = nullptr;
 };
 
 template <typename F>
@@ -52,6 +60,12 @@ const Driver& driver() {
     bind(lib, "cuFuncSetAttribute", out.func_set_attribute);
     bind(lib, "cuLaunchKernel", out.launch_kernel);
     bind(lib, "cuLaunchKernelEx", out.launch_kernel_ex);
+    bind(lib, "cuEventCreate", out.event_create);
+    bind(lib, "cuEventRecord", out.event_record);
+    bind(lib, "cuEventSynchronize", out.event_synchronize);
+    bind(lib, "cuEventElapsedTime", out.event_elapsed_time);  // every driver's (cuda.h may name the _v2)
+    bind(lib, "cuEventDestroy_v2", out.event_destroy);
+    bind(lib, "cuStreamIsCapturing", out.stream_is_capturing);
     return out;
   }();
   return d;
@@ -150,8 +164,42 @@ int multiprocessors_cuda(c10::DeviceIndex device) {
   return counts[device];
 }
 
+CUstream current_stream(c10::DeviceIndex device) {
+  return reinterpret_cast<CUstream>(c10::cuda::getCurrentCUDAStream(device).stream());
+}
+
+bool capturing_cuda(c10::DeviceIndex device) {
+  const c10::cuda::CUDAGuard guard(device);
+  CUstreamCaptureStatus status = CU_STREAM_CAPTURE_STATUS_NONE;
+  check(driver().stream_is_capturing(current_stream(device), &status), "cuStreamIsCapturing");
+  return status != CU_STREAM_CAPTURE_STATUS_NONE;
+}
+
+// Milliseconds between two events recorded around run's launches on the current stream (a host sync).
+double time_cuda(c10::DeviceIndex device, const std::function<void()>& run) {
+  const c10::cuda::CUDAGuard guard(device);
+  make_current(device);
+  CUstream stream = current_stream(device);
+  CUevent start, end;
+  check(driver().event_create(&start, CU_EVENT_DEFAULT), "cuEventCreate");
+  check(driver().event_create(&end, CU_EVENT_DEFAULT), "cuEventCreate");
+  float ms = 0.0f;
+  CUresult status = driver().event_record(start, stream);
+  if (status == CUDA_SUCCESS) {
+    run();
+    status = driver().event_record(end, stream);
+  }
+  if (status == CUDA_SUCCESS) status = driver().event_synchronize(end);
+  if (status == CUDA_SUCCESS) status = driver().event_elapsed_time(&ms, start, end);
+  driver().event_destroy(start);
+  driver().event_destroy(end);
+  check(status, "timing a tuning candidate (cuEvent*)");
+  return ms;
+}
+
 const bool installed = [] {
   set_cuda(&launch_cuda, &multiprocessors_cuda);
+  set_cuda_timing(&time_cuda, &capturing_cuda);
   return true;
 }();
 

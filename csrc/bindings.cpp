@@ -44,6 +44,8 @@ PYBIND11_MODULE(_C, m) {
       "Register one compiled case (an index.json entry and its cubin's bytes)");
   m.def("aot_registered", &aot::registered, "How many compiled cases are registered");
   m.def("aot_clear", &aot::clear, "Forget every registered case (tests)");
+  m.def("aot_tune_reset", &aot::tune_reset, pybind11::arg("times") = std::vector<double>{},
+        "Forget every tuned choice; recorded tuning then takes its candidates' times from `times`, in order (tests)");
   m.def("aot_record", &aot::record, pybind11::arg("on"), pybind11::arg("multiprocessors") = 132,
         pybind11::arg("keep") = true,
         "Record launches instead of making them (CPU tensors accepted), with this SM count; clears the records. "

@@ -75,4 +75,11 @@ TORCH_LIBRARY(fasttrain, m) {
   m.def(
       "cross_entropy_backward_aot(Tensor grad_row, Tensor logits, Tensor target, Tensor lse, int ignore_index) "
       "-> Tensor");
+  // flash_attn_with_kvcache's common call from the decode kernels compiled ahead of time (decode_aot.cpp): k/v (if
+  // given) appended at rows cache_seqlens.. of the caches in place, then out (B, Tq, H, D) in q's dtype and a float32
+  // lse (B, H, Tq), as fasttrain/ops/decode.py's triton column. num_splits 0 picks the split count.
+  m.def(
+      "decode_aot(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens, "
+      "Tensor? cache_leftpad, float softmax_scale, int window_left, int window_right, int num_splits) "
+      "-> (Tensor, Tensor)");
 }

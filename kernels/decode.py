@@ -8,7 +8,7 @@ reference):
    per (b, t, head).
 2. `_decode_kernel` runs one program per (split, b * Hkv, block of query rows). The rows of a program are the Tq
    query tokens times the H / Hkv query heads of one GQA group, so each K/V tile is read from memory once per group,
-   not once per query head. The visible keys of sequence b are cut into NUM_SPLITS equal chunks (a whole number of
+   not once per query head. The visible keys of sequence b are cut into num_splits equal chunks (a whole number of
    BLOCK_N tiles each) so that batch 1 with a long cache still launches enough programs to fill the GPU. With one
    split it writes the final output; otherwise each split writes its normalized partial output and logsumexp.
 3. `_decode_combine_kernel` merges the splits of one (b, t, head) row through their logsumexp.
@@ -269,8 +269,9 @@ def _decode_kernel(
     window_right,
     t_cache,
     t_cache_bucket,
+    num_splits,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr,
     PAGE: tl.constexpr,
@@ -283,10 +284,10 @@ def _decode_kernel(
     SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr,
 ):
-    """Grid (B * Hkv, NUM_SPLITS, cdiv(Tq * G, BLOCK_M)).
+    """Grid (B * Hkv, num_splits, cdiv(Tq * G, BLOCK_M)); SPLIT is num_splits > 1 (one compile serves every count).
 
-    Out is (B, Tq, H, D) in q's dtype with one split, else the fp32 partials (NUM_SPLITS, B, Tq, H, D); LSE is fp32,
-    natural log: (B, H, Tq) with one split, else (NUM_SPLITS, B, Tq, H). qk_scale = softmax_scale * log2(e), or
+    Out is (B, Tq, H, D) in q's dtype with one split, else the fp32 partials (num_splits, B, Tq, H, D); LSE is fp32,
+    natural log: (B, H, Tq) with one split, else (num_splits, B, Tq, H). qk_scale = softmax_scale * log2(e), or
     softmax_scale / softcap with SOFTCAP (softcap_log2 = softcap * log2 e); ALIBI: the float32 slopes (B, H), or (H,)
     with stride_ab 0 (kernels/_attention_tiles.modified_scores). ALiBi's distance is qpos - j in cache rows: a
     left-padded sequence's positions both count from its first real row, which cancels.
@@ -329,7 +330,7 @@ def _decode_kernel(
     if PAGE > 0:  # whole tiles, each inside one page (PAGE is a multiple of BLOCK_N); the mask drops keys below lo
         lo = lo // BLOCK_N * BLOCK_N
     hi = tl.maximum(tl.minimum(seqlen, t_cache), lo)
-    chunk = tl.cdiv(tl.cdiv(hi - lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(hi - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + pid_s * chunk
     end = tl.minimum(start + chunk, hi)
 
@@ -371,10 +372,10 @@ def _decode_kernel(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2
-    if NUM_SPLITS == 1:
-        lse = tl.where(seen, lse, float("inf"))
-    else:
+    if SPLIT:
         lse = tl.where(seen, lse, float("-inf"))
+    else:
+        lse = tl.where(seen, lse, float("inf"))
     o_ptrs = (
         Out + pid_s * stride_os + b * stride_ob + t[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     )
@@ -448,7 +449,7 @@ def _prune(configs, named_args, **kwargs):
 # t_cache_bucket is the cache's allocated length rounded up to a power of 2: short and long caches tune apart.
 _decode = triton.autotune(
     configs=list({id(c): c for cs in _arch_configs().values() for c in cs}.values()),
-    key=["BLOCK_M", "BLOCK_D", "NUM_SPLITS", "t_cache_bucket"],
+    key=["BLOCK_M", "BLOCK_D", "num_splits", "t_cache_bucket"],
     prune_configs_by={"early_config_prune": _prune},
 )(_decode_kernel)
 
@@ -573,8 +574,9 @@ def decode(
             HEAD_DIM=D,
             ROT_HALF=half,
             ROTARY=rotary,
-            Q_PER_TOKEN=q_per_token,
-            INTERLEAVED=rotary_interleaved,
+            # read only when rotating: one compile serves every call without rotary
+            Q_PER_TOKEN=q_per_token and rotary,
+            INTERLEAVED=rotary_interleaved and rotary,
             HAS_BATCH_IDX=has_batch_idx,
             PAGE=page,
             BLOCK_D=block_d,
@@ -633,8 +635,9 @@ def decode(
         window_right,
         Tmax,
         next_power_of_2(Tmax),
+        splits,
         HEAD_DIM=D,
-        NUM_SPLITS=splits,
+        SPLIT=splits > 1,
         HAS_BATCH_IDX=has_batch_idx,
         HAS_LEFTPAD=cache_leftpad is not None,
         PAGE=page,
@@ -680,12 +683,16 @@ def append_num_warps(head_dim: int) -> int:
 # ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
 
 
-def aot_kernels(arch: int, dtype: str) -> list[dict]:
-    """Per head dim, GQA 32/8 with one query token (a 16-row block) and 4 splits: the append with rotary fused over
-    the whole head, the decode kernel under each of arch's configs, each of these again on a paged cache of 256-row
-    pages (the decode kernel under the class's first config, which also compiles with softcap and ALiBi), the
-    combine at its widest (BLOCK_S = 128, the launcher's most splits). Pointers not listed here are in the cache's
-    dtype."""
+def aot_kernels(arch: int, dtype: str, shipped: bool = False) -> list[dict]:
+    """shipped=True: the cubins of the C++ launch path (csrc/decode_aot.cpp; fp16 and bf16 only, see _shipped).
+
+    shipped=False, CI's compile check: per head dim, GQA 32/8 with one query token (a 16-row block) and several
+    splits: the append with rotary fused over the whole head, the decode kernel under each of arch's configs, each of
+    these again on a paged cache of 256-row pages (the decode kernel under the class's first config, which also
+    compiles with softcap and ALiBi), the combine at its widest (BLOCK_S = 128, the launcher's most splits). Pointers
+    not listed here are in the cache's dtype."""
+    if shipped:
+        return _shipped(arch, dtype)
     types = {"SEQLENS": "*i32", "BATCH_IDX": "*i32", "LEFTPAD": "*i32", "BLOCK_TABLE": "*i32", "COS": "*fp32"}
     types.update({"SIN": "*fp32", "LSE": "*fp32"})
     types.update({"O_PART": "*fp32", "LSE_PART": "*fp32", "qk_scale": "fp32", "softcap_log2": "fp32", "Alibi": "*fp32"})
@@ -710,7 +717,7 @@ def aot_kernels(arch: int, dtype: str) -> list[dict]:
                     + (" softcap+alibi" if mods else ""),
                     constexprs=dict(
                         HEAD_DIM=d,
-                        NUM_SPLITS=4,
+                        SPLIT=True,
                         HAS_BATCH_IDX=not page,
                         HAS_LEFTPAD=True,
                         PAGE=page,
@@ -732,4 +739,86 @@ def aot_kernels(arch: int, dtype: str) -> list[dict]:
         dict(kernel=_decode_append_kernel, types=types, cases=append),
         dict(kernel=_decode_kernel, types={**types, "Out": "*fp32"}, cases=decode),  # Out: the splits' partials
         dict(kernel=_decode_combine_kernel, types=types, cases=combine),
+    ]
+
+
+SHIPPED_HEAD_DIMS = (64, 128, 256)
+SHIPPED_BLOCK_M = (16, 32, 64)  # every block_m of `decode`: min(64, max(16, next_power_of_2(Tq * group)))
+
+
+def shipped_tiles(arch: int, cls: str) -> list[triton.Config]:
+    """The configs of a head-dim class that ship: the first of each BLOCK_N (the C++ registry keys a case by its
+    constexprs, so two configs that differ only in warps or stages cannot both be found)."""
+    tiles = {}
+    for c in DECODE_CONFIGS[arch][cls]:
+        tiles.setdefault(c.kwargs["BLOCK_N"], c)
+    return list(tiles.values())
+
+
+def _shipped(arch: int, dtype: str) -> list[dict]:
+    """The common eager call: fp16/bf16, head dim 64, 128 or 256, no rotary, no cache_batch_idx, no block_table, no
+    softcap or ALiBi; cache_leftpad optional; k/v appended or not; any Tq, group, window and split count (up to
+    MAX_SPLITS). The append without rotary (COS and SIN are then the k_cache placeholder); the decode kernel for
+    SPLIT on and off, with and without LEFTPAD, every BLOCK_M and shipped tile; the combine at every BLOCK_S. The
+    placeholders BATCH_IDX, LEFTPAD and BLOCK_TABLE are cache_seqlens (int32), the last as a (B, 1) view whose
+    stride_bt of 1 the JIT makes a constexpr: the cubins take it as an argument not assumed divisible by 16."""
+    if dtype not in ("fp16", "bf16"):
+        return []
+    ints = {"SEQLENS": "*i32", "BATCH_IDX": "*i32", "LEFTPAD": "*i32", "BLOCK_TABLE": "*i32"}
+    scalars = {"qk_scale": "fp32", "softcap_log2": "fp32", "Alibi": "*fp32", "LSE": "*fp32"}
+    append, decode = [], {False: [], True: []}
+    combine = []
+    for d in SHIPPED_HEAD_DIMS:
+        cls = head_dim_class(d)
+        warps = append_num_warps(d)
+        flags = dict(ROTARY=False, Q_PER_TOKEN=False, INTERLEAVED=False, HAS_BATCH_IDX=False, PAGE=0)
+        append.append(
+            dict(
+                label=f"{cls} w{warps}",
+                constexprs=dict(HEAD_DIM=d, ROT_HALF=0, BLOCK_D=d, BLOCK_R=1, **flags),
+                num_warps=warps,
+            )
+        )
+        for split in (False, True):
+            for leftpad in (False, True):
+                for block_m in SHIPPED_BLOCK_M:
+                    for c in shipped_tiles(arch, cls):
+                        constexprs = dict(HEAD_DIM=d, SPLIT=split, HAS_BATCH_IDX=False, HAS_LEFTPAD=leftpad, PAGE=0)
+                        constexprs.update(BLOCK_M=block_m, BLOCK_D=d, SOFTCAP=False, ALIBI=False, **c.kwargs)
+                        label = f"{cls} m{block_m} BLOCK_N={c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+                        label += (" split" if split else "") + (" leftpad" if leftpad else "")
+                        decode[split].append(
+                            dict(label=label, constexprs=constexprs, num_warps=c.num_warps, num_stages=c.num_stages)
+                        )
+        for block_s in (1 << i for i in range(1, MAX_SPLITS.bit_length())):  # 2, 4, ..., MAX_SPLITS
+            warps = combine_num_warps(block_s, d)
+            constexprs = dict(HEAD_DIM=d, BLOCK_S=block_s, BLOCK_D=d)
+            combine.append(dict(label=f"{cls} s{block_s} w{warps}", constexprs=constexprs, num_warps=warps))
+    same = {"COS": f"*{dtype}", "SIN": f"*{dtype}"}  # the k_cache placeholder
+    append_divisible = _divisible(_decode_append_kernel, append[0]["constexprs"])
+    decode_divisible = _divisible(_decode_kernel, decode[False][0]["constexprs"])
+    return [
+        dict(kernel=_decode_append_kernel, types={**ints, **same}, divisible=append_divisible, cases=append),
+        dict(kernel=_decode_kernel, types=ints | scalars, divisible=decode_divisible, cases=decode[False]),
+        # Out: the splits' fp32 partials
+        dict(
+            kernel=_decode_kernel,
+            types={**ints, **scalars, "Out": "*fp32"},
+            divisible=decode_divisible,
+            cases=decode[True],
+        ),
+        dict(
+            kernel=_decode_combine_kernel, types={"O_PART": "*fp32", "LSE_PART": "*fp32", "LSE": "*fp32"}, cases=combine
+        ),
+    ]
+
+
+def _divisible(kernel, constexprs: dict) -> list[str]:
+    """tools/aot.py's default (every pointer and every stride_* but the logsumexp's, stride_l*) less stride_bt."""
+    return [
+        n
+        for n in kernel.arg_names
+        if n not in constexprs
+        and n != "stride_bt"
+        and (n[0].isupper() or (n.startswith("stride_") and not n.startswith("stride_l")))
     ]

@@ -1,5 +1,5 @@
-"""What the Triton JIT launcher and the C++ aot launcher are given for the same norm, rotary and cross-entropy calls,
-without a GPU.
+"""What the Triton JIT launcher and the C++ aot launcher are given for the same norm, rotary, cross-entropy and decode
+calls, without a GPU.
 
 Run as a script (tests/test_norms_aot.py starts it): TRITON_INTERPRET=0 before Triton is imported, the active driver
 mocked to an sm_90 one, and JITFunction._do_compile replaced by a stand-in that compiles nothing and records what the
@@ -14,7 +14,8 @@ buffer (the dw/db partials) "buffer", an absent one or an empty tensor "null".
     python tests/aot_jit_capture.py AOT_DIR[:AOT_DIR...] CASES_JSON   # prints one JSON object per case
 
 A case with "op": "cross_entropy" runs kernels/cross_entropy.py's launchers and the cross_entropy_*_aot ops
-(tests/test_cross_entropy_aot.py starts those).
+(tests/test_cross_entropy_aot.py starts those); one with "op": "decode" every launch of one kernels/decode.py
+`decode` call and of fasttrain::decode_aot (tests/test_decode_aot.py).
 """
 
 import importlib.util
@@ -77,8 +78,8 @@ def _role(value, names: dict):
     return value
 
 
-def jit_launch(names: dict) -> dict:
-    (kernel, grid, args) = _jit_launches.pop()
+def jit_launch(names: dict, launch: tuple | None = None) -> dict:
+    (kernel, grid, args) = launch or _jit_launches.pop()
     params = [p.name for p in kernel.fn.params]
     # constexprs: {(index,): value}; attrs: {(index,): [["tt.divisibility", 16]]}
     constexprs = {params[i[0]]: (v if not isinstance(v, torch.dtype) else str(v)) for i, v in kernel.constexprs.items()}
@@ -94,9 +95,10 @@ def jit_launch(names: dict) -> dict:
     }
 
 
-def aot_launch(C, entries: dict, names: dict) -> dict:
-    (r,) = C.aot_records()
-    C.aot_record(True, MULTIPROCESSORS)  # clears
+def aot_launch(C, entries: dict, names: dict, r: dict | None = None) -> dict:
+    if r is None:
+        (r,) = C.aot_records()
+        C.aot_record(True, MULTIPROCESSORS)  # clears
     entry = entries[(r["kernel"], _TRITON_DTYPE[r["dtype"]], r["case"])]
     arg_names = [n for n, _ in entry["args"]]
     values = {n: (_pointer_role(v, names) if t == "ptr" else v) for n, t, v in zip(arg_names, r["types"], r["args"])}
@@ -210,6 +212,38 @@ def run_cross_entropy_case(C, ce, entries, case: dict) -> dict:
     return out
 
 
+def run_decode_case(C, entries, case: dict) -> dict:
+    """case (op "decode"): B, Tq, H, Hkv, D, Tmax, lengths (B,), leftpad (B,) or None, t_new (0: nothing appended),
+    window (left, right) as fasttrain.ops.attention._window gives them, num_splits (0: the heuristic's), dtype. The
+    JIT's autotuner takes the head-dim class's first sm_90 config, the tile the C++ op launches. The launches of one
+    call in order (append, decode, combine): the split partials are "buffer" on both sides."""
+    from fasttrain.kernels import decode
+
+    torch.manual_seed(case.get("seed", 0))
+    half = DTYPES[case["dtype"]]
+    B, Tq, H, Hkv, D, Tmax, t_new = (case[k] for k in ("B", "Tq", "H", "Hkv", "D", "Tmax", "t_new"))
+    decode._decode.configs = [decode.DECODE_CONFIGS[90][decode.head_dim_class(D)][0]]
+    q = torch.randn(B, Tq, H, D, dtype=half)
+    k_cache, v_cache = torch.randn(B, Tmax, Hkv, D, dtype=half), torch.randn(B, Tmax, Hkv, D, dtype=half)
+    k, v = (torch.randn(B, t_new, Hkv, D, dtype=half) for _ in "kv") if t_new else (None, None)
+    seqlens = torch.tensor(case["lengths"], dtype=torch.int32)
+    leftpad = None if case["leftpad"] is None else torch.tensor(case["leftpad"], dtype=torch.int32)
+    inputs = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "k": k, "v": v, "cache_seqlens": seqlens}
+    inputs["cache_leftpad"] = leftpad
+    scale, (left, right), splits = D**-0.5, case["window"], case["num_splits"]
+    del _jit_launches[:]
+    out, lse = decode.decode(
+        q, k_cache, v_cache, k, v, None, None, seqlens, None, leftpad, None, scale, left, right, False, False, splits
+    )
+    names = _names({**inputs, "out": out, "lse": lse})
+    jit = [jit_launch(names, launch) for launch in _jit_launches]
+    out, lse = torch.ops.fasttrain.decode_aot(q, k_cache, v_cache, k, v, seqlens, leftpad, scale, left, right, splits)
+    names = _names({**inputs, "out": out, "lse": lse})
+    aot = [aot_launch(C, entries, names, r) for r in C.aot_records()]
+    C.aot_record(True, MULTIPROCESSORS)  # clears
+    return {"jit": jit, "aot": aot}
+
+
 def main() -> None:
     aot_dir, cases = sys.argv[1], json.loads(sys.argv[2])
     driver.set_active(_NoGpu())
@@ -221,6 +255,10 @@ def main() -> None:
     norms.rows_per_block = lambda x, block_n: 1  # a GPU's tiles: one row per program
     rotary.tokens_per_block = lambda x, block_h, block_r: 1  # one token per program
     norms._programs = lambda device, n_rows: max(1, min(n_rows, 4 * MULTIPROCESSORS))
+    from fasttrain.kernels import decode
+
+    decode._parallel_units = lambda device: MULTIPROCESSORS  # the split heuristic's SM count, as on the GPU
+    decode._arch_configs = lambda: decode.DECODE_CONFIGS[90]  # the pruner's configs: sm_90's
     C.aot_clear()
     entries = {}
     for directory in aot_dir.split(os.pathsep):  # one or more tools/aot.py --out folders
@@ -232,6 +270,8 @@ def main() -> None:
         for case in cases:
             if case.get("op") == "cross_entropy":
                 result = run_cross_entropy_case(C, cross_entropy, entries, case)
+            elif case.get("op") == "decode":
+                result = run_decode_case(C, entries, case)
             elif case["kind"].startswith("rotary"):
                 result = run_rotary_case(C, rotary, entries, case)
             else:

@@ -365,12 +365,13 @@ def test_auto_chooses_the_cpu_kernel_without_the_interpreter(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     kw = _case(1, 4, 2, CPU_LENGTHS, D=48)  # any head_dim
-    assert decode.DECODE.choose(kw["q"]) == "cpu"
+    rest = (kw["k_cache"], kw["v_cache"], None, None, None, 0.0, None, 0)  # the choice's arguments after q
+    assert decode.DECODE.choose(kw["q"], *rest) == "cpu"
     with warnings.catch_warnings():  # the intended CPU path, not a fallback: no warning
         warnings.simplefilter("error")
         _run(kw, "auto")
     with pytest.warns(RuntimeWarning, match="the CPU kernel takes fp32, bf16 or fp16, got torch.float64"):
-        decode.DECODE.choose(kw["q"].double())
+        decode.DECODE.choose(kw["q"].double(), *rest)
 
 
 def test_cpu_kernel_refuses_a_cache_row_out_of_range():

@@ -6,7 +6,8 @@ returns a list of plain dicts, one per @triton.jit kernel,
 
     {"kernel": <the JIT function>,
      "types": {argument: Triton type},  # runtime arguments other than dtype pointers and i32 scalars, e.g. "*fp32"
-     "cases": [{"label": str, "constexprs": {name: value}, "num_warps": int, "num_stages": int (default 3)}]}
+     "cases": [{"label": str, "constexprs": {name: value}, "num_warps": int, "num_stages": int (default 3)}],
+     "divisible": [argument, ...]}  # optional: the arguments compiled as multiples of 16 (default: see below)
 
 and imports nothing from here. A module whose aot_kernels also takes `shipped` ships cubins: with shipped=True it
 lists every specialization its ops launch through the C++ launch path (fasttrain/_aot.py), which `--shipped` compiles
@@ -16,7 +17,8 @@ This tool builds each case's signature from the kernel's parameters in order: a 
 (a constexpr the case leaves out is an error; names the kernel lacks are ignored, so a family shares one dict), a
 runtime argument its type from `types`, else "*<dtype>" when capitalized (a pointer, by the kernels' naming) and "i32"
 when not. Pointers and the stride_* arguments (but stride_l*, the logsumexp's) are compiled as multiples of 16, as the
-JIT specializes them at a real launch (`divisible`); a launcher of these cubins must pass only such values.
+JIT specializes them at a real launch (`divisible`), unless the entry names its own; a launcher of these cubins must
+pass only such values.
 
     python tools/aot.py --arch 80 90                 # one JSON row per (arch, dtype, kernel, case) on stdout
     python tools/aot.py --arch 80 90 --dtype bf16 fp16 --out DIR --jobs 8 --kernels-dir kernels
@@ -171,7 +173,7 @@ def module_cases(module: str, arch: int, dtype: str, shipped: bool = False) -> t
                     constexprs=values,
                     num_warps=case["num_warps"],
                     num_stages=case.get("num_stages", 3),
-                    divisible=divisible(kernel),
+                    divisible=tuple(entry["divisible"]) if "divisible" in entry else divisible(kernel),
                 )
             )
     return tuple(out)

@@ -1,8 +1,10 @@
 """KV-cache decoding: `flash_attn_with_kvcache`, flash-attn's signature.
 
-Backends: `triton` (the split-KV kernels, kernels/decode.py), `cpu` (the reference's append, then the C++
-decode kernel of csrc/attention_cpu.cpp, which reads each sequence's cache row in place) and `reference` (plain
-PyTorch, fp32 math).
+Backends: `aot` (the same kernels compiled ahead of time and launched from C++, csrc/decode_aot.cpp, for the common
+eager call: fp16/bf16, head_dim 64, 128 or 256, no rotary, cache_batch_idx, block_table, softcap or ALiBi; CUDA, with
+the cubins of a CUDA build), `triton` (the split-KV kernels, kernels/decode.py), `cpu` (the reference's append, then
+the C++ decode kernel of csrc/attention_cpu.cpp, which reads each sequence's cache row in place) and `reference`
+(plain PyTorch, fp32 math).
 
 Inference only: no gradients flow through it. The op appends the new k/v rows into the caches in place (it does not
 advance cache_seqlens: the caller owns the lengths, as in flash-attn).
@@ -184,6 +186,35 @@ class Cpu:
         return torch.ops.fasttrain.attention_kvcache_cpu(q, k_cache, v_cache, lengths, *args)
 
 
+class Aot:
+    """csrc/decode_aot.cpp: kernels/decode.py's launches from C++, for the calls _aot_reason lets through."""
+
+    @staticmethod
+    def forward(
+        q,
+        k_cache,
+        v_cache,
+        k,
+        v,
+        rotary_cos,
+        rotary_sin,
+        cache_seqlens,
+        cache_batch_idx,
+        cache_leftpad,
+        block_table,
+        softmax_scale: float,
+        window_left: int,
+        window_right: int,
+        rotary_interleaved: bool,
+        q_per_token: bool,
+        num_splits: int,
+        softcap: float = 0.0,
+        alibi_slopes=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        args = (cache_seqlens, cache_leftpad, softmax_scale, window_left, window_right, num_splits)
+        return torch.ops.fasttrain.decode_aot(q, k_cache, v_cache, k, v, *args)
+
+
 class Triton:
     """kernels/decode.py: append (rotary fused), split-KV decode, combine."""
 
@@ -196,9 +227,44 @@ class Triton:
 
 # Read once, at import: Dynamo cannot trace the extension's import.
 _CPU_OP_REASON = _backend.native_op_reason("attention_kvcache_cpu")
+_AOT_OP_REASON = _backend.native_op_reason("decode_aot")
+
+# What kernels/decode.py aot_kernels(shipped=True) lists (not read from there: that would import Triton).
+_AOT_DTYPES = (torch.float16, torch.bfloat16)
+_AOT_HEAD_DIMS = (64, 128, 256)
+_AOT_MAX_SPLITS = 128
 
 
-def _triton_reason(q: torch.Tensor) -> str | None:
+def _aot_reason(q, k_cache, v_cache, rotary_cos, cache_batch_idx, block_table, softcap, alibi_slopes, num_splits):
+    """None for the calls whose kernels ship (kernels/decode.py _shipped); else why the JIT serves them."""
+    if (why := _backend.aot_reason(q.device)) is not None:
+        return why
+    if _AOT_OP_REASON is not None:
+        return _AOT_OP_REASON
+    if q.dtype not in _AOT_DTYPES:
+        return f"the shipped decode cubins take fp16 or bf16, got {q.dtype}"
+    if q.shape[-1] not in _AOT_HEAD_DIMS:
+        return f"the shipped decode cubins take head_dim 64, 128 or 256, got {q.shape[-1]}"
+    for name, given in (
+        ("rotary fused into the append", rotary_cos is not None),
+        ("cache_batch_idx", cache_batch_idx is not None),
+        ("a paged cache (block_table)", block_table is not None),
+        ("softcap", softcap > 0.0),
+        ("alibi_slopes", alibi_slopes is not None),
+    ):
+        if given:
+            return f"the shipped decode cubins do not take {name}"
+    if num_splits > _AOT_MAX_SPLITS:
+        return f"the shipped combine takes at most {_AOT_MAX_SPLITS} splits, got num_splits={num_splits}"
+    for cache in (k_cache, v_cache):  # updated in place, so never copied: the JIT compiles for other layouts
+        # Dynamo cannot trace storage_offset: a traced call with a misaligned cache meets the C++ op's error instead
+        offset = 0 if torch.compiler.is_compiling() else cache.storage_offset() * cache.element_size()
+        if any(s % 16 for s in cache.stride()[:3]) or offset % 16:
+            return "the shipped decode cubins take caches with 16-byte aligned rows (strides multiples of 16)"
+    return None
+
+
+def _triton_reason(q: torch.Tensor, *_) -> str | None:
     if (why := _backend.triton_reason(q.device)) is not None:
         return why
     if q.device.type == "cuda" and q.dtype not in (torch.float16, torch.bfloat16):
@@ -213,9 +279,10 @@ def _triton_reason(q: torch.Tensor) -> str | None:
 DECODE = _backend.Table(
     "flash_attn_with_kvcache",
     {
+        "aot": _backend.Backend(_aot_reason, Aot, live=_backend.aot_live),
         "triton": _backend.Backend(_triton_reason, Triton, live=_backend.triton_live),
         "cpu": _backend.Backend(
-            lambda q: _backend.cpu_kernel_reason(q, _CPU_OP_REASON), Cpu, live=lambda: _CPU_OP_REASON
+            lambda q, *_: _backend.cpu_kernel_reason(q, _CPU_OP_REASON), Cpu, live=lambda: _CPU_OP_REASON
         ),
         "reference": _backend.Backend(_backend.always, Reference),
     },
@@ -497,7 +564,18 @@ def flash_attn_with_kvcache(
         _check_values(cache_seqlens, index, cache_leftpad, t_new, Tmax, rotary_rows, span)
     scale = _scale(softmax_scale, D)
     alibi_slopes = _check_alibi(alibi_slopes, B, H, q.device)
-    name = DECODE.choose(q, backend=backend)
+    name = DECODE.choose(
+        q,
+        k_cache,
+        v_cache,
+        rotary_cos,
+        cache_batch_idx,
+        block_table,
+        softcap,
+        alibi_slopes,
+        num_splits,
+        backend=backend,
+    )
     if k is not None:
         k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     q = q if q.stride(-1) == 1 else q.contiguous()
