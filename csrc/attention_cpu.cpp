@@ -65,17 +65,38 @@ FT_CPU_CLONES void probabilities(float* __restrict s, int64_t n, float scale, fl
   for (int64_t j = 0; j < n; ++j) s[j] = exp_approx(s[j] * scale - lse);
 }
 
+// p[0, n) /= their sum, when it is positive (a row that sees no key stays 0, a NaN row NaN).
+FT_CPU_CLONES void normalize(float* __restrict p, int64_t n) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += p[j];
+  if (!(sum > 0.0f)) return;
+  const float inv = 1.0f / sum;
+  for (int64_t j = 0; j < n; ++j) p[j] *= inv;
+}
+
 // dp[0, n) = p * (dp - delta) * scale: the score gradient, in place.
 FT_CPU_CLONES void score_grad(const float* __restrict p, float* __restrict dp, int64_t n, float delta, float scale) {
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta) * scale;
 }
 
 // s[0, n) = softcap * tanh(x), x = s * pre (pre = scale / softcap), with 1 - tanh^2 x into dcap when it is not
-// null: from a = 1 - |tanh x| = 2 / (e^2|x| + 1) in (0, 1], tanh = sign(x) (1 - a) and 1 - tanh^2 = a (2 - a), with
-// no cancellation where |tanh| nears 1 (exp_approx saturates, so a large |x| gives a = 0).
+// null. tanh as Cephes' tanhf: an odd polynomial below |x| = 0.625 (within an ulp), where 1 - 2 / (e^2|x| + 1) would
+// cancel to an absolute error of an ulp of 1 (times softcap in the score); above it tanh = sign(x) (1 - a) with
+// a = 2 / (e^2|x| + 1). 1 - tanh^2 = a (2 - a), a = 1 - |tanh| on both sides: no cancellation where |tanh| nears 1
+// (exp_approx saturates, so a large |x| gives a = 0).
 FT_CPU_CLONES void cap_scores(float* __restrict s, int64_t n, float pre, float softcap, float* __restrict dcap) {
   for (int64_t j = 0; j < n; ++j) {
-    const float x = s[j] * pre, a = 2.0f / (exp_approx(2.0f * std::fabs(x)) + 1.0f), t = 1.0f - a;
+    const float x = s[j] * pre, ax = std::fabs(x), z = x * x;
+    float poly = -5.70498872745e-3f;
+    poly = poly * z + 2.06390887954e-2f;
+    poly = poly * z - 5.37397155531e-2f;
+    poly = poly * z + 1.33314422036e-1f;
+    poly = poly * z - 3.33332819422e-1f;
+    poly = poly * z * ax + ax;
+    const bool small = ax < 0.625f;
+    const float e = 2.0f / (exp_approx(2.0f * ax) + 1.0f);
+    const float t = small ? poly : 1.0f - e, a = small ? 1.0f - poly : e;
     s[j] = softcap * (x < 0.0f ? -t : t);
     if (dcap) dcap[j] = a * (2.0f - a);
   }
@@ -84,6 +105,13 @@ FT_CPU_CLONES void cap_scores(float* __restrict s, int64_t n, float pre, float s
 // s[0, n) -= slope * |d - j|: ALiBi's bias for the key j columns before query position d.
 FT_CPU_CLONES void alibi_scores(float* __restrict s, int64_t n, float slope, int64_t d) {
   for (int64_t j = 0; j < n; ++j) s[j] -= slope * static_cast<float>(std::abs(d - j));
+}
+
+// dst row i (ld floats apart) += src row i (D floats apart), for i < rows.
+FT_CPU_CLONES void add_rows(float* __restrict dst, int64_t ld, const float* __restrict src, int64_t rows, int64_t D) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t d = 0; d < D; ++d) dst[i * ld + d] += src[i * D + d];
+  }
 }
 
 FT_CPU_CLONES float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
@@ -307,7 +335,7 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
                     const Rows<const float>& q, const Rows<const float>& k, const Rows<const float>& v,
                     const Rows<const float>& out, const float* lse, const float* dlse, const Rows<float>& dq,
                     const Rows<float>& dk, const Rows<float>& dv, float* p_tile, float* ds_tile, float* delta,
-                    const Dropout& dropout, int64_t seq, uint8_t* keep, float* dcap) {
+                    const Dropout& dropout, int64_t seq, uint8_t* keep, float* dcap, float* kv_tile) {
   const int64_t D = P.D, group = P.group();
   for (int64_t h = kvh * group; h < (kvh + 1) * group; ++h) {
     for (int64_t i0 = 0; i0 < s.Tq; i0 += kRows) {
@@ -316,8 +344,14 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
       if (lo >= hi) continue;
       const int64_t t0 = s.q_row + i0, lse0 = s.lse + h * P.lse_head + i0;
       const float *do_p = dout.at(s.q_batch, t0, h), *out_p = out.at(s.q_batch, t0, h);
-      for (int64_t r = 0; r < n; ++r) {  // d lse / d s = p, so an lse gradient only shifts delta
-        delta[r] = dot(do_p + r * dout.row, out_p + r * out.row, D) - (dlse ? dlse[lse0 + r] : 0.0f);
+      // With softcap or ALiBi, when the block's keys fit in one tile: each row's P renormalized to sum 1, since
+      // exp(s - lse) carries lse's rounding (half an ulp of |lse|, large with capped or biased scores) into every p
+      // of the row alike, and delta = rowsum(P * dP) from that P (minus dlse: d lse / d s = p). Otherwise
+      // delta = dO . O - dlse.
+      const bool renormalize = P.modified() && hi - lo <= kKeys;
+      for (int64_t r = 0; r < n; ++r) {
+        const float d_o = renormalize ? 0.0f : dot(do_p + r * dout.row, out_p + r * out.row, D);
+        delta[r] = d_o - (dlse ? dlse[lse0 + r] : 0.0f);
       }
       const float* q_p = q.at(s.q_batch, t0, h);
       float* dq_p = dq.at(s.q_batch, t0, h);
@@ -329,8 +363,9 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
         for (int64_t r = 0; r < n; ++r) {
           float* p = p_tile + r * cw;
           float* ds = ds_tile + r * cw;
-          const int64_t a = std::clamp<int64_t>(P.key_lo(s, i0 + r) - c0, 0, cw);
-          const int64_t b = std::clamp<int64_t>(P.key_hi(s, i0 + r) - c0, a, cw);
+          const int64_t key_lo = P.key_lo(s, i0 + r), key_hi = P.key_hi(s, i0 + r);
+          const int64_t a = std::clamp<int64_t>(key_lo - c0, 0, cw);
+          const int64_t b = std::clamp<int64_t>(key_hi - c0, a, cw);
           std::fill(p, p + a, 0.0f);
           std::fill(p + b, p + cw, 0.0f);
           if (P.modified()) {
@@ -339,10 +374,21 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
           } else {
             probabilities(p + a, b - a, P.scale, lse[lse0 + r]);  // lse +inf (no key) gives 0
           }
+          if (renormalize) normalize(p + a, b - a);
+          // A row with one visible key: its probability is exactly 1 (the forward's p / l, which the recomputed exp
+          // may miss by an ulp) and delta = p dP - dlse, so that dS is exactly 0 (but for dlse), as the softmax of one
+          // score is constant; dO . O, a sum in another order, would leave dP - delta an ulp of dP from 0.
+          const bool one_key = key_hi - key_lo == 1 && b - a == 1;
+          if (one_key && p[a] > 0.5f) p[a] = 1.0f;
           if (dropout.on) {  // dP through the mask Z / p_keep; then P Z / p_keep for dV
             dropout_keep(dropout, static_cast<uint32_t>(seq * P.H + h), static_cast<uint32_t>(i0 + r), c0 + a, b - a,
                          keep);
             for (int64_t j = a; j < b; ++j) ds[j] = keep[j - a] ? ds[j] * dropout.scale : 0.0f;
+          }
+          if (renormalize) {
+            delta[r] += dot(p + a, ds + a, b - a);
+          } else if (one_key) {
+            delta[r] = p[a] * ds[a] - (dlse ? dlse[lse0 + r] : 0.0f);
           }
           score_grad(p, ds, cw, delta[r], P.scale);
           if (P.softcap > 0.0f) {  // through the cap: d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
@@ -352,9 +398,20 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
             for (int64_t j = a; j < b; ++j) p[j] = keep[j - a] ? p[j] * dropout.scale : 0.0f;
           }
         }
-        gemm(true, false, cw, D, n, p_tile, cw, do_p, dout.row, 1.0f, dv.at(s.k_batch, k0, kvh), dv.row);  // P^T dO
-        gemm(true, false, cw, D, n, ds_tile, cw, q_p, q.row, 1.0f, dk.at(s.k_batch, k0, kvh), dk.row);    // dS^T Q
-        gemm(false, false, n, D, cw, ds_tile, cw, k_p, k.row, 1.0f, dq_p, dq.row);                         // dS K
+        // dV and dK sum over every query row of the GQA group. With fewer keys than rows (each p large: one key gives
+        // dV = the sum of Tq * group dO rows) the block's share is summed apart and then added, since the BLAS sums
+        // k sequentially into one fp32 accumulator; wider tiles add straight in (the extra pass costs time there).
+        float *dv_p = dv.at(s.k_batch, k0, kvh), *dk_p = dk.at(s.k_batch, k0, kvh);
+        if (cw < n) {
+          gemm(true, false, cw, D, n, p_tile, cw, do_p, dout.row, 0.0f, kv_tile, D);  // (cw, D) P^T dO
+          add_rows(dv_p, dv.row, kv_tile, cw, D);
+          gemm(true, false, cw, D, n, ds_tile, cw, q_p, q.row, 0.0f, kv_tile, D);  // (cw, D) dS^T Q
+          add_rows(dk_p, dk.row, kv_tile, cw, D);
+        } else {
+          gemm(true, false, cw, D, n, p_tile, cw, do_p, dout.row, 1.0f, dv_p, dv.row);  // (cw, D) P^T dO
+          gemm(true, false, cw, D, n, ds_tile, cw, q_p, q.row, 1.0f, dk_p, dk.row);    // (cw, D) dS^T Q
+        }
+        gemm(false, false, n, D, cw, ds_tile, cw, k_p, k.row, 1.0f, dq_p, dq.row);  // (n, D) dS K
       }
     }
   }
@@ -405,10 +462,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p_tile(kRows * tile_keys(P)), ds_tile(kRows * tile_keys(P)), delta(kRows),
         dcap(tile_keys(P));
+    std::vector<float> kv_tile(std::min(kRows, tile_keys(P)) * P.D);
     std::vector<uint8_t> keep(tile_keys(P));
     for (int64_t t = begin; t < end; ++t) {
       backward_heads(P, P.seqs[t / P.Hkv], t % P.Hkv, dor, qr, kr, vr, outr, lp, dlp, dqr, dkr, dvr, p_tile.data(),
-                     ds_tile.data(), delta.data(), dropout, t / P.Hkv, keep.data(), dcap.data());
+                     ds_tile.data(), delta.data(), dropout, t / P.Hkv, keep.data(), dcap.data(), kv_tile.data());
     }
   });
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};

@@ -167,8 +167,13 @@ TRITON_SAMPLE = [  # the interpreter's cost grows with the tiles: shorter sequen
 ]
 
 
+# One key per query: the softmax is constant, so dQ and dK are exactly 0 and dV sums dO over every query row of the
+# K/V head's group (1434 rows under MQA)
+ONE_KEY = [(239, 1, 32, False, False, "mqa", False, True), (239, 1, 40, False, False, "gqa", True, False)]
+
 # (backend, case, varlen): the CPU kernel on flash-attn's lengths, the interpreted Triton kernels on shorter ones
 CASES = [("cpu", c, False) for c in SAMPLE] + [("cpu", c, True) for c in SAMPLE[:2]]
+CASES += [("cpu", ONE_KEY[0], False), ("cpu", ONE_KEY[1], True)]
 CASES += [("triton", c, False) for c in TRITON_SAMPLE] + [("triton", TRITON_SAMPLE[0], True)]
 
 
@@ -295,7 +300,30 @@ MODIFIED = [
     ("triton", TRITON_SAMPLE[1], 50.0, True, False),
     ("triton", TRITON_SAMPLE[1], 0.0, True, True),
     ("triton", TRITON_SAMPLE[0], 50.0, False, True),
+    # one key per query under the modifiers; capped and biased scores, whose logsumexp is large (the CPU backward
+    # renormalizes each row's recomputed P)
+    ("cpu", ONE_KEY[0], 50.0, False, False),
+    ("cpu", ONE_KEY[0], 0.0, True, True),
+    ("cpu", (113, 203, 59, False, False, "mha", False, False), 50.0, True, False),
+    ("cpu", (1, 239, 64, False, True, "gqa", False, False), 50.0, True, False),
 ]
+
+
+# flash-attn refuses softcap with dropout ("Softcapping does not support dropout for now"); fasttrain computes it,
+# checked against the reference given the kernel's mask, outputs and gradients, with ALiBi on the CPU varlen case.
+# softcap 2 (q scaled by it): scores within the cap's bend, none of whose p underflows to 0, which S_dmask's sign
+# could not mark dropped (-0.0), so that flash-attn's dropped-fraction check holds.
+SOFTCAP_DROPOUT_CASES = DROPOUT_CASES[:4]  # the interpreter's dropout is slow: one Triton case
+
+
+@pytest.mark.parametrize(
+    "backend,case,varlen",
+    SOFTCAP_DROPOUT_CASES,
+    ids=[f"{b}-{_id(c)}" + ("-varlen" if v else "") for b, c, v in SOFTCAP_DROPOUT_CASES],
+)
+def test_flash_attn_output_softcap_dropout(backend, case, varlen):
+    check = _check_varlen_output if varlen else _check_output
+    check(*case, backend=backend, dropout_p=0.17, softcap=2.0, alibi=varlen and backend == "cpu")
 
 
 def _modified_id(backend, case, softcap, alibi, varlen):
