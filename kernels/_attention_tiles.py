@@ -147,22 +147,11 @@ TWO_LOG2E = tl.constexpr(2.8853900817779268)  # 2 / ln 2; globals a kernel reads
 
 @triton.jit
 def tanh_and_slope(x):
-    """(tanh x, 1 - tanh^2 x), tanh as Cephes' tanhf: an odd polynomial below |x| = 0.625 (within an ulp), where
-    1 - 2 / (e^2|x| + 1) would cancel to an absolute error of an ulp of 1; above it tanh = sign(x) (1 - a) with
-    a = 2 / (e^2|x| + 1). 1 - tanh^2 = a (2 - a), a = 1 - |tanh| on both sides: no cancellation where |tanh| nears 1
-    (1 - t * t would lose it). |x| stops at 30, where tanh is 1 in float32, so that the exp2 never overflows;
-    libdevice's tanh has no interpreter implementation."""
-    ax = tl.abs(x)
-    z = x * x
-    poly = -5.70498872745e-3 * z + 2.06390887954e-2
-    poly = poly * z - 5.37397155531e-2
-    poly = poly * z + 1.33314422036e-1
-    poly = poly * z - 3.33332819422e-1
-    poly = poly * z * ax + ax
-    small = ax < 0.625
-    e = 2.0 / (tl.math.exp2(tl.minimum(ax, 30.0) * TWO_LOG2E) + 1.0)
-    t = tl.where(small, poly, 1.0 - e)
-    a = tl.where(small, 1.0 - poly, e)
+    """(tanh x, 1 - tanh^2 x) from a = 1 - |tanh x| = 2 / (e^2|x| + 1), in (0, 1]: tanh = sign(x) (1 - a), and
+    1 - tanh^2 = a (2 - a) with no cancellation where |tanh| nears 1 (1 - t * t would lose it). |x| stops at 30, where
+    tanh is 1 in float32, so that the exp2 never overflows; libdevice's tanh has no interpreter implementation."""
+    a = 2.0 / (tl.math.exp2(tl.minimum(tl.abs(x), 30.0) * TWO_LOG2E) + 1.0)
+    t = 1.0 - a
     return tl.where(x < 0.0, -t, t), a * (2.0 - a)
 
 
