@@ -76,6 +76,31 @@ const std::vector<KernelSpec>& specs() {
        {"HEAD_DIM", "BLOCK_S", "BLOCK_D"},
        {"O_PART", "LSE_PART", "Out", "LSE", "stride_ps", "stride_ls", "stride_ob", "stride_ot", "stride_oh",
         "stride_lb", "stride_lh", "stride_lt", "tq", "n_heads", "num_splits"}},
+      {Kernel::AttentionBackwardPreprocess,
+       "_attn_bwd_preprocess_kernel",
+       {"HEAD_DIM", "HEAD_DIM_PAD", "VARLEN", "HAS_DLSE", "BLOCK_M"},
+       {"Out", "DOut", "Delta", "DLse", "stride_ob", "stride_ot", "stride_oh", "stride_db", "stride_dt", "stride_dh",
+        "stride_lb", "stride_lh", "CuQ", "seqlen_q"}},
+      {Kernel::AttentionBackwardDkdv,
+       "_attn_bwd_dkdv_kernel",
+       {"GROUP", "HEAD_DIM", "HEAD_DIM_PAD", "VARLEN", "UPCAST", "TMA_ALIGNED", "FULL_TILES", "BLOCK_M", "BLOCK_N",
+        "WARP_SPECIALIZE", "ATOMIC_DQ", "DROPOUT", "SOFTCAP", "ALIBI"},
+       {"Q",          "K",          "V",          "DOut",       "Lse",         "Delta",       "DK",
+        "DV",         "DQAcc",      "CuQ",        "CuK",        "stride_qb",   "stride_qt",   "stride_qh",
+        "stride_kb",  "stride_kt",  "stride_kh",  "stride_vb",  "stride_vt",   "stride_vh",   "stride_db",
+        "stride_dt",  "stride_dh",  "stride_lb",  "stride_lh",  "stride_dkb",  "stride_dkt",  "stride_dkh",
+        "stride_dvb", "stride_dvt", "stride_dvh", "stride_dqb", "stride_dqt",  "stride_dqh",  "seqlen_q",
+        "seqlen_k",   "scale",      "scale_log2", "left",       "right",       "tune_seqlen", "tune_left",
+        "tune_right", "Seed",       "dropout_threshold", "dropout_scale", "softcap_log2", "Alibi", "stride_ab"}},
+      {Kernel::AttentionBackwardDq,
+       "_attn_bwd_dq_kernel",
+       {"GROUP", "HEAD_DIM", "HEAD_DIM_PAD", "VARLEN", "UPCAST", "BLOCK_M", "BLOCK_N", "DROPOUT", "SOFTCAP", "ALIBI"},
+       {"Q",          "K",          "V",          "DOut",       "Lse",        "Delta",       "DQ",
+        "CuQ",        "CuK",        "stride_qb",  "stride_qt",  "stride_qh",  "stride_kb",   "stride_kt",
+        "stride_kh",  "stride_vb",  "stride_vt",  "stride_vh",  "stride_db",  "stride_dt",   "stride_dh",
+        "stride_lb",  "stride_lh",  "stride_dqb", "stride_dqt", "stride_dqh", "seqlen_q",    "seqlen_k",
+        "scale",      "scale_log2", "left",       "right",      "tune_seqlen", "tune_left",  "tune_right",
+        "Seed",       "dropout_threshold", "dropout_scale", "softcap_log2", "Alibi", "stride_ab"}},
   };
   return kSpecs;
 }
@@ -246,14 +271,17 @@ const Entry& find(Kernel kernel, std::initializer_list<at::ScalarType> pointers,
 }
 
 void launch(const Entry& e, Grid grid, c10::DeviceIndex device, std::initializer_list<Value> values) {
+  launch(e, grid, device, values.begin(), values.size());
+}
+
+void launch(const Entry& e, Grid grid, c10::DeviceIndex device, const Value* values, size_t count) {
   const int n = static_cast<int>(e.args.size());
-  TORCH_CHECK(static_cast<int>(values.size()) == n, "aot: ", e.name, " takes ", n, " arguments, got ",
-              values.size());
+  TORCH_CHECK(static_cast<int>(count) == n, "aot: ", e.name, " takes ", n, " arguments, got ", count);
   // Each parameter's storage: 8 bytes suit every type the registry takes; + 2 for the scratch pointers.
   std::array<uint64_t, kMaxArgs + 2> storage{};
   std::array<void*, kMaxArgs + 2> params{};
-  int i = 0;
-  for (const Value& v : values) {
+  for (int i = 0; i < n; ++i) {
+    const Value& v = values[i];
     void* slot = &storage[i];
     params[i] = slot;
     switch (e.args[i]) {
@@ -282,10 +310,9 @@ void launch(const Entry& e, Grid grid, c10::DeviceIndex device, std::initializer
         *static_cast<float*>(slot) = static_cast<float>(v.f);
         break;
     }
-    ++i;
   }
   for (int k = n; k < n + e.scratch; ++k) params[k] = &storage[k];  // the scratch pointers: null
-  const Launch l{&e, grid, device, params.data(), n + e.scratch, values.begin(), n};
+  const Launch l{&e, grid, device, params.data(), n + e.scratch, values, n};
   if (g_recording) {
     if (g_keep) record_launch(l);
     return;

@@ -35,12 +35,15 @@ enum class Kernel : uint8_t {
   DecodeAppend,
   Decode,
   DecodeCombine,
+  AttentionBackwardPreprocess,
+  AttentionBackwardDkdv,
+  AttentionBackwardDq,
 };
 
 enum class ArgType : uint8_t { Ptr, I32, I64, F32 };
 
-constexpr int kMaxArgs = 48;  // the decode kernel takes 40
-constexpr int kMaxConstexprs = 12;
+constexpr int kMaxArgs = 56;        // the attention backward's dK/dV kernel takes 49
+constexpr int kMaxConstexprs = 16;  // and 14 constexprs
 constexpr int kMaxPointers = 16;
 
 // One runtime argument as an op passes it: a tensor's address (0 for an absent one), an integer or a float.
@@ -122,6 +125,8 @@ const Entry* lookup(Kernel kernel, std::initializer_list<at::ScalarType> pointer
 // (the recorder while recording, else the CUDA launch). device: the tensors' device index (-1 for CPU tensors, which
 // only the recorder takes).
 void launch(const Entry& entry, Grid grid, c10::DeviceIndex device, std::initializer_list<Value> values);
+// The same with the values in an array (an op that assembles its argument list in parts).
+void launch(const Entry& entry, Grid grid, c10::DeviceIndex device, const Value* values, size_t count);
 
 // Multiprocessors of a CUDA device (the recorder's fixed count while recording).
 int multiprocessors(c10::DeviceIndex device);

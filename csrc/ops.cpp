@@ -82,4 +82,10 @@ TORCH_LIBRARY(fasttrain, m) {
       "decode_aot(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens, "
       "Tensor? cache_leftpad, float softmax_scale, int window_left, int window_right, int num_splits) "
       "-> (Tensor, Tensor)");
+  // The attention backward of flash_attn_func's common call from the Triton kernels compiled ahead of time
+  // (attention_backward_aot.cpp): (dq, dk, dv) shaped like q, k, v, as kernels/attention_backward.py gives them for
+  // dense inputs, no dlse, dropout, softcap or ALiBi; deterministic takes the dQ kernel rather than atomics.
+  m.def(
+      "attention_backward_aot(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+      "int left, int right, bool deterministic) -> (Tensor, Tensor, Tensor)");
 }

@@ -15,7 +15,9 @@ buffer (the dw/db partials) "buffer", an absent one or an empty tensor "null".
 
 A case with "op": "cross_entropy" runs kernels/cross_entropy.py's launchers and the cross_entropy_*_aot ops
 (tests/test_cross_entropy_aot.py starts those); one with "op": "decode" every launch of one kernels/decode.py
-`decode` call and of fasttrain::decode_aot (tests/test_decode_aot.py).
+`decode` call and of fasttrain::decode_aot (tests/test_decode_aot.py); one with "op": "attention_backward" every
+launch of one kernels/attention_backward.py `attention_backward` call and of fasttrain::attention_backward_aot
+(tests/test_attention_backward_aot.py).
 """
 
 import importlib.util
@@ -244,6 +246,39 @@ def run_decode_case(C, entries, case: dict) -> dict:
     return {"jit": jit, "aot": aot}
 
 
+def run_attention_backward_case(C, entries, case: dict) -> dict:
+    """case (op "attention_backward"): B, Tq, Tk, H, Hkv, D, window (left, right) as fasttrain.ops.attention._window
+    gives them, deterministic, dtype, plan (the JIT's plan: "atomic dQ" or "dQ kernel"; the C++ op, with nothing to
+    time, takes the atomic one unless deterministic). The JIT's autotuners take the head-dim class's first shipped
+    sm_90 tile, the one the C++ op launches untimed. The launches of one call in order (preprocess, dK/dV, dQ)."""
+    from fasttrain.kernels import attention_backward as ab
+    from fasttrain.kernels._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class
+
+    torch.manual_seed(case.get("seed", 0))
+    half = DTYPES[case["dtype"]]
+    B, Tq, Tk, H, Hkv, D = (case[k] for k in ("B", "Tq", "Tk", "H", "Hkv", "D"))
+    cls = head_dim_class(D)
+    for tuner, table in ((ab._attn_bwd_dkdv, DKDV_CONFIGS), (ab._attn_bwd_dkdv_dq, DKDV_DQ_CONFIGS)):
+        tuner.configs, tuner.early_config_prune = ab.shipped_tiles(table[90], cls)[:1], None
+    ab._attn_bwd_dq.configs, ab._attn_bwd_dq.early_config_prune = ab.shipped_tiles(DQ_CONFIGS[90], cls)[:1], None
+    ab._backward_plans.default = case["plan"]
+    q, out, do = (torch.randn(B, Tq, H, D, dtype=half) for _ in "qod")
+    k, v = (torch.randn(B, Tk, Hkv, D, dtype=half) for _ in "kv")
+    lse = torch.randn(B, H, Tq)
+    inputs = {"q": q, "k": k, "v": v, "out": out, "dout": do, "lse": lse}
+    scale, (left, right), det = D**-0.5, case["window"], case["deterministic"]
+    del _jit_launches[:]
+    args = (do, q, k, v, out, lse, None, None, None, Tq, Tk, scale, left, right, det)
+    dq, dk, dv = ab.attention_backward(*args)
+    names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
+    jit = [jit_launch(names, launch) for launch in _jit_launches]
+    dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, det)
+    names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
+    aot = [aot_launch(C, entries, names, r) for r in C.aot_records()]
+    C.aot_record(True, MULTIPROCESSORS)  # clears
+    return {"jit": jit, "aot": aot}
+
+
 def main() -> None:
     aot_dir, cases = sys.argv[1], json.loads(sys.argv[2])
     driver.set_active(_NoGpu())
@@ -272,6 +307,8 @@ def main() -> None:
                 result = run_cross_entropy_case(C, cross_entropy, entries, case)
             elif case.get("op") == "decode":
                 result = run_decode_case(C, entries, case)
+            elif case.get("op") == "attention_backward":
+                result = run_attention_backward_case(C, entries, case)
             elif case["kind"].startswith("rotary"):
                 result = run_rotary_case(C, rotary, entries, case)
             else:

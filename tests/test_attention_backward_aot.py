@@ -1,0 +1,273 @@
+"""The attention backward on the ahead-of-time path: kernels/attention_backward.py's preprocess, dK/dV and dQ kernels
+compiled ahead of time (tools/aot.py --shipped) and launched from C++ (csrc/attention_backward_aot.cpp), tested
+without a GPU.
+
+The shipped set lists what the op takes; a sample of it compiles for sm_90 (and the sm_80 set's first tiles) and
+registers with the C++ launcher; the C++ op, run on CPU tensors with the launch recorder on (no output is computed
+here), hands the launcher what Triton's JIT launcher is given for the same call with its autotuners and plan held to
+the tiles and plan the op launches (tests/aot_jit_capture.py), launch by launch; the tuner's trials and choices follow
+the recorder's times. GPU tests (`pytest -m gpu`) hold the op's gradients to the JIT backward's.
+"""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import fasttrain._C as C
+from fasttrain.ops.attention_reference import UNBOUNDED
+
+from helpers import aot_compile, aot_jit_launches, aot_recording, assert_aot_launch_is_the_jit_launch
+
+SM = 132
+# The sample, head dim 64: the preprocess; MHA (group 1) with each kernel's first sm_90 tile, the dK/dV ones also
+# with FULL_TILES; GQA 2:1 with the first two tiles of each kernel (the tuning tests). bf16: the preprocess and the
+# atomic plan's dK/dV kernel at GQA 2:1 (fp16 shares every other line of the launch path).
+SAMPLE = {
+    "fp16": "^d64 (w4|g1 m64 n128 w8 s2( atomic)?( full)?|g1 m128 n64 w8 s3"
+    + "|g2 m(64 n128|64 n64|128 n64) w. s.( atomic)?)$",
+    "bf16": "^d64 (w4|g2 m64 n128 w8 s2 atomic)$",
+}
+SAMPLE_80 = "^d64 (w4|g1 m64 n64 w4 s(2 atomic|3))$"  # sm_80: the preprocess, both dK/dV tiles, dQ
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    dirs, count = [], 0
+    for dtype, cases in SAMPLE.items():
+        out = tmp_path_factory.mktemp(f"aot_{dtype}")
+        rows = aot_compile(out, "attention_backward", [dtype], cases)
+        assert all("error" not in r and r["local"] == 0 for r in rows), rows
+        dirs.append(out)
+        count += len(rows)
+    assert count == 12 + 2
+    return dirs, count
+
+
+@pytest.fixture
+def registry(sample):
+    with aot_recording(*sample, SM):
+        yield
+
+
+def test_shipped_set_is_the_ops_scope():
+    from fasttrain.kernels import attention_backward as ab
+    from fasttrain.kernels._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS
+
+    assert ab.aot_kernels(90, "fp32", shipped=True) == []
+    for arch in (80, 90):
+        pre, dkdv, dq = ab.aot_kernels(arch, "bf16", shipped=True)
+        assert [c["constexprs"]["HEAD_DIM"] for c in pre["cases"]] == [64, 128]
+        assert all(not c["constexprs"]["HAS_DLSE"] for c in pre["cases"])
+        for entry in (dkdv, dq):
+            for c in entry["cases"]:
+                k = c["constexprs"]
+                assert k["GROUP"] in (1, 2, 4, 8) and k["HEAD_DIM"] == k["HEAD_DIM_PAD"] in (64, 128)
+                assert not (k["VARLEN"] or k["UPCAST"] or k["DROPOUT"] or k["SOFTCAP"] or k["ALIBI"])
+                assert not k.get("WARP_SPECIALIZE", False)  # their device-made descriptors need global scratch
+        for table, atomic in ((DKDV_CONFIGS[arch], False), (DKDV_DQ_CONFIGS[arch], True)):
+            for cls in ("d64", "d128"):
+                tiles = ab.shipped_tiles(table, cls)
+                # every config but the warp-specialized ones, once per set of constexprs, in the table's order
+                plain = [c for c in table[cls] if not c.kwargs["WARP_SPECIALIZE"]]
+                assert [t.kwargs for t in tiles] == list({tuple(c.kwargs.items()): c.kwargs for c in plain}.values())
+                assert tiles[0] is plain[0]
+                cases = [c for c in dkdv["cases"] if c["constexprs"]["ATOMIC_DQ"] == atomic]
+                cases = [c for c in cases if c["constexprs"]["HEAD_DIM"] == int(cls[1:])]
+                assert len(cases) == 4 * 2 * len(tiles)  # groups x FULL_TILES
+                assert all(c["constexprs"]["TMA_ALIGNED"] for c in cases)
+        assert len(dq["cases"]) == 4 * sum(len(ab.shipped_tiles(DQ_CONFIGS[arch], cls)) for cls in ("d64", "d128"))
+
+
+def test_sm80_sample_compiles_and_registers(tmp_path):
+    rows = aot_compile(tmp_path, "attention_backward", ["fp16"], SAMPLE_80, archs=("80",))
+    assert len(rows) == 4 and all("error" not in r for r in rows), rows
+    from fasttrain import _aot
+
+    C.aot_clear()
+    try:
+        assert _aot.load(tmp_path, arch=80) == 4
+    finally:
+        C.aot_clear()
+
+
+W = UNBOUNDED
+# (B, Tq, Tk, H, Hkv, window, deterministic, dtype): batch 1, T 1, 97 and 128 (whole tiles: FULL_TILES), Tq != Tk,
+# causal, full and a sliding window, MHA and GQA 2:1, both plans (atomic dQ where nothing is timed, the dQ kernel when
+# deterministic), fp16 and bf16.
+CASES = [
+    (1, 1, 1, 2, 2, (W, 0), False, "fp16"),
+    (1, 97, 97, 2, 2, (W, 0), True, "fp16"),
+    (1, 97, 97, 4, 2, (W, 0), False, "fp16"),
+    (1, 97, 97, 4, 2, (W, W), True, "fp16"),
+    (1, 1, 97, 4, 2, (16, 0), False, "fp16"),
+    (2, 97, 33, 4, 2, (W, W), False, "fp16"),
+    (1, 128, 128, 2, 2, (W, W), False, "fp16"),
+    (1, 128, 128, 2, 2, (W, W), True, "fp16"),
+    (1, 97, 97, 4, 2, (W, 0), False, "bf16"),
+]
+FIELDS = ("B", "Tq", "Tk", "H", "Hkv", "window", "deterministic", "dtype")
+
+
+@pytest.fixture(scope="module")
+def captured(sample):
+    import os
+
+    cases = []
+    for c in CASES:
+        case = dict(zip(FIELDS, c), op="attention_backward", D=64)
+        case["plan"] = "dQ kernel" if case["deterministic"] else "atomic dQ"
+        cases.append(case)
+    return aot_jit_launches(os.pathsep.join(map(str, sample[0])), cases)
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: f"case{i}")
+def test_recorded_launches_are_what_the_jit_launcher_is_given(captured, i):
+    jit, aot = captured[i]["jit"], captured[i]["aot"]
+    deterministic = CASES[i][6]
+    kernels = ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"] + ["_attn_bwd_dq_kernel"] * deterministic
+    assert [launch["kernel"] for launch in jit] == [launch["kernel"] for launch in aot] == kernels
+    for j, a in zip(jit, aot):
+        assert_aot_launch_is_the_jit_launch(j, a)
+    dkdv = aot[1]
+    assert dkdv["constexprs"]["ATOMIC_DQ"] == (not deterministic)
+    assert dkdv["args"]["DQAcc"] == ("null" if deterministic else "buffer")
+    full = CASES[i][1] % 128 == 0 and CASES[i][2] % 128 == 0 and CASES[i][5] == (W, W)
+    assert dkdv["constexprs"]["FULL_TILES"] == full
+
+
+def _tensors(B=1, Tq=97, Tk=97, H=4, Hkv=2, D=64, dtype=torch.float16):
+    torch.manual_seed(0)
+    q, out, do = (torch.randn(B, Tq, H, D, dtype=dtype) for _ in "qod")
+    k, v = (torch.randn(B, Tk, Hkv, D, dtype=dtype) for _ in "kv")
+    return do, q, k, v, out, torch.randn(B, H, Tq)
+
+
+def _tiles(records):
+    """(kernel, BLOCK_M, BLOCK_N, ATOMIC_DQ) of each dK/dV and dQ launch."""
+    out = []
+    for r in records:
+        if r["kernel"] == "_attn_bwd_dkdv_kernel":
+            out.append(("dkdv", r["constexprs"][7], r["constexprs"][8], bool(r["constexprs"][10])))
+        elif r["kernel"] == "_attn_bwd_dq_kernel":
+            out.append(("dq", r["constexprs"][5], r["constexprs"][6], False))
+    return out
+
+
+def _call(deterministic=False, **shape):
+    torch.ops.fasttrain.attention_backward_aot(*_tensors(**shape), 0.125, UNBOUNDED, 0, deterministic)
+    launches = _tiles(C.aot_records())
+    C.aot_record(True, SM)  # clears
+    return launches
+
+
+def test_tuning_times_each_plan_and_shipped_tile_once_per_shape_class_and_keeps_the_fastest(registry):
+    from fasttrain.kernels import attention_backward as ab
+    from fasttrain.kernels._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS
+
+    # sm_90's shipped tiles of d64 in the tables' order: the order the op tries them in
+    first, second = (ab.shipped_tiles(DKDV_CONFIGS[90], "d64")[i].kwargs for i in (0, 1))
+    assert (first["BLOCK_M"], first["BLOCK_N"], second["BLOCK_M"], second["BLOCK_N"]) == (64, 128, 64, 64)
+    assert [t.kwargs["BLOCK_N"] for t in ab.shipped_tiles(DKDV_DQ_CONFIGS[90], "d64")] == [128, 64]
+    assert [t.kwargs["BLOCK_M"] for t in ab.shipped_tiles(DQ_CONFIGS[90], "d64")] == [128, 64]
+    a128, a64 = ("dkdv", 64, 128, True), ("dkdv", 64, 64, True)
+    p128, p64 = ("dkdv", 64, 128, False), ("dkdv", 64, 64, False)
+    q128, q64 = ("dq", 128, 64, False), ("dq", 64, 64, False)
+    # ms, in the order asked: the plans (atomic, dQ kernel), then the atomic plan's dK/dV tiles, the other plan's
+    # dK/dV tiles and its dQ tiles
+    C.aot_tune_reset([2.0, 1.0, 1.0, 3.0, 3.0, 1.0, 1.0, 2.0])
+    trials = [a128, a64, a128, p128, p64, p64, q128, q64, q128]
+    assert _call() == trials + [p64, q128]  # the faster plan with its faster tiles
+    assert _call() == [p64, q128]  # the class's choices, cached
+    assert _call(deterministic=True) == [p64, q128]  # the dQ kernel's plan: the same tiles
+    assert _call(Tk=300) == [a128]  # another tune_seqlen (512), no times left: the atomic plan, first tile, uncached
+    assert _call(Tk=300) == [a128]
+    C.aot_tune_reset([1.0, 2.0, 2.0, 1.0])  # reset: tuned afresh; the other plan's tiles find no times left
+    assert _call() == [a128, a64, a64, p128, q128, a64]
+    C.aot_tune_reset([5.0, 1.0, 1.0, 5.0])  # deterministic: no plan to time, the tiles alone
+    assert _call(deterministic=True, Tq=33, Tk=33) == [p128, p64, p64, q128, q64, q128]
+
+
+def test_tuning_leaves_a_class_with_one_shipped_tile_untimed(registry):
+    C.aot_tune_reset([1.0, 2.0])
+    a128, p128, q128 = ("dkdv", 64, 128, True), ("dkdv", 64, 128, False), ("dq", 128, 64, False)
+    assert _call(H=2, Hkv=2) == [a128, p128, q128, a128]  # MHA: one tile each, untimed; the plans timed
+    assert _call(H=2, Hkv=2, deterministic=True) == [p128, q128]
+
+
+def test_inputs_the_cubins_cannot_take_are_copied(registry):
+    do, q, k, v, out, lse = _tensors()
+    odd_q = torch.randn(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape)  # 2 bytes past an aligned address
+    broadcast = torch.randn(1, 1, 1, 64, dtype=q.dtype).expand(q.shape)  # dO of a sum: zero strides
+    dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(broadcast, odd_q, k, v, out, lse, 0.125, W, 0, True)
+    pre, dkdv, dq_launch = C.aot_records()
+    assert dkdv["args"][0] not in (0, odd_q.data_ptr()) and dkdv["args"][0] % 16 == 0
+    assert pre["args"][1] != broadcast.data_ptr() and pre["args"][7] != 0  # dO copied: stride_dt no longer 0
+    assert dkdv["args"][1] == k.data_ptr() and dq_launch["args"][1] == k.data_ptr()  # aligned inputs are taken as is
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and dq.dtype == q.dtype
+    assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
+
+
+def test_bad_inputs_are_refused_with_the_reason(registry):
+    do, q, k, v, out, lse = _tensors()
+    bad = {
+        "fp16 or bf16": (do.float(), q.float(), k.float(), v.float(), out.float(), lse),
+        "head_dim 64 or 128": (do[..., :32], q[..., :32], k[..., :32], v[..., :32], out[..., :32], lse),
+        "GQA groups 1, 2, 4 or 8": _tensors(H=6, Hkv=2),
+        "multiple of k's": _tensors(H=3, Hkv=2),
+        "lse must be": (do, q, k, v, out, lse[:, :1]),
+        "q's shape": (do[:, :5], q, k, v, out, lse),
+    }
+    for words, args in bad.items():
+        with pytest.raises(RuntimeError, match=words):
+            torch.ops.fasttrain.attention_backward_aot(*args, 0.125, W, 0, False)
+    C.aot_record(False, 0)
+    with pytest.raises(RuntimeError, match="only while launches are recorded"):
+        torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, 0.125, W, 0, False)
+
+
+def test_meta_and_fake_tensors_give_the_shapes():
+    args = [t.to("meta") for t in _tensors(Tq=5, Tk=7, H=8, Hkv=2)]
+    dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(*args, 0.125, W, 0, False)
+    assert (dq.shape, dk.shape, dv.shape) == ((1, 5, 8, 64), (1, 7, 2, 64), (1, 7, 2, 64))
+    assert dq.dtype == dk.dtype == dv.dtype == torch.float16 and dq.device.type == "meta"
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in _tensors(Tq=5, Tk=7, H=8, Hkv=2, dtype=torch.bfloat16)]
+        dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(*fake, 0.125, W, 0, True)
+    assert (dq.shape, dk.shape) == ((1, 5, 8, 64), (1, 7, 2, 64)) and dv.dtype == torch.bfloat16
+
+
+# ---- on a GPU: the op against the JIT backward ----------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize(
+    "B,Tq,Tk,H,Hkv,D,window",
+    [
+        (1, 1, 1, 4, 4, 64, (W, 0)),
+        (2, 97, 97, 8, 2, 128, (W, 0)),
+        (1, 1025, 1025, 16, 2, 64, (W, W)),
+        (2, 256, 512, 8, 8, 128, (127, 0)),
+        (1, 1024, 1024, 32, 4, 128, (W, 0)),
+    ],
+    ids=str,
+)
+def test_gpu_aot_matches_the_jit_backward(B, Tq, Tk, H, Hkv, D, window, deterministic, dtype):
+    from fasttrain import _aot
+    from fasttrain.kernels.attention import attention_forward
+    from fasttrain.kernels.attention_backward import attention_backward
+
+    assert _aot.reason(torch.device("cuda")) is None
+    torch.manual_seed(0)
+    q = torch.randn(B, Tq, H, D, device="cuda", dtype=dtype)
+    k, v = (torch.randn(B, Tk, Hkv, D, device="cuda", dtype=dtype) for _ in "kv")
+    do = torch.randn_like(q)
+    scale, (left, right) = D**-0.5, window
+    out, lse = attention_forward(q, k, v, None, None, Tq, Tk, scale, left, right)[:2]
+    want = attention_backward(do, q, k, v, out, lse, None, None, None, Tq, Tk, scale, left, right, deterministic)
+    got = torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, deterministic)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and torch.isfinite(g).all()
+        # The same kernels, but a tile or plan chosen apart may sum in another order: within a few roundings
+        torch.testing.assert_close(g.float(), w.float(), atol=4e-2, rtol=2e-2)
