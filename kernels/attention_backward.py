@@ -1171,9 +1171,6 @@ def aot_kernels(arch: int, dtype: str, shipped: bool = False) -> list[dict]:
 
 SHIPPED_HEAD_DIMS = (64, 128)
 SHIPPED_GROUPS = (1, 2, 4, 8)  # GQA's H / Hkv: a constexpr of both tiles (the dK/dV program loops over the group)
-# The warp-specialized dK/dV tiles make their TMA descriptors on the device, in global scratch, which the C++
-# launcher does not allocate (csrc/aot_launch.cpp refuses such cubins): they stay with the JIT.
-SHIPS_WARP_SPECIALIZED = False
 
 
 def shipped_tiles(table_for_arch: dict, cls: str) -> list[triton.Config]:
@@ -1181,8 +1178,7 @@ def shipped_tiles(table_for_arch: dict, cls: str) -> list[triton.Config]:
     registry keys a case by its constexprs, so configs that differ only in warps or stages cannot both be found)."""
     tiles = {}
     for c in table_for_arch[cls]:
-        if SHIPS_WARP_SPECIALIZED or not c.kwargs.get("WARP_SPECIALIZE", False):
-            tiles.setdefault(tuple(sorted(c.kwargs.items())), c)
+        tiles.setdefault(tuple(sorted(c.kwargs.items())), c)
     return list(tiles.values())
 
 
@@ -1190,7 +1186,8 @@ def _shipped(arch: int, dtype: str) -> list[dict]:
     """The common eager call of the backward: fp16/bf16, dense (B, T, H, D) tensors, head dim 64 or 128, GQA groups
     SHIPPED_GROUPS, any window (causal or not), no lse gradient, dropout, softcap or ALiBi; inputs that TMA could read
     (TMA_ALIGNED: the C++ op copies any other), FULL_TILES either way. The preprocess; dK/dV under each shipped tile
-    of both its tables (dQ by atomics or not); dQ under each shipped tile."""
+    of both its tables (dQ by atomics or not; the warp-specialized sm_90 tiles make their TMA descriptors in global
+    scratch, which the C++ launcher allocates); dQ under each shipped tile."""
     if dtype not in ("fp16", "bf16"):
         return []
     off = dict(VARLEN=False, UPCAST=False, DROPOUT=False, SOFTCAP=False, ALIBI=False)

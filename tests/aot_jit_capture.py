@@ -250,7 +250,9 @@ def run_attention_backward_case(C, entries, case: dict) -> dict:
     """case (op "attention_backward"): B, Tq, Tk, H, Hkv, D, window (left, right) as fasttrain.ops.attention._window
     gives them, deterministic, dtype, plan (the JIT's plan: "atomic dQ" or "dQ kernel"; the C++ op, with nothing to
     time, takes the atomic one unless deterministic). The JIT's autotuners take the head-dim class's first shipped
-    sm_90 tile, the one the C++ op launches untimed. The launches of one call in order (preprocess, dK/dV, dQ)."""
+    sm_90 tile, the one the C++ op launches untimed, or the dK/dV tile dkdv_tile (an index into the shipped tiles)
+    when the case gives the C++ tuner its times (fasttrain._C.aot_tune_reset), which then records its trials too.
+    The launches of one call in order (preprocess, dK/dV, dQ)."""
     from fasttrain.kernels import attention_backward as ab
     from fasttrain.kernels._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class
 
@@ -258,8 +260,9 @@ def run_attention_backward_case(C, entries, case: dict) -> dict:
     half = DTYPES[case["dtype"]]
     B, Tq, Tk, H, Hkv, D = (case[k] for k in ("B", "Tq", "Tk", "H", "Hkv", "D"))
     cls = head_dim_class(D)
+    tile = case.get("dkdv_tile", 0)
     for tuner, table in ((ab._attn_bwd_dkdv, DKDV_CONFIGS), (ab._attn_bwd_dkdv_dq, DKDV_DQ_CONFIGS)):
-        tuner.configs, tuner.early_config_prune = ab.shipped_tiles(table[90], cls)[:1], None
+        tuner.configs, tuner.early_config_prune = ab.shipped_tiles(table[90], cls)[tile : tile + 1], None
     ab._attn_bwd_dq.configs, ab._attn_bwd_dq.early_config_prune = ab.shipped_tiles(DQ_CONFIGS[90], cls)[:1], None
     ab._backward_plans.default = case["plan"]
     q, out, do = (torch.randn(B, Tq, H, D, dtype=half) for _ in "qod")
@@ -272,6 +275,7 @@ def run_attention_backward_case(C, entries, case: dict) -> dict:
     dq, dk, dv = ab.attention_backward(*args)
     names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
     jit = [jit_launch(names, launch) for launch in _jit_launches]
+    C.aot_tune_reset(case.get("times", []))
     dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, det)
     names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
     aot = [aot_launch(C, entries, names, r) for r in C.aot_records()]

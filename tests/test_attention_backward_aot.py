@@ -20,11 +20,11 @@ from helpers import aot_compile, aot_jit_launches, aot_recording, assert_aot_lau
 
 SM = 132
 # The sample, head dim 64: the preprocess; MHA (group 1) with each kernel's first sm_90 tile, the dK/dV ones also
-# with FULL_TILES; GQA 2:1 with the first two tiles of each kernel (the tuning tests). bf16: the preprocess and the
-# atomic plan's dK/dV kernel at GQA 2:1 (fp16 shares every other line of the launch path).
+# with FULL_TILES; GQA 2:1 with the first two tiles of each kernel and the warp-specialized dK/dV tile (the tuning
+# tests). bf16: the preprocess and the atomic plan's dK/dV kernel at GQA 2:1 (fp16 shares every other line).
 SAMPLE = {
     "fp16": "^d64 (w4|g1 m64 n128 w8 s2( atomic)?( full)?|g1 m128 n64 w8 s3"
-    + "|g2 m(64 n128|64 n64|128 n64) w. s.( atomic)?)$",
+    + "|g2 m(64 n128|64 n64|128 n64) w. s.( atomic| ws)?)$",
     "bf16": "^d64 (w4|g2 m64 n128 w8 s2 atomic)$",
 }
 SAMPLE_80 = "^d64 (w4|g1 m64 n64 w4 s(2 atomic|3))$"  # sm_80: the preprocess, both dK/dV tiles, dQ
@@ -39,7 +39,7 @@ def sample(tmp_path_factory):
         assert all("error" not in r and r["local"] == 0 for r in rows), rows
         dirs.append(out)
         count += len(rows)
-    assert count == 12 + 2
+    assert count == 13 + 2
     return dirs, count
 
 
@@ -63,14 +63,16 @@ def test_shipped_set_is_the_ops_scope():
                 k = c["constexprs"]
                 assert k["GROUP"] in (1, 2, 4, 8) and k["HEAD_DIM"] == k["HEAD_DIM_PAD"] in (64, 128)
                 assert not (k["VARLEN"] or k["UPCAST"] or k["DROPOUT"] or k["SOFTCAP"] or k["ALIBI"])
-                assert not k.get("WARP_SPECIALIZE", False)  # their device-made descriptors need global scratch
         for table, atomic in ((DKDV_CONFIGS[arch], False), (DKDV_DQ_CONFIGS[arch], True)):
             for cls in ("d64", "d128"):
                 tiles = ab.shipped_tiles(table, cls)
-                # every config but the warp-specialized ones, once per set of constexprs, in the table's order
-                plain = [c for c in table[cls] if not c.kwargs["WARP_SPECIALIZE"]]
-                assert [t.kwargs for t in tiles] == list({tuple(c.kwargs.items()): c.kwargs for c in plain}.values())
-                assert tiles[0] is plain[0]
+                # every config, once per set of constexprs, in the table's order
+                assert [t.kwargs for t in tiles] == list(
+                    {tuple(c.kwargs.items()): c.kwargs for c in table[cls]}.values()
+                )
+                assert tiles[0] is table[cls][0]
+                ws = [t for t in tiles if t.kwargs["WARP_SPECIALIZE"]]
+                assert len(ws) == (arch == 90 and not atomic)  # sm_90's plain dK/dV tables hold one per class
                 cases = [c for c in dkdv["cases"] if c["constexprs"]["ATOMIC_DQ"] == atomic]
                 cases = [c for c in cases if c["constexprs"]["HEAD_DIM"] == int(cls[1:])]
                 assert len(cases) == 4 * 2 * len(tiles)  # groups x FULL_TILES
@@ -96,6 +98,7 @@ W = UNBOUNDED
 # deterministic), fp16 and bf16.
 CASES = [
     (1, 1, 1, 2, 2, (W, 0), False, "fp16"),
+    (1, 97, 97, 4, 2, (W, W), True, "fp16"),  # with tuning times: the warp-specialized dK/dV tile (below)
     (1, 97, 97, 2, 2, (W, 0), True, "fp16"),
     (1, 97, 97, 4, 2, (W, 0), False, "fp16"),
     (1, 97, 97, 4, 2, (W, W), True, "fp16"),
@@ -117,12 +120,24 @@ def captured(sample):
         case = dict(zip(FIELDS, c), op="attention_backward", D=64)
         case["plan"] = "dQ kernel" if case["deterministic"] else "atomic dQ"
         cases.append(case)
+    cases[WS_CASE].update(dkdv_tile=2, times=WS_TIMES)
     return aot_jit_launches(os.pathsep.join(map(str, sample[0])), cases)
+
+
+WS_CASE = 1
+WS_TIMES = [5.0, 3.0, 1.0, 1.0, 5.0]  # ms: dK/dV's three shipped tiles (the third warp-specialized), then dQ's two
+WS_CHOSEN = [0, 4, 7]  # the preprocess and the chosen tiles' launches among the trials
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: f"case{i}")
 def test_recorded_launches_are_what_the_jit_launcher_is_given(captured, i):
     jit, aot = captured[i]["jit"], captured[i]["aot"]
+    if i == WS_CASE:
+        assert len(aot) == 8 and aot[4]["constexprs"]["WARP_SPECIALIZE"] and aot[4]["case"].endswith(" ws")
+        aot = [aot[j] for j in WS_CHOSEN]
+        # warp specialization launches 3 warpgroups (one loading, two computing) where the config names one's warps
+        assert aot[1]["num_warps"] == 3 * jit[1]["num_warps"] == 12
+        jit[1] = {**jit[1], "num_warps": aot[1]["num_warps"]}
     deterministic = CASES[i][6]
     kernels = ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"] + ["_attn_bwd_dq_kernel"] * deterministic
     assert [launch["kernel"] for launch in jit] == [launch["kernel"] for launch in aot] == kernels
@@ -143,13 +158,15 @@ def _tensors(B=1, Tq=97, Tk=97, H=4, Hkv=2, D=64, dtype=torch.float16):
 
 
 def _tiles(records):
-    """(kernel, BLOCK_M, BLOCK_N, ATOMIC_DQ) of each dK/dV and dQ launch."""
+    """(kernel, BLOCK_M, BLOCK_N, ATOMIC_DQ, WARP_SPECIALIZE) of each dK/dV and dQ launch."""
     out = []
     for r in records:
+        k = r["constexprs"]
         if r["kernel"] == "_attn_bwd_dkdv_kernel":
-            out.append(("dkdv", r["constexprs"][7], r["constexprs"][8], bool(r["constexprs"][10])))
+            out.append(("dkdv", k[7], k[8], bool(k[10]), bool(k[9])))
+            assert (r["scratch_bytes"] > 0) == bool(k[9])  # device-made TMA descriptors: global scratch
         elif r["kernel"] == "_attn_bwd_dq_kernel":
-            out.append(("dq", r["constexprs"][5], r["constexprs"][6], False))
+            out.append(("dq", k[5], k[6], False, False))
     return out
 
 
@@ -169,13 +186,13 @@ def test_tuning_times_each_plan_and_shipped_tile_once_per_shape_class_and_keeps_
     assert (first["BLOCK_M"], first["BLOCK_N"], second["BLOCK_M"], second["BLOCK_N"]) == (64, 128, 64, 64)
     assert [t.kwargs["BLOCK_N"] for t in ab.shipped_tiles(DKDV_DQ_CONFIGS[90], "d64")] == [128, 64]
     assert [t.kwargs["BLOCK_M"] for t in ab.shipped_tiles(DQ_CONFIGS[90], "d64")] == [128, 64]
-    a128, a64 = ("dkdv", 64, 128, True), ("dkdv", 64, 64, True)
-    p128, p64 = ("dkdv", 64, 128, False), ("dkdv", 64, 64, False)
-    q128, q64 = ("dq", 128, 64, False), ("dq", 64, 64, False)
+    a128, a64 = ("dkdv", 64, 128, True, False), ("dkdv", 64, 64, True, False)
+    p128, p64, pws = ("dkdv", 64, 128, False, False), ("dkdv", 64, 64, False, False), ("dkdv", 64, 128, False, True)
+    q128, q64 = ("dq", 128, 64, False, False), ("dq", 64, 64, False, False)
     # ms, in the order asked: the plans (atomic, dQ kernel), then the atomic plan's dK/dV tiles, the other plan's
-    # dK/dV tiles and its dQ tiles
-    C.aot_tune_reset([2.0, 1.0, 1.0, 3.0, 3.0, 1.0, 1.0, 2.0])
-    trials = [a128, a64, a128, p128, p64, p64, q128, q64, q128]
+    # dK/dV tiles (the third warp-specialized) and its dQ tiles
+    C.aot_tune_reset([2.0, 1.0, 1.0, 3.0, 3.0, 1.0, 2.0, 1.0, 2.0])
+    trials = [a128, a64, a128, p128, p64, pws, p64, q128, q64, q128]
     assert _call() == trials + [p64, q128]  # the faster plan with its faster tiles
     assert _call() == [p64, q128]  # the class's choices, cached
     assert _call(deterministic=True) == [p64, q128]  # the dQ kernel's plan: the same tiles
@@ -183,13 +200,13 @@ def test_tuning_times_each_plan_and_shipped_tile_once_per_shape_class_and_keeps_
     assert _call(Tk=300) == [a128]
     C.aot_tune_reset([1.0, 2.0, 2.0, 1.0])  # reset: tuned afresh; the other plan's tiles find no times left
     assert _call() == [a128, a64, a64, p128, q128, a64]
-    C.aot_tune_reset([5.0, 1.0, 1.0, 5.0])  # deterministic: no plan to time, the tiles alone
-    assert _call(deterministic=True, Tq=33, Tk=33) == [p128, p64, p64, q128, q64, q128]
+    C.aot_tune_reset([5.0, 3.0, 1.0, 1.0, 5.0])  # deterministic: no plan to time, the tiles alone
+    assert _call(deterministic=True, Tq=33, Tk=33) == [p128, p64, pws, pws, q128, q64, q128]
 
 
 def test_tuning_leaves_a_class_with_one_shipped_tile_untimed(registry):
     C.aot_tune_reset([1.0, 2.0])
-    a128, p128, q128 = ("dkdv", 64, 128, True), ("dkdv", 64, 128, False), ("dq", 128, 64, False)
+    a128, p128, q128 = ("dkdv", 64, 128, True, False), ("dkdv", 64, 128, False, False), ("dq", 128, 64, False, False)
     assert _call(H=2, Hkv=2) == [a128, p128, q128, a128]  # MHA: one tile each, untimed; the plans timed
     assert _call(H=2, Hkv=2, deterministic=True) == [p128, q128]
 
