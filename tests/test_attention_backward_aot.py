@@ -288,3 +288,24 @@ def test_gpu_aot_matches_the_jit_backward(B, Tq, Tk, H, Hkv, D, window, determin
         assert g.dtype == w.dtype and g.shape == w.shape and torch.isfinite(g).all()
         # The same kernels, but a tile or plan chosen apart may sum in another order: within a few roundings
         torch.testing.assert_close(g.float(), w.float(), atol=4e-2, rtol=2e-2)
+
+
+# ---- the full shipped set -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", [90, 80])
+def test_full_shipped_set_compiles_without_spills_and_registers(tmp_path, arch):
+    from fasttrain import _aot
+    from fasttrain.kernels import attention_backward as ab
+
+    rows = aot_compile(tmp_path, "attention_backward", ["bf16", "fp16"], archs=(str(arch),))
+    want = sum(len(e["cases"]) for dtype in ("bf16", "fp16") for e in ab.aot_kernels(arch, dtype, shipped=True))
+    assert len(rows) == want and all("error" not in r for r in rows)
+    if arch == 90:
+        assert all(r["stack"] == 0 and r["local"] == 0 for r in rows), [r["case"] for r in rows if r["stack"]]
+    C.aot_clear()
+    try:
+        assert _aot.load(tmp_path, arch=arch) == len(rows) == C.aot_registered()
+    finally:
+        C.aot_clear()
