@@ -77,6 +77,15 @@ const std::vector<KernelSpec>& specs() {
        {"HEAD_DIM", "BLOCK_S", "BLOCK_D"},
        {"O_PART", "LSE_PART", "Out", "LSE", "stride_ps", "stride_ls", "stride_ob", "stride_ot", "stride_oh",
         "stride_lb", "stride_lh", "stride_lt", "tq", "n_heads", "num_splits"}},
+      {Kernel::AttentionForward,
+       "_attn_fwd_kernel",
+       {"GROUP", "HEAD_DIM", "HEAD_DIM_PAD", "VARLEN", "UPCAST", "TMA_ALIGNED", "FULL_TILES", "BLOCK_M", "BLOCK_N",
+        "WARP_SPECIALIZE", "DROPOUT", "SOFTCAP", "ALIBI"},
+       {"Q",         "K",           "V",          "Out",          "Lse",        "CuQ",       "CuK",
+        "stride_qb", "stride_qt",   "stride_qh",  "stride_kb",    "stride_kt",  "stride_kh", "stride_vb",
+        "stride_vt", "stride_vh",   "stride_ob",  "stride_ot",    "stride_oh",  "stride_lb", "stride_lh",
+        "seqlen_q",  "seqlen_k",    "scale_log2", "left",         "right",      "tune_seqlen", "tune_left",
+        "tune_right", "Seed",       "dropout_threshold", "dropout_scale", "softcap_log2", "Alibi", "stride_ab"}},
   };
   return kSpecs;
 }

@@ -38,12 +38,13 @@ enum class Kernel : uint8_t {
   DecodeAppend,
   Decode,
   DecodeCombine,
+  AttentionForward,
 };
 
 enum class ArgType : uint8_t { Ptr, I32, I64, F32 };
 
 constexpr int kMaxArgs = 48;  // the decode kernel takes 40
-constexpr int kMaxConstexprs = 12;
+constexpr int kMaxConstexprs = 16;  // the attention forward takes 13
 constexpr int kMaxPointers = 16;
 
 // One runtime argument as an op passes it: a tensor's address (0 for an absent one), an integer or a float.
