@@ -102,6 +102,15 @@ const std::vector<KernelSpec>& specs() {
         "stride_lb",  "stride_lh",  "stride_dqb", "stride_dqt", "stride_dqh", "seqlen_q",    "seqlen_k",
         "scale",      "scale_log2", "left",       "right",      "tune_seqlen", "tune_left",  "tune_right",
         "Seed",       "dropout_threshold", "dropout_scale", "softcap_log2", "Alibi", "stride_ab"}},
+      {Kernel::AttentionForward,
+       "_attn_fwd_kernel",
+       {"GROUP", "HEAD_DIM", "HEAD_DIM_PAD", "VARLEN", "UPCAST", "TMA_ALIGNED", "FULL_TILES", "BLOCK_M", "BLOCK_N",
+        "WARP_SPECIALIZE", "DROPOUT", "SOFTCAP", "ALIBI"},
+       {"Q",         "K",           "V",          "Out",          "Lse",        "CuQ",       "CuK",
+        "stride_qb", "stride_qt",   "stride_qh",  "stride_kb",    "stride_kt",  "stride_kh", "stride_vb",
+        "stride_vt", "stride_vh",   "stride_ob",  "stride_ot",    "stride_oh",  "stride_lb", "stride_lh",
+        "seqlen_q",  "seqlen_k",    "scale_log2", "left",         "right",      "tune_seqlen", "tune_left",
+        "tune_right", "Seed",       "dropout_threshold", "dropout_scale", "softcap_log2", "Alibi", "stride_ab"}},
   };
   return kSpecs;
 }

@@ -38,6 +38,7 @@ enum class Kernel : uint8_t {
   DecodeAppend,
   Decode,
   DecodeCombine,
+  AttentionForward,
   AttentionBackwardPreprocess,
   AttentionBackwardDkdv,
   AttentionBackwardDq,
@@ -46,7 +47,7 @@ enum class Kernel : uint8_t {
 enum class ArgType : uint8_t { Ptr, I32, I64, F32 };
 
 constexpr int kMaxArgs = 56;        // the attention backward's dK/dV kernel takes 49
-constexpr int kMaxConstexprs = 16;  // and 14 constexprs
+constexpr int kMaxConstexprs = 16;  // the attention backward's dK/dV kernel takes 14
 constexpr int kMaxPointers = 16;
 
 // One runtime argument as an op passes it: a tensor's address (0 for an absent one), an integer or a float.
