@@ -253,6 +253,25 @@ def test_meta_and_fake_tensors_give_the_shapes():
     assert (dq.shape, dk.shape) == ((1, 5, 8, 64), (1, 7, 2, 64)) and dv.dtype == torch.bfloat16
 
 
+def test_the_aot_columns_backward_is_the_cpp_op_but_for_an_lse_gradient_or_a_packed_gradient(registry, monkeypatch):
+    from fasttrain.ops import attention as ops
+
+    do, q, k, v, out, lse = _tensors()
+    tail = (None, None, 97, 97, 0.125, W, 0, None, 0.0, None, 0.0, None)
+    # the registered backward op on the aot column: the C++ op's launches (the atomic plan: nothing timed)
+    grads = torch.ops.fasttrain.attention_backward(do, q, k, v, out, lse, None, *tail, False, "aot")
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    assert [r["kernel"] for r in C.aot_records()] == ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"]
+    C.aot_record(True, SM)  # clears
+    delegated = []
+    monkeypatch.setattr(ops.Triton, "backward", lambda *args: delegated.append(args) or "triton")
+    into = tuple(torch.empty_like(t) for t in (q, k, v))
+    assert ops.Aot.backward(do, q, k, v, out, lse, torch.randn_like(lse), *tail, True, None) == "triton"
+    assert ops.Aot.backward(do, q, k, v, out, lse, None, *tail, True, into) == "triton"
+    assert C.aot_records() == [] and len(delegated) == 2 and delegated[1][-1] is into and delegated[1][-2] is True
+    assert len(delegated[0]) == 21 and delegated[0][:6] == (do, q, k, v, out, lse)
+
+
 # ---- on a GPU: the op against the JIT backward ----------------------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """Fused attention: flash-attn's `flash_attn_func` / `flash_attn_varlen_func` and torch's
 `scaled_dot_product_attention` over one registered op.
 
-Backends: `aot` (the forward kernel compiled ahead of time and launched from C++, csrc/attention_aot.cpp, for
-flash_attn_func's common call; the backward is the triton column's), `triton` (kernels/attention*.py: CUDA
+Backends: `aot` (the kernels compiled ahead of time and launched from C++, csrc/attention_aot.cpp and
+attention_backward_aot.cpp, for flash_attn_func's common call), `triton` (kernels/attention*.py: CUDA
 fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu`
 (csrc/attention_cpu.cpp: CPU tensors in fp32, bf16 or fp16, computed in fp32) and `reference`
 (fasttrain/ops/attention_reference.py: plain PyTorch, any device and dtype, and the only one with an `attn_mask`).
@@ -102,15 +102,23 @@ class Triton:
 
 class Aot:
     """csrc/attention_aot.cpp: kernels/attention.py's forward launched from C++, for the calls _aot_reason lets
-    through (dense, no dropout, softcap, ALiBi or mask: the op takes q, k, v, scale and the window)."""
+    through (dense, no dropout, softcap, ALiBi or mask: the op takes q, k, v, scale and the window); the backward
+    likewise from csrc/attention_backward_aot.cpp."""
 
     @staticmethod
     def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, softcap, alibi):
         return torch.ops.fasttrain.attention_forward_aot(q, k, v, scale, left, right)
 
     @staticmethod
-    def backward(*args):  # the backward's arguments as Triton.backward takes them
-        return Triton.backward(*args)
+    def backward(
+        do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into
+    ):
+        """The C++ backward for what the forward took, but an lse with a gradient or gradients written into a packed
+        tensor (which its cubins were not shipped for): those take the triton column's."""
+        if dlse is None and into is None and _AOT_BACKWARD_OP_REASON is None:
+            return torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, det)
+        args = (cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into)
+        return Triton.backward(do, q, k, v, out, lse, dlse, *args)
 
 
 class Cpu:
@@ -135,6 +143,7 @@ class Cpu:
 # Read once, at import: under torch.compile, Dynamo traces the choice but cannot trace the extension's import.
 _CPU_OP_REASON = _backend.native_op_reason("attention_forward_cpu")
 _AOT_OP_REASON = _backend.native_op_reason("attention_forward_aot")
+_AOT_BACKWARD_OP_REASON = _backend.native_op_reason("attention_backward_aot")
 # What kernels/attention.py aot_kernels(shipped=True) lists (not read from there: that would import Triton).
 _AOT_HEAD_DIMS = (64, 128)
 _AOT_GROUPS = (1, 2, 4, 8)
