@@ -80,6 +80,7 @@ def test_shipped_set_is_the_ops_scope():
         assert len(dq["cases"]) == 4 * sum(len(ab.shipped_tiles(DQ_CONFIGS[arch], cls)) for cls in ("d64", "d128"))
 
 
+@pytest.mark.slow  # the sm_80 tiles' order is held without compiling (test_the_op_tries_every_shipped_tile_...)
 def test_sm80_sample_compiles_and_registers(tmp_path):
     rows = aot_compile(tmp_path, "attention_backward", ["fp16"], SAMPLE_80, archs=("80",))
     assert len(rows) == 4 and all("error" not in r for r in rows), rows
@@ -209,6 +210,66 @@ def test_tuning_leaves_a_class_with_one_shipped_tile_untimed(registry):
     a128, p128, q128 = ("dkdv", 64, 128, True, False), ("dkdv", 64, 128, False, False), ("dq", 128, 64, False, False)
     assert _call(H=2, Hkv=2) == [a128, p128, q128, a128]  # MHA: one tile each, untimed; the plans timed
     assert _call(H=2, Hkv=2, deterministic=True) == [p128, q128]
+
+
+def _register_shipped_set(arch: int) -> int:
+    """Every case of arch's shipped fp16 set registered without a cubin (the recorder launches none), described as
+    tools/aot.py describes it (constexprs in parameter order; other pointers in the dtype, integers i32): the number
+    registered."""
+    from fasttrain.kernels import attention_backward as ab
+
+    count = 0
+    for entry in ab.aot_kernels(arch, "fp16", shipped=True):
+        kernel = entry["kernel"]
+        for case in entry["cases"]:
+            cx = case["constexprs"]
+            names = [n for n in kernel.arg_names if n in cx]
+            args = [n for n in kernel.arg_names if n not in cx]
+            types = [entry["types"].get(n) or ("*fp16" if n[0].isupper() else "i32") for n in args]
+            scratch = 128 if cx.get("WARP_SPECIALIZE") else 0  # bytes and alignment
+            C.aot_register(
+                kernel.__name__, "fp16", [int(cx[n]) for n in names], names, args, types, [], case["num_warps"], 1, 0,
+                len(args) + 2, scratch, 0, kernel.__name__, case["label"], b"", global_scratch_align=max(1, scratch),
+            )  # fmt: skip
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("D", [64, 128])
+def test_the_op_tries_every_shipped_tile_in_the_tables_order(arch, D):
+    from fasttrain.kernels import attention_backward as ab
+    from fasttrain.kernels._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class
+
+    def order(table):
+        return [
+            (t.kwargs["BLOCK_M"], t.kwargs["BLOCK_N"], t.kwargs.get("WARP_SPECIALIZE", False))
+            for t in ab.shipped_tiles(table[arch], head_dim_class(D))
+        ]
+
+    dkdv, atomic, dq = order(DKDV_CONFIGS), order(DKDV_DQ_CONFIGS), order(DQ_CONFIGS)
+    C.aot_clear()
+    C.aot_tune_reset()
+    try:
+        assert _register_shipped_set(arch) == C.aot_registered()
+        C.aot_record(True, SM)
+        # the plans (atomic faster), then each kernel's tiles, all timed alike: the first is kept
+        C.aot_tune_reset([1.0, 2.0] + [1.0] * (len(atomic) + len(dkdv) + len(dq)))
+        trials = _call(Tq=200, Tk=200, H=8, Hkv=2, D=D)
+        C.aot_record(True, SM)  # clears
+
+        def tried(kind, tiles, is_atomic):  # a trial of each tile when there are several, then the kept (first) one
+            launches = [(kind, m, n, is_atomic, ws) for m, n, ws in tiles]
+            return launches * (len(tiles) > 1) + launches[:1]
+
+        # both plans' trials (each tuning its tiles), then the atomic plan again with its kept tile
+        want = tried("dkdv", atomic, True) + tried("dkdv", dkdv, False) + tried("dq", dq, False)
+        want += tried("dkdv", atomic, True)[-1:]
+        assert trials == want
+    finally:
+        C.aot_record(False, 0)
+        C.aot_tune_reset()
+        C.aot_clear()
 
 
 def test_inputs_the_cubins_cannot_take_are_copied(registry):
