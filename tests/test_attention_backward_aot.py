@@ -2,11 +2,13 @@
 compiled ahead of time (tools/aot.py --shipped) and launched from C++ (csrc/attention_backward_aot.cpp), tested
 without a GPU.
 
-The shipped set lists what the op takes; a sample of it compiles for sm_90 (and the sm_80 set's first tiles) and
-registers with the C++ launcher; the C++ op, run on CPU tensors with the launch recorder on (no output is computed
-here), hands the launcher what Triton's JIT launcher is given for the same call with its autotuners and plan held to
-the tiles and plan the op launches (tests/aot_jit_capture.py), launch by launch; the tuner's trials and choices follow
-the recorder's times. GPU tests (`pytest -m gpu`) hold the op's gradients to the JIT backward's.
+The shipped set lists what the op takes; a sample of it compiles for sm_90 and registers with the C++ launcher (the
+sm_80 sample and the whole set under `-m slow`); the C++ op, run on CPU tensors with the launch recorder on (no
+output is computed here), hands the launcher what Triton's JIT launcher is given for the same call with its
+autotuners and plan held to the tiles and plan the op launches (tests/aot_jit_capture.py), launch by launch; the
+tuner's trials and choices follow the recorder's times, its candidates every shipped tile of each arch's tables in
+order; the aot column's backward takes the op. GPU tests (`pytest -m gpu`) hold the op's gradients to the JIT
+backward's.
 """
 
 import pytest
