@@ -185,15 +185,17 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in,
                                                             dtype, f32,   i32,   i32,   i64, f32};
     const std::vector<Tile> tiles = dkdv_tiles(D, atomic);
     for (const Tile& t : tiles) {
-      const std::initializer_list<int64_t> cx = {G,         D,         D,     false, false, true, full,
+      // Only the warp-specialized loop reads FULL_TILES: the pipelined tiles ship (and launch) their False cubin.
+      const bool full_cx = full && t.warp_specialize;
+      const std::initializer_list<int64_t> cx = {G,         D,         D,     false, false, true, full_cx,
                                                  t.block_m, t.block_n, t.warp_specialize, atomic, false, false, false};
       if (const aot::Entry* e = aot::lookup(aot::Kernel::AttentionBackwardDkdv, pointers, cx)) found.push_back(e);
     }
     if (found.empty()) {  // none shipped: the registry's error
       const Tile& t = tiles[0];
       found.push_back(&aot::find(aot::Kernel::AttentionBackwardDkdv, pointers,
-                                 {G, D, D, false, false, true, full, t.block_m, t.block_n, t.warp_specialize, atomic,
-                                  false, false, false}));
+                                 {G, D, D, false, false, true, full && t.warp_specialize, t.block_m, t.block_n,
+                                  t.warp_specialize, atomic, false, false, false}));
     }
     return found;
   };

@@ -1185,9 +1185,11 @@ def shipped_tiles(table_for_arch: dict, cls: str) -> list[triton.Config]:
 def _shipped(arch: int, dtype: str) -> list[dict]:
     """The common eager call of the backward: fp16/bf16, dense (B, T, H, D) tensors, head dim 64 or 128, GQA groups
     SHIPPED_GROUPS, any window (causal or not), no lse gradient, dropout, softcap or ALiBi; inputs that TMA could read
-    (TMA_ALIGNED: the C++ op copies any other), FULL_TILES either way. The preprocess; dK/dV under each shipped tile
-    of both its tables (dQ by atomics or not; the warp-specialized sm_90 tiles make their TMA descriptors in global
-    scratch, which the C++ launcher allocates); dQ under each shipped tile."""
+    (TMA_ALIGNED: the C++ op copies any other). The preprocess; dK/dV under each shipped tile of both its tables (dQ
+    by atomics or not; the warp-specialized sm_90 tiles make their TMA descriptors in global scratch, which the C++
+    launcher allocates), with FULL_TILES off, and on too for the warp-specialized tiles (the only ones that read it:
+    the pipelined tiles compile to the same code either way, and the C++ op launches their FULL_TILES=False cubin);
+    dQ under each shipped tile."""
     if dtype not in ("fp16", "bf16"):
         return []
     off = dict(VARLEN=False, UPCAST=False, DROPOUT=False, SOFTCAP=False, ALIBI=False)
@@ -1201,6 +1203,8 @@ def _shipped(arch: int, dtype: str) -> list[dict]:
             for table in (DKDV_CONFIGS[arch], DKDV_DQ_CONFIGS[arch]):
                 for full in (False, True):
                     for c in shipped_tiles(table, cls):
+                        if full and not c.kwargs["WARP_SPECIALIZE"]:
+                            continue  # the pointer loop ignores FULL_TILES: its False cubin is the same code
                         constexprs = dict(GROUP=group, **dims, **off, TMA_ALIGNED=True, FULL_TILES=full, **c.kwargs)
                         dkdv.append(dict(label=_label(cls, group, c, full), constexprs=constexprs, **_options(c)))
             for c in shipped_tiles(DQ_CONFIGS[arch], cls):
