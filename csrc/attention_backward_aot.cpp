@@ -18,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <tuple>
 #include <vector>
@@ -48,6 +50,15 @@ int64_t band_class(int64_t edge, int64_t tune_seqlen) {
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// FASTTRAIN_ATTENTION_WS=0 drops the warp-specialized configs from the JIT's tables at import; so here.
+bool warp_specialize_on() {
+  static const bool on = [] {
+    const char* v = std::getenv("FASTTRAIN_ATTENTION_WS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
 
 struct Tile {
   int64_t block_m, block_n;
@@ -185,6 +196,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in,
                                                             dtype, f32,   i32,   i32,   i64, f32};
     const std::vector<Tile> tiles = dkdv_tiles(D, atomic);
     for (const Tile& t : tiles) {
+      if (t.warp_specialize && !warp_specialize_on()) continue;
       // Only the warp-specialized loop reads FULL_TILES: the pipelined tiles ship (and launch) their False cubin.
       const bool full_cx = full && t.warp_specialize;
       const std::initializer_list<int64_t> cx = {G,         D,         D,     false, false, true, full_cx,

@@ -219,13 +219,13 @@ def test_tuning_leaves_a_class_with_one_shipped_tile_untimed(registry):
     assert _call(H=2, Hkv=2, deterministic=True) == [p128, q128]
 
 
-def _register_shipped_set(arch: int) -> int:
-    """Every case of arch's shipped fp16 set registered without a cubin (the recorder launches none), described as
-    tools/aot.py describes it (constexprs in parameter order; other pointers in the dtype, integers i32): the number
-    registered."""
+def _shipped_set(arch: int) -> list[list]:
+    """Every case of arch's shipped fp16 set as fasttrain._C.aot_register takes it without a cubin (the recorder
+    launches none), described as tools/aot.py describes it (constexprs in parameter order; other pointers in the dtype,
+    integers i32)."""
     from fasttrain.kernels import attention_backward as ab
 
-    count = 0
+    described = []
     for entry in ab.aot_kernels(arch, "fp16", shipped=True):
         kernel = entry["kernel"]
         for case in entry["cases"]:
@@ -234,12 +234,21 @@ def _register_shipped_set(arch: int) -> int:
             args = [n for n in kernel.arg_names if n not in cx]
             types = [entry["types"].get(n) or ("*fp16" if n[0].isupper() else "i32") for n in args]
             scratch = 128 if cx.get("WARP_SPECIALIZE") else 0  # bytes and alignment
-            C.aot_register(
-                kernel.__name__, "fp16", [int(cx[n]) for n in names], names, args, types, [], case["num_warps"], 1, 0,
-                len(args) + 2, scratch, 0, kernel.__name__, case["label"], b"", global_scratch_align=max(1, scratch),
+            described.append(
+                [kernel.__name__, "fp16", [int(cx[n]) for n in names], names, args, types, [], case["num_warps"], 1, 0,
+                 len(args) + 2, scratch, 0, kernel.__name__, case["label"], max(1, scratch)]
             )  # fmt: skip
-            count += 1
-    return count
+    return described
+
+
+def _register(described: list[list]) -> int:
+    for d in described:
+        C.aot_register(*d[:-1], b"", global_scratch_align=d[-1])
+    return len(described)
+
+
+def _register_shipped_set(arch: int) -> int:
+    return _register(_shipped_set(arch))
 
 
 @pytest.mark.parametrize("arch", [90, 80])
@@ -277,6 +286,38 @@ def test_the_op_tries_every_shipped_tile_in_the_tables_order(arch, D):
         C.aot_record(False, 0)
         C.aot_tune_reset()
         C.aot_clear()
+
+
+_WS_OFF_CHILD = """
+import json, sys, torch
+import fasttrain._C as C
+sys.path.insert(0, sys.argv[2])
+import test_attention_backward_aot as t
+t._register(json.loads(sys.argv[1]))
+C.aot_record(True, t.SM)
+C.aot_tune_reset([1.0] * 5)
+print(json.dumps(t._call(deterministic=True)))
+"""
+
+
+@pytest.mark.slow  # a child process: the switch is read once per process
+def test_the_warp_specialized_off_switch_leaves_their_tiles_out():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    described = _shipped_set(90)
+    assert any(d[2][9] for d in described if d[0] == "_attn_bwd_dkdv_kernel")  # WARP_SPECIALIZE shipped
+    env = {**os.environ, "FASTTRAIN_ATTENTION_WS": "0"}
+    child = [sys.executable, "-c", _WS_OFF_CHILD, json.dumps(described), str(Path(__file__).parent)]
+    proc = subprocess.run(child, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tiles = [tuple(t) for t in json.loads(proc.stdout.splitlines()[-1])]
+    p128, p64 = ("dkdv", 64, 128, False, False), ("dkdv", 64, 64, False, False)
+    q128, q64 = ("dq", 128, 64, False, False), ("dq", 64, 64, False, False)
+    assert tiles == [p128, p64, p128, q128, q64, q128]  # two dK/dV tiles tried, not the third (warp-specialized)
 
 
 def test_inputs_the_cubins_cannot_take_are_copied(registry):
