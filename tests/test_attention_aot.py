@@ -259,6 +259,21 @@ def test_the_public_function_takes_the_column_and_torch_compile_traces_it(regist
     ]
 
 
+def test_the_packed_functions_take_the_column_without_score_modifiers_only(registry, monkeypatch):
+    from fasttrain.ops.attention_packed import flash_attn_qkvpacked_func
+
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)  # CPU tensors take the column (recorded)
+    qkv = torch.randn(1, 97, 3, 2, 64, dtype=torch.float16)  # (B, T, 3, H, D): q, k and v are views of it
+    out = flash_attn_qkvpacked_func(qkv, causal=True)
+    (launch,) = C.aot_records()
+    assert out.shape == (1, 97, 2, 64) and launch["case"].startswith("d64 G1")
+    for kwargs in ({"softcap": 30.0}, {"alibi_slopes": torch.ones(2)}):
+        with pytest.raises(RuntimeError, match="softcap|alibi_slopes"):
+            flash_attn_qkvpacked_func(qkv, causal=True, backend="aot", **kwargs)
+    with pytest.raises(RuntimeError, match="takes no cu_seqlens, mask, dropout, softcap or ALiBi"):
+        ops.Aot.forward(*qkv.unbind(2), None, None, 97, 97, 0.125, W, 0, None, 0.0, None, 30.0, None)
+
+
 # ---- on a GPU: the column against the triton column and the reference -------------------------------------------
 
 
