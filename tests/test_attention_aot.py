@@ -11,6 +11,7 @@ function on the column. GPU tests (`pytest -m gpu`) hold the column to the trito
 lse and gradients.
 """
 
+import inspect
 import json
 import os
 
@@ -98,6 +99,9 @@ def test_shipped_set_is_the_columns_scope():
     assert (attention.SHIPPED_HEAD_DIMS, attention.SHIPPED_GROUPS) == (ops._AOT_HEAD_DIMS, ops._AOT_GROUPS)
     for arch in (80, 90):
         (entry,) = attention.aot_kernels(arch, "bf16", shipped=True)
+        # the kernel's runtime arguments, in order, as the C++ op passes them (the interpreter's stand-in: .fn)
+        parameters = inspect.signature(entry["kernel"].fn).parameters.values()
+        assert [p.name for p in parameters if "constexpr" not in str(p.annotation)] == _ARGS
         tables = {cls: FWD_CONFIGS[arch][cls] for cls in ("d64", "d128")}
         assert len(entry["cases"]) == 2 * 4 * sum(map(len, tables.values()))  # FULL_TILES off and on, 4 groups
         for c in entry["cases"]:
@@ -153,6 +157,13 @@ def test_recorded_launch_is_what_the_jit_launcher_is_given(captured, sample, i):
         assert jit["scratch"] == [[aot[-1]["scratch_bytes"], row["global_scratch_align"]]]
     else:
         assert jit["scratch"] == [] and aot[-1]["scratch_bytes"] == 0
+
+
+# csrc/aot_launch.cpp's spec of the forward's runtime arguments, in order
+_ARGS = ["Q", "K", "V", "Out", "Lse", "CuQ", "CuK", "stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kt",
+         "stride_kh", "stride_vb", "stride_vt", "stride_vh", "stride_ob", "stride_ot", "stride_oh", "stride_lb",
+         "stride_lh", "seqlen_q", "seqlen_k", "scale_log2", "left", "right", "tune_seqlen", "tune_left", "tune_right",
+         "Seed", "dropout_threshold", "dropout_scale", "softcap_log2", "Alibi", "stride_ab"]  # fmt: skip
 
 
 def _tensors(B=1, Tq=97, Tk=97, H=2, Hkv=2, D=64, dtype=torch.float16):
@@ -257,6 +268,18 @@ def test_the_public_function_takes_the_column_and_torch_compile_traces_it(regist
     assert [a != 0 if t == "ptr" else a for t, a in zip(launch["types"], launch["args"])] == [
         a != 0 if t == "ptr" else a for t, a in zip(traced["types"], traced["args"])
     ]
+
+
+def test_sdpa_takes_the_column_for_its_band(registry, monkeypatch):
+    from fasttrain.ops.attention import scaled_dot_product_attention
+
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)  # CPU tensors take the column (recorded)
+    q, k, v = (t.transpose(1, 2) for t in _tensors(Tq=97, Tk=97))  # (B, H, T, D) views
+    out = scaled_dot_product_attention(q, k, v, is_causal=True)
+    (launch,) = C.aot_records()
+    assert out.shape == q.shape and launch["case"].startswith("d64 G1")
+    named = dict(zip(_ARGS, launch["args"]))
+    assert (named["left"], named["right"]) == (W, 0)  # top-left causal at Tq == Tk: the bottom-right band
 
 
 def test_the_packed_functions_take_the_column_without_score_modifiers_only(registry, monkeypatch):
