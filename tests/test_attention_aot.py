@@ -14,6 +14,8 @@ lse and gradients.
 import inspect
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -202,6 +204,27 @@ def test_one_shipped_tile_is_launched_untimed_and_an_unshipped_case_names_its_co
     q, k, v = _tensors(H=6, Hkv=2)
     with pytest.raises(RuntimeError, match="GQA groups 1, 2, 4 or 8, got 3"):
         torch.ops.fasttrain.attention_forward_aot(q, k, v, 0.125, W, 0)
+
+
+@pytest.mark.slow  # a child process (seconds): the variable is read once per process
+def test_the_warp_specialized_escape_hatch_leaves_its_tile_out_here_too(sample):
+    """FASTTRAIN_ATTENTION_WS=0 (read once per process, as the JIT's tables read it at import): the plain tile only,
+    untimed, though the warp-specialized one is shipped and the tuner has times."""
+    script = f"""
+import torch, fasttrain._C as C
+from fasttrain import _aot
+C.aot_clear()
+assert _aot.load({str(sample[0])!r}, arch=90) == 3
+C.aot_tune_reset([2.0, 1.0])
+C.aot_record(True, 132)
+q = torch.randn(1, 97, 2, 64, dtype=torch.float16)
+torch.ops.fasttrain.attention_forward_aot(q, q, q, 0.125, 1 << 30, 0)
+print([r["case"] for r in C.aot_records()])
+"""
+    env = {**os.environ, "FASTTRAIN_ATTENTION_WS": "0"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == repr([f"d64 G1 {FIRST[:-1]}"])
 
 
 def test_inputs_the_cubins_cannot_take_are_copied(registry):
