@@ -107,6 +107,9 @@ class Aot:
 
     @staticmethod
     def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, softcap, alibi):
+        # a caller that chose without passing the score modifiers to the reason must not get them silently dropped
+        if cu_q is not None or attn_mask is not None or dropout_p > 0.0 or softcap > 0.0 or alibi is not None:
+            raise RuntimeError("attention: the aot column takes no cu_seqlens, mask, dropout, softcap or ALiBi")
         return torch.ops.fasttrain.attention_forward_aot(q, k, v, scale, left, right)
 
     @staticmethod
