@@ -19,70 +19,26 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <tuple>
 #include <vector>
 
 #include "aot_launch.h"
+#include "attention_aot_common.h"
 
 namespace fasttrain {
 namespace {
 
 using at::Tensor;
+using namespace attention_aot;
 
 constexpr const char* kName = "attention_forward_aot";
 constexpr double kLog2e = 1.4426950408889634;  // kernels/_attention_launch.py LOG2E
 constexpr int64_t kGridYZMax = 65535;           // CUDA's limit on a grid's y and z axes (H and B here)
 
-struct Tile {
-  int64_t block_m, block_n;
-  bool warp_specialize;
-};
-
 // The forward's tiles in the order of kernels/_attention_configs.py _FWD's lists (sm_90's; sm_80's are a subsequence
 // of them), the same for head-dim classes d64 and d128: the candidates of a call are those shipped for the
 // registry's arch (tests/test_attention_aot.py holds this list to the tables).
 constexpr std::array<Tile, 4> kTiles = {{{128, 64, false}, {128, 128, false}, {64, 64, false}, {128, 128, true}}};
-
-int64_t next_power_of_2(int64_t n) {
-  int64_t p = 1;
-  while (p < n) p *= 2;
-  return n > 0 ? p : 0;
-}
-
-// kernels/_attention_launch.py band_class: a band edge as the tuner keys it.
-int64_t band_class(int64_t edge, int64_t tune_seqlen) {
-  if ((edge >= 0 ? edge : -edge) >= tune_seqlen) return edge > 0 ? tune_seqlen : -tune_seqlen;
-  return edge >= 0 ? next_power_of_2(edge) : -next_power_of_2(-edge);
-}
-
-// FASTTRAIN_ATTENTION_WS=0 drops the warp-specialized configs from the JIT's tables at import; so here.
-bool warp_specialize_on() {
-  static const bool on = [] {
-    const char* v = std::getenv("FASTTRAIN_ATTENTION_WS");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return on;
-}
-
-// Whether the cubins take t as it is: a 16-byte aligned base, nonzero leading strides that are multiples of 16
-// elements (what the JIT specializes on and TMA reads), unit stride along D.
-bool compiled_layout(const Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 || t.stride(3) != 1) return false;
-  for (int i = 0; i < 3; ++i) {
-    if (t.stride(i) == 0 || t.stride(i) % 16) return false;
-  }
-  return true;
-}
-
-Tensor as_compiled(const Tensor& t) { return compiled_layout(t) ? t : t.clone(at::MemoryFormat::Contiguous); }
-
-c10::DeviceIndex launch_device(const Tensor& q) {
-  TORCH_CHECK(q.is_cuda() || (q.is_cpu() && aot::recording()), kName,
-              ": takes CUDA tensors (CPU tensors only while launches are recorded), got ", q.device());
-  return q.is_cuda() ? q.device().index() : -1;
-}
 
 void check(const Tensor& q, const Tensor& k, const Tensor& v) {
   TORCH_CHECK(q.dim() == 4, kName, ": q must be (B, Tq, H, D)");
@@ -106,7 +62,7 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v) {
 std::tuple<Tensor, Tensor> attention_forward_aot(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                  double scale, int64_t left, int64_t right) {
   check(q_in, k_in, v_in);
-  const c10::DeviceIndex device = launch_device(q_in);
+  const c10::DeviceIndex device = launch_device(q_in, kName);
   const Tensor q = as_compiled(q_in), k = as_compiled(k_in), v = as_compiled(v_in);
   const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
   const int64_t Tk = k.size(1), G = H / k.size(2);

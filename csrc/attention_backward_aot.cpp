@@ -18,56 +18,28 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 #include <functional>
 #include <tuple>
 #include <vector>
 
 #include "aot_launch.h"
+#include "attention_aot_common.h"
 
 namespace fasttrain {
 namespace {
 
 using at::Tensor;
+using namespace attention_aot;
 
 constexpr const char* kName = "attention_backward_aot";
 constexpr int64_t kPreprocessBlockM = 32;  // kernels/attention_backward.py _PREPROCESS_BLOCK_M
 constexpr double kLog2e = 1.4426950408889634;
 
-// kernels/_launch.py next_power_of_2: the smallest power of 2 >= n, 0 for 0.
-int64_t next_power_of_2(int64_t n) {
-  if (n <= 0) return 0;
-  int64_t p = 1;
-  while (p < n) p *= 2;
-  return p;
-}
-
-// kernels/_attention_launch.py band_class: a window edge as the tuners key it.
-int64_t band_class(int64_t edge, int64_t tune_seqlen) {
-  if ((edge < 0 ? -edge : edge) >= tune_seqlen) return edge > 0 ? tune_seqlen : -tune_seqlen;
-  return edge >= 0 ? next_power_of_2(edge) : -next_power_of_2(-edge);
-}
-
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// FASTTRAIN_ATTENTION_WS=0 drops the warp-specialized configs from the JIT's tables at import; so here.
-bool warp_specialize_on() {
-  static const bool on = [] {
-    const char* v = std::getenv("FASTTRAIN_ATTENTION_WS");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return on;
-}
-
-struct Tile {
-  int64_t block_m, block_n;
-  bool warp_specialize;
-};
 
 // The tiles a head-dim class may ship (kernels/attention_backward.py shipped_tiles), in the order of the JIT's
 // configs: sm_90's, then those only sm_80 has. The registry holds one arch's cubins, so a call's candidates are those
-// of its arch that were shipped (tests/test_attention_backward_aot.py holds this order to the sm_90 tables).
+// of its arch that were shipped (tests/test_attention_backward_aot.py holds this order to both archs' tables).
 std::vector<Tile> dkdv_tiles(int64_t head_dim, bool atomic_dq) {
   if (head_dim == 64) {
     if (atomic_dq) return {{64, 128, false}, {64, 64, false}};
@@ -80,24 +52,6 @@ std::vector<Tile> dkdv_tiles(int64_t head_dim, bool atomic_dq) {
 std::vector<Tile> dq_tiles(int64_t head_dim) {
   if (head_dim == 64) return {{128, 64, false}, {64, 64, false}};
   return {{64, 64, false}, {128, 64, false}, {64, 32, false}};
-}
-
-// Whether the cubins take t as it is: a 16-byte aligned address and (B, T, H) strides that are nonzero multiples of
-// 16 elements (which makes TMA_ALIGNED, kernels/_attention_launch.py tma_aligned, hold too), unit stride along D.
-bool aligned_16(const Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 || t.stride(3) != 1) return false;
-  for (int i = 0; i < 3; ++i) {
-    if (t.stride(i) == 0 || t.stride(i) % 16) return false;
-  }
-  return true;
-}
-
-Tensor as_compiled(const Tensor& t) { return aligned_16(t) ? t : t.clone(at::MemoryFormat::Contiguous); }
-
-c10::DeviceIndex launch_device(const Tensor& q) {
-  TORCH_CHECK(q.is_cuda() || (q.is_cpu() && aot::recording()), kName,
-              ": takes CUDA tensors (CPU tensors only while launches are recorded), got ", q.device());
-  return q.is_cuda() ? q.device().index() : -1;
 }
 
 void check(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
@@ -133,7 +87,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in,
                                                           const Tensor& out_in, const Tensor& lse_in, double scale,
                                                           int64_t left, int64_t right, bool deterministic) {
   check(dout_in, q_in, k_in, v_in, out_in, lse_in);
-  const c10::DeviceIndex device = launch_device(q_in);
+  const c10::DeviceIndex device = launch_device(q_in, kName);
   Tensor q = as_compiled(q_in), dout = as_compiled(dout_in);
   const Tensor k = as_compiled(k_in), v = as_compiled(v_in), out = as_compiled(out_in);
   const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
