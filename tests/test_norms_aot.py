@@ -205,6 +205,21 @@ def test_autograd_gives_a_half_branch_its_own_copy_of_the_fp32_stream_gradient(r
     assert w.grad.dtype == b.grad.dtype == torch.float32
 
 
+def test_a_call_with_nothing_to_record_skips_the_autograd_node(registry):
+    x, r, w, b = _profile_tensors("same", torch.float16, 4, 100, True, True, True)
+    for grad_off, args in ((True, (x, r, w, b)), (False, tuple(t.detach() for t in (x, r, w, b)))):
+        with torch.set_grad_enabled(not grad_off):
+            y, s, mean, rstd = torch.ops.fasttrain.norm_forward_aot(*args, 1e-5, False, torch.float16)
+        assert all(t.grad_fn is None and not t.requires_grad for t in (y, s, mean, rstd))
+        assert y.shape == s.shape == (4, 100) and mean.shape == rstd.shape == (4,)
+        (fwd,) = C.aot_records()
+        assert fwd["kernel"] == "_norm_forward_kernel" and fwd["args"][:4] == [t.data_ptr() for t in (x, r, w, b)]
+        C.aot_record(True, SM)  # clears
+    # one input taking a gradient is enough for the node
+    y = torch.ops.fasttrain.norm_forward_aot(x.detach(), None, w, None, 1e-5, False, torch.float16)[0]
+    assert y.requires_grad and y.grad_fn is not None
+
+
 def test_double_backward_is_refused_not_silently_first_order(registry):
     x = torch.randn(2, 100, dtype=torch.float16, requires_grad=True)
     y = torch.ops.fasttrain.norm_forward_aot(x, None, None, None, 1e-5, False, torch.float16)[0]
