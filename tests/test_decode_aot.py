@@ -9,6 +9,8 @@ traces the public function on the column. GPU tests (`pytest -m gpu`) hold the c
 reference: outputs, lse and the caches after the append.
 """
 
+import json
+
 import pytest
 import torch
 
@@ -133,6 +135,86 @@ def test_tuning_leaves_a_class_with_one_shipped_tile_untimed(registry):
     C.aot_record(True, SM)  # clears
     torch.ops.fasttrain.decode_aot(q, kc, vc, k, v, lengths, None, 0.125, UNBOUNDED, 0, 1)  # two tiles: both times
     assert _block_ns(C.aot_records()) == [64, 128, 64]
+
+
+# ---- persisted tuning (fasttrain/_aot.py): the recorder's trial times stand in for the GPU's -------------------------
+
+IDENTITY = {"device": "Test GPU 80GB", "capability": "9.0", "index": "0123abcd", "fasttrain": "0.1.0", "torch": "2"}
+
+
+@pytest.fixture
+def tune_cache(registry, tmp_path, monkeypatch):
+    """The tuner's choices persisted under tmp_path for IDENTITY; detached after the test."""
+    from fasttrain import _aot
+
+    monkeypatch.setenv("FASTTRAIN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FASTTRAIN_AOT_TUNE_CACHE", raising=False)
+    _aot.detach_tune_cache()
+    yield _aot
+    _aot.detach_tune_cache()
+
+
+def _tuned_call(Tmax=256):
+    """The BLOCK_N of each decode launch of one call of a two-tile shape class (the trials, then the choice)."""
+    q, kc, vc, _, _, lengths = _tensors(Tmax=Tmax, t_new=0)
+    torch.ops.fasttrain.decode_aot(q, kc, vc, None, None, lengths, None, 0.125, UNBOUNDED, 0, 1)
+    launches = _block_ns(C.aot_records())
+    C.aot_record(True, SM)  # clears
+    return launches
+
+
+def test_a_tuned_choice_is_saved_and_read_back_without_trials(tune_cache, tmp_path):
+    path = tune_cache.attach_tune_cache(IDENTITY)
+    assert path.parent == tmp_path / "aot_tune" and path.name.startswith("Test_GPU_80GB-sm90-") and not path.exists()
+    C.aot_tune_reset([3.0, 1.0])
+    assert _tuned_call() == [64, 128, 128]  # trials, then the faster tile: saved at once
+    data = json.loads(path.read_text())
+    assert data["identity"] == IDENTITY and [c[0] for c in data["choices"]] == ["_decode_kernel"]
+    assert data["choices"][0][2] == 1
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+    # a new process: nothing tuned, no trial times; the file's choice launches without trials
+    tune_cache.detach_tune_cache()
+    C.aot_tune_reset()
+    assert tune_cache.attach_tune_cache(IDENTITY) == path
+    assert _tuned_call() == [128]
+    assert _tuned_call(512) == [64]  # another class: not in the file, no times left: untimed, unsaved
+    assert len(json.loads(path.read_text())["choices"]) == 1
+
+
+def test_the_tuning_cache_is_off_with_its_switch(tune_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTTRAIN_AOT_TUNE_CACHE", "0")
+    assert tune_cache.attach_tune_cache(IDENTITY) is None
+    C.aot_tune_reset([3.0, 1.0])
+    assert _tuned_call() == [64, 128, 128]
+    assert not (tmp_path / "aot_tune").exists()
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1, "identity": {"device": "other"}, "choices": []}'])
+def test_a_corrupt_or_foreign_tuning_file_is_ignored_with_one_warning(tune_cache, content):
+    path = tune_cache.tune_cache_path(IDENTITY)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.warns(UserWarning, match="aot tuning") as caught:
+        tune_cache.attach_tune_cache(IDENTITY)
+    assert len(caught) == 1
+    C.aot_tune_reset([1.0, 2.0])
+    assert _tuned_call() == [64, 128, 64]  # tuned afresh, and the file rewritten as this device's
+    assert json.loads(path.read_text())["identity"] == IDENTITY
+
+
+def test_the_tuning_file_is_replaced_whole_or_left_as_it_was(tune_cache, monkeypatch):
+    path = tune_cache.attach_tune_cache(IDENTITY)
+    C.aot_tune_reset([3.0, 1.0, 1.0, 2.0])
+    assert _tuned_call() == [64, 128, 128]
+    before = path.read_bytes()
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tune_cache.os, "replace", fail)
+    with pytest.warns(UserWarning, match="cannot write the aot tuning cache"):
+        assert _tuned_call(512) == [64, 128, 64]  # the op goes on
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == [path.name]
 
 
 def _tensors(B=2, Tq=1, H=32, Hkv=8, D=64, Tmax=256, t_new=1, dtype=torch.float16):
