@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 
+import fasttrain
 import fasttrain._C as C
 from fasttrain import _backend
 from fasttrain.ops import decode as ops
@@ -179,6 +180,31 @@ def test_a_tuned_choice_is_saved_and_read_back_without_trials(tune_cache, tmp_pa
     assert _tuned_call() == [128]
     assert _tuned_call(512) == [64]  # another class: not in the file, no times left: untimed, unsaved
     assert len(json.loads(path.read_text())["choices"]) == 1
+
+
+def test_a_device_whose_cubins_serve_attaches_its_tuning_file(tmp_path, monkeypatch):
+    from fasttrain import _aot
+
+    (tmp_path / "aot").mkdir()
+    (tmp_path / "aot" / "index.json").write_text("[]")
+    monkeypatch.setenv("FASTTRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("FASTTRAIN_AOT_TUNE_CACHE", raising=False)
+    monkeypatch.setattr(_aot, "AOT_DIR", tmp_path / "aot")
+    monkeypatch.setattr(_aot, "_device_reason", {})
+    monkeypatch.setattr(_aot, "_arch_reason", lambda arch: None)  # the cubins registered
+    monkeypatch.setattr(_aot._extension, "built_with_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
+    _aot.detach_tune_cache()
+    try:
+        assert _aot.reason(torch.device("cuda", 0)) is None
+        identity = _aot._tune["identity"]
+        assert identity["device"] == "NVIDIA H100 80GB HBM3" and identity["capability"] == "9.0"
+        assert identity["fasttrain"] == fasttrain.__version__ and len(identity["index"]) == 16
+        assert _aot._tune["path"].parent == tmp_path / "cache" / "aot_tune"
+        assert _aot._tune["path"].name.startswith("NVIDIA_H100_80GB_HBM3-sm90-")
+    finally:
+        _aot.detach_tune_cache()
 
 
 def test_the_tuning_cache_is_off_with_its_switch(tune_cache, tmp_path, monkeypatch):
