@@ -309,6 +309,7 @@ def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkey
         lambda: layer_norm(x.view(3, 10, 10), (10, 10)),  # two normalized dims
         lambda: layer_norm(x, (100,), w, eps=0),  # an int eps
         lambda: rms_norm(x.double(), (100,)),  # not a shipped dtype
+        lambda: layer_norm(x, (100,), torch.randn(200, dtype=torch.float16)[::2]),  # a strided weight (copied there)
     ]
     for i, call in enumerate(general):
         call()

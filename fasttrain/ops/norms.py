@@ -386,14 +386,22 @@ def _aot_short(
     if os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO or torch.is_autocast_enabled(device.type):
         return None
     x, r = _rows(input, n), (_rows(residual, n) if residual is not None else None)
-    y, stream, _, _ = _AOT_OP(x, r, _flat(weight), _flat(bias), eps, is_rms, dtype)
+    y, stream, _, _ = _AOT_OP(x, r, weight, bias, eps, is_rms, dtype)  # weight, bias: (N,) unit stride (_param_fits)
     if x is input:
         return y, stream
     return y.view(input.shape), (stream.view(input.shape) if residual is not None else stream)
 
 
 def _param_fits(t, dtype: torch.dtype, device: torch.device, n: int) -> bool:
-    return isinstance(t, Tensor) and t.dtype == dtype and t.device == device and t.dim() == 1 and t.size(0) == n
+    # (N,) with unit stride: what _flat passes on as it is
+    return (
+        isinstance(t, Tensor)
+        and t.dtype == dtype
+        and t.device == device
+        and t.dim() == 1
+        and t.size(0) == n
+        and t.stride(0) == 1
+    )
 
 
 def _check_eps(name: str, eps) -> None:
