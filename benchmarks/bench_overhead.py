@@ -5,10 +5,10 @@ launcher makes at each launch (driver_call_rows), and fasttrain's own Python on 
 Triton path with every launch skipped (impl "fasttrain, no launch": each kernel object swapped for one whose
 `kernel[grid](...)` does nothing, so its outputs are garbage and only its time is kept; on a CPU this runs in a child
 process with the Triton backend forced, the one way to time that path's Python without a GPU, and on CUDA the gap to
-the "fasttrain" row is Triton's launcher and the driver); the norms, rotary and cross-entropy on their aot path (the
-kernels
-compiled ahead of time and launched from C++) with every launch dropped once packed (impl "fasttrain aot, no launch",
-aot_launches_dropped), on a CPU too; then a cProfile of fasttrain's LayerNorm forward + backward.
+the "fasttrain" row is Triton's launcher and the driver); the norms, rotary, cross-entropy and decode on their aot
+path (the kernels compiled ahead of time and launched from C++) with every launch dropped once packed (impl
+"fasttrain aot, no launch", aot_launches_dropped), on a CPU too (decode's skipped there: the CPU case's caches are
+fp32, its cubins fp16 and bf16); then a cProfile of fasttrain's LayerNorm forward + backward.
 
     python -m fasttrain.benchmarks.bench_overhead [--device cpu|cuda] [--quick] [--out DIR]
 

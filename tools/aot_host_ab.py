@@ -1,9 +1,10 @@
-"""Host time of the aot paths (bench_overhead.AOT_OPS: the norms, rotary, cross-entropy) against torch's op (for rotary
-the eager rotation) and the Triton path, interleaved, without a GPU: each round times torch's op, fasttrain's Triton
-path with its launches skipped (bench_overhead.launches_skipped) and its aot path with its launches dropped
-(bench_overhead.aot_launches_dropped), with and without the op's short path (fasttrain/ops/norms.py, rotary.py and
-cross_entropy.py _aot_short: the public function straight to the C++ op), one after another, and keeps each one's
-minimum over the rounds, which other tenants' load on a shared machine can only raise. Time is the calling thread's
+"""Host time of the aot paths (bench_overhead.AOT_OPS: the norms, rotary, cross-entropy; decode with --decode)
+against torch's op (for rotary the eager rotation) and the Triton path, interleaved, without a GPU: each round times
+torch's op, fasttrain's Triton path with its launches skipped (bench_overhead.launches_skipped) and its aot path
+with its launches dropped (bench_overhead.aot_launches_dropped), with and without the op's short path
+(fasttrain/ops/norms.py, rotary.py and cross_entropy.py _aot_short: the public function straight to the C++ op), one
+after another, and keeps each one's minimum over the rounds, which other tenants' load on a shared machine can only
+raise. Time is the calling thread's
 CPU time (a CPU tensor's backward runs on the calling thread too), so a preempted interval does not count. One
 intra-op thread: the ops are tiny.
 
