@@ -10,6 +10,9 @@ reference: outputs, lse and the caches after the append.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -205,6 +208,40 @@ def test_a_device_whose_cubins_serve_attaches_its_tuning_file(tmp_path, monkeypa
         assert _aot._tune["path"].name.startswith("NVIDIA_H100_80GB_HBM3-sm90-")
     finally:
         _aot.detach_tune_cache()
+
+
+_CHILD = """
+import json, sys
+import torch
+import fasttrain._C as C
+from fasttrain import _aot
+from fasttrain.benchmarks import bench_overhead
+from fasttrain.ops.attention_reference import UNBOUNDED
+
+bench_overhead._register_described(torch.float16)  # launch-less entries of the shipped set: no cubin is read
+C.aot_record(True, 132)
+C.aot_tune_reset(json.loads(sys.argv[1]))
+_aot.attach_tune_cache(json.loads(sys.argv[2]))
+q = torch.randn(2, 1, 32, 64, dtype=torch.float16)
+kc, vc = (torch.randn(2, 256, 8, 64, dtype=torch.float16) for _ in "kv")
+lengths = torch.tensor([5, 100], dtype=torch.int32)
+torch.ops.fasttrain.decode_aot(q, kc, vc, None, None, lengths, None, 0.125, UNBOUNDED, 0, 1)
+print(json.dumps([r["constexprs"][6] for r in C.aot_records() if r["kernel"] == "_decode_kernel"]))
+"""
+
+
+@pytest.mark.slow  # two interpreters importing torch; the default run resets the tuner in-process instead
+def test_a_new_process_launches_the_saved_choice_without_trials(tmp_path):
+    def child(times):
+        env = {**os.environ, "FASTTRAIN_CACHE_DIR": str(tmp_path), "PYTHONSAFEPATH": "1"}
+        env.pop("FASTTRAIN_AOT_TUNE_CACHE", None)
+        args = [sys.executable, "-c", _CHILD, json.dumps(times), json.dumps(IDENTITY)]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]  # exits cleanly with the saver attached
+        return json.loads(done.stdout.splitlines()[-1])
+
+    assert child([3.0, 1.0]) == [64, 128, 128]  # trials, then the faster tile, saved
+    assert child([]) == [128]  # no trial times: the saved choice, not the untimed first tile
 
 
 def test_the_tuning_cache_is_off_with_its_switch(tune_cache, tmp_path, monkeypatch):
