@@ -82,4 +82,8 @@ TORCH_LIBRARY(fasttrain, m) {
       "decode_aot(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens, "
       "Tensor? cache_leftpad, float softmax_scale, int window_left, int window_right, int num_splits) "
       "-> (Tensor, Tensor)");
+  // flash_attn_func's common forward from the attention kernel compiled ahead of time (attention_aot.cpp): q (B, Tq, H,
+  // D), k and v (B, Tk, Hkv, D), query i seeing keys j with Tk - Tq - left <= j - i <= Tk - Tq + right; out (B, Tq, H,
+  // D) in q's dtype and a float32 lse (B, H, Tq), as fasttrain/ops/attention.py's triton column.
+  m.def("attention_forward_aot(Tensor q, Tensor k, Tensor v, float scale, int left, int right) -> (Tensor, Tensor)");
 }

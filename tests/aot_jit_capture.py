@@ -15,7 +15,9 @@ buffer (the dw/db partials) "buffer", an absent one or an empty tensor "null".
 
 A case with "op": "cross_entropy" runs kernels/cross_entropy.py's launchers and the cross_entropy_*_aot ops
 (tests/test_cross_entropy_aot.py starts those); one with "op": "decode" every launch of one kernels/decode.py
-`decode` call and of fasttrain::decode_aot (tests/test_decode_aot.py).
+`decode` call and of fasttrain::decode_aot (tests/test_decode_aot.py); one with "op": "attention" the launch of one
+kernels/attention.py `attention_forward` call (with the global scratch Triton's launcher would ask its allocator for)
+and those of fasttrain::attention_forward_aot (tests/test_attention_aot.py).
 """
 
 import importlib.util
@@ -244,6 +246,69 @@ def run_decode_case(C, entries, case: dict) -> dict:
     return {"jit": jit, "aot": aot}
 
 
+def jit_scratch_request(index: list, jit: dict) -> list:
+    """What Triton's launcher (its CUDA driver's, run with a stand-in launch) asks triton.set_allocator's allocator
+    for when it launches the compiled case of a JIT launch (the index entry of the same kernel and constexprs, whose
+    metadata it reads): [(bytes, alignment)] per scratch it allocates."""
+    from triton.backends.nvidia.driver import CudaLauncher
+    from triton.runtime import _allocation
+
+    (entry,) = [
+        e
+        for e in index
+        if e["kernel"] == jit["kernel"]
+        and "*" + e["dtype"] == jit["signature"]["Q"]
+        and all(int(jit["constexprs"][k]) == int(v) for k, v in e["constexprs"].items())
+        and e["num_warps"] == jit["num_warps"]
+    ]
+    launcher = CudaLauncher.__new__(CudaLauncher)
+    launcher.num_ctas = entry["num_ctas"] or 1
+    launcher.global_scratch_size = entry["global_scratch_size"] or 0
+    launcher.global_scratch_align = entry["global_scratch_align"] or 1
+    launcher.profile_scratch_size = entry["profile_scratch_size"] or 0
+    launcher.profile_scratch_align = entry["profile_scratch_align"] or 1
+    launcher.launch_cooperative_grid = launcher.launch_pdl = False
+    launcher.arg_annotations = launcher.kernel_signature = None
+    launcher.launch = lambda *args: None
+    requests = []
+    previous = _allocation._allocator.get()
+    triton.set_allocator(lambda size, align, stream: requests.append([size, align]))
+    try:
+        launcher(*jit["grid"], 0, 0, None, None, None, None)
+    finally:
+        triton.set_allocator(previous)
+    return requests
+
+
+def run_attention_case(C, entries, index, case: dict) -> dict:
+    """case (op "attention"): B, Tq, Tk, H, Hkv, D, window (left, right) as fasttrain.ops.attention._window gives
+    them, dtype, config (the index of the sm_90 config of the head-dim class that the JIT's autotuner is held to and
+    that the C++ tuner is given the fastest time for), times (the C++ tuner's times, one per shipped candidate). The
+    JIT's launch and the C++ op's launches (the tuner's trials, then the chosen one), with the JIT's scratch request."""
+    from fasttrain.kernels import attention
+    from fasttrain.kernels._attention_configs import FWD_CONFIGS, head_dim_class
+
+    torch.manual_seed(case.get("seed", 0))
+    half = DTYPES[case["dtype"]]
+    B, Tq, Tk, H, Hkv, D = (case[k] for k in ("B", "Tq", "Tk", "H", "Hkv", "D"))
+    attention._attn_fwd.configs = [FWD_CONFIGS[90][head_dim_class(D)][case["config"]]]
+    q = torch.randn(B, Tq, H, D, dtype=half)
+    k, v = torch.randn(B, Tk, Hkv, D, dtype=half), torch.randn(B, Tk, Hkv, D, dtype=half)
+    scale, (left, right) = D**-0.5, case["window"]
+    del _jit_launches[:]
+    out, lse = attention.attention_forward(q, k, v, None, None, Tq, Tk, scale, left, right)
+    (launch,) = _jit_launches
+    jit = jit_launch(_names({"q": q, "k": k, "v": v, "out": out, "lse": lse}), launch)
+    jit["scratch"] = jit_scratch_request(index, jit)
+    C.aot_tune_reset(case["times"])
+    out, lse = torch.ops.fasttrain.attention_forward_aot(q, k, v, scale, left, right)
+    names = _names({"q": q, "k": k, "v": v, "out": out, "lse": lse})
+    aot = [{**aot_launch(C, entries, names, r), "scratch_bytes": r["scratch_bytes"]} for r in C.aot_records()]
+    C.aot_record(True, MULTIPROCESSORS)  # clears
+    C.aot_tune_reset()
+    return {"jit": jit, "aot": aot}
+
+
 def main() -> None:
     aot_dir, cases = sys.argv[1], json.loads(sys.argv[2])
     driver.set_active(_NoGpu())
@@ -260,11 +325,12 @@ def main() -> None:
     decode._parallel_units = lambda device: MULTIPROCESSORS  # the split heuristic's SM count, as on the GPU
     decode._arch_configs = lambda: decode.DECODE_CONFIGS[90]  # the pruner's configs: sm_90's
     C.aot_clear()
-    entries = {}
+    entries, indexed = {}, []
     for directory in aot_dir.split(os.pathsep):  # one or more tools/aot.py --out folders
         _aot.load(directory, arch=90)
         index = json.loads(Path(directory, "index.json").read_text())
         entries.update({(e["kernel"], e["dtype"], e["case"]): e for e in index})
+        indexed += index
     C.aot_record(True, MULTIPROCESSORS)
     try:
         for case in cases:
@@ -272,6 +338,8 @@ def main() -> None:
                 result = run_cross_entropy_case(C, cross_entropy, entries, case)
             elif case.get("op") == "decode":
                 result = run_decode_case(C, entries, case)
+            elif case.get("op") == "attention":
+                result = run_attention_case(C, entries, indexed, case)
             elif case["kind"].startswith("rotary"):
                 result = run_rotary_case(C, rotary, entries, case)
             else:
