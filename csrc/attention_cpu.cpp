@@ -102,6 +102,61 @@ FT_CPU_CLONES void cap_scores(float* __restrict s, int64_t n, float pre, float s
   }
 }
 
+// q . k over n floats, accumulated in double.
+FT_CPU_CLONES double dot_exact(const float* __restrict q, const float* __restrict k, int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += static_cast<double>(q[j]) * static_cast<double>(k[j]);
+  return s;
+}
+
+constexpr float kRefine = 1.0f / 64;  // the probabilities refine_row recomputes: at most 63 of a row
+
+// Row i's renormalized P over the keys [a, b) of a tile (key j at k + j * ldk), under softcap or ALiBi: each p above
+// kRefine recomputed from its score in double, with its dcap. The fp32 score carries the rounding of a q . k sum whose
+// terms can dwarf it and the ulp of a large capped or biased score, several ulps of p; where p is large so is the dS
+// it adds to dK and dQ. Those keys keep the row's mass less the others' fp32 sum, shared by exp of their exact scores.
+void refine_row(const Problem& P, const Sequence& s, int64_t h, int64_t i, int64_t c0, const float* q, const float* k,
+                int64_t ldk, float* p, int64_t a, int64_t b, float* dcap) {
+  int64_t idx[64];
+  double score[64], cap[64];
+  int64_t n = 0;
+  double rest = 0.0;
+  for (int64_t j = a; j < b; ++j) {
+    if (p[j] > kRefine && n < 64) {
+      idx[n++] = j;
+    } else {
+      rest += p[j];
+    }
+  }
+  if (n == 0) return;
+  double top = -std::numeric_limits<double>::infinity();
+  const float slope = P.alibi != nullptr ? P.alibi[s.id * P.alibi_batch + h] : 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t key = c0 + idx[t];
+    double x = dot_exact(q, k + idx[t] * ldk, P.D) * P.scale_exact;
+    cap[t] = 1.0;
+    if (P.softcap > 0.0f) {
+      const double th = std::tanh(x / P.softcap);
+      x = P.softcap * th;
+      cap[t] = 1.0 - th * th;
+    }
+    x -= static_cast<double>(slope) * static_cast<double>(std::abs(i + s.Tk - s.Tq - key));
+    score[t] = x;
+    top = std::max(top, x);
+  }
+  double sum = 0.0;
+  for (int64_t t = 0; t < n; ++t) {
+    score[t] = std::exp(score[t] - top);
+    sum += score[t];
+  }
+  const double share = std::max(0.0, 1.0 - rest) / sum;
+  for (int64_t t = 0; t < n; ++t) {
+    p[idx[t]] = static_cast<float>(score[t] * share);
+    if (dcap) dcap[idx[t] - a] = static_cast<float>(cap[t]);
+  }
+}
+
 // s[0, n) -= slope * |d - j|: ALiBi's bias for the key j columns before query position d.
 FT_CPU_CLONES void alibi_scores(float* __restrict s, int64_t n, float slope, int64_t d) {
   for (int64_t j = 0; j < n; ++j) s[j] -= slope * static_cast<float>(std::abs(d - j));
@@ -346,8 +401,8 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
       const float *do_p = dout.at(s.q_batch, t0, h), *out_p = out.at(s.q_batch, t0, h);
       // With softcap or ALiBi, when the block's keys fit in one tile: each row's P renormalized to sum 1, since
       // exp(s - lse) carries lse's rounding (half an ulp of |lse|, large with capped or biased scores) into every p
-      // of the row alike, and delta = rowsum(P * dP) from that P (minus dlse: d lse / d s = p). Otherwise
-      // delta = dO . O - dlse.
+      // of the row alike, its p above kRefine recomputed from exact scores (refine_row), and delta = rowsum(P * dP)
+      // from that P (minus dlse: d lse / d s = p). Otherwise delta = dO . O - dlse.
       const bool renormalize = P.modified() && hi - lo <= kKeys;
       for (int64_t r = 0; r < n; ++r) {
         const float d_o = renormalize ? 0.0f : dot(do_p + r * dout.row, out_p + r * out.row, D);
@@ -374,7 +429,10 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
           } else {
             probabilities(p + a, b - a, P.scale, lse[lse0 + r]);  // lse +inf (no key) gives 0
           }
-          if (renormalize) normalize(p + a, b - a);
+          if (renormalize) {
+            normalize(p + a, b - a);
+            refine_row(P, s, h, i0 + r, c0, q_p + r * q.row, k_p, k.row, p, a, b, P.softcap > 0.0f ? dcap : nullptr);
+          }
           // A row with one visible key: its probability is exactly 1 (the forward's p / l, which the recomputed exp
           // may miss by an ulp) and delta = p dP - dlse, so that dS is exactly 0 (but for dlse), as the softmax of one
           // score is constant; dO . O, a sum in another order, would leave dP - delta an ulp of dP from 0.
