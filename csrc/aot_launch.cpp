@@ -2,6 +2,7 @@
 // in every build: without CUDA only the recorder launches, which is how the CPU tests run the C++ ops.
 #include "aot_launch.h"
 
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -76,6 +77,40 @@ const std::vector<KernelSpec>& specs() {
        {"HEAD_DIM", "BLOCK_S", "BLOCK_D"},
        {"O_PART", "LSE_PART", "Out", "LSE", "stride_ps", "stride_ls", "stride_ob", "stride_ot", "stride_oh",
         "stride_lb", "stride_lh", "stride_lt", "tq", "n_heads", "num_splits"}},
+      {Kernel::AttentionBackwardPreprocess,
+       "_attn_bwd_preprocess_kernel",
+       {"HEAD_DIM", "HEAD_DIM_PAD", "VARLEN", "HAS_DLSE", "BLOCK_M"},
+       {"Out", "DOut", "Delta", "DLse", "stride_ob", "stride_ot", "stride_oh", "stride_db", "stride_dt", "stride_dh",
+        "stride_lb", "stride_lh", "CuQ", "seqlen_q"}},
+      {Kernel::AttentionBackwardDkdv,
+       "_attn_bwd_dkdv_kernel",
+       {"GROUP", "HEAD_DIM", "HEAD_DIM_PAD", "VARLEN", "UPCAST", "TMA_ALIGNED", "FULL_TILES", "BLOCK_M", "BLOCK_N",
+        "WARP_SPECIALIZE", "ATOMIC_DQ", "DROPOUT", "SOFTCAP", "ALIBI"},
+       {"Q",          "K",          "V",          "DOut",       "Lse",         "Delta",       "DK",
+        "DV",         "DQAcc",      "CuQ",        "CuK",        "stride_qb",   "stride_qt",   "stride_qh",
+        "stride_kb",  "stride_kt",  "stride_kh",  "stride_vb",  "stride_vt",   "stride_vh",   "stride_db",
+        "stride_dt",  "stride_dh",  "stride_lb",  "stride_lh",  "stride_dkb",  "stride_dkt",  "stride_dkh",
+        "stride_dvb", "stride_dvt", "stride_dvh", "stride_dqb", "stride_dqt",  "stride_dqh",  "seqlen_q",
+        "seqlen_k",   "scale",      "scale_log2", "left",       "right",       "tune_seqlen", "tune_left",
+        "tune_right", "Seed",       "dropout_threshold", "dropout_scale", "softcap_log2", "Alibi", "stride_ab"}},
+      {Kernel::AttentionBackwardDq,
+       "_attn_bwd_dq_kernel",
+       {"GROUP", "HEAD_DIM", "HEAD_DIM_PAD", "VARLEN", "UPCAST", "BLOCK_M", "BLOCK_N", "DROPOUT", "SOFTCAP", "ALIBI"},
+       {"Q",          "K",          "V",          "DOut",       "Lse",        "Delta",       "DQ",
+        "CuQ",        "CuK",        "stride_qb",  "stride_qt",  "stride_qh",  "stride_kb",   "stride_kt",
+        "stride_kh",  "stride_vb",  "stride_vt",  "stride_vh",  "stride_db",  "stride_dt",   "stride_dh",
+        "stride_lb",  "stride_lh",  "stride_dqb", "stride_dqt", "stride_dqh", "seqlen_q",    "seqlen_k",
+        "scale",      "scale_log2", "left",       "right",      "tune_seqlen", "tune_left",  "tune_right",
+        "Seed",       "dropout_threshold", "dropout_scale", "softcap_log2", "Alibi", "stride_ab"}},
+      {Kernel::AttentionForward,
+       "_attn_fwd_kernel",
+       {"GROUP", "HEAD_DIM", "HEAD_DIM_PAD", "VARLEN", "UPCAST", "TMA_ALIGNED", "FULL_TILES", "BLOCK_M", "BLOCK_N",
+        "WARP_SPECIALIZE", "DROPOUT", "SOFTCAP", "ALIBI"},
+       {"Q",         "K",           "V",          "Out",          "Lse",        "CuQ",       "CuK",
+        "stride_qb", "stride_qt",   "stride_qh",  "stride_kb",    "stride_kt",  "stride_kh", "stride_vb",
+        "stride_vt", "stride_vh",   "stride_ob",  "stride_ot",    "stride_oh",  "stride_lb", "stride_lh",
+        "seqlen_q",  "seqlen_k",    "scale_log2", "left",         "right",      "tune_seqlen", "tune_left",
+        "tune_right", "Seed",       "dropout_threshold", "dropout_scale", "softcap_log2", "Alibi", "stride_ab"}},
   };
   return kSpecs;
 }
@@ -185,6 +220,7 @@ void record_launch(const Launch& l) {
     r.floats.push_back(f);
   }
   r.scratch_params = l.n_params - n;
+  r.scratch_bytes = l.scratch_bytes;
   std::lock_guard<std::mutex> lock(g_records_mutex);
   g_records.push_back(std::move(r));
 }
@@ -246,14 +282,17 @@ const Entry& find(Kernel kernel, std::initializer_list<at::ScalarType> pointers,
 }
 
 void launch(const Entry& e, Grid grid, c10::DeviceIndex device, std::initializer_list<Value> values) {
+  launch(e, grid, device, values.begin(), values.size());
+}
+
+void launch(const Entry& e, Grid grid, c10::DeviceIndex device, const Value* values, size_t count) {
   const int n = static_cast<int>(e.args.size());
-  TORCH_CHECK(static_cast<int>(values.size()) == n, "aot: ", e.name, " takes ", n, " arguments, got ",
-              values.size());
+  TORCH_CHECK(static_cast<int>(count) == n, "aot: ", e.name, " takes ", n, " arguments, got ", count);
   // Each parameter's storage: 8 bytes suit every type the registry takes; + 2 for the scratch pointers.
   std::array<uint64_t, kMaxArgs + 2> storage{};
   std::array<void*, kMaxArgs + 2> params{};
-  int i = 0;
-  for (const Value& v : values) {
+  for (int i = 0; i < n; ++i) {
+    const Value& v = values[i];
     void* slot = &storage[i];
     params[i] = slot;
     switch (e.args[i]) {
@@ -282,16 +321,26 @@ void launch(const Entry& e, Grid grid, c10::DeviceIndex device, std::initializer
         *static_cast<float*>(slot) = static_cast<float>(v.f);
         break;
     }
-    ++i;
   }
-  for (int k = n; k < n + e.scratch; ++k) params[k] = &storage[k];  // the scratch pointers: null
-  const Launch l{&e, grid, device, params.data(), n + e.scratch, values.begin(), n};
+  for (int k = n; k < n + e.scratch; ++k) params[k] = &storage[k];  // the scratch pointers: null unless set below
+  // Global scratch as Triton's launcher sizes it: every program (and CTA of its cluster) gets its own slice.
+  const int64_t scratch_bytes = e.global_scratch == 0 ? 0
+                                                      : static_cast<int64_t>(grid.x) * grid.y * grid.z * e.num_ctas *
+                                                            e.global_scratch;
+  const Launch l{&e, grid, device, params.data(), n + e.scratch, values, n, scratch_bytes};
   if (g_recording) {
     if (g_keep) record_launch(l);
     return;
   }
   TORCH_CHECK(device >= 0, "aot: CPU tensors are launched only while recording");
   TORCH_CHECK(cuda_launch != nullptr, "aot: fasttrain._C was built without CUDA");
+  at::Tensor scratch;  // alive until the launch is queued; the caching allocator orders its reuse on the stream
+  if (scratch_bytes > 0) {
+    scratch = at::empty({scratch_bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+    TORCH_CHECK(reinterpret_cast<uint64_t>(scratch.data_ptr()) % e.global_scratch_align == 0, "aot: ", e.name,
+                ": global scratch not ", e.global_scratch_align, "-byte aligned");
+    storage[n] = reinterpret_cast<uint64_t>(scratch.data_ptr());
+  }
   cuda_launch(l);
 }
 
@@ -367,8 +416,8 @@ std::vector<std::string> kernel_names() {
 void register_entry(const std::string& kernel, const std::string& dtype, std::vector<int64_t> constexprs,
                     const std::vector<std::string>& constexpr_names, const std::vector<std::string>& arg_names,
                     const std::vector<std::string>& arg_types, const std::vector<std::string>& divisible, int warps,
-                    int num_ctas, int shared, int cubin_params, int64_t global_scratch, int64_t profile_scratch,
-                    std::string name, std::string label, std::string cubin) {
+                    int num_ctas, int shared, int cubin_params, int64_t global_scratch, int64_t global_scratch_align,
+                    int64_t profile_scratch, std::string name, std::string label, std::string cubin) {
   const KernelSpec* spec = nullptr;
   for (const auto& s : specs()) {
     if (kernel == s.name) spec = &s;
@@ -381,8 +430,15 @@ void register_entry(const std::string& kernel, const std::string& dtype, std::ve
   const int scratch = cubin_params - static_cast<int>(arg_names.size());
   TORCH_CHECK(scratch >= 0 && scratch <= 2, "aot: ", kernel, " [", label, "]: ", cubin_params,
               " cubin parameters, expected the arguments and up to two scratch pointers");
-  TORCH_CHECK(global_scratch == 0 && profile_scratch == 0, "aot: ", kernel, " [", label,
-              "] needs scratch memory, which the launcher does not allocate");
+  TORCH_CHECK(profile_scratch == 0, "aot: ", kernel, " [", label,
+              "] needs profile scratch memory, which the launcher does not allocate");
+  TORCH_CHECK(global_scratch >= 0 && (global_scratch == 0 || scratch >= 1), "aot: ", kernel, " [", label,
+              "]: global scratch of ", global_scratch, " bytes but no scratch parameter");
+  // The caching allocator's blocks are 512-byte aligned; the launch checks the address it gets too.
+  TORCH_CHECK(global_scratch_align >= 1 && global_scratch_align <= 512 &&
+                  (global_scratch_align & (global_scratch_align - 1)) == 0,
+              "aot: ", kernel, " [", label, "]: global scratch alignment ", global_scratch_align,
+              " is not a power of 2 up to 512");
   TORCH_CHECK(static_cast<int>(arg_names.size()) <= kMaxArgs, "aot: ", kernel, " takes more than ", kMaxArgs,
               " arguments");
   auto e = std::make_unique<Entry>();
@@ -404,6 +460,8 @@ void register_entry(const std::string& kernel, const std::string& dtype, std::ve
   e->num_ctas = num_ctas;
   e->shared = shared;
   e->scratch = scratch;
+  e->global_scratch = global_scratch;
+  e->global_scratch_align = global_scratch_align;
   e->cubin = std::move(cubin);
   const Key key =
       make_key(e->kernel, e->pointers.data(), e->pointers.size(), e->constexprs.data(), e->constexprs.size());

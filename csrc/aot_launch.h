@@ -1,9 +1,12 @@
 // Launching Triton kernels compiled ahead of time (tools/aot.py, cubins shipped in the wheel) from C++, in Triton's
 // calling convention: the runtime arguments in the kernel's parameter order with the constexprs left out, each in its
 // compiled type (a pointer as a 64-bit device address, i32 as int32_t, fp32 as float), then the scratch pointers
-// Triton appends (global, then profile, as many as the cubin's function takes beyond the arguments; null: the shipped
-// cubins need no scratch, and registration refuses any that does); blockDim.x = 32 * launched warps, the dynamic
-// shared memory of the metadata.
+// Triton appends (global, then profile, as many as the cubin's function takes beyond the arguments); blockDim.x = 32 *
+// launched warps, the dynamic shared memory of the metadata. A cubin that needs global scratch (sm_90 kernels that
+// build TMA descriptors on the device) gets what Triton's launcher asks its allocator for: grid cells * num_ctas *
+// the metadata's size bytes, here a byte tensor from torch's caching allocator on the launch's device (stream-ordered,
+// so freeing it after the launch is safe); the profile scratch pointer is null, and registration refuses a cubin that
+// needs profile scratch.
 //
 // The registry is filled once, from Python (fasttrain/_aot.py reads index.json and hands each entry's metadata and
 // cubin bytes to register_entry: no JSON parsing here). An op finds its case by (kernel, dtype, constexpr values in
@@ -35,12 +38,16 @@ enum class Kernel : uint8_t {
   DecodeAppend,
   Decode,
   DecodeCombine,
+  AttentionForward,
+  AttentionBackwardPreprocess,
+  AttentionBackwardDkdv,
+  AttentionBackwardDq,
 };
 
 enum class ArgType : uint8_t { Ptr, I32, I64, F32 };
 
-constexpr int kMaxArgs = 48;  // the decode kernel takes 40
-constexpr int kMaxConstexprs = 12;
+constexpr int kMaxArgs = 56;        // the attention backward's dK/dV kernel takes 49
+constexpr int kMaxConstexprs = 16;  // the attention backward's dK/dV kernel takes 14
 constexpr int kMaxPointers = 16;
 
 // One runtime argument as an op passes it: a tensor's address (0 for an absent one), an integer or a float.
@@ -83,7 +90,9 @@ struct Entry {
   int warps = 0;           // as launched (Triton's metadata num_warps)
   int num_ctas = 1;
   int shared = 0;   // dynamic shared memory, bytes
-  int scratch = 2;  // null scratch pointers after the arguments (Triton's global and profile scratch)
+  int scratch = 2;  // scratch pointers after the arguments (Triton's global and profile scratch)
+  int64_t global_scratch = 0;      // bytes per program (per CTA) of global scratch; 0: the pointer is null
+  int64_t global_scratch_align = 1;  // its alignment, bytes (the caching allocator's blocks are 512-byte aligned)
   std::string cubin;
   mutable std::array<void*, 64> functions{};  // CUfunction per device index, loaded at first launch there
 };
@@ -102,6 +111,7 @@ struct Launch {
   int n_params;
   const Value* values;
   int n_values;
+  int64_t scratch_bytes;  // the global scratch allocated for this launch (0: none)
 };
 
 using LaunchFn = void (*)(const Launch&);
@@ -122,6 +132,8 @@ const Entry* lookup(Kernel kernel, std::initializer_list<at::ScalarType> pointer
 // (the recorder while recording, else the CUDA launch). device: the tensors' device index (-1 for CPU tensors, which
 // only the recorder takes).
 void launch(const Entry& entry, Grid grid, c10::DeviceIndex device, std::initializer_list<Value> values);
+// The same with the values in an array (an op that assembles its argument list in parts).
+void launch(const Entry& entry, Grid grid, c10::DeviceIndex device, const Value* values, size_t count);
 
 // Multiprocessors of a CUDA device (the recorder's fixed count while recording).
 int multiprocessors(c10::DeviceIndex device);
@@ -151,8 +163,8 @@ std::vector<std::string> kernel_names();
 void register_entry(const std::string& kernel, const std::string& dtype, std::vector<int64_t> constexprs,
                     const std::vector<std::string>& constexpr_names, const std::vector<std::string>& arg_names,
                     const std::vector<std::string>& arg_types, const std::vector<std::string>& divisible, int warps,
-                    int num_ctas, int shared, int cubin_params, int64_t global_scratch, int64_t profile_scratch,
-                    std::string name, std::string label, std::string cubin);
+                    int num_ctas, int shared, int cubin_params, int64_t global_scratch, int64_t global_scratch_align,
+                    int64_t profile_scratch, std::string name, std::string label, std::string cubin);
 int64_t registered();
 void clear();
 struct Record {
@@ -164,6 +176,7 @@ struct Record {
   std::vector<double> floats;       // per runtime argument: the packed float (fp32 ones), else 0
   std::vector<int64_t> ints;        // per runtime argument: the packed integer or address, else 0
   int scratch_params;               // parameters packed after the runtime arguments (the scratch pointers)
+  int64_t scratch_bytes;            // global scratch bytes the launch allocated (while recording: would allocate)
 };
 // keep=false: launches are packed and checked, then dropped (a no-op launch, for timing the host path).
 void record(bool on, int multiprocessors, bool keep);

@@ -36,12 +36,17 @@ PYBIND11_MODULE(_C, m) {
          const std::vector<std::string>& constexpr_names, const std::vector<std::string>& arg_names,
          const std::vector<std::string>& arg_types, const std::vector<std::string>& divisible, int warps, int num_ctas,
          int shared, int cubin_params, int64_t global_scratch, int64_t profile_scratch, std::string name,
-         std::string label, const pybind11::bytes& cubin) {
+         std::string label, const pybind11::bytes& cubin, int64_t global_scratch_align) {
         aot::register_entry(kernel, dtype, std::move(constexprs), constexpr_names, arg_names, arg_types, divisible,
-                            warps, num_ctas, shared, cubin_params, global_scratch, profile_scratch, std::move(name),
-                            std::move(label), std::string(cubin));
+                            warps, num_ctas, shared, cubin_params, global_scratch, global_scratch_align,
+                            profile_scratch, std::move(name), std::move(label), std::string(cubin));
       },
-      "Register one compiled case (an index.json entry and its cubin's bytes)");
+      pybind11::arg("kernel"), pybind11::arg("dtype"), pybind11::arg("constexprs"), pybind11::arg("constexpr_names"),
+      pybind11::arg("arg_names"), pybind11::arg("arg_types"), pybind11::arg("divisible"), pybind11::arg("warps"),
+      pybind11::arg("num_ctas"), pybind11::arg("shared"), pybind11::arg("cubin_params"),
+      pybind11::arg("global_scratch"), pybind11::arg("profile_scratch"), pybind11::arg("name"), pybind11::arg("label"),
+      pybind11::arg("cubin"), pybind11::arg("global_scratch_align") = 1,
+      "Register one compiled case (an index.json entry and its cubin's bytes; global_scratch_align: the metadata's)");
   m.def("aot_registered", &aot::registered, "How many compiled cases are registered");
   m.def("aot_clear", &aot::clear, "Forget every registered case (tests)");
   m.def("aot_tune_reset", &aot::tune_reset, pybind11::arg("times") = std::vector<double>{},
@@ -75,6 +80,7 @@ PYBIND11_MODULE(_C, m) {
           }
           d["args"] = values;
           d["scratch_params"] = r.scratch_params;
+          d["scratch_bytes"] = r.scratch_bytes;
           out.append(d);
         }
         return out;

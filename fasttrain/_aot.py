@@ -56,6 +56,7 @@ def load(directory: Path | str = AOT_DIR, arch: int | None = None) -> int:
             e["entry"],
             e["case"],
             (directory / e["cubin"]).read_bytes(),
+            global_scratch_align=e["global_scratch_align"] or 1,
         )
         count += 1
     return count

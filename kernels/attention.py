@@ -24,6 +24,7 @@ from ._attention_launch import (
     AOT_TYPES,
     LOG2E,
     aot_cases,
+    aot_launch,
     autotuned,
     bth_strides,
     ensure_scratch_allocator,
@@ -468,7 +469,46 @@ def attention_forward(
 # ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
 
 
-def aot_kernels(arch: int, dtype: str) -> list[dict]:
-    """The forward under each of arch's configs (kernels/_attention_launch.aot_cases)."""
+SHIPPED_HEAD_DIMS = (64, 128)  # fasttrain/ops/attention.py's aot column: the head dims whose cubins ship
+SHIPPED_GROUPS = (1, 2, 4, 8)  # and the GQA groups (GROUP is a constexpr: one cubin per group)
+
+
+def _shipped(arch: int, dtype: str) -> list[dict]:
+    """The forward as csrc/attention_aot.cpp launches it: flash_attn_func's common eager call (dense, fp16/bf16, head
+    dim 64 or 128, no dropout, softcap or ALiBi; any window, causal or not) on TMA-aligned inputs (the op copies
+    others), under every config of arch's table for the class, each with FULL_TILES off and on, per GQA group. The
+    registry keys a case by its constexprs, so of two configs differing only in num_warps or num_stages the first
+    ships (none does today)."""
+    if dtype not in ("fp16", "bf16"):
+        return []
+    cases, seen = [], set()
+    for d in SHIPPED_HEAD_DIMS:
+        cls = {64: "d64", 128: "d128"}[d]
+        for group in SHIPPED_GROUPS:
+            for c in FWD_CONFIGS[arch][cls]:
+                for full in (False, True):
+                    constexprs = {**aot_launch(d, dtype), **c.kwargs, "GROUP": group, "FULL_TILES": full}
+                    constexprs.setdefault("WARP_SPECIALIZE", False)
+                    key = tuple(sorted(constexprs.items()))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    tile = " ".join(f"{k}={v}" for k, v in c.kwargs.items())
+                    cases.append(
+                        dict(
+                            label=f"{cls} G{group} {tile} w{c.num_warps} s{c.num_stages}" + (" full" if full else ""),
+                            constexprs=constexprs,
+                            num_warps=c.num_warps,
+                            num_stages=c.num_stages,
+                        )
+                    )
+    return [dict(kernel=_attn_fwd_kernel, types=AOT_TYPES, cases=cases)]
+
+
+def aot_kernels(arch: int, dtype: str, shipped: bool = False) -> list[dict]:
+    """shipped=True: the cubins of the C++ launch path (_shipped). shipped=False, CI's compile check: the forward under
+    each of arch's configs (kernels/_attention_launch.aot_cases)."""
+    if shipped:
+        return _shipped(arch, dtype)
     cases = aot_cases(FWD_CONFIGS[arch], dtype, dropout=True, modified=True)
     return [dict(kernel=_attn_fwd_kernel, types=AOT_TYPES, cases=cases)]

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, takes_dropout
+from ._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class, takes_dropout
 from ._attention_dropout import dropout_args, keep_tile
 from ._attention_launch import (
     AOT_HEAD_DIMS,
@@ -1146,9 +1146,15 @@ def attention_backward(
 # ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
 
 
-def aot_kernels(arch: int, dtype: str) -> list[dict]:
-    """The preprocess per head-dim class (a fixed launch), dK/dV under each config of both its tables (dQ by atomics
-    or not) and dQ under each of its configs, for arch (kernels/_attention_launch.aot_cases)."""
+def aot_kernels(arch: int, dtype: str, shipped: bool = False) -> list[dict]:
+    """shipped=True: the cubins of the C++ launch path (csrc/attention_backward_aot.cpp; fp16 and bf16 only, see
+    _shipped).
+
+    shipped=False, CI's compile check: the preprocess per head-dim class (a fixed launch), dK/dV under each config of
+    both its tables (dQ by atomics or not) and dQ under each of its configs, for arch
+    (kernels/_attention_launch.aot_cases)."""
+    if shipped:
+        return _shipped(arch, dtype)
     preprocess = [
         dict(label=f"{cls} w4", constexprs={**aot_launch(d, dtype), "BLOCK_M": _PREPROCESS_BLOCK_M}, num_warps=4)
         for cls, d in AOT_HEAD_DIMS.items()
@@ -1161,3 +1167,61 @@ def aot_kernels(arch: int, dtype: str) -> list[dict]:
         dict(kernel=_attn_bwd_dkdv_kernel, types=AOT_TYPES, cases=dkdv),
         dict(kernel=_attn_bwd_dq_kernel, types=AOT_TYPES, cases=dq),
     ]
+
+
+SHIPPED_HEAD_DIMS = (64, 128)
+SHIPPED_GROUPS = (1, 2, 4, 8)  # GQA's H / Hkv: a constexpr of both tiles (the dK/dV program loops over the group)
+
+
+def shipped_tiles(table_for_arch: dict, cls: str) -> list[triton.Config]:
+    """The configs of a head-dim class that ship, in the table's order: the first of each set of constexprs (the C++
+    registry keys a case by its constexprs, so configs that differ only in warps or stages cannot both be found)."""
+    tiles = {}
+    for c in table_for_arch[cls]:
+        tiles.setdefault(tuple(sorted(c.kwargs.items())), c)
+    return list(tiles.values())
+
+
+def _shipped(arch: int, dtype: str) -> list[dict]:
+    """The common eager call of the backward: fp16/bf16, dense (B, T, H, D) tensors, head dim 64 or 128, GQA groups
+    SHIPPED_GROUPS, any window (causal or not), no lse gradient, dropout, softcap or ALiBi; inputs that TMA could read
+    (TMA_ALIGNED: the C++ op copies any other). The preprocess; dK/dV under each shipped tile of both its tables (dQ
+    by atomics or not; the warp-specialized sm_90 tiles make their TMA descriptors in global scratch, which the C++
+    launcher allocates), with FULL_TILES off, and on too for the warp-specialized tiles (the only ones that read it:
+    the pipelined tiles compile to the same code either way, and the C++ op launches their FULL_TILES=False cubin);
+    dQ under each shipped tile."""
+    if dtype not in ("fp16", "bf16"):
+        return []
+    off = dict(VARLEN=False, UPCAST=False, DROPOUT=False, SOFTCAP=False, ALIBI=False)
+    preprocess, dkdv, dq = [], [], []
+    for d in SHIPPED_HEAD_DIMS:
+        cls = head_dim_class(d)
+        dims = dict(HEAD_DIM=d, HEAD_DIM_PAD=d)
+        constexprs = dict(**dims, VARLEN=False, HAS_DLSE=False, BLOCK_M=_PREPROCESS_BLOCK_M)
+        preprocess.append(dict(label=f"{cls} w4", constexprs=constexprs, num_warps=4))
+        for group in SHIPPED_GROUPS:
+            for table in (DKDV_CONFIGS[arch], DKDV_DQ_CONFIGS[arch]):
+                for full in (False, True):
+                    for c in shipped_tiles(table, cls):
+                        if full and not c.kwargs["WARP_SPECIALIZE"]:
+                            continue  # the pointer loop ignores FULL_TILES: its False cubin is the same code
+                        constexprs = dict(GROUP=group, **dims, **off, TMA_ALIGNED=True, FULL_TILES=full, **c.kwargs)
+                        dkdv.append(dict(label=_label(cls, group, c, full), constexprs=constexprs, **_options(c)))
+            for c in shipped_tiles(DQ_CONFIGS[arch], cls):
+                constexprs = dict(GROUP=group, **dims, **off, **c.kwargs)
+                dq.append(dict(label=_label(cls, group, c), constexprs=constexprs, **_options(c)))
+    return [
+        dict(kernel=_attn_bwd_preprocess_kernel, types=AOT_TYPES, cases=preprocess),
+        dict(kernel=_attn_bwd_dkdv_kernel, types=AOT_TYPES, cases=dkdv),
+        dict(kernel=_attn_bwd_dq_kernel, types=AOT_TYPES, cases=dq),
+    ]
+
+
+def _label(cls: str, group: int, c: triton.Config, full: bool = False) -> str:
+    k = c.kwargs
+    label = f"{cls} g{group} m{k['BLOCK_M']} n{k['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+    return label + " ws" * k.get("WARP_SPECIALIZE", False) + " atomic" * k.get("ATOMIC_DQ", False) + " full" * full
+
+
+def _options(c: triton.Config) -> dict:
+    return dict(num_warps=c.num_warps, num_stages=c.num_stages)

@@ -15,7 +15,11 @@ buffer (the dw/db partials) "buffer", an absent one or an empty tensor "null".
 
 A case with "op": "cross_entropy" runs kernels/cross_entropy.py's launchers and the cross_entropy_*_aot ops
 (tests/test_cross_entropy_aot.py starts those); one with "op": "decode" every launch of one kernels/decode.py
-`decode` call and of fasttrain::decode_aot (tests/test_decode_aot.py).
+`decode` call and of fasttrain::decode_aot (tests/test_decode_aot.py); one with "op": "attention" the launch of one
+kernels/attention.py `attention_forward` call (with the global scratch Triton's launcher would ask its allocator for)
+and those of fasttrain::attention_forward_aot (tests/test_attention_aot.py); one with "op": "attention_backward"
+every launch of one kernels/attention_backward.py `attention_backward` call and of fasttrain::attention_backward_aot
+(tests/test_attention_backward_aot.py).
 """
 
 import importlib.util
@@ -244,6 +248,106 @@ def run_decode_case(C, entries, case: dict) -> dict:
     return {"jit": jit, "aot": aot}
 
 
+def jit_scratch_request(index: list, jit: dict) -> list:
+    """What Triton's launcher (its CUDA driver's, run with a stand-in launch) asks triton.set_allocator's allocator
+    for when it launches the compiled case of a JIT launch (the index entry of the same kernel and constexprs, whose
+    metadata it reads): [(bytes, alignment)] per scratch it allocates."""
+    from triton.backends.nvidia.driver import CudaLauncher
+    from triton.runtime import _allocation
+
+    (entry,) = [
+        e
+        for e in index
+        if e["kernel"] == jit["kernel"]
+        and "*" + e["dtype"] == jit["signature"]["Q"]
+        and all(int(jit["constexprs"][k]) == int(v) for k, v in e["constexprs"].items())
+        and e["num_warps"] == jit["num_warps"]
+    ]
+    launcher = CudaLauncher.__new__(CudaLauncher)
+    launcher.num_ctas = entry["num_ctas"] or 1
+    launcher.global_scratch_size = entry["global_scratch_size"] or 0
+    launcher.global_scratch_align = entry["global_scratch_align"] or 1
+    launcher.profile_scratch_size = entry["profile_scratch_size"] or 0
+    launcher.profile_scratch_align = entry["profile_scratch_align"] or 1
+    launcher.launch_cooperative_grid = launcher.launch_pdl = False
+    launcher.arg_annotations = launcher.kernel_signature = None
+    launcher.launch = lambda *args: None
+    requests = []
+    previous = _allocation._allocator.get()
+    triton.set_allocator(lambda size, align, stream: requests.append([size, align]))
+    try:
+        launcher(*jit["grid"], 0, 0, None, None, None, None)
+    finally:
+        triton.set_allocator(previous)
+    return requests
+
+
+def run_attention_case(C, entries, index, case: dict) -> dict:
+    """case (op "attention"): B, Tq, Tk, H, Hkv, D, window (left, right) as fasttrain.ops.attention._window gives
+    them, dtype, config (the index of the sm_90 config of the head-dim class that the JIT's autotuner is held to and
+    that the C++ tuner is given the fastest time for), times (the C++ tuner's times, one per shipped candidate). The
+    JIT's launch and the C++ op's launches (the tuner's trials, then the chosen one), with the JIT's scratch request."""
+    from fasttrain.kernels import attention
+    from fasttrain.kernels._attention_configs import FWD_CONFIGS, head_dim_class
+
+    torch.manual_seed(case.get("seed", 0))
+    half = DTYPES[case["dtype"]]
+    B, Tq, Tk, H, Hkv, D = (case[k] for k in ("B", "Tq", "Tk", "H", "Hkv", "D"))
+    attention._attn_fwd.configs = [FWD_CONFIGS[90][head_dim_class(D)][case["config"]]]
+    q = torch.randn(B, Tq, H, D, dtype=half)
+    k, v = torch.randn(B, Tk, Hkv, D, dtype=half), torch.randn(B, Tk, Hkv, D, dtype=half)
+    scale, (left, right) = D**-0.5, case["window"]
+    del _jit_launches[:]
+    out, lse = attention.attention_forward(q, k, v, None, None, Tq, Tk, scale, left, right)
+    (launch,) = _jit_launches
+    jit = jit_launch(_names({"q": q, "k": k, "v": v, "out": out, "lse": lse}), launch)
+    jit["scratch"] = jit_scratch_request(index, jit)
+    C.aot_tune_reset(case["times"])
+    out, lse = torch.ops.fasttrain.attention_forward_aot(q, k, v, scale, left, right)
+    names = _names({"q": q, "k": k, "v": v, "out": out, "lse": lse})
+    aot = [{**aot_launch(C, entries, names, r), "scratch_bytes": r["scratch_bytes"]} for r in C.aot_records()]
+    C.aot_record(True, MULTIPROCESSORS)  # clears
+    C.aot_tune_reset()
+    return {"jit": jit, "aot": aot}
+
+
+def run_attention_backward_case(C, entries, case: dict) -> dict:
+    """case (op "attention_backward"): B, Tq, Tk, H, Hkv, D, window (left, right) as fasttrain.ops.attention._window
+    gives them, deterministic, dtype, plan (the JIT's plan: "atomic dQ" or "dQ kernel"; the C++ op, with nothing to
+    time, takes the atomic one unless deterministic). The JIT's autotuners take the head-dim class's first shipped
+    sm_90 tile, the one the C++ op launches untimed, or the dK/dV tile dkdv_tile (an index into the shipped tiles)
+    when the case gives the C++ tuner its times (fasttrain._C.aot_tune_reset), which then records its trials too.
+    The launches of one call in order (preprocess, dK/dV, dQ)."""
+    from fasttrain.kernels import attention_backward as ab
+    from fasttrain.kernels._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class
+
+    torch.manual_seed(case.get("seed", 0))
+    half = DTYPES[case["dtype"]]
+    B, Tq, Tk, H, Hkv, D = (case[k] for k in ("B", "Tq", "Tk", "H", "Hkv", "D"))
+    cls = head_dim_class(D)
+    tile = case.get("dkdv_tile", 0)
+    for tuner, table in ((ab._attn_bwd_dkdv, DKDV_CONFIGS), (ab._attn_bwd_dkdv_dq, DKDV_DQ_CONFIGS)):
+        tuner.configs, tuner.early_config_prune = ab.shipped_tiles(table[90], cls)[tile : tile + 1], None
+    ab._attn_bwd_dq.configs, ab._attn_bwd_dq.early_config_prune = ab.shipped_tiles(DQ_CONFIGS[90], cls)[:1], None
+    ab._backward_plans.default = case["plan"]
+    q, out, do = (torch.randn(B, Tq, H, D, dtype=half) for _ in "qod")
+    k, v = (torch.randn(B, Tk, Hkv, D, dtype=half) for _ in "kv")
+    lse = torch.randn(B, H, Tq)
+    inputs = {"q": q, "k": k, "v": v, "out": out, "dout": do, "lse": lse}
+    scale, (left, right), det = D**-0.5, case["window"], case["deterministic"]
+    del _jit_launches[:]
+    args = (do, q, k, v, out, lse, None, None, None, Tq, Tk, scale, left, right, det)
+    dq, dk, dv = ab.attention_backward(*args)
+    names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
+    jit = [jit_launch(names, launch) for launch in _jit_launches]
+    C.aot_tune_reset(case.get("times", []))
+    dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, det)
+    names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
+    aot = [aot_launch(C, entries, names, r) for r in C.aot_records()]
+    C.aot_record(True, MULTIPROCESSORS)  # clears
+    return {"jit": jit, "aot": aot}
+
+
 def main() -> None:
     aot_dir, cases = sys.argv[1], json.loads(sys.argv[2])
     driver.set_active(_NoGpu())
@@ -260,11 +364,12 @@ def main() -> None:
     decode._parallel_units = lambda device: MULTIPROCESSORS  # the split heuristic's SM count, as on the GPU
     decode._arch_configs = lambda: decode.DECODE_CONFIGS[90]  # the pruner's configs: sm_90's
     C.aot_clear()
-    entries = {}
+    entries, indexed = {}, []
     for directory in aot_dir.split(os.pathsep):  # one or more tools/aot.py --out folders
         _aot.load(directory, arch=90)
         index = json.loads(Path(directory, "index.json").read_text())
         entries.update({(e["kernel"], e["dtype"], e["case"]): e for e in index})
+        indexed += index
     C.aot_record(True, MULTIPROCESSORS)
     try:
         for case in cases:
@@ -272,6 +377,10 @@ def main() -> None:
                 result = run_cross_entropy_case(C, cross_entropy, entries, case)
             elif case.get("op") == "decode":
                 result = run_decode_case(C, entries, case)
+            elif case.get("op") == "attention":
+                result = run_attention_case(C, entries, indexed, case)
+            elif case.get("op") == "attention_backward":
+                result = run_attention_backward_case(C, entries, case)
             elif case["kind"].startswith("rotary"):
                 result = run_rotary_case(C, rotary, entries, case)
             else:

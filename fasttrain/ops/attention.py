@@ -1,7 +1,9 @@
 """Fused attention: flash-attn's `flash_attn_func` / `flash_attn_varlen_func` and torch's
 `scaled_dot_product_attention` over one registered op.
 
-Backends: `triton` (kernels/attention*.py: CUDA fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu`
+Backends: `aot` (the kernels compiled ahead of time and launched from C++, csrc/attention_aot.cpp and
+attention_backward_aot.cpp, for flash_attn_func's common call), `triton` (kernels/attention*.py: CUDA
+fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu`
 (csrc/attention_cpu.cpp: CPU tensors in fp32, bf16 or fp16, computed in fp32) and `reference`
 (fasttrain/ops/attention_reference.py: plain PyTorch, any device and dtype, and the only one with an `attn_mask`).
 Attention dropout draws the same mask on every backend: a pure function of an int64 (2,) seed tensor on q's device
@@ -98,6 +100,30 @@ class Triton:
         )
 
 
+class Aot:
+    """csrc/attention_aot.cpp: kernels/attention.py's forward launched from C++, for the calls _aot_reason lets
+    through (dense, no dropout, softcap, ALiBi or mask: the op takes q, k, v, scale and the window); the backward
+    likewise from csrc/attention_backward_aot.cpp."""
+
+    @staticmethod
+    def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, softcap, alibi):
+        # a caller that chose without passing the score modifiers to the reason must not get them silently dropped
+        if cu_q is not None or attn_mask is not None or dropout_p > 0.0 or softcap > 0.0 or alibi is not None:
+            raise RuntimeError("attention: the aot column takes no cu_seqlens, mask, dropout, softcap or ALiBi")
+        return torch.ops.fasttrain.attention_forward_aot(q, k, v, scale, left, right)
+
+    @staticmethod
+    def backward(
+        do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into
+    ):
+        """The C++ backward for what the forward took, but an lse with a gradient or gradients written into a packed
+        tensor (which its cubins were not shipped for): those take the triton column's."""
+        if dlse is None and into is None and _AOT_BACKWARD_OP_REASON is None:
+            return torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, det)
+        args = (cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into)
+        return Triton.backward(do, q, k, v, out, lse, dlse, *args)
+
+
 class Cpu:
     @staticmethod
     def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, softcap, alibi):
@@ -114,10 +140,16 @@ class Cpu:
 
 
 # ---- the table: which backend can serve which inputs ----------------------------------------------------------------
-# Each reason takes (q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p).
+# Each reason takes (q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p[, softcap,
+# alibi_slopes]): the score modifiers only the aot column reads (callers that have none leave them out).
 
 # Read once, at import: under torch.compile, Dynamo traces the choice but cannot trace the extension's import.
 _CPU_OP_REASON = _backend.native_op_reason("attention_forward_cpu")
+_AOT_OP_REASON = _backend.native_op_reason("attention_forward_aot")
+_AOT_BACKWARD_OP_REASON = _backend.native_op_reason("attention_backward_aot")
+# What kernels/attention.py aot_kernels(shipped=True) lists (not read from there: that would import Triton).
+_AOT_HEAD_DIMS = (64, 128)
+_AOT_GROUPS = (1, 2, 4, 8)
 _MASK = "an attn_mask is not implemented in the kernels"
 
 
@@ -143,7 +175,31 @@ def _kernel_limit_reason(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, m
     return None
 
 
-def _triton_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p) -> str | None:
+def _aot_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap=0.0, alibi_slopes=None) -> str | None:
+    """None for the calls whose forward ships (kernels/attention.py _shipped); else why the JIT serves them."""
+    if (why := _backend.aot_reason(q.device)) is not None:
+        return why
+    if _AOT_OP_REASON is not None:
+        return _AOT_OP_REASON
+    if q.dtype not in _KERNEL_DTYPES_CUDA:
+        return f"the shipped attention cubins take fp16 or bf16, got {q.dtype}"
+    if q.shape[-1] not in _AOT_HEAD_DIMS:
+        return f"the shipped attention cubins take head_dim 64 or 128, got {q.shape[-1]}"
+    for name, given in (
+        ("packed sequences (cu_seqlens)", cu_q is not None),
+        ("an attn_mask", attn_mask is not None),
+        ("dropout", dropout_p > 0.0),
+        ("softcap", softcap > 0.0),
+        ("alibi_slopes", alibi_slopes is not None),
+    ):
+        if given:
+            return f"the shipped attention cubins do not take {name}"
+    if q.shape[-2] % k.shape[-2] or q.shape[-2] // k.shape[-2] not in _AOT_GROUPS:
+        return f"the shipped attention cubins take GQA groups {_AOT_GROUPS}, got {q.shape[-2]} / {k.shape[-2]} heads"
+    return _kernel_limit_reason(q, k, v, cu_q, max_q, max_k)
+
+
+def _triton_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, *_) -> str | None:
     if (why := _unsupported(attn_mask, dropout_p) or _backend.triton_tensor_reason(q)) is not None:
         return why
     if q.device.type == "cuda" and q.dtype not in _KERNEL_DTYPES_CUDA:
@@ -155,13 +211,14 @@ def _triton_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p) -> str | N
     return None
 
 
-def _cpu_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p) -> str | None:
+def _cpu_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, *_) -> str | None:
     return _unsupported(attn_mask, dropout_p) or _backend.cpu_kernel_reason(q, _CPU_OP_REASON)
 
 
 ATTENTION = _backend.Table(
     "attention",
     {
+        "aot": _backend.Backend(_aot_reason, Aot, live=_backend.aot_live),
         "triton": _backend.Backend(_triton_reason, Triton, live=_backend.triton_live),
         "cpu": _backend.Backend(_cpu_reason, Cpu, live=lambda: _CPU_OP_REASON),
         "reference": _backend.Backend(_backend.always, Reference),
@@ -387,7 +444,7 @@ def _attend(
     alibi_slopes=None,
 ):
     """(out, lse, the dropout seed or None) from the registered op, on the backend chosen for these inputs."""
-    name = ATTENTION.choose(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, backend=backend)
+    name = ATTENTION.choose(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap, alibi_slopes, backend=backend)
     # Every backend's dropout mask is a function of this seed (from torch's RNG on q's device), which the backward
     # reads again.
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None

@@ -44,7 +44,7 @@ class _PackedAttention(torch.autograd.Function):
     def forward(ctx, q_src, kv_src, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed, deterministic,
                 backend, softcap, alibi):  # fmt: skip
         q, k, v = _split(q_src, kv_src)
-        name = ATTENTION.choose(q, k, v, cu_q, max_q, max_k, None, dropout_p, backend=backend)
+        name = ATTENTION.choose(q, k, v, cu_q, max_q, max_k, None, dropout_p, softcap, alibi, backend=backend)
         args = (cu_q, cu_k, max_q, max_k, scale, left, right)
         out, lse = _forward_op(q, k, v, *args, None, dropout_p, seed, softcap, alibi, deterministic, name)
         ctx.save_for_backward(q_src, kv_src, out, lse, cu_q, cu_k, seed, alibi)

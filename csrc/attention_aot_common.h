@@ -1,0 +1,67 @@
+// What the attention ops launched from shipped cubins share (attention_aot.cpp, attention_backward_aot.cpp): the
+// tuning key's rounding (kernels/_launch.py, kernels/_attention_launch.py), the FASTTRAIN_ATTENTION_WS switch, the
+// layout the cubins were compiled for, and the device a call launches on.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "aot_launch.h"
+
+namespace fasttrain::attention_aot {
+
+// A tile of the configs' tables: (BLOCK_M, BLOCK_N, WARP_SPECIALIZE).
+struct Tile {
+  int64_t block_m, block_n;
+  bool warp_specialize;
+};
+
+// kernels/_launch.py next_power_of_2: the smallest power of 2 >= n, 0 for 0.
+inline int64_t next_power_of_2(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p *= 2;
+  return n > 0 ? p : 0;
+}
+
+// kernels/_attention_launch.py band_class: a band edge as the tuners key it.
+inline int64_t band_class(int64_t edge, int64_t tune_seqlen) {
+  if ((edge >= 0 ? edge : -edge) >= tune_seqlen) return edge > 0 ? tune_seqlen : -tune_seqlen;
+  return edge >= 0 ? next_power_of_2(edge) : -next_power_of_2(-edge);
+}
+
+// FASTTRAIN_ATTENTION_WS=0 drops the warp-specialized configs from the JIT's tables at import; so here.
+inline bool warp_specialize_on() {
+  static const bool on = [] {
+    const char* v = std::getenv("FASTTRAIN_ATTENTION_WS");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+// Whether the cubins take t (.., T, H, D) as it is: a 16-byte aligned base, nonzero (B, T, H) strides that are
+// multiples of 16 elements (what the JIT specializes on, and what makes kernels/_attention_launch.py tma_aligned
+// hold), unit stride along D.
+inline bool compiled_layout(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 || t.stride(3) != 1) return false;
+  for (int i = 0; i < 3; ++i) {
+    if (t.stride(i) == 0 || t.stride(i) % 16) return false;
+  }
+  return true;
+}
+
+inline at::Tensor as_compiled(const at::Tensor& t) {
+  return compiled_layout(t) ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// q's CUDA device index, or -1 for CPU tensors, which only the launch recorder takes.
+inline c10::DeviceIndex launch_device(const at::Tensor& q, const char* op) {
+  TORCH_CHECK(q.is_cuda() || (q.is_cpu() && aot::recording()), op,
+              ": takes CUDA tensors (CPU tensors only while launches are recorded), got ", q.device());
+  return q.is_cuda() ? q.device().index() : -1;
+}
+
+}  // namespace fasttrain::attention_aot

@@ -1,0 +1,277 @@
+// The attention backward (flash_attn_func's common eager call) launched from C++: kernels/attention_backward.py's
+// preprocess, dK/dV and dQ kernels, compiled ahead of time and shipped as cubins (aot_launch.h), so a backward costs
+// no Python launcher. The op does what kernels/attention_backward.py `attention_backward` does on a GPU for the calls
+// its shipped set covers (kernels/attention_backward.py _shipped): fp16/bf16, dense (B, T, H, D) tensors, head_dim 64
+// or 128, GQA groups 1, 2, 4 or 8, any window, no lse gradient, dropout, softcap or ALiBi. The same grids, arguments
+// and outputs: delta by the preprocess, then dQ by float32 atomics from the dK/dV kernel (zeroed, then cast to q's
+// dtype) or by its own kernel after dK/dV; deterministic takes the second, otherwise the two plans are timed at a
+// shape class's first call (aot::tune, the JIT's _backward_plans key), and each kernel's tile is chosen among the
+// shipped ones by timing them (the JIT autotuners' keys), as the JIT's autotuners choose among their configs.
+// The cubins assume what the JIT finds on the usual tensors: 16-byte aligned pointers, strides that are nonzero
+// multiples of 16 elements (so TMA_ALIGNED); inputs that are not are copied into contiguous ones.
+// Op (schema in ops.cpp): fasttrain::attention_backward_aot; CUDA, and CPU while the launches are recorded
+// (aot_launch.h); Meta for tracing.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/core/ScalarType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <functional>
+#include <tuple>
+#include <vector>
+
+#include "aot_launch.h"
+#include "attention_aot_common.h"
+
+namespace fasttrain {
+namespace {
+
+using at::Tensor;
+using namespace attention_aot;
+
+constexpr const char* kName = "attention_backward_aot";
+constexpr int64_t kPreprocessBlockM = 32;  // kernels/attention_backward.py _PREPROCESS_BLOCK_M
+constexpr double kLog2e = 1.4426950408889634;
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The tiles a head-dim class may ship (kernels/attention_backward.py shipped_tiles), in the order of the JIT's
+// configs: sm_90's, then those only sm_80 has. The registry holds one arch's cubins, so a call's candidates are those
+// of its arch that were shipped (tests/test_attention_backward_aot.py holds this order to both archs' tables).
+std::vector<Tile> dkdv_tiles(int64_t head_dim, bool atomic_dq) {
+  if (head_dim == 64) {
+    if (atomic_dq) return {{64, 128, false}, {64, 64, false}};
+    return {{64, 128, false}, {64, 64, false}, {64, 128, true}};
+  }
+  if (atomic_dq) return {{64, 64, false}, {32, 128, false}, {32, 64, false}};
+  return {{64, 64, false}, {32, 128, false}, {32, 128, true}, {32, 64, false}};
+}
+
+std::vector<Tile> dq_tiles(int64_t head_dim) {
+  if (head_dim == 64) return {{128, 64, false}, {64, 64, false}};
+  return {{64, 64, false}, {128, 64, false}, {64, 32, false}};
+}
+
+void check(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+           const Tensor& lse) {
+  TORCH_CHECK(q.dim() == 4, kName, ": q must be (B, Tq, H, D)");
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kName,
+              ": the shipped cubins take fp16 or bf16, got ", q.scalar_type());
+  TORCH_CHECK(D == 64 || D == 128, kName, ": the shipped cubins take head_dim 64 or 128, got ", D);
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes(), kName,
+              ": k and v must be (B, Tk, Hkv, D) with q's B and D");
+  const int64_t Hkv = k.size(2);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, kName, ": q's heads must be a multiple of k's");
+  const int64_t G = H / Hkv;
+  TORCH_CHECK(G == 1 || G == 2 || G == 4 || G == 8, kName, ": the shipped cubins take GQA groups 1, 2, 4 or 8, got ",
+              G);
+  for (const Tensor* t : {&k, &v, &out, &dout}) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->device() == q.device(), kName,
+                ": k, v, out and dout must be in q's dtype on q's device");
+  }
+  TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), kName, ": out and dout must have q's shape");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == Tq &&
+                  lse.scalar_type() == at::kFloat && lse.device() == q.device(),
+              kName, ": lse must be (B, H, Tq) float32 on q's device");
+}
+
+std::vector<aot::Value> bth(const Tensor& t) {
+  return {aot::integer(t.stride(0)), aot::integer(t.stride(1)), aot::integer(t.stride(2))};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in, const Tensor& q_in,
+                                                          const Tensor& k_in, const Tensor& v_in,
+                                                          const Tensor& out_in, const Tensor& lse_in, double scale,
+                                                          int64_t left, int64_t right, bool deterministic) {
+  check(dout_in, q_in, k_in, v_in, out_in, lse_in);
+  const c10::DeviceIndex device = launch_device(q_in, kName);
+  Tensor q = as_compiled(q_in), dout = as_compiled(dout_in);
+  const Tensor k = as_compiled(k_in), v = as_compiled(v_in), out = as_compiled(out_in);
+  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t Tk = k.size(1), Hkv = k.size(2), G = H / Hkv;
+  if ((G - 1) * std::max(q.stride(1), dout.stride(1)) >= (int64_t{1} << 31)) {  // the dK/dV loop's int32 offsets
+    q = q.contiguous();
+    dout = dout.contiguous();
+  }
+  const Tensor lse = lse_in.contiguous();
+  const at::ScalarType dtype = q.scalar_type();
+  const auto f32 = at::kFloat, i32 = at::kInt, i64 = at::kLong;
+  Tensor delta = at::empty(lse.sizes(), lse.options());
+  const int64_t tune_seqlen = next_power_of_2(std::max(Tq, Tk));
+  const int64_t tune_left = band_class(left, tune_seqlen), tune_right = band_class(right, tune_seqlen);
+  // kernels/_attention_launch.py full_tiles (dense): no tile has a row or column to mask
+  const bool full = Tq % 128 == 0 && Tk % 128 == 0 && left >= Tk - 1 && right >= Tq - 1;
+  const aot::Value null = aot::ptr(Tensor());
+  const std::vector<aot::Value> lse_strides = {aot::integer(lse.stride(0)), aot::integer(lse.stride(1))};
+
+  {
+    const aot::Entry& e =
+        aot::find(aot::Kernel::AttentionBackwardPreprocess, {dtype, dtype, f32, f32, i32}, {D, D, false, false,
+                                                                                           kPreprocessBlockM});
+    const std::vector<aot::Value> o = bth(out), d = bth(dout);
+    aot::launch(e, {static_cast<uint32_t>(cdiv(Tq, kPreprocessBlockM)), static_cast<uint32_t>(H),
+                    static_cast<uint32_t>(B)},
+                device,
+                {aot::ptr(out), aot::ptr(dout), aot::ptr(delta), null, o[0], o[1], o[2], d[0], d[1], d[2],
+                 lse_strides[0], lse_strides[1], null, aot::integer(Tq)});
+  }
+  const auto opts = q.options();
+  Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
+  const double scale_log2 = scale * kLog2e;
+  // Q, K, V, dO, lse: the strides both kernels take after their pointers; then dK's and dV's (dK/dV only), dQ's.
+  std::vector<aot::Value> common;
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k, &v, &dout}) {
+    for (const aot::Value& s : bth(*t)) common.push_back(s);
+  }
+  common.insert(common.end(), lse_strides.begin(), lse_strides.end());
+  const std::vector<aot::Value> tail = {aot::integer(Tq),          aot::integer(Tk),        aot::real(scale),
+                                        aot::real(scale_log2),     aot::integer(left),      aot::integer(right),
+                                        aot::integer(tune_seqlen), aot::integer(tune_left), aot::integer(tune_right),
+                                        null,                      aot::integer(0),         aot::real(1.0),
+                                        aot::real(0.0),            null,                    aot::integer(0)};
+  const std::vector<aot::Value> dk_s = bth(dk), dv_s = bth(dv);
+
+  // One launch of a kernel whose arguments are pointers, then `common`, then extra strides, then `tail`.
+  auto launch_with = [&](const aot::Entry& e, aot::Grid grid, std::vector<aot::Value> values,
+                         const std::vector<aot::Value>& strides) {
+    values.insert(values.end(), common.begin(), common.end());
+    values.insert(values.end(), strides.begin(), strides.end());
+    values.insert(values.end(), tail.begin(), tail.end());
+    aot::launch(e, grid, device, values.data(), values.size());
+  };
+
+  // The shipped dK/dV tiles of this call's class (with or without atomic dQ), the JIT's first config's first.
+  auto dkdv_candidates = [&](bool atomic) {
+    std::vector<const aot::Entry*> found;
+    const std::initializer_list<at::ScalarType> pointers = {dtype, dtype, dtype, dtype, f32, f32,  dtype,
+                                                            dtype, f32,   i32,   i32,   i64, f32};
+    const std::vector<Tile> tiles = dkdv_tiles(D, atomic);
+    for (const Tile& t : tiles) {
+      if (t.warp_specialize && !warp_specialize_on()) continue;
+      // Only the warp-specialized loop reads FULL_TILES: the pipelined tiles ship (and launch) their False cubin.
+      const bool full_cx = full && t.warp_specialize;
+      const std::initializer_list<int64_t> cx = {G,         D,         D,     false, false, true, full_cx,
+                                                 t.block_m, t.block_n, t.warp_specialize, atomic, false, false, false};
+      if (const aot::Entry* e = aot::lookup(aot::Kernel::AttentionBackwardDkdv, pointers, cx)) found.push_back(e);
+    }
+    if (found.empty()) {  // none shipped: the registry's error
+      const Tile& t = tiles[0];
+      found.push_back(&aot::find(aot::Kernel::AttentionBackwardDkdv, pointers,
+                                 {G, D, D, false, false, true, full && t.warp_specialize, t.block_m, t.block_n,
+                                  t.warp_specialize, atomic, false, false, false}));
+    }
+    return found;
+  };
+  // K/V blocks on the grid's first axis, as the JIT's grid_kv.
+  auto kv_grid = [&](const aot::Entry& e) {
+    const int64_t block_n = e.constexprs[8];
+    return aot::Grid{static_cast<uint32_t>(cdiv(Tk, block_n)), static_cast<uint32_t>(Hkv), static_cast<uint32_t>(B)};
+  };
+  // The tile of a kernel, timed among the shipped ones at a shape class's first call: the JIT autotuner's key
+  // (HEAD_DIM, tune_seqlen, GROUP, tune_left, tune_right; VARLEN, TMA_ALIGNED, DROPOUT, SOFTCAP and ALIBI are fixed
+  // here) and the dtype; `what` tells dK/dV without (0) and with (1) atomic dQ and dQ (2) apart.
+  auto tuned = [&](int64_t what, aot::Kernel kernel, const std::vector<const aot::Entry*>& candidates,
+                   const std::function<void(const aot::Entry&)>& run) {
+    const int i = aot::tune(kernel, {what, static_cast<int64_t>(dtype), D, tune_seqlen, G, tune_left, tune_right},
+                            static_cast<int>(candidates.size()), device, [&](int c) { run(*candidates[c]); });
+    return candidates[i];
+  };
+
+  auto atomic_dq = [&]() {
+    Tensor dq_acc = at::zeros(q.sizes(), opts.dtype(f32));  // contiguous, whatever q's strides
+    const std::vector<aot::Value> dq_s = bth(dq_acc);
+    std::vector<aot::Value> strides = dk_s;
+    strides.insert(strides.end(), dv_s.begin(), dv_s.end());
+    strides.insert(strides.end(), dq_s.begin(), dq_s.end());
+    auto run = [&](const aot::Entry& e) {
+      launch_with(e, kv_grid(e),
+                  {aot::ptr(q), aot::ptr(k), aot::ptr(v), aot::ptr(dout), aot::ptr(lse), aot::ptr(delta),
+                   aot::ptr(dk), aot::ptr(dv), aot::ptr(dq_acc), null, null},
+                  strides);
+    };
+    bool trials = false;
+    const aot::Entry* e = tuned(1, aot::Kernel::AttentionBackwardDkdv, dkdv_candidates(true), [&](const aot::Entry& c) {
+      dq_acc.zero_();  // the JIT autotuner's reset_to_zero before each trial
+      trials = true;
+      run(c);
+    });
+    if (trials) dq_acc.zero_();  // and once more after them
+    run(*e);
+    return dq_acc.to(dtype);  // the cast is the one copy
+  };
+
+  auto separate_dq = [&]() {
+    std::vector<aot::Value> strides = dk_s;
+    strides.insert(strides.end(), dv_s.begin(), dv_s.end());
+    for (int i = 0; i < 3; ++i) strides.push_back(aot::integer(0));
+    auto run_dkdv = [&](const aot::Entry& e) {
+      launch_with(e, kv_grid(e),
+                  {aot::ptr(q), aot::ptr(k), aot::ptr(v), aot::ptr(dout), aot::ptr(lse), aot::ptr(delta),
+                   aot::ptr(dk), aot::ptr(dv), null, null, null},
+                  strides);
+    };
+    run_dkdv(*tuned(0, aot::Kernel::AttentionBackwardDkdv, dkdv_candidates(false), run_dkdv));
+    Tensor dq = at::empty(q.sizes(), opts);
+    const std::initializer_list<at::ScalarType> pointers = {dtype, dtype, dtype, dtype, f32, f32,
+                                                            dtype, i32,   i32,   i64,   f32};
+    std::vector<const aot::Entry*> candidates;
+    const std::vector<Tile> tiles = dq_tiles(D);
+    for (const Tile& t : tiles) {
+      if (const aot::Entry* e = aot::lookup(aot::Kernel::AttentionBackwardDq, pointers,
+                                            {G, D, D, false, false, t.block_m, t.block_n, false, false, false})) {
+        candidates.push_back(e);
+      }
+    }
+    if (candidates.empty()) {
+      candidates.push_back(&aot::find(aot::Kernel::AttentionBackwardDq, pointers,
+                                      {G, D, D, false, false, tiles[0].block_m, tiles[0].block_n, false, false, false}));
+    }
+    auto run_dq = [&](const aot::Entry& e) {
+      const int64_t block_m = e.constexprs[5];
+      launch_with(
+          e, {static_cast<uint32_t>(cdiv(Tq, block_m)), static_cast<uint32_t>(H), static_cast<uint32_t>(B)},
+          {aot::ptr(q), aot::ptr(k), aot::ptr(v), aot::ptr(dout), aot::ptr(lse), aot::ptr(delta), aot::ptr(dq), null,
+           null},
+          bth(dq));
+    };
+    run_dq(*tuned(2, aot::Kernel::AttentionBackwardDq, candidates, run_dq));
+    return dq;
+  };
+
+  if (deterministic) {
+    Tensor dq = separate_dq();
+    return {dq, dk, dv};
+  }
+  // The plan, timed at a shape class's first call: kernels/attention_backward.py _backward_plans' key (dtype, the
+  // tuning ints, B * Hkv rounded up to a power of 2, and the dK/dV launch's constexprs: GROUP, HEAD_DIM, FULL_TILES
+  // vary here). The preprocess has no tile to tune, so its kernel's slot keys the plans. Candidate 0, the atomic plan,
+  // is the JIT's default where nothing can be timed.
+  Tensor dq;
+  const int plan = aot::tune(aot::Kernel::AttentionBackwardPreprocess,
+                             {static_cast<int64_t>(dtype), tune_seqlen, tune_left, tune_right, next_power_of_2(B * Hkv),
+                              G, D, full},
+                             2, device, [&](int i) { dq = i == 0 ? atomic_dq() : separate_dq(); });
+  dq = plan == 0 ? atomic_dq() : separate_dq();
+  return {dq, dk, dv};
+}
+
+// ---- Meta: shapes and dtypes only, for torch.compile's fake tensors ----
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward_aot_meta(const Tensor&, const Tensor& q, const Tensor& k,
+                                                               const Tensor& v, const Tensor&, const Tensor&, double,
+                                                               int64_t, int64_t, bool) {
+  return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fasttrain, CUDA, m) { m.impl("attention_backward_aot", &attention_backward_aot); }
+
+TORCH_LIBRARY_IMPL(fasttrain, CPU, m) { m.impl("attention_backward_aot", &attention_backward_aot); }
+
+TORCH_LIBRARY_IMPL(fasttrain, Meta, m) { m.impl("attention_backward_aot", &attention_backward_aot_meta); }
+
+}  // namespace fasttrain
