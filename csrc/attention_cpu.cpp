@@ -65,14 +65,19 @@ FT_CPU_CLONES void probabilities(float* __restrict s, int64_t n, float scale, fl
   for (int64_t j = 0; j < n; ++j) s[j] = exp_approx(s[j] * scale - lse);
 }
 
-// p[0, n) /= their sum, when it is positive (a row that sees no key stays 0, a NaN row NaN).
-FT_CPU_CLONES void normalize(float* __restrict p, int64_t n) {
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) sum += p[j];
-  if (!(sum > 0.0f)) return;
+// p[0, n) /= their sum, when it is positive (a row that sees no key stays 0, a NaN row NaN); returns the largest
+// (0 for a row that sees no key or is NaN).
+FT_CPU_CLONES float normalize(float* __restrict p, int64_t n) {
+  float sum = 0.0f, top = 0.0f;
+#pragma omp simd reduction(+ : sum) reduction(max : top)
+  for (int64_t j = 0; j < n; ++j) {
+    sum += p[j];
+    top = p[j] > top ? p[j] : top;
+  }
+  if (!(sum > 0.0f)) return 0.0f;
   const float inv = 1.0f / sum;
   for (int64_t j = 0; j < n; ++j) p[j] *= inv;
+  return top * inv;
 }
 
 // dp[0, n) = p * (dp - delta) * scale: the score gradient, in place.
@@ -99,6 +104,63 @@ FT_CPU_CLONES void cap_scores(float* __restrict s, int64_t n, float pre, float s
     const float t = small ? poly : 1.0f - e, a = small ? 1.0f - poly : e;
     s[j] = softcap * (x < 0.0f ? -t : t);
     if (dcap) dcap[j] = a * (2.0f - a);
+  }
+}
+
+// q . k over n floats, accumulated in double.
+FT_CPU_CLONES double dot_exact(const float* __restrict q, const float* __restrict k, int64_t n) {
+  double s = 0.0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += static_cast<double>(q[j]) * static_cast<double>(k[j]);
+  return s;
+}
+
+constexpr float kRefine = 1.0f / 32;  // the probabilities refine_row recomputes: at most 31 of a row
+constexpr float kRefineRow = 0.25f;  // the rows it refines: one key holds over a quarter of the mass
+
+// Row i's renormalized P over the keys [a, b) of a tile (key j at k + j * ldk), under softcap or ALiBi: each p above
+// kRefine recomputed from its score in double, with its dcap. The fp32 score carries the rounding of a q . k sum whose
+// terms can dwarf it and the ulp of a large capped or biased score, several ulps of p; where p is large so is the dS
+// it adds to dK and dQ. Those keys keep the row's mass less the others' fp32 sum, shared by exp of their exact scores.
+FT_CPU_CLONES void refine_row(const Problem& P, const Sequence& s, int64_t h, int64_t i, int64_t c0, const float* q,
+                             const float* k, int64_t ldk, float* p, int64_t a, int64_t b, float* dcap) {
+  // The others' mass, then the keys above kRefine: at most 31, as P sums to 1 (n stops at 31: a 32nd would only
+  // overwrite the spare slot).
+  double rest = 0.0;
+#pragma omp simd reduction(+ : rest)
+  for (int64_t j = a; j < b; ++j) rest += p[j] > kRefine ? 0.0 : static_cast<double>(p[j]);
+  int64_t idx[32];
+  double score[32], cap[32];
+  int64_t n = 0;
+  for (int64_t j = a; j < b; ++j) {
+    idx[n] = j;
+    n = std::min<int64_t>(n + (p[j] > kRefine), 31);
+  }
+  if (n == 0) return;
+  double top = -std::numeric_limits<double>::infinity();
+  const float slope = P.alibi != nullptr ? P.alibi[s.id * P.alibi_batch + h] : 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t key = c0 + idx[t];
+    double x = dot_exact(q, k + idx[t] * ldk, P.D) * P.scale_exact;
+    cap[t] = 1.0;
+    if (P.softcap > 0.0f) {
+      const double th = std::tanh(x / P.softcap);
+      x = P.softcap * th;
+      cap[t] = 1.0 - th * th;
+    }
+    x -= static_cast<double>(slope) * static_cast<double>(std::abs(i + s.Tk - s.Tq - key));
+    score[t] = x;
+    top = std::max(top, x);
+  }
+  double sum = 0.0;
+  for (int64_t t = 0; t < n; ++t) {
+    score[t] = exp_approx(static_cast<float>(score[t] - top));  // within ln 32 of 0: ulps of p
+    sum += score[t];
+  }
+  const double share = std::max(0.0, 1.0 - rest) / sum;
+  for (int64_t t = 0; t < n; ++t) {
+    p[idx[t]] = static_cast<float>(score[t] * share);
+    if (dcap) dcap[idx[t] - a] = static_cast<float>(cap[t]);
   }
 }
 
@@ -346,8 +408,9 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
       const float *do_p = dout.at(s.q_batch, t0, h), *out_p = out.at(s.q_batch, t0, h);
       // With softcap or ALiBi, when the block's keys fit in one tile: each row's P renormalized to sum 1, since
       // exp(s - lse) carries lse's rounding (half an ulp of |lse|, large with capped or biased scores) into every p
-      // of the row alike, and delta = rowsum(P * dP) from that P (minus dlse: d lse / d s = p). Otherwise
-      // delta = dO . O - dlse.
+      // of the row alike; in a row where one key holds over kRefineRow, its p above kRefine recomputed from exact
+      // scores (refine_row: the rows whose dS is large); and delta = rowsum(P * dP) from that P (minus dlse:
+      // d lse / d s = p). Otherwise delta = dO . O - dlse.
       const bool renormalize = P.modified() && hi - lo <= kKeys;
       for (int64_t r = 0; r < n; ++r) {
         const float d_o = renormalize ? 0.0f : dot(do_p + r * dout.row, out_p + r * out.row, D);
@@ -374,7 +437,11 @@ void backward_heads(const Problem& P, const Sequence& s, int64_t kvh, const Rows
           } else {
             probabilities(p + a, b - a, P.scale, lse[lse0 + r]);  // lse +inf (no key) gives 0
           }
-          if (renormalize) normalize(p + a, b - a);
+          if (renormalize) {
+            if (normalize(p + a, b - a) > kRefineRow) {
+              refine_row(P, s, h, i0 + r, c0, q_p + r * q.row, k_p, k.row, p, a, b, P.softcap > 0.0f ? dcap : nullptr);
+            }
+          }
           // A row with one visible key: its probability is exactly 1 (the forward's p / l, which the recomputed exp
           // may miss by an ulp) and delta = p dP - dlse, so that dS is exactly 0 (but for dlse), as the softmax of one
           // score is constant; dO . O, a sum in another order, would leave dP - delta an ulp of dP from 0.

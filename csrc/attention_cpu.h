@@ -39,6 +39,7 @@ struct Problem {
   std::vector<Sequence> seqs;
   int64_t H, Hkv, D, lse_head;  // lse_head: lse's stride between heads
   float scale;
+  double scale_exact;   // the scale as given: the backward's exact scores (attention_cpu.cpp) take it
   int64_t left, right;  // query i sees keys j with -left <= j - i - (Tk - Tq) <= right
   // Score modifiers (flash-attn's): softcap > 0 caps the scaled score x at softcap * tanh(x / softcap), then ALiBi
   // adds -slope * |i + Tk - Tq - j| with the slope of (sequence id, head h) when alibi is not null.
@@ -61,6 +62,7 @@ inline Problem make_problem(const at::Tensor& q, const at::Tensor& k, double sca
   p.Hkv = k.size(-2);
   p.D = q.size(-1);
   p.scale = static_cast<float>(scale);
+  p.scale_exact = scale;
   p.left = left;
   p.right = right;
   return p;
