@@ -12,13 +12,16 @@ one token appended): the aot path with and without its short path, and the C++ o
 row: on a CPU both compute the attention, which the dropped launch does not.
 
     python tools/aot_host_ab.py [--rounds 25] [--calls 200] [--ops cross_entropy]   # us per call, fwd and fwd + bwd
-With --attention, flash_attn_func's common eager call instead (fp16, B 1 x T 16 x H 12 x D 64, causal), forward and
-forward + backward: torch's scaled_dot_product_attention(is_causal=True) computing on the CPU (at T 16 its compute is
-a few microseconds; the rest is its dispatch and autograd), the Triton path with its launches skipped, and the aot path
-(csrc/attention_aot.cpp, attention_backward_aot.cpp) with its launches dropped: the host time of each path's Python,
-dispatch and launch packing, not of any attention computed.
-
     python tools/aot_host_ab.py --decode
+
+With --attention, flash_attn_func's common eager call instead (fp16, B 1 x T 16 x H 12 x D 64, causal), forward and
+forward + backward: torch's scaled_dot_product_attention(is_causal=True) computing on the CPU (its row includes that
+compute, small at T 16 but not nothing, the fp16 backward's most: an upper bound on its host time), the Triton path
+with its launches skipped, and the aot path (csrc/attention_aot.cpp, attention_backward_aot.cpp) with its launches
+dropped (and the Triton launches skipped: autograd hands the backward a zero lse gradient, which the aot column
+gives the triton column's backward): the host time of each path's Python, dispatch and launch packing, not of any
+attention computed.
+
     python tools/aot_host_ab.py --attention --rounds 21
 """
 
