@@ -5,10 +5,10 @@ launcher makes at each launch (driver_call_rows), and fasttrain's own Python on 
 Triton path with every launch skipped (impl "fasttrain, no launch": each kernel object swapped for one whose
 `kernel[grid](...)` does nothing, so its outputs are garbage and only its time is kept; on a CPU this runs in a child
 process with the Triton backend forced, the one way to time that path's Python without a GPU, and on CUDA the gap to
-the "fasttrain" row is Triton's launcher and the driver); the norms, rotary and cross-entropy on their aot path (the
-kernels
-compiled ahead of time and launched from C++) with every launch dropped once packed (impl "fasttrain aot, no launch",
-aot_launches_dropped), on a CPU too; then a cProfile of fasttrain's LayerNorm forward + backward.
+the "fasttrain" row is Triton's launcher and the driver); the norms, rotary, cross-entropy and decode on their aot
+path (the kernels compiled ahead of time and launched from C++) with every launch dropped once packed (impl
+"fasttrain aot, no launch", aot_launches_dropped), on a CPU too (decode's skipped there: the CPU case's caches are
+fp32, its cubins fp16 and bf16); then a cProfile of fasttrain's LayerNorm forward + backward.
 
     python -m fasttrain.benchmarks.bench_overhead [--device cpu|cuda] [--quick] [--out DIR]
 
@@ -54,8 +54,8 @@ B, T, H, D, C, V, CACHE = 1, 16, 12, 64, 768, 512, 256
 KERNEL_MODULES = ("attention", "attention_backward", "cross_entropy", "decode", "norms", "rotary")
 NO_LAUNCH = "fasttrain, no launch"
 AOT_NO_LAUNCH = "fasttrain aot, no launch"
-AOT_OPS = ("layer_norm", "add_layer_norm", "rotary", "cross_entropy")  # the ops with an aot column
-# Their kernel modules (kernels/<name>.py aot_kernels(shipped=True)), and decode's (tools/aot_host_ab.py times it).
+AOT_OPS = ("layer_norm", "add_layer_norm", "rotary", "cross_entropy", "decode")  # the ops with an aot column
+# Their kernel modules (kernels/<name>.py aot_kernels(shipped=True)).
 AOT_MODULES = ("norms", "rotary", "cross_entropy", "decode")
 
 
@@ -316,7 +316,7 @@ def _kernel_module(name: str):
     return importlib.import_module(f"fasttrain.kernels.{name}")
 
 
-def _aot_why(name: str, inputs) -> str | None:
+def _aot_why(name: str, inputs, device: str) -> str | None:
     """Why the aot column does not take case `name`'s inputs (None: it does)."""
     from fasttrain.ops.cross_entropy import CROSS_ENTROPY
     from fasttrain.ops.norms import NORMS
@@ -324,6 +324,12 @@ def _aot_why(name: str, inputs) -> str | None:
 
     if name == "cross_entropy":
         return CROSS_ENTROPY.reasons(inputs[0], -100)["aot"]
+    if name == "decode":  # cases()'s call: one token against a full cache, nothing appended
+        from fasttrain.ops.decode import DECODE
+
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        q, cache = (torch.empty(B, n, H, D, dtype=dtype, device=device) for n in (1, CACHE))
+        return DECODE.reasons(q, cache, cache, None, None, None, 0.0, None, 0)["aot"]
     if name == "rotary":
         tables = torch.empty(T, D // 2, device=inputs[0].device)  # cases()'s cos and sin: fp32 (T, D/2)
         return ROTARY.reasons(inputs[0], tables, tables, None, False)["aot"]
@@ -335,11 +341,14 @@ def aot_no_launch_rows(device: str, calls: int) -> list[dict]:
     """The "fasttrain aot, no launch" rows of AOT_OPS whose inputs the aot column takes."""
     rows = []
     all_cases = cases(device)
-    dtypes = {t.dtype for name in AOT_OPS for t in all_cases[name][0]}
+    # the inputs' dtypes, and the case dtype of decode, which takes no inputs (its caches are the case's dtype)
+    dtypes = {t.dtype for name in AOT_OPS for t in all_cases[name][0]} | {
+        torch.bfloat16 if device == "cuda" else torch.float32
+    }
     with aot_launches_dropped(device, dtypes):
         for name in AOT_OPS:
             inputs, ours, _ = all_cases[name]
-            why = _aot_why(name, inputs)
+            why = _aot_why(name, inputs, device)
             if why is not None:
                 rows.append({"op": name, "mode": "-", "impl": AOT_NO_LAUNCH, "skipped": why})
                 continue
@@ -445,7 +454,7 @@ def main() -> None:
     )
     profile = attempt("cProfile", profile_layer_norm) or []
     extras += failures
-    if extras:  # none on a CPU
+    if extras:  # on a CPU, decode's aot row skipped (the case's fp32 caches ship no decode cubins)
         common.print_table(extras, ["op", "mode", "impl", "host_us", "skipped"])
     if profile:
         print("cProfile, fasttrain layer_norm forward + backward: function, self us per call, calls per call")

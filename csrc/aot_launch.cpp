@@ -351,6 +351,7 @@ CapturingFn cuda_capturing = nullptr;
 std::mutex g_tune_mutex;
 std::map<std::vector<int64_t>, int> g_tuned;  // (kernel, key...) -> the candidate chosen
 std::deque<double> g_tune_times;             // the recorder's times, consumed in order
+std::function<void()> g_tune_saver;          // called after each new timed choice (persisted tuning)
 
 // Timed runs per candidate, after one untimed run (which also loads its module on the device).
 constexpr int kTuneRuns = 5;
@@ -402,9 +403,39 @@ int tune(Kernel kernel, std::initializer_list<int64_t> key, int candidates, c10:
     });
   }
   const int best = static_cast<int>(std::min_element(times.begin(), times.end()) - times.begin());
-  std::lock_guard<std::mutex> lock(g_tune_mutex);
-  g_tuned[k] = best;
+  std::function<void()> saver;
+  {
+    std::lock_guard<std::mutex> lock(g_tune_mutex);
+    g_tuned[k] = best;
+    saver = g_tune_saver;
+  }
+  if (saver) saver();  // unlocked: the saver reads tune_choices()
   return best;
+}
+
+std::vector<TuneChoice> tune_choices() {
+  std::lock_guard<std::mutex> lock(g_tune_mutex);
+  std::vector<TuneChoice> out;
+  for (const auto& [k, choice] : g_tuned) {
+    out.emplace_back(spec_of(static_cast<Kernel>(k[0])).name, std::vector<int64_t>(k.begin() + 1, k.end()), choice);
+  }
+  return out;
+}
+
+void tune_preload(const std::vector<TuneChoice>& choices) {
+  std::lock_guard<std::mutex> lock(g_tune_mutex);
+  for (const auto& [name, key, choice] : choices) {
+    const auto spec = std::find_if(specs().begin(), specs().end(), [&](const KernelSpec& s) { return name == s.name; });
+    if (spec == specs().end() || choice < 0 || choice > INT32_MAX) continue;
+    std::vector<int64_t> k{static_cast<int64_t>(spec->kernel)};
+    k.insert(k.end(), key.begin(), key.end());
+    g_tuned.emplace(k, static_cast<int>(choice));  // a choice made in this process stays
+  }
+}
+
+void set_tune_saver(std::function<void()> saver) {
+  std::lock_guard<std::mutex> lock(g_tune_mutex);
+  g_tune_saver = std::move(saver);
 }
 
 std::vector<std::string> kernel_names() {

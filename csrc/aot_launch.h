@@ -24,6 +24,7 @@
 #include <functional>
 #include <initializer_list>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace fasttrain::aot {
@@ -157,6 +158,14 @@ void set_cuda_timing(TimeFn time, CapturingFn capturing);
 
 // Tests: forget every tuned choice and time the recorded candidates by `times`, in order.
 void tune_reset(std::vector<double> times);
+
+// Persisted tuning (fasttrain/_aot.py keeps the file): every choice made, as (kernel name, key, candidate); choices
+// read back from a file, taken where the tuner has made none for that key (a kernel name no op launches is skipped);
+// and the function called after each new timed choice, outside the tuner's lock (empty: none).
+using TuneChoice = std::tuple<std::string, std::vector<int64_t>, int64_t>;
+std::vector<TuneChoice> tune_choices();
+void tune_preload(const std::vector<TuneChoice>& choices);
+void set_tune_saver(std::function<void()> saver);
 
 // Registration and the recorder, for fasttrain/_aot.py and the tests (bound in bindings.cpp).
 std::vector<std::string> kernel_names();

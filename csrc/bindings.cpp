@@ -2,6 +2,7 @@
 // the other translation units; the functions below only report how the extension was built.
 #include <omp.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/functional.h>
 #include <pybind11/stl.h>
 
 #include "aot_launch.h"
@@ -51,6 +52,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("aot_clear", &aot::clear, "Forget every registered case (tests)");
   m.def("aot_tune_reset", &aot::tune_reset, pybind11::arg("times") = std::vector<double>{},
         "Forget every tuned choice; recorded tuning then takes its candidates' times from `times`, in order (tests)");
+  m.def("aot_tune_choices", &aot::tune_choices, "Every tuned choice as (kernel, key, candidate) (persisted tuning)");
+  m.def("aot_tune_preload", &aot::tune_preload, pybind11::arg("choices"),
+        "Take (kernel, key, candidate) choices read back from a file where none is made yet (persisted tuning)");
+  m.def("aot_tune_saver", &aot::set_tune_saver, pybind11::arg("saver").none(true),
+        "The function called after each new timed choice (None: none), with the GIL taken");
   m.def("aot_record", &aot::record, pybind11::arg("on"), pybind11::arg("multiprocessors") = 132,
         pybind11::arg("keep") = true,
         "Record launches instead of making them (CPU tensors accepted), with this SM count; clears the records. "

@@ -85,15 +85,16 @@ std::tuple<Tensor, Tensor> cross_entropy_rows(const Tensor& logits_in, const Ten
   return {loss, lse};
 }
 
-// The rows not ignored (int64, 0-dim): the mean's divisor, as fasttrain/ops/cross_entropy.py counts them.
-Tensor kept_rows(const Tensor& target, int64_t ignore_index) { return at::ne(target, ignore_index).sum(); }
+// The rows not ignored (0-dim): the mean's divisor, as fasttrain/ops/cross_entropy.py counts them. Summed as fp32,
+// the type the division casts the count to anyway: the sum casts the mask once, and neither division casts again.
+Tensor kept_rows(const Tensor& target, int64_t ignore_index) { return at::ne(target, ignore_index).sum(at::kFloat); }
 
 std::tuple<Tensor, Tensor> cross_entropy_forward_aot(const Tensor& logits, const Tensor& target, int64_t ignore_index,
                                                      c10::string_view reduction) {
   const Reduction r = reduction_of("cross_entropy_forward_aot", reduction);
   auto [loss, lse] = cross_entropy_rows(logits, target, ignore_index);
   if (r == Reduction::Sum) return {loss.sum(), lse};
-  if (r == Reduction::Mean) return {at::div(loss.sum(), kept_rows(target, ignore_index)), lse};
+  if (r == Reduction::Mean) return {loss.sum().div_(kept_rows(target, ignore_index)), lse};
   return {loss, lse};
 }
 
@@ -152,8 +153,9 @@ struct CrossEntropyAot : public torch::autograd::Function<CrossEntropyAot> {
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = static_cast<int64_t>(r);
     if (r == Reduction::Sum) loss = loss.sum();
-    if (r == Reduction::Mean) loss = at::div(loss.sum(), count);
+    if (r == Reduction::Mean) loss = loss.sum().div_(count);  // the fresh sum divided in place
     ctx->mark_non_differentiable({lse});  // the logsumexp never leaves cross_entropy
+    ctx->set_materialize_grads(false);      // so the backward gets no zeros made for it
     return {loss, lse};
   }
 
@@ -164,6 +166,7 @@ struct CrossEntropyAot : public torch::autograd::Function<CrossEntropyAot> {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fasttrain::cross_entropy_backward_aot", "")
                                .typed<decltype(cross_entropy_backward_aot)>();
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};  // no gradient reached the loss
     const auto saved = ctx->get_saved_variables();
     // The per-row gradient, fp32 and unit stride: a sum's spreads the upstream gradient over the rows; a mean's also
     // divides it by the count, the values torch's autograd of sum / count gives.
@@ -179,6 +182,15 @@ struct CrossEntropyAot : public torch::autograd::Function<CrossEntropyAot> {
 
 std::tuple<Tensor, Tensor> cross_entropy_forward_aot_autograd(const Tensor& logits, const Tensor& target,
                                                               int64_t ignore_index, c10::string_view reduction) {
+  // Nothing to record (no_grad, or logits that take no gradient, and no forward-mode tangent): the op below
+  // autograd, sparing the autograd Function's node, context and output wrapping.
+  if (!(at::GradMode::is_enabled() && logits.requires_grad()) && !logits._fw_grad(0).defined()) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fasttrain::cross_entropy_forward_aot", "")
+                               .typed<decltype(cross_entropy_forward_aot)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(logits, target, ignore_index, reduction);
+  }
   auto out = CrossEntropyAot::apply(logits, target, ignore_index, reduction);
   return {out[0], out[1]};
 }

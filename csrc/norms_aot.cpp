@@ -246,6 +246,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_forward_aot_autograd(const Tenso
                                                                      const optional<Tensor>& weight,
                                                                      const optional<Tensor>& bias, double eps,
                                                                      bool is_rms, at::ScalarType out_dtype) {
+  // Nothing to record (no_grad, or no input that takes a gradient, and no forward-mode tangent): the op below
+  // autograd, sparing the autograd Function's node, context and output wrapping.
+  auto recorded = [](const optional<Tensor>& t) {
+    return t && ((at::GradMode::is_enabled() && t->requires_grad()) || t->_fw_grad(0).defined());
+  };
+  if (!recorded(x) && !recorded(residual) && !recorded(weight) && !recorded(bias)) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fasttrain::norm_forward_aot", "")
+                               .typed<decltype(norm_forward_aot)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, residual, weight, bias, eps, is_rms, out_dtype);
+  }
   auto out = NormAot::apply(x, residual, weight, bias, eps, is_rms, out_dtype);
   return {out[0], out[1], out[2], out[3]};
 }

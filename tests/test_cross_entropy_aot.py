@@ -175,6 +175,27 @@ def test_autograd_runs_in_cpp_and_passes_the_per_row_gradient(registry):
     assert logits.grad.shape == (4, 97) and logits.grad.dtype == torch.float16
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_call_with_nothing_to_record_skips_the_autograd_node(registry, reduction):
+    logits, target = _inputs(4, 97, ignored=1)
+    for grad_off, x in ((True, logits), (False, logits.detach())):  # no_grad, or logits that take no gradient
+        with torch.set_grad_enabled(not grad_off):
+            loss, lse = torch.ops.fasttrain.cross_entropy_forward_aot(x, target, -100, reduction)
+        assert loss.grad_fn is None and not loss.requires_grad and not lse.requires_grad
+        assert loss.shape == ((4,) if reduction == "none" else ()) and lse.shape == (4,)
+        (fwd,) = C.aot_records()
+        assert fwd["kernel"] == "_ce_forward_kernel" and fwd["args"][0] == logits.data_ptr()
+        C.aot_record(True, SM)  # clears
+
+
+def test_backward_of_the_unused_logsumexp_alone_gives_no_gradient(registry):
+    logits, target = _inputs(3, 97)
+    loss, lse = torch.ops.fasttrain.cross_entropy_forward_aot(logits, target, -100, "mean")
+    (grad,) = torch.autograd.grad((loss * 0).sum(), logits)  # the loss' node reached with a defined gradient
+    assert grad.shape == logits.shape
+    assert [r["kernel"] for r in C.aot_records()] == ["_ce_forward_kernel", "_ce_backward_kernel"]
+
+
 def test_double_backward_is_refused_not_silently_first_order(registry):
     logits, target = _inputs(2, 10)
     loss = torch.ops.fasttrain.cross_entropy_forward_aot(logits, target, -100)[0]

@@ -9,9 +9,16 @@ traces the public function on the column. GPU tests (`pytest -m gpu`) hold the c
 reference: outputs, lse and the caches after the append.
 """
 
+import json
+import os
+import subprocess
+import sys
+import warnings
+
 import pytest
 import torch
 
+import fasttrain
 import fasttrain._C as C
 from fasttrain import _backend
 from fasttrain.ops import decode as ops
@@ -133,6 +140,159 @@ def test_tuning_leaves_a_class_with_one_shipped_tile_untimed(registry):
     C.aot_record(True, SM)  # clears
     torch.ops.fasttrain.decode_aot(q, kc, vc, k, v, lengths, None, 0.125, UNBOUNDED, 0, 1)  # two tiles: both times
     assert _block_ns(C.aot_records()) == [64, 128, 64]
+
+
+# ---- persisted tuning (fasttrain/_aot.py): the recorder's trial times stand in for the GPU's -------------------------
+
+IDENTITY = {"device": "Test GPU 80GB", "capability": "9.0", "index": "0123abcd", "fasttrain": "0.1.0", "torch": "2"}
+
+
+@pytest.fixture
+def tune_cache(registry, tmp_path, monkeypatch):
+    """The tuner's choices persisted under tmp_path for IDENTITY; detached after the test."""
+    from fasttrain import _aot
+
+    monkeypatch.setenv("FASTTRAIN_AOT_TUNE_DIR", str(tmp_path / "aot_tune"))
+    monkeypatch.delenv("FASTTRAIN_AOT_TUNE_CACHE", raising=False)
+    _aot.detach_tune_cache()
+    yield _aot
+    _aot.detach_tune_cache()
+
+
+def _tuned_call(Tmax=256):
+    """The BLOCK_N of each decode launch of one call of a two-tile shape class (the trials, then the choice)."""
+    q, kc, vc, _, _, lengths = _tensors(Tmax=Tmax, t_new=0)
+    torch.ops.fasttrain.decode_aot(q, kc, vc, None, None, lengths, None, 0.125, UNBOUNDED, 0, 1)
+    launches = _block_ns(C.aot_records())
+    C.aot_record(True, SM)  # clears
+    return launches
+
+
+def test_a_tuned_choice_is_saved_and_read_back_without_trials(tune_cache, tmp_path):
+    path = tune_cache.attach_tune_cache(IDENTITY)
+    assert path.parent == tmp_path / "aot_tune" and path.name.startswith("Test_GPU_80GB-sm90-") and not path.exists()
+    C.aot_tune_reset([3.0, 1.0])
+    assert _tuned_call() == [64, 128, 128]  # trials, then the faster tile: saved at once
+    data = json.loads(path.read_text())
+    assert data["identity"] == IDENTITY and [c[0] for c in data["choices"]] == ["_decode_kernel"]
+    assert data["choices"][0][2] == 1
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+    # a new process: nothing tuned, no trial times; the file's choice launches without trials
+    tune_cache.detach_tune_cache()
+    C.aot_tune_reset()
+    assert tune_cache.attach_tune_cache(IDENTITY) == path
+    assert _tuned_call() == [128]
+    assert _tuned_call(512) == [64]  # another class: not in the file, no times left: untimed, unsaved
+    assert len(json.loads(path.read_text())["choices"]) == 1
+
+
+def test_a_device_whose_cubins_serve_attaches_its_tuning_file(tmp_path, monkeypatch):
+    from fasttrain import _aot
+
+    (tmp_path / "aot").mkdir()
+    (tmp_path / "aot" / "index.json").write_text("[]")
+    monkeypatch.setenv("FASTTRAIN_AOT_TUNE_DIR", str(tmp_path / "cache" / "aot_tune"))
+    monkeypatch.delenv("FASTTRAIN_AOT_TUNE_CACHE", raising=False)
+    monkeypatch.setattr(_aot, "AOT_DIR", tmp_path / "aot")
+    monkeypatch.setattr(_aot, "_device_reason", {})
+    monkeypatch.setattr(_aot, "_arch_reason", lambda arch: None)  # the cubins registered
+    monkeypatch.setattr(_aot._extension, "built_with_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA H100 80GB HBM3")
+    _aot.detach_tune_cache()
+    try:
+        assert _aot.reason(torch.device("cuda", 0)) is None
+        identity = _aot._tune["identity"]
+        assert identity["device"] == "NVIDIA H100 80GB HBM3" and identity["capability"] == "9.0"
+        assert identity["fasttrain"] == fasttrain.__version__ and len(identity["index"]) == 16
+        assert _aot._tune["path"].parent == tmp_path / "cache" / "aot_tune"
+        assert _aot._tune["path"].name.startswith("NVIDIA_H100_80GB_HBM3-sm90-")
+    finally:
+        _aot.detach_tune_cache()
+
+
+_CHILD = """
+import json, sys
+import torch
+import fasttrain._C as C
+from fasttrain import _aot
+from fasttrain.benchmarks import bench_overhead
+from fasttrain.ops.attention_reference import UNBOUNDED
+
+bench_overhead._register_described(torch.float16)  # launch-less entries of the shipped set: no cubin is read
+C.aot_record(True, 132)
+C.aot_tune_reset(json.loads(sys.argv[1]))
+_aot.attach_tune_cache(json.loads(sys.argv[2]))
+q = torch.randn(2, 1, 32, 64, dtype=torch.float16)
+kc, vc = (torch.randn(2, 256, 8, 64, dtype=torch.float16) for _ in "kv")
+lengths = torch.tensor([5, 100], dtype=torch.int32)
+torch.ops.fasttrain.decode_aot(q, kc, vc, None, None, lengths, None, 0.125, UNBOUNDED, 0, 1)
+print(json.dumps([r["constexprs"][6] for r in C.aot_records() if r["kernel"] == "_decode_kernel"]))
+"""
+
+
+@pytest.mark.slow  # two interpreters importing torch; the default run resets the tuner in-process instead
+def test_a_new_process_launches_the_saved_choice_without_trials(tmp_path):
+    def child(times):
+        env = {**os.environ, "FASTTRAIN_AOT_TUNE_DIR": str(tmp_path / "aot_tune"), "PYTHONSAFEPATH": "1"}
+        env.pop("FASTTRAIN_AOT_TUNE_CACHE", None)
+        args = [sys.executable, "-c", _CHILD, json.dumps(times), json.dumps(IDENTITY)]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]  # exits cleanly with the saver attached
+        return json.loads(done.stdout.splitlines()[-1])
+
+    assert child([3.0, 1.0]) == [64, 128, 128]  # trials, then the faster tile, saved
+    assert child([]) == [128]  # no trial times: the saved choice, not the untimed first tile
+
+
+def test_the_tuning_cache_is_off_with_its_switch(tune_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTTRAIN_AOT_TUNE_CACHE", "0")
+    assert tune_cache.attach_tune_cache(IDENTITY) is None
+    C.aot_tune_reset([3.0, 1.0])
+    assert _tuned_call() == [64, 128, 128]
+    assert not (tmp_path / "aot_tune").exists()
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": 1, "identity": {"device": "other"}, "choices": []}'])
+def test_a_corrupt_or_foreign_tuning_file_is_ignored_with_one_warning(tune_cache, content):
+    path = tune_cache.tune_cache_path(IDENTITY)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.warns(UserWarning, match="aot tuning") as caught:
+        tune_cache.attach_tune_cache(IDENTITY)
+    assert len(caught) == 1
+    C.aot_tune_reset([1.0, 2.0])
+    assert _tuned_call() == [64, 128, 64]  # tuned afresh, and the file rewritten as this device's
+    assert json.loads(path.read_text())["identity"] == IDENTITY
+
+
+def test_the_tuning_file_is_replaced_whole_or_left_as_it_was(tune_cache, monkeypatch):
+    path = tune_cache.attach_tune_cache(IDENTITY)
+    C.aot_tune_reset([3.0, 1.0, 1.0, 2.0])
+    assert _tuned_call() == [64, 128, 128]
+    before = path.read_bytes()
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tune_cache.os, "replace", fail)
+    with pytest.warns(UserWarning, match="cannot write the aot tuning cache"):
+        assert _tuned_call(512) == [64, 128, 64]  # the op goes on
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_tuning_file_that_cannot_be_written_never_fails_the_op_under_warnings_as_errors(tune_cache, monkeypatch):
+    path = tune_cache.attach_tune_cache(IDENTITY)
+
+    def fail(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tune_cache.os, "replace", fail)
+    C.aot_tune_reset([3.0, 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _tuned_call() == [64, 128, 128]  # the warning is dropped, not raised from inside the op
+    assert not path.exists()
 
 
 def _tensors(B=2, Tq=1, H=32, Hkv=8, D=64, Tmax=256, t_new=1, dtype=torch.float16):

@@ -205,6 +205,21 @@ def test_autograd_gives_a_half_branch_its_own_copy_of_the_fp32_stream_gradient(r
     assert w.grad.dtype == b.grad.dtype == torch.float32
 
 
+def test_a_call_with_nothing_to_record_skips_the_autograd_node(registry):
+    x, r, w, b = _profile_tensors("same", torch.float16, 4, 100, True, True, True)
+    for grad_off, args in ((True, (x, r, w, b)), (False, tuple(t.detach() for t in (x, r, w, b)))):
+        with torch.set_grad_enabled(not grad_off):
+            y, s, mean, rstd = torch.ops.fasttrain.norm_forward_aot(*args, 1e-5, False, torch.float16)
+        assert all(t.grad_fn is None and not t.requires_grad for t in (y, s, mean, rstd))
+        assert y.shape == s.shape == (4, 100) and mean.shape == rstd.shape == (4,)
+        (fwd,) = C.aot_records()
+        assert fwd["kernel"] == "_norm_forward_kernel" and fwd["args"][:4] == [t.data_ptr() for t in (x, r, w, b)]
+        C.aot_record(True, SM)  # clears
+    # one input taking a gradient is enough for the node
+    y = torch.ops.fasttrain.norm_forward_aot(x.detach(), None, w, None, 1e-5, False, torch.float16)[0]
+    assert y.requires_grad and y.grad_fn is not None
+
+
 def test_double_backward_is_refused_not_silently_first_order(registry):
     x = torch.randn(2, 100, dtype=torch.float16, requires_grad=True)
     y = torch.ops.fasttrain.norm_forward_aot(x, None, None, None, 1e-5, False, torch.float16)[0]
@@ -294,6 +309,7 @@ def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkey
         lambda: layer_norm(x.view(3, 10, 10), (10, 10)),  # two normalized dims
         lambda: layer_norm(x, (100,), w, eps=0),  # an int eps
         lambda: rms_norm(x.double(), (100,)),  # not a shipped dtype
+        lambda: layer_norm(x, (100,), torch.randn(200, dtype=torch.float16)[::2]),  # a strided weight (copied there)
     ]
     for i, call in enumerate(general):
         call()

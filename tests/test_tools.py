@@ -88,4 +88,5 @@ def test_aot_host_ab_times_the_three_paths_of_each_aot_op():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     (line,) = done.stdout.splitlines()
-    assert line.startswith("decode fwd: ") and line.count(" no launch ") == 3
+    assert line.startswith("decode fwd: ") and line.count(" no launch ") == 3 and "torch, 1-row static cache" in line
+    assert line.endswith("x)") and "aot / torch" in line

@@ -1,15 +1,20 @@
-"""Host time of the aot paths (bench_overhead.AOT_OPS: the norms, rotary, cross-entropy) against torch's op (for rotary
-the eager rotation) and the Triton path, interleaved, without a GPU: each round times torch's op, fasttrain's Triton
-path with its launches skipped (bench_overhead.launches_skipped) and its aot path with its launches dropped
-(bench_overhead.aot_launches_dropped), with and without the op's short path (fasttrain/ops/norms.py, rotary.py and
-cross_entropy.py _aot_short: the public function straight to the C++ op), one after another, and keeps each one's
-minimum over the rounds, which other tenants' load on a shared machine can only raise. Time is the calling thread's
+"""Host time of the aot paths (bench_overhead.AOT_OPS: the norms, rotary, cross-entropy; decode with --decode)
+against torch's op (for rotary the eager rotation) and the Triton path, interleaved, without a GPU: each round times
+torch's op, fasttrain's Triton path with its launches skipped (bench_overhead.launches_skipped) and its aot path
+with its launches dropped (bench_overhead.aot_launches_dropped), with and without the op's short path
+(fasttrain/ops/norms.py, rotary.py and cross_entropy.py _aot_short: the public function straight to the C++ op), one
+after another, and keeps each one's minimum over the rounds, which other tenants' load on a shared machine can only
+raise. Time is the calling thread's
 CPU time (a CPU tensor's backward runs on the calling thread too), so a preempted interval does not count. One
 intra-op thread: the ops are tiny.
 
 With --decode, flash_attn_with_kvcache's generation-loop call instead (fp16, B 1 x H 12 x D 64, a 512-row cache,
-one token appended): the aot path with and without its short path, and the C++ op called alone. No torch or Triton
-row: on a CPU both compute the attention, which the dropped launch does not.
+one token appended): the aot path with and without its short path, the C++ op called alone, and torch's step on a
+static cache as transformers' StaticCache makes it (the new K and V rows copied in at their position by index_copy_,
+then SDPA over the whole cache under a boolean mask of the filled rows, in SDPA's (B, H, T, D) layout). On a CPU
+torch computes the attention, which the dropped launch does not: its row runs the same calls on a 1-row cache, so
+the attention's arithmetic is negligible and the row measures torch's host cost per step (dispatch, checks, the
+CPU kernels' setup), not a 512-row attention. No Triton row (the interpreter computes it too).
 
     python tools/aot_host_ab.py [--rounds 25] [--calls 200] [--ops cross_entropy]   # us per call, fwd and fwd + bwd
     python tools/aot_host_ab.py --decode
@@ -33,6 +38,7 @@ import time
 os.environ["TRITON_INTERPRET"] = "1"  # before fasttrain's kernels: the Triton path takes CPU tensors
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from fasttrain.benchmarks import bench_overhead  # noqa: E402
 from fasttrain.ops import norms, rotary  # noqa: E402
@@ -41,6 +47,7 @@ from fasttrain.ops import norms, rotary  # noqa: E402
 # (fasttrain.ops.cross_entropy is the public function: its module by name)
 SHORT_PATH = {"layer_norm": norms, "add_layer_norm": norms, "rotary": rotary}
 SHORT_PATH["cross_entropy"] = sys.modules["fasttrain.ops.cross_entropy"]
+OPS = tuple(op for op in bench_overhead.AOT_OPS if op != "decode")  # decode: --decode, at its own shape
 
 
 def per_call(run, calls: int) -> float:
@@ -76,18 +83,31 @@ def decode(rounds: int, calls: int) -> None:
     def op():
         ops._AOT_OP(q, k_cache, v_cache, k, v, lengths, None, D**-0.5, ops.UNBOUNDED, 0, 0)
 
-    impls = ("aot without the short path, no launch", "aot, no launch", "the C++ op alone, no launch")
+    # torch's static-cache step on a 1-row cache (position 0, every row filled): the docstring says why
+    k_static, v_static = (torch.randn(B, H, 1, D, dtype=torch.float16) for _ in range(2))
+    q_t, k_t, v_t = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, 1, D)
+    position, filled = torch.zeros(1, dtype=torch.long), torch.ones(B, 1, 1, 1, dtype=torch.bool)
+
+    def torch_step():
+        k_static.index_copy_(2, position, k_t)
+        v_static.index_copy_(2, position, v_t)
+        F.scaled_dot_product_attention(q_t, k_static, v_static, attn_mask=filled)
+
+    impls = ("torch, 1-row static cache", "aot without the short path, no launch", "aot, no launch")
+    impls += ("the C++ op alone, no launch",)
     best = dict.fromkeys(impls, float("inf"))
     with torch.no_grad(), bench_overhead.aot_launches_dropped("cpu", {torch.float16}):
         for _ in range(rounds):
+            best[impls[0]] = min(best[impls[0]], per_call(torch_step, calls))
             short, ops._AOT_OP = ops._AOT_OP, None
             try:
-                best[impls[0]] = min(best[impls[0]], per_call(call, calls))
+                best[impls[1]] = min(best[impls[1]], per_call(call, calls))
             finally:
                 ops._AOT_OP = short
-            best[impls[1]] = min(best[impls[1]], per_call(call, calls))
-            best[impls[2]] = min(best[impls[2]], per_call(op, calls))
-    print("decode fwd: " + "  ".join(f"{impl} {us:.1f}" for impl, us in best.items()) + " us per call", flush=True)
+            best[impls[2]] = min(best[impls[2]], per_call(call, calls))
+            best[impls[3]] = min(best[impls[3]], per_call(op, calls))
+    times = "  ".join(f"{impl} {us:.1f}" for impl, us in best.items())
+    print(f"decode fwd: {times} us per call (aot / torch {best[impls[2]] / best[impls[0]]:.2f}x)", flush=True)
 
 
 def attention(rounds: int, calls: int) -> None:
@@ -128,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--calls", type=int, default=200)
-    parser.add_argument("--ops", nargs="+", choices=bench_overhead.AOT_OPS, default=bench_overhead.AOT_OPS)
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=OPS)
     parser.add_argument("--decode", action="store_true", help="flash_attn_with_kvcache's aot path instead")
     parser.add_argument("--attention", action="store_true", help="flash_attn_func's common call instead")
     args = parser.parse_args()

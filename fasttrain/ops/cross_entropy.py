@@ -179,11 +179,15 @@ def _aot_short(input, target, ignore_index, reduction, backend) -> Tensor | None
         return None
     if _backend.aot_reason(device := input.device) is not None:  # first: a CPU tensor leaves at once
         return None
-    if input.dim() != 2 or input.stride(1) != 1 or input.shape[1] == 0 or target.dtype != torch.int64:
+    if type(ignore_index) is not int or not -_I32 - 1 <= ignore_index <= _I32 or reduction not in REDUCTIONS:
         return None
-    if target.shape != input.shape[:1] or target.device != device or type(ignore_index) is not int:
+    if input.dtype not in _AOT_DTYPES or target.dtype != torch.int64 or input.dim() != 2 or target.dim() != 1:
         return None
-    if reduction not in REDUCTIONS or torch.compiler.is_compiling() or _aot_input_reason(input, ignore_index):
+    # _aot_input_reason's checks, read off one shape and one stride tuple: the JIT takes what fails them.
+    (n, v), (row_stride, col_stride) = input.shape, input.stride()
+    if col_stride != 1 or v == 0 or v > _I32 or row_stride > _I32 or target.shape[0] != n or target.device != device:
+        return None
+    if torch.compiler.is_compiling() or input.storage_offset() * input.element_size() % 16:  # Dynamo: no offset
         return None
     if os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO:
         return None

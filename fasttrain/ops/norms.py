@@ -369,18 +369,39 @@ def _aot_short(
         eps = _MACHINE_EPS.get(dtype)
     if type(n) is not int or not 0 < n <= _AOT_MAX_N or type(eps) is not float or not eps >= 0:
         return None
-    if dtype not in _AOT_DTYPES or input.dim() == 0 or input.shape[-1] != n:
+    if dtype not in _AOT_DTYPES or input.dim() == 0 or input.size(-1) != n:
         return None
-    for t, shape in ((residual, input.shape), (weight, (n,)), (bias, (n,))):
-        if t is not None and (not isinstance(t, Tensor) or t.dtype != dtype or t.device != device or t.shape != shape):
-            return None
+    # each given tensor of input's dtype and device, in its shape (no loop over built tuples: this runs every call)
+    if weight is not None and not _param_fits(weight, dtype, device, n):
+        return None
+    if bias is not None and not _param_fits(bias, dtype, device, n):
+        return None
+    if residual is not None and (
+        not isinstance(residual, Tensor)
+        or residual.dtype != dtype
+        or residual.device != device
+        or residual.shape != input.shape
+    ):
+        return None
     if os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO or torch.is_autocast_enabled(device.type):
         return None
     x, r = _rows(input, n), (_rows(residual, n) if residual is not None else None)
-    y, stream, _, _ = _AOT_OP(x, r, _flat(weight), _flat(bias), eps, is_rms, dtype)
+    y, stream, _, _ = _AOT_OP(x, r, weight, bias, eps, is_rms, dtype)  # weight, bias: (N,) unit stride (_param_fits)
     if x is input:
         return y, stream
     return y.view(input.shape), (stream.view(input.shape) if residual is not None else stream)
+
+
+def _param_fits(t, dtype: torch.dtype, device: torch.device, n: int) -> bool:
+    # (N,) with unit stride: what _flat passes on as it is
+    return (
+        isinstance(t, Tensor)
+        and t.dtype == dtype
+        and t.device == device
+        and t.dim() == 1
+        and t.size(0) == n
+        and t.stride(0) == 1
+    )
 
 
 def _check_eps(name: str, eps) -> None:
