@@ -111,8 +111,6 @@ def decode(rounds: int, calls: int) -> None:
 
 
 def attention(rounds: int, calls: int) -> None:
-    import torch.nn.functional as F
-
     from fasttrain.ops.attention import flash_attn_func
 
     B, T, H, D = 1, 16, 12, 64
