@@ -248,14 +248,14 @@ def launches_skipped():
             tuner.cache, tuner.configs_timings = cache, timings
 
 
-def _register_described(dtype: torch.dtype) -> None:
-    """Launch-less registry entries for the shipped cases in dtype of AOT_MODULES, made from the kernels' description
-    (aot_kernels(shipped=True), with tools/aot.py's signature rules): what a CPU build, which ships no cubins, needs
-    for the C++ op path to run with its launches dropped. No cubin is ever read."""
+def _register_described(dtype: torch.dtype, modules=AOT_MODULES) -> None:
+    """Launch-less registry entries for the shipped cases in dtype of modules (kernels/<name>.py), made from the
+    kernels' description (aot_kernels(shipped=True), with tools/aot.py's signature rules): what a CPU build, which
+    ships no cubins, needs for the C++ op path to run with its launches dropped. No cubin is ever read."""
     from fasttrain import _C
 
     name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    for entry in (e for m in AOT_MODULES for e in _kernel_module(m).aot_kernels(90, name, shipped=True)):
+    for entry in (e for m in modules for e in _kernel_module(m).aot_kernels(90, name, shipped=True)):
         kernel = entry["kernel"]
         # kernel.fn's annotations: the interpreter's stand-in for a JITFunction (TRITON_INTERPRET=1) has no .params
         parameters = inspect.signature(kernel.fn).parameters.values()
@@ -289,17 +289,17 @@ def _register_described(dtype: torch.dtype) -> None:
 
 
 @contextlib.contextmanager
-def aot_launches_dropped(device: str, dtypes):
+def aot_launches_dropped(device: str, dtypes, modules=AOT_MODULES):
     """The aot columns serving this device, each launch packed and checked in C++ and then dropped
     (fasttrain._C's recorder with keep=False): the C++ op path's host time without the launch. Where no cubins are
-    registered (a CPU), launch-less entries for dtypes stand in (_register_described); the registry is emptied
-    after."""
+    registered (a CPU), launch-less entries for dtypes of modules' shipped kernels stand in (_register_described);
+    the registry is emptied after."""
     from fasttrain import _C, _backend
 
     described = _C.aot_registered() == 0
     if described:
         for dtype in dtypes:
-            _register_described(dtype)
+            _register_described(dtype, modules)
     reason = _backend.aot_reason
     _backend.aot_reason = lambda device: None
     _C.aot_record(True, 132, keep=False)

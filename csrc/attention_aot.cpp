@@ -3,7 +3,7 @@
 // The op does what kernels/attention.py `attention_forward` does on a GPU for the calls its shipped set covers
 // (kernels/attention.py _shipped): dense (B, T, H, D) tensors, fp16/bf16, head_dim 64 or 128, GQA groups 1, 2, 4 or
 // 8, any window (left, right as fasttrain/ops/attention.py _window gives them), no dropout, softcap or ALiBi. The same
-// grid, strides, constexprs (TMA_ALIGNED, FULL_TILES) and tuning key (tune_seqlen and the band classes); the tile is
+// grid, strides, constexprs (TMA_ALIGNED, FULL_TILES where the tile reads it) and tuning key (tune_seqlen and the band classes); the tile is
 // chosen among the shipped configs of the head dim's class by timing them at a shape class's first call (aot::tune),
 // as the JIT's autotuner chooses among the configs its pruner keeps. The warp-specialized configs (sm_90) build TMA
 // descriptors on the device in global scratch, which the launcher allocates.
@@ -77,8 +77,10 @@ std::tuple<Tensor, Tensor> attention_forward_aot(const Tensor& q_in, const Tenso
   auto entry = [&](const Tile& t, bool required) {
     const std::initializer_list<at::ScalarType> pointers = {dtype,    dtype,    dtype,   dtype,     at::kFloat,
                                                             at::kInt, at::kInt, at::kLong, at::kFloat};
+    // Only the warp-specialized loop reads FULL_TILES: the pipelined tiles ship (and launch) their False cubin.
+    const bool full_cx = full && t.warp_specialize;
     const std::initializer_list<int64_t> constexprs = {G,    D,         D,         false, false,
-                                                       true, full,      t.block_m, t.block_n,
+                                                       true, full_cx,   t.block_m, t.block_n,
                                                        t.warp_specialize, false, false, false};
     return required ? &aot::find(aot::Kernel::AttentionForward, pointers, constexprs)
                     : aot::lookup(aot::Kernel::AttentionForward, pointers, constexprs);

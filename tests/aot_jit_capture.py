@@ -260,7 +260,12 @@ def jit_scratch_request(index: list, jit: dict) -> list:
         for e in index
         if e["kernel"] == jit["kernel"]
         and "*" + e["dtype"] == jit["signature"]["Q"]
-        and all(int(jit["constexprs"][k]) == int(v) for k, v in e["constexprs"].items())
+        # a pipelined tile ignores FULL_TILES: its False cubin serves both (kernels/attention*.py _shipped)
+        and all(
+            int(jit["constexprs"][k]) == int(v)
+            for k, v in e["constexprs"].items()
+            if k != "FULL_TILES" or e["constexprs"].get("WARP_SPECIALIZE", True)
+        )
         and e["num_warps"] == jit["num_warps"]
     ]
     launcher = CudaLauncher.__new__(CudaLauncher)

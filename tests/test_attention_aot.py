@@ -105,7 +105,10 @@ def test_shipped_set_is_the_columns_scope():
         parameters = inspect.signature(entry["kernel"].fn).parameters.values()
         assert [p.name for p in parameters if "constexpr" not in str(p.annotation)] == _ARGS
         tables = {cls: FWD_CONFIGS[arch][cls] for cls in ("d64", "d128")}
-        assert len(entry["cases"]) == 2 * 4 * sum(map(len, tables.values()))  # FULL_TILES off and on, 4 groups
+        ws = sum(c.kwargs.get("WARP_SPECIALIZE", False) for configs in tables.values() for c in configs)
+        assert len(entry["cases"]) == 4 * (sum(map(len, tables.values())) + ws)  # 4 groups, FULL_TILES off (on: ws)
+        assert all(c["constexprs"]["WARP_SPECIALIZE"] for c in entry["cases"] if c["constexprs"]["FULL_TILES"])
+        assert any(c["constexprs"]["FULL_TILES"] for c in entry["cases"]) == (arch == 90)
         for c in entry["cases"]:
             k = c["constexprs"]
             assert k["TMA_ALIGNED"] and not (k["VARLEN"] or k["UPCAST"] or k["DROPOUT"] or k["SOFTCAP"] or k["ALIBI"])
@@ -121,13 +124,15 @@ def test_shipped_set_is_the_columns_scope():
 W = UNBOUNDED
 # (B, Tq, Tk, H, Hkv, window, config, times, dtype): the JIT held to the class's config `config`, the C++ tuner given
 # `times` for its shipped candidates (none: the first, untimed). One token, 97 (a window, GQA 4), 1025 causal on the
-# warp-specialized tile (tuned to it), Tq < Tk, two sequences; bf16 (one tile shipped in the sample).
+# warp-specialized tile (tuned to it), Tq < Tk, two sequences; whole tiles, no window (FULL_TILES: the pipelined tile
+# launches its False cubin); bf16 (one tile shipped in the sample).
 CASES = [
     (1, 1, 1, 2, 2, (W, 0), 0, [], "fp16"),
     (1, 97, 97, 8, 2, (16, 0), 0, [], "fp16"),
     (1, 1025, 1025, 2, 2, (W, 0), 3, [2.0, 1.0], "fp16"),
     (2, 33, 100, 4, 4, (W, W), 0, [1.0, 2.0], "fp16"),
     (1, 200, 200, 2, 2, (W, W), 3, [3.0, 1.0], "fp16"),
+    (1, 128, 128, 2, 2, (W, W), 0, [], "fp16"),
     (1, 97, 97, 2, 2, (W, 0), 0, [], "bf16"),
 ]
 FIELDS = ("B", "Tq", "Tk", "H", "Hkv", "window", "config", "times", "dtype")
@@ -150,7 +155,12 @@ def test_recorded_launch_is_what_the_jit_launcher_is_given(captured, sample, i):
     assert jit["signature"]["Q"] == aot[-1]["types"]["Q"] == f"*{dtype}"
     # The JIT's launcher launches the compiled kernel's warps: 12 for a warp-specialized config of num_warps 4.
     assert row["num_warps"] == jit["num_warps"]
-    assert_aot_launch_is_the_jit_launch({**jit, "num_warps": row["launched_warps"]}, aot[-1])
+    full = CASES[i][1] % 128 == 0 and CASES[i][2] % 128 == 0 and CASES[i][5] == (W, W)
+    ws = bool(aot[-1]["constexprs"]["WARP_SPECIALIZE"])
+    assert jit["constexprs"]["FULL_TILES"] == full and aot[-1]["constexprs"]["FULL_TILES"] == (full and ws)
+    # the pipelined loop ignores FULL_TILES: the False cubin serves
+    constexprs = {**jit["constexprs"], "FULL_TILES": full and ws}
+    assert_aot_launch_is_the_jit_launch({**jit, "num_warps": row["launched_warps"], "constexprs": constexprs}, aot[-1])
     # global scratch: what Triton's launcher asks its allocator for, for this cubin and grid
     if config == 3:
         cells = aot[-1]["grid"][0] * aot[-1]["grid"][1] * aot[-1]["grid"][2]
@@ -198,9 +208,13 @@ def test_one_shipped_tile_is_launched_untimed_and_an_unshipped_case_names_its_co
     q, k, v = _tensors(H=8, Hkv=2)  # GQA 4: one tile shipped in the sample
     torch.ops.fasttrain.attention_forward_aot(q, k, v, 0.125, W, 0)
     assert len(C.aot_records()) == 1
-    q, k, v = _tensors(Tq=128, Tk=256)  # every query sees every key, lengths multiples of 128: FULL_TILES
-    with pytest.raises(RuntimeError, match=r"constexprs \(1, 64, 64, 0, 0, 1, 1, 128, 64, 0, 0, 0, 0\)"):
-        torch.ops.fasttrain.attention_forward_aot(q, k, v, 0.125, W, W)
+    q, k, v = _tensors(Tq=128, Tk=256)  # FULL_TILES: the pipelined tile's False cubin serves (its WS tile: unshipped)
+    C.aot_record(True, SM)  # clears
+    torch.ops.fasttrain.attention_forward_aot(q, k, v, 0.125, W, W)
+    assert [r["case"] for r in C.aot_records()] == [f"d64 G1 {FIRST[:-1]}"]
+    q, k, v = _tensors(H=4, Hkv=2)  # GQA 2: not in the sample
+    with pytest.raises(RuntimeError, match=r"constexprs \(2, 64, 64, 0, 0, 1, 0, 128, 64, 0, 0, 0, 0\)"):
+        torch.ops.fasttrain.attention_forward_aot(q, k, v, 0.125, W, 0)
     q, k, v = _tensors(H=6, Hkv=2)
     with pytest.raises(RuntimeError, match="GQA groups 1, 2, 4 or 8, got 3"):
         torch.ops.fasttrain.attention_forward_aot(q, k, v, 0.125, W, 0)

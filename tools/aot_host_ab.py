@@ -18,6 +18,16 @@ CPU kernels' setup), not a 512-row attention. No Triton row (the interpreter com
 
     python tools/aot_host_ab.py [--rounds 25] [--calls 200] [--ops cross_entropy]   # us per call, fwd and fwd + bwd
     python tools/aot_host_ab.py --decode
+
+With --attention, flash_attn_func's common eager call instead (fp16, B 1 x T 16 x H 12 x D 64, causal), forward and
+forward + backward: torch's scaled_dot_product_attention(is_causal=True) computing on the CPU (its row includes that
+compute, small at T 16 but not nothing, the fp16 backward's most: an upper bound on its host time), the Triton path
+with its launches skipped, and the aot path (csrc/attention_aot.cpp, attention_backward_aot.cpp) with its launches
+dropped (and the Triton launches skipped: autograd hands the backward a zero lse gradient, which the aot column
+gives the triton column's backward): the host time of each path's Python, dispatch and launch packing, not of any
+attention computed.
+
+    python tools/aot_host_ab.py --attention --rounds 21
 """
 
 import argparse
@@ -100,16 +110,51 @@ def decode(rounds: int, calls: int) -> None:
     print(f"decode fwd: {times} us per call (aot / torch {best[impls[2]] / best[impls[0]]:.2f}x)", flush=True)
 
 
+def attention(rounds: int, calls: int) -> None:
+    from fasttrain.ops.attention import flash_attn_func
+
+    B, T, H, D = 1, 16, 12, 64
+    g = torch.Generator().manual_seed(0)
+    inputs = tuple(torch.randn(B, T, H, D, generator=g, dtype=torch.float16).requires_grad_() for _ in "qkv")
+
+    def ours(q, k, v):
+        return flash_attn_func(q, k, v, causal=True)
+
+    def sdpa(q, k, v):  # (B, T, H, D) in and out, as flash_attn_func
+        return F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+
+    modules = ("attention", "attention_backward")
+    for mode in ("fwd", "fwd+bwd"):
+        impls = ("torch sdpa", "triton, no launch", "aot, no launch")
+        best = dict.fromkeys(impls, float("inf"))
+        for _ in range(rounds):
+            best[impls[0]] = min(best[impls[0]], per_call(runner(sdpa, inputs, mode), calls))
+            with bench_overhead.launches_skipped():
+                best[impls[1]] = min(best[impls[1]], per_call(runner(ours, inputs, mode), calls))
+            # launches skipped too: a backward the aot column hands to the triton column's (an lse gradient) is timed
+            # as that column's host time, not interpreted
+            with (
+                bench_overhead.aot_launches_dropped("cpu", {torch.float16}, modules),
+                bench_overhead.launches_skipped(),
+            ):
+                best[impls[2]] = min(best[impls[2]], per_call(runner(ours, inputs, mode), calls))
+        times = "  ".join(f"{impl} {us:.1f}" for impl, us in best.items())
+        print(f"attention {mode}: {times} us per call", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=OPS)
     parser.add_argument("--decode", action="store_true", help="flash_attn_with_kvcache's aot path instead")
+    parser.add_argument("--attention", action="store_true", help="flash_attn_func's common call instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.decode:
         return decode(args.rounds, args.calls)
+    if args.attention:
+        return attention(args.rounds, args.calls)
     cases = bench_overhead.cases("cpu")
     for name in args.ops:
         inputs, ours, theirs = cases[name]
