@@ -1095,3 +1095,24 @@ def _check_gpu_varlen(deterministic=False, lens=(1, 1000, 3000, 17), lens_k=None
         "qkv", grads(out, (q, k, v), dout), grads(pt, (q, k, v), dout), grads(ref, (q32, k32, v32), dout.float())
     ):
         assert_within_2x_torch(got, mine, want, measure=max_err, slack=1e-5, what=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_an_lse_no_one_differentiates_reaches_the_backward_as_none(backend, monkeypatch):
+    """flash_attn_func's common call returns out alone: its backward gets dlse None (no zeros made, and the kernels'
+    HAS_DLSE off, which the aot column's backward op needs), and its gradients are the ones with a zero dlse."""
+    from fasttrain.ops import attention as ops
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 97, 4, 32, requires_grad=True) for _ in "qkv")
+    seen = []
+    backward = ops.ATTENTION[backend].backward
+    monkeypatch.setattr(ops.ATTENTION[backend], "backward", lambda *a: seen.append(a[6]) or backward(*a))
+    out = flash_attn_func(q, k, v, causal=True, backend=backend)
+    do = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), do)
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend=backend)
+    want = torch.autograd.grad((out, lse), (q, k, v), (do, torch.zeros_like(lse)))
+    assert seen[0] is None and seen[1] is not None
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

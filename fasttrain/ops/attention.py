@@ -374,6 +374,7 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (max_q, max_k, scale, left, right)
     ctx.softcap = softcap
     ctx.dropout_p, ctx.deterministic, ctx.backend = dropout_p, deterministic, backend
+    ctx.set_materialize_grads(False)  # an lse nobody differentiates gives dlse None: no zeros made, read or launched
 
 
 def _backward(ctx, dout, dlse):
