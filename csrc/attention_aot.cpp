@@ -32,7 +32,6 @@ using at::Tensor;
 using namespace attention_aot;
 
 constexpr const char* kName = "attention_forward_aot";
-constexpr double kLog2e = 1.4426950408889634;  // kernels/_attention_launch.py LOG2E
 constexpr int64_t kGridYZMax = 65535;           // CUDA's limit on a grid's y and z axes (H and B here)
 
 // The forward's tiles in the order of kernels/_attention_configs.py _FWD's lists (sm_90's; sm_80's are a subsequence

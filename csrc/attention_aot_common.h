@@ -14,6 +14,8 @@
 
 namespace fasttrain::attention_aot {
 
+constexpr double kLog2e = 1.4426950408889634;  // kernels/_attention_launch.py LOG2E: scores in log2 units
+
 // A tile of the configs' tables: (BLOCK_M, BLOCK_N, WARP_SPECIALIZE).
 struct Tile {
   int64_t block_m, block_n;

@@ -33,7 +33,6 @@ using namespace attention_aot;
 
 constexpr const char* kName = "attention_backward_aot";
 constexpr int64_t kPreprocessBlockM = 32;  // kernels/attention_backward.py _PREPROCESS_BLOCK_M
-constexpr double kLog2e = 1.4426950408889634;
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
