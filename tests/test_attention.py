@@ -43,7 +43,7 @@ def _choose(q, k, v):
     """The backend `auto` picks for dense attention of q, k, v without a mask or dropout."""
     from fasttrain.ops.attention import ATTENTION
 
-    return ATTENTION.choose(q, k, v, None, q.shape[1], k.shape[1], None, 0.0)
+    return ATTENTION.choose(q, k, v, None, q.shape[1], k.shape[1], None, 0.0, 0.0, None)
 
 
 # (B, Tq, Tk, H, Hkv, D, causal, window): together every listed value of T, head_dim, GQA ratio, batch, mask kind.

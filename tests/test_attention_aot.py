@@ -355,7 +355,7 @@ def test_gpu_aot_matches_triton_and_the_reference(B, Tq, Tk, H, Hkv, D, causal, 
     q = torch.randn(B, Tq, H, D, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(B, Tk, Hkv, D, device="cuda", dtype=dtype, requires_grad=True) for _ in "kv")
     do = torch.randn(B, Tq, H, D, device="cuda", dtype=dtype)
-    assert ops.ATTENTION.choose(q, k, v, None, Tq, Tk, None, 0.0) == "aot"
+    assert ops.ATTENTION.choose(q, k, v, None, Tq, Tk, None, 0.0, 0.0, None) == "aot"
     results = {}
     for backend in ("aot", "triton", "reference"):
         out, lse, _ = flash_attn_func(
@@ -375,7 +375,7 @@ def test_gpu_aot_matches_triton_and_the_reference(B, Tq, Tk, H, Hkv, D, causal, 
 def test_gpu_aot_is_chosen_and_off_switches_select_the_jit(monkeypatch):
     q = torch.randn(1, 128, 32, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 128, 8, 128, device="cuda", dtype=torch.bfloat16)
-    assert ops.ATTENTION.choose(q, k, k, None, 128, 128, None, 0.0) == "aot"
+    assert ops.ATTENTION.choose(q, k, k, None, 128, 128, None, 0.0, 0.0, None) == "aot"
     assert ops.ATTENTION.choose(q, k, k, None, 128, 128, None, 0.0, 30.0, None) == "triton"
     monkeypatch.setenv("FASTTRAIN_AOT", "0")
-    assert ops.ATTENTION.choose(q, k, k, None, 128, 128, None, 0.0) == "triton"
+    assert ops.ATTENTION.choose(q, k, k, None, 128, 128, None, 0.0, 0.0, None) == "triton"

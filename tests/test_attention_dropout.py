@@ -231,7 +231,7 @@ def test_auto_takes_a_kernel_with_dropout():
     q, k, v = _leaves((1, 16, 2, 32), (1, 16, 2, 32), (1, 16, 2, 32))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to the reference would warn
-        assert attention_ops.ATTENTION.choose(q, k, v, None, 16, 16, None, 0.1) != "reference"
+        assert attention_ops.ATTENTION.choose(q, k, v, None, 16, 16, None, 0.1, 0.0, None) != "reference"
 
 
 @pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])

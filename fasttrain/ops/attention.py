@@ -140,8 +140,8 @@ class Cpu:
 
 
 # ---- the table: which backend can serve which inputs ----------------------------------------------------------------
-# Each reason takes (q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p[, softcap,
-# alibi_slopes]): the score modifiers only the aot column reads (callers that have none leave them out).
+# Each reason takes (q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, softcap,
+# alibi_slopes); only the aot column reads the score modifiers, but every caller passes them, so none is dropped.
 
 # Read once, at import: under torch.compile, Dynamo traces the choice but cannot trace the extension's import.
 _CPU_OP_REASON = _backend.native_op_reason("attention_forward_cpu")
@@ -175,7 +175,7 @@ def _kernel_limit_reason(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, m
     return None
 
 
-def _aot_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap=0.0, alibi_slopes=None) -> str | None:
+def _aot_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap, alibi_slopes) -> str | None:
     """None for the calls whose forward ships (kernels/attention.py _shipped); else why the JIT serves them."""
     if (why := _backend.aot_reason(q.device)) is not None:
         return why
@@ -199,7 +199,7 @@ def _aot_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap=0.0, 
     return _kernel_limit_reason(q, k, v, cu_q, max_q, max_k)
 
 
-def _triton_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, *_) -> str | None:
+def _triton_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap, alibi_slopes) -> str | None:
     if (why := _unsupported(attn_mask, dropout_p) or _backend.triton_tensor_reason(q)) is not None:
         return why
     if q.device.type == "cuda" and q.dtype not in _KERNEL_DTYPES_CUDA:
@@ -211,7 +211,7 @@ def _triton_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, *_) -> str
     return None
 
 
-def _cpu_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, *_) -> str | None:
+def _cpu_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap, alibi_slopes) -> str | None:
     return _unsupported(attn_mask, dropout_p) or _backend.cpu_kernel_reason(q, _CPU_OP_REASON)
 
 
