@@ -92,4 +92,8 @@ TORCH_LIBRARY(fasttrain, m) {
   m.def(
       "attention_backward_aot(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
       "int left, int right, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  // The two above as one op with its autograd in C++ (attention_aot_autograd.cpp): out (B, Tq, H, D) of
+  // attention_forward_aot, and in the backward attention_backward_aot's gradients of q, k and v.
+  m.def(
+      "attention_aot(Tensor q, Tensor k, Tensor v, float scale, int left, int right, bool deterministic) -> Tensor");
 }

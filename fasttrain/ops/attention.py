@@ -2,7 +2,8 @@
 `scaled_dot_product_attention` over one registered op.
 
 Backends: `aot` (the kernels compiled ahead of time and launched from C++, csrc/attention_aot.cpp and
-attention_backward_aot.cpp, for flash_attn_func's common call), `triton` (kernels/attention*.py: CUDA
+attention_backward_aot.cpp, for flash_attn_func's common call, which skips the general checks and choice too,
+`_aot_short`, straight to one C++ op with its autograd in C++), `triton` (kernels/attention*.py: CUDA
 fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu`
 (csrc/attention_cpu.cpp: CPU tensors in fp32, bf16 or fp16, computed in fp32) and `reference`
 (fasttrain/ops/attention_reference.py: plain PyTorch, any device and dtype, and the only one with an `attn_mask`).
@@ -11,6 +12,8 @@ Attention dropout draws the same mask on every backend: a pure function of an in
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -473,6 +476,78 @@ def _attend(
     return out, lse, seed
 
 
+# ---- the short path: the commonest calls, straight to the aot ops ---------------------------------------------------
+
+# forward and backward in one C++ op with its autograd in C++ (csrc/attention_aot_autograd.cpp)
+_AOT_OP = (
+    torch.ops.fasttrain.attention_aot.default
+    if _AOT_OP_REASON is None and _AOT_BACKWARD_OP_REASON is None and _backend.native_op_reason("attention_aot") is None
+    else None
+)
+
+
+def _aot_short(q, k, v, scale, left: int, right: int, deterministic: bool) -> Tensor | None:
+    """out from the aot ops for a call that the checks and choice of the general path (`_attend`) would send to the
+    aot column unchanged: no backend named or forced (the caller has ruled out a named one), plain tensors on one
+    device, (B, T, H, D) with k and v alike and q's batch and head_dim, unit stride along head_dim, a float or no
+    scale (None: head_dim ** -0.5), and what `_aot_reason` asks of them, checked inline as the norms' short path
+    explains (the caller has ruled out dropout, softcap, ALiBi and a mask). Else None, and the general path checks,
+    chooses and calls; it does nothing else this one skips, so both give the same launches
+    (tests/test_attention_short_path.py). Autocast changes neither path: the ops have no autocast kernel."""
+    if _AOT_OP is None or type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return None
+    if _backend.aot_reason(device := q.device) is not None:  # first: a CPU tensor leaves at once
+        return None
+    dtype = q.dtype
+    if q.dim() != 4 or k.dim() != 4 or dtype not in _KERNEL_DTYPES_CUDA or k.dtype != dtype or v.dtype != dtype:
+        return None
+    (B, Tq, H, D), (Bk, Tk, Hkv, Dk) = q.shape, k.shape
+    if k.shape != v.shape or Bk != B or Dk != D or D not in _AOT_HEAD_DIMS or Hkv == 0 or H % Hkv:
+        return None
+    if H // Hkv not in _AOT_GROUPS or k.device != device or v.device != device:
+        return None
+    # unit stride along D, and _kernel_limit_reason's: B within the grid, each sequence's rows within int32 offsets
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
+    if sq[3] != 1 or sk[3] != 1 or sv[3] != 1 or B > GRID_YZ_MAX or Tq * max(sq[1], H * D) >= 2**31:
+        return None
+    if Tk * max(sk[1], Hkv * D) >= 2**31 or Tk * max(sv[1], Hkv * D) >= 2**31:
+        return None
+    if scale is not None and type(scale) is not float:
+        return None
+    if os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO:
+        return None
+    return _AOT_OP(q, k, v, D**-0.5 if scale is None else scale, left, right, deterministic)
+
+
+def _flash_short(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
+    """`_aot_short` for flash_attn_func's arguments: no dropout, softcap or ALiBi, a (left, right) tuple of ints
+    >= -1 for window_size, translated as `_window` translates it."""
+    if alibi_slopes is not None or type(dropout_p) not in (float, int) or type(softcap) not in (float, int):
+        return None
+    if dropout_p != 0 or softcap != 0 or type(window_size) is not tuple or len(window_size) != 2:
+        return None
+    w_left, w_right = window_size
+    if type(w_left) is not int or type(w_right) is not int or w_left < -1 or w_right < -1:
+        return None
+    left, right = (UNBOUNDED if w_left == -1 else w_left), (UNBOUNDED if w_right == -1 else w_right)
+    return _aot_short(q, k, v, softmax_scale, left, 0 if causal else right, bool(deterministic))
+
+
+def _sdpa_short(query, key, value, dropout_p, is_causal, scale, enable_gqa):
+    """`_aot_short` for scaled_dot_product_attention's arguments without a mask: no dropout, Hkv < H only with
+    enable_gqa, the top-left causal band as the general path gives it."""
+    if type(query) is not Tensor or type(key) is not Tensor or type(value) is not Tensor:
+        return None
+    if query.dim() != 4 or key.dim() != 4 or type(dropout_p) not in (float, int) or dropout_p != 0:
+        return None
+    if key.shape[1] != query.shape[1] and not enable_gqa:
+        return None
+    Tq, Tk = query.shape[2], key.shape[2]
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
+    out = _aot_short(q, k, v, scale, UNBOUNDED, Tq - Tk if is_causal else UNBOUNDED, False)
+    return None if out is None else out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)
+
+
 def attn_probs(q, k, lse, seed, dropout_p, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0) -> Tensor:
     """flash-attn's third value with return_attn_probs: S_dmask (attention_reference.s_dmask, computed from the
     forward's lse and dropout seed only when asked) with dropout, else the empty tensor flash-attn returns."""
@@ -550,6 +625,10 @@ def flash_attn_func(
     empty tensor, as flash-attn returns. Query rows that see no key give 0 and lse = +inf.
     backend: "auto" (default), "triton", "cpu" or "reference"; FASTTRAIN_BACKEND overrides auto.
     """
+    if backend is None and not return_attn_probs:
+        out = _flash_short(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
+        if out is not None:
+            return out
     _check_qkv(q, k, v, 4, "(B, T, H, D)")
     softcap, alibi_slopes = _check_softcap(softcap), _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
@@ -670,6 +749,9 @@ def scaled_dot_product_attention(
     (B, H, Tq, D). The backward is deterministic under torch.use_deterministic_algorithms(True) (see
     `flash_attn_func`).
     """
+    short = backend is None and attn_mask is None
+    if short and (out := _sdpa_short(query, key, value, dropout_p, is_causal, scale, enable_gqa)) is not None:
+        return out
     _check_qkv(query, key, value, 4, "(B, H, T, D)", head_axis=1, names=("query", "key", "value"))
     if key.shape[1] != query.shape[1] and not enable_gqa:
         raise ValueError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")

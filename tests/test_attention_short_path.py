@@ -1,0 +1,258 @@
+"""flash_attn_func's short path (fasttrain/ops/attention.py `_aot_short`, csrc/attention_aot_autograd.cpp), tested
+without a GPU: the calls the aot column would take go from the public function straight to one C++ op with its
+autograd in C++, and launch what the general path (checks, the table's choice, the registered op and its Python
+autograd) launches, forward and backward; every other call takes the general path; torch.compile traces it; a double
+backward takes the reference's gradients as the general path does.
+
+The C++ ops run on CPU tensors with the launch recorder on, over launch-less registry entries of the shipped fp16
+cases (bench_overhead's, made from the kernels' descriptions: no cubin is compiled or read, nothing is computed, so
+outputs and first-order gradients are never checked here; GPU tests in tests/test_attention_aot.py and
+tests/test_attention_backward_aot.py check the ops' values).
+"""
+
+import pytest
+import torch
+
+import fasttrain._C as C
+from fasttrain import _backend
+from fasttrain.benchmarks import bench_overhead
+from fasttrain.ops import attention as ops
+from fasttrain.ops.attention import flash_attn_func, scaled_dot_product_attention
+
+SM = 132
+
+
+@pytest.fixture(scope="module")
+def registered():
+    C.aot_clear()
+    bench_overhead._register_described(torch.float16, ("attention", "attention_backward"))
+    yield
+    C.aot_clear()
+
+
+@pytest.fixture
+def recording(registered, monkeypatch):
+    """Launches recorded, nothing tuned (each kernel's first shipped tile, the atomic plan), and CPU tensors taken by
+    the aot column."""
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    C.aot_tune_reset()
+    C.aot_record(True, SM)
+    yield
+    C.aot_record(False, 0)
+    C.aot_tune_reset()
+
+
+def _launches(records):
+    """The recorded launches with each address reduced to whether it is null (outputs are fresh per call)."""
+    return [{**r, "args": [bool(a) if t == "ptr" else a for t, a in zip(r["types"], r["args"])]} for r in records]
+
+
+def _leaves(B, Tq, Tk, H, Hkv, D, dtype=torch.float16):
+    torch.manual_seed(0)
+    q = torch.randn(B, Tq, H, D, dtype=dtype, requires_grad=True)
+    return q, *(torch.randn(B, Tk, Hkv, D, dtype=dtype, requires_grad=True) for _ in "kv")
+
+
+def _both_paths(monkeypatch, call, leaves, deterministic_algorithms=False):
+    """(launches, gradient shapes) of call(*leaves) forward and backward: the short path's, then the general path's."""
+    runs = []
+    for short in (True, False):
+        with monkeypatch.context() as m:
+            if short:  # the short path never asks the table
+                m.setattr(ops.ATTENTION, "choose", lambda *a, **k: pytest.fail("the general path ran"))
+            else:
+                m.setattr(ops, "_AOT_OP", None)
+            out = call(*leaves)
+            before = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(deterministic_algorithms)
+            try:
+                out.backward(torch.randn_like(out))
+            finally:
+                torch.use_deterministic_algorithms(before)
+        runs.append((_launches(C.aot_records()), [(t.grad.shape, t.grad.dtype) for t in leaves], out.shape))
+        C.aot_record(True, SM)  # clears
+        for t in leaves:
+            t.grad = None
+    return runs
+
+
+W = ops.UNBOUNDED
+# (B, Tq, Tk, H, Hkv, D, flash_attn_func's keywords, torch.use_deterministic_algorithms in the backward): one token;
+# GQA 4, causal, deterministic; a window at head dim 128; Tq < Tk with a scale, GQA 8, the global switch; two
+# sequences, GQA 2, bf16 is the dtype's only difference (fp16 here).
+CASES = [
+    (1, 1, 1, 2, 2, 64, {"causal": True}, False),
+    (1, 97, 97, 8, 2, 64, {"causal": True, "deterministic": True}, False),
+    (1, 33, 33, 2, 2, 128, {"window_size": (16, 0)}, False),
+    (1, 5, 40, 8, 1, 64, {"softmax_scale": 0.3, "window_size": (-1, 7)}, True),
+    (2, 17, 17, 4, 2, 64, {"causal": True, "window_size": (8, -1)}, False),
+]
+
+
+@pytest.mark.parametrize("i", range(len(CASES)), ids=lambda i: f"case{i}")
+def test_short_path_launches_what_the_general_path_does(recording, monkeypatch, i):
+    *shape, kwargs, global_switch = CASES[i]
+    runs = _both_paths(monkeypatch, lambda q, k, v: flash_attn_func(q, k, v, **kwargs), _leaves(*shape), global_switch)
+    (short, short_grads, short_shape), (general, general_grads, general_shape) = runs
+    assert short == general and short_grads == general_grads and short_shape == general_shape
+    kernels = [r["kernel"] for r in short]
+    separate_dq = kwargs.get("deterministic", False) or global_switch
+    assert kernels == ["_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"] + (
+        ["_attn_bwd_dq_kernel"] if separate_dq else []
+    )
+    named = dict(zip(("left", "right"), short[0]["args"][24:26]))
+    left, right = kwargs.get("window_size", (-1, -1))
+    assert named == {
+        "left": W if left == -1 else left,
+        "right": 0 if kwargs.get("causal") else (W if right == -1 else right),
+    }
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_sdpa_without_a_mask_takes_the_short_path_with_the_same_launches(recording, monkeypatch, gqa):
+    B, Tq, Tk, H, Hkv, D = 1, 9, 20, 4, 2 if gqa else 4, 64
+    leaves = [t.detach().transpose(1, 2).requires_grad_() for t in _leaves(B, Tq, Tk, H, Hkv, D)]  # (B, H, T, D)
+
+    def call(q, k, v):
+        return scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    (short, short_grads, shape), (general, general_grads, _) = _both_paths(monkeypatch, call, leaves)
+    assert short == general and short_grads == general_grads and shape == (B, H, Tq, D)
+    assert short[0]["args"][24:26] == [W, Tq - Tk]  # top-left causal: the bottom-right band shifted by Tq - Tk
+
+
+class _General(Exception):
+    pass
+
+
+def test_short_path_leaves_every_other_call_to_the_general_path(recording, monkeypatch):
+    monkeypatch.setattr(ops.ATTENTION, "choose", lambda *a, **k: (_ for _ in ()).throw(_General()))
+    q, k, v = _leaves(1, 8, 8, 4, 2, 64)
+    general = [
+        lambda: flash_attn_func(q, k, v, backend="aot"),  # a backend named
+        lambda: flash_attn_func(q, k, v, return_attn_probs=True),
+        lambda: flash_attn_func(q, k, v, dropout_p=0.1),
+        lambda: flash_attn_func(q, k, v, softcap=30.0),
+        lambda: flash_attn_func(q, k, v, alibi_slopes=torch.ones(4)),
+        lambda: flash_attn_func(q, k, v, window_size=[4, 0]),  # a list: the general path reads it
+        lambda: flash_attn_func(q, k, v, softmax_scale=1),  # an int scale
+        lambda: flash_attn_func(q.float(), k.float(), v.float()),  # not a shipped dtype
+        lambda: flash_attn_func(*(t[..., :32] for t in (q, k, v))),  # head_dim 32
+        lambda: flash_attn_func(q[:, :, :3], k[:, :, :1], v[:, :, :1]),  # GQA group 3
+        lambda: flash_attn_func(q.detach().transpose(1, 3).contiguous().transpose(1, 3), k, v),  # stride along D
+        lambda: flash_attn_func(torch.nn.Parameter(q.detach()), k, v),  # a subclass
+        lambda: scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), dropout_p=0.1, enable_gqa=True),
+        lambda: scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), torch.ones(8, 8) > 0, enable_gqa=True
+        ),
+    ]
+    for i, call in enumerate(general):
+        with pytest.raises(_General):
+            call()
+        assert C.aot_records() == [], i
+    with monkeypatch.context() as m:
+        m.setenv("FASTTRAIN_BACKEND", "reference")
+        with pytest.raises(_General):
+            flash_attn_func(q, k, v)
+    # a bad argument never reaches the op: the general path raises its error
+    bad = [
+        (lambda: flash_attn_func(q, k.double(), v), TypeError, "k must have q's dtype"),
+        (lambda: flash_attn_func(q, k[:, :, :0], v[:, :, :0]), ValueError, "must divide"),
+        (lambda: flash_attn_func(q, k, v[:, :4]), ValueError, "same shape"),
+        (lambda: flash_attn_func(q, k, v, window_size=(-2, 0)), ValueError, "window_size"),
+        (lambda: scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))), ValueError, "enable_gqa"),
+    ]
+    for call, error, match in bad:
+        with pytest.raises(error, match=match):
+            call()
+    assert C.aot_records() == []
+
+
+def test_autocast_changes_neither_path(recording, monkeypatch):
+    # the ops have no autocast kernel: under autocast the general path takes the aot column as it is, so the short
+    # path takes the call too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (short, _, _), (general, _, _) = _both_paths(monkeypatch, flash_attn_func, _leaves(1, 16, 16, 4, 4, 64))
+    assert short == general and len(short) == 3
+
+
+def _meta(shape, stride=None, dtype=torch.float16):
+    return torch.empty_strided(shape, stride or torch.empty(shape, device="meta").stride(), dtype=dtype, device="meta")
+
+
+def test_short_path_takes_exactly_what_the_columns_reason_takes(monkeypatch):
+    """The inline checks against `_aot_reason` itself, on meta tensors (sizes and strides, no memory): dtypes, head
+    dims, groups, the grid's batch limit and int32 row offsets at their edges."""
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    monkeypatch.setattr(ops, "_AOT_OP", lambda *args: "short")
+    big = 2**31 // (4 * 64)  # rows of 4 x 64 elements: int32 offsets end at row `big`
+    variants = [
+        ((1, 8, 4, 64), (1, 8, 4, 64), torch.float16, None),
+        ((1, 8, 4, 128), (1, 8, 1, 128), torch.bfloat16, None),
+        ((1, 8, 4, 64), (1, 8, 4, 64), torch.float32, None),
+        ((1, 8, 4, 96), (1, 8, 4, 96), torch.float16, None),
+        ((1, 8, 16, 64), (1, 8, 1, 64), torch.float16, None),  # GQA 16
+        ((1, 8, 6, 64), (1, 8, 2, 64), torch.float16, None),  # GQA 3
+        ((65535, 1, 2, 64), (65535, 1, 2, 64), torch.float16, None),
+        ((65536, 1, 2, 64), (65536, 1, 2, 64), torch.float16, None),
+        ((1, big - 1, 4, 64), (1, 4, 4, 64), torch.float16, None),
+        ((1, big, 4, 64), (1, 4, 4, 64), torch.float16, None),
+        ((1, 4, 4, 64), (1, big, 4, 64), torch.float16, None),
+        ((1, 4, 4, 64), (1, 4, 4, 64), torch.float16, (2**30, 2**29, 64, 1)),  # q's rows 2**29 apart
+    ]
+    taken = []
+    for q_shape, k_shape, dtype, q_stride in variants:
+        q, k, v = _meta(q_shape, q_stride, dtype), _meta(k_shape, dtype=dtype), _meta(k_shape, dtype=dtype)
+        taken.append(ops._aot_short(q, k, v, None, W, 0, False) == "short")
+        why = ops._aot_reason(q, k, v, None, q.shape[1], k.shape[1], None, 0.0, 0.0, None)
+        assert taken[-1] == (why is None), (q_shape, k_shape, dtype, q_stride, why)
+    assert taken == [True, True, False, False, False, False, True, False, True, False, False, False]
+
+
+def test_autograd_runs_in_cpp_and_a_call_with_nothing_to_record_skips_it(recording):
+    q, k, v = _leaves(1, 16, 16, 2, 2, 64)
+    out = flash_attn_func(q, k, v, causal=True)
+    assert "AttentionAot" in out.grad_fn.name()
+    out.sum().backward()
+    assert len(C.aot_records()) == 3 and all(t.grad is not None for t in (q, k, v))
+    C.aot_record(True, SM)  # clears
+    with torch.no_grad():
+        out = flash_attn_func(q, k, v, causal=True)
+    out_detached = flash_attn_func(q.detach(), k.detach(), v.detach(), causal=True)
+    assert out.grad_fn is None and out_detached.grad_fn is None and not out_detached.requires_grad
+    assert [r["kernel"] for r in C.aot_records()] == ["_attn_fwd_kernel"] * 2
+
+
+def test_torch_compile_traces_the_short_path_forward_and_backward(recording):
+    q, k, v = _leaves(1, 16, 16, 4, 2, 64)
+
+    def attend(q, k, v):
+        return flash_attn_func(q, k, v, causal=True, deterministic=True)
+
+    attend(q, k, v).sum().backward()
+    eager = _launches(C.aot_records())
+    C.aot_record(True, SM)  # clears
+    torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v).sum().backward()
+    assert _launches(C.aot_records()) == eager and len(eager) == 4
+
+
+@pytest.mark.parametrize("aliased", [False, True], ids=["qkv", "x-as-qkv"])
+def test_double_backward_takes_the_reference_gradients_as_the_general_path_does(recording, aliased):
+    # A gradient penalty: the first-order gradients kept as a graph. The recorder computes no output, so the outer
+    # loss is out.sum(), whose upstream gradient (ones) does not read it.
+    def penalty(attend, q, k, v):
+        grads = torch.autograd.grad(attend(q, k, v).float().sum(), (q, k, v), create_graph=True)
+        return [g.detach() for g in grads], torch.autograd.grad(sum(g.float().pow(2).sum() for g in grads), (q, k, v))
+
+    if aliased:
+        x = _leaves(1, 9, 9, 2, 2, 64)[0]
+        leaves = (x, x, x)
+    else:
+        leaves = _leaves(1, 9, 9, 4, 2, 64)
+    assert "AttentionAot" in flash_attn_func(*leaves, causal=True).grad_fn.name()  # the short path's node
+    C.aot_record(True, SM)  # clears
+    got = penalty(lambda q, k, v: flash_attn_func(q, k, v, causal=True), *leaves)
+    want = penalty(lambda q, k, v: flash_attn_func(q, k, v, causal=True, backend="reference"), *leaves)
+    assert C.aot_records()[0]["kernel"] == "_attn_fwd_kernel"  # the short path's forward, then the reference
+    for g, ref in zip(got[0] + list(got[1]), want[0] + list(want[1])):
+        torch.testing.assert_close(g, ref)
