@@ -90,3 +90,13 @@ def test_aot_host_ab_times_the_three_paths_of_each_aot_op():
     (line,) = done.stdout.splitlines()
     assert line.startswith("decode fwd: ") and line.count(" no launch ") == 3 and "torch, 1-row static cache" in line
     assert line.endswith("x)") and "aot / torch" in line
+    done = subprocess.run(
+        [sys.executable, str(tool), "--attention", "--rounds", "1", "--calls", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["attention fwd", "attention fwd+bwd"]
+    assert all(line.count(" no launch ") == 3 and "torch sdpa fp32" in line and "aot / sdpa" in line for line in lines)
