@@ -80,10 +80,15 @@ def _arch_reason(arch: int) -> str | None:
         if other is not None:  # the registry keys a case by kernel, dtypes and constexprs, not by arch
             _loaded[arch] = f"the sm_{other} cubins serve another device here (one arch per process)"
         elif not (AOT_DIR / "index.json").exists():
-            _loaded[arch] = "no shipped cubins (fasttrain._C was built without CUDA)"
+            _loaded[arch] = "no shipped cubins (a build without CUDA or with FASTTRAIN_AOT_ARCHS=none)"
         else:
             try:
-                _loaded[arch] = None if load(AOT_DIR, arch) else f"no shipped cubins for sm_{arch}"
+                registered = load(AOT_DIR, arch)
+                _loaded[arch] = (
+                    None
+                    if registered
+                    else f"no shipped cubins for sm_{arch} (the build's FASTTRAIN_AOT_ARCHS left it out)"
+                )
             except Exception as e:  # cubins the launcher refuses (a stale or foreign build): the JIT serves
                 _loaded[arch] = f"the shipped cubins did not load ({type(e).__name__}: {str(e)[:300]})"
     return _loaded[arch]
