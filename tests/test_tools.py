@@ -69,34 +69,27 @@ def test_ncu_attention_runs_each_provider_inside_the_range_after_a_warm_up():
 def test_aot_host_ab_times_the_three_paths_of_each_aot_op():
     """tools/aot_host_ab.py, the interleaved measurement behind NOTES.md's aot host times."""
     tool = Path(__file__).resolve().parent.parent / "tools" / "aot_host_ab.py"
-    done = subprocess.run(
-        [sys.executable, str(tool), "--rounds", "1", "--calls", "3"], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+
+    def run(*mode):
+        done = subprocess.run(
+            [sys.executable, str(tool), *mode, "--rounds", "1", "--calls", "3"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.splitlines()
+
+    lines = run()
     assert [line.split(":")[0] for line in lines] == [
         f"{op} {mode}"
         for op in ("layer_norm", "add_layer_norm", "rotary", "cross_entropy")
         for mode in ("fwd", "fwd+bwd")
     ]
     assert all(line.count(" us per call") == 1 and "aot, no launch" in line for line in lines)
-    done = subprocess.run(
-        [sys.executable, str(tool), "--decode", "--rounds", "1", "--calls", "3"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    (line,) = done.stdout.splitlines()
+    (line,) = run("--decode")
     assert line.startswith("decode fwd: ") and line.count(" no launch ") == 3 and "torch, 1-row static cache" in line
     assert line.endswith("x)") and "aot / torch" in line
-    done = subprocess.run(
-        [sys.executable, str(tool), "--attention", "--rounds", "1", "--calls", "3"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    lines = run("--attention")
     assert [line.split(":")[0] for line in lines] == ["attention fwd", "attention fwd+bwd"]
     assert all(line.count(" no launch ") == 3 and "torch sdpa fp32" in line and "aot / sdpa" in line for line in lines)
