@@ -1,0 +1,143 @@
+// The eager short paths of the aot ops (fasttrain/ops/norms.py and cross_entropy.py, _aot_short): whether a public
+// call goes straight to its aot op, decided on the Python arguments in C++, then one unboxed call of the op through
+// the dispatcher (its Autograd kernel first, so autograd, Meta and every other key behave as for any call of it).
+// Each function returns None for a call it does not take, and raises nothing on bad input: the Python general path
+// then checks, chooses and calls, and gives the errors. What stays in Python: the backend argument, the aot column's
+// device check, FASTTRAIN_BACKEND and the Dynamo check (fasttrain/_backend.py owns those).
+#include <ATen/autocast_mode.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/pybind11.h>
+#include <torch/csrc/Size.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+namespace fasttrain {
+namespace {
+
+namespace py = pybind11;
+using at::Tensor;
+using std::optional;
+
+// A tensor or Parameter (THPVariable_CheckExact): a subclass may give the op its own meaning, so it takes the general
+// path. nullptr for anything else.
+const Tensor* plain(PyObject* obj) { return THPVariable_CheckExact(obj) ? &THPVariable_Unpack(obj) : nullptr; }
+
+// A Python int (not a bool, not an int subclass) that fits int64.
+bool exact_int(PyObject* obj, int64_t& out) {
+  if (!PyLong_CheckExact(obj)) return false;
+  int overflow = 0;
+  out = PyLong_AsLongLongAndOverflow(obj, &overflow);
+  if (out == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return overflow == 0;
+}
+
+// normalized_shape as one width: an int, or one int in a tuple, list or torch.Size.
+bool one_width(PyObject* shape, int64_t& n) {
+  if (PyLong_CheckExact(shape)) return exact_int(shape, n);
+  if (PyTuple_CheckExact(shape) || THPSize_Check(shape))
+    return PyTuple_GET_SIZE(shape) == 1 && exact_int(PyTuple_GET_ITEM(shape, 0), n);
+  if (PyList_CheckExact(shape)) return PyList_GET_SIZE(shape) == 1 && exact_int(PyList_GET_ITEM(shape, 0), n);
+  return false;
+}
+
+// torch.finfo(dtype).eps of the norms' shipped dtypes: RMSNorm's eps when none is given.
+double machine_eps(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kHalf:
+      return 0.0009765625;  // 2^-10
+    case at::kBFloat16:
+      return 0.0078125;  // 2^-7
+    default:
+      return std::numeric_limits<float>::epsilon();
+  }
+}
+
+// fasttrain/ops/norms.py _rows: (M, N) rows with unit column stride, a view where one serves.
+Tensor rows(const Tensor& t, int64_t n) {
+  if (t.dim() == 2 && t.stride(1) == 1) return t;
+  Tensor r = t.reshape({-1, n});  // (M, N): one row per normalized slice
+  return r.stride(1) == 1 ? r : r.contiguous();
+}
+
+// An (N,) unit-stride parameter of the rows' dtype and device (what norms.py _flat passes on as it is), or absent.
+bool param_fits(PyObject* obj, optional<Tensor>& out, at::ScalarType dtype, at::Device device, int64_t n) {
+  if (obj == Py_None) return true;
+  const Tensor* t = plain(obj);
+  if (t == nullptr || t->scalar_type() != dtype || t->device() != device || t->dim() != 1 || t->size(0) != n ||
+      t->stride(0) != 1)
+    return false;
+  out = *t;
+  return true;
+}
+
+py::object wrap(Tensor t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t))); }
+
+constexpr int64_t kNormMaxN = 4096;  // fasttrain/ops/norms.py _AOT_MAX_N: the shipped widths
+
+using NormForward = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const optional<Tensor>&,
+                                                               const optional<Tensor>&, const optional<Tensor>&, double,
+                                                               bool, at::ScalarType);
+
+// fasttrain/ops/norms.py _aot_short past its Python checks: y (no residual) or (y, s) from norm_forward_aot, or None.
+py::object norm_short(py::handle input_obj, py::handle residual_obj, py::handle shape_obj, py::handle weight_obj,
+                      py::handle bias_obj, py::handle eps_obj, bool is_rms) {
+  const Tensor* input = plain(input_obj.ptr());
+  int64_t n = 0;
+  if (input == nullptr || !one_width(shape_obj.ptr(), n) || n <= 0 || n > kNormMaxN) return py::none();
+  const at::ScalarType dtype = input->scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat) return py::none();
+  if (input->dim() == 0 || input->size(-1) != n) return py::none();
+  double eps = 0;
+  if (PyFloat_CheckExact(eps_obj.ptr()))
+    eps = PyFloat_AS_DOUBLE(eps_obj.ptr());
+  else if (eps_obj.is_none() && is_rms)
+    eps = machine_eps(dtype);
+  else
+    return py::none();
+  if (!(eps >= 0)) return py::none();
+  const at::Device device = input->device();
+  optional<Tensor> weight, bias, residual;
+  if (!param_fits(weight_obj.ptr(), weight, dtype, device, n) || !param_fits(bias_obj.ptr(), bias, dtype, device, n))
+    return py::none();
+  const bool has_residual = !residual_obj.is_none();
+  if (has_residual) {
+    const Tensor* r = plain(residual_obj.ptr());
+    if (r == nullptr || r->scalar_type() != dtype || r->device() != device || !r->sizes().equals(input->sizes()))
+      return py::none();
+    residual = *r;
+  }
+  if (at::autocast::is_autocast_enabled(device.type())) return py::none();
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fasttrain::norm_forward_aot", "").typed<NormForward>();
+  Tensor y, s;
+  {
+    py::gil_scoped_release no_gil;
+    const Tensor x = rows(*input, n);
+    if (residual) residual = rows(*residual, n);
+    std::tie(y, s, std::ignore, std::ignore) = op.call(x, residual, weight, bias, eps, is_rms, dtype);
+    if (!x.is_same(*input)) {
+      y = y.view(input->sizes());
+      if (has_residual) s = s.view(input->sizes());
+    }
+  }
+  if (!has_residual) return wrap(std::move(y));
+  return py::make_tuple(wrap(std::move(y)), wrap(std::move(s)));
+}
+
+}  // namespace
+
+void bind_aot_short(py::module_& m) {
+  m.def("norm_short", &norm_short,
+        "fasttrain/ops/norms.py's short path: y, or (y, s) with a residual, from norm_forward_aot; None for a call "
+        "the general path must take");
+}
+
+}  // namespace fasttrain
