@@ -132,12 +132,55 @@ py::object norm_short(py::handle input_obj, py::handle residual_obj, py::handle 
   return py::make_tuple(wrap(std::move(y)), wrap(std::move(s)));
 }
 
+constexpr int64_t kI32 = std::numeric_limits<int32_t>::max();
+
+using CrossEntropyForward = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, c10::string_view);
+
+// fasttrain/ops/cross_entropy.py _aot_short past its Python checks: the loss from cross_entropy_forward_aot, or None.
+py::object cross_entropy_short(py::handle input_obj, py::handle target_obj, py::handle ignore_obj,
+                               py::handle reduction_obj) {
+  const Tensor* input = plain(input_obj.ptr());
+  const Tensor* target = plain(target_obj.ptr());
+  int64_t ignore_index = 0;
+  if (input == nullptr || target == nullptr || !exact_int(ignore_obj.ptr(), ignore_index) ||
+      ignore_index < -kI32 - 1 || ignore_index > kI32 || !PyUnicode_CheckExact(reduction_obj.ptr()))
+    return py::none();
+  Py_ssize_t length = 0;
+  const char* chars = PyUnicode_AsUTF8AndSize(reduction_obj.ptr(), &length);
+  if (chars == nullptr) {
+    PyErr_Clear();
+    return py::none();
+  }
+  const c10::string_view reduction(chars, length);
+  if (reduction != "mean" && reduction != "sum" && reduction != "none") return py::none();
+  const at::ScalarType dtype = input->scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16 && dtype != at::kFloat) return py::none();
+  if (target->scalar_type() != at::kLong || input->dim() != 2 || target->dim() != 1) return py::none();
+  // _aot_input_reason's checks: the JIT takes what fails them (an i64 variant, a misaligned view)
+  const int64_t n = input->size(0), v = input->size(1);
+  if (input->stride(1) != 1 || v == 0 || v > kI32 || input->stride(0) > kI32 || target->size(0) != n ||
+      target->device() != input->device() || input->storage_offset() * input->element_size() % 16 != 0)
+    return py::none();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fasttrain::cross_entropy_forward_aot", "")
+                             .typed<CrossEntropyForward>();
+  Tensor loss;
+  {
+    py::gil_scoped_release no_gil;
+    loss = std::get<0>(op.call(*input, *target, ignore_index, reduction));
+  }
+  return wrap(std::move(loss));
+}
+
 }  // namespace
 
 void bind_aot_short(py::module_& m) {
   m.def("norm_short", &norm_short,
         "fasttrain/ops/norms.py's short path: y, or (y, s) with a residual, from norm_forward_aot; None for a call "
         "the general path must take");
+  m.def("cross_entropy_short", &cross_entropy_short,
+        "fasttrain/ops/cross_entropy.py's short path: the loss from cross_entropy_forward_aot; None for a call the "
+        "general path must take");
 }
 
 }  // namespace fasttrain
