@@ -1,6 +1,6 @@
-// The eager short paths of the aot ops (fasttrain/ops/norms.py and cross_entropy.py, _aot_short): whether a public
-// call goes straight to its aot op, decided on the Python arguments in C++, then one unboxed call of the op through
-// the dispatcher (its Autograd kernel first, so autograd, Meta and every other key behave as for any call of it).
+// The eager short paths of the aot ops (fasttrain/ops/norms.py, cross_entropy.py and decode.py, _aot_short): whether
+// a public call goes straight to its aot op, decided on the Python arguments in C++, then one unboxed call of the op
+// through the dispatcher (its Autograd kernel first, so autograd, Meta and every other key behave as for any call of it).
 // Each function returns None for a call it does not take, and raises nothing on bad input: the Python general path
 // then checks, chooses and calls, and gives the errors. What stays in Python: the backend argument, the aot column's
 // device check, FASTTRAIN_BACKEND and the Dynamo check (fasttrain/_backend.py owns those).
@@ -11,7 +11,7 @@
 #include <torch/csrc/Size.h>
 #include <torch/csrc/autograd/python_variable.h>
 
-#include <cstring>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -172,6 +172,87 @@ py::object cross_entropy_short(py::handle input_obj, py::handle target_obj, py::
   return wrap(std::move(loss));
 }
 
+constexpr int64_t kUnbounded = int64_t{1} << 30;  // fasttrain/ops/attention_reference.py UNBOUNDED
+constexpr int64_t kDecodeMaxSplits = 128;          // fasttrain/ops/decode.py _AOT_MAX_SPLITS
+
+// A cache, or an appended k or v, of q's dtype and device with unit last stride.
+bool like_q(const Tensor* t, at::ScalarType dtype, at::Device device) {
+  return t != nullptr && t->dim() == 4 && t->scalar_type() == dtype && t->device() == device && t->stride(3) == 1;
+}
+
+// cache_seqlens or cache_leftpad: an int32 or int64 (B,) tensor on q's device.
+bool index_fits(PyObject* obj, optional<Tensor>& out, int64_t B, at::Device device) {
+  const Tensor* t = plain(obj);
+  if (t == nullptr || (t->scalar_type() != at::kInt && t->scalar_type() != at::kLong) || t->dim() != 1 ||
+      t->size(0) != B || t->device() != device)
+    return false;
+  out = *t;
+  return true;
+}
+
+using DecodeAot = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const optional<Tensor>&,
+                                             const optional<Tensor>&, const Tensor&, const optional<Tensor>&, double,
+                                             int64_t, int64_t, int64_t);
+
+// fasttrain/ops/decode.py _aot_short past its Python checks: out from decode_aot (k and v appended in place), or None.
+py::object decode_short(py::handle q_obj, py::handle k_cache_obj, py::handle v_cache_obj, py::handle k_obj,
+                        py::handle v_obj, py::handle seqlens_obj, py::handle leftpad_obj, py::handle scale_obj,
+                        py::handle causal_obj, py::handle window_obj, py::handle splits_obj) {
+  const Tensor* q = plain(q_obj.ptr());
+  if (q == nullptr || q->dim() != 4) return py::none();
+  const at::ScalarType dtype = q->scalar_type();
+  const at::Device device = q->device();
+  if ((dtype != at::kHalf && dtype != at::kBFloat16) || q->stride(3) != 1) return py::none();
+  const int64_t B = q->size(0), H = q->size(2), D = q->size(3);
+  const Tensor *k_cache = plain(k_cache_obj.ptr()), *v_cache = plain(v_cache_obj.ptr());
+  if (!like_q(k_cache, dtype, device) || !like_q(v_cache, dtype, device)) return py::none();
+  const int64_t Hkv = k_cache->size(2);
+  if (k_cache->size(0) != B || k_cache->size(3) != D || (D != 64 && D != 128 && D != 256) || Hkv == 0 || H % Hkv ||
+      !v_cache->sizes().equals(k_cache->sizes()))
+    return py::none();
+  for (const Tensor* cache : {k_cache, v_cache}) {  // updated in place, so never copied: 16-byte aligned rows
+    if (cache->stride(0) % 16 || cache->stride(1) % 16 || cache->stride(2) % 16 ||
+        cache->storage_offset() * cache->element_size() % 16)
+      return py::none();
+  }
+  optional<Tensor> k, v;
+  if (k_obj.is_none() != v_obj.is_none()) return py::none();
+  if (!k_obj.is_none()) {
+    const Tensor *k_in = plain(k_obj.ptr()), *v_in = plain(v_obj.ptr());
+    for (const Tensor* t : {k_in, v_in}) {
+      if (!like_q(t, dtype, device) || t->size(0) != B || t->size(2) != Hkv || t->size(3) != D ||
+          t->size(1) != k_in->size(1))
+        return py::none();
+    }
+    k = *k_in;
+    v = *v_in;
+  }
+  optional<Tensor> seqlens, leftpad;  // no lengths: the general path fills in the whole cache, or refuses k
+  if (!index_fits(seqlens_obj.ptr(), seqlens, B, device)) return py::none();
+  if (!leftpad_obj.is_none() && !index_fits(leftpad_obj.ptr(), leftpad, B, device)) return py::none();
+  double scale = std::pow(static_cast<double>(D), -0.5);
+  if (PyFloat_CheckExact(scale_obj.ptr()))
+    scale = PyFloat_AS_DOUBLE(scale_obj.ptr());
+  else if (!scale_obj.is_none())
+    return py::none();
+  // fasttrain/ops/attention_checks.py _window, for a bool causal and a tuple of two ints >= -1
+  PyObject* window = window_obj.ptr();
+  int64_t left = 0, right = 0, splits = 0;
+  if (!PyBool_Check(causal_obj.ptr()) || !PyTuple_CheckExact(window) || PyTuple_GET_SIZE(window) != 2 ||
+      !exact_int(PyTuple_GET_ITEM(window, 0), left) || !exact_int(PyTuple_GET_ITEM(window, 1), right) || left < -1 ||
+      right < -1 || !exact_int(splits_obj.ptr(), splits) || splits < 0 || splits > kDecodeMaxSplits)
+    return py::none();
+  left = left == -1 ? kUnbounded : left;
+  right = causal_obj.ptr() == Py_True ? 0 : (right == -1 ? kUnbounded : right);
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fasttrain::decode_aot", "").typed<DecodeAot>();
+  Tensor out;
+  {
+    py::gil_scoped_release no_gil;
+    out = std::get<0>(op.call(*q, *k_cache, *v_cache, k, v, *seqlens, leftpad, scale, left, right, splits));
+  }
+  return wrap(std::move(out));
+}
+
 }  // namespace
 
 void bind_aot_short(py::module_& m) {
@@ -180,6 +261,9 @@ void bind_aot_short(py::module_& m) {
         "the general path must take");
   m.def("cross_entropy_short", &cross_entropy_short,
         "fasttrain/ops/cross_entropy.py's short path: the loss from cross_entropy_forward_aot; None for a call the "
+        "general path must take");
+  m.def("decode_short", &decode_short,
+        "fasttrain/ops/decode.py's short path: out from decode_aot (k and v appended in place); None for a call the "
         "general path must take");
 }
 

@@ -438,10 +438,17 @@ def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkey
         lambda: flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, window_size=[-1, -1]),
         lambda: flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, softmax_scale=1),
         lambda: flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=5, causal=True, check_lengths=False),
+        lambda: flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lengths, causal=1, check_lengths=False),
     ]
     for i, call in enumerate(general):
         call()
         assert len(chosen) == i + 1, i
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "aot")  # forced: the general path chooses
+    flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False)
+    assert len(chosen) == len(general) + 1
+    monkeypatch.delenv("FASTTRAIN_BACKEND")
+    with pytest.raises(ValueError, match="window_size must be a pair of ints >= -1"):
+        flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, window_size=(-2, 0))
     # a bad argument never reaches the op: the general path raises its error
     with pytest.raises(ValueError, match="v_cache must have k_cache's shape"):
         flash_attn_with_kvcache(q, kc, vc[:, :7], k, v, **kw, check_lengths=False)
