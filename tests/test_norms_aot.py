@@ -328,6 +328,16 @@ def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkey
         rms_norm(x, 100, w, eps=float("nan"))
 
 
+def test_cpp_short_path_takes_the_shipped_widths_only(registry):
+    # csrc/aot_short.cpp's own copy of the widest shipped row (_AOT_MAX_N), and machine epsilon for eps None
+    assert C.norm_short(torch.randn(1, _AOT_MAX_N + 1), None, _AOT_MAX_N + 1, None, None, 1e-5, False) is None
+    x = torch.randn(2, 100, dtype=torch.float16)
+    assert C.norm_short(x, None, 100, None, None, 1e-5, False).shape == (2, 100)
+    C.norm_short(x, None, 100, None, None, None, True)
+    (launch,) = C.aot_records()[1:]
+    assert launch["args"][-1] == torch.finfo(torch.float16).eps
+
+
 def test_aot_column_comes_first_and_follows_the_switches(monkeypatch):
     assert list(NORMS.backends) == ["aot", "triton", "reference"]
     assert NORMS.direct["aot"] is torch.ops.fasttrain.norm_forward_aot
