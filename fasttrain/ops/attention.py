@@ -13,8 +13,6 @@ Attention dropout draws the same mask on every backend: a pure function of an in
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -514,7 +512,7 @@ def _aot_short(q, k, v, scale, left: int, right: int, deterministic: bool) -> Te
         return None
     if scale is not None and type(scale) is not float:
         return None
-    if os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO:
+    if _backend.forced():
         return None
     return _AOT_OP(q, k, v, D**-0.5 if scale is None else scale, left, right, deterministic)
 
