@@ -83,7 +83,7 @@ def test_aot_host_ab_times_the_three_paths_of_each_aot_op():
     lines = run()
     assert [line.split(":")[0] for line in lines] == [
         f"{op} {mode}"
-        for op in ("layer_norm", "add_layer_norm", "rotary", "cross_entropy")
+        for op in ("layer_norm", "add_layer_norm", "rotary", "cross_entropy", "rms_norm", "add_rms_norm")
         for mode in ("fwd", "fwd+bwd")
     ]
     assert all(line.count(" us per call") == 1 and "aot, no launch" in line for line in lines)
