@@ -211,6 +211,21 @@ def test_a_device_whose_cubins_serve_attaches_its_tuning_file(tmp_path, monkeypa
         _aot.detach_tune_cache()
 
 
+@pytest.mark.parametrize("index, why", [("[]", "sm_80 (the build's FASTTRAIN_AOT_ARCHS left it out)"), (None, "=none")])
+def test_a_build_without_cubins_for_the_device_names_the_build_switch(tmp_path, monkeypatch, index, why):
+    from fasttrain import _aot
+
+    (tmp_path / "aot").mkdir()
+    if index is not None:  # a build of other archs; else FASTTRAIN_AOT_ARCHS=none (no index at all)
+        (tmp_path / "aot" / "index.json").write_text(index)
+    monkeypatch.setattr(_aot, "AOT_DIR", tmp_path / "aot")
+    monkeypatch.setattr(_aot, "_device_reason", {})
+    monkeypatch.setattr(_aot, "_loaded", {})
+    monkeypatch.setattr(_aot._extension, "built_with_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    assert why in _aot.reason(torch.device("cuda", 0))
+
+
 _CHILD = """
 import json, sys
 import torch
