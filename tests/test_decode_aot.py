@@ -453,10 +453,21 @@ def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkey
         lambda: flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, window_size=[-1, -1]),
         lambda: flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, softmax_scale=1),
         lambda: flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=5, causal=True, check_lengths=False),
+        lambda: flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lengths, causal=1, check_lengths=False),
     ]
     for i, call in enumerate(general):
         call()
         assert len(chosen) == i + 1, i
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "aot")  # forced: the general path chooses
+    flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False)
+    assert len(chosen) == len(general) + 1
+    monkeypatch.delenv("FASTTRAIN_BACKEND")
+    with pytest.raises(ValueError, match="window_size must be a pair of ints >= -1"):
+        flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, window_size=(-2, 0))
+    # csrc/aot_short.cpp's own copy of the most splits the shipped combine takes (_AOT_MAX_SPLITS)
+    args = (q, kc, vc, k, v, lengths, None, None, True, (-1, -1))
+    assert C.decode_short(*args, ops._AOT_MAX_SPLITS + 1) is None
+    assert C.decode_short(*args, 4).shape == q.shape  # 4: the sample's combine
     # a bad argument never reaches the op: the general path raises its error
     with pytest.raises(ValueError, match="v_cache must have k_cache's shape"):
         flash_attn_with_kvcache(q, kc, vc[:, :7], k, v, **kw, check_lengths=False)
