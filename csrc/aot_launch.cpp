@@ -81,7 +81,7 @@ const std::vector<KernelSpec>& specs() {
        "_attn_bwd_preprocess_kernel",
        {"HEAD_DIM", "HEAD_DIM_PAD", "VARLEN", "HAS_DLSE", "BLOCK_M"},
        {"Out", "DOut", "Delta", "DLse", "stride_ob", "stride_ot", "stride_oh", "stride_db", "stride_dt", "stride_dh",
-        "stride_lb", "stride_lh", "CuQ", "seqlen_q"}},
+        "stride_lb", "stride_lh", "CuQ", "CuK", "seqlen_q", "seqlen_k", "left", "right"}},
       {Kernel::AttentionBackwardDkdv,
        "_attn_bwd_dkdv_kernel",
        {"GROUP", "HEAD_DIM", "HEAD_DIM_PAD", "VARLEN", "UPCAST", "TMA_ALIGNED", "FULL_TILES", "BLOCK_M", "BLOCK_N",

@@ -108,14 +108,16 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in,
 
   {
     const aot::Entry& e =
-        aot::find(aot::Kernel::AttentionBackwardPreprocess, {dtype, dtype, f32, f32, i32}, {D, D, false, false,
-                                                                                           kPreprocessBlockM});
+        aot::find(aot::Kernel::AttentionBackwardPreprocess, {dtype, dtype, f32, f32, i32, i32},
+                  {D, D, false, false, kPreprocessBlockM});
     const std::vector<aot::Value> o = bth(out), d = bth(dout);
+    // The band too: a row that sees one key takes rowsum 0 (the kernel's docstring)
     aot::launch(e, {static_cast<uint32_t>(cdiv(Tq, kPreprocessBlockM)), static_cast<uint32_t>(H),
                     static_cast<uint32_t>(B)},
                 device,
                 {aot::ptr(out), aot::ptr(dout), aot::ptr(delta), null, o[0], o[1], o[2], d[0], d[1], d[2],
-                 lse_strides[0], lse_strides[1], null, aot::integer(Tq)});
+                 lse_strides[0], lse_strides[1], null, null, aot::integer(Tq), aot::integer(Tk), aot::integer(left),
+                 aot::integer(right)});
   }
   const auto opts = q.options();
   Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());

@@ -96,9 +96,12 @@ _DROPOUT_SPILLS = {
 # sm_90 tiles that spill once flash-attn's score modifiers (SOFTCAP, ALIBI: a tanh and a distance per score) add
 # their registers, so that launches with either leave them out and keep the rest of their class (triton 3.7.1, bf16,
 # both modifiers, plain -> modified: fwd d64 (128,64,4,3) 232 -> 255 registers and 32 B of stack, fwd d128
-# (128,128,8,2) 255 -> 255 and 72 B; dkdv with atomic dQ d128 (64,64,8,2) 243 -> 255 and 16 B).
+# (128,128,8,2) 255 -> 255 and 72 B; dkdv with atomic dQ d128 (64,64,8,2) 243 -> 255 and 16 B). Since the masked dK/dV
+# step also takes one-key rows (kernels/attention_backward.py _dkdv_step): dkdv d128 (64,64,8,2) 249 -> 255 and 16 B,
+# d128 (32,128,4,2,WS) 168 -> 168 and 8 B, with atomic dQ d64 (64,128,8,3) 235 -> 255 and 8 B.
 _SPILL_MODIFIED_FWD = {90: {"d64": [(128, 64, 4, 3, False)], "d128": [(128, 128, 8, 2, False)]}}
-_SPILL_MODIFIED_DKDV_DQ = {90: {"d128": [(64, 64, 8, 2, False)]}}
+_SPILL_MODIFIED_DKDV = {90: {"d128": [(64, 64, 8, 2, False), (32, 128, 4, 2, True)]}}
+_SPILL_MODIFIED_DKDV_DQ = {90: {"d64": [(64, 128, 8, 3, False)], "d128": [(64, 64, 8, 2, False)]}}
 # The interpreter's cost is per program and per tile operation, not per element: fewer, larger tiles are faster.
 _INTERPRETER = (64, 64, 4, 1)
 # ids of the configs left out of launches with score modifiers (from the _SPILL_MODIFIED tables)
@@ -142,7 +145,7 @@ def takes_dropout(table_for_arch, head_dim: int) -> bool:
 
 
 FWD_CONFIGS = _build(_FWD, (*_INTERPRETER, False), _DROPOUT_SPILLS["fwd"], _SPILL_MODIFIED_FWD)
-DKDV_CONFIGS = _build(_DKDV, (*_INTERPRETER, False), _DROPOUT_SPILLS["dkdv"], ATOMIC_DQ=False)
+DKDV_CONFIGS = _build(_DKDV, (*_INTERPRETER, False), _DROPOUT_SPILLS["dkdv"], _SPILL_MODIFIED_DKDV, ATOMIC_DQ=False)
 DKDV_DQ_CONFIGS = _build(
     _DKDV_DQ, (*_INTERPRETER, False), _DROPOUT_SPILLS["dkdv_dq"], _SPILL_MODIFIED_DKDV_DQ, ATOMIC_DQ=True
 )

@@ -72,6 +72,13 @@ def sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN: tl.constexpr)
 
 
 @triton.jit
+def one_key_rows(offs_m, seqlen_k, dlo, dhi):
+    """Which query rows offs_m see exactly one key (j in [i + dlo, i + dhi] and [0, seqlen_k)): the softmax of one
+    score is the constant 1, so the backward takes their p as exactly 1 and their dS as exactly the lse gradient."""
+    return tl.maximum(offs_m + dlo, 0) == tl.minimum(offs_m + dhi, seqlen_k - 1)
+
+
+@triton.jit
 def q_program(
     CuQ,
     CuK,

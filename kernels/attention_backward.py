@@ -36,8 +36,8 @@ from ._attention_tiles import (
     kv_bases,
     load_tile,
     modified_scores,
+    one_key_rows,
     q_program,
-    seq_bounds,
     sequence,
     tile_range,
     tma_rows,
@@ -61,16 +61,22 @@ def _attn_bwd_preprocess_kernel(
     stride_lb,
     stride_lh,
     CuQ,
+    CuK,
     seqlen_q,
+    seqlen_k,
+    left,
+    right,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     VARLEN: tl.constexpr,
     HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """delta = rowsum(dO * O) (minus dlse when the logsumexp has a gradient: d lse / d s = p)."""
+    """delta = rowsum(dO * O) (minus dlse when the logsumexp has a gradient: d lse / d s = p). A row that sees one
+    key takes rowsum 0, as the tiles take its dP (one_key_rows): its dS, p (dP - delta) with p = 1, is then exactly
+    dlse, where dP - dO . O, two sums in different orders, would leave an ulp of dP."""
     pid_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start, seqlen_q = seq_bounds(CuQ, b, seqlen_q, VARLEN)
+    q_start, seqlen_q, _, seqlen_k, dlo, dhi = sequence(CuQ, CuK, b, seqlen_q, seqlen_k, left, right, VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
@@ -83,7 +89,7 @@ def _attn_bwd_preprocess_kernel(
     do = tl.load(
         DOut + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dt + offs_d[None, :], mask=mask, other=0.0
     ).to(tl.float32)
-    delta = tl.sum(o * do, 1)
+    delta = tl.where(one_key_rows(offs_m, seqlen_k, dlo, dhi), 0.0, tl.sum(o * do, 1))
     l_offs = b64 * stride_lb + h64 * stride_lh + rows
     if HAS_DLSE:
         delta -= tl.load(DLse + l_offs, mask=offs_m < seqlen_q, other=0.0)
@@ -126,8 +132,10 @@ def _dkdv_step(
     """One query tile folded into the (BLOCK_N, D) dK and dV: q_t (D, BLOCK_M) its queries, do (BLOCK_M, D) their
     output gradients, lse_row / delta_row pointers to their logsumexp (natural units) and delta at row 0. Returns
     (dk, dv, dq): with ATOMIC_DQ, dq is this key block's share of the tile's dQ, dS K (BLOCK_M, D), for the caller
-    to add to the others' (scaled, and then so is dK); otherwise 0. seqlen_k is read with ATOMIC_DQ only. DROPOUT:
-    the forward's mask Z of head row bh, regenerated: dV from P Z / p_keep, dP through Z too."""
+    to add to the others' (scaled, and then so is dK); otherwise 0. DROPOUT: the forward's mask Z of head row bh,
+    regenerated: dV from P Z / p_keep, dP through Z too. A row that sees one key (one_key_rows) takes p = 1 and
+    dP = 0, the preprocess's rowsum, so that dS = dlse exactly; such rows come only in MASKED tiles (an unmasked
+    tile's rows see every key of the block, and the caller masks a block of one key throughout)."""
     if MASKED:
         lse = tl.load(lse_row + offs_m, mask=offs_m < seqlen_q, other=float("inf"))
         delta = tl.load(delta_row + offs_m, mask=offs_m < seqlen_q, other=0.0)
@@ -142,7 +150,8 @@ def _dkdv_step(
         keep = (offs_m[None, :] < seqlen_q) & (diag >= dlo) & (diag <= dhi)
         if ATOMIC_DQ:  # key rows past the sequence (k = 0) must add nothing to dQ: exp(-lse) may be inf, inf * 0 NaN
             keep = keep & (offs_n[:, None] < seqlen_k)
-        p_t = tl.where(keep, p_t, 0.0)
+        one_key = one_key_rows(offs_m, seqlen_k, dlo, dhi)[None, :]
+        p_t = tl.where(keep, tl.where(one_key, 1.0, p_t), 0.0)
     if DROPOUT:
         BLOCK_M: tl.constexpr = offs_m.shape[0]
         BLOCK_N: tl.constexpr = offs_n.shape[0]
@@ -151,11 +160,16 @@ def _dkdv_step(
         # (it cost 24 B of spills at d128 64 x 64 on sm_90); a dropped p of 0 reads as kept, and adds 0 either way.
         p_t = tl.where(kept, p_t, -p_t)
         dv += tl.dot((tl.maximum(p_t, 0.0) * dropout_scale).to(do.dtype), do)
-        dp_t = tl.where(p_t >= 0.0, tl.dot(v, tl.trans(do)) * dropout_scale, 0.0)  # (BLOCK_N, BLOCK_M)
+        dp_scale = dropout_scale
+        if MASKED:  # 0 for a one-key row's dP, in the scale (a select after it spilled 8 B at d128 32 x 128, sm_90)
+            dp_scale = tl.where(one_key_rows(offs_m, seqlen_k, dlo, dhi), 0.0, dropout_scale)[None, :]
+        dp_t = tl.where(p_t >= 0.0, tl.dot(v, tl.trans(do)) * dp_scale, 0.0)  # (BLOCK_N, BLOCK_M)
         p_t = tl.abs(p_t)
     else:
         dv += tl.dot(p_t.to(do.dtype), do)
         dp_t = tl.dot(v, tl.trans(do))
+        if MASKED:
+            dp_t = tl.where(one_key_rows(offs_m, seqlen_k, dlo, dhi)[None, :], 0.0, dp_t)
     ds_t = p_t * (dp_t - delta[None, :])  # (BLOCK_N, BLOCK_M)
     if SOFTCAP:  # through the cap: d(softcap * tanh(x / softcap)) / dx = 1 - tanh^2
         ds_t = ds_t * dcap
@@ -307,6 +321,7 @@ def _dkdv_specialized(
     lo,
     hi,
     seqlen_q,
+    seqlen_k,
     dlo,
     dhi,
     scale_log2,
@@ -353,7 +368,7 @@ def _dkdv_specialized(
             offs_n,
             offs_m,
             seqlen_q,
-            0,
+            seqlen_k,
             dlo,
             dhi,
             1.0,
@@ -506,6 +521,7 @@ def _attn_bwd_dkdv_kernel(
             lo,
             hi,
             seqlen_q,
+            seqlen_k,
             dlo,
             dhi,
             scale_log2,
@@ -561,9 +577,11 @@ def _attn_bwd_dkdv_kernel(
     )
     # The queries that see keys start_n..: j - i in [dlo, dhi] means i - j in [-dhi, -dlo].
     lo, a, c, hi = tile_range(start_n, tl.minimum(start_n + BLOCK_N, seqlen_k) - 1, -dhi, -dlo, seqlen_q, BLOCK_M)
-    if ATOMIC_DQ:  # a block past the sequence's last key masks every tile, so that its zero rows add nothing to dQ
-        a = tl.where(start_n + BLOCK_N > seqlen_k, hi, a)
-        c = tl.where(start_n + BLOCK_N > seqlen_k, hi, c)
+    # A block past the sequence's last key masks every tile with ATOMIC_DQ, so that its zero rows add nothing to dQ;
+    # else a block of one key does, so that its queries that see no other key (one_key_rows) reach the masked step.
+    masked = start_n + BLOCK_N > seqlen_k if ATOMIC_DQ else start_n + 1 == seqlen_k
+    a = tl.where(masked, hi, a)
+    c = tl.where(masked, hi, c)
     dk, dv = _dkdv_tiles(
         dk,
         dv,
@@ -777,11 +795,14 @@ def _dq_tiles(
         p = tl.math.exp2(s - lse[:, None])  # lse in log2 units
         if MASKED:
             diag = offs_n[None, :] - offs_m[:, None]
-            p = tl.where((offs_n[None, :] < seqlen_k) & (diag >= dlo) & (diag <= dhi), p, 0.0)
+            one_key = one_key_rows(offs_m, seqlen_k, dlo, dhi)[:, None]
+            p = tl.where((offs_n[None, :] < seqlen_k) & (diag >= dlo) & (diag <= dhi), tl.where(one_key, 1.0, p), 0.0)
         dp = tl.dot(do, v_t)  # (BLOCK_M, BLOCK_N)
         if DROPOUT:  # dP through the forward's mask Z / p_keep
             keep = keep_tile(seed, offset, bh, offs_m, start_n, threshold, offs_m.shape[0], BLOCK_N)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
+        if MASKED:  # a row that sees one key: p = 1 and dP = 0, as in _dkdv_step
+            dp = tl.where(one_key_rows(offs_m, seqlen_k, dlo, dhi)[:, None], 0.0, dp)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:  # through the cap, as in _dkdv_step
             ds = ds * dcap
@@ -1056,7 +1077,11 @@ def attention_backward(
         *bth_strides(do, varlen),
         *lse_strides(lse, varlen),
         cu_seqlens_q,
+        cu_seqlens_k,
         max_seqlen_q,
+        max_seqlen_k,
+        left,
+        right,
         HEAD_DIM=cx["HEAD_DIM"],
         HEAD_DIM_PAD=cx["HEAD_DIM_PAD"],
         VARLEN=varlen,

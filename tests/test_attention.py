@@ -371,7 +371,7 @@ def test_pruner_keeps_warp_specialized_configs_only_where_tma_can_read(table):
     assert not any(specialized(256, TMA_ALIGNED=True))
 
 
-@pytest.mark.parametrize("table", ["FWD_CONFIGS", "DKDV_DQ_CONFIGS"])
+@pytest.mark.parametrize("table", ["FWD_CONFIGS", "DKDV_CONFIGS", "DKDV_DQ_CONFIGS"])
 def test_pruner_leaves_out_the_tiles_that_spill_with_score_modifiers(table):
     by_class = getattr(_attention_configs, table)[90]
     prune, configs = _attention_configs.pruner(by_class), _attention_configs.flat(by_class)
