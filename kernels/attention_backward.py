@@ -1183,33 +1183,37 @@ def shipped_tiles(table_for_arch: dict, cls: str) -> list[triton.Config]:
 
 
 def _shipped(arch: int, dtype: str) -> list[dict]:
-    """The common eager call of the backward: fp16/bf16, dense (B, T, H, D) tensors, head dim 64 or 128, GQA groups
-    SHIPPED_GROUPS, any window (causal or not), no lse gradient, dropout, softcap or ALiBi; inputs that TMA could read
-    (TMA_ALIGNED: the C++ op copies any other). The preprocess; dK/dV under each shipped tile of both its tables (dQ
-    by atomics or not; the warp-specialized sm_90 tiles make their TMA descriptors in global scratch, which the C++
-    launcher allocates), with FULL_TILES off, and on too for the warp-specialized tiles (the only ones that read it:
-    the pipelined tiles compile to the same code either way, and the C++ op launches their FULL_TILES=False cubin);
-    dQ under each shipped tile."""
+    """The common eager calls of the backward: fp16/bf16, dense (B, T, H, D) or packed (total, H, D) tensors, head dim
+    64 or 128, GQA groups SHIPPED_GROUPS, any window (causal or not), no lse gradient, dropout, softcap or ALiBi;
+    inputs that TMA could read (TMA_ALIGNED: the C++ op copies any other). The preprocess; dK/dV under each shipped
+    tile of both its tables (dQ by atomics or not; the warp-specialized sm_90 tiles make their TMA descriptors in
+    global scratch, which the C++ launcher allocates), with FULL_TILES off, and on too for the dense warp-specialized
+    tiles (the only ones that read it: the pipelined tiles compile to the same code either way, and the C++ op
+    launches their FULL_TILES=False cubin; packed calls never have it); dQ under each shipped tile. The dense cases
+    first, then the packed ones (VARLEN), labelled " varlen"."""
     if dtype not in ("fp16", "bf16"):
         return []
-    off = dict(VARLEN=False, UPCAST=False, DROPOUT=False, SOFTCAP=False, ALIBI=False)
     preprocess, dkdv, dq = [], [], []
-    for d in SHIPPED_HEAD_DIMS:
-        cls = head_dim_class(d)
-        dims = dict(HEAD_DIM=d, HEAD_DIM_PAD=d)
-        constexprs = dict(**dims, VARLEN=False, HAS_DLSE=False, BLOCK_M=_PREPROCESS_BLOCK_M)
-        preprocess.append(dict(label=f"{cls} w4", constexprs=constexprs, num_warps=4))
-        for group in SHIPPED_GROUPS:
-            for table in (DKDV_CONFIGS[arch], DKDV_DQ_CONFIGS[arch]):
-                for full in (False, True):
-                    for c in shipped_tiles(table, cls):
-                        if full and not c.kwargs["WARP_SPECIALIZE"]:
-                            continue  # the pointer loop ignores FULL_TILES: its False cubin is the same code
-                        constexprs = dict(GROUP=group, **dims, **off, TMA_ALIGNED=True, FULL_TILES=full, **c.kwargs)
-                        dkdv.append(dict(label=_label(cls, group, c, full), constexprs=constexprs, **_options(c)))
-            for c in shipped_tiles(DQ_CONFIGS[arch], cls):
-                constexprs = dict(GROUP=group, **dims, **off, **c.kwargs)
-                dq.append(dict(label=_label(cls, group, c), constexprs=constexprs, **_options(c)))
+    for varlen in (False, True):
+        off = dict(VARLEN=varlen, UPCAST=False, DROPOUT=False, SOFTCAP=False, ALIBI=False)
+        tag = " varlen" * varlen
+        for d in SHIPPED_HEAD_DIMS:
+            cls = head_dim_class(d)
+            dims = dict(HEAD_DIM=d, HEAD_DIM_PAD=d)
+            constexprs = dict(**dims, VARLEN=varlen, HAS_DLSE=False, BLOCK_M=_PREPROCESS_BLOCK_M)
+            preprocess.append(dict(label=f"{cls} w4{tag}", constexprs=constexprs, num_warps=4))
+            for group in SHIPPED_GROUPS:
+                for table in (DKDV_CONFIGS[arch], DKDV_DQ_CONFIGS[arch]):
+                    for full in (False, True):
+                        for c in shipped_tiles(table, cls):
+                            if full and (varlen or not c.kwargs["WARP_SPECIALIZE"]):
+                                continue  # the pointer loop ignores FULL_TILES: its False cubin is the same code
+                            constexprs = dict(GROUP=group, **dims, **off, TMA_ALIGNED=True, FULL_TILES=full, **c.kwargs)
+                            label = _label(cls, group, c, full) + tag
+                            dkdv.append(dict(label=label, constexprs=constexprs, **_options(c)))
+                for c in shipped_tiles(DQ_CONFIGS[arch], cls):
+                    constexprs = dict(GROUP=group, **dims, **off, **c.kwargs)
+                    dq.append(dict(label=_label(cls, group, c) + tag, constexprs=constexprs, **_options(c)))
     return [
         dict(kernel=_attn_bwd_preprocess_kernel, types=AOT_TYPES, cases=preprocess),
         dict(kernel=_attn_bwd_dkdv_kernel, types=AOT_TYPES, cases=dkdv),
