@@ -302,11 +302,39 @@ def test_inputs_the_cubins_cannot_take_are_copied(registry):
         torch.ops.fasttrain.attention_forward_aot(q, k, v, 0.125, W, 0)
 
 
+def test_the_varlen_ops_copy_misaligned_offsets_and_refuse_bad_ones(registry):
+    q, k, v = (t[0] for t in _tensors())  # packed: (97, 2, 64)
+    cu = torch.tensor([7, 0, 97], dtype=torch.int32)[1:]  # 4 bytes past an aligned address
+    torch.ops.fasttrain.attention_varlen_forward_aot(q, k, v, cu, cu, 97, 97, 0.125, W, 0)
+    (r,) = C.aot_records()
+    named = dict(zip(_ARGS, r["args"]))
+    assert named["CuQ"] != cu.data_ptr() and named["CuQ"] % 16 == 0 and named["CuK"] % 16 == 0
+    bad = {
+        "int32 \\(B \\+ 1\\) offsets": (q, k, v, cu.long(), cu),
+        "packed q must be": (q[None], k, v, cu, cu),
+        "packed k and v must be": (q, k[None], v[None], cu, cu),
+    }
+    for words, args in bad.items():
+        with pytest.raises(RuntimeError, match=words):
+            torch.ops.fasttrain.attention_varlen_forward_aot(*args, 97, 97, 0.125, W, 0)
+    lse = torch.randn(2, 96)
+    with pytest.raises(RuntimeError, match="packed lse must be \\(H, total_q\\)"):
+        torch.ops.fasttrain.attention_varlen_backward_aot(q, q, k, v, q, lse, cu, cu, 97, 97, 0.125, W, 0, False)
+
+
 def test_meta_gives_the_shapes():
     q, k, v = (t.to("meta") for t in _tensors(B=2, Tq=3, Tk=5, H=4, Hkv=2))
     out, lse = torch.ops.fasttrain.attention_forward_aot(q, k, v, 0.125, W, 0)
     assert out.shape == q.shape and out.dtype == q.dtype and out.device.type == "meta"
     assert lse.shape == (2, 4, 3) and lse.dtype == torch.float32
+    q, k, v = (t[0] for t in (q, k, v))  # packed: (total, H, D)
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32, device="meta")
+    out, lse = torch.ops.fasttrain.attention_varlen_forward_aot(q, k, v, cu, cu, 2, 2, 0.125, W, 0)
+    assert out.shape == q.shape and lse.shape == (4, 3) and lse.dtype == torch.float32
+    dout, q_out = torch.randn_like(out), torch.randn_like(out)
+    args = (cu, cu, 2, 2, 0.125, W, 0, False)
+    dq, dk, dv = torch.ops.fasttrain.attention_varlen_backward_aot(dout, q, k, v, q_out, lse, *args)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape) and dk.device.type == "meta"
 
 
 def _reason(q, k, v, cu_q=None, mask=None, dropout_p=0.0, softcap=0.0, alibi=None):
