@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class, takes_dropout
+from ._attention_configs import DENSE_ONLY, DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class, takes_dropout
 from ._attention_dropout import dropout_args, keep_tile
 from ._attention_launch import (
     AOT_HEAD_DIMS,
@@ -1190,7 +1190,8 @@ def _shipped(arch: int, dtype: str) -> list[dict]:
     global scratch, which the C++ launcher allocates), with FULL_TILES off, and on too for the dense warp-specialized
     tiles (the only ones that read it: the pipelined tiles compile to the same code either way, and the C++ op
     launches their FULL_TILES=False cubin; packed calls never have it); dQ under each shipped tile. The dense cases
-    first, then the packed ones (VARLEN), labelled " varlen"."""
+    first, then the packed ones (VARLEN, but the tiles that spill then: _attention_configs.DENSE_ONLY), labelled
+    " varlen"."""
     if dtype not in ("fp16", "bf16"):
         return []
     preprocess, dkdv, dq = [], [], []
@@ -1208,6 +1209,8 @@ def _shipped(arch: int, dtype: str) -> list[dict]:
                         for c in shipped_tiles(table, cls):
                             if full and (varlen or not c.kwargs["WARP_SPECIALIZE"]):
                                 continue  # the pointer loop ignores FULL_TILES: its False cubin is the same code
+                            if varlen and id(c) in DENSE_ONLY:
+                                continue  # spills when packed: the JIT's pruner leaves it out too
                             constexprs = dict(GROUP=group, **dims, **off, TMA_ALIGNED=True, FULL_TILES=full, **c.kwargs)
                             label = _label(cls, group, c, full) + tag
                             dkdv.append(dict(label=label, constexprs=constexprs, **_options(c)))
