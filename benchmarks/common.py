@@ -13,7 +13,6 @@ import argparse
 import ctypes
 import datetime as _dt
 import json
-import os
 import platform
 import re
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 import fasttrain
+from fasttrain._files import atomic_write_text
 from fasttrain.info import cpu_name
 
 RESULTS_DIR = Path("benchmarks") / "results"
@@ -339,8 +339,8 @@ def write_results(
             f"{prov['installed_differs_from_checkout'][:5]}: reinstall before measuring",
             file=sys.stderr,
         )
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(
+    atomic_write_text(
+        path,
         json.dumps(
             {
                 "benchmark": name,
@@ -351,9 +351,8 @@ def write_results(
                 "autotuned": autotune_choices(),
             },
             indent=1,
-        )
+        ),
     )
-    os.replace(tmp, path)
     return path
 
 

@@ -22,8 +22,13 @@ const char* cpu_tile_blas() { return fasttrain::tile_blas() != nullptr ? "sgemm_
 
 }  // namespace
 
+namespace fasttrain {
+void bind_aot_short(pybind11::module_& m);  // aot_short.cpp
+}  // namespace fasttrain
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fasttrain native kernels (CPU always; CUDA when built with it)";
+  fasttrain::bind_aot_short(m);
   m.def("built_with_cuda", &built_with_cuda, "True if the CUDA sources were compiled into this extension");
   m.def("openmp_max_threads", &omp_get_max_threads, "OpenMP threads the CPU kernels may use");
   m.def("cpu_tile_blas", &cpu_tile_blas,

@@ -8,7 +8,7 @@ an integer key and launches it with no Python (csrc/aot_launch.h). docs/backends
 
 The tuner's choices (aot::tune, csrc/aot_launch.cpp, which owns them) persist per device in a JSON file in
 FASTTRAIN_AOT_TUNE_DIR, else ~/.cache/fasttrain/aot_tune (FASTTRAIN_AOT_TUNE_CACHE=0 turns it off): read when
-the device's cubins are registered, rewritten whole (temporary file, then os.replace) after each new choice.
+the device's cubins are registered, rewritten whole (fasttrain._files.atomic_write) after each new choice.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 
 import fasttrain
 from fasttrain import _extension
+from fasttrain._files import atomic_write_text
 
 AOT_DIR = Path(__file__).resolve().parent / "kernels" / "aot"
 
@@ -80,10 +80,15 @@ def _arch_reason(arch: int) -> str | None:
         if other is not None:  # the registry keys a case by kernel, dtypes and constexprs, not by arch
             _loaded[arch] = f"the sm_{other} cubins serve another device here (one arch per process)"
         elif not (AOT_DIR / "index.json").exists():
-            _loaded[arch] = "no shipped cubins (fasttrain._C was built without CUDA)"
+            _loaded[arch] = "no shipped cubins (a build without CUDA or with FASTTRAIN_AOT_ARCHS=none)"
         else:
             try:
-                _loaded[arch] = None if load(AOT_DIR, arch) else f"no shipped cubins for sm_{arch}"
+                registered = load(AOT_DIR, arch)
+                _loaded[arch] = (
+                    None
+                    if registered
+                    else f"no shipped cubins for sm_{arch} (the build's FASTTRAIN_AOT_ARCHS left it out)"
+                )
             except Exception as e:  # cubins the launcher refuses (a stale or foreign build): the JIT serves
                 _loaded[arch] = f"the shipped cubins did not load ({type(e).__name__}: {str(e)[:300]})"
     return _loaded[arch]
@@ -208,17 +213,7 @@ def _save_tune_choices() -> None:
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary)
-            raise
+        atomic_write_text(path, json.dumps(data))
     except OSError as e:
         _warn(f"fasttrain: cannot write the aot tuning cache {path} ({e}); not saving it")
         detach_tune_cache()

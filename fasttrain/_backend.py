@@ -147,6 +147,22 @@ def requested_backend(backend: str | None) -> str:
     return name
 
 
+# os.environ's own store, keyed and valued as os.environ encodes them: the short paths ask on every call, and a lookup
+# there gives os.environ.get's answer without its encode and decode (os.environ keeps the store current).
+_FORCE_KEY = os.environ.encodekey("FASTTRAIN_BACKEND")
+_AUTO_VALUE = os.environ.encodevalue(AUTO)
+
+
+def forced() -> bool:
+    """True if FASTTRAIN_BACKEND names a backend (set, and not auto): what requested_backend(None) reads, read
+    cheaply enough for the ops' short paths, which leave such a call to `Table.choose`."""
+    store = getattr(os.environ, "_data", None)
+    if store is None:  # os.environ replaced by a plain mapping
+        return os.environ.get("FASTTRAIN_BACKEND", AUTO) != AUTO
+    value = store.get(_FORCE_KEY)
+    return value is not None and value != _AUTO_VALUE
+
+
 # ---- the kernels -----------------------------------------------------------------------------------------------------
 
 _kernel_modules: dict[str, ModuleType] = {}

@@ -105,6 +105,20 @@ def test_the_environment_forces_a_backend_where_the_op_has_it(monkeypatch):
         choose("op_c", {"reference": None})
 
 
+def test_forced_reads_the_environment_as_it_is_at_each_call(monkeypatch):
+    # the short paths' cheap read of FASTTRAIN_BACKEND: set, changed or removed at run time, it takes effect at once
+    monkeypatch.delenv("FASTTRAIN_BACKEND", raising=False)
+    assert not _backend.forced()
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "reference")
+    assert _backend.forced()
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "auto")
+    assert not _backend.forced()
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "bogus")  # forced: choose then raises on the name
+    assert _backend.forced()
+    monkeypatch.delenv("FASTTRAIN_BACKEND")
+    assert not _backend.forced()
+
+
 def test_a_broken_extension_never_breaks_import_and_ops_fall_back():
     # A fresh interpreter in which importing fasttrain._C fails, as with a build against another torch.
     script = textwrap.dedent("""

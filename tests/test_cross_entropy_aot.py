@@ -249,6 +249,34 @@ def test_short_path_makes_the_general_paths_launches(registry, monkeypatch, redu
     assert launches["short"] == launches["general"]
 
 
+def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkeypatch):
+    module = importlib.import_module("fasttrain.ops.cross_entropy")
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
+    chosen = []
+    choose = module.CROSS_ENTROPY.choose
+    monkeypatch.setattr(module.CROSS_ENTROPY, "choose", lambda *a, **k: chosen.append(1) or choose(*a, **k))
+    logits, target = _inputs(4, 97)
+    flat = torch.randn(4 * 97 + 1, dtype=logits.dtype)
+    general = [
+        lambda: cross_entropy(logits, target, backend="aot"),  # a backend named
+        lambda: cross_entropy(logits, target.int()),  # an int32 target (converted there)
+        lambda: cross_entropy(logits.t().contiguous().t(), target),  # a column stride of N
+        lambda: cross_entropy(flat[1:].view(4, 97), target),  # logits not 16-byte aligned
+        lambda: cross_entropy(logits, target, ignore_index=2**40),  # an ignore_index past int32
+    ]
+    for i, call in enumerate(general):
+        call()
+        assert len(chosen) == i + 1, i
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "reference")
+    cross_entropy(logits, target)
+    assert len(chosen) == len(general) + 1
+    monkeypatch.delenv("FASTTRAIN_BACKEND")
+    cross_entropy(logits, target)  # the short path's: no choice
+    assert len(chosen) == len(general) + 1
+    with pytest.raises(ValueError, match="reduction"):  # the general path's error
+        cross_entropy(logits, target, reduction="avg")
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_torch_compile_traces_the_public_function_on_the_aot_column(registry, monkeypatch, reduction):
     monkeypatch.setattr(_backend, "aot_reason", lambda device: None)

@@ -211,6 +211,21 @@ def test_a_device_whose_cubins_serve_attaches_its_tuning_file(tmp_path, monkeypa
         _aot.detach_tune_cache()
 
 
+@pytest.mark.parametrize("index, why", [("[]", "sm_80 (the build's FASTTRAIN_AOT_ARCHS left it out)"), (None, "=none")])
+def test_a_build_without_cubins_for_the_device_names_the_build_switch(tmp_path, monkeypatch, index, why):
+    from fasttrain import _aot
+
+    (tmp_path / "aot").mkdir()
+    if index is not None:  # a build of other archs; else FASTTRAIN_AOT_ARCHS=none (no index at all)
+        (tmp_path / "aot" / "index.json").write_text(index)
+    monkeypatch.setattr(_aot, "AOT_DIR", tmp_path / "aot")
+    monkeypatch.setattr(_aot, "_device_reason", {})
+    monkeypatch.setattr(_aot, "_loaded", {})
+    monkeypatch.setattr(_aot._extension, "built_with_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    assert why in _aot.reason(torch.device("cuda", 0))
+
+
 _CHILD = """
 import json, sys
 import torch
@@ -438,10 +453,21 @@ def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkey
         lambda: flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, window_size=[-1, -1]),
         lambda: flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, softmax_scale=1),
         lambda: flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=5, causal=True, check_lengths=False),
+        lambda: flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lengths, causal=1, check_lengths=False),
     ]
     for i, call in enumerate(general):
         call()
         assert len(chosen) == i + 1, i
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "aot")  # forced: the general path chooses
+    flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False)
+    assert len(chosen) == len(general) + 1
+    monkeypatch.delenv("FASTTRAIN_BACKEND")
+    with pytest.raises(ValueError, match="window_size must be a pair of ints >= -1"):
+        flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, window_size=(-2, 0))
+    # csrc/aot_short.cpp's own copy of the most splits the shipped combine takes (_AOT_MAX_SPLITS)
+    args = (q, kc, vc, k, v, lengths, None, None, True, (-1, -1))
+    assert C.decode_short(*args, ops._AOT_MAX_SPLITS + 1) is None
+    assert C.decode_short(*args, 4).shape == q.shape  # 4: the sample's combine
     # a bad argument never reaches the op: the general path raises its error
     with pytest.raises(ValueError, match="v_cache must have k_cache's shape"):
         flash_attn_with_kvcache(q, kc, vc[:, :7], k, v, **kw, check_lengths=False)

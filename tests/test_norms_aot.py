@@ -310,6 +310,7 @@ def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkey
         lambda: layer_norm(x, (100,), w, eps=0),  # an int eps
         lambda: rms_norm(x.double(), (100,)),  # not a shipped dtype
         lambda: layer_norm(x, (100,), torch.randn(200, dtype=torch.float16)[::2]),  # a strided weight (copied there)
+        lambda: add_rms_norm(x, x.float(), 100, w.float()),  # a half branch onto an fp32 stream
     ]
     for i, call in enumerate(general):
         call()
@@ -317,9 +318,24 @@ def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkey
     monkeypatch.setenv("FASTTRAIN_BACKEND", "reference")
     layer_norm(x, (100,), w)
     assert len(chosen) == len(general) + 1
+    monkeypatch.setenv("FASTTRAIN_BACKEND", "auto")  # auto is no backend forced: the short path takes the call
+    layer_norm(x, (100,), w)
+    assert len(chosen) == len(general) + 1
     # a bad argument never reaches the op: the general path raises its error
     with pytest.raises(ValueError, match="layer_norm: weight must have shape"):
         layer_norm(x, (100,), w[:99])
+    with pytest.raises(ValueError, match="rms_norm: eps must be a float >= 0"):  # NaN is not >= 0
+        rms_norm(x, 100, w, eps=float("nan"))
+
+
+def test_cpp_short_path_takes_the_shipped_widths_only(registry):
+    # csrc/aot_short.cpp's own copy of the widest shipped row (_AOT_MAX_N), and machine epsilon for eps None
+    assert C.norm_short(torch.randn(1, _AOT_MAX_N + 1), None, _AOT_MAX_N + 1, None, None, 1e-5, False) is None
+    x = torch.randn(2, 100, dtype=torch.float16)
+    assert C.norm_short(x, None, 100, None, None, 1e-5, False).shape == (2, 100)
+    C.norm_short(x, None, 100, None, None, None, True)
+    (launch,) = C.aot_records()[1:]
+    assert launch["args"][-1] == torch.finfo(torch.float16).eps
 
 
 def test_aot_column_comes_first_and_follows_the_switches(monkeypatch):

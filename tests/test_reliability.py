@@ -23,8 +23,9 @@ from reliability_helpers import (
 )
 from test_train import run_config
 
+from fasttrain import _files
 from fasttrain.cli import main
-from fasttrain.train import checkpoint, files, train
+from fasttrain.train import checkpoint, train
 from fasttrain.train.files import RunLock
 
 pytestmark = pytest.mark.usefixtures("cpu_user")
@@ -165,8 +166,10 @@ def test_temporaries_of_dead_writers_are_swept_and_live_ones_kept(tmp_path, corp
     left = [run / f".training_metrics.json.tmp-{dead.pid}", run / f".config.json.tmp-{dead.pid}"]
     left += [run / "checkpoints" / f".step_00000002.pt.tmp-{dead.pid}", run / f".training_curve.png.tmp-{dead.pid}"]
     left += [run / f".tokenizer.json.tmp-{dead.pid}", run / f".data_summary.txt.tmp-{dead.pid}"]
+    left += [run / f".config.json.tmp-{dead.pid}-{dead.pid + 1}"]  # atomic_write's: pid, then thread id
     live = run / f".training_metrics.json.tmp-{os.getppid()}"
-    for path in [*left, live]:
+    live_thread = run / f".config.json.tmp-{os.getppid()}-7"
+    for path in [*left, live, live_thread]:
         path.write_bytes(b"partial")
     train(
         run_config(
@@ -179,7 +182,8 @@ def test_temporaries_of_dead_writers_are_swept_and_live_ones_kept(tmp_path, corp
             optim={"warmup_steps": 1},
         )
     )
-    assert not any(path.exists() for path in left) and live.read_bytes() == b"partial"
+    assert not any(path.exists() for path in left)
+    assert live.read_bytes() == live_thread.read_bytes() == b"partial"
 
 
 # -- 3. checkpoints that verify themselves; 4. one line for every failure
@@ -299,7 +303,7 @@ def test_a_resume_never_goes_back_and_changes_nothing(tmp_path, done_run, capsys
 
 
 def failing_open(code):
-    """files.open raising OSError(code) for the temporaries of atomic writes: as on a read-only mount (EROFS), or a
+    """_files.open raising OSError(code) for the temporaries of atomic writes: as on a read-only mount (EROFS), or a
     folder root cannot write either (root ignores chmod, so the tests patch instead)."""
 
     def fake(path, *args, **kwargs):
@@ -314,7 +318,7 @@ def failing_open(code):
 def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, done_run, monkeypatch, capsys, code, advice):
     run = copy_run(done_run, tmp_path)
     before = snapshot(run)
-    monkeypatch.setattr(files, "open", failing_open(code), raising=False)
+    monkeypatch.setattr(_files, "open", failing_open(code), raising=False)
     assert main(["train", "--resume", str(run), "--train.steps", "6"]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert f"{os.strerror(code)}: {run}/." in line and advice in line

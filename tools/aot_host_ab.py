@@ -1,10 +1,10 @@
-"""Host time of the aot paths (bench_overhead.AOT_OPS: the norms, rotary, cross-entropy; decode with --decode)
-against torch's op (for rotary the eager rotation) and the Triton path, interleaved, without a GPU: each round times
-torch's op, fasttrain's Triton path with its launches skipped (bench_overhead.launches_skipped) and its aot path
-with its launches dropped (bench_overhead.aot_launches_dropped), with and without the op's short path
-(fasttrain/ops/norms.py, rotary.py and cross_entropy.py _aot_short: the public function straight to the C++ op), one
-after another, and keeps each one's minimum over the rounds, which other tenants' load on a shared machine can only
-raise. Time is the calling thread's
+"""Host time of the aot paths (bench_overhead.AOT_OPS: the norms, rotary, cross-entropy; decode with --decode; and
+rms_norm and add_rms_norm, at layer_norm's shape beside torch.nn.functional.rms_norm) against torch's op (for rotary
+the eager rotation) and the Triton path, interleaved, without a GPU: each round times torch's op, fasttrain's Triton
+path with its launches skipped (bench_overhead.launches_skipped) and its aot path with its launches dropped
+(bench_overhead.aot_launches_dropped), with and without the op's short path (fasttrain/ops/norms.py, rotary.py and
+cross_entropy.py _aot_short: the public function straight to the C++ op), one after another, and keeps each one's
+minimum over the rounds, which other tenants' load on a shared machine can only raise. Time is the calling thread's
 CPU time (a CPU tensor's backward runs on the calling thread too), so a preempted interval does not count. One
 intra-op thread: the ops are tiny.
 
@@ -40,14 +40,30 @@ os.environ["TRITON_INTERPRET"] = "1"  # before fasttrain's kernels: the Triton p
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fasttrain.benchmarks import bench_overhead  # noqa: E402
+from fasttrain.benchmarks import bench_overhead, common  # noqa: E402
 from fasttrain.ops import norms, rotary  # noqa: E402
 
 # op -> the module whose _AOT_OP its public function's short path calls (None: the general path)
 # (fasttrain.ops.cross_entropy is the public function: its module by name)
-SHORT_PATH = {"layer_norm": norms, "add_layer_norm": norms, "rotary": rotary}
-SHORT_PATH["cross_entropy"] = sys.modules["fasttrain.ops.cross_entropy"]
+SHORT_PATH = {"layer_norm": norms, "add_layer_norm": norms, "rms_norm": norms, "add_rms_norm": norms}
+SHORT_PATH |= {"rotary": rotary, "cross_entropy": sys.modules["fasttrain.ops.cross_entropy"]}
 OPS = tuple(op for op in bench_overhead.AOT_OPS if op != "decode")  # decode: --decode, at its own shape
+OPS += ("rms_norm", "add_rms_norm")
+
+
+def cases() -> dict:
+    """bench_overhead.cases("cpu") and the RMSNorm cases on layer_norm's and add_layer_norm's inputs (eps None:
+    the machine epsilon, torch's default and ours)."""
+    all_cases = bench_overhead.cases("cpu")
+    (x, w, _), (branch, stream, *_) = all_cases["layer_norm"][0], all_cases["add_layer_norm"][0]
+    C = bench_overhead.C
+    all_cases["rms_norm"] = ((x, w), lambda x, w: norms.rms_norm(x, (C,), w), lambda x, w: F.rms_norm(x, (C,), w))
+    all_cases["add_rms_norm"] = (
+        (branch, stream, w),
+        lambda x, r, w: norms.add_rms_norm(x, r, (C,), w),
+        lambda x, r, w: common.eager_add_norm(F.rms_norm)(x, r, (C,), w),
+    )
+    return all_cases
 
 
 def per_call(run, calls: int) -> float:
@@ -155,9 +171,9 @@ def main() -> None:
         return decode(args.rounds, args.calls)
     if args.attention:
         return attention(args.rounds, args.calls)
-    cases = bench_overhead.cases("cpu")
+    all_cases = cases()
     for name in args.ops:
-        inputs, ours, theirs = cases[name]
+        inputs, ours, theirs = all_cases[name]
         for mode in ("fwd", "fwd+bwd"):
             impls = ("torch", "triton, no launch", "aot without the short path, no launch", "aot, no launch")
             if name not in SHORT_PATH:

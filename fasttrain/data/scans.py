@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 from pathlib import Path
 
+from fasttrain._files import atomic_write_text
 from fasttrain.data.formats import Skip
 from fasttrain.data.sources import Documents, ReadOptions, SourceFile, captured, count, package_version
 
@@ -107,9 +107,7 @@ def _cached(data: bytes, compute, opts: ReadOptions) -> str:
     text = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
     except OSError:  # a read-only or full cache costs the recomputation next time, not this file
         pass
     return text

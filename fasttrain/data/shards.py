@@ -7,7 +7,7 @@ Layout of one cache folder (named by the hash of everything that decides its con
     manifest.json        sources, per-source and per-format counts (documents, bytes, tokens, duplicates, what
                          was skipped and why), tokenizer, shard sizes and sha256: written last, so a folder
                          without it (a killed run) is never trusted
-Every file is written under a temporary name and moved into place with os.replace.
+Every file is written whole (fasttrain._files.atomic_write: a temporary name, then a rename).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fasttrain._files import atomic_write, atomic_write_text
 from fasttrain.data.config import DataConfig
 from fasttrain.data.corpus import Corpus
 from fasttrain.data.parallel import chunks, doc_hash, map_in_order, read_task, tokenize_task, workers_for
@@ -132,12 +133,13 @@ def _trusted_manifest(folder: Path, key: str) -> dict | None:
 
 
 def _remove_temporaries(folder: Path) -> None:
-    """Every `_atomic_path` file in `folder`; the caller holds its lock, so none is another build's."""
+    """Every temporary in `folder` (atomic_write's and the packed stream's); the caller holds its lock, so none is
+    another build's."""
     for stale in folder.glob("*.tmp*"):
         stale.unlink(missing_ok=True)
 
 
-def _atomic_path(path: Path) -> Path:
+def _scratch_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp{os.getpid()}")
 
 
@@ -247,9 +249,7 @@ def _build(cfg: DataConfig, files: list[SourceFile], found: dict[str, Found], ke
     tok = _tokenizer_for(cfg, files)
     tok_file = None
     if not isinstance(tok, ByteTokenizer):
-        tmp = _atomic_path(folder / "tokenizer.json")
-        tok.save(tmp)
-        os.replace(tmp, folder / "tokenizer.json")
+        tok.save(folder / "tokenizer.json")
         tok_file = _file_entry(folder / "tokenizer.json")
     dtype = np.dtype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
 
@@ -258,7 +258,7 @@ def _build(cfg: DataConfig, files: list[SourceFile], found: dict[str, Found], ke
         sources[s] = {**_row(), "ignored": here.ignored, "skipped": dict(here.skipped), "warnings": {}, "formats": {}}
     tasks = [(chunk, ReadOptions.of(cfg), dtype.str) for chunk in chunks(files)]
     workers = min(workers_for(files, cfg.num_workers), len(tasks))
-    all_tmp = _atomic_path(folder / "all.bin")
+    all_tmp = _scratch_path(folder / "all.bin")
     lengths, seen = [], set()
     with open(all_tmp, "wb") as out:
         results = (r for chunk in map_in_order(tokenize_task, tasks, workers, tok.to_config()) for r in chunk)
@@ -326,9 +326,7 @@ def _build(cfg: DataConfig, files: list[SourceFile], found: dict[str, Found], ke
         "shards": shards,
         "build": {"workers": workers, "seconds": round(time.perf_counter() - started, 3)},
     }
-    tmp = _atomic_path(folder / "manifest.json")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, folder / "manifest.json")
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -354,11 +352,12 @@ def _write_splits(
     shards = {}
     for split, spans in ranges.items():
         path = folder / f"{split}.bin"
-        tmp = _atomic_path(path)
-        with open(tmp, "wb") as out:
+
+        def write(out, spans=spans, tokens=tokens):
             for a, b in spans:
                 out.write(tokens[a:b].tobytes())
-        os.replace(tmp, path)
+
+        atomic_write(path, write)
         shards[split] = {**_file_entry(path), "tokens": sum(b - a for a, b in spans), "sha256": _sha256(path)}
     del tokens
     return shards

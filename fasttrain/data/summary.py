@@ -6,8 +6,9 @@ removed, bytes, tokens, and what was skipped and why; the parser warnings counte
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from fasttrain._files import atomic_write_text
 
 COLUMNS = ["source", "format", "files", "documents", "duplicates", "bytes", "tokens", "skipped (why)"]
 _NUMBERS = ("files", "documents", "duplicates", "bytes", "tokens")
@@ -69,7 +70,4 @@ def write(folder: Path, text: str, data: dict) -> None:
     """data_summary.txt and data_summary.json in `folder`, each written whole (temporary name, then rename)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     for name, content in (("data_summary.txt", text + "\n"), ("data_summary.json", json.dumps(data, indent=1))):
-        path = Path(folder) / name
-        tmp = path.with_name(f".{name}.tmp-{os.getpid()}")  # a trainer sweeps these when their writer is gone
-        tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(Path(folder) / name, content)

@@ -8,11 +8,12 @@ records the config decodes with the same tokenizer on any machine.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+from fasttrain._files import atomic_write_text
 
 EOT_TOKEN = "<|endoftext|>"
 # End-of-text names used by common tokenizer.json files, tried in order before adding EOT_TOKEN.
@@ -79,10 +80,7 @@ class HFTokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json atomically (temp name, then rename): a run directory never holds half a tokenizer."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a trainer sweeps these when their writer is gone
-        self._tok.save(str(tmp))
-        os.replace(tmp, path)
+        atomic_write_text(path, self._tok.to_str(pretty=True))  # what tokenizers.Tokenizer.save writes
 
     def to_config(self) -> dict:
         return {"kind": "hf", "name": self.name, "json": self.to_json()}

@@ -12,13 +12,11 @@ the saved logsumexp, as the kernel computes it, rather than torch's autograd thr
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fasttrain import _backend
+from fasttrain import _backend, _extension
 from fasttrain.ops._op import custom_op, reference_gradients
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -166,7 +164,8 @@ _forward_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- the public function: check the arguments, choose, call, reduce ------------------------------------------------
 
 
-_AOT_OP = CROSS_ENTROPY.direct.get("aot")
+_AOT_OP = CROSS_ENTROPY.direct.get("aot")  # None: no short path
+_SHORT = _extension.load()[0].cross_entropy_short if _AOT_OP is not None else None
 
 
 def _aot_short(input, target, ignore_index, reduction, backend) -> Tensor | None:
@@ -174,24 +173,13 @@ def _aot_short(input, target, ignore_index, reduction, backend) -> Tensor | None
     no backend named or forced, plain tensors on one device, logits (N, V) of a shipped dtype with unit column stride
     that the aot column takes (_aot_reason), int64 targets (N,), an int ignore_index and a known reduction, no trace.
     Else None, and the general path checks, chooses and calls; it does nothing else this one skips, so both give the
-    same launch (tests/test_cross_entropy_aot.py)."""
-    if backend is not None or _AOT_OP is None or type(input) is not Tensor or type(target) is not Tensor:
+    same launch (tests/test_cross_entropy_aot.py). The checks on the arguments and the op call run in C++
+    (csrc/aot_short.cpp)."""
+    if backend is not None or _AOT_OP is None or type(input) is not Tensor:
         return None
-    if _backend.aot_reason(device := input.device) is not None:  # first: a CPU tensor leaves at once
-        return None
-    if type(ignore_index) is not int or not -_I32 - 1 <= ignore_index <= _I32 or reduction not in REDUCTIONS:
-        return None
-    if input.dtype not in _AOT_DTYPES or target.dtype != torch.int64 or input.dim() != 2 or target.dim() != 1:
-        return None
-    # _aot_input_reason's checks, read off one shape and one stride tuple: the JIT takes what fails them.
-    (n, v), (row_stride, col_stride) = input.shape, input.stride()
-    if col_stride != 1 or v == 0 or v > _I32 or row_stride > _I32 or target.shape[0] != n or target.device != device:
-        return None
-    if torch.compiler.is_compiling() or input.storage_offset() * input.element_size() % 16:  # Dynamo: no offset
-        return None
-    if os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO:
-        return None
-    return _AOT_OP(input, target, ignore_index, reduction)[0]
+    if _backend.aot_reason(input.device) is not None or _backend.forced() or torch.compiler.is_compiling():
+        return None  # the device first: a CPU tensor leaves at once
+    return _SHORT(input, target, ignore_index, reduction)
 
 
 def cross_entropy(

@@ -12,11 +12,9 @@ advance cache_seqlens: the caller owns the lengths, as in flash-attn).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from fasttrain import _backend
+from fasttrain import _backend, _extension
 from fasttrain.ops._op import custom_op
 from fasttrain.ops.attention import flash_lse
 from fasttrain.ops.attention_checks import (
@@ -474,57 +472,24 @@ def _check_values(cache_seqlens, index, cache_leftpad, t_new: int, Tmax: int, ro
 
 # ---- the short path: the generation loops' call, straight to the aot op ---------------------------------------------
 
-_AOT_OP = torch.ops.fasttrain.decode_aot.default if _AOT_OP_REASON is None else None
-_INDEX_DTYPES = (torch.int32, torch.int64)
+_AOT_OP = torch.ops.fasttrain.decode_aot.default if _AOT_OP_REASON is None else None  # None: no short path
+_SHORT = _extension.load()[0].decode_short if _AOT_OP is not None else None
 
 
 def _aot_short(q, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad, softmax_scale, causal, window_size, num_splits):
-    """(out, lse) from the aot op for a call that the checks and choice of the general path would send there
-    unchanged, the call of a generation loop (fasttrain.generate, the Hugging Face integration's decode step): plain
-    tensors of one shipped dtype on one device, caches of q's batch with 16-byte aligned rows, k/v appended or not,
-    cache_seqlens and cache_leftpad int32/int64 (B,) tensors, a float or no softmax_scale, a pair of ints window,
-    num_splits 0..128; the caller has ruled out rotary, cache_batch_idx, block_table, softcap, ALiBi, the lse,
-    check_lengths and a named backend. Else None, and the general path checks, chooses and calls."""
-    if _AOT_OP is None or type(q) is not torch.Tensor or _backend.aot_reason(device := q.device) is not None:
+    """out from the aot op for a call that the checks and choice of the general path would send there unchanged, the
+    call of a generation loop (fasttrain.generate, the Hugging Face integration's decode step): plain tensors of one
+    shipped dtype on one device, caches of q's batch with 16-byte aligned rows, k/v appended or not, cache_seqlens and
+    cache_leftpad int32/int64 (B,) tensors, a float or no softmax_scale, a bool causal, a tuple of two ints window,
+    num_splits 0..128, not traced; the caller has ruled out rotary, cache_batch_idx, block_table, softcap, ALiBi, the
+    lse, check_lengths and a named backend. Else None, and the general path checks, chooses and calls. The checks on
+    the arguments and the op call run in C++ (csrc/aot_short.cpp)."""
+    if _AOT_OP is None or type(q) is not torch.Tensor:
         return None
-    dtype = q.dtype
-    if dtype not in _AOT_DTYPES or q.dim() != 4 or q.stride(-1) != 1 or torch.compiler.is_compiling():
-        return None
-    B, _, H, D = q.shape
-    if type(k_cache) is not torch.Tensor or k_cache.dim() != 4 or type(v_cache) is not torch.Tensor:
-        return None
-    Bc, _, Hkv, Dc = shape = k_cache.shape
-    if Bc != B or Dc != D or D not in _AOT_HEAD_DIMS or Hkv == 0 or H % Hkv or v_cache.shape != shape:
-        return None
-    for cache in (k_cache, v_cache):
-        if cache.dtype != dtype or cache.device != device or cache.stride(-1) != 1:
-            return None
-        if any(s % 16 for s in cache.stride()[:3]) or cache.storage_offset() * cache.element_size() % 16:
-            return None
-    if (k is None) != (v is None):
-        return None
-    if k is not None:
-        for t in (k, v):
-            if type(t) is not torch.Tensor or t.dtype != dtype or t.dim() != 4 or t.device != device:
-                return None
-            if t.shape[0] != B or t.shape[2:] != (Hkv, D) or t.shape[1] != k.shape[1] or t.stride(-1) != 1:
-                return None
-    for t in (cache_seqlens, cache_leftpad):
-        if t is None:
-            if t is cache_seqlens:  # the general path fills in the whole cache, or refuses k without lengths
-                return None
-            continue
-        if type(t) is not torch.Tensor or t.dtype not in _INDEX_DTYPES or t.shape != (B,) or t.device != device:
-            return None
-    if softmax_scale is not None and type(softmax_scale) is not float:
-        return None
-    if type(window_size) is not tuple or type(num_splits) is not int or not 0 <= num_splits <= _AOT_MAX_SPLITS:
-        return None
-    if os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO:
-        return None
-    left, right = _window(causal, window_size)
-    scale = D**-0.5 if softmax_scale is None else softmax_scale
-    return _AOT_OP(q, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad, scale, left, right, num_splits)
+    if _backend.aot_reason(q.device) is not None or _backend.forced() or torch.compiler.is_compiling():
+        return None  # the device first: a CPU tensor leaves at once
+    args = (cache_seqlens, cache_leftpad, softmax_scale, causal, window_size, num_splits)
+    return _SHORT(q, k_cache, v_cache, k, v, *args)
 
 
 def flash_attn_with_kvcache(
@@ -606,7 +571,7 @@ def flash_attn_with_kvcache(
     ):
         args = (cache_seqlens, cache_leftpad, softmax_scale, causal, window_size, num_splits)
         if (out := _aot_short(q, k_cache, v_cache, k, v, *args)) is not None:
-            return out[0]
+            return out
     softcap = _check_softcap(softcap)
     if isinstance(cache_seqlens, int) and isinstance(q, torch.Tensor):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)

@@ -18,12 +18,11 @@ fp32 and writes bf16 once, the same rounding without the extra read and write).
 from __future__ import annotations
 
 import numbers
-import os
 
 import torch
 from torch import Tensor
 
-from fasttrain import _backend
+from fasttrain import _backend, _extension
 from fasttrain.ops._op import custom_op, reference_gradients
 
 # ---- the backends: what each computes -------------------------------------------------------------------------------
@@ -342,66 +341,24 @@ def _norm(
 
 # ---- the short path: the commonest calls, straight to the aot op ---------------------------------------------------
 
-_AOT_OP = NORMS.direct["aot"].default if "aot" in NORMS.direct else None
-_MACHINE_EPS = {dtype: torch.finfo(dtype).eps for dtype in _AOT_DTYPES}
+_AOT_OP = NORMS.direct["aot"].default if "aot" in NORMS.direct else None  # None: no short path
+_SHORT = _extension.load()[0].norm_short if _AOT_OP is not None else None
 
 
 def _aot_short(
     input, residual, normalized_shape, weight, bias, eps, is_rms: bool, backend
-) -> tuple[Tensor, Tensor] | None:
-    """(y, s) from the aot op for a call that the checks and choice below `_norm` would send there unchanged: no
-    backend named or forced, normalized_shape one int (or one in a tuple, list or Size) within the shipped widths,
-    plain tensors of one shipped dtype on one device, eps a float >= 0 (None: RMSNorm's machine epsilon), no autocast,
-    the aot column live for the device. Else None, and the general path checks, chooses and calls; it does nothing
-    else this one skips, so both give the same launch (tests/test_norms_aot.py)."""
+) -> tuple[Tensor, Tensor] | Tensor | None:
+    """y (no residual) or (y, s) from the aot op for a call that the checks and choice below `_norm` would send there
+    unchanged: no backend named or forced, normalized_shape one int (or one in a tuple, list or Size) within the
+    shipped widths, plain tensors of one shipped dtype on one device, weight and bias (N,) with unit stride, eps a
+    float >= 0 (None: RMSNorm's machine epsilon), no autocast, not traced, the aot column live for the device. Else
+    None, and the general path checks, chooses and calls; it does nothing else this one skips, so both give the same
+    launch (tests/test_norms_aot.py). The checks on the arguments and the op call run in C++ (csrc/aot_short.cpp)."""
     if backend is not None or _AOT_OP is None or type(input) is not Tensor:
         return None
-    if _backend.aot_reason(device := input.device) is not None:  # first: a CPU tensor leaves at once
-        return None
-    if type(normalized_shape) is int:
-        n = normalized_shape
-    elif type(normalized_shape) in (tuple, list, torch.Size) and len(normalized_shape) == 1:
-        n = normalized_shape[0]
-    else:
-        return None
-    dtype = input.dtype
-    if eps is None and is_rms:
-        eps = _MACHINE_EPS.get(dtype)
-    if type(n) is not int or not 0 < n <= _AOT_MAX_N or type(eps) is not float or not eps >= 0:
-        return None
-    if dtype not in _AOT_DTYPES or input.dim() == 0 or input.size(-1) != n:
-        return None
-    # each given tensor of input's dtype and device, in its shape (no loop over built tuples: this runs every call)
-    if weight is not None and not _param_fits(weight, dtype, device, n):
-        return None
-    if bias is not None and not _param_fits(bias, dtype, device, n):
-        return None
-    if residual is not None and (
-        not isinstance(residual, Tensor)
-        or residual.dtype != dtype
-        or residual.device != device
-        or residual.shape != input.shape
-    ):
-        return None
-    if os.environ.get("FASTTRAIN_BACKEND", _backend.AUTO) != _backend.AUTO or torch.is_autocast_enabled(device.type):
-        return None
-    x, r = _rows(input, n), (_rows(residual, n) if residual is not None else None)
-    y, stream, _, _ = _AOT_OP(x, r, weight, bias, eps, is_rms, dtype)  # weight, bias: (N,) unit stride (_param_fits)
-    if x is input:
-        return y, stream
-    return y.view(input.shape), (stream.view(input.shape) if residual is not None else stream)
-
-
-def _param_fits(t, dtype: torch.dtype, device: torch.device, n: int) -> bool:
-    # (N,) with unit stride: what _flat passes on as it is
-    return (
-        isinstance(t, Tensor)
-        and t.dtype == dtype
-        and t.device == device
-        and t.dim() == 1
-        and t.size(0) == n
-        and t.stride(0) == 1
-    )
+    if _backend.aot_reason(input.device) is not None or _backend.forced() or torch.compiler.is_compiling():
+        return None  # the device first: a CPU tensor leaves at once
+    return _SHORT(input, residual, normalized_shape, weight, bias, eps, is_rms)
 
 
 def _check_eps(name: str, eps) -> None:
@@ -436,7 +393,7 @@ def layer_norm(
     then scale by weight and shift by bias. Statistics in fp32 whatever the dtype; under autocast the output is in the
     autocast dtype (module docstring). backend: "auto" (default), "triton" or "reference"."""
     if (out := _aot_short(input, None, normalized_shape, weight, bias, eps, False, backend)) is not None:
-        return out[0]
+        return out
     n_cols, shape = _normalized("layer_norm", input, normalized_shape, weight, bias)
     _check_eps("layer_norm", eps)
     return _norm(input, None, n_cols, weight, bias, eps, False, backend)[0]
@@ -454,7 +411,7 @@ def rms_norm(
     eps None means torch.finfo(input.dtype).eps, as in torch. Statistics in fp32; under autocast the output is in the
     autocast dtype (module docstring). backend: "auto" (default), "triton" or "reference"."""
     if (out := _aot_short(input, None, normalized_shape, weight, None, eps, True, backend)) is not None:
-        return out[0]
+        return out
     n_cols, shape = _normalized("rms_norm", input, normalized_shape, weight, None)
     if eps is None:
         eps = torch.finfo(input.dtype).eps

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttrain.train.files import atomic_write, atomic_write_text, sweep_temporaries
+from fasttrain._files import atomic_write, atomic_write_text
+from fasttrain.train.files import sweep_temporaries
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 POINTERS = ("latest", "best")

@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fasttrain._files import atomic_write_text
 from fasttrain.train import checkpoint, dist, sharded
 from fasttrain.train.build import apply_finetune, build_model
 from fasttrain.train.callbacks import StopRequest, evaluate
 from fasttrain.train.config import RunConfig
-from fasttrain.train.files import atomic_write_text
 from fasttrain.train.metrics import Metrics
 from fasttrain.train.progress import Progress
 from fasttrain.train.run import NothingToTrain, Run, start_run, val_batches, write_run_files

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fasttrain.train.files import atomic_write, atomic_write_text
+from fasttrain._files import atomic_write, atomic_write_text
 
 METRICS_FILE = "training_metrics.json"
 

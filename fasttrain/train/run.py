@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fasttrain._files import atomic_write_text
 from fasttrain.config import to_dict
 from fasttrain.data import Batches, Corpus, prepare
 from fasttrain.data.examples import ExampleBatches, ExampleSet, prepare_examples
@@ -30,7 +31,7 @@ from fasttrain.train.callbacks import EarlyStopping
 from fasttrain.train.config import DistConfig, RunConfig
 from fasttrain.train.device import autocast_for, resolve_precision
 from fasttrain.train.dist import Dist
-from fasttrain.train.files import RunLock, atomic_write_text, sweep_temporaries
+from fasttrain.train.files import RunLock, sweep_temporaries
 from fasttrain.train.metrics import Metrics, TensorBoard
 from fasttrain.train.sample import sample_prompt_ids
 

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from fasttrain._files import atomic_write, atomic_write_text, fsync_dir
 from fasttrain.train.checkpoint import CheckpointError, checkpoint_dir, first_non_finite, load_file, prunable
-from fasttrain.train.files import _fsync_dir, atomic_write, atomic_write_text, sweep_temporaries
+from fasttrain.train.files import sweep_temporaries
 
 TRAINER_STATE = "trainer.pt"
 """The run's state beside the model and optimizer (Run.state_dict without them), saved by rank 0."""
@@ -89,7 +90,7 @@ def save(run_dir: Path, step: int, model, optimizer, trainer_state: dict, keep_l
         if final.exists():  # this step saved before (a resume that went back): the new one replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(folder)
+        fsync_dir(folder)
         atomic_write_text(folder / "latest", final.name)
         if is_best:
             atomic_write_text(folder / "best", final.name)
