@@ -23,12 +23,12 @@ from helpers import aot_compile, aot_jit_launches, aot_recording, assert_aot_lau
 SM = 132
 # The sample, head dim 64: the preprocess; MHA (group 1) with each kernel's first sm_90 tile; GQA 2:1 with the first
 # two tiles of each kernel and the warp-specialized dK/dV tile (the tuning tests); packed (varlen): the preprocess,
-# MHA's first tiles and GQA 2:1's atomic dK/dV. bf16: the preprocess and the atomic plan's dK/dV kernel at GQA 2:1
-# (fp16 shares every other line).
+# MHA's first dK/dV and dQ tiles (the dQ kernel's plan) and GQA 2:1's atomic dK/dV. bf16: the preprocess and the
+# atomic plan's dK/dV kernel at GQA 2:1 (fp16 shares every other line).
 SAMPLE = {
     "fp16": "^d64 (w4|g1 m64 n128 w8 s2( atomic)?|g1 m128 n64 w8 s3"
     + "|g2 m(64 n128|64 n64|128 n64) w. s.( atomic| ws)?)$"
-    + "|^d64 (w4|g1 m64 n128 w8 s2( atomic)?|g1 m128 n64 w8 s3|g2 m64 n128 w8 s2 atomic) varlen$",
+    + "|^d64 (w4|g1 m64 n128 w8 s2|g1 m128 n64 w8 s3|g2 m64 n128 w8 s2 atomic) varlen$",
     "bf16": "^d64 (w4|g2 m64 n128 w8 s2 atomic)$",
 }
 SAMPLE_80 = "^d64 (w4|g1 m64 n64 w4 s(2 atomic|3))$"  # sm_80: the preprocess, both dK/dV tiles, dQ
@@ -43,7 +43,7 @@ def sample(tmp_path_factory):
         assert all("error" not in r and r["local"] == 0 for r in rows), rows
         dirs.append(out)
         count += len(rows)
-    assert count == 11 + 5 + 2
+    assert count == 11 + 4 + 2
     return dirs, count
 
 
@@ -140,10 +140,10 @@ CASES = [
 ]
 FIELDS = ("B", "Tq", "Tk", "H", "Hkv", "window", "deterministic", "dtype")
 # Packed (flash_attn_varlen_func), fp16: (lengths_q, lengths_k, H, Hkv, window, deterministic). One sequence of one
-# token; three of unequal lengths with a one-token one, GQA 2:1 and a window (atomic dQ), MHA causal (the dQ kernel);
-# Tq != Tk per sequence, no mask; GQA 2:1 causal.
+# token (GQA 2:1, atomic dQ); three of unequal lengths with a one-token one, GQA 2:1 and a window (atomic dQ), MHA
+# causal (the dQ kernel); Tq != Tk per sequence, no mask; GQA 2:1 causal.
 VARLEN_CASES = [
-    ([1], [1], 2, 2, (W, 0), False),
+    ([1], [1], 4, 2, (W, 0), False),
     ([97, 1, 33], [97, 1, 33], 4, 2, (16, 0), False),
     ([97, 1, 33], [97, 1, 33], 2, 2, (W, 0), True),
     ([33, 100], [100, 40], 2, 2, (W, W), True),
