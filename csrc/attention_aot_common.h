@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -44,12 +45,13 @@ inline bool warp_specialize_on() {
   return on;
 }
 
-// Whether the cubins take t (.., T, H, D) as it is: a 16-byte aligned base, nonzero (B, T, H) strides that are
-// multiples of 16 elements (what the JIT specializes on, and what makes kernels/_attention_launch.py tma_aligned
-// hold), unit stride along D.
+// Whether the cubins take t (B, T, H, D), or packed (total, H, D), as it is: a 16-byte aligned base, nonzero strides
+// but D's that are multiples of 16 elements (what the JIT specializes on, and what makes
+// kernels/_attention_launch.py tma_aligned hold), unit stride along D.
 inline bool compiled_layout(const at::Tensor& t) {
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 || t.stride(3) != 1) return false;
-  for (int i = 0; i < 3; ++i) {
+  const int64_t last = t.dim() - 1;
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 || t.stride(last) != 1) return false;
+  for (int64_t i = 0; i < last; ++i) {
     if (t.stride(i) == 0 || t.stride(i) % 16) return false;
   }
   return true;
@@ -60,6 +62,20 @@ inline at::Tensor as_compiled(const at::Tensor& t) {
 }
 
 // q's CUDA device index, or -1 for CPU tensors, which only the launch recorder takes.
+// Packed sequences' int32 offsets (B + 1) as the cubins read them: contiguous from a 16-byte aligned base (the
+// pointer was compiled as a multiple of 16).
+inline at::Tensor compiled_offsets(const at::Tensor& cu) {
+  const bool aligned = reinterpret_cast<uintptr_t>(cu.data_ptr()) % 16 == 0;
+  return aligned && cu.is_contiguous() ? cu : cu.clone(at::MemoryFormat::Contiguous);
+}
+
+// (batch, token, head) strides of t as the kernels take them: a packed (total, H, D) tensor has batch stride 0
+// (kernels/_attention_launch.py bth_strides).
+inline std::array<int64_t, 3> bth_strides(const at::Tensor& t, bool varlen) {
+  if (varlen) return {0, t.stride(0), t.stride(1)};
+  return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
 inline c10::DeviceIndex launch_device(const at::Tensor& q, const char* op) {
   TORCH_CHECK(q.is_cuda() || (q.is_cpu() && aot::recording()), op,
               ": takes CUDA tensors (CPU tensors only while launches are recorded), got ", q.device());

@@ -1,16 +1,17 @@
-// The attention backward (flash_attn_func's common eager call) launched from C++: kernels/attention_backward.py's
-// preprocess, dK/dV and dQ kernels, compiled ahead of time and shipped as cubins (aot_launch.h), so a backward costs
-// no Python launcher. The op does what kernels/attention_backward.py `attention_backward` does on a GPU for the calls
-// its shipped set covers (kernels/attention_backward.py _shipped): fp16/bf16, dense (B, T, H, D) tensors, head_dim 64
-// or 128, GQA groups 1, 2, 4 or 8, any window, no lse gradient, dropout, softcap or ALiBi. The same grids, arguments
-// and outputs: delta by the preprocess, then dQ by float32 atomics from the dK/dV kernel (zeroed, then cast to q's
-// dtype) or by its own kernel after dK/dV; deterministic takes the second, otherwise the two plans are timed at a
-// shape class's first call (aot::tune, the JIT's _backward_plans key), and each kernel's tile is chosen among the
-// shipped ones by timing them (the JIT autotuners' keys), as the JIT's autotuners choose among their configs.
+// The attention backward (flash_attn_func's and flash_attn_varlen_func's common eager calls) launched from C++:
+// kernels/attention_backward.py's preprocess, dK/dV and dQ kernels, compiled ahead of time and shipped as cubins
+// (aot_launch.h), so a backward costs no Python launcher. The ops do what kernels/attention_backward.py
+// `attention_backward` does on a GPU for the calls its shipped set covers (kernels/attention_backward.py _shipped):
+// fp16/bf16, dense (B, T, H, D) or packed (total, H, D) tensors with int32 offsets (VARLEN), head_dim 64 or 128, GQA
+// groups 1, 2, 4 or 8, any window, no lse gradient, dropout, softcap or ALiBi. The same grids, arguments and outputs:
+// delta by the preprocess, then dQ by float32 atomics from the dK/dV kernel (zeroed, then cast to q's dtype) or by its
+// own kernel after dK/dV; deterministic takes the second, otherwise the two plans are timed at a shape class's first
+// call (aot::tune, the JIT's _backward_plans key), and each kernel's tile is chosen among the shipped ones by timing
+// them (the JIT autotuners' keys), as the JIT's autotuners choose among their configs.
 // The cubins assume what the JIT finds on the usual tensors: 16-byte aligned pointers, strides that are nonzero
 // multiples of 16 elements (so TMA_ALIGNED); inputs that are not are copied into contiguous ones.
-// Op (schema in ops.cpp): fasttrain::attention_backward_aot; CUDA, and CPU while the launches are recorded
-// (aot_launch.h); Meta for tracing.
+// Ops (schemas in ops.cpp): fasttrain::attention_backward_aot and attention_varlen_backward_aot; CUDA, and CPU while
+// the launches are recorded (aot_launch.h); Meta for tracing.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -18,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <functional>
 #include <tuple>
 #include <vector>
@@ -53,16 +55,22 @@ std::vector<Tile> dq_tiles(int64_t head_dim) {
   return {{64, 64, false}, {128, 64, false}, {64, 32, false}};
 }
 
-void check(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-           const Tensor& lse) {
-  TORCH_CHECK(q.dim() == 4, kName, ": q must be (B, Tq, H, D)");
-  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
+// varlen: q, out, dout (total_q, H, D), k and v (total_k, Hkv, D), lse (H, total_q) and int32 offsets (B + 1) of
+// each; else (B, T, H, D) and lse (B, H, Tq).
+void check(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+           const Tensor* cu_q, const Tensor* cu_k) {
+  const bool varlen = cu_q != nullptr;
+  TORCH_CHECK(q.dim() == (varlen ? 3 : 4), kName,
+              varlen ? ": packed q must be (total_q, H, D)" : ": q must be (B, Tq, H, D)");
+  const int64_t H = q.size(-2), D = q.size(-1);
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kName,
               ": the shipped cubins take fp16 or bf16, got ", q.scalar_type());
   TORCH_CHECK(D == 64 || D == 128, kName, ": the shipped cubins take head_dim 64 or 128, got ", D);
-  TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes(), kName,
-              ": k and v must be (B, Tk, Hkv, D) with q's B and D");
-  const int64_t Hkv = k.size(2);
+  TORCH_CHECK(k.dim() == q.dim() && (varlen || k.size(0) == q.size(0)) && k.size(-1) == D && v.sizes() == k.sizes(),
+              kName,
+              varlen ? ": packed k and v must be (total_k, Hkv, D) with q's D"
+                     : ": k and v must be (B, Tk, Hkv, D) with q's B and D");
+  const int64_t Hkv = k.size(-2);
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, kName, ": q's heads must be a multiple of k's");
   const int64_t G = H / Hkv;
   TORCH_CHECK(G == 1 || G == 2 || G == 4 || G == 8, kName, ": the shipped cubins take GQA groups 1, 2, 4 or 8, got ",
@@ -72,26 +80,43 @@ void check(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v
                 ": k, v, out and dout must be in q's dtype on q's device");
   }
   TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), kName, ": out and dout must have q's shape");
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == Tq &&
+  if (varlen) {
+    for (const Tensor* cu : {cu_q, cu_k}) {
+      TORCH_CHECK(cu->dim() == 1 && cu->numel() >= 2 && cu->numel() == cu_q->numel() &&
+                      cu->scalar_type() == at::kInt && cu->device() == q.device(),
+                  kName, ": cu_seqlens_q and cu_seqlens_k must be int32 (B + 1) offsets on q's device");
+    }
+    TORCH_CHECK(lse.dim() == 2 && lse.size(0) == H && lse.size(1) == q.size(0) && lse.scalar_type() == at::kFloat &&
+                    lse.device() == q.device(),
+                kName, ": packed lse must be (H, total_q) float32 on q's device");
+    return;
+  }
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == H && lse.size(2) == q.size(1) &&
                   lse.scalar_type() == at::kFloat && lse.device() == q.device(),
               kName, ": lse must be (B, H, Tq) float32 on q's device");
 }
 
-std::vector<aot::Value> bth(const Tensor& t) {
-  return {aot::integer(t.stride(0)), aot::integer(t.stride(1)), aot::integer(t.stride(2))};
-}
-
-std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in, const Tensor& q_in,
-                                                          const Tensor& k_in, const Tensor& v_in,
-                                                          const Tensor& out_in, const Tensor& lse_in, double scale,
-                                                          int64_t left, int64_t right, bool deterministic) {
-  check(dout_in, q_in, k_in, v_in, out_in, lse_in);
+// The backward of dense (cu_q null) or packed calls; Tq and Tk are the longest sequences when packed.
+std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
+                                            const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
+                                            const Tensor* cu_q_in, const Tensor* cu_k_in, int64_t max_q,
+                                            int64_t max_k, double scale, int64_t left, int64_t right,
+                                            bool deterministic) {
+  check(dout_in, q_in, k_in, v_in, out_in, lse_in, cu_q_in, cu_k_in);
   const c10::DeviceIndex device = launch_device(q_in, kName);
+  const bool varlen = cu_q_in != nullptr;
+  auto bth = [varlen](const Tensor& t) {
+    const std::array<int64_t, 3> s = bth_strides(t, varlen);
+    return std::vector<aot::Value>{aot::integer(s[0]), aot::integer(s[1]), aot::integer(s[2])};
+  };
   Tensor q = as_compiled(q_in), dout = as_compiled(dout_in);
   const Tensor k = as_compiled(k_in), v = as_compiled(v_in), out = as_compiled(out_in);
-  const int64_t B = q.size(0), Tq = q.size(1), H = q.size(2), D = q.size(3);
-  const int64_t Tk = k.size(1), Hkv = k.size(2), G = H / Hkv;
-  if ((G - 1) * std::max(q.stride(1), dout.stride(1)) >= (int64_t{1} << 31)) {  // the dK/dV loop's int32 offsets
+  const Tensor cu_q = varlen ? compiled_offsets(*cu_q_in) : Tensor();
+  const Tensor cu_k = varlen ? compiled_offsets(*cu_k_in) : Tensor();
+  const int64_t B = varlen ? cu_q.numel() - 1 : q.size(0), H = q.size(-2), D = q.size(-1);
+  const int64_t Tq = varlen ? max_q : q.size(1), Tk = varlen ? max_k : k.size(1), Hkv = k.size(-2), G = H / Hkv;
+  // the dK/dV loop steps through a group's query heads by int32 offsets (kernels/attention_backward.py)
+  if ((G - 1) * std::max(q.stride(-2), dout.stride(-2)) >= (int64_t{1} << 31)) {
     q = q.contiguous();
     dout = dout.contiguous();
   }
@@ -102,22 +127,24 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in,
   const int64_t tune_seqlen = next_power_of_2(std::max(Tq, Tk));
   const int64_t tune_left = band_class(left, tune_seqlen), tune_right = band_class(right, tune_seqlen);
   // kernels/_attention_launch.py full_tiles (dense): no tile has a row or column to mask
-  const bool full = Tq % 128 == 0 && Tk % 128 == 0 && left >= Tk - 1 && right >= Tq - 1;
-  const aot::Value null = aot::ptr(Tensor());
-  const std::vector<aot::Value> lse_strides = {aot::integer(lse.stride(0)), aot::integer(lse.stride(1))};
+  const bool full = !varlen && Tq % 128 == 0 && Tk % 128 == 0 && left >= Tk - 1 && right >= Tq - 1;
+  const aot::Value null = aot::ptr(Tensor()), cu_q_ptr = aot::ptr(cu_q), cu_k_ptr = aot::ptr(cu_k);
+  // (batch, head) strides of lse: (H, total_q) when packed
+  const std::vector<aot::Value> lse_strides = {aot::integer(varlen ? 0 : lse.stride(0)),
+                                               aot::integer(varlen ? lse.stride(0) : lse.stride(1))};
 
   {
     const aot::Entry& e =
         aot::find(aot::Kernel::AttentionBackwardPreprocess, {dtype, dtype, f32, f32, i32, i32},
-                  {D, D, false, false, kPreprocessBlockM});
+                  {D, D, varlen, false, kPreprocessBlockM});
     const std::vector<aot::Value> o = bth(out), d = bth(dout);
     // The band too: a row that sees one key takes rowsum 0 (the kernel's docstring)
     aot::launch(e, {static_cast<uint32_t>(cdiv(Tq, kPreprocessBlockM)), static_cast<uint32_t>(H),
                     static_cast<uint32_t>(B)},
                 device,
                 {aot::ptr(out), aot::ptr(dout), aot::ptr(delta), null, o[0], o[1], o[2], d[0], d[1], d[2],
-                 lse_strides[0], lse_strides[1], null, null, aot::integer(Tq), aot::integer(Tk), aot::integer(left),
-                 aot::integer(right)});
+                 lse_strides[0], lse_strides[1], cu_q_ptr, cu_k_ptr, aot::integer(Tq), aot::integer(Tk),
+                 aot::integer(left), aot::integer(right)});
   }
   const auto opts = q.options();
   Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
@@ -154,14 +181,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in,
       if (t.warp_specialize && !warp_specialize_on()) continue;
       // Only the warp-specialized loop reads FULL_TILES: the pipelined tiles ship (and launch) their False cubin.
       const bool full_cx = full && t.warp_specialize;
-      const std::initializer_list<int64_t> cx = {G,         D,         D,     false, false, true, full_cx,
+      const std::initializer_list<int64_t> cx = {G,         D,         D,     varlen, false, true, full_cx,
                                                  t.block_m, t.block_n, t.warp_specialize, atomic, false, false, false};
       if (const aot::Entry* e = aot::lookup(aot::Kernel::AttentionBackwardDkdv, pointers, cx)) found.push_back(e);
     }
     if (found.empty()) {  // none shipped: the registry's error
       const Tile& t = tiles[0];
       found.push_back(&aot::find(aot::Kernel::AttentionBackwardDkdv, pointers,
-                                 {G, D, D, false, false, true, full && t.warp_specialize, t.block_m, t.block_n,
+                                 {G, D, D, varlen, false, true, full && t.warp_specialize, t.block_m, t.block_n,
                                   t.warp_specialize, atomic, false, false, false}));
     }
     return found;
@@ -172,11 +199,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in,
     return aot::Grid{static_cast<uint32_t>(cdiv(Tk, block_n)), static_cast<uint32_t>(Hkv), static_cast<uint32_t>(B)};
   };
   // The tile of a kernel, timed among the shipped ones at a shape class's first call: the JIT autotuner's key
-  // (HEAD_DIM, tune_seqlen, GROUP, tune_left, tune_right; VARLEN, TMA_ALIGNED, DROPOUT, SOFTCAP and ALIBI are fixed
-  // here) and the dtype; `what` tells dK/dV without (0) and with (1) atomic dQ and dQ (2) apart.
+  // (HEAD_DIM, tune_seqlen, GROUP, VARLEN, tune_left, tune_right; TMA_ALIGNED, DROPOUT, SOFTCAP and ALIBI are
+  // fixed here) and the dtype; `what` tells dK/dV without (0) and with (1) atomic dQ and dQ (2) apart.
   auto tuned = [&](int64_t what, aot::Kernel kernel, const std::vector<const aot::Entry*>& candidates,
                    const std::function<void(const aot::Entry&)>& run) {
-    const int i = aot::tune(kernel, {what, static_cast<int64_t>(dtype), D, tune_seqlen, G, tune_left, tune_right},
+    const int i = aot::tune(kernel,
+                            {what, static_cast<int64_t>(dtype), D, tune_seqlen, G, varlen, tune_left, tune_right},
                             static_cast<int>(candidates.size()), device, [&](int c) { run(*candidates[c]); });
     return candidates[i];
   };
@@ -190,7 +218,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in,
     auto run = [&](const aot::Entry& e) {
       launch_with(e, kv_grid(e),
                   {aot::ptr(q), aot::ptr(k), aot::ptr(v), aot::ptr(dout), aot::ptr(lse), aot::ptr(delta),
-                   aot::ptr(dk), aot::ptr(dv), aot::ptr(dq_acc), null, null},
+                   aot::ptr(dk), aot::ptr(dv), aot::ptr(dq_acc), cu_q_ptr, cu_k_ptr},
                   strides);
     };
     bool trials = false;
@@ -211,7 +239,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in,
     auto run_dkdv = [&](const aot::Entry& e) {
       launch_with(e, kv_grid(e),
                   {aot::ptr(q), aot::ptr(k), aot::ptr(v), aot::ptr(dout), aot::ptr(lse), aot::ptr(delta),
-                   aot::ptr(dk), aot::ptr(dv), null, null, null},
+                   aot::ptr(dk), aot::ptr(dv), null, cu_q_ptr, cu_k_ptr},
                   strides);
     };
     run_dkdv(*tuned(0, aot::Kernel::AttentionBackwardDkdv, dkdv_candidates(false), run_dkdv));
@@ -222,20 +250,21 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in,
     const std::vector<Tile> tiles = dq_tiles(D);
     for (const Tile& t : tiles) {
       if (const aot::Entry* e = aot::lookup(aot::Kernel::AttentionBackwardDq, pointers,
-                                            {G, D, D, false, false, t.block_m, t.block_n, false, false, false})) {
+                                            {G, D, D, varlen, false, t.block_m, t.block_n, false, false, false})) {
         candidates.push_back(e);
       }
     }
     if (candidates.empty()) {
       candidates.push_back(&aot::find(aot::Kernel::AttentionBackwardDq, pointers,
-                                      {G, D, D, false, false, tiles[0].block_m, tiles[0].block_n, false, false, false}));
+                                      {G, D, D, varlen, false, tiles[0].block_m, tiles[0].block_n, false, false,
+                                       false}));
     }
     auto run_dq = [&](const aot::Entry& e) {
       const int64_t block_m = e.constexprs[5];
       launch_with(
           e, {static_cast<uint32_t>(cdiv(Tq, block_m)), static_cast<uint32_t>(H), static_cast<uint32_t>(B)},
-          {aot::ptr(q), aot::ptr(k), aot::ptr(v), aot::ptr(dout), aot::ptr(lse), aot::ptr(delta), aot::ptr(dq), null,
-           null},
+          {aot::ptr(q), aot::ptr(k), aot::ptr(v), aot::ptr(dout), aot::ptr(lse), aot::ptr(delta), aot::ptr(dq),
+           cu_q_ptr, cu_k_ptr},
           bth(dq));
     };
     run_dq(*tuned(2, aot::Kernel::AttentionBackwardDq, candidates, run_dq));
@@ -247,16 +276,33 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout_in,
     return {dq, dk, dv};
   }
   // The plan, timed at a shape class's first call: kernels/attention_backward.py _backward_plans' key (dtype, the
-  // tuning ints, B * Hkv rounded up to a power of 2, and the dK/dV launch's constexprs: GROUP, HEAD_DIM, FULL_TILES
-  // vary here). The preprocess has no tile to tune, so its kernel's slot keys the plans. Candidate 0, the atomic plan,
-  // is the JIT's default where nothing can be timed.
+  // tuning ints, B * Hkv rounded up to a power of 2, and the dK/dV launch's constexprs: GROUP, HEAD_DIM, VARLEN and
+  // FULL_TILES vary here). The preprocess has no tile to tune, so its kernel's slot keys the plans. Candidate 0, the
+  // atomic plan, is the JIT's default where nothing can be timed.
   Tensor dq;
   const int plan = aot::tune(aot::Kernel::AttentionBackwardPreprocess,
                              {static_cast<int64_t>(dtype), tune_seqlen, tune_left, tune_right, next_power_of_2(B * Hkv),
-                              G, D, full},
+                              G, D, varlen, full},
                              2, device, [&](int i) { dq = i == 0 ? atomic_dq() : separate_dq(); });
   dq = plan == 0 ? atomic_dq() : separate_dq();
   return {dq, dk, dv};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                          const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                          double scale, int64_t left, int64_t right,
+                                                          bool deterministic) {
+  return backward(dout, q, k, v, out, lse, nullptr, nullptr, 0, 0, scale, left, right, deterministic);
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_aot(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                                 const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                                 const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                                 int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                                 double scale, int64_t left, int64_t right,
+                                                                 bool deterministic) {
+  return backward(dout, q, k, v, out, lse, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left,
+                  right, deterministic);
 }
 
 // ---- Meta: shapes and dtypes only, for torch.compile's fake tensors ----
@@ -267,12 +313,28 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot_meta(const Tensor&, co
   return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
 }
 
+std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_aot_meta(const Tensor&, const Tensor& q, const Tensor& k,
+                                                                      const Tensor& v, const Tensor&, const Tensor&,
+                                                                      const Tensor&, const Tensor&, int64_t, int64_t,
+                                                                      double, int64_t, int64_t, bool) {
+  return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fasttrain, CUDA, m) { m.impl("attention_backward_aot", &attention_backward_aot); }
+TORCH_LIBRARY_IMPL(fasttrain, CUDA, m) {
+  m.impl("attention_backward_aot", &attention_backward_aot);
+  m.impl("attention_varlen_backward_aot", &attention_varlen_backward_aot);
+}
 
-TORCH_LIBRARY_IMPL(fasttrain, CPU, m) { m.impl("attention_backward_aot", &attention_backward_aot); }
+TORCH_LIBRARY_IMPL(fasttrain, CPU, m) {
+  m.impl("attention_backward_aot", &attention_backward_aot);
+  m.impl("attention_varlen_backward_aot", &attention_varlen_backward_aot);
+}
 
-TORCH_LIBRARY_IMPL(fasttrain, Meta, m) { m.impl("attention_backward_aot", &attention_backward_aot_meta); }
+TORCH_LIBRARY_IMPL(fasttrain, Meta, m) {
+  m.impl("attention_backward_aot", &attention_backward_aot_meta);
+  m.impl("attention_varlen_backward_aot", &attention_varlen_backward_aot_meta);
+}
 
 }  // namespace fasttrain

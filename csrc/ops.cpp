@@ -96,4 +96,14 @@ TORCH_LIBRARY(fasttrain, m) {
   // attention_forward_aot, and in the backward attention_backward_aot's gradients of q, k and v.
   m.def(
       "attention_aot(Tensor q, Tensor k, Tensor v, float scale, int left, int right, bool deterministic) -> Tensor");
+  // The same two for packed sequences (flash_attn_varlen_func): q (total_q, H, D), k and v (total_k, Hkv, D), int32
+  // offsets (B + 1) of each and the longest sequences; lse (H, total_q). Ops of their own, as flash-attn's, so that
+  // the dense ops' schemas (which other C++ callers bind to) stay as they are.
+  m.def(
+      "attention_varlen_forward_aot(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, int left, int right) -> (Tensor, Tensor)");
+  m.def(
+      "attention_varlen_backward_aot(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int left, "
+      "int right, bool deterministic) -> (Tensor, Tensor, Tensor)");
 }

@@ -102,10 +102,16 @@ _DROPOUT_SPILLS = {
 _SPILL_MODIFIED_FWD = {90: {"d64": [(128, 64, 4, 3, False)], "d128": [(128, 128, 8, 2, False)]}}
 _SPILL_MODIFIED_DKDV = {90: {"d128": [(64, 64, 8, 2, False), (32, 128, 4, 2, True)]}}
 _SPILL_MODIFIED_DKDV_DQ = {90: {"d64": [(64, 128, 8, 3, False)], "d128": [(64, 64, 8, 2, False)]}}
+# sm_90 tiles that spill in packed launches (VARLEN: each program reads its sequence's offsets), which leave them out
+# (tools/aot.py, triton 3.7.1, bf16, GQA 1, 2 and 8): dK/dV with atomic dQ d128 (64,64,8,2) 243 -> 255 registers and
+# 24 B of stack.
+_SPILL_VARLEN_DKDV_DQ = {90: {"d128": [(64, 64, 8, 2, False)]}}
 # The interpreter's cost is per program and per tile operation, not per element: fewer, larger tiles are faster.
 _INTERPRETER = (64, 64, 4, 1)
-# ids of the configs left out of launches with score modifiers (from the _SPILL_MODIFIED tables)
+# ids of the configs left out of launches with score modifiers (from the _SPILL_MODIFIED tables), and of packed ones
+# (from the _SPILL_VARLEN tables)
 PLAIN_ONLY: set[int] = set()
+DENSE_ONLY: set[int] = set()
 
 
 def config(t, **fixed):
@@ -123,9 +129,10 @@ def one_config_table(t, **fixed) -> dict:
     return {cls: one for cls in HEAD_DIM_CLASSES}
 
 
-def _build(table, interpreter, dropout_spills=None, spill_modified=None, **fixed):
+def _build(table, interpreter, dropout_spills=None, spill_modified=None, spill_varlen=None, **fixed):
     """{arch: {class: [triton.Config]}} of table; a config of dropout_spills ({arch: {class: [tuple]}}) is marked
-    no_dropout, which the pruner and tools/aot.py read; one of spill_modified goes into PLAIN_ONLY."""
+    no_dropout, which the pruner and tools/aot.py read; one of spill_modified goes into PLAIN_ONLY, one of
+    spill_varlen into DENSE_ONLY."""
     out = {}
     for arch, by_class in table.items():
         out[arch] = {}
@@ -135,6 +142,8 @@ def _build(table, interpreter, dropout_spills=None, spill_modified=None, **fixed
                 c.no_dropout = t in (dropout_spills or {}).get(arch, {}).get(cls, [])
                 if t in (spill_modified or {}).get(arch, {}).get(cls, []):
                     PLAIN_ONLY.add(id(c))
+                if t in (spill_varlen or {}).get(arch, {}).get(cls, []):
+                    DENSE_ONLY.add(id(c))
     out["interpreter"] = one_config_table(interpreter, **fixed)
     return out
 
@@ -147,7 +156,12 @@ def takes_dropout(table_for_arch, head_dim: int) -> bool:
 FWD_CONFIGS = _build(_FWD, (*_INTERPRETER, False), _DROPOUT_SPILLS["fwd"], _SPILL_MODIFIED_FWD)
 DKDV_CONFIGS = _build(_DKDV, (*_INTERPRETER, False), _DROPOUT_SPILLS["dkdv"], _SPILL_MODIFIED_DKDV, ATOMIC_DQ=False)
 DKDV_DQ_CONFIGS = _build(
-    _DKDV_DQ, (*_INTERPRETER, False), _DROPOUT_SPILLS["dkdv_dq"], _SPILL_MODIFIED_DKDV_DQ, ATOMIC_DQ=True
+    _DKDV_DQ,
+    (*_INTERPRETER, False),
+    _DROPOUT_SPILLS["dkdv_dq"],
+    _SPILL_MODIFIED_DKDV_DQ,
+    _SPILL_VARLEN_DKDV_DQ,
+    ATOMIC_DQ=True,
 )
 DQ_CONFIGS = _build(_DQ, _INTERPRETER)
 
@@ -167,8 +181,9 @@ def flat(table_for_arch) -> list:
 
 def pruner(table_for_arch):
     """early_config_prune: keep the configs of the call's head-dim class, the warp-specialized ones only where the
-    launch says its inputs can be read by TMA (TMA_ALIGNED), with DROPOUT those that take it, and with score modifiers
-    (SOFTCAP or ALIBI) only those that do not spill with them (PLAIN_ONLY)."""
+    launch says its inputs can be read by TMA (TMA_ALIGNED), with DROPOUT those that take it, with score modifiers
+    (SOFTCAP or ALIBI) only those that do not spill with them (PLAIN_ONLY), and when packed (VARLEN) only those that do
+    not spill then (DENSE_ONLY)."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -181,6 +196,7 @@ def pruner(table_for_arch):
             and (args.get("TMA_ALIGNED", False) or not c.kwargs.get("WARP_SPECIALIZE", False))
             and not (args.get("DROPOUT", False) and getattr(c, "no_dropout", False))
             and not (modified and id(c) in PLAIN_ONLY)
+            and not (args.get("VARLEN", False) and id(c) in DENSE_ONLY)
         ]
 
     return prune

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class, takes_dropout
+from ._attention_configs import DENSE_ONLY, DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class, takes_dropout
 from ._attention_dropout import dropout_args, keep_tile
 from ._attention_launch import (
     AOT_HEAD_DIMS,
@@ -1208,33 +1208,40 @@ def shipped_tiles(table_for_arch: dict, cls: str) -> list[triton.Config]:
 
 
 def _shipped(arch: int, dtype: str) -> list[dict]:
-    """The common eager call of the backward: fp16/bf16, dense (B, T, H, D) tensors, head dim 64 or 128, GQA groups
-    SHIPPED_GROUPS, any window (causal or not), no lse gradient, dropout, softcap or ALiBi; inputs that TMA could read
-    (TMA_ALIGNED: the C++ op copies any other). The preprocess; dK/dV under each shipped tile of both its tables (dQ
-    by atomics or not; the warp-specialized sm_90 tiles make their TMA descriptors in global scratch, which the C++
-    launcher allocates), with FULL_TILES off, and on too for the warp-specialized tiles (the only ones that read it:
-    the pipelined tiles compile to the same code either way, and the C++ op launches their FULL_TILES=False cubin);
-    dQ under each shipped tile."""
+    """The common eager calls of the backward: fp16/bf16, dense (B, T, H, D) or packed (total, H, D) tensors, head dim
+    64 or 128, GQA groups SHIPPED_GROUPS, any window (causal or not), no lse gradient, dropout, softcap or ALiBi;
+    inputs that TMA could read (TMA_ALIGNED: the C++ op copies any other). The preprocess; dK/dV under each shipped
+    tile of both its tables (dQ by atomics or not; the warp-specialized sm_90 tiles make their TMA descriptors in
+    global scratch, which the C++ launcher allocates), with FULL_TILES off, and on too for the dense warp-specialized
+    tiles (the only ones that read it: the pipelined tiles compile to the same code either way, and the C++ op
+    launches their FULL_TILES=False cubin; packed calls never have it); dQ under each shipped tile. The dense cases
+    first, then the packed ones (VARLEN, but the tiles that spill then: _attention_configs.DENSE_ONLY), labelled
+    " varlen"."""
     if dtype not in ("fp16", "bf16"):
         return []
-    off = dict(VARLEN=False, UPCAST=False, DROPOUT=False, SOFTCAP=False, ALIBI=False)
     preprocess, dkdv, dq = [], [], []
-    for d in SHIPPED_HEAD_DIMS:
-        cls = head_dim_class(d)
-        dims = dict(HEAD_DIM=d, HEAD_DIM_PAD=d)
-        constexprs = dict(**dims, VARLEN=False, HAS_DLSE=False, BLOCK_M=_PREPROCESS_BLOCK_M)
-        preprocess.append(dict(label=f"{cls} w4", constexprs=constexprs, num_warps=4))
-        for group in SHIPPED_GROUPS:
-            for table in (DKDV_CONFIGS[arch], DKDV_DQ_CONFIGS[arch]):
-                for full in (False, True):
-                    for c in shipped_tiles(table, cls):
-                        if full and not c.kwargs["WARP_SPECIALIZE"]:
-                            continue  # the pointer loop ignores FULL_TILES: its False cubin is the same code
-                        constexprs = dict(GROUP=group, **dims, **off, TMA_ALIGNED=True, FULL_TILES=full, **c.kwargs)
-                        dkdv.append(dict(label=_label(cls, group, c, full), constexprs=constexprs, **_options(c)))
-            for c in shipped_tiles(DQ_CONFIGS[arch], cls):
-                constexprs = dict(GROUP=group, **dims, **off, **c.kwargs)
-                dq.append(dict(label=_label(cls, group, c), constexprs=constexprs, **_options(c)))
+    for varlen in (False, True):
+        off = dict(VARLEN=varlen, UPCAST=False, DROPOUT=False, SOFTCAP=False, ALIBI=False)
+        tag = " varlen" * varlen
+        for d in SHIPPED_HEAD_DIMS:
+            cls = head_dim_class(d)
+            dims = dict(HEAD_DIM=d, HEAD_DIM_PAD=d)
+            constexprs = dict(**dims, VARLEN=varlen, HAS_DLSE=False, BLOCK_M=_PREPROCESS_BLOCK_M)
+            preprocess.append(dict(label=f"{cls} w4{tag}", constexprs=constexprs, num_warps=4))
+            for group in SHIPPED_GROUPS:
+                for table in (DKDV_CONFIGS[arch], DKDV_DQ_CONFIGS[arch]):
+                    for full in (False, True):
+                        for c in shipped_tiles(table, cls):
+                            if full and (varlen or not c.kwargs["WARP_SPECIALIZE"]):
+                                continue  # the pointer loop ignores FULL_TILES: its False cubin is the same code
+                            if varlen and id(c) in DENSE_ONLY:
+                                continue  # spills when packed: the JIT's pruner leaves it out too
+                            constexprs = dict(GROUP=group, **dims, **off, TMA_ALIGNED=True, FULL_TILES=full, **c.kwargs)
+                            label = _label(cls, group, c, full) + tag
+                            dkdv.append(dict(label=label, constexprs=constexprs, **_options(c)))
+                for c in shipped_tiles(DQ_CONFIGS[arch], cls):
+                    constexprs = dict(GROUP=group, **dims, **off, **c.kwargs)
+                    dq.append(dict(label=_label(cls, group, c) + tag, constexprs=constexprs, **_options(c)))
     return [
         dict(kernel=_attn_bwd_preprocess_kernel, types=AOT_TYPES, cases=preprocess),
         dict(kernel=_attn_bwd_dkdv_kernel, types=AOT_TYPES, cases=dkdv),

@@ -287,29 +287,52 @@ def jit_scratch_request(index: list, jit: dict) -> list:
     return requests
 
 
+def _attention_inputs(case: dict, half, *names) -> tuple[dict, dict, tuple]:
+    """The case's tensors by name (q, k, v and the rest of `names` shaped like q) and offsets (cu_q, cu_k: empty for a
+    dense case), and the (cu_q, cu_k, Tq, Tk) a launcher takes. A case with lengths_q and lengths_k (one per sequence)
+    is packed: (total, H, D) tensors, int32 offsets, Tq and Tk the longest sequences; else (B, Tq, H, D)."""
+    H, Hkv, D = case["H"], case["Hkv"], case["D"]
+    if "lengths_q" in case:
+        rows_q, rows_k = (sum(case["lengths_q"]),), (sum(case["lengths_k"]),)
+        cu = {
+            f"cu_{x}": torch.tensor([0, *torch.tensor(case[f"lengths_{x}"]).cumsum(0).tolist()], dtype=torch.int32)
+            for x in "qk"
+        }
+        packed = (cu["cu_q"], cu["cu_k"], max(case["lengths_q"]), max(case["lengths_k"]))
+    else:
+        rows_q, rows_k = (case["B"], case["Tq"]), (case["B"], case["Tk"])
+        cu, packed = {}, (None, None, case["Tq"], case["Tk"])
+    tensors = {n: torch.randn(*rows_q, H, D, dtype=half) for n in ("q", *names)}
+    tensors.update(k=torch.randn(*rows_k, Hkv, D, dtype=half), v=torch.randn(*rows_k, Hkv, D, dtype=half))
+    return tensors, cu, packed
+
+
 def run_attention_case(C, entries, index, case: dict) -> dict:
-    """case (op "attention"): B, Tq, Tk, H, Hkv, D, window (left, right) as fasttrain.ops.attention._window gives
-    them, dtype, config (the index of the sm_90 config of the head-dim class that the JIT's autotuner is held to and
-    that the C++ tuner is given the fastest time for), times (the C++ tuner's times, one per shipped candidate). The
-    JIT's launch and the C++ op's launches (the tuner's trials, then the chosen one), with the JIT's scratch request."""
+    """case (op "attention"): B, Tq, Tk (or lengths_q and lengths_k: packed), H, Hkv, D, window (left, right) as
+    fasttrain.ops.attention._window gives them, dtype, config (the index of the sm_90 config of the head-dim class
+    that the JIT's autotuner is held to and that the C++ tuner is given the fastest time for), times (the C++ tuner's
+    times, one per shipped candidate). The JIT's launch and the C++ op's launches (the tuner's trials, then the chosen
+    one), with the JIT's scratch request."""
     from fasttrain.kernels import attention
     from fasttrain.kernels._attention_configs import FWD_CONFIGS, head_dim_class
 
     torch.manual_seed(case.get("seed", 0))
-    half = DTYPES[case["dtype"]]
-    B, Tq, Tk, H, Hkv, D = (case[k] for k in ("B", "Tq", "Tk", "H", "Hkv", "D"))
+    half, D = DTYPES[case["dtype"]], case["D"]
     attention._attn_fwd.configs = [FWD_CONFIGS[90][head_dim_class(D)][case["config"]]]
-    q = torch.randn(B, Tq, H, D, dtype=half)
-    k, v = torch.randn(B, Tk, Hkv, D, dtype=half), torch.randn(B, Tk, Hkv, D, dtype=half)
+    tensors, cu, (cu_q, cu_k, Tq, Tk) = _attention_inputs(case, half)
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
     scale, (left, right) = D**-0.5, case["window"]
     del _jit_launches[:]
-    out, lse = attention.attention_forward(q, k, v, None, None, Tq, Tk, scale, left, right)
+    out, lse = attention.attention_forward(q, k, v, cu_q, cu_k, Tq, Tk, scale, left, right)
     (launch,) = _jit_launches
-    jit = jit_launch(_names({"q": q, "k": k, "v": v, "out": out, "lse": lse}), launch)
+    jit = jit_launch(_names({**tensors, **cu, "out": out, "lse": lse}), launch)
     jit["scratch"] = jit_scratch_request(index, jit)
     C.aot_tune_reset(case["times"])
-    out, lse = torch.ops.fasttrain.attention_forward_aot(q, k, v, scale, left, right)
-    names = _names({"q": q, "k": k, "v": v, "out": out, "lse": lse})
+    if cu_q is None:
+        out, lse = torch.ops.fasttrain.attention_forward_aot(q, k, v, scale, left, right)
+    else:
+        out, lse = torch.ops.fasttrain.attention_varlen_forward_aot(q, k, v, cu_q, cu_k, Tq, Tk, scale, left, right)
+    names = _names({**tensors, **cu, "out": out, "lse": lse})
     aot = [{**aot_launch(C, entries, names, r), "scratch_bytes": r["scratch_bytes"]} for r in C.aot_records()]
     C.aot_record(True, MULTIPROCESSORS)  # clears
     C.aot_tune_reset()
@@ -317,36 +340,39 @@ def run_attention_case(C, entries, index, case: dict) -> dict:
 
 
 def run_attention_backward_case(C, entries, case: dict) -> dict:
-    """case (op "attention_backward"): B, Tq, Tk, H, Hkv, D, window (left, right) as fasttrain.ops.attention._window
-    gives them, deterministic, dtype, plan (the JIT's plan: "atomic dQ" or "dQ kernel"; the C++ op, with nothing to
-    time, takes the atomic one unless deterministic). The JIT's autotuners take the head-dim class's first shipped
-    sm_90 tile, the one the C++ op launches untimed, or the dK/dV tile dkdv_tile (an index into the shipped tiles)
-    when the case gives the C++ tuner its times (fasttrain._C.aot_tune_reset), which then records its trials too.
-    The launches of one call in order (preprocess, dK/dV, dQ)."""
+    """case (op "attention_backward"): B, Tq, Tk (or lengths_q and lengths_k: packed), H, Hkv, D, window (left, right)
+    as fasttrain.ops.attention._window gives them, deterministic, dtype, plan (the JIT's plan: "atomic dQ" or "dQ
+    kernel"; the C++ op, with nothing to time, takes the atomic one unless deterministic). The JIT's autotuners take
+    the head-dim class's first shipped sm_90 tile, the one the C++ op launches untimed, or the dK/dV tile dkdv_tile
+    (an index into the shipped tiles) when the case gives the C++ tuner its times (fasttrain._C.aot_tune_reset),
+    which then records its trials too. The launches of one call in order (preprocess, dK/dV, dQ)."""
     from fasttrain.kernels import attention_backward as ab
     from fasttrain.kernels._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class
 
     torch.manual_seed(case.get("seed", 0))
-    half = DTYPES[case["dtype"]]
-    B, Tq, Tk, H, Hkv, D = (case[k] for k in ("B", "Tq", "Tk", "H", "Hkv", "D"))
+    half, H, D = DTYPES[case["dtype"]], case["H"], case["D"]
     cls = head_dim_class(D)
     tile = case.get("dkdv_tile", 0)
     for tuner, table in ((ab._attn_bwd_dkdv, DKDV_CONFIGS), (ab._attn_bwd_dkdv_dq, DKDV_DQ_CONFIGS)):
         tuner.configs, tuner.early_config_prune = ab.shipped_tiles(table[90], cls)[tile : tile + 1], None
     ab._attn_bwd_dq.configs, ab._attn_bwd_dq.early_config_prune = ab.shipped_tiles(DQ_CONFIGS[90], cls)[:1], None
     ab._backward_plans.default = case["plan"]
-    q, out, do = (torch.randn(B, Tq, H, D, dtype=half) for _ in "qod")
-    k, v = (torch.randn(B, Tk, Hkv, D, dtype=half) for _ in "kv")
-    lse = torch.randn(B, H, Tq)
-    inputs = {"q": q, "k": k, "v": v, "out": out, "dout": do, "lse": lse}
+    inputs, cu, (cu_q, cu_k, Tq, Tk) = _attention_inputs(case, half, "out", "dout")
+    q, k, v, out, do = (inputs[n] for n in ("q", "k", "v", "out", "dout"))
+    inputs["lse"] = lse = torch.randn(H, q.shape[0]) if cu else torch.randn(q.shape[0], H, Tq)
+    inputs.update(cu)
     scale, (left, right), det = D**-0.5, case["window"], case["deterministic"]
     del _jit_launches[:]
-    args = (do, q, k, v, out, lse, None, None, None, Tq, Tk, scale, left, right, det)
+    args = (do, q, k, v, out, lse, None, cu_q, cu_k, Tq, Tk, scale, left, right, det)
     dq, dk, dv = ab.attention_backward(*args)
     names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
     jit = [jit_launch(names, launch) for launch in _jit_launches]
     C.aot_tune_reset(case.get("times", []))
-    dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, det)
+    if cu_q is None:
+        dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, det)
+    else:
+        args = (do, q, k, v, out, lse, cu_q, cu_k, Tq, Tk, scale, left, right, det)
+        dq, dk, dv = torch.ops.fasttrain.attention_varlen_backward_aot(*args)
     names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
     aot = [aot_launch(C, entries, names, r) for r in C.aot_records()]
     C.aot_record(True, MULTIPROCESSORS)  # clears

@@ -22,11 +22,13 @@ from helpers import aot_compile, aot_jit_launches, aot_recording, assert_aot_lau
 
 SM = 132
 # The sample, head dim 64: the preprocess; MHA (group 1) with each kernel's first sm_90 tile; GQA 2:1 with the first
-# two tiles of each kernel and the warp-specialized dK/dV tile (the tuning tests). bf16: the preprocess and the
+# two tiles of each kernel and the warp-specialized dK/dV tile (the tuning tests); packed (varlen): the preprocess,
+# MHA's first dK/dV and dQ tiles (the dQ kernel's plan) and GQA 2:1's atomic dK/dV. bf16: the preprocess and the
 # atomic plan's dK/dV kernel at GQA 2:1 (fp16 shares every other line).
 SAMPLE = {
     "fp16": "^d64 (w4|g1 m64 n128 w8 s2( atomic)?|g1 m128 n64 w8 s3"
-    + "|g2 m(64 n128|64 n64|128 n64) w. s.( atomic| ws)?)$",
+    + "|g2 m(64 n128|64 n64|128 n64) w. s.( atomic| ws)?)$"
+    + "|^d64 (w4|g1 m64 n128 w8 s2|g1 m128 n64 w8 s3|g2 m64 n128 w8 s2 atomic) varlen$",
     "bf16": "^d64 (w4|g2 m64 n128 w8 s2 atomic)$",
 }
 SAMPLE_80 = "^d64 (w4|g1 m64 n64 w4 s(2 atomic|3))$"  # sm_80: the preprocess, both dK/dV tiles, dQ
@@ -41,7 +43,7 @@ def sample(tmp_path_factory):
         assert all("error" not in r and r["local"] == 0 for r in rows), rows
         dirs.append(out)
         count += len(rows)
-    assert count == 11 + 2
+    assert count == 11 + 4 + 2
     return dirs, count
 
 
@@ -58,13 +60,23 @@ def test_shipped_set_is_the_ops_scope():
     assert ab.aot_kernels(90, "fp32", shipped=True) == []
     for arch in (80, 90):
         pre, dkdv, dq = ab.aot_kernels(arch, "bf16", shipped=True)
-        assert [c["constexprs"]["HEAD_DIM"] for c in pre["cases"]] == [64, 128]
+        assert [c["constexprs"]["HEAD_DIM"] for c in pre["cases"]] == [64, 128, 64, 128]
         assert all(not c["constexprs"]["HAS_DLSE"] for c in pre["cases"])
+        assert [c["constexprs"]["VARLEN"] for c in pre["cases"]] == [False, False, True, True]
+        for entry in (pre, dkdv, dq):
+            # the dense cases, then the same again packed (FULL_TILES off), labelled " varlen"
+            dense = [c for c in entry["cases"] if not c["constexprs"]["VARLEN"]]
+            packed = [c for c in entry["cases"] if c["constexprs"]["VARLEN"]]
+            assert entry["cases"] == dense + packed
+            not_full = [c["label"] for c in dense if not c["constexprs"].get("FULL_TILES")]
+            spills = [f"d128 g{g} m64 n64 w8 s2 atomic" for g in (1, 2, 4, 8)] if arch == 90 else []  # DENSE_ONLY
+            assert [c["label"] for c in packed] == [label + " varlen" for label in not_full if label not in spills]
+            assert not any(c["constexprs"].get("FULL_TILES") for c in packed)
         for entry in (dkdv, dq):
             for c in entry["cases"]:
                 k = c["constexprs"]
                 assert k["GROUP"] in (1, 2, 4, 8) and k["HEAD_DIM"] == k["HEAD_DIM_PAD"] in (64, 128)
-                assert not (k["VARLEN"] or k["UPCAST"] or k["DROPOUT"] or k["SOFTCAP"] or k["ALIBI"])
+                assert not (k["UPCAST"] or k["DROPOUT"] or k["SOFTCAP"] or k["ALIBI"])
         for table, atomic in ((DKDV_CONFIGS[arch], False), (DKDV_DQ_CONFIGS[arch], True)):
             for cls in ("d64", "d128"):
                 tiles = ab.shipped_tiles(table, cls)
@@ -76,11 +88,25 @@ def test_shipped_set_is_the_ops_scope():
                 ws = [t for t in tiles if t.kwargs["WARP_SPECIALIZE"]]
                 assert len(ws) == (arch == 90 and not atomic)  # sm_90's plain dK/dV tables hold one per class
                 cases = [c for c in dkdv["cases"] if c["constexprs"]["ATOMIC_DQ"] == atomic]
+                cases = [c for c in cases if not c["constexprs"]["VARLEN"]]
                 cases = [c for c in cases if c["constexprs"]["HEAD_DIM"] == int(cls[1:])]
                 assert len(cases) == 4 * (len(tiles) + len(ws))  # groups x FULL_TILES off (and on: ws)
                 assert all(c["constexprs"]["WARP_SPECIALIZE"] for c in cases if c["constexprs"]["FULL_TILES"])
                 assert all(c["constexprs"]["TMA_ALIGNED"] for c in cases)
-        assert len(dq["cases"]) == 4 * sum(len(ab.shipped_tiles(DQ_CONFIGS[arch], cls)) for cls in ("d64", "d128"))
+        assert len(dq["cases"]) == 8 * sum(len(ab.shipped_tiles(DQ_CONFIGS[arch], cls)) for cls in ("d64", "d128"))
+
+
+def test_packed_launches_leave_out_the_tile_that_spills_with_varlen():
+    from fasttrain.kernels._attention_configs import DKDV_DQ_CONFIGS, flat, pruner
+
+    configs = flat(DKDV_DQ_CONFIGS[90])
+
+    def kept(head_dim, varlen):
+        args = {"HEAD_DIM": head_dim, "VARLEN": varlen, "TMA_ALIGNED": True}
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in pruner(DKDV_DQ_CONFIGS[90])(configs, args)]
+
+    assert kept(128, False) == [(64, 64), (32, 128)] and kept(128, True) == [(32, 128)]
+    assert kept(64, True) == kept(64, False) == [(64, 128), (64, 128), (64, 64)]
 
 
 @pytest.mark.slow  # the sm_80 tiles' order is held without compiling (test_the_op_tries_every_shipped_tile_...)
@@ -113,17 +139,28 @@ CASES = [
     (1, 97, 97, 4, 2, (W, 0), False, "bf16"),
 ]
 FIELDS = ("B", "Tq", "Tk", "H", "Hkv", "window", "deterministic", "dtype")
+# Packed (flash_attn_varlen_func), fp16: (lengths_q, lengths_k, H, Hkv, window, deterministic). One sequence of one
+# token (GQA 2:1, atomic dQ); three of unequal lengths with a one-token one, GQA 2:1 and a window (atomic dQ), MHA
+# causal (the dQ kernel); Tq != Tk per sequence, no mask; GQA 2:1 causal.
+VARLEN_CASES = [
+    ([1], [1], 4, 2, (W, 0), False),
+    ([97, 1, 33], [97, 1, 33], 4, 2, (16, 0), False),
+    ([97, 1, 33], [97, 1, 33], 2, 2, (W, 0), True),
+    ([33, 100], [100, 40], 2, 2, (W, W), True),
+    ([200, 57], [200, 57], 4, 2, (W, 0), False),
+]
+VARLEN_FIELDS = ("lengths_q", "lengths_k", "H", "Hkv", "window", "deterministic")
 
 
 @pytest.fixture(scope="module")
 def captured(sample):
+    """The dense CASES, then the VARLEN_CASES."""
     import os
 
-    cases = []
-    for c in CASES:
-        case = dict(zip(FIELDS, c), op="attention_backward", D=64)
+    cases = [dict(zip(FIELDS, c), op="attention_backward", D=64) for c in CASES]
+    cases += [dict(zip(VARLEN_FIELDS, c), op="attention_backward", D=64, dtype="fp16") for c in VARLEN_CASES]
+    for case in cases:
         case["plan"] = "dQ kernel" if case["deterministic"] else "atomic dQ"
-        cases.append(case)
     cases[WS_CASE].update(dkdv_tile=2, times=WS_TIMES)
     return aot_jit_launches(os.pathsep.join(map(str, sample[0])), cases)
 
@@ -156,6 +193,27 @@ def test_recorded_launches_are_what_the_jit_launcher_is_given(captured, i):
     full = CASES[i][1] % 128 == 0 and CASES[i][2] % 128 == 0 and CASES[i][5] == (W, W)
     assert jit[1]["constexprs"]["FULL_TILES"] == full
     assert dkdv["constexprs"]["FULL_TILES"] == (full and bool(dkdv["constexprs"]["WARP_SPECIALIZE"]))
+
+
+@pytest.mark.parametrize("i", range(len(VARLEN_CASES)), ids=lambda i: f"varlen{i}")
+def test_recorded_varlen_launches_are_what_the_jit_launcher_is_given(captured, i):
+    """fasttrain::attention_varlen_backward_aot's launches: the packed cubins (VARLEN), the offsets and longest
+    lengths, batch strides 0 and lse (H, total_q), as the JIT launcher is given them, launch by launch."""
+    jit, aot = captured[len(CASES) + i]["jit"], captured[len(CASES) + i]["aot"]
+    lengths_q, lengths_k, H, Hkv, _, deterministic = VARLEN_CASES[i]
+    kernels = ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"] + ["_attn_bwd_dq_kernel"] * deterministic
+    assert [launch["kernel"] for launch in jit] == [launch["kernel"] for launch in aot] == kernels
+    for j, a in zip(jit, aot):
+        assert a["case"].endswith(" varlen") and a["constexprs"]["VARLEN"] == 1
+        assert_aot_launch_is_the_jit_launch(j, a)
+        assert a["args"]["CuQ"] == "cu_q" and a["args"]["seqlen_q"] == max(lengths_q)
+        assert a["args"]["stride_lb"] == 0 and a["args"]["stride_lh"] == sum(lengths_q)
+    pre, dkdv = aot[:2]
+    assert pre["grid"] == [-(-max(lengths_q) // 32), H, len(lengths_q)]
+    assert dkdv["grid"] == [-(-max(lengths_k) // dkdv["constexprs"]["BLOCK_N"]), Hkv, len(lengths_q)]
+    assert (dkdv["args"]["CuK"], dkdv["args"]["seqlen_k"], dkdv["args"]["stride_kb"]) == ("cu_k", max(lengths_k), 0)
+    assert dkdv["constexprs"]["ATOMIC_DQ"] == (not deterministic) and not dkdv["constexprs"]["FULL_TILES"]
+    assert dkdv["args"]["DQAcc"] == ("null" if deterministic else "buffer")
 
 
 def _tensors(B=1, Tq=97, Tk=97, H=4, Hkv=2, D=64, dtype=torch.float16):
@@ -377,7 +435,9 @@ def test_the_aot_columns_backward_is_the_cpp_op_but_for_an_lse_gradient_or_a_pac
     into = tuple(torch.empty_like(t) for t in (q, k, v))
     assert ops.Aot.backward(do, q, k, v, out, lse, torch.randn_like(lse), *tail, True, None) == "triton"
     assert ops.Aot.backward(do, q, k, v, out, lse, None, *tail, True, into) == "triton"
-    assert C.aot_records() == [] and len(delegated) == 2 and delegated[1][-1] is into and delegated[1][-2] is True
+    far = do.as_strided(do.shape, (2**31, *do.stride()[1:]))  # a dO stride the op's int32 arguments cannot pass
+    assert ops.Aot.backward(far, q, k, v, out, lse, None, *tail, True, None) == "triton"
+    assert C.aot_records() == [] and len(delegated) == 3 and delegated[1][-1] is into and delegated[1][-2] is True
     assert len(delegated[0]) == 21 and delegated[0][:6] == (do, q, k, v, out, lse)
 
 

@@ -182,7 +182,7 @@ def _meta(shape, stride=None, dtype=torch.float16):
 
 def test_short_path_takes_exactly_what_the_columns_reason_takes(monkeypatch):
     """The inline checks against `_aot_reason` itself, on meta tensors (sizes and strides, no memory): dtypes, head
-    dims, groups, the grid's batch limit and int32 row offsets at their edges."""
+    dims, groups, the grid's batch and head limits, int32 row offsets and strides at their edges."""
     monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
     monkeypatch.setattr(ops, "_AOT_OP", lambda *args: "short")
     big = 2**31 // (4 * 64)  # rows of 4 x 64 elements: int32 offsets end at row `big`
@@ -199,6 +199,8 @@ def test_short_path_takes_exactly_what_the_columns_reason_takes(monkeypatch):
         ((1, big, 4, 64), (1, 4, 4, 64), torch.float16, None),
         ((1, 4, 4, 64), (1, big, 4, 64), torch.float16, None),
         ((1, 4, 4, 64), (1, 4, 4, 64), torch.float16, (2**30, 2**29, 64, 1)),  # q's rows 2**29 apart
+        ((1, 4, 4, 64), (1, 4, 4, 64), torch.float16, (2**31, 256, 64, 1)),  # a batch stride past int32
+        ((1, 1, 65536, 64), (1, 1, 65536, 64), torch.float16, None),  # heads past the grid
     ]
     taken = []
     for q_shape, k_shape, dtype, q_stride in variants:
@@ -206,7 +208,7 @@ def test_short_path_takes_exactly_what_the_columns_reason_takes(monkeypatch):
         taken.append(ops._aot_short(q, k, v, None, W, 0, False) == "short")
         why = ops._aot_reason(q, k, v, None, q.shape[1], k.shape[1], None, 0.0, 0.0, None)
         assert taken[-1] == (why is None), (q_shape, k_shape, dtype, q_stride, why)
-    assert taken == [True, True, False, False, False, False, True, False, True, False, False, False]
+    assert taken == [True, True, False, False, False, False, True, False, True, False, False, False, False, False]
 
 
 def test_autograd_runs_in_cpp_and_a_call_with_nothing_to_record_skips_it(recording):

@@ -2,9 +2,9 @@
 `scaled_dot_product_attention` over one registered op.
 
 Backends: `aot` (the kernels compiled ahead of time and launched from C++, csrc/attention_aot.cpp and
-attention_backward_aot.cpp, for flash_attn_func's common call, which skips the general checks and choice too,
-`_aot_short`, straight to one C++ op with its autograd in C++), `triton` (kernels/attention*.py: CUDA
-fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu`
+attention_backward_aot.cpp, for flash_attn_func's and flash_attn_varlen_func's common calls; flash_attn_func's skips
+the general checks and choice too, `_aot_short`, straight to one C++ op with its autograd in C++), `triton`
+(kernels/attention*.py: CUDA fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu`
 (csrc/attention_cpu.cpp: CPU tensors in fp32, bf16 or fp16, computed in fp32) and `reference`
 (fasttrain/ops/attention_reference.py: plain PyTorch, any device and dtype, and the only one with an `attn_mask`).
 Attention dropout draws the same mask on every backend: a pure function of an int64 (2,) seed tensor on q's device
@@ -103,23 +103,30 @@ class Triton:
 
 class Aot:
     """csrc/attention_aot.cpp: kernels/attention.py's forward launched from C++, for the calls _aot_reason lets
-    through (dense, no dropout, softcap, ALiBi or mask: the op takes q, k, v, scale and the window); the backward
-    likewise from csrc/attention_backward_aot.cpp."""
+    through (dense or packed, no dropout, softcap, ALiBi or mask: the ops take q, k, v, the packed offsets, scale and
+    the window); the backward likewise from csrc/attention_backward_aot.cpp."""
 
     @staticmethod
     def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, softcap, alibi):
         # a caller that chose without passing the score modifiers to the reason must not get them silently dropped
-        if cu_q is not None or attn_mask is not None or dropout_p > 0.0 or softcap > 0.0 or alibi is not None:
-            raise RuntimeError("attention: the aot column takes no cu_seqlens, mask, dropout, softcap or ALiBi")
+        if attn_mask is not None or dropout_p > 0.0 or softcap > 0.0 or alibi is not None:
+            raise RuntimeError("attention: the aot column takes no mask, dropout, softcap or ALiBi")
+        if cu_q is not None:
+            args = (cu_q, cu_k, max_q, max_k, scale, left, right)
+            return torch.ops.fasttrain.attention_varlen_forward_aot(q, k, v, *args)
         return torch.ops.fasttrain.attention_forward_aot(q, k, v, scale, left, right)
 
     @staticmethod
     def backward(
         do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into
     ):
-        """The C++ backward for what the forward took, but an lse with a gradient or gradients written into a packed
-        tensor (which its cubins were not shipped for): those take the triton column's."""
-        if dlse is None and into is None and _AOT_BACKWARD_OP_REASON is None:
+        """The C++ backward for what the forward took, but an lse with a gradient, gradients written into a packed
+        tensor (which its cubins were not shipped for) or a dO whose strides the op cannot pass: those take the
+        triton column's."""
+        if dlse is None and into is None and _AOT_BACKWARD_OP_REASON is None and _stride_reason("dO", do) is None:
+            if cu_q is not None:
+                args = (cu_q, cu_k, max_q, max_k, scale, left, right, det)
+                return torch.ops.fasttrain.attention_varlen_backward_aot(do, q, k, v, out, lse, *args)
             return torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, det)
         args = (cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into)
         return Triton.backward(do, q, k, v, out, lse, dlse, *args)
@@ -148,6 +155,7 @@ class Cpu:
 _CPU_OP_REASON = _backend.native_op_reason("attention_forward_cpu")
 _AOT_OP_REASON = _backend.native_op_reason("attention_forward_aot")
 _AOT_BACKWARD_OP_REASON = _backend.native_op_reason("attention_backward_aot")
+_AOT_VARLEN_OP_REASON = _backend.native_op_reason("attention_varlen_forward_aot")
 # What kernels/attention.py aot_kernels(shipped=True) lists (not read from there: that would import Triton).
 _AOT_HEAD_DIMS = (64, 128)
 _AOT_GROUPS = (1, 2, 4, 8)
@@ -167,6 +175,8 @@ def _kernel_limit_reason(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, m
     n_seq = q.shape[0] if cu_q is None else cu_q.numel() - 1
     if n_seq > GRID_YZ_MAX:
         return f"{n_seq} sequences exceed the kernels' grid ({GRID_YZ_MAX} per launch, CUDA's limit)"
+    if q.shape[-2] > GRID_YZ_MAX:
+        return f"{q.shape[-2]} heads exceed the kernels' grid ({GRID_YZ_MAX} per launch, CUDA's limit)"
     for name, t, rows in (("q", q, max_q), ("k", k, max_k), ("v", v, max_k)):
         if rows * max(t.stride(-3), t.shape[-2] * t.shape[-1]) >= 2**31:
             return (
@@ -176,18 +186,31 @@ def _kernel_limit_reason(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor | None, m
     return None
 
 
+def _stride_reason(name: str, t: Tensor) -> str | None:
+    """Why the aot ops cannot take t, or None: the cubins take int32 strides, and the ops pass t's own (rather than a
+    contiguous copy's) when its layout is one the cubins were compiled for (unit stride along D, the others nonzero
+    multiples of 16, an aligned start: csrc/attention_aot_common.h compiled_layout)."""
+    strides = t.stride()
+    if max(strides) < 2**31 or strides[-1] != 1 or t.storage_offset() % 8:
+        return None  # fits, or copied contiguous (whose strides fit where _kernel_limit_reason lets the call through)
+    if any(s == 0 or s % 16 for s in strides[:-1]):
+        return None
+    return f"{name}'s strides {tuple(strides)} reach 2**31, past the shipped attention cubins' int32 strides"
+
+
 def _aot_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap, alibi_slopes) -> str | None:
     """None for the calls whose forward ships (kernels/attention.py _shipped); else why the JIT serves them."""
     if (why := _backend.aot_reason(q.device)) is not None:
         return why
     if _AOT_OP_REASON is not None:
         return _AOT_OP_REASON
+    if cu_q is not None and _AOT_VARLEN_OP_REASON is not None:
+        return _AOT_VARLEN_OP_REASON
     if q.dtype not in _KERNEL_DTYPES_CUDA:
         return f"the shipped attention cubins take fp16 or bf16, got {q.dtype}"
     if q.shape[-1] not in _AOT_HEAD_DIMS:
         return f"the shipped attention cubins take head_dim 64 or 128, got {q.shape[-1]}"
     for name, given in (
-        ("packed sequences (cu_seqlens)", cu_q is not None),
         ("an attn_mask", attn_mask is not None),
         ("dropout", dropout_p > 0.0),
         ("softcap", softcap > 0.0),
@@ -197,7 +220,12 @@ def _aot_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap, alib
             return f"the shipped attention cubins do not take {name}"
     if q.shape[-2] % k.shape[-2] or q.shape[-2] // k.shape[-2] not in _AOT_GROUPS:
         return f"the shipped attention cubins take GQA groups {_AOT_GROUPS}, got {q.shape[-2]} / {k.shape[-2]} heads"
-    return _kernel_limit_reason(q, k, v, cu_q, max_q, max_k)
+    if (why := _kernel_limit_reason(q, k, v, cu_q, max_q, max_k)) is not None:
+        return why
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if (why := _stride_reason(name, t)) is not None:
+            return why
+    return None
 
 
 def _triton_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap, alibi_slopes) -> str | None:
@@ -504,9 +532,12 @@ def _aot_short(q, k, v, scale, left: int, right: int, deterministic: bool) -> Te
         return None
     if H // Hkv not in _AOT_GROUPS or k.device != device or v.device != device:
         return None
-    # unit stride along D, and _kernel_limit_reason's: B within the grid, each sequence's rows within int32 offsets
+    # unit stride along D, and _kernel_limit_reason's: B and H within the grid, each sequence's rows within int32
+    # offsets; strides of 2**31 or more go to the general path, which copies them or leaves them to Triton
     sq, sk, sv = q.stride(), k.stride(), v.stride()
-    if sq[3] != 1 or sk[3] != 1 or sv[3] != 1 or B > GRID_YZ_MAX or Tq * max(sq[1], H * D) >= 2**31:
+    if sq[3] != 1 or sk[3] != 1 or sv[3] != 1 or B > GRID_YZ_MAX or H > GRID_YZ_MAX or Tq * max(sq[1], H * D) >= 2**31:
+        return None
+    if max(sq) >= 2**31 or max(sk) >= 2**31 or max(sv) >= 2**31:
         return None
     if Tk * max(sk[1], Hkv * D) >= 2**31 or Tk * max(sv[1], Hkv * D) >= 2**31:
         return None
