@@ -3,7 +3,7 @@
 // through the dispatcher (its Autograd kernel first, so autograd, Meta and every other key behave as for any call of it).
 // Each function returns None for a call it does not take, and raises nothing on bad input: the Python general path
 // then checks, chooses and calls, and gives the errors. What stays in Python: the backend argument, the aot column's
-// device check, FASTTRAIN_BACKEND and the Dynamo check (fasttrain/_backend.py owns those).
+// device check, FASTTRAIN_BACKEND, and Dynamo or a TorchFunctionMode (fasttrain/_backend.py owns those).
 #include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>

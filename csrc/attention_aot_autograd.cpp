@@ -15,6 +15,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -102,7 +103,12 @@ struct AttentionAot : public torch::autograd::Function<AttentionAot> {
                                .findSchemaOrThrow("fasttrain::attention_backward_aot", "")
                                .typed<BackwardFn>();
     const bool deterministic = band[2] != 0 || at::globalContext().deterministicAlgorithms();
-    auto [dq, dk, dv] = op.call(grads[0], q, k, v, out, lse, scale, left, right, deterministic);
+    // The cubins take int32 strides, and dO (a view of whatever the caller differentiated) may have larger ones,
+    // even on a size-1 dim, which contiguous() keeps; a copy in row-major strides has out's, which fit.
+    const auto& s = grads[0].strides();
+    const bool wide = std::any_of(s.begin(), s.end(), [](int64_t x) { return x >= (int64_t{1} << 31); });
+    const Tensor dout = wide ? grads[0].clone(at::MemoryFormat::Contiguous) : grads[0];
+    auto [dq, dk, dv] = op.call(dout, q, k, v, out, lse, scale, left, right, deterministic);
     return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };

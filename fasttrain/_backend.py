@@ -163,6 +163,12 @@ def forced() -> bool:
     return value is not None and value != _AUTO_VALUE
 
 
+def intercepted() -> bool:
+    """True while Dynamo traces or a TorchFunctionMode is active: the C++ short paths call the dispatcher directly, so
+    either would miss their ops; such calls take the general path, which goes through `torch.ops`."""
+    return torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
+
+
 # ---- the kernels -----------------------------------------------------------------------------------------------------
 
 _kernel_modules: dict[str, ModuleType] = {}

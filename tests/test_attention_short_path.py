@@ -225,6 +225,19 @@ def test_autograd_runs_in_cpp_and_a_call_with_nothing_to_record_skips_it(recordi
     assert [r["kernel"] for r in C.aot_records()] == ["_attn_fwd_kernel"] * 2
 
 
+def test_a_gradient_with_strides_past_int32_is_copied_for_the_cubins(recording):
+    # dO is whatever view the caller differentiated: here a batch stride of 2**31 on a size-1 batch (no storage)
+    q, k, v = _leaves(1, 16, 16, 2, 2, 64)
+    dout = torch.randn(1, 16, 2, 64, dtype=torch.float16)
+    wide = dout.as_strided(dout.shape, (2**31, *dout.stride()[1:]))
+    launches = []
+    for grad in (dout, wide):
+        flash_attn_func(q, k, v, causal=True).backward(grad)
+        launches.append(_launches(C.aot_records()))
+        C.aot_record(True, SM)  # clears
+    assert launches[0] == launches[1] and len(launches[0]) == 3
+
+
 def test_torch_compile_traces_the_short_path_forward_and_backward(recording):
     q, k, v = _leaves(1, 16, 16, 4, 2, 64)
 

@@ -321,6 +321,16 @@ def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkey
     monkeypatch.setenv("FASTTRAIN_BACKEND", "auto")  # auto is no backend forced: the short path takes the call
     layer_norm(x, (100,), w)
     assert len(chosen) == len(general) + 1
+    seen = []  # a TorchFunctionMode sees the op called from Python: under one, the general path runs
+
+    class Log(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        layer_norm(x, (100,), w)
+    assert len(chosen) == len(general) + 2 and any("norm_forward" in name for name in seen)
     # a bad argument never reaches the op: the general path raises its error
     with pytest.raises(ValueError, match="layer_norm: weight must have shape"):
         layer_norm(x, (100,), w[:99])

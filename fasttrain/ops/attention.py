@@ -567,7 +567,7 @@ def _sdpa_short(query, key, value, dropout_p, is_causal, scale, enable_gqa):
     enable_gqa, the top-left causal band as the general path gives it."""
     if type(query) is not Tensor or type(key) is not Tensor or type(value) is not Tensor:
         return None
-    if query.dim() != 4 or key.dim() != 4 or type(dropout_p) not in (float, int) or dropout_p != 0:
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or type(dropout_p) not in (float, int) or dropout_p:
         return None
     if key.shape[1] != query.shape[1] and not enable_gqa:
         return None

@@ -177,7 +177,7 @@ def _aot_short(input, target, ignore_index, reduction, backend) -> Tensor | None
     (csrc/aot_short.cpp)."""
     if backend is not None or _AOT_OP is None or type(input) is not Tensor:
         return None
-    if _backend.aot_reason(input.device) is not None or _backend.forced() or torch.compiler.is_compiling():
+    if _backend.aot_reason(input.device) is not None or _backend.forced() or _backend.intercepted():
         return None  # the device first: a CPU tensor leaves at once
     return _SHORT(input, target, ignore_index, reduction)
 

@@ -486,7 +486,7 @@ def _aot_short(q, k_cache, v_cache, k, v, cache_seqlens, cache_leftpad, softmax_
     the arguments and the op call run in C++ (csrc/aot_short.cpp)."""
     if _AOT_OP is None or type(q) is not torch.Tensor:
         return None
-    if _backend.aot_reason(q.device) is not None or _backend.forced() or torch.compiler.is_compiling():
+    if _backend.aot_reason(q.device) is not None or _backend.forced() or _backend.intercepted():
         return None  # the device first: a CPU tensor leaves at once
     args = (cache_seqlens, cache_leftpad, softmax_scale, causal, window_size, num_splits)
     return _SHORT(q, k_cache, v_cache, k, v, *args)

@@ -356,7 +356,7 @@ def _aot_short(
     launch (tests/test_norms_aot.py). The checks on the arguments and the op call run in C++ (csrc/aot_short.cpp)."""
     if backend is not None or _AOT_OP is None or type(input) is not Tensor:
         return None
-    if _backend.aot_reason(input.device) is not None or _backend.forced() or torch.compiler.is_compiling():
+    if _backend.aot_reason(input.device) is not None or _backend.forced() or _backend.intercepted():
         return None  # the device first: a CPU tensor leaves at once
     return _SHORT(input, residual, normalized_shape, weight, bias, eps, is_rms)
 
