@@ -43,6 +43,10 @@ def test_a_nan_in_q_k_or_v_propagates_as_in_the_reference(backend, which, causal
         # The reference's softmax makes a NaN row NaN at the keys the mask hides too, so its dv is NaN at keys
         # NAN_ROW + 1.. that no output depends on; the kernels skip masked keys, as the math says.
         want[3] = [j <= NAN_ROW for j in range(T)]
+    if backend == "triton" and which == "v" and causal:
+        # Row 0 sees one key: the Triton backward takes its dS as exactly dlse without reading dP (one_key_rows in
+        # kernels/_attention_tiles.py), where the reference's 0 * NaN at the hidden key NAN_ROW makes its dq row NaN.
+        want[1][0] = False
     assert got == want
     if which == "q":  # the NaN row and no other
         assert got[0] == [t == NAN_ROW for t in range(T)]
