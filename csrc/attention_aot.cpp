@@ -3,10 +3,12 @@
 // costs no Python launcher. The ops do what kernels/attention.py `attention_forward` does on a GPU for the calls its
 // shipped set covers (kernels/attention.py _shipped): dense (B, T, H, D) or packed (total, H, D) tensors with int32
 // offsets (VARLEN), fp16/bf16, head_dim 64 or 128, GQA groups 1, 2, 4 or 8, any window (left, right as
-// fasttrain/ops/attention.py _window gives them), no dropout, softcap or ALiBi. The same grid, strides, constexprs
-// (TMA_ALIGNED, FULL_TILES where the tile reads it) and tuning key (tune_seqlen and the band classes); the tile is
-// chosen among the shipped configs of the head dim's class by timing them at a shape class's first call (aot::tune), as
-// the JIT's autotuner chooses among the configs its pruner keeps. The warp-specialized configs (sm_90) build TMA
+// fasttrain/ops/attention.py _window gives them), with or without dropout (dropout_p and the int64 (2,) seed tensor
+// kernels/_attention_dropout.py draws the mask from), no softcap or ALiBi. The same grid, strides, constexprs
+// (TMA_ALIGNED, off with dropout; FULL_TILES where the tile reads it; DROPOUT) and tuning key (tune_seqlen, the band
+// classes, dropout); the tile is chosen among the shipped configs of the head dim's class by timing them at a shape
+// class's first call (aot::tune), as the JIT's autotuner chooses among the configs its pruner keeps (with dropout:
+// those shipped for it, no warp-specialized one). The warp-specialized configs (sm_90) build TMA
 // descriptors on the device in global scratch, which the launcher allocates.
 // The cubins assume what the JIT finds on the usual tensors: 16-byte aligned pointers, strides that are nonzero
 // multiples of 16 elements (so TMA can read them). Inputs that are not are copied contiguous first.
@@ -20,6 +22,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -41,7 +44,8 @@ constexpr int64_t kGridYZMax = 65535;           // CUDA's limit on a grid's y an
 constexpr std::array<Tile, 4> kTiles = {{{128, 64, false}, {128, 128, false}, {64, 64, false}, {128, 128, true}}};
 
 // varlen: q (total_q, H, D), k and v (total_k, Hkv, D) and int32 offsets (B + 1) of each; else (B, T, H, D).
-void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* cu_q, const Tensor* cu_k) {
+void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* cu_q, const Tensor* cu_k, double dropout_p,
+           const std::optional<Tensor>& seed) {
   const bool varlen = cu_q != nullptr;
   const int64_t dims = varlen ? 3 : 4;
   TORCH_CHECK(q.dim() == dims, kName, varlen ? ": packed q must be (total_q, H, D)" : ": q must be (B, Tq, H, D)");
@@ -71,13 +75,16 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* cu_q
     B = cu_q->numel() - 1;
   }
   TORCH_CHECK(B <= kGridYZMax && H <= kGridYZMax, kName, ": B and H must be at most ", kGridYZMax);
+  check_dropout(kName, q, dropout_p, seed);
 }
 
 // The forward of dense (cu_q null) or packed calls; Tq and Tk are the longest sequences when packed.
 std::tuple<Tensor, Tensor> forward(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor* cu_q_in,
                                    const Tensor* cu_k_in, int64_t max_q, int64_t max_k, double scale, int64_t left,
-                                   int64_t right) {
-  check(q_in, k_in, v_in, cu_q_in, cu_k_in);
+                                   int64_t right, double dropout_p, const std::optional<Tensor>& seed_in) {
+  check(q_in, k_in, v_in, cu_q_in, cu_k_in, dropout_p, seed_in);
+  const bool dropout = dropout_p > 0.0;
+  const Tensor seed = dropout ? compiled_seed(*seed_in) : Tensor();
   const c10::DeviceIndex device = launch_device(q_in, kName);
   const bool varlen = cu_q_in != nullptr;
   const Tensor q = as_compiled(q_in), k = as_compiled(k_in), v = as_compiled(v_in);
@@ -102,17 +109,18 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q_in, const Tensor& k_in, const
     const std::initializer_list<at::ScalarType> pointers = {dtype,    dtype,    dtype,   dtype,     at::kFloat,
                                                             at::kInt, at::kInt, at::kLong, at::kFloat};
     // Only the warp-specialized loop reads FULL_TILES: the pipelined tiles ship (and launch) their False cubin.
+    // Dropout takes the pointer loop: TMA_ALIGNED off (kernels/attention.py attention_forward).
     const bool full_cx = full && t.warp_specialize;
-    const std::initializer_list<int64_t> constexprs = {G,    D,         D,         varlen, false,
-                                                       true, full_cx,   t.block_m, t.block_n,
-                                                       t.warp_specialize, false, false, false};
+    const std::initializer_list<int64_t> constexprs = {G,        D,         D,         varlen, false,
+                                                       !dropout, full_cx,   t.block_m, t.block_n,
+                                                       t.warp_specialize, dropout, false, false};
     return required ? &aot::find(aot::Kernel::AttentionForward, pointers, constexprs)
                     : aot::lookup(aot::Kernel::AttentionForward, pointers, constexprs);
   };
   std::vector<const aot::Entry*> candidates;
   std::vector<int64_t> block_ms;
   for (const Tile& t : kTiles) {
-    if (t.warp_specialize && !warp_specialize_on()) continue;
+    if (t.warp_specialize && (dropout || !warp_specialize_on())) continue;
     if (const aot::Entry* e = entry(t, false)) {
       candidates.push_back(e);
       block_ms.push_back(t.block_m);
@@ -154,46 +162,49 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q_in, const Tensor& k_in, const
                  aot::integer(tune_seqlen),
                  aot::integer(tune_left),
                  aot::integer(tune_right),
-                 aot::ptr(at::Tensor()),  // Seed: no dropout
-                 aot::integer(0),
-                 aot::real(1.0),
+                 aot::ptr(seed),  // null without dropout
+                 aot::integer(dropout ? keep_threshold(dropout_p) : 0),
+                 aot::real(dropout ? 1.0 / (1.0 - dropout_p) : 1.0),
                  aot::real(0.0),  // softcap_log2: no softcap
                  aot::ptr(at::Tensor()),  // Alibi
                  aot::integer(0)});
   };
   // The tile, timed among the shipped ones at a shape class's first call: the JIT autotuner's key (HEAD_DIM,
-  // tune_seqlen, GROUP, VARLEN, tune_left, tune_right; the rest fixed for the op's calls) and the dtype. Every trial
-  // writes only out and lse.
+  // tune_seqlen, GROUP, VARLEN, tune_left, tune_right, DROPOUT, which decides TMA_ALIGNED here; the rest fixed for the
+  // op's calls) and the dtype. Every trial writes only out and lse.
   const int chosen = aot::tune(aot::Kernel::AttentionForward,
-                               {static_cast<int64_t>(dtype), D, tune_seqlen, G, varlen, tune_left, tune_right},
+                               {static_cast<int64_t>(dtype), D, tune_seqlen, G, varlen, tune_left, tune_right, dropout},
                                static_cast<int>(candidates.size()), device, launch);
   launch(chosen);
   return {out, lse};
 }
 
 std::tuple<Tensor, Tensor> attention_forward_aot(const Tensor& q, const Tensor& k, const Tensor& v, double scale,
-                                                 int64_t left, int64_t right) {
-  return forward(q, k, v, nullptr, nullptr, 0, 0, scale, left, right);
+                                                 int64_t left, int64_t right, double dropout_p,
+                                                 const std::optional<Tensor>& seed) {
+  return forward(q, k, v, nullptr, nullptr, 0, 0, scale, left, right, dropout_p, seed);
 }
 
 std::tuple<Tensor, Tensor> attention_varlen_forward_aot(const Tensor& q, const Tensor& k, const Tensor& v,
                                                         const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                         int64_t max_seqlen_q, int64_t max_seqlen_k, double scale,
-                                                        int64_t left, int64_t right) {
-  return forward(q, k, v, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right);
+                                                        int64_t left, int64_t right, double dropout_p,
+                                                        const std::optional<Tensor>& seed) {
+  return forward(q, k, v, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right, dropout_p,
+                 seed);
 }
 
 // ---- Meta: shapes and dtypes only, for torch.compile's fake tensors ----
 
 std::tuple<Tensor, Tensor> attention_forward_aot_meta(const Tensor& q, const Tensor&, const Tensor&, double, int64_t,
-                                                      int64_t) {
+                                                      int64_t, double, const std::optional<Tensor>&) {
   return {at::empty(q.sizes(), q.options()),
           at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat))};
 }
 
 std::tuple<Tensor, Tensor> attention_varlen_forward_aot_meta(const Tensor& q, const Tensor&, const Tensor&,
                                                              const Tensor&, const Tensor&, int64_t, int64_t, double,
-                                                             int64_t, int64_t) {
+                                                             int64_t, int64_t, double, const std::optional<Tensor>&) {
   return {at::empty(q.sizes(), q.options()), at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat))};
 }
 

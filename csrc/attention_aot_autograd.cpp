@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -25,9 +26,12 @@ namespace {
 
 using at::Tensor;
 
-using ForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double, int64_t, int64_t);
+// The ops' schemas end in dropout_p and seed, which this op (dropout-free calls only) passes as 0 and none.
+using ForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double, int64_t, int64_t,
+                                             double, const std::optional<Tensor>&);
 using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                      const Tensor&, const Tensor&, double, int64_t, int64_t, bool);
+                                                      const Tensor&, const Tensor&, double, int64_t, int64_t, bool,
+                                                      double, const std::optional<Tensor>&);
 
 const c10::TypedOperatorHandle<ForwardFn>& forward_op() {
   static const auto op =
@@ -38,7 +42,7 @@ const c10::TypedOperatorHandle<ForwardFn>& forward_op() {
 // Below autograd (inference, or nothing that takes a gradient): the forward's output alone.
 Tensor attention_aot(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t left, int64_t right,
                      bool) {
-  return std::get<0>(forward_op().call(q, k, v, scale, left, right));
+  return std::get<0>(forward_op().call(q, k, v, scale, left, right, 0.0, std::nullopt));
 }
 
 Tensor attention_aot_meta(const Tensor& q, const Tensor&, const Tensor&, double, int64_t, int64_t, bool) {
@@ -82,7 +86,7 @@ struct AttentionAot : public torch::autograd::Function<AttentionAot> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                         double scale, int64_t left, int64_t right, bool deterministic) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = forward_op().call(q, k, v, scale, left, right);
+    auto [out, lse] = forward_op().call(q, k, v, scale, left, right, 0.0, std::nullopt);
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["band"] = std::vector<int64_t>{left, right, deterministic};
@@ -108,7 +112,7 @@ struct AttentionAot : public torch::autograd::Function<AttentionAot> {
     const auto& s = grads[0].strides();
     const bool wide = std::any_of(s.begin(), s.end(), [](int64_t x) { return x >= (int64_t{1} << 31); });
     const Tensor dout = wide ? grads[0].clone(at::MemoryFormat::Contiguous) : grads[0];
-    auto [dq, dk, dv] = op.call(dout, q, k, v, out, lse, scale, left, right, deterministic);
+    auto [dq, dk, dv] = op.call(dout, q, k, v, out, lse, scale, left, right, deterministic, 0.0, std::nullopt);
     return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
@@ -122,7 +126,7 @@ Tensor attention_aot_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
   };
   if (!recorded(q) && !recorded(k) && !recorded(v)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return std::get<0>(forward_op().call(q, k, v, scale, left, right));
+    return std::get<0>(forward_op().call(q, k, v, scale, left, right, 0.0, std::nullopt));
   }
   return AttentionAot::apply(q, k, v, scale, left, right, deterministic);
 }

@@ -1,15 +1,17 @@
 // What the attention ops launched from shipped cubins share (attention_aot.cpp, attention_backward_aot.cpp): the
 // tuning key's rounding (kernels/_launch.py, kernels/_attention_launch.py), the FASTTRAIN_ATTENTION_WS switch, the
-// layout the cubins were compiled for, and the device a call launches on.
+// layout the cubins were compiled for, dropout's arguments, and the device a call launches on.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 
 #include "aot_launch.h"
 
@@ -74,6 +76,29 @@ inline at::Tensor compiled_offsets(const at::Tensor& cu) {
 inline std::array<int64_t, 3> bth_strides(const at::Tensor& t, bool varlen) {
   if (varlen) return {0, t.stride(0), t.stride(1)};
   return {t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// Dropout's arguments (kernels/_attention_dropout.py): dropout_p in [0, 1); with dropout_p > 0 the int64 (2,)
+// (seed, offset) tensor on q's device that the mask is drawn from.
+inline void check_dropout(const char* op, const at::Tensor& q, double dropout_p,
+                          const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p == 0.0) return;
+  TORCH_CHECK(seed.has_value() && seed->defined() && seed->dim() == 1 && seed->numel() == 2 &&
+                  seed->scalar_type() == at::kLong && seed->device() == q.device(),
+              op, ": dropout needs seed, an int64 (2,) (seed, offset) tensor on q's device");
+}
+
+// The seed tensor as the cubins read it: contiguous from a 16-byte aligned base (pointers are compiled as multiples
+// of 16, as the JIT specializes a fresh allocation).
+inline at::Tensor compiled_seed(const at::Tensor& seed) {
+  const bool aligned = reinterpret_cast<uintptr_t>(seed.data_ptr()) % 16 == 0;
+  return aligned && seed.is_contiguous() ? seed : seed.clone(at::MemoryFormat::Contiguous);
+}
+
+// kernels/_attention_dropout.py keep_threshold: round(65536 * (1 - dropout_p)), at least 1.
+inline int64_t keep_threshold(double dropout_p) {
+  return std::max<int64_t>(1, std::min<int64_t>(65536, static_cast<int64_t>(65536.0 * (1.0 - dropout_p) + 0.5)));
 }
 
 inline c10::DeviceIndex launch_device(const at::Tensor& q, const char* op) {

@@ -3,7 +3,9 @@
 // (aot_launch.h), so a backward costs no Python launcher. The ops do what kernels/attention_backward.py
 // `attention_backward` does on a GPU for the calls its shipped set covers (kernels/attention_backward.py _shipped):
 // fp16/bf16, dense (B, T, H, D) or packed (total, H, D) tensors with int32 offsets (VARLEN), head_dim 64 or 128, GQA
-// groups 1, 2, 4 or 8, any window, no lse gradient, dropout, softcap or ALiBi. The same grids, arguments and outputs:
+// groups 1, 2, 4 or 8, any window, with or without dropout (the forward's dropout_p and seed tensor, whose mask the
+// kernels regenerate: TMA_ALIGNED off, no warp-specialized tile, and the dQ kernel's plan where no atomic-dQ tile takes
+// dropout without spilling, so none ships), no lse gradient, softcap or ALiBi. The same grids, arguments and outputs:
 // delta by the preprocess, then dQ by float32 atomics from the dK/dV kernel (zeroed, then cast to q's dtype) or by its
 // own kernel after dK/dV; deterministic takes the second, otherwise the two plans are timed at a shape class's first
 // call (aot::tune, the JIT's _backward_plans key), and each kernel's tile is chosen among the shipped ones by timing
@@ -21,6 +23,7 @@
 #include <algorithm>
 #include <array>
 #include <functional>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -58,7 +61,7 @@ std::vector<Tile> dq_tiles(int64_t head_dim) {
 // varlen: q, out, dout (total_q, H, D), k and v (total_k, Hkv, D), lse (H, total_q) and int32 offsets (B + 1) of
 // each; else (B, T, H, D) and lse (B, H, Tq).
 void check(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-           const Tensor* cu_q, const Tensor* cu_k) {
+           const Tensor* cu_q, const Tensor* cu_k, double dropout_p, const std::optional<Tensor>& seed) {
   const bool varlen = cu_q != nullptr;
   TORCH_CHECK(q.dim() == (varlen ? 3 : 4), kName,
               varlen ? ": packed q must be (total_q, H, D)" : ": q must be (B, Tq, H, D)");
@@ -80,6 +83,7 @@ void check(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v
                 ": k, v, out and dout must be in q's dtype on q's device");
   }
   TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), kName, ": out and dout must have q's shape");
+  check_dropout(kName, q, dropout_p, seed);
   if (varlen) {
     for (const Tensor* cu : {cu_q, cu_k}) {
       TORCH_CHECK(cu->dim() == 1 && cu->numel() >= 2 && cu->numel() == cu_q->numel() &&
@@ -101,8 +105,11 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
                                             const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
                                             const Tensor* cu_q_in, const Tensor* cu_k_in, int64_t max_q,
                                             int64_t max_k, double scale, int64_t left, int64_t right,
-                                            bool deterministic) {
-  check(dout_in, q_in, k_in, v_in, out_in, lse_in, cu_q_in, cu_k_in);
+                                            bool deterministic, double dropout_p,
+                                            const std::optional<Tensor>& seed_in) {
+  check(dout_in, q_in, k_in, v_in, out_in, lse_in, cu_q_in, cu_k_in, dropout_p, seed_in);
+  const bool dropout = dropout_p > 0.0;
+  const Tensor seed = dropout ? compiled_seed(*seed_in) : Tensor();
   const c10::DeviceIndex device = launch_device(q_in, kName);
   const bool varlen = cu_q_in != nullptr;
   auto bth = [varlen](const Tensor& t) {
@@ -128,6 +135,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
   const int64_t tune_left = band_class(left, tune_seqlen), tune_right = band_class(right, tune_seqlen);
   // kernels/_attention_launch.py full_tiles (dense): no tile has a row or column to mask
   const bool full = !varlen && Tq % 128 == 0 && Tk % 128 == 0 && left >= Tk - 1 && right >= Tq - 1;
+  const bool tma = !dropout;  // dK/dV's TMA_ALIGNED: dropout takes the pointer loop
   const aot::Value null = aot::ptr(Tensor()), cu_q_ptr = aot::ptr(cu_q), cu_k_ptr = aot::ptr(cu_k);
   // (batch, head) strides of lse: (H, total_q) when packed
   const std::vector<aot::Value> lse_strides = {aot::integer(varlen ? 0 : lse.stride(0)),
@@ -155,10 +163,13 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
     for (const aot::Value& s : bth(*t)) common.push_back(s);
   }
   common.insert(common.end(), lse_strides.begin(), lse_strides.end());
+  // Seed (null without dropout), dropout_threshold, dropout_scale; then softcap_log2, Alibi, stride_ab: none.
+  const int64_t threshold = dropout ? keep_threshold(dropout_p) : 0;
+  const double dropout_scale = dropout ? 1.0 / (1.0 - dropout_p) : 1.0;
   const std::vector<aot::Value> tail = {aot::integer(Tq),          aot::integer(Tk),        aot::real(scale),
                                         aot::real(scale_log2),     aot::integer(left),      aot::integer(right),
                                         aot::integer(tune_seqlen), aot::integer(tune_left), aot::integer(tune_right),
-                                        null,                      aot::integer(0),         aot::real(1.0),
+                                        aot::ptr(seed),            aot::integer(threshold), aot::real(dropout_scale),
                                         aot::real(0.0),            null,                    aot::integer(0)};
   const std::vector<aot::Value> dk_s = bth(dk), dv_s = bth(dv);
 
@@ -171,25 +182,27 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
     aot::launch(e, grid, device, values.data(), values.size());
   };
 
-  // The shipped dK/dV tiles of this call's class (with or without atomic dQ), the JIT's first config's first.
-  auto dkdv_candidates = [&](bool atomic) {
+  // The shipped dK/dV tiles of this call's class (with or without atomic dQ), the JIT's first config's first; with
+  // `required` the registry's error when none is, else none.
+  auto dkdv_candidates = [&](bool atomic, bool required) {
     std::vector<const aot::Entry*> found;
     const std::initializer_list<at::ScalarType> pointers = {dtype, dtype, dtype, dtype, f32, f32,  dtype,
                                                             dtype, f32,   i32,   i32,   i64, f32};
     const std::vector<Tile> tiles = dkdv_tiles(D, atomic);
     for (const Tile& t : tiles) {
-      if (t.warp_specialize && !warp_specialize_on()) continue;
+      if (t.warp_specialize && (dropout || !warp_specialize_on())) continue;
       // Only the warp-specialized loop reads FULL_TILES: the pipelined tiles ship (and launch) their False cubin.
       const bool full_cx = full && t.warp_specialize;
-      const std::initializer_list<int64_t> cx = {G,         D,         D,     varlen, false, true, full_cx,
-                                                 t.block_m, t.block_n, t.warp_specialize, atomic, false, false, false};
+      const std::initializer_list<int64_t> cx = {G,         D,         D,      varlen,  false, tma,
+                                                 full_cx,   t.block_m, t.block_n, t.warp_specialize, atomic,
+                                                 dropout,   false,     false};
       if (const aot::Entry* e = aot::lookup(aot::Kernel::AttentionBackwardDkdv, pointers, cx)) found.push_back(e);
     }
-    if (found.empty()) {  // none shipped: the registry's error
+    if (found.empty() && required) {  // none shipped: the registry's error
       const Tile& t = tiles[0];
       found.push_back(&aot::find(aot::Kernel::AttentionBackwardDkdv, pointers,
-                                 {G, D, D, varlen, false, true, full && t.warp_specialize, t.block_m, t.block_n,
-                                  t.warp_specialize, atomic, false, false, false}));
+                                 {G, D, D, varlen, false, tma, full && t.warp_specialize, t.block_m, t.block_n,
+                                  t.warp_specialize, atomic, dropout, false, false}));
     }
     return found;
   };
@@ -199,16 +212,17 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
     return aot::Grid{static_cast<uint32_t>(cdiv(Tk, block_n)), static_cast<uint32_t>(Hkv), static_cast<uint32_t>(B)};
   };
   // The tile of a kernel, timed among the shipped ones at a shape class's first call: the JIT autotuner's key
-  // (HEAD_DIM, tune_seqlen, GROUP, VARLEN, tune_left, tune_right; TMA_ALIGNED, DROPOUT, SOFTCAP and ALIBI are
-  // fixed here) and the dtype; `what` tells dK/dV without (0) and with (1) atomic dQ and dQ (2) apart.
+  // (HEAD_DIM, tune_seqlen, GROUP, VARLEN, tune_left, tune_right, DROPOUT, which decides TMA_ALIGNED here; SOFTCAP
+  // and ALIBI are fixed) and the dtype; `what` tells dK/dV without (0) and with (1) atomic dQ and dQ (2) apart.
   auto tuned = [&](int64_t what, aot::Kernel kernel, const std::vector<const aot::Entry*>& candidates,
                    const std::function<void(const aot::Entry&)>& run) {
-    const int i = aot::tune(kernel,
-                            {what, static_cast<int64_t>(dtype), D, tune_seqlen, G, varlen, tune_left, tune_right},
+    const int i = aot::tune(
+        kernel, {what, static_cast<int64_t>(dtype), D, tune_seqlen, G, varlen, tune_left, tune_right, dropout},
                             static_cast<int>(candidates.size()), device, [&](int c) { run(*candidates[c]); });
     return candidates[i];
   };
 
+  std::vector<const aot::Entry*> atomic_candidates;  // the atomic plan's dK/dV tiles, found once it may run
   auto atomic_dq = [&]() {
     Tensor dq_acc = at::zeros(q.sizes(), opts.dtype(f32));  // contiguous, whatever q's strides
     const std::vector<aot::Value> dq_s = bth(dq_acc);
@@ -222,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
                   strides);
     };
     bool trials = false;
-    const aot::Entry* e = tuned(1, aot::Kernel::AttentionBackwardDkdv, dkdv_candidates(true), [&](const aot::Entry& c) {
+    const aot::Entry* e = tuned(1, aot::Kernel::AttentionBackwardDkdv, atomic_candidates, [&](const aot::Entry& c) {
       dq_acc.zero_();  // the JIT autotuner's reset_to_zero before each trial
       trials = true;
       run(c);
@@ -242,7 +256,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
                    aot::ptr(dk), aot::ptr(dv), null, cu_q_ptr, cu_k_ptr},
                   strides);
     };
-    run_dkdv(*tuned(0, aot::Kernel::AttentionBackwardDkdv, dkdv_candidates(false), run_dkdv));
+    run_dkdv(*tuned(0, aot::Kernel::AttentionBackwardDkdv, dkdv_candidates(false, true), run_dkdv));
     Tensor dq = at::empty(q.sizes(), opts);
     const std::initializer_list<at::ScalarType> pointers = {dtype, dtype, dtype, dtype, f32, f32,
                                                             dtype, i32,   i32,   i64,   f32};
@@ -250,13 +264,13 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
     const std::vector<Tile> tiles = dq_tiles(D);
     for (const Tile& t : tiles) {
       if (const aot::Entry* e = aot::lookup(aot::Kernel::AttentionBackwardDq, pointers,
-                                            {G, D, D, varlen, false, t.block_m, t.block_n, false, false, false})) {
+                                            {G, D, D, varlen, false, t.block_m, t.block_n, dropout, false, false})) {
         candidates.push_back(e);
       }
     }
     if (candidates.empty()) {
       candidates.push_back(&aot::find(aot::Kernel::AttentionBackwardDq, pointers,
-                                      {G, D, D, varlen, false, tiles[0].block_m, tiles[0].block_n, false, false,
+                                      {G, D, D, varlen, false, tiles[0].block_m, tiles[0].block_n, dropout, false,
                                        false}));
     }
     auto run_dq = [&](const aot::Entry& e) {
@@ -275,14 +289,21 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
     Tensor dq = separate_dq();
     return {dq, dk, dv};
   }
+  // With dropout, a head dim whose atomic-dQ tiles all spill on this arch has none shipped
+  // (kernels/_attention_configs.py _DROPOUT_SPILLS): the dQ kernel's plan, as the JIT's takes_dropout check gives it.
+  atomic_candidates = dkdv_candidates(true, !dropout);
+  if (atomic_candidates.empty()) {
+    Tensor dq = separate_dq();
+    return {dq, dk, dv};
+  }
   // The plan, timed at a shape class's first call: kernels/attention_backward.py _backward_plans' key (dtype, the
   // tuning ints, B * Hkv rounded up to a power of 2, and the dK/dV launch's constexprs: GROUP, HEAD_DIM, VARLEN and
-  // FULL_TILES vary here). The preprocess has no tile to tune, so its kernel's slot keys the plans. Candidate 0, the
-  // atomic plan, is the JIT's default where nothing can be timed.
+  // FULL_TILES and DROPOUT vary here). The preprocess has no tile to tune, so its kernel's slot keys the plans.
+  // Candidate 0, the atomic plan, is the JIT's default where nothing can be timed.
   Tensor dq;
   const int plan = aot::tune(aot::Kernel::AttentionBackwardPreprocess,
                              {static_cast<int64_t>(dtype), tune_seqlen, tune_left, tune_right, next_power_of_2(B * Hkv),
-                              G, D, varlen, full},
+                              G, D, varlen, full, dropout},
                              2, device, [&](int i) { dq = i == 0 ? atomic_dq() : separate_dq(); });
   dq = plan == 0 ? atomic_dq() : separate_dq();
   return {dq, dk, dv};
@@ -291,8 +312,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
 std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                           const Tensor& v, const Tensor& out, const Tensor& lse,
                                                           double scale, int64_t left, int64_t right,
-                                                          bool deterministic) {
-  return backward(dout, q, k, v, out, lse, nullptr, nullptr, 0, 0, scale, left, right, deterministic);
+                                                          bool deterministic, double dropout_p,
+                                                          const std::optional<Tensor>& seed) {
+  return backward(dout, q, k, v, out, lse, nullptr, nullptr, 0, 0, scale, left, right, deterministic, dropout_p,
+                  seed);
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_aot(const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -300,23 +323,26 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_aot(const Tensor& d
                                                                  const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                                  int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                                  double scale, int64_t left, int64_t right,
-                                                                 bool deterministic) {
+                                                                 bool deterministic, double dropout_p,
+                                                                 const std::optional<Tensor>& seed) {
   return backward(dout, q, k, v, out, lse, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left,
-                  right, deterministic);
+                  right, deterministic, dropout_p, seed);
 }
 
 // ---- Meta: shapes and dtypes only, for torch.compile's fake tensors ----
 
 std::tuple<Tensor, Tensor, Tensor> attention_backward_aot_meta(const Tensor&, const Tensor& q, const Tensor& k,
                                                                const Tensor& v, const Tensor&, const Tensor&, double,
-                                                               int64_t, int64_t, bool) {
+                                                               int64_t, int64_t, bool, double,
+                                                               const std::optional<Tensor>&) {
   return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_aot_meta(const Tensor&, const Tensor& q, const Tensor& k,
                                                                       const Tensor& v, const Tensor&, const Tensor&,
                                                                       const Tensor&, const Tensor&, int64_t, int64_t,
-                                                                      double, int64_t, int64_t, bool) {
+                                                                      double, int64_t, int64_t, bool, double,
+                                                                      const std::optional<Tensor>&) {
   return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
 }
 

@@ -84,14 +84,19 @@ TORCH_LIBRARY(fasttrain, m) {
       "-> (Tensor, Tensor)");
   // flash_attn_func's common forward from the attention kernel compiled ahead of time (attention_aot.cpp): q (B, Tq, H,
   // D), k and v (B, Tk, Hkv, D), query i seeing keys j with Tk - Tq - left <= j - i <= Tk - Tq + right; out (B, Tq, H,
-  // D) in q's dtype and a float32 lse (B, H, Tq), as fasttrain/ops/attention.py's triton column.
-  m.def("attention_forward_aot(Tensor q, Tensor k, Tensor v, float scale, int left, int right) -> (Tensor, Tensor)");
+  // D) in q's dtype and a float32 lse (B, H, Tq), as fasttrain/ops/attention.py's triton column. dropout_p > 0 drops
+  // the mask of seed, the int64 (2,) (seed, offset) tensor on q's device (kernels/_attention_dropout.py); trailing
+  // and defaulted, so that a call without dropout reads as before.
+  m.def(
+      "attention_forward_aot(Tensor q, Tensor k, Tensor v, float scale, int left, int right, float dropout_p=0., "
+      "Tensor? seed=None) -> (Tensor, Tensor)");
   // The attention backward of flash_attn_func's common call from the Triton kernels compiled ahead of time
   // (attention_backward_aot.cpp): (dq, dk, dv) shaped like q, k, v, as kernels/attention_backward.py gives them for
-  // dense inputs, no dlse, dropout, softcap or ALiBi; deterministic takes the dQ kernel rather than atomics.
+  // dense inputs, no dlse, softcap or ALiBi; deterministic takes the dQ kernel rather than atomics; dropout_p and seed
+  // the forward's, whose mask the kernels regenerate.
   m.def(
       "attention_backward_aot(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
-      "int left, int right, bool deterministic) -> (Tensor, Tensor, Tensor)");
+      "int left, int right, bool deterministic, float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor, Tensor)");
   // The two above as one op with its autograd in C++ (attention_aot_autograd.cpp): out (B, Tq, H, D) of
   // attention_forward_aot, and in the backward attention_backward_aot's gradients of q, k and v.
   m.def(
@@ -101,9 +106,10 @@ TORCH_LIBRARY(fasttrain, m) {
   // the dense ops' schemas (which other C++ callers bind to) stay as they are.
   m.def(
       "attention_varlen_forward_aot(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float scale, int left, int right) -> (Tensor, Tensor)");
+      "int max_seqlen_q, int max_seqlen_k, float scale, int left, int right, float dropout_p=0., Tensor? seed=None) "
+      "-> (Tensor, Tensor)");
   m.def(
       "attention_varlen_backward_aot(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int left, "
-      "int right, bool deterministic) -> (Tensor, Tensor, Tensor)");
+      "int right, bool deterministic, float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor, Tensor)");
 }

@@ -475,40 +475,48 @@ SHIPPED_GROUPS = (1, 2, 4, 8)  # and the GQA groups (GROUP is a constexpr: one c
 
 def _shipped(arch: int, dtype: str) -> list[dict]:
     """The forward as csrc/attention_aot.cpp launches it: flash_attn_func's and flash_attn_varlen_func's common eager
-    calls (dense or packed, fp16/bf16, head dim 64 or 128, no dropout, softcap or ALiBi; any window, causal or not) on
+    calls (dense or packed, fp16/bf16, head dim 64 or 128, no softcap or ALiBi; any window, causal or not) on
     TMA-aligned inputs (the op copies others), under every config of arch's table for the class, per GQA group, with
     FULL_TILES off, and on too for the dense warp-specialized configs (the only ones that read it: the pipelined tiles
     compile to the same code either way, and the C++ op launches their FULL_TILES=False cubin; packed calls never
-    have it). The registry keys a case by its constexprs, so of two configs differing only in num_warps or num_stages
-    the first ships (none does today). Packed cases are labelled " varlen"."""
+    have it). Then the same with dropout (DROPOUT, labelled " dropout"), as attention_forward launches it: TMA_ALIGNED
+    off (dropout takes the pointer loop), under the configs the pruner keeps for it (no warp-specialized ones, none
+    marked no_dropout). The registry keys a case by its constexprs, so of two configs differing only in num_warps or
+    num_stages the first ships (none does today). Packed cases are labelled " varlen"."""
     if dtype not in ("fp16", "bf16"):
         return []
     cases, seen = [], set()
-    for varlen in (False, True):
-        for d in SHIPPED_HEAD_DIMS:
-            cls = {64: "d64", 128: "d128"}[d]
-            for group in SHIPPED_GROUPS:
-                for c in FWD_CONFIGS[arch][cls]:
-                    for full in (False, True):
-                        if full and (varlen or not c.kwargs.get("WARP_SPECIALIZE", False)):
-                            continue  # the pipelined loop ignores FULL_TILES: its False cubin is the same code
-                        constexprs = {**aot_launch(d, dtype), **c.kwargs, "GROUP": group, "FULL_TILES": full}
-                        constexprs.update(VARLEN=varlen)
-                        constexprs.setdefault("WARP_SPECIALIZE", False)
-                        key = tuple(sorted(constexprs.items()))
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        tile = " ".join(f"{k}={v}" for k, v in c.kwargs.items())
-                        label = f"{cls} G{group} {tile} w{c.num_warps} s{c.num_stages}" + " full" * full
-                        cases.append(
-                            dict(
-                                label=label + " varlen" * varlen,
-                                constexprs=constexprs,
-                                num_warps=c.num_warps,
-                                num_stages=c.num_stages,
+    for dropout in (False, True):
+        for varlen in (False, True):
+            for d in SHIPPED_HEAD_DIMS:
+                cls = {64: "d64", 128: "d128"}[d]
+                for group in SHIPPED_GROUPS:
+                    for c in FWD_CONFIGS[arch][cls]:
+                        ws = c.kwargs.get("WARP_SPECIALIZE", False)
+                        if dropout and (ws or getattr(c, "no_dropout", False)):
+                            continue  # the pruner leaves it out of dropout's launches
+                        for full in (False, True):
+                            if full and (varlen or not ws):
+                                continue  # the pipelined loop ignores FULL_TILES: its False cubin is the same code
+                            constexprs = {**aot_launch(d, dtype), **c.kwargs, "GROUP": group, "FULL_TILES": full}
+                            constexprs.update(VARLEN=varlen, DROPOUT=dropout)
+                            if dropout:
+                                constexprs["TMA_ALIGNED"] = False
+                            constexprs.setdefault("WARP_SPECIALIZE", False)
+                            key = tuple(sorted(constexprs.items()))
+                            if key in seen:
+                                continue
+                            seen.add(key)
+                            tile = " ".join(f"{k}={v}" for k, v in c.kwargs.items())
+                            label = f"{cls} G{group} {tile} w{c.num_warps} s{c.num_stages}" + " full" * full
+                            cases.append(
+                                dict(
+                                    label=label + " varlen" * varlen + " dropout" * dropout,
+                                    constexprs=constexprs,
+                                    num_warps=c.num_warps,
+                                    num_stages=c.num_stages,
+                                )
                             )
-                        )
     return [dict(kernel=_attn_fwd_kernel, types=AOT_TYPES, cases=cases)]
 
 

@@ -1198,50 +1198,60 @@ SHIPPED_HEAD_DIMS = (64, 128)
 SHIPPED_GROUPS = (1, 2, 4, 8)  # GQA's H / Hkv: a constexpr of both tiles (the dK/dV program loops over the group)
 
 
-def shipped_tiles(table_for_arch: dict, cls: str) -> list[triton.Config]:
+def shipped_tiles(table_for_arch: dict, cls: str, dropout: bool = False) -> list[triton.Config]:
     """The configs of a head-dim class that ship, in the table's order: the first of each set of constexprs (the C++
-    registry keys a case by its constexprs, so configs that differ only in warps or stages cannot both be found)."""
+    registry keys a case by its constexprs, so configs that differ only in warps or stages cannot both be found).
+    dropout: those the pruner keeps for a DROPOUT launch (no warp-specialized ones, none marked no_dropout)."""
     tiles = {}
     for c in table_for_arch[cls]:
+        if dropout and (c.kwargs.get("WARP_SPECIALIZE", False) or getattr(c, "no_dropout", False)):
+            continue
         tiles.setdefault(tuple(sorted(c.kwargs.items())), c)
     return list(tiles.values())
 
 
 def _shipped(arch: int, dtype: str) -> list[dict]:
     """The common eager calls of the backward: fp16/bf16, dense (B, T, H, D) or packed (total, H, D) tensors, head dim
-    64 or 128, GQA groups SHIPPED_GROUPS, any window (causal or not), no lse gradient, dropout, softcap or ALiBi;
-    inputs that TMA could read (TMA_ALIGNED: the C++ op copies any other). The preprocess; dK/dV under each shipped
-    tile of both its tables (dQ by atomics or not; the warp-specialized sm_90 tiles make their TMA descriptors in
-    global scratch, which the C++ launcher allocates), with FULL_TILES off, and on too for the dense warp-specialized
-    tiles (the only ones that read it: the pipelined tiles compile to the same code either way, and the C++ op
-    launches their FULL_TILES=False cubin; packed calls never have it); dQ under each shipped tile. The dense cases
-    first, then the packed ones (VARLEN, but the tiles that spill then: _attention_configs.DENSE_ONLY), labelled
-    " varlen"."""
+    64 or 128, GQA groups SHIPPED_GROUPS, any window (causal or not), no lse gradient, softcap or ALiBi; inputs that
+    TMA could read (TMA_ALIGNED: the C++ op copies any other). The preprocess; dK/dV under each shipped tile of both
+    its tables (dQ by atomics or not; the warp-specialized sm_90 tiles make their TMA descriptors in global scratch,
+    which the C++ launcher allocates), with FULL_TILES off, and on too for the dense warp-specialized tiles (the only
+    ones that read it: the pipelined tiles compile to the same code either way, and the C++ op launches their
+    FULL_TILES=False cubin; packed calls never have it); dQ under each shipped tile. The dense cases first, then the
+    packed ones (VARLEN, but the tiles that spill then: _attention_configs.DENSE_ONLY), labelled " varlen". Then dK/dV
+    and dQ again with dropout (DROPOUT, labelled " dropout"), as attention_backward launches them: TMA_ALIGNED and
+    FULL_TILES off, under the tiles the pruner keeps for it (shipped_tiles(dropout=True); the preprocess takes no
+    dropout)."""
     if dtype not in ("fp16", "bf16"):
         return []
     preprocess, dkdv, dq = [], [], []
-    for varlen in (False, True):
-        off = dict(VARLEN=varlen, UPCAST=False, DROPOUT=False, SOFTCAP=False, ALIBI=False)
-        tag = " varlen" * varlen
-        for d in SHIPPED_HEAD_DIMS:
-            cls = head_dim_class(d)
-            dims = dict(HEAD_DIM=d, HEAD_DIM_PAD=d)
-            constexprs = dict(**dims, VARLEN=varlen, HAS_DLSE=False, BLOCK_M=_PREPROCESS_BLOCK_M)
-            preprocess.append(dict(label=f"{cls} w4{tag}", constexprs=constexprs, num_warps=4))
-            for group in SHIPPED_GROUPS:
-                for table in (DKDV_CONFIGS[arch], DKDV_DQ_CONFIGS[arch]):
-                    for full in (False, True):
-                        for c in shipped_tiles(table, cls):
-                            if full and (varlen or not c.kwargs["WARP_SPECIALIZE"]):
-                                continue  # the pointer loop ignores FULL_TILES: its False cubin is the same code
-                            if varlen and id(c) in DENSE_ONLY:
-                                continue  # spills when packed: the JIT's pruner leaves it out too
-                            constexprs = dict(GROUP=group, **dims, **off, TMA_ALIGNED=True, FULL_TILES=full, **c.kwargs)
-                            label = _label(cls, group, c, full) + tag
-                            dkdv.append(dict(label=label, constexprs=constexprs, **_options(c)))
-                for c in shipped_tiles(DQ_CONFIGS[arch], cls):
-                    constexprs = dict(GROUP=group, **dims, **off, **c.kwargs)
-                    dq.append(dict(label=_label(cls, group, c) + tag, constexprs=constexprs, **_options(c)))
+    for dropout in (False, True):
+        for varlen in (False, True):
+            off = dict(VARLEN=varlen, UPCAST=False, DROPOUT=dropout, SOFTCAP=False, ALIBI=False)
+            tag = " varlen" * varlen + " dropout" * dropout
+            for d in SHIPPED_HEAD_DIMS:
+                cls = head_dim_class(d)
+                dims = dict(HEAD_DIM=d, HEAD_DIM_PAD=d)
+                if not dropout:
+                    constexprs = dict(**dims, VARLEN=varlen, HAS_DLSE=False, BLOCK_M=_PREPROCESS_BLOCK_M)
+                    preprocess.append(dict(label=f"{cls} w4{tag}", constexprs=constexprs, num_warps=4))
+                for group in SHIPPED_GROUPS:
+                    for table in (DKDV_CONFIGS[arch], DKDV_DQ_CONFIGS[arch]):
+                        for full in (False, True):
+                            for c in shipped_tiles(table, cls, dropout):
+                                if full and (varlen or not c.kwargs["WARP_SPECIALIZE"]):
+                                    continue  # the pointer loop ignores FULL_TILES: its False cubin is the same code
+                                if varlen and id(c) in DENSE_ONLY:
+                                    continue  # spills when packed: the JIT's pruner leaves it out too
+                                tma = not dropout  # dropout takes the pointer loop
+                                constexprs = dict(
+                                    GROUP=group, **dims, **off, TMA_ALIGNED=tma, FULL_TILES=full, **c.kwargs
+                                )
+                                label = _label(cls, group, c, full) + tag
+                                dkdv.append(dict(label=label, constexprs=constexprs, **_options(c)))
+                    for c in shipped_tiles(DQ_CONFIGS[arch], cls, dropout):
+                        constexprs = dict(GROUP=group, **dims, **off, **c.kwargs)
+                        dq.append(dict(label=_label(cls, group, c) + tag, constexprs=constexprs, **_options(c)))
     return [
         dict(kernel=_attn_bwd_preprocess_kernel, types=AOT_TYPES, cases=preprocess),
         dict(kernel=_attn_bwd_dkdv_kernel, types=AOT_TYPES, cases=dkdv),

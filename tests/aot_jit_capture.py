@@ -307,12 +307,24 @@ def _attention_inputs(case: dict, half, *names) -> tuple[dict, dict, tuple]:
     return tensors, cu, packed
 
 
+def _dropout(case: dict, tensors: dict) -> tuple:
+    """(dropout_p, seed) of a case, the seed drawn as fasttrain.ops.attention draws it and named "seed" in tensors."""
+    from fasttrain.ops.attention_dropout import dropout_seed
+
+    p = case.get("dropout_p", 0.0)
+    if p == 0.0:
+        return 0.0, None
+    tensors["seed"] = seed = dropout_seed(tensors["q"].device)
+    return p, seed
+
+
 def run_attention_case(C, entries, index, case: dict) -> dict:
     """case (op "attention"): B, Tq, Tk (or lengths_q and lengths_k: packed), H, Hkv, D, window (left, right) as
     fasttrain.ops.attention._window gives them, dtype, config (the index of the sm_90 config of the head-dim class
     that the JIT's autotuner is held to and that the C++ tuner is given the fastest time for), times (the C++ tuner's
-    times, one per shipped candidate). The JIT's launch and the C++ op's launches (the tuner's trials, then the chosen
-    one), with the JIT's scratch request."""
+    times, one per shipped candidate), dropout_p (optional; the seed tensor, "seed", drawn as the public functions
+    draw it). The JIT's launch and the C++ op's launches (the tuner's trials, then the chosen one), with the JIT's
+    scratch request."""
     from fasttrain.kernels import attention
     from fasttrain.kernels._attention_configs import FWD_CONFIGS, head_dim_class
 
@@ -322,16 +334,18 @@ def run_attention_case(C, entries, index, case: dict) -> dict:
     tensors, cu, (cu_q, cu_k, Tq, Tk) = _attention_inputs(case, half)
     q, k, v = tensors["q"], tensors["k"], tensors["v"]
     scale, (left, right) = D**-0.5, case["window"]
+    p, seed = _dropout(case, tensors)
     del _jit_launches[:]
-    out, lse = attention.attention_forward(q, k, v, cu_q, cu_k, Tq, Tk, scale, left, right)
+    out, lse = attention.attention_forward(q, k, v, cu_q, cu_k, Tq, Tk, scale, left, right, p, seed)
     (launch,) = _jit_launches
     jit = jit_launch(_names({**tensors, **cu, "out": out, "lse": lse}), launch)
     jit["scratch"] = jit_scratch_request(index, jit)
     C.aot_tune_reset(case["times"])
     if cu_q is None:
-        out, lse = torch.ops.fasttrain.attention_forward_aot(q, k, v, scale, left, right)
+        out, lse = torch.ops.fasttrain.attention_forward_aot(q, k, v, scale, left, right, p, seed)
     else:
-        out, lse = torch.ops.fasttrain.attention_varlen_forward_aot(q, k, v, cu_q, cu_k, Tq, Tk, scale, left, right)
+        args = (cu_q, cu_k, Tq, Tk, scale, left, right, p, seed)
+        out, lse = torch.ops.fasttrain.attention_varlen_forward_aot(q, k, v, *args)
     names = _names({**tensors, **cu, "out": out, "lse": lse})
     aot = [{**aot_launch(C, entries, names, r), "scratch_bytes": r["scratch_bytes"]} for r in C.aot_records()]
     C.aot_record(True, MULTIPROCESSORS)  # clears
@@ -345,33 +359,38 @@ def run_attention_backward_case(C, entries, case: dict) -> dict:
     kernel"; the C++ op, with nothing to time, takes the atomic one unless deterministic). The JIT's autotuners take
     the head-dim class's first shipped sm_90 tile, the one the C++ op launches untimed, or the dK/dV tile dkdv_tile
     (an index into the shipped tiles) when the case gives the C++ tuner its times (fasttrain._C.aot_tune_reset),
-    which then records its trials too. The launches of one call in order (preprocess, dK/dV, dQ)."""
+    which then records its trials too; with dropout_p (optional) the tiles shipped for dropout, and the seed tensor,
+    "seed". The launches of one call in order (preprocess, dK/dV, dQ)."""
     from fasttrain.kernels import attention_backward as ab
     from fasttrain.kernels._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class
 
     torch.manual_seed(case.get("seed", 0))
     half, H, D = DTYPES[case["dtype"]], case["H"], case["D"]
     cls = head_dim_class(D)
-    tile = case.get("dkdv_tile", 0)
+    tile, dropout = case.get("dkdv_tile", 0), case.get("dropout_p", 0.0) > 0.0
     for tuner, table in ((ab._attn_bwd_dkdv, DKDV_CONFIGS), (ab._attn_bwd_dkdv_dq, DKDV_DQ_CONFIGS)):
-        tuner.configs, tuner.early_config_prune = ab.shipped_tiles(table[90], cls)[tile : tile + 1], None
-    ab._attn_bwd_dq.configs, ab._attn_bwd_dq.early_config_prune = ab.shipped_tiles(DQ_CONFIGS[90], cls)[:1], None
+        tuner.configs = ab.shipped_tiles(table[90], cls, dropout)[tile : tile + 1]
+        tuner.early_config_prune = None
+    ab._attn_bwd_dq.configs = ab.shipped_tiles(DQ_CONFIGS[90], cls, dropout)[:1]
+    ab._attn_bwd_dq.early_config_prune = None
     ab._backward_plans.default = case["plan"]
     inputs, cu, (cu_q, cu_k, Tq, Tk) = _attention_inputs(case, half, "out", "dout")
     q, k, v, out, do = (inputs[n] for n in ("q", "k", "v", "out", "dout"))
     inputs["lse"] = lse = torch.randn(H, q.shape[0]) if cu else torch.randn(q.shape[0], H, Tq)
     inputs.update(cu)
     scale, (left, right), det = D**-0.5, case["window"], case["deterministic"]
+    p, seed = _dropout(case, inputs)
     del _jit_launches[:]
     args = (do, q, k, v, out, lse, None, cu_q, cu_k, Tq, Tk, scale, left, right, det)
-    dq, dk, dv = ab.attention_backward(*args)
+    dq, dk, dv = ab.attention_backward(*args, dropout_p=p, seed=seed)
     names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
     jit = [jit_launch(names, launch) for launch in _jit_launches]
     C.aot_tune_reset(case.get("times", []))
     if cu_q is None:
-        dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, det)
+        args = (do, q, k, v, out, lse, scale, left, right, det, p, seed)
+        dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(*args)
     else:
-        args = (do, q, k, v, out, lse, cu_q, cu_k, Tq, Tk, scale, left, right, det)
+        args = (do, q, k, v, out, lse, cu_q, cu_k, Tq, Tk, scale, left, right, det, p, seed)
         dq, dk, dv = torch.ops.fasttrain.attention_varlen_backward_aot(*args)
     names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
     aot = [aot_launch(C, entries, names, r) for r in C.aot_records()]

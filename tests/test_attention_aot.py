@@ -72,7 +72,12 @@ SM = 132
 # packed (varlen) both at GQA 1 (the backward's sample holds a packed GQA launch).
 FIRST = "BLOCK_M=128 BLOCK_N=64 WARP_SPECIALIZE=False w4 s3$"  # the d64 class's first sm_90 config
 WS = "BLOCK_M=128 BLOCK_N=128 WARP_SPECIALIZE=True w4 s2"  # its warp-specialized config
-SAMPLE = f"^d64 G(1|4) {FIRST}|^d64 G1 {FIRST[:-1]} varlen$|^d64 G1 {WS}( varlen)?$"
+# Dropout (the pointer loop, TMA_ALIGNED off): the class's first sm_90 config that takes it, at GQA 1 and 4 and packed.
+DROPOUT = "BLOCK_M=128 BLOCK_N=128 WARP_SPECIALIZE=False w8 s3"
+SAMPLE = (
+    f"^d64 G(1|4) {FIRST}|^d64 G1 {FIRST[:-1]} varlen$|^d64 G1 {WS}( varlen)?$"
+    + f"|^d64 G(1|4) {DROPOUT} dropout$|^d64 G1 {DROPOUT} varlen dropout$"
+)
 # csrc/attention_aot.cpp kTiles: (BLOCK_M, BLOCK_N, WARP_SPECIALIZE), the order the op probes the registry in.
 CPP_TILES = [(128, 64, False), (128, 128, False), (64, 64, False), (128, 128, True)]
 
@@ -82,7 +87,7 @@ def sample(tmp_path_factory):
     """(fp16 folder, its rows, bf16 folder): the sample in fp16, and the class's first tile at GQA 1 in bf16."""
     out, out_bf16 = tmp_path_factory.mktemp("aot"), tmp_path_factory.mktemp("aot_bf16")
     rows = aot_compile(out, "attention", ["fp16"], SAMPLE)
-    assert len(rows) == 5 and all("error" not in r and r["local"] == 0 for r in rows)
+    assert len(rows) == 8 and all("error" not in r and r["local"] == 0 for r in rows)
     bf16 = aot_compile(out_bf16, "attention", ["bf16"], f"^d64 G1 {FIRST}")
     assert len(bf16) == 1 and "error" not in bf16[0] and bf16[0]["local"] == 0
     return out, rows, out_bf16
@@ -108,8 +113,27 @@ def test_shipped_set_is_the_columns_scope():
         assert [p.name for p in parameters if "constexpr" not in str(p.annotation)] == _ARGS
         tables = {cls: FWD_CONFIGS[arch][cls] for cls in ("d64", "d128")}
         ws = sum(c.kwargs.get("WARP_SPECIALIZE", False) for configs in tables.values() for c in configs)
-        dense = [c for c in entry["cases"] if not c["constexprs"]["VARLEN"]]
-        packed = [c for c in entry["cases"] if c["constexprs"]["VARLEN"]]
+        plain = [c for c in entry["cases"] if not c["constexprs"]["DROPOUT"]]
+        dropout = [c for c in entry["cases"] if c["constexprs"]["DROPOUT"]]
+        assert entry["cases"] == plain + dropout
+        # dropout: the plain cases but FULL_TILES and the configs the pruner leaves out of its launches (the
+        # warp-specialized ones, those marked no_dropout), TMA_ALIGNED off, labelled " dropout"
+        takes = {
+            f"{cls} " + " ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" w{c.num_warps} s{c.num_stages}"
+            for cls, configs in tables.items()
+            for c in configs
+            if not c.kwargs.get("WARP_SPECIALIZE", False) and not getattr(c, "no_dropout", False)
+        }
+        expected = [
+            c["label"] + " dropout"
+            for c in plain
+            if c["label"].replace(" varlen", "").replace(f" G{c['constexprs']['GROUP']} ", " ") in takes
+        ]
+        assert [c["label"] for c in dropout] == expected and len(dropout) == 8 * len(takes)
+        assert not any(c["constexprs"]["TMA_ALIGNED"] or c["constexprs"]["FULL_TILES"] for c in dropout)
+        assert (f"d64 {FIRST[:-1]}" in takes) == (arch == 80)  # it spills with dropout on sm_90 (no_dropout)
+        dense = [c for c in plain if not c["constexprs"]["VARLEN"]]
+        packed = [c for c in plain if c["constexprs"]["VARLEN"]]
         assert len(dense) == 4 * (sum(map(len, tables.values())) + ws)  # 4 groups, FULL_TILES off (on: ws)
         assert len(packed) == 4 * sum(map(len, tables.values()))  # packed calls never have FULL_TILES
         assert all(c["label"].endswith(" varlen") for c in packed) and not any(" varlen" in c["label"] for c in dense)
@@ -121,7 +145,7 @@ def test_shipped_set_is_the_columns_scope():
         assert not any(c["constexprs"]["FULL_TILES"] for c in packed)
         for c in entry["cases"]:
             k = c["constexprs"]
-            assert k["TMA_ALIGNED"] and not (k["UPCAST"] or k["DROPOUT"] or k["SOFTCAP"] or k["ALIBI"])
+            assert k["TMA_ALIGNED"] != k["DROPOUT"] and not (k["UPCAST"] or k["SOFTCAP"] or k["ALIBI"])
             assert k["HEAD_DIM"] == k["HEAD_DIM_PAD"] in (64, 128) and k["GROUP"] in (1, 2, 4, 8)
         for configs in tables.values():  # the C++ op's probing order is the tables' (a subsequence on sm_80)
             tiles = [
@@ -158,11 +182,31 @@ VARLEN_CASES = [
 VARLEN_FIELDS = ("lengths_q", "lengths_k", "H", "Hkv", "window", "config", "times")
 
 
+# Dropout, fp16, the JIT held to the class's first config that takes it (1: DROPOUT's tile, the C++ op's only
+# candidate in the sample): (B or lengths_q, Tq or lengths_k, Tk, H, Hkv, window, dropout_p). Causal at T 97; GQA 4
+# with a window; two sequences with Tq < Tk; whole tiles (the JIT's FULL_TILES, which the pointer loop ignores);
+# packed, three sequences with a one-token one and a window.
+DROPOUT_CASES = [
+    (1, 97, 97, 2, 2, (W, 0), 0.1),
+    (1, 97, 97, 8, 2, (16, 0), 0.2),
+    (2, 33, 100, 2, 2, (W, W), 0.1),
+    (1, 128, 128, 2, 2, (W, W), 0.1),
+    ([97, 1, 33], [97, 1, 33], None, 2, 2, (16, 0), 0.1),
+]
+
+
+def _dropout_case(case):
+    first, second, Tk, H, Hkv, window, p = case
+    shape = dict(lengths_q=first, lengths_k=second) if Tk is None else dict(B=first, Tq=second, Tk=Tk)
+    return dict(shape, H=H, Hkv=Hkv, window=window, dropout_p=p, config=1, times=[], dtype="fp16")
+
+
 @pytest.fixture(scope="module")
 def captured(sample):
-    """The dense CASES, then the VARLEN_CASES."""
+    """The dense CASES, then the VARLEN_CASES, then the DROPOUT_CASES."""
     cases = [dict(zip(FIELDS, c), D=64, op="attention") for c in CASES]
     cases += [dict(zip(VARLEN_FIELDS, c), D=64, dtype="fp16", op="attention") for c in VARLEN_CASES]
+    cases += [dict(_dropout_case(c), D=64, op="attention") for c in DROPOUT_CASES]
     return aot_jit_launches(f"{sample[0]}{os.pathsep}{sample[2]}", cases)
 
 
@@ -216,6 +260,26 @@ def test_recorded_varlen_launch_is_what_the_jit_launcher_is_given(captured, samp
         assert jit["scratch"] == [[aot[-1]["scratch_bytes"], row["global_scratch_align"]]]
     else:
         assert jit["scratch"] == [] and aot[-1]["scratch_bytes"] == 0
+
+
+@pytest.mark.parametrize("i", range(len(DROPOUT_CASES)), ids=lambda i: f"dropout{i}")
+def test_recorded_dropout_launch_is_what_the_jit_launcher_is_given(captured, i):
+    """With dropout: the DROPOUT cubin with TMA_ALIGNED off (the pointer loop, as the JIT launches it), the seed
+    tensor itself and the JIT's threshold and scale."""
+    from fasttrain.ops.attention_dropout import keep_threshold
+
+    got = captured[len(CASES) + len(VARLEN_CASES) + i]
+    jit, (launch,) = got["jit"], got["aot"]  # one tile shipped for the class: launched untimed
+    p, packed = DROPOUT_CASES[i][-1], DROPOUT_CASES[i][2] is None
+    assert launch["case"].endswith(" varlen dropout" if packed else f"{DROPOUT} dropout")
+    assert jit["constexprs"]["DROPOUT"] and not jit["constexprs"]["TMA_ALIGNED"]
+    # the pointer loop ignores FULL_TILES (true for the JIT's whole-tile case): the False cubin serves
+    assert not launch["constexprs"]["FULL_TILES"] and jit["constexprs"]["FULL_TILES"] == (i == 3)
+    assert_aot_launch_is_the_jit_launch({**jit, "constexprs": {**jit["constexprs"], "FULL_TILES": False}}, launch)
+    args = launch["args"]
+    assert args["Seed"] == jit["args"]["Seed"] == "seed" and args["dropout_threshold"] == keep_threshold(p)
+    assert args["dropout_scale"] == pytest.approx(1 / (1 - p))
+    assert jit["scratch"] == [] and launch["scratch_bytes"] == 0
 
 
 # csrc/aot_launch.cpp's spec of the forward's runtime arguments, in order
@@ -350,11 +414,11 @@ def test_the_column_takes_its_scope_and_says_why_not_otherwise(monkeypatch):
     wide = [t[..., :1].expand(*t.shape[:-1], 128).contiguous() for t in (q, k, v)]
     assert _reason(*wide) is None
     assert _reason(q[0], k[0], v[0], cu_q=torch.tensor([0, 97], dtype=torch.int32)) is None  # packed sequences
+    assert _reason(q, k, v, dropout_p=0.1) is None  # dropout: its cubins ship too
     refused = {
         "fp16 or bf16": _reason(q.float(), k.float(), v.float()),
         "head_dim 64 or 128": _reason(*(t[..., :32].contiguous() for t in (q, k, v))),
         "attn_mask": _reason(q, k, v, mask=torch.ones(97, 97, dtype=torch.bool)),
-        "dropout": _reason(q, k, v, dropout_p=0.1),
         "softcap": _reason(q, k, v, softcap=30.0),
         "alibi_slopes": _reason(q, k, v, alibi=torch.ones(8)),
         "GQA groups": _reason(q[:, :, :6], k[:, :, :1], v[:, :, :1]),  # 6 query heads per K/V head
@@ -431,8 +495,31 @@ def test_the_packed_functions_take_the_column_without_score_modifiers_only(regis
     for kwargs in ({"softcap": 30.0}, {"alibi_slopes": torch.ones(2)}):
         with pytest.raises(RuntimeError, match="softcap|alibi_slopes"):
             flash_attn_qkvpacked_func(qkv, causal=True, backend="aot", **kwargs)
-    with pytest.raises(RuntimeError, match="takes no mask, dropout, softcap or ALiBi"):
+    with pytest.raises(RuntimeError, match="takes no mask, softcap or ALiBi"):
         ops.Aot.forward(*qkv.unbind(2), None, None, 97, 97, 0.125, W, 0, None, 0.0, None, 30.0, None)
+
+
+def test_dropout_takes_the_column_with_the_seed_every_column_draws(registry, monkeypatch):
+    """flash_attn_func with dropout: the C++ launch reads the seed tensor the general path draws from torch's RNG
+    before it chooses a backend, so under one torch.manual_seed the column drops what the others drop."""
+    monkeypatch.setattr(_backend, "aot_reason", lambda device: None)  # CPU tensors take the column (recorded)
+    drawn, draw = [], ops.dropout_seed
+    monkeypatch.setattr(ops, "dropout_seed", lambda device: drawn.append(draw(device)) or drawn[-1])
+    q, k, v = _tensors()
+    torch.manual_seed(3)
+    flash_attn_func(q, k, v, dropout_p=0.1, causal=True)
+    (launch,) = C.aot_records()
+    named = dict(zip(_ARGS, launch["args"]))
+    assert launch["case"] == f"d64 G1 {DROPOUT} dropout" and named["Seed"] == drawn[0].data_ptr()
+    torch.manual_seed(3)
+    flash_attn_func(q, k, v, dropout_p=0.1, causal=True, backend="reference")
+    assert len(drawn) == 2 and torch.equal(drawn[0], drawn[1])
+    for p in (-0.1, 1.0):  # the op's own check, for callers that bypass the public functions' checks
+        with pytest.raises(RuntimeError, match="dropout_p must be in"):
+            torch.ops.fasttrain.attention_forward_aot(q, k, v, 0.125, W, 0, p, drawn[0])
+    for seed in (None, drawn[0].int(), drawn[0][:1]):
+        with pytest.raises(RuntimeError, match="int64 \\(2,\\) \\(seed, offset\\) tensor"):
+            torch.ops.fasttrain.attention_forward_aot(q, k, v, 0.125, W, 0, 0.1, seed)
 
 
 # ---- on a GPU: the column against the triton column and the reference -------------------------------------------
@@ -523,3 +610,38 @@ def test_gpu_aot_is_chosen_and_off_switches_select_the_jit(monkeypatch):
     assert ops.ATTENTION.choose(q, k, k, None, 128, 128, None, 0.0, 30.0, None) == "triton"
     monkeypatch.setenv("FASTTRAIN_AOT", "0")
     assert ops.ATTENTION.choose(q, k, k, None, 128, 128, None, 0.0, 0.0, None) == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,H,Hkv,window", [(64, 8, 8, (-1, -1)), (128, 8, 2, (64, 0))], ids=str)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_aot_dropout_matches_triton_under_one_seed(D, H, Hkv, window, packed, deterministic):
+    """Dropout on the column: under one torch.manual_seed the same mask as the triton column's (the seed is drawn
+    before the backend is chosen), so the same outputs, lse and gradients up to the tiles' summation order."""
+    from fasttrain.ops.attention import flash_attn_varlen_func
+
+    torch.manual_seed(0)
+    dtype, lengths = torch.bfloat16, [300, 1, 257]
+    q = torch.randn(sum(lengths), H, D, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(sum(lengths), Hkv, D, device="cuda", dtype=dtype, requires_grad=True) for _ in "kv")
+    do = torch.randn_like(q)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    dense = [t[:256].view(2, 128, *t.shape[1:]) for t in (q, k, v)]  # (2, 128, H, D) views of the first 256 rows
+    assert ops.ATTENTION.choose(q, k, v, cu, 300, 300, None, 0.1, 0.0, None) == "aot"
+    assert ops.ATTENTION.choose(*dense, None, 128, 128, None, 0.1, 0.0, None) == "aot"
+    results = {}
+    for backend in ("aot", "triton"):
+        torch.manual_seed(7)
+        kwargs = dict(dropout_p=0.1, causal=True, window_size=window, deterministic=deterministic, backend=backend)
+        if packed:
+            out, lse, _ = flash_attn_varlen_func(q, k, v, cu, cu, 300, 300, return_attn_probs=True, **kwargs)
+            grads = torch.autograd.grad(out, (q, k, v), do)
+        else:
+            out, lse, _ = flash_attn_func(*dense, return_attn_probs=True, **kwargs)
+            grads = torch.autograd.grad(out, (q, k, v), do[:256].view(out.shape))
+        results[backend] = (out, lse, *grads)
+    ulp = 2.0**-7
+    for got, want in zip(results["aot"], results["triton"]):
+        scale = want.float().abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), atol=4 * ulp * scale, rtol=4 * ulp)

@@ -24,11 +24,15 @@ SM = 132
 # The sample, head dim 64: the preprocess; MHA (group 1) with each kernel's first sm_90 tile; GQA 2:1 with the first
 # two tiles of each kernel and the warp-specialized dK/dV tile (the tuning tests); packed (varlen): the preprocess,
 # MHA's first dK/dV and dQ tiles (the dQ kernel's plan) and GQA 2:1's atomic dK/dV. bf16: the preprocess and the
-# atomic plan's dK/dV kernel at GQA 2:1 (fp16 shares every other line).
+# atomic plan's dK/dV kernel at GQA 2:1 (fp16 shares every other line). Dropout (fp16): MHA's first dK/dV tile with
+# and without atomic dQ and its first dQ tile, GQA 2:1's atomic dK/dV, packed MHA's first dK/dV and dQ tiles (no
+# atomic one: the op then takes the dQ kernel's plan, as where none ships).
 SAMPLE = {
     "fp16": "^d64 (w4|g1 m64 n128 w8 s2( atomic)?|g1 m128 n64 w8 s3"
     + "|g2 m(64 n128|64 n64|128 n64) w. s.( atomic| ws)?)$"
-    + "|^d64 (w4|g1 m64 n128 w8 s2|g1 m128 n64 w8 s3|g2 m64 n128 w8 s2 atomic) varlen$",
+    + "|^d64 (w4|g1 m64 n128 w8 s2|g1 m128 n64 w8 s3|g2 m64 n128 w8 s2 atomic) varlen$"
+    + "|^d64 (g1 m64 n128 w8 s2( atomic)?|g1 m128 n64 w8 s3|g2 m64 n128 w8 s2 atomic) dropout$"
+    + "|^d64 g1 (m64 n128 w8 s2|m128 n64 w8 s3) varlen dropout$",
     "bf16": "^d64 (w4|g2 m64 n128 w8 s2 atomic)$",
 }
 SAMPLE_80 = "^d64 (w4|g1 m64 n64 w4 s(2 atomic|3))$"  # sm_80: the preprocess, both dK/dV tiles, dQ
@@ -43,7 +47,7 @@ def sample(tmp_path_factory):
         assert all("error" not in r and r["local"] == 0 for r in rows), rows
         dirs.append(out)
         count += len(rows)
-    assert count == 11 + 4 + 2
+    assert count == 11 + 4 + 2 + 6
     return dirs, count
 
 
@@ -63,6 +67,15 @@ def test_shipped_set_is_the_ops_scope():
         assert [c["constexprs"]["HEAD_DIM"] for c in pre["cases"]] == [64, 128, 64, 128]
         assert all(not c["constexprs"]["HAS_DLSE"] for c in pre["cases"])
         assert [c["constexprs"]["VARLEN"] for c in pre["cases"]] == [False, False, True, True]
+        assert not any(c["constexprs"].get("DROPOUT") for c in pre["cases"])  # the preprocess takes no dropout
+        dropout = {}  # kernel: its dropout cases, which follow the plain ones
+        for entry in (dkdv, dq):
+            dropout[entry["kernel"]] = [c for c in entry["cases"] if c["constexprs"]["DROPOUT"]]
+            entry["cases"] = [c for c in entry["cases"] if not c["constexprs"]["DROPOUT"]]
+            assert (
+                entry["cases"] + dropout[entry["kernel"]]
+                == ab.aot_kernels(arch, "bf16", shipped=True)[(dkdv, dq).index(entry) + 1]["cases"]
+            )
         for entry in (pre, dkdv, dq):
             # the dense cases, then the same again packed (FULL_TILES off), labelled " varlen"
             dense = [c for c in entry["cases"] if not c["constexprs"]["VARLEN"]]
@@ -94,6 +107,29 @@ def test_shipped_set_is_the_ops_scope():
                 assert all(c["constexprs"]["WARP_SPECIALIZE"] for c in cases if c["constexprs"]["FULL_TILES"])
                 assert all(c["constexprs"]["TMA_ALIGNED"] for c in cases)
         assert len(dq["cases"]) == 8 * sum(len(ab.shipped_tiles(DQ_CONFIGS[arch], cls)) for cls in ("d64", "d128"))
+        # dropout: the plain cases of the tiles the pruner keeps for it (no warp-specialized one, none marked
+        # no_dropout), FULL_TILES and TMA_ALIGNED off, labelled " dropout"
+        for entry, tables in ((dkdv, (DKDV_CONFIGS, DKDV_DQ_CONFIGS)), (dq, (DQ_CONFIGS,))):
+            cases = dropout[entry["kernel"]]
+            kept = [
+                {**c, "label": c["label"] + " dropout", "constexprs": {**c["constexprs"], "DROPOUT": True}}
+                for c in entry["cases"]
+                if not c["constexprs"].get("FULL_TILES")
+                and not c["constexprs"].get("WARP_SPECIALIZE")
+                and any(
+                    t.kwargs == {k: c["constexprs"][k] for k in t.kwargs}
+                    for table in tables
+                    for t in ab.shipped_tiles(table[arch], f"d{c['constexprs']['HEAD_DIM']}", dropout=True)
+                )
+            ]
+            for c in kept:
+                if "TMA_ALIGNED" in c["constexprs"]:
+                    c["constexprs"]["TMA_ALIGNED"] = False
+            assert cases == kept and cases
+        no_atomic = [
+            c for c in dropout[dkdv["kernel"]] if c["constexprs"]["ATOMIC_DQ"] and c["constexprs"]["HEAD_DIM"] == 128
+        ]
+        assert (no_atomic == []) == (arch == 90)  # every sm_90 d128 atomic-dQ tile spills with dropout
 
 
 def test_packed_launches_leave_out_the_tile_that_spills_with_varlen():
@@ -152,9 +188,30 @@ VARLEN_CASES = [
 VARLEN_FIELDS = ("lengths_q", "lengths_k", "H", "Hkv", "window", "deterministic")
 
 
+# Dropout, fp16: (B or lengths_q, Tq or lengths_k, Tk, H, Hkv, window, deterministic, dropout_p). MHA causal (atomic
+# dQ); MHA with a window (the dQ kernel); GQA 2:1, two sequences, Tq < Tk (atomic dQ); whole tiles (the JIT's
+# FULL_TILES, which the pointer loop ignores); packed with a one-token sequence and a window (the dQ kernel), and
+# packed not deterministic with no atomic tile shipped (the dQ kernel's plan, the JIT's held to it).
+DROPOUT_CASES = [
+    (1, 97, 97, 2, 2, (W, 0), False, 0.1),
+    (1, 97, 97, 2, 2, (16, 0), True, 0.2),
+    (2, 33, 100, 4, 2, (W, W), False, 0.1),
+    (1, 128, 128, 2, 2, (W, W), True, 0.1),
+    ([97, 1, 33], [97, 1, 33], None, 2, 2, (16, 0), True, 0.1),
+    ([33, 100], [100, 40], None, 2, 2, (W, W), False, 0.1),
+]
+
+
+def _dropout_case(case):
+    first, second, Tk, H, Hkv, window, deterministic, p = case
+    shape = dict(lengths_q=first, lengths_k=second) if Tk is None else dict(B=first, Tq=second, Tk=Tk)
+    plan = "dQ kernel" if deterministic or Tk is None else "atomic dQ"
+    return dict(shape, H=H, Hkv=Hkv, window=window, deterministic=deterministic, dropout_p=p, plan=plan)
+
+
 @pytest.fixture(scope="module")
 def captured(sample):
-    """The dense CASES, then the VARLEN_CASES."""
+    """The dense CASES, then the VARLEN_CASES, then the DROPOUT_CASES."""
     import os
 
     cases = [dict(zip(FIELDS, c), op="attention_backward", D=64) for c in CASES]
@@ -162,6 +219,7 @@ def captured(sample):
     for case in cases:
         case["plan"] = "dQ kernel" if case["deterministic"] else "atomic dQ"
     cases[WS_CASE].update(dkdv_tile=2, times=WS_TIMES)
+    cases += [dict(_dropout_case(c), op="attention_backward", D=64, dtype="fp16") for c in DROPOUT_CASES]
     return aot_jit_launches(os.pathsep.join(map(str, sample[0])), cases)
 
 
@@ -216,6 +274,31 @@ def test_recorded_varlen_launches_are_what_the_jit_launcher_is_given(captured, i
     assert dkdv["args"]["DQAcc"] == ("null" if deterministic else "buffer")
 
 
+@pytest.mark.parametrize("i", range(len(DROPOUT_CASES)), ids=lambda i: f"dropout{i}")
+def test_recorded_dropout_launches_are_what_the_jit_launcher_is_given(captured, i):
+    """With dropout: the DROPOUT cubins of dK/dV (TMA_ALIGNED off: the pointer loop) and dQ, the seed tensor itself
+    and the JIT's threshold and scale, launch by launch; the dQ kernel's plan where no atomic tile is shipped."""
+    from fasttrain.ops.attention_dropout import keep_threshold
+
+    got = captured[len(CASES) + len(VARLEN_CASES) + i]
+    jit, aot = got["jit"], got["aot"]
+    packed, deterministic, p = DROPOUT_CASES[i][2] is None, DROPOUT_CASES[i][6], DROPOUT_CASES[i][7]
+    separate = deterministic or packed
+    kernels = ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"] + ["_attn_bwd_dq_kernel"] * separate
+    assert [launch["kernel"] for launch in jit] == [launch["kernel"] for launch in aot] == kernels
+    assert jit[1]["constexprs"]["FULL_TILES"] == (i == 3) and not jit[1]["constexprs"]["TMA_ALIGNED"]
+    # the pointer loop ignores FULL_TILES: the False cubin serves
+    compared = [jit[0], {**jit[1], "constexprs": {**jit[1]["constexprs"], "FULL_TILES": False}}, *jit[2:]]
+    for j, a in zip(compared, aot):
+        assert_aot_launch_is_the_jit_launch(j, a)
+    for launch in aot[1:]:
+        assert launch["case"].endswith(" varlen dropout" if packed else " dropout")
+        assert launch["constexprs"]["DROPOUT"] == 1 and launch["args"]["Seed"] == "seed"
+        assert launch["args"]["dropout_threshold"] == keep_threshold(p)
+        assert launch["args"]["dropout_scale"] == pytest.approx(1 / (1 - p))
+    assert aot[1]["constexprs"]["ATOMIC_DQ"] == (not separate) and not aot[1]["constexprs"]["TMA_ALIGNED"]
+
+
 def _tensors(B=1, Tq=97, Tk=97, H=4, Hkv=2, D=64, dtype=torch.float16):
     torch.manual_seed(0)
     q, out, do = (torch.randn(B, Tq, H, D, dtype=dtype) for _ in "qod")
@@ -236,9 +319,16 @@ def _tiles(records):
     return out
 
 
-def _call(deterministic=False, **shape):
-    torch.ops.fasttrain.attention_backward_aot(*_tensors(**shape), 0.125, UNBOUNDED, 0, deterministic)
-    launches = _tiles(C.aot_records())
+def _call(deterministic=False, dropout_p=0.0, **shape):
+    seed = torch.tensor([12345, 6789]) if dropout_p else None
+    torch.ops.fasttrain.attention_backward_aot(*_tensors(**shape), 0.125, UNBOUNDED, 0, deterministic, dropout_p, seed)
+    records = C.aot_records()
+    # dK/dV's and dQ's DROPOUT (constexprs 11 and 7) and Seed (arguments 43 and 35): as the call has them
+    for r in records[1:]:
+        dkdv = r["kernel"] == "_attn_bwd_dkdv_kernel"
+        assert r["constexprs"][11 if dkdv else 7] == (dropout_p > 0)
+        assert r["args"][43 if dkdv else 35] == (seed.data_ptr() if dropout_p else 0)
+    launches = _tiles(records)
     C.aot_record(True, SM)  # clears
     return launches
 
@@ -340,6 +430,45 @@ def test_the_op_tries_every_shipped_tile_in_the_tables_order(arch, D):
         want = tried("dkdv", atomic, True) + tried("dkdv", dkdv, False) + tried("dq", dq, False)
         want += tried("dkdv", atomic, True)[-1:]
         assert trials == want
+    finally:
+        C.aot_record(False, 0)
+        C.aot_tune_reset()
+        C.aot_clear()
+
+
+@pytest.mark.parametrize("arch", [90, 80])
+@pytest.mark.parametrize("D", [64, 128])
+def test_dropout_tries_the_tiles_shipped_for_it_and_the_dq_kernel_where_no_atomic_tile_takes_it(arch, D):
+    """With dropout, the shipped set's tiles that take it (no warp-specialized one, none that spills with it), in the
+    tables' order; where no atomic-dQ tile of the head dim takes dropout (d128 on sm_90), the dQ kernel's plan untimed,
+    as the JIT's attention_backward takes it."""
+    from fasttrain.kernels import attention_backward as ab
+    from fasttrain.kernels._attention_configs import (
+        DKDV_CONFIGS,
+        DKDV_DQ_CONFIGS,
+        DQ_CONFIGS,
+        head_dim_class,
+        takes_dropout,
+    )
+
+    def order(table, kind, atomic):
+        tiles = ab.shipped_tiles(table[arch], head_dim_class(D), dropout=True)
+        launches = [(kind, t.kwargs["BLOCK_M"], t.kwargs["BLOCK_N"], atomic, False) for t in tiles]
+        return launches * (len(tiles) > 1) + launches[:1]  # a trial of each when there are several, then the first
+
+    C.aot_clear()
+    C.aot_tune_reset()
+    try:
+        _register_shipped_set(arch)
+        C.aot_record(True, SM)
+        C.aot_tune_reset([1.0] * 16)  # every trial alike: the first candidate is kept
+        trials = _call(Tq=200, Tk=200, H=8, Hkv=2, D=D, dropout_p=0.1)
+        separate = order(DKDV_CONFIGS, "dkdv", False) + order(DQ_CONFIGS, "dq", False)
+        if takes_dropout(DKDV_DQ_CONFIGS[arch], D):  # the plans timed, each tuning its tiles; the atomic one kept
+            atomic = order(DKDV_DQ_CONFIGS, "dkdv", True)
+            assert trials == atomic + separate + atomic[-1:]
+        else:
+            assert (arch, D) == (90, 128) and trials == separate
     finally:
         C.aot_record(False, 0)
         C.aot_tune_reset()

@@ -103,18 +103,18 @@ class Triton:
 
 class Aot:
     """csrc/attention_aot.cpp: kernels/attention.py's forward launched from C++, for the calls _aot_reason lets
-    through (dense or packed, no dropout, softcap, ALiBi or mask: the ops take q, k, v, the packed offsets, scale and
-    the window); the backward likewise from csrc/attention_backward_aot.cpp."""
+    through (dense or packed, with or without dropout; no softcap, ALiBi or mask: the ops take q, k, v, the packed
+    offsets, scale, the window, dropout_p and the seed); the backward likewise from csrc/attention_backward_aot.cpp."""
 
     @staticmethod
     def forward(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, attn_mask, dropout_p, seed, softcap, alibi):
         # a caller that chose without passing the score modifiers to the reason must not get them silently dropped
-        if attn_mask is not None or dropout_p > 0.0 or softcap > 0.0 or alibi is not None:
-            raise RuntimeError("attention: the aot column takes no mask, dropout, softcap or ALiBi")
+        if attn_mask is not None or softcap > 0.0 or alibi is not None:
+            raise RuntimeError("attention: the aot column takes no mask, softcap or ALiBi")
         if cu_q is not None:
-            args = (cu_q, cu_k, max_q, max_k, scale, left, right)
+            args = (cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed)
             return torch.ops.fasttrain.attention_varlen_forward_aot(q, k, v, *args)
-        return torch.ops.fasttrain.attention_forward_aot(q, k, v, scale, left, right)
+        return torch.ops.fasttrain.attention_forward_aot(q, k, v, scale, left, right, dropout_p, seed)
 
     @staticmethod
     def backward(
@@ -125,9 +125,10 @@ class Aot:
         triton column's."""
         if dlse is None and into is None and _AOT_BACKWARD_OP_REASON is None and _stride_reason("dO", do) is None:
             if cu_q is not None:
-                args = (cu_q, cu_k, max_q, max_k, scale, left, right, det)
+                args = (cu_q, cu_k, max_q, max_k, scale, left, right, det, p, seed)
                 return torch.ops.fasttrain.attention_varlen_backward_aot(do, q, k, v, out, lse, *args)
-            return torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, det)
+            args = (scale, left, right, det, p, seed)
+            return torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, *args)
         args = (cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into)
         return Triton.backward(do, q, k, v, out, lse, dlse, *args)
 
@@ -212,7 +213,6 @@ def _aot_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap, alib
         return f"the shipped attention cubins take head_dim 64 or 128, got {q.shape[-1]}"
     for name, given in (
         ("an attn_mask", attn_mask is not None),
-        ("dropout", dropout_p > 0.0),
         ("softcap", softcap > 0.0),
         ("alibi_slopes", alibi_slopes is not None),
     ):
