@@ -106,12 +106,18 @@ _SPILL_MODIFIED_DKDV_DQ = {90: {"d64": [(64, 128, 8, 3, False)], "d128": [(64, 6
 # (tools/aot.py, triton 3.7.1, bf16, GQA 1, 2 and 8): dK/dV with atomic dQ d128 (64,64,8,2) 243 -> 255 registers and
 # 24 B of stack.
 _SPILL_VARLEN_DKDV_DQ = {90: {"d128": [(64, 64, 8, 2, False)]}}
+# sm_90 tiles that spill in packed launches with dropout (tools/aot.py, triton 3.7.1, bf16): dK/dV d128 (32,128,8,2)
+# at GQA 1, 250 -> 255 registers and 8 B of stack (GQA 8: 255 and none). The JIT's pruner keeps it (the class's only
+# tile that takes dropout there); the shipped cubins leave it out at every group (a shipped cubin never spills), so
+# such a backward takes the JIT (fasttrain/ops/attention.py _AOT_UNSHIPPED_VARLEN_DROPOUT).
+_SPILL_VARLEN_DROPOUT_DKDV = {90: {"d128": [(32, 128, 8, 2, False)]}}
 # The interpreter's cost is per program and per tile operation, not per element: fewer, larger tiles are faster.
 _INTERPRETER = (64, 64, 4, 1)
-# ids of the configs left out of launches with score modifiers (from the _SPILL_MODIFIED tables), and of packed ones
-# (from the _SPILL_VARLEN tables)
+# ids of the configs left out of launches with score modifiers (from the _SPILL_MODIFIED tables), of packed ones (from
+# the _SPILL_VARLEN tables), and of the shipped cubins of packed dropout launches (_SPILL_VARLEN_DROPOUT_DKDV)
 PLAIN_ONLY: set[int] = set()
 DENSE_ONLY: set[int] = set()
+UNSHIPPED_VARLEN_DROPOUT: set[int] = set()
 
 
 def config(t, **fixed):
@@ -129,10 +135,12 @@ def one_config_table(t, **fixed) -> dict:
     return {cls: one for cls in HEAD_DIM_CLASSES}
 
 
-def _build(table, interpreter, dropout_spills=None, spill_modified=None, spill_varlen=None, **fixed):
+def _build(
+    table, interpreter, dropout_spills=None, spill_modified=None, spill_varlen=None, spill_varlen_dropout=None, **fixed
+):
     """{arch: {class: [triton.Config]}} of table; a config of dropout_spills ({arch: {class: [tuple]}}) is marked
     no_dropout, which the pruner and tools/aot.py read; one of spill_modified goes into PLAIN_ONLY, one of
-    spill_varlen into DENSE_ONLY."""
+    spill_varlen into DENSE_ONLY, one of spill_varlen_dropout into UNSHIPPED_VARLEN_DROPOUT."""
     out = {}
     for arch, by_class in table.items():
         out[arch] = {}
@@ -144,6 +152,8 @@ def _build(table, interpreter, dropout_spills=None, spill_modified=None, spill_v
                     PLAIN_ONLY.add(id(c))
                 if t in (spill_varlen or {}).get(arch, {}).get(cls, []):
                     DENSE_ONLY.add(id(c))
+                if t in (spill_varlen_dropout or {}).get(arch, {}).get(cls, []):
+                    UNSHIPPED_VARLEN_DROPOUT.add(id(c))
     out["interpreter"] = one_config_table(interpreter, **fixed)
     return out
 
@@ -154,7 +164,14 @@ def takes_dropout(table_for_arch, head_dim: int) -> bool:
 
 
 FWD_CONFIGS = _build(_FWD, (*_INTERPRETER, False), _DROPOUT_SPILLS["fwd"], _SPILL_MODIFIED_FWD)
-DKDV_CONFIGS = _build(_DKDV, (*_INTERPRETER, False), _DROPOUT_SPILLS["dkdv"], _SPILL_MODIFIED_DKDV, ATOMIC_DQ=False)
+DKDV_CONFIGS = _build(
+    _DKDV,
+    (*_INTERPRETER, False),
+    _DROPOUT_SPILLS["dkdv"],
+    _SPILL_MODIFIED_DKDV,
+    spill_varlen_dropout=_SPILL_VARLEN_DROPOUT_DKDV,
+    ATOMIC_DQ=False,
+)
 DKDV_DQ_CONFIGS = _build(
     _DKDV_DQ,
     (*_INTERPRETER, False),

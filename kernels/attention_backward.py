@@ -12,7 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_configs import DENSE_ONLY, DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class, takes_dropout
+from ._attention_configs import (
+    DENSE_ONLY,
+    DKDV_CONFIGS,
+    DKDV_DQ_CONFIGS,
+    DQ_CONFIGS,
+    UNSHIPPED_VARLEN_DROPOUT,
+    head_dim_class,
+    takes_dropout,
+)
 from ._attention_dropout import dropout_args, keep_tile
 from ._attention_launch import (
     AOT_HEAD_DIMS,
@@ -1220,8 +1228,8 @@ def _shipped(arch: int, dtype: str) -> list[dict]:
     FULL_TILES=False cubin; packed calls never have it); dQ under each shipped tile. The dense cases first, then the
     packed ones (VARLEN, but the tiles that spill then: _attention_configs.DENSE_ONLY), labelled " varlen". Then dK/dV
     and dQ again with dropout (DROPOUT, labelled " dropout"), as attention_backward launches them: TMA_ALIGNED and
-    FULL_TILES off, under the tiles the pruner keeps for it (shipped_tiles(dropout=True); the preprocess takes no
-    dropout)."""
+    FULL_TILES off, under the tiles the pruner keeps for it (shipped_tiles(dropout=True); packed, but the ones that
+    spill then: _attention_configs.UNSHIPPED_VARLEN_DROPOUT; the preprocess takes no dropout)."""
     if dtype not in ("fp16", "bf16"):
         return []
     preprocess, dkdv, dq = [], [], []
@@ -1236,6 +1244,7 @@ def _shipped(arch: int, dtype: str) -> list[dict]:
                     constexprs = dict(**dims, VARLEN=varlen, HAS_DLSE=False, BLOCK_M=_PREPROCESS_BLOCK_M)
                     preprocess.append(dict(label=f"{cls} w4{tag}", constexprs=constexprs, num_warps=4))
                 for group in SHIPPED_GROUPS:
+                    shipped = len(dkdv)
                     for table in (DKDV_CONFIGS[arch], DKDV_DQ_CONFIGS[arch]):
                         for full in (False, True):
                             for c in shipped_tiles(table, cls, dropout):
@@ -1243,12 +1252,16 @@ def _shipped(arch: int, dtype: str) -> list[dict]:
                                     continue  # the pointer loop ignores FULL_TILES: its False cubin is the same code
                                 if varlen and id(c) in DENSE_ONLY:
                                     continue  # spills when packed: the JIT's pruner leaves it out too
+                                if varlen and dropout and id(c) in UNSHIPPED_VARLEN_DROPOUT:
+                                    continue  # spills packed with dropout: such a backward takes the JIT
                                 tma = not dropout  # dropout takes the pointer loop
                                 constexprs = dict(
                                     GROUP=group, **dims, **off, TMA_ALIGNED=tma, FULL_TILES=full, **c.kwargs
                                 )
                                 label = _label(cls, group, c, full) + tag
                                 dkdv.append(dict(label=label, constexprs=constexprs, **_options(c)))
+                    if len(dkdv) == shipped:
+                        continue  # no dK/dV tile ships for these launches (packed d128 dropout on sm_90): no dQ either
                     for c in shipped_tiles(DQ_CONFIGS[arch], cls, dropout):
                         constexprs = dict(GROUP=group, **dims, **off, **c.kwargs)
                         dq.append(dict(label=_label(cls, group, c) + tag, constexprs=constexprs, **_options(c)))

@@ -60,6 +60,7 @@ def registry(sample):
 def test_shipped_set_is_the_ops_scope():
     from fasttrain.kernels import attention_backward as ab
     from fasttrain.kernels._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS
+    from fasttrain.ops import attention as ops
 
     assert ab.aot_kernels(90, "fp32", shipped=True) == []
     for arch in (80, 90):
@@ -108,19 +109,19 @@ def test_shipped_set_is_the_ops_scope():
                 assert all(c["constexprs"]["TMA_ALIGNED"] for c in cases)
         assert len(dq["cases"]) == 8 * sum(len(ab.shipped_tiles(DQ_CONFIGS[arch], cls)) for cls in ("d64", "d128"))
         # dropout: the plain cases of the tiles the pruner keeps for it (no warp-specialized one, none marked
-        # no_dropout), FULL_TILES and TMA_ALIGNED off, labelled " dropout"
+        # no_dropout), FULL_TILES and TMA_ALIGNED off, labelled " dropout"; packed, none of the tiles that spill then
+        # (UNSHIPPED_VARLEN_DROPOUT), nor dQ where no dK/dV tile is left (the column's backward takes the JIT there)
+        unshipped = {(arch, d) for d in (64, 128)} - {
+            (arch, c["constexprs"]["HEAD_DIM"]) for c in dropout[dkdv["kernel"]] if c["constexprs"]["VARLEN"]
+        }
+        assert unshipped == {a for a in ops._AOT_UNSHIPPED_VARLEN_DROPOUT if a[0] == arch}
+        assert unshipped == ({(90, 128)} if arch == 90 else set())
         for entry, tables in ((dkdv, (DKDV_CONFIGS, DKDV_DQ_CONFIGS)), (dq, (DQ_CONFIGS,))):
             cases = dropout[entry["kernel"]]
             kept = [
                 {**c, "label": c["label"] + " dropout", "constexprs": {**c["constexprs"], "DROPOUT": True}}
                 for c in entry["cases"]
-                if not c["constexprs"].get("FULL_TILES")
-                and not c["constexprs"].get("WARP_SPECIALIZE")
-                and any(
-                    t.kwargs == {k: c["constexprs"][k] for k in t.kwargs}
-                    for table in tables
-                    for t in ab.shipped_tiles(table[arch], f"d{c['constexprs']['HEAD_DIM']}", dropout=True)
-                )
+                if _ships_with_dropout(c["constexprs"], arch, tables, unshipped if entry is dq else set())
             ]
             for c in kept:
                 if "TMA_ALIGNED" in c["constexprs"]:
@@ -130,6 +131,21 @@ def test_shipped_set_is_the_ops_scope():
             c for c in dropout[dkdv["kernel"]] if c["constexprs"]["ATOMIC_DQ"] and c["constexprs"]["HEAD_DIM"] == 128
         ]
         assert (no_atomic == []) == (arch == 90)  # every sm_90 d128 atomic-dQ tile spills with dropout
+
+
+def _ships_with_dropout(k: dict, arch: int, tables: tuple, unshipped: set) -> bool:
+    """Whether the plain case k ships again with dropout: a tile the pruner keeps for dropout, but packed the tiles
+    that spill then (UNSHIPPED_VARLEN_DROPOUT) and the (arch, head dim) classes in unshipped."""
+    from fasttrain.kernels import attention_backward as ab
+    from fasttrain.kernels._attention_configs import UNSHIPPED_VARLEN_DROPOUT
+
+    if k.get("FULL_TILES") or k.get("WARP_SPECIALIZE") or (k["VARLEN"] and (arch, k["HEAD_DIM"]) in unshipped):
+        return False
+    return any(
+        t.kwargs == {n: k[n] for n in t.kwargs} and not (k["VARLEN"] and id(t) in UNSHIPPED_VARLEN_DROPOUT)
+        for table in tables
+        for t in ab.shipped_tiles(table[arch], f"d{k['HEAD_DIM']}", dropout=True)
+    )
 
 
 def test_packed_launches_leave_out_the_tile_that_spills_with_varlen():
@@ -547,6 +563,32 @@ def test_meta_and_fake_tensors_give_the_shapes():
         fake = [mode.from_tensor(t) for t in _tensors(Tq=5, Tk=7, H=8, Hkv=2, dtype=torch.bfloat16)]
         dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(*fake, 0.125, W, 0, True)
     assert (dq.shape, dk.shape) == ((1, 5, 8, 64), (1, 7, 2, 64)) and dv.dtype == torch.bfloat16
+
+
+def test_the_columns_packed_dropout_backward_takes_the_jit_where_its_cubins_do_not_ship(registry, monkeypatch):
+    """Packed d128 dropout on sm_90 ships no backward cubins (its one dK/dV tile spills): the column's backward takes
+    the triton column's there, and the C++ op (with the seed) elsewhere."""
+    from fasttrain.ops import attention as ops
+
+    do, q, k, v, out, _ = (t[0] for t in _tensors(H=2, Hkv=2))  # packed: (97, 2, 64)
+    lse, cu, seed = torch.randn(2, 97), torch.tensor([0, 97], dtype=torch.int32), torch.tensor([5, 6])
+    tail = (cu, cu, 97, 97, 0.125, W, 0, None, 0.1, seed, 0.0, None, False, None)
+    delegated = []
+    monkeypatch.setattr(ops.Triton, "backward", lambda *args: delegated.append(args) or "triton")
+    monkeypatch.setattr(ops, "_aot_arch", lambda device: 90)
+    wide = [torch.cat([t, t], -1) for t in (do, q, k, v, out)]  # head dim 128
+    assert ops.Aot.backward(*wide, lse, None, *tail) == "triton" and C.aot_records() == []
+    grads = ops.Aot.backward(do, q, k, v, out, lse, None, *tail)  # d64: the C++ op, the dQ kernel's plan
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape] and len(delegated) == 1
+    records = C.aot_records()
+    assert [r["case"] for r in records[1:]] == [
+        "d64 g1 m64 n128 w8 s2 varlen dropout",
+        "d64 g1 m128 n64 w8 s3 varlen dropout",
+    ]
+    assert records[1]["args"][43] == records[2]["args"][35] == seed.data_ptr()
+    monkeypatch.setattr(ops, "_aot_arch", lambda device: 80)  # sm_80 ships it: the C++ op (here unregistered)
+    with pytest.raises(RuntimeError, match="constexprs"):
+        ops.Aot.backward(*wide, lse, None, *tail)
 
 
 def test_the_aot_columns_backward_is_the_cpp_op_but_for_an_lse_gradient_or_a_packed_gradient(registry, monkeypatch):

@@ -121,9 +121,16 @@ class Aot:
         do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into
     ):
         """The C++ backward for what the forward took, but an lse with a gradient, gradients written into a packed
-        tensor (which its cubins were not shipped for) or a dO whose strides the op cannot pass: those take the
-        triton column's."""
-        if dlse is None and into is None and _AOT_BACKWARD_OP_REASON is None and _stride_reason("dO", do) is None:
+        tensor (which its cubins were not shipped for), a dO whose strides the op cannot pass or a packed dropout
+        backward whose cubins do not ship (_AOT_UNSHIPPED_VARLEN_DROPOUT): those take the triton column's."""
+        unshipped = p > 0.0 and cu_q is not None and (_aot_arch(q.device), q.shape[-1]) in _AOT_UNSHIPPED_VARLEN_DROPOUT
+        if (
+            dlse is None
+            and into is None
+            and not unshipped
+            and _AOT_BACKWARD_OP_REASON is None
+            and _stride_reason("dO", do) is None
+        ):
             if cu_q is not None:
                 args = (cu_q, cu_k, max_q, max_k, scale, left, right, det, p, seed)
                 return torch.ops.fasttrain.attention_varlen_backward_aot(do, q, k, v, out, lse, *args)
@@ -160,6 +167,9 @@ _AOT_VARLEN_OP_REASON = _backend.native_op_reason("attention_varlen_forward_aot"
 # What kernels/attention.py aot_kernels(shipped=True) lists (not read from there: that would import Triton).
 _AOT_HEAD_DIMS = (64, 128)
 _AOT_GROUPS = (1, 2, 4, 8)
+# (arch, head dim) whose packed dropout backward ships no cubins (kernels/attention_backward.py _shipped): its one dK/dV
+# tile that takes dropout spills there (kernels/_attention_configs.py _SPILL_VARLEN_DROPOUT_DKDV).
+_AOT_UNSHIPPED_VARLEN_DROPOUT = {(90, 128)}
 _MASK = "an attn_mask is not implemented in the kernels"
 
 
@@ -197,6 +207,13 @@ def _stride_reason(name: str, t: Tensor) -> str | None:
     if any(s == 0 or s % 16 for s in strides[:-1]):
         return None
     return f"{name}'s strides {tuple(strides)} reach 2**31, past the shipped attention cubins' int32 strides"
+
+
+def _aot_arch(device: torch.device) -> int | None:
+    """The arch of the cubins that serve `device` (fasttrain/_aot.py: sm_90 exactly, else sm_80), None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return 90 if torch.cuda.get_device_capability(device) == (9, 0) else 80
 
 
 def _aot_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap, alibi_slopes) -> str | None:
