@@ -218,7 +218,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
                    const std::function<void(const aot::Entry&)>& run) {
     const int i = aot::tune(
         kernel, {what, static_cast<int64_t>(dtype), D, tune_seqlen, G, varlen, tune_left, tune_right, dropout},
-                            static_cast<int>(candidates.size()), device, [&](int c) { run(*candidates[c]); });
+        static_cast<int>(candidates.size()), device, [&](int c) { run(*candidates[c]); });
     return candidates[i];
   };
 

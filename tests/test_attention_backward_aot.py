@@ -25,17 +25,17 @@ SM = 132
 # two tiles of each kernel and the warp-specialized dK/dV tile (the tuning tests); packed (varlen): the preprocess,
 # MHA's first dK/dV and dQ tiles (the dQ kernel's plan) and GQA 2:1's atomic dK/dV. bf16: the preprocess and the
 # atomic plan's dK/dV kernel at GQA 2:1 (fp16 shares every other line). Dropout (fp16): MHA's first dK/dV tile with
-# and without atomic dQ and its first dQ tile, GQA 2:1's atomic dK/dV, packed MHA's first dK/dV and dQ tiles (no
-# atomic one: the op then takes the dQ kernel's plan, as where none ships).
+# and without atomic dQ and its first dQ tile; under `-m slow` (SLOW_SAMPLE) GQA 2:1's atomic dK/dV and packed MHA's
+# first dK/dV and dQ tiles (no atomic one: the op then takes the dQ kernel's plan, as where none ships).
 SAMPLE = {
     "fp16": "^d64 (w4|g1 m64 n128 w8 s2( atomic)?|g1 m128 n64 w8 s3"
     + "|g2 m(64 n128|64 n64|128 n64) w. s.( atomic| ws)?)$"
     + "|^d64 (w4|g1 m64 n128 w8 s2|g1 m128 n64 w8 s3|g2 m64 n128 w8 s2 atomic) varlen$"
-    + "|^d64 (g1 m64 n128 w8 s2( atomic)?|g1 m128 n64 w8 s3|g2 m64 n128 w8 s2 atomic) dropout$"
-    + "|^d64 g1 (m64 n128 w8 s2|m128 n64 w8 s3) varlen dropout$",
+    + "|^d64 g1 (m64 n128 w8 s2( atomic)?|m128 n64 w8 s3) dropout$",
     "bf16": "^d64 (w4|g2 m64 n128 w8 s2 atomic)$",
 }
 SAMPLE_80 = "^d64 (w4|g1 m64 n64 w4 s(2 atomic|3))$"  # sm_80: the preprocess, both dK/dV tiles, dQ
+SLOW_SAMPLE = "^d64 g2 m64 n128 w8 s2 atomic dropout$|^d64 g1 (m64 n128 w8 s2|m128 n64 w8 s3) varlen dropout$"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def sample(tmp_path_factory):
         assert all("error" not in r and r["local"] == 0 for r in rows), rows
         dirs.append(out)
         count += len(rows)
-    assert count == 11 + 4 + 2 + 6
+    assert count == 11 + 4 + 2 + 3
     return dirs, count
 
 
@@ -204,15 +204,18 @@ VARLEN_CASES = [
 VARLEN_FIELDS = ("lengths_q", "lengths_k", "H", "Hkv", "window", "deterministic")
 
 
-# Dropout, fp16: (B or lengths_q, Tq or lengths_k, Tk, H, Hkv, window, deterministic, dropout_p). MHA causal (atomic
-# dQ); MHA with a window (the dQ kernel); GQA 2:1, two sequences, Tq < Tk (atomic dQ); whole tiles (the JIT's
-# FULL_TILES, which the pointer loop ignores); packed with a one-token sequence and a window (the dQ kernel), and
-# packed not deterministic with no atomic tile shipped (the dQ kernel's plan, the JIT's held to it).
+# Dropout, fp16: (B or lengths_q, Tq or lengths_k, Tk, H, Hkv, window, deterministic, dropout_p). MHA causal, two
+# sequences (atomic dQ); MHA with a window (the dQ kernel); whole tiles (the JIT's FULL_TILES, which the pointer loop
+# ignores). Under `-m slow`: GQA 2:1, two sequences, Tq < Tk (atomic dQ); packed with a one-token sequence and a
+# window (the dQ kernel), and packed not deterministic with no atomic tile shipped (the dQ kernel's plan, the JIT's
+# held to it).
 DROPOUT_CASES = [
-    (1, 97, 97, 2, 2, (W, 0), False, 0.1),
+    (2, 97, 97, 2, 2, (W, 0), False, 0.1),
     (1, 97, 97, 2, 2, (16, 0), True, 0.2),
-    (2, 33, 100, 4, 2, (W, W), False, 0.1),
     (1, 128, 128, 2, 2, (W, W), True, 0.1),
+]
+SLOW_DROPOUT_CASES = [
+    (2, 33, 100, 4, 2, (W, W), False, 0.1),
     ([97, 1, 33], [97, 1, 33], None, 2, 2, (16, 0), True, 0.1),
     ([33, 100], [100, 40], None, 2, 2, (W, W), False, 0.1),
 ]
@@ -292,17 +295,40 @@ def test_recorded_varlen_launches_are_what_the_jit_launcher_is_given(captured, i
 
 @pytest.mark.parametrize("i", range(len(DROPOUT_CASES)), ids=lambda i: f"dropout{i}")
 def test_recorded_dropout_launches_are_what_the_jit_launcher_is_given(captured, i):
+    _check_dropout_launches(captured[len(CASES) + len(VARLEN_CASES) + i], DROPOUT_CASES[i])
+
+
+@pytest.fixture(scope="module")
+def slow_captured(sample, tmp_path_factory):
+    """The SLOW_DROPOUT_CASES, with SLOW_SAMPLE compiled beside the sample."""
+    import os
+
+    out = tmp_path_factory.mktemp("aot_slow")
+    rows = aot_compile(out, "attention_backward", ["fp16"], SLOW_SAMPLE)
+    assert len(rows) == 3 and all("error" not in r and r["local"] == 0 for r in rows), rows
+    cases = [dict(_dropout_case(c), op="attention_backward", D=64, dtype="fp16") for c in SLOW_DROPOUT_CASES]
+    return aot_jit_launches(os.pathsep.join(map(str, [*sample[0], out])), cases)
+
+
+@pytest.mark.slow  # three more cubins to compile
+@pytest.mark.parametrize("i", range(len(SLOW_DROPOUT_CASES)), ids=lambda i: f"dropout_slow{i}")
+def test_recorded_dropout_launches_at_gqa_and_packed_are_what_the_jit_launcher_is_given(slow_captured, i):
+    _check_dropout_launches(slow_captured[i], SLOW_DROPOUT_CASES[i])
+
+
+def _check_dropout_launches(got: dict, case: tuple) -> None:
     """With dropout: the DROPOUT cubins of dK/dV (TMA_ALIGNED off: the pointer loop) and dQ, the seed tensor itself
     and the JIT's threshold and scale, launch by launch; the dQ kernel's plan where no atomic tile is shipped."""
     from fasttrain.ops.attention_dropout import keep_threshold
 
-    got = captured[len(CASES) + len(VARLEN_CASES) + i]
     jit, aot = got["jit"], got["aot"]
-    packed, deterministic, p = DROPOUT_CASES[i][2] is None, DROPOUT_CASES[i][6], DROPOUT_CASES[i][7]
+    packed, deterministic, p = case[2] is None, case[6], case[7]
     separate = deterministic or packed
     kernels = ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"] + ["_attn_bwd_dq_kernel"] * separate
     assert [launch["kernel"] for launch in jit] == [launch["kernel"] for launch in aot] == kernels
-    assert jit[1]["constexprs"]["FULL_TILES"] == (i == 3) and not jit[1]["constexprs"]["TMA_ALIGNED"]
+    whole = not packed and case[1] % 128 == 0 and case[2] % 128 == 0 and case[5] == (W, W)
+    assert jit[1]["constexprs"]["FULL_TILES"] == whole and not jit[1]["constexprs"]["TMA_ALIGNED"]
+    assert aot[1]["constexprs"]["GROUP"] == case[3] // case[4]
     # the pointer loop ignores FULL_TILES: the False cubin serves
     compared = [jit[0], {**jit[1], "constexprs": {**jit[1]["constexprs"], "FULL_TILES": False}}, *jit[2:]]
     for j, a in zip(compared, aot):
@@ -565,30 +591,40 @@ def test_meta_and_fake_tensors_give_the_shapes():
     assert (dq.shape, dk.shape) == ((1, 5, 8, 64), (1, 7, 2, 64)) and dv.dtype == torch.bfloat16
 
 
-def test_the_columns_packed_dropout_backward_takes_the_jit_where_its_cubins_do_not_ship(registry, monkeypatch):
+def test_the_columns_packed_dropout_backward_takes_the_jit_where_its_cubins_do_not_ship(monkeypatch):
     """Packed d128 dropout on sm_90 ships no backward cubins (its one dK/dV tile spills): the column's backward takes
-    the triton column's there, and the C++ op (with the seed) elsewhere."""
+    the triton column's there, and the C++ op (with the seed) elsewhere. sm_90's shipped set registered without
+    cubins (the recorder launches none)."""
     from fasttrain.ops import attention as ops
 
     do, q, k, v, out, _ = (t[0] for t in _tensors(H=2, Hkv=2))  # packed: (97, 2, 64)
     lse, cu, seed = torch.randn(2, 97), torch.tensor([0, 97], dtype=torch.int32), torch.tensor([5, 6])
-    tail = (cu, cu, 97, 97, 0.125, W, 0, None, 0.1, seed, 0.0, None, False, None)
+    tail = (cu, cu, 97, 97, 0.125, W, 0, None, 0.1, seed, 0.0, None, True, None)  # deterministic: the dQ kernel
     delegated = []
     monkeypatch.setattr(ops.Triton, "backward", lambda *args: delegated.append(args) or "triton")
     monkeypatch.setattr(ops, "_aot_arch", lambda device: 90)
     wide = [torch.cat([t, t], -1) for t in (do, q, k, v, out)]  # head dim 128
-    assert ops.Aot.backward(*wide, lse, None, *tail) == "triton" and C.aot_records() == []
-    grads = ops.Aot.backward(do, q, k, v, out, lse, None, *tail)  # d64: the C++ op, the dQ kernel's plan
-    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape] and len(delegated) == 1
-    records = C.aot_records()
-    assert [r["case"] for r in records[1:]] == [
-        "d64 g1 m64 n128 w8 s2 varlen dropout",
-        "d64 g1 m128 n64 w8 s3 varlen dropout",
-    ]
-    assert records[1]["args"][43] == records[2]["args"][35] == seed.data_ptr()
-    monkeypatch.setattr(ops, "_aot_arch", lambda device: 80)  # sm_80 ships it: the C++ op (here unregistered)
-    with pytest.raises(RuntimeError, match="constexprs"):
-        ops.Aot.backward(*wide, lse, None, *tail)
+    C.aot_clear()
+    C.aot_tune_reset()
+    try:
+        _register_shipped_set(90)
+        C.aot_record(True, SM)
+        assert ops.Aot.backward(*wide, lse, None, *tail) == "triton" and C.aot_records() == []
+        grads = ops.Aot.backward(do, q, k, v, out, lse, None, *tail)  # d64: the C++ op
+        assert [g.shape for g in grads] == [q.shape, k.shape, v.shape] and len(delegated) == 1
+        records = C.aot_records()
+        assert [r["case"] for r in records[1:]] == [
+            "d64 g1 m64 n128 w8 s2 varlen dropout",
+            "d64 g1 m128 n64 w8 s3 varlen dropout",
+        ]
+        assert records[1]["args"][43] == records[2]["args"][35] == seed.data_ptr()
+        monkeypatch.setattr(ops, "_aot_arch", lambda device: 80)  # sm_80 ships it: the C++ op (sm_90's lack it)
+        with pytest.raises(RuntimeError, match="constexprs"):
+            ops.Aot.backward(*wide, lse, None, *tail)
+    finally:
+        C.aot_record(False, 0)
+        C.aot_tune_reset()
+        C.aot_clear()
 
 
 def test_the_aot_columns_backward_is_the_cpp_op_but_for_an_lse_gradient_or_a_packed_gradient(registry, monkeypatch):
