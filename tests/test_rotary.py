@@ -109,15 +109,15 @@ def test_tensor_offsets_past_the_table_leave_those_rows_unrotated(backend, inter
     _check(x, cos, sin, backend, interleaved, offsets=offsets)  # the gradient too, against the float64 reference
 
 
-@pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("backend", KERNELS + ["reference"])
-def test_packed_sequences_each_rotate_from_their_own_start(backend, inplace):
+def test_packed_sequences_each_rotate_from_their_own_start(backend):
     # flash-attn's cu_seqlens/max_seqlen: x (total, H, D) holds sequences of 5, 1 and 4 rows, then 2 rows of none.
     x = _x(1, 12, 3, 16)[0]
     cos, sin = _tables(9, 12)
     cu_seqlens = torch.tensor([0, 5, 6, 10], dtype=torch.int32)
     pieces = [(0, 5), (5, 6), (6, 10)]
-    for offsets in (0, 4, torch.tensor([0, 7, 6])):  # tensor: sequence 2 runs past the 9 rows at its 4th row
+    # tensor offsets: sequence 2 runs past the 9 rows at its 4th row
+    for offsets, inplace in ((0, False), (4, True), (torch.tensor([0, 7, 6]), False), (torch.tensor([1, 0, 6]), True)):
         shift = offsets.tolist() if isinstance(offsets, torch.Tensor) else [offsets] * 3
         want = torch.cat(
             [
@@ -130,7 +130,7 @@ def test_packed_sequences_each_rotate_from_their_own_start(backend, inplace):
         src = leaf * 1.0 if inplace else leaf
         y = apply_rotary_emb(src, cos, sin, False, inplace, offsets, cu_seqlens, 5, backend=backend)
         assert y.shape == x.shape and err(y, want) < TOL and torch.equal(y[10:], x[10:])
-        assert (y is src) == inplace
+        assert (y is src) == inplace and torch.equal(y[9], x[9]) == (shift[2] == 6)  # position 9: past the table
         upstream = torch.randn_like(y)
         (grad,) = torch.autograd.grad(y, leaf, upstream)
         back = apply_rotary_emb(upstream, cos, -sin, seqlen_offsets=offsets, cu_seqlens=cu_seqlens, max_seqlen=5)
