@@ -400,6 +400,11 @@ def test_tables_get_no_gradient(backend):
         (lambda x, c, s: apply_rotary_emb(x.double(), c, s, backend="triton"), RuntimeError, "float64"),
         (lambda x, c, s: apply_rotary_emb(x.double(), c, s, backend="cpu"), RuntimeError, "fp32, bf16 or fp16"),
         (lambda x, c, s: apply_rotary_emb(x, c, s, backend="cuda"), RuntimeError, "cuda"),
+        (  # the in-place call with a gradient keeps the backend asked for
+            lambda x, c, s: apply_rotary_emb(x.requires_grad_() * 1.0, c, s, inplace=True, backend="cuda"),
+            RuntimeError,
+            "cuda",
+        ),
     ],
 )
 def test_bad_inputs_name_the_argument(call, error, match):

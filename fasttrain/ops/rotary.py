@@ -353,7 +353,7 @@ def apply_rotary_emb(
         cos, sin = cos[0], sin[0]  # (1, T, R/2) -> (T, R/2): one table for every sequence (HF's rotary tables)
     if inplace and x.requires_grad and torch.is_grad_enabled():
         # As flash-attn's: x rotated in place, the gradient rotated back (a leaf requiring grad is refused by torch).
-        return _rotate_in_place(x, lambda t: [t], [(cos, sin)], interleaved, seqlen_offsets)
+        return _rotate_in_place(x, lambda t: [t], [(cos, sin)], interleaved, seqlen_offsets, backend)
     if inplace and any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
         # An expanded x: every alias would be rotated again (by racing programs or threads on the kernels).
         raise ValueError(
@@ -455,27 +455,28 @@ class _RotateInPlace(torch.autograd.Function):
     flash-attn's in-place functions keep gradients flowing the same way."""
 
     @staticmethod
-    def forward(ctx, t, select, tables, interleaved, seqlen_offsets):
+    def forward(ctx, t, select, tables, interleaved, seqlen_offsets, backend):
         for view, (cos, sin) in zip(select(t), tables):
-            apply_rotary_emb(view, cos, sin, interleaved, True, seqlen_offsets)
+            apply_rotary_emb(view, cos, sin, interleaved, True, seqlen_offsets, backend=backend)
         ctx.mark_dirty(t)
         ctx.select, ctx.tables, ctx.interleaved, ctx.offsets = select, tables, interleaved, seqlen_offsets
+        ctx.backend = backend
         return t
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.clone(memory_format=torch.contiguous_format)  # ours to rotate in place, the views' shapes kept
         for view, (cos, sin) in zip(ctx.select(grad), ctx.tables):
-            apply_rotary_emb(view, cos, -sin, ctx.interleaved, True, ctx.offsets)
-        return grad, None, None, None, None
+            apply_rotary_emb(view, cos, -sin, ctx.interleaved, True, ctx.offsets, backend=ctx.backend)
+        return grad, None, None, None, None, None
 
 
-def _rotate_in_place(t, select, tables, interleaved, seqlen_offsets) -> Tensor:
+def _rotate_in_place(t, select, tables, interleaved, seqlen_offsets, backend=None) -> Tensor:
     tables = [(cos.detach(), sin.detach()) for cos, sin in tables]
     if t.requires_grad and torch.is_grad_enabled():
-        return _RotateInPlace.apply(t, select, tables, interleaved, seqlen_offsets)
+        return _RotateInPlace.apply(t, select, tables, interleaved, seqlen_offsets, backend)
     for view, (cos, sin) in zip(select(t), tables):
-        apply_rotary_emb(view, cos, sin, interleaved, True, seqlen_offsets)
+        apply_rotary_emb(view, cos, sin, interleaved, True, seqlen_offsets, backend=backend)
     return t
 
 
