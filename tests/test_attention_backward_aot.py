@@ -493,6 +493,14 @@ def test_the_aot_columns_backward_is_the_cpp_op_but_for_an_lse_gradient(registry
     pre, dkdv, dq_launch = C.aot_records()
     assert (dkdv["args"][6], dkdv["args"][7], dq_launch["args"][6]) == tuple(t.data_ptr() for t in (k2, v2, into[0]))
     C.aot_record(True, SM)  # clears
+    cu = torch.tensor([0, 40, 97], dtype=torch.int32)  # packed sequences: the varlen _into op
+    rows = tuple(t[0] for t in (do, q, k, v, out))  # (97, H, D)
+    packed_into = (torch.empty_like(rows[1]), *torch.empty(97, 2, 2, 64, dtype=q.dtype).unbind(1))
+    varlen_tail = (cu, cu, 57, 57, *tail[4:])
+    assert ops.Aot.backward(*rows, torch.randn(4, 97), None, *varlen_tail, False, packed_into) is packed_into
+    pre, dkdv = C.aot_records()  # the atomic plan (the sample's packed GQA 2:1 tile)
+    assert dkdv["case"].endswith(" varlen") and dkdv["args"][6:8] == [t.data_ptr() for t in packed_into[1:]]
+    C.aot_record(True, SM)  # clears
     assert ops.Aot.backward(do, q, k, v, out, lse, torch.randn_like(lse), *tail, True, None) == "triton"
     assert ops.Aot.backward(do, q, k, v, out, lse, torch.randn_like(lse), *tail, True, into) == "triton"
     far = do.as_strided(do.shape, (2**31, *do.stride()[1:]))  # a dO stride the op's int32 arguments cannot pass
