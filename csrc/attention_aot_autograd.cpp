@@ -164,6 +164,7 @@ struct OnceDifferentiable : public torch::autograd::Function<OnceDifferentiable>
   }
   static std::vector<Tensor> backward(torch::autograd::AutogradContext*, std::vector<Tensor>) {
     TORCH_CHECK(false, "trying to differentiate twice a function that was marked with @once_differentiable");
+    return {};
   }
 };
 

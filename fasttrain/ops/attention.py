@@ -599,9 +599,9 @@ def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
     left, right = UNBOUNDED, (Tq - Tk if is_causal else UNBOUNDED)
     if attn_mask is not None:
-        # the mask is read only where the aot column can serve q (a CPU tensor leaves at once) and the general
-        # path's checks would let it through to kernel_plan; its answer is kept, so the general path reads it again
-        # for nothing where _aot_short declines
+        # read only where the aot column can serve q (a CPU tensor leaves at once) and the general path's checks
+        # would pass the mask to kernel_plan too; kernel_plan keeps its answer, so where _aot_short then declines,
+        # the general path's call reads no value again
         if is_causal or type(attn_mask) is not Tensor or _backend.aot_reason(query.device) is not None:
             return None
         if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
