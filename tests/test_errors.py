@@ -181,7 +181,7 @@ def _modified(call, softcap=0.0, alibi_slopes=None):
 MODIFIER_MISTAKES = [
     (dict(softcap="1.0"), TypeError),
     (dict(softcap=True), TypeError),
-    (dict(softcap=-1.0), ValueError),
+    (dict(softcap=float("inf")), ValueError),
     (dict(softcap=float("nan")), ValueError),
     (dict(alibi_slopes=[0.5] * 4), TypeError),
     (dict(alibi_slopes=torch.rand(4).double()), TypeError),
@@ -198,3 +198,14 @@ def test_score_modifier_mistakes_name_the_argument(call, kwargs, error):
         _modified(call, **kwargs)
     assert type(raised.value) is error
     assert len(str(raised.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("call", ["func", "varlen", "qkvpacked", "kvcache"])
+def test_negative_softcap_is_no_capping(call):
+    # flash-attn caps only when softcap > 0: any softcap <= 0 runs plain attention, as 0.0 does
+    out = {}
+    for softcap in (-1.5, 0.0, 0.5):
+        torch.manual_seed(0)
+        out[softcap] = _modified(call, softcap=softcap)
+    torch.testing.assert_close(out[-1.5], out[0.0], atol=0, rtol=0)
+    assert (out[0.5] - out[0.0]).abs().max() > 1e-3

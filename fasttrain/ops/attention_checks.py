@@ -69,11 +69,13 @@ def _scale(softmax_scale, head_dim: int) -> float:
 
 
 def _check_softcap(softcap) -> float:
-    """flash-attn's softcap: a float >= 0, 0 for none."""
+    """flash-attn's softcap: a float, any value <= 0 meaning no capping (flash-attn caps only when softcap > 0)."""
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"softcap must be a float (0.0 = no capping), got {type(softcap).__name__}")
-    if not softcap >= 0.0 or softcap == float("inf"):  # NaN fails the first test
-        raise ValueError(f"softcap must be a finite float >= 0 (0.0 = no capping), got {softcap!r}")
+        raise TypeError(f"softcap must be a float (<= 0.0 = no capping), got {type(softcap).__name__}")
+    if softcap != softcap or softcap == float("inf"):  # NaN or inf: no finite cap to apply
+        raise ValueError(f"softcap must be a finite float (<= 0.0 = no capping), got {softcap!r}")
+    if softcap <= 0.0:
+        return 0.0
     return float(softcap)
 
 

@@ -591,7 +591,10 @@ def flash_attn_with_kvcache(
     if cache_seqlens is None:
         cache_seqlens = torch.full((B,), Tmax, dtype=torch.int32, device=q.device)
     t_new = 0 if k is None else k.shape[1]
-    q_per_token = (left, right) != (UNBOUNDED, UNBOUNDED)  # causal or windowed
+    # flash-attn reads a window side reaching the cache's length as unbounded (-1), then picks causal, local or
+    # plain; q's rotary rows go per token only in the causal and local kernels
+    left, right = (UNBOUNDED if w >= Tmax else w for w in (left, right))
+    q_per_token = (left, right) != (UNBOUNDED, UNBOUNDED)
     if check_lengths:
         rotary_rows = None if rotary_cos is None else rotary_cos.shape[0]
         span = max(t_new, Tq if q_per_token else 1)  # k rows, and q's rows when they turn per token
