@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fasttrain import _backend
+from fasttrain._backend import ArgumentError, ArgumentTypeError
 from fasttrain.ops._op import custom_op, reference_gradients
 from fasttrain.ops.attention_checks import (
     _check_alibi,
@@ -592,6 +593,31 @@ def _flash_causal(alibi_slopes: Tensor | None, left: int, right: int, max_k: int
     return alibi_slopes is not None and right == 0 and left >= max_k
 
 
+class _IgnoredGrad(torch.autograd.Function):
+    """flash-attn's softmax_lse as its autograd Functions return it: an output whose gradient the backward ignores
+    (theirs takes `dout, *args`), so a loss from lse alone gives dq = dk = dv = 0 and no dlse reaches the kernels."""
+
+    @staticmethod
+    def forward(ctx, lse):
+        return lse.view_as(lse)
+
+    @staticmethod
+    def backward(ctx, dlse):
+        return None
+
+
+def _check_lse_grad(lse_grad) -> bool:
+    if not isinstance(lse_grad, bool):
+        raise ArgumentTypeError(f"lse_grad must be a bool, got {type(lse_grad).__name__}")
+    return lse_grad
+
+
+def returned_lse(lse: Tensor, lse_grad: bool) -> Tensor:
+    """The softmax_lse a flash-attn function returns: its gradient ignored, as flash-attn ignores it, unless
+    fasttrain's lse_grad=True asks for the exact one (the backward kernels then read dlse)."""
+    return lse if lse_grad or not lse.requires_grad else _IgnoredGrad.apply(lse)
+
+
 def flash_lse(lse: Tensor, alibi_slopes: Tensor | None, left: int, right: int, max_k: int, shift: Tensor) -> Tensor:
     """The logsumexp (B, H, Tq) flash-attn returns. Its causal kernel adds slope * j to key j's score instead of
     ALiBi's -slope * (i + Tk - Tq - j): the same softmax, outputs and gradients, an lse higher by
@@ -630,6 +656,7 @@ def flash_attn_func(
     return_attn_probs: bool = False,
     *,
     backend: str | None = None,
+    lse_grad: bool = False,
 ):
     """flash-attn's `flash_attn_func`: softmax(q k^T * scale) v over (B, T, H, D) tensors.
 
@@ -640,9 +667,9 @@ def flash_attn_func(
     CPU the C++ kernel takes any head_dim in fp32, bf16 or fp16.
     dropout_p drops attention probabilities inside the kernels (every backend draws the same mask from a fresh
     seed on q's device, which the backward reads again; fasttrain/ops/attention_dropout.py). softcap > 0 caps the
-    scaled scores at softcap * tanh(s / softcap) (Gemma 2), before the mask and the ALiBi bias. alibi_slopes:
-    float32 (H,) or (B, H); adds -slope * |i + Tk - Tq - j| to the score of query i and key j (not scaled by
-    softmax_scale; no gradient reaches the slopes, as in flash-attn).
+    scaled scores at softcap * tanh(s / softcap) (Gemma 2), before the mask and the ALiBi bias (<= 0: no
+    capping, as in flash-attn). alibi_slopes: float32 (H,) or (B, H); adds -slope * |i + Tk - Tq - j| to the score
+    of query i and key j (not scaled by softmax_scale; no gradient reaches the slopes, as in flash-attn).
     deterministic: the backward computes dQ by its own kernel (also under torch.use_deterministic_algorithms(True)),
     bit-identical from run to run in a process, and across processes whose autotuners pick the same tiles
     (TRITON_CACHE_AUTOTUNING=1 keeps the picks on disk). Otherwise, on a GPU, dQ may come by float32 atomics from the
@@ -651,14 +678,18 @@ def flash_attn_func(
     Returns out (B, Tq, H, D); with return_attn_probs, (out, softmax_lse (B, H, Tq) float32, S_dmask): with
     dropout, flash-attn's S_dmask (B, H, Tq and Tk rounded up to 128) in q's dtype, the probabilities with dropped
     ones negated, computed from lse and the seed only when asked (the kernels never write it); without dropout an
-    empty tensor, as flash-attn returns. Query rows that see no key give 0 and lse = +inf.
+    empty tensor, as flash-attn returns. Query rows that see no key give 0 and lse = +inf. As in flash-attn, the
+    backward ignores softmax_lse's gradient (a loss from lse alone gives dq = dk = dv = 0).
     backend: "auto" (default), "triton", "cpu" or "reference"; FASTTRAIN_BACKEND overrides auto.
+    lse_grad (fasttrain's own, keyword-only): True differentiates through the returned softmax_lse too, exactly
+    (the backward kernels read its gradient); False (default, flash-attn's semantics) costs nothing.
     """
     if backend is None and not return_attn_probs:
         out = _flash_short(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
         if out is not None:
             return out
     _check_qkv(q, k, v, 4, "(B, T, H, D)")
+    lse_grad = _check_lse_grad(lse_grad)
     softcap, alibi_slopes = _check_softcap(softcap), _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
@@ -683,7 +714,7 @@ def flash_attn_func(
         return out
     probs = attn_probs(q, k, lse, seed, dropout_p, scale, left, right)
     shift = torch.arange(q.shape[1], device=q.device)[None] + (k.shape[1] - q.shape[1])  # (1, Tq)
-    return out, flash_lse(lse, alibi_slopes, left, right, k.shape[1], shift), probs
+    return out, returned_lse(flash_lse(lse, alibi_slopes, left, right, k.shape[1], shift), lse_grad), probs
 
 
 def flash_attn_varlen_func(
@@ -705,6 +736,7 @@ def flash_attn_varlen_func(
     block_table: Tensor | None = None,
     *,
     backend: str | None = None,
+    lse_grad: bool = False,
 ):
     """flash-attn's `flash_attn_varlen_func`: B sequences packed along the first axis.
 
@@ -719,11 +751,13 @@ def flash_attn_varlen_func(
     Hkv, D), sequence b's key t in page block_table[b, t // page_block_size] (cu_seqlens_k still gives the lengths);
     each sequence's keys are gathered out of their pages (differentiable into the cache) before the kernels run.
     deterministic, softcap and alibi_slopes ((H,) or (B, H), B the number of sequences; each sequence's own Tq_b and
-    Tk_b place the bias) as in `flash_attn_func`.
+    Tk_b place the bias), and lse_grad (softmax_lse's gradient ignored unless lse_grad=True) as in
+    `flash_attn_func`.
     """
     if block_table is not None:
         k, v = _keys_from_pages(q, k, v, block_table, cu_seqlens_k)
     _check_qkv(q, k, v, 3, "(total, H, D)")
+    lse_grad = _check_lse_grad(lse_grad)
     softcap = _check_softcap(softcap)
     cu_seqlens_q, cu_seqlens_k = _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     alibi_slopes = _check_alibi(alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
@@ -751,7 +785,8 @@ def flash_attn_varlen_func(
     probs = attn_probs(
         q, k, lse, seed, dropout_p, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     )
-    return out, _varlen_flash_lse(lse, alibi_slopes, left, right, max_seqlen_k, cu_seqlens_q, cu_seqlens_k), probs
+    lse = _varlen_flash_lse(lse, alibi_slopes, left, right, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+    return out, returned_lse(lse, lse_grad), probs
 
 
 def scaled_dot_product_attention(
@@ -783,14 +818,14 @@ def scaled_dot_product_attention(
         return out
     _check_qkv(query, key, value, 4, "(B, H, T, D)", head_axis=1, names=("query", "key", "value"))
     if key.shape[1] != query.shape[1] and not enable_gqa:
-        raise ValueError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")
+        raise ArgumentError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")
     if attn_mask is not None and is_causal:
-        raise ValueError("attn_mask and is_causal=True cannot both be set (as in torch)")
+        raise ArgumentError("attn_mask and is_causal=True cannot both be set (as in torch)")
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
-        raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        raise ArgumentTypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
     if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         # An int 0/1 mask (a tokenizer's attention_mask) added to the scores would mask nothing; torch refuses it.
-        raise TypeError(
+        raise ArgumentTypeError(
             f"attn_mask must be bool (True = attend) or floating-point (added to the scores), got {attn_mask.dtype}"
         )
     _check_dropout(dropout_p)
