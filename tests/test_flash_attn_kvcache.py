@@ -203,7 +203,7 @@ def test_flash_attn_kvcache_softcap_alibi_grid(backend, softcap, alibi):
     run_grid(_check_kvcache, _grid(), _id, backend=backend, softcap=softcap, alibi=alibi)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["cpu", "reference"])  # the choice is made before any backend runs
 def test_flash_attn_kvcache_window_past_cache_is_unbounded(backend):
     """flash-attn turns a window side >= the cache's length into -1 before picking the causal, local or plain
     kernel, so a non-causal call with such a window rotates every q row at cache_seqlens, as (-1, -1) does; a

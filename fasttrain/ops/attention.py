@@ -13,6 +13,8 @@ Attention dropout draws the same mask on every backend: a pure function of an in
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -796,26 +798,37 @@ def scaled_dot_product_attention(
     attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
+    *,
     scale: float | None = None,
     enable_gqa: bool = False,
-    *,
     backend: str | None = None,
 ) -> Tensor:
-    """torch's `scaled_dot_product_attention` over (B, H, T, D) tensors (4-D only).
+    """torch's `scaled_dot_product_attention` over (B, H, T, D) tensors, or any rank >= 2 as torch takes them.
 
-    query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. is_causal masks as
-    torch does, aligned top-left: query i sees keys j <= i. attn_mask: bool (True = attend) or additive float,
-    broadcastable to (B, H, Tq, Tk). A mask that is one for every head and lets each query row see one stretch of
-    keys (0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per mask tensor, one host
-    sync on a GPU): a band (causal, sliding-window) as is; padding (key lengths per batch row, with or without
-    causality) and document packing (block-diagonal) as varlen launches over gathered rows; dropout_p with them too.
-    Any other mask runs the reference path. Returns
-    (B, H, Tq, D). The backward is deterministic under torch.use_deterministic_algorithms(True) (see
-    `flash_attn_func`).
+    query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. Other ranks, as in torch
+    ((..., H, T, D), (T, D)), run as the 4-D view (every axis before H folded into B), the mask broadcast against
+    (..., H, Tq, Tk) first. value may have its own head_dim Ev (torch's (..., Tk, Ev); MLA models): the narrower
+    side is padded with zeros (the scores and outputs unchanged), the output is (..., Tq, Ev). scale and enable_gqa
+    are keyword-only, as in torch. dropout_p = 1.0 drops every probability: zeros, with zero gradients, as torch.
+    is_causal masks as torch does, aligned top-left: query i sees keys j <= i. attn_mask: bool (True = attend) or
+    additive float, broadcastable to (B, H, Tq, Tk). A mask that is one for every head and lets each query row see
+    one stretch of keys (0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per mask
+    tensor, one host sync on a GPU): a band (causal, sliding-window) as is; padding (key lengths per batch row, with
+    or without causality) and document packing (block-diagonal) as varlen launches over gathered rows; dropout_p
+    with them too. Any other mask runs the reference path. Returns (B, H, Tq, D). The backward is deterministic
+    under torch.use_deterministic_algorithms(True) (see `flash_attn_func`).
     """
     short = backend is None and attn_mask is None
     if short and (out := _sdpa_short(query, key, value, dropout_p, is_causal, scale, enable_gqa)) is not None:
         return out
+    kw = dict(scale=scale, enable_gqa=enable_gqa, backend=backend)
+    if type(dropout_p) in (float, int) and dropout_p == 1.0:  # torch drops every probability: zeros, zero gradients
+        return scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, **kw) * 0.0
+    if all(isinstance(t, Tensor) for t in (query, key, value)):
+        if value.dim() == key.dim() and value.shape[-1] != key.shape[-1] and query.shape[-1] == key.shape[-1]:
+            return _sdpa_value_dim(query, key, value, attn_mask, dropout_p, is_causal, kw)
+        if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+            return _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, kw)
     _check_qkv(query, key, value, 4, "(B, H, T, D)", head_axis=1, names=("query", "key", "value"))
     if key.shape[1] != query.shape[1] and not enable_gqa:
         raise ArgumentError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")
@@ -842,6 +855,42 @@ def scaled_dot_product_attention(
             (left, right), attn_mask = plan, None
     out, _, _ = _attend(q, k, v, None, None, Tq, Tk, scale, left, right, backend, dropout_p, attn_mask)
     return out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)
+
+
+def _sdpa_value_dim(query, key, value, attn_mask, dropout_p, is_causal, kw) -> Tensor:
+    """SDPA with value's head_dim Ev != query's and key's E: the kernels take one head_dim, so the narrower side
+    is padded with zeros (zero columns add nothing to q k^T; v's zero columns give output columns sliced off)."""
+    E, Ev = query.shape[-1], value.shape[-1]
+    kw = dict(kw, scale=E**-0.5 if kw["scale"] is None else kw["scale"])  # the scale of the unpadded E
+    if Ev < E:
+        value = torch.nn.functional.pad(value, (0, E - Ev))  # (..., Tk, Ev) -> (..., Tk, E)
+        return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, **kw)[..., :Ev]
+    query, key = (torch.nn.functional.pad(t, (0, Ev - E)) for t in (query, key))  # (..., T, E) -> (..., T, Ev)
+    return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, **kw)
+
+
+def _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, kw) -> Tensor:
+    """SDPA over torch's (..., H, T, D) of any rank >= 2 as the 4-D (B, H, T, D) view, B every axis before H."""
+    if not query.dim() == key.dim() == value.dim() >= 2:
+        raise ArgumentError(
+            f"query, key and value must have one rank >= 2, got shapes {tuple(query.shape)}, {tuple(key.shape)} "
+            f"and {tuple(value.shape)}"
+        )
+    if query.dim() > 4 and not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
+        raise ArgumentError(
+            f"query, key and value must agree in every axis before the heads, got shapes {tuple(query.shape)}, "
+            f"{tuple(key.shape)} and {tuple(value.shape)}"
+        )
+
+    def as_4d(t: Tensor) -> Tensor:
+        if t.dim() < 4:  # (T, D) -> (1, 1, T, D); (H, T, D) -> (1, H, T, D)
+            return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+        return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])  # (N, ..., H, T, D) -> (N * .., H, T, D)
+
+    if isinstance(attn_mask, Tensor):  # broadcast as torch does: against (..., H, Tq, Tk)
+        attn_mask = as_4d(attn_mask.broadcast_to(*query.shape[:-1], key.shape[-2]))
+    out = scaled_dot_product_attention(as_4d(query), as_4d(key), as_4d(value), attn_mask, dropout_p, is_causal, **kw)
+    return out.reshape(*query.shape[:-1], value.shape[-1])  # (B, H, Tq, Ev) -> (..., H, Tq, Ev)
 
 
 def _segmented(q, k, v, plan: Segments, scale: float, backend, dropout_p: float) -> Tensor:
