@@ -79,3 +79,11 @@ def test_scale_and_enable_gqa_are_keyword_only():
 def test_ranks_must_agree():
     with pytest.raises(ValueError, match="one rank >= 2"):
         scaled_dot_product_attention(torch.randn(2, 5, 32), torch.randn(5, 32), torch.randn(5, 32))
+
+
+def test_batch_axes_broadcast_as_torchs_math_path():
+    # torch's math path (its CPU default) broadcasts k and v of batch 1 against q's batch, gradients summed back;
+    # the kernels read the expanded views (batch stride 0)
+    _same_as_torch(((3, 2, 5, 32), (1, 2, 7, 32), (1, 2, 7, 32)), backend="cpu", is_causal=True)
+    _same_as_torch(((2, 2, 3, 32), (1, 2, 4, 32), (1, 2, 4, 32)), backend="triton")
+    _same_as_torch(((2, 1, 2, 5, 32), (1, 3, 2, 7, 32), (1, 3, 2, 7, 32)), backend="cpu")

@@ -807,16 +807,17 @@ def scaled_dot_product_attention(
 
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. Other ranks, as in torch
     ((..., H, T, D), (T, D)), run as the 4-D view (every axis before H folded into B), the mask broadcast against
-    (..., H, Tq, Tk) first. value may have its own head_dim Ev (torch's (..., Tk, Ev); MLA models): the narrower
-    side is padded with zeros (the scores and outputs unchanged), the output is (..., Tq, Ev). scale and enable_gqa
-    are keyword-only, as in torch. dropout_p = 1.0 drops every probability: zeros, with zero gradients, as torch.
-    is_causal masks as torch does, aligned top-left: query i sees keys j <= i. attn_mask: bool (True = attend) or
-    additive float, broadcastable to (B, H, Tq, Tk). A mask that is one for every head and lets each query row see
-    one stretch of keys (0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per mask
-    tensor, one host sync on a GPU): a band (causal, sliding-window) as is; padding (key lengths per batch row, with
-    or without causality) and document packing (block-diagonal) as varlen launches over gathered rows; dropout_p
-    with them too. Any other mask runs the reference path. Returns (B, H, Tq, D). The backward is deterministic
-    under torch.use_deterministic_algorithms(True) (see `flash_attn_func`).
+    (..., H, Tq, Tk) first; the axes before H broadcast as in torch's math path (k and v of batch 1 against q's
+    batch). value may have its own head_dim Ev (torch's (..., Tk, Ev); MLA models): the narrower side is padded with
+    zeros (the scores and outputs unchanged), the output is (..., Tq, Ev). scale and enable_gqa are keyword-only, as
+    in torch. dropout_p = 1.0 drops every probability: zeros, with zero gradients, as torch. is_causal masks as
+    torch does, aligned top-left: query i sees keys j <= i. attn_mask: bool (True = attend) or additive float,
+    broadcastable to (B, H, Tq, Tk). A mask that is one for every head and lets each query row see one stretch of
+    keys (0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per mask tensor, one
+    host sync on a GPU): a band (causal, sliding-window) as is; padding (key lengths per batch row, with or without
+    causality) and document packing (block-diagonal) as varlen launches over gathered rows; dropout_p with them too.
+    Any other mask runs the reference path. Returns (B, H, Tq, D). The backward is deterministic under
+    torch.use_deterministic_algorithms(True) (see `flash_attn_func`).
     """
     short = backend is None and attn_mask is None
     if short and (out := _sdpa_short(query, key, value, dropout_p, is_causal, scale, enable_gqa)) is not None:
@@ -825,6 +826,12 @@ def scaled_dot_product_attention(
     if type(dropout_p) in (float, int) and dropout_p == 1.0:  # torch drops every probability: zeros, zero gradients
         return scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, **kw) * 0.0
     if all(isinstance(t, Tensor) for t in (query, key, value)):
+        lead = (query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        if query.dim() == key.dim() == value.dim() >= 4 and not lead[0] == lead[1] == lead[2]:
+            # torch's math path broadcasts the axes before the heads (k, v of batch 1 against q's batch): views
+            shape = torch.broadcast_shapes(*lead)
+            query, key, value = (t.expand(*shape, *t.shape[-3:]) for t in (query, key, value))
+            return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, **kw)
         if value.dim() == key.dim() and value.shape[-1] != key.shape[-1] and query.shape[-1] == key.shape[-1]:
             return _sdpa_value_dim(query, key, value, attn_mask, dropout_p, is_causal, kw)
         if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
