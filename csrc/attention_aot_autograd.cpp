@@ -140,9 +140,11 @@ Tensor attention_aot_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
 
 std::array<Tensor, 3> split(const Tensor& q_src, const Tensor& kv_src) {
   if (!kv_src.defined()) {
+    TORCH_CHECK(q_src.dim() >= 3 && q_src.size(-3) == 3, "attention_aot_packed: qkv must be (..., 3, H, D)");
     const std::vector<Tensor> qkv = q_src.unbind(-3);
     return {qkv[0], qkv[1], qkv[2]};
   }
+  TORCH_CHECK(kv_src.dim() >= 3 && kv_src.size(-3) == 2, "attention_aot_packed: kv must be (..., 2, Hkv, D)");
   const std::vector<Tensor> kv = kv_src.unbind(-3);
   return {q_src, kv[0], kv[1]};
 }
@@ -155,7 +157,7 @@ Tensor attention_aot_packed(const Tensor& q_src, const std::optional<Tensor>& kv
 
 Tensor attention_aot_packed_meta(const Tensor& q_src, const std::optional<Tensor>& kv_src, double, int64_t, int64_t,
                                  bool) {
-  const Tensor q = kv_src.has_value() ? q_src : q_src.select(-3, 0);
+  const Tensor q = std::get<0>(split(q_src, kv_src.value_or(Tensor())));
   return at::empty(q.sizes(), q.options());
 }
 

@@ -52,6 +52,17 @@ class BackendError(RuntimeError):
     """A backend asked for by name cannot serve the inputs."""
 
 
+class ArgumentError(ValueError, RuntimeError):
+    """A wrong argument value or shape given to a function with flash-attn's or torch's signature. A ValueError, as
+    fasttrain raises for a wrong value, and a RuntimeError, as flash-attn's checks (TORCH_CHECK) and torch's
+    scaled_dot_product_attention raise: code written against either catches it."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """A wrong argument type or dtype given to a function with flash-attn's or torch's signature: a TypeError, as
+    fasttrain raises for a wrong type, and a RuntimeError, as flash-attn and torch raise (see ArgumentError)."""
+
+
 def always(*args, **kwargs) -> None:
     return None
 

@@ -213,7 +213,9 @@ def test_warp_specialized_backward_lse_gradient_and_varlen(warp_specialized_back
     """A loss on the logsumexp (dlse folded into delta), and packed sequences of uneven length: query tiles that run
     past their sequence read zeros from the descriptors and masked lse/delta, key blocks past it write nothing."""
     q, k, v = _inputs(2, 41, 33, 2, 1, 64, dtype=torch.bfloat16)
-    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, deterministic=True, backend="triton")
+    out, lse, _ = flash_attn_func(
+        q, k, v, causal=True, return_attn_probs=True, deterministic=True, backend="triton", lse_grad=True
+    )
     loss = (out.float() ** 2).sum() + (lse * torch.linspace(-1, 1, 41)).sum()
     q64, k64, v64 = float64_leaves(q, k, v)
     ref, ref_lse = attention_reference(q64, k64, v64, 64**-0.5, UNBOUNDED, 0)
@@ -473,7 +475,7 @@ def _flash_window(causal, window):
 def test_lse_gradient_flows(backend):
     """A loss on the returned logsumexp differentiates through it (d lse / d s = p), on every backend."""
     q, k, v = _inputs(2, 40, 33, 2, 1, 32)
-    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend=backend)
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend=backend, lse_grad=True)
     loss = (out * out).sum() + (lse * torch.linspace(-1, 1, 40)).sum()
     q64, k64, v64 = float64_leaves(q, k, v)
     ref, ref_lse = attention_reference(q64, k64, v64, 32**-0.5, UNBOUNDED, 0)
@@ -732,10 +734,12 @@ def test_cpu_kernel_across_key_tiles(Tq, Tk, H, Hkv, D, causal, window):
     """The C++ kernel's online softmax over several 512-key tiles, with rows that see none of a tile; out, lse and
     every gradient (a loss on lse too) against float64."""
     q, k, v = _inputs(1, Tq, Tk, H, Hkv, D, seed=3)
-    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True, backend="cpu")
+    out, lse, _ = flash_attn_func(
+        q, k, v, causal=causal, window_size=window, return_attn_probs=True, backend="cpu", lse_grad=True
+    )
     q64, k64, v64 = float64_leaves(q, k, v)
     ref, ref_lse, _ = flash_attn_func(
-        q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True, backend="reference"
+        q64, k64, v64, causal=causal, window_size=window, return_attn_probs=True, backend="reference", lse_grad=True
     )
     finite = torch.isfinite(ref_lse)
     assert max_err(out, ref) < TOL and torch.equal(torch.isfinite(lse), finite)
@@ -885,7 +889,7 @@ def test_double_backward_matches_torch_float64(causal, aliased):
         (lambda q, k, v: flash_attn_func(q, k.double(), v), TypeError, "k must have q's dtype"),
         (lambda q, k, v: flash_attn_func(q, k, v[..., :16]), ValueError, "same shape"),
         (lambda q, k, v: flash_attn_func(q, k, v, window_size=(-2, 3)), ValueError, "window_size"),
-        (lambda q, k, v: flash_attn_func(q, k, v, softcap=-1.0), ValueError, "softcap"),
+        (lambda q, k, v: flash_attn_func(q, k, v, softcap=float("nan")), ValueError, "softcap"),
         (lambda q, k, v: flash_attn_func(q, k, v, alibi_slopes=torch.rand(3)), ValueError, "alibi_slopes"),
         (lambda q, k, v: flash_attn_func(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
         (lambda q, k, v: flash_attn_func(q.long(), k, v), TypeError, "floating-point"),
@@ -1111,7 +1115,7 @@ def test_an_lse_no_one_differentiates_reaches_the_backward_as_none(backend, monk
     out = flash_attn_func(q, k, v, causal=True, backend=backend)
     do = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), do)
-    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend=backend)
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend=backend, lse_grad=True)
     want = torch.autograd.grad((out, lse), (q, k, v), (do, torch.zeros_like(lse)))
     assert seen[0] is None and seen[1] is not None
     for g, w in zip(got, want):

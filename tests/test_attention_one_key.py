@@ -25,8 +25,8 @@ def _attention(q, k, v, Tq, Tk, varlen, **kw):
     if varlen:
         B = q.shape[0] // Tq
         cu_q, cu_k = (torch.arange(0, B * T + 1, T, dtype=torch.int32) for T in (Tq, Tk))
-        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, Tq, Tk, return_attn_probs=True, **kw)[:2]
-    return flash_attn_func(q, k, v, return_attn_probs=True, **kw)[:2]
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, Tq, Tk, return_attn_probs=True, lse_grad=True, **kw)[:2]
+    return flash_attn_func(q, k, v, return_attn_probs=True, lse_grad=True, **kw)[:2]
 
 
 @pytest.mark.parametrize(

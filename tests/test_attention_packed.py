@@ -138,11 +138,11 @@ def test_dropout_is_the_unpacked_functions_own():
 
 def test_return_attn_probs_and_lse_gradient():
     qkv = _packed(2, 17, 3, 2, 32)
-    out, lse, probs = flash_attn_qkvpacked_func(qkv, causal=True, return_attn_probs=True, backend="cpu")
+    out, lse, probs = flash_attn_qkvpacked_func(qkv, causal=True, return_attn_probs=True, backend="cpu", lse_grad=True)
     assert out.shape == (2, 17, 2, 32) and lse.shape == (2, 2, 17) and probs.shape == (0,)
-    (out.sum() + lse.sum()).backward()  # lse takes a gradient too, as flash_attn_func's
+    (out.sum() + lse.sum()).backward()  # lse_grad=True: lse takes a gradient too, as flash_attn_func's
     q, k, v = (t.detach().clone().requires_grad_() for t in qkv.unbind(2))
-    o, lse_want, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend="reference")
+    o, lse_want, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True, backend="reference", lse_grad=True)
     (o.sum() + lse_want.sum()).backward()
     torch.testing.assert_close(qkv.grad[:, :, 0], q.grad, **TOL)
 
@@ -201,7 +201,7 @@ def test_compiles_without_graph_breaks():
             "cu_seqlens_q must rise from 0 to the packed length 5",
         ),
         (lambda: flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 32), dropout_p=1.0), ValueError, "dropout_p"),
-        (lambda: flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 32), softcap=-5.0), ValueError, "softcap"),
+        (lambda: flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 32), softcap=float("inf")), ValueError, "softcap"),
         (
             lambda: flash_attn_qkvpacked_func(torch.randn(1, 4, 3, 2, 32), alibi_slopes=torch.rand(2).double()),
             TypeError,

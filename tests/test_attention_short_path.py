@@ -206,6 +206,19 @@ def test_packed_short_path_writes_the_gradients_into_the_packed_gradient(recordi
     assert fwd["args"][:3] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]  # the forward reads the views: no copy
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_packed_op_refuses_a_packed_axis_of_the_wrong_size(device):
+    q = torch.randn(1, 16, 2, 64, device=device, dtype=torch.bfloat16)
+    for qkv, kv, name in (
+        (torch.randn(1, 16, 2, 2, 64, device=device, dtype=torch.bfloat16), None, "qkv"),
+        (torch.randn(1, 16, 4, 2, 64, device=device, dtype=torch.bfloat16), None, "qkv"),
+        (q, torch.randn(1, 16, 1, 2, 64, device=device, dtype=torch.bfloat16), "kv"),
+        (q, torch.randn(1, 16, 3, 2, 64, device=device, dtype=torch.bfloat16), "kv"),
+    ):
+        with pytest.raises(RuntimeError, match=f"{name} must be"):
+            torch.ops.fasttrain.attention_aot_packed(qkv, kv, 0.125, -1, -1, False)
+
+
 def test_packed_short_path_is_once_differentiable_as_the_general_path(recording):
     (qkv,) = _packed_leaves("qkv", 1, 8, 8, 2, 2, 64)
     errors = []

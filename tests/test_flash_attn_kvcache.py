@@ -201,3 +201,27 @@ def test_flash_attn_kvcache_softcap_alibi(backend, case, softcap, alibi):
 @pytest.mark.parametrize("backend", ("triton", "cpu"))
 def test_flash_attn_kvcache_softcap_alibi_grid(backend, softcap, alibi):
     run_grid(_check_kvcache, _grid(), _id, backend=backend, softcap=softcap, alibi=alibi)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])  # the choice is made before any backend runs
+def test_flash_attn_kvcache_window_past_cache_is_unbounded(backend):
+    """flash-attn turns a window side >= the cache's length into -1 before picking the causal, local or plain
+    kernel, so a non-causal call with such a window rotates every q row at cache_seqlens, as (-1, -1) does; a
+    window inside the cache turns q's rows per token (so the comparison can tell the two apart)."""
+    torch.manual_seed(0)
+    B, Tq, H, D, Tmax = 1, 3, 2, 32, 16
+    q, k, v = (torch.randn(B, Tq, H, D) for _ in range(3))
+    k_cache, v_cache = torch.randn(B, Tmax, H, D), torch.randn(B, Tmax, H, D)
+    angles = torch.rand(32, 8) * 6
+    lens = torch.tensor([4], dtype=torch.int32)
+
+    def run(window):
+        return flash_attn_with_kvcache(
+            q, k_cache.clone(), v_cache.clone(), k, v, angles.cos(), angles.sin(), lens, window_size=window,
+            backend=backend,
+        )  # fmt: skip
+
+    plain = run((-1, -1))
+    for window in ((100, -1), (-1, 100), (Tmax, Tmax), (Tmax, -1)):
+        torch.testing.assert_close(run(window), plain, atol=1e-5, rtol=1e-5, msg=f"window {window}")
+    assert (run((Tmax - 1, -1)) - plain).abs().max() > 1e-2  # local: q row t turns at cache_seqlens + t

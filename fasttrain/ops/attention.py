@@ -13,10 +13,13 @@ Attention dropout draws the same mask on every backend: a pure function of an in
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from fasttrain import _backend
+from fasttrain._backend import ArgumentError, ArgumentTypeError
 from fasttrain.ops._op import custom_op, reference_gradients
 from fasttrain.ops.attention_checks import (
     _check_alibi,
@@ -646,6 +649,31 @@ def _flash_causal(alibi_slopes: Tensor | None, left: int, right: int, max_k: int
     return alibi_slopes is not None and right == 0 and left >= max_k
 
 
+class _IgnoredGrad(torch.autograd.Function):
+    """flash-attn's softmax_lse as its autograd Functions return it: an output whose gradient the backward ignores
+    (theirs takes `dout, *args`), so a loss from lse alone gives dq = dk = dv = 0 and no dlse reaches the kernels."""
+
+    @staticmethod
+    def forward(ctx, lse):
+        return lse.view_as(lse)
+
+    @staticmethod
+    def backward(ctx, dlse):
+        return None
+
+
+def _check_lse_grad(lse_grad) -> bool:
+    if not isinstance(lse_grad, bool):
+        raise ArgumentTypeError(f"lse_grad must be a bool, got {type(lse_grad).__name__}")
+    return lse_grad
+
+
+def returned_lse(lse: Tensor, lse_grad: bool) -> Tensor:
+    """The softmax_lse a flash-attn function returns: its gradient ignored, as flash-attn ignores it, unless
+    fasttrain's lse_grad=True asks for the exact one (the backward kernels then read dlse)."""
+    return lse if lse_grad or not lse.requires_grad else _IgnoredGrad.apply(lse)
+
+
 def flash_lse(lse: Tensor, alibi_slopes: Tensor | None, left: int, right: int, max_k: int, shift: Tensor) -> Tensor:
     """The logsumexp (B, H, Tq) flash-attn returns. Its causal kernel adds slope * j to key j's score instead of
     ALiBi's -slope * (i + Tk - Tq - j): the same softmax, outputs and gradients, an lse higher by
@@ -684,6 +712,7 @@ def flash_attn_func(
     return_attn_probs: bool = False,
     *,
     backend: str | None = None,
+    lse_grad: bool = False,
 ):
     """flash-attn's `flash_attn_func`: softmax(q k^T * scale) v over (B, T, H, D) tensors.
 
@@ -694,9 +723,9 @@ def flash_attn_func(
     CPU the C++ kernel takes any head_dim in fp32, bf16 or fp16.
     dropout_p drops attention probabilities inside the kernels (every backend draws the same mask from a fresh
     seed on q's device, which the backward reads again; fasttrain/ops/attention_dropout.py). softcap > 0 caps the
-    scaled scores at softcap * tanh(s / softcap) (Gemma 2), before the mask and the ALiBi bias. alibi_slopes:
-    float32 (H,) or (B, H); adds -slope * |i + Tk - Tq - j| to the score of query i and key j (not scaled by
-    softmax_scale; no gradient reaches the slopes, as in flash-attn).
+    scaled scores at softcap * tanh(s / softcap) (Gemma 2), before the mask and the ALiBi bias (<= 0: no
+    capping, as in flash-attn). alibi_slopes: float32 (H,) or (B, H); adds -slope * |i + Tk - Tq - j| to the score
+    of query i and key j (not scaled by softmax_scale; no gradient reaches the slopes, as in flash-attn).
     deterministic: the backward computes dQ by its own kernel (also under torch.use_deterministic_algorithms(True)),
     bit-identical from run to run in a process, and across processes whose autotuners pick the same tiles
     (TRITON_CACHE_AUTOTUNING=1 keeps the picks on disk). Otherwise, on a GPU, dQ may come by float32 atomics from the
@@ -705,14 +734,18 @@ def flash_attn_func(
     Returns out (B, Tq, H, D); with return_attn_probs, (out, softmax_lse (B, H, Tq) float32, S_dmask): with
     dropout, flash-attn's S_dmask (B, H, Tq and Tk rounded up to 128) in q's dtype, the probabilities with dropped
     ones negated, computed from lse and the seed only when asked (the kernels never write it); without dropout an
-    empty tensor, as flash-attn returns. Query rows that see no key give 0 and lse = +inf.
+    empty tensor, as flash-attn returns. Query rows that see no key give 0 and lse = +inf. As in flash-attn, the
+    backward ignores softmax_lse's gradient (a loss from lse alone gives dq = dk = dv = 0).
     backend: "auto" (default), "triton", "cpu" or "reference"; FASTTRAIN_BACKEND overrides auto.
+    lse_grad (fasttrain's own, keyword-only): True differentiates through the returned softmax_lse too, exactly
+    (the backward kernels read its gradient); False (default, flash-attn's semantics) costs nothing.
     """
     if backend is None and not return_attn_probs:
         out = _flash_short(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
         if out is not None:
             return out
     _check_qkv(q, k, v, 4, "(B, T, H, D)")
+    lse_grad = _check_lse_grad(lse_grad)
     softcap, alibi_slopes = _check_softcap(softcap), _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
     _check_dropout(dropout_p)
@@ -737,7 +770,7 @@ def flash_attn_func(
         return out
     probs = attn_probs(q, k, lse, seed, dropout_p, scale, left, right)
     shift = torch.arange(q.shape[1], device=q.device)[None] + (k.shape[1] - q.shape[1])  # (1, Tq)
-    return out, flash_lse(lse, alibi_slopes, left, right, k.shape[1], shift), probs
+    return out, returned_lse(flash_lse(lse, alibi_slopes, left, right, k.shape[1], shift), lse_grad), probs
 
 
 def flash_attn_varlen_func(
@@ -759,6 +792,7 @@ def flash_attn_varlen_func(
     block_table: Tensor | None = None,
     *,
     backend: str | None = None,
+    lse_grad: bool = False,
 ):
     """flash-attn's `flash_attn_varlen_func`: B sequences packed along the first axis.
 
@@ -773,11 +807,13 @@ def flash_attn_varlen_func(
     Hkv, D), sequence b's key t in page block_table[b, t // page_block_size] (cu_seqlens_k still gives the lengths);
     each sequence's keys are gathered out of their pages (differentiable into the cache) before the kernels run.
     deterministic, softcap and alibi_slopes ((H,) or (B, H), B the number of sequences; each sequence's own Tq_b and
-    Tk_b place the bias) as in `flash_attn_func`.
+    Tk_b place the bias), and lse_grad (softmax_lse's gradient ignored unless lse_grad=True) as in
+    `flash_attn_func`.
     """
     if block_table is not None:
         k, v = _keys_from_pages(q, k, v, block_table, cu_seqlens_k)
     _check_qkv(q, k, v, 3, "(total, H, D)")
+    lse_grad = _check_lse_grad(lse_grad)
     softcap = _check_softcap(softcap)
     cu_seqlens_q, cu_seqlens_k = _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     alibi_slopes = _check_alibi(alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
@@ -805,7 +841,8 @@ def flash_attn_varlen_func(
     probs = attn_probs(
         q, k, lse, seed, dropout_p, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     )
-    return out, _varlen_flash_lse(lse, alibi_slopes, left, right, max_seqlen_k, cu_seqlens_q, cu_seqlens_k), probs
+    lse = _varlen_flash_lse(lse, alibi_slopes, left, right, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+    return out, returned_lse(lse, lse_grad), probs
 
 
 def scaled_dot_product_attention(
@@ -815,37 +852,55 @@ def scaled_dot_product_attention(
     attn_mask: Tensor | None = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
+    *,
     scale: float | None = None,
     enable_gqa: bool = False,
-    *,
     backend: str | None = None,
 ) -> Tensor:
-    """torch's `scaled_dot_product_attention` over (B, H, T, D) tensors (4-D only).
+    """torch's `scaled_dot_product_attention` over (B, H, T, D) tensors, or any rank >= 2 as torch takes them.
 
-    query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. is_causal masks as
+    query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. Other ranks, as in torch
+    ((..., H, T, D), (T, D)), run as the 4-D view (every axis before H folded into B), the mask broadcast against
+    (..., H, Tq, Tk) first; the axes before H broadcast as in torch's math path (k and v of batch 1 against q's
+    batch). value may have its own head_dim Ev (torch's (..., Tk, Ev); MLA models): the narrower side is padded with
+    zeros (the scores and outputs unchanged), the output is (..., Tq, Ev). scale and enable_gqa are keyword-only, as
+    in torch. dropout_p = 1.0 drops every probability: zeros, with zero gradients, as torch. is_causal masks as
     torch does, aligned top-left: query i sees keys j <= i. attn_mask: bool (True = attend) or additive float,
     broadcastable to (B, H, Tq, Tk). A mask that is one for every head and lets each query row see one stretch of
-    keys (0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per mask tensor, one host
-    sync on a GPU): a band (causal, sliding-window) as is; padding (key lengths per batch row, with or without
+    keys (0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per mask tensor, one
+    host sync on a GPU): a band (causal, sliding-window) as is; padding (key lengths per batch row, with or without
     causality) and document packing (block-diagonal) as varlen launches over gathered rows; dropout_p with them too.
-    Any other mask runs the reference path. Returns
-    (B, H, Tq, D). The backward is deterministic under torch.use_deterministic_algorithms(True) (see
-    `flash_attn_func`).
+    Any other mask runs the reference path. Returns (B, H, Tq, D). The backward is deterministic under
+    torch.use_deterministic_algorithms(True) (see `flash_attn_func`).
     """
     if backend is None:
         out = _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if out is not None:
             return out
+    kw = dict(scale=scale, enable_gqa=enable_gqa, backend=backend)
+    if type(dropout_p) in (float, int) and dropout_p == 1.0:  # torch drops every probability: zeros, zero gradients
+        return scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, **kw) * 0.0
+    if all(isinstance(t, Tensor) for t in (query, key, value)):
+        lead = (query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        if query.dim() == key.dim() == value.dim() >= 4 and not lead[0] == lead[1] == lead[2]:
+            # torch's math path broadcasts the axes before the heads (k, v of batch 1 against q's batch): views
+            shape = torch.broadcast_shapes(*lead)
+            query, key, value = (t.expand(*shape, *t.shape[-3:]) for t in (query, key, value))
+            return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, **kw)
+        if value.dim() == key.dim() and value.shape[-1] != key.shape[-1] and query.shape[-1] == key.shape[-1]:
+            return _sdpa_value_dim(query, key, value, attn_mask, dropout_p, is_causal, kw)
+        if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+            return _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, kw)
     _check_qkv(query, key, value, 4, "(B, H, T, D)", head_axis=1, names=("query", "key", "value"))
     if key.shape[1] != query.shape[1] and not enable_gqa:
-        raise ValueError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")
+        raise ArgumentError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")
     if attn_mask is not None and is_causal:
-        raise ValueError("attn_mask and is_causal=True cannot both be set (as in torch)")
+        raise ArgumentError("attn_mask and is_causal=True cannot both be set (as in torch)")
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
-        raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        raise ArgumentTypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
     if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         # An int 0/1 mask (a tokenizer's attention_mask) added to the scores would mask nothing; torch refuses it.
-        raise TypeError(
+        raise ArgumentTypeError(
             f"attn_mask must be bool (True = attend) or floating-point (added to the scores), got {attn_mask.dtype}"
         )
     _check_dropout(dropout_p)
@@ -862,6 +917,42 @@ def scaled_dot_product_attention(
             (left, right), attn_mask = plan, None
     out, _, _ = _attend(q, k, v, None, None, Tq, Tk, scale, left, right, backend, dropout_p, attn_mask)
     return out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)
+
+
+def _sdpa_value_dim(query, key, value, attn_mask, dropout_p, is_causal, kw) -> Tensor:
+    """SDPA with value's head_dim Ev != query's and key's E: the kernels take one head_dim, so the narrower side
+    is padded with zeros (zero columns add nothing to q k^T; v's zero columns give output columns sliced off)."""
+    E, Ev = query.shape[-1], value.shape[-1]
+    kw = dict(kw, scale=E**-0.5 if kw["scale"] is None else kw["scale"])  # the scale of the unpadded E
+    if Ev < E:
+        value = torch.nn.functional.pad(value, (0, E - Ev))  # (..., Tk, Ev) -> (..., Tk, E)
+        return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, **kw)[..., :Ev]
+    query, key = (torch.nn.functional.pad(t, (0, Ev - E)) for t in (query, key))  # (..., T, E) -> (..., T, Ev)
+    return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, **kw)
+
+
+def _sdpa_any_rank(query, key, value, attn_mask, dropout_p, is_causal, kw) -> Tensor:
+    """SDPA over torch's (..., H, T, D) of any rank >= 2 as the 4-D (B, H, T, D) view, B every axis before H."""
+    if not query.dim() == key.dim() == value.dim() >= 2:
+        raise ArgumentError(
+            f"query, key and value must have one rank >= 2, got shapes {tuple(query.shape)}, {tuple(key.shape)} "
+            f"and {tuple(value.shape)}"
+        )
+    if query.dim() > 4 and not query.shape[:-3] == key.shape[:-3] == value.shape[:-3]:
+        raise ArgumentError(
+            f"query, key and value must agree in every axis before the heads, got shapes {tuple(query.shape)}, "
+            f"{tuple(key.shape)} and {tuple(value.shape)}"
+        )
+
+    def as_4d(t: Tensor) -> Tensor:
+        if t.dim() < 4:  # (T, D) -> (1, 1, T, D); (H, T, D) -> (1, H, T, D)
+            return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+        return t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])  # (N, ..., H, T, D) -> (N * .., H, T, D)
+
+    if isinstance(attn_mask, Tensor):  # broadcast as torch does: against (..., H, Tq, Tk)
+        attn_mask = as_4d(attn_mask.broadcast_to(*query.shape[:-1], key.shape[-2]))
+    out = scaled_dot_product_attention(as_4d(query), as_4d(key), as_4d(value), attn_mask, dropout_p, is_causal, **kw)
+    return out.reshape(*query.shape[:-1], value.shape[-1])  # (B, H, Tq, Ev) -> (..., H, Tq, Ev)
 
 
 def _segmented(q, k, v, plan: Segments, scale: float, backend, dropout_p: float) -> Tensor:

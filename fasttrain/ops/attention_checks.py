@@ -10,6 +10,7 @@ import weakref
 import torch
 from torch import Tensor
 
+from fasttrain._backend import ArgumentError, ArgumentTypeError
 from fasttrain.ops.attention_reference import UNBOUNDED
 
 
@@ -17,28 +18,28 @@ def _check_like_q(q: Tensor, named, q_name: str = "q") -> None:
     """Each (name, tensor) of `named` has q's dtype and device."""
     for name, t in named:
         if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have {q_name}'s dtype {q.dtype}, got {t.dtype}")
+            raise ArgumentTypeError(f"{name} must have {q_name}'s dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
-            raise ValueError(f"{name} must be on {q_name}'s device ({q.device}), got {t.device}")
+            raise ArgumentError(f"{name} must be on {q_name}'s device ({q.device}), got {t.device}")
 
 
 def _check_qkv(q, k, v, rank: int, layout: str, head_axis: int = -2, names=("q", "k", "v")) -> None:
     qn, kn, vn = names
     for name, t in zip(names, (q, k, v)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != rank:
-            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
+            raise ArgumentError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
         if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+            raise ArgumentTypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     _check_like_q(q, ((kn, k), (vn, v)), qn)
     if k.shape != v.shape:
-        raise ValueError(f"{kn} and {vn} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ArgumentError(f"{kn} and {vn} must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[:-3] != q.shape[:-3] or k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"{kn} {tuple(k.shape)} must match {qn} {tuple(q.shape)} in batch and head_dim ({layout})")
+        raise ArgumentError(f"{kn} {tuple(k.shape)} must match {qn} {tuple(q.shape)} in batch and head_dim ({layout})")
     H, Hkv = q.shape[head_axis], k.shape[head_axis]
     if Hkv == 0 or H % Hkv:
-        raise ValueError(f"the number of {kn}/{vn} heads ({Hkv}) must divide the number of {qn} heads ({H})")
+        raise ArgumentError(f"the number of {kn}/{vn} heads ({Hkv}) must divide the number of {qn} heads ({H})")
 
 
 def _window(causal: bool, window_size) -> tuple[int, int]:
@@ -46,16 +47,18 @@ def _window(causal: bool, window_size) -> tuple[int, int]:
     any pair of integers flash-attn takes: a tuple, a list, or a 2-element integer tensor (read on the host)."""
     if isinstance(window_size, Tensor):
         if window_size.is_floating_point() or window_size.is_complex() or window_size.dtype == torch.bool:
-            raise TypeError(f"window_size must hold integers (-1 = unbounded), got a {window_size.dtype} tensor")
+            raise ArgumentTypeError(
+                f"window_size must hold integers (-1 = unbounded), got a {window_size.dtype} tensor"
+            )
         if window_size.shape != (2,):
-            raise ValueError(f"window_size must be a pair of ints, got a tensor of shape {tuple(window_size.shape)}")
+            raise ArgumentError(f"window_size must be a pair of ints, got a tensor of shape {tuple(window_size.shape)}")
         window_size = tuple(window_size.tolist())
     if not isinstance(window_size, (tuple, list)) or not all(
         isinstance(w, int) and not isinstance(w, bool) for w in window_size
     ):
-        raise TypeError(f"window_size must be a pair of ints (-1 = unbounded), got {window_size!r}")
+        raise ArgumentTypeError(f"window_size must be a pair of ints (-1 = unbounded), got {window_size!r}")
     if len(window_size) != 2 or not all(w >= -1 for w in window_size):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+        raise ArgumentError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
     left, right = (UNBOUNDED if w == -1 else w for w in window_size)
     return left, (0 if causal else right)
 
@@ -64,16 +67,18 @@ def _scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:  # head_dim 0: every score is an empty sum, the outputs are empty (as torch's)
         return head_dim**-0.5 if head_dim > 0 else 1.0
     if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        raise ArgumentTypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     return float(softmax_scale)
 
 
 def _check_softcap(softcap) -> float:
-    """flash-attn's softcap: a float >= 0, 0 for none."""
+    """flash-attn's softcap: a float, any value <= 0 meaning no capping (flash-attn caps only when softcap > 0)."""
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
-        raise TypeError(f"softcap must be a float (0.0 = no capping), got {type(softcap).__name__}")
-    if not softcap >= 0.0 or softcap == float("inf"):  # NaN fails the first test
-        raise ValueError(f"softcap must be a finite float >= 0 (0.0 = no capping), got {softcap!r}")
+        raise ArgumentTypeError(f"softcap must be a float (<= 0.0 = no capping), got {type(softcap).__name__}")
+    if softcap != softcap or softcap == float("inf"):  # NaN or inf: no finite cap to apply
+        raise ArgumentError(f"softcap must be a finite float (<= 0.0 = no capping), got {softcap!r}")
+    if softcap <= 0.0:
+        return 0.0
     return float(softcap)
 
 
@@ -82,24 +87,24 @@ def _check_alibi(alibi_slopes, batch: int, heads: int, device) -> Tensor | None:
     if alibi_slopes is None:
         return None
     if not isinstance(alibi_slopes, Tensor):
-        raise TypeError(f"alibi_slopes must be a float32 tensor or None, got {type(alibi_slopes).__name__}")
+        raise ArgumentTypeError(f"alibi_slopes must be a float32 tensor or None, got {type(alibi_slopes).__name__}")
     if alibi_slopes.dtype != torch.float32:
-        raise TypeError(f"alibi_slopes must be float32 (as flash-attn requires), got {alibi_slopes.dtype}")
+        raise ArgumentTypeError(f"alibi_slopes must be float32 (as flash-attn requires), got {alibi_slopes.dtype}")
     if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
-        raise ValueError(
+        raise ArgumentError(
             f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}) (nheads or batch x nheads), got "
             f"{tuple(alibi_slopes.shape)}"
         )
     if alibi_slopes.device != device:
-        raise ValueError(f"alibi_slopes must be on q's device ({device}), got {alibi_slopes.device}")
+        raise ArgumentError(f"alibi_slopes must be on q's device ({device}), got {alibi_slopes.device}")
     return alibi_slopes.contiguous()
 
 
 def _check_dropout(dropout_p) -> None:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+        raise ArgumentTypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+        raise ArgumentError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
 # The offsets checked last, per argument: a model hands the same cu_seqlens to every layer and reading them costs a
@@ -121,7 +126,7 @@ def _longest_sequence(name: str, cu: Tensor, total: int) -> int | None:
         return seen[3]
     values = cu.tolist()
     if values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
-        raise ValueError(f"{name} must rise from 0 to the packed length {total}, got {values}")
+        raise ArgumentError(f"{name} must rise from 0 to the packed length {total}, got {values}")
     longest = max(b - a for a, b in zip(values, values[1:]))
     if cacheable:
         _checked_offsets[name] = (weakref.ref(cu), cu._version, total, longest)
@@ -130,16 +135,16 @@ def _longest_sequence(name: str, cu: Tensor, total: int) -> int | None:
 
 def _check_cu_seqlens(name: str, cu: Tensor, total: int, batch: int | None, device) -> int | None:
     if not isinstance(cu, Tensor) or cu.dtype != torch.int32:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{name} must be an int32 tensor of B + 1 offsets, got "
             f"{cu.dtype if isinstance(cu, Tensor) else type(cu).__name__}"
         )
     if cu.dim() != 1 or cu.numel() < 2:
-        raise ValueError(f"{name} must be a 1-D tensor of B + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
+        raise ArgumentError(f"{name} must be a 1-D tensor of B + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
     if cu.device != device:
-        raise ValueError(f"{name} must be on q's device ({device}), got {cu.device}")
+        raise ArgumentError(f"{name} must be on q's device ({device}), got {cu.device}")
     if batch is not None and cu.numel() != batch:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {batch} and {cu.numel()}")
+        raise ArgumentError(f"cu_seqlens_q and cu_seqlens_k must have the same length, got {batch} and {cu.numel()}")
     return _longest_sequence(name, cu, total)
 
 
@@ -150,9 +155,9 @@ def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) 
     real_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], cu_seqlens_q.numel(), q.device)
     for name, given, real in (("max_seqlen_q", max_seqlen_q, real_q), ("max_seqlen_k", max_seqlen_k, real_k)):
         if not isinstance(given, int) or isinstance(given, bool):
-            raise TypeError(f"{name} must be an int, got {type(given).__name__}")
+            raise ArgumentTypeError(f"{name} must be an int, got {type(given).__name__}")
         if real is not None and given < real:
-            raise ValueError(f"{name} must be an int >= the longest sequence ({real}), got {given!r}")
+            raise ArgumentError(f"{name} must be an int >= the longest sequence ({real}), got {given!r}")
     return cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
 
 
@@ -160,11 +165,11 @@ def _check_block_table(block_table, batch: int, device) -> None:
     """A paged cache's table: (batch, max_blocks >= 1) int32 on q's device."""
     if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32:
         got = getattr(block_table, "dtype", type(block_table).__name__)
-        raise TypeError(f"block_table must be an int32 tensor (B, max_blocks), got {got}")
+        raise ArgumentTypeError(f"block_table must be an int32 tensor (B, max_blocks), got {got}")
     if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.shape[1] == 0:
-        raise ValueError(f"block_table must be (B={batch}, max_blocks >= 1), got shape {tuple(block_table.shape)}")
+        raise ArgumentError(f"block_table must be (B={batch}, max_blocks >= 1), got shape {tuple(block_table.shape)}")
     if block_table.device != device:
-        raise ValueError(f"block_table must be on q's device ({device}), got {block_table.device}")
+        raise ArgumentError(f"block_table must be on q's device ({device}), got {block_table.device}")
 
 
 def _keys_from_pages(q, k_cache, v_cache, block_table, cu_seqlens_k) -> tuple[Tensor, Tensor]:
@@ -175,17 +180,17 @@ def _keys_from_pages(q, k_cache, v_cache, block_table, cu_seqlens_k) -> tuple[Te
     for name, t in (("k", k_cache), ("v", v_cache)):
         if not isinstance(t, Tensor) or t.dim() != 4:
             got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(
+            raise ArgumentError(
                 f"{name} must be a paged cache (num_blocks, page_block_size, Hkv, D) with a block_table, got {got}"
             )
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        raise ArgumentError(f"k and v must have the same shape, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     if not isinstance(cu_seqlens_k, Tensor) or cu_seqlens_k.dim() != 1 or cu_seqlens_k.numel() < 2:
-        raise ValueError("cu_seqlens_k must be a 1-D tensor of B + 1 offsets")
+        raise ArgumentError("cu_seqlens_k must be a 1-D tensor of B + 1 offsets")
     B = cu_seqlens_k.numel() - 1
     _check_block_table(block_table, B, q.device)
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise ValueError(
+        raise ArgumentError(
             "block_table: the keys' pages are found from cu_seqlens_k on the host, not while a CUDA graph is captured"
         )
     num_blocks, page = k_cache.shape[:2]
@@ -199,10 +204,10 @@ def _keys_from_pages(q, k_cache, v_cache, block_table, cu_seqlens_k) -> tuple[Te
     if total:
         longest, lo, hi = torch.stack((lengths.max(), pages.min(), pages.max())).tolist()
         if longest > block_table.shape[1] * page:
-            raise ValueError(
+            raise ArgumentError(
                 f"a sequence of {longest} keys needs more than block_table's {block_table.shape[1]} pages of {page}"
             )
         if lo < 0 or hi >= num_blocks:
-            raise ValueError(f"block_table's pages must lie in [0, {num_blocks}), got values in [{lo}, {hi}]")
+            raise ArgumentError(f"block_table's pages must lie in [0, {num_blocks}), got values in [{lo}, {hi}]")
     rows = pages * page + t % page  # (total_k,) rows of the cache seen as (num_blocks * page, Hkv, D)
     return k_cache.flatten(0, 1).index_select(0, rows), v_cache.flatten(0, 1).index_select(0, rows)

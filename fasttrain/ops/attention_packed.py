@@ -3,8 +3,9 @@
 The kernels read q, k and v as strided views of the packed tensor, and the backward writes dq, dk and dv into views
 of one packed gradient, so no concatenation happens either way (the Triton kernels and the aot ops write the views
 directly; the CPU kernel and the reference copy their gradients in). Semantics, arguments and returns are
-flash-attn's; masks, GQA and backends as in fasttrain.ops.flash_attn_func / flash_attn_varlen_func. The dense
-functions' common calls take a short path as flash_attn_func's does (`_packed_short`).
+flash-attn's; masks, GQA, backends and lse_grad (softmax_lse's gradient ignored, as flash-attn ignores it, unless
+lse_grad=True) as in fasttrain.ops.flash_attn_func / flash_attn_varlen_func. The dense functions' common calls take
+a short path as flash_attn_func's does (`_packed_short`).
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from fasttrain import _backend
+from fasttrain._backend import ArgumentError, ArgumentTypeError
 from fasttrain.ops.attention import (
     _AOT_OP,
     ATTENTION,
     _backward_into_op,
+    _check_lse_grad,
     _flash_band,
     _forward_op,
     _short_scale,
     _varlen_flash_lse,
     attn_probs,
     flash_lse,
+    returned_lse,
 )
 from fasttrain.ops.attention_checks import (
     _check_alibi,
@@ -107,19 +111,19 @@ def _check_packed(packed: Tensor, name: str, rank: int, n: int, layout: str) -> 
     """packed (rank-D, n tensors along axis -3), with unit stride along head_dim (what the kernels need of each
     view)."""
     if not isinstance(packed, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
+        raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
     if packed.dim() != rank or packed.shape[-3] != n:
-        raise ValueError(f"{name} must be {layout}, got shape {tuple(packed.shape)}")
+        raise ArgumentError(f"{name} must be {layout}, got shape {tuple(packed.shape)}")
     return packed if packed.stride(-1) == 1 else packed.contiguous()
 
 
 def _packed(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
-            alibi_slopes, deterministic, return_attn_probs, backend):  # fmt: skip
+            alibi_slopes, deterministic, return_attn_probs, backend, lse_grad):  # fmt: skip
     """max_q and max_k: None for (B, T, ...) inputs (their T)."""
-    softcap = _check_softcap(softcap)
+    softcap, lse_grad = _check_softcap(softcap), _check_lse_grad(lse_grad)
     if kv_src is not None:
         if not isinstance(q_src, Tensor):
-            raise TypeError(f"q must be a torch.Tensor, got {type(q_src).__name__}")
+            raise ArgumentTypeError(f"q must be a torch.Tensor, got {type(q_src).__name__}")
         q_src = q_src if q_src.stride(-1) == 1 else q_src.contiguous()  # the kernels need unit stride on head_dim
     q, k, v = _split(q_src, kv_src)
     rank, layout = (3, "(total, H, D)") if cu_q is not None else (4, "(B, T, H, D)")
@@ -140,9 +144,10 @@ def _packed(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, c
         return out
     probs = attn_probs(q, k, lse, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k)
     if cu_q is not None:
-        return out, _varlen_flash_lse(lse, alibi_slopes, left, right, max_k, cu_q, cu_k), probs
+        lse = _varlen_flash_lse(lse, alibi_slopes, left, right, max_k, cu_q, cu_k)
+        return out, returned_lse(lse, lse_grad), probs
     shift = torch.arange(max_q, device=q.device)[None] + (max_k - max_q)  # (1, Tq)
-    return out, flash_lse(lse, alibi_slopes, left, right, max_k, shift), probs
+    return out, returned_lse(flash_lse(lse, alibi_slopes, left, right, max_k, shift), lse_grad), probs
 
 
 def flash_attn_qkvpacked_func(
@@ -157,6 +162,7 @@ def flash_attn_qkvpacked_func(
     return_attn_probs: bool = False,
     *,
     backend: str | None = None,
+    lse_grad: bool = False,
 ):
     """flash-attn's `flash_attn_qkvpacked_func`: qkv (B, T, 3, H, D) -> out (B, T, H, D), or (out, softmax_lse
     (B, H, T), S_dmask) with return_attn_probs. Arguments as in `flash_attn_func`."""
@@ -167,7 +173,7 @@ def flash_attn_qkvpacked_func(
             return out
     qkv = _check_packed(qkv, "qkv", 5, 3, "(B, T, 3, H, D)")
     return _packed(qkv, None, None, None, None, None, dropout_p, softmax_scale, causal, window_size, softcap,
-                   alibi_slopes, deterministic, return_attn_probs, backend)  # fmt: skip
+                   alibi_slopes, deterministic, return_attn_probs, backend, lse_grad)  # fmt: skip
 
 
 def flash_attn_kvpacked_func(
@@ -183,6 +189,7 @@ def flash_attn_kvpacked_func(
     return_attn_probs: bool = False,
     *,
     backend: str | None = None,
+    lse_grad: bool = False,
 ):
     """flash-attn's `flash_attn_kvpacked_func`: q (B, Tq, H, D), kv (B, Tk, 2, Hkv, D) -> out (B, Tq, H, D), or
     (out, softmax_lse (B, H, Tq), S_dmask) with return_attn_probs. Arguments as in `flash_attn_func`."""
@@ -192,7 +199,7 @@ def flash_attn_kvpacked_func(
             return out
     kv = _check_packed(kv, "kv", 5, 2, "(B, Tk, 2, Hkv, D)")
     return _packed(q, kv, None, None, None, None, dropout_p, softmax_scale, causal, window_size,
-                   softcap, alibi_slopes, deterministic, return_attn_probs, backend)  # fmt: skip
+                   softcap, alibi_slopes, deterministic, return_attn_probs, backend, lse_grad)  # fmt: skip
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -209,13 +216,14 @@ def flash_attn_varlen_qkvpacked_func(
     return_attn_probs: bool = False,
     *,
     backend: str | None = None,
+    lse_grad: bool = False,
 ):
     """flash-attn's `flash_attn_varlen_qkvpacked_func`: qkv (total, 3, H, D) with cu_seqlens (B + 1,) int32 offsets
     for queries and keys alike -> out (total, H, D), or (out, softmax_lse (H, total), S_dmask) with return_attn_probs.
     Arguments as in `flash_attn_varlen_func`."""
     qkv = _check_packed(qkv, "qkv", 4, 3, "(total, 3, H, D)")
     return _packed(qkv, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
-                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend)  # fmt: skip
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend, lse_grad)  # fmt: skip
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -235,10 +243,11 @@ def flash_attn_varlen_kvpacked_func(
     return_attn_probs: bool = False,
     *,
     backend: str | None = None,
+    lse_grad: bool = False,
 ):
     """flash-attn's `flash_attn_varlen_kvpacked_func`: q (total_q, H, D), kv (total_k, 2, Hkv, D) -> out
     (total_q, H, D), or (out, softmax_lse (H, total_q), S_dmask) with return_attn_probs. Arguments as in
     `flash_attn_varlen_func`."""
     kv = _check_packed(kv, "kv", 4, 2, "(total_k, 2, Hkv, D)")
     return _packed(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
-                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend)  # fmt: skip
+                   window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend, lse_grad)  # fmt: skip

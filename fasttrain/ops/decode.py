@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from fasttrain import _backend, _extension
+from fasttrain._backend import ArgumentError, ArgumentTypeError
 from fasttrain.ops._op import custom_op
 from fasttrain.ops.attention import flash_lse
 from fasttrain.ops.attention_checks import (
@@ -358,54 +359,55 @@ def _check(
     """Shapes, dtypes and devices; raises ValueError/TypeError naming the argument."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ArgumentTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+            raise ArgumentError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
     if not q.is_floating_point():
-        raise TypeError(f"q must be a floating-point tensor, got {q.dtype}")
+        raise ArgumentTypeError(f"q must be a floating-point tensor, got {q.dtype}")
     B, Tq, H, D = q.shape
     Bc, Tmax, Hkv, Dc = k_cache.shape
     if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
+        raise ArgumentError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}, got {tuple(v_cache.shape)}")
     if Dc != D:
-        raise ValueError(f"k_cache head_dim {Dc} does not match q's head_dim {D}")
+        raise ArgumentError(f"k_cache head_dim {Dc} does not match q's head_dim {D}")
     if Hkv == 0 or H % Hkv:
-        raise ValueError(f"q's heads ({H}) must be a multiple of k_cache's heads ({Hkv})")
+        raise ArgumentError(f"q's heads ({H}) must be a multiple of k_cache's heads ({Hkv})")
     _check_like_q(q, (("k_cache", k_cache), ("v_cache", v_cache)))
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension (it is updated in place)")
+            raise ArgumentError(f"{name} must be contiguous in its last dimension (it is updated in place)")
     if (k is None) != (v is None):
-        raise ValueError("k and v must be given together")
+        raise ArgumentError("k and v must be given together")
     if k is not None:
         for name, t in (("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+                raise ArgumentTypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
             if t.dtype != k_cache.dtype:
-                raise TypeError(f"{name} must have k_cache's dtype {k_cache.dtype}, got {t.dtype}")
+                raise ArgumentTypeError(f"{name} must have k_cache's dtype {k_cache.dtype}, got {t.dtype}")
             if t.dim() != 4 or t.shape[0] != B or t.shape[2:] != (Hkv, D):
-                raise ValueError(f"{name} must be (B={B}, Tnew, Hkv={Hkv}, D={D}), got {tuple(t.shape)}")
+                raise ArgumentError(f"{name} must be (B={B}, Tnew, Hkv={Hkv}, D={D}), got {tuple(t.shape)}")
             if t.device != q.device:
-                raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+                raise ArgumentError(f"{name} must be on q's device {q.device}, got {t.device}")
         if v.shape[1] != k.shape[1]:
-            raise ValueError(f"k and v must have the same number of new tokens, got {k.shape[1]} and {v.shape[1]}")
+            raise ArgumentError(f"k and v must have the same number of new tokens, got {k.shape[1]} and {v.shape[1]}")
     if (rotary_cos is None) != (rotary_sin is None):
-        raise ValueError("rotary_cos and rotary_sin must be given together")
+        raise ArgumentError("rotary_cos and rotary_sin must be given together")
     if rotary_cos is not None:
         for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+                got = getattr(t, "dtype", type(t).__name__)
+                raise ArgumentTypeError(f"{name} must be a floating-point tensor, got {got}")
         if k is None:
-            raise ValueError("rotary_cos/rotary_sin rotate the appended k: pass k and v with them")
+            raise ArgumentError("rotary_cos/rotary_sin rotate the appended k: pass k and v with them")
         if rotary_cos.dim() != 2 or rotary_cos.shape != rotary_sin.shape or not 0 < 2 * rotary_cos.shape[1] <= D:
-            raise ValueError(
+            raise ArgumentError(
                 f"rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) with rotary_dim <= "
                 f"head_dim {D}, got {tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}"
             )
         if rotary_cos.device != q.device or rotary_sin.device != q.device:
-            raise ValueError(f"rotary_cos and rotary_sin must be on q's device {q.device}")
+            raise ArgumentError(f"rotary_cos and rotary_sin must be on q's device {q.device}")
     if cache_seqlens is None and k is not None:
-        raise ValueError("cache_seqlens is required when k and v are appended (it says where they go)")
+        raise ArgumentError("cache_seqlens is required when k and v are appended (it says where they go)")
     for name, t in (
         ("cache_seqlens", cache_seqlens),
         ("cache_batch_idx", cache_batch_idx),
@@ -414,15 +416,15 @@ def _check(
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int32, torch.int64):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name} must be an int32/int64 tensor of shape ({B},), got {getattr(t, 'dtype', type(t).__name__)}"
             )
         if t.shape != (B,):
-            raise ValueError(f"{name} must be an int32/int64 tensor of shape ({B},), got shape {tuple(t.shape)}")
+            raise ArgumentError(f"{name} must be an int32/int64 tensor of shape ({B},), got shape {tuple(t.shape)}")
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+            raise ArgumentError(f"{name} is on {t.device}, q on {q.device}")
     if cache_batch_idx is None and Bc != B and not paged:
-        raise ValueError(f"k_cache's batch {Bc} must equal q's batch {B} (or pass cache_batch_idx)")
+        raise ArgumentError(f"k_cache's batch {Bc} must equal q's batch {B} (or pass cache_batch_idx)")
 
 
 PAGE_MULTIPLE = 128  # the Triton decode kernel's widest key tile: each tile then lies in one page
@@ -432,12 +434,12 @@ def _check_paged(q, k_cache, block_table, cache_batch_idx) -> None:
     """A paged cache: k_cache (num_blocks, page_block_size, Hkv, D), block_table (B, max_blocks) int32."""
     _check_block_table(block_table, q.shape[0], q.device)
     if k_cache.shape[1] % PAGE_MULTIPLE:
-        raise ValueError(
+        raise ArgumentError(
             f"page_block_size (k_cache.shape[1] with a block_table) must be a multiple of {PAGE_MULTIPLE}, "
             f"got {k_cache.shape[1]}"
         )
     if cache_batch_idx is not None:
-        raise ValueError("cache_batch_idx must be None with a block_table (a paged cache picks pages, not rows)")
+        raise ArgumentError("cache_batch_idx must be None with a block_table (a paged cache picks pages, not rows)")
 
 
 def _check_values(cache_seqlens, index, cache_leftpad, t_new: int, Tmax: int, rotary_rows, rotary_span: int) -> None:
@@ -455,19 +457,19 @@ def _check_values(cache_seqlens, index, cache_leftpad, t_new: int, Tmax: int, ro
     if cache_leftpad is not None:
         (pad_lo, past), rest = rest[:2], rest[2:]
         if pad_lo < 0 or past > 0:
-            raise ValueError("cache_leftpad must lie in [0, cache_seqlens] for every sequence")
+            raise ArgumentError("cache_leftpad must lie in [0, cache_seqlens] for every sequence")
     idx = rest
     if lo < 0:
-        raise ValueError(f"cache_seqlens must be >= 0, got a minimum of {lo}")
+        raise ArgumentError(f"cache_seqlens must be >= 0, got a minimum of {lo}")
     if hi + t_new > Tmax:
-        raise ValueError(
+        raise ArgumentError(
             f"cache too short: a sequence needs {hi + t_new} rows (cache_seqlens {hi} + {t_new} new), "
             f"k_cache has {Tmax}"
         )
     if idx and (idx[0] < 0 or idx[1] >= index[2]):
-        raise ValueError(f"{index[0]} must lie in [0, {index[2]}), got values in [{idx[0]}, {idx[1]}]")
+        raise ArgumentError(f"{index[0]} must lie in [0, {index[2]}), got values in [{idx[0]}, {idx[1]}]")
     if rotary_rows is not None and hi + rotary_span > rotary_rows:
-        raise ValueError(f"rotary_cos has {rotary_rows} rows, positions up to {hi + rotary_span - 1} are needed")
+        raise ArgumentError(f"rotary_cos has {rotary_rows} rows, positions up to {hi + rotary_span - 1} are needed")
 
 
 # ---- the short path: the generation loops' call, straight to the aot op ---------------------------------------------
@@ -523,9 +525,10 @@ def flash_attn_with_kvcache(
         k_cache, v_cache: (B_cache, Tmax, Hkv, D), Hkv divides H, q's dtype; updated in place when k/v are given.
         k, v: (B, Tnew, Hkv, D) or None: written at rows cache_seqlens[b] .. cache_seqlens[b] + Tnew - 1.
         rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) or None: rotate the first rotary_dim dims of k at its
-            cache positions (cache_seqlens + t) and of q: row t at cache_seqlens + t when causal or windowed, every
-            row at cache_seqlens otherwise, as flash-attn (so where Tq > Tnew, seqlen_ro must cover cache_seqlens +
-            Tq). rotary_interleaved picks pairs (0, 1), (2, 3).. over (i, i + rotary_dim / 2).
+            cache positions (cache_seqlens + t) and of q: row t at cache_seqlens + t when causal or windowed (a
+            window side >= the cache's length counting as -1), every row at cache_seqlens otherwise, as
+            flash-attn (so where Tq > Tnew, seqlen_ro must cover cache_seqlens + Tq). rotary_interleaved picks
+            pairs (0, 1), (2, 3).. over (i, i + rotary_dim / 2).
         cache_seqlens: int or (B,) int32/int64 tensor: rows already in the cache. Attention covers
             cache_seqlens + Tnew keys. None: the whole cache (Tmax), only without k/v. Not advanced here.
         cache_batch_idx: (B,) int tensor or None: the cache row of each sequence.
@@ -581,9 +584,9 @@ def flash_attn_with_kvcache(
         _check_paged(q, k_cache, block_table, cache_batch_idx)
     left, right = _window(causal, window_size)
     if not isinstance(num_splits, int) or isinstance(num_splits, bool):
-        raise TypeError(f"num_splits must be an int >= 0, got {type(num_splits).__name__}")
+        raise ArgumentTypeError(f"num_splits must be an int >= 0, got {type(num_splits).__name__}")
     if num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+        raise ArgumentError(f"num_splits must be an int >= 0, got {num_splits!r}")
     B, Tq, H, D = q.shape
     Bc, Tmax = k_cache.shape[:2]
     if paged:  # Bc pages of Tmax rows; a sequence spans max_blocks of them
@@ -591,7 +594,10 @@ def flash_attn_with_kvcache(
     if cache_seqlens is None:
         cache_seqlens = torch.full((B,), Tmax, dtype=torch.int32, device=q.device)
     t_new = 0 if k is None else k.shape[1]
-    q_per_token = (left, right) != (UNBOUNDED, UNBOUNDED)  # causal or windowed
+    # flash-attn reads a window side reaching the cache's length as unbounded (-1), then picks causal, local or
+    # plain; q's rotary rows go per token only in the causal and local kernels
+    left, right = (UNBOUNDED if w >= Tmax else w for w in (left, right))
+    q_per_token = (left, right) != (UNBOUNDED, UNBOUNDED)
     if check_lengths:
         rotary_rows = None if rotary_cos is None else rotary_cos.shape[0]
         span = max(t_new, Tq if q_per_token else 1)  # k rows, and q's rows when they turn per token

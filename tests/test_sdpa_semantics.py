@@ -1,0 +1,89 @@
+"""torch's scaled_dot_product_attention semantics that fasttrain's keeps: inputs of any rank >= 2 (masks broadcast
+as torch broadcasts them), a value head_dim of its own, dropout_p = 1.0, and scale / enable_gqa keyword-only."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttrain.ops import scaled_dot_product_attention
+
+
+def _leaves(*shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*s, generator=g).requires_grad_() for s in shapes]
+
+
+def _same_as_torch(shapes, backend="cpu", **kw):
+    """fasttrain's outputs and gradients (the C++ kernel's by default) against torch's on the same random leaves."""
+    ours, theirs = _leaves(*shapes), _leaves(*shapes)
+    out = scaled_dot_product_attention(*ours, **kw, backend=backend)
+    want = F.scaled_dot_product_attention(*theirs, **kw)
+    assert out.shape == want.shape
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+    for got, ref in zip(torch.autograd.grad(out, ours, dout), torch.autograd.grad(want, theirs, dout)):
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "shapes,kw",
+    [
+        (((5, 32), (7, 32), (7, 32)), {}),  # (L, E)
+        (((1, 32), (9, 32), (9, 32)), dict(is_causal=True)),  # one query row
+        (((4, 97, 32), (2, 33, 32), (2, 33, 32)), dict(enable_gqa=True)),  # (H, L, E), GQA
+        (((2, 3, 2, 6, 32), (2, 3, 2, 6, 32), (2, 3, 2, 6, 32)), dict(is_causal=True)),  # (N, M, H, L, E)
+        (((2, 3, 2, 6, 32), (2, 3, 1, 9, 32), (2, 3, 1, 9, 32)), dict(enable_gqa=True, scale=0.3)),
+    ],
+    ids=["2d", "2d-causal-one-row", "3d-gqa", "5d-causal", "5d-gqa-scale"],
+)
+def test_any_rank_as_torch(shapes, kw):
+    _same_as_torch(shapes, **kw)
+
+
+@pytest.mark.parametrize("mask_shape", [(6, 9), (3, 1, 6, 9), (2, 1, 1, 1, 9)], ids=["LS", "M1LS", "N111S"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_masks_broadcast_as_torch_over_5d(mask_shape, dtype):
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(mask_shape, generator=g) > 0.3
+    mask[..., 0] = True  # every row sees a key (torch's NaN rows are another matter)
+    if dtype != torch.bool:
+        mask = torch.randn(mask_shape, generator=g)
+    _same_as_torch(((2, 3, 2, 6, 32), (2, 3, 2, 9, 32), (2, 3, 2, 9, 32)), backend=None, attn_mask=mask)
+
+
+@pytest.mark.parametrize("Ev,causal", [(16, True), (64, False)])
+def test_a_value_head_dim_of_its_own(Ev, causal):
+    # torch takes value (..., S, Ev) with Ev != E (MLA); the output is (..., L, Ev)
+    _same_as_torch(((2, 4, 7, 32), (2, 4, 7, 32), (2, 4, 7, Ev)), is_causal=causal)
+    _same_as_torch(((3, 5, 32), (3, 1, 32), (3, 1, Ev)))
+
+
+def test_dropout_one_gives_zeros_and_zero_gradients():
+    q, k, v = _leaves((2, 4, 5, 32), (2, 4, 7, 32), (2, 4, 7, 32))
+    out = scaled_dot_product_attention(q, k, v, dropout_p=1.0, backend="cpu")
+    assert out.shape == (2, 4, 5, 32) and torch.count_nonzero(out) == 0
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, dropout_p=1.0))
+    for grad in torch.autograd.grad(out, (q, k, v), torch.randn_like(out)):
+        assert grad.shape in ((2, 4, 5, 32), (2, 4, 7, 32)) and torch.count_nonzero(grad) == 0
+
+
+def test_scale_and_enable_gqa_are_keyword_only():
+    q, k, v = _leaves((1, 2, 5, 32), (1, 2, 5, 32), (1, 2, 5, 32))
+    for f in (F.scaled_dot_product_attention, scaled_dot_product_attention):
+        with pytest.raises(TypeError):
+            f(q, k, v, None, 0.0, False, 0.5)
+        with pytest.raises(TypeError):
+            f(q, k, v, None, 0.0, False, None, True)
+
+
+def test_ranks_must_agree():
+    with pytest.raises(ValueError, match="one rank >= 2"):
+        scaled_dot_product_attention(torch.randn(2, 5, 32), torch.randn(5, 32), torch.randn(5, 32))
+
+
+def test_batch_axes_broadcast_as_torchs_math_path():
+    # torch's math path (its CPU default) broadcasts k and v of batch 1 against q's batch, gradients summed back;
+    # the kernels read the expanded views (batch stride 0)
+    _same_as_torch(((3, 2, 5, 32), (1, 2, 7, 32), (1, 2, 7, 32)), backend="cpu", is_causal=True)
+    _same_as_torch(((2, 2, 3, 32), (1, 2, 4, 32), (1, 2, 4, 32)), backend="triton")
+    _same_as_torch(((2, 1, 2, 5, 32), (1, 3, 2, 7, 32), (1, 3, 2, 7, 32)), backend="cpu")
