@@ -63,11 +63,7 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* cu_q
               G);
   int64_t B = q.size(0);
   if (varlen) {
-    for (const Tensor* cu : {cu_q, cu_k}) {
-      TORCH_CHECK(cu->dim() == 1 && cu->numel() >= 2 && cu->numel() == cu_q->numel() &&
-                      cu->scalar_type() == at::kInt && cu->device() == q.device(),
-                  kName, ": cu_seqlens_q and cu_seqlens_k must be int32 (B + 1) offsets on q's device");
-    }
+    check_offsets(q, *cu_q, *cu_k, kName);
     B = cu_q->numel() - 1;
   }
   TORCH_CHECK(B <= kGridYZMax && H <= kGridYZMax, kName, ": B and H must be at most ", kGridYZMax);

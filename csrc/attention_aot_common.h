@@ -61,7 +61,15 @@ inline at::Tensor as_compiled(const at::Tensor& t) {
   return compiled_layout(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-// q's CUDA device index, or -1 for CPU tensors, which only the launch recorder takes.
+// Packed sequences' offsets as both ops take them: cu_q and cu_k int32 (B + 1), B >= 1, on q's device.
+inline void check_offsets(const at::Tensor& q, const at::Tensor& cu_q, const at::Tensor& cu_k, const char* op) {
+  for (const at::Tensor* cu : {&cu_q, &cu_k}) {
+    TORCH_CHECK(cu->dim() == 1 && cu->numel() >= 2 && cu->numel() == cu_q.numel() && cu->scalar_type() == at::kInt &&
+                    cu->device() == q.device(),
+                op, ": cu_seqlens_q and cu_seqlens_k must be int32 (B + 1) offsets on q's device");
+  }
+}
+
 // Packed sequences' int32 offsets (B + 1) as the cubins read them: contiguous from a 16-byte aligned base (the
 // pointer was compiled as a multiple of 16).
 inline at::Tensor compiled_offsets(const at::Tensor& cu) {
@@ -76,6 +84,7 @@ inline std::array<int64_t, 3> bth_strides(const at::Tensor& t, bool varlen) {
   return {t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// q's CUDA device index, or -1 for CPU tensors, which only the launch recorder takes.
 inline c10::DeviceIndex launch_device(const at::Tensor& q, const char* op) {
   TORCH_CHECK(q.is_cuda() || (q.is_cpu() && aot::recording()), op,
               ": takes CUDA tensors (CPU tensors only while launches are recorded), got ", q.device());

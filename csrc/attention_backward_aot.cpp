@@ -81,11 +81,7 @@ void check(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v
   }
   TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), kName, ": out and dout must have q's shape");
   if (varlen) {
-    for (const Tensor* cu : {cu_q, cu_k}) {
-      TORCH_CHECK(cu->dim() == 1 && cu->numel() >= 2 && cu->numel() == cu_q->numel() &&
-                      cu->scalar_type() == at::kInt && cu->device() == q.device(),
-                  kName, ": cu_seqlens_q and cu_seqlens_k must be int32 (B + 1) offsets on q's device");
-    }
+    check_offsets(q, *cu_q, *cu_k, kName);
     TORCH_CHECK(lse.dim() == 2 && lse.size(0) == H && lse.size(1) == q.size(0) && lse.scalar_type() == at::kFloat &&
                     lse.device() == q.device(),
                 kName, ": packed lse must be (H, total_q) float32 on q's device");
