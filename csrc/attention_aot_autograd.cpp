@@ -5,8 +5,12 @@
 // The backward reads deterministic as that op's does: the call's flag, or torch.use_deterministic_algorithms(True)
 // when the backward runs. A double backward (create_graph=True) takes the reference's gradients, as a graph, through
 // the registered op fasttrain::attention_forward (defined by fasttrain/ops/attention.py) on the reference backend.
-// Op (schema in ops.cpp): fasttrain::attention_aot; CUDA, and CPU while the launches are recorded (aot_launch.h);
-// Meta for tracing; Autograd.
+// attention_aot_packed does the same for flash_attn_qkvpacked_func's and flash_attn_kvpacked_func's common calls
+// (fasttrain/ops/attention_packed.py `_packed_short`): q, k and v views of the packed inputs, the backward
+// attention_backward_into_aot written into views of one packed gradient per input, once differentiable as that
+// module's autograd Function.
+// Ops (schema in ops.cpp): fasttrain::attention_aot and attention_aot_packed; CUDA, and CPU while the launches are
+// recorded (aot_launch.h); Meta for tracing; Autograd.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -16,6 +20,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -127,14 +133,127 @@ Tensor attention_aot_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
   return AttentionAot::apply(q, k, v, scale, left, right, deterministic);
 }
 
+// ---- the packed functions: q, k and v views of qkv (..., 3, H, D), or q and views of kv (..., 2, Hkv, D) ----
+
+std::array<Tensor, 3> split(const Tensor& q_src, const Tensor& kv_src) {
+  if (!kv_src.defined()) {
+    TORCH_CHECK(q_src.dim() >= 3 && q_src.size(-3) == 3, "attention_aot_packed: qkv must be (..., 3, H, D)");
+    const std::vector<Tensor> qkv = q_src.unbind(-3);
+    return {qkv[0], qkv[1], qkv[2]};
+  }
+  TORCH_CHECK(kv_src.dim() >= 3 && kv_src.size(-3) == 2, "attention_aot_packed: kv must be (..., 2, Hkv, D)");
+  const std::vector<Tensor> kv = kv_src.unbind(-3);
+  return {q_src, kv[0], kv[1]};
+}
+
+Tensor attention_aot_packed(const Tensor& q_src, const std::optional<Tensor>& kv_src, double scale, int64_t left,
+                            int64_t right, bool) {
+  const auto [q, k, v] = split(q_src, kv_src.value_or(Tensor()));
+  return std::get<0>(forward_op().call(q, k, v, scale, left, right));
+}
+
+Tensor attention_aot_packed_meta(const Tensor& q_src, const std::optional<Tensor>& kv_src, double, int64_t, int64_t,
+                                 bool) {
+  const Tensor q = std::get<0>(split(q_src, kv_src.value_or(Tensor())));
+  return at::empty(q.sizes(), q.options());
+}
+
+// Python's torch.autograd.function.once_differentiable for a backward run with create_graph: its gradients, as
+// leaves of a node that raises the same error when they are differentiated.
+struct OnceDifferentiable : public torch::autograd::Function<OnceDifferentiable> {
+  static std::vector<Tensor> forward(torch::autograd::AutogradContext*, at::TensorList grads) {
+    return grads.vec();
+  }
+  static std::vector<Tensor> backward(torch::autograd::AutogradContext*, std::vector<Tensor>) {
+    TORCH_CHECK(false, "trying to differentiate twice a function that was marked with @once_differentiable");
+    return {};
+  }
+};
+
+struct AttentionAotPacked : public torch::autograd::Function<AttentionAotPacked> {
+  // kv_src absent: qkvpacked (an optional, which autograd takes as no input rather than an undefined one)
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& q_src,
+                        const std::optional<Tensor>& kv_src, double scale, int64_t left, int64_t right,
+                        bool deterministic) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto [q, k, v] = split(q_src, kv_src.value_or(Tensor()));
+    auto [out, lse] = forward_op().call(q, k, v, scale, left, right);
+    ctx->save_for_backward({q_src, kv_src.value_or(Tensor()), out, lse});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["band"] = std::vector<int64_t>{left, right, deterministic};
+    return out;
+  }
+
+  static std::vector<Tensor> backward(torch::autograd::AutogradContext* ctx, std::vector<Tensor> grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &q_src = saved[0], &kv_src = saved[1], &out = saved[2], &lse = saved[3];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const auto band = ctx->saved_data["band"].toIntVector();
+    using BackwardIntoFn = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, int64_t, int64_t,
+                                bool);
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fasttrain::attention_backward_into_aot", "")
+                               .typed<BackwardIntoFn>();
+    const bool deterministic = band[2] != 0 || at::globalContext().deterministicAlgorithms();
+    const bool twice = at::GradMode::is_enabled() && grads[0].requires_grad();
+    Tensor dq_src, dkv_src;
+    {
+      at::NoGradGuard no_grad;
+      const auto& s = grads[0].strides();  // as attention_aot's backward: the cubins' int32 strides
+      const bool wide = std::any_of(s.begin(), s.end(), [](int64_t x) { return x >= (int64_t{1} << 31); });
+      const Tensor dout = wide ? grads[0].clone(at::MemoryFormat::Contiguous) : grads[0];
+      dq_src = at::empty_like(q_src);
+      dkv_src = kv_src.defined() ? at::empty_like(kv_src) : Tensor();
+      const auto [dq, dk, dv] = split(dq_src, dkv_src);
+      const auto [q, k, v] = split(q_src, kv_src);
+      op.call(dq, dk, dv, dout, q, k, v, out, lse, scale, band[0], band[1], deterministic);
+    }
+    if (twice) {
+      std::vector<Tensor> leaves = {dq_src.detach().set_requires_grad(true)};
+      if (dkv_src.defined()) leaves.push_back(dkv_src.detach().set_requires_grad(true));
+      const std::vector<Tensor> wrapped = OnceDifferentiable::apply(at::TensorList(leaves));
+      dq_src = wrapped[0];
+      if (dkv_src.defined()) dkv_src = wrapped[1];
+    }
+    return {dq_src, dkv_src, Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor attention_aot_packed_autograd(const Tensor& q_src, const std::optional<Tensor>& kv_src, double scale,
+                                     int64_t left, int64_t right, bool deterministic) {
+  const Tensor kv = kv_src.value_or(Tensor());
+  auto recorded = [](const Tensor& t) {
+    return t.defined() && ((at::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(0).defined());
+  };
+  if (!recorded(q_src) && !recorded(kv)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const auto [q, k, v] = split(q_src, kv);
+    return std::get<0>(forward_op().call(q, k, v, scale, left, right));
+  }
+  return AttentionAotPacked::apply(q_src, kv_src, scale, left, right, deterministic);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fasttrain, CUDA, m) { m.impl("attention_aot", &attention_aot); }
+TORCH_LIBRARY_IMPL(fasttrain, CUDA, m) {
+  m.impl("attention_aot", &attention_aot);
+  m.impl("attention_aot_packed", &attention_aot_packed);
+}
 
-TORCH_LIBRARY_IMPL(fasttrain, CPU, m) { m.impl("attention_aot", &attention_aot); }
+TORCH_LIBRARY_IMPL(fasttrain, CPU, m) {
+  m.impl("attention_aot", &attention_aot);
+  m.impl("attention_aot_packed", &attention_aot_packed);
+}
 
-TORCH_LIBRARY_IMPL(fasttrain, Meta, m) { m.impl("attention_aot", &attention_aot_meta); }
+TORCH_LIBRARY_IMPL(fasttrain, Meta, m) {
+  m.impl("attention_aot", &attention_aot_meta);
+  m.impl("attention_aot_packed", &attention_aot_packed_meta);
+}
 
-TORCH_LIBRARY_IMPL(fasttrain, Autograd, m) { m.impl("attention_aot", &attention_aot_autograd); }
+TORCH_LIBRARY_IMPL(fasttrain, Autograd, m) {
+  m.impl("attention_aot", &attention_aot_autograd);
+  m.impl("attention_aot_packed", &attention_aot_packed_autograd);
+}
 
 }  // namespace fasttrain

@@ -10,8 +10,12 @@
 // them (the JIT autotuners' keys), as the JIT's autotuners choose among their configs.
 // The cubins assume what the JIT finds on the usual tensors: 16-byte aligned pointers, strides that are nonzero
 // multiples of 16 elements (so TMA_ALIGNED); inputs that are not are copied into contiguous ones.
-// Ops (schemas in ops.cpp): fasttrain::attention_backward_aot and attention_varlen_backward_aot; CUDA, and CPU while
-// the launches are recorded (aot_launch.h); Meta for tracing.
+// The _into ops write the gradients into given tensors (the packed functions' views of one packed gradient, as the
+// JIT's `into`): the kernels take their pointers and strides where they meet the same layout, which views of a
+// contiguous (..., 3 or 2, H, D) gradient do for head_dim 64 and 128 (offsets of H * D elements, 16-byte aligned;
+// strides multiples of 16); a target that does not gets the gradient in a fresh tensor, then copied in.
+// Ops (schemas in ops.cpp): fasttrain::attention_backward_aot, attention_varlen_backward_aot and their _into_aot
+// forms; CUDA, and CPU while the launches are recorded (aot_launch.h); Meta for tracing.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -92,13 +96,32 @@ void check(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v
               kName, ": lse must be (B, H, Tq) float32 on q's device");
 }
 
-// The backward of dense (cu_q null) or packed calls; Tq and Tk are the longest sequences when packed.
+// Whether a kernel can write t as it is: the compiled layout, with strides the cubins' int32 arguments can pass.
+bool direct_target(const Tensor& t) {
+  if (!compiled_layout(t)) return false;
+  const auto s = t.strides();
+  return std::all_of(s.begin(), s.end(), [](int64_t x) { return x < (int64_t{1} << 31); });
+}
+
+// The gradients' destinations (dq, dk, dv) of an _into op, shaped and typed like q, k and v.
+void check_into(const std::array<Tensor, 3>& into, const Tensor& q, const Tensor& k, const Tensor& v) {
+  const Tensor* like[3] = {&q, &k, &v};
+  for (int i = 0; i < 3; ++i) {
+    TORCH_CHECK(into[i].sizes() == like[i]->sizes() && into[i].scalar_type() == q.scalar_type() &&
+                    into[i].device() == q.device(),
+                kName, ": dq, dk and dv must have the shapes of q, k and v, in q's dtype on q's device");
+  }
+}
+
+// The backward of dense (cu_q null) or packed calls; Tq and Tk are the longest sequences when packed. into: where
+// the gradients go (then the returned tensors are those), or null for fresh contiguous ones.
 std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
                                             const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
                                             const Tensor* cu_q_in, const Tensor* cu_k_in, int64_t max_q,
                                             int64_t max_k, double scale, int64_t left, int64_t right,
-                                            bool deterministic) {
+                                            bool deterministic, const std::array<Tensor, 3>* into = nullptr) {
   check(dout_in, q_in, k_in, v_in, out_in, lse_in, cu_q_in, cu_k_in);
+  if (into != nullptr) check_into(*into, q_in, k_in, v_in);
   const c10::DeviceIndex device = launch_device(q_in, kName);
   const bool varlen = cu_q_in != nullptr;
   auto bth = [varlen](const Tensor& t) {
@@ -143,7 +166,14 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
                  aot::integer(left), aot::integer(right)});
   }
   const auto opts = q.options();
-  Tensor dk = at::empty(k.sizes(), k.options()), dv = at::empty(v.sizes(), v.options());
+  // A target the kernels cannot write as it is takes a fresh gradient, copied in at the end (`written`).
+  auto target = [&](int i, const Tensor& like) {
+    return into != nullptr && direct_target((*into)[i]) ? (*into)[i] : at::empty(like.sizes(), like.options());
+  };
+  auto written = [&](int i, const Tensor& g) {
+    return into == nullptr || g.is_same((*into)[i]) ? g : (*into)[i].copy_(g);
+  };
+  Tensor dk = target(1, k), dv = target(2, v);
   const double scale_log2 = scale * kLog2e;
   // Q, K, V, dO, lse: the strides both kernels take after their pointers; then dK's and dV's (dK/dV only), dQ's.
   std::vector<aot::Value> common;
@@ -225,7 +255,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
     });
     if (trials) dq_acc.zero_();  // and once more after them
     run(*e);
-    return dq_acc.to(dtype);  // the cast is the one copy
+    // the cast is the one copy, into the target as the JIT's copy_ (any strides)
+    return into != nullptr ? (*into)[0].copy_(dq_acc) : dq_acc.to(dtype);
   };
 
   auto separate_dq = [&]() {
@@ -239,7 +270,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
                   strides);
     };
     run_dkdv(*tuned(0, aot::Kernel::AttentionBackwardDkdv, dkdv_candidates(false), run_dkdv));
-    Tensor dq = at::empty(q.sizes(), opts);
+    Tensor dq = target(0, q);
     const std::initializer_list<at::ScalarType> pointers = {dtype, dtype, dtype, dtype, f32, f32,
                                                             dtype, i32,   i32,   i64,   f32};
     std::vector<const aot::Entry*> candidates;
@@ -264,12 +295,12 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
           bth(dq));
     };
     run_dq(*tuned(2, aot::Kernel::AttentionBackwardDq, candidates, run_dq));
-    return dq;
+    return written(0, dq);
   };
 
   if (deterministic) {
     Tensor dq = separate_dq();
-    return {dq, dk, dv};
+    return {dq, written(1, dk), written(2, dv)};
   }
   // The plan, timed at a shape class's first call: kernels/attention_backward.py _backward_plans' key (dtype, the
   // tuning ints, B * Hkv rounded up to a power of 2, and the dK/dV launch's constexprs: GROUP, HEAD_DIM, VARLEN and
@@ -281,7 +312,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
                               G, D, varlen, full},
                              2, device, [&](int i) { dq = i == 0 ? atomic_dq() : separate_dq(); });
   dq = plan == 0 ? atomic_dq() : separate_dq();
-  return {dq, dk, dv};
+  return {dq, written(1, dk), written(2, dv)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -301,6 +332,23 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_aot(const Tensor& d
                   right, deterministic);
 }
 
+void attention_backward_into_aot(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dout,
+                                 const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                                 const Tensor& lse, double scale, int64_t left, int64_t right, bool deterministic) {
+  const std::array<Tensor, 3> into = {dq, dk, dv};
+  backward(dout, q, k, v, out, lse, nullptr, nullptr, 0, 0, scale, left, right, deterministic, &into);
+}
+
+void attention_varlen_backward_into_aot(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dout,
+                                        const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                                        const Tensor& lse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                        int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t left,
+                                        int64_t right, bool deterministic) {
+  const std::array<Tensor, 3> into = {dq, dk, dv};
+  backward(dout, q, k, v, out, lse, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
+           deterministic, &into);
+}
+
 // ---- Meta: shapes and dtypes only, for torch.compile's fake tensors ----
 
 std::tuple<Tensor, Tensor, Tensor> attention_backward_aot_meta(const Tensor&, const Tensor& q, const Tensor& k,
@@ -316,21 +364,37 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_aot_meta(const Tens
   return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
 }
 
+// The _into ops write their arguments: nothing to make.
+void attention_backward_into_aot_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                      const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, int64_t,
+                                      int64_t, bool) {}
+
+void attention_varlen_backward_into_aot_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                             const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                             const Tensor&, const Tensor&, int64_t, int64_t, double, int64_t, int64_t,
+                                             bool) {}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fasttrain, CUDA, m) {
   m.impl("attention_backward_aot", &attention_backward_aot);
   m.impl("attention_varlen_backward_aot", &attention_varlen_backward_aot);
+  m.impl("attention_backward_into_aot", &attention_backward_into_aot);
+  m.impl("attention_varlen_backward_into_aot", &attention_varlen_backward_into_aot);
 }
 
 TORCH_LIBRARY_IMPL(fasttrain, CPU, m) {
   m.impl("attention_backward_aot", &attention_backward_aot);
   m.impl("attention_varlen_backward_aot", &attention_varlen_backward_aot);
+  m.impl("attention_backward_into_aot", &attention_backward_into_aot);
+  m.impl("attention_varlen_backward_into_aot", &attention_varlen_backward_into_aot);
 }
 
 TORCH_LIBRARY_IMPL(fasttrain, Meta, m) {
   m.impl("attention_backward_aot", &attention_backward_aot_meta);
   m.impl("attention_varlen_backward_aot", &attention_varlen_backward_aot_meta);
+  m.impl("attention_backward_into_aot", &attention_backward_into_aot_meta);
+  m.impl("attention_varlen_backward_into_aot", &attention_varlen_backward_into_aot_meta);
 }
 
 }  // namespace fasttrain

@@ -96,6 +96,11 @@ TORCH_LIBRARY(fasttrain, m) {
   // attention_forward_aot, and in the backward attention_backward_aot's gradients of q, k and v.
   m.def(
       "attention_aot(Tensor q, Tensor k, Tensor v, float scale, int left, int right, bool deterministic) -> Tensor");
+  // The same for the packed functions (attention_aot_autograd.cpp): q, k and v views of qkv (B, T, 3, H, D), or q
+  // and views of kv (B, Tk, 2, Hkv, D); the backward writes into views of one packed gradient per input.
+  m.def(
+      "attention_aot_packed(Tensor q_src, Tensor? kv_src, float scale, int left, int right, bool deterministic) "
+      "-> Tensor");
   // The same two for packed sequences (flash_attn_varlen_func): q (total_q, H, D), k and v (total_k, Hkv, D), int32
   // offsets (B + 1) of each and the longest sequences; lse (H, total_q). Ops of their own, as flash-attn's, so that
   // the dense ops' schemas (which other C++ callers bind to) stay as they are.
@@ -106,4 +111,13 @@ TORCH_LIBRARY(fasttrain, m) {
       "attention_varlen_backward_aot(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int left, "
       "int right, bool deterministic) -> (Tensor, Tensor, Tensor)");
+  // The two backwards written into dq, dk and dv (shaped like q, k and v, any strides: the packed functions' views of
+  // one packed gradient), as kernels/attention_backward.py `attention_backward` with `into`.
+  m.def(
+      "attention_backward_into_aot(Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor dout, Tensor q, Tensor k, "
+      "Tensor v, Tensor out, Tensor lse, float scale, int left, int right, bool deterministic) -> ()");
+  m.def(
+      "attention_varlen_backward_into_aot(Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor dout, Tensor q, "
+      "Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float scale, int left, int right, bool deterministic) -> ()");
 }

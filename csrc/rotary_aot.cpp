@@ -48,7 +48,7 @@ Tensor aligned(const Tensor& t) { return aligned16(t) ? t : t.clone(at::MemoryFo
 bool strides16(const Tensor& x) { return x.stride(0) % 16 == 0 && x.stride(1) % 16 == 0 && x.stride(2) % 16 == 0; }
 
 // The checks of fasttrain/ops/rotary.py's _check that reach the op (a direct caller gets an error, not a wild read),
-// with its messages; offsets' values are not read (that would sync: a position past the table reads NaN).
+// with its messages; offsets' values are not read (that would sync: a row past the table passes through unrotated).
 void check(const char* name, const Tensor& x, const Tensor& cos, const Tensor& sin, const optional<Tensor>& offsets,
            int64_t offset) {
   TORCH_CHECK_TYPE(x.is_floating_point(), name, ": x must be a floating-point tensor, got ", x.scalar_type());

@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/TensorIterator.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -62,8 +61,17 @@ struct Rotation {
   bool interleaved;
   float sign;              // -1: rotate by the opposite angle (the backward)
 
+  int64_t n_pos;           // rows in the shared table
+
   int64_t row(int64_t b, int64_t t) const {
     return per_sequence ? b * T + t : t + offset + (offsets ? offsets[b] : 0);
+  }
+  // Whether token (b, t) has a row: tensor offsets may run past the table (flash-attn's kernel leaves such a row
+  // unrotated; checking them first would sync a GPU). Compared without a sum that could overflow: |offset| <= n_pos.
+  bool in_table(int64_t b, int64_t t) const {
+    if (per_sequence || !offsets) return true;
+    const int64_t base = t + offset;
+    return offsets[b] >= -base && offsets[b] < n_pos - base;
   }
 };
 
@@ -78,10 +86,16 @@ void rotate(const Rotation& r, const T* x, at::IntArrayRef xs, T* out, at::IntAr
     std::vector<float> buffer(std::is_same_v<T, float> ? 0 : r.H * rot);  // the token's rotated dims, (H, R)
     for (int64_t token = begin; token < end; ++token) {
       const int64_t b = token / r.T, t = token % r.T;
-      const float* c = r.cos + r.row(b, t) * r.half;
-      const float* s = r.sin + r.row(b, t) * r.half;
       const T* xt = x + b * xs[0] + t * xs[1];
       T* ot = out + b * os[0] + t * os[1];
+      if (!r.in_table(b, t)) {  // the identity rotation: a copy, or nothing in place
+        if (out != x) {
+          for (int64_t h = 0; h < r.H; ++h) std::memcpy(ot + h * os[2], xt + h * xs[2], r.D * sizeof(T));
+        }
+        continue;
+      }
+      const float* c = r.cos + r.row(b, t) * r.half;
+      const float* s = r.sin + r.row(b, t) * r.half;
       if constexpr (std::is_same_v<T, float>) {
         rotate_token(xt, xs[2], ot, os[2], r.H, c, s, r.sign, r.half, r.interleaved);
       } else {
@@ -124,25 +138,20 @@ void rotary_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& s
   if (x.numel() == 0) return;  // also before the stride checks: a sum's empty upstream gradient has stride 0 on D
   TORCH_CHECK(x.stride(3) == 1 && out.stride(3) == 1, "rotary_cpu: x and out need unit stride along D");
   const at::Tensor c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
-  // Rows t + offset (+ offsets[b]), t < T, must lie in [0, n_pos); compared without sums that could overflow int64.
+  // Rows t + offset, t < T, must lie in [0, n_pos); with tensor offsets a row outside passes through unrotated (as
+  // on the Triton kernel), and offset is bounded so that Rotation::in_table's comparisons cannot overflow int64.
   const int64_t n_pos = per_sequence ? T : cos.size(0);
   at::Tensor offs;
   if (offsets) {
-    // On the CPU the bound costs one reduction: a position past the table is an error here, not the NaN the Triton
-    // kernel (which would have to sync to check it) writes. offset is bounded first, so -offset and the difference
-    // cannot overflow either.
+    TORCH_CHECK(-n_pos <= offset && offset <= n_pos, "rotary_cpu: offset ", offset, " with seqlen_offsets is past the ",
+                n_pos, " positions of cos/sin");
     offs = offsets->to(at::kLong).contiguous();
-    const auto [lo_t, hi_t] = at::aminmax(offs);
-    const int64_t lo = lo_t.item<int64_t>(), hi = hi_t.item<int64_t>();
-    TORCH_CHECK(-n_pos <= offset && offset <= n_pos && lo >= -offset && hi <= n_pos - T - offset,
-                "rotary_cpu: seqlen_offsets + offset ", offset, " + T must stay within the ", n_pos,
-                " positions of cos/sin, got seqlen_offsets in [", lo, ", ", hi, "] with T = ", T);
   } else if (!per_sequence) {
     TORCH_CHECK(offset >= 0 && offset <= n_pos - T, "rotary_cpu: offset ", offset, " + T = ", T,
                 " is past the ", n_pos, " positions of cos/sin");
   }
   const Rotation r{B, T, x.size(2), x.size(3), half, c.data_ptr<float>(), s.data_ptr<float>(), per_sequence,
-                   offsets ? offs.data_ptr<int64_t>() : nullptr, offset, interleaved, conjugate ? -1.0f : 1.0f};
+                   offsets ? offs.data_ptr<int64_t>() : nullptr, offset, interleaved, conjugate ? -1.0f : 1.0f, n_pos};
   dispatch_dtype(x.scalar_type(), "rotary", [&](auto* type) {
     using T_ = std::remove_pointer_t<decltype(type)>;
     rotate<T_>(r, x.data_ptr<T_>(), x.strides(), out.data_ptr<T_>(), out.strides());

@@ -9,7 +9,8 @@ precedes the kernel.
 CONJUGATE rotates by -angle: the backward is the same kernel on the upstream gradient.
 Bytes: x read once, the output written once (the tables, one row per token, are 1/H of that or less). Eager PyTorch
 (fp32 copy, two halves, four products, a cat, a cast back) moves ~5x as much.
-A position outside the table reads NaN rather than out of bounds (checking tensor offsets on the host would sync).
+A position outside the table (tensor offsets past it: checking them on the host would sync) reads cos 1 and sin 0, so
+its row passes through unrotated, as flash-attn's kernel leaves it.
 
 Pure device code: nothing here imports fasttrain.
 """
@@ -73,8 +74,8 @@ def _rotary_kernel(
         row = pos * table_t_stride
         ok = token_ok & (pos >= 0) & (pos < n_pos)
     table_mask = ok[:, None] & in_half[None, :]
-    cos = tl.load(Cos + row[:, None] + i[None, :], mask=table_mask, other=float("nan")).to(tl.float32)
-    sin = tl.load(Sin + row[:, None] + i[None, :], mask=table_mask, other=float("nan")).to(tl.float32)
+    cos = tl.load(Cos + row[:, None] + i[None, :], mask=table_mask, other=1.0).to(tl.float32)  # past the table:
+    sin = tl.load(Sin + row[:, None] + i[None, :], mask=table_mask, other=0.0).to(tl.float32)  # the identity
     if CONJUGATE:
         sin = -sin
     if INTERLEAVED:

@@ -19,7 +19,7 @@ A case with "op": "cross_entropy" runs kernels/cross_entropy.py's launchers and 
 kernels/attention.py `attention_forward` call (with the global scratch Triton's launcher would ask its allocator for)
 and those of fasttrain::attention_forward_aot (tests/test_attention_aot.py); one with "op": "attention_backward"
 every launch of one kernels/attention_backward.py `attention_backward` call and of fasttrain::attention_backward_aot
-(tests/test_attention_backward_aot.py).
+(or, for a packed function's gradients, its _into_aot form; tests/test_attention_backward_aot.py).
 """
 
 import importlib.util
@@ -339,13 +339,28 @@ def run_attention_case(C, entries, index, case: dict) -> dict:
     return {"jit": jit, "aot": aot}
 
 
+def _stacked(tensors: tuple) -> tuple:
+    """Views of one packed tensor (..., n, H, D) holding the given tensors' values, as unbind(-3) gives them."""
+    return torch.stack(tensors, dim=-3).unbind(-3)
+
+
+def _packed_gradients(q, k, v, packed: str) -> tuple:
+    """(dq, dk, dv) as the packed functions' backward makes them: views of one fresh (..., 3, H, D) gradient ("qkv"),
+    or dq and views of a fresh (..., 2, Hkv, D) one ("kv")."""
+    if packed == "qkv":
+        return torch.empty(*q.shape[:-2], 3, *q.shape[-2:], dtype=q.dtype).unbind(-3)
+    return torch.empty_like(q), *torch.empty(*k.shape[:-2], 2, *k.shape[-2:], dtype=k.dtype).unbind(-3)
+
+
 def run_attention_backward_case(C, entries, case: dict) -> dict:
     """case (op "attention_backward"): B, Tq, Tk (or lengths_q and lengths_k: packed), H, Hkv, D, window (left, right)
     as fasttrain.ops.attention._window gives them, deterministic, dtype, plan (the JIT's plan: "atomic dQ" or "dQ
     kernel"; the C++ op, with nothing to time, takes the atomic one unless deterministic). The JIT's autotuners take
     the head-dim class's first shipped sm_90 tile, the one the C++ op launches untimed, or the dK/dV tile dkdv_tile
     (an index into the shipped tiles) when the case gives the C++ tuner its times (fasttrain._C.aot_tune_reset),
-    which then records its trials too. The launches of one call in order (preprocess, dK/dV, dQ)."""
+    which then records its trials too. The launches of one call in order (preprocess, dK/dV, dQ). A case with
+    "packed" ("qkv" or "kv") is a packed function's: q, k and v views of one (..., 3, H, D) tensor (or k and v of one
+    (..., 2, Hkv, D)), the gradients written into views of a packed one (the JIT's `into`, the _into_aot ops)."""
     from fasttrain.kernels import attention_backward as ab
     from fasttrain.kernels._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class
 
@@ -358,17 +373,30 @@ def run_attention_backward_case(C, entries, case: dict) -> dict:
     ab._attn_bwd_dq.configs, ab._attn_bwd_dq.early_config_prune = ab.shipped_tiles(DQ_CONFIGS[90], cls)[:1], None
     ab._backward_plans.default = case["plan"]
     inputs, cu, (cu_q, cu_k, Tq, Tk) = _attention_inputs(case, half, "out", "dout")
+    packed = case.get("packed")
+    if packed == "qkv":
+        inputs["q"], inputs["k"], inputs["v"] = _stacked((inputs["q"], inputs["k"], inputs["v"]))
+    elif packed == "kv":
+        inputs["k"], inputs["v"] = _stacked((inputs["k"], inputs["v"]))
     q, k, v, out, do = (inputs[n] for n in ("q", "k", "v", "out", "dout"))
     inputs["lse"] = lse = torch.randn(H, q.shape[0]) if cu else torch.randn(q.shape[0], H, Tq)
     inputs.update(cu)
     scale, (left, right), det = D**-0.5, case["window"], case["deterministic"]
     del _jit_launches[:]
     args = (do, q, k, v, out, lse, None, cu_q, cu_k, Tq, Tk, scale, left, right, det)
-    dq, dk, dv = ab.attention_backward(*args)
+    into = _packed_gradients(q, k, v, packed) if packed else None
+    dq, dk, dv = ab.attention_backward(*args, into=into)
     names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
     jit = [jit_launch(names, launch) for launch in _jit_launches]
     C.aot_tune_reset(case.get("times", []))
-    if cu_q is None:
+    if packed:
+        dq, dk, dv = _packed_gradients(q, k, v, packed)
+        if cu_q is None:
+            torch.ops.fasttrain.attention_backward_into_aot(dq, dk, dv, do, q, k, v, out, lse, scale, left, right, det)
+        else:
+            args = (do, q, k, v, out, lse, cu_q, cu_k, Tq, Tk, scale, left, right, det)
+            torch.ops.fasttrain.attention_varlen_backward_into_aot(dq, dk, dv, *args)
+    elif cu_q is None:
         dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, det)
     else:
         args = (do, q, k, v, out, lse, cu_q, cu_k, Tq, Tk, scale, left, right, det)

@@ -150,6 +150,22 @@ VARLEN_CASES = [
     ([200, 57], [200, 57], 4, 2, (W, 0), False),
 ]
 VARLEN_FIELDS = ("lengths_q", "lengths_k", "H", "Hkv", "window", "deterministic")
+# The packed functions' backward (gradients into views of one packed gradient), fp16: (packed, shape, H, Hkv, window,
+# deterministic), shape (B, Tq, Tk) or (lengths_q, lengths_k). qkvpacked dense with each plan (atomic dQ: its cast
+# copied in; the dQ kernel: dQ written in place); kvpacked dense GQA 2:1 with Tq != Tk; varlen qkvpacked with a
+# one-token sequence; varlen kvpacked GQA 2:1 with Tq != Tk per sequence.
+PACKED_CASES = [
+    ("qkv", (1, 97, 97), 2, 2, (W, 0), False),
+    ("qkv", (2, 33, 33), 2, 2, (W, W), True),
+    ("kv", (2, 33, 97), 4, 2, (W, 0), True),
+    ("qkv", ([97, 1, 33], [97, 1, 33]), 2, 2, (W, 0), True),
+    ("kv", ([33, 100], [100, 40]), 4, 2, (16, 0), False),
+]
+
+
+def _packed_case(packed, shape, H, Hkv, window, deterministic) -> dict:
+    fields = ("B", "Tq", "Tk") if len(shape) == 3 else ("lengths_q", "lengths_k")
+    return dict(zip(fields, shape), packed=packed, H=H, Hkv=Hkv, window=window, deterministic=deterministic)
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +175,7 @@ def captured(sample):
 
     cases = [dict(zip(FIELDS, c), op="attention_backward", D=64) for c in CASES]
     cases += [dict(zip(VARLEN_FIELDS, c), op="attention_backward", D=64, dtype="fp16") for c in VARLEN_CASES]
+    cases += [dict(_packed_case(*c), op="attention_backward", D=64, dtype="fp16") for c in PACKED_CASES]
     for case in cases:
         case["plan"] = "dQ kernel" if case["deterministic"] else "atomic dQ"
     cases[WS_CASE].update(dkdv_tile=2, times=WS_TIMES)
@@ -214,6 +231,30 @@ def test_recorded_varlen_launches_are_what_the_jit_launcher_is_given(captured, i
     assert (dkdv["args"]["CuK"], dkdv["args"]["seqlen_k"], dkdv["args"]["stride_kb"]) == ("cu_k", max(lengths_k), 0)
     assert dkdv["constexprs"]["ATOMIC_DQ"] == (not deterministic) and not dkdv["constexprs"]["FULL_TILES"]
     assert dkdv["args"]["DQAcc"] == ("null" if deterministic else "buffer")
+
+
+@pytest.mark.parametrize("i", range(len(PACKED_CASES)), ids=lambda i: f"packed{i}")
+def test_recorded_packed_launches_write_into_the_packed_gradient(captured, i):
+    """fasttrain::attention_(varlen_)backward_into_aot's launches are the JIT's with `into`: dK and dV written in place
+    into the packed gradient's views (their pointers, their strides: no copy), dQ too by the dQ kernel, and the
+    atomic plan's float32 buffer cast into dQ's view."""
+    jit, aot = (captured[len(CASES) + len(VARLEN_CASES) + i][x] for x in ("jit", "aot"))
+    packed, shape, H, Hkv, _, deterministic = PACKED_CASES[i]
+    kernels = ["_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"] + ["_attn_bwd_dq_kernel"] * deterministic
+    assert [launch["kernel"] for launch in jit] == [launch["kernel"] for launch in aot] == kernels
+    for j, a in zip(jit, aot):
+        assert_aot_launch_is_the_jit_launch(j, a)
+    dkdv = aot[1]
+    assert (dkdv["args"]["DK"], dkdv["args"]["DV"]) == ("dk", "dv")
+    varlen = len(shape) == 2
+    heads = 3 * H if packed == "qkv" else 2 * Hkv  # the packed gradient's rows: (..., 3, H, D) or (..., 2, Hkv, D)
+    assert dkdv["args"]["stride_dkt"] == dkdv["args"]["stride_dvt"] == heads * 64
+    assert dkdv["args"]["stride_dkb"] == (0 if varlen else shape[2] * heads * 64)
+    if deterministic:
+        assert dkdv["args"]["DQAcc"] == "null" and aot[2]["args"]["DQ"] == "dq"
+        assert aot[2]["args"]["stride_dqt"] == (3 * H * 64 if packed == "qkv" else H * 64)
+    else:
+        assert dkdv["args"]["DQAcc"] == "buffer"
 
 
 def _tensors(B=1, Tq=97, Tk=97, H=4, Hkv=2, D=64, dtype=torch.float16):
@@ -391,6 +432,19 @@ def test_inputs_the_cubins_cannot_take_are_copied(registry):
     assert dq.is_contiguous() and dk.is_contiguous() and dv.is_contiguous()
 
 
+def test_targets_the_cubins_cannot_write_take_a_fresh_gradient_copied_in(registry):
+    do, q, k, v, out, lse = _tensors(H=2, Hkv=2)
+    packed = torch.empty(1, 97, 3, 2, 64, dtype=q.dtype)  # (B, T, 3, H, D): views the cubins write in place
+    odd = torch.empty(packed.numel() + 1, dtype=q.dtype)[1:].view(packed.shape)  # 2 bytes past an aligned address
+    dq, dk, dv = (packed[:, :, 0], odd[:, :, 1], packed[:, :, 2])
+    torch.ops.fasttrain.attention_backward_into_aot(dq, dk, dv, do, q, k, v, out, lse, 0.125, W, 0, True)
+    pre, dkdv, dq_launch = C.aot_records()
+    assert dkdv["args"][6] not in (0, dk.data_ptr()) and dkdv["args"][6] % 16 == 0  # DK: a fresh tensor
+    assert dkdv["args"][7] == dv.data_ptr() and dq_launch["args"][6] == dq.data_ptr()  # written in place
+    with pytest.raises(RuntimeError, match="dq, dk and dv must have the shapes of q, k and v"):
+        torch.ops.fasttrain.attention_backward_into_aot(dq, dk[:, :5], dv, do, q, k, v, out, lse, 0.125, W, 0, True)
+
+
 def test_bad_inputs_are_refused_with_the_reason(registry):
     do, q, k, v, out, lse = _tensors()
     bad = {
@@ -420,7 +474,7 @@ def test_meta_and_fake_tensors_give_the_shapes():
     assert (dq.shape, dk.shape) == ((1, 5, 8, 64), (1, 7, 2, 64)) and dv.dtype == torch.bfloat16
 
 
-def test_the_aot_columns_backward_is_the_cpp_op_but_for_an_lse_gradient_or_a_packed_gradient(registry, monkeypatch):
+def test_the_aot_columns_backward_is_the_cpp_op_but_for_an_lse_gradient(registry, monkeypatch):
     from fasttrain.ops import attention as ops
 
     do, q, k, v, out, lse = _tensors()
@@ -432,11 +486,25 @@ def test_the_aot_columns_backward_is_the_cpp_op_but_for_an_lse_gradient_or_a_pac
     C.aot_record(True, SM)  # clears
     delegated = []
     monkeypatch.setattr(ops.Triton, "backward", lambda *args: delegated.append(args) or "triton")
-    into = tuple(torch.empty_like(t) for t in (q, k, v))
+    into = torch.empty(1, 97, 2, 2, 64, dtype=q.dtype).unbind(2)  # a kvpacked gradient's views
+    into = (torch.empty_like(q), *into)
+    _, k2, v2 = into  # k and v shaped like them (GQA 2:1)
+    assert ops.Aot.backward(do, q, k, v, out, lse, None, *tail, True, into) is into  # the _into op, in place
+    pre, dkdv, dq_launch = C.aot_records()
+    assert (dkdv["args"][6], dkdv["args"][7], dq_launch["args"][6]) == tuple(t.data_ptr() for t in (k2, v2, into[0]))
+    C.aot_record(True, SM)  # clears
+    cu = torch.tensor([0, 40, 97], dtype=torch.int32)  # packed sequences: the varlen _into op
+    rows = tuple(t[0] for t in (do, q, k, v, out))  # (97, H, D)
+    packed_into = (torch.empty_like(rows[1]), *torch.empty(97, 2, 2, 64, dtype=q.dtype).unbind(1))
+    varlen_tail = (cu, cu, 57, 57, *tail[4:])
+    assert ops.Aot.backward(*rows, torch.randn(4, 97), None, *varlen_tail, False, packed_into) is packed_into
+    pre, dkdv = C.aot_records()  # the atomic plan (the sample's packed GQA 2:1 tile)
+    assert dkdv["case"].endswith(" varlen") and dkdv["args"][6:8] == [t.data_ptr() for t in packed_into[1:]]
+    C.aot_record(True, SM)  # clears
     assert ops.Aot.backward(do, q, k, v, out, lse, torch.randn_like(lse), *tail, True, None) == "triton"
-    assert ops.Aot.backward(do, q, k, v, out, lse, None, *tail, True, into) == "triton"
+    assert ops.Aot.backward(do, q, k, v, out, lse, torch.randn_like(lse), *tail, True, into) == "triton"
     far = do.as_strided(do.shape, (2**31, *do.stride()[1:]))  # a dO stride the op's int32 arguments cannot pass
-    assert ops.Aot.backward(far, q, k, v, out, lse, None, *tail, True, None) == "triton"
+    assert ops.Aot.backward(far, q, k, v, out, lse, None, *tail, True, into) == "triton"
     assert C.aot_records() == [] and len(delegated) == 3 and delegated[1][-1] is into and delegated[1][-2] is True
     assert len(delegated[0]) == 21 and delegated[0][:6] == (do, q, k, v, out, lse)
 
@@ -475,6 +543,39 @@ def test_gpu_aot_matches_the_jit_backward(B, Tq, Tk, H, Hkv, D, window, determin
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and g.shape == w.shape and torch.isfinite(g).all()
         # The same kernels, but a tile or plan chosen apart may sum in another order: within a few roundings
+        torch.testing.assert_close(g.float(), w.float(), atol=4e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", ["qkv", "kv", "varlen qkv", "varlen kv"])
+def test_gpu_packed_gradients_written_in_place_match_the_jit_backward(packed):
+    from fasttrain import _aot
+    from fasttrain.ops import attention_packed as ap
+
+    assert _aot.reason(torch.device("cuda")) is None
+    torch.manual_seed(0)
+    B, T, H, Hkv, D = 2, 97, 8, 8 if "qkv" in packed else 2, 64
+    lead = (B * T,) if "varlen" in packed else (B, T)
+    cu = torch.tensor([0, 40, B * T], dtype=torch.int32, device="cuda")
+    q = torch.randn(*lead, H, D, device="cuda", dtype=torch.bfloat16)
+    src = torch.randn(*lead, 3 if "qkv" in packed else 2, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for backend in ("aot", "triton"):
+        leaves = [t.clone().requires_grad_() for t in ((src,) if "qkv" in packed else (q, src))]
+        if packed == "qkv":
+            out = ap.flash_attn_qkvpacked_func(*leaves, causal=True, backend=backend)
+        elif packed == "kv":
+            out = ap.flash_attn_kvpacked_func(*leaves, causal=True, backend=backend)
+        elif packed == "varlen qkv":
+            out = ap.flash_attn_varlen_qkvpacked_func(*leaves, cu, B * T - 40, causal=True, backend=backend)
+        else:
+            out = ap.flash_attn_varlen_kvpacked_func(
+                *leaves, cu, cu, B * T - 40, B * T - 40, causal=True, backend=backend
+            )
+        out.backward(torch.ones_like(out))
+        grads.append([t.grad for t in leaves])
+    for g, w in zip(*grads):
+        assert torch.isfinite(g).all()
         torch.testing.assert_close(g.float(), w.float(), atol=4e-2, rtol=2e-2)
 
 

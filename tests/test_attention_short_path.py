@@ -17,7 +17,9 @@ import fasttrain._C as C
 from fasttrain import _backend
 from fasttrain.benchmarks import bench_overhead
 from fasttrain.ops import attention as ops
+from fasttrain.ops import attention_packed
 from fasttrain.ops.attention import flash_attn_func, scaled_dot_product_attention
+from fasttrain.ops.attention_packed import flash_attn_kvpacked_func, flash_attn_qkvpacked_func
 
 SM = 132
 
@@ -62,6 +64,7 @@ def _both_paths(monkeypatch, call, leaves, deterministic_algorithms=False):
                 m.setattr(ops.ATTENTION, "choose", lambda *a, **k: pytest.fail("the general path ran"))
             else:
                 m.setattr(ops, "_AOT_OP", None)
+                m.setattr(attention_packed, "_AOT_PACKED_OP", None)
             out = call(*leaves)
             before = torch.are_deterministic_algorithms_enabled()
             torch.use_deterministic_algorithms(deterministic_algorithms)
@@ -121,6 +124,113 @@ def test_sdpa_without_a_mask_takes_the_short_path_with_the_same_launches(recordi
     assert short[0]["args"][24:26] == [W, Tq - Tk]  # top-left causal: the bottom-right band shifted by Tq - Tk
 
 
+def _causal_mask(Tq, Tk, window=None):
+    """torch's top-left causal mask (Tq, Tk), True = attend; a window keeps the last `window` keys of each row."""
+    i, j = torch.arange(Tq)[:, None], torch.arange(Tk)
+    return (j <= i) & (j > i - window) if window else j <= i
+
+
+# (mask, SDPA's (left, right) in flash-attn's bottom-right coordinates): boolean causal; additive causal (0 / -inf)
+# broadcast over the batch; a boolean sliding window; all True (unbounded both ways)
+MASKS = [
+    (lambda Tq, Tk: _causal_mask(Tq, Tk), lambda Tq, Tk: [W, Tq - Tk]),
+    (
+        lambda Tq, Tk: torch.zeros(1, 1, Tq, Tk).masked_fill(~_causal_mask(Tq, Tk), float("-inf")),
+        lambda Tq, Tk: [W, Tq - Tk],
+    ),
+    (lambda Tq, Tk: _causal_mask(Tq, Tk, window=4), lambda Tq, Tk: [3 + Tk - Tq, Tq - Tk]),
+    (lambda Tq, Tk: torch.ones(Tq, Tk, dtype=torch.bool), lambda Tq, Tk: [W, W]),
+]
+
+
+@pytest.mark.parametrize("i", range(len(MASKS)), ids=["bool-causal", "additive-causal", "window", "all"])
+def test_sdpa_with_a_band_mask_takes_the_short_path_with_the_same_launches(recording, monkeypatch, i):
+    B, Tq, Tk, H, Hkv, D = 2, 12, 12, 4, 2, 64
+    make, band = MASKS[i]
+    mask = make(Tq, Tk)
+    leaves = [t.detach().transpose(1, 2).requires_grad_() for t in _leaves(B, Tq, Tk, H, Hkv, D)]  # (B, H, T, D)
+
+    def call(q, k, v):
+        return scaled_dot_product_attention(q, k, v, mask, enable_gqa=True)
+
+    (short, short_grads, shape), (general, general_grads, _) = _both_paths(monkeypatch, call, leaves)
+    assert short == general and short_grads == general_grads and shape == (B, H, Tq, D)
+    assert short[0]["args"][24:26] == band(Tq, Tk) and len(short) == 3
+
+
+def _packed_leaves(packed, B, Tq, Tk, H, Hkv, D):
+    torch.manual_seed(0)
+    if packed == "qkv":
+        return (torch.randn(B, Tq, 3, H, D, dtype=torch.float16, requires_grad=True),)
+    q = torch.randn(B, Tq, H, D, dtype=torch.float16, requires_grad=True)
+    return q, torch.randn(B, Tk, 2, Hkv, D, dtype=torch.float16, requires_grad=True)
+
+
+PACKED = {"qkv": flash_attn_qkvpacked_func, "kv": flash_attn_kvpacked_func}
+# (packed, B, Tq, Tk, H, Hkv, D, keywords, torch.use_deterministic_algorithms): qkvpacked causal, one token; qkvpacked
+# with a window at head dim 128, deterministic; kvpacked GQA 2:1 with Tq != Tk and a scale; kvpacked MQA, the switch
+PACKED_CASES = [
+    ("qkv", 1, 1, 1, 2, 2, 64, {"causal": True}, False),
+    ("qkv", 2, 33, 33, 2, 2, 128, {"window_size": (16, 0), "deterministic": True}, False),
+    ("kv", 2, 9, 20, 4, 2, 64, {"softmax_scale": 0.3}, False),
+    ("kv", 1, 17, 17, 4, 1, 64, {"causal": True}, True),
+]
+
+
+@pytest.mark.parametrize("i", range(len(PACKED_CASES)), ids=lambda i: f"{PACKED_CASES[i][0]}{i}")
+def test_packed_functions_take_the_short_path_with_the_same_launches(recording, monkeypatch, i):
+    packed, *shape, kwargs, global_switch = PACKED_CASES[i]
+    leaves = _packed_leaves(packed, *shape)
+    runs = _both_paths(monkeypatch, lambda *t: PACKED[packed](*t, **kwargs), leaves, global_switch)
+    (short, short_grads, short_shape), (general, general_grads, general_shape) = runs
+    assert short == general and short_grads == general_grads and short_shape == general_shape
+    separate_dq = kwargs.get("deterministic", False) or global_switch
+    kernels = ["_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"]
+    assert [r["kernel"] for r in short] == kernels + ["_attn_bwd_dq_kernel"] * separate_dq
+
+
+@pytest.mark.parametrize("packed", ["qkv", "kv"])
+def test_packed_short_path_writes_the_gradients_into_the_packed_gradient(recording, packed):
+    B, T, H, Hkv, D = 1, 16, 4, 4 if packed == "qkv" else 2, 64
+    leaves = _packed_leaves(packed, B, T, T, H, Hkv, D)
+    out = PACKED[packed](*leaves, causal=True, deterministic=True)
+    assert "AttentionAotPacked" in out.grad_fn.name()
+    out.backward(torch.randn_like(out))
+    fwd, pre, dkdv, dq = C.aot_records()
+    g = leaves[-1].grad  # qkv's (B, T, 3, H, D) or kv's (B, Tk, 2, Hkv, D) gradient, written in place: no copy
+    first = 1 if packed == "qkv" else 0  # k's slot in it
+    assert g.shape == leaves[-1].shape and g.is_contiguous()
+    assert dkdv["args"][6:8] == [g[:, :, first].data_ptr(), g[:, :, first + 1].data_ptr()]  # DK, DV
+    assert dq["args"][6] == (leaves[0].grad.data_ptr() if packed == "kv" else g[:, :, 0].data_ptr())  # DQ
+    q, k, v = leaves[0].unbind(2) if packed == "qkv" else (leaves[0], *leaves[1].unbind(2))
+    assert fwd["args"][:3] == [q.data_ptr(), k.data_ptr(), v.data_ptr()]  # the forward reads the views: no copy
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_packed_op_refuses_a_packed_axis_of_the_wrong_size(device):
+    q = torch.randn(1, 16, 2, 64, device=device, dtype=torch.bfloat16)
+    for qkv, kv, name in (
+        (torch.randn(1, 16, 2, 2, 64, device=device, dtype=torch.bfloat16), None, "qkv"),
+        (torch.randn(1, 16, 4, 2, 64, device=device, dtype=torch.bfloat16), None, "qkv"),
+        (q, torch.randn(1, 16, 1, 2, 64, device=device, dtype=torch.bfloat16), "kv"),
+        (q, torch.randn(1, 16, 3, 2, 64, device=device, dtype=torch.bfloat16), "kv"),
+    ):
+        with pytest.raises(RuntimeError, match=f"{name} must be"):
+            torch.ops.fasttrain.attention_aot_packed(qkv, kv, 0.125, -1, -1, False)
+
+
+def test_packed_short_path_is_once_differentiable_as_the_general_path(recording):
+    (qkv,) = _packed_leaves("qkv", 1, 8, 8, 2, 2, 64)
+    errors = []
+    for backend in (None, "aot"):
+        (g,) = torch.autograd.grad(flash_attn_qkvpacked_func(qkv, backend=backend).float().pow(2).sum(), (qkv,),
+                                   create_graph=True)  # fmt: skip
+        with pytest.raises(RuntimeError, match="marked with @once_differentiable") as e:
+            g.float().sum().backward()
+        errors.append(str(e.value).splitlines()[0])
+    assert errors[0] == errors[1]
+
+
 class _General(Exception):
     pass
 
@@ -142,9 +252,18 @@ def test_short_path_leaves_every_other_call_to_the_general_path(recording, monke
         lambda: flash_attn_func(q.detach().transpose(1, 3).contiguous().transpose(1, 3), k, v),  # stride along D
         lambda: flash_attn_func(torch.nn.Parameter(q.detach()), k, v),  # a subclass
         lambda: scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), dropout_p=0.1, enable_gqa=True),
-        lambda: scaled_dot_product_attention(
-            *(t.transpose(1, 2) for t in (q, k, v)), torch.ones(8, 8) > 0, enable_gqa=True
+        lambda: scaled_dot_product_attention(  # a padding mask: segments, gathered rows
+            *(t.transpose(1, 2) for t in (q, k, v)), torch.arange(8) < 5, enable_gqa=True
         ),
+        lambda: scaled_dot_product_attention(  # two stretches of keys per row: the reference
+            *(t.transpose(1, 2) for t in (q, k, v)), torch.arange(8) % 2 == 0, enable_gqa=True
+        ),
+        lambda: flash_attn_qkvpacked_func(torch.stack((q, q, q), 2), backend="aot"),
+        lambda: flash_attn_qkvpacked_func(torch.stack((q, q, q), 2), dropout_p=0.1),
+        lambda: flash_attn_qkvpacked_func(torch.stack((q, q, q), 2), return_attn_probs=True),
+        lambda: flash_attn_qkvpacked_func(torch.stack((q, q, q), 2).float()),
+        lambda: flash_attn_kvpacked_func(q, torch.stack((k, v), 2), window_size=[4, 0]),
+        lambda: flash_attn_kvpacked_func(q[..., :32], torch.stack((k, v), 2)[..., :32]),  # head_dim 32
     ]
     for i, call in enumerate(general):
         with pytest.raises(_General):
@@ -161,6 +280,22 @@ def test_short_path_leaves_every_other_call_to_the_general_path(recording, monke
         (lambda: flash_attn_func(q, k, v[:, :4]), ValueError, "same shape"),
         (lambda: flash_attn_func(q, k, v, window_size=(-2, 0)), ValueError, "window_size"),
         (lambda: scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))), ValueError, "enable_gqa"),
+        (
+            lambda: scaled_dot_product_attention(
+                *(t.transpose(1, 2) for t in (q, k, v)), torch.ones(8, 8) > 0, is_causal=True, enable_gqa=True
+            ),
+            ValueError,
+            "cannot both be set",
+        ),
+        (
+            lambda: scaled_dot_product_attention(
+                *(t.transpose(1, 2) for t in (q, k, v)), torch.ones(8, 8, dtype=torch.int64), enable_gqa=True
+            ),
+            TypeError,
+            "attn_mask must be bool",
+        ),
+        (lambda: flash_attn_qkvpacked_func(torch.stack((q, q), 2)), ValueError, "qkv must be"),
+        (lambda: flash_attn_kvpacked_func(q[:, :, :3], torch.stack((k, v), 2)), ValueError, "must divide"),
     ]
     for call, error, match in bad:
         with pytest.raises(error, match=match):

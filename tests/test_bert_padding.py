@@ -6,7 +6,10 @@ import torch
 
 from fasttrain.ops import flash_attn_func, flash_attn_varlen_func
 from fasttrain.ops.bert_padding import (
+    IndexFirstAxis,
+    IndexPutFirstAxis,
     index_first_axis,
+    index_first_axis_residual,
     index_put_first_axis,
     pad_input,
     unpad_input,
@@ -16,7 +19,7 @@ from fasttrain.ops.bert_padding import (
 from helpers import TOL_FP32
 
 
-@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.int32, torch.float32, torch.float16])
 def test_unpad_input_selects_the_valid_tokens_in_order(dtype):
     x = torch.randn(3, 5, 2, 4, requires_grad=True)
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]]).to(dtype)  # right, left, all padding
@@ -74,6 +77,23 @@ def test_index_first_axis_and_its_inverse():
     assert dx[idx].eq(1).all() and not dx[[1, 2, 4, 5]].any()
 
 
+def test_the_autograd_classes_and_the_residual_form():
+    # IndexFirstAxis.apply / IndexPutFirstAxis.apply, as models call flash-attn's classes; the residual form returns
+    # the picked rows and the whole input, whose gradients add up at the picked rows.
+    x = torch.randn(6, 2, 3, requires_grad=True)
+    idx = torch.tensor([4, 1])
+    assert IndexFirstAxis.apply(x, idx).equal(x[idx])
+    put = IndexPutFirstAxis.apply(x[idx], idx, 6)
+    assert put[idx].equal(x[idx]) and not put[[0, 2, 3, 5]].any()
+    picked, residual = index_first_axis_residual(x, idx)
+    assert picked.equal(x[idx]) and residual.equal(x)
+    g_picked, g_residual = torch.randn_like(picked), torch.randn_like(residual)
+    (dx,) = torch.autograd.grad((picked, residual), x, (g_picked, g_residual))
+    want = g_residual.clone()
+    want[idx] += g_picked
+    torch.testing.assert_close(dx, want, atol=0, rtol=0)
+
+
 def test_the_varlen_round_trip_equals_the_padded_batch():
     """unpad -> flash_attn_varlen_func -> pad gives, on the valid rows, a right-padded batch's attention over its
     own keys: each sequence alone through flash_attn_func."""
@@ -97,8 +117,8 @@ def test_bad_arguments_name_themselves():
         unpad_input(x, torch.ones(8, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"attention_mask \(2, 5\) must match hidden_states' \(batch, seqlen\)"):
         unpad_input(x, torch.ones(2, 5, dtype=torch.bool))
-    with pytest.raises(TypeError, match="attention_mask must be bool or integer"):
-        unpad_input(x, torch.ones(2, 4))
+    with pytest.raises(TypeError, match="attention_mask must be bool, integer or floating-point"):
+        unpad_input(x, torch.ones(2, 4, dtype=torch.complex64))
     with pytest.raises(ValueError, match="hidden_states must have at least 2 dims"):
         unpad_input(torch.randn(4), torch.ones(2, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="indices must be a 1-D int64"):

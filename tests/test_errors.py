@@ -24,6 +24,7 @@ from fasttrain.ops import (
     scaled_dot_product_attention,
     swiglu,
 )
+from fasttrain.ops.rotary import apply_rotary_emb_qkv_
 from fasttrain.optim import AdamW
 
 
@@ -103,6 +104,16 @@ CASES = {
         lambda: apply_rotary_emb(_x(1, 4, 2, 8, dtype=LONG), *_cos_sin()),
         lambda: apply_rotary_emb(_x(1, 4, 2, 8), *_cos_sin(), seqlen_offsets=1.5),
         lambda: apply_rotary_emb(_x(4, 2, 8), *_cos_sin()),
+    ),
+    "apply_rotary_emb with cu_seqlens": (
+        lambda: apply_rotary_emb(_x(4, 2, 8), *_cos_sin(), cu_seqlens=torch.tensor([0.0, 4.0]), max_seqlen=4),
+        lambda: apply_rotary_emb(_x(4, 2, 8), *_cos_sin(), cu_seqlens=[0, 4], max_seqlen=4),
+        lambda: apply_rotary_emb(_x(1, 4, 2, 8), *_cos_sin(), cu_seqlens=torch.tensor([0, 4]), max_seqlen=4),
+    ),
+    "apply_rotary_emb_qkv_": (
+        lambda: apply_rotary_emb_qkv_(_x(1, 4, 3, 2, 8, dtype=LONG), *_cos_sin()),
+        lambda: apply_rotary_emb_qkv_("qkv", *_cos_sin()),
+        lambda: apply_rotary_emb_qkv_(_x(1, 4, 2, 2, 8), *_cos_sin()),
     ),
     "flash_attn_func": (
         lambda: flash_attn_func(*(_x(1, 4, 2, 16, dtype=LONG),) * 3),

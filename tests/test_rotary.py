@@ -18,6 +18,7 @@ from helpers import TOL_FP32, assert_within_2x_torch, err, randn
 
 TOL = TOL_FP32["rotary"]
 KERNELS = ["triton", "cpu"]
+BIG = 2**63 - 1  # offsets whose sums with T overflow int64
 
 
 def _tables(n_pos, rot, device="cpu"):
@@ -88,28 +89,64 @@ def test_tables_with_a_leading_batch_of_one_match_the_plain_table(backend, B):
     _check(x, cos[None], sin[None], backend)
 
 
-def test_tensor_offset_past_the_table_gives_nan_not_a_wild_read():
-    x = _x(2, 3, 2, 16)
-    cos, sin = _tables(4, 16)
-    y = apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([0, 2]), backend="triton")
-    assert torch.isfinite(y[0]).all() and torch.isfinite(y[1, 1]).all() and torch.isnan(y[1, 2]).all()
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+def test_tensor_offsets_past_the_table_leave_those_rows_unrotated(backend, interleaved):
+    # flash-attn's kernel reads cos 1 and sin 0 past the table: such rows pass through, forward and backward.
+    x = _x(3, 5, 2, 32)
+    cos, sin = _tables(6, 24)  # partial rotation: 24 of 32 dims
+    offsets = torch.tensor([0, 3, -2])  # row 1 runs past the table from t = 3; row 2 starts before it
+    y = apply_rotary_emb(x, cos, sin, interleaved=interleaved, seqlen_offsets=offsets, backend=backend)
+    outside = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [True] * 2 + [False] * 3])  # (B, T)
+    assert torch.equal(y[outside], x[outside]) and not torch.equal(y[~outside], x[~outside])
+    inside = apply_rotary_emb_reference(x.double(), cos.double(), sin.double(), interleaved, offsets.clamp(0, 1) * 3)
+    assert err(y[1, :3], inside[1, :3]) < TOL and err(y[0], inside[0]) < TOL
+    from_zero = apply_rotary_emb_reference(x[2:, 2:].double(), cos.double(), sin.double(), interleaved)
+    assert err(y[2:, 2:], from_zero) < TOL  # row 2 reaches position 0 at t = 2
+    huge = torch.tensor([0, BIG, -BIG - 1])  # sums with t that overflow int64: still outside, never a wild read
+    y = apply_rotary_emb(x, cos, sin, interleaved=interleaved, seqlen_offsets=huge, backend=backend)
+    assert torch.equal(y[1:], x[1:]) and err(y[0], inside[0]) < TOL
+    _check(x, cos, sin, backend, interleaved, offsets=offsets)  # the gradient too, against the float64 reference
 
 
-def test_cpu_kernel_refuses_a_tensor_offset_past_the_table():
-    x = _x(2, 3, 2, 16)
-    cos, sin = _tables(4, 16)
-    with pytest.raises(RuntimeError, match=r"seqlen_offsets \+ offset 0 \+ T must stay within the 4 positions"):
-        apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([0, 2]), backend="cpu")
-    assert (
-        err(
-            apply_rotary_emb(x, cos, sin, seqlen_offsets=torch.tensor([1, 0]), backend="cpu"),
-            _want(x, cos, sin, offsets=torch.tensor([1, 0]))[1],
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+def test_packed_sequences_each_rotate_from_their_own_start(backend):
+    # flash-attn's cu_seqlens/max_seqlen: x (total, H, D) holds sequences of 5, 1 and 4 rows, then 2 rows of none.
+    x = _x(1, 12, 3, 16)[0]
+    cos, sin = _tables(9, 12)
+    cu_seqlens = torch.tensor([0, 5, 6, 10], dtype=torch.int32)
+    pieces = [(0, 5), (5, 6), (6, 10)]
+    # tensor offsets: sequence 2 runs past the 9 rows at its 4th row
+    for offsets, inplace in ((0, False), (4, True), (torch.tensor([0, 7, 6]), False), (torch.tensor([1, 0, 6]), True)):
+        shift = offsets.tolist() if isinstance(offsets, torch.Tensor) else [offsets] * 3
+        want = torch.cat(
+            [
+                apply_rotary_emb(x[None, a:b], cos, sin, seqlen_offsets=torch.tensor([s]), backend="reference")[0]
+                for (a, b), s in zip(pieces, shift)
+            ]
+            + [x[10:]]
+        )  # (12, 3, 16)
+        leaf = x.clone().requires_grad_()
+        src = leaf * 1.0 if inplace else leaf
+        y = apply_rotary_emb(src, cos, sin, False, inplace, offsets, cu_seqlens, 5, backend=backend)
+        assert y.shape == x.shape and err(y, want) < TOL and torch.equal(y[10:], x[10:])
+        assert (y is src) == inplace and torch.equal(y[9], x[9]) == (shift[2] == 6)  # position 9: past the table
+        upstream = torch.randn_like(y)
+        (grad,) = torch.autograd.grad(y, leaf, upstream)
+        back = apply_rotary_emb(upstream, cos, -sin, seqlen_offsets=offsets, cu_seqlens=cu_seqlens, max_seqlen=5)
+        assert err(grad, back) < TOL
+    with pytest.raises(TypeError, match="max_seqlen must be an int with cu_seqlens"):
+        apply_rotary_emb(x, cos, sin, cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match=r"x must be a \(total, H, D\) tensor with cu_seqlens"):
+        apply_rotary_emb(x[None], cos, sin, cu_seqlens=cu_seqlens, max_seqlen=5)
+    with pytest.raises(ValueError, match="fewer than seqlen_offsets"):  # flash-attn's bound: offset + max_seqlen
+        apply_rotary_emb(x, cos, sin, seqlen_offsets=5, cu_seqlens=cu_seqlens, max_seqlen=5)
+    with pytest.raises(ValueError, match=r"integer tensor of shape \(3,\)"):
+        apply_rotary_emb(
+            x, cos, sin, seqlen_offsets=torch.zeros(2, dtype=torch.long), cu_seqlens=cu_seqlens, max_seqlen=5
         )
-        < TOL
-    )  # the last row still in reach
-
-
-BIG = 2**63 - 1  # offsets whose sums with T overflow int64
+    with pytest.raises(TypeError, match="cu_seqlens must be an integer tensor"):
+        apply_rotary_emb(x, cos, sin, cu_seqlens=cu_seqlens.float(), max_seqlen=5)
 
 
 def _change_id(value) -> str:
@@ -129,11 +166,8 @@ def _change_id(value) -> str:
         (dict(offset=5), r"offset 5 \+ T = 4 is past the 8 positions"),
         (dict(offset=BIG), "is past the 8 positions"),
         (dict(offset=-BIG), "is past the 8 positions"),
-        (dict(offsets=torch.tensor([0, 0]), offset=BIG), "must stay within the 8 positions"),
-        (dict(offsets=torch.tensor([0, 0]), offset=-BIG), "must stay within the 8 positions"),
-        (dict(offsets=torch.tensor([0, -1])), r"seqlen_offsets in \[-1, 0\]"),
-        (dict(offsets=torch.tensor([0, BIG])), r"seqlen_offsets in \[0, 9223372036854775807\]"),
-        (dict(offsets=torch.tensor([0, 6]), offset=-3), r"in \[0, 6\] with T = 4"),
+        (dict(offsets=torch.tensor([0, 0]), offset=BIG), "with seqlen_offsets is past the 8 positions"),
+        (dict(offsets=torch.tensor([0, 0]), offset=-BIG), "with seqlen_offsets is past the 8 positions"),
         (dict(offsets=torch.tensor([0])), r"offsets must be a \(B,\) integer CPU tensor"),
         (dict(offsets=torch.tensor([0.0, 1.0])), r"offsets must be a \(B,\) integer CPU tensor"),
         (dict(offsets=torch.tensor([False, True])), r"offsets must be a \(B,\) integer CPU tensor"),
@@ -247,7 +281,7 @@ def test_strided_qkv_views_with_gqa_heads(backend, H, Hkv):
 
 
 @pytest.mark.parametrize("backend", KERNELS + ["reference"])
-def test_inplace_rotates_x_and_refuses_x_requiring_grad(backend):
+def test_inplace_rotates_x_and_passes_gradients_through(backend):
     x = _x(2, 6, 3, 16).detach()
     cos, sin = _tables(10, 16)
     want = apply_rotary_emb_reference(x, cos, sin, seqlen_offsets=2)
@@ -259,8 +293,14 @@ def test_inplace_rotates_x_and_refuses_x_requiring_grad(backend):
     apply_rotary_emb(q, cos[:, :4], sin[:, :4], inplace=True, seqlen_offsets=2, backend=backend)
     assert err(q, want) <= torch.finfo(torch.bfloat16).eps  # one bf16 rounding apart at most
     assert torch.equal(q[..., 8:], before[:, :, :3, 8:]) and torch.equal(view[:, :, 3:], before[:, :, 3:])
-    with pytest.raises(ValueError, match="inplace=True needs x that does not require grad"):
-        apply_rotary_emb(x.requires_grad_(), cos, sin, inplace=True, backend=backend)
+    # x requiring grad: rotated in place all the same, the gradient rotated back through it (as flash-attn's)
+    leaf = _x(2, 6, 3, 16).requires_grad_()
+    y = leaf * 1.0
+    out = apply_rotary_emb(y, cos, sin, inplace=True, seqlen_offsets=2, backend=backend)
+    x64, want = _want(leaf, cos, sin, offsets=2)
+    assert out is y and err(y, want) < TOL
+    upstream = torch.randn_like(want)
+    assert err(torch.autograd.grad(y, leaf, upstream.float())[0], torch.autograd.grad(want, x64, upstream)[0]) < TOL
 
 
 @pytest.mark.parametrize("backend", KERNELS + ["reference"])
@@ -360,6 +400,11 @@ def test_tables_get_no_gradient(backend):
         (lambda x, c, s: apply_rotary_emb(x.double(), c, s, backend="triton"), RuntimeError, "float64"),
         (lambda x, c, s: apply_rotary_emb(x.double(), c, s, backend="cpu"), RuntimeError, "fp32, bf16 or fp16"),
         (lambda x, c, s: apply_rotary_emb(x, c, s, backend="cuda"), RuntimeError, "cuda"),
+        (  # the in-place call with a gradient keeps the backend asked for
+            lambda x, c, s: apply_rotary_emb(x.requires_grad_() * 1.0, c, s, inplace=True, backend="cuda"),
+            RuntimeError,
+            "cuda",
+        ),
     ],
 )
 def test_bad_inputs_name_the_argument(call, error, match):

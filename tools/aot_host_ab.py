@@ -30,6 +30,11 @@ not; the fp32 row is the closer measure of torch's host cost per call, and the r
 of the two.
 
     python tools/aot_host_ab.py --attention --rounds 11
+
+It then times, the same way, flash_attn_qkvpacked_func's common call (qkv (1, 1, 3, 12, 64), causal) against SDPA on
+qkv's views, with the backward also through Triton's JIT launcher (launches skipped) as the aot column's backward
+runs where the C++ backward does not write into the packed gradient; and scaled_dot_product_attention under a
+boolean causal mask (a band: the kernels' own window) against torch's SDPA under the same mask.
 """
 
 import argparse
@@ -165,6 +170,77 @@ def attention(rounds: int, calls: int) -> None:
         print(f"attention {mode}: {times} us per call (aot / sdpa {ratio:.2f}x)", flush=True)
 
 
+def _rows(name: str, fn, theirs, inputs, inputs_fp32, shorts: tuple, rounds: int, calls: int, jit_backward=()):
+    """One line per mode: torch's fn in fp16 and fp32, then ours with the aot launches dropped: with jit_backward
+    ((module, attribute, value) set inside) the backward through the JIT launcher, launches skipped; without the short
+    paths (shorts: (module, attribute) set to None inside); and as it is."""
+    impls = ("torch sdpa fp16", "torch sdpa fp32")
+    impls += ("aot, JIT backward, no launch",) * bool(jit_backward)
+    impls += ("aot without the short path, no launch", "aot, no launch")
+    modules = ("attention", "attention_backward")
+
+    def timed(impl, mode, patches=()):
+        saved = [(m, a, getattr(m, a)) for m, a, _ in patches]
+        for m, a, v in patches:
+            setattr(m, a, v)
+        try:
+            best[impl] = min(best[impl], per_call(runner(fn, inputs, mode), calls))
+        finally:
+            for m, a, v in saved:
+                setattr(m, a, v)
+
+    off = tuple((m, a, None) for m, a in shorts)
+    for mode in ("fwd", "fwd+bwd"):
+        best = dict.fromkeys(impls, float("inf"))
+        for _ in range(rounds):
+            best[impls[0]] = min(best[impls[0]], per_call(runner(theirs, inputs, mode), calls))
+            best[impls[1]] = min(best[impls[1]], per_call(runner(theirs, inputs_fp32, mode), calls))
+            with bench_overhead.aot_launches_dropped("cpu", {torch.float16}, modules):
+                if jit_backward:
+                    with bench_overhead.launches_skipped():
+                        timed(impls[2], mode, off + tuple(jit_backward))
+                timed(impls[-2], mode, off)
+                timed(impls[-1], mode)
+        times = "  ".join(f"{impl} {us:.1f}" for impl, us in best.items())
+        ratio = best[impls[-1]] / min(best[impls[0]], best[impls[1]])
+        print(f"{name} {mode}: {times} us per call (aot / sdpa {ratio:.2f}x)", flush=True)
+
+
+def packed_and_masked(rounds: int, calls: int) -> None:
+    from fasttrain.ops import attention as ops
+    from fasttrain.ops import attention_packed
+    from fasttrain.ops.attention import scaled_dot_product_attention
+    from fasttrain.ops.attention_packed import flash_attn_qkvpacked_func
+
+    B, T, H, D = 1, 1, 12, 64
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, T, 3, H, D, generator=g, dtype=torch.float16).requires_grad_()
+
+    def sdpa_packed(qkv):  # (B, T, 3, H, D) in, (B, T, H, D) out, as flash_attn_qkvpacked_func
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, T, D) views
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+    def ours_packed(qkv):
+        return flash_attn_qkvpacked_func(qkv, causal=True)
+
+    fp32 = (qkv.detach().float().requires_grad_(),)
+    jit_backward = ((ops, "_AOT_BACKWARD_OP_REASON", "the JIT's backward"),)
+    shorts = ((attention_packed, "_AOT_PACKED_OP"),)
+    _rows("qkvpacked", ours_packed, sdpa_packed, (qkv,), fp32, shorts, rounds, calls, jit_backward)
+
+    mask = torch.ones(T, T, dtype=torch.bool).tril()  # causal
+    inputs = tuple(torch.randn(B, H, T, D, generator=g, dtype=torch.float16).requires_grad_() for _ in "qkv")
+    fp32 = tuple(t.detach().float().requires_grad_() for t in inputs)
+
+    def sdpa_masked(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def ours_masked(q, k, v):
+        return scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    _rows("sdpa causal mask", ours_masked, sdpa_masked, inputs, fp32, ((ops, "_AOT_OP"),), rounds, calls)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=25)
@@ -177,7 +253,8 @@ def main() -> None:
     if args.decode:
         return decode(args.rounds, args.calls)
     if args.attention:
-        return attention(args.rounds, args.calls)
+        attention(args.rounds, args.calls)
+        return packed_and_masked(args.rounds, args.calls)
     all_cases = cases()
     for name in args.ops:
         inputs, ours, theirs = all_cases[name]

@@ -120,10 +120,18 @@ class Aot:
     def backward(
         do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into
     ):
-        """The C++ backward for what the forward took, but an lse with a gradient, gradients written into a packed
-        tensor (which its cubins were not shipped for) or a dO whose strides the op cannot pass: those take the
-        triton column's."""
-        if dlse is None and into is None and _AOT_BACKWARD_OP_REASON is None and _stride_reason("dO", do) is None:
+        """The C++ backward for what the forward took, written into `into` (the packed functions' gradient views: the
+        _into ops, which write them in place where their layout is the cubins' and copy in elsewhere), but an lse
+        with a gradient or a dO whose strides the op cannot pass: those take the triton column's."""
+        if dlse is None and _AOT_BACKWARD_OP_REASON is None and _stride_reason("dO", do) is None:
+            if into is not None:
+                if cu_q is not None:
+                    args = (cu_q, cu_k, max_q, max_k, scale, left, right, det)
+                    torch.ops.fasttrain.attention_varlen_backward_into_aot(*into, do, q, k, v, out, lse, *args)
+                else:
+                    args = (scale, left, right, det)
+                    torch.ops.fasttrain.attention_backward_into_aot(*into, do, q, k, v, out, lse, *args)
+                return into
             if cu_q is not None:
                 args = (cu_q, cu_k, max_q, max_k, scale, left, right, det)
                 return torch.ops.fasttrain.attention_varlen_backward_aot(do, q, k, v, out, lse, *args)
@@ -154,7 +162,9 @@ class Cpu:
 # Read once, at import: under torch.compile, Dynamo traces the choice but cannot trace the extension's import.
 _CPU_OP_REASON = _backend.native_op_reason("attention_forward_cpu")
 _AOT_OP_REASON = _backend.native_op_reason("attention_forward_aot")
-_AOT_BACKWARD_OP_REASON = _backend.native_op_reason("attention_backward_aot")
+_AOT_BACKWARD_OP_REASON = _backend.native_op_reason("attention_backward_aot") or _backend.native_op_reason(
+    "attention_backward_into_aot"
+)
 _AOT_VARLEN_OP_REASON = _backend.native_op_reason("attention_varlen_forward_aot")
 # What kernels/attention.py aot_kernels(shipped=True) lists (not read from there: that would import Triton).
 _AOT_HEAD_DIMS = (64, 128)
@@ -514,13 +524,20 @@ _AOT_OP = (
 
 def _aot_short(q, k, v, scale, left: int, right: int, deterministic: bool) -> Tensor | None:
     """out from the aot ops for a call that the checks and choice of the general path (`_attend`) would send to the
-    aot column unchanged: no backend named or forced (the caller has ruled out a named one), plain tensors on one
-    device, (B, T, H, D) with k and v alike and q's batch and head_dim, unit stride along head_dim, a float or no
-    scale (None: head_dim ** -0.5), and what `_aot_reason` asks of them, checked inline as the norms' short path
-    explains (the caller has ruled out dropout, softcap, ALiBi and a mask). Else None, and the general path checks,
-    chooses and calls; it does nothing else this one skips, so both give the same launches
-    (tests/test_attention_short_path.py). Autocast changes neither path: the ops have no autocast kernel."""
-    if _AOT_OP is None or type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+    aot column unchanged (`_short_scale`), else None, and the general path checks, chooses and calls; it does nothing
+    else this one skips, so both give the same launches (tests/test_attention_short_path.py). Autocast changes
+    neither path: the ops have no autocast kernel."""
+    if _AOT_OP is None or (scale := _short_scale(q, k, v, scale)) is None:
+        return None
+    return _AOT_OP(q, k, v, scale, left, right, deterministic)
+
+
+def _short_scale(q, k, v, scale) -> float | None:
+    """The scale for a call the short path may take, else None: no backend named or forced (the caller has ruled out
+    a named one), plain tensors on one device, (B, T, H, D) with k and v alike and q's batch and head_dim, unit
+    stride along head_dim, a float or no scale (None: head_dim ** -0.5), and what `_aot_reason` asks of them, checked
+    inline as the norms' short path explains (the caller has ruled out dropout, softcap, ALiBi and a mask)."""
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
         return None
     if _backend.aot_reason(device := q.device) is not None:  # first: a CPU tensor leaves at once
         return None
@@ -545,12 +562,18 @@ def _aot_short(q, k, v, scale, left: int, right: int, deterministic: bool) -> Te
         return None
     if _backend.forced():
         return None
-    return _AOT_OP(q, k, v, D**-0.5 if scale is None else scale, left, right, deterministic)
+    return D**-0.5 if scale is None else scale
 
 
 def _flash_short(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
-    """`_aot_short` for flash_attn_func's arguments: no dropout, softcap or ALiBi, a (left, right) tuple of ints
-    >= -1 for window_size, translated as `_window` translates it."""
+    """`_aot_short` for flash_attn_func's arguments (`_flash_band`)."""
+    band = _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes)
+    return None if band is None else _aot_short(q, k, v, softmax_scale, *band, bool(deterministic))
+
+
+def _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes) -> tuple[int, int] | None:
+    """(left, right) for flash-attn's arguments that the short paths take: no dropout, softcap or ALiBi, a
+    (left, right) tuple of ints >= -1 for window_size, translated as `_window` translates it; else None."""
     if alibi_slopes is not None or type(dropout_p) not in (float, int) or type(softcap) not in (float, int):
         return None
     if dropout_p != 0 or softcap != 0 or type(window_size) is not tuple or len(window_size) != 2:
@@ -559,21 +582,36 @@ def _flash_short(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap
     if type(w_left) is not int or type(w_right) is not int or w_left < -1 or w_right < -1:
         return None
     left, right = (UNBOUNDED if w_left == -1 else w_left), (UNBOUNDED if w_right == -1 else w_right)
-    return _aot_short(q, k, v, softmax_scale, left, 0 if causal else right, bool(deterministic))
+    return left, 0 if causal else right
 
 
-def _sdpa_short(query, key, value, dropout_p, is_causal, scale, enable_gqa):
-    """`_aot_short` for scaled_dot_product_attention's arguments without a mask: no dropout, Hkv < H only with
-    enable_gqa, the top-left causal band as the general path gives it."""
+def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """`_aot_short` for scaled_dot_product_attention's arguments: no dropout, Hkv < H only with enable_gqa, the
+    top-left causal band as the general path gives it, or a mask that `kernel_plan` reads as a band (causal,
+    sliding-window: its (left, right), as the general path takes it; padding and packed documents, whose launches
+    gather rows, take the general path)."""
     if type(query) is not Tensor or type(key) is not Tensor or type(value) is not Tensor:
         return None
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or type(dropout_p) not in (float, int) or dropout_p:
         return None
     if key.shape[1] != query.shape[1] and not enable_gqa:
         return None
-    Tq, Tk = query.shape[2], key.shape[2]
+    B, Tq, Tk = query.shape[0], query.shape[2], key.shape[2]
+    left, right = UNBOUNDED, (Tq - Tk if is_causal else UNBOUNDED)
+    if attn_mask is not None:
+        # read only where the aot column can serve q (a CPU tensor leaves at once) and the general path's checks
+        # would pass the mask to kernel_plan too; kernel_plan keeps its answer, so where _aot_short then declines,
+        # the general path's call reads no value again
+        if is_causal or type(attn_mask) is not Tensor or _backend.aot_reason(query.device) is not None:
+            return None
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            return None
+        plan = kernel_plan(attn_mask, B, Tq, Tk, query.device)
+        if type(plan) is not tuple:
+            return None
+        left, right = plan
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
-    out = _aot_short(q, k, v, scale, UNBOUNDED, Tq - Tk if is_causal else UNBOUNDED, False)
+    out = _aot_short(q, k, v, scale, left, right, False)
     return None if out is None else out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)
 
 
@@ -778,9 +816,10 @@ def scaled_dot_product_attention(
     (B, H, Tq, D). The backward is deterministic under torch.use_deterministic_algorithms(True) (see
     `flash_attn_func`).
     """
-    short = backend is None and attn_mask is None
-    if short and (out := _sdpa_short(query, key, value, dropout_p, is_causal, scale, enable_gqa)) is not None:
-        return out
+    if backend is None:
+        out = _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if out is not None:
+            return out
     _check_qkv(query, key, value, 4, "(B, H, T, D)", head_axis=1, names=("query", "key", "value"))
     if key.shape[1] != query.shape[1] and not enable_gqa:
         raise ValueError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")

@@ -1,9 +1,10 @@
 """flash-attn's packed attention functions: q, k and v stacked in one tensor (`qkv`), or k and v (`kv`).
 
 The kernels read q, k and v as strided views of the packed tensor, and the backward writes dq, dk and dv into views
-of one packed gradient, so no concatenation happens either way (the Triton kernels write the views directly; the CPU
-kernel and the reference copy their gradients in). Semantics, arguments and returns are flash-attn's; masks, GQA
-and backends as in fasttrain.ops.flash_attn_func / flash_attn_varlen_func.
+of one packed gradient, so no concatenation happens either way (the Triton kernels and the aot ops write the views
+directly; the CPU kernel and the reference copy their gradients in). Semantics, arguments and returns are
+flash-attn's; masks, GQA and backends as in fasttrain.ops.flash_attn_func / flash_attn_varlen_func. The dense
+functions' common calls take a short path as flash_attn_func's does (`_packed_short`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,14 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from fasttrain import _backend
 from fasttrain.ops.attention import (
+    _AOT_OP,
     ATTENTION,
     _backward_into_op,
+    _flash_band,
     _forward_op,
+    _short_scale,
     _varlen_flash_lse,
     attn_probs,
     flash_lse,
@@ -50,6 +55,7 @@ class _PackedAttention(torch.autograd.Function):
         ctx.save_for_backward(q_src, kv_src, out, lse, cu_q, cu_k, seed, alibi)
         ctx.args, ctx.dropout_p, ctx.deterministic, ctx.backend = args, dropout_p, deterministic, name
         ctx.softcap = softcap
+        ctx.set_materialize_grads(False)  # an lse nobody differentiates gives dlse None: no zeros made or read
         return out, lse
 
     @staticmethod
@@ -64,6 +70,37 @@ class _PackedAttention(torch.autograd.Function):
         args = (*ctx.args, ctx.dropout_p, seed, ctx.softcap, alibi, deterministic, ctx.backend)
         _backward_into_op(dq, dk, dv, dout, q, k, v, out, lse, dlse, *args)
         return *grads, *(None,) * 13  # the slopes take no gradient, as in flash-attn
+
+
+# forward and backward in one C++ op with its autograd in C++ (csrc/attention_aot_autograd.cpp attention_aot_packed)
+_AOT_PACKED_OP = (
+    torch.ops.fasttrain.attention_aot_packed.default
+    if _AOT_OP is not None and _backend.native_op_reason("attention_aot_packed") is None
+    else None
+)
+
+
+def _packed_short(q_src, kv_src, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
+    """out of flash_attn_qkvpacked_func (kv_src None: q_src is qkv (B, T, 3, H, D)) or flash_attn_kvpacked_func (q_src
+    q, kv_src kv (B, Tk, 2, Hkv, D)) from the aot ops, for a call that the general path (`_packed`) would send to the
+    aot column as it is (fasttrain.ops.attention `_flash_band`, `_short_scale` of the views), else None. The same
+    launches, forward and backward (the gradients written into views of the packed gradients), and once
+    differentiable alike (tests/test_attention_short_path.py)."""
+    if _AOT_PACKED_OP is None or (band := _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes)) is None:
+        return None
+    if type(q_src) is not Tensor:
+        return None
+    if kv_src is None:
+        if q_src.dim() != 5 or q_src.shape[2] != 3:
+            return None
+        q, k, v = q_src.unbind(2)  # (B, T, 3, H, D) -> 3 x (B, T, H, D) views
+    else:
+        if type(kv_src) is not Tensor or kv_src.dim() != 5 or kv_src.shape[2] != 2:
+            return None
+        q, (k, v) = q_src, kv_src.unbind(2)  # (B, Tk, 2, Hkv, D) -> 2 x (B, Tk, Hkv, D) views
+    if (scale := _short_scale(q, k, v, softmax_scale)) is None:
+        return None
+    return _AOT_PACKED_OP(q_src, kv_src, scale, *band, bool(deterministic))
 
 
 def _check_packed(packed: Tensor, name: str, rank: int, n: int, layout: str) -> Tensor:
@@ -123,6 +160,11 @@ def flash_attn_qkvpacked_func(
 ):
     """flash-attn's `flash_attn_qkvpacked_func`: qkv (B, T, 3, H, D) -> out (B, T, H, D), or (out, softmax_lse
     (B, H, T), S_dmask) with return_attn_probs. Arguments as in `flash_attn_func`."""
+    if backend is None and not return_attn_probs:
+        out = _packed_short(qkv, None, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                            deterministic)  # fmt: skip
+        if out is not None:
+            return out
     qkv = _check_packed(qkv, "qkv", 5, 3, "(B, T, 3, H, D)")
     return _packed(qkv, None, None, None, None, None, dropout_p, softmax_scale, causal, window_size, softcap,
                    alibi_slopes, deterministic, return_attn_probs, backend)  # fmt: skip
@@ -144,6 +186,10 @@ def flash_attn_kvpacked_func(
 ):
     """flash-attn's `flash_attn_kvpacked_func`: q (B, Tq, H, D), kv (B, Tk, 2, Hkv, D) -> out (B, Tq, H, D), or
     (out, softmax_lse (B, H, Tq), S_dmask) with return_attn_probs. Arguments as in `flash_attn_func`."""
+    if backend is None and not return_attn_probs:
+        out = _packed_short(q, kv, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
+        if out is not None:
+            return out
     kv = _check_packed(kv, "kv", 5, 2, "(B, Tk, 2, Hkv, D)")
     return _packed(q, kv, None, None, None, None, dropout_p, softmax_scale, causal, window_size,
                    softcap, alibi_slopes, deterministic, return_attn_probs, backend)  # fmt: skip

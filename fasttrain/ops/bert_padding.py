@@ -34,19 +34,76 @@ def _check_mask(name: str, mask: Tensor, hidden_states: Tensor) -> None:
     if not isinstance(mask, Tensor) or mask.dim() != 2:
         got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
         raise ValueError(f"{name} must be a (batch, seqlen) tensor, got {got}")
-    if mask.is_floating_point() or mask.is_complex():
-        raise TypeError(f"{name} must be bool or integer (1 = valid), got {mask.dtype}")
+    if mask.is_complex():
+        raise TypeError(f"{name} must be bool, integer or floating-point (nonzero = valid), got {mask.dtype}")
     if mask.shape != hidden_states.shape[:2]:
         raise ValueError(
             f"{name} {tuple(mask.shape)} must match hidden_states' (batch, seqlen) {tuple(hidden_states.shape[:2])}"
         )
 
 
+class IndexFirstAxis(torch.autograd.Function):
+    """`IndexFirstAxis.apply(input, indices)`: input[indices] along the first axis, (first_axis_dim, ...) ->
+    (len(indices), ...); the gradient is scattered back into zeros. flash-attn's class of this name, which some
+    models call directly; `index_first_axis` checks its arguments first."""
+
+    @staticmethod
+    def forward(ctx, input, indices):
+        ctx.save_for_backward(indices)
+        ctx.first_axis_dim = input.shape[0]
+        return input.index_select(0, indices)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (indices,) = ctx.saved_tensors
+        grad = grad_output.new_zeros(ctx.first_axis_dim, *grad_output.shape[1:])
+        return grad.index_copy(0, indices, grad_output), None
+
+
+class IndexPutFirstAxis(torch.autograd.Function):
+    """`IndexPutFirstAxis.apply(values, indices, first_axis_dim)`: a (first_axis_dim, ...) tensor of zeros with
+    values' rows at indices; the gradient is gathered back. flash-attn's class of this name."""
+
+    @staticmethod
+    def forward(ctx, values, indices, first_axis_dim):
+        ctx.save_for_backward(indices)
+        return values.new_zeros(first_axis_dim, *values.shape[1:]).index_copy(0, indices, values)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (indices,) = ctx.saved_tensors
+        return grad_output.index_select(0, indices), None, None
+
+
+class IndexFirstAxisResidual(torch.autograd.Function):
+    """`IndexFirstAxisResidual.apply(input, indices)` -> (input[indices], input detached): the picked rows and the
+    whole input as a residual, whose gradient is the input's, plus the picked rows' added at indices (flash-attn's
+    BERT keeps the residual stream of the tokens it does not pick). flash-attn's class of this name."""
+
+    @staticmethod
+    def forward(ctx, input, indices):
+        ctx.save_for_backward(indices)
+        return input[indices], input.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_residual):
+        (indices,) = ctx.saved_tensors
+        return grad_residual.index_add(0, indices, grad_output), None
+
+
 def index_first_axis(input: Tensor, indices: Tensor) -> Tensor:
     """input[indices] along the first axis: (first_axis_dim, ...) -> (len(indices), ...)."""
     _check_rows("input", input)
     _check_indices(indices)
-    return input.index_select(0, indices)
+    return IndexFirstAxis.apply(input, indices)
+
+
+def index_first_axis_residual(input: Tensor, indices: Tensor) -> tuple[Tensor, Tensor]:
+    """(input[indices], input detached), the gradient of the second flowing to input with the first's added at
+    indices: (first_axis_dim, ...) -> ((len(indices), ...), (first_axis_dim, ...))."""
+    _check_rows("input", input)
+    _check_indices(indices)
+    return IndexFirstAxisResidual.apply(input, indices)
 
 
 def index_put_first_axis(values: Tensor, indices: Tensor, first_axis_dim: int) -> Tensor:
@@ -55,16 +112,17 @@ def index_put_first_axis(values: Tensor, indices: Tensor, first_axis_dim: int) -
     _check_indices(indices)
     if indices.numel() != values.shape[0]:
         raise ValueError(f"indices has {indices.numel()} rows, values {values.shape[0]}")
-    return values.new_zeros(first_axis_dim, *values.shape[1:]).index_copy(0, indices, values)
+    return IndexPutFirstAxis.apply(values, indices, first_axis_dim)
 
 
 def _packed(hidden_states: Tensor, indices: Tensor) -> Tensor:
     rows = hidden_states.reshape(-1, *hidden_states.shape[2:])  # (B, T, ...) -> (B * T, ...)
-    return rows.index_select(0, indices)
+    return IndexFirstAxis.apply(rows, indices)
 
 
 def unpad_input(hidden_states: Tensor, attention_mask: Tensor, unused_mask: Tensor | None = None):
-    """hidden_states (batch, seqlen, ...) and attention_mask (batch, seqlen), bool or int, nonzero = valid ->
+    """hidden_states (batch, seqlen, ...) and attention_mask (batch, seqlen), bool, int or float, nonzero = valid
+    (each sequence's length is the mask's row summed as int32, as flash-attn's) ->
     (hidden_states (total_nnz, ...) of the selected tokens in order, indices (total_nnz,) int64 into the flattened
     (batch * seqlen) rows, cu_seqlens (batch + 1,) int32, max_seqlen_in_batch int, seqused (batch,) int32).
 

@@ -36,7 +36,7 @@ def apply_rotary_emb_reference(
     if cos.dim() == 2:
         if isinstance(seqlen_offsets, Tensor):
             positions = seqlen_offsets.long()[:, None] + torch.arange(T, device=x.device)  # (B, T)
-            cos, sin = cos[positions], sin[positions]  # (B, T, R/2)
+            cos, sin = _rows(cos, sin, positions)  # (B, T, R/2)
         else:
             cos, sin = cos[seqlen_offsets : seqlen_offsets + T], sin[seqlen_offsets : seqlen_offsets + T]  # (T, R/2)
     compute = torch.promote_types(x.dtype, torch.float32)
@@ -46,6 +46,17 @@ def apply_rotary_emb_reference(
     o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin  # (B, T, H, R/2) each
     out = torch.stack((o1, o2), dim=-1).flatten(-2) if interleaved else torch.cat((o1, o2), dim=-1)
     return torch.cat((out.to(x.dtype), x[..., rot:]), dim=-1)  # (B, T, H, D)
+
+
+def _rows(cos: Tensor, sin: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """The table rows at integer positions (any shape), with cos 1 and sin 0 (the identity) for a position outside
+    the table, as flash-attn's kernel reads them: (..., R/2) each."""
+    n_pos = cos.shape[0]
+    inside = (positions >= 0) & (positions < n_pos)
+    rows = torch.where(inside, positions, n_pos)  # row n_pos: the identity row appended below
+    cos = torch.cat((cos, cos.new_ones(1, cos.shape[1])))  # (n_pos + 1, R/2)
+    sin = torch.cat((sin, sin.new_zeros(1, sin.shape[1])))
+    return cos[rows], sin[rows]
 
 
 class Reference:
@@ -307,6 +318,8 @@ def apply_rotary_emb(
     interleaved: bool = False,
     inplace: bool = False,
     seqlen_offsets: int | Tensor = 0,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
     *,
     backend: str | None = None,
 ) -> Tensor:
@@ -316,14 +329,19 @@ def apply_rotary_emb(
     or (1, T, R/2) shared by every sequence (seqlen_offsets 0; as Hugging Face's rotary embeddings return them).
     R = 2 * cos.shape[-1] <= D: the first R dims of each head are rotated, the rest pass through. interleaved=False
     pairs dim i with i + R/2 (GPT-NeoX), True pairs 2i with 2i + 1 (GPT-J). seqlen_offsets: an int, or a (B,) integer
-    tensor of per-sequence start positions (KV-cache decoding; a position past the table is an error on the cpu
-    backend, NaN on the triton backend, since checking it there would sync). Math in fp32; the result is in x's
-    dtype, a new contiguous tensor, or x itself when inplace=True (which refuses x requiring grad). Gradients flow to
-    x only: cos/sin are detached on every backend (the model's tables are fixed buffers; flash-attn gives them no
-    gradient either).
+    tensor of per-sequence start positions (KV-cache decoding; a row whose position falls outside the table passes
+    through unrotated, as on flash-attn's kernel). cu_seqlens (batch + 1,) integer tensor, with max_seqlen an int:
+    x is the packed rows (total, H, D) of `flash_attn_varlen_func`, sequence b the rows cu_seqlens[b] to
+    cu_seqlens[b + 1], each rotated from its own position 0 (+ seqlen_offsets or seqlen_offsets[b]), cos/sin
+    (T_ro, R/2); rows outside every sequence pass through. Math in fp32; the result is in x's dtype, a new
+    contiguous tensor, or x itself when inplace=True (gradients then flow through x's new value, as on flash-attn;
+    torch refuses a leaf requiring grad). Gradients flow to x only: cos/sin are detached on every backend (the
+    model's tables are fixed buffers; flash-attn gives them no gradient either).
     backend: "auto" (default), "aot" (CUDA, the shipped cubins: kernels/rotary.py aot_kernels), "triton" (CUDA; CPU
     tensors under TRITON_INTERPRET=1), "cpu" (csrc/rotary_cpu.cpp: fp32, bf16, fp16 CPU tensors) or "reference".
     """
+    if cu_seqlens is not None:
+        return _apply_varlen(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen, backend)
     if (out := _aot_short(x, cos, sin, interleaved, inplace, seqlen_offsets, backend)) is not None:
         return out
     _check(x, cos, sin, seqlen_offsets)
@@ -334,7 +352,8 @@ def apply_rotary_emb(
     if cos.dim() == 3 and cos.shape[0] == 1:
         cos, sin = cos[0], sin[0]  # (1, T, R/2) -> (T, R/2): one table for every sequence (HF's rotary tables)
     if inplace and x.requires_grad and torch.is_grad_enabled():
-        raise ValueError("apply_rotary_emb: inplace=True needs x that does not require grad (or torch.no_grad())")
+        # As flash-attn's: x rotated in place, the gradient rotated back (a leaf requiring grad is refused by torch).
+        return _rotate_in_place(x, lambda t: [t], [(cos, sin)], interleaved, seqlen_offsets, backend)
     if inplace and any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
         # An expanded x: every alias would be rotated again (by racing programs or threads on the kernels).
         raise ValueError(
@@ -353,3 +372,264 @@ def apply_rotary_emb(
         _rotary_inplace_op(x, cos, sin, offsets, offset, interleaved, name)
         return x
     return _rotary_op(x, cos, sin, offsets, offset, interleaved, False, name)
+
+
+def _apply_varlen(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen, backend) -> Tensor:
+    """apply_rotary_emb over packed sequences: each token's own table row (its position in its sequence plus the
+    offset, or the identity outside the table or every sequence) gathered into a (total, R/2) table, then the same
+    op on x viewed as one sequence of `total` tokens. The cost past the rotation: the gathered cos/sin, each 1/H of
+    x's elements at full rotation or less, and a handful of small index ops; no host sync."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"apply_rotary_emb: x must be a floating-point tensor, got {_kind(x)}")
+    if x.dim() != 3:
+        raise ValueError(
+            f"apply_rotary_emb: x must be a (total, H, D) tensor with cu_seqlens, got shape {tuple(x.shape)}"
+        )
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
+        raise TypeError(f"apply_rotary_emb: cu_seqlens must be an integer tensor, got {_kind(cu_seqlens)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(
+            f"apply_rotary_emb: cu_seqlens must be a (batch + 1,) tensor, got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != x.device:
+        raise ValueError(f"apply_rotary_emb: cu_seqlens must be on x's device ({x.device}), got {cu_seqlens.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+        raise TypeError(f"apply_rotary_emb: max_seqlen must be an int with cu_seqlens, got {type(max_seqlen).__name__}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if isinstance(t, Tensor) and t.dim() != 2:
+            raise ValueError(
+                f"apply_rotary_emb: {name} must be a (T_ro, R/2) tensor with cu_seqlens, got shape {tuple(t.shape)}"
+            )
+    batch = cu_seqlens.numel() - 1
+    # The general checks, on x as one sequence of max_seqlen tokens per sequence: table shapes, dtypes, devices, an
+    # int offset + max_seqlen within the table (flash-attn's bound), tensor offsets of shape (batch,).
+    _check(x.new_empty(()).expand(batch, max(int(max_seqlen), 0), *x.shape[1:]), cos, sin, seqlen_offsets)
+    total = x.shape[0]
+    tokens = torch.arange(total, device=x.device)  # (total,)
+    if batch == 0:
+        positions = torch.full_like(tokens, -1)  # no sequence: every row passes through
+    else:
+        ends = cu_seqlens[1:].long()
+        seq = torch.searchsorted(ends, tokens, right=True)  # (total,): the sequence of each row, batch past the last
+        seq_row = seq.clamp(max=batch - 1)
+        shift = seqlen_offsets.long()[seq_row] if isinstance(seqlen_offsets, Tensor) else int(seqlen_offsets)
+        positions = tokens - cu_seqlens.long()[seq_row] + shift
+        positions = torch.where(seq < batch, positions, -1)
+    cos, sin = _rows(cos.detach(), sin.detach(), positions)  # (total, R/2) each
+    out = apply_rotary_emb(x[None], cos, sin, interleaved, inplace, 0, backend=backend)  # x: (1, total, H, D)
+    return x if inplace else out[0]
+
+
+# ---- the rest of flash-attn's `flash_attn.layers.rotary`, over apply_rotary_emb ------------------------------------
+
+apply_rotary_emb_func = apply_rotary_emb  # flash-attn's older name for the same function
+
+
+def rotate_half(x: Tensor, interleaved: bool = False) -> Tensor:
+    """x's pairs turned a quarter: (x1, x2) -> (-x2, x1), pairs (i, i + D/2) or, interleaved, (2i, 2i + 1)."""
+    if not interleaved:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)  # (..., D/2, 2) -> (..., D)
+
+
+def apply_rotary_emb_torch(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+    """flash-attn's PyTorch rotation: x (B, T, H, D), cos/sin (T, R/2) or (B, T, R/2), computed in the dtype torch
+    promotes x and the tables to (not fp32 as apply_rotary_emb_reference)."""
+    rot = 2 * cos.shape[-1]
+    if rot > x.shape[-1]:
+        raise ValueError(f"apply_rotary_emb_torch: rotary_dim {rot} must be <= head_dim {x.shape[-1]}")
+
+    def widen(t):  # (..., R/2) -> (..., 1, R): one row per head, each angle on both members of its pair
+        t = t.repeat_interleave(2, dim=-1) if interleaved else torch.cat((t, t), dim=-1)
+        return t.unsqueeze(-2)
+
+    xr = x[..., :rot]
+    return torch.cat((xr * widen(cos) + rotate_half(xr, interleaved) * widen(sin), x[..., rot:]), dim=-1)
+
+
+class _RotateInPlace(torch.autograd.Function):
+    """Rotate views of t in place (select(t) gives them, (B, T, H, D) each, tables[i] the (cos, sin) of the i-th),
+    with autograd: the gradient is the upstream gradient's same views rotated back (-sin), the rest passed through.
+    flash-attn's in-place functions keep gradients flowing the same way."""
+
+    @staticmethod
+    def forward(ctx, t, select, tables, interleaved, seqlen_offsets, backend):
+        for view, (cos, sin) in zip(select(t), tables):
+            apply_rotary_emb(view, cos, sin, interleaved, True, seqlen_offsets, backend=backend)
+        ctx.mark_dirty(t)
+        ctx.select, ctx.tables, ctx.interleaved, ctx.offsets = select, tables, interleaved, seqlen_offsets
+        ctx.backend = backend
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # ours to rotate in place, the views' shapes kept
+        for view, (cos, sin) in zip(ctx.select(grad), ctx.tables):
+            apply_rotary_emb(view, cos, -sin, ctx.interleaved, True, ctx.offsets, backend=ctx.backend)
+        return grad, None, None, None, None, None
+
+
+def _rotate_in_place(t, select, tables, interleaved, seqlen_offsets, backend=None) -> Tensor:
+    tables = [(cos.detach(), sin.detach()) for cos, sin in tables]
+    if t.requires_grad and torch.is_grad_enabled():
+        return _RotateInPlace.apply(t, select, tables, interleaved, seqlen_offsets, backend)
+    for view, (cos, sin) in zip(select(t), tables):
+        apply_rotary_emb(view, cos, sin, interleaved, True, seqlen_offsets, backend=backend)
+    return t
+
+
+def apply_rotary_emb_qkv_(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    cos_k: Tensor | None = None,
+    sin_k: Tensor | None = None,
+    interleaved: bool = False,
+    seqlen_offsets: int | Tensor = 0,
+    num_heads_q: int | None = None,
+) -> Tensor:
+    """Rotate q and k inside qkv in place, as flash-attn's `apply_rotary_emb_qkv_`, and return qkv.
+
+    qkv: (B, T, 3, H, D), or (B, T, Hq + 2 * Hk, D) with num_heads_q = Hq (GQA). k takes cos_k/sin_k when given
+    (XPos), else cos/sin. Tables and seqlen_offsets as apply_rotary_emb's; v is untouched. Gradients flow to qkv."""
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"apply_rotary_emb_qkv_: qkv must be a tensor, got {type(qkv).__name__}")
+    if (cos_k is None) != (sin_k is None):
+        raise ValueError("apply_rotary_emb_qkv_: cos_k and sin_k must be given together")
+    if qkv.dim() == 5:
+        if qkv.shape[2] != 3:
+            raise ValueError(f"apply_rotary_emb_qkv_: qkv must be (B, T, 3, H, D), got shape {tuple(qkv.shape)}")
+        B, T, _, H, D = qkv.shape
+        if cos_k is None and qkv.stride(2) == H * qkv.stride(3):
+            select = lambda t: [t[:, :, :2].view(B, T, 2 * H, D)]  # noqa: E731  q and k as one (B, T, 2H, D) view
+        else:
+            select = lambda t: [t[:, :, 0], t[:, :, 1]]  # noqa: E731
+    elif qkv.dim() == 4:
+        if isinstance(num_heads_q, bool) or not isinstance(num_heads_q, numbers.Integral):
+            raise TypeError(
+                "apply_rotary_emb_qkv_: num_heads_q must be an int with a (B, T, Hq + 2 * Hk, D) qkv, "
+                f"got {type(num_heads_q).__name__}"
+            )
+        hq = int(num_heads_q)
+        hk = (qkv.shape[2] - hq) // 2
+        if hq < 1 or hk < 1 or qkv.shape[2] != hq + 2 * hk:
+            raise ValueError(
+                f"apply_rotary_emb_qkv_: qkv's {qkv.shape[2]} heads must be num_heads_q ({num_heads_q}) + 2 * Hk"
+            )
+        if cos_k is None:
+            select = lambda t: [t[:, :, : hq + hk]]  # noqa: E731
+        else:
+            select = lambda t: [t[:, :, :hq], t[:, :, hq : hq + hk]]  # noqa: E731
+    else:
+        raise ValueError(
+            "apply_rotary_emb_qkv_: qkv must be (B, T, 3, H, D) or (B, T, Hq + 2 * Hk, D), "
+            f"got shape {tuple(qkv.shape)}"
+        )
+    tables = [(cos, sin)] if cos_k is None else [(cos, sin), (cos_k, sin_k)]
+    if cos_k is None and len(select(qkv)) == 2:
+        tables = tables * 2
+    return _rotate_in_place(qkv, select, tables, interleaved, seqlen_offsets)
+
+
+def apply_rotary_emb_kv_(
+    kv: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False, seqlen_offsets: int | Tensor = 0
+) -> Tensor:
+    """Rotate k inside kv (B, T, 2, H, D) in place, as flash-attn's `apply_rotary_emb_kv_`, and return kv (v is
+    untouched; gradients flow to kv)."""
+    if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
+        got = tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__
+        raise ValueError(f"apply_rotary_emb_kv_: kv must be a (B, T, 2, H, D) tensor, got {got}")
+    return _rotate_in_place(kv, lambda t: [t[:, :, 0]], [(cos, sin)], interleaved, seqlen_offsets)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """flash-attn's `RotaryEmbedding` module: rotary embeddings (RoFormer) applied in place to qkv or to (q, kv),
+    with a cos/sin cache grown on demand, and XPos when scale_base is given.
+
+    dim: the rotary dims per head (R); base: the frequency base; interleaved: GPT-J pairs; device: for the buffers.
+    Buffers (not saved in the state dict): inv_freq (R/2,), and scale (R/2,) for XPos. The cache holds cos/sin
+    (seqlen, R/2) in the input's dtype, computed in fp32, rebuilt when a longer sequence, another device or dtype, or
+    training after inference mode needs it; with XPos, q's tables are scaled by scale ** ((t - seqlen // 2) /
+    scale_base) and k's divided by it."""
+
+    def __init__(self, dim: int, base=10000.0, interleaved=False, scale_base=None, device=None):
+        super().__init__()
+        self.dim = dim
+        self.base = float(base)
+        self.register_buffer("inv_freq", self._compute_inv_freq(device), persistent=False)
+        self.interleaved = interleaved
+        self.scale_base = scale_base
+        scale = None
+        if scale_base is not None:
+            scale = (torch.arange(0, dim, 2, device=device, dtype=torch.float32) + 0.4 * dim) / (1.4 * dim)
+        self.register_buffer("scale", scale, persistent=False)
+        self._seq_len_cached = 0
+        self._cos_cached = self._sin_cached = self._cos_k_cached = self._sin_k_cached = None
+
+    def _compute_inv_freq(self, device=None) -> Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
+
+    def _update_cos_sin_cache(self, seqlen, device=None, dtype=None) -> None:
+        cached = self._cos_cached
+        if not (
+            seqlen > self._seq_len_cached
+            or cached is None
+            or cached.device != device
+            or cached.dtype != dtype
+            or (self.training and cached.is_inference())
+        ):
+            return
+        self._seq_len_cached = seqlen
+        # Angles in fp32 whatever the model's dtype: positions times frequencies lose too much in bf16.
+        inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._compute_inv_freq(device)
+        freqs = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv_freq)  # (seqlen, R/2)
+        if self.scale is None:
+            self._cos_cached, self._sin_cached = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+            return
+        power = (torch.arange(seqlen, dtype=self.scale.dtype, device=self.scale.device) - seqlen // 2) / self.scale_base
+        scale = self.scale.to(device=power.device) ** power[:, None]  # (seqlen, R/2)
+        cos, sin = torch.cos(freqs), torch.sin(freqs)
+        self._cos_cached, self._sin_cached = (cos * scale).to(dtype), (sin * scale).to(dtype)
+        self._cos_k_cached, self._sin_k_cached = (cos / scale).to(dtype), (sin / scale).to(dtype)
+
+    def forward(
+        self,
+        qkv: Tensor,
+        kv: Tensor | None = None,
+        seqlen_offset: int | Tensor = 0,
+        max_seqlen: int | None = None,
+        num_heads_q: int | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """qkv: (B, T, 3, H, D) or (B, T, Hq + 2 * Hk, D) with num_heads_q, or q (B, T, H, D) when kv
+        (B, T, 2, H, D) is given. seqlen_offset: an int or a (B,) tensor of start positions; with a tensor, pass
+        max_seqlen to grow the cache that far. Rotates in place; returns qkv, or (q, kv)."""
+        seqlen = qkv.shape[1]
+        if max_seqlen is not None:
+            self._update_cos_sin_cache(max_seqlen, device=qkv.device, dtype=qkv.dtype)
+        elif isinstance(seqlen_offset, int):
+            self._update_cos_sin_cache(seqlen + seqlen_offset, device=qkv.device, dtype=qkv.dtype)
+        xpos = self.scale is not None
+        if kv is None:
+            return apply_rotary_emb_qkv_(
+                qkv,
+                self._cos_cached,
+                self._sin_cached,
+                self._cos_k_cached if xpos else None,
+                self._sin_k_cached if xpos else None,
+                interleaved=self.interleaved,
+                seqlen_offsets=seqlen_offset,
+                num_heads_q=num_heads_q,
+            )
+        q = apply_rotary_emb(
+            qkv, self._cos_cached, self._sin_cached, self.interleaved, inplace=True, seqlen_offsets=seqlen_offset
+        )
+        kv = apply_rotary_emb_kv_(
+            kv,
+            self._cos_k_cached if xpos else self._cos_cached,
+            self._sin_k_cached if xpos else self._sin_cached,
+            interleaved=self.interleaved,
+            seqlen_offsets=seqlen_offset,
+        )
+        return q, kv

@@ -1,0 +1,1 @@
+"""flash-attn's `flash_attn.layers`: only `rotary` is mirrored."""

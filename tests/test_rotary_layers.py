@@ -1,0 +1,151 @@
+"""flash-attn's `flash_attn.layers.rotary` beyond apply_rotary_emb (fasttrain.ops.rotary): rotate_half,
+apply_rotary_emb_torch, the in-place apply_rotary_emb_qkv_ / apply_rotary_emb_kv_ with their gradients, and the
+RotaryEmbedding module (its cache, seqlen_offset, GQA and XPos), against rotations written out here."""
+
+import pytest
+import torch
+
+from fasttrain.ops.rotary import (
+    RotaryEmbedding,
+    apply_rotary_emb,
+    apply_rotary_emb_func,
+    apply_rotary_emb_kv_,
+    apply_rotary_emb_qkv_,
+    apply_rotary_emb_torch,
+    rotate_half,
+)
+
+from helpers import TOL_FP32, err, randn
+
+TOL = TOL_FP32["rotary"]
+
+
+def _angles(n_pos, half, seed=1):
+    theta = torch.rand(n_pos, half, generator=torch.Generator().manual_seed(seed)) * 6  # (n_pos, R/2)
+    return theta.cos(), theta.sin()
+
+
+def _rotated(x, cos, sin, interleaved=False):
+    """x (B, T, H, D) rotated pair by pair, written out: the first 2 * cos.shape[-1] dims, the rest passed."""
+    half = cos.shape[-1]
+    c, s = cos[:, None], sin[:, None]  # (T, 1, R/2): over heads
+    if interleaved:
+        x1, x2 = x[..., 0 : 2 * half : 2], x[..., 1 : 2 * half : 2]
+        out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    else:
+        x1, x2 = x[..., :half], x[..., half : 2 * half]
+        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((out, x[..., 2 * half :]), dim=-1)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotate_half_and_the_torch_rotation(interleaved):
+    x = randn(2, 7, 3, 16, seed=0, grad=False)
+    cos, sin = _angles(7, 6)
+    assert apply_rotary_emb_func is apply_rotary_emb
+    turned = rotate_half(x, interleaved)
+    pairs = (x[..., 0::2], x[..., 1::2]) if interleaved else (x[..., :8], x[..., 8:])
+    back = (turned[..., 1::2], -turned[..., 0::2]) if interleaved else (turned[..., 8:], -turned[..., :8])
+    assert all(torch.equal(a, b) for a, b in zip(pairs, back))
+    want = _rotated(x, cos, sin, interleaved)
+    assert err(apply_rotary_emb_torch(x, cos, sin, interleaved), want) < TOL
+    assert err(apply_rotary_emb_torch(x, cos[None].expand(2, 7, 6), sin[None].expand(2, 7, 6), interleaved), want) < TOL
+    assert apply_rotary_emb_torch(x.to(torch.float16), cos, sin).dtype == torch.float32  # torch's promotion
+
+
+@pytest.mark.parametrize("layout", ["packed 3", "packed 3, strided", "gqa", "xpos tables for k"])
+def test_qkv_rotates_q_and_k_in_place_with_gradients(layout):
+    B, T, H, D = 2, 5, 2, 16
+    cos, sin = _angles(8, 8)
+    cos_k, sin_k = _angles(8, 8, seed=2)
+    with_k = layout == "xpos tables for k"
+    leaf = randn(B, T, 3 * H + 2 if layout == "packed 3, strided" else 3 * H, D, seed=3).requires_grad_()
+    if layout == "gqa":
+        qkv = leaf[:, :, :4] * 1.0  # (B, T, Hq + 2 * Hk, D): 2 query heads, 1 key and 1 value head
+        parts = [qkv[:, :, :2], qkv[:, :, 2:3], qkv[:, :, 3:]]
+        kwargs = dict(num_heads_q=2)
+    else:
+        qkv = (leaf[:, :, : 3 * H] * 1.0).view(B, T, 3, H, D)
+        if layout == "packed 3, strided":
+            qkv = (leaf * 1.0)[:, :, : 3 * H].unflatten(2, (3, H))  # a view with stride gaps between tokens
+        parts = [qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]]
+        kwargs = dict(cos_k=cos_k, sin_k=sin_k) if with_k else {}
+    q, k, v = (t.detach().clone() for t in parts)
+    want = [
+        _rotated(q, cos[2:7], sin[2:7]),
+        _rotated(k, (cos_k if with_k else cos)[2:7], (sin_k if with_k else sin)[2:7]),
+        v,
+    ]
+    out = apply_rotary_emb_qkv_(qkv, cos, sin, seqlen_offsets=2, **kwargs)
+    assert out is qkv and all(err(p, w) < TOL for p, w in zip(parts, want))
+    upstream = randn(*qkv.shape, seed=4, grad=False)
+    (grad,) = torch.autograd.grad(qkv, leaf, upstream)
+    ref_leaf = leaf.detach().clone().requires_grad_()
+    ref = ref_leaf[:, :, :4] if layout == "gqa" else ref_leaf[:, :, : 3 * H].view(B, T, 3, H, D)
+    heads = (slice(0, 2), slice(2, 3), slice(3, 4)) if layout == "gqa" else (0, 1, 2)
+    ref_parts = [ref[:, :, h] for h in heads]
+    ref_out = [
+        _rotated(ref_parts[0], cos[2:7], sin[2:7]),
+        _rotated(ref_parts[1], (cos_k if with_k else cos)[2:7], (sin_k if with_k else sin)[2:7]),
+        ref_parts[2],
+    ]
+    ref_qkv = torch.cat(ref_out, dim=2) if layout == "gqa" else torch.stack(ref_out, dim=2)
+    (want_grad,) = torch.autograd.grad(ref_qkv, ref_leaf, upstream)
+    assert err(grad, want_grad) < TOL
+
+
+def test_kv_rotates_k_in_place_and_bad_layouts_name_themselves():
+    cos, sin = _angles(6, 4)
+    kv = randn(1, 6, 2, 3, 8, seed=5, grad=False)
+    k, v = kv[:, :, 0].clone(), kv[:, :, 1].clone()
+    offsets = torch.tensor([0])
+    assert apply_rotary_emb_kv_(kv, cos, sin, True, offsets) is kv
+    assert err(kv[:, :, 0], _rotated(k, cos, sin, interleaved=True)) < TOL and torch.equal(kv[:, :, 1], v)
+    with pytest.raises(ValueError, match=r"kv must be a \(B, T, 2, H, D\) tensor"):
+        apply_rotary_emb_kv_(kv[:, :, 0], cos, sin)
+    with pytest.raises(TypeError, match="num_heads_q must be an int"):
+        apply_rotary_emb_qkv_(kv[:, :, 0], cos, sin)
+    with pytest.raises(ValueError, match="must be num_heads_q"):
+        apply_rotary_emb_qkv_(randn(1, 6, 4, 8, seed=6, grad=False), cos, sin, num_heads_q=1)
+    with pytest.raises(ValueError, match=r"qkv must be \(B, T, 3, H, D\)"):
+        apply_rotary_emb_qkv_(kv, cos, sin)
+
+
+def _tables(dim, n_pos, base=10000.0):
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
+    freqs = torch.arange(n_pos, dtype=torch.float32)[:, None] * inv_freq  # (n_pos, dim/2)
+    return freqs.cos(), freqs.sin()
+
+
+def test_rotary_embedding_module_rotates_qkv_and_q_kv_from_its_cache():
+    rope = RotaryEmbedding(8, base=500, interleaved=True)
+    assert "inv_freq" not in rope.state_dict() and rope.inv_freq.shape == (4,)
+    qkv = randn(2, 5, 3, 2, 16, seed=7, grad=False)
+    q, k, v = (qkv[:, :, i].clone() for i in range(3))
+    assert rope(qkv, seqlen_offset=3) is qkv
+    assert rope._cos_cached.shape == (8, 4) and rope._seq_len_cached == 8
+    cos, sin = _tables(8, 8, base=500)
+    want_q, want_k = (_rotated(t, cos[3:], sin[3:], interleaved=True) for t in (q, k))
+    assert err(qkv[:, :, 0], want_q) < TOL and err(qkv[:, :, 1], want_k) < TOL and torch.equal(qkv[:, :, 2], v)
+    q, kv = randn(2, 5, 2, 16, seed=8, grad=False), randn(2, 5, 2, 2, 16, seed=9, grad=False)
+    k = kv[:, :, 0].clone()
+    offsets = torch.tensor([0, 2])
+    out_q, out_kv = rope(q.clone(), kv, seqlen_offset=offsets, max_seqlen=12)
+    assert out_kv is kv and rope._seq_len_cached == 12
+    cos, sin = _tables(8, 12, base=500)
+    for b, o in enumerate(offsets.tolist()):
+        c, s = cos[o : o + 5], sin[o : o + 5]
+        assert err(out_q[b : b + 1], _rotated(q[b : b + 1], c, s, True)) < TOL
+        assert err(out_kv[b : b + 1, :, 0], _rotated(k[b : b + 1], c, s, True)) < TOL
+
+
+def test_rotary_embedding_xpos_scales_q_up_and_k_down():
+    rope = RotaryEmbedding(16, scale_base=64)
+    qkv = randn(1, 6, 3, 1, 16, seed=10, grad=False)
+    q, k = qkv[:, :, 0].clone(), qkv[:, :, 1].clone()
+    rope(qkv)
+    cos, sin = _tables(16, 6)
+    scale = ((torch.arange(0, 16, 2) + 0.4 * 16) / (1.4 * 16)) ** ((torch.arange(6) - 3) / 64)[:, None]  # (6, 8)
+    assert rope._cos_cached.dtype == torch.float32 and rope._cos_k_cached.shape == (6, 8)
+    assert err(qkv[:, :, 0], _rotated(q, cos * scale, sin * scale)) < TOL
+    assert err(qkv[:, :, 1], _rotated(k, cos / scale, sin / scale)) < TOL
