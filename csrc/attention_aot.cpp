@@ -67,11 +67,7 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* cu_q
               G);
   int64_t B = q.size(0);
   if (varlen) {
-    for (const Tensor* cu : {cu_q, cu_k}) {
-      TORCH_CHECK(cu->dim() == 1 && cu->numel() >= 2 && cu->numel() == cu_q->numel() &&
-                      cu->scalar_type() == at::kInt && cu->device() == q.device(),
-                  kName, ": cu_seqlens_q and cu_seqlens_k must be int32 (B + 1) offsets on q's device");
-    }
+    check_offsets(q, *cu_q, *cu_k, kName);
     B = cu_q->numel() - 1;
   }
   TORCH_CHECK(B <= kGridYZMax && H <= kGridYZMax, kName, ": B and H must be at most ", kGridYZMax);
@@ -84,12 +80,12 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q_in, const Tensor& k_in, const
                                    int64_t right, double dropout_p, const std::optional<Tensor>& seed_in) {
   check(q_in, k_in, v_in, cu_q_in, cu_k_in, dropout_p, seed_in);
   const bool dropout = dropout_p > 0.0;
-  const Tensor seed = dropout ? compiled_seed(*seed_in) : Tensor();
+  const Tensor seed = dropout ? compiled_buffer(*seed_in) : Tensor();
   const c10::DeviceIndex device = launch_device(q_in, kName);
   const bool varlen = cu_q_in != nullptr;
   const Tensor q = as_compiled(q_in), k = as_compiled(k_in), v = as_compiled(v_in);
-  const Tensor cu_q = varlen ? compiled_offsets(*cu_q_in) : Tensor();
-  const Tensor cu_k = varlen ? compiled_offsets(*cu_k_in) : Tensor();
+  const Tensor cu_q = varlen ? compiled_buffer(*cu_q_in) : Tensor();
+  const Tensor cu_k = varlen ? compiled_buffer(*cu_k_in) : Tensor();
   const int64_t B = varlen ? cu_q.numel() - 1 : q.size(0), H = q.size(-2), D = q.size(-1);
   const int64_t Tq = varlen ? max_q : q.size(1), Tk = varlen ? max_k : k.size(1), G = H / k.size(-2);
   const at::ScalarType dtype = q.scalar_type();

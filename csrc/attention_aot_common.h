@@ -63,12 +63,20 @@ inline at::Tensor as_compiled(const at::Tensor& t) {
   return compiled_layout(t) ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-// q's CUDA device index, or -1 for CPU tensors, which only the launch recorder takes.
-// Packed sequences' int32 offsets (B + 1) as the cubins read them: contiguous from a 16-byte aligned base (the
-// pointer was compiled as a multiple of 16).
-inline at::Tensor compiled_offsets(const at::Tensor& cu) {
-  const bool aligned = reinterpret_cast<uintptr_t>(cu.data_ptr()) % 16 == 0;
-  return aligned && cu.is_contiguous() ? cu : cu.clone(at::MemoryFormat::Contiguous);
+// Packed sequences' offsets as both ops take them: cu_q and cu_k int32 (B + 1), B >= 1, on q's device.
+inline void check_offsets(const at::Tensor& q, const at::Tensor& cu_q, const at::Tensor& cu_k, const char* op) {
+  for (const at::Tensor* cu : {&cu_q, &cu_k}) {
+    TORCH_CHECK(cu->dim() == 1 && cu->numel() >= 2 && cu->numel() == cu_q.numel() && cu->scalar_type() == at::kInt &&
+                    cu->device() == q.device(),
+                op, ": cu_seqlens_q and cu_seqlens_k must be int32 (B + 1) offsets on q's device");
+  }
+}
+
+// Packed sequences' int32 offsets (B + 1) and dropout's (seed, offset) as the cubins read them: contiguous from a
+// 16-byte aligned base (the pointers were compiled as multiples of 16, as the JIT specializes a fresh allocation).
+inline at::Tensor compiled_buffer(const at::Tensor& t) {
+  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return aligned && t.is_contiguous() ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 // (batch, token, head) strides of t as the kernels take them: a packed (total, H, D) tensor has batch stride 0
@@ -89,18 +97,12 @@ inline void check_dropout(const char* op, const at::Tensor& q, double dropout_p,
               op, ": dropout needs seed, an int64 (2,) (seed, offset) tensor on q's device");
 }
 
-// The seed tensor as the cubins read it: contiguous from a 16-byte aligned base (pointers are compiled as multiples
-// of 16, as the JIT specializes a fresh allocation).
-inline at::Tensor compiled_seed(const at::Tensor& seed) {
-  const bool aligned = reinterpret_cast<uintptr_t>(seed.data_ptr()) % 16 == 0;
-  return aligned && seed.is_contiguous() ? seed : seed.clone(at::MemoryFormat::Contiguous);
-}
-
 // kernels/_attention_dropout.py keep_threshold: round(65536 * (1 - dropout_p)), at least 1.
 inline int64_t keep_threshold(double dropout_p) {
   return std::max<int64_t>(1, std::min<int64_t>(65536, static_cast<int64_t>(65536.0 * (1.0 - dropout_p) + 0.5)));
 }
 
+// q's CUDA device index, or -1 for CPU tensors, which only the launch recorder takes.
 inline c10::DeviceIndex launch_device(const at::Tensor& q, const char* op) {
   TORCH_CHECK(q.is_cuda() || (q.is_cpu() && aot::recording()), op,
               ": takes CUDA tensors (CPU tensors only while launches are recorded), got ", q.device());

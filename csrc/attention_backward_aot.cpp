@@ -89,11 +89,7 @@ void check(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v
   TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), kName, ": out and dout must have q's shape");
   check_dropout(kName, q, dropout_p, seed);
   if (varlen) {
-    for (const Tensor* cu : {cu_q, cu_k}) {
-      TORCH_CHECK(cu->dim() == 1 && cu->numel() >= 2 && cu->numel() == cu_q->numel() &&
-                      cu->scalar_type() == at::kInt && cu->device() == q.device(),
-                  kName, ": cu_seqlens_q and cu_seqlens_k must be int32 (B + 1) offsets on q's device");
-    }
+    check_offsets(q, *cu_q, *cu_k, kName);
     TORCH_CHECK(lse.dim() == 2 && lse.size(0) == H && lse.size(1) == q.size(0) && lse.scalar_type() == at::kFloat &&
                     lse.device() == q.device(),
                 kName, ": packed lse must be (H, total_q) float32 on q's device");
@@ -133,7 +129,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
   check(dout_in, q_in, k_in, v_in, out_in, lse_in, cu_q_in, cu_k_in, dropout_p, seed_in);
   if (into != nullptr) check_into(*into, q_in, k_in, v_in);
   const bool dropout = dropout_p > 0.0;
-  const Tensor seed = dropout ? compiled_seed(*seed_in) : Tensor();
+  const Tensor seed = dropout ? compiled_buffer(*seed_in) : Tensor();
   const c10::DeviceIndex device = launch_device(q_in, kName);
   const bool varlen = cu_q_in != nullptr;
   auto bth = [varlen](const Tensor& t) {
@@ -142,8 +138,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
   };
   Tensor q = as_compiled(q_in), dout = as_compiled(dout_in);
   const Tensor k = as_compiled(k_in), v = as_compiled(v_in), out = as_compiled(out_in);
-  const Tensor cu_q = varlen ? compiled_offsets(*cu_q_in) : Tensor();
-  const Tensor cu_k = varlen ? compiled_offsets(*cu_k_in) : Tensor();
+  const Tensor cu_q = varlen ? compiled_buffer(*cu_q_in) : Tensor();
+  const Tensor cu_k = varlen ? compiled_buffer(*cu_k_in) : Tensor();
   const int64_t B = varlen ? cu_q.numel() - 1 : q.size(0), H = q.size(-2), D = q.size(-1);
   const int64_t Tq = varlen ? max_q : q.size(1), Tk = varlen ? max_k : k.size(1), Hkv = k.size(-2), G = H / Hkv;
   // the dK/dV loop steps through a group's query heads by int32 offsets (kernels/attention_backward.py)

@@ -24,8 +24,15 @@ NVCC = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/u
 CXX = shutil.which("c++") or shutil.which("g++")
 
 
-def cxx_command(source: Path) -> list[str]:
-    """The build's language level, OpenMP and include paths, the warnings as errors, no code generated."""
+# The torch headers that most sources include, precompiled once for the C++ checks: each source that includes them
+# itself gets them as -include of the precompiled header (GCC reads header.gch in its place; an unusable one, the
+# header's text), so the check sees the declarations the source sees and skips parsing them again (most of its time).
+PRECOMPILED = ("ATen/core/Tensor.h", "torch/library.h")
+
+
+def cxx_command(source: Path | None, precompiled: Path | None = None) -> list[str]:
+    """The build's language level, OpenMP and include paths, the warnings as errors, no code generated; source None:
+    the flags only."""
     import pybind11
 
     system = [*torch.utils.cpp_extension.include_paths(), sysconfig.get_paths()["include"], pybind11.get_include()]
@@ -39,31 +46,55 @@ def cxx_command(source: Path) -> list[str]:
         "-fsyntax-only",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
     ]
-    return [CXX, *flags, "-Icsrc", *(f"-isystem{p}" for p in system), str(source.relative_to(ROOT))]
+    command = [CXX, *flags, "-Icsrc", *(f"-isystem{p}" for p in system)]
+    if source is None:
+        return command
+    text = source.read_text()
+    if precompiled is not None and all(f"#include <{h}>" in text for h in PRECOMPILED):
+        command += ["-include", str(precompiled)]
+    return [*command, str(source.relative_to(ROOT))]
+
+
+def precompile(folder: Path) -> Path | None:
+    """PRECOMPILED as folder/precompiled.h and its .gch, with the checks' flags; None if that fails (the checks then
+    parse the headers themselves)."""
+    header = folder / "precompiled.h"
+    header.write_text("".join(f"#include <{h}>\n" for h in PRECOMPILED))
+    command = [a for a in cxx_command(None) if a != "-fsyntax-only"]
+    command += ["-x", "c++-header", str(header), "-o", f"{header}.gch"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return header if done.returncode == 0 else None
 
 
 @pytest.fixture(scope="module")
-def native_checks():
-    """{what: CompletedProcess} of nvcc_check.sh and of each csrc/*.cpp's check, run side by side: nvcc (one process,
-    most of the time) on one core while the C++ checks share the others."""
-    nvcc = None
-    if NVCC is not None:
+def native_checks(tmp_path_factory):
+    """{what: CompletedProcess} of nvcc_check.sh ("nvcc": its runs over every csrc/*.cu, one file each) and of each
+    csrc/*.cpp's check, on one worker per core: nvcc's files first (the longest), the C++ checks as workers free up."""
+    cu_sources = sorted((ROOT / "csrc").glob("*.cu")) if NVCC is not None else []
+    sources = sorted((ROOT / "csrc").glob("*.cpp")) if CXX is not None else []
+
+    def nvcc(source):
         env = {**os.environ, "NVCC": NVCC, "PYTHON": sys.executable}
-        command = ["bash", str(ROOT / "tools" / "nvcc_check.sh")]
-        nvcc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    results = {}
-    if CXX is not None:
+        command = ["bash", str(ROOT / "tools" / "nvcc_check.sh"), str(source.relative_to(ROOT))]
+        return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
-        def check(source):
-            return subprocess.run(cxx_command(source), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    def check(source, precompiled):
+        command = cxx_command(source, precompiled)
+        return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
-        sources = sorted((ROOT / "csrc").glob("*.cpp"))
-        workers = max(1, (os.cpu_count() or 1) - (nvcc is not None))
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            results = dict(zip((s.name for s in sources), pool.map(check, sources)))
-    if nvcc is not None:
-        stdout, stderr = nvcc.communicate(timeout=600)
-        results["nvcc"] = subprocess.CompletedProcess(nvcc.args, nvcc.returncode, stdout, stderr)
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        cu_runs = [pool.submit(nvcc, s) for s in cu_sources]
+        precompiled = precompile(tmp_path_factory.mktemp("precompiled")) if sources else None
+        runs = {s.name: pool.submit(check, s, precompiled) for s in sources}
+        results = {name: run.result() for name, run in runs.items()}
+        if cu_runs:
+            done = [run.result() for run in cu_runs]
+            results["nvcc"] = subprocess.CompletedProcess(
+                [r.args for r in done],
+                max(r.returncode for r in done),
+                "".join(r.stdout for r in done),
+                "".join(r.stderr for r in done),
+            )
     return results
 
 

@@ -66,30 +66,40 @@ def test_ncu_attention_runs_each_provider_inside_the_range_after_a_warm_up():
     assert len(lines) == 5 and all(line.startswith("fasttrain d") for line in lines[2:])
 
 
-def test_aot_host_ab_times_the_three_paths_of_each_aot_op():
-    """tools/aot_host_ab.py, the interleaved measurement behind NOTES.md's aot host times."""
+def test_aot_host_ab_times_the_three_paths_of_each_aot_op(monkeypatch, capsys):
+    """tools/aot_host_ab.py, the interleaved measurement behind NOTES.md's aot host times: run as a script, and its
+    --decode and --attention modes through its main() in this process (another interpreter's start and imports
+    would cost more than the runs)."""
     tool = Path(__file__).resolve().parent.parent / "tools" / "aot_host_ab.py"
-
-    def run(*mode):
-        done = subprocess.run(
-            [sys.executable, str(tool), *mode, "--rounds", "1", "--calls", "3"],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout.splitlines()
-
-    lines = run()
+    args = ["--rounds", "1", "--calls", "3"]
+    done = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [
         f"{op} {mode}"
         for op in ("layer_norm", "add_layer_norm", "rotary", "cross_entropy", "rms_norm", "add_rms_norm")
         for mode in ("fwd", "fwd+bwd")
     ]
     assert all(line.count(" us per call") == 1 and "aot, no launch" in line for line in lines)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the module sets it; restored after the test
+    module = _bench_module("aot_host_ab")
+    threads = torch.get_num_threads()  # main() takes one intra-op thread
+
+    def run(mode):
+        monkeypatch.setattr(sys, "argv", [str(tool), mode, *args])
+        try:
+            module.main()
+        finally:
+            torch.set_num_threads(threads)
+        return capsys.readouterr().out.splitlines()
+
     (line,) = run("--decode")
     assert line.startswith("decode fwd: ") and line.count(" no launch ") == 3 and "torch, 1-row static cache" in line
     assert line.endswith("x)") and "aot / torch" in line
-    lines = run("--attention")
-    assert [line.split(":")[0] for line in lines] == ["attention fwd", "attention fwd+bwd"]
-    assert all(line.count(" no launch ") == 3 and "torch sdpa fp32" in line and "aot / sdpa" in line for line in lines)
+    lines = run("--attention")  # flash_attn_func's call, then the packed function's and SDPA's with a mask
+    rows = ("attention", "qkvpacked", "sdpa causal mask")
+    assert [line.split(":")[0] for line in lines] == [f"{row} {mode}" for row in rows for mode in ("fwd", "fwd+bwd")]
+    assert all("torch sdpa fp32" in line and "aot / sdpa" in line for line in lines)
+    # no launch: the JIT's (the qkvpacked rows: its backward), without the short path, and as it is
+    assert [line.count(" no launch ") for line in lines] == [3, 3, 3, 3, 2, 2]
