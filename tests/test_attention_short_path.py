@@ -294,6 +294,9 @@ def test_short_path_leaves_every_other_call_to_the_general_path(recording, monke
             TypeError,
             "attn_mask must be bool",
         ),
+        (lambda: flash_attn_func(q, k, v, lse_grad=1), TypeError, "lse_grad must be a bool"),
+        (lambda: flash_attn_qkvpacked_func(torch.stack((q, q, q), 2), lse_grad=None), TypeError, "lse_grad"),
+        (lambda: flash_attn_kvpacked_func(q, torch.stack((k, v), 2), lse_grad="yes"), TypeError, "lse_grad"),
         (lambda: flash_attn_qkvpacked_func(torch.stack((q, q), 2)), ValueError, "qkv must be"),
         (lambda: flash_attn_kvpacked_func(q[:, :, :3], torch.stack((k, v), 2)), ValueError, "must divide"),
     ]

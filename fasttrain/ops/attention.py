@@ -740,7 +740,7 @@ def flash_attn_func(
     lse_grad (fasttrain's own, keyword-only): True differentiates through the returned softmax_lse too, exactly
     (the backward kernels read its gradient); False (default, flash-attn's semantics) costs nothing.
     """
-    if backend is None and not return_attn_probs:
+    if backend is None and not return_attn_probs and type(lse_grad) is bool:
         out = _flash_short(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
         if out is not None:
             return out

@@ -166,7 +166,7 @@ def flash_attn_qkvpacked_func(
 ):
     """flash-attn's `flash_attn_qkvpacked_func`: qkv (B, T, 3, H, D) -> out (B, T, H, D), or (out, softmax_lse
     (B, H, T), S_dmask) with return_attn_probs. Arguments as in `flash_attn_func`."""
-    if backend is None and not return_attn_probs:
+    if backend is None and not return_attn_probs and type(lse_grad) is bool:
         out = _packed_short(qkv, None, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                             deterministic)  # fmt: skip
         if out is not None:
@@ -193,7 +193,7 @@ def flash_attn_kvpacked_func(
 ):
     """flash-attn's `flash_attn_kvpacked_func`: q (B, Tq, H, D), kv (B, Tk, 2, Hkv, D) -> out (B, Tq, H, D), or
     (out, softmax_lse (B, H, Tq), S_dmask) with return_attn_probs. Arguments as in `flash_attn_func`."""
-    if backend is None and not return_attn_probs:
+    if backend is None and not return_attn_probs and type(lse_grad) is bool:
         out = _packed_short(q, kv, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic)
         if out is not None:
             return out
