@@ -94,6 +94,12 @@ def _arch_reason(arch: int) -> str | None:
     return _loaded[arch]
 
 
+def shipped_arch(device: torch.device) -> int | None:
+    """The arch of the cubins that serve CUDA `device` (90 or 80), None for a device no cubins are shipped for."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _SHIPPED_ARCH.get(torch.cuda.get_device_capability(index))
+
+
 def reason(device: torch.device) -> str | None:
     """None if the shipped cubins can serve CUDA tensors on `device` (extension built with CUDA, cubins for its arch,
     registered at the first ask); else why not. Read once per device."""

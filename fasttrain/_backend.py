@@ -253,6 +253,15 @@ def aot_reason(device: torch.device) -> str | None:
     return _aot.reason(device)
 
 
+def aot_arch(device: torch.device) -> int | None:
+    """The arch of the shipped cubins that serve `device` (fasttrain/_aot.py), None off CUDA or for an arch without."""
+    if device.type != "cuda":
+        return None
+    from fasttrain import _aot
+
+    return _aot.shipped_arch(device)
+
+
 def aot_live() -> str | None:
     """None if the aot backend can serve this machine's default device (`fasttrain info`)."""
     return aot_reason(default_device())

@@ -649,6 +649,7 @@ def test_the_columns_packed_dropout_backward_takes_the_jit_where_its_cubins_do_n
     """Packed d128 dropout on sm_90 ships no backward cubins (its one dK/dV tile spills): the column's backward takes
     the triton column's there, and the C++ op (with the seed) elsewhere. sm_90's shipped set registered without
     cubins (the recorder launches none)."""
+    from fasttrain import _backend
     from fasttrain.ops import attention as ops
 
     do, q, k, v, out, _ = (t[0] for t in _tensors(H=2, Hkv=2))  # packed: (97, 2, 64)
@@ -656,7 +657,7 @@ def test_the_columns_packed_dropout_backward_takes_the_jit_where_its_cubins_do_n
     tail = (cu, cu, 97, 97, 0.125, W, 0, None, 0.1, seed, 0.0, None, True, None)  # deterministic: the dQ kernel
     delegated = []
     monkeypatch.setattr(ops.Triton, "backward", lambda *args: delegated.append(args) or "triton")
-    monkeypatch.setattr(ops, "_aot_arch", lambda device: 90)
+    monkeypatch.setattr(_backend, "aot_arch", lambda device: 90)
     wide = [torch.cat([t, t], -1) for t in (do, q, k, v, out)]  # head dim 128
     C.aot_clear()
     C.aot_tune_reset()
@@ -676,7 +677,7 @@ def test_the_columns_packed_dropout_backward_takes_the_jit_where_its_cubins_do_n
             torch.empty_like(t) for t in (q, k, v)
         )  # a packed function's gradient: the _into ops take no dropout
         assert ops.Aot.backward(do, q, k, v, out, lse, None, *tail[:-1], into) == "triton" and len(delegated) == 2
-        monkeypatch.setattr(ops, "_aot_arch", lambda device: 80)  # sm_80 ships it: the C++ op (sm_90's lack it)
+        monkeypatch.setattr(_backend, "aot_arch", lambda device: 80)  # sm_80 ships it: the C++ op (sm_90's lack it)
         with pytest.raises(RuntimeError, match="constexprs"):
             ops.Aot.backward(*wide, lse, None, *tail)
     finally:

@@ -211,6 +211,17 @@ def test_a_device_whose_cubins_serve_attaches_its_tuning_file(tmp_path, monkeypa
         _aot.detach_tune_cache()
 
 
+@pytest.mark.parametrize(
+    "capability, arch", [((9, 0), 90), ((8, 0), 80), ((8, 9), 80), ((9, 1), None), ((10, 0), None)]
+)
+def test_a_device_is_served_by_the_cubins_of_its_arch(monkeypatch, capability, arch):
+    from fasttrain import _backend
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    assert _backend.aot_arch(torch.device("cuda", 0)) == arch
+    assert _backend.aot_arch(torch.device("cpu")) is None
+
+
 @pytest.mark.parametrize("index, why", [("[]", "sm_80 (the build's FASTTRAIN_AOT_ARCHS left it out)"), (None, "=none")])
 def test_a_build_without_cubins_for_the_device_names_the_build_switch(tmp_path, monkeypatch, index, why):
     from fasttrain import _aot

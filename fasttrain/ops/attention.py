@@ -130,7 +130,7 @@ class Aot:
         column's."""
         unshipped = p > 0.0 and (
             into is not None
-            or (cu_q is not None and (_aot_arch(q.device), q.shape[-1]) in _AOT_UNSHIPPED_VARLEN_DROPOUT)
+            or (cu_q is not None and (_backend.aot_arch(q.device), q.shape[-1]) in _AOT_UNSHIPPED_VARLEN_DROPOUT)
         )
         if not unshipped and dlse is None and _AOT_BACKWARD_OP_REASON is None and _stride_reason("dO", do) is None:
             if into is not None:
@@ -219,13 +219,6 @@ def _stride_reason(name: str, t: Tensor) -> str | None:
     if any(s == 0 or s % 16 for s in strides[:-1]):
         return None
     return f"{name}'s strides {tuple(strides)} reach 2**31, past the shipped attention cubins' int32 strides"
-
-
-def _aot_arch(device: torch.device) -> int | None:
-    """The arch of the cubins that serve `device` (fasttrain/_aot.py: sm_90 exactly, else sm_80), None off CUDA."""
-    if device.type != "cuda":
-        return None
-    return 90 if torch.cuda.get_device_capability(device) == (9, 0) else 80
 
 
 def _aot_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap, alibi_slopes) -> str | None:
