@@ -19,7 +19,11 @@ from fasttrain.benchmarks import bench_overhead
 from fasttrain.ops import attention as ops
 from fasttrain.ops import attention_packed
 from fasttrain.ops.attention import flash_attn_func, scaled_dot_product_attention
-from fasttrain.ops.attention_packed import flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from fasttrain.ops.attention_packed import (
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 
 SM = 132
 
@@ -387,6 +391,37 @@ def test_torch_compile_traces_the_short_path_forward_and_backward(recording):
     C.aot_record(True, SM)  # clears
     torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v).sum().backward()
     assert _launches(C.aot_records()) == eager and len(eager) == 4
+
+
+COMPILED = {
+    "dense": lambda q, k, v: flash_attn_func(q, k, v, causal=True, backend="aot"),
+    "qkv": lambda qkv: flash_attn_qkvpacked_func(qkv, causal=True, backend="aot"),
+    "kv": lambda q, kv: flash_attn_kvpacked_func(q, kv, window_size=(4, 0), backend="aot"),
+    "varlen-qkv": lambda qkv: flash_attn_varlen_qkvpacked_func(qkv, CU, 11, causal=True, backend="aot"),
+}
+CU = torch.tensor([0, 5, 16], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("which", list(COMPILED))
+def test_compiled_general_backward_ignores_the_lse_gradient_it_is_handed(recording, monkeypatch, which):
+    """Under torch.compile, AOTAutograd hands the backward a zero dlse for the lse nobody differentiates (the packed
+    Function's set_materialize_grads does not survive its trace): the backward still takes the aot column's launches
+    (a dlse would send it to the triton column's) and records what the eager call does."""
+    monkeypatch.setattr(ops.Triton, "backward", lambda *a: pytest.fail("the triton column's backward ran"))
+    if which == "dense":
+        leaves = _leaves(1, 16, 16, 4, 2, 64)
+    elif which == "varlen-qkv":
+        leaves = (torch.randn(16, 3, 2, 64, dtype=torch.float16, requires_grad=True),)
+    else:
+        leaves = _packed_leaves(which, 1, 16, 16, 4, 2, 64)
+    COMPILED[which](*leaves).sum().backward()
+    eager = _launches(C.aot_records())
+    C.aot_record(True, SM)  # clears
+    torch.compile(COMPILED[which], backend="aot_eager")(*leaves).sum().backward()
+    assert _launches(C.aot_records()) == eager and [r["kernel"] for r in eager][-2:] == [
+        "_attn_bwd_preprocess_kernel",
+        "_attn_bwd_dkdv_kernel",
+    ]
 
 
 @pytest.mark.parametrize("aliased", [False, True], ids=["qkv", "x-as-qkv"])

@@ -51,14 +51,14 @@ class _PackedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_src, kv_src, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed, deterministic,
-                backend, softcap, alibi):  # fmt: skip
+                backend, softcap, alibi, lse_grad):  # fmt: skip
         q, k, v = _split(q_src, kv_src)
         name = ATTENTION.choose(q, k, v, cu_q, max_q, max_k, None, dropout_p, softcap, alibi, backend=backend)
         args = (cu_q, cu_k, max_q, max_k, scale, left, right)
         out, lse = _forward_op(q, k, v, *args, None, dropout_p, seed, softcap, alibi, deterministic, name)
         ctx.save_for_backward(q_src, kv_src, out, lse, cu_q, cu_k, seed, alibi)
         ctx.args, ctx.dropout_p, ctx.deterministic, ctx.backend = args, dropout_p, deterministic, name
-        ctx.softcap = softcap
+        ctx.softcap, ctx.lse_grad = softcap, lse_grad
         ctx.set_materialize_grads(False)  # an lse nobody differentiates gives dlse None: no zeros made or read
         return out, lse
 
@@ -66,6 +66,9 @@ class _PackedAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, dlse):
         q_src, kv_src, out, lse, cu_q, cu_k, seed, alibi = ctx.saved_tensors
+        # an lse whose gradient is ignored (lse_grad False, or not returned) reads no dlse, though torch.compile's
+        # AOTAutograd hands zeros (set_materialize_grads does not survive its trace): the kernels' column without one
+        dlse = dlse if ctx.lse_grad else None
         grads = (torch.empty_like(q_src), None if kv_src is None else torch.empty_like(kv_src))
         dq, dk, dv = _split(*grads)
         q, k, v = _split(q_src, kv_src)
@@ -73,7 +76,7 @@ class _PackedAttention(torch.autograd.Function):
         deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
         args = (*ctx.args, ctx.dropout_p, seed, ctx.softcap, alibi, deterministic, ctx.backend)
         _backward_into_op(dq, dk, dv, dout, q, k, v, out, lse, dlse, *args)
-        return *grads, *(None,) * 13  # the slopes take no gradient, as in flash-attn
+        return *grads, *(None,) * 14  # the slopes take no gradient, as in flash-attn
 
 
 # forward and backward in one C++ op with its autograd in C++ (csrc/attention_aot_autograd.cpp attention_aot_packed)
@@ -138,7 +141,7 @@ def _packed(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, c
     _check_dropout(dropout_p)
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None  # every backend's mask; the backward reads it again
     args = (cu_q, cu_k, max_q, max_k, scale, left, right, float(dropout_p), seed, bool(deterministic), backend)
-    args = (*args, softcap, alibi_slopes)
+    args = (*args, softcap, alibi_slopes, lse_grad and bool(return_attn_probs))
     out, lse = _PackedAttention.apply(q_src, kv_src, *args)
     if not return_attn_probs:
         return out
