@@ -2,8 +2,8 @@
 `scaled_dot_product_attention` over one registered op.
 
 Backends: `aot` (the kernels compiled ahead of time and launched from C++, csrc/attention_aot.cpp and
-attention_backward_aot.cpp, for flash_attn_func's and flash_attn_varlen_func's common calls; flash_attn_func's skips
-the general checks and choice too, `_aot_short`, straight to one C++ op with its autograd in C++), `triton`
+attention_backward_aot.cpp, for flash_attn_func's and flash_attn_varlen_func's common calls, which skip the general
+checks and choice too, `_aot_short` and `_varlen_short`, straight to one C++ op with its autograd in C++), `triton`
 (kernels/attention*.py: CUDA fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu`
 (csrc/attention_cpu.cpp: CPU tensors in fp32, bf16 or fp16, computed in fp32) and `reference`
 (fasttrain/ops/attention_reference.py: plain PyTorch, any device and dtype, and the only one with an `attn_mask`).
@@ -28,6 +28,7 @@ from fasttrain.ops.attention_checks import (
     _check_softcap,
     _check_varlen,
     _keys_from_pages,
+    _known_longest,
     _scale,
     _window,
 )
@@ -577,6 +578,78 @@ def _short_scale(q, k, v, scale) -> float | None:
     return D**-0.5 if scale is None else scale
 
 
+# the same for packed sequences (flash_attn_varlen_func): csrc/attention_aot_autograd.cpp attention_aot_varlen
+_AOT_VARLEN_OP = (
+    torch.ops.fasttrain.attention_aot_varlen.default
+    if _AOT_OP is not None
+    and _AOT_VARLEN_OP_REASON is None
+    and _backend.native_op_reason("attention_varlen_backward_aot") is None
+    and _backend.native_op_reason("attention_aot_varlen") is None
+    else None
+)
+
+
+def _short_varlen_scale(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> float | None:
+    """`_short_scale` for packed sequences: q (total_q, H, D), k and v (total_k, Hkv, D), int32 offsets cu_q and cu_k
+    (B + 1, unit stride) on q's device and int max_q and max_k at least the longest sequences, as `_check_varlen`
+    checks them, the offsets' values known without a device sync (`_known_longest`: offsets the general path checked
+    and remembered, unchanged since; else None, and the general path reads them), and what `_aot_reason` asks of
+    packed inputs. The offsets are read only after everything the general path checks before them has passed, so a
+    bad value raises the general path's error."""
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return None
+    if type(cu_q) is not Tensor or type(cu_k) is not Tensor or type(max_q) is not int or type(max_k) is not int:
+        return None
+    if _backend.aot_reason(device := q.device) is not None:  # first: a CPU tensor leaves at once
+        return None
+    dtype = q.dtype
+    if q.dim() != 3 or k.dim() != 3 or dtype not in _KERNEL_DTYPES_CUDA or k.dtype != dtype or v.dtype != dtype:
+        return None
+    (total_q, H, D), (total_k, Hkv, Dk) = q.shape, k.shape
+    if k.shape != v.shape or Dk != D or D not in _AOT_HEAD_DIMS or Hkv == 0 or H % Hkv:
+        return None
+    if H // Hkv not in _AOT_GROUPS or k.device != device or v.device != device:
+        return None
+    n = cu_q.numel()
+    if cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32 or cu_q.dim() != 1 or cu_k.dim() != 1:
+        return None
+    if n < 2 or cu_k.numel() != n or cu_q.stride(0) != 1 or cu_k.stride(0) != 1:
+        return None
+    if cu_q.device != device or cu_k.device != device:
+        return None
+    # as the dense short path: unit stride along D, the grid's sequences and heads, int32 row offsets and strides
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
+    if sq[2] != 1 or sk[2] != 1 or sv[2] != 1 or n - 1 > GRID_YZ_MAX or H > GRID_YZ_MAX:
+        return None
+    if max(sq) >= 2**31 or max(sk) >= 2**31 or max(sv) >= 2**31 or max_q * max(sq[0], H * D) >= 2**31:
+        return None
+    if max_k * max(sk[0], Hkv * D) >= 2**31 or max_k * max(sv[0], Hkv * D) >= 2**31:
+        return None
+    if scale is not None and type(scale) is not float:
+        return None
+    if _backend.forced():
+        return None
+    longest_q = _known_longest("cu_seqlens_q", cu_q, total_q)
+    if longest_q is None or max_q < longest_q:
+        return None
+    longest_k = _known_longest("cu_seqlens_k", cu_k, total_k)
+    if longest_k is None or max_k < longest_k:
+        return None
+    return D**-0.5 if scale is None else scale
+
+
+def _varlen_short(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes, deterministic):  # fmt: skip
+    """out of flash_attn_varlen_func from one C++ op with its autograd in C++ (`_AOT_VARLEN_OP`), for a call that the
+    general path would send to the aot column as it is (`_flash_band`, `_short_varlen_scale`), else None: the same
+    launches forward and backward (tests/test_attention_short_path.py)."""
+    if _AOT_VARLEN_OP is None or (band := _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes)) is None:
+        return None
+    if (scale := _short_varlen_scale(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale)) is None:
+        return None
+    return _AOT_VARLEN_OP(q, k, v, cu_q, cu_k, max_q, max_k, scale, *band, bool(deterministic))
+
+
 def _flash_short(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
     """`_aot_short` for flash_attn_func's arguments (`_flash_band`)."""
     band = _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes)
@@ -803,6 +876,11 @@ def flash_attn_varlen_func(
     Tk_b place the bias), and lse_grad (softmax_lse's gradient ignored unless lse_grad=True) as in
     `flash_attn_func`.
     """
+    if backend is None and not return_attn_probs and block_table is None and type(lse_grad) is bool:
+        args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size)
+        out = _varlen_short(q, k, v, *args, softcap, alibi_slopes, deterministic)
+        if out is not None:
+            return out
     if block_table is not None:
         k, v = _keys_from_pages(q, k, v, block_table, cu_seqlens_k)
     _check_qkv(q, k, v, 3, "(total, H, D)")
