@@ -3,8 +3,10 @@
 // so the same launches as fasttrain/ops/attention.py's registered op on the aot column, without its Python autograd,
 // checks and backend choice (fasttrain/ops/attention.py `_aot_short` calls it for the calls that column would take).
 // The backward reads deterministic as that op's does: the call's flag, or torch.use_deterministic_algorithms(True)
-// when the backward runs. A double backward (create_graph=True) takes the reference's gradients, as a graph, through
-// the registered op fasttrain::attention_forward (defined by fasttrain/ops/attention.py) on the reference backend.
+// when the backward runs. Dropout: the caller's dropout_p and seed (drawn as the registered op's caller draws it),
+// passed to the forward and to the backward, which regenerates the mask. A double backward (create_graph=True) takes
+// the reference's gradients, as a graph, through the registered op fasttrain::attention_forward (defined by
+// fasttrain/ops/attention.py) on the reference backend.
 // attention_aot_packed does the same for flash_attn_qkvpacked_func's and flash_attn_kvpacked_func's common calls
 // (fasttrain/ops/attention_packed.py `_packed_short`): q, k and v views of the packed inputs, the backward
 // attention_backward_into_aot written into views of one packed gradient per input, once differentiable as that
@@ -34,7 +36,8 @@ namespace {
 
 using at::Tensor;
 
-// The ops' schemas end in dropout_p and seed, which these ops (dropout-free calls only) pass as 0 and none.
+// The ops' schemas end in dropout_p and seed: attention_aot's and attention_aot_varlen's (the backward regenerates
+// the forward's mask from the seed), the packed ops' 0 and none (the _into backwards take no dropout).
 using ForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double, int64_t, int64_t,
                                              double, const std::optional<Tensor>&);
 using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -58,36 +61,41 @@ c10::TypedOperatorHandle<Fn> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
-// What a call attends over besides q, k and v: the scale, the band, and for packed sequences (cu_q defined) the
-// offsets (B + 1) and longest sequences.
+// What a call attends over besides q, k and v: the scale, the band, for packed sequences (cu_q defined) the offsets
+// (B + 1) and longest sequences, and dropout_p with its seed (the int64 (2,) tensor; undefined without dropout).
 struct Call {
   Tensor cu_q, cu_k;
   int64_t max_q = 0, max_k = 0;
   double scale = 0.0;
   int64_t left = 0, right = 0;
   bool deterministic = false;
+  double dropout_p = 0.0;
+  Tensor seed;
 
   bool varlen() const { return cu_q.defined(); }
+  std::optional<Tensor> seed_arg() const { return seed.defined() ? std::optional<Tensor>(seed) : std::nullopt; }
 
   std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v) const {
     if (varlen()) {
       static const auto op = find_op<VarlenForwardFn>("fasttrain::attention_varlen_forward_aot");
-      return op.call(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, 0.0, std::nullopt);
+      return op.call(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed_arg());
     }
     static const auto op = find_op<ForwardFn>("fasttrain::attention_forward_aot");
-    return op.call(q, k, v, scale, left, right, 0.0, std::nullopt);
+    return op.call(q, k, v, scale, left, right, dropout_p, seed_arg());
   }
 
   std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                                               const Tensor& out, const Tensor& lse, bool det) const {
     if (varlen()) {
       static const auto op = find_op<VarlenBackwardFn>("fasttrain::attention_varlen_backward_aot");
-      return op.call(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, det, 0.0, std::nullopt);
+      return op.call(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, det, dropout_p,
+                     seed_arg());
     }
     static const auto op = find_op<BackwardFn>("fasttrain::attention_backward_aot");
-    return op.call(dout, q, k, v, out, lse, scale, left, right, det, 0.0, std::nullopt);
+    return op.call(dout, q, k, v, out, lse, scale, left, right, det, dropout_p, seed_arg());
   }
 
+  // (the packed ops' calls, which take no dropout)
   void backward_into(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dout, const Tensor& q,
                      const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse, bool det) const {
     if (varlen()) {
@@ -99,25 +107,29 @@ struct Call {
     op.call(dq, dk, dv, dout, q, k, v, out, lse, scale, left, right, det);
   }
 
-  // Kept in an autograd context beside the saved tensors (the offsets among those).
+  // Kept in an autograd context beside the saved tensors (the offsets and the seed among those).
   void save(torch::autograd::AutogradContext* ctx) const {
-    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["floats"] = std::vector<double>{scale, dropout_p};
     ctx->saved_data["ints"] = std::vector<int64_t>{max_q, max_k, left, right, deterministic};
   }
 
-  static Call saved(torch::autograd::AutogradContext* ctx, const Tensor& cu_q, const Tensor& cu_k) {
+  static Call saved(torch::autograd::AutogradContext* ctx, const Tensor& cu_q, const Tensor& cu_k,
+                    const Tensor& seed) {
     const auto ints = ctx->saved_data["ints"].toIntVector();
-    return {cu_q, cu_k, ints[0], ints[1], ctx->saved_data["scale"].toDouble(), ints[2], ints[3], ints[4] != 0};
+    const auto floats = ctx->saved_data["floats"].toDoubleVector();
+    return {cu_q, cu_k, ints[0], ints[1], floats[0], ints[2], ints[3], ints[4] != 0, floats[1], seed};
   }
 };
 
-Call dense_call(double scale, int64_t left, int64_t right, bool deterministic) {
-  return {Tensor(), Tensor(), 0, 0, scale, left, right, deterministic};
+Call dense_call(double scale, int64_t left, int64_t right, bool deterministic, double dropout_p = 0.0,
+               const std::optional<Tensor>& seed = std::nullopt) {
+  return {Tensor(), Tensor(), 0, 0, scale, left, right, deterministic, dropout_p, seed.value_or(Tensor())};
 }
 
 Call varlen_call(const Tensor& cu_q, const Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, int64_t left,
-                 int64_t right, bool deterministic) {
-  return {cu_q, cu_k, max_q, max_k, scale, left, right, deterministic};
+                 int64_t right, bool deterministic, double dropout_p = 0.0,
+                 const std::optional<Tensor>& seed = std::nullopt) {
+  return {cu_q, cu_k, max_q, max_k, scale, left, right, deterministic, dropout_p, seed.value_or(Tensor())};
 }
 
 // The cubins take int32 strides, and dO (a view of whatever the caller differentiated) may have larger ones, even on
@@ -153,8 +165,8 @@ std::vector<Tensor> reference_gradients(const std::vector<Tensor>& qkv, const Te
                              call.left,
                              call.right,
                              c10::IValue(),
-                             0.0,
-                             c10::IValue(),
+                             call.dropout_p,
+                             call.seed.defined() ? c10::IValue(call.seed) : c10::IValue(),
                              0.0,
                              c10::IValue(),
                              false,
@@ -182,15 +194,17 @@ bool recorded(const Tensor& t) {
 // ---- q, k and v as given: flash_attn_func, flash_attn_varlen_func ----
 
 struct AttentionAot : public torch::autograd::Function<AttentionAot> {
-  // cu_q and cu_k absent: dense inputs (optionals, which autograd takes as no input rather than undefined ones)
+  // cu_q and cu_k absent: dense inputs; seed absent: no dropout (optionals, which autograd takes as no input rather
+  // than undefined ones)
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                         const std::optional<Tensor>& cu_q, const std::optional<Tensor>& cu_k, int64_t max_q,
-                        int64_t max_k, double scale, int64_t left, int64_t right, bool deterministic) {
+                        int64_t max_k, double scale, int64_t left, int64_t right, bool deterministic,
+                        double dropout_p, const std::optional<Tensor>& seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const Call call{cu_q.value_or(Tensor()), cu_k.value_or(Tensor()), max_q, max_k, scale, left, right,
-                    deterministic};
+                    deterministic, dropout_p, seed.value_or(Tensor())};
     auto [out, lse] = call.forward(q, k, v);
-    ctx->save_for_backward({q, k, v, out, lse, call.cu_q, call.cu_k});
+    ctx->save_for_backward({q, k, v, out, lse, call.cu_q, call.cu_k, call.seed});
     call.save(ctx);
     return out;
   }
@@ -198,8 +212,8 @@ struct AttentionAot : public torch::autograd::Function<AttentionAot> {
   static std::vector<Tensor> backward(torch::autograd::AutogradContext* ctx, std::vector<Tensor> grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    const Call call = Call::saved(ctx, saved[5], saved[6]);
-    std::vector<Tensor> result(11);
+    const Call call = Call::saved(ctx, saved[5], saved[6], saved[7]);
+    std::vector<Tensor> result(13);
     if (at::GradMode::is_enabled()) {  // a double backward follows
       std::vector<Tensor> g = reference_gradients({q, k, v}, grads[0], call);
       std::copy(g.begin(), g.end(), result.begin());
@@ -220,39 +234,44 @@ Tensor attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v, con
   }
   const auto cu = [&](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
   return AttentionAot::apply(q, k, v, cu(call.cu_q), cu(call.cu_k), call.max_q, call.max_k, call.scale, call.left,
-                             call.right, call.deterministic);
+                             call.right, call.deterministic, call.dropout_p, call.seed_arg());
 }
 
 // Below autograd (inference, or nothing that takes a gradient): the forward's output alone.
 Tensor attention_aot(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t left, int64_t right,
-                     bool deterministic) {
-  return std::get<0>(dense_call(scale, left, right, deterministic).forward(q, k, v));
+                     bool deterministic, double dropout_p, const std::optional<Tensor>& seed) {
+  return std::get<0>(dense_call(scale, left, right, deterministic, dropout_p, seed).forward(q, k, v));
 }
 
-Tensor attention_aot_meta(const Tensor& q, const Tensor&, const Tensor&, double, int64_t, int64_t, bool) {
+Tensor attention_aot_meta(const Tensor& q, const Tensor&, const Tensor&, double, int64_t, int64_t, bool, double,
+                          const std::optional<Tensor>&) {
   return at::empty(q.sizes(), q.options());
 }
 
 Tensor attention_aot_autograd(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t left,
-                              int64_t right, bool deterministic) {
-  return attention_autograd(q, k, v, dense_call(scale, left, right, deterministic));
+                              int64_t right, bool deterministic, double dropout_p,
+                              const std::optional<Tensor>& seed) {
+  return attention_autograd(q, k, v, dense_call(scale, left, right, deterministic, dropout_p, seed));
 }
 
 Tensor attention_aot_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
                             int64_t max_q, int64_t max_k, double scale, int64_t left, int64_t right,
-                            bool deterministic) {
-  return std::get<0>(varlen_call(cu_q, cu_k, max_q, max_k, scale, left, right, deterministic).forward(q, k, v));
+                            bool deterministic, double dropout_p, const std::optional<Tensor>& seed) {
+  const Call call = varlen_call(cu_q, cu_k, max_q, max_k, scale, left, right, deterministic, dropout_p, seed);
+  return std::get<0>(call.forward(q, k, v));
 }
 
 Tensor attention_aot_varlen_meta(const Tensor& q, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
-                                 int64_t, double, int64_t, int64_t, bool) {
+                                 int64_t, double, int64_t, int64_t, bool, double, const std::optional<Tensor>&) {
   return at::empty(q.sizes(), q.options());
 }
 
 Tensor attention_aot_varlen_autograd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q,
                                      const Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, int64_t left,
-                                     int64_t right, bool deterministic) {
-  return attention_autograd(q, k, v, varlen_call(cu_q, cu_k, max_q, max_k, scale, left, right, deterministic));
+                                     int64_t right, bool deterministic, double dropout_p,
+                                     const std::optional<Tensor>& seed) {
+  return attention_autograd(
+      q, k, v, varlen_call(cu_q, cu_k, max_q, max_k, scale, left, right, deterministic, dropout_p, seed));
 }
 
 // ---- the packed functions: q, k and v views of qkv (..., 3, H, D), or q and views of kv (..., 2, Hkv, D) ----
@@ -288,7 +307,7 @@ struct AttentionAotPacked : public torch::autograd::Function<AttentionAotPacked>
                         int64_t right, bool deterministic) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const Call call{cu_q.value_or(Tensor()), cu_k.value_or(Tensor()), max_q, max_k, scale, left, right,
-                    deterministic};
+                    deterministic, 0.0, Tensor()};
     const auto [q, k, v] = split(q_src, kv_src.value_or(Tensor()));
     auto [out, lse] = call.forward(q, k, v);
     ctx->save_for_backward({q_src, kv_src.value_or(Tensor()), out, lse, call.cu_q, call.cu_k});
@@ -299,7 +318,7 @@ struct AttentionAotPacked : public torch::autograd::Function<AttentionAotPacked>
   static std::vector<Tensor> backward(torch::autograd::AutogradContext* ctx, std::vector<Tensor> grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &q_src = saved[0], &kv_src = saved[1], &out = saved[2], &lse = saved[3];
-    const Call call = Call::saved(ctx, saved[4], saved[5]);
+    const Call call = Call::saved(ctx, saved[4], saved[5], Tensor());
     const bool deterministic = call.deterministic || at::globalContext().deterministicAlgorithms();
     const bool twice = at::GradMode::is_enabled() && grads[0].requires_grad();
     Tensor dq_src, dkv_src;

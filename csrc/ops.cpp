@@ -98,9 +98,11 @@ TORCH_LIBRARY(fasttrain, m) {
       "attention_backward_aot(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
       "int left, int right, bool deterministic, float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor, Tensor)");
   // The two above as one op with its autograd in C++ (attention_aot_autograd.cpp): out (B, Tq, H, D) of
-  // attention_forward_aot, and in the backward attention_backward_aot's gradients of q, k and v.
+  // attention_forward_aot, and in the backward attention_backward_aot's gradients of q, k and v; dropout_p and seed
+  // passed to both.
   m.def(
-      "attention_aot(Tensor q, Tensor k, Tensor v, float scale, int left, int right, bool deterministic) -> Tensor");
+      "attention_aot(Tensor q, Tensor k, Tensor v, float scale, int left, int right, bool deterministic, "
+      "float dropout_p=0., Tensor? seed=None) -> Tensor");
   // The same for the packed functions (attention_aot_autograd.cpp): q, k and v views of qkv (B, T, 3, H, D), or q
   // and views of kv (B, Tk, 2, Hkv, D); the backward writes into views of one packed gradient per input.
   m.def(
@@ -110,7 +112,8 @@ TORCH_LIBRARY(fasttrain, m) {
   // functions): the varlen forward and backward ops below with the offsets and longest sequences as given.
   m.def(
       "attention_aot_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, float scale, int left, int right, bool deterministic) -> Tensor");
+      "int max_seqlen_q, int max_seqlen_k, float scale, int left, int right, bool deterministic, "
+      "float dropout_p=0., Tensor? seed=None) -> Tensor");
   m.def(
       "attention_aot_varlen_packed(Tensor q_src, Tensor? kv_src, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, int left, int right, bool deterministic) -> Tensor");

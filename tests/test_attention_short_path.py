@@ -373,7 +373,6 @@ def test_short_path_leaves_every_other_call_to_the_general_path(recording, monke
     general = [
         lambda: flash_attn_func(q, k, v, backend="aot"),  # a backend named
         lambda: flash_attn_func(q, k, v, return_attn_probs=True),
-        lambda: flash_attn_func(q, k, v, dropout_p=0.1),
         lambda: flash_attn_func(q, k, v, softcap=30.0),
         lambda: flash_attn_func(q, k, v, alibi_slopes=torch.ones(4)),
         lambda: flash_attn_func(q, k, v, window_size=[4, 0]),  # a list: the general path reads it
@@ -383,7 +382,6 @@ def test_short_path_leaves_every_other_call_to_the_general_path(recording, monke
         lambda: flash_attn_func(q[:, :, :3], k[:, :, :1], v[:, :, :1]),  # GQA group 3
         lambda: flash_attn_func(q.detach().transpose(1, 3).contiguous().transpose(1, 3), k, v),  # stride along D
         lambda: flash_attn_func(torch.nn.Parameter(q.detach()), k, v),  # a subclass
-        lambda: scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), dropout_p=0.1, enable_gqa=True),
         lambda: scaled_dot_product_attention(  # a padding mask: segments, gathered rows
             *(t.transpose(1, 2) for t in (q, k, v)), torch.arange(8) < 5, enable_gqa=True
         ),
@@ -397,7 +395,6 @@ def test_short_path_leaves_every_other_call_to_the_general_path(recording, monke
         lambda: flash_attn_kvpacked_func(q, torch.stack((k, v), 2), window_size=[4, 0]),
         lambda: flash_attn_kvpacked_func(q[..., :32], torch.stack((k, v), 2)[..., :32]),  # head_dim 32
         lambda: flash_attn_varlen_func(*rows, cu, cu, 8, 8, backend="aot"),
-        lambda: flash_attn_varlen_func(*rows, cu, cu, 8, 8, dropout_p=0.1),
         lambda: flash_attn_varlen_func(*rows, cu, cu, 8, 8, return_attn_probs=True),
         lambda: flash_attn_varlen_func(*rows, cu, cu, 8, 8, softcap=30.0),
         lambda: flash_attn_varlen_func(*rows, cu, cu, 8, 8, window_size=[4, 0]),
@@ -441,6 +438,16 @@ def test_short_path_leaves_every_other_call_to_the_general_path(recording, monke
             "attn_mask must be bool",
         ),
         (lambda: flash_attn_func(q, k, v, lse_grad=1), TypeError, "lse_grad must be a bool"),
+        (lambda: flash_attn_func(q, k, v, dropout_p=1.0), ValueError, "dropout_p must be in"),
+        (lambda: flash_attn_func(q, k, v, dropout_p=True), TypeError, "dropout_p must be a float"),
+        (lambda: flash_attn_varlen_func(*rows, cu, cu, 8, 8, dropout_p=-0.1), ValueError, "dropout_p must be in"),
+        (
+            lambda: scaled_dot_product_attention(
+                *(t.transpose(1, 2) for t in (q, k, v)), dropout_p=1.5, enable_gqa=True
+            ),
+            ValueError,
+            "dropout_p must be in",
+        ),
         (lambda: flash_attn_qkvpacked_func(torch.stack((q, q, q), 2), lse_grad=None), TypeError, "lse_grad"),
         (lambda: flash_attn_kvpacked_func(q, torch.stack((k, v), 2), lse_grad="yes"), TypeError, "lse_grad"),
         (lambda: flash_attn_qkvpacked_func(torch.stack((q, q), 2)), ValueError, "qkv must be"),
@@ -618,3 +625,79 @@ def test_varlen_double_backward_takes_the_reference_gradients_as_the_general_pat
     assert C.aot_records()[0]["kernel"] == "_attn_fwd_kernel"  # the short path's forward, then the reference
     for g, ref in zip(got[0] + list(got[1]), want[0] + list(want[1])):
         torch.testing.assert_close(g, ref)
+
+
+DROPOUT_CALLS = {
+    "flash": (lambda q, k, v: flash_attn_func(q, k, v, 0.1, causal=True), (1, 17, 17, 4, 2, 64)),
+    "flash-gqa-window": (
+        lambda q, k, v: flash_attn_func(q, k, v, 0.25, window_size=(8, 0), deterministic=True),
+        (2, 9, 20, 8, 2, 64),
+    ),
+    "sdpa": (
+        lambda q, k, v: scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)), dropout_p=0.1, is_causal=True, enable_gqa=True
+        ).transpose(1, 2),
+        (1, 12, 12, 4, 2, 64),
+    ),
+    "varlen": (
+        lambda q, k, v: flash_attn_varlen_func(q[0], k[0], v[0], CU, CU, 11, 11, 0.1, causal=True),
+        (1, 16, 16, 4, 2, 64),
+    ),
+}
+
+
+@pytest.mark.parametrize("which", list(DROPOUT_CALLS))
+def test_dropout_short_path_draws_the_seed_as_the_general_path_does(recording, monkeypatch, which):
+    """Under one torch.manual_seed both paths draw the same seed, leave torch's RNG in the same state and pass the
+    seed to the same launches, forward and backward, so they drop the same scores."""
+    call, shape = DROPOUT_CALLS[which]
+    drawn, states = [], []
+    real = ops.dropout_seed
+    monkeypatch.setattr(ops, "dropout_seed", lambda device: drawn.append(real(device)) or drawn[-1])
+
+    def seeded(*leaves):
+        torch.manual_seed(7)
+        out = call(*leaves)
+        states.append(torch.get_rng_state())
+        return out
+
+    (short, short_grads, short_shape), (general, general_grads, _) = _both_paths(monkeypatch, seeded, _leaves(*shape))
+    assert short == general and short_grads == general_grads
+    assert len(drawn) == 2 and torch.equal(drawn[0], drawn[1]) and torch.equal(states[0], states[1])
+    kernels = [r["kernel"] for r in short]
+    assert kernels[:3] == ["_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"]
+    assert all(r["case"].endswith("dropout") for r in short if r["kernel"] != "_attn_bwd_preprocess_kernel")
+    drawn.clear()
+    leaves = _leaves(*shape)
+    out = call(*leaves)  # the short path: its node, and the seed tensor's address in every launch
+    node = out.grad_fn
+    while node.name() == "TransposeBackward0":  # SDPA's (B, H, T, D) output seen as (B, T, H, D)
+        node = node.next_functions[0][0]
+    assert "AttentionAot" in node.name()
+    out.backward(torch.randn_like(out))
+    (seed,) = drawn
+    assert all(seed.data_ptr() in r["args"] for r in C.aot_records() if r["kernel"] != "_attn_bwd_preprocess_kernel")
+
+
+def test_dropout_double_backward_takes_the_reference_gradients_of_the_same_mask(recording):
+    def penalty(attend, q, k, v):
+        torch.manual_seed(3)
+        grads = torch.autograd.grad(attend(q, k, v).float().sum(), (q, k, v), create_graph=True)
+        return [g.detach() for g in grads], torch.autograd.grad(sum(g.float().pow(2).sum() for g in grads), (q, k, v))
+
+    leaves = _leaves(1, 9, 9, 4, 2, 64)
+    got = penalty(lambda q, k, v: flash_attn_func(q, k, v, 0.2, causal=True), *leaves)
+    want = penalty(lambda q, k, v: flash_attn_func(q, k, v, 0.2, causal=True, backend="reference"), *leaves)
+    assert C.aot_records()[0]["case"].endswith("dropout")  # the short path's forward, then the reference
+    for g, ref in zip(got[0] + list(got[1]), want[0] + list(want[1])):
+        torch.testing.assert_close(g, ref)
+
+
+def test_varlen_dropout_takes_the_general_path_where_its_backward_cubins_do_not_ship(recording, monkeypatch):
+    monkeypatch.setattr(ops.ATTENTION, "choose", lambda *a, **k: (_ for _ in ()).throw(_General()))
+    monkeypatch.setattr(_backend, "aot_arch", lambda device: 90)
+    q, k, v = _varlen_leaves((16,), (16,), 2, 2, 128)
+    with pytest.raises(_General):
+        flash_attn_varlen_func(q, k, v, CU, CU, 11, 11, 0.1)
+    assert flash_attn_varlen_func(q, k, v, CU, CU, 11, 11, 0.0).grad_fn is not None  # no dropout: the short path
+    assert flash_attn_varlen_func(q[..., :64], k[..., :64], v[..., :64], CU, CU, 11, 11, 0.1).grad_fn is not None

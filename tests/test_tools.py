@@ -98,8 +98,8 @@ def test_aot_host_ab_times_the_three_paths_of_each_aot_op(monkeypatch, capsys):
     assert line.startswith("decode fwd: ") and line.count(" no launch ") == 3 and "torch, 1-row static cache" in line
     assert line.endswith("x)") and "aot / torch" in line
     lines = run("--attention")  # flash_attn_func's call, then the packed function's and SDPA's with a mask
-    rows = ("attention", "qkvpacked", "sdpa causal mask", "varlen")
+    rows = ("attention", "qkvpacked", "sdpa causal mask", "varlen", "dropout")
     assert [line.split(":")[0] for line in lines] == [f"{row} {mode}" for row in rows for mode in ("fwd", "fwd+bwd")]
     assert all("torch sdpa fp32" in line and "aot / sdpa" in line for line in lines)
     # no launch: the JIT's (the qkvpacked rows: its backward), without the short path, and as it is
-    assert [line.count(" no launch ") for line in lines] == [3, 3, 3, 3, 2, 2, 2, 2]
+    assert [line.count(" no launch ") for line in lines] == [3, 3, 3, 3, 2, 2, 2, 2, 2, 2]

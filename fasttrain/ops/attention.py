@@ -535,13 +535,16 @@ _AOT_OP = (
 )
 
 
-def _aot_short(q, k, v, scale, left: int, right: int, deterministic: bool) -> Tensor | None:
+def _aot_short(q, k, v, scale, left: int, right: int, deterministic: bool, dropout_p: float = 0.0) -> Tensor | None:
     """out from the aot ops for a call that the checks and choice of the general path (`_attend`) would send to the
     aot column unchanged (`_short_scale`), else None, and the general path checks, chooses and calls; it does nothing
-    else this one skips, so both give the same launches (tests/test_attention_short_path.py). Autocast changes
-    neither path: the ops have no autocast kernel."""
+    else this one skips, so both give the same launches (tests/test_attention_short_path.py). dropout_p > 0 draws its
+    seed as `_attend` does, after the checks, so that both paths drop the same scores under one torch.manual_seed.
+    Autocast changes neither path: the ops have no autocast kernel."""
     if _AOT_OP is None or (scale := _short_scale(q, k, v, scale)) is None:
         return None
+    if dropout_p:
+        return _AOT_OP(q, k, v, scale, left, right, deterministic, float(dropout_p), dropout_seed(q.device))
     return _AOT_OP(q, k, v, scale, left, right, deterministic)
 
 
@@ -641,43 +644,60 @@ def _short_varlen_scale(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> float | Non
 def _varlen_short(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
                   alibi_slopes, deterministic):  # fmt: skip
     """out of flash_attn_varlen_func from one C++ op with its autograd in C++ (`_AOT_VARLEN_OP`), for a call that the
-    general path would send to the aot column as it is (`_flash_band`, `_short_varlen_scale`), else None: the same
-    launches forward and backward (tests/test_attention_short_path.py)."""
-    if _AOT_VARLEN_OP is None or (band := _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes)) is None:
+    general path would send to the aot column as it is (`_flash_args`, `_short_varlen_scale`; with dropout, where its
+    backward cubins ship: `_AOT_UNSHIPPED_VARLEN_DROPOUT`), else None: the same launches forward and backward, the
+    dropout seed drawn as `_aot_short` draws it (tests/test_attention_short_path.py)."""
+    if _AOT_VARLEN_OP is None or (found := _flash_args(dropout_p, causal, window_size, softcap, alibi_slopes)) is None:
         return None
     if (scale := _short_varlen_scale(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale)) is None:
         return None
-    return _AOT_VARLEN_OP(q, k, v, cu_q, cu_k, max_q, max_k, scale, *band, bool(deterministic))
+    left, right, p = found
+    if not p:
+        return _AOT_VARLEN_OP(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, bool(deterministic))
+    if (_backend.aot_arch(q.device), q.shape[-1]) in _AOT_UNSHIPPED_VARLEN_DROPOUT:
+        return None
+    args = (scale, left, right, bool(deterministic), p, dropout_seed(q.device))
+    return _AOT_VARLEN_OP(q, k, v, cu_q, cu_k, max_q, max_k, *args)
 
 
 def _flash_short(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
-    """`_aot_short` for flash_attn_func's arguments (`_flash_band`)."""
-    band = _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes)
-    return None if band is None else _aot_short(q, k, v, softmax_scale, *band, bool(deterministic))
+    """`_aot_short` for flash_attn_func's arguments (`_flash_args`)."""
+    found = _flash_args(dropout_p, causal, window_size, softcap, alibi_slopes)
+    return None if found is None else _aot_short(q, k, v, softmax_scale, *found[:2], bool(deterministic), found[2])
 
 
-def _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes) -> tuple[int, int] | None:
-    """(left, right) for flash-attn's arguments that the short paths take: no dropout, softcap or ALiBi, a
-    (left, right) tuple of ints >= -1 for window_size, translated as `_window` translates it; else None."""
+def _flash_args(dropout_p, causal, window_size, softcap, alibi_slopes) -> tuple[int, int, float] | None:
+    """(left, right, dropout_p) for flash-attn's arguments that the short paths take: a float or int dropout_p in
+    [0, 1) (`_check_dropout` passes), no softcap or ALiBi, a (left, right) tuple of ints >= -1 for window_size,
+    translated as `_window` translates it; else None."""
     if alibi_slopes is not None or type(dropout_p) not in (float, int) or type(softcap) not in (float, int):
         return None
-    if dropout_p != 0 or softcap != 0 or type(window_size) is not tuple or len(window_size) != 2:
+    if not 0 <= dropout_p < 1 or softcap != 0 or type(window_size) is not tuple or len(window_size) != 2:
         return None
     w_left, w_right = window_size
     if type(w_left) is not int or type(w_right) is not int or w_left < -1 or w_right < -1:
         return None
     left, right = (UNBOUNDED if w_left == -1 else w_left), (UNBOUNDED if w_right == -1 else w_right)
-    return left, 0 if causal else right
+    return left, 0 if causal else right, float(dropout_p)
+
+
+def _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes) -> tuple[int, int] | None:
+    """`_flash_args`' (left, right) for a call without dropout (the packed functions' short paths: the backward into
+    their packed gradients takes no dropout), else None."""
+    found = _flash_args(dropout_p, causal, window_size, softcap, alibi_slopes)
+    return None if found is None or found[2] else found[:2]
 
 
 def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """`_aot_short` for scaled_dot_product_attention's arguments: no dropout, Hkv < H only with enable_gqa, the
-    top-left causal band as the general path gives it, or a mask that `kernel_plan` reads as a band (causal,
-    sliding-window: its (left, right), as the general path takes it; padding and packed documents, whose launches
-    gather rows, take the general path)."""
+    """`_aot_short` for scaled_dot_product_attention's arguments: dropout_p a float or int in [0, 1), Hkv < H only
+    with enable_gqa, the top-left causal band as the general path gives it, or a mask that `kernel_plan` reads as a
+    band (causal, sliding-window: its (left, right), as the general path takes it; padding and packed documents,
+    whose launches gather rows, take the general path)."""
     if type(query) is not Tensor or type(key) is not Tensor or type(value) is not Tensor:
         return None
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or type(dropout_p) not in (float, int) or dropout_p:
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or type(dropout_p) not in (float, int):
+        return None
+    if not 0 <= dropout_p < 1:
         return None
     if key.shape[1] != query.shape[1] and not enable_gqa:
         return None
@@ -696,7 +716,7 @@ def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
             return None
         left, right = plan
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
-    out = _aot_short(q, k, v, scale, left, right, False)
+    out = _aot_short(q, k, v, scale, left, right, False, dropout_p)
     return None if out is None else out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)
 
 
