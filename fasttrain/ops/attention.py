@@ -717,7 +717,7 @@ def flash_attn_func(
     CPU the C++ kernel takes any head_dim in fp32, bf16 or fp16.
     dropout_p drops attention probabilities inside the kernels (every backend draws the same mask from a fresh
     seed on q's device, which the backward reads again; fasttrain/ops/attention_dropout.py). softcap > 0 caps the
-    scaled scores at softcap * tanh(s / softcap) (Gemma 2), before the mask and the ALiBi bias (<= 0: no
+    scaled scores at softcap * tanh(s / softcap) (Gemma 2), before the mask and the ALiBi bias (<= 0 or NaN: no
     capping, as in flash-attn). alibi_slopes: float32 (H,) or (B, H); adds -slope * |i + Tk - Tq - j| to the score
     of query i and key j (not scaled by softmax_scale; no gradient reaches the slopes, as in flash-attn).
     deterministic: the backward computes dQ by its own kernel (also under torch.use_deterministic_algorithms(True)),
