@@ -1,12 +1,14 @@
 """flash-attn's `flash_attn.layers.rotary` beyond apply_rotary_emb (fasttrain.ops.rotary): rotate_half,
-apply_rotary_emb_torch, the in-place apply_rotary_emb_qkv_ / apply_rotary_emb_kv_ with their gradients, and the
-RotaryEmbedding module (its cache, seqlen_offset, GQA and XPos), against rotations written out here."""
+apply_rotary_emb_torch, the in-place apply_rotary_emb_qkv_ / apply_rotary_emb_kv_ with their gradients, the
+RotaryEmbedding module (its cache, seqlen_offset, GQA and XPos), and flash_attn.ops.triton.rotary's apply_rotary,
+against rotations written out here."""
 
 import pytest
 import torch
 
 from fasttrain.ops.rotary import (
     RotaryEmbedding,
+    apply_rotary,
     apply_rotary_emb,
     apply_rotary_emb_func,
     apply_rotary_emb_kv_,
@@ -149,3 +151,28 @@ def test_rotary_embedding_xpos_scales_q_up_and_k_down():
     assert rope._cos_cached.dtype == torch.float32 and rope._cos_k_cached.shape == (6, 8)
     assert err(qkv[:, :, 0], _rotated(q, cos * scale, sin * scale)) < TOL
     assert err(qkv[:, :, 1], _rotated(k, cos / scale, sin / scale)) < TOL
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_apply_rotary_is_flash_attns_kernel_call(interleaved):
+    """flash-attn's ops.triton.rotary.apply_rotary: its argument order, conjugate the inverse rotation, outside
+    autograd (no gradient, in place even on x requiring grad), per-sequence offsets and packed sequences."""
+    x = randn(2, 7, 3, 20, seed=2).requires_grad_()
+    cos, sin = _angles(12, 8)
+    out = apply_rotary(x, cos, sin, 2, interleaved=interleaved)
+    assert not out.requires_grad and err(out, _rotated(x.detach(), cos[2:9], sin[2:9], interleaved)) < TOL
+    back = apply_rotary(out, cos, sin, seqlen_offsets=2, interleaved=interleaved, conjugate=True)
+    assert err(back, x.detach()) < TOL
+    offsets = torch.tensor([0, 5], dtype=torch.int32)
+    per_seq = apply_rotary(x, cos, sin, offsets, interleaved=interleaved)
+    want = apply_rotary_emb(x.detach(), cos, sin, interleaved, seqlen_offsets=offsets)
+    assert torch.equal(per_seq, want)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    packed = apply_rotary(x.detach()[0], cos, sin, 0, cu, 4, interleaved, conjugate=True)
+    pieces = [_rotated(x.detach()[0, a:b], cos[: b - a], -sin[: b - a], interleaved) for a, b in ((0, 3), (3, 7))]
+    assert err(packed, torch.cat(pieces)) < TOL
+    y = x.detach().clone().requires_grad_()
+    assert apply_rotary(y, cos, sin, 2, interleaved=interleaved, inplace=True) is y
+    assert torch.equal(y.detach(), out)
+    with pytest.raises(TypeError, match="conjugate"):
+        apply_rotary(x, cos, sin, conjugate=1)

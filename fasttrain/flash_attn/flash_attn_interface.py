@@ -12,13 +12,11 @@ from fasttrain.ops import (
     flash_attn_varlen_qkvpacked_func,
     flash_attn_with_kvcache,
 )
-from fasttrain.ops.attention_reference import _get_block_size_n
+from fasttrain.ops.attention_reference import _get_block_size_n  # noqa: F401 (imported by name, as flash-attn's)
 
 USE_TRITON_ROCM = False
 
-__all__ = [
-    "USE_TRITON_ROCM",
-    "_get_block_size_n",
+__all__ = [  # flash-attn's public functions; the two names above are imported by name only
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",

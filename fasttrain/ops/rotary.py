@@ -374,6 +374,28 @@ def apply_rotary_emb(
     return _rotary_op(x, cos, sin, offsets, offset, interleaved, False, name)
 
 
+def apply_rotary(
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    seqlen_offsets: int | Tensor = 0,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    interleaved: bool = False,
+    inplace: bool = False,
+    conjugate: bool = False,
+) -> Tensor:
+    """flash-attn's `flash_attn.ops.triton.rotary.apply_rotary`: its argument order, and like flash-attn's kernel
+    call outside autograd (the result carries no gradient; inplace=True rotates x's storage even where x requires
+    grad). conjugate=True rotates by the opposite angles (the inverse rotation: flash-attn's backward). The rest as
+    `apply_rotary_emb`, on the same kernels."""
+    if not isinstance(conjugate, bool):
+        raise TypeError(f"apply_rotary: conjugate must be a bool, got {type(conjugate).__name__}")
+    with torch.no_grad():
+        sin = -sin if conjugate else sin  # the rotation by the opposite angle
+        return apply_rotary_emb(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen)
+
+
 def _apply_varlen(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen, backend) -> Tensor:
     """apply_rotary_emb over packed sequences: each token's own table row (its position in its sequence plus the
     offset, or the identity outside the table or every sequence) gathered into a (total, R/2) table, then the same
