@@ -186,3 +186,31 @@ def test_triton_launch_python_tool_times_a_launch_without_a_gpu():
     )
     assert child.returncode == 0, child.stderr[-3000:]
     assert float(child.stdout.split(" us per launch")[0].split()[-1]) > 0
+
+
+def test_sample_compiles_n_per_kernel_and_estimates_the_whole_selection(tmp_path):
+    """--sample: N distinct compiles per kernel, each row with its CPU seconds and cubin size, and the cost of the
+    whole selection on stderr (what the estimate of a CUDA build's AOT step rests on), its distinct counts those of
+    the full run."""
+    command = [sys.executable, str(TOOLS / "aot.py"), "--arch", "90", "--dtype", "bf16", "fp32", "--shipped"]
+    command += ["--modules", "cross_entropy", "--kernels-dir", str(ROOT / "kernels")]
+
+    def run(*extra, out):
+        env = {**os.environ, "TRITON_INTERPRET": "0"}
+        child = subprocess.run([*command, *extra, "--out", str(out)], capture_output=True, text=True, env=env)
+        assert child.returncode == 0, child.stderr[-3000:]
+        return [json.loads(line) for line in child.stdout.splitlines()], child.stderr.strip().splitlines()
+
+    full, _ = run(out=tmp_path / "full")
+    distinct = {}
+    for r in full:
+        distinct.setdefault(r["kernel"], set()).add(r["cubin"])
+    rows, summary = run("--sample", "1", "--seed", "3", out=tmp_path / "sample")
+    assert sorted(r["kernel"] for r in rows) == sorted(distinct)  # one of each kernel's 2 distinct compiles
+    assert all(r["compile_cpu_s"] > 0 for r in rows)
+    assert all(r["cubin_bytes"] == (tmp_path / "sample" / r["cubin"]).stat().st_size for r in rows)
+    assert summary[-1].startswith(f"all: {sum(map(len, distinct.values()))} distinct compiles, ~"), summary
+    for kernel, cubins in distinct.items():
+        assert any(line.startswith(f"{kernel}: {len(cubins)} distinct, 1 sampled, ~") for line in summary), summary
+    bad = subprocess.run([*command, "--sample", "0"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--sample must be at least 1, got 0" in bad.stderr

@@ -23,6 +23,7 @@ pass only such values.
     python tools/aot.py --arch 80 90                 # one JSON row per (arch, dtype, kernel, case) on stdout
     python tools/aot.py --arch 80 90 --dtype bf16 fp16 --out DIR --jobs 8 --kernels-dir kernels
     python tools/aot.py --arch 80 90 --dtype bf16 fp16 fp32 --shipped --out DIR --jobs 8   # what a CUDA build ships
+    python tools/aot.py --arch 90 --dtype bf16 fp16 fp32 --shipped --sample 4 --out DIR   # what shipping it costs
 
 --out DIR also writes DIR/sm_<arch>/<kernel>-<dtype>-<id>.cubin and, beside each, a .json of its metadata, and
 DIR/index.json holding all of them: kernel, module, arch, dtype, case (the label), entry (the cubin's function),
@@ -33,6 +34,11 @@ memory to launch with), Triton's scratch sizes and alignments, its version and h
 <id> is a hash of what was compiled, so a case keeps its file name from run to run. A case that fails to compile is
 reported with "error" and does not stop the others; the exit status is then 1.
 
+--sample N compiles N distinct compiles per kernel (seeded by --seed) and prints to stderr, per kernel and in all,
+what the whole selection would cost: distinct compiles, and from the sample the mean compile time (CPU seconds of
+this process and its children, e.g. ptxas: a build's CPU cost whatever its core count) and, with --out, the mean
+cubin size. Every row carries its case's "compile_cpu_s".
+
 Run with TRITON_INTERPRET unset or 0: an interpreted kernel cannot be compiled. The kernels come from the installed
 fasttrain, or with --kernels-dir from a folder (a build step's, before fasttrain is installed).
 """
@@ -40,6 +46,7 @@ fasttrain, or with --kernels-dir from a folder (a build step's, before fasttrain
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -51,10 +58,14 @@ import json
 import multiprocessing
 import os
 import pkgutil
+import random
 import re
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes of shared memory per block (opt-in maximum) on H100 / A100
@@ -264,6 +275,46 @@ def metadata(case: Case, compiled, cubin_name: str, used: dict) -> dict:
     }
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (ptxas, cuobjdump)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _task_case(task: tuple) -> Case:
+    """The Case a run_case task compiles."""
+    module, arch, dtype, index, _, shipped = task
+    return module_cases(module, arch, dtype, shipped)[index]
+
+
+def _sample(tasks: list, n: int, seed: int) -> list:
+    """n of each kernel's tasks (all where it has fewer), drawn with seed, in their order."""
+    by_kernel: dict[str, list[int]] = {}
+    for i, task in enumerate(tasks):
+        by_kernel.setdefault(_task_case(task).kernel, []).append(i)
+    rng = random.Random(seed)
+    keep = {i for ids in by_kernel.values() for i in rng.sample(ids, min(n, len(ids)))}
+    return [t for i, t in enumerate(tasks) if i in keep]
+
+
+def _cost(rows: list, distinct: collections.Counter) -> str:
+    """--sample's summary: per kernel and in all, distinct compiles and the whole selection's estimated CPU seconds
+    and cubin megabytes (a sampled mean times the distinct count)."""
+    cpu, size = collections.defaultdict(list), collections.defaultdict(list)
+    for row in rows:
+        cpu[row["kernel"]].append(row["compile_cpu_s"])
+        if "cubin_bytes" in row:
+            size[row["kernel"]].append(row["cubin_bytes"])
+    lines, total_s, total_mb = [], 0.0, 0.0
+    for kernel, n in distinct.items():
+        est_s = n * statistics.mean(cpu[kernel])
+        est_mb = n * statistics.mean(size[kernel]) / 1e6 if size[kernel] else float("nan")
+        total_s, total_mb = total_s + est_s, total_mb + est_mb
+        lines.append(f"{kernel}: {n} distinct, {len(cpu[kernel])} sampled, ~{est_s:.0f} CPU s, ~{est_mb:.1f} MB")
+    lines.append(f"all: {sum(distinct.values())} distinct compiles, ~{total_s:.0f} CPU s, ~{total_mb:.0f} MB of cubins")
+    return "\n".join(lines)
+
+
 def run_case(module: str, arch: int, dtype: str, index: int, out: str | None, shipped: bool = False) -> dict:
     """Compile case `index` of module_cases(module, arch, dtype, shipped): its report row, with "error" if it
     failed."""
@@ -271,10 +322,12 @@ def run_case(module: str, arch: int, dtype: str, index: int, out: str | None, sh
     row = case.row()
     try:
         kernel = getattr(kernel_module(module), case.kernel)
+        start = _cpu_seconds()
         compiled = compile_kernel(
             kernel, case.signature, case.constexprs, arch, case.num_warps, case.num_stages, case.divisible
         )
         used = report(compiled)
+        used["compile_cpu_s"] = round(_cpu_seconds() - start, 3)
     except Exception as e:  # reported per case, so one bad config does not hide the others
         row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
         return row
@@ -284,6 +337,7 @@ def run_case(module: str, arch: int, dtype: str, index: int, out: str | None, sh
         path = Path(out) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.with_suffix(".cubin").write_bytes(compiled.asm["cubin"])
+        row["cubin_bytes"] = len(compiled.asm["cubin"])
         path.with_suffix(".json").write_text(json.dumps(metadata(case, compiled, name + ".cubin", used), indent=1))
         row["cubin"] = name + ".cubin"
     return row
@@ -299,8 +353,12 @@ def main() -> None:
     parser.add_argument("--shipped", action="store_true", help="the shipped sets of the modules that ship cubins")
     parser.add_argument("--out", help="write cubins and their metadata here")
     parser.add_argument("--jobs", type=int, default=1, help="compiles side by side (processes)")
+    parser.add_argument("--sample", type=int, help="compile this many distinct compiles per kernel; print the cost")
+    parser.add_argument("--seed", type=int, default=0, help="--sample's draw")
     parser.add_argument("--kernels-dir", help="import the kernels from this folder (default: fasttrain.kernels)")
     args = parser.parse_args()
+    if args.sample is not None and args.sample < 1:
+        parser.error(f"--sample must be at least 1, got {args.sample}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
     if args.kernels_dir is not None:
@@ -325,6 +383,10 @@ def main() -> None:
                     rows.append((case, first.setdefault((case.key(), dtype), len(tasks))))
                     if rows[-1][1] == len(tasks):
                         tasks.append((module, arch, dtype, i, args.out, args.shipped))
+    distinct = collections.Counter(_task_case(t).kernel for t in tasks)
+    if args.sample is not None:
+        tasks = _sample(tasks, args.sample, args.seed)
+        rows = [(_task_case(t), i) for i, t in enumerate(tasks)]  # one row per sampled compile
     if args.jobs > 1:
         # Forked workers inherit the imported kernels and the enumerated cases; this process has compiled nothing, so
         # they share no compiler state.
@@ -333,10 +395,11 @@ def main() -> None:
         pool = concurrent.futures.ThreadPoolExecutor(1)
     with pool:
         results = [pool.submit(run_case, *task) for task in tasks]
-        failed, entries = False, {}
+        failed, entries, done = False, {}, []
         for case, t in rows:  # in order, each as soon as its compile is done
             row = {**results[t].result(), **case.row()}
             failed |= "error" in row
+            done.append(row)
             try:
                 print(json.dumps(row), flush=True)
             except BrokenPipeError:  # the reader left (`| head`): the rest still compiles for --out, unprinted
@@ -345,6 +408,8 @@ def main() -> None:
                 entries[row["cubin"]] = json.loads((Path(args.out) / row["cubin"]).with_suffix(".json").read_text())
     if args.out is not None:
         Path(args.out, "index.json").write_text(json.dumps(list(entries.values()), indent=1))
+    if args.sample is not None:
+        print(_cost([r for r in done if "error" not in r], distinct), file=sys.stderr)
     sys.exit(1 if failed else 0)
 
 
