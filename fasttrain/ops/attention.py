@@ -720,13 +720,14 @@ def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
     return None if out is None else out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)
 
 
-def attn_probs(q, k, lse, seed, dropout_p, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0) -> Tensor:
+def attn_probs(q, k, seed, dropout_p, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0, softcap=0.0,
+               alibi_slopes=None) -> Tensor:  # fmt: skip
     """flash-attn's third value with return_attn_probs: S_dmask (attention_reference.s_dmask, computed from the
-    forward's lse and dropout seed only when asked) with dropout, else the empty tensor flash-attn returns."""
+    forward's dropout seed only when asked) with dropout, else the empty tensor flash-attn returns."""
     if dropout_p == 0.0:
         return q.new_empty((0,))
     with torch.no_grad():
-        return s_dmask(q, k, lse, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k)
+        return s_dmask(q, k, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k, softcap, alibi_slopes)
 
 
 def _flash_causal(alibi_slopes: Tensor | None, left: int, right: int, max_k: int) -> bool:
@@ -809,7 +810,7 @@ def flash_attn_func(
     CPU the C++ kernel takes any head_dim in fp32, bf16 or fp16.
     dropout_p drops attention probabilities inside the kernels (every backend draws the same mask from a fresh
     seed on q's device, which the backward reads again; fasttrain/ops/attention_dropout.py). softcap > 0 caps the
-    scaled scores at softcap * tanh(s / softcap) (Gemma 2), before the mask and the ALiBi bias (<= 0: no
+    scaled scores at softcap * tanh(s / softcap) (Gemma 2), before the mask and the ALiBi bias (<= 0 or NaN: no
     capping, as in flash-attn). alibi_slopes: float32 (H,) or (B, H); adds -slope * |i + Tk - Tq - j| to the score
     of query i and key j (not scaled by softmax_scale; no gradient reaches the slopes, as in flash-attn).
     deterministic: the backward computes dQ by its own kernel (also under torch.use_deterministic_algorithms(True)),
@@ -818,10 +819,11 @@ def flash_attn_func(
     dK/dV kernel where that times faster for the shape (fewer matmuls, a transient float32 buffer of 2x dQ's bytes;
     dQ's last bits vary from run to run, as in flash-attn).
     Returns out (B, Tq, H, D); with return_attn_probs, (out, softmax_lse (B, H, Tq) float32, S_dmask): with
-    dropout, flash-attn's S_dmask (B, H, Tq and Tk rounded up to 128) in q's dtype, the probabilities with dropped
-    ones negated, computed from lse and the seed only when asked (the kernels never write it); without dropout an
-    empty tensor, as flash-attn returns. Query rows that see no key give 0 and lse = +inf. As in flash-attn, the
-    backward ignores softmax_lse's gradient (a loss from lse alone gives dq = dk = dv = 0).
+    dropout, flash-attn's S_dmask (B, H, Tq and Tk rounded up to 128) in q's dtype, in flash-attn's encoding
+    (attention_reference.s_dmask: P unnormalized per key block, dropped entries negated), computed from the seed
+    only when asked (the kernels never write it); without dropout an empty tensor, as flash-attn returns. Query
+    rows that see no key give 0 and lse = +inf. As in flash-attn, the backward ignores softmax_lse's gradient (a
+    loss from lse alone gives dq = dk = dv = 0).
     backend: "auto" (default), "triton", "cpu" or "reference"; FASTTRAIN_BACKEND overrides auto.
     lse_grad (fasttrain's own, keyword-only): True differentiates through the returned softmax_lse too, exactly
     (the backward kernels read its gradient); False (default, flash-attn's semantics) costs nothing.
@@ -854,7 +856,7 @@ def flash_attn_func(
     )
     if not return_attn_probs:
         return out
-    probs = attn_probs(q, k, lse, seed, dropout_p, scale, left, right)
+    probs = attn_probs(q, k, seed, dropout_p, scale, left, right, softcap=softcap, alibi_slopes=alibi_slopes)
     shift = torch.arange(q.shape[1], device=q.device)[None] + (k.shape[1] - q.shape[1])  # (1, Tq)
     return out, returned_lse(flash_lse(lse, alibi_slopes, left, right, k.shape[1], shift), lse_grad), probs
 
@@ -930,8 +932,9 @@ def flash_attn_varlen_func(
     if not return_attn_probs:
         return out
     probs = attn_probs(
-        q, k, lse, seed, dropout_p, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
-    )
+        q, k, seed, dropout_p, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap,
+        alibi_slopes,
+    )  # fmt: skip
     lse = _varlen_flash_lse(lse, alibi_slopes, left, right, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
     return out, returned_lse(lse, lse_grad), probs
 

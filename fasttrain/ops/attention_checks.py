@@ -72,12 +72,13 @@ def _scale(softmax_scale, head_dim: int) -> float:
 
 
 def _check_softcap(softcap) -> float:
-    """flash-attn's softcap: a float, any value <= 0 meaning no capping (flash-attn caps only when softcap > 0)."""
+    """flash-attn's softcap: a float, any value that is not > 0 (NaN too) meaning no capping, as flash-attn's
+    `softcap > 0` check reads it; +inf, which flash-attn turns into NaN scores, is refused."""
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise ArgumentTypeError(f"softcap must be a float (<= 0.0 = no capping), got {type(softcap).__name__}")
-    if softcap != softcap or softcap == float("inf"):  # NaN or inf: no finite cap to apply
+    if softcap == float("inf"):  # no finite cap to apply
         raise ArgumentError(f"softcap must be a finite float (<= 0.0 = no capping), got {softcap!r}")
-    if softcap <= 0.0:
+    if not softcap > 0.0:
         return 0.0
     return float(softcap)
 

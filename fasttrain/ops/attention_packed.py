@@ -179,7 +179,7 @@ def _packed(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, c
     out, lse = _PackedAttention.apply(q_src, kv_src, *args)
     if not return_attn_probs:
         return out
-    probs = attn_probs(q, k, lse, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k)
+    probs = attn_probs(q, k, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k, softcap, alibi_slopes)
     if cu_q is not None:
         lse = _varlen_flash_lse(lse, alibi_slopes, left, right, max_k, cu_q, cu_k)
         return out, returned_lse(lse, lse_grad), probs
