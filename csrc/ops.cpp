@@ -117,9 +117,9 @@ TORCH_LIBRARY(fasttrain, m) {
   m.def(
       "attention_aot_varlen_packed(Tensor q_src, Tensor? kv_src, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, int left, int right, bool deterministic) -> Tensor");
-  // The same two for packed sequences (flash_attn_varlen_func): q (total_q, H, D), k and v (total_k, Hkv, D), int32
-  // offsets (B + 1) of each and the longest sequences; lse (H, total_q). Ops of their own, as flash-attn's, so that
-  // the dense ops' schemas (which other C++ callers bind to) stay as they are.
+  // attention_forward_aot and attention_backward_aot for packed sequences (flash_attn_varlen_func): q (total_q, H,
+  // D), k and v (total_k, Hkv, D), int32 offsets (B + 1) of each and the longest sequences; lse (H, total_q). Ops of
+  // their own, as flash-attn's, so that the dense ops' schemas stay as they are.
   m.def(
       "attention_varlen_forward_aot(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, int left, int right, float dropout_p=0., Tensor? seed=None) "
