@@ -701,3 +701,21 @@ def test_varlen_dropout_takes_the_general_path_where_its_backward_cubins_do_not_
         flash_attn_varlen_func(q, k, v, CU, CU, 11, 11, 0.1)
     assert flash_attn_varlen_func(q, k, v, CU, CU, 11, 11, 0.0).grad_fn is not None  # no dropout: the short path
     assert flash_attn_varlen_func(q[..., :64], k[..., :64], v[..., :64], CU, CU, 11, 11, 0.1).grad_fn is not None
+
+
+@pytest.mark.parametrize("side", [2**31, 10**12])
+def test_a_window_side_past_int32_launches_as_an_unbounded_one(recording, monkeypatch, side):
+    """flash-attn reads a window side at or past the keys' length as no bound; one past int32 means the same on both
+    paths (the launch's bound is UNBOUNDED, not an int32 overflow), dense and varlen."""
+    leaves = _leaves(2, 97, 97, 4, 2, 64)
+    runs = _both_paths(monkeypatch, lambda q, k, v: flash_attn_func(q, k, v, window_size=(side, 0)), leaves)
+    unbounded = _both_paths(monkeypatch, lambda q, k, v: flash_attn_func(q, k, v, window_size=(-1, 0)), leaves)
+    assert runs == unbounded and runs[0] == runs[1]
+    cu = torch.tensor([0, 60, 97], dtype=torch.int32)
+    flat = [t.detach()[0].requires_grad_() for t in leaves]  # (T, H, D) packed sequences
+
+    def varlen(window):
+        return lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, 60, 60, causal=True, window_size=window)
+
+    runs = _both_paths(monkeypatch, varlen((side, side)), flat)
+    assert runs == _both_paths(monkeypatch, varlen((-1, -1)), flat) and runs[0] == runs[1]

@@ -31,6 +31,7 @@ from fasttrain.ops.attention_checks import (
     _known_longest,
     _scale,
     _window,
+    _window_side,
 )
 from fasttrain.ops.attention_dropout import dropout_seed
 from fasttrain.ops.attention_masks import Segments, kernel_plan
@@ -677,8 +678,7 @@ def _flash_args(dropout_p, causal, window_size, softcap, alibi_slopes) -> tuple[
     w_left, w_right = window_size
     if type(w_left) is not int or type(w_right) is not int or w_left < -1 or w_right < -1:
         return None
-    left, right = (UNBOUNDED if w_left == -1 else w_left), (UNBOUNDED if w_right == -1 else w_right)
-    return left, 0 if causal else right, float(dropout_p)
+    return _window_side(w_left), 0 if causal else _window_side(w_right), float(dropout_p)
 
 
 def _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes) -> tuple[int, int] | None:

@@ -59,8 +59,14 @@ def _window(causal: bool, window_size) -> tuple[int, int]:
         raise ArgumentTypeError(f"window_size must be a pair of ints (-1 = unbounded), got {window_size!r}")
     if len(window_size) != 2 or not all(w >= -1 for w in window_size):
         raise ArgumentError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
-    left, right = (UNBOUNDED if w == -1 else w for w in window_size)
+    left, right = map(_window_side, window_size)
     return left, (0 if causal else right)
+
+
+def _window_side(w: int) -> int:
+    """One side of flash-attn's window_size (an int >= -1) as the kernels' bound: -1, or any side past UNBOUNDED (which
+    no sequence reaches, and which a side past int32 would overflow), is UNBOUNDED."""
+    return UNBOUNDED if w == -1 else min(w, UNBOUNDED)
 
 
 def _scale(softmax_scale, head_dim: int) -> float:
