@@ -26,11 +26,23 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch.autograd import forward_ad
 
 from fasttrain import _extension
 
 BACKENDS = ("cuda", "aot", "triton", "cpu", "reference")
 AUTO = "auto"
+
+
+FORWARD_AD = "an input carries a forward-mode AD tangent, which only the reference's plain PyTorch propagates"
+
+
+def _carries_tangent(args) -> bool:
+    """Whether forward-mode AD (torch.autograd.forward_ad) is on and an argument is a dual tensor: the kernels'
+    autograd is backward-only, and a custom op without a forward derivative drops the tangent without an error."""
+    if forward_ad._current_level < 0:  # no dual level entered: the common case, one global read
+        return False
+    return any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
 
 
 class NotForDevice(str):
@@ -109,6 +121,10 @@ class Table:
     def choose(self, *args, backend: str | None = None) -> str:
         """The backend for one call with these arguments (see the module docstring)."""
         name = requested_backend(backend)
+        if _carries_tangent(args):
+            if name not in (AUTO, "reference") and (backend not in (None, AUTO) or name in self.backends):
+                raise BackendError(f"{self.op}: backend={name!r} cannot serve these inputs: {FORWARD_AD}")
+            return "reference"
         forced_by_env = backend in (None, AUTO) and name != AUTO
         if name != AUTO and (name in self.backends or not forced_by_env):
             if name not in self.backends:

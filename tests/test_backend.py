@@ -7,9 +7,13 @@ import warnings
 
 import pytest
 import torch
+from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import fasttrain.ops
 from fasttrain import _backend, _extension
 from fasttrain._backend import Backend, BackendError, NotForDevice, Table
+from fasttrain.flash_attn.layers.rotary import apply_rotary_emb_torch
 
 
 def choose(op: str, reasons: dict, backend: str | None = None) -> str:
@@ -158,3 +162,50 @@ def test_liveness_probes_name_a_reason_for_every_backend_that_is_off():
         assert backends.get("reference", "missing") is None, op
         for name, why in backends.items():
             assert why is None or (isinstance(why, str) and why), (op, name)
+
+
+def _sdpa(x):
+    q = x.view(1, 2, 4, 8)  # (B, H, T, E)
+    return q, q.detach().flip(2), q.detach() * 2
+
+
+def _math_sdpa(*args, **kwargs):
+    """torch's SDPA on its math backend, the one with a forward derivative on the CPU."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
+
+
+FORWARD_AD_CASES = {
+    "scaled_dot_product_attention": (
+        lambda x: fasttrain.ops.scaled_dot_product_attention(*_sdpa(x), is_causal=True),
+        lambda x: _math_sdpa(*_sdpa(x), is_causal=True),
+    ),
+    "swiglu": (
+        lambda x: fasttrain.ops.swiglu(x[:, :4], x[:, 4:]),
+        lambda x: torch.nn.functional.silu(x[:, :4]) * x[:, 4:],
+    ),
+    "rotary": (
+        lambda x: fasttrain.ops.apply_rotary_emb(x.view(1, 8, 1, 8), *ROTARY),
+        lambda x: apply_rotary_emb_torch(x.view(1, 8, 1, 8), *ROTARY),
+    ),
+}
+ROTARY = torch.randn(2, 8, 4).unbind(0)  # cos, sin (T, rotary_dim / 2)
+
+
+# torch's own forward derivatives of some decomposed ops script their decompositions, which warns in torch 2.13
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("op", sorted(FORWARD_AD_CASES))
+def test_forward_mode_ad_takes_the_reference_whose_tangent_is_torchs(op):
+    """The kernels' autograd is backward-only, and a custom op without a forward derivative returns no tangent without
+    an error: under forward-mode AD the choice is the reference's plain PyTorch, whose tangent is torch's own; a
+    backend asked for by name refuses (BackendError) rather than drop it."""
+    ours, torchs = FORWARD_AD_CASES[op]
+    x, tangent = torch.randn(2, 8, 8).unbind(0)
+    with forward_ad.dual_level():
+        got = forward_ad.unpack_dual(ours(forward_ad.make_dual(x, tangent)))
+        want = forward_ad.unpack_dual(torchs(forward_ad.make_dual(x, tangent)))
+    assert got.tangent is not None
+    torch.testing.assert_close(got.primal, want.primal)
+    torch.testing.assert_close(got.tangent, want.tangent)
+    with forward_ad.dual_level(), pytest.raises(BackendError, match="forward-mode AD tangent"):
+        fasttrain.ops.flash_attn_func(*(forward_ad.make_dual(x, tangent).view(1, 8, 1, 8),) * 3, backend="cpu")
