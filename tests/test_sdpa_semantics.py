@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from fasttrain.ops import scaled_dot_product_attention
 
+from helpers import assert_within_2x_torch, max_err
+
 
 def _leaves(*shapes, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -142,3 +144,27 @@ def test_batch_axes_broadcast_as_torchs_math_path():
     _same_as_torch(((3, 2, 5, 32), (1, 2, 7, 32), (1, 2, 7, 32)), backend="cpu", is_causal=True)
     _same_as_torch(((2, 2, 3, 32), (1, 2, 4, 32), (1, 2, 4, 32)), backend="triton")
     _same_as_torch(((2, 1, 2, 5, 32), (1, 3, 2, 7, 32), (1, 3, 2, 7, 32)), backend="cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_with_a_dense_mask_within_2x_torchs_error(dtype):
+    # an arbitrary mask runs the reference, which computes in float32 as the kernels and torch's CPU kernel do
+    shapes = ((2, 2, 33, 32), (2, 2, 97, 32), (2, 2, 97, 32))
+    q, k, v = (t.detach() for t in _leaves(*shapes))
+    mask = torch.randn(33, 97, generator=torch.Generator().manual_seed(5))
+    dout = torch.randn(2, 2, 33, 32, generator=torch.Generator().manual_seed(6))
+    runs = []
+    for f, dt in (
+        (scaled_dot_product_attention, dtype),
+        (F.scaled_dot_product_attention, dtype),
+        (None, torch.float64),
+    ):
+        leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        if f is None:
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+                out = F.scaled_dot_product_attention(*leaves, attn_mask=mask.to(dt), scale=2.0)
+        else:
+            out = f(*leaves, attn_mask=mask.to(dt), scale=2.0)
+        runs.append([out, *torch.autograd.grad(out, leaves, dout.to(dt))])
+    for ours, theirs, want in zip(*runs):
+        assert_within_2x_torch(ours, theirs, want, measure=max_err, slack=1e-3)
