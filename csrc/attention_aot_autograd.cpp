@@ -3,14 +3,19 @@
 // so the same launches as fasttrain/ops/attention.py's registered op on the aot column, without its Python autograd,
 // checks and backend choice (fasttrain/ops/attention.py `_aot_short` calls it for the calls that column would take).
 // The backward reads deterministic as that op's does: the call's flag, or torch.use_deterministic_algorithms(True)
-// when the backward runs. A double backward (create_graph=True) takes the reference's gradients, as a graph, through
-// the registered op fasttrain::attention_forward (defined by fasttrain/ops/attention.py) on the reference backend.
+// when the backward runs. Dropout: the caller's dropout_p and seed (drawn as the registered op's caller draws it),
+// passed to the forward and to the backward, which regenerates the mask. A double backward (create_graph=True) takes
+// the reference's gradients, as a graph, through the registered op fasttrain::attention_forward (defined by
+// fasttrain/ops/attention.py) on the reference backend.
 // attention_aot_packed does the same for flash_attn_qkvpacked_func's and flash_attn_kvpacked_func's common calls
 // (fasttrain/ops/attention_packed.py `_packed_short`): q, k and v views of the packed inputs, the backward
 // attention_backward_into_aot written into views of one packed gradient per input, once differentiable as that
 // module's autograd Function.
-// Ops (schema in ops.cpp): fasttrain::attention_aot and attention_aot_packed; CUDA, and CPU while the launches are
-// recorded (aot_launch.h); Meta for tracing; Autograd.
+// attention_aot_varlen and attention_aot_varlen_packed are the two for packed sequences (flash_attn_varlen_func and
+// its packed variants): the varlen forward and backward ops with the offsets and longest sequences the caller checked.
+// Ops (schema in ops.cpp): fasttrain::attention_aot, attention_aot_packed, attention_aot_varlen and
+// attention_aot_varlen_packed; CUDA, and CPU while the launches are recorded (aot_launch.h); Meta for tracing;
+// Autograd.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
@@ -31,33 +36,113 @@ namespace {
 
 using at::Tensor;
 
-// The ops' schemas end in dropout_p and seed, which this op (dropout-free calls only) passes as 0 and none.
+// The ops' schemas end in dropout_p and seed: attention_aot's and attention_aot_varlen's (the backward regenerates
+// the forward's mask from the seed), the packed ops' 0 and none (the _into backwards take no dropout).
 using ForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double, int64_t, int64_t,
                                              double, const std::optional<Tensor>&);
 using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                       const Tensor&, const Tensor&, double, int64_t, int64_t, bool,
                                                       double, const std::optional<Tensor>&);
+using BackwardIntoFn = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                            const Tensor&, const Tensor&, const Tensor&, double, int64_t, int64_t, bool);
+using VarlenForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                   const Tensor&, int64_t, int64_t, double, int64_t, int64_t, double,
+                                                   const std::optional<Tensor>&);
+using VarlenBackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                            const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                            int64_t, int64_t, double, int64_t, int64_t, bool, double,
+                                                            const std::optional<Tensor>&);
+using VarlenBackwardIntoFn = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                  const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                  const Tensor&, int64_t, int64_t, double, int64_t, int64_t, bool);
 
-const c10::TypedOperatorHandle<ForwardFn>& forward_op() {
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fasttrain::attention_forward_aot", "").typed<ForwardFn>();
-  return op;
+template <typename Fn>
+c10::TypedOperatorHandle<Fn> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
-// Below autograd (inference, or nothing that takes a gradient): the forward's output alone.
-Tensor attention_aot(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t left, int64_t right,
-                     bool) {
-  return std::get<0>(forward_op().call(q, k, v, scale, left, right, 0.0, std::nullopt));
+// What a call attends over besides q, k and v: the scale, the band, for packed sequences (cu_q defined) the offsets
+// (B + 1) and longest sequences, and dropout_p with its seed (the int64 (2,) tensor; undefined without dropout).
+struct Call {
+  Tensor cu_q, cu_k;
+  int64_t max_q = 0, max_k = 0;
+  double scale = 0.0;
+  int64_t left = 0, right = 0;
+  bool deterministic = false;
+  double dropout_p = 0.0;
+  Tensor seed;
+
+  bool varlen() const { return cu_q.defined(); }
+  std::optional<Tensor> seed_arg() const { return seed.defined() ? std::optional<Tensor>(seed) : std::nullopt; }
+
+  std::tuple<Tensor, Tensor> forward(const Tensor& q, const Tensor& k, const Tensor& v) const {
+    if (varlen()) {
+      static const auto op = find_op<VarlenForwardFn>("fasttrain::attention_varlen_forward_aot");
+      return op.call(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed_arg());
+    }
+    static const auto op = find_op<ForwardFn>("fasttrain::attention_forward_aot");
+    return op.call(q, k, v, scale, left, right, dropout_p, seed_arg());
+  }
+
+  std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                                              const Tensor& out, const Tensor& lse, bool det) const {
+    if (varlen()) {
+      static const auto op = find_op<VarlenBackwardFn>("fasttrain::attention_varlen_backward_aot");
+      return op.call(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, det, dropout_p,
+                     seed_arg());
+    }
+    static const auto op = find_op<BackwardFn>("fasttrain::attention_backward_aot");
+    return op.call(dout, q, k, v, out, lse, scale, left, right, det, dropout_p, seed_arg());
+  }
+
+  // (the packed ops' calls, which take no dropout)
+  void backward_into(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dout, const Tensor& q,
+                     const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse, bool det) const {
+    if (varlen()) {
+      static const auto op = find_op<VarlenBackwardIntoFn>("fasttrain::attention_varlen_backward_into_aot");
+      op.call(dq, dk, dv, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, det);
+      return;
+    }
+    static const auto op = find_op<BackwardIntoFn>("fasttrain::attention_backward_into_aot");
+    op.call(dq, dk, dv, dout, q, k, v, out, lse, scale, left, right, det);
+  }
+
+  // Kept in an autograd context beside the saved tensors (the offsets and the seed among those).
+  void save(torch::autograd::AutogradContext* ctx) const {
+    ctx->saved_data["floats"] = std::vector<double>{scale, dropout_p};
+    ctx->saved_data["ints"] = std::vector<int64_t>{max_q, max_k, left, right, deterministic};
+  }
+
+  static Call saved(torch::autograd::AutogradContext* ctx, const Tensor& cu_q, const Tensor& cu_k,
+                    const Tensor& seed) {
+    const auto ints = ctx->saved_data["ints"].toIntVector();
+    const auto floats = ctx->saved_data["floats"].toDoubleVector();
+    return {cu_q, cu_k, ints[0], ints[1], floats[0], ints[2], ints[3], ints[4] != 0, floats[1], seed};
+  }
+};
+
+Call dense_call(double scale, int64_t left, int64_t right, bool deterministic, double dropout_p = 0.0,
+               const std::optional<Tensor>& seed = std::nullopt) {
+  return {Tensor(), Tensor(), 0, 0, scale, left, right, deterministic, dropout_p, seed.value_or(Tensor())};
 }
 
-Tensor attention_aot_meta(const Tensor& q, const Tensor&, const Tensor&, double, int64_t, int64_t, bool) {
-  return at::empty(q.sizes(), q.options());
+Call varlen_call(const Tensor& cu_q, const Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, int64_t left,
+                 int64_t right, bool deterministic, double dropout_p = 0.0,
+                 const std::optional<Tensor>& seed = std::nullopt) {
+  return {cu_q, cu_k, max_q, max_k, scale, left, right, deterministic, dropout_p, seed.value_or(Tensor())};
+}
+
+// The cubins take int32 strides, and dO (a view of whatever the caller differentiated) may have larger ones, even on
+// a size-1 dim, which contiguous() keeps; a copy in row-major strides has out's, which fit.
+Tensor launchable(const Tensor& dout) {
+  const auto& s = dout.strides();
+  const bool wide = std::any_of(s.begin(), s.end(), [](int64_t x) { return x >= (int64_t{1} << 31); });
+  return wide ? dout.clone(at::MemoryFormat::Contiguous) : dout;
 }
 
 // The gradients of the reference attention as a graph (fasttrain/ops/_op.py reference_gradients): the registered
 // op recomputes the forward on the reference backend, whose own backward builds a graph when asked to.
-std::vector<Tensor> reference_gradients(const std::vector<Tensor>& qkv, const Tensor& dout, double scale,
-                                        int64_t left, int64_t right) {
+std::vector<Tensor> reference_gradients(const std::vector<Tensor>& qkv, const Tensor& dout, const Call& call) {
   const auto handle = c10::Dispatcher::singleton().findSchema({"fasttrain::attention_forward", ""});
   TORCH_CHECK(handle.has_value(),
               "attention_aot: a double backward takes the reference through fasttrain::attention_forward, which "
@@ -68,10 +153,24 @@ std::vector<Tensor> reference_gradients(const std::vector<Tensor>& qkv, const Te
     views.push_back(t.requires_grad() ? t.view_as(t) : t);
     if (t.requires_grad()) wanted.push_back(views.back());
   }
-  torch::jit::Stack stack = {views[0],     views[1],  views[2], c10::IValue(), c10::IValue(),
-                             qkv[0].size(1), qkv[1].size(1), scale, left,      right,
-                             c10::IValue(), 0.0,       c10::IValue(), 0.0,     c10::IValue(),
-                             false,        std::string("reference")};
+  const bool varlen = call.varlen();
+  torch::jit::Stack stack = {views[0],
+                             views[1],
+                             views[2],
+                             varlen ? c10::IValue(call.cu_q) : c10::IValue(),
+                             varlen ? c10::IValue(call.cu_k) : c10::IValue(),
+                             varlen ? call.max_q : qkv[0].size(1),
+                             varlen ? call.max_k : qkv[1].size(1),
+                             call.scale,
+                             call.left,
+                             call.right,
+                             c10::IValue(),
+                             call.dropout_p,
+                             call.seed.defined() ? c10::IValue(call.seed) : c10::IValue(),
+                             0.0,
+                             c10::IValue(),
+                             false,
+                             std::string("reference")};
   handle->callBoxed(&stack);
   const Tensor out = stack[0].toTensor();
   std::vector<Tensor> found;
@@ -87,53 +186,92 @@ std::vector<Tensor> reference_gradients(const std::vector<Tensor>& qkv, const Te
   return grads;
 }
 
+// Whether autograd records a call with these inputs (undefined ones take no part).
+bool recorded(const Tensor& t) {
+  return t.defined() && ((at::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(0).defined());
+}
+
+// ---- q, k and v as given: flash_attn_func, flash_attn_varlen_func ----
+
 struct AttentionAot : public torch::autograd::Function<AttentionAot> {
+  // cu_q and cu_k absent: dense inputs; seed absent: no dropout (optionals, which autograd takes as no input rather
+  // than undefined ones)
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
-                        double scale, int64_t left, int64_t right, bool deterministic) {
+                        const std::optional<Tensor>& cu_q, const std::optional<Tensor>& cu_k, int64_t max_q,
+                        int64_t max_k, double scale, int64_t left, int64_t right, bool deterministic,
+                        double dropout_p, const std::optional<Tensor>& seed) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = forward_op().call(q, k, v, scale, left, right, 0.0, std::nullopt);
-    ctx->save_for_backward({q, k, v, out, lse});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["band"] = std::vector<int64_t>{left, right, deterministic};
+    const Call call{cu_q.value_or(Tensor()), cu_k.value_or(Tensor()), max_q, max_k, scale, left, right,
+                    deterministic, dropout_p, seed.value_or(Tensor())};
+    auto [out, lse] = call.forward(q, k, v);
+    ctx->save_for_backward({q, k, v, out, lse, call.cu_q, call.cu_k, call.seed});
+    call.save(ctx);
     return out;
   }
 
   static std::vector<Tensor> backward(torch::autograd::AutogradContext* ctx, std::vector<Tensor> grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const auto band = ctx->saved_data["band"].toIntVector();
-    const int64_t left = band[0], right = band[1];
+    const Call call = Call::saved(ctx, saved[5], saved[6], saved[7]);
+    std::vector<Tensor> result(13);
     if (at::GradMode::is_enabled()) {  // a double backward follows
-      std::vector<Tensor> g = reference_gradients({q, k, v}, grads[0], scale, left, right);
-      return {g[0], g[1], g[2], Tensor(), Tensor(), Tensor(), Tensor()};
+      std::vector<Tensor> g = reference_gradients({q, k, v}, grads[0], call);
+      std::copy(g.begin(), g.end(), result.begin());
+      return result;
     }
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fasttrain::attention_backward_aot", "")
-                               .typed<BackwardFn>();
-    const bool deterministic = band[2] != 0 || at::globalContext().deterministicAlgorithms();
-    // The cubins take int32 strides, and dO (a view of whatever the caller differentiated) may have larger ones,
-    // even on a size-1 dim, which contiguous() keeps; a copy in row-major strides has out's, which fit.
-    const auto& s = grads[0].strides();
-    const bool wide = std::any_of(s.begin(), s.end(), [](int64_t x) { return x >= (int64_t{1} << 31); });
-    const Tensor dout = wide ? grads[0].clone(at::MemoryFormat::Contiguous) : grads[0];
-    auto [dq, dk, dv] = op.call(dout, q, k, v, out, lse, scale, left, right, deterministic, 0.0, std::nullopt);
-    return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor()};
+    const bool deterministic = call.deterministic || at::globalContext().deterministicAlgorithms();
+    std::tie(result[0], result[1], result[2]) = call.backward(launchable(grads[0]), q, k, v, out, lse, deterministic);
+    return result;
   }
 };
 
-Tensor attention_aot_autograd(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t left,
-                              int64_t right, bool deterministic) {
+Tensor attention_autograd(const Tensor& q, const Tensor& k, const Tensor& v, const Call& call) {
   // Nothing to record (no_grad, or no input that takes a gradient, and no forward-mode tangent): the op below
   // autograd, sparing the autograd Function's node, context and output wrapping.
-  auto recorded = [](const Tensor& t) {
-    return (at::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(0).defined();
-  };
   if (!recorded(q) && !recorded(k) && !recorded(v)) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return std::get<0>(forward_op().call(q, k, v, scale, left, right, 0.0, std::nullopt));
+    return std::get<0>(call.forward(q, k, v));
   }
-  return AttentionAot::apply(q, k, v, scale, left, right, deterministic);
+  const auto cu = [&](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+  return AttentionAot::apply(q, k, v, cu(call.cu_q), cu(call.cu_k), call.max_q, call.max_k, call.scale, call.left,
+                             call.right, call.deterministic, call.dropout_p, call.seed_arg());
+}
+
+// Below autograd (inference, or nothing that takes a gradient): the forward's output alone.
+Tensor attention_aot(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t left, int64_t right,
+                     bool deterministic, double dropout_p, const std::optional<Tensor>& seed) {
+  return std::get<0>(dense_call(scale, left, right, deterministic, dropout_p, seed).forward(q, k, v));
+}
+
+Tensor attention_aot_meta(const Tensor& q, const Tensor&, const Tensor&, double, int64_t, int64_t, bool, double,
+                          const std::optional<Tensor>&) {
+  return at::empty(q.sizes(), q.options());
+}
+
+Tensor attention_aot_autograd(const Tensor& q, const Tensor& k, const Tensor& v, double scale, int64_t left,
+                              int64_t right, bool deterministic, double dropout_p,
+                              const std::optional<Tensor>& seed) {
+  return attention_autograd(q, k, v, dense_call(scale, left, right, deterministic, dropout_p, seed));
+}
+
+Tensor attention_aot_varlen(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q, const Tensor& cu_k,
+                            int64_t max_q, int64_t max_k, double scale, int64_t left, int64_t right,
+                            bool deterministic, double dropout_p, const std::optional<Tensor>& seed) {
+  const Call call = varlen_call(cu_q, cu_k, max_q, max_k, scale, left, right, deterministic, dropout_p, seed);
+  return std::get<0>(call.forward(q, k, v));
+}
+
+Tensor attention_aot_varlen_meta(const Tensor& q, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+                                 int64_t, double, int64_t, int64_t, bool, double, const std::optional<Tensor>&) {
+  return at::empty(q.sizes(), q.options());
+}
+
+Tensor attention_aot_varlen_autograd(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q,
+                                     const Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, int64_t left,
+                                     int64_t right, bool deterministic, double dropout_p,
+                                     const std::optional<Tensor>& seed) {
+  return attention_autograd(
+      q, k, v, varlen_call(cu_q, cu_k, max_q, max_k, scale, left, right, deterministic, dropout_p, seed));
 }
 
 // ---- the packed functions: q, k and v views of qkv (..., 3, H, D), or q and views of kv (..., 2, Hkv, D) ----
@@ -149,18 +287,6 @@ std::array<Tensor, 3> split(const Tensor& q_src, const Tensor& kv_src) {
   return {q_src, kv[0], kv[1]};
 }
 
-Tensor attention_aot_packed(const Tensor& q_src, const std::optional<Tensor>& kv_src, double scale, int64_t left,
-                            int64_t right, bool) {
-  const auto [q, k, v] = split(q_src, kv_src.value_or(Tensor()));
-  return std::get<0>(forward_op().call(q, k, v, scale, left, right, 0.0, std::nullopt));
-}
-
-Tensor attention_aot_packed_meta(const Tensor& q_src, const std::optional<Tensor>& kv_src, double, int64_t, int64_t,
-                                 bool) {
-  const Tensor q = std::get<0>(split(q_src, kv_src.value_or(Tensor())));
-  return at::empty(q.sizes(), q.options());
-}
-
 // Python's torch.autograd.function.once_differentiable for a backward run with create_graph: its gradients, as
 // leaves of a node that raises the same error when they are differentiated.
 struct OnceDifferentiable : public torch::autograd::Function<OnceDifferentiable> {
@@ -174,43 +300,36 @@ struct OnceDifferentiable : public torch::autograd::Function<OnceDifferentiable>
 };
 
 struct AttentionAotPacked : public torch::autograd::Function<AttentionAotPacked> {
-  // kv_src absent: qkvpacked (an optional, which autograd takes as no input rather than an undefined one)
+  // kv_src absent: qkvpacked; cu_q and cu_k absent: dense inputs
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& q_src,
-                        const std::optional<Tensor>& kv_src, double scale, int64_t left, int64_t right,
-                        bool deterministic) {
+                        const std::optional<Tensor>& kv_src, const std::optional<Tensor>& cu_q,
+                        const std::optional<Tensor>& cu_k, int64_t max_q, int64_t max_k, double scale, int64_t left,
+                        int64_t right, bool deterministic) {
     at::AutoDispatchBelowADInplaceOrView guard;
+    const Call call{cu_q.value_or(Tensor()), cu_k.value_or(Tensor()), max_q, max_k, scale, left, right,
+                    deterministic, 0.0, Tensor()};
     const auto [q, k, v] = split(q_src, kv_src.value_or(Tensor()));
-    auto [out, lse] = forward_op().call(q, k, v, scale, left, right, 0.0, std::nullopt);
-    ctx->save_for_backward({q_src, kv_src.value_or(Tensor()), out, lse});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["band"] = std::vector<int64_t>{left, right, deterministic};
+    auto [out, lse] = call.forward(q, k, v);
+    ctx->save_for_backward({q_src, kv_src.value_or(Tensor()), out, lse, call.cu_q, call.cu_k});
+    call.save(ctx);
     return out;
   }
 
   static std::vector<Tensor> backward(torch::autograd::AutogradContext* ctx, std::vector<Tensor> grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &q_src = saved[0], &kv_src = saved[1], &out = saved[2], &lse = saved[3];
-    const double scale = ctx->saved_data["scale"].toDouble();
-    const auto band = ctx->saved_data["band"].toIntVector();
-    using BackwardIntoFn = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, int64_t, int64_t,
-                                bool);
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fasttrain::attention_backward_into_aot", "")
-                               .typed<BackwardIntoFn>();
-    const bool deterministic = band[2] != 0 || at::globalContext().deterministicAlgorithms();
+    const Call call = Call::saved(ctx, saved[4], saved[5], Tensor());
+    const bool deterministic = call.deterministic || at::globalContext().deterministicAlgorithms();
     const bool twice = at::GradMode::is_enabled() && grads[0].requires_grad();
     Tensor dq_src, dkv_src;
     {
       at::NoGradGuard no_grad;
-      const auto& s = grads[0].strides();  // as attention_aot's backward: the cubins' int32 strides
-      const bool wide = std::any_of(s.begin(), s.end(), [](int64_t x) { return x >= (int64_t{1} << 31); });
-      const Tensor dout = wide ? grads[0].clone(at::MemoryFormat::Contiguous) : grads[0];
+      const Tensor dout = launchable(grads[0]);
       dq_src = at::empty_like(q_src);
       dkv_src = kv_src.defined() ? at::empty_like(kv_src) : Tensor();
       const auto [dq, dk, dv] = split(dq_src, dkv_src);
       const auto [q, k, v] = split(q_src, kv_src);
-      op.call(dq, dk, dv, dout, q, k, v, out, lse, scale, band[0], band[1], deterministic);
+      call.backward_into(dq, dk, dv, dout, q, k, v, out, lse, deterministic);
     }
     if (twice) {
       std::vector<Tensor> leaves = {dq_src.detach().set_requires_grad(true)};
@@ -219,22 +338,63 @@ struct AttentionAotPacked : public torch::autograd::Function<AttentionAotPacked>
       dq_src = wrapped[0];
       if (dkv_src.defined()) dkv_src = wrapped[1];
     }
-    return {dq_src, dkv_src, Tensor(), Tensor(), Tensor(), Tensor()};
+    std::vector<Tensor> result(10);
+    result[0] = dq_src;
+    result[1] = dkv_src;
+    return result;
   }
 };
 
+Tensor packed_forward(const Tensor& q_src, const std::optional<Tensor>& kv_src, const Call& call) {
+  const auto [q, k, v] = split(q_src, kv_src.value_or(Tensor()));
+  return std::get<0>(call.forward(q, k, v));
+}
+
+Tensor packed_meta(const Tensor& q_src, const std::optional<Tensor>& kv_src) {
+  const Tensor q = std::get<0>(split(q_src, kv_src.value_or(Tensor())));
+  return at::empty(q.sizes(), q.options());
+}
+
+Tensor packed_autograd(const Tensor& q_src, const std::optional<Tensor>& kv_src, const Call& call) {
+  if (!recorded(q_src) && !recorded(kv_src.value_or(Tensor()))) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return packed_forward(q_src, kv_src, call);
+  }
+  const auto cu = [&](const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; };
+  return AttentionAotPacked::apply(q_src, kv_src, cu(call.cu_q), cu(call.cu_k), call.max_q, call.max_k, call.scale,
+                                   call.left, call.right, call.deterministic);
+}
+
+Tensor attention_aot_packed(const Tensor& q_src, const std::optional<Tensor>& kv_src, double scale, int64_t left,
+                            int64_t right, bool deterministic) {
+  return packed_forward(q_src, kv_src, dense_call(scale, left, right, deterministic));
+}
+
+Tensor attention_aot_packed_meta(const Tensor& q_src, const std::optional<Tensor>& kv_src, double, int64_t, int64_t,
+                                 bool) {
+  return packed_meta(q_src, kv_src);
+}
+
 Tensor attention_aot_packed_autograd(const Tensor& q_src, const std::optional<Tensor>& kv_src, double scale,
                                      int64_t left, int64_t right, bool deterministic) {
-  const Tensor kv = kv_src.value_or(Tensor());
-  auto recorded = [](const Tensor& t) {
-    return t.defined() && ((at::GradMode::is_enabled() && t.requires_grad()) || t._fw_grad(0).defined());
-  };
-  if (!recorded(q_src) && !recorded(kv)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    const auto [q, k, v] = split(q_src, kv);
-    return std::get<0>(forward_op().call(q, k, v, scale, left, right, 0.0, std::nullopt));
-  }
-  return AttentionAotPacked::apply(q_src, kv_src, scale, left, right, deterministic);
+  return packed_autograd(q_src, kv_src, dense_call(scale, left, right, deterministic));
+}
+
+Tensor attention_aot_varlen_packed(const Tensor& q_src, const std::optional<Tensor>& kv_src, const Tensor& cu_q,
+                                   const Tensor& cu_k, int64_t max_q, int64_t max_k, double scale, int64_t left,
+                                   int64_t right, bool deterministic) {
+  return packed_forward(q_src, kv_src, varlen_call(cu_q, cu_k, max_q, max_k, scale, left, right, deterministic));
+}
+
+Tensor attention_aot_varlen_packed_meta(const Tensor& q_src, const std::optional<Tensor>& kv_src, const Tensor&,
+                                        const Tensor&, int64_t, int64_t, double, int64_t, int64_t, bool) {
+  return packed_meta(q_src, kv_src);
+}
+
+Tensor attention_aot_varlen_packed_autograd(const Tensor& q_src, const std::optional<Tensor>& kv_src,
+                                            const Tensor& cu_q, const Tensor& cu_k, int64_t max_q, int64_t max_k,
+                                            double scale, int64_t left, int64_t right, bool deterministic) {
+  return packed_autograd(q_src, kv_src, varlen_call(cu_q, cu_k, max_q, max_k, scale, left, right, deterministic));
 }
 
 }  // namespace
@@ -242,21 +402,29 @@ Tensor attention_aot_packed_autograd(const Tensor& q_src, const std::optional<Te
 TORCH_LIBRARY_IMPL(fasttrain, CUDA, m) {
   m.impl("attention_aot", &attention_aot);
   m.impl("attention_aot_packed", &attention_aot_packed);
+  m.impl("attention_aot_varlen", &attention_aot_varlen);
+  m.impl("attention_aot_varlen_packed", &attention_aot_varlen_packed);
 }
 
 TORCH_LIBRARY_IMPL(fasttrain, CPU, m) {
   m.impl("attention_aot", &attention_aot);
   m.impl("attention_aot_packed", &attention_aot_packed);
+  m.impl("attention_aot_varlen", &attention_aot_varlen);
+  m.impl("attention_aot_varlen_packed", &attention_aot_varlen_packed);
 }
 
 TORCH_LIBRARY_IMPL(fasttrain, Meta, m) {
   m.impl("attention_aot", &attention_aot_meta);
   m.impl("attention_aot_packed", &attention_aot_packed_meta);
+  m.impl("attention_aot_varlen", &attention_aot_varlen_meta);
+  m.impl("attention_aot_varlen_packed", &attention_aot_varlen_packed_meta);
 }
 
 TORCH_LIBRARY_IMPL(fasttrain, Autograd, m) {
   m.impl("attention_aot", &attention_aot_autograd);
   m.impl("attention_aot_packed", &attention_aot_packed_autograd);
+  m.impl("attention_aot_varlen", &attention_aot_varlen_autograd);
+  m.impl("attention_aot_varlen_packed", &attention_aot_varlen_packed_autograd);
 }
 
 }  // namespace fasttrain

@@ -98,17 +98,28 @@ TORCH_LIBRARY(fasttrain, m) {
       "attention_backward_aot(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
       "int left, int right, bool deterministic, float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor, Tensor)");
   // The two above as one op with its autograd in C++ (attention_aot_autograd.cpp): out (B, Tq, H, D) of
-  // attention_forward_aot, and in the backward attention_backward_aot's gradients of q, k and v.
+  // attention_forward_aot, and in the backward attention_backward_aot's gradients of q, k and v; dropout_p and seed
+  // passed to both.
   m.def(
-      "attention_aot(Tensor q, Tensor k, Tensor v, float scale, int left, int right, bool deterministic) -> Tensor");
+      "attention_aot(Tensor q, Tensor k, Tensor v, float scale, int left, int right, bool deterministic, "
+      "float dropout_p=0., Tensor? seed=None) -> Tensor");
   // The same for the packed functions (attention_aot_autograd.cpp): q, k and v views of qkv (B, T, 3, H, D), or q
   // and views of kv (B, Tk, 2, Hkv, D); the backward writes into views of one packed gradient per input.
   m.def(
       "attention_aot_packed(Tensor q_src, Tensor? kv_src, float scale, int left, int right, bool deterministic) "
       "-> Tensor");
-  // The same two for packed sequences (flash_attn_varlen_func): q (total_q, H, D), k and v (total_k, Hkv, D), int32
-  // offsets (B + 1) of each and the longest sequences; lse (H, total_q). Ops of their own, as flash-attn's, so that
-  // the dense ops' schemas (which other C++ callers bind to) stay as they are.
+  // attention_aot and attention_aot_packed for packed sequences (flash_attn_varlen_func and the varlen packed
+  // functions): the varlen forward and backward ops below with the offsets and longest sequences as given.
+  m.def(
+      "attention_aot_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, int left, int right, bool deterministic, "
+      "float dropout_p=0., Tensor? seed=None) -> Tensor");
+  m.def(
+      "attention_aot_varlen_packed(Tensor q_src, Tensor? kv_src, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float scale, int left, int right, bool deterministic) -> Tensor");
+  // attention_forward_aot and attention_backward_aot for packed sequences (flash_attn_varlen_func): q (total_q, H,
+  // D), k and v (total_k, Hkv, D), int32 offsets (B + 1) of each and the longest sequences; lse (H, total_q). Ops of
+  // their own, as flash-attn's, so that the dense ops' schemas stay as they are.
   m.def(
       "attention_varlen_forward_aot(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, float scale, int left, int right, float dropout_p=0., Tensor? seed=None) "

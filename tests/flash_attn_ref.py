@@ -135,3 +135,31 @@ def run_grid(check, cases, name, **kwargs) -> None:
         except AssertionError as e:
             failed.append(f"{name(case)}: {e}")
     assert not failed, f"{len(failed)} cases failed:\n" + "\n".join(failed)
+
+
+def decode_s_dmask(S, q, k, block_n: int, causal: bool, window, softcap: float = 0.0, attn_bias=None):
+    """flash-attn's documented reading of S_dmask (dense (B, H, >= Tq, >= Tk), q (B, Tq, H, D), k (B, Tk, Hkv, D)):
+    its entries are the forward's exp(s - m) per key block of block_n columns, m the running row max as the kernel
+    visits the blocks from the last to the first; times exp(m - lse) each block gives the probabilities.
+    -> (probabilities (B, H, Tq, Tk) float64, kept (B, H, Tq, Tk) bool: S >= 0)."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    q, k = q.double(), k.double().repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * q.shape[-1] ** -0.5
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if causal:
+        window = (window[0], 0)
+    if window != (-1, -1):
+        scores = scores.masked_fill(local_mask(Tq, Tk, window, None, q.device), float("-inf"))
+    if attn_bias is not None:
+        scores = scores + attn_bias.double()
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # (B, H, Tq, 1)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # rows that see no key: probabilities 0
+    S = S[:, :, :Tq, :Tk].double()
+    probs = torch.zeros_like(S)
+    running = torch.full_like(lse, float("-inf"))
+    for start in reversed(range(0, Tk, block_n)):  # the kernel's order: the last block first
+        cols = slice(start, min(start + block_n, Tk))
+        running = torch.maximum(running, scores[..., cols].amax(dim=-1, keepdim=True))
+        probs[..., cols] = S[..., cols].abs() * torch.exp(running - lse)
+    return probs, S >= 0

@@ -20,7 +20,9 @@ from fasttrain.ops import (
     scaled_dot_product_attention,
 )
 from fasttrain.ops.attention_dropout import dense_keep, dropout_seed, keep_threshold, philox
+from fasttrain.ops.attention_reference import _get_block_size_n
 
+from flash_attn_ref import decode_s_dmask
 from helpers import TOL_FP32, TOL_HALF, max_err
 
 TOL = TOL_FP32["attention"]
@@ -192,8 +194,9 @@ def test_the_backward_regenerates_the_mask_numerically():
 
 
 def test_s_dmask_encodes_the_mask_as_flash_attn():
-    """S_dmask (B, H, Tq rounded to 128, Tk rounded to 128): |S| = P inside each sequence, 0 outside, negative where
-    dropped; dropout_p = 0 gives flash-attn's empty tensor."""
+    """S_dmask (B, H, Tq rounded to 128, Tk rounded to 128): P inside each sequence in flash-attn's encoding (read
+    back as its tests read it; tests/test_attention_s_dmask.py has the cases), 0 outside, negative where dropped;
+    dropout_p = 0 gives flash-attn's empty tensor."""
     q, k, v = _leaves((2, 33, 2, 32), (2, 97, 1, 32), (2, 97, 1, 32))
     out, lse, S = _seeded(flash_attn_func, q, k, v, dropout_p=0.3, causal=True, return_attn_probs=True, backend="cpu")
     assert S.shape == (2, 2, 128, 128) and S.dtype == q.dtype
@@ -206,7 +209,8 @@ def test_s_dmask_encodes_the_mask_as_flash_attn():
         dim=-1,
     )
     inside = S[:, :, :33, :97]
-    assert max_err(inside.abs(), P) < TOL and (S[:, :, 33:] == 0).all() and (S[:, :, :, 97:] == 0).all()
+    decoded, _ = decode_s_dmask(S, q.detach(), k.detach(), _get_block_size_n("cpu", 32, True, True), True, (-1, -1))
+    assert max_err(decoded, P) < TOL and (S[:, :, 33:] == 0).all() and (S[:, :, :, 97:] == 0).all()
     assert torch.equal((inside > 0), keep & (P > 0))
     _, _, none = flash_attn_func(q, k, v, return_attn_probs=True, backend="cpu")
     assert none.shape == (0,)

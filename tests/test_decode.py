@@ -217,6 +217,10 @@ def _bad(**changes):
             r"block_table must lie in \[0, 3\)",
         ),
         (dict(**_pages(), block_table=torch.tensor([[0], [1]])), "block_table must be an int32 tensor"),
+        (  # flash-attn's message names the block_table whose pages are too few
+            dict(**_pages(), block_table=torch.zeros(2, 1, dtype=torch.int32), cache_seqlens=torch.tensor([3, 127])),
+            "cache too short: .* block_table's pages hold 128",
+        ),
         (dict(**_pages(), block_table=torch.zeros(3, 1, dtype=torch.int32)), r"block_table must be \(B=2"),
         (
             dict(**_pages(), block_table=torch.zeros(2, 1, dtype=torch.int32), cache_batch_idx=torch.tensor([0, 1])),

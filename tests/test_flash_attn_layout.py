@@ -47,6 +47,7 @@ MIRRORED = {
             "rotate_half",
         ],
     ),
+    "flash_attn.ops.triton.rotary": ("fasttrain.ops.rotary", ["apply_rotary"]),
 }
 MIRRORED["flash_attn.flash_attn_interface"] = MIRRORED["flash_attn"]
 

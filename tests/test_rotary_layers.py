@@ -1,12 +1,14 @@
 """flash-attn's `flash_attn.layers.rotary` beyond apply_rotary_emb (fasttrain.ops.rotary): rotate_half,
-apply_rotary_emb_torch, the in-place apply_rotary_emb_qkv_ / apply_rotary_emb_kv_ with their gradients, and the
-RotaryEmbedding module (its cache, seqlen_offset, GQA and XPos), against rotations written out here."""
+apply_rotary_emb_torch, the in-place apply_rotary_emb_qkv_ / apply_rotary_emb_kv_ with their gradients, the
+RotaryEmbedding module (its cache, seqlen_offset, GQA and XPos), and flash_attn.ops.triton.rotary's apply_rotary,
+against rotations written out here."""
 
 import pytest
 import torch
 
 from fasttrain.ops.rotary import (
     RotaryEmbedding,
+    apply_rotary,
     apply_rotary_emb,
     apply_rotary_emb_func,
     apply_rotary_emb_kv_,
@@ -149,3 +151,64 @@ def test_rotary_embedding_xpos_scales_q_up_and_k_down():
     assert rope._cos_cached.dtype == torch.float32 and rope._cos_k_cached.shape == (6, 8)
     assert err(qkv[:, :, 0], _rotated(q, cos * scale, sin * scale)) < TOL
     assert err(qkv[:, :, 1], _rotated(k, cos / scale, sin / scale)) < TOL
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_apply_rotary_is_flash_attns_kernel_call(interleaved):
+    """flash-attn's ops.triton.rotary.apply_rotary: its argument order, conjugate the inverse rotation, outside
+    autograd (no gradient, in place even on x requiring grad), per-sequence offsets and packed sequences."""
+    x = randn(2, 7, 3, 20, seed=2).requires_grad_()
+    cos, sin = _angles(12, 8)
+    out = apply_rotary(x, cos, sin, 2, interleaved=interleaved)
+    assert not out.requires_grad and err(out, _rotated(x.detach(), cos[2:9], sin[2:9], interleaved)) < TOL
+    back = apply_rotary(out, cos, sin, seqlen_offsets=2, interleaved=interleaved, conjugate=True)
+    assert err(back, x.detach()) < TOL
+    offsets = torch.tensor([0, 5], dtype=torch.int32)
+    per_seq = apply_rotary(x, cos, sin, offsets, interleaved=interleaved)
+    want = apply_rotary_emb(x.detach(), cos, sin, interleaved, seqlen_offsets=offsets)
+    assert torch.equal(per_seq, want)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    packed = apply_rotary(x.detach()[0], cos, sin, 0, cu, 4, interleaved, conjugate=True)
+    pieces = [_rotated(x.detach()[0, a:b], cos[: b - a], -sin[: b - a], interleaved) for a, b in ((0, 3), (3, 7))]
+    assert err(packed, torch.cat(pieces)) < TOL
+    y = x.detach().clone().requires_grad_()
+    assert apply_rotary(y, cos, sin, 2, interleaved=interleaved, inplace=True) is y
+    assert torch.equal(y.detach(), out)
+    with pytest.raises(TypeError, match="conjugate"):
+        apply_rotary(x, cos, sin, conjugate=1)
+
+
+def test_in_place_rotations_take_a_leaf_requiring_grad_as_flash_attn():
+    """flash-attn's in-place rotations accept a leaf that requires grad: its storage is rotated and the returned
+    alias carries the gradient (rotated back) to it. qkv_, kv_, apply_rotary_emb and its packed form alike."""
+    cos, sin = _angles(9, 8)
+    g = randn(2, 9, 3, 2, 16, seed=5, grad=False)
+    qkv = randn(2, 9, 3, 2, 16, seed=4)
+    qkv0 = qkv.detach().clone()
+    out = apply_rotary_emb_qkv_(qkv, cos, sin)
+    want = torch.stack([_rotated(qkv0[:, :, i], cos, sin) for i in (0, 1)] + [qkv0[:, :, 2]], dim=2)
+    assert qkv.is_leaf and err(out, want) < TOL and torch.equal(qkv.detach(), out.detach())
+    out.backward(g)
+    grad_want = torch.stack([_rotated(g[:, :, i], cos, -sin) for i in (0, 1)] + [g[:, :, 2]], dim=2)
+    assert err(qkv.grad, grad_want) < TOL
+    kv = randn(2, 9, 2, 2, 16, seed=6)
+    kv0 = kv.detach().clone()
+    out = apply_rotary_emb_kv_(kv, cos, sin, interleaved=True)
+    out.backward(g[:, :, :2])
+    assert err(out, torch.stack((_rotated(kv0[:, :, 0], cos, sin, True), kv0[:, :, 1]), dim=2)) < TOL
+    assert err(kv.grad, torch.stack((_rotated(g[:, :, 0], cos, -sin, True), g[:, :, 1]), dim=2)) < TOL
+    x = randn(2, 9, 2, 16, seed=7)
+    x0 = x.detach().clone()
+    out = apply_rotary_emb(x, cos, sin, inplace=True)
+    out.backward(g[:, :, 0])
+    assert torch.equal(x.detach(), out.detach()) and err(out, _rotated(x0, cos, sin)) < TOL
+    assert err(x.grad, _rotated(g[:, :, 0], cos, -sin)) < TOL
+    packed = randn(9, 2, 16, seed=8)
+    p0 = packed.detach().clone()
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+    out = apply_rotary_emb(packed, cos, sin, inplace=True, cu_seqlens=cu, max_seqlen=5)
+    out.backward(g[0, :, 0])
+    pieces = [_rotated(p0[a:b], cos[: b - a], sin[: b - a]) for a, b in ((0, 4), (4, 9))]
+    grads = [_rotated(g[0, a:b, 0], cos[: b - a], -sin[: b - a]) for a, b in ((0, 4), (4, 9))]
+    assert torch.equal(packed.detach(), out.detach()) and err(out, torch.cat(pieces)) < TOL
+    assert err(packed.grad, torch.cat(grads)) < TOL

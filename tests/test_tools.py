@@ -98,8 +98,54 @@ def test_aot_host_ab_times_the_three_paths_of_each_aot_op(monkeypatch, capsys):
     assert line.startswith("decode fwd: ") and line.count(" no launch ") == 3 and "torch, 1-row static cache" in line
     assert line.endswith("x)") and "aot / torch" in line
     lines = run("--attention")  # flash_attn_func's call, then the packed function's and SDPA's with a mask
-    rows = ("attention", "qkvpacked", "sdpa causal mask")
+    rows = ("attention", "qkvpacked", "sdpa causal mask", "varlen", "dropout")
     assert [line.split(":")[0] for line in lines] == [f"{row} {mode}" for row in rows for mode in ("fwd", "fwd+bwd")]
     assert all("torch sdpa fp32" in line and "aot / sdpa" in line for line in lines)
     # no launch: the JIT's (the qkvpacked rows: its backward), without the short path, and as it is
-    assert [line.count(" no launch ") for line in lines] == [3, 3, 3, 3, 2, 2]
+    assert [line.count(" no launch ") for line in lines] == [3, 3, 3, 3, 2, 2, 2, 2, 2, 2]
+
+
+def test_flash_attn_suite_rewrites_a_test_file_and_samples_its_cases(tmp_path):
+    """tools/flash_attn_suite.py on a made-up flash-attention checkout: the imports become fasttrain.flash_attn's,
+    the devices the CPU, the GPU queries sm90's; per test function --per-test cases run, none past --max-seqlen."""
+    tool = _bench_module("flash_attn_suite", "tools")
+    source = (
+        "import torch\n"
+        "from flash_attn import flash_attn_func\n"
+        "    from flash_attn.flash_attn_interface import _get_block_size_n, USE_TRITON_ROCM\n"
+        "import flash_attn\n"
+        'is_sm90 = torch.cuda.get_device_capability("cuda") == (9, 0)\n'
+        'big = torch.cuda.get_device_properties("cuda").total_memory > 2**30\n'
+        "q = torch.randn(3, device='cuda')  # flash_attn_func on cuda\n"
+    )
+    text = tool.transform(source)
+    assert text.splitlines()[1:4] == [
+        "from fasttrain.flash_attn import flash_attn_func",
+        "    from fasttrain.flash_attn.flash_attn_interface import _get_block_size_n, USE_TRITON_ROCM",
+        "import fasttrain.flash_attn as flash_attn",
+    ]
+    assert "is_sm90 = (9, 0) == (9, 0)" in text and "big = 2**40 > 2**30" in text
+    assert 'q = torch.randn(3, device="cpu")  # flash_attn_func on cuda' in text
+    # A checkout whose test file pytest samples: no torch import, so the run costs pytest's start only.
+    root = tmp_path / "flash-attention"
+    (root / "tests").mkdir(parents=True)
+    (root / "tests" / "test_made_up.py").write_text(
+        "import pytest\n"
+        'DEVICE = "cuda"\n'
+        '@pytest.mark.parametrize("seqlen_q,seqlen_k", [(1, 97), (97, 300), (64, 64)])\n'
+        '@pytest.mark.parametrize("d", [32, 64])\n'
+        "def test_attention(seqlen_q, seqlen_k, d):\n"
+        '    assert DEVICE == "cpu" and max(seqlen_q, seqlen_k) <= 128\n'
+        "\n"
+        "def test_plain():\n"
+        "    pass\n"
+    )
+    out = tmp_path / "suite"
+    args = ["--flash-attn", str(root), "--files", "tests/test_made_up.py", "--keep", str(out), "--max-seqlen", "128"]
+    done = subprocess.run(
+        [sys.executable, tool.__file__, *args, "--per-test", "3", "--", "-v"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    ran = [line.split("::")[1].split()[0] for line in done.stdout.splitlines() if " PASSED" in line]
+    assert sum(r.startswith("test_attention[") for r in ran) == 3 and "test_plain" in ran and len(ran) == 4
+    assert "3 deselected" in done.stdout and (out / "tests_test_made_up.py").is_file()

@@ -33,8 +33,13 @@ of the two.
 
 It then times, the same way, flash_attn_qkvpacked_func's common call (qkv (1, 1, 3, 12, 64), causal) against SDPA on
 qkv's views, with the backward also through Triton's JIT launcher (launches skipped) as the aot column's backward
-runs where the C++ backward does not write into the packed gradient; and scaled_dot_product_attention under a
-boolean causal mask (a band: the kernels' own window) against torch's SDPA under the same mask.
+runs where the C++ backward does not write into the packed gradient; scaled_dot_product_attention under a
+boolean causal mask (a band: the kernels' own window) against torch's SDPA under the same mask; and
+flash_attn_varlen_func over one packed sequence (q, k, v (1, 12, 64), causal) against SDPA on the rows' (1, H, T, D)
+views, with and without its short path (_varlen_short). Its offsets are CPU tensors here, which both paths read on
+every call (CUDA offsets the general path has checked are not read again: see fasttrain/ops/attention_checks.py
+_known_longest), so the rows include that read; and flash_attn_func with dropout_p 0.1 (the seed drawn on every
+call) against SDPA with the same dropout_p, with and without the short path.
 """
 
 import argparse
@@ -239,6 +244,33 @@ def packed_and_masked(rounds: int, calls: int) -> None:
         return scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
     _rows("sdpa causal mask", ours_masked, sdpa_masked, inputs, fp32, ((ops, "_AOT_OP"),), rounds, calls)
+
+    from fasttrain.ops.attention import flash_attn_func, flash_attn_varlen_func
+
+    rows = tuple(torch.randn(T, H, D, generator=g, dtype=torch.float16).requires_grad_() for _ in "qkv")
+    fp32 = tuple(t.detach().float().requires_grad_() for t in rows)
+    cu = torch.tensor([0, T], dtype=torch.int32)
+
+    def ours_varlen(q, k, v):
+        return flash_attn_varlen_func(q, k, v, cu, cu, T, T, causal=True)
+
+    def sdpa_rows(q, k, v):  # (T, H, D) in and out, as flash_attn_varlen_func over one sequence
+        q, k, v = (t[None].transpose(1, 2) for t in (q, k, v))  # (1, H, T, D) views
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)[0].transpose(0, 1)
+
+    _rows("varlen", ours_varlen, sdpa_rows, rows, fp32, ((ops, "_AOT_VARLEN_OP"),), rounds, calls)
+
+    dense = tuple(torch.randn(B, T, H, D, generator=g, dtype=torch.float16).requires_grad_() for _ in "qkv")
+    fp32 = tuple(t.detach().float().requires_grad_() for t in dense)
+
+    def ours_dropout(q, k, v):
+        return flash_attn_func(q, k, v, 0.1, causal=True)
+
+    def sdpa_dropout(q, k, v):  # (B, T, H, D) in and out, as flash_attn_func
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D) views
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True).transpose(1, 2)
+
+    _rows("dropout", ours_dropout, sdpa_dropout, dense, fp32, ((ops, "_AOT_OP"),), rounds, calls)
 
 
 def main() -> None:

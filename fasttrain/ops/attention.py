@@ -2,8 +2,8 @@
 `scaled_dot_product_attention` over one registered op.
 
 Backends: `aot` (the kernels compiled ahead of time and launched from C++, csrc/attention_aot.cpp and
-attention_backward_aot.cpp, for flash_attn_func's and flash_attn_varlen_func's common calls; flash_attn_func's skips
-the general checks and choice too, `_aot_short`, straight to one C++ op with its autograd in C++), `triton`
+attention_backward_aot.cpp, for flash_attn_func's and flash_attn_varlen_func's common calls, which skip the general
+checks and choice too, `_aot_short` and `_varlen_short`, straight to one C++ op with its autograd in C++), `triton`
 (kernels/attention*.py: CUDA fp16/bf16; CPU tensors under TRITON_INTERPRET=1), `cpu`
 (csrc/attention_cpu.cpp: CPU tensors in fp32, bf16 or fp16, computed in fp32) and `reference`
 (fasttrain/ops/attention_reference.py: plain PyTorch, any device and dtype, and the only one with an `attn_mask`).
@@ -28,6 +28,7 @@ from fasttrain.ops.attention_checks import (
     _check_softcap,
     _check_varlen,
     _keys_from_pages,
+    _known_longest,
     _scale,
     _window,
 )
@@ -534,13 +535,16 @@ _AOT_OP = (
 )
 
 
-def _aot_short(q, k, v, scale, left: int, right: int, deterministic: bool) -> Tensor | None:
+def _aot_short(q, k, v, scale, left: int, right: int, deterministic: bool, dropout_p: float = 0.0) -> Tensor | None:
     """out from the aot ops for a call that the checks and choice of the general path (`_attend`) would send to the
     aot column unchanged (`_short_scale`), else None, and the general path checks, chooses and calls; it does nothing
-    else this one skips, so both give the same launches (tests/test_attention_short_path.py). Autocast changes
-    neither path: the ops have no autocast kernel."""
+    else this one skips, so both give the same launches (tests/test_attention_short_path.py). dropout_p > 0 draws its
+    seed as `_attend` does, after the checks, so that both paths drop the same scores under one torch.manual_seed.
+    Autocast changes neither path: the ops have no autocast kernel."""
     if _AOT_OP is None or (scale := _short_scale(q, k, v, scale)) is None:
         return None
+    if dropout_p:
+        return _AOT_OP(q, k, v, scale, left, right, deterministic, float(dropout_p), dropout_seed(q.device))
     return _AOT_OP(q, k, v, scale, left, right, deterministic)
 
 
@@ -577,34 +581,123 @@ def _short_scale(q, k, v, scale) -> float | None:
     return D**-0.5 if scale is None else scale
 
 
+# the same for packed sequences (flash_attn_varlen_func): csrc/attention_aot_autograd.cpp attention_aot_varlen
+_AOT_VARLEN_OP = (
+    torch.ops.fasttrain.attention_aot_varlen.default
+    if _AOT_OP is not None
+    and _AOT_VARLEN_OP_REASON is None
+    and _backend.native_op_reason("attention_varlen_backward_aot") is None
+    and _backend.native_op_reason("attention_aot_varlen") is None
+    else None
+)
+
+
+def _short_varlen_scale(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> float | None:
+    """`_short_scale` for packed sequences: q (total_q, H, D), k and v (total_k, Hkv, D), int32 offsets cu_q and cu_k
+    (B + 1, unit stride) on q's device and int max_q and max_k at least the longest sequences, as `_check_varlen`
+    checks them, the offsets' values known without a device sync (`_known_longest`: offsets the general path checked
+    and remembered, unchanged since; else None, and the general path reads them), and what `_aot_reason` asks of
+    packed inputs. The offsets are read only after everything the general path checks before them has passed, so a
+    bad value raises the general path's error."""
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return None
+    if type(cu_q) is not Tensor or type(cu_k) is not Tensor or type(max_q) is not int or type(max_k) is not int:
+        return None
+    if _backend.aot_reason(device := q.device) is not None:  # first: a CPU tensor leaves at once
+        return None
+    dtype = q.dtype
+    if q.dim() != 3 or k.dim() != 3 or dtype not in _KERNEL_DTYPES_CUDA or k.dtype != dtype or v.dtype != dtype:
+        return None
+    (total_q, H, D), (total_k, Hkv, Dk) = q.shape, k.shape
+    if k.shape != v.shape or Dk != D or D not in _AOT_HEAD_DIMS or Hkv == 0 or H % Hkv:
+        return None
+    if H // Hkv not in _AOT_GROUPS or k.device != device or v.device != device:
+        return None
+    n = cu_q.numel()
+    if cu_q.dtype != torch.int32 or cu_k.dtype != torch.int32 or cu_q.dim() != 1 or cu_k.dim() != 1:
+        return None
+    if n < 2 or cu_k.numel() != n or cu_q.stride(0) != 1 or cu_k.stride(0) != 1:
+        return None
+    if cu_q.device != device or cu_k.device != device:
+        return None
+    # as the dense short path: unit stride along D, the grid's sequences and heads, int32 row offsets and strides
+    sq, sk, sv = q.stride(), k.stride(), v.stride()
+    if sq[2] != 1 or sk[2] != 1 or sv[2] != 1 or n - 1 > GRID_YZ_MAX or H > GRID_YZ_MAX:
+        return None
+    if max(sq) >= 2**31 or max(sk) >= 2**31 or max(sv) >= 2**31 or max_q * max(sq[0], H * D) >= 2**31:
+        return None
+    if max_k * max(sk[0], Hkv * D) >= 2**31 or max_k * max(sv[0], Hkv * D) >= 2**31:
+        return None
+    if scale is not None and type(scale) is not float:
+        return None
+    if _backend.forced():
+        return None
+    longest_q = _known_longest("cu_seqlens_q", cu_q, total_q)
+    if longest_q is None or max_q < longest_q:
+        return None
+    longest_k = _known_longest("cu_seqlens_k", cu_k, total_k)
+    if longest_k is None or max_k < longest_k:
+        return None
+    return D**-0.5 if scale is None else scale
+
+
+def _varlen_short(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size, softcap,
+                  alibi_slopes, deterministic):  # fmt: skip
+    """out of flash_attn_varlen_func from one C++ op with its autograd in C++ (`_AOT_VARLEN_OP`), for a call that the
+    general path would send to the aot column as it is (`_flash_args`, `_short_varlen_scale`; with dropout, where its
+    backward cubins ship: `_AOT_UNSHIPPED_VARLEN_DROPOUT`), else None: the same launches forward and backward, the
+    dropout seed drawn as `_aot_short` draws it (tests/test_attention_short_path.py)."""
+    if _AOT_VARLEN_OP is None or (found := _flash_args(dropout_p, causal, window_size, softcap, alibi_slopes)) is None:
+        return None
+    if (scale := _short_varlen_scale(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale)) is None:
+        return None
+    left, right, p = found
+    if not p:
+        return _AOT_VARLEN_OP(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, bool(deterministic))
+    if (_backend.aot_arch(q.device), q.shape[-1]) in _AOT_UNSHIPPED_VARLEN_DROPOUT:
+        return None
+    args = (scale, left, right, bool(deterministic), p, dropout_seed(q.device))
+    return _AOT_VARLEN_OP(q, k, v, cu_q, cu_k, max_q, max_k, *args)
+
+
 def _flash_short(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
-    """`_aot_short` for flash_attn_func's arguments (`_flash_band`)."""
-    band = _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes)
-    return None if band is None else _aot_short(q, k, v, softmax_scale, *band, bool(deterministic))
+    """`_aot_short` for flash_attn_func's arguments (`_flash_args`)."""
+    found = _flash_args(dropout_p, causal, window_size, softcap, alibi_slopes)
+    return None if found is None else _aot_short(q, k, v, softmax_scale, *found[:2], bool(deterministic), found[2])
 
 
-def _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes) -> tuple[int, int] | None:
-    """(left, right) for flash-attn's arguments that the short paths take: no dropout, softcap or ALiBi, a
-    (left, right) tuple of ints >= -1 for window_size, translated as `_window` translates it; else None."""
+def _flash_args(dropout_p, causal, window_size, softcap, alibi_slopes) -> tuple[int, int, float] | None:
+    """(left, right, dropout_p) for flash-attn's arguments that the short paths take: a float or int dropout_p in
+    [0, 1) (`_check_dropout` passes), no softcap or ALiBi, a (left, right) tuple of ints >= -1 for window_size,
+    translated as `_window` translates it; else None."""
     if alibi_slopes is not None or type(dropout_p) not in (float, int) or type(softcap) not in (float, int):
         return None
-    if dropout_p != 0 or softcap != 0 or type(window_size) is not tuple or len(window_size) != 2:
+    if not 0 <= dropout_p < 1 or softcap != 0 or type(window_size) is not tuple or len(window_size) != 2:
         return None
     w_left, w_right = window_size
     if type(w_left) is not int or type(w_right) is not int or w_left < -1 or w_right < -1:
         return None
     left, right = (UNBOUNDED if w_left == -1 else w_left), (UNBOUNDED if w_right == -1 else w_right)
-    return left, 0 if causal else right
+    return left, 0 if causal else right, float(dropout_p)
+
+
+def _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes) -> tuple[int, int] | None:
+    """`_flash_args`' (left, right) for a call without dropout (the packed functions' short paths: the backward into
+    their packed gradients takes no dropout), else None."""
+    found = _flash_args(dropout_p, causal, window_size, softcap, alibi_slopes)
+    return None if found is None or found[2] else found[:2]
 
 
 def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-    """`_aot_short` for scaled_dot_product_attention's arguments: no dropout, Hkv < H only with enable_gqa, the
-    top-left causal band as the general path gives it, or a mask that `kernel_plan` reads as a band (causal,
-    sliding-window: its (left, right), as the general path takes it; padding and packed documents, whose launches
-    gather rows, take the general path)."""
+    """`_aot_short` for scaled_dot_product_attention's arguments: dropout_p a float or int in [0, 1), Hkv < H only
+    with enable_gqa, the top-left causal band as the general path gives it, or a mask that `kernel_plan` reads as a
+    band (causal, sliding-window: its (left, right), as the general path takes it; padding and packed documents,
+    whose launches gather rows, take the general path)."""
     if type(query) is not Tensor or type(key) is not Tensor or type(value) is not Tensor:
         return None
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or type(dropout_p) not in (float, int) or dropout_p:
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or type(dropout_p) not in (float, int):
+        return None
+    if not 0 <= dropout_p < 1:
         return None
     if key.shape[1] != query.shape[1] and not enable_gqa:
         return None
@@ -625,17 +718,18 @@ def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
             return None
         left, right = plan
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
-    out = _aot_short(q, k, v, scale, left, right, False)
+    out = _aot_short(q, k, v, scale, left, right, False, dropout_p)
     return None if out is None else out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)
 
 
-def attn_probs(q, k, lse, seed, dropout_p, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0) -> Tensor:
+def attn_probs(q, k, seed, dropout_p, scale, left, right, cu_q=None, cu_k=None, max_q=0, max_k=0, softcap=0.0,
+               alibi_slopes=None) -> Tensor:  # fmt: skip
     """flash-attn's third value with return_attn_probs: S_dmask (attention_reference.s_dmask, computed from the
-    forward's lse and dropout seed only when asked) with dropout, else the empty tensor flash-attn returns."""
+    forward's dropout seed only when asked) with dropout, else the empty tensor flash-attn returns."""
     if dropout_p == 0.0:
         return q.new_empty((0,))
     with torch.no_grad():
-        return s_dmask(q, k, lse, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k)
+        return s_dmask(q, k, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k, softcap, alibi_slopes)
 
 
 def _flash_causal(alibi_slopes: Tensor | None, left: int, right: int, max_k: int) -> bool:
@@ -718,7 +812,7 @@ def flash_attn_func(
     CPU the C++ kernel takes any head_dim in fp32, bf16 or fp16.
     dropout_p drops attention probabilities inside the kernels (every backend draws the same mask from a fresh
     seed on q's device, which the backward reads again; fasttrain/ops/attention_dropout.py). softcap > 0 caps the
-    scaled scores at softcap * tanh(s / softcap) (Gemma 2), before the mask and the ALiBi bias (<= 0: no
+    scaled scores at softcap * tanh(s / softcap) (Gemma 2), before the mask and the ALiBi bias (<= 0 or NaN: no
     capping, as in flash-attn). alibi_slopes: float32 (H,) or (B, H); adds -slope * |i + Tk - Tq - j| to the score
     of query i and key j (not scaled by softmax_scale; no gradient reaches the slopes, as in flash-attn).
     deterministic: the backward computes dQ by its own kernel (also under torch.use_deterministic_algorithms(True)),
@@ -727,10 +821,11 @@ def flash_attn_func(
     dK/dV kernel where that times faster for the shape (fewer matmuls, a transient float32 buffer of 2x dQ's bytes;
     dQ's last bits vary from run to run, as in flash-attn).
     Returns out (B, Tq, H, D); with return_attn_probs, (out, softmax_lse (B, H, Tq) float32, S_dmask): with
-    dropout, flash-attn's S_dmask (B, H, Tq and Tk rounded up to 128) in q's dtype, the probabilities with dropped
-    ones negated, computed from lse and the seed only when asked (the kernels never write it); without dropout an
-    empty tensor, as flash-attn returns. Query rows that see no key give 0 and lse = +inf. As in flash-attn, the
-    backward ignores softmax_lse's gradient (a loss from lse alone gives dq = dk = dv = 0).
+    dropout, flash-attn's S_dmask (B, H, Tq and Tk rounded up to 128) in q's dtype, in flash-attn's encoding
+    (attention_reference.s_dmask: P unnormalized per key block, dropped entries negated), computed from the seed
+    only when asked (the kernels never write it); without dropout an empty tensor, as flash-attn returns. Query
+    rows that see no key give 0 and lse = +inf. As in flash-attn, the backward ignores softmax_lse's gradient (a
+    loss from lse alone gives dq = dk = dv = 0).
     backend: "auto" (default), "triton", "cpu" or "reference"; FASTTRAIN_BACKEND overrides auto.
     lse_grad (fasttrain's own, keyword-only): True differentiates through the returned softmax_lse too, exactly
     (the backward kernels read its gradient); False (default, flash-attn's semantics) costs nothing.
@@ -763,7 +858,7 @@ def flash_attn_func(
     )
     if not return_attn_probs:
         return out
-    probs = attn_probs(q, k, lse, seed, dropout_p, scale, left, right)
+    probs = attn_probs(q, k, seed, dropout_p, scale, left, right, softcap=softcap, alibi_slopes=alibi_slopes)
     shift = torch.arange(q.shape[1], device=q.device)[None] + (k.shape[1] - q.shape[1])  # (1, Tq)
     return out, returned_lse(flash_lse(lse, alibi_slopes, left, right, k.shape[1], shift), lse_grad), probs
 
@@ -805,6 +900,11 @@ def flash_attn_varlen_func(
     Tk_b place the bias), and lse_grad (softmax_lse's gradient ignored unless lse_grad=True) as in
     `flash_attn_func`.
     """
+    if backend is None and not return_attn_probs and block_table is None and type(lse_grad) is bool:
+        args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size)
+        out = _varlen_short(q, k, v, *args, softcap, alibi_slopes, deterministic)
+        if out is not None:
+            return out
     if block_table is not None:
         k, v = _keys_from_pages(q, k, v, block_table, cu_seqlens_k)
     _check_qkv(q, k, v, 3, "(total, H, D)")
@@ -834,8 +934,9 @@ def flash_attn_varlen_func(
     if not return_attn_probs:
         return out
     probs = attn_probs(
-        q, k, lse, seed, dropout_p, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
-    )
+        q, k, seed, dropout_p, scale, left, right, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softcap,
+        alibi_slopes,
+    )  # fmt: skip
     lse = _varlen_flash_lse(lse, alibi_slopes, left, right, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
     return out, returned_lse(lse, lse_grad), probs
 

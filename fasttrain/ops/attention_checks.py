@@ -72,12 +72,13 @@ def _scale(softmax_scale, head_dim: int) -> float:
 
 
 def _check_softcap(softcap) -> float:
-    """flash-attn's softcap: a float, any value <= 0 meaning no capping (flash-attn caps only when softcap > 0)."""
+    """flash-attn's softcap: a float, any value that is not > 0 (NaN too) meaning no capping, as flash-attn's
+    `softcap > 0` check reads it; +inf, which flash-attn turns into NaN scores, is refused."""
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
         raise ArgumentTypeError(f"softcap must be a float (<= 0.0 = no capping), got {type(softcap).__name__}")
-    if softcap != softcap or softcap == float("inf"):  # NaN or inf: no finite cap to apply
+    if softcap == float("inf"):  # no finite cap to apply
         raise ArgumentError(f"softcap must be a finite float (<= 0.0 = no capping), got {softcap!r}")
-    if softcap <= 0.0:
+    if not softcap > 0.0:
         return 0.0
     return float(softcap)
 
@@ -131,6 +132,20 @@ def _longest_sequence(name: str, cu: Tensor, total: int) -> int | None:
     if cacheable:
         _checked_offsets[name] = (weakref.ref(cu), cu._version, total, longest)
     return longest
+
+
+def _known_longest(name: str, cu: Tensor, total: int) -> int | None:
+    """`_longest_sequence`'s answer where it costs no device sync: CUDA offsets remembered under `name` and unchanged
+    since (their values are not read), or CPU offsets read now (raising as it raises); else None, as while
+    torch.compile traces: the general path reads and checks them. cu is an int32 1-D tensor (the caller checked)."""
+    if torch.compiler.is_compiling():
+        return None
+    if cu.is_cuda:
+        seen = _checked_offsets.get(name)
+        if seen is not None and seen[0]() is cu and seen[1:3] == (cu._version, total):
+            return seen[3]
+        return None
+    return _longest_sequence(name, cu, total)
 
 
 def _check_cu_seqlens(name: str, cu: Tensor, total: int, batch: int | None, device) -> int | None:

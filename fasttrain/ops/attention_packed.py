@@ -4,8 +4,8 @@ The kernels read q, k and v as strided views of the packed tensor, and the backw
 of one packed gradient, so no concatenation happens either way (the Triton kernels and the aot ops write the views
 directly; the CPU kernel and the reference copy their gradients in). Semantics, arguments and returns are
 flash-attn's; masks, GQA, backends and lse_grad (softmax_lse's gradient ignored, as flash-attn ignores it, unless
-lse_grad=True) as in fasttrain.ops.flash_attn_func / flash_attn_varlen_func. The dense functions' common calls take
-a short path as flash_attn_func's does (`_packed_short`).
+lse_grad=True) as in fasttrain.ops.flash_attn_func / flash_attn_varlen_func. Their common calls take a short path as
+flash_attn_func's and flash_attn_varlen_func's do (`_packed_short`, `_varlen_packed_short`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ from fasttrain import _backend
 from fasttrain._backend import ArgumentError, ArgumentTypeError
 from fasttrain.ops.attention import (
     _AOT_OP,
+    _AOT_VARLEN_OP,
     ATTENTION,
     _backward_into_op,
     _check_lse_grad,
     _flash_band,
     _forward_op,
     _short_scale,
+    _short_varlen_scale,
     _varlen_flash_lse,
     attn_probs,
     flash_lse,
@@ -51,14 +53,14 @@ class _PackedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_src, kv_src, cu_q, cu_k, max_q, max_k, scale, left, right, dropout_p, seed, deterministic,
-                backend, softcap, alibi):  # fmt: skip
+                backend, softcap, alibi, lse_grad):  # fmt: skip
         q, k, v = _split(q_src, kv_src)
         name = ATTENTION.choose(q, k, v, cu_q, max_q, max_k, None, dropout_p, softcap, alibi, backend=backend)
         args = (cu_q, cu_k, max_q, max_k, scale, left, right)
         out, lse = _forward_op(q, k, v, *args, None, dropout_p, seed, softcap, alibi, deterministic, name)
         ctx.save_for_backward(q_src, kv_src, out, lse, cu_q, cu_k, seed, alibi)
         ctx.args, ctx.dropout_p, ctx.deterministic, ctx.backend = args, dropout_p, deterministic, name
-        ctx.softcap = softcap
+        ctx.softcap, ctx.lse_grad = softcap, lse_grad
         ctx.set_materialize_grads(False)  # an lse nobody differentiates gives dlse None: no zeros made or read
         return out, lse
 
@@ -66,6 +68,9 @@ class _PackedAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, dlse):
         q_src, kv_src, out, lse, cu_q, cu_k, seed, alibi = ctx.saved_tensors
+        # an lse whose gradient is ignored (lse_grad False, or not returned) reads no dlse, though torch.compile's
+        # AOTAutograd hands zeros (set_materialize_grads does not survive its trace): the kernels' column without one
+        dlse = dlse if ctx.lse_grad else None
         grads = (torch.empty_like(q_src), None if kv_src is None else torch.empty_like(kv_src))
         dq, dk, dv = _split(*grads)
         q, k, v = _split(q_src, kv_src)
@@ -73,7 +78,7 @@ class _PackedAttention(torch.autograd.Function):
         deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
         args = (*ctx.args, ctx.dropout_p, seed, ctx.softcap, alibi, deterministic, ctx.backend)
         _backward_into_op(dq, dk, dv, dout, q, k, v, out, lse, dlse, *args)
-        return *grads, *(None,) * 13  # the slopes take no gradient, as in flash-attn
+        return *grads, *(None,) * 14  # the slopes take no gradient, as in flash-attn
 
 
 # forward and backward in one C++ op with its autograd in C++ (csrc/attention_aot_autograd.cpp attention_aot_packed)
@@ -107,6 +112,38 @@ def _packed_short(q_src, kv_src, dropout_p, softmax_scale, causal, window_size, 
     return _AOT_PACKED_OP(q_src, kv_src, scale, *band, bool(deterministic))
 
 
+# the same for packed sequences (attention_aot_varlen_packed)
+_AOT_VARLEN_PACKED_OP = (
+    torch.ops.fasttrain.attention_aot_varlen_packed.default
+    if _AOT_VARLEN_OP is not None
+    and _AOT_PACKED_OP is not None
+    and _backend.native_op_reason("attention_varlen_backward_into_aot") is None
+    and _backend.native_op_reason("attention_aot_varlen_packed") is None
+    else None
+)
+
+
+def _varlen_packed_short(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size,
+                         softcap, alibi_slopes, deterministic):  # fmt: skip
+    """`_packed_short` for the varlen packed functions: qkv (total, 3, H, D) (kv_src None), or q (total_q, H, D) and
+    kv (total_k, 2, Hkv, D), with the offsets and longest sequences as fasttrain.ops.attention `_short_varlen_scale`
+    takes them."""
+    band = _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes)
+    if _AOT_VARLEN_PACKED_OP is None or band is None or type(q_src) is not Tensor:
+        return None
+    if kv_src is None:
+        if q_src.dim() != 4 or q_src.shape[1] != 3:
+            return None
+        q, k, v = q_src.unbind(1)  # (total, 3, H, D) -> 3 x (total, H, D) views
+    else:
+        if type(kv_src) is not Tensor or kv_src.dim() != 4 or kv_src.shape[1] != 2:
+            return None
+        q, (k, v) = q_src, kv_src.unbind(1)  # (total_k, 2, Hkv, D) -> 2 x (total_k, Hkv, D) views
+    if (scale := _short_varlen_scale(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale)) is None:
+        return None
+    return _AOT_VARLEN_PACKED_OP(q_src, kv_src, cu_q, cu_k, max_q, max_k, scale, *band, bool(deterministic))
+
+
 def _check_packed(packed: Tensor, name: str, rank: int, n: int, layout: str) -> Tensor:
     """packed (rank-D, n tensors along axis -3), with unit stride along head_dim (what the kernels need of each
     view)."""
@@ -138,11 +175,11 @@ def _packed(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, c
     _check_dropout(dropout_p)
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None  # every backend's mask; the backward reads it again
     args = (cu_q, cu_k, max_q, max_k, scale, left, right, float(dropout_p), seed, bool(deterministic), backend)
-    args = (*args, softcap, alibi_slopes)
+    args = (*args, softcap, alibi_slopes, lse_grad and bool(return_attn_probs))
     out, lse = _PackedAttention.apply(q_src, kv_src, *args)
     if not return_attn_probs:
         return out
-    probs = attn_probs(q, k, lse, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k)
+    probs = attn_probs(q, k, seed, dropout_p, scale, left, right, cu_q, cu_k, max_q, max_k, softcap, alibi_slopes)
     if cu_q is not None:
         lse = _varlen_flash_lse(lse, alibi_slopes, left, right, max_k, cu_q, cu_k)
         return out, returned_lse(lse, lse_grad), probs
@@ -221,6 +258,11 @@ def flash_attn_varlen_qkvpacked_func(
     """flash-attn's `flash_attn_varlen_qkvpacked_func`: qkv (total, 3, H, D) with cu_seqlens (B + 1,) int32 offsets
     for queries and keys alike -> out (total, H, D), or (out, softmax_lse (H, total), S_dmask) with return_attn_probs.
     Arguments as in `flash_attn_varlen_func`."""
+    if backend is None and not return_attn_probs and type(lse_grad) is bool:
+        args = (cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal, window_size)
+        out = _varlen_packed_short(qkv, None, *args, softcap, alibi_slopes, deterministic)
+        if out is not None:
+            return out
     qkv = _check_packed(qkv, "qkv", 4, 3, "(total, 3, H, D)")
     return _packed(qkv, None, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
                    window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend, lse_grad)  # fmt: skip
@@ -248,6 +290,11 @@ def flash_attn_varlen_kvpacked_func(
     """flash-attn's `flash_attn_varlen_kvpacked_func`: q (total_q, H, D), kv (total_k, 2, Hkv, D) -> out
     (total_q, H, D), or (out, softmax_lse (H, total_q), S_dmask) with return_attn_probs. Arguments as in
     `flash_attn_varlen_func`."""
+    if backend is None and not return_attn_probs and type(lse_grad) is bool:
+        args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size)
+        out = _varlen_packed_short(q, kv, *args, softcap, alibi_slopes, deterministic)
+        if out is not None:
+            return out
     kv = _check_packed(kv, "kv", 4, 2, "(total_k, 2, Hkv, D)")
     return _packed(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
                    window_size, softcap, alibi_slopes, deterministic, return_attn_probs, backend, lse_grad)  # fmt: skip

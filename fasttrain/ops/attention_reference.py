@@ -244,28 +244,66 @@ def _round128(n: int) -> int:
     return (n + 127) // 128 * 128
 
 
-def s_dmask(q, k, lse, seed, dropout_p: float, scale: float, left: int, right: int, cu_q=None, cu_k=None, max_q=0,
-            max_k=0):  # fmt: skip
-    """flash-attn's S_dmask, computed after the fact from q, k, the forward's lse and its dropout seed (the mask is a
-    pure function of the seed, so the kernels never write it): (B, H, round128(Tq), round128(Tk)) in q's dtype,
-    P = exp(s - lse) where kept, -P where dropped, 0 past each sequence's (Tq, Tk); packed sequences at
-    [b, :, :Tq_b, :Tk_b] of (B, H, round128(max_seqlen_q), round128(max_seqlen_k))."""
+def _get_block_size_n(device, head_dim: int, is_dropout: bool, is_causal: bool) -> int:
+    """flash-attn's key block (kBlockN) for head_dim, with flash-attn's name and arguments: S_dmask holds P
+    normalized per block of this many key columns. Its forward kernels' table (flash_fwd_launch_template.h); the
+    dropout rows, the only ones S_dmask is written with, are the same on every GPU, and the others are sm80's and
+    sm90's, so `device` is not queried and any device works."""
+    del device, is_causal  # on flash-attn's sm86/sm89 they change the rows without dropout only
+    if not 0 < head_dim <= 256:
+        raise ValueError(f"head_dim must be in [1, 256], got {head_dim}")
+    if head_dim <= 32:
+        return 128
+    if head_dim <= 64:
+        return 64 if is_dropout else 128
+    if head_dim <= 96:
+        return 64
+    if head_dim <= 128:
+        return 32 if is_dropout else 64
+    return 64
+
+
+def _blockwise_p(s, block_n: int):
+    """exp(s - m) for the masked scores s (..., Tk), m the row max over key block n and every block after it (of
+    block_n columns): the P flash-attn's forward holds at block n, visiting the blocks from the last to the first
+    with a running max. Where that max is -inf (no key seen yet) the kernel subtracts 0, so masked entries are 0."""
+    Tk = s.shape[-1]
+    nb = -(-Tk // block_n)
+    blocks = F.pad(s, (0, nb * block_n - Tk), value=float("-inf")).unflatten(-1, (nb, block_n))  # (..., nb, block_n)
+    m = blocks.amax(dim=-1).flip(-1).cummax(dim=-1).values.flip(-1)  # (..., nb): max over blocks n..nb-1
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.exp(blocks - m[..., None]).flatten(-2)[..., :Tk]  # (..., nb * block_n) -> (..., Tk)
+
+
+def s_dmask(q, k, seed, dropout_p: float, scale: float, left: int, right: int, cu_q=None, cu_k=None, max_q=0,
+            max_k=0, softcap: float = 0.0, alibi_slopes=None):  # fmt: skip
+    """flash-attn's S_dmask, computed after the fact from q, k and the forward's dropout seed (the mask is a pure
+    function of the seed, so the kernels never write it): (B, H, round128(Tq), round128(Tk)) in q's dtype, in
+    flash-attn's encoding: the forward's unnormalized P = exp(s - m) (_blockwise_p, blocks of _get_block_size_n
+    columns; s capped by softcap and with ALiBi's bias as the forward's), not scaled by 1 / (1 - dropout_p), negated
+    where dropout drops it; 0 (or -0) where the mask hides a key and past each sequence's (Tq, Tk). Packed sequences
+    at [b, :, :Tq_b, :Tk_b] of (B, H, round128(max_seqlen_q), round128(max_seqlen_k)), their blocks counted from
+    their own first key. exp(m - lse) times a block's entries gives the probabilities."""
     wide = torch.promote_types(q.dtype, torch.float32)
+    H, D = q.shape[-2], q.shape[-1]
+    block_n = _get_block_size_n(q.device, D, True, left == UNBOUNDED and right == 0)
+
+    def probs(qb, kb, slopes, first_sequence):
+        """qb (b, Tq, H, D), kb (b, Tk, Hkv, D) -> signed P (b, H, Tq, Tk)."""
+        b, Tq, Tk = qb.shape[0], qb.shape[1], kb.shape[1]
+        kr = kb.to(wide).repeat_interleave(H // kb.shape[2], dim=2)  # (b, Tk, H, D)
+        s = torch.einsum("bqhd,bkhd->bhqk", qb.to(wide), kr) * scale  # (b, H, Tq, Tk)
+        s, _ = _modified_scores(s, Tq, Tk, softcap, slopes)
+        p = _blockwise_p(_masked_scores(s, Tq, Tk, left, right, None), block_n)
+        keep = dense_keep(seed, dropout_p, b, H, Tq, Tk, first_sequence)
+        return torch.where(keep, p, -p).to(q.dtype)
+
     if cu_q is None:
-        parts = [(b, q[b : b + 1], k[b : b + 1], lse[b : b + 1]) for b in range(q.shape[0])]
-        max_q, max_k = q.shape[1], k.shape[1]
-    else:
-        parts = [
-            (b, q[None, qs:qe], k[None, ks:ke], lse[None, :, qs:qe])
-            for b, (qs, qe, ks, ke) in enumerate(_sequences(cu_q, cu_k))
-        ]
-    H = q.shape[-2]
-    S = q.new_zeros(len(parts), H, _round128(max_q), _round128(max_k))
-    for b, qb, kb, lb in parts:
-        Tq, Tk = qb.shape[1], kb.shape[1]
-        kr = kb.to(wide).repeat_interleave(H // kb.shape[2], dim=2)  # (1, Tk, H, D)
-        s = _masked_scores(torch.einsum("bqhd,bkhd->bhqk", qb.to(wide), kr) * scale, Tq, Tk, left, right, None)
-        p = torch.exp(s - lb.to(wide)[..., None])  # (1, H, Tq, Tk); lse = +inf on empty rows makes them 0
-        keep = dense_keep(seed, dropout_p, 1, H, Tq, Tk, b)
-        S[b, :, :Tq, :Tk] = torch.where(keep, p, -p)[0].to(q.dtype)
+        B, max_q, max_k = q.shape[0], q.shape[1], k.shape[1]
+        S = q.new_zeros(B, H, _round128(max_q), _round128(max_k))
+        S[:, :, :max_q, :max_k] = probs(q, k, alibi_slopes, 0)
+        return S
+    S = q.new_zeros(cu_q.numel() - 1, H, _round128(max_q), _round128(max_k))
+    for b, (qs, qe, ks, ke) in enumerate(_sequences(cu_q, cu_k)):
+        S[b, :, : qe - qs, : ke - ks] = probs(q[None, qs:qe], k[None, ks:ke], _sequence_slopes(alibi_slopes, b), b)[0]
     return S

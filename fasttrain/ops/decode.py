@@ -462,9 +462,10 @@ def _check_values(cache_seqlens, index, cache_leftpad, t_new: int, Tmax: int, ro
     if lo < 0:
         raise ArgumentError(f"cache_seqlens must be >= 0, got a minimum of {lo}")
     if hi + t_new > Tmax:
+        paged = index is not None and index[0] == "block_table"
+        room = f"block_table's pages hold {Tmax} per sequence" if paged else f"k_cache has {Tmax}"
         raise ArgumentError(
-            f"cache too short: a sequence needs {hi + t_new} rows (cache_seqlens {hi} + {t_new} new), "
-            f"k_cache has {Tmax}"
+            f"cache too short: a sequence needs {hi + t_new} rows (cache_seqlens {hi} + {t_new} new), {room}"
         )
     if idx and (idx[0] < 0 or idx[1] >= index[2]):
         raise ArgumentError(f"{index[0]} must lie in [0, {index[2]}), got values in [{idx[0]}, {idx[1]}]")

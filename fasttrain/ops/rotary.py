@@ -335,8 +335,9 @@ def apply_rotary_emb(
     cu_seqlens[b + 1], each rotated from its own position 0 (+ seqlen_offsets or seqlen_offsets[b]), cos/sin
     (T_ro, R/2); rows outside every sequence pass through. Math in fp32; the result is in x's dtype, a new
     contiguous tensor, or x itself when inplace=True (gradients then flow through x's new value, as on flash-attn;
-    torch refuses a leaf requiring grad). Gradients flow to x only: cos/sin are detached on every backend (the
-    model's tables are fixed buffers; flash-attn gives them no gradient either).
+    a leaf requiring grad is rotated in place too, as flash-attn's, and an alias of it carrying the gradient
+    returned). Gradients flow to x only: cos/sin are detached on every backend (the model's tables are fixed
+    buffers; flash-attn gives them no gradient either).
     backend: "auto" (default), "aot" (CUDA, the shipped cubins: kernels/rotary.py aot_kernels), "triton" (CUDA; CPU
     tensors under TRITON_INTERPRET=1), "cpu" (csrc/rotary_cpu.cpp: fp32, bf16, fp16 CPU tensors) or "reference".
     """
@@ -352,7 +353,7 @@ def apply_rotary_emb(
     if cos.dim() == 3 and cos.shape[0] == 1:
         cos, sin = cos[0], sin[0]  # (1, T, R/2) -> (T, R/2): one table for every sequence (HF's rotary tables)
     if inplace and x.requires_grad and torch.is_grad_enabled():
-        # As flash-attn's: x rotated in place, the gradient rotated back (a leaf requiring grad is refused by torch).
+        # As flash-attn's: x rotated in place, the gradient rotated back (a leaf too: see _rotate_in_place).
         return _rotate_in_place(x, lambda t: [t], [(cos, sin)], interleaved, seqlen_offsets, backend)
     if inplace and any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
         # An expanded x: every alias would be rotated again (by racing programs or threads on the kernels).
@@ -372,6 +373,28 @@ def apply_rotary_emb(
         _rotary_inplace_op(x, cos, sin, offsets, offset, interleaved, name)
         return x
     return _rotary_op(x, cos, sin, offsets, offset, interleaved, False, name)
+
+
+def apply_rotary(
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    seqlen_offsets: int | Tensor = 0,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int | None = None,
+    interleaved: bool = False,
+    inplace: bool = False,
+    conjugate: bool = False,
+) -> Tensor:
+    """flash-attn's `flash_attn.ops.triton.rotary.apply_rotary`: its argument order, and like flash-attn's kernel
+    call outside autograd (the result carries no gradient; inplace=True rotates x's storage even where x requires
+    grad). conjugate=True rotates by the opposite angles (the inverse rotation: flash-attn's backward). The rest as
+    `apply_rotary_emb`, on the same kernels."""
+    if not isinstance(conjugate, bool):
+        raise TypeError(f"apply_rotary: conjugate must be a bool, got {type(conjugate).__name__}")
+    with torch.no_grad():
+        sin = -sin if conjugate else sin  # the rotation by the opposite angle
+        return apply_rotary_emb(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen)
 
 
 def _apply_varlen(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen, backend) -> Tensor:
@@ -417,7 +440,8 @@ def _apply_varlen(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens,
         positions = torch.where(seq < batch, positions, -1)
     cos, sin = _rows(cos.detach(), sin.detach(), positions)  # (total, R/2) each
     out = apply_rotary_emb(x[None], cos, sin, interleaved, inplace, 0, backend=backend)  # x: (1, total, H, D)
-    return x if inplace else out[0]
+    # in place: x, or the alias carrying the gradient when x is a leaf requiring grad (see _rotate_in_place)
+    return x if inplace and (out.grad_fn is None or not x.is_leaf) else out[0]
 
 
 # ---- the rest of flash-attn's `flash_attn.layers.rotary`, over apply_rotary_emb ------------------------------------
@@ -455,10 +479,11 @@ class _RotateInPlace(torch.autograd.Function):
     flash-attn's in-place functions keep gradients flowing the same way."""
 
     @staticmethod
-    def forward(ctx, t, select, tables, interleaved, seqlen_offsets, backend):
+    def forward(ctx, t, select, tables, interleaved, seqlen_offsets, backend, dirty):
         for view, (cos, sin) in zip(select(t), tables):
             apply_rotary_emb(view, cos, sin, interleaved, True, seqlen_offsets, backend=backend)
-        ctx.mark_dirty(t)
+        if dirty:  # else (a leaf, or a view of one) the output is an alias of t carrying the gradient
+            ctx.mark_dirty(t)
         ctx.select, ctx.tables, ctx.interleaved, ctx.offsets = select, tables, interleaved, seqlen_offsets
         ctx.backend = backend
         return t
@@ -468,13 +493,16 @@ class _RotateInPlace(torch.autograd.Function):
         grad = grad.clone(memory_format=torch.contiguous_format)  # ours to rotate in place, the views' shapes kept
         for view, (cos, sin) in zip(ctx.select(grad), ctx.tables):
             apply_rotary_emb(view, cos, -sin, ctx.interleaved, True, ctx.offsets, backend=ctx.backend)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _rotate_in_place(t, select, tables, interleaved, seqlen_offsets, backend=None) -> Tensor:
     tables = [(cos.detach(), sin.detach()) for cos, sin in tables]
     if t.requires_grad and torch.is_grad_enabled():
-        return _RotateInPlace.apply(t, select, tables, interleaved, seqlen_offsets, backend)
+        # torch refuses to mark a leaf requiring grad (or a view of one) modified; flash-attn rotates it all the
+        # same, returning an alias that carries the gradient back to it: so do we
+        dirty = not (t.is_leaf or (t._base is not None and t._base.is_leaf))
+        return _RotateInPlace.apply(t, select, tables, interleaved, seqlen_offsets, backend, dirty)
     for view, (cos, sin) in zip(select(t), tables):
         apply_rotary_emb(view, cos, sin, interleaved, True, seqlen_offsets, backend=backend)
     return t
