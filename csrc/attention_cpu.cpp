@@ -250,11 +250,10 @@ struct Tile {
 template <typename T>
 Tile rows_fp32(const Rows<const T>& x, int64_t b, int64_t t0, int64_t h, int64_t n, int64_t D, float* scratch) {
   if constexpr (std::is_same_v<T, float>) {
-    return {x.at(b, t0, h), x.row};
-  } else {
-    for (int64_t i = 0; i < n; ++i) widen(x.at(b, t0 + i, h), scratch + i * D, D);
-    return {scratch, D};
+    if (x.row >= D) return {x.at(b, t0, h), x.row};  // BLAS takes no leading dimension below D (rows of stride 0)
   }
+  for (int64_t i = 0; i < n; ++i) widen(x.at(b, t0 + i, h), scratch + i * D, D);
+  return {scratch, D};
 }
 
 // The widest score tile any task needs: kKeys, or fewer when no sequence has that many keys.
@@ -586,7 +585,8 @@ void set_modifiers(Problem& P, double softcap, const std::optional<at::Tensor>& 
 void check_dense_last(std::initializer_list<std::pair<const char*, const at::Tensor*>> named) {
   for (const auto& [name, t] : named) {
     TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
-    TORCH_CHECK(t->stride(-1) == 1, name, " must be contiguous in its last dimension");
+    // a last axis of size 1 may carry any stride (torch's contiguous() leaves it): one element is dense
+    TORCH_CHECK(t->stride(-1) == 1 || t->size(-1) == 1, name, " must be contiguous in its last dimension");
   }
 }
 

@@ -22,9 +22,12 @@ struct Rows {
   T* at(int64_t b, int64_t t, int64_t h) const { return base + b * batch + t * row + h * head; }
 };
 
+// A T axis of one row may carry any stride (torch still calls the tensor contiguous) and the GEMMs take the row
+// stride as their leading dimension, which BLAS refuses below D: such a row gets the stride of a dense one.
 template <typename T>
 Rows<T> rows_of(const at::Tensor& x) {
-  return {static_cast<T*>(x.data_ptr()), x.dim() == 3 ? 0 : x.stride(0), x.stride(-3), x.stride(-2)};
+  const int64_t row = x.size(-3) == 1 ? x.size(-2) * x.size(-1) : x.stride(-3);
+  return {static_cast<T*>(x.data_ptr()), x.dim() == 3 ? 0 : x.stride(0), row, x.stride(-2)};
 }
 
 // One sequence: the (batch, row) of its first query and first key, its lengths, the key rows present (k_end < Tk

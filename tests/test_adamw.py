@@ -319,6 +319,18 @@ def test_takes_torchs_foreach_and_fused_flags():
     assert opts[1].state_dict()["param_groups"][0]["fused"] is True
 
 
+def test_tensor_lr_with_foreach_raises_as_torch():
+    # torch refuses a Tensor lr or beta with foreach=True (capturable=False), takes one with fused=True or foreach unset
+    p = [torch.nn.Parameter(torch.randn(3))]
+    for cls in (torch.optim.AdamW, AdamW):
+        with pytest.raises(ValueError, match="lr as a Tensor is not supported"):
+            cls(p, lr=torch.tensor(0.01), foreach=True)
+        with pytest.raises(ValueError, match=r"betas\[0\] as a Tensor is not supported"):
+            cls(p, betas=(torch.tensor(0.9), torch.tensor(0.999)), foreach=True)
+        cls(p, lr=torch.tensor(0.01), fused=True)
+        cls(p, lr=torch.tensor(0.01))
+
+
 # ---- GPU (pytest -m gpu on the GPU machine): the CUDA multi-tensor kernel ----
 
 

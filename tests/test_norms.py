@@ -142,6 +142,37 @@ def test_rms_norm_default_eps_is_torchs():
     assert err(rms_norm(x, (16,), backend="triton"), F.rms_norm(x, (16,))) < TOL
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_default_eps_of_half_rows_is_torchs(dtype):
+    # torch takes its computation type's epsilon (float32's), not finfo(fp16 or bf16).eps, 1e4 times larger
+    x = (1e-2 * torch.randn(4, 16, generator=torch.Generator().manual_seed(0))).to(dtype)
+    r = torch.randn(4, 16, generator=torch.Generator().manual_seed(1)).to(dtype) * 1e-3
+    backends = ["reference"] if dtype == torch.bfloat16 else BACKENDS  # the interpreter's bf16 (docs/platform.md)
+    for backend in backends:
+        assert err(rms_norm(x, (16,), backend=backend), F.rms_norm(x, (16,))) < 1e-2
+        y, s = add_rms_norm(x, r, (16,), backend=backend)
+        assert err(y, F.rms_norm(s, (16,))) < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_normalized_shape_of_every_dim_of_a_2d_input(kind, backend):
+    # (3, 7) normalized over (3, 7): one row of 21, not three rows of 7
+    x, w, b = _leaves(3, 7, True, kind == "layer")
+    w2, b2 = w.detach().reshape(1, 7).expand(3, 7).contiguous().requires_grad_(), None
+    if b is not None:
+        b2 = b.detach().reshape(1, 7).expand(3, 7).contiguous().requires_grad_()
+    ours = (
+        layer_norm(x, (3, 7), w2, b2, backend=backend) if kind == "layer" else rms_norm(x, [3, 7], w2, backend=backend)
+    )
+    want = F.layer_norm(x, (3, 7), w2, b2) if kind == "layer" else F.rms_norm(x, [3, 7], w2)
+    assert err(ours, want) < TOL
+    inputs = [t for t in (x, w2, b2) if t is not None]
+    dy = torch.randn(3, 7, generator=torch.Generator().manual_seed(4))
+    for got, ref in zip(grads(ours, inputs, dy), grads(want, inputs, dy)):
+        assert err(got, ref) < TOL
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("kind", ["layer", "rms"])
 def test_autocast_writes_the_autocast_dtype(kind, backend):

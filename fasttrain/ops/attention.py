@@ -709,7 +709,9 @@ def _sdpa_short(query, key, value, attn_mask, dropout_p, is_causal, scale, enabl
         # the general path's call reads no value again
         if is_causal or type(attn_mask) is not Tensor or _backend.aot_reason(query.device) is not None:
             return None
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+            return None
+        if not _mask_fits(attn_mask, query.shape[:-1] + key.shape[-2:-1]):
             return None
         plan = kernel_plan(attn_mask, B, Tq, Tk, query.device)
         if type(plan) is not tuple:
@@ -955,16 +957,17 @@ def scaled_dot_product_attention(
 
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. Other ranks, as in torch
     ((..., H, T, D), (T, D)), run as the 4-D view (every axis before H folded into B), the mask broadcast against
-    (..., H, Tq, Tk) first; the axes before H broadcast as in torch's math path (k and v of batch 1 against q's
-    batch). value may have its own head_dim Ev (torch's (..., Tk, Ev); MLA models): the narrower side is padded with
-    zeros (the scores and outputs unchanged), the output is (..., Tq, Ev). scale and enable_gqa are keyword-only, as
-    in torch. dropout_p = 1.0 drops every probability: zeros, with zero gradients, as torch. is_causal masks as
-    torch does, aligned top-left: query i sees keys j <= i. attn_mask: bool (True = attend) or additive float,
-    broadcastable to (B, H, Tq, Tk). A mask that is one for every head and lets each query row see one stretch of
-    keys (0/-inf if additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per mask tensor, one
-    host sync on a GPU): a band (causal, sliding-window) as is; padding (key lengths per batch row, with or without
-    causality) and document packing (block-diagonal) as varlen launches over gathered rows; dropout_p with them too.
-    Any other mask runs the reference path. Returns (B, H, Tq, D). The backward is deterministic under
+    (..., H, Tq, Tk) first; the axes before (T, D) broadcast as in torch's math path (k and v of batch 1 or one head
+    against q's, ranks of their own; with enable_gqa, rank >= 3, the axes before H). value may have its own head_dim
+    Ev (torch's (..., Tk, Ev); MLA models): the narrower side is padded with zeros (the scores and outputs
+    unchanged), the output is (..., Tq, Ev). scale and enable_gqa are keyword-only, as in torch. dropout_p = 1.0
+    drops every probability: zeros, with zero gradients, as torch. is_causal masks as torch does, aligned top-left:
+    query i sees keys j <= i. attn_mask: bool (True = attend) or additive, float32 or query's dtype, broadcastable
+    to (B, H, Tq, Tk). A mask that is one for every head and lets each query row see one stretch of keys (0/-inf if
+    additive) runs the kernels (fasttrain/ops/attention_masks.py: read once per mask tensor, one host sync on a
+    GPU): a band (causal, sliding-window) as is; padding (key lengths per batch row, with or without causality) and
+    document packing (block-diagonal) as varlen launches over gathered rows; dropout_p with them too. Any other mask
+    runs the reference path. Returns (B, H, Tq, D). The backward is deterministic under
     torch.use_deterministic_algorithms(True) (see `flash_attn_func`).
     """
     if backend is None:
@@ -975,11 +978,17 @@ def scaled_dot_product_attention(
     if type(dropout_p) in (float, int) and dropout_p == 1.0:  # torch drops every probability: zeros, zero gradients
         return scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, **kw) * 0.0
     if all(isinstance(t, Tensor) for t in (query, key, value)):
-        lead = (query.shape[:-3], key.shape[:-3], value.shape[:-3])
-        if query.dim() == key.dim() == value.dim() >= 4 and not lead[0] == lead[1] == lead[2]:
-            # torch's math path broadcasts the axes before the heads (k, v of batch 1 against q's batch): views
-            shape = torch.broadcast_shapes(*lead)
-            query, key, value = (t.expand(*shape, *t.shape[-3:]) for t in (query, key, value))
+        if enable_gqa and min(t.dim() for t in (query, key, value)) < 3:
+            raise ArgumentError("enable_gqa=True needs query, key and value with a head axis: rank >= 3, as in torch")
+        # torch's math path broadcasts the axes before (T, D) as matmul does (k, v of batch 1 or of one head
+        # against q's, ranks of their own), with enable_gqa those before the heads, which its repeat matches: views
+        n = 3 if enable_gqa else 2
+        lead = (query.shape[:-n], key.shape[:-n], value.shape[:-n])
+        dims = [t.dim() for t in (query, key, value)]
+        ranks_ok = (dims[0] == dims[1] == dims[2] >= 4) if enable_gqa else min(dims) >= 2
+        shape = _broadcast_or_none(*lead) if ranks_ok and not lead[0] == lead[1] == lead[2] else None
+        if shape is not None:
+            query, key, value = (t.expand(*shape, *t.shape[-n:]) for t in (query, key, value))
             return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, **kw)
         if value.dim() == key.dim() and value.shape[-1] != key.shape[-1] and query.shape[-1] == key.shape[-1]:
             return _sdpa_value_dim(query, key, value, attn_mask, dropout_p, is_causal, kw)
@@ -992,10 +1001,17 @@ def scaled_dot_product_attention(
         raise ArgumentError("attn_mask and is_causal=True cannot both be set (as in torch)")
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
         raise ArgumentTypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        # An int 0/1 mask (a tokenizer's attention_mask) added to the scores would mask nothing; torch refuses it.
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        # An int 0/1 mask (a tokenizer's attention_mask) added to the scores would mask nothing; torch refuses it,
+        # and an additive mask of a float dtype other than float32 or query's.
         raise ArgumentTypeError(
-            f"attn_mask must be bool (True = attend) or floating-point (added to the scores), got {attn_mask.dtype}"
+            f"attn_mask must be bool (True = attend) or floating-point (added to the scores) of float32 or query's "
+            f"dtype ({query.dtype}), got {attn_mask.dtype}"
+        )
+    if attn_mask is not None and not _mask_fits(attn_mask, query.shape[:-1] + key.shape[-2:-1]):
+        raise ArgumentError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} must broadcast to (B, H, Tq, Tk) = "
+            f"{tuple(query.shape[:-1] + key.shape[-2:-1])}, as in torch"
         )
     _check_dropout(dropout_p)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, T, D) -> (B, T, H, D) views
@@ -1011,6 +1027,21 @@ def scaled_dot_product_attention(
             (left, right), attn_mask = plan, None
     out, _, _ = _attend(q, k, v, None, None, Tq, Tk, scale, left, right, backend, dropout_p, attn_mask)
     return out.transpose(1, 2)  # (B, Tq, H, D) -> (B, H, Tq, D)
+
+
+def _mask_fits(attn_mask: Tensor, shape: torch.Size) -> bool:
+    """Whether attn_mask broadcasts to `shape` (B, H, Tq, Tk) without widening it, as torch requires."""
+    return attn_mask.dim() <= len(shape) and all(
+        m in (1, n) for m, n in zip(reversed(attn_mask.shape), reversed(shape))
+    )
+
+
+def _broadcast_or_none(*shapes) -> torch.Size | None:
+    """torch.broadcast_shapes(*shapes), or None where they do not broadcast (the checks that follow say why)."""
+    try:
+        return torch.broadcast_shapes(*shapes)
+    except RuntimeError:
+        return None
 
 
 def _sdpa_value_dim(query, key, value, attn_mask, dropout_p, is_causal, kw) -> Tensor:

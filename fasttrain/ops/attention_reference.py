@@ -78,9 +78,12 @@ def _dense(
     q, k, v, scale, left, right, attn_mask=None, dropout_p=0.0, seed=None, first_sequence=0, softcap=0.0,
     alibi_slopes=None,
 ):  # fmt: skip
-    """q (B, Tq, H, D), k/v (B, Tk, Hkv, D) -> out (B, Tq, H, D), lse (B, H, Tq) float32-or-wider."""
+    """q (B, Tq, H, D), k/v (B, Tk, Hkv, D) -> out (B, Tq, H, D) in q's dtype, lse (B, H, Tq) float32-or-wider;
+    computed in float32 (float64 stays float64), as the kernels and _dense_backward, whose P must match lse."""
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
+    out_dtype, wide = q.dtype, torch.promote_types(q.dtype, torch.float32)
+    q, k, v = (t.to(wide) for t in (q, k, v))
     k = k.repeat_interleave(H // Hkv, dim=2)  # (B, Tk, H, D): the oracle may repeat; the kernel never does
     v = v.repeat_interleave(H // Hkv, dim=2)
     s, _ = _modified_scores(torch.einsum("bqhd,bkhd->bhqk", q, k) * scale, Tq, Tk, softcap, alibi_slopes)
@@ -96,7 +99,7 @@ def _dense(
     lse = torch.where(empty, torch.full_like(denom, float("inf")), m + torch.log(denom_safe)).squeeze(-1)  # (B, H, Tq)
     if dropout_p > 0.0:  # the seed's mask, drawn again by the backward; else torch's RNG, in autograd's keeping
         p = p * _dropout_scale(p, dropout_p, seed, first_sequence) if seed is not None else F.dropout(p, dropout_p)
-    out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)  # (B, Tq, H, D)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v).to(out_dtype)  # (B, Tq, H, D)
     return out, lse
 
 

@@ -308,7 +308,7 @@ def _out_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def _rows(t: Tensor, n_cols: int) -> Tensor:
-    if t.dim() == 2 and t.stride(1) == 1:  # already (M, N) rows: no view (one autograd node fewer)
+    if t.dim() == 2 and t.shape[1] == n_cols and t.stride(1) == 1:  # already (M, N) rows: no view (one node fewer)
         return t
     return _unit_column_stride(t.reshape(-1, n_cols))  # (M, N): one row per normalized slice
 
@@ -408,13 +408,14 @@ def rms_norm(
     backend: str | None = None,
 ) -> Tensor:
     """torch's `F.rms_norm`: x / sqrt(mean(x^2) + eps) over the trailing `normalized_shape` dims, times weight;
-    eps None means torch.finfo(input.dtype).eps, as in torch. Statistics in fp32; under autocast the output is in the
+    eps None means the machine epsilon of the fp32-or-wider type it computes in, as torch (float32's for fp16 and
+    bf16 inputs, not theirs). Statistics in fp32; under autocast the output is in the
     autocast dtype (module docstring). backend: "auto" (default), "triton" or "reference"."""
     if (out := _aot_short(input, None, normalized_shape, weight, None, eps, True, backend)) is not None:
         return out
     n_cols, shape = _normalized("rms_norm", input, normalized_shape, weight, None)
     if eps is None:
-        eps = torch.finfo(input.dtype).eps
+        eps = torch.finfo(torch.promote_types(input.dtype, torch.float32)).eps  # torch's opmath type's
     _check_eps("rms_norm", eps)
     return _norm(input, None, n_cols, weight, None, eps, True, backend)[0]
 
@@ -450,12 +451,12 @@ def add_rms_norm(
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(rms_norm(s), s) for s = input + residual in one pass, as add_layer_norm; eps None means the machine epsilon
-    of s's dtype, as rms_norm(s) would take."""
+    of s's fp32-or-wider computation type, as rms_norm(s) would take."""
     if (out := _aot_short(input, residual, normalized_shape, weight, None, eps, True, backend)) is not None:
         return out
     n_cols, shape = _normalized("add_rms_norm", input, normalized_shape, weight, None)
     _check_residual("add_rms_norm", input, residual)
     if eps is None:
-        eps = torch.finfo(torch.promote_types(input.dtype, residual.dtype)).eps
+        eps = torch.finfo(torch.promote_types(torch.promote_types(input.dtype, residual.dtype), torch.float32)).eps
     _check_eps("add_rms_norm", eps)
     return _norm(input, residual, n_cols, weight, None, eps, True, backend)

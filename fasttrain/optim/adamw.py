@@ -288,6 +288,9 @@ class AdamW(Optimizer):
         _check_hyper(lr, betas, eps, weight_decay)
         if foreach and fused:
             raise RuntimeError("`fused` and `foreach` cannot be `True` together.")  # torch's check and message
+        for name, value in (("lr", lr), ("betas[0]", betas[0]), ("betas[1]", betas[1])):
+            if isinstance(value, Tensor) and foreach and not capturable:  # torch's check and message
+                raise ValueError(f"{name} as a Tensor is not supported for capturable=False and foreach=True")
         for name, value in (("capturable", capturable), ("differentiable", differentiable)):
             if value:  # a step under CUDA graph capture, or one autograd can differentiate: not measured, not taken
                 raise ValueError(f"{name}=True is not supported by fasttrain's AdamW (use torch.optim.AdamW)")
