@@ -189,9 +189,13 @@ def test_packed_functions_take_the_short_path_with_the_same_launches(recording, 
     packed, *shape, kwargs, global_switch = PACKED_CASES[i]
     leaves = _packed_leaves(packed, *shape)
     runs = _both_paths(monkeypatch, lambda *t: PACKED[packed](*t, **kwargs), leaves, global_switch)
+    _assert_same_packed_launches(runs, kwargs.get("deterministic", False) or global_switch)
+
+
+def _assert_same_packed_launches(runs, separate_dq: bool):
+    """`_both_paths`' two runs equal, forward and backward, the dQ kernel launched only with a separate dQ pass."""
     (short, short_grads, short_shape), (general, general_grads, general_shape) = runs
     assert short == general and short_grads == general_grads and short_shape == general_shape
-    separate_dq = kwargs.get("deterministic", False) or global_switch
     kernels = ["_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"]
     assert [r["kernel"] for r in short] == kernels + ["_attn_bwd_dq_kernel"] * separate_dq
 
@@ -286,13 +290,8 @@ def test_varlen_packed_functions_take_the_short_path_with_the_same_launches(reco
     leaves = _varlen_packed_leaves(packed, lengths_q, lengths_k, H, Hkv, D)
     assert "AttentionAotPacked" in call(*leaves).grad_fn.name()
     C.aot_record(True, SM)  # clears
-    (short, short_grads, short_shape), (general, general_grads, general_shape) = _both_paths(
-        monkeypatch, call, leaves, global_switch
-    )
-    assert short == general and short_grads == general_grads and short_shape == general_shape
-    separate_dq = kwargs.get("deterministic", False) or global_switch
-    kernels = ["_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel"]
-    assert [r["kernel"] for r in short] == kernels + ["_attn_bwd_dq_kernel"] * separate_dq
+    runs = _both_paths(monkeypatch, call, leaves, global_switch)
+    _assert_same_packed_launches(runs, kwargs.get("deterministic", False) or global_switch)
 
 
 @pytest.mark.parametrize("packed", ["qkv", "kv"])
