@@ -50,6 +50,18 @@ def verdict(out: torch.Tensor, pytorch: torch.Tensor, ref: torch.Tensor) -> dict
     return {"max_err": err, "bound": bound, "nan_rows": nan_rows, "right": nan_rows == 0 and err <= bound}
 
 
+def same_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Eager PyTorch in q's dtype (scores, softmax and P V in bf16), the 2x rule's baseline: q (B, T, H, D), k and v
+    (B, T, Hkv, D) -> (B, T, H, D)."""
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)  # (B, T, H, D)
+    scores = torch.einsum("bthd,bshd->bhts", q * q.shape[-1] ** -0.5, k)  # (B, H, T, T)
+    if causal:
+        later = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1)  # key after the query
+        scores = scores.masked_fill(later, float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+
+
 def child(tile: str, device: str) -> list[dict]:
     """The rows of one candidate ("BM,BN,W,S") or of V2, in this process."""
     from fasttrain.benchmarks.bench_attention import flops
@@ -70,7 +82,7 @@ def child(tile: str, device: str) -> list[dict]:
         k, v = (torch.randn(B, T, Hkv, D, generator=g, device=device).bfloat16() for _ in range(2))
         with torch.no_grad():
             out = flash_attn_func(q, k, v, causal=causal, backend="triton")
-            pytorch = flash_attn_func(q, k, v, causal=causal, backend="reference")
+            pytorch = same_dtype(q, k, v, causal)
             ref = flash_attn_func(q.float(), k.float(), v.float(), causal=causal, backend="reference")
         ran = attention._attn_fwd.best_config  # the config the autotuner launched: the pinned one, or v2's pick
         row = {
