@@ -21,6 +21,7 @@ from fasttrain.kernels import attention_backward as backward_kernels
 from fasttrain.ops import flash_attn_func, flash_attn_varlen_func, scaled_dot_product_attention
 from fasttrain.ops.attention_reference import UNBOUNDED, attention_reference
 
+from flash_attn_ref import attention_ref
 from helpers import TOL_FP32, TOL_HALF, assert_within_2x_torch, float64_leaves, grads, max_err
 
 TOL = TOL_FP32["attention"]
@@ -1051,14 +1052,14 @@ def test_gpu_kv_rows_tma_cannot_read_take_the_pointer_loop():
     assert not attention_kernels.tma_aligned(q, k, v)
     out = flash_attn_func(q, k, v, causal=True, backend="triton")
     ref = flash_attn_func(q.float(), k.float(), v.float(), causal=True, backend="reference")
-    pt = flash_attn_func(q, k, v, causal=True, backend="reference")
+    pt = attention_ref(q, k, v, causal=True, upcast=False)  # eager PyTorch, same dtype
     assert_within_2x_torch(out, pt, ref, measure=max_err, slack=1e-5)
 
 
 def _check_gpu_against_pytorch(B, T, H, Hkv, D, causal, window, dtype, deterministic=False):
     q, k, v = _inputs(B, T, T, H, Hkv, D, dtype=dtype, device="cuda")
     out = flash_attn_func(q, k, v, causal=causal, window_size=window, deterministic=deterministic, backend="triton")
-    pt = flash_attn_func(q, k, v, causal=causal, window_size=window, backend="reference")  # eager PyTorch, same dtype
+    pt = attention_ref(q, k, v, causal=causal, window=window, upcast=False)  # eager PyTorch, same dtype
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     ref = flash_attn_func(q32, k32, v32, causal=causal, window_size=window, backend="reference")
     assert_within_2x_torch(out, pt, ref, measure=max_err, slack=1e-5)
@@ -1091,7 +1092,12 @@ def _check_gpu_varlen(deterministic=False, lens=(1, 1000, 3000, 17), lens_k=None
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     packing = (cu_q, cu_k, max(lens), max(lens_k))
     out = flash_attn_varlen_func(q, k, v, *packing, causal=True, deterministic=deterministic, backend="triton")
-    pt = flash_attn_varlen_func(q, k, v, *packing, causal=True, backend="reference")
+    pt = torch.cat(  # eager PyTorch, same dtype, per sequence: (total_q, H, D)
+        [
+            attention_ref(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal=True, upcast=False)[0]
+            for qs, qe, ks, ke in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), cu_k[:-1].tolist(), cu_k[1:].tolist())
+        ]
+    )
     ref = flash_attn_varlen_func(q32, k32, v32, *packing, causal=True, backend="reference")
     assert_within_2x_torch(out, pt, ref, measure=max_err, slack=1e-5)
     dout = torch.randn(out.shape, generator=g, device="cuda").bfloat16()

@@ -16,6 +16,7 @@ from fasttrain.ops import (
 )
 from fasttrain.ops.attention_reference import UNBOUNDED, attention_reference
 
+from flash_attn_ref import alibi_bias, attention_ref
 from helpers import TOL_FP32, assert_within_2x_torch, err, float64_leaves, grads, max_err
 
 KERNELS = ("cpu", "triton")
@@ -142,7 +143,8 @@ def test_gpu_at_most_twice_pytorch_error(B, T, H, Hkv, D, causal, window, softca
     wide = [t.detach().float().requires_grad_() for t in (q, k, v)]  # the fp32 reference's leaves
     want = attention_reference(*wide, *args)[0]
     same = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    pt = attention_reference(*same, *args)[0]
+    bias = None if slopes is None else alibi_bias(slopes, T, T)  # -slope * |i - j|, flash-attn's kernel's
+    pt = attention_ref(*same, causal=causal, window=window, upcast=False, softcap=softcap, attn_bias=bias)
     assert_within_2x_torch(out, pt, want, what="out")
     dout = torch.randn_like(out)
     for name, a, b, c in zip(
