@@ -9,6 +9,7 @@ import torch
 from fasttrain.flash_attn.flash_attn_interface import USE_TRITON_ROCM, _get_block_size_n
 from fasttrain.ops import flash_attn_func, flash_attn_qkvpacked_func, flash_attn_varlen_func
 from fasttrain.ops.attention_dropout import dense_keep, dropout_seed
+from fasttrain.ops.attention_reference import s_dmask_block
 
 from flash_attn_ref import alibi_bias, decode_s_dmask, local_mask
 
@@ -46,6 +47,15 @@ def test_block_size_is_flash_attns_and_the_mirror_has_its_names():
     assert USE_TRITON_ROCM is False
     with pytest.raises(ValueError, match="head_dim"):
         _get_block_size_n("cpu", 257, True, False)
+    assert [s_dmask_block(d) for d in (0, 256, 257, 512)] == [128, 64, 64, 64]  # S_dmask's, for any head dim
+
+
+def test_s_dmask_past_flash_attns_head_dims_decodes_with_its_block():
+    """A head dim flash-attn cannot run (320) still returns S_dmask, in blocks of s_dmask_block's 64 columns."""
+    q, k, v = (_randn(1, 70, 2, 320, seed=i) for i in range(3))
+    _, _, S = _seeded(flash_attn_func, q, k, v, dropout_p=0.25, causal=True, return_attn_probs=True)
+    probs, _ = decode_s_dmask(S, q, k, s_dmask_block(320), True, (-1, -1))
+    assert (probs - _softmax(q, k, True, (-1, -1))).abs().max().item() < 1e-5
 
 
 # (B, Tq, Tk, H, Hkv, D, causal, window, softcap, alibi): several key blocks each (d 40: 64 columns, d 100: 32);

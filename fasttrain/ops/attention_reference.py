@@ -245,13 +245,18 @@ def _round128(n: int) -> int:
 
 
 def _get_block_size_n(device, head_dim: int, is_dropout: bool, is_causal: bool) -> int:
-    """flash-attn's key block (kBlockN) for head_dim, with flash-attn's name and arguments: S_dmask holds P
-    normalized per block of this many key columns. Its forward kernels' table (flash_fwd_launch_template.h); the
-    dropout rows, the only ones S_dmask is written with, are the same on every GPU, and the others are sm80's and
-    sm90's, so `device` is not queried and any device works."""
+    """flash-attn's key block (kBlockN) for head_dim, with flash-attn's name and arguments and its range (head_dim up
+    to 256, as flash-attn asserts): `s_dmask_block`. The dropout rows, the only ones S_dmask is written with, are the
+    same on every GPU, and the others are sm80's and sm90's, so `device` is not queried and any device works."""
     del device, is_causal  # on flash-attn's sm86/sm89 they change the rows without dropout only
     if not 0 < head_dim <= 256:
         raise ValueError(f"head_dim must be in [1, 256], got {head_dim}")
+    return s_dmask_block(head_dim, is_dropout)
+
+
+def s_dmask_block(head_dim: int, is_dropout: bool = True) -> int:
+    """The key block S_dmask's P is normalized per, for any head dim: flash-attn's forward kernels' table
+    (flash_fwd_launch_template.h) up to 256, and past it (where flash-attn runs nothing) its largest class's, 64."""
     if head_dim <= 32:
         return 128
     if head_dim <= 64:
@@ -279,14 +284,14 @@ def s_dmask(q, k, seed, dropout_p: float, scale: float, left: int, right: int, c
             max_k=0, softcap: float = 0.0, alibi_slopes=None):  # fmt: skip
     """flash-attn's S_dmask, computed after the fact from q, k and the forward's dropout seed (the mask is a pure
     function of the seed, so the kernels never write it): (B, H, round128(Tq), round128(Tk)) in q's dtype, in
-    flash-attn's encoding: the forward's unnormalized P = exp(s - m) (_blockwise_p, blocks of _get_block_size_n
+    flash-attn's encoding: the forward's unnormalized P = exp(s - m) (_blockwise_p, blocks of s_dmask_block
     columns; s capped by softcap and with ALiBi's bias as the forward's), not scaled by 1 / (1 - dropout_p), negated
     where dropout drops it; 0 (or -0) where the mask hides a key and past each sequence's (Tq, Tk). Packed sequences
     at [b, :, :Tq_b, :Tk_b] of (B, H, round128(max_seqlen_q), round128(max_seqlen_k)), their blocks counted from
     their own first key. exp(m - lse) times a block's entries gives the probabilities."""
     wide = torch.promote_types(q.dtype, torch.float32)
     H, D = q.shape[-2], q.shape[-1]
-    block_n = _get_block_size_n(q.device, D, True, left == UNBOUNDED and right == 0)
+    block_n = s_dmask_block(D)
 
     def probs(qb, kb, slopes, first_sequence):
         """qb (b, Tq, H, D), kb (b, Tk, Hkv, D) -> signed P (b, H, Tq, Tk)."""
