@@ -89,6 +89,15 @@ _AOT_PACKED_OP = (
 )
 
 
+def _short_views(q_src, kv_src, rank: int) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`_split`'s (q, k, v) views for the short paths: the packed tensor (qkv, or kv when kv_src is given) of `rank`
+    dims with 3 (or 2) along axis -3, else None (the general path checks and raises)."""
+    packed, n = (q_src, 3) if kv_src is None else (kv_src, 2)
+    if type(q_src) is not Tensor or type(packed) is not Tensor or packed.dim() != rank or packed.shape[-3] != n:
+        return None
+    return _split(q_src, kv_src)
+
+
 def _packed_short(q_src, kv_src, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic):
     """out of flash_attn_qkvpacked_func (kv_src None: q_src is qkv (B, T, 3, H, D)) or flash_attn_kvpacked_func (q_src
     q, kv_src kv (B, Tk, 2, Hkv, D)) from the aot ops, for a call that the general path (`_packed`) would send to the
@@ -97,17 +106,9 @@ def _packed_short(q_src, kv_src, dropout_p, softmax_scale, causal, window_size, 
     differentiable alike (tests/test_attention_short_path.py)."""
     if _AOT_PACKED_OP is None or (band := _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes)) is None:
         return None
-    if type(q_src) is not Tensor:
+    if (views := _short_views(q_src, kv_src, 5)) is None:
         return None
-    if kv_src is None:
-        if q_src.dim() != 5 or q_src.shape[2] != 3:
-            return None
-        q, k, v = q_src.unbind(2)  # (B, T, 3, H, D) -> 3 x (B, T, H, D) views
-    else:
-        if type(kv_src) is not Tensor or kv_src.dim() != 5 or kv_src.shape[2] != 2:
-            return None
-        q, (k, v) = q_src, kv_src.unbind(2)  # (B, Tk, 2, Hkv, D) -> 2 x (B, Tk, Hkv, D) views
-    if (scale := _short_scale(q, k, v, softmax_scale)) is None:
+    if (scale := _short_scale(*views, softmax_scale)) is None:
         return None
     return _AOT_PACKED_OP(q_src, kv_src, scale, *band, bool(deterministic))
 
@@ -129,17 +130,9 @@ def _varlen_packed_short(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, sof
     kv (total_k, 2, Hkv, D), with the offsets and longest sequences as fasttrain.ops.attention `_short_varlen_scale`
     takes them."""
     band = _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes)
-    if _AOT_VARLEN_PACKED_OP is None or band is None or type(q_src) is not Tensor:
+    if _AOT_VARLEN_PACKED_OP is None or band is None or (views := _short_views(q_src, kv_src, 4)) is None:
         return None
-    if kv_src is None:
-        if q_src.dim() != 4 or q_src.shape[1] != 3:
-            return None
-        q, k, v = q_src.unbind(1)  # (total, 3, H, D) -> 3 x (total, H, D) views
-    else:
-        if type(kv_src) is not Tensor or kv_src.dim() != 4 or kv_src.shape[1] != 2:
-            return None
-        q, (k, v) = q_src, kv_src.unbind(1)  # (total_k, 2, Hkv, D) -> 2 x (total_k, Hkv, D) views
-    if (scale := _short_varlen_scale(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale)) is None:
+    if (scale := _short_varlen_scale(*views, cu_q, cu_k, max_q, max_k, softmax_scale)) is None:
         return None
     return _AOT_VARLEN_PACKED_OP(q_src, kv_src, cu_q, cu_k, max_q, max_k, scale, *band, bool(deterministic))
 
