@@ -149,3 +149,5 @@ def test_flash_attn_suite_rewrites_a_test_file_and_samples_its_cases(tmp_path):
     ran = [line.split("::")[1].split()[0] for line in done.stdout.splitlines() if " PASSED" in line]
     assert sum(r.startswith("test_attention[") for r in ran) == 3 and "test_plain" in ran and len(ran) == 4
     assert "3 deselected" in done.stdout and (out / "tests_test_made_up.py").is_file()
+    again = subprocess.run([sys.executable, tool.__file__, *args], capture_output=True, text=True)  # out is not empty
+    assert again.returncode != 0 and "--keep must be a new or empty directory" in again.stderr

@@ -107,11 +107,13 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--interpret", action="store_true", help="TRITON_INTERPRET=1: the Triton kernels on the CPU (slow)"
     )
-    parser.add_argument("--keep", type=Path, help="write the suite here and keep it (default: a temporary dir)")
+    parser.add_argument("--keep", type=Path, help="keep the suite in this new or empty dir")
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --), e.g. -k dropout -x")
     args = parser.parse_args(argv)
     if args.per_test < 0 or args.max_seqlen < 1:
         parser.error("--per-test must be >= 0 and --max-seqlen >= 1")
+    if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
+        parser.error(f"--keep must be a new or empty directory (its conftest.py would be replaced): {args.keep}")
     env = dict(os.environ, FA_SUITE_PER_TEST=str(args.per_test), FA_SUITE_MAX_SEQLEN=str(args.max_seqlen))
     env["FA_SUITE_SEED"] = str(args.seed)
     if args.interpret:
