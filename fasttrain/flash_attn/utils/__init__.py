@@ -1,0 +1,1 @@
+"""flash-attn's `flash_attn.utils`: only `generation`'s `InferenceParams` is mirrored."""
