@@ -290,6 +290,14 @@ def test_state_dict_is_flash_attns(name):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in saved.items())
 
 
+def test_flash_attns_quirks_are_kept():
+    # flash-attn 2.8 makes plain nn.Linear projections whatever fused_bias_fc says, and its dwconv convolutions on
+    # the default dtype and device.
+    fused, plain = MHA(E, H, fused_bias_fc=True), MHA(E, H)
+    assert type(fused.Wqkv) is torch.nn.Linear and fused.state_dict().keys() == plain.state_dict().keys()
+    assert MHA(E, H, dwconv=True, dtype=torch.bfloat16).dwconv_qkv.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("use_flash_attn", [True, False])
 def test_bf16_within_2x_of_pytorch_in_bf16(use_flash_attn):
     cfg = {"causal": True, "num_heads_kv": 2, "rotary_emb_dim": 16, "use_flash_attn": use_flash_attn}
@@ -389,6 +397,12 @@ ERRORS = [
     ),
     (lambda: _mha()(torch.randn(1, 3, E), key_padding_mask=torch.ones(1, 3)), "key_padding_mask"),
     (lambda: _mha()(torch.randn(1, 3, E), inference_params=InferenceParams(4, 1)), "layer_idx"),
+    (
+        lambda: _mha(layer_idx=0, use_flash_attn=True)(
+            torch.randn(1, 1, E), inference_params=InferenceParams(4, 1, seqlen_offset=2)
+        ),
+        "no cache for layer_idx 0",
+    ),
     (lambda: _mha(layer_idx=0)(torch.randn(1, 5, E), inference_params=InferenceParams(4, 1)), "max_seqlen"),
     (lambda: _mha(dwconv=True, num_heads_kv=2)(torch.randn(1, 3, E)), "dwconv"),
     (lambda: _mha()(torch.randn(1, 3, E), x_kv=torch.randn(1, 3, E)), "x_kv"),

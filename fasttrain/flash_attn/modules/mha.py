@@ -171,6 +171,11 @@ class MHA(nn.Module):
                 "rotary_sin": self.rotary_emb._sin_cached,
                 "rotary_interleaved": self.rotary_emb.interleaved,
             }
+        if self.layer_idx not in inference_params.key_value_memory_dict:
+            raise ArgumentError(
+                f"inference_params has no cache for layer_idx {self.layer_idx}: run the prompt at seqlen_offset 0 "
+                "first, or put allocate_inference_cache(...) in its key_value_memory_dict"
+            )
         batch = q.shape[0]
         cache = inference_params.key_value_memory_dict[self.layer_idx][:batch]  # (B, Tmax, 2, Hkv, D)
         lengths = inference_params.lengths_per_sample
