@@ -21,6 +21,7 @@ from fasttrain.flash_attn.modules.mha import (
 )
 from fasttrain.flash_attn.utils.generation import InferenceParams
 
+from flash_attn_ref import alibi_bias, attention_ref, rotate
 from helpers import TOL_FP32, assert_within_2x_torch, err, randn
 
 pytestmark = pytest.mark.usefixtures("cpu_user")
@@ -30,24 +31,16 @@ E, H = 64, 4  # head_dim 16: room for a 16-dim rotary (the decode kernel's fused
 TOL = TOL_FP32["attention"]
 
 
-def _rotate(x, positions, dim, base, interleaved):
-    """x (B, T, h, D): its first `dim` dims turned by angle position * base ** (-2i / dim), RoFormer's rotation."""
-    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
-    angles = positions.double()[..., None] * inv_freq  # (T, dim/2) or (B, T, dim/2)
-    angles = angles.expand(x.shape[0], *angles.shape[-2:])[:, :, None]  # (B, T, 1, dim/2)
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    part, rest = x[..., :dim], x[..., dim:]
-    if interleaved:
-        x1, x2 = part[..., 0::2], part[..., 1::2]
-        turned = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    else:
-        x1, x2 = part.chunk(2, dim=-1)
-        turned = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return torch.cat([turned, rest], dim=-1)
+def _tables(T: int, dim: int, base: float):
+    """RoFormer's cos and sin (T, dim / 2) of angle t * base ** (-2i / dim), in float64."""
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * base ** (-torch.arange(0, dim, 2) / dim)
+    return angles.cos(), angles.sin()
 
 
 def reference(mha, p, x, x_kv=None, key_padding_mask=None, cfg=None):
-    """MHA's output from parameters p (name -> tensor, in x's dtype) in plain PyTorch, masked keys at -inf."""
+    """MHA's output from parameters p (name -> tensor, in x's dtype) in plain PyTorch, through flash-attn's test
+    references (tests/flash_attn_ref.py) in x's dtype. The padding goes in as a -inf bias: SelfAttention's causal
+    mask is top-left whatever the padding, where attention_ref's would align with the last kept key."""
     cfg = cfg or {}
     Hkv, D = mha.num_heads_kv, mha.head_dim
     if mha.cross_attn:
@@ -59,27 +52,24 @@ def reference(mha, p, x, x_kv=None, key_padding_mask=None, cfg=None):
             weight, bias = p["dwconv_qkv.weight"], p["dwconv_qkv.bias"]
             qkv = F.conv1d(F.pad(qkv.transpose(1, 2), (2, 0)), weight, bias, groups=qkv.shape[-1]).transpose(1, 2)
         q, kv = qkv.split([H * D, 2 * Hkv * D], dim=-1)
-    Tq, Tk = q.shape[1], kv.shape[1]
+    B, Tq, Tk = q.shape[0], q.shape[1], kv.shape[1]
     q = q.unflatten(-1, (H, D))  # (B, Tq, H, D)
     k, v = kv.unflatten(-1, (2, Hkv, D)).unbind(dim=2)  # (B, Tk, Hkv, D) each
     if mha.rotary_emb_dim:
-        rot = (mha.rotary_emb_dim, cfg.get("rotary_emb_base", 10000.0), cfg.get("rotary_emb_interleaved", False))
-        q, k = _rotate(q, torch.arange(Tq), *rot), _rotate(k, torch.arange(Tk), *rot)
-    k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)  # (B, Tk, H, D)
-    scores = torch.einsum("bthd,bshd->bhts", q, k) * (cfg.get("softmax_scale") or D**-0.5)
-    i = torch.arange(Tq)[:, None] + Tk - Tq  # (Tq, 1): each query's position among the keys, bottom-right
-    j = torch.arange(Tk)  # (Tk,)
+        cos, sin = _tables(max(Tq, Tk), mha.rotary_emb_dim, cfg.get("rotary_emb_base", 10000.0))
+        starts, interleaved = torch.zeros(B, dtype=torch.long), cfg.get("rotary_emb_interleaved", False)
+        q, k = rotate(q, cos, sin, starts, interleaved), rotate(k, cos, sin, starts, interleaved)
+    if "softmax_scale" in cfg:  # attention_ref scales by 1 / sqrt(D)
+        q = q * (cfg["softmax_scale"] * D**0.5)
+    bias = None
     if cfg.get("use_alibi"):
-        slopes = torch.tensor(get_alibi_slopes(H), dtype=scores.dtype)
-        scores = scores - slopes[:, None, None] * (i - j).abs()
-    hidden = (j > i) if cfg.get("causal") else torch.zeros(Tq, Tk, dtype=torch.bool)
-    left, right = cfg.get("window_size", (-1, -1))
-    hidden = hidden | ((j < i - left) if left >= 0 else False) | ((j > i + right) if right >= 0 else False)
+        bias = alibi_bias(torch.tensor(get_alibi_slopes(H), dtype=torch.float64).expand(B, H), Tq, Tk)
     if key_padding_mask is not None:
-        hidden = hidden | ~key_padding_mask[:, None, None, :]  # (B, 1, Tq, Tk)
-    probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
-    out = torch.einsum("bhts,bshd->bthd", probs, v).flatten(-2)  # (B, Tq, E)
-    return F.linear(out, p["out_proj.weight"], p.get("out_proj.bias"))
+        pad = torch.zeros(B, Tk, dtype=x.dtype).masked_fill(~key_padding_mask, float("-inf"))[:, None, None, :]
+        bias = pad if bias is None else bias + pad  # (B, 1 or H, Tq or 1, Tk)
+    causal, window = cfg.get("causal", False), cfg.get("window_size", (-1, -1))
+    out = attention_ref(q, k, v, causal=causal, window=window, upcast=False, attn_bias=bias)  # (B, Tq, H, D)
+    return F.linear(out.flatten(-2), p["out_proj.weight"], p.get("out_proj.bias"))
 
 
 def _params(mha, dtype=torch.float64):
@@ -158,11 +148,8 @@ def test_cross_attention_causal_aligns_the_last_query_with_the_last_kept_key():
     q, kv = randn(2, 3, H, 16, grad=False), randn(2, 8, 2, 2, 16, seed=1, grad=False)
     keep = torch.arange(8) < torch.tensor([8, 5])[:, None]  # (B, Tk)
     out = CrossAttention(causal=True)(q, kv, key_padding_mask=keep)
-    k, v = kv.double().repeat_interleave(2, dim=3).unbind(dim=2)  # (B, Tk, H, D) each
-    scores = torch.einsum("bthd,bshd->bhts", q.double(), k) / 4
-    i, j = torch.arange(3)[:, None], torch.arange(8)  # (Tq, 1), (Tk,)
-    hidden = (j > i + keep.sum(-1)[:, None, None] - 3)[:, None] | ~keep[:, None, None, :]  # (B, 1, Tq, Tk)
-    want = torch.einsum("bhts,bshd->bthd", torch.softmax(scores.masked_fill(hidden, float("-inf")), -1), v)
+    k, v = kv.double().unbind(dim=2)  # (B, Tk, Hkv, D) each
+    want = attention_ref(q.double(), k, v, key_padding_mask=keep, causal=True)  # aligned with the last kept key
     assert err(out, want) < TOL
 
 
