@@ -153,6 +153,17 @@ def test_cross_attention_causal_aligns_the_last_query_with_the_last_kept_key():
     assert err(out, want) < TOL
 
 
+@pytest.mark.parametrize("use_flash_attn", [True, False])
+def test_cross_attn_mixer_subset_and_default_x_kv(use_flash_attn):
+    torch.manual_seed(0)
+    mha = MHA(E, H, num_heads_kv=2, cross_attn=True, use_flash_attn=use_flash_attn)
+    x, x_kv = randn(2, 9, E, grad=False), randn(2, 5, E, seed=1, grad=False)
+    full = mha(x, x_kv=x_kv)
+    # mixer_subset picks query rows before Wq (a ViT's CLS token); the keys still come from all of x_kv.
+    torch.testing.assert_close(mha(x, x_kv=x_kv, mixer_subset=slice(0, 1)), full[:, :1], atol=TOL, rtol=0)
+    torch.testing.assert_close(mha(x), mha(x, x_kv=x), atol=0, rtol=0)  # x_kv defaults to x
+
+
 @pytest.mark.parametrize("num_heads_kv", [H, 2])
 def test_varlen_rows_equal_each_sequence_alone(num_heads_kv):
     torch.manual_seed(0)
