@@ -142,6 +142,15 @@ def test_key_padding_mask_hides_keys(num_heads_kv, causal):
     assert err(mha(x, key_padding_mask=keep), want) < TOL
 
 
+def test_a_row_with_every_key_masked_still_attends():
+    # -10000 added to every score of the row leaves its softmax as it was: not NaN, not 0, as flash-attn's. Up to
+    # the fp32 spacing of scores near -10000 (1e-3), which moves the outputs by 3.6e-4 here.
+    qkv = randn(2, 6, 3, H, 16, grad=False)
+    keep = torch.tensor([[True] * 6, [False] * 6])
+    out = SelfAttention()(qkv, key_padding_mask=keep)
+    torch.testing.assert_close(out[1], SelfAttention()(qkv)[1], atol=2e-3, rtol=0)
+
+
 def test_cross_attention_causal_aligns_the_last_query_with_the_last_kept_key():
     # flash-attn's CrossAttention (MHA's plain path for GQA and cross_attn): with a key_padding_mask, query row i of
     # Tq sees keys up to i + kept - Tq, kept counting the sequence's kept keys.

@@ -18,7 +18,8 @@ from fasttrain.ops import (
     flash_attn_varlen_qkvpacked_func,
 )
 
-# flash-attn's masked score, finite: a row with every key masked attends to all of them evenly instead of giving NaN.
+# flash-attn's mask value, finite: added to (or, for CrossAttention's causal mask, put in place of) a masked score, so
+# a row with every key masked still attends rather than giving NaN.
 MASKED = -10000.0
 
 
