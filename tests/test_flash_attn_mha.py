@@ -27,7 +27,7 @@ from helpers import TOL_FP32, assert_within_2x_torch, err, randn
 pytestmark = pytest.mark.usefixtures("cpu_user")
 
 E, H = 64, 4  # head_dim 16: room for a 16-dim rotary (the decode kernel's fused rotary) and a partial 8-dim one
-# Two projections around the attention: measured worst 7.6e-7 over this file, on the C++ kernels and the reference.
+# Two projections around the attention: measured worst 7.6e-7 where this file uses it, C++ kernels and reference alike.
 TOL = TOL_FP32["attention"]
 
 
