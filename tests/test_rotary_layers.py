@@ -153,6 +153,23 @@ def test_rotary_embedding_xpos_scales_q_up_and_k_down():
     assert err(qkv[:, :, 1], _rotated(k, cos / scale, sin / scale)) < TOL
 
 
+def test_rotary_embedding_cache_from_inference_mode_is_rebuilt_for_training_and_compiles_whole():
+    rope = RotaryEmbedding(8)
+    qkv = randn(2, 5, 3, 2, 8, seed=11, grad=False)
+    with torch.inference_mode():
+        rope(qkv.clone())
+    assert rope._cos_cached.is_inference()
+    rope.eval()
+    rope(qkv.clone())  # eval keeps the inference-mode cache, as flash-attn's
+    assert rope._cos_cached.is_inference()
+    rope.train()
+    want = rope(qkv.clone())
+    assert not rope._cos_cached.is_inference()
+    # the cache filled, a training call traces without a graph break (no tensor.is_inference() in its path)
+    compiled = torch.compile(lambda t: rope(t), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(qkv.clone()), want)
+
+
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_apply_rotary_is_flash_attns_kernel_call(interleaved):
     """flash-attn's ops.triton.rotary.apply_rotary: its argument order, conjugate the inverse rotation, outside

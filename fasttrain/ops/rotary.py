@@ -595,6 +595,9 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         self._seq_len_cached = 0
         self._cos_cached = self._sin_cached = self._cos_k_cached = self._sin_k_cached = None
+        # whether the cache was made under inference mode (so holds inference tensors): a flag, since torch.compile
+        # cannot trace tensor.is_inference() and would break the graph at every training call
+        self._cached_in_inference = False
 
     def _compute_inv_freq(self, device=None) -> Tensor:
         return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
@@ -606,10 +609,11 @@ class RotaryEmbedding(torch.nn.Module):
             or cached is None
             or cached.device != device
             or cached.dtype != dtype
-            or (self.training and cached.is_inference())
+            or (self.training and self._cached_in_inference)
         ):
             return
         self._seq_len_cached = seqlen
+        self._cached_in_inference = torch.is_inference_mode_enabled()
         # Angles in fp32 whatever the model's dtype: positions times frequencies lose too much in bf16.
         inv_freq = self.inv_freq if self.inv_freq.dtype == torch.float32 else self._compute_inv_freq(device)
         freqs = torch.outer(torch.arange(seqlen, device=device, dtype=torch.float32), inv_freq)  # (seqlen, R/2)
