@@ -352,6 +352,13 @@ def test_tables_get_no_gradient(backend):
         (lambda x, c, s: apply_rotary_emb(x, torch.ones(8, 9), torch.ones(8, 9)), ValueError, "1..8 columns"),
         (lambda x, c, s: apply_rotary_emb(x, c[:3], s[:3]), ValueError, "fewer than seqlen_offsets"),
         (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=5), ValueError, "fewer than seqlen_offsets"),
+        (  # flash-attn's assert seqlen_ro >= seqlen holds with offsets per sequence too
+            lambda x, c, s: apply_rotary_emb(
+                x, c[:3], s[:3], seqlen_offsets=torch.zeros(x.shape[0], dtype=torch.int32)
+            ),
+            ValueError,
+            "fewer than the sequence length",
+        ),
         (
             lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=-1),
             ValueError,

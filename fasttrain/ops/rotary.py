@@ -304,6 +304,10 @@ def _check(x, cos, sin, seqlen_offsets) -> None:
             f"apply_rotary_emb: cos/sin have {cos.shape[0]} positions, fewer than seqlen_offsets + T = "
             f"{seqlen_offsets + T}"
         )
+    elif cos.shape[0] < T:  # flash-attn asserts this with offsets per sequence too
+        raise ValueError(
+            f"apply_rotary_emb: cos/sin have {cos.shape[0]} positions, fewer than the sequence length T = {T}"
+        )
 
 
 def _kind(t) -> str:
