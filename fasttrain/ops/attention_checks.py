@@ -5,6 +5,7 @@ softmax_scale, a paged cache's block_table) into what the kernels take."""
 
 from __future__ import annotations
 
+import operator
 import weakref
 
 import torch
@@ -43,8 +44,9 @@ def _check_qkv(q, k, v, rank: int, layout: str, head_axis: int = -2, names=("q",
 
 
 def _window(causal: bool, window_size) -> tuple[int, int]:
-    """flash-attn's (causal, window_size) -> kernel (left, right) diagonal bounds; -1 means unbounded. window_size is
-    any pair of integers flash-attn takes: a tuple, a list, or a 2-element integer tensor (read on the host)."""
+    """flash-attn's (causal, window_size) -> kernel (left, right) diagonal bounds; a side < 0 (-1) means unbounded,
+    as flash-attn's C++ reads it. window_size is any pair of integers flash-attn takes: a tuple or list of ints (or
+    integer scalars: numpy's, 0-dim tensors), or a 2-element integer tensor (read on the host)."""
     if isinstance(window_size, Tensor):
         if window_size.is_floating_point() or window_size.is_complex() or window_size.dtype == torch.bool:
             raise ArgumentTypeError(
@@ -53,20 +55,29 @@ def _window(causal: bool, window_size) -> tuple[int, int]:
         if window_size.shape != (2,):
             raise ArgumentError(f"window_size must be a pair of ints, got a tensor of shape {tuple(window_size.shape)}")
         window_size = tuple(window_size.tolist())
-    if not isinstance(window_size, (tuple, list)) or not all(
-        isinstance(w, int) and not isinstance(w, bool) for w in window_size
-    ):
+    if not isinstance(window_size, (tuple, list)) or not all(_is_index(w) for w in window_size):
         raise ArgumentTypeError(f"window_size must be a pair of ints (-1 = unbounded), got {window_size!r}")
-    if len(window_size) != 2 or not all(w >= -1 for w in window_size):
-        raise ArgumentError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
-    left, right = map(_window_side, window_size)
+    if len(window_size) != 2:
+        raise ArgumentError(f"window_size must be a pair of ints (-1 = unbounded), got {window_size!r}")
+    left, right = (_window_side(operator.index(w)) for w in window_size)
     return left, (0 if causal else right)
 
 
+def _is_index(w) -> bool:
+    """An integer as flash-attn's C++ int arguments take one (an int or an object with __index__), not a bool."""
+    if isinstance(w, bool):
+        return False
+    try:
+        operator.index(w)
+    except TypeError:
+        return False
+    return True
+
+
 def _window_side(w: int) -> int:
-    """One side of flash-attn's window_size (an int >= -1) as the kernels' bound: -1, or any side past UNBOUNDED (which
-    no sequence reaches, and which a side past int32 would overflow), is UNBOUNDED."""
-    return UNBOUNDED if w == -1 else min(w, UNBOUNDED)
+    """One side of flash-attn's window_size as the kernels' bound: any negative side (-1), or any side past UNBOUNDED
+    (which no sequence reaches, and which a side past int32 would overflow), is UNBOUNDED."""
+    return UNBOUNDED if w < 0 else min(w, UNBOUNDED)
 
 
 def _scale(softmax_scale, head_dim: int) -> float:
