@@ -99,6 +99,18 @@ def test_a_negative_window_side_is_unbounded_as_flash_attns_cpp_reads_it():
         assert torch.equal(got, want), window
 
 
+def test_numpy_floats_for_softmax_scale_and_softcap_as_flash_attn_takes_them():
+    q, k, v = (t.detach() for t in _leaf("func").unbind(2))
+    for kw in (dict(softmax_scale=0.25), dict(softcap=3.0)):
+        as_numpy = {name: np.float32(value) for name, value in kw.items()}
+        want = flash_attn_func(q, k, v, **kw, backend="cpu")
+        assert torch.equal(flash_attn_func(q, k, v, **as_numpy, backend="cpu"), want)
+        want = flash_attn_with_kvcache(q, k.clone(), v.clone(), cache_seqlens=5, **kw, backend="cpu")
+        assert torch.equal(
+            flash_attn_with_kvcache(q, k.clone(), v.clone(), cache_seqlens=5, **as_numpy, backend="cpu"), want
+        )
+
+
 def test_lse_grad_is_a_bool():
     with pytest.raises(TypeError, match="lse_grad must be a bool"):
         _call("func", _leaf("func"), "cpu", lse_grad=1)
