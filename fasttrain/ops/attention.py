@@ -958,7 +958,8 @@ def scaled_dot_product_attention(
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. Other ranks, as in torch
     ((..., H, T, D), (T, D)), run as the 4-D view (every axis before H folded into B), the mask broadcast against
     (..., H, Tq, Tk) first; the axes before (T, D) broadcast as in torch's math path (k and v of batch 1 or one head
-    against q's, ranks of their own; with enable_gqa, rank >= 3, the axes before H). value may have its own head_dim
+    against q's, ranks of their own; with enable_gqa, rank >= 3, the axes before H, and key and value may have head
+    counts of their own, each dividing H: both are then repeated to H, a copy). value may have its own head_dim
     Ev (torch's (..., Tk, Ev); MLA models): the narrower side is padded with zeros (the scores and outputs
     unchanged), the output is (..., Tq, Ev). scale and enable_gqa are keyword-only, as in torch. dropout_p = 1.0
     drops every probability: zeros, with zero gradients, as torch. is_causal masks as torch does, aligned top-left:
