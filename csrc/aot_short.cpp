@@ -39,9 +39,9 @@ bool exact_int(PyObject* obj, int64_t& out) {
   return overflow == 0;
 }
 
-// normalized_shape as one width: an int, or one int in a tuple, list or torch.Size.
+// normalized_shape as one width: one int in a tuple, list or torch.Size (a bare int takes the general path, which
+// refuses it as torch does).
 bool one_width(PyObject* shape, int64_t& n) {
-  if (PyLong_CheckExact(shape)) return exact_int(shape, n);
   if (PyTuple_CheckExact(shape) || THPSize_Check(shape))
     return PyTuple_GET_SIZE(shape) == 1 && exact_int(PyTuple_GET_ITEM(shape, 0), n);
   if (PyList_CheckExact(shape)) return PyList_GET_SIZE(shape) == 1 && exact_int(PyList_GET_ITEM(shape, 0), n);

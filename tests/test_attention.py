@@ -889,7 +889,7 @@ def test_double_backward_matches_torch_float64(causal, aliased):
         ),
         (lambda q, k, v: flash_attn_func(q, k.double(), v), TypeError, "k must have q's dtype"),
         (lambda q, k, v: flash_attn_func(q, k, v[..., :16]), ValueError, "same shape"),
-        (lambda q, k, v: flash_attn_func(q, k, v, window_size=(-2, 3)), ValueError, "window_size"),
+        (lambda q, k, v: flash_attn_func(q, k, v, window_size=(1.5, 3)), TypeError, "window_size"),
         (lambda q, k, v: flash_attn_func(q, k, v, softcap=float("inf")), ValueError, "softcap"),
         (lambda q, k, v: flash_attn_func(q, k, v, alibi_slopes=torch.rand(3)), ValueError, "alibi_slopes"),
         (lambda q, k, v: flash_attn_func(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),

@@ -420,7 +420,7 @@ def test_short_path_leaves_every_other_call_to_the_general_path(recording, monke
         (lambda: flash_attn_func(q, k.double(), v), TypeError, "k must have q's dtype"),
         (lambda: flash_attn_func(q, k[:, :, :0], v[:, :, :0]), ValueError, "must divide"),
         (lambda: flash_attn_func(q, k, v[:, :4]), ValueError, "same shape"),
-        (lambda: flash_attn_func(q, k, v, window_size=(-2, 0)), ValueError, "window_size"),
+        (lambda: flash_attn_func(q, k, v, window_size=(0.5, 0)), TypeError, "window_size"),
         (lambda: scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))), ValueError, "enable_gqa"),
         (
             lambda: scaled_dot_product_attention(

@@ -209,7 +209,7 @@ def _bad(**changes):
         (dict(cache_seqlens=[3, 5]), "cache_seqlens must be an int32/int64 tensor"),
         (dict(cache_batch_idx=torch.tensor([0, 2])), r"cache_batch_idx must lie in \[0, 2\)"),
         (dict(k=None, v=None, rotary_cos=torch.ones(64, 16), rotary_sin=torch.ones(64, 16)), "pass k and v"),
-        (dict(rotary_cos=torch.ones(6, 16), rotary_sin=torch.ones(6, 16)), "rotary_cos has 6 rows"),
+        (dict(rotary_cos=torch.ones(6, 16), rotary_sin=torch.ones(6, 16)), "have 6 rows, fewer than the cache's 64"),
         (dict(q=torch.randn(2, 2, 4)), "q must be 4-D"),
         (dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), "page_block_size .* must be a multiple of 128"),
         (

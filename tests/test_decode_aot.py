@@ -473,8 +473,8 @@ def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkey
     flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False)
     assert len(chosen) == len(general) + 1
     monkeypatch.delenv("FASTTRAIN_BACKEND")
-    with pytest.raises(ValueError, match="window_size must be a pair of ints >= -1"):
-        flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, window_size=(-2, 0))
+    with pytest.raises(TypeError, match="window_size must be a pair of ints"):
+        flash_attn_with_kvcache(q, kc, vc, k, v, **kw, check_lengths=False, window_size=(0.5, 0))
     # csrc/aot_short.cpp's own copy of the most splits the shipped combine takes (_AOT_MAX_SPLITS)
     args = (q, kc, vc, k, v, lengths, None, None, True, (-1, -1))
     assert C.decode_short(*args, ops._AOT_MAX_SPLITS + 1) is None

@@ -70,7 +70,8 @@ def _check_kvcache(
     cos = sin = None
     q_ro, k_ro = q, k
     if rotary_dim > 0:
-        angle = torch.rand(seqlen_k, rotary_dim // 2) * 2 * math.pi
+        # rows for the whole cache, as flash-attn requires (its test: every row the pages can address)
+        angle = torch.rand(n_blocks * page if page else seqlen_k, rotary_dim // 2) * 2 * math.pi
         cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
         if causal or local:
             q_ro = rotate(q.double(), cos, sin, cache_seqlens, rotary_interleaved)

@@ -4,6 +4,7 @@ fasttrain's own lse_grad=True differentiates through it exactly; flash-attn's ch
 `except RuntimeError` catches as well as `except ValueError` / `except TypeError` (torch's SDPA raises RuntimeError
 too)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,32 @@ def test_an_ignored_lse_launches_no_dlse(monkeypatch):
     assert seen[0] is None and seen[1] is not None
 
 
+def test_a_negative_window_side_is_unbounded_as_flash_attns_cpp_reads_it():
+    # flash-attn's C++ takes any side < 0 as -1, and any integer with __index__ (numpy's, a 0-dim tensor) as an int
+    q, k, v = (t.detach() for t in _leaf("func").unbind(2))
+    kc, vc = k.clone(), v.clone()
+    sides = [((-2, 0), (-1, 0)), ((-7, -3), (-1, -1)), ((3, -5), (3, -1)), ((np.int64(2), torch.tensor(1)), (2, 1))]
+    for window, same in sides:
+        want = flash_attn_func(q, k, v, window_size=same, backend="cpu")
+        assert torch.equal(flash_attn_func(q, k, v, window_size=window, backend="cpu"), want), window
+        got, want = (
+            flash_attn_with_kvcache(q, kc, vc, cache_seqlens=5, window_size=w, backend="cpu") for w in (window, same)
+        )
+        assert torch.equal(got, want), window
+
+
+def test_numpy_floats_for_softmax_scale_and_softcap_as_flash_attn_takes_them():
+    q, k, v = (t.detach() for t in _leaf("func").unbind(2))
+    for kw in (dict(softmax_scale=0.25), dict(softcap=3.0)):
+        as_numpy = {name: np.float32(value) for name, value in kw.items()}
+        want = flash_attn_func(q, k, v, **kw, backend="cpu")
+        assert torch.equal(flash_attn_func(q, k, v, **as_numpy, backend="cpu"), want)
+        want = flash_attn_with_kvcache(q, k.clone(), v.clone(), cache_seqlens=5, **kw, backend="cpu")
+        assert torch.equal(
+            flash_attn_with_kvcache(q, k.clone(), v.clone(), cache_seqlens=5, **as_numpy, backend="cpu"), want
+        )
+
+
 def test_lse_grad_is_a_bool():
     with pytest.raises(TypeError, match="lse_grad must be a bool"):
         _call("func", _leaf("func"), "cpu", lse_grad=1)
@@ -92,7 +119,7 @@ def test_lse_grad_is_a_bool():
 @pytest.mark.parametrize(
     "call,error",
     [
-        (lambda: flash_attn_func(*_leaf("func").unbind(2), window_size=(-2, 0)), ValueError),
+        (lambda: flash_attn_func(*_leaf("func").unbind(2), window_size=(0.5, 0)), TypeError),
         (lambda: flash_attn_func(*_leaf("func").unbind(2), dropout_p=1.0), ValueError),
         (lambda: flash_attn_func(_leaf("func")[:, :, 0].long(), *_leaf("func").unbind(2)[1:]), TypeError),
         (lambda: flash_attn_qkvpacked_func(_leaf("func")[:, :, :2]), ValueError),

@@ -4,6 +4,8 @@ leading dims, strided inputs, mixed branch/stream dtypes, unused outputs, autoca
 registration, the fallback for wide rows and input errors. GPU tests (`pytest -m gpu`) hold bf16/fp16 to twice
 torch's own error."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -120,7 +122,7 @@ def test_two_dim_strided_rows_and_strided_weight_match_torch(layout):
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize(
-    "normalized_shape", [24, torch.Size([24]), [24], (np.int64(24),)], ids=["int", "Size", "list", "numpy-int"]
+    "normalized_shape", [torch.Size([24]), [24], (np.int64(24),)], ids=["Size", "list", "numpy-int"]
 )
 def test_normalized_shape_takes_what_torch_takes(normalized_shape, backend):
     x = torch.randn(5, 24)
@@ -128,13 +130,47 @@ def test_normalized_shape_takes_what_torch_takes(normalized_shape, backend):
     assert err(rms_norm(x, normalized_shape, backend=backend), F.rms_norm(x, (24,))) < TOL
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_a_weight_of_another_dtype_is_applied_in_fp32_on_every_backend(backend):
-    # fp32 rows, fp16 parameters: the kernels take them; torch's CPU layer_norm refuses the mix.
-    x, w, b = _leaves(5, 24, True, True)
-    got = layer_norm(x, (24,), w.half(), b.half(), backend=backend)
-    want = F.layer_norm(x, (24,), w.half().float(), b.half().float())
-    assert got.dtype == torch.float32 and err(got, want) < TOL
+@pytest.mark.parametrize(
+    "normalized_shape",
+    [24, np.int64(24), (), [], torch.Size([]), (True,)],
+    ids=["int", "numpy-int", "()", "[]", "Size()", "bool"],
+)
+def test_normalized_shape_torch_refuses_raises_its_exception(normalized_shape):
+    # torch's F.layer_norm / F.rms_norm: a bare int is a TypeError, no dims a RuntimeError (input 0-dim too)
+    for x in (torch.randn(5, 24), torch.randn(())):
+        for ours, theirs in ((layer_norm, F.layer_norm), (rms_norm, F.rms_norm)):
+            with pytest.raises(Exception) as want:
+                theirs(x, normalized_shape)
+            with pytest.raises(want.type, match="normalized_shape"):
+                ours(x, normalized_shape)
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def test_parameter_dtypes_as_torchs_cpu_norms_take_them():
+    # layer_norm: weight and bias of x's dtype, or fp32 ones with fp16/bf16 x, else torch's RuntimeError; rms_norm:
+    # any weight dtype, the output in x's. Values as torch's where it takes them (the check precedes the choice).
+    x32 = torch.randn(5, 24)
+    for x_dtype, w_dtype, b_dtype in itertools.product(_FLOATS, (*_FLOATS, None), (*_FLOATS, None)):
+        x = x32.to(x_dtype)
+        w = None if w_dtype is None else torch.randn(24, dtype=w_dtype)
+        b = None if b_dtype is None else torch.randn(24, dtype=b_dtype)
+        tol = TOL if x_dtype in (torch.float32, torch.float64) else 1e-2
+        for ours, theirs, params in (
+            (layer_norm, F.layer_norm, (w, b)),
+            (rms_norm, F.rms_norm, (w,)),
+        ):
+            if ours is rms_norm and b_dtype is not None:
+                continue
+            try:
+                want = theirs(x, (24,), *params)
+            except RuntimeError:
+                with pytest.raises(RuntimeError, match="weight and bias must have input's dtype"):
+                    ours(x, (24,), *params, backend="reference")
+                continue
+            got = ours(x, (24,), *params, backend="reference")
+            assert got.dtype == want.dtype and err(got, want) < tol, (ours.__name__, x_dtype, w_dtype, b_dtype)
 
 
 def test_rms_norm_default_eps_is_torchs():

@@ -261,7 +261,7 @@ def _launches(records):
 
 SHORT_CALLS = {
     "layer_norm": lambda x, r, w, b: layer_norm(x, (100,), w, b),
-    "layer_norm, int shape": lambda x, r, w, b: layer_norm(x, 100, w, None, 1e-6),
+    "layer_norm, no bias": lambda x, r, w, b: layer_norm(x, (100,), w, None, 1e-6),
     "rms_norm, eps None": lambda x, r, w, b: rms_norm(x, [100], w),
     "add_layer_norm": lambda x, r, w, b: add_layer_norm(x, r, torch.Size([100]), w, b),
     "add_rms_norm, eps None": lambda x, r, w, b: add_rms_norm(x, r, (100,), None),
@@ -310,7 +310,7 @@ def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkey
         lambda: layer_norm(x, (100,), w, eps=0),  # an int eps
         lambda: rms_norm(x.double(), (100,)),  # not a shipped dtype
         lambda: layer_norm(x, (100,), torch.randn(200, dtype=torch.float16)[::2]),  # a strided weight (copied there)
-        lambda: add_rms_norm(x, x.float(), 100, w.float()),  # a half branch onto an fp32 stream
+        lambda: add_rms_norm(x, x.float(), (100,), w.float()),  # a half branch onto an fp32 stream
     ]
     for i, call in enumerate(general):
         call()
@@ -335,15 +335,18 @@ def test_short_path_leaves_every_other_call_to_the_general_path(registry, monkey
     with pytest.raises(ValueError, match="layer_norm: weight must have shape"):
         layer_norm(x, (100,), w[:99])
     with pytest.raises(ValueError, match="rms_norm: eps must be a float >= 0"):  # NaN is not >= 0
-        rms_norm(x, 100, w, eps=float("nan"))
+        rms_norm(x, (100,), w, eps=float("nan"))
+    with pytest.raises(TypeError, match="normalized_shape must be a tuple or list of ints"):  # as torch's
+        layer_norm(x, 100, w)
 
 
 def test_cpp_short_path_takes_the_shipped_widths_only(registry):
     # csrc/aot_short.cpp's own copy of the widest shipped row (_AOT_MAX_N), and machine epsilon for eps None
-    assert C.norm_short(torch.randn(1, _AOT_MAX_N + 1), None, _AOT_MAX_N + 1, None, None, 1e-5, False) is None
+    assert C.norm_short(torch.randn(1, _AOT_MAX_N + 1), None, (_AOT_MAX_N + 1,), None, None, 1e-5, False) is None
     x = torch.randn(2, 100, dtype=torch.float16)
-    assert C.norm_short(x, None, 100, None, None, 1e-5, False).shape == (2, 100)
-    C.norm_short(x, None, 100, None, None, None, True)
+    assert C.norm_short(x, None, 100, None, None, 1e-5, False) is None  # a bare int: the general path refuses it
+    assert C.norm_short(x, None, (100,), None, None, 1e-5, False).shape == (2, 100)
+    C.norm_short(x, None, [100], None, None, None, True)
     (launch,) = C.aot_records()[1:]
     assert launch["args"][-1] == torch.finfo(torch.float32).eps  # torch's for fp16 rows: its fp32 computation's
 

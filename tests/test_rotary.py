@@ -149,6 +149,22 @@ def test_packed_sequences_each_rotate_from_their_own_start(backend):
         apply_rotary_emb(x, cos, sin, cu_seqlens=cu_seqlens.float(), max_seqlen=5)
 
 
+@pytest.mark.parametrize("backend", KERNELS + ["reference"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_packed_rows_past_max_seqlen_stay_as_they_are(backend, inplace):
+    # flash-attn's kernel launches max_seqlen rows per sequence: a sequence of 7 rows under max_seqlen=4 has its
+    # rows 4..6 returned as they are (flash-attn leaves them untouched in place), not rotated from positions 4..6.
+    x = _x(1, 10, 2, 16)[0]
+    cos, sin = _tables(8, 16)
+    cu_seqlens = torch.tensor([0, 7, 10], dtype=torch.int32)
+    want = x.clone()
+    for a, b in ((0, 4), (7, 10)):
+        want[a:b] = apply_rotary_emb_reference(x[None, a:b], cos, sin)[0]
+    src = x.clone()
+    y = apply_rotary_emb(src, cos, sin, inplace=inplace, cu_seqlens=cu_seqlens, max_seqlen=4, backend=backend)
+    assert (y is src) == inplace and err(y, want) < TOL and torch.equal(y[4:7], x[4:7])
+
+
 def _change_id(value) -> str:
     """A test id without a random tensor's values, which differ between xdist's workers and break its collection."""
 
@@ -336,6 +352,13 @@ def test_tables_get_no_gradient(backend):
         (lambda x, c, s: apply_rotary_emb(x, torch.ones(8, 9), torch.ones(8, 9)), ValueError, "1..8 columns"),
         (lambda x, c, s: apply_rotary_emb(x, c[:3], s[:3]), ValueError, "fewer than seqlen_offsets"),
         (lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=5), ValueError, "fewer than seqlen_offsets"),
+        (  # flash-attn's assert seqlen_ro >= seqlen holds with offsets per sequence too
+            lambda x, c, s: apply_rotary_emb(
+                x, c[:3], s[:3], seqlen_offsets=torch.zeros(x.shape[0], dtype=torch.int32)
+            ),
+            ValueError,
+            "fewer than the sequence length",
+        ),
         (
             lambda x, c, s: apply_rotary_emb(x, c, s, seqlen_offsets=-1),
             ValueError,

@@ -35,8 +35,23 @@ def _same_as_torch(shapes, backend="cpu", **kw):
         (((4, 97, 32), (2, 33, 32), (2, 33, 32)), dict(enable_gqa=True)),  # (H, L, E), GQA
         (((2, 3, 2, 6, 32), (2, 3, 2, 6, 32), (2, 3, 2, 6, 32)), dict(is_causal=True)),  # (N, M, H, L, E)
         (((2, 3, 2, 6, 32), (2, 3, 1, 9, 32), (2, 3, 1, 9, 32)), dict(enable_gqa=True, scale=0.3)),
+        # enable_gqa with ranks of their own: the axes before the heads broadcast
+        (((1, 4, 5, 32), (2, 5, 32), (2, 5, 32)), dict(enable_gqa=True)),
+        (((4, 5, 32), (3, 2, 1, 7, 32), (3, 2, 1, 7, 32)), dict(enable_gqa=True, is_causal=True)),
+        (((3, 2, 4, 5, 32), (2, 2, 5, 32), (1, 2, 5, 32)), dict(enable_gqa=True)),
+        (((2, 12, 5, 32), (2, 4, 7, 32), (2, 6, 7, 32)), dict(enable_gqa=True)),  # k and v of their own head counts
     ],
-    ids=["2d", "2d-causal-one-row", "3d-gqa", "5d-causal", "5d-gqa-scale"],
+    ids=[
+        "2d",
+        "2d-causal-one-row",
+        "3d-gqa",
+        "5d-causal",
+        "5d-gqa-scale",
+        "4d-3d-gqa",
+        "3d-5d-gqa",
+        "5d-4d-gqa",
+        "kv-heads",
+    ],
 )
 def test_any_rank_as_torch(shapes, kw):
     _same_as_torch(shapes, **kw)
@@ -88,11 +103,14 @@ def test_heads_and_ranks_broadcast_as_torchs_math_path():
         scaled_dot_product_attention(torch.randn(2, 5, 32), torch.randn(3, 7, 32), torch.randn(3, 7, 32))
 
 
-def test_enable_gqa_needs_a_head_axis():
-    q, k, v = _leaves((5, 32), (7, 32), (7, 32))
-    with pytest.raises(IndexError):  # torch reads key.size(-3)
+@pytest.mark.parametrize(
+    "shapes", [((5, 32), (7, 32), (7, 32)), ((2, 5, 32), (7, 32), (7, 32)), ((5, 32), (2, 7, 32), (2, 7, 32))]
+)
+def test_enable_gqa_needs_a_head_axis(shapes):
+    q, k, v = _leaves(*shapes)
+    with pytest.raises(IndexError):  # torch reads size(-3)
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    with pytest.raises(ValueError, match="enable_gqa"):
+    with pytest.raises(IndexError, match="enable_gqa"):
         scaled_dot_product_attention(q, k, v, enable_gqa=True)
 
 

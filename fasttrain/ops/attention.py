@@ -958,7 +958,8 @@ def scaled_dot_product_attention(
     query: (B, H, Tq, D); key, value: (B, Hkv, Tk, D), Hkv < H only with enable_gqa=True. Other ranks, as in torch
     ((..., H, T, D), (T, D)), run as the 4-D view (every axis before H folded into B), the mask broadcast against
     (..., H, Tq, Tk) first; the axes before (T, D) broadcast as in torch's math path (k and v of batch 1 or one head
-    against q's, ranks of their own; with enable_gqa, rank >= 3, the axes before H). value may have its own head_dim
+    against q's, ranks of their own; with enable_gqa, rank >= 3, the axes before H, and key and value may have head
+    counts of their own, each dividing H: both are then repeated to H, a copy). value may have its own head_dim
     Ev (torch's (..., Tk, Ev); MLA models): the narrower side is padded with zeros (the scores and outputs
     unchanged), the output is (..., Tq, Ev). scale and enable_gqa are keyword-only, as in torch. dropout_p = 1.0
     drops every probability: zeros, with zero gradients, as torch. is_causal masks as torch does, aligned top-left:
@@ -978,18 +979,26 @@ def scaled_dot_product_attention(
     if type(dropout_p) in (float, int) and dropout_p == 1.0:  # torch drops every probability: zeros, zero gradients
         return scaled_dot_product_attention(query, key, value, attn_mask, 0.0, is_causal, **kw) * 0.0
     if all(isinstance(t, Tensor) for t in (query, key, value)):
-        if enable_gqa and min(t.dim() for t in (query, key, value)) < 3:
-            raise ArgumentError("enable_gqa=True needs query, key and value with a head axis: rank >= 3, as in torch")
+        dims = [t.dim() for t in (query, key, value)]
+        if enable_gqa and min(dims) == 2:  # torch reads the heads at dim -3: its IndexError (rank 1: the checks')
+            raise IndexError(
+                "enable_gqa=True needs query, key and value with a head axis (dim -3): rank >= 3, as in torch, got "
+                f"shapes {tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
+            )
         # torch's math path broadcasts the axes before (T, D) as matmul does (k, v of batch 1 or of one head
         # against q's, ranks of their own), with enable_gqa those before the heads, which its repeat matches: views
         n = 3 if enable_gqa else 2
         lead = (query.shape[:-n], key.shape[:-n], value.shape[:-n])
-        dims = [t.dim() for t in (query, key, value)]
-        ranks_ok = (dims[0] == dims[1] == dims[2] >= 4) if enable_gqa else min(dims) >= 2
-        shape = _broadcast_or_none(*lead) if ranks_ok and not lead[0] == lead[1] == lead[2] else None
+        shape = _broadcast_or_none(*lead) if min(dims) >= n and not lead[0] == lead[1] == lead[2] else None
         if shape is not None:
             query, key, value = (t.expand(*shape, *t.shape[-n:]) for t in (query, key, value))
             return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, **kw)
+        if enable_gqa and min(dims) >= 3 and key.shape[-3] != value.shape[-3]:
+            # torch repeats key and value to query's heads each by its own factor: so do we here (copies)
+            H = query.shape[-3]
+            if H % key.shape[-3] == 0 and H % value.shape[-3] == 0:
+                key, value = (t.repeat_interleave(H // t.shape[-3], dim=-3) for t in (key, value))
+                return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, **kw)
         if value.dim() == key.dim() and value.shape[-1] != key.shape[-1] and query.shape[-1] == key.shape[-1]:
             return _sdpa_value_dim(query, key, value, attn_mask, dropout_p, is_causal, kw)
         if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:

@@ -5,6 +5,8 @@ softmax_scale, a paged cache's block_table) into what the kernels take."""
 
 from __future__ import annotations
 
+import numbers
+import operator
 import weakref
 
 import torch
@@ -43,8 +45,9 @@ def _check_qkv(q, k, v, rank: int, layout: str, head_axis: int = -2, names=("q",
 
 
 def _window(causal: bool, window_size) -> tuple[int, int]:
-    """flash-attn's (causal, window_size) -> kernel (left, right) diagonal bounds; -1 means unbounded. window_size is
-    any pair of integers flash-attn takes: a tuple, a list, or a 2-element integer tensor (read on the host)."""
+    """flash-attn's (causal, window_size) -> kernel (left, right) diagonal bounds; a side < 0 (-1) means unbounded,
+    as flash-attn's C++ reads it. window_size is any pair of integers flash-attn takes: a tuple or list of ints (or
+    integer scalars: numpy's, 0-dim tensors), or a 2-element integer tensor (read on the host)."""
     if isinstance(window_size, Tensor):
         if window_size.is_floating_point() or window_size.is_complex() or window_size.dtype == torch.bool:
             raise ArgumentTypeError(
@@ -53,26 +56,35 @@ def _window(causal: bool, window_size) -> tuple[int, int]:
         if window_size.shape != (2,):
             raise ArgumentError(f"window_size must be a pair of ints, got a tensor of shape {tuple(window_size.shape)}")
         window_size = tuple(window_size.tolist())
-    if not isinstance(window_size, (tuple, list)) or not all(
-        isinstance(w, int) and not isinstance(w, bool) for w in window_size
-    ):
+    if not isinstance(window_size, (tuple, list)) or not all(_is_index(w) for w in window_size):
         raise ArgumentTypeError(f"window_size must be a pair of ints (-1 = unbounded), got {window_size!r}")
-    if len(window_size) != 2 or not all(w >= -1 for w in window_size):
-        raise ArgumentError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
-    left, right = map(_window_side, window_size)
+    if len(window_size) != 2:
+        raise ArgumentError(f"window_size must be a pair of ints (-1 = unbounded), got {window_size!r}")
+    left, right = (_window_side(operator.index(w)) for w in window_size)
     return left, (0 if causal else right)
 
 
+def _is_index(w) -> bool:
+    """An integer as flash-attn's C++ int arguments take one (an int or an object with __index__), not a bool."""
+    if isinstance(w, bool):
+        return False
+    try:
+        operator.index(w)
+    except TypeError:
+        return False
+    return True
+
+
 def _window_side(w: int) -> int:
-    """One side of flash-attn's window_size (an int >= -1) as the kernels' bound: -1, or any side past UNBOUNDED (which
-    no sequence reaches, and which a side past int32 would overflow), is UNBOUNDED."""
-    return UNBOUNDED if w == -1 else min(w, UNBOUNDED)
+    """One side of flash-attn's window_size as the kernels' bound: any negative side (-1), or any side past UNBOUNDED
+    (which no sequence reaches, and which a side past int32 would overflow), is UNBOUNDED."""
+    return UNBOUNDED if w < 0 else min(w, UNBOUNDED)
 
 
 def _scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:  # head_dim 0: every score is an empty sum, the outputs are empty (as torch's)
         return head_dim**-0.5 if head_dim > 0 else 1.0
-    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+    if not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool):  # numpy's floats too
         raise ArgumentTypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     return float(softmax_scale)
 
@@ -80,7 +92,7 @@ def _scale(softmax_scale, head_dim: int) -> float:
 def _check_softcap(softcap) -> float:
     """flash-attn's softcap: a float, any value that is not > 0 (NaN too) meaning no capping, as flash-attn's
     `softcap > 0` check reads it; +inf, which flash-attn turns into NaN scores, is refused."""
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):  # numpy's floats too, as flash-attn
         raise ArgumentTypeError(f"softcap must be a float (<= 0.0 = no capping), got {type(softcap).__name__}")
     if softcap == float("inf"):  # no finite cap to apply
         raise ArgumentError(f"softcap must be a finite float (<= 0.0 = no capping), got {softcap!r}")

@@ -528,7 +528,8 @@ def flash_attn_with_kvcache(
         rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) or None: rotate the first rotary_dim dims of k at its
             cache positions (cache_seqlens + t) and of q: row t at cache_seqlens + t when causal or windowed (a
             window side >= the cache's length counting as -1), every row at cache_seqlens otherwise, as
-            flash-attn (so where Tq > Tnew, seqlen_ro must cover cache_seqlens + Tq). rotary_interleaved picks
+            flash-attn. seqlen_ro >= the cache's length (Tmax; max_blocks * page_block_size when paged), as
+            flash-attn requires, and where Tq > Tnew it must cover cache_seqlens + Tq too. rotary_interleaved picks
             pairs (0, 1), (2, 3).. over (i, i + rotary_dim / 2).
         cache_seqlens: int or (B,) int32/int64 tensor: rows already in the cache. Attention covers
             cache_seqlens + Tnew keys. None: the whole cache (Tmax), only without k/v. Not advanced here.
@@ -592,6 +593,11 @@ def flash_attn_with_kvcache(
     Bc, Tmax = k_cache.shape[:2]
     if paged:  # Bc pages of Tmax rows; a sequence spans max_blocks of them
         Tmax *= block_table.shape[1]
+    if rotary_cos is not None and rotary_cos.shape[0] < Tmax:  # flash-attn's shape bound, whatever the lengths
+        raise ArgumentError(
+            f"rotary_cos and rotary_sin have {rotary_cos.shape[0]} rows, fewer than the cache's {Tmax} (seqlen_ro "
+            "must be at least the cache's length, as in flash-attn)"
+        )
     if cache_seqlens is None:
         cache_seqlens = torch.full((B,), Tmax, dtype=torch.int32, device=q.device)
     t_new = 0 if k is None else k.shape[1]

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fasttrain import _backend, _extension
+from fasttrain._backend import ArgumentError, ArgumentTypeError
 from fasttrain.ops._op import custom_op, reference_gradients
 
 # ---- the backends: what each computes -------------------------------------------------------------------------------
@@ -269,18 +270,20 @@ def _normalized(
         raise TypeError(
             f"{name}: input must be a floating-point tensor, got {getattr(input, 'dtype', type(input).__name__)}"
         )
-    # `type(...) is int` first: isinstance against numbers.Integral (an ABC) is several times slower, per dim.
-    if type(normalized_shape) is int or isinstance(normalized_shape, numbers.Integral):
-        shape = (normalized_shape,)
-    elif isinstance(normalized_shape, (tuple, list)):
-        shape = tuple(normalized_shape)
-    else:
-        raise TypeError(f"{name}: normalized_shape must be an int or a tuple/list of ints, got {normalized_shape!r}")
+    # A bare int is refused, as torch's F.layer_norm / F.rms_norm refuse it (nn.LayerNorm's constructor takes one).
+    if not isinstance(normalized_shape, (tuple, list)):
+        raise TypeError(
+            f"{name}: normalized_shape must be a tuple or list of ints (as torch's), got {normalized_shape!r}"
+        )
+    shape = tuple(normalized_shape)
     for n in shape:
-        if type(n) is not int and not isinstance(n, numbers.Integral):
-            raise TypeError(f"{name}: normalized_shape must be an int or a tuple/list of ints, got {shape}")
-    if not shape or len(shape) > input.dim() or input.shape[input.dim() - len(shape) :] != shape or min(shape) < 1:
-        raise ValueError(
+        # `type(...) is int` first: isinstance against numbers.Integral (an ABC) is several times slower, per dim.
+        if type(n) is not int and (isinstance(n, bool) or not isinstance(n, numbers.Integral)):
+            raise TypeError(f"{name}: normalized_shape must be a tuple or list of ints, got {shape}")
+    if not shape:  # torch's RuntimeError: no dim to normalize over
+        raise ArgumentError(f"{name}: normalized_shape must name at least one trailing dim of input, got ()")
+    if len(shape) > input.dim() or input.shape[input.dim() - len(shape) :] != shape or min(shape) < 1:
+        raise ArgumentError(
             f"{name}: normalized_shape must be the trailing dims of input {tuple(input.shape)}, got {shape}"
         )
     for arg, t in (("weight", weight), ("bias", bias)):
@@ -291,13 +294,28 @@ def _normalized(
                 f"{name}: {arg} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
             )
         if t.shape != shape:
-            raise ValueError(f"{name}: {arg} must have shape {shape}, got {tuple(t.shape)}")
+            raise ArgumentError(f"{name}: {arg} must have shape {shape}, got {tuple(t.shape)}")
         if t.device != input.device:
-            raise ValueError(f"{name}: {arg} must be on input's device ({input.device}), got {t.device}")
+            raise ArgumentError(f"{name}: {arg} must be on input's device ({input.device}), got {t.device}")
     n = 1
     for d in shape:
         n *= d
     return n, shape
+
+
+def _check_cpu_param_dtypes(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
+    """torch's CPU layer_norm (autocast or not) takes weight and bias of input's dtype, or fp32 ones with fp16/bf16
+    input, and raises a RuntimeError for any other mix."""
+    params = [t.dtype for t in (weight, bias) if t is not None]
+    if input.device.type != "cpu" or all(d == input.dtype for d in params):
+        return
+    if input.dtype in (torch.float16, torch.bfloat16) and all(d == torch.float32 for d in params):
+        return
+    raise ArgumentTypeError(
+        f"layer_norm: weight and bias must have input's dtype {input.dtype}, or float32 with fp16/bf16 input, as "
+        f"torch's CPU layer_norm takes them, got weight {weight.dtype if weight is not None else None} and bias "
+        f"{bias.dtype if bias is not None else None}"
+    )
 
 
 def _out_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -349,7 +367,7 @@ def _aot_short(
     input, residual, normalized_shape, weight, bias, eps, is_rms: bool, backend
 ) -> tuple[Tensor, Tensor] | Tensor | None:
     """y (no residual) or (y, s) from the aot op for a call that the checks and choice below `_norm` would send there
-    unchanged: no backend named or forced, normalized_shape one int (or one in a tuple, list or Size) within the
+    unchanged: no backend named or forced, normalized_shape one int in a tuple, list or Size within the
     shipped widths, plain tensors of one shipped dtype on one device, weight and bias (N,) with unit stride, eps a
     float >= 0 (None: RMSNorm's machine epsilon), no autocast, not traced, the aot column live for the device. Else
     None, and the general path checks, chooses and calls; it does nothing else this one skips, so both give the same
@@ -395,6 +413,7 @@ def layer_norm(
     if (out := _aot_short(input, None, normalized_shape, weight, bias, eps, False, backend)) is not None:
         return out
     n_cols, shape = _normalized("layer_norm", input, normalized_shape, weight, bias)
+    _check_cpu_param_dtypes(input, weight, bias)
     _check_eps("layer_norm", eps)
     return _norm(input, None, n_cols, weight, bias, eps, False, backend)[0]
 

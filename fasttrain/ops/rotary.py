@@ -304,6 +304,10 @@ def _check(x, cos, sin, seqlen_offsets) -> None:
             f"apply_rotary_emb: cos/sin have {cos.shape[0]} positions, fewer than seqlen_offsets + T = "
             f"{seqlen_offsets + T}"
         )
+    elif cos.shape[0] < T:  # flash-attn asserts this with offsets per sequence too
+        raise ValueError(
+            f"apply_rotary_emb: cos/sin have {cos.shape[0]} positions, fewer than the sequence length T = {T}"
+        )
 
 
 def _kind(t) -> str:
@@ -333,11 +337,11 @@ def apply_rotary_emb(
     through unrotated, as on flash-attn's kernel). cu_seqlens (batch + 1,) integer tensor, with max_seqlen an int:
     x is the packed rows (total, H, D) of `flash_attn_varlen_func`, sequence b the rows cu_seqlens[b] to
     cu_seqlens[b + 1], each rotated from its own position 0 (+ seqlen_offsets or seqlen_offsets[b]), cos/sin
-    (T_ro, R/2); rows outside every sequence pass through. Math in fp32; the result is in x's dtype, a new
-    contiguous tensor, or x itself when inplace=True (gradients then flow through x's new value, as on flash-attn;
-    a leaf requiring grad is rotated in place too, as flash-attn's, and an alias of it carrying the gradient
-    returned). Gradients flow to x only: cos/sin are detached on every backend (the model's tables are fixed
-    buffers; flash-attn gives them no gradient either).
+    (T_ro, R/2); rows outside every sequence, and the rows of a sequence past its first max_seqlen, pass through.
+    Math in fp32; the result is in x's dtype, a new contiguous tensor, or x itself when inplace=True (gradients then
+    flow through x's new value, as on flash-attn; a leaf requiring grad is rotated in place too, as flash-attn's,
+    and an alias of it carrying the gradient returned). Gradients flow to x only: cos/sin are detached on every
+    backend (the model's tables are fixed buffers; flash-attn gives them no gradient either).
     backend: "auto" (default), "aot" (CUDA, the shipped cubins: kernels/rotary.py aot_kernels), "triton" (CUDA; CPU
     tensors under TRITON_INTERPRET=1), "cpu" (csrc/rotary_cpu.cpp: fp32, bf16, fp16 CPU tensors) or "reference".
     """
@@ -399,9 +403,10 @@ def apply_rotary(
 
 def _apply_varlen(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen, backend) -> Tensor:
     """apply_rotary_emb over packed sequences: each token's own table row (its position in its sequence plus the
-    offset, or the identity outside the table or every sequence) gathered into a (total, R/2) table, then the same
-    op on x viewed as one sequence of `total` tokens. The cost past the rotation: the gathered cos/sin, each 1/H of
-    x's elements at full rotation or less, and a handful of small index ops; no host sync."""
+    offset, or the identity outside the table, every sequence or a sequence's first max_seqlen rows) gathered into
+    a (total, R/2) table, then the same op on x viewed as one sequence of `total` tokens. The cost past the
+    rotation: the gathered cos/sin, each 1/H of x's elements at full rotation or less, and a handful of small index
+    ops; no host sync."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise TypeError(f"apply_rotary_emb: x must be a floating-point tensor, got {_kind(x)}")
     if x.dim() != 3:
@@ -436,8 +441,9 @@ def _apply_varlen(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens,
         seq = torch.searchsorted(ends, tokens, right=True)  # (total,): the sequence of each row, batch past the last
         seq_row = seq.clamp(max=batch - 1)
         shift = seqlen_offsets.long()[seq_row] if isinstance(seqlen_offsets, Tensor) else int(seqlen_offsets)
-        positions = tokens - cu_seqlens.long()[seq_row] + shift
-        positions = torch.where(seq < batch, positions, -1)
+        t = tokens - cu_seqlens.long()[seq_row]  # (total,): each row's index in its sequence
+        # flash-attn's grid covers max_seqlen rows per sequence: the rows of a longer one past it stay as they are
+        positions = torch.where((seq < batch) & (t < max_seqlen), t + shift, -1)
     cos, sin = _rows(cos.detach(), sin.detach(), positions)  # (total, R/2) each
     out = apply_rotary_emb(x[None], cos, sin, interleaved, inplace, 0, backend=backend)  # x: (1, total, H, D)
     # in place: x, or the alias carrying the gradient when x is a leaf requiring grad (see _rotate_in_place)
