@@ -1,6 +1,7 @@
 """flash-attn's module layout over fasttrain's implementations: `flash_attn` -> `fasttrain.flash_attn` in a script's
 imports is the whole switch, the other modules mirrored as flash-attn names them (`fasttrain.flash_attn.bert_padding`,
-`.flash_attn_interface`, `.layers.rotary`, `.losses.cross_entropy`, `.ops.triton.cross_entropy`, `.ops.triton.rotary`).
+`.flash_attn_interface`, `.layers.rotary`, `.losses.cross_entropy`, `.ops.activations`, `.ops.triton.cross_entropy`,
+`.ops.triton.rotary`).
 Every name is fasttrain's own object re-exported (the same one `fasttrain.ops` gives), with flash-attn's signature and
 semantics; a name flash-attn has and fasttrain does not implement is absent, so its import fails at once. No
 `__version__`: fasttrain's release is not flash-attn's, and a check of one against the other would mean nothing.
