@@ -25,10 +25,13 @@ def _chunks(n_rows: int, n_cols: int) -> list[slice]:
     return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
 
 
-def _scaled(logits: Tensor, logit_scale: float) -> Tensor:
-    """A float32 copy of `logits` times logit_scale (a copy even for float32 logits: callers write into it)."""
-    x = logits.to(torch.float32, copy=True)
-    return x.mul_(logit_scale) if logit_scale != 1.0 else x
+def _scaled(logits: Tensor, logit_scale: float, writable: bool) -> Tensor:
+    """`logits` in float32 times logit_scale; writable: a new tensor the caller may write into, even for float32
+    logits at scale 1 (else those are returned as they are)."""
+    x = logits.to(torch.float32, copy=writable)
+    if logit_scale == 1.0:
+        return x
+    return x * logit_scale if x is logits else x.mul_(logit_scale)
 
 
 def _local_losses(logits, labels, lse, smoothing, logit_scale, total_classes, class_start, split):
@@ -43,7 +46,7 @@ def _local_losses(logits, labels, lse, smoothing, logit_scale, total_classes, cl
     hit = (local >= 0) & (local < n_cols)  # (N,): the label is one of this rank's columns
     col = torch.where(hit, local, 0).long()[:, None]  # (N, 1)
     for rows in _chunks(n_rows, n_cols):
-        x = _scaled(logits[rows], logit_scale)  # (n, V) float32
+        x = _scaled(logits[rows], logit_scale, writable=False)  # (n, V) float32
         if lse is None:
             row_lse[rows] = torch.logsumexp(x, dim=-1)
         base = 0.0 if split else row_lse[rows]
@@ -96,7 +99,7 @@ class _CrossEntropyLoss(torch.autograd.Function):
         col = torch.where(hit, local, 0).long()[:, None]  # (N, 1)
         on_label = torch.where(hit, -(1.0 - smoothing) if smoothing > 0.0 else -1.0, 0.0)[:, None]  # (N, 1)
         for rows in _chunks(*logits.shape):
-            p = _scaled(logits[rows], logit_scale).sub_(lse[rows, None]).exp_()  # (n, V) softmax
+            p = _scaled(logits[rows], logit_scale, writable=True).sub_(lse[rows, None]).exp_()  # (n, V) softmax
             p.mul_(1.0 + 2.0 * lse_square_scale * lse[rows, None])
             p.scatter_add_(1, col[rows], on_label[rows])
             if smoothing > 0.0:
