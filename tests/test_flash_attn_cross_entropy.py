@@ -100,6 +100,24 @@ def test_composition_without_kernels_matches_float64(cpu_user, options):
     _check(logits, _labels(9, 1025, ignore_every=4), options)
 
 
+def test_plain_calls_take_the_kernels_and_calls_with_options_the_composition(monkeypatch):
+    module = importlib.import_module("fasttrain.ops.cross_entropy_loss")
+    triton = importlib.import_module("fasttrain.ops.cross_entropy").Triton
+    composed, launched = [], []
+    apply, forward = module._CrossEntropyLoss.apply, triton.forward
+    monkeypatch.setattr(module._CrossEntropyLoss, "apply", lambda *args: composed.append(1) or apply(*args))
+    monkeypatch.setattr(triton, "forward", staticmethod(lambda *args: launched.append(1) or forward(*args)))
+    logits, labels = randn(4, 33), _labels(4, 33)
+    cross_entropy_loss(logits, labels)
+    assert (len(launched), len(composed)) == (1, 0)
+    for options in [dict(label_smoothing=0.1), dict(inplace_backward=True), dict(precomputed_lse=torch.zeros(4))]:
+        cross_entropy_loss(logits, labels, **options)
+    assert (len(launched), len(composed)) == (1, 3)
+    monkeypatch.delenv("TRITON_INTERPRET")  # no kernel for CPU tensors: the composition
+    cross_entropy_loss(logits, labels)
+    assert (len(launched), len(composed)) == (1, 4)
+
+
 def test_rows_chunked_as_one(monkeypatch):
     module = importlib.import_module("fasttrain.ops.cross_entropy_loss")  # the name alone is the function
     monkeypatch.setattr(module, "_CHUNK", 2 * 97)  # 2 rows a chunk, one of 1 at the end
