@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from fasttrain.ops.cross_entropy_loss import cross_entropy_loss
 from fasttrain.optim import AdamW
 
 RTOL = 1e-6  # fp32: the kernel and torch's single-tensor AdamW agree to rounding
@@ -27,10 +28,10 @@ def report(name: str) -> None:
         print(f"ok {name}", flush=True)
 
 
-def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str, rtol: float = RTOL) -> None:
     err = (ours.float() - ref.float()).abs().max().item() if ref.numel() else 0.0
     scale = ref.float().abs().max().item() if ref.numel() else 0.0
-    assert err <= RTOL * scale + 1e-8, f"rank {dist.get_rank()}: {what}: max abs diff {err:.3g} (max |ref| {scale:.3g})"
+    assert err <= rtol * scale + 1e-8, f"rank {dist.get_rank()}: {what}: max abs diff {err:.3g} (max |ref| {scale:.3g})"
 
 
 class Tiny(nn.Module):
@@ -206,6 +207,45 @@ def check_gradients_sync_on_the_last_micro_batch(mesh) -> None:
     report("gradients_sync_on_the_last_micro_batch")
 
 
+def check_cross_entropy_vocab_split(mesh) -> None:
+    """flash-attn's cross_entropy_loss with the vocabulary split over the group (rank r holds columns [r V, (r + 1) V)):
+    every rank's losses, z-losses and its columns' gradient equal one process's call on the whole vocabulary, for each
+    option, an odd V per rank, ignored rows and labels in every rank's columns."""
+    group, rank, world = mesh.get_group(), dist.get_rank(), dist.get_world_size()
+    N, V = 9, 97
+    g = torch.Generator().manual_seed(0)  # the same full logits, labels and upstream gradient on every rank
+    full = 3 * torch.randn(N, world * V, generator=g)
+    labels = torch.randint(0, world * V, (N,), generator=g)
+    labels[::4] = -100
+    upstream = torch.randn(N, generator=g)
+    options = [  # (label_smoothing, logit_scale, lse_square_scale, inplace_backward, precomputed_lse)
+        (0.0, 1.0, 0.0, False, False),
+        (0.9, 1.0, 0.0, False, False),
+        (0.0, 0.7, 1e-2, True, False),
+        (0.0, 1.0, 1e-2, False, True),
+        (0.9, 0.7, 1e-2, True, False),
+    ]
+    for smoothing, scale, z_scale, inplace, use_lse in options:
+        what = f"smoothing {smoothing} scale {scale} z {z_scale} inplace {inplace} lse {use_lse}"
+        kwargs = dict(label_smoothing=smoothing, logit_scale=scale, lse_square_scale=z_scale)
+        whole = full.clone().requires_grad_()
+        whole_lse = torch.logsumexp(full, -1) if use_lse else None
+        want, want_z = cross_entropy_loss(whole, labels, precomputed_lse=whole_lse, **kwargs)
+        (want_grad,) = torch.autograd.grad(want, whole, upstream)
+        mine = full[:, rank * V : (rank + 1) * V].clone().requires_grad_()  # (N, V): this rank's columns
+        mine_lse = torch.logsumexp(mine.detach(), -1) if use_lse else None  # each rank's own, as flash-attn's test
+        loss, z_loss = cross_entropy_loss(
+            mine, labels, precomputed_lse=mine_lse, inplace_backward=inplace, process_group=group, **kwargs
+        )
+        assert_close(loss, want, f"{what}: losses")
+        assert_close(z_loss, want_z, f"{what}: z-losses")
+        (grad,) = torch.autograd.grad(loss, mine, upstream)
+        # exp(x - lse) with lse combined from the ranks' logsumexps, rounded apart: fp32 rounding, amplified by exp
+        assert_close(grad, want_grad[:, rank * V : (rank + 1) * V], f"{what}: gradient", rtol=1e-5)
+        assert (grad.data_ptr() == mine.data_ptr()) == inplace, f"{what}: in-place backward"
+    report("cross_entropy_vocab_split")
+
+
 JOBS = {
     "units": [
         check_fsdp_matches_torch,
@@ -213,7 +253,8 @@ JOBS = {
         check_mixed_plain_and_sharded,
         check_found_inf_agreed,
         check_gradients_sync_on_the_last_micro_batch,
-    ]
+    ],
+    "cross_entropy": [check_cross_entropy_vocab_split],
 }
 
 

@@ -48,6 +48,11 @@ def test_adamw_on_fsdp2_shards_matches_torch_and_ddp_syncs_once_per_step():
         assert f"ok {name}" in out, f"check {name} did not report:\n{out[-4000:]}"
 
 
+def test_flash_attn_cross_entropy_splits_the_vocabulary_over_a_process_group():
+    out = torchrun(str(CHECKS), "cross_entropy")
+    assert "ok cross_entropy_vocab_split" in out, f"the check did not report:\n{out[-4000:]}"
+
+
 # ---- the trainer under torchrun ----------------------------------------------------------------------------------
 
 STEPS = 20

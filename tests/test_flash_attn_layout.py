@@ -48,6 +48,8 @@ MIRRORED = {
         ],
     ),
     "flash_attn.ops.triton.rotary": ("fasttrain.ops.rotary", ["apply_rotary"]),
+    "flash_attn.losses.cross_entropy": ("fasttrain.ops.cross_entropy_loss", ["CrossEntropyLoss"]),
+    "flash_attn.ops.triton.cross_entropy": ("fasttrain.ops.cross_entropy_loss", ["cross_entropy_loss"]),
 }
 MIRRORED["flash_attn.flash_attn_interface"] = MIRRORED["flash_attn"]
 

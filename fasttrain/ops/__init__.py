@@ -9,6 +9,7 @@ from fasttrain.ops.attention_packed import (
     flash_attn_varlen_qkvpacked_func,
 )
 from fasttrain.ops.cross_entropy import cross_entropy
+from fasttrain.ops.cross_entropy_loss import cross_entropy_loss
 from fasttrain.ops.decode import flash_attn_with_kvcache
 from fasttrain.ops.linear_cross_entropy import linear_cross_entropy
 from fasttrain.ops.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
@@ -25,6 +26,7 @@ __all__ = [
     "scaled_dot_product_attention",
     "flash_attn_with_kvcache",
     "cross_entropy",
+    "cross_entropy_loss",
     "linear_cross_entropy",
     "layer_norm",
     "rms_norm",

@@ -127,3 +127,29 @@ def gelu(input: Tensor, approximate: str = "none", *, backend: str | None = None
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     name = GELU.choose(input, approximate, backend=backend)
     return _gelu_op(input if name == "reference" else input.contiguous(), approximate, name)
+
+
+# ---- flash-attn's names for the tanh GELU (flash_attn.ops.activations, mirrored by fasttrain.flash_attn) -----------
+
+
+def fast_gelu_impl(input: Tensor) -> Tensor:
+    """flash-attn's `fast_gelu_impl` and `gelu_fwd` (one function): `gelu(input, approximate="tanh")` with its
+    gradient, in input's dtype (computed in fp32 and rounded once on the CPU kernel; flash-attn's TorchScript rounds
+    after each op in half precision)."""
+    return gelu(input, "tanh")
+
+
+gelu_fwd = fast_gelu_impl
+
+
+def gelu_bwd(g: Tensor, x: Tensor) -> Tensor:
+    """flash-attn's `gelu_bwd`: g times the tanh GELU's derivative at x, in x's dtype; g of x's shape."""
+    for arg, t in (("g", g), ("x", x)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"gelu_bwd: {arg} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+    if g.shape != x.shape or g.device != x.device:
+        raise ValueError(f"gelu_bwd: g must have x's shape {tuple(x.shape)} on {x.device}, got {tuple(g.shape)}")
+    name = GELU.choose(x, "tanh")
+    if name != "reference":
+        x = x.contiguous()
+    return _gelu_backward_op(g.to(x.dtype).contiguous(), x, "tanh", name)
