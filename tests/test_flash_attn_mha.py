@@ -219,6 +219,31 @@ def test_decoding_with_inference_params_equals_the_full_forward(name, lengths_pe
     assert params.key_value_memory_dict[3].shape == (B, T, 2, mha.num_heads_kv, E // H)
 
 
+@pytest.mark.parametrize("name", ["fused-rotary", "rotary-8", "gqa-interleaved"])
+def test_decoding_reads_each_samples_own_length_from_lengths_per_sample(name):
+    # uneven lengths: sample 1 keeps 3 of its 5 prompt tokens, so its new tokens sit (and rotate) at 3 and 4
+    config = {
+        "fused-rotary": {"rotary_emb_dim": 16},
+        "rotary-8": {"rotary_emb_dim": 8},
+        "gqa-interleaved": {"rotary_emb_dim": 16, "num_heads_kv": 2, "rotary_emb_interleaved": True},
+    }[name]
+    torch.manual_seed(0)
+    mha = MHA(E, H, causal=True, layer_idx=0, use_flash_attn=True, **config).eval()
+    x, new = randn(2, 5, E, grad=False), randn(2, 2, E, seed=1, grad=False)
+    params = InferenceParams(max_seqlen=10, max_batch_size=2)
+    params.lengths_per_sample = torch.zeros(2, dtype=torch.int32)
+    mha(x, inference_params=params)
+    params.seqlen_offset, params.lengths_per_sample = 5, torch.tensor([5, 3], dtype=torch.int32)
+    steps = []
+    for t in range(2):
+        steps.append(mha(new[:, t : t + 1], inference_params=params))
+        params.seqlen_offset += 1
+        params.lengths_per_sample += 1
+    got = torch.cat(steps, dim=1)  # (2, 2, E)
+    want = mha(torch.cat([x[:1], new[:1]], dim=1))[:, 5:], mha(torch.cat([x[1:, :3], new[1:]], dim=1))[:, 3:]
+    torch.testing.assert_close(got, torch.cat(want), atol=TOL, rtol=0)
+
+
 def test_a_windowed_mha_decodes_over_the_whole_cache():
     # As flash-attn's MHA: the prefill attends within the window, the decode kernel is given no window_size.
     torch.manual_seed(0)
@@ -350,6 +375,15 @@ def test_attention_dropout_applies_in_training_only(cls):
     assert not torch.allclose(module.train()(qkv), without, atol=1e-3)
 
 
+@pytest.mark.parametrize("use_flash_attn", [True, False])
+def test_mha_dropout_reaches_its_attention_modules(use_flash_attn):
+    mha = MHA(E, H, dropout=0.5, use_flash_attn=use_flash_attn)
+    assert mha.inner_attn.drop.p == mha.inner_cross_attn.drop.p == 0.5
+    x = randn(1, 40, E, grad=False)
+    assert torch.equal(mha.eval()(x), mha(x))
+    assert not torch.allclose(mha.train()(x), mha.eval()(x), atol=1e-3)
+
+
 def test_get_alibi_slopes():
     assert get_alibi_slopes(8) == [2.0 ** (-(i + 1)) for i in range(8)]
     twelve = [2.0 ** (-(i + 1)) for i in range(8)] + [2.0 ** (-(2 * i + 1) / 2) for i in range(4)]
@@ -411,6 +445,10 @@ ERRORS = [
         "no cache for layer_idx 0",
     ),
     (lambda: _mha(layer_idx=0)(torch.randn(1, 5, E), inference_params=InferenceParams(4, 1)), "max_seqlen"),
+    (
+        lambda: _mha(layer_idx=0)(torch.randn(1, 3, E), inference_params=InferenceParams(4, 1), max_seqlen=3),
+        "inference_params cannot be used with max_seqlen",
+    ),
     (lambda: _mha(dwconv=True, num_heads_kv=2)(torch.randn(1, 3, E)), "dwconv"),
     (lambda: _mha()(torch.randn(1, 3, E), x_kv=torch.randn(1, 3, E)), "x_kv"),
     (lambda: FlashSelfAttention()(torch.randn(3, 3, 2, 8), cu_seqlens=torch.tensor([0, 3])), "cu_seqlens"),

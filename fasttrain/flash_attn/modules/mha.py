@@ -219,8 +219,15 @@ class MHA(nn.Module):
                     raise ArgumentError(f"cu_seqlens (packed rows) cannot be used with {name}")
         if key_padding_mask is not None and (max_seqlen is not None or self.use_flash_attn):
             raise ArgumentError("key_padding_mask needs use_flash_attn=False and no cu_seqlens/max_seqlen")
-        if inference_params is not None and (key_padding_mask is not None or max_seqlen is not None or self.dwconv):
-            raise ArgumentError("inference_params cannot be used with key_padding_mask, cu_seqlens or dwconv")
+        if inference_params is not None:
+            for wrong, name in (
+                (key_padding_mask is not None, "key_padding_mask"),
+                (cu_seqlens is not None, "cu_seqlens"),
+                (max_seqlen is not None, "max_seqlen"),
+                (self.dwconv, "dwconv"),
+            ):
+                if wrong:
+                    raise ArgumentError(f"inference_params cannot be used with {name}")
         if not self.cross_attn and (x_kv is not None or mixer_subset is not None):
             raise ArgumentError("x_kv and mixer_subset are for cross_attn=True only")
         if self.dwconv and (self.cross_attn or self.num_heads_kv != self.num_heads):
