@@ -1,8 +1,6 @@
 """fasttrain.flash_attn.ops.activations (flash-attn's `swiglu`, `fast_gelu_impl`, `gelu_fwd`, `gelu_bwd`) against
 flash-attn's formulas in float64: values and gradients in fp32, fp16 and bf16, awkward sizes, input errors."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,14 +67,25 @@ def test_tanh_gelu_forward_and_backward_are_flash_attns(dtype, shape):
 
 
 def test_the_mirrored_names_are_fasttrains_own_objects():
-    assert swiglu is fasttrain_swiglu  # the same op fasttrain.ops gives
     for name in ("fast_gelu_impl", "gelu_bwd", "gelu_fwd"):
         assert getattr(mirror, name) is getattr(activation, name), name
     assert sorted(mirror.__all__) == ["fast_gelu_impl", "gelu_bwd", "gelu_fwd", "swiglu"]
+    # swiglu takes flash-attn's names (its SwiGLUFunction.apply takes them by keyword too) over fasttrain's op
+    x, y = randn(3, 8, grad=False), randn(3, 8, seed=1, grad=False)
+    assert torch.equal(swiglu(x=x, y=y), fasttrain_swiglu(x, y))
 
 
-def test_gelu_constants_are_torchs_tanh_gelu():
-    assert abs(0.79788456 - math.sqrt(2 / math.pi)) < 1e-8  # flash-attn's rounded sqrt(2 / pi)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gelu_bwd_is_differentiable_as_flash_attns_torch_ops(dtype):
+    x, g = randn(5, 16, dtype=dtype), randn(5, 16, dtype=dtype, seed=1)
+    out = gelu_bwd(g, x)
+    x64, g64 = (t.detach().double().requires_grad_() for t in (x, g))
+    want = _gelu_grad64(x64) * g64
+    upstream = randn(5, 16, seed=2, grad=False)
+    dx, dg = torch.autograd.grad(out, (x, g), upstream.to(dtype))
+    want_dx, want_dg = torch.autograd.grad(want, (x64, g64), upstream.double())
+    _close(dx, want_dx, dtype)
+    _close(dg, want_dg, dtype)
 
 
 def test_bad_input_errors_name_the_argument():
@@ -87,5 +96,5 @@ def test_bad_input_errors_name_the_argument():
         gelu_bwd(x, x.long())
     with pytest.raises(ValueError, match="g must have x's shape"):
         gelu_bwd(randn(4, 1), x)
-    with pytest.raises(ValueError, match="up must have gate's shape"):
+    with pytest.raises(ValueError, match="y must have x's shape"):
         swiglu(x, randn(4, 1))

@@ -148,7 +148,14 @@ def gelu_bwd(g: Tensor, x: Tensor) -> Tensor:
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"gelu_bwd: {arg} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
     if g.shape != x.shape or g.device != x.device:
-        raise ValueError(f"gelu_bwd: g must have x's shape {tuple(x.shape)} on {x.device}, got {tuple(g.shape)}")
+        raise ValueError(
+            f"gelu_bwd: g must have x's shape {tuple(x.shape)} on {x.device}, got {tuple(g.shape)} on {g.device}"
+        )
+    if torch.is_grad_enabled() and (g.requires_grad or x.requires_grad):
+        # flash-attn's gelu_bwd is torch ops, so differentiable: aten's gelu_backward has that derivative (half
+        # precision computed in fp32 and rounded once, as on the kernels)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        return Reference.backward(g.to(wide), x.to(wide), "tanh").to(x.dtype)
     name = GELU.choose(x, "tanh")
     if name != "reference":
         x = x.contiguous()

@@ -126,18 +126,22 @@ _swiglu_op.register_autograd(_backward, setup_context=_setup_context)
 # ---- the public functions: check the arguments, choose, call -------------------------------------------------------
 
 
-def _gated(name: str, gate: Tensor, up: Tensor, gelu: bool, backend: str | None) -> Tensor:
-    for arg, t in (("gate", gate), ("up", up)):
+def _gated(
+    name: str, gate: Tensor, up: Tensor, gelu: bool, backend: str | None, names: tuple[str, str] = ("gate", "up")
+) -> Tensor:
+    """names: what the caller's signature calls gate and up, for the errors (flash-attn's swiglu takes x and y)."""
+    g, u = names
+    for arg, t in ((g, gate), (u, up)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(
                 f"{name}: {arg} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}"
             )
     if up.dtype != gate.dtype:
-        raise TypeError(f"{name}: up must have gate's dtype ({gate.dtype}), got {up.dtype}")
+        raise TypeError(f"{name}: {u} must have {g}'s dtype ({gate.dtype}), got {up.dtype}")
     if up.shape != gate.shape:
-        raise ValueError(f"{name}: up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
+        raise ValueError(f"{name}: {u} must have {g}'s shape {tuple(gate.shape)}, got {tuple(up.shape)}")
     if up.device != gate.device:
-        raise ValueError(f"{name}: up must be on gate's device ({gate.device}), got {up.device}")
+        raise ValueError(f"{name}: {u} must be on {g}'s device ({gate.device}), got {up.device}")
     choice = SWIGLU.choose(gate, gelu, backend=backend)
     if choice != "reference":
         gate, up = gate.contiguous(), up.contiguous()
