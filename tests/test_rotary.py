@@ -152,17 +152,24 @@ def test_packed_sequences_each_rotate_from_their_own_start(backend):
 @pytest.mark.parametrize("backend", KERNELS + ["reference"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_packed_rows_past_max_seqlen_stay_as_they_are(backend, inplace):
-    # flash-attn's kernel launches max_seqlen rows per sequence: a sequence of 7 rows under max_seqlen=4 has its
-    # rows 4..6 returned as they are (flash-attn leaves them untouched in place), not rotated from positions 4..6.
-    x = _x(1, 10, 2, 16)[0]
-    cos, sin = _tables(8, 16)
-    cu_seqlens = torch.tensor([0, 7, 10], dtype=torch.int32)
+    # flash-attn's kernel launches max_seqlen rows per sequence rounded up to its 8-row tile (4 rows past 128
+    # rotary dims): a sequence of 13 rows under max_seqlen=4 has rows 0..7 rotated and 8..12 returned as they are
+    # (flash-attn leaves them untouched in place); a sequence of 7 rows is rotated whole.
+    x = _x(1, 23, 2, 16)[0]
+    cos, sin = _tables(16, 16)
+    cu_seqlens = torch.tensor([0, 13, 20, 23], dtype=torch.int32)
     want = x.clone()
-    for a, b in ((0, 4), (7, 10)):
+    for a, b in ((0, 8), (13, 20), (20, 23)):
         want[a:b] = apply_rotary_emb_reference(x[None, a:b], cos, sin)[0]
     src = x.clone()
     y = apply_rotary_emb(src, cos, sin, inplace=inplace, cu_seqlens=cu_seqlens, max_seqlen=4, backend=backend)
-    assert (y is src) == inplace and err(y, want) < TOL and torch.equal(y[4:7], x[4:7])
+    assert (y is src) == inplace and err(y, want) < TOL and torch.equal(y[8:13], x[8:13])
+    wide = _x(1, 10, 1, 272)[0]  # 272 rotary dims: a 4-row tile
+    cos, sin = _tables(16, 272)
+    y = apply_rotary_emb(
+        wide, cos, sin, cu_seqlens=torch.tensor([0, 10], dtype=torch.int32), max_seqlen=3, backend=backend
+    )
+    assert err(y[:4], apply_rotary_emb_reference(wide[None, :4], cos, sin)[0]) < TOL and torch.equal(y[4:], wide[4:])
 
 
 def _change_id(value) -> str:

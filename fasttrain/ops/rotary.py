@@ -337,7 +337,8 @@ def apply_rotary_emb(
     through unrotated, as on flash-attn's kernel). cu_seqlens (batch + 1,) integer tensor, with max_seqlen an int:
     x is the packed rows (total, H, D) of `flash_attn_varlen_func`, sequence b the rows cu_seqlens[b] to
     cu_seqlens[b + 1], each rotated from its own position 0 (+ seqlen_offsets or seqlen_offsets[b]), cos/sin
-    (T_ro, R/2); rows outside every sequence, and the rows of a sequence past its first max_seqlen, pass through.
+    (T_ro, R/2); rows outside every sequence, and the rows of a sequence past its first max_seqlen (rounded up to
+    flash-attn's row tile: 8 rows, 4 past 128 rotary dims), pass through.
     Math in fp32; the result is in x's dtype, a new contiguous tensor, or x itself when inplace=True (gradients then
     flow through x's new value, as on flash-attn; a leaf requiring grad is rotated in place too, as flash-attn's,
     and an alias of it carrying the gradient returned). Gradients flow to x only: cos/sin are detached on every
@@ -403,7 +404,8 @@ def apply_rotary(
 
 def _apply_varlen(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens, max_seqlen, backend) -> Tensor:
     """apply_rotary_emb over packed sequences: each token's own table row (its position in its sequence plus the
-    offset, or the identity outside the table, every sequence or a sequence's first max_seqlen rows) gathered into
+    offset, or the identity outside the table, every sequence or a sequence's first rows up to max_seqlen rounded up
+    to flash-attn's row tile) gathered into
     a (total, R/2) table, then the same op on x viewed as one sequence of `total` tokens. The cost past the
     rotation: the gathered cos/sin, each 1/H of x's elements at full rotation or less, and a handful of small index
     ops; no host sync."""
@@ -442,8 +444,11 @@ def _apply_varlen(x, cos, sin, interleaved, inplace, seqlen_offsets, cu_seqlens,
         seq_row = seq.clamp(max=batch - 1)
         shift = seqlen_offsets.long()[seq_row] if isinstance(seqlen_offsets, Tensor) else int(seqlen_offsets)
         t = tokens - cu_seqlens.long()[seq_row]  # (total,): each row's index in its sequence
-        # flash-attn's grid covers max_seqlen rows per sequence: the rows of a longer one past it stay as they are
-        positions = torch.where((seq < batch) & (t < max_seqlen), t + shift, -1)
+        # flash-attn's grid covers max_seqlen rows per sequence rounded up to its row tile (8 rows, 4 past 128
+        # rotary dims): the rows of a longer sequence past that stay as they are
+        tile = 8 if 2 * cos.shape[-1] <= 128 else 4
+        covered = -(-int(max_seqlen) // tile) * tile
+        positions = torch.where((seq < batch) & (t < covered), t + shift, -1)
     cos, sin = _rows(cos.detach(), sin.detach(), positions)  # (total, R/2) each
     out = apply_rotary_emb(x[None], cos, sin, interleaved, inplace, 0, backend=backend)  # x: (1, total, H, D)
     # in place: x, or the alias carrying the gradient when x is a leaf requiring grad (see _rotate_in_place)
