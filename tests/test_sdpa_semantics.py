@@ -186,3 +186,11 @@ def test_half_inputs_with_a_dense_mask_within_2x_torchs_error(dtype):
         runs.append([out, *torch.autograd.grad(out, leaves, dout.to(dt))])
     for ours, theirs, want in zip(*runs):
         assert_within_2x_torch(ours, theirs, want, measure=max_err, slack=1e-3)
+
+
+def test_enable_gqa_key_and_value_heads_must_each_divide_querys():
+    q, k, v = _leaves((2, 6, 5, 8), (2, 4, 7, 8), (2, 2, 7, 8))
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    with pytest.raises(ValueError, match="key's and value's head counts \\(4, 2\\) must each divide query's \\(6\\)"):
+        scaled_dot_product_attention(q, k, v, enable_gqa=True)

@@ -996,9 +996,13 @@ def scaled_dot_product_attention(
         if enable_gqa and min(dims) >= 3 and key.shape[-3] != value.shape[-3]:
             # torch repeats key and value to query's heads each by its own factor: so do we here (copies)
             H = query.shape[-3]
-            if H % key.shape[-3] == 0 and H % value.shape[-3] == 0:
-                key, value = (t.repeat_interleave(H // t.shape[-3], dim=-3) for t in (key, value))
-                return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, **kw)
+            if H % key.shape[-3] or H % value.shape[-3]:
+                raise ArgumentError(
+                    f"with enable_gqa, key's and value's head counts ({key.shape[-3]}, {value.shape[-3]}) must each "
+                    f"divide query's ({H}), as in torch"
+                )
+            key, value = (t.repeat_interleave(H // t.shape[-3], dim=-3) for t in (key, value))
+            return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, **kw)
         if value.dim() == key.dim() and value.shape[-1] != key.shape[-1] and query.shape[-1] == key.shape[-1]:
             return _sdpa_value_dim(query, key, value, attn_mask, dropout_p, is_causal, kw)
         if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:

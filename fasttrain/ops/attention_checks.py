@@ -84,6 +84,8 @@ def _window_side(w: int) -> int:
 def _scale(softmax_scale, head_dim: int) -> float:
     if softmax_scale is None:  # head_dim 0: every score is an empty sum, the outputs are empty (as torch's)
         return head_dim**-0.5 if head_dim > 0 else 1.0
+    if type(softmax_scale) is float:  # the common call, before the slower ABC check
+        return softmax_scale
     if not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool):  # numpy's floats too
         raise ArgumentTypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     return float(softmax_scale)
@@ -92,6 +94,8 @@ def _scale(softmax_scale, head_dim: int) -> float:
 def _check_softcap(softcap) -> float:
     """flash-attn's softcap: a float, any value that is not > 0 (NaN too) meaning no capping, as flash-attn's
     `softcap > 0` check reads it; +inf, which flash-attn turns into NaN scores, is refused."""
+    if type(softcap) is float and 0.0 <= softcap < float("inf"):  # the common call, before the slower ABC check
+        return softcap
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):  # numpy's floats too, as flash-attn
         raise ArgumentTypeError(f"softcap must be a float (<= 0.0 = no capping), got {type(softcap).__name__}")
     if softcap == float("inf"):  # no finite cap to apply
