@@ -306,8 +306,10 @@ def _normalized(
 def _check_cpu_param_dtypes(input: Tensor, weight: Tensor | None, bias: Tensor | None) -> None:
     """torch's CPU layer_norm (autocast or not) takes weight and bias of input's dtype, or fp32 ones with fp16/bf16
     input, and raises a RuntimeError for any other mix."""
+    if input.device.type != "cpu":
+        return
     params = [t.dtype for t in (weight, bias) if t is not None]
-    if input.device.type != "cpu" or all(d == input.dtype for d in params):
+    if all(d == input.dtype for d in params):
         return
     if input.dtype in (torch.float16, torch.bfloat16) and all(d == torch.float32 for d in params):
         return
