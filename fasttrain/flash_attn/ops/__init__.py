@@ -1,1 +1,2 @@
-"""flash-attn's `flash_attn.ops`: only `triton.rotary`'s `apply_rotary` is mirrored."""
+"""flash-attn's `flash_attn.ops`: `triton.rotary`'s `apply_rotary` and `triton.layer_norm`'s functions are
+mirrored."""

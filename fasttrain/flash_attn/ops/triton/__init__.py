@@ -1,1 +1,2 @@
-"""flash-attn's `flash_attn.ops.triton`: only `rotary`'s `apply_rotary` is mirrored."""
+"""flash-attn's `flash_attn.ops.triton`: `rotary`'s `apply_rotary` and `layer_norm` (its fused dropout + residual +
+norm functions, RMSNorm and the references) are mirrored."""
