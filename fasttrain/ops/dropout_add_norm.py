@@ -72,13 +72,14 @@ def layer_norm_fn(
         else:
             branch, masks = _pre_add(rows(x), rows(x1) if x1 is not None else None, rowscale, dropout_p)
         res = rows(residual) if residual is not None else None
-        y, stream = norms._norm(branch, res, N, weight, bias, eps, is_rms_norm, None, y_dtype)
+        y, stream = _normalize(branch, res, N, weight, bias, eps, is_rms_norm, y_dtype)
         stream = branch if res is None else stream  # (M, N)
         y1 = None
         if weight1 is not None:
-            y1 = norms._norm(stream, None, N, weight1, bias1, eps, is_rms_norm, None, y_dtype)[0]
-    stream = stream.to(residual_out.dtype if residual_out is not None else stream_dtype)
-    stream = _into(residual_out, stream, x.shape)  # written when given, returned only with prenorm
+            y1 = _normalize(stream, None, N, weight1, bias1, eps, is_rms_norm, y_dtype)[0]
+    if prenorm or residual_out is not None:  # written when given, returned only with prenorm
+        stream = stream.to(residual_out.dtype if residual_out is not None else stream_dtype)
+        stream = _into(residual_out, stream, x.shape)
     outs = [_into(out, y, x.shape)]
     if y1 is not None:
         outs.append(y1.view(x.shape))
@@ -194,6 +195,16 @@ def _pre_add(x: Tensor, x1: Tensor | None, rowscale: Tensor | None, p: float):
         h1, keep1 = _dropout(x1.to(wide), p)
         h = h + h1
     return h, (keep, keep1)
+
+
+def _normalize(rows, residual, N, weight, bias, eps, is_rms, out_dtype) -> tuple[Tensor, Tensor]:
+    """(norm, stream) from the norms' op (norms._norm); an RMSNorm bias, which the op does not take (its shipped
+    cubins have none), is added after it, before the output's rounding."""
+    if not (is_rms and bias is not None):
+        return norms._norm(rows, residual, N, weight, bias, eps, is_rms, None, out_dtype)
+    wide = torch.promote_types(out_dtype, torch.float32)
+    y, stream = norms._norm(rows, residual, N, weight, None, eps, True, None, wide)
+    return (y + bias).to(out_dtype), stream
 
 
 def _dropout(h: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
