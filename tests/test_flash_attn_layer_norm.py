@@ -348,6 +348,8 @@ def test_errors():
         rms_norm_fn(x, w, None, eps=-1.0)
     with pytest.raises(ValueError, match=r"layer_norm_linear_fn: linear_weight must be \(K, 8\)"):
         layer_norm_linear_fn(x, w, b, torch.randn(4, 7), None)
+    with pytest.raises(ValueError, match=r"layer_norm_linear_fn: norm_weight must have shape \(8,\)"):
+        layer_norm_linear_fn(x, torch.randn(7), b, torch.randn(4, 8), None)
     with pytest.raises(ValueError, match=r"layer_norm_linear_fn: linear_bias must have shape \(4,\)"):
         layer_norm_linear_fn(x, w, b, torch.randn(4, 8), torch.randn(5))
 

@@ -162,6 +162,12 @@ def layer_norm_linear_fn(
     then F.linear by linear_weight (K, N) and linear_bias (K,). Under autocast the norm's output and the linear are
     in the autocast dtype, else in x's (the linear's parameters cast to it)."""
     name = "layer_norm_linear_fn"
+    if not isinstance(x, Tensor) or x.dim() == 0:
+        raise TypeError(f"{name}: x must be a floating-point tensor of at least 1 dim, got {_what(x)}")
+    if norm_weight is None or linear_weight is None:
+        raise TypeError(f"{name}: norm_weight and linear_weight must be tensors, got None")
+    _check_parameter(name, "norm_weight", norm_weight, x, x.shape[-1:])
+    _check_parameter(name, "norm_bias", norm_bias, x, x.shape[-1:])
     _check_parameter(name, "linear_weight", linear_weight, x, None)
     if linear_weight.dim() != 2 or linear_weight.shape[1] != x.shape[-1]:
         raise ValueError(f"{name}: linear_weight must be (K, {x.shape[-1]}), got {tuple(linear_weight.shape)}")
