@@ -65,8 +65,11 @@ def _atol(*dtypes):
 def _assert_close(ours, same_dtype, fp32, atol, what):
     """flash-attn's rule: |ours - fp32| <= 2 |same_dtype - fp32| + atol, in the largest entry. Where the two
     references agree exactly (a bf16 x with an fp32 weight computes alike), same_dtype is perturbed by its own dtype's
-    rounding (* 0.3 / 0.3), as flash-attn's test does, so that a last-bit difference in ours is not held to zero."""
-    ours_err = (ours.float() - fp32.float()).abs().max().item()
+    rounding (* 0.3 / 0.3), as flash-attn's test does, so that a last-bit difference in ours is not held to zero; the
+    same_dtype reference's NaN entries are left out of its error, as there."""
+    ours_err = (ours.float() - fp32.float()).abs().max().item()  # NaN in ours fails
+    finite = ~same_dtype.isnan()  # fp16's reference overflows to NaN at times (x^2 summed over 3000 in fp16)
+    same_dtype, fp32 = same_dtype[finite], fp32[finite]
     ref_err = (same_dtype.float() - fp32.float()).abs().max().item()
     if ref_err == 0:
         ref_err = (same_dtype * 0.3 / 0.3 - fp32).float().abs().max().item()
