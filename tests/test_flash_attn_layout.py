@@ -7,7 +7,7 @@ import importlib.util
 
 import pytest
 
-# flash-attn module -> (fasttrain's module, the names flash-attn exports there that fasttrain implements)
+# flash-attn module -> (fasttrain's module or modules, the names flash-attn exports there that fasttrain implements)
 MIRRORED = {
     "flash_attn": (
         "fasttrain.ops",
@@ -50,16 +50,21 @@ MIRRORED = {
     "flash_attn.ops.triton.rotary": ("fasttrain.ops.rotary", ["apply_rotary"]),
     "flash_attn.losses.cross_entropy": ("fasttrain.ops.cross_entropy_loss", ["CrossEntropyLoss"]),
     "flash_attn.ops.triton.cross_entropy": ("fasttrain.ops.cross_entropy_loss", ["cross_entropy_loss"]),
+    "flash_attn.ops.triton.layer_norm": (
+        ("fasttrain.ops.dropout_add_norm", "fasttrain.ops.dropout_add_norm_reference"),
+        ["RMSNorm", "layer_norm_fn", "layer_norm_linear_fn", "layer_norm_ref", "rms_norm_fn", "rms_norm_ref"],
+    ),
 }
 MIRRORED["flash_attn.flash_attn_interface"] = MIRRORED["flash_attn"]
 
 
 @pytest.mark.parametrize("module", sorted(MIRRORED))
 def test_every_mirrored_name_is_fasttrains_own_object(module):
-    source, names = MIRRORED[module]
-    mirror, own = importlib.import_module(f"fasttrain.{module}"), importlib.import_module(source)
+    sources, names = MIRRORED[module]
+    mirror = importlib.import_module(f"fasttrain.{module}")
+    own = [importlib.import_module(s) for s in ((sources,) if isinstance(sources, str) else sources)]
     for name in names:
-        assert getattr(mirror, name) is getattr(own, name), name
+        assert getattr(mirror, name) is next(getattr(m, name) for m in own if hasattr(m, name)), name
     assert sorted(mirror.__all__) == sorted(names)
 
 

@@ -98,16 +98,22 @@ _AOT_MIX = "the shipped cubins take one dtype, fp32 rows with a half-precision o
 
 
 def _aot_reason(
-    x: Tensor, n_cols: int, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None
+    x: Tensor,
+    n_cols: int,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    out_dtype: torch.dtype | None = None,
 ) -> str | None:
     """None for the dtype profiles kernels/norms.py ships (_pointer_types): one dtype; fp32 rows (x, residual, weight,
-    bias) with autocast's half output; a half x added onto an fp32 residual, weight and bias fp32, output half."""
+    bias) with a half output (autocast's, or out_dtype's); a half x added onto an fp32 residual, weight and bias fp32,
+    output half. out_dtype None: the public functions' rule (_out_dtype)."""
     if (why := _backend.aot_reason(x.device)) is not None:
         return why
     if n_cols > _AOT_MAX_N:
         return f"normalized rows of {n_cols} elements exceed the kernels' {_AOT_MAX_N} (held in registers)"
     stream = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    out = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else stream
+    out = out_dtype or (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else stream)
     if stream not in _AOT_DTYPES or out not in _AOT_DTYPES:
         return f"the shipped cubins take fp16, bf16 or fp32, got {stream}"
     for t in (residual, weight, bias):
@@ -347,12 +353,15 @@ def _norm(
     eps: float,
     is_rms: bool,
     backend: str | None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(the norm of input + residual, or of input alone; input + residual, or an empty tensor) in input's shape."""
-    name = NORMS.choose(input, n_cols, residual, weight, bias, backend=backend)
+    """(the norm of input + residual, or of input alone; input + residual, or an empty tensor) in input's shape. The
+    norm in out_dtype, or None: the rows' dtype, autocast's when it is on (_out_dtype)."""
+    name = NORMS.choose(input, n_cols, residual, weight, bias, out_dtype, backend=backend)
     x, r = _rows(input, n_cols), (_rows(residual, n_cols) if residual is not None else None)
-    dtype = torch.promote_types(input.dtype, residual.dtype) if residual is not None else input.dtype
-    out_dtype = _out_dtype(input.device, dtype)
+    if out_dtype is None:
+        dtype = torch.promote_types(input.dtype, residual.dtype) if residual is not None else input.dtype
+        out_dtype = _out_dtype(input.device, dtype)
     y, stream, _, _ = _forward_op(x, r, _flat(weight), _flat(bias), float(eps), is_rms, out_dtype, name)
     if x is input:
         return y, stream
