@@ -32,6 +32,13 @@ inline int64_t next_power_of_2(int64_t n) {
   return n > 0 ? p : 0;
 }
 
+// The head dims whose cubins ship (kernels/attention.py and attention_backward.py SHIPPED_HEAD_DIMS).
+inline bool shipped_head_dim(int64_t d) { return d == 64 || d == 96 || d == 128 || d == 256; }
+
+// Whether TMA could read a head dim's rows (kernels/_attention_launch.py tma_aligned: a power of 2); the kernels mask
+// the others' padding to HEAD_DIM_PAD, next_power_of_2(head_dim), and take no warp-specialized tile.
+inline bool tma_head_dim(int64_t d) { return d == next_power_of_2(d); }
+
 // kernels/_attention_launch.py band_class: a band edge as the tuners key it.
 inline int64_t band_class(int64_t edge, int64_t tune_seqlen) {
   if ((edge >= 0 ? edge : -edge) >= tune_seqlen) return edge > 0 ? tune_seqlen : -tune_seqlen;

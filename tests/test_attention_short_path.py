@@ -566,7 +566,7 @@ CU = torch.tensor([0, 5, 16], dtype=torch.int32)
 def test_compiled_general_backward_ignores_the_lse_gradient_it_is_handed(recording, monkeypatch, which):
     """Under torch.compile, AOTAutograd hands the backward a zero dlse for the lse nobody differentiates (the packed
     Function's set_materialize_grads does not survive its trace): the backward still takes the aot column's launches
-    (a dlse would send it to the triton column's) and records what the eager call does."""
+    that the eager call records (a dlse read would launch the preprocess's HAS_DLSE cubin instead)."""
     monkeypatch.setattr(ops.Triton, "backward", lambda *a: pytest.fail("the triton column's backward ran"))
     if which == "dense":
         leaves = _leaves(1, 16, 16, 4, 2, 64)
