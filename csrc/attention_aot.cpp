@@ -3,14 +3,13 @@
 // costs no Python launcher. The ops do what kernels/attention.py `attention_forward` does on a GPU for the calls its
 // shipped set covers (kernels/attention.py _shipped): dense (B, T, H, D) or packed (total, H, D) tensors with int32
 // offsets (VARLEN), fp16/bf16, head_dim 64, 96, 128 or 256, GQA groups 1, 2, 4 or 8, any window (left, right as
-// fasttrain/ops/attention.py _window gives them), with or without dropout (dropout_p and the int64 (2,) seed tensor
-// kernels/_attention_dropout.py draws the mask from), no softcap or ALiBi. The same grid, strides, constexprs
-// (TMA_ALIGNED, on for a power-of-2 head dim without dropout; HEAD_DIM_PAD; FULL_TILES where the tile reads it;
-// DROPOUT) and tuning key (tune_seqlen, the band classes, dropout); the tile is chosen among the shipped configs of the
-// head dim's class by timing them at a shape class's first call (aot::tune), as the JIT's autotuner chooses among the
-// configs its pruner keeps (with dropout or a head dim TMA cannot read: no warp-specialized one). The
-// warp-specialized configs (sm_90) build TMA descriptors on the device in global scratch, which the launcher
-// allocates.
+// fasttrain/ops/attention.py _window gives them), with or without dropout (at head_dim 64 or 128: dropout_p and the
+// int64 (2,) seed tensor kernels/_attention_dropout.py draws the mask from), no softcap or ALiBi. The same grid,
+// strides, constexprs (TMA_ALIGNED, on for a power-of-2 head dim without dropout; HEAD_DIM_PAD; FULL_TILES where the
+// tile reads it; DROPOUT) and tuning key (tune_seqlen, the band classes, dropout); the tile is chosen among the shipped
+// configs of the head dim's class by timing them at a shape class's first call (aot::tune), as the JIT's autotuner
+// chooses among the configs its pruner keeps (with dropout or a head dim TMA cannot read: no warp-specialized one). The
+// warp-specialized configs (sm_90) build TMA descriptors on the device in global scratch, which the launcher allocates.
 // The cubins assume what the JIT finds on the usual tensors: 16-byte aligned pointers, strides that are nonzero
 // multiples of 16 elements (so TMA can read them). Inputs that are not are copied contiguous first.
 // Ops (schemas in ops.cpp): fasttrain::attention_forward_aot and attention_varlen_forward_aot; CUDA, and CPU while the

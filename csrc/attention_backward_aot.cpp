@@ -3,11 +3,11 @@
 // (aot_launch.h), so a backward costs no Python launcher. The ops do what kernels/attention_backward.py
 // `attention_backward` does on a GPU for the calls its shipped set covers (kernels/attention_backward.py _shipped):
 // fp16/bf16, dense (B, T, H, D) or packed (total, H, D) tensors with int32 offsets (VARLEN), head_dim 64, 96, 128 or
-// 256, GQA groups 1, 2, 4 or 8, any window, with or without dropout (the forward's dropout_p and seed tensor, whose
-// mask the kernels regenerate: TMA_ALIGNED off, no warp-specialized tile, and the dQ kernel's plan where no atomic-dQ
-// tile takes dropout without spilling, so none ships), with or without lse's gradient (dlse: the preprocess's HAS_DLSE
-// cubin subtracts it from delta), no softcap or ALiBi. The same grids, arguments and outputs: delta by the
-// preprocess, then dQ by float32 atomics from the dK/dV kernel (zeroed, then cast to q's dtype) or by its
+// 256, GQA groups 1, 2, 4 or 8, any window, with or without dropout (at head_dim 64 or 128; the forward's dropout_p and
+// seed tensor, whose mask the kernels regenerate: TMA_ALIGNED off, no warp-specialized tile, and the dQ kernel's plan
+// where no atomic-dQ tile takes dropout without spilling, so none ships), with or without lse's gradient (dlse: the
+// preprocess's HAS_DLSE cubin subtracts it from delta), no softcap or ALiBi. The same grids, arguments and outputs:
+// delta by the preprocess, then dQ by float32 atomics from the dK/dV kernel (zeroed, then cast to q's dtype) or by its
 // own kernel after dK/dV; deterministic takes the second, otherwise the two plans are timed at a shape class's first
 // call (aot::tune, the JIT's _backward_plans key), and each kernel's tile is chosen among the shipped ones by timing
 // them (the JIT autotuners' keys), as the JIT's autotuners choose among their configs.

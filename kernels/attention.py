@@ -471,6 +471,8 @@ def attention_forward(
 
 SHIPPED_HEAD_DIMS = (64, 96, 128, 256)  # fasttrain/ops/attention.py's aot column: the head dims whose cubins ship
 SHIPPED_GROUPS = (1, 2, 4, 8)  # and the GQA groups (GROUP is a constexpr: one cubin per group)
+# and those whose dropout cubins ship: the build's budget (benchmarks/NOTES.md "Build switch") leaves 96 and 256 out
+SHIPPED_DROPOUT_HEAD_DIMS = (64, 128)
 
 
 def _shipped(arch: int, dtype: str) -> list[dict]:
@@ -481,18 +483,18 @@ def _shipped(arch: int, dtype: str) -> list[dict]:
     pipelined tiles compile to the same code either way, and the C++ op launches their FULL_TILES=False cubin; packed
     calls never have it). HEAD_DIM is a constexpr, so each head dim compiles its own; one that is not a power of 2 (96:
     HEAD_DIM_PAD 128, masked) is never TMA_ALIGNED, so its warp-specialized configs, which the pruner then leaves out,
-    do not ship; a head dim of _attention_configs.ONE_TILE ships one config per launch. Then the same with dropout
-    (DROPOUT, labelled " dropout"), as attention_forward launches it: TMA_ALIGNED off (dropout takes the pointer loop),
-    under the configs the pruner keeps for it (no warp-specialized ones, none marked no_dropout). The registry keys a
-    case by its constexprs, so of two configs differing only in num_warps or num_stages the first ships (none does
-    today). Packed cases are labelled " varlen"; a case's label starts with its head dim (d96 for the d128 class's
-    96)."""
+    do not ship; a head dim of _attention_configs.ONE_TILE ships one config per launch. Then the same at
+    SHIPPED_DROPOUT_HEAD_DIMS with dropout (DROPOUT, labelled " dropout"), as attention_forward launches it: TMA_ALIGNED
+    off (dropout takes the pointer loop), under the configs the pruner keeps for it (no warp-specialized ones, none
+    marked no_dropout). The registry keys a case by its constexprs, so of two configs differing only in num_warps or
+    num_stages the first ships (none does today). Packed cases are labelled " varlen"; a case's label starts with its
+    head dim (d96 for the d128 class's 96)."""
     if dtype not in ("fp16", "bf16"):
         return []
     cases, seen = [], set()
     for dropout in (False, True):
         for varlen in (False, True):
-            for d in SHIPPED_HEAD_DIMS:
+            for d in SHIPPED_DROPOUT_HEAD_DIMS if dropout else SHIPPED_HEAD_DIMS:
                 launch = aot_launch(d, dtype)  # HEAD_DIM_PAD, and TMA_ALIGNED where d is a power of 2
                 kept = [  # what the pruner keeps: warp-specialized configs only where TMA reads, none with dropout
                     c

@@ -1206,6 +1206,7 @@ def aot_kernels(arch: int, dtype: str, shipped: bool = False) -> list[dict]:
 
 SHIPPED_HEAD_DIMS = (64, 96, 128, 256)
 SHIPPED_GROUPS = (1, 2, 4, 8)  # GQA's H / Hkv: a constexpr of both tiles (the dK/dV program loops over the group)
+SHIPPED_DROPOUT_HEAD_DIMS = (64, 128)  # dropout's cubins: not at 96 and 256, the build's budget (as the forward's)
 
 
 def shipped_tiles(table_for_arch: dict, cls: str, dropout: bool = False) -> list[triton.Config]:
@@ -1230,12 +1231,12 @@ def _shipped(arch: int, dtype: str) -> list[dict]:
     warp-specialized tiles (the only ones that read it: the pipelined tiles compile to the same code either way, and the
     C++ op launches their FULL_TILES=False cubin; packed calls never have it); dQ under each shipped tile. The dense
     cases first, then the packed ones (VARLEN, but the tiles that spill then: _attention_configs.DENSE_ONLY), labelled
-    " varlen". Then dK/dV and dQ again with dropout (DROPOUT, labelled " dropout"), as attention_backward launches them:
-    TMA_ALIGNED and FULL_TILES off, under the tiles the pruner keeps for it (shipped_tiles(dropout=True); packed, but
-    the ones that spill then: _attention_configs.UNSHIPPED_VARLEN_DROPOUT; the preprocess takes no dropout). A launch
-    kind left with no plain dK/dV or no dQ tile ships nothing (_attention_configs.UNSHIPPED_VARLEN: sm_90's packed
-    d256), as the C++ op needs both plans. Last, the
-    preprocess again with lse's gradient (HAS_DLSE, labelled " dlse"), the one kernel that reads it."""
+    " varlen". Then dK/dV and dQ again with dropout at SHIPPED_DROPOUT_HEAD_DIMS (DROPOUT, labelled " dropout"), as
+    attention_backward launches them: TMA_ALIGNED and FULL_TILES off, under the tiles the pruner keeps for it
+    (shipped_tiles(dropout=True); packed, but the ones that spill then: _attention_configs.UNSHIPPED_VARLEN_DROPOUT; the
+    preprocess takes no dropout). A launch kind left with no plain dK/dV or no dQ tile ships nothing
+    (_attention_configs.UNSHIPPED_VARLEN: sm_90's packed d256), as the C++ op needs both plans. Last, the preprocess
+    again with lse's gradient (HAS_DLSE, labelled " dlse"), the one kernel that reads it."""
     if dtype not in ("fp16", "bf16"):
         return []
     preprocess, dkdv, dq = [], [], []
@@ -1243,7 +1244,7 @@ def _shipped(arch: int, dtype: str) -> list[dict]:
         for varlen in (False, True):
             off = dict(VARLEN=varlen, UPCAST=False, DROPOUT=dropout, SOFTCAP=False, ALIBI=False)
             tag = " varlen" * varlen + " dropout" * dropout
-            for d in SHIPPED_HEAD_DIMS:
+            for d in SHIPPED_DROPOUT_HEAD_DIMS if dropout else SHIPPED_HEAD_DIMS:
                 cls, dims = head_dim_class(d), dict(HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d))
                 tma = not dropout and d == dims["HEAD_DIM_PAD"]  # dropout takes the pointer loop; TMA reads 2**n
                 tables = {}

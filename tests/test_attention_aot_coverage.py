@@ -25,13 +25,13 @@ from helpers import aot_compile, aot_jit_launches, aot_recording, assert_aot_lau
 SM = 132
 FWD_96 = "d96 G{} BLOCK_M=128 BLOCK_N=64 WARP_SPECIALIZE=False w8 s3"  # the d128 class's first config
 FWD_256 = "d256 G1 BLOCK_M=32 BLOCK_N=32 WARP_SPECIALIZE=False w4 s2"
-# fp16, sm_90: the forward at 96 (MHA dense and packed, GQA 4) and 256 (MHA, with dropout too); the backward's
-# preprocess (at 96 with dlse too), dK/dV (dQ by atomics or not) and dQ at 96 (MHA; the atomic table's first tile
-# spills at 96, so its second ships) and 256 (MHA; with dropout, dK/dV and dQ).
+# fp16, sm_90: the forward at 96 (MHA dense and packed, GQA 4) and 256 (MHA); the backward's preprocess (with dlse
+# too), dK/dV (dQ by atomics or not) and dQ at 96 (MHA; the atomic table's first tile spills at 96, so its second
+# ships) and 256 (MHA), and at 64 the preprocess and the dQ kernel's plan with dropout (MHA).
 SAMPLE = {
-    "attention": f"^({FWD_96.format(1)}( varlen)?|{FWD_96.format(4)}|{FWD_256}( dropout)?)$",
+    "attention": f"^({FWD_96.format(1)}( varlen)?|{FWD_96.format(4)}|{FWD_256})$",
     "attention_backward": "^d96 (w4( dlse)?|g1 m64 n64 w8 s[23]|g1 m32 n128 w8 s2 atomic)$"
-    + "|^d256 (w4|g1 m32 n32 w8 s2( atomic| dropout)?)$",
+    + "|^d256 (w4( dlse)?|g1 m32 n32 w8 s2( atomic)?)$|^d64 (w4|g1 (m64 n128 w8 s2|m128 n64 w8 s3) dropout)$",
 }
 
 
@@ -63,7 +63,7 @@ def test_forward_ships_one_tile_per_launch_at_96_and_the_one_at_256():
         (entry,) = attention.aot_kernels(arch, "fp16", shipped=True)
         for d in (96, 256):
             cases = [c for c in entry["cases"] if c["constexprs"]["HEAD_DIM"] == d]
-            assert len(cases) == 4 * 2 * 2  # groups x dense or packed x dropout or not: one tile each
+            assert len(cases) == 4 * 2  # groups x dense or packed, no dropout (not at 96 or 256): one tile each
             for c in cases:
                 k = c["constexprs"]
                 assert c["label"].startswith(f"d{d} G{k['GROUP']} ") and k["HEAD_DIM_PAD"] == (128 if d == 96 else 256)
@@ -109,17 +109,21 @@ def test_backward_ships_one_tile_per_launch_at_96_and_the_one_at_256():
                 assert _tile(k, c) == _tile(*first)
             groups = {c["constexprs"]["GROUP"] for c in dkdv["cases"] if c["constexprs"]["HEAD_DIM"] == d}
             assert groups == {1, 2, 4, 8}
-        # packed with dropout at 96, 128 and 256 on sm_90: the plain dK/dV tile that takes dropout spills packed
-        # (UNSHIPPED_VARLEN_DROPOUT), so nothing ships (no atomic or dQ tile either) and the column's backward takes
-        # the JIT there
+        # dropout only at 64 and 128 (the build's budget); packed at 128 on sm_90 the plain dK/dV tile that takes it
+        # spills (UNSHIPPED_VARLEN_DROPOUT), so nothing ships (no atomic or dQ tile either): the JIT's there
         shipped = {
             c["constexprs"]["HEAD_DIM"]
             for c in dkdv["cases"]
             if c["constexprs"]["VARLEN"] and c["constexprs"]["DROPOUT"]
         }
-        unshipped = {(arch, d) for d in ops._AOT_HEAD_DIMS} - {(arch, d) for d in shipped}
+        assert {c["constexprs"]["HEAD_DIM"] for c in dkdv["cases"] + dq["cases"] if c["constexprs"]["DROPOUT"]} == {
+            64,
+            128,
+        }
+        assert ab.SHIPPED_DROPOUT_HEAD_DIMS == ops._AOT_DROPOUT_HEAD_DIMS == (64, 128)
+        unshipped = {(arch, d) for d in ops._AOT_DROPOUT_HEAD_DIMS} - {(arch, d) for d in shipped}
         assert unshipped == {a for a in ops._AOT_UNSHIPPED_VARLEN_DROPOUT if a[0] == arch}
-        assert unshipped == ({(90, 96), (90, 128), (90, 256)} if arch == 90 else set())
+        assert unshipped == ({(90, 128)} if arch == 90 else set())
         packed_dropout_dq = {
             c["constexprs"]["HEAD_DIM"] for c in dq["cases"] if c["constexprs"]["VARLEN"] and c["constexprs"]["DROPOUT"]
         }
@@ -136,25 +140,24 @@ def sample(tmp_path_factory):
         assert all("error" not in r and r["local"] == 0 and r["stack"] == 0 for r in rows), rows  # no spills
         dirs.append(out)
         count += len(rows)
-    assert count == 5 + 11
+    assert count == 4 + 13
     return dirs, count
 
 
 # The forward, the JIT held to the class's first config (the one shipped at 96 and 256): (B or lengths_q, Tq or
 # lengths_k, Tk, H, Hkv, window, D, dropout_p). At 96: one token; 97 with a window at GQA 4; packed, three
-# sequences with a one-token one. At 256: 97 causal; two sequences with Tq < Tk; with dropout.
+# sequences with a one-token one. At 256: 97 causal; two sequences with Tq < Tk.
 FORWARD = [
     (1, 1, 1, 2, 2, (W, 0), 96, 0.0),
     (1, 97, 97, 8, 2, (16, 0), 96, 0.0),
     ([97, 1, 33], [97, 1, 33], None, 2, 2, (W, 0), 96, 0.0),
     (1, 97, 97, 2, 2, (W, 0), 256, 0.0),
     (2, 33, 100, 2, 2, (W, W), 256, 0.0),
-    (1, 97, 97, 2, 2, (W, 0), 256, 0.1),
 ]
 # The backward, with nothing to time (atomic dQ unless deterministic): (B, Tq, Tk, H, window, D, deterministic,
 # packed, dropout_p, dlse), MHA. At 96: 97 causal with each plan, one token, with lse's gradient (each plan); at 256:
-# 97 full with each plan; a qkvpacked function's backward into its packed gradient at 96 (its views' strides are the
-# cubins': written in place), and at 256 with dropout (the dQ kernel's plan: the sample ships no atomic dropout tile).
+# 97 full with each plan; a qkvpacked function's backward into its packed gradient (its views' strides are the
+# cubins': written in place) at 96, at 256 with lse's gradient, and at 64 with dropout (the dQ kernel's plan).
 BACKWARD = [
     (1, 97, 97, 2, (W, 0), 96, False, None, 0.0, False),
     (1, 97, 97, 2, (W, 0), 96, True, None, 0.0, False),
@@ -164,7 +167,8 @@ BACKWARD = [
     (1, 97, 97, 2, (W, W), 256, False, None, 0.0, False),
     (1, 97, 97, 2, (W, W), 256, True, None, 0.0, False),
     (2, 33, 33, 2, (W, 0), 96, True, "qkv", 0.0, False),
-    (1, 97, 97, 2, (W, 0), 256, True, "qkv", 0.1, False),
+    (1, 97, 97, 2, (W, W), 256, True, "qkv", 0.0, True),
+    (1, 97, 97, 2, (W, 0), 64, True, "qkv", 0.1, False),
 ]
 
 
@@ -210,7 +214,7 @@ def test_recorded_backward_launches_are_what_the_jit_launcher_is_given(captured,
     assert all(a["case"].startswith(f"d{D} ") and a["constexprs"]["HEAD_DIM"] == D for a in aot)
     dkdv = aot[1]
     assert dkdv["constexprs"]["ATOMIC_DQ"] == (not deterministic) and not dkdv["constexprs"]["WARP_SPECIALIZE"]
-    assert dkdv["constexprs"]["TMA_ALIGNED"] == (D == 256 and p == 0) and dkdv["constexprs"]["DROPOUT"] == (p > 0)
+    assert dkdv["constexprs"]["TMA_ALIGNED"] == (D != 96 and p == 0) and dkdv["constexprs"]["DROPOUT"] == (p > 0)
     # lse's gradient: the preprocess's HAS_DLSE cubin, given dlse itself (contiguous, aligned: no copy)
     assert aot[0]["constexprs"]["HAS_DLSE"] == dlse and aot[0]["args"]["DLse"] == ("dlse" if dlse else "null")
     assert all(a["args"]["Seed"] == ("seed" if p else "null") for a in aot[1:])
@@ -225,11 +229,13 @@ def test_recorded_backward_launches_are_what_the_jit_launcher_is_given(captured,
         assert dkdv["args"]["stride_dkt"] == dkdv["args"]["stride_dvt"] == 3 * BACKWARD[i][3] * D
 
 
-def test_the_column_takes_96_and_256_but_not_32(monkeypatch):
+def test_the_column_takes_96_and_256_without_dropout_but_not_32(monkeypatch):
     monkeypatch.setattr(_backend, "aot_reason", lambda device: None)
     for D in (96, 256):
         q, k, v = (torch.randn(1, 97, 2, D, dtype=torch.float16) for _ in "qkv")
         assert ops._aot_reason(q, k, v, None, 97, 97, None, 0.0, 0.0, None) is None
+        why = ops._aot_reason(q, k, v, None, 97, 97, None, 0.1, 0.0, None)
+        assert why is not None and f"dropout at head_dim (64, 128), got {D}" in why
     q = torch.randn(1, 97, 2, 32, dtype=torch.float16)
     why = ops._aot_reason(q, q, q, None, 97, 97, None, 0.0, 0.0, None)
     assert why is not None and "head_dim (64, 96, 128, 256), got 32" in why
@@ -239,6 +245,9 @@ def test_the_forward_op_refuses_an_unshipped_head_dim_with_its_name(sample):
     q = torch.randn(1, 97, 2, 32, dtype=torch.float16)
     with aot_recording(*sample, SM), pytest.raises(RuntimeError, match="head_dim 64, 96, 128 or 256, got 32"):
         torch.ops.fasttrain.attention_forward_aot(q, q, q, 0.125, W, 0)
+    q, seed = torch.randn(1, 97, 2, 96, dtype=torch.float16), torch.tensor([1, 2])
+    with aot_recording(*sample, SM), pytest.raises(RuntimeError, match="dropout at head_dim 64 or 128, got 96"):
+        torch.ops.fasttrain.attention_forward_aot(q, q, q, 0.125, W, 0, 0.1, seed)
 
 
 def test_the_ops_tile_lists_at_256_hold_the_tables():

@@ -177,9 +177,10 @@ _AOT_VARLEN_OP_REASON = _backend.native_op_reason("attention_varlen_forward_aot"
 # What kernels/attention.py aot_kernels(shipped=True) lists (not read from there: that would import Triton).
 _AOT_HEAD_DIMS = (64, 96, 128, 256)
 _AOT_GROUPS = (1, 2, 4, 8)
+_AOT_DROPOUT_HEAD_DIMS = (64, 128)  # SHIPPED_DROPOUT_HEAD_DIMS: dropout's cubins
 # (arch, head dim) whose packed dropout backward ships no cubins (kernels/attention_backward.py _shipped): the plain
 # dK/dV tile that takes dropout spills there (kernels/_attention_configs.py _SPILL_VARLEN_DROPOUT_DKDV).
-_AOT_UNSHIPPED_VARLEN_DROPOUT = {(90, 96), (90, 128), (90, 256)}
+_AOT_UNSHIPPED_VARLEN_DROPOUT = {(90, 128)}
 # (arch, head dim) whose packed backward ships no cubins at all: its one dQ tile spills packed
 # (kernels/_attention_configs.py _SPILL_VARLEN_DQ).
 _AOT_UNSHIPPED_VARLEN = {(90, 256)}
@@ -240,6 +241,8 @@ def _aot_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap, alib
         return f"the shipped attention cubins take fp16 or bf16, got {q.dtype}"
     if q.shape[-1] not in _AOT_HEAD_DIMS:
         return f"the shipped attention cubins take head_dim {_AOT_HEAD_DIMS}, got {q.shape[-1]}"
+    if dropout_p > 0.0 and q.shape[-1] not in _AOT_DROPOUT_HEAD_DIMS:
+        return f"the shipped attention cubins take dropout at head_dim {_AOT_DROPOUT_HEAD_DIMS}, got {q.shape[-1]}"
     for name, given in (
         ("an attn_mask", attn_mask is not None),
         ("softcap", softcap > 0.0),
@@ -549,9 +552,11 @@ def _aot_short(q, k, v, scale, left: int, right: int, deterministic: bool, dropo
     Autocast changes neither path: the ops have no autocast kernel."""
     if _AOT_OP is None or (scale := _short_scale(q, k, v, scale)) is None:
         return None
-    if dropout_p:
-        return _AOT_OP(q, k, v, scale, left, right, deterministic, float(dropout_p), dropout_seed(q.device))
-    return _AOT_OP(q, k, v, scale, left, right, deterministic)
+    if not dropout_p:
+        return _AOT_OP(q, k, v, scale, left, right, deterministic)
+    if q.shape[-1] not in _AOT_DROPOUT_HEAD_DIMS:
+        return None
+    return _AOT_OP(q, k, v, scale, left, right, deterministic, float(dropout_p), dropout_seed(q.device))
 
 
 def _short_scale(q, k, v, scale) -> float | None:
@@ -658,7 +663,7 @@ def _varlen_short(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, c
     if (scale := _short_varlen_scale(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale)) is None:
         return None
     left, right, p = found
-    if _varlen_backward_unshipped(q, p):
+    if _varlen_backward_unshipped(q, p) or (p and q.shape[-1] not in _AOT_DROPOUT_HEAD_DIMS):
         return None
     if not p:
         return _AOT_VARLEN_OP(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, bool(deterministic))
