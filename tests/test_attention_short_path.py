@@ -493,6 +493,7 @@ def test_short_path_takes_exactly_what_the_columns_reason_takes(monkeypatch):
         ((1, 8, 4, 128), (1, 8, 1, 128), torch.bfloat16, None),
         ((1, 8, 4, 64), (1, 8, 4, 64), torch.float32, None),
         ((1, 8, 4, 96), (1, 8, 4, 96), torch.float16, None),
+        ((1, 8, 4, 32), (1, 8, 4, 32), torch.float16, None),
         ((1, 8, 16, 64), (1, 8, 1, 64), torch.float16, None),  # GQA 16
         ((1, 8, 6, 64), (1, 8, 2, 64), torch.float16, None),  # GQA 3
         ((65535, 1, 2, 64), (65535, 1, 2, 64), torch.float16, None),
@@ -510,7 +511,7 @@ def test_short_path_takes_exactly_what_the_columns_reason_takes(monkeypatch):
         taken.append(ops._aot_short(q, k, v, None, W, 0, False) == "short")
         why = ops._aot_reason(q, k, v, None, q.shape[1], k.shape[1], None, 0.0, 0.0, None)
         assert taken[-1] == (why is None), (q_shape, k_shape, dtype, q_stride, why)
-    assert taken == [True, True, False, False, False, False, True, False, True, False, False, False, False, False]
+    assert taken == [True, True, False, True, False, False, False, True, False, True, False, False, False, False, False]
 
 
 def test_autograd_runs_in_cpp_and_a_call_with_nothing_to_record_skips_it(recording):
