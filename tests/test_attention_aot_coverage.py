@@ -25,12 +25,12 @@ from helpers import aot_compile, aot_jit_launches, aot_recording, assert_aot_lau
 SM = 132
 FWD_96 = "d96 G{} BLOCK_M=128 BLOCK_N=64 WARP_SPECIALIZE=False w8 s3"  # the d128 class's first config
 FWD_256 = "d256 G1 BLOCK_M=32 BLOCK_N=32 WARP_SPECIALIZE=False w4 s2"
-# fp16, sm_90: the forward at 96 (MHA dense and packed, GQA 4) and 256 (MHA); the backward's preprocess (with dlse
-# too), dK/dV (dQ by atomics or not) and dQ at 96 (MHA; the atomic table's first tile spills at 96, so its second
-# ships) and 256 (MHA), and at 64 the preprocess and the dQ kernel's plan with dropout (MHA).
+# fp16, sm_90: the forward at 96 (MHA dense and packed, GQA 4) and 256 (MHA); the backward's preprocess (with dlse too),
+# dK/dV (dQ by atomics or not) and dQ at 96 (MHA; the atomic table's first tile spills at 96, so its second ships; and
+# the dQ kernel's plan at GQA 2) and 256 (MHA), and at 64 the preprocess and the dQ kernel's plan with dropout (MHA).
 SAMPLE = {
     "attention": f"^({FWD_96.format(1)}( varlen)?|{FWD_96.format(4)}|{FWD_256})$",
-    "attention_backward": "^d96 (w4( dlse)?|g1 m64 n64 w8 s[23]|g1 m32 n128 w8 s2 atomic)$"
+    "attention_backward": "^d96 (w4( dlse)?|g[12] m64 n64 w8 s[23]|g1 m32 n128 w8 s2 atomic)$"
     + "|^d256 (w4( dlse)?|g1 m32 n32 w8 s2( atomic)?)$|^d64 (w4|g1 (m64 n128 w8 s2|m128 n64 w8 s3) dropout)$",
 }
 
@@ -140,7 +140,7 @@ def sample(tmp_path_factory):
         assert all("error" not in r and r["local"] == 0 and r["stack"] == 0 for r in rows), rows  # no spills
         dirs.append(out)
         count += len(rows)
-    assert count == 4 + 13
+    assert count == 4 + 15
     return dirs, count
 
 
@@ -154,21 +154,23 @@ FORWARD = [
     (1, 97, 97, 2, 2, (W, 0), 256, 0.0),
     (2, 33, 100, 2, 2, (W, W), 256, 0.0),
 ]
-# The backward, with nothing to time (atomic dQ unless deterministic): (B, Tq, Tk, H, window, D, deterministic,
-# packed, dropout_p, dlse), MHA. At 96: 97 causal with each plan, one token, with lse's gradient (each plan); at 256:
-# 97 full with each plan; a qkvpacked function's backward into its packed gradient (its views' strides are the
-# cubins': written in place) at 96, at 256 with lse's gradient, and at 64 with dropout (the dQ kernel's plan).
+# The backward, with nothing to time (atomic dQ unless deterministic): (B, Tq, Tk, H, Hkv, window, D, deterministic,
+# packed, dropout_p, dlse). At 96: GQA 2 with a window (the dQ kernel); MHA 97 causal with each plan, one token, with
+# lse's gradient (each plan); at 256: 97 full with each plan; a qkvpacked function's backward into its packed
+# gradient (its views' strides are the cubins': written in place) at 96, at 256 with lse's gradient, and at 64 with
+# dropout (the dQ kernel's plan).
 BACKWARD = [
-    (1, 97, 97, 2, (W, 0), 96, False, None, 0.0, False),
-    (1, 97, 97, 2, (W, 0), 96, True, None, 0.0, False),
-    (1, 1, 1, 2, (W, 0), 96, True, None, 0.0, False),
-    (1, 97, 97, 2, (W, 0), 96, False, None, 0.0, True),
-    (2, 33, 33, 2, (W, W), 96, True, None, 0.0, True),
-    (1, 97, 97, 2, (W, W), 256, False, None, 0.0, False),
-    (1, 97, 97, 2, (W, W), 256, True, None, 0.0, False),
-    (2, 33, 33, 2, (W, 0), 96, True, "qkv", 0.0, False),
-    (1, 97, 97, 2, (W, W), 256, True, "qkv", 0.0, True),
-    (1, 97, 97, 2, (W, 0), 64, True, "qkv", 0.1, False),
+    (1, 97, 97, 4, 2, (16, 0), 96, True, None, 0.0, False),
+    (1, 97, 97, 2, 2, (W, 0), 96, False, None, 0.0, False),
+    (1, 97, 97, 2, 2, (W, 0), 96, True, None, 0.0, False),
+    (1, 1, 1, 2, 2, (W, 0), 96, True, None, 0.0, False),
+    (1, 97, 97, 2, 2, (W, 0), 96, False, None, 0.0, True),
+    (2, 33, 33, 2, 2, (W, W), 96, True, None, 0.0, True),
+    (1, 97, 97, 2, 2, (W, W), 256, False, None, 0.0, False),
+    (1, 97, 97, 2, 2, (W, W), 256, True, None, 0.0, False),
+    (2, 33, 33, 2, 2, (W, 0), 96, True, "qkv", 0.0, False),
+    (1, 97, 97, 2, 2, (W, W), 256, True, "qkv", 0.0, True),
+    (1, 97, 97, 2, 2, (W, 0), 64, True, "qkv", 0.1, False),
 ]
 
 
@@ -177,8 +179,8 @@ def _forward_case(first, second, Tk, H, Hkv, window, D, p) -> dict:
     return dict(shape, H=H, Hkv=Hkv, window=window, D=D, dropout_p=p, config=0, times=[], dtype="fp16")
 
 
-def _backward_case(B, Tq, Tk, H, window, D, deterministic, packed, dropout_p, dlse) -> dict:
-    case = dict(B=B, Tq=Tq, Tk=Tk, H=H, Hkv=H, window=window, D=D, deterministic=deterministic, dtype="fp16")
+def _backward_case(B, Tq, Tk, H, Hkv, window, D, deterministic, packed, dropout_p, dlse) -> dict:
+    case = dict(B=B, Tq=Tq, Tk=Tk, H=H, Hkv=Hkv, window=window, D=D, deterministic=deterministic, dtype="fp16")
     case.update(plan="dQ kernel" if deterministic else "atomic dQ", dropout_p=dropout_p, dlse=dlse)
     return dict(case, **({"packed": packed} if packed else {}))
 
