@@ -2,14 +2,14 @@
 // kernels/attention.py's _attn_fwd_kernel compiled ahead of time and shipped as cubins (aot_launch.h), so a forward
 // costs no Python launcher. The ops do what kernels/attention.py `attention_forward` does on a GPU for the calls its
 // shipped set covers (kernels/attention.py _shipped): dense (B, T, H, D) or packed (total, H, D) tensors with int32
-// offsets (VARLEN), fp16/bf16, head_dim 64 or 128, GQA groups 1, 2, 4 or 8, any window (left, right as
-// fasttrain/ops/attention.py _window gives them), with or without dropout (dropout_p and the int64 (2,) seed tensor
-// kernels/_attention_dropout.py draws the mask from), no softcap or ALiBi. The same grid, strides, constexprs
-// (TMA_ALIGNED, off with dropout; FULL_TILES where the tile reads it; DROPOUT) and tuning key (tune_seqlen, the band
-// classes, dropout); the tile is chosen among the shipped configs of the head dim's class by timing them at a shape
-// class's first call (aot::tune), as the JIT's autotuner chooses among the configs its pruner keeps (with dropout:
-// those shipped for it, no warp-specialized one). The warp-specialized configs (sm_90) build TMA
-// descriptors on the device in global scratch, which the launcher allocates.
+// offsets (VARLEN), fp16/bf16, head_dim 64, 96, 128 or 256, GQA groups 1, 2, 4 or 8, any window (left, right as
+// fasttrain/ops/attention.py _window gives them), with or without dropout (at head_dim 64 or 128: dropout_p and the
+// int64 (2,) seed tensor kernels/_attention_dropout.py draws the mask from), no softcap or ALiBi. The same grid,
+// strides, constexprs (TMA_ALIGNED, on for a power-of-2 head dim without dropout; HEAD_DIM_PAD; FULL_TILES where the
+// tile reads it; DROPOUT) and tuning key (tune_seqlen, the band classes, dropout); the tile is chosen among the shipped
+// configs of the head dim's class by timing them at a shape class's first call (aot::tune), as the JIT's autotuner
+// chooses among the configs its pruner keeps (with dropout or a head dim TMA cannot read: no warp-specialized one). The
+// warp-specialized configs (sm_90) build TMA descriptors on the device in global scratch, which the launcher allocates.
 // The cubins assume what the JIT finds on the usual tensors: 16-byte aligned pointers, strides that are nonzero
 // multiples of 16 elements (so TMA can read them). Inputs that are not are copied contiguous first.
 // Ops (schemas in ops.cpp): fasttrain::attention_forward_aot and attention_varlen_forward_aot; CUDA, and CPU while the
@@ -39,9 +39,12 @@ constexpr const char* kName = "attention_forward_aot";
 constexpr int64_t kGridYZMax = 65535;           // CUDA's limit on a grid's y and z axes (H and B here)
 
 // The forward's tiles in the order of kernels/_attention_configs.py _FWD's lists (sm_90's; sm_80's are a subsequence
-// of them), the same for head-dim classes d64 and d128: the candidates of a call are those shipped for the
-// registry's arch (tests/test_attention_aot.py holds this list to the tables).
-constexpr std::array<Tile, 4> kTiles = {{{128, 64, false}, {128, 128, false}, {64, 64, false}, {128, 128, true}}};
+// of them), the same for head-dim classes d64 and d128, and d256's (sm_90's, then sm_80's): the candidates of a call
+// are those shipped for the registry's arch (tests/test_attention_aot.py holds these lists to the tables).
+std::vector<Tile> tiles(int64_t head_dim) {
+  if (head_dim == 256) return {{32, 32, false}, {64, 32, false}};
+  return {{128, 64, false}, {128, 128, false}, {64, 64, false}, {128, 128, true}};
+}
 
 // varlen: q (total_q, H, D), k and v (total_k, Hkv, D) and int32 offsets (B + 1) of each; else (B, T, H, D).
 void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* cu_q, const Tensor* cu_k, double dropout_p,
@@ -52,7 +55,7 @@ void check(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* cu_q
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kName,
               ": the shipped cubins take fp16 or bf16, got ", q.scalar_type());
   const int64_t D = q.size(-1);
-  TORCH_CHECK(D == 64 || D == 128, kName, ": the shipped cubins take head_dim 64 or 128, got ", D);
+  TORCH_CHECK(shipped_head_dim(D), kName, ": the shipped cubins take head_dim 64, 96, 128 or 256, got ", D);
   for (const Tensor* t : {&k, &v}) {
     TORCH_CHECK(t->dim() == dims && (varlen || t->size(0) == q.size(0)) && t->size(-1) == D &&
                     t->sizes() == k.sizes() && t->scalar_type() == q.scalar_type() && t->device() == q.device(),
@@ -101,30 +104,33 @@ std::tuple<Tensor, Tensor> forward(const Tensor& q_in, const Tensor& k_in, const
                                os = bth_strides(out, varlen);
   const int64_t lse_b = varlen ? 0 : lse.stride(0), lse_h = varlen ? lse.stride(0) : lse.stride(1);
 
+  // TMA_ALIGNED: a power-of-2 head dim (the op copies inputs of other layouts), off with dropout, which takes the
+  // pointer loop (kernels/attention.py attention_forward)
+  const bool tma = tma_head_dim(D) && !dropout;
   auto entry = [&](const Tile& t, bool required) {
     const std::initializer_list<at::ScalarType> pointers = {dtype,    dtype,    dtype,   dtype,     at::kFloat,
                                                             at::kInt, at::kInt, at::kLong, at::kFloat};
     // Only the warp-specialized loop reads FULL_TILES: the pipelined tiles ship (and launch) their False cubin.
-    // Dropout takes the pointer loop: TMA_ALIGNED off (kernels/attention.py attention_forward).
     const bool full_cx = full && t.warp_specialize;
-    const std::initializer_list<int64_t> constexprs = {G,        D,         D,         varlen, false,
-                                                       !dropout, full_cx,   t.block_m, t.block_n,
+    const std::initializer_list<int64_t> constexprs = {G,         D,         next_power_of_2(D), varlen, false,
+                                                       tma,       full_cx,   t.block_m,          t.block_n,
                                                        t.warp_specialize, dropout, false, false};
     return required ? &aot::find(aot::Kernel::AttentionForward, pointers, constexprs)
                     : aot::lookup(aot::Kernel::AttentionForward, pointers, constexprs);
   };
   std::vector<const aot::Entry*> candidates;
   std::vector<int64_t> block_ms;
-  for (const Tile& t : kTiles) {
-    if (t.warp_specialize && (dropout || !warp_specialize_on())) continue;
+  const std::vector<Tile> class_tiles = tiles(D);
+  for (const Tile& t : class_tiles) {
+    if (t.warp_specialize && (!tma || !warp_specialize_on())) continue;  // the JIT's pruner: TMA_ALIGNED only
     if (const aot::Entry* e = entry(t, false)) {
       candidates.push_back(e);
       block_ms.push_back(t.block_m);
     }
   }
   if (candidates.empty()) {  // none shipped: the registry's error
-    candidates.push_back(entry(kTiles[0], true));
-    block_ms.push_back(kTiles[0].block_m);
+    candidates.push_back(entry(class_tiles[0], true));
+    block_ms.push_back(class_tiles[0].block_m);
   }
   auto launch = [&](int i) {
     const uint32_t blocks = static_cast<uint32_t>((Tq + block_ms[i] - 1) / block_ms[i]);

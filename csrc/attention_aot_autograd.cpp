@@ -42,19 +42,23 @@ using ForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const
                                              double, const std::optional<Tensor>&);
 using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                       const Tensor&, const Tensor&, double, int64_t, int64_t, bool,
-                                                      double, const std::optional<Tensor>&);
+                                                      double, const std::optional<Tensor>&,
+                                                      const std::optional<Tensor>&);
 using BackwardIntoFn = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                            const Tensor&, const Tensor&, const Tensor&, double, int64_t, int64_t, bool);
+                            const Tensor&, const Tensor&, const Tensor&, double, int64_t, int64_t, bool, double,
+                            const std::optional<Tensor>&, const std::optional<Tensor>&);
 using VarlenForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                    const Tensor&, int64_t, int64_t, double, int64_t, int64_t, double,
                                                    const std::optional<Tensor>&);
 using VarlenBackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                             const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                             int64_t, int64_t, double, int64_t, int64_t, bool, double,
+                                                            const std::optional<Tensor>&,
                                                             const std::optional<Tensor>&);
 using VarlenBackwardIntoFn = void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                   const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                  const Tensor&, int64_t, int64_t, double, int64_t, int64_t, bool);
+                                  const Tensor&, int64_t, int64_t, double, int64_t, int64_t, bool, double,
+                                  const std::optional<Tensor>&, const std::optional<Tensor>&);
 
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> find_op(const char* name) {
@@ -89,10 +93,10 @@ struct Call {
     if (varlen()) {
       static const auto op = find_op<VarlenBackwardFn>("fasttrain::attention_varlen_backward_aot");
       return op.call(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, det, dropout_p,
-                     seed_arg());
+                     seed_arg(), std::nullopt);
     }
     static const auto op = find_op<BackwardFn>("fasttrain::attention_backward_aot");
-    return op.call(dout, q, k, v, out, lse, scale, left, right, det, dropout_p, seed_arg());
+    return op.call(dout, q, k, v, out, lse, scale, left, right, det, dropout_p, seed_arg(), std::nullopt);
   }
 
   // (the packed ops' calls, which take no dropout)
@@ -100,11 +104,12 @@ struct Call {
                      const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse, bool det) const {
     if (varlen()) {
       static const auto op = find_op<VarlenBackwardIntoFn>("fasttrain::attention_varlen_backward_into_aot");
-      op.call(dq, dk, dv, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, det);
+      op.call(dq, dk, dv, dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, left, right, det, 0.0,
+              std::nullopt, std::nullopt);
       return;
     }
     static const auto op = find_op<BackwardIntoFn>("fasttrain::attention_backward_into_aot");
-    op.call(dq, dk, dv, dout, q, k, v, out, lse, scale, left, right, det);
+    op.call(dq, dk, dv, dout, q, k, v, out, lse, scale, left, right, det, 0.0, std::nullopt, std::nullopt);
   }
 
   // Kept in an autograd context beside the saved tensors (the offsets and the seed among those).

@@ -32,6 +32,16 @@ inline int64_t next_power_of_2(int64_t n) {
   return n > 0 ? p : 0;
 }
 
+// The head dims whose cubins ship (kernels/attention.py and attention_backward.py SHIPPED_HEAD_DIMS).
+inline bool shipped_head_dim(int64_t d) { return d == 64 || d == 96 || d == 128 || d == 256; }
+
+// The head dims whose dropout cubins ship (SHIPPED_DROPOUT_HEAD_DIMS there).
+inline bool shipped_dropout_head_dim(int64_t d) { return d == 64 || d == 128; }
+
+// Whether TMA could read a head dim's rows (kernels/_attention_launch.py tma_aligned: a power of 2); the kernels mask
+// the others' padding to HEAD_DIM_PAD, next_power_of_2(head_dim), and take no warp-specialized tile.
+inline bool tma_head_dim(int64_t d) { return d == next_power_of_2(d); }
+
 // kernels/_attention_launch.py band_class: a band edge as the tuners key it.
 inline int64_t band_class(int64_t edge, int64_t tune_seqlen) {
   if ((edge >= 0 ? edge : -edge) >= tune_seqlen) return edge > 0 ? tune_seqlen : -tune_seqlen;
@@ -92,6 +102,8 @@ inline void check_dropout(const char* op, const at::Tensor& q, double dropout_p,
                           const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   if (dropout_p == 0.0) return;
+  TORCH_CHECK(shipped_dropout_head_dim(q.size(-1)), op, ": the shipped cubins take dropout at head_dim 64 or 128, got ",
+              q.size(-1));
   TORCH_CHECK(seed.has_value() && seed->defined() && seed->dim() == 1 && seed->numel() == 2 &&
                   seed->scalar_type() == at::kLong && seed->device() == q.device(),
               op, ": dropout needs seed, an int64 (2,) (seed, offset) tensor on q's device");

@@ -2,20 +2,23 @@
 // kernels/attention_backward.py's preprocess, dK/dV and dQ kernels, compiled ahead of time and shipped as cubins
 // (aot_launch.h), so a backward costs no Python launcher. The ops do what kernels/attention_backward.py
 // `attention_backward` does on a GPU for the calls its shipped set covers (kernels/attention_backward.py _shipped):
-// fp16/bf16, dense (B, T, H, D) or packed (total, H, D) tensors with int32 offsets (VARLEN), head_dim 64 or 128, GQA
-// groups 1, 2, 4 or 8, any window, with or without dropout (the forward's dropout_p and seed tensor, whose mask the
-// kernels regenerate: TMA_ALIGNED off, no warp-specialized tile, and the dQ kernel's plan where no atomic-dQ tile takes
-// dropout without spilling, so none ships), no lse gradient, softcap or ALiBi. The same grids, arguments and outputs:
+// fp16/bf16, dense (B, T, H, D) or packed (total, H, D) tensors with int32 offsets (VARLEN), head_dim 64, 96, 128 or
+// 256, GQA groups 1, 2, 4 or 8, any window, with or without dropout (at head_dim 64 or 128; the forward's dropout_p and
+// seed tensor, whose mask the kernels regenerate: TMA_ALIGNED off, no warp-specialized tile, and the dQ kernel's plan
+// where no atomic-dQ tile takes dropout without spilling, so none ships), with or without lse's gradient (dlse: the
+// preprocess's HAS_DLSE cubin subtracts it from delta), no softcap or ALiBi. The same grids, arguments and outputs:
 // delta by the preprocess, then dQ by float32 atomics from the dK/dV kernel (zeroed, then cast to q's dtype) or by its
 // own kernel after dK/dV; deterministic takes the second, otherwise the two plans are timed at a shape class's first
 // call (aot::tune, the JIT's _backward_plans key), and each kernel's tile is chosen among the shipped ones by timing
 // them (the JIT autotuners' keys), as the JIT's autotuners choose among their configs.
 // The cubins assume what the JIT finds on the usual tensors: 16-byte aligned pointers, strides that are nonzero
-// multiples of 16 elements (so TMA_ALIGNED); inputs that are not are copied into contiguous ones.
+// multiples of 16 elements (so TMA_ALIGNED at a power-of-2 head dim); inputs that are not are copied into contiguous
+// ones.
 // The _into ops write the gradients into given tensors (the packed functions' views of one packed gradient, as the
 // JIT's `into`): the kernels take their pointers and strides where they meet the same layout, which views of a
-// contiguous (..., 3 or 2, H, D) gradient do for head_dim 64 and 128 (offsets of H * D elements, 16-byte aligned;
-// strides multiples of 16); a target that does not gets the gradient in a fresh tensor, then copied in.
+// contiguous (..., 3 or 2, H, D) gradient do for every shipped head_dim (offsets of H * D elements, 16-byte aligned;
+// strides multiples of 16); a target that does not gets the gradient in a fresh tensor, then copied in. They take
+// dropout and dlse as the others do.
 // Ops (schemas in ops.cpp): fasttrain::attention_backward_aot, attention_varlen_backward_aot and their _into_aot
 // forms; CUDA, and CPU while the launches are recorded (aot_launch.h); Meta for tracing.
 #include <ATen/core/Tensor.h>
@@ -47,8 +50,10 @@ int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The tiles a head-dim class may ship (kernels/attention_backward.py shipped_tiles), in the order of the JIT's
 // configs: sm_90's, then those only sm_80 has. The registry holds one arch's cubins, so a call's candidates are those
-// of its arch that were shipped (tests/test_attention_backward_aot.py holds this order to both archs' tables).
+// of its arch that were shipped (tests/test_attention_backward_aot.py holds this order to both archs' tables). d96
+// is the d128 class's; d256's one tile is both archs'.
 std::vector<Tile> dkdv_tiles(int64_t head_dim, bool atomic_dq) {
+  if (head_dim == 256) return {{32, 32, false}};
   if (head_dim == 64) {
     if (atomic_dq) return {{64, 128, false}, {64, 64, false}};
     return {{64, 128, false}, {64, 64, false}, {64, 128, true}};
@@ -58,6 +63,7 @@ std::vector<Tile> dkdv_tiles(int64_t head_dim, bool atomic_dq) {
 }
 
 std::vector<Tile> dq_tiles(int64_t head_dim) {
+  if (head_dim == 256) return {{32, 32, false}};
   if (head_dim == 64) return {{128, 64, false}, {64, 64, false}};
   return {{64, 64, false}, {128, 64, false}, {64, 32, false}};
 }
@@ -65,14 +71,15 @@ std::vector<Tile> dq_tiles(int64_t head_dim) {
 // varlen: q, out, dout (total_q, H, D), k and v (total_k, Hkv, D), lse (H, total_q) and int32 offsets (B + 1) of
 // each; else (B, T, H, D) and lse (B, H, Tq).
 void check(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-           const Tensor* cu_q, const Tensor* cu_k, double dropout_p, const std::optional<Tensor>& seed) {
+           const Tensor* cu_q, const Tensor* cu_k, double dropout_p, const std::optional<Tensor>& seed,
+           const std::optional<Tensor>& dlse) {
   const bool varlen = cu_q != nullptr;
   TORCH_CHECK(q.dim() == (varlen ? 3 : 4), kName,
               varlen ? ": packed q must be (total_q, H, D)" : ": q must be (B, Tq, H, D)");
   const int64_t H = q.size(-2), D = q.size(-1);
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, kName,
               ": the shipped cubins take fp16 or bf16, got ", q.scalar_type());
-  TORCH_CHECK(D == 64 || D == 128, kName, ": the shipped cubins take head_dim 64 or 128, got ", D);
+  TORCH_CHECK(shipped_head_dim(D), kName, ": the shipped cubins take head_dim 64, 96, 128 or 256, got ", D);
   TORCH_CHECK(k.dim() == q.dim() && (varlen || k.size(0) == q.size(0)) && k.size(-1) == D && v.sizes() == k.sizes(),
               kName,
               varlen ? ": packed k and v must be (total_k, Hkv, D) with q's D"
@@ -88,6 +95,10 @@ void check(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v
   }
   TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), kName, ": out and dout must have q's shape");
   check_dropout(kName, q, dropout_p, seed);
+  if (dlse.has_value()) {  // lse's gradient: lse's shape, float32 (kernels/attention_backward.py's preprocess)
+    TORCH_CHECK(dlse->sizes() == lse.sizes() && dlse->scalar_type() == at::kFloat && dlse->device() == q.device(),
+                kName, ": dlse must have lse's shape, float32 on q's device");
+  }
   if (varlen) {
     check_offsets(q, *cu_q, *cu_k, kName);
     TORCH_CHECK(lse.dim() == 2 && lse.size(0) == H && lse.size(1) == q.size(0) && lse.scalar_type() == at::kFloat &&
@@ -125,8 +136,9 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
                                             int64_t max_k, double scale, int64_t left, int64_t right,
                                             bool deterministic, double dropout_p,
                                             const std::optional<Tensor>& seed_in,
+                                            const std::optional<Tensor>& dlse_in,
                                             const std::array<Tensor, 3>* into = nullptr) {
-  check(dout_in, q_in, k_in, v_in, out_in, lse_in, cu_q_in, cu_k_in, dropout_p, seed_in);
+  check(dout_in, q_in, k_in, v_in, out_in, lse_in, cu_q_in, cu_k_in, dropout_p, seed_in, dlse_in);
   if (into != nullptr) check_into(*into, q_in, k_in, v_in);
   const bool dropout = dropout_p > 0.0;
   const Tensor seed = dropout ? compiled_buffer(*seed_in) : Tensor();
@@ -140,7 +152,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
   const Tensor k = as_compiled(k_in), v = as_compiled(v_in), out = as_compiled(out_in);
   const Tensor cu_q = varlen ? compiled_buffer(*cu_q_in) : Tensor();
   const Tensor cu_k = varlen ? compiled_buffer(*cu_k_in) : Tensor();
-  const int64_t B = varlen ? cu_q.numel() - 1 : q.size(0), H = q.size(-2), D = q.size(-1);
+  const int64_t B = varlen ? cu_q.numel() - 1 : q.size(0), H = q.size(-2), D = q.size(-1), D_pad = next_power_of_2(D);
   const int64_t Tq = varlen ? max_q : q.size(1), Tk = varlen ? max_k : k.size(1), Hkv = k.size(-2), G = H / Hkv;
   // the dK/dV loop steps through a group's query heads by int32 offsets (kernels/attention_backward.py)
   if ((G - 1) * std::max(q.stride(-2), dout.stride(-2)) >= (int64_t{1} << 31)) {
@@ -148,6 +160,8 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
     dout = dout.contiguous();
   }
   const Tensor lse = lse_in.contiguous();
+  // lse's gradient in lse's contiguous layout (the kernel reads it by lse's strides), at an aligned address
+  const Tensor dlse = dlse_in.has_value() ? compiled_buffer(*dlse_in) : Tensor();
   const at::ScalarType dtype = q.scalar_type();
   const auto f32 = at::kFloat, i32 = at::kInt, i64 = at::kLong;
   Tensor delta = at::empty(lse.sizes(), lse.options());
@@ -155,7 +169,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
   const int64_t tune_left = band_class(left, tune_seqlen), tune_right = band_class(right, tune_seqlen);
   // kernels/_attention_launch.py full_tiles (dense): no tile has a row or column to mask
   const bool full = !varlen && Tq % 128 == 0 && Tk % 128 == 0 && left >= Tk - 1 && right >= Tq - 1;
-  const bool tma = !dropout;  // dK/dV's TMA_ALIGNED: dropout takes the pointer loop
+  const bool tma = tma_head_dim(D) && !dropout;  // dK/dV's TMA_ALIGNED: dropout takes the pointer loop
   const aot::Value null = aot::ptr(Tensor()), cu_q_ptr = aot::ptr(cu_q), cu_k_ptr = aot::ptr(cu_k);
   // (batch, head) strides of lse: (H, total_q) when packed
   const std::vector<aot::Value> lse_strides = {aot::integer(varlen ? 0 : lse.stride(0)),
@@ -164,13 +178,13 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
   {
     const aot::Entry& e =
         aot::find(aot::Kernel::AttentionBackwardPreprocess, {dtype, dtype, f32, f32, i32, i32},
-                  {D, D, varlen, false, kPreprocessBlockM});
+                  {D, D_pad, varlen, dlse.defined(), kPreprocessBlockM});
     const std::vector<aot::Value> o = bth(out), d = bth(dout);
     // The band too: a row that sees one key takes rowsum 0 (the kernel's docstring)
     aot::launch(e, {static_cast<uint32_t>(cdiv(Tq, kPreprocessBlockM)), static_cast<uint32_t>(H),
                     static_cast<uint32_t>(B)},
                 device,
-                {aot::ptr(out), aot::ptr(dout), aot::ptr(delta), null, o[0], o[1], o[2], d[0], d[1], d[2],
+                {aot::ptr(out), aot::ptr(dout), aot::ptr(delta), aot::ptr(dlse), o[0], o[1], o[2], d[0], d[1], d[2],
                  lse_strides[0], lse_strides[1], cu_q_ptr, cu_k_ptr, aot::integer(Tq), aot::integer(Tk),
                  aot::integer(left), aot::integer(right)});
   }
@@ -217,10 +231,10 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
                                                             dtype, f32,   i32,   i32,   i64, f32};
     const std::vector<Tile> tiles = dkdv_tiles(D, atomic);
     for (const Tile& t : tiles) {
-      if (t.warp_specialize && (dropout || !warp_specialize_on())) continue;
+      if (t.warp_specialize && (!tma || !warp_specialize_on())) continue;  // the JIT's pruner: TMA_ALIGNED only
       // Only the warp-specialized loop reads FULL_TILES: the pipelined tiles ship (and launch) their False cubin.
       const bool full_cx = full && t.warp_specialize;
-      const std::initializer_list<int64_t> cx = {G,         D,         D,      varlen,  false, tma,
+      const std::initializer_list<int64_t> cx = {G,         D,         D_pad,  varlen,  false, tma,
                                                  full_cx,   t.block_m, t.block_n, t.warp_specialize, atomic,
                                                  dropout,   false,     false};
       if (const aot::Entry* e = aot::lookup(aot::Kernel::AttentionBackwardDkdv, pointers, cx)) found.push_back(e);
@@ -228,7 +242,7 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
     if (found.empty() && required) {  // none shipped: the registry's error
       const Tile& t = tiles[0];
       found.push_back(&aot::find(aot::Kernel::AttentionBackwardDkdv, pointers,
-                                 {G, D, D, varlen, false, tma, full && t.warp_specialize, t.block_m, t.block_n,
+                                 {G, D, D_pad, varlen, false, tma, full && t.warp_specialize, t.block_m, t.block_n,
                                   t.warp_specialize, atomic, dropout, false, false}));
     }
     return found;
@@ -292,14 +306,15 @@ std::tuple<Tensor, Tensor, Tensor> backward(const Tensor& dout_in, const Tensor&
     const std::vector<Tile> tiles = dq_tiles(D);
     for (const Tile& t : tiles) {
       if (const aot::Entry* e = aot::lookup(aot::Kernel::AttentionBackwardDq, pointers,
-                                            {G, D, D, varlen, false, t.block_m, t.block_n, dropout, false, false})) {
+                                            {G, D, D_pad, varlen, false, t.block_m, t.block_n, dropout, false,
+                                             false})) {
         candidates.push_back(e);
       }
     }
     if (candidates.empty()) {
       candidates.push_back(&aot::find(aot::Kernel::AttentionBackwardDq, pointers,
-                                      {G, D, D, varlen, false, tiles[0].block_m, tiles[0].block_n, dropout, false,
-                                       false}));
+                                      {G, D, D_pad, varlen, false, tiles[0].block_m, tiles[0].block_n, dropout,
+                                       false, false}));
     }
     auto run_dq = [&](const aot::Entry& e) {
       const int64_t block_m = e.constexprs[5];
@@ -341,9 +356,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_aot(const Tensor& dout, co
                                                           const Tensor& v, const Tensor& out, const Tensor& lse,
                                                           double scale, int64_t left, int64_t right,
                                                           bool deterministic, double dropout_p,
-                                                          const std::optional<Tensor>& seed) {
+                                                          const std::optional<Tensor>& seed,
+                                                          const std::optional<Tensor>& dlse) {
   return backward(dout, q, k, v, out, lse, nullptr, nullptr, 0, 0, scale, left, right, deterministic, dropout_p,
-                  seed);
+                  seed, dlse);
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_aot(const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -352,16 +368,19 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_aot(const Tensor& d
                                                                  int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                                  double scale, int64_t left, int64_t right,
                                                                  bool deterministic, double dropout_p,
-                                                                 const std::optional<Tensor>& seed) {
+                                                                 const std::optional<Tensor>& seed,
+                                                                 const std::optional<Tensor>& dlse) {
   return backward(dout, q, k, v, out, lse, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left,
-                  right, deterministic, dropout_p, seed);
+                  right, deterministic, dropout_p, seed, dlse);
 }
 
 void attention_backward_into_aot(const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor& dout,
                                  const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                                 const Tensor& lse, double scale, int64_t left, int64_t right, bool deterministic) {
+                                 const Tensor& lse, double scale, int64_t left, int64_t right, bool deterministic,
+                                 double dropout_p, const std::optional<Tensor>& seed,
+                                 const std::optional<Tensor>& dlse) {
   const std::array<Tensor, 3> into = {dq, dk, dv};
-  backward(dout, q, k, v, out, lse, nullptr, nullptr, 0, 0, scale, left, right, deterministic, 0.0, std::nullopt,
+  backward(dout, q, k, v, out, lse, nullptr, nullptr, 0, 0, scale, left, right, deterministic, dropout_p, seed, dlse,
            &into);
 }
 
@@ -369,10 +388,11 @@ void attention_varlen_backward_into_aot(const Tensor& dq, const Tensor& dk, cons
                                         const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                                         const Tensor& lse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                         int64_t max_seqlen_q, int64_t max_seqlen_k, double scale, int64_t left,
-                                        int64_t right, bool deterministic) {
+                                        int64_t right, bool deterministic, double dropout_p,
+                                        const std::optional<Tensor>& seed, const std::optional<Tensor>& dlse) {
   const std::array<Tensor, 3> into = {dq, dk, dv};
   backward(dout, q, k, v, out, lse, &cu_seqlens_q, &cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, left, right,
-           deterministic, 0.0, std::nullopt, &into);
+           deterministic, dropout_p, seed, dlse, &into);
 }
 
 // ---- Meta: shapes and dtypes only, for torch.compile's fake tensors ----
@@ -380,6 +400,7 @@ void attention_varlen_backward_into_aot(const Tensor& dq, const Tensor& dk, cons
 std::tuple<Tensor, Tensor, Tensor> attention_backward_aot_meta(const Tensor&, const Tensor& q, const Tensor& k,
                                                                const Tensor& v, const Tensor&, const Tensor&, double,
                                                                int64_t, int64_t, bool, double,
+                                                               const std::optional<Tensor>&,
                                                                const std::optional<Tensor>&) {
   return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
 }
@@ -388,6 +409,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_aot_meta(const Tens
                                                                       const Tensor& v, const Tensor&, const Tensor&,
                                                                       const Tensor&, const Tensor&, int64_t, int64_t,
                                                                       double, int64_t, int64_t, bool, double,
+                                                                      const std::optional<Tensor>&,
                                                                       const std::optional<Tensor>&) {
   return {at::empty(q.sizes(), q.options()), at::empty(k.sizes(), k.options()), at::empty(v.sizes(), v.options())};
 }
@@ -395,12 +417,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_varlen_backward_aot_meta(const Tens
 // The _into ops write their arguments: nothing to make.
 void attention_backward_into_aot_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                       const Tensor&, const Tensor&, const Tensor&, const Tensor&, double, int64_t,
-                                      int64_t, bool) {}
+                                      int64_t, bool, double, const std::optional<Tensor>&,
+                                      const std::optional<Tensor>&) {}
 
 void attention_varlen_backward_into_aot_meta(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                              const Tensor&, const Tensor&, int64_t, int64_t, double, int64_t, int64_t,
-                                             bool) {}
+                                             bool, double, const std::optional<Tensor>&,
+                                             const std::optional<Tensor>&) {}
 
 }  // namespace
 

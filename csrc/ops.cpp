@@ -92,11 +92,12 @@ TORCH_LIBRARY(fasttrain, m) {
       "Tensor? seed=None) -> (Tensor, Tensor)");
   // The attention backward of flash_attn_func's common call from the Triton kernels compiled ahead of time
   // (attention_backward_aot.cpp): (dq, dk, dv) shaped like q, k, v, as kernels/attention_backward.py gives them for
-  // dense inputs, no dlse, softcap or ALiBi; deterministic takes the dQ kernel rather than atomics; dropout_p and seed
-  // the forward's, whose mask the kernels regenerate.
+  // dense inputs, no softcap or ALiBi; deterministic takes the dQ kernel rather than atomics; dropout_p and seed the
+  // forward's, whose mask the kernels regenerate; dlse lse's gradient (shaped like lse, float32) or None.
   m.def(
       "attention_backward_aot(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
-      "int left, int right, bool deterministic, float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor, Tensor)");
+      "int left, int right, bool deterministic, float dropout_p=0., Tensor? seed=None, Tensor? dlse=None) "
+      "-> (Tensor, Tensor, Tensor)");
   // The two above as one op with its autograd in C++ (attention_aot_autograd.cpp): out (B, Tq, H, D) of
   // attention_forward_aot, and in the backward attention_backward_aot's gradients of q, k and v; dropout_p and seed
   // passed to both.
@@ -127,14 +128,17 @@ TORCH_LIBRARY(fasttrain, m) {
   m.def(
       "attention_varlen_backward_aot(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, int left, "
-      "int right, bool deterministic, float dropout_p=0., Tensor? seed=None) -> (Tensor, Tensor, Tensor)");
+      "int right, bool deterministic, float dropout_p=0., Tensor? seed=None, Tensor? dlse=None) "
+      "-> (Tensor, Tensor, Tensor)");
   // The two backwards written into dq, dk and dv (shaped like q, k and v, any strides: the packed functions' views of
   // one packed gradient), as kernels/attention_backward.py `attention_backward` with `into`.
   m.def(
       "attention_backward_into_aot(Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor dout, Tensor q, Tensor k, "
-      "Tensor v, Tensor out, Tensor lse, float scale, int left, int right, bool deterministic) -> ()");
+      "Tensor v, Tensor out, Tensor lse, float scale, int left, int right, bool deterministic, float dropout_p=0., "
+      "Tensor? seed=None, Tensor? dlse=None) -> ()");
   m.def(
       "attention_varlen_backward_into_aot(Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, Tensor dout, Tensor q, "
       "Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-      "int max_seqlen_k, float scale, int left, int right, bool deterministic) -> ()");
+      "int max_seqlen_k, float scale, int left, int right, bool deterministic, float dropout_p=0., "
+      "Tensor? seed=None, Tensor? dlse=None) -> ()");
 }

@@ -110,7 +110,20 @@ _SPILL_VARLEN_DKDV_DQ = {90: {"d128": [(64, 64, 8, 2, False)]}}
 # at GQA 1, 250 -> 255 registers and 8 B of stack (GQA 8: 255 and none). The JIT's pruner keeps it (the class's only
 # tile that takes dropout there); the shipped cubins leave it out at every group (a shipped cubin never spills), so
 # such a backward takes the JIT (fasttrain/ops/attention.py _AOT_UNSHIPPED_VARLEN_DROPOUT).
-_SPILL_VARLEN_DROPOUT_DKDV = {90: {"d128": [(32, 128, 8, 2, False)]}}
+# So does d256's one tile at every group (255 registers and 8 B of stack); 96 takes the d128 class's configs, so the
+# same tile is left out there.
+_SPILL_VARLEN_DROPOUT_DKDV = {90: {"d128": [(32, 128, 8, 2, False)], "d256": [(32, 32, 8, 2, False)]}}
+# sm_90 tiles that spill in packed launches where they are their class's one tile, so that no packed backward ships
+# there (tools/aot.py, triton 3.7.1, bf16 and fp16, every group; the JIT's pruner keeps them): dQ d256 (32,32,8,2), 128
+# registers and 24 B of stack (127 and none dense). Such a backward takes the JIT (fasttrain/ops/attention.py
+# _AOT_UNSHIPPED_VARLEN).
+_SPILL_VARLEN_DQ = {90: {"d256": [(32, 32, 8, 2)]}}
+# Head dims whose cubins ship one tile per launch (kernels/attention.py and attention_backward.py _shipped), which
+# holds the build's cost (benchmarks/NOTES.md "Build switch"): of the configs the JIT's pruner keeps for a launch,
+# the first that compiles without spills at that head dim, {head dim: {arch: {table: [tuple]}}} listing those that
+# spill (tools/aot.py, triton 3.7.1). At 96 (the d128 class's tiles, HEAD_DIM_PAD 128): dK/dV with atomic dQ
+# (64,64,8,2), 255 registers and 16 B of stack on sm_90.
+ONE_TILE = {96: {90: {"dkdv_dq": [(64, 64, 8, 2, False)]}}}
 # The interpreter's cost is per program and per tile operation, not per element: fewer, larger tiles are faster.
 _INTERPRETER = (64, 64, 4, 1)
 # ids of the configs left out of launches with score modifiers (from the _SPILL_MODIFIED tables), of packed ones (from
@@ -118,6 +131,7 @@ _INTERPRETER = (64, 64, 4, 1)
 PLAIN_ONLY: set[int] = set()
 DENSE_ONLY: set[int] = set()
 UNSHIPPED_VARLEN_DROPOUT: set[int] = set()
+UNSHIPPED_VARLEN: set[int] = set()
 
 
 def config(t, **fixed):
@@ -136,11 +150,19 @@ def one_config_table(t, **fixed) -> dict:
 
 
 def _build(
-    table, interpreter, dropout_spills=None, spill_modified=None, spill_varlen=None, spill_varlen_dropout=None, **fixed
+    table,
+    interpreter,
+    dropout_spills=None,
+    spill_modified=None,
+    spill_varlen=None,
+    spill_varlen_dropout=None,
+    unshipped_varlen=None,
+    **fixed,
 ):
     """{arch: {class: [triton.Config]}} of table; a config of dropout_spills ({arch: {class: [tuple]}}) is marked
     no_dropout, which the pruner and tools/aot.py read; one of spill_modified goes into PLAIN_ONLY, one of
-    spill_varlen into DENSE_ONLY, one of spill_varlen_dropout into UNSHIPPED_VARLEN_DROPOUT."""
+    spill_varlen into DENSE_ONLY, one of spill_varlen_dropout into UNSHIPPED_VARLEN_DROPOUT, one of unshipped_varlen
+    into UNSHIPPED_VARLEN."""
     out = {}
     for arch, by_class in table.items():
         out[arch] = {}
@@ -154,6 +176,8 @@ def _build(
                     DENSE_ONLY.add(id(c))
                 if t in (spill_varlen_dropout or {}).get(arch, {}).get(cls, []):
                     UNSHIPPED_VARLEN_DROPOUT.add(id(c))
+                if t in (unshipped_varlen or {}).get(arch, {}).get(cls, []):
+                    UNSHIPPED_VARLEN.add(id(c))
     out["interpreter"] = one_config_table(interpreter, **fixed)
     return out
 
@@ -180,7 +204,20 @@ DKDV_DQ_CONFIGS = _build(
     _SPILL_VARLEN_DKDV_DQ,
     ATOMIC_DQ=True,
 )
-DQ_CONFIGS = _build(_DQ, _INTERPRETER)
+DQ_CONFIGS = _build(_DQ, _INTERPRETER, unshipped_varlen=_SPILL_VARLEN_DQ)
+
+
+def one_tile(head_dim: int, arch: int, table: str, configs: list) -> list:
+    """configs (those a launch's pruner keeps, in order; table "fwd", "dkdv", "dkdv_dq" or "dq") as head_dim's cubins
+    ship them: all, or for a head dim of ONE_TILE the first that does not spill there."""
+    if head_dim not in ONE_TILE:
+        return configs
+    spills = ONE_TILE[head_dim].get(arch, {}).get(table, [])
+    for c in configs:
+        tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        if tile + (c.kwargs.get("WARP_SPECIALIZE", False),) not in spills:
+            return [c]
+    return []
 
 
 def head_dim_class(head_dim: int) -> str:

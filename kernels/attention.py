@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_configs import FWD_CONFIGS
+from ._attention_configs import FWD_CONFIGS, head_dim_class, one_tile
 from ._attention_dropout import dropout_args, keep_tile
 from ._attention_launch import (
     AOT_TYPES,
@@ -469,36 +469,46 @@ def attention_forward(
 # ---- ahead-of-time compile (tools/aot.py) --------------------------------------------------------------------------
 
 
-SHIPPED_HEAD_DIMS = (64, 128)  # fasttrain/ops/attention.py's aot column: the head dims whose cubins ship
+SHIPPED_HEAD_DIMS = (64, 96, 128, 256)  # fasttrain/ops/attention.py's aot column: the head dims whose cubins ship
 SHIPPED_GROUPS = (1, 2, 4, 8)  # and the GQA groups (GROUP is a constexpr: one cubin per group)
+# and those whose dropout cubins ship: the build's budget (benchmarks/NOTES.md "Build switch") leaves 96 and 256 out
+SHIPPED_DROPOUT_HEAD_DIMS = (64, 128)
 
 
 def _shipped(arch: int, dtype: str) -> list[dict]:
     """The forward as csrc/attention_aot.cpp launches it: flash_attn_func's and flash_attn_varlen_func's common eager
-    calls (dense or packed, fp16/bf16, head dim 64 or 128, no softcap or ALiBi; any window, causal or not) on
-    TMA-aligned inputs (the op copies others), under every config of arch's table for the class, per GQA group, with
-    FULL_TILES off, and on too for the dense warp-specialized configs (the only ones that read it: the pipelined tiles
-    compile to the same code either way, and the C++ op launches their FULL_TILES=False cubin; packed calls never
-    have it). Then the same with dropout (DROPOUT, labelled " dropout"), as attention_forward launches it: TMA_ALIGNED
+    calls (dense or packed, fp16/bf16, head dim SHIPPED_HEAD_DIMS, no softcap or ALiBi; any window, causal or not) on
+    the inputs TMA could read (the op copies others), under every config of arch's table for the head dim's class, per
+    GQA group, with FULL_TILES off, and on too for the dense warp-specialized configs (the only ones that read it: the
+    pipelined tiles compile to the same code either way, and the C++ op launches their FULL_TILES=False cubin; packed
+    calls never have it). HEAD_DIM is a constexpr, so each head dim compiles its own; one that is not a power of 2 (96:
+    HEAD_DIM_PAD 128, masked) is never TMA_ALIGNED, so its warp-specialized configs, which the pruner then leaves out,
+    do not ship; a head dim of _attention_configs.ONE_TILE ships one config per launch. Then the same at
+    SHIPPED_DROPOUT_HEAD_DIMS with dropout (DROPOUT, labelled " dropout"), as attention_forward launches it: TMA_ALIGNED
     off (dropout takes the pointer loop), under the configs the pruner keeps for it (no warp-specialized ones, none
     marked no_dropout). The registry keys a case by its constexprs, so of two configs differing only in num_warps or
-    num_stages the first ships (none does today). Packed cases are labelled " varlen"."""
+    num_stages the first ships (none does today). Packed cases are labelled " varlen"; a case's label starts with its
+    head dim (d96 for the d128 class's 96)."""
     if dtype not in ("fp16", "bf16"):
         return []
     cases, seen = [], set()
     for dropout in (False, True):
         for varlen in (False, True):
-            for d in SHIPPED_HEAD_DIMS:
-                cls = {64: "d64", 128: "d128"}[d]
+            for d in SHIPPED_DROPOUT_HEAD_DIMS if dropout else SHIPPED_HEAD_DIMS:
+                launch = aot_launch(d, dtype)  # HEAD_DIM_PAD, and TMA_ALIGNED where d is a power of 2
+                kept = [  # what the pruner keeps: warp-specialized configs only where TMA reads, none with dropout
+                    c
+                    for c in FWD_CONFIGS[arch][head_dim_class(d)]
+                    if not (c.kwargs.get("WARP_SPECIALIZE", False) and (dropout or not launch["TMA_ALIGNED"]))
+                    and not (dropout and getattr(c, "no_dropout", False))
+                ]
                 for group in SHIPPED_GROUPS:
-                    for c in FWD_CONFIGS[arch][cls]:
+                    for c in one_tile(d, arch, "fwd", kept):
                         ws = c.kwargs.get("WARP_SPECIALIZE", False)
-                        if dropout and (ws or getattr(c, "no_dropout", False)):
-                            continue  # the pruner leaves it out of dropout's launches
                         for full in (False, True):
                             if full and (varlen or not ws):
                                 continue  # the pipelined loop ignores FULL_TILES: its False cubin is the same code
-                            constexprs = {**aot_launch(d, dtype), **c.kwargs, "GROUP": group, "FULL_TILES": full}
+                            constexprs = {**launch, **c.kwargs, "GROUP": group, "FULL_TILES": full}
                             constexprs.update(VARLEN=varlen, DROPOUT=dropout)
                             if dropout:
                                 constexprs["TMA_ALIGNED"] = False
@@ -508,7 +518,7 @@ def _shipped(arch: int, dtype: str) -> list[dict]:
                                 continue
                             seen.add(key)
                             tile = " ".join(f"{k}={v}" for k, v in c.kwargs.items())
-                            label = f"{cls} G{group} {tile} w{c.num_warps} s{c.num_stages}" + " full" * full
+                            label = f"d{d} G{group} {tile} w{c.num_warps} s{c.num_stages}" + " full" * full
                             cases.append(
                                 dict(
                                     label=label + " varlen" * varlen + " dropout" * dropout,

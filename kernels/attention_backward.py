@@ -17,8 +17,10 @@ from ._attention_configs import (
     DKDV_CONFIGS,
     DKDV_DQ_CONFIGS,
     DQ_CONFIGS,
+    UNSHIPPED_VARLEN,
     UNSHIPPED_VARLEN_DROPOUT,
     head_dim_class,
+    one_tile,
     takes_dropout,
 )
 from ._attention_dropout import dropout_args, keep_tile
@@ -1202,8 +1204,9 @@ def aot_kernels(arch: int, dtype: str, shipped: bool = False) -> list[dict]:
     ]
 
 
-SHIPPED_HEAD_DIMS = (64, 128)
+SHIPPED_HEAD_DIMS = (64, 96, 128, 256)
 SHIPPED_GROUPS = (1, 2, 4, 8)  # GQA's H / Hkv: a constexpr of both tiles (the dK/dV program loops over the group)
+SHIPPED_DROPOUT_HEAD_DIMS = (64, 128)  # dropout's cubins: not at 96 and 256, the build's budget (as the forward's)
 
 
 def shipped_tiles(table_for_arch: dict, cls: str, dropout: bool = False) -> list[triton.Config]:
@@ -1220,16 +1223,20 @@ def shipped_tiles(table_for_arch: dict, cls: str, dropout: bool = False) -> list
 
 def _shipped(arch: int, dtype: str) -> list[dict]:
     """The common eager calls of the backward: fp16/bf16, dense (B, T, H, D) or packed (total, H, D) tensors, head dim
-    64 or 128, GQA groups SHIPPED_GROUPS, any window (causal or not), no lse gradient, softcap or ALiBi; inputs that
-    TMA could read (TMA_ALIGNED: the C++ op copies any other). The preprocess; dK/dV under each shipped tile of both
-    its tables (dQ by atomics or not; the warp-specialized sm_90 tiles make their TMA descriptors in global scratch,
-    which the C++ launcher allocates), with FULL_TILES off, and on too for the dense warp-specialized tiles (the only
-    ones that read it: the pipelined tiles compile to the same code either way, and the C++ op launches their
-    FULL_TILES=False cubin; packed calls never have it); dQ under each shipped tile. The dense cases first, then the
-    packed ones (VARLEN, but the tiles that spill then: _attention_configs.DENSE_ONLY), labelled " varlen". Then dK/dV
-    and dQ again with dropout (DROPOUT, labelled " dropout"), as attention_backward launches them: TMA_ALIGNED and
-    FULL_TILES off, under the tiles the pruner keeps for it (shipped_tiles(dropout=True); packed, but the ones that
-    spill then: _attention_configs.UNSHIPPED_VARLEN_DROPOUT; the preprocess takes no dropout)."""
+    SHIPPED_HEAD_DIMS, GQA groups SHIPPED_GROUPS, any window (causal or not), no softcap or ALiBi; inputs that TMA could
+    read (TMA_ALIGNED at a power-of-2 head dim: the C++ op copies any other; 96, padded to 128, takes no
+    warp-specialized tile; a head dim of _attention_configs.ONE_TILE ships one tile per launch). The preprocess; dK/dV
+    under each shipped tile of both its tables (dQ by atomics or not; the warp-specialized sm_90 tiles make their TMA
+    descriptors in global scratch, which the C++ launcher allocates), with FULL_TILES off, and on too for the dense
+    warp-specialized tiles (the only ones that read it: the pipelined tiles compile to the same code either way, and the
+    C++ op launches their FULL_TILES=False cubin; packed calls never have it); dQ under each shipped tile. The dense
+    cases first, then the packed ones (VARLEN, but the tiles that spill then: _attention_configs.DENSE_ONLY), labelled
+    " varlen". Then dK/dV and dQ again with dropout at SHIPPED_DROPOUT_HEAD_DIMS (DROPOUT, labelled " dropout"), as
+    attention_backward launches them: TMA_ALIGNED and FULL_TILES off, under the tiles the pruner keeps for it
+    (shipped_tiles(dropout=True); packed, but the ones that spill then: _attention_configs.UNSHIPPED_VARLEN_DROPOUT; the
+    preprocess takes no dropout). A launch kind left with no plain dK/dV or no dQ tile ships nothing
+    (_attention_configs.UNSHIPPED_VARLEN: sm_90's packed d256), as the C++ op needs both plans. Last, the preprocess
+    again with lse's gradient (HAS_DLSE, labelled " dlse"), the one kernel that reads it."""
     if dtype not in ("fp16", "bf16"):
         return []
     preprocess, dkdv, dq = [], [], []
@@ -1237,44 +1244,58 @@ def _shipped(arch: int, dtype: str) -> list[dict]:
         for varlen in (False, True):
             off = dict(VARLEN=varlen, UPCAST=False, DROPOUT=dropout, SOFTCAP=False, ALIBI=False)
             tag = " varlen" * varlen + " dropout" * dropout
-            for d in SHIPPED_HEAD_DIMS:
-                cls = head_dim_class(d)
-                dims = dict(HEAD_DIM=d, HEAD_DIM_PAD=d)
+            for d in SHIPPED_DROPOUT_HEAD_DIMS if dropout else SHIPPED_HEAD_DIMS:
+                cls, dims = head_dim_class(d), dict(HEAD_DIM=d, HEAD_DIM_PAD=next_power_of_2(d))
+                tma = not dropout and d == dims["HEAD_DIM_PAD"]  # dropout takes the pointer loop; TMA reads 2**n
+                tables = {}
+                for name, table in (("dkdv", DKDV_CONFIGS[arch]), ("dkdv_dq", DKDV_DQ_CONFIGS[arch])):
+                    kept = [
+                        c
+                        for c in shipped_tiles(table, cls, dropout)
+                        if (tma or not c.kwargs["WARP_SPECIALIZE"])  # warp-specialized only where TMA reads
+                        and not (varlen and id(c) in DENSE_ONLY)  # spills packed: the JIT's pruner drops it too
+                        and not (varlen and dropout and id(c) in UNSHIPPED_VARLEN_DROPOUT)  # spills: not shipped
+                    ]
+                    tables[name] = one_tile(d, arch, name, kept)
+                dq_tiles = [
+                    c
+                    for c in shipped_tiles(DQ_CONFIGS[arch], cls, dropout)
+                    if not (varlen and id(c) in UNSHIPPED_VARLEN)
+                ]
+                dq_tiles = one_tile(d, arch, "dq", dq_tiles)
+                if not (tables["dkdv"] and dq_tiles):
+                    continue  # no plain dK/dV or no dQ tile (sm_90 packed: d256, or dropout at 96, 128): the JIT's
                 if not dropout:
                     constexprs = dict(**dims, VARLEN=varlen, HAS_DLSE=False, BLOCK_M=_PREPROCESS_BLOCK_M)
-                    preprocess.append(dict(label=f"{cls} w4{tag}", constexprs=constexprs, num_warps=4))
+                    preprocess.append(dict(label=f"d{d} w4{tag}", constexprs=constexprs, num_warps=4))
                 for group in SHIPPED_GROUPS:
-                    shipped = len(dkdv)
-                    for table in (DKDV_CONFIGS[arch], DKDV_DQ_CONFIGS[arch]):
+                    for kept in tables.values():
                         for full in (False, True):
-                            for c in shipped_tiles(table, cls, dropout):
+                            for c in kept:
                                 if full and (varlen or not c.kwargs["WARP_SPECIALIZE"]):
                                     continue  # the pointer loop ignores FULL_TILES: its False cubin is the same code
-                                if varlen and id(c) in DENSE_ONLY:
-                                    continue  # spills when packed: the JIT's pruner leaves it out too
-                                if varlen and dropout and id(c) in UNSHIPPED_VARLEN_DROPOUT:
-                                    continue  # spills packed with dropout: such a backward takes the JIT
-                                tma = not dropout  # dropout takes the pointer loop
                                 constexprs = dict(
                                     GROUP=group, **dims, **off, TMA_ALIGNED=tma, FULL_TILES=full, **c.kwargs
                                 )
-                                label = _label(cls, group, c, full) + tag
+                                label = _label(d, group, c, full) + tag
                                 dkdv.append(dict(label=label, constexprs=constexprs, **_options(c)))
-                    if len(dkdv) == shipped:
-                        continue  # no dK/dV tile ships for these launches (packed d128 dropout on sm_90): no dQ either
-                    for c in shipped_tiles(DQ_CONFIGS[arch], cls, dropout):
+                    for c in dq_tiles:
                         constexprs = dict(GROUP=group, **dims, **off, **c.kwargs)
-                        dq.append(dict(label=_label(cls, group, c) + tag, constexprs=constexprs, **_options(c)))
+                        dq.append(dict(label=_label(d, group, c) + tag, constexprs=constexprs, **_options(c)))
+    # the preprocess again with lse's gradient (HAS_DLSE), its only reader
+    dlse = [
+        {**c, "label": c["label"] + " dlse", "constexprs": {**c["constexprs"], "HAS_DLSE": True}} for c in preprocess
+    ]
     return [
-        dict(kernel=_attn_bwd_preprocess_kernel, types=AOT_TYPES, cases=preprocess),
+        dict(kernel=_attn_bwd_preprocess_kernel, types=AOT_TYPES, cases=preprocess + dlse),
         dict(kernel=_attn_bwd_dkdv_kernel, types=AOT_TYPES, cases=dkdv),
         dict(kernel=_attn_bwd_dq_kernel, types=AOT_TYPES, cases=dq),
     ]
 
 
-def _label(cls: str, group: int, c: triton.Config, full: bool = False) -> str:
+def _label(head_dim: int, group: int, c: triton.Config, full: bool = False) -> str:
     k = c.kwargs
-    label = f"{cls} g{group} m{k['BLOCK_M']} n{k['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+    label = f"d{head_dim} g{group} m{k['BLOCK_M']} n{k['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
     return label + " ws" * k.get("WARP_SPECIALIZE", False) + " atomic" * k.get("ATOMIC_DQ", False) + " full" * full
 
 

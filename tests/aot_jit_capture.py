@@ -369,24 +369,32 @@ def _packed_gradients(q, k, v, packed: str) -> tuple:
 def run_attention_backward_case(C, entries, case: dict) -> dict:
     """case (op "attention_backward"): B, Tq, Tk (or lengths_q and lengths_k: packed), H, Hkv, D, window (left, right)
     as fasttrain.ops.attention._window gives them, deterministic, dtype, plan (the JIT's plan: "atomic dQ" or "dQ
-    kernel"; the C++ op, with nothing to time, takes the atomic one unless deterministic). The JIT's autotuners take
-    the head-dim class's first shipped sm_90 tile, the one the C++ op launches untimed, or the dK/dV tile dkdv_tile
-    (an index into the shipped tiles) when the case gives the C++ tuner its times (fasttrain._C.aot_tune_reset),
-    which then records its trials too; with dropout_p (optional) the tiles shipped for dropout, and the seed tensor,
-    "seed". The launches of one call in order (preprocess, dK/dV, dQ). A case with "packed" ("qkv" or "kv") is a
-    packed function's: q, k and v views of one (..., 3, H, D) tensor (or k and v of one (..., 2, Hkv, D)), the
-    gradients written into views of a packed one (the JIT's `into`, the _into_aot ops, which take no dropout)."""
+    kernel"; the C++ op, with nothing to time, takes the atomic one unless deterministic). The JIT's autotuners take the
+    head-dim class's first shipped sm_90 tile (a head dim of ONE_TILE: its one), the one the C++ op launches untimed, or
+    the dK/dV tile dkdv_tile (an index into the shipped tiles) when the case gives the C++ tuner its times
+    (fasttrain._C.aot_tune_reset), which then records its trials too; with dropout_p (optional) the tiles shipped for
+    dropout, and the seed tensor, "seed". The launches of one call in order (preprocess, dK/dV, dQ). A case with
+    "packed" ("qkv" or "kv") is a packed function's: q, k and v views of one (..., 3, H, D) tensor (or k and v of one
+    (..., 2, Hkv, D)), the gradients written into views of a packed one (the JIT's `into`, the _into_aot ops). With
+    "dlse" true, lse has a gradient ("dlse", random)."""
     from fasttrain.kernels import attention_backward as ab
-    from fasttrain.kernels._attention_configs import DKDV_CONFIGS, DKDV_DQ_CONFIGS, DQ_CONFIGS, head_dim_class
+    from fasttrain.kernels._attention_configs import (
+        DKDV_CONFIGS,
+        DKDV_DQ_CONFIGS,
+        DQ_CONFIGS,
+        head_dim_class,
+        one_tile,
+    )
 
     torch.manual_seed(case.get("seed", 0))
     half, H, D = DTYPES[case["dtype"]], case["H"], case["D"]
     cls = head_dim_class(D)
     tile, dropout = case.get("dkdv_tile", 0), case.get("dropout_p", 0.0) > 0.0
-    for tuner, table in ((ab._attn_bwd_dkdv, DKDV_CONFIGS), (ab._attn_bwd_dkdv_dq, DKDV_DQ_CONFIGS)):
-        tuner.configs = ab.shipped_tiles(table[90], cls, dropout)[tile : tile + 1]
+    tables = (("dkdv", ab._attn_bwd_dkdv, DKDV_CONFIGS), ("dkdv_dq", ab._attn_bwd_dkdv_dq, DKDV_DQ_CONFIGS))
+    for name, tuner, table in tables:  # a head dim of ONE_TILE: its one shipped tile
+        tuner.configs = one_tile(D, 90, name, ab.shipped_tiles(table[90], cls, dropout))[tile : tile + 1]
         tuner.early_config_prune = None
-    ab._attn_bwd_dq.configs = ab.shipped_tiles(DQ_CONFIGS[90], cls, dropout)[:1]
+    ab._attn_bwd_dq.configs = one_tile(D, 90, "dq", ab.shipped_tiles(DQ_CONFIGS[90], cls, dropout))[:1]
     ab._attn_bwd_dq.early_config_prune = None
     ab._backward_plans.default = case["plan"]
     inputs, cu, (cu_q, cu_k, Tq, Tk) = _attention_inputs(case, half, "out", "dout")
@@ -400,25 +408,28 @@ def run_attention_backward_case(C, entries, case: dict) -> dict:
     inputs.update(cu)
     scale, (left, right), det = D**-0.5, case["window"], case["deterministic"]
     p, seed = _dropout(case, inputs)
+    dlse = inputs["dlse"] = torch.randn(lse.shape) if case.get("dlse") else None
     del _jit_launches[:]
-    args = (do, q, k, v, out, lse, None, cu_q, cu_k, Tq, Tk, scale, left, right, det)
+    args = (do, q, k, v, out, lse, dlse, cu_q, cu_k, Tq, Tk, scale, left, right, det)
     into = _packed_gradients(q, k, v, packed) if packed else None
     dq, dk, dv = ab.attention_backward(*args, into=into, dropout_p=p, seed=seed)
     names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
     jit = [jit_launch(names, launch) for launch in _jit_launches]
     C.aot_tune_reset(case.get("times", []))
+    tail = (det, p, seed, dlse)
     if packed:
         dq, dk, dv = _packed_gradients(q, k, v, packed)
         if cu_q is None:
-            torch.ops.fasttrain.attention_backward_into_aot(dq, dk, dv, do, q, k, v, out, lse, scale, left, right, det)
+            args = (dq, dk, dv, do, q, k, v, out, lse, scale, left, right, *tail)
+            torch.ops.fasttrain.attention_backward_into_aot(*args)
         else:
-            args = (do, q, k, v, out, lse, cu_q, cu_k, Tq, Tk, scale, left, right, det)
+            args = (do, q, k, v, out, lse, cu_q, cu_k, Tq, Tk, scale, left, right, *tail)
             torch.ops.fasttrain.attention_varlen_backward_into_aot(dq, dk, dv, *args)
     elif cu_q is None:
-        args = (do, q, k, v, out, lse, scale, left, right, det, p, seed)
+        args = (do, q, k, v, out, lse, scale, left, right, *tail)
         dq, dk, dv = torch.ops.fasttrain.attention_backward_aot(*args)
     else:
-        args = (do, q, k, v, out, lse, cu_q, cu_k, Tq, Tk, scale, left, right, det, p, seed)
+        args = (do, q, k, v, out, lse, cu_q, cu_k, Tq, Tk, scale, left, right, *tail)
         dq, dk, dv = torch.ops.fasttrain.attention_varlen_backward_aot(*args)
     names = _names({**inputs, "dq": dq, "dk": dk, "dv": dv})
     aot = [aot_launch(C, entries, names, r) for r in C.aot_records()]

@@ -107,6 +107,8 @@ def test_shipped_set_is_the_columns_scope():
     assert (attention.SHIPPED_HEAD_DIMS, attention.SHIPPED_GROUPS) == (ops._AOT_HEAD_DIMS, ops._AOT_GROUPS)
     for arch in (80, 90):
         (entry,) = attention.aot_kernels(arch, "bf16", shipped=True)
+        # the cases of head dims 64 and 128 (96 and 256: tests/test_attention_aot_coverage.py)
+        entry["cases"] = [c for c in entry["cases"] if c["constexprs"]["HEAD_DIM"] in (64, 128)]
         # the kernel's runtime arguments, in order, as the C++ op passes them (the interpreter's stand-in: .fn)
         parameters = inspect.signature(entry["kernel"].fn).parameters.values()
         assert [p.name for p in parameters if "constexpr" not in str(p.annotation)] == _ARGS
@@ -439,7 +441,7 @@ def test_the_column_takes_its_scope_and_says_why_not_otherwise(monkeypatch):
     assert _reason(q, k, v, dropout_p=0.1) is None  # dropout: its cubins ship too
     refused = {
         "fp16 or bf16": _reason(q.float(), k.float(), v.float()),
-        "head_dim 64 or 128": _reason(*(t[..., :32].contiguous() for t in (q, k, v))),
+        "head_dim (64, 96, 128, 256), got 32": _reason(*(t[..., :32].contiguous() for t in (q, k, v))),
         "attn_mask": _reason(q, k, v, mask=torch.ones(97, 97, dtype=torch.bool)),
         "softcap": _reason(q, k, v, softcap=30.0),
         "alibi_slopes": _reason(q, k, v, alibi=torch.ones(8)),

@@ -493,6 +493,7 @@ def test_short_path_takes_exactly_what_the_columns_reason_takes(monkeypatch):
         ((1, 8, 4, 128), (1, 8, 1, 128), torch.bfloat16, None),
         ((1, 8, 4, 64), (1, 8, 4, 64), torch.float32, None),
         ((1, 8, 4, 96), (1, 8, 4, 96), torch.float16, None),
+        ((1, 8, 4, 32), (1, 8, 4, 32), torch.float16, None),
         ((1, 8, 16, 64), (1, 8, 1, 64), torch.float16, None),  # GQA 16
         ((1, 8, 6, 64), (1, 8, 2, 64), torch.float16, None),  # GQA 3
         ((65535, 1, 2, 64), (65535, 1, 2, 64), torch.float16, None),
@@ -510,7 +511,7 @@ def test_short_path_takes_exactly_what_the_columns_reason_takes(monkeypatch):
         taken.append(ops._aot_short(q, k, v, None, W, 0, False) == "short")
         why = ops._aot_reason(q, k, v, None, q.shape[1], k.shape[1], None, 0.0, 0.0, None)
         assert taken[-1] == (why is None), (q_shape, k_shape, dtype, q_stride, why)
-    assert taken == [True, True, False, False, False, False, True, False, True, False, False, False, False, False]
+    assert taken == [True, True, False, True, False, False, False, True, False, True, False, False, False, False, False]
 
 
 def test_autograd_runs_in_cpp_and_a_call_with_nothing_to_record_skips_it(recording):
@@ -566,7 +567,7 @@ CU = torch.tensor([0, 5, 16], dtype=torch.int32)
 def test_compiled_general_backward_ignores_the_lse_gradient_it_is_handed(recording, monkeypatch, which):
     """Under torch.compile, AOTAutograd hands the backward a zero dlse for the lse nobody differentiates (the packed
     Function's set_materialize_grads does not survive its trace): the backward still takes the aot column's launches
-    (a dlse would send it to the triton column's) and records what the eager call does."""
+    that the eager call records (a dlse read would launch the preprocess's HAS_DLSE cubin instead)."""
     monkeypatch.setattr(ops.Triton, "backward", lambda *a: pytest.fail("the triton column's backward ran"))
     if which == "dense":
         leaves = _leaves(1, 16, 16, 4, 2, 64)

@@ -125,29 +125,25 @@ class Aot:
     def backward(
         do, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into
     ):
-        """The C++ backward for what the forward took, written into `into` (the packed functions' gradient views: the
-        _into ops, which write them in place where their layout is the cubins' and copy in elsewhere, and take no
-        dropout), but an lse with a gradient, a dO whose strides the op cannot pass, a dropout backward into `into`
-        or a packed dropout backward whose cubins do not ship (_AOT_UNSHIPPED_VARLEN_DROPOUT): those take the triton
-        column's."""
-        unshipped = p > 0.0 and (
-            into is not None
-            or (cu_q is not None and (_backend.aot_arch(q.device), q.shape[-1]) in _AOT_UNSHIPPED_VARLEN_DROPOUT)
-        )
-        if not unshipped and dlse is None and _AOT_BACKWARD_OP_REASON is None and _stride_reason("dO", do) is None:
+        """The C++ backward for what the forward took, with lse's gradient when it has one, written into `into` (the
+        packed functions' gradient views: the _into ops, which write them in place where their layout is the cubins'
+        and copy in elsewhere), but a dO whose strides the op cannot pass or a packed dropout backward whose cubins do
+        not ship (_varlen_backward_unshipped): those take the triton column's."""
+        unshipped = cu_q is not None and _varlen_backward_unshipped(q, p)
+        if not unshipped and _AOT_BACKWARD_OP_REASON is None and _stride_reason("dO", do) is None:
+            tail = (det, p, seed, dlse)
             if into is not None:
                 if cu_q is not None:
-                    args = (cu_q, cu_k, max_q, max_k, scale, left, right, det)
+                    args = (cu_q, cu_k, max_q, max_k, scale, left, right, *tail)
                     torch.ops.fasttrain.attention_varlen_backward_into_aot(*into, do, q, k, v, out, lse, *args)
                 else:
-                    args = (scale, left, right, det)
+                    args = (scale, left, right, *tail)
                     torch.ops.fasttrain.attention_backward_into_aot(*into, do, q, k, v, out, lse, *args)
                 return into
             if cu_q is not None:
-                args = (cu_q, cu_k, max_q, max_k, scale, left, right, det, p, seed)
+                args = (cu_q, cu_k, max_q, max_k, scale, left, right, *tail)
                 return torch.ops.fasttrain.attention_varlen_backward_aot(do, q, k, v, out, lse, *args)
-            args = (scale, left, right, det, p, seed)
-            return torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, *args)
+            return torch.ops.fasttrain.attention_backward_aot(do, q, k, v, out, lse, scale, left, right, *tail)
         args = (cu_q, cu_k, max_q, max_k, scale, left, right, mask, p, seed, cap, alibi, det, into)
         return Triton.backward(do, q, k, v, out, lse, dlse, *args)
 
@@ -179,12 +175,22 @@ _AOT_BACKWARD_OP_REASON = _backend.native_op_reason("attention_backward_aot") or
 )
 _AOT_VARLEN_OP_REASON = _backend.native_op_reason("attention_varlen_forward_aot")
 # What kernels/attention.py aot_kernels(shipped=True) lists (not read from there: that would import Triton).
-_AOT_HEAD_DIMS = (64, 128)
+_AOT_HEAD_DIMS = (64, 96, 128, 256)
 _AOT_GROUPS = (1, 2, 4, 8)
-# (arch, head dim) whose packed dropout backward ships no cubins (kernels/attention_backward.py _shipped): its one dK/dV
-# tile that takes dropout spills there (kernels/_attention_configs.py _SPILL_VARLEN_DROPOUT_DKDV).
+_AOT_DROPOUT_HEAD_DIMS = (64, 128)  # SHIPPED_DROPOUT_HEAD_DIMS: dropout's cubins
+# (arch, head dim) whose packed dropout backward ships no cubins (kernels/attention_backward.py _shipped): the plain
+# dK/dV tile that takes dropout spills there (kernels/_attention_configs.py _SPILL_VARLEN_DROPOUT_DKDV).
 _AOT_UNSHIPPED_VARLEN_DROPOUT = {(90, 128)}
+# (arch, head dim) whose packed backward ships no cubins at all: its one dQ tile spills packed
+# (kernels/_attention_configs.py _SPILL_VARLEN_DQ).
+_AOT_UNSHIPPED_VARLEN = {(90, 256)}
 _MASK = "an attn_mask is not implemented in the kernels"
+
+
+def _varlen_backward_unshipped(q: Tensor, dropout_p: float) -> bool:
+    """Whether no cubins ship for the packed backward of q's head dim on its device's arch (with dropout_p > 0)."""
+    shipped = (_backend.aot_arch(q.device), q.shape[-1])
+    return shipped in _AOT_UNSHIPPED_VARLEN or (dropout_p > 0.0 and shipped in _AOT_UNSHIPPED_VARLEN_DROPOUT)
 
 
 def _unsupported(attn_mask: Tensor | None, dropout_p: float) -> str | None:
@@ -234,7 +240,9 @@ def _aot_reason(q, k, v, cu_q, max_q, max_k, attn_mask, dropout_p, softcap, alib
     if q.dtype not in _KERNEL_DTYPES_CUDA:
         return f"the shipped attention cubins take fp16 or bf16, got {q.dtype}"
     if q.shape[-1] not in _AOT_HEAD_DIMS:
-        return f"the shipped attention cubins take head_dim 64 or 128, got {q.shape[-1]}"
+        return f"the shipped attention cubins take head_dim {_AOT_HEAD_DIMS}, got {q.shape[-1]}"
+    if dropout_p > 0.0 and q.shape[-1] not in _AOT_DROPOUT_HEAD_DIMS:
+        return f"the shipped attention cubins take dropout at head_dim {_AOT_DROPOUT_HEAD_DIMS}, got {q.shape[-1]}"
     for name, given in (
         ("an attn_mask", attn_mask is not None),
         ("softcap", softcap > 0.0),
@@ -544,9 +552,11 @@ def _aot_short(q, k, v, scale, left: int, right: int, deterministic: bool, dropo
     Autocast changes neither path: the ops have no autocast kernel."""
     if _AOT_OP is None or (scale := _short_scale(q, k, v, scale)) is None:
         return None
-    if dropout_p:
-        return _AOT_OP(q, k, v, scale, left, right, deterministic, float(dropout_p), dropout_seed(q.device))
-    return _AOT_OP(q, k, v, scale, left, right, deterministic)
+    if not dropout_p:
+        return _AOT_OP(q, k, v, scale, left, right, deterministic)
+    if q.shape[-1] not in _AOT_DROPOUT_HEAD_DIMS:
+        return None
+    return _AOT_OP(q, k, v, scale, left, right, deterministic, float(dropout_p), dropout_seed(q.device))
 
 
 def _short_scale(q, k, v, scale) -> float | None:
@@ -646,17 +656,17 @@ def _varlen_short(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, c
                   alibi_slopes, deterministic):  # fmt: skip
     """out of flash_attn_varlen_func from one C++ op with its autograd in C++ (`_AOT_VARLEN_OP`), for a call that the
     general path would send to the aot column as it is (`_flash_args`, `_short_varlen_scale`; with dropout, where its
-    backward cubins ship: `_AOT_UNSHIPPED_VARLEN_DROPOUT`), else None: the same launches forward and backward, the
+    backward cubins ship: `_varlen_backward_unshipped`), else None: the same launches forward and backward, the
     dropout seed drawn as `_aot_short` draws it (tests/test_attention_short_path.py)."""
     if _AOT_VARLEN_OP is None or (found := _flash_args(dropout_p, causal, window_size, softcap, alibi_slopes)) is None:
         return None
     if (scale := _short_varlen_scale(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale)) is None:
         return None
     left, right, p = found
+    if _varlen_backward_unshipped(q, p) or (p and q.shape[-1] not in _AOT_DROPOUT_HEAD_DIMS):
+        return None
     if not p:
         return _AOT_VARLEN_OP(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, bool(deterministic))
-    if (_backend.aot_arch(q.device), q.shape[-1]) in _AOT_UNSHIPPED_VARLEN_DROPOUT:
-        return None
     args = (scale, left, right, bool(deterministic), p, dropout_seed(q.device))
     return _AOT_VARLEN_OP(q, k, v, cu_q, cu_k, max_q, max_k, *args)
 

@@ -26,6 +26,7 @@ from fasttrain.ops.attention import (
     _forward_op,
     _short_scale,
     _short_varlen_scale,
+    _varlen_backward_unshipped,
     _varlen_flash_lse,
     attn_probs,
     flash_lse,
@@ -128,11 +129,13 @@ def _varlen_packed_short(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, sof
                          softcap, alibi_slopes, deterministic):  # fmt: skip
     """`_packed_short` for the varlen packed functions: qkv (total, 3, H, D) (kv_src None), or q (total_q, H, D) and
     kv (total_k, 2, Hkv, D), with the offsets and longest sequences as fasttrain.ops.attention `_short_varlen_scale`
-    takes them."""
+    takes them, where its backward's cubins ship."""
     band = _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes)
     if _AOT_VARLEN_PACKED_OP is None or band is None or (views := _short_views(q_src, kv_src, 4)) is None:
         return None
     if (scale := _short_varlen_scale(*views, cu_q, cu_k, max_q, max_k, softmax_scale)) is None:
+        return None
+    if _varlen_backward_unshipped(views[0], 0.0):  # no dropout here
         return None
     return _AOT_VARLEN_PACKED_OP(q_src, kv_src, cu_q, cu_k, max_q, max_k, scale, *band, bool(deterministic))
 
