@@ -111,6 +111,21 @@ def test_numpy_floats_for_softmax_scale_and_softcap_as_flash_attn_takes_them():
         )
 
 
+def test_numpy_float_dropout_p_as_flash_attn_and_torch_take_it():
+    q, k, v = (t.detach() for t in _leaf("func").unbind(2))
+    torch.manual_seed(3)
+    want = flash_attn_func(q, k, v, dropout_p=0.25, backend="cpu")
+    torch.manual_seed(3)
+    assert torch.equal(flash_attn_func(q, k, v, dropout_p=np.float32(0.25), backend="cpu"), want)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, H, D) -> (B, H, T, D)
+    torch.manual_seed(3)
+    want = scaled_dot_product_attention(qt, kt, vt, dropout_p=0.25)
+    torch.manual_seed(3)
+    assert torch.equal(scaled_dot_product_attention(qt, kt, vt, dropout_p=np.float64(0.25)), want)
+    with pytest.raises(TypeError, match="dropout_p must be a float"):
+        flash_attn_func(q, k, v, dropout_p=np.bool_(True))
+
+
 def test_lse_grad_is_a_bool():
     with pytest.raises(TypeError, match="lse_grad must be a bool"):
         _call("func", _leaf("func"), "cpu", lse_grad=1)

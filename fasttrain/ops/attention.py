@@ -848,7 +848,7 @@ def flash_attn_func(
     lse_grad = _check_lse_grad(lse_grad)
     softcap, alibi_slopes = _check_softcap(softcap), _check_alibi(alibi_slopes, q.shape[0], q.shape[2], q.device)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
-    _check_dropout(dropout_p)
+    dropout_p = _check_dropout(dropout_p)
     out, lse, seed = _attend(
         q,
         k,
@@ -923,7 +923,7 @@ def flash_attn_varlen_func(
     cu_seqlens_q, cu_seqlens_k = _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     alibi_slopes = _check_alibi(alibi_slopes, cu_seqlens_q.numel() - 1, q.shape[1], q.device)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
-    _check_dropout(dropout_p)
+    dropout_p = _check_dropout(dropout_p)
     out, lse, seed = _attend(
         q,
         k,
@@ -1036,7 +1036,7 @@ def scaled_dot_product_attention(
             f"attn_mask of shape {tuple(attn_mask.shape)} must broadcast to (B, H, Tq, Tk) = "
             f"{tuple(query.shape[:-1] + key.shape[-2:-1])}, as in torch"
         )
-    _check_dropout(dropout_p)
+    dropout_p = _check_dropout(dropout_p)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, H, T, D) -> (B, T, H, D) views
     Tq, Tk = q.shape[1], k.shape[1]
     # top-left causal is the bottom-right band shifted by Tq - Tk: j - i - (Tk - Tq) <= Tq - Tk

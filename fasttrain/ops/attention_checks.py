@@ -123,11 +123,14 @@ def _check_alibi(alibi_slopes, batch: int, heads: int, device) -> Tensor | None:
     return alibi_slopes.contiguous()
 
 
-def _check_dropout(dropout_p) -> None:
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+def _check_dropout(dropout_p) -> float:
+    """dropout_p as a Python float: any real but a bool (numpy's floats too, as torch's and flash-attn's float
+    arguments take them), in [0, 1)."""
+    if type(dropout_p) is not float and (isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real)):
         raise ArgumentTypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
         raise ArgumentError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
 
 
 # The offsets checked last, per argument: a model hands the same cu_seqlens to every layer and reading them costs a

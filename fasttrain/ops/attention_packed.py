@@ -168,7 +168,7 @@ def _packed(q_src, kv_src, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, c
     batch = q.shape[0] if cu_q is None else cu_q.numel() - 1
     alibi_slopes = _check_alibi(alibi_slopes, batch, q.shape[-2], q.device)
     scale, (left, right) = _scale(softmax_scale, q.shape[-1]), _window(causal, window_size)
-    _check_dropout(dropout_p)
+    dropout_p = _check_dropout(dropout_p)
     seed = dropout_seed(q.device) if dropout_p > 0.0 else None  # every backend's mask; the backward reads it again
     args = (cu_q, cu_k, max_q, max_k, scale, left, right, float(dropout_p), seed, bool(deterministic), backend)
     args = (*args, softcap, alibi_slopes, lse_grad and bool(return_attn_probs))
