@@ -247,6 +247,19 @@ def test_dropout_masks():
     assert torch.allclose(y, b.expand_as(y)) and torch.equal(xg.grad, torch.zeros_like(x))
 
 
+def test_a_dropped_inf_or_nan_is_zero_as_flash_attns():
+    x = torch.tensor([[float("inf"), 1.0, 2.0, 3.0], [float("nan"), 1.0, 2.0, 3.0]])
+    w, b = torch.ones(4), torch.zeros(4)
+    torch.manual_seed(0)
+    while True:  # a draw that drops column 0 of both rows and keeps the rest of at least one
+        y, mask, _ = layer_norm_fn(x, w, b, dropout_p=0.5, return_dropout_mask=True)
+        if not mask[:, 0].any():
+            break
+    assert torch.equal(y.isnan(), torch.zeros_like(mask))  # no NaN from inf * 0
+    torch.testing.assert_close(y, layer_norm_ref(x, w, b, dropout_p=0.5, dropout_mask=mask))
+    assert torch.equal(layer_norm_fn(x, w, b + 0.5, dropout_p=1.0), (b + 0.5).expand_as(x))
+
+
 def test_rowscale_gets_no_gradient():
     x, w = torch.randn(3, 4, 8, requires_grad=True), torch.randn(8)
     rowscale = torch.rand(3, 4, requires_grad=True)

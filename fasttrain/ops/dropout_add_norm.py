@@ -217,7 +217,8 @@ def _dropout(h: Tensor, p: float) -> tuple[Tensor, Tensor | None]:
     if p == 0:
         return h, None
     keep = torch.rand_like(h) >= p  # kept with probability 1 - p
-    return h * keep * (1.0 / (1.0 - p) if p < 1 else 0.0), keep
+    # a dropped element is 0 whatever it held (inf or NaN too), as flash-attn's kernel selects it rather than scale
+    return torch.where(keep, h * (1.0 / (1.0 - p) if p < 1 else 0.0), 0.0), keep
 
 
 def _centered(w: Tensor | None) -> Tensor | None:

@@ -115,7 +115,7 @@ def _aot_reason(
     stream = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     out = out_dtype or (torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else stream)
     if stream not in _AOT_DTYPES or out not in _AOT_DTYPES:
-        return f"the shipped cubins take fp16, bf16 or fp32, got {stream}"
+        return f"the shipped cubins take fp16, bf16 or fp32, got {stream if stream not in _AOT_DTYPES else out}"
     for t in (residual, weight, bias):
         if t is not None and t.dtype != stream:
             return _AOT_MIX
