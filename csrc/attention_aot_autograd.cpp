@@ -37,7 +37,8 @@ namespace {
 using at::Tensor;
 
 // The ops' schemas end in dropout_p and seed: attention_aot's and attention_aot_varlen's (the backward regenerates
-// the forward's mask from the seed), the packed ops' 0 and none (the _into backwards take no dropout).
+// the forward's mask from the seed), the packed ops' 0 and none (their short paths take no dropout: a packed call
+// with dropout takes the general path, whose _into backward does).
 using ForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, double, int64_t, int64_t,
                                              double, const std::optional<Tensor>&);
 using BackwardFn = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,

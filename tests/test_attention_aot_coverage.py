@@ -99,7 +99,7 @@ def test_backward_ships_one_tile_per_launch_at_96_and_the_one_at_256():
                 if k["HEAD_DIM"] != d:
                     continue
                 assert k["HEAD_DIM_PAD"] == (128 if d == 96 else 256) and not (k["SOFTCAP"] or k["ALIBI"])
-                args = {"HEAD_DIM": d, "TMA_ALIGNED": d == 256 and not k["DROPOUT"], **k}
+                args = {**k, "HEAD_DIM": d, "TMA_ALIGNED": d == 256 and not k["DROPOUT"]}  # the expected TMA last
                 if "ATOMIC_DQ" in k:
                     assert k["TMA_ALIGNED"] == args["TMA_ALIGNED"] and not k["FULL_TILES"]
                     name = "dkdv_dq" if k["ATOMIC_DQ"] else "dkdv"

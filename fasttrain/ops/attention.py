@@ -692,8 +692,8 @@ def _flash_args(dropout_p, causal, window_size, softcap, alibi_slopes) -> tuple[
 
 
 def _flash_band(dropout_p, causal, window_size, softcap, alibi_slopes) -> tuple[int, int] | None:
-    """`_flash_args`' (left, right) for a call without dropout (the packed functions' short paths: the backward into
-    their packed gradients takes no dropout), else None."""
+    """`_flash_args`' (left, right) for a call without dropout (the packed functions' short paths, whose C++ autograd
+    op takes no dropout: a packed call with dropout takes the general path), else None."""
     found = _flash_args(dropout_p, causal, window_size, softcap, alibi_slopes)
     return None if found is None or found[2] else found[:2]
 
