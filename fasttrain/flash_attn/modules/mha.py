@@ -284,12 +284,14 @@ class MHA(nn.Module):
             if self.cross_attn:
                 q = self.Wq(x if mixer_subset is None else x[:, mixer_subset])
                 kv = self.Wkv(x_kv if x_kv is not None else x)
-            else:
-                qkv = self.Wqkv(x)  # sliced, not split: rotary turns each view in place, which split's outputs refuse
-                q, kv = qkv[..., : H * D], qkv[..., H * D :]
-            q, kv = q.unflatten(-1, (H, D)), kv.unflatten(-1, (2, Hkv, D))  # (..., H, D), (..., 2, Hkv, D)
-            if self.rotary_emb_dim > 0 and not fused:
-                q, kv = self.rotary_emb(q, kv, seqlen_offset=offset, max_seqlen=rotary_max_seqlen)
+                q, kv = q.unflatten(-1, (H, D)), kv.unflatten(-1, (2, Hkv, D))  # (..., H, D), (..., 2, Hkv, D)
+            else:  # rotary needs cross_attn=False (checked at construction)
+                qkv = self.Wqkv(x).unflatten(-1, (H + 2 * Hkv, D))  # (..., H + 2 Hkv, D)
+                if self.rotary_emb_dim > 0 and not fused:
+                    # one in-place rotation of the whole projection (GQA's num_heads_q), the same values as turning q
+                    # and kv apart; two in-place ops on views of one base break torch.compile's functionalization
+                    qkv = self.rotary_emb(qkv, seqlen_offset=offset, max_seqlen=rotary_max_seqlen, num_heads_q=H)
+                q, kv = qkv[..., :H, :], qkv[..., H:, :].unflatten(-2, (2, Hkv))  # (..., H, D), (..., 2, Hkv, D)
         if inference_params is None:
             inner, inputs = (self.inner_attn, (qkv,)) if packed else (self.inner_cross_attn, (q, kv))
             context = self._attend(inner, inputs, kwargs)
