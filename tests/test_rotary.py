@@ -310,6 +310,8 @@ def test_inplace_rotates_x_and_passes_gradients_through(backend):
     want = apply_rotary_emb_reference(x, cos, sin, seqlen_offsets=2)
     out = apply_rotary_emb(x, cos, sin, inplace=True, seqlen_offsets=2, backend=backend)
     assert out is x and err(x, want) < TOL
+    again = x.clone()  # flash-attn reads its flags by truth: ints 1 and 0 as True and False
+    assert apply_rotary_emb(again, cos, sin, inplace=1, interleaved=0, seqlen_offsets=2, backend=backend) is again
     view = _x(2, 6, 5, 16, dtype=torch.bfloat16).detach()
     q, before = view[:, :, :3], view.clone()  # q: strided, in place inside its qkv
     want = apply_rotary_emb_reference(q, cos[:, :4], sin[:, :4], seqlen_offsets=2)  # rotary_dim 8 of 16
@@ -421,7 +423,7 @@ def test_tables_get_no_gradient(backend):
             "seqlen_offsets must be 0",
         ),
         (lambda x, c, s: apply_rotary_emb(x, c, s, interleaved="yes"), TypeError, "interleaved must be a bool"),
-        (lambda x, c, s: apply_rotary_emb(x, c, s, inplace=1), TypeError, "inplace must be a bool"),
+        (lambda x, c, s: apply_rotary_emb(x, c, s, inplace=1.0), TypeError, "inplace must be a bool"),
         (
             lambda x, c, s: apply_rotary_emb(torch.randn(2, 4, 3, 32)[..., ::2], c, s, inplace=True, backend="triton"),
             ValueError,

@@ -352,8 +352,9 @@ def apply_rotary_emb(
         return out
     _check(x, cos, sin, seqlen_offsets)
     for name, flag in (("interleaved", interleaved), ("inplace", inplace)):
-        if not isinstance(flag, bool):
+        if not isinstance(flag, numbers.Integral):  # flash-attn reads both by truth: an int 0 or 1 too
             raise TypeError(f"apply_rotary_emb: {name} must be a bool, got {type(flag).__name__}")
+    interleaved, inplace = bool(interleaved), bool(inplace)
     cos, sin = cos.detach(), sin.detach()
     if cos.dim() == 3 and cos.shape[0] == 1:
         cos, sin = cos[0], sin[0]  # (1, T, R/2) -> (T, R/2): one table for every sequence (HF's rotary tables)
