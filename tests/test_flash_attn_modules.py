@@ -16,6 +16,8 @@ from fasttrain.flash_attn.modules.mha import MHA
 from fasttrain.flash_attn.modules.mlp import GatedMlp, Mlp
 from fasttrain.flash_attn.ops.triton.layer_norm import RMSNorm
 
+from helpers import randn
+
 pytestmark = pytest.mark.usefixtures("cpu_user")
 
 D, H = 64, 4
@@ -158,6 +160,20 @@ def test_prenorm_block_matches_reference(fused, norm_cls, B, T):
         torch.testing.assert_close(res_out.double(), r, atol=TOL, rtol=0)
         torch.testing.assert_close(hidden.double(), _mlp_ref(block.mlp, _norm_ref(block.norm2, r)), atol=TOL, rtol=0)
         assert hidden.dtype == res_out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("prenorm", [True, False], ids=["prenorm", "postnorm"])
+def test_fused_block_gradients_are_the_unfused(prenorm):
+    x, residual = randn(2, 9, D), randn(2, 9, D, seed=1)
+    results = []
+    for fused in (False, True):
+        block = _block(RMSNorm, prenorm=prenorm, fused_dropout_add_ln=fused)
+        out = block(x, residual) if prenorm else block(x)
+        loss = sum((o * torch.linspace(-1, 1, o.numel()).view_as(o)).sum() for o in (out if prenorm else (out,)))
+        inputs = [x, residual, *block.parameters()] if prenorm else [x, *block.parameters()]
+        results.append(torch.autograd.grad(loss, inputs))
+    for unfused, fused in zip(*results, strict=True):
+        torch.testing.assert_close(fused, unfused, atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
