@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain.flash_attn.modules.block import Block
+from fasttrain.flash_attn.modules.block import Block, ParallelBlock
 from fasttrain.flash_attn.modules.embedding import BertEmbeddings, GPT2Embeddings
 from fasttrain.flash_attn.modules.mha import MHA
 from fasttrain.flash_attn.modules.mlp import GatedMlp, Mlp
@@ -234,6 +234,61 @@ def test_allocate_inference_cache_is_the_mixers():
     block = _block()
     cache = block.allocate_inference_cache(3, 16, dtype=torch.bfloat16)
     assert cache.shape == (3, 16, 2, H, D // H) and cache.dtype == torch.bfloat16
+
+
+def _parallel_block(**kwargs):
+    torch.manual_seed(0)
+    block = ParallelBlock(
+        D,
+        partial(MHA, num_heads=H, causal=True),
+        partial(Mlp, activation=partial(F.gelu, approximate="tanh")),
+        **kwargs,
+    )
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name.startswith("norm"):
+                p.copy_(torch.rand_like(p) + 0.5)
+    return block.eval()
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused"])
+@pytest.mark.parametrize("tied_norm", [False, True], ids=["norm2", "tied"])
+@pytest.mark.parametrize("norm_cls", [nn.LayerNorm, RMSNorm], ids=["layernorm", "rmsnorm"])
+def test_parallel_block_matches_reference(fused, tied_norm, norm_cls):
+    block = _parallel_block(norm_cls=norm_cls, tied_norm=tied_norm, fused_dropout_add_ln=fused, resid_dropout2=0.5)
+    assert hasattr(block, "norm2") != tied_norm
+    x1, x2, residual = torch.randn(2, 97, D), torch.randn(2, 97, D), torch.randn(2, 97, D)
+    for args in ((x1,), (x1, x2), (x1, x2, residual), (x1, None, residual)):
+        out1, out2, res_out = block(*args)
+        r = sum(a.double() for a in args if a is not None)
+        torch.testing.assert_close(res_out.double(), r, atol=TOL, rtol=0)
+        norm2 = block.norm1 if tied_norm else block.norm2
+        torch.testing.assert_close(out1.double(), _mha_ref(block.mixer, _norm_ref(block.norm1, r)), atol=TOL, rtol=0)
+        torch.testing.assert_close(out2.double(), _mlp_ref(block.mlp, _norm_ref(norm2, r)), atol=TOL, rtol=0)
+    block = _parallel_block(fused_dropout_add_ln=fused, residual_in_fp32=True).to(torch.bfloat16)
+    out1, out2, res_out = block(x1.bfloat16(), x2.bfloat16())
+    assert out1.dtype == out2.dtype == torch.bfloat16 and res_out.dtype == torch.float32
+
+
+def test_parallel_block_state_dict_and_errors():
+    block = ParallelBlock(D, partial(MHA, num_heads=H), partial(Mlp, hidden_features=128), norm_cls=RMSNorm)
+    assert sorted(_shapes(block)) == [
+        "mixer.Wqkv.bias",
+        "mixer.Wqkv.weight",
+        "mixer.out_proj.bias",
+        "mixer.out_proj.weight",
+        "mlp.fc1.bias",
+        "mlp.fc1.weight",
+        "mlp.fc2.bias",
+        "mlp.fc2.weight",
+        "norm1.weight",
+        "norm2.weight",
+    ]
+    assert block.allocate_inference_cache(1, 4).shape == (1, 4, 2, H, D // H)
+    with pytest.raises(ValueError, match="ParallelBlock: sequence_parallel"):
+        ParallelBlock(D, sequence_parallel=True)
+    with pytest.raises(ValueError, match="fused_dropout_add_ln.*norm_cls"):
+        ParallelBlock(D, norm_cls=lambda dim: nn.GroupNorm(1, dim), fused_dropout_add_ln=True)
 
 
 def test_block_errors_name_the_argument():

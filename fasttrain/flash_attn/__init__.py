@@ -3,10 +3,10 @@ imports is the whole switch, the other modules mirrored as flash-attn names them
 `.flash_attn_interface`, `.layers.rotary`, `.losses.cross_entropy`, `.modules.mha`, `.modules.mlp`, `.modules.block`,
 `.modules.embedding`, `.ops.activations`, `.ops.triton.cross_entropy`, `.ops.triton.layer_norm`, `.ops.triton.rotary`,
 `.utils.generation`). Every function is fasttrain's own object re-exported (the same one `fasttrain.ops` gives), with
-flash-attn's signature and semantics; `.modules`' modules (MHA and its attention modules, Mlp, GatedMlp, Block, the
-embeddings) are built here over those functions, and `.utils.generation` holds their `InferenceParams`. A name
-flash-attn has and fasttrain does not implement is absent, so its import fails at once. No `__version__`: fasttrain's
-release is not flash-attn's, and a check of one against the other would mean nothing.
+flash-attn's signature and semantics; `.modules`' modules (MHA and its attention modules, Mlp, GatedMlp, Block,
+ParallelBlock, the embeddings) are built here over those functions, and `.utils.generation` holds their
+`InferenceParams`. A name flash-attn has and fasttrain does not implement is absent, so its import fails at once. No
+`__version__`: fasttrain's release is not flash-attn's, and a check of one against the other would mean nothing.
 
     from fasttrain.flash_attn import flash_attn_func, flash_attn_varlen_func
     from fasttrain.flash_attn.bert_padding import pad_input, unpad_input

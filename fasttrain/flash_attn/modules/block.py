@@ -1,7 +1,8 @@
 """flash-attn's `flash_attn.modules.block`: `Block`, a transformer layer of a mixer (MHA by default) and an MLP with
 dropout, stochastic depth and LayerNorm/RMSNorm around them, prenorm or postnorm, the dropout + add + norm optionally
 fused through fasttrain's layer_norm_fn. Its submodule names are flash-attn's (mixer, mlp, norm1, norm2), so its
-state_dicts load. `ParallelBlock` and tensor parallelism (sequence_parallel, mark_shared_params) are absent."""
+state_dicts load; `ParallelBlock`, GPT-J's layer of the mixer and the MLP side by side, likewise. Tensor parallelism
+(sequence_parallel, mark_shared_params) is absent."""
 
 from functools import partial
 
@@ -13,7 +14,7 @@ from fasttrain.flash_attn.modules.mha import MHA
 from fasttrain.flash_attn.modules.mlp import Mlp
 from fasttrain.ops.dropout_add_norm import RMSNorm, layer_norm_fn
 
-__all__ = ["Block"]
+__all__ = ["Block", "ParallelBlock"]
 
 
 class _StochasticDepth(nn.Module):
@@ -33,6 +34,26 @@ class _StochasticDepth(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, mode=row"
+
+
+def _check_not_tensor_parallel(cls: str, sequence_parallel, mark_shared_params) -> None:
+    for arg, v in (("sequence_parallel", sequence_parallel), ("mark_shared_params", mark_shared_params)):
+        if v:
+            raise ArgumentError(f"{cls}: {arg}=True marks the norms for tensor parallelism, which fasttrain lacks")
+
+
+def _check_fusable(cls: str, norm1: nn.Module, norm2: nn.Module | None, dropout1: nn.Module) -> None:
+    """fused_dropout_add_ln hands the norms' weights and the dropout's p to layer_norm_fn."""
+    for norm in (norm1, norm2):
+        if norm is not None and not isinstance(norm, (nn.LayerNorm, RMSNorm)):
+            raise ArgumentError(
+                f"{cls}: fused_dropout_add_ln=True needs norm_cls to give nn.LayerNorm or RMSNorm, "
+                f"got {type(norm).__name__}"
+            )
+    if not isinstance(dropout1, nn.Dropout):
+        raise ArgumentError(
+            f"{cls}: fused_dropout_add_ln=True needs dropout_cls to give nn.Dropout, got {type(dropout1).__name__}"
+        )
 
 
 class Block(nn.Module):
@@ -68,9 +89,7 @@ class Block(nn.Module):
         super().__init__()
         if residual_in_fp32 and not prenorm:
             raise ArgumentError("Block: residual_in_fp32=True needs prenorm=True (postnorm has no residual stream)")
-        for arg, v in (("sequence_parallel", sequence_parallel), ("mark_shared_params", mark_shared_params)):
-            if v:
-                raise ArgumentError(f"Block: {arg}=True marks the norms for tensor parallelism, which fasttrain lacks")
+        _check_not_tensor_parallel("Block", sequence_parallel, mark_shared_params)
         for arg, p in (("drop_path1", drop_path1), ("drop_path2", drop_path2)):
             if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
                 raise ArgumentError(f"Block: {arg} must be a probability in [0, 1], got {p!r}")
@@ -92,18 +111,7 @@ class Block(nn.Module):
             self.drop_path2 = _StochasticDepth(drop_path2)
             self.norm2 = norm_cls(dim)
         if fused_dropout_add_ln:
-            for name in ("norm1", "norm2"):
-                norm = getattr(self, name, None)
-                if norm is not None and not isinstance(norm, (nn.LayerNorm, RMSNorm)):
-                    raise ArgumentError(
-                        f"Block: fused_dropout_add_ln=True needs norm_cls to give nn.LayerNorm or RMSNorm, "
-                        f"got {type(norm).__name__}"
-                    )
-            if not isinstance(self.dropout1, nn.Dropout):
-                raise ArgumentError(
-                    f"Block: fused_dropout_add_ln=True needs dropout_cls to give nn.Dropout, "
-                    f"got {type(self.dropout1).__name__}"
-                )
+            _check_fusable("Block", self.norm1, getattr(self, "norm2", None), self.dropout1)
 
     def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
         return self.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
@@ -165,3 +173,90 @@ class Block(nn.Module):
                 mlp_out, hidden_states = mlp_out
             hidden_states = self._add_norm(2, mlp_out, hidden_states, prenorm=False)
         return hidden_states
+
+
+class ParallelBlock(nn.Module):
+    """flash-attn's `ParallelBlock` (GPT-J, GPT-NeoX, PaLM): the mixer and the MLP side by side on one residual stream.
+
+    forward(hidden_states1, hidden_states2, residual) adds dropout1(hidden_states1) and dropout2(hidden_states2)
+    (the previous block's mixer and MLP outputs; hidden_states2 None in the first block) to residual (None: the first
+    block), normalizes the sum by norm1 for the mixer and by norm2 for the MLP (norm1 for both with tied_norm), and
+    returns (mixer_out, mlp_out, residual). residual_in_fp32 keeps the stream in float32. fused_dropout_add_ln runs
+    the adds and both norms as one layer_norm_fn, whose one dropout_p (dropout1's) then drops both branches."""
+
+    def __init__(
+        self,
+        dim,
+        mixer_cls=None,
+        mlp_cls=None,
+        norm_cls=nn.LayerNorm,
+        dropout_cls=nn.Dropout,
+        resid_dropout1=0.0,
+        resid_dropout2=0.0,
+        tied_norm=False,
+        fused_dropout_add_ln=False,
+        residual_in_fp32=False,
+        sequence_parallel=False,
+        mark_shared_params=False,
+    ):
+        super().__init__()
+        _check_not_tensor_parallel("ParallelBlock", sequence_parallel, mark_shared_params)
+        self.tied_norm = tied_norm
+        self.fused_dropout_add_ln = fused_dropout_add_ln
+        self.residual_in_fp32 = residual_in_fp32
+        if mixer_cls is None:
+            mixer_cls = partial(MHA, num_heads=dim // 64)
+        if mlp_cls is None:
+            mlp_cls = partial(Mlp, hidden_features=4 * dim)
+        self.mixer = mixer_cls(dim)
+        self.dropout1 = dropout_cls(resid_dropout1)
+        self.norm1 = norm_cls(dim)
+        self.mlp = mlp_cls(dim)
+        self.dropout2 = dropout_cls(resid_dropout2)
+        if not tied_norm:
+            self.norm2 = norm_cls(dim)
+        if fused_dropout_add_ln:
+            _check_fusable("ParallelBlock", self.norm1, getattr(self, "norm2", None), self.dropout1)
+
+    def allocate_inference_cache(self, batch_size, max_seqlen, dtype=None, **kwargs):
+        return self.mixer.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
+
+    def forward(
+        self,
+        hidden_states1: Tensor,
+        hidden_states2: Tensor | None = None,
+        residual: Tensor | None = None,
+        mixer_kwargs=None,
+    ):
+        """hidden_states1, hidden_states2, residual (B, T, dim); returns (mixer_out, mlp_out, residual)."""
+        if not self.fused_dropout_add_ln:
+            dropped = self.dropout1(hidden_states1)
+            if hidden_states2 is not None:  # the first block's single input is dropped once, not twice
+                dropped = dropped + self.dropout2(hidden_states2)
+            residual = dropped if residual is None else residual + dropped
+            hidden_states1 = self.norm1(residual.to(dtype=self.norm1.weight.dtype))
+            if self.tied_norm:
+                hidden_states2 = hidden_states1
+            else:
+                hidden_states2 = self.norm2(residual.to(dtype=self.norm2.weight.dtype))
+            if self.residual_in_fp32:
+                residual = residual.to(torch.float32)
+        else:
+            norm2 = None if self.tied_norm else self.norm2
+            hidden_states1, *rest, residual = layer_norm_fn(
+                hidden_states1,
+                self.norm1.weight,
+                self.norm1.bias,
+                residual=residual,
+                x1=hidden_states2,
+                weight1=None if norm2 is None else norm2.weight,
+                bias1=None if norm2 is None else norm2.bias,
+                eps=self.norm1.eps,
+                dropout_p=self.dropout1.p if self.training else 0.0,
+                prenorm=True,
+                residual_in_fp32=self.residual_in_fp32,
+                is_rms_norm=isinstance(self.norm1, RMSNorm),
+            )
+            hidden_states2 = hidden_states1 if self.tied_norm else rest[0]
+        mixer_out = self.mixer(hidden_states1, **({} if mixer_kwargs is None else mixer_kwargs))
+        return mixer_out, self.mlp(hidden_states2), residual
