@@ -1,1 +1,2 @@
-"""flash-attn's `flash_attn.modules`: only `mha` is mirrored (its `mlp`, `block` and `embedding` are absent)."""
+"""flash-attn's `flash_attn.modules`: `mha`, `mlp`, `block` and `embedding` are mirrored (their tensor-parallel and
+fused classes are absent)."""
