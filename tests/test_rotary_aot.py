@@ -325,7 +325,7 @@ BAD_CALLS = [
     (lambda: (_x(2, 3, 4, 32), *_tables(3, 17)), {}),
     (lambda: (_x(2, 3, 4, 32), *_tables(3, 16)), {"seqlen_offsets": torch.zeros(3, dtype=torch.int32)}),
     (lambda: (_x(2, 3, 4, 32), *_tables(3, 16)), {"seqlen_offsets": 1}),
-    (lambda: (_x(2, 3, 4, 32), *_tables(3, 16)), {"interleaved": 1}),
+    (lambda: (_x(2, 3, 4, 32), *_tables(3, 16)), {"interleaved": 1.0}),  # an int reads by truth, as flash-attn
 ]
 
 
