@@ -347,3 +347,15 @@ def test_bert_embeddings():
     torch.testing.assert_close(emb(ids, token_type_ids=types), w[ids] + p[:9] + t[types])
     with pytest.raises(ValueError, match="token_type_ids"):
         emb(ids, token_type_ids=types.float())
+
+
+def test_bf16_rounds_as_flash_attns_glu_and_parallel_residual():
+    # GLU through F.glu (one rounding), and ParallelBlock's residual added as (residual + dropped1) + dropped2
+    x = torch.randn(4, 33, 16, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    mlp = GatedMlp(16, 32, multiple_of=8).to(torch.bfloat16)
+    assert torch.equal(mlp(x), mlp.fc2(F.glu(mlp.fc1(x), dim=-1)))
+    block = ParallelBlock(64, mixer_cls=lambda d: nn.Identity(), mlp_cls=lambda d: nn.Identity(), tied_norm=True)
+    block = block.to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    h1, h2, r = (torch.randn(8, 33, 64, dtype=torch.bfloat16, generator=g) * s for s in (1, 1, 30))
+    assert torch.equal(block(h1, h2, r)[2], r + h1 + h2)

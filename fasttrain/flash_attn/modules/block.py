@@ -230,10 +230,11 @@ class ParallelBlock(nn.Module):
     ):
         """hidden_states1, hidden_states2, residual (B, T, dim); returns (mixer_out, mlp_out, residual)."""
         if not self.fused_dropout_add_ln:
-            dropped = self.dropout1(hidden_states1)
+            # added in flash-attn's order, (residual + dropped1) + dropped2, so half precision rounds as its does
+            dropped1 = self.dropout1(hidden_states1)
+            residual = dropped1 if residual is None else residual + dropped1
             if hidden_states2 is not None:  # the first block's single input is dropped once, not twice
-                dropped = dropped + self.dropout2(hidden_states2)
-            residual = dropped if residual is None else residual + dropped
+                residual = residual + self.dropout2(hidden_states2)
             hidden_states1 = self.norm1(residual.to(dtype=self.norm1.weight.dtype))
             if self.tied_norm:
                 hidden_states2 = hidden_states1

@@ -93,8 +93,11 @@ class GatedMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias2, **factory_kwargs)
 
     def forward(self, x: Tensor):
-        y, gate = self.fc1(x).chunk(2, dim=-1)  # (..., 2 * hidden) -> two (..., hidden)
-        # F.sigmoid (GLU) needs no case of its own: F.glu is this same y * sigmoid(gate)
-        y = swiglu(gate, y) if self.activation is F.silu else y * self.activation(gate)
+        h = self.fc1(x)  # (..., 2 * hidden)
+        if self.activation is F.sigmoid:  # GLU through F.glu, as flash-attn: one rounding in half precision
+            y = F.glu(h, dim=-1)
+        else:
+            y, gate = h.chunk(2, dim=-1)  # (..., 2 * hidden) -> two (..., hidden)
+            y = swiglu(gate, y) if self.activation is F.silu else y * self.activation(gate)
         y = self.fc2(y)
         return (y, x) if self.return_residual else y
